@@ -1,0 +1,490 @@
+"""Parse and validate a cluster description (``shardkit.toml`` or the same structure as a dict).
+
+Every mistake raises :class:`~shardkit.errors.ConfigurationError` naming the
+field (``shards[1].primary``, ``groups.users.ranges[2]``) and the fix.  The
+format is documented in the README ("Configuration reference").
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from ._strategies import (
+    CustomStrategy,
+    HashStrategy,
+    KeyRange,
+    ListStrategy,
+    RangeStrategy,
+    Strategy,
+)
+from .errors import ConfigurationError
+
+__all__ = ["ClusterConfig", "GroupConfig", "ShardConfig", "load_config", "mask_url"]
+
+DEFAULT_BUCKET_COUNT = 1024
+MAX_BUCKET_COUNT = 1 << 20
+
+_TOP_LEVEL_KEYS = {"name", "bucket_count", "shards", "groups", "reference_tables", "replicas", "pool"}
+_SHARD_KEYS = {"name", "primary", "replicas", "buckets", "pool"}
+_GROUP_KEYS = {"strategy", "tables", "ranges", "values", "default", "function"}
+_STRATEGIES = ("hash", "range", "list", "custom")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
+_ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def mask_url(url: URL | str) -> str:
+    """Render a database URL with its password replaced by ``***``."""
+    try:
+        u = url if isinstance(url, URL) else make_url(url)
+    except Exception:
+        # Unparseable: never echo it raw, it may hold a password.
+        return "<unparseable URL>"
+    return u.render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """One shard: its primary and replica URLs and (optionally) the buckets it owns."""
+
+    name: str
+    primary: URL
+    replicas: tuple[URL, ...] = ()
+    buckets: tuple[int, ...] | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardConfig(name={self.name!r}, primary={mask_url(self.primary)!r}, "
+            f"replicas={[mask_url(r) for r in self.replicas]!r})"
+        )
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """A table group: colocated tables sharded by the same key with one strategy.
+
+    ``tables`` maps each table name to its shard-key column names (one or more,
+    in key order).
+    """
+
+    name: str
+    strategy: Strategy
+    tables: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A validated cluster description.  Immutable."""
+
+    name: str
+    bucket_count: int
+    shards: tuple[ShardConfig, ...]
+    bucket_map: tuple[str, ...]
+    groups: tuple[GroupConfig, ...]
+    reference_tables: frozenset[str]
+    replicas: Mapping[str, Any] = field(default_factory=dict)
+    pool: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def shard_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.shards)
+
+    def shard(self, name: str) -> ShardConfig:
+        for s in self.shards:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _interpolate(value: Any, path: str, env: Mapping[str, str]) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            var, default = m.group(1), m.group(2)
+            if var in env:
+                return env[var]
+            if default is not None:
+                return default
+            raise ConfigurationError(
+                path,
+                f"environment variable {var} is not set",
+                f"export {var}=... or write ${{{var}:-default}}",
+            )
+        return _ENV_RE.sub(sub, value)
+    if isinstance(value, Mapping):
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _check_keys(obj: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ConfigurationError(
+            f"{path}.{unknown[0]}" if path else unknown[0],
+            "unknown setting",
+            "known settings here: " + ", ".join(sorted(allowed)),
+        )
+
+
+def _parse_url(raw: Any, path: str) -> URL:
+    if not isinstance(raw, str) or not raw:
+        raise ConfigurationError(path, "must be a database URL string",
+                                 "e.g. postgresql+psycopg://user@host:5432/db")
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigurationError(
+            path, f"{mask_url(raw)} is not a valid database URL",
+            "e.g. postgresql+psycopg://user@host:5432/db",
+        ) from None
+    if url.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            path, f"{mask_url(url)} is not a PostgreSQL URL",
+            "shardkit shards PostgreSQL only; use postgresql+psycopg://...",
+        )
+    driver = url.get_driver_name()
+    if url.drivername == "postgresql":
+        # A bare postgresql:// would pick psycopg2; shardkit is built on psycopg 3.
+        url = url.set(drivername="postgresql+psycopg")
+    elif driver != "psycopg":
+        raise ConfigurationError(
+            path, f"driver {driver!r} is not supported",
+            "use postgresql+psycopg:// (psycopg 3)",
+        )
+    if not url.host:
+        raise ConfigurationError(path, f"{mask_url(url)} has no host", "add host[:port]")
+    if not url.database:
+        raise ConfigurationError(path, f"{mask_url(url)} has no database name", "add /dbname")
+    return url
+
+
+def _parse_bucket_spec(raw: Any, path: str, bucket_count: int) -> tuple[int, ...]:
+    """``["0-511", 700, "800-801"]`` -> sorted bucket numbers."""
+    if not isinstance(raw, list):
+        raise ConfigurationError(path, "must be a list of bucket numbers or 'lo-hi' ranges",
+                                 'e.g. buckets = ["0-511"]')
+    out: list[int] = []
+    for i, item in enumerate(raw):
+        p = f"{path}[{i}]"
+        if isinstance(item, bool):
+            raise ConfigurationError(p, "must be an integer or 'lo-hi'")
+        if isinstance(item, int):
+            lo = hi = item
+        elif isinstance(item, str) and re.fullmatch(r"\s*\d+\s*(-\s*\d+\s*)?", item):
+            parts = [int(x) for x in item.split("-")]
+            lo, hi = parts[0], parts[-1]
+        else:
+            raise ConfigurationError(p, f"{item!r} is not a bucket number or 'lo-hi' range")
+        if lo > hi:
+            raise ConfigurationError(p, f"range {item!r} is reversed", f"write '{hi}-{lo}'")
+        if lo < 0 or hi >= bucket_count:
+            raise ConfigurationError(
+                p, f"{item!r} is outside 0..{bucket_count - 1}",
+                f"bucket_count is {bucket_count}",
+            )
+        out.extend(range(lo, hi + 1))
+    return tuple(out)
+
+
+def _even_bucket_map(shards: list[str], bucket_count: int) -> tuple[str, ...]:
+    # Contiguous equal slices: bucket b belongs to shard floor(b * n / count).
+    n = len(shards)
+    return tuple(shards[b * n // bucket_count] for b in range(bucket_count))
+
+
+def _compress(buckets: list[int]) -> str:
+    spans: list[str] = []
+    start = prev = None
+    for b in sorted(buckets):
+        if start is None:
+            start = prev = b
+        elif b == prev + 1:
+            prev = b
+        else:
+            spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = b
+    if start is not None:
+        spans.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ", ".join(spans)
+
+
+def _load_callable(spec: Any, path: str) -> Callable[[Any], str]:
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigurationError(path, f"{spec!r} is not a callable or 'module:function' string",
+                                 "e.g. function = 'myapp.sharding:shard_for'")
+    mod_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigurationError(path, f"cannot import {spec!r}: {e}",
+                                 "check the module is importable and the name exists") from None
+    if not callable(obj):
+        raise ConfigurationError(path, f"{spec!r} is not callable")
+    return obj
+
+
+def _parse_group(name: str, raw: Any, shard_names: list[str],
+                 bucket_map: tuple[str, ...]) -> GroupConfig:
+    path = f"groups.{name}"
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(path, "must be a table", "e.g. [groups.users] strategy = 'hash'")
+    _check_keys(raw, _GROUP_KEYS, path)
+    strategy_name = raw.get("strategy", "hash")
+    if strategy_name not in _STRATEGIES:
+        raise ConfigurationError(f"{path}.strategy", f"unknown strategy {strategy_name!r}",
+                                 "choose one of: " + ", ".join(_STRATEGIES))
+    tables_raw = raw.get("tables")
+    if not isinstance(tables_raw, Mapping) or not tables_raw:
+        raise ConfigurationError(
+            f"{path}.tables", "must map each table to its shard-key column(s)",
+            'e.g. tables = { users = "id", orders = "user_id" }',
+        )
+    tables: dict[str, tuple[str, ...]] = {}
+    arity = None
+    for tname, cols in tables_raw.items():
+        tp = f"{path}.tables.{tname}"
+        if isinstance(cols, str):
+            cols = [cols]
+        if (not isinstance(cols, list) or not cols
+                or not all(isinstance(c, str) and c for c in cols)):
+            raise ConfigurationError(tp, "must be a column name or a list of column names")
+        if len(set(cols)) != len(cols):
+            raise ConfigurationError(tp, f"column repeated in {cols}")
+        if arity is not None and len(cols) != arity:
+            raise ConfigurationError(
+                tp, f"has {len(cols)} key column(s) but other tables in the group have {arity}",
+                "colocated tables share one key: give each the same number of columns",
+            )
+        arity = len(cols)
+        tables[str(tname)] = tuple(cols)
+
+    known = set(shard_names)
+
+    def check_shard(value: Any, p: str) -> str:
+        if value not in known:
+            raise ConfigurationError(p, f"unknown shard {value!r}",
+                                     "known shards: " + ", ".join(shard_names))
+        return value
+
+    strategy: Strategy
+    extra = {"ranges", "values", "default", "function"} & set(raw)
+    allowed_extra = {"hash": set(), "range": {"ranges"}, "list": {"values", "default"},
+                     "custom": {"function"}}[strategy_name]
+    if extra - allowed_extra:
+        bad = sorted(extra - allowed_extra)[0]
+        raise ConfigurationError(f"{path}.{bad}", f"does not apply to strategy {strategy_name!r}")
+
+    if strategy_name == "hash":
+        strategy = HashStrategy(bucket_map)
+    elif strategy_name == "range":
+        ranges_raw = raw.get("ranges")
+        if not isinstance(ranges_raw, list) or not ranges_raw:
+            raise ConfigurationError(
+                f"{path}.ranges", "a range group needs a list of ranges",
+                'e.g. ranges = [{ to = 1000, shard = "s0" }, { from = 1000, shard = "s1" }]',
+            )
+        ranges: list[KeyRange] = []
+        for i, r in enumerate(ranges_raw):
+            rp = f"{path}.ranges[{i}]"
+            if not isinstance(r, Mapping):
+                raise ConfigurationError(rp, "must be a table with from/to/shard")
+            _check_keys(r, {"from", "to", "shard"}, rp)
+            lo, hi = r.get("from"), r.get("to")
+            shard = check_shard(r.get("shard"), f"{rp}.shard")
+            if lo is not None and hi is not None:
+                try:
+                    if not lo < hi:
+                        raise ConfigurationError(rp, f"from ({lo!r}) must be less than to ({hi!r})")
+                except TypeError:
+                    raise ConfigurationError(rp, f"from {lo!r} and to {hi!r} are not comparable") from None
+            ranges.append(KeyRange(lo, hi, shard))
+        ordered = sorted(enumerate(ranges), key=lambda t: (t[1].lower is not None, t[1].lower))
+        for (ia, a), (ib, b) in zip(ordered, ordered[1:]):
+            if a.upper is None or b.lower is None or a.upper > b.lower:
+                raise ConfigurationError(
+                    f"{path}.ranges[{ib}]", f"overlaps ranges[{ia}] ({a} and {b})",
+                    "ranges are half-open [from, to): make each start at or after the previous `to`",
+                )
+        strategy = RangeStrategy(ranges)
+    elif strategy_name == "list":
+        values_raw = raw.get("values")
+        if not isinstance(values_raw, Mapping) or not values_raw:
+            raise ConfigurationError(
+                f"{path}.values", "a list group needs a shard -> values table",
+                'e.g. values = { s0 = ["eu", "uk"], s1 = ["us", "ca"] }',
+            )
+        mapping: dict[Any, str] = {}
+        for shard, vals in values_raw.items():
+            vp = f"{path}.values.{shard}"
+            check_shard(shard, vp)
+            if not isinstance(vals, list):
+                raise ConfigurationError(vp, "must be a list of key values")
+            for v in vals:
+                if isinstance(v, (list, dict)):
+                    raise ConfigurationError(vp, f"value {v!r} is not a scalar")
+                if v in mapping:
+                    raise ConfigurationError(
+                        vp, f"value {v!r} is already mapped to shard {mapping[v]!r}",
+                        "each value lives on exactly one shard",
+                    )
+                mapping[v] = shard
+        default = raw.get("default")
+        if default is not None:
+            check_shard(default, f"{path}.default")
+        strategy = ListStrategy(mapping, default)
+    else:
+        fn = _load_callable(raw.get("function"), f"{path}.function")
+        strategy = CustomStrategy(fn, frozenset(shard_names), name=str(raw.get("function")))
+    return GroupConfig(name=name, strategy=strategy, tables=tables)
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
+                env: Mapping[str, str] | None = None) -> ClusterConfig:
+    """Read and validate a cluster description from a TOML file path or a dict."""
+    if isinstance(source, Mapping):
+        raw: Any = dict(source)
+        origin = "<dict>"
+    else:
+        p = Path(source)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigurationError(str(p), "config file not found",
+                                     "pass --config PATH or create shardkit.toml") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigurationError(str(p), f"invalid TOML: {e}") from None
+        origin = str(p)
+    raw = _interpolate(raw, "", os.environ if env is None else env)
+    _check_keys(raw, _TOP_LEVEL_KEYS, "")
+
+    name = raw.get("name", "shardkit")
+    if not isinstance(name, str):
+        raise ConfigurationError("name", "must be a string")
+
+    bucket_count = raw.get("bucket_count", DEFAULT_BUCKET_COUNT)
+    if isinstance(bucket_count, bool) or not isinstance(bucket_count, int) or not (
+        1 <= bucket_count <= MAX_BUCKET_COUNT
+    ):
+        raise ConfigurationError("bucket_count", f"{bucket_count!r} must be an integer in 1..{MAX_BUCKET_COUNT}",
+                                 "it is fixed for the life of the cluster; 1024 is a good default")
+
+    shards_raw = raw.get("shards")
+    if not isinstance(shards_raw, list) or not shards_raw:
+        raise ConfigurationError("shards", f"{origin} defines no shards",
+                                 'add [[shards]] tables with name = "s0", primary = "postgresql+psycopg://..."')
+    shards: list[ShardConfig] = []
+    seen: dict[str, int] = {}
+    for i, s in enumerate(shards_raw):
+        sp = f"shards[{i}]"
+        if not isinstance(s, Mapping):
+            raise ConfigurationError(sp, "must be a table with name, primary, replicas")
+        _check_keys(s, _SHARD_KEYS, sp)
+        sname = s.get("name")
+        if not isinstance(sname, str) or not _NAME_RE.match(sname):
+            raise ConfigurationError(f"{sp}.name", f"{sname!r} is not a valid shard name",
+                                     "use letters, digits, _ and -, starting with a letter")
+        if sname in seen:
+            raise ConfigurationError(f"{sp}.name", f"duplicate shard name {sname!r} (also shards[{seen[sname]}])",
+                                     "every shard needs a unique name")
+        seen[sname] = i
+        primary = _parse_url(s.get("primary"), f"{sp}.primary")
+        replicas_raw = s.get("replicas", [])
+        if not isinstance(replicas_raw, list):
+            raise ConfigurationError(f"{sp}.replicas", "must be a list of URLs")
+        replicas = tuple(_parse_url(r, f"{sp}.replicas[{j}]") for j, r in enumerate(replicas_raw))
+        buckets = None
+        if "buckets" in s:
+            buckets = _parse_bucket_spec(s["buckets"], f"{sp}.buckets", bucket_count)
+        shards.append(ShardConfig(sname, primary, replicas, buckets))
+
+    shard_names = [s.name for s in shards]
+    with_buckets = [s for s in shards if s.buckets is not None]
+    if not with_buckets:
+        bucket_map = _even_bucket_map(shard_names, bucket_count)
+    else:
+        if len(with_buckets) != len(shards):
+            missing = [s.name for s in shards if s.buckets is None]
+            raise ConfigurationError(
+                f"shards[{shard_names.index(missing[0])}].buckets",
+                "some shards list their buckets and this one does not",
+                "list buckets for every shard, or for none (an even split)",
+            )
+        owner: list[str | None] = [None] * bucket_count
+        for s in shards:
+            for b in s.buckets or ():
+                if owner[b] is not None and owner[b] != s.name:
+                    raise ConfigurationError(
+                        f"shards[{seen[s.name]}].buckets",
+                        f"bucket {b} is also owned by shard {owner[b]!r}",
+                        "each bucket belongs to exactly one shard",
+                    )
+                owner[b] = s.name
+        missing_b = [b for b, o in enumerate(owner) if o is None]
+        if missing_b:
+            raise ConfigurationError(
+                "shards[*].buckets",
+                f"{len(missing_b)} of {bucket_count} buckets have no shard: {_compress(missing_b)[:200]}",
+                "assign every bucket 0..bucket_count-1 to a shard",
+            )
+        bucket_map = tuple(o for o in owner if o is not None)
+
+    groups_raw = raw.get("groups", {})
+    if not isinstance(groups_raw, Mapping):
+        raise ConfigurationError("groups", "must be a table of table groups",
+                                 "e.g. [groups.users] tables = { users = \"id\" }")
+    groups = []
+    table_owner: dict[str, str] = {}
+    for gname, graw in groups_raw.items():
+        g = _parse_group(str(gname), graw, shard_names, bucket_map)
+        for t in g.tables:
+            if t in table_owner:
+                raise ConfigurationError(f"groups.{gname}.tables.{t}",
+                                         f"table {t!r} is already in group {table_owner[t]!r}",
+                                         "a table belongs to one group")
+            table_owner[t] = g.name
+        groups.append(g)
+
+    refs_raw = raw.get("reference_tables", [])
+    if not isinstance(refs_raw, list) or not all(isinstance(t, str) for t in refs_raw):
+        raise ConfigurationError("reference_tables", "must be a list of table names")
+    for i, t in enumerate(refs_raw):
+        if t in table_owner:
+            raise ConfigurationError(f"reference_tables[{i}]",
+                                     f"table {t!r} is sharded in group {table_owner[t]!r}",
+                                     "a table is either sharded or a reference table")
+
+    replicas_cfg = raw.get("replicas", {})
+    pool_cfg = raw.get("pool", {})
+    for key, val in (("replicas", replicas_cfg), ("pool", pool_cfg)):
+        if not isinstance(val, Mapping):
+            raise ConfigurationError(key, "must be a table")
+
+    return ClusterConfig(
+        name=name,
+        bucket_count=bucket_count,
+        shards=tuple(shards),
+        bucket_map=bucket_map,
+        groups=tuple(groups),
+        reference_tables=frozenset(refs_raw),
+        replicas=dict(replicas_cfg),
+        pool=dict(pool_cfg),
+    )

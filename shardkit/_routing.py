@@ -1,0 +1,613 @@
+"""Statement routing: from a SQLAlchemy statement and its parameters to a :class:`Route`.
+
+Pure logic, no I/O.  The router reads the statement's tables and the shard-key
+predicates of its WHERE clause (``key = v``, ``key IN (...)``, ``BETWEEN``,
+``<``/``<=``/``>``/``>=``, combined with AND/OR) and asks each table group's
+strategy which shards can hold matching rows.
+
+The structural analysis of a statement is cached by SQLAlchemy's own statement
+cache key (which the ORM computes anyway, and memoizes on the statement), so a
+repeated query shape costs a dictionary lookup plus the hash of its key values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import types as sqltypes
+from sqlalchemy.sql import elements, operators, selectable
+from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
+
+from ._config import ClusterConfig, GroupConfig
+from ._strategies import HashStrategy, Strategy
+from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
+
+__all__ = ["Route", "Router", "TableRoute"]
+
+PRIMARY = "primary"
+REPLICA = "replica"
+
+
+@dataclass(frozen=True)
+class TableRoute:
+    """How one table is placed: its group, key columns and strategy (``None`` for reference tables)."""
+
+    table: str
+    group: str | None
+    key_columns: tuple[str, ...]
+    strategy: Strategy | None
+
+    @property
+    def is_reference(self) -> bool:
+        return self.group is None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a statement runs.
+
+    ``shards`` are the shard names in a stable order; ``kind`` is ``direct``
+    (one shard), ``multi`` (some) or ``all``; ``role`` is ``primary`` or
+    ``replica``; ``reason`` says why, in words; ``split`` maps a shard to the
+    parameter values it should receive when an ``IN`` list or a multi-row
+    insert was split by owner.
+    """
+
+    shards: tuple[str, ...]
+    kind: str
+    role: str
+    reason: str
+    is_write: bool = False
+    tables: tuple[str, ...] = ()
+    split: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def is_scatter(self) -> bool:
+        return len(self.shards) > 1
+
+    def __str__(self) -> str:
+        return f"{self.kind} {','.join(self.shards)} ({self.role}): {self.reason}"
+
+
+# ---------------------------------------------------------------------------
+# Predicate plan: a tree built once per statement shape, evaluated per execution.
+#   ("and", [nodes]) | ("or", [nodes]) | ("eq", group, col_index, bind_index)
+#   ("in", group, col_index, bind_index) | ("range", group, col_index, lo, hi, lo_incl, hi_incl)
+# bind indexes point into the statement cache key's ``bindparams`` list (or,
+# for uncacheable statements, into the plan's own list of BindParameter objects).
+# A node of None means "no constraint".
+# ---------------------------------------------------------------------------
+
+_RANGE_OPS = {
+    operators.lt: (None, False, True),  # key < v:  high=v exclusive
+    operators.le: (None, True, True),
+    operators.gt: (False, None, False),  # key > v:  low=v exclusive
+    operators.ge: (True, None, False),
+}
+_FLIP = {operators.lt: operators.gt, operators.le: operators.ge,
+         operators.gt: operators.lt, operators.ge: operators.le, operators.eq: operators.eq}
+
+
+@dataclass
+class _Plan:
+    tables: tuple[str, ...]
+    groups: dict[str, list[str]]          # group -> its tables in the statement
+    references: tuple[str, ...]
+    predicate: Any
+    binds: list[BindParameter[Any]]       # only used when the statement is uncacheable
+    textual: bool = False
+
+
+class Router:
+    """Routes statements and keys for one cluster configuration."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.shard_names: tuple[str, ...] = config.shard_names
+        self.tables: dict[str, TableRoute] = {}
+        self.groups: dict[str, GroupConfig] = {g.name: g for g in config.groups}
+        for g in config.groups:
+            for t, cols in g.tables.items():
+                self.tables[t] = TableRoute(t, g.name, cols, g.strategy)
+        for t in config.reference_tables:
+            self.tables[t] = TableRoute(t, None, (), None)
+        self._plans: dict[Any, _Plan] = {}
+        self._plans_lock = threading.Lock()
+        self._rr = itertools.count()
+
+    # -- keys ----------------------------------------------------------------
+
+    def table_route(self, table: Any) -> TableRoute:
+        """The placement of a table given by name, Table, ORM class or mapper."""
+        name = _table_name(table)
+        try:
+            return self.tables[name]
+        except KeyError:
+            pass
+        short = name.rsplit(".", 1)[-1]
+        if short in self.tables:
+            return self.tables[short]
+        raise RoutingError(
+            f"table {name!r} is not in the shard map; add it to a [groups.*] tables entry "
+            "or to reference_tables",
+            table=name,
+        )
+
+    def shard_for(self, table: Any, key: Any) -> str:
+        """The shard that owns ``key`` in ``table`` (a composite key is a tuple)."""
+        tr = self.table_route(table)
+        if tr.strategy is None:
+            raise RoutingError(
+                f"{tr.table!r} is a reference table: it lives on every shard "
+                f"({', '.join(self.shard_names)})",
+                table=tr.table,
+            )
+        if len(tr.key_columns) > 1 and not isinstance(key, tuple):
+            raise ShardKeyError(
+                f"{tr.table} has a composite shard key {tr.key_columns}; pass a tuple",
+                table=tr.table, key=key,
+            )
+        try:
+            return tr.strategy.shard_for_key(key)
+        except (ShardKeyError, RoutingError) as e:
+            if e.table is None:
+                e.table = tr.table
+            raise
+
+    def bucket_for(self, table: Any, key: Any) -> int | None:
+        """The hash bucket of ``key`` (``None`` for tables not sharded by hash)."""
+        tr = self.table_route(table)
+        if isinstance(tr.strategy, HashStrategy):
+            return tr.strategy.bucket_for_key(key)
+        return None
+
+    def any_shard(self) -> str:
+        """A shard for a statement that may run anywhere (reference tables, no tables)."""
+        return self.shard_names[next(self._rr) % len(self.shard_names)]
+
+    # -- statements ------------------------------------------------------------
+
+    def route(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        role: str | None = None,
+        all_shards: bool = False,
+    ) -> Route:
+        """Decide where ``statement`` runs.  Raises :class:`RoutingError` when it cannot.
+
+        ``params`` are the execution parameters (a dict, or a list of dicts for
+        an executemany).  ``all_shards`` permits a key-less UPDATE/DELETE to run on
+        every shard.
+        """
+        is_write = isinstance(statement, UpdateBase)
+        plan, binds = self._plan_for(statement)
+        if plan.textual:
+            raise RoutingError(
+                "cannot route a textual SQL statement: it names no tables shardkit can see; "
+                "name a shard with execution_options(shardkit_shard='s0') or run it "
+                "everywhere with execution_options(shardkit_all_shards=True)",
+                statement=statement,
+            )
+        chosen_role = PRIMARY if is_write else (role or PRIMARY)
+
+        if isinstance(statement, Insert):
+            return self._route_insert(statement, params, plan, chosen_role)
+
+        if not plan.groups:
+            tables = plan.tables
+            if is_write and plan.references:
+                return Route(self.shard_names, "all", PRIMARY,
+                             f"write to reference table(s) {', '.join(plan.references)} "
+                             "goes to every shard", True, tables)
+            shard = self.any_shard()
+            what = f"reference table(s) {', '.join(plan.references)}" if plan.references else "no tables"
+            return Route((shard,), "direct", chosen_role, f"{what}: any shard", is_write, tables)
+
+        per_group, splits = self._evaluate(plan, binds, params)
+        shards: frozenset[str] | None = None
+        reasons = []
+        for g, gtables in plan.groups.items():
+            s = per_group.get(g)
+            if s is None:
+                reasons.append(f"no {'/'.join(gtables)} shard key in WHERE")
+            else:
+                reasons.append(f"{'/'.join(gtables)} key -> {','.join(sorted(s)) or 'no shard'}")
+            if len(plan.groups) > 1:
+                if s is None or len(s) != 1 or (shards is not None and s != shards):
+                    names = ", ".join(sorted(plan.groups))
+                    raise ScatterRefused(
+                        f"statement joins tables of groups {names}, which are not colocated, and "
+                        "their keys do not pin them to one shard; query each group separately "
+                        "or colocate the tables in one group",
+                        construct="join of non-colocated tables",
+                        statement=statement,
+                    )
+            shards = s if shards is None else shards & s
+
+        if shards is None:
+            if is_write and not all_shards:
+                raise CrossShardWriteError(
+                    f"{type(statement).__name__.lower()} of {', '.join(plan.tables)} has no shard "
+                    "key in its WHERE clause and would touch every shard; add the key, or pass "
+                    "execution_options(shardkit_all_shards=True) to run it on all shards",
+                    table=plan.tables[0] if plan.tables else None,
+                    statement=statement,
+                )
+            return Route(self.shard_names, "all", chosen_role, "; ".join(reasons), is_write,
+                         plan.tables)
+        ordered = tuple(s for s in self.shard_names if s in shards)
+        if not ordered:
+            # Contradictory predicates (key = 1 AND key = 2 on different shards):
+            # no shard can hold a row; one shard gives the right empty answer.
+            ordered = (self.any_shard(),)
+        split = None
+        if splits and len(ordered) > 1:
+            split = {s: {key: vals for key, per_shard in splits.items()
+                         if (vals := per_shard.get(s)) is not None}
+                     for s in ordered}
+        kind = "direct" if len(ordered) == 1 else (
+            "all" if len(ordered) == len(self.shard_names) else "multi")
+        return Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split)
+
+    # -- inserts ---------------------------------------------------------------
+
+    def _route_insert(self, stmt: Insert, params: Any, plan: _Plan, role: str) -> Route:
+        table = stmt.table
+        tname = _table_name(table)
+        tr = self.table_route(tname)
+        if tr.is_reference:
+            return Route(self.shard_names, "all", PRIMARY,
+                         f"insert into reference table {tname} goes to every shard", True, (tname,))
+        if stmt._select_names is not None or getattr(stmt, "select", None) is not None:
+            raise CrossShardWriteError(
+                f"INSERT ... SELECT into sharded table {tname} cannot be routed row by row; "
+                "run it per shard with execution_options(shardkit_shard=...)",
+                table=tname, statement=stmt,
+            )
+        cols = tr.key_columns
+        rows: list[Mapping[Any, Any]]
+        if stmt._multi_values:
+            rows = [dict(zip(stmt.table.c.keys(), r)) if isinstance(r, (list, tuple)) else r
+                    for mv in stmt._multi_values for r in mv]
+            rows = [{_col_name(k): _literal(v) for k, v in r.items()} for r in rows]
+            return self._route_rows(tname, tr, rows, None, stmt)
+        values = {_col_name(k): _literal(v) for k, v in (stmt._values or {}).items()}
+        if isinstance(params, (list, tuple)) and params and not isinstance(params[0], (str, bytes)):
+            rows = [{**values, **{_col_name(k): v for k, v in p.items()}} for p in params]
+            return self._route_rows(tname, tr, rows, list(params), stmt)
+        row = dict(values)
+        if isinstance(params, Mapping):
+            row.update({_col_name(k): v for k, v in params.items()})
+        if not all(c in row for c in cols):
+            missing = [c for c in cols if c not in row]
+            raise ShardKeyError(
+                f"insert into {tname} has no value for shard key column(s) {missing}; "
+                "set the key (it decides the shard)",
+                table=tname, statement=stmt,
+            )
+        shard = self._shard_for_row(tr, row)
+        return Route((shard,), "direct", PRIMARY, f"insert into {tname}: key -> {shard}", True,
+                     (tname,))
+
+    def _route_rows(self, tname: str, tr: TableRoute, rows: Sequence[Mapping[str, Any]],
+                    params: list[Any] | None, stmt: Any) -> Route:
+        by_shard: dict[str, list[Any]] = {}
+        for i, row in enumerate(rows):
+            missing = [c for c in tr.key_columns if c not in row or _is_unresolved(row[c])]
+            if missing:
+                raise ShardKeyError(
+                    f"row {i} of insert into {tname} has no value for shard key column(s) "
+                    f"{missing}; set the key (it decides the shard)",
+                    table=tname, statement=stmt,
+                )
+            shard = self._shard_for_row(tr, row)
+            by_shard.setdefault(shard, []).append(params[i] if params is not None else i)
+        ordered = tuple(s for s in self.shard_names if s in by_shard)
+        if params is None and len(ordered) > 1:
+            raise CrossShardWriteError(
+                f"multi-row VALUES insert into {tname} spans shards {', '.join(ordered)}; pass the "
+                "rows as a list of parameter dicts (session.execute(insert(T), [{...}, ...])) so "
+                "shardkit can split them by shard",
+                table=tname, statement=stmt,
+            )
+        kind = "direct" if len(ordered) == 1 else "multi"
+        return Route(ordered, kind, PRIMARY,
+                     f"insert of {len(rows)} row(s) into {tname} -> {', '.join(ordered)}",
+                     True, (tname,), by_shard if params is not None else None)
+
+    def _shard_for_row(self, tr: TableRoute, row: Mapping[str, Any]) -> str:
+        assert tr.strategy is not None
+        key = (row[tr.key_columns[0]] if len(tr.key_columns) == 1
+               else tuple(row[c] for c in tr.key_columns))
+        try:
+            return tr.strategy.shard_for_key(key)
+        except RoutingError as e:
+            if e.table is None:
+                e.table = tr.table
+            raise
+
+    # -- analysis ----------------------------------------------------------------
+
+    def _plan_for(self, statement: Any) -> tuple[_Plan, list[BindParameter[Any]]]:
+        ck = statement._generate_cache_key() if hasattr(statement, "_generate_cache_key") else None
+        if ck is not None:
+            plan = self._plans.get(ck.key)
+            if plan is None:
+                plan = self._analyze(statement, ck.bindparams)
+                with self._plans_lock:
+                    if len(self._plans) > 5000:
+                        self._plans.clear()
+                    self._plans[ck.key] = plan
+            return plan, ck.bindparams
+        plan = self._analyze(statement, None)
+        return plan, plan.binds
+
+    def _analyze(self, statement: Any, ck_binds: Sequence[BindParameter[Any]] | None) -> _Plan:
+        if isinstance(statement, elements.TextClause) or not isinstance(
+            statement, (selectable.Select, selectable.CompoundSelect, UpdateBase)
+        ):
+            return _Plan((), {}, (), None, [], textual=isinstance(statement, elements.TextClause))
+        found = sql_util.find_tables(statement, include_aliases=True, include_crud=True,
+                                     include_joins=False)
+        names: list[str] = []
+        for t in found:
+            if isinstance(t, selectable.Alias):
+                t = t.element
+            if isinstance(t, selectable.TableClause):
+                n = _table_name(t)
+                if n not in names:
+                    names.append(n)
+        groups: dict[str, list[str]] = {}
+        refs: list[str] = []
+        for n in names:
+            tr = self.table_route(n)
+            if tr.group is None:
+                refs.append(tr.table)
+            else:
+                groups.setdefault(tr.group, []).append(tr.table)
+
+        binds: list[BindParameter[Any]] = []
+        index: dict[int, int] = {}
+        if ck_binds is not None:
+            index = {id(b): i for i, b in enumerate(ck_binds)}
+
+        def bind_ref(b: BindParameter[Any]) -> int | None:
+            if ck_binds is not None:
+                return index.get(id(b))
+            binds.append(b)
+            return len(binds) - 1
+
+        def key_of(col: Any) -> tuple[str, int, Any] | None:
+            if not isinstance(col, ColumnElement):
+                return None
+            col = getattr(col, "_deannotate", lambda: col)()
+            table = getattr(col, "table", None)
+            if table is None or not isinstance(table, selectable.FromClause):
+                return None
+            if isinstance(table, selectable.Alias):
+                table = table.element
+            if not isinstance(table, selectable.TableClause):
+                return None
+            tr = self.tables.get(_table_name(table)) or self.tables.get(table.name)
+            if tr is None or tr.group is None:
+                return None
+            try:
+                return tr.group, tr.key_columns.index(col.name), coercer_for(col.type)
+            except ValueError:
+                return None
+
+        def visit(expr: Any) -> Any:
+            if isinstance(expr, elements.Grouping):
+                return visit(expr.element)
+            if isinstance(expr, elements.BooleanClauseList):
+                kids = [visit(c) for c in expr.clauses]
+                if expr.operator is operators.and_:
+                    kids = [k for k in kids if k is not None]
+                    return ("and", kids) if kids else None
+                if expr.operator is operators.or_:
+                    return ("or", kids)
+                return None
+            if not isinstance(expr, elements.BinaryExpression):
+                return None
+            op, left, right = expr.operator, expr.left, expr.right
+            k = key_of(left)
+            if k is None and op in _FLIP:
+                k, left, right, op = key_of(right), right, left, _FLIP[op]
+            if k is None:
+                return None
+            group, ci, co = k
+            if op is operators.eq and isinstance(right, BindParameter):
+                r = bind_ref(right)
+                return None if r is None else ("eq", group, ci, r, co)
+            if op is operators.in_op and isinstance(right, BindParameter) and right.expanding:
+                r = bind_ref(right)
+                return None if r is None else ("in", group, ci, r, co)
+            if op is operators.between_op and hasattr(right, "clauses"):
+                lo, hi = list(right.clauses)
+                if isinstance(lo, BindParameter) and isinstance(hi, BindParameter):
+                    rl, rh = bind_ref(lo), bind_ref(hi)
+                    if rl is None or rh is None:
+                        return None
+                    return ("range", group, ci, rl, rh, True, True)
+                return None
+            if op in _RANGE_OPS and isinstance(right, BindParameter):
+                r = bind_ref(right)
+                if r is None:
+                    return None
+                lo_incl, hi_incl, is_high = _RANGE_OPS[op]
+                if is_high:
+                    return ("range", group, ci, None, r, True, bool(hi_incl))
+                return ("range", group, ci, r, None, bool(lo_incl), True)
+            return None
+
+        where = getattr(statement, "_where_criteria", ())
+        pred = visit(elements.and_(*where)) if where else None
+        return _Plan(tuple(names), groups, tuple(refs), pred, binds)
+
+    def _evaluate(self, plan: _Plan, binds: Sequence[BindParameter[Any]], params: Any
+                  ) -> tuple[dict[str, frozenset[str]], dict[str, dict[str, list[Any]]]]:
+        """Per group, the shards that can match; plus IN lists split per shard (bind key -> shard -> values)."""
+        splits: dict[str, dict[str, list[Any]]] = {}
+        pmap = params if isinstance(params, Mapping) else {}
+
+        def value(i: int) -> Any:
+            b = binds[i]
+            if b.key in pmap:
+                return pmap[b.key]
+            if b.callable is not None:
+                return b.callable()
+            return b.value
+
+        def group_strategy(g: str) -> Strategy:
+            return self.groups[g].strategy
+
+        def arity(g: str) -> int:
+            return len(next(iter(self.groups[g].tables.values())))
+
+        def shard(g: str, key: Any, co: Any = None) -> str:
+            try:
+                if co is not None:
+                    key = co(key)
+                return group_strategy(g).shard_for_key(key)
+            except RoutingError as e:
+                if e.table is None:
+                    e.table = "/".join(self.groups[g].tables)
+                raise
+
+        def ev(node: Any, top: bool) -> dict[str, frozenset[str]]:
+            if node is None:
+                return {}
+            kind = node[0]
+            if kind == "eq":
+                _, g, ci, bi, co = node
+                if arity(g) != 1:
+                    return {}
+                v = value(bi)
+                if _is_unresolved(v):
+                    return {}
+                return {g: frozenset([shard(g, v, co)])}
+            if kind == "in":
+                _, g, ci, bi, co = node
+                if arity(g) != 1:
+                    return {}
+                vals = value(bi)
+                if _is_unresolved(vals) or not isinstance(vals, (list, tuple, set, frozenset)):
+                    return {}
+                per: dict[str, list[Any]] = {}
+                for v in vals:
+                    per.setdefault(shard(g, v, co), []).append(v)
+                if top:
+                    splits[binds[bi].key] = per
+                return {g: frozenset(per)}
+            if kind == "range":
+                _, g, ci, lo, hi, lo_incl, hi_incl = node
+                if arity(g) != 1:
+                    return {}
+                lv = value(lo) if lo is not None else None
+                hv = value(hi) if hi is not None else None
+                s = group_strategy(g).shards_for_interval(
+                    lv, hv, low_inclusive=lo_incl, high_inclusive=hi_incl)
+                return {} if s is None else {g: s}
+            if kind == "and":
+                out: dict[str, frozenset[str]] = {}
+                composite: dict[str, dict[int, Any]] = {}
+                for child in node[1]:
+                    if child[0] == "eq" and arity(child[1]) > 1:
+                        v = value(child[3])
+                        if not _is_unresolved(v):
+                            co = child[4]
+                            composite.setdefault(child[1], {})[child[2]] = co(v) if co else v
+                        continue
+                    for g, s in ev(child, top).items():
+                        out[g] = s if g not in out else out[g] & s
+                for g, cols in composite.items():
+                    if len(cols) == arity(g):
+                        s = frozenset([shard(g, tuple(cols[i] for i in range(arity(g))))])
+                        out[g] = s if g not in out else out[g] & s
+                return out
+            if kind == "or":
+                results = [ev(child, False) for child in node[1]]
+                if not results:
+                    return {}
+                common = set(results[0])
+                for r in results[1:]:
+                    common &= set(r)
+                return {g: frozenset().union(*(r[g] for r in results)) for g in common}
+            return {}
+
+        return ev(plan.predicate, True), splits
+
+
+def _is_unresolved(v: Any) -> bool:
+    return v is None or isinstance(v, ClauseElement)
+
+
+def _to_uuid(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return uuid.UUID(v)
+        except ValueError:
+            raise ShardKeyError(f"{v!r} is not a valid UUID for a uuid shard key", key=v) from None
+    return v
+
+
+def _to_int(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ShardKeyError(
+            f"integer shard key got {v!r} ({type(v).__name__}); pass an int "
+            "(a string would hash differently from the stored integer)",
+            key=v,
+        )
+    return v
+
+
+def coercer_for(type_: Any) -> Any:
+    """A function that brings a key value to the canonical Python type of its column.
+
+    A uuid column filtered with its string form, and an integer column filtered
+    with an int, must hash exactly like the values the ORM writes.
+    """
+    if isinstance(type_, sqltypes.Uuid):
+        return _to_uuid
+    if isinstance(type_, sqltypes.Integer):
+        return _to_int
+    return None
+
+
+def _literal(v: Any) -> Any:
+    if isinstance(v, BindParameter):
+        return v.effective_value
+    return v
+
+
+def _col_name(k: Any) -> str:
+    if isinstance(k, str):
+        return k
+    return getattr(k, "name", None) or getattr(k, "key", str(k))
+
+
+def _table_name(table: Any) -> str:
+    if isinstance(table, str):
+        return table
+    t = getattr(table, "__table__", None)
+    if t is None:
+        # a Mapper
+        t = getattr(table, "local_table", None)
+    if t is None:
+        t = table
+    if isinstance(t, selectable.Alias):
+        t = t.element
+    name = getattr(t, "fullname", None) or getattr(t, "name", None)
+    if not isinstance(name, str):
+        raise RoutingError(f"{table!r} is not a table, mapped class or table name")
+    return name

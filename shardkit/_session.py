@@ -1,0 +1,500 @@
+"""``ShardedSession``: a SQLAlchemy Session that routes every statement to its shard.
+
+Built on :mod:`sqlalchemy.ext.horizontal_shard`: objects carry their shard as
+the identity token (so equal primary keys on different shards never collide,
+and lazy loads stay on their object's shard), and the unit of work asks the
+session which connection each object belongs to.  What this module adds is
+the routing itself: shard keys read from objects and from WHERE clauses, IN
+lists split by owner, reference tables kept in step on every shard, and
+refusal of writes that would silently land on the wrong shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import event, inspect
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import select as sa_select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Result
+from sqlalchemy.ext import horizontal_shard
+from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm.interfaces import MANYTOONE
+from sqlalchemy.sql import functions, selectable
+from sqlalchemy.sql.dml import Delete, Insert, Update
+
+from ._cluster import Cluster
+from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
+from ._scope import current_scope
+from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
+
+__all__ = ["ShardedSession"]
+
+log = logging.getLogger("shardkit.session")
+
+_AGGREGATES = frozenset({
+    "count", "sum", "min", "max", "avg", "array_agg", "string_agg", "bool_and", "bool_or",
+    "every", "stddev", "variance", "json_agg", "jsonb_agg", "percentile_cont",
+    "percentile_disc", "mode", "bit_and", "bit_or",
+})
+
+
+class ShardedSession(horizontal_shard.ShardedSession):
+    """A :class:`~sqlalchemy.orm.Session` over a :class:`~shardkit.Cluster`.
+
+    Use it through a sessionmaker::
+
+        Session = sessionmaker(class_=ShardedSession, cluster=cluster)
+
+    Execution options understood per statement (``stmt.execution_options(...)``
+    or ``session.execute(stmt, execution_options={...})``):
+
+    ``shardkit_shard``
+        run on this shard, whatever the statement says.
+    ``shardkit_all_shards``
+        allow a key-less UPDATE/DELETE (or a textual statement) to run on every shard.
+
+    :func:`shardkit.scope` sets the same defaults for a block of code.
+    """
+
+    def __init__(self, cluster: Cluster | None = None, **kwargs: Any) -> None:
+        if not isinstance(cluster, Cluster):
+            raise sa_exc.ArgumentError(
+                "ShardedSession needs cluster=shardkit.Cluster.from_config(...); got "
+                f"{type(cluster).__name__}"
+            )
+        for bad in ("bind", "binds"):
+            if kwargs.get(bad) is not None:
+                raise sa_exc.ArgumentError(
+                    f"ShardedSession takes its engines from the cluster; do not pass {bad}="
+                )
+        # horizontal_shard.ShardedSession.__init__ wants chooser callables and
+        # installs its own serial execute hook; we provide the choosers as
+        # methods and install our routing hook instead.
+        Session.__init__(self, query_cls=horizontal_shard.ShardedQuery, **kwargs)
+        self.cluster = cluster
+        self.shard_chooser = self._choose_shard_for_instance
+        self.identity_chooser = self._identity_shards
+        self.execute_chooser = self._execute_shards
+        event.listen(self, "do_orm_execute", _route_execute, retval=True)
+        event.listen(self, "before_flush", _refuse_shard_key_moves)
+        event.listen(self, "after_flush", _replicate_reference_rows)
+
+    # -- choosers (the hooks horizontal_shard defines) ------------------------------
+
+    def _choose_shard_for_instance(self, mapper: Any, instance: Any, clause: Any = None,
+                                   **kw: Any) -> str:
+        if instance is None:
+            if clause is not None:
+                route = self.cluster.router.route(clause)
+                if len(route.shards) == 1:
+                    return route.shards[0]
+            raise RoutingError(
+                f"cannot choose a shard for {mapper} without an instance or a keyed clause; "
+                "pass bind_arguments={'shard_id': ...}"
+            )
+        return shard_of_instance(self.cluster, mapper, instance)
+
+    def _identity_shards(self, mapper: Any, primary_key: Any, *, lazy_loaded_from: Any = None,
+                         **kw: Any) -> Iterable[str]:
+        if lazy_loaded_from is not None and lazy_loaded_from.identity_token:
+            return [lazy_loaded_from.identity_token]
+        sc = current_scope()
+        if sc.shard is not None:
+            return [sc.shard]
+        tr = self.cluster.router.table_route(mapper)
+        if tr.strategy is not None:
+            pk_names = [c.name for c in mapper.primary_key]
+            if list(tr.key_columns) == pk_names or (
+                len(tr.key_columns) == 1 and tr.key_columns[0] in pk_names
+                and len(pk_names) == 1
+            ):
+                ident = primary_key if isinstance(primary_key, (tuple, list)) else (primary_key,)
+                values = [coerce(mapper, tr.table, c, v)
+                          for c, v in zip(tr.key_columns, ident)]
+                key = values[0] if len(values) == 1 else tuple(values)
+                if key is not None:
+                    return [tr.strategy.shard_for_key(key)]
+        return list(self.cluster.shard_names)
+
+    def _execute_shards(self, orm_context: ORMExecuteState) -> Iterable[str]:
+        return self.cluster.explain(orm_context.statement, orm_context.parameters).shards
+
+    # -- binds ----------------------------------------------------------------------
+
+    def get_bind(self, mapper: Any = None, *, shard_id: str | None = None,
+                 instance: Any = None, clause: Any = None, shardkit_role: str | None = None,
+                 **kw: Any) -> Any:
+        if shard_id is None:
+            shard_id = self._choose_shard_and_assign(mapper, instance=instance, clause=clause)
+        if shard_id not in self.cluster.config.shard_names:
+            raise RoutingError(
+                f"unknown shard {shard_id!r}; shards: {', '.join(self.cluster.shard_names)}"
+            )
+        return self.cluster.engine(shard_id, shardkit_role or PRIMARY)
+
+    def connection_for_shard(self, shard: str) -> Any:
+        """The session's connection to ``shard``'s primary (joining the session's transaction)."""
+        return self.connection(bind_arguments={"shard_id": shard})
+
+
+def coerce(mapper: Any, table: str, column: str, value: Any) -> Any:
+    if value is None:
+        return None
+    t = mapper.local_table if mapper.local_table.name == table.rsplit(".", 1)[-1] else None
+    col = t.c.get(column) if t is not None else None
+    co = coercer_for(col.type) if col is not None else None
+    return co(value) if co else value
+
+
+def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
+    """The shard an ORM instance belongs to, from its own key or its parent's."""
+    state = inspect(instance)
+    mapper = state.mapper
+    tr = cluster.router.table_route(mapper)
+    if tr.strategy is None:
+        # Reference rows are written to one shard by the flush and copied to
+        # the others after it (see _replicate_reference_rows).
+        return cluster.shard_names[0]
+    table = mapper.local_table
+    values = []
+    for cname in tr.key_columns:
+        col = table.c[cname]
+        prop = mapper.get_property_by_column(col)
+        v = state.dict.get(prop.key)
+        if v is None:
+            parent_shard = _shard_from_parent(cluster, mapper, state, cname)
+            if parent_shard is not None:
+                return parent_shard
+            raise ShardKeyError(
+                f"{type(instance).__name__} has no value for shard key {tr.table}.{cname}; set "
+                f"{prop.key} (or its parent relationship) before flushing",
+                table=tr.table,
+            )
+        co = coercer_for(col.type)
+        values.append(co(v) if co else v)
+    key = values[0] if len(values) == 1 else tuple(values)
+    try:
+        return tr.strategy.shard_for_key(key)
+    except RoutingError as e:
+        if e.table is None:
+            e.table = tr.table
+        raise
+
+
+def _shard_from_parent(cluster: Cluster, mapper: Any, state: Any, column: str) -> str | None:
+    # A new child whose key column is filled from its parent during the flush
+    # (order.user = user) follows the parent's shard.
+    for rel in mapper.relationships:
+        if rel.direction is not MANYTOONE:
+            continue
+        if column not in {c.name for c in rel.local_columns}:
+            continue
+        parent = state.dict.get(rel.key)
+        if parent is None:
+            continue
+        pstate = inspect(parent)
+        if pstate.key is not None:
+            return pstate.key[2]
+        if pstate.identity_token is not None:
+            return pstate.identity_token
+        shard = shard_of_instance(cluster, pstate.mapper, parent)
+        pstate.identity_token = shard
+        return shard
+    return None
+
+
+def _explicit_shard(orm_context: ORMExecuteState, session: ShardedSession) -> str | None:
+    for opt in orm_context._non_compile_orm_options:
+        if isinstance(opt, horizontal_shard.set_shard_id):
+            return opt.shard_id
+    active = None
+    if orm_context.is_select:
+        active = orm_context.load_options
+        lazy_from = active._lazy_loaded_from
+        if lazy_from is not None and lazy_from.identity_token is not None:
+            return lazy_from.identity_token
+    elif orm_context.is_update or orm_context.is_delete:
+        active = orm_context.update_delete_options
+    if active is not None and active._identity_token is not None:
+        return active._identity_token
+    opts = orm_context.execution_options
+    shard = opts.get("shardkit_shard") or opts.get("_sa_shard_id")
+    if shard is None:
+        shard = orm_context.bind_arguments.get("shard_id")
+    if shard is None:
+        shard = current_scope().shard
+    return shard
+
+
+def _route_execute(orm_context: ORMExecuteState) -> Result[Any] | None:
+    session = orm_context.session
+    assert isinstance(session, ShardedSession)
+    cluster = session.cluster
+    statement = orm_context.statement
+    shard = _explicit_shard(orm_context, session)
+    if shard is not None:
+        if shard not in cluster.config.shard_names:
+            raise RoutingError(
+                f"unknown shard {shard!r}; shards: {', '.join(cluster.shard_names)}",
+                statement=statement,
+            )
+        _bind_single(orm_context, shard, PRIMARY)
+        return None
+
+    sc = current_scope()
+    opts = orm_context.execution_options
+    all_shards = bool(opts.get("shardkit_all_shards") or sc.all_shards)
+    if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
+        # Textual or other statements the router cannot read: run everywhere.
+        route = Route(cluster.shard_names, "all", PRIMARY, "shardkit_all_shards=True", True)
+    else:
+        route = cluster.router.route(statement, orm_context.parameters, all_shards=all_shards)
+        if route.kind == "all" and sc.key is not None:
+            route = _route_by_scope_key(cluster, route, sc.key)
+
+    if (isinstance(statement, Insert) and orm_context.parameters
+            and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
+        return _orm_bulk_insert(orm_context, route)
+    if len(route.shards) == 1:
+        _bind_single(orm_context, route.shards[0], route.role)
+        return None
+    return _run_on_shards(orm_context, route)
+
+
+def _orm_bulk_insert(orm_context: ORMExecuteState, route: Route) -> Result[Any]:
+    """``session.execute(insert(Model), [{...}, ...])``, split by shard.
+
+    SQLAlchemy's ORM bulk insert does not support per-instance sharding, so the
+    rows go through Core on each shard's connection in the session's
+    transaction, keyed by column instead of attribute name.
+    """
+    statement = orm_context.statement
+    if statement._returning:
+        raise RoutingError(
+            "ORM bulk INSERT ... RETURNING is not supported by ShardedSession; add the "
+            "objects with session.add_all() or insert without returning()",
+            statement=statement,
+        )
+    mapper = orm_context.bind_mapper
+    table = mapper.local_table
+    attr_to_col = {}
+    for prop in mapper.column_attrs:
+        attr_to_col[prop.key] = prop.columns[0].key
+    params = orm_context.parameters
+    rows = params if isinstance(params, list) else [params]
+    by_shard: dict[str, list[Any]]
+    if route.split is not None:
+        by_shard = {s: list(v) for s, v in route.split.items()}
+    else:
+        by_shard = {s: rows for s in route.shards}
+    session = orm_context.session
+    total = 0
+    result = None
+    for shard, part in by_shard.items():
+        core_rows = [{attr_to_col.get(k, k): v for k, v in r.items()} for r in part]
+        conn = session.connection(bind_arguments={"shard_id": shard})
+        stmt = table.insert()
+        if statement._values:
+            stmt = stmt.values(dict(statement._values))
+        result = conn.execute(stmt, core_rows)
+        total += max(result.rowcount, 0)
+    assert result is not None
+    result.rowcount = total  # type: ignore[misc]
+    return result
+
+
+def _route_by_scope_key(cluster: Cluster, route: Route, key: Any) -> Route:
+    groups = {cluster.router.table_route(t).group for t in route.tables}
+    groups.discard(None)
+    if len(groups) != 1:
+        return route
+    group = groups.pop()
+    table = next(t for t in route.tables if cluster.router.table_route(t).group == group)
+    shard = cluster.shard_for(table, key)
+    return Route((shard,), "direct", route.role, f"scope key {key!r} -> {shard}",
+                 route.is_write, route.tables)
+
+
+def _bind_single(orm_context: ORMExecuteState, shard: str, role: str) -> None:
+    # Mutating bind_arguments in place is how the hook hands the decision to the
+    # rest of Session.execute without re-invoking the statement.
+    orm_context.bind_arguments["shard_id"] = shard
+    orm_context.bind_arguments["shardkit_role"] = role
+    orm_context.update_execution_options(identity_token=shard)
+
+
+def _refuse_unmergeable(statement: Any, route: Route) -> None:
+    """Refuse scatter reads whose per-shard results cannot simply be concatenated."""
+    if isinstance(statement, selectable.CompoundSelect):
+        raise ScatterRefused(
+            f"UNION/INTERSECT/EXCEPT across shards {', '.join(route.shards)} cannot be merged "
+            "exactly; run each part separately or add the shard key",
+            construct="compound select", statement=statement,
+        )
+    if not isinstance(statement, selectable.Select):
+        return
+    checks = [
+        (statement._order_by_clauses, "ORDER BY"),
+        (statement._limit_clause is not None, "LIMIT"),
+        (statement._offset_clause is not None, "OFFSET"),
+        (statement._group_by_clauses, "GROUP BY"),
+        (statement._having_criteria, "HAVING"),
+        (statement._distinct, "DISTINCT"),
+    ]
+    for present, construct in checks:
+        if present:
+            raise ScatterRefused(
+                f"{construct} in a query over shards {', '.join(route.shards)} is not merged yet; "
+                "add the shard key to the WHERE clause or name a shard",
+                construct=construct, statement=statement,
+            )
+    for col in statement._raw_columns:
+        for elem in _iterate(col):
+            if isinstance(elem, functions.FunctionElement) and elem.name.lower() in _AGGREGATES:
+                raise ScatterRefused(
+                    f"aggregate {elem.name}() over shards {', '.join(route.shards)} is not merged "
+                    "yet; add the shard key to the WHERE clause or name a shard",
+                    construct=f"{elem.name}()", statement=statement,
+                )
+
+
+def _iterate(elem: Any) -> Iterable[Any]:
+    from sqlalchemy.sql import visitors
+
+    return visitors.iterate(elem)
+
+
+def _run_on_shards(orm_context: ORMExecuteState, route: Route) -> Result[Any]:
+    statement = orm_context.statement
+    if not route.is_write:
+        _refuse_unmergeable(statement, route)
+    results = []
+    params = orm_context.parameters
+    for shard in route.shards:
+        stmt = statement
+        p = params
+        if route.split is not None:
+            part = route.split.get(shard)
+            if isinstance(statement, Insert) and isinstance(part, list):
+                p = part
+            elif part:
+                stmt = statement.params(part)
+        bind_arguments = dict(orm_context.bind_arguments)
+        bind_arguments["shard_id"] = shard
+        bind_arguments["shardkit_role"] = route.role
+        if p is not params:
+            # invoke_statement() refuses a different number of parameter sets;
+            # a fresh execute with the shard named routes straight there.
+            results.append(orm_context.session.execute(
+                stmt, p, bind_arguments=bind_arguments,
+                execution_options={**orm_context.local_execution_options, "identity_token": shard},
+            ))
+            continue
+        results.append(orm_context.invoke_statement(
+            statement=stmt, params=p, bind_arguments=bind_arguments,
+            execution_options={"identity_token": shard},
+        ))
+    if route.is_write and not any(r.returns_rows for r in results):
+        total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
+        first = results[0]
+        for r in results[1:]:
+            r.close()
+        # The caller sees one result for the statement; its rowcount is the sum
+        # over shards.
+        try:
+            first.rowcount = total  # type: ignore[misc]
+        except AttributeError:
+            first.__dict__["rowcount"] = total
+        return first
+    return results[0].merge(*results[1:])
+
+
+def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any) -> None:
+    assert isinstance(session, ShardedSession)
+    router = session.cluster.router
+    for obj in session.dirty:
+        state = inspect(obj)
+        if state.key is None:
+            continue
+        mapper = state.mapper
+        try:
+            tr = router.table_route(mapper)
+        except RoutingError:
+            continue
+        if tr.strategy is None:
+            continue
+        changed = False
+        for cname in tr.key_columns:
+            prop = mapper.get_property_by_column(mapper.local_table.c[cname])
+            if state.attrs[prop.key].history.has_changes():
+                changed = True
+        if not changed:
+            continue
+        new_shard = shard_of_instance(session.cluster, mapper, obj)
+        old_shard = state.key[2]
+        if new_shard != old_shard:
+            raise CrossShardWriteError(
+                f"changing the shard key of {type(obj).__name__} {state.key[1]} would move it "
+                f"from shard {old_shard} to {new_shard}; shardkit does not move rows inside a "
+                "flush (it could not be atomic). Delete and re-insert it, or keep the key",
+                table=tr.table,
+            )
+
+
+def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
+    """Copy reference-table rows written on one shard to every other shard, in the same transaction."""
+    assert isinstance(session, ShardedSession)
+    cluster = session.cluster
+    router = cluster.router
+    upserts: dict[tuple[Any, str], list[Any]] = {}
+    deletes: dict[tuple[Any, str], list[Any]] = {}
+    for bucket, objs in ((upserts, list(session.new) + list(session.dirty)),
+                         (deletes, list(session.deleted))):
+        for obj in objs:
+            state = inspect(obj)
+            mapper = state.mapper
+            try:
+                tr: TableRoute = router.table_route(mapper)
+            except RoutingError:
+                continue
+            if not tr.is_reference:
+                continue
+            if bucket is upserts and not session.is_modified(obj) and obj not in session.new:
+                continue
+            home = state.key[2] if state.key is not None else state.identity_token
+            pk = mapper.primary_key_from_instance(obj)
+            bucket.setdefault((mapper.local_table, home or cluster.shard_names[0]), []).append(pk)
+    if not upserts and not deletes:
+        return
+    for (table, home), pks in upserts.items():
+        pk_cols = list(table.primary_key.columns)
+        src = session.connection(bind_arguments={"shard_id": home})
+        rows = []
+        for pk in pks:
+            cond = [c == v for c, v in zip(pk_cols, pk)]
+            row = src.execute(sa_select(table).where(*cond)).mappings().first()
+            if row is not None:
+                rows.append(dict(row))
+        if not rows:
+            continue
+        for shard in cluster.shard_names:
+            if shard == home:
+                continue
+            ins = pg_insert(table)
+            stmt = ins.on_conflict_do_update(
+                index_elements=pk_cols,
+                set_={c.name: ins.excluded[c.name] for c in table.columns if not c.primary_key},
+            ) if len(pk_cols) < len(table.columns) else ins.on_conflict_do_nothing()
+            session.connection(bind_arguments={"shard_id": shard}).execute(stmt, rows)
+    for (table, home), pks in deletes.items():
+        pk_cols = list(table.primary_key.columns)
+        for shard in cluster.shard_names:
+            if shard == home:
+                continue
+            conn = session.connection(bind_arguments={"shard_id": shard})
+            for pk in pks:
+                conn.execute(table.delete().where(*[c == v for c, v in zip(pk_cols, pk)]))

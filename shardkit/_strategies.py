@@ -1,0 +1,247 @@
+"""Strategies: the pure functions that map a shard key to a shard name.
+
+A strategy never touches a database.  Each one answers two questions:
+
+* :meth:`Strategy.shard_for_key` - which shard owns this key;
+* :meth:`Strategy.shards_for_interval` - which shards can hold keys in an
+  interval (used for ``BETWEEN`` / ``<`` / ``>=`` predicates); ``None`` means
+  "any shard" (hash and list strategies do not preserve order).
+"""
+
+from __future__ import annotations
+
+import bisect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._hashing import bucket_for
+from .errors import NoShardForKey, ShardKeyError
+
+__all__ = [
+    "CustomStrategy",
+    "HashStrategy",
+    "ListStrategy",
+    "RangeStrategy",
+    "Strategy",
+]
+
+
+class Strategy(ABC):
+    """Maps shard-key values to shard names."""
+
+    kind: str = "abstract"
+
+    @abstractmethod
+    def shard_for_key(self, key: Any) -> str:
+        """The shard that owns ``key``."""
+
+    def shards_for_interval(
+        self,
+        low: Any = None,
+        high: Any = None,
+        *,
+        low_inclusive: bool = True,
+        high_inclusive: bool = True,
+    ) -> frozenset[str] | None:
+        """Shards that can hold keys between ``low`` and ``high`` (``None`` = unbounded).
+
+        Returns ``None`` when the strategy cannot narrow the interval (every
+        shard may hold such keys).
+        """
+        return None
+
+    @property
+    @abstractmethod
+    def shards(self) -> frozenset[str]:
+        """Every shard this strategy can return."""
+
+
+class HashStrategy(Strategy):
+    """murmur3 of the key's canonical bytes, modulo a fixed bucket count, then the bucket map.
+
+    ``bucket_map[b]`` is the shard owning bucket ``b``.  The map is data: moving
+    buckets between shards changes the map, never the hash.
+    """
+
+    kind = "hash"
+
+    def __init__(self, bucket_map: Sequence[str]) -> None:
+        if not bucket_map:
+            raise ValueError("bucket_map must not be empty")
+        self.bucket_map: tuple[str, ...] = tuple(bucket_map)
+        self.bucket_count = len(self.bucket_map)
+        self._shards = frozenset(self.bucket_map)
+
+    def bucket_for_key(self, key: Any) -> int:
+        return bucket_for(key, self.bucket_count)
+
+    def shard_for_key(self, key: Any) -> str:
+        return self.bucket_map[bucket_for(key, self.bucket_count)]
+
+    @property
+    def shards(self) -> frozenset[str]:
+        return self._shards
+
+    def __repr__(self) -> str:
+        return f"HashStrategy(buckets={self.bucket_count}, shards={sorted(self._shards)})"
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """A half-open interval ``[lower, upper)`` of keys owned by ``shard``; ``None`` is unbounded."""
+
+    lower: Any
+    upper: Any
+    shard: str
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lower is None else repr(self.lower)
+        hi = "+inf" if self.upper is None else repr(self.upper)
+        return f"[{lo}, {hi}) -> {self.shard}"
+
+
+class RangeStrategy(Strategy):
+    """Sorted, non-overlapping half-open ranges ``[lower, upper)``; the ends may be open.
+
+    A key in a gap between ranges raises :class:`NoShardForKey`.
+    """
+
+    kind = "range"
+
+    def __init__(self, ranges: Sequence[KeyRange]) -> None:
+        if not ranges:
+            raise ValueError("a range strategy needs at least one range")
+        # The caller (config) validates order and overlap with field names;
+        # this re-check protects direct construction.
+        ordered = sorted(ranges, key=_range_sort_key)
+        for a, b in zip(ordered, ordered[1:]):
+            if a.upper is None or b.lower is None or a.upper > b.lower:
+                raise ValueError(f"ranges overlap: {a} and {b}")
+        self.ranges: tuple[KeyRange, ...] = tuple(ordered)
+        self._lowers = [r.lower for r in ordered[1:]]
+        self._shards = frozenset(r.shard for r in ordered)
+
+    def _index_for(self, key: Any) -> int:
+        try:
+            # Index of the last range whose lower bound is <= key.
+            return bisect.bisect_right(self._lowers, key)
+        except TypeError as e:
+            raise ShardKeyError(
+                f"range key {key!r} ({type(key).__name__}) cannot be compared with the "
+                f"configured range bounds: {e}",
+                key=key,
+            ) from None
+
+    def shard_for_key(self, key: Any) -> str:
+        if key is None:
+            raise ShardKeyError("range shard key is NULL; every row needs a key", key=key)
+        r = self.ranges[self._index_for(key)]
+        try:
+            inside = (r.lower is None or key >= r.lower) and (r.upper is None or key < r.upper)
+        except TypeError as e:
+            raise ShardKeyError(f"range key {key!r} cannot be compared: {e}", key=key) from None
+        if not inside:
+            raise NoShardForKey(
+                f"no range holds key {key!r}; configured ranges: "
+                + ", ".join(str(x) for x in self.ranges)
+                + " (add a range that covers it)",
+                key=key,
+            )
+        return r.shard
+
+    def shards_for_interval(
+        self, low: Any = None, high: Any = None, *, low_inclusive: bool = True,
+        high_inclusive: bool = True,
+    ) -> frozenset[str] | None:
+        out = set()
+        try:
+            for r in self.ranges:
+                # The range [r.lower, r.upper) misses the interval if it ends at or before
+                # low, or starts after high (or at high when high is exclusive).
+                if low is not None and r.upper is not None and r.upper <= low:
+                    continue
+                if high is not None and r.lower is not None:
+                    if r.lower > high or (r.lower == high and not high_inclusive):
+                        continue
+                out.add(r.shard)
+        except TypeError:
+            return None
+        return frozenset(out)
+
+    @property
+    def shards(self) -> frozenset[str]:
+        return self._shards
+
+    def __repr__(self) -> str:
+        return "RangeStrategy(" + ", ".join(str(r) for r in self.ranges) + ")"
+
+
+def _range_sort_key(r: KeyRange) -> tuple[int, Any]:
+    return (0, 0) if r.lower is None else (1, r.lower)
+
+
+class ListStrategy(Strategy):
+    """An explicit value -> shard mapping (regions, countries, tenants), with an optional default."""
+
+    kind = "list"
+
+    def __init__(self, mapping: Mapping[Hashable, str], default: str | None = None) -> None:
+        self.mapping = dict(mapping)
+        self.default = default
+        self._shards = frozenset(self.mapping.values()) | (
+            frozenset([default]) if default else frozenset()
+        )
+
+    def shard_for_key(self, key: Any) -> str:
+        try:
+            return self.mapping[key]
+        except KeyError:
+            if self.default is not None:
+                return self.default
+            raise NoShardForKey(
+                f"list value {key!r} is not mapped to any shard and there is no default "
+                f"(known values: {sorted(map(repr, self.mapping))[:10]}); add it to the "
+                "list or set `default`",
+                key=key,
+            ) from None
+        except TypeError:
+            raise ShardKeyError(
+                f"list key {key!r} ({type(key).__name__}) is not hashable", key=key
+            ) from None
+
+    @property
+    def shards(self) -> frozenset[str]:
+        return self._shards
+
+    def __repr__(self) -> str:
+        return f"ListStrategy({len(self.mapping)} values, default={self.default!r})"
+
+
+class CustomStrategy(Strategy):
+    """A user callable ``fn(key) -> shard name``; its answer is checked against the shards."""
+
+    kind = "custom"
+
+    def __init__(self, fn: Callable[[Any], str], shards: frozenset[str], name: str = "") -> None:
+        self.fn = fn
+        self._shards = frozenset(shards)
+        self.name = name or getattr(fn, "__qualname__", repr(fn))
+
+    def shard_for_key(self, key: Any) -> str:
+        shard = self.fn(key)
+        if shard not in self._shards:
+            raise NoShardForKey(
+                f"custom strategy {self.name} returned {shard!r} for key {key!r}, which is "
+                f"not a configured shard (shards: {sorted(self._shards)})",
+                key=key,
+            )
+        return shard
+
+    @property
+    def shards(self) -> frozenset[str]:
+        return self._shards
+
+    def __repr__(self) -> str:
+        return f"CustomStrategy({self.name})"

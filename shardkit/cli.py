@@ -1,0 +1,145 @@
+"""The ``shardkit`` command.
+
+One function per verb (as in Alembic's ``command`` module).  This is the only
+place that catches :class:`~shardkit.errors.ShardkitError`: it prints the
+message (never a password) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ._cluster import Cluster
+from ._config import mask_url
+from .errors import ShardkitError
+
+__all__ = ["main"]
+
+DEFAULT_DEV_DIR = ".shardkit-dev"
+
+
+def _parse_key(raw: str, kind: str) -> Any:
+    if kind == "int" or (kind == "auto" and raw.lstrip("-").isdigit()):
+        try:
+            return int(raw)
+        except ValueError:
+            raise SystemExit(f"error: key {raw!r} is not an integer") from None
+    if kind == "uuid" or kind == "auto":
+        try:
+            return uuid.UUID(raw)
+        except ValueError:
+            if kind == "uuid":
+                raise SystemExit(f"error: key {raw!r} is not a UUID") from None
+    return raw
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Print the shard (and bucket) that owns a key."""
+    cluster = Cluster.from_config(args.config)
+    parts = [_parse_key(k, args.type) for k in args.key]
+    key = parts[0] if len(parts) == 1 else tuple(parts)
+    shard = cluster.shard_for(args.table, key)
+    bucket = cluster.bucket_for(args.table, key)
+    primary = cluster.config.shard(shard).primary
+    out = {"table": args.table, "key": str(key), "bucket": bucket, "shard": shard,
+           "primary": mask_url(primary)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        via = f" -> bucket {bucket}" if bucket is not None else ""
+        print(f"{args.table} key {key!r}{via} -> shard {shard} (primary {mask_url(primary)})")
+    return 0
+
+
+def cmd_dev_up(args: argparse.Namespace) -> int:
+    """Start a local cluster of real PostgreSQL servers."""
+    from .devcluster import DevCluster
+
+    cluster = DevCluster.up(Path(args.dir), shards=args.shards, replicas=args.replicas,
+                            bucket_count=args.buckets)
+    print(f"local cluster up in {cluster.base_dir}:")
+    for shard in cluster.shards:
+        for node in shard.nodes:
+            print(f"  {node.name:<12} {node.role:<8} 127.0.0.1:{node.port}")
+    print(f"config: {Path(cluster.base_dir) / 'shardkit.toml'}")
+    print(f"stop it with: shardkit dev down --dir {args.dir}")
+    return 0
+
+
+def cmd_dev_down(args: argparse.Namespace) -> int:
+    """Stop a local cluster started by ``dev up`` and remove its files."""
+    from .devcluster import DevCluster
+
+    base = Path(args.dir)
+    if not (base / "devcluster.json").exists():
+        print(f"no local cluster in {base}")
+        return 0
+    DevCluster.load(base).down(remove=not args.keep_files)
+    print(f"local cluster in {base} stopped")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a local cluster and walk through routing on real data."""
+    from ._demo import run_demo
+
+    return run_demo(dir=args.dir, keep=args.keep, shards=args.shards, replicas=args.replicas)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardkit", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("route", help="print the shard that owns a key")
+    r.add_argument("table", help="table name, as in the config's groups")
+    r.add_argument("key", nargs="+", help="key value (several for a composite key)")
+    r.add_argument("--config", "-c", default="shardkit.toml", help="cluster config (default: %(default)s)")
+    r.add_argument("--type", choices=["auto", "int", "str", "uuid"], default="auto",
+                   help="how to read KEY (default: int if it looks like one, then uuid, else str)")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.set_defaults(func=cmd_route)
+
+    d = sub.add_parser("dev", help="a local development cluster of real PostgreSQL servers")
+    dsub = d.add_subparsers(dest="dev_command", required=True)
+    up = dsub.add_parser("up", help="start N primaries with R streaming replicas each")
+    up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--replicas", type=int, default=1)
+    up.add_argument("--buckets", type=int, default=1024, help="bucket count (default: %(default)s)")
+    up.add_argument("--dir", default=DEFAULT_DEV_DIR, help="cluster directory (default: %(default)s)")
+    up.set_defaults(func=cmd_dev_up)
+    down = dsub.add_parser("down", help="stop the local cluster")
+    down.add_argument("--dir", default=DEFAULT_DEV_DIR)
+    down.add_argument("--keep-files", action="store_true", help="keep the data directories")
+    down.set_defaults(func=cmd_dev_down)
+
+    demo = sub.add_parser("demo", help="start a local cluster and show routing on real data")
+    demo.add_argument("--dir", default=None, help="cluster directory (default: a temporary one)")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
+    demo.add_argument("--shards", type=int, default=3)
+    demo.add_argument("--replicas", type=int, default=1)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ShardkitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The errors shardkit raises.
+
+Every error is a :class:`ShardkitError`, which is itself a
+:class:`sqlalchemy.exc.SQLAlchemyError`, so code that already catches
+SQLAlchemy errors keeps working::
+
+    ShardkitError                      (sqlalchemy.exc.SQLAlchemyError)
+    ├── ConfigurationError             .field .hint
+    ├── RoutingError                   .table .statement
+    │   ├── ShardKeyError              .key   key missing, or of a type that cannot be hashed
+    │   ├── NoShardForKey              .key   no range / list entry holds this key
+    │   ├── CrossShardWriteError              a write that would span or leave its shard
+    │   └── ScatterRefused             .construct  strict mode, or a query that cannot merge exactly
+    ├── ShardUnavailable               .shard .node .cause
+    │   └── ScatterError               .failures {shard: exception}
+    └── DevClusterError                .node  the local development cluster failed
+
+Errors carry their context as attributes, and their messages carry the
+numbers and the fix.  Connection URLs in messages are always masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = [
+    "ConfigurationError",
+    "CrossShardWriteError",
+    "DevClusterError",
+    "NoShardForKey",
+    "RoutingError",
+    "ScatterError",
+    "ScatterRefused",
+    "ShardKeyError",
+    "ShardUnavailable",
+    "ShardkitError",
+]
+
+
+class ShardkitError(sa_exc.SQLAlchemyError):
+    """Base class of every error raised by shardkit."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigurationError(ShardkitError):
+    """The cluster configuration is wrong.
+
+    ``field`` is the dotted path of the offending setting (``shards[1].name``)
+    and ``hint`` says how to fix it.
+    """
+
+    def __init__(self, field: str, problem: str, hint: str | None = None) -> None:
+        self.field = field
+        self.problem = problem
+        self.hint = hint
+        msg = f"{field}: {problem}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+
+
+class RoutingError(ShardkitError):
+    """A statement or object cannot be routed to a shard."""
+
+    def __init__(
+        self, message: str, *, table: str | None = None, statement: Any = None
+    ) -> None:
+        self.table = table
+        self.statement = statement
+        super().__init__(message)
+
+
+class ShardKeyError(RoutingError):
+    """A shard key is missing or has a value that cannot be placed."""
+
+    def __init__(
+        self, message: str, *, table: str | None = None, key: Any = None,
+        statement: Any = None,
+    ) -> None:
+        self.key = key
+        super().__init__(message, table=table, statement=statement)
+
+
+class NoShardForKey(RoutingError):
+    """No shard holds this key: a gap between ranges, or a list value with no default."""
+
+    def __init__(self, message: str, *, table: str | None = None, key: Any = None) -> None:
+        self.key = key
+        super().__init__(message, table=table)
+
+
+class CrossShardWriteError(RoutingError):
+    """A write that would leave its shard: a shard-key change, or a key-less write."""
+
+
+class ScatterRefused(RoutingError):
+    """A query that would need several shards was refused.
+
+    Raised in strict mode, and for constructs whose result cannot be merged
+    exactly from per-shard results (``construct`` names it).
+    """
+
+    def __init__(
+        self, message: str, *, construct: str | None = None, table: str | None = None,
+        statement: Any = None,
+    ) -> None:
+        self.construct = construct
+        super().__init__(message, table=table, statement=statement)
+
+
+class ShardUnavailable(ShardkitError):
+    """A shard (or the node a statement needs) cannot be reached."""
+
+    def __init__(
+        self, message: str, *, shard: str | None = None, node: str | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        self.shard = shard
+        self.node = node
+        self.cause = cause
+        super().__init__(message)
+
+
+class ScatterError(ShardUnavailable):
+    """One or more shards failed during a cross-shard query.
+
+    ``failures`` maps each failed shard name to its exception.
+    """
+
+    def __init__(self, failures: dict[str, BaseException]) -> None:
+        self.failures = dict(failures)
+        parts = "; ".join(
+            f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            for name, e in sorted(self.failures.items())
+        )
+        first = sorted(self.failures)[0] if self.failures else None
+        super().__init__(
+            f"{len(self.failures)} shard(s) failed during a cross-shard query: {parts}. "
+            "Pass execution_options(shardkit_partial_results=True) to accept partial results.",
+            shard=first,
+            cause=self.failures.get(first) if first else None,
+        )
+
+
+class DevClusterError(ShardkitError):
+    """The local development cluster could not be started, stopped or changed."""
+
+    def __init__(self, message: str, *, node: str | None = None) -> None:
+        self.node = node
+        super().__init__(message)

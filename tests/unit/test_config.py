@@ -1,0 +1,203 @@
+"""Configuration parsing: every mistake is a ConfigurationError naming the field and the fix."""
+
+import copy
+
+import pytest
+
+from shardkit import Cluster, ConfigurationError, load_config
+from shardkit._config import mask_url
+
+URL = "postgresql+psycopg://app@db{}.example:5432/app"
+
+
+def base(**over):
+    cfg = {
+        "bucket_count": 16,
+        "shards": [
+            {"name": "s0", "primary": URL.format(0), "replicas": [URL.format("0r")]},
+            {"name": "s1", "primary": URL.format(1)},
+        ],
+        "groups": {"users": {"strategy": "hash", "tables": {"users": "id", "orders": "user_id"}}},
+        "reference_tables": ["countries"],
+    }
+    cfg.update(over)
+    return cfg
+
+
+def err(cfg, **kw) -> ConfigurationError:
+    with pytest.raises(ConfigurationError) as ei:
+        load_config(cfg, **kw)
+    return ei.value
+
+
+def test_valid_config_even_bucket_split():
+    c = load_config(base())
+    assert c.shard_names == ("s0", "s1")
+    assert c.bucket_map == ("s0",) * 8 + ("s1",) * 8
+    assert c.shards[0].replicas[0].host == "db0r.example"
+
+
+def test_toml_file_round_trip(tmp_path):
+    p = tmp_path / "shardkit.toml"
+    p.write_text(
+        'bucket_count = 4\n'
+        '[[shards]]\nname = "a"\nprimary = "postgresql://u@h/db"\nbuckets = ["0-1"]\n'
+        '[[shards]]\nname = "b"\nprimary = "postgresql+psycopg://u@h/db"\nbuckets = [2, 3]\n'
+        '[groups.g]\ntables = { t = "k" }\n'
+    )
+    c = load_config(p)
+    assert c.bucket_map == ("a", "a", "b", "b")
+    # bare postgresql:// is upgraded to psycopg 3
+    assert c.shards[0].primary.drivername == "postgresql+psycopg"
+
+
+def test_env_interpolation_and_missing_var():
+    cfg = base()
+    cfg["shards"][0]["primary"] = "postgresql+psycopg://app:${DB_PW}@h/db"
+    c = load_config(cfg, env={"DB_PW": "s3cret"})
+    assert c.shards[0].primary.password == "s3cret"
+    assert "s3cret" not in repr(c.shards[0])
+    e = err(cfg, env={})
+    assert e.field == "shards[0].primary" and "DB_PW" in str(e)
+    cfg["shards"][0]["primary"] = "postgresql+psycopg://app:${DB_PW:-dflt}@h/db"
+    assert load_config(cfg, env={}).shards[0].primary.password == "dflt"
+
+
+def test_unknown_strategy():
+    cfg = base()
+    cfg["groups"]["users"]["strategy"] = "modulo"
+    e = err(cfg)
+    assert e.field == "groups.users.strategy"
+    assert "hash, range, list, custom" in str(e)
+
+
+def test_duplicate_shard_name():
+    cfg = base()
+    cfg["shards"][1]["name"] = "s0"
+    e = err(cfg)
+    assert e.field == "shards[1].name" and "duplicate" in str(e)
+
+
+def test_bucket_map_missing_a_bucket():
+    cfg = base()
+    cfg["shards"][0]["buckets"] = ["0-7"]
+    cfg["shards"][1]["buckets"] = ["8-14"]
+    e = err(cfg)
+    assert "15" in str(e) and "1 of 16 buckets" in str(e)
+
+
+def test_bucket_owned_twice():
+    cfg = base()
+    cfg["shards"][0]["buckets"] = ["0-8"]
+    cfg["shards"][1]["buckets"] = ["8-15"]
+    e = err(cfg)
+    assert e.field == "shards[1].buckets" and "bucket 8" in str(e)
+
+
+def test_overlapping_ranges():
+    cfg = base()
+    cfg["groups"]["ev"] = {
+        "strategy": "range",
+        "tables": {"events": "id"},
+        "ranges": [{"to": 100, "shard": "s0"}, {"from": 50, "shard": "s1"}],
+    }
+    e = err(cfg)
+    assert e.field.startswith("groups.ev.ranges[") and "overlap" in str(e)
+
+
+def test_range_bounds_reversed():
+    cfg = base()
+    cfg["groups"]["ev"] = {"strategy": "range", "tables": {"events": "id"},
+                           "ranges": [{"from": 10, "to": 5, "shard": "s0"}]}
+    assert "less than" in str(err(cfg))
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("not a url", "not a valid database URL"),
+    ("mysql://u@h/db", "not a PostgreSQL URL"),
+    ("postgresql+asyncpg://u@h/db", "driver 'asyncpg'"),
+    ("postgresql+psycopg://u@/db", "no host"),
+    ("postgresql+psycopg://u:pw@h", "no database"),
+])
+def test_bad_url(url, needle):
+    cfg = base()
+    cfg["shards"][1]["primary"] = url
+    e = err(cfg)
+    assert e.field == "shards[1].primary" and needle in str(e)
+    assert ":pw@" not in str(e)
+
+
+def test_unknown_shard_in_list_group():
+    cfg = base()
+    cfg["groups"]["geo"] = {"strategy": "list", "tables": {"customers": "region"},
+                            "values": {"s9": ["eu"]}}
+    e = err(cfg)
+    assert e.field == "groups.geo.values.s9" and "unknown shard" in str(e)
+
+
+def test_list_value_on_two_shards():
+    cfg = base()
+    cfg["groups"]["geo"] = {"strategy": "list", "tables": {"customers": "region"},
+                            "values": {"s0": ["eu"], "s1": ["eu"]}}
+    assert "already mapped" in str(err(cfg))
+
+
+def test_table_in_two_groups_and_reference():
+    cfg = base()
+    cfg["groups"]["other"] = {"tables": {"users": "id"}}
+    assert "already in group" in str(err(cfg))
+    cfg = base(reference_tables=["users"])
+    e = err(cfg)
+    assert e.field == "reference_tables[0]"
+
+
+def test_unknown_top_level_key_is_a_typo():
+    e = err(base(bucket_cout=5))
+    assert e.field == "bucket_cout" and "known settings" in str(e)
+
+
+def test_colocated_tables_need_same_key_arity():
+    cfg = base()
+    cfg["groups"]["users"]["tables"]["orders"] = ["user_id", "id"]
+    assert "key column" in str(err(cfg))
+
+
+def test_custom_strategy_import_errors():
+    cfg = base()
+    cfg["groups"]["c"] = {"strategy": "custom", "tables": {"t": "k"}, "function": "nope.mod:fn"}
+    e = err(cfg)
+    assert e.field == "groups.c.function" and "cannot import" in str(e)
+    cfg["groups"]["c"]["function"] = "os.path:join"
+    c = load_config(cfg)
+    assert c.groups[-1].strategy.kind == "custom"
+
+
+def test_unknown_table_in_colocation_is_caught_against_metadata():
+    from models import Base
+    cfg = base()
+    cfg["groups"]["users"]["tables"]["order_items"] = "user_id"
+    with pytest.raises(ConfigurationError) as ei:
+        Cluster.from_config(cfg, metadata=Base.metadata)
+    assert ei.value.field == "groups.users.tables.order_items"
+    assert "unknown table" in str(ei.value)
+    cfg = base()
+    cfg["groups"]["users"]["tables"]["orders"] = "owner_id"
+    with pytest.raises(ConfigurationError, match="no column 'owner_id'"):
+        Cluster.from_config(cfg, metadata=Base.metadata)
+
+
+def test_missing_file():
+    e = err("/nonexistent/shardkit.toml")
+    assert "not found" in str(e)
+
+
+def test_mask_url():
+    assert mask_url("postgresql+psycopg://u:secret@h/db") == "postgresql+psycopg://u:***@h/db"
+    assert "secret" not in mask_url("::::secret")
+
+
+def test_original_dict_not_mutated():
+    cfg = base()
+    snapshot = copy.deepcopy(cfg)
+    load_config(cfg)
+    assert cfg == snapshot

@@ -1,0 +1,225 @@
+"""Routing decisions for statements and keys, with no server."""
+
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import delete, func, insert, or_, select, text, update
+
+from models import Base, Country, Customer, Device, Event, Order, User, groups_config
+from shardkit import (
+    Cluster,
+    CrossShardWriteError,
+    NoShardForKey,
+    RoutingError,
+    ScatterRefused,
+    ShardKeyError,
+)
+
+SHARDS = ["s0", "s1", "s2"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cfg = {
+        "bucket_count": 64,
+        "shards": [{"name": s, "primary": f"postgresql+psycopg://u@{s}.invalid/db"} for s in SHARDS],
+        **groups_config(SHARDS),
+    }
+    return Cluster.from_config(cfg, metadata=Base.metadata)
+
+
+def test_eq_key_routes_to_owner(cluster):
+    for k in range(200):
+        r = cluster.explain(select(User).where(User.id == k))
+        assert r.shards == (cluster.shard_for(User, k),) and r.kind == "direct"
+
+
+def test_reversed_operands_and_and(cluster):
+    r = cluster.explain(select(User).where(User.name == "x", 7 == User.id))
+    assert r.shards == (cluster.shard_for("users", 7),)
+
+
+def test_colocated_join_routes_by_either_key(cluster):
+    stmt = select(User, Order).join(Order, Order.user_id == User.id).where(Order.user_id == 9)
+    assert cluster.explain(stmt).shards == (cluster.shard_for("orders", 9),)
+
+
+def test_in_list_is_split_by_owner(cluster):
+    keys = list(range(40))
+    r = cluster.explain(select(User).where(User.id.in_(keys)))
+    owners = {cluster.shard_for(User, k) for k in keys}
+    assert set(r.shards) == owners and len(owners) == 3
+    (bindkey,) = {k for per in r.split.values() for k in per}
+    got = sorted(v for s in r.shards for v in r.split[s][bindkey])
+    assert got == keys
+    for s in r.shards:
+        assert all(cluster.shard_for(User, v) == s for v in r.split[s][bindkey])
+
+
+def test_or_of_keys_unions_and_or_with_non_key_scatters(cluster):
+    r = cluster.explain(select(User).where(or_(User.id == 1, User.id == 2)))
+    assert set(r.shards) == {cluster.shard_for(User, 1), cluster.shard_for(User, 2)}
+    r = cluster.explain(select(User).where(or_(User.id == 1, User.name == "x")))
+    assert r.kind == "all"
+
+
+def test_contradiction_goes_to_one_shard(cluster):
+    a, b = 0, next(k for k in range(1, 100) if cluster.shard_for(User, k) != cluster.shard_for(User, 0))
+    r = cluster.explain(select(User).where(User.id == a, User.id == b))
+    assert len(r.shards) == 1
+
+
+def test_range_strategy_between_and_comparisons(cluster):
+    assert cluster.explain(select(Event).where(Event.id == 5)).shards == ("s0",)
+    assert cluster.explain(select(Event).where(Event.id == 1000)).shards == ("s1",)
+    assert cluster.explain(select(Event).where(Event.id.between(10, 999))).shards == ("s0",)
+    assert cluster.explain(select(Event).where(Event.id.between(10, 1000))).shards == ("s0", "s1")
+    assert cluster.explain(select(Event).where(Event.id < 1000)).shards == ("s0",)
+    assert cluster.explain(select(Event).where(Event.id >= 1000, Event.id < 5000)).shards == ("s1",)
+    assert cluster.explain(select(Event).where(Event.id > 4999)).shards == ("s1", "s2")
+    assert cluster.explain(select(Event).where(Event.id >= 5000)).shards == ("s2",)
+
+
+def test_list_strategy_and_default(cluster):
+    assert cluster.shard_for(Customer, "eu") == "s0"
+    assert cluster.shard_for(Customer, "ca") == "s1"
+    assert cluster.shard_for(Customer, "jp") == "s2"
+    r = cluster.explain(select(Customer).where(Customer.region.in_(["uk", "us"])))
+    assert r.shards == ("s0", "s1")
+
+
+def test_uuid_string_and_uuid_route_alike(cluster):
+    u = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    a = cluster.explain(select(Device).where(Device.id == u)).shards
+    b = cluster.explain(select(Device).where(Device.id == str(u))).shards
+    assert a == b == (cluster.shard_for(Device, u),)
+
+
+def test_int_key_given_as_string_is_refused(cluster):
+    with pytest.raises(ShardKeyError, match="integer shard key"):
+        cluster.explain(select(User).where(User.id == "5"))
+
+
+def test_keyless_read_scatters_keyless_write_refused(cluster):
+    assert cluster.explain(select(User).where(User.name == "x")).kind == "all"
+    with pytest.raises(CrossShardWriteError, match="shardkit_all_shards"):
+        cluster.explain(update(User).values(name="y"))
+    with pytest.raises(CrossShardWriteError):
+        cluster.explain(delete(User).where(User.name == "x"))
+    r = cluster.explain(delete(User).where(User.name == "x"), all_shards=True)
+    assert r.kind == "all" and r.is_write and r.role == "primary"
+
+
+def test_keyed_update_delete(cluster):
+    assert cluster.explain(update(User).where(User.id == 3).values(name="z")).shards == (
+        cluster.shard_for(User, 3),)
+    assert cluster.explain(delete(Order).where(Order.user_id == 3)).shards == (
+        cluster.shard_for(User, 3),)
+
+
+def test_reference_tables(cluster):
+    r = cluster.explain(select(Country))
+    assert r.kind == "direct"
+    assert cluster.explain(insert(Country).values(code="fr", name="France")).kind == "all"
+    assert cluster.explain(update(Country).values(name="x")).kind == "all"
+    # a join of a sharded table with a reference table routes by the sharded key
+    r = cluster.explain(select(User, Country).where(User.id == 4))
+    assert r.shards == (cluster.shard_for(User, 4),)
+    with pytest.raises(RoutingError, match="reference table"):
+        cluster.shard_for(Country, "fr")
+
+
+def test_non_colocated_join_refused(cluster):
+    with pytest.raises(ScatterRefused, match="not colocated"):
+        cluster.explain(select(User, Event).where(User.id == Event.id))
+
+
+def test_insert_routing(cluster):
+    r = cluster.explain(insert(User).values(id=11, name="a"))
+    assert r.shards == (cluster.shard_for(User, 11),)
+    rows = [{"id": k, "name": "n"} for k in range(30)]
+    r = cluster.explain(insert(User), rows)
+    assert sum(len(v) for v in r.split.values()) == 30
+    for s, part in r.split.items():
+        assert all(cluster.shard_for(User, p["id"]) == s for p in part)
+    with pytest.raises(ShardKeyError, match="no value for shard key"):
+        cluster.explain(insert(User).values(name="a"))
+
+
+def test_textual_sql_refused_without_a_shard(cluster):
+    with pytest.raises(RoutingError, match="textual SQL"):
+        cluster.explain(text("select 1"))
+
+
+def test_unknown_table(cluster):
+    from sqlalchemy import Column, Integer, MetaData, Table
+    t = Table("widgets", MetaData(), Column("id", Integer, primary_key=True))
+    with pytest.raises(RoutingError, match="not in the shard map"):
+        cluster.explain(select(t))
+
+
+def test_range_gap_raises_no_shard():
+    cfg = {
+        "shards": [{"name": "a", "primary": "postgresql://u@h/db"}],
+        "groups": {"ev": {"strategy": "range", "tables": {"events": "id"},
+                          "ranges": [{"to": 10, "shard": "a"}, {"from": 20, "shard": "a"}]}},
+    }
+    c = Cluster.from_config(cfg)
+    with pytest.raises(NoShardForKey, match="no range holds key 15"):
+        c.shard_for("events", 15)
+
+
+def test_composite_key_routes_only_when_complete():
+    cfg = {
+        "bucket_count": 32,
+        "shards": [{"name": s, "primary": "postgresql://u@h/db"} for s in SHARDS],
+        "groups": {"m": {"tables": {"metrics": ["tenant", "series"]}}},
+    }
+    from sqlalchemy import Column, Integer, MetaData, String, Table
+    t = Table("metrics", MetaData(), Column("tenant", Integer), Column("series", String),
+              Column("v", Integer))
+    c = Cluster.from_config(cfg)
+    r = c.explain(select(t).where(t.c.tenant == 1, t.c.series == "cpu"))
+    assert r.shards == (c.shard_for("metrics", (1, "cpu")),)
+    assert c.explain(select(t).where(t.c.tenant == 1)).kind == "all"
+    with pytest.raises(ShardKeyError, match="composite"):
+        c.shard_for("metrics", 1)
+
+
+def test_plan_cache_uses_current_values(cluster):
+    # Same statement shape, different values: the cached plan must read the new values.
+    seen = set()
+    for k in range(50):
+        r = cluster.explain(select(User).where(User.id == k))
+        assert r.shards == (cluster.shard_for(User, k),)
+        seen.add(r.shards)
+    assert len(seen) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), min_size=1, max_size=30))
+def test_in_split_partitions_values_exactly(keys):
+    cfg = {
+        "bucket_count": 64,
+        "shards": [{"name": s, "primary": "postgresql://u@h/db"} for s in SHARDS],
+        **groups_config(SHARDS),
+    }
+    c = _cached(cfg)
+    r = c.explain(select(User).where(User.id.in_(keys)))
+    if len(r.shards) == 1:
+        assert r.shards == (c.shard_for(User, keys[0]),)
+        return
+    (bindkey,) = {k for per in r.split.values() for k in per}
+    got = [v for s in r.shards for v in r.split[s][bindkey]]
+    assert sorted(got) == sorted(keys)
+
+
+_CACHE = {}
+
+
+def _cached(cfg):
+    if "c" not in _CACHE:
+        _CACHE["c"] = Cluster.from_config(cfg)
+    return _CACHE["c"]
