@@ -13,7 +13,6 @@ repeated query shape costs a dictionary lookup plus the hash of its key values.
 from __future__ import annotations
 
 import itertools
-import operator
 import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -122,6 +121,8 @@ class Router:
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
         self._rr = itertools.count()
+        # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
+        self.pk_plans: dict[Any, Any] = {}
 
     # -- keys ----------------------------------------------------------------
 
@@ -338,33 +339,49 @@ class Router:
 
     # -- analysis ----------------------------------------------------------------
 
-    def _plan_for(self, statement: Any) -> tuple[_Plan, list[BindParameter[Any]]]:
+    def _plan_for(self, statement: Any) -> tuple[_Plan, Sequence[BindParameter[Any]]]:
+        # Fast path: a plain SELECT/UPDATE/DELETE over tables whose WHERE is made
+        # of column-vs-parameter comparisons (what session.get() and most keyed
+        # queries look like) is analysed directly, in a few microseconds.
+        tables = _simple_tables(statement)
+        if tables is not None:
+            plan = self._analyze(statement, None, tables)
+            if plan is not None:
+                return plan, plan.binds
+        # General path: analyse once per statement shape, keyed by SQLAlchemy's
+        # cache key (memoized on the statement, and reused by the compiler).
         ck = statement._generate_cache_key() if hasattr(statement, "_generate_cache_key") else None
         if ck is not None:
             plan = self._plans.get(ck.key)
             if plan is None:
-                plan = self._analyze(statement, ck.bindparams)
+                plan = self._analyze(statement, ck.bindparams, None)
                 with self._plans_lock:
                     if len(self._plans) > 5000:
                         self._plans.clear()
                     self._plans[ck.key] = plan
             return plan, ck.bindparams
-        plan = self._analyze(statement, None)
+        plan = self._analyze(statement, None, None)
         return plan, plan.binds
 
-    def _analyze(self, statement: Any, ck_binds: Sequence[BindParameter[Any]] | None) -> _Plan:
-        if isinstance(statement, elements.TextClause) or not isinstance(
-            statement, (selectable.Select, selectable.CompoundSelect, UpdateBase)
-        ):
-            return _Plan((), {}, (), None, [], textual=isinstance(statement, elements.TextClause))
-        found = sql_util.find_tables(statement, include_aliases=True, include_crud=True,
-                                     include_joins=False)
+    def _analyze(self, statement: Any, ck_binds: Sequence[BindParameter[Any]] | None,
+                 fast_tables: list[Any] | None) -> Any:
+        """Build the plan; with ``fast_tables`` return ``None`` if the WHERE is not simple."""
+        if fast_tables is None:
+            if isinstance(statement, elements.TextClause) or not isinstance(
+                statement, (selectable.Select, selectable.CompoundSelect, UpdateBase)
+            ):
+                return _Plan((), {}, (), None, [],
+                             textual=isinstance(statement, elements.TextClause))
+            found = sql_util.find_tables(statement, include_aliases=True, include_crud=True,
+                                         include_joins=False)
+        else:
+            found = fast_tables
         names: list[str] = []
         for t in found:
             if isinstance(t, selectable.Alias):
                 t = t.element
             if isinstance(t, selectable.TableClause):
-                n = _table_name(t)
+                n = t.fullname
                 if n not in names:
                     names.append(n)
         groups: dict[str, list[str]] = {}
@@ -380,6 +397,8 @@ class Router:
         index: dict[int, int] = {}
         if ck_binds is not None:
             index = {id(b): i for i, b in enumerate(ck_binds)}
+        strict = fast_tables is not None
+        found_set = set(found) if strict else set()
 
         def bind_ref(b: BindParameter[Any]) -> int | None:
             if ck_binds is not None:
@@ -390,7 +409,6 @@ class Router:
         def key_of(col: Any) -> tuple[str, int, Any] | None:
             if not isinstance(col, ColumnElement):
                 return None
-            col = getattr(col, "_deannotate", lambda: col)()
             table = getattr(col, "table", None)
             if table is None or not isinstance(table, selectable.FromClause):
                 return None
@@ -398,7 +416,7 @@ class Router:
                 table = table.element
             if not isinstance(table, selectable.TableClause):
                 return None
-            tr = self.tables.get(_table_name(table)) or self.tables.get(table.name)
+            tr = self.tables.get(table.fullname) or self.tables.get(table.name)
             if tr is None or tr.group is None:
                 return None
             try:
@@ -418,8 +436,19 @@ class Router:
                     return ("or", kids)
                 return None
             if not isinstance(expr, elements.BinaryExpression):
+                if strict:
+                    raise _NotSimple
                 return None
             op, left, right = expr.operator, expr.left, expr.right
+            if strict:
+                for side in (left, right):
+                    if isinstance(side, elements.ColumnClause):
+                        # A column of a table not in the FROM list is an implicit FROM.
+                        if side.table is None or side.table not in found_set:
+                            raise _NotSimple
+                    elif not isinstance(side, (BindParameter, elements.ClauseList,
+                                               elements.ExpressionClauseList)):
+                        raise _NotSimple
             k = key_of(left)
             if k is None and op in _FLIP:
                 k, left, right, op = key_of(right), right, left, _FLIP[op]
@@ -451,101 +480,149 @@ class Router:
             return None
 
         where = getattr(statement, "_where_criteria", ())
-        pred = visit(elements.and_(*where)) if where else None
+        try:
+            if not where:
+                pred = None
+            elif len(where) == 1:
+                pred = visit(where[0])
+            else:
+                kids = [k for k in (visit(w) for w in where) if k is not None]
+                pred = ("and", kids) if kids else None
+        except _NotSimple:
+            return None
         return _Plan(tuple(names), groups, tuple(refs), pred, binds)
 
     def _evaluate(self, plan: _Plan, binds: Sequence[BindParameter[Any]], params: Any
                   ) -> tuple[dict[str, frozenset[str]], dict[str, dict[str, list[Any]]]]:
         """Per group, the shards that can match; plus IN lists split per shard (bind key -> shard -> values)."""
         splits: dict[str, dict[str, list[Any]]] = {}
-        pmap = params if isinstance(params, Mapping) else {}
+        pmap = params if isinstance(params, Mapping) else _EMPTY
+        out = self._ev(plan.predicate, True, binds, pmap, splits)
+        return out, splits
 
-        def value(i: int) -> Any:
-            b = binds[i]
-            if b.key in pmap:
-                return pmap[b.key]
-            if b.callable is not None:
-                return b.callable()
-            return b.value
+    def _value(self, binds: Sequence[BindParameter[Any]], pmap: Mapping[str, Any], i: int) -> Any:
+        b = binds[i]
+        if b.key in pmap:
+            return pmap[b.key]
+        if b.callable is not None:
+            return b.callable()
+        return b.value
 
-        def group_strategy(g: str) -> Strategy:
-            return self.groups[g].strategy
+    def _shard(self, g: str, key: Any, co: Any = None) -> str:
+        try:
+            if co is not None:
+                key = co(key)
+            return self.groups[g].strategy.shard_for_key(key)
+        except RoutingError as e:
+            if e.table is None:
+                e.table = "/".join(self.groups[g].tables)
+            raise
 
-        def arity(g: str) -> int:
-            return len(next(iter(self.groups[g].tables.values())))
+    def _arity(self, g: str) -> int:
+        return len(next(iter(self.groups[g].tables.values())))
 
-        def shard(g: str, key: Any, co: Any = None) -> str:
-            try:
-                if co is not None:
-                    key = co(key)
-                return group_strategy(g).shard_for_key(key)
-            except RoutingError as e:
-                if e.table is None:
-                    e.table = "/".join(self.groups[g].tables)
-                raise
-
-        def ev(node: Any, top: bool) -> dict[str, frozenset[str]]:
-            if node is None:
-                return {}
-            kind = node[0]
-            if kind == "eq":
-                _, g, ci, bi, co = node
-                if arity(g) != 1:
-                    return {}
-                v = value(bi)
-                if _is_unresolved(v):
-                    return {}
-                return {g: frozenset([shard(g, v, co)])}
-            if kind == "in":
-                _, g, ci, bi, co = node
-                if arity(g) != 1:
-                    return {}
-                vals = value(bi)
-                if _is_unresolved(vals) or not isinstance(vals, (list, tuple, set, frozenset)):
-                    return {}
-                per: dict[str, list[Any]] = {}
-                for v in vals:
-                    per.setdefault(shard(g, v, co), []).append(v)
-                if top:
-                    splits[binds[bi].key] = per
-                return {g: frozenset(per)}
-            if kind == "range":
-                _, g, ci, lo, hi, lo_incl, hi_incl = node
-                if arity(g) != 1:
-                    return {}
-                lv = value(lo) if lo is not None else None
-                hv = value(hi) if hi is not None else None
-                s = group_strategy(g).shards_for_interval(
-                    lv, hv, low_inclusive=lo_incl, high_inclusive=hi_incl)
-                return {} if s is None else {g: s}
-            if kind == "and":
-                out: dict[str, frozenset[str]] = {}
-                composite: dict[str, dict[int, Any]] = {}
-                for child in node[1]:
-                    if child[0] == "eq" and arity(child[1]) > 1:
-                        v = value(child[3])
-                        if not _is_unresolved(v):
-                            co = child[4]
-                            composite.setdefault(child[1], {})[child[2]] = co(v) if co else v
-                        continue
-                    for g, s in ev(child, top).items():
-                        out[g] = s if g not in out else out[g] & s
-                for g, cols in composite.items():
-                    if len(cols) == arity(g):
-                        s = frozenset([shard(g, tuple(cols[i] for i in range(arity(g))))])
-                        out[g] = s if g not in out else out[g] & s
-                return out
-            if kind == "or":
-                results = [ev(child, False) for child in node[1]]
-                if not results:
-                    return {}
-                common = set(results[0])
-                for r in results[1:]:
-                    common &= set(r)
-                return {g: frozenset().union(*(r[g] for r in results)) for g in common}
+    def _ev(self, node: Any, top: bool, binds: Sequence[BindParameter[Any]],
+            pmap: Mapping[str, Any], splits: dict[str, dict[str, list[Any]]]
+            ) -> dict[str, frozenset[str]]:
+        if node is None:
             return {}
+        kind = node[0]
+        if kind == "eq":
+            _, g, ci, bi, co = node
+            if self._arity(g) != 1:
+                return {}
+            v = self._value(binds, pmap, bi)
+            if _is_unresolved(v):
+                return {}
+            return {g: frozenset((self._shard(g, v, co),))}
+        if kind == "in":
+            _, g, ci, bi, co = node
+            if self._arity(g) != 1:
+                return {}
+            vals = self._value(binds, pmap, bi)
+            if _is_unresolved(vals) or not isinstance(vals, (list, tuple, set, frozenset)):
+                return {}
+            per: dict[str, list[Any]] = {}
+            for v in vals:
+                per.setdefault(self._shard(g, v, co), []).append(v)
+            if top:
+                splits[binds[bi].key] = per
+            return {g: frozenset(per)}
+        if kind == "range":
+            _, g, ci, lo, hi, lo_incl, hi_incl = node
+            if self._arity(g) != 1:
+                return {}
+            lv = self._value(binds, pmap, lo) if lo is not None else None
+            hv = self._value(binds, pmap, hi) if hi is not None else None
+            s = self.groups[g].strategy.shards_for_interval(
+                lv, hv, low_inclusive=lo_incl, high_inclusive=hi_incl)
+            return {} if s is None else {g: s}
+        if kind == "and":
+            out: dict[str, frozenset[str]] = {}
+            composite: dict[str, dict[int, Any]] = {}
+            for child in node[1]:
+                if child[0] == "eq" and self._arity(child[1]) > 1:
+                    v = self._value(binds, pmap, child[3])
+                    if not _is_unresolved(v):
+                        co = child[4]
+                        composite.setdefault(child[1], {})[child[2]] = co(v) if co else v
+                    continue
+                for g, sh in self._ev(child, top, binds, pmap, splits).items():
+                    out[g] = sh if g not in out else out[g] & sh
+            for g, cols in composite.items():
+                n = self._arity(g)
+                if len(cols) == n:
+                    sh = frozenset((self._shard(g, tuple(cols[i] for i in range(n))),))
+                    out[g] = sh if g not in out else out[g] & sh
+            return out
+        if kind == "or":
+            results = [self._ev(child, False, binds, pmap, splits) for child in node[1]]
+            if not results:
+                return {}
+            common = set(results[0])
+            for r in results[1:]:
+                common &= set(r)
+            return {g: frozenset().union(*(r[g] for r in results)) for g in common}
+        return {}
 
-        return ev(plan.predicate, True), splits
+
+_EMPTY: Mapping[str, Any] = {}
+
+
+class _NotSimple(Exception):
+    """The statement leaves the fast path."""
+
+
+def _simple_tables(statement: Any) -> list[Any] | None:
+    """The tables of a statement simple enough for the fast path, else ``None``.
+
+    Simple: a SELECT of whole tables or table columns, FROM/JOIN of plain tables,
+    or an UPDATE/DELETE of a table with no extra FROMs.  Anything else (functions,
+    subqueries, CTEs, aliases) takes the general, cached path.
+    """
+    if isinstance(statement, selectable.Select):
+        if (statement._setup_joins or statement._from_obj or statement._having_criteria
+                or statement._group_by_clauses or statement._order_by_clauses):
+            return None
+        tables = []
+        for rc in statement._raw_columns:
+            if isinstance(rc, selectable.TableClause):
+                tables.append(rc)
+            elif isinstance(rc, elements.ColumnClause) and isinstance(rc.table, selectable.TableClause):
+                tables.append(rc.table)
+            else:
+                return None
+        return tables
+    if isinstance(statement, (Update, Delete)):
+        if statement._extra_froms if hasattr(statement, "_extra_froms") else False:
+            return None
+        if statement._returning or getattr(statement, "_values", None) and any(
+            isinstance(v, ClauseElement) and not isinstance(v, BindParameter)
+            for v in (statement._values or {}).values()
+        ):
+            return None
+        return [statement.table]
+    return None
 
 
 def _is_unresolved(v: Any) -> bool:

@@ -79,9 +79,6 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self.shard_chooser = self._choose_shard_for_instance
         self.identity_chooser = self._identity_shards
         self.execute_chooser = self._execute_shards
-        event.listen(self, "do_orm_execute", _route_execute, retval=True)
-        event.listen(self, "before_flush", _refuse_shard_key_moves)
-        event.listen(self, "after_flush", _replicate_reference_rows)
 
     # -- choosers (the hooks horizontal_shard defines) ------------------------------
 
@@ -105,20 +102,40 @@ class ShardedSession(horizontal_shard.ShardedSession):
         sc = current_scope()
         if sc.shard is not None:
             return [sc.shard]
-        tr = self.cluster.router.table_route(mapper)
-        if tr.strategy is not None:
-            pk_names = [c.name for c in mapper.primary_key]
-            if list(tr.key_columns) == pk_names or (
-                len(tr.key_columns) == 1 and tr.key_columns[0] in pk_names
-                and len(pk_names) == 1
-            ):
-                ident = primary_key if isinstance(primary_key, (tuple, list)) else (primary_key,)
-                values = [coerce(mapper, tr.table, c, v)
-                          for c, v in zip(tr.key_columns, ident)]
-                key = values[0] if len(values) == 1 else tuple(values)
-                if key is not None:
-                    return [tr.strategy.shard_for_key(key)]
-        return list(self.cluster.shard_names)
+        shard = self._shard_from_identity(mapper, primary_key)
+        return [shard] if shard is not None else list(self.cluster.shard_names)
+
+    def _shard_from_identity(self, mapper: Any, primary_key: Any) -> str | None:
+        """The shard of a primary key, when the primary key contains the whole shard key."""
+        plans = self.cluster.router.pk_plans
+        plan = plans.get(mapper)
+        if plan is None:
+            plan = _pk_plan(self.cluster, mapper)
+            plans[mapper] = plan
+        if plan is False:
+            return None
+        positions, coercers, strategy = plan
+        ident = primary_key if isinstance(primary_key, (tuple, list)) else (primary_key,)
+        if len(ident) <= max(positions):
+            return None
+        values = []
+        for pos, co in zip(positions, coercers):
+            v = ident[pos]
+            if v is None:
+                return None
+            values.append(co(v) if co else v)
+        return strategy.shard_for_key(values[0] if len(values) == 1 else tuple(values))
+
+    def get(self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any) -> Any:
+        # Naming the shard up front lets the load skip statement analysis.
+        if identity_token is None and current_scope().shard is None:
+            identity_token = self._shard_from_identity(inspect(entity).mapper, ident)
+        return super().get(entity, ident, identity_token=identity_token, **kw)
+
+    def get_one(self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any) -> Any:
+        if identity_token is None and current_scope().shard is None:
+            identity_token = self._shard_from_identity(inspect(entity).mapper, ident)
+        return super().get_one(entity, ident, identity_token=identity_token, **kw)
 
     def _execute_shards(self, orm_context: ORMExecuteState) -> Iterable[str]:
         return self.cluster.explain(orm_context.statement, orm_context.parameters).shards
@@ -141,13 +158,21 @@ class ShardedSession(horizontal_shard.ShardedSession):
         return self.connection(bind_arguments={"shard_id": shard})
 
 
-def coerce(mapper: Any, table: str, column: str, value: Any) -> Any:
-    if value is None:
-        return None
-    t = mapper.local_table if mapper.local_table.name == table.rsplit(".", 1)[-1] else None
-    col = t.c.get(column) if t is not None else None
-    co = coercer_for(col.type) if col is not None else None
-    return co(value) if co else value
+def _pk_plan(cluster: Cluster, mapper: Any) -> Any:
+    """Where the shard key sits inside the primary key of ``mapper``, or False."""
+    try:
+        tr = cluster.router.table_route(mapper)
+    except RoutingError:
+        return False
+    if tr.strategy is None:
+        return False
+    pk_names = [c.name for c in mapper.primary_key]
+    if not all(c in pk_names for c in tr.key_columns):
+        return False
+    table = mapper.local_table
+    positions = tuple(pk_names.index(c) for c in tr.key_columns)
+    coercers = tuple(coercer_for(table.c[c].type) for c in tr.key_columns)
+    return positions, coercers, tr.strategy
 
 
 def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
@@ -301,7 +326,9 @@ def _orm_bulk_insert(orm_context: ORMExecuteState, route: Route) -> Result[Any]:
         if statement._values:
             stmt = stmt.values(dict(statement._values))
         result = conn.execute(stmt, core_rows)
-        total += max(result.rowcount, 0)
+        # executemany reports no reliable rowcount; every row was inserted or
+        # the statement raised.
+        total += len(core_rows)
     assert result is not None
     result.rowcount = total  # type: ignore[misc]
     return result
@@ -498,3 +525,10 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
             conn = session.connection(bind_arguments={"shard_id": shard})
             for pk in pks:
                 conn.execute(table.delete().where(*[c == v for c, v in zip(pk_cols, pk)]))
+
+
+# Listening on the class (not on each instance, as horizontal_shard does) keeps
+# session construction as cheap as a plain Session's.
+event.listen(ShardedSession, "do_orm_execute", _route_execute, retval=True)
+event.listen(ShardedSession, "before_flush", _refuse_shard_key_moves)
+event.listen(ShardedSession, "after_flush", _replicate_reference_rows)

@@ -1,0 +1,309 @@
+"""The SQL twin of :mod:`shardkit._hashing`, installed on every shard.
+
+Moving a bucket between shards means selecting, copying and verifying exactly
+the rows whose key falls in it, which has to happen inside PostgreSQL.  The
+functions below compute there the same values :func:`shardkit._hashing.hash_key`
+and :func:`~shardkit._hashing.bucket_for` compute in Python; the parity tests
+in ``tests/integration/test_sql_hash_parity.py`` hold them to that.  They live
+in the schema ``shardkit``::
+
+    shardkit.hash(key bigint) -> bigint          -- also int2/int4, cast implicitly
+    shardkit.hash(key text)   -> bigint          -- also varchar, cast implicitly
+    shardkit.hash(key uuid)   -> bigint
+    shardkit.hash(key bytea)  -> bigint
+    shardkit.bucket(key <any of the above>, bucket_count integer) -> integer
+    shardkit.hash_version()   -> integer         -- SQL_VERSION of the installed set
+
+``hash`` is the unsigned 32-bit MurmurHash3_x86_32 (seed 0) of the key's
+canonical bytes, returned in a ``bigint``; ``bucket`` is ``hash % bucket_count``.
+A ``text`` key is hashed as its UTF-8 bytes whatever the database encoding,
+and a ``uuid`` as its 16 bytes in RFC 4122 order, as in Python.  Composite
+keys have no SQL twin.  All functions are ``IMMUTABLE STRICT PARALLEL SAFE``,
+so they can be used in index expressions and in parallel plans, and need no
+privilege beyond creating a schema and functions.
+
+How the arithmetic is done
+==========================
+
+PostgreSQL has no unsigned or wrapping integer types: ``int8`` ``+``, ``-``
+and ``*`` raise an error on overflow.  Every 32-bit quantity is therefore held
+in a ``bigint`` and reduced with ``& 4294967295``, and each step is arranged so
+that no intermediate leaves the signed 64-bit range (the bound is noted at
+each helper below):
+
+* A 32-bit product ``x * c mod 2**32`` with a constant ``c >= 2**31`` is
+  computed as ``(x * (c - 2**32)) & 4294967295``: the two are congruent modulo
+  ``2**32``, and ``|x| < 2**32``, ``|c - 2**32| <= 2**31`` keep the product
+  within ``bigint``.  One multiplication, no 16-bit splitting.
+* A 32-bit rotation ``rotl(x, r)`` is ``mod((x << r) - 1, 4294967295) + 1``.
+  Since ``2**32 = 1 (mod 2**32 - 1)``, ``x << r`` reduced modulo ``2**32 - 1``
+  adds its high bits back onto its low bits, which is the rotation; the
+  ``- 1``/``+ 1`` maps the residue into ``[1, 2**32 - 1]`` instead of
+  ``[0, 2**32 - 2]`` so that ``x = 2**32 - 1`` rotates to itself, while
+  ``x = 0`` still gives ``0`` (``mod(-1, m)`` is ``-1`` in PostgreSQL).  Unlike
+  ``(x << r) | (x >> (32 - r))`` this names ``x`` once, which matters below.
+* Masks are applied only where the next step needs a 32-bit operand, since
+  ``(a # b) & m = (a & m) # (b & m)``.
+* ``mod()`` is spelled as a function, never as the ``%`` operator, so that
+  the text goes through drivers with a ``pyformat`` parameter style (psycopg)
+  unchanged, whether or not parameters accompany it.
+
+The expressions are built by the small Python helpers in this module rather
+than written out, because they are long and because PostgreSQL does not
+eliminate common subexpressions: an operand named twice in an inlined
+expression is evaluated twice.  The finaliser's three xor-shifts each name
+their input twice, so inlining it would evaluate the whole key mixing eight
+times.  It is therefore the one function in PL/pgSQL (``shardkit._fmix32``),
+where its argument is computed once: ``hash(bigint)`` is a SQL function that
+the planner inlines down to the key mixing plus that call, which measured
+roughly twice as fast as the fully inlined expression.  Inputs of variable
+length loop over 4-byte blocks in PL/pgSQL.
+
+Keep this module in step with :mod:`shardkit._hashing`: both define the same
+storage format.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy.engine import Connection
+
+__all__ = ["INSTALL_SQL", "SQL_VERSION", "UNINSTALL_SQL", "install", "uninstall"]
+
+#: Version of the installed function set, returned by ``shardkit.hash_version()``.
+#: Bump it whenever the SQL below changes in any way (the values it computes
+#: never may).
+SQL_VERSION: Final = 1
+
+_M32: Final = 0xFFFFFFFF
+
+# MurmurHash3_x86_32 constants.
+_C1: Final = 0xCC9E2D51
+_C2: Final = 0x1B873593
+_N1: Final = 0xE6546B64
+_F1: Final = 0x85EBCA6B
+_F2: Final = 0xC2B2AE35
+
+# Taken by install() for the length of the caller's transaction, so that two
+# processes installing at once queue up instead of one failing with "tuple
+# concurrently updated".  The value is arbitrary but fixed: ASCII "shardkit".
+_INSTALL_LOCK: Final = 0x7368_6172_646B_6974
+
+# ---------------------------------------------------------------------------
+# Expression builders.  Each returns SQL text over bigint operands, fully
+# parenthesised: PostgreSQL gives & | # << >> one shared precedence.
+# ---------------------------------------------------------------------------
+
+
+def _u32(x: str) -> str:
+    """``x mod 2**32``, in ``[0, 2**32)``, for any bigint ``x``."""
+    return f"({x} & {_M32})"
+
+
+def _mul32(x: str, c: int) -> str:
+    """``x * c mod 2**32``, in ``[0, 2**32)``, for ``-2**32 < x < 2**32``."""
+    signed = c - (1 << 32) if c >= 1 << 31 else c
+    # An explicit bigint constant, so that an int4 ``x`` multiplies in int8.
+    return _u32(f"({x} * ({signed})::bigint)")
+
+
+def _rotl32(x: str, r: int) -> str:
+    """``x`` rotated left by ``r`` bits, in ``[0, 2**32)``, for ``0 <= x < 2**32``."""
+    return f"(mod(({x} << {r}) - 1, {_M32}) + 1)"
+
+
+def _xorshift(x: str, s: int) -> str:
+    """``x ^ (x >> s)`` for ``0 <= x < 2**32``.  Names ``x`` twice."""
+    return f"({x} # ({x} >> {s}))"
+
+
+def _mix_k(k: str) -> str:
+    """The block's key mixing ``rotl(k * c1, 15) * c2``, left unreduced.
+
+    For ``-2**32 < k < 2**32`` (the low 32 bits of ``k`` are the block); the
+    result is in ``[0, 2**61)`` and congruent to the mixed block modulo
+    ``2**32``.
+    """
+    return f"({_rotl32(_mul32(k, _C1), 15)} * {_C2})"
+
+
+def _mix_h(h: str | None, k: str) -> str:
+    """One body round ``rotl(h ^ mix_k(k), 13) * 5 + n1``, left unreduced.
+
+    ``h`` is the previous round's unreduced result, in ``[0, 2**35)``, or
+    ``None`` for the first round (``h = 0``); so is the result
+    (``< 5 * 2**32 + 2**32``).
+    """
+    mixed = _mix_k(k) if h is None else f"({h} # {_mix_k(k)})"
+    return f"({_rotl32(_u32(mixed), 13)} * 5 + {_N1})"
+
+
+def _fmix32(h: str) -> str:
+    """The finaliser (MurmurHash3 ``fmix32``) for ``0 <= h < 2**32``.
+
+    Names ``h`` eight times, so ``h`` should be a variable.
+    """
+    h = _xorshift(h, 16)
+    h = _mul32(h, _F1)
+    h = _xorshift(h, 13)
+    h = _mul32(h, _F2)
+    return _xorshift(h, 16)
+
+
+def _byte(data: str, offset: str) -> str:
+    return f"get_byte({data}, {offset})"
+
+
+def _block(data: str, i: str) -> str:
+    """The little-endian 32-bit block at byte offset ``i``, as a possibly
+    negative int4: its low 32 bits are the block, which is all ``_mix_k`` needs.
+    """
+    return (
+        f"({_byte(data, i)} | ({_byte(data, f'{i} + 1')} << 8)"
+        f" | ({_byte(data, f'{i} + 2')} << 16) | ({_byte(data, f'{i} + 3')} << 24))"
+    )
+
+
+def _tail(data: str, n: str) -> str:
+    """The 0 to 3 bytes after the last whole block, little-endian."""
+    b1, b2, b3 = (_byte(data, f"{n} - {j}") for j in (1, 2, 3))
+    return (
+        f"CASE {n} & 3 WHEN 0 THEN 0"
+        f" WHEN 1 THEN {b1}"
+        f" WHEN 2 THEN {b2} | ({b1} << 8)"
+        f" ELSE {b3} | ({b2} << 8) | ({b1} << 16) END"
+    )
+
+
+def _int8_body(key: str) -> str:
+    """The hash of the 8 little-endian bytes of ``key``, up to the finaliser.
+
+    The low word is ``key & m``; for the high word ``key >> 32`` (an
+    arithmetic shift, in ``[-2**31, 2**31)``) already has the right low 32
+    bits.  The result is ``(h ^ 8) mod 2**32``, the finaliser's input.
+    """
+    h = _mix_h(None, _u32(key))
+    h = _mix_h(h, f"({key} >> 32)")
+    return _u32(f"({h} # 8)")
+
+
+def _bytes_function(signature: str, declare_data: str | None, data: str) -> str:
+    """A PL/pgSQL MurmurHash3 over the bytea ``data``, one statement per block."""
+    declare = f"    {declare_data}\n" if declare_data else ""
+    loop_round = _mix_h("h", _block(data, "i"))
+    tail = _mix_k(f"({_tail(data, 'n')})")
+    last = _u32(f"(h # {tail} # n)")
+    return f"""\
+CREATE OR REPLACE FUNCTION {signature} RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $function$
+DECLARE
+{declare}    n CONSTANT integer := length({data});
+    h bigint := 0;
+BEGIN
+    FOR i IN 0 .. n - 4 BY 4 LOOP
+        h := {loop_round};
+    END LOOP;
+    -- Mixing in an all-zero tail changes nothing (mix_k(0) = 0), so the
+    -- tail needs no test of its own.
+    h := {last};
+    RETURN {_fmix32('h')};
+END
+$function$"""
+
+
+def _sql_function(signature: str, returns: str, body: str) -> str:
+    return (
+        f"CREATE OR REPLACE FUNCTION {signature} RETURNS {returns}\n"
+        f"LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $function$\n"
+        f"    SELECT {body}\n$function$"
+    )
+
+
+_KEY_TYPES: Final = ("bigint", "text", "uuid", "bytea")
+
+_INSTALL_STATEMENTS: Final[tuple[str, ...]] = (
+    f"SELECT pg_advisory_xact_lock({_INSTALL_LOCK})",
+    "CREATE SCHEMA IF NOT EXISTS shardkit",
+    _sql_function("shardkit.hash_version()", "integer", str(SQL_VERSION)),
+    # The finaliser, in PL/pgSQL so that its argument is evaluated once (see
+    # the module documentation).  Not part of the interface.
+    f"""\
+CREATE OR REPLACE FUNCTION shardkit._fmix32(h bigint) RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $function$
+BEGIN
+    RETURN {_fmix32('h')};
+END
+$function$""",
+    _sql_function(
+        "shardkit.hash(key bigint)", "bigint", f"shardkit._fmix32({_int8_body('key')})"
+    ),
+    _bytes_function("shardkit.hash(key bytea)", None, "key"),
+    # convert_to() is only STABLE, which would keep a SQL wrapper from being
+    # inlined; in PL/pgSQL it costs nothing extra.  In a UTF8 database it
+    # returns the text's own bytes without copying them.
+    _bytes_function(
+        "shardkit.hash(key text)", "data CONSTANT bytea := convert_to(key, 'UTF8');", "data"
+    ),
+    _bytes_function(
+        "shardkit.hash(key uuid)", "data CONSTANT bytea := uuid_send(key);", "data"
+    ),
+    *(
+        _sql_function(
+            f"shardkit.bucket(key {t}, bucket_count integer)",
+            "integer",
+            "mod(shardkit.hash(key), bucket_count)::integer",
+        )
+        for t in _KEY_TYPES
+    ),
+)
+
+_UNINSTALL_STATEMENTS: Final[tuple[str, ...]] = (
+    f"SELECT pg_advisory_xact_lock({_INSTALL_LOCK})",
+    *(f"DROP FUNCTION IF EXISTS shardkit.bucket({t}, integer)" for t in _KEY_TYPES),
+    *(f"DROP FUNCTION IF EXISTS shardkit.hash({t})" for t in _KEY_TYPES),
+    "DROP FUNCTION IF EXISTS shardkit._fmix32(bigint)",
+    "DROP FUNCTION IF EXISTS shardkit.hash_version()",
+    # Other parts of shardkit may keep objects in the schema: drop it only
+    # if nothing is left in it.
+    """\
+DO $do$
+BEGIN
+    DROP SCHEMA IF EXISTS shardkit RESTRICT;
+EXCEPTION WHEN dependent_objects_still_exist THEN
+    NULL;
+END
+$do$""",
+)
+
+#: The SQL that creates the schema ``shardkit`` and the hash functions.
+#: Idempotent; run it in one transaction.
+INSTALL_SQL: Final = ";\n\n".join(_INSTALL_STATEMENTS) + ";\n"
+
+#: The SQL that drops the hash functions, and the schema ``shardkit`` if
+#: nothing else is left in it.  Idempotent; run it in one transaction.
+UNINSTALL_SQL: Final = ";\n\n".join(_UNINSTALL_STATEMENTS) + ";\n"
+
+
+def install(connection: Connection) -> None:
+    """Create or replace the hash functions on the database of *connection*.
+
+    Idempotent.  The statements run in the connection's current transaction
+    (beginning one if needed), which the caller commits.
+    """
+    # One statement per call, so that this works whatever protocol the driver
+    # uses (psycopg's extended protocol takes one statement at a time).
+    for statement in _INSTALL_STATEMENTS:
+        connection.exec_driver_sql(statement)
+
+
+def uninstall(connection: Connection) -> None:
+    """Drop the hash functions, and the ``shardkit`` schema if it is left empty.
+
+    Idempotent.  Fails, leaving everything in place, if other objects depend
+    on the functions (an index on ``shardkit.bucket(...)``, say).  The
+    statements run in the connection's current transaction, which the caller
+    commits.
+    """
+    for statement in _UNINSTALL_STATEMENTS:
+        connection.exec_driver_sql(statement)
