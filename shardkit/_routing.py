@@ -111,6 +111,7 @@ class Router:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.shard_names: tuple[str, ...] = config.shard_names
+        self.shard_set = frozenset(self.shard_names)
         self.tables: dict[str, TableRoute] = {}
         self.groups: dict[str, GroupConfig] = {g.name: g for g in config.groups}
         for g in config.groups:

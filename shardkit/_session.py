@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event, inspect, util
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -23,7 +23,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.interfaces import MANYTOONE
-from sqlalchemy.sql import functions, selectable
+from sqlalchemy.sql import coercions, functions, roles, selectable
 from sqlalchemy.sql.dml import Delete, Insert, Update
 
 from ._cluster import Cluster
@@ -138,6 +138,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         return super().get_one(entity, ident, identity_token=identity_token, **kw)
 
     def _execute_shards(self, orm_context: ORMExecuteState) -> Iterable[str]:
+        # Only reached through horizontal_shard's own machinery; statements
+        # normally route in execute().
         return self.cluster.explain(orm_context.statement, orm_context.parameters).shards
 
     # -- binds ----------------------------------------------------------------------
@@ -147,11 +149,40 @@ class ShardedSession(horizontal_shard.ShardedSession):
                  **kw: Any) -> Any:
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance=instance, clause=clause)
-        if shard_id not in self.cluster.config.shard_names:
+        if shard_id not in self.cluster.router.shard_set:
             raise RoutingError(
                 f"unknown shard {shard_id!r}; shards: {', '.join(self.cluster.shard_names)}"
             )
         return self.cluster.engine(shard_id, shardkit_role or PRIMARY)
+
+    def execute(self, statement: Any, params: Any = None, *,
+                execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
+                **kw: Any) -> Any:
+        """Execute a statement on the shard(s) that its shard key, options or scope select.
+
+        Same arguments as :meth:`sqlalchemy.orm.Session.execute`.
+        """
+        statement = coercions.expect(roles.StatementRole, statement)
+        route = _route_statement(self, statement, params, execution_options, bind_arguments)
+        if (isinstance(statement, Insert) and params
+                and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
+            return _orm_bulk_insert(self, statement, params, route)
+        if len(route.shards) == 1:
+            eo, ba = _single(route.shards[0], route.role, execution_options, bind_arguments)
+            return super().execute(statement, params, execution_options=eo, bind_arguments=ba, **kw)
+        return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
+
+    def scalars(self, statement: Any, params: Any = None, *,
+                execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
+                **kw: Any) -> Any:
+        return self.execute(statement, params, execution_options=execution_options,
+                            bind_arguments=bind_arguments, **kw).scalars()
+
+    def scalar(self, statement: Any, params: Any = None, *,
+               execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
+               **kw: Any) -> Any:
+        return self.execute(statement, params, execution_options=execution_options,
+                            bind_arguments=bind_arguments, **kw).scalar()
 
     def connection_for_shard(self, shard: str) -> Any:
         """The session's connection to ``shard``'s primary (joining the session's transaction)."""
@@ -232,93 +263,108 @@ def _shard_from_parent(cluster: Cluster, mapper: Any, state: Any, column: str) -
     return None
 
 
-def _explicit_shard(orm_context: ORMExecuteState, session: ShardedSession) -> str | None:
-    for opt in orm_context._non_compile_orm_options:
+def _explicit_shard(session: ShardedSession, statement: Any, execution_options: Any,
+                    bind_arguments: Any) -> str | None:
+    """A shard named by the caller, or implied by the object a load is for."""
+    for opt in getattr(statement, "_with_options", ()):
         if isinstance(opt, horizontal_shard.set_shard_id):
             return opt.shard_id
-    active = None
-    if orm_context.is_select:
-        active = orm_context.load_options
-        lazy_from = active._lazy_loaded_from
-        if lazy_from is not None and lazy_from.identity_token is not None:
-            return lazy_from.identity_token
-    elif orm_context.is_update or orm_context.is_delete:
-        active = orm_context.update_delete_options
-    if active is not None and active._identity_token is not None:
-        return active._identity_token
-    opts = orm_context.execution_options
-    shard = opts.get("shardkit_shard") or opts.get("_sa_shard_id")
-    if shard is None:
-        shard = orm_context.bind_arguments.get("shard_id")
-    if shard is None:
-        shard = current_scope().shard
-    return shard
+    if bind_arguments and bind_arguments.get("shard_id") is not None:
+        return bind_arguments["shard_id"]
+    if execution_options:
+        # Loads the ORM issues for one object (get, refresh, lazy and deferred
+        # loads) carry that object's shard in their load options.
+        lo = execution_options.get("_sa_orm_load_options")
+        if lo is not None:
+            if lo._identity_token is not None:
+                return lo._identity_token
+            lazy_from = lo._lazy_loaded_from
+            if lazy_from is not None and lazy_from.identity_token is not None:
+                return lazy_from.identity_token
+        uo = execution_options.get("_sa_orm_update_options")
+        if uo is not None and uo._identity_token is not None:
+            return uo._identity_token
+        shard = execution_options.get("shardkit_shard") or execution_options.get("_sa_shard_id")
+        if shard is not None:
+            return shard
+    stmt_opts = getattr(statement, "_execution_options", None)
+    if stmt_opts:
+        shard = stmt_opts.get("shardkit_shard") or stmt_opts.get("_sa_shard_id")
+        if shard is not None:
+            return shard
+    return current_scope().shard
 
 
-def _route_execute(orm_context: ORMExecuteState) -> Result[Any] | None:
-    session = orm_context.session
-    assert isinstance(session, ShardedSession)
+def _option(name: str, statement: Any, execution_options: Any) -> Any:
+    if execution_options and name in execution_options:
+        return execution_options[name]
+    stmt_opts = getattr(statement, "_execution_options", None)
+    return stmt_opts.get(name) if stmt_opts else None
+
+
+def _route_statement(session: ShardedSession, statement: Any, params: Any,
+                     execution_options: Any, bind_arguments: Any) -> Route:
+    """Where a statement executed through the session runs."""
     cluster = session.cluster
-    statement = orm_context.statement
-    shard = _explicit_shard(orm_context, session)
+    shard = _explicit_shard(session, statement, execution_options, bind_arguments)
     if shard is not None:
-        if shard not in cluster.config.shard_names:
+        if shard not in cluster.router.shard_set:
             raise RoutingError(
                 f"unknown shard {shard!r}; shards: {', '.join(cluster.shard_names)}",
                 statement=statement,
             )
-        _bind_single(orm_context, shard, PRIMARY)
-        return None
-
+        return Route((shard,), "direct", PRIMARY, "shard named by the caller",
+                     isinstance(statement, (Insert, Update, Delete)))
     sc = current_scope()
-    opts = orm_context.execution_options
-    all_shards = bool(opts.get("shardkit_all_shards") or sc.all_shards)
+    all_shards = bool(_option("shardkit_all_shards", statement, execution_options) or sc.all_shards)
     if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
         # Textual or other statements the router cannot read: run everywhere.
-        route = Route(cluster.shard_names, "all", PRIMARY, "shardkit_all_shards=True", True)
+        return Route(cluster.shard_names, "all", PRIMARY, "shardkit_all_shards=True", True)
+    route = cluster.router.route(statement, params, all_shards=all_shards)
+    if route.kind == "all" and sc.key is not None:
+        route = _route_by_scope_key(cluster, route, sc.key)
+    return route
+
+
+def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any
+            ) -> tuple[Any, dict[str, Any]]:
+    ba = dict(bind_arguments) if bind_arguments else {}
+    ba["shard_id"] = shard
+    ba["shardkit_role"] = role
+    # identity_token makes loaded objects carry their shard in their identity key.
+    if execution_options:
+        eo = util.immutabledict(execution_options).union({"identity_token": shard})
     else:
-        route = cluster.router.route(statement, orm_context.parameters, all_shards=all_shards)
-        if route.kind == "all" and sc.key is not None:
-            route = _route_by_scope_key(cluster, route, sc.key)
-
-    if (isinstance(statement, Insert) and orm_context.parameters
-            and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
-        return _orm_bulk_insert(orm_context, route)
-    if len(route.shards) == 1:
-        _bind_single(orm_context, route.shards[0], route.role)
-        return None
-    return _run_on_shards(orm_context, route)
+        eo = util.immutabledict({"identity_token": shard})
+    return eo, ba
 
 
-def _orm_bulk_insert(orm_context: ORMExecuteState, route: Route) -> Result[Any]:
+def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route: Route) -> Result[Any]:
     """``session.execute(insert(Model), [{...}, ...])``, split by shard.
 
     SQLAlchemy's ORM bulk insert does not support per-instance sharding, so the
     rows go through Core on each shard's connection in the session's
     transaction, keyed by column instead of attribute name.
     """
-    statement = orm_context.statement
     if statement._returning:
         raise RoutingError(
             "ORM bulk INSERT ... RETURNING is not supported by ShardedSession; add the "
             "objects with session.add_all() or insert without returning()",
             statement=statement,
         )
-    mapper = orm_context.bind_mapper
+    mapper = statement._propagate_attrs["plugin_subject"].mapper
     table = mapper.local_table
-    attr_to_col = {}
-    for prop in mapper.column_attrs:
-        attr_to_col[prop.key] = prop.columns[0].key
-    params = orm_context.parameters
+    attr_to_col = {prop.key: prop.columns[0].key for prop in mapper.column_attrs}
     rows = params if isinstance(params, list) else [params]
     by_shard: dict[str, list[Any]]
     if route.split is not None:
-        by_shard = {s: list(v) for s, v in route.split.items()}
+        by_shard = {sh: list(v) for sh, v in route.split.items()}
     else:
-        by_shard = {s: rows for s in route.shards}
-    session = orm_context.session
+        by_shard = {sh: rows for sh in route.shards}
     total = 0
     result = None
+    if session.autoflush:
+        session._autoflush()
     for shard, part in by_shard.items():
         core_rows = [{attr_to_col.get(k, k): v for k, v in r.items()} for r in part]
         conn = session.connection(bind_arguments={"shard_id": shard})
@@ -344,14 +390,6 @@ def _route_by_scope_key(cluster: Cluster, route: Route, key: Any) -> Route:
     shard = cluster.shard_for(table, key)
     return Route((shard,), "direct", route.role, f"scope key {key!r} -> {shard}",
                  route.is_write, route.tables)
-
-
-def _bind_single(orm_context: ORMExecuteState, shard: str, role: str) -> None:
-    # Mutating bind_arguments in place is how the hook hands the decision to the
-    # rest of Session.execute without re-invoking the statement.
-    orm_context.bind_arguments["shard_id"] = shard
-    orm_context.bind_arguments["shardkit_role"] = role
-    orm_context.update_execution_options(identity_token=shard)
 
 
 def _refuse_unmergeable(statement: Any, route: Route) -> None:
@@ -395,12 +433,11 @@ def _iterate(elem: Any) -> Iterable[Any]:
     return visitors.iterate(elem)
 
 
-def _run_on_shards(orm_context: ORMExecuteState, route: Route) -> Result[Any]:
-    statement = orm_context.statement
+def _run_on_shards(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
+                   bind_arguments: Any, route: Route) -> Result[Any]:
     if not route.is_write:
         _refuse_unmergeable(statement, route)
     results = []
-    params = orm_context.parameters
     for shard in route.shards:
         stmt = statement
         p = params
@@ -410,21 +447,8 @@ def _run_on_shards(orm_context: ORMExecuteState, route: Route) -> Result[Any]:
                 p = part
             elif part:
                 stmt = statement.params(part)
-        bind_arguments = dict(orm_context.bind_arguments)
-        bind_arguments["shard_id"] = shard
-        bind_arguments["shardkit_role"] = route.role
-        if p is not params:
-            # invoke_statement() refuses a different number of parameter sets;
-            # a fresh execute with the shard named routes straight there.
-            results.append(orm_context.session.execute(
-                stmt, p, bind_arguments=bind_arguments,
-                execution_options={**orm_context.local_execution_options, "identity_token": shard},
-            ))
-            continue
-        results.append(orm_context.invoke_statement(
-            statement=stmt, params=p, bind_arguments=bind_arguments,
-            execution_options={"identity_token": shard},
-        ))
+        eo, ba = _single(shard, route.role, execution_options, bind_arguments)
+        results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
     if route.is_write and not any(r.returns_rows for r in results):
         total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
         first = results[0]
@@ -432,10 +456,7 @@ def _run_on_shards(orm_context: ORMExecuteState, route: Route) -> Result[Any]:
             r.close()
         # The caller sees one result for the statement; its rowcount is the sum
         # over shards.
-        try:
-            first.rowcount = total  # type: ignore[misc]
-        except AttributeError:
-            first.__dict__["rowcount"] = total
+        first.rowcount = total  # type: ignore[misc]
         return first
     return results[0].merge(*results[1:])
 
@@ -528,7 +549,8 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
-# session construction as cheap as a plain Session's.
-event.listen(ShardedSession, "do_orm_execute", _route_execute, retval=True)
+# session construction as cheap as a plain Session's.  Statements are routed in
+# execute() rather than in a do_orm_execute hook: a hook makes the ORM prepare
+# every statement twice, which costs more than the routing itself.
 event.listen(ShardedSession, "before_flush", _refuse_shard_key_moves)
 event.listen(ShardedSession, "after_flush", _replicate_reference_rows)

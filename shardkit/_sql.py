@@ -15,12 +15,13 @@ in the schema ``shardkit``::
     shardkit.hash_version()   -> integer         -- SQL_VERSION of the installed set
 
 ``hash`` is the unsigned 32-bit MurmurHash3_x86_32 (seed 0) of the key's
-canonical bytes, returned in a ``bigint``; ``bucket`` is ``hash % bucket_count``.
-A ``text`` key is hashed as its UTF-8 bytes whatever the database encoding,
-and a ``uuid`` as its 16 bytes in RFC 4122 order, as in Python.  Composite
-keys have no SQL twin.  All functions are ``IMMUTABLE STRICT PARALLEL SAFE``,
-so they can be used in index expressions and in parallel plans, and need no
-privilege beyond creating a schema and functions.
+canonical bytes, returned in a ``bigint``; ``bucket`` is
+``mod(hash, bucket_count)``.  A ``text`` key is hashed as its UTF-8 bytes
+whatever the database encoding, and a ``uuid`` as its 16 bytes in RFC 4122
+order, as in Python.  Composite keys have no SQL twin.  All functions are
+``IMMUTABLE STRICT PARALLEL SAFE``, so they can be used in index expressions
+and in parallel plans, and installing them needs no privilege beyond creating
+a schema and functions.
 
 How the arithmetic is done
 ==========================
@@ -28,36 +29,44 @@ How the arithmetic is done
 PostgreSQL has no unsigned or wrapping integer types: ``int8`` ``+``, ``-``
 and ``*`` raise an error on overflow.  Every 32-bit quantity is therefore held
 in a ``bigint`` and reduced with ``& 4294967295``, and each step is arranged so
-that no intermediate leaves the signed 64-bit range (the bound is noted at
-each helper below):
+that no intermediate leaves the signed 64-bit range (each helper below states
+its bounds):
 
 * A 32-bit product ``x * c mod 2**32`` with a constant ``c >= 2**31`` is
   computed as ``(x * (c - 2**32)) & 4294967295``: the two are congruent modulo
   ``2**32``, and ``|x| < 2**32``, ``|c - 2**32| <= 2**31`` keep the product
-  within ``bigint``.  One multiplication, no 16-bit splitting.
+  within ``bigint``.  One multiplication, no splitting into 16-bit halves.
 * A 32-bit rotation ``rotl(x, r)`` is ``mod((x << r) - 1, 4294967295) + 1``.
-  Since ``2**32 = 1 (mod 2**32 - 1)``, ``x << r`` reduced modulo ``2**32 - 1``
-  adds its high bits back onto its low bits, which is the rotation; the
-  ``- 1``/``+ 1`` maps the residue into ``[1, 2**32 - 1]`` instead of
-  ``[0, 2**32 - 2]`` so that ``x = 2**32 - 1`` rotates to itself, while
-  ``x = 0`` still gives ``0`` (``mod(-1, m)`` is ``-1`` in PostgreSQL).  Unlike
-  ``(x << r) | (x >> (32 - r))`` this names ``x`` once, which matters below.
+  Since ``2**32 = 1 (mod 2**32 - 1)``, reducing ``x << r`` modulo
+  ``2**32 - 1`` adds its high bits back onto its low bits, which is the
+  rotation; the ``- 1``/``+ 1`` maps the residue into ``[1, 2**32 - 1]``
+  rather than ``[0, 2**32 - 2]`` so that ``x = 2**32 - 1`` rotates to itself,
+  while ``x = 0`` still gives ``0`` (``mod(-1, m)`` is ``-1``).  Unlike
+  ``(x << r) | (x >> (32 - r))`` it names ``x`` once, so the expressions grow
+  linearly with the number of steps.
 * Masks are applied only where the next step needs a 32-bit operand, since
   ``(a # b) & m = (a & m) # (b & m)``.
 * ``mod()`` is spelled as a function, never as the ``%`` operator, so that
   the text goes through drivers with a ``pyformat`` parameter style (psycopg)
   unchanged, whether or not parameters accompany it.
 
+Why PL/pgSQL
+============
+
 The expressions are built by the small Python helpers in this module rather
-than written out, because they are long and because PostgreSQL does not
-eliminate common subexpressions: an operand named twice in an inlined
-expression is evaluated twice.  The finaliser's three xor-shifts each name
-their input twice, so inlining it would evaluate the whole key mixing eight
-times.  It is therefore the one function in PL/pgSQL (``shardkit._fmix32``),
-where its argument is computed once: ``hash(bigint)`` is a SQL function that
-the planner inlines down to the key mixing plus that call, which measured
-roughly twice as fast as the fully inlined expression.  Inputs of variable
-length loop over 4-byte blocks in PL/pgSQL.
+than written out by hand, because they are long.  ``hash()`` is nonetheless
+PL/pgSQL, not an inlinable SQL function, because PostgreSQL does not eliminate
+common subexpressions: the finaliser's three xor-shifts each name their input
+twice, so a single inlined expression evaluates the key mixing eight times.
+For ``bigint`` keys that made the fully inlined SQL version about three times
+slower than PL/pgSQL, which computes the mixed value once into a variable and
+then finalises it (PL/pgSQL evaluates such simple expressions without going
+through the executor).  Splitting the work between an inlined SQL function
+and a PL/pgSQL finaliser was no faster, and fell off a cliff (eight times
+slower) whenever the argument was an expression costing more than a few
+operators, because the planner refuses to inline a function that names such
+an argument twice.  ``bucket()`` names its key once, so it stays an inlinable
+SQL function around ``hash()``.
 
 Keep this module in step with :mod:`shardkit._hashing`: both define the same
 storage format.
@@ -85,9 +94,9 @@ _N1: Final = 0xE6546B64
 _F1: Final = 0x85EBCA6B
 _F2: Final = 0xC2B2AE35
 
-# Taken by install() for the length of the caller's transaction, so that two
-# processes installing at once queue up instead of one failing with "tuple
-# concurrently updated".  The value is arbitrary but fixed: ASCII "shardkit".
+# Taken for the rest of the caller's transaction by install() and uninstall(),
+# so that two processes doing it at once queue up instead of one failing with
+# "tuple concurrently updated".  Arbitrary but fixed: ASCII "shardkit".
 _INSTALL_LOCK: Final = 0x7368_6172_646B_6974
 
 # ---------------------------------------------------------------------------
@@ -119,11 +128,10 @@ def _xorshift(x: str, s: int) -> str:
 
 
 def _mix_k(k: str) -> str:
-    """The block's key mixing ``rotl(k * c1, 15) * c2``, left unreduced.
+    """A block's key mixing ``rotl(k * c1, 15) * c2``, left unreduced.
 
-    For ``-2**32 < k < 2**32`` (the low 32 bits of ``k`` are the block); the
-    result is in ``[0, 2**61)`` and congruent to the mixed block modulo
-    ``2**32``.
+    For ``-2**32 < k < 2**32`` whose low 32 bits are the block; the result is
+    in ``[0, 2**61)`` and congruent to the mixed block modulo ``2**32``.
     """
     return f"({_rotl32(_mul32(k, _C1), 15)} * {_C2})"
 
@@ -132,7 +140,7 @@ def _mix_h(h: str | None, k: str) -> str:
     """One body round ``rotl(h ^ mix_k(k), 13) * 5 + n1``, left unreduced.
 
     ``h`` is the previous round's unreduced result, in ``[0, 2**35)``, or
-    ``None`` for the first round (``h = 0``); so is the result
+    ``None`` for the first round (where ``h = 0``); so is the result
     (``< 5 * 2**32 + 2**32``).
     """
     mixed = _mix_k(k) if h is None else f"({h} # {_mix_k(k)})"
@@ -151,72 +159,100 @@ def _fmix32(h: str) -> str:
     return _xorshift(h, 16)
 
 
-def _byte(data: str, offset: str) -> str:
-    return f"get_byte({data}, {offset})"
+def _block(data: str, offset: str | int) -> str:
+    """The little-endian 32-bit block at byte ``offset`` of the bytea ``data``.
 
-
-def _block(data: str, i: str) -> str:
-    """The little-endian 32-bit block at byte offset ``i``, as a possibly
-    negative int4: its low 32 bits are the block, which is all ``_mix_k`` needs.
+    An int4, negative when the top bit is set (int4 ``<<`` wraps): its low 32
+    bits are the block, which is all :func:`_mix_k` needs.
     """
-    return (
-        f"({_byte(data, i)} | ({_byte(data, f'{i} + 1')} << 8)"
-        f" | ({_byte(data, f'{i} + 2')} << 16) | ({_byte(data, f'{i} + 3')} << 24))"
-    )
+    if isinstance(offset, int):
+        at = [str(offset + j) for j in range(4)]
+    else:
+        at = [offset] + [f"{offset} + {j}" for j in (1, 2, 3)]
+    b0, b1, b2, b3 = (f"get_byte({data}, {a})" for a in at)
+    return f"({b0} | ({b1} << 8) | ({b2} << 16) | ({b3} << 24))"
 
 
 def _tail(data: str, n: str) -> str:
-    """The 0 to 3 bytes after the last whole block, little-endian."""
-    b1, b2, b3 = (_byte(data, f"{n} - {j}") for j in (1, 2, 3))
+    """The 0 to 3 bytes of ``data`` (of length ``n``) after its last whole block."""
+    b1, b2, b3 = (f"get_byte({data}, {n} - {j})" for j in (1, 2, 3))
     return (
-        f"CASE {n} & 3 WHEN 0 THEN 0"
+        f"(CASE {n} & 3 WHEN 0 THEN 0"
         f" WHEN 1 THEN {b1}"
         f" WHEN 2 THEN {b2} | ({b1} << 8)"
-        f" ELSE {b3} | ({b2} << 8) | ({b1} << 16) END"
+        f" ELSE {b3} | ({b2} << 8) | ({b1} << 16) END)"
     )
 
 
-def _int8_body(key: str) -> str:
-    """The hash of the 8 little-endian bytes of ``key``, up to the finaliser.
-
-    The low word is ``key & m``; for the high word ``key >> 32`` (an
-    arithmetic shift, in ``[-2**31, 2**31)``) already has the right low 32
-    bits.  The result is ``(h ^ 8) mod 2**32``, the finaliser's input.
-    """
-    h = _mix_h(None, _u32(key))
-    h = _mix_h(h, f"({key} >> 32)")
-    return _u32(f"({h} # 8)")
+# ---------------------------------------------------------------------------
+# Function definitions.
+# ---------------------------------------------------------------------------
 
 
-def _bytes_function(signature: str, declare_data: str | None, data: str) -> str:
-    """A PL/pgSQL MurmurHash3 over the bytea ``data``, one statement per block."""
-    declare = f"    {declare_data}\n" if declare_data else ""
-    loop_round = _mix_h("h", _block(data, "i"))
-    tail = _mix_k(f"({_tail(data, 'n')})")
-    last = _u32(f"(h # {tail} # n)")
-    return f"""\
-CREATE OR REPLACE FUNCTION {signature} RETURNS bigint
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $function$
-DECLARE
-{declare}    n CONSTANT integer := length({data});
-    h bigint := 0;
-BEGIN
-    FOR i IN 0 .. n - 4 BY 4 LOOP
-        h := {loop_round};
-    END LOOP;
-    -- Mixing in an all-zero tail changes nothing (mix_k(0) = 0), so the
-    -- tail needs no test of its own.
-    h := {last};
-    RETURN {_fmix32('h')};
-END
-$function$"""
+def _plpgsql_hash(key_type: str, declare: list[str], body: list[str]) -> str:
+    """``shardkit.hash(key <key_type>)``: *body* leaves the finaliser's input in ``h``."""
+    lines = [
+        f"CREATE OR REPLACE FUNCTION shardkit.hash(key {key_type}) RETURNS bigint",
+        "LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $function$",
+        "DECLARE",
+        *(f"    {d}" for d in declare),
+        "    h bigint;",
+        "BEGIN",
+        *(f"    {b}" for b in body),
+        f"    RETURN {_fmix32('h')};",
+        "END",
+        "$function$",
+    ]
+    return "\n".join(lines)
+
+
+def _hash_int8() -> str:
+    # The 8 little-endian bytes are two blocks: the low word is key & m, and
+    # for the high word the arithmetic shift key >> 32, in [-2**31, 2**31),
+    # already has the right low 32 bits.  No tail; the length is 8.
+    h = _mix_h(None, _u32("key"))
+    h = _mix_h(h, "(key >> 32)")
+    return _plpgsql_hash("bigint", [], [f"h := {_u32(f'({h} # 8)')};"])
+
+
+def _hash_uuid() -> str:
+    # Always 16 bytes: four blocks, unrolled, and no tail.
+    h = None
+    for offset in range(0, 16, 4):
+        h = _mix_h(h, _block("data", offset))
+    return _plpgsql_hash(
+        "uuid",
+        ["data CONSTANT bytea := uuid_send(key);"],
+        [f"h := {_u32(f'({h} # 16)')};"],
+    )
+
+
+def _hash_bytes(key_type: str, data_from_key: str | None) -> str:
+    data = "data" if data_from_key else "key"
+    declare = [f"data CONSTANT bytea := {data_from_key};"] if data_from_key else []
+    declare.append(f"n CONSTANT integer := length({data});")
+    tail = _mix_k(_tail(data, "n"))
+    return _plpgsql_hash(
+        key_type,
+        declare,
+        [
+            "h := 0;",
+            "FOR i IN 0 .. n - 4 BY 4 LOOP",
+            f"    h := {_mix_h('h', _block(data, 'i'))};",
+            "END LOOP;",
+            # Mixing in an all-zero tail changes nothing (mix_k(0) = 0), so
+            # the tail needs no test of its own.
+            f"h := {_u32(f'(h # {tail} # n)')};",
+        ],
+    )
 
 
 def _sql_function(signature: str, returns: str, body: str) -> str:
     return (
         f"CREATE OR REPLACE FUNCTION {signature} RETURNS {returns}\n"
-        f"LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $function$\n"
-        f"    SELECT {body}\n$function$"
+        "LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $function$\n"
+        f"    SELECT {body}\n"
+        "$function$"
     )
 
 
@@ -226,28 +262,12 @@ _INSTALL_STATEMENTS: Final[tuple[str, ...]] = (
     f"SELECT pg_advisory_xact_lock({_INSTALL_LOCK})",
     "CREATE SCHEMA IF NOT EXISTS shardkit",
     _sql_function("shardkit.hash_version()", "integer", str(SQL_VERSION)),
-    # The finaliser, in PL/pgSQL so that its argument is evaluated once (see
-    # the module documentation).  Not part of the interface.
-    f"""\
-CREATE OR REPLACE FUNCTION shardkit._fmix32(h bigint) RETURNS bigint
-LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $function$
-BEGIN
-    RETURN {_fmix32('h')};
-END
-$function$""",
-    _sql_function(
-        "shardkit.hash(key bigint)", "bigint", f"shardkit._fmix32({_int8_body('key')})"
-    ),
-    _bytes_function("shardkit.hash(key bytea)", None, "key"),
-    # convert_to() is only STABLE, which would keep a SQL wrapper from being
-    # inlined; in PL/pgSQL it costs nothing extra.  In a UTF8 database it
-    # returns the text's own bytes without copying them.
-    _bytes_function(
-        "shardkit.hash(key text)", "data CONSTANT bytea := convert_to(key, 'UTF8');", "data"
-    ),
-    _bytes_function(
-        "shardkit.hash(key uuid)", "data CONSTANT bytea := uuid_send(key);", "data"
-    ),
+    _hash_int8(),
+    _hash_uuid(),
+    _hash_bytes("bytea", None),
+    # convert_to() returns the text's own bytes, uncopied, in a UTF8
+    # database, and converts them in any other.
+    _hash_bytes("text", "convert_to(key, 'UTF8')"),
     *(
         _sql_function(
             f"shardkit.bucket(key {t}, bucket_count integer)",
@@ -262,10 +282,9 @@ _UNINSTALL_STATEMENTS: Final[tuple[str, ...]] = (
     f"SELECT pg_advisory_xact_lock({_INSTALL_LOCK})",
     *(f"DROP FUNCTION IF EXISTS shardkit.bucket({t}, integer)" for t in _KEY_TYPES),
     *(f"DROP FUNCTION IF EXISTS shardkit.hash({t})" for t in _KEY_TYPES),
-    "DROP FUNCTION IF EXISTS shardkit._fmix32(bigint)",
     "DROP FUNCTION IF EXISTS shardkit.hash_version()",
-    # Other parts of shardkit may keep objects in the schema: drop it only
-    # if nothing is left in it.
+    # Other parts of shardkit may keep objects in the schema: drop it only if
+    # nothing is left in it.
     """\
 DO $do$
 BEGIN
@@ -276,7 +295,7 @@ END
 $do$""",
 )
 
-#: The SQL that creates the schema ``shardkit`` and the hash functions.
+#: The SQL that creates the schema ``shardkit`` and the hash functions in it.
 #: Idempotent; run it in one transaction.
 INSTALL_SQL: Final = ";\n\n".join(_INSTALL_STATEMENTS) + ";\n"
 
@@ -286,7 +305,7 @@ UNINSTALL_SQL: Final = ";\n\n".join(_UNINSTALL_STATEMENTS) + ";\n"
 
 
 def install(connection: Connection) -> None:
-    """Create or replace the hash functions on the database of *connection*.
+    """Create, or replace, the hash functions in the database of *connection*.
 
     Idempotent.  The statements run in the connection's current transaction
     (beginning one if needed), which the caller commits.
@@ -298,12 +317,12 @@ def install(connection: Connection) -> None:
 
 
 def uninstall(connection: Connection) -> None:
-    """Drop the hash functions, and the ``shardkit`` schema if it is left empty.
+    """Drop the hash functions, and the ``shardkit`` schema if that leaves it empty.
 
-    Idempotent.  Fails, leaving everything in place, if other objects depend
-    on the functions (an index on ``shardkit.bucket(...)``, say).  The
-    statements run in the connection's current transaction, which the caller
-    commits.
+    Idempotent.  Fails, changing nothing once the transaction is rolled back,
+    if other objects depend on the functions (an index on
+    ``shardkit.bucket(...)``, say).  The statements run in the connection's
+    current transaction, which the caller commits.
     """
     for statement in _UNINSTALL_STATEMENTS:
         connection.exec_driver_sql(statement)

@@ -1,13 +1,29 @@
 """A local cluster of real PostgreSQL servers, for development, the demo and tests.
 
-``DevCluster.up(dir, shards=2, replicas=1)`` starts one primary per shard, each
-with streaming replicas made by ``pg_basebackup``, on free loopback ports, and
-writes ``dir/shardkit.toml``.  PostgreSQL refuses to run as root, so when this
-process is root the servers run as an unprivileged ``shardkit`` system user
-(created if missing).
+Each shard is a primary with streaming replicas, every server on 127.0.0.1::
 
-The servers are disposable: durability settings are off for speed.  Never
-point this module at data you care about.
+    from shardkit.devcluster import DevCluster
+
+    with DevCluster.up(".shardkit-dev", shards=2, replicas=1) as cluster:
+        cluster.write_config("shardkit.toml")
+        ...                                  # cluster.down() runs on exit
+
+The servers are tuned for speed, not durability (``fsync = off``): the data is
+disposable.  PostgreSQL refuses to run as root, so when the current user is
+root the servers run as the unprivileged OS user ``shardkit`` (created on first
+use; ``nobody`` where users cannot be created).
+
+Layout of a base directory::
+
+    shardkit.toml         the cluster config, as config_dict() returns it
+    devcluster.json       what DevCluster.load() needs to reattach from another process
+    s0/primary/data       a server's data directory
+    s0/primary/postgres.log  and its log
+    s0/r0/...             the shard's first replica
+
+The server programs are looked for in ``$SHARDKIT_PG_BIN``, then
+``pg_config --bindir``, then the newest ``/usr/lib/postgresql/*/bin``, then on
+``PATH``.
 """
 
 from __future__ import annotations
@@ -15,19 +31,22 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import psycopg
 
 from .errors import DevClusterError
 
@@ -35,519 +54,1146 @@ __all__ = ["DevCluster", "DevNode", "DevShard", "find_pg_bin", "to_toml"]
 
 log = logging.getLogger("shardkit.devcluster")
 
-DB = "shardkit"
-USER = "shardkit"
+HOST = "127.0.0.1"
+DB_NAME = "shardkit"
+DB_USER = "shardkit"
+SERVER_OS_USER = "shardkit"
 STATE_FILE = "devcluster.json"
-_port_lock = threading.Lock()
-_ports_taken: set[int] = set()
+CONFIG_FILE = "shardkit.toml"
 
-# Disposable dev servers: no fsync, small memory, logical WAL for online moves.
-_SERVER_SETTINGS = {
-    "listen_addresses": "'127.0.0.1'",
-    "unix_socket_directories": "''",
-    "max_connections": "300",
-    "shared_buffers": "64MB",
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
-    "wal_level": "logical",
-    "max_wal_senders": "20",
-    "max_replication_slots": "20",
-    "hot_standby": "on",
-    "hot_standby_feedback": "on",
-    "wal_keep_size": "512MB",
-    "log_min_messages": "warning",
-    "logging_collector": "off",
-    "max_prepared_transactions": "50",
-}
+_STATE_VERSION = 1
+_SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
+_STOP_MODES = ("smart", "fast", "immediate")
+_START_TIMEOUT = 60.0
+_STOP_TIMEOUT = 10.0
+_READY_TIMEOUT = 30.0
+_POLL_INTERVAL = 0.02
+_SETTINGS_MARKER = "# --- shardkit.devcluster: everything below is rewritten by shardkit ---"
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------
+# Finding the server programs and the OS user that runs them
 
 
 def find_pg_bin() -> Path:
-    """The directory holding ``initdb``/``pg_ctl``/``pg_basebackup``."""
-    looked: list[str] = []
+    """Return the directory that holds the PostgreSQL server programs.
+
+    Looks at ``$SHARDKIT_PG_BIN``, then ``pg_config --bindir``, then the
+    newest ``/usr/lib/postgresql/*/bin``, then ``initdb`` on ``PATH``; a
+    directory counts only if it has all of initdb, pg_ctl, postgres and
+    pg_basebackup.  Raises :class:`DevClusterError` saying how to install
+    them when none is found.
+    """
     env = os.environ.get("SHARDKIT_PG_BIN")
-    candidates: list[str] = []
     if env:
-        candidates.append(env)
-    else:
+        missing = _missing_programs(Path(env))
+        if missing:
+            raise DevClusterError(
+                f"SHARDKIT_PG_BIN={env} does not hold the PostgreSQL server programs "
+                f"(missing: {', '.join(missing)}); point it at the bin directory of a "
+                "PostgreSQL installation (the one with initdb), or unset it to search "
+                "the usual places"
+            )
+        return Path(env)
+
+    looked: list[str] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
         try:
-            out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
-                                 timeout=10)
-            if out.returncode == 0:
-                candidates.append(out.stdout.strip())
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
-            pass
-        versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"),
-                          key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0,
-                          reverse=True)
-        candidates.extend(versions)
-        which = shutil.which("initdb")
-        if which:
-            candidates.append(str(Path(which).resolve().parent))
-    for c in candidates:
-        looked.append(c)
-        if all((Path(c) / b).exists() for b in ("initdb", "pg_ctl", "pg_basebackup", "postgres")):
-            return Path(c)
+            out = ""
+        if out:
+            looked.append(f"pg_config --bindir ({out})")
+            if not _missing_programs(Path(out)):
+                return Path(out)
+    looked.append("/usr/lib/postgresql/*/bin")
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True):
+        if not _missing_programs(Path(candidate)):
+            return Path(candidate)
+    looked.append("initdb on PATH")
+    initdb = shutil.which("initdb")
+    if initdb:
+        # /usr/local/bin may hold a symlink to initdb alone; its target's
+        # directory has the other programs.
+        candidate = Path(initdb).resolve().parent
+        if not _missing_programs(candidate):
+            return candidate
     raise DevClusterError(
-        "PostgreSQL server binaries not found (looked in: "
-        + (", ".join(looked) or "SHARDKIT_PG_BIN, pg_config, /usr/lib/postgresql/*/bin, PATH")
-        + "); install them with `apt-get install -y postgresql` or set SHARDKIT_PG_BIN "
-        "to the directory holding initdb"
+        f"PostgreSQL server programs not found (looked in: {', '.join(looked)}); install them "
+        "with `apt-get install -y postgresql` or set SHARDKIT_PG_BIN to the directory that "
+        "holds initdb"
     )
 
 
-def _free_port() -> int:
-    with _port_lock:
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            if port not in _ports_taken:
-                _ports_taken.add(port)
-                return port
-    raise DevClusterError("no free loopback port found")
+def _missing_programs(bin_dir: Path) -> list[str]:
+    return [p for p in _SERVER_PROGRAMS if not os.access(bin_dir / p, os.X_OK)]
 
 
-def _run_as() -> tuple[int, int] | None:
-    """(uid, gid) to run the servers as, or None to run as ourselves."""
-    if os.geteuid() != 0:
-        return None
-    for name in (USER, "nobody"):
-        try:
-            pw = pwd.getpwnam(name)
-            return pw.pw_uid, pw.pw_gid
-        except KeyError:
-            if name == USER and shutil.which("useradd"):
-                subprocess.run(
-                    ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                    capture_output=True,
-                )
-                try:
-                    pw = pwd.getpwnam(USER)
-                    return pw.pw_uid, pw.pw_gid
-                except KeyError:
-                    continue
-    raise DevClusterError("running as root and no unprivileged user to run PostgreSQL as; "
-                          "create one with `useradd --system shardkit`")
+def _version_key(bin_dir: str) -> tuple[int, ...]:
+    """Sort key of ``/usr/lib/postgresql/<version>/bin``: 15 > 9.6, unparseable first."""
+    version = Path(bin_dir).parent.name
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return ()
 
 
-@dataclass
-class DevNode:
-    """One PostgreSQL server of the local cluster."""
+class _Programs:
+    """Runs the PostgreSQL programs of one installation as the OS user that owns the servers."""
 
-    shard: str
-    name: str
-    role: str
-    port: int
-    datadir: str
-    _cluster: DevCluster = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    def __init__(self, bin_dir: Path, os_user: str) -> None:
+        self.bin_dir = bin_dir
+        self.os_user = os_user
+        entry = pwd.getpwnam(os_user)
+        self.uid, self.gid = entry.pw_uid, entry.pw_gid
+        self.switch_user = os.geteuid() != self.uid
+        if self.switch_user and os.geteuid() != 0:
+            raise DevClusterError(
+                f"the servers of this cluster run as OS user {os_user!r}; "
+                f"run this as {os_user!r} or as root"
+            )
+        # Drop the caller's libpq settings (PGHOST, PGOPTIONS, ...): they must
+        # not redirect or alter what these programs do.
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        # English messages: start failures are recognised by their log text.
+        self.env["LC_ALL"] = "C"
+        if self.switch_user:
+            self.env.update(HOME=entry.pw_dir, USER=os_user, LOGNAME=os_user)
+        self.pg_stat_statements = (self._pkglibdir() / "pg_stat_statements.so").exists()
 
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/{DB}"
-
-    @property
-    def dsn(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user={USER} dbname={DB}"
-
-    @property
-    def logfile(self) -> str:
-        return self.datadir + ".log"
-
-    def _pg(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return self._cluster._run([str(self._cluster.pg_bin / args[0]), *args[1:]],
-                                  check=check, timeout=timeout, node=self.name)
-
-    def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
-        pidfile = Path(self.datadir) / "postmaster.pid"
-        if pidfile.exists() and not self.is_running():
-            pidfile.unlink()  # left behind by kill()
-        self._pg("pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w", "-t", "60",
-                 "-o", f"-p {self.port}", "start")
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        import psycopg
-
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
+    def _pkglibdir(self) -> Path:
+        pg_config = self.bin_dir / "pg_config"
+        if os.access(pg_config, os.X_OK):
             try:
-                # The maintenance database exists before ours is created.
-                dsn = f"host=127.0.0.1 port={self.port} user={USER} dbname=postgres"
-                with psycopg.connect(dsn, connect_timeout=2, autocommit=True) as c:
-                    c.execute("select 1")
-                return
-            except psycopg.Error as e:
-                last = e
-                time.sleep(0.1)
-        raise DevClusterError(f"{self.name} did not accept connections within {timeout} s: {last}"
-                              f"\n{self.log_tail()}", node=self.name)
+                return Path(self.run([str(pg_config), "--pkglibdir"], what="pg_config").strip())
+            except DevClusterError:
+                pass
+        # Debian and the PostgreSQL source layout keep modules in ../lib.
+        return self.bin_dir.parent / "lib"
 
-    def stop(self, mode: str = "fast") -> None:
-        """Stop the server (``mode``: smart, fast or immediate)."""
-        if not self.is_running():
-            return
-        r = self._pg("pg_ctl", "-D", self.datadir, "-m", mode, "-w", "-t", "10", "stop",
-                     check=False, timeout=30)
-        if r.returncode != 0 and mode != "immediate":
-            self._pg("pg_ctl", "-D", self.datadir, "-m", "immediate", "-w", "stop", check=False)
+    def path(self, program: str) -> str:
+        return str(self.bin_dir / program)
 
-    def pid(self) -> int | None:
+    def own(self, path: Path) -> None:
+        """Give a directory shardkit created to the server user."""
+        if self.switch_user:
+            os.chown(path, self.uid, self.gid)
+
+    def run(self, args: list[str], *, what: str, node: str | None = None,
+            timeout: float = 120.0) -> str:
+        """Run a program as the server user; return its stdout, raise DevClusterError on failure."""
+        log.debug("%s: %s", node or "devcluster", " ".join(args))
+        kwargs: dict[str, Any] = {}
+        if self.switch_user:
+            kwargs = {"user": self.uid, "group": self.gid, "extra_groups": []}
         try:
-            return int((Path(self.datadir) / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+            proc = subprocess.run(
+                args, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                # The caller's working directory may be closed to the server user.
+                cwd="/", env=self.env, timeout=timeout, **kwargs,
+            )
+        except subprocess.TimeoutExpired:
+            raise DevClusterError(f"{what} did not finish within {timeout:g} s",
+                                  node=node) from None
+        except OSError as e:
+            raise DevClusterError(f"{what}: cannot run {args[0]}: {e}", node=node) from e
+        if proc.returncode != 0:
+            output = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+            raise DevClusterError(f"{what} failed (exit {proc.returncode}): {output}", node=node)
+        return proc.stdout
 
-    def is_running(self) -> bool:
-        pid = self.pid()
-        if pid is None:
+
+def _server_os_user() -> str:
+    """The OS user to run servers as: ourselves, or when root an unprivileged one."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    try:
+        pwd.getpwnam(SERVER_OS_USER)
+        return SERVER_OS_USER
+    except KeyError:
+        pass
+    useradd = shutil.which("useradd")
+    if useradd:
+        proc = subprocess.run(
+            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             SERVER_OS_USER],
+            capture_output=True, text=True,
+        )
+        try:
+            # Also covers a concurrent start that created the user first.
+            pwd.getpwnam(SERVER_OS_USER)
+            log.info("created OS user %s to run the PostgreSQL servers", SERVER_OS_USER)
+            return SERVER_OS_USER
+        except KeyError:
+            log.warning("useradd %s failed: %s", SERVER_OS_USER, proc.stderr.strip())
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        raise DevClusterError(
+            f"running as root, and there is no unprivileged OS user to run PostgreSQL as: "
+            f"create one with `useradd --system --no-create-home {SERVER_OS_USER}`"
+        ) from None
+    log.warning("running the PostgreSQL servers as OS user nobody")
+    return "nobody"
+
+
+def _unreachable_ancestor(path: Path, programs: _Programs) -> Path | None:
+    """The first directory on the way to ``path`` that the server user cannot enter."""
+    if not programs.switch_user:
+        return None
+    groups = set(os.getgrouplist(programs.os_user, programs.gid))
+    for d in reversed([path, *path.parents]):
+        st = d.stat()
+        if st.st_uid == programs.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return d
+    return None
+
+
+# --------------------------------------------------------------------------
+# Ports and processes
+
+
+_port_lock = threading.Lock()
+# Ports handed out by this process: two clusters started at once in threads
+# must not pick the same one between picking and binding.
+_ports_handed_out: set[int] = set()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As PostgreSQL does: a port whose old connections linger in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
             return False
+    return True
+
+
+def _pick_port() -> int:
+    """A loopback port that nothing listens on now (the kernel picks it)."""
+    with _port_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((HOST, 0))
+                port = s.getsockname()[1]
+            if port not in _ports_handed_out:
+                _ports_handed_out.add(port)
+                return port
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, or None if it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name is in parentheses and may itself contain ") ".
+    fields = raw[raw.rindex(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def _is_postgres(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) PostgreSQL process."""
+    if not Path("/proc").is_dir():
+        # No /proc (macOS): all we can tell is whether the pid exists.
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
-        # A zombie or a recycled pid: check it is a postgres process.
-        try:
-            return "postgres" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            return True
+            pass  # it exists, under another user
+        return True
+    st = _proc_stat(pid)
+    if st is None or st[0] == "Z":
+        return False
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    # A pid file can outlive its server, and the pid be reused by another program.
+    return comm in ("postgres", "postmaster")
 
-    def kill(self) -> None:
-        """SIGKILL the postmaster and its children, like a crash."""
-        pid = self.pid()
-        if pid is None:
+
+def _children(pid: int) -> list[int]:
+    """Pids of the direct children of ``pid`` (empty where there is no /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st is not None and st[1] == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _tail(path: Path, lines: int = 25, offset: int = 0) -> str:
+    """The last ``lines`` lines of a text file from byte ``offset`` on ('' if missing)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(offset, size - 16384))
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _lsn(text: str) -> int:
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def _lsn_text(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+class _PortInUse(DevClusterError):
+    """A server could not start because another process took its port first."""
+
+
+class _Cancelled(Exception):
+    """A step of ``DevCluster.up`` stopped because another step failed."""
+
+
+def _in_parallel(fn: Callable[[_T], None], items: Iterable[_T], cancel: threading.Event) -> None:
+    """Run ``fn`` on every item in its own thread; re-raise the first real failure.
+
+    The first failure sets ``cancel`` so the other threads stop at their next
+    step instead of finishing work that is about to be thrown away.
+    """
+    items = list(items)
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(len(items), thread_name_prefix="shardkit-devcluster") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # KeyboardInterrupt while waiting
+            cancel.set()
+            raise
+        if any(f.exception() is not None for f in done):
+            cancel.set()
+    errors = [e for f in futures
+              if (e := f.exception()) is not None and not isinstance(e, _Cancelled)]
+    for extra in errors[1:]:
+        log.error("also failed: %s", extra)
+    if errors:
+        raise errors[0]
+    if cancel.is_set():
+        raise _Cancelled()
+
+
+# --------------------------------------------------------------------------
+# Nodes, shards, clusters
+
+
+class DevNode:
+    """One PostgreSQL server of a dev cluster: a shard's primary or one of its replicas.
+
+    ``name`` is ``<shard>/primary`` or ``<shard>/r<i>``; ``shard`` is the shard's name.
+    """
+
+    def __init__(self, *, shard: str, name: str, role: str, port: int, datadir: Path,
+                 programs: _Programs, primary: DevNode | None = None) -> None:
+        self.shard = shard
+        self.name = name
+        self.role = role
+        self.port = port
+        self.datadir = datadir
+        self._programs = programs
+        # A replica's primary: wait_caught_up() compares positions with it.
+        self._primary = primary
+
+    def __repr__(self) -> str:
+        return f"<DevNode {self.name} {self.role} 127.0.0.1:{self.port}>"
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the node's ``shardkit`` database."""
+        return f"postgresql+psycopg://{DB_USER}@{HOST}:{self.port}/{DB_NAME}"
+
+    @property
+    def dsn(self) -> str:
+        """libpq / psycopg connection string of the node's ``shardkit`` database."""
+        return f"host={HOST} port={self.port} user={DB_USER} dbname={DB_NAME}"
+
+    @property
+    def log_file(self) -> Path:
+        """The server log (outside the data directory, so replicas do not copy it)."""
+        return self.datadir.parent / "postgres.log"
+
+    @property
+    def slot_name(self) -> str:
+        """Name of the physical replication slot a replica holds on its primary."""
+        return f"shardkit_{self.name.rsplit('/', 1)[-1]}"
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last lines of the server log, for error messages and failing tests."""
+        return _tail(self.log_file, lines)
+
+    # -- processes -----------------------------------------------------------
+
+    def _pid(self) -> int | None:
+        """The postmaster pid from postmaster.pid, or None when there is no pid file."""
+        try:
+            first = (self.datadir / "postmaster.pid").read_text().split("\n", 1)[0]
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return int(first)
+        except ValueError:
+            return None
+
+    def is_running(self) -> bool:
+        """Whether the node's postmaster is alive."""
+        pid = self._pid()
+        return pid is not None and _is_postgres(pid)
+
+    def start(self, timeout: float = _START_TIMEOUT) -> None:
+        """Start the server and wait until it accepts connections; no-op if it runs.
+
+        A stale ``postmaster.pid`` (left by :meth:`kill`) is removed first:
+        the server would refuse to start if its pid had been reused.
+        """
+        if self.is_running():
             return
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        for p in [pid, *map(int, children)]:
+        (self.datadir / "postmaster.pid").unlink(missing_ok=True)
+        offset = _file_size(self.log_file)
+        try:
+            self._programs.run(
+                [self._programs.path("pg_ctl"), "start", "-w", "-t", str(max(1, round(timeout))),
+                 "-D", str(self.datadir), "-l", str(self.log_file)],
+                what=f"pg_ctl start of {self.name}", node=self.name, timeout=timeout + 10,
+            )
+        except DevClusterError as e:
+            new_log = _tail(self.log_file, offset=offset)
+            cls, hint = DevClusterError, "see the server log below"
+            if "Address already in use" in new_log:
+                cls = _PortInUse
+                hint = (f"port {self.port} is taken by another program; stop it, or run "
+                        "`shardkit dev down` and `shardkit dev up` again to get new ports")
+            elif "pre-existing shared memory block" in new_log or "lock file" in new_log:
+                hint = ("old server processes of this data directory are still running; "
+                        f"stop them (`pgrep -af {self.datadir}` lists them) and start again")
+            raise cls(
+                f"could not start {self.name} on port {self.port}: {e.message}; {hint}\n"
+                f"--- last lines of {self.log_file} ---\n{new_log}",
+                node=self.name,
+            ) from None
+
+    def stop(self, mode: str = "fast", timeout: float = _STOP_TIMEOUT) -> None:
+        """Stop the server with ``pg_ctl stop -m MODE`` and wait; no-op if it is not running.
+
+        ``mode`` is ``smart``, ``fast`` (disconnect clients, clean shutdown) or
+        ``immediate`` (no shutdown checkpoint; crash recovery on next start).
+        """
+        if mode not in _STOP_MODES:
+            raise ValueError(f"stop mode must be one of {', '.join(_STOP_MODES)}, not {mode!r}")
+        if not self.is_running():
+            return
+        try:
+            self._programs.run(
+                [self._programs.path("pg_ctl"), "stop", "-w", "-m", mode,
+                 "-t", str(max(1, round(timeout))), "-D", str(self.datadir)],
+                what=f"pg_ctl stop -m {mode} of {self.name}", node=self.name, timeout=timeout + 10,
+            )
+        except DevClusterError as e:
+            hint = " or stop(mode='immediate')" if mode != "immediate" else ""
+            raise DevClusterError(
+                f"{e.message}; retry with a longer timeout{hint}", node=self.name
+            ) from None
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the server, as a machine crash would, and wait until it is gone.
+
+        The postmaster is frozen, its children noted, then all are killed:
+        the next :meth:`start` would otherwise be refused while any of them
+        still held the old shared memory.  The next start runs crash recovery.
+        """
+        pid = self._pid()
+        if pid is None or not _is_postgres(pid):
+            raise DevClusterError(f"cannot kill {self.name}: it is not running", node=self.name)
+        # Frozen, the postmaster cannot fork a child we would not know about.
+        os.kill(pid, signal.SIGSTOP)
+        victims = [pid, *_children(pid)]
+        for p in victims:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
-        while self.is_running() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        deadline = time.monotonic() + timeout
+        while any(_is_postgres(p) for p in victims):
+            if time.monotonic() > deadline:
+                raise DevClusterError(
+                    f"{self.name}: processes {victims} still alive {timeout:g} s after SIGKILL",
+                    node=self.name,
+                )
+            time.sleep(_POLL_INTERVAL)
+        log.info("%s killed (postmaster pid %d)", self.name, pid)
 
-    def connect(self, **kw: Any) -> Any:
-        """A psycopg connection (autocommit) to this node."""
-        import psycopg
+    # -- SQL -----------------------------------------------------------------
 
-        kw.setdefault("autocommit", True)
-        kw.setdefault("connect_timeout", 5)
-        return psycopg.connect(self.dsn, **kw)
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        """A psycopg connection to the node's ``shardkit`` database, in autocommit mode.
+
+        Keyword arguments go to :func:`psycopg.connect` and win over the
+        defaults, e.g. ``dbname="postgres"`` or ``autocommit=False``.
+        """
+        kwargs.setdefault("autocommit", True)
+        kwargs.setdefault("connect_timeout", 5)
+        return psycopg.connect(self.dsn, **kwargs)
+
+    def _require_replica(self, what: str) -> DevNode:
+        if self._primary is None:
+            raise DevClusterError(f"{what} needs a replica, and {self.name} is a primary",
+                                  node=self.name)
+        return self._primary
 
     def set_apply_delay(self, seconds: float) -> None:
-        """Make a replica apply WAL ``seconds`` late (``recovery_min_apply_delay``)."""
-        if self.role != "replica":
-            raise DevClusterError(f"{self.name} is not a replica", node=self.name)
-        with self.connect() as c:
-            c.execute(f"ALTER SYSTEM SET recovery_min_apply_delay = '{int(seconds * 1000)}ms'")
-            c.execute("SELECT pg_reload_conf()")
+        """Make a replica apply each commit ``seconds`` after it happened (0 to stop).
 
-    def wait_caught_up(self, timeout: float = 30) -> None:
-        """Wait until this replica has replayed everything its primary has written."""
-        primary = self._cluster.shard(self.shard).primary
-        with primary.connect() as pc:
-            # The insert position: with asynchronous commit, recent commits may not
-            # be written yet, but they are what a reader expects to see.
-            target = pc.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
+        Sets ``recovery_min_apply_delay`` with ALTER SYSTEM and reloads; returns
+        once new sessions see the new value, by which time the startup process
+        has been told to re-read it too.
+        """
+        self._require_replica("set_apply_delay")
+        if seconds < 0:
+            raise ValueError(f"apply delay must be >= 0 seconds, not {seconds}")
+        ms = round(seconds * 1000)
+        with self.connect() as conn:
+            # ALTER SYSTEM takes no bind parameters; ms is an int we formatted.
+            conn.execute(f"ALTER SYSTEM SET recovery_min_apply_delay = {ms}")
+            conn.execute("SELECT pg_reload_conf()")
+        self._wait_for(
+            lambda: self._new_session_setting("recovery_min_apply_delay") == str(ms),
+            f"recovery_min_apply_delay = {ms} ms to take effect", _READY_TIMEOUT,
+        )
+
+    def _new_session_setting(self, name: str) -> str:
+        with self.connect() as conn:
+            row = conn.execute("SELECT setting FROM pg_settings WHERE name = %s",
+                               (name,)).fetchone()
+        return str(row[0]) if row else ""
+
+    def wait_caught_up(self, timeout: float = _READY_TIMEOUT) -> None:
+        """Wait until a replica has replayed everything its primary had written when called."""
+        primary = self._require_replica("wait_caught_up")
+        with primary.connect() as conn:
+            row = conn.execute(
+                "SELECT pg_current_wal_insert_lsn()::text,"
+                " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_block_size'),"
+                " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')"
+            ).fetchone()
+        assert row is not None
+        target = _replay_target(_lsn(row[0]), row[1], row[2])
+        replayed: list[str | None] = [None]
+
+        def caught_up() -> bool:
+            with self.connect() as conn:
+                r = conn.execute("SELECT pg_last_wal_replay_lsn()::text").fetchone()
+            replayed[0] = r[0] if r else None
+            return replayed[0] is not None and _lsn(replayed[0]) >= target
+
+        self._wait_for(
+            caught_up, f"replay to reach {_lsn_text(target)}, {primary.name}'s position", timeout,
+            detail=lambda: (f"replayed so far: {replayed[0]} (an apply delay, see "
+                            "set_apply_delay(), or a stopped primary keeps a replica behind)"),
+        )
+
+    def wait_streaming(self, timeout: float = _READY_TIMEOUT) -> None:
+        """Wait until a replica is in recovery and streaming WAL from its primary."""
+        primary = self._require_replica("wait_streaming")
+        status: list[str | None] = [None]
+
+        def streaming() -> bool:
+            with self.connect() as conn:
+                row = conn.execute(
+                    "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver)"
+                ).fetchone()
+            assert row is not None
+            status[0] = row[1]
+            return bool(row[0]) and row[1] == "streaming"
+
+        self._wait_for(
+            streaming, f"streaming from {primary.name} (port {primary.port})", timeout,
+            detail=lambda: f"WAL receiver status: {status[0]}",
+        )
+
+    def _wait_for(self, check: Callable[[], bool], what: str, timeout: float,
+                  detail: Callable[[], str] | None = None) -> None:
+        """Poll ``check`` until true; connection errors count as not yet."""
         deadline = time.monotonic() + timeout
-        with self.connect() as c:
-            while True:
-                ok = c.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)).fetchone()[0]
-                if ok:
+        last_error: Exception | None = None
+        while True:
+            try:
+                if check():
                     return
-                if time.monotonic() > deadline:
-                    raise DevClusterError(f"{self.name} did not catch up within {timeout} s",
-                                          node=self.name)
-                time.sleep(0.02)
+            except psycopg.OperationalError as e:
+                last_error = e
+            if time.monotonic() > deadline:
+                break
+            time.sleep(_POLL_INTERVAL)
+        parts = [f"{self.name}: timed out after {timeout:g} s waiting for {what}"]
+        if detail:
+            parts.append(detail())
+        if last_error:
+            parts.append(f"last connection error: {str(last_error).strip()}")
+        raise DevClusterError(
+            "; ".join(parts) + f"\n--- last lines of {self.log_file} ---\n{_tail(self.log_file)}",
+            node=self.name,
+        )
 
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(Path(self.logfile).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no server log)"
+    # -- set-up --------------------------------------------------------------
+
+    def _write_settings(self) -> None:
+        """(Re)write the server settings block of postgresql.conf and pg_hba.conf."""
+        conf = self.datadir / "postgresql.conf"
+        text = conf.read_text()
+        # A replica's postgresql.conf is its primary's copy: replace its block.
+        text = text.split("\n" + _SETTINGS_MARKER, 1)[0].rstrip("\n") + "\n\n"
+        settings = [
+            _SETTINGS_MARKER,
+            "listen_addresses = '127.0.0.1'",
+            f"port = {self.port}",
+            "# TCP only: socket paths under a deep base directory exceed the 107-byte limit.",
+            "unix_socket_directories = ''",
+            "max_connections = 300",
+            "shared_buffers = '64MB'",
+            "# A disposable development cluster: speed over crash safety.",
+            "fsync = off",
+            "synchronous_commit = off",
+            "full_page_writes = off",
+            "wal_level = logical",
+            "max_wal_senders = 20",
+            "max_replication_slots = 20",
+            "hot_standby = on",
+            "hot_standby_feedback = on",
+            "wal_keep_size = '512MB'",
+            "# Lets two-phase commit across shards be tried locally (off by default).",
+            "max_prepared_transactions = 50",
+            "# Replicas reconnect within 0.5 s (default 5 s) when a test restarts a primary.",
+            "wal_retrieve_retry_interval = '500ms'",
+            "log_min_messages = warning",
+            "logging_collector = off",
+        ]
+        if self._programs.pg_stat_statements:
+            settings.append("shared_preload_libraries = 'pg_stat_statements'")
+        conf.write_text(text + "\n".join(settings) + "\n")
+        (self.datadir / "pg_hba.conf").write_text(
+            "# TYPE  DATABASE     USER  ADDRESS        METHOD\n"
+            "host    all          all   127.0.0.1/32   trust\n"
+            "host    replication  all   127.0.0.1/32   trust\n"
+        )
 
 
-@dataclass
+def _replay_target(insert_lsn: int, block_size: int, segment_size: int) -> int:
+    """The replay position that means "everything up to ``insert_lsn`` is applied".
+
+    The insert position of a page that holds nothing yet is reported past the
+    page header, but replay stops at the end of the last record, the page
+    boundary: without this a replica could look behind forever.
+    """
+    header = 40 if insert_lsn % segment_size < block_size else 24  # long / short page header
+    if insert_lsn % block_size == header:
+        return insert_lsn - header
+    return insert_lsn
+
+
 class DevShard:
-    name: str
-    primary: DevNode
-    replicas: list[DevNode]
+    """A shard of a dev cluster: its primary and replicas."""
+
+    def __init__(self, name: str, primary: DevNode, replicas: list[DevNode]) -> None:
+        self.name = name
+        self.primary = primary
+        self.replicas = replicas
+
+    def __repr__(self) -> str:
+        replicas = ", ".join(str(r.port) for r in self.replicas)
+        return f"<DevShard {self.name} primary :{self.primary.port} replicas [{replicas}]>"
 
     @property
     def nodes(self) -> list[DevNode]:
+        """The primary, then the replicas."""
         return [self.primary, *self.replicas]
 
 
 class DevCluster:
-    """A running local cluster.  Use :meth:`up` to start one, :meth:`load` to reattach."""
+    """A local cluster of PostgreSQL servers: shards of one primary and streaming replicas.
 
-    def __init__(self, base_dir: Path, shards: list[DevShard], bucket_count: int, pg_bin: Path,
-                 run_as: tuple[int, int] | None) -> None:
-        self.base_dir = Path(base_dir)
-        self.shards = shards
+    Make one with :meth:`up`, reattach to a running one with :meth:`load`,
+    and stop it with :meth:`down` (or use it as a context manager).
+    """
+
+    def __init__(self, base_dir: Path, bucket_count: int, shards: list[DevShard],
+                 programs: _Programs) -> None:
+        self.base_dir = base_dir
         self.bucket_count = bucket_count
-        self.pg_bin = pg_bin
-        self.run_as = run_as
-        for s in shards:
-            for n in s.nodes:
-                n._cluster = self
+        self.shards = shards
+        self._programs = programs
 
-    # -- process helpers -------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<DevCluster {self.base_dir} {len(self.shards)} shard(s) {self.shards!r}>"
 
-    def _run(self, cmd: list[str], *, check: bool = True, timeout: float = 120,
-             node: str | None = None) -> subprocess.CompletedProcess[str]:
-        kw: dict[str, Any] = {}
-        if self.run_as is not None:
-            kw["user"], kw["group"] = self.run_as
-            kw["extra_groups"] = []
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C"
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                               cwd="/", **kw)
-        except subprocess.TimeoutExpired:
-            raise DevClusterError(f"{' '.join(cmd[:2])} timed out after {timeout} s", node=node) from None
-        if check and r.returncode != 0:
-            raise DevClusterError(
-                f"{Path(cmd[0]).name} failed for {node or 'cluster'} (exit {r.returncode}): "
-                f"{(r.stderr or r.stdout).strip()[-2000:]}",
-                node=node,
-            )
-        return r
+    def __enter__(self) -> DevCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    @property
+    def nodes(self) -> list[DevNode]:
+        """Every node, shard by shard, each primary before its replicas."""
+        return [n for s in self.shards for n in s.nodes]
 
     def shard(self, name: str) -> DevShard:
+        """The shard called ``name``; KeyError if there is none."""
         for s in self.shards:
             if s.name == name:
                 return s
         raise KeyError(name)
 
-    @property
-    def nodes(self) -> list[DevNode]:
-        return [n for s in self.shards for n in s.nodes]
+    # -- config --------------------------------------------------------------
 
-    # -- lifecycle ----------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        """The cluster as a shardkit configuration (see :func:`shardkit.load_config`)."""
+        return {
+            "bucket_count": self.bucket_count,
+            "shards": [
+                {"name": s.name, "primary": s.primary.url, "replicas": [r.url for r in s.replicas]}
+                for s in self.shards
+            ],
+        }
 
-    @classmethod
-    def up(cls, base_dir: str | os.PathLike[str], shards: int = 2, replicas: int = 1, *,
-           bucket_count: int = 1024) -> DevCluster:
-        """Start ``shards`` primaries with ``replicas`` streaming replicas each."""
-        if shards < 1 or replicas < 0:
-            raise DevClusterError(f"need shards >= 1 and replicas >= 0 (got {shards}, {replicas})")
-        base = Path(base_dir).absolute()
-        if (base / STATE_FILE).exists():
-            existing = cls.load(base)
-            shape = (len(existing.shards), len(existing.shards[0].replicas))
-            if shape == (shards, replicas) and existing.bucket_count == bucket_count:
-                for n in existing.nodes:
-                    if not n.is_running():
-                        n.start()
-                return existing
-            raise DevClusterError(
-                f"{base} already holds a {shape[0]}x{shape[1]} cluster; run "
-                f"`shardkit dev down --dir {base_dir}` first"
-            )
-        pg_bin = find_pg_bin()
-        run_as = _run_as()
-        base.mkdir(parents=True, exist_ok=True)
-        if run_as is not None:
-            os.chown(base, *run_as)
-            # Parents must be traversable by the server user.
-            for parent in base.parents:
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    raise DevClusterError(
-                        f"{parent} is not searchable by the unprivileged PostgreSQL user; "
-                        "choose a --dir under a world-searchable directory (e.g. /tmp)"
-                    )
-        shard_objs = []
-        for i in range(shards):
-            name = f"s{i}"
-            primary = DevNode(name, f"{name}/primary", "primary", _free_port(), str(base / name / "primary"))
-            reps = [DevNode(name, f"{name}/r{j}", "replica", _free_port(), str(base / name / f"r{j}"))
-                    for j in range(replicas)]
-            shard_objs.append(DevShard(name, primary, reps))
-        cluster = cls(base, shard_objs, bucket_count, pg_bin, run_as)
-        started = time.monotonic()
-        try:
-            with ThreadPoolExecutor(max_workers=min(4, max(1, shards))) as ex:
-                list(ex.map(cluster._start_shard, shard_objs))
-        except BaseException:
-            cluster.down(remove=True)
-            raise
-        cluster._save()
-        cluster.write_config(base / "shardkit.toml")
-        log.info("local cluster %dx%d up in %.1f s", shards, replicas, time.monotonic() - started)
-        return cluster
+    def write_config(self, path: str | os.PathLike[str],
+                     extra: Mapping[str, Any] | None = None) -> Path:
+        """Write :meth:`config_dict` deep-merged with ``extra`` as TOML; return the path.
 
-    def _start_shard(self, shard: DevShard) -> None:
-        p = shard.primary
-        Path(p.datadir).parent.mkdir(parents=True, exist_ok=True)
-        if self.run_as is not None:
-            os.chown(Path(p.datadir).parent, *self.run_as)
-        self._run([str(self.pg_bin / "initdb"), "-D", p.datadir, "-U", USER, "--auth=trust",
-                   "-E", "UTF8", "--locale=C", "--no-sync"], node=p.name)
-        settings = dict(_SERVER_SETTINGS)
-        pkglib = self._pkglibdir()
-        if pkglib and (Path(pkglib) / "pg_stat_statements.so").exists():
-            settings["shared_preload_libraries"] = "'pg_stat_statements'"
-        conf = Path(p.datadir) / "postgresql.conf"
-        with conf.open("a") as f:
-            f.write("\n# shardkit dev cluster (disposable)\n")
-            for k, v in settings.items():
-                f.write(f"{k} = {v}\n")
-        (Path(p.datadir) / "pg_hba.conf").write_text(
-            "local all all trust\n"
-            "host all all 127.0.0.1/32 trust\n"
-            "host replication all 127.0.0.1/32 trust\n"
-        )
-        p.start()
-        import psycopg
+        ``extra`` adds or replaces keys, e.g. ``groups`` and ``reference_tables``;
+        tables merge key by key, anything else replaces.
+        """
+        data = _deep_merge(self.config_dict(), extra or {})
+        out = Path(path)
+        out.write_text("# written by shardkit.devcluster\n" + to_toml(data), encoding="utf-8")
+        return out
 
-        with psycopg.connect(f"host=127.0.0.1 port={p.port} user={USER} dbname=postgres",
-                             autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {DB}")
-        if "shared_preload_libraries" in settings:
-            with p.connect() as c:
-                c.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        for r in shard.replicas:
-            slot = r.name.replace("/", "_")
-            self._run([str(self.pg_bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(p.port),
-                       "-U", USER, "-D", r.datadir, "-R", "-X", "stream", "-c", "fast",
-                       "-C", "-S", slot, "--no-sync"], node=r.name)
-            r.start()
-        for r in shard.replicas:
-            self._wait_streaming(r)
+    # -- state ---------------------------------------------------------------
 
-    def _pkglibdir(self) -> str | None:
-        pg_config = self.pg_bin / "pg_config"
-        exe = str(pg_config) if pg_config.exists() else shutil.which("pg_config")
-        if not exe:
-            lib = self.pg_bin.parent / "lib"
-            return str(lib) if lib.exists() else None
-        try:
-            return subprocess.run([exe, "--pkglibdir"], capture_output=True, text=True,
-                                  timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    def _wait_streaming(self, r: DevNode, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        with r.connect() as c:
-            while True:
-                row = c.execute(
-                    "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver)"
-                ).fetchone()
-                if row[0] and row[1] == "streaming":
-                    return
-                if time.monotonic() > deadline:
-                    raise DevClusterError(f"{r.name} is not streaming after {timeout} s\n{r.log_tail()}",
-                                          node=r.name)
-                time.sleep(0.05)
-
-    def down(self, remove: bool = True) -> None:
-        """Stop every node (replicas first) and, with ``remove``, delete the directory."""
-        nodes = [n for s in self.shards for n in s.replicas] + [s.primary for s in self.shards]
-        with ThreadPoolExecutor(max_workers=4) as ex:
-            list(ex.map(lambda n: n.stop("fast"), nodes))
-        if remove and self.base_dir.exists():
-            shutil.rmtree(self.base_dir, ignore_errors=True)
+    def _write_state(self, complete: bool) -> None:
+        state = {
+            "version": _STATE_VERSION,
+            "complete": complete,
+            "bucket_count": self.bucket_count,
+            "pg_bin": str(self._programs.bin_dir),
+            "os_user": self._programs.os_user,
+            "shards": [
+                {"name": s.name, "nodes": [
+                    {"name": n.name, "role": n.role, "port": n.port,
+                     "datadir": str(n.datadir.relative_to(self.base_dir))}
+                    for n in s.nodes
+                ]}
+                for s in self.shards
+            ],
+        }
+        tmp = self.base_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        # Atomic, so a concurrent load() never reads half a file.
+        tmp.replace(self.base_dir / STATE_FILE)
 
     @classmethod
     def load(cls, base_dir: str | os.PathLike[str]) -> DevCluster:
-        """Reattach to a cluster started by :meth:`up` (possibly in another process)."""
-        base = Path(base_dir).absolute()
+        """Reattach to the cluster that :meth:`up` made in ``base_dir`` (from any process)."""
+        cluster, _ = cls._load(Path(base_dir).expanduser().absolute())
+        return cluster
+
+    @classmethod
+    def _load(cls, base: Path) -> tuple[DevCluster, bool]:
+        """The cluster in ``base`` and whether its ``up`` finished."""
+        path = base / STATE_FILE
         try:
-            state = json.loads((base / STATE_FILE).read_text())
+            state = json.loads(path.read_text())
         except FileNotFoundError:
-            raise DevClusterError(f"no local cluster in {base} (no {STATE_FILE})") from None
+            raise DevClusterError(
+                f"no dev cluster in {base} ({STATE_FILE} is missing); "
+                f"start one with `shardkit dev up --dir {base}`"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise DevClusterError(f"cannot read {path}: {e}; remove {base} and start again") from e
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise DevClusterError(
+                f"{path} was written by another shardkit version; stop its servers by hand "
+                f"(`pg_ctl stop -D DATADIR` for each data directory), remove {base} and start again"
+            )
+        bin_dir = Path(state["pg_bin"])
+        if _missing_programs(bin_dir):
+            raise DevClusterError(
+                f"the PostgreSQL programs this cluster was made with are gone from {bin_dir}; "
+                f"reinstall them, or remove {base} and start a new cluster"
+            )
+        try:
+            programs = _Programs(bin_dir, state["os_user"])
+        except KeyError:
+            raise DevClusterError(
+                f"OS user {state['os_user']!r} that runs this cluster's servers no longer exists; "
+                f"remove {base} and start a new cluster"
+            ) from None
         shards = []
         for s in state["shards"]:
-            primary = DevNode(**s["primary"])
-            reps = [DevNode(**r) for r in s["replicas"]]
-            shards.append(DevShard(s["name"], primary, reps))
-        run_as = tuple(state["run_as"]) if state.get("run_as") else None
-        return cls(base, shards, state["bucket_count"], Path(state["pg_bin"]), run_as)  # type: ignore[arg-type]
+            primary: DevNode | None = None
+            replicas = []
+            for n in s["nodes"]:
+                node = DevNode(shard=s["name"], name=n["name"], role=n["role"], port=n["port"],
+                               datadir=base / n["datadir"], programs=programs, primary=primary)
+                if n["role"] == "primary":
+                    primary = node
+                else:
+                    replicas.append(node)
+            assert primary is not None, f"{path}: shard {s['name']} has no primary"
+            shards.append(DevShard(s["name"], primary, replicas))
+        return cls(base, state["bucket_count"], shards, programs), bool(state.get("complete"))
 
-    def _save(self) -> None:
-        def node(n: DevNode) -> dict[str, Any]:
-            return {"shard": n.shard, "name": n.name, "role": n.role, "port": n.port,
-                    "datadir": n.datadir}
-        state = {
-            "bucket_count": self.bucket_count,
-            "pg_bin": str(self.pg_bin),
-            "run_as": list(self.run_as) if self.run_as else None,
-            "shards": [{"name": s.name, "primary": node(s.primary),
-                        "replicas": [node(r) for r in s.replicas]} for s in self.shards],
-        }
-        (self.base_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    # -- up / down -----------------------------------------------------------
 
-    # -- configuration ---------------------------------------------------------------
+    @classmethod
+    def up(cls, base_dir: str | os.PathLike[str], shards: int = 2, replicas: int = 1, *,
+           bucket_count: int = 1024, port_start: int | None = None) -> DevCluster:
+        """Start ``shards`` primaries with ``replicas`` streaming replicas each.
 
-    def config_dict(self) -> dict[str, Any]:
-        return {
-            "bucket_count": self.bucket_count,
-            "shards": [{"name": s.name, "primary": s.primary.url,
-                        "replicas": [r.url for r in s.replicas]} for s in self.shards],
-        }
+        Shards are named ``s0``, ``s1``, ...; ports are free loopback ports, or
+        ``port_start``, ``port_start + 1``, ... in node order when given.  Writes
+        ``base_dir/shardkit.toml`` and the state :meth:`load` reads.  If
+        ``base_dir`` already holds a cluster of the same shape it is reused
+        (stopped nodes are started); if ``up`` fails, it stops and removes
+        what it made.
+        """
+        if shards < 1 or replicas < 0 or bucket_count < 1:
+            raise ValueError(
+                f"need shards >= 1, replicas >= 0, bucket_count >= 1; "
+                f"got shards={shards}, replicas={replicas}, bucket_count={bucket_count}"
+            )
+        n_nodes = shards * (1 + replicas)
+        if port_start is not None and not 1024 <= port_start <= 65536 - n_nodes:
+            raise ValueError(f"port_start must leave room for {n_nodes} ports in 1024..65535, "
+                             f"not {port_start}")
+        base = Path(base_dir).expanduser().absolute()
+        if (base / STATE_FILE).exists():
+            return cls._reuse(base, shards, replicas, bucket_count)
+        if base.exists() and (not base.is_dir() or any(base.iterdir())):
+            raise DevClusterError(
+                f"{base} is not an empty directory and holds no dev cluster; "
+                "choose a new or empty directory"
+            )
 
-    def write_config(self, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
-        data = _deep_merge(self.config_dict(), extra or {})
-        p = Path(path)
-        p.write_text("# written by shardkit dev up\n" + to_toml(data))
-        return p
+        programs = _Programs(find_pg_bin(), _server_os_user())
+        created_base = not base.exists()
+        base.mkdir(parents=True, exist_ok=True)
+        if created_base:
+            programs.own(base)
+        blocked = _unreachable_ancestor(base, programs)
+        if blocked is not None:
+            if created_base:
+                base.rmdir()
+            raise DevClusterError(
+                f"the servers run as OS user {programs.os_user!r} (PostgreSQL refuses to run as "
+                f"root), which cannot enter {blocked} "
+                f"(mode {stat.S_IMODE(blocked.stat().st_mode):o}); "
+                f"choose a base directory it can reach, e.g. under /tmp, or `chmod o+x {blocked}`"
+            )
+
+        cluster = cls(base, bucket_count, [], programs)
+        started = time.monotonic()
+        cancel = threading.Event()
+        try:
+            cluster._plan(shards, replicas, port_start)
+            cluster._write_state(complete=False)
+            _in_parallel(lambda s: cluster._build_shard(s, cancel, port_start is not None),
+                         cluster.shards, cancel)
+            cluster._write_state(complete=True)
+            cluster.write_config(base / CONFIG_FILE)
+        except BaseException:
+            cluster._abort(created_base)
+            raise
+        log.info("dev cluster of %d shard(s) x %d replica(s) up in %s in %.2f s",
+                 shards, replicas, base, time.monotonic() - started)
+        return cluster
+
+    @classmethod
+    def _reuse(cls, base: Path, shards: int, replicas: int, bucket_count: int) -> DevCluster:
+        cluster, complete = cls._load(base)
+        shape = (len(cluster.shards), [len(s.replicas) for s in cluster.shards],
+                 cluster.bucket_count)
+        if not complete or shape != (shards, [replicas] * shards, bucket_count):
+            what = ("a dev cluster whose start did not finish" if not complete else
+                    f"a dev cluster of {shape[0]} shard(s) x {shape[1][0]} replica(s) and "
+                    f"{shape[2]} buckets")
+            raise DevClusterError(
+                f"{base} already holds {what}, not the {shards} shard(s) x {replicas} replica(s) "
+                f"and {bucket_count} buckets asked for; run `shardkit dev down --dir {base}` first"
+            )
+        stopped = [n for n in cluster.nodes if not n.is_running()]
+        if stopped:
+            log.info("restarting %s", ", ".join(n.name for n in stopped))
+            cancel = threading.Event()
+            _in_parallel(DevNode.start, [n for n in stopped if n.role == "primary"], cancel)
+
+            def start_replica(node: DevNode) -> None:
+                node.start()
+                node.wait_streaming()
+
+            _in_parallel(start_replica, [n for n in stopped if n.role == "replica"], cancel)
+        return cluster
+
+    def _plan(self, shards: int, replicas: int, port_start: int | None) -> None:
+        """Choose ports and create the node directories (nothing runs yet)."""
+        node_names = ["primary"] + [f"r{j}" for j in range(replicas)]
+        for i in range(shards):
+            name = f"s{i}"
+            nodes: list[DevNode] = []
+            for j, node_name in enumerate(node_names):
+                if port_start is None:
+                    port = _pick_port()
+                else:
+                    port = port_start + i * len(node_names) + j
+                    if not _port_free(port):
+                        raise DevClusterError(
+                            f"port {port} (port_start + {port - port_start}) for "
+                            f"{name}/{node_name} is in use; choose another port_start or stop "
+                            "what listens there"
+                        )
+                node_dir = self.base_dir / name / node_name
+                node_dir.mkdir(parents=True)
+                self._programs.own(node_dir.parent)
+                self._programs.own(node_dir)
+                nodes.append(DevNode(shard=name, name=f"{name}/{node_name}",
+                                     role="primary" if j == 0 else "replica", port=port,
+                                     datadir=node_dir / "data", programs=self._programs,
+                                     primary=nodes[0] if nodes else None))
+            self.shards.append(DevShard(name, nodes[0], nodes[1:]))
+
+    def _build_shard(self, shard: DevShard, cancel: threading.Event, fixed_ports: bool) -> None:
+        """initdb and start the primary, create the database, then clone and start replicas."""
+        p, primary = self._programs, shard.primary
+        t0 = time.monotonic()
+        p.run([p.path("initdb"), "-D", str(primary.datadir), "-U", DB_USER, "--auth=trust",
+               "-E", "UTF8", "--locale=C", "--no-sync"],
+              what=f"initdb of {primary.name}", node=primary.name)
+        primary._write_settings()
+        self._first_start(primary, cancel, fixed_ports)
+        with primary.connect(dbname="postgres") as conn:
+            conn.execute(f"CREATE DATABASE {DB_NAME}")
+        if p.pg_stat_statements:
+            with primary.connect() as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        log.info("%s up on port %d in %.2f s", primary.name, primary.port, time.monotonic() - t0)
+        if shard.replicas:
+            _in_parallel(lambda r: self._build_replica(r, cancel, fixed_ports), shard.replicas,
+                         cancel)
+
+    def _build_replica(self, replica: DevNode, cancel: threading.Event, fixed_ports: bool) -> None:
+        """Clone the primary with a physical slot of its own, so it never falls off."""
+        if cancel.is_set():
+            raise _Cancelled()
+        p, primary = self._programs, replica._require_replica("cloning")
+        t0 = time.monotonic()
+        p.run([p.path("pg_basebackup"), "-h", HOST, "-p", str(primary.port), "-U", DB_USER,
+               "-w", "-D", str(replica.datadir), "-R", "-X", "stream", "-c", "fast",
+               "-C", "-S", replica.slot_name, "--no-sync"],
+              what=f"pg_basebackup of {replica.name} from {primary.name}", node=replica.name)
+        replica._write_settings()
+        self._first_start(replica, cancel, fixed_ports)
+        replica.wait_streaming()
+        log.info("%s streaming on port %d in %.2f s", replica.name, replica.port,
+                 time.monotonic() - t0)
+
+    def _first_start(self, node: DevNode, cancel: threading.Event, fixed_ports: bool) -> None:
+        """Start a new node; if another process took its port meanwhile, take another."""
+        for attempt in range(3):
+            if cancel.is_set():
+                raise _Cancelled()
+            if not fixed_ports and not _port_free(node.port):
+                node.port = _pick_port()
+                node._write_settings()
+            try:
+                node.start()
+                return
+            except _PortInUse:
+                if fixed_ports or attempt == 2:
+                    raise
+                log.info("%s: port %d was taken; trying another", node.name, node.port)
+                node.port = _pick_port()
+                node._write_settings()
+
+    def _abort(self, created_base: bool) -> None:
+        """Stop and remove what a failed :meth:`up` made."""
+        running = [n for n in self.nodes if n.is_running()]
+        leftovers = []
+        for node in running:
+            try:
+                node.stop("immediate")
+            except DevClusterError as e:
+                leftovers.append(node)
+                log.error("cleaning up a failed start: %s", e)
+        if leftovers:
+            log.error("left running after a failed start: %s; files kept in %s",
+                      ", ".join(n.name for n in leftovers), self.base_dir)
+            return
+        if created_base:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            return
+        # up() only starts in an empty directory: everything in it is ours.
+        for child in self.base_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+    def down(self, remove: bool = True) -> None:
+        """Stop every node (fast, then immediate if one takes over 10 s) and delete base_dir.
+
+        With ``remove=False`` the data directories are kept, and :meth:`up`
+        on the same directory starts them again.
+        """
+        failures: list[DevClusterError] = []
+
+        def stop(node: DevNode) -> None:
+            try:
+                node.stop("fast", timeout=_STOP_TIMEOUT)
+            except DevClusterError as e:
+                log.warning("%s; stopping it in immediate mode", e)
+                try:
+                    node.stop("immediate", timeout=_STOP_TIMEOUT)
+                except DevClusterError as e2:
+                    failures.append(e2)
+
+        _in_parallel(stop, self.nodes, threading.Event())
+        if failures:
+            raise DevClusterError(
+                f"could not stop {', '.join(str(e.node) for e in failures)}: "
+                f"{'; '.join(e.message for e in failures)}; kill the pid in each one's "
+                f"postmaster.pid, then run `shardkit dev down --dir {self.base_dir}` again",
+                node=failures[0].node,
+            )
+        if remove and self.base_dir.exists():
+            shutil.rmtree(self.base_dir)
+        log.info("dev cluster in %s stopped%s", self.base_dir, " and removed" if remove else "")
 
 
-def _deep_merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_merge(out[k], v)
+# --------------------------------------------------------------------------
+# TOML
+
+
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated with ``extra``: tables merge key by key, other values replace."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
         else:
-            out[k] = v
+            out[key] = value
     return out
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+_BARE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
-def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() and k.isascii() else json.dumps(k)
+def _toml_str(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ch < " " or ch == "\x7f":
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
-def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for configuration data (scalars, lists, tables, arrays of tables)."""
+def _toml_key(key: object, path: str) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"{path}: TOML keys must be strings, not {type(key).__name__} {key!r}")
+    return key if key and set(key) <= _BARE_KEY_CHARS else _toml_str(key)
+
+
+def _toml_value(value: Any, path: str) -> str:
+    """An inline TOML value: scalars, arrays, and tables as inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if not -(1 << 63) <= value < (1 << 63):
+            raise ValueError(f"{path}: {value} does not fit TOML's 64-bit integers")
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # shortest round-tripping form; always valid TOML
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v, f"{path}[{i}]") for i, v in enumerate(value)) + "]"
+    if isinstance(value, Mapping):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(
+            f"{_toml_key(k, path)} = {_toml_value(v, f'{path}.{k}')}" for k, v in value.items()
+        ) + " }"
+    raise TypeError(f"{path}: cannot write {type(value).__name__} {value!r} as TOML")
+
+
+def _is_table_array(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(v, Mapping) for v in value))
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Render nested dicts as TOML: str, int, float, bool, lists, tables, arrays of tables.
+
+    Sub-tables become ``[a.b]`` sections and non-empty lists of tables
+    ``[[a.b]]`` sections; tables nested in arrays are written inline.
+    """
     lines: list[str] = []
-    tables: list[tuple[str, Mapping[str, Any]]] = []
-    arrays: list[tuple[str, list[Mapping[str, Any]]]] = []
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            tables.append((k, v))
-        elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
-            arrays.append((k, v))
-        else:
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for k, items in arrays:
-        name = f"{prefix}{_toml_key(k)}"
-        for item in items:
-            out += f"\n[[{name}]]\n" + to_toml(item, prefix=f"{name}.")
-    for k, v in tables:
-        name = f"{prefix}{_toml_key(k)}"
-        out += f"\n[{name}]\n" + to_toml(v, prefix=f"{name}.")
-    return out
+
+    def table(tbl: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+        where = ".".join(keys) or "<top level>"
+        sections = []
+        # Plain keys first: after a section header they would belong to that section.
+        for k, v in tbl.items():
+            key = _toml_key(k, where)
+            if isinstance(v, Mapping) or _is_table_array(v):
+                sections.append((key, v))
+            else:
+                lines.append(f"{key} = {_toml_value(v, f'{where}.{k}' if keys else k)}")
+        for key, v in sections:
+            sub = (*keys, key)
+            if isinstance(v, Mapping):
+                lines.extend(["", f"[{'.'.join(sub)}]"])
+                table(v, sub)
+            else:
+                for item in v:
+                    lines.extend(["", f"[[{'.'.join(sub)}]]"])
+                    table(item, sub)
+
+    table(data, ())
+    return "\n".join(lines).lstrip("\n") + "\n" if lines else ""

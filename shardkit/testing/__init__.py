@@ -1,13 +1,17 @@
 """Test helpers for applications built on shardkit.
 
 Installing shardkit registers a pytest plugin (:mod:`shardkit.testing.plugin`)
-with two fixtures:
+with two session-scoped fixtures:
 
 ``shardkit_cluster_factory``
-    ``factory(shards=2, replicas=1, bucket_count=1024) -> DevCluster``: a fresh
-    local cluster of real PostgreSQL servers, stopped at the end of the test session.
+    ``factory(shards=2, replicas=1, **kw) -> DevCluster``: a fresh local cluster
+    of real PostgreSQL servers (keywords go to :meth:`DevCluster.up`), stopped
+    and removed at the end of the test session.
 ``shardkit_dev_cluster``
-    one shared 2-shard x 1-replica cluster for tests that do not damage it.
+    one shared 2-shard x 1-replica cluster, for tests that do not damage it.
+
+The servers come from the local PostgreSQL installation (see
+:mod:`shardkit.devcluster` for where it is looked for).
 """
 
 from ..devcluster import DevCluster, DevNode, DevShard

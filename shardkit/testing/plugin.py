@@ -1,17 +1,43 @@
 """pytest plugin: real local PostgreSQL clusters as fixtures.
 
-The backend is chosen with ``SHARDKIT_TEST_BACKEND``: ``local`` (the default)
-starts servers from the local PostgreSQL binaries; ``docker`` would use
-testcontainers and is skipped, with the reason, when no Docker engine answers.
+Loaded through the ``pytest11`` entry point once shardkit is installed.
+
+``shardkit_cluster_factory`` (session)
+    ``factory(shards=2, replicas=1, **kw) -> DevCluster`` starts a fresh
+    cluster (keywords go to :meth:`~shardkit.devcluster.DevCluster.up`).  Every
+    cluster it started is stopped and removed when the session ends, also after
+    failures and Ctrl-C; an :mod:`atexit` hook catches what teardown missed.
+``shardkit_dev_cluster`` (session)
+    one 2-shard x 1-replica cluster shared by the whole session.  Tests that
+    stop or kill nodes, or set apply delays, should start their own cluster
+    with the factory.
+
+Clusters live in ``$SHARDKIT_TEST_DIR`` if set, else in ``/dev/shm`` when it
+has room, else in the system temporary directory.
+
+The backend is chosen with ``SHARDKIT_TEST_BACKEND``:
+
+``local`` (the default)
+    servers from the local PostgreSQL installation, as :mod:`shardkit.devcluster`
+    finds it.
+``docker``
+    servers in containers.  When no Docker engine is reachable (or
+    testcontainers is not installed) the tests that need a cluster are skipped,
+    with the reason.  Starting clusters in containers is not implemented yet:
+    with a reachable engine those tests fail and say so, rather than pass
+    without having run.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,66 +45,129 @@ from typing import Any
 import pytest
 
 from ..devcluster import DevCluster
+from ..errors import DevClusterError
 
-_started: list[DevCluster] = []
+__all__ = ["shardkit_cluster_factory", "shardkit_dev_cluster"]
+
+log = logging.getLogger("shardkit.testing")
+
+_BACKENDS = ("local", "docker")
+_SHM_MIN_FREE = 2 << 30  # bytes; a small cluster needs ~0.1 GB a node, more as tests write
+
+# Clusters started and not yet stopped, for the atexit hook.
+_live: list[DevCluster] = []
+_live_lock = threading.Lock()
 
 
-def _stop_all() -> None:
-    while _started:
-        c = _started.pop()
+def _down(cluster: DevCluster) -> None:
+    cluster.down(remove=True)
+    with _live_lock:
+        if cluster in _live:
+            _live.remove(cluster)
+
+
+def _down_leftovers() -> None:
+    """At interpreter exit: stop any cluster that session teardown did not."""
+    with _live_lock:
+        leftovers = list(_live)
+    for cluster in leftovers:
         try:
-            c.down(remove=True)
-        except Exception:  # noqa: BLE001 - best effort at interpreter exit
-            pass
+            _down(cluster)
+        except DevClusterError as e:
+            log.error("could not stop the test cluster in %s: %s", cluster.base_dir, e)
 
 
-atexit.register(_stop_all)
+atexit.register(_down_leftovers)
 
 
-def _docker_unavailable_reason() -> str | None:
+def _docker_unavailable() -> str | None:
+    """Why the docker backend cannot run here, or None if it can."""
     try:
         import testcontainers  # noqa: F401
     except ImportError:
         return "testcontainers is not installed (pip install 'shardkit[docker]')"
-    if not shutil.which("docker"):
-        return "the docker client is not installed"
-    r = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
-    if r.returncode != 0:
-        return "no Docker engine is reachable (`docker info` failed)"
+    docker = shutil.which("docker")
+    if docker is None:
+        return "the docker command is not installed"
+    try:
+        proc = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer within 30 s"
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"no Docker engine is reachable (`docker info` failed: {detail})"
     return None
+
+
+def _check_backend() -> None:
+    backend = os.environ.get("SHARDKIT_TEST_BACKEND", "local") or "local"
+    if backend not in _BACKENDS:
+        pytest.fail(
+            f"SHARDKIT_TEST_BACKEND={backend!r} is not a backend; use one of "
+            f"{', '.join(_BACKENDS)} (or leave it unset for local)",
+            pytrace=False,
+        )
+    if backend == "docker":
+        reason = _docker_unavailable()
+        if reason:
+            pytest.skip(f"SHARDKIT_TEST_BACKEND=docker, but {reason}; "
+                        "unset it to run against the local PostgreSQL installation")
+        pytest.fail(
+            "SHARDKIT_TEST_BACKEND=docker: starting clusters in containers is not implemented "
+            "yet; unset SHARDKIT_TEST_BACKEND to run against the local PostgreSQL installation",
+            pytrace=False,
+        )
+
+
+def _cluster_root() -> Path:
+    """A fresh directory for this session's clusters.
+
+    ``$SHARDKIT_TEST_DIR`` if set, else ``/dev/shm`` when it has room (being
+    in memory, it makes initdb and pg_basebackup about twice as fast), else
+    the system temporary directory.  Not pytest's ``tmp_path_factory``: as
+    root the servers run as an unprivileged user, and pytest keeps its
+    temporary directories private to the user running it (mode 0700).
+    """
+    parent = os.environ.get("SHARDKIT_TEST_DIR") or None
+    if parent is None and os.access("/dev/shm", os.W_OK | os.X_OK):
+        if shutil.disk_usage("/dev/shm").free >= _SHM_MIN_FREE:
+            parent = "/dev/shm"
+    root = Path(tempfile.mkdtemp(prefix="shardkit-test-", dir=parent))
+    if os.geteuid() == 0:
+        root.chmod(0o755)
+    return root
 
 
 @pytest.fixture(scope="session")
 def shardkit_cluster_factory() -> Iterator[Callable[..., DevCluster]]:
-    backend = os.environ.get("SHARDKIT_TEST_BACKEND", "local")
-    if backend == "docker":
-        reason = _docker_unavailable_reason()
-        pytest.skip(f"SHARDKIT_TEST_BACKEND=docker: {reason or 'docker backend needs the compose stack; see README'}")
-    elif backend != "local":
-        raise pytest.UsageError(f"SHARDKIT_TEST_BACKEND must be 'local' or 'docker', not {backend!r}")
-    # Under /tmp, so the unprivileged server user can reach the data directories.
-    root = Path(tempfile.mkdtemp(prefix="shardkit-test-"))
-    os.chmod(root, 0o755)
+    """``factory(shards=2, replicas=1, **kw)``: start a fresh local cluster for this session."""
+    _check_backend()
+    root = _cluster_root()
     mine: list[DevCluster] = []
+    numbers = itertools.count()
 
     def factory(shards: int = 2, replicas: int = 1, **kw: Any) -> DevCluster:
-        c = DevCluster.up(root / f"c{len(mine)}", shards=shards, replicas=replicas, **kw)
-        mine.append(c)
-        _started.append(c)
-        return c
+        cluster = DevCluster.up(root / f"cluster{next(numbers)}", shards, replicas, **kw)
+        mine.append(cluster)
+        with _live_lock:
+            _live.append(cluster)
+        return cluster
 
     try:
         yield factory
     finally:
-        for c in mine:
+        errors = []
+        for cluster in mine:
             try:
-                c.down(remove=True)
-            finally:
-                if c in _started:
-                    _started.remove(c)
+                _down(cluster)
+            except DevClusterError as e:
+                errors.append(e)
+        if errors:
+            raise DevClusterError("; ".join(e.message for e in errors), node=errors[0].node)
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def shardkit_dev_cluster(shardkit_cluster_factory: Callable[..., DevCluster]) -> DevCluster:
+    """One shared 2-shard x 1-replica cluster; do not stop, kill or delay its nodes."""
     return shardkit_cluster_factory(shards=2, replicas=1)

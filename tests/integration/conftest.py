@@ -58,6 +58,8 @@ def sharded(sharded_session_env):
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
     for s in env.cluster.shard_names:
         with env.cluster.primary(s).begin() as c:
+            # A connection a test forgot to close would block TRUNCATE forever.
+            c.execute(text("SET LOCAL lock_timeout = '10s'"))
             c.execute(text(f"TRUNCATE {tables} CASCADE"))
     env.reset_hits()
     return env

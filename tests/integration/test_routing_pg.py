@@ -109,7 +109,8 @@ def test_bulk_insert_split_by_owner(sharded):
         assert r.rowcount == 500
         s.commit()
     for name in sharded.cluster.shard_names:
-        ids = [r[0] for r in sharded.cluster.primary(name).connect().execute(text("SELECT id FROM users"))]
+        with sharded.cluster.primary(name).connect() as c:
+            ids = [r[0] for r in c.execute(text("SELECT id FROM users"))]
         assert ids and all(sharded.cluster.shard_for(User, i) == name for i in ids)
     assert sum(sharded.count(n, "SELECT count(*) FROM users") for n in sharded.cluster.shard_names) == 500
 

@@ -1,0 +1,214 @@
+"""Routed single-key reads: shardkit vs a plain Session, horizontal_shard and raw psycopg.
+
+Side by side in one run on the same local cluster, interleaved rounds, medians:
+
+    python bench/bench_routing.py                 # starts a 2-shard local cluster
+    python bench/bench_routing.py --ops 3000 --rounds 7
+
+Every contender reads the same keys; each operation opens a session, reads one
+row by primary key and closes the session (what one web request does).
+
+* plain      - sqlalchemy Session bound directly to the owning shard's engine (the floor)
+* shardkit   - shardkit.ShardedSession
+* hs-naive   - sqlalchemy.ext.horizontal_shard with choosers that return every shard
+* hs-keyed   - horizontal_shard with choosers in the style of SQLAlchemy's sharding
+               example (inspect the WHERE clause for the key; compute the shard)
+* psycopg    - raw psycopg, one open connection per shard, the same SQL (physical floor)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from sqlalchemy import BigInteger, String, create_engine, select
+from sqlalchemy.ext.horizontal_shard import ShardedSession as HSSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql import operators, visitors
+
+import shardkit
+from shardkit.devcluster import DevCluster
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "bench_users"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+def hs_keyed_choosers(cluster: shardkit.Cluster) -> dict[str, Any]:
+    """Choosers written the way SQLAlchemy's examples/sharding does it."""
+
+    def shard_chooser(mapper, instance, clause=None):
+        return cluster.shard_for(User, instance.id)
+
+    def identity_chooser(mapper, primary_key, *, lazy_loaded_from, **kw):
+        if lazy_loaded_from:
+            return [lazy_loaded_from.identity_token]
+        return [cluster.shard_for(User, primary_key[0])]
+
+    def execute_chooser(context):
+        ids = []
+        for column, op, value in _comparisons(context.statement):
+            if column.shares_lineage(User.__table__.c.id) and op is operators.eq:
+                ids.append(cluster.shard_for(User, value))
+        return ids or list(cluster.shard_names)
+
+    def _comparisons(statement):
+        binds, comparisons = {}, []
+
+        def visit_bindparam(bind):
+            value = bind.effective_value
+            binds[bind] = value
+
+        def visit_binary(binary):
+            if binary.left in (User.__table__.c.id,) and binary.right in binds:
+                comparisons.append((binary.left, binary.operator, binds[binary.right]))
+        for criterion in statement._where_criteria:
+            visitors.traverse(criterion, {}, {"bindparam": visit_bindparam, "binary": visit_binary})
+        return comparisons
+
+    return dict(shard_chooser=shard_chooser, identity_chooser=identity_chooser,
+                execute_chooser=execute_chooser)
+
+
+def hs_naive_choosers(cluster: shardkit.Cluster) -> dict[str, Any]:
+    shards = list(cluster.shard_names)
+    return dict(
+        shard_chooser=lambda mapper, instance, clause=None: cluster.shard_for(User, instance.id),
+        identity_chooser=lambda mapper, pk, **kw: shards,
+        execute_chooser=lambda ctx: shards,
+    )
+
+
+def timed(fn: Callable[[int], None], keys: list[int]) -> float:
+    start = time.perf_counter()
+    for k in keys:
+        fn(k)
+    return len(keys) / (time.perf_counter() - start)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="an existing cluster's shardkit.toml (default: start one)")
+    ap.add_argument("--ops", type=int, default=2000, help="operations per contender per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=10000)
+    args = ap.parse_args()
+
+    dev = None
+    if args.config:
+        cfg: Any = args.config
+    else:
+        d = tempfile.mkdtemp(prefix="shardkit-bench-")
+        os.chmod(d, 0o755)
+        dev = DevCluster.up(os.path.join(d, "c"), shards=2, replicas=0)
+        cfg = dev.config_dict()
+    try:
+        if not isinstance(cfg, dict):
+            cfg = shardkit.load_config(cfg)
+            base = {"bucket_count": cfg.bucket_count,
+                    "shards": [{"name": s.name, "primary": s.primary.render_as_string(hide_password=False)}
+                               for s in cfg.shards]}
+        else:
+            base = {k: v for k, v in cfg.items() if k in ("bucket_count", "shards")}
+        base["groups"] = {"bench": {"tables": {"bench_users": "id"}}}
+        cluster = shardkit.Cluster.from_config(base)
+        for s in cluster.shard_names:
+            Base.metadata.drop_all(cluster.primary(s))
+            Base.metadata.create_all(cluster.primary(s))
+        SK = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+        with SK() as s:
+            s.execute(shardkit_insert(), [{"id": k, "name": f"user{k}"} for k in range(args.rows)])
+            s.commit()
+        keys = [(k * 7919) % args.rows for k in range(args.ops)]
+        owner = {k: cluster.shard_for(User, k) for k in set(keys)}
+        plain = {s: sessionmaker(bind=cluster.primary(s)) for s in cluster.shard_names}
+        shards = {s: cluster.primary(s) for s in cluster.shard_names}
+        hs_naive = sessionmaker(class_=HSSession, shards=shards, **hs_naive_choosers(cluster))
+        hs_keyed = sessionmaker(class_=HSSession, shards=shards, **hs_keyed_choosers(cluster))
+        raw = {}
+        for s in cluster.shard_names:
+            u = cluster.config.shard(s).primary
+            raw[s] = psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database,
+                                     password=u.password, autocommit=True)
+
+        def get_with(maker: Callable[[int], Session]) -> Callable[[int], None]:
+            def op(k: int) -> None:
+                with maker(k) as s:
+                    s.get(User, k)
+            return op
+
+        def select_with(maker: Callable[[int], Session]) -> Callable[[int], None]:
+            def op(k: int) -> None:
+                with maker(k) as s:
+                    s.execute(select(User).where(User.id == k)).scalar_one()
+            return op
+
+        def raw_op(k: int) -> None:
+            raw[owner[k]].execute("SELECT id, name FROM bench_users WHERE id = %s", (k,)).fetchone()
+
+        contenders: dict[str, dict[str, Callable[[int], None]]] = {
+            "session.get": {
+                "plain": get_with(lambda k: plain[owner[k]]()),
+                "shardkit": get_with(lambda k: SK()),
+                "hs-keyed": get_with(lambda k: hs_keyed()),
+                "hs-naive": get_with(lambda k: hs_naive()),
+                "psycopg": raw_op,
+            },
+            "select by key": {
+                "plain": select_with(lambda k: plain[owner[k]]()),
+                "shardkit": select_with(lambda k: SK()),
+                "hs-keyed": select_with(lambda k: hs_keyed()),
+                "hs-naive": select_with(lambda k: hs_naive()),
+                "psycopg": raw_op,
+            },
+        }
+        # warm up caches and pools
+        for fns in contenders.values():
+            for fn in fns.values():
+                timed(fn, keys[:200])
+        print(f"{len(cluster.shard_names)} shards, {args.rows} rows, {args.ops} ops x "
+              f"{args.rounds} rounds, Python {sys.version.split()[0]}")
+        print()
+        print("| operation | contender | ops/s (median) | ratio to plain (median of rounds) |")
+        print("|---|---|---:|---:|")
+        for opname, fns in contenders.items():
+            rates: dict[str, list[float]] = {n: [] for n in fns}
+            ratios: dict[str, list[float]] = {n: [] for n in fns}
+            for _ in range(args.rounds):
+                # interleave contenders within each round so drift hits all alike
+                r = {n: timed(fn, keys) for n, fn in fns.items()}
+                for n in fns:
+                    rates[n].append(r[n])
+                    ratios[n].append(r[n] / r["plain"])
+            for n in fns:
+                print(f"| {opname} | {n} | {statistics.median(rates[n]):,.0f} | "
+                      f"{statistics.median(ratios[n]):.3f} |")
+        for c in raw.values():
+            c.close()
+        cluster.dispose()
+    finally:
+        if dev is not None:
+            dev.down()
+    return 0
+
+
+def shardkit_insert() -> Any:
+    from sqlalchemy import insert
+    return insert(User)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
