@@ -13,6 +13,8 @@ from ._hashing import bucket_for, canonical_bytes, hash_key
 from ._routing import Route
 from ._scope import current_scope, scope
 from ._session import ShardedSession
+from ._sql import install as install_sql
+from ._sql import uninstall as uninstall_sql
 from ._strategies import CustomStrategy, HashStrategy, ListStrategy, RangeStrategy, Strategy
 from .errors import (
     ConfigurationError,
@@ -53,7 +55,9 @@ __all__ = [
     "canonical_bytes",
     "current_scope",
     "hash_key",
+    "install_sql",
     "load_config",
     "mask_url",
     "scope",
+    "uninstall_sql",
 ]

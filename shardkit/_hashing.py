@@ -112,6 +112,12 @@ def _where(part: int | None) -> str:
     return "shard key" if part is None else f"part {part} of the composite shard key"
 
 
+def _supported(part: int | None) -> str:
+    if part is None:
+        return f"supported types are {_SUPPORTED}"
+    return f"each part must be one of {_SCALARS}"
+
+
 def _encode_scalar(value: Any, key: Any, part: int | None) -> bytes:
     """Canonical bytes of a non-tuple key, or of one part of a composite key.
 
@@ -123,7 +129,7 @@ def _encode_scalar(value: Any, key: Any, part: int | None) -> bytes:
         raise ShardKeyError(
             f"{_where(part)} {value!r} is a bool; bools are not accepted as shard "
             "keys because they would hash like the integers 1 and 0 (pass int(value) "
-            f"if that is really intended); supported types are {_SUPPORTED}",
+            f"if that is really intended); {_supported(part)}",
             key=key,
         )
     if isinstance(value, int):
@@ -160,51 +166,53 @@ def _encode_scalar(value: Any, key: Any, part: int | None) -> bytes:
     if isinstance(value, tuple):
         raise ShardKeyError(
             f"{_where(part)} is a tuple; composite shard keys cannot be nested "
-            f"(each part must be one of {_SCALARS})",
+            f"({_supported(part)})",
             key=key,
         )
+    # None is most often a key that was never set, rather than a wrong type.
+    missing = " (is the key missing?)" if value is None else ""
     raise ShardKeyError(
-        f"cannot hash {_where(part)} of type {_type_name(value)}: supported types "
-        f"are {_SUPPORTED}",
+        f"cannot hash {_where(part)} of type {_type_name(value)}{missing}: "
+        f"{_supported(part)}",
         key=key,
     )
+
+
+def _encode_composite(key: tuple[Any, ...]) -> bytes:
+    if not key:
+        raise ShardKeyError(
+            "composite shard key is an empty tuple; it needs at least one part", key=key
+        )
+    chunks: list[bytes] = []
+    for i, part in enumerate(key):
+        data = _encode_scalar(part, key, i)
+        if len(data) >= _UINT32_LIMIT:
+            raise ShardKeyError(
+                f"{_where(i)} is {len(data)} bytes long; a part must be shorter than 4 GiB",
+                key=key,
+            )
+        chunks.append(_pack_uint32(len(data)))
+        chunks.append(data)
+    return b"".join(chunks)
 
 
 def canonical_bytes(value: ShardKey) -> bytes:
     """Return the canonical byte encoding of the shard key *value*.
 
-    See the module documentation for the encoding of each type.
+    See the module documentation for the encoding of each type.  A tuple
+    subclass (a named tuple, say) is a composite key like a plain tuple.
 
     :raises ShardKeyError: *value* is of an unsupported type, a ``bool``, an
         ``int`` outside the signed 64-bit range, a string with no UTF-8
-        encoding, an empty or nested tuple.
+        encoding, or an empty or nested tuple.
     """
     if type(value) is int:
         try:
             return _pack_int64(value)
         except struct.error:
             pass  # _encode_scalar raises the descriptive error
-    if type(value) is tuple:
-        if not value:
-            raise ShardKeyError(
-                "composite shard key is an empty tuple; it needs at least one part",
-                key=value,
-            )
-        chunks: list[bytes] = []
-        for i, part in enumerate(value):
-            data = _encode_scalar(part, value, i)
-            if len(data) >= _UINT32_LIMIT:
-                raise ShardKeyError(
-                    f"{_where(i)} is {len(data)} bytes long; a part must be "
-                    "shorter than 4 GiB",
-                    key=value,
-                )
-            chunks.append(_pack_uint32(len(data)))
-            chunks.append(data)
-        return b"".join(chunks)
     if isinstance(value, tuple):
-        # A tuple subclass (a named tuple, say) is a composite key too.
-        return canonical_bytes(tuple(value))
+        return _encode_composite(value)
     return _encode_scalar(value, value, None)
 
 

@@ -1,0 +1,81 @@
+"""The shardkit command, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def shardkit(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_route_prints_owner(tmp_path):
+    cfg = tmp_path / "shardkit.toml"
+    cfg.write_text(
+        "bucket_count = 1024\n"
+        '[[shards]]\nname = "a"\nprimary = "postgresql+psycopg://u:hunter2@h1/db"\n'
+        '[[shards]]\nname = "b"\nprimary = "postgresql+psycopg://u:hunter2@h2/db"\n'
+        '[groups.users]\ntables = { users = "id" }\n'
+    )
+    import shardkit as sk
+    c = sk.Cluster.from_config(cfg)
+    r = shardkit("route", "users", "42", "--config", str(cfg), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["shard"] == c.shard_for("users", 42)
+    assert out["bucket"] == sk.bucket_for(42, 1024)
+    assert "hunter2" not in r.stdout
+    r = shardkit("route", "users", "42", "--config", str(cfg))
+    assert f"-> shard {out['shard']}" in r.stdout and "hunter2" not in r.stdout
+    r = shardkit("route", "nope", "1", "--config", str(cfg))
+    assert r.returncode == 2 and "not in the shard map" in r.stderr
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "shardkit.toml"
+    cfg.write_text('[[shards]]\nname = "a"\nprimary = "mysql://u:pw@h/db"\n')
+    r = shardkit("route", "t", "1", "--config", str(cfg))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: shards[0].primary: ") and "pw" not in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_dev_up_and_down():
+    import pathlib
+    import tempfile
+
+    # pytest's tmp_path is private to root; the server user must reach the directory.
+    base = pathlib.Path(tempfile.mkdtemp(prefix="shardkit-cli-"))
+    os.chmod(base, 0o755)
+    d = base / "dev"
+    r = shardkit("dev", "up", "--shards", "2", "--replicas", "0", "--dir", str(d))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (d / "shardkit.toml").exists()
+        import shardkit as sk
+        c = sk.Cluster.from_config(d / "shardkit.toml")
+        for name in c.shard_names:
+            with c.primary(name).connect() as conn:
+                assert conn.exec_driver_sql("select 1").scalar() == 1
+        c.dispose()
+    finally:
+        r2 = shardkit("dev", "down", "--dir", str(d))
+    assert r2.returncode == 0, r2.stderr
+    assert not d.exists()
+    base.rmdir()
+
+
+def test_demo_runs_and_cleans_up():
+    r = shardkit("demo", "--shards", "2", "--replicas", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[ok:" in r.stdout and "MISMATCH" not in r.stdout
+    assert "(not refused!)" not in r.stdout
+    assert "cluster stopped and removed" in r.stdout
