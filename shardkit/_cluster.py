@@ -8,15 +8,19 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import MetaData, create_engine
+from dataclasses import dataclass
+
+import psycopg
+from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import URL, Engine
 
-from ._config import ClusterConfig, load_config, mask_url
+from ._config import ClusterConfig, ReplicaSettings, load_config, mask_url
+from ._replicas import HealthMonitor, ReplicaSelector
 from ._routing import PRIMARY, REPLICA, Route, Router
 from ._scope import scope as _scope
-from .errors import ConfigurationError, RoutingError
+from .errors import ConfigurationError, RoutingError, ShardUnavailable
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "ClusterHealth"]
 
 log = logging.getLogger("shardkit.cluster")
 
@@ -48,6 +52,9 @@ class Cluster:
         self._engine_options = dict(engine_options or {})
         self._engines: dict[tuple[str, str, int], Engine] = {}
         self._lock = threading.Lock()
+        self._monitor: HealthMonitor | None = None
+        self._selector: ReplicaSelector | None = None
+        self.has_replicas = any(s.replicas for s in config.shards)
         if metadata is not None:
             self.validate_metadata(metadata)
 
@@ -146,9 +153,17 @@ class Cluster:
                 for key, sa_key in _POOL_KEYS.items():
                     if key in self.config.pool:
                         opts[sa_key] = self.config.pool[key]
+                if role == REPLICA:
+                    # A replica that was killed leaves dead pooled connections;
+                    # pre-ping finds them at checkout, where a retry is still safe.
+                    opts.setdefault("pool_pre_ping", True)
                 opts.update(self._engine_options)
-                eng = create_engine(url, **opts)
-                eng.info = {"shard": shard, "role": role, "node": _node_name(shard, role, index)}  # type: ignore[attr-defined]
+                connect_args = dict(opts.pop("connect_args", {}))
+                connect_args.setdefault("connect_timeout", 3)
+                eng = create_engine(url, connect_args=connect_args, **opts)
+                node = _node_name(shard, role, index)
+                eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
+                event.listen(eng, "handle_error", _unavailable_on_disconnect(shard, node, url))
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))
                 self._engines[k] = eng
         return eng
@@ -161,8 +176,58 @@ class Cluster:
         """Same as :func:`shardkit.scope`."""
         return _scope(**kw)
 
+    # -- replicas -------------------------------------------------------------------
+
+    def replica_count(self, shard: str) -> int:
+        return len(self.config.shard(shard).replicas)
+
+    @property
+    def replica_settings(self) -> ReplicaSettings:
+        return self.config.replicas
+
+    def monitor(self, *, wait: bool = True) -> HealthMonitor:
+        """The health monitor, started on first use (``wait``: until every node was polled once)."""
+        mon = self._monitor
+        if mon is None:
+            with self._lock:
+                if self._monitor is None:
+                    self._monitor = HealthMonitor(self, self.config.replicas)
+                    self._selector = ReplicaSelector(self, self._monitor, self.config.replicas)
+                    self._monitor.start()
+                    if wait:
+                        self._monitor.wait_first_poll(timeout=2 + self.config.replicas.poll_timeout)
+                mon = self._monitor
+        return mon
+
+    @property
+    def selector(self) -> ReplicaSelector:
+        self.monitor()
+        assert self._selector is not None
+        return self._selector
+
+    def start_monitor(self) -> None:
+        """Start polling nodes now (otherwise the first replica read starts it)."""
+        self.monitor(wait=True)
+
+    def health(self) -> ClusterHealth:
+        """Per node: role, up, lag, bans and pool use.  ``.ready`` is a readiness check."""
+        mon = self.monitor()
+        nodes = []
+        for state in mon.shards.values():
+            for n in (state.primary, *state.replicas):
+                d = n.as_dict()
+                eng = self._engines.get((n.shard, n.role, n.index))
+                d["pool"] = _pool_stats(eng)
+                nodes.append(d)
+        ready = all(state.primary.up for state in mon.shards.values())
+        return ClusterHealth(nodes=nodes, ready=ready)
+
     def dispose(self) -> None:
-        """Close every pooled connection of every node."""
+        """Stop the monitor and close every pooled connection of every node."""
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+            self._selector = None
         with self._lock:
             engines = list(self._engines.values())
             self._engines.clear()
@@ -180,6 +245,50 @@ class Cluster:
             f"<Cluster {self.config.name!r}: {len(self.shard_names)} shards, "
             f"{self.config.bucket_count} buckets>"
         )
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    """A snapshot of :meth:`Cluster.health`: ``nodes`` (one dict each) and ``ready``."""
+
+    nodes: list[dict[str, Any]]
+    ready: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ready": self.ready, "nodes": self.nodes}
+
+
+def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
+    if engine is None:
+        return None
+    pool = engine.pool
+    stats: dict[str, Any] = {}
+    for name in ("size", "checkedout", "checkedin", "overflow"):
+        fn = getattr(pool, name, None)
+        if callable(fn):
+            stats[name] = fn()
+    return stats
+
+
+def _unavailable_on_disconnect(shard: str, node: str, url: URL) -> Any:
+    """A handle_error hook that turns "cannot reach the node" into ShardUnavailable."""
+
+    def handle(context: Any) -> None:
+        if context.is_pre_ping:
+            return  # the pool reconnects by itself
+        unreachable = context.is_disconnect or (
+            context.connection is None and isinstance(context.original_exception, psycopg.OperationalError)
+        )
+        if not unreachable:
+            return
+        cause = context.original_exception
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ShardUnavailable(
+            f"shard {shard}: node {node} ({mask_url(url)}) is unreachable: {first}",
+            shard=shard, node=node, cause=cause,
+        ) from cause
+
+    return handle
 
 
 def _node_name(shard: str, role: str, index: int) -> str:

@@ -29,7 +29,14 @@ from ._strategies import (
 )
 from .errors import ConfigurationError
 
-__all__ = ["ClusterConfig", "GroupConfig", "ShardConfig", "load_config", "mask_url"]
+__all__ = [
+    "ClusterConfig",
+    "GroupConfig",
+    "ReplicaSettings",
+    "ShardConfig",
+    "load_config",
+    "mask_url",
+]
 
 DEFAULT_BUCKET_COUNT = 1024
 MAX_BUCKET_COUNT = 1 << 20
@@ -60,6 +67,7 @@ class ShardConfig:
     primary: URL
     replicas: tuple[URL, ...] = ()
     buckets: tuple[int, ...] | None = None
+    replica_weights: tuple[float, ...] = ()
 
     def __repr__(self) -> str:
         return (
@@ -81,6 +89,65 @@ class GroupConfig:
     tables: Mapping[str, tuple[str, ...]]
 
 
+CONSISTENCY_MODES = ("eventual", "read_your_writes", "strong")
+POLICIES = ("round_robin", "random", "least_outstanding", "lowest_latency")
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """How reads use replicas (the ``[replicas]`` table)."""
+
+    consistency: str = "read_your_writes"
+    max_lag_seconds: float = 5.0
+    max_lag_bytes: int = 16 * 1024 * 1024
+    policy: str = "round_robin"
+    poll_interval: float = 0.2
+    poll_timeout: float = 0.5
+    ban_seconds: float = 5.0
+    when_no_replica: str = "primary"
+    wait_for_token: float = 0.0
+
+
+def _number(raw: Any, path: str, *, minimum: float, integer: bool = False) -> Any:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or (integer and not isinstance(raw, int)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigurationError(path, f"{raw!r} must be {kind}")
+    if raw < minimum:
+        raise ConfigurationError(path, f"{raw!r} must be >= {minimum}")
+    return raw
+
+
+def parse_replica_settings(raw: Mapping[str, Any], path: str) -> ReplicaSettings:
+    """Validate a ``[replicas]`` table."""
+    _check_keys(raw, set(ReplicaSettings.__dataclass_fields__), path)
+    kw: dict[str, Any] = {}
+    if "consistency" in raw:
+        if raw["consistency"] not in CONSISTENCY_MODES:
+            raise ConfigurationError(f"{path}.consistency", f"unknown mode {raw['consistency']!r}",
+                                     "choose one of: " + ", ".join(CONSISTENCY_MODES))
+        kw["consistency"] = raw["consistency"]
+    if "policy" in raw:
+        if raw["policy"] not in POLICIES:
+            raise ConfigurationError(f"{path}.policy", f"unknown policy {raw['policy']!r}",
+                                     "choose one of: " + ", ".join(POLICIES))
+        kw["policy"] = raw["policy"]
+    if "when_no_replica" in raw:
+        if raw["when_no_replica"] not in ("primary", "raise"):
+            raise ConfigurationError(f"{path}.when_no_replica", f"{raw['when_no_replica']!r}",
+                                     "choose 'primary' (read from the primary) or 'raise'")
+        kw["when_no_replica"] = raw["when_no_replica"]
+    for name in ("max_lag_seconds", "ban_seconds", "wait_for_token"):
+        if name in raw:
+            kw[name] = float(_number(raw[name], f"{path}.{name}", minimum=0))
+    if "max_lag_bytes" in raw:
+        kw["max_lag_bytes"] = _number(raw["max_lag_bytes"], f"{path}.max_lag_bytes", minimum=0,
+                                      integer=True)
+    for name, lo in (("poll_interval", 0.01), ("poll_timeout", 0.05)):
+        if name in raw:
+            kw[name] = float(_number(raw[name], f"{path}.{name}", minimum=lo))
+    return ReplicaSettings(**kw)
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """A validated cluster description.  Immutable."""
@@ -91,7 +158,7 @@ class ClusterConfig:
     bucket_map: tuple[str, ...]
     groups: tuple[GroupConfig, ...]
     reference_tables: frozenset[str]
-    replicas: Mapping[str, Any] = field(default_factory=dict)
+    replicas: ReplicaSettings = field(default_factory=lambda: ReplicaSettings())
     pool: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -410,11 +477,25 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         replicas_raw = s.get("replicas", [])
         if not isinstance(replicas_raw, list):
             raise ConfigurationError(f"{sp}.replicas", "must be a list of URLs")
-        replicas = tuple(_parse_url(r, f"{sp}.replicas[{j}]") for j, r in enumerate(replicas_raw))
+        replica_urls = []
+        weights = []
+        for j, r in enumerate(replicas_raw):
+            rp = f"{sp}.replicas[{j}]"
+            if isinstance(r, Mapping):
+                _check_keys(r, {"url", "weight"}, rp)
+                w = r.get("weight", 1)
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
+                    raise ConfigurationError(f"{rp}.weight", f"{w!r} must be a positive number")
+                replica_urls.append(_parse_url(r.get("url"), f"{rp}.url"))
+                weights.append(float(w))
+            else:
+                replica_urls.append(_parse_url(r, rp))
+                weights.append(1.0)
+        replicas = tuple(replica_urls)
         buckets = None
         if "buckets" in s:
             buckets = _parse_bucket_spec(s["buckets"], f"{sp}.buckets", bucket_count)
-        shards.append(ShardConfig(sname, primary, replicas, buckets))
+        shards.append(ShardConfig(sname, primary, replicas, buckets, tuple(weights)))
 
     shard_names = [s.name for s in shards]
     with_buckets = [s for s in shards if s.buckets is not None]
@@ -477,6 +558,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     for key, val in (("replicas", replicas_cfg), ("pool", pool_cfg)):
         if not isinstance(val, Mapping):
             raise ConfigurationError(key, "must be a table")
+    replica_settings = parse_replica_settings(replicas_cfg, "replicas")
 
     return ClusterConfig(
         name=name,
@@ -485,6 +567,6 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         bucket_map=bucket_map,
         groups=tuple(groups),
         reference_tables=frozenset(refs_raw),
-        replicas=dict(replicas_cfg),
+        replicas=replica_settings,
         pool=dict(pool_cfg),
     )

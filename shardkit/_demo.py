@@ -59,6 +59,9 @@ GROUPS = {
         }
     },
     "reference_tables": ["demo_countries"],
+    # A read right after a write may wait this long for a replica to replay it
+    # before falling back to the primary.
+    "replicas": {"wait_for_token": 0.05},
 }
 
 
@@ -104,8 +107,18 @@ def _tour(config_path: Path) -> None:
         eng = cluster.primary(name)
         _Base.metadata.drop_all(eng)
         _Base.metadata.create_all(eng)
-        event.listen(eng, "before_cursor_execute",
-                     lambda *a, shard=name, **k: hits.__setitem__(shard, hits[shard] + 1))
+        nodes = [eng] + [cluster.engine(name, "replica", i) for i in range(cluster.replica_count(name))]
+        for e in nodes:
+            event.listen(e, "before_cursor_execute",
+                         lambda *a, node=e.info["node"], **k: hits.__setitem__(node, hits[node] + 1))
+    cluster.start_monitor()
+    try:
+        _tour_steps(cluster, Session, hits)
+    finally:
+        cluster.dispose()
+
+
+def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
 
     _h("writes: 1,000 customers with 3 orders each, through one ShardedSession")
     t0 = time.monotonic()
@@ -116,6 +129,7 @@ def _tour(config_path: Path) -> None:
             c.orders = [Order(id=i * 10 + j, total_cents=100 * (j + 1)) for j in range(3)]
             s.add(c)
         s.commit()
+        token = s.consistency_token()
     print(f"committed in {time.monotonic() - t0:.2f} s; rows per shard (counted on each primary):")
     expected = Counter(cluster.shard_for(Customer, i) for i in range(1000))
     for name in cluster.shard_names:
@@ -130,16 +144,18 @@ def _tour(config_path: Path) -> None:
         print(f"  {name}: {nc:>4} customers, {no:>4} orders (colocated), {nr} countries "
               f"(reference, on every shard)  [{ok}: shard_for predicted {expected[name]}]")
 
-    _h("single-key reads touch exactly one shard")
+    _h("single-key reads touch exactly one shard, on a fresh-enough replica")
+    print(f"  the writer's consistency token: {token}")
+    print("  (handed to the reading sessions, so they see those writes: read-your-writes)")
     for key in (7, 42, 999):
         stmt = select(Customer).where(Customer.id == key)
         route = cluster.explain(stmt)
-        with Session() as s:
+        with Session(consistency_token=token) as s:
             hits.clear()
             c = s.get(Customer, key)
             n_orders = len(c.orders)  # lazy load, stays on the customer's shard
         print(f"  customer {key:>3}: bucket {cluster.bucket_for(Customer, key):>4} -> "
-              f"{route.shards[0]}; statements per shard: {dict(hits)}; {n_orders} orders")
+              f"{route.shards[0]}; statements per node: {dict(hits)}; {n_orders} orders")
 
     _h("IN lists are split: each shard gets only its own keys")
     keys = [3, 14, 15, 92, 65, 35, 89, 79]
@@ -147,31 +163,49 @@ def _tour(config_path: Path) -> None:
     (bind,) = {k for per in (route.split or {}).values() for k in per}
     for name in route.shards:
         print(f"  {name}: {sorted(route.split[name][bind])}")
-    with Session() as s:
+    with Session(consistency_token=token) as s:
         got = s.scalars(select(Customer).where(Customer.id.in_(keys))).all()
     print(f"  fetched {len(got)} customers")
 
     _h("a join of colocated tables runs on one shard")
-    with Session() as s:
+    with Session(consistency_token=token) as s:
         hits.clear()
         row = s.execute(
             select(Customer.name, func.sum(Order.total_cents))
             .join(Order, Order.customer_id == Customer.id)
             .where(Customer.id == 42).group_by(Customer.name)
         ).one()
-    print(f"  {row[0]}: {row[1]} cents in orders; statements per shard: {dict(hits)}")
+    print(f"  {row[0]}: {row[1]} cents in orders; statements per node: {dict(hits)}")
 
     _h("a query with no shard key reads every shard")
-    with Session() as s:
+    with Session(consistency_token=token) as s:
         hits.clear()
         n = len(s.scalars(select(Customer).where(Customer.country == "jp")).all())
-    print(f"  {n} customers in Japan; statements per shard: {dict(hits)}")
+    print(f"  {n} customers in Japan; statements per node: {dict(hits)}")
 
     _h("per-scope routing: a tenant's code runs on its shard")
-    with scope(key=42), Session() as s:
+    with scope(key=42), Session(consistency_token=token) as s:
         hits.clear()
         s.execute(select(func.count()).select_from(Order)).scalar_one()
-    print(f"  with shardkit.scope(key=42): statements per shard: {dict(hits)}")
+    print(f"  with shardkit.scope(key=42): statements per node: {dict(hits)}")
+
+    _h("reads inside a transaction that wrote go to that shard's primary")
+    with Session(consistency_token=token) as s:
+        c = s.get(Customer, 7)
+        c.name = "customer seven"
+        s.flush()
+        hits.clear()
+        s.expire(c)
+        assert c.name == "customer seven"
+        print(f"  after writing customer 7: statements per node: {dict(hits)}")
+        s.rollback()
+
+    _h("node health, as cluster.health() reports it (a readiness check)")
+    health = cluster.health()
+    print(f"  ready: {health.ready}")
+    for n in health.nodes:
+        lag = "" if n["role"] == "primary" else f" lag {n['lag_bytes']} B / {n['lag_seconds']} s"
+        print(f"  {n['node']:<12} {'up' if n['up'] else 'DOWN':<4}{lag}; pool {n['pool']}")
 
     _h("mistakes are refused with a clear error")
     with Session() as s:
@@ -187,7 +221,6 @@ def _tour(config_path: Path) -> None:
             except ShardkitError as e:
                 print(f"  {what}: {type(e).__name__}: {e}")
             s.rollback()
-    cluster.dispose()
 
 
 def _move_key(s: Any, cluster: Cluster) -> None:

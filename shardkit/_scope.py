@@ -28,6 +28,9 @@ class RoutingScope:
     key: Any = None
     role: str | None = None
     all_shards: bool = False
+    consistency: str | None = None
+    max_lag_seconds: float | None = None
+    max_lag_bytes: int | None = None
 
 
 _EMPTY = RoutingScope()
@@ -48,6 +51,9 @@ def scope(
     key: Any = _UNSET,
     role: str | None = _UNSET,
     all_shards: bool = _UNSET,
+    consistency: str | None = _UNSET,
+    max_lag_seconds: float | None = _UNSET,
+    max_lag_bytes: int | None = _UNSET,
 ) -> Iterator[RoutingScope]:
     """Set routing defaults for the code inside the block.
 
@@ -57,12 +63,20 @@ def scope(
         route by it.
     :param role: ``"primary"`` or ``"replica"`` for reads in the block.
     :param all_shards: allow key-less UPDATE/DELETE to run on every shard.
+    :param consistency: ``"eventual"``, ``"read_your_writes"`` or ``"strong"`` for reads.
+    :param max_lag_seconds: the staleness reads in the block accept (e.g. 30 for a report).
+    :param max_lag_bytes: the same, in WAL bytes.
     """
     if role is not _UNSET and role not in (None, "primary", "replica"):
         raise ValueError(f"role must be 'primary' or 'replica', not {role!r}")
+    if consistency is not _UNSET and consistency not in (None, "eventual", "read_your_writes", "strong"):
+        raise ValueError(
+            f"consistency must be 'eventual', 'read_your_writes' or 'strong', not {consistency!r}")
     changes = {
         name: value
-        for name, value in (("shard", shard), ("key", key), ("role", role), ("all_shards", all_shards))
+        for name, value in (("shard", shard), ("key", key), ("role", role),
+                            ("all_shards", all_shards), ("consistency", consistency),
+                            ("max_lag_seconds", max_lag_seconds), ("max_lag_bytes", max_lag_bytes))
         if value is not _UNSET
     }
     new = replace(_current.get(), **changes)

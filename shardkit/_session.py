@@ -12,7 +12,8 @@ refusal of writes that would silently land on the wrong shard.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import event, inspect, util
@@ -27,9 +28,17 @@ from sqlalchemy.sql import coercions, functions, roles, selectable
 from sqlalchemy.sql.dml import Delete, Insert, Update
 
 from ._cluster import Cluster
+from ._config import CONSISTENCY_MODES
+from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
 from ._scope import current_scope
-from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
+from .errors import (
+    CrossShardWriteError,
+    RoutingError,
+    ScatterRefused,
+    ShardKeyError,
+    ShardUnavailable,
+)
 
 __all__ = ["ShardedSession"]
 
@@ -60,7 +69,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
     :func:`shardkit.scope` sets the same defaults for a block of code.
     """
 
-    def __init__(self, cluster: Cluster | None = None, **kwargs: Any) -> None:
+    def __init__(self, cluster: Cluster | None = None, *, consistency_token: str | None = None,
+                 consistency: str | None = None, **kwargs: Any) -> None:
         if not isinstance(cluster, Cluster):
             raise sa_exc.ArgumentError(
                 "ShardedSession needs cluster=shardkit.Cluster.from_config(...); got "
@@ -76,6 +86,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # methods and install our routing hook instead.
         Session.__init__(self, query_cls=horizontal_shard.ShardedQuery, **kwargs)
         self.cluster = cluster
+        if consistency not in (None, *CONSISTENCY_MODES):
+            raise sa_exc.ArgumentError(
+                f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, not {consistency!r}")
+        self.consistency = consistency
+        # Shards the current transaction wrote to: their reads go to the primary.
+        self._sk_written: set[str] = set()
+        # (shard, replica index) joined to the current transaction: a failure on
+        # one of those cannot be retried elsewhere.
+        self._sk_replicas_in_txn: set[tuple[str, int]] = set()
+        # shard -> WAL position this session's reads must see (read-your-writes).
+        self._sk_tokens: dict[str, int] = {}
+        if consistency_token:
+            self.require_token(consistency_token)
         self.shard_chooser = self._choose_shard_for_instance
         self.identity_chooser = self._identity_shards
         self.execute_chooser = self._execute_shards
@@ -146,14 +169,97 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def get_bind(self, mapper: Any = None, *, shard_id: str | None = None,
                  instance: Any = None, clause: Any = None, shardkit_role: str | None = None,
-                 **kw: Any) -> Any:
+                 shardkit_replica: int = 0, **kw: Any) -> Any:
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance=instance, clause=clause)
         if shard_id not in self.cluster.router.shard_set:
             raise RoutingError(
                 f"unknown shard {shard_id!r}; shards: {', '.join(self.cluster.shard_names)}"
             )
-        return self.cluster.engine(shard_id, shardkit_role or PRIMARY)
+        role = shardkit_role or PRIMARY
+        if role == PRIMARY:
+            _fail_fast_if_primary_down(self.cluster, shard_id)
+        return self.cluster.engine(shard_id, role, shardkit_replica)
+
+    # -- consistency ------------------------------------------------------------------
+
+    def consistency_token(self) -> str:
+        """This session's read-your-writes position, as a short string.
+
+        Pass it to another session (``ShardedSession(..., consistency_token=t)``
+        or :meth:`require_token`), e.g. through a cookie or a background job, so
+        that session's reads see this one's committed writes.
+        """
+        return format_token(self._sk_tokens)
+
+    def require_token(self, token: str) -> None:
+        """Make this session's reads see at least the writes recorded in ``token``."""
+        for shard, lsn in parse_token(token).items():
+            if shard in self.cluster.router.shard_set and lsn > self._sk_tokens.get(shard, 0):
+                self._sk_tokens[shard] = lsn
+
+    def _read_target(self, shard: str, statement: Any, execution_options: Any) -> int | None:
+        """The replica index a read on ``shard`` should use, or None for the primary."""
+        cluster = self.cluster
+        sc = current_scope()
+        role = _option("shardkit_role", statement, execution_options) or sc.role
+        if role == PRIMARY or shard in self._sk_written:
+            return None
+        if getattr(statement, "_for_update_arg", None) is not None:
+            return None
+        n_replicas = cluster.replica_count(shard)
+        if not n_replicas:
+            return None
+        settings = cluster.replica_settings
+        consistency = (_option("shardkit_consistency", statement, execution_options)
+                       or sc.consistency or self.consistency or settings.consistency)
+        if consistency == "strong" and role != REPLICA:
+            return None
+        max_s = _option("shardkit_max_lag_seconds", statement, execution_options)
+        if max_s is None:
+            max_s = sc.max_lag_seconds if sc.max_lag_seconds is not None else settings.max_lag_seconds
+        max_b = _option("shardkit_max_lag_bytes", statement, execution_options)
+        if max_b is None:
+            max_b = sc.max_lag_bytes if sc.max_lag_bytes is not None else settings.max_lag_bytes
+        min_lsn = self._sk_tokens.get(shard) if consistency == "read_your_writes" else None
+        selector = cluster.selector
+        ok, behind = selector.eligible(shard, max_lag_seconds=max_s, max_lag_bytes=max_b,
+                                       min_lsn=min_lsn)
+        if ok:
+            return selector.pick(shard, ok).index
+        if behind and min_lsn is not None:
+            # The monitor's last sample predates our write; ask the replica itself.
+            best = max(behind, key=lambda r: r.wal_lsn or 0)
+            if selector.probe_reached(shard, best, min_lsn, settings.wait_for_token):
+                return best.index
+        if role == REPLICA or settings.when_no_replica == "raise":
+            raise ShardUnavailable(
+                f"shard {shard}: no replica can serve this read ({_why_not(cluster, shard, max_s, max_b, min_lsn)})"
+                + ("; reads were forced to replicas" if role == REPLICA else
+                   "; [replicas] when_no_replica = 'raise'"),
+                shard=shard,
+            )
+        return None
+
+    def _forget_connection(self, shard: str, index: int) -> None:
+        """Drop a failed replica connection from the transaction, so the read can go elsewhere."""
+        trans = self.get_transaction()
+        if trans is None:
+            return
+        engine = self.cluster.engine(shard, REPLICA, index)
+        # SessionTransaction keeps each connection under its engine and itself;
+        # there is no public API to let go of one that died under a read.
+        conns = getattr(trans, "_connections", None)
+        if conns is None:
+            return
+        entry = conns.pop(engine, None)
+        if entry is not None:
+            conns.pop(entry[0], None)
+            try:
+                entry[0].invalidate()
+                entry[0].close()
+            except Exception:  # noqa: BLE001 - it is already broken
+                pass
 
     def execute(self, statement: Any, params: Any = None, *,
                 execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
@@ -163,14 +269,56 @@ class ShardedSession(horizontal_shard.ShardedSession):
         Same arguments as :meth:`sqlalchemy.orm.Session.execute`.
         """
         statement = coercions.expect(roles.StatementRole, statement)
+        if (self.cluster.has_replicas and self.autoflush and not self._flushing
+                and isinstance(statement, (selectable.Select, selectable.CompoundSelect))
+                and (self._new or self._deleted or self.dirty)):
+            # Flush before choosing the node: the flush decides which shards this
+            # transaction has written, and those must be read from their primary.
+            self._autoflush()
         route = _route_statement(self, statement, params, execution_options, bind_arguments)
+        if route.is_write:
+            self._sk_written.update(route.shards)
         if (isinstance(statement, Insert) and params
                 and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
             return _orm_bulk_insert(self, statement, params, route)
         if len(route.shards) == 1:
-            eo, ba = _single(route.shards[0], route.role, execution_options, bind_arguments)
-            return super().execute(statement, params, execution_options=eo, bind_arguments=ba, **kw)
+            shard = route.shards[0]
+            if route.is_write or not self.cluster.has_replicas:
+                eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
+                return Session.execute(self, statement, params, execution_options=eo,
+                                       bind_arguments=ba, **kw)
+            return self._read_on(shard, statement, params, execution_options, bind_arguments, kw)
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
+
+    def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,
+                 bind_arguments: Any, kw: Mapping[str, Any]) -> Any:
+        """Run a read on the freshest-enough node of ``shard``, retrying elsewhere if a replica dies."""
+        tried: set[int] = set()
+        while True:
+            index = self._read_target(shard, statement, execution_options)
+            if index is not None and index in tried:
+                index = None
+            if index is None:
+                eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
+                return Session.execute(self, statement, params, execution_options=eo,
+                                       bind_arguments=ba, **kw)
+            eo, ba = _single(shard, REPLICA, execution_options, bind_arguments)
+            ba["shardkit_replica"] = index
+            joined = (shard, index) in self._sk_replicas_in_txn
+            self._sk_replicas_in_txn.add((shard, index))
+            try:
+                return Session.execute(self, statement, params, execution_options=eo,
+                                       bind_arguments=ba, **kw)
+            except ShardUnavailable as e:
+                self.cluster.selector.monitor.ban(shard, index, f"read failed: {e.cause!r}"[:200])
+                if joined:
+                    # Earlier reads of this transaction ran on that replica; a retry
+                    # elsewhere could see a different snapshot.
+                    raise
+                self._sk_replicas_in_txn.discard((shard, index))
+                self._forget_connection(shard, index)
+                tried.add(index)
+                log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
 
     def scalars(self, statement: Any, params: Any = None, *,
                 execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
@@ -313,8 +461,9 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                 f"unknown shard {shard!r}; shards: {', '.join(cluster.shard_names)}",
                 statement=statement,
             )
-        return Route((shard,), "direct", PRIMARY, "shard named by the caller",
-                     isinstance(statement, (Insert, Update, Delete)))
+        is_read = isinstance(statement, (selectable.Select, selectable.CompoundSelect)) and \
+            getattr(statement, "_for_update_arg", None) is None
+        return Route((shard,), "direct", PRIMARY, "shard named by the caller", not is_read)
     sc = current_scope()
     all_shards = bool(_option("shardkit_all_shards", statement, execution_options) or sc.all_shards)
     if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
@@ -447,7 +596,10 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
                 p = part
             elif part:
                 stmt = statement.params(part)
-        eo, ba = _single(shard, route.role, execution_options, bind_arguments)
+        if not route.is_write and session.cluster.has_replicas:
+            results.append(session._read_on(shard, stmt, p, execution_options, bind_arguments, {}))
+            continue
+        eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
         results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
     if route.is_write and not any(r.returns_rows for r in results):
         total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
@@ -548,9 +700,93 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 conn.execute(table.delete().where(*[c == v for c, v in zip(pk_cols, pk)]))
 
 
+def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
+    mon = cluster._monitor
+    if mon is None:
+        return
+    p = mon.shards[shard].primary
+    # Only a recent observation counts: an old one may predate a restart.
+    if p.checked_at and not p.up and time.monotonic() - p.checked_at < 2 * cluster.replica_settings.poll_interval + 0.5:
+        raise ShardUnavailable(
+            f"shard {shard}: primary {p.name} is down ({p.error}); writes to {shard} cannot run "
+            "until it is back (reads can still use its replicas)",
+            shard=shard, node=p.name,
+        )
+
+
+def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: int | None) -> str:
+    mon = cluster.selector.monitor
+    parts = []
+    now = time.monotonic()
+    for r in mon.shards[shard].replicas:
+        if not r.up:
+            parts.append(f"{r.name} is down ({r.error})")
+        elif r.banned(now):
+            parts.append(f"{r.name} is banned for {r.banned_until - now:.1f} s ({r.ban_reason})")
+        elif r.lag_bytes is None:
+            parts.append(f"{r.name} has not been measured yet")
+        elif r.lag_bytes > max_b or (r.lag_seconds or 0) > max_s:
+            parts.append(f"{r.name} is {r.lag_seconds or 0:.1f} s ({r.lag_bytes / 1e6:.1f} MB) behind; "
+                         f"limit {max_s:g} s / {max_b / 1e6:.1f} MB")
+        elif min_lsn is not None and (r.wal_lsn or 0) < min_lsn:
+            parts.append(f"{r.name} has not replayed this session's writes yet "
+                         f"({format_lsn(r.wal_lsn or 0)} < {format_lsn(min_lsn)})")
+    return "; ".join(parts) or "no replicas"
+
+
+def _note_flushed_shards(session: Session, flush_context: Any) -> None:
+    assert isinstance(session, ShardedSession)
+    router = session.cluster.router
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        state = inspect(obj)
+        token = state.key[2] if state.key is not None else state.identity_token
+        try:
+            is_ref = router.table_route(state.mapper).is_reference
+        except RoutingError:
+            continue
+        if is_ref:
+            session._sk_written.update(session.cluster.shard_names)
+        elif token is not None:
+            session._sk_written.add(token)
+
+
+def _record_tokens(session: Session) -> None:
+    """After a commit, remember each written shard's WAL position (read-your-writes)."""
+    assert isinstance(session, ShardedSession)
+    written, session._sk_written = session._sk_written, set()
+    session._sk_replicas_in_txn = set()
+    if not written or not session.cluster.has_replicas:
+        return
+    for shard in written:
+        if not session.cluster.replica_count(shard):
+            continue
+        try:
+            with session.cluster.engine(shard, PRIMARY).connect() as conn:
+                # The insert position is at or after our commit record.
+                text = conn.exec_driver_sql("SELECT pg_current_wal_insert_lsn()::text").scalar()
+        except Exception as e:  # noqa: BLE001
+            # Without a position, read this shard from the primary from now on.
+            log.warning("could not read %s's WAL position after commit (%s); its reads "
+                        "go to the primary", shard, e)
+            session._sk_tokens[shard] = 2**64 - 1
+            continue
+        lsn = replay_target(parse_lsn(text))
+        if lsn > session._sk_tokens.get(shard, 0):
+            session._sk_tokens[shard] = lsn
+
+
+def _end_transaction(session: Session, *args: Any) -> None:
+    assert isinstance(session, ShardedSession)
+    session._sk_written = set()
+    session._sk_replicas_in_txn = set()
+
+
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
 # session construction as cheap as a plain Session's.  Statements are routed in
 # execute() rather than in a do_orm_execute hook: a hook makes the ORM prepare
 # every statement twice, which costs more than the routing itself.
 event.listen(ShardedSession, "before_flush", _refuse_shard_key_moves)
 event.listen(ShardedSession, "after_flush", _replicate_reference_rows)
+event.listen(ShardedSession, "after_flush", _note_flushed_shards)
+event.listen(ShardedSession, "after_commit", _record_tokens)
+event.listen(ShardedSession, "after_rollback", _end_transaction)

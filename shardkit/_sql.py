@@ -58,10 +58,10 @@ than written out by hand, because they are long.  ``hash()`` is nonetheless
 PL/pgSQL, not an inlinable SQL function, because PostgreSQL does not eliminate
 common subexpressions: the finaliser's three xor-shifts each name their input
 twice, so a single inlined expression evaluates the key mixing eight times.
-For ``bigint`` keys that made the fully inlined SQL version about three times
-slower than PL/pgSQL, which computes the mixed value once into a variable and
-then finalises it (PL/pgSQL evaluates such simple expressions without going
-through the executor).  Splitting the work between an inlined SQL function
+For ``bigint`` keys that made the fully inlined SQL version two to three
+times slower than PL/pgSQL, which computes the mixed value once into a
+variable and then finalises it (PL/pgSQL evaluates such simple expressions
+without going through the executor).  Splitting the work between an inlined SQL function
 and a PL/pgSQL finaliser was no faster, and fell off a cliff (eight times
 slower) whenever the argument was an expression costing more than a few
 operators, because the planner refuses to inline a function that names such

@@ -46,8 +46,15 @@ def sharded_session_env(sharded_dev):
         def count(conn, cursor, statement, parameters, context, executemany, shard=s):
             hits[shard] += 1
 
-        event.listen(cluster.primary(s), "before_cursor_execute", count)
-    env = Sharded(sharded_dev, cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), hits)
+        for i in range(-1, cluster.replica_count(s)):
+            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
+            event.listen(eng, "before_cursor_execute", count)
+    # These tests are about which shard a statement reaches; reading from the
+    # primaries ("strong") keeps them independent of replication timing, which
+    # tests/integration/test_replicas.py covers.
+    env = Sharded(sharded_dev, cluster,
+                  sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong"),
+                  hits)
     yield env
     cluster.dispose()
 

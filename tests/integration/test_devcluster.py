@@ -221,7 +221,7 @@ def test_write_config_merges_extra(shardkit_dev_cluster, tmp_path):
     extra = {
         "groups": {"users": {"strategy": "hash", "tables": {"users": "id", "orders": "user_id"}}},
         "reference_tables": ["countries"],
-        "replicas": {"max_lag_seconds": 2.5, "read_your_writes": True},
+        "replicas": {"max_lag_seconds": 2.5, "consistency": "read_your_writes"},
     }
     path = c.write_config(tmp_path / "cfg.toml", extra)
     with open(path, "rb") as f:

@@ -51,7 +51,7 @@ EDGE_STRINGS = [
     "\U0010ffff", "e\u0301", "\u00e9", "x" * 10_000, "漢" * 1_001,
 ]
 
-# The word at the top bit set makes PostgreSQL's int4 block negative: cover it.
+# PostgreSQL reads a block with its top bit set as a negative int4: cover those.
 EDGE_BYTES = [
     pattern * n for n in range(21) for pattern in (b"\x00", b"\x7f", b"\x80", b"\xff")
 ]
@@ -84,14 +84,14 @@ def scratch(shardkit_dev_cluster) -> Iterator[SimpleNamespace]:
             f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' "
             "LC_COLLATE 'C' LC_CTYPE 'C'"
         )
-    url = sa.make_url(primary.url).set(database=name)
-    engine = sa.create_engine(url)
     try:
-        with engine.begin() as conn:
-            _sql.install(conn)
-    finally:
-        engine.dispose()
-    try:
+        url = sa.make_url(primary.url).set(database=name)
+        engine = sa.create_engine(url)
+        try:
+            with engine.begin() as conn:
+                _sql.install(conn)
+        finally:
+            engine.dispose()
         yield SimpleNamespace(url=url, dsn=make_conninfo(primary.dsn, dbname=name))
     finally:
         with psycopg.connect(primary.dsn, autocommit=True) as admin:

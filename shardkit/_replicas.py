@@ -1,0 +1,381 @@
+"""Replica health, lag and selection; consistency tokens for read-your-writes.
+
+A background :class:`HealthMonitor` polls every node on a short interval with
+short connect and statement timeouts (one thread per node, so a hung node
+cannot stall the others) and records, per node: reachable or not, recovery
+state, WAL position and latency.  Replica lag is derived from the samples:
+
+* bytes: ``primary WAL position - replica replay position`` (a gap <= 0 is zero lag);
+* seconds: ``now() - pg_last_xact_replay_timestamp()``, counted only while there
+  is a byte gap, so an idle primary does not make its replicas look stale.
+
+:class:`ReplicaSelector` picks, for one read, a replica that is up, not banned,
+within the lag limits and (under read-your-writes) past the session's token;
+otherwise it answers ``None`` and the read goes to the primary.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from ._config import ReplicaSettings, mask_url
+from .errors import ShardkitError
+
+if TYPE_CHECKING:
+    from ._cluster import Cluster
+
+__all__ = [
+    "HealthMonitor",
+    "NodeHealth",
+    "ReplicaSelector",
+    "format_lsn",
+    "parse_lsn",
+    "parse_token",
+    "format_token",
+    "replay_target",
+]
+
+log = logging.getLogger("shardkit.replicas")
+
+_TOKEN_VERSION = "v1"
+
+
+def parse_lsn(text: str) -> int:
+    """``'16/B374D848'`` -> an integer WAL position."""
+    hi, _, lo = text.partition("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+WAL_BLOCK_SIZE = 8192
+WAL_SEGMENT_SIZE = 16 * 1024 * 1024
+
+
+def replay_target(insert_lsn: int, block_size: int = WAL_BLOCK_SIZE,
+                  segment_size: int = WAL_SEGMENT_SIZE) -> int:
+    """The replay position that means "everything before ``insert_lsn`` is applied".
+
+    When the last record ends exactly at a page boundary, the insert position
+    is reported past the next page's header, but replay stops at the boundary:
+    without this adjustment a replica could look behind forever.
+    """
+    header = 40 if insert_lsn % segment_size < block_size else 24  # long / short page header
+    if insert_lsn % block_size == header:
+        return insert_lsn - header
+    return insert_lsn
+
+
+def format_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def format_token(positions: Mapping[str, int]) -> str:
+    """A consistency token as a short string (safe in a cookie or a job's arguments)."""
+    body = ",".join(f"{s}={format_lsn(lsn)}" for s, lsn in sorted(positions.items()))
+    return f"{_TOKEN_VERSION}:{body}"
+
+
+def parse_token(token: str) -> dict[str, int]:
+    """The inverse of :func:`format_token`; raises :class:`ShardkitError` on a malformed token."""
+    version, sep, body = token.partition(":")
+    if version != _TOKEN_VERSION or not sep:
+        raise ShardkitError(
+            f"not a shardkit consistency token: {token[:40]!r} (expected '{_TOKEN_VERSION}:s0=0/16B3A18,...')"
+        )
+    out: dict[str, int] = {}
+    if not body:
+        return out
+    try:
+        for part in body.split(","):
+            shard, _, lsn = part.partition("=")
+            out[shard] = parse_lsn(lsn)
+    except ValueError:
+        raise ShardkitError(f"malformed consistency token {token[:80]!r}") from None
+    return out
+
+
+@dataclass
+class NodeHealth:
+    """What the monitor last saw of one node.  Read it through :meth:`Cluster.health`."""
+
+    shard: str
+    name: str
+    role: str
+    index: int
+    up: bool = False
+    checked_at: float = 0.0
+    in_recovery: bool | None = None
+    wal_lsn: int | None = None          # primary: current WAL position; replica: replay position
+    replay_timestamp_age: float | None = None
+    latency_ms: float | None = None     # moving average of the poll round trip
+    error: str | None = None
+    banned_until: float = 0.0
+    ban_reason: str | None = None
+    lag_bytes: int | None = None
+    lag_seconds: float | None = None
+    _seen: bool = field(default=False, repr=False)
+
+    def banned(self, now: float | None = None) -> bool:
+        return self.banned_until > (time.monotonic() if now is None else now)
+
+    def as_dict(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "shard": self.shard,
+            "node": self.name,
+            "role": self.role,
+            "up": self.up,
+            "in_recovery": self.in_recovery,
+            "lag_bytes": self.lag_bytes,
+            "lag_seconds": None if self.lag_seconds is None else round(self.lag_seconds, 3),
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
+            "banned_for_s": round(self.banned_until - now, 2) if self.banned(now) else 0,
+            "ban_reason": self.ban_reason if self.banned(now) else None,
+            "error": self.error,
+            "checked_ago_s": round(now - self.checked_at, 3) if self.checked_at else None,
+        }
+
+
+@dataclass
+class _ShardState:
+    primary: NodeHealth
+    replicas: list[NodeHealth]
+    weights: tuple[float, ...]
+    rr: int = 0
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+
+class HealthMonitor:
+    """Polls every node of a cluster in background threads."""
+
+    def __init__(self, cluster: Cluster, settings: ReplicaSettings) -> None:
+        self.cluster = cluster
+        self.settings = settings
+        self.shards: dict[str, _ShardState] = {}
+        for sc in cluster.config.shards:
+            primary = NodeHealth(sc.name, f"{sc.name}/primary", "primary", 0)
+            reps = [NodeHealth(sc.name, f"{sc.name}/r{i}", "replica", i) for i in range(len(sc.replicas))]
+            self.shards[sc.name] = _ShardState(primary, reps, sc.replica_weights or (1.0,) * len(reps))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            for state in self.shards.values():
+                for node in (state.primary, *state.replicas):
+                    t = threading.Thread(target=self._loop, args=(node,), daemon=True,
+                                         name=f"shardkit-monitor-{node.name}")
+                    t.start()
+                    self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stop.is_set()
+
+    def wait_first_poll(self, timeout: float = 5.0) -> None:
+        """Block until every node has been polled once (or ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        for state in self.shards.values():
+            for node in (state.primary, *state.replicas):
+                while not node.checked_at and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+    # -- polling -------------------------------------------------------------------
+
+    def _conninfo(self, node: NodeHealth) -> dict[str, Any]:
+        url = self.cluster.node_url(node.shard, node.role, node.index)
+        timeout_ms = int(self.settings.poll_timeout * 1000)
+        kw: dict[str, Any] = {
+            "host": url.host, "port": url.port or 5432, "user": url.username,
+            "dbname": url.database, "autocommit": True,
+            # libpq's connect_timeout is whole seconds, 2 at least.
+            "connect_timeout": max(2, int(self.settings.poll_timeout + 0.999)),
+            "options": f"-c statement_timeout={timeout_ms}",
+            "application_name": "shardkit-monitor",
+        }
+        if url.password:
+            kw["password"] = url.password
+        return kw
+
+    def _loop(self, node: NodeHealth) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        interval = self.settings.poll_interval
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(**self._conninfo(node))
+                if node.role == "primary":
+                    row = conn.execute(
+                        "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL "
+                        "ELSE pg_current_wal_lsn()::text END").fetchone()
+                    assert row is not None
+                    in_recovery, lsn, age = row[0], row[1], None
+                else:
+                    row = conn.execute(
+                        "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
+                        "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
+                    ).fetchone()
+                    assert row is not None
+                    in_recovery, lsn, age = row
+                rtt = (time.monotonic() - started) * 1000
+                self._record(node, up=True, in_recovery=in_recovery,
+                             lsn=parse_lsn(lsn) if lsn else None, age=age, rtt=rtt)
+            except Exception as e:  # noqa: BLE001 - any failure means "down" for routing
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    conn = None
+                self._record(node, up=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        if conn is not None:
+            conn.close()
+
+    def _record(self, node: NodeHealth, *, up: bool, in_recovery: bool | None = None,
+                lsn: int | None = None, age: float | None = None, rtt: float | None = None,
+                error: str | None = None) -> None:
+        state = self.shards[node.shard]
+        was_up = node.up
+        first = not node._seen
+        node._seen = True
+        node.up = up
+        node.checked_at = time.monotonic()
+        node.error = error
+        if up:
+            node.in_recovery = in_recovery
+            if lsn is not None:
+                node.wal_lsn = lsn
+            node.replay_timestamp_age = age
+            node.latency_ms = rtt if node.latency_ms is None else 0.8 * node.latency_ms + 0.2 * (rtt or 0)
+        if was_up != up and not (first and up):
+            log.warning("%s is %s%s", node.name, "up" if up else "down",
+                        f" ({error})" if error else "")
+        self._update_lag(state)
+        with state.changed:
+            state.changed.notify_all()
+
+    def _update_lag(self, state: _ShardState) -> None:
+        primary_lsn = state.primary.wal_lsn
+        for r in state.replicas:
+            if r.wal_lsn is None:
+                r.lag_bytes = r.lag_seconds = None
+                continue
+            gap = 0 if primary_lsn is None else primary_lsn - r.wal_lsn
+            r.lag_bytes = max(0, gap)
+            # A gap <= 0 is zero lag; time lag counts only while there is a gap,
+            # otherwise an idle primary would make every replica look stale.
+            r.lag_seconds = (r.replay_timestamp_age or 0.0) if r.lag_bytes > 0 else 0.0
+        state.primary.lag_bytes = 0
+        state.primary.lag_seconds = 0.0
+
+    def note_replay_position(self, shard: str, index: int, lsn: int) -> None:
+        """Record a replay position learned outside the poll (a read-your-writes probe)."""
+        state = self.shards[shard]
+        r = state.replicas[index]
+        if r.wal_lsn is None or lsn > r.wal_lsn:
+            r.wal_lsn = lsn
+            self._update_lag(state)
+
+    def ban(self, shard: str, index: int, reason: str, seconds: float | None = None) -> None:
+        r = self.shards[shard].replicas[index]
+        r.banned_until = time.monotonic() + (self.settings.ban_seconds if seconds is None else seconds)
+        r.ban_reason = reason
+        log.warning("replica %s banned for %.1f s: %s", r.name,
+                    self.settings.ban_seconds if seconds is None else seconds, reason)
+
+
+class ReplicaSelector:
+    """Chooses a replica for a read, by policy, among those fresh enough."""
+
+    def __init__(self, cluster: Cluster, monitor: HealthMonitor, settings: ReplicaSettings) -> None:
+        self.cluster = cluster
+        self.monitor = monitor
+        self.settings = settings
+        self._rand = random.Random()
+        self._lock = threading.Lock()
+
+    def eligible(self, shard: str, *, max_lag_seconds: float, max_lag_bytes: int,
+                 min_lsn: int | None, exclude: frozenset[int] = frozenset()
+                 ) -> tuple[list[NodeHealth], list[NodeHealth]]:
+        """(replicas usable now, replicas only short of the token)."""
+        state = self.monitor.shards[shard]
+        now = time.monotonic()
+        stale_after = max(2.0, 5 * self.settings.poll_interval)
+        ok, behind_token = [], []
+        for r in state.replicas:
+            if r.index in exclude or not r.up or r.banned(now) or r.in_recovery is False:
+                continue
+            if now - r.checked_at > stale_after or r.lag_bytes is None:
+                continue  # no recent sample: we do not know how far behind it is
+            if r.lag_bytes > max_lag_bytes or (r.lag_seconds or 0.0) > max_lag_seconds:
+                continue
+            if min_lsn is not None and (r.wal_lsn is None or r.wal_lsn < min_lsn):
+                behind_token.append(r)
+                continue
+            ok.append(r)
+        return ok, behind_token
+
+    def pick(self, shard: str, candidates: list[NodeHealth]) -> NodeHealth:
+        policy = self.settings.policy
+        if len(candidates) == 1:
+            return candidates[0]
+        state = self.monitor.shards[shard]
+        if policy == "random":
+            weights = [state.weights[r.index] for r in candidates]
+            return self._rand.choices(candidates, weights=weights)[0]
+        if policy == "least_outstanding":
+            def outstanding(r: NodeHealth) -> int:
+                eng = self.cluster._engines.get((shard, "replica", r.index))
+                return eng.pool.checkedout() if eng is not None else 0  # type: ignore[attr-defined]
+            return min(candidates, key=outstanding)
+        if policy == "lowest_latency":
+            return min(candidates, key=lambda r: r.latency_ms if r.latency_ms is not None else 1e9)
+        with self._lock:
+            state.rr += 1
+            return candidates[state.rr % len(candidates)]
+
+    def probe_reached(self, shard: str, replica: NodeHealth, min_lsn: int, wait: float) -> bool:
+        """Ask the replica itself whether it has replayed ``min_lsn``, waiting up to ``wait`` s."""
+        deadline = time.monotonic() + wait
+        engine = self.cluster.engine(shard, "replica", replica.index)
+        try:
+            with engine.connect() as conn:
+                while True:
+                    text = conn.exec_driver_sql("SELECT pg_last_wal_replay_lsn()::text").scalar()
+                    if text:
+                        lsn = parse_lsn(text)
+                        self.monitor.note_replay_position(shard, replica.index, lsn)
+                        if lsn >= min_lsn:
+                            return True
+                    if time.monotonic() >= deadline:
+                        return False
+                    time.sleep(0.002)
+        except Exception as e:  # noqa: BLE001 - a failed probe means "not this replica"
+            self.monitor.ban(shard, replica.index, f"probe failed: {type(e).__name__}")
+            return False
+
+
+def describe_node(cluster: Cluster, shard: str, role: str, index: int) -> str:
+    return mask_url(cluster.node_url(shard, role, index))
