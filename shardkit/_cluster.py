@@ -157,6 +157,11 @@ class Cluster:
                     # A replica that was killed leaves dead pooled connections;
                     # pre-ping finds them at checkout, where a retry is still safe.
                     opts.setdefault("pool_pre_ping", True)
+                    # Replica reads run in autocommit: each statement sees the
+                    # latest replayed data (as READ COMMITTED would), a failed
+                    # read can be retried on another node, and a dead replica
+                    # leaves no transaction to roll back.
+                    opts.setdefault("isolation_level", "AUTOCOMMIT")
                 opts.update(self._engine_options)
                 connect_args = dict(opts.pop("connect_args", {}))
                 connect_args.setdefault("connect_timeout", 3)
@@ -276,6 +281,8 @@ def _unavailable_on_disconnect(shard: str, node: str, url: URL) -> Any:
     def handle(context: Any) -> None:
         if context.is_pre_ping:
             return  # the pool reconnects by itself
+        if context.statement is None and context.connection is not None:
+            return  # a failed COMMIT/ROLLBACK: SQLAlchemy's own error says what happened
         unreachable = context.is_disconnect or (
             context.connection is None and isinstance(context.original_exception, psycopg.OperationalError)
         )

@@ -92,9 +92,6 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self.consistency = consistency
         # Shards the current transaction wrote to: their reads go to the primary.
         self._sk_written: set[str] = set()
-        # (shard, replica index) joined to the current transaction: a failure on
-        # one of those cannot be retried elsewhere.
-        self._sk_replicas_in_txn: set[tuple[str, int]] = set()
         # shard -> WAL position this session's reads must see (read-your-writes).
         self._sk_tokens: dict[str, int] = {}
         if consistency_token:
@@ -304,18 +301,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
                                        bind_arguments=ba, **kw)
             eo, ba = _single(shard, REPLICA, execution_options, bind_arguments)
             ba["shardkit_replica"] = index
-            joined = (shard, index) in self._sk_replicas_in_txn
-            self._sk_replicas_in_txn.add((shard, index))
             try:
                 return Session.execute(self, statement, params, execution_options=eo,
                                        bind_arguments=ba, **kw)
             except ShardUnavailable as e:
+                # Replica connections are in autocommit, so no snapshot is lost by
+                # running the read again elsewhere.
                 self.cluster.selector.monitor.ban(shard, index, f"read failed: {e.cause!r}"[:200])
-                if joined:
-                    # Earlier reads of this transaction ran on that replica; a retry
-                    # elsewhere could see a different snapshot.
-                    raise
-                self._sk_replicas_in_txn.discard((shard, index))
                 self._forget_connection(shard, index)
                 tried.add(index)
                 log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
@@ -754,7 +746,6 @@ def _record_tokens(session: Session) -> None:
     """After a commit, remember each written shard's WAL position (read-your-writes)."""
     assert isinstance(session, ShardedSession)
     written, session._sk_written = session._sk_written, set()
-    session._sk_replicas_in_txn = set()
     if not written or not session.cluster.has_replicas:
         return
     for shard in written:
@@ -778,7 +769,6 @@ def _record_tokens(session: Session) -> None:
 def _end_transaction(session: Session, *args: Any) -> None:
     assert isinstance(session, ShardedSession)
     session._sk_written = set()
-    session._sk_replicas_in_txn = set()
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
