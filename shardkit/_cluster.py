@@ -154,13 +154,11 @@ class Cluster:
                     if key in self.config.pool:
                         opts[sa_key] = self.config.pool[key]
                 if role == REPLICA:
-                    # A replica that was killed leaves dead pooled connections;
-                    # pre-ping finds them at checkout, where a retry is still safe.
-                    opts.setdefault("pool_pre_ping", True)
                     # Replica reads run in autocommit: each statement sees the
-                    # latest replayed data (as READ COMMITTED would), a failed
-                    # read can be retried on another node, and a dead replica
-                    # leaves no transaction to roll back.
+                    # latest replayed data (as READ COMMITTED would), a read that
+                    # fails on a dead connection is retried on another node (no
+                    # pre-ping round trip needed), and a dead replica leaves no
+                    # transaction to roll back.
                     opts.setdefault("isolation_level", "AUTOCOMMIT")
                 opts.update(self._engine_options)
                 connect_args = dict(opts.pop("connect_args", {}))
