@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +57,9 @@ class Cluster:
         self._monitor: HealthMonitor | None = None
         self._selector: ReplicaSelector | None = None
         self.has_replicas = any(s.replicas for s in config.shards)
+        self._scatter_pool: ThreadPoolExecutor | None = None
+        # Default per-shard answer deadline of cross-shard reads (None: wait).
+        self.scatter_timeout: float | None = None
         if metadata is not None:
             self.validate_metadata(metadata)
 
@@ -93,8 +98,22 @@ class Cluster:
         return self.router.bucket_for(table, key)
 
     def explain(self, statement: Any, params: Any = None, *, all_shards: bool = False) -> Route:
-        """The :class:`Route` a statement would take, without running it."""
-        return self.router.route(statement, params, all_shards=all_shards)
+        """The :class:`Route` a statement would take, without running it.
+
+        For a read on several shards, ``route.merge`` describes how the rows
+        are merged (or why the query would be refused).
+        """
+        route = self.router.route(statement, params, all_shards=all_shards)
+        if route.is_scatter and not route.is_write:
+            from ._scatter import plan_scatter
+            from .errors import ScatterRefused
+
+            try:
+                merge = plan_scatter(statement)[1].description
+            except ScatterRefused as e:
+                merge = f"refused: {e}"
+            route = dataclasses.replace(route, merge=merge)
+        return route
 
     def validate_metadata(self, metadata: MetaData) -> None:
         """Check every configured table and shard-key column exists in ``metadata``."""
@@ -225,8 +244,23 @@ class Cluster:
         ready = all(state.primary.up for state in mon.shards.values())
         return ClusterHealth(nodes=nodes, ready=ready)
 
+    def scatter_executor(self) -> ThreadPoolExecutor:
+        """The threads cross-shard reads run on (psycopg releases the GIL while it waits)."""
+        pool = self._scatter_pool
+        if pool is None:
+            with self._lock:
+                if self._scatter_pool is None:
+                    workers = min(64, 4 * len(self.shard_names))
+                    self._scatter_pool = ThreadPoolExecutor(max_workers=workers,
+                                                            thread_name_prefix="shardkit-scatter")
+                pool = self._scatter_pool
+        return pool
+
     def dispose(self) -> None:
         """Stop the monitor and close every pooled connection of every node."""
+        if self._scatter_pool is not None:
+            self._scatter_pool.shutdown(wait=False)
+            self._scatter_pool = None
         if self._monitor is not None:
             self._monitor.stop()
             self._monitor = None

@@ -67,13 +67,15 @@ class Route:
     is_write: bool = False
     tables: tuple[str, ...] = ()
     split: Mapping[str, Any] | None = field(default=None, compare=False)
+    merge: str | None = None
 
     @property
     def is_scatter(self) -> bool:
         return len(self.shards) > 1
 
     def __str__(self) -> str:
-        return f"{self.kind} {','.join(self.shards)} ({self.role}): {self.reason}"
+        out = f"{self.kind} {','.join(self.shards)} ({self.role}): {self.reason}"
+        return out + (f"; merge: {self.merge}" if self.merge else "")
 
 
 # ---------------------------------------------------------------------------

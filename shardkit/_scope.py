@@ -31,6 +31,7 @@ class RoutingScope:
     consistency: str | None = None
     max_lag_seconds: float | None = None
     max_lag_bytes: int | None = None
+    strict: bool = False
 
 
 _EMPTY = RoutingScope()
@@ -54,6 +55,7 @@ def scope(
     consistency: str | None = _UNSET,
     max_lag_seconds: float | None = _UNSET,
     max_lag_bytes: int | None = _UNSET,
+    strict: bool = _UNSET,
 ) -> Iterator[RoutingScope]:
     """Set routing defaults for the code inside the block.
 
@@ -66,6 +68,7 @@ def scope(
     :param consistency: ``"eventual"``, ``"read_your_writes"`` or ``"strong"`` for reads.
     :param max_lag_seconds: the staleness reads in the block accept (e.g. 30 for a report).
     :param max_lag_bytes: the same, in WAL bytes.
+    :param strict: refuse any query in the block that would need more than one shard.
     """
     if role is not _UNSET and role not in (None, "primary", "replica"):
         raise ValueError(f"role must be 'primary' or 'replica', not {role!r}")
@@ -76,7 +79,8 @@ def scope(
         name: value
         for name, value in (("shard", shard), ("key", key), ("role", role),
                             ("all_shards", all_shards), ("consistency", consistency),
-                            ("max_lag_seconds", max_lag_seconds), ("max_lag_bytes", max_lag_bytes))
+                            ("max_lag_seconds", max_lag_seconds), ("max_lag_bytes", max_lag_bytes),
+                            ("strict", strict))
         if value is not _UNSET
     }
     new = replace(_current.get(), **changes)

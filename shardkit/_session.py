@@ -20,7 +20,10 @@ from sqlalchemy import event, inspect, util
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from concurrent.futures import wait
+
 from sqlalchemy.engine import Result
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.interfaces import MANYTOONE
@@ -31,10 +34,12 @@ from ._cluster import Cluster
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
+from ._scatter import merge_rows, plan_scatter
 from ._scope import current_scope
 from .errors import (
     CrossShardWriteError,
     RoutingError,
+    ScatterError,
     ScatterRefused,
     ShardKeyError,
     ShardUnavailable,
@@ -43,13 +48,6 @@ from .errors import (
 __all__ = ["ShardedSession"]
 
 log = logging.getLogger("shardkit.session")
-
-_AGGREGATES = frozenset({
-    "count", "sum", "min", "max", "avg", "array_agg", "string_agg", "bool_and", "bool_or",
-    "every", "stddev", "variance", "json_agg", "jsonb_agg", "percentile_cont",
-    "percentile_disc", "mode", "bit_and", "bit_or",
-})
-
 
 class ShardedSession(horizontal_shard.ShardedSession):
     """A :class:`~sqlalchemy.orm.Session` over a :class:`~shardkit.Cluster`.
@@ -70,7 +68,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
     """
 
     def __init__(self, cluster: Cluster | None = None, *, consistency_token: str | None = None,
-                 consistency: str | None = None, **kwargs: Any) -> None:
+                 consistency: str | None = None, strict: bool = False, **kwargs: Any) -> None:
         if not isinstance(cluster, Cluster):
             raise sa_exc.ArgumentError(
                 "ShardedSession needs cluster=shardkit.Cluster.from_config(...); got "
@@ -90,6 +88,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
             raise sa_exc.ArgumentError(
                 f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, not {consistency!r}")
         self.consistency = consistency
+        # strict: refuse any query that would need more than one shard.
+        self.strict = strict
         # Shards the current transaction wrote to: their reads go to the primary.
         self._sk_written: set[str] = set()
         # shard -> WAL position this session's reads must see (read-your-writes).
@@ -533,51 +533,21 @@ def _route_by_scope_key(cluster: Cluster, route: Route, key: Any) -> Route:
                  route.is_write, route.tables)
 
 
-def _refuse_unmergeable(statement: Any, route: Route) -> None:
-    """Refuse scatter reads whose per-shard results cannot simply be concatenated."""
-    if isinstance(statement, selectable.CompoundSelect):
-        raise ScatterRefused(
-            f"UNION/INTERSECT/EXCEPT across shards {', '.join(route.shards)} cannot be merged "
-            "exactly; run each part separately or add the shard key",
-            construct="compound select", statement=statement,
-        )
-    if not isinstance(statement, selectable.Select):
-        return
-    checks = [
-        (statement._order_by_clauses, "ORDER BY"),
-        (statement._limit_clause is not None, "LIMIT"),
-        (statement._offset_clause is not None, "OFFSET"),
-        (statement._group_by_clauses, "GROUP BY"),
-        (statement._having_criteria, "HAVING"),
-        (statement._distinct, "DISTINCT"),
-    ]
-    for present, construct in checks:
-        if present:
-            raise ScatterRefused(
-                f"{construct} in a query over shards {', '.join(route.shards)} is not merged yet; "
-                "add the shard key to the WHERE clause or name a shard",
-                construct=construct, statement=statement,
-            )
-    for col in statement._raw_columns:
-        for elem in _iterate(col):
-            if isinstance(elem, functions.FunctionElement) and elem.name.lower() in _AGGREGATES:
-                raise ScatterRefused(
-                    f"aggregate {elem.name}() over shards {', '.join(route.shards)} is not merged "
-                    "yet; add the shard key to the WHERE clause or name a shard",
-                    construct=f"{elem.name}()", statement=statement,
-                )
+class ScatterResult(IteratorResult):  # type: ignore[type-arg]
+    """The merged result of a cross-shard read.
 
+    ``missing_shards`` maps each shard that failed to its error when the caller
+    accepted partial results (``shardkit_partial_results=True``); it is empty
+    when every shard answered.
+    """
 
-def _iterate(elem: Any) -> Iterable[Any]:
-    from sqlalchemy.sql import visitors
-
-    return visitors.iterate(elem)
+    missing_shards: dict[str, BaseException]
 
 
 def _run_on_shards(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
                    bind_arguments: Any, route: Route) -> Result[Any]:
     if not route.is_write:
-        _refuse_unmergeable(statement, route)
+        return _scatter_read(session, statement, params, execution_options, bind_arguments, route)
     results = []
     for shard in route.shards:
         stmt = statement
@@ -588,12 +558,9 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
                 p = part
             elif part:
                 stmt = statement.params(part)
-        if not route.is_write and session.cluster.has_replicas:
-            results.append(session._read_on(shard, stmt, p, execution_options, bind_arguments, {}))
-            continue
         eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
         results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
-    if route.is_write and not any(r.returns_rows for r in results):
+    if not any(r.returns_rows for r in results):
         total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
         first = results[0]
         for r in results[1:]:
@@ -603,6 +570,99 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         first.rowcount = total  # type: ignore[misc]
         return first
     return results[0].merge(*results[1:])
+
+
+def _scatter_read(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
+                  bind_arguments: Any, route: Route) -> Result[Any]:
+    """Run a read on several shards at once and merge the rows exactly."""
+    sc = current_scope()
+    if _option("shardkit_strict", statement, execution_options) or sc.strict or session.strict:
+        raise ScatterRefused(
+            f"strict mode: this query would run on shards {', '.join(route.shards)} ({route.reason}); "
+            "add the shard key or name a shard",
+            construct="scatter in strict mode", statement=statement,
+        )
+    shard_stmt, plan = plan_scatter(statement)
+    partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
+    timeout = _option("shardkit_timeout", statement, execution_options)
+    cluster = session.cluster
+    if timeout is None:
+        timeout = cluster.scatter_timeout
+
+    # Choose each shard's node and check out its connection here, in one fixed
+    # order (shard name): concurrent scatters then never wait on each other's
+    # pools in a cycle, so a burst of them cannot deadlock.
+    tasks = []
+    for shard in sorted(route.shards):
+        stmt = shard_stmt
+        if route.split is not None and route.split.get(shard):
+            stmt = shard_stmt.params(route.split[shard])
+        index = session._read_target(shard, statement, execution_options) if cluster.has_replicas else None
+        role = PRIMARY if index is None else REPLICA
+        eo, ba = _single(shard, role, execution_options, bind_arguments)
+        # Any flush already ran in this thread; the shard threads must not flush.
+        eo = eo.union({"autoflush": False})
+        if index is not None:
+            ba["shardkit_replica"] = index
+        conn = session.connection(bind_arguments=ba)
+        tasks.append((shard, index, stmt, eo, ba, conn))
+
+    def run(task: Any) -> Any:
+        shard, index, stmt, eo, ba, conn = task
+        return Session.execute(session, stmt, params, execution_options=eo, bind_arguments=ba)
+
+    pool = cluster.scatter_executor()
+    futures = {pool.submit(run, t): t for t in tasks}
+    done, not_done = wait(futures, timeout=timeout)
+    for f in not_done:
+        conn = futures[f][5]
+        try:
+            # Ask the server to stop; the shard's thread then fails with QueryCanceled.
+            conn.connection.dbapi_connection.cancel()
+        except Exception:  # noqa: BLE001 - the failure below reports the shard
+            pass
+    if not_done:
+        wait(not_done)
+    results: dict[str, Any] = {}
+    failures: dict[str, BaseException] = {}
+    for f, (shard, index, stmt, eo, ba, conn) in futures.items():
+        try:
+            results[shard] = f.result()
+        except ShardUnavailable as e:
+            if index is not None and f not in not_done:
+                # A replica died under the read: ban it and read that shard again
+                # on another node (autocommit replica reads are safe to retry).
+                cluster.selector.monitor.ban(shard, index, f"read failed: {e.cause!r}"[:200])
+                session._forget_connection(shard, index)
+                try:
+                    results[shard] = session._read_on(shard, stmt, params, execution_options,
+                                                      bind_arguments, {})
+                except Exception as e2:  # noqa: BLE001
+                    failures[shard] = e2
+                continue
+            failures[shard] = e
+        except Exception as e:  # noqa: BLE001 - reported per shard below
+            if f in not_done:
+                e = ShardUnavailable(
+                    f"shard {shard}: no answer within {timeout:g} s (query cancelled)",
+                    shard=shard, cause=e,
+                )
+            failures[shard] = e
+    if failures and not partial_ok:
+        for r in results.values():
+            r.close()
+        raise ScatterError(failures)
+    ordered = [results[s] for s in route.shards if s in results]
+    if not ordered:
+        raise ScatterError(failures)
+    keys = list(ordered[0].keys())[: plan.visible]
+    merged = merge_rows(plan, ordered)
+    result = ScatterResult(SimpleResultMetaData(keys), merged)
+    result.missing_shards = failures
+    if failures:
+        log.warning("partial results: shards %s failed: %s", ", ".join(sorted(failures)),
+                    "; ".join(f"{k}: {v}" for k, v in failures.items()))
+    return result
 
 
 def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any) -> None:

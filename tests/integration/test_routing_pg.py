@@ -288,11 +288,13 @@ def test_uuid_keys(sharded):
         assert s.execute(select(Device).where(Device.id == str(ids[6]))).scalar_one().id == ids[6]
 
 
-def test_scatter_read_without_key_concatenates_and_refuses_unmergeable(sharded):
+def test_scatter_read_without_key_merges_or_refuses(sharded):
     with sharded.Session() as s:
-        s.add_all(User(id=k, name="x") for k in range(40))
+        s.add_all(User(id=k, name=f"n{k % 7}") for k in range(40))
         s.commit()
-        assert len(s.scalars(select(User).where(User.name == "x")).all()) == 40
+        assert len(s.scalars(select(User).where(User.name == "n1")).all()) == 6
+        top = s.scalars(select(User).order_by(User.id.desc()).limit(5)).all()
+        assert [u.id for u in top] == [39, 38, 37, 36, 35]
         with pytest.raises(shardkit.ScatterRefused) as ei:
-            s.scalars(select(User).order_by(User.id).limit(5)).all()
-        assert ei.value.construct == "ORDER BY"
+            s.execute(select(func.count(User.name.distinct()))).all()
+        assert ei.value.construct == "count(DISTINCT)"

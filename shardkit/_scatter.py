@@ -1,0 +1,593 @@
+"""Scatter / gather / merge: cross-shard SELECTs that return what one database would.
+
+Planning is pure: :func:`plan_scatter` turns a ``Select`` into the statement
+each shard runs plus a :class:`MergePlan`, or raises
+:class:`~shardkit.errors.ScatterRefused` naming the construct it cannot merge
+exactly.  :func:`merge_rows` applies the plan to the per-shard row streams.
+
+* ``ORDER BY``: each shard sorts; a streaming k-way merge (``heapq.merge``)
+  interleaves the sorted streams, honouring direction and NULLS FIRST/LAST
+  (PostgreSQL's default: NULLS LAST ascending, NULLS FIRST descending).  The
+  sort keys travel as hidden trailing columns and are dropped afterwards.
+* ``LIMIT n OFFSET m``: each shard returns at most ``n + m`` rows; the offset and
+  limit apply after the merge.
+* ``count``/``sum``/``min``/``max``: partials per shard, combined; ``avg`` is
+  rebuilt from per-shard ``sum`` and ``count`` with PostgreSQL's own numeric
+  division scale, so the digits match.
+* ``GROUP BY``: partials per group per shard, combined by group key; ``HAVING``
+  is evaluated after the merge; ``ORDER BY``/``LIMIT`` then apply to the groups.
+* ``DISTINCT``: distinct per shard, de-duplicated again across shards.
+"""
+
+from __future__ import annotations
+
+import decimal
+import heapq
+import itertools
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.sql import elements, functions, operators, selectable
+from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
+
+from .errors import ScatterRefused
+
+__all__ = ["MergePlan", "merge_rows", "pg_numeric_div", "plan_scatter"]
+
+_MERGEABLE_AGGS = {"count", "sum", "min", "max", "avg"}
+_OTHER_AGGS = {
+    "array_agg", "string_agg", "bool_and", "bool_or", "every", "stddev", "stddev_pop",
+    "stddev_samp", "variance", "var_pop", "var_samp", "json_agg", "jsonb_agg",
+    "percentile_cont", "percentile_disc", "mode", "bit_and", "bit_or", "json_object_agg",
+    "jsonb_object_agg", "xmlagg", "corr", "covar_pop", "covar_samp", "regr_slope",
+}
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One ORDER BY term: where its value sits in a shard row, and how it sorts."""
+
+    position: int
+    descending: bool
+    nulls_first: bool
+
+    def describe(self, name: str) -> str:
+        return f"{name} {'DESC' if self.descending else 'ASC'} NULLS {'FIRST' if self.nulls_first else 'LAST'}"
+
+
+@dataclass(frozen=True)
+class OutputColumn:
+    """How one visible column of the merged result is produced from shard rows.
+
+    ``kind`` is ``value`` (a group key or plain column at ``positions[0]``),
+    ``count``/``sum``/``min``/``max`` (combine ``positions[0]``) or ``avg``
+    (``positions`` = (sum, count)).
+    """
+
+    kind: str
+    positions: tuple[int, ...]
+
+
+@dataclass
+class MergePlan:
+    """How shard results combine into the single result a caller sees."""
+
+    kind: str                              # concat | ordered | aggregate | group
+    visible: int                           # number of columns the caller asked for
+    sort_keys: tuple[SortKey, ...] = ()
+    limit: int | None = None
+    offset: int = 0
+    distinct: bool = False
+    outputs: tuple[OutputColumn, ...] = ()
+    group_positions: tuple[int, ...] = ()
+    having: Callable[[Sequence[Any]], bool] | None = None
+    description: str = ""
+    order_terms: tuple[Any, ...] = ()      # group merges: (evaluator, descending, nulls_first)
+    n_outputs: int = 0
+
+    def __str__(self) -> str:
+        return self.description
+
+
+def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
+    """(expression, descending, nulls_first or None for the default)."""
+    descending = False
+    nulls_first: bool | None = None
+    expr = clause
+    while isinstance(expr, UnaryExpression) and expr.modifier in (
+        operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op,
+    ):
+        if expr.modifier is operators.desc_op:
+            descending = True
+        elif expr.modifier is operators.nulls_first_op:
+            nulls_first = True
+        elif expr.modifier is operators.nulls_last_op:
+            nulls_first = False
+        expr = expr.element
+    if isinstance(expr, elements._label_reference):  # order_by("name") / order_by(label)
+        expr = expr.element
+    if isinstance(expr, elements._textual_label_reference):
+        raise ScatterRefused(
+            f"ORDER BY {expr.element!r} names a label by text; across shards shardkit needs the "
+            "expression itself (order_by(Model.column) or order_by(label_object))",
+            construct="ORDER BY by label name",
+        )
+    if isinstance(expr, Label):
+        expr = expr.element
+    return expr, descending, nulls_first
+
+
+def _agg_name(expr: Any) -> str | None:
+    if isinstance(expr, Label):
+        expr = expr.element
+    if isinstance(expr, functions.FunctionElement):
+        name = expr.name.lower()
+        if name in _MERGEABLE_AGGS or name in _OTHER_AGGS:
+            return name
+    return None
+
+
+def _contains_aggregate(expr: Any) -> str | None:
+    from sqlalchemy.sql import visitors
+
+    for e in visitors.iterate(expr):
+        if isinstance(e, selectable.SelectBase):
+            continue
+        if isinstance(e, functions.FunctionElement) and (
+            e.name.lower() in _MERGEABLE_AGGS or e.name.lower() in _OTHER_AGGS
+        ):
+            return e.name.lower()
+    return None
+
+
+def _literal(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, BindParameter):
+        value = value.effective_value
+    elif hasattr(value, "_limit_offset_value"):
+        value = value._limit_offset_value
+    elif hasattr(value, "value"):
+        value = value.value
+    if not isinstance(value, int):
+        raise ScatterRefused(
+            f"LIMIT/OFFSET {value!r} is not a literal integer; across shards the limit must be known "
+            "when the query is planned",
+            construct="non-literal LIMIT/OFFSET",
+        )
+    return value
+
+
+def plan_scatter(stmt: Any) -> tuple[Any, MergePlan]:
+    """The statement each shard runs and the plan that merges their rows."""
+    if isinstance(stmt, selectable.CompoundSelect):
+        raise ScatterRefused(
+            "UNION/INTERSECT/EXCEPT across shards cannot be merged exactly; run each part "
+            "separately or add the shard key",
+            construct="compound select", statement=stmt,
+        )
+    if not isinstance(stmt, selectable.Select):
+        raise ScatterRefused(f"cannot merge {type(stmt).__name__} results across shards",
+                             construct=type(stmt).__name__, statement=stmt)
+    try:
+        return _plan(stmt)
+    except ScatterRefused as e:
+        if e.statement is None:
+            e.statement = stmt
+        raise
+
+
+def _is_entity(col: Any) -> bool:
+    ann = getattr(col, "_annotations", {})
+    return "parententity" in ann and isinstance(col, selectable.FromClause)
+
+
+def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
+    columns = list(stmt._raw_columns)
+    visible = len(columns)
+    limit = _literal(stmt._limit_clause)
+    offset = _literal(stmt._offset_clause) or 0
+    if stmt._fetch_clause is not None:
+        raise ScatterRefused("FETCH FIRST across shards is not merged; use .limit()",
+                             construct="FETCH FIRST")
+    if isinstance(stmt._distinct_on, tuple) and stmt._distinct_on:
+        raise ScatterRefused("DISTINCT ON across shards is not merged exactly",
+                             construct="DISTINCT ON")
+    order = [_unwrap_order(c) for c in stmt._order_by_clauses]
+    group_by = list(stmt._group_by_clauses)
+    aggs = [_agg_name(c) for c in columns]
+    nested = [(_contains_aggregate(c), c) for c, a in zip(columns, aggs) if a is None]
+    for name, _c in nested:
+        if name is not None:
+            raise ScatterRefused(
+                f"an expression over {name}() in the select list cannot be merged from per-shard "
+                f"partials; select {name}(...) itself and compute the expression in Python",
+                construct=f"expression over {name}()",
+            )
+    for a in aggs:
+        if a is not None and a not in _MERGEABLE_AGGS:
+            raise ScatterRefused(
+                f"{a}() across shards cannot be merged from per-shard partials; add the shard key "
+                "or compute it from the rows",
+                construct=f"{a}()",
+            )
+    for c in columns:
+        if _agg_name(c) == "count" and _has_distinct(c):
+            raise ScatterRefused(
+                "count(DISTINCT ...) across shards cannot be merged from per-shard counts (a value "
+                "may occur on several shards); select the distinct values or add the shard key",
+                construct="count(DISTINCT)",
+            )
+
+    if not group_by and not any(aggs):
+        if stmt._having_criteria:
+            raise ScatterRefused("HAVING without GROUP BY or aggregates", construct="HAVING")
+        if stmt._distinct and any(_is_entity(c) for c in columns):
+            raise ScatterRefused(
+                "DISTINCT over ORM entities across shards is not merged; select columns",
+                construct="DISTINCT entity",
+            )
+        shard_stmt = stmt
+        keys = []
+        if order:
+            hidden = [expr.label(f"_sk_o{i}") for i, (expr, _, _) in enumerate(order)]
+            shard_stmt = shard_stmt.add_columns(*hidden)
+            for i, (_expr, desc, nf) in enumerate(order):
+                keys.append(SortKey(visible + i, desc, desc if nf is None else nf))
+        if limit is not None:
+            shard_stmt = shard_stmt.limit(limit + offset)
+        if offset:
+            shard_stmt = shard_stmt.offset(None)
+        kind = "ordered" if order else "concat"
+        desc = (
+            "ordered merge on "
+            + ", ".join(k.describe(str(e)) for k, (e, _, _) in zip(keys, order))
+            if order else "concatenation"
+        )
+        if stmt._distinct:
+            desc += ", de-duplicated across shards"
+        if limit is not None or offset:
+            desc += (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
+                     f"then offset {offset} limit {limit} after the merge")
+        return shard_stmt, MergePlan(kind, visible, tuple(keys), limit, offset,
+                                     bool(stmt._distinct), description=desc)
+
+    # Aggregates, with or without GROUP BY.
+    if stmt._distinct:
+        raise ScatterRefused("DISTINCT together with aggregates across shards is not merged",
+                             construct="DISTINCT with aggregates")
+    for c in columns:
+        if _is_entity(c):
+            raise ScatterRefused("ORM entities in an aggregate query across shards",
+                                 construct="entity with GROUP BY")
+    shard_cols: list[Any] = []
+    outputs: list[OutputColumn] = []
+    group_positions: list[int] = []
+
+    def add(col: Any) -> int:
+        shard_cols.append(col.label(f"_sk_c{len(shard_cols)}"))
+        return len(shard_cols) - 1
+
+    def partial(expr: Any) -> OutputColumn:
+        inner = expr.element if isinstance(expr, Label) else expr
+        name = inner.name.lower()
+        if name == "avg":
+            args = list(inner.clauses)
+            return OutputColumn("avg", (add(func.sum(*args)), add(func.count(*args))))
+        return OutputColumn(name, (add(inner),))
+
+    def group_index(expr: Any) -> int | None:
+        target = expr.element if isinstance(expr, Label) else expr
+        for i, g in enumerate(group_by):
+            g2 = g.element if isinstance(g, Label) else g
+            if target.compare(g2):
+                return i
+        return None
+
+    group_pos_for: dict[int, int] = {}
+    for g_i, g in enumerate(group_by):
+        pos = add(g.element if isinstance(g, Label) else g)
+        group_positions.append(pos)
+        group_pos_for[g_i] = pos
+    for c, a in zip(columns, aggs):
+        if a is not None:
+            outputs.append(partial(c))
+            continue
+        gi = group_index(c)
+        if gi is None:
+            raise ScatterRefused(
+                f"column {c} is neither in GROUP BY nor an aggregate", construct="ungrouped column")
+        outputs.append(OutputColumn("value", (group_pos_for[gi],)))
+
+    # HAVING and ORDER BY work on merged values: compile them into evaluators.
+    def term(expr: Any) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
+        """A function of (merged visible row, merged extras) for an aggregate or group expression."""
+        for i, c in enumerate(columns):
+            c2 = c.element if isinstance(c, Label) else c
+            e2 = expr.element if isinstance(expr, Label) else expr
+            if e2.compare(c2):
+                return lambda row, extra, i=i: row[i]
+        if _agg_name(expr) is not None:
+            if _agg_name(expr) not in _MERGEABLE_AGGS:
+                raise ScatterRefused(f"{_agg_name(expr)}() in HAVING/ORDER BY cannot be merged",
+                                     construct=f"{_agg_name(expr)}()")
+            extras.append(partial(expr))
+            j = len(extras) - 1
+            return lambda row, extra, j=j: extra[j]
+        gi = group_index(expr)
+        if gi is not None:
+            pos = group_pos_for[gi]
+            extras.append(OutputColumn("value", (pos,)))
+            j = len(extras) - 1
+            return lambda row, extra, j=j: extra[j]
+        raise ScatterRefused(f"{expr} in HAVING/ORDER BY is neither an aggregate nor a group key",
+                             construct="HAVING/ORDER BY expression")
+
+    extras: list[OutputColumn] = []
+    having_fn = None
+    if stmt._having_criteria:
+        having_fn = _compile_predicate(elements.and_(*stmt._having_criteria), term)
+    order_terms = [(term(expr), desc, desc if nf is None else nf) for expr, desc, nf in order]
+
+    shard_stmt = stmt.with_only_columns(*shard_cols)
+    shard_stmt = shard_stmt.order_by(None).limit(None).offset(None)
+    shard_stmt._having_criteria = ()  # HAVING is evaluated after the merge
+    kind = "group" if group_by else "aggregate"
+    desc = (f"{'group-by merge on ' + str(len(group_by)) + ' key(s)' if group_by else 'aggregate merge'}"
+            f" of {', '.join(o.kind for o in outputs)}"
+            + ("; HAVING after the merge" if having_fn else "")
+            + ("; ORDER BY after the merge" if order else "")
+            + (f"; offset {offset} limit {limit} after the merge" if limit is not None or offset else ""))
+    plan = MergePlan(kind, visible, (), limit, offset, False, tuple(outputs + extras),
+                     tuple(group_positions), having_fn, desc, order_terms=tuple(order_terms),
+                     n_outputs=len(outputs))
+    return shard_stmt, plan
+
+
+def _has_distinct(expr: Any) -> bool:
+    from sqlalchemy.sql import visitors
+
+    for e in visitors.iterate(expr):
+        if isinstance(e, UnaryExpression) and e.operator is operators.distinct_op:
+            return True
+    return False
+
+
+_CMP = {
+    operators.eq: operator.eq, operators.ne: operator.ne, operators.lt: operator.lt,
+    operators.le: operator.le, operators.gt: operator.gt, operators.ge: operator.ge,
+}
+
+
+def _compile_predicate(expr: Any, term: Callable[[Any], Any]) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
+    """A Python evaluator for a HAVING clause (comparisons, AND, OR, NOT; SQL NULL semantics)."""
+    if isinstance(expr, elements.Grouping):
+        return _compile_predicate(expr.element, term)
+    if isinstance(expr, elements.BooleanClauseList):
+        parts = [_compile_predicate(c, term) for c in expr.clauses]
+        if expr.operator is operators.and_:
+            def and_(row: Any, extra: Any) -> Any:
+                vals = [p(row, extra) for p in parts]
+                if any(v is False for v in vals):
+                    return False
+                return None if any(v is None for v in vals) else True
+            return and_
+        if expr.operator is operators.or_:
+            def or_(row: Any, extra: Any) -> Any:
+                vals = [p(row, extra) for p in parts]
+                if any(v is True for v in vals):
+                    return True
+                return None if any(v is None for v in vals) else False
+            return or_
+    if isinstance(expr, UnaryExpression) and expr.operator is operators.inv:
+        inner = _compile_predicate(expr.element, term)
+        return lambda row, extra: None if (v := inner(row, extra)) is None else not v
+    if isinstance(expr, elements.BinaryExpression) and expr.operator in _CMP:
+        op = _CMP[expr.operator]
+        left = _operand(expr.left, term)
+        right = _operand(expr.right, term)
+
+        def cmp(row: Any, extra: Any) -> Any:
+            a, b = left(row, extra), right(row, extra)
+            if a is None or b is None:
+                return None
+            return op(a, b)
+        return cmp
+    raise ScatterRefused(
+        f"HAVING {expr} cannot be evaluated after the merge (supported: comparisons of "
+        "aggregates or group keys with values, AND, OR, NOT)",
+        construct="HAVING expression",
+    )
+
+
+def _operand(expr: Any, term: Callable[[Any], Any]) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
+    if isinstance(expr, BindParameter):
+        v = expr.effective_value
+        return lambda row, extra: v
+    if isinstance(expr, elements.Null):
+        return lambda row, extra: None
+    if isinstance(expr, elements.Grouping):
+        return _operand(expr.element, term)
+    return term(expr)
+
+
+# ---------------------------------------------------------------------------
+# Merging
+# ---------------------------------------------------------------------------
+
+
+class _Key:
+    """A sort key with SQL NULL placement and per-term direction."""
+
+    __slots__ = ("values", "keys")
+
+    def __init__(self, values: Sequence[Any], keys: Sequence[tuple[bool, bool]]) -> None:
+        self.values = values
+        self.keys = keys
+
+    def __lt__(self, other: _Key) -> bool:
+        for a, b, (desc, nulls_first) in zip(self.values, other.values, self.keys):
+            if a is None or b is None:
+                if a is None and b is None:
+                    continue
+                # NULL placement is absolute (not flipped by DESC).
+                return (a is None) == nulls_first
+            if a == b:
+                continue
+            return (a > b) if desc else (a < b)
+        return False
+
+
+def _sort_key_fn(keys: Sequence[SortKey]) -> Callable[[Sequence[Any]], _Key]:
+    spec = [(k.descending, k.nulls_first) for k in keys]
+    positions = [k.position for k in keys]
+    return lambda row: _Key([row[p] for p in positions], spec)
+
+
+def merge_rows(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -> Iterator[tuple[Any, ...]]:
+    """Combine per-shard row streams according to ``plan``; yields visible rows."""
+    if plan.kind in ("concat", "ordered"):
+        if plan.kind == "ordered":
+            merged: Iterable[Sequence[Any]] = heapq.merge(*streams, key=_sort_key_fn(plan.sort_keys))
+        else:
+            merged = itertools.chain.from_iterable(streams)
+        rows: Iterable[tuple[Any, ...]] = (tuple(r[: plan.visible]) for r in merged)
+        if plan.distinct:
+            rows = _dedupe(rows)
+        stop = None if plan.limit is None else plan.offset + plan.limit
+        return itertools.islice(rows, plan.offset, stop)
+    return iter(_merge_groups(plan, streams))
+
+
+def _dedupe(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    seen: set[tuple[Any, ...]] = set()
+    for r in rows:
+        if r not in seen:
+            seen.add(r)
+            yield r
+
+
+def _combine(kind: str, acc: Any, v: Any) -> Any:
+    if kind == "count":
+        return (acc or 0) + (v or 0)
+    if v is None:
+        return acc
+    if acc is None:
+        return v
+    if kind == "sum":
+        return acc + v
+    if kind == "min":
+        return v if v < acc else acc
+    if kind == "max":
+        return v if v > acc else acc
+    raise AssertionError(kind)
+
+
+def _merge_groups(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -> list[tuple[Any, ...]]:
+    outputs = plan.outputs
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    n_slots = sum(len(o.positions) for o in outputs)
+    for stream in streams:
+        for row in stream:
+            gkey = tuple(row[p] for p in plan.group_positions)
+            acc = groups.get(gkey)
+            if acc is None:
+                acc = groups[gkey] = [None] * n_slots
+            slot = 0
+            for o in outputs:
+                if o.kind == "value":
+                    acc[slot] = row[o.positions[0]]
+                    slot += 1
+                elif o.kind == "avg":
+                    acc[slot] = _combine("sum", acc[slot], row[o.positions[0]])
+                    acc[slot + 1] = _combine("count", acc[slot + 1], row[o.positions[1]])
+                    slot += 2
+                else:
+                    acc[slot] = _combine(o.kind, acc[slot], row[o.positions[0]])
+                    slot += 1
+    if plan.kind == "aggregate" and not groups:
+        # No shard returned a row (cannot happen for an ungrouped aggregate, but be exact).
+        groups[()] = [None] * n_slots
+    n_out = plan.n_outputs
+    results: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+    for acc in groups.values():
+        vals: list[Any] = []
+        slot = 0
+        for o in outputs:
+            if o.kind == "avg":
+                s, c = acc[slot], acc[slot + 1]
+                vals.append(None if not c else pg_avg(s, c))
+                slot += 2
+            else:
+                v = acc[slot]
+                if o.kind == "count" and v is None:
+                    v = 0
+                vals.append(v)
+                slot += 1
+        results.append((tuple(vals[:n_out]), tuple(vals[n_out:])))
+    having = plan.having
+    if having is not None:
+        results = [r for r in results if having(r[0], r[1]) is True]
+    order_terms = plan.order_terms
+    if order_terms:
+        spec = [(desc, nf) for _, desc, nf in order_terms]
+        results.sort(key=lambda r: _Key([t(r[0], r[1]) for t, _, _ in order_terms], spec))
+    out = [r[0] for r in results]
+    stop = None if plan.limit is None else plan.offset + plan.limit
+    return out[plan.offset:stop]
+
+
+def pg_avg(total: Any, count: int) -> Any:
+    """``avg`` rebuilt from a sum and a count, as PostgreSQL computes it."""
+    if isinstance(total, float):
+        return total / count
+    if isinstance(total, int):
+        total = decimal.Decimal(total)
+    return pg_numeric_div(total, decimal.Decimal(count))
+
+
+def _nbase_weight_first(d: decimal.Decimal) -> tuple[int, int]:
+    """PostgreSQL numeric's (weight, first digit) in base 10000 for a non-zero value."""
+    sign, digits, exp = d.as_tuple()
+    assert isinstance(exp, int)
+    # Integer part and fraction as a string of decimal digits, aligned on 4-digit groups.
+    s = "".join(map(str, digits)).lstrip("0")
+    if not s:
+        return 0, 0
+    # Position of the first significant digit relative to the decimal point.
+    point = len(digits) + exp  # digits before the decimal point (may be <= 0)
+    first_sig_index = len(digits) - len("".join(map(str, digits)).lstrip("0"))
+    pos = point - first_sig_index  # number of integer digits from the first significant digit
+    # weight w: the NBASE digit holding the first significant digit covers
+    # 10^(4w) .. 10^(4w+3); pos - 1 is its decimal exponent.
+    e10 = pos - 1
+    weight = e10 // 4
+    # The first NBASE digit's value: the decimal digits of that group.
+    group_low = weight * 4
+    value = d.copy_abs().scaleb(-group_low)
+    first = int(value) % 10000
+    return weight, first
+
+
+def pg_numeric_div(a: decimal.Decimal, b: decimal.Decimal) -> decimal.Decimal:
+    """``a / b`` with the result scale PostgreSQL's ``numeric_div`` chooses (select_div_scale)."""
+    with decimal.localcontext() as ctx:
+        ctx.prec = 2000
+        if a == 0:
+            w1, f1 = 0, 0
+        else:
+            w1, f1 = _nbase_weight_first(a)
+        w2, f2 = _nbase_weight_first(b)
+        qweight = w1 - w2
+        if f1 <= f2:
+            qweight -= 1
+        dscale1 = max(0, -int(a.as_tuple().exponent))
+        dscale2 = max(0, -int(b.as_tuple().exponent))
+        rscale = 16 - qweight * 4
+        rscale = max(rscale, dscale1, dscale2, 0)
+        rscale = min(rscale, 1000)
+        q = a / b
+        return q.quantize(decimal.Decimal(1).scaleb(-rscale), rounding=decimal.ROUND_HALF_UP)
