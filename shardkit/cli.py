@@ -92,6 +92,71 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(dir=args.dir, keep=args.keep, shards=args.shards, replicas=args.replicas)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show shards and nodes: role, up, lag, connections, buckets, rows."""
+    from ._status import collect, render
+
+    cluster = Cluster.from_config(args.config)
+    try:
+        data = collect(cluster, args.config)
+    finally:
+        cluster.dispose()
+    print(json.dumps(data, indent=2, default=str) if args.json else render(data))
+    return 0 if data["ready"] else 1
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Run Alembic on every shard, or report revisions and drift."""
+    from . import migrate
+
+    cluster = Cluster.from_config(args.config)
+    try:
+        if args.migrate_command == "current":
+            revs = migrate.current(cluster)
+            if args.json:
+                print(json.dumps(revs))
+            else:
+                for shard, rev in revs.items():
+                    print(f"{shard}: {rev or '(base: never migrated)'}")
+            return 0
+        if args.migrate_command == "check":
+            report = migrate.check(cluster, alembic_ini=args.alembic_ini)
+            if args.json:
+                print(json.dumps(report.as_dict(), indent=2))
+            else:
+                for shard, rev in report.revisions.items():
+                    print(f"{shard}: {rev or '(base)'}")
+                print(f"heads: {', '.join(report.heads) or '(none)'}")
+                if report.revision_drift:
+                    print("DRIFT: shards are at different revisions")
+                for d in report.schema_differences:
+                    print(f"DRIFT: {d}")
+                if report.ok:
+                    print("no drift: every shard has the same revision and schema")
+            return 0 if report.ok else 1
+        progress = None if args.json else (lambda msg: print(msg, flush=True))
+        try:
+            results = migrate.run_command(
+                cluster, args.config, args.migrate_command, args.revision,
+                alembic_ini=args.alembic_ini, parallel=args.parallel, canary=args.canary,
+                progress=progress,
+            )
+        except migrate.MigrationError as e:
+            if args.json:
+                print(json.dumps({"ok": False, "error": str(e),
+                                  "shards": [r.as_dict() for r in e.results]}, indent=2))
+            else:
+                print(f"error: {e}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps({"ok": True, "shards": [r.as_dict() for r in results]}, indent=2))
+        else:
+            print(f"{args.migrate_command} {args.revision}: all {len(results)} shards ok")
+        return 0
+    finally:
+        cluster.dispose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardkit", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -105,6 +170,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to read KEY (default: int if it looks like one, then uuid, else str)")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=cmd_route)
+
+    st = sub.add_parser("status", help="shards and nodes: role, up, lag, connections, rows")
+    st.add_argument("--config", "-c", default="shardkit.toml")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+
+    m = sub.add_parser("migrate", help="Alembic on every shard")
+    msub = m.add_subparsers(dest="migrate_command", required=True)
+    for verb, helptext in (("upgrade", "upgrade every shard to REVISION (default head)"),
+                           ("downgrade", "downgrade every shard to REVISION")):
+        mp = msub.add_parser(verb, help=helptext)
+        mp.add_argument("revision", nargs="?" if verb == "upgrade" else None,
+                        default="head" if verb == "upgrade" else None)
+        mp.add_argument("--parallel", type=int, default=4,
+                        help="shards migrated at once (default: %(default)s)")
+        mp.add_argument("--canary", metavar="SHARD",
+                        help="migrate this shard first, alone; stop if it fails")
+    for verb, helptext in (("current", "each shard's revision"),
+                           ("check", "report drift: different revisions or schemas")):
+        msub.add_parser(verb, help=helptext)
+    for mp in msub.choices.values():
+        mp.add_argument("--config", "-c", default="shardkit.toml")
+        mp.add_argument("--alembic-ini", default=None,
+                        help="Alembic config (default: migrations/alembic.ini)")
+        mp.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(func=cmd_migrate)
 
     d = sub.add_parser("dev", help="a local development cluster of real PostgreSQL servers")
     dsub = d.add_subparsers(dest="dev_command", required=True)

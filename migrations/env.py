@@ -1,0 +1,12 @@
+"""Alembic environment: one revision chain, applied to every shard's primary.
+
+Each shard keeps its own ``alembic_version`` table, so shards can be told
+apart when one of them fails; ``shardkit migrate check`` reports shards at
+different revisions or with different schemas.
+"""
+
+from alembic import context
+
+from shardkit.migrate import run_migrations
+
+run_migrations(context)

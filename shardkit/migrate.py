@@ -1,0 +1,397 @@
+"""Alembic on every shard: the env.py driver, the ``shardkit migrate`` verbs, drift checks.
+
+One revision chain for the whole cluster; each shard's primary keeps its own
+``alembic_version`` table.  ``migrations/env.py`` calls :func:`run_migrations`,
+which migrates one shard (``-x shard=s1``) or every shard in turn.
+
+The ``shardkit migrate`` verbs run Alembic once per shard in separate
+processes (Alembic's ``context`` and ``op`` are process-wide proxies, so
+threads cannot migrate two databases at once), at most ``parallel`` at a time,
+optionally one canary shard first, and report every shard's outcome.
+
+shardkit's own SQL objects (the hash function) are an Alembic operation: add
+``op.install_shardkit_sql()`` to a migration's ``upgrade()`` and
+``op.uninstall_shardkit_sql()`` to its ``downgrade()``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alembic.operations import MigrateOperation, Operations
+from sqlalchemy import inspect, pool, text
+
+from ._cluster import Cluster
+from ._config import mask_url
+from ._sql import install as _install_sql
+from ._sql import uninstall as _uninstall_sql
+from .errors import ConfigurationError, ShardkitError
+
+__all__ = [
+    "DriftReport",
+    "MigrationError",
+    "ShardResult",
+    "check",
+    "current",
+    "run_command",
+    "run_migrations",
+    "schema_fingerprint",
+]
+
+
+class MigrationError(ShardkitError):
+    """A migration failed on one or more shards; ``.results`` has every shard's outcome."""
+
+    def __init__(self, message: str, results: Sequence[ShardResult]) -> None:
+        self.results = list(results)
+        self.failed = [r.shard for r in results if not r.ok]
+        super().__init__(message)
+
+
+# -- Alembic operations -------------------------------------------------------------
+
+
+@Operations.register_operation("install_shardkit_sql")
+class InstallShardkitSQL(MigrateOperation):
+    """``op.install_shardkit_sql()``: create shardkit's SQL functions (idempotent)."""
+
+    @classmethod
+    def install_shardkit_sql(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+    def reverse(self) -> MigrateOperation:
+        return UninstallShardkitSQL()
+
+
+@Operations.register_operation("uninstall_shardkit_sql")
+class UninstallShardkitSQL(MigrateOperation):
+    """``op.uninstall_shardkit_sql()``: drop shardkit's SQL functions."""
+
+    @classmethod
+    def uninstall_shardkit_sql(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+    def reverse(self) -> MigrateOperation:
+        return InstallShardkitSQL()
+
+
+@Operations.implementation_for(InstallShardkitSQL)
+def _install(operations: Operations, operation: InstallShardkitSQL) -> None:
+    _install_sql(operations.get_bind())
+
+
+@Operations.implementation_for(UninstallShardkitSQL)
+def _uninstall(operations: Operations, operation: UninstallShardkitSQL) -> None:
+    _uninstall_sql(operations.get_bind())
+
+
+# -- env.py driver -----------------------------------------------------------------------
+
+
+def _config_path(context: Any) -> str:
+    x = context.get_x_argument(as_dictionary=True)
+    path = x.get("config") or os.environ.get("SHARDKIT_CONFIG") or \
+        context.config.get_main_option("shardkit_config")
+    if not path:
+        raise ConfigurationError(
+            "shardkit_config", "no cluster config for the migration",
+            "pass -x config=shardkit.toml, set SHARDKIT_CONFIG, or set shardkit_config in alembic.ini",
+        )
+    return path
+
+
+def _target_metadata(context: Any) -> Any:
+    spec = context.config.get_main_option("shardkit_metadata")
+    if not spec:
+        return None
+    mod, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(mod)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def run_migrations(context: Any) -> None:
+    """Body of ``migrations/env.py``: migrate one shard (``-x shard=``) or every shard in turn."""
+    if context.is_offline_mode():
+        raise ShardkitError(
+            "offline (--sql) migrations are not supported across shards: every shard is "
+            "migrated on a live connection; run `shardkit migrate upgrade` instead"
+        )
+    cluster = Cluster.from_config(_config_path(context))
+    x = context.get_x_argument(as_dictionary=True)
+    shards = [x["shard"]] if x.get("shard") else list(cluster.shard_names)
+    for s in shards:
+        if s not in cluster.shard_names:
+            raise ConfigurationError("-x shard", f"unknown shard {s!r}",
+                                     "shards: " + ", ".join(cluster.shard_names))
+    metadata = _target_metadata(context)
+    try:
+        for shard in shards:
+            url = cluster.node_url(shard)
+            # A throwaway engine: migrations must not hold pooled connections.
+            engine = _engine(url)
+            with engine.connect() as connection:
+                context.configure(
+                    connection=connection,
+                    target_metadata=metadata,
+                    transaction_per_migration=True,
+                    compare_type=True,
+                )
+                with context.begin_transaction():
+                    context.run_migrations()
+            engine.dispose()
+    finally:
+        cluster.dispose()
+
+
+def _engine(url: Any) -> Any:
+    from sqlalchemy import create_engine
+
+    return create_engine(url, poolclass=pool.NullPool)
+
+
+# -- the shardkit migrate verbs ---------------------------------------------------------
+
+
+@dataclass
+class ShardResult:
+    """What happened on one shard."""
+
+    shard: str
+    ok: bool
+    seconds: float = 0.0
+    revision_before: str | None = None
+    revision_after: str | None = None
+    error: str | None = None
+    output: str = field(default="", repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"shard": self.shard, "ok": self.ok, "seconds": round(self.seconds, 3),
+                "revision_before": self.revision_before, "revision_after": self.revision_after,
+                "error": self.error}
+
+
+def default_alembic_ini() -> Path:
+    """``migrations/alembic.ini`` next to the current directory, else beside the package."""
+    here = Path.cwd() / "migrations" / "alembic.ini"
+    if here.exists():
+        return here
+    return Path(__file__).resolve().parent.parent / "migrations" / "alembic.ini"
+
+
+def current(cluster: Cluster) -> dict[str, str | None]:
+    """Each shard's revision (``None``: never migrated)."""
+    out: dict[str, str | None] = {}
+    for shard in cluster.shard_names:
+        eng = _engine(cluster.node_url(shard))
+        try:
+            with eng.connect() as c:
+                if not inspect(c).has_table("alembic_version"):
+                    out[shard] = None
+                    continue
+                revs = [r[0] for r in c.execute(text("SELECT version_num FROM alembic_version"))]
+                out[shard] = ",".join(sorted(revs)) or None
+        finally:
+            eng.dispose()
+    return out
+
+
+def run_command(
+    cluster: Cluster,
+    config_path: str,
+    command: str,
+    revision: str,
+    *,
+    alembic_ini: str | os.PathLike[str] | None = None,
+    parallel: int = 4,
+    canary: str | None = None,
+    shards: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[ShardResult]:
+    """Run ``alembic upgrade|downgrade REVISION`` on every shard; raise MigrationError on failure.
+
+    With ``canary``, that shard goes first and alone; the others start only if it
+    succeeded.  The rest run at most ``parallel`` at a time.
+    """
+    if command not in ("upgrade", "downgrade"):
+        raise ValueError(command)
+    ini = Path(alembic_ini) if alembic_ini else default_alembic_ini()
+    if not ini.exists():
+        raise ConfigurationError("--alembic-ini", f"{ini} does not exist",
+                                 "point it at the migrations/alembic.ini of your project")
+    targets = list(shards or cluster.shard_names)
+    unknown = [s for s in targets if s not in cluster.shard_names]
+    if unknown or (canary and canary not in cluster.shard_names):
+        bad = unknown[0] if unknown else canary
+        raise ConfigurationError("--shard/--canary", f"unknown shard {bad!r}",
+                                 "shards: " + ", ".join(cluster.shard_names))
+    say = progress or (lambda msg: None)
+    before = current(cluster)
+
+    def one(shard: str) -> ShardResult:
+        say(f"{shard}: {command} {revision} ...")
+        t = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"config={config_path}",
+             "-x", f"shard={shard}", command, revision],
+            capture_output=True, text=True,
+        )
+        dt = time.monotonic() - t
+        ok = proc.returncode == 0
+        out = (proc.stdout + proc.stderr).strip()
+        err = None
+        if not ok:
+            err = _error_line(out) or f"alembic exited {proc.returncode}"
+        say(f"{shard}: {'ok' if ok else 'FAILED'} in {dt:.1f} s" + (f": {err}" if err else ""))
+        return ShardResult(shard, ok, dt, before.get(shard), None, err, out)
+
+    results: list[ShardResult] = []
+    rest = list(targets)
+    if canary:
+        rest.remove(canary) if canary in rest else None
+        r = one(canary)
+        results.append(r)
+        if not r.ok:
+            after = current(cluster)
+            for res in results:
+                res.revision_after = after.get(res.shard)
+            skipped = [ShardResult(s, False, 0.0, before.get(s), before.get(s),
+                                   "not run: the canary shard failed") for s in rest]
+            raise MigrationError(
+                f"{command} failed on canary shard {canary}: {r.error}; the other shards "
+                f"({', '.join(rest) or 'none'}) were not touched",
+                results + skipped,
+            )
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as ex:
+        results.extend(ex.map(one, rest))
+    after = current(cluster)
+    for res in results:
+        res.revision_after = after.get(res.shard)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        states = ", ".join(f"{r.shard} at {r.revision_after or 'base'}" for r in results)
+        raise MigrationError(
+            f"{command} {revision} failed on {', '.join(r.shard for r in failed)}: "
+            + "; ".join(f"{r.shard}: {r.error}" for r in failed)
+            + f". Shards now: {states}",
+            results,
+        )
+    return results
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Failure)|[A-Za-z_][\w.]*\.\w+Error)\b.*")
+
+
+def _error_line(output: str) -> str | None:
+    """The line of Alembic's output that names the exception (the last such line)."""
+    found = None
+    for line in output.splitlines():
+        if _EXC_LINE.match(line.strip()):
+            found = line.strip()
+    if found is None:
+        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+        found = lines[-1] if lines else None
+    return found if found is None or len(found) < 400 else found[:397] + "..."
+
+
+# -- drift ---------------------------------------------------------------------------------
+
+
+def schema_fingerprint(connection: Any) -> dict[str, Any]:
+    """Tables, columns, indexes, unique and foreign keys of the public schema, comparable across shards."""
+    insp = inspect(connection)
+    out: dict[str, Any] = {}
+    for t in sorted(insp.get_table_names()):
+        if t == "alembic_version":
+            continue
+        cols = [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)]
+        idx = sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                     for i in insp.get_indexes(t))
+        uq = sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(t))
+        fks = sorted((tuple(f["constrained_columns"]), f["referred_table"],
+                      tuple(f["referred_columns"])) for f in insp.get_foreign_keys(t))
+        pk = tuple(insp.get_pk_constraint(t).get("constrained_columns") or ())
+        out[t] = {"columns": cols, "indexes": idx, "unique": uq, "foreign_keys": fks, "pk": pk}
+    return out
+
+
+@dataclass
+class DriftReport:
+    """Shards at different revisions, or with schemas that differ."""
+
+    revisions: dict[str, str | None]
+    heads: list[str]
+    schema_differences: list[str]
+
+    @property
+    def revision_drift(self) -> bool:
+        return len(set(self.revisions.values())) > 1
+
+    @property
+    def ok(self) -> bool:
+        return not self.revision_drift and not self.schema_differences
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "revisions": self.revisions, "heads": self.heads,
+                "revision_drift": self.revision_drift,
+                "schema_differences": self.schema_differences}
+
+
+def _heads(ini: Path) -> list[str]:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    return sorted(ScriptDirectory.from_config(Config(str(ini))).get_heads())
+
+
+def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None) -> DriftReport:
+    """Compare every shard's revision and schema with the others'."""
+    ini = Path(alembic_ini) if alembic_ini else default_alembic_ini()
+    revisions = current(cluster)
+    prints: dict[str, dict[str, Any]] = {}
+    for shard in cluster.shard_names:
+        eng = _engine(cluster.node_url(shard))
+        try:
+            with eng.connect() as c:
+                prints[shard] = schema_fingerprint(c)
+        finally:
+            eng.dispose()
+    diffs: list[str] = []
+    ref_name = cluster.shard_names[0]
+    ref = prints[ref_name]
+    for shard, fp in prints.items():
+        if shard == ref_name:
+            continue
+        for t in sorted(set(ref) | set(fp)):
+            if t not in fp:
+                diffs.append(f"{shard}: table {t} missing (present on {ref_name})")
+            elif t not in ref:
+                diffs.append(f"{shard}: extra table {t} (absent on {ref_name})")
+            else:
+                for part in ("columns", "pk", "indexes", "unique", "foreign_keys"):
+                    if fp[t][part] != ref[t][part]:
+                        diffs.append(f"{shard}: {t} {part} differ from {ref_name}: "
+                                     f"{_short(fp[t][part])} vs {_short(ref[t][part])}")
+    heads = _heads(ini) if ini.exists() else []
+    return DriftReport(revisions, heads, diffs)
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) < 200 else s[:197] + "..."
+
+
+def describe_target(cluster: Cluster, shard: str) -> str:
+    return mask_url(cluster.node_url(shard))
