@@ -169,9 +169,17 @@ class Cluster:
             if eng is None:
                 url = self.node_url(shard, role, index)
                 opts: dict[str, Any] = {}
+                pool_cfg = self.config.shard(shard).node_pool(self.config.pool, role, index)
                 for key, sa_key in _POOL_KEYS.items():
-                    if key in self.config.pool:
-                        opts[sa_key] = self.config.pool[key]
+                    if key in pool_cfg:
+                        opts[sa_key] = pool_cfg[key]
+                cap = pool_cfg.get("max_connections")
+                if cap is not None:
+                    # One engine per node per Cluster: capping its pool caps the
+                    # process's connections to that node.
+                    size = min(opts.get("pool_size", 5), cap)
+                    opts["pool_size"] = size
+                    opts["max_overflow"] = cap - size
                 if role == REPLICA:
                     # Replica reads run in autocommit: each statement sees the
                     # latest replayed data (as READ COMMITTED would), a read that
@@ -189,6 +197,10 @@ class Cluster:
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))
                 self._engines[k] = eng
         return eng
+
+    def pool_stats(self) -> dict[str, dict[str, Any] | None]:
+        """Per node (of those with an engine yet): pool size, checked out, checked in, overflow."""
+        return {eng.info["node"]: _pool_stats(eng) for eng in list(self._engines.values())}  # type: ignore[attr-defined]
 
     def primary(self, shard: str) -> Engine:
         """The primary's engine of ``shard``."""

@@ -42,7 +42,7 @@ DEFAULT_BUCKET_COUNT = 1024
 MAX_BUCKET_COUNT = 1 << 20
 
 _TOP_LEVEL_KEYS = {"name", "bucket_count", "shards", "groups", "reference_tables", "replicas", "pool"}
-_SHARD_KEYS = {"name", "primary", "replicas", "buckets", "pool"}
+_SHARD_KEYS = {"name", "primary", "replicas", "buckets", "pool", "primary_pool"}
 _GROUP_KEYS = {"strategy", "tables", "ranges", "values", "default", "function"}
 _STRATEGIES = ("hash", "range", "list", "custom")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
@@ -68,6 +68,19 @@ class ShardConfig:
     replicas: tuple[URL, ...] = ()
     buckets: tuple[int, ...] | None = None
     replica_weights: tuple[float, ...] = ()
+    pool: Mapping[str, Any] = field(default_factory=dict)          # overrides for every node
+    primary_pool: Mapping[str, Any] = field(default_factory=dict)  # overrides for the primary
+    replica_pools: tuple[Mapping[str, Any], ...] = ()              # per replica
+
+    def node_pool(self, defaults: Mapping[str, Any], role: str, index: int = 0) -> dict[str, Any]:
+        """Pool settings for one node: global defaults < shard < node."""
+        out = dict(defaults)
+        out.update(self.pool)
+        if role == "primary":
+            out.update(self.primary_pool)
+        elif index < len(self.replica_pools):
+            out.update(self.replica_pools[index])
+        return out
 
     def __repr__(self) -> str:
         return (
@@ -106,6 +119,30 @@ class ReplicaSettings:
     ban_seconds: float = 5.0
     when_no_replica: str = "primary"
     wait_for_token: float = 0.0
+
+
+POOL_KEYS = ("size", "max_overflow", "timeout", "recycle", "pre_ping", "max_connections")
+
+
+def parse_pool(raw: Any, path: str) -> dict[str, Any]:
+    """Validate a pool table (``[pool]``, ``shards[i].pool``, a node's ``pool``)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(path, "must be a table", "e.g. pool = { size = 10 }")
+    _check_keys(raw, set(POOL_KEYS), path)
+    out: dict[str, Any] = {}
+    for key, val in raw.items():
+        p = f"{path}.{key}"
+        if key == "pre_ping":
+            if not isinstance(val, bool):
+                raise ConfigurationError(p, f"{val!r} must be true or false")
+            out[key] = val
+        elif key in ("size", "max_connections"):
+            out[key] = _number(val, p, minimum=1, integer=True)
+        elif key == "max_overflow":
+            out[key] = _number(val, p, minimum=-1, integer=True)
+        else:
+            out[key] = _number(val, p, minimum=0)
+    return out
 
 
 def _number(raw: Any, path: str, *, minimum: float, integer: bool = False) -> Any:
@@ -479,10 +516,12 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
             raise ConfigurationError(f"{sp}.replicas", "must be a list of URLs")
         replica_urls = []
         weights = []
+        replica_pools: list[dict[str, Any]] = []
         for j, r in enumerate(replicas_raw):
             rp = f"{sp}.replicas[{j}]"
             if isinstance(r, Mapping):
-                _check_keys(r, {"url", "weight"}, rp)
+                _check_keys(r, {"url", "weight", "pool"}, rp)
+                replica_pools.append(parse_pool(r.get("pool", {}), f"{rp}.pool"))
                 w = r.get("weight", 1)
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
                     raise ConfigurationError(f"{rp}.weight", f"{w!r} must be a positive number")
@@ -491,11 +530,15 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
             else:
                 replica_urls.append(_parse_url(r, rp))
                 weights.append(1.0)
+                replica_pools.append({})
         replicas = tuple(replica_urls)
         buckets = None
         if "buckets" in s:
             buckets = _parse_bucket_spec(s["buckets"], f"{sp}.buckets", bucket_count)
-        shards.append(ShardConfig(sname, primary, replicas, buckets, tuple(weights)))
+        shard_pool = parse_pool(s.get("pool", {}), f"{sp}.pool")
+        primary_pool = parse_pool(s.get("primary_pool", {}), f"{sp}.primary_pool")
+        shards.append(ShardConfig(sname, primary, replicas, buckets, tuple(weights),
+                                  shard_pool, primary_pool, tuple(replica_pools)))
 
     shard_names = [s.name for s in shards]
     with_buckets = [s for s in shards if s.buckets is not None]
@@ -559,6 +602,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         if not isinstance(val, Mapping):
             raise ConfigurationError(key, "must be a table")
     replica_settings = parse_replica_settings(replicas_cfg, "replicas")
+    pool_cfg = parse_pool(pool_cfg, "pool")
 
     return ClusterConfig(
         name=name,

@@ -94,6 +94,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_written: set[str] = set()
         # shard -> WAL position this session's reads must see (read-your-writes).
         self._sk_tokens: dict[str, int] = {}
+        self._sk_commit_conns: dict[str, Any] = {}
         if consistency_token:
             self.require_token(consistency_token)
         self.shard_chooser = self._choose_shard_for_instance
@@ -802,19 +803,30 @@ def _note_flushed_shards(session: Session, flush_context: Any) -> None:
             session._sk_written.add(token)
 
 
+def _hold_commit_connections(session: Session) -> None:
+    """Before a commit, keep the written shards' connections for reading the WAL position after it."""
+    assert isinstance(session, ShardedSession)
+    session._sk_commit_conns = {}
+    if not session._sk_written or not session.cluster.has_replicas:
+        return
+    for shard in session._sk_written:
+        if session.cluster.replica_count(shard):
+            # The session already holds this connection; asking for it again
+            # checks nothing new out of the pool.
+            session._sk_commit_conns[shard] = session.connection(bind_arguments={"shard_id": shard})
+
+
 def _record_tokens(session: Session) -> None:
     """After a commit, remember each written shard's WAL position (read-your-writes)."""
     assert isinstance(session, ShardedSession)
-    written, session._sk_written = session._sk_written, set()
-    if not written or not session.cluster.has_replicas:
-        return
-    for shard in written:
-        if not session.cluster.replica_count(shard):
-            continue
+    conns, session._sk_commit_conns = session._sk_commit_conns, {}
+    session._sk_written = set()
+    for shard, conn in conns.items():
         try:
-            with session.cluster.engine(shard, PRIMARY).connect() as conn:
-                # The insert position is at or after our commit record.
-                text = conn.exec_driver_sql("SELECT pg_current_wal_insert_lsn()::text").scalar()
+            # The session's own connection, committed and not yet returned to the
+            # pool: no second checkout, so a full pool cannot deadlock here.
+            # The insert position is at or after our commit record.
+            text = conn.exec_driver_sql("SELECT pg_current_wal_insert_lsn()::text").scalar()
         except Exception as e:  # noqa: BLE001
             # Without a position, read this shard from the primary from now on.
             log.warning("could not read %s's WAL position after commit (%s); its reads "
@@ -838,5 +850,6 @@ def _end_transaction(session: Session, *args: Any) -> None:
 event.listen(ShardedSession, "before_flush", _refuse_shard_key_moves)
 event.listen(ShardedSession, "after_flush", _replicate_reference_rows)
 event.listen(ShardedSession, "after_flush", _note_flushed_shards)
+event.listen(ShardedSession, "before_commit", _hold_commit_connections)
 event.listen(ShardedSession, "after_commit", _record_tokens)
 event.listen(ShardedSession, "after_rollback", _end_transaction)
