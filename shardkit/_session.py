@@ -807,7 +807,13 @@ def _hold_commit_connections(session: Session) -> None:
     """Before a commit, keep the written shards' connections for reading the WAL position after it."""
     assert isinstance(session, ShardedSession)
     session._sk_commit_conns = {}
-    if not session._sk_written or not session.cluster.has_replicas:
+    if not session.cluster.has_replicas:
+        return
+    # before_commit runs before the commit's own flush; flush now so the shards
+    # it writes are known (the commit's flush then has nothing left to do).
+    if session._new or session._deleted or session.dirty:
+        session.flush()
+    if not session._sk_written:
         return
     for shard in session._sk_written:
         if session.cluster.replica_count(shard):
