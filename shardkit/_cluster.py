@@ -58,6 +58,8 @@ class Cluster:
         self._selector: ReplicaSelector | None = None
         self.has_replicas = any(s.replicas for s in config.shards)
         self._scatter_pool: ThreadPoolExecutor | None = None
+        # Called with each engine as it is created (metrics instrument them this way).
+        self._engine_hooks: list[Any] = []
         # Default per-shard answer deadline of cross-shard reads (None: wait).
         self.scatter_timeout: float | None = None
         if metadata is not None:
@@ -194,6 +196,8 @@ class Cluster:
                 node = _node_name(shard, role, index)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
                 event.listen(eng, "handle_error", _unavailable_on_disconnect(shard, node, url))
+                for hook in self._engine_hooks:
+                    hook(eng)
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))
                 self._engines[k] = eng
         return eng

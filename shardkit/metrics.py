@@ -1,0 +1,134 @@
+"""Prometheus metrics for a cluster (needs the ``metrics`` extra: ``pip install 'shardkit[metrics]'``).
+
+    from prometheus_client import start_http_server
+    import shardkit.metrics
+
+    shardkit.metrics.instrument(cluster)
+    start_http_server(9100)
+
+Per node (labels ``shard``, ``node``, ``role``):
+
+=====================================  =========  ==========================================
+``shardkit_queries_total``             counter    statements executed
+``shardkit_query_errors_total``        counter    statements that raised
+``shardkit_query_duration_seconds``    histogram  statement latency, client side
+``shardkit_node_up``                   gauge      1 if the health monitor reached the node
+``shardkit_replica_lag_bytes``         gauge      replica WAL gap (replicas only)
+``shardkit_replica_lag_seconds``       gauge      replica time lag (replicas only)
+``shardkit_pool_checked_out``          gauge      connections in use from the node's pool
+``shardkit_pool_size``                 gauge      the node's pool size
+=====================================  =========  ==========================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from ._cluster import Cluster
+
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import GaugeMetricFamily
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "shardkit.metrics needs prometheus-client: pip install 'shardkit[metrics]'"
+    ) from e
+
+__all__ = ["ClusterMetrics", "instrument"]
+
+_LABELS = ("shard", "node", "role")
+
+
+class ClusterMetrics:
+    """The metrics of one cluster; created by :func:`instrument`."""
+
+    def __init__(self, cluster: Cluster, registry: CollectorRegistry) -> None:
+        self.cluster = cluster
+        self.queries = Counter("shardkit_queries_total", "Statements executed, per node",
+                               _LABELS, registry=registry)
+        self.errors = Counter("shardkit_query_errors_total", "Statements that raised, per node",
+                              _LABELS, registry=registry)
+        self.latency = Histogram("shardkit_query_duration_seconds",
+                                 "Statement latency per node, client side", _LABELS,
+                                 registry=registry,
+                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
+                                          1, 2.5, 5, 10))
+        registry.register(_StateCollector(cluster))
+
+    def attach(self, engine: Engine) -> None:
+        info = engine.info  # type: ignore[attr-defined]
+        labels = (info["shard"], info["node"], info["role"])
+
+        def before(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any,
+                   executemany: Any) -> None:
+            conn.info.setdefault("shardkit_t0", []).append(time.perf_counter())
+
+        def after(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any,
+                  executemany: Any) -> None:
+            starts = conn.info.get("shardkit_t0")
+            if starts:
+                self.latency.labels(*labels).observe(time.perf_counter() - starts.pop())
+            self.queries.labels(*labels).inc()
+
+        def failed(ctx: Any) -> None:
+            starts = ctx.connection.info.get("shardkit_t0") if ctx.connection is not None else None
+            if starts:
+                starts.pop()
+            self.errors.labels(*labels).inc()
+
+        event.listen(engine, "before_cursor_execute", before)
+        event.listen(engine, "after_cursor_execute", after)
+        event.listen(engine, "handle_error", failed)
+
+
+class _StateCollector:
+    """Gauges read at scrape time from the health monitor and the pools."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("shardkit_node_up", "1 if the node answered the last health poll",
+                               labels=_LABELS)
+        lag_b = GaugeMetricFamily("shardkit_replica_lag_bytes", "Replica WAL gap in bytes",
+                                  labels=_LABELS)
+        lag_s = GaugeMetricFamily("shardkit_replica_lag_seconds", "Replica time lag in seconds",
+                                  labels=_LABELS)
+        used = GaugeMetricFamily("shardkit_pool_checked_out", "Connections in use from the pool",
+                                 labels=_LABELS)
+        size = GaugeMetricFamily("shardkit_pool_size", "Pool size", labels=_LABELS)
+        mon = self.cluster._monitor
+        if mon is not None:
+            for state in mon.shards.values():
+                for n in (state.primary, *state.replicas):
+                    labels = [n.shard, n.name, n.role]
+                    up.add_metric(labels, 1.0 if n.up else 0.0)
+                    if n.role == "replica" and n.lag_bytes is not None:
+                        lag_b.add_metric(labels, float(n.lag_bytes))
+                        lag_s.add_metric(labels, float(n.lag_seconds or 0.0))
+        for eng in list(self.cluster._engines.values()):
+            info = eng.info  # type: ignore[attr-defined]
+            labels = [info["shard"], info["node"], info["role"]]
+            pool = eng.pool
+            if hasattr(pool, "checkedout"):
+                used.add_metric(labels, float(pool.checkedout()))  # type: ignore[attr-defined]
+            if hasattr(pool, "size"):
+                size.add_metric(labels, float(pool.size()))  # type: ignore[attr-defined]
+        yield from (up, lag_b, lag_s, used, size)
+
+
+def instrument(cluster: Cluster, registry: CollectorRegistry | None = None) -> ClusterMetrics:
+    """Export the cluster's metrics to ``registry`` (default: prometheus_client's global one).
+
+    Engines created later are instrumented as they are created.
+    """
+    metrics = ClusterMetrics(cluster, registry if registry is not None else REGISTRY)
+    for eng in list(cluster._engines.values()):
+        metrics.attach(eng)
+    cluster._engine_hooks.append(metrics.attach)
+    return metrics
