@@ -157,6 +157,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         cluster.dispose()
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every shard holds only rows the map assigns to it."""
+    from .verify import verify
+
+    cluster = Cluster.from_config(args.config)
+    try:
+        report = verify(cluster)
+    finally:
+        cluster.dispose()
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardkit", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -175,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", "-c", default="shardkit.toml")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
+
+    v = sub.add_parser("verify", help="check every row is on the shard the map says")
+    v.add_argument("--config", "-c", default="shardkit.toml")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(func=cmd_verify)
 
     m = sub.add_parser("migrate", help="Alembic on every shard")
     msub = m.add_subparsers(dest="migrate_command", required=True)

@@ -1,0 +1,204 @@
+"""``shardkit verify``: compare what each shard holds with where the map says it belongs.
+
+For every sharded table, every shard's rows are grouped by owner: rows whose
+key maps to another shard are *misplaced*; a misplaced row whose primary key
+also exists on its owner is a *duplicate*.  Hash groups are checked inside
+PostgreSQL with ``shardkit.bucket()`` when shardkit's SQL functions are
+installed on the shard (``op.install_shardkit_sql()``), else by streaming the
+keys through the Python hash; range, list and custom groups stream their keys.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+
+from ._cluster import Cluster
+from ._strategies import HashStrategy
+from .errors import NoShardForKey
+
+__all__ = ["TableReport", "VerifyReport", "verify"]
+
+_SQL_HASHABLE = ("int2", "int4", "int8", "text", "varchar", "uuid", "bytea")
+
+
+@dataclass
+class TableReport:
+    table: str
+    shard: str
+    rows: int = 0
+    misplaced: Counter[str] = field(default_factory=Counter)   # owner shard -> rows
+    duplicates: int = 0
+    method: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"table": self.table, "shard": self.shard, "rows": self.rows,
+                "misplaced": dict(self.misplaced), "duplicates": self.duplicates,
+                "method": self.method}
+
+
+@dataclass
+class VerifyReport:
+    tables: list[TableReport]
+    missing_tables: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_tables and all(not t.misplaced for t in self.tables)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "missing_tables": self.missing_tables,
+                "tables": [t.as_dict() for t in self.tables]}
+
+    def render(self) -> str:
+        lines = []
+        for t in self.tables:
+            bad = sum(t.misplaced.values())
+            status = "ok" if not bad else (
+                f"{bad} misplaced (" + ", ".join(_describe(s, n) for s, n in sorted(t.misplaced.items()))
+                + f"), {t.duplicates} also present on their owner")
+            lines.append(f"{t.shard:<8} {t.table:<24} {t.rows:>10} rows  {status}  [{t.method}]")
+        for m in self.missing_tables:
+            lines.append(f"missing: {m}")
+        lines.append("verify: clean" if self.ok else "verify: PROBLEMS FOUND")
+        return "\n".join(lines)
+
+
+def _describe(owner: str, n: int) -> str:
+    if owner == _NULL_KEY:
+        return f"{n} with a NULL shard key"
+    if owner == _NO_OWNER:
+        return f"{n} whose key no shard owns"
+    return f"{n} belong on {owner}"
+
+
+def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> VerifyReport:
+    """Check every configured sharded table on every shard's primary.
+
+    Read-only.  At most ``sample`` misplaced primary keys per table and shard
+    are kept to look for duplicates on their owners.
+    """
+    reports: list[TableReport] = []
+    missing: list[str] = []
+    for group in cluster.config.groups:
+        for table, cols in group.tables.items():
+            for shard in cluster.shard_names:
+                with cluster.primary(shard).connect() as conn:
+                    exists = conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"),
+                                          {"t": table}).scalar()
+                    if not exists:
+                        missing.append(f"{table} on {shard}")
+                        continue
+                    rep = TableReport(table, shard)
+                    pk = _primary_key(conn, table)
+                    strays: dict[str, list[tuple[Any, ...]]] = {}
+                    sql_type = _column_type(conn, table, cols[0]) if len(cols) == 1 else None
+                    if isinstance(group.strategy, HashStrategy) and sql_type in _SQL_HASHABLE \
+                            and _sql_hash_installed(conn):
+                        _check_hash_in_sql(cluster, conn, rep, table, cols[0], sql_type, pk,
+                                           strays, sample)
+                    else:
+                        _check_streaming(conn, rep, table, cols, group.strategy, batch, pk,
+                                         strays, sample)
+                reports.append(rep)
+                if pk:
+                    _count_duplicates(cluster, rep, pk, strays, batch)
+    return VerifyReport(reports, missing)
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_hash_installed(conn: Any) -> bool:
+    return bool(conn.execute(text(
+        "SELECT to_regprocedure('shardkit.bucket(bigint, integer)') IS NOT NULL")).scalar())
+
+
+def _column_type(conn: Any, table: str, column: str) -> str | None:
+    """The column's type name, for the table ``to_regclass`` resolves (schema-exact)."""
+    return conn.execute(text(
+        "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "WHERE a.attrelid = to_regclass(:t) AND a.attname = :c AND NOT a.attisdropped"),
+        {"t": table, "c": column}).scalar()
+
+
+def _primary_key(conn: Any, table: str) -> list[str]:
+    return [r[0] for r in conn.execute(text(
+        "SELECT a.attname FROM pg_index i "
+        "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary ORDER BY k.n"), {"t": table})]
+
+
+_NO_OWNER = "(no owner)"   # no shard is mapped for the key
+_NULL_KEY = "(null key)"   # the shard key is NULL
+
+
+def _check_hash_in_sql(cluster: Cluster, conn: Any, rep: TableReport, table: str, column: str,
+                       sql_type: str, pk: list[str], strays: dict[str, list[tuple[Any, ...]]],
+                       sample: int) -> None:
+    rep.method = "sql"
+    n = cluster.config.bucket_count
+    cast = {"int2": "::bigint", "int4": "::bigint", "varchar": "::text"}.get(sql_type, "")
+    bucket_expr = f"shardkit.bucket({_q(column)}{cast}, {n})"
+    owned = [b for b, s in enumerate(cluster.config.bucket_map) if s == rep.shard]
+    for bucket, count in conn.execute(text(
+            f"SELECT {bucket_expr} AS b, count(*) FROM {_q(table)} GROUP BY b")).all():
+        rep.rows += count
+        owner = _NULL_KEY if bucket is None else cluster.config.bucket_map[bucket]
+        if owner != rep.shard:
+            rep.misplaced[owner] += count
+    if rep.misplaced and pk:
+        result = conn.execute(text(
+            f"SELECT {bucket_expr}, {', '.join(_q(c) for c in pk)} FROM {_q(table)} "
+            f"WHERE {_q(column)} IS NOT NULL AND NOT ({bucket_expr} = ANY(:owned)) "
+            f"LIMIT {int(sample)}"), {"owned": owned})
+        for row in result:
+            strays.setdefault(cluster.config.bucket_map[row[0]], []).append(tuple(row[1:]))
+
+
+def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, ...],
+                     strategy: Any, batch: int, pk: list[str],
+                     strays: dict[str, list[tuple[Any, ...]]], sample: int) -> None:
+    rep.method = "python"
+    width = len(cols)
+    select_cols = ", ".join(_q(c) for c in (*cols, *pk))
+    kept = 0
+    result = conn.execution_options(yield_per=batch).execute(
+        text(f"SELECT {select_cols} FROM {_q(table)}"))
+    for row in result:
+        rep.rows += 1
+        key = row[0] if width == 1 else tuple(row[:width])
+        if key is None or (width > 1 and None in key):
+            owner = _NULL_KEY
+        else:
+            try:
+                owner = strategy.shard_for_key(key)
+            except NoShardForKey:
+                owner = _NO_OWNER
+        if owner != rep.shard:
+            rep.misplaced[owner] += 1
+            if pk and owner not in (_NO_OWNER, _NULL_KEY) and kept < sample:
+                strays.setdefault(owner, []).append(tuple(row[width:]))
+                kept += 1
+
+
+def _count_duplicates(cluster: Cluster, rep: TableReport, pk: list[str],
+                      strays: dict[str, list[tuple[Any, ...]]], batch: int) -> None:
+    """Count misplaced rows whose primary key is also present on their owner."""
+    cols = ", ".join(_q(c) for c in pk)
+    for owner, keys in strays.items():
+        with cluster.primary(owner).connect() as conn:
+            for i in range(0, len(keys), batch):
+                chunk = keys[i:i + batch]
+                values = ", ".join(
+                    "(" + ", ".join(f":k{j}_{c}" for c in range(len(pk))) + ")"
+                    for j in range(len(chunk)))
+                params = {f"k{j}_{c}": v for j, k in enumerate(chunk) for c, v in enumerate(k)}
+                rep.duplicates += conn.execute(text(
+                    f"SELECT count(*) FROM {_q(rep.table)} WHERE ({cols}) IN ({values})"),
+                    params).scalar_one()
