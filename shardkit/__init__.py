@@ -12,7 +12,7 @@ from ._config import ClusterConfig, load_config, mask_url
 from ._hashing import bucket_for, canonical_bytes, hash_key
 from ._routing import Route
 from ._scope import current_scope, scope
-from ._session import ShardedSession
+from ._session import ShardedSession, run_transaction
 from ._sql import install as install_sql
 from ._sql import uninstall as uninstall_sql
 from ._strategies import CustomStrategy, HashStrategy, ListStrategy, RangeStrategy, Strategy
@@ -21,6 +21,8 @@ from .errors import (
     CrossShardWriteError,
     DevClusterError,
     NoShardForKey,
+    NotOwned,
+    RebalanceError,
     RoutingError,
     ScatterError,
     ScatterRefused,
@@ -41,7 +43,9 @@ __all__ = [
     "HashStrategy",
     "ListStrategy",
     "NoShardForKey",
+    "NotOwned",
     "RangeStrategy",
+    "RebalanceError",
     "Route",
     "RoutingError",
     "ScatterError",
@@ -58,6 +62,7 @@ __all__ = [
     "install_sql",
     "load_config",
     "mask_url",
+    "run_transaction",
     "scope",
     "uninstall_sql",
 ]

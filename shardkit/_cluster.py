@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from typing import Any
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 import psycopg
 from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-from ._config import ClusterConfig, ReplicaSettings, load_config, mask_url
+from ._config import ClusterConfig, ReplicaSettings, load_config, mask_url, with_bucket_map
+from ._guard import NOT_OWNED_SQLSTATE
 from ._replicas import HealthMonitor, ReplicaSelector
 from ._routing import PRIMARY, REPLICA, Route, Router
 from ._scope import scope as _scope
-from .errors import ConfigurationError, RoutingError, ShardUnavailable
+from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable
 
 __all__ = ["Cluster", "ClusterHealth"]
 
@@ -48,9 +51,16 @@ class Cluster:
         *,
         metadata: MetaData | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        follow_map: bool = True,
     ) -> None:
         self.config = config
         self.router = Router(config)
+        # The config as loaded; with a catalog, self.config routes by the catalog's map.
+        self.file_config = config
+        self.map_version: int | None = None
+        self._map_lock = threading.Lock()
+        self.catalog: Any = None
+        self._follower: Any = None
         self._engine_options = dict(engine_options or {})
         self._engines: dict[tuple[str, str, int], Engine] = {}
         self._lock = threading.Lock()
@@ -64,6 +74,21 @@ class Cluster:
         self.scatter_timeout: float | None = None
         if metadata is not None:
             self.validate_metadata(metadata)
+        if config.catalog_url is not None:
+            from ._mapsync import MapFollower
+            from .catalog import Catalog
+
+            self.catalog = Catalog(config.catalog_url)
+            try:
+                self.refresh_map()
+            except SQLAlchemyError as e:
+                # The shards' ownership guards make routing by the file's map
+                # safe: a write to a bucket that has moved is refused, not lost.
+                log.warning("catalog %s unreachable (%s); routing by the config file's map until it answers",
+                            mask_url(config.catalog_url), str(e).splitlines()[0])
+            if follow_map:
+                self._follower = MapFollower(self)
+                self._follower.start()
 
     @classmethod
     def from_config(
@@ -73,6 +98,7 @@ class Cluster:
         metadata: MetaData | None = None,
         engine_options: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
+        follow_map: bool = True,
     ) -> Cluster:
         """Build a cluster from a ``shardkit.toml`` path or the same structure as a dict.
 
@@ -82,8 +108,47 @@ class Cluster:
             :func:`sqlalchemy.create_engine` (e.g. ``echo=True``).
         :param env: the environment used for ``${VAR}`` interpolation
             (default ``os.environ``).
+        :param follow_map: with a ``[catalog]``, keep a thread that reloads
+            the bucket map when the catalog announces a new version.
         """
-        return cls(load_config(source, env=env), metadata=metadata, engine_options=engine_options)
+        return cls(load_config(source, env=env), metadata=metadata, engine_options=engine_options,
+                   follow_map=follow_map)
+
+    # -- the live bucket map -------------------------------------------------------
+
+    def refresh_map(self, *, newer_than: int | None = None, timeout: float = 0.0) -> int | None:
+        """Load the catalog's live map if it is newer than the one in use; return its version.
+
+        With ``newer_than``, poll up to ``timeout`` seconds until the catalog has
+        a version above it (a move is switching ownership right now).  Without a
+        catalog, does nothing and returns None.
+        """
+        if self.catalog is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self.catalog.current_map()
+            if current is not None:
+                self._set_map(*current)
+            if newer_than is None or (self.map_version or 0) > newer_than or time.monotonic() >= deadline:
+                return self.map_version
+            time.sleep(0.02)
+
+    def _set_map(self, version: int, bucket_map: tuple[str, ...]) -> None:
+        with self._map_lock:
+            if self.map_version is not None and version <= self.map_version:
+                return
+            config = with_bucket_map(self.file_config, bucket_map)
+            # One assignment each: a thread routing now uses the old router or the new one.
+            self.config = config
+            self.router = Router(config)
+            previous, self.map_version = self.map_version, version
+        log.info("bucket map version %s (was %s) from the catalog", version, previous)
+
+    def map_stale(self) -> None:
+        """A shard refused a write as not owned: reload the map soon."""
+        if self._follower is not None:
+            self._follower.poke()
 
     # -- topology ------------------------------------------------------------------
 
@@ -195,7 +260,7 @@ class Cluster:
                 eng = create_engine(url, connect_args=connect_args, **opts)
                 node = _node_name(shard, role, index)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
-                event.listen(eng, "handle_error", _unavailable_on_disconnect(shard, node, url))
+                event.listen(eng, "handle_error", _translate_errors(self, shard, node, url))
                 for hook in self._engine_hooks:
                     hook(eng)
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))
@@ -274,6 +339,11 @@ class Cluster:
 
     def dispose(self) -> None:
         """Stop the monitor and close every pooled connection of every node."""
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
+        if self.catalog is not None:
+            self.catalog.dispose()
         if self._scatter_pool is not None:
             self._scatter_pool.shutdown(wait=False)
             self._scatter_pool = None
@@ -323,12 +393,25 @@ def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
     return stats
 
 
-def _unavailable_on_disconnect(shard: str, node: str, url: URL) -> Any:
-    """A handle_error hook that turns "cannot reach the node" into ShardUnavailable."""
+def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
+    """A handle_error hook: "cannot reach the node" -> ShardUnavailable, guard refusal -> NotOwned."""
 
     def handle(context: Any) -> None:
         if context.is_pre_ping:
             return  # the pool reconnects by itself
+        cause = context.original_exception
+        if getattr(cause, "sqlstate", None) == NOT_OWNED_SQLSTATE:
+            cluster.map_stale()
+            diag = getattr(cause, "diag", None)
+            detail = getattr(diag, "message_detail", None)
+            bucket = int(detail) if detail and detail.isdigit() else None
+            raise NotOwned(
+                f"shard {shard} refused the write: it does not own bucket {bucket} any more "
+                f"(map version {cluster.map_version} is stale); the map is being refreshed, "
+                "retry the transaction (shardkit.run_transaction retries once)",
+                shard=shard, bucket=bucket, table=getattr(diag, "table_name", None),
+                statement=context.statement,
+            ) from cause
         if context.statement is None and context.connection is not None:
             return  # a failed COMMIT/ROLLBACK: SQLAlchemy's own error says what happened
         unreachable = context.is_disconnect or (

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ __all__ = [
 DEFAULT_BUCKET_COUNT = 1024
 MAX_BUCKET_COUNT = 1 << 20
 
-_TOP_LEVEL_KEYS = {"name", "bucket_count", "shards", "groups", "reference_tables", "replicas", "pool"}
+_TOP_LEVEL_KEYS = {"name", "bucket_count", "shards", "groups", "reference_tables", "replicas", "pool",
+                   "catalog"}
 _SHARD_KEYS = {"name", "primary", "replicas", "buckets", "pool", "primary_pool"}
 _GROUP_KEYS = {"strategy", "tables", "ranges", "values", "default", "function"}
 _STRATEGIES = ("hash", "range", "list", "custom")
@@ -197,6 +198,8 @@ class ClusterConfig:
     reference_tables: frozenset[str]
     replicas: ReplicaSettings = field(default_factory=lambda: ReplicaSettings())
     pool: Mapping[str, Any] = field(default_factory=dict)
+    #: The catalog database holding the live bucket map (``[catalog] url``), if any.
+    catalog_url: URL | None = None
 
     @property
     def shard_names(self) -> tuple[str, ...]:
@@ -603,6 +606,13 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
             raise ConfigurationError(key, "must be a table")
     replica_settings = parse_replica_settings(replicas_cfg, "replicas")
     pool_cfg = parse_pool(pool_cfg, "pool")
+    catalog_raw = raw.get("catalog")
+    catalog_url = None
+    if catalog_raw is not None:
+        if not isinstance(catalog_raw, Mapping):
+            raise ConfigurationError("catalog", "must be a table", 'e.g. [catalog] url = "postgresql+psycopg://..."')
+        _check_keys(catalog_raw, {"url"}, "catalog")
+        catalog_url = _parse_url(catalog_raw.get("url"), "catalog.url")
 
     return ClusterConfig(
         name=name,
@@ -613,4 +623,22 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         reference_tables=frozenset(refs_raw),
         replicas=replica_settings,
         pool=dict(pool_cfg),
+        catalog_url=catalog_url,
     )
+
+
+def with_bucket_map(config: ClusterConfig, bucket_map: tuple[str, ...]) -> ClusterConfig:
+    """``config`` routing hash groups by ``bucket_map`` (a catalog's live map)."""
+    if len(bucket_map) != config.bucket_count:
+        raise ConfigurationError(
+            "catalog", f"the catalog's map has {len(bucket_map)} buckets, the config {config.bucket_count}",
+            "bucket_count is fixed for the life of a cluster: use the catalog's count")
+    unknown = sorted(set(bucket_map) - set(config.shard_names))
+    if unknown:
+        raise ConfigurationError(
+            "shards", f"the catalog's map places buckets on {', '.join(unknown)}, which the config does not define",
+            "add those shards (with their URLs) to the config file")
+    groups = tuple(
+        replace(g, strategy=HashStrategy(bucket_map)) if isinstance(g.strategy, HashStrategy) else g
+        for g in config.groups)
+    return replace(config, bucket_map=tuple(bucket_map), groups=groups)

@@ -38,6 +38,7 @@ from ._scatter import merge_rows, plan_scatter
 from ._scope import current_scope
 from .errors import (
     CrossShardWriteError,
+    NotOwned,
     RoutingError,
     ScatterError,
     ScatterRefused,
@@ -45,7 +46,7 @@ from .errors import (
     ShardUnavailable,
 )
 
-__all__ = ["ShardedSession"]
+__all__ = ["ShardedSession", "run_transaction"]
 
 log = logging.getLogger("shardkit.session")
 
@@ -859,3 +860,31 @@ event.listen(ShardedSession, "after_flush", _note_flushed_shards)
 event.listen(ShardedSession, "before_commit", _hold_commit_connections)
 event.listen(ShardedSession, "after_commit", _record_tokens)
 event.listen(ShardedSession, "after_rollback", _end_transaction)
+
+
+def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
+                    refresh_timeout: float = 5.0) -> Any:
+    """Run ``fn(session)`` in a new session and commit; retry if the bucket map was stale.
+
+    When a shard refuses a write because a move has switched its bucket to
+    another shard (:class:`~shardkit.NotOwned`), nothing was written: the
+    session is rolled back, the cluster's map is reloaded from the catalog
+    (waiting up to ``refresh_timeout`` seconds for the new version to be
+    published) and ``fn`` runs again in a fresh session, up to ``retries``
+    more times.  ``fn`` must therefore be safe to run again (do not keep
+    state from a failed attempt).  Returns what ``fn`` returned.
+    """
+    attempt = 0
+    while True:
+        with session_factory() as session:
+            seen = session.cluster.map_version
+            try:
+                result = fn(session)
+                session.commit()
+                return result
+            except NotOwned:
+                session.rollback()
+                if attempt >= retries:
+                    raise
+        attempt += 1
+        session.cluster.refresh_map(newer_than=seen or 0, timeout=refresh_timeout)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ._cluster import Cluster
 from ._config import mask_url
-from .errors import ShardkitError
+from .errors import RebalanceError, ShardkitError
 
 __all__ = ["main"]
 
@@ -170,6 +170,90 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
+    from . import _rebalance_plan as rp
+    from .rebalance import _need_catalog, shard_weights
+
+    catalog = _need_catalog(cluster)
+    current = catalog.current_map()
+    if current is None:
+        raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
+    live = current[1]
+    if getattr(args, "plan", None):
+        raw = json.loads(Path(args.plan).read_text(encoding="utf-8"))
+        plan = rp.Plan.from_dict(raw)
+        if plan.old_map != live:
+            raise RebalanceError(f"{args.plan} was planned against another map than the live one "
+                                 f"(version {current[0]}); make a new plan")
+        return plan
+    chosen = [bool(args.add), bool(args.drain), bool(args.even)]
+    if sum(chosen) != 1:
+        raise SystemExit("error: say what to plan: --add SHARD [--add ...], --drain SHARD or --even rows|bytes")
+    weights = shard_weights(cluster, by=args.even) if args.even else None
+    if args.add:
+        return rp.plan_add_shards(live, args.add)
+    if args.drain:
+        return rp.plan_drain(live, args.drain)
+    assert weights is not None
+    return rp.plan_even(live, weights, shards=list(cluster.shard_names))
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    """Plan, run, resume and abort online bucket moves (needs a [catalog])."""
+    from . import rebalance
+
+    cluster = Cluster.from_config(args.config, follow_map=False)
+    try:
+        verb = args.rebalance_command
+        if verb == "init":
+            version = rebalance.init(cluster)
+            print(f"catalog ready (map version {version}); ownership guard installed on "
+                  f"{len(cluster.shard_names)} shards")
+            return 0
+        if verb == "plan":
+            plan = _make_plan(args, cluster)
+            if args.out:
+                Path(args.out).write_text(json.dumps(plan.as_dict(), indent=2) + "\n", encoding="utf-8")
+            print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.render())
+            return 0
+        if verb == "status":
+            moves = rebalance.move_status(cluster, args.move)
+            if args.json:
+                print(json.dumps(moves, indent=2))
+            elif not moves:
+                print("no moves")
+            for m in moves if not args.json else ():
+                print(f"move {m['move']}: {m['state']} - {m['reason']} ({m['rows_copied']} rows copied)"
+                      + (f"\n  error: {m['error']}" if m['error'] else ""))
+                for b in m["batches"]:
+                    print(f"  batch {b['batch']:>3}: {b['source']} -> {b['target']} "
+                          f"{b['buckets']:>4} buckets  {b['step']}")
+            return 0
+        mover = rebalance.Mover(cluster, grace=args.grace, step_delay=args.step_delay,
+                                progress=lambda line: print(line, flush=True))
+        if verb == "apply":
+            plan = _make_plan(args, cluster)
+            if not plan.moves:
+                print("nothing to move: " + plan.reason)
+                return 0
+            move_id = mover.start(plan, max_buckets=args.batch_buckets)
+            print(f"move {move_id}: {len(plan.moves)} buckets in "
+                  f"{len(plan.batches(args.batch_buckets))} batches", flush=True)
+            mover.run(move_id)
+        elif verb == "resume":
+            move_id = args.move
+            mover.run(move_id)
+        else:  # abort
+            result = rebalance.abort(cluster, args.move)
+            print(f"move {args.move} aborted: batches undone {result['undone_batches']}, "
+                  f"already finished {result['finished_batches']}")
+            return 0
+        print(f"move {move_id}: done; longest write pause {mover.longest_pause * 1000:.0f} ms")
+        return 0
+    finally:
+        cluster.dispose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardkit", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -193,6 +277,36 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--config", "-c", default="shardkit.toml")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=cmd_verify)
+
+    rb = sub.add_parser("rebalance", help="move buckets between shards online (needs a [catalog])")
+    rsub = rb.add_subparsers(dest="rebalance_command", required=True)
+    rsub.add_parser("init", help="create the catalog and install the ownership guard on every shard")
+    for verb, helptext in (("plan", "compute bucket moves and print them"),
+                           ("apply", "plan, then move the buckets online")):
+        rp_ = rsub.add_parser(verb, help=helptext)
+        rp_.add_argument("--add", action="append", metavar="SHARD", default=[],
+                         help="give new shard SHARD (already in the config) its share of buckets")
+        rp_.add_argument("--drain", metavar="SHARD", help="move every bucket off SHARD")
+        rp_.add_argument("--even", choices=["rows", "bytes"], help="even out shards by rows or bytes")
+        rp_.add_argument("--plan", metavar="FILE", help="a plan written by `plan --out`")
+        if verb == "plan":
+            rp_.add_argument("--out", metavar="FILE", help="also write the plan as JSON to FILE")
+            rp_.add_argument("--json", action="store_true", help="print JSON")
+    rsub.add_parser("resume", help="finish a move that stopped").add_argument("move", type=int)
+    rsub.add_parser("abort", help="undo a move's unfinished batches").add_argument("move", type=int)
+    rsub.add_parser("status", help="moves and the step each batch reached").add_argument(
+        "move", type=int, nargs="?")
+    rsub.choices["status"].add_argument("--json", action="store_true", help="print JSON")
+    for verb in ("apply", "resume", "abort", "status", "init", "plan"):
+        rp_ = rsub.choices[verb]
+        rp_.add_argument("--config", "-c", default="shardkit.toml")
+        if verb in ("apply", "resume", "abort"):
+            rp_.add_argument("--batch-buckets", type=int, default=64,
+                             help="buckets per batch (default: %(default)s)")
+            rp_.add_argument("--grace", type=float, default=1.0,
+                             help="seconds between a switch and deleting the source's rows (default: %(default)s)")
+            rp_.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    rb.set_defaults(func=cmd_rebalance)
 
     m = sub.add_parser("migrate", help="Alembic on every shard")
     msub = m.add_subparsers(dest="migrate_command", required=True)

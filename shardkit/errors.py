@@ -10,7 +10,9 @@ SQLAlchemy errors keeps working::
     │   ├── ShardKeyError              .key   key missing, or of a type that cannot be hashed
     │   ├── NoShardForKey              .key   no range / list entry holds this key
     │   ├── CrossShardWriteError              a write that would span or leave its shard
-    │   └── ScatterRefused             .construct  strict mode, or a query that cannot merge exactly
+    │   ├── ScatterRefused             .construct  strict mode, or a query that cannot merge exactly
+    │   └── NotOwned                   .shard .bucket  a shard refused a write: the map has changed
+    ├── RebalanceError                 .move_id .step  a move failed or cannot start
     ├── ShardUnavailable               .shard .node .cause
     │   └── ScatterError               .failures {shard: exception}
     └── DevClusterError                .node  the local development cluster failed
@@ -30,6 +32,8 @@ __all__ = [
     "CrossShardWriteError",
     "DevClusterError",
     "NoShardForKey",
+    "NotOwned",
+    "RebalanceError",
     "RoutingError",
     "ScatterError",
     "ScatterRefused",
@@ -114,6 +118,31 @@ class ScatterRefused(RoutingError):
     ) -> None:
         self.construct = construct
         super().__init__(message, table=table, statement=statement)
+
+
+class NotOwned(RoutingError):
+    """A shard's ownership guard refused a write to a bucket it does not own.
+
+    The process routed with a stale bucket map (a move has switched the
+    bucket to another shard).  Nothing was written; the transaction on that
+    shard is rolled back.  shardkit refreshes its map on this error; retry
+    the transaction (:func:`shardkit.run_transaction` does it once).
+    """
+
+    def __init__(self, message: str, *, shard: str | None = None, bucket: int | None = None,
+                 table: str | None = None, statement: Any = None) -> None:
+        self.shard = shard
+        self.bucket = bucket
+        super().__init__(message, table=table, statement=statement)
+
+
+class RebalanceError(ShardkitError):
+    """A rebalancing move cannot start, or failed at ``step`` (see ``shardkit rebalance status``)."""
+
+    def __init__(self, message: str, *, move_id: int | None = None, step: str | None = None) -> None:
+        self.move_id = move_id
+        self.step = step
+        super().__init__(message)
 
 
 class ShardUnavailable(ShardkitError):

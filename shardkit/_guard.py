@@ -1,0 +1,216 @@
+"""The ownership guard: each shard refuses writes to buckets it does not own.
+
+Installed on every shard's primary by ``shardkit rebalance init`` (or
+:func:`install_guard`).  It adds to the ``shardkit`` schema:
+
+``shardkit.owned_buckets(bucket)``
+    the buckets this shard owns.  Rebalancing changes it, in the same
+    transaction that moves ownership.
+``shardkit.moving_buckets(bucket, move_id)``
+    buckets whose writes are being recorded for a move in progress (on the
+    source while rows are copied, on the target until the move is verified).
+``shardkit.changes(id, bucket, tbl, pk)``
+    the primary keys written in moving buckets, read (and deleted) by the mover.
+
+and one ``BEFORE INSERT OR UPDATE OR DELETE`` row trigger per hash-sharded
+table.  The trigger
+
+1. computes the row's bucket with ``shardkit.bucket()`` (old and new row);
+2. takes a shared transaction-level advisory lock on each bucket
+   (``pg_advisory_xact_lock_shared(GUARD_LOCK_CLASS, bucket)``); the mover
+   takes the same lock exclusively to pause writes to the buckets it is
+   switching, and nothing else;
+3. raises SQLSTATE ``SK001`` if this shard does not own the bucket, so a
+   process holding a stale map can never write to the wrong shard;
+4. records the primary key in ``shardkit.changes`` if the bucket is moving.
+
+The mover's own sessions set ``shardkit.mover = on`` to write rows of buckets
+the shard does not own yet (the copy) or any more (the clean-up).  The setting
+is a guard against stale maps, not an access control: any role can set it.
+
+Writers must use READ COMMITTED (PostgreSQL's default) on guarded tables: the
+trigger reads the ownership tables with a fresh snapshot per statement, which
+REPEATABLE READ or SERIALIZABLE transactions would not do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from ._sql import install as install_sql
+from .errors import ConfigurationError
+
+#: SQLSTATE raised by a shard for a write to a bucket it does not own.
+NOT_OWNED_SQLSTATE: Final = "SK001"
+#: First key of the advisory locks the guard and the mover take per bucket.
+GUARD_LOCK_CLASS: Final = 0x5348  # "SH"
+#: The setting the mover sets in its own sessions to pass the guard.
+MOVER_SETTING: Final = "shardkit.mover"
+
+# PostgreSQL type name -> cast to the argument type of shardkit.bucket().
+_BUCKET_CASTS: Final = {
+    "int2": "::bigint", "int4": "::bigint", "int8": "",
+    "text": "", "varchar": "::text", "bpchar": "::text",
+    "uuid": "", "bytea": "",
+}
+
+_TABLES_SQL: Final = (
+    "CREATE TABLE IF NOT EXISTS shardkit.owned_buckets (bucket integer PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS shardkit.moving_buckets ("
+    " bucket integer PRIMARY KEY, move_id bigint NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS shardkit.changes ("
+    " id bigserial PRIMARY KEY, bucket integer NOT NULL, tbl text NOT NULL, pk jsonb NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS changes_bucket ON shardkit.changes (bucket)",
+)
+
+
+def trigger_function_name(table: str) -> str:
+    return f"guard__{table}"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def table_shape(conn: Connection, table: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """(columns in order, primary-key columns, column -> type name) of ``table`` on this server."""
+    rows = conn.execute(text(
+        "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "WHERE a.attrelid = to_regclass(:t) AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND a.attgenerated = '' ORDER BY a.attnum"), {"t": table}).all()
+    if not rows:
+        raise ConfigurationError(f"table {table}", "does not exist on this shard",
+                                 "create it (shardkit migrate upgrade) before installing the guard")
+    pk = [r[0] for r in conn.execute(text(
+        "SELECT a.attname FROM pg_index i "
+        "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary ORDER BY k.n"), {"t": table})]
+    return [r[0] for r in rows], pk, {r[0]: r[1] for r in rows}
+
+
+def bucket_expression(column: str, type_name: str, bucket_count: int, row: str = "") -> str:
+    """SQL for the bucket of ``column`` (optionally qualified by ``row``, e.g. NEW)."""
+    cast = _BUCKET_CASTS.get(type_name)
+    if cast is None:
+        raise ConfigurationError(
+            f"column {column}", f"type {type_name} cannot be hashed in SQL",
+            "hash-sharded keys must be integer, text, varchar, uuid or bytea to be guarded and moved")
+    ref = f"{row}.{_ident(column)}" if row else _ident(column)
+    return f"shardkit.bucket({ref}{cast}, {int(bucket_count)})"
+
+
+def _trigger_sql(table: str, key: str, key_type: str, pk: Sequence[str],
+                 bucket_count: int) -> list[str]:
+    fn = f"shardkit.{_ident(trigger_function_name(table))}"
+    new_b = bucket_expression(key, key_type, bucket_count, "NEW")
+    old_b = bucket_expression(key, key_type, bucket_count, "OLD")
+    pk_new = "jsonb_build_object(" + ", ".join(f"{_literal(c)}, NEW.{_ident(c)}" for c in pk) + ")"
+    pk_old = "jsonb_build_object(" + ", ".join(f"{_literal(c)}, OLD.{_ident(c)}" for c in pk) + ")"
+    body = f"""
+DECLARE
+    b integer;
+    ob integer;
+BEGIN
+    IF TG_OP <> 'DELETE' THEN b := {new_b}; END IF;
+    IF TG_OP <> 'INSERT' THEN ob := {old_b}; END IF;
+    IF b IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, b);
+        IF NOT EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = b) THEN
+            RAISE EXCEPTION 'shardkit: bucket % of table % is not owned by this shard', b, TG_TABLE_NAME
+                USING ERRCODE = '{NOT_OWNED_SQLSTATE}', DETAIL = b::text, TABLE = TG_TABLE_NAME,
+                      HINT = 'the shard map has changed: refresh it and retry on the owner';
+        END IF;
+        IF EXISTS (SELECT 1 FROM shardkit.moving_buckets m WHERE m.bucket = b) THEN
+            INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (b, TG_TABLE_NAME, {pk_new});
+        END IF;
+    END IF;
+    IF ob IS NOT NULL AND ob IS DISTINCT FROM b THEN
+        PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, ob);
+        IF NOT EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = ob) THEN
+            RAISE EXCEPTION 'shardkit: bucket % of table % is not owned by this shard', ob, TG_TABLE_NAME
+                USING ERRCODE = '{NOT_OWNED_SQLSTATE}', DETAIL = ob::text, TABLE = TG_TABLE_NAME,
+                      HINT = 'the shard map has changed: refresh it and retry on the owner';
+        END IF;
+    END IF;
+    IF ob IS NOT NULL AND (b IS NULL OR {pk_old} IS DISTINCT FROM {pk_new}) THEN
+        IF EXISTS (SELECT 1 FROM shardkit.moving_buckets m WHERE m.bucket = ob) THEN
+            INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (ob, TG_TABLE_NAME, {pk_old});
+        END IF;
+    END IF;
+    IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+    RETURN NEW;
+END
+"""
+    return [
+        f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $guard${body}$guard$",
+        f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(table)}",
+        # The WHEN condition spares the mover's bulk copies and deletes the cost
+        # of calling the function for every row.
+        f"CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {_ident(table)} "
+        f"FOR EACH ROW WHEN (current_setting('{MOVER_SETTING}', true) IS DISTINCT FROM 'on') "
+        f"EXECUTE FUNCTION {fn}()",
+    ]
+
+
+def guarded_tables(config: Any) -> list[tuple[str, str]]:
+    """(table, key column) of every hash-sharded table; composite keys are refused."""
+    from ._strategies import HashStrategy
+
+    out = []
+    for g in config.groups:
+        if not isinstance(g.strategy, HashStrategy):
+            continue
+        for table, cols in g.tables.items():
+            if len(cols) != 1:
+                raise ConfigurationError(
+                    f"groups.{g.name}.tables.{table}",
+                    "composite hash keys cannot be guarded or moved yet",
+                    "use a single-column key for hash groups that are rebalanced")
+            out.append((table, cols[0]))
+    return out
+
+
+def install_guard(conn: Connection, config: Any, owned: Iterable[int]) -> None:
+    """Install (or refresh) the guard on the shard of ``conn``, owning exactly ``owned``.
+
+    Idempotent; runs in the connection's transaction, which the caller commits.
+    """
+    install_sql(conn)
+    for statement in _TABLES_SQL:
+        conn.exec_driver_sql(statement)
+    for table, key in guarded_tables(config):
+        _, pk, types = table_shape(conn, table)
+        if not pk:
+            raise ConfigurationError(f"table {table}", "has no primary key",
+                                     "rows can only be moved and verified by primary key; add one")
+        for statement in _trigger_sql(table, key, types[key], pk, config.bucket_count):
+            # The driver reads % as a placeholder even without parameters.
+            conn.exec_driver_sql(statement.replace("%", "%%"))
+    conn.exec_driver_sql("DELETE FROM shardkit.owned_buckets")
+    conn.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[]))"),
+                 {"b": sorted(set(owned))})
+
+
+def guard_installed(conn: Connection) -> bool:
+    return bool(conn.execute(text(
+        "SELECT to_regclass('shardkit.owned_buckets') IS NOT NULL")).scalar())
+
+
+def uninstall_guard(conn: Connection, config: Any) -> None:
+    """Remove the triggers and ownership tables (not the hash functions)."""
+    for table, _ in guarded_tables(config):
+        if conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}).scalar():
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(table)}")
+        conn.exec_driver_sql(
+            f"DROP FUNCTION IF EXISTS shardkit.{_ident(trigger_function_name(table))}()")
+    for t in ("changes", "moving_buckets", "owned_buckets"):
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS shardkit.{t}")

@@ -1,0 +1,155 @@
+"""The catalog: the live bucket map in a PostgreSQL database, versioned, with a move journal.
+
+A cluster whose config has a ``[catalog]`` table routes by the catalog's map,
+not the config file's.  The catalog holds, in the schema ``shardkit_catalog``:
+
+``maps(version, bucket_map, reason, created_at)``
+    every version of the bucket map; the highest version is the live one.
+    Publishing a version sends ``NOTIFY shardkit_map, '<version>'``.
+``moves(id, state, plan, ...)`` and ``move_batches(move_id, batch, ...)``
+    rebalancing moves and the step each batch of buckets has reached.
+``journal(id, move_id, batch, step, at, detail)``
+    every step a mover took, append-only.
+
+``shardkit rebalance init`` creates the schema, stores the config's bucket map
+as version 1 and installs the ownership guard on every shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, Final
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from ._config import mask_url
+
+__all__ = ["Catalog", "MAP_CHANNEL"]
+
+log = logging.getLogger("shardkit.catalog")
+
+#: The NOTIFY channel on which a new map version is announced.
+MAP_CHANNEL: Final = "shardkit_map"
+#: Advisory lock key (first half) of movers in the catalog database.
+MOVER_LOCK_CLASS: Final = 0x534B  # "SK"
+
+_SCHEMA_SQL: Final = (
+    "SELECT pg_advisory_xact_lock(5456785)",
+    "CREATE SCHEMA IF NOT EXISTS shardkit_catalog",
+    "CREATE TABLE IF NOT EXISTS shardkit_catalog.maps ("
+    " version bigint PRIMARY KEY,"
+    " bucket_map text[] NOT NULL,"
+    " reason text NOT NULL DEFAULT '',"
+    " created_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS shardkit_catalog.moves ("
+    " id bigserial PRIMARY KEY,"
+    " state text NOT NULL CHECK (state IN ('running', 'done', 'aborted', 'failed')),"
+    " reason text NOT NULL,"
+    " plan jsonb NOT NULL,"
+    " error text,"
+    " created_at timestamptz NOT NULL DEFAULT now(),"
+    " updated_at timestamptz NOT NULL DEFAULT now())",
+    "CREATE TABLE IF NOT EXISTS shardkit_catalog.move_batches ("
+    " move_id bigint NOT NULL REFERENCES shardkit_catalog.moves (id),"
+    " batch integer NOT NULL,"
+    " source text NOT NULL,"
+    " target text NOT NULL,"
+    " buckets integer[] NOT NULL,"
+    " step text NOT NULL,"
+    " rows_copied bigint NOT NULL DEFAULT 0,"
+    " map_version bigint,"
+    " updated_at timestamptz NOT NULL DEFAULT now(),"
+    " PRIMARY KEY (move_id, batch))",
+    "CREATE TABLE IF NOT EXISTS shardkit_catalog.journal ("
+    " id bigserial PRIMARY KEY,"
+    " move_id bigint NOT NULL,"
+    " batch integer,"
+    " step text NOT NULL,"
+    " at timestamptz NOT NULL DEFAULT clock_timestamp(),"
+    " detail jsonb)",
+)
+
+
+class Catalog:
+    """The catalog database of one cluster."""
+
+    def __init__(self, url: URL | str, *, engine: Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine or create_engine(url, poolclass=NullPool,
+                                              connect_args={"connect_timeout": 3})
+
+    def __repr__(self) -> str:
+        return f"Catalog({mask_url(self.url)!r})"
+
+    # -- schema and map ------------------------------------------------------------
+
+    def ensure_schema(self) -> None:
+        with self.engine.begin() as conn:
+            for statement in _SCHEMA_SQL:
+                conn.exec_driver_sql(statement)
+
+    def initialised(self, conn: Connection | None = None) -> bool:
+        def check(c: Connection) -> bool:
+            return bool(c.execute(text(
+                "SELECT to_regclass('shardkit_catalog.maps') IS NOT NULL")).scalar())
+        if conn is not None:
+            return check(conn)
+        with self.engine.connect() as c:
+            return check(c)
+
+    def current_map(self, conn: Connection | None = None) -> tuple[int, tuple[str, ...]] | None:
+        """(version, bucket map) of the live map, or None if there is none yet."""
+        def read(c: Connection) -> tuple[int, tuple[str, ...]] | None:
+            if not self.initialised(c):
+                return None
+            row = c.execute(text(
+                "SELECT version, bucket_map FROM shardkit_catalog.maps "
+                "ORDER BY version DESC LIMIT 1")).first()
+            return None if row is None else (int(row[0]), tuple(row[1]))
+        if conn is not None:
+            return read(conn)
+        with self.engine.connect() as c:
+            return read(c)
+
+    def publish_map(self, conn: Connection, bucket_map: Sequence[str], reason: str,
+                    *, expect_version: int | None = None) -> int:
+        """Store ``bucket_map`` as the next version, in ``conn``'s transaction; return it.
+
+        Serialised with other publishers by a lock on the maps table.  With
+        ``expect_version``, refuses (``RuntimeError``) if the live version is
+        another: someone else changed the map meanwhile.  Listeners are
+        notified when the transaction commits.
+        """
+        conn.exec_driver_sql("LOCK TABLE shardkit_catalog.maps IN EXCLUSIVE MODE")
+        current = conn.execute(text("SELECT max(version) FROM shardkit_catalog.maps")).scalar()
+        if expect_version is not None and current != expect_version:
+            raise RuntimeError(f"the catalog's map is at version {current}, expected {expect_version}")
+        version = (current or 0) + 1
+        conn.execute(text(
+            "INSERT INTO shardkit_catalog.maps (version, bucket_map, reason) VALUES (:v, :m, :r)"),
+            {"v": version, "m": list(bucket_map), "r": reason})
+        conn.execute(text("SELECT pg_notify(:ch, :v)"), {"ch": MAP_CHANNEL, "v": str(version)})
+        return version
+
+    # -- journal -------------------------------------------------------------------
+
+    @staticmethod
+    def record(conn: Connection, move_id: int, batch: int | None, step: str,
+               detail: dict[str, Any] | None = None) -> None:
+        conn.execute(text(
+            "INSERT INTO shardkit_catalog.journal (move_id, batch, step, detail) "
+            "VALUES (:m, :b, :s, CAST(:d AS jsonb))"),
+            {"m": move_id, "b": batch, "s": step, "d": json.dumps(detail or {})})
+        if batch is not None:
+            conn.execute(text(
+                "UPDATE shardkit_catalog.move_batches SET step = :s, updated_at = now() "
+                "WHERE move_id = :m AND batch = :b"), {"m": move_id, "b": batch, "s": step})
+        conn.execute(text("UPDATE shardkit_catalog.moves SET updated_at = now() WHERE id = :m"),
+                     {"m": move_id})
+
+    def dispose(self) -> None:
+        self.engine.dispose()

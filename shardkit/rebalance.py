@@ -1,0 +1,677 @@
+"""Online rebalancing: move hash buckets between shards with nothing lost.
+
+A move runs batch by batch; a batch is a group of buckets going from one
+source shard to one target.  Each batch goes through these steps, each one
+recorded in the catalog's journal before the next begins:
+
+``pending``
+    nothing done yet.
+``capturing``
+    the source's ownership guard records the primary key of every row written
+    in the batch's buckets (``shardkit.changes``).  Before this step is
+    recorded, the mover waits for every transaction that wrote to those
+    buckets before capture began (an exclusive advisory lock on each bucket,
+    taken and released at once), so no write escapes both the copy and the log.
+``copied``
+    the buckets' rows were copied with ``COPY ... TO STDOUT`` /
+    ``COPY ... FROM STDIN`` (binary), in one target transaction that first
+    deletes whatever an interrupted copy left behind.
+``switched``
+    catch-up: the changes logged so far are applied to the target (re-reading
+    each changed row from the source, so replaying a change twice is harmless),
+    round after round until little is left.  Then the cut-over: writes to the
+    batch's buckets are paused on the source (exclusive advisory locks: other
+    buckets are not paused), the last changes are applied, the target takes
+    ownership and starts recording changes to the buckets, the source gives
+    ownership up, and the catalog publishes the new map version.  Writers
+    paused meanwhile are refused by the source (SQLSTATE SK001) and retry on
+    the target.
+``verified``
+    per bucket, the row count and a checksum of every row on the source equal
+    those on the target, leaving out rows written on the target since the
+    switch (the target recorded their keys).
+``cleaned``
+    the source's copies of the rows are deleted in batches; capture ends.
+
+Killing the mover at any point and running ``shardkit rebalance resume``
+redoes the interrupted step from its start; every step is idempotent.
+Catch-up uses triggers with a change log rather than logical replication:
+it needs no ``wal_level = logical``, no replication slots to leak when a mover
+dies, and no superuser; the guard trigger that must exist anyway records the
+changes for the moving buckets only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+
+from ._cluster import Cluster
+from ._guard import (
+    GUARD_LOCK_CLASS,
+    MOVER_SETTING,
+    bucket_expression,
+    guard_installed,
+    guarded_tables,
+    install_guard,
+    table_shape,
+)
+from ._rebalance_plan import BucketMove, Plan
+from .catalog import MOVER_LOCK_CLASS, Catalog
+from .errors import RebalanceError
+
+__all__ = ["STEPS", "Mover", "abort", "init", "move_status"]
+
+log = logging.getLogger("shardkit.rebalance")
+
+STEPS = ("pending", "capturing", "copied", "switched", "verified", "cleaned")
+
+# Catch-up rounds stop when a round applies fewer changes than this, then cut over.
+_CUTOVER_BELOW = 500
+_CATCH_UP_ROUNDS = 50
+_CHANGES_PER_ROUND = 5000
+
+
+def _dsn(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _need_catalog(cluster: Cluster) -> Catalog:
+    if cluster.catalog is None:
+        raise RebalanceError(
+            "this cluster has no catalog, so its bucket map is the config file's and cannot be "
+            "rebalanced online; add [catalog] url = \"postgresql+psycopg://...\" to the config and "
+            "run `shardkit rebalance init`")
+    return cluster.catalog
+
+
+def init(cluster: Cluster) -> int:
+    """Create the catalog, store the config's map as version 1 (if there is none yet) and
+    install the ownership guard on every shard.  Idempotent.  Returns the live map version."""
+    catalog = _need_catalog(cluster)
+    catalog.ensure_schema()
+    with catalog.engine.begin() as conn:
+        running = conn.execute(text(
+            "SELECT min(id) FROM shardkit_catalog.moves WHERE state = 'running'")).scalar()
+        if running is not None:
+            raise RebalanceError(
+                f"move {running} is running; init resets each shard's ownership from the map, so "
+                f"finish (`shardkit rebalance resume {running}`) or abort it first", move_id=running)
+        current = catalog.current_map(conn)
+        if current is None:
+            catalog.publish_map(conn, cluster.file_config.bucket_map, "initial map from the config file")
+    version = cluster.refresh_map()
+    bucket_map = cluster.config.bucket_map
+    for shard in cluster.shard_names:
+        with cluster.primary(shard).begin() as conn:
+            install_guard(conn, cluster.config, [b for b, s in enumerate(bucket_map) if s == shard])
+    assert version is not None
+    return version
+
+
+# -- the mover ---------------------------------------------------------------------
+
+
+@dataclass
+class _Table:
+    name: str
+    key: str
+    columns: list[str]
+    pk: list[str]
+    bucket_sql: str  # the row's bucket, for WHERE clauses
+
+
+class Mover:
+    """Runs (and resumes) moves recorded in the catalog.
+
+    :param progress: called with one line of text per progress update
+        (default: write to stderr when it is a terminal).
+    :param grace: seconds to wait after a switch before deleting the source's
+        rows, so processes reading with the previous map version have reloaded
+        it (they are notified at once; this covers a slow notification).
+    :param step_delay: seconds to sleep after recording each step (to give
+        fault-injection tests a window to kill the mover at a given step).
+    """
+
+    def __init__(self, cluster: Cluster, *, progress: Callable[[str], None] | None = None,
+                 grace: float = 1.0, step_delay: float = 0.0, lock_timeout: float = 2.0) -> None:
+        self.cluster = cluster
+        self.catalog = _need_catalog(cluster)
+        self.grace = grace
+        self.step_delay = step_delay
+        self.lock_timeout = lock_timeout
+        if progress is None:
+            progress = (lambda line: print(line, file=sys.stderr, flush=True)) if sys.stderr.isatty() \
+                else (lambda line: log.info("%s", line))
+        self.progress = progress
+        self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
+
+    # -- starting ----------------------------------------------------------------
+
+    def start(self, plan: Plan, *, max_buckets: int = 64) -> int:
+        """Record ``plan`` as a new move in the catalog and return its id (does not run it).
+
+        Refused if the plan no longer matches the live map, or if another
+        unfinished move includes any of its buckets.
+        """
+        if not plan.moves:
+            raise RebalanceError("the plan moves no buckets; nothing to do")
+        with self.catalog.engine.begin() as conn:
+            conn.exec_driver_sql("LOCK TABLE shardkit_catalog.moves IN EXCLUSIVE MODE")
+            current = self.catalog.current_map(conn)
+            if current is None:
+                raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
+            version, live = current
+            stale = [m for m in plan.moves if live[m.bucket] != m.source]
+            if stale:
+                m = stale[0]
+                raise RebalanceError(
+                    f"the plan is stale: bucket {m.bucket} is on {live[m.bucket]}, the plan moves it "
+                    f"from {m.source} ({len(stale)} such buckets; live map version {version}); "
+                    "make a new plan")
+            unknown = sorted({m.target for m in plan.moves} - set(self.cluster.shard_names))
+            if unknown:
+                raise RebalanceError(f"the plan moves buckets to {', '.join(unknown)}, which the config "
+                                     "does not define; add the shard to the config file first")
+            busy = conn.execute(text(
+                "SELECT b.move_id, array_agg(DISTINCT x) FROM shardkit_catalog.move_batches b "
+                "JOIN shardkit_catalog.moves m ON m.id = b.move_id, unnest(b.buckets) AS x "
+                "WHERE m.state = 'running' AND x = ANY(:b) GROUP BY b.move_id"),
+                {"b": [m.bucket for m in plan.moves]}).first()
+            if busy:
+                raise RebalanceError(
+                    f"move {busy[0]} is still running on buckets {sorted(busy[1])[:10]}; finish it "
+                    f"(`shardkit rebalance resume {busy[0]}`) or abort it first", move_id=busy[0])
+            move_id = conn.execute(text(
+                "INSERT INTO shardkit_catalog.moves (state, reason, plan) "
+                "VALUES ('running', :r, CAST(:p AS jsonb)) RETURNING id"),
+                {"r": plan.reason, "p": json.dumps(plan.as_dict())}).scalar_one()
+            for i, batch in enumerate(plan.batches(max_buckets)):
+                conn.execute(text(
+                    "INSERT INTO shardkit_catalog.move_batches (move_id, batch, source, target, buckets, step) "
+                    "VALUES (:m, :i, :s, :t, :b, 'pending')"),
+                    {"m": move_id, "i": i, "s": batch[0].source, "t": batch[0].target,
+                     "b": [mv.bucket for mv in batch]})
+            Catalog.record(conn, move_id, None, "planned", {"map_version": version,
+                                                           "buckets": len(plan.moves)})
+        return int(move_id)
+
+    def apply(self, plan: Plan, *, max_buckets: int = 64) -> int:
+        move_id = self.start(plan, max_buckets=max_buckets)
+        self.run(move_id)
+        return move_id
+
+    # -- running -----------------------------------------------------------------
+
+    def run(self, move_id: int) -> None:
+        """Run (or resume) move ``move_id`` to the end."""
+        with self.catalog.engine.connect() as lock_conn:
+            got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
+                                    {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
+            lock_conn.commit()
+            if not got:
+                raise RebalanceError(f"move {move_id} is being run by another mover", move_id=move_id)
+            try:
+                self._run_locked(move_id)
+            finally:
+                lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
+                                  {"c": MOVER_LOCK_CLASS, "m": move_id})
+                lock_conn.commit()
+
+    def _run_locked(self, move_id: int) -> None:
+        with self.catalog.engine.connect() as conn:
+            state = conn.execute(text("SELECT state FROM shardkit_catalog.moves WHERE id = :m"),
+                                 {"m": move_id}).scalar()
+            if state is None:
+                raise RebalanceError(f"there is no move {move_id}", move_id=move_id)
+            if state != "running":
+                raise RebalanceError(f"move {move_id} is {state}; only a running move can be resumed",
+                                     move_id=move_id)
+            batches = conn.execute(text(
+                "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
+                "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
+        total = len(batches)
+        started = time.monotonic()
+        for done, (batch, source, target, buckets, step) in enumerate(batches):
+            if step == "cleaned":
+                continue
+            try:
+                self._run_batch(move_id, batch, source, target, list(buckets), step)
+            except Exception as e:
+                with self.catalog.engine.begin() as conn:
+                    Catalog.record(conn, move_id, None, "error", {"batch": batch, "error": str(e)[:2000]})
+                if isinstance(e, RebalanceError):
+                    raise
+                raise RebalanceError(
+                    f"move {move_id}, batch {batch} ({source} -> {target}): {type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
+                    f"fix the cause and run `shardkit rebalance resume {move_id}`",
+                    move_id=move_id, step=step) from e
+            elapsed = time.monotonic() - started
+            eta = elapsed / (done + 1) * (total - done - 1)
+            self.progress(f"move {move_id}: batch {done + 1}/{total} done "
+                          f"[{'#' * (20 * (done + 1) // total):<20}] elapsed {elapsed:.1f}s, ETA {eta:.1f}s")
+        with self.catalog.engine.begin() as conn:
+            conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'done', updated_at = now() "
+                              "WHERE id = :m"), {"m": move_id})
+            Catalog.record(conn, move_id, None, "done", {"longest_pause_s": round(self.longest_pause, 4)})
+
+    def _record(self, move_id: int, batch: int, step: str, detail: dict[str, Any] | None = None) -> None:
+        with self.catalog.engine.begin() as conn:
+            Catalog.record(conn, move_id, batch, step, detail)
+        if self.step_delay:
+            time.sleep(self.step_delay)
+
+    def _run_batch(self, move_id: int, batch: int, source: str, target: str,
+                   buckets: list[int], step: str) -> None:
+        src_url = self.cluster.config.shard(source).primary
+        tgt_url = self.cluster.config.shard(target).primary
+        label = f"move {move_id} batch {batch} ({len(buckets)} buckets {source} -> {target})"
+        with psycopg.connect(_dsn(src_url), autocommit=True) as src, \
+                psycopg.connect(_dsn(tgt_url), autocommit=True) as tgt:
+            tables = self._tables(src, source)
+            if STEPS.index(step) < STEPS.index("capturing"):
+                t0 = time.monotonic()
+                self._capture(src, move_id, buckets)
+                self.progress(f"{label}: capturing changes ({time.monotonic() - t0:.2f}s)")
+                self._record(move_id, batch, "capturing")
+                step = "capturing"
+            if step == "capturing":
+                t0 = time.monotonic()
+                rows = self._copy(src, tgt, tables, buckets)
+                dt = time.monotonic() - t0
+                self.progress(f"{label}: copied {rows} rows in {dt:.2f}s "
+                              f"({rows / dt if dt else 0:,.0f} rows/s)")
+                self._record(move_id, batch, "copied", {"rows": rows, "seconds": round(dt, 3)})
+                step = "copied"
+            if step == "copied":
+                t0 = time.monotonic()
+                applied = self._catch_up(src, tgt, tables, buckets)
+                version, pause = self._cut_over(src, tgt, tables, move_id, batch, buckets, target)
+                self.longest_pause = max(self.longest_pause, pause)
+                self.progress(f"{label}: caught up {applied} changes in {time.monotonic() - t0:.2f}s, "
+                              f"switched to map version {version}; writes paused {pause * 1000:.0f} ms")
+                step = "switched"
+            if step == "switched":
+                if self.grace:
+                    time.sleep(self.grace)
+                t0 = time.monotonic()
+                checked = self._verify(src, tgt, tables, buckets, label)
+                dt = time.monotonic() - t0
+                self.progress(f"{label}: verified {checked} rows in {dt:.2f}s")
+                self._record(move_id, batch, "verified", {"rows": checked, "seconds": round(dt, 3)})
+                step = "verified"
+            if step == "verified":
+                t0 = time.monotonic()
+                deleted = self._clean_up(src, tgt, tables, buckets)
+                dt = time.monotonic() - t0
+                self.progress(f"{label}: deleted {deleted} rows from {source} in {dt:.2f}s")
+                self._record(move_id, batch, "cleaned", {"deleted": deleted, "seconds": round(dt, 3)})
+
+    # -- steps ---------------------------------------------------------------------
+
+    def _tables(self, conn: psycopg.Connection, shard: str) -> list[_Table]:
+        """The guarded tables, parents before children (foreign keys among them)."""
+        out: dict[str, _Table] = {}
+        with self.cluster.primary(shard).connect() as sa_conn:
+            for table, key in guarded_tables(self.cluster.config):
+                columns, pk, types = table_shape(sa_conn, table)
+                if not pk:
+                    raise RebalanceError(f"table {table} has no primary key; rows are moved by primary key")
+                out[table] = _Table(table, key, columns, pk,
+                                    bucket_expression(key, types[key], self.cluster.config.bucket_count))
+        edges = conn.execute(
+            "SELECT c1.relname, c2.relname FROM pg_constraint k "
+            "JOIN pg_class c1 ON c1.oid = k.conrelid JOIN pg_class c2 ON c2.oid = k.confrelid "
+            "WHERE k.contype = 'f' AND c1.relname = ANY(%s) AND c2.relname = ANY(%s) "
+            "AND c1.oid <> c2.oid", (list(out), list(out))).fetchall()
+        parents: dict[str, set[str]] = defaultdict(set)
+        for child, parent in edges:
+            parents[child].add(parent)
+        ordered: list[str] = []
+        pending = sorted(out)
+        while pending:
+            ready = [t for t in pending if parents[t] <= set(ordered)]
+            if not ready:  # a cycle: keep the remaining order
+                ready = pending[:1]
+            ordered.append(ready[0])
+            pending.remove(ready[0])
+        return [out[t] for t in ordered]
+
+    def _capture(self, src: psycopg.Connection, move_id: int, buckets: list[int]) -> None:
+        with src.transaction():
+            src.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
+                        "SELECT unnest(%s::integer[]), %s ON CONFLICT (bucket) DO NOTHING",
+                        (buckets, move_id))
+        # Wait out writers that checked moving_buckets before the insert committed.
+        with src.transaction():
+            src.execute("SELECT pg_advisory_xact_lock(%s, b) FROM unnest(%s::integer[]) AS b ORDER BY b",
+                        (GUARD_LOCK_CLASS, buckets))
+
+    def _copy(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
+              buckets: list[int]) -> int:
+        rows = 0
+        with tgt.transaction():
+            tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+            for t in reversed(tables):  # leftovers of an interrupted copy; children first
+                tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
+                    sql.Identifier(t.name)), (buckets,))
+            with src.transaction():
+                src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                for t in tables:
+                    cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
+                    out_sql = sql.SQL("COPY (SELECT {} FROM {} WHERE " + t.bucket_sql +
+                                      " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
+                        cols, sql.Identifier(t.name))
+                    in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+                        sql.Identifier(t.name), cols)
+                    with src.cursor() as sc, tgt.cursor() as tc:
+                        with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
+                            for data in out:
+                                inp.write(data)
+                        rows += max(sc.rowcount, 0)
+        return rows
+
+    def _apply_changes(self, src: psycopg.Connection, tgt: psycopg.Connection,
+                       tables: list[_Table], buckets: list[int], limit: int | None) -> int:
+        """Apply logged changes of ``buckets`` to the target, in the callers' open transactions.
+
+        Returns how many change records were consumed.
+        """
+        q = ("DELETE FROM shardkit.changes WHERE id IN (SELECT id FROM shardkit.changes "
+             "WHERE bucket = ANY(%s::integer[]) ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "") +
+             ") RETURNING tbl, pk")
+        changed: dict[str, dict[str, Any]] = defaultdict(dict)
+        n = 0
+        for tbl, pk in src.execute(q, (buckets,)):
+            changed[tbl][json.dumps(pk, sort_keys=True)] = pk
+            n += 1
+        if not n:
+            return 0
+        tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+        staged: list[tuple[_Table, sql.Composable, sql.Composable]] = []
+        for t in tables:
+            keys = list(changed.get(t.name, {}).values())
+            if not keys:
+                continue
+            cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
+            pkc = sql.SQL(", ").join(map(sql.Identifier, t.pk))
+            stage = sql.Identifier(f"_shardkit_stage_{t.name}")
+            tgt.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
+                stage, sql.Identifier(t.name)))
+            keys_json = json.dumps(keys)
+            out_sql = sql.SQL(
+                "COPY (SELECT {cols} FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM "
+                "jsonb_populate_recordset(NULL::{t}, {keys}))) TO STDOUT (FORMAT binary)").format(
+                cols=cols, t=sql.Identifier(t.name), pk=pkc, keys=sql.Literal(keys_json))
+            in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(stage, cols)
+            with src.cursor() as sc, tgt.cursor() as tc:
+                with sc.copy(out_sql) as out, tc.copy(in_sql) as inp:
+                    for data in out:
+                        inp.write(data)
+            updates = sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in t.columns if c not in t.pk)
+            conflict = sql.SQL("DO UPDATE SET {}").format(updates) if t.columns != t.pk else sql.SQL("DO NOTHING")
+            tgt.execute(sql.SQL("INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} ON CONFLICT ({pk}) {c}").format(
+                t=sql.Identifier(t.name), cols=cols, s=stage, pk=pkc, c=conflict))
+            staged.append((t, pkc, sql.Literal(keys_json)))
+        for t, pkc, keys_lit in reversed(staged):  # deletes: children first
+            stage = sql.Identifier(f"_shardkit_stage_{t.name}")
+            tgt.execute(sql.SQL(
+                "DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{t}, {keys})) "
+                "AND ({pk}) NOT IN (SELECT {pk} FROM {s})").format(
+                t=sql.Identifier(t.name), pk=pkc, keys=keys_lit, s=stage))
+        return n
+
+    def _catch_up(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
+                  buckets: list[int]) -> int:
+        total = 0
+        for _ in range(_CATCH_UP_ROUNDS):
+            round_total = 0
+            while True:
+                # The target commits first: a crash in between replays changes, never loses them.
+                with src.transaction(), tgt.transaction():
+                    n = self._apply_changes(src, tgt, tables, buckets, _CHANGES_PER_ROUND)
+                round_total += n
+                if n < _CHANGES_PER_ROUND:
+                    break
+            total += round_total
+            if round_total < _CUTOVER_BELOW:
+                break
+        return total
+
+    def _cut_over(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
+                  move_id: int, batch: int, buckets: list[int], target: str) -> tuple[int, float]:
+        """Pause writes to ``buckets``, apply the last changes, switch ownership and the map."""
+        src.execute(f"SET lock_timeout = {int(self.lock_timeout * 1000)}")
+        try:
+            while True:
+                try:
+                    with src.transaction():
+                        # Writers of these buckets hold the shared lock until they
+                        # commit: this waits for them, and holds new ones (of these
+                        # buckets only) until the source has given ownership up.
+                        src.execute("SELECT pg_advisory_xact_lock(%s, b) FROM unnest(%s::integer[]) AS b "
+                                    "ORDER BY b", (GUARD_LOCK_CLASS, buckets))
+                        paused = time.monotonic()
+                        with tgt.transaction():
+                            while self._apply_changes(src, tgt, tables, buckets, None):
+                                pass
+                            tgt.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
+                                        "ON CONFLICT DO NOTHING", (buckets,))
+                            tgt.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
+                                        "SELECT unnest(%s::integer[]), %s ON CONFLICT (bucket) DO NOTHING",
+                                        (buckets, move_id))
+                        src.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+                        src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+                    break
+                except psycopg.errors.LockNotAvailable:
+                    # A long transaction holds one of the buckets: catch up, try again.
+                    log.warning("move %s: a writer held the buckets past lock_timeout; retrying", move_id)
+                    self._catch_up(src, tgt, tables, buckets)
+        finally:
+            src.execute("RESET lock_timeout")
+        # The source has given the buckets up (a paused writer is now refused and
+        # polls the catalog for the next version); the target owns them.  Publish.
+        # A crash before this commits leaves the batch at "copied": resuming
+        # redoes the (then empty) cut-over and publishes.
+        with self.catalog.engine.begin() as conn:
+            current = self.catalog.current_map(conn)
+            assert current is not None
+            new_map = list(current[1])
+            for b in buckets:
+                new_map[b] = target
+            version = self.catalog.publish_map(
+                conn, new_map, f"move {move_id}: {len(buckets)} buckets to {target}")
+            conn.execute(text("UPDATE shardkit_catalog.move_batches SET map_version = :v "
+                              "WHERE move_id = :m AND batch = :b"),
+                         {"v": version, "m": move_id, "b": batch})
+            Catalog.record(conn, move_id, batch, "switched", {"map_version": version})
+        pause = time.monotonic() - paused
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        return version, pause
+
+    def _verify(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
+                 buckets: list[int], label: str) -> int:
+        checked = 0
+        for t in tables:
+            cols = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.columns)
+            pkc = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.pk)
+            q = sql.SQL(
+                "SELECT " + t.bucket_sql + " AS b, count(*), "
+                "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
+                "FROM {t} AS x WHERE " + t.bucket_sql + " = ANY(%s::integer[]) "
+                "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
+                "GROUP BY 1").format(
+                cols=cols, t=sql.Identifier(t.name), pk=pkc,
+                pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
+            with tgt.transaction():
+                tgt.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                # Rows written on the target since the switch are the new truth:
+                # compare everything else, at one snapshot of the target.
+                recent = json.dumps([r[0] for r in tgt.execute(
+                    "SELECT DISTINCT pk FROM shardkit.changes WHERE tbl = %s "
+                    "AND bucket = ANY(%s::integer[])", (t.name, buckets))])
+                # The source no longer changes (it does not own the buckets): scan
+                # both sides at once.
+                with ThreadPoolExecutor(1) as pool:
+                    ours_f = pool.submit(lambda: {r[0]: (r[1], r[2]) for r in src.execute(q, (buckets, recent))})
+                    theirs = {r[0]: (r[1], r[2]) for r in tgt.execute(q, (buckets, recent))}
+                    ours = ours_f.result()
+            if ours != theirs:
+                bad = sorted(b for b in set(ours) | set(theirs) if ours.get(b) != theirs.get(b))
+                detail = ", ".join(f"bucket {b}: source {ours.get(b, (0, 0))[0]} rows, target "
+                                   f"{theirs.get(b, (0, 0))[0]} rows" for b in bad[:5])
+                raise RebalanceError(
+                    f"{label}: verification failed for table {t.name} in {len(bad)} buckets ({detail}); "
+                    "the source's rows are kept; investigate, then resume to re-verify", step="verified")
+            checked += sum(c for c, _ in ours.values())
+        return checked
+
+    def _clean_up(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
+                  buckets: list[int]) -> int:
+        deleted = 0
+        for t in reversed(tables):  # children first
+            # One statement per table: a chunked delete would rescan the table for
+            # every chunk.  Nobody else writes these rows (the shard does not own
+            # them), so the long delete blocks no writer.
+            with src.transaction():
+                src.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+                cur = src.execute(sql.SQL("DELETE FROM {t} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
+                    t=sql.Identifier(t.name)), (buckets,))
+                deleted += cur.rowcount
+        with src.transaction():
+            src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
+            src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+        with tgt.transaction():
+            tgt.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+            tgt.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
+        return deleted
+
+
+# -- status and abort ----------------------------------------------------------------
+
+
+def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, Any]]:
+    """Moves (all, or one) with their batches and the step each batch has reached."""
+    catalog = _need_catalog(cluster)
+    if not catalog.initialised():
+        return []
+    with catalog.engine.connect() as conn:
+        moves = conn.execute(text(
+            "SELECT id, state, reason, error, created_at, updated_at FROM shardkit_catalog.moves "
+            + ("WHERE id = :m " if move_id is not None else "") + "ORDER BY id"),
+            {"m": move_id}).mappings().all()
+        out = []
+        for m in moves:
+            batches = conn.execute(text(
+                "SELECT batch, source, target, buckets, step, map_version FROM shardkit_catalog.move_batches "
+                "WHERE move_id = :m ORDER BY batch"), {"m": m["id"]}).mappings().all()
+            copied = conn.execute(text(
+                "SELECT coalesce(sum((detail->>'rows')::bigint), 0) FROM shardkit_catalog.journal "
+                "WHERE move_id = :m AND step = 'copied'"), {"m": m["id"]}).scalar()
+            out.append({
+                "move": m["id"], "state": m["state"], "reason": m["reason"], "error": m["error"],
+                "created_at": m["created_at"].isoformat(), "updated_at": m["updated_at"].isoformat(),
+                "rows_copied": int(copied),
+                "batches": [{"batch": b["batch"], "source": b["source"], "target": b["target"],
+                             "buckets": len(b["buckets"]), "step": b["step"],
+                             "map_version": b["map_version"]} for b in batches],
+            })
+    return out
+
+
+def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
+    """Stop a running move and give its unswitched buckets back to their source.
+
+    Batches that have not switched are undone: capture stops on the source and
+    the target's copies are deleted.  A batch that has switched but is not
+    cleaned up yet blocks the abort (resume the move, then plan the buckets
+    back); batches already finished stay moved and are listed.
+    """
+    catalog = _need_catalog(cluster)
+    with catalog.engine.connect() as lock_conn:
+        got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
+                                {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
+        lock_conn.commit()
+        if not got:
+            raise RebalanceError(f"move {move_id} is being run by a mover; stop it first", move_id=move_id)
+        try:
+            with catalog.engine.connect() as conn:
+                state = conn.execute(text("SELECT state FROM shardkit_catalog.moves WHERE id = :m"),
+                                     {"m": move_id}).scalar()
+                if state != "running":
+                    raise RebalanceError(f"move {move_id} is {state or 'unknown'}; nothing to abort",
+                                         move_id=move_id)
+                batches = conn.execute(text(
+                    "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
+                    "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
+            mid = [b for b in batches if b.step in ("switched", "verified")]
+            if mid:
+                raise RebalanceError(
+                    f"move {move_id}: batch {mid[0].batch} has switched to {mid[0].target} and is not "
+                    f"cleaned up; run `shardkit rebalance resume {move_id}` to finish it, then plan "
+                    "those buckets back", move_id=move_id, step=mid[0].step)
+            mover = Mover(cluster, progress=lambda line: None, grace=0)
+            undone, kept = [], []
+            for b in batches:
+                if b.step == "cleaned":
+                    kept.append(b.batch)
+                    continue
+                buckets = list(b.buckets)
+                src_url = cluster.config.shard(b.source).primary
+                tgt_url = cluster.config.shard(b.target).primary
+                with psycopg.connect(_dsn(src_url), autocommit=True) as src, \
+                        psycopg.connect(_dsn(tgt_url), autocommit=True) as tgt:
+                    tables = mover._tables(src, b.source)
+                    with src.transaction():
+                        src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+                        src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
+                    with tgt.transaction():
+                        tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+                        for t in reversed(tables):
+                            tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
+                                sql.Identifier(t.name)), (buckets,))
+                undone.append(b.batch)
+                with catalog.engine.begin() as conn:
+                    Catalog.record(conn, move_id, b.batch, "aborted")
+            with catalog.engine.begin() as conn:
+                conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'aborted', updated_at = now() "
+                                  "WHERE id = :m"), {"m": move_id})
+                Catalog.record(conn, move_id, None, "aborted", {"undone": undone, "kept": kept})
+        finally:
+            lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"), {"c": MOVER_LOCK_CLASS, "m": move_id})
+            lock_conn.commit()
+    return {"move": move_id, "undone_batches": undone, "finished_batches": kept}
+
+
+def shard_weights(cluster: Cluster, *, by: str = "rows") -> dict[int, float]:
+    """Per bucket, its rows (``by="rows"``) or bytes (``by="bytes"``) across the guarded tables."""
+    weights: dict[int, float] = defaultdict(float)
+    for shard in cluster.shard_names:
+        with cluster.primary(shard).connect() as conn:
+            if not guard_installed(conn):
+                continue
+            for table, key in guarded_tables(cluster.config):
+                _, _, types = table_shape(conn, table)
+                b = bucket_expression(key, types[key], cluster.config.bucket_count)
+                measure = "count(*)" if by == "rows" else "sum(pg_column_size(x.*))"
+                for bucket, w in conn.execute(text(
+                        f'SELECT {b} AS b, {measure} FROM "{table}" AS x GROUP BY 1')):
+                    if bucket is not None:
+                        weights[int(bucket)] += float(w or 0)
+    return dict(weights)

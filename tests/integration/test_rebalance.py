@@ -1,0 +1,372 @@
+"""Online bucket moves on real servers: nothing lost while writers write, kill and resume, stale maps."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+import shardkit
+from shardkit import rebalance
+from shardkit._rebalance_plan import plan_add_shards, plan_drain, plan_from_maps
+from shardkit.verify import verify
+
+pytestmark = pytest.mark.integration
+
+N_ACCOUNTS = 2000
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    balance: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Entry(Base):
+    __tablename__ = "entries"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    amount: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(String(40), default="")
+
+
+GROUPS = {"groups": {"accounts": {"strategy": "hash",
+                                  "tables": {"accounts": "id", "entries": "account_id"}}}}
+
+
+def _config(dev, catalog_url: str, shards: int) -> dict:
+    cfg = dev.config_dict()
+    cfg["shards"] = cfg["shards"][:shards]
+    return {**cfg, **GROUPS, "catalog": {"url": catalog_url}}
+
+
+@pytest.fixture(scope="module")
+def world(shardkit_cluster_factory, tmp_path_factory):
+    """3 shards; the catalog is a database on s0's server; data starts on s0 and s1."""
+    dev = shardkit_cluster_factory(shards=3, replicas=0)
+    s0 = dev.shards[0].primary
+    with psycopg.connect(s0.dsn, autocommit=True) as c:
+        c.execute("CREATE DATABASE shardkit_catalog")
+    catalog_url = s0.url.rsplit("/", 1)[0] + "/shardkit_catalog"
+    for shard in dev.shards:
+        eng = create_engine(shard.primary.url)
+        Base.metadata.create_all(eng)
+        eng.dispose()
+    two = shardkit.Cluster.from_config(_config(dev, catalog_url, 2), follow_map=False)
+    rebalance.init(two)  # the catalog's first map: the 2-shard config's
+    two.dispose()
+    d = tmp_path_factory.mktemp("rebalance")
+    cfg_path = d / "shardkit.toml"
+    dev.write_config(cfg_path, {**GROUPS, "catalog": {"url": catalog_url}})
+    cluster = shardkit.Cluster.from_config(cfg_path)
+    rebalance.init(cluster)  # installs the guard on s2, which owns nothing yet
+    assert set(cluster.config.bucket_map) == {"s0", "s1"}
+    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
+    with Session() as s:
+        s.add_all(Account(id=i, balance=0) for i in range(N_ACCOUNTS))
+        s.add_all(Entry(id=i, account_id=i, amount=i) for i in range(N_ACCOUNTS))
+        s.commit()
+    yield dev, cluster, cfg_path, Session
+    cluster.dispose()
+
+
+def test_config_path_carries_catalog(world):
+    _, cluster, cfg_path, _ = world
+    assert cluster.catalog is not None and cluster.map_version is not None
+    assert "shardkit_catalog" in cfg_path.read_text()
+
+
+class Writers:
+    """Threads that insert, update and delete rows (moving buckets and others) and keep a
+    ledger of what each acknowledged commit left behind."""
+
+    generation = 0  # entry ids never repeat across Writers in one test session
+
+    def __init__(self, Session, n: int = 4) -> None:
+        Writers.generation += 1
+        self.base = 100_000_000 * Writers.generation
+        self.Session = Session
+        self.n = n
+        self.stop = threading.Event()
+        self.entries: dict[int, int | None] = {}     # entry id -> amount, None if deleted
+        self.balances: dict[int, int] = {}           # account id -> balance
+        self.lock = threading.Lock()
+        self.errors: list[BaseException] = []
+        self.ops = 0
+        self.longest_wait = 0.0
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _run(self, me: int) -> None:
+        rnd = random.Random(me)
+        mine = [a for a in range(N_ACCOUNTS) if a % self.n == me]
+        next_entry = self.base + 1_000_000 * (me + 1)
+        inserted: list[tuple[int, int]] = []
+        try:
+            while not self.stop.is_set():
+                account = rnd.choice(mine)
+                op = rnd.random()
+                t0 = time.monotonic()
+                if op < 0.45:
+                    eid, next_entry = next_entry, next_entry + 1
+                    amount = rnd.randrange(1000)
+
+                    def fn(s, eid=eid, account=account, amount=amount):
+                        s.add(Entry(id=eid, account_id=account, amount=amount, note="w"))
+                    shardkit.run_transaction(self.Session, fn)
+                    inserted.append((eid, account))
+                    record = ("entry", eid, amount)
+                elif op < 0.8:
+                    value = rnd.randrange(1_000_000)
+
+                    def fn(s, account=account, value=value):
+                        s.execute(Account.__table__.update().where(Account.id == account)
+                                  .values(balance=value))
+                    shardkit.run_transaction(self.Session, fn)
+                    record = ("balance", account, value)
+                elif inserted:
+                    eid, acc = inserted.pop(rnd.randrange(len(inserted)))
+
+                    def fn(s, eid=eid, acc=acc):
+                        s.execute(Entry.__table__.delete()
+                                  .where(Entry.account_id == acc).where(Entry.id == eid))
+                    shardkit.run_transaction(self.Session, fn)
+                    record = ("entry", eid, None)
+                else:
+                    continue
+                wait = time.monotonic() - t0
+                with self.lock:
+                    self.ops += 1
+                    self.longest_wait = max(self.longest_wait, wait)
+                    if record[0] == "entry":
+                        self.entries[record[1]] = record[2]
+                    else:
+                        self.balances[record[1]] = record[2]
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(e)
+
+
+def _all_rows(dev, nshards: int = 3) -> tuple[dict, dict]:
+    """Every row on every shard, read directly: {pk: [(shard, value), ...]}."""
+    accounts: dict[int, list] = {}
+    entries: dict[int, list] = {}
+    for shard in dev.shards[:nshards]:
+        with psycopg.connect(shard.primary.dsn) as c:
+            for i, bal in c.execute("SELECT id, balance FROM accounts"):
+                accounts.setdefault(i, []).append((shard.name, bal))
+            for i, amount in c.execute("SELECT id, amount FROM entries"):
+                entries.setdefault(i, []).append((shard.name, amount))
+    return accounts, entries
+
+
+def _check_ledger(dev, cluster, writers: Writers) -> None:
+    cluster.refresh_map()
+    accounts, entries = _all_rows(dev)
+    assert len(accounts) == N_ACCOUNTS
+    for aid, places in accounts.items():
+        assert len(places) == 1, f"account {aid} is on {places}"
+        assert places[0][0] == cluster.shard_for("accounts", aid), f"account {aid} on the wrong shard"
+        if aid in writers.balances:
+            assert places[0][1] == writers.balances[aid], f"account {aid}: lost an update"
+    for eid, amount in writers.entries.items():
+        if amount is None:
+            assert eid not in entries, f"entry {eid} was deleted, but is on {entries[eid]}"
+        else:
+            assert eid in entries, f"entry {eid} was acknowledged and is lost"
+            assert entries[eid] == [(entries[eid][0][0], amount)], f"entry {eid}: {entries[eid]}"
+    for eid, places in entries.items():
+        assert len(places) == 1, f"entry {eid} is on {places}"
+    report = verify(cluster)
+    assert report.ok, report.render()
+
+
+def test_move_to_a_new_shard_while_writers_write(world):
+    dev, cluster, cfg_path, Session = world
+    plan = plan_add_shards(cluster.config.bucket_map, ["s2"])
+    assert plan.moves and {m.target for m in plan.moves} == {"s2"}
+    version = cluster.map_version
+    mover = rebalance.Mover(cluster, grace=0.3, progress=lambda line: None)
+    with Writers(Session) as writers:
+        time.sleep(0.5)
+        move_id = mover.apply(plan, max_buckets=128)
+        time.sleep(0.5)
+    assert not writers.errors, writers.errors[:3]
+    assert writers.ops > 100
+    # Every follower learnt the new map; nothing is left on the old owners.
+    assert cluster.map_version > version
+    assert cluster.config.bucket_map == plan.new_map
+    _check_ledger(dev, cluster, writers)
+    status = rebalance.move_status(cluster, move_id)[0]
+    assert status["state"] == "done" and all(b["step"] == "cleaned" for b in status["batches"])
+    with psycopg.connect(dev.shards[0].primary.dsn) as c:
+        assert c.execute("SELECT count(*) FROM shardkit.changes").fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM shardkit.moving_buckets").fetchone()[0] == 0
+    assert mover.longest_pause < 1.0
+
+
+def test_stale_map_is_refused_and_retried_on_the_new_owner(world):
+    dev, cluster, cfg_path, Session = world
+    # Processes that load the map now and never follow it: stale after the move.
+    stale = shardkit.Cluster.from_config(cfg_path, follow_map=False)
+    stale2 = shardkit.Cluster.from_config(cfg_path, follow_map=False)
+    live = cluster.config.bucket_map
+    bucket = next(b for b, s in enumerate(live) if s == "s0")
+    target = "s1"
+    new_map = list(live)
+    new_map[bucket] = target
+    rebalance.Mover(cluster, grace=0, progress=lambda line: None).apply(
+        plan_from_maps(live, tuple(new_map), "test: one bucket"))
+    key = next(k for k in range(N_ACCOUNTS, 10**6) if shardkit.bucket_for(k, 1024) == bucket)
+    assert stale.shard_for("accounts", key) == "s0"
+    StaleSession = sessionmaker(class_=shardkit.ShardedSession, cluster=stale, consistency="strong")
+    with StaleSession() as s:
+        s.add(Account(id=key, balance=1))
+        with pytest.raises(shardkit.NotOwned) as ei:
+            s.commit()
+    assert ei.value.shard == "s0" and ei.value.bucket == bucket
+    stale.refresh_map()
+    assert stale.shard_for("accounts", key) == target
+
+    # run_transaction: refused on s0, map reloaded, retried once, lands on s1.
+    S2 = sessionmaker(class_=shardkit.ShardedSession, cluster=stale2, consistency="strong")
+    key2 = next(k for k in range(key + 1, 10**6) if shardkit.bucket_for(k, 1024) == bucket)
+    calls = []
+
+    def fn(s):
+        calls.append(s.cluster.shard_for("accounts", key2))
+        s.add(Account(id=key2, balance=7))
+    shardkit.run_transaction(S2, fn)
+    assert calls == ["s0", target]
+    with psycopg.connect(dev.shards[1].primary.dsn) as c:
+        assert c.execute("SELECT balance FROM accounts WHERE id = %s", (key2,)).fetchone()[0] == 7
+    with psycopg.connect(dev.shards[0].primary.dsn) as c:
+        assert c.execute("SELECT count(*) FROM accounts WHERE id IN (%s, %s)", (key, key2)).fetchone()[0] == 0
+    with psycopg.connect(dev.shards[1].primary.dsn, autocommit=True) as c:
+        c.execute("SET shardkit.mover = 'on'")
+        c.execute("DELETE FROM accounts WHERE id = %s", (key2,))
+    stale.dispose()
+    stale2.dispose()
+
+
+def test_two_movers_cannot_take_the_same_buckets(world):
+    dev, cluster, cfg_path, Session = world
+    live = cluster.config.bucket_map
+    plan = plan_drain(live, "s2")
+    mover = rebalance.Mover(cluster, grace=0, progress=lambda line: None)
+    move_id = mover.start(plan, max_buckets=512)
+    try:
+        with pytest.raises(shardkit.RebalanceError, match=f"move {move_id} is still running"):
+            mover.start(plan)
+        # A second mover for the same move is refused while the first holds it.
+        with cluster.catalog.engine.connect() as holder:
+            holder.execute(text("SELECT pg_advisory_lock(:c, :m)"),
+                           {"c": rebalance.MOVER_LOCK_CLASS, "m": move_id})
+            with pytest.raises(shardkit.RebalanceError, match="being run by another mover"):
+                mover.run(move_id)
+            holder.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
+                           {"c": rebalance.MOVER_LOCK_CLASS, "m": move_id})
+            holder.commit()
+    finally:
+        result = rebalance.abort(cluster, move_id)
+    assert result["undone_batches"]
+    cluster.refresh_map()
+    assert cluster.config.bucket_map == live
+    assert verify(cluster).ok
+
+
+def _journal_steps(cluster, move_id: int) -> list[str]:
+    with cluster.catalog.engine.connect() as c:
+        return [r[0] for r in c.execute(text(
+            "SELECT step FROM shardkit_catalog.journal WHERE move_id = :m ORDER BY id"), {"m": move_id})]
+
+
+def _latest_move(cluster) -> int | None:
+    with cluster.catalog.engine.connect() as c:
+        return c.execute(text("SELECT max(id) FROM shardkit_catalog.moves")).scalar()
+
+
+@pytest.mark.parametrize("kill_after", ["capturing", "copied", "switched", "verified", "cleaned"])
+def test_mover_killed_at_each_step_then_resumed(world, kill_after):
+    dev, cluster, cfg_path, Session = world
+    cluster.refresh_map()
+    owns_s2 = "s2" in cluster.config.bucket_map
+    before = _latest_move(cluster)
+    cmd = [sys.executable, "-m", "shardkit.cli", "rebalance", "apply", "--config", str(cfg_path),
+           "--drain" if owns_s2 else "--add", "s2", "--batch-buckets", "256", "--grace", "0.2",
+           "--step-delay", "1.5"]
+    with Writers(Session, n=2) as writers:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        move_id = None
+        while time.monotonic() < deadline:
+            move_id = _latest_move(cluster)
+            if move_id != before and kill_after in _journal_steps(cluster, move_id):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the mover never reached {kill_after}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        status = rebalance.move_status(cluster, move_id)[0]
+        assert status["state"] == "running"
+        r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "resume", str(move_id),
+                            "--config", str(cfg_path), "--grace", "0.2"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.5)
+    assert not writers.errors, writers.errors[:3]
+    status = rebalance.move_status(cluster, move_id)[0]
+    assert status["state"] == "done"
+    _check_ledger(dev, cluster, writers)
+    cluster.refresh_map()
+    assert ("s2" in cluster.config.bucket_map) != owns_s2
+
+
+def test_cli_without_catalog_says_it_cannot_rebalance(world, tmp_path):
+    dev = world[0]
+    path = tmp_path / "plain.toml"
+    dev.write_config(path, GROUPS)
+    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "plan", "--add", "s2",
+                        "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "no catalog" in r.stderr and "cannot be rebalanced" in r.stderr
+
+
+def test_cli_plan_and_status(world):
+    dev, cluster, cfg_path, Session = world
+    cluster.refresh_map()
+    flag = ["--drain", "s2"] if "s2" in cluster.config.bucket_map else ["--add", "s2"]
+    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "plan", *flag, "--json",
+                        "--config", str(cfg_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["moves"] and tuple(plan["old_map"]) == cluster.config.bucket_map
+    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "status", "--json",
+                        "--config", str(cfg_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert all(m["state"] in ("done", "aborted") for m in json.loads(r.stdout))
