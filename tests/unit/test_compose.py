@@ -52,5 +52,8 @@ def test_compose_toml_points_at_the_published_ports(compose):
         assert shard.primary.port == ports[f"{shard.name}-primary"]
         assert [r.port for r in shard.replicas] == [ports[f"{shard.name}-replica"]]
         assert shard.primary.password == "shardkit"   # ${SHARDKIT_PASSWORD:-shardkit}
+    assert cfg.catalog_url is not None
+    assert cfg.catalog_url.port == ports["catalog"]
+    assert cfg.catalog_url.database == compose["services"]["catalog"]["environment"]["POSTGRES_DB"]
     raw = tomllib.loads((ROOT / "shardkit.compose.toml").read_text())
     assert raw["bucket_count"] == 1024

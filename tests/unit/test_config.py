@@ -201,3 +201,35 @@ def test_original_dict_not_mutated():
     snapshot = copy.deepcopy(cfg)
     load_config(cfg)
     assert cfg == snapshot
+
+
+def test_catalog_url_and_its_mistakes():
+    c = load_config(base(catalog={"url": "postgresql://app:${PW}@cat.example/shardkit_catalog"}),
+                    env={"PW": "secret"})
+    assert c.catalog_url.host == "cat.example" and c.catalog_url.drivername == "postgresql+psycopg"
+    assert "secret" not in mask_url(c.catalog_url)
+    assert load_config(base()).catalog_url is None
+    assert err(base(catalog="postgresql://x/y")).field == "catalog"
+    assert err(base(catalog={"url": "postgresql://x/y", "listen": True})).field == "catalog.listen"
+    assert err(base(catalog={"url": "nonsense"})).field == "catalog.url"
+
+
+def test_with_bucket_map_swaps_hash_groups_only():
+    from shardkit._config import with_bucket_map
+
+    cfg = load_config(base(groups={
+        "users": {"strategy": "hash", "tables": {"users": "id"}},
+        "events": {"strategy": "range", "tables": {"events": "id"},
+                   "ranges": [{"to": 10, "shard": "s0"}, {"from": 10, "shard": "s1"}]},
+    }))
+    live = ("s1",) * 16
+    moved = with_bucket_map(cfg, live)
+    assert moved.bucket_map == live
+    users = next(g for g in moved.groups if g.name == "users")
+    events = next(g for g in moved.groups if g.name == "events")
+    assert users.strategy.shard_for_key(12345) == "s1"
+    assert events.strategy is next(g for g in cfg.groups if g.name == "events").strategy
+    with pytest.raises(ConfigurationError, match="16"):
+        with_bucket_map(cfg, ("s0",) * 8)
+    with pytest.raises(ConfigurationError, match="s9"):
+        with_bucket_map(cfg, ("s9",) * 16)

@@ -1,0 +1,217 @@
+"""Online bucket moves: throughput, the write pause, and the latency of other writes.
+
+    python bench/bench_rebalance.py                    # 2M rows on s0, half of them move to s1
+    python bench/bench_rebalance.py --rows 200000      # a quicker run
+
+On a 2-shard local cluster (primaries only; the catalog is a database on s0's
+server), every bucket starts on s0.  Side by side in one run:
+
+1. raw     - the floor: the moving rows, already in a table of their own, piped
+             with psycopg from ``COPY ... TO STDOUT (FORMAT binary)`` on s0 to
+             ``COPY ... FROM STDIN`` on s1.
+2. move    - ``shardkit rebalance`` moving half of the buckets (the same number of
+             rows) from s0 to s1 while writers run: copy, catch-up, cut-over,
+             verification and clean-up, end to end; and its copy step alone.
+3. pause   - writer threads updating keys of the moving buckets through
+             ``shardkit.run_transaction``; the longest time one write took during
+             the move (paused at the cut-over, refused by the old owner, retried).
+4. latency - p50/p99 write latency of keys that do not move: before the move
+             (baseline) and during it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import psycopg
+from sqlalchemy import BigInteger, Integer, String, create_engine, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+import shardkit
+from shardkit import rebalance
+from shardkit._rebalance_plan import plan_from_maps
+from shardkit.devcluster import DevCluster
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "bench_accounts"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    balance: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(String(64))
+
+
+GROUPS = {"groups": {"accounts": {"tables": {"bench_accounts": "id"}}}}
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+class Writers:
+    """Threads each updating one random key at a time from their key set, timing each write."""
+
+    def __init__(self, Session: Any, keys: list[int], threads: int) -> None:
+        self.Session, self.keys = Session, keys
+        self.stop = threading.Event()
+        self.latencies: list[float] = []
+        self.errors: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
+
+    def run(self, seed: int) -> None:
+        rnd = random.Random(seed)
+        while not self.stop.is_set():
+            k = rnd.choice(self.keys)
+            t = time.perf_counter()
+            try:
+                shardkit.run_transaction(self.Session, lambda s, k=k: s.execute(
+                    update(Account).where(Account.id == k).values(balance=Account.balance + 1)))
+            except Exception as e:  # noqa: BLE001 - reported at the end
+                self.errors.append(e)
+                return
+            with self.lock:
+                self.latencies.append(time.perf_counter() - t)
+            time.sleep(0.002)
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2_000_000, help="rows on s0 (half of them move)")
+    ap.add_argument("--batch-buckets", type=int, default=256)
+    ap.add_argument("--writers", type=int, default=2, help="threads writing moving keys, and as many others")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="shardkit-bench-") as d:
+        import os
+        os.chmod(d, 0o755)
+        dev = DevCluster.up(f"{d}/c", shards=2, replicas=0)
+        try:
+            return run(dev, args)
+        finally:
+            dev.down()
+
+
+def run(dev: DevCluster, args: argparse.Namespace) -> int:
+    s0, s1 = dev.shards[0].primary, dev.shards[1].primary
+    with psycopg.connect(s0.dsn, autocommit=True) as c:
+        c.execute("CREATE DATABASE shardkit_catalog")
+    catalog = s0.url.rsplit("/", 1)[0] + "/shardkit_catalog"
+    cfg = {**dev.config_dict(), **GROUPS, "catalog": {"url": catalog}}
+    one = {**cfg, "shards": cfg["shards"][:1]}
+    for node in (s0, s1):
+        eng = create_engine(node.url)
+        Base.metadata.create_all(eng)
+        eng.dispose()
+
+    # Load s0 (all buckets) with COPY; the raw baseline's table gets the rows that will move.
+    n = args.rows
+    moving = set(range(512))
+    all_rows, moving_rows = io.StringIO(), io.StringIO()
+    for i in range(n):
+        line = f"{i}\t{i % 1000}\tnote-{i:012d}-abcdefghijklmnopqrstuvwxyz\n"
+        all_rows.write(line)
+        if shardkit.bucket_for(i, 1024) in moving:
+            moving_rows.write(line)
+    with psycopg.connect(s0.dsn) as c:
+        with c.cursor().copy("COPY bench_accounts FROM STDIN") as cp:
+            cp.write(all_rows.getvalue())
+        c.execute("CREATE TABLE raw_src (LIKE bench_accounts INCLUDING ALL)")
+        with c.cursor().copy("COPY raw_src FROM STDIN") as cp:
+            cp.write(moving_rows.getvalue())
+        c.execute("VACUUM ANALYZE bench_accounts" if False else "ANALYZE bench_accounts")
+    with psycopg.connect(s1.dsn) as c:
+        c.execute("CREATE TABLE raw_dst (LIKE bench_accounts INCLUDING ALL)")
+    n_moving = moving_rows.getvalue().count("\n")
+    del all_rows, moving_rows
+
+    # 1. raw COPY pipe, the floor.
+    t = time.perf_counter()
+    with psycopg.connect(s0.dsn) as src, psycopg.connect(s1.dsn) as dst:
+        with src.cursor().copy("COPY raw_src TO STDOUT (FORMAT binary)") as out, \
+                dst.cursor().copy("COPY raw_dst FROM STDIN (FORMAT binary)") as inp:
+            for data in out:
+                inp.write(data)
+    raw_s = time.perf_counter() - t
+
+    # The catalog starts with the 1-shard map: every bucket on s0.
+    c1 = shardkit.Cluster.from_config(one, follow_map=False)
+    rebalance.init(c1)
+    c1.dispose()
+    cluster = shardkit.Cluster.from_config(cfg)
+    rebalance.init(cluster)
+    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
+    moving_keys = [k for k in range(0, n, 97) if shardkit.bucket_for(k, 1024) in moving][:2000]
+    other_keys = [k for k in range(0, n, 89) if shardkit.bucket_for(k, 1024) not in moving][:2000]
+
+    # 4a. baseline latency of writes that will not move.
+    with Writers(Session, other_keys, args.writers) as base:
+        time.sleep(5)
+    baseline = base.latencies
+
+    live = cluster.config.bucket_map
+    new_map = tuple("s1" if b in moving else s for b, s in enumerate(live))
+    plan = plan_from_maps(live, new_map, "bench: half of the buckets to s1")
+    lines: list[str] = []
+    mover = rebalance.Mover(cluster, grace=0.5, progress=lines.append)
+    with Writers(Session, moving_keys, args.writers) as mw, Writers(Session, other_keys, args.writers) as ow:
+        time.sleep(1)
+        t = time.perf_counter()
+        move_id = mover.apply(plan, max_buckets=args.batch_buckets)
+        move_s = time.perf_counter() - t
+        time.sleep(1)
+    errors = mw.errors + ow.errors + base.errors
+    with cluster.catalog.engine.connect() as c:
+        from sqlalchemy import text
+        copy_s = c.execute(text(
+            "SELECT sum((detail->>'seconds')::float) FROM shardkit_catalog.journal "
+            "WHERE move_id = :m AND step = 'copied'"), {"m": move_id}).scalar()
+    cluster.dispose()
+
+    print(f"{n:,} rows on s0; {n_moving:,} rows in {len(moving)} buckets move to s1; "
+          f"batches of {args.batch_buckets} buckets; {args.writers}+{args.writers} writer threads; "
+          f"Python {sys.version.split()[0]}\n")
+    print("| measure | value | ratio |")
+    print("|---|---:|---:|")
+    print(f"| raw COPY pipe, {n_moving:,} rows | {n_moving / raw_s:,.0f} rows/s ({raw_s:.2f} s) | 1.00 |")
+    print(f"| shardkit move, copy step only | {n_moving / copy_s:,.0f} rows/s ({copy_s:.2f} s) | "
+          f"{raw_s / copy_s:.2f} |")
+    print(f"| shardkit move, end to end (copy, catch-up, switch, verify, clean-up) | "
+          f"{n_moving / move_s:,.0f} rows/s ({move_s:.2f} s) | {raw_s / move_s:.2f} |")
+    print(f"| longest cut-over pause (mover's measure) | {mover.longest_pause * 1000:.0f} ms | |")
+    print(f"| longest write of a moving key during the move | {max(mw.latencies) * 1000:.0f} ms | |")
+    print(f"| writes of non-moving keys, p50 / p99, baseline | {pct(baseline, 50) * 1000:.2f} / "
+          f"{pct(baseline, 99) * 1000:.2f} ms | |")
+    print(f"| writes of non-moving keys, p50 / p99, during the move | {pct(ow.latencies, 50) * 1000:.2f} / "
+          f"{pct(ow.latencies, 99) * 1000:.2f} ms | p99 {pct(ow.latencies, 99) / pct(baseline, 99):.2f}x |")
+    print(f"\nwrites during the move: {len(mw.latencies)} to moving keys, {len(ow.latencies)} to others; "
+          f"errors: {len(errors)}")
+    for line in lines:
+        print("  " + line)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
