@@ -58,6 +58,8 @@ class Cluster:
         # The config as loaded; with a catalog, self.config routes by the catalog's map.
         self.file_config = config
         self.map_version: int | None = None
+        # shard -> buckets it holds rows of without owning them (a move in progress).
+        self.foreign_buckets: dict[str, frozenset[int]] = {}
         self._map_lock = threading.Lock()
         self.catalog: Any = None
         self._follower: Any = None
@@ -127,9 +129,13 @@ class Cluster:
             return None
         deadline = time.monotonic() + timeout
         while True:
-            current = self.catalog.current_map()
+            current = self.catalog.current_state()
             if current is not None:
-                self._set_map(*current)
+                self._set_map(current[0], current[1])
+                if current[2] != self.foreign_buckets:
+                    self.foreign_buckets = current[2]
+                    log.info("shards holding rows of buckets they do not own: %s",
+                             {k: len(v) for k, v in current[2].items()} or "none")
             if newer_than is None or (self.map_version or 0) > newer_than or time.monotonic() >= deadline:
                 return self.map_version
             time.sleep(0.02)

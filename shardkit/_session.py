@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import event, inspect, util
+from sqlalchemy import Table, event, func, inspect, or_, util
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -28,6 +28,7 @@ from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.sql import coercions, functions, roles, selectable
+from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update
 
 from ._cluster import Cluster
@@ -36,6 +37,7 @@ from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
 from ._scatter import merge_rows, plan_scatter
 from ._scope import current_scope
+from ._strategies import HashStrategy
 from .errors import (
     CrossShardWriteError,
     NotOwned,
@@ -546,13 +548,55 @@ class ScatterResult(IteratorResult):  # type: ignore[type-arg]
     missing_shards: dict[str, BaseException]
 
 
+def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: Route) -> Any:
+    """``statement`` restricted to the buckets ``shard`` owns, while a move is in progress.
+
+    During a move the target holds copies of rows it does not own yet, and the
+    source keeps rows it no longer owns until clean-up; a cross-shard
+    statement must not see (or touch) them twice.  Only hash-sharded tables
+    move.  Outside moves this returns ``statement`` unchanged.
+    """
+    foreign = cluster.foreign_buckets.get(shard)
+    if not foreign:
+        return statement
+    router = cluster.router
+    hashed = {t: router.table_route(t) for t in route.tables}
+    hashed = {t: tr for t, tr in hashed.items() if isinstance(tr.strategy, HashStrategy)}
+    if not hashed:
+        return statement
+    if isinstance(statement, (Update, Delete)):
+        candidates = [statement.table]
+    elif isinstance(statement, selectable.Select):
+        candidates = [s for f in statement.get_final_froms() for s in sql_util.surface_selectables(f)]
+    else:
+        candidates = []
+    # Every moving table of the FROM clause, each as the statement names it (an
+    # alias included).  A NULL key passes: it is the missing side of an outer join.
+    conditions = []
+    for sel in candidates:
+        base = getattr(sel, "element", sel)
+        tr = hashed.get(getattr(base, "name", None))
+        if tr is not None and isinstance(base, Table) and len(tr.key_columns) == 1:
+            column = sel.c[tr.key_columns[0]]
+            conditions.append(or_(column.is_(None), func.shardkit.bucket(
+                column, cluster.config.bucket_count).not_in(sorted(foreign))))
+    if conditions:
+        return statement.where(*conditions)
+    raise ScatterRefused(
+        f"a move of buckets is in progress and shard {shard} holds rows it does not own; this "
+        "cross-shard statement does not name a moving table in its FROM clause where shardkit can "
+        "leave those rows out (a subquery, CTE or UNION); run it after the move, or per shard",
+        construct="cross-shard statement during a move", statement=statement)
+
+
 def _run_on_shards(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
                    bind_arguments: Any, route: Route) -> Result[Any]:
     if not route.is_write:
         return _scatter_read(session, statement, params, execution_options, bind_arguments, route)
     results = []
     for shard in route.shards:
-        stmt = statement
+        stmt = statement if isinstance(statement, Insert) else \
+            _without_foreign_rows(session.cluster, shard, statement, route)
         p = params
         if route.split is not None:
             part = route.split.get(shard)
@@ -596,7 +640,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     # pools in a cycle, so a burst of them cannot deadlock.
     tasks = []
     for shard in sorted(route.shards):
-        stmt = shard_stmt
+        stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         if route.split is not None and route.split.get(shard):
             stmt = shard_stmt.params(route.split[shard])
         index = session._read_target(shard, statement, execution_options) if cluster.has_replicas else None

@@ -115,6 +115,36 @@ class Catalog:
         with self.engine.connect() as c:
             return read(c)
 
+    def current_state(self, conn: Connection | None = None
+                      ) -> tuple[int, tuple[str, ...], dict[str, frozenset[int]]] | None:
+        """(version, bucket map, foreign buckets) at one snapshot, or None without a map.
+
+        *Foreign buckets* of a shard are buckets it holds rows of without owning
+        them, for a move in progress: the target's copies before the switch, the
+        source's leftovers after it until clean-up.  Cross-shard reads leave
+        them out.
+        """
+        def read(c: Connection) -> tuple[int, tuple[str, ...], dict[str, frozenset[int]]] | None:
+            current = self.current_map(c)
+            if current is None:
+                return None
+            foreign: dict[str, set[int]] = {}
+            for source, target, buckets, step in c.execute(text(
+                    "SELECT b.source, b.target, b.buckets, b.step FROM shardkit_catalog.move_batches b "
+                    "JOIN shardkit_catalog.moves m ON m.id = b.move_id "
+                    "WHERE m.state = 'running' AND b.step IN ('capturing', 'copied', 'switched', 'verified')")):
+                holder = target if step in ("capturing", "copied") else source
+                foreign.setdefault(holder, set()).update(buckets)
+            return current[0], current[1], {k: frozenset(v) for k, v in foreign.items()}
+        if conn is not None:
+            return read(conn)
+        with self.engine.connect() as c:
+            c.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            try:
+                return read(c)
+            finally:
+                c.rollback()
+
     def publish_map(self, conn: Connection, bucket_map: Sequence[str], reason: str,
                     *, expect_version: int | None = None) -> int:
         """Store ``bucket_map`` as the next version, in ``conn``'s transaction; return it.
@@ -148,6 +178,9 @@ class Catalog:
             conn.execute(text(
                 "UPDATE shardkit_catalog.move_batches SET step = :s, updated_at = now() "
                 "WHERE move_id = :m AND batch = :b"), {"m": move_id, "b": batch, "s": step})
+            # Which shards hold rows they do not own changes with the step:
+            # followers re-read it.
+            conn.execute(text("SELECT pg_notify(:ch, 'moves')"), {"ch": MAP_CHANNEL})
         conn.execute(text("UPDATE shardkit_catalog.moves SET updated_at = now() WHERE id = :m"),
                      {"m": move_id})
 

@@ -283,15 +283,19 @@ class Mover:
         with psycopg.connect(_dsn(src_url), autocommit=True) as src, \
                 psycopg.connect(_dsn(tgt_url), autocommit=True) as tgt:
             tables = self._tables(src, source)
+            # Readers learn from the "capturing" record that the target will hold
+            # rows it does not own; the copy commits no sooner than `grace` after it.
+            visible_after = 0.0
             if STEPS.index(step) < STEPS.index("capturing"):
                 t0 = time.monotonic()
                 self._capture(src, move_id, buckets)
                 self.progress(f"{label}: capturing changes ({time.monotonic() - t0:.2f}s)")
                 self._record(move_id, batch, "capturing")
+                visible_after = time.monotonic() + self.grace
                 step = "capturing"
             if step == "capturing":
                 t0 = time.monotonic()
-                rows = self._copy(src, tgt, tables, buckets)
+                rows = self._copy(src, tgt, tables, buckets, visible_after)
                 dt = time.monotonic() - t0
                 self.progress(f"{label}: copied {rows} rows in {dt:.2f}s "
                               f"({rows / dt if dt else 0:,.0f} rows/s)")
@@ -362,7 +366,7 @@ class Mover:
                         (GUARD_LOCK_CLASS, buckets))
 
     def _copy(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-              buckets: list[int]) -> int:
+              buckets: list[int], visible_after: float = 0.0) -> int:
         rows = 0
         with tgt.transaction():
             tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
@@ -383,6 +387,7 @@ class Mover:
                             for data in out:
                                 inp.write(data)
                         rows += max(sc.rowcount, 0)
+            time.sleep(max(0.0, visible_after - time.monotonic()))
         return rows
 
     def _apply_changes(self, src: psycopg.Connection, tgt: psycopg.Connection,
