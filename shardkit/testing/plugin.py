@@ -3,10 +3,11 @@
 Loaded through the ``pytest11`` entry point once shardkit is installed.
 
 ``shardkit_cluster_factory`` (session)
-    ``factory(shards=2, replicas=1, **kw) -> DevCluster`` starts a fresh
-    cluster (keywords go to :meth:`~shardkit.devcluster.DevCluster.up`).  Every
-    cluster it started is stopped and removed when the session ends, also after
-    failures and Ctrl-C; an :mod:`atexit` hook catches what teardown missed.
+    ``factory(shards=2, replicas=1, **kw)`` starts a fresh cluster on the
+    chosen backend (keywords go to its ``up``: ``bucket_count``,
+    ``port_start``).  Every cluster it started is stopped and removed when the
+    session ends, also after failures and Ctrl-C; an :mod:`atexit` hook catches
+    what teardown missed.
 ``shardkit_dev_cluster`` (session)
     one 2-shard x 1-replica cluster shared by the whole session.  Tests that
     stop or kill nodes, or set apply delays, should start their own cluster
@@ -18,14 +19,20 @@ has room, else in the system temporary directory.
 The backend is chosen with ``SHARDKIT_TEST_BACKEND``:
 
 ``local`` (the default)
-    servers from the local PostgreSQL installation, as :mod:`shardkit.devcluster`
-    finds it.
+    a :class:`~shardkit.devcluster.DevCluster`: servers from the local
+    PostgreSQL installation, as :mod:`shardkit.devcluster` finds it.
 ``docker``
-    servers in containers.  When no Docker engine is reachable (or
-    testcontainers is not installed) the tests that need a cluster are skipped,
-    with the reason.  Starting clusters in containers is not implemented yet:
-    with a reachable engine those tests fail and say so, rather than pass
-    without having run.
+    a :class:`~shardkit.testing.docker.DockerCluster`: every server in a
+    ``postgres:16`` container, replicas cloned with ``pg_basebackup`` over a
+    Docker network of the cluster's own, ports published on 127.0.0.1.  It
+    has the API tests use of a DevCluster and its nodes (``shards``,
+    ``.primary``, ``.replicas``, ``config_dict()``, ``write_config()``, node
+    ``url``, ``connect()``, ``stop()``, ``start()``, ``kill()``,
+    ``set_apply_delay()``, ``wait_caught_up()``, ``down()`` ...), not what is
+    about local files and processes (``DevCluster.load()``, reusing a
+    ``base_dir``, a node's ``postmaster.pid``); see that module.  When no
+    Docker engine is reachable, or testcontainers (>= 4.8) is not installed,
+    the tests that need a cluster are skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -40,12 +47,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import pytest
 
 from ..devcluster import DevCluster
 from ..errors import DevClusterError
+from .docker import DockerCluster, testcontainers_problem
 
 __all__ = ["shardkit_cluster_factory", "shardkit_dev_cluster"]
 
@@ -54,12 +62,14 @@ log = logging.getLogger("shardkit.testing")
 _BACKENDS = ("local", "docker")
 _SHM_MIN_FREE = 2 << 30  # bytes; a small cluster needs ~0.1 GB a node, more as tests write
 
+AnyCluster: TypeAlias = DevCluster | DockerCluster
+
 # Clusters started and not yet stopped, for the atexit hook.
-_live: list[DevCluster] = []
+_live: list[AnyCluster] = []
 _live_lock = threading.Lock()
 
 
-def _down(cluster: DevCluster) -> None:
+def _down(cluster: AnyCluster) -> None:
     cluster.down(remove=True)
     with _live_lock:
         if cluster in _live:
@@ -82,10 +92,9 @@ atexit.register(_down_leftovers)
 
 def _docker_unavailable() -> str | None:
     """Why the docker backend cannot run here, or None if it can."""
-    try:
-        import testcontainers  # noqa: F401
-    except ImportError:
-        return "testcontainers is not installed (pip install 'shardkit[docker]')"
+    problem = testcontainers_problem()
+    if problem:
+        return problem
     docker = shutil.which("docker")
     if docker is None:
         return "the docker command is not installed"
@@ -99,7 +108,8 @@ def _docker_unavailable() -> str | None:
     return None
 
 
-def _check_backend() -> None:
+def _check_backend() -> str:
+    """The backend ``SHARDKIT_TEST_BACKEND`` names; skip if docker cannot run, fail if unknown."""
     backend = os.environ.get("SHARDKIT_TEST_BACKEND", "local") or "local"
     if backend not in _BACKENDS:
         pytest.fail(
@@ -112,11 +122,7 @@ def _check_backend() -> None:
         if reason:
             pytest.skip(f"SHARDKIT_TEST_BACKEND=docker, but {reason}; "
                         "unset it to run against the local PostgreSQL installation")
-        pytest.fail(
-            "SHARDKIT_TEST_BACKEND=docker: starting clusters in containers is not implemented "
-            "yet; unset SHARDKIT_TEST_BACKEND to run against the local PostgreSQL installation",
-            pytrace=False,
-        )
+    return backend
 
 
 def _cluster_root() -> Path:
@@ -139,15 +145,16 @@ def _cluster_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shardkit_cluster_factory() -> Iterator[Callable[..., DevCluster]]:
-    """``factory(shards=2, replicas=1, **kw)``: start a fresh local cluster for this session."""
-    _check_backend()
+def shardkit_cluster_factory() -> Iterator[Callable[..., AnyCluster]]:
+    """``factory(shards=2, replicas=1, **kw)``: start a fresh cluster for this session."""
+    backend = _check_backend()
+    up: Callable[..., AnyCluster] = DockerCluster.up if backend == "docker" else DevCluster.up
     root = _cluster_root()
-    mine: list[DevCluster] = []
+    mine: list[AnyCluster] = []
     numbers = itertools.count()
 
-    def factory(shards: int = 2, replicas: int = 1, **kw: Any) -> DevCluster:
-        cluster = DevCluster.up(root / f"cluster{next(numbers)}", shards, replicas, **kw)
+    def factory(shards: int = 2, replicas: int = 1, **kw: Any) -> AnyCluster:
+        cluster = up(root / f"cluster{next(numbers)}", shards, replicas, **kw)
         mine.append(cluster)
         with _live_lock:
             _live.append(cluster)
@@ -168,6 +175,6 @@ def shardkit_cluster_factory() -> Iterator[Callable[..., DevCluster]]:
 
 
 @pytest.fixture(scope="session")
-def shardkit_dev_cluster(shardkit_cluster_factory: Callable[..., DevCluster]) -> DevCluster:
+def shardkit_dev_cluster(shardkit_cluster_factory: Callable[..., AnyCluster]) -> AnyCluster:
     """One shared 2-shard x 1-replica cluster; do not stop, kill or delay its nodes."""
     return shardkit_cluster_factory(shards=2, replicas=1)

@@ -20,6 +20,12 @@ from shardkit.devcluster import DevCluster, find_pg_bin
 
 pytestmark = pytest.mark.integration
 
+# Tests of what a DevCluster is on this machine (its data directories, its
+# processes, re-attaching from another process), not of the fixture's API.
+local_only = pytest.mark.skipif(
+    os.environ.get("SHARDKIT_TEST_BACKEND", "local") == "docker",
+    reason="tests a local DevCluster's files and processes; the docker backend has none")
+
 
 @pytest.fixture(scope="module")
 def own_cluster(shardkit_cluster_factory):
@@ -89,6 +95,7 @@ def test_replica_is_read_only(shardkit_dev_cluster):
             conn.execute("CREATE TABLE never (id int)")
 
 
+@local_only
 def test_pg_stat_statements_is_loaded_when_installed(shardkit_dev_cluster):
     pkglibdir = subprocess.run([str(find_pg_bin() / "pg_config"), "--pkglibdir"],
                                capture_output=True, text=True).stdout.strip()
@@ -127,6 +134,7 @@ def test_apply_delay_and_catch_up_are_for_replicas_only(own_cluster):
         primary.wait_caught_up()
 
 
+@local_only
 def test_kill_then_start(own_cluster):
     shard = own_cluster.shards[0]
     primary, replica = shard.primary, shard.replicas[0]
@@ -167,6 +175,7 @@ def test_kill_then_start(own_cluster):
     replica.wait_caught_up(timeout=10)
 
 
+@local_only
 def test_stop_and_start(own_cluster):
     replica = own_cluster.shards[0].replicas[0]
     replica.stop()
@@ -179,6 +188,7 @@ def test_stop_and_start(own_cluster):
     replica.wait_streaming(timeout=20)
 
 
+@local_only
 def test_load_reattaches_from_another_process(shardkit_dev_cluster):
     c = shardkit_dev_cluster
     script = (
@@ -200,6 +210,7 @@ def test_load_reattaches_from_another_process(shardkit_dev_cluster):
     assert got["config"] == c.config_dict()
 
 
+@local_only
 def test_up_reuses_a_running_cluster_of_the_same_shape(shardkit_dev_cluster):
     c = shardkit_dev_cluster
     again = DevCluster.up(c.base_dir, shards=2, replicas=1)
@@ -210,6 +221,7 @@ def test_up_reuses_a_running_cluster_of_the_same_shape(shardkit_dev_cluster):
         DevCluster.up(c.base_dir, shards=2, replicas=1, bucket_count=64)
 
 
+@local_only
 def test_up_writes_the_config(shardkit_dev_cluster):
     c = shardkit_dev_cluster
     with open(c.base_dir / "shardkit.toml", "rb") as f:
@@ -283,6 +295,7 @@ def _free_port_run(n):
     raise RuntimeError(f"no {n} consecutive free ports")
 
 
+@local_only
 def test_fixed_ports_and_down(shardkit_cluster_factory):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
