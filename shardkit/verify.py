@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import text
 
 from ._cluster import Cluster
+from ._config import _compress
 from ._strategies import HashStrategy
 from .errors import NoShardForKey
 
@@ -33,25 +34,32 @@ class TableReport:
     misplaced: Counter[str] = field(default_factory=Counter)   # owner shard -> rows
     duplicates: int = 0
     method: str = ""
+    in_flight: int = 0   # rows of buckets a move in progress has copied here / not cleaned up yet
 
     def as_dict(self) -> dict[str, Any]:
         return {"table": self.table, "shard": self.shard, "rows": self.rows,
                 "misplaced": dict(self.misplaced), "duplicates": self.duplicates,
-                "method": self.method}
+                "in_flight": self.in_flight, "method": self.method}
 
 
 @dataclass
 class VerifyReport:
     tables: list[TableReport]
     missing_tables: list[str]
+    #: Per shard with an ownership guard, where its owned buckets differ from the
+    #: map: ``{"shard", "missing": [...], "extra": [...]}`` (buckets the map gives
+    #: it that it does not own; buckets it owns that the map gives another shard).
+    ownership: list[dict[str, Any]] = field(default_factory=list)
+    map_version: int | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.missing_tables and all(not t.misplaced for t in self.tables)
+        return not self.missing_tables and not self.ownership and \
+            all(not t.misplaced for t in self.tables)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "missing_tables": self.missing_tables,
-                "tables": [t.as_dict() for t in self.tables]}
+        return {"ok": self.ok, "map_version": self.map_version, "missing_tables": self.missing_tables,
+                "ownership": self.ownership, "tables": [t.as_dict() for t in self.tables]}
 
     def render(self) -> str:
         lines = []
@@ -60,9 +68,18 @@ class VerifyReport:
             status = "ok" if not bad else (
                 f"{bad} misplaced (" + ", ".join(_describe(s, n) for s, n in sorted(t.misplaced.items()))
                 + f"), {t.duplicates} also present on their owner")
+            if t.in_flight:
+                status += f", {t.in_flight} rows of a move in progress"
             lines.append(f"{t.shard:<8} {t.table:<24} {t.rows:>10} rows  {status}  [{t.method}]")
         for m in self.missing_tables:
             lines.append(f"missing: {m}")
+        for o in self.ownership:
+            if o["missing"]:
+                lines.append(f"ownership: {o['shard']} does not own {len(o['missing'])} buckets the map gives "
+                             f"it: {_compress(o['missing'])}")
+            if o["extra"]:
+                lines.append(f"ownership: {o['shard']} owns {len(o['extra'])} buckets the map gives another "
+                             f"shard: {_compress(o['extra'])}")
         lines.append("verify: clean" if self.ok else "verify: PROBLEMS FOUND")
         return "\n".join(lines)
 
@@ -83,6 +100,8 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> V
     """
     reports: list[TableReport] = []
     missing: list[str] = []
+    cluster.refresh_map()  # with a catalog: the live map, and the buckets of moves in flight
+    ownership = _check_ownership(cluster)
     for group in cluster.config.groups:
         for table, cols in group.tables.items():
             for shard in cluster.shard_names:
@@ -95,18 +114,37 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> V
                     rep = TableReport(table, shard)
                     pk = _primary_key(conn, table)
                     strays: dict[str, list[tuple[Any, ...]]] = {}
+                    # Copies (or leftovers) of a move in progress are expected here.
+                    foreign = cluster.foreign_buckets.get(shard, frozenset()) \
+                        if isinstance(group.strategy, HashStrategy) else frozenset()
                     sql_type = _column_type(conn, table, cols[0]) if len(cols) == 1 else None
                     if isinstance(group.strategy, HashStrategy) and sql_type in _SQL_HASHABLE \
                             and _sql_hash_installed(conn):
                         _check_hash_in_sql(cluster, conn, rep, table, cols[0], sql_type, pk,
-                                           strays, sample)
+                                           strays, sample, foreign)
                     else:
                         _check_streaming(conn, rep, table, cols, group.strategy, batch, pk,
-                                         strays, sample)
+                                         strays, sample, foreign)
                 reports.append(rep)
                 if pk:
                     _count_duplicates(cluster, rep, pk, strays, batch)
-    return VerifyReport(reports, missing)
+    return VerifyReport(reports, missing, ownership, cluster.map_version)
+
+
+def _check_ownership(cluster: Cluster) -> list[dict[str, Any]]:
+    from ._guard import guard_installed
+
+    problems = []
+    bucket_map = cluster.config.bucket_map
+    for shard in cluster.shard_names:
+        with cluster.primary(shard).connect() as conn:
+            if not guard_installed(conn):
+                continue
+            owned = {r[0] for r in conn.execute(text("SELECT bucket FROM shardkit.owned_buckets"))}
+        want = {b for b, s in enumerate(bucket_map) if s == shard}
+        if owned != want:
+            problems.append({"shard": shard, "missing": sorted(want - owned), "extra": sorted(owned - want)})
+    return problems
 
 
 def _q(name: str) -> str:
@@ -140,15 +178,18 @@ _NULL_KEY = "(null key)"   # the shard key is NULL
 
 def _check_hash_in_sql(cluster: Cluster, conn: Any, rep: TableReport, table: str, column: str,
                        sql_type: str, pk: list[str], strays: dict[str, list[tuple[Any, ...]]],
-                       sample: int) -> None:
+                       sample: int, foreign: frozenset[int]) -> None:
     rep.method = "sql"
     n = cluster.config.bucket_count
     cast = {"int2": "::bigint", "int4": "::bigint", "varchar": "::text"}.get(sql_type, "")
     bucket_expr = f"shardkit.bucket({_q(column)}{cast}, {n})"
-    owned = [b for b, s in enumerate(cluster.config.bucket_map) if s == rep.shard]
+    owned = [b for b, s in enumerate(cluster.config.bucket_map) if s == rep.shard or b in foreign]
     for bucket, count in conn.execute(text(
             f"SELECT {bucket_expr} AS b, count(*) FROM {_q(table)} GROUP BY b")).all():
         rep.rows += count
+        if bucket in foreign:
+            rep.in_flight += count
+            continue
         owner = _NULL_KEY if bucket is None else cluster.config.bucket_map[bucket]
         if owner != rep.shard:
             rep.misplaced[owner] += count
@@ -163,7 +204,8 @@ def _check_hash_in_sql(cluster: Cluster, conn: Any, rep: TableReport, table: str
 
 def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, ...],
                      strategy: Any, batch: int, pk: list[str],
-                     strays: dict[str, list[tuple[Any, ...]]], sample: int) -> None:
+                     strays: dict[str, list[tuple[Any, ...]]], sample: int,
+                     foreign: frozenset[int]) -> None:
     rep.method = "python"
     width = len(cols)
     select_cols = ", ".join(_q(c) for c in (*cols, *pk))
@@ -173,6 +215,9 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
     for row in result:
         rep.rows += 1
         key = row[0] if width == 1 else tuple(row[:width])
+        if foreign and key is not None and strategy.bucket_for_key(key) in foreign:
+            rep.in_flight += 1
+            continue
         if key is None or (width > 1 and None in key):
             owner = _NULL_KEY
         else:

@@ -395,6 +395,7 @@ def test_cross_shard_reads_during_a_move_see_each_row_once(world):
     threading.Thread(target=run, daemon=True).start()
     seen_steps = set()
     checks = 0
+    verified_in_flight = False
     while not done.is_set():
         move_id = _latest_move(cluster)
         steps = set(_journal_steps(cluster, move_id)) if move_id else set()
@@ -413,10 +414,53 @@ def test_cross_shard_reads_during_a_move_see_each_row_once(world):
         assert touched == len(expected_ids)
         if cluster.foreign_buckets:
             seen_steps |= steps
+            if "copied" in steps and "switched" not in steps and not verified_in_flight:
+                report = verify(cluster)
+                if "switched" not in _journal_steps(cluster, move_id):  # else the map moved under it
+                    assert report.ok, report.render()
+                    assert sum(t.in_flight for t in report.tables) > 0
+                    verified_in_flight = True
         checks += 1
         time.sleep(0.05)
     assert not errors, errors
     # The reads above ran while copies existed on the target and leftovers on the source.
     assert {"copied", "switched"} <= seen_steps, seen_steps
+    assert verified_in_flight
     assert checks > 10
     assert not cluster.foreign_buckets
+
+
+def test_verify_reports_ownership_that_disagrees_with_the_map(world):
+    dev, cluster, cfg_path, Session = world
+    cluster.refresh_map()
+    assert verify(cluster).ok
+    bucket = next(b for b, s in enumerate(cluster.config.bucket_map) if s == "s0")
+    with psycopg.connect(dev.shards[0].primary.dsn, autocommit=True) as c:
+        c.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = %s", (bucket,))
+    with psycopg.connect(dev.shards[1].primary.dsn, autocommit=True) as c:
+        c.execute("INSERT INTO shardkit.owned_buckets VALUES (%s)", (bucket,))
+    try:
+        report = verify(cluster)
+        assert not report.ok
+        by_shard = {o["shard"]: o for o in report.ownership}
+        assert by_shard["s0"]["missing"] == [bucket] and by_shard["s1"]["extra"] == [bucket]
+        assert f"s0 does not own 1 buckets" in report.render()
+    finally:
+        with psycopg.connect(dev.shards[0].primary.dsn, autocommit=True) as c:
+            c.execute("INSERT INTO shardkit.owned_buckets VALUES (%s)", (bucket,))
+        with psycopg.connect(dev.shards[1].primary.dsn, autocommit=True) as c:
+            c.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = %s", (bucket,))
+    assert verify(cluster).ok
+
+
+def test_plan_even_by_rows_uses_measured_weights(world):
+    dev, cluster, cfg_path, Session = world
+    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "plan", "--even", "rows", "--json",
+                        "--config", str(cfg_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    # Weights are the rows per bucket across the moving tables, measured on the shards.
+    with Session() as s:
+        total = s.scalar(select(func.count()).select_from(Account)) + \
+            s.scalar(select(func.count()).select_from(Entry))
+    assert sum(plan["weights"]) == total
