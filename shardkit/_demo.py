@@ -84,7 +84,14 @@ def run_demo(dir: str | None = None, keep: bool = False, shards: int = 3, replic
     for s in dev.shards:
         for n in s.nodes:
             print(f"  {n.name:<12} {n.role:<8} 127.0.0.1:{n.port}")
-    config_path = dev.write_config(base / "shardkit.toml", GROUPS)
+    # The catalog (the live bucket map, for online moves) is a database on s0's server.
+    import psycopg
+
+    with psycopg.connect(dev.shards[0].primary.dsn, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'shardkit_catalog'").fetchone():
+            conn.execute("CREATE DATABASE shardkit_catalog")
+    catalog_url = dev.shards[0].primary.url.rsplit("/", 1)[0] + "/shardkit_catalog"
+    config_path = dev.write_config(base / "shardkit.toml", {**GROUPS, "catalog": {"url": catalog_url}})
     print(f"config written to {config_path}")
     try:
         _tour(config_path)
@@ -223,6 +230,9 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
     for line in render(collect(cluster)).splitlines():
         print(f"  {line}")
 
+    if len(cluster.shard_names) > 1:
+        _rebalance_step(cluster, Session)
+
     _h("mistakes are refused with a clear error")
     with Session() as s:
         for what, fn in (
@@ -237,6 +247,54 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
             except ShardkitError as e:
                 print(f"  {what}: {type(e).__name__}: {e}")
             s.rollback()
+
+
+def _rebalance_step(cluster: Cluster, Session: Any) -> None:
+    import threading
+
+    from . import rebalance
+    from ._rebalance_plan import plan_drain
+    from ._session import run_transaction
+    from .verify import verify
+
+    last = cluster.shard_names[-1]
+    _h(f"online rebalancing: drain {last} while a writer keeps writing")
+    version = rebalance.init(cluster)
+    print(f"  catalog initialised (map version {version}); ownership guard on every shard")
+    plan = plan_drain(cluster.config.bucket_map, last)
+    for line in plan.render().splitlines():
+        print(f"  {line}")
+    stop = threading.Event()
+    written: list[int] = []
+    slowest = [0.0]
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            key = (i * 7919) % 1000  # customers on every shard, the moving ones included
+            oid = 1_000_000 + i
+            t0 = time.monotonic()
+            run_transaction(Session, lambda s: s.add(Order(id=oid, customer_id=key, total_cents=1)))
+            slowest[0] = max(slowest[0], time.monotonic() - t0)
+            written.append(oid)
+            i += 1
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        mover = rebalance.Mover(cluster, grace=0.2, progress=lambda line: print(f"  {line}"))
+        mover.apply(plan, max_buckets=128)
+    finally:
+        stop.set()
+        thread.join()
+    with Session() as s:
+        found = s.scalar(select(func.count()).select_from(Order).where(Order.id >= 1_000_000))
+    report = verify(cluster)
+    print(f"  the writer committed {len(written)} orders during the move; {found} are there "
+          f"(counted across shards); its slowest write took {slowest[0] * 1000:.0f} ms")
+    print(f"  map version {cluster.map_version}; {last} owns "
+          f"{sum(1 for o in cluster.config.bucket_map if o == last)} buckets; "
+          f"shardkit verify: {'clean' if report.ok else 'PROBLEMS'}")
 
 
 def _move_key(s: Any, cluster: Cluster) -> None:

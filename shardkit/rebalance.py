@@ -158,6 +158,7 @@ class Mover:
                 else (lambda line: log.info("%s", line))
         self.progress = progress
         self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
+        self._visibility_wait = 0.0
 
     # -- starting ----------------------------------------------------------------
 
@@ -295,8 +296,10 @@ class Mover:
                 step = "capturing"
             if step == "capturing":
                 t0 = time.monotonic()
+                self._visibility_wait = 0.0
                 rows = self._copy(src, tgt, tables, buckets, visible_after)
-                dt = time.monotonic() - t0
+                # Not counting the wait for readers to learn of the copy.
+                dt = time.monotonic() - t0 - self._visibility_wait
                 self.progress(f"{label}: copied {rows} rows in {dt:.2f}s "
                               f"({rows / dt if dt else 0:,.0f} rows/s)")
                 self._record(move_id, batch, "copied", {"rows": rows, "seconds": round(dt, 3)})
@@ -387,7 +390,8 @@ class Mover:
                             for data in out:
                                 inp.write(data)
                         rows += max(sc.rowcount, 0)
-            time.sleep(max(0.0, visible_after - time.monotonic()))
+            self._visibility_wait = max(0.0, visible_after - time.monotonic())
+            time.sleep(self._visibility_wait)
         return rows
 
     def _apply_changes(self, src: psycopg.Connection, tgt: psycopg.Connection,
