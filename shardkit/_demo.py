@@ -85,12 +85,7 @@ def run_demo(dir: str | None = None, keep: bool = False, shards: int = 3, replic
         for n in s.nodes:
             print(f"  {n.name:<12} {n.role:<8} 127.0.0.1:{n.port}")
     # The catalog (the live bucket map, for online moves) is a database on s0's server.
-    import psycopg
-
-    with psycopg.connect(dev.shards[0].primary.dsn, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'shardkit_catalog'").fetchone():
-            conn.execute("CREATE DATABASE shardkit_catalog")
-    catalog_url = dev.shards[0].primary.url.rsplit("/", 1)[0] + "/shardkit_catalog"
+    catalog_url = dev.create_catalog()
     config_path = dev.write_config(base / "shardkit.toml", {**GROUPS, "catalog": {"url": catalog_url}})
     print(f"config written to {config_path}")
     try:
@@ -230,9 +225,6 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
     for line in render(collect(cluster)).splitlines():
         print(f"  {line}")
 
-    if len(cluster.shard_names) > 1:
-        _rebalance_step(cluster, Session)
-
     _h("mistakes are refused with a clear error")
     with Session() as s:
         for what, fn in (
@@ -247,6 +239,9 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
             except ShardkitError as e:
                 print(f"  {what}: {type(e).__name__}: {e}")
             s.rollback()
+
+    if len(cluster.shard_names) > 1:
+        _rebalance_step(cluster, Session)
 
 
 def _rebalance_step(cluster: Cluster, Session: Any) -> None:

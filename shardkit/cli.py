@@ -63,6 +63,9 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
 
     cluster = DevCluster.up(Path(args.dir), shards=args.shards, replicas=args.replicas,
                             bucket_count=args.buckets)
+    if args.catalog:
+        cluster.write_config(Path(cluster.base_dir) / "shardkit.toml",
+                             {"catalog": {"url": cluster.create_catalog()}})
     print(f"local cluster up in {cluster.base_dir}:")
     for shard in cluster.shards:
         for node in shard.nodes:
@@ -336,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=int, default=1)
     up.add_argument("--buckets", type=int, default=1024, help="bucket count (default: %(default)s)")
     up.add_argument("--dir", default=DEFAULT_DEV_DIR, help="cluster directory (default: %(default)s)")
+    up.add_argument("--catalog", action="store_true",
+                    help="also create a catalog database (for `shardkit rebalance`) and name it in the config")
     up.set_defaults(func=cmd_dev_up)
     down = dsub.add_parser("down", help="stop the local cluster")
     down.add_argument("--dir", default=DEFAULT_DEV_DIR)

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -785,6 +786,22 @@ class DevCluster:
                 for s in self.shards
             ],
         }
+
+    def create_catalog(self, name: str = "shardkit_catalog") -> str:
+        """Create (if missing) a catalog database on the first shard's primary; return its URL.
+
+        A catalog holds the live bucket map for online rebalancing; see
+        ``shardkit rebalance``.  Put the URL in the config's ``[catalog] url``.
+        """
+        import psycopg
+
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+            raise DevClusterError(f"catalog database name {name!r}: use lowercase letters, digits and _")
+        node = self.shards[0].primary
+        with psycopg.connect(node.dsn, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                conn.execute(f"CREATE DATABASE {name}")
+        return node.url.rsplit("/", 1)[0] + "/" + name
 
     def write_config(self, path: str | os.PathLike[str],
                      extra: Mapping[str, Any] | None = None) -> Path:

@@ -56,7 +56,7 @@ def test_dev_up_and_down():
     base = pathlib.Path(tempfile.mkdtemp(prefix="shardkit-cli-"))
     os.chmod(base, 0o755)
     d = base / "dev"
-    r = shardkit("dev", "up", "--shards", "2", "--replicas", "0", "--dir", str(d))
+    r = shardkit("dev", "up", "--shards", "2", "--replicas", "0", "--dir", str(d), "--catalog")
     try:
         assert r.returncode == 0, r.stderr
         assert (d / "shardkit.toml").exists()
@@ -65,7 +65,12 @@ def test_dev_up_and_down():
         for name in c.shard_names:
             with c.primary(name).connect() as conn:
                 assert conn.exec_driver_sql("select 1").scalar() == 1
+        assert c.config.catalog_url is not None
+        with c.catalog.engine.connect() as conn:
+            assert conn.exec_driver_sql("select current_database()").scalar() == "shardkit_catalog"
         c.dispose()
+        r3 = shardkit("rebalance", "init", "--config", str(d / "shardkit.toml"))
+        assert r3.returncode == 0 and "map version 1" in r3.stdout, r3.stderr
     finally:
         r2 = shardkit("dev", "down", "--dir", str(d))
     assert r2.returncode == 0, r2.stderr
@@ -79,3 +84,4 @@ def test_demo_runs_and_cleans_up():
     assert "[ok:" in r.stdout and "MISMATCH" not in r.stdout
     assert "(not refused!)" not in r.stdout
     assert "cluster stopped and removed" in r.stdout
+    assert "shardkit verify: clean" in r.stdout and "s1 owns 0 buckets" in r.stdout
