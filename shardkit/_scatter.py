@@ -24,13 +24,12 @@ from __future__ import annotations
 import decimal
 import heapq
 import itertools
-import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func
-from sqlalchemy.sql import elements, functions, operators, selectable
+from sqlalchemy.sql import elements, functions, operators, selectable, visitors
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
 from .errors import ScatterRefused
@@ -43,6 +42,12 @@ _OTHER_AGGS = {
     "stddev_samp", "variance", "var_pop", "var_samp", "json_agg", "jsonb_agg",
     "percentile_cont", "percentile_disc", "mode", "bit_and", "bit_or", "json_object_agg",
     "jsonb_object_agg", "xmlagg", "corr", "covar_pop", "covar_samp", "regr_slope",
+    "regr_avgx", "regr_avgy", "regr_count", "regr_intercept", "regr_r2", "regr_sxx", "regr_sxy",
+    "regr_syy", "bit_xor", "range_agg", "range_intersect_agg", "any_value", "json_agg_strict",
+    "jsonb_agg_strict", "json_object_agg_strict", "json_object_agg_unique",
+    "json_object_agg_unique_strict", "jsonb_object_agg_strict", "jsonb_object_agg_unique",
+    "jsonb_object_agg_unique_strict", "json_arrayagg", "json_objectagg", "rank", "dense_rank",
+    "percent_rank", "cume_dist",
 }
 
 
@@ -97,18 +102,21 @@ def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
     descending = False
     nulls_first: bool | None = None
     expr = clause
-    while isinstance(expr, UnaryExpression) and expr.modifier in (
-        operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op,
-    ):
-        if expr.modifier is operators.desc_op:
-            descending = True
-        elif expr.modifier is operators.nulls_first_op:
-            nulls_first = True
-        elif expr.modifier is operators.nulls_last_op:
-            nulls_first = False
-        expr = expr.element
-    if isinstance(expr, elements._label_reference):  # order_by("name") / order_by(label)
-        expr = expr.element
+    while True:
+        if isinstance(expr, elements._label_reference):  # order_by("name") / order_by(label[.desc()])
+            expr = expr.element
+        elif isinstance(expr, UnaryExpression) and expr.modifier in (
+            operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op,
+        ):
+            if expr.modifier is operators.desc_op:
+                descending = True
+            elif expr.modifier is operators.nulls_first_op:
+                nulls_first = True
+            elif expr.modifier is operators.nulls_last_op:
+                nulls_first = False
+            expr = expr.element
+        else:
+            break
     if isinstance(expr, elements._textual_label_reference):
         raise ScatterRefused(
             f"ORDER BY {expr.element!r} names a label by text; across shards shardkit needs the "
@@ -131,8 +139,6 @@ def _agg_name(expr: Any) -> str | None:
 
 
 def _contains_aggregate(expr: Any) -> str | None:
-    from sqlalchemy.sql import visitors
-
     for e in visitors.iterate(expr):
         if isinstance(e, selectable.SelectBase):
             continue
@@ -187,7 +193,10 @@ def _is_entity(col: Any) -> bool:
 
 def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
     columns = list(stmt._raw_columns)
-    visible = len(columns)
+    # A Core table in the select list is one result column per table column; an ORM entity
+    # is one (the object).
+    visible = sum(len(c.c) if isinstance(c, selectable.FromClause) and not _is_entity(c) else 1
+                  for c in columns)
     limit = _literal(stmt._limit_clause)
     offset = _literal(stmt._offset_clause) or 0
     if stmt._fetch_clause is not None:
@@ -196,8 +205,26 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
     if isinstance(stmt._distinct_on, tuple) and stmt._distinct_on:
         raise ScatterRefused("DISTINCT ON across shards is not merged exactly",
                              construct="DISTINCT ON")
+    # SQLAlchemy 2.1 syntax extensions (select().ext(...)), e.g. postgresql.distinct_on().
+    for attr in getattr(stmt, "_position_map", {}).values():
+        ext = getattr(stmt, attr, None)
+        if ext is not None:
+            construct = "DISTINCT ON" if getattr(ext, "_distinct_on", None) else type(ext).__name__
+            raise ScatterRefused(f"{construct} across shards is not merged exactly",
+                                 construct=construct)
+    for part in (*columns, *stmt._order_by_clauses, *stmt._having_criteria):
+        if any(isinstance(e, elements.Over) for e in visitors.iterate(part)):
+            raise ScatterRefused(
+                "a window function (OVER) runs on each shard over that shard's rows only; add the "
+                "shard key or compute it from the merged rows",
+                construct="window function",
+            )
     order = [_unwrap_order(c) for c in stmt._order_by_clauses]
-    group_by = list(stmt._group_by_clauses)
+    # select(distinct(col)) renders SELECT DISTINCT col, like select(col).distinct().
+    distinct = bool(stmt._distinct) or any(_is_distinct_column(c) for c in columns)
+    # group_by(func.f(x)) is stored as a one-element ClauseList around the labelled function.
+    group_by = [g.clauses[0] if type(g) is elements.ClauseList and len(g.clauses) == 1 else g
+                for g in stmt._group_by_clauses]
     aggs = [_agg_name(c) for c in columns]
     nested = [(_contains_aggregate(c), c) for c, a in zip(columns, aggs) if a is None]
     for name, _c in nested:
@@ -215,21 +242,26 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
                 construct=f"{a}()",
             )
     for c in columns:
-        if _agg_name(c) == "count" and _has_distinct(c):
-            raise ScatterRefused(
-                "count(DISTINCT ...) across shards cannot be merged from per-shard counts (a value "
-                "may occur on several shards); select the distinct values or add the shard key",
-                construct="count(DISTINCT)",
-            )
+        _refuse_distinct_aggregate(c)
 
     if not group_by and not any(aggs):
         if stmt._having_criteria:
             raise ScatterRefused("HAVING without GROUP BY or aggregates", construct="HAVING")
-        if stmt._distinct and any(_is_entity(c) for c in columns):
+        if distinct and any(_is_entity(c) for c in columns):
             raise ScatterRefused(
                 "DISTINCT over ORM entities across shards is not merged; select columns",
                 construct="DISTINCT entity",
             )
+        if distinct and order:
+            # PostgreSQL refuses this; the hidden sort columns would make each shard accept it.
+            plain = [_unwrap_column(c) for c in columns]
+            for expr, _, _ in order:
+                if not any(expr.compare(c) for c in plain):
+                    raise ScatterRefused(
+                        f"for SELECT DISTINCT, ORDER BY expressions must appear in select list "
+                        f"({expr})",
+                        construct="DISTINCT with ORDER BY not in select list",
+                    )
         shard_stmt = stmt
         keys = []
         if order:
@@ -247,23 +279,25 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
             + ", ".join(k.describe(str(e)) for k, (e, _, _) in zip(keys, order))
             if order else "concatenation"
         )
-        if stmt._distinct:
+        if distinct:
             desc += ", de-duplicated across shards"
         if limit is not None or offset:
             desc += (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
                      f"then offset {offset} limit {limit} after the merge")
         return shard_stmt, MergePlan(kind, visible, tuple(keys), limit, offset,
-                                     bool(stmt._distinct), description=desc)
+                                     distinct, description=desc)
 
     # Aggregates, with or without GROUP BY.
-    if stmt._distinct:
+    if distinct:
         raise ScatterRefused("DISTINCT together with aggregates across shards is not merged",
                              construct="DISTINCT with aggregates")
     for c in columns:
         if _is_entity(c):
             raise ScatterRefused("ORM entities in an aggregate query across shards",
                                  construct="entity with GROUP BY")
-    shard_cols: list[Any] = []
+    # The caller's own columns come first, unused by the merge, so the result's column
+    # names are exactly those one database would give; the partials follow.
+    shard_cols: list[Any] = list(columns)
     outputs: list[OutputColumn] = []
     group_positions: list[int] = []
 
@@ -273,6 +307,7 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
 
     def partial(expr: Any) -> OutputColumn:
         inner = expr.element if isinstance(expr, Label) else expr
+        _refuse_distinct_aggregate(inner)
         name = inner.name.lower()
         if name == "avg":
             args = list(inner.clauses)
@@ -347,19 +382,79 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
     return shard_stmt, plan
 
 
-def _has_distinct(expr: Any) -> bool:
-    from sqlalchemy.sql import visitors
+def _refuse_distinct_aggregate(expr: Any) -> None:
+    """count/sum/avg(DISTINCT x): a value may occur on several shards, so partials do not add up."""
+    name = _agg_name(expr)
+    if name in ("count", "sum", "avg") and _has_distinct(expr):
+        raise ScatterRefused(
+            f"{name}(DISTINCT ...) across shards cannot be merged from per-shard partials (a value "
+            "may occur on several shards); select the distinct values or add the shard key",
+            construct=f"{name}(DISTINCT)",
+        )
 
+
+def _is_distinct_column(col: Any) -> bool:
+    if isinstance(col, Label):
+        col = col.element
+    return (isinstance(col, UnaryExpression) and col.operator is operators.distinct_op) or (
+        isinstance(col, functions.FunctionElement) and col.name.lower() == "distinct")
+
+
+def _unwrap_column(col: Any) -> Any:
+    """A select-list column without its label or column-level DISTINCT."""
+    if isinstance(col, Label):
+        col = col.element
+    if isinstance(col, UnaryExpression) and col.operator is operators.distinct_op:
+        col = col.element
+    elif isinstance(col, functions.FunctionElement) and col.name.lower() == "distinct":
+        args = list(col.clauses)
+        if len(args) == 1:
+            col = args[0]
+    return col
+
+
+def _has_distinct(expr: Any) -> bool:
     for e in visitors.iterate(expr):
         if isinstance(e, UnaryExpression) and e.operator is operators.distinct_op:
             return True
     return False
 
 
+def _is_nan(v: Any) -> bool:
+    return isinstance(v, (float, decimal.Decimal)) and v != v
+
+
+def _lt(a: Any, b: Any) -> bool:
+    """``a < b`` in PostgreSQL's order, where NaN (numeric, float) is above every other value."""
+    if _is_nan(b):
+        return not _is_nan(a)
+    if _is_nan(a):
+        return False
+    return a < b
+
+
+def _eq(a: Any, b: Any) -> bool:
+    return a == b or (_is_nan(a) and _is_nan(b))
+
+
 _CMP = {
-    operators.eq: operator.eq, operators.ne: operator.ne, operators.lt: operator.lt,
-    operators.le: operator.le, operators.gt: operator.gt, operators.ge: operator.ge,
+    operators.eq: _eq, operators.ne: lambda a, b: not _eq(a, b),
+    operators.lt: _lt, operators.le: lambda a, b: not _lt(b, a),
+    operators.gt: lambda a, b: _lt(b, a), operators.ge: lambda a, b: not _lt(a, b),
 }
+
+# NaN != NaN in Python (and hashes by identity), but groups and DISTINCT treat NaNs as one value.
+_NAN = object()
+
+
+def _hashable(values: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(_NAN if _is_nan(v) else v for v in values)
+
+
+# Sums of numeric partials are exact at any length (the default context keeps 28 digits);
+# with no traps, Infinity + -Infinity is NaN, as in PostgreSQL.
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN,
+                         traps=[])
 
 
 def _compile_predicate(expr: Any, term: Callable[[Any], Any]) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
@@ -435,9 +530,9 @@ class _Key:
                     continue
                 # NULL placement is absolute (not flipped by DESC).
                 return (a is None) == nulls_first
-            if a == b:
+            if _eq(a, b):
                 continue
-            return (a > b) if desc else (a < b)
+            return _lt(b, a) if desc else _lt(a, b)
         return False
 
 
@@ -465,8 +560,9 @@ def merge_rows(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -> I
 def _dedupe(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
     seen: set[tuple[Any, ...]] = set()
     for r in rows:
-        if r not in seen:
-            seen.add(r)
+        k = _hashable(r)
+        if k not in seen:
+            seen.add(k)
             yield r
 
 
@@ -478,11 +574,13 @@ def _combine(kind: str, acc: Any, v: Any) -> Any:
     if acc is None:
         return v
     if kind == "sum":
+        if isinstance(acc, decimal.Decimal):
+            return _EXACT.add(acc, v)
         return acc + v
     if kind == "min":
-        return v if v < acc else acc
+        return v if _lt(v, acc) else acc
     if kind == "max":
-        return v if v > acc else acc
+        return v if _lt(acc, v) else acc
     raise AssertionError(kind)
 
 
@@ -492,7 +590,7 @@ def _merge_groups(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -
     n_slots = sum(len(o.positions) for o in outputs)
     for stream in streams:
         for row in stream:
-            gkey = tuple(row[p] for p in plan.group_positions)
+            gkey = _hashable(row[p] for p in plan.group_positions)
             acc = groups.get(gkey)
             if acc is None:
                 acc = groups[gkey] = [None] * n_slots
@@ -546,6 +644,8 @@ def pg_avg(total: Any, count: int) -> Any:
         return total / count
     if isinstance(total, int):
         total = decimal.Decimal(total)
+    if not total.is_finite():
+        return total  # NaN, or +-Infinity divided by a positive count
     return pg_numeric_div(total, decimal.Decimal(count))
 
 
