@@ -27,6 +27,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import ClusterConfig, GroupConfig
 from ._strategies import HashStrategy, Strategy
+from ._colocation import colocation_problem
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
 
 __all__ = ["Route", "Router", "TableRoute"]
@@ -105,6 +106,7 @@ class _Plan:
     predicate: Any
     binds: list[BindParameter[Any]]       # only used when the statement is uncacheable
     textual: bool = False
+    colocation: str | None = None         # why the statement cannot run shard by shard
 
 
 class Router:
@@ -203,6 +205,13 @@ class Router:
                 statement=statement,
             )
         chosen_role = PRIMARY if is_write else (role or PRIMARY)
+        if plan.colocation:
+            raise ScatterRefused(
+                f"{plan.colocation}; shardkit runs a statement on each shard over that shard's "
+                "rows, which would quietly give a different answer than one database. Join and "
+                "correlate sharded tables on the shard key, run the parts separately, or name "
+                "a shard with execution_options(shardkit_shard=...)",
+                construct="statement not colocated on the shard key", statement=statement)
 
         if isinstance(statement, Insert):
             return self._route_insert(statement, params, plan, chosen_role)
@@ -493,7 +502,16 @@ class Router:
                 pred = ("and", kids) if kids else None
         except _NotSimple:
             return None
-        return _Plan(tuple(names), groups, tuple(refs), pred, binds)
+        colocation = None
+        if fast_tables is None and groups:
+            colocation = colocation_problem(statement, self._placement)
+        return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation)
+
+    def _placement(self, name: str) -> tuple[str, tuple[str, ...]] | None:
+        tr = self.tables.get(name)
+        if tr is None or tr.group is None:
+            return None
+        return tr.group, tr.key_columns
 
     def _evaluate(self, plan: _Plan, binds: Sequence[BindParameter[Any]], params: Any
                   ) -> tuple[dict[str, frozenset[str]], dict[str, dict[str, list[Any]]]]:
@@ -615,6 +633,8 @@ def _simple_tables(statement: Any) -> list[Any] | None:
                 tables.append(rc.table)
             else:
                 return None
+        if len({id(t) for t in tables}) > 1:
+            return None  # an implicit cross join: the general path checks colocation
         return tables
     if isinstance(statement, (Update, Delete)):
         if statement._extra_froms if hasattr(statement, "_extra_froms") else False:

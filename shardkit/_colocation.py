@@ -1,0 +1,270 @@
+"""Is a statement answered correctly by running it on each shard over that shard's rows?
+
+Running a statement per shard is exact only when every row it combines lives
+on one shard: every occurrence of a sharded table in it (a table, an alias, a
+derived table) must be tied to the others by equal shard keys (a join or a
+correlation on the key), because rows with equal keys are on the same shard.
+Otherwise a per-shard run quietly misses combinations:
+
+* a join of two tables of one group on a column other than the key
+  (``orders JOIN users ON users.age = orders.amount``);
+* a subquery that is not correlated on the key
+  (``score = (SELECT max(score) FROM users)``, ``id IN (SELECT ... LIMIT 5)``),
+  which each shard would compute over its own rows;
+* a derived table (subquery or CTE in FROM) with LIMIT, OFFSET, DISTINCT,
+  GROUP BY or aggregates over a sharded table.
+
+:func:`colocation_problem` names the first such construct, or returns None.
+Reference tables are on every shard and never a problem.  Tables of
+*different* groups are the router's concern (it refuses them unless their keys
+pin one shard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy.sql import elements, operators, selectable
+from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql.dml import Delete, Update
+
+# table name -> (group, key column names), or None for reference / unknown tables
+Resolver = Callable[[str], "tuple[str, tuple[str, ...]] | None"]
+
+
+class _Instance:
+    """One occurrence of a sharded table (or of a derived table over one) in a FROM list."""
+
+    def __init__(self, frm: Any, group: str, keys: dict[Any, int], n_keys: int, label: str) -> None:
+        self.frm = frm
+        self.group = group
+        self.keys = keys          # column key/name in frm.c -> key position
+        self.n_keys = n_keys
+        self.label = label
+
+
+def colocation_problem(statement: Any, resolve: Resolver) -> str | None:
+    """Why ``statement`` cannot run shard by shard, or None if it can."""
+    if isinstance(statement, selectable.CompoundSelect):
+        for s in statement.selects:
+            problem = colocation_problem(s, resolve)
+            if problem:
+                return problem
+        return None
+    if isinstance(statement, (selectable.Select, Update, Delete)):
+        return _check(statement, [], resolve)
+    return None
+
+
+def _plain(x: Any) -> Any:
+    """The element without ORM annotations (ORM statements mix annotated and plain copies)."""
+    return x._deannotate() if hasattr(x, "_deannotate") else x
+
+
+def _table_of(frm: Any) -> Any:
+    return frm.element if isinstance(frm, selectable.Alias) and isinstance(
+        frm.element, selectable.TableClause) else frm
+
+
+def _name(frm: Any) -> str:
+    return getattr(frm, "name", None) or str(frm)
+
+
+def _froms(stmt: Any) -> list[Any]:
+    if isinstance(stmt, (Update, Delete)):
+        return [stmt.table, *getattr(stmt, "_extra_froms", ())]
+    return list(stmt.get_final_froms())
+
+
+def _instances(stmt: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[_Instance], str | None]:
+    out: list[_Instance] = []
+    for f in _froms(stmt):
+        for frm in sql_util.surface_selectables(f):
+            frm = _plain(frm)
+            table = _table_of(frm)
+            if isinstance(table, selectable.TableClause):
+                placed = resolve(table.fullname) or resolve(table.name)
+                if placed is not None:
+                    group, keys = placed
+                    out.append(_Instance(frm, group, {k: i for i, k in enumerate(keys)}, len(keys),
+                                         _name(frm)))
+            elif isinstance(frm, selectable.AliasedReturnsRows) and isinstance(
+                    frm.element, (selectable.Select, selectable.CompoundSelect)):
+                derived, problem = _derived(frm, resolve, outer)
+                if problem:
+                    return out, problem
+                out.extend(derived)
+    return out, None
+
+
+def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[_Instance], str | None]:
+    """A subquery or CTE in FROM: exact per shard if its own rows are, and it only filters."""
+    inner = frm.element
+    selects = inner.selects if isinstance(inner, selectable.CompoundSelect) else [inner]
+    derived: list[_Instance] = []
+    for sel in selects:
+        problem = _check(sel, [], resolve)
+        if problem:
+            return [], problem
+        inner_instances, problem = _instances(sel, resolve, [])
+        if problem:
+            return [], problem
+        if not inner_instances:
+            continue
+        what = f"the derived table {_name(frm)!r} over {', '.join(sorted({i.label for i in inner_instances}))}"
+        if isinstance(inner, selectable.CompoundSelect):
+            return [], f"{what} is a UNION/INTERSECT/EXCEPT, which each shard would compute over its own rows"
+        for attr, construct in (("_limit_clause", "LIMIT"), ("_offset_clause", "OFFSET"),
+                                ("_fetch_clause", "FETCH"), ("_group_by_clauses", "GROUP BY"),
+                                ("_distinct", "DISTINCT"), ("_having_criteria", "HAVING")):
+            v = getattr(sel, attr, None)
+            if v is None or v is False or (isinstance(v, (tuple, list)) and not v):
+                continue
+            return [], f"{what} has {construct}, which each shard would apply to its own rows only"
+        if any(_is_aggregate_or_window(e) for c in sel._raw_columns for e in _walk([c])):
+            return [], f"{what} computes an aggregate or window function over each shard's rows only"
+        # The derived table's columns that carry a key of its sharded tables; one
+        # instance per group (the inner ones of a group are tied on the key already).
+        by_group: dict[str, _Instance] = {}
+        for inst in inner_instances:
+            d = by_group.setdefault(inst.group, _Instance(frm, inst.group, {}, inst.n_keys, _name(frm)))
+            for col in frm.c:
+                for base in col.proxy_set:
+                    if _plain(getattr(base, "table", None)) is inst.frm and \
+                            getattr(base, "name", None) in inst.keys:
+                        d.keys.setdefault(col.key, inst.keys[base.name])
+        derived.extend(by_group.values())
+    return derived, None
+
+
+_AGGREGATES = frozenset({
+    "count", "sum", "min", "max", "avg", "array_agg", "string_agg", "bool_and", "bool_or", "every",
+    "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg", "stddev", "stddev_pop",
+    "stddev_samp", "variance", "var_pop", "var_samp", "percentile_cont", "percentile_disc", "mode",
+    "bit_and", "bit_or", "bit_xor", "xmlagg", "range_agg", "range_intersect_agg", "any_value",
+})
+
+
+def _is_aggregate_or_window(e: Any) -> bool:
+    from sqlalchemy.sql import functions
+
+    return isinstance(e, elements.Over) or (
+        isinstance(e, functions.FunctionElement) and getattr(e, "name", "").lower() in _AGGREGATES)
+
+
+def _walk(clauses: Iterable[Any]) -> Iterable[Any]:
+    """Every element under ``clauses``, not descending into nested SELECTs (yielded, not entered)."""
+    stack = list(clauses)
+    while stack:
+        e = stack.pop()
+        yield e
+        if isinstance(e, (selectable.Select, selectable.CompoundSelect)):
+            continue
+        if isinstance(e, selectable.FromClause) and not isinstance(e, selectable.Join):
+            continue  # a table's columns hold nothing nested
+        stack.extend(e.get_children())
+
+
+def _equalities(clauses: Iterable[Any]) -> Iterable[tuple[Any, Any]]:
+    """``a = b`` column pairs that hold for every row: in AND-ed conditions only."""
+    stack = list(clauses)
+    while stack:
+        e = stack.pop()
+        if isinstance(e, elements.Grouping):
+            stack.append(e.element)
+        elif isinstance(e, elements.BooleanClauseList) and e.operator is operators.and_:
+            stack.extend(e.clauses)
+        elif isinstance(e, elements.BinaryExpression) and e.operator is operators.eq:
+            yield e.left, e.right
+
+
+def _join_conditions(stmt: Any) -> list[Any]:
+    out = []
+    for f in _froms(stmt):
+        for frm in sql_util.surface_selectables(f):
+            if isinstance(frm, selectable.Join) and frm.onclause is not None:
+                # Only inner joins tie both sides for every row; an outer join's NULL side
+                # has no row to place, so its condition ties it all the same.
+                out.append(frm.onclause)
+    return out
+
+
+def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
+    own, problem = _instances(stmt, resolve, outer)
+    if problem:
+        return problem
+    # A table of the enclosing query named in a subquery is correlated (SQLAlchemy
+    # leaves it out of the subquery's FROM when compiling): the outer occurrence.
+    # Unless that would leave it no FROM at all, in which case it correlates nothing.
+    outer_froms = {id(o.frm) for o in outer}
+    all_froms = [_plain(x) for f in _froms(stmt) for x in sql_util.surface_selectables(f)
+                 if not isinstance(x, selectable.Join)]
+    if outer and any(id(x) not in outer_froms for x in all_froms):
+        own = [i for i in own if id(i.frm) not in outer_froms]
+    everyone = own + outer
+
+    def key_of(col: Any) -> tuple[_Instance, int] | None:
+        t = getattr(col, "table", None)
+        if t is None:
+            return None
+        t = _plain(t)
+        for inst in everyone:
+            if inst.frm is t:
+                pos = inst.keys.get(getattr(col, "key", None))
+                if pos is None:
+                    pos = inst.keys.get(getattr(col, "name", None))
+                return None if pos is None else (inst, pos)
+        return None
+
+    # Union-find over instances; two are tied when every key position is equated.
+    parent = {id(i): id(i) for i in everyone}
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    links: dict[tuple[int, int], set[int]] = {}
+    where = list(getattr(stmt, "_where_criteria", ()))
+    for left, right in _equalities([*_join_conditions(stmt), *where]):
+        a, b = key_of(left), key_of(right)
+        if a is None or b is None or a[0] is b[0] or a[0].group != b[0].group or a[1] != b[1]:
+            continue
+        pair = (min(id(a[0]), id(b[0])), max(id(a[0]), id(b[0])))
+        links.setdefault(pair, set()).add(a[1])
+        if len(links[pair]) == a[0].n_keys:
+            parent[find(pair[0])] = find(pair[1])
+
+    if outer:
+        roots = {find(id(o)) for o in outer}
+        for inst in own:
+            if find(id(inst)) not in roots:
+                return (f"a subquery over {inst.label} is not correlated with the outer query on the "
+                        "shard key, so each shard would compute it over its own rows only")
+    else:
+        by_group: dict[str, set[int]] = {}
+        for inst in own:
+            by_group.setdefault(inst.group, set()).add(find(id(inst)))
+        for group, roots in by_group.items():
+            if len(roots) > 1:
+                names = ", ".join(sorted({i.label for i in own if i.group == group}))
+                return (f"{names} (group {group}) are not joined on the shard key, so rows that "
+                        "match may live on different shards")
+
+    # Subqueries in the select list, WHERE, HAVING, ORDER BY, SET values: each must be
+    # correlated on the key with this statement's tables (or hold no sharded table).
+    clauses = [*where, *getattr(stmt, "_having_criteria", ()), *getattr(stmt, "_order_by_clauses", ()),
+               *getattr(stmt, "_raw_columns", ()), *_join_conditions(stmt)]
+    values = getattr(stmt, "_values", None)
+    if values:
+        clauses.extend(v for v in values.values() if isinstance(v, elements.ClauseElement))
+    for e in _walk(clauses):
+        nested = e.selects if isinstance(e, selectable.CompoundSelect) else \
+            [e] if isinstance(e, selectable.Select) else []
+        for sel in nested:
+            problem = _check(sel, everyone, resolve)
+            if problem:
+                return problem
+    return None
