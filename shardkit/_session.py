@@ -242,12 +242,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
             )
         return None
 
-    def _forget_connection(self, shard: str, index: int) -> None:
-        """Drop a failed replica connection from the transaction, so the read can go elsewhere."""
+    def _forget_connection(self, shard: str, index: int | None) -> None:
+        """Drop a failed connection (a replica's, or with ``index=None`` the primary's) from
+        the transaction, so the next statement for that shard starts afresh."""
         trans = self.get_transaction()
         if trans is None:
             return
-        engine = self.cluster.engine(shard, REPLICA, index)
+        engine = self.cluster.engine(shard, REPLICA, index) if index is not None else self.cluster.primary(shard)
         # SessionTransaction keeps each connection under its engine and itself;
         # there is no public API to let go of one that died under a read.
         conns = getattr(trans, "_connections", None)
@@ -694,6 +695,23 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                     shard=shard, cause=e,
                 )
             failures[shard] = e
+    if failures and partial_ok:
+        # A failed statement aborts its transaction on that shard's primary.
+        # Commit would then end it with a silent rollback: never with writes
+        # in it (those are lost: the whole transaction is rolled back and the
+        # caller told), and without any, the shard's connection starts afresh.
+        lost = sorted(t[0] for t in tasks
+                      if t[0] in failures and t[1] is None and t[0] in session._sk_written)
+        if lost:
+            for r in results.values():
+                r.close()
+            session.rollback()
+            raise ScatterError({sh: failures[sh] for sh in lost}, note=(
+                f"the session had written to {', '.join(lost)} in this transaction, which the "
+                "failure aborted there; the whole transaction was rolled back"))
+        for shard, index, *_rest in tasks:
+            if shard in failures and index is None:
+                session._forget_connection(shard, None)
     if failures and not partial_ok:
         for r in results.values():
             r.close()

@@ -164,7 +164,7 @@ class ScatterError(ShardUnavailable):
     ``failures`` maps each failed shard name to its exception.
     """
 
-    def __init__(self, failures: dict[str, BaseException]) -> None:
+    def __init__(self, failures: dict[str, BaseException], *, note: str | None = None) -> None:
         self.failures = dict(failures)
         parts = "; ".join(
             f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -173,7 +173,8 @@ class ScatterError(ShardUnavailable):
         first = sorted(self.failures)[0] if self.failures else None
         super().__init__(
             f"{len(self.failures)} shard(s) failed during a cross-shard query: {parts}. "
-            "Pass execution_options(shardkit_partial_results=True) to accept partial results.",
+            + (note + "." if note else
+               "Pass execution_options(shardkit_partial_results=True) to accept partial results."),
             shard=first,
             cause=self.failures.get(first) if first else None,
         )
