@@ -125,6 +125,10 @@ def init(cluster: Cluster) -> int:
 # -- the mover ---------------------------------------------------------------------
 
 
+class _Busy(Exception):
+    """Some bucket's guard lock was held by a writer."""
+
+
 @dataclass
 class _Table:
     name: str
@@ -363,10 +367,12 @@ class Mover:
             src.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
                         "SELECT unnest(%s::integer[]), %s ON CONFLICT (bucket) DO NOTHING",
                         (buckets, move_id))
-        # Wait out writers that checked moving_buckets before the insert committed.
-        with src.transaction():
-            src.execute("SELECT pg_advisory_xact_lock(%s, b) FROM unnest(%s::integer[]) AS b ORDER BY b",
-                        (GUARD_LOCK_CLASS, buckets))
+        # Wait out writers that checked moving_buckets before the insert committed:
+        # one bucket at a time, holding nothing else while waiting (a writer may
+        # hold several buckets' locks; waiting while holding one could deadlock).
+        for b in buckets:
+            with src.transaction():
+                src.execute("SELECT pg_advisory_xact_lock(%s, %s)", (GUARD_LOCK_CLASS, b))
 
     def _copy(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
               buckets: list[int], visible_after: float = 0.0) -> int:
@@ -465,34 +471,36 @@ class Mover:
     def _cut_over(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
                   move_id: int, batch: int, buckets: list[int], target: str) -> tuple[int, float]:
         """Pause writes to ``buckets``, apply the last changes, switch ownership and the map."""
-        src.execute(f"SET lock_timeout = {int(self.lock_timeout * 1000)}")
-        try:
-            while True:
-                try:
-                    with src.transaction():
-                        # Writers of these buckets hold the shared lock until they
-                        # commit: this waits for them, and holds new ones (of these
-                        # buckets only) until the source has given ownership up.
-                        src.execute("SELECT pg_advisory_xact_lock(%s, b) FROM unnest(%s::integer[]) AS b "
-                                    "ORDER BY b", (GUARD_LOCK_CLASS, buckets))
-                        paused = time.monotonic()
-                        with tgt.transaction():
-                            while self._apply_changes(src, tgt, tables, buckets, None):
-                                pass
-                            tgt.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
-                                        "ON CONFLICT DO NOTHING", (buckets,))
-                            tgt.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
-                                        "SELECT unnest(%s::integer[]), %s ON CONFLICT (bucket) DO NOTHING",
-                                        (buckets, move_id))
-                        src.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
-                        src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
-                    break
-                except psycopg.errors.LockNotAvailable:
-                    # A long transaction holds one of the buckets: catch up, try again.
-                    log.warning("move %s: a writer held the buckets past lock_timeout; retrying", move_id)
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.002
+        while True:
+            try:
+                with src.transaction():
+                    if not self._pause_writers(src, buckets):
+                        raise _Busy
+                    paused = time.monotonic()
+                    with tgt.transaction():
+                        while self._apply_changes(src, tgt, tables, buckets, None):
+                            pass
+                        tgt.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
+                                    "ON CONFLICT DO NOTHING", (buckets,))
+                        tgt.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
+                                    "SELECT unnest(%s::integer[]), %s ON CONFLICT (bucket) DO NOTHING",
+                                    (buckets, move_id))
+                    src.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])",
+                                (buckets,))
+                    src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
+                                (buckets,))
+                break
+            except _Busy:
+                # Rolled back: nothing held.  Writers are busy on some of the buckets.
+                if time.monotonic() > deadline:
+                    log.warning("move %s: writers kept the buckets busy for %.1f s; catching up "
+                                "and trying again", move_id, self.lock_timeout)
                     self._catch_up(src, tgt, tables, buckets)
-        finally:
-            src.execute("RESET lock_timeout")
+                    deadline = time.monotonic() + self.lock_timeout
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
         # The source has given the buckets up (a paused writer is now refused and
         # polls the catalog for the next version); the target owns them.  Publish.
         # A crash before this commits leaves the batch at "copied": resuming
@@ -513,6 +521,21 @@ class Mover:
         if self.step_delay:
             time.sleep(self.step_delay)
         return version, pause
+
+    def _pause_writers(self, src: psycopg.Connection, buckets: list[int]) -> bool:
+        """Try to take every bucket's guard lock exclusively, in the open transaction.
+
+        Writers hold a bucket's lock (shared) until they commit, so holding them
+        all waits out none and keeps new writers of these buckets (only) waiting
+        until the transaction ends.  A writer may hold several buckets' locks:
+        waiting for one lock while holding others could deadlock with it, so the
+        locks are tried all at once without waiting; on a miss the caller rolls
+        the transaction back (releasing what was taken) and tries again.
+        """
+        missed = src.execute(
+            "SELECT count(*) FILTER (WHERE NOT pg_try_advisory_xact_lock(%s, b)) "
+            "FROM unnest(%s::integer[]) AS b", (GUARD_LOCK_CLASS, buckets)).fetchone()[0]
+        return missed == 0
 
     def _verify(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
                  buckets: list[int], label: str) -> int:

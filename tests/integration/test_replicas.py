@@ -202,8 +202,11 @@ def test_replica_killed_mid_load_costs_no_failed_read(shardkit_cluster_factory):
     try:
         assert not failures, failures[:3]
         assert reads["ok"] > 100
-        after = [node for t, node in served if t > killed_at + 0.5]
-        assert "s0/r0" not in after and "s0/r1" in after
+        # Each reader may try the dead replica once (reads already choosing it when it
+        # died); the first failure bans it, so no more than one try per reader.
+        after = [node for t, node in served if t > killed_at]
+        assert after.count("s0/r0") <= len(threads), after.count("s0/r0")
+        assert after[-20:].count("s0/r0") == 0 and "s0/r1" in after
         health = {n["node"]: n for n in cluster.health().nodes}
         assert health["s0/r0"]["up"] is False
     finally:
