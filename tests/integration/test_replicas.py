@@ -193,8 +193,8 @@ def test_replica_killed_mid_load_costs_no_failed_read(shardkit_cluster_factory):
     for t in threads:
         t.start()
     time.sleep(1.0)
-    killed_at = time.monotonic()
     dev.shards[0].replicas[0].kill()
+    killed_at = time.monotonic()  # r0 served reads until kill() returned; none after
     time.sleep(2.0)
     stop.set()
     for t in threads:
