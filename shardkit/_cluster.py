@@ -60,7 +60,10 @@ class Cluster:
         self.map_version: int | None = None
         # shard -> buckets it holds rows of without owning them (a move in progress).
         self.foreign_buckets: dict[str, frozenset[int]] = {}
-        self._map_lock = threading.Lock()
+        # shard -> WAL position after the latest move to it: its replicas serve from there on.
+        self.moved_lsn: dict[str, int] = {}
+        self._state_seq = -1
+        self._map_lock = threading.RLock()
         self.catalog: Any = None
         self._follower: Any = None
         self._engine_options = dict(engine_options or {})
@@ -129,16 +132,24 @@ class Cluster:
             return None
         deadline = time.monotonic() + timeout
         while True:
-            current = self.catalog.current_state()
-            if current is not None:
-                self._set_map(current[0], current[1])
-                if current[2] != self.foreign_buckets:
-                    self.foreign_buckets = current[2]
-                    log.info("shards holding rows of buckets they do not own: %s",
-                             {k: len(v) for k, v in current[2].items()} or "none")
+            state = self.catalog.current_state()
+            if state is not None:
+                self._set_state(state)
             if newer_than is None or (self.map_version or 0) > newer_than or time.monotonic() >= deadline:
                 return self.map_version
             time.sleep(0.02)
+
+    def _set_state(self, state: Any) -> None:
+        with self._map_lock:
+            if state.seq < self._state_seq:
+                return  # a slower read of an older state
+            self._state_seq = state.seq
+            self._set_map(state.version, state.bucket_map)
+            if state.foreign_buckets != self.foreign_buckets:
+                log.info("shards holding rows of buckets they do not own: %s",
+                         {k: len(v) for k, v in state.foreign_buckets.items()} or "none")
+            self.foreign_buckets = state.foreign_buckets
+            self.moved_lsn = state.moved_lsn
 
     def _set_map(self, version: int, bucket_map: tuple[str, ...]) -> None:
         with self._map_lock:
@@ -412,9 +423,9 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
             detail = getattr(diag, "message_detail", None)
             bucket = int(detail) if detail and detail.isdigit() else None
             raise NotOwned(
-                f"shard {shard} refused the write: it does not own bucket {bucket} any more "
-                f"(map version {cluster.map_version} is stale); the map is being refreshed, "
-                "retry the transaction (shardkit.run_transaction retries once)",
+                f"shard {shard} refused the write: it does not own bucket {bucket} (this process "
+                f"routes by map version {cluster.map_version}); the map is being reloaded from the "
+                "catalog: retry the transaction (shardkit.run_transaction retries it)",
                 shard=shard, bucket=bucket, table=getattr(diag, "table_name", None),
                 statement=context.statement,
             ) from cause

@@ -627,6 +627,17 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     )
 
 
+def conninfo(url: URL) -> str:
+    """A libpq connection string for a SQLAlchemy URL, every value quoted as libpq needs
+    (a password with spaces or quotes works, and never surfaces in a parse error)."""
+    from psycopg.conninfo import make_conninfo
+
+    parts: dict[str, Any] = {"host": url.host, "port": url.port, "user": url.username,
+                             "password": url.password, "dbname": url.database}
+    parts.update({k: v for k, v in url.query.items() if isinstance(v, str)})
+    return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
+
+
 def with_bucket_map(config: ClusterConfig, bucket_map: tuple[str, ...]) -> ClusterConfig:
     """``config`` routing hash groups by ``bucket_map`` (a catalog's live map)."""
     if len(bucket_map) != config.bucket_count:

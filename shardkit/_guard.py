@@ -48,6 +48,9 @@ from .errors import ConfigurationError
 NOT_OWNED_SQLSTATE: Final = "SK001"
 #: First key of the advisory locks the guard and the mover take per bucket.
 GUARD_LOCK_CLASS: Final = 0x5348  # "SH"
+#: First key of the advisory lock ("gate") that writers of a move's buckets
+#: share and the mover takes exclusively to switch them; second key: move id.
+GATE_LOCK_CLASS: Final = 0x5349  # "SI"
 #: The setting the mover sets in its own sessions to pass the guard.
 MOVER_SETTING: Final = "shardkit.mover"
 
@@ -115,36 +118,55 @@ def _trigger_sql(table: str, key: str, key_type: str, pk: Sequence[str],
     old_b = bucket_expression(key, key_type, bucket_count, "OLD")
     pk_new = "jsonb_build_object(" + ", ".join(f"{_literal(c)}, NEW.{_ident(c)}" for c in pk) + ")"
     pk_old = "jsonb_build_object(" + ", ".join(f"{_literal(c)}, OLD.{_ident(c)}" for c in pk) + ")"
+    def refuse(v: str) -> str:
+        return (f"RAISE EXCEPTION 'shardkit: bucket % of table % is not owned by this shard', {v}, "
+                f"TG_TABLE_NAME USING ERRCODE = '{NOT_OWNED_SQLSTATE}', DETAIL = {v}::text, "
+                "TABLE = TG_TABLE_NAME, HINT = 'the shard map has changed: refresh it and retry "
+                "on the owner';")
+
     body = f"""
 DECLARE
     b integer;
     ob integer;
+    m bigint;
+    om bigint;
 BEGIN
     IF TG_OP <> 'DELETE' THEN b := {new_b}; END IF;
     IF TG_OP <> 'INSERT' THEN ob := {old_b}; END IF;
-    IF b IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, b);
-        IF NOT EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = b) THEN
-            RAISE EXCEPTION 'shardkit: bucket % of table % is not owned by this shard', b, TG_TABLE_NAME
-                USING ERRCODE = '{NOT_OWNED_SQLSTATE}', DETAIL = b::text, TABLE = TG_TABLE_NAME,
-                      HINT = 'the shard map has changed: refresh it and retry on the owner';
-        END IF;
-        IF EXISTS (SELECT 1 FROM shardkit.moving_buckets m WHERE m.bucket = b) THEN
-            INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (b, TG_TABLE_NAME, {pk_new});
-        END IF;
+    IF ob IS NOT DISTINCT FROM b THEN ob := NULL; END IF;  -- same bucket: check it once
+    -- Held until commit: a mover starting to capture a bucket waits for its holders.
+    IF b IS NOT NULL THEN PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, b); END IF;
+    IF ob IS NOT NULL THEN PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, ob); END IF;
+    -- A moving bucket: pass its move's gate, which the mover holds while it switches.
+    SELECT mb.move_id INTO m FROM shardkit.moving_buckets mb WHERE mb.bucket = b;
+    SELECT mb.move_id INTO om FROM shardkit.moving_buckets mb WHERE mb.bucket = ob;
+    IF m IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock_shared({GATE_LOCK_CLASS}, (m % 2147483647)::integer);
     END IF;
-    IF ob IS NOT NULL AND ob IS DISTINCT FROM b THEN
-        PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, ob);
-        IF NOT EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = ob) THEN
-            RAISE EXCEPTION 'shardkit: bucket % of table % is not owned by this shard', ob, TG_TABLE_NAME
-                USING ERRCODE = '{NOT_OWNED_SQLSTATE}', DETAIL = ob::text, TABLE = TG_TABLE_NAME,
-                      HINT = 'the shard map has changed: refresh it and retry on the owner';
-        END IF;
+    IF om IS NOT NULL AND om IS DISTINCT FROM m THEN
+        PERFORM pg_advisory_xact_lock_shared({GATE_LOCK_CLASS}, (om % 2147483647)::integer);
     END IF;
-    IF ob IS NOT NULL AND (b IS NULL OR {pk_old} IS DISTINCT FROM {pk_new}) THEN
-        IF EXISTS (SELECT 1 FROM shardkit.moving_buckets m WHERE m.bucket = ob) THEN
-            INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (ob, TG_TABLE_NAME, {pk_old});
-        END IF;
+    -- Ownership, read after the gate: a switch may have just given the bucket away.
+    IF b IS NOT NULL AND NOT EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = b) THEN
+        {refuse("b")}
+    END IF;
+    IF ob IS NOT NULL AND NOT EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = ob) THEN
+        {refuse("ob")}
+    END IF;
+    -- Record the keys written in moving buckets: the new row's, and the old row's
+    -- when it leaves (deleted, another key, another bucket).
+    IF b IS NOT NULL AND EXISTS (SELECT 1 FROM shardkit.moving_buckets mb WHERE mb.bucket = b) THEN
+        INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (b, TG_TABLE_NAME, {pk_new});
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        ob := {old_b};
+    ELSIF TG_OP = 'UPDATE' AND ob IS NULL AND {pk_old} IS NOT DISTINCT FROM {pk_new} THEN
+        ob := NULL;                 -- same row, same bucket: logged above
+    ELSIF TG_OP = 'UPDATE' THEN
+        ob := {old_b};
+    END IF;
+    IF ob IS NOT NULL AND EXISTS (SELECT 1 FROM shardkit.moving_buckets mb WHERE mb.bucket = ob) THEN
+        INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (ob, TG_TABLE_NAME, {pk_old});
     END IF;
     IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
     RETURN NEW;

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from sqlalchemy.exc import SQLAlchemyError
 
-from ._config import mask_url
+from ._config import conninfo, mask_url
 from .catalog import MAP_CHANNEL
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ class MapFollower:
     def _dsn(self) -> str:
         url = self.cluster.config.catalog_url
         assert url is not None
-        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return conninfo(url)
 
     def _run(self) -> None:
         backoff = 0.2

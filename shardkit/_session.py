@@ -223,6 +223,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if max_b is None:
             max_b = sc.max_lag_bytes if sc.max_lag_bytes is not None else settings.max_lag_bytes
         min_lsn = self._sk_tokens.get(shard) if consistency == "read_your_writes" else None
+        floor = cluster.moved_lsn.get(shard)
+        if floor:
+            # Buckets moved here: a replica serves once it has replayed the switch,
+            # so moved rows never seem to vanish (whatever the consistency mode).
+            min_lsn = max(min_lsn or 0, floor)
         selector = cluster.selector
         ok, behind = selector.eligible(shard, max_lag_seconds=max_s, max_lag_bytes=max_b,
                                        min_lsn=min_lsn)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -64,6 +65,8 @@ _SCHEMA_SQL: Final = (
     " map_version bigint,"
     " updated_at timestamptz NOT NULL DEFAULT now(),"
     " PRIMARY KEY (move_id, batch))",
+    "ALTER TABLE shardkit_catalog.moves ADD COLUMN IF NOT EXISTS runner text",
+    "ALTER TABLE shardkit_catalog.move_batches ADD COLUMN IF NOT EXISTS target_lsn pg_lsn",
     "CREATE TABLE IF NOT EXISTS shardkit_catalog.journal ("
     " id bigserial PRIMARY KEY,"
     " move_id bigint NOT NULL,"
@@ -72,6 +75,20 @@ _SCHEMA_SQL: Final = (
     " at timestamptz NOT NULL DEFAULT clock_timestamp(),"
     " detail jsonb)",
 )
+
+
+@dataclass(frozen=True)
+class CatalogState:
+    """What routers follow: the map, and what moves in flight mean for reads."""
+
+    version: int
+    bucket_map: tuple[str, ...]
+    #: shard -> buckets it holds rows of without owning them (cross-shard reads leave them out)
+    foreign_buckets: dict[str, frozenset[int]]
+    #: shard -> WAL position after the latest switch to it (its replicas serve once there)
+    moved_lsn: dict[str, int]
+    #: grows with every journal entry: an older state never replaces a newer one
+    seq: int
 
 
 class Catalog:
@@ -115,16 +132,9 @@ class Catalog:
         with self.engine.connect() as c:
             return read(c)
 
-    def current_state(self, conn: Connection | None = None
-                      ) -> tuple[int, tuple[str, ...], dict[str, frozenset[int]]] | None:
-        """(version, bucket map, foreign buckets) at one snapshot, or None without a map.
-
-        *Foreign buckets* of a shard are buckets it holds rows of without owning
-        them, for a move in progress: the target's copies before the switch, the
-        source's leftovers after it until clean-up.  Cross-shard reads leave
-        them out.
-        """
-        def read(c: Connection) -> tuple[int, tuple[str, ...], dict[str, frozenset[int]]] | None:
+    def current_state(self, conn: Connection | None = None) -> CatalogState | None:
+        """The live map and the moves in flight, at one snapshot; None without a map."""
+        def read(c: Connection) -> CatalogState | None:
             current = self.current_map(c)
             if current is None:
                 return None
@@ -135,7 +145,13 @@ class Catalog:
                     "WHERE m.state = 'running' AND b.step IN ('capturing', 'copied', 'switched', 'verified')")):
                 holder = target if step in ("capturing", "copied") else source
                 foreign.setdefault(holder, set()).update(buckets)
-            return current[0], current[1], {k: frozenset(v) for k, v in foreign.items()}
+            moved_lsn = {t: int(str(lsn).split("/")[0], 16) << 32 | int(str(lsn).split("/")[1], 16)
+                         for t, lsn in c.execute(text(
+                             "SELECT target, max(target_lsn) FROM shardkit_catalog.move_batches "
+                             "WHERE target_lsn IS NOT NULL GROUP BY target"))}
+            seq = c.execute(text("SELECT coalesce(max(id), 0) FROM shardkit_catalog.journal")).scalar_one()
+            return CatalogState(current[0], current[1], {k: frozenset(v) for k, v in foreign.items()},
+                                moved_lsn, int(seq))
         if conn is not None:
             return read(conn)
         with self.engine.connect() as c:

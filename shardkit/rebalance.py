@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
+import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
@@ -57,10 +57,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from sqlalchemy import text
-from sqlalchemy.engine import URL
 
 from ._cluster import Cluster
+from ._config import conninfo
 from ._guard import (
+    GATE_LOCK_CLASS,
     GUARD_LOCK_CLASS,
     MOVER_SETTING,
     bucket_expression,
@@ -79,14 +80,27 @@ log = logging.getLogger("shardkit.rebalance")
 
 STEPS = ("pending", "capturing", "copied", "switched", "verified", "cleaned")
 
+# Rows are compared as text: the same on both servers whatever their settings.
+_CANONICAL_TEXT = ("SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'; "
+                   "SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 3; "
+                   "SET LOCAL bytea_output = 'hex'")
+
 # Catch-up rounds stop when a round applies fewer changes than this, then cut over.
 _CUTOVER_BELOW = 500
 _CATCH_UP_ROUNDS = 50
 _CHANGES_PER_ROUND = 5000
 
 
-def _dsn(url: URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+_dsn = conninfo
+
+
+def mask_secrets(message: str, cluster: Cluster) -> str:
+    """``message`` with every configured password replaced by ``***``."""
+    urls = [cluster.config.catalog_url] + [u for s in cluster.config.shards for u in (s.primary, *s.replicas)]
+    for url in urls:
+        if url is not None and url.password:
+            message = message.replace(str(url.password), "***")
+    return message
 
 
 def _need_catalog(cluster: Cluster) -> Catalog:
@@ -125,10 +139,6 @@ def init(cluster: Cluster) -> int:
 # -- the mover ---------------------------------------------------------------------
 
 
-class _Busy(Exception):
-    """Some bucket's guard lock was held by a writer."""
-
-
 @dataclass
 class _Table:
     name: str
@@ -163,6 +173,7 @@ class Mover:
         self.progress = progress
         self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
         self._visibility_wait = 0.0
+        self._runner = ""
 
     # -- starting ----------------------------------------------------------------
 
@@ -229,12 +240,22 @@ class Mover:
             lock_conn.commit()
             if not got:
                 raise RebalanceError(f"move {move_id} is being run by another mover", move_id=move_id)
+            # The advisory lock keeps a second mover out while this session lives; the
+            # runner token fences every catalog write in case it does not (a dropped
+            # connection releases the lock while this mover still runs).
+            self._runner = uuid.uuid4().hex
+            with self.catalog.engine.begin() as conn:
+                conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r WHERE id = :m"),
+                             {"r": self._runner, "m": move_id})
             try:
                 self._run_locked(move_id)
             finally:
-                lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
-                                  {"c": MOVER_LOCK_CLASS, "m": move_id})
-                lock_conn.commit()
+                try:
+                    lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
+                                      {"c": MOVER_LOCK_CLASS, "m": move_id})
+                    lock_conn.commit()
+                except Exception:  # noqa: BLE001 - a dead session holds no lock; keep the real error
+                    log.warning("move %s: could not release the mover lock (its session is gone)", move_id)
 
     def _run_locked(self, move_id: int) -> None:
         with self.catalog.engine.connect() as conn:
@@ -256,26 +277,44 @@ class Mover:
             try:
                 self._run_batch(move_id, batch, source, target, list(buckets), step)
             except Exception as e:
+                message = mask_secrets(str(e), self.cluster)[:2000]
                 with self.catalog.engine.begin() as conn:
-                    Catalog.record(conn, move_id, None, "error", {"batch": batch, "error": str(e)[:2000]})
+                    conn.execute(text("UPDATE shardkit_catalog.moves SET error = :e, updated_at = now() "
+                                      "WHERE id = :m AND state = 'running'"),
+                                 {"e": f"batch {batch} ({source} -> {target}): {message}", "m": move_id})
+                    Catalog.record(conn, move_id, None, "error", {"batch": batch, "error": message})
                 if isinstance(e, RebalanceError):
                     raise
+                first = message.strip().splitlines()[0] if message.strip() else ""
                 raise RebalanceError(
                     f"move {move_id}, batch {batch} ({source} -> {target}): {type(e).__name__}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; "
-                    f"fix the cause and run `shardkit rebalance resume {move_id}`",
+                    f"{first}; fix the cause and run `shardkit rebalance resume {move_id}` "
+                    f"(or `shardkit rebalance abort {move_id}` before its batches switch)",
                     move_id=move_id, step=step) from e
             elapsed = time.monotonic() - started
             eta = elapsed / (done + 1) * (total - done - 1)
             self.progress(f"move {move_id}: batch {done + 1}/{total} done "
                           f"[{'#' * (20 * (done + 1) // total):<20}] elapsed {elapsed:.1f}s, ETA {eta:.1f}s")
         with self.catalog.engine.begin() as conn:
-            conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'done', updated_at = now() "
-                              "WHERE id = :m"), {"m": move_id})
+            self._fence(conn, move_id)
+            conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'done', error = NULL, "
+                              "updated_at = now() WHERE id = :m"), {"m": move_id})
             Catalog.record(conn, move_id, None, "done", {"longest_pause_s": round(self.longest_pause, 4)})
+
+    def _fence(self, conn: Any, move_id: int) -> None:
+        """Refuse (in the caller's catalog transaction) unless this mover still runs the move."""
+        n = conn.execute(text(
+            "UPDATE shardkit_catalog.moves SET updated_at = now() "
+            "WHERE id = :m AND state = 'running' AND runner = :r"),
+            {"m": move_id, "r": self._runner}).rowcount
+        if n != 1:
+            raise RebalanceError(
+                f"move {move_id} was taken over (aborted, or resumed by another mover) while this "
+                "mover ran; it stops here", move_id=move_id)
 
     def _record(self, move_id: int, batch: int, step: str, detail: dict[str, Any] | None = None) -> None:
         with self.catalog.engine.begin() as conn:
+            self._fence(conn, move_id)
             Catalog.record(conn, move_id, batch, step, detail)
         if self.step_delay:
             time.sleep(self.step_delay)
@@ -367,12 +406,28 @@ class Mover:
             src.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
                         "SELECT unnest(%s::integer[]), %s ON CONFLICT (bucket) DO NOTHING",
                         (buckets, move_id))
-        # Wait out writers that checked moving_buckets before the insert committed:
-        # one bucket at a time, holding nothing else while waiting (a writer may
-        # hold several buckets' locks; waiting while holding one could deadlock).
-        for b in buckets:
-            with src.transaction():
-                src.execute("SELECT pg_advisory_xact_lock(%s, %s)", (GUARD_LOCK_CLASS, b))
+        # Wait out the writers that may have checked moving_buckets before the
+        # insert committed: every writer of a bucket holds its guard lock (shared)
+        # until it ends, from before that check.  Wait for the transactions holding
+        # one now, by polling: waiting on the lock itself would queue new writers
+        # behind a long-running one.
+        vxids = [r[0] for r in src.execute(
+            "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'advisory' "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND classid = %s AND objid = ANY(%s::oid[]) AND objsubid = 2 AND granted "
+            "AND pid <> pg_backend_pid()", (GUARD_LOCK_CLASS, buckets))]
+        waited = time.monotonic()
+        warned = False
+        while vxids:
+            vxids = [r[0] for r in src.execute(
+                "SELECT DISTINCT virtualxid FROM pg_locks WHERE locktype = 'virtualxid' "
+                "AND virtualxid = ANY(%s)", (vxids,))]
+            if vxids:
+                if not warned and time.monotonic() - waited > 10:
+                    log.warning("move %s: waiting for %d transactions that were writing the buckets "
+                                "when capture began (one may be long-running)", move_id, len(vxids))
+                    warned = True
+                time.sleep(0.01)
 
     def _copy(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
               buckets: list[int], visible_after: float = 0.0) -> int:
@@ -404,7 +459,10 @@ class Mover:
                        tables: list[_Table], buckets: list[int], limit: int | None) -> int:
         """Apply logged changes of ``buckets`` to the target, in the callers' open transactions.
 
-        Returns how many change records were consumed.
+        Each changed key's row is re-read on the source (if it is still in the
+        batch's buckets) and replaces the target's; a key whose row is gone (or
+        left the buckets) is deleted on the target.  Returns how many change
+        records were consumed.
         """
         q = ("DELETE FROM shardkit.changes WHERE id IN (SELECT id FROM shardkit.changes "
              "WHERE bucket = ANY(%s::integer[]) ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "") +
@@ -417,38 +475,54 @@ class Mover:
         if not n:
             return 0
         tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
-        staged: list[tuple[_Table, sql.Composable, sql.Composable]] = []
-        for t in tables:
+        staged: list[tuple[_Table, sql.Composable, sql.Composable, sql.Composable]] = []
+        for i, t in enumerate(tables):
             keys = list(changed.get(t.name, {}).values())
             if not keys:
                 continue
+            name = sql.Identifier(t.name)
             cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
             pkc = sql.SQL(", ").join(map(sql.Identifier, t.pk))
-            stage = sql.Identifier(f"_shardkit_stage_{t.name}")
-            tgt.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
-                stage, sql.Identifier(t.name)))
-            keys_json = json.dumps(keys)
+            stage = sql.Identifier(f"_shardkit_stage_{i}")  # by position: names may be long
+            tgt.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(stage))
+            tgt.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(stage, name))
+            keys_lit = sql.Literal(json.dumps(keys))
             out_sql = sql.SQL(
                 "COPY (SELECT {cols} FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM "
-                "jsonb_populate_recordset(NULL::{t}, {keys}))) TO STDOUT (FORMAT binary)").format(
-                cols=cols, t=sql.Identifier(t.name), pk=pkc, keys=sql.Literal(keys_json))
+                "jsonb_populate_recordset(NULL::{t}, {keys})) AND " + t.bucket_sql +
+                " = ANY({buckets}::integer[])) TO STDOUT (FORMAT binary)").format(
+                cols=cols, t=name, pk=pkc, keys=keys_lit, buckets=sql.Literal(buckets))
             in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(stage, cols)
             with src.cursor() as sc, tgt.cursor() as tc:
                 with sc.copy(out_sql) as out, tc.copy(in_sql) as inp:
                     for data in out:
                         inp.write(data)
+            staged.append((t, pkc, keys_lit, stage))
+        # Deletes first (children first): a row replaced under another unique key
+        # must be gone before its replacement arrives.
+        for t, pkc, keys_lit, stage in reversed(staged):
+            tgt.execute(sql.SQL(
+                "DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{t}, {keys})) "
+                "AND " + t.bucket_sql + " = ANY(%s::integer[]) AND ({pk}) NOT IN (SELECT {pk} FROM {s})").format(
+                t=sql.Identifier(t.name), pk=pkc, keys=keys_lit, s=stage), (buckets,))
+        for t, pkc, keys_lit, stage in staged:  # parents first
+            name = sql.Identifier(t.name)
+            clash = tgt.execute(sql.SQL(
+                "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ("
+                + t.bucket_sql.replace(f'"{t.key}"', f'{{t}}."{t.key}"') + " = ANY(%s::integer[]))").format(
+                t=name, s=stage, pk=pkc), (buckets,)).fetchone()[0]
+            if clash:
+                raise RebalanceError(
+                    f"table {t.name}: {clash} changed rows have the primary key of a row of another "
+                    "bucket on the target shard; the primary keys of moved tables must be unique "
+                    "across shards (not per-shard sequences)")
+            cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
             updates = sql.SQL(", ").join(
                 sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in t.columns if c not in t.pk)
             conflict = sql.SQL("DO UPDATE SET {}").format(updates) if t.columns != t.pk else sql.SQL("DO NOTHING")
-            tgt.execute(sql.SQL("INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} ON CONFLICT ({pk}) {c}").format(
-                t=sql.Identifier(t.name), cols=cols, s=stage, pk=pkc, c=conflict))
-            staged.append((t, pkc, sql.Literal(keys_json)))
-        for t, pkc, keys_lit in reversed(staged):  # deletes: children first
-            stage = sql.Identifier(f"_shardkit_stage_{t.name}")
             tgt.execute(sql.SQL(
-                "DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{t}, {keys})) "
-                "AND ({pk}) NOT IN (SELECT {pk} FROM {s})").format(
-                t=sql.Identifier(t.name), pk=pkc, keys=keys_lit, s=stage))
+                "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {s} "
+                "ON CONFLICT ({pk}) {c}").format(t=name, cols=cols, s=stage, pk=pkc, c=conflict))
         return n
 
     def _catch_up(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
@@ -471,14 +545,21 @@ class Mover:
     def _cut_over(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
                   move_id: int, batch: int, buckets: list[int], target: str) -> tuple[int, float]:
         """Pause writes to ``buckets``, apply the last changes, switch ownership and the map."""
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.002
+        gate = (GATE_LOCK_CLASS, move_id % 2147483647)
         while True:
             try:
                 with src.transaction():
-                    if not self._pause_writers(src, buckets):
-                        raise _Busy
+                    # Every writer of a moving bucket shares the move's gate until it
+                    # commits: taking it waits for those in flight and holds new ones
+                    # (of moving buckets only) until the source has given ownership up.
+                    # One lock, taken holding nothing else: no deadlock with writers.
+                    src.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}")
+                    src.execute("SELECT pg_advisory_xact_lock(%s, %s)", gate)
                     paused = time.monotonic()
+                    # Still this mover's move?  An abort takes the same gate to undo
+                    # the batch, so it cannot slip in between this check and the commit.
+                    with self.catalog.engine.begin() as conn:
+                        self._fence(conn, move_id)
                     with tgt.transaction():
                         while self._apply_changes(src, tgt, tables, buckets, None):
                             pass
@@ -492,20 +573,23 @@ class Mover:
                     src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
                                 (buckets,))
                 break
-            except _Busy:
-                # Rolled back: nothing held.  Writers are busy on some of the buckets.
-                if time.monotonic() > deadline:
-                    log.warning("move %s: writers kept the buckets busy for %.1f s; catching up "
-                                "and trying again", move_id, self.lock_timeout)
-                    self._catch_up(src, tgt, tables, buckets)
-                    deadline = time.monotonic() + self.lock_timeout
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+            except psycopg.errors.LockNotAvailable:
+                # A long transaction kept writing: writers of these buckets waited at
+                # most lock_timeout.  Let them go, catch up, and try again.
+                log.warning("move %s: a writer held the buckets past lock_timeout (%.1f s); catching "
+                            "up and trying again", move_id, self.lock_timeout)
+                self._catch_up(src, tgt, tables, buckets)
+        # The target's WAL position after the switch: its replicas serve the moved
+        # buckets only once they have replayed it (reads stay as fresh as before).
+        target_lsn = tgt.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
         # The source has given the buckets up (a paused writer is now refused and
         # polls the catalog for the next version); the target owns them.  Publish.
         # A crash before this commits leaves the batch at "copied": resuming
         # redoes the (then empty) cut-over and publishes.
         with self.catalog.engine.begin() as conn:
+            self._fence(conn, move_id)
+            # Read and write the map under its lock: moves of other buckets publish too.
+            conn.exec_driver_sql("LOCK TABLE shardkit_catalog.maps IN EXCLUSIVE MODE")
             current = self.catalog.current_map(conn)
             assert current is not None
             new_map = list(current[1])
@@ -513,29 +597,14 @@ class Mover:
                 new_map[b] = target
             version = self.catalog.publish_map(
                 conn, new_map, f"move {move_id}: {len(buckets)} buckets to {target}")
-            conn.execute(text("UPDATE shardkit_catalog.move_batches SET map_version = :v "
-                              "WHERE move_id = :m AND batch = :b"),
-                         {"v": version, "m": move_id, "b": batch})
+            conn.execute(text("UPDATE shardkit_catalog.move_batches SET map_version = :v, "
+                              "target_lsn = CAST(:l AS pg_lsn) WHERE move_id = :m AND batch = :b"),
+                         {"v": version, "l": target_lsn, "m": move_id, "b": batch})
             Catalog.record(conn, move_id, batch, "switched", {"map_version": version})
         pause = time.monotonic() - paused
         if self.step_delay:
             time.sleep(self.step_delay)
         return version, pause
-
-    def _pause_writers(self, src: psycopg.Connection, buckets: list[int]) -> bool:
-        """Try to take every bucket's guard lock exclusively, in the open transaction.
-
-        Writers hold a bucket's lock (shared) until they commit, so holding them
-        all waits out none and keeps new writers of these buckets (only) waiting
-        until the transaction ends.  A writer may hold several buckets' locks:
-        waiting for one lock while holding others could deadlock with it, so the
-        locks are tried all at once without waiting; on a miss the caller rolls
-        the transaction back (releasing what was taken) and tries again.
-        """
-        missed = src.execute(
-            "SELECT count(*) FILTER (WHERE NOT pg_try_advisory_xact_lock(%s, b)) "
-            "FROM unnest(%s::integer[]) AS b", (GUARD_LOCK_CLASS, buckets)).fetchone()[0]
-        return missed == 0
 
     def _verify(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
                  buckets: list[int], label: str) -> int:
@@ -553,6 +622,7 @@ class Mover:
                 pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
             with tgt.transaction():
                 tgt.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                tgt.execute(_CANONICAL_TEXT)
                 # Rows written on the target since the switch are the new truth:
                 # compare everything else, at one snapshot of the target.
                 recent = json.dumps([r[0] for r in tgt.execute(
@@ -560,14 +630,22 @@ class Mover:
                     "AND bucket = ANY(%s::integer[])", (t.name, buckets))])
                 # The source no longer changes (it does not own the buckets): scan
                 # both sides at once.
+                def source_side() -> dict[Any, Any]:
+                    with src.transaction():
+                        src.execute("SET TRANSACTION READ ONLY")
+                        src.execute(_CANONICAL_TEXT)
+                        return {r[0]: (r[1], r[2]) for r in src.execute(q, (buckets, recent))}
+
                 with ThreadPoolExecutor(1) as pool:
-                    ours_f = pool.submit(lambda: {r[0]: (r[1], r[2]) for r in src.execute(q, (buckets, recent))})
+                    ours_f = pool.submit(source_side)
                     theirs = {r[0]: (r[1], r[2]) for r in tgt.execute(q, (buckets, recent))}
                     ours = ours_f.result()
             if ours != theirs:
                 bad = sorted(b for b in set(ours) | set(theirs) if ours.get(b) != theirs.get(b))
-                detail = ", ".join(f"bucket {b}: source {ours.get(b, (0, 0))[0]} rows, target "
-                                   f"{theirs.get(b, (0, 0))[0]} rows" for b in bad[:5])
+                detail = ", ".join(
+                    f"bucket {b}: source {ours.get(b, (0, 0))[0]} rows, target {theirs.get(b, (0, 0))[0]} rows"
+                    + (" with different contents" if ours.get(b, (0,))[0] == theirs.get(b, (0,))[0] else "")
+                    for b in bad[:5])
                 raise RebalanceError(
                     f"{label}: verification failed for table {t.name} in {len(bad)} buckets ({detail}); "
                     "the source's rows are kept; investigate, then resume to re-verify", step="verified")
@@ -630,10 +708,12 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
 def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
     """Stop a running move and give its unswitched buckets back to their source.
 
-    Batches that have not switched are undone: capture stops on the source and
-    the target's copies are deleted.  A batch that has switched but is not
-    cleaned up yet blocks the abort (resume the move, then plan the buckets
-    back); batches already finished stay moved and are listed.
+    Batches that have not switched are undone: the target gives up any
+    ownership a crashed cut-over left it and its copies are deleted; the
+    source stops capturing and owns the buckets.  A batch that has switched
+    (by the journal, or in fact on the shards: a mover may have died between
+    the source's commit and the catalog's) blocks the abort: resume the move,
+    then plan the buckets back.  Batches already finished stay moved.
     """
     catalog = _need_catalog(cluster)
     with catalog.engine.connect() as lock_conn:
@@ -643,51 +723,75 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
         if not got:
             raise RebalanceError(f"move {move_id} is being run by a mover; stop it first", move_id=move_id)
         try:
-            with catalog.engine.connect() as conn:
+            with catalog.engine.begin() as conn:
                 state = conn.execute(text("SELECT state FROM shardkit_catalog.moves WHERE id = :m"),
                                      {"m": move_id}).scalar()
                 if state != "running":
                     raise RebalanceError(f"move {move_id} is {state or 'unknown'}; nothing to abort",
                                          move_id=move_id)
+                # Fence out a mover that lost its lock but still runs.
+                conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r WHERE id = :m"),
+                             {"r": "abort-" + uuid.uuid4().hex, "m": move_id})
                 batches = conn.execute(text(
                     "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
                     "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
-            mid = [b for b in batches if b.step in ("switched", "verified")]
-            if mid:
-                raise RebalanceError(
-                    f"move {move_id}: batch {mid[0].batch} has switched to {mid[0].target} and is not "
-                    f"cleaned up; run `shardkit rebalance resume {move_id}` to finish it, then plan "
-                    "those buckets back", move_id=move_id, step=mid[0].step)
+            pending = [b for b in batches if b.step != "cleaned"]
+            for b in pending:
+                switched = b.step in ("switched", "verified")
+                if not switched and b.step != "pending":
+                    with cluster.primary(b.source).connect() as c:
+                        source_owns = c.execute(text(
+                            "SELECT count(*) FROM shardkit.owned_buckets WHERE bucket = ANY(:b)"),
+                            {"b": list(b.buckets)}).scalar()
+                    switched = source_owns == 0
+                if switched:
+                    raise RebalanceError(
+                        f"move {move_id}: batch {b.batch} has switched to {b.target}; run `shardkit "
+                        f"rebalance resume {move_id}` to finish it, then plan those buckets back",
+                        move_id=move_id, step=b.step)
             mover = Mover(cluster, progress=lambda line: None, grace=0)
-            undone, kept = [], []
-            for b in batches:
-                if b.step == "cleaned":
-                    kept.append(b.batch)
-                    continue
+            undone = []
+            for b in pending:
                 buckets = list(b.buckets)
-                src_url = cluster.config.shard(b.source).primary
-                tgt_url = cluster.config.shard(b.target).primary
-                with psycopg.connect(_dsn(src_url), autocommit=True) as src, \
-                        psycopg.connect(_dsn(tgt_url), autocommit=True) as tgt:
+                with psycopg.connect(_dsn(cluster.config.shard(b.source).primary), autocommit=True) as src, \
+                        psycopg.connect(_dsn(cluster.config.shard(b.target).primary), autocommit=True) as tgt:
                     tables = mover._tables(src, b.source)
                     with src.transaction():
-                        src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+                        # Writers in flight, and a cut-over in flight, finish first: none
+                        # logs a change after this, and the source owns the buckets after.
+                        src.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                                    (GATE_LOCK_CLASS, move_id % 2147483647))
+                        src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
+                                    (buckets,))
                         src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
+                        src.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
+                                    "ON CONFLICT DO NOTHING", (buckets,))
                     with tgt.transaction():
                         tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+                        # A cut-over that died after the target's commit left it owning them.
+                        tgt.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])",
+                                    (buckets,))
+                        tgt.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
+                                    (buckets,))
+                        tgt.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
                         for t in reversed(tables):
-                            tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
-                                sql.Identifier(t.name)), (buckets,))
+                            tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql +
+                                                " = ANY(%s::integer[])").format(sql.Identifier(t.name)),
+                                        (buckets,))
                 undone.append(b.batch)
                 with catalog.engine.begin() as conn:
                     Catalog.record(conn, move_id, b.batch, "aborted")
+            kept = [b.batch for b in batches if b.step == "cleaned"]
             with catalog.engine.begin() as conn:
                 conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'aborted', updated_at = now() "
                                   "WHERE id = :m"), {"m": move_id})
                 Catalog.record(conn, move_id, None, "aborted", {"undone": undone, "kept": kept})
         finally:
-            lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"), {"c": MOVER_LOCK_CLASS, "m": move_id})
-            lock_conn.commit()
+            try:
+                lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"), {"c": MOVER_LOCK_CLASS, "m": move_id})
+                lock_conn.commit()
+            except Exception:  # noqa: BLE001 - a dead session holds no lock
+                pass
     return {"move": move_id, "undone_batches": undone, "finished_batches": kept}
 
 
