@@ -1,6 +1,7 @@
 """Routed single-key reads: shardkit vs a plain Session, horizontal_shard and raw psycopg.
 
-Side by side in one run on the same local cluster, interleaved rounds, medians:
+Side by side in one run on the same local cluster; within each round the contenders
+take turns every 50 operations; medians over rounds:
 
     python bench/bench_routing.py                 # starts a 2-shard local cluster
     python bench/bench_routing.py --ops 3000 --rounds 7
@@ -188,8 +189,15 @@ def main() -> int:
             rates: dict[str, list[float]] = {n: [] for n in fns}
             ratios: dict[str, list[float]] = {n: [] for n in fns}
             for _ in range(args.rounds):
-                # interleave contenders within each round so drift hits all alike
-                r = {n: timed(fn, keys) for n, fn in fns.items()}
+                # Interleave contenders in chunks of 50 operations within each round,
+                # so drift (autovacuum, CPU frequency, the other core's load) hits
+                # all of them alike.
+                spent = {n: 0.0 for n in fns}
+                for i in range(0, len(keys), 50):
+                    chunk = keys[i:i + 50]
+                    for n, fn in fns.items():
+                        spent[n] += len(chunk) / timed(fn, chunk)
+                r = {n: len(keys) / spent[n] for n in fns}
                 for n in fns:
                     rates[n].append(r[n])
                     ratios[n].append(r[n] / r["plain"])

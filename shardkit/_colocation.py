@@ -53,8 +53,25 @@ def colocation_problem(statement: Any, resolve: Resolver) -> str | None:
                 return problem
         return None
     if isinstance(statement, (selectable.Select, Update, Delete)):
-        return _check(statement, [], resolve)
+        return _check(_without_loader_options(statement), [], resolve)
     return None
+
+
+def _without_loader_options(statement: Any) -> Any:
+    """The statement as written: eager loads (joinedload ...) make the ORM wrap it in
+    joins and derived tables of its own, which follow relationships and are per shard
+    by design; shardkit merges the entities they load, not their rows."""
+    options = getattr(statement, "_with_options", ())
+    if not options:
+        return statement
+    from sqlalchemy.orm.strategy_options import _AbstractLoad
+
+    kept = tuple(o for o in options if not isinstance(o, _AbstractLoad))
+    if len(kept) == len(options):
+        return statement
+    copy = statement._generate()
+    copy._with_options = kept
+    return copy
 
 
 def _plain(x: Any) -> Any:
@@ -77,9 +94,10 @@ def _froms(stmt: Any) -> list[Any]:
     return list(stmt.get_final_froms())
 
 
-def _instances(stmt: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[_Instance], str | None]:
+def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance]
+               ) -> tuple[list[_Instance], str | None]:
     out: list[_Instance] = []
-    for f in _froms(stmt):
+    for f in froms:
         for frm in sql_util.surface_selectables(f):
             frm = _plain(frm)
             table = _table_of(frm)
@@ -107,7 +125,7 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[
         problem = _check(sel, [], resolve)
         if problem:
             return [], problem
-        inner_instances, problem = _instances(sel, resolve, [])
+        inner_instances, problem = _instances(_froms(sel), resolve, [])
         if problem:
             return [], problem
         if not inner_instances:
@@ -179,9 +197,9 @@ def _equalities(clauses: Iterable[Any]) -> Iterable[tuple[Any, Any]]:
             yield e.left, e.right
 
 
-def _join_conditions(stmt: Any) -> list[Any]:
+def _join_conditions(froms: list[Any]) -> list[Any]:
     out = []
-    for f in _froms(stmt):
+    for f in froms:
         for frm in sql_util.surface_selectables(f):
             if isinstance(frm, selectable.Join) and frm.onclause is not None:
                 # Only inner joins tie both sides for every row; an outer join's NULL side
@@ -191,14 +209,17 @@ def _join_conditions(stmt: Any) -> list[Any]:
 
 
 def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
-    own, problem = _instances(stmt, resolve, outer)
+    # Once: an ORM statement builds its FROM list anew each time it is asked (an
+    # eager load's anonymous alias would differ between two calls).
+    froms = _froms(stmt)
+    own, problem = _instances(froms, resolve, outer)
     if problem:
         return problem
     # A table of the enclosing query named in a subquery is correlated (SQLAlchemy
     # leaves it out of the subquery's FROM when compiling): the outer occurrence.
     # Unless that would leave it no FROM at all, in which case it correlates nothing.
     outer_froms = {id(o.frm) for o in outer}
-    all_froms = [_plain(x) for f in _froms(stmt) for x in sql_util.surface_selectables(f)
+    all_froms = [_plain(x) for f in froms for x in sql_util.surface_selectables(f)
                  if not isinstance(x, selectable.Join)]
     if outer and any(id(x) not in outer_froms for x in all_froms):
         own = [i for i in own if id(i.frm) not in outer_froms]
@@ -228,7 +249,8 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
 
     links: dict[tuple[int, int], set[int]] = {}
     where = list(getattr(stmt, "_where_criteria", ()))
-    for left, right in _equalities([*_join_conditions(stmt), *where]):
+    joins = _join_conditions(froms)
+    for left, right in _equalities([*joins, *where]):
         a, b = key_of(left), key_of(right)
         if a is None or b is None or a[0] is b[0] or a[0].group != b[0].group or a[1] != b[1]:
             continue
@@ -256,7 +278,7 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
     # Subqueries in the select list, WHERE, HAVING, ORDER BY, SET values: each must be
     # correlated on the key with this statement's tables (or hold no sharded table).
     clauses = [*where, *getattr(stmt, "_having_criteria", ()), *getattr(stmt, "_order_by_clauses", ()),
-               *getattr(stmt, "_raw_columns", ()), *_join_conditions(stmt)]
+               *getattr(stmt, "_raw_columns", ()), *joins]
     values = getattr(stmt, "_values", None)
     if values:
         clauses.extend(v for v in values.values() if isinstance(v, elements.ClauseElement))

@@ -352,17 +352,18 @@ class Router:
     # -- analysis ----------------------------------------------------------------
 
     def _plan_for(self, statement: Any) -> tuple[_Plan, Sequence[BindParameter[Any]]]:
-        # Fast path: a plain SELECT/UPDATE/DELETE over tables whose WHERE is made
-        # of column-vs-parameter comparisons (what session.get() and most keyed
-        # queries look like) is analysed directly, in a few microseconds.
-        tables = _simple_tables(statement)
-        if tables is not None:
-            plan = self._analyze(statement, None, tables)
-            if plan is not None:
-                return plan, plan.binds
-        # General path: analyse once per statement shape, keyed by SQLAlchemy's
-        # cache key (memoized on the statement, and reused by the compiler).
+        # Analyse once per statement shape, keyed by SQLAlchemy's cache key: it is
+        # memoized on the statement, and the compiler needs it anyway, so a routed
+        # statement costs a dictionary lookup and the evaluation of its keys.
         ck = statement._generate_cache_key() if hasattr(statement, "_generate_cache_key") else None
+        if ck is None:
+            # Uncacheable: a plain SELECT/UPDATE/DELETE whose WHERE compares
+            # columns with parameters is analysed directly, in a few microseconds.
+            tables = _simple_tables(statement)
+            if tables is not None:
+                plan = self._analyze(statement, None, tables)
+                if plan is not None:
+                    return plan, plan.binds
         if ck is not None:
             plan = self._plans.get(ck.key)
             if plan is None:
