@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         rp_ = rsub.choices[verb]
         rp_.add_argument("--config", "-c", default="shardkit.toml")
         if verb in ("apply", "resume", "abort"):
-            rp_.add_argument("--batch-buckets", type=int, default=64,
+            rp_.add_argument("--batch-buckets", type=int, default=256,
                              help="buckets per batch (default: %(default)s)")
             rp_.add_argument("--grace", type=float, default=1.0,
                              help="seconds between a switch and deleting the source's rows (default: %(default)s)")

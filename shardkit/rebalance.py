@@ -177,7 +177,7 @@ class Mover:
 
     # -- starting ----------------------------------------------------------------
 
-    def start(self, plan: Plan, *, max_buckets: int = 64) -> int:
+    def start(self, plan: Plan, *, max_buckets: int = 256) -> int:
         """Record ``plan`` as a new move in the catalog and return its id (does not run it).
 
         Refused if the plan no longer matches the live map, or if another
@@ -225,7 +225,7 @@ class Mover:
                                                            "buckets": len(plan.moves)})
         return int(move_id)
 
-    def apply(self, plan: Plan, *, max_buckets: int = 64) -> int:
+    def apply(self, plan: Plan, *, max_buckets: int = 256) -> int:
         move_id = self.start(plan, max_buckets=max_buckets)
         self.run(move_id)
         return move_id
