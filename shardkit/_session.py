@@ -609,7 +609,7 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             if isinstance(statement, Insert) and isinstance(part, list):
                 p = part
             elif part:
-                stmt = statement.params(part)
+                stmt = stmt.params(part)
         eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
         results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
     if not any(r.returns_rows for r in results):
@@ -648,7 +648,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     for shard in sorted(route.shards):
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         if route.split is not None and route.split.get(shard):
-            stmt = shard_stmt.params(route.split[shard])
+            stmt = stmt.params(route.split[shard])
         index = session._read_target(shard, statement, execution_options) if cluster.has_replicas else None
         role = PRIMARY if index is None else REPLICA
         eo, ba = _single(shard, role, execution_options, bind_arguments)
