@@ -49,7 +49,6 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -628,18 +627,17 @@ class Mover:
                 recent = json.dumps([r[0] for r in tgt.execute(
                     "SELECT DISTINCT pk FROM shardkit.changes WHERE tbl = %s "
                     "AND bucket = ANY(%s::integer[])", (t.name, buckets))])
-                # The source no longer changes (it does not own the buckets): scan
-                # both sides at once.
+                # The source no longer changes (it does not own the buckets).  One
+                # side after the other: scanning both at once took the cores other
+                # writers need, for no gain in the move's time.
                 def source_side() -> dict[Any, Any]:
                     with src.transaction():
                         src.execute("SET TRANSACTION READ ONLY")
                         src.execute(_CANONICAL_TEXT)
                         return {r[0]: (r[1], r[2]) for r in src.execute(q, (buckets, recent))}
 
-                with ThreadPoolExecutor(1) as pool:
-                    ours_f = pool.submit(source_side)
-                    theirs = {r[0]: (r[1], r[2]) for r in tgt.execute(q, (buckets, recent))}
-                    ours = ours_f.result()
+                theirs = {r[0]: (r[1], r[2]) for r in tgt.execute(q, (buckets, recent))}
+                ours = source_side()
             if ours != theirs:
                 bad = sorted(b for b in set(ours) | set(theirs) if ours.get(b) != theirs.get(b))
                 detail = ", ".join(
