@@ -137,7 +137,7 @@ class Cluster:
                 self._set_state(state)
             if newer_than is None or (self.map_version or 0) > newer_than or time.monotonic() >= deadline:
                 return self.map_version
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     def _set_state(self, state: Any) -> None:
         with self._map_lock:

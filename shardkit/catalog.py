@@ -25,7 +25,6 @@ from typing import Any, Final
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine
-from sqlalchemy.pool import NullPool
 
 from ._config import mask_url
 
@@ -96,7 +95,9 @@ class Catalog:
 
     def __init__(self, url: URL | str, *, engine: Engine | None = None) -> None:
         self.url = url
-        self.engine = engine or create_engine(url, poolclass=NullPool,
+        # A small pool: processes poll the catalog while they wait for a new map
+        # version (a refused write), and a mover holds one connection for its lock.
+        self.engine = engine or create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True,
                                               connect_args={"connect_timeout": 3})
 
     def __repr__(self) -> str:
