@@ -740,25 +740,41 @@ class DevShard:
         return [self.primary, *self.replicas]
 
 
-class DevCluster:
-    """A local cluster of PostgreSQL servers: shards of one primary and streaming replicas.
+def plan_nodes(shards: int, replicas: int, port_start: int | None
+               ) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Per shard ``s0, s1, ...``: its nodes ``primary, r0, r1, ...`` with a host port each.
 
-    Make one with :meth:`up`, reattach to a running one with :meth:`load`,
-    and stop it with :meth:`down` (or use it as a context manager).
+    A free port each, or ``port_start`` onwards in node order (refused if taken).
     """
+    node_names = ["primary"] + [f"r{j}" for j in range(replicas)]
+    out = []
+    for i in range(shards):
+        shard = f"s{i}"
+        layout = []
+        for j, node_name in enumerate(node_names):
+            if port_start is None:
+                port = _pick_port()
+            else:
+                port = port_start + i * len(node_names) + j
+                if not _port_free(port):
+                    raise DevClusterError(
+                        f"port {port} (port_start + {port - port_start}) for "
+                        f"{shard}/{node_name} is in use; choose another port_start or stop "
+                        "what listens there"
+                    )
+            layout.append((node_name, port))
+        out.append((shard, layout))
+    return out
 
-    def __init__(self, base_dir: Path, bucket_count: int, shards: list[DevShard],
-                 programs: _Programs) -> None:
-        self.base_dir = base_dir
-        self.bucket_count = bucket_count
-        self.shards = shards
-        self._programs = programs
 
-    def __repr__(self) -> str:
-        return f"<DevCluster {self.base_dir} {len(self.shards)} shard(s) {self.shards!r}>"
+class _ClusterLayout:
+    """What every local cluster offers, whatever runs its servers: its shards and
+    nodes, its configuration, a catalog database.  Subclasses set ``shards`` and
+    ``bucket_count`` and define ``down()``."""
 
-    def __enter__(self) -> DevCluster:
-        return self
+    shards: list[DevShard]
+    bucket_count: int
+    down: Callable[..., None]
 
     def __exit__(self, *exc: object) -> None:
         self.down()
@@ -814,6 +830,28 @@ class DevCluster:
         out = Path(path)
         out.write_text("# written by shardkit.devcluster\n" + to_toml(data), encoding="utf-8")
         return out
+
+
+class DevCluster(_ClusterLayout):
+    """A local cluster of PostgreSQL servers: shards of one primary and streaming replicas.
+
+    Make one with :meth:`up`, reattach to a running one with :meth:`load`,
+    and stop it with :meth:`down` (or use it as a context manager).
+    """
+
+    def __init__(self, base_dir: Path, bucket_count: int, shards: list[DevShard],
+                 programs: _Programs) -> None:
+        self.base_dir = base_dir
+        self.bucket_count = bucket_count
+        self.shards = shards
+        self._programs = programs
+
+    def __repr__(self) -> str:
+        return f"<DevCluster {self.base_dir} {len(self.shards)} shard(s) {self.shards!r}>"
+
+    def __enter__(self) -> DevCluster:
+        return self
+
 
     # -- state ---------------------------------------------------------------
 
@@ -983,21 +1021,9 @@ class DevCluster:
 
     def _plan(self, shards: int, replicas: int, port_start: int | None) -> None:
         """Choose ports and create the node directories (nothing runs yet)."""
-        node_names = ["primary"] + [f"r{j}" for j in range(replicas)]
-        for i in range(shards):
-            name = f"s{i}"
+        for name, layout in plan_nodes(shards, replicas, port_start):
             nodes: list[DevNode] = []
-            for j, node_name in enumerate(node_names):
-                if port_start is None:
-                    port = _pick_port()
-                else:
-                    port = port_start + i * len(node_names) + j
-                    if not _port_free(port):
-                        raise DevClusterError(
-                            f"port {port} (port_start + {port - port_start}) for "
-                            f"{name}/{node_name} is in use; choose another port_start or stop "
-                            "what listens there"
-                        )
+            for j, (node_name, port) in enumerate(layout):
                 node_dir = self.base_dir / name / node_name
                 node_dir.mkdir(parents=True)
                 self._programs.own(node_dir.parent)

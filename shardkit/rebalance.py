@@ -49,7 +49,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +69,7 @@ from ._guard import (
     install_guard,
     table_shape,
 )
-from ._rebalance_plan import BucketMove, Plan
+from ._rebalance_plan import Plan
 from .catalog import MOVER_LOCK_CLASS, Catalog
 from .errors import RebalanceError
 

@@ -72,7 +72,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -88,11 +87,11 @@ from ..devcluster import (
     DevNode,
     DevShard,
     _Cancelled,
-    _deep_merge,
+    _ClusterLayout,
     _in_parallel,
     _pick_port,
     _port_free,
-    to_toml,
+    plan_nodes,
 )
 from ..errors import DevClusterError
 
@@ -453,7 +452,7 @@ class DockerNode(DevNode):
         log.info("%s killed (container %s)", self.name, self.container_name)
 
 
-class DockerCluster:
+class DockerCluster(_ClusterLayout):
     """Shards of a primary and streaming replicas, each server in a ``postgres`` container.
 
     Make one with :meth:`up` and remove it with :meth:`down` (or use it as a
@@ -475,41 +474,6 @@ class DockerCluster:
 
     def __enter__(self) -> DockerCluster:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
-
-    @property
-    def nodes(self) -> list[DockerNode]:
-        """Every node, shard by shard, each primary before its replicas."""
-        return [n for s in self.shards for n in s.nodes]  # type: ignore[misc]
-
-    def shard(self, name: str) -> DevShard:
-        """The shard called ``name``; KeyError if there is none."""
-        for s in self.shards:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
-    # -- config (as DevCluster writes it) ------------------------------------
-
-    def config_dict(self) -> dict[str, Any]:
-        """The cluster as a shardkit configuration (see :func:`shardkit.load_config`)."""
-        return {
-            "bucket_count": self.bucket_count,
-            "shards": [
-                {"name": s.name, "primary": s.primary.url, "replicas": [r.url for r in s.replicas]}
-                for s in self.shards
-            ],
-        }
-
-    def write_config(self, path: str | os.PathLike[str],
-                     extra: Mapping[str, Any] | None = None) -> Path:
-        """Write :meth:`config_dict` deep-merged with ``extra`` as TOML; return the path."""
-        data = _deep_merge(self.config_dict(), extra or {})
-        out = Path(path)
-        out.write_text("# written by shardkit.devcluster\n" + to_toml(data), encoding="utf-8")
-        return out
 
     # -- up ------------------------------------------------------------------
 
@@ -564,21 +528,9 @@ class DockerCluster:
 
     def _plan(self, shards: int, replicas: int, port_start: int | None) -> None:
         """Name the nodes and choose their host ports (nothing runs yet)."""
-        node_names = ["primary"] + [f"r{j}" for j in range(replicas)]
-        for i in range(shards):
-            shard = f"s{i}"
+        for shard, layout in plan_nodes(shards, replicas, port_start):
             nodes: list[DockerNode] = []
-            for j, node_name in enumerate(node_names):
-                if port_start is None:
-                    port = _pick_port()
-                else:
-                    port = port_start + i * len(node_names) + j
-                    if not _port_free(port):
-                        raise DevClusterError(
-                            f"port {port} (port_start + {port - port_start}) for "
-                            f"{shard}/{node_name} is in use; choose another port_start or stop "
-                            "what listens there"
-                        )
+            for j, (node_name, port) in enumerate(layout):
                 nodes.append(DockerNode(
                     shard=shard, name=f"{shard}/{node_name}",
                     role="primary" if j == 0 else "replica", port=port,
