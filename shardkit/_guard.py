@@ -55,11 +55,14 @@ GATE_LOCK_CLASS: Final = 0x5349  # "SI"
 MOVER_SETTING: Final = "shardkit.mover"
 
 # PostgreSQL type name -> cast to the argument type of shardkit.bucket().
-_BUCKET_CASTS: Final = {
+_BUCKET_CASTS: Final[dict[str, str]] = {
     "int2": "::bigint", "int4": "::bigint", "int8": "",
     "text": "", "varchar": "::text", "bpchar": "::text",
     "uuid": "", "bytea": "",
 }
+
+#: Key column types whose bucket PostgreSQL computes (``shardkit.bucket()``).
+SQL_HASHABLE_TYPES: Final = frozenset(_BUCKET_CASTS)
 
 _TABLES_SQL: Final = (
     "CREATE TABLE IF NOT EXISTS shardkit.owned_buckets (bucket integer PRIMARY KEY)",

@@ -9,9 +9,9 @@ recorded in the catalog's journal before the next begins:
 ``capturing``
     the source's ownership guard records the primary key of every row written
     in the batch's buckets (``shardkit.changes``).  Before this step is
-    recorded, the mover waits for every transaction that wrote to those
-    buckets before capture began (an exclusive advisory lock on each bucket,
-    taken and released at once), so no write escapes both the copy and the log.
+    recorded, the mover waits (by polling ``pg_locks``, blocking nobody) for
+    every transaction holding a bucket's guard lock when capture began, so no
+    write escapes both the copy and the log.
 ``copied``
     the buckets' rows were copied with ``COPY ... TO STDOUT`` /
     ``COPY ... FROM STDIN`` (binary), in one target transaction that first
@@ -20,8 +20,8 @@ recorded in the catalog's journal before the next begins:
     catch-up: the changes logged so far are applied to the target (re-reading
     each changed row from the source, so replaying a change twice is harmless),
     round after round until little is left.  Then the cut-over: writes to the
-    batch's buckets are paused on the source (exclusive advisory locks: other
-    buckets are not paused), the last changes are applied, the target takes
+    batch's buckets are paused on the source (the mover takes the move's gate
+    lock, which their writers share; other buckets are not paused), the last changes are applied, the target takes
     ownership and starts recording changes to the buckets, the source gives
     ownership up, and the catalog publishes the new map version.  Writers
     paused meanwhile are refused by the source (SQLSTATE SK001) and retry on
@@ -31,7 +31,8 @@ recorded in the catalog's journal before the next begins:
     those on the target, leaving out rows written on the target since the
     switch (the target recorded their keys).
 ``cleaned``
-    the source's copies of the rows are deleted in batches; capture ends.
+    the source's copies of the rows are deleted (one statement per table);
+    capture ends.
 
 Killing the mover at any point and running ``shardkit rebalance resume``
 redoes the interrupted step from its start; every step is idempotent.
@@ -43,6 +44,7 @@ changes for the moving buckets only.
 
 from __future__ import annotations
 
+import graphlib
 import json
 import logging
 import sys
@@ -88,9 +90,6 @@ _CANONICAL_TEXT = ("SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'
 _CUTOVER_BELOW = 500
 _CATCH_UP_ROUNDS = 50
 _CHANGES_PER_ROUND = 5000
-
-
-_dsn = conninfo
 
 
 def mask_secrets(message: str, cluster: Cluster) -> str:
@@ -142,9 +141,34 @@ def init(cluster: Cluster) -> int:
 class _Table:
     name: str
     key: str
+    key_type: str
     columns: list[str]
     pk: list[str]
     bucket_sql: str  # the row's bucket, for WHERE clauses
+
+
+def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str) -> list[_Table]:
+    """The guarded tables, parents before children (foreign keys among them)."""
+    out: dict[str, _Table] = {}
+    with cluster.primary(shard).connect() as sa_conn:
+        for table, key in guarded_tables(cluster.config):
+            columns, pk, types = table_shape(sa_conn, table)
+            if not pk:
+                raise RebalanceError(f"table {table} has no primary key; rows are moved by primary key")
+            out[table] = _Table(table, key, types[key], columns, pk,
+                                bucket_expression(key, types[key], cluster.config.bucket_count))
+    parents: dict[str, set[str]] = {t: set() for t in sorted(out)}
+    for child, parent in conn.execute(
+            "SELECT c1.relname, c2.relname FROM pg_constraint k "
+            "JOIN pg_class c1 ON c1.oid = k.conrelid JOIN pg_class c2 ON c2.oid = k.confrelid "
+            "WHERE k.contype = 'f' AND c1.relname = ANY(%s) AND c2.relname = ANY(%s) "
+            "AND c1.oid <> c2.oid", (list(out), list(out))):
+        parents[child].add(parent)
+    try:
+        ordered = list(graphlib.TopologicalSorter(parents).static_order())
+    except graphlib.CycleError:  # foreign keys in a cycle: any order needs deferred checks anyway
+        ordered = sorted(out)
+    return [out[t] for t in ordered]
 
 
 class Mover:
@@ -323,9 +347,9 @@ class Mover:
         src_url = self.cluster.config.shard(source).primary
         tgt_url = self.cluster.config.shard(target).primary
         label = f"move {move_id} batch {batch} ({len(buckets)} buckets {source} -> {target})"
-        with psycopg.connect(_dsn(src_url), autocommit=True) as src, \
-                psycopg.connect(_dsn(tgt_url), autocommit=True) as tgt:
-            tables = self._tables(src, source)
+        with psycopg.connect(conninfo(src_url), autocommit=True) as src, \
+                psycopg.connect(conninfo(tgt_url), autocommit=True) as tgt:
+            tables = _moved_tables(self.cluster, src, source)
             # Readers learn from the "capturing" record that the target will hold
             # rows it does not own; the copy commits no sooner than `grace` after it.
             visible_after = 0.0
@@ -371,34 +395,6 @@ class Mover:
                 self._record(move_id, batch, "cleaned", {"deleted": deleted, "seconds": round(dt, 3)})
 
     # -- steps ---------------------------------------------------------------------
-
-    def _tables(self, conn: psycopg.Connection, shard: str) -> list[_Table]:
-        """The guarded tables, parents before children (foreign keys among them)."""
-        out: dict[str, _Table] = {}
-        with self.cluster.primary(shard).connect() as sa_conn:
-            for table, key in guarded_tables(self.cluster.config):
-                columns, pk, types = table_shape(sa_conn, table)
-                if not pk:
-                    raise RebalanceError(f"table {table} has no primary key; rows are moved by primary key")
-                out[table] = _Table(table, key, columns, pk,
-                                    bucket_expression(key, types[key], self.cluster.config.bucket_count))
-        edges = conn.execute(
-            "SELECT c1.relname, c2.relname FROM pg_constraint k "
-            "JOIN pg_class c1 ON c1.oid = k.conrelid JOIN pg_class c2 ON c2.oid = k.confrelid "
-            "WHERE k.contype = 'f' AND c1.relname = ANY(%s) AND c2.relname = ANY(%s) "
-            "AND c1.oid <> c2.oid", (list(out), list(out))).fetchall()
-        parents: dict[str, set[str]] = defaultdict(set)
-        for child, parent in edges:
-            parents[child].add(parent)
-        ordered: list[str] = []
-        pending = sorted(out)
-        while pending:
-            ready = [t for t in pending if parents[t] <= set(ordered)]
-            if not ready:  # a cycle: keep the remaining order
-                ready = pending[:1]
-            ordered.append(ready[0])
-            pending.remove(ready[0])
-        return [out[t] for t in ordered]
 
     def _capture(self, src: psycopg.Connection, move_id: int, buckets: list[int]) -> None:
         with src.transaction():
@@ -508,7 +504,9 @@ class Mover:
             name = sql.Identifier(t.name)
             clash = tgt.execute(sql.SQL(
                 "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ("
-                + t.bucket_sql.replace(f'"{t.key}"', f'{{t}}."{t.key}"') + " = ANY(%s::integer[]))").format(
+                + bucket_expression(t.key, t.key_type, self.cluster.config.bucket_count,
+                                    row=sql.Identifier(t.name).as_string(tgt))
+                + " = ANY(%s::integer[]))").format(
                 t=name, s=stage, pk=pkc), (buckets,)).fetchone()[0]
             if clash:
                 raise RebalanceError(
@@ -747,13 +745,12 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                         f"move {move_id}: batch {b.batch} has switched to {b.target}; run `shardkit "
                         f"rebalance resume {move_id}` to finish it, then plan those buckets back",
                         move_id=move_id, step=b.step)
-            mover = Mover(cluster, progress=lambda line: None, grace=0)
             undone = []
             for b in pending:
                 buckets = list(b.buckets)
-                with psycopg.connect(_dsn(cluster.config.shard(b.source).primary), autocommit=True) as src, \
-                        psycopg.connect(_dsn(cluster.config.shard(b.target).primary), autocommit=True) as tgt:
-                    tables = mover._tables(src, b.source)
+                with psycopg.connect(conninfo(cluster.config.shard(b.source).primary), autocommit=True) as src, \
+                        psycopg.connect(conninfo(cluster.config.shard(b.target).primary), autocommit=True) as tgt:
+                    tables = _moved_tables(cluster, src, b.source)
                     with src.transaction():
                         # Writers in flight, and a cut-over in flight, finish first: none
                         # logs a change after this, and the source owns the buckets after.
@@ -804,8 +801,9 @@ def shard_weights(cluster: Cluster, *, by: str = "rows") -> dict[int, float]:
                 _, _, types = table_shape(conn, table)
                 b = bucket_expression(key, types[key], cluster.config.bucket_count)
                 measure = "count(*)" if by == "rows" else "sum(pg_column_size(x.*))"
+                quoted = '"' + table.replace('"', '""') + '"'
                 for bucket, w in conn.execute(text(
-                        f'SELECT {b} AS b, {measure} FROM "{table}" AS x GROUP BY 1')):
+                        f"SELECT {b} AS b, {measure} FROM {quoted} AS x GROUP BY 1")):
                     if bucket is not None:
                         weights[int(bucket)] += float(w or 0)
     return dict(weights)

@@ -18,12 +18,12 @@ from sqlalchemy import text
 
 from ._cluster import Cluster
 from ._config import _compress
+from ._guard import SQL_HASHABLE_TYPES, bucket_expression, guard_installed, table_shape
 from ._strategies import HashStrategy
 from .errors import NoShardForKey
 
 __all__ = ["TableReport", "VerifyReport", "verify"]
 
-_SQL_HASHABLE = ("int2", "int4", "int8", "text", "varchar", "uuid", "bytea")
 
 
 @dataclass
@@ -112,13 +112,13 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> V
                         missing.append(f"{table} on {shard}")
                         continue
                     rep = TableReport(table, shard)
-                    pk = _primary_key(conn, table)
+                    _, pk, types = table_shape(conn, table)
                     strays: dict[str, list[tuple[Any, ...]]] = {}
                     # Copies (or leftovers) of a move in progress are expected here.
                     foreign = cluster.foreign_buckets.get(shard, frozenset()) \
                         if isinstance(group.strategy, HashStrategy) else frozenset()
-                    sql_type = _column_type(conn, table, cols[0]) if len(cols) == 1 else None
-                    if isinstance(group.strategy, HashStrategy) and sql_type in _SQL_HASHABLE \
+                    sql_type = types.get(cols[0]) if len(cols) == 1 else None
+                    if isinstance(group.strategy, HashStrategy) and sql_type in SQL_HASHABLE_TYPES \
                             and _sql_hash_installed(conn):
                         _check_hash_in_sql(cluster, conn, rep, table, cols[0], sql_type, pk,
                                            strays, sample, foreign)
@@ -132,8 +132,6 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> V
 
 
 def _check_ownership(cluster: Cluster) -> list[dict[str, Any]]:
-    from ._guard import guard_installed
-
     problems = []
     bucket_map = cluster.config.bucket_map
     for shard in cluster.shard_names:
@@ -156,22 +154,6 @@ def _sql_hash_installed(conn: Any) -> bool:
         "SELECT to_regprocedure('shardkit.bucket(bigint, integer)') IS NOT NULL")).scalar())
 
 
-def _column_type(conn: Any, table: str, column: str) -> str | None:
-    """The column's type name, for the table ``to_regclass`` resolves (schema-exact)."""
-    return conn.execute(text(
-        "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-        "WHERE a.attrelid = to_regclass(:t) AND a.attname = :c AND NOT a.attisdropped"),
-        {"t": table, "c": column}).scalar()
-
-
-def _primary_key(conn: Any, table: str) -> list[str]:
-    return [r[0] for r in conn.execute(text(
-        "SELECT a.attname FROM pg_index i "
-        "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true "
-        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-        "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary ORDER BY k.n"), {"t": table})]
-
-
 _NO_OWNER = "(no owner)"   # no shard is mapped for the key
 _NULL_KEY = "(null key)"   # the shard key is NULL
 
@@ -181,8 +163,7 @@ def _check_hash_in_sql(cluster: Cluster, conn: Any, rep: TableReport, table: str
                        sample: int, foreign: frozenset[int]) -> None:
     rep.method = "sql"
     n = cluster.config.bucket_count
-    cast = {"int2": "::bigint", "int4": "::bigint", "varchar": "::text"}.get(sql_type, "")
-    bucket_expr = f"shardkit.bucket({_q(column)}{cast}, {n})"
+    bucket_expr = bucket_expression(column, sql_type, n)
     owned = [b for b, s in enumerate(cluster.config.bucket_map) if s == rep.shard or b in foreign]
     for bucket, count in conn.execute(text(
             f"SELECT {bucket_expr} AS b, count(*) FROM {_q(table)} GROUP BY b")).all():
