@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine
 
 from ._config import mask_url
+from ._replicas import parse_lsn
 
 __all__ = ["Catalog", "MAP_CHANNEL"]
 
@@ -95,6 +96,7 @@ class Catalog:
 
     def __init__(self, url: URL | str, *, engine: Engine | None = None) -> None:
         self.url = url
+        self._initialised = False
         # A small pool: processes poll the catalog while they wait for a new map
         # version (a refused write), and a mover holds one connection for its lock.
         self.engine = engine or create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True,
@@ -111,13 +113,19 @@ class Catalog:
                 conn.exec_driver_sql(statement)
 
     def initialised(self, conn: Connection | None = None) -> bool:
+        # Once there, the schema stays: routers re-read the map often, ask once.
+        if self._initialised:
+            return True
+
         def check(c: Connection) -> bool:
             return bool(c.execute(text(
                 "SELECT to_regclass('shardkit_catalog.maps') IS NOT NULL")).scalar())
         if conn is not None:
-            return check(conn)
-        with self.engine.connect() as c:
-            return check(c)
+            self._initialised = check(conn)
+        else:
+            with self.engine.connect() as c:
+                self._initialised = check(c)
+        return self._initialised
 
     def current_map(self, conn: Connection | None = None) -> tuple[int, tuple[str, ...]] | None:
         """(version, bucket map) of the live map, or None if there is none yet."""
@@ -146,10 +154,9 @@ class Catalog:
                     "WHERE m.state = 'running' AND b.step IN ('capturing', 'copied', 'switched', 'verified')")):
                 holder = target if step in ("capturing", "copied") else source
                 foreign.setdefault(holder, set()).update(buckets)
-            moved_lsn = {t: int(str(lsn).split("/")[0], 16) << 32 | int(str(lsn).split("/")[1], 16)
-                         for t, lsn in c.execute(text(
-                             "SELECT target, max(target_lsn) FROM shardkit_catalog.move_batches "
-                             "WHERE target_lsn IS NOT NULL GROUP BY target"))}
+            moved_lsn = {t: parse_lsn(lsn) for t, lsn in c.execute(text(
+                "SELECT target, max(target_lsn)::text FROM shardkit_catalog.move_batches "
+                "WHERE target_lsn IS NOT NULL GROUP BY target"))}
             seq = c.execute(text("SELECT coalesce(max(id), 0) FROM shardkit_catalog.journal")).scalar_one()
             return CatalogState(current[0], current[1], {k: frozenset(v) for k, v in foreign.items()},
                                 moved_lsn, int(seq))
