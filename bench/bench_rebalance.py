@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -116,9 +115,7 @@ def main() -> int:
 
 def run(dev: DevCluster, args: argparse.Namespace) -> int:
     s0, s1 = dev.shards[0].primary, dev.shards[1].primary
-    with psycopg.connect(s0.dsn, autocommit=True) as c:
-        c.execute("CREATE DATABASE shardkit_catalog")
-    catalog = s0.url.rsplit("/", 1)[0] + "/shardkit_catalog"
+    catalog = dev.create_catalog()
     cfg = {**dev.config_dict(), **GROUPS, "catalog": {"url": catalog}}
     one = {**cfg, "shards": cfg["shards"][:1]}
     for node in (s0, s1):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -59,10 +58,7 @@ def _config(dev, catalog_url: str, shards: int) -> dict:
 def world(shardkit_cluster_factory, tmp_path_factory):
     """3 shards; the catalog is a database on s0's server; data starts on s0 and s1."""
     dev = shardkit_cluster_factory(shards=3, replicas=0)
-    s0 = dev.shards[0].primary
-    with psycopg.connect(s0.dsn, autocommit=True) as c:
-        c.execute("CREATE DATABASE shardkit_catalog")
-    catalog_url = s0.url.rsplit("/", 1)[0] + "/shardkit_catalog"
+    catalog_url = dev.create_catalog()
     for shard in dev.shards:
         eng = create_engine(shard.primary.url)
         Base.metadata.create_all(eng)
@@ -444,7 +440,7 @@ def test_verify_reports_ownership_that_disagrees_with_the_map(world):
         assert not report.ok
         by_shard = {o["shard"]: o for o in report.ownership}
         assert by_shard["s0"]["missing"] == [bucket] and by_shard["s1"]["extra"] == [bucket]
-        assert f"s0 does not own 1 buckets" in report.render()
+        assert "s0 does not own 1 buckets" in report.render()
     finally:
         with psycopg.connect(dev.shards[0].primary.dsn, autocommit=True) as c:
             c.execute("INSERT INTO shardkit.owned_buckets VALUES (%s)", (bucket,))

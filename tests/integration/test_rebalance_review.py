@@ -423,6 +423,23 @@ def test_verify_does_not_depend_on_server_timezones(world):
 # -- 6 and 7. abort after a crash inside the cut-over ----------------------------------------
 
 
+def _crash_before_publish(cluster, bucket: int) -> int:
+    """Move ``bucket`` to s2 with a mover that dies after the source gave the bucket up and
+    before the catalog published; return the move's id."""
+    mover = HookedMover(cluster)
+
+    def crash(conn, *a, **kw):
+        raise RuntimeError("simulated crash: the mover died before the catalog published")
+
+    mover.catalog.publish_map = crash  # the cluster's catalog: undone below
+    try:
+        with pytest.raises(RebalanceError):
+            mover.apply(_one_bucket_plan(cluster, bucket, "s2"))
+    finally:
+        del mover.catalog.publish_map
+    return max(m["move"] for m in rebalance.move_status(cluster))
+
+
 def _owned(world, shard: str, bucket: int) -> bool:
     return bool(world.sql(shard, "SELECT count(*) FROM shardkit.owned_buckets WHERE bucket = %s", (bucket,))[0][0])
 
@@ -432,17 +449,7 @@ def test_abort_after_a_crash_between_source_commit_and_publish_restores_writes(w
     b1 = _buckets_of(cluster, "s0")[0]
     a1 = _key(b1)
     world.sql("s0", "INSERT INTO accounts VALUES (%s, 5)", (a1,))
-    mover = HookedMover(cluster)
-    real_publish = mover.catalog.publish_map
-
-    def crash(conn, *a, **kw):
-        raise RuntimeError("simulated crash: the mover died before the catalog published")
-
-    mover.catalog.publish_map = crash
-    with pytest.raises(RebalanceError):
-        mover.apply(_one_bucket_plan(cluster, b1, "s2"))
-    mover.catalog.publish_map = real_publish
-    move_id = max(m["move"] for m in rebalance.move_status(cluster))
+    move_id = _crash_before_publish(cluster, b1)
     assert rebalance.move_status(cluster, move_id)[0]["batches"][0]["step"] == "copied"
     # The source has given the buckets up: in fact the batch has switched, so abort
     # refuses and says to resume, which publishes.
@@ -534,17 +541,7 @@ def test_resume_after_a_crash_before_the_publish_switches(world):
     b1 = _buckets_of(cluster, "s0")[0]
     a1 = _key(b1)
     world.sql("s0", "INSERT INTO accounts VALUES (%s, 5)", (a1,))
-    mover = HookedMover(cluster)
-    real_publish = mover.catalog.publish_map
-
-    def crash(conn, *a, **kw):
-        raise RuntimeError("simulated crash before the catalog publish")
-
-    mover.catalog.publish_map = crash
-    with pytest.raises(RebalanceError):
-        mover.apply(_one_bucket_plan(cluster, b1, "s2"))
-    mover.catalog.publish_map = real_publish
-    move_id = max(m["move"] for m in rebalance.move_status(cluster))
+    move_id = _crash_before_publish(cluster, b1)
     HookedMover(cluster).run(move_id)
     try:
         cluster.refresh_map()

@@ -5,20 +5,11 @@ from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import aliased, joinedload
 
 import shardkit
-from models import Country, Event, Order, User, groups_config
+from models import Country, Event, Order, User
 
-URL = "postgresql+psycopg://app@db{}.example/app"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = shardkit.Cluster.from_config({
-        "bucket_count": 16,
-        "shards": [{"name": f"s{i}", "primary": URL.format(i)} for i in range(3)],
-        **groups_config(["s0", "s1", "s2"]),
-    })
-    yield c
-    c.dispose()
+@pytest.fixture()
+def cluster(offline_cluster):
+    return offline_cluster
 
 
 u2 = aliased(User, name="u2")

@@ -7,20 +7,11 @@ from sqlalchemy.orm import aliased
 
 import shardkit
 from shardkit._session import _without_foreign_rows
-from models import Event, Order, User, groups_config
-
-URL = "postgresql+psycopg://app@db{}.example/app"
-
+from models import Event, Order, User
 
 @pytest.fixture()
-def cluster():
-    c = shardkit.Cluster.from_config({
-        "bucket_count": 16,
-        "shards": [{"name": f"s{i}", "primary": URL.format(i)} for i in range(3)],
-        **groups_config(["s0", "s1", "s2"]),
-    })
-    yield c
-    c.dispose()
+def cluster(offline_cluster):
+    return offline_cluster
 
 
 def sql(stmt):

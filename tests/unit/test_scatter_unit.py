@@ -168,15 +168,7 @@ def run_one_database(stmt: Any, rows: list[dict[str, Any]], *, having: Any = Non
     is_agg = bool(groups_by) or any(
         isinstance(c.element if isinstance(c, Label) else c, functions.FunctionElement) for c in columns)
     if not is_agg:
-        out = row_sorted(rows, [(functools.partial(value, e), d, nf) for e, d, nf in order])
-        result = [tuple(value(c, r) for c in columns) for r in out]
-        if stmt._distinct:
-            seen, unique = set(), []
-            for r in result:
-                if r not in seen:
-                    seen.add(r)
-                    unique.append(r)
-            result = unique
+        result = plain_rows(stmt, columns, order, rows)
     else:
         groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         for r in rows:
@@ -189,6 +181,16 @@ def run_one_database(stmt: Any, rows: list[dict[str, Any]], *, having: Any = Non
     offset = stmt._offset or 0
     limit = stmt._limit
     return result[offset: None if limit is None else offset + limit]
+
+
+def plain_rows(stmt: Any, columns: list[Any], order: list[Any],
+               rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """A non-aggregate SELECT over ``rows``: sorted, projected, DISTINCT applied."""
+    out = row_sorted(rows, [(functools.partial(value, e), d, nf) for e, d, nf in order])
+    result = [tuple(value(c, r) for c in columns) for r in out]
+    if stmt._distinct:
+        result = list(dict.fromkeys(result))
+    return result
 
 
 def run_shards(stmt: Any, parts: Sequence[list[dict[str, Any]]]) -> list[tuple[Any, ...]]:
@@ -206,15 +208,7 @@ def run_on_shard(shard_stmt: Any, plan: Any, rows: list[dict[str, Any]]) -> list
     if plan.kind in ("concat", "ordered"):
         assert not shard_stmt._group_by_clauses and not shard_stmt._having_criteria
         order = [order_spec(c) for c in shard_stmt._order_by_clauses]
-        out = row_sorted(rows, [(functools.partial(value, e), d, nf) for e, d, nf in order])
-        result = [tuple(value(c, r) for c in columns) for r in out]
-        if shard_stmt._distinct:
-            seen, unique = set(), []
-            for r in result:
-                if r not in seen:
-                    seen.add(r)
-                    unique.append(r)
-            result = unique
+        result = plain_rows(shard_stmt, columns, order, rows)
         assert not shard_stmt._offset, "the offset applies after the merge, not on the shards"
         limit = shard_stmt._limit
         return result if limit is None else result[:limit]
@@ -631,7 +625,6 @@ def test_distinct_removes_duplicates_across_shards():
 def test_column_level_distinct_is_a_select_distinct():
     import warnings
 
-    rows = rows_from([(i % 3, None, None) for i in range(12)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for stmt in (select(distinct(t.c.a)).order_by(t.c.a), select(t.c.a.distinct())):
