@@ -740,6 +740,25 @@ class DevShard:
         return [self.primary, *self.replicas]
 
 
+def stop_nodes(nodes: Iterable[Any]) -> list[DevClusterError]:
+    """Stop ``nodes`` in parallel, fast mode, then immediate for any that takes over
+    10 s; return the failures of those that would not stop at all."""
+    failures: list[DevClusterError] = []
+
+    def stop(node: Any) -> None:
+        try:
+            node.stop("fast", timeout=_STOP_TIMEOUT)
+        except DevClusterError as e:
+            log.warning("%s; stopping it in immediate mode", e)
+            try:
+                node.stop("immediate", timeout=_STOP_TIMEOUT)
+            except DevClusterError as e2:
+                failures.append(e2)
+
+    _in_parallel(stop, list(nodes), threading.Event())
+    return failures
+
+
 def plan_nodes(shards: int, replicas: int, port_start: int | None
                ) -> list[tuple[str, list[tuple[str, int]]]]:
     """Per shard ``s0, s1, ...``: its nodes ``primary, r0, r1, ...`` with a host port each.
@@ -1117,19 +1136,7 @@ class DevCluster(_ClusterLayout):
         With ``remove=False`` the data directories are kept, and :meth:`up`
         on the same directory starts them again.
         """
-        failures: list[DevClusterError] = []
-
-        def stop(node: DevNode) -> None:
-            try:
-                node.stop("fast", timeout=_STOP_TIMEOUT)
-            except DevClusterError as e:
-                log.warning("%s; stopping it in immediate mode", e)
-                try:
-                    node.stop("immediate", timeout=_STOP_TIMEOUT)
-                except DevClusterError as e2:
-                    failures.append(e2)
-
-        _in_parallel(stop, self.nodes, threading.Event())
+        failures = stop_nodes(self.nodes)
         if failures:
             raise DevClusterError(
                 f"could not stop {', '.join(str(e.node) for e in failures)}: "

@@ -92,6 +92,7 @@ from ..devcluster import (
     _pick_port,
     _port_free,
     plan_nodes,
+    stop_nodes,
 )
 from ..errors import DevClusterError
 
@@ -697,20 +698,7 @@ class DockerCluster(_ClusterLayout):
         again is harmless.
         """
         if not remove:
-            failures: list[DevClusterError] = []
-
-            def stop(node: DockerNode) -> None:
-                try:
-                    node.stop("fast", timeout=_STOP_TIMEOUT)
-                except DevClusterError as e:
-                    log.warning("%s; stopping it in immediate mode", e)
-                    try:
-                        node.stop("immediate", timeout=_STOP_TIMEOUT)
-                    except DevClusterError as e2:
-                        failures.append(e2)
-
-            _in_parallel(stop, [n for n in self.nodes if n._container is not None],
-                         threading.Event())
+            failures = stop_nodes(n for n in self.nodes if n._container is not None)  # type: ignore[attr-defined]
             if failures:
                 raise DevClusterError(
                     f"could not stop {', '.join(str(e.node) for e in failures)}: "
