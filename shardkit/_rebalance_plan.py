@@ -1,4 +1,4 @@
-"""Plan which hash buckets move between shards.  Pure: no I/O, no database.
+"""Plan which hash buckets (or range and list slices) move between shards.  Pure: no I/O.
 
 A :class:`Plan` is the difference between two bucket maps (``bucket -> shard``)
 plus the reason for it.  The planners build one:
@@ -10,6 +10,9 @@ plus the reason for it.  The planners build one:
 * :func:`plan_even` - move the fewest buckets that bring every shard within a
   tolerance of the mean weight (rows or bytes per bucket).
 * :func:`plan_from_maps` - diff two maps (an operator's hand-edited map).
+* :func:`plan_split_range` - split a range group's range at a key and move
+  one side; :func:`plan_move_value` - move one value of a list group.  These
+  make a :class:`SlicePlan`.
 
 Loads.  ``weights`` maps a bucket number to its weight (row count, bytes);
 a bucket missing from it weighs 0.  Without weights every bucket weighs 1, so
@@ -44,15 +47,20 @@ from decimal import Decimal
 from itertools import groupby
 from typing import Any
 
+from ._slices import Slice, carve_value, reassign, slices_from_json, slices_to_json, split_range
 from .errors import ConfigurationError
 
 __all__ = [
     "BucketMove",
     "Plan",
+    "SlicePlan",
     "plan_add_shards",
     "plan_drain",
     "plan_even",
+    "plan_from_dict",
     "plan_from_maps",
+    "plan_move_value",
+    "plan_split_range",
 ]
 
 _ALREADY = "already balanced"
@@ -649,6 +657,129 @@ def plan_from_maps(old_map: Sequence[str], new_map: Sequence[str], reason: str, 
                                  'say why the buckets move, e.g. "move hot tenant to s3"')
     stored = None if weights is None else _dense_weights(weights, len(old))
     return _make(reason, old, new, stored)
+
+
+# -- range and list groups ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class SlicePlan:
+    """Moving slices of one range or list group (see :mod:`shardkit._slices`).
+
+    ``old`` is the group's slices when planned, ``split`` the same after the
+    split (or carve-out) the plan needs first (equal to ``old`` when it needs
+    none), ``moves`` the slices that change owner (``BucketMove.bucket`` is
+    the slice number).  Build one with :func:`plan_split_range` or
+    :func:`plan_move_value`.
+    """
+
+    reason: str
+    group: str
+    old: tuple[Slice, ...]
+    split: tuple[Slice, ...]
+    moves: tuple[BucketMove, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise ConfigurationError("reason", f"{self.reason!r} must be a non-empty string")
+        ids = {s.id: s for s in self.split}
+        for m in self.moves:
+            if m.bucket not in ids or ids[m.bucket].shard != m.source or m.source == m.target:
+                raise ConfigurationError("moves", f"slice {m.bucket} is not on {m.source} in the plan",
+                                         "build plans with plan_split_range() or plan_move_value()")
+        if any(s.group != self.group for s in (*self.old, *self.split)):
+            raise ConfigurationError("group", f"the plan's slices are not all of group {self.group!r}")
+
+    def __repr__(self) -> str:
+        return f"SlicePlan(reason={self.reason!r}, group={self.group!r}, moves={len(self.moves)})"
+
+    @property
+    def new(self) -> tuple[Slice, ...]:
+        return reassign(self.split, {m.bucket: m.target for m in self.moves})
+
+    @property
+    def splits(self) -> bool:
+        return self.split != self.old
+
+    def batches(self, max_buckets: int) -> list[tuple[BucketMove, ...]]:
+        """One batch per ``(source, target)`` pair (a plan moves few slices)."""
+        return [tuple(g) for _, g in groupby(self.moves, key=_pair)]
+
+    def render(self) -> str:
+        lines = [f"Rebalance plan: {self.reason}"]
+        if self.splits:
+            before = {s.id for s in self.old}
+            for s in self.split:
+                if s.id not in before:
+                    lines.append(f"First split: {s.describe()} becomes slice {s.id} (on {s.shard}).")
+        if not self.moves:
+            lines.append(f"Nothing to move: {_ALREADY}.")
+        by_id = {s.id: s for s in self.split}
+        rows = [[str(m.bucket), by_id[m.bucket].describe(), m.source, "-> " + m.target] for m in self.moves]
+        if rows:
+            lines.append("")
+            lines += _table(["slice", "keys", "source", "target"], rows, right={0})
+        lines.append("")
+        lines.append(f"Group {self.group} after the move:")
+        lines += _table(["slice", "keys", "shard"],
+                        [[str(s.id), s.describe(), s.shard] for s in self.new], right={0})
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": "slices", "reason": self.reason, "group": self.group,
+                "moves": [{"slice": m.bucket, "source": m.source, "target": m.target} for m in self.moves],
+                "old": slices_to_json(self.old), "split": slices_to_json(self.split),
+                "new": slices_to_json(self.new)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SlicePlan:
+        try:
+            return cls(d["reason"], d["group"], slices_from_json(d["old"]), slices_from_json(d["split"]),
+                       tuple(BucketMove(int(m["slice"]), m["source"], m["target"]) for m in d["moves"]))
+        except (KeyError, TypeError) as e:
+            raise ConfigurationError("plan", f"is not a slice plan ({e!r} missing or wrong)",
+                                     "pass SlicePlan.as_dict() output") from None
+
+
+def _group_slices(slices: Sequence[Slice], group: str) -> tuple[Slice, ...]:
+    return tuple(s for s in slices if s.group == group)
+
+
+def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, *,
+                     lower: bool = False) -> SlicePlan:
+    """Split range group ``group`` at key ``at`` and move the upper side, keys ``>= at`` up to
+    the end of the range holding ``at`` (or with ``lower``, the lower side, keys ``< at``
+    down to its start) to ``target``.  ``at`` may be an existing boundary: nothing splits."""
+    target = _check_name(target, "target")
+    after, upper = split_range(slices, group, at)
+    side = upper
+    if lower:
+        below = [s for s in after if s.group == group and s.upper == at]
+        if not below:
+            raise ConfigurationError("at", f"no range of group {group!r} ends at {at!r}",
+                                     "there is nothing below it to move")
+        side = below[0]
+    moves = () if side.shard == target else (BucketMove(side.id, side.shard, target),)
+    what = f"keys {'<' if lower else '>='} {at!r} of {side.describe()}"
+    return SlicePlan(f"move {what} to {target}" if moves else f"{what} already on {target}",
+                     group, _group_slices(slices, group), _group_slices(after, group), moves)
+
+
+def plan_move_value(slices: Sequence[Slice], group: str, value: Any, target: str) -> SlicePlan:
+    """Move list value ``value`` of group ``group`` (alone) to ``target``."""
+    target = _check_name(target, "target")
+    after, mine = carve_value(slices, group, value)
+    moves = () if mine.shard == target else (BucketMove(mine.id, mine.shard, target),)
+    return SlicePlan(f"move value {value!r} of group {group} to {target}" if moves
+                     else f"value {value!r} of group {group} already on {target}",
+                     group, _group_slices(slices, group), _group_slices(after, group), moves)
+
+
+def plan_from_dict(d: Mapping[str, Any]) -> Plan | SlicePlan:
+    """A bucket or slice plan from its ``as_dict()`` output."""
+    if isinstance(d, Mapping) and d.get("kind") == "slices":
+        return SlicePlan.from_dict(d)
+    return Plan.from_dict(d)
 
 
 # -- formatting ------------------------------------------------------------------------

@@ -57,6 +57,10 @@ class Strategy(ABC):
     def shards(self) -> frozenset[str]:
         """Every shard this strategy can return."""
 
+    def unit_for_key(self, key: Any) -> int | None:
+        """The bucket or slice number holding ``key`` (what moves between shards), if any."""
+        return None
+
 
 class HashStrategy(Strategy):
     """murmur3 of the key's canonical bytes, modulo a fixed bucket count, then the bucket map.
@@ -77,6 +81,9 @@ class HashStrategy(Strategy):
     def bucket_for_key(self, key: Any) -> int:
         return bucket_for(key, self.bucket_count)
 
+    def unit_for_key(self, key: Any) -> int | None:
+        return bucket_for(key, self.bucket_count)
+
     def shard_for_key(self, key: Any) -> str:
         return self.bucket_map[bucket_for(key, self.bucket_count)]
 
@@ -90,11 +97,15 @@ class HashStrategy(Strategy):
 
 @dataclass(frozen=True)
 class KeyRange:
-    """A half-open interval ``[lower, upper)`` of keys owned by ``shard``; ``None`` is unbounded."""
+    """A half-open interval ``[lower, upper)`` of keys owned by ``shard``; ``None`` is unbounded.
+
+    ``id`` is its slice number when the range comes from a catalog (it can move).
+    """
 
     lower: Any
     upper: Any
     shard: str
+    id: int | None = None
 
     def __str__(self) -> str:
         lo = "-inf" if self.lower is None else repr(self.lower)
@@ -151,6 +162,16 @@ class RangeStrategy(Strategy):
             )
         return r.shard
 
+    def unit_for_key(self, key: Any) -> int | None:
+        if key is None:
+            return None
+        try:
+            r = self.ranges[self._index_for(key)]
+            inside = (r.lower is None or key >= r.lower) and (r.upper is None or key < r.upper)
+        except (TypeError, ShardKeyError):
+            return None
+        return r.id if inside else None
+
     def shards_for_interval(
         self, low: Any = None, high: Any = None, *, low_inclusive: bool = True,
         high_inclusive: bool = True,
@@ -187,9 +208,13 @@ class ListStrategy(Strategy):
 
     kind = "list"
 
-    def __init__(self, mapping: Mapping[Hashable, str], default: str | None = None) -> None:
+    def __init__(self, mapping: Mapping[Hashable, str], default: str | None = None, *,
+                 ids: Mapping[Hashable, int] | None = None, default_id: int | None = None) -> None:
         self.mapping = dict(mapping)
         self.default = default
+        # Slice numbers, when the mapping comes from a catalog (values can move).
+        self.ids = dict(ids or {})
+        self.default_id = default_id
         self._shards = frozenset(self.mapping.values()) | (
             frozenset([default]) if default else frozenset()
         )
@@ -214,6 +239,14 @@ class ListStrategy(Strategy):
     @property
     def shards(self) -> frozenset[str]:
         return self._shards
+
+    def unit_for_key(self, key: Any) -> int | None:
+        try:
+            if key in self.mapping:
+                return self.ids.get(key)
+        except TypeError:
+            return None
+        return None if key is None else self.default_id
 
     def __repr__(self) -> str:
         return f"ListStrategy({len(self.mapping)} values, default={self.default!r})"
