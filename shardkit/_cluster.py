@@ -23,6 +23,7 @@ from ._guard import NOT_OWNED_SQLSTATE
 from ._replicas import HealthMonitor, ReplicaSelector
 from ._routing import PRIMARY, REPLICA, Route, Router
 from ._scope import scope as _scope
+from ._slices import SLICE_BASE
 from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable
 
 __all__ = ["Cluster", "ClusterHealth"]
@@ -144,18 +145,18 @@ class Cluster:
             if state.seq < self._state_seq:
                 return  # a slower read of an older state
             self._state_seq = state.seq
-            self._set_map(state.version, state.bucket_map)
+            self._set_map(state.version, state.bucket_map, state.slices)
             if state.foreign_buckets != self.foreign_buckets:
                 log.info("shards holding rows of buckets they do not own: %s",
                          {k: len(v) for k, v in state.foreign_buckets.items()} or "none")
             self.foreign_buckets = state.foreign_buckets
             self.moved_lsn = state.moved_lsn
 
-    def _set_map(self, version: int, bucket_map: tuple[str, ...]) -> None:
+    def _set_map(self, version: int, bucket_map: tuple[str, ...], slices: tuple[Any, ...] = ()) -> None:
         with self._map_lock:
             if self.map_version is not None and version <= self.map_version:
                 return
-            config = with_bucket_map(self.file_config, bucket_map)
+            config = with_bucket_map(self.file_config, bucket_map, slices)
             # One assignment each: a thread routing now uses the old router or the new one.
             self.config = config
             self.router = Router(config)
@@ -422,8 +423,9 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
             diag = getattr(cause, "diag", None)
             detail = getattr(diag, "message_detail", None)
             bucket = int(detail) if detail and detail.isdigit() else None
+            unit = "slice" if bucket is not None and bucket >= SLICE_BASE else "bucket"
             raise NotOwned(
-                f"shard {shard} refused the write: it does not own bucket {bucket} (this process "
+                f"shard {shard} refused the write: it does not own {unit} {bucket} (this process "
                 f"routes by map version {cluster.map_version}); the map is being reloaded from the "
                 "catalog: retry the transaction (shardkit.run_transaction retries it)",
                 shard=shard, bucket=bucket, table=getattr(diag, "table_name", None),

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from ._slices import by_group, strategy_from_slices
 from ._strategies import (
     CustomStrategy,
     HashStrategy,
@@ -200,6 +201,8 @@ class ClusterConfig:
     pool: Mapping[str, Any] = field(default_factory=dict)
     #: The catalog database holding the live bucket map (``[catalog] url``), if any.
     catalog_url: URL | None = None
+    #: The slices of range and list groups, when routing by a catalog's map.
+    slices: tuple[Any, ...] = ()
 
     @property
     def shard_names(self) -> tuple[str, ...]:
@@ -638,8 +641,10 @@ def conninfo(url: URL) -> str:
     return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
 
 
-def with_bucket_map(config: ClusterConfig, bucket_map: tuple[str, ...]) -> ClusterConfig:
-    """``config`` routing hash groups by ``bucket_map`` (a catalog's live map)."""
+def with_bucket_map(config: ClusterConfig, bucket_map: tuple[str, ...],
+                    slices: tuple[Any, ...] = ()) -> ClusterConfig:
+    """``config`` routing hash groups by ``bucket_map`` and range and list groups by
+    ``slices`` (a catalog's live map); a group without slices keeps the config's strategy."""
     if len(bucket_map) != config.bucket_count:
         raise ConfigurationError(
             "catalog", f"the catalog's map has {len(bucket_map)} buckets, the config {config.bucket_count}",
@@ -649,7 +654,15 @@ def with_bucket_map(config: ClusterConfig, bucket_map: tuple[str, ...]) -> Clust
         raise ConfigurationError(
             "shards", f"the catalog's map places buckets on {', '.join(unknown)}, which the config does not define",
             "add those shards (with their URLs) to the config file")
+    unknown = sorted({s.shard for s in slices} - set(config.shard_names))
+    if unknown:
+        raise ConfigurationError(
+            "shards", f"the catalog's map places key ranges or values on {', '.join(unknown)}, which the "
+            "config does not define", "add those shards (with their URLs) to the config file")
+    grouped = by_group(slices)
     groups = tuple(
-        replace(g, strategy=HashStrategy(bucket_map)) if isinstance(g.strategy, HashStrategy) else g
+        replace(g, strategy=HashStrategy(bucket_map)) if isinstance(g.strategy, HashStrategy)
+        else replace(g, strategy=strategy_from_slices(grouped[g.name])) if g.name in grouped
+        else g
         for g in config.groups)
-    return replace(config, bucket_map=tuple(bucket_map), groups=groups)
+    return replace(config, bucket_map=tuple(bucket_map), groups=groups, slices=tuple(slices))

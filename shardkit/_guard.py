@@ -12,10 +12,16 @@ Installed on every shard's primary by ``shardkit rebalance init`` (or
 ``shardkit.changes(id, bucket, tbl, pk)``
     the primary keys written in moving buckets, read (and deleted) by the mover.
 
-and one ``BEFORE INSERT OR UPDATE OR DELETE`` row trigger per hash-sharded
-table.  The trigger
+``shardkit.slices(grp, id, lower, upper, val, is_default)``
+    this shard's copy of the slices of range and list groups (their movable
+    units, numbered above every bucket; see ``shardkit._slices``).
 
-1. computes the row's bucket with ``shardkit.bucket()`` (old and new row);
+and one ``BEFORE INSERT OR UPDATE OR DELETE`` row trigger per hash-sharded
+table and per table of a movable range or list group.  The trigger
+
+1. computes the row's bucket with ``shardkit.bucket()``, or its slice with
+   ``shardkit.slice__<table>()`` (old and new row); below, "bucket" stands
+   for either;
 2. takes a shared transaction-level advisory lock on each bucket
    (``pg_advisory_xact_lock_shared(GUARD_LOCK_CLASS, bucket)``); the mover
    takes the same lock exclusively to pause writes to the buckets it is
@@ -36,7 +42,7 @@ REPEATABLE READ or SERIALIZABLE transactions would not do.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -71,6 +77,12 @@ _TABLES_SQL: Final = (
     "CREATE TABLE IF NOT EXISTS shardkit.changes ("
     " id bigserial PRIMARY KEY, bucket integer NOT NULL, tbl text NOT NULL, pk jsonb NOT NULL)",
     "CREATE INDEX IF NOT EXISTS changes_bucket ON shardkit.changes (bucket)",
+    # The slices of range and list groups (a copy of the catalog's, see shardkit._slices):
+    # one row per range, per list value, per list default.
+    "CREATE TABLE IF NOT EXISTS shardkit.slices ("
+    " grp text NOT NULL, id integer NOT NULL, lower text, upper text, val text,"
+    " is_default boolean NOT NULL DEFAULT false)",
+    "CREATE INDEX IF NOT EXISTS slices_grp_val ON shardkit.slices (grp, val)",
 )
 
 
@@ -114,15 +126,16 @@ def bucket_expression(column: str, type_name: str, bucket_count: int, row: str =
     return f"shardkit.bucket({ref}{cast}, {int(bucket_count)})"
 
 
-def _trigger_sql(table: str, key: str, key_type: str, pk: Sequence[str],
-                 bucket_count: int) -> list[str]:
+def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int) -> list[str]:
+    table = g.table
     fn = f"shardkit.{_ident(trigger_function_name(table))}"
-    new_b = bucket_expression(key, key_type, bucket_count, "NEW")
-    old_b = bucket_expression(key, key_type, bucket_count, "OLD")
+    new_b = unit_expression(g, key_type, bucket_count, "NEW")
+    old_b = unit_expression(g, key_type, bucket_count, "OLD")
+    unit = "bucket" if g.kind == "hash" else "slice"
     pk_new = "jsonb_build_object(" + ", ".join(f"{_literal(c)}, NEW.{_ident(c)}" for c in pk) + ")"
     pk_old = "jsonb_build_object(" + ", ".join(f"{_literal(c)}, OLD.{_ident(c)}" for c in pk) + ")"
     def refuse(v: str) -> str:
-        return (f"RAISE EXCEPTION 'shardkit: bucket % of table % is not owned by this shard', {v}, "
+        return (f"RAISE EXCEPTION 'shardkit: {unit} % of table % is not owned by this shard', {v}, "
                 f"TG_TABLE_NAME USING ERRCODE = '{NOT_OWNED_SQLSTATE}', DETAIL = {v}::text, "
                 "TABLE = TG_TABLE_NAME, HINT = 'the shard map has changed: refresh it and retry "
                 "on the owner';")
@@ -186,38 +199,132 @@ END
     ]
 
 
-def guarded_tables(config: Any) -> list[tuple[str, str]]:
-    """(table, key column) of every hash-sharded table; composite keys are refused."""
+class Guarded(NamedTuple):
+    """A table the guard covers: its key column, its group and how the group is sharded."""
+
+    table: str
+    key: str
+    group: str
+    kind: str  # "hash", "range" or "list"
+
+
+def guarded_tables(config: Any) -> list[Guarded]:
+    """Every hash-sharded table (composite keys are refused), and every table of a range
+    or list group whose slices can move (see :func:`shardkit._slices.movable_kind`)."""
+    from ._slices import movable_kind
     from ._strategies import HashStrategy
 
     out = []
     for g in config.groups:
-        if not isinstance(g.strategy, HashStrategy):
-            continue
-        for table, cols in g.tables.items():
-            if len(cols) != 1:
-                raise ConfigurationError(
-                    f"groups.{g.name}.tables.{table}",
-                    "composite hash keys cannot be guarded or moved yet",
-                    "use a single-column key for hash groups that are rebalanced")
-            out.append((table, cols[0]))
+        if isinstance(g.strategy, HashStrategy):
+            for table, cols in g.tables.items():
+                if len(cols) != 1:
+                    raise ConfigurationError(
+                        f"groups.{g.name}.tables.{table}",
+                        "composite hash keys cannot be guarded or moved yet",
+                        "use a single-column key for hash groups that are rebalanced")
+                out.append(Guarded(table, cols[0], g.name, "hash"))
+        elif movable_kind(g)[0] is not None:
+            for table, cols in g.tables.items():
+                out.append(Guarded(table, cols[0], g.name, g.strategy.kind))
     return out
 
 
-def install_guard(conn: Connection, config: Any, owned: Iterable[int]) -> None:
-    """Install (or refresh) the guard on the shard of ``conn``, owning exactly ``owned``.
+def slice_function_name(table: str) -> str:
+    return f"slice__{table}"
+
+
+_INT_TYPES: Final = frozenset({"int2", "int4", "int8"})
+_TEXT_TYPES: Final = frozenset({"text", "varchar", "bpchar"})
+
+
+def unit_expression(g: Guarded, type_name: str, bucket_count: int, row: str = "") -> str:
+    """SQL for the bucket (hash) or slice number (range, list) of a row of ``g``."""
+    if g.kind == "hash":
+        return bucket_expression(g.key, type_name, bucket_count, row)
+    ref = f"{row}.{_ident(g.key)}" if row else _ident(g.key)
+    return f"shardkit.{_ident(slice_function_name(g.table))}({ref})"
+
+
+def _slice_function_sql(g: Guarded, type_name: str, value_kind: str) -> str:
+    """``shardkit.slice__<table>(key)``: the key's slice number on this shard's copy of the
+    slices; NULL for a NULL key, -1 for a key no slice holds (refused as not owned)."""
+    if value_kind == "int" and type_name not in _INT_TYPES or \
+            value_kind == "str" and type_name not in _TEXT_TYPES:
+        raise ConfigurationError(
+            f"groups.{g.group}.tables.{g.table}",
+            f"key column {g.key} is {type_name}, but the group's bounds or values are {value_kind}s",
+            "make the config's bounds or values the same type as the column")
+    grp = _literal(g.group)
+    if value_kind == "int":
+        k, lo, hi = "k::bigint", "s.lower::bigint", "s.upper::bigint"
+    else:  # code point order, as Python compares strings
+        k, lo, hi = 'k::text COLLATE "C"', 's.lower COLLATE "C"', 's.upper COLLATE "C"'
+    if g.kind == "range":
+        # CASE: the casts run only on this group's rows.
+        found = (f"SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND CASE WHEN s.grp = {grp} "
+                 f"THEN (s.lower IS NULL OR {k} >= {lo}) AND (s.upper IS NULL OR {k} < {hi}) "
+                 "ELSE false END LIMIT 1")
+        body = f"SELECT CASE WHEN k IS NULL THEN NULL ELSE coalesce(({found}), -1) END"
+    else:
+        body = (f"SELECT CASE WHEN k IS NULL THEN NULL ELSE coalesce("
+                f"(SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND s.val = k::text LIMIT 1), "
+                f"(SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND s.is_default LIMIT 1), "
+                "-1) END")
+    fn = f"shardkit.{_ident(slice_function_name(g.table))}"
+    return (f"CREATE OR REPLACE FUNCTION {fn}(k {type_name}) RETURNS integer LANGUAGE sql STABLE "
+            f"AS $slice${body}$slice$")
+
+
+def write_slices(conn: Connection, slices: Iterable[Any], groups: Iterable[str] | None = None) -> None:
+    """Replace this shard's copy of the slices of ``groups`` (default: of every group) by
+    ``slices``, in the caller's transaction."""
+    slices = list(slices)
+    rows = []
+    for sl in slices:
+        if sl.default:
+            rows.append((sl.group, sl.id, None, None, None, True))
+        elif sl.values:
+            rows.extend((sl.group, sl.id, None, None, str(v), False) for v in sl.values)
+        else:
+            rows.append((sl.group, sl.id, None if sl.lower is None else str(sl.lower),
+                         None if sl.upper is None else str(sl.upper), None, False))
+    if groups is None:
+        conn.exec_driver_sql("DELETE FROM shardkit.slices")
+    else:
+        conn.execute(text("DELETE FROM shardkit.slices WHERE grp = ANY(CAST(:g AS text[]))"),
+                     {"g": sorted(set(groups))})
+    if rows:
+        conn.execute(text(
+            "INSERT INTO shardkit.slices (grp, id, lower, upper, val, is_default) "
+            "SELECT * FROM unnest(CAST(:g AS text[]), CAST(:i AS integer[]), CAST(:lo AS text[]), "
+            "CAST(:hi AS text[]), CAST(:v AS text[]), CAST(:d AS boolean[]))"),
+            {"g": [r[0] for r in rows], "i": [r[1] for r in rows], "lo": [r[2] for r in rows],
+             "hi": [r[3] for r in rows], "v": [r[4] for r in rows], "d": [r[5] for r in rows]})
+
+
+def install_guard(conn: Connection, config: Any, owned: Iterable[int],
+                  slices: Sequence[Any] = ()) -> None:
+    """Install (or refresh) the guard on the shard of ``conn``, owning exactly ``owned``
+    (bucket and slice numbers), with ``slices`` as the range and list groups' slices.
 
     Idempotent; runs in the connection's transaction, which the caller commits.
     """
+    from ._slices import movable_kind
+
     install_sql(conn)
     for statement in _TABLES_SQL:
         conn.exec_driver_sql(statement)
-    for table, key in guarded_tables(config):
-        _, pk, types = table_shape(conn, table)
+    write_slices(conn, slices)
+    kinds = {g.name: movable_kind(g)[0] for g in config.groups}
+    for g in guarded_tables(config):
+        _, pk, types = table_shape(conn, g.table)
         if not pk:
-            raise ConfigurationError(f"table {table}", "has no primary key",
+            raise ConfigurationError(f"table {g.table}", "has no primary key",
                                      "rows can only be moved and verified by primary key; add one")
-        for statement in _trigger_sql(table, key, types[key], pk, config.bucket_count):
+        if g.kind != "hash":
+            conn.exec_driver_sql(_slice_function_sql(g, types[g.key], kinds[g.group] or ""))
+        for statement in _trigger_sql(g, types[g.key], pk, config.bucket_count):
             # The driver reads % as a placeholder even without parameters.
             conn.exec_driver_sql(statement.replace("%", "%%"))
     conn.exec_driver_sql("DELETE FROM shardkit.owned_buckets")
@@ -232,10 +339,13 @@ def guard_installed(conn: Connection) -> bool:
 
 def uninstall_guard(conn: Connection, config: Any) -> None:
     """Remove the triggers and ownership tables (not the hash functions)."""
-    for table, _ in guarded_tables(config):
-        if conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table}).scalar():
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(table)}")
+    for g in guarded_tables(config):
+        if conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": g.table}).scalar():
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}")
         conn.exec_driver_sql(
-            f"DROP FUNCTION IF EXISTS shardkit.{_ident(trigger_function_name(table))}()")
-    for t in ("changes", "moving_buckets", "owned_buckets"):
+            f"DROP FUNCTION IF EXISTS shardkit.{_ident(trigger_function_name(g.table))}()")
+        if g.kind != "hash":
+            conn.exec_driver_sql(
+                f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}")
+    for t in ("changes", "moving_buckets", "owned_buckets", "slices"):
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS shardkit.{t}")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Table, event, func, inspect, or_, util
+from sqlalchemy import Table, and_, event, false, func, inspect, not_, or_, true, util
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -27,7 +27,7 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm.interfaces import MANYTOONE
-from sqlalchemy.sql import coercions, functions, roles, selectable
+from sqlalchemy.sql import coercions, roles, selectable
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update
 
@@ -559,17 +559,21 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
 
     During a move the target holds copies of rows it does not own yet, and the
     source keeps rows it no longer owns until clean-up; a cross-shard
-    statement must not see (or touch) them twice.  Only hash-sharded tables
-    move.  Outside moves this returns ``statement`` unchanged.
+    statement must not see (or touch) them twice: rows of foreign buckets (hash
+    groups) or slices (range and list groups) are left out.  Outside moves this
+    returns ``statement`` unchanged.
     """
     foreign = cluster.foreign_buckets.get(shard)
     if not foreign:
         return statement
     router = cluster.router
-    hashed = {t: router.table_route(t) for t in route.tables}
-    hashed = {t: tr for t, tr in hashed.items() if isinstance(tr.strategy, HashStrategy)}
-    if not hashed:
+    moving = {t: router.table_route(t) for t in route.tables}
+    sliced = {s.group for s in cluster.config.slices}
+    moving = {t: tr for t, tr in moving.items() if len(tr.key_columns) == 1 and (
+        isinstance(tr.strategy, HashStrategy) or tr.group in sliced)}
+    if not moving:
         return statement
+    foreign_slices = [s for s in cluster.config.slices if s.id in foreign]
     if isinstance(statement, (Update, Delete)):
         candidates = [statement.table]
     elif isinstance(statement, selectable.Select):
@@ -581,11 +585,27 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
     conditions = []
     for sel in candidates:
         base = getattr(sel, "element", sel)
-        tr = hashed.get(getattr(base, "name", None))
-        if tr is not None and isinstance(base, Table) and len(tr.key_columns) == 1:
-            column = sel.c[tr.key_columns[0]]
+        tr = moving.get(getattr(base, "name", None))
+        if tr is None or not isinstance(base, Table):
+            continue
+        column = sel.c[tr.key_columns[0]]
+        if isinstance(tr.strategy, HashStrategy):
             conditions.append(or_(column.is_(None), func.shardkit.bucket(
                 column, cluster.config.bucket_count).not_in(sorted(foreign))))
+            continue
+        inside = []
+        for sl in foreign_slices:
+            if sl.group != tr.group:
+                continue
+            if sl.values:
+                inside.append(column.in_(list(sl.values)))
+            elif not sl.default:  # a default never moves; its values are carved out first
+                # Strings in code point order, as the router compares them.
+                key = column.collate("C") if isinstance(sl.lower or sl.upper, str) else column
+                bounds = ([key >= sl.lower] if sl.lower is not None else []) + \
+                    ([key < sl.upper] if sl.upper is not None else [])
+                inside.append(and_(true(), *bounds))
+        conditions.append(or_(column.is_(None), not_(or_(false(), *inside))))
     if conditions:
         return statement.where(*conditions)
     raise ScatterRefused(

@@ -3,8 +3,10 @@
 A cluster whose config has a ``[catalog]`` table routes by the catalog's map,
 not the config file's.  The catalog holds, in the schema ``shardkit_catalog``:
 
-``maps(version, bucket_map, reason, created_at)``
-    every version of the bucket map; the highest version is the live one.
+``maps(version, bucket_map, slices, reason, created_at)``
+    every version of the map: the bucket map of hash groups and the slices
+    (key ranges, list values) of range and list groups; the highest version
+    is the live one.
     Publishing a version sends ``NOTIFY shardkit_map, '<version>'``.
 ``moves(id, state, plan, ...)`` and ``move_batches(move_id, batch, ...)``
     rebalancing moves and the step each batch of buckets has reached.
@@ -28,6 +30,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from ._config import mask_url
 from ._replicas import parse_lsn
+from ._slices import Slice, slices_from_json, slices_to_json
 
 __all__ = ["Catalog", "MAP_CHANNEL"]
 
@@ -67,6 +70,8 @@ _SCHEMA_SQL: Final = (
     " PRIMARY KEY (move_id, batch))",
     "ALTER TABLE shardkit_catalog.moves ADD COLUMN IF NOT EXISTS runner text",
     "ALTER TABLE shardkit_catalog.move_batches ADD COLUMN IF NOT EXISTS target_lsn pg_lsn",
+    # The slices of range and list groups (JSON, see shardkit._slices); NULL: none yet.
+    "ALTER TABLE shardkit_catalog.maps ADD COLUMN IF NOT EXISTS slices jsonb",
     "CREATE TABLE IF NOT EXISTS shardkit_catalog.journal ("
     " id bigserial PRIMARY KEY,"
     " move_id bigint NOT NULL,"
@@ -83,6 +88,8 @@ class CatalogState:
 
     version: int
     bucket_map: tuple[str, ...]
+    #: the slices of range and list groups (empty: route them by the config file)
+    slices: tuple[Slice, ...]
     #: shard -> buckets it holds rows of without owning them (cross-shard reads leave them out)
     foreign_buckets: dict[str, frozenset[int]]
     #: shard -> WAL position after the latest switch to it (its replicas serve once there)
@@ -141,6 +148,12 @@ class Catalog:
         with self.engine.connect() as c:
             return read(c)
 
+    def current_slices(self, conn: Connection) -> tuple[Slice, ...]:
+        """The slices of the live map version (empty if it has none)."""
+        raw = conn.execute(text(
+            "SELECT slices FROM shardkit_catalog.maps ORDER BY version DESC LIMIT 1")).scalar()
+        return () if raw is None else slices_from_json(raw)
+
     def current_state(self, conn: Connection | None = None) -> CatalogState | None:
         """The live map and the moves in flight, at one snapshot; None without a map."""
         def read(c: Connection) -> CatalogState | None:
@@ -158,8 +171,8 @@ class Catalog:
                 "SELECT target, max(target_lsn)::text FROM shardkit_catalog.move_batches "
                 "WHERE target_lsn IS NOT NULL GROUP BY target"))}
             seq = c.execute(text("SELECT coalesce(max(id), 0) FROM shardkit_catalog.journal")).scalar_one()
-            return CatalogState(current[0], current[1], {k: frozenset(v) for k, v in foreign.items()},
-                                moved_lsn, int(seq))
+            return CatalogState(current[0], current[1], self.current_slices(c),
+                                {k: frozenset(v) for k, v in foreign.items()}, moved_lsn, int(seq))
         if conn is not None:
             return read(conn)
         with self.engine.connect() as c:
@@ -170,8 +183,9 @@ class Catalog:
                 c.rollback()
 
     def publish_map(self, conn: Connection, bucket_map: Sequence[str], reason: str,
-                    *, expect_version: int | None = None) -> int:
-        """Store ``bucket_map`` as the next version, in ``conn``'s transaction; return it.
+                    *, slices: Sequence[Slice] | None = None, expect_version: int | None = None) -> int:
+        """Store ``bucket_map`` (and ``slices``) as the next version, in ``conn``'s transaction;
+        return it.  Without ``slices``, the live version's slices are kept.
 
         Serialised with other publishers by a lock on the maps table.  With
         ``expect_version``, refuses (``RuntimeError``) if the live version is
@@ -183,9 +197,13 @@ class Catalog:
         if expect_version is not None and current != expect_version:
             raise RuntimeError(f"the catalog's map is at version {current}, expected {expect_version}")
         version = (current or 0) + 1
+        if slices is None:
+            slices = self.current_slices(conn) if current is not None else ()
         conn.execute(text(
-            "INSERT INTO shardkit_catalog.maps (version, bucket_map, reason) VALUES (:v, :m, :r)"),
-            {"v": version, "m": list(bucket_map), "r": reason})
+            "INSERT INTO shardkit_catalog.maps (version, bucket_map, slices, reason) "
+            "VALUES (:v, :m, CAST(:s AS jsonb), :r)"),
+            {"v": version, "m": list(bucket_map), "s": json.dumps(slices_to_json(slices)) if slices else None,
+             "r": reason})
         conn.execute(text("SELECT pg_notify(:ch, :v)"), {"ch": MAP_CHANNEL, "v": str(version)})
         return version
 

@@ -182,16 +182,31 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     if current is None:
         raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
     live = current[1]
+    with catalog.engine.connect() as conn:
+        slices = catalog.current_slices(conn)
     if getattr(args, "plan", None):
         raw = json.loads(Path(args.plan).read_text(encoding="utf-8"))
-        plan = rp.Plan.from_dict(raw)
-        if plan.old_map != live:
+        plan = rp.plan_from_dict(raw)
+        if isinstance(plan, rp.SlicePlan):
+            fresh = tuple(s for s in slices if s.group == plan.group) in (plan.old, plan.split)
+        else:
+            fresh = plan.old_map == live
+        if not fresh:
             raise RebalanceError(f"{args.plan} was planned against another map than the live one "
                                  f"(version {current[0]}); make a new plan")
         return plan
-    chosen = [bool(args.add), bool(args.drain), bool(args.even)]
+    chosen = [bool(args.add), bool(args.drain), bool(args.even), bool(args.split), bool(args.move_value)]
     if sum(chosen) != 1:
-        raise SystemExit("error: say what to plan: --add SHARD [--add ...], --drain SHARD or --even rows|bytes")
+        raise SystemExit("error: say what to plan: --add SHARD [--add ...], --drain SHARD, --even rows|bytes, "
+                         "--split GROUP:KEY --to SHARD or --move-value GROUP:VALUE --to SHARD")
+    if args.split or args.move_value:
+        if not args.to:
+            raise SystemExit("error: --split and --move-value need --to SHARD")
+        group, key = _group_key(args.split or args.move_value, slices,
+                                "--split" if args.split else "--move-value")
+        if args.split:
+            return rp.plan_split_range(slices, group, key, args.to, lower=args.lower)
+        return rp.plan_move_value(slices, group, key, args.to)
     weights = shard_weights(cluster, by=args.even) if args.even else None
     if args.add:
         return rp.plan_add_shards(live, args.add)
@@ -201,9 +216,30 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     return rp.plan_even(live, weights, shards=list(cluster.shard_names))
 
 
+def _group_key(spec: str, slices: Any, option: str) -> tuple[str, Any]:
+    """``GROUP:KEY`` -> (group, key typed like the group's bounds or values)."""
+    group, sep, raw = spec.partition(":")
+    if not sep or not group:
+        raise SystemExit(f"error: {option} takes GROUP:KEY, e.g. {option} events:2000")
+    mine = [s for s in slices if s.group == group]
+    if not mine:
+        known = sorted({s.group for s in slices})
+        raise SystemExit(f"error: {option}: the catalog has no range or list group {group!r} that can move "
+                         f"(movable groups: {', '.join(known) or 'none'}); after adding one to the config, "
+                         "run `shardkit rebalance init`")
+    ints = any(isinstance(x, int) for s in mine for x in (s.lower, s.upper, *s.values))
+    if ints:
+        try:
+            return group, int(raw)
+        except ValueError:
+            raise SystemExit(f"error: {option}: group {group}'s keys are integers; {raw!r} is not one") from None
+    return group, raw
+
+
 def cmd_rebalance(args: argparse.Namespace) -> int:
     """Plan, run, resume and abort online bucket moves (needs a [catalog])."""
     from . import rebalance
+    from ._rebalance_plan import SlicePlan
 
     cluster = Cluster.from_config(args.config, follow_map=False)
     try:
@@ -240,7 +276,8 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                 print("nothing to move: " + plan.reason)
                 return 0
             move_id = mover.start(plan, max_buckets=args.batch_buckets)
-            print(f"move {move_id}: {len(plan.moves)} buckets in "
+            units = "slice(s)" if isinstance(plan, SlicePlan) else "buckets"
+            print(f"move {move_id}: {len(plan.moves)} {units} in "
                   f"{len(plan.batches(args.batch_buckets))} batches", flush=True)
             mover.run(move_id)
         elif verb == "resume":
@@ -291,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="give new shard SHARD (already in the config) its share of buckets")
         rp_.add_argument("--drain", metavar="SHARD", help="move every bucket off SHARD")
         rp_.add_argument("--even", choices=["rows", "bytes"], help="even out shards by rows or bytes")
+        rp_.add_argument("--split", metavar="GROUP:KEY",
+                         help="split a range group's range at KEY and move the keys >= KEY (to the end of "
+                              "that range) to --to")
+        rp_.add_argument("--lower", action="store_true",
+                         help="with --split: move the keys below KEY (to the start of that range) instead")
+        rp_.add_argument("--move-value", metavar="GROUP:VALUE", help="move one value of a list group to --to")
+        rp_.add_argument("--to", metavar="SHARD", help="the target shard of --split or --move-value")
         rp_.add_argument("--plan", metavar="FILE", help="a plan written by `plan --out`")
         if verb == "plan":
             rp_.add_argument("--out", metavar="FILE", help="also write the plan as JSON to FILE")

@@ -123,6 +123,9 @@ class ScatterRefused(RoutingError):
 class NotOwned(RoutingError):
     """A shard's ownership guard refused a write to a bucket it does not own.
 
+    ``bucket`` is the bucket number, or for range and list groups the slice
+    number (at or above ``2**30``).
+
     The process routed with a stale bucket map (a move has switched the
     bucket to another shard).  Nothing was written; the transaction on that
     shard is rolled back.  shardkit refreshes its map on this error; retry

@@ -65,13 +65,16 @@ from ._guard import (
     GATE_LOCK_CLASS,
     GUARD_LOCK_CLASS,
     MOVER_SETTING,
-    bucket_expression,
+    Guarded,
     guard_installed,
     guarded_tables,
     install_guard,
     table_shape,
+    unit_expression,
+    write_slices,
 )
-from ._rebalance_plan import Plan
+from ._rebalance_plan import Plan, SlicePlan, plan_from_dict
+from ._slices import add_missing_groups, initial_slices, reassign
 from .catalog import MOVER_LOCK_CLASS, Catalog
 from .errors import RebalanceError
 
@@ -124,12 +127,23 @@ def init(cluster: Cluster) -> int:
                 f"finish (`shardkit rebalance resume {running}`) or abort it first", move_id=running)
         current = catalog.current_map(conn)
         if current is None:
-            catalog.publish_map(conn, cluster.file_config.bucket_map, "initial map from the config file")
+            catalog.publish_map(conn, cluster.file_config.bucket_map, "initial map from the config file",
+                                slices=initial_slices(cluster.file_config.groups))
+        else:
+            # Range and list groups the catalog does not know yet (added to the config
+            # since, or a catalog made before slices existed) start as configured.
+            have = catalog.current_slices(conn)
+            full = add_missing_groups(have, cluster.file_config.groups)
+            if full != have:
+                catalog.publish_map(conn, current[1], "slices of range and list groups from the config file",
+                                    slices=full)
     version = cluster.refresh_map()
     bucket_map = cluster.config.bucket_map
+    slices = cluster.config.slices
     for shard in cluster.shard_names:
+        owned = [b for b, s in enumerate(bucket_map) if s == shard] + [s.id for s in slices if s.shard == shard]
         with cluster.primary(shard).begin() as conn:
-            install_guard(conn, cluster.config, [b for b, s in enumerate(bucket_map) if s == shard])
+            install_guard(conn, cluster.config, owned, slices)
     assert version is not None
     return version
 
@@ -144,19 +158,30 @@ class _Table:
     key_type: str
     columns: list[str]
     pk: list[str]
-    bucket_sql: str  # the row's bucket, for WHERE clauses
+    bucket_sql: str  # the row's bucket (or slice), for WHERE clauses
+    guarded: Guarded
 
 
-def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str) -> list[_Table]:
-    """The guarded tables, parents before children (foreign keys among them)."""
+def _move_group(conn: Any, move_id: int) -> str | None:
+    """The range or list group whose slices move ``move_id`` moves (None: hash buckets)."""
+    return conn.execute(text("SELECT plan->>'group' FROM shardkit_catalog.moves WHERE id = :m "
+                             "AND plan->>'kind' = 'slices'"), {"m": move_id}).scalar()
+
+
+def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
+                  group: str | None = None) -> list[_Table]:
+    """The tables that move: the hash-sharded ones (``group`` None) or those of range or
+    list group ``group``; parents before children (foreign keys among them)."""
     out: dict[str, _Table] = {}
     with cluster.primary(shard).connect() as sa_conn:
-        for table, key in guarded_tables(cluster.config):
-            columns, pk, types = table_shape(sa_conn, table)
+        for g in guarded_tables(cluster.config):
+            if (g.kind != "hash") if group is None else (g.group != group):
+                continue
+            columns, pk, types = table_shape(sa_conn, g.table)
             if not pk:
-                raise RebalanceError(f"table {table} has no primary key; rows are moved by primary key")
-            out[table] = _Table(table, key, types[key], columns, pk,
-                                bucket_expression(key, types[key], cluster.config.bucket_count))
+                raise RebalanceError(f"table {g.table} has no primary key; rows are moved by primary key")
+            out[g.table] = _Table(g.table, g.key, types[g.key], columns, pk,
+                                  unit_expression(g, types[g.key], cluster.config.bucket_count), g)
     parents: dict[str, set[str]] = {t: set() for t in sorted(out)}
     for child, parent in conn.execute(
             "SELECT c1.relname, c2.relname FROM pg_constraint k "
@@ -200,11 +225,12 @@ class Mover:
 
     # -- starting ----------------------------------------------------------------
 
-    def start(self, plan: Plan, *, max_buckets: int = 256) -> int:
+    def start(self, plan: Plan | SlicePlan, *, max_buckets: int = 256) -> int:
         """Record ``plan`` as a new move in the catalog and return its id (does not run it).
 
         Refused if the plan no longer matches the live map, or if another
-        unfinished move includes any of its buckets.
+        unfinished move includes any of its buckets (or, for a slice plan,
+        moves slices of the same group).
         """
         if not plan.moves:
             raise RebalanceError("the plan moves no buckets; nothing to do")
@@ -214,7 +240,29 @@ class Mover:
             if current is None:
                 raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
             version, live = current
-            stale = [m for m in plan.moves if live[m.bucket] != m.source]
+            if isinstance(plan, SlicePlan):
+                live_slices = self.catalog.current_slices(conn)
+                mine = tuple(s for s in live_slices if s.group == plan.group)
+                taken = {s.id for s in live_slices if s.group != plan.group} & {s.id for s in plan.split}
+                if taken:
+                    raise RebalanceError(f"the plan numbers a new slice {min(taken)}, which another group "
+                                         "already uses: plan with every group's slices")
+                if not mine:
+                    raise RebalanceError(f"the catalog has no slices of group {plan.group}; run "
+                                         "`shardkit rebalance init` after adding it to the config")
+                if mine not in (plan.old, plan.split):
+                    raise RebalanceError(f"the plan is stale: group {plan.group}'s ranges or values changed "
+                                         f"since it was made (live map version {version}); make a new plan")
+                other = conn.execute(text(
+                    "SELECT min(id) FROM shardkit_catalog.moves WHERE state = 'running' "
+                    "AND plan->>'kind' = 'slices' AND plan->>'group' = :g"), {"g": plan.group}).scalar()
+                if other is not None:
+                    raise RebalanceError(
+                        f"move {other} is still running on group {plan.group}; finish it (`shardkit "
+                        f"rebalance resume {other}`) or abort it first", move_id=other)
+                stale = []
+            else:
+                stale = [m for m in plan.moves if live[m.bucket] != m.source]
             if stale:
                 m = stale[0]
                 raise RebalanceError(
@@ -282,23 +330,28 @@ class Mover:
 
     def _run_locked(self, move_id: int) -> None:
         with self.catalog.engine.connect() as conn:
-            state = conn.execute(text("SELECT state FROM shardkit_catalog.moves WHERE id = :m"),
-                                 {"m": move_id}).scalar()
-            if state is None:
+            row = conn.execute(text("SELECT state, plan FROM shardkit_catalog.moves WHERE id = :m"),
+                               {"m": move_id}).first()
+            if row is None:
                 raise RebalanceError(f"there is no move {move_id}", move_id=move_id)
+            state, raw_plan = row
             if state != "running":
                 raise RebalanceError(f"move {move_id} is {state}; only a running move can be resumed",
                                      move_id=move_id)
             batches = conn.execute(text(
                 "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
                 "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
+        plan = plan_from_dict(raw_plan)
+        group = plan.group if isinstance(plan, SlicePlan) else None
+        if isinstance(plan, SlicePlan) and plan.splits:
+            self._split(move_id, plan)
         total = len(batches)
         started = time.monotonic()
         for done, (batch, source, target, buckets, step) in enumerate(batches):
             if step == "cleaned":
                 continue
             try:
-                self._run_batch(move_id, batch, source, target, list(buckets), step)
+                self._run_batch(move_id, batch, source, target, list(buckets), step, group)
             except Exception as e:
                 message = mask_secrets(str(e), self.cluster)[:2000]
                 with self.catalog.engine.begin() as conn:
@@ -343,19 +396,20 @@ class Mover:
             time.sleep(self.step_delay)
 
     def _run_batch(self, move_id: int, batch: int, source: str, target: str,
-                   buckets: list[int], step: str) -> None:
+                   buckets: list[int], step: str, group: str | None = None) -> None:
         src_url = self.cluster.config.shard(source).primary
         tgt_url = self.cluster.config.shard(target).primary
-        label = f"move {move_id} batch {batch} ({len(buckets)} buckets {source} -> {target})"
+        units = f"{len(buckets)} buckets" if group is None else f"{len(buckets)} slice(s) of {group}"
+        label = f"move {move_id} batch {batch} ({units} {source} -> {target})"
         with psycopg.connect(conninfo(src_url), autocommit=True) as src, \
                 psycopg.connect(conninfo(tgt_url), autocommit=True) as tgt:
-            tables = _moved_tables(self.cluster, src, source)
+            tables = _moved_tables(self.cluster, src, source, group)
             # Readers learn from the "capturing" record that the target will hold
             # rows it does not own; the copy commits no sooner than `grace` after it.
             visible_after = 0.0
             if STEPS.index(step) < STEPS.index("capturing"):
                 t0 = time.monotonic()
-                self._capture(src, move_id, buckets)
+                self._capture(src, move_id, buckets, group)
                 self.progress(f"{label}: capturing changes ({time.monotonic() - t0:.2f}s)")
                 self._record(move_id, batch, "capturing")
                 visible_after = time.monotonic() + self.grace
@@ -373,7 +427,7 @@ class Mover:
             if step == "copied":
                 t0 = time.monotonic()
                 applied = self._catch_up(src, tgt, tables, buckets)
-                version, pause = self._cut_over(src, tgt, tables, move_id, batch, buckets, target)
+                version, pause = self._cut_over(src, tgt, tables, move_id, batch, buckets, target, group)
                 self.longest_pause = max(self.longest_pause, pause)
                 self.progress(f"{label}: caught up {applied} changes in {time.monotonic() - t0:.2f}s, "
                               f"switched to map version {version}; writes paused {pause * 1000:.0f} ms")
@@ -396,16 +450,27 @@ class Mover:
 
     # -- steps ---------------------------------------------------------------------
 
-    def _capture(self, src: psycopg.Connection, move_id: int, buckets: list[int]) -> None:
+    def _capture(self, src: psycopg.Connection, move_id: int, buckets: list[int],
+                 group: str | None = None) -> None:
         with src.transaction():
             src.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
                         "SELECT unnest(%s::integer[]), %s ON CONFLICT (bucket) DO NOTHING",
                         (buckets, move_id))
         # Wait out the writers that may have checked moving_buckets before the
         # insert committed: every writer of a bucket holds its guard lock (shared)
-        # until it ends, from before that check.  Wait for the transactions holding
-        # one now, by polling: waiting on the lock itself would queue new writers
-        # behind a long-running one.
+        # until it ends, from before that check.  For a slice, also the writers of
+        # its group's other slices: one that read the slices just before a split
+        # locked the slice the key was in then.
+        if group is not None:
+            buckets = buckets + [r[0] for r in src.execute(
+                "SELECT DISTINCT id FROM shardkit.slices WHERE grp = %s", (group,))]
+        self._wait_for_writers(src, move_id, buckets)
+
+    def _wait_for_writers(self, src: psycopg.Connection, move_id: int, buckets: list[int]) -> None:
+        """Wait for the transactions now holding a guard lock of ``buckets`` on ``src`` to end.
+
+        By polling: waiting on the lock itself would queue new writers behind a
+        long-running one."""
         vxids = [r[0] for r in src.execute(
             "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'advisory' "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
@@ -423,6 +488,50 @@ class Mover:
                                 "when capture began (one may be long-running)", move_id, len(vxids))
                     warned = True
                 time.sleep(0.01)
+
+    def _split(self, move_id: int, plan: SlicePlan) -> None:
+        """Give the shards, then the catalog, the group's slices after the plan's split.
+
+        Idempotent (a resumed move skips it once the catalog has them).  The
+        owner of the split slice changes its copy of the slices and takes the
+        new slice in one transaction, then waits for writers that may have
+        computed a row's slice by the old ones (their guard lock is the old
+        slice's, not the new one's that capture will wait for).  Other shards
+        own neither part; their copy only has to be right before a move to them.
+        """
+        with self.catalog.engine.connect() as conn:
+            live = self.catalog.current_slices(conn)
+        # Done once the catalog has the split's slices (a resumed move may have moved them since).
+        if {s.id for s in plan.split} <= {s.id for s in live if s.group == plan.group}:
+            return
+        t0 = time.monotonic()
+        new = [s for s in plan.split if s.id not in {o.id for o in plan.old}]
+        owners = sorted({s.shard for s in new})
+        for shard in owners + sorted(set(self.cluster.shard_names) - set(owners)):
+            with self.cluster.primary(shard).begin() as c:
+                write_slices(c, plan.split, groups=[plan.group])
+                mine = [s.id for s in new if s.shard == shard]
+                if mine:
+                    c.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[])) "
+                                   "ON CONFLICT DO NOTHING"), {"b": mine})
+            if shard in owners:
+                with psycopg.connect(conninfo(self.cluster.config.shard(shard).primary),
+                                     autocommit=True) as src:
+                    self._wait_for_writers(src, move_id, [s.id for s in plan.old])
+        with self.catalog.engine.begin() as conn:
+            self._fence(conn, move_id)
+            conn.exec_driver_sql("LOCK TABLE shardkit_catalog.maps IN EXCLUSIVE MODE")
+            current = self.catalog.current_map(conn)
+            assert current is not None
+            others = tuple(s for s in self.catalog.current_slices(conn) if s.group != plan.group)
+            version = self.catalog.publish_map(conn, current[1], f"move {move_id}: split {plan.group}",
+                                               slices=others + plan.split)
+            Catalog.record(conn, move_id, None, "split", {"map_version": version,
+                                                         "slices": [s.describe() for s in new]})
+        self.progress(f"move {move_id}: split {', '.join(s.describe() for s in new)} "
+                      f"(map version {version}, {time.monotonic() - t0:.2f}s)")
+        if self.step_delay:
+            time.sleep(self.step_delay)
 
     def _copy(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
               buckets: list[int], visible_after: float = 0.0) -> int:
@@ -504,8 +613,8 @@ class Mover:
             name = sql.Identifier(t.name)
             clash = tgt.execute(sql.SQL(
                 "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ("
-                + bucket_expression(t.key, t.key_type, self.cluster.config.bucket_count,
-                                    row=sql.Identifier(t.name).as_string(tgt))
+                + unit_expression(t.guarded, t.key_type, self.cluster.config.bucket_count,
+                                  row=sql.Identifier(t.name).as_string(tgt))
                 + " = ANY(%s::integer[]))").format(
                 t=name, s=stage, pk=pkc), (buckets,)).fetchone()[0]
             if clash:
@@ -540,7 +649,8 @@ class Mover:
         return total
 
     def _cut_over(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-                  move_id: int, batch: int, buckets: list[int], target: str) -> tuple[int, float]:
+                  move_id: int, batch: int, buckets: list[int], target: str,
+                  group: str | None = None) -> tuple[int, float]:
         """Pause writes to ``buckets``, apply the last changes, switch ownership and the map."""
         gate = (GATE_LOCK_CLASS, move_id % 2147483647)
         while True:
@@ -589,11 +699,17 @@ class Mover:
             conn.exec_driver_sql("LOCK TABLE shardkit_catalog.maps IN EXCLUSIVE MODE")
             current = self.catalog.current_map(conn)
             assert current is not None
-            new_map = list(current[1])
-            for b in buckets:
-                new_map[b] = target
-            version = self.catalog.publish_map(
-                conn, new_map, f"move {move_id}: {len(buckets)} buckets to {target}")
+            if group is None:
+                new_map = list(current[1])
+                for b in buckets:
+                    new_map[b] = target
+                version = self.catalog.publish_map(
+                    conn, new_map, f"move {move_id}: {len(buckets)} buckets to {target}")
+            else:
+                slices = reassign(self.catalog.current_slices(conn), {b: target for b in buckets})
+                version = self.catalog.publish_map(
+                    conn, current[1], f"move {move_id}: {len(buckets)} slice(s) of {group} to {target}",
+                    slices=slices)
             conn.execute(text("UPDATE shardkit_catalog.move_batches SET map_version = :v, "
                               "target_lsn = CAST(:l AS pg_lsn) WHERE move_id = :m AND batch = :b"),
                          {"v": version, "l": target_lsn, "m": move_id, "b": batch})
@@ -731,6 +847,7 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                 batches = conn.execute(text(
                     "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
                     "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
+                group = _move_group(conn, move_id)
             pending = [b for b in batches if b.step != "cleaned"]
             for b in pending:
                 switched = b.step in ("switched", "verified")
@@ -750,7 +867,7 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                 buckets = list(b.buckets)
                 with psycopg.connect(conninfo(cluster.config.shard(b.source).primary), autocommit=True) as src, \
                         psycopg.connect(conninfo(cluster.config.shard(b.target).primary), autocommit=True) as tgt:
-                    tables = _moved_tables(cluster, src, b.source)
+                    tables = _moved_tables(cluster, src, b.source, group)
                     with src.transaction():
                         # Writers in flight, and a cut-over in flight, finish first: none
                         # logs a change after this, and the source owns the buckets after.
@@ -797,11 +914,13 @@ def shard_weights(cluster: Cluster, *, by: str = "rows") -> dict[int, float]:
         with cluster.primary(shard).connect() as conn:
             if not guard_installed(conn):
                 continue
-            for table, key in guarded_tables(cluster.config):
-                _, _, types = table_shape(conn, table)
-                b = bucket_expression(key, types[key], cluster.config.bucket_count)
+            for g in guarded_tables(cluster.config):
+                if g.kind != "hash":
+                    continue
+                _, _, types = table_shape(conn, g.table)
+                b = unit_expression(g, types[g.key], cluster.config.bucket_count)
                 measure = "count(*)" if by == "rows" else "sum(pg_column_size(x.*))"
-                quoted = '"' + table.replace('"', '""') + '"'
+                quoted = '"' + g.table.replace('"', '""') + '"'
                 for bucket, w in conn.execute(text(
                         f"SELECT {b} AS b, {measure} FROM {quoted} AS x GROUP BY 1")):
                     if bucket is not None:

@@ -46,9 +46,10 @@ class TableReport:
 class VerifyReport:
     tables: list[TableReport]
     missing_tables: list[str]
-    #: Per shard with an ownership guard, where its owned buckets differ from the
-    #: map: ``{"shard", "missing": [...], "extra": [...]}`` (buckets the map gives
-    #: it that it does not own; buckets it owns that the map gives another shard).
+    #: Per shard with an ownership guard, where its owned buckets (and slices of
+    #: range and list groups) differ from the map: ``{"shard", "missing": [...],
+    #: "extra": [...]}`` (those the map gives it that it does not own; those it
+    #: owns that the map gives another shard).
     ownership: list[dict[str, Any]] = field(default_factory=list)
     map_version: int | None = None
 
@@ -115,8 +116,7 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> V
                     _, pk, types = table_shape(conn, table)
                     strays: dict[str, list[tuple[Any, ...]]] = {}
                     # Copies (or leftovers) of a move in progress are expected here.
-                    foreign = cluster.foreign_buckets.get(shard, frozenset()) \
-                        if isinstance(group.strategy, HashStrategy) else frozenset()
+                    foreign = cluster.foreign_buckets.get(shard, frozenset())
                     sql_type = types.get(cols[0]) if len(cols) == 1 else None
                     if isinstance(group.strategy, HashStrategy) and sql_type in SQL_HASHABLE_TYPES \
                             and _sql_hash_installed(conn):
@@ -139,7 +139,8 @@ def _check_ownership(cluster: Cluster) -> list[dict[str, Any]]:
             if not guard_installed(conn):
                 continue
             owned = {r[0] for r in conn.execute(text("SELECT bucket FROM shardkit.owned_buckets"))}
-        want = {b for b, s in enumerate(bucket_map) if s == shard}
+        want = {b for b, s in enumerate(bucket_map) if s == shard} | \
+            {sl.id for sl in cluster.config.slices if sl.shard == shard}
         if owned != want:
             problems.append({"shard": shard, "missing": sorted(want - owned), "extra": sorted(owned - want)})
     return problems
@@ -196,7 +197,7 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
     for row in result:
         rep.rows += 1
         key = row[0] if width == 1 else tuple(row[:width])
-        if foreign and key is not None and strategy.bucket_for_key(key) in foreign:
+        if foreign and key is not None and strategy.unit_for_key(key) in foreign:
             rep.in_flight += 1
             continue
         if key is None or (width > 1 and None in key):
