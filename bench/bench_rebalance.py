@@ -9,9 +9,11 @@ server), every bucket starts on s0.  Side by side in one run:
 1. raw     - the floor: the moving rows, already in a table of their own, piped
              with psycopg from ``COPY ... TO STDOUT (FORMAT binary)`` on s0 to
              ``COPY ... FROM STDIN`` on s1.
-2. move    - ``shardkit rebalance`` moving half of the buckets (the same number of
-             rows) from s0 to s1 while writers run: copy, catch-up, cut-over,
-             verification and clean-up, end to end; and its copy step alone.
+2. quiet   - ``shardkit rebalance`` moving half of the buckets (the same number of
+             rows) from s0 to s1 with no other load, like the raw pipe: its copy
+             step alone, and end to end (capture, copy, catch-up, cut-over,
+             verification, clean-up); then the same buckets back to s0.
+   move    - the same move again while writers run.
 3. pause   - writer threads updating keys of the moving buckets through
              ``shardkit.run_transaction``; the longest time one write took during
              the move (paused at the cut-over, refused by the old owner, retried).
@@ -171,6 +173,20 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
     live = cluster.config.bucket_map
     new_map = tuple("s1" if b in moving else s for b, s in enumerate(live))
     plan = plan_from_maps(live, new_map, "bench: half of the buckets to s1")
+
+    # 2. the same move with nothing else running (as the raw pipe ran), there and back.
+    quiet = []
+    for p in (plan, plan_from_maps(new_map, live, "bench: the same buckets back to s0")):
+        t = time.perf_counter()
+        quiet_id = rebalance.Mover(cluster, grace=0.5, progress=lambda line: None).apply(
+            p, max_buckets=args.batch_buckets)
+        quiet.append((time.perf_counter() - t, _copy_seconds(cluster, quiet_id)))
+    cluster.refresh_map()
+    # What autovacuum would do between moves: the next move starts without dead rows.
+    for node in (s0, s1):
+        with psycopg.connect(node.dsn, autocommit=True) as c:
+            c.execute("VACUUM ANALYZE bench_accounts")
+
     lines: list[str] = []
     mover = rebalance.Mover(cluster, grace=0.5, progress=lines.append)
     with Writers(Session, moving_keys, args.writers) as mw, Writers(Session, other_keys, args.writers) as ow:
@@ -180,11 +196,7 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
         move_s = time.perf_counter() - t
         time.sleep(1)
     errors = mw.errors + ow.errors + base.errors
-    with cluster.catalog.engine.connect() as c:
-        from sqlalchemy import text
-        copy_s = c.execute(text(
-            "SELECT sum((detail->>'seconds')::float) FROM shardkit_catalog.journal "
-            "WHERE move_id = :m AND step = 'copied'"), {"m": move_id}).scalar()
+    copy_s = _copy_seconds(cluster, move_id)
     cluster.dispose()
 
     print(f"{n:,} rows on s0; {n_moving:,} rows in {len(moving)} buckets move to s1; "
@@ -193,9 +205,14 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
     print("| measure | value | ratio |")
     print("|---|---:|---:|")
     print(f"| raw COPY pipe, {n_moving:,} rows | {n_moving / raw_s:,.0f} rows/s ({raw_s:.2f} s) | 1.00 |")
-    print(f"| shardkit move, copy step only | {n_moving / copy_s:,.0f} rows/s ({copy_s:.2f} s) | "
+    for label, (q_move, q_copy) in zip(("s0 -> s1", "back to s0"), quiet):
+        print(f"| quiet move {label}, copy step only | {n_moving / q_copy:,.0f} rows/s ({q_copy:.2f} s) | "
+              f"{raw_s / q_copy:.2f} |")
+        print(f"| quiet move {label}, end to end | {n_moving / q_move:,.0f} rows/s ({q_move:.2f} s) | "
+              f"{raw_s / q_move:.2f} |")
+    print(f"| move under writers, copy step only | {n_moving / copy_s:,.0f} rows/s ({copy_s:.2f} s) | "
           f"{raw_s / copy_s:.2f} |")
-    print(f"| shardkit move, end to end (copy, catch-up, switch, verify, clean-up) | "
+    print(f"| move under writers, end to end (copy, catch-up, switch, verify, clean-up) | "
           f"{n_moving / move_s:,.0f} rows/s ({move_s:.2f} s) | {raw_s / move_s:.2f} |")
     print(f"| longest cut-over pause (mover's measure) | {mover.longest_pause * 1000:.0f} ms | |")
     print(f"| longest write of a moving key during the move | {max(mw.latencies) * 1000:.0f} ms | |")
@@ -208,6 +225,15 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
     for line in lines:
         print("  " + line)
     return 1 if errors else 0
+
+
+def _copy_seconds(cluster: Any, move_id: int) -> float:
+    from sqlalchemy import text
+
+    with cluster.catalog.engine.connect() as c:
+        return float(c.execute(text(
+            "SELECT sum((detail->>'seconds')::float) FROM shardkit_catalog.journal "
+            "WHERE move_id = :m AND step = 'copied'"), {"m": move_id}).scalar())
 
 
 if __name__ == "__main__":
