@@ -13,7 +13,9 @@ server), every bucket starts on s0.  Side by side in one run:
              rows) from s0 to s1 with no other load, like the raw pipe: its copy
              step alone, and end to end (capture, copy, catch-up, cut-over,
              verification, clean-up); then the same buckets back to s0.
-   move    - the same move again while writers run.
+   move    - the same move again while writers run, by ``shardkit rebalance apply``
+             in its own process (``--mover thread`` runs it in the writers'
+             process instead, where its COPY loop competes with them for the GIL).
 3. pause   - writer threads updating keys of the moving buckets through
              ``shardkit.run_transaction``; the longest time one write took during
              the move (paused at the cut-over, refused by the old owner, retried).
@@ -68,6 +70,7 @@ class Writers:
         self.Session, self.keys = Session, keys
         self.stop = threading.Event()
         self.latencies: list[float] = []
+        self.started: list[float] = []  # wall-clock start of each write, for the per-step breakdown
         self.errors: list[BaseException] = []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
@@ -85,6 +88,7 @@ class Writers:
                 return
             with self.lock:
                 self.latencies.append(time.perf_counter() - t)
+                self.started.append(time.time() - (time.perf_counter() - t))
             time.sleep(0.002)
 
     def __enter__(self) -> Writers:
@@ -103,6 +107,10 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=2_000_000, help="rows on s0 (half of them move)")
     ap.add_argument("--batch-buckets", type=int, default=256)
     ap.add_argument("--writers", type=int, default=2, help="threads writing moving keys, and as many others")
+    ap.add_argument("--duty", type=float, default=1.0,
+                    help="the mover's duty cycle in the move under writers (rebalance apply --duty)")
+    ap.add_argument("--mover", choices=["process", "thread"], default="process",
+                    help="run the move under writers as a CLI process (default) or in a thread")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="shardkit-bench-") as d:
@@ -146,14 +154,21 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
     n_moving = moving_rows.getvalue().count("\n")
     del all_rows, moving_rows
 
-    # 1. raw COPY pipe, the floor.
-    t = time.perf_counter()
-    with psycopg.connect(s0.dsn) as src, psycopg.connect(s1.dsn) as dst:
-        with src.cursor().copy("COPY raw_src TO STDOUT (FORMAT binary)") as out, \
-                dst.cursor().copy("COPY raw_dst FROM STDIN (FORMAT binary)") as inp:
-            for data in out:
-                inp.write(data)
-    raw_s = time.perf_counter() - t
+    # 1. raw COPY pipe, the floor: the median of three.
+    raw_times = []
+    for _ in range(3):
+        with psycopg.connect(s1.dsn, autocommit=True) as dst:
+            dst.execute("TRUNCATE raw_dst")
+        t = time.perf_counter()
+        with psycopg.connect(s0.dsn) as src, psycopg.connect(s1.dsn) as dst:
+            with src.cursor().copy("COPY raw_src TO STDOUT (FORMAT binary)") as out, \
+                    dst.cursor().copy("COPY raw_dst FROM STDIN (FORMAT binary)") as inp:
+                for data in out:
+                    inp.write(data)
+        raw_times.append(time.perf_counter() - t)
+    raw_s = sorted(raw_times)[1]
+    with psycopg.connect(s1.dsn, autocommit=True) as dst:
+        dst.execute("DROP TABLE raw_dst")
 
     # The catalog starts with the 1-shard map: every bucket on s0.
     c1 = shardkit.Cluster.from_config(one, follow_map=False)
@@ -188,23 +203,27 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
             c.execute("VACUUM ANALYZE bench_accounts")
 
     lines: list[str] = []
-    mover = rebalance.Mover(cluster, grace=0.5, progress=lines.append)
+    mover = rebalance.Mover(cluster, grace=0.5, duty=args.duty, progress=lines.append)
     with Writers(Session, moving_keys, args.writers) as mw, Writers(Session, other_keys, args.writers) as ow:
         time.sleep(1)
         t = time.perf_counter()
-        move_id = mover.apply(plan, max_buckets=args.batch_buckets)
+        if args.mover == "thread":
+            move_id = mover.apply(plan, max_buckets=args.batch_buckets)
+        else:
+            move_id = _apply_in_process(dev, catalog, plan, args.batch_buckets, args.duty, lines)
         move_s = time.perf_counter() - t
         time.sleep(1)
     errors = mw.errors + ow.errors + base.errors
     copy_s = _copy_seconds(cluster, move_id)
-    cluster.dispose()
 
     print(f"{n:,} rows on s0; {n_moving:,} rows in {len(moving)} buckets move to s1; "
           f"batches of {args.batch_buckets} buckets; {args.writers}+{args.writers} writer threads; "
+          f"under writers: mover in a {args.mover}, duty {args.duty}; "
           f"Python {sys.version.split()[0]}\n")
     print("| measure | value | ratio |")
     print("|---|---:|---:|")
-    print(f"| raw COPY pipe, {n_moving:,} rows | {n_moving / raw_s:,.0f} rows/s ({raw_s:.2f} s) | 1.00 |")
+    print(f"| raw COPY pipe, {n_moving:,} rows (median of 3) | {n_moving / raw_s:,.0f} rows/s ({raw_s:.2f} s; "
+          f"runs {', '.join(f'{x:.2f}' for x in raw_times)}) | 1.00 |")
     for label, (q_move, q_copy) in zip(("s0 -> s1", "back to s0"), quiet):
         print(f"| quiet move {label}, copy step only | {n_moving / q_copy:,.0f} rows/s ({q_copy:.2f} s) | "
               f"{raw_s / q_copy:.2f} |")
@@ -214,17 +233,68 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
           f"{raw_s / copy_s:.2f} |")
     print(f"| move under writers, end to end (copy, catch-up, switch, verify, clean-up) | "
           f"{n_moving / move_s:,.0f} rows/s ({move_s:.2f} s) | {raw_s / move_s:.2f} |")
-    print(f"| longest cut-over pause (mover's measure) | {mover.longest_pause * 1000:.0f} ms | |")
+    print(f"| longest cut-over pause (mover's measure) | {_longest_pause(cluster, move_id) * 1000:.0f} ms | |")
     print(f"| longest write of a moving key during the move | {max(mw.latencies) * 1000:.0f} ms | |")
     print(f"| writes of non-moving keys, p50 / p99, baseline | {pct(baseline, 50) * 1000:.2f} / "
           f"{pct(baseline, 99) * 1000:.2f} ms | |")
     print(f"| writes of non-moving keys, p50 / p99, during the move | {pct(ow.latencies, 50) * 1000:.2f} / "
           f"{pct(ow.latencies, 99) * 1000:.2f} ms | p99 {pct(ow.latencies, 99) / pct(baseline, 99):.2f}x |")
+    print("\np99 of writes of non-moving keys by the step the mover was in (vs the baseline p99):")
+    for step, lo, hi in _step_windows(cluster, move_id):
+        during = [lat for at, lat in zip(ow.started, ow.latencies) if lo <= at < hi]
+        if during:
+            print(f"  {step:<28} {len(during):>6} writes  p99 {pct(during, 99) * 1000:6.2f} ms "
+                  f"({pct(during, 99) / pct(baseline, 99):.2f}x)")
     print(f"\nwrites during the move: {len(mw.latencies)} to moving keys, {len(ow.latencies)} to others; "
           f"errors: {len(errors)}")
     for line in lines:
         print("  " + line)
+    cluster.dispose()
     return 1 if errors else 0
+
+
+def _apply_in_process(dev: DevCluster, catalog: str, plan: Any, batch_buckets: int, duty: float,
+                      lines: list[str]) -> int:
+    """Run the move as an operator does: `shardkit rebalance apply --plan FILE`."""
+    import json
+    import os
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg_path, plan_path = os.path.join(d, "shardkit.toml"), os.path.join(d, "plan.json")
+        dev.write_config(cfg_path, {**GROUPS, "catalog": {"url": catalog}})
+        with open(plan_path, "w", encoding="utf-8") as f:
+            json.dump(plan.as_dict(), f)
+        r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "apply", "--config", cfg_path,
+                            "--plan", plan_path, "--batch-buckets", str(batch_buckets), "--grace", "0.5",
+                            "--duty", str(duty)],
+                           capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise SystemExit(f"rebalance apply failed: {r.stderr}")
+    lines.extend(r.stdout.splitlines())
+    return int(next(line.split()[1].rstrip(":") for line in r.stdout.splitlines() if line.startswith("move ")))
+
+
+def _longest_pause(cluster: Any, move_id: int) -> float:
+    from sqlalchemy import text
+
+    with cluster.catalog.engine.connect() as c:
+        return float(c.execute(text(
+            "SELECT (detail->>'longest_pause_s')::float FROM shardkit_catalog.journal "
+            "WHERE move_id = :m AND step = 'done'"), {"m": move_id}).scalar())
+
+
+def _step_windows(cluster: Any, move_id: int) -> list[tuple[str, float, float]]:
+    """(what the mover was doing, from, to) in wall-clock seconds, from the journal."""
+    from sqlalchemy import text
+
+    with cluster.catalog.engine.connect() as c:
+        rows = c.execute(text("SELECT step, extract(epoch FROM at) FROM shardkit_catalog.journal "
+                              "WHERE move_id = :m ORDER BY id"), {"m": move_id}).all()
+    doing = {"planned": "capture", "capturing": "copy", "copied": "catch-up and switch",
+             "switched": "grace, then verification", "verified": "clean-up"}
+    return [(doing.get(a[0], a[0]), float(a[1]), float(b[1])) for a, b in zip(rows, rows[1:])
+            if a[0] in doing]
 
 
 def _copy_seconds(cluster: Any, move_id: int) -> float:

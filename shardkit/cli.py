@@ -268,7 +268,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                     print(f"  batch {b['batch']:>3}: {b['source']} -> {b['target']} "
                           f"{b['buckets']:>4} buckets  {b['step']}")
             return 0
-        mover = rebalance.Mover(cluster, grace=args.grace, step_delay=args.step_delay,
+        mover = rebalance.Mover(cluster, grace=args.grace, step_delay=args.step_delay, duty=args.duty,
                                 progress=lambda line: print(line, flush=True))
         if verb == "apply":
             plan = _make_plan(args, cluster)
@@ -352,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="buckets per batch (default: %(default)s)")
             rp_.add_argument("--grace", type=float, default=1.0,
                              help="seconds between a switch and deleting the source's rows (default: %(default)s)")
+            rp_.add_argument("--duty", type=float, default=1.0,
+                             help="share of time the copy, verification and clean-up work (0-1]; "
+                                  "0.5 rests as long as it works, leaving the cores to other writers "
+                                  "(default: %(default)s, never rest)")
             rp_.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     rb.set_defaults(func=cmd_rebalance)
 

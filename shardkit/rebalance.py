@@ -93,6 +93,29 @@ _CANONICAL_TEXT = ("SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'
 _CUTOVER_BELOW = 500
 _CATCH_UP_ROUNDS = 50
 _CHANGES_PER_ROUND = 5000
+# Bulk steps (copy, verify, clean-up) read tables in slices of this many pages
+# (16 MB), so that a duty cycle below 1 can rest between them; resting movers
+# take slices an eighth of that size, so that each burst of work is short.
+_CHUNK_PAGES = 2048
+
+
+def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | None = None) -> list[str]:
+    """SQL conditions cutting ``table`` into ranges of pages (``ctid``), in order.
+
+    TID range scans read only those pages (PostgreSQL 14 and later); on older
+    servers, or for an empty table, the one condition is ``true``.  The last
+    range is open-ended, for rows written after the size was read.
+    """
+    if conn.info.server_version < 140000:
+        return ["true"]
+    pages = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
+                         (sql.Identifier(table).as_string(conn),)).fetchone()[0]
+    step = pages_per_chunk or _CHUNK_PAGES
+    out = []
+    for first in range(0, pages, step):
+        last = first + step >= pages
+        out.append(f"ctid >= '({first},0)'::tid" + ("" if last else f" AND ctid < '({first + step},0)'::tid"))
+    return out or ["true"]
 
 
 def mask_secrets(message: str, cluster: Cluster) -> str:
@@ -206,12 +229,21 @@ class Mover:
         it (they are notified at once; this covers a slow notification).
     :param step_delay: seconds to sleep after recording each step (to give
         fault-injection tests a window to kill the mover at a given step).
+    :param duty: the share of time the bulk steps (copy, verification,
+        clean-up) work; after each slice of a table they rest so that this
+        holds.  ``1.0`` (the default) never rests; ``0.5`` takes about twice as
+        long and leaves the servers' cores to other writers half of the time.
     """
 
     def __init__(self, cluster: Cluster, *, progress: Callable[[str], None] | None = None,
-                 grace: float = 1.0, step_delay: float = 0.0, lock_timeout: float = 2.0) -> None:
+                 grace: float = 1.0, step_delay: float = 0.0, lock_timeout: float = 2.0,
+                 duty: float = 1.0) -> None:
+        if not 0.0 < duty <= 1.0:
+            raise RebalanceError(f"duty {duty!r} must be more than 0 and at most 1 (the share of time "
+                                 "the mover works; 1 never rests)")
         self.cluster = cluster
         self.catalog = _need_catalog(cluster)
+        self.duty = duty
         self.grace = grace
         self.step_delay = step_delay
         self.lock_timeout = lock_timeout
@@ -376,6 +408,15 @@ class Mover:
             conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'done', error = NULL, "
                               "updated_at = now() WHERE id = :m"), {"m": move_id})
             Catalog.record(conn, move_id, None, "done", {"longest_pause_s": round(self.longest_pause, 4)})
+
+    @property
+    def _chunk_pages(self) -> int:
+        return _CHUNK_PAGES if self.duty >= 1.0 else max(1, _CHUNK_PAGES // 8)
+
+    def _rest(self, worked_since: float) -> None:
+        """Rest after a slice of bulk work so the mover works ``duty`` of the time."""
+        if self.duty < 1.0:
+            time.sleep((time.monotonic() - worked_since) * (1.0 - self.duty) / self.duty)
 
     def _fence(self, conn: Any, move_id: int) -> None:
         """Refuse (in the caller's catalog transaction) unless this mover still runs the move."""
@@ -545,16 +586,20 @@ class Mover:
                 src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 for t in tables:
                     cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
-                    out_sql = sql.SQL("COPY (SELECT {} FROM {} WHERE " + t.bucket_sql +
-                                      " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
-                        cols, sql.Identifier(t.name))
                     in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
                         sql.Identifier(t.name), cols)
-                    with src.cursor() as sc, tgt.cursor() as tc:
-                        with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
-                            for data in out:
-                                inp.write(data)
-                        rows += max(sc.rowcount, 0)
+                    # All slices at the one snapshot of the source's transaction.
+                    for chunk in _page_chunks(src, t.name, self._chunk_pages):
+                        t0 = time.monotonic()
+                        out_sql = sql.SQL("COPY (SELECT {} FROM {} WHERE " + chunk + " AND " + t.bucket_sql +
+                                          " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
+                            cols, sql.Identifier(t.name))
+                        with src.cursor() as sc, tgt.cursor() as tc:
+                            with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
+                                for data in out:
+                                    inp.write(data)
+                            rows += max(sc.rowcount, 0)
+                        self._rest(t0)
             self._visibility_wait = max(0.0, visible_after - time.monotonic())
             time.sleep(self._visibility_wait)
         return rows
@@ -728,11 +773,23 @@ class Mover:
             q = sql.SQL(
                 "SELECT " + t.bucket_sql + " AS b, count(*), "
                 "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
-                "FROM {t} AS x WHERE " + t.bucket_sql + " = ANY(%s::integer[]) "
+                "FROM {t} AS x WHERE {chunk} AND " + t.bucket_sql + " = ANY(%s::integer[]) "
                 "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
                 "GROUP BY 1").format(
-                cols=cols, t=sql.Identifier(t.name), pk=pkc,
+                cols=cols, t=sql.Identifier(t.name), pk=pkc, chunk=sql.SQL("{chunk}"),
                 pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
+
+            def sums(conn: psycopg.Connection, recent: str) -> dict[Any, tuple[int, Any]]:
+                """Per bucket (count, checksum), slice by slice of the table, in conn's transaction."""
+                out: dict[Any, tuple[int, Any]] = {}
+                for chunk in _page_chunks(conn, t.name, self._chunk_pages):
+                    t0 = time.monotonic()
+                    query = sql.SQL(q.as_string(conn).replace("{chunk}", chunk))
+                    for b, n, h in conn.execute(query, (buckets, recent)):
+                        n0, h0 = out.get(b, (0, 0))
+                        out[b] = (n0 + n, h0 + h)
+                    self._rest(t0)
+                return out
             with tgt.transaction():
                 tgt.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 tgt.execute(_CANONICAL_TEXT)
@@ -748,9 +805,9 @@ class Mover:
                     with src.transaction():
                         src.execute("SET TRANSACTION READ ONLY")
                         src.execute(_CANONICAL_TEXT)
-                        return {r[0]: (r[1], r[2]) for r in src.execute(q, (buckets, recent))}
+                        return sums(src, recent)
 
-                theirs = {r[0]: (r[1], r[2]) for r in tgt.execute(q, (buckets, recent))}
+                theirs = sums(tgt, recent)
                 ours = source_side()
             if ours != theirs:
                 bad = sorted(b for b in set(ours) | set(theirs) if ours.get(b) != theirs.get(b))
@@ -768,14 +825,18 @@ class Mover:
                   buckets: list[int]) -> int:
         deleted = 0
         for t in reversed(tables):  # children first
-            # One statement per table: a chunked delete would rescan the table for
-            # every chunk.  Nobody else writes these rows (the shard does not own
-            # them), so the long delete blocks no writer.
-            with src.transaction():
-                src.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
-                cur = src.execute(sql.SQL("DELETE FROM {t} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
-                    t=sql.Identifier(t.name)), (buckets,))
-                deleted += cur.rowcount
+            # One statement per slice of pages (each reads only its pages), each its
+            # own transaction: nobody else writes these rows (the shard does not own
+            # them), so resuming after a crash just deletes what is left.
+            for chunk in _page_chunks(src, t.name, self._chunk_pages):
+                t0 = time.monotonic()
+                with src.transaction():
+                    src.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+                    cur = src.execute(sql.SQL("DELETE FROM {t} WHERE " + chunk + " AND " + t.bucket_sql +
+                                              " = ANY(%s::integer[])").format(t=sql.Identifier(t.name)),
+                                      (buckets,))
+                    deleted += cur.rowcount
+                self._rest(t0)
         with src.transaction():
             src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
             src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
