@@ -41,6 +41,8 @@ REPEATABLE READ or SERIALIZABLE transactions would not do.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, NamedTuple
 
@@ -49,6 +51,8 @@ from sqlalchemy.engine import Connection
 
 from ._sql import install as install_sql
 from .errors import ConfigurationError
+
+log = logging.getLogger("shardkit.guard")
 
 #: SQLSTATE raised by a shard for a write to a bucket it does not own.
 NOT_OWNED_SQLSTATE: Final = "SK001"
@@ -86,8 +90,18 @@ _TABLES_SQL: Final = (
 )
 
 
+def _function_name(prefix: str, table: str) -> str:
+    # PostgreSQL cuts names at 63 bytes: long table names would share one function.
+    name = f"{prefix}__{table}"
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha1(table.encode()).hexdigest()[:10]
+    cut = table.encode()[:40].decode(errors="ignore")
+    return f"{prefix}__{cut}_{digest}"
+
+
 def trigger_function_name(table: str) -> str:
-    return f"guard__{table}"
+    return _function_name("guard", table)
 
 
 def _ident(name: str) -> str:
@@ -231,11 +245,18 @@ def guarded_tables(config: Any) -> list[Guarded]:
 
 
 def slice_function_name(table: str) -> str:
-    return f"slice__{table}"
+    return _function_name("slice", table)
 
 
 _INT_TYPES: Final = frozenset({"int2", "int4", "int8"})
-_TEXT_TYPES: Final = frozenset({"text", "varchar", "bpchar"})
+_NUMERIC_TYPES: Final = frozenset({"numeric", "float4", "float8"})
+
+
+def slice_comparable(value_kind: str, type_name: str) -> bool:
+    """Whether a key column of ``type_name`` compares with integer or string bounds in SQL
+    as in Python: integers against integer and numeric columns; strings against any
+    column, by its text form (text, varchar, enums, uuid in lowercase, ...)."""
+    return value_kind == "str" or type_name in _INT_TYPES | _NUMERIC_TYPES
 
 
 def unit_expression(g: Guarded, type_name: str, bucket_count: int, row: str = "") -> str:
@@ -249,17 +270,17 @@ def unit_expression(g: Guarded, type_name: str, bucket_count: int, row: str = ""
 def _slice_function_sql(g: Guarded, type_name: str, value_kind: str) -> str:
     """``shardkit.slice__<table>(key)``: the key's slice number on this shard's copy of the
     slices; NULL for a NULL key, -1 for a key no slice holds (refused as not owned)."""
-    if value_kind == "int" and type_name not in _INT_TYPES or \
-            value_kind == "str" and type_name not in _TEXT_TYPES:
+    if not slice_comparable(value_kind, type_name):
         raise ConfigurationError(
             f"groups.{g.group}.tables.{g.table}",
             f"key column {g.key} is {type_name}, but the group's bounds or values are {value_kind}s",
             "make the config's bounds or values the same type as the column")
     grp = _literal(g.group)
     if value_kind == "int":
-        k, lo, hi = "k::bigint", "s.lower::bigint", "s.upper::bigint"
-    else:  # code point order, as Python compares strings
-        k, lo, hi = 'k::text COLLATE "C"', 's.lower COLLATE "C"', 's.upper COLLATE "C"'
+        cast = "bigint" if type_name in _INT_TYPES else "numeric"
+        k, lo, hi, val = f"k::{cast}", f"s.lower::{cast}", f"s.upper::{cast}", f"s.val::{cast}"
+    else:  # the text form in code point order, as Python compares strings
+        k, lo, hi, val = 'k::text COLLATE "C"', 's.lower COLLATE "C"', 's.upper COLLATE "C"', 's.val COLLATE "C"'
     if g.kind == "range":
         # CASE: the casts run only on this group's rows.
         found = (f"SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND CASE WHEN s.grp = {grp} "
@@ -268,7 +289,8 @@ def _slice_function_sql(g: Guarded, type_name: str, value_kind: str) -> str:
         body = f"SELECT CASE WHEN k IS NULL THEN NULL ELSE coalesce(({found}), -1) END"
     else:
         body = (f"SELECT CASE WHEN k IS NULL THEN NULL ELSE coalesce("
-                f"(SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND s.val = k::text LIMIT 1), "
+                f"(SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND CASE WHEN s.grp = {grp} "
+                f"AND s.val IS NOT NULL THEN {val} = {k} ELSE false END LIMIT 1), "
                 f"(SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND s.is_default LIMIT 1), "
                 "-1) END")
     fn = f"shardkit.{_ident(slice_function_name(g.table))}"
@@ -323,6 +345,15 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int],
             raise ConfigurationError(f"table {g.table}", "has no primary key",
                                      "rows can only be moved and verified by primary key; add one")
         if g.kind != "hash":
+            if not slice_comparable(kinds[g.group] or "", types[g.key]):
+                # The group cannot move (the mover refuses it); hash groups still can.
+                log.warning("table %s: key column %s is %s and group %s's bounds are %ss; its rows "
+                            "are not guarded and the group cannot be rebalanced", g.table, g.key,
+                            types[g.key], g.group, kinds[g.group])
+                for statement in (f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}",
+                                  f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}"):
+                    conn.exec_driver_sql(statement)
+                continue
             conn.exec_driver_sql(_slice_function_sql(g, types[g.key], kinds[g.group] or ""))
         for statement in _trigger_sql(g, types[g.key], pk, config.bucket_count):
             # The driver reads % as a placeholder even without parameters.

@@ -689,6 +689,10 @@ class SlicePlan:
                                          "build plans with plan_split_range() or plan_move_value()")
         if any(s.group != self.group for s in (*self.old, *self.split)):
             raise ConfigurationError("group", f"the plan's slices are not all of group {self.group!r}")
+        if any(ids[m.bucket].default for m in self.moves):
+            raise ConfigurationError("moves", "move a list group's default by moving its values one by one",
+                                     "plan_move_value() takes a value out of the default, then moves it")
+        _check_split(self.old, self.split)
 
     def __repr__(self) -> str:
         return f"SlicePlan(reason={self.reason!r}, group={self.group!r}, moves={len(self.moves)})"
@@ -739,6 +743,41 @@ class SlicePlan:
         except (KeyError, TypeError) as e:
             raise ConfigurationError("plan", f"is not a slice plan ({e!r} missing or wrong)",
                                      "pass SlicePlan.as_dict() output") from None
+
+
+def _check_split(old: Sequence[Slice], split: Sequence[Slice]) -> None:
+    """Refuse a split that would change where a key lives (only moves do that): each
+    range must be cut into pieces on its own shard, with no key gained or lost, and
+    each list value must stay on its shard (new values only out of the default)."""
+    if not old:
+        return
+    problem = ("split", "changes where keys live, which only a move may do",
+               "build plans with plan_split_range() or plan_move_value()")
+    if old[0].kind == "range":
+        pieces = sorted(split, key=lambda s: (s.lower is not None, s.lower))
+        for o in old:
+            mine = [p for p in pieces if p.shard == o.shard and (o.lower is None or (
+                p.lower is not None and p.lower >= o.lower)) and (o.upper is None or (
+                    p.upper is not None and p.upper <= o.upper))]
+            edges = [o.lower] + [x for p in mine for x in (p.lower, p.upper)] + [o.upper]
+            if not mine or any(edges[i] != edges[i + 1] for i in range(0, len(edges), 2)):
+                raise ConfigurationError(*problem)
+        if sum(1 for _ in pieces) != len({p.id for p in pieces}) or \
+                len(pieces) != sum(1 for p in pieces for o in old if p.shard == o.shard and (
+                    o.lower is None or (p.lower is not None and p.lower >= o.lower)) and (
+                    o.upper is None or (p.upper is not None and p.upper <= o.upper))):
+            raise ConfigurationError(*problem)
+        return
+    def placement(slices: Sequence[Slice]) -> tuple[dict[Any, str], str | None, int | None]:
+        values = {v: s.shard for s in slices for v in s.values}
+        default = next((s for s in slices if s.default), None)
+        return values, default.shard if default else None, default.id if default else None
+    old_values, old_default, old_default_id = placement(old)
+    new_values, new_default, new_default_id = placement(split)
+    if (new_default, new_default_id) != (old_default, old_default_id) or any(
+            new_values.get(v) != shard for v, shard in old_values.items()) or any(
+            shard != old_default for v, shard in new_values.items() if v not in old_values):
+        raise ConfigurationError(*problem)
 
 
 def _group_slices(slices: Sequence[Slice], group: str) -> tuple[Slice, ...]:

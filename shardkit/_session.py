@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import Table, and_, event, false, func, inspect, not_, or_, true, util
+from sqlalchemy import BigInteger, Integer, Numeric, Table, Text, and_, cast, event, false, func, inspect, not_, or_, true, util
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -37,6 +37,7 @@ from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
 from ._scatter import merge_rows, plan_scatter
 from ._scope import current_scope
+from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import (
     CrossShardWriteError,
@@ -568,12 +569,14 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
         return statement
     router = cluster.router
     moving = {t: router.table_route(t) for t in route.tables}
-    sliced = {s.group for s in cluster.config.slices}
+    # Only the tables of what moves: hash tables if buckets do, a group's tables if its slices do.
+    foreign_slices = [s for s in cluster.config.slices if s.id in foreign]
+    sliced = {s.group for s in foreign_slices}
+    foreign_buckets = sorted(b for b in foreign if b < SLICE_BASE)
     moving = {t: tr for t, tr in moving.items() if len(tr.key_columns) == 1 and (
-        isinstance(tr.strategy, HashStrategy) or tr.group in sliced)}
+        (isinstance(tr.strategy, HashStrategy) and foreign_buckets) or tr.group in sliced)}
     if not moving:
         return statement
-    foreign_slices = [s for s in cluster.config.slices if s.id in foreign]
     if isinstance(statement, (Update, Delete)):
         candidates = [statement.table]
     elif isinstance(statement, selectable.Select):
@@ -591,17 +594,20 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
         column = sel.c[tr.key_columns[0]]
         if isinstance(tr.strategy, HashStrategy):
             conditions.append(or_(column.is_(None), func.shardkit.bucket(
-                column, cluster.config.bucket_count).not_in(sorted(foreign))))
+                column, cluster.config.bucket_count).not_in(foreign_buckets)))
             continue
         inside = []
         for sl in foreign_slices:
             if sl.group != tr.group:
                 continue
+            # Compared as the guard compares them: strings by their text in code point
+            # order (the router's order), integers as bigint (a bound may not fit the column).
+            bounds_are_str = any(isinstance(x, str) for x in (sl.lower, sl.upper, *sl.values))
+            key = cast(column, Text).collate("C") if bounds_are_str else \
+                cast(column, BigInteger if isinstance(column.type, Integer) else Numeric)
             if sl.values:
-                inside.append(column.in_(list(sl.values)))
+                inside.append(key.in_(list(sl.values)))
             elif not sl.default:  # a default never moves; its values are carved out first
-                # Strings in code point order, as the router compares them.
-                key = column.collate("C") if isinstance(sl.lower or sl.upper, str) else column
                 bounds = ([key >= sl.lower] if sl.lower is not None else []) + \
                     ([key < sl.upper] if sl.upper is not None else [])
                 inside.append(and_(true(), *bounds))

@@ -275,7 +275,13 @@ class Mover:
             if isinstance(plan, SlicePlan):
                 live_slices = self.catalog.current_slices(conn)
                 mine = tuple(s for s in live_slices if s.group == plan.group)
-                taken = {s.id for s in live_slices if s.group != plan.group} & {s.id for s in plan.split}
+                taken = {s.id for s in live_slices if s.group != plan.group}
+                # New slices of other groups' moves not split yet are taken too.
+                for (other_split,) in conn.execute(text(
+                        "SELECT plan->'split' FROM shardkit_catalog.moves WHERE state = 'running' "
+                        "AND plan->>'kind' = 'slices'")):
+                    taken |= {int(d["id"]) for d in other_split}
+                taken &= {s.id for s in plan.split}
                 if taken:
                     raise RebalanceError(f"the plan numbers a new slice {min(taken)}, which another group "
                                          "already uses: plan with every group's slices")
@@ -285,6 +291,7 @@ class Mover:
                 if mine not in (plan.old, plan.split):
                     raise RebalanceError(f"the plan is stale: group {plan.group}'s ranges or values changed "
                                          f"since it was made (live map version {version}); make a new plan")
+                self._check_guarded(plan)
                 other = conn.execute(text(
                     "SELECT min(id) FROM shardkit_catalog.moves WHERE state = 'running' "
                     "AND plan->>'kind' = 'slices' AND plan->>'group' = :g"), {"g": plan.group}).scalar()
@@ -327,6 +334,24 @@ class Mover:
             Catalog.record(conn, move_id, None, "planned", {"map_version": version,
                                                            "buckets": len(plan.moves)})
         return int(move_id)
+
+    def _check_guarded(self, plan: SlicePlan) -> None:
+        """Refuse a slice plan of a group whose tables are not guarded on its sources."""
+        from ._guard import slice_function_name
+
+        tables = [g.table for g in guarded_tables(self.cluster.config) if g.group == plan.group]
+        if not tables:
+            raise RebalanceError(f"group {plan.group} cannot be rebalanced (see `shardkit rebalance init`)")
+        for source in sorted({m.source for m in plan.moves}):
+            with self.cluster.primary(source).connect() as conn:
+                for table in tables:
+                    fn = 'shardkit."' + slice_function_name(table).replace('"', '""') + '"'
+                    if not conn.execute(text("SELECT to_regproc(:f) IS NOT NULL"), {"f": fn}).scalar():
+                        raise RebalanceError(
+                            f"table {table} of group {plan.group} is not guarded on {source} (its key "
+                            "column's type does not compare with the group's bounds in SQL, or "
+                            "`shardkit rebalance init` has not run since the group was added); "
+                            "this group cannot be moved online")
 
     def apply(self, plan: Plan, *, max_buckets: int = 256) -> int:
         move_id = self.start(plan, max_buckets=max_buckets)
@@ -954,6 +979,8 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                 undone.append(b.batch)
                 with catalog.engine.begin() as conn:
                     Catalog.record(conn, move_id, b.batch, "aborted")
+            if group is not None:
+                _restore_group(cluster, catalog, group, move_id)
             kept = [b.batch for b in batches if b.step == "cleaned"]
             with catalog.engine.begin() as conn:
                 conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'aborted', updated_at = now() "
@@ -966,6 +993,27 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
             except Exception:  # noqa: BLE001 - a dead session holds no lock
                 pass
     return {"move": move_id, "undone_batches": undone, "finished_batches": kept}
+
+
+def _restore_group(cluster: Cluster, catalog: Catalog, group: str, move_id: int) -> None:
+    """Give every shard the catalog's slices of ``group`` and their ownership again.
+
+    After an abort (no batch of the move has switched, so the catalog is right):
+    a mover that died inside its split may have left shards with the split's
+    slices, or with a new slice the catalog never heard of.
+    """
+    with catalog.engine.connect() as conn:
+        live = [s for s in catalog.current_slices(conn) if s.group == group]
+        raw = conn.execute(text("SELECT plan->'split' FROM shardkit_catalog.moves WHERE id = :m"),
+                           {"m": move_id}).scalar() or []
+    ids = sorted({s.id for s in live} | {int(d["id"]) for d in raw})
+    for shard in cluster.shard_names:
+        with cluster.primary(shard).begin() as c:
+            write_slices(c, live, groups=[group])
+            c.execute(text("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(CAST(:b AS integer[]))"),
+                      {"b": ids})
+            c.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[]))"),
+                      {"b": [s.id for s in live if s.shard == shard]})
 
 
 def shard_weights(cluster: Cluster, *, by: str = "rows") -> dict[int, float]:
