@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from sqlalchemy import BigInteger, String, create_engine, select
+from sqlalchemy import BigInteger, String, select
 from sqlalchemy.ext.horizontal_shard import ShardedSession as HSSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import operators, visitors

@@ -5,7 +5,7 @@ import uuid
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, func, insert, or_, select, text, update
+from sqlalchemy import delete, insert, or_, select, text, update
 
 from models import Base, Country, Customer, Device, Event, Order, User, groups_config
 from shardkit import (
