@@ -795,13 +795,17 @@ class Mover:
         for t in tables:
             cols = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.columns)
             pkc = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.pk)
+            # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
+            # planner from merging (it would compute it again for GROUP BY).
             q = sql.SQL(
-                "SELECT " + t.bucket_sql + " AS b, count(*), "
+                "SELECT x._shardkit_b, count(*), "
                 "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
-                "FROM {t} AS x WHERE {chunk} AND " + t.bucket_sql + " = ANY(%s::integer[]) "
+                "FROM (SELECT " + t.bucket_sql + " AS _shardkit_b, {plain} FROM {t} WHERE {chunk} OFFSET 0) AS x "
+                "WHERE x._shardkit_b = ANY(%s::integer[]) "
                 "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
                 "GROUP BY 1").format(
                 cols=cols, t=sql.Identifier(t.name), pk=pkc, chunk=sql.SQL("{chunk}"),
+                plain=sql.SQL(", ").join(map(sql.Identifier, t.columns)),
                 pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
 
             def sums(conn: psycopg.Connection, recent: str) -> dict[Any, tuple[int, Any]]:

@@ -431,3 +431,33 @@ def test_cli_plans_a_split_and_explains_mistakes(world):
     assert r.returncode != 0 and "movable groups: orders, stores" in r.stderr
     r = cli("--move-value", "orders:1", "--to", "s2")
     assert r.returncode != 0 and "range group" in r.stderr
+
+
+def test_verification_catches_a_row_that_differs_and_keeps_the_source(world):
+    dev, cluster, cfg_path, Session = world
+    at = 100_200
+    owner = cluster.shard_for("orders", at)
+    target = "s2" if owner != "s2" else "s1"
+    move_id = _kill_mover_after(cluster, cfg_path, "switched", "--split", f"orders:{at}", "--to", target)
+    slice_end = next(s.upper for s in _slices(cluster, "orders") if s.lower == at)
+    key = at + 7
+    assert slice_end is None or key < slice_end
+    tgt = dev.shards[int(target[1])].primary.dsn
+    # A change behind the guard's back (no change record): the copies now differ.
+    with psycopg.connect(tgt, autocommit=True) as c:
+        c.execute("SET shardkit.mover = 'on'")
+        (amount,) = c.execute("SELECT amount FROM orders WHERE order_no = %s", (key,)).fetchone()
+        c.execute("UPDATE orders SET amount = amount + 1 WHERE order_no = %s", (key,))
+    mover = rebalance.Mover(cluster, grace=0, progress=lambda line: None)
+    with pytest.raises(shardkit.RebalanceError, match="verification failed for table orders in 1 buckets"
+                       ".*different contents"):
+        mover.run(move_id)
+    with psycopg.connect(dev.shards[int(owner[1])].primary.dsn) as c:
+        assert c.execute("SELECT amount FROM orders WHERE order_no = %s", (key,)).fetchone() == (amount,)
+    with psycopg.connect(tgt, autocommit=True) as c:
+        c.execute("SET shardkit.mover = 'on'")
+        c.execute("UPDATE orders SET amount = %s WHERE order_no = %s", (amount, key))
+    mover.run(move_id)
+    assert rebalance.move_status(cluster, move_id)[0]["state"] == "done"
+    assert cluster.shard_for("orders", key) == target
+    assert verify(cluster).ok
