@@ -353,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
             rp_.add_argument("--grace", type=float, default=1.0,
                              help="seconds between a switch and deleting the source's rows (default: %(default)s)")
             rp_.add_argument("--duty", type=float, default=1.0,
-                             help="share of time the copy, verification and clean-up work (0-1]; "
-                                  "0.5 rests as long as it works, leaving the cores to other writers "
-                                  "(default: %(default)s, never rest)")
+                             help="share of time the copy and verification work (0-1]; 0.5 rests "
+                                  "as long as it works, leaving the cores to other writers (default: "
+                                  "%(default)s, never rest; the clean-up always rests at least that long)")
             rp_.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     rb.set_defaults(func=cmd_rebalance)
 

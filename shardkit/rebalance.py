@@ -235,6 +235,7 @@ class Mover:
         clean-up) work; after each slice of a table they rest so that this
         holds.  ``1.0`` (the default) never rests; ``0.5`` takes about twice as
         long and leaves the servers' cores to other writers half of the time.
+        The clean-up works at most half of the time whatever the duty.
     """
 
     def __init__(self, cluster: Cluster, *, progress: Callable[[str], None] | None = None,
@@ -871,7 +872,7 @@ class Mover:
                                               " = ANY(%s::integer[])").format(t=sql.Identifier(t.name)),
                                       (buckets,))
                     deleted += cur.rowcount
-                self._rest(t0, _CLEAN_UP_DUTY)
+                self._rest(t0, min(self.duty, _CLEAN_UP_DUTY))
         with src.transaction():
             src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
             src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
