@@ -45,6 +45,14 @@ class Order(_Base):
     customer: Mapped[Customer] = relationship(back_populates="orders")
 
 
+class Invoice(_Base):
+    """Range-sharded by invoice number: the demo splits a range and moves one side."""
+
+    __tablename__ = "demo_invoices"
+    number: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    total_cents: Mapped[int] = mapped_column(Integer)
+
+
 class Country(_Base):
     __tablename__ = "demo_countries"
     code: Mapped[str] = mapped_column(String(2), primary_key=True)
@@ -56,7 +64,12 @@ GROUPS = {
         "customers": {
             "strategy": "hash",
             "tables": {"demo_customers": "id", "demo_orders": "customer_id"},
-        }
+        },
+        "invoices": {
+            "strategy": "range",
+            "tables": {"demo_invoices": "number"},
+            "ranges": [{"to": 5000, "shard": "s0"}, {"from": 5000, "shard": "s1"}],
+        },
     },
     "reference_tables": ["demo_countries"],
     # A read right after a write may wait this long for a replica to replay it
@@ -290,6 +303,36 @@ def _rebalance_step(cluster: Cluster, Session: Any) -> None:
     print(f"  map version {cluster.map_version}; {last} owns "
           f"{sum(1 for o in cluster.config.bucket_map if o == last)} buckets; "
           f"shardkit verify: {'clean' if report.ok else 'PROBLEMS'}")
+    _range_split_step(cluster, Session)
+
+
+def _range_split_step(cluster: Cluster, Session: Any) -> None:
+    from . import rebalance
+    from ._rebalance_plan import plan_split_range
+
+    _h("online rebalancing: split a range of invoice numbers and move one side")
+    with Session() as s:
+        s.add_all(Invoice(number=n, total_cents=n % 997) for n in range(10_000))
+        s.commit()
+    cluster.refresh_map()
+    owner = cluster.shard_for(Invoice, 7500)
+    target = next(name for name in cluster.shard_names if name != owner)
+    plan = plan_split_range(cluster.config.slices, "invoices", 7500, target)
+    for line in plan.render().splitlines():
+        print(f"  {line}")
+    rebalance.Mover(cluster, grace=0.2, progress=lambda line: print(f"  {line}")).apply(plan)
+    on_target = _count(cluster, target, "SELECT count(*) FROM demo_invoices WHERE number >= 7500")
+    left = _count(cluster, owner, "SELECT count(*) FROM demo_invoices WHERE number >= 7500")
+    with Session() as s:
+        total = s.scalar(select(func.count()).select_from(Invoice))
+    print(f"  invoices 7500 and up: {on_target} on {target}, {left} left on {owner}; "
+          f"{cluster.shard_for(Invoice, 7499)} keeps 5000-7499; {total} invoices in all "
+          f"[{'ok' if (on_target, left, total) == (2500, 0, 10_000) else 'MISMATCH'}]")
+
+
+def _count(cluster: Cluster, shard: str, query: str) -> int:
+    with cluster.primary(shard).connect() as conn:
+        return int(conn.execute(text(query)).scalar_one())
 
 
 def _move_key(s: Any, cluster: Cluster) -> None:

@@ -799,8 +799,8 @@ def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, 
                                      "there is nothing below it to move")
         side = below[0]
     moves = () if side.shard == target else (BucketMove(side.id, side.shard, target),)
-    what = f"keys {'<' if lower else '>='} {at!r} of {side.describe()}"
-    return SlicePlan(f"move {what} to {target}" if moves else f"{what} already on {target}",
+    what = f"split group {group} at {at!r}; {side.describe()}"
+    return SlicePlan(f"{what} to {target}" if moves else f"{what} already on {target}",
                      group, _group_slices(slices, group), _group_slices(after, group), moves)
 
 
