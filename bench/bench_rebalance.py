@@ -195,7 +195,7 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
         t = time.perf_counter()
         quiet_id = rebalance.Mover(cluster, grace=0.5, progress=lambda line: None).apply(
             p, max_buckets=args.batch_buckets)
-        quiet.append((time.perf_counter() - t, _copy_seconds(cluster, quiet_id)))
+        quiet.append((time.perf_counter() - t, _copy_seconds(cluster, quiet_id), _to_switch(cluster, quiet_id)))
     cluster.refresh_map()
     # What autovacuum would do between moves: the next move starts without dead rows.
     for node in (s0, s1):
@@ -224,13 +224,18 @@ def run(dev: DevCluster, args: argparse.Namespace) -> int:
     print("|---|---:|---:|")
     print(f"| raw COPY pipe, {n_moving:,} rows (median of 3) | {n_moving / raw_s:,.0f} rows/s ({raw_s:.2f} s; "
           f"runs {', '.join(f'{x:.2f}' for x in raw_times)}) | 1.00 |")
-    for label, (q_move, q_copy) in zip(("s0 -> s1", "back to s0"), quiet):
+    for label, (q_move, q_copy, q_switch) in zip(("s0 -> s1", "back to s0"), quiet):
         print(f"| quiet move {label}, copy step only | {n_moving / q_copy:,.0f} rows/s ({q_copy:.2f} s) | "
               f"{raw_s / q_copy:.2f} |")
+        print(f"| quiet move {label}, start to switch (capture, copy, catch-up, cut-over) | "
+              f"{n_moving / q_switch:,.0f} rows/s ({q_switch:.2f} s) | {raw_s / q_switch:.2f} |")
         print(f"| quiet move {label}, end to end | {n_moving / q_move:,.0f} rows/s ({q_move:.2f} s) | "
               f"{raw_s / q_move:.2f} |")
     print(f"| move under writers, copy step only | {n_moving / copy_s:,.0f} rows/s ({copy_s:.2f} s) | "
           f"{raw_s / copy_s:.2f} |")
+    w_switch = _to_switch(cluster, move_id)
+    print(f"| move under writers, start to switch | {n_moving / w_switch:,.0f} rows/s ({w_switch:.2f} s) | "
+          f"{raw_s / w_switch:.2f} |")
     print(f"| move under writers, end to end (copy, catch-up, switch, verify, clean-up) | "
           f"{n_moving / move_s:,.0f} rows/s ({move_s:.2f} s) | {raw_s / move_s:.2f} |")
     print(f"| longest cut-over pause (mover's measure) | {_longest_pause(cluster, move_id) * 1000:.0f} ms | |")
@@ -295,6 +300,17 @@ def _step_windows(cluster: Any, move_id: int) -> list[tuple[str, float, float]]:
              "switched": "grace, then verification", "verified": "clean-up"}
     return [(doing.get(a[0], a[0]), float(a[1]), float(b[1])) for a, b in zip(rows, rows[1:])
             if a[0] in doing]
+
+
+def _to_switch(cluster: Any, move_id: int) -> float:
+    """Seconds from the move's start to its (last) switch: when the new owner serves the rows."""
+    from sqlalchemy import text
+
+    with cluster.catalog.engine.connect() as c:
+        return float(c.execute(text(
+            "SELECT extract(epoch FROM max(at) FILTER (WHERE step = 'switched') - "
+            "min(at) FILTER (WHERE step = 'planned')) FROM shardkit_catalog.journal "
+            "WHERE move_id = :m"), {"m": move_id}).scalar())
 
 
 def _copy_seconds(cluster: Any, move_id: int) -> float:
