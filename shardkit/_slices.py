@@ -165,6 +165,33 @@ def by_group(slices: Iterable[Slice]) -> dict[str, list[Slice]]:
     return out
 
 
+def _group(slices: Sequence[Slice], group: str, kind: str, key: Any) -> list[Slice]:
+    """The slices of ``group``, which must be a ``kind`` group whose keys are like ``key``."""
+    mine = [s for s in slices if s.group == group]
+    if not mine:
+        raise ConfigurationError("group", f"{group!r} has no movable slices",
+                                 f"name a {kind} group of the config (see `shardkit rebalance plan --help`)")
+    if mine[0].kind != kind:
+        raise ConfigurationError("group", f"{group!r} is a {mine[0].kind} group",
+                                 "split range groups; move list values")
+    _check_key(key, mine, group)
+    return mine
+
+
+def _inserted(slices: Sequence[Slice], new: Slice, next_to: Slice, changed: Slice | None = None,
+              before: bool = False) -> tuple[Slice, ...]:
+    """``slices`` with ``new`` placed after (or ``before``) ``next_to``, itself replaced by
+    ``changed`` if given."""
+    out: list[Slice] = []
+    for x in slices:
+        if x.id != next_to.id:
+            out.append(x)
+            continue
+        mine = [changed or x, new]
+        out.extend(reversed(mine) if before else mine)
+    return tuple(out)
+
+
 def split_range(slices: Sequence[Slice], group: str, at: Any) -> tuple[tuple[Slice, ...], Slice]:
     """Split the slice of range group ``group`` holding ``at`` into ``[lower, at)`` and
     ``[at, upper)``; the upper part is a new slice on the same shard.
@@ -173,24 +200,13 @@ def split_range(slices: Sequence[Slice], group: str, at: Any) -> tuple[tuple[Sli
     strictly inside a slice (a slice already starting at ``at`` is returned
     as is, with the slices unchanged).
     """
-    mine = [s for s in slices if s.group == group]
-    if not mine:
-        raise ConfigurationError("group", f"{group!r} has no movable slices",
-                                 "name a range group of the config (see `shardkit rebalance plan --help`)")
-    if mine[0].kind != "range":
-        raise ConfigurationError("group", f"{group!r} is a list group", "split range groups; move list values")
-    _check_key(at, mine, group)
+    mine = _group(slices, group, "range", at)
     for s in mine:
         if s.lower == at:
             return tuple(slices), s
         if s.contains(at):
             new = Slice(max(x.id for x in slices) + 1, group, s.shard, lower=at, upper=s.upper)
-            out = []
-            for x in slices:
-                out.append(replace(x, upper=at) if x.id == s.id else x)
-                if x.id == s.id:
-                    out.append(new)
-            return tuple(out), new
+            return _inserted(slices, new, s, replace(s, upper=at)), new
     raise ConfigurationError("at", f"no range of group {group!r} holds {at!r}",
                              "split inside one of its ranges: " + ", ".join(s.describe() for s in mine))
 
@@ -201,13 +217,7 @@ def carve_value(slices: Sequence[Slice], group: str, value: Any) -> tuple[tuple[
 
     Returns (all slices after the change, the value's slice).
     """
-    mine = [s for s in slices if s.group == group]
-    if not mine:
-        raise ConfigurationError("group", f"{group!r} has no movable slices",
-                                 "name a list group of the config")
-    if mine[0].kind != "list":
-        raise ConfigurationError("group", f"{group!r} is a range group", "move list values; split ranges")
-    _check_key(value, mine, group)
+    mine = _group(slices, group, "list", value)
     new_id = max(x.id for x in slices) + 1
     for s in mine:
         if value in s.values:
@@ -215,23 +225,13 @@ def carve_value(slices: Sequence[Slice], group: str, value: Any) -> tuple[tuple[
                 return tuple(slices), s
             new = Slice(new_id, group, s.shard, values=(value,))
             rest = tuple(v for v in s.values if v != value)
-            out = []
-            for x in slices:
-                out.append(replace(x, values=rest) if x.id == s.id else x)
-                if x.id == s.id:
-                    out.append(new)
-            return tuple(out), new
+            return _inserted(slices, new, s, replace(s, values=rest)), new
     default = next((s for s in mine if s.default), None)
     if default is None:
         raise ConfigurationError("value", f"{value!r} is not a value of list group {group!r}, which has no default",
                                  "add the value to the config's list, or give the group a default")
     new = Slice(new_id, group, default.shard, values=(value,))
-    out = []
-    for x in slices:
-        if x.id == default.id:
-            out.append(new)
-        out.append(x)
-    return tuple(out), new
+    return _inserted(slices, new, default, before=True), new
 
 
 def _check_key(key: Any, mine: Sequence[Slice], group: str) -> None:
