@@ -49,7 +49,9 @@ from typing import Any, Final, NamedTuple
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from ._slices import movable_kind
 from ._sql import install as install_sql
+from ._strategies import HashStrategy
 from .errors import ConfigurationError
 
 log = logging.getLogger("shardkit.guard")
@@ -220,13 +222,12 @@ class Guarded(NamedTuple):
     key: str
     group: str
     kind: str  # "hash", "range" or "list"
+    value_kind: str = ""  # range and list groups: "int" or "str", their bounds' type
 
 
 def guarded_tables(config: Any) -> list[Guarded]:
     """Every hash-sharded table (composite keys are refused), and every table of a range
     or list group whose slices can move (see :func:`shardkit._slices.movable_kind`)."""
-    from ._slices import movable_kind
-    from ._strategies import HashStrategy
 
     out = []
     for g in config.groups:
@@ -238,9 +239,11 @@ def guarded_tables(config: Any) -> list[Guarded]:
                         "composite hash keys cannot be guarded or moved yet",
                         "use a single-column key for hash groups that are rebalanced")
                 out.append(Guarded(table, cols[0], g.name, "hash"))
-        elif movable_kind(g)[0] is not None:
-            for table, cols in g.tables.items():
-                out.append(Guarded(table, cols[0], g.name, g.strategy.kind))
+        else:
+            value_kind = movable_kind(g)[0]
+            if value_kind is not None:
+                out.extend(Guarded(table, cols[0], g.name, g.strategy.kind, value_kind)
+                           for table, cols in g.tables.items())
     return out
 
 
@@ -267,9 +270,10 @@ def unit_expression(g: Guarded, type_name: str, bucket_count: int, row: str = ""
     return f"shardkit.{_ident(slice_function_name(g.table))}({ref})"
 
 
-def _slice_function_sql(g: Guarded, type_name: str, value_kind: str) -> str:
+def _slice_function_sql(g: Guarded, type_name: str) -> str:
     """``shardkit.slice__<table>(key)``: the key's slice number on this shard's copy of the
     slices; NULL for a NULL key, -1 for a key no slice holds (refused as not owned)."""
+    value_kind = g.value_kind
     if not slice_comparable(value_kind, type_name):
         raise ConfigurationError(
             f"groups.{g.group}.tables.{g.table}",
@@ -332,29 +336,26 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int],
 
     Idempotent; runs in the connection's transaction, which the caller commits.
     """
-    from ._slices import movable_kind
-
     install_sql(conn)
     for statement in _TABLES_SQL:
         conn.exec_driver_sql(statement)
     write_slices(conn, slices)
-    kinds = {g.name: movable_kind(g)[0] for g in config.groups}
     for g in guarded_tables(config):
         _, pk, types = table_shape(conn, g.table)
         if not pk:
             raise ConfigurationError(f"table {g.table}", "has no primary key",
                                      "rows can only be moved and verified by primary key; add one")
         if g.kind != "hash":
-            if not slice_comparable(kinds[g.group] or "", types[g.key]):
+            if not slice_comparable(g.value_kind, types[g.key]):
                 # The group cannot move (the mover refuses it); hash groups still can.
                 log.warning("table %s: key column %s is %s and group %s's bounds are %ss; its rows "
                             "are not guarded and the group cannot be rebalanced", g.table, g.key,
-                            types[g.key], g.group, kinds[g.group])
+                            types[g.key], g.group, g.value_kind)
                 for statement in (f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}",
                                   f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}"):
                     conn.exec_driver_sql(statement)
                 continue
-            conn.exec_driver_sql(_slice_function_sql(g, types[g.key], kinds[g.group] or ""))
+            conn.exec_driver_sql(_slice_function_sql(g, types[g.key]))
         for statement in _trigger_sql(g, types[g.key], pk, config.bucket_count):
             # The driver reads % as a placeholder even without parameters.
             conn.exec_driver_sql(statement.replace("%", "%%"))

@@ -16,7 +16,23 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, Numeric, Table, Text, and_, cast, event, false, func, inspect, not_, or_, true, util
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    Numeric,
+    Table,
+    Text,
+    and_,
+    cast,
+    event,
+    false,
+    func,
+    inspect,
+    not_,
+    or_,
+    true,
+    util,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert

@@ -234,9 +234,13 @@ def carve_value(slices: Sequence[Slice], group: str, value: Any) -> tuple[tuple[
     return _inserted(slices, new, default, before=True), new
 
 
+def key_kind(mine: Sequence[Slice]) -> str | None:
+    """``"int"`` or ``"str"``: the type of one group's bounds or values."""
+    return _scalar_kind(x for s in mine for x in (s.lower, s.upper, *s.values))
+
+
 def _check_key(key: Any, mine: Sequence[Slice], group: str) -> None:
-    bounds = [x for s in mine for x in (s.lower, s.upper, *s.values)]
-    kind = _scalar_kind(bounds)
+    kind = key_kind(mine)
     if _scalar_kind([key]) != kind or key is None:
         raise ConfigurationError("key", f"{key!r} ({type(key).__name__}) is not a key of group {group!r}, "
                                  f"whose keys are {kind or 'of another type'}s",

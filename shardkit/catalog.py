@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Connection, Engine
@@ -82,6 +82,15 @@ _SCHEMA_SQL: Final = (
 )
 
 
+class LiveMap(NamedTuple):
+    """The live version of the map."""
+
+    version: int
+    bucket_map: tuple[str, ...]
+    #: the slices of range and list groups (empty: route them by the config file)
+    slices: tuple[Slice, ...]
+
+
 @dataclass(frozen=True)
 class CatalogState:
     """What routers follow: the map, and what moves in flight mean for reads."""
@@ -134,25 +143,21 @@ class Catalog:
                 self._initialised = check(c)
         return self._initialised
 
-    def current_map(self, conn: Connection | None = None) -> tuple[int, tuple[str, ...]] | None:
-        """(version, bucket map) of the live map, or None if there is none yet."""
-        def read(c: Connection) -> tuple[int, tuple[str, ...]] | None:
+    def current_map(self, conn: Connection | None = None) -> LiveMap | None:
+        """The live map (version, bucket map, slices), or None if there is none yet."""
+        def read(c: Connection) -> LiveMap | None:
             if not self.initialised(c):
                 return None
             row = c.execute(text(
-                "SELECT version, bucket_map FROM shardkit_catalog.maps "
+                "SELECT version, bucket_map, slices FROM shardkit_catalog.maps "
                 "ORDER BY version DESC LIMIT 1")).first()
-            return None if row is None else (int(row[0]), tuple(row[1]))
+            if row is None:
+                return None
+            return LiveMap(int(row[0]), tuple(row[1]), () if row[2] is None else slices_from_json(row[2]))
         if conn is not None:
             return read(conn)
         with self.engine.connect() as c:
             return read(c)
-
-    def current_slices(self, conn: Connection) -> tuple[Slice, ...]:
-        """The slices of the live map version (empty if it has none)."""
-        raw = conn.execute(text(
-            "SELECT slices FROM shardkit_catalog.maps ORDER BY version DESC LIMIT 1")).scalar()
-        return () if raw is None else slices_from_json(raw)
 
     def current_state(self, conn: Connection | None = None) -> CatalogState | None:
         """The live map and the moves in flight, at one snapshot; None without a map."""
@@ -171,7 +176,7 @@ class Catalog:
                 "SELECT target, max(target_lsn)::text FROM shardkit_catalog.move_batches "
                 "WHERE target_lsn IS NOT NULL GROUP BY target"))}
             seq = c.execute(text("SELECT coalesce(max(id), 0) FROM shardkit_catalog.journal")).scalar_one()
-            return CatalogState(current[0], current[1], self.current_slices(c),
+            return CatalogState(current.version, current.bucket_map, current.slices,
                                 {k: frozenset(v) for k, v in foreign.items()}, moved_lsn, int(seq))
         if conn is not None:
             return read(conn)
@@ -193,12 +198,13 @@ class Catalog:
         notified when the transaction commits.
         """
         conn.exec_driver_sql("LOCK TABLE shardkit_catalog.maps IN EXCLUSIVE MODE")
-        current = conn.execute(text("SELECT max(version) FROM shardkit_catalog.maps")).scalar()
+        live = self.current_map(conn)
+        current = live.version if live else None
         if expect_version is not None and current != expect_version:
             raise RuntimeError(f"the catalog's map is at version {current}, expected {expect_version}")
         version = (current or 0) + 1
         if slices is None:
-            slices = self.current_slices(conn) if current is not None else ()
+            slices = live.slices if live else ()
         conn.execute(text(
             "INSERT INTO shardkit_catalog.maps (version, bucket_map, slices, reason) "
             "VALUES (:v, :m, CAST(:s AS jsonb), :r)"),

@@ -181,9 +181,7 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     current = catalog.current_map()
     if current is None:
         raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
-    live = current[1]
-    with catalog.engine.connect() as conn:
-        slices = catalog.current_slices(conn)
+    live, slices = current.bucket_map, current.slices
     if getattr(args, "plan", None):
         raw = json.loads(Path(args.plan).read_text(encoding="utf-8"))
         plan = rp.plan_from_dict(raw)
@@ -193,7 +191,7 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
             fresh = plan.old_map == live
         if not fresh:
             raise RebalanceError(f"{args.plan} was planned against another map than the live one "
-                                 f"(version {current[0]}); make a new plan")
+                                 f"(version {current.version}); make a new plan")
         return plan
     chosen = [bool(args.add), bool(args.drain), bool(args.even), bool(args.split), bool(args.move_value)]
     if sum(chosen) != 1:
@@ -218,6 +216,8 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
 
 def _group_key(spec: str, slices: Any, option: str) -> tuple[str, Any]:
     """``GROUP:KEY`` -> (group, key typed like the group's bounds or values)."""
+    from ._slices import key_kind
+
     group, sep, raw = spec.partition(":")
     if not sep or not group:
         raise SystemExit(f"error: {option} takes GROUP:KEY, e.g. {option} events:2000")
@@ -227,8 +227,7 @@ def _group_key(spec: str, slices: Any, option: str) -> tuple[str, Any]:
         raise SystemExit(f"error: {option}: the catalog has no range or list group {group!r} that can move "
                          f"(movable groups: {', '.join(known) or 'none'}); after adding one to the config, "
                          "run `shardkit rebalance init`")
-    ints = any(isinstance(x, int) for s in mine for x in (s.lower, s.upper, *s.values))
-    if ints:
+    if key_kind(mine) == "int":
         try:
             return group, int(raw)
         except ValueError:

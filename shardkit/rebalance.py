@@ -69,6 +69,7 @@ from ._guard import (
     guard_installed,
     guarded_tables,
     install_guard,
+    slice_function_name,
     table_shape,
     unit_expression,
     write_slices,
@@ -157,11 +158,11 @@ def init(cluster: Cluster) -> int:
         else:
             # Range and list groups the catalog does not know yet (added to the config
             # since, or a catalog made before slices existed) start as configured.
-            have = catalog.current_slices(conn)
+            have = current.slices
             full = add_missing_groups(have, cluster.file_config.groups)
             if full != have:
-                catalog.publish_map(conn, current[1], "slices of range and list groups from the config file",
-                                    slices=full)
+                catalog.publish_map(conn, current.bucket_map,
+                                    "slices of range and list groups from the config file", slices=full)
     version = cluster.refresh_map()
     bucket_map = cluster.config.bucket_map
     slices = cluster.config.slices
@@ -274,9 +275,8 @@ class Mover:
             current = self.catalog.current_map(conn)
             if current is None:
                 raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
-            version, live = current
+            version, live, live_slices = current
             if isinstance(plan, SlicePlan):
-                live_slices = self.catalog.current_slices(conn)
                 mine = tuple(s for s in live_slices if s.group == plan.group)
                 taken = {s.id for s in live_slices if s.group != plan.group}
                 # New slices of other groups' moves not split yet are taken too.
@@ -340,8 +340,6 @@ class Mover:
 
     def _check_guarded(self, plan: SlicePlan) -> None:
         """Refuse a slice plan of a group whose tables are not guarded on its sources."""
-        from ._guard import slice_function_name
-
         tables = [g.table for g in guarded_tables(self.cluster.config) if g.group == plan.group]
         if not tables:
             raise RebalanceError(f"group {plan.group} cannot be rebalanced (see `shardkit rebalance init`)")
@@ -569,8 +567,8 @@ class Mover:
         slice's, not the new one's that capture will wait for).  Other shards
         own neither part; their copy only has to be right before a move to them.
         """
-        with self.catalog.engine.connect() as conn:
-            live = self.catalog.current_slices(conn)
+        current = self.catalog.current_map()
+        live = current.slices if current else ()
         # Done once the catalog has the split's slices (a resumed move may have moved them since).
         if {s.id for s in plan.split} <= {s.id for s in live if s.group == plan.group}:
             return
@@ -593,8 +591,8 @@ class Mover:
             conn.exec_driver_sql("LOCK TABLE shardkit_catalog.maps IN EXCLUSIVE MODE")
             current = self.catalog.current_map(conn)
             assert current is not None
-            others = tuple(s for s in self.catalog.current_slices(conn) if s.group != plan.group)
-            version = self.catalog.publish_map(conn, current[1], f"move {move_id}: split {plan.group}",
+            others = tuple(s for s in current.slices if s.group != plan.group)
+            version = self.catalog.publish_map(conn, current.bucket_map, f"move {move_id}: split {plan.group}",
                                                slices=others + plan.split)
             Catalog.record(conn, move_id, None, "split", {"map_version": version,
                                                          "slices": [s.describe() for s in new]})
@@ -774,16 +772,16 @@ class Mover:
             current = self.catalog.current_map(conn)
             assert current is not None
             if group is None:
-                new_map = list(current[1])
+                new_map = list(current.bucket_map)
                 for b in buckets:
                     new_map[b] = target
                 version = self.catalog.publish_map(
                     conn, new_map, f"move {move_id}: {len(buckets)} buckets to {target}")
             else:
-                slices = reassign(self.catalog.current_slices(conn), {b: target for b in buckets})
+                slices = reassign(current.slices, {b: target for b in buckets})
                 version = self.catalog.publish_map(
-                    conn, current[1], f"move {move_id}: {len(buckets)} slice(s) of {group} to {target}",
-                    slices=slices)
+                    conn, current.bucket_map,
+                    f"move {move_id}: {len(buckets)} slice(s) of {group} to {target}", slices=slices)
             conn.execute(text("UPDATE shardkit_catalog.move_batches SET map_version = :v, "
                               "target_lsn = CAST(:l AS pg_lsn) WHERE move_id = :m AND batch = :b"),
                          {"v": version, "l": target_lsn, "m": move_id, "b": batch})
@@ -801,23 +799,22 @@ class Mover:
             pkc = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.pk)
             # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
             # planner from merging (it would compute it again for GROUP BY).
-            q = sql.SQL(
-                "SELECT x._shardkit_b, count(*), "
-                "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
-                "FROM (SELECT " + t.bucket_sql + " AS _shardkit_b, {plain} FROM {t} WHERE {chunk} OFFSET 0) AS x "
-                "WHERE x._shardkit_b = ANY(%s::integer[]) "
-                "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
-                "GROUP BY 1").format(
-                cols=cols, t=sql.Identifier(t.name), pk=pkc, chunk=sql.SQL("{chunk}"),
-                plain=sql.SQL(", ").join(map(sql.Identifier, t.columns)),
-                pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
+            q = ("SELECT x._shardkit_b, count(*), "
+                 "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
+                 "FROM (SELECT " + t.bucket_sql + " AS _shardkit_b, {plain} FROM {t} WHERE {chunk} OFFSET 0) AS x "
+                 "WHERE x._shardkit_b = ANY(%s::integer[]) "
+                 "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
+                 "GROUP BY 1")
+            parts = dict(cols=cols, t=sql.Identifier(t.name), pk=pkc,
+                         plain=sql.SQL(", ").join(map(sql.Identifier, t.columns)),
+                         pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
 
             def sums(conn: psycopg.Connection, recent: str) -> dict[Any, tuple[int, Any]]:
                 """Per bucket (count, checksum), slice by slice of the table, in conn's transaction."""
                 out: dict[Any, tuple[int, Any]] = {}
                 for chunk in _page_chunks(conn, t.name, self._chunk_pages):
                     t0 = time.monotonic()
-                    query = sql.SQL(q.as_string(conn).replace("{chunk}", chunk))
+                    query = sql.SQL(q).format(chunk=sql.SQL(chunk), **parts)
                     for b, n, h in conn.execute(query, (buckets, recent)):
                         n0, h0 = out.get(b, (0, 0))
                         out[b] = (n0 + n, h0 + h)
@@ -1014,7 +1011,8 @@ def _restore_group(cluster: Cluster, catalog: Catalog, group: str, move_id: int)
     slices, or with a new slice the catalog never heard of.
     """
     with catalog.engine.connect() as conn:
-        live = [s for s in catalog.current_slices(conn) if s.group == group]
+        current = catalog.current_map(conn)
+        live = [s for s in (current.slices if current else ()) if s.group == group]
         raw = conn.execute(text("SELECT plan->'split' FROM shardkit_catalog.moves WHERE id = :m"),
                            {"m": move_id}).scalar() or []
     ids = sorted({s.id for s in live} | {int(d["id"]) for d in raw})
