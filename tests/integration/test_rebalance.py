@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +18,7 @@ import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_add_shards, plan_drain, plan_from_maps
 from shardkit.verify import verify
+from movers import WriterThreads, journal_steps, kill_mover_after, latest_move, resume, rows_by_key
 
 pytestmark = pytest.mark.integration
 
@@ -87,101 +86,66 @@ def test_config_path_carries_catalog(world):
     assert "shardkit_catalog" in cfg_path.read_text()
 
 
-class Writers:
+class Writers(WriterThreads):
     """Threads that insert, update and delete rows (moving buckets and others) and keep a
     ledger of what each acknowledged commit left behind."""
 
-    generation = 0  # entry ids never repeat across Writers in one test session
-
     def __init__(self, Session, n: int = 4) -> None:
-        Writers.generation += 1
-        self.base = 100_000_000 * Writers.generation
-        self.Session = Session
-        self.n = n
-        self.stop = threading.Event()
+        super().__init__(Session, n)
         self.entries: dict[int, int | None] = {}     # entry id -> amount, None if deleted
         self.balances: dict[int, int] = {}           # account id -> balance
-        self.lock = threading.Lock()
-        self.errors: list[BaseException] = []
-        self.ops = 0
         self.longest_wait = 0.0
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def __enter__(self) -> Writers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
     def _run(self, me: int) -> None:
         rnd = random.Random(me)
         mine = [a for a in range(N_ACCOUNTS) if a % self.n == me]
         next_entry = self.base + 1_000_000 * (me + 1)
         inserted: list[tuple[int, int]] = []
-        try:
-            while not self.stop.is_set():
-                account = rnd.choice(mine)
-                op = rnd.random()
-                t0 = time.monotonic()
-                if op < 0.45:
-                    eid, next_entry = next_entry, next_entry + 1
-                    amount = rnd.randrange(1000)
+        while not self.stop.is_set():
+            account = rnd.choice(mine)
+            op = rnd.random()
+            t0 = time.monotonic()
+            if op < 0.45:
+                eid, next_entry = next_entry, next_entry + 1
+                amount = rnd.randrange(1000)
 
-                    def fn(s, eid=eid, account=account, amount=amount):
-                        s.add(Entry(id=eid, account_id=account, amount=amount, note="w"))
-                    shardkit.run_transaction(self.Session, fn)
-                    inserted.append((eid, account))
-                    record = ("entry", eid, amount)
-                elif op < 0.8:
-                    value = rnd.randrange(1_000_000)
+                def fn(s, eid=eid, account=account, amount=amount):
+                    s.add(Entry(id=eid, account_id=account, amount=amount, note="w"))
+                shardkit.run_transaction(self.Session, fn)
+                inserted.append((eid, account))
+                record = ("entry", eid, amount)
+            elif op < 0.8:
+                value = rnd.randrange(1_000_000)
 
-                    def fn(s, account=account, value=value):
-                        s.execute(Account.__table__.update().where(Account.id == account)
-                                  .values(balance=value))
-                    shardkit.run_transaction(self.Session, fn)
-                    record = ("balance", account, value)
-                elif inserted:
-                    eid, acc = inserted.pop(rnd.randrange(len(inserted)))
+                def fn(s, account=account, value=value):
+                    s.execute(Account.__table__.update().where(Account.id == account)
+                              .values(balance=value))
+                shardkit.run_transaction(self.Session, fn)
+                record = ("balance", account, value)
+            elif inserted:
+                eid, acc = inserted.pop(rnd.randrange(len(inserted)))
 
-                    def fn(s, eid=eid, acc=acc):
-                        s.execute(Entry.__table__.delete()
-                                  .where(Entry.account_id == acc).where(Entry.id == eid))
-                    shardkit.run_transaction(self.Session, fn)
-                    record = ("entry", eid, None)
+                def fn(s, eid=eid, acc=acc):
+                    s.execute(Entry.__table__.delete()
+                              .where(Entry.account_id == acc).where(Entry.id == eid))
+                shardkit.run_transaction(self.Session, fn)
+                record = ("entry", eid, None)
+            else:
+                continue
+            wait = time.monotonic() - t0
+            with self.lock:
+                self.ops += 1
+                self.longest_wait = max(self.longest_wait, wait)
+                if record[0] == "entry":
+                    self.entries[record[1]] = record[2]
                 else:
-                    continue
-                wait = time.monotonic() - t0
-                with self.lock:
-                    self.ops += 1
-                    self.longest_wait = max(self.longest_wait, wait)
-                    if record[0] == "entry":
-                        self.entries[record[1]] = record[2]
-                    else:
-                        self.balances[record[1]] = record[2]
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(e)
-
-
-def _all_rows(dev, nshards: int = 3) -> tuple[dict, dict]:
-    """Every row on every shard, read directly: {pk: [(shard, value), ...]}."""
-    accounts: dict[int, list] = {}
-    entries: dict[int, list] = {}
-    for shard in dev.shards[:nshards]:
-        with psycopg.connect(shard.primary.dsn) as c:
-            for i, bal in c.execute("SELECT id, balance FROM accounts"):
-                accounts.setdefault(i, []).append((shard.name, bal))
-            for i, amount in c.execute("SELECT id, amount FROM entries"):
-                entries.setdefault(i, []).append((shard.name, amount))
-    return accounts, entries
+                    self.balances[record[1]] = record[2]
 
 
 def _check_ledger(dev, cluster, writers: Writers) -> None:
     cluster.refresh_map()
-    accounts, entries = _all_rows(dev)
+    accounts = rows_by_key(dev.shards, "SELECT id, balance FROM accounts")
+    entries = rows_by_key(dev.shards, "SELECT id, amount FROM entries")
     assert len(accounts) == N_ACCOUNTS
     for aid, places in accounts.items():
         assert len(places) == 1, f"account {aid} is on {places}"
@@ -294,46 +258,15 @@ def test_two_movers_cannot_take_the_same_buckets(world):
     assert verify(cluster).ok
 
 
-def _journal_steps(cluster, move_id: int) -> list[str]:
-    with cluster.catalog.engine.connect() as c:
-        return [r[0] for r in c.execute(text(
-            "SELECT step FROM shardkit_catalog.journal WHERE move_id = :m ORDER BY id"), {"m": move_id})]
-
-
-def _latest_move(cluster) -> int | None:
-    with cluster.catalog.engine.connect() as c:
-        return c.execute(text("SELECT max(id) FROM shardkit_catalog.moves")).scalar()
-
-
 @pytest.mark.parametrize("kill_after", ["capturing", "copied", "switched", "verified", "cleaned"])
 def test_mover_killed_at_each_step_then_resumed(world, kill_after):
     dev, cluster, cfg_path, Session = world
     cluster.refresh_map()
     owns_s2 = "s2" in cluster.config.bucket_map
-    before = _latest_move(cluster)
-    cmd = [sys.executable, "-m", "shardkit.cli", "rebalance", "apply", "--config", str(cfg_path),
-           "--drain" if owns_s2 else "--add", "s2", "--batch-buckets", "256", "--grace", "0.2",
-           "--step-delay", "1.5"]
     with Writers(Session, n=2) as writers:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        move_id = None
-        while time.monotonic() < deadline:
-            move_id = _latest_move(cluster)
-            if move_id != before and kill_after in _journal_steps(cluster, move_id):
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"the mover never reached {kill_after}")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        status = rebalance.move_status(cluster, move_id)[0]
-        assert status["state"] == "running"
-        r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "resume", str(move_id),
-                            "--config", str(cfg_path), "--grace", "0.2"],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
+        move_id = kill_mover_after(cluster, cfg_path, kill_after, "--drain" if owns_s2 else "--add", "s2",
+                                   "--batch-buckets", "256")
+        resume(cfg_path, move_id)
         time.sleep(0.5)
     assert not writers.errors, writers.errors[:3]
     status = rebalance.move_status(cluster, move_id)[0]
@@ -393,8 +326,8 @@ def test_cross_shard_reads_during_a_move_see_each_row_once(world):
     checks = 0
     verified_in_flight = False
     while not done.is_set():
-        move_id = _latest_move(cluster)
-        steps = set(_journal_steps(cluster, move_id)) if move_id else set()
+        move_id = latest_move(cluster)
+        steps = set(journal_steps(cluster, move_id)) if move_id else set()
         with Session() as s:
             ids = s.scalars(select(Account.id).order_by(Account.id)).all()
             n_entries = s.scalar(select(func.count()).select_from(Entry))
@@ -412,7 +345,7 @@ def test_cross_shard_reads_during_a_move_see_each_row_once(world):
             seen_steps |= steps
             if "copied" in steps and "switched" not in steps and not verified_in_flight:
                 report = verify(cluster)
-                if "switched" not in _journal_steps(cluster, move_id):  # else the map moved under it
+                if "switched" not in journal_steps(cluster, move_id):  # else the map moved under it
                     assert report.ok, report.render()
                     assert sum(t.in_flight for t in report.tables) > 0
                     verified_in_flight = True

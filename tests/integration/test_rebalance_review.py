@@ -475,20 +475,25 @@ def test_abort_after_a_crash_between_source_commit_and_publish_restores_writes(w
         cluster.dispose()
 
 
-def test_abort_after_a_crash_between_target_and_source_commit_restores_ownership(world):
-    cluster = world.cluster()
-    b1 = _buckets_of(cluster, "s0")[0]
-    a1 = _key(b1)
-    world.sql("s0", "INSERT INTO accounts VALUES (%s, 5)", (a1,))
-    # The source's commit of the cut-over fails (as if the mover were killed right before it).
+def _crash_between_target_and_source_commit(world, cluster, bucket: int) -> None:
+    """Move ``bucket`` from s0 to s2 with a mover whose cut-over fails at the source's commit
+    (as if it were killed right before it), after the target's."""
     world.sql("s0", """
         CREATE FUNCTION public.fail_once() RETURNS trigger LANGUAGE plpgsql AS
         $$BEGIN RAISE EXCEPTION 'simulated crash before the source commit'; END$$;
         CREATE TRIGGER fail_once BEFORE DELETE ON shardkit.owned_buckets
         FOR EACH ROW EXECUTE FUNCTION public.fail_once();""")
     with pytest.raises(RebalanceError):
-        HookedMover(cluster).apply(_one_bucket_plan(cluster, b1, "s2"))
+        HookedMover(cluster).apply(_one_bucket_plan(cluster, bucket, "s2"))
     world.sql("s0", "DROP TRIGGER fail_once ON shardkit.owned_buckets; DROP FUNCTION public.fail_once()")
+
+
+def test_abort_after_a_crash_between_target_and_source_commit_restores_ownership(world):
+    cluster = world.cluster()
+    b1 = _buckets_of(cluster, "s0")[0]
+    a1 = _key(b1)
+    world.sql("s0", "INSERT INTO accounts VALUES (%s, 5)", (a1,))
+    _crash_between_target_and_source_commit(world, cluster, b1)
     move_id = max(m["move"] for m in rebalance.move_status(cluster))
     rebalance.abort(cluster, move_id)
     try:
@@ -517,14 +522,7 @@ def test_resume_after_a_crash_between_target_and_source_commit_carries_later_wri
     b1 = _buckets_of(cluster, "s0")[0]
     a1 = _key(b1)
     world.sql("s0", "INSERT INTO accounts VALUES (%s, 5)", (a1,))
-    world.sql("s0", """
-        CREATE FUNCTION public.fail_once() RETURNS trigger LANGUAGE plpgsql AS
-        $$BEGIN RAISE EXCEPTION 'simulated crash before the source commit'; END$$;
-        CREATE TRIGGER fail_once BEFORE DELETE ON shardkit.owned_buckets
-        FOR EACH ROW EXECUTE FUNCTION public.fail_once();""")
-    with pytest.raises(RebalanceError):
-        HookedMover(cluster).apply(_one_bucket_plan(cluster, b1, "s2"))
-    world.sql("s0", "DROP TRIGGER fail_once ON shardkit.owned_buckets; DROP FUNCTION public.fail_once()")
+    _crash_between_target_and_source_commit(world, cluster, b1)
     world.sql("s0", "UPDATE accounts SET balance = 6 WHERE id = %s", (a1,))  # the map still says s0
     move_id = max(m["move"] for m in rebalance.move_status(cluster))
     HookedMover(cluster).run(move_id)

@@ -4,9 +4,7 @@ kill and resume, abort, stale maps, cross-shard reads during a move."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, func, select, text
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
@@ -22,6 +20,7 @@ from shardkit import rebalance
 from shardkit._rebalance_plan import plan_move_value, plan_split_range
 from shardkit._slices import SLICE_BASE
 from shardkit.verify import verify
+from movers import WriterThreads, journal_steps, kill_mover_after, resume, rows_by_key
 
 pytestmark = pytest.mark.integration
 
@@ -84,35 +83,15 @@ def world(shardkit_cluster_factory, tmp_path_factory):
     cluster.dispose()
 
 
-class Writers:
+class Writers(WriterThreads):
     """Threads that insert, update and delete order lines, orders and stores, and keep a
     ledger of what each acknowledged commit left behind."""
 
-    generation = 0
-
     def __init__(self, Session, n: int = 4) -> None:
-        Writers.generation += 1
-        self.base = 100_000_000 * Writers.generation
-        self.Session = Session
-        self.n = n
-        self.stop = threading.Event()
+        super().__init__(Session, n)
         self.lines: dict[int, int | None] = {}    # line id -> qty, None if deleted
         self.amounts: dict[int, int] = {}         # order_no -> amount
         self.stores: dict[int, str | None] = {}   # store id -> name, None if deleted
-        self.lock = threading.Lock()
-        self.errors: list[BaseException] = []
-        self.ops = 0
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
-
-    def __enter__(self) -> Writers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
     def _run(self, me: int) -> None:
         rnd = random.Random(me)
@@ -120,66 +99,54 @@ class Writers:
         next_id = self.base + 1_000_000 * (me + 1)
         lines: list[tuple[int, int]] = []
         stores: list[int] = []
-        try:
-            while not self.stop.is_set():
-                op = rnd.random()
-                order = rnd.choice(mine)
-                next_id += 1
-                new_id = next_id
-                if op < 0.3:
-                    qty = rnd.randrange(1000)
-                    shardkit.run_transaction(self.Session, lambda s: s.add(
-                        Line(id=new_id, order_no=order, qty=qty)))
-                    lines.append((new_id, order))
-                    record = ("line", new_id, qty)
-                elif op < 0.5:
-                    value = rnd.randrange(1_000_000)
-                    shardkit.run_transaction(self.Session, lambda s: s.execute(
-                        Order.__table__.update().where(Order.order_no == order).values(amount=value)))
-                    record = ("order", order, value)
-                elif op < 0.6 and lines:
-                    lid, o = lines.pop(rnd.randrange(len(lines)))
-                    shardkit.run_transaction(self.Session, lambda s: s.execute(
-                        Line.__table__.delete().where(Line.order_no == o).where(Line.id == lid)))
-                    record = ("line", lid, None)
-                elif op < 0.8:
-                    region = rnd.choice(REGIONS)
-                    shardkit.run_transaction(self.Session, lambda s: s.add(
-                        Store(id=new_id, region=region, name=f"n{new_id}")))
-                    stores.append(new_id)
-                    record = ("store", new_id, f"n{new_id}")
-                elif stores:
-                    sid = stores.pop(rnd.randrange(len(stores)))
-                    # Key-less by design: the region is unknown here, so every shard is asked.
-                    shardkit.run_transaction(self.Session, lambda s: s.execute(
-                        Store.__table__.delete().where(Store.id == sid)
-                        .execution_options(shardkit_all_shards=True)))
-                    record = ("store", sid, None)
-                else:
-                    continue
-                with self.lock:
-                    self.ops += 1
-                    getattr(self, {"line": "lines", "order": "amounts", "store": "stores"}[record[0]])[
-                        record[1]] = record[2]
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(e)
-
-
-def _rows(dev, query: str) -> dict:
-    out: dict = {}
-    for shard in dev.shards:
-        with psycopg.connect(shard.primary.dsn) as c:
-            for pk, *rest in c.execute(query):
-                out.setdefault(pk, []).append((shard.name, *rest))
-    return out
+        while not self.stop.is_set():
+            op = rnd.random()
+            order = rnd.choice(mine)
+            next_id += 1
+            new_id = next_id
+            if op < 0.3:
+                qty = rnd.randrange(1000)
+                shardkit.run_transaction(self.Session, lambda s: s.add(
+                    Line(id=new_id, order_no=order, qty=qty)))
+                lines.append((new_id, order))
+                record = ("line", new_id, qty)
+            elif op < 0.5:
+                value = rnd.randrange(1_000_000)
+                shardkit.run_transaction(self.Session, lambda s: s.execute(
+                    Order.__table__.update().where(Order.order_no == order).values(amount=value)))
+                record = ("order", order, value)
+            elif op < 0.6 and lines:
+                lid, o = lines.pop(rnd.randrange(len(lines)))
+                shardkit.run_transaction(self.Session, lambda s: s.execute(
+                    Line.__table__.delete().where(Line.order_no == o).where(Line.id == lid)))
+                record = ("line", lid, None)
+            elif op < 0.8:
+                region = rnd.choice(REGIONS)
+                shardkit.run_transaction(self.Session, lambda s: s.add(
+                    Store(id=new_id, region=region, name=f"n{new_id}")))
+                stores.append(new_id)
+                record = ("store", new_id, f"n{new_id}")
+            elif stores:
+                sid = stores.pop(rnd.randrange(len(stores)))
+                # Key-less by design: the region is unknown here, so every shard is asked.
+                shardkit.run_transaction(self.Session, lambda s: s.execute(
+                    Store.__table__.delete().where(Store.id == sid)
+                    .execution_options(shardkit_all_shards=True)))
+                record = ("store", sid, None)
+            else:
+                continue
+            with self.lock:
+                self.ops += 1
+                getattr(self, {"line": "lines", "order": "amounts", "store": "stores"}[record[0]])[
+                    record[1]] = record[2]
 
 
 def _check_ledger(dev, cluster, writers: Writers) -> None:
     """Every acknowledged write is present exactly once, on its owner; verify is clean."""
     cluster.refresh_map()
-    orders = _rows(dev, "SELECT order_no, amount FROM orders")
-    lines = _rows(dev, "SELECT id, qty, order_no FROM order_lines")
-    stores = _rows(dev, "SELECT id, name, region FROM stores")
+    orders = rows_by_key(dev.shards, "SELECT order_no, amount FROM orders")
+    lines = rows_by_key(dev.shards, "SELECT id, qty, order_no FROM order_lines")
+    stores = rows_by_key(dev.shards, "SELECT id, name, region FROM stores")
     assert sorted(orders) == list(ORDERS)
     for k, places in orders.items():
         assert len(places) == 1, f"order {k} is on {places}"
@@ -245,8 +212,7 @@ def test_range_split_and_move_while_writers_write(world):
     assert cluster.shard_for("orders", 102_000) == "s2"
     assert cluster.shard_for("orders", 10**12) == "s2"
     _check_ledger(dev, cluster, writers)
-    steps = [r[0] for r in cluster.catalog.engine.connect().execute(text(
-        "SELECT step FROM shardkit_catalog.journal WHERE move_id = :m ORDER BY id"), {"m": move_id})]
+    steps = journal_steps(cluster, move_id)
     assert steps[:2] == ["planned", "split"] and steps[-1] == "done"
     with psycopg.connect(dev.shards[1].primary.dsn) as c:
         assert c.execute("SELECT count(*) FROM orders WHERE order_no >= 102000").fetchone()[0] == 0
@@ -310,52 +276,17 @@ def test_stale_map_is_refused_and_retried_on_the_new_owner(world):
     stale2.dispose()
 
 
-def _journal(cluster, move_id: int) -> list[str]:
-    with cluster.catalog.engine.connect() as c:
-        return [r[0] for r in c.execute(text(
-            "SELECT step FROM shardkit_catalog.journal WHERE move_id = :m ORDER BY id"), {"m": move_id})]
-
-
-def _latest_move(cluster) -> int | None:
-    with cluster.catalog.engine.connect() as c:
-        return c.execute(text("SELECT max(id) FROM shardkit_catalog.moves")).scalar()
-
-
-def _kill_mover_after(cluster, cfg_path, step: str, *args: str) -> int:
-    """Run `rebalance apply ARGS` and SIGKILL it once the journal shows ``step``; the move id."""
-    before = _latest_move(cluster)
-    cmd = [sys.executable, "-m", "shardkit.cli", "rebalance", "apply", "--config", str(cfg_path),
-           *args, "--grace", "0.2", "--step-delay", "1.5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        move_id = _latest_move(cluster)
-        if move_id != before and step in _journal(cluster, move_id):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"the mover never reached {step}")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert rebalance.move_status(cluster, move_id)[0]["state"] == "running"
-    return move_id
-
-
 @pytest.mark.parametrize("kill_after,at", [("split", 101_000), ("copied", 100_500), ("switched", 103_000)])
 def test_split_killed_at_a_step_then_resumed(world, kill_after, at):
     dev, cluster, cfg_path, Session = world
     target = "s0"
     with Writers(Session, n=2) as writers:
-        move_id = _kill_mover_after(cluster, cfg_path, kill_after, "--split", f"orders:{at}", "--to", target)
-        r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "resume", str(move_id),
-                            "--config", str(cfg_path), "--grace", "0.2"],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
+        move_id = kill_mover_after(cluster, cfg_path, kill_after, "--split", f"orders:{at}", "--to", target)
+        resume(cfg_path, move_id)
         time.sleep(0.3)
     assert not writers.errors, writers.errors[:3]
     assert rebalance.move_status(cluster, move_id)[0]["state"] == "done"
-    assert _journal(cluster, move_id).count("split") == 1
+    assert journal_steps(cluster, move_id).count("split") == 1
     assert cluster.shard_for("orders", at) == target
     _check_ledger(dev, cluster, writers)
 
@@ -365,7 +296,7 @@ def test_abort_gives_the_slice_back_and_keeps_the_split(world):
     owner = cluster.shard_for("orders", 103_500)
     target = "s1" if owner != "s1" else "s2"
     with Writers(Session, n=2) as writers:
-        move_id = _kill_mover_after(cluster, cfg_path, "copied", "--split", "orders:103500", "--to", target)
+        move_id = kill_mover_after(cluster, cfg_path, "copied", "--split", "orders:103500", "--to", target)
         with psycopg.connect(dev.shards[int(target[1])].primary.dsn) as c:
             assert c.execute("SELECT count(*) FROM orders WHERE order_no >= 103500").fetchone()[0] > 0
         result = rebalance.abort(cluster, move_id)
@@ -438,7 +369,7 @@ def test_verification_catches_a_row_that_differs_and_keeps_the_source(world):
     at = 100_200
     owner = cluster.shard_for("orders", at)
     target = "s2" if owner != "s2" else "s1"
-    move_id = _kill_mover_after(cluster, cfg_path, "switched", "--split", f"orders:{at}", "--to", target)
+    move_id = kill_mover_after(cluster, cfg_path, "switched", "--split", f"orders:{at}", "--to", target)
     slice_end = next(s.upper for s in _slices(cluster, "orders") if s.lower == at)
     key = at + 7
     assert slice_end is None or key < slice_end

@@ -1,0 +1,107 @@
+"""Helpers for the integration tests of online moves: writer threads, the journal,
+a mover killed at a step, rows read from every shard."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from shardkit import rebalance
+
+
+class WriterThreads:
+    """Threads that write until stopped, each running ``_run(me)``; subclasses write through
+    ``shardkit.run_transaction`` and keep a ledger of what each acknowledged commit left."""
+
+    generation = 0  # ids made from ``base`` never repeat across writers in one test session
+
+    def __init__(self, Session: Any, n: int = 4) -> None:
+        WriterThreads.generation += 1
+        self.base = 100_000_000 * WriterThreads.generation
+        self.Session = Session
+        self.n = n
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.errors: list[BaseException] = []
+        self.ops = 0
+        self.threads = [threading.Thread(target=self._guarded_run, args=(i,), daemon=True) for i in range(n)]
+
+    def _guarded_run(self, me: int) -> None:
+        try:
+            self._run(me)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.errors.append(e)
+
+    def _run(self, me: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> WriterThreads:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def journal_steps(cluster: Any, move_id: int) -> list[str]:
+    with cluster.catalog.engine.connect() as c:
+        return [r[0] for r in c.execute(text(
+            "SELECT step FROM shardkit_catalog.journal WHERE move_id = :m ORDER BY id"), {"m": move_id})]
+
+
+def latest_move(cluster: Any) -> int | None:
+    with cluster.catalog.engine.connect() as c:
+        return c.execute(text("SELECT max(id) FROM shardkit_catalog.moves")).scalar()
+
+
+def kill_mover_after(cluster: Any, cfg_path: Any, step: str, *args: str) -> int:
+    """Run `shardkit rebalance apply ARGS` and SIGKILL it once the journal shows ``step``;
+    return the move's id (still running)."""
+    before = latest_move(cluster)
+    cmd = [sys.executable, "-m", "shardkit.cli", "rebalance", "apply", "--config", str(cfg_path),
+           *args, "--grace", "0.2", "--step-delay", "1.5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        move_id = latest_move(cluster)
+        if move_id != before and step in journal_steps(cluster, move_id):
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the mover never reached {step}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert rebalance.move_status(cluster, move_id)[0]["state"] == "running"
+    return move_id
+
+
+def resume(cfg_path: Any, move_id: int) -> None:
+    """`shardkit rebalance resume MOVE`, which must succeed."""
+    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "resume", str(move_id),
+                        "--config", str(cfg_path), "--grace", "0.2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+def rows_by_key(shards: Any, query: str) -> dict[Any, list[tuple[Any, ...]]]:
+    """``query``'s rows read directly from each shard's primary: first column ->
+    [(shard, other columns...), ...], one entry per shard holding the row."""
+    out: dict[Any, list[tuple[Any, ...]]] = {}
+    for shard in shards:
+        with psycopg.connect(shard.primary.dsn) as c:
+            for key, *rest in c.execute(query):
+                out.setdefault(key, []).append((shard.name, *rest))
+    return out
