@@ -798,6 +798,18 @@ class _ClusterLayout:
     def __exit__(self, *exc: object) -> None:
         self.down()
 
+    @staticmethod
+    def _check_shape(shards: int, replicas: int, bucket_count: int, port_start: int | None) -> None:
+        if shards < 1 or replicas < 0 or bucket_count < 1:
+            raise ValueError(
+                f"need shards >= 1, replicas >= 0, bucket_count >= 1; "
+                f"got shards={shards}, replicas={replicas}, bucket_count={bucket_count}"
+            )
+        n_nodes = shards * (1 + replicas)
+        if port_start is not None and not 1024 <= port_start <= 65536 - n_nodes:
+            raise ValueError(f"port_start must leave room for {n_nodes} ports in 1024..65535, "
+                             f"not {port_start}")
+
     @property
     def nodes(self) -> list[DevNode]:
         """Every node, shard by shard, each primary before its replicas."""
@@ -961,15 +973,7 @@ class DevCluster(_ClusterLayout):
         (stopped nodes are started); if ``up`` fails, it stops and removes
         what it made.
         """
-        if shards < 1 or replicas < 0 or bucket_count < 1:
-            raise ValueError(
-                f"need shards >= 1, replicas >= 0, bucket_count >= 1; "
-                f"got shards={shards}, replicas={replicas}, bucket_count={bucket_count}"
-            )
-        n_nodes = shards * (1 + replicas)
-        if port_start is not None and not 1024 <= port_start <= 65536 - n_nodes:
-            raise ValueError(f"port_start must leave room for {n_nodes} ports in 1024..65535, "
-                             f"not {port_start}")
+        cls._check_shape(shards, replicas, bucket_count, port_start)
         base = Path(base_dir).expanduser().absolute()
         if (base / STATE_FILE).exists():
             return cls._reuse(base, shards, replicas, bucket_count)

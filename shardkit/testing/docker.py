@@ -489,15 +489,7 @@ class DockerCluster(_ClusterLayout):
         given.  ``base_dir`` must be new or empty; it receives
         ``shardkit.toml``.  If ``up`` fails, it removes what it made.
         """
-        if shards < 1 or replicas < 0 or bucket_count < 1:
-            raise ValueError(
-                f"need shards >= 1, replicas >= 0, bucket_count >= 1; "
-                f"got shards={shards}, replicas={replicas}, bucket_count={bucket_count}"
-            )
-        n_nodes = shards * (1 + replicas)
-        if port_start is not None and not 1024 <= port_start <= 65536 - n_nodes:
-            raise ValueError(f"port_start must leave room for {n_nodes} ports in 1024..65535, "
-                             f"not {port_start}")
+        cls._check_shape(shards, replicas, bucket_count, port_start)
         base = Path(base_dir).expanduser().absolute()
         if base.exists() and (not base.is_dir() or any(base.iterdir())):
             raise DevClusterError(
