@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from ports import free_port_run
 from shardkit import DevClusterError, load_config
 from shardkit.devcluster import DevCluster, find_pg_bin
 
@@ -275,26 +276,6 @@ def test_up_refuses_a_directory_with_other_files(tmp_path):
         DevCluster.up(tmp_path)
 
 
-def _free_port_run(n):
-    """The first of ``n`` consecutive loopback ports that are free now."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        socks = []
-        try:
-            for port in range(first, first + n):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
 @local_only
 def test_fixed_ports_and_down(shardkit_cluster_factory):
     with socket.socket() as busy:
@@ -304,7 +285,7 @@ def test_fixed_ports_and_down(shardkit_cluster_factory):
         with pytest.raises(DevClusterError, match=f"port {port} .* is in use"):
             shardkit_cluster_factory(shards=1, replicas=0, port_start=port)
 
-    start = _free_port_run(2)
+    start = free_port_run(2)
     c = shardkit_cluster_factory(shards=1, replicas=1, port_start=start)
     assert [n.port for n in c.nodes] == [start, start + 1]
     c.down(remove=False)

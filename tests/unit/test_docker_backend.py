@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_port_run
 from shardkit import DevClusterError
 from shardkit.devcluster import DevCluster, DevNode, DevShard
 from shardkit.testing import docker as dk
@@ -130,28 +131,9 @@ def test_hba_admits_replication_from_other_containers_and_the_entrypoint_socket(
 # --- plan and config ---------------------------------------------------------------------
 
 
-def _free_port_run(n):
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        socks = []
-        try:
-            for port in range(first, first + n):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
 def test_plan_names_nodes_and_links_replicas_to_their_primary(tmp_path):
     c = DockerCluster(tmp_path, 1024, [])
-    start = _free_port_run(6)
+    start = free_port_run(6)
     c._plan(2, 2, start)
     assert [n.name for n in c.nodes] == ["s0/primary", "s0/r0", "s0/r1",
                                          "s1/primary", "s1/r0", "s1/r1"]
