@@ -788,15 +788,28 @@ def plan_nodes(shards: int, replicas: int, port_start: int | None
 
 class _ClusterLayout:
     """What every local cluster offers, whatever runs its servers: its shards and
-    nodes, its configuration, a catalog database.  Subclasses set ``shards`` and
-    ``bucket_count`` and define ``down()``."""
+    nodes, its configuration, a catalog database.  Subclasses set ``base_dir``,
+    ``shards`` and ``bucket_count`` and define ``down()``."""
 
+    base_dir: Path
     shards: list[DevShard]
     bucket_count: int
     down: Callable[..., None]
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+    def _empty_base_dir(self, created_base: bool) -> None:
+        """After a failed start: remove ``base_dir`` if up() made it, else empty it
+        (up() only starts in an empty directory: everything in it is ours)."""
+        if created_base:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            return
+        for child in self.base_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
 
     @staticmethod
     def _check_shape(shards: int, replicas: int, bucket_count: int, port_start: int | None) -> None:
@@ -1124,15 +1137,7 @@ class DevCluster(_ClusterLayout):
             log.error("left running after a failed start: %s; files kept in %s",
                       ", ".join(n.name for n in leftovers), self.base_dir)
             return
-        if created_base:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            return
-        # up() only starts in an empty directory: everything in it is ours.
-        for child in self.base_dir.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        self._empty_base_dir(created_base)
 
     def down(self, remove: bool = True) -> None:
         """Stop every node (fast, then immediate if one takes over 10 s) and delete base_dir.

@@ -672,14 +672,7 @@ class DockerCluster(_ClusterLayout):
         failures = self._remove_all()
         for failure in failures:
             log.error("cleaning up a failed start: could not remove %s", failure)
-        if created_base:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-        else:
-            for child in self.base_dir.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
+        self._empty_base_dir(created_base)
 
     def down(self, remove: bool = True) -> None:
         """Remove every container, its data and the network, then delete ``base_dir``.
