@@ -814,33 +814,24 @@ str_keys = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklis
                    max_size=4)
 
 
+@pytest.mark.parametrize("group,key_strategy,extra_keys", [
+    ("ev", int_keys, [-100, 3_000_000_000]),
+    ("names", str_keys, []),
+], ids=["int", "str"])
 @settings(max_examples=150, deadline=None)
-@given(cuts=st.lists(int_keys, min_size=1, max_size=6), keys=st.lists(int_keys, max_size=30))
-def test_splits_never_change_where_an_int_key_lives(cuts, keys):
+@given(data=st.data())
+def test_splits_never_change_where_a_key_lives(group, key_strategy, extra_keys, data):
+    cuts = data.draw(st.lists(key_strategy, min_size=1, max_size=6), label="cuts")
+    keys = data.draw(st.lists(key_strategy, max_size=30), label="keys")
     slices = _pure_slices()
-    before = _pure_strategies(slices)["ev"]
+    before = _pure_strategies(slices)[group]
     for at in cuts:
-        slices, new = split_range(slices, "ev", at)
+        slices, new = split_range(slices, group, at)
         assert new.lower == at
         ids = [s.id for s in slices]
         assert len(ids) == len(set(ids))
-    after = _pure_strategies(slices)["ev"]
-    for k in keys + cuts + [-100, 3_000_000_000]:
+    after = _pure_strategies(slices)[group]
+    for k in keys + cuts + extra_keys:
         assert after.shard_for_key(k) == before.shard_for_key(k)
-        unit = after.unit_for_key(k)
-        holder = [s for s in slices if s.group == "ev" and s.contains(k)]
-        assert [s.id for s in holder] == [unit]
-
-
-@settings(max_examples=150, deadline=None)
-@given(cuts=st.lists(str_keys, min_size=1, max_size=6), keys=st.lists(str_keys, max_size=30))
-def test_splits_never_change_where_a_string_key_lives(cuts, keys):
-    slices = _pure_slices()
-    before = _pure_strategies(slices)["names"]
-    for at in cuts:
-        slices, _ = split_range(slices, "names", at)
-    after = _pure_strategies(slices)["names"]
-    for k in keys + cuts:
-        assert after.shard_for_key(k) == before.shard_for_key(k)
-        holder = [s for s in slices if s.group == "names" and s.contains(k)]
+        holder = [s for s in slices if s.group == group and s.contains(k)]
         assert [s.id for s in holder] == [after.unit_for_key(k)]
