@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -89,12 +90,18 @@ def bench_throughput(dev: DevCluster, ops: int, rounds: int) -> None:
         fn(keys[:200])
     rates: dict[str, list[float]] = {n: [] for n in contenders}
     ratios: dict[str, list[float]] = {n: [] for n in contenders}
+    rng = random.Random(7)
     for _ in range(rounds):
-        # Contenders take turns every 50 reads, so drift hits all of them alike.
+        # Contenders take turns every 50 reads, so drift hits all of them alike,
+        # in a shuffled order per chunk: the first reads after a switch of
+        # connection (another server process) run slower, and a fixed order
+        # would always charge that to the same contender.
         spent = {n: 0.0 for n in contenders}
         for i in range(0, len(keys), 50):
-            for n, fn in contenders.items():
-                spent[n] += fn(keys[i:i + 50])
+            order = list(contenders)
+            rng.shuffle(order)
+            for n in order:
+                spent[n] += contenders[n](keys[i:i + 50])
         r = {n: ops / spent[n] for n in contenders}
         for n in contenders:
             rates[n].append(r[n])

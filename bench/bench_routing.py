@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -188,15 +189,20 @@ def main() -> int:
         for opname, fns in contenders.items():
             rates: dict[str, list[float]] = {n: [] for n in fns}
             ratios: dict[str, list[float]] = {n: [] for n in fns}
+            rng = random.Random(7)
             for _ in range(args.rounds):
                 # Interleave contenders in chunks of 50 operations within each round,
                 # so drift (autovacuum, CPU frequency, the other core's load) hits
-                # all of them alike.
+                # all of them alike, in a shuffled order per chunk: the first reads
+                # after a switch of connection (another server process) run slower,
+                # and a fixed order would always charge that to the same contender.
                 spent = {n: 0.0 for n in fns}
                 for i in range(0, len(keys), 50):
                     chunk = keys[i:i + 50]
-                    for n, fn in fns.items():
-                        spent[n] += len(chunk) / timed(fn, chunk)
+                    order = list(fns)
+                    rng.shuffle(order)
+                    for n in order:
+                        spent[n] += len(chunk) / timed(fns[n], chunk)
                 r = {n: len(keys) / spent[n] for n in fns}
                 for n in fns:
                     rates[n].append(r[n])
