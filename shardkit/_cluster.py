@@ -73,6 +73,8 @@ class Cluster:
         self._monitor: HealthMonitor | None = None
         self._selector: ReplicaSelector | None = None
         self.has_replicas = any(s.replicas for s in config.shards)
+        # Shards and their nodes come from the file; a catalog map only moves keys.
+        self._replica_counts = {s.name: len(s.replicas) for s in config.shards}
         self._scatter_pool: ThreadPoolExecutor | None = None
         # Called with each engine as it is created (metrics instrument them this way).
         self._engine_hooks: list[Any] = []
@@ -300,7 +302,7 @@ class Cluster:
     # -- replicas -------------------------------------------------------------------
 
     def replica_count(self, shard: str) -> int:
-        return len(self.config.shard(shard).replicas)
+        return self._replica_counts[shard]
 
     @property
     def replica_settings(self) -> ReplicaSettings:

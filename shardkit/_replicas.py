@@ -313,6 +313,9 @@ class ReplicaSelector:
         self.cluster = cluster
         self.monitor = monitor
         self.settings = settings
+        # A replica whose last sample is older than this is not used: we do not
+        # know how far behind it is.
+        self._stale_after = max(2.0, 5 * settings.poll_interval)
         self._rand = random.Random()
         self._lock = threading.Lock()
 
@@ -322,10 +325,10 @@ class ReplicaSelector:
         """(replicas usable now, replicas only short of the token)."""
         state = self.monitor.shards[shard]
         now = time.monotonic()
-        stale_after = max(2.0, 5 * self.settings.poll_interval)
+        stale_after = self._stale_after
         ok, behind_token = [], []
         for r in state.replicas:
-            if r.index in exclude or not r.up or r.banned(now) or r.in_recovery is False:
+            if not r.up or r.banned_until > now or r.in_recovery is False or r.index in exclude:
                 continue
             if now - r.checked_at > stale_after or r.lag_bytes is None:
                 continue  # no recent sample: we do not know how far behind it is

@@ -107,6 +107,11 @@ class _Plan:
     binds: list[BindParameter[Any]]       # only used when the statement is uncacheable
     textual: bool = False
     colocation: str | None = None         # why the statement cannot run shard by shard
+    # (group, bind index, coercer) when ``key = :value`` alone pins the statement
+    # to one shard; the routes of such a plan depend only on that shard, so they
+    # are kept here (shard -> Route) and a repeated read costs one hash.
+    single_key: tuple[str, int, Any] | None = None
+    routes: dict[str, Route] = field(default_factory=dict)
 
 
 class Router:
@@ -195,8 +200,20 @@ class Router:
         an executemany).  ``all_shards`` permits a key-less UPDATE/DELETE to run on
         every shard.
         """
-        is_write = isinstance(statement, UpdateBase)
         plan, binds = self._plan_for(statement)
+        single = plan.single_key
+        if single is not None and role is None:
+            g, bi, co = single
+            b = binds[bi]
+            if params is not None and isinstance(params, Mapping) and b.key in params:
+                v = params[b.key]
+            else:
+                v = b.callable() if b.callable is not None else b.value
+            if not _is_unresolved(v):
+                known = plan.routes.get(self._shard(g, v, co))
+                if known is not None:
+                    return known
+        is_write = isinstance(statement, UpdateBase)
         if plan.textual:
             raise RoutingError(
                 "cannot route a textual SQL statement: it names no tables shardkit can see; "
@@ -270,7 +287,10 @@ class Router:
                      for s in ordered}
         kind = "direct" if len(ordered) == 1 else (
             "all" if len(ordered) == len(self.shard_names) else "multi")
-        return Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split)
+        route = Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split)
+        if single is not None and role is None and len(ordered) == 1:
+            plan.routes[ordered[0]] = route
+        return route
 
     # -- inserts ---------------------------------------------------------------
 
@@ -506,7 +526,15 @@ class Router:
         colocation = None
         if fast_tables is None and groups:
             colocation = colocation_problem(statement, self._placement)
-        return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation)
+        single = None
+        if colocation is None and len(groups) == 1 and not isinstance(statement, Insert):
+            node = pred
+            if node is not None and node[0] == "and" and len(node[1]) == 1:
+                node = node[1][0]
+            if node is not None and node[0] == "eq" and self._arity(node[1]) == 1:
+                single = (node[1], node[3], node[4])
+        return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation,
+                     single_key=single)
 
     def _placement(self, name: str) -> tuple[str, tuple[str, ...]] | None:
         tr = self.tables.get(name)

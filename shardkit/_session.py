@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -52,7 +52,7 @@ from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
 from ._scatter import merge_rows, plan_scatter
-from ._scope import current_scope
+from ._scope import RoutingScope, current_scope
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import (
@@ -117,9 +117,6 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_commit_conns: dict[str, Any] = {}
         if consistency_token:
             self.require_token(consistency_token)
-        self.shard_chooser = self._choose_shard_for_instance
-        self.identity_chooser = self._identity_shards
-        self.execute_chooser = self._execute_shards
 
     # -- choosers (the hooks horizontal_shard defines) ------------------------------
 
@@ -183,6 +180,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # normally route in execute().
         return self.cluster.explain(orm_context.statement, orm_context.parameters).shards
 
+    # horizontal_shard calls its choosers through the instance. As methods of the
+    # class they create no reference cycle; bound methods stored on the instance
+    # would, and every closed session would then wait for the cyclic garbage
+    # collector instead of being freed at once.
+    shard_chooser = _choose_shard_for_instance
+    identity_chooser = _identity_shards
+    execute_chooser = _execute_shards
+
     # -- binds ----------------------------------------------------------------------
 
     def get_bind(self, mapper: Any = None, *, shard_id: str | None = None,
@@ -220,23 +225,23 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """The replica index a read on ``shard`` should use, or None for the primary."""
         cluster = self.cluster
         sc = current_scope()
-        role = _option("shardkit_role", statement, execution_options) or sc.role
+        opt = _options(statement, execution_options)
+        role = opt("shardkit_role") or sc.role
         if role == PRIMARY or shard in self._sk_written:
             return None
         if getattr(statement, "_for_update_arg", None) is not None:
             return None
-        n_replicas = cluster.replica_count(shard)
-        if not n_replicas:
+        if not cluster.replica_count(shard):
             return None
         settings = cluster.replica_settings
-        consistency = (_option("shardkit_consistency", statement, execution_options)
-                       or sc.consistency or self.consistency or settings.consistency)
+        consistency = (opt("shardkit_consistency") or sc.consistency or self.consistency
+                       or settings.consistency)
         if consistency == "strong" and role != REPLICA:
             return None
-        max_s = _option("shardkit_max_lag_seconds", statement, execution_options)
+        max_s = opt("shardkit_max_lag_seconds")
         if max_s is None:
             max_s = sc.max_lag_seconds if sc.max_lag_seconds is not None else settings.max_lag_seconds
-        max_b = _option("shardkit_max_lag_bytes", statement, execution_options)
+        max_b = opt("shardkit_max_lag_bytes")
         if max_b is None:
             max_b = sc.max_lag_bytes if sc.max_lag_bytes is not None else settings.max_lag_bytes
         min_lsn = self._sk_tokens.get(shard) if consistency == "read_your_writes" else None
@@ -292,10 +297,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
         Same arguments as :meth:`sqlalchemy.orm.Session.execute`.
         """
-        statement = coercions.expect(roles.StatementRole, statement)
+        if not isinstance(statement, roles.StatementRole):
+            statement = coercions.expect(roles.StatementRole, statement)
         if (self.cluster.has_replicas and self.autoflush and not self._flushing
                 and isinstance(statement, (selectable.Select, selectable.CompoundSelect))
-                and (self._new or self._deleted or self.dirty)):
+                and (self._new or self._deleted or self.identity_map.check_modified())):
             # Flush before choosing the node: the flush decides which shards this
             # transaction has written, and those must be read from their primary.
             self._autoflush()
@@ -430,8 +436,8 @@ def _shard_from_parent(cluster: Cluster, mapper: Any, state: Any, column: str) -
     return None
 
 
-def _explicit_shard(session: ShardedSession, statement: Any, execution_options: Any,
-                    bind_arguments: Any) -> str | None:
+def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
+                    sc: RoutingScope) -> str | None:
     """A shard named by the caller, or implied by the object a load is for."""
     for opt in getattr(statement, "_with_options", ()):
         if isinstance(opt, horizontal_shard.set_shard_id):
@@ -459,7 +465,7 @@ def _explicit_shard(session: ShardedSession, statement: Any, execution_options: 
         shard = stmt_opts.get("shardkit_shard") or stmt_opts.get("_sa_shard_id")
         if shard is not None:
             return shard
-    return current_scope().shard
+    return sc.shard
 
 
 def _option(name: str, statement: Any, execution_options: Any) -> Any:
@@ -469,11 +475,25 @@ def _option(name: str, statement: Any, execution_options: Any) -> Any:
     return stmt_opts.get(name) if stmt_opts else None
 
 
+def _options(statement: Any, execution_options: Any) -> Callable[[str], Any]:
+    """``name -> value`` over the execution options, then the statement's own (as :func:`_option`)."""
+    stmt_opts = getattr(statement, "_execution_options", None)
+    if not execution_options:
+        return stmt_opts.get if stmt_opts else _NO_OPTIONS.get
+    if not stmt_opts:
+        return execution_options.get
+    return {**stmt_opts, **execution_options}.get
+
+
+_NO_OPTIONS: Mapping[str, Any] = util.immutabledict()
+
+
 def _route_statement(session: ShardedSession, statement: Any, params: Any,
                      execution_options: Any, bind_arguments: Any) -> Route:
     """Where a statement executed through the session runs."""
     cluster = session.cluster
-    shard = _explicit_shard(session, statement, execution_options, bind_arguments)
+    sc = current_scope()
+    shard = _explicit_shard(statement, execution_options, bind_arguments, sc)
     if shard is not None:
         if shard not in cluster.router.shard_set:
             raise RoutingError(
@@ -483,7 +503,6 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
         is_read = isinstance(statement, (selectable.Select, selectable.CompoundSelect)) and \
             getattr(statement, "_for_update_arg", None) is None
         return Route((shard,), "direct", PRIMARY, "shard named by the caller", not is_read)
-    sc = current_scope()
     all_shards = bool(_option("shardkit_all_shards", statement, execution_options) or sc.all_shards)
     if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
         # Textual or other statements the router cannot read: run everywhere.
@@ -503,8 +522,14 @@ def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any
     if execution_options:
         eo = util.immutabledict(execution_options).union({"identity_token": shard})
     else:
-        eo = util.immutabledict({"identity_token": shard})
+        eo = _TOKEN_OPTIONS.get(shard)
+        if eo is None:
+            eo = _TOKEN_OPTIONS.setdefault(shard, util.immutabledict({"identity_token": shard}))
     return eo, ba
+
+
+# shard -> immutabledict(identity_token=shard): the execution options of most statements.
+_TOKEN_OPTIONS: dict[str, Any] = {}
 
 
 def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route: Route) -> Result[Any]:

@@ -5,7 +5,7 @@ import uuid
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import delete, insert, or_, select, text, update
+from sqlalchemy import bindparam, delete, insert, or_, select, text, update
 
 from models import Base, Country, Customer, Device, Event, Order, User, groups_config
 from shardkit import (
@@ -223,3 +223,81 @@ def _cached(cfg):
     if "c" not in _CACHE:
         _CACHE["c"] = Cluster.from_config(cfg)
     return _CACHE["c"]
+
+
+def test_single_key_routes_are_kept_per_shard_and_read_new_values():
+    # A `key = :value` statement shape keeps one Route per shard: the same
+    # object comes back for keys on one shard, and each answer matches the
+    # owner of the value in hand (also when it comes from the parameters).
+    c = Cluster.from_config({
+        "bucket_count": 64,
+        "shards": [{"name": s, "primary": "postgresql://u@h/db"} for s in SHARDS],
+        **groups_config(SHARDS),
+    })
+    fresh = Cluster.from_config({
+        "bucket_count": 64,
+        "shards": [{"name": s, "primary": "postgresql://u@h/db"} for s in SHARDS],
+        **groups_config(SHARDS),
+    })
+    first = {}
+    for k in range(60):
+        r = c.explain(select(User).where(User.id == k))
+        assert r == fresh.router.route(select(User).where(User.id == k))
+        assert r.shards == (c.shard_for(User, k),)
+        assert first.setdefault(r.shards[0], r) is r
+    assert len(first) == 3
+    stmt = select(User).where(User.id == bindparam("k"))
+    for k in range(60):
+        assert c.router.route(stmt, {"k": k}).shards == (c.shard_for(User, k),)
+    # Other predicates on the side keep the shortcut; a second key predicate,
+    # an IN list or a missing value do not take it.
+    assert c.explain(select(User).where(User.id == 5, User.name == "x")).shards == \
+        (c.shard_for(User, 5),)
+    assert c.explain(select(User).where(User.id == None)).kind == "all"  # noqa: E711
+    # Range and list groups, and a key no shard owns, answer the same each time.
+    for _ in range(2):
+        assert c.explain(select(Event).where(Event.id == 4999)).shards == ("s1",)
+        assert c.explain(select(Customer).where(Customer.region == "zz")).shards == ("s2",)
+        assert c.explain(update(User).where(User.id == 3).values(name="n")).is_write
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.integers(min_value=-(2**63), max_value=2**63 - 1),
+                          st.none()), min_size=1, max_size=20))
+def test_single_key_route_matches_the_owner(keys):
+    cfg = {
+        "bucket_count": 64,
+        "shards": [{"name": s, "primary": "postgresql://u@h/db"} for s in SHARDS],
+        **groups_config(SHARDS),
+    }
+    c = _cached(cfg)
+    for k in keys:
+        r = c.router.route(select(User).where(User.id == bindparam("k")), {"k": k})
+        if k is None:
+            assert r.kind == "all"
+        else:
+            assert r.shards == (c.shard_for(User, k),) and r.kind == "direct"
+
+
+def test_closed_session_is_freed_without_the_garbage_collector(cluster):
+    # A reference cycle in the session would keep every closed session (and
+    # its identity map) alive until a cyclic collection.
+    import gc
+    import weakref
+
+    from sqlalchemy.orm import sessionmaker
+
+    from shardkit import ShardedSession
+
+    maker = sessionmaker(class_=ShardedSession, cluster=cluster)
+    gc.disable()
+    try:
+        s = maker()
+        s.add(User(id=1, name="a"))
+        s.expunge_all()
+        ref = weakref.ref(s)
+        s.close()
+        del s
+        assert ref() is None
+    finally:
+        gc.enable()
