@@ -338,11 +338,11 @@ class Cluster:
         nodes = []
         for state in mon.shards.values():
             for n in (state.primary, *state.replicas):
-                d = n.as_dict()
+                d = n.as_dict(mon.stale_after)
                 eng = self._engines.get((n.shard, n.role, n.index))
                 d["pool"] = _pool_stats(eng)
                 nodes.append(d)
-        ready = all(state.primary.up for state in mon.shards.values())
+        ready = all(d["up"] for d in nodes if d["role"] == "primary")
         return ClusterHealth(nodes=nodes, ready=ready)
 
     def scatter_executor(self) -> ThreadPoolExecutor:

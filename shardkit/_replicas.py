@@ -125,20 +125,29 @@ class NodeHealth:
     def banned(self, now: float | None = None) -> bool:
         return self.banned_until > (time.monotonic() if now is None else now)
 
-    def as_dict(self) -> dict[str, Any]:
+    def heard_from(self, now: float, stale_after: float) -> bool:
+        """Whether the last poll answered less than ``stale_after`` seconds ago."""
+        return bool(self.checked_at) and now - self.checked_at <= stale_after
+
+    def as_dict(self, stale_after: float | None = None) -> dict[str, Any]:
         now = time.monotonic()
+        up, error = self.up, self.error
+        if up and stale_after is not None and self.checked_at and not self.heard_from(now, stale_after):
+            # A hung node (stopped, not refusing connections) leaves its poll
+            # waiting: say so instead of repeating its last good sample.
+            up, error = False, f"no answer to the health poll for {now - self.checked_at:.1f} s"
         return {
             "shard": self.shard,
             "node": self.name,
             "role": self.role,
-            "up": self.up,
+            "up": up,
             "in_recovery": self.in_recovery,
             "lag_bytes": self.lag_bytes,
             "lag_seconds": None if self.lag_seconds is None else round(self.lag_seconds, 3),
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
             "banned_for_s": round(self.banned_until - now, 2) if self.banned(now) else 0,
             "ban_reason": self.ban_reason if self.banned(now) else None,
-            "error": self.error,
+            "error": error,
             "checked_ago_s": round(now - self.checked_at, 3) if self.checked_at else None,
         }
 
@@ -159,6 +168,9 @@ class HealthMonitor:
         self.cluster = cluster
         self.settings = settings
         self.shards: dict[str, _ShardState] = {}
+        # A node whose last answer is older than this is treated as not up: we
+        # do not know its state (nor, for a replica, how far behind it is).
+        self.stale_after = max(2.0, 5 * settings.poll_interval, 2 * settings.poll_timeout)
         for sc in cluster.config.shards:
             primary = NodeHealth(sc.name, f"{sc.name}/primary", "primary", 0)
             reps = [NodeHealth(sc.name, f"{sc.name}/r{i}", "replica", i) for i in range(len(sc.replicas))]
@@ -284,6 +296,11 @@ class HealthMonitor:
                 continue
             gap = 0 if primary_lsn is None else primary_lsn - r.wal_lsn
             r.lag_bytes = max(0, gap)
+            if not r.up:
+                # Its last replay age is frozen at the moment it went down; how far
+                # behind in time it is now is unknown (the byte gap keeps growing).
+                r.lag_seconds = None
+                continue
             # A gap <= 0 is zero lag; time lag counts only while there is a gap,
             # otherwise an idle primary would make every replica look stale.
             r.lag_seconds = (r.replay_timestamp_age or 0.0) if r.lag_bytes > 0 else 0.0
@@ -315,7 +332,7 @@ class ReplicaSelector:
         self.settings = settings
         # A replica whose last sample is older than this is not used: we do not
         # know how far behind it is.
-        self._stale_after = max(2.0, 5 * settings.poll_interval)
+        self._stale_after = monitor.stale_after
         self._rand = random.Random()
         self._lock = threading.Lock()
 

@@ -180,6 +180,30 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # normally route in execute().
         return self.cluster.explain(orm_context.statement, orm_context.parameters).shards
 
+    def _choose_shard_and_assign(self, mapper: Any, instance: Any, **kw: Any) -> Any:
+        # horizontal_shard keeps the first shard it chose for a pending object in
+        # its identity token; an object made transient again (make_transient, a
+        # rolled-back flush) and given a new key would then be inserted on the
+        # old shard.  Until an object is persistent its shard follows its key.
+        if instance is not None:
+            state = inspect(instance)
+            if state.key:
+                return state.key[2]
+            shard = self._choose_shard_for_instance(mapper, instance, **kw)
+            state.identity_token = shard
+            return shard
+        return self._choose_shard_for_instance(mapper, instance, **kw)
+
+    def connection_callable(self, mapper: Any = None, instance: Any = None,
+                            shard_id: str | None = None, **kw: Any) -> Any:
+        """The connection the unit of work writes an object with: the session's own for
+        that shard, in the current transaction (a savepoint included)."""
+        if shard_id is None:
+            shard_id = self._choose_shard_and_assign(mapper, instance)
+        # horizontal_shard asks the outermost transaction, which skips an open
+        # begin_nested(): the flush would then write outside the savepoint.
+        return self.connection(bind_arguments={"mapper": mapper, "shard_id": shard_id})
+
     # horizontal_shard calls its choosers through the instance. As methods of the
     # class they create no reference cycle; bound methods stored on the instance
     # would, and every closed session would then wait for the cyclic garbage
@@ -228,14 +252,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
         opt = _options(statement, execution_options)
         role = opt("shardkit_role") or sc.role
         if role == PRIMARY or shard in self._sk_written:
+            if role not in (PRIMARY, None):
+                _bad_option("shardkit_role", role, _ROLES)
             return None
+        if role not in (REPLICA, None):
+            _bad_option("shardkit_role", role, _ROLES)
         if getattr(statement, "_for_update_arg", None) is not None:
             return None
         if not cluster.replica_count(shard):
             return None
         settings = cluster.replica_settings
-        consistency = (opt("shardkit_consistency") or sc.consistency or self.consistency
-                       or settings.consistency)
+        consistency = opt("shardkit_consistency")
+        if consistency is not None and consistency not in CONSISTENCY_MODES:
+            _bad_option("shardkit_consistency", consistency, CONSISTENCY_MODES)
+        consistency = consistency or sc.consistency or self.consistency or settings.consistency
         if consistency == "strong" and role != REPLICA:
             return None
         max_s = opt("shardkit_max_lag_seconds")
@@ -260,6 +290,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             best = max(behind, key=lambda r: r.wal_lsn or 0)
             if selector.probe_reached(shard, best, min_lsn, settings.wait_for_token):
                 return best.index
+            if role != REPLICA:
+                # Healthy replicas a moment behind this session's own writes: the
+                # primary has them ("raise" is for replicas that are out).
+                return None
         if role == REPLICA or settings.when_no_replica == "raise":
             raise ShardUnavailable(
                 f"shard {shard}: no replica can serve this read ({_why_not(cluster, shard, max_s, max_b, min_lsn)})"
@@ -306,7 +340,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # transaction has written, and those must be read from their primary.
             self._autoflush()
         route = _route_statement(self, statement, params, execution_options, bind_arguments)
-        if route.is_write:
+        if route.is_write or getattr(statement, "_for_update_arg", None) is not None:
+            # Rows written or locked: the rest of the transaction reads them on the primary.
             self._sk_written.update(route.shards)
         if (isinstance(statement, Insert) and params
                 and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
@@ -337,13 +372,23 @@ class ShardedSession(horizontal_shard.ShardedSession):
             try:
                 return Session.execute(self, statement, params, execution_options=eo,
                                        bind_arguments=ba, **kw)
-            except ShardUnavailable as e:
+            except (ShardUnavailable, sa_exc.DBAPIError) as e:
                 # Replica connections are in autocommit, so no snapshot is lost by
                 # running the read again elsewhere.
-                self.cluster.selector.monitor.ban(shard, index, f"read failed: {e.cause!r}"[:200])
-                self._forget_connection(shard, index)
+                if not self._replica_read_failed(shard, index, e):
+                    raise
                 tried.add(index)
                 log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
+
+    def _replica_read_failed(self, shard: str, index: int, error: BaseException) -> bool:
+        """Handle a read that failed on a replica; True if it is safe and useful to retry it
+        elsewhere: the replica died (it is banned) or cancelled the read because replaying
+        the primary's WAL conflicted with it (it is skipped for this read)."""
+        if isinstance(error, ShardUnavailable):
+            self.cluster.selector.monitor.ban(shard, index, f"read failed: {error.cause!r}"[:200])
+            self._forget_connection(shard, index)
+            return True
+        return getattr(getattr(error, "orig", None), "sqlstate", None) == _RECOVERY_CONFLICT
 
     def scalars(self, statement: Any, params: Any = None, *,
                 execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
@@ -358,8 +403,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
                             bind_arguments=bind_arguments, **kw).scalar()
 
     def connection_for_shard(self, shard: str) -> Any:
-        """The session's connection to ``shard``'s primary (joining the session's transaction)."""
-        return self.connection(bind_arguments={"shard_id": shard})
+        """The session's connection to ``shard``'s primary (joining the session's transaction).
+
+        shardkit cannot see what runs on it, so it assumes a write: for the rest of
+        the transaction the session reads ``shard`` from its primary, and the
+        commit records the shard's position for read-your-writes.
+        """
+        conn = self.connection(bind_arguments={"shard_id": shard})
+        self._sk_written.add(shard)
+        return conn
 
 
 def _pk_plan(cluster: Cluster, mapper: Any) -> Any:
@@ -425,15 +477,18 @@ def _shard_from_parent(cluster: Cluster, mapper: Any, state: Any, column: str) -
         parent = state.dict.get(rel.key)
         if parent is None:
             continue
-        pstate = inspect(parent)
-        if pstate.key is not None:
-            return pstate.key[2]
-        if pstate.identity_token is not None:
-            return pstate.identity_token
-        shard = shard_of_instance(cluster, pstate.mapper, parent)
-        pstate.identity_token = shard
-        return shard
+        return _shard_of_related(cluster, parent)
     return None
+
+
+def _shard_of_related(cluster: Cluster, obj: Any) -> str:
+    """The shard of an object a relationship points to: where it is, or (pending) where its key goes."""
+    state = inspect(obj)
+    if state.key is not None:
+        return state.key[2]
+    shard = shard_of_instance(cluster, state.mapper, obj)
+    state.identity_token = shard
+    return shard
 
 
 def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
@@ -466,6 +521,18 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
         if shard is not None:
             return shard
     return sc.shard
+
+
+_ROLES = (PRIMARY, REPLICA)
+# What a hot standby raises when it cancels a query that conflicts with replay
+# ("canceling statement due to conflict with recovery").
+_RECOVERY_CONFLICT = "40001"
+
+
+def _bad_option(name: str, value: Any, allowed: Iterable[str]) -> None:
+    raise sa_exc.ArgumentError(
+        f"execution option {name}={value!r} is not valid; use one of "
+        f"{', '.join(repr(a) for a in allowed)}")
 
 
 def _option(name: str, statement: Any, execution_options: Any) -> Any:
@@ -712,11 +779,18 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     # order (shard name): concurrent scatters then never wait on each other's
     # pools in a cycle, so a burst of them cannot deadlock.
     tasks = []
+    failures: dict[str, BaseException] = {}
     for shard in sorted(route.shards):
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         if route.split is not None and route.split.get(shard):
             stmt = stmt.params(route.split[shard])
-        index = session._read_target(shard, statement, execution_options) if cluster.has_replicas else None
+        try:
+            index = session._read_target(shard, statement, execution_options) \
+                if cluster.has_replicas else None
+        except ShardUnavailable as e:
+            # No node of this shard may serve the read (when_no_replica = 'raise').
+            failures[shard] = e
+            continue
         role = PRIMARY if index is None else REPLICA
         eo, ba = _single(shard, role, execution_options, bind_arguments)
         # Any flush already ran in this thread; the shard threads must not flush.
@@ -743,22 +817,24 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     if not_done:
         wait(not_done)
     results: dict[str, Any] = {}
-    failures: dict[str, BaseException] = {}
     for f, (shard, index, stmt, eo, ba, conn) in futures.items():
         try:
             results[shard] = f.result()
-        except ShardUnavailable as e:
-            if index is not None and f not in not_done:
-                # A replica died under the read: ban it and read that shard again
-                # on another node (autocommit replica reads are safe to retry).
-                cluster.selector.monitor.ban(shard, index, f"read failed: {e.cause!r}"[:200])
-                session._forget_connection(shard, index)
+        except (ShardUnavailable, sa_exc.DBAPIError) as e:
+            if index is not None and f not in not_done and session._replica_read_failed(shard, index, e):
+                # A replica died under the read or cancelled it: read that shard
+                # again on another node (autocommit replica reads are safe to retry).
                 try:
                     results[shard] = session._read_on(shard, stmt, params, execution_options,
                                                       bind_arguments, {})
                 except Exception as e2:  # noqa: BLE001
                     failures[shard] = e2
                 continue
+            if f in not_done:
+                e = ShardUnavailable(
+                    f"shard {shard}: no answer within {timeout:g} s (query cancelled)",
+                    shard=shard, cause=e,
+                )
             failures[shard] = e
         except Exception as e:  # noqa: BLE001 - reported per shard below
             if f in not_done:
@@ -820,11 +896,22 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
             prop = mapper.get_property_by_column(mapper.local_table.c[cname])
             if state.attrs[prop.key].history.has_changes():
                 changed = True
-        if not changed:
-            continue
-        new_shard = shard_of_instance(session.cluster, mapper, obj)
+        new_shard = shard_of_instance(session.cluster, mapper, obj) if changed else None
         old_shard = state.key[2]
-        if new_shard != old_shard:
+        if new_shard is None or new_shard == old_shard:
+            # order.user = other_user: the flush copies the parent's key into the
+            # shard key column only later, so look at the relationship itself.
+            for rel in mapper.relationships:
+                if rel.direction is not MANYTOONE or not any(
+                        c.name in tr.key_columns for c in rel.local_columns):
+                    continue
+                added = state.attrs[rel.key].history.added
+                if added and added[0] is not None:
+                    parent_shard = _shard_of_related(session.cluster, added[0])
+                    if parent_shard != old_shard:
+                        new_shard = parent_shard
+                        break
+        if new_shard is not None and new_shard != old_shard:
             raise CrossShardWriteError(
                 f"changing the shard key of {type(obj).__name__} {state.key[1]} would move it "
                 f"from shard {old_shard} to {new_shard}; shardkit does not move rows inside a "
@@ -941,6 +1028,8 @@ def _note_flushed_shards(session: Session, flush_context: Any) -> None:
 def _hold_commit_connections(session: Session) -> None:
     """Before a commit, keep the written shards' connections for reading the WAL position after it."""
     assert isinstance(session, ShardedSession)
+    if session.in_nested_transaction():
+        return  # releasing a savepoint commits nothing
     session._sk_commit_conns = {}
     if not session.cluster.has_replicas:
         return
@@ -960,6 +1049,10 @@ def _hold_commit_connections(session: Session) -> None:
 def _record_tokens(session: Session) -> None:
     """After a commit, remember each written shard's WAL position (read-your-writes)."""
     assert isinstance(session, ShardedSession)
+    if session.in_nested_transaction():
+        # A savepoint was released: its writes are still part of the open
+        # transaction (read from the primary) and not committed yet (no token).
+        return
     conns, session._sk_commit_conns = session._sk_commit_conns, {}
     session._sk_written = set()
     for shard, conn in conns.items():
@@ -979,9 +1072,14 @@ def _record_tokens(session: Session) -> None:
             session._sk_tokens[shard] = lsn
 
 
-def _end_transaction(session: Session, *args: Any) -> None:
+def _end_transaction(session: Session, transaction: Any) -> None:
+    """When the outermost transaction ends (commit, rollback or close), its writes stop
+    pinning reads to the primaries.  A savepoint ending changes nothing: what the
+    transaction wrote before or inside it is still visible only on the primary."""
     assert isinstance(session, ShardedSession)
-    session._sk_written = set()
+    if transaction.parent is None:
+        session._sk_written = set()
+        session._sk_commit_conns = {}
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
@@ -993,7 +1091,7 @@ event.listen(ShardedSession, "after_flush", _replicate_reference_rows)
 event.listen(ShardedSession, "after_flush", _note_flushed_shards)
 event.listen(ShardedSession, "before_commit", _hold_commit_connections)
 event.listen(ShardedSession, "after_commit", _record_tokens)
-event.listen(ShardedSession, "after_rollback", _end_transaction)
+event.listen(ShardedSession, "after_transaction_end", _end_transaction)
 
 
 def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,

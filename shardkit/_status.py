@@ -79,6 +79,8 @@ def render(data: dict[str, Any]) -> str:
                 lag = "-"
             elif n["lag_bytes"] is None:
                 lag = "unknown"
+            elif n["lag_seconds"] is None:
+                lag = f"? s / {n['lag_bytes']} B"
             else:
                 lag = f"{n['lag_seconds']:.1f} s / {n['lag_bytes']} B"
             if n.get("ban_reason"):

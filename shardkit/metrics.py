@@ -104,13 +104,16 @@ class _StateCollector:
         size = GaugeMetricFamily("shardkit_pool_size", "Pool size", labels=_LABELS)
         mon = self.cluster._monitor
         if mon is not None:
+            now = time.monotonic()
             for state in mon.shards.values():
                 for n in (state.primary, *state.replicas):
                     labels = [n.shard, n.name, n.role]
-                    up.add_metric(labels, 1.0 if n.up else 0.0)
+                    up.add_metric(labels, 1.0 if n.up and n.heard_from(now, mon.stale_after) else 0.0)
                     if n.role == "replica" and n.lag_bytes is not None:
                         lag_b.add_metric(labels, float(n.lag_bytes))
-                        lag_s.add_metric(labels, float(n.lag_seconds or 0.0))
+                        # A down replica's time lag is unknown: no sample rather than a frozen one.
+                        if n.lag_seconds is not None:
+                            lag_s.add_metric(labels, float(n.lag_seconds))
         for eng in list(self.cluster._engines.values()):
             info = eng.info  # type: ignore[attr-defined]
             labels = [info["shard"], info["node"], info["role"]]
