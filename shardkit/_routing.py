@@ -212,6 +212,8 @@ class Router:
             if not _is_unresolved(v):
                 known = plan.routes.get(self._shard(g, v, co))
                 if known is not None:
+                    if isinstance(statement, Update):
+                        self._refuse_key_move(statement, params, known)
                     return known
         is_write = isinstance(statement, UpdateBase)
         if plan.textual:
@@ -288,9 +290,43 @@ class Router:
         kind = "direct" if len(ordered) == 1 else (
             "all" if len(ordered) == len(self.shard_names) else "multi")
         route = Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split)
+        if isinstance(statement, Update):
+            self._refuse_key_move(statement, params, route)
         if single is not None and role is None and len(ordered) == 1:
             plan.routes[ordered[0]] = route
         return route
+
+    def _refuse_key_move(self, stmt: Update, params: Any, route: Route) -> None:
+        """Refuse an UPDATE whose SET gives the shard key a value owned by another shard:
+        the row would stay where it is, under a key it does not own."""
+        tr = self.tables.get(_table_name(stmt.table))
+        if tr is None or tr.strategy is None:
+            return
+        sets = {_col_name(k): v for k, v in (stmt._values or {}).items()}
+        if isinstance(params, Mapping):
+            # Parameters of an UPDATE without values() become its SET clause.
+            sets.update({_col_name(k): v for k, v in params.items()})
+        touched = [c for c in tr.key_columns if c in sets]
+        if not touched:
+            return
+        values = [_literal(sets[c]) if c in sets else None for c in tr.key_columns]
+        if len(touched) < len(tr.key_columns) or any(_is_unresolved(v) for v in values):
+            raise CrossShardWriteError(
+                f"update of {tr.table} sets shard key column(s) {', '.join(touched)} to a value "
+                "shardkit cannot evaluate (an expression, NULL, or part of a composite key); "
+                "the row could end up on a shard that does not own it. Set every shard key "
+                "column to a plain value, or delete and re-insert the row",
+                table=tr.table, statement=stmt,
+            )
+        target = self._shard_for_row(tr, dict(zip(tr.key_columns, values)))
+        if set(route.shards) != {target}:
+            raise CrossShardWriteError(
+                f"update of {tr.table} sets its shard key to {values[0] if len(values) == 1 else tuple(values)!r}, "
+                f"owned by shard {target}, on rows of {', '.join(route.shards)}; shardkit does not "
+                "move rows inside a statement (it could not be atomic). Delete and re-insert "
+                "the rows, or keep the key",
+                table=tr.table, statement=stmt,
+            )
 
     # -- inserts ---------------------------------------------------------------
 

@@ -34,6 +34,8 @@ from sqlalchemy import (
     util,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import bindparam
+from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from concurrent.futures import wait
@@ -42,8 +44,9 @@ from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.interfaces import MANYTOONE
-from sqlalchemy.sql import coercions, roles, selectable
+from sqlalchemy.sql import coercions, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update
 
@@ -339,6 +342,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # Flush before choosing the node: the flush decides which shards this
             # transaction has written, and those must be read from their primary.
             self._autoflush()
+        if (params and isinstance(params, list) and isinstance(statement, Update)
+                and statement.whereclause is None and not statement._values
+                and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
+            return _orm_bulk_update(self, statement._propagate_attrs["plugin_subject"].mapper, params)
         route = _route_statement(self, statement, params, execution_options, bind_arguments)
         if route.is_write or getattr(statement, "_for_update_arg", None) is not None:
             # Rows written or locked: the rest of the transaction reads them on the primary.
@@ -401,6 +408,74 @@ class ShardedSession(horizontal_shard.ShardedSession):
                **kw: Any) -> Any:
         return self.execute(statement, params, execution_options=execution_options,
                             bind_arguments=bind_arguments, **kw).scalar()
+
+    # -- legacy bulk methods -------------------------------------------------------------
+    # horizontal_shard does not support them (they raise NotImplementedError); here
+    # they are the 2.0-style bulk statements, which split rows by shard.
+
+    def bulk_insert_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]],
+                             return_defaults: bool = False, render_nulls: bool = False) -> None:
+        """Insert rows given as dicts of attribute values, each on the shard that owns it.
+
+        Same as ``session.execute(insert(Model), mappings)``.  ``return_defaults``
+        is not supported (use ``add_all()`` to get generated values back).
+        """
+        if return_defaults:
+            raise RoutingError("bulk_insert_mappings(return_defaults=True) is not supported by "
+                               "ShardedSession; add the objects with session.add_all()")
+        rows = [dict(m) for m in mappings]
+        if not render_nulls:
+            # As SQLAlchemy does: a None leaves the column to its server default.
+            rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+        if rows:
+            self.execute(sa_insert(inspect(mapper).mapper), rows)
+
+    def bulk_update_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]]) -> None:
+        """Update rows by primary key, given as dicts of attribute values, each on its shard.
+
+        Same as ``session.execute(update(Model), mappings)``: every dict carries the
+        primary key and the shard key.
+        """
+        rows = [dict(m) for m in mappings]
+        if rows:
+            _orm_bulk_update(self, inspect(mapper).mapper, rows)
+
+    def bulk_save_objects(self, objects: Iterable[Any], return_defaults: bool = False,
+                          update_changed_only: bool = True, preserve_order: bool = True) -> None:
+        """Insert new objects and update persistent ones, in bulk, each on its shard.
+
+        As in SQLAlchemy, the objects are not attached to the session and get no
+        generated values back.  ``return_defaults`` is not supported.
+        """
+        if return_defaults:
+            raise RoutingError("bulk_save_objects(return_defaults=True) is not supported by "
+                               "ShardedSession; add the objects with session.add_all()")
+        batches: list[tuple[Any, bool, list[dict[str, Any]]]] = []
+        for obj in objects:
+            state = inspect(obj)
+            mapper = state.mapper
+            is_insert = state.key is None
+            if is_insert:
+                row = {p.key: state.dict[p.key] for p in mapper.column_attrs if p.key in state.dict}
+            else:
+                row = {p.key: getattr(obj, p.key) for p in mapper.column_attrs
+                       if p.columns[0] in mapper.primary_key
+                       or p.columns[0].name in self.cluster.router.table_route(mapper).key_columns}
+                for p in mapper.column_attrs:
+                    if p.key in state.dict and p.key not in row and (
+                            not update_changed_only or state.attrs[p.key].history.has_changes()):
+                        row[p.key] = state.dict[p.key]
+            if batches and batches[-1][0] is mapper and batches[-1][1] == is_insert:
+                batches[-1][2].append(row)
+            else:
+                batches.append((mapper, is_insert, [row]))
+        if not preserve_order:
+            batches.sort(key=lambda b: (id(b[0]), b[1]))
+        for mapper, is_insert, rows in batches:
+            if is_insert:
+                self.bulk_insert_mappings(mapper, rows)
+            else:
+                _orm_bulk_update(self, mapper, rows)
 
     def connection_for_shard(self, shard: str) -> Any:
         """The session's connection to ``shard``'s primary (joining the session's transaction).
@@ -625,17 +700,91 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
     result = None
     if session.autoflush:
         session._autoflush()
+    stmt = table.insert()
+    if statement._values:
+        stmt = stmt.values(dict(statement._values))
     for shard, part in by_shard.items():
-        core_rows = [{attr_to_col.get(k, k): v for k, v in r.items()} for r in part]
         conn = session.connection(bind_arguments={"shard_id": shard})
-        stmt = table.insert()
-        if statement._values:
-            stmt = stmt.values(dict(statement._values))
-        result = conn.execute(stmt, core_rows)
-        # executemany reports no reliable rowcount; every row was inserted or
-        # the statement raised.
-        total += len(core_rows)
+        # One executemany per set of columns given, as SQLAlchemy's bulk insert does.
+        for core_rows in _by_columns({attr_to_col.get(k, k): v for k, v in r.items()} for r in part):
+            result = conn.execute(stmt, core_rows)
+            # executemany reports no reliable rowcount; every row was inserted or
+            # the statement raised.
+            total += len(core_rows)
     assert result is not None
+    result.rowcount = total  # type: ignore[misc]
+    return result
+
+
+def _by_columns(rows: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows grouped by the set of columns they give (an executemany needs one set)."""
+    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(frozenset(r), []).append(r)
+    return list(groups.values())
+
+
+def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> Result[Any]:
+    """ORM bulk UPDATE by primary key (``session.execute(update(Model), [{...}, ...])``),
+    split by shard.
+
+    Each row names its primary key and shard key; it is updated on the shard
+    that owns that key, through Core on the session's connection there (as the
+    ORM would, the objects in the session are left as they are).  A row that
+    matches nothing (a wrong key, or a row on another shard) raises
+    :class:`~sqlalchemy.orm.exc.StaleDataError`, as SQLAlchemy's bulk update does.
+    """
+    router = session.cluster.router
+    tr = router.table_route(mapper)
+    table = mapper.local_table
+    attr_to_col = {prop.key: prop.columns[0].key for prop in mapper.column_attrs}
+    pk_cols = list(mapper.primary_key)
+    pk_attrs = [mapper.get_property_by_column(c).key for c in pk_cols]
+    key_attrs = [mapper.get_property_by_column(table.c[c]).key for c in tr.key_columns]
+    by_shard: dict[str, list[dict[str, Any]]] = {}
+    for i, row in enumerate(rows):
+        missing = [a for a in (*pk_attrs, *key_attrs) if row.get(a) is None]
+        if missing:
+            raise ShardKeyError(
+                f"row {i} of the bulk update of {tr.table} has no value for {', '.join(dict.fromkeys(missing))}; "
+                "a bulk UPDATE by primary key needs the primary key and the shard key in every row",
+                table=tr.table)
+        core = {attr_to_col.get(k, k): v for k, v in row.items()}
+        if tr.strategy is None:
+            shards = session.cluster.shard_names
+        else:
+            shards = [router._shard_for_row(tr, core)]
+        for shard in shards:
+            by_shard.setdefault(shard, []).append(core)
+    pk_names = {c.key for c in pk_cols}
+    total = 0
+    result = None
+    if session.autoflush:
+        session._autoflush()
+    for shard, part in by_shard.items():
+        conn = session.connection(bind_arguments={"shard_id": shard})
+        session._sk_written.add(shard)
+        for group in _by_columns(part):
+            sets = [c for c in group[0] if c not in pk_names]
+            if not sets:
+                continue
+            stmt = table.update().where(
+                *[c == bindparam(f"_pk_{c.key}") for c in pk_cols]
+            ).values({c: bindparam(c) for c in sets})
+            params = [{**{c: r[c] for c in sets}, **{f"_pk_{k}": r[k] for k in pk_names}}
+                      for r in group]
+            result = conn.execute(stmt, params)
+            matched = result.rowcount
+            if matched != len(params):
+                raise orm_exc.StaleDataError(
+                    f"UPDATE of {tr.table} on shard {shard} expected to update {len(params)} "
+                    f"row(s); {matched} matched (a primary key that does not exist there, or "
+                    "a shard key that is not the row's)")
+            total += matched
+    if result is None:
+        raise RoutingError(f"bulk update of {tr.table} sets no column besides the primary key")
+    if tr.strategy is None:
+        total //= max(1, len(session.cluster.shard_names))
     result.rowcount = total  # type: ignore[misc]
     return result
 
@@ -729,6 +878,23 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
         construct="cross-shard statement during a move", statement=statement)
 
 
+def _with_bind_values(statement: Any, values: Mapping[str, Any]) -> Any:
+    """``statement`` with the bound values of the parameters named in ``values`` replaced.
+
+    What ``Select.params()`` does, for UPDATE and DELETE too (whose ``params()``
+    SQLAlchemy does not implement): a split IN list gives each shard its own values.
+    """
+    if isinstance(statement, (selectable.Select, selectable.CompoundSelect)):
+        return statement.params(values)
+
+    def visit_bindparam(bind: Any) -> None:
+        if bind.key in values:
+            bind.value = values[bind.key]
+            bind.required = False
+
+    return visitors.cloned_traverse(statement, {}, {"bindparam": visit_bindparam})
+
+
 def _run_on_shards(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
                    bind_arguments: Any, route: Route) -> Result[Any]:
     if not route.is_write:
@@ -743,10 +909,11 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             if isinstance(statement, Insert) and isinstance(part, list):
                 p = part
             elif part:
-                stmt = stmt.params(part)
+                stmt = _with_bind_values(stmt, part)
         eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
         results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
-    if not any(r.returns_rows for r in results):
+    # ORM results of UPDATE/DELETE ... RETURNING are not cursor results: they have rows.
+    if not any(getattr(r, "returns_rows", True) for r in results):
         total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
         first = results[0]
         for r in results[1:]:
@@ -783,7 +950,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     for shard in sorted(route.shards):
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         if route.split is not None and route.split.get(shard):
-            stmt = stmt.params(route.split[shard])
+            stmt = _with_bind_values(stmt, route.split[shard])
         try:
             index = session._read_target(shard, statement, execution_options) \
                 if cluster.has_replicas else None
