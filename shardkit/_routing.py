@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import types as sqltypes
-from sqlalchemy.sql import elements, operators, selectable
+from sqlalchemy.orm.context import FromStatement
+from sqlalchemy.sql import elements, lambdas, operators, selectable
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
@@ -28,6 +29,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 from ._config import ClusterConfig, GroupConfig
 from ._strategies import HashStrategy, Strategy
 from ._colocation import colocation_problem
+from ._scatter import exists_column
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
 
 __all__ = ["Route", "Router", "TableRoute"]
@@ -200,6 +202,8 @@ class Router:
         an executemany).  ``all_shards`` permits a key-less UPDATE/DELETE to run on
         every shard.
         """
+        if type(statement) in _WRAPPERS:
+            statement = unwrap_statement(statement)
         plan, binds = self._plan_for(statement)
         single = plan.single_key
         if single is not None and role is None:
@@ -275,8 +279,11 @@ class Router:
                     table=plan.tables[0] if plan.tables else None,
                     statement=statement,
                 )
-            return Route(self.shard_names, "all", chosen_role, "; ".join(reasons), is_write,
-                         plan.tables)
+            route = Route(self.shard_names, "all", chosen_role, "; ".join(reasons), is_write,
+                          plan.tables)
+            if isinstance(statement, Update):
+                self._refuse_key_move(statement, params, route)
+            return route
         ordered = tuple(s for s in self.shard_names if s in shards)
         if not ordered:
             # Contradictory predicates (key = 1 AND key = 2 on different shards):
@@ -309,7 +316,14 @@ class Router:
         touched = [c for c in tr.key_columns if c in sets]
         if not touched:
             return
-        values = [_literal(sets[c]) if c in sets else None for c in tr.key_columns]
+        pmap = params if isinstance(params, Mapping) else _EMPTY
+
+        def value(v: Any) -> Any:
+            if isinstance(v, BindParameter) and v.key in pmap:
+                return pmap[v.key]  # values(id=bindparam("new")), given at execution
+            return _literal(v)
+
+        values = [value(sets[c]) if c in sets else None for c in tr.key_columns]
         if len(touched) < len(tr.key_columns) or any(_is_unresolved(v) for v in values):
             raise CrossShardWriteError(
                 f"update of {tr.table} sets shard key column(s) {', '.join(touched)} to a value "
@@ -439,8 +453,8 @@ class Router:
             if isinstance(statement, elements.TextClause) or not isinstance(
                 statement, (selectable.Select, selectable.CompoundSelect, UpdateBase)
             ):
-                return _Plan((), {}, (), None, [],
-                             textual=isinstance(statement, elements.TextClause))
+                return _Plan((), {}, (), None, [], textual=isinstance(
+                    statement, (elements.TextClause, selectable.TextualSelect)))
             found = sql_util.find_tables(statement, include_aliases=True, include_crud=True,
                                          include_joins=False)
         else:
@@ -549,6 +563,12 @@ class Router:
             return None
 
         where = getattr(statement, "_where_criteria", ())
+        if not where and isinstance(statement, selectable.Select) and not statement._from_obj \
+                and len(statement._raw_columns) == 1:
+            # SELECT EXISTS (SELECT ... WHERE key = :k): the key inside decides.
+            inner = exists_column(statement._raw_columns[0])
+            if inner is not None:
+                where = inner._where_criteria
         try:
             if not where:
                 pred = None
@@ -711,6 +731,23 @@ def _simple_tables(statement: Any) -> list[Any] | None:
             return None
         return [statement.table]
     return None
+
+
+def unwrap_statement(statement: Any) -> Any:
+    """The statement whose SQL decides the route: a ``lambda_stmt`` resolved with its current
+    values, the statement inside ``select(Model).from_statement(...)``."""
+    while True:
+        if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
+            # Resolved with this call's closure values (SQLAlchemy keeps no public handle).
+            statement = statement._resolved
+        elif isinstance(statement, FromStatement):
+            statement = statement.element
+        else:
+            return statement
+
+
+_WRAPPERS = frozenset({lambdas.StatementLambdaElement, lambdas.NullLambdaStatement,
+                       lambdas.LinkedLambdaElement, FromStatement})
 
 
 def _is_unresolved(v: Any) -> bool:

@@ -80,7 +80,7 @@ class OutputColumn:
 class MergePlan:
     """How shard results combine into the single result a caller sees."""
 
-    kind: str                              # concat | ordered | aggregate | group
+    kind: str                              # concat | ordered | aggregate | group | any
     visible: int                           # number of columns the caller asked for
     sort_keys: tuple[SortKey, ...] = ()
     limit: int | None = None
@@ -139,13 +139,31 @@ def _agg_name(expr: Any) -> str | None:
 
 
 def _contains_aggregate(expr: Any) -> str | None:
-    for e in visitors.iterate(expr):
-        if isinstance(e, selectable.SelectBase):
+    """An aggregate over the statement's own rows inside ``expr`` (not one inside a subquery,
+    which aggregates the subquery's rows: a correlated ``(SELECT count(*) ...)`` per row)."""
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, (selectable.SelectBase, selectable.ScalarSelect)):
             continue
         if isinstance(e, functions.FunctionElement) and (
             e.name.lower() in _MERGEABLE_AGGS or e.name.lower() in _OTHER_AGGS
         ):
             return e.name.lower()
+        stack.extend(e.get_children())
+    return None
+
+
+def exists_column(col: Any) -> selectable.Select[Any] | None:
+    """The subquery of an ``EXISTS (...)`` column (labelled or not), else None."""
+    if isinstance(col, Label):
+        col = col.element
+    if isinstance(col, selectable.Exists):
+        inner = col.element
+        while isinstance(inner, (selectable.ScalarSelect, elements.Grouping)):
+            inner = inner.element
+        if isinstance(inner, selectable.Select):
+            return inner
     return None
 
 
@@ -193,6 +211,16 @@ def _is_entity(col: Any) -> bool:
 
 def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
     columns = list(stmt._raw_columns)
+    if not stmt.get_final_froms():
+        # SELECT EXISTS (...): each shard answers one row for its own rows.
+        if all(exists_column(c) is not None for c in columns) and not stmt._where_criteria:
+            return stmt, MergePlan("any", len(columns),
+                                   description="EXISTS: true if it is true on any shard")
+        raise ScatterRefused(
+            "a SELECT without FROM over subqueries of sharded tables runs its subqueries on each "
+            "shard separately and cannot be merged (EXISTS alone can); select from the table "
+            "itself, or add the shard key",
+            construct="SELECT without FROM over subqueries")
     # A Core table in the select list is one result column per table column; an ORM entity
     # is one (the object).
     visible = sum(len(c.c) if isinstance(c, selectable.FromClause) and not _is_entity(c) else 1
@@ -544,6 +572,11 @@ def _sort_key_fn(keys: Sequence[SortKey]) -> Callable[[Sequence[Any]], _Key]:
 
 def merge_rows(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -> Iterator[tuple[Any, ...]]:
     """Combine per-shard row streams according to ``plan``; yields visible rows."""
+    if plan.kind == "any":
+        rows = [tuple(r) for stream in streams for r in stream]
+        if not rows:
+            return iter(())
+        return iter([tuple(any(r[i] for r in rows) for i in range(plan.visible))])
     if plan.kind in ("concat", "ordered"):
         if plan.kind == "ordered":
             merged: Iterable[Sequence[Any]] = heapq.merge(*streams, key=_sort_key_fn(plan.sort_keys))

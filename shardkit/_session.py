@@ -11,9 +11,10 @@ refusal of writes that would silently land on the wrong shard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import (
@@ -46,7 +47,7 @@ from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.interfaces import MANYTOONE
-from sqlalchemy.sql import coercions, roles, selectable, visitors
+from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update
 
@@ -156,7 +157,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if plan is False:
             return None
         positions, coercers, strategy = plan
-        ident = primary_key if isinstance(primary_key, (tuple, list)) else (primary_key,)
+        if isinstance(primary_key, Mapping):
+            # session.get(Model, {"region": ..., "id": ...}): keyed by attribute name.
+            ident = tuple(primary_key.get(mapper.get_property_by_column(c).key)
+                          for c in mapper.primary_key)
+        else:
+            ident = primary_key if isinstance(primary_key, (tuple, list)) else (primary_key,)
         if len(ident) <= max(positions):
             return None
         values = []
@@ -171,11 +177,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # Naming the shard up front lets the load skip statement analysis.
         if identity_token is None and current_scope().shard is None:
             identity_token = self._shard_from_identity(inspect(entity).mapper, ident)
+            if identity_token is None:
+                with _one_shard_per_identity(entity, ident):
+                    return super().get(entity, ident, **kw)
         return super().get(entity, ident, identity_token=identity_token, **kw)
 
     def get_one(self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any) -> Any:
         if identity_token is None and current_scope().shard is None:
             identity_token = self._shard_from_identity(inspect(entity).mapper, ident)
+            if identity_token is None:
+                with _one_shard_per_identity(entity, ident):
+                    return super().get_one(entity, ident, **kw)
         return super().get_one(entity, ident, identity_token=identity_token, **kw)
 
     def _execute_shards(self, orm_context: ORMExecuteState) -> Iterable[str]:
@@ -336,6 +348,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """
         if not isinstance(statement, roles.StatementRole):
             statement = coercions.expect(roles.StatementRole, statement)
+        if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
+            # Routed, planned and merged as the statement it builds, with this call's values.
+            statement = statement._resolved
         if (self.cluster.has_replicas and self.autoflush and not self._flushing
                 and isinstance(statement, (selectable.Select, selectable.CompoundSelect))
                 and (self._new or self._deleted or self.identity_map.check_modified())):
@@ -489,6 +504,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
         return conn
 
 
+@contextlib.contextmanager
+def _one_shard_per_identity(entity: Any, ident: Any) -> Iterator[None]:
+    """A get() by a primary key without the shard key, which found the key on several shards."""
+    try:
+        yield
+    except sa_exc.MultipleResultsFound:
+        name = getattr(entity, "__name__", entity)
+        raise RoutingError(
+            f"{name} with primary key {ident!r} exists on more than one shard (its primary key "
+            "does not contain the shard key, and is unique only per shard); name the shard: "
+            "session.get(..., identity_token='s0') or shardkit.scope(shard='s0')"
+        ) from None
+
+
 def _pk_plan(cluster: Cluster, mapper: Any) -> Any:
     """Where the shard key sits inside the primary key of ``mapper``, or False."""
     try:
@@ -587,12 +616,16 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
         uo = execution_options.get("_sa_orm_update_options")
         if uo is not None and uo._identity_token is not None:
             return uo._identity_token
-        shard = execution_options.get("shardkit_shard") or execution_options.get("_sa_shard_id")
+        # identity_token: the shard loaded objects are said to come from (SQLAlchemy's
+        # option, which eager loaders such as subqueryload inherit): run there.
+        shard = (execution_options.get("shardkit_shard") or execution_options.get("_sa_shard_id")
+                 or execution_options.get("identity_token"))
         if shard is not None:
             return shard
     stmt_opts = getattr(statement, "_execution_options", None)
     if stmt_opts:
-        shard = stmt_opts.get("shardkit_shard") or stmt_opts.get("_sa_shard_id")
+        shard = (stmt_opts.get("shardkit_shard") or stmt_opts.get("_sa_shard_id")
+                 or stmt_opts.get("identity_token"))
         if shard is not None:
             return shard
     return sc.shard
@@ -1034,14 +1067,43 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     ordered = [results[s] for s in route.shards if s in results]
     if not ordered:
         raise ScatterError(failures)
-    keys = list(ordered[0].keys())[: plan.visible]
+    first = ordered[0]
+    keys = list(first.keys())[: plan.visible]
+    # A joinedload of a collection gives each parent one row per child: each
+    # shard's result folds them (objects of different shards are never equal).
+    needs_unique = first._unique_filter_state
+    if needs_unique is not None:
+        ordered = [r.unique() for r in ordered]
     merged = merge_rows(plan, ordered)
     result = ScatterResult(SimpleResultMetaData(keys), merged)
+    # What legacy Query reads to return entities instead of rows, and SQLAlchemy's
+    # rule that a joined collection load is consumed through unique().
+    attrs = first._attributes
+    if plan.visible < len(first.keys()) and "is_single_entity" in attrs:
+        # The shards ran the query with sort or aggregate columns added, so the
+        # ORM saw several columns; whether the caller's query returns entities
+        # is a property of the original statement.
+        attrs = attrs.union({"is_single_entity": _is_single_entity(statement, execution_options)})
+    result._attributes = attrs
+    result._unique_filter_state = needs_unique
     result.missing_shards = failures
     if failures:
         log.warning("partial results: shards %s failed: %s", ", ".join(sorted(failures)),
                     "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return result
+
+
+def _is_single_entity(statement: Any, execution_options: Any) -> bool:
+    """Whether legacy Query returns ``statement``'s rows as bare entities (as SQLAlchemy decides)."""
+    lo = execution_options.get("_sa_orm_load_options") if execution_options else None
+    if lo is not None and lo._only_return_tuples:
+        return False
+    cols = getattr(statement, "column_descriptions", None)
+    if not cols or len(cols) != 1:
+        return False
+    insp = inspect(cols[0].get("expr"), raiseerr=False)
+    return bool(insp is not None and (getattr(insp, "is_mapper", False)
+                                      or getattr(insp, "is_aliased_class", False)))
 
 
 def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any) -> None:

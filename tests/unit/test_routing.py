@@ -119,6 +119,59 @@ def test_keyed_update_delete(cluster):
         cluster.shard_for(User, 3),)
 
 
+def _keys_on(cluster, shard, n, start=1):
+    return [k for k in range(start, start + 10_000) if cluster.shard_for(User, k) == shard][:n]
+
+
+def test_update_that_moves_the_shard_key_is_refused(cluster):
+    (a,), (b,) = _keys_on(cluster, "s0", 1), _keys_on(cluster, "s1", 1)
+    (a2,) = _keys_on(cluster, "s0", 1, start=a + 1)
+    # to a key of the same shard: allowed; to another shard's key: refused
+    assert cluster.explain(update(User).where(User.id == a).values(id=a2)).shards == ("s0",)
+    with pytest.raises(CrossShardWriteError, match="owned by shard s1"):
+        cluster.explain(update(User).where(User.id == a).values(id=b))
+    with pytest.raises(CrossShardWriteError, match="owned by shard s1"):
+        cluster.explain(update(User).where(User.id == a), {"id": b})
+    with pytest.raises(CrossShardWriteError, match="cannot evaluate"):
+        cluster.explain(update(User).where(User.id == a).values(id=User.id + 1))
+    # the cached route of a key = value plan checks the SET as well
+    stmt = update(User).where(User.id == bindparam("k")).values(id=bindparam("new"))
+    assert cluster.explain(stmt, {"k": a, "new": a2}).shards == ("s0",)
+    with pytest.raises(CrossShardWriteError):
+        cluster.explain(stmt, {"k": a, "new": b})
+    # a child's key column, and an UPDATE of every shard
+    with pytest.raises(CrossShardWriteError):
+        cluster.explain(update(Order).where(Order.user_id == a).values(user_id=b))
+    with pytest.raises(CrossShardWriteError):
+        cluster.explain(update(User).values(id=b), all_shards=True)
+
+
+def test_exists_routes_by_the_key_inside_it(cluster):
+    from sqlalchemy import exists
+
+    for k in range(20):
+        r = cluster.explain(select(exists().where(User.id == k)))
+        assert r.shards == (cluster.shard_for(User, k),)
+    r = cluster.explain(select(exists().where(User.name == "x")))
+    assert r.kind == "all" and r.merge.startswith("EXISTS")
+
+
+def test_lambda_and_from_statement_route_like_what_they_wrap(cluster):
+    from sqlalchemy import column, lambda_stmt
+
+    def by_id(uid):
+        return lambda_stmt(lambda: select(User).where(User.id == uid))
+
+    for k in range(20):  # one lambda, its closure value changes
+        assert cluster.explain(by_id(k)).shards == (cluster.shard_for(User, k),)
+    assert cluster.explain(select(User).from_statement(select(User).where(User.id == 5))).shards == (
+        cluster.shard_for(User, 5),)
+    for stmt in (select(User).from_statement(text("SELECT * FROM users")),
+                 text("SELECT id FROM users").columns(column("id"))):
+        with pytest.raises(RoutingError, match="textual"):
+            cluster.explain(stmt)
+
+
 def test_reference_tables(cluster):
     r = cluster.explain(select(Country))
     assert r.kind == "direct"

@@ -684,3 +684,32 @@ def test_mergeable_neighbours_of_refused_constructs_are_planned():
         select(func.abs(t.c.a), func.count()).group_by(func.abs(t.c.a)).order_by(func.abs(t.c.a)),
     ):
         plan_scatter(stmt)
+
+
+def test_exists_merges_as_any_shard():
+    from sqlalchemy import column, exists, table
+
+    t = table("t", column("id"), column("name"))
+    stmt, plan = plan_scatter(select(exists().where(t.c.name == "x"), exists().where(t.c.id == 1)))
+    assert plan.kind == "any"
+    assert list(merge_rows(plan, [[(False, False)], [(True, False)], [(False, False)]])) == [(True, False)]
+    assert list(merge_rows(plan, [[(False, False)], [(False, False)]])) == [(False, False)]
+
+
+def test_select_without_from_over_other_subqueries_is_refused():
+    from sqlalchemy import column, table
+    t = table("t", column("id"))
+    with pytest.raises(ScatterRefused, match="without FROM"):
+        plan_scatter(select(select(func.count()).select_from(t).scalar_subquery()))
+
+
+def test_aggregate_inside_a_correlated_subquery_is_not_the_outer_querys():
+    from sqlalchemy import column, table
+
+    t = table("t", column("id"))
+    u = table("u", column("t_id"))
+    per_row = select(func.count()).where(u.c.t_id == t.c.id).scalar_subquery()
+    stmt, plan = plan_scatter(select(t.c.id, per_row.label("n")).order_by(t.c.id))
+    assert plan.kind == "ordered"
+    with pytest.raises(ScatterRefused, match="expression over count"):
+        plan_scatter(select(t.c.id, (func.count() + per_row).label("n")).group_by(t.c.id))
