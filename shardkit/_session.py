@@ -157,12 +157,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if plan is False:
             return None
         positions, coercers, strategy = plan
-        if isinstance(primary_key, Mapping):
+        if isinstance(primary_key, (tuple, list)):
+            ident = primary_key
+        elif isinstance(primary_key, dict):
             # session.get(Model, {"region": ..., "id": ...}): keyed by attribute name.
             ident = tuple(primary_key.get(mapper.get_property_by_column(c).key)
                           for c in mapper.primary_key)
         else:
-            ident = primary_key if isinstance(primary_key, (tuple, list)) else (primary_key,)
+            ident = (primary_key,)
         if len(ident) <= max(positions):
             return None
         values = []
