@@ -159,7 +159,7 @@ class World:
 
 def _make_world(dev, tmp_path: Path, groups: dict[str, Any], *, init: bool = True,
                 extra_schema: str = "") -> World:
-    db = f"review{next(_numbers)}"
+    db = f"world{next(_numbers)}"
     for shard in dev.shards:
         with shard.primary.connect(dbname="postgres", autocommit=True) as c:
             c.execute(f"CREATE DATABASE {db}")
@@ -724,7 +724,7 @@ def test_cli_moves_the_empty_value_and_splits_at_a_negative_key(world):
 
 
 # -- pure: slices, slice plans and the CLI's key parsing (no server) ------------------------
-# (Here rather than in tests/unit/test_slices_review.py: two test modules with one basename
+# (Here rather than in tests/unit/test_slices_hostile.py: two test modules with one basename
 # break collection of the whole suite in pytest's default import mode.)
 
 PURE_GROUPS = GROUPS  # the same groups, without a server
