@@ -50,6 +50,7 @@ from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update
+from sqlalchemy.sql.elements import BindParameter
 
 from ._cluster import Cluster
 from ._config import CONSISTENCY_MODES
@@ -914,20 +915,22 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
 
 
 def _with_bind_values(statement: Any, values: Mapping[str, Any]) -> Any:
-    """``statement`` with the bound values of the parameters named in ``values`` replaced.
+    """A copy of ``statement`` whose parameters named in ``values`` have those values:
+    a split IN list gives each shard its own values.
 
-    What ``Select.params()`` does, for UPDATE and DELETE too (whose ``params()``
-    SQLAlchemy does not implement): a split IN list gives each shard its own values.
+    Not ``params()``: SQLAlchemy 2.1 keeps those values beside the statement, and a
+    cached compilation executes with the bound values instead; nor in-place
+    ``cloned_traverse``, which leaves ORM-annotated criteria shared.  New bind
+    parameters under the same keys keep the statement's cache key, so the
+    compiled form is still reused.
     """
-    if isinstance(statement, (selectable.Select, selectable.CompoundSelect)):
-        return statement.params(values)
 
-    def visit_bindparam(bind: Any) -> None:
-        if bind.key in values:
-            bind.value = values[bind.key]
-            bind.required = False
+    def replace(element: Any, **kw: Any) -> Any:
+        if isinstance(element, BindParameter) and element.key in values:
+            return element._with_value(values[element.key], maintain_key=True, required=False)
+        return None
 
-    return visitors.cloned_traverse(statement, {}, {"bindparam": visit_bindparam})
+    return visitors.replacement_traverse(statement, {}, replace)
 
 
 def _run_on_shards(session: ShardedSession, statement: Any, params: Any, execution_options: Any,

@@ -89,8 +89,11 @@ def test_in_list_split_by_owner(sharded):
     for name in sharded.cluster.shard_names:
         event.listen(sharded.cluster.primary(name), "before_cursor_execute", grab)
     try:
-        with sharded.Session() as s:
-            got = s.scalars(select(User).where(User.id.in_(keys))).all()
+        # Twice: the second run executes a cached compilation, which must still
+        # get each shard's own values.
+        for _ in range(2):
+            with sharded.Session() as s:
+                got = s.scalars(select(User).where(User.id.in_(keys))).all()
     finally:
         for name in sharded.cluster.shard_names:
             event.remove(sharded.cluster.primary(name), "before_cursor_execute", grab)
@@ -100,6 +103,38 @@ def test_in_list_split_by_owner(sharded):
         # each shard got only its own keys
         sent = [v for v in params.values()]
         assert sent and all(sharded.cluster.shard_for(User, v) == shard for v in sent)
+
+
+def test_update_and_delete_in_list_split_by_owner(sharded):
+    from sqlalchemy import delete, event, update
+
+    with sharded.Session() as s:
+        s.add_all(User(id=k, name=f"u{k}") for k in range(60))
+        s.commit()
+    keys = list(range(0, 60, 4))
+    captured = []
+
+    def grab(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith(("UPDATE", "DELETE")):
+            captured.append((conn.engine.info["shard"], parameters))
+
+    for name in sharded.cluster.shard_names:
+        event.listen(sharded.cluster.primary(name), "before_cursor_execute", grab)
+    try:
+        for _ in range(2):  # the second run executes cached compilations
+            with sharded.Session() as s:
+                assert s.execute(update(User).where(User.id.in_(keys)).values(name="x")).rowcount == len(keys)
+                s.rollback()
+        with sharded.Session() as s:
+            assert s.execute(delete(User).where(User.id.in_(keys))).rowcount == len(keys)
+            s.commit()
+    finally:
+        for name in sharded.cluster.shard_names:
+            event.remove(sharded.cluster.primary(name), "before_cursor_execute", grab)
+    assert len(captured) == 3 * len({sharded.cluster.shard_for(User, k) for k in keys})
+    for shard, params in captured:
+        sent = [v for k, v in params.items() if k.startswith("id")]
+        assert sent and all(sharded.cluster.shard_for(User, v) == shard for v in sent), (shard, sent)
 
 
 def test_bulk_insert_split_by_owner(sharded):
