@@ -266,7 +266,9 @@ class Cluster:
                     # process's connections to that node.
                     size = min(opts.get("pool_size", 5), cap)
                     opts["pool_size"] = size
-                    opts["max_overflow"] = cap - size
+                    # The cap lowers the pool's limit, never raises it.
+                    overflow = opts.get("max_overflow", 10)
+                    opts["max_overflow"] = cap - size if overflow < 0 else min(overflow, cap - size)
                 if role == REPLICA:
                     # Replica reads run in autocommit: each statement sees the
                     # latest replayed data (as READ COMMITTED would), a read that
@@ -280,7 +282,7 @@ class Cluster:
                 eng = create_engine(url, connect_args=connect_args, **opts)
                 node = _node_name(shard, role, index)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
-                event.listen(eng, "handle_error", _translate_errors(self, shard, node, url))
+                event.listen(eng, "handle_error", _translate_errors(self, shard, node, url), retval=True)
                 for hook in self._engine_hooks:
                     hook(eng)
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))
@@ -416,9 +418,9 @@ def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
 def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
     """A handle_error hook: "cannot reach the node" -> ShardUnavailable, guard refusal -> NotOwned."""
 
-    def handle(context: Any) -> None:
+    def handle(context: Any) -> Exception | None:
         if context.is_pre_ping:
-            return  # the pool reconnects by itself
+            return None  # the pool reconnects by itself
         cause = context.original_exception
         if getattr(cause, "sqlstate", None) == NOT_OWNED_SQLSTATE:
             cluster.map_stale()
@@ -426,26 +428,32 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
             detail = getattr(diag, "message_detail", None)
             bucket = int(detail) if detail and detail.isdigit() else None
             unit = "slice" if bucket is not None and bucket >= SLICE_BASE else "bucket"
-            raise NotOwned(
+            err: Exception = NotOwned(
                 f"shard {shard} refused the write: it does not own {unit} {bucket} (this process "
                 f"routes by map version {cluster.map_version}); the map is being reloaded from the "
                 "catalog: retry the transaction (shardkit.run_transaction retries it)",
                 shard=shard, bucket=bucket, table=getattr(diag, "table_name", None),
                 statement=context.statement,
-            ) from cause
+            )
+            err.__cause__ = cause
+            # Returned, not raised: SQLAlchemy raises it after the other handle_error
+            # hooks (metrics count it) have seen it.
+            return err
         if context.statement is None and context.connection is not None:
-            return  # a failed COMMIT/ROLLBACK: SQLAlchemy's own error says what happened
+            return None  # a failed COMMIT/ROLLBACK: SQLAlchemy's own error says what happened
         unreachable = context.is_disconnect or (
             context.connection is None and isinstance(context.original_exception, psycopg.OperationalError)
         )
         if not unreachable:
-            return
+            return None
         cause = context.original_exception
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ShardUnavailable(
+        err = ShardUnavailable(
             f"shard {shard}: node {node} ({mask_url(url)}) is unreachable: {first}",
             shard=shard, node=node, cause=cause,
-        ) from cause
+        )
+        err.__cause__ = cause
+        return err
 
     return handle
 

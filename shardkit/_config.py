@@ -55,10 +55,16 @@ def mask_url(url: URL | str) -> str:
     """Render a database URL with its password replaced by ``***``."""
     try:
         u = url if isinstance(url, URL) else make_url(url)
+        if u.host and "@" in u.host:
+            # An unencoded "@" in the password: what looks like the host holds part of it.
+            return "<URL with an unencoded '@' in its user or password>"
+        if any(k.lower() == "password" for k in u.query):
+            # libpq also takes the password as a query parameter.
+            u = u.update_query_dict({k: "***" for k in u.query if k.lower() == "password"})
+        return u.render_as_string(hide_password=True)
     except Exception:
         # Unparseable: never echo it raw, it may hold a password.
         return "<unparseable URL>"
-    return u.render_as_string(hide_password=True)
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,8 @@ def _parse_url(raw: Any, path: str) -> URL:
                                  "e.g. postgresql+psycopg://user@host:5432/db")
     try:
         url = make_url(raw)
-    except ArgumentError:
+        url.port  # noqa: B018 - a port that is not a number raises here
+    except (ArgumentError, ValueError):
         raise ConfigurationError(
             path, f"{mask_url(raw)} is not a valid database URL",
             "e.g. postgresql+psycopg://user@host:5432/db",
@@ -276,6 +283,10 @@ def _parse_url(raw: Any, path: str) -> URL:
         )
     if not url.host:
         raise ConfigurationError(path, f"{mask_url(url)} has no host", "add host[:port]")
+    if "@" in url.host:
+        raise ConfigurationError(
+            path, "the URL's user name or password contains an unencoded '@'",
+            "percent-encode it (@ as %40, : as %3A, / as %2F), also in ${VAR} values")
     if not url.database:
         raise ConfigurationError(path, f"{mask_url(url)} has no database name", "add /dbname")
     return url
@@ -478,6 +489,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         except FileNotFoundError:
             raise ConfigurationError(str(p), "config file not found",
                                      "pass --config PATH or create shardkit.toml") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigurationError(str(p), f"cannot read the config file ({type(e).__name__}: "
+                                     f"{getattr(e, 'strerror', None) or e})",
+                                     "pass --config PATH of a UTF-8 TOML file") from None
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

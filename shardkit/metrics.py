@@ -76,14 +76,19 @@ class ClusterMetrics:
             self.queries.labels(*labels).inc()
 
         def failed(ctx: Any) -> None:
-            starts = ctx.connection.info.get("shardkit_t0") if ctx.connection is not None else None
+            self.errors.labels(*labels).inc()
+            try:
+                starts = ctx.connection.info.get("shardkit_t0") if ctx.connection is not None else None
+            except Exception:  # noqa: BLE001 - an invalidated connection has no info left
+                starts = None
             if starts:
                 starts.pop()
-            self.errors.labels(*labels).inc()
 
         event.listen(engine, "before_cursor_execute", before)
         event.listen(engine, "after_cursor_execute", after)
-        event.listen(engine, "handle_error", failed)
+        # First: the cluster's own handler turns connection failures into
+        # ShardUnavailable by raising, and SQLAlchemy calls no handler after that.
+        event.listen(engine, "handle_error", failed, insert=True)
 
 
 class _StateCollector:

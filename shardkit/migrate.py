@@ -16,6 +16,7 @@ shardkit's own SQL objects (the hash function) are an Alembic operation: add
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -23,7 +24,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,13 @@ from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import inspect, pool, text
+from sqlalchemy.exc import OperationalError
 
 from ._cluster import Cluster
 from ._config import mask_url
 from ._sql import install as _install_sql
 from ._sql import uninstall as _uninstall_sql
-from .errors import ConfigurationError, ShardkitError
+from .errors import ConfigurationError, ShardkitError, ShardUnavailable
 
 __all__ = [
     "DriftReport",
@@ -162,6 +164,25 @@ def _engine(url: Any) -> Any:
     return create_engine(url, poolclass=pool.NullPool)
 
 
+@contextlib.contextmanager
+def _shard_connection(cluster: Cluster, shard: str) -> Iterator[Any]:
+    """A connection to ``shard``'s primary; an unreachable one is a ShardUnavailable naming it."""
+    url = cluster.node_url(shard)
+    eng = _engine(url)
+    try:
+        try:
+            conn = eng.connect()
+        except OperationalError as e:
+            first = str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else type(e.orig).__name__
+            raise ShardUnavailable(
+                f"shard {shard}: primary {mask_url(url)} is unreachable: {first}",
+                shard=shard, node=f"{shard}/primary", cause=e.orig) from None
+        with conn:
+            yield conn
+    finally:
+        eng.dispose()
+
+
 # -- the shardkit migrate verbs ---------------------------------------------------------
 
 
@@ -195,16 +216,12 @@ def current(cluster: Cluster) -> dict[str, str | None]:
     """Each shard's revision (``None``: never migrated)."""
     out: dict[str, str | None] = {}
     for shard in cluster.shard_names:
-        eng = _engine(cluster.node_url(shard))
-        try:
-            with eng.connect() as c:
-                if not inspect(c).has_table("alembic_version"):
-                    out[shard] = None
-                    continue
-                revs = [r[0] for r in c.execute(text("SELECT version_num FROM alembic_version"))]
-                out[shard] = ",".join(sorted(revs)) or None
-        finally:
-            eng.dispose()
+        with _shard_connection(cluster, shard) as c:
+            if not inspect(c).has_table("alembic_version"):
+                out[shard] = None
+                continue
+            revs = [r[0] for r in c.execute(text("SELECT version_num FROM alembic_version"))]
+            out[shard] = ",".join(sorted(revs)) or None
     return out
 
 
@@ -317,8 +334,11 @@ def schema_fingerprint(connection: Any) -> dict[str, Any]:
         if t == "alembic_version":
             continue
         cols = [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)]
-        idx = sorted((i["name"], tuple(i["column_names"]), bool(i["unique"]))
-                     for i in insp.get_indexes(t))
+        # The full definition: an index on an expression, or a partial one, differs
+        # from another of the same name by more than its column names.
+        idx = sorted(tuple(r) for r in connection.execute(text(
+            "SELECT indexname, indexdef FROM pg_indexes "
+            "WHERE schemaname = current_schema() AND tablename = :t"), {"t": t}))
         uq = sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(t))
         fks = sorted((tuple(f["constrained_columns"]), f["referred_table"],
                       tuple(f["referred_columns"])) for f in insp.get_foreign_keys(t))
@@ -362,12 +382,8 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
     revisions = current(cluster)
     prints: dict[str, dict[str, Any]] = {}
     for shard in cluster.shard_names:
-        eng = _engine(cluster.node_url(shard))
-        try:
-            with eng.connect() as c:
-                prints[shard] = schema_fingerprint(c)
-        finally:
-            eng.dispose()
+        with _shard_connection(cluster, shard) as c:
+            prints[shard] = schema_fingerprint(c)
     diffs: list[str] = []
     ref_name = cluster.shard_names[0]
     ref = prints[ref_name]

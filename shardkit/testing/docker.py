@@ -137,6 +137,9 @@ SERVER_SETTINGS: tuple[tuple[str, str], ...] = (
     ("hot_standby_feedback", "on"),
     ("wal_keep_size", "512MB"),
     ("max_prepared_transactions", "50"),
+    # The role is named shardkit, like the schema of shardkit's SQL objects: the
+    # default search_path ("$user", public) would create tables in that schema.
+    ("search_path", "public"),
     # Replicas reconnect within 0.5 s (default 5 s) when a test restarts a primary.
     ("wal_retrieve_retry_interval", "500ms"),
     # The image ships the contrib modules.
