@@ -108,7 +108,7 @@ def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance]
                     out.append(_Instance(frm, group, {k: i for i, k in enumerate(keys)}, len(keys),
                                          _name(frm)))
             elif isinstance(frm, selectable.AliasedReturnsRows) and isinstance(
-                    frm.element, (selectable.Select, selectable.CompoundSelect)):
+                    _derived_select(frm), (selectable.Select, selectable.CompoundSelect)):
                 derived, problem = _derived(frm, resolve, outer)
                 if problem:
                     return out, problem
@@ -116,9 +116,17 @@ def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance]
     return out, None
 
 
+def _derived_select(frm: Any) -> Any:
+    """The SELECT under a derived table, through aliases of aliases (``subquery().alias()``)."""
+    inner = frm.element
+    while isinstance(inner, selectable.AliasedReturnsRows):
+        inner = inner.element
+    return inner
+
+
 def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[_Instance], str | None]:
     """A subquery or CTE in FROM: exact per shard if its own rows are, and it only filters."""
-    inner = frm.element
+    inner = _derived_select(frm)
     selects = inner.selects if isinstance(inner, selectable.CompoundSelect) else [inner]
     derived: list[_Instance] = []
     for sel in selects:
@@ -161,6 +169,12 @@ _AGGREGATES = frozenset({
     "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg", "stddev", "stddev_pop",
     "stddev_samp", "variance", "var_pop", "var_samp", "percentile_cont", "percentile_disc", "mode",
     "bit_and", "bit_or", "bit_xor", "xmlagg", "range_agg", "range_intersect_agg", "any_value",
+    "aggregate_strings", "corr", "covar_pop", "covar_samp", "regr_avgx", "regr_avgy",
+    "regr_count", "regr_intercept", "regr_r2", "regr_slope", "regr_sxx", "regr_sxy", "regr_syy",
+    "json_agg_strict", "jsonb_agg_strict", "json_object_agg_strict", "jsonb_object_agg_strict",
+    "json_object_agg_unique", "jsonb_object_agg_unique", "json_object_agg_unique_strict",
+    "jsonb_object_agg_unique_strict", "json_arrayagg", "json_objectagg", "rank", "dense_rank",
+    "percent_rank", "cume_dist", "grouping",
 })
 
 
@@ -289,4 +303,44 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
             problem = _check(sel, everyone, resolve)
             if problem:
                 return problem
+    return None
+
+
+def reference_rows_problem(statement: Any, resolve: Resolver) -> str | None:
+    """Why running ``statement`` on every shard would repeat rows of reference tables, or None.
+
+    Reference tables are on every shard: a statement whose rows come from them
+    (its FROM holds no sharded table, or a sharded table only on the optional
+    side of an outer join) returns those rows once per shard, whatever the
+    sharded tables in its subqueries or joins say.
+    """
+    if not isinstance(statement, selectable.Select):
+        return None
+    froms = statement.get_final_froms()
+    if not froms:
+        return None  # SELECT EXISTS (...) and the like: the merge decides
+
+    def sharded(f: Any) -> bool:
+        for frm in sql_util.surface_selectables(f):
+            table = _table_of(_plain(frm))
+            if isinstance(table, selectable.TableClause) and (
+                    resolve(table.fullname) or resolve(table.name)):
+                return True
+            if isinstance(frm, selectable.AliasedReturnsRows):
+                inner = _derived_select(frm)
+                if isinstance(inner, (selectable.Select, selectable.CompoundSelect)) and any(
+                        sharded(x) for sel in getattr(inner, "selects", [inner])
+                        for x in sel.get_final_froms()):
+                    return True
+        return False
+
+    if not any(sharded(f) for f in froms):
+        return ("its rows come from reference tables only (sharded tables appear only in "
+                "subqueries), so every shard would return them")
+    for f in froms:
+        for frm in sql_util.surface_selectables(f):
+            if isinstance(frm, selectable.Join) and (frm.isouter or frm.full):
+                if frm.full or not sharded(frm.left):
+                    return ("an outer join keeps rows of reference tables that match no sharded "
+                            "row, and every shard would return them")
     return None

@@ -21,14 +21,17 @@ exactly.  :func:`merge_rows` applies the plan to the per-shard row streams.
 
 from __future__ import annotations
 
+import datetime
 import decimal
 import heapq
 import itertools
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import cast, func
+from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 from sqlalchemy.sql import elements, functions, operators, selectable, visitors
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
@@ -38,6 +41,7 @@ __all__ = ["MergePlan", "merge_rows", "pg_numeric_div", "plan_scatter"]
 
 _MERGEABLE_AGGS = {"count", "sum", "min", "max", "avg"}
 _OTHER_AGGS = {
+    "aggregate_strings",
     "array_agg", "string_agg", "bool_and", "bool_or", "every", "stddev", "stddev_pop",
     "stddev_samp", "variance", "var_pop", "var_samp", "json_agg", "jsonb_agg",
     "percentile_cont", "percentile_disc", "mode", "bit_and", "bit_or", "json_object_agg",
@@ -74,6 +78,7 @@ class OutputColumn:
 
     kind: str
     positions: tuple[int, ...]
+    float4: bool = False    # a sum of real: rounded to real, as PostgreSQL's sum(real) returns
 
 
 @dataclass
@@ -125,7 +130,66 @@ def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
         )
     if isinstance(expr, Label):
         expr = expr.element
+    if isinstance(expr, elements.TextClause) or _is_literal_sql(expr):
+        raise ScatterRefused(
+            f"ORDER BY {str(expr)!r} is SQL text (an output position, a name or an expression "
+            "shardkit cannot read); order by the column or expression itself",
+            construct="ORDER BY text")
+    _refuse_unmergeable_type(expr, "ORDER BY")
     return expr, descending, nulls_first
+
+
+def _is_literal_sql(expr: Any) -> bool:
+    """``literal_column("1")`` / ``literal_column("*")``: SQL text posing as a column."""
+    return isinstance(expr, elements.ColumnClause) and bool(getattr(expr, "is_literal", False)) \
+        and getattr(expr, "table", None) is None
+
+
+def _unmergeable_type(expr: Any) -> str | None:
+    """The name of ``expr``'s type when Python cannot compare or add its values as
+    PostgreSQL does, else None (unknown types pass: they are compared as they come)."""
+    from sqlalchemy import types as sqltypes
+    from sqlalchemy.dialects import postgresql
+
+    inner = expr
+    while isinstance(inner, (Label, elements.Grouping)):
+        inner = inner.element
+    if isinstance(inner, elements.CollationClause) or (
+            isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate):
+        collation = str(getattr(inner, "right", inner)).strip('"').upper()
+        if collation not in ('C', 'POSIX', '"C"', '"POSIX"'):
+            return f"text under collation {collation}"
+    t = getattr(expr, "type", None)
+    if t is None:
+        return None
+    if isinstance(t, sqltypes.Enum) and t.native_enum:
+        return "enum (ordered by declaration, not by name)"
+    for cls, name in ((sqltypes.Interval, "interval"), (postgresql.MONEY, "money"),
+                      (sqltypes.JSON, "json"), (sqltypes.ARRAY, "array"),
+                      (postgresql.HSTORE, "hstore"), (postgresql.INET, "inet"),
+                      (postgresql.CIDR, "cidr"), (postgresql.TSVECTOR, "tsvector")):
+        if isinstance(t, cls):
+            return name
+    if "RANGE" in type(t).__name__.upper():
+        return "range"
+    return None
+
+
+def _refuse_unhashable(expr: Any, use: str) -> None:
+    """Group keys and DISTINCT rows are compared by hashing their Python values."""
+    name = _unmergeable_type(expr)
+    if name in ("json", "array", "hstore"):
+        _refuse_unmergeable_type(expr, use)
+
+
+def _refuse_unmergeable_type(expr: Any, use: str) -> None:
+    name = _unmergeable_type(expr)
+    if name is not None:
+        raise ScatterRefused(
+            f"{use} over a value of type {name} across shards: shardkit merges shards' values in "
+            "Python, which does not order or combine this type as PostgreSQL does; add the shard "
+            "key, or cast it to a type that does (text under C, numeric, ...)",
+            construct=f"{use} over {name.split(' ')[0]}")
 
 
 def _agg_name(expr: Any) -> str | None:
@@ -253,6 +317,22 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
     # group_by(func.f(x)) is stored as a one-element ClauseList around the labelled function.
     group_by = [g.clauses[0] if type(g) is elements.ClauseList and len(g.clauses) == 1 else g
                 for g in stmt._group_by_clauses]
+    for c in columns:
+        if _is_literal_sql(c) and str(c).strip().endswith("*"):
+            raise ScatterRefused(
+                "SELECT * across shards: shardkit needs to know the columns to merge them; "
+                "select the table or its columns", construct="SELECT *")
+    for g in group_by:
+        g_inner = g.element if isinstance(g, Label) else g
+        if isinstance(g_inner, functions.FunctionElement) and g_inner.name.lower() in (
+                "rollup", "cube", "grouping sets"):
+            raise ScatterRefused(
+                f"GROUP BY {g_inner.name.upper()} across shards is not merged; group by the "
+                "columns and add the subtotals in Python", construct=f"GROUP BY {g_inner.name.upper()}")
+        _refuse_unhashable(g, "GROUP BY")
+    if distinct:
+        for c in columns:
+            _refuse_unhashable(c, "DISTINCT")
     aggs = [_agg_name(c) for c in columns]
     nested = [(_contains_aggregate(c), c) for c, a in zip(columns, aggs) if a is None]
     for name, _c in nested:
@@ -337,10 +417,16 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
         inner = expr.element if isinstance(expr, Label) else expr
         _refuse_distinct_aggregate(inner)
         name = inner.name.lower()
+        args = list(inner.clauses)
+        if name in ("min", "max", "sum", "avg"):
+            for arg in args:
+                _refuse_unmergeable_type(arg, f"{name}()")
+        real = len(args) == 1 and _is_float4(args[0])
         if name == "avg":
-            args = list(inner.clauses)
-            return OutputColumn("avg", (add(func.sum(*args)), add(func.count(*args))))
-        return OutputColumn(name, (add(inner),))
+            # PostgreSQL averages real in double precision: so do the partial sums.
+            total = func.sum(cast(args[0], DOUBLE_PRECISION)) if real else func.sum(*args)
+            return OutputColumn("avg", (add(total), add(func.count(*args))))
+        return OutputColumn(name, (add(inner),), float4=real and name == "sum")
 
     def group_index(expr: Any) -> int | None:
         target = expr.element if isinstance(expr, Label) else expr
@@ -465,6 +551,14 @@ def _eq(a: Any, b: Any) -> bool:
     return a == b or (_is_nan(a) and _is_nan(b))
 
 
+def _promote_date(v: Any, other: Any) -> Any:
+    """A date compared with a timestamp is midnight of that day, as PostgreSQL casts it."""
+    if isinstance(other, datetime.datetime) and isinstance(v, datetime.date) \
+            and not isinstance(v, datetime.datetime):
+        return datetime.datetime.combine(v, datetime.time(), tzinfo=other.tzinfo)
+    return v
+
+
 _CMP = {
     operators.eq: _eq, operators.ne: lambda a, b: not _eq(a, b),
     operators.lt: _lt, operators.le: lambda a, b: not _lt(b, a),
@@ -517,6 +611,8 @@ def _compile_predicate(expr: Any, term: Callable[[Any], Any]) -> Callable[[Seque
             a, b = left(row, extra), right(row, extra)
             if a is None or b is None:
                 return None
+            if type(a) is not type(b):
+                a, b = _promote_date(a, b), _promote_date(b, a)
             return op(a, b)
         return cmp
     raise ScatterRefused(
@@ -656,6 +752,8 @@ def _merge_groups(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -
                 v = acc[slot]
                 if o.kind == "count" and v is None:
                     v = 0
+                elif o.float4 and v is not None:
+                    v = _to_float4(v)
                 vals.append(v)
                 slot += 1
         results.append((tuple(vals[:n_out]), tuple(vals[n_out:])))
@@ -669,6 +767,28 @@ def _merge_groups(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -
     out = [r[0] for r in results]
     stop = None if plan.limit is None else plan.offset + plan.limit
     return out[plan.offset:stop]
+
+
+def _is_float4(expr: Any) -> bool:
+    from sqlalchemy import types as sqltypes
+
+    t = getattr(expr, "type", None)
+    return isinstance(t, sqltypes.REAL) or (
+        isinstance(t, sqltypes.Float) and not isinstance(t, sqltypes.Double)
+        and t.precision is not None and t.precision <= 24)
+
+
+def _to_float4(v: Any) -> Any:
+    """``v`` rounded to single precision, as the shortest decimal that reads back as that
+    float4 (what PostgreSQL prints, and psycopg reads)."""
+    if not isinstance(v, float) or v != v or v in (float("inf"), float("-inf")):
+        return v
+    packed = struct.pack("<f", v)
+    for digits in range(1, 10):
+        candidate = float(f"{v:.{digits}g}")
+        if struct.pack("<f", candidate) == packed:
+            return candidate
+    return struct.unpack("<f", packed)[0]
 
 
 def pg_avg(total: Any, count: int) -> Any:

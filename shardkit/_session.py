@@ -53,6 +53,7 @@ from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import BindParameter
 
 from ._cluster import Cluster
+from ._colocation import reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
@@ -973,6 +974,12 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             "add the shard key or name a shard",
             construct="scatter in strict mode", statement=statement,
         )
+    problem = reference_rows_problem(statement, session.cluster.router._placement)
+    if problem:
+        raise ScatterRefused(
+            f"this query runs on shards {', '.join(route.shards)} and {problem}; select from "
+            "the sharded table, add the shard key, or name a shard",
+            construct="reference table rows across shards", statement=statement)
     shard_stmt, plan = plan_scatter(statement)
     partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
     timeout = _option("shardkit_timeout", statement, execution_options)
@@ -1002,7 +1009,26 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         eo = eo.union({"autoflush": False})
         if index is not None:
             ba["shardkit_replica"] = index
-        conn = session.connection(bind_arguments=ba)
+        try:
+            conn = session.connection(bind_arguments=ba)
+        except ShardUnavailable as e:
+            if index is not None:
+                # The replica refused the connection: read this shard elsewhere.
+                cluster.selector.monitor.ban(shard, index, f"connect failed: {e.cause!r}"[:200])
+                try:
+                    index = session._read_target(shard, statement, execution_options)
+                    if index is None:
+                        eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
+                        eo = eo.union({"autoflush": False})
+                    else:
+                        ba["shardkit_replica"] = index
+                    conn = session.connection(bind_arguments=ba)
+                except ShardUnavailable as e2:
+                    failures[shard] = e2
+                    continue
+            else:
+                failures[shard] = e
+                continue
         tasks.append((shard, index, stmt, eo, ba, conn))
 
     def run(task: Any) -> Any:
