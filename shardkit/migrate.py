@@ -212,6 +212,14 @@ def default_alembic_ini() -> Path:
     return Path(__file__).resolve().parent.parent / "migrations" / "alembic.ini"
 
 
+def _existing_ini(alembic_ini: str | os.PathLike[str] | None) -> Path:
+    ini = Path(alembic_ini) if alembic_ini else default_alembic_ini()
+    if not ini.exists():
+        raise ConfigurationError("--alembic-ini", f"{ini} does not exist",
+                                 "point it at the migrations/alembic.ini of your project")
+    return ini
+
+
 def current(cluster: Cluster) -> dict[str, str | None]:
     """Each shard's revision (``None``: never migrated)."""
     out: dict[str, str | None] = {}
@@ -244,10 +252,9 @@ def run_command(
     """
     if command not in ("upgrade", "downgrade"):
         raise ValueError(command)
-    ini = Path(alembic_ini) if alembic_ini else default_alembic_ini()
-    if not ini.exists():
-        raise ConfigurationError("--alembic-ini", f"{ini} does not exist",
-                                 "point it at the migrations/alembic.ini of your project")
+    ini = _existing_ini(alembic_ini)
+    if parallel < 1:
+        raise ConfigurationError("--parallel", f"must be at least 1, not {parallel}")
     targets = list(shards or cluster.shard_names)
     unknown = [s for s in targets if s not in cluster.shard_names]
     if unknown or (canary and canary not in cluster.shard_names):
@@ -291,7 +298,7 @@ def run_command(
                 f"({', '.join(rest) or 'none'}) were not touched",
                 results + skipped,
             )
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as ex:
+    with ThreadPoolExecutor(max_workers=parallel) as ex:
         results.extend(ex.map(one, rest))
     after = current(cluster)
     for res in results:
@@ -378,7 +385,7 @@ def _heads(ini: Path) -> list[str]:
 
 def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None) -> DriftReport:
     """Compare every shard's revision and schema with the others'."""
-    ini = Path(alembic_ini) if alembic_ini else default_alembic_ini()
+    ini = _existing_ini(alembic_ini)
     revisions = current(cluster)
     prints: dict[str, dict[str, Any]] = {}
     for shard in cluster.shard_names:

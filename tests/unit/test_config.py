@@ -233,3 +233,28 @@ def test_with_bucket_map_swaps_hash_groups_only():
         with_bucket_map(cfg, ("s0",) * 8)
     with pytest.raises(ConfigurationError, match="s9"):
         with_bucket_map(cfg, ("s9",) * 16)
+
+
+def test_migrate_arguments_are_checked_before_any_shard_is_touched(tmp_path):
+    from shardkit import migrate
+
+    cluster = Cluster.from_config(base())  # hosts that do not exist: never reached
+    with pytest.raises(ConfigurationError, match="--alembic-ini"):
+        migrate.check(cluster, alembic_ini=tmp_path / "missing.ini")
+    ini = tmp_path / "alembic.ini"
+    ini.write_text("[alembic]\n")
+    with pytest.raises(ConfigurationError, match="--parallel"):
+        migrate.run_command(cluster, "shardkit.toml", "upgrade", "head", alembic_ini=ini, parallel=0)
+
+
+def test_mask_url_hides_password_query_parameters_and_unencoded_at_signs():
+    assert "s3cret" not in mask_url("postgresql+psycopg://u@h/db?password=s3cret")
+    assert "s3cret" not in mask_url("postgresql+psycopg://u:pa@s3cret@h/db")
+    cfg = base()
+    cfg["shards"][0]["primary"] = "postgresql+psycopg://u:pa@s3cret@h/db"
+    with pytest.raises(ConfigurationError, match="%40") as ei:
+        load_config(cfg)
+    assert "s3cret" not in str(ei.value)
+    cfg["shards"][0]["primary"] = "postgresql+psycopg://u@h:notaport/db"
+    with pytest.raises(ConfigurationError, match="not a valid database URL"):
+        load_config(cfg)
