@@ -321,18 +321,9 @@ def reference_rows_problem(statement: Any, resolve: Resolver) -> str | None:
         return None  # SELECT EXISTS (...) and the like: the merge decides
 
     def sharded(f: Any) -> bool:
-        for frm in sql_util.surface_selectables(f):
-            table = _table_of(_plain(frm))
-            if isinstance(table, selectable.TableClause) and (
-                    resolve(table.fullname) or resolve(table.name)):
-                return True
-            if isinstance(frm, selectable.AliasedReturnsRows):
-                inner = _derived_select(frm)
-                if isinstance(inner, (selectable.Select, selectable.CompoundSelect)) and any(
-                        sharded(x) for sel in getattr(inner, "selects", [inner])
-                        for x in sel.get_final_froms()):
-                    return True
-        return False
+        # A derived table the colocation check finds a problem with is over sharded rows too.
+        instances, problem = _instances([f], resolve, [])
+        return bool(instances) or problem is not None
 
     if not any(sharded(f) for f in froms):
         return ("its rows come from reference tables only (sharded tables appear only in "

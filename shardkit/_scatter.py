@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import cast, func
+from sqlalchemy import types as sqltypes
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 from sqlalchemy.sql import elements, functions, operators, selectable, visitors
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
@@ -145,29 +147,32 @@ def _is_literal_sql(expr: Any) -> bool:
         and getattr(expr, "table", None) is None
 
 
+# Types whose Python values do not order, add or compare as PostgreSQL's do.
+_UNMERGEABLE_TYPES: tuple[tuple[type, str], ...] = (
+    (sqltypes.Interval, "interval"), (postgresql.MONEY, "money"), (sqltypes.JSON, "json"),
+    (sqltypes.ARRAY, "array"), (postgresql.HSTORE, "hstore"), (postgresql.INET, "inet"),
+    (postgresql.CIDR, "cidr"), (postgresql.TSVECTOR, "tsvector"),
+)
+# ... of which these are not even hashable (group keys, DISTINCT rows).
+_UNHASHABLE = ("json", "array", "hstore")
+
+
 def _unmergeable_type(expr: Any) -> str | None:
     """The name of ``expr``'s type when Python cannot compare or add its values as
     PostgreSQL does, else None (unknown types pass: they are compared as they come)."""
-    from sqlalchemy import types as sqltypes
-    from sqlalchemy.dialects import postgresql
-
     inner = expr
     while isinstance(inner, (Label, elements.Grouping)):
         inner = inner.element
-    if isinstance(inner, elements.CollationClause) or (
-            isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate):
-        collation = str(getattr(inner, "right", inner)).strip('"').upper()
-        if collation not in ('C', 'POSIX', '"C"', '"POSIX"'):
+    if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
+        collation = inner.right.collation
+        if collation.upper() not in ("C", "POSIX"):
             return f"text under collation {collation}"
     t = getattr(expr, "type", None)
     if t is None:
         return None
     if isinstance(t, sqltypes.Enum) and t.native_enum:
         return "enum (ordered by declaration, not by name)"
-    for cls, name in ((sqltypes.Interval, "interval"), (postgresql.MONEY, "money"),
-                      (sqltypes.JSON, "json"), (sqltypes.ARRAY, "array"),
-                      (postgresql.HSTORE, "hstore"), (postgresql.INET, "inet"),
-                      (postgresql.CIDR, "cidr"), (postgresql.TSVECTOR, "tsvector")):
+    for cls, name in _UNMERGEABLE_TYPES:
         if isinstance(t, cls):
             return name
     if "RANGE" in type(t).__name__.upper():
@@ -178,18 +183,22 @@ def _unmergeable_type(expr: Any) -> str | None:
 def _refuse_unhashable(expr: Any, use: str) -> None:
     """Group keys and DISTINCT rows are compared by hashing their Python values."""
     name = _unmergeable_type(expr)
-    if name in ("json", "array", "hstore"):
-        _refuse_unmergeable_type(expr, use)
+    if name in _UNHASHABLE:
+        _refuse_type(name, use)
 
 
 def _refuse_unmergeable_type(expr: Any, use: str) -> None:
     name = _unmergeable_type(expr)
     if name is not None:
-        raise ScatterRefused(
-            f"{use} over a value of type {name} across shards: shardkit merges shards' values in "
-            "Python, which does not order or combine this type as PostgreSQL does; add the shard "
-            "key, or cast it to a type that does (text under C, numeric, ...)",
-            construct=f"{use} over {name.split(' ')[0]}")
+        _refuse_type(name, use)
+
+
+def _refuse_type(name: str, use: str) -> None:
+    raise ScatterRefused(
+        f"{use} over a value of type {name} across shards: shardkit merges shards' values in "
+        "Python, which does not order or combine this type as PostgreSQL does; add the shard "
+        "key, or cast it to a type that does (text under C, numeric, ...)",
+        construct=f"{use} over {name.split(' ')[0]}")
 
 
 def _agg_name(expr: Any) -> str | None:
@@ -770,8 +779,6 @@ def _merge_groups(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -
 
 
 def _is_float4(expr: Any) -> bool:
-    from sqlalchemy import types as sqltypes
-
     t = getattr(expr, "type", None)
     return isinstance(t, sqltypes.REAL) or (
         isinstance(t, sqltypes.Float) and not isinstance(t, sqltypes.Double)

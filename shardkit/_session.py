@@ -204,14 +204,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # its identity token; an object made transient again (make_transient, a
         # rolled-back flush) and given a new key would then be inserted on the
         # old shard.  Until an object is persistent its shard follows its key.
-        if instance is not None:
-            state = inspect(instance)
-            if state.key:
-                return state.key[2]
-            shard = self._choose_shard_for_instance(mapper, instance, **kw)
+        state = inspect(instance) if instance is not None else None
+        if state is not None and state.key:
+            return state.key[2]
+        shard = self._choose_shard_for_instance(mapper, instance, **kw)
+        if state is not None:
             state.identity_token = shard
-            return shard
-        return self._choose_shard_for_instance(mapper, instance, **kw)
+        return shard
 
     def connection_callable(self, mapper: Any = None, instance: Any = None,
                             shard_id: str | None = None, **kw: Any) -> Any:
@@ -270,12 +269,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         sc = current_scope()
         opt = _options(statement, execution_options)
         role = opt("shardkit_role") or sc.role
-        if role == PRIMARY or shard in self._sk_written:
-            if role not in (PRIMARY, None):
-                _bad_option("shardkit_role", role, _ROLES)
-            return None
-        if role not in (REPLICA, None):
+        if role is not None and role not in _ROLES:
             _bad_option("shardkit_role", role, _ROLES)
+        if role == PRIMARY or shard in self._sk_written:
+            return None
         if getattr(statement, "_for_update_arg", None) is not None:
             return None
         if not cluster.replica_count(shard):
@@ -470,6 +467,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
             raise RoutingError("bulk_save_objects(return_defaults=True) is not supported by "
                                "ShardedSession; add the objects with session.add_all()")
         batches: list[tuple[Any, bool, list[dict[str, Any]]]] = []
+        # mapper -> the attributes an update row always carries: primary and shard key
+        identifying: dict[Any, list[str]] = {}
         for obj in objects:
             state = inspect(obj)
             mapper = state.mapper
@@ -477,9 +476,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
             if is_insert:
                 row = {p.key: state.dict[p.key] for p in mapper.column_attrs if p.key in state.dict}
             else:
-                row = {p.key: getattr(obj, p.key) for p in mapper.column_attrs
-                       if p.columns[0] in mapper.primary_key
-                       or p.columns[0].name in self.cluster.router.table_route(mapper).key_columns}
+                keys = identifying.get(mapper)
+                if keys is None:
+                    key_columns = self.cluster.router.table_route(mapper).key_columns
+                    keys = identifying[mapper] = [
+                        p.key for p in mapper.column_attrs
+                        if p.columns[0] in mapper.primary_key or p.columns[0].name in key_columns]
+                row = {k: getattr(obj, k) for k in keys}
                 for p in mapper.column_attrs:
                     if p.key in state.dict and p.key not in row and (
                             not update_changed_only or state.attrs[p.key].history.has_changes()):
@@ -996,40 +999,31 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         if route.split is not None and route.split.get(shard):
             stmt = _with_bind_values(stmt, route.split[shard])
-        try:
-            index = session._read_target(shard, statement, execution_options) \
-                if cluster.has_replicas else None
-        except ShardUnavailable as e:
-            # No node of this shard may serve the read (when_no_replica = 'raise').
-            failures[shard] = e
-            continue
-        role = PRIMARY if index is None else REPLICA
-        eo, ba = _single(shard, role, execution_options, bind_arguments)
-        # Any flush already ran in this thread; the shard threads must not flush.
-        eo = eo.union({"autoflush": False})
-        if index is not None:
-            ba["shardkit_replica"] = index
-        try:
-            conn = session.connection(bind_arguments=ba)
-        except ShardUnavailable as e:
-            if index is not None:
-                # The replica refused the connection: read this shard elsewhere.
-                cluster.selector.monitor.ban(shard, index, f"connect failed: {e.cause!r}"[:200])
-                try:
-                    index = session._read_target(shard, statement, execution_options)
-                    if index is None:
-                        eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
-                        eo = eo.union({"autoflush": False})
-                    else:
-                        ba["shardkit_replica"] = index
-                    conn = session.connection(bind_arguments=ba)
-                except ShardUnavailable as e2:
-                    failures[shard] = e2
+        tried: set[int] = set()
+        while True:
+            index = None
+            try:
+                index = session._read_target(shard, statement, execution_options) \
+                    if cluster.has_replicas else None
+                if index in tried:
+                    index = None  # as in _read_on: once a replica failed, the primary
+                role = PRIMARY if index is None else REPLICA
+                eo, ba = _single(shard, role, execution_options, bind_arguments)
+                # Any flush already ran in this thread; the shard threads must not flush.
+                eo = eo.union({"autoflush": False})
+                if index is not None:
+                    ba["shardkit_replica"] = index
+                conn = session.connection(bind_arguments=ba)
+            except ShardUnavailable as e:
+                # A replica that refused the connection is banned: choose again.
+                # Otherwise no node of this shard can serve the read.
+                if index is not None and session._replica_read_failed(shard, index, e):
+                    tried.add(index)
                     continue
-            else:
                 failures[shard] = e
-                continue
-        tasks.append((shard, index, stmt, eo, ba, conn))
+                break
+            tasks.append((shard, index, stmt, eo, ba, conn))
+            break
 
     def run(task: Any) -> Any:
         shard, index, stmt, eo, ba, conn = task
@@ -1051,8 +1045,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     for f, (shard, index, stmt, eo, ba, conn) in futures.items():
         try:
             results[shard] = f.result()
-        except (ShardUnavailable, sa_exc.DBAPIError) as e:
-            if index is not None and f not in not_done and session._replica_read_failed(shard, index, e):
+        except Exception as e:  # noqa: BLE001 - reported per shard below
+            if index is not None and f not in not_done and isinstance(
+                    e, (ShardUnavailable, sa_exc.DBAPIError)) and session._replica_read_failed(shard, index, e):
                 # A replica died under the read or cancelled it: read that shard
                 # again on another node (autocommit replica reads are safe to retry).
                 try:
@@ -1061,13 +1056,6 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 except Exception as e2:  # noqa: BLE001
                     failures[shard] = e2
                 continue
-            if f in not_done:
-                e = ShardUnavailable(
-                    f"shard {shard}: no answer within {timeout:g} s (query cancelled)",
-                    shard=shard, cause=e,
-                )
-            failures[shard] = e
-        except Exception as e:  # noqa: BLE001 - reported per shard below
             if f in not_done:
                 e = ShardUnavailable(
                     f"shard {shard}: no answer within {timeout:g} s (query cancelled)",

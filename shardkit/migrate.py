@@ -32,13 +32,12 @@ from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import inspect, pool, text
-from sqlalchemy.exc import OperationalError
 
-from ._cluster import Cluster
+from ._cluster import Cluster, _translate_errors
 from ._config import mask_url
 from ._sql import install as _install_sql
 from ._sql import uninstall as _uninstall_sql
-from .errors import ConfigurationError, ShardkitError, ShardUnavailable
+from .errors import ConfigurationError, ShardkitError
 
 __all__ = [
     "DriftReport",
@@ -141,9 +140,7 @@ def run_migrations(context: Any) -> None:
     metadata = _target_metadata(context)
     try:
         for shard in shards:
-            url = cluster.node_url(shard)
-            # A throwaway engine: migrations must not hold pooled connections.
-            engine = _engine(url)
+            engine = _engine(cluster, shard)
             with engine.connect() as connection:
                 context.configure(
                     connection=connection,
@@ -158,26 +155,24 @@ def run_migrations(context: Any) -> None:
         cluster.dispose()
 
 
-def _engine(url: Any) -> Any:
-    from sqlalchemy import create_engine
+def _engine(cluster: Cluster, shard: str) -> Any:
+    """A throwaway engine on ``shard``'s primary (migrations must not hold pooled
+    connections), whose connection failures are the cluster's ShardUnavailable."""
+    from sqlalchemy import create_engine, event
 
-    return create_engine(url, poolclass=pool.NullPool)
+    url = cluster.node_url(shard)
+    engine = create_engine(url, poolclass=pool.NullPool)
+    event.listen(engine, "handle_error", _translate_errors(cluster, shard, f"{shard}/primary", url),
+                 retval=True)
+    return engine
 
 
 @contextlib.contextmanager
 def _shard_connection(cluster: Cluster, shard: str) -> Iterator[Any]:
     """A connection to ``shard``'s primary; an unreachable one is a ShardUnavailable naming it."""
-    url = cluster.node_url(shard)
-    eng = _engine(url)
+    eng = _engine(cluster, shard)
     try:
-        try:
-            conn = eng.connect()
-        except OperationalError as e:
-            first = str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else type(e.orig).__name__
-            raise ShardUnavailable(
-                f"shard {shard}: primary {mask_url(url)} is unreachable: {first}",
-                shard=shard, node=f"{shard}/primary", cause=e.orig) from None
-        with conn:
+        with eng.connect() as conn:
             yield conn
     finally:
         eng.dispose()
