@@ -71,6 +71,19 @@ def token(obj):
     return inspect(obj).key[2]
 
 
+def order_1_on_two_shards(sharded):
+    """A user on s0 and one on s1, each with an order of id 1 (order ids are unique per
+    shard only); returns the two user ids."""
+    cluster = sharded.cluster
+    ua, ub = keys_on(cluster, "s0", 1)[0], keys_on(cluster, "s1", 1)[0]
+    with sharded.Session() as s:
+        s.add_all([User(id=ua, name="a"), User(id=ub, name="b")])
+        s.flush()
+        s.add_all([Order(id=1, user_id=ua, amount=10), Order(id=1, user_id=ub, amount=20)])
+        s.commit()
+    return ua, ub
+
+
 N_USERS = 30
 
 
@@ -230,13 +243,7 @@ def test_get_of_primary_key_present_on_two_shards_is_a_clear_error(sharded):
     (``identity_token=`` / ``shardkit_shard``), not SQLAlchemy's
     ``MultipleResultsFound``, which ``get()`` never raises on one database.
     """
-    cluster = sharded.cluster
-    ua, ub = keys_on(cluster, "s0", 1)[0], keys_on(cluster, "s1", 1)[0]
-    with sharded.Session() as s:
-        s.add_all([User(id=ua, name="a"), User(id=ub, name="b")])
-        s.flush()
-        s.add_all([Order(id=1, user_id=ua, amount=10), Order(id=1, user_id=ub, amount=20)])
-        s.commit()
+    ua, ub = order_1_on_two_shards(sharded)
     with sharded.Session() as s:
         assert s.get(Order, 1, identity_token="s1").amount == 20
         with pytest.raises(shardkit.ShardkitError):
@@ -296,13 +303,7 @@ def test_merge_refresh_expire_delete(sharded):
 
 
 def test_expire_and_delete_of_order_whose_id_exists_on_two_shards(sharded):
-    cluster = sharded.cluster
-    ua, ub = keys_on(cluster, "s0", 1)[0], keys_on(cluster, "s1", 1)[0]
-    with sharded.Session() as s:
-        s.add_all([User(id=ua, name="a"), User(id=ub, name="b")])
-        s.flush()
-        s.add_all([Order(id=1, user_id=ua, amount=10), Order(id=1, user_id=ub, amount=20)])
-        s.commit()
+    ua, ub = order_1_on_two_shards(sharded)
     with sharded.Session() as s:
         o = s.scalars(select(Order).where(Order.user_id == ub)).one()
         s.expire(o)
