@@ -69,6 +69,7 @@ class Cluster:
         self._follower: Any = None
         self._engine_options = dict(engine_options or {})
         self._engines: dict[tuple[str, str, int], Engine] = {}
+        self._streaming: dict[tuple[str, str, int], Engine] = {}
         self._lock = threading.Lock()
         self._monitor: HealthMonitor | None = None
         self._selector: ReplicaSelector | None = None
@@ -289,6 +290,20 @@ class Cluster:
                 self._engines[k] = eng
         return eng
 
+    def streaming_engine(self, shard: str, index: int) -> Engine:
+        """Replica ``index`` of ``shard`` for reads through a server-side cursor (``yield_per``,
+        ``stream_results``): PostgreSQL opens those only inside a transaction, which the
+        replica's autocommit engine never begins.  Same pool; each checkout reads in a
+        READ COMMITTED transaction and gets autocommit back when returned."""
+        k = (shard, REPLICA, index)
+        eng = self._streaming.get(k)
+        if eng is None:
+            base = self.engine(shard, REPLICA, index)
+            eng = base.execution_options(isolation_level="READ COMMITTED")
+            eng.info = base.info  # type: ignore[attr-defined]
+            eng = self._streaming.setdefault(k, eng)
+        return eng
+
     def pool_stats(self) -> dict[str, dict[str, Any] | None]:
         """Per node (of those with an engine yet): pool size, checked out, checked in, overflow."""
         return {eng.info["node"]: _pool_stats(eng) for eng in list(self._engines.values())}  # type: ignore[attr-defined]
@@ -376,6 +391,7 @@ class Cluster:
         with self._lock:
             engines = list(self._engines.values())
             self._engines.clear()
+            self._streaming.clear()
         for e in engines:
             e.dispose()
 

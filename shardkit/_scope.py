@@ -34,9 +34,10 @@ class RoutingScope:
     strict: bool = False
 
 
-_EMPTY = RoutingScope()
+#: The scope in force outside any :func:`scope` block (nothing set).
+NO_SCOPE = RoutingScope()
 _current: contextvars.ContextVar[RoutingScope] = contextvars.ContextVar(
-    "shardkit_scope", default=_EMPTY
+    "shardkit_scope", default=NO_SCOPE
 )
 
 

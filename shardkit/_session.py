@@ -46,6 +46,7 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm import exc as orm_exc
+from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
@@ -58,7 +59,7 @@ from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
 from ._scatter import merge_rows, plan_scatter
-from ._scope import RoutingScope, current_scope
+from ._scope import NO_SCOPE, RoutingScope, current_scope
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import (
@@ -234,7 +235,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def get_bind(self, mapper: Any = None, *, shard_id: str | None = None,
                  instance: Any = None, clause: Any = None, shardkit_role: str | None = None,
-                 shardkit_replica: int = 0, **kw: Any) -> Any:
+                 shardkit_replica: int = 0, shardkit_stream: bool = False, **kw: Any) -> Any:
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance=instance, clause=clause)
         if shard_id not in self.cluster.router.shard_set:
@@ -244,6 +245,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         role = shardkit_role or PRIMARY
         if role == PRIMARY:
             _fail_fast_if_primary_down(self.cluster, shard_id)
+        elif shardkit_stream:
+            return self.cluster.streaming_engine(shard_id, shardkit_replica)
         return self.cluster.engine(shard_id, role, shardkit_replica)
 
     # -- consistency ------------------------------------------------------------------
@@ -263,33 +266,42 @@ class ShardedSession(horizontal_shard.ShardedSession):
             if shard in self.cluster.router.shard_set and lsn > self._sk_tokens.get(shard, 0):
                 self._sk_tokens[shard] = lsn
 
-    def _read_target(self, shard: str, statement: Any, execution_options: Any) -> int | None:
-        """The replica index a read on ``shard`` should use, or None for the primary."""
+    def _read_target(self, shard: str, statement: Any, execution_options: Any,
+                     sc: RoutingScope | None = None) -> int | None:
+        """The replica index a read on ``shard`` should use, or None for the primary.
+
+        ``sc``: the scope in force, if the caller has it already."""
         cluster = self.cluster
-        sc = current_scope()
-        opt = _options(statement, execution_options)
-        role = opt("shardkit_role") or sc.role
-        if role is not None and role not in _ROLES:
-            _bad_option("shardkit_role", role, _ROLES)
+        settings = cluster.replica_settings
+        if sc is None:
+            sc = current_scope()
+        if sc is NO_SCOPE and not execution_options and not getattr(statement, "_execution_options", None):
+            # Most reads: no options, no scope; the session's and the cluster's settings.
+            role = consistency = None
+            max_s, max_b = settings.max_lag_seconds, settings.max_lag_bytes
+        else:
+            opt = _options(statement, execution_options)
+            role = opt("shardkit_role") or sc.role
+            if role is not None and role not in _ROLES:
+                _bad_option("shardkit_role", role, _ROLES)
+            consistency = opt("shardkit_consistency")
+            if consistency is not None and consistency not in CONSISTENCY_MODES:
+                _bad_option("shardkit_consistency", consistency, CONSISTENCY_MODES)
+            max_s = opt("shardkit_max_lag_seconds")
+            if max_s is None:
+                max_s = sc.max_lag_seconds if sc.max_lag_seconds is not None else settings.max_lag_seconds
+            max_b = opt("shardkit_max_lag_bytes")
+            if max_b is None:
+                max_b = sc.max_lag_bytes if sc.max_lag_bytes is not None else settings.max_lag_bytes
         if role == PRIMARY or shard in self._sk_written:
             return None
         if getattr(statement, "_for_update_arg", None) is not None:
             return None
         if not cluster.replica_count(shard):
             return None
-        settings = cluster.replica_settings
-        consistency = opt("shardkit_consistency")
-        if consistency is not None and consistency not in CONSISTENCY_MODES:
-            _bad_option("shardkit_consistency", consistency, CONSISTENCY_MODES)
         consistency = consistency or sc.consistency or self.consistency or settings.consistency
         if consistency == "strong" and role != REPLICA:
             return None
-        max_s = opt("shardkit_max_lag_seconds")
-        if max_s is None:
-            max_s = sc.max_lag_seconds if sc.max_lag_seconds is not None else settings.max_lag_seconds
-        max_b = opt("shardkit_max_lag_bytes")
-        if max_b is None:
-            max_b = sc.max_lag_bytes if sc.max_lag_bytes is not None else settings.max_lag_bytes
         min_lsn = self._sk_tokens.get(shard) if consistency == "read_your_writes" else None
         floor = cluster.moved_lsn.get(shard)
         if floor:
@@ -325,20 +337,24 @@ class ShardedSession(horizontal_shard.ShardedSession):
         trans = self.get_transaction()
         if trans is None:
             return
-        engine = self.cluster.engine(shard, REPLICA, index) if index is not None else self.cluster.primary(shard)
+        if index is None:
+            engines = [self.cluster.primary(shard)]
+        else:
+            engines = [self.cluster.engine(shard, REPLICA, index), self.cluster.streaming_engine(shard, index)]
         # SessionTransaction keeps each connection under its engine and itself;
         # there is no public API to let go of one that died under a read.
         conns = getattr(trans, "_connections", None)
         if conns is None:
             return
-        entry = conns.pop(engine, None)
-        if entry is not None:
-            conns.pop(entry[0], None)
-            try:
-                entry[0].invalidate()
-                entry[0].close()
-            except Exception:  # noqa: BLE001 - it is already broken
-                pass
+        for engine in engines:
+            entry = conns.pop(engine, None)
+            if entry is not None:
+                conns.pop(entry[0], None)
+                try:
+                    entry[0].invalidate()
+                    entry[0].close()
+                except Exception:  # noqa: BLE001 - it is already broken
+                    pass
 
     def execute(self, statement: Any, params: Any = None, *,
                 execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
@@ -362,7 +378,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 and statement.whereclause is None and not statement._values
                 and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
             return _orm_bulk_update(self, statement._propagate_attrs["plugin_subject"].mapper, params)
-        route = _route_statement(self, statement, params, execution_options, bind_arguments)
+        sc = current_scope()
+        route = _route_statement(self, statement, params, execution_options, bind_arguments, sc)
         if route.is_write or getattr(statement, "_for_update_arg", None) is not None:
             # Rows written or locked: the rest of the transaction reads them on the primary.
             self._sk_written.update(route.shards)
@@ -372,46 +389,56 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if len(route.shards) == 1:
             shard = route.shards[0]
             if route.is_write or not self.cluster.has_replicas:
-                eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
+                eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments, not route.is_write)
                 return Session.execute(self, statement, params, execution_options=eo,
                                        bind_arguments=ba, **kw)
-            return self._read_on(shard, statement, params, execution_options, bind_arguments, kw)
+            return self._read_on(shard, statement, params, execution_options, bind_arguments, kw, sc)
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
 
     def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,
-                 bind_arguments: Any, kw: Mapping[str, Any]) -> Any:
+                 bind_arguments: Any, kw: Mapping[str, Any], sc: RoutingScope) -> Any:
         """Run a read on the freshest-enough node of ``shard``, retrying elsewhere if a replica dies."""
         tried: set[int] = set()
         while True:
-            index = self._read_target(shard, statement, execution_options)
+            index = self._read_target(shard, statement, execution_options, sc)
             if index is not None and index in tried:
                 index = None
             if index is None:
-                eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
+                eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments, True)
                 return Session.execute(self, statement, params, execution_options=eo,
                                        bind_arguments=ba, **kw)
-            eo, ba = _single(shard, REPLICA, execution_options, bind_arguments)
+            eo, ba = _single(shard, REPLICA, execution_options, bind_arguments, True)
             ba["shardkit_replica"] = index
+            stream = _streams(statement, execution_options)
+            if stream:
+                ba["shardkit_stream"] = True
             try:
                 return Session.execute(self, statement, params, execution_options=eo,
                                        bind_arguments=ba, **kw)
             except (ShardUnavailable, sa_exc.DBAPIError) as e:
-                # Replica connections are in autocommit, so no snapshot is lost by
-                # running the read again elsewhere.
-                if not self._replica_read_failed(shard, index, e):
+                # Replica connections are in autocommit (a streamed read's transaction
+                # has returned no rows yet), so no snapshot is lost by running the
+                # read again elsewhere.
+                if not self._replica_read_failed(shard, index, e, stream):
                     raise
                 tried.add(index)
                 log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
 
-    def _replica_read_failed(self, shard: str, index: int, error: BaseException) -> bool:
+    def _replica_read_failed(self, shard: str, index: int, error: BaseException,
+                             stream: bool = False) -> bool:
         """Handle a read that failed on a replica; True if it is safe and useful to retry it
         elsewhere: the replica died (it is banned) or cancelled the read because replaying
-        the primary's WAL conflicted with it (it is skipped for this read)."""
+        the primary's WAL conflicted with it (it is skipped for this read).  ``stream``: the
+        read ran in a transaction (a server-side cursor), which the failure aborted."""
         if isinstance(error, ShardUnavailable):
             self.cluster.selector.monitor.ban(shard, index, f"read failed: {error.cause!r}"[:200])
             self._forget_connection(shard, index)
             return True
-        return getattr(getattr(error, "orig", None), "sqlstate", None) == _RECOVERY_CONFLICT
+        if getattr(getattr(error, "orig", None), "sqlstate", None) != _RECOVERY_CONFLICT:
+            return False
+        if stream:
+            self._forget_connection(shard, index)
+        return True
 
     def scalars(self, statement: Any, params: Any = None, *,
                 execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
@@ -670,11 +697,20 @@ def _options(statement: Any, execution_options: Any) -> Callable[[str], Any]:
 _NO_OPTIONS: Mapping[str, Any] = util.immutabledict()
 
 
+def _streams(statement: Any, execution_options: Any) -> bool:
+    """Whether a read fetches through a server-side cursor (``yield_per``, ``stream_results``,
+    legacy ``Query.yield_per``)."""
+    if not execution_options and not getattr(statement, "_execution_options", None):
+        return False
+    opt = _options(statement, execution_options)
+    lo = opt("_sa_orm_load_options")
+    return bool(opt("stream_results") or opt("yield_per") or (lo is not None and lo._yield_per))
+
+
 def _route_statement(session: ShardedSession, statement: Any, params: Any,
-                     execution_options: Any, bind_arguments: Any) -> Route:
-    """Where a statement executed through the session runs."""
+                     execution_options: Any, bind_arguments: Any, sc: RoutingScope) -> Route:
+    """Where a statement executed through the session runs, in scope ``sc``."""
     cluster = session.cluster
-    sc = current_scope()
     shard = _explicit_shard(statement, execution_options, bind_arguments, sc)
     if shard is not None:
         if shard not in cluster.router.shard_set:
@@ -684,7 +720,11 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             )
         is_read = isinstance(statement, (selectable.Select, selectable.CompoundSelect)) and \
             getattr(statement, "_for_update_arg", None) is None
-        return Route((shard,), "direct", PRIMARY, "shard named by the caller", not is_read)
+        route = _NAMED.get((shard, is_read))
+        if route is None:
+            route = _NAMED.setdefault((shard, is_read), Route(
+                (shard,), "direct", PRIMARY, "shard named by the caller", not is_read))
+        return route
     all_shards = bool(_option("shardkit_all_shards", statement, execution_options) or sc.all_shards)
     if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
         # Textual or other statements the router cannot read: run everywhere.
@@ -695,14 +735,31 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     return route
 
 
-def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any
-            ) -> tuple[Any, dict[str, Any]]:
+# (shard, is_read) -> the Route of a statement for a shard named by the caller.
+_NAMED: dict[tuple[str, bool], Route] = {}
+
+
+def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any,
+            select: bool = False) -> tuple[Any, dict[str, Any]]:
     ba = dict(bind_arguments) if bind_arguments else {}
     ba["shard_id"] = shard
     ba["shardkit_role"] = role
     # identity_token makes loaded objects carry their shard in their identity key.
     if execution_options:
-        eo = util.immutabledict(execution_options).union({"identity_token": shard})
+        lo = execution_options.get("_sa_orm_load_options")
+        if (select and lo is not None and lo._identity_token == shard
+                and execution_options.get("identity_token", shard) == shard):
+            # A load for one object (get, refresh) names its shard in its load options already.
+            eo = execution_options
+        else:
+            eo = util.immutabledict(execution_options).union({"identity_token": shard})
+    elif select:
+        # The ORM turns identity_token into its load options on every execution;
+        # a SELECT gets them made already (the same options, built once per shard).
+        eo = _LOAD_OPTIONS.get(shard)
+        if eo is None:
+            eo = _LOAD_OPTIONS.setdefault(shard, util.immutabledict(
+                {"_sa_orm_load_options": QueryContext.default_load_options + {"_identity_token": shard}}))
     else:
         eo = _TOKEN_OPTIONS.get(shard)
         if eo is None:
@@ -712,6 +769,8 @@ def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any
 
 # shard -> immutabledict(identity_token=shard): the execution options of most statements.
 _TOKEN_OPTIONS: dict[str, Any] = {}
+# shard -> the same for a SELECT, as the ORM's load options.
+_LOAD_OPTIONS: dict[str, Any] = {}
 
 
 def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route: Route) -> Result[Any]:
@@ -1003,7 +1062,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         while True:
             index = None
             try:
-                index = session._read_target(shard, statement, execution_options) \
+                index = session._read_target(shard, statement, execution_options, sc) \
                     if cluster.has_replicas else None
                 if index in tried:
                     index = None  # as in _read_on: once a replica failed, the primary
@@ -1013,6 +1072,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 eo = eo.union({"autoflush": False})
                 if index is not None:
                     ba["shardkit_replica"] = index
+                    if _streams(statement, execution_options):
+                        ba["shardkit_stream"] = True
                 conn = session.connection(bind_arguments=ba)
             except ShardUnavailable as e:
                 # A replica that refused the connection is banned: choose again.
@@ -1047,12 +1108,13 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             results[shard] = f.result()
         except Exception as e:  # noqa: BLE001 - reported per shard below
             if index is not None and f not in not_done and isinstance(
-                    e, (ShardUnavailable, sa_exc.DBAPIError)) and session._replica_read_failed(shard, index, e):
+                    e, (ShardUnavailable, sa_exc.DBAPIError)) and session._replica_read_failed(
+                        shard, index, e, ba.get("shardkit_stream", False)):
                 # A replica died under the read or cancelled it: read that shard
                 # again on another node (autocommit replica reads are safe to retry).
                 try:
                     results[shard] = session._read_on(shard, stmt, params, execution_options,
-                                                      bind_arguments, {})
+                                                      bind_arguments, {}, sc)
                 except Exception as e2:  # noqa: BLE001
                     failures[shard] = e2
                 continue
@@ -1326,8 +1388,10 @@ def _end_transaction(session: Session, transaction: Any) -> None:
     transaction wrote before or inside it is still visible only on the primary."""
     assert isinstance(session, ShardedSession)
     if transaction.parent is None:
-        session._sk_written = set()
-        session._sk_commit_conns = {}
+        if session._sk_written:
+            session._sk_written = set()
+        if session._sk_commit_conns:
+            session._sk_commit_conns = {}
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, String, Text, cast, event, func, select, text, update
+from sqlalchemy import BigInteger, ForeignKey, String, Text, cast, event, func, inspect, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -203,6 +203,70 @@ def test_read_your_writes_after_commit_through_get_query_select_and_refresh(env)
         # The replicas really are stale: without the token a read gets the old value.
         stale, nodes = _eventual_name(env, k)
         assert stale == "old" and nodes and nodes[0].startswith("s0/r"), (stale, nodes)
+
+
+def test_objects_read_from_replicas_carry_their_shard_whatever_the_load_options(env):
+    """Rows read on a replica, with or without the ORM's own load options (populate_existing,
+    yield_per, autoflush, a get), come back as objects whose identity names their shard,
+    and a lazy load from them runs on that shard."""
+    keys = {shard: env.key(shard) for shard in ("s0", "s1")}
+    env.seed({k: f"n{k}" for k in keys.values()})
+    with env.Session() as s:
+        s.add_all(Entry(account_id=k, id=1, note=shard) for shard, k in keys.items())
+        s.commit()
+    env.caught_up()
+    statements = [
+        lambda k: select(Account).where(Account.id == k),
+        lambda k: select(Account).where(Account.id == k).execution_options(populate_existing=True),
+        lambda k: select(Account).where(Account.id == k).execution_options(yield_per=10),
+        lambda k: select(Account).where(Account.id == k).execution_options(autoflush=False),
+    ]
+    for make in statements:
+        for shard, k in keys.items():
+            with env.Session(consistency="eventual") as s:
+                (obj,), nodes = env.nodes(lambda: s.scalars(make(k)).all())
+                assert nodes and nodes[0].startswith(f"{shard}/r"), nodes
+                assert inspect(obj).key == (Account, (k,), shard)
+                entries, nodes = env.nodes(lambda: [e.note for e in obj.entries])
+                assert entries == [shard] and nodes[0].startswith(f"{shard}/"), (entries, nodes)
+    for shard, k in keys.items():
+        with env.Session(consistency="eventual") as s:
+            for kw in ({}, {"populate_existing": True}):
+                obj, nodes = env.nodes(lambda: s.get(Account, k, **kw))
+                assert inspect(obj).key == (Account, (k,), shard)
+                assert not nodes or nodes[0].startswith(f"{shard}/r"), nodes
+
+
+def test_streamed_reads_run_on_replicas_in_a_transaction_of_their_own(env):
+    """yield_per, stream_results and legacy Query.yield_per fetch through a server-side
+    cursor, which PostgreSQL opens only inside a transaction: on a replica (whose engine
+    runs in autocommit) such a read still streams from the replica, for one shard and
+    across shards, and the connection goes back to the pool in autocommit."""
+    keys = {shard: [env.key(shard) for _ in range(5)] for shard in ("s0", "s1")}
+    everything = sorted(k for ks in keys.values() for k in ks)
+    env.seed({k: f"n{k}" for k in everything})
+    mine = Account.id.in_(everything)
+    for shard, ks in keys.items():
+        with env.Session(consistency="eventual") as s:
+            one = select(Account.id).where(Account.id.in_(ks)).order_by(Account.id)
+            for run in (lambda: s.execute(one.execution_options(yield_per=2)).scalars().all(),
+                        lambda: s.execute(one, execution_options={"stream_results": True}).scalars().all(),
+                        lambda: [a.id for a in s.query(Account).filter(Account.id.in_(ks))
+                                 .order_by(Account.id).yield_per(2)]):
+                ids, nodes = env.nodes(run)
+                assert ids == ks and nodes and nodes[0].startswith(f"{shard}/r"), (ids, nodes)
+            # The session's other reads on that replica still work after the streamed one.
+            assert s.execute(select(Account.name).where(Account.id == ks[0])).scalar() == f"n{ks[0]}"
+    with env.Session(consistency="eventual") as s:
+        ids, nodes = env.nodes(lambda: s.execute(
+            select(Account.id).where(mine).order_by(Account.id.desc()).execution_options(yield_per=3)
+        ).scalars().all())
+        assert ids == everything[::-1]
+        assert {n.split("/")[0] for n in nodes} == {"s0", "s1"} and all("/r" in n for n in nodes), nodes
+    for shard in ("s0", "s1"):
+        for i in range(env.cluster.replica_count(shard)):
+            with env.cluster.engine(shard, "replica", i).connect() as c:
+                assert c.connection.dbapi_connection.autocommit
 
 
 def test_read_your_writes_after_commit_in_list_scatter_and_lazy_load(env):
