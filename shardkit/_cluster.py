@@ -148,6 +148,8 @@ class Cluster:
             if state.seq < self._state_seq:
                 return  # a slower read of an older state
             self._state_seq = state.seq
+            # The replicas' floors first: with the old router they only ask more.
+            self.moved_lsn = state.moved_lsn
             self._set_map(state.version, state.bucket_map, state.slices)
             if state.foreign_buckets != self.foreign_buckets:
                 log.info("shards holding rows of buckets they do not own: %s",

@@ -47,8 +47,9 @@ _TOP_LEVEL_KEYS = {"name", "bucket_count", "shards", "groups", "reference_tables
 _SHARD_KEYS = {"name", "primary", "replicas", "buckets", "pool", "primary_pool"}
 _GROUP_KEYS = {"strategy", "tables", "ranges", "values", "default", "function"}
 _STRATEGIES = ("hash", "range", "list", "custom")
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
-_ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,62}")
+# $$, ${VAR}, ${VAR:-default}, or (last) any other "${", which is a mistake.
+_ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\{")
 
 
 def mask_url(url: URL | str) -> str:
@@ -157,6 +158,8 @@ def _number(raw: Any, path: str, *, minimum: float, integer: bool = False) -> An
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or (integer and not isinstance(raw, int)):
         kind = "an integer" if integer else "a number"
         raise ConfigurationError(path, f"{raw!r} must be {kind}")
+    if raw != raw:
+        raise ConfigurationError(path, "nan is not a number", f"give a number >= {minimum}")
     if raw < minimum:
         raise ConfigurationError(path, f"{raw!r} must be >= {minimum}")
     return raw
@@ -222,16 +225,24 @@ class ClusterConfig:
 
 
 def _interpolate(value: Any, path: str, env: Mapping[str, str]) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``.
+
+    As in a shell or Docker Compose, ``${VAR:-default}`` gives the default when
+    ``VAR`` is unset or empty, and ``${VAR}`` gives an empty ``VAR`` as is."""
     if isinstance(value, str):
         def sub(m: re.Match[str]) -> str:
             if m.group(0) == "$$":
                 return "$"
+            if m.group(0) == "${":
+                # Not quoted: the string may be a password.
+                raise ConfigurationError(
+                    path, "has a '${' that is not a ${NAME} or ${NAME:-default} reference",
+                    "close the reference with '}', or write '$${' for a literal '${'")
             var, default = m.group(1), m.group(2)
+            if default is not None and not env.get(var):
+                return default
             if var in env:
                 return env[var]
-            if default is not None:
-                return default
             raise ConfigurationError(
                 path,
                 f"environment variable {var} is not set",
@@ -353,7 +364,7 @@ def _load_callable(spec: Any, path: str) -> Callable[[Any], str]:
         obj: Any = importlib.import_module(mod_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
+    except (ImportError, AttributeError, ValueError, TypeError) as e:
         raise ConfigurationError(path, f"cannot import {spec!r}: {e}",
                                  "check the module is importable and the name exists") from None
     if not callable(obj):
@@ -436,7 +447,12 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
                 except TypeError:
                     raise ConfigurationError(rp, f"from {lo!r} and to {hi!r} are not comparable") from None
             ranges.append(KeyRange(lo, hi, shard))
-        ordered = sorted(enumerate(ranges), key=lambda t: (t[1].lower is not None, t[1].lower))
+        try:
+            ordered = sorted(enumerate(ranges), key=lambda t: (t[1].lower is not None, t[1].lower))
+        except TypeError:
+            kinds = sorted({type(x).__name__ for r in ranges for x in (r.lower, r.upper) if x is not None})
+            raise ConfigurationError(f"{path}.ranges", f"bounds mix types ({', '.join(kinds)}) that "
+                                     "cannot be compared", "make every from/to the key column's type") from None
         for (ia, a), (ib, b) in zip(ordered, ordered[1:]):
             if a.upper is None or b.lower is None or a.upper > b.lower:
                 raise ConfigurationError(
@@ -524,7 +540,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
             raise ConfigurationError(sp, "must be a table with name, primary, replicas")
         _check_keys(s, _SHARD_KEYS, sp)
         sname = s.get("name")
-        if not isinstance(sname, str) or not _NAME_RE.match(sname):
+        if not isinstance(sname, str) or not _NAME_RE.fullmatch(sname):
             raise ConfigurationError(f"{sp}.name", f"{sname!r} is not a valid shard name",
                                      "use letters, digits, _ and -, starting with a letter")
         if sname in seen:
@@ -544,7 +560,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
                 _check_keys(r, {"url", "weight", "pool"}, rp)
                 replica_pools.append(parse_pool(r.get("pool", {}), f"{rp}.pool"))
                 w = r.get("weight", 1)
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
                     raise ConfigurationError(f"{rp}.weight", f"{w!r} must be a positive number")
                 replica_urls.append(_parse_url(r.get("url"), f"{rp}.url"))
                 weights.append(float(w))
@@ -576,11 +592,12 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         owner: list[str | None] = [None] * bucket_count
         for s in shards:
             for b in s.buckets or ():
-                if owner[b] is not None and owner[b] != s.name:
+                if owner[b] is not None:
                     raise ConfigurationError(
                         f"shards[{seen[s.name]}].buckets",
+                        f"bucket {b} is listed twice" if owner[b] == s.name else
                         f"bucket {b} is also owned by shard {owner[b]!r}",
-                        "each bucket belongs to exactly one shard",
+                        "list each bucket exactly once, on the shard that owns it",
                     )
                 owner[b] = s.name
         missing_b = [b for b, o in enumerate(owner) if o is None]

@@ -83,6 +83,7 @@ def _h(title: str) -> None:
 
 
 def run_demo(dir: str | None = None, keep: bool = False, shards: int = 3, replicas: int = 1) -> int:
+    DevCluster._check_shape(shards, replicas, 1024, None)  # before making a directory
     tmp = None
     if dir is None:
         tmp = tempfile.mkdtemp(prefix="shardkit-demo-")

@@ -163,11 +163,7 @@ class Router:
                 f"({', '.join(self.shard_names)})",
                 table=tr.table,
             )
-        if len(tr.key_columns) > 1 and not isinstance(key, tuple):
-            raise ShardKeyError(
-                f"{tr.table} has a composite shard key {tr.key_columns}; pass a tuple",
-                table=tr.table, key=key,
-            )
+        _check_arity(tr, key)
         try:
             return tr.strategy.shard_for_key(key)
         except (ShardKeyError, RoutingError) as e:
@@ -179,6 +175,7 @@ class Router:
         """The hash bucket of ``key`` (``None`` for tables not sharded by hash)."""
         tr = self.table_route(table)
         if isinstance(tr.strategy, HashStrategy):
+            _check_arity(tr, key)
             return tr.strategy.bucket_for_key(key)
         return None
 
@@ -748,6 +745,19 @@ def unwrap_statement(statement: Any) -> Any:
 
 _WRAPPERS = frozenset({lambdas.StatementLambdaElement, lambdas.NullLambdaStatement,
                        lambdas.LinkedLambdaElement, FromStatement})
+
+
+def _check_arity(tr: TableRoute, key: Any) -> None:
+    """Refuse a key with another number of parts than ``tr``'s shard key has columns."""
+    n = len(tr.key_columns)
+    if n > 1 and (not isinstance(key, tuple) or len(key) != n):
+        raise ShardKeyError(
+            f"{tr.table} has a composite shard key {tr.key_columns}; pass a tuple of {n} values",
+            table=tr.table, key=key)
+    if n == 1 and isinstance(key, tuple):
+        raise ShardKeyError(
+            f"{tr.table}'s shard key is one column ({tr.key_columns[0]}); pass one value, not {len(key)}",
+            table=tr.table, key=key)
 
 
 def _is_unresolved(v: Any) -> bool:

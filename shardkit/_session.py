@@ -122,6 +122,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # shard -> WAL position this session's reads must see (read-your-writes).
         self._sk_tokens: dict[str, int] = {}
         self._sk_commit_conns: dict[str, Any] = {}
+        # shard -> the replica this transaction reads it from.
+        self._sk_replica: dict[str, int] = {}
         if consistency_token:
             self.require_token(consistency_token)
 
@@ -134,6 +136,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 route = self.cluster.router.route(clause)
                 if len(route.shards) == 1:
                     return route.shards[0]
+            shard = current_scope().shard
+            if shard is not None:
+                return shard
             raise RoutingError(
                 f"cannot choose a shard for {mapper} without an instance or a keyed clause; "
                 "pass bind_arguments={'shard_id': ...}"
@@ -297,6 +302,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return None
         if getattr(statement, "_for_update_arg", None) is not None:
             return None
+        if role is None and self.in_nested_transaction():
+            # SQLAlchemy opens a SAVEPOINT on every connection used inside begin_nested();
+            # an autocommit replica connection cannot hold one.  (Forced to a replica,
+            # the read gets a transaction there: see _transactional_read.)
+            return None
         if not cluster.replica_count(shard):
             return None
         consistency = consistency or sc.consistency or self.consistency or settings.consistency
@@ -312,7 +322,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
         ok, behind = selector.eligible(shard, max_lag_seconds=max_s, max_lag_bytes=max_b,
                                        min_lsn=min_lsn)
         if ok:
-            return selector.pick(shard, ok).index
+            # One replica per shard for the rest of the transaction while it stays
+            # usable: a later read (a lazy load) never sees an older state than an
+            # earlier one, which alternating between replicas could.
+            chosen = self._sk_replica.get(shard)
+            if chosen is None or not any(r.index == chosen for r in ok):
+                chosen = self._sk_replica[shard] = selector.pick(shard, ok).index
+            return chosen
         if behind and min_lsn is not None:
             # The monitor's last sample predates our write; ask the replica itself.
             best = max(behind, key=lambda r: r.wal_lsn or 0)
@@ -370,7 +386,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
             statement = statement._resolved
         if (self.cluster.has_replicas and self.autoflush and not self._flushing
                 and isinstance(statement, (selectable.Select, selectable.CompoundSelect))
-                and (self._new or self._deleted or self.identity_map.check_modified())):
+                and (self._new or self._deleted or self.identity_map.check_modified())
+                and _autoflushes(statement, execution_options)):
             # Flush before choosing the node: the flush decides which shards this
             # transaction has written, and those must be read from their primary.
             self._autoflush()
@@ -409,7 +426,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                                        bind_arguments=ba, **kw)
             eo, ba = _single(shard, REPLICA, execution_options, bind_arguments, True)
             ba["shardkit_replica"] = index
-            stream = _streams(statement, execution_options)
+            stream = self._transactional_read(statement, execution_options)
             if stream:
                 ba["shardkit_stream"] = True
             try:
@@ -423,6 +440,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     raise
                 tried.add(index)
                 log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
+
+    def _transactional_read(self, statement: Any, execution_options: Any) -> bool:
+        """Whether a replica read needs a transaction on the replica: to stream through a
+        server-side cursor, or to hold the SAVEPOINT of a begin_nested() it runs in."""
+        return _streams(statement, execution_options) or self.in_nested_transaction()
 
     def _replica_read_failed(self, shard: str, index: int, error: BaseException,
                              stream: bool = False) -> bool:
@@ -533,8 +555,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
         the transaction the session reads ``shard`` from its primary, and the
         commit records the shard's position for read-your-writes.
         """
-        conn = self.connection(bind_arguments={"shard_id": shard})
-        self._sk_written.add(shard)
+        return self.connection(bind_arguments={"shard_id": shard})
+
+    def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Any:
+        """As :meth:`sqlalchemy.orm.Session.connection`, for the shard named by
+        ``bind_arguments={"shard_id": ...}`` (or by the mapper, instance or scope).
+
+        shardkit cannot see what runs on a connection to a primary, so it assumes a
+        write, as :meth:`connection_for_shard` does.
+        """
+        conn = Session.connection(self, bind_arguments=bind_arguments, execution_options=execution_options)
+        info = getattr(conn.engine, "info", None)
+        if info and info["role"] == PRIMARY:
+            self._sk_written.add(info["shard"])
         return conn
 
 
@@ -637,29 +670,25 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
             return opt.shard_id
     if bind_arguments and bind_arguments.get("shard_id") is not None:
         return bind_arguments["shard_id"]
-    if execution_options:
+    # The call's execution options, then the statement's own (eager loaders such
+    # as subqueryload copy their parent load's options onto their statement).
+    for opts in (execution_options, getattr(statement, "_execution_options", None)):
+        if not opts:
+            continue
         # Loads the ORM issues for one object (get, refresh, lazy and deferred
-        # loads) carry that object's shard in their load options.
-        lo = execution_options.get("_sa_orm_load_options")
+        # loads), and a shard's part of a load, carry the shard in their load options.
+        lo = opts.get("_sa_orm_load_options")
         if lo is not None:
             if lo._identity_token is not None:
                 return lo._identity_token
             lazy_from = lo._lazy_loaded_from
             if lazy_from is not None and lazy_from.identity_token is not None:
                 return lazy_from.identity_token
-        uo = execution_options.get("_sa_orm_update_options")
+        uo = opts.get("_sa_orm_update_options")
         if uo is not None and uo._identity_token is not None:
             return uo._identity_token
-        # identity_token: the shard loaded objects are said to come from (SQLAlchemy's
-        # option, which eager loaders such as subqueryload inherit): run there.
-        shard = (execution_options.get("shardkit_shard") or execution_options.get("_sa_shard_id")
-                 or execution_options.get("identity_token"))
-        if shard is not None:
-            return shard
-    stmt_opts = getattr(statement, "_execution_options", None)
-    if stmt_opts:
-        shard = (stmt_opts.get("shardkit_shard") or stmt_opts.get("_sa_shard_id")
-                 or stmt_opts.get("identity_token"))
+        # identity_token: the shard loaded objects are said to come from (SQLAlchemy's option).
+        shard = opts.get("shardkit_shard") or opts.get("_sa_shard_id") or opts.get("identity_token")
         if shard is not None:
             return shard
     return sc.shard
@@ -689,12 +718,26 @@ def _options(statement: Any, execution_options: Any) -> Callable[[str], Any]:
     stmt_opts = getattr(statement, "_execution_options", None)
     if not execution_options:
         return stmt_opts.get if stmt_opts else _NO_OPTIONS.get
+    ctx = execution_options.get("sa_top_level_orm_context")
+    if ctx is not None:
+        # An eager load run for a statement (selectinload): that statement's options
+        # (its role, consistency, yield_per) apply to it too, as the ORM applies them.
+        top = ctx.query._execution_options.merge_with(ctx.execution_options)
+        stmt_opts = top.merge_with(stmt_opts) if stmt_opts else top
     if not stmt_opts:
         return execution_options.get
     return {**stmt_opts, **execution_options}.get
 
 
 _NO_OPTIONS: Mapping[str, Any] = util.immutabledict()
+
+
+def _autoflushes(statement: Any, execution_options: Any) -> bool:
+    """Whether the ORM would autoflush before this statement (``autoflush=False`` as an
+    execution option or through ``Query.autoflush(False)`` says no)."""
+    opt = _options(statement, execution_options)
+    lo = opt("_sa_orm_load_options")
+    return opt("autoflush") is not False and (lo is None or lo._autoflush)
 
 
 def _streams(statement: Any, execution_options: Any) -> bool:
@@ -923,6 +966,12 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
     foreign = cluster.foreign_buckets.get(shard)
     if not foreign:
         return statement
+    if not route.tables and not isinstance(statement, Insert):
+        raise ScatterRefused(
+            f"shard {shard} holds rows of buckets it does not own while they move, and this "
+            "textual statement names no tables shardkit can filter, so it could see them twice; "
+            "write it with select()/table(), run it per shard, or wait for the move to finish",
+            construct="textual statement across shards during a move", statement=statement)
     router = cluster.router
     moving = {t: router.table_route(t) for t in route.tables}
     # Only the tables of what moves: hash tables if buckets do, a group's tables if its slices do.
@@ -1072,9 +1121,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 eo = eo.union({"autoflush": False})
                 if index is not None:
                     ba["shardkit_replica"] = index
-                    if _streams(statement, execution_options):
+                    if session._transactional_read(statement, execution_options):
                         ba["shardkit_stream"] = True
-                conn = session.connection(bind_arguments=ba)
+                conn = Session.connection(session, bind_arguments=ba)
             except ShardUnavailable as e:
                 # A replica that refused the connection is banned: choose again.
                 # Otherwise no node of this shard can serve the read.
@@ -1353,7 +1402,7 @@ def _hold_commit_connections(session: Session) -> None:
         if session.cluster.replica_count(shard):
             # The session already holds this connection; asking for it again
             # checks nothing new out of the pool.
-            session._sk_commit_conns[shard] = session.connection(bind_arguments={"shard_id": shard})
+            session._sk_commit_conns[shard] = Session.connection(session, bind_arguments={"shard_id": shard})
 
 
 def _record_tokens(session: Session) -> None:
@@ -1392,6 +1441,8 @@ def _end_transaction(session: Session, transaction: Any) -> None:
             session._sk_written = set()
         if session._sk_commit_conns:
             session._sk_commit_conns = {}
+        if session._sk_replica:
+            session._sk_replica = {}
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
-from sqlalchemy import create_engine, text
+import psycopg
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine
 
 from ._config import mask_url
 from ._replicas import parse_lsn
 from ._slices import Slice, slices_from_json, slices_to_json
+from .errors import ShardUnavailable
 
 __all__ = ["Catalog", "MAP_CHANNEL"]
 
@@ -70,6 +72,8 @@ _SCHEMA_SQL: Final = (
     " PRIMARY KEY (move_id, batch))",
     "ALTER TABLE shardkit_catalog.moves ADD COLUMN IF NOT EXISTS runner text",
     "ALTER TABLE shardkit_catalog.move_batches ADD COLUMN IF NOT EXISTS target_lsn pg_lsn",
+    # The source's WAL position after its copies were deleted (clean-up).
+    "ALTER TABLE shardkit_catalog.move_batches ADD COLUMN IF NOT EXISTS source_lsn pg_lsn",
     # The slices of range and list groups (JSON, see shardkit._slices); NULL: none yet.
     "ALTER TABLE shardkit_catalog.maps ADD COLUMN IF NOT EXISTS slices jsonb",
     "CREATE TABLE IF NOT EXISTS shardkit_catalog.journal ("
@@ -117,6 +121,19 @@ class Catalog:
         # version (a refused write), and a mover holds one connection for its lock.
         self.engine = engine or create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True,
                                               connect_args={"connect_timeout": 3})
+        event.listen(self.engine, "handle_error", self._unreachable, retval=True)
+
+    def _unreachable(self, context: Any) -> Exception | None:
+        """A handle_error hook: a catalog that cannot be reached is a ShardUnavailable naming it."""
+        cause = context.original_exception
+        if context.is_pre_ping or not (context.is_disconnect or (
+                context.connection is None and isinstance(cause, psycopg.OperationalError))):
+            return None
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        err = ShardUnavailable(f"the catalog ({mask_url(self.url)}) is unreachable: {first}",
+                               node="catalog", cause=cause)
+        err.__cause__ = cause
+        return err
 
     def __repr__(self) -> str:
         return f"Catalog({mask_url(self.url)!r})"
@@ -172,9 +189,13 @@ class Catalog:
                     "WHERE m.state = 'running' AND b.step IN ('capturing', 'copied', 'switched', 'verified')")):
                 holder = target if step in ("capturing", "copied") else source
                 foreign.setdefault(holder, set()).update(buckets)
+            # Per shard, the WAL position its replicas must have replayed to serve reads:
+            # a target's after a switch (or after an abort deleted its copies), a
+            # source's after its clean-up deleted the rows it gave away.
             moved_lsn = {t: parse_lsn(lsn) for t, lsn in c.execute(text(
-                "SELECT target, max(target_lsn)::text FROM shardkit_catalog.move_batches "
-                "WHERE target_lsn IS NOT NULL GROUP BY target"))}
+                "SELECT shard, max(lsn)::text FROM (SELECT target AS shard, target_lsn AS lsn "
+                "FROM shardkit_catalog.move_batches UNION ALL SELECT source, source_lsn "
+                "FROM shardkit_catalog.move_batches) x WHERE lsn IS NOT NULL GROUP BY shard"))}
             seq = c.execute(text("SELECT coalesce(max(id), 0) FROM shardkit_catalog.journal")).scalar_one()
             return CatalogState(current.version, current.bucket_map, current.slices,
                                 {k: frozenset(v) for k, v in foreign.items()}, moved_lsn, int(seq))

@@ -15,11 +15,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
+
 from ._cluster import Cluster
 from ._config import mask_url
 from .errors import RebalanceError, ShardkitError
 
 __all__ = ["main"]
+
+
+class UsageError(ShardkitError):
+    """A mistake in the command's arguments (exit status 2, like argparse's own)."""
 
 DEFAULT_DEV_DIR = ".shardkit-dev"
 
@@ -29,13 +35,13 @@ def _parse_key(raw: str, kind: str) -> Any:
         try:
             return int(raw)
         except ValueError:
-            raise SystemExit(f"error: key {raw!r} is not an integer") from None
+            raise UsageError(f"key {raw!r} is not an integer") from None
     if kind == "uuid" or kind == "auto":
         try:
             return uuid.UUID(raw)
         except ValueError:
             if kind == "uuid":
-                raise SystemExit(f"error: key {raw!r} is not a UUID") from None
+                raise UsageError(f"key {raw!r} is not a UUID") from None
     return raw
 
 
@@ -183,7 +189,12 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
     live, slices = current.bucket_map, current.slices
     if getattr(args, "plan", None):
-        raw = json.loads(Path(args.plan).read_text(encoding="utf-8"))
+        try:
+            raw = json.loads(Path(args.plan).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UsageError(f"--plan {args.plan}: cannot read it ({e.strerror or e})") from None
+        except ValueError as e:
+            raise UsageError(f"--plan {args.plan}: not a plan written by `plan --out` (not JSON: {e})") from None
         plan = rp.plan_from_dict(raw)
         if isinstance(plan, rp.SlicePlan):
             fresh = tuple(s for s in slices if s.group == plan.group) in (plan.old, plan.split)
@@ -195,11 +206,11 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         return plan
     chosen = [bool(args.add), bool(args.drain), bool(args.even), bool(args.split), bool(args.move_value)]
     if sum(chosen) != 1:
-        raise SystemExit("error: say what to plan: --add SHARD [--add ...], --drain SHARD, --even rows|bytes, "
+        raise UsageError("say what to plan: --add SHARD [--add ...], --drain SHARD, --even rows|bytes, "
                          "--split GROUP:KEY --to SHARD or --move-value GROUP:VALUE --to SHARD")
     if args.split or args.move_value:
         if not args.to:
-            raise SystemExit("error: --split and --move-value need --to SHARD")
+            raise UsageError("--split and --move-value need --to SHARD")
         group, key = _group_key(args.split or args.move_value, slices,
                                 "--split" if args.split else "--move-value")
         if args.split:
@@ -207,6 +218,10 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         return rp.plan_move_value(slices, group, key, args.to)
     weights = shard_weights(cluster, by=args.even) if args.even else None
     if args.add:
+        unknown = [a for a in args.add if a not in cluster.shard_names]
+        if unknown:
+            raise UsageError(f"--add {unknown[0]}: no such shard in the config (shards: "
+                             f"{', '.join(cluster.shard_names)}); add the new shard to the config first")
         return rp.plan_add_shards(live, args.add)
     if args.drain:
         return rp.plan_drain(live, args.drain)
@@ -220,18 +235,18 @@ def _group_key(spec: str, slices: Any, option: str) -> tuple[str, Any]:
 
     group, sep, raw = spec.partition(":")
     if not sep or not group:
-        raise SystemExit(f"error: {option} takes GROUP:KEY, e.g. {option} events:2000")
+        raise UsageError(f"{option} takes GROUP:KEY, e.g. {option} events:2000")
     mine = [s for s in slices if s.group == group]
     if not mine:
         known = sorted({s.group for s in slices})
-        raise SystemExit(f"error: {option}: the catalog has no range or list group {group!r} that can move "
+        raise UsageError(f"{option}: the catalog has no range or list group {group!r} that can move "
                          f"(movable groups: {', '.join(known) or 'none'}); after adding one to the config, "
                          "run `shardkit rebalance init`")
     if key_kind(mine) == "int":
         try:
             return group, int(raw)
         except ValueError:
-            raise SystemExit(f"error: {option}: group {group}'s keys are integers; {raw!r} is not one") from None
+            raise UsageError(f"{option}: group {group}'s keys are integers; {raw!r} is not one") from None
     return group, raw
 
 
@@ -251,11 +266,17 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         if verb == "plan":
             plan = _make_plan(args, cluster)
             if args.out:
-                Path(args.out).write_text(json.dumps(plan.as_dict(), indent=2) + "\n", encoding="utf-8")
+                try:
+                    Path(args.out).write_text(json.dumps(plan.as_dict(), indent=2) + "\n", encoding="utf-8")
+                except OSError as e:
+                    raise UsageError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
             print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.render())
             return 0
         if verb == "status":
             moves = rebalance.move_status(cluster, args.move)
+            if args.move is not None and not moves:
+                raise RebalanceError(f"there is no move {args.move} (`shardkit rebalance status` lists them)",
+                                     move_id=args.move)
             if args.json:
                 print(json.dumps(moves, indent=2))
             elif not moves:
@@ -413,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ShardkitError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except sa_exc.DBAPIError as e:
+        # A server the command needed (the catalog, say) refused or failed: one line,
+        # the driver's own first line (which never holds a password).
+        first = (str(e.orig).strip().splitlines() or [""])[0]
+        print(f"error: {type(e.orig).__name__}: {first}", file=sys.stderr)
         return 2
 
 

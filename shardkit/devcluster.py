@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from ._config import MAX_BUCKET_COUNT
 from .errors import DevClusterError
 
 __all__ = ["DevCluster", "DevNode", "DevShard", "find_pg_bin", "to_toml"]
@@ -816,15 +817,15 @@ class _ClusterLayout:
 
     @staticmethod
     def _check_shape(shards: int, replicas: int, bucket_count: int, port_start: int | None) -> None:
-        if shards < 1 or replicas < 0 or bucket_count < 1:
-            raise ValueError(
-                f"need shards >= 1, replicas >= 0, bucket_count >= 1; "
-                f"got shards={shards}, replicas={replicas}, bucket_count={bucket_count}"
+        if shards < 1 or replicas < 0 or not 1 <= bucket_count <= MAX_BUCKET_COUNT:
+            raise DevClusterError(
+                f"need shards >= 1, replicas >= 0 and 1 <= buckets <= {MAX_BUCKET_COUNT}; "
+                f"got shards={shards}, replicas={replicas}, buckets={bucket_count}"
             )
         n_nodes = shards * (1 + replicas)
         if port_start is not None and not 1024 <= port_start <= 65536 - n_nodes:
-            raise ValueError(f"port_start must leave room for {n_nodes} ports in 1024..65535, "
-                             f"not {port_start}")
+            raise DevClusterError(f"port_start must leave room for {n_nodes} ports in 1024..65535, "
+                                  f"not {port_start}")
 
     @property
     def nodes(self) -> list[DevNode]:

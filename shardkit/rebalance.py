@@ -130,12 +130,15 @@ def mask_secrets(message: str, cluster: Cluster) -> str:
     return message
 
 
-def _need_catalog(cluster: Cluster) -> Catalog:
+def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
+    """The cluster's catalog; with ``initialised``, one that ``rebalance init`` has set up."""
     if cluster.catalog is None:
         raise RebalanceError(
             "this cluster has no catalog, so its bucket map is the config file's and cannot be "
             "rebalanced online; add [catalog] url = \"postgresql+psycopg://...\" to the config and "
             "run `shardkit rebalance init`")
+    if initialised and not cluster.catalog.initialised():
+        raise RebalanceError("the catalog is not set up yet: run `shardkit rebalance init` first")
     return cluster.catalog
 
 
@@ -245,6 +248,9 @@ class Mover:
         if not 0.0 < duty <= 1.0:
             raise RebalanceError(f"duty {duty!r} must be more than 0 and at most 1 (the share of time "
                                  "the mover works; 1 never rests)")
+        for name, value in (("grace", grace), ("step_delay", step_delay), ("lock_timeout", lock_timeout)):
+            if not value >= 0:
+                raise RebalanceError(f"{name} {value!r} must be a number of seconds >= 0")
         self.cluster = cluster
         self.catalog = _need_catalog(cluster)
         self.duty = duty
@@ -363,6 +369,7 @@ class Mover:
 
     def run(self, move_id: int) -> None:
         """Run (or resume) move ``move_id`` to the end."""
+        _need_catalog(self.cluster, initialised=True)
         with self.catalog.engine.connect() as lock_conn:
             got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
                                     {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
@@ -512,6 +519,12 @@ class Mover:
             if step == "verified":
                 t0 = time.monotonic()
                 deleted = self._clean_up(src, tgt, tables, buckets)
+                # The source's replicas serve reads once they have replayed the deletes
+                # (before that they would show the moved rows on both shards).
+                lsn = src.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+                with self.catalog.engine.begin() as conn:
+                    conn.execute(text("UPDATE shardkit_catalog.move_batches SET source_lsn = CAST(:l AS pg_lsn) "
+                                      "WHERE move_id = :m AND batch = :b"), {"l": lsn, "m": move_id, "b": batch})
                 dt = time.monotonic() - t0
                 self.progress(f"{label}: deleted {deleted} rows from {source} in {dt:.2f}s")
                 self._record(move_id, batch, "cleaned", {"deleted": deleted, "seconds": round(dt, 3)})
@@ -921,7 +934,7 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
     the source's commit and the catalog's) blocks the abort: resume the move,
     then plan the buckets back.  Batches already finished stay moved.
     """
-    catalog = _need_catalog(cluster)
+    catalog = _need_catalog(cluster, initialised=True)
     with catalog.engine.connect() as lock_conn:
         got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
                                 {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
@@ -984,8 +997,12 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                             tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql +
                                                 " = ANY(%s::integer[])").format(sql.Identifier(t.name)),
                                         (buckets,))
+                    # The target's replicas serve reads once they have replayed the deletes.
+                    lsn = tgt.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
                 undone.append(b.batch)
                 with catalog.engine.begin() as conn:
+                    conn.execute(text("UPDATE shardkit_catalog.move_batches SET target_lsn = CAST(:l AS pg_lsn) "
+                                      "WHERE move_id = :m AND batch = :b"), {"l": lsn, "m": move_id, "b": b.batch})
                     Catalog.record(conn, move_id, b.batch, "aborted")
             if group is not None:
                 _restore_group(cluster, catalog, group, move_id)

@@ -185,7 +185,7 @@ def test_up_refuses_a_directory_with_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(DevClusterError, match="not an empty directory"):
         DockerCluster.up(tmp_path)
-    with pytest.raises(ValueError, match="shards >= 1"):
+    with pytest.raises(DevClusterError, match="shards >= 1"):
         DockerCluster.up(tmp_path / "new", shards=0)
 
 
