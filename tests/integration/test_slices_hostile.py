@@ -39,7 +39,7 @@ from shardkit._slices import (
     slices_to_json,
     split_range,
 )
-from shardkit.cli import _group_key
+from shardkit.cli import UsageError, _group_key
 from shardkit.devcluster import to_toml
 from shardkit.errors import ConfigurationError, RebalanceError
 from shardkit.verify import verify
@@ -753,7 +753,7 @@ def test_cli_parses_negative_integers_and_strings_with_colons_and_quotes():
     assert _group_key("tags:", slices, "--move-value") == ("tags", "")
     assert _group_key("nums:-1", slices, "--move-value") == ("nums", -1)
     assert _group_key("names:007", slices, "--split") == ("names", "007")  # strings stay strings
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="nums's keys are integers"):
         _group_key("nums:x", slices, "--move-value")
 
 
