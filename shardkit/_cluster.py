@@ -13,7 +13,6 @@ from typing import Any
 
 from dataclasses import dataclass
 
-import psycopg
 from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,7 +23,7 @@ from ._replicas import HealthMonitor, ReplicaSelector
 from ._routing import PRIMARY, REPLICA, Route, Router
 from ._scope import scope as _scope
 from ._slices import SLICE_BASE
-from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable
+from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable, unreachable_reason
 
 __all__ = ["Cluster", "ClusterHealth"]
 
@@ -155,7 +154,6 @@ class Cluster:
                 log.info("shards holding rows of buckets they do not own: %s",
                          {k: len(v) for k, v in state.foreign_buckets.items()} or "none")
             self.foreign_buckets = state.foreign_buckets
-            self.moved_lsn = state.moved_lsn
 
     def _set_map(self, version: int, bucket_map: tuple[str, ...], slices: tuple[Any, ...] = ()) -> None:
         with self._map_lock:
@@ -459,15 +457,11 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
             return err
         if context.statement is None and context.connection is not None:
             return None  # a failed COMMIT/ROLLBACK: SQLAlchemy's own error says what happened
-        unreachable = context.is_disconnect or (
-            context.connection is None and isinstance(context.original_exception, psycopg.OperationalError)
-        )
-        if not unreachable:
+        reason = unreachable_reason(context)
+        if reason is None:
             return None
-        cause = context.original_exception
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         err = ShardUnavailable(
-            f"shard {shard}: node {node} ({mask_url(url)}) is unreachable: {first}",
+            f"shard {shard}: node {node} ({mask_url(url)}) is unreachable: {reason}",
             shard=shard, node=node, cause=cause,
         )
         err.__cause__ = cause

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
-import psycopg
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine
 
 from ._config import mask_url
 from ._replicas import parse_lsn
 from ._slices import Slice, slices_from_json, slices_to_json
-from .errors import ShardUnavailable
+from .errors import ShardUnavailable, unreachable_reason
 
 __all__ = ["Catalog", "MAP_CHANNEL"]
 
@@ -125,12 +124,11 @@ class Catalog:
 
     def _unreachable(self, context: Any) -> Exception | None:
         """A handle_error hook: a catalog that cannot be reached is a ShardUnavailable naming it."""
-        cause = context.original_exception
-        if context.is_pre_ping or not (context.is_disconnect or (
-                context.connection is None and isinstance(cause, psycopg.OperationalError))):
+        reason = unreachable_reason(context)
+        if reason is None:
             return None
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        err = ShardUnavailable(f"the catalog ({mask_url(self.url)}) is unreachable: {first}",
+        cause = context.original_exception
+        err = ShardUnavailable(f"the catalog ({mask_url(self.url)}) is unreachable: {reason}",
                                node="catalog", cause=cause)
         err.__cause__ = cause
         return err
@@ -235,6 +233,14 @@ class Catalog:
         return version
 
     # -- journal -------------------------------------------------------------------
+
+    @staticmethod
+    def set_floor(conn: Connection, move_id: int, batch: int, side: str, lsn: str) -> None:
+        """Record the WAL position the batch's ``side`` (``"source"`` or ``"target"``) must
+        have replayed before its replicas serve reads again (see :meth:`current_state`)."""
+        column = {"source": "source_lsn", "target": "target_lsn"}[side]
+        conn.execute(text(f"UPDATE shardkit_catalog.move_batches SET {column} = CAST(:l AS pg_lsn) "
+                          "WHERE move_id = :m AND batch = :b"), {"l": lsn, "m": move_id, "b": batch})
 
     @staticmethod
     def record(conn: Connection, move_id: int, batch: int | None, step: str,

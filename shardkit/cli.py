@@ -1,8 +1,9 @@
 """The ``shardkit`` command.
 
 One function per verb (as in Alembic's ``command`` module).  This is the only
-place that catches :class:`~shardkit.errors.ShardkitError`: it prints the
-message (never a password) and exits with status 2.
+place that catches :class:`~shardkit.errors.ShardkitError` (argument mistakes
+included, as :class:`UsageError`) and the driver errors of a server a command
+could not use: it prints one line (never a password) and exits with status 2.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = ["main"]
 
 class UsageError(ShardkitError):
     """A mistake in the command's arguments (exit status 2, like argparse's own)."""
+
 
 DEFAULT_DEV_DIR = ".shardkit-dev"
 

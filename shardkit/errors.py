@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from sqlalchemy import exc as sa_exc
 
 __all__ = [
@@ -189,3 +190,15 @@ class DevClusterError(ShardkitError):
     def __init__(self, message: str, *, node: str | None = None) -> None:
         self.node = node
         super().__init__(message)
+
+
+def unreachable_reason(context: Any) -> str | None:
+    """In a ``handle_error`` hook: the first line of the driver's error when the server
+    could not be reached (a connection lost or refused), else ``None`` (pre-pings
+    included: the pool reconnects by itself)."""
+    cause = context.original_exception
+    if context.is_pre_ping or not (context.is_disconnect or (
+            context.connection is None and isinstance(cause, psycopg.OperationalError))):
+        return None
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__

@@ -121,6 +121,12 @@ def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | No
     return out or ["true"]
 
 
+def _flushed(conn: psycopg.Connection) -> str:
+    """The server's WAL position flushed so far, which includes every commit it has
+    acknowledged: its streaming replicas reach it without waiting for more writes."""
+    return conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+
+
 def mask_secrets(message: str, cluster: Cluster) -> str:
     """``message`` with every configured password replaced by ``***``."""
     urls = [cluster.config.catalog_url] + [u for s in cluster.config.shards for u in (s.primary, *s.replicas)]
@@ -521,10 +527,9 @@ class Mover:
                 deleted = self._clean_up(src, tgt, tables, buckets)
                 # The source's replicas serve reads once they have replayed the deletes
                 # (before that they would show the moved rows on both shards).
-                lsn = src.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+                lsn = _flushed(src)
                 with self.catalog.engine.begin() as conn:
-                    conn.execute(text("UPDATE shardkit_catalog.move_batches SET source_lsn = CAST(:l AS pg_lsn) "
-                                      "WHERE move_id = :m AND batch = :b"), {"l": lsn, "m": move_id, "b": batch})
+                    Catalog.set_floor(conn, move_id, batch, "source", lsn)
                 dt = time.monotonic() - t0
                 self.progress(f"{label}: deleted {deleted} rows from {source} in {dt:.2f}s")
                 self._record(move_id, batch, "cleaned", {"deleted": deleted, "seconds": round(dt, 3)})
@@ -773,7 +778,7 @@ class Mover:
                 self._catch_up(src, tgt, tables, buckets)
         # The target's WAL position after the switch: its replicas serve the moved
         # buckets only once they have replayed it (reads stay as fresh as before).
-        target_lsn = tgt.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+        target_lsn = _flushed(tgt)
         # The source has given the buckets up (a paused writer is now refused and
         # polls the catalog for the next version); the target owns them.  Publish.
         # A crash before this commits leaves the batch at "copied": resuming
@@ -998,11 +1003,10 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                                                 " = ANY(%s::integer[])").format(sql.Identifier(t.name)),
                                         (buckets,))
                     # The target's replicas serve reads once they have replayed the deletes.
-                    lsn = tgt.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+                    lsn = _flushed(tgt)
                 undone.append(b.batch)
                 with catalog.engine.begin() as conn:
-                    conn.execute(text("UPDATE shardkit_catalog.move_batches SET target_lsn = CAST(:l AS pg_lsn) "
-                                      "WHERE move_id = :m AND batch = :b"), {"l": lsn, "m": move_id, "b": b.batch})
+                    Catalog.set_floor(conn, move_id, b.batch, "target", lsn)
                     Catalog.record(conn, move_id, b.batch, "aborted")
             if group is not None:
                 _restore_group(cluster, catalog, group, move_id)
