@@ -22,7 +22,8 @@ from ._guard import NOT_OWNED_SQLSTATE
 from ._replicas import HealthMonitor, ReplicaSelector
 from ._routing import PRIMARY, REPLICA, Route, Router
 from ._scope import scope as _scope
-from ._slices import SLICE_BASE
+from ._slices import SLICE_BASE, initial_slices, movable_kind
+from ._strategies import HashStrategy
 from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable, unreachable_reason
 
 __all__ = ["Cluster", "ClusterHealth"]
@@ -78,6 +79,10 @@ class Cluster:
         self._scatter_pool: ThreadPoolExecutor | None = None
         # Called with each engine as it is created (metrics instrument them this way).
         self._engine_hooks: list[Any] = []
+        # (router, {(shard, table): what its map says}): see units_of().
+        self._units: tuple[Any, dict[tuple[str, Any], Any]] = (None, {})
+        # shard -> True once its ownership guard was seen, or when to look again.
+        self._guard_seen: dict[str, float | bool] = {}
         # Default per-shard answer deadline of cross-shard reads (None: wait).
         self.scatter_timeout: float | None = None
         if metadata is not None:
@@ -165,6 +170,50 @@ class Cluster:
             self.router = Router(config)
             previous, self.map_version = self.map_version, version
         log.info("bucket map version %s (was %s) from the catalog", version, previous)
+
+    def units_of(self, shard: str, table: Any) -> tuple[tuple[int, ...], str | None, tuple[int, ...]] | None:
+        """What this process's map says about ``shard`` for ``table``'s group: the units
+        (buckets or slices) it gives the shard, and for range and list groups the group's
+        name and every slice it knows of; ``None`` when the ownership guard does not
+        cover the table."""
+        router = self.router  # and its config: one map, even if a new one arrives meanwhile
+        config = router.config
+        cache = self._units
+        if cache[0] is not router:
+            cache = self._units = (router, {})
+        tr = router.table_route(table)
+        key = (shard, tr.table)
+        if key in cache[1]:
+            return cache[1][key]
+        group = router.groups.get(tr.group) if tr.group is not None else None
+        out: tuple[tuple[int, ...], str | None, tuple[int, ...]] | None
+        if group is None:
+            out = None
+        elif isinstance(group.strategy, HashStrategy):
+            # The guard covers hash tables with a one-column key.
+            out = (tuple(b for b, s in enumerate(group.strategy.bucket_map) if s == shard), None, ()) \
+                if len(tr.key_columns) == 1 else None
+        elif movable_kind(group)[0] is None:
+            out = None
+        else:
+            # A map loaded from the catalog numbers its slices; the file's map has
+            # the first numbering (a process that could not reach the catalog).
+            slices = [s for s in config.slices or initial_slices(config.groups) if s.group == group.name]
+            out = (tuple(s.id for s in slices if s.shard == shard), group.name, tuple(s.id for s in slices))
+        cache[1][key] = out
+        return out
+
+    def guard_installed(self, shard: str, conn: Any) -> bool:
+        """Whether ``shard`` has the ownership guard (asked on ``conn`` at most every 30 s
+        until it has; ``shardkit rebalance init`` installs it)."""
+        seen = self._guard_seen.get(shard)
+        if seen is True:
+            return True
+        if seen is not None and time.monotonic() < seen:
+            return False
+        found = bool(conn.exec_driver_sql("SELECT to_regclass('shardkit.owned_buckets') IS NOT NULL").scalar())
+        self._guard_seen[shard] = True if found else time.monotonic() + 30.0
+        return found
 
     def map_stale(self) -> None:
         """A shard refused a write as not owned: reload the map soon."""

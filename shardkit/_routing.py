@@ -60,7 +60,10 @@ class Route:
     (one shard), ``multi`` (some) or ``all``; ``role`` is ``primary`` or
     ``replica``; ``reason`` says why, in words; ``split`` maps a shard to the
     parameter values it should receive when an ``IN`` list or a multi-row
-    insert was split by owner.
+    insert was split by owner.  ``keys`` says how the shard key chose the
+    shards: ``"one"`` (``key = value``: all rows in one bucket or slice),
+    ``"many"`` (several values, ranges, or a scope's key), or ``""`` (not by
+    the bucket map: a named shard, every shard, an insert's rows).
     """
 
     shards: tuple[str, ...]
@@ -71,6 +74,7 @@ class Route:
     tables: tuple[str, ...] = ()
     split: Mapping[str, Any] | None = field(default=None, compare=False)
     merge: str | None = None
+    keys: str = ""
 
     @property
     def is_scatter(self) -> bool:
@@ -293,7 +297,8 @@ class Router:
                      for s in ordered}
         kind = "direct" if len(ordered) == 1 else (
             "all" if len(ordered) == len(self.shard_names) else "multi")
-        route = Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split)
+        route = Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split,
+                      keys="one" if single is not None else "many")
         if isinstance(statement, Update):
             self._refuse_key_move(statement, params, route)
         if single is not None and role is None and len(ordered) == 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -407,8 +408,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
             shard = route.shards[0]
             if route.is_write or not self.cluster.has_replicas:
                 eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments, not route.is_write)
-                return Session.execute(self, statement, params, execution_options=eo,
-                                       bind_arguments=ba, **kw)
+                result = Session.execute(self, statement, params, execution_options=eo,
+                                         bind_arguments=ba, **kw)
+                if route.is_write and route.keys and self.cluster.catalog is not None:
+                    _check_still_owner(self, shard, statement, route, result)
+                return result
             return self._read_on(shard, statement, params, execution_options, bind_arguments, kw, sc)
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
 
@@ -931,6 +935,65 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
     return result
 
 
+# Fails, aborting the shard's transaction as the guard's refusal does, when the
+# shard has given up a unit (bucket or slice) that this process's map gives it,
+# or (range and list groups) has a slice the map does not know: a split since.
+# (A cast of a message to integer is how plain SQL raises an error.)
+_NOT_OWNED_MARK = "shardkit: not owned: "
+_GONE = "(SELECT min(u) FROM unnest(%(units)s::integer[]) AS u " \
+        "WHERE NOT EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = u))"
+_STILL_OWNER_SQL = f"SELECT ('{_NOT_OWNED_MARK}' || {_GONE})::integer"
+_STILL_OWNER_SLICES_SQL = (
+    f"SELECT ('{_NOT_OWNED_MARK}' || coalesce({_GONE}, (SELECT min(s.id) FROM shardkit.slices s "
+    "WHERE s.grp = %(group)s AND s.id <> ALL(%(known)s::integer[]))))::integer")
+
+
+def _check_still_owner(session: ShardedSession, shard: str, statement: Any, route: Route,
+                       result: Any) -> None:
+    """Refuse (:class:`NotOwned`) a keyed UPDATE/DELETE that ``shard`` ran by a stale map.
+
+    The guard's triggers see only the rows a statement touches: on a shard that
+    has given a bucket away and deleted its rows, a stale process's UPDATE or
+    DELETE of a key there matches nothing and would report success while the
+    row lives on elsewhere.  So after such a statement (for ``key = value``:
+    only when it matched no rows, since all of a key's rows share one bucket),
+    the shard confirms that this process's map is right about it.
+    """
+    if not isinstance(statement, (Update, Delete)):
+        return
+    if route.keys == "one" and (getattr(result, "rowcount", None) or 0) > 0:
+        return
+    cluster = session.cluster
+    known = cluster.units_of(shard, statement.table)
+    if known is None:
+        return
+    units, group, slices = known
+    conn = Session.connection(session, bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
+    if not cluster.guard_installed(shard, conn):
+        return
+    try:
+        if group is None:
+            conn.exec_driver_sql(_STILL_OWNER_SQL, {"units": list(units)})
+        else:
+            conn.exec_driver_sql(_STILL_OWNER_SLICES_SQL,
+                                 {"units": list(units), "group": group, "known": list(slices)})
+    except sa_exc.DataError as e:
+        found = re.search(re.escape(_NOT_OWNED_MARK) + r"(\d+)", str(e.orig))
+        if found is None:
+            raise
+        bucket = int(found.group(1))
+        cluster.map_stale()
+        unit = "slice" if bucket >= SLICE_BASE else "bucket"
+        raise NotOwned(
+            f"shard {shard} disagrees with this process's map (version {cluster.map_version}) "
+            f"about {unit} {bucket}, so this {type(statement).__name__.lower()} may have missed "
+            "rows that live on another shard now; nothing was written (the shard's transaction "
+            "is aborted) and the map is being reloaded from the catalog: retry the transaction "
+            "(shardkit.run_transaction retries it)",
+            shard=shard, bucket=bucket, table=statement.table.name, statement=statement,
+        ) from e
+
+
 def _route_by_scope_key(cluster: Cluster, route: Route, key: Any) -> Route:
     groups = {cluster.router.table_route(t).group for t in route.tables}
     groups.discard(None)
@@ -940,7 +1003,7 @@ def _route_by_scope_key(cluster: Cluster, route: Route, key: Any) -> Route:
     table = next(t for t in route.tables if cluster.router.table_route(t).group == group)
     shard = cluster.shard_for(table, key)
     return Route((shard,), "direct", route.role, f"scope key {key!r} -> {shard}",
-                 route.is_write, route.tables)
+                 route.is_write, route.tables, keys="many")
 
 
 class ScatterResult(IteratorResult):  # type: ignore[type-arg]
@@ -1062,6 +1125,8 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
                 stmt = _with_bind_values(stmt, part)
         eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
         results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
+        if route.keys and session.cluster.catalog is not None:
+            _check_still_owner(session, shard, statement, route, results[-1])
     # ORM results of UPDATE/DELETE ... RETURNING are not cursor results: they have rows.
     if not any(getattr(r, "returns_rows", True) for r in results):
         total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)

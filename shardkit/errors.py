@@ -122,7 +122,9 @@ class ScatterRefused(RoutingError):
 
 
 class NotOwned(RoutingError):
-    """A shard's ownership guard refused a write to a bucket it does not own.
+    """A shard's ownership guard refused a write to a bucket it does not own, or a
+    keyed UPDATE/DELETE that matched no rows ran on a shard this process's map is
+    out of date about (the rows it meant may live on another shard now).
 
     ``bucket`` is the bucket number, or for range and list groups the slice
     number (at or above ``2**30``).

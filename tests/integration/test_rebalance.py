@@ -11,7 +11,7 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, func, select, text, update
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, delete, func, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
@@ -228,6 +228,66 @@ def test_stale_map_is_refused_and_retried_on_the_new_owner(world):
     with psycopg.connect(dev.shards[1].primary.dsn, autocommit=True) as c:
         c.execute("SET shardkit.mover = 'on'")
         c.execute("DELETE FROM accounts WHERE id = %s", (key2,))
+    stale.dispose()
+    stale2.dispose()
+
+
+def test_stale_update_or_delete_of_a_moved_key_is_refused_not_lost(world):
+    """The guard's triggers see only rows a statement touches: after the clean-up the old
+    owner has no rows of the moved bucket, so a stale process's UPDATE/DELETE there would
+    match nothing and "succeed".  It is refused instead, and its retry lands."""
+    dev, cluster, cfg_path, Session = world
+    stale = shardkit.Cluster.from_config(cfg_path, follow_map=False)
+    stale2 = shardkit.Cluster.from_config(cfg_path, follow_map=False)
+    live = cluster.config.bucket_map
+    on_s0 = [b for b, s in enumerate(live) if s == "s0"]
+    bucket, kept = on_s0[0], on_s0[1]
+    new_map = list(live)
+    new_map[bucket] = "s1"
+    rebalance.Mover(cluster, grace=0, progress=lambda line: None).apply(
+        plan_from_maps(live, tuple(new_map), "test: one bucket, stale deletes"))
+    key = next(k for k in range(N_ACCOUNTS) if shardkit.bucket_for(k, 1024) == bucket)
+    other = next(k for k in range(N_ACCOUNTS) if shardkit.bucket_for(k, 1024) == kept)
+    with psycopg.connect(dev.shards[0].primary.dsn) as c:  # cleaned up on the old owner
+        assert c.execute("SELECT count(*) FROM accounts WHERE id = %s", (key,)).fetchone()[0] == 0
+    assert stale.shard_for("accounts", key) == "s0"
+
+    StaleSession = sessionmaker(class_=shardkit.ShardedSession, cluster=stale, consistency="strong")
+    statements = [
+        update(Account).where(Account.id == key).values(balance=5),
+        delete(Entry).where(Entry.account_id == key),
+        # Several keys: the one still on s0 matches, the moved one would be lost.
+        update(Account).where(Account.id.in_([other, key])).values(balance=5),
+    ]
+    for stmt in statements:
+        with StaleSession() as s:
+            with pytest.raises(shardkit.NotOwned) as ei:
+                s.execute(stmt)
+            assert ei.value.shard == "s0" and ei.value.bucket == bucket
+            assert f"about bucket {bucket}" in str(ei.value)
+            with pytest.raises(Exception, match="current transaction is aborted"):
+                s.execute(select(Account.id).where(Account.id == other))  # nothing can commit
+    # Nothing was written: the row on s0 that matched (other) is untouched.
+    with psycopg.connect(dev.shards[0].primary.dsn) as c:
+        assert c.execute("SELECT balance FROM accounts WHERE id = %s", (other,)).fetchone()[0] == 0
+
+    # run_transaction: refused on s0, map reloaded, retried on s1, where the row is.
+    S2 = sessionmaker(class_=shardkit.ShardedSession, cluster=stale2, consistency="strong")
+    counts = []
+
+    def fn(s):
+        counts.append(s.execute(update(Account).where(Account.id == key).values(balance=9)).rowcount)
+    shardkit.run_transaction(S2, fn)
+    assert counts == [1]  # the refused attempt returned nothing
+    with psycopg.connect(dev.shards[1].primary.dsn) as c:
+        assert c.execute("SELECT balance FROM accounts WHERE id = %s", (key,)).fetchone()[0] == 9
+
+    # With the current map a statement that matches nothing is just that.
+    with Session() as s:
+        assert s.execute(update(Account).where(Account.id == 10**9).values(balance=1)).rowcount == 0
+        assert s.execute(delete(Entry).where(Entry.account_id.in_([10**9, 10**9 + 1]))).rowcount == 0
+        s.execute(update(Account).where(Account.id == key).values(balance=0))
+        s.commit()
     stale.dispose()
     stale2.dispose()
 

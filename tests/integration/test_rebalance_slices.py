@@ -9,10 +9,11 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 
 import psycopg
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, func, select
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, delete, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
@@ -255,6 +256,33 @@ def test_stale_map_is_refused_and_retried_on_the_new_owner(world):
             s.commit()
     assert ei.value.shard == "s1" and ei.value.bucket == plan.moves[0].bucket
     assert "slice" in str(ei.value)
+    # An UPDATE or DELETE there matches no rows (they moved): refused too, not "done".
+    # The stale map has jp in s1's default slice, which s1 still owns; s1 knows the
+    # slice jp was carved into.
+    with psycopg.connect(dev.shards[0].primary.dsn) as c:
+        jp_rows = c.execute("SELECT count(*) FROM stores WHERE region = 'jp'").fetchone()[0]
+    assert jp_rows > 0
+    for stmt in (delete(Store).where(Store.region == "jp"),
+                 update(Store).where(Store.region.in_(["jp", "br"])).values(name="stale")):
+        with StaleSession() as s:
+            with pytest.raises(shardkit.NotOwned) as ei:
+                s.execute(stmt)
+        assert ei.value.shard == "s1" and ei.value.bucket == plan.moves[0].bucket
+    # A process that could not reach the catalog routes by the file's map: the same.
+    raw = tomllib.loads(cfg_path.read_text())
+    raw["catalog"]["url"] = "postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=1"
+    offline = shardkit.Cluster.from_config(raw, follow_map=False)
+    assert offline.map_version is None and offline.shard_for("stores", "jp") == "s1"
+    with sessionmaker(class_=shardkit.ShardedSession, cluster=offline)() as s:
+        with pytest.raises(shardkit.NotOwned):
+            s.execute(delete(Store).where(Store.region == "jp"))
+        s.rollback()
+        # Keys whose rows are where the file's map says are fine.
+        assert s.execute(update(Store).where(Store.region == "eu").values(name="x")).rowcount > 0
+        s.rollback()
+    offline.dispose()
+    with psycopg.connect(dev.shards[0].primary.dsn) as c:
+        assert c.execute("SELECT count(*) FROM stores WHERE region = 'jp'").fetchone()[0] == jp_rows
     stale.refresh_map()
     assert stale.shard_for("stores", "jp") == "s0"
 

@@ -354,3 +354,14 @@ def test_closed_session_is_freed_without_the_garbage_collector(cluster):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_route_says_how_keys_chose_the_shards(cluster):
+    # "one": all rows in one bucket (a stale map's zero-row write is then checked only
+    # when it matched nothing); "many": always checked; "": not chosen by the map.
+    assert cluster.explain(update(User).where(User.id == 5).values(name="x")).keys == "one"
+    assert cluster.explain(update(User).where(User.id == 5).values(name="y")).keys == "one"  # cached
+    assert cluster.explain(delete(User).where(User.id.in_([1, 2, 3]))).keys == "many"
+    assert cluster.explain(delete(User).where(User.id.in_([1]))).keys == "many"
+    assert cluster.explain(insert(User).values(id=1, name="x")).keys == ""
+    assert cluster.explain(delete(User), all_shards=True).keys == ""
