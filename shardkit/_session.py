@@ -1036,34 +1036,22 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
             "write it with select()/table(), run it per shard, or wait for the move to finish",
             construct="textual statement across shards during a move", statement=statement)
     router = cluster.router
-    moving = {t: router.table_route(t) for t in route.tables}
     # Only the tables of what moves: hash tables if buckets do, a group's tables if its slices do.
     foreign_slices = [s for s in cluster.config.slices if s.id in foreign]
     sliced = {s.group for s in foreign_slices}
     foreign_buckets = sorted(b for b in foreign if b < SLICE_BASE)
-    moving = {t: tr for t, tr in moving.items() if len(tr.key_columns) == 1 and (
+    moving = {t: tr for t, tr in router.tables.items() if len(tr.key_columns) == 1 and (
         (isinstance(tr.strategy, HashStrategy) and foreign_buckets) or tr.group in sliced)}
-    if not moving:
+    if not moving or not any(t in moving for t in route.tables):
         return statement
-    if isinstance(statement, (Update, Delete)):
-        candidates = [statement.table]
-    elif isinstance(statement, selectable.Select):
-        candidates = [s for f in statement.get_final_froms() for s in sql_util.surface_selectables(f)]
-    else:
-        candidates = []
-    # Every moving table of the FROM clause, each as the statement names it (an
-    # alias included).  A NULL key passes: it is the missing side of an outer join.
-    conditions = []
-    for sel in candidates:
-        base = getattr(sel, "element", sel)
-        tr = moving.get(getattr(base, "name", None))
-        if tr is None or not isinstance(base, Table):
-            continue
+
+    def condition(sel: Any, tr: TableRoute) -> Any:
+        """``sel``'s rows of buckets or slices the shard owns (a NULL key passes: it is
+        the missing side of an outer join)."""
         column = sel.c[tr.key_columns[0]]
         if isinstance(tr.strategy, HashStrategy):
-            conditions.append(or_(column.is_(None), func.shardkit.bucket(
-                column, cluster.config.bucket_count).not_in(foreign_buckets)))
-            continue
+            return or_(column.is_(None), func.shardkit.bucket(
+                column, cluster.config.bucket_count).not_in(foreign_buckets))
         inside = []
         for sl in foreign_slices:
             if sl.group != tr.group:
@@ -1079,14 +1067,88 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
                 bounds = ([key >= sl.lower] if sl.lower is not None else []) + \
                     ([key < sl.upper] if sl.upper is not None else [])
                 inside.append(and_(true(), *bounds))
-        conditions.append(or_(column.is_(None), not_(or_(false(), *inside))))
-    if conditions:
-        return statement.where(*conditions)
+        return or_(column.is_(None), not_(or_(false(), *inside)))
+
+    def has_moving(element: Any) -> bool:
+        return any(isinstance(e, Table) and e.name in moving for e in visitors.iterate(element))
+
+    def filtered(stmt: Any) -> Any:
+        """``stmt`` (a SELECT) with every moving table of its FROM clause restricted, each as
+        the statement names it (an alias included), and derived tables (subqueries) filtered
+        inside; a FROM item that holds a moving table shardkit cannot see into is refused."""
+        conditions = []
+        swaps: dict[Any, Any] = {}
+        for sel in _from_items(stmt):
+            base = getattr(sel, "element", sel)
+            if isinstance(base, Table):
+                if base.name in moving:
+                    conditions.append(condition(sel, moving[base.name]))
+            elif type(sel) is selectable.Subquery and isinstance(base, selectable.Select):
+                if has_moving(base):
+                    # Left out inside: outside, a row of the derived table that finds
+                    # no partner in an outer join would keep a copy.
+                    swaps[sel] = filtered(base).subquery(sel.name)
+            elif has_moving(sel):
+                raise ScatterRefused(
+                    f"a move of buckets is in progress and shard {shard} holds rows it does not "
+                    "own; this cross-shard statement reads a moving table through a CTE, UNION "
+                    "or other construct where shardkit cannot leave those rows out; run it "
+                    "after the move, or per shard",
+                    construct="cross-shard statement during a move", statement=statement)
+        if swaps:
+            def swap(element: Any, **kw: Any) -> Any:
+                if element in swaps:
+                    return swaps[element]
+                table = getattr(element, "table", None)
+                if table is not None and table in swaps:
+                    return swaps[table].c[element.key]
+                return None
+            stmt = visitors.replacement_traverse(stmt, {}, swap)
+        return stmt.where(*conditions) if conditions else stmt
+
+    if isinstance(statement, (Update, Delete)):
+        tr = moving.get(statement.table.name)
+        if tr is not None:
+            return statement.where(condition(statement.table, tr))
+    elif isinstance(statement, selectable.Select):
+        out = filtered(statement)
+        if out is not statement:
+            return out
     raise ScatterRefused(
         f"a move of buckets is in progress and shard {shard} holds rows it does not own; this "
         "cross-shard statement does not name a moving table in its FROM clause where shardkit can "
         "leave those rows out (a subquery, CTE or UNION); run it after the move, or per shard",
         construct="cross-shard statement during a move", statement=statement)
+
+
+def _from_items(stmt: Any) -> Iterator[Any]:
+    """The tables, aliases and subqueries in ``stmt``'s FROM clause (joins opened up), as
+    the statement itself holds them.
+
+    For an ORM statement, SQLAlchemy computes the FROM clause at compile time and adds
+    what eager loaders join, under aliases made anew for each compilation (and with
+    LIMIT, wraps the entity query in a subquery): conditions on those would name
+    objects the executed statement does not have.  So the FROM clause is taken without
+    LIMIT, and of what it holds only the tables and the items the statement itself
+    refers to are kept (a condition on an entity's table lands inside SQLAlchemy's
+    wrapping subquery, where the LIMIT is)."""
+    orm = stmt._propagate_attrs.get("compile_state_plugin") == "orm"
+    view = stmt.limit(None).offset(None) if orm and (stmt._limit_clause is not None or
+                                                    stmt._offset_clause is not None) else stmt
+    own: set[Any] | None = None
+    if orm:
+        own = set()
+        for e in visitors.iterate(stmt):
+            own.add(e)
+            t = getattr(e, "table", None)
+            if t is not None:
+                own.add(t)
+    for f in view.get_final_froms():
+        for sel in sql_util.surface_selectables(f):
+            if isinstance(sel, (selectable.Join, selectable.FromGrouping)):
+                continue
+            if own is None or isinstance(sel, Table) or sel in own:
+                yield sel
 
 
 def _with_bind_values(statement: Any, values: Mapping[str, Any]) -> Any:

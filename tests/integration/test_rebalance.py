@@ -240,18 +240,20 @@ def test_stale_update_or_delete_of_a_moved_key_is_refused_not_lost(world):
     stale = shardkit.Cluster.from_config(cfg_path, follow_map=False)
     stale2 = shardkit.Cluster.from_config(cfg_path, follow_map=False)
     live = cluster.config.bucket_map
-    on_s0 = [b for b, s in enumerate(live) if s == "s0"]
-    bucket, kept = on_s0[0], on_s0[1]
+    # Two accounts in different buckets of s0; the first one's bucket moves to s1.
+    key, other = [k for k in range(N_ACCOUNTS) if live[shardkit.bucket_for(k, 1024)] == "s0"][:2]
+    bucket = shardkit.bucket_for(key, 1024)
+    assert shardkit.bucket_for(other, 1024) != bucket
     new_map = list(live)
     new_map[bucket] = "s1"
     rebalance.Mover(cluster, grace=0, progress=lambda line: None).apply(
         plan_from_maps(live, tuple(new_map), "test: one bucket, stale deletes"))
-    key = next(k for k in range(N_ACCOUNTS) if shardkit.bucket_for(k, 1024) == bucket)
-    other = next(k for k in range(N_ACCOUNTS) if shardkit.bucket_for(k, 1024) == kept)
     with psycopg.connect(dev.shards[0].primary.dsn) as c:  # cleaned up on the old owner
         assert c.execute("SELECT count(*) FROM accounts WHERE id = %s", (key,)).fetchone()[0] == 0
     assert stale.shard_for("accounts", key) == "s0"
 
+    with psycopg.connect(dev.shards[0].primary.dsn) as c:
+        before = c.execute("SELECT balance FROM accounts WHERE id = %s", (other,)).fetchone()[0]
     StaleSession = sessionmaker(class_=shardkit.ShardedSession, cluster=stale, consistency="strong")
     statements = [
         update(Account).where(Account.id == key).values(balance=5),
@@ -269,7 +271,7 @@ def test_stale_update_or_delete_of_a_moved_key_is_refused_not_lost(world):
                 s.execute(select(Account.id).where(Account.id == other))  # nothing can commit
     # Nothing was written: the row on s0 that matched (other) is untouched.
     with psycopg.connect(dev.shards[0].primary.dsn) as c:
-        assert c.execute("SELECT balance FROM accounts WHERE id = %s", (other,)).fetchone()[0] == 0
+        assert c.execute("SELECT balance FROM accounts WHERE id = %s", (other,)).fetchone()[0] == before
 
     # run_transaction: refused on s0, map reloaded, retried on s1, where the row is.
     S2 = sessionmaker(class_=shardkit.ShardedSession, cluster=stale2, consistency="strong")
