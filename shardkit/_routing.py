@@ -120,6 +120,17 @@ class _Plan:
     routes: dict[str, Route] = field(default_factory=dict)
 
 
+def derived_select(item: Any) -> Any:
+    """The SELECT of a derived table (a subquery in FROM, or an alias of one, as
+    ``Query.count()`` makes), or ``None`` if ``item`` is something else (a table,
+    CTE, UNION, function...)."""
+    while isinstance(item, selectable.Alias) and isinstance(item.element, selectable.Subquery):
+        item = item.element
+    if isinstance(item, selectable.Subquery) and isinstance(item.element, selectable.Select):
+        return item.element
+    return None
+
+
 class Router:
     """Routes statements and keys for one cluster configuration."""
 
@@ -571,6 +582,18 @@ class Router:
             inner = exists_column(statement._raw_columns[0])
             if inner is not None:
                 where = inner._where_criteria
+        outer = statement
+        while not where and isinstance(outer, selectable.Select) and not outer._setup_joins:
+            # SELECT count(*) FROM (SELECT ... WHERE key = :k) AS anon (Query.count() and the
+            # like): every row comes from the derived table, so its WHERE decides.
+            froms = outer._from_obj or outer.columns_clause_froms
+            if len(froms) != 1:
+                break
+            inner = derived_select(froms[0])
+            if inner is None:
+                break
+            outer = inner
+            where = outer._where_criteria
         try:
             if not where:
                 pred = None

@@ -58,7 +58,7 @@ from ._cluster import Cluster
 from ._colocation import reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for
+from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for, derived_select
 from ._scatter import merge_rows, plan_scatter
 from ._scope import NO_SCOPE, RoutingScope, current_scope
 from ._slices import SLICE_BASE
@@ -1083,11 +1083,11 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
             if isinstance(base, Table):
                 if base.name in moving:
                     conditions.append(condition(sel, moving[base.name]))
-            elif type(sel) is selectable.Subquery and isinstance(base, selectable.Select):
-                if has_moving(base):
+            elif (inner := derived_select(sel)) is not None:
+                if has_moving(inner):
                     # Left out inside: outside, a row of the derived table that finds
                     # no partner in an outer join would keep a copy.
-                    swaps[sel] = filtered(base).subquery(sel.name)
+                    swaps[sel] = filtered(inner).subquery(sel.name)
             elif has_moving(sel):
                 raise ScatterRefused(
                     f"a move of buckets is in progress and shard {shard} holds rows it does not "

@@ -7,6 +7,8 @@ ORM returned.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from sqlalchemy import (
     BigInteger,
@@ -152,6 +154,14 @@ def test_query_api_keyed_reads_and_counts(sharded):
         assert s.query(func.sum(Order.amount)).scalar() == N_USERS * 3
         assert s.query(User).filter(User.id.in_([a, b, c])).count() == 3
         assert s.query(User.id).order_by(User.id).offset(3).limit(2).all() == [(4,), (5,)]
+        # Query.count() wraps the query in a subquery; its key still picks the shard.
+        sharded.reset_hits()
+        assert s.query(User).filter(User.id == same[0]).count() == 1
+        assert s.query(User).filter(User.id.in_(same)).count() == 3
+        assert s.query(User).filter(User.id == 10**9).count() == 0
+        want = Counter({"s1": 2})
+        want[cluster.shard_for(User, 10**9)] += 1
+        assert sharded.hits == want
 
 
 def test_query_api_across_shards_returns_entities(sharded):

@@ -569,6 +569,10 @@ def test_derived_tables_during_copy_are_filtered_or_refused(world):
                                     f"{sum(extra.values())} extra (e.g. {list(extra)[:3]})")
             except shardkit.ScatterRefused as e:
                 problems.append(f"{name}: refused ({str(e).splitlines()[0][:120]})")
+        with Session() as s:  # Query.count() reads an alias of a subquery
+            n = s.query(Purchase).count()
+            if n != len(t["purchases"]):
+                problems.append(f"query(Purchase).count() = {n}, expected {len(t['purchases'])}")
         run.resume()
     finally:
         run.finish()

@@ -50,13 +50,19 @@ def test_range_groups_do_not_move(cluster):
 
 def test_unfilterable_statement_is_refused_during_a_move(cluster):
     cluster.foreign_buckets = {"s2": frozenset({1})}
-    sub = select(User.id).subquery()
-    stmt = select(sub.c.id)
+    cte = select(User.id).cte()
+    stmt = select(cte.c.id)
     route = cluster.router.route(select(User.id))  # the route the session computes names users
     with pytest.raises(shardkit.ScatterRefused, match="move of buckets is in progress") as ei:
         _without_foreign_rows(cluster, "s2", stmt, route)
     assert ei.value.construct == "cross-shard statement during a move"
     assert _without_foreign_rows(cluster, "s0", stmt, route) is stmt
+    # A derived table is filtered inside, and the outer statement reads the filtered one.
+    sub = select(User.id).subquery()
+    out = _without_foreign_rows(cluster, "s2", select(sub.c.id), route)
+    sql = str(out.compile())
+    assert sql.index("shardkit.bucket") > sql.index("FROM (SELECT")
+    assert sql.count("FROM (SELECT") == 1 and "anon_1.id" in sql
     u = union_all(select(User.id), select(User.id))
     with pytest.raises(shardkit.ScatterRefused):
         _without_foreign_rows(cluster, "s2", u, route)

@@ -365,3 +365,24 @@ def test_route_says_how_keys_chose_the_shards(cluster):
     assert cluster.explain(delete(User).where(User.id.in_([1]))).keys == "many"
     assert cluster.explain(insert(User).values(id=1, name="x")).keys == ""
     assert cluster.explain(delete(User), all_shards=True).keys == ""
+
+
+def test_count_of_a_keyed_query_routes_by_the_key_inside_it(cluster):
+    # Query.count() and select(func.count()).select_from(subquery): the derived table's
+    # WHERE decides, as every row comes from it.
+    from sqlalchemy import func
+    from sqlalchemy.orm import Query
+
+    for k in range(20):
+        owner = (cluster.shard_for(User, k),)
+        inner = select(User).where(User.id == k).subquery()
+        assert cluster.explain(select(func.count()).select_from(inner)).shards == owner
+        q = Query(User).filter(User.id == k)
+        stmt = select(func.count()).select_from(q.subquery())  # what Query.count() runs
+        r = cluster.explain(stmt)
+        assert r.shards == owner and r.kind == "direct"
+        two = select(func.count()).select_from(select(inner.c.id).subquery())
+        assert cluster.explain(two).shards == owner
+    r = cluster.explain(select(func.count()).select_from(select(User).where(User.name == "x").subquery()))
+    assert r.kind == "all"
+    assert cluster.explain(select(func.count()).select_from(select(User).subquery())).kind == "all"
