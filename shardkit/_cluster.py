@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import QueuePool
 
 from ._config import ClusterConfig, ReplicaSettings, load_config, mask_url, with_bucket_map
 from ._guard import NOT_OWNED_SQLSTATE
@@ -37,6 +39,24 @@ _POOL_KEYS = {
     "recycle": "pool_recycle",
     "pre_ping": "pool_pre_ping",
 }
+
+
+class _NodePool(QueuePool):
+    """The pool of one node (its name is the pool's logging name): a checkout that times
+    out says which node's pool is exhausted."""
+
+    def _do_get(self) -> Any:
+        try:
+            return super()._do_get()
+        except sa_exc.TimeoutError as e:
+            if getattr(e, "shardkit_node", None) is not None:
+                raise
+            err = sa_exc.TimeoutError(
+                f"node {self._orig_logging_name}: {e.args[0]}; raise that node's [pool] size or "
+                "max_overflow, or hold connections for less time (Cluster.pool_stats() shows "
+                "their use)")
+            err.shardkit_node = self._orig_logging_name  # type: ignore[attr-defined]
+            raise err from e
 
 
 class Cluster:
@@ -326,11 +346,13 @@ class Cluster:
                     # pre-ping round trip needed), and a dead replica leaves no
                     # transaction to roll back.
                     opts.setdefault("isolation_level", "AUTOCOMMIT")
+                node = _node_name(shard, role, index)
+                opts["poolclass"] = _NodePool
+                opts["pool_logging_name"] = node
                 opts.update(self._engine_options)
                 connect_args = dict(opts.pop("connect_args", {}))
                 connect_args.setdefault("connect_timeout", 3)
                 eng = create_engine(url, connect_args=connect_args, **opts)
-                node = _node_name(shard, role, index)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
                 event.listen(eng, "handle_error", _translate_errors(self, shard, node, url), retval=True)
                 for hook in self._engine_hooks:

@@ -491,10 +491,13 @@ def test_max_connections_never_raises_the_configured_pool_limit(env):
         held = [eng.connect(), eng.connect()]
         try:
             t = time.monotonic()
-            with pytest.raises(sqlalchemy.exc.TimeoutError):
+            with pytest.raises(sqlalchemy.exc.TimeoutError) as ei:
                 third = eng.connect()
                 held.append(third)
             assert time.monotonic() - t < 5
+            # The error says whose pool ran out.
+            assert str(ei.value).startswith("node s0/primary: QueuePool limit of size 2 overflow 0")
+            assert ei.value.shardkit_node == "s0/primary"
         finally:
             for c in held:
                 c.close()
