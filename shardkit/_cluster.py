@@ -355,6 +355,10 @@ class Cluster:
                 eng = create_engine(url, connect_args=connect_args, **opts)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
                 event.listen(eng, "handle_error", _translate_errors(self, shard, node, url), retval=True)
+                if role == PRIMARY and self.config.catalog_url is not None:
+                    from ._session import _note_short_write
+
+                    event.listen(eng, "after_cursor_execute", _note_short_write)
                 for hook in self._engine_hooks:
                     hook(eng)
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))

@@ -12,6 +12,7 @@ refusal of writes that would silently land on the wrong shard.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import re
 import time
@@ -47,6 +48,7 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.orm import exc as orm_exc
+from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
@@ -125,6 +127,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_commit_conns: dict[str, Any] = {}
         # shard -> the replica this transaction reads it from.
         self._sk_replica: dict[str, int] = {}
+        # During a flush (with a catalog): where the objects it writes were loaded from.
+        self._sk_placements: list[tuple[Any, Any, str, Any]] | None = None
         if consistency_token:
             self.require_token(consistency_token)
 
@@ -411,7 +415,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 result = Session.execute(self, statement, params, execution_options=eo,
                                          bind_arguments=ba, **kw)
                 if route.is_write and route.keys and self.cluster.catalog is not None:
-                    _check_still_owner(self, shard, statement, route, result)
+                    _check_still_owner(self, shard, statement, result, one_key=route.keys == "one")
                 return result
             return self._read_on(shard, statement, params, execution_options, bind_arguments, kw, sc)
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
@@ -560,6 +564,29 @@ class ShardedSession(horizontal_shard.ShardedSession):
         commit records the shard's position for read-your-writes.
         """
         return self.connection(bind_arguments={"shard_id": shard})
+
+    def flush(self, objects: Any = None) -> None:
+        """Flush as :meth:`sqlalchemy.orm.Session.flush` does.
+
+        With a catalog, an object loaded from a shard that has since given its
+        bucket away (a move) is not written there: an UPDATE or DELETE of it that
+        matches no row raises :class:`~shardkit.NotOwned` (nothing is written),
+        not :class:`~sqlalchemy.orm.exc.StaleDataError` or a lost DELETE.
+        """
+        if self.cluster.catalog is None:
+            super().flush(objects)
+            return
+        # Taken before: a failed flush expires what it tried to write.
+        self._sk_placements = _placements(self)
+        _SHORT_WRITE.set(False)
+        try:
+            super().flush(objects)
+        except orm_exc.StaleDataError as e:
+            _SHORT_WRITE.set(False)
+            _refuse_misplaced(self, self._sk_placements, e)
+            raise
+        finally:
+            self._sk_placements = None
 
     def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Any:
         """As :meth:`sqlalchemy.orm.Session.connection`, for the shard named by
@@ -760,6 +787,8 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     cluster = session.cluster
     shard = _explicit_shard(statement, execution_options, bind_arguments, sc)
     if shard is not None:
+        if cluster.catalog is not None:
+            _refuse_moved_load(session, shard, statement, execution_options)
         if shard not in cluster.router.shard_set:
             raise RoutingError(
                 f"unknown shard {shard!r}; shards: {', '.join(cluster.shard_names)}",
@@ -780,6 +809,24 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     if route.kind == "all" and sc.key is not None:
         route = _route_by_scope_key(cluster, route, sc.key)
     return route
+
+
+def _refuse_moved_load(session: ShardedSession, shard: str, statement: Any, execution_options: Any) -> None:
+    """Refuse a refresh or lazy load for an object loaded from ``shard`` before its bucket
+    moved away: the shard's leftover copy (until the move's clean-up) is out of date."""
+    for opts in (execution_options, getattr(statement, "_execution_options", None)):
+        lo = opts.get("_sa_orm_load_options") if opts else None
+        if lo is None:
+            continue
+        state = lo._refresh_state or lo._lazy_loaded_from
+        if state is None or state.key is None or len(state.key) < 3 or state.key[2] != shard:
+            return
+        guarded, key = _shard_key_of(session, state)
+        owner = _current_owner(session, state.mapper, state.key[1], key) if guarded else None
+        if owner is not None and owner != shard:
+            raise _moved_object_error(state.mapper, state.key[1], shard, owner, session.cluster,
+                                      "this session's copy of it is out of date")
+        return
 
 
 # (shard, is_read) -> the Route of a statement for a shard named by the caller.
@@ -922,6 +969,9 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
             result = conn.execute(stmt, params)
             matched = result.rowcount
             if matched != len(params):
+                if session.cluster.catalog is not None and tr.strategy is not None:
+                    # The rows may have moved to another shard since this process's map.
+                    _check_still_owner(session, shard, stmt, result)
                 raise orm_exc.StaleDataError(
                     f"UPDATE of {tr.table} on shard {shard} expected to update {len(params)} "
                     f"row(s); {matched} matched (a primary key that does not exist there, or "
@@ -948,8 +998,8 @@ _STILL_OWNER_SLICES_SQL = (
     "WHERE s.grp = %(group)s AND s.id <> ALL(%(known)s::integer[]))))::integer")
 
 
-def _check_still_owner(session: ShardedSession, shard: str, statement: Any, route: Route,
-                       result: Any) -> None:
+def _check_still_owner(session: ShardedSession, shard: str, statement: Any, result: Any, *,
+                       one_key: bool = False) -> None:
     """Refuse (:class:`NotOwned`) a keyed UPDATE/DELETE that ``shard`` ran by a stale map.
 
     The guard's triggers see only the rows a statement touches: on a shard that
@@ -961,22 +1011,40 @@ def _check_still_owner(session: ShardedSession, shard: str, statement: Any, rout
     """
     if not isinstance(statement, (Update, Delete)):
         return
-    if route.keys == "one" and (getattr(result, "rowcount", None) or 0) > 0:
+    if one_key and (getattr(result, "rowcount", None) or 0) > 0:
         return
+    _SHORT_WRITE.set(False)  # checked here; a flush need not look again
     cluster = session.cluster
     known = cluster.units_of(shard, statement.table)
     if known is None:
         return
     units, group, slices = known
+    if group is None:
+        _ask_shard(session, shard, _STILL_OWNER_SQL, {"units": list(units)}, statement,
+                   "may have missed rows that live on another shard now")
+    else:
+        _ask_shard(session, shard, _STILL_OWNER_SLICES_SQL,
+                   {"units": list(units), "group": group, "known": list(slices)}, statement,
+                   "may have missed rows that live on another shard now")
+
+
+# Fails as _STILL_OWNER_SQL does when the shard owns a bucket (or slice) this process
+# still takes for a copy it holds during a move: the move has switched since.
+_NOT_FOREIGN_SQL = (
+    f"SELECT ('{_NOT_OWNED_MARK}' || (SELECT min(u) FROM unnest(%(units)s::integer[]) AS u "
+    "WHERE EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = u)))::integer")
+
+
+def _ask_shard(session: ShardedSession, shard: str, sql: str, params: Mapping[str, Any],
+               statement: Any, consequence: str) -> None:
+    """Run one of the checks above on ``shard``'s primary in the session's transaction;
+    :class:`NotOwned` if the shard disagrees with this process's map."""
+    cluster = session.cluster
     conn = Session.connection(session, bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
     if not cluster.guard_installed(shard, conn):
         return
     try:
-        if group is None:
-            conn.exec_driver_sql(_STILL_OWNER_SQL, {"units": list(units)})
-        else:
-            conn.exec_driver_sql(_STILL_OWNER_SLICES_SQL,
-                                 {"units": list(units), "group": group, "known": list(slices)})
+        conn.exec_driver_sql(sql, params)
     except sa_exc.DataError as e:
         found = re.search(re.escape(_NOT_OWNED_MARK) + r"(\d+)", str(e.orig))
         if found is None:
@@ -986,12 +1054,104 @@ def _check_still_owner(session: ShardedSession, shard: str, statement: Any, rout
         unit = "slice" if bucket >= SLICE_BASE else "bucket"
         raise NotOwned(
             f"shard {shard} disagrees with this process's map (version {cluster.map_version}) "
-            f"about {unit} {bucket}, so this {type(statement).__name__.lower()} may have missed "
-            "rows that live on another shard now; nothing was written (the shard's transaction "
-            "is aborted) and the map is being reloaded from the catalog: retry the transaction "
-            "(shardkit.run_transaction retries it)",
+            f"about {unit} {bucket}, so this {type(statement).__name__.lower()} {consequence}; "
+            "nothing was written (the shard's transaction is aborted) and the map is being "
+            "reloaded from the catalog: retry the transaction (shardkit.run_transaction retries it)",
             shard=shard, bucket=bucket, table=statement.table.name, statement=statement,
         ) from e
+
+
+# Set (in this thread) when an UPDATE or DELETE on a primary matched fewer rows than it
+# was given: the flush then checks that the objects it wrote are where the map says.
+_SHORT_WRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("shardkit_short_write", default=False)
+
+
+def _note_short_write(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any,
+                      executemany: bool) -> None:
+    """An engine's after_cursor_execute hook (primaries of clusters with a catalog)."""
+    if context is not None and (context.isupdate or context.isdelete) and \
+            cursor.rowcount < (len(parameters) if executemany else 1):
+        _SHORT_WRITE.set(True)
+
+
+def _shard_key_of(session: ShardedSession, state: Any) -> tuple[bool, Any]:
+    """(guarded, key): whether persistent object ``state`` is in a group the ownership
+    guard covers, and its shard key's value in the database (``None`` when unknown)."""
+    cluster = session.cluster
+    mapper = state.mapper
+    try:
+        tr = cluster.router.table_route(mapper)
+    except RoutingError:
+        return False, None
+    if tr.strategy is None or cluster.units_of(state.key[2], mapper) is None:
+        return False, None
+    values = []
+    for col in tr.key_columns:
+        attr = mapper.get_property_by_column(mapper.local_table.c[col]).key
+        # The value the row has in the database (before a pending change).
+        value = state.committed_state.get(attr, state.dict.get(attr))
+        if value is None or value is NO_VALUE:
+            return True, None
+        values.append(value)
+    return True, values[0] if len(values) == 1 else tuple(values)
+
+
+def _current_owner(session: ShardedSession, mapper: Any, ident: Any, key: Any) -> str | None:
+    """The shard the map places an object (its primary key, its shard key if known) on now."""
+    owner = session._shard_from_identity(mapper, ident)
+    if owner is None and key is not None:
+        owner = session.cluster.router.shard_for(mapper, key)
+    return owner
+
+
+def _placements(session: ShardedSession) -> list[tuple[Any, Any, str, Any]]:
+    """(mapper, identity, shard loaded from, shard key) of each persistent object the
+    next flush may update or delete, in groups the ownership guard covers.  Taken before
+    the flush: a failed flush expires what it tried to write."""
+    out = []
+    for obj in (*session.deleted, *session.dirty):
+        state = inspect(obj)
+        if state.key is None or len(state.key) < 3 or state.key[2] is None:
+            continue
+        guarded, key = _shard_key_of(session, state)
+        if guarded:
+            out.append((state.mapper, state.key[1], state.key[2], key))
+    return out
+
+
+def _moved_object_error(mapper: Any, ident: Any, loaded_from: str, owner: str, cluster: Cluster,
+                        what: str) -> NotOwned:
+    return NotOwned(
+        f"{mapper.class_.__name__} {ident} was loaded from shard {loaded_from}, which no longer "
+        f"owns it (it lives on {owner} now, map version {cluster.map_version}); {what}: retry "
+        "the transaction with freshly loaded objects (shardkit.run_transaction does), or "
+        "expunge the object and load it again",
+        shard=loaded_from, table=mapper.local_table.name)
+
+
+def _refuse_misplaced(session: ShardedSession, placements: list[tuple[Any, Any, str, Any]],
+                      cause: BaseException | None) -> None:
+    """Raise NotOwned if a written object's bucket has moved since it was loaded (after
+    reloading the map: this process may not follow the catalog)."""
+    cluster = session.cluster
+    cluster.refresh_map()
+    for mapper, ident, loaded_from, key in placements:
+        owner = _current_owner(session, mapper, ident, key)
+        if owner is None or owner == loaded_from:
+            continue
+        err = _moved_object_error(mapper, ident, loaded_from, owner, cluster, "nothing was written")
+        if cause is not None:
+            raise err from cause
+        raise err
+
+
+def _after_flush(session: Any, flush_context: Any) -> None:
+    # Inside the flush: raising here rolls its writes back.  (A DELETE that matched
+    # nothing is only a warning to SQLAlchemy.)
+    placements = getattr(session, "_sk_placements", None)
+    if placements and _SHORT_WRITE.get():
+        _SHORT_WRITE.set(False)
+        _refuse_misplaced(session, placements, None)
 
 
 def _route_by_scope_key(cluster: Cluster, route: Route, key: Any) -> Route:
@@ -1045,10 +1205,27 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
     if not moving or not any(t in moving for t in route.tables):
         return statement
 
+    def exposed_keys(sel: Any) -> list[tuple[Any, str]]:
+        """The columns of derived table ``sel`` that are a moving table's shard key
+        (through any depth of subqueries), with that table."""
+        out = []
+        for c in sel.c:
+            for base in c.proxy_set:
+                table = getattr(base, "table", None)
+                if isinstance(table, selectable.Alias):
+                    table = table.element
+                if isinstance(table, Table) and table.name in moving and \
+                        base.name == moving[table.name].key_columns[0]:
+                    out.append((c, table.name))
+                    break
+        return out
+
     def condition(sel: Any, tr: TableRoute) -> Any:
-        """``sel``'s rows of buckets or slices the shard owns (a NULL key passes: it is
-        the missing side of an outer join)."""
-        column = sel.c[tr.key_columns[0]]
+        return condition_on(sel.c[tr.key_columns[0]], tr)
+
+    def condition_on(column: Any, tr: TableRoute) -> Any:
+        """The rows whose key ``column`` is in buckets or slices the shard owns (a NULL
+        key passes: it is the missing side of an outer join)."""
         if isinstance(tr.strategy, HashStrategy):
             return or_(column.is_(None), func.shardkit.bucket(
                 column, cluster.config.bucket_count).not_in(foreign_buckets))
@@ -1084,10 +1261,25 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
                 if base.name in moving:
                     conditions.append(condition(sel, moving[base.name]))
             elif (inner := derived_select(sel)) is not None:
-                if has_moving(inner):
-                    # Left out inside: outside, a row of the derived table that finds
-                    # no partner in an outer join would keep a copy.
+                if not has_moving(inner):
+                    continue
+                # A derived table's row carries the shard keys of the moving rows it comes
+                # from (colocated: they are equal), so those columns filter it as a
+                # table's own would: in WHERE, whatever side of an outer join it is on.
+                exposed = [condition_on(c, moving[t]) for c, t in exposed_keys(sel)]
+                if exposed:
+                    conditions.extend(exposed)
+                elif "parententity" not in sel._annotations:
+                    # No key column outside: leave the rows out inside the derived table.
                     swaps[sel] = filtered(inner).subquery(sel.name)
+                else:
+                    # An ORM entity's subquery (aliased(Model, subquery)) cannot be swapped.
+                    raise ScatterRefused(
+                        f"a move of buckets is in progress and shard {shard} holds rows it does "
+                        f"not own; the derived table {sel.name} does not select a moving table's "
+                        "shard key, where shardkit could leave those rows out; select the key "
+                        "in it, or run it after the move", construct="cross-shard statement "
+                        "during a move", statement=statement)
             elif has_moving(sel):
                 raise ScatterRefused(
                     f"a move of buckets is in progress and shard {shard} holds rows it does not "
@@ -1186,9 +1378,15 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             elif part:
                 stmt = _with_bind_values(stmt, part)
         eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
+        foreign = session.cluster.foreign_buckets.get(shard)
+        if foreign and stmt is not statement and session.cluster.catalog is not None:
+            # Rows of these buckets are left out here as copies a move holds; if the
+            # move has switched since this process heard of it, they are the rows.
+            _ask_shard(session, shard, _NOT_FOREIGN_SQL, {"units": sorted(foreign)}, statement,
+                       "would have left out rows this shard owns now")
         results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
         if route.keys and session.cluster.catalog is not None:
-            _check_still_owner(session, shard, statement, route, results[-1])
+            _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one")
     # ORM results of UPDATE/DELETE ... RETURNING are not cursor results: they have rows.
     if not any(getattr(r, "returns_rows", True) for r in results):
         total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
@@ -1325,18 +1523,30 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     if not ordered:
         raise ScatterError(failures)
     first = ordered[0]
-    keys = list(first.keys())[: plan.visible]
+    # The metadata's keys, not keys(): an unnamed entity (aliased(Model)) has the key
+    # None, which keys() leaves out.
+    all_keys = list(first._metadata._keys)
+    keys = all_keys[: plan.visible]
     # A joinedload of a collection gives each parent one row per child: each
     # shard's result folds them (objects of different shards are never equal).
     needs_unique = first._unique_filter_state
     if needs_unique is not None:
+        if (plan.limit is not None or plan.offset) and _may_repeat_entities(statement):
+            for r in ordered:
+                r.close()
+            raise ScatterRefused(
+                "this cross-shard query loads a collection with joinedload and has LIMIT/OFFSET "
+                "over a join that can repeat its entities: one database counts the joined rows, "
+                "shardkit's merge would count distinct entities; use selectinload, or drop the "
+                "join's duplicates (an EXISTS instead of the join)",
+                construct="joinedload with LIMIT over a join", statement=statement)
         ordered = [r.unique() for r in ordered]
     merged = merge_rows(plan, ordered)
     result = ScatterResult(SimpleResultMetaData(keys), merged)
     # What legacy Query reads to return entities instead of rows, and SQLAlchemy's
     # rule that a joined collection load is consumed through unique().
     attrs = first._attributes
-    if plan.visible < len(first.keys()) and "is_single_entity" in attrs:
+    if plan.visible < len(all_keys) and "is_single_entity" in attrs:
         # The shards ran the query with sort or aggregate columns added, so the
         # ORM saw several columns; whether the caller's query returns entities
         # is a property of the original statement.
@@ -1348,6 +1558,22 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         log.warning("partial results: shards %s failed: %s", ", ".join(sorted(failures)),
                     "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return result
+
+
+def _may_repeat_entities(statement: Any) -> bool:
+    """Whether ``statement``'s own FROM clause (joins, several FROM items) can give an
+    entity more than one row, before any eager load joins."""
+    for target, onclause, *_ in getattr(statement, "_setup_joins", ()):
+        # A join along a many-to-one relationship gives each row one partner at most.
+        prop = getattr(onclause, "property", None) or getattr(target, "property", None)
+        if getattr(prop, "direction", None) is not MANYTOONE:
+            return True
+    froms = list(getattr(statement, "_from_obj", ()))
+    for f in froms:
+        if isinstance(f, selectable.Join):
+            return True
+    columns_froms = getattr(statement, "columns_clause_froms", [])
+    return len({*froms, *columns_froms}) > 1
 
 
 def _is_single_entity(statement: Any, execution_options: Any) -> bool:
@@ -1582,6 +1808,7 @@ event.listen(ShardedSession, "after_flush", _note_flushed_shards)
 event.listen(ShardedSession, "before_commit", _hold_commit_connections)
 event.listen(ShardedSession, "after_commit", _record_tokens)
 event.listen(ShardedSession, "after_transaction_end", _end_transaction)
+event.listen(ShardedSession, "after_flush", _after_flush)
 
 
 def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,

@@ -11,7 +11,7 @@ SQLAlchemy errors keeps working::
     │   ├── NoShardForKey              .key   no range / list entry holds this key
     │   ├── CrossShardWriteError              a write that would span or leave its shard
     │   ├── ScatterRefused             .construct  strict mode, or a query that cannot merge exactly
-    │   └── NotOwned                   .shard .bucket  a shard refused a write: the map has changed
+    │   └── NotOwned                   .shard .bucket  the map has changed: a refused write, a moved object
     ├── RebalanceError                 .move_id .step  a move failed or cannot start
     ├── ShardUnavailable               .shard .node .cause
     │   └── ScatterError               .failures {shard: exception}
@@ -124,7 +124,8 @@ class ScatterRefused(RoutingError):
 class NotOwned(RoutingError):
     """A shard's ownership guard refused a write to a bucket it does not own, or a
     keyed UPDATE/DELETE that matched no rows ran on a shard this process's map is
-    out of date about (the rows it meant may live on another shard now).
+    out of date about (the rows it meant may live on another shard now), or an
+    object loaded before its bucket moved was refreshed, lazy-loaded or written.
 
     ``bucket`` is the bucket number, or for range and list groups the slice
     number (at or above ``2**30``).

@@ -713,3 +713,17 @@ def test_aggregate_inside_a_correlated_subquery_is_not_the_outer_querys():
     assert plan.kind == "ordered"
     with pytest.raises(ScatterRefused, match="expression over count"):
         plan_scatter(select(t.c.id, (func.count() + per_row).label("n")).group_by(t.c.id))
+
+
+def test_joins_that_may_repeat_an_entity():
+    # joinedload + LIMIT across shards is refused only over joins that can repeat the entity.
+    from models import Order, User
+    from sqlalchemy import select
+
+    from shardkit._session import _may_repeat_entities
+
+    assert not _may_repeat_entities(select(User))
+    assert not _may_repeat_entities(select(Order).join(Order.user))        # many-to-one
+    assert _may_repeat_entities(select(User).join(User.orders))            # one-to-many
+    assert _may_repeat_entities(select(User).join(Order, Order.user_id == User.id))
+    assert _may_repeat_entities(select(User, Order).where(Order.user_id == User.id))
