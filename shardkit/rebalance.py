@@ -51,7 +51,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -327,6 +327,8 @@ class Mover:
             if unknown:
                 raise RebalanceError(f"the plan moves buckets to {', '.join(unknown)}, which the config "
                                      "does not define; add the shard to the config file first")
+            self._check_triggers({m.source for m in plan.moves} | {m.target for m in plan.moves},
+                                 plan.group if isinstance(plan, SlicePlan) else None)
             busy = conn.execute(text(
                 "SELECT b.move_id, array_agg(DISTINCT x) FROM shardkit_catalog.move_batches b "
                 "JOIN shardkit_catalog.moves m ON m.id = b.move_id, unnest(b.buckets) AS x "
@@ -365,6 +367,28 @@ class Mover:
                             "column's type does not compare with the group's bounds in SQL, or "
                             "`shardkit rebalance init` has not run since the group was added); "
                             "this group cannot be moved online")
+
+    def _check_triggers(self, shards: Iterable[str], group: str | None) -> None:
+        """Refuse to move the tables of ``group`` (None: hash tables) unless each has the
+        ownership guard's trigger on every one of ``shards``: without it, writes made
+        during the copy would not be captured (lost on the target), nor stale writes
+        refused.  A table created after `shardkit rebalance init` has none yet."""
+        tables = sorted(g.table for g in guarded_tables(self.cluster.config)
+                        if ((g.kind == "hash") if group is None else (g.group == group)))
+        if not tables:
+            return
+        for shard in sorted(set(shards)):
+            with self.cluster.primary(shard).connect() as conn:
+                have = set(conn.execute(text(
+                    "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                    "WHERE t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D' "
+                    "AND c.relname = ANY(:t) AND pg_table_is_visible(c.oid)"), {"t": tables}).scalars())
+            missing = [t for t in tables if t not in have]
+            if missing:
+                raise RebalanceError(
+                    f"table(s) {', '.join(missing)} on {shard} have no ownership guard, so writes to "
+                    "them during a move would not be captured; run `shardkit rebalance init` (it "
+                    "installs the guard on tables added since), then apply or resume the move")
 
     def apply(self, plan: Plan, *, max_buckets: int = 256) -> int:
         move_id = self.start(plan, max_buckets=max_buckets)
@@ -482,6 +506,9 @@ class Mover:
         tgt_url = self.cluster.config.shard(target).primary
         units = f"{len(buckets)} buckets" if group is None else f"{len(buckets)} slice(s) of {group}"
         label = f"move {move_id} batch {batch} ({units} {source} -> {target})"
+        if step in ("pending", "capturing"):
+            # Resumed after `rebalance init` added tables, or started before it did.
+            self._check_triggers((source, target), group)
         with psycopg.connect(conninfo(src_url), autocommit=True) as src, \
                 psycopg.connect(conninfo(tgt_url), autocommit=True) as tgt:
             tables = _moved_tables(self.cluster, src, source, group)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 
 import psycopg
 import pytest
@@ -292,6 +293,36 @@ def test_stale_update_or_delete_of_a_moved_key_is_refused_not_lost(world):
         s.commit()
     stale.dispose()
     stale2.dispose()
+
+
+def test_a_table_added_after_init_is_not_moved_without_its_guard(world):
+    """A hash table created (and configured) after `rebalance init` has no guard trigger:
+    moving it would not capture the writes made during the copy.  The mover refuses and
+    says to run init, which installs the guard; then the move may start."""
+    dev, cluster, cfg_path, Session = world
+    for shard in dev.shards:
+        with psycopg.connect(shard.primary.dsn, autocommit=True) as c:
+            c.execute("CREATE TABLE notes (id bigint PRIMARY KEY, account_id bigint NOT NULL, body text)")
+    raw = tomllib.loads(cfg_path.read_text())
+    raw["groups"]["accounts"]["tables"]["notes"] = "account_id"
+    wider = shardkit.Cluster.from_config(raw, follow_map=False)
+    try:
+        live = wider.config.bucket_map
+        bucket = next(b for b, s in enumerate(live) if s == "s0")
+        new_map = list(live)
+        new_map[bucket] = "s2"
+        plan = plan_from_maps(live, tuple(new_map), "test: a table without its guard")
+        mover = rebalance.Mover(wider, grace=0, progress=lambda line: None)
+        with pytest.raises(shardkit.RebalanceError, match=r"notes on s0 have no ownership guard.*rebalance init"):
+            mover.start(plan)
+        assert rebalance.move_status(wider) == rebalance.move_status(cluster)  # nothing recorded
+        rebalance.init(wider)
+        mover._check_triggers(["s0", "s2"], None)  # the guard is there now
+    finally:
+        wider.dispose()
+        for shard in dev.shards:
+            with psycopg.connect(shard.primary.dsn, autocommit=True) as c:
+                c.execute("DROP TABLE notes")
 
 
 def test_two_movers_cannot_take_the_same_buckets(world):
