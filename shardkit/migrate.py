@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -35,9 +36,12 @@ from sqlalchemy import inspect, pool, text
 
 from ._cluster import Cluster, _translate_errors
 from ._config import mask_url
+from ._guard import guard_installed, install_guard
 from ._sql import install as _install_sql
 from ._sql import uninstall as _uninstall_sql
 from .errors import ConfigurationError, ShardkitError
+
+log = logging.getLogger("shardkit.migrate")
 
 __all__ = [
     "DriftReport",
@@ -97,6 +101,46 @@ def _uninstall(operations: Operations, operation: UninstallShardkitSQL) -> None:
     _uninstall_sql(operations.get_bind())
 
 
+@Operations.register_operation("install_shardkit_guard")
+class InstallShardkitGuard(MigrateOperation):
+    """``op.install_shardkit_guard()``: put the ownership guard on the tables the config
+    guards (after creating a sharded table, so moves can capture its writes).  There is
+    no reverse: dropping a table drops its trigger, and the shard's ownership must stay."""
+
+    @classmethod
+    def install_shardkit_guard(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+
+
+def _migrating(operations: Operations, op_name: str) -> tuple[Cluster, str]:
+    opts = operations.migration_context.opts
+    cluster, shard = opts.get("shardkit_cluster"), opts.get("shardkit_shard")
+    if cluster is None or shard is None:
+        raise ShardkitError(
+            f"op.{op_name}() needs to know the cluster and the shard: call "
+            "shardkit.migrate.run_migrations(context) in env.py, as migrations/env.py does")
+    return cluster, shard
+
+
+@Operations.implementation_for(InstallShardkitGuard)
+def _install_guard(operations: Operations, operation: InstallShardkitGuard) -> None:
+    cluster, shard = _migrating(operations, "install_shardkit_guard")
+    conn = operations.get_bind()
+    if cluster.catalog is None or cluster.map_version is None:
+        # Nothing can move yet; `shardkit rebalance init` installs the guard everywhere.
+        log.info("%s: no initialised catalog; the guard is installed by `shardkit rebalance init`", shard)
+        return
+    if guard_installed(conn):
+        # Ownership changes only with moves: keep the shard's own record of it.
+        install_guard(conn, cluster.config, None)
+        return
+    config = cluster.config
+    owned = [b for b, s in enumerate(config.bucket_map) if s == shard] + \
+        [s.id for s in config.slices if s.shard == shard]
+    install_guard(conn, config, owned, config.slices)
+
+
 # -- env.py driver -----------------------------------------------------------------------
 
 
@@ -147,6 +191,9 @@ def run_migrations(context: Any) -> None:
                     target_metadata=metadata,
                     transaction_per_migration=True,
                     compare_type=True,
+                    # For shardkit's operations (op.install_shardkit_guard()).
+                    shardkit_cluster=cluster,
+                    shardkit_shard=shard,
                 )
                 with context.begin_transaction():
                     context.run_migrations()

@@ -51,7 +51,8 @@ def env(shardkit_cluster_factory, tmp_path_factory):
     write_rev(versions, "r1", None,
               "    op.create_table('widgets', sa.Column('id', sa.BigInteger, primary_key=True),\n"
               "                    sa.Column('name', sa.String(50)))\n"
-              "    op.install_shardkit_sql()",
+              "    op.install_shardkit_sql()\n"
+              "    op.install_shardkit_guard()  # no catalog here: nothing to do",
               "    op.uninstall_shardkit_sql()\n    op.drop_table('widgets')")
     write_rev(versions, "r2", "r1",
               "    op.add_column('widgets', sa.Column('color', sa.String(20)))",
@@ -144,3 +145,58 @@ def test_failure_on_one_shard_is_named_and_others_reported(env):
     results = migrate.run_command(cluster, str(cfg), "upgrade", "head", alembic_ini=ini, canary="s1")
     assert [r.shard for r in results][0] == "s1" and all(r.ok for r in results)
     assert migrate.current(cluster) == {"s0": "r3", "s1": "r3", "s2": "r3"}
+
+
+def test_a_migration_guards_the_sharded_table_it_creates(env, tmp_path):
+    """op.install_shardkit_guard() after creating a sharded table: every shard gets the
+    table's guard trigger and keeps the buckets it owns; a move then accepts the table."""
+    from shardkit import rebalance
+
+    dev = env[0]
+    catalog_url = dev.create_catalog("mig_catalog")
+    cfg = dev.write_config(tmp_path / "shardkit.toml", {
+        "groups": {"things": {"strategy": "hash", "tables": {"things": "id"}}},
+        "catalog": {"url": catalog_url}})
+    shutil.copytree(ROOT / "migrations", tmp_path / "migrations")
+    write_rev(tmp_path / "migrations" / "versions", "t1", None,
+              "    op.create_table('things', sa.Column('id', sa.BigInteger, primary_key=True))\n"
+              "    op.install_shardkit_guard()",
+              "    op.drop_table('things')")
+    ini = tmp_path / "migrations" / "alembic.ini"
+    cluster = shardkit.Cluster.from_config(cfg, follow_map=False)
+    # These databases carry the other tests' revisions; this chain starts afresh.
+    saved = {}
+    for s in cluster.shard_names:
+        with cluster.primary(s).begin() as c:
+            saved[s] = c.execute(text("DELETE FROM alembic_version RETURNING version_num")).scalars().all()
+    try:
+        rebalance.init(cluster)  # before the table exists: nothing to put a trigger on yet
+        owned_before = {}
+        for s in cluster.shard_names:
+            with cluster.primary(s).connect() as c:
+                owned_before[s] = sorted(c.execute(text("SELECT bucket FROM shardkit.owned_buckets")).scalars())
+        assert sum(len(v) for v in owned_before.values()) == 1024
+        r = cli("migrate", "upgrade", "head", "--config", str(cfg), "--alembic-ini", str(ini))
+        assert r.returncode == 0, r.stdout + r.stderr
+        for s in cluster.shard_names:
+            with cluster.primary(s).connect() as c:
+                assert c.execute(text(
+                    "SELECT count(*) FROM pg_trigger WHERE tgname = 'shardkit_guard' "
+                    "AND tgrelid = 'things'::regclass")).scalar() == 1, s
+                assert sorted(c.execute(text("SELECT bucket FROM shardkit.owned_buckets")).scalars()) \
+                    == owned_before[s]
+        rebalance.Mover(cluster, grace=0)._check_triggers(cluster.shard_names, None)
+        # The guard works: s0 refuses a row of a bucket it does not own.
+        key = next(k for k in range(1000) if cluster.shard_for("things", k) != "s0")
+        with pytest.raises(Exception, match="SK001|does not own"):
+            with cluster.primary("s0").begin() as c:
+                c.execute(text("INSERT INTO things VALUES (:k)"), {"k": key})
+        r = cli("migrate", "downgrade", "base", "--config", str(cfg), "--alembic-ini", str(ini))
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        for s, versions in saved.items():
+            with cluster.primary(s).begin() as c:
+                c.execute(text("DELETE FROM alembic_version"))
+                for v in versions:
+                    c.execute(text("INSERT INTO alembic_version VALUES (:v)"), {"v": v})
+        cluster.dispose()
