@@ -379,11 +379,18 @@ class Mover:
             return
         for shard in sorted(set(shards)):
             with self.cluster.primary(shard).connect() as conn:
-                have = set(conn.execute(text(
-                    "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                    "WHERE t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D' "
-                    "AND c.relname = ANY(:t) AND pg_table_is_visible(c.oid)"), {"t": tables}).scalars())
-            missing = [t for t in tables if t not in have]
+                found = dict(conn.execute(text(
+                    "SELECT c.relname, EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid "
+                    "AND t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D') FROM pg_class c "
+                    "WHERE c.relname = ANY(:t) AND c.relkind IN ('r', 'p') AND pg_table_is_visible(c.oid)"),
+                    {"t": tables}).all())
+            absent = [t for t in tables if t not in found]
+            if absent:
+                raise RebalanceError(
+                    f"table(s) {', '.join(absent)} do not exist on {shard}; create the schema there "
+                    "(`shardkit migrate upgrade`), run `shardkit rebalance init`, then apply or "
+                    "resume the move")
+            missing = [t for t in tables if not found[t]]
             if missing:
                 raise RebalanceError(
                     f"table(s) {', '.join(missing)} on {shard} have no ownership guard, so writes to "
