@@ -113,6 +113,9 @@ class _Plan:
     binds: list[BindParameter[Any]]       # only used when the statement is uncacheable
     textual: bool = False
     colocation: str | None = None         # why the statement cannot run shard by shard
+    # Why it cannot run on several shards, though it can on one: a derived table
+    # with LIMIT (or GROUP BY, DISTINCT) whose own WHERE decides the route.
+    one_shard_only: str | None = None
     # (group, bind index, coercer) when ``key = :value`` alone pins the statement
     # to one shard; the routes of such a plan depend only on that shard, so they
     # are kept here (shard -> Route) and a repeated read costs one hash.
@@ -283,6 +286,8 @@ class Router:
             shards = s if shards is None else shards & s
 
         if shards is None:
+            if plan.one_shard_only and len(self.shard_names) > 1:
+                self._refuse_one_shard_only(plan, statement, self.shard_names)
             if is_write and not all_shards:
                 raise CrossShardWriteError(
                     f"{type(statement).__name__.lower()} of {', '.join(plan.tables)} has no shard "
@@ -301,6 +306,8 @@ class Router:
             # Contradictory predicates (key = 1 AND key = 2 on different shards):
             # no shard can hold a row; one shard gives the right empty answer.
             ordered = (self.any_shard(),)
+        if plan.one_shard_only and len(ordered) > 1:
+            self._refuse_one_shard_only(plan, statement, ordered)
         split = None
         if splits and len(ordered) > 1:
             split = {s: {key: vals for key, per_shard in splits.items()
@@ -315,6 +322,14 @@ class Router:
         if single is not None and role is None and len(ordered) == 1:
             plan.routes[ordered[0]] = route
         return route
+
+    def _refuse_one_shard_only(self, plan: _Plan, statement: Any, shards: Sequence[str]) -> None:
+        raise ScatterRefused(
+            f"{plan.one_shard_only}, and the statement runs on shards {', '.join(shards)}; "
+            "shardkit runs a statement on each shard over that shard's rows, which would quietly "
+            "give a different answer than one database. Pin the derived table to one shard with "
+            "its key, or name a shard with execution_options(shardkit_shard=...)",
+            construct="statement not colocated on the shard key", statement=statement)
 
     def _refuse_key_move(self, stmt: Update, params: Any, route: Route) -> None:
         """Refuse an UPDATE whose SET gives the shard key a value owned by another shard:
@@ -604,9 +619,14 @@ class Router:
                 pred = ("and", kids) if kids else None
         except _NotSimple:
             return None
-        colocation = None
+        colocation = one_shard_only = None
         if fast_tables is None and groups:
             colocation = colocation_problem(statement, self._placement)
+            if colocation is not None and outer is not statement and pred is not None \
+                    and colocation_problem(outer, self._placement) is None:
+                # SELECT count(*) FROM (SELECT ... WHERE key = :k LIMIT n): every row of the
+                # derived table is on the shards its key names; on one, it is exact.
+                colocation, one_shard_only = None, colocation
         single = None
         if colocation is None and len(groups) == 1 and not isinstance(statement, Insert):
             node = pred
@@ -615,6 +635,7 @@ class Router:
             if node is not None and node[0] == "eq" and self._arity(node[1]) == 1:
                 single = (node[1], node[3], node[4])
         return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation,
+                     one_shard_only=one_shard_only,
                      single_key=single)
 
     def _placement(self, name: str) -> tuple[str, tuple[str, ...]] | None:

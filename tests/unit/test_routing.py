@@ -386,3 +386,29 @@ def test_count_of_a_keyed_query_routes_by_the_key_inside_it(cluster):
     r = cluster.explain(select(func.count()).select_from(select(User).where(User.name == "x").subquery()))
     assert r.kind == "all"
     assert cluster.explain(select(func.count()).select_from(select(User).subquery())).kind == "all"
+
+
+def test_count_of_a_limited_keyed_query_runs_on_its_one_shard(cluster):
+    # Query(User).filter(User.id == k).limit(3).count(): a derived table with LIMIT is exact
+    # on the one shard its own key names, and refused when it would need several.
+    from sqlalchemy import func
+
+    import shardkit
+
+    for k in range(10):
+        inner = select(User).where(User.id == k).limit(3).subquery()
+        r = cluster.explain(select(func.count()).select_from(inner))
+        assert r.shards == (cluster.shard_for(User, k),) and r.kind == "direct"
+    a = 0
+    b = next(k for k in range(1, 100) if cluster.shard_for(User, k) != cluster.shard_for(User, a))
+    with pytest.raises(shardkit.ScatterRefused, match="LIMIT") as ei:
+        cluster.explain(select(func.count()).select_from(
+            select(User).where(User.id.in_([a, b])).limit(3).subquery()))
+    assert ei.value.construct == "statement not colocated on the shard key"
+    with pytest.raises(shardkit.ScatterRefused, match="LIMIT"):
+        cluster.explain(select(func.count()).select_from(select(User).limit(3).subquery()))
+    # A problem inside the derived table itself is refused even on one shard.
+    top = select(func.max(User.id)).scalar_subquery()
+    with pytest.raises(shardkit.ScatterRefused):
+        cluster.explain(select(func.count()).select_from(
+            select(User).where(User.id == 1, User.id == top).subquery()))
