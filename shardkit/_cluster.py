@@ -406,11 +406,14 @@ class Cluster:
         if mon is None:
             with self._lock:
                 if self._monitor is None:
-                    self._monitor = HealthMonitor(self, self.config.replicas)
-                    self._selector = ReplicaSelector(self, self._monitor, self.config.replicas)
-                    self._monitor.start()
+                    mon = HealthMonitor(self, self.config.replicas)
+                    # The selector first: a thread that finds the monitor set (without
+                    # taking the lock) uses the selector at once.
+                    self._selector = ReplicaSelector(self, mon, self.config.replicas)
+                    self._monitor = mon
+                    mon.start()
                     if wait:
-                        self._monitor.wait_first_poll(timeout=2 + self.config.replicas.poll_timeout)
+                        mon.wait_first_poll(timeout=2 + self.config.replicas.poll_timeout)
                 mon = self._monitor
         return mon
 

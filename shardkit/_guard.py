@@ -343,12 +343,21 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
         conn.exec_driver_sql(statement)
     if owned is not None:
         write_slices(conn, slices)
+        sliced = None
+    else:
+        # Range and list groups this shard has slices of (`rebalance init` stores them):
+        # a group's trigger without them would refuse every row as not owned.
+        sliced = set(conn.execute(text("SELECT DISTINCT grp FROM shardkit.slices")).scalars())
     for g in guarded_tables(config):
         if not conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": g.table}).scalar():
             # Configured, not created yet (a later migration): guarded once it exists and
             # this runs again (`op.install_shardkit_guard()`, `shardkit rebalance init`);
             # a move refuses it until then.
             log.info("table %s does not exist on this shard yet; not guarded", g.table)
+            continue
+        if sliced is not None and g.kind != "hash" and g.group not in sliced:
+            log.warning("table %s: group %s has no slices on this shard yet; run `shardkit "
+                        "rebalance init` to guard it", g.table, g.group)
             continue
         _, pk, types = table_shape(conn, g.table)
         if not pk:

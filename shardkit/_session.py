@@ -389,12 +389,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
             # Routed, planned and merged as the statement it builds, with this call's values.
             statement = statement._resolved
-        if (self.cluster.has_replicas and self.autoflush and not self._flushing
+        if (self.autoflush and not self._flushing
                 and isinstance(statement, (selectable.Select, selectable.CompoundSelect))
                 and (self._new or self._deleted or self.identity_map.check_modified())
                 and _autoflushes(statement, execution_options)):
             # Flush before choosing the node: the flush decides which shards this
-            # transaction has written, and those must be read from their primary.
+            # transaction has written, and those must be read from their primary;
+            # and a cross-shard read's threads do not flush.
             self._autoflush()
         if (params and isinstance(params, list) and isinstance(statement, Update)
                 and statement.whereclause is None and not statement._values
@@ -1467,21 +1468,33 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     pool = cluster.scatter_executor()
     futures = {pool.submit(run, t): t for t in tasks}
     done, not_done = wait(futures, timeout=timeout)
-    for f in not_done:
-        conn = futures[f][5]
-        try:
-            # Ask the server to stop; the shard's thread then fails with QueryCanceled.
-            conn.connection.dbapi_connection.cancel()
-        except Exception:  # noqa: BLE001 - the failure below reports the shard
-            pass
-    if not_done:
-        wait(not_done)
+    # Past the deadline: a query still queued (every scatter thread busy) never starts;
+    # one running is cancelled on its server, again until it stops (a cancel that
+    # reaches the server before the query does is lost).
+    running = {f for f in not_done if not f.cancel()}
+    while running:
+        for f in running:
+            try:
+                # The shard's thread then fails with QueryCanceled.
+                futures[f][5].connection.dbapi_connection.cancel()
+            except Exception:  # noqa: BLE001 - the failure below reports the shard
+                pass
+        running = wait(running, timeout=0.2)[1]
     results: dict[str, Any] = {}
     for f, (shard, index, stmt, eo, ba, conn) in futures.items():
+        if f in not_done:
+            # No answer within the timeout, whatever the thread did after it.
+            cause = None if f.cancelled() else f.exception()
+            if cause is None and not f.cancelled():
+                f.result().close()  # finished just after the deadline: not used
+            failures[shard] = ShardUnavailable(
+                f"shard {shard}: no answer within {timeout:g} s (query cancelled)",
+                shard=shard, cause=cause)
+            continue
         try:
             results[shard] = f.result()
         except Exception as e:  # noqa: BLE001 - reported per shard below
-            if index is not None and f not in not_done and isinstance(
+            if index is not None and isinstance(
                     e, (ShardUnavailable, sa_exc.DBAPIError)) and session._replica_read_failed(
                         shard, index, e, ba.get("shardkit_stream", False)):
                 # A replica died under the read or cancelled it: read that shard
@@ -1492,11 +1505,6 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 except Exception as e2:  # noqa: BLE001
                     failures[shard] = e2
                 continue
-            if f in not_done:
-                e = ShardUnavailable(
-                    f"shard {shard}: no answer within {timeout:g} s (query cancelled)",
-                    shard=shard, cause=e,
-                )
             failures[shard] = e
     if failures and partial_ok:
         # A failed statement aborts its transaction on that shard's primary.
@@ -1513,8 +1521,10 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 f"the session had written to {', '.join(lost)} in this transaction, which the "
                 "failure aborted there; the whole transaction was rolled back"))
         for shard, index, *_rest in tasks:
-            if shard in failures and index is None:
-                session._forget_connection(shard, None)
+            if shard in failures:
+                # Start that shard's connection afresh: a failed statement aborted its
+                # transaction (the primary's, or a streamed replica read's).
+                session._forget_connection(shard, index)
     if failures and not partial_ok:
         for r in results.values():
             r.close()
@@ -1543,6 +1553,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         ordered = [r.unique() for r in ordered]
     merged = merge_rows(plan, ordered)
     result = ScatterResult(SimpleResultMetaData(keys), merged)
+    if getattr(first, "_yield_per", None):
+        # partitions() without a size, as on one database: yield_per rows at a time.
+        result = result.yield_per(first._yield_per)
     # What legacy Query reads to return entities instead of rows, and SQLAlchemy's
     # rule that a joined collection load is consumed through unique().
     attrs = first._attributes

@@ -74,9 +74,12 @@ storage format.
 
 from __future__ import annotations
 
+import logging
 from typing import Final
 
 from sqlalchemy.engine import Connection
+
+log = logging.getLogger("shardkit.sql")
 
 __all__ = ["INSTALL_SQL", "SQL_VERSION", "UNINSTALL_SQL", "install", "uninstall"]
 
@@ -321,8 +324,15 @@ def uninstall(connection: Connection) -> None:
 
     Idempotent.  Fails, changing nothing once the transaction is rolled back,
     if other objects depend on the functions (an index on
-    ``shardkit.bucket(...)``, say).  The statements run in the connection's
+    ``shardkit.bucket(...)``, say).  Keeps them (with a warning) on a shard
+    whose ownership guard uses them.  The statements run in the connection's
     current transaction, which the caller commits.
     """
+    if connection.exec_driver_sql("SELECT to_regclass('shardkit.owned_buckets') IS NOT NULL").scalar():
+        # PostgreSQL records no dependency of the guard's PL/pgSQL triggers on these
+        # functions: dropping them would make every write to a guarded table fail.
+        log.warning("shardkit's SQL functions are kept: this shard's ownership guard "
+                    "(`shardkit rebalance init`) uses them")
+        return
     for statement in _UNINSTALL_STATEMENTS:
         connection.exec_driver_sql(statement)

@@ -266,13 +266,31 @@ def current(cluster: Cluster) -> dict[str, str | None]:
     """Each shard's revision (``None``: never migrated)."""
     out: dict[str, str | None] = {}
     for shard in cluster.shard_names:
-        with _shard_connection(cluster, shard) as c:
-            if not inspect(c).has_table("alembic_version"):
-                out[shard] = None
-                continue
-            revs = [r[0] for r in c.execute(text("SELECT version_num FROM alembic_version"))]
-            out[shard] = ",".join(sorted(revs)) or None
+        out[shard] = _revision(cluster, shard)
     return out
+
+
+def _revision(cluster: Cluster, shard: str) -> str | None:
+    with _shard_connection(cluster, shard) as c:
+        if not inspect(c).has_table("alembic_version"):
+            return None
+        revs = [r[0] for r in c.execute(text("SELECT version_num FROM alembic_version"))]
+        return ",".join(sorted(revs)) or None
+
+
+_UNKNOWN = "unknown (unreachable)"
+
+
+def _revisions_after(cluster: Cluster, results: Sequence[ShardResult]) -> None:
+    """Fill in each result's revision now; a shard that cannot be reached says so
+    (its failure is in the report, which must not be lost to it)."""
+    for res in results:
+        try:
+            res.revision_after = _revision(cluster, res.shard)
+        except ShardkitError as e:
+            res.revision_after = _UNKNOWN
+            if res.ok:
+                res.ok, res.error = False, f"finished, then unreachable: {e}"
 
 
 def run_command(
@@ -330,21 +348,18 @@ def run_command(
         r = one(canary)
         results.append(r)
         if not r.ok:
-            after = current(cluster)
-            for res in results:
-                res.revision_after = after.get(res.shard)
+            _revisions_after(cluster, results)
             skipped = [ShardResult(s, False, 0.0, before.get(s), before.get(s),
                                    "not run: the canary shard failed") for s in rest]
+            states = ", ".join(f"{x.shard} at {x.revision_after or 'base'}" for x in results + skipped)
             raise MigrationError(
                 f"{command} failed on canary shard {canary}: {r.error}; the other shards "
-                f"({', '.join(rest) or 'none'}) were not touched",
+                f"({', '.join(rest) or 'none'}) were not touched. Shards now: {states}",
                 results + skipped,
             )
     with ThreadPoolExecutor(max_workers=parallel) as ex:
         results.extend(ex.map(one, rest))
-    after = current(cluster)
-    for res in results:
-        res.revision_after = after.get(res.shard)
+    _revisions_after(cluster, results)
     failed = [r for r in results if not r.ok]
     if failed:
         states = ", ".join(f"{r.shard} at {r.revision_after or 'base'}" for r in results)
