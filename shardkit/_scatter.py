@@ -284,7 +284,8 @@ def _is_entity(col: Any) -> bool:
 
 def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
     columns = list(stmt._raw_columns)
-    if not stmt.get_final_froms():
+    # The cheap answers first: for an ORM statement get_final_froms() compiles it.
+    if not (stmt._from_obj or stmt.columns_clause_froms or stmt.get_final_froms()):
         # SELECT EXISTS (...): each shard answers one row for its own rows.
         if all(exists_column(c) is not None for c in columns) and not stmt._where_criteria:
             return stmt, MergePlan("any", len(columns),

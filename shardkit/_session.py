@@ -1401,6 +1401,21 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
     return results[0].merge(*results[1:])
 
 
+def _reference_rows_problem(router: Any, statement: Any) -> str | None:
+    """:func:`reference_rows_problem`, kept per statement shape (it compiles ORM statements)."""
+    ck = statement._generate_cache_key() if hasattr(statement, "_generate_cache_key") else None
+    if ck is None:
+        return reference_rows_problem(statement, router._placement)
+    cache = router.scatter_checks
+    problem = cache.get(ck.key, False)
+    if problem is False:
+        problem = reference_rows_problem(statement, router._placement)
+        if len(cache) > 5000:
+            cache.clear()
+        cache[ck.key] = problem
+    return problem
+
+
 def _scatter_read(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
                   bind_arguments: Any, route: Route) -> Result[Any]:
     """Run a read on several shards at once and merge the rows exactly."""
@@ -1411,7 +1426,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             "add the shard key or name a shard",
             construct="scatter in strict mode", statement=statement,
         )
-    problem = reference_rows_problem(statement, session.cluster.router._placement)
+    problem = _reference_rows_problem(session.cluster.router, statement)
     if problem:
         raise ScatterRefused(
             f"this query runs on shards {', '.join(route.shards)} and {problem}; select from "
