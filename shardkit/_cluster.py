@@ -20,11 +20,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from ._config import ClusterConfig, ReplicaSettings, load_config, mask_url, with_bucket_map
-from ._guard import NOT_OWNED_SQLSTATE
+from ._guard import NOT_OWNED_SQLSTATE, guard_covers
+from ._guard import guard_installed as _guard_installed
 from ._replicas import HealthMonitor, ReplicaSelector
 from ._routing import PRIMARY, REPLICA, Route, Router
 from ._scope import scope as _scope
-from ._slices import SLICE_BASE, initial_slices, movable_kind
+from ._slices import SLICE_BASE, initial_slices
 from ._strategies import HashStrategy
 from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable, unreachable_reason
 
@@ -207,14 +208,10 @@ class Cluster:
             return cache[1][key]
         group = router.groups.get(tr.group) if tr.group is not None else None
         out: tuple[tuple[int, ...], str | None, tuple[int, ...]] | None
-        if group is None:
+        if group is None or not guard_covers(group, tr.key_columns):
             out = None
         elif isinstance(group.strategy, HashStrategy):
-            # The guard covers hash tables with a one-column key.
-            out = (tuple(b for b, s in enumerate(group.strategy.bucket_map) if s == shard), None, ()) \
-                if len(tr.key_columns) == 1 else None
-        elif movable_kind(group)[0] is None:
-            out = None
+            out = (tuple(b for b, s in enumerate(group.strategy.bucket_map) if s == shard), None, ())
         else:
             # A map loaded from the catalog numbers its slices; the file's map has
             # the first numbering (a process that could not reach the catalog).
@@ -231,7 +228,7 @@ class Cluster:
             return True
         if seen is not None and time.monotonic() < seen:
             return False
-        found = bool(conn.exec_driver_sql("SELECT to_regclass('shardkit.owned_buckets') IS NOT NULL").scalar())
+        found = _guard_installed(conn)
         self._guard_seen[shard] = True if found else time.monotonic() + 30.0
         return found
 

@@ -225,6 +225,14 @@ class Guarded(NamedTuple):
     value_kind: str = ""  # range and list groups: "int" or "str", their bounds' type
 
 
+def guard_covers(group: Any, key_columns: Sequence[str]) -> bool:
+    """Whether the guard covers a table of ``group`` keyed by ``key_columns``: hash
+    groups with a one-column key, and range and list groups whose slices can move."""
+    if isinstance(group.strategy, HashStrategy):
+        return len(key_columns) == 1
+    return movable_kind(group)[0] is not None
+
+
 def guarded_tables(config: Any) -> list[Guarded]:
     """Every hash-sharded table (composite keys are refused), and every table of a range
     or list group whose slices can move (see :func:`shardkit._slices.movable_kind`)."""
@@ -239,11 +247,9 @@ def guarded_tables(config: Any) -> list[Guarded]:
                         "composite hash keys cannot be guarded or moved yet",
                         "use a single-column key for hash groups that are rebalanced")
                 out.append(Guarded(table, cols[0], g.name, "hash"))
-        else:
-            value_kind = movable_kind(g)[0]
-            if value_kind is not None:
-                out.extend(Guarded(table, cols[0], g.name, g.strategy.kind, value_kind)
-                           for table, cols in g.tables.items())
+        elif guard_covers(g, ()):
+            out.extend(Guarded(table, cols[0], g.name, g.strategy.kind, movable_kind(g)[0] or "")
+                       for table, cols in g.tables.items())
     return out
 
 

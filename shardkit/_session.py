@@ -815,19 +815,15 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
 def _refuse_moved_load(session: ShardedSession, shard: str, statement: Any, execution_options: Any) -> None:
     """Refuse a refresh or lazy load for an object loaded from ``shard`` before its bucket
     moved away: the shard's leftover copy (until the move's clean-up) is out of date."""
-    for opts in (execution_options, getattr(statement, "_execution_options", None)):
-        lo = opts.get("_sa_orm_load_options") if opts else None
-        if lo is None:
-            continue
-        state = lo._refresh_state or lo._lazy_loaded_from
-        if state is None or state.key is None or len(state.key) < 3 or state.key[2] != shard:
-            return
-        guarded, key = _shard_key_of(session, state)
-        owner = _current_owner(session, state.mapper, state.key[1], key) if guarded else None
-        if owner is not None and owner != shard:
-            raise _moved_object_error(state.mapper, state.key[1], shard, owner, session.cluster,
-                                      "this session's copy of it is out of date")
+    lo = _options(statement, execution_options)("_sa_orm_load_options")
+    state = None if lo is None else lo._refresh_state or lo._lazy_loaded_from
+    if state is None or state.key is None or len(state.key) < 3 or state.key[2] != shard:
         return
+    guarded, key = _shard_key_of(session, state)
+    owner = _current_owner(session, state.mapper, state.key[1], key) if guarded else None
+    if owner is not None and owner != shard:
+        raise _moved_object_error(state.mapper, state.key[1], shard, owner, session.cluster,
+                                  "this session's copy of it is out of date")
 
 
 # (shard, is_read) -> the Route of a statement for a shard named by the caller.
@@ -1020,13 +1016,9 @@ def _check_still_owner(session: ShardedSession, shard: str, statement: Any, resu
     if known is None:
         return
     units, group, slices = known
-    if group is None:
-        _ask_shard(session, shard, _STILL_OWNER_SQL, {"units": list(units)}, statement,
-                   "may have missed rows that live on another shard now")
-    else:
-        _ask_shard(session, shard, _STILL_OWNER_SLICES_SQL,
-                   {"units": list(units), "group": group, "known": list(slices)}, statement,
-                   "may have missed rows that live on another shard now")
+    sql, params = (_STILL_OWNER_SQL, {"units": list(units)}) if group is None else \
+        (_STILL_OWNER_SLICES_SQL, {"units": list(units), "group": group, "known": list(slices)})
+    _ask_shard(session, shard, sql, params, statement, "may have missed rows that live on another shard now")
 
 
 # Fails as _STILL_OWNER_SQL does when the shard owns a bucket (or slice) this process
@@ -1149,7 +1141,7 @@ def _refuse_misplaced(session: ShardedSession, placements: list[tuple[Any, Any, 
 def _after_flush(session: Any, flush_context: Any) -> None:
     # Inside the flush: raising here rolls its writes back.  (A DELETE that matched
     # nothing is only a warning to SQLAlchemy.)
-    placements = getattr(session, "_sk_placements", None)
+    placements = session._sk_placements
     if placements and _SHORT_WRITE.get():
         _SHORT_WRITE.set(False)
         _refuse_misplaced(session, placements, None)

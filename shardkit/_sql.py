@@ -328,7 +328,9 @@ def uninstall(connection: Connection) -> None:
     whose ownership guard uses them.  The statements run in the connection's
     current transaction, which the caller commits.
     """
-    if connection.exec_driver_sql("SELECT to_regclass('shardkit.owned_buckets') IS NOT NULL").scalar():
+    from ._guard import guard_installed  # the guard's module builds on this one
+
+    if guard_installed(connection):
         # PostgreSQL records no dependency of the guard's PL/pgSQL triggers on these
         # functions: dropping them would make every write to a guarded table fail.
         log.warning("shardkit's SQL functions are kept: this shard's ownership guard "

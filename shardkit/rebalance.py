@@ -282,6 +282,10 @@ class Mover:
         """
         if not plan.moves:
             raise RebalanceError("the plan moves no buckets; nothing to do")
+        # Asked of the shards before the catalog is locked (other movers wait on that lock).
+        self._check_triggers(({m.source for m in plan.moves} | {m.target for m in plan.moves})
+                             & set(self.cluster.shard_names),  # an unknown one is refused below
+                             plan.group if isinstance(plan, SlicePlan) else None)
         with self.catalog.engine.begin() as conn:
             conn.exec_driver_sql("LOCK TABLE shardkit_catalog.moves IN EXCLUSIVE MODE")
             current = self.catalog.current_map(conn)
@@ -327,8 +331,6 @@ class Mover:
             if unknown:
                 raise RebalanceError(f"the plan moves buckets to {', '.join(unknown)}, which the config "
                                      "does not define; add the shard to the config file first")
-            self._check_triggers({m.source for m in plan.moves} | {m.target for m in plan.moves},
-                                 plan.group if isinstance(plan, SlicePlan) else None)
             busy = conn.execute(text(
                 "SELECT b.move_id, array_agg(DISTINCT x) FROM shardkit_catalog.move_batches b "
                 "JOIN shardkit_catalog.moves m ON m.id = b.move_id, unnest(b.buckets) AS x "
