@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from ._config import ClusterConfig, ReplicaSettings, load_config, mask_url, with_bucket_map
+from ._config import SECRET_QUERY_KEYS, ClusterConfig, ReplicaSettings, load_config, mask_url, with_bucket_map
 from ._guard import NOT_OWNED_SQLSTATE, guard_covers
 from ._guard import guard_installed as _guard_installed
 from ._replicas import HealthMonitor, ReplicaSelector
@@ -349,9 +349,18 @@ class Cluster:
                 opts.update(self._engine_options)
                 connect_args = dict(opts.pop("connect_args", {}))
                 connect_args.setdefault("connect_timeout", 3)
+                # A password in the query string (?password=...) would show in the
+                # engine's repr, which masks only the URL's password field.
+                hidden = [k for k in url.query if k.lower() in SECRET_QUERY_KEYS]
+                if hidden:
+                    for k in hidden:
+                        v = url.query[k]
+                        connect_args.setdefault(k, v[-1] if isinstance(v, tuple) else v)
+                    url = url.difference_update_query(hidden)
                 eng = create_engine(url, connect_args=connect_args, **opts)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
-                event.listen(eng, "handle_error", _translate_errors(self, shard, node, url), retval=True)
+                event.listen(eng, "handle_error", _translate_errors(self, shard, node, url, index if role == REPLICA else None),
+                             retval=True)
                 if role == PRIMARY and self.config.catalog_url is not None:
                     from ._session import _note_short_write
 
@@ -361,6 +370,14 @@ class Cluster:
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))
                 self._engines[k] = eng
         return eng
+
+    def _renew_pool(self, shard: str, role: str = PRIMARY, index: int = 0) -> None:
+        """Replace a node's pool with an empty one (after the node restarted): pooled
+        connections are closed, those in use are discarded when returned."""
+        eng = self._engines.get((shard, role, index))
+        if eng is not None:
+            log.info("%s restarted: its pooled connections are replaced", eng.info["node"])  # type: ignore[attr-defined]
+            eng.dispose()
 
     def streaming_engine(self, shard: str, index: int) -> Engine:
         """Replica ``index`` of ``shard`` for reads through a server-side cursor (``yield_per``,
@@ -506,8 +523,11 @@ def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
     return stats
 
 
-def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
-    """A handle_error hook: "cannot reach the node" -> ShardUnavailable, guard refusal -> NotOwned."""
+def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
+                      replica: int | None = None) -> Any:
+    """A handle_error hook: "cannot reach the node" -> ShardUnavailable, guard refusal -> NotOwned.
+
+    ``replica``: the node's replica index (None for a primary)."""
 
     def handle(context: Any) -> Exception | None:
         if context.is_pre_ping:
@@ -530,7 +550,8 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
             # Returned, not raised: SQLAlchemy raises it after the other handle_error
             # hooks (metrics count it) have seen it.
             return err
-        if context.statement is None and context.connection is not None:
+        fetching = context.statement is None and context.execution_context is not None
+        if context.statement is None and context.connection is not None and not fetching:
             return None  # a failed COMMIT/ROLLBACK: SQLAlchemy's own error says what happened
         reason = unreachable_reason(context)
         if reason is None:
@@ -540,6 +561,10 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL) -> Any:
             shard=shard, node=node, cause=cause,
         )
         err.__cause__ = cause
+        if fetching and replica is not None and cluster._monitor is not None:
+            # A streamed read's replica died while the caller was reading its rows
+            # (past any retry): keep the next reads off it.
+            cluster._monitor.ban(shard, replica, f"read failed: {reason}"[:200])
         return err
 
     return handle

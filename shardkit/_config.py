@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -52,6 +52,10 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,62}")
 _ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\{")
 
 
+# libpq parameters that are secrets, when a URL carries them in its query string.
+SECRET_QUERY_KEYS: Final = ("password", "sslpassword")
+
+
 def mask_url(url: URL | str) -> str:
     """Render a database URL with its password replaced by ``***``."""
     try:
@@ -59,9 +63,9 @@ def mask_url(url: URL | str) -> str:
         if u.host and "@" in u.host:
             # An unencoded "@" in the password: what looks like the host holds part of it.
             return "<URL with an unencoded '@' in its user or password>"
-        if any(k.lower() == "password" for k in u.query):
+        if any(k.lower() in SECRET_QUERY_KEYS for k in u.query):
             # libpq also takes the password as a query parameter.
-            u = u.update_query_dict({k: "***" for k in u.query if k.lower() == "password"})
+            u = u.update_query_dict({k: "***" for k in u.query if k.lower() in SECRET_QUERY_KEYS})
         return u.render_as_string(hide_password=True)
     except Exception:
         # Unparseable: never echo it raw, it may hold a password.

@@ -17,12 +17,13 @@ otherwise it answers ``None`` and the read goes to the primary.
 from __future__ import annotations
 
 import logging
+import re
 import random
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
@@ -76,6 +77,10 @@ def format_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
+# One shard's position in a token: format_lsn's hex halves, 32 bits each.
+_TOKEN_PART: Final = re.compile(r"(?P<shard>[^=,]+)=(?P<hi>[0-9A-Fa-f]{1,8})/(?P<lo>[0-9A-Fa-f]{1,8})")
+
+
 def format_token(positions: Mapping[str, int]) -> str:
     """A consistency token as a short string (safe in a cookie or a job's arguments)."""
     body = ",".join(f"{s}={format_lsn(lsn)}" for s, lsn in sorted(positions.items()))
@@ -92,12 +97,16 @@ def parse_token(token: str) -> dict[str, int]:
     out: dict[str, int] = {}
     if not body:
         return out
-    try:
-        for part in body.split(","):
-            shard, _, lsn = part.partition("=")
-            out[shard] = parse_lsn(lsn)
-    except ValueError:
-        raise ShardkitError(f"malformed consistency token {token[:80]!r}") from None
+    for part in body.split(","):
+        # Exactly what format_token writes: an edited token is refused, never
+        # read as some other position (which would change where reads go).
+        m = _TOKEN_PART.fullmatch(part)
+        if m is None or m["shard"] in out:
+            what = "names a shard twice" if m is not None else f"has a malformed part {part[:40]!r}"
+            raise ShardkitError(
+                f"malformed consistency token {token[:80]!r}: it {what}; pass the string "
+                "session.consistency_token() returned, unchanged")
+        out[m["shard"]] = (int(m["hi"], 16) << 32) | int(m["lo"], 16)
     return out
 
 
@@ -121,6 +130,7 @@ class NodeHealth:
     lag_bytes: int | None = None
     lag_seconds: float | None = None
     _seen: bool = field(default=False, repr=False)
+    _server_start: Any = field(default=None, repr=False)   # pg_postmaster_start_time()
 
     def banned(self, now: float | None = None) -> bool:
         return self.banned_until > (time.monotonic() if now is None else now)
@@ -240,19 +250,20 @@ class HealthMonitor:
                 if node.role == "primary":
                     row = conn.execute(
                         "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL "
-                        "ELSE pg_current_wal_lsn()::text END").fetchone()
-                    assert row is not None
-                    in_recovery, lsn, age = row[0], row[1], None
+                        "ELSE pg_current_wal_lsn()::text END, NULL, pg_postmaster_start_time()"
+                    ).fetchone()
                 else:
                     row = conn.execute(
                         "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
-                        "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8"
+                        "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, "
+                        "pg_postmaster_start_time()"
                     ).fetchone()
-                    assert row is not None
-                    in_recovery, lsn, age = row
+                assert row is not None
+                in_recovery, lsn, age, server_start = row
                 rtt = (time.monotonic() - started) * 1000
                 self._record(node, up=True, in_recovery=in_recovery,
-                             lsn=parse_lsn(lsn) if lsn else None, age=age, rtt=rtt)
+                             lsn=parse_lsn(lsn) if lsn else None, age=age, rtt=rtt,
+                             server_start=server_start)
             except Exception as e:  # noqa: BLE001 - any failure means "down" for routing
                 if conn is not None:
                     try:
@@ -267,11 +278,18 @@ class HealthMonitor:
 
     def _record(self, node: NodeHealth, *, up: bool, in_recovery: bool | None = None,
                 lsn: int | None = None, age: float | None = None, rtt: float | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, server_start: Any = None) -> None:
         state = self.shards[node.shard]
         was_up = node.up
         first = not node._seen
         node._seen = True
+        if up and not first and (not was_up or server_start != node._server_start):
+            # The node was down, or restarted between two polls: the connections
+            # pooled before are to a server process that is gone.  Let them go, so
+            # the next statement does not fail on one.
+            self.cluster._renew_pool(node.shard, node.role, node.index)
+        if up:
+            node._server_start = server_start
         node.up = up
         node.checked_at = time.monotonic()
         node.error = error

@@ -46,6 +46,15 @@ def current_scope() -> RoutingScope:
     return _current.get()
 
 
+def lag_limit_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a per-read lag limit (``max_lag_seconds``/``max_lag_bytes``), if anything."""
+    integer = name.endswith("bytes")
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not value >= 0:
+        return (f"{name} must be {'an integer' if integer else 'a number'} >= 0 "
+                f"({'WAL bytes' if integer else 'seconds'}), not {value!r}")
+    return None
+
+
 @contextlib.contextmanager
 def scope(
     *,
@@ -76,6 +85,11 @@ def scope(
     if consistency is not _UNSET and consistency not in (None, "eventual", "read_your_writes", "strong"):
         raise ValueError(
             f"consistency must be 'eventual', 'read_your_writes' or 'strong', not {consistency!r}")
+    for name, value in (("max_lag_seconds", max_lag_seconds), ("max_lag_bytes", max_lag_bytes)):
+        if value is not _UNSET and value is not None:
+            problem = lag_limit_problem(name, value)
+            if problem:
+                raise ValueError(problem)
     changes = {
         name: value
         for name, value in (("shard", shard), ("key", key), ("role", role),

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
@@ -62,7 +62,7 @@ from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for, derived_select
 from ._scatter import merge_rows, plan_scatter
-from ._scope import NO_SCOPE, RoutingScope, current_scope
+from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import (
@@ -125,7 +125,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # shard -> WAL position this session's reads must see (read-your-writes).
         self._sk_tokens: dict[str, int] = {}
         self._sk_commit_conns: dict[str, Any] = {}
-        # shard -> the replica this transaction reads it from.
+        # shard -> the replica this transaction reads it from (_ON_PRIMARY: its primary).
         self._sk_replica: dict[str, int] = {}
         # During a flush (with a catalog): where the objects it writes were loaded from.
         self._sk_placements: list[tuple[Any, Any, str, Any]] | None = None
@@ -277,10 +277,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 self._sk_tokens[shard] = lsn
 
     def _read_target(self, shard: str, statement: Any, execution_options: Any,
-                     sc: RoutingScope | None = None) -> int | None:
+                     sc: RoutingScope | None = None, exclude: frozenset[int] = frozenset()
+                     ) -> int | None:
         """The replica index a read on ``shard`` should use, or None for the primary.
 
-        ``sc``: the scope in force, if the caller has it already."""
+        ``sc``: the scope in force, if the caller has it already; ``exclude``: replicas
+        this read already failed on."""
         cluster = self.cluster
         settings = cluster.replica_settings
         if sc is None:
@@ -300,23 +302,30 @@ class ShardedSession(horizontal_shard.ShardedSession):
             max_s = opt("shardkit_max_lag_seconds")
             if max_s is None:
                 max_s = sc.max_lag_seconds if sc.max_lag_seconds is not None else settings.max_lag_seconds
+            elif problem := lag_limit_problem("max_lag_seconds", max_s):
+                raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
             max_b = opt("shardkit_max_lag_bytes")
             if max_b is None:
                 max_b = sc.max_lag_bytes if sc.max_lag_bytes is not None else settings.max_lag_bytes
-        if role == PRIMARY or shard in self._sk_written:
+            elif problem := lag_limit_problem("max_lag_bytes", max_b):
+                raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
+        if shard in self._sk_written:
             return None
-        if getattr(statement, "_for_update_arg", None) is not None:
-            return None
-        if role is None and self.in_nested_transaction():
-            # SQLAlchemy opens a SAVEPOINT on every connection used inside begin_nested();
-            # an autocommit replica connection cannot hold one.  (Forced to a replica,
-            # the read gets a transaction there: see _transactional_read.)
+        pinned = self._sk_replica.get(shard)
+        if (role == PRIMARY or getattr(statement, "_for_update_arg", None) is not None
+                or (role is None and self.in_nested_transaction())):
+            # (SQLAlchemy opens a SAVEPOINT on every connection used inside
+            # begin_nested(); an autocommit replica connection cannot hold one.
+            # Forced to a replica, the read gets a transaction there: see
+            # _transactional_read.)
+            return self._on_primary(shard)
+        if role is None and pinned == _ON_PRIMARY:
             return None
         if not cluster.replica_count(shard):
             return None
         consistency = consistency or sc.consistency or self.consistency or settings.consistency
         if consistency == "strong" and role != REPLICA:
-            return None
+            return self._on_primary(shard)
         min_lsn = self._sk_tokens.get(shard) if consistency == "read_your_writes" else None
         floor = cluster.moved_lsn.get(shard)
         if floor:
@@ -325,24 +334,35 @@ class ShardedSession(horizontal_shard.ShardedSession):
             min_lsn = max(min_lsn or 0, floor)
         selector = cluster.selector
         ok, behind = selector.eligible(shard, max_lag_seconds=max_s, max_lag_bytes=max_b,
-                                       min_lsn=min_lsn)
+                                       min_lsn=min_lsn, exclude=exclude)
+        # A transaction reads each shard from one node: a later read (a lazy load)
+        # must never see an older state than an earlier one, which moving to
+        # another replica could.  So it keeps its replica while that stays usable,
+        # and then reads the primary, which has everything any replica showed.
+        # Reads forced to replicas move to another replica instead (they accept
+        # its staleness; they never run on the primary).
+        if pinned is not None and pinned != _ON_PRIMARY:
+            if any(r.index == pinned for r in ok):
+                return pinned
+            if role != REPLICA:
+                return self._on_primary(shard)
+        repin = pinned is None or (pinned != _ON_PRIMARY and role == REPLICA)
         if ok:
-            # One replica per shard for the rest of the transaction while it stays
-            # usable: a later read (a lazy load) never sees an older state than an
-            # earlier one, which alternating between replicas could.
-            chosen = self._sk_replica.get(shard)
-            if chosen is None or not any(r.index == chosen for r in ok):
-                chosen = self._sk_replica[shard] = selector.pick(shard, ok).index
+            chosen = selector.pick(shard, ok).index
+            if repin:
+                self._sk_replica[shard] = chosen
             return chosen
         if behind and min_lsn is not None:
             # The monitor's last sample predates our write; ask the replica itself.
             best = max(behind, key=lambda r: r.wal_lsn or 0)
             if selector.probe_reached(shard, best, min_lsn, settings.wait_for_token):
+                if repin:
+                    self._sk_replica[shard] = best.index
                 return best.index
             if role != REPLICA:
                 # Healthy replicas a moment behind this session's own writes: the
                 # primary has them ("raise" is for replicas that are out).
-                return None
+                return self._on_primary(shard)
         if role == REPLICA or settings.when_no_replica == "raise":
             raise ShardUnavailable(
                 f"shard {shard}: no replica can serve this read ({_why_not(cluster, shard, max_s, max_b, min_lsn)})"
@@ -350,7 +370,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
                    "; [replicas] when_no_replica = 'raise'"),
                 shard=shard,
             )
-        return None
+        return self._on_primary(shard)
+
+    def _on_primary(self, shard: str) -> None:
+        """This read runs on the primary, and so does the rest of the transaction's (see
+        :meth:`_read_target`).  Returns None, :meth:`_read_target`'s "the primary"."""
+        self._sk_replica[shard] = _ON_PRIMARY
 
     def _forget_connection(self, shard: str, index: int | None) -> None:
         """Drop a failed connection (a replica's, or with ``index=None`` the primary's) from
@@ -422,13 +447,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
 
     def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,
-                 bind_arguments: Any, kw: Mapping[str, Any], sc: RoutingScope) -> Any:
-        """Run a read on the freshest-enough node of ``shard``, retrying elsewhere if a replica dies."""
-        tried: set[int] = set()
+                 bind_arguments: Any, kw: Mapping[str, Any], sc: RoutingScope,
+                 tried: set[int] | None = None) -> Any:
+        """Run a read on the freshest-enough node of ``shard``, retrying elsewhere if a replica
+        dies (``tried``: replicas this read already failed on)."""
+        tried = set(tried or ())
+        first_read = shard not in self._sk_replica
         while True:
-            index = self._read_target(shard, statement, execution_options, sc)
-            if index is not None and index in tried:
-                index = None
+            index = self._read_target(shard, statement, execution_options, sc, frozenset(tried))
             if index is None:
                 eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments, True)
                 return Session.execute(self, statement, params, execution_options=eo,
@@ -448,7 +474,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 if not self._replica_read_failed(shard, index, e, stream):
                     raise
                 tried.add(index)
+                self._unpin_failed(shard, index, first_read)
                 log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
+
+    def _unpin_failed(self, shard: str, index: int, first_read: bool) -> None:
+        """A read failed on replica ``index``.  If it was the transaction's first read of
+        ``shard``, nothing was read from that replica yet: another may take its place."""
+        if first_read and self._sk_replica.get(shard) == index:
+            del self._sk_replica[shard]
 
     def _transactional_read(self, statement: Any, execution_options: Any) -> bool:
         """Whether a replica read needs a transaction on the replica: to stream through a
@@ -727,6 +760,8 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
 
 
 _ROLES = (PRIMARY, REPLICA)
+# In ShardedSession._sk_replica: the transaction reads this shard on its primary.
+_ON_PRIMARY: Final = -1
 # What a hot standby raises when it cancels a query that conflicts with replay
 # ("canceling statement due to conflict with recovery").
 _RECOVERY_CONFLICT = "40001"
@@ -1436,18 +1471,18 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     # pools in a cycle, so a burst of them cannot deadlock.
     tasks = []
     failures: dict[str, BaseException] = {}
+    first_reads: dict[str, bool] = {}
     for shard in sorted(route.shards):
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         if route.split is not None and route.split.get(shard):
             stmt = _with_bind_values(stmt, route.split[shard])
         tried: set[int] = set()
+        first_reads[shard] = first_read = shard not in session._sk_replica
         while True:
             index = None
             try:
-                index = session._read_target(shard, statement, execution_options, sc) \
+                index = session._read_target(shard, statement, execution_options, sc, frozenset(tried)) \
                     if cluster.has_replicas else None
-                if index in tried:
-                    index = None  # as in _read_on: once a replica failed, the primary
                 role = PRIMARY if index is None else REPLICA
                 eo, ba = _single(shard, role, execution_options, bind_arguments)
                 # Any flush already ran in this thread; the shard threads must not flush.
@@ -1462,6 +1497,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 # Otherwise no node of this shard can serve the read.
                 if index is not None and session._replica_read_failed(shard, index, e):
                     tried.add(index)
+                    session._unpin_failed(shard, index, first_read)
                     continue
                 failures[shard] = e
                 break
@@ -1506,9 +1542,10 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                         shard, index, e, ba.get("shardkit_stream", False)):
                 # A replica died under the read or cancelled it: read that shard
                 # again on another node (autocommit replica reads are safe to retry).
+                session._unpin_failed(shard, index, first_reads[shard])
                 try:
                     results[shard] = session._read_on(shard, stmt, params, execution_options,
-                                                      bind_arguments, {}, sc)
+                                                      bind_arguments, {}, sc, tried={index})
                 except Exception as e2:  # noqa: BLE001
                     failures[shard] = e2
                 continue

@@ -552,7 +552,8 @@ def test_scope_role_primary_and_max_lag_cover_lazy_and_eager_loads(env):
 
 def test_scope_consistency_strong_and_eventual_with_loaders(env):
     """``scope(consistency='strong')`` sends reads and their lazy loads to the primary; an
-    inner ``scope(consistency='eventual')`` sends them back to replicas."""
+    inner ``scope(consistency='eventual')`` sends a new transaction's back to replicas (in
+    the same transaction they stay on the primary, which has shown newer data)."""
     k = env.key("s1")
     env.seed({k: "st"}, {k: ["a"]})
     with env.Session() as s:
@@ -562,6 +563,10 @@ def test_scope_consistency_strong_and_eventual_with_loaders(env):
             assert notes == ["a"] and on_primary(nodes + nodes2, "s1"), nodes + nodes2
             s.expunge_all()
             with shardkit.scope(consistency="eventual"):
+                acc, nodes = env.nodes(lambda: s.get(Account, k))
+                assert on_primary(nodes, "s1"), nodes
+                s.rollback()
+                s.expunge_all()
                 acc, nodes = env.nodes(lambda: s.get(Account, k))
                 notes, nodes2 = env.nodes(lambda: [e.note for e in acc.entries])
                 assert notes == ["a"] and on_replica(nodes + nodes2, "s1"), nodes + nodes2

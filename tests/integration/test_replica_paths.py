@@ -499,7 +499,8 @@ def test_role_overrides_and_their_precedence(env):
 def test_consistency_overrides_and_their_precedence(env):
     """With replicas 30 s behind a commit of this session: eventual (per scope or
     statement) reads the stale replica; read_your_writes or strong (per statement, scope
-    or session) reads the fresh value; the innermost setting wins."""
+    or session) reads the fresh value; the innermost setting wins.  Each read is a
+    transaction of its own: within one, a read after a read of the primary stays there."""
     k = env.key("s1")
     env.seed({k: "old"})
     stmt = select(Account.name).where(Account.id == k)
@@ -507,19 +508,33 @@ def test_consistency_overrides_and_their_precedence(env):
         with env.Session() as s:
             s.get(Account, k).name = "new"
             s.commit()
-            assert s.execute(stmt).scalar() == "new"
+
+            def read(statement):
+                s.rollback()  # a new transaction: the token stays, the node is chosen afresh
+                return s.execute(statement).scalar()
+
+            assert read(stmt) == "new"
             with shardkit.scope(consistency="eventual"):
-                assert s.execute(stmt).scalar() == "old"
-                assert s.execute(stmt.execution_options(shardkit_consistency="read_your_writes")) \
-                    .scalar() == "new"
-                assert env.nodes(lambda: s.execute(stmt.execution_options(shardkit_consistency="strong"))
-                                 .scalar()) == ("new", ["s1/primary"])
-            assert s.execute(stmt.execution_options(shardkit_consistency="eventual")).scalar() == "old"
+                assert read(stmt) == "old"
+                assert read(stmt.execution_options(shardkit_consistency="read_your_writes")) == "new"
+                assert env.nodes(lambda: read(stmt.execution_options(shardkit_consistency="strong"))) \
+                    == ("new", ["s1/primary"])
+            assert read(stmt.execution_options(shardkit_consistency="eventual")) == "old"
             # a per-statement lag limit does not switch read-your-writes off
-            assert s.execute(stmt.execution_options(shardkit_max_lag_seconds=1000)).scalar() == "new"
+            assert read(stmt.execution_options(shardkit_max_lag_seconds=1000)) == "new"
             # a read forced to replicas that cannot honour the token fails, it does not go stale
             with pytest.raises(shardkit.ShardUnavailable, match="replayed"):
-                s.execute(stmt.execution_options(shardkit_role="replica")).scalar()
+                read(stmt.execution_options(shardkit_role="replica"))
+            # Within one transaction: the primary's "new", then an eventual read stays on
+            # the primary (it would otherwise go back to "old"); forced to a replica, it
+            # reads the replica, staleness accepted.
+            s.rollback()
+            assert s.execute(stmt).scalar() == "new"
+            assert env.nodes(lambda: s.execute(stmt.execution_options(shardkit_consistency="eventual"))
+                             .scalar()) == ("new", ["s1/primary"])
+            assert s.execute(stmt.execution_options(shardkit_role="replica", shardkit_consistency="eventual")) \
+                .scalar() == "old"
+            assert s.execute(stmt.execution_options(shardkit_consistency="eventual")).scalar() == "new"
             token = s.consistency_token()
         with env.Session(consistency="eventual", consistency_token=token) as s2:
             assert s2.execute(stmt).scalar() == "old"
