@@ -27,6 +27,8 @@ from typing import Any
 
 from sqlalchemy.sql import elements, operators, selectable
 from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql.base import _from_objects
+from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.dml import Delete, Update
 
 # table name -> (group, key column names), or None for reference / unknown tables
@@ -90,8 +92,22 @@ def _name(frm: Any) -> str:
 
 def _froms(stmt: Any) -> list[Any]:
     if isinstance(stmt, (Update, Delete)):
-        return [stmt.table, *getattr(stmt, "_extra_froms", ())]
+        return [stmt.table, *dml_extra_froms(stmt)]
     return list(stmt.get_final_froms())
+
+
+def dml_extra_froms(statement: Any) -> list[Any]:
+    """The tables an UPDATE/DELETE names only through columns in its WHERE or SET (rendered
+    as UPDATE ... FROM / DELETE ... USING), as SQLAlchemy's compiler finds them."""
+    seen = set(statement.table._cloned_set)
+    out = []
+    values = getattr(statement, "_values", None) or {}
+    for crit in (*statement._where_criteria, *getattr(statement, "_extra_froms", ()), *values.values()):
+        for item in _from_objects(crit) if isinstance(crit, ClauseElement) else ():
+            if not seen.intersection(item._cloned_set):
+                out.append(item)
+            seen.update(item._cloned_set)
+    return out
 
 
 def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance]

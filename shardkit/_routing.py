@@ -13,22 +13,23 @@ repeated query shape costs a dictionary lookup plus the hash of its key values.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm.context import FromStatement
-from sqlalchemy.sql import elements, lambdas, operators, selectable
+from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import ClusterConfig, GroupConfig
 from ._strategies import HashStrategy, Strategy
-from ._colocation import colocation_problem
+from ._colocation import colocation_problem, dml_extra_froms
 from ._scatter import exists_column
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
 
@@ -150,6 +151,10 @@ class Router:
             self.tables[t] = TableRoute(t, None, (), None)
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
+        # Per key column, a function to its Python type (see _key_coercers): by table
+        # name (learnt from MetaData) and by Table.
+        self._coercers: dict[str, tuple[Any, ...]] = {}
+        self._table_coercers: dict[Any, tuple[Any, ...]] = {}
         self._rr = itertools.count()
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
@@ -184,6 +189,7 @@ class Router:
                 table=tr.table,
             )
         _check_arity(tr, key)
+        key = self._coerced(tr, key, table)
         try:
             return tr.strategy.shard_for_key(key)
         except (ShardKeyError, RoutingError) as e:
@@ -196,8 +202,55 @@ class Router:
         tr = self.table_route(table)
         if isinstance(tr.strategy, HashStrategy):
             _check_arity(tr, key)
-            return tr.strategy.bucket_for_key(key)
+            return tr.strategy.bucket_for_key(self._coerced(tr, key, table))
         return None
+
+    def know_tables(self, tables: Iterable[Any]) -> None:
+        """Learn the column types of configured tables (from your models' MetaData), so
+        a key given by table name is brought to its column's type as one given with the
+        Table or model is (a uuid's string form, for one)."""
+        for t in tables:
+            if _table_name(t) in self.tables or t.name in self.tables:
+                tr = self.table_route(t)
+                coercers = self._key_coercers(tr, t)
+                if coercers is not None:
+                    self._coercers[tr.table] = coercers
+
+    def _key_coercers(self, tr: TableRoute, table: Any) -> tuple[Any, ...] | None:
+        """Per key column of ``tr``, the function that brings a value to the column's
+        Python type (or None), read from ``table`` (a Table, model or mapper) when it
+        has the columns, else from what :meth:`know_tables` learnt."""
+        t = None
+        if not isinstance(table, str):
+            for attr in ("__table__", "local_table"):  # a model, a mapper
+                t = getattr(table, attr, None)
+                if t is not None:
+                    break
+            else:
+                t = table
+        if isinstance(t, selectable.Alias):
+            t = t.element
+        columns = getattr(t, "c", None)
+        if columns is None or not all(c in columns for c in tr.key_columns):
+            return self._coercers.get(tr.table)
+        found = self._table_coercers.get(t)
+        if found is None:
+            found = self._table_coercers[t] = tuple(coercer_for(columns[c].type) for c in tr.key_columns)
+        return found
+
+    def _coerced(self, tr: TableRoute, key: Any, table: Any) -> Any:
+        """``key`` in its columns' Python types (an ORM flush and a keyed read hash those)."""
+        coercers = self._key_coercers(tr, table)
+        if not coercers or not any(coercers):
+            return key
+        try:
+            if len(coercers) == 1:
+                return coercers[0](key) if coercers[0] and not _is_unresolved(key) else key
+            return tuple(co(v) if co and not _is_unresolved(v) else v for co, v in zip(coercers, key))
+        except ShardKeyError as e:
+            if e.table is None:
+                e.table = tr.table
+            raise
 
     def any_shard(self) -> str:
         """A shard for a statement that may run anywhere (reference tables, no tables)."""
@@ -221,6 +274,10 @@ class Router:
         """
         if type(statement) in _WRAPPERS:
             statement = unwrap_statement(statement)
+        if getattr(statement, "_params", None):
+            # Statement.params(): SQLAlchemy 2.1 keeps those values beside the
+            # statement's bind parameters; the call's own parameters win over them.
+            params = with_statement_params(statement, params)
         plan, binds = self._plan_for(statement)
         single = plan.single_key
         if single is not None and role is None:
@@ -253,6 +310,13 @@ class Router:
                 "a shard with execution_options(shardkit_shard=...)",
                 construct="statement not colocated on the shard key", statement=statement)
 
+        if is_write and plan.groups and self._writes_reference(statement):
+            raise CrossShardWriteError(
+                f"{type(statement).__name__.upper()} of reference table {_table_name(statement.table)} "
+                f"reads sharded table(s) {', '.join(t for ts in plan.groups.values() for t in ts)}: "
+                "each shard would compute it over its own rows and the copies would diverge. "
+                "Compute the values first and write them as plain values",
+                table=_table_name(statement.table), statement=statement)
         if isinstance(statement, Insert):
             return self._route_insert(statement, params, plan, chosen_role)
 
@@ -333,6 +397,10 @@ class Router:
             "its key, or name a shard with execution_options(shardkit_shard=...)",
             construct="statement not colocated on the shard key", statement=statement)
 
+    def _writes_reference(self, statement: Any) -> bool:
+        tr = self.tables.get(_table_name(statement.table))
+        return tr is not None and tr.is_reference
+
     def _refuse_key_move(self, stmt: Update, params: Any, route: Route) -> None:
         """Refuse an UPDATE whose SET gives the shard key a value owned by another shard:
         the row would stay where it is, under a key it does not own."""
@@ -362,7 +430,7 @@ class Router:
                 "column to a plain value, or delete and re-insert the row",
                 table=tr.table, statement=stmt,
             )
-        target = self._shard_for_row(tr, dict(zip(tr.key_columns, values)))
+        target = self._shard_for_row(tr, dict(zip(tr.key_columns, values)), stmt.table)
         if set(route.shards) != {target}:
             raise CrossShardWriteError(
                 f"update of {tr.table} sets its shard key to {values[0] if len(values) == 1 else tuple(values)!r}, "
@@ -392,15 +460,26 @@ class Router:
         if stmt._multi_values:
             rows = [dict(zip(stmt.table.c.keys(), r)) if isinstance(r, (list, tuple)) else r
                     for mv in stmt._multi_values for r in mv]
-            rows = [{_col_name(k): _literal(v) for k, v in r.items()} for r in rows]
+            pmap = params if isinstance(params, Mapping) else _EMPTY
+            rows = [{_col_name(k): _bound(v, pmap) for k, v in r.items()} for r in rows]
             return self._route_rows(tname, tr, rows, None, stmt)
-        values = {_col_name(k): _literal(v) for k, v in (stmt._values or {}).items()}
+        # An ORM insert's parameters are keyed by attribute name, which may not be the column's.
+        names = _attribute_columns(stmt)
+        values = dict(stmt._values or {})
+
+        def row_of(p: Mapping[Any, Any]) -> dict[str, Any]:
+            row = {_col_name(k): _bound(v, p) for k, v in values.items()}
+            row.update({names.get(k, _col_name(k)) if isinstance(k, str) else _col_name(k): v
+                        for k, v in p.items()})
+            return row
+
         if isinstance(params, (list, tuple)) and params and not isinstance(params[0], (str, bytes)):
-            rows = [{**values, **{_col_name(k): v for k, v in p.items()}} for p in params]
-            return self._route_rows(tname, tr, rows, list(params), stmt)
-        row = dict(values)
-        if isinstance(params, Mapping):
-            row.update({_col_name(k): v for k, v in params.items()})
+            rows = [row_of(p) for p in params]
+            route = self._route_rows(tname, tr, rows, list(params), stmt)
+            for r in rows:
+                self._refuse_upsert_key_move(stmt, tr, r, route.shards)
+            return route
+        row = row_of(params if isinstance(params, Mapping) else _EMPTY)
         if not all(c in row for c in cols):
             missing = [c for c in cols if c not in row]
             raise ShardKeyError(
@@ -408,9 +487,40 @@ class Router:
                 "set the key (it decides the shard)",
                 table=tname, statement=stmt,
             )
-        shard = self._shard_for_row(tr, row)
+        shard = self._shard_for_row(tr, row, table)
+        self._refuse_upsert_key_move(stmt, tr, row, (shard,))
         return Route((shard,), "direct", PRIMARY, f"insert into {tname}: key -> {shard}", True,
                      (tname,))
+
+    def _refuse_upsert_key_move(self, stmt: Insert, tr: TableRoute, row: Mapping[str, Any],
+                                shards: Sequence[str]) -> None:
+        """Refuse ``ON CONFLICT DO UPDATE SET key = ...`` to a key another shard owns: the
+        existing row would stay where it is, under a key it does not own."""
+        post = getattr(stmt, "_post_values_clause", None)
+        sets = getattr(post, "update_values_to_set", None)
+        if not sets:
+            return
+        new = dict(row)
+        touched = False
+        for k, v in (sets.items() if isinstance(sets, Mapping) else sets):  # a list in SQLAlchemy 2.0
+            name = _col_name(k)
+            if name not in tr.key_columns:
+                continue
+            if isinstance(v, elements.ColumnClause) and v.name == name and \
+                    getattr(v.table, "name", None) == "excluded":
+                continue  # SET key = excluded.key: the inserted row's own key
+            touched = True
+            new[name] = _bound(v, _EMPTY)
+        if not touched:
+            return
+        values = [new.get(c) for c in tr.key_columns]
+        if any(_is_unresolved(v) for v in values) or \
+                set(shards) != {self._shard_for_row(tr, new, stmt.table)}:
+            raise CrossShardWriteError(
+                f"upsert into {tr.table} sets its shard key in ON CONFLICT DO UPDATE to a value "
+                "another shard owns (or one shardkit cannot evaluate); the existing row would stay "
+                "where it is under a key it does not own. Keep the key (or set it to excluded's)",
+                table=tr.table, statement=stmt)
 
     def _route_rows(self, tname: str, tr: TableRoute, rows: Sequence[Mapping[str, Any]],
                     params: list[Any] | None, stmt: Any) -> Route:
@@ -423,7 +533,7 @@ class Router:
                     f"{missing}; set the key (it decides the shard)",
                     table=tname, statement=stmt,
                 )
-            shard = self._shard_for_row(tr, row)
+            shard = self._shard_for_row(tr, row, stmt.table)
             by_shard.setdefault(shard, []).append(params[i] if params is not None else i)
         ordered = tuple(s for s in self.shard_names if s in by_shard)
         if params is None and len(ordered) > 1:
@@ -438,12 +548,14 @@ class Router:
                      f"insert of {len(rows)} row(s) into {tname} -> {', '.join(ordered)}",
                      True, (tname,), by_shard if params is not None else None)
 
-    def _shard_for_row(self, tr: TableRoute, row: Mapping[str, Any]) -> str:
+    def _shard_for_row(self, tr: TableRoute, row: Mapping[str, Any], table: Any = None) -> str:
+        """The owner of a row given as {column name: value}; ``table``: its Table, for the
+        key columns' types."""
         assert tr.strategy is not None
         key = (row[tr.key_columns[0]] if len(tr.key_columns) == 1
                else tuple(row[c] for c in tr.key_columns))
         try:
-            return tr.strategy.shard_for_key(key)
+            return tr.strategy.shard_for_key(self._coerced(tr, key, table if table is not None else tr.table))
         except RoutingError as e:
             if e.table is None:
                 e.table = tr.table
@@ -487,6 +599,9 @@ class Router:
                     statement, (elements.TextClause, selectable.TextualSelect)))
             found = sql_util.find_tables(statement, include_aliases=True, include_crud=True,
                                          include_joins=False)
+            if isinstance(statement, (Update, Delete)):
+                # UPDATE ... FROM / DELETE ... USING: tables named only by columns.
+                found.extend(dml_extra_froms(statement))
         else:
             found = fast_tables
         names: list[str] = []
@@ -512,6 +627,14 @@ class Router:
             index = {id(b): i for i, b in enumerate(ck_binds)}
         strict = fast_tables is not None
         found_set = set(found) if strict else set()
+
+        uses: list[Counter[str]] = []
+
+        def bind_uses() -> Counter[str]:
+            if not uses:
+                uses.append(Counter(e.key for e in visitors.iterate(statement)
+                                    if isinstance(e, BindParameter)))
+            return uses[0]
 
         def bind_ref(b: BindParameter[Any]) -> int | None:
             if ck_binds is not None:
@@ -573,13 +696,17 @@ class Router:
                 return None if r is None else ("eq", group, ci, r, co)
             if op is operators.in_op and isinstance(right, BindParameter) and right.expanding:
                 r = bind_ref(right)
-                return None if r is None else ("in", group, ci, r, co)
+                # A shard's share of the list is given to every use of the parameter:
+                # split it only if the key's IN is its one use.
+                return None if r is None else ("in", group, ci, r, co, bind_uses()[right.key] == 1)
             if op is operators.between_op and hasattr(right, "clauses"):
                 lo, hi = list(right.clauses)
                 if isinstance(lo, BindParameter) and isinstance(hi, BindParameter):
                     rl, rh = bind_ref(lo), bind_ref(hi)
                     if rl is None or rh is None:
                         return None
+                    if expr.modifiers.get("symmetric"):
+                        return ("symmetric", group, ci, rl, rh)
                     return ("range", group, ci, rl, rh, True, True)
                 return None
             if op in _RANGE_OPS and isinstance(right, BindParameter):
@@ -690,7 +817,7 @@ class Router:
                 return {}
             return {g: frozenset((self._shard(g, v, co),))}
         if kind == "in":
-            _, g, ci, bi, co = node
+            _, g, ci, bi, co, splittable = node
             if self._arity(g) != 1:
                 return {}
             vals = self._value(binds, pmap, bi)
@@ -698,10 +825,23 @@ class Router:
                 return {}
             per: dict[str, list[Any]] = {}
             for v in vals:
-                per.setdefault(self._shard(g, v, co), []).append(v)
-            if top:
+                if v is not None:  # NULL is IN nothing
+                    per.setdefault(self._shard(g, v, co), []).append(v)
+            if top and splittable:
                 splits[binds[bi].key] = per
             return {g: frozenset(per)}
+        if kind == "symmetric":
+            # BETWEEN SYMMETRIC: the bounds in either order.
+            _, g, ci, lo, hi = node
+            lv, hv = self._value(binds, pmap, lo), self._value(binds, pmap, hi)
+            if _is_unresolved(lv) or _is_unresolved(hv):
+                return {}
+            try:
+                if hv < lv:
+                    lo, hi = hi, lo
+            except TypeError:
+                return {}
+            return self._ev(("range", g, ci, lo, hi, True, True), top, binds, pmap, splits)
         if kind == "range":
             _, g, ci, lo, hi, lo_incl, hi_incl = node
             if self._arity(g) != 1:
@@ -845,6 +985,34 @@ def coercer_for(type_: Any) -> Any:
     if isinstance(type_, sqltypes.Integer):
         return _to_int
     return None
+
+
+def with_statement_params(statement: Any, params: Any) -> Any:
+    """The call's parameters over those set with ``Statement.params()``."""
+    sp = statement._params
+    if params is None:
+        return dict(sp)
+    if isinstance(params, Mapping):
+        return {**sp, **params}
+    if isinstance(params, (list, tuple)) and params and isinstance(params[0], Mapping):
+        return [{**sp, **p} for p in params]
+    return params
+
+
+def _attribute_columns(stmt: Any) -> Mapping[str, str]:
+    """For an ORM insert: attribute name -> column name, where they differ."""
+    if stmt._propagate_attrs.get("compile_state_plugin") != "orm":
+        return _EMPTY
+    mapper = stmt._propagate_attrs["plugin_subject"].mapper
+    return {prop.key: prop.columns[0].name for prop in mapper.column_attrs
+            if prop.key != prop.columns[0].name}
+
+
+def _bound(v: Any, params: Mapping[str, Any]) -> Any:
+    """A value given in a statement: a bind parameter's from the call's parameters if named there."""
+    if isinstance(v, BindParameter) and v.key in params:
+        return params[v.key]
+    return _literal(v)
 
 
 def _literal(v: Any) -> Any:

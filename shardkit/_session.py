@@ -16,7 +16,7 @@ import contextvars
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -53,7 +53,7 @@ from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
-from sqlalchemy.sql.dml import Delete, Insert, Update
+from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter
 
 from ._cluster import Cluster
@@ -216,7 +216,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # rolled-back flush) and given a new key would then be inserted on the
         # old shard.  Until an object is persistent its shard follows its key.
         state = inspect(instance) if instance is not None else None
-        if state is not None and state.key:
+        if state is not None and state.key and state.key[2] is not None:
             return state.key[2]
         shard = self._choose_shard_for_instance(mapper, instance, **kw)
         if state is not None:
@@ -822,6 +822,12 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     """Where a statement executed through the session runs, in scope ``sc``."""
     cluster = session.cluster
     shard = _explicit_shard(statement, execution_options, bind_arguments, sc)
+    if shard is not None and shard == sc.shard and isinstance(statement, UpdateBase) \
+            and _writes_reference_table(cluster, statement):
+        # A reference table is the same on every shard: a write inside
+        # scope(shard=...) still goes to all of them (as an ORM flush's does).
+        shard = None if _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE) is None \
+            else shard
     if shard is not None:
         if cluster.catalog is not None:
             _refuse_moved_load(session, shard, statement, execution_options)
@@ -841,10 +847,28 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
         # Textual or other statements the router cannot read: run everywhere.
         return Route(cluster.shard_names, "all", PRIMARY, "shardkit_all_shards=True", True)
-    route = cluster.router.route(statement, params, all_shards=all_shards)
-    if route.kind == "all" and sc.key is not None:
-        route = _route_by_scope_key(cluster, route, sc.key)
+    if sc.key is None:
+        return cluster.router.route(statement, params, all_shards=all_shards)
+    # A statement with no key of its own runs where the scope's key lives (a
+    # key-less UPDATE or DELETE included); one with its own keys is routed by them.
+    route = cluster.router.route(statement, params, all_shards=True)
+    if route.kind == "all" and not route.keys and not _writes_reference_table(cluster, statement):
+        narrowed = _route_by_scope_key(cluster, route, sc.key)
+        if narrowed is not route:
+            return narrowed
+    if route.is_write and route.kind == "all" and not route.keys and not all_shards:
+        return cluster.router.route(statement, params)  # refused as it is outside the scope
     return route
+
+
+def _writes_reference_table(cluster: Cluster, statement: Any) -> bool:
+    table = getattr(statement, "table", None) if isinstance(statement, UpdateBase) else None
+    if table is None:
+        return False
+    try:
+        return cluster.router.table_route(table).is_reference
+    except RoutingError:
+        return False
 
 
 def _refuse_moved_load(session: ShardedSession, shard: str, statement: Any, execution_options: Any) -> None:
@@ -978,7 +1002,7 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
         if tr.strategy is None:
             shards = session.cluster.shard_names
         else:
-            shards = [router._shard_for_row(tr, core)]
+            shards = [router._shard_for_row(tr, core, table)]
         for shard in shards:
             by_shard.setdefault(shard, []).append(core)
     pk_names = {c.key for c in pk_cols}
@@ -1390,6 +1414,19 @@ def _with_bind_values(statement: Any, values: Mapping[str, Any]) -> Any:
     return visitors.replacement_traverse(statement, {}, replace)
 
 
+def _split_part(statement: Any, params: Any, part: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(statement, params) for one shard's share of split IN lists: values given as
+    parameters (by the call, or with ``Statement.params()``) would override the
+    statement's own, so they are replaced there too."""
+    stmt = _with_bind_values(statement, part)
+    if params is None or isinstance(params, Mapping):
+        named = {k: v for k, v in part.items()
+                 if (params is not None and k in params) or k in (getattr(statement, "_params", None) or ())}
+        if named:
+            params = {**(params or {}), **named}
+    return stmt, params
+
+
 def _run_on_shards(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
                    bind_arguments: Any, route: Route) -> Result[Any]:
     if not route.is_write:
@@ -1404,7 +1441,7 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             if isinstance(statement, Insert) and isinstance(part, list):
                 p = part
             elif part:
-                stmt = _with_bind_values(stmt, part)
+                stmt, p = _split_part(stmt, params, part)
         eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
         foreign = session.cluster.foreign_buckets.get(shard)
         if foreign and stmt is not statement and session.cluster.catalog is not None:
@@ -1474,8 +1511,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     first_reads: dict[str, bool] = {}
     for shard in sorted(route.shards):
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
+        shard_params = params
         if route.split is not None and route.split.get(shard):
-            stmt = _with_bind_values(stmt, route.split[shard])
+            stmt, shard_params = _split_part(stmt, params, route.split[shard])
         tried: set[int] = set()
         first_reads[shard] = first_read = shard not in session._sk_replica
         while True:
@@ -1501,12 +1539,12 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                     continue
                 failures[shard] = e
                 break
-            tasks.append((shard, index, stmt, eo, ba, conn))
+            tasks.append((shard, index, stmt, eo, ba, conn, shard_params))
             break
 
     def run(task: Any) -> Any:
-        shard, index, stmt, eo, ba, conn = task
-        return Session.execute(session, stmt, params, execution_options=eo, bind_arguments=ba)
+        shard, index, stmt, eo, ba, conn, shard_params = task
+        return Session.execute(session, stmt, shard_params, execution_options=eo, bind_arguments=ba)
 
     pool = cluster.scatter_executor()
     futures = {pool.submit(run, t): t for t in tasks}
@@ -1524,7 +1562,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 pass
         running = wait(running, timeout=0.2)[1]
     results: dict[str, Any] = {}
-    for f, (shard, index, stmt, eo, ba, conn) in futures.items():
+    for f, (shard, index, stmt, eo, ba, conn, shard_params) in futures.items():
         if f in not_done:
             # No answer within the timeout, whatever the thread did after it.
             cause = None if f.cancelled() else f.exception()
@@ -1544,7 +1582,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 # again on another node (autocommit replica reads are safe to retry).
                 session._unpin_failed(shard, index, first_reads[shard])
                 try:
-                    results[shard] = session._read_on(shard, stmt, params, execution_options,
+                    results[shard] = session._read_on(shard, stmt, shard_params, execution_options,
                                                       bind_arguments, {}, sc, tried={index})
                 except Exception as e2:  # noqa: BLE001
                     failures[shard] = e2
@@ -1711,7 +1749,13 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 continue
             home = state.key[2] if state.key is not None else state.identity_token
             pk = mapper.primary_key_from_instance(obj)
-            bucket.setdefault((mapper.local_table, home or cluster.shard_names[0]), []).append(pk)
+            where = (mapper.local_table, home or cluster.shard_names[0])
+            bucket.setdefault(where, []).append(pk)
+            if bucket is upserts and obj not in session.new:
+                old = _old_primary_key(state, pk)
+                if old is not None:
+                    # The primary key changed: the copies elsewhere have the old one.
+                    deletes.setdefault(where, []).append(old)
     if not upserts and not deletes:
         return
     for (table, home), pks in upserts.items():
@@ -1742,6 +1786,19 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
             conn = session.connection(bind_arguments={"shard_id": shard})
             for pk in pks:
                 conn.execute(table.delete().where(*[c == v for c, v in zip(pk_cols, pk)]))
+
+
+def _old_primary_key(state: Any, pk: Sequence[Any]) -> tuple[Any, ...] | None:
+    """The primary key ``state`` had before this flush changed it (None if unchanged)."""
+    mapper = state.mapper
+    old = list(pk)
+    changed = False
+    for i, col in enumerate(mapper.primary_key):
+        hist = state.attrs[mapper.get_property_by_column(col).key].history
+        if hist.deleted and hist.deleted[0] is not None and hist.deleted[0] != pk[i]:
+            old[i] = hist.deleted[0]
+            changed = True
+    return tuple(old) if changed else None
 
 
 def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
