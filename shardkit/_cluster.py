@@ -270,7 +270,9 @@ class Cluster:
         return route
 
     def validate_metadata(self, metadata: MetaData) -> None:
-        """Check every configured table and shard-key column exists in ``metadata``."""
+        """Check every configured table and shard-key column exists in ``metadata``, and
+        learn the key columns' types (a key given with a table's name is then read as
+        one given with its model is)."""
         by_name = {t.name: t for t in metadata.tables.values()}
         by_name.update(metadata.tables)
         for g in self.config.groups:
@@ -294,6 +296,7 @@ class Cluster:
                     "reference_tables", f"unknown table {tname!r}",
                     "known tables: " + ", ".join(sorted(metadata.tables)),
                 )
+        self.router.know_tables(metadata.tables.values())
 
     # -- engines -------------------------------------------------------------------
 
@@ -442,7 +445,8 @@ class Cluster:
         self.monitor(wait=True)
 
     def health(self) -> ClusterHealth:
-        """Per node: role, up, lag, bans and pool use.  ``.ready`` is a readiness check."""
+        """Per node: role, up, lag, bans and pool use.  ``.ready`` is a readiness check: every
+        primary is up and accepts writes (not in recovery)."""
         mon = self.monitor()
         nodes = []
         for state in mon.shards.values():
@@ -451,7 +455,8 @@ class Cluster:
                 eng = self._engines.get((n.shard, n.role, n.index))
                 d["pool"] = _pool_stats(eng)
                 nodes.append(d)
-        ready = all(d["up"] for d in nodes if d["role"] == "primary")
+        # A "primary" that is in recovery (a URL pointing at a standby) takes no writes.
+        ready = all(d["up"] and d["in_recovery"] is False for d in nodes if d["role"] == "primary")
         return ClusterHealth(nodes=nodes, ready=ready)
 
     def scatter_executor(self) -> ThreadPoolExecutor:
@@ -519,7 +524,9 @@ def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
     for name in ("size", "checkedout", "checkedin", "overflow"):
         fn = getattr(pool, name, None)
         if callable(fn):
-            stats[name] = fn()
+            # QueuePool counts overflow from -size (connections it may still open
+            # within size); report only connections beyond the pool's size.
+            stats[name] = max(0, fn()) if name == "overflow" else fn()
     return stats
 
 

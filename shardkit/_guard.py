@@ -118,7 +118,7 @@ def table_shape(conn: Connection, table: str) -> tuple[list[str], list[str], dic
     """(columns in order, primary-key columns, column -> type name) of ``table`` on this server."""
     rows = conn.execute(text(
         "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-        "WHERE a.attrelid = to_regclass(:t) AND a.attnum > 0 AND NOT a.attisdropped "
+        "WHERE a.attrelid = to_regclass(quote_ident(:t)) AND a.attnum > 0 AND NOT a.attisdropped "
         "AND a.attgenerated = '' ORDER BY a.attnum"), {"t": table}).all()
     if not rows:
         raise ConfigurationError(f"table {table}", "does not exist on this shard",
@@ -127,7 +127,7 @@ def table_shape(conn: Connection, table: str) -> tuple[list[str], list[str], dic
         "SELECT a.attname FROM pg_index i "
         "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true "
         "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-        "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary ORDER BY k.n"), {"t": table})]
+        "WHERE i.indrelid = to_regclass(quote_ident(:t)) AND i.indisprimary ORDER BY k.n"), {"t": table})]
     return [r[0] for r in rows], pk, {r[0]: r[1] for r in rows}
 
 
@@ -355,7 +355,7 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
         # a group's trigger without them would refuse every row as not owned.
         sliced = set(conn.execute(text("SELECT DISTINCT grp FROM shardkit.slices")).scalars())
     for g in guarded_tables(config):
-        if not conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": g.table}).scalar():
+        if not conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"), {"t": g.table}).scalar():
             # Configured, not created yet (a later migration): guarded once it exists and
             # this runs again (`op.install_shardkit_guard()`, `shardkit rebalance init`);
             # a move refuses it until then.
@@ -397,7 +397,7 @@ def guard_installed(conn: Connection) -> bool:
 def uninstall_guard(conn: Connection, config: Any) -> None:
     """Remove the triggers and ownership tables (not the hash functions)."""
     for g in guarded_tables(config):
-        if conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": g.table}).scalar():
+        if conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"), {"t": g.table}).scalar():
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}")
         conn.exec_driver_sql(
             f"DROP FUNCTION IF EXISTS shardkit.{_ident(trigger_function_name(g.table))}()")

@@ -16,9 +16,10 @@ otherwise it answers ``None`` and the read goes to the primary.
 
 from __future__ import annotations
 
+import bisect
 import logging
-import re
 import random
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
+from sqlalchemy import exc as sa_exc
 
 from ._config import ReplicaSettings, mask_url
 from .errors import ShardkitError
@@ -169,6 +171,29 @@ class _ShardState:
     weights: tuple[float, ...]
     rr: int = 0
     changed: threading.Condition = field(default_factory=threading.Condition)
+    # (monotonic time, the primary's WAL position then), one entry per position seen,
+    # with the last time it was seen; see HealthMonitor._update_lag.
+    history: list[tuple[float, int]] = field(default_factory=list)
+
+    def note_primary_position(self, at: float, lsn: int) -> None:
+        h = self.history
+        if h and h[-1][1] == lsn:
+            h[-1] = (at, lsn)
+            return
+        if h and lsn < h[-1][1]:
+            h.clear()  # a different server (failover, restore): its positions start afresh
+        h.append((at, lsn))
+        if len(h) > 2 * _HISTORY:
+            del h[:-_HISTORY]
+
+    def last_seen_at_or_before(self, lsn: int) -> float | None:
+        """When the primary was last seen at a position <= ``lsn`` (None: not in the history)."""
+        i = bisect.bisect_right(self.history, lsn, key=lambda e: e[1])
+        return self.history[i - 1][0] if i else None
+
+
+# Primary positions kept per shard (at least): minutes of history at the default poll interval.
+_HISTORY: Final = 1024
 
 
 class HealthMonitor:
@@ -225,18 +250,19 @@ class HealthMonitor:
     # -- polling -------------------------------------------------------------------
 
     def _conninfo(self, node: NodeHealth) -> dict[str, Any]:
+        """Connection parameters for polling ``node``: what its engine connects with (the
+        URL with its query string, the engine options' connect_args), plus short timeouts."""
         url = self.cluster.node_url(node.shard, node.role, node.index)
+        _, kw = url.get_dialect()().create_connect_args(url)
+        kw = {**self.cluster._engine_options.get("connect_args", {}), **kw}
         timeout_ms = int(self.settings.poll_timeout * 1000)
-        kw: dict[str, Any] = {
-            "host": url.host, "port": url.port or 5432, "user": url.username,
-            "dbname": url.database, "autocommit": True,
+        kw.update({
+            "autocommit": True,
             # libpq's connect_timeout is whole seconds, 2 at least.
             "connect_timeout": max(2, int(self.settings.poll_timeout + 0.999)),
-            "options": f"-c statement_timeout={timeout_ms}",
+            "options": " ".join(filter(None, (kw.get("options"), f"-c statement_timeout={timeout_ms}"))),
             "application_name": "shardkit-monitor",
-        }
-        if url.password:
-            kw["password"] = url.password
+        })
         return kw
 
     def _loop(self, node: NodeHealth) -> None:
@@ -297,6 +323,8 @@ class HealthMonitor:
             node.in_recovery = in_recovery
             if lsn is not None:
                 node.wal_lsn = lsn
+                if node.role == "primary":
+                    state.note_primary_position(node.checked_at, lsn)
             node.replay_timestamp_age = age
             node.latency_ms = rtt if node.latency_ms is None else 0.8 * node.latency_ms + 0.2 * (rtt or 0)
         if was_up != up and not (first and up):
@@ -320,8 +348,17 @@ class HealthMonitor:
                 r.lag_seconds = None
                 continue
             # A gap <= 0 is zero lag; time lag counts only while there is a gap,
-            # otherwise an idle primary would make every replica look stale.
-            r.lag_seconds = (r.replay_timestamp_age or 0.0) if r.lag_bytes > 0 else 0.0
+            # otherwise an idle primary would make every replica look stale.  With a
+            # gap, the age of the last transaction it replayed overstates the lag after
+            # the primary sat idle (that transaction is old, yet the replica missed only
+            # what came since): the replica has everything the primary had when last
+            # seen at or before its replay position, so it is at most that far behind.
+            if r.lag_bytes <= 0:
+                r.lag_seconds = 0.0
+                continue
+            age = r.replay_timestamp_age or 0.0
+            since = state.last_seen_at_or_before(r.wal_lsn)
+            r.lag_seconds = age if since is None else min(age, max(0.0, time.monotonic() - since))
         state.primary.lag_bytes = 0
         state.primary.lag_seconds = 0.0
 
@@ -410,6 +447,8 @@ class ReplicaSelector:
                     if time.monotonic() >= deadline:
                         return False
                     time.sleep(0.002)
+        except sa_exc.TimeoutError:
+            return False  # this process's pool for it is busy: nothing wrong with the replica
         except Exception as e:  # noqa: BLE001 - a failed probe means "not this replica"
             self.monitor.ban(shard, replica.index, f"probe failed: {type(e).__name__}")
             return False

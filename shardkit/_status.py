@@ -37,10 +37,10 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 )).scalar_one()
                 if role == "primary":
-                    # to_regclass resolves each name as the application's queries do.
+                    # to_regclass resolves each name (quoted: as SQLAlchemy writes it) as the application's queries do.
                     est = dict(c.execute(text(
                         "SELECT t.name, c.reltuples::bigint FROM unnest(CAST(:t AS text[])) AS t(name) "
-                        "JOIN pg_class c ON c.oid = to_regclass(t.name)"), {"t": tables}).all())
+                        "JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name))"), {"t": tables}).all())
                     # reltuples is -1 until the table is first vacuumed or analysed.
                     rows[shard] = {t: (None if est.get(t, -1) < 0 else est[t]) for t in tables}
         except Exception:  # noqa: BLE001 - the node's row shows it as it is

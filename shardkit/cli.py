@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -32,8 +33,13 @@ class UsageError(ShardkitError):
 DEFAULT_DEV_DIR = ".shardkit-dev"
 
 
+# Only ASCII digits: str.isdigit() also accepts '²' (which int() refuses) and
+# other scripts' digits (which int() reads, so '١٢' would route as 12).
+_ASCII_INT = re.compile(r"-?[0-9]+")
+
+
 def _parse_key(raw: str, kind: str) -> Any:
-    if kind == "int" or (kind == "auto" and raw.lstrip("-").isdigit()):
+    if kind == "int" or (kind == "auto" and _ASCII_INT.fullmatch(raw)):
         try:
             return int(raw)
         except ValueError:

@@ -76,6 +76,8 @@ class ClusterMetrics:
             self.queries.labels(*labels).inc()
 
         def failed(ctx: Any) -> None:
+            if ctx.is_pre_ping:
+                return  # the pool's own check of a pooled connection, not a query (the pool reconnects)
             self.errors.labels(*labels).inc()
             try:
                 starts = ctx.connection.info.get("shardkit_t0") if ctx.connection is not None else None

@@ -107,7 +107,7 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> V
         for table, cols in group.tables.items():
             for shard in cluster.shard_names:
                 with cluster.primary(shard).connect() as conn:
-                    exists = conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"),
+                    exists = conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"),
                                           {"t": table}).scalar()
                     if not exists:
                         missing.append(f"{table} on {shard}")
@@ -218,6 +218,9 @@ def _count_duplicates(cluster: Cluster, rep: TableReport, pk: list[str],
                       strays: dict[str, list[tuple[Any, ...]]], batch: int) -> None:
     """Count misplaced rows whose primary key is also present on their owner."""
     cols = ", ".join(_q(c) for c in pk)
+    # PostgreSQL takes at most 65,535 parameters in a statement, and a long IN list of
+    # row values runs out of parser stack before that.
+    batch = max(1, min(batch, 1000))
     for owner, keys in strays.items():
         with cluster.primary(owner).connect() as conn:
             for i in range(0, len(keys), batch):
