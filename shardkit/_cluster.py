@@ -188,7 +188,7 @@ class Cluster:
             config = with_bucket_map(self.file_config, bucket_map, slices)
             # One assignment each: a thread routing now uses the old router or the new one.
             self.config = config
-            self.router = Router(config)
+            self.router = Router(config, like=self.router)
             previous, self.map_version = self.map_version, version
         log.info("bucket map version %s (was %s) from the catalog", version, previous)
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import heapq
 import math
 import numbers
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -284,6 +284,9 @@ class Plan:
             raise ConfigurationError("plan.weights", f"has {len(raw_w)} entries for "
                                      f"{plan.bucket_count} buckets")
         if "moves" in d:
+            if not isinstance(d["moves"], list):
+                raise ConfigurationError("plan.moves", f"must be a list of moves, not {type(d['moves']).__name__}",
+                                         "the stored plan was edited or corrupted")
             listed = [(m.get("bucket"), m.get("source"), m.get("target")) if isinstance(m, Mapping)
                       else m for m in d["moves"]]
             if listed != [(m.bucket, m.source, m.target) for m in plan.moves]:
@@ -382,7 +385,7 @@ def _make(reason: str, old: tuple[str, ...], new_map: Sequence[str],
     """The plan old -> new_map; with no moves, ``reason`` gets ``: <if_empty>`` appended."""
     new = tuple(new_map)
     moves = _diff(old, new)
-    if not moves and if_empty not in reason:
+    if not moves and if_empty not in reason and "nothing to move" not in reason:
         reason = f"{reason}: {if_empty}"
     return Plan(reason, old, new, moves, weights)
 
@@ -560,7 +563,9 @@ def plan_even(bucket_map: Sequence[str], weights: Mapping[int, float],
     weight is closest to what would bring one of them to the mean.  A bucket
     is only moved if it is lighter than the gap between the two shards, so
     no shard ever ends heavier than the heaviest or lighter than the lightest
-    was; a bucket moves at most once, and empty (weight 0) buckets never move.
+    was (each such move lowers the sum of squared loads, so the loop ends), and
+    empty (weight 0) buckets never move; the plan moves each bucket once, from
+    its owner to where the steps leave it.
     If no such move is left before every shard is in the band, the plan stops
     there and its reason says how far off it remains.
     """
@@ -610,6 +615,7 @@ def plan_even(bucket_map: Sequence[str], weights: Mapping[int, float],
             break
         d, r, i = move
         wb, b = items[d].pop(i)
+        insort(items[r], (wb, b))  # it may move on later (the plan holds only where it ends)
         load[d] -= wb
         load[r] += wb
         new_map[b] = r
@@ -738,11 +744,18 @@ class SlicePlan:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SlicePlan:
         try:
-            return cls(d["reason"], d["group"], slices_from_json(d["old"]), slices_from_json(d["split"]),
-                       tuple(BucketMove(int(m["slice"]), m["source"], m["target"]) for m in d["moves"]))
-        except (KeyError, TypeError) as e:
+            moves = tuple(BucketMove(_slice_number(m["slice"]), _check_name(m["source"], "plan.moves.source"),
+                                     _check_name(m["target"], "plan.moves.target")) for m in d["moves"])
+            return cls(d["reason"], d["group"], slices_from_json(d["old"]), slices_from_json(d["split"]), moves)
+        except (KeyError, TypeError, ValueError) as e:
             raise ConfigurationError("plan", f"is not a slice plan ({e!r} missing or wrong)",
                                      "pass SlicePlan.as_dict() output") from None
+
+
+def _slice_number(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"slice {v!r} is not a slice number")
+    return v
 
 
 def _check_split(old: Sequence[Slice], split: Sequence[Slice]) -> None:

@@ -138,7 +138,9 @@ def derived_select(item: Any) -> Any:
 class Router:
     """Routes statements and keys for one cluster configuration."""
 
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, like: Router | None = None) -> None:
+        """``like``: the router this one replaces (a new map): it keeps what that one learnt
+        of the tables' key types."""
         self.config = config
         self.shard_names: tuple[str, ...] = config.shard_names
         self.shard_set = frozenset(self.shard_names)
@@ -153,8 +155,8 @@ class Router:
         self._plans_lock = threading.Lock()
         # Per key column, a function to its Python type (see _key_coercers): by table
         # name (learnt from MetaData) and by Table.
-        self._coercers: dict[str, tuple[Any, ...]] = {}
-        self._table_coercers: dict[Any, tuple[Any, ...]] = {}
+        self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
+        self._table_coercers: dict[Any, tuple[Any, ...]] = {} if like is None else like._table_coercers
         self._rr = itertools.count()
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}

@@ -189,14 +189,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     from . import _rebalance_plan as rp
-    from .rebalance import _need_catalog, shard_weights
+    from .rebalance import _need_catalog, check_live_map, shard_weights
 
     catalog = _need_catalog(cluster)
     current = catalog.current_map()
     if current is None:
         raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
+    check_live_map(cluster, current)
     live, slices = current.bucket_map, current.slices
+    chosen = [bool(args.add), bool(args.drain), bool(args.even), bool(args.split), bool(args.move_value)]
     if getattr(args, "plan", None):
+        if any(chosen):
+            raise UsageError("--plan FILE applies a stored plan; do not also say what to plan "
+                             "(--add, --drain, --even, --split, --move-value)")
         try:
             raw = json.loads(Path(args.plan).read_text(encoding="utf-8"))
         except OSError as e:
@@ -212,13 +217,15 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
             raise RebalanceError(f"{args.plan} was planned against another map than the live one "
                                  f"(version {current.version}); make a new plan")
         return plan
-    chosen = [bool(args.add), bool(args.drain), bool(args.even), bool(args.split), bool(args.move_value)]
     if sum(chosen) != 1:
         raise UsageError("say what to plan: --add SHARD [--add ...], --drain SHARD, --even rows|bytes, "
                          "--split GROUP:KEY --to SHARD or --move-value GROUP:VALUE --to SHARD")
     if args.split or args.move_value:
         if not args.to:
             raise UsageError("--split and --move-value need --to SHARD")
+        if args.to not in cluster.shard_names:
+            raise UsageError(f"--to {args.to}: no such shard in the config (shards: "
+                             f"{', '.join(cluster.shard_names)}); add the shard to the config first")
         group, key = _group_key(args.split or args.move_value, slices,
                                 "--split" if args.split else "--move-value")
         if args.split:
@@ -230,9 +237,24 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         if unknown:
             raise UsageError(f"--add {unknown[0]}: no such shard in the config (shards: "
                              f"{', '.join(cluster.shard_names)}); add the new shard to the config first")
+        owning = [a for a in args.add if a in live]
+        if owning:
+            raise UsageError(f"--add {owning[0]}: that shard already owns {live.count(owning[0])} buckets "
+                             "(added before?); --add takes shards that own none. To even out the shards, "
+                             "plan --even rows")
         return rp.plan_add_shards(live, args.add)
     if args.drain:
-        return rp.plan_drain(live, args.drain)
+        if args.drain not in cluster.shard_names:
+            raise UsageError(f"--drain {args.drain}: no such shard in the config (shards: "
+                             f"{', '.join(cluster.shard_names)})")
+        if args.drain not in live:
+            return rp.plan_from_maps(live, live, f"drain {args.drain}: nothing to move, it owns no bucket")
+        if len(cluster.shard_names) == 1:
+            raise UsageError(f"--drain {args.drain}: it is the last shard in the config; add the shard "
+                             "that takes its buckets to the config first")
+        # Every other configured shard receives, those that own nothing yet included.
+        return rp.plan_drain(live, args.drain,
+                             remaining=[s for s in cluster.shard_names if s != args.drain])
     assert weights is not None
     return rp.plan_even(live, weights, shards=list(cluster.shard_names))
 
@@ -279,6 +301,13 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                 except OSError as e:
                     raise UsageError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
             print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.render())
+            running = [m for m in rebalance.move_status(cluster) if m["state"] == "running"]
+            if running:
+                # The plan is made against the live map, which those moves have not switched
+                # yet: applying it waits for them or is refused if it moves the same buckets.
+                print("note: " + "; ".join(f"move {m['move']} is in progress ({m['reason']})" for m in running)
+                      + "; this plan does not count what it will move (see `shardkit rebalance status`)",
+                      file=sys.stderr)
             return 0
         if verb == "status":
             moves = rebalance.move_status(cluster, args.move)

@@ -60,7 +60,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from ._cluster import Cluster
-from ._config import conninfo
+from ._config import conninfo, with_bucket_map
 from ._guard import (
     GATE_LOCK_CLASS,
     GUARD_LOCK_CLASS,
@@ -134,6 +134,13 @@ def mask_secrets(message: str, cluster: Cluster) -> str:
         if url is not None and url.password:
             message = message.replace(str(url.password), "***")
     return message
+
+
+def check_live_map(cluster: Cluster, current: Any) -> None:
+    """Refuse to plan or move against a catalog map the config does not fit (another
+    bucket_count, or shards it does not define): rows would be placed by a different map
+    than the routers use."""
+    with_bucket_map(cluster.file_config, current.bucket_map, current.slices)
 
 
 def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
@@ -291,6 +298,7 @@ class Mover:
             current = self.catalog.current_map(conn)
             if current is None:
                 raise RebalanceError("the catalog has no map yet: run `shardkit rebalance init`")
+            check_live_map(self.cluster, current)
             version, live, live_slices = current
             if isinstance(plan, SlicePlan):
                 mine = tuple(s for s in live_slices if s.group == plan.group)
