@@ -98,6 +98,9 @@ class Cluster:
         # Shards and their nodes come from the file; a catalog map only moves keys.
         self._replica_counts = {s.name: len(s.replicas) for s in config.shards}
         self._scatter_pool: ThreadPoolExecutor | None = None
+        # function name -> whether the databases define it as an aggregate (or window)
+        # function: the cross-shard merge refuses those it does not know.
+        self.function_kinds: dict[str, bool] = {}
         # Called with each engine as it is created (metrics instrument them this way).
         self._engine_hooks: list[Any] = []
         # (router, {(shard, table): what its map says}): see units_of().

@@ -305,10 +305,10 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
                 return (f"{names} (group {group}) are not joined on the shard key, so rows that "
                         "match may live on different shards")
 
-    # Subqueries in the select list, WHERE, HAVING, ORDER BY, SET values: each must be
+    # Subqueries in the select list, WHERE, GROUP BY, HAVING, ORDER BY, SET values: each must be
     # correlated on the key with this statement's tables (or hold no sharded table).
     clauses = [*where, *getattr(stmt, "_having_criteria", ()), *getattr(stmt, "_order_by_clauses", ()),
-               *getattr(stmt, "_raw_columns", ()), *joins]
+               *getattr(stmt, "_group_by_clauses", ()), *getattr(stmt, "_raw_columns", ()), *joins]
     values = getattr(stmt, "_values", None)
     if values:
         clauses.extend(v for v in values.values() if isinstance(v, elements.ClauseElement))

@@ -26,7 +26,7 @@ import decimal
 import heapq
 import itertools
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,8 +170,22 @@ def _unmergeable_type(expr: Any) -> str | None:
     t = getattr(expr, "type", None)
     if t is None:
         return None
-    if isinstance(t, sqltypes.Enum) and t.native_enum:
-        return "enum (ordered by declaration, not by name)"
+    if isinstance(t, sqltypes.TypeDecorator):
+        # Python sees what process_result_value made of the stored values, which need
+        # not order or add as those do.
+        return f"{type(t).__name__} (a TypeDecorator)"
+    if isinstance(t, sqltypes.Enum):
+        return ("enum (ordered by declaration, not by name)" if t.native_enum
+                else "enum (stored as names, which Python does not compare as the enum's members)")
+    collation = getattr(t, "collation", None)
+    if isinstance(t, sqltypes.String) and collation and collation.upper() not in ("C", "POSIX"):
+        return f"text under collation {collation}"
+    if isinstance(t, (sqltypes.CHAR, sqltypes.NCHAR)):
+        return "char(n) (compared without its trailing blanks)"
+    if isinstance(t, sqltypes.Time) and t.timezone:
+        return "time with time zone (equal instants ordered by zone)"
+    if isinstance(t, sqltypes.Numeric) and not isinstance(t, sqltypes.Float) and not t.asdecimal:
+        return "numeric returned as float (asdecimal=False)"
     for cls, name in _UNMERGEABLE_TYPES:
         if isinstance(t, cls):
             return name
@@ -209,6 +223,23 @@ def _agg_name(expr: Any) -> str | None:
         if name in _MERGEABLE_AGGS or name in _OTHER_AGGS:
             return name
     return None
+
+
+def function_names(expr: Any) -> set[str]:
+    """Names of the functions called in ``expr`` (outside subqueries) that are not among the
+    aggregates the merge knows."""
+    out = set()
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, functions.FunctionElement):  # (a FromClause too: check it first)
+            name = e.name.lower()
+            if name not in _MERGEABLE_AGGS and name not in _OTHER_AGGS:
+                out.add(name)
+        elif isinstance(e, (selectable.SelectBase, selectable.ScalarSelect, selectable.FromClause)):
+            continue
+        stack.extend(e.get_children())
+    return out
 
 
 def _contains_aggregate(expr: Any) -> str | None:
@@ -258,8 +289,9 @@ def _literal(value: Any) -> int | None:
     return value
 
 
-def plan_scatter(stmt: Any) -> tuple[Any, MergePlan]:
-    """The statement each shard runs and the plan that merges their rows."""
+def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, MergePlan]:
+    """The statement each shard runs and the plan that merges their rows; ``params``: the
+    execution's parameters (HAVING may compare with one)."""
     if isinstance(stmt, selectable.CompoundSelect):
         raise ScatterRefused(
             "UNION/INTERSECT/EXCEPT across shards cannot be merged exactly; run each part "
@@ -270,7 +302,7 @@ def plan_scatter(stmt: Any) -> tuple[Any, MergePlan]:
         raise ScatterRefused(f"cannot merge {type(stmt).__name__} results across shards",
                              construct=type(stmt).__name__, statement=stmt)
     try:
-        return _plan(stmt)
+        return _plan(stmt, params if isinstance(params, Mapping) else {})
     except ScatterRefused as e:
         if e.statement is None:
             e.statement = stmt
@@ -282,12 +314,14 @@ def _is_entity(col: Any) -> bool:
     return "parententity" in ann and isinstance(col, selectable.FromClause)
 
 
-def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
+def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any, MergePlan]:
     columns = list(stmt._raw_columns)
     # The cheap answers first: for an ORM statement get_final_froms() compiles it.
     if not (stmt._from_obj or stmt.columns_clause_froms or stmt.get_final_froms()):
         # SELECT EXISTS (...): each shard answers one row for its own rows.
         if all(exists_column(c) is not None for c in columns) and not stmt._where_criteria:
+            for c in columns:
+                _refuse_per_shard_exists(exists_column(c))
             return stmt, MergePlan("any", len(columns),
                                    description="EXISTS: true if it is true on any shard")
         raise ScatterRefused(
@@ -488,7 +522,7 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
     extras: list[OutputColumn] = []
     having_fn = None
     if stmt._having_criteria:
-        having_fn = _compile_predicate(elements.and_(*stmt._having_criteria), term)
+        having_fn = _compile_predicate(elements.and_(*stmt._having_criteria), term, params)
     order_terms = [(term(expr), desc, desc if nf is None else nf) for expr, desc, nf in order]
 
     shard_stmt = stmt.with_only_columns(*shard_cols)
@@ -504,6 +538,21 @@ def _plan(stmt: selectable.Select[Any]) -> tuple[Any, MergePlan]:
                      tuple(group_positions), having_fn, desc, order_terms=tuple(order_terms),
                      n_outputs=len(outputs))
     return shard_stmt, plan
+
+
+def _refuse_per_shard_exists(inner: Any) -> None:
+    """EXISTS (SELECT ...) is true on one database iff it is true on some shard, unless the
+    subquery's rows depend on other shards' rows: an OFFSET, groups (with HAVING) or
+    aggregates over each shard's rows only."""
+    construct = ("OFFSET" if inner._offset_clause is not None else
+                 "GROUP BY" if inner._group_by_clauses else
+                 "HAVING" if inner._having_criteria else
+                 "an aggregate" if any(_contains_aggregate(c) for c in inner._raw_columns) else None)
+    if construct is not None:
+        raise ScatterRefused(
+            f"EXISTS over a subquery with {construct}: each shard would answer over its own rows "
+            "only, and 'true on some shard' is not the answer of one database; add the shard key "
+            "or count the rows instead", construct=f"EXISTS with {construct}")
 
 
 def _refuse_distinct_aggregate(expr: Any) -> None:
@@ -589,12 +638,14 @@ _EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=deci
                          traps=[])
 
 
-def _compile_predicate(expr: Any, term: Callable[[Any], Any]) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
-    """A Python evaluator for a HAVING clause (comparisons, AND, OR, NOT; SQL NULL semantics)."""
+def _compile_predicate(expr: Any, term: Callable[[Any], Any], params: Mapping[str, Any]
+                       ) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
+    """A Python evaluator for a HAVING clause (comparisons, AND, OR, NOT; SQL NULL semantics);
+    ``params``: the execution's parameters, for bound values given at execution."""
     if isinstance(expr, elements.Grouping):
-        return _compile_predicate(expr.element, term)
+        return _compile_predicate(expr.element, term, params)
     if isinstance(expr, elements.BooleanClauseList):
-        parts = [_compile_predicate(c, term) for c in expr.clauses]
+        parts = [_compile_predicate(c, term, params) for c in expr.clauses]
         if expr.operator is operators.and_:
             def and_(row: Any, extra: Any) -> Any:
                 vals = [p(row, extra) for p in parts]
@@ -610,12 +661,12 @@ def _compile_predicate(expr: Any, term: Callable[[Any], Any]) -> Callable[[Seque
                 return None if any(v is None for v in vals) else False
             return or_
     if isinstance(expr, UnaryExpression) and expr.operator is operators.inv:
-        inner = _compile_predicate(expr.element, term)
+        inner = _compile_predicate(expr.element, term, params)
         return lambda row, extra: None if (v := inner(row, extra)) is None else not v
     if isinstance(expr, elements.BinaryExpression) and expr.operator in _CMP:
         op = _CMP[expr.operator]
-        left = _operand(expr.left, term)
-        right = _operand(expr.right, term)
+        left = _operand(expr.left, term, params)
+        right = _operand(expr.right, term, params)
 
         def cmp(row: Any, extra: Any) -> Any:
             a, b = left(row, extra), right(row, extra)
@@ -623,7 +674,18 @@ def _compile_predicate(expr: Any, term: Callable[[Any], Any]) -> Callable[[Seque
                 return None
             if type(a) is not type(b):
                 a, b = _promote_date(a, b), _promote_date(b, a)
-            return op(a, b)
+                if isinstance(a, float) and isinstance(b, decimal.Decimal):
+                    b = float(b)  # numeric compared with float8 is cast to float8
+                elif isinstance(b, float) and isinstance(a, decimal.Decimal):
+                    a = float(a)
+            try:
+                return op(a, b)
+            except TypeError:
+                raise ScatterRefused(
+                    f"HAVING {expr} compares a {type(a).__name__} with a {type(b).__name__}, which "
+                    "PostgreSQL would convert and Python cannot; give the value in the column's "
+                    "type (a date for a date, ...)", construct="HAVING comparison of different types"
+                ) from None
         return cmp
     raise ScatterRefused(
         f"HAVING {expr} cannot be evaluated after the merge (supported: comparisons of "
@@ -632,14 +694,15 @@ def _compile_predicate(expr: Any, term: Callable[[Any], Any]) -> Callable[[Seque
     )
 
 
-def _operand(expr: Any, term: Callable[[Any], Any]) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
+def _operand(expr: Any, term: Callable[[Any], Any], params: Mapping[str, Any]
+             ) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
     if isinstance(expr, BindParameter):
-        v = expr.effective_value
+        v = params[expr.key] if expr.key in params else expr.effective_value
         return lambda row, extra: v
     if isinstance(expr, elements.Null):
         return lambda row, extra: None
     if isinstance(expr, elements.Grouping):
-        return _operand(expr.element, term)
+        return _operand(expr.element, term, params)
     return term(expr)
 
 

@@ -36,6 +36,7 @@ from sqlalchemy import (
     true,
     util,
 )
+from sqlalchemy import text as sa_text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import bindparam
 from sqlalchemy import insert as sa_insert
@@ -60,8 +61,8 @@ from ._cluster import Cluster
 from ._colocation import reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for, derived_select
-from ._scatter import merge_rows, plan_scatter
+from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for, derived_select, with_statement_params
+from ._scatter import function_names, merge_rows, plan_scatter
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
@@ -346,7 +347,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 return pinned
             if role != REPLICA:
                 return self._on_primary(shard)
-        repin = pinned is None or (pinned != _ON_PRIMARY and role == REPLICA)
+        # A forced read that moved to another replica does not take the transaction
+        # with it: the next plain read finds the pin unusable and reads the primary.
+        repin = pinned is None
         if ok:
             chosen = selector.pick(shard, ok).index
             if repin:
@@ -847,7 +850,8 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
         # Textual or other statements the router cannot read: run everywhere.
         return Route(cluster.shard_names, "all", PRIMARY, "shardkit_all_shards=True", True)
-    if sc.key is None:
+    if sc.key is None or all_shards:
+        # (shardkit_all_shards=True inside scope(key=...): every shard, as asked.)
         return cluster.router.route(statement, params, all_shards=all_shards)
     # A statement with no key of its own runs where the scope's key lives (a
     # key-less UPDATE or DELETE included); one with its own keys is routed by them.
@@ -950,6 +954,10 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
     if session.autoflush:
         session._autoflush()
     stmt = table.insert()
+    if getattr(statement, "_post_values_clause", None) is not None:
+        # ON CONFLICT ... (postgresql.insert(Model).on_conflict_do_update(...)): kept.
+        stmt = pg_insert(table)
+        stmt._post_values_clause = statement._post_values_clause
     if statement._values:
         stmt = stmt.values(dict(statement._values))
     for shard, part in by_shard.items():
@@ -1414,6 +1422,31 @@ def _with_bind_values(statement: Any, values: Mapping[str, Any]) -> Any:
     return visitors.replacement_traverse(statement, {}, replace)
 
 
+def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> None:
+    """Refuse aggregates the merge does not know (a CREATE AGGREGATE of the application's,
+    an extension's): taken for plain functions, each shard's one row would be returned side
+    by side.  Which names are aggregates is asked of the database once per name."""
+    if not isinstance(statement, selectable.Select):
+        return
+    names = {n for c in (*statement._raw_columns, *statement._order_by_clauses,
+                         *statement._having_criteria) for n in function_names(c)}
+    kinds = cluster.function_kinds
+    unknown = [n for n in names if n not in kinds]
+    if unknown:
+        with cluster.primary(shard).connect() as conn:
+            found = dict(conn.execute(sa_text(
+                "SELECT n, coalesce((SELECT bool_or(prokind IN ('a', 'w')) FROM pg_proc "
+                "WHERE proname = n), false) FROM unnest(CAST(:names AS text[])) AS n"),
+                {"names": unknown}).all())
+        kinds.update(found)
+    for n in sorted(names):
+        if kinds.get(n):
+            raise ScatterRefused(
+                f"{n}() is an aggregate shardkit does not know how to merge from per-shard "
+                "partials; add the shard key, or compute it from the rows",
+                construct=f"{n}()", statement=statement)
+
+
 def _split_part(statement: Any, params: Any, part: Mapping[str, Any]) -> tuple[Any, Any]:
     """(statement, params) for one shard's share of split IN lists: values given as
     parameters (by the call, or with ``Statement.params()``) would override the
@@ -1496,7 +1529,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             f"this query runs on shards {', '.join(route.shards)} and {problem}; select from "
             "the sharded table, add the shard key, or name a shard",
             construct="reference table rows across shards", statement=statement)
-    shard_stmt, plan = plan_scatter(statement)
+    shard_stmt, plan = plan_scatter(
+        statement, with_statement_params(statement, params) if getattr(statement, "_params", None) else params)
+    _refuse_unknown_aggregates(session.cluster, statement, route.shards[0])
     partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
     timeout = _option("shardkit_timeout", statement, execution_options)
     cluster = session.cluster
