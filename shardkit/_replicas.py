@@ -176,20 +176,30 @@ class _ShardState:
     history: list[tuple[float, int]] = field(default_factory=list)
 
     def note_primary_position(self, at: float, lsn: int) -> None:
+        """Called by the primary's poll thread only.  Other threads read the history: it is
+        only appended to or has its last entry replaced in place; trimming it or starting
+        it afresh makes a new list."""
         h = self.history
         if h and h[-1][1] == lsn:
             h[-1] = (at, lsn)
             return
         if h and lsn < h[-1][1]:
-            h.clear()  # a different server (failover, restore): its positions start afresh
+            # A different server (failover, restore): its positions start afresh.
+            self.history = [(at, lsn)]
+            return
         h.append((at, lsn))
         if len(h) > 2 * _HISTORY:
-            del h[:-_HISTORY]
+            self.history = h[-_HISTORY:]
 
     def last_seen_at_or_before(self, lsn: int) -> float | None:
         """When the primary was last seen at a position <= ``lsn`` (None: not in the history)."""
-        i = bisect.bisect_right(self.history, lsn, key=lambda e: e[1])
-        return self.history[i - 1][0] if i else None
+        h = self.history
+        i = bisect.bisect_right(h, lsn, key=lambda e: e[1])
+        return h[i - 1][0] if i else None
+
+    def history_start(self) -> float | None:
+        h = self.history
+        return h[0][0] if h else None
 
 
 # Primary positions kept per shard (at least): minutes of history at the default poll interval.
@@ -309,10 +319,10 @@ class HealthMonitor:
         was_up = node.up
         first = not node._seen
         node._seen = True
-        if up and not first and (not was_up or server_start != node._server_start):
-            # The node was down, or restarted between two polls: the connections
-            # pooled before are to a server process that is gone.  Let them go, so
-            # the next statement does not fail on one.
+        if up and node._server_start is not None and server_start != node._server_start:
+            # The server restarted (seen down or not): the connections pooled before
+            # are to a server process that is gone.  Let them go, so the next
+            # statement does not fail on one.
             self.cluster._renew_pool(node.shard, node.role, node.index)
         if up:
             node._server_start = server_start
@@ -356,9 +366,16 @@ class HealthMonitor:
             if r.lag_bytes <= 0:
                 r.lag_seconds = 0.0
                 continue
-            age = r.replay_timestamp_age or 0.0
+            now = time.monotonic()
             since = state.last_seen_at_or_before(r.wal_lsn)
-            r.lag_seconds = age if since is None else min(age, max(0.0, time.monotonic() - since))
+            start = state.history_start()
+            # At most since then; if it is behind all the history, at least since its start.
+            bound = (now - since) if since is not None else (now - start) if start is not None else None
+            age = r.replay_timestamp_age  # None: nothing replayed since the replica started
+            if age is None:
+                r.lag_seconds = bound if bound is not None else 0.0
+            else:
+                r.lag_seconds = age if since is None else min(age, max(0.0, bound or 0.0))
         state.primary.lag_bytes = 0
         state.primary.lag_seconds = 0.0
 

@@ -153,10 +153,9 @@ class Router:
             self.tables[t] = TableRoute(t, None, (), None)
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
-        # Per key column, a function to its Python type (see _key_coercers): by table
-        # name (learnt from MetaData) and by Table.
+        # Per key column, a function to its Python type (see _key_coercers), by table
+        # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
-        self._table_coercers: dict[Any, tuple[Any, ...]] = {} if like is None else like._table_coercers
         self._rr = itertools.count()
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
@@ -235,10 +234,8 @@ class Router:
         columns = getattr(t, "c", None)
         if columns is None or not all(c in columns for c in tr.key_columns):
             return self._coercers.get(tr.table)
-        found = self._table_coercers.get(t)
-        if found is None:
-            found = self._table_coercers[t] = tuple(coercer_for(columns[c].type) for c in tr.key_columns)
-        return found
+        # Not cached by Table: an application may build table() objects per request.
+        return tuple(coercer_for(columns[c].type) for c in tr.key_columns)
 
     def _coerced(self, tr: TableRoute, key: Any, table: Any) -> Any:
         """``key`` in its columns' Python types (an ORM flush and a keyed read hash those)."""
@@ -282,7 +279,7 @@ class Router:
             params = with_statement_params(statement, params)
         plan, binds = self._plan_for(statement)
         single = plan.single_key
-        if single is not None and role is None:
+        if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
             if params is not None and isinstance(params, Mapping) and b.key in params:
@@ -478,10 +475,11 @@ class Router:
         if isinstance(params, (list, tuple)) and params and not isinstance(params[0], (str, bytes)):
             rows = [row_of(p) for p in params]
             route = self._route_rows(tname, tr, rows, list(params), stmt)
-            for r in rows:
-                self._refuse_upsert_key_move(stmt, tr, r, route.shards)
+            for r, p in zip(rows, params):
+                self._refuse_upsert_key_move(stmt, tr, r, p)
             return route
-        row = row_of(params if isinstance(params, Mapping) else _EMPTY)
+        pmap = params if isinstance(params, Mapping) else _EMPTY
+        row = row_of(pmap)
         if not all(c in row for c in cols):
             missing = [c for c in cols if c not in row]
             raise ShardKeyError(
@@ -490,12 +488,12 @@ class Router:
                 table=tname, statement=stmt,
             )
         shard = self._shard_for_row(tr, row, table)
-        self._refuse_upsert_key_move(stmt, tr, row, (shard,))
+        self._refuse_upsert_key_move(stmt, tr, row, pmap)
         return Route((shard,), "direct", PRIMARY, f"insert into {tname}: key -> {shard}", True,
                      (tname,))
 
     def _refuse_upsert_key_move(self, stmt: Insert, tr: TableRoute, row: Mapping[str, Any],
-                                shards: Sequence[str]) -> None:
+                                params: Mapping[str, Any]) -> None:
         """Refuse ``ON CONFLICT DO UPDATE SET key = ...`` to a key another shard owns: the
         existing row would stay where it is, under a key it does not own."""
         post = getattr(stmt, "_post_values_clause", None)
@@ -512,12 +510,12 @@ class Router:
                     getattr(v.table, "name", None) == "excluded":
                 continue  # SET key = excluded.key: the inserted row's own key
             touched = True
-            new[name] = _bound(v, _EMPTY)
+            new[name] = _bound(v, params)
         if not touched:
             return
         values = [new.get(c) for c in tr.key_columns]
         if any(_is_unresolved(v) for v in values) or \
-                set(shards) != {self._shard_for_row(tr, new, stmt.table)}:
+                self._shard_for_row(tr, row, stmt.table) != self._shard_for_row(tr, new, stmt.table):
             raise CrossShardWriteError(
                 f"upsert into {tr.table} sets its shard key in ON CONFLICT DO UPDATE to a value "
                 "another shard owns (or one shardkit cannot evaluate); the existing row would stay "
@@ -779,6 +777,17 @@ class Router:
                   ) -> tuple[dict[str, frozenset[str]], dict[str, dict[str, list[Any]]]]:
         """Per group, the shards that can match; plus IN lists split per shard (bind key -> shard -> values)."""
         splits: dict[str, dict[str, list[Any]]] = {}
+        if isinstance(params, (list, tuple)) and params and isinstance(params[0], Mapping):
+            # executemany: each parameter set names its own keys; the statement runs
+            # where any of them can match (a bind's default must not decide).
+            out: dict[str, frozenset[str]] = {}
+            for i, p in enumerate(params):
+                one = self._ev(plan.predicate, False, binds, p, {})
+                if i == 0:
+                    out = one
+                else:
+                    out = {g: out[g] | s for g, s in one.items() if g in out}
+            return out, splits
         pmap = params if isinstance(params, Mapping) else _EMPTY
         out = self._ev(plan.predicate, True, binds, pmap, splits)
         return out, splits
@@ -966,6 +975,16 @@ def _to_uuid(v: Any) -> Any:
     return v
 
 
+def _to_str(v: Any) -> Any:
+    if not isinstance(v, str):
+        raise ShardKeyError(
+            f"text shard key got {v!r} ({type(v).__name__}); pass a str "
+            "(the value would hash differently from the stored text)",
+            key=v,
+        )
+    return v
+
+
 def _to_int(v: Any) -> Any:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ShardKeyError(
@@ -986,6 +1005,8 @@ def coercer_for(type_: Any) -> Any:
         return _to_uuid
     if isinstance(type_, sqltypes.Integer):
         return _to_int
+    if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):
+        return _to_str
     return None
 
 
