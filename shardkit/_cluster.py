@@ -101,6 +101,9 @@ class Cluster:
         # function name -> whether the databases define it as an aggregate (or window)
         # function: the cross-shard merge refuses those it does not know.
         self.function_kinds: dict[str, bool] = {}
+        # shard -> its database's default collation if it does not order text by code
+        # point, else "" (the merge refuses text comparisons under such a collation).
+        self.text_collations: dict[str, str] = {}
         # Called with each engine as it is created (metrics instrument them this way).
         self._engine_hooks: list[Any] = []
         # (router, {(shard, table): what its map says}): see units_of().

@@ -194,6 +194,58 @@ def _unmergeable_type(expr: Any) -> str | None:
     return None
 
 
+def _database_collated(expr: Any) -> bool:
+    """Whether ``expr`` is text the database compares by its default collation (no
+    ``COLLATE`` on the expression, no collation on its type)."""
+    inner = expr
+    while isinstance(inner, (Label, elements.Grouping)):
+        inner = inner.element
+    if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
+        return False
+    t = getattr(expr, "type", None)
+    if isinstance(t, sqltypes.NullType) and isinstance(inner, functions.FunctionElement) and \
+            inner.name.lower() in _TEXT_FUNCTIONS:
+        # func.lower(name) and the like carry no type: text if their argument is.
+        return any(_database_collated(a) for a in inner.clauses)
+    return isinstance(t, sqltypes.String) and not isinstance(t, sqltypes.Enum) \
+        and not getattr(t, "collation", None)
+
+
+# Functions that return text of their text argument (SQLAlchemy gives them no type).
+_TEXT_FUNCTIONS = frozenset({
+    "lower", "upper", "initcap", "trim", "ltrim", "rtrim", "btrim", "substr", "substring",
+    "replace", "left", "right", "lpad", "rpad", "reverse", "translate", "concat", "concat_ws",
+    "format", "unaccent", "regexp_replace", "split_part", "repeat", "overlay", "normalize",
+})
+
+
+def text_comparison(stmt: Any) -> str | None:
+    """Where merging ``stmt``'s rows compares text in Python (by code point): an ORDER BY
+    key, min()/max() or a HAVING comparison over text the database collates; else None."""
+    for clause in stmt._order_by_clauses:
+        expr = _unwrap_order(clause)[0]
+        if _database_collated(expr):
+            return f"ORDER BY {expr}"
+    stack = [*stmt._raw_columns, *stmt._having_criteria, *stmt._order_by_clauses]
+    having = set(map(id, stmt._having_criteria))
+    while stack:
+        e = stack.pop()
+        if isinstance(e, functions.FunctionElement) and e.name.lower() in ("min", "max") and \
+                any(_database_collated(a) for a in e.clauses):
+            return f"{e.name}() over text"
+        if isinstance(e, elements.BinaryExpression) and e.operator in _CMP and id(e) in having and \
+                (_database_collated(e.left) or _database_collated(e.right)):
+            return "a HAVING comparison of text"
+        if isinstance(e, elements.BooleanClauseList) and id(e) in having:
+            having.update(map(id, e.clauses))
+        if isinstance(e, (selectable.SelectBase, selectable.ScalarSelect)):
+            continue
+        if not isinstance(e, functions.FunctionElement) and isinstance(e, selectable.FromClause):
+            continue
+        stack.extend(e.get_children())
+    return None
+
+
 def _refuse_unhashable(expr: Any, use: str) -> None:
     """Group keys and DISTINCT rows are compared by hashing their Python values."""
     name = _unmergeable_type(expr)

@@ -62,7 +62,7 @@ from ._colocation import reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for, derived_select, with_statement_params
-from ._scatter import function_names, merge_rows, plan_scatter
+from ._scatter import function_names, merge_rows, plan_scatter, text_comparison
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
@@ -1447,6 +1447,30 @@ def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> 
                 construct=f"{n}()", statement=statement)
 
 
+def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
+    """The merge compares text by code point, which is PostgreSQL's order only under the
+    C (or C.UTF-8, POSIX) collation: under any other, refuse instead of merging the shards'
+    sorted streams out of order.  The database's default collation is asked once."""
+    use = text_comparison(statement)
+    if use is None:
+        return
+    collation = cluster.text_collations.get(shard)
+    if collation is None:
+        with cluster.primary(shard).connect() as conn:
+            # The locale's name: datlocale (PostgreSQL 17), daticulocale (15, 16), datcollate.
+            linguistic, name = conn.execute(sa_text(
+                "SELECT 'a' < 'B', coalesce(j->>'datlocale', j->>'daticulocale', j->>'datcollate') "
+                "FROM (SELECT to_jsonb(d) AS j FROM pg_database d WHERE datname = current_database()) AS x"
+            )).one()
+        collation = cluster.text_collations[shard] = "" if not linguistic else str(name)
+    if collation:
+        raise ScatterRefused(
+            f"{use}: the database orders text by its collation ({collation}), shardkit's merge of "
+            "the shards' rows by code point, which would mix up the order; add .collate('C') to "
+            "the expression (or the column's type), or add the shard key",
+            construct="text under the database's collation", statement=statement)
+
+
 def _split_part(statement: Any, params: Any, part: Mapping[str, Any]) -> tuple[Any, Any]:
     """(statement, params) for one shard's share of split IN lists: values given as
     parameters (by the call, or with ``Statement.params()``) would override the
@@ -1532,6 +1556,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     shard_stmt, plan = plan_scatter(
         statement, with_statement_params(statement, params) if getattr(statement, "_params", None) else params)
     _refuse_unknown_aggregates(session.cluster, statement, route.shards[0])
+    if plan.kind in ("ordered", "aggregate", "group"):
+        _refuse_collated_text(session.cluster, statement, route.shards[0])
     partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
     timeout = _option("shardkit_timeout", statement, execution_options)
     cluster = session.cluster
