@@ -149,7 +149,18 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 f"cannot choose a shard for {mapper} without an instance or a keyed clause; "
                 "pass bind_arguments={'shard_id': ...}"
             )
-        return shard_of_instance(self.cluster, mapper, instance)
+        shard = shard_of_instance(self.cluster, mapper, instance)
+        if self.cluster.router.table_route(mapper).is_reference:
+            # A new reference row whose key this session holds (deleted and added again
+            # in one flush) is written where the old one is, so the flush turns the pair
+            # into one UPDATE there instead of inserting a copy that is still present.
+            mapper = inspect(instance).mapper
+            pk = mapper.primary_key_from_instance(instance)
+            if None not in pk:
+                for s in self.cluster.shard_names:
+                    if mapper.identity_key_from_primary_key(pk, identity_token=s) in self.identity_map:
+                        return s
+        return shard
 
     def _identity_shards(self, mapper: Any, primary_key: Any, *, lazy_loaded_from: Any = None,
                          **kw: Any) -> Iterable[str]:
@@ -1819,6 +1830,16 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                     deletes.setdefault(where, []).append(old)
     if not upserts and not deletes:
         return
+    # Deletes first: a flush that deletes a row and inserts another with the same key
+    # (or changes keys) leaves the new rows, not the old ones.
+    for (table, home), pks in deletes.items():
+        pk_cols = list(table.primary_key.columns)
+        for shard in cluster.shard_names:
+            if shard == home:
+                continue
+            conn = session.connection(bind_arguments={"shard_id": shard})
+            for pk in pks:
+                conn.execute(table.delete().where(*[c == v for c, v in zip(pk_cols, pk)]))
     for (table, home), pks in upserts.items():
         pk_cols = list(table.primary_key.columns)
         src = session.connection(bind_arguments={"shard_id": home})
@@ -1839,14 +1860,6 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 set_={c.name: ins.excluded[c.name] for c in table.columns if not c.primary_key},
             ) if len(pk_cols) < len(table.columns) else ins.on_conflict_do_nothing()
             session.connection(bind_arguments={"shard_id": shard}).execute(stmt, rows)
-    for (table, home), pks in deletes.items():
-        pk_cols = list(table.primary_key.columns)
-        for shard in cluster.shard_names:
-            if shard == home:
-                continue
-            conn = session.connection(bind_arguments={"shard_id": shard})
-            for pk in pks:
-                conn.execute(table.delete().where(*[c == v for c, v in zip(pk_cols, pk)]))
 
 
 def _old_primary_key(state: Any, pk: Sequence[Any]) -> tuple[Any, ...] | None:

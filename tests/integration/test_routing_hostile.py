@@ -958,6 +958,31 @@ def test_reference_row_primary_key_change_reaches_every_shard(kit):
         assert kit.where("hk_country", "code")[sh] == ["de", "fx"], sh
 
 
+def test_reference_rows_deleted_and_added_again_or_swapped_in_one_flush(kit):
+    """A flush that deletes a reference row and adds another with the same key, and keys
+    swapped over three flushes, leave every shard's copy as the home shard's."""
+    with kit.Session() as s:
+        s.add_all([Country(code="it", name="Italy"), Country(code="es", name="Spain")])
+        s.commit()
+    with kit.Session() as s:
+        s.delete(s.scalars(select(Country).where(Country.code == "it")).one())
+        s.add(Country(code="it", name="Italia"))
+        s.commit()
+    with kit.Session() as s:
+        it = s.scalars(select(Country).where(Country.code == "it")).one()
+        es = s.scalars(select(Country).where(Country.code == "es")).one()
+        it.code = "xx"
+        s.flush()
+        es.code = "it"
+        s.flush()
+        it.code = "es"
+        s.commit()
+    for sh in SHARDS:
+        with kit.cluster.primary(sh).connect() as c:
+            rows = dict(c.execute(text("SELECT code, name FROM hk_country WHERE code IN ('it', 'es', 'xx')")).all())
+        assert rows == {"it": "Spain", "es": "Italia"}, (sh, rows)
+
+
 # ---------------------------------------------------------------------------
 # explicit shard and scopes
 # ---------------------------------------------------------------------------
