@@ -857,12 +857,14 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             route = _NAMED.setdefault((shard, is_read), Route(
                 (shard,), "direct", PRIMARY, "shard named by the caller", not is_read))
         return route
-    all_shards = bool(_option("shardkit_all_shards", statement, execution_options) or sc.all_shards)
+    asked_all = bool(_option("shardkit_all_shards", statement, execution_options))
+    all_shards = asked_all or sc.all_shards
     if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
         # Textual or other statements the router cannot read: run everywhere.
         return Route(cluster.shard_names, "all", PRIMARY, "shardkit_all_shards=True", True)
-    if sc.key is None or all_shards:
-        # (shardkit_all_shards=True inside scope(key=...): every shard, as asked.)
+    if sc.key is None or asked_all:
+        # (The statement's shardkit_all_shards=True inside scope(key=...): every shard,
+        # as asked; a scope's all_shards= only permits, its key still decides.)
         return cluster.router.route(statement, params, all_shards=all_shards)
     # A statement with no key of its own runs where the scope's key lives (a
     # key-less UPDATE or DELETE included); one with its own keys is routed by them.
