@@ -64,7 +64,8 @@ class Route:
     insert was split by owner.  ``keys`` says how the shard key chose the
     shards: ``"one"`` (``key = value``: all rows in one bucket or slice),
     ``"many"`` (several values, ranges, or a scope's key), or ``""`` (not by
-    the bucket map: a named shard, every shard, an insert's rows).
+    the bucket map: a named shard, every shard, an insert's rows).  ``anywhere``: the
+    statement reads only reference tables, so any one shard answers it.
     """
 
     shards: tuple[str, ...]
@@ -76,6 +77,7 @@ class Route:
     split: Mapping[str, Any] | None = field(default=None, compare=False)
     merge: str | None = None
     keys: str = ""
+    anywhere: bool = False  # reference tables only (or no table): any one shard answers
 
     @property
     def is_scatter(self) -> bool:
@@ -327,7 +329,8 @@ class Router:
                              "goes to every shard", True, tables)
             shard = self.any_shard()
             what = f"reference table(s) {', '.join(plan.references)}" if plan.references else "no tables"
-            return Route((shard,), "direct", chosen_role, f"{what}: any shard", is_write, tables)
+            return Route((shard,), "direct", chosen_role, f"{what}: any shard", is_write, tables,
+                         anywhere=True)
 
         per_group, splits = self._evaluate(plan, binds, params)
         shards: frozenset[str] | None = None

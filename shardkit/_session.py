@@ -450,6 +450,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return _orm_bulk_insert(self, statement, params, route)
         if len(route.shards) == 1:
             shard = route.shards[0]
+            if route.anywhere and not route.is_write:
+                # Marks the loads that follow from these rows (a subqueryload inherits the
+                # options): they are not pinned to the shard this one happened to use.
+                execution_options = util.immutabledict(execution_options).union(_REFERENCE_READ)
             if route.is_write or not self.cluster.has_replicas:
                 eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments, not route.is_write)
                 result = Session.execute(self, statement, params, execution_options=eo,
@@ -741,14 +745,29 @@ def _shard_of_related(cluster: Cluster, obj: Any) -> str:
     return shard
 
 
+_REFERENCE_READ = util.immutabledict({"shardkit_reference_read": True})
+
+
+def _is_reference(router: Any, mapper: Any) -> bool:
+    try:
+        return bool(router.table_route(mapper).is_reference)
+    except RoutingError:
+        return False
+
+
 def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
-                    sc: RoutingScope) -> str | None:
+                    sc: RoutingScope, router: Any = None) -> str | None:
     """A shard named by the caller, or implied by the object a load is for."""
     for opt in getattr(statement, "_with_options", ()):
         if isinstance(opt, horizontal_shard.set_shard_id):
             return opt.shard_id
+    # Loads that follow from reference rows (read from any one shard) inherit that
+    # shard's identity_token, or our bind arguments: not a pin (see below).
+    from_reference = any(opts and opts.get("shardkit_reference_read")
+                         for opts in (execution_options, getattr(statement, "_execution_options", None)))
     if bind_arguments and bind_arguments.get("shard_id") is not None:
-        return bind_arguments["shard_id"]
+        if not (from_reference and bind_arguments.get("shardkit_role")):
+            return bind_arguments["shard_id"]
     # The call's execution options, then the statement's own (eager loaders such
     # as subqueryload copy their parent load's options onto their statement).
     for opts in (execution_options, getattr(statement, "_execution_options", None)):
@@ -758,16 +777,23 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
         # loads), and a shard's part of a load, carry the shard in their load options.
         lo = opts.get("_sa_orm_load_options")
         if lo is not None:
-            if lo._identity_token is not None:
-                return lo._identity_token
             lazy_from = lo._lazy_loaded_from
-            if lazy_from is not None and lazy_from.identity_token is not None:
+            if lazy_from is not None and router is not None and _is_reference(router, lazy_from.mapper):
+                # What a reference row (read from any one shard) relates to: the
+                # statement is routed by what it says (the sharded rows of a
+                # collection live on every shard).
+                from_reference = True
+            elif lo._identity_token is not None and not (from_reference and lo._refresh_state is None):
+                return lo._identity_token
+            elif lazy_from is not None and lazy_from.identity_token is not None:
                 return lazy_from.identity_token
         uo = opts.get("_sa_orm_update_options")
         if uo is not None and uo._identity_token is not None:
             return uo._identity_token
-        # identity_token: the shard loaded objects are said to come from (SQLAlchemy's option).
-        shard = opts.get("shardkit_shard") or opts.get("_sa_shard_id") or opts.get("identity_token")
+        # identity_token: the shard loaded objects are said to come from (SQLAlchemy's option);
+        # not a pin when it was inherited from a read of reference rows (a subqueryload).
+        shard = opts.get("shardkit_shard") or opts.get("_sa_shard_id") or \
+            (None if from_reference else opts.get("identity_token"))
         if shard is not None:
             return shard
     return sc.shard
@@ -835,12 +861,12 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                      execution_options: Any, bind_arguments: Any, sc: RoutingScope) -> Route:
     """Where a statement executed through the session runs, in scope ``sc``."""
     cluster = session.cluster
-    shard = _explicit_shard(statement, execution_options, bind_arguments, sc)
+    shard = _explicit_shard(statement, execution_options, bind_arguments, sc, cluster.router)
     if shard is not None and shard == sc.shard and isinstance(statement, UpdateBase) \
             and _writes_reference_table(cluster, statement):
         # A reference table is the same on every shard: a write inside
         # scope(shard=...) still goes to all of them (as an ORM flush's does).
-        shard = None if _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE) is None \
+        shard = None if _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None \
             else shard
     if shard is not None:
         if cluster.catalog is not None:
@@ -918,8 +944,14 @@ def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any,
                 and execution_options.get("identity_token", shard) == shard):
             # A load for one object (get, refresh) names its shard in its load options already.
             eo = execution_options
-        else:
+        elif select:
             eo = util.immutabledict(execution_options).union({"identity_token": shard})
+        else:
+            # UPDATE/INSERT ... RETURNING an entity builds its objects from the load
+            # options, which the ORM fills from identity_token for a SELECT only.
+            eo = util.immutabledict(execution_options).union({
+                "identity_token": shard,
+                "_sa_orm_load_options": (lo or QueryContext.default_load_options) + {"_identity_token": shard}})
     elif select:
         # The ORM turns identity_token into its load options on every execution;
         # a SELECT gets them made already (the same options, built once per shard).
@@ -930,14 +962,27 @@ def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any,
     else:
         eo = _TOKEN_OPTIONS.get(shard)
         if eo is None:
-            eo = _TOKEN_OPTIONS.setdefault(shard, util.immutabledict({"identity_token": shard}))
+            eo = _TOKEN_OPTIONS.setdefault(shard, util.immutabledict({
+                "identity_token": shard,
+                "_sa_orm_load_options": QueryContext.default_load_options + {"_identity_token": shard}}))
     return eo, ba
 
 
-# shard -> immutabledict(identity_token=shard): the execution options of most statements.
+# shard -> the execution options of a write: identity_token=shard, and the same as load
+# options (for the objects of a RETURNING).
 _TOKEN_OPTIONS: dict[str, Any] = {}
 # shard -> the same for a SELECT, as the ORM's load options.
 _LOAD_OPTIONS: dict[str, Any] = {}
+
+
+def _refuse_inheritance(mapper: Any, verb: str) -> None:
+    """ShardedSession runs ORM bulk writes as Core statements on each shard's table: not
+    for a class spread over several tables or told apart by a discriminator column."""
+    if mapper.inherits is not None or mapper.polymorphic_on is not None:
+        raise RoutingError(
+            f"ORM bulk {verb} of {mapper.class_.__name__}, a class in an inheritance hierarchy, "
+            "is not supported by ShardedSession (its rows span tables or need a discriminator); "
+            "use session.add_all() and a flush instead")
 
 
 def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route: Route) -> Result[Any]:
@@ -954,6 +999,7 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
             statement=statement,
         )
     mapper = statement._propagate_attrs["plugin_subject"].mapper
+    _refuse_inheritance(mapper, "INSERT")
     table = mapper.local_table
     attr_to_col = {prop.key: prop.columns[0].key for prop in mapper.column_attrs}
     rows = params if isinstance(params, list) else [params]
@@ -1004,6 +1050,7 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
     matches nothing (a wrong key, or a row on another shard) raises
     :class:`~sqlalchemy.orm.exc.StaleDataError`, as SQLAlchemy's bulk update does.
     """
+    _refuse_inheritance(mapper, "UPDATE")
     router = session.cluster.router
     tr = router.table_route(mapper)
     table = mapper.local_table
@@ -1560,6 +1607,14 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             "add the shard key or name a shard",
             construct="scatter in strict mode", statement=statement,
         )
+    own = getattr(statement, "_execution_options", None) or {}
+    if own.get("shardkit_reference_read") and any(
+            isinstance(k, tuple) and k[:1] == ("orig_query",) for k in own):
+        raise ScatterRefused(
+            "subqueryload of sharded rows from reference rows runs on every shard, and the "
+            "merge cannot keep SQLAlchemy's order of the collection's rows; use selectinload "
+            "(or a lazy load) for this relationship", construct="subqueryload from reference rows",
+            statement=statement)
     problem = _reference_rows_problem(session.cluster.router, statement)
     if problem:
         raise ScatterRefused(
@@ -1569,6 +1624,19 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     shard_stmt, plan = plan_scatter(
         statement, with_statement_params(statement, params) if getattr(statement, "_params", None) else params)
     _refuse_unknown_aggregates(session.cluster, statement, route.shards[0])
+    if plan.limit is not None or plan.offset:
+        # Each shard reads LIMIT + OFFSET rows and the merge keeps the page: the rows it
+        # drops must have had no effect.
+        lo = _option("_sa_orm_load_options", statement, execution_options)
+        effect = ("FOR UPDATE" if getattr(statement, "_for_update_arg", None) is not None else
+                  "populate_existing" if _option("populate_existing", statement, execution_options)
+                  or getattr(lo, "_populate_existing", False) else None)
+        if effect:
+            raise ScatterRefused(
+                f"{effect} with LIMIT/OFFSET across shards: each shard reads a page of its own "
+                f"and the merge keeps one, so rows outside it would be {'locked' if effect == 'FOR UPDATE' else 'refreshed (losing pending changes)'} "
+                "too; select the page's keys first, then lock or refresh those rows by key",
+                construct=f"{effect} with LIMIT", statement=statement)
     if plan.kind in ("ordered", "aggregate", "group"):
         _refuse_collated_text(session.cluster, statement, route.shards[0])
     partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
@@ -1697,6 +1765,15 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     # shard's result folds them (objects of different shards are never equal).
     needs_unique = first._unique_filter_state
     if needs_unique is not None:
+        if (plan.limit is not None or plan.offset) and _inner_joined_collection(statement):
+            for r in ordered:
+                r.close()
+            raise ScatterRefused(
+                "this cross-shard query loads a collection with joinedload(..., innerjoin=True) "
+                "and has LIMIT/OFFSET: the inner join drops parents without children after each "
+                "shard's limit, and the merge cannot tell which page one database would return; "
+                "use selectinload, or filter the parents with .has()/.any()",
+                construct="inner joinedload with LIMIT", statement=statement)
         if (plan.limit is not None or plan.offset) and _may_repeat_entities(statement):
             for r in ordered:
                 r.close()
@@ -1727,6 +1804,16 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         log.warning("partial results: shards %s failed: %s", ", ".join(sorted(failures)),
                     "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return result
+
+
+def _inner_joined_collection(statement: Any) -> bool:
+    """Whether ``statement`` eager-loads a collection with ``joinedload(..., innerjoin=True)``."""
+    for opt in getattr(statement, "_with_options", ()):
+        for el in getattr(opt, "context", ()):
+            if (el.local_opts.get("innerjoin") and ("lazy", "joined") in (el.strategy or ())
+                    and getattr(getattr(el.path[-2], "property", el.path[-2]), "uselist", False)):
+                return True
+    return False
 
 
 def _may_repeat_entities(statement: Any) -> bool:
