@@ -383,11 +383,13 @@ class Router:
                      for s in ordered}
         kind = "direct" if len(ordered) == 1 else (
             "all" if len(ordered) == len(self.shard_names) else "multi")
+        # "one": all rows in one bucket or slice; an executemany names a key per set.
+        one = single is not None and not isinstance(params, (list, tuple))
         route = Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split,
-                      keys="one" if single is not None else "many")
+                      keys="one" if one else "many")
         if isinstance(statement, Update):
             self._refuse_key_move(statement, params, route)
-        if single is not None and role is None and len(ordered) == 1:
+        if one and role is None and len(ordered) == 1:
             plan.routes[ordered[0]] = route
         return route
 

@@ -20,12 +20,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Integer,
     Numeric,
     Table,
     Text,
+    all_,
     and_,
+    any_,
     cast,
     event,
     false,
@@ -1346,9 +1349,11 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
     def condition_on(column: Any, tr: TableRoute) -> Any:
         """The rows whose key ``column`` is in buckets or slices the shard owns (a NULL
         key passes: it is the missing side of an outer join)."""
+        # Arrays, not IN lists: an IN list is an "expanding" parameter, which an
+        # executemany (a list of parameter sets) cannot carry.
         if isinstance(tr.strategy, HashStrategy):
-            return or_(column.is_(None), func.shardkit.bucket(
-                column, cluster.config.bucket_count).not_in(foreign_buckets))
+            return or_(column.is_(None), func.shardkit.bucket(column, cluster.config.bucket_count)
+                       != all_(bindparam(None, foreign_buckets, type_=ARRAY(Integer))))
         inside = []
         for sl in foreign_slices:
             if sl.group != tr.group:
@@ -1359,7 +1364,7 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
             key = cast(column, Text).collate("C") if bounds_are_str else \
                 cast(column, BigInteger if isinstance(column.type, Integer) else Numeric)
             if sl.values:
-                inside.append(key.in_(list(sl.values)))
+                inside.append(key == any_(bindparam(None, list(sl.values), type_=ARRAY(key.type))))
             elif not sl.default:  # a default never moves; its values are carved out first
                 bounds = ([key >= sl.lower] if sl.lower is not None else []) + \
                     ([key < sl.upper] if sl.upper is not None else [])

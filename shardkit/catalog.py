@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
@@ -85,6 +86,10 @@ _SCHEMA_SQL: Final = (
 )
 
 
+_ADD_COLUMN: Final = re.compile(
+    r"ALTER TABLE (?P<table>\S+) ADD COLUMN IF NOT EXISTS (?P<column>\w+) .*")
+
+
 class LiveMap(NamedTuple):
     """The live version of the map."""
 
@@ -141,6 +146,15 @@ class Catalog:
     def ensure_schema(self) -> None:
         with self.engine.begin() as conn:
             for statement in _SCHEMA_SQL:
+                add = _ADD_COLUMN.fullmatch(statement)
+                if add and conn.execute(text(
+                        "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(:t) "
+                        "AND attname = :c AND NOT attisdropped)"),
+                        {"t": add["table"], "c": add["column"]}).scalar():
+                    # ALTER TABLE locks the table before it finds the column there: with
+                    # routers reading the catalog (one transaction over several tables),
+                    # running `rebalance init` again could deadlock with them.
+                    continue
                 conn.exec_driver_sql(statement)
 
     def initialised(self, conn: Connection | None = None) -> bool:
