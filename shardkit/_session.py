@@ -758,19 +758,25 @@ def _is_reference(router: Any, mapper: Any) -> bool:
         return False
 
 
+def _from_reference(statement: Any, execution_options: Any) -> bool:
+    """Whether a load follows from reference rows (read from any one shard): the
+    identity_token or bind arguments it inherited from that read are not a pin."""
+    if execution_options and execution_options.get("shardkit_reference_read"):
+        return True
+    own = getattr(statement, "_execution_options", None)
+    return bool(own and own.get("shardkit_reference_read"))
+
+
 def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
                     sc: RoutingScope, router: Any = None) -> str | None:
     """A shard named by the caller, or implied by the object a load is for."""
     for opt in getattr(statement, "_with_options", ()):
         if isinstance(opt, horizontal_shard.set_shard_id):
             return opt.shard_id
-    # Loads that follow from reference rows (read from any one shard) inherit that
-    # shard's identity_token, or our bind arguments: not a pin (see below).
-    from_reference = any(opts and opts.get("shardkit_reference_read")
-                         for opts in (execution_options, getattr(statement, "_execution_options", None)))
     if bind_arguments and bind_arguments.get("shard_id") is not None:
-        if not (from_reference and bind_arguments.get("shardkit_role")):
+        if not (bind_arguments.get("shardkit_role") and _from_reference(statement, execution_options)):
             return bind_arguments["shard_id"]
+    lazy_reference = False
     # The call's execution options, then the statement's own (eager loaders such
     # as subqueryload copy their parent load's options onto their statement).
     for opts in (execution_options, getattr(statement, "_execution_options", None)):
@@ -785,8 +791,9 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
                 # What a reference row (read from any one shard) relates to: the
                 # statement is routed by what it says (the sharded rows of a
                 # collection live on every shard).
-                from_reference = True
-            elif lo._identity_token is not None and not (from_reference and lo._refresh_state is None):
+                lazy_reference = True
+            elif lo._identity_token is not None and not (
+                    lo._refresh_state is None and _from_reference(statement, execution_options)):
                 return lo._identity_token
             elif lazy_from is not None and lazy_from.identity_token is not None:
                 return lazy_from.identity_token
@@ -795,8 +802,10 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
             return uo._identity_token
         # identity_token: the shard loaded objects are said to come from (SQLAlchemy's option);
         # not a pin when it was inherited from a read of reference rows (a subqueryload).
-        shard = opts.get("shardkit_shard") or opts.get("_sa_shard_id") or \
-            (None if from_reference else opts.get("identity_token"))
+        shard = opts.get("shardkit_shard") or opts.get("_sa_shard_id")
+        if shard is None and opts.get("identity_token") is not None and not lazy_reference \
+                and not _from_reference(statement, execution_options):
+            shard = opts["identity_token"]
         if shard is not None:
             return shard
     return sc.shard
