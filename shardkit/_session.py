@@ -1779,24 +1779,24 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     # shard's result folds them (objects of different shards are never equal).
     needs_unique = first._unique_filter_state
     if needs_unique is not None:
-        if (plan.limit is not None or plan.offset) and _inner_joined_collection(statement):
+        limited = plan.limit is not None or plan.offset
+        refusal = None
+        if limited and _inner_joined_collection(statement):
+            refusal = ("this cross-shard query loads a collection with joinedload(..., innerjoin=True) "
+                       "and has LIMIT/OFFSET: the inner join drops parents without children after each "
+                       "shard's limit, and the merge cannot tell which page one database would return; "
+                       "use selectinload, or filter the parents with .has()/.any()",
+                       "inner joinedload with LIMIT")
+        elif limited and _may_repeat_entities(statement):
+            refusal = ("this cross-shard query loads a collection with joinedload and has LIMIT/OFFSET "
+                       "over a join that can repeat its entities: one database counts the joined rows, "
+                       "shardkit's merge would count distinct entities; use selectinload, or drop the "
+                       "join's duplicates (an EXISTS instead of the join)",
+                       "joinedload with LIMIT over a join")
+        if refusal is not None:
             for r in ordered:
                 r.close()
-            raise ScatterRefused(
-                "this cross-shard query loads a collection with joinedload(..., innerjoin=True) "
-                "and has LIMIT/OFFSET: the inner join drops parents without children after each "
-                "shard's limit, and the merge cannot tell which page one database would return; "
-                "use selectinload, or filter the parents with .has()/.any()",
-                construct="inner joinedload with LIMIT", statement=statement)
-        if (plan.limit is not None or plan.offset) and _may_repeat_entities(statement):
-            for r in ordered:
-                r.close()
-            raise ScatterRefused(
-                "this cross-shard query loads a collection with joinedload and has LIMIT/OFFSET "
-                "over a join that can repeat its entities: one database counts the joined rows, "
-                "shardkit's merge would count distinct entities; use selectinload, or drop the "
-                "join's duplicates (an EXISTS instead of the join)",
-                construct="joinedload with LIMIT over a join", statement=statement)
+            raise ScatterRefused(refusal[0], construct=refusal[1], statement=statement)
         ordered = [r.unique() for r in ordered]
     merged = merge_rows(plan, ordered)
     result = ScatterResult(SimpleResultMetaData(keys), merged)
