@@ -1507,18 +1507,32 @@ def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> 
     kinds = cluster.function_kinds
     unknown = [n for n in names if n not in kinds]
     if unknown:
-        with cluster.primary(shard).connect() as conn:
-            found = dict(conn.execute(sa_text(
-                "SELECT n, coalesce((SELECT bool_or(prokind IN ('a', 'w')) FROM pg_proc "
-                "WHERE proname = n), false) FROM unnest(CAST(:names AS text[])) AS n"),
-                {"names": unknown}).all())
-        kinds.update(found)
+        found = _ask_any_node(cluster, shard, sa_text(
+            "SELECT n, coalesce((SELECT bool_or(prokind IN ('a', 'w')) FROM pg_proc "
+            "WHERE proname = n), false) FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown})
+        if found is None:
+            return  # no node of the shard answers: the read itself will say so
+        kinds.update(dict(found))
     for n in sorted(names):
         if kinds.get(n):
             raise ScatterRefused(
                 f"{n}() is an aggregate shardkit does not know how to merge from per-shard "
                 "partials; add the shard key, or compute it from the rows",
                 construct=f"{n}()", statement=statement)
+
+
+def _ask_any_node(cluster: Cluster, shard: str, query: Any, params: Any = None) -> list[Any] | None:
+    """``query``'s rows from the primary of ``shard``, or one of its replicas while the
+    primary is down (a question about the database, which they share); None if none answers."""
+    engines = [cluster.primary(shard)] + [cluster.engine(shard, REPLICA, i)
+                                          for i in range(cluster.replica_count(shard))]
+    for engine in engines:
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(query, params or {}).all())
+        except (ShardUnavailable, sa_exc.OperationalError):
+            continue
+    return None
 
 
 def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
@@ -1530,12 +1544,13 @@ def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
         return
     collation = cluster.text_collations.get(shard)
     if collation is None:
-        with cluster.primary(shard).connect() as conn:
-            # The locale's name: datlocale (PostgreSQL 17), daticulocale (15, 16), datcollate.
-            linguistic, name = conn.execute(sa_text(
-                "SELECT 'a' < 'B', coalesce(j->>'datlocale', j->>'daticulocale', j->>'datcollate') "
-                "FROM (SELECT to_jsonb(d) AS j FROM pg_database d WHERE datname = current_database()) AS x"
-            )).one()
+        # The locale's name: datlocale (PostgreSQL 17), daticulocale (15, 16), datcollate.
+        found = _ask_any_node(cluster, shard, sa_text(
+            "SELECT 'a' < 'B', coalesce(j->>'datlocale', j->>'daticulocale', j->>'datcollate') "
+            "FROM (SELECT to_jsonb(d) AS j FROM pg_database d WHERE datname = current_database()) AS x"))
+        if found is None:
+            return  # no node of the shard answers: the read itself will say so
+        linguistic, name = found[0]
         collation = cluster.text_collations[shard] = "" if not linguistic else str(name)
     if collation:
         raise ScatterRefused(
