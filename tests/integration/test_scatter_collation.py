@@ -30,15 +30,17 @@ class Word(Base):
 
 @pytest.fixture(scope="module")
 def icu(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=0)
-    cfg = dev.config_dict()
+    dev = shardkit_cluster_factory(shards=2, replicas=1)
+    cfg = {**dev.config_dict(), "groups": {"w": {"tables": {"coll_words": "id"}}},
+           "replicas": {"consistency": "eventual", "max_lag_seconds": 60}}
     for shard in cfg["shards"]:
         node = dev.shard(shard["name"]).primary
         with node.connect() as c:
             c.execute("CREATE DATABASE coll_icu LOCALE_PROVIDER icu ICU_LOCALE 'und' "
                       "LOCALE 'C' TEMPLATE template0")
         shard["primary"] = shard["primary"].rsplit("/", 1)[0] + "/coll_icu"
-    cluster = shardkit.Cluster.from_config({**cfg, "groups": {"w": {"tables": {"coll_words": "id"}}}})
+        shard["replicas"] = [u.rsplit("/", 1)[0] + "/coll_icu" for u in shard["replicas"]]
+    cluster = shardkit.Cluster.from_config(cfg)
     for s in cluster.shard_names:
         Base.metadata.create_all(cluster.primary(s))
     Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
@@ -46,6 +48,10 @@ def icu(shardkit_cluster_factory):
         s.add_all(Word(id=i, name=n) for i, n in enumerate(NAMES))
         s.commit()
     assert {cluster.shard_for(Word, i) for i in range(len(NAMES))} == set(cluster.shard_names)
+    for s in dev.shards:
+        s.replicas[0].wait_caught_up()
+    cluster.dev = dev  # type: ignore[attr-defined]
+    cluster.cfg = cfg  # type: ignore[attr-defined]
     yield cluster, Session
     cluster.dispose()
 
@@ -89,3 +95,21 @@ def test_reads_that_compare_no_text_are_unaffected(icu):
         assert s.scalar(select(func.count()).select_from(Word)) == len(NAMES)
         counts = dict(s.execute(select(Word.name, func.count()).group_by(Word.name)).all())
     assert counts == {n: 1 for n in NAMES}
+
+
+def test_a_shard_whose_primary_is_down_is_asked_on_its_replica(icu):
+    """A process that has not asked yet, with s0's primary stopped: the replicas serve the
+    read, and the database's collation is learnt from s0's replica (refused, not failed)."""
+    cluster, _ = icu
+    fresh = shardkit.Cluster.from_config(cluster.cfg)
+    primary = cluster.dev.shard("s0").primary
+    primary.stop()
+    try:
+        Session = sessionmaker(class_=shardkit.ShardedSession, cluster=fresh)
+        with Session() as s:
+            assert sorted(s.scalars(select(Word.name))) == sorted(NAMES)
+            with pytest.raises(shardkit.ScatterRefused, match="collation"):
+                s.scalars(select(Word.name).order_by(Word.name)).all()
+    finally:
+        fresh.dispose()
+        primary.start()
