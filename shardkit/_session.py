@@ -269,7 +269,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
             )
         role = shardkit_role or PRIMARY
         if role == PRIMARY:
-            _fail_fast_if_primary_down(self.cluster, shard_id)
+            try:
+                _fail_fast_if_primary_down(self.cluster, shard_id)
+            except ShardUnavailable:
+                self._invalidate_held(shard_id)
+                raise
         elif shardkit_stream:
             return self.cluster.streaming_engine(shard_id, shardkit_replica)
         return self.cluster.engine(shard_id, role, shardkit_replica)
@@ -393,6 +397,18 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """This read runs on the primary, and so does the rest of the transaction's (see
         :meth:`_read_target`).  Returns None, :meth:`_read_target`'s "the primary"."""
         self._sk_replica[shard] = _ON_PRIMARY
+
+    def _invalidate_held(self, shard: str) -> None:
+        """The primary of ``shard`` is down: mark the transaction's connection to it (if
+        any) invalid, so that close() and rollback() let it go quietly (and release the
+        other shards' connections) and the transaction cannot commit without it."""
+        trans = self.get_transaction()
+        entry = getattr(trans, "_connections", {}).get(self.cluster.primary(shard)) if trans else None
+        if entry is not None and not entry[0].invalidated:
+            try:
+                entry[0].invalidate()
+            except Exception:  # noqa: BLE001 - it is gone already
+                pass
 
     def _forget_connection(self, shard: str, index: int | None) -> None:
         """Drop a failed connection (a replica's, or with ``index=None`` the primary's) from
@@ -1759,6 +1775,13 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                     failures[shard] = e2
                 continue
             failures[shard] = e
+    usage = next((e for e in failures.values() if isinstance(e, sa_exc.InvalidRequestError)), None)
+    if usage is not None:
+        # SQLAlchemy refused the statement itself (yield_per with a joined collection,
+        # ...), the same on every shard: its own error, not a shard failure.
+        for r in results.values():
+            r.close()
+        raise usage
     if failures and partial_ok:
         # A failed statement aborts its transaction on that shard's primary.
         # Commit would then end it with a silent rollback: never with writes
