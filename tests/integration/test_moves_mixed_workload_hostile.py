@@ -11,9 +11,11 @@ clean; scatter reads equal the ledger at quiescent points.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -24,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 import shardkit
 from shardkit import rebalance
-from shardkit._rebalance_plan import plan_add_shards, plan_drain, plan_from_maps, plan_move_value, plan_split_range
+from shardkit._rebalance_plan import plan_add_shards, plan_from_maps, plan_move_value, plan_split_range
 from shardkit.verify import verify
 from movers import WriterThreads, kill_mover_after, resume, rows_by_key
 
@@ -518,6 +520,37 @@ class FrozenReader:
         self.thread.join(30)
 
 
+@contextlib.contextmanager
+def _replicas_lagging(replicas: list[Any], seconds: float = 1.5) -> Iterator[None]:
+    """Every replica replays ``seconds`` behind its primary inside the block."""
+    for r in replicas:
+        r.set_apply_delay(seconds)
+    try:
+        yield
+    finally:
+        for r in replicas:
+            r.set_apply_delay(0)
+
+
+def _move_while_reading(cluster: shardkit.Cluster, plan: Any, read_all: Any, what: str) -> None:
+    """Apply ``plan`` in a thread, calling ``read_all`` until the move is done."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rebalance.Mover(cluster, grace=0.2, progress=lambda line: None).apply(plan)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            done.set()
+    threading.Thread(target=run, daemon=True).start()
+    while not done.is_set():
+        read_all(f"during the {what}")
+        time.sleep(0.02)
+    assert not errors, errors
+
+
 def _freeze_some(w: World) -> None:
     """Give 60 of the initial accounts the tag 'frozen...' (and a frozen note); writers then
     leave them alone (their scope/upsert ops use the tag t<k>... so they are excluded)."""
@@ -900,24 +933,8 @@ def test_replica_reads_never_miss_or_double_a_moved_write_with_lagging_replicas(
         reads[0] += 1
 
     replica_before = w.replica_reads
-    for r in replicas:
-        r.set_apply_delay(1.5)
-    try:
-        done = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                rebalance.Mover(cluster, grace=0.2, progress=lambda line: None).apply(plan)
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-            finally:
-                done.set()
-        threading.Thread(target=run, daemon=True).start()
-        while not done.is_set():
-            read_all("during the move")
-            time.sleep(0.02)
-        assert not errors, errors
+    with _replicas_lagging(replicas):
+        _move_while_reading(cluster, plan, read_all, "move")
         assert cluster.shard_for("mx_accounts", k) == target
         for _ in range(20):
             read_all("after the move")
@@ -932,9 +949,6 @@ def test_replica_reads_never_miss_or_double_a_moved_write_with_lagging_replicas(
                 problems.append("after own write post-switch: get stale")
         with w.lock:
             w.accounts[k] = v + 1
-    finally:
-        for r in replicas:
-            r.set_apply_delay(0)
     assert reads[0] > 20
     assert w.replica_reads > replica_before  # some of those reads were served by replicas
     assert not problems, problems[:10]
@@ -1119,30 +1133,11 @@ def test_replica_reads_of_a_split_range_never_miss_or_double_with_lagging_replic
         reads[0] += 1
 
     replica_before = w.replica_reads
-    for r in replicas:
-        r.set_apply_delay(1.5)
-    try:
-        done = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                rebalance.Mover(cluster, grace=0.2, progress=lambda line: None).apply(plan)
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-            finally:
-                done.set()
-        threading.Thread(target=run, daemon=True).start()
-        while not done.is_set():
-            read_all("during the split")
-            time.sleep(0.02)
-        assert not errors, errors
+    with _replicas_lagging(replicas):
+        _move_while_reading(cluster, plan, read_all, "split")
         assert cluster.shard_for("mx_tickets", at) == target
         for _ in range(20):
             read_all("after the split")
-    finally:
-        for r in replicas:
-            r.set_apply_delay(0)
     assert reads[0] > 20
     assert w.replica_reads > replica_before  # some of those reads were served by replicas
     assert not problems, problems[:10]
