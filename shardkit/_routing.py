@@ -161,8 +161,8 @@ class Router:
         self._rr = itertools.count()
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
-        # statement cache key -> why its rows would repeat across shards (or None)
-        self.scatter_checks: dict[Any, str | None] = {}
+        # (check, statement cache key) -> what a cross-shard read's check found (see _per_shape)
+        self.scatter_checks: dict[Any, Any] = {}
 
     # -- keys ----------------------------------------------------------------
 

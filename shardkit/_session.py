@@ -1518,8 +1518,7 @@ def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> 
     by side.  Which names are aggregates is asked of the database once per name."""
     if not isinstance(statement, selectable.Select):
         return
-    names = {n for c in (*statement._raw_columns, *statement._order_by_clauses,
-                         *statement._having_criteria) for n in function_names(c)}
+    names = _per_shape(cluster.router, statement, _function_names)
     kinds = cluster.function_kinds
     unknown = [n for n in names if n not in kinds]
     if unknown:
@@ -1555,7 +1554,7 @@ def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
     """The merge compares text by code point, which is PostgreSQL's order only under the
     C (or C.UTF-8, POSIX) collation: under any other, refuse instead of merging the shards'
     sorted streams out of order.  The database's default collation is asked once."""
-    use = text_comparison(statement)
+    use = _per_shape(cluster.router, statement, _text_comparison)
     if use is None:
         return
     collation = cluster.text_collations.get(shard)
@@ -1627,19 +1626,38 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
     return results[0].merge(*results[1:])
 
 
-def _reference_rows_problem(router: Any, statement: Any) -> str | None:
-    """:func:`reference_rows_problem`, kept per statement shape (it compiles ORM statements)."""
+def _per_shape(router: Any, statement: Any, check: Callable[[Any, Any], Any]) -> Any:
+    """``check(statement, router)``, kept per statement shape (SQLAlchemy's cache key): what
+    a cross-shard read's checks find depends on the statement's shape, not its values."""
     ck = statement._generate_cache_key() if hasattr(statement, "_generate_cache_key") else None
     if ck is None:
-        return reference_rows_problem(statement, router._placement)
+        return check(statement, router)
     cache = router.scatter_checks
-    problem = cache.get(ck.key, False)
-    if problem is False:
-        problem = reference_rows_problem(statement, router._placement)
+    key = (check, ck.key)
+    found = cache.get(key, _UNCHECKED)
+    if found is _UNCHECKED:
+        found = check(statement, router)
         if len(cache) > 5000:
             cache.clear()
-        cache[ck.key] = problem
-    return problem
+        cache[key] = found
+    return found
+
+
+_UNCHECKED = object()
+
+
+def _reference_rows(statement: Any, router: Any) -> str | None:
+    # (It compiles ORM statements.)
+    return reference_rows_problem(statement, router._placement)
+
+
+def _function_names(statement: Any, router: Any) -> frozenset[str]:
+    return frozenset(n for c in (*statement._raw_columns, *statement._order_by_clauses,
+                                 *statement._having_criteria) for n in function_names(c))
+
+
+def _text_comparison(statement: Any, router: Any) -> str | None:
+    return text_comparison(statement)
 
 
 def _scatter_read(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
@@ -1660,7 +1678,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             "merge cannot keep SQLAlchemy's order of the collection's rows; use selectinload "
             "(or a lazy load) for this relationship", construct="subqueryload from reference rows",
             statement=statement)
-    problem = _reference_rows_problem(session.cluster.router, statement)
+    problem = _per_shape(session.cluster.router, statement, _reference_rows)
     if problem:
         raise ScatterRefused(
             f"this query runs on shards {', '.join(route.shards)} and {problem}; select from "
