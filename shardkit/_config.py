@@ -7,9 +7,13 @@ format is documented in the README ("Configuration reference").
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import math
 import os
 import re
+import uuid
+from decimal import Decimal
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -48,8 +52,8 @@ _SHARD_KEYS = {"name", "primary", "replicas", "buckets", "pool", "primary_pool"}
 _GROUP_KEYS = {"strategy", "tables", "ranges", "values", "default", "function"}
 _STRATEGIES = ("hash", "range", "list", "custom")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,62}")
-# $$, ${VAR}, ${VAR:-default}, or (last) any other "${", which is a mistake.
-_ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\{")
+# The name in a ${NAME} or ${NAME:-default} reference.
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # libpq parameters that are secrets, when a URL carries them in its query string.
@@ -164,6 +168,11 @@ def _number(raw: Any, path: str, *, minimum: float, integer: bool = False) -> An
         raise ConfigurationError(path, f"{raw!r} must be {kind}")
     if raw != raw:
         raise ConfigurationError(path, "nan is not a number", f"give a number >= {minimum}")
+    if math.isinf(raw):
+        # SQLAlchemy's pool and the replica monitor compute with it (int(inf * 1000)
+        # raises OverflowError, a queue timeout of inf too).
+        raise ConfigurationError(path, f"{raw!r} is not a finite number",
+                                 f"give a finite number >= {minimum} (a large one, if you mean 'no limit')")
     if raw < minimum:
         raise ConfigurationError(path, f"{raw!r} must be >= {minimum}")
     return raw
@@ -227,37 +236,81 @@ class ClusterConfig:
                 return s
         raise KeyError(name)
 
+    def __repr__(self) -> str:
+        # Not the dataclass repr: SQLAlchemy's URL repr hides a password in the user
+        # info but not one in the query string (?password=...), so mask it as shards do.
+        catalog = None if self.catalog_url is None else mask_url(self.catalog_url)
+        return (
+            f"ClusterConfig(name={self.name!r}, bucket_count={self.bucket_count}, "
+            f"shards={list(self.shards)!r}, groups={[g.name for g in self.groups]!r}, "
+            f"reference_tables={sorted(self.reference_tables)!r}, catalog_url={catalog!r})"
+        )
+
 
 def _interpolate(value: Any, path: str, env: Mapping[str, str]) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``.
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string value; ``$$`` is a literal ``$``.
 
     As in a shell or Docker Compose, ``${VAR:-default}`` gives the default when
-    ``VAR`` is unset or empty, and ``${VAR}`` gives an empty ``VAR`` as is."""
+    ``VAR`` is unset or empty, ``${VAR}`` gives an empty ``VAR`` as is, and a default
+    may itself hold references (``${PW:-${OTHER}}``), expanded only when used.  A
+    substituted value is not expanded again.  Table keys (names) are not substituted."""
     if isinstance(value, str):
-        def sub(m: re.Match[str]) -> str:
-            if m.group(0) == "$$":
-                return "$"
-            if m.group(0) == "${":
-                # Not quoted: the string may be a password.
-                raise ConfigurationError(
-                    path, "has a '${' that is not a ${NAME} or ${NAME:-default} reference",
-                    "close the reference with '}', or write '$${' for a literal '${'")
-            var, default = m.group(1), m.group(2)
-            if default is not None and not env.get(var):
-                return default
-            if var in env:
-                return env[var]
-            raise ConfigurationError(
-                path,
-                f"environment variable {var} is not set",
-                f"export {var}=... or write ${{{var}:-default}}",
-            )
-        return _ENV_RE.sub(sub, value)
+        return _expand(value, 0, path, env, nested=False, use=True)[0]
     if isinstance(value, Mapping):
         return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
     if isinstance(value, list):
         return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
     return value
+
+
+def _bad_reference(path: str) -> ConfigurationError:
+    # The text is not quoted: the string may be a password.
+    return ConfigurationError(
+        path, "has a '${' that is not a ${NAME} or ${NAME:-default} reference",
+        "close the reference with '}', or write '$${' for a literal '${'")
+
+
+def _expand(text: str, i: int, path: str, env: Mapping[str, str], *, nested: bool,
+            use: bool) -> tuple[str, int]:
+    """Expand ``text`` from ``i`` to its end, or (``nested``: a default) to the ``}`` that
+    closes it; returns the expansion and the index after it.  ``use``: the result is
+    used (a default that is not is parsed, but an unset variable in it is no error)."""
+    out: list[str] = []
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "$" and text.startswith("$$", i):
+            out.append("$")
+            i += 2
+            continue
+        if c == "$" and text.startswith("${", i):
+            m = _ENV_NAME_RE.match(text, i + 2)
+            if m is None:
+                raise _bad_reference(path)
+            var, j = m.group(0), m.end()
+            if text.startswith("}", j):
+                i = j + 1
+                if use and var not in env:
+                    raise ConfigurationError(
+                        path,
+                        f"environment variable {var} is not set",
+                        f"export {var}=... or write ${{{var}:-default}}",
+                    )
+                out.append(env.get(var, ""))
+            elif text.startswith(":-", j):
+                empty = not env.get(var)
+                default, i = _expand(text, j + 2, path, env, nested=True, use=use and empty)
+                out.append(default if empty else env[var])
+            else:
+                raise _bad_reference(path)
+            continue
+        if nested and c == "}":
+            return "".join(out), i + 1
+        out.append(c)
+        i += 1
+    if nested:
+        raise _bad_reference(path)
+    return "".join(out), i
 
 
 def _check_keys(obj: Mapping[str, Any], allowed: set[str], path: str) -> None:
@@ -396,6 +449,9 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
     arity = None
     for tname, cols in tables_raw.items():
         tp = f"{path}.tables.{tname}"
+        if not isinstance(tname, str) or not tname.strip():
+            raise ConfigurationError(f"{path}.tables", f"has a table with no name ({tname!r})",
+                                     'name each table, e.g. tables = { users = "id" }')
         if isinstance(cols, str):
             cols = [cols]
         if (not isinstance(cols, list) or not cols
@@ -414,6 +470,10 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
     known = set(shard_names)
 
     def check_shard(value: Any, p: str) -> str:
+        if not isinstance(value, str):
+            raise ConfigurationError(p, f"{value!r} is not a shard name",
+                                     'name one shard, e.g. shard = "s0" (known shards: '
+                                     + ", ".join(shard_names) + ")")
         if value not in known:
             raise ConfigurationError(p, f"unknown shard {value!r}",
                                      "known shards: " + ", ".join(shard_names))
@@ -442,7 +502,8 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
             if not isinstance(r, Mapping):
                 raise ConfigurationError(rp, "must be a table with from/to/shard")
             _check_keys(r, {"from", "to", "shard"}, rp)
-            lo, hi = r.get("from"), r.get("to")
+            lo = _range_bound(r.get("from"), f"{rp}.from", arity)
+            hi = _range_bound(r.get("to"), f"{rp}.to", arity)
             shard = check_shard(r.get("shard"), f"{rp}.shard")
             if lo is not None and hi is not None:
                 try:
@@ -451,6 +512,7 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
                 except TypeError:
                     raise ConfigurationError(rp, f"from {lo!r} and to {hi!r} are not comparable") from None
             ranges.append(KeyRange(lo, hi, shard))
+        _check_bound_kinds(ranges, f"{path}.ranges")
         try:
             ordered = sorted(enumerate(ranges), key=lambda t: (t[1].lower is not None, t[1].lower))
         except TypeError:
@@ -458,7 +520,13 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
             raise ConfigurationError(f"{path}.ranges", f"bounds mix types ({', '.join(kinds)}) that "
                                      "cannot be compared", "make every from/to the key column's type") from None
         for (ia, a), (ib, b) in zip(ordered, ordered[1:]):
-            if a.upper is None or b.lower is None or a.upper > b.lower:
+            try:
+                overlap = a.upper is None or b.lower is None or a.upper > b.lower
+            except TypeError:  # _check_bound_kinds lets none through; never a bare TypeError
+                raise ConfigurationError(
+                    f"{path}.ranges[{ib}]", f"its bounds cannot be compared with ranges[{ia}]'s ({a} and {b})",
+                    "make every from/to the key column's type") from None
+            if overlap:
                 raise ConfigurationError(
                     f"{path}.ranges[{ib}]", f"overlaps ranges[{ia}] ({a} and {b})",
                     "ranges are half-open [from, to): make each start at or after the previous `to`",
@@ -478,8 +546,7 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
             if not isinstance(vals, list):
                 raise ConfigurationError(vp, "must be a list of key values")
             for v in vals:
-                if isinstance(v, (list, dict)):
-                    raise ConfigurationError(vp, f"value {v!r} is not a scalar")
+                v = _list_value(v, vp, arity)
                 if v in mapping:
                     raise ConfigurationError(
                         vp, f"value {v!r} is already mapped to shard {mapping[v]!r}",
@@ -496,6 +563,91 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
     return GroupConfig(name=name, strategy=strategy, tables=tables)
 
 
+def _bound_kind(v: Any) -> str | None:
+    """What a range bound (or one part of a composite one) is, for telling bounds that
+    cannot be compared apart; ``None``: it cannot be a bound."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, Decimal)) or (isinstance(v, float) and v == v):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, datetime.datetime):
+        return "local date-time" if v.utcoffset() is None else "date-time with an offset"
+    if isinstance(v, datetime.date):
+        return "date"
+    if isinstance(v, datetime.time):
+        return "local time" if v.utcoffset() is None else "time with an offset"
+    if isinstance(v, (bytes, uuid.UUID)):
+        return type(v).__name__
+    return None
+
+
+def _range_bound(raw: Any, p: str, arity: int) -> Any:
+    """A range bound as the router compares keys: a scalar, or for a composite key a tuple
+    (TOML has only arrays, which Python does not compare with tuples)."""
+    if raw is None:
+        return None
+    if arity > 1:
+        if not isinstance(raw, (list, tuple)) or len(raw) != arity:
+            raise ConfigurationError(p, f"{raw!r} is not a list of {arity} values",
+                                     f"the group's key has {arity} columns: give each bound as one value "
+                                     "per column, e.g. [5, 0]")
+        parts = tuple(raw)
+    else:
+        parts = (raw,)
+    for v in parts:
+        if _bound_kind(v) is None:
+            raise ConfigurationError(p, f"{v!r} ({type(v).__name__}) cannot be a range bound",
+                                     "use integers, strings, dates or date-times, of the key column's type")
+    return parts if arity > 1 else raw
+
+
+def _check_bound_kinds(ranges: list[KeyRange], path: str) -> None:
+    """Every bound (every part of one) of a range group is of one kind: ranges compare them."""
+    first: dict[int, tuple[str, str]] = {}   # key part -> (kind, where)
+    for i, r in enumerate(ranges):
+        for end, v in (("from", r.lower), ("to", r.upper)):
+            if v is None:
+                continue
+            for part, x in enumerate(v if isinstance(v, tuple) else (v,)):
+                kind = _bound_kind(x)
+                where = f"ranges[{i}].{end}"
+                seen = first.setdefault(part, (kind or "", where))
+                if seen[0] != kind:
+                    raise ConfigurationError(
+                        f"{path}[{i}].{end}",
+                        f"is a {kind} ({x!r}) but {seen[1]} is a {seen[0]}: they cannot be compared",
+                        "give every from/to the key column's type (TOML: dates and date-times, "
+                        "local and with an offset, are different types)")
+
+
+def _list_value(v: Any, vp: str, arity: int) -> Any:
+    """A list group's value as keys are looked up: hashable; a tuple for a composite key."""
+    if arity > 1:
+        if not isinstance(v, (list, tuple)) or len(v) != arity:
+            raise ConfigurationError(vp, f"value {v!r} is not a list of {arity} values",
+                                     f"the group's key has {arity} columns: give each value as e.g. "
+                                     '["eu", 1]')
+        parts = tuple(v)
+    else:
+        if isinstance(v, (list, tuple, dict)):
+            raise ConfigurationError(vp, f"value {v!r} is not a scalar")
+        parts = (v,)
+    for x in parts:
+        if x is None:
+            raise ConfigurationError(vp, "None is not a value: a NULL key has no shard",
+                                     "list the key values rows hold")
+        try:
+            hash(x)
+        except TypeError:
+            raise ConfigurationError(vp, f"value {x!r} ({type(x).__name__}) cannot be looked up "
+                                     "(it is not hashable)", "give strings, integers or other scalars") from None
+        if isinstance(x, (list, tuple, dict)):
+            raise ConfigurationError(vp, f"value {v!r} is not a scalar")
+    return parts if arity > 1 else v
+
+
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
                 env: Mapping[str, str] | None = None) -> ClusterConfig:
     """Read and validate a cluster description from a TOML file path or a dict."""
@@ -505,7 +657,8 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     else:
         p = Path(source)
         try:
-            text = p.read_text(encoding="utf-8")
+            # utf-8-sig: editors on Windows start a UTF-8 file with a byte order mark.
+            text = p.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise ConfigurationError(str(p), "config file not found",
                                      "pass --config PATH or create shardkit.toml") from None
@@ -546,7 +699,8 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         sname = s.get("name")
         if not isinstance(sname, str) or not _NAME_RE.fullmatch(sname):
             raise ConfigurationError(f"{sp}.name", f"{sname!r} is not a valid shard name",
-                                     "use letters, digits, _ and -, starting with a letter")
+                                     "use letters, digits, _ and -, starting with a letter or _, "
+                                     "at most 63 characters")
         if sname in seen:
             raise ConfigurationError(f"{sp}.name", f"duplicate shard name {sname!r} (also shards[{seen[sname]}])",
                                      "every shard needs a unique name")
@@ -584,6 +738,13 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     shard_names = [s.name for s in shards]
     with_buckets = [s for s in shards if s.buckets is not None]
     if not with_buckets:
+        if bucket_count < len(shards):
+            # The even split would leave shards with no bucket: they would never get a row.
+            raise ConfigurationError(
+                "bucket_count", f"{bucket_count} buckets cannot be split over {len(shards)} shards "
+                "(some would own none)",
+                f"set bucket_count >= {len(shards)} (it is fixed for the life of the cluster; 1024 is a "
+                "good default), or list each shard's buckets (an empty list for a shard that owns none)")
         bucket_map = _even_bucket_map(shard_names, bucket_count)
     else:
         if len(with_buckets) != len(shards):
@@ -633,6 +794,9 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     if not isinstance(refs_raw, list) or not all(isinstance(t, str) for t in refs_raw):
         raise ConfigurationError("reference_tables", "must be a list of table names")
     for i, t in enumerate(refs_raw):
+        if not t.strip():
+            raise ConfigurationError(f"reference_tables[{i}]", "is an empty table name",
+                                     'name the table, e.g. reference_tables = ["countries"]')
         if t in table_owner:
             raise ConfigurationError(f"reference_tables[{i}]",
                                      f"table {t!r} is sharded in group {table_owner[t]!r}",
