@@ -225,6 +225,10 @@ class ListStrategy(Strategy):
         )
 
     def shard_for_key(self, key: Any) -> str:
+        if key is None:
+            # Not the default's: a NULL key has no owner (as for hash and range groups;
+            # verify reports such a row as one with a NULL shard key).
+            raise ShardKeyError("list shard key is NULL; every row needs a key", key=key)
         try:
             return self.mapping[key]
         except KeyError:
@@ -269,7 +273,11 @@ class CustomStrategy(Strategy):
 
     def shard_for_key(self, key: Any) -> str:
         shard = self.fn(key)
-        if shard not in self._shards:
+        try:
+            known = isinstance(shard, str) and shard in self._shards
+        except TypeError:  # a str subclass with an odd __hash__
+            known = False
+        if not known:
             raise NoShardForKey(
                 f"custom strategy {self.name} returned {shard!r} for key {key!r}, which is "
                 f"not a configured shard (shards: {sorted(self._shards)})",
