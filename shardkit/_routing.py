@@ -212,12 +212,28 @@ class Router:
         """Learn the column types of configured tables (from your models' MetaData), so
         a key given by table name is brought to its column's type as one given with the
         Table or model is (a uuid's string form, for one)."""
+        # A table is matched by its configured name: ``archive.users`` is not the
+        # configured ``users`` when the MetaData also holds ``users`` itself.  A table of
+        # another schema stands for a configured unqualified name only when no table is
+        # named exactly so, and when all such tables agree on the key's types.
+        exact: dict[str, Any] = {}
+        by_short: dict[str, list[Any]] = {}
         for t in tables:
-            if _table_name(t) in self.tables or t.name in self.tables:
-                tr = self.table_route(t)
-                coercers = self._key_coercers(tr, t)
-                if coercers is not None:
-                    self._coercers[tr.table] = coercers
+            full = _table_name(t)
+            if full in self.tables:
+                exact[full] = t
+            elif getattr(t, "name", None) in self.tables:
+                by_short.setdefault(t.name, []).append(t)
+        for name, t in exact.items():
+            coercers = self._key_coercers(self.tables[name], t)
+            if coercers is not None:
+                self._coercers[name] = coercers
+        for name, ts in by_short.items():
+            if name in exact:
+                continue
+            found = {self._key_coercers(self.tables[name], t) for t in ts} - {None}
+            if len(found) == 1:
+                self._coercers[name] = found.pop()
 
     def _key_coercers(self, tr: TableRoute, table: Any) -> tuple[Any, ...] | None:
         """Per key column of ``tr``, the function that brings a value to the column's
@@ -1000,6 +1016,28 @@ def _to_int(v: Any) -> Any:
     return v
 
 
+def _enum_coercer(type_: Any) -> Any:
+    """For an ``Enum`` column: a member (or its stored string) -> the string stored, as
+    SQLAlchemy writes it (a Python enum by its name, or by ``values_callable``'s value)."""
+    to_db = getattr(type_, "_db_value_for_elem", None)
+    if to_db is None:  # pragma: no cover - SQLAlchemy's private API changed
+        return None
+
+    def coerce(v: Any) -> Any:
+        try:
+            out = to_db(v)
+        except (LookupError, TypeError):
+            raise ShardKeyError(
+                f"enum shard key got {v!r} ({type(v).__name__}), which is not one of the column's "
+                f"values {list(type_.enums)}", key=v) from None
+        if not isinstance(out, str):
+            raise ShardKeyError(f"enum shard key got {v!r}, which is not one of the column's values "
+                                f"{list(type_.enums)}", key=v)
+        return out
+
+    return coerce
+
+
 def coercer_for(type_: Any) -> Any:
     """A function that brings a key value to the canonical Python type of its column.
 
@@ -1008,6 +1046,8 @@ def coercer_for(type_: Any) -> Any:
     """
     if isinstance(type_, sqltypes.Uuid):
         return _to_uuid
+    if isinstance(type_, sqltypes.Enum):
+        return _enum_coercer(type_)
     if isinstance(type_, sqltypes.Integer):
         return _to_int
     if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):
