@@ -36,14 +36,16 @@ DEFAULT_DEV_DIR = ".shardkit-dev"
 # Only ASCII digits: str.isdigit() also accepts '²' (which int() refuses) and
 # other scripts' digits (which int() reads, so '١٢' would route as 12).
 _ASCII_INT = re.compile(r"-?[0-9]+")
+# --type int: what PostgreSQL reads as an integer in ASCII (a sign, blanks around it).
+_TYPED_INT = re.compile(r"[ \t]*[+-]?[0-9]+[ \t]*")
 
 
 def _parse_key(raw: str, kind: str) -> Any:
     if kind == "int" or (kind == "auto" and _ASCII_INT.fullmatch(raw)):
-        try:
-            return int(raw)
-        except ValueError:
-            raise UsageError(f"key {raw!r} is not an integer") from None
+        # --type int too: int() reads '١٢' and '４２', which PostgreSQL refuses as an integer.
+        if not _TYPED_INT.fullmatch(raw):
+            raise UsageError(f"key {raw!r} is not an integer (ASCII digits 0-9, optionally signed)")
+        return int(raw)
     if kind == "uuid" or kind == "auto":
         try:
             return uuid.UUID(raw)
