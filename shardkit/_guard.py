@@ -28,7 +28,10 @@ table and per table of a movable range or list group.  The trigger
    switching, and nothing else;
 3. raises SQLSTATE ``SK001`` if this shard does not own the bucket, so a
    process holding a stale map can never write to the wrong shard;
-4. records the primary key in ``shardkit.changes`` if the bucket is moving.
+4. records the primary key in ``shardkit.changes`` if the bucket is moving,
+   under the configured table's name (a partitioned table's trigger runs on its
+   partitions; guards installed before this logged the partition's name, which
+   the mover still reads as the table's).
 
 The mover's own sessions set ``shardkit.mover = on`` to write rows of buckets
 the shard does not own yet (the copy) or any more (the clean-up).  The setting
@@ -150,10 +153,14 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
     unit = "bucket" if g.kind == "hash" else "slice"
     pk_new = "jsonb_build_object(" + ", ".join(f"{_literal(c)}, NEW.{_ident(c)}" for c in pk) + ")"
     pk_old = "jsonb_build_object(" + ", ".join(f"{_literal(c)}, OLD.{_ident(c)}" for c in pk) + ")"
+    # The configured table's name, not TG_TABLE_NAME: on a partitioned table the trigger
+    # runs on the partitions, and the mover looks changes up by the configured name.
+    name = _literal(table)
+
     def refuse(v: str) -> str:
         return (f"RAISE EXCEPTION 'shardkit: {unit} % of table % is not owned by this shard', {v}, "
-                f"TG_TABLE_NAME USING ERRCODE = '{NOT_OWNED_SQLSTATE}', DETAIL = {v}::text, "
-                "TABLE = TG_TABLE_NAME, HINT = 'the shard map has changed: refresh it and retry "
+                f"{name} USING ERRCODE = '{NOT_OWNED_SQLSTATE}', DETAIL = {v}::text, "
+                f"TABLE = {name}, HINT = 'the shard map has changed: refresh it and retry "
                 "on the owner';")
 
     body = f"""
@@ -188,7 +195,7 @@ BEGIN
     -- Record the keys written in moving buckets: the new row's, and the old row's
     -- when it leaves (deleted, another key, another bucket).
     IF b IS NOT NULL AND EXISTS (SELECT 1 FROM shardkit.moving_buckets mb WHERE mb.bucket = b) THEN
-        INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (b, TG_TABLE_NAME, {pk_new});
+        INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (b, {name}, {pk_new});
     END IF;
     IF TG_OP = 'DELETE' THEN
         ob := {old_b};
@@ -198,7 +205,7 @@ BEGIN
         ob := {old_b};
     END IF;
     IF ob IS NOT NULL AND EXISTS (SELECT 1 FROM shardkit.moving_buckets mb WHERE mb.bucket = ob) THEN
-        INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (ob, TG_TABLE_NAME, {pk_old});
+        INSERT INTO shardkit.changes (bucket, tbl, pk) VALUES (ob, {name}, {pk_old});
     END IF;
     IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
     RETURN NEW;
