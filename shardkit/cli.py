@@ -4,6 +4,9 @@ One function per verb (as in Alembic's ``command`` module).  This is the only
 place that catches :class:`~shardkit.errors.ShardkitError` (argument mistakes
 included, as :class:`UsageError`) and the driver errors of a server a command
 could not use: it prints one line (never a password) and exits with status 2.
+(``migrate upgrade|downgrade`` exit 1 when a migration fails, ``status``, ``verify`` and
+``migrate check`` 1 when they find a problem; argparse's usage errors exit 2 with its
+usage text.)
 """
 
 from __future__ import annotations
@@ -327,6 +330,11 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                     print(f"  batch {b['batch']:>3}: {b['source']} -> {b['target']} "
                           f"{b['buckets']:>4} buckets  {b['step']}")
             return 0
+        if verb == "abort":
+            result = rebalance.abort(cluster, args.move)
+            print(f"move {args.move} aborted: batches undone {result['undone_batches']}, "
+                  f"already finished {result['finished_batches']}")
+            return 0
         mover = rebalance.Mover(cluster, grace=args.grace, step_delay=args.step_delay, duty=args.duty,
                                 progress=lambda line: print(line, flush=True))
         if verb == "apply":
@@ -339,14 +347,9 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
             print(f"move {move_id}: {len(plan.moves)} {units} in "
                   f"{len(plan.batches(args.batch_buckets))} batches", flush=True)
             mover.run(move_id)
-        elif verb == "resume":
+        else:  # resume: the batches were cut when the move started
             move_id = args.move
             mover.run(move_id)
-        else:  # abort
-            result = rebalance.abort(cluster, args.move)
-            print(f"move {args.move} aborted: batches undone {result['undone_batches']}, "
-                  f"already finished {result['finished_batches']}")
-            return 0
         print(f"move {move_id}: done; longest write pause {mover.longest_pause * 1000:.0f} ms")
         return 0
     finally:
@@ -406,9 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in ("apply", "resume", "abort", "status", "init", "plan"):
         rp_ = rsub.choices[verb]
         rp_.add_argument("--config", "-c", default="shardkit.toml")
-        if verb in ("apply", "resume", "abort"):
+        if verb == "apply":
             rp_.add_argument("--batch-buckets", type=int, default=256,
                              help="buckets per batch (default: %(default)s)")
+        if verb in ("apply", "resume"):   # abort moves nothing; resume keeps the move's batches
             rp_.add_argument("--grace", type=float, default=1.0,
                              help="seconds between a switch and deleting the source's rows (default: %(default)s)")
             rp_.add_argument("--duty", type=float, default=1.0,
@@ -432,10 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, helptext in (("current", "each shard's revision"),
                            ("check", "report drift: different revisions or schemas")):
         msub.add_parser(verb, help=helptext)
-    for mp in msub.choices.values():
+    for verb, mp in msub.choices.items():
         mp.add_argument("--config", "-c", default="shardkit.toml")
-        mp.add_argument("--alembic-ini", default=None,
-                        help="Alembic config (default: migrations/alembic.ini)")
+        if verb != "current":   # current reads each shard's alembic_version, not the scripts
+            mp.add_argument("--alembic-ini", default=None,
+                            help="Alembic config (default: ./migrations/alembic.ini)")
         mp.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_migrate)
 
