@@ -247,15 +247,22 @@ class ShardResult:
 
 
 def default_alembic_ini() -> Path:
-    """``migrations/alembic.ini`` next to the current directory, else beside the package."""
-    here = Path.cwd() / "migrations" / "alembic.ini"
-    if here.exists():
-        return here
-    return Path(__file__).resolve().parent.parent / "migrations" / "alembic.ini"
+    """``migrations/alembic.ini`` in the current directory.
+
+    There is no fallback: shardkit's own ``migrations/`` holds no revisions, so running
+    it instead of a project's would report every shard migrated having done nothing."""
+    return Path.cwd() / "migrations" / "alembic.ini"
 
 
 def _existing_ini(alembic_ini: str | os.PathLike[str] | None) -> Path:
-    ini = Path(alembic_ini) if alembic_ini else default_alembic_ini()
+    if not alembic_ini:
+        ini = default_alembic_ini()
+        if not ini.exists():
+            raise ConfigurationError(
+                "--alembic-ini", f"no migrations/alembic.ini in the current directory ({Path.cwd()})",
+                "run from your project's directory, or pass --alembic-ini PATH")
+        return ini
+    ini = Path(alembic_ini)
     if not ini.exists():
         raise ConfigurationError("--alembic-ini", f"{ini} does not exist",
                                  "point it at the migrations/alembic.ini of your project")
