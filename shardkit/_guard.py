@@ -251,8 +251,10 @@ def guarded_tables(config: Any) -> list[Guarded]:
                 if len(cols) != 1:
                     raise ConfigurationError(
                         f"groups.{g.name}.tables.{table}",
-                        "composite hash keys cannot be guarded or moved yet",
-                        "use a single-column key for hash groups that are rebalanced")
+                        "composite hash keys cannot be guarded or moved yet, and the guard covers "
+                        "every hash group, so no bucket of this cluster can move online",
+                        "give every hash group a single-column key in a cluster that is rebalanced, "
+                        "or route it by the config file (no [catalog])")
                 out.append(Guarded(table, cols[0], g.name, "hash"))
         elif guard_covers(g, ()):
             out.extend(Guarded(table, cols[0], g.name, g.strategy.kind, movable_kind(g)[0] or "")

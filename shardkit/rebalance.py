@@ -159,6 +159,9 @@ def init(cluster: Cluster) -> int:
     """Create the catalog, store the config's map as version 1 (if there is none yet) and
     install the ownership guard on every shard.  Idempotent.  Returns the live map version."""
     catalog = _need_catalog(cluster)
+    # Refuse what the guard cannot cover (a composite hash key) before writing anything:
+    # a map published without a guard behind it is a half-done init.
+    guarded_tables(cluster.file_config)
     catalog.ensure_schema()
     with catalog.engine.begin() as conn:
         running = conn.execute(text(
