@@ -376,7 +376,7 @@ def primary_down(env):
         cmds = {
             "status_json": ["status", "--config", str(env.cfg), "--json"],
             "status_text": ["-v", "status", "--config", str(env.cfg)],
-            "current": ["migrate", "current", "--config", str(env.cfg), "--alembic-ini", str(env.ini)],
+            "current": ["migrate", "current", "--config", str(env.cfg)],
             "check": ["migrate", "check", "--config", str(env.cfg), "--alembic-ini", str(env.ini)],
             "upgrade": ["migrate", "upgrade", "head", "--config", str(env.cfg),
                         "--alembic-ini", str(env.ini)],

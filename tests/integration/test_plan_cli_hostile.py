@@ -529,10 +529,10 @@ def test_two_applies_at_once_the_second_is_refused_clearly(world):
         assert mine, "the first apply never started"
         move_id = mine[0]["move"]
         bad = {}
-        for argv, needles in ((["apply", "--add", "s2"], [f"move {move_id}"]),
-                              (["resume", str(move_id)], [str(move_id), "another mover"]),
+        for argv, needles in ((["apply", "--add", "s2", "--grace", "0"], [f"move {move_id}"]),
+                              (["resume", str(move_id), "--grace", "0"], [str(move_id), "another mover"]),
                               (["abort", str(move_id)], [str(move_id), "mover"])):
-            p = problems(run("rebalance", *argv, "--grace", "0", config=world.good), *needles)
+            p = problems(run("rebalance", *argv, config=world.good), *needles)
             if p:
                 bad[" ".join(argv)] = p
         out, err = first.communicate(timeout=60)
