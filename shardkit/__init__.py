@@ -17,6 +17,7 @@ from ._sql import install as install_sql
 from ._sql import uninstall as uninstall_sql
 from ._strategies import CustomStrategy, HashStrategy, ListStrategy, RangeStrategy, Strategy
 from .errors import (
+    CommitError,
     ConfigurationError,
     CrossShardWriteError,
     DevClusterError,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cluster",
     "ClusterConfig",
+    "CommitError",
     "ConfigurationError",
     "CrossShardWriteError",
     "CustomStrategy",

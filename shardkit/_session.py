@@ -46,6 +46,9 @@ from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from concurrent.futures import wait
+from itertools import count as _counter
+
+from psycopg.pq import TransactionStatus
 
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
@@ -70,6 +73,7 @@ from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import (
+    CommitError,
     CrossShardWriteError,
     NotOwned,
     RoutingError,
@@ -77,6 +81,7 @@ from .errors import (
     ScatterRefused,
     ShardKeyError,
     ShardUnavailable,
+    ShardkitError,
 )
 
 __all__ = ["ShardedSession", "run_transaction"]
@@ -330,6 +335,16 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
         if shard in self._sk_written:
             return None
+        if self.twophase:
+            # Every connection of a two-phase session's transaction is prepared at
+            # commit; a replica can neither hold a two-phase transaction (its engine is
+            # in autocommit) nor PREPARE one (it is in recovery).
+            if role == REPLICA:
+                raise RoutingError(
+                    f"shard {shard}: a twophase=True session reads from the primaries; "
+                    "a read forced to a replica cannot join its two-phase transaction "
+                    "(read replicas from a session without twophase)")
+            return self._on_primary(shard)
         pinned = self._sk_replica.get(shard)
         if (role == PRIMARY or getattr(statement, "_for_update_arg", None) is not None
                 or (role is None and self.in_nested_transaction())):
@@ -626,6 +641,25 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 self.bulk_insert_mappings(mapper, rows)
             else:
                 _orm_bulk_update(self, mapper, rows)
+
+    def commit(self) -> None:
+        """Commit every shard's transaction, one after another (see :class:`CommitError`).
+
+        A commit that fails on one shard after another shard committed raises
+        :class:`~shardkit.CommitError` naming the shards that committed, the one that
+        failed and the ones rolled back; the session keeps read-your-writes for the
+        shards that committed.  A commit that fails before any shard committed raises
+        the original error, as a plain Session does."""
+        start = next(_COMMIT_SEQ)
+        try:
+            Session.commit(self)
+        except CommitError:
+            raise
+        except Exception as e:
+            error = _partial_commit(self, start, e)
+            if error is None:
+                raise
+            raise error from e
 
     def connection_for_shard(self, shard: str) -> Any:
         """The session's connection to ``shard``'s primary (joining the session's transaction).
@@ -1752,7 +1786,10 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         return Session.execute(session, stmt, shard_params, execution_options=eo, bind_arguments=ba)
 
     pool = cluster.scatter_executor()
-    futures = {pool.submit(run, t): t for t in tasks}
+    # Each shard's execution runs with a copy of the caller's context: do_orm_execute
+    # hooks that read request state from contextvars (with_loader_criteria for
+    # tenants, soft deletes) filter every shard's rows as they filter a one-shard read.
+    futures = {pool.submit(contextvars.copy_context().run, run, t): t for t in tasks}
     done, not_done = wait(futures, timeout=timeout)
     # Past the deadline: a query still queued (every scatter thread busy) never starts;
     # one running is cancelled on its server, again until it stops (a cancel that
@@ -2089,6 +2126,7 @@ def _hold_commit_connections(session: Session) -> None:
     assert isinstance(session, ShardedSession)
     if session.in_nested_transaction():
         return  # releasing a savepoint commits nothing
+    _refuse_aborted(session)
     session._sk_commit_conns = {}
     if not session.cluster.has_replicas:
         return
@@ -2105,8 +2143,9 @@ def _hold_commit_connections(session: Session) -> None:
             session._sk_commit_conns[shard] = Session.connection(session, bind_arguments={"shard_id": shard})
 
 
-def _record_tokens(session: Session) -> None:
-    """After a commit, remember each written shard's WAL position (read-your-writes)."""
+def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
+    """After a commit, remember each written shard's WAL position (read-your-writes);
+    ``only``: the shards that committed, when the commit failed on another."""
     assert isinstance(session, ShardedSession)
     if session.in_nested_transaction():
         # A savepoint was released: its writes are still part of the open
@@ -2114,6 +2153,8 @@ def _record_tokens(session: Session) -> None:
         return
     conns, session._sk_commit_conns = session._sk_commit_conns, {}
     session._sk_written = set()
+    if only is not None:
+        conns = {shard: conn for shard, conn in conns.items() if shard in only}
     for shard, conn in conns.items():
         try:
             # The session's own connection, committed and not yet returned to the
@@ -2129,6 +2170,117 @@ def _record_tokens(session: Session) -> None:
         lsn = replay_target(parse_lsn(text))
         if lsn > session._sk_tokens.get(shard, 0):
             session._sk_tokens[shard] = lsn
+
+
+# Commits of primaries' connections, numbered as they start (see ShardedSession.commit).
+_COMMIT_SEQ = _counter(1)
+
+
+def _note_commit(conn: Any) -> None:
+    """A primary's connection is about to COMMIT (an engine "commit" event)."""
+    conn.info["shardkit_commit"] = next(_COMMIT_SEQ)
+
+
+def _transaction_connections(session: Session) -> list[Any]:
+    """The connections of the session's outermost transaction (SQLAlchemy keeps each
+    under its engine and under itself; there is no public API listing them)."""
+    trans = session.get_transaction()
+    entries = getattr(trans, "_connections", None) if trans is not None else None
+    if not entries:
+        return []
+    seen: dict[int, Any] = {}
+    for entry in list(entries.values()):
+        seen.setdefault(id(entry[0]), entry[0])
+    return list(seen.values())
+
+
+def _primary_shard(conn: Any) -> str | None:
+    info = getattr(conn.engine, "info", None) or {}
+    return info.get("shard") if info.get("role") == PRIMARY else None
+
+
+def _refuse_aborted(session: Session) -> None:
+    """Before a commit: a shard whose transaction an error aborted would roll back at
+    COMMIT while the others commit.  On one database the error would have cost the
+    whole transaction; refuse to commit any of it instead of silently keeping part."""
+    aborted = []
+    primaries = []
+    for conn in _transaction_connections(session):
+        shard = _primary_shard(conn)
+        if shard is not None:
+            primaries.append(shard)
+        if conn.invalidated or conn.closed:
+            continue
+        try:
+            status = conn.connection.dbapi_connection.info.transaction_status
+        except Exception:  # noqa: BLE001 - not a live psycopg connection: nothing to check
+            continue
+        if status == TransactionStatus.INERROR:
+            aborted.append(shard or conn.engine.info.get("node", "a node"))
+    if aborted:
+        names = ", ".join(sorted(aborted))
+        raise CommitError(
+            f"cannot commit: an earlier error in this transaction aborted it on shard(s) "
+            f"{names} (PostgreSQL ignores what follows and rolls back at COMMIT, while "
+            "the other shards would commit); nothing was committed on any shard: call "
+            "rollback() and run the transaction again (to go on after an error inside a "
+            "transaction, run the failing statement in begin_nested())",
+            committed=[], failed=sorted(aborted)[0], not_committed=sorted(primaries))
+
+
+def _partial_commit(session: ShardedSession, start: int, error: BaseException) -> CommitError | None:
+    """After Session.commit() raised: when some shards committed before one failed (the
+    commits run one after another), the CommitError that says so, with read-your-writes
+    kept for the shards that committed; else None."""
+    attempted = []
+    primaries = set()
+    for conn in _transaction_connections(session):
+        shard = _primary_shard(conn)
+        if shard is None:
+            continue
+        primaries.add(shard)
+        try:
+            seq = conn.info.get("shardkit_commit", 0)
+        except Exception:  # noqa: BLE001 - an invalidated connection: never committed
+            continue
+        if seq > start:
+            attempted.append((seq, shard))
+    if len(attempted) < 2:
+        return None
+    attempted.sort()
+    failed = attempted[-1][1]
+    committed = sorted(shard for _, shard in attempted[:-1])
+    rest = sorted(primaries - set(committed) - {failed})
+    try:
+        _record_tokens(session, only=committed)
+    except Exception:  # noqa: BLE001 - reads of those shards then use the primary
+        for shard in committed:
+            session._sk_tokens[shard] = 2**64 - 1
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CommitError(
+        f"the commit reached shard(s) {', '.join(committed)} (their writes are committed) "
+        f"but failed on shard {failed} ({type(error).__name__}: {first})"
+        + (f"; shard(s) {', '.join(rest)} were not committed" if rest else "")
+        + ": a ShardedSession commits each shard in turn, it is not a distributed "
+        "transaction (use twophase=True for one); call rollback(), then repair or "
+        "re-apply the writes of the shards that did not commit",
+        committed=committed, failed=failed, not_committed=[failed, *rest], cause=error)
+
+
+def _token_for_keyed(session: Session, instance: Any) -> None:
+    """An object attached with an identity key that names no shard (made with
+    make_transient_to_detached()) gets its shard in the key, so session.get() and
+    loads of its row find it in the identity map instead of loading a second copy."""
+    state = inspect(instance)
+    key = state.key
+    if key is None or len(key) < 3 or key[2] is not None:
+        return
+    assert isinstance(session, ShardedSession)
+    try:
+        shard = session._choose_shard_for_instance(state.mapper, instance)
+    except ShardkitError:
+        return  # no shard key yet: its flush says what is missing
+    state.key = (key[0], key[1], shard)
 
 
 def _end_transaction(session: Session, transaction: Any) -> None:
@@ -2156,6 +2308,7 @@ event.listen(ShardedSession, "before_commit", _hold_commit_connections)
 event.listen(ShardedSession, "after_commit", _record_tokens)
 event.listen(ShardedSession, "after_transaction_end", _end_transaction)
 event.listen(ShardedSession, "after_flush", _after_flush)
+event.listen(ShardedSession, "before_attach", _token_for_keyed)
 
 
 def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,

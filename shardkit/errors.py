@@ -152,6 +152,25 @@ class RebalanceError(ShardkitError):
         super().__init__(message)
 
 
+class CommitError(ShardkitError):
+    """A commit of a transaction that used several shards did not commit all of them.
+
+    A ShardedSession commits each shard's transaction in turn; it is not a distributed
+    transaction.  ``committed`` names the shards whose commit went through (their writes
+    are durable), ``failed`` the shard whose commit (or earlier statement) failed, and
+    ``not_committed`` the shards rolled back.  ``cause`` is the error from ``failed``.
+    When ``committed`` is empty, nothing was written anywhere.
+    """
+
+    def __init__(self, message: str, *, committed: list[str], failed: str | None,
+                 not_committed: list[str], cause: BaseException | None = None) -> None:
+        self.committed = list(committed)
+        self.failed = failed
+        self.not_committed = list(not_committed)
+        self.cause = cause
+        super().__init__(message)
+
+
 class ShardUnavailable(ShardkitError):
     """A shard (or the node a statement needs) cannot be reached."""
 
