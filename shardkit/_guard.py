@@ -36,6 +36,9 @@ table and per table of a movable range or list group.  The trigger
 The mover's own sessions set ``shardkit.mover = on`` to write rows of buckets
 the shard does not own yet (the copy) or any more (the clean-up).  The setting
 is a guard against stale maps, not an access control: any role can set it.
+Where their role may, they also write with ``session_replication_role =
+replica``, under which this trigger (an ordinary one) does not fire either: the
+mover's own rows are neither refused nor recorded as changes.
 
 Writers must use READ COMMITTED (PostgreSQL's default) on guarded tables: the
 trigger reads the ownership tables with a fresh snapshot per statement, which
@@ -148,6 +151,23 @@ def bucket_expression(column: str, type_name: str, bucket_count: int, row: str =
 def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int) -> list[str]:
     table = g.table
     fn = f"shardkit.{_ident(trigger_function_name(table))}"
+    body = trigger_body(g, key_type, pk, bucket_count)
+    return [
+        f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $guard${body}$guard$",
+        f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(table)}",
+        # The WHEN condition spares the mover's bulk copies and deletes the cost
+        # of calling the function for every row.
+        f"CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {_ident(table)} "
+        f"FOR EACH ROW WHEN (current_setting('{MOVER_SETTING}', true) IS DISTINCT FROM 'on') "
+        f"EXECUTE FUNCTION {fn}()",
+    ]
+
+
+def trigger_body(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int) -> str:
+    """The source of the guard's trigger function for ``g`` (its key column of type
+    ``key_type``, primary key ``pk``): what ``pg_proc.prosrc`` holds once installed, so the
+    mover can tell a guard installed by an older shardkit, or before the key changed."""
+    table = g.table
     new_b = unit_expression(g, key_type, bucket_count, "NEW")
     old_b = unit_expression(g, key_type, bucket_count, "OLD")
     unit = "bucket" if g.kind == "hash" else "slice"
@@ -211,15 +231,7 @@ BEGIN
     RETURN NEW;
 END
 """
-    return [
-        f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $guard${body}$guard$",
-        f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(table)}",
-        # The WHEN condition spares the mover's bulk copies and deletes the cost
-        # of calling the function for every row.
-        f"CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {_ident(table)} "
-        f"FOR EACH ROW WHEN (current_setting('{MOVER_SETTING}', true) IS DISTINCT FROM 'on') "
-        f"EXECUTE FUNCTION {fn}()",
-    ]
+    return body
 
 
 class Guarded(NamedTuple):
