@@ -40,6 +40,17 @@ Catch-up uses triggers with a change log rather than logical replication:
 it needs no ``wal_level = logical``, no replication slots to leak when a mover
 dies, and no superuser; the guard trigger that must exist anyway records the
 changes for the moving buckets only.
+
+The mover writes rows (the copy and the changes on the target, the clean-up's
+deletes on the source) as logical replication's apply does, with
+``session_replication_role = replica`` when its role may set it (a superuser,
+or ``GRANT SET ON PARAMETER session_replication_role``, PostgreSQL 15 and
+later): the application's triggers do not fire for rows that only move, nor do
+foreign keys' checks and cascades (a table referencing itself, or tables in a
+cycle, copy in any order; every moved table is deleted explicitly).  Changes
+are applied by deleting the changed rows, then inserting the source's, so rows
+that exchanged unique values arrive whole.  Without that privilege, tables with
+triggers or such foreign keys are refused before the move starts.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster
 from ._config import conninfo, with_bucket_map
@@ -71,6 +83,7 @@ from ._guard import (
     install_guard,
     slice_function_name,
     table_shape,
+    trigger_body,
     unit_expression,
     write_slices,
 )
@@ -125,6 +138,65 @@ def _flushed(conn: psycopg.Connection) -> str:
     """The server's WAL position flushed so far, which includes every commit it has
     acknowledged: its streaming replicas reach it without waiting for more writes."""
     return conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+
+
+# The mover's own data statements (the copy, applying changes, the clean-up, an abort's
+# deletes) run as logical replication's apply does: ordinary user triggers and the
+# foreign keys' triggers do not fire (CHECK, NOT NULL and unique constraints still hold).
+_REPLICA_ON = "SET LOCAL session_replication_role = replica"
+_REPLICA_OFF = "SET LOCAL session_replication_role = DEFAULT"
+# The relations of table ``c``: itself, and its partitions if it is partitioned.
+_TREE = "(SELECT c.oid AS relid UNION SELECT relid FROM pg_partition_tree(c.oid))"
+
+
+def _may_replicate(conn: psycopg.Connection) -> bool:
+    """Whether this session may set ``session_replication_role`` (a superuser, or on
+    PostgreSQL 15 and later a role granted ``SET ON PARAMETER session_replication_role``)."""
+    try:
+        with conn.transaction():
+            conn.execute(_REPLICA_ON)
+            raise psycopg.Rollback()
+    except psycopg.errors.InsufficientPrivilege:
+        return False
+    return True
+
+
+def _may_replicate_sa(conn: Any) -> bool:
+    """:func:`_may_replicate` on a SQLAlchemy connection (in a savepoint of its transaction)."""
+    try:
+        with conn.begin_nested():
+            conn.exec_driver_sql(_REPLICA_ON)
+    except DBAPIError as e:
+        if isinstance(e.orig, psycopg.errors.InsufficientPrivilege):
+            return False
+        raise
+    return True
+
+
+class _KeyClash(RebalanceError):
+    """A moved row's key (or another unique value) is held by a row of another bucket on
+    the target: the batch cannot switch until the keys are made unique across shards."""
+
+
+class _UniqueViolation(Exception):
+    """Applying changes to ``table`` violated a unique constraint (see ``_clash_error``)."""
+
+    def __init__(self, table: str, whole: bool, error: psycopg.errors.UniqueViolation) -> None:
+        super().__init__(str(error))
+        self.table, self.whole, self.error = table, whole, error
+
+
+def _unique_detail(e: psycopg.errors.UniqueViolation) -> str:
+    diag = e.diag
+    detail = (diag.message_detail or "").strip().rstrip(".")
+    return f"{detail} (constraint {diag.constraint_name})" if diag.constraint_name else detail
+
+
+def _clash_error(table: str, e: psycopg.errors.UniqueViolation, where: str) -> _KeyClash:
+    return _KeyClash(
+        f"table {table}: {where} has the primary key or a unique value of a row of another bucket "
+        f"already on the target shard ({_unique_detail(e)}); the primary keys and unique values of "
+        "moved tables must be unique across shards (not per-shard sequences)")
 
 
 def mask_secrets(message: str, cluster: Cluster) -> str:
@@ -205,6 +277,12 @@ class _Table:
     pk: list[str]
     bucket_sql: str  # the row's bucket (or slice), for WHERE clauses
     guarded: Guarded
+    # Its name and its partitions' (guards installed before the guard logged the configured
+    # name logged the partition's): the names its changes may carry in shardkit.changes.
+    names: tuple[str, ...] = ()
+    # Whether a foreign key references it: without session_replication_role, its changed
+    # rows are replaced in place (upserted), not deleted and inserted again.
+    referenced: bool = False
 
 
 def _move_group(conn: Any, move_id: int) -> str | None:
@@ -226,7 +304,22 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
             if not pk:
                 raise RebalanceError(f"table {g.table} has no primary key; rows are moved by primary key")
             out[g.table] = _Table(g.table, g.key, types[g.key], columns, pk,
-                                  unit_expression(g, types[g.key], cluster.config.bucket_count), g)
+                                  unit_expression(g, types[g.key], cluster.config.bucket_count), g,
+                                  (g.table,))
+    tree: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for table, oid, part in conn.execute(
+            "SELECT c.relname, t.relid::oid, p.relname FROM pg_class c "
+            f"CROSS JOIN LATERAL {_TREE} t JOIN pg_class p ON p.oid = t.relid "
+            "WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p') AND pg_table_is_visible(c.oid)",
+            (list(out),)):
+        tree[table].append((oid, part))
+    referenced = {r[0] for r in conn.execute(
+        "SELECT DISTINCT confrelid FROM pg_constraint WHERE contype = 'f' AND confrelid = ANY(%s::oid[])",
+        ([oid for parts in tree.values() for oid, _ in parts],))}
+    for table, parts in tree.items():
+        t = out[table]
+        t.names = (table, *sorted({p for _, p in parts} - {table}))
+        t.referenced = any(oid in referenced for oid, _ in parts)
     parents: dict[str, set[str]] = {t: set() for t in sorted(out)}
     for child, parent in conn.execute(
             "SELECT c1.relname, c2.relname FROM pg_constraint k "
@@ -236,7 +329,7 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
         parents[child].add(parent)
     try:
         ordered = list(graphlib.TopologicalSorter(parents).static_order())
-    except graphlib.CycleError:  # foreign keys in a cycle: any order needs deferred checks anyway
+    except graphlib.CycleError:  # foreign keys in a cycle: moved only with session_replication_role
         ordered = sorted(out)
     return [out[t] for t in ordered]
 
@@ -280,6 +373,8 @@ class Mover:
         self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
         self._visibility_wait = 0.0
         self._runner = ""
+        # id(connection) -> whether it may set session_replication_role (see _may_replicate)
+        self._replica: dict[int, bool] = {}
 
     # -- starting ----------------------------------------------------------------
 
@@ -381,13 +476,21 @@ class Mover:
                             "`shardkit rebalance init` has not run since the group was added); "
                             "this group cannot be moved online")
 
-    def _check_triggers(self, shards: Iterable[str], group: str | None) -> None:
-        """Refuse to move the tables of ``group`` (None: hash tables) unless each has the
-        ownership guard's trigger on every one of ``shards``: without it, writes made
-        during the copy would not be captured (lost on the target), nor stale writes
-        refused.  A table created after `shardkit rebalance init` has none yet."""
-        tables = sorted(g.table for g in guarded_tables(self.cluster.config)
-                        if ((g.kind == "hash") if group is None else (g.group == group)))
+    def _check_triggers(self, shards: Iterable[str], group: str | None, *, guard: bool = True,
+                        copying: bool = True) -> None:
+        """Refuse to move the tables of ``group`` (None: hash tables) unless each can move
+        faithfully on every one of ``shards``, before anything moves.
+
+        With ``guard``: each has the ownership guard's trigger, as this version of
+        shardkit installs it (without it, writes made during the copy would not be
+        captured, lost on the target, nor stale writes refused; a table created after
+        `shardkit rebalance init` has none yet).  Always: each has a primary key, and
+        nothing would change the rows as the mover writes them (see
+        :meth:`_check_fidelity`; ``copying``: rows are still to be written on the target,
+        not only deleted on the source)."""
+        guarded = [g for g in guarded_tables(self.cluster.config)
+                   if ((g.kind == "hash") if group is None else (g.group == group))]
+        tables = sorted(g.table for g in guarded)
         if not tables:
             return
         for shard in sorted(set(shards)):
@@ -397,18 +500,137 @@ class Mover:
                     "AND t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D') FROM pg_class c "
                     "WHERE c.relname = ANY(:t) AND c.relkind IN ('r', 'p') AND pg_table_is_visible(c.oid)"),
                     {"t": tables}).all())
-            absent = [t for t in tables if t not in found]
-            if absent:
+                absent = [t for t in tables if t not in found]
+                if absent:
+                    raise RebalanceError(
+                        f"table(s) {', '.join(absent)} do not exist on {shard}; create the schema there "
+                        "(`shardkit migrate upgrade`), run `shardkit rebalance init`, then apply or "
+                        "resume the move")
+                no_pk = [r[0] for r in conn.execute(text(
+                    "SELECT c.relname FROM pg_class c WHERE c.relname = ANY(:t) AND c.relkind IN ('r', 'p') "
+                    "AND pg_table_is_visible(c.oid) AND NOT EXISTS (SELECT 1 FROM pg_index i "
+                    "WHERE i.indrelid = c.oid AND i.indisprimary) ORDER BY 1"), {"t": tables})]
+                if no_pk:
+                    raise RebalanceError(
+                        f"table(s) {', '.join(no_pk)} on {shard} have no primary key; rows are moved and "
+                        "verified by primary key: add one, run `shardkit rebalance init` (the guard "
+                        "records written rows by it), then apply the move")
+                if guard:
+                    missing = [t for t in tables if not found[t]]
+                    if missing:
+                        raise RebalanceError(
+                            f"table(s) {', '.join(missing)} on {shard} have no ownership guard, so writes "
+                            "to them during a move would not be captured; run `shardkit rebalance init` (it "
+                            "installs the guard on tables added since), then apply or resume the move")
+                    stale = self._stale_guards(conn, guarded)
+                    if stale:
+                        raise RebalanceError(
+                            f"the ownership guard of table(s) {', '.join(stale)} on {shard} is out of date "
+                            "(installed by an older shardkit, or before the table's primary key or shard "
+                            "key changed), so it could record writes during a move under names or keys "
+                            "the mover does not apply; run `shardkit rebalance init` (or a migration "
+                            "calling `op.install_shardkit_guard()`), then apply or resume the move")
+                self._check_fidelity(conn, shard, tables, copying)
+
+    def _stale_guards(self, conn: Any, guarded: list[Guarded]) -> list[str]:
+        """The tables of ``guarded`` whose guard trigger runs another function than
+        :func:`shardkit._guard.trigger_body` makes for them now."""
+        installed = dict(conn.execute(text(
+            "SELECT c.relname, p.prosrc FROM pg_class c JOIN pg_trigger t ON t.tgrelid = c.oid "
+            "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid "
+            "WHERE c.relname = ANY(:t) AND pg_table_is_visible(c.oid)"),
+            {"t": [g.table for g in guarded]}).all())
+        stale = []
+        for g in guarded:
+            if g.table not in installed:
+                continue
+            _, pk, types = table_shape(conn, g.table)
+            try:
+                want = trigger_body(g, types[g.key], pk, self.cluster.config.bucket_count)
+            except Exception:  # noqa: BLE001 - a key the guard cannot cover: not ours to judge here
+                continue
+            if installed[g.table] != want:
+                stale.append(g.table)
+        return sorted(stale)
+
+    def _check_fidelity(self, conn: Any, shard: str, tables: list[str], copying: bool = True) -> None:
+        """Refuse tables whose rows the mover could not write on ``shard`` exactly as they are.
+
+        The mover's writes (the copy and applied changes on the target, the
+        clean-up's deletes on the source) run with ``session_replication_role =
+        replica`` when its role may set that: user triggers and foreign keys do not
+        fire, as for logical replication.  Refused: a CHECK constraint added NOT
+        VALID (old rows may break it, and the copy checks every row); a trigger
+        enabled ALWAYS or REPLICA (it fires anyway); a foreign key from a table
+        that does not move with the tables (its rows would point at rows that
+        moved away, or be deleted with them); and where the role may not set
+        ``session_replication_role``: any user trigger, a foreign key of a table
+        to itself or a cycle of them, a NOT VALID foreign key.  NOT VALID constraints
+        only while ``copying`` (deletes do not check them)."""
+        replica = _may_replicate_sa(conn)
+        role = conn.execute(text("SELECT current_user")).scalar()
+        moved = ("WITH m AS (SELECT c.relname AS tbl, t.relid AS rel FROM pg_class c "
+                 f"CROSS JOIN LATERAL {_TREE} t WHERE c.relname = ANY(:t) "
+                 "AND c.relkind IN ('r', 'p') AND pg_table_is_visible(c.oid)) ")
+        grant = (f"the mover writes with session_replication_role = replica, as logical replication "
+                 f"does, only where its role may set it, and {role} may not on {shard}: grant it "
+                 f"(`GRANT SET ON PARAMETER session_replication_role TO {role}`, PostgreSQL 15 and "
+                 "later, or move as a superuser)")
+        for tbl, name, kind in conn.execute(text(
+                moved + "SELECT DISTINCT m.tbl, k.conname, k.contype::text FROM m JOIN pg_constraint k "
+                "ON k.conrelid = m.rel WHERE NOT k.convalidated AND k.contype IN ('c', 'f') "
+                "AND :copying ORDER BY 1, 2"), {"t": tables, "copying": copying}):
+            if kind == "c" or not replica:
                 raise RebalanceError(
-                    f"table(s) {', '.join(absent)} do not exist on {shard}; create the schema there "
-                    "(`shardkit migrate upgrade`), run `shardkit rebalance init`, then apply or "
-                    "resume the move")
-            missing = [t for t in tables if not found[t]]
-            if missing:
+                    f"table {tbl} on {shard} has {'check' if kind == 'c' else 'foreign key'} constraint "
+                    f"{name} added NOT VALID: rows older than it may break it, and the target checks "
+                    f"every row the mover copies; validate it (`ALTER TABLE {tbl} VALIDATE CONSTRAINT "
+                    f"{name}`) or drop it, then apply the move"
+                    + ("" if kind == "c" else f" (or: {grant})"))
+        for tbl, name, enabled in conn.execute(text(
+                moved + "SELECT DISTINCT m.tbl, t.tgname, t.tgenabled::text FROM m JOIN pg_trigger t "
+                "ON t.tgrelid = m.rel WHERE NOT t.tgisinternal AND t.tgname <> 'shardkit_guard' "
+                "AND t.tgenabled <> 'D' AND t.tgtype & 28 <> 0 ORDER BY 1, 2"), {"t": tables}):
+            what = (f"table {tbl} on {shard} has trigger {name}, which would fire on the mover's "
+                    "copies and deletes of its rows (changing moved rows, or recording the move as "
+                    "the application's inserts and deletes)")
+            if enabled in ("A", "R"):
                 raise RebalanceError(
-                    f"table(s) {', '.join(missing)} on {shard} have no ownership guard, so writes to "
-                    "them during a move would not be captured; run `shardkit rebalance init` (it "
-                    "installs the guard on tables added since), then apply or resume the move")
+                    f"{what}: it is enabled {'ALWAYS' if enabled == 'A' else 'REPLICA'}, so it fires "
+                    "even for replication; make it an ordinary trigger (`ALTER TABLE "
+                    f"{tbl} ENABLE TRIGGER {name}`) or disable it for the move")
+            if not replica:
+                raise RebalanceError(f"{what}; {grant}, or disable the trigger for the move "
+                                     f"(`ALTER TABLE {tbl} DISABLE TRIGGER {name}`)")
+        parents: dict[str, set[str]] = {t: set() for t in tables}
+        for name, child, parent in conn.execute(text(
+                moved + "SELECT DISTINCT k.conname, a.tbl, b.tbl FROM pg_constraint k "
+                "JOIN m a ON a.rel = k.conrelid JOIN m b ON b.rel = k.confrelid "
+                "WHERE k.contype = 'f' ORDER BY 1"), {"t": tables}):
+            if child == parent and not replica:
+                raise RebalanceError(
+                    f"table {child} on {shard} has a foreign key to itself ({name}): the mover copies "
+                    "and deletes its rows a slice at a time, where a row's parent may come later; "
+                    f"{grant}, or drop the foreign key for the move")
+            if child != parent:
+                parents[child].add(parent)
+        if not replica:
+            try:
+                graphlib.TopologicalSorter(parents).prepare()
+            except graphlib.CycleError as e:
+                raise RebalanceError(
+                    f"tables {', '.join(sorted(set(e.args[1])))} on {shard} reference each other in a "
+                    f"cycle of foreign keys, so no order of copying satisfies them; {grant}") from None
+        for name, child, parent in conn.execute(text(
+                moved + "SELECT DISTINCT k.conname, r.relname, m.tbl FROM pg_constraint k "
+                "JOIN m ON m.rel = k.confrelid JOIN pg_class r ON r.oid = k.conrelid "
+                "WHERE k.contype = 'f' AND k.conrelid NOT IN (SELECT rel FROM m) ORDER BY 1"),
+                {"t": tables}):
+            raise RebalanceError(
+                f"table {child} on {shard} references moved table {parent} (foreign key {name}) but "
+                "does not move with it: its rows would point at rows that moved to another shard, "
+                f"or be deleted with them; configure {child} in the same group as {parent}, keyed by "
+                "the same shard key, or drop the foreign key")
 
     def apply(self, plan: Plan, *, max_buckets: int = 256) -> int:
         move_id = self.start(plan, max_buckets=max_buckets)
@@ -433,8 +655,11 @@ class Mover:
             with self.catalog.engine.begin() as conn:
                 conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r WHERE id = :m"),
                              {"r": self._runner, "m": move_id})
+            clash = None
             try:
                 self._run_locked(move_id)
+            except _KeyClash as e:
+                clash = e
             finally:
                 try:
                     lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
@@ -442,6 +667,25 @@ class Mover:
                     lock_conn.commit()
                 except Exception:  # noqa: BLE001 - a dead session holds no lock; keep the real error
                     log.warning("move %s: could not release the mover lock (its session is gone)", move_id)
+        if clash is not None:
+            self._abort_on_clash(move_id, clash)
+
+    def _abort_on_clash(self, move_id: int, clash: _KeyClash) -> None:
+        """Abort a move whose rows clash with other buckets' rows on the target (raised
+        before its batch switched): resuming would meet the same rows again."""
+        try:
+            result = abort(self.cluster, move_id)
+        except Exception as e:  # noqa: BLE001 - the clash is the error to report
+            raise RebalanceError(
+                f"move {move_id}: {clash}; aborting the move failed too ({mask_secrets(str(e), self.cluster)}): "
+                f"make the keys unique, then resume it, or run `shardkit rebalance abort {move_id}`",
+                move_id=move_id, step=clash.step) from clash
+        kept = result["finished_batches"]
+        raise RebalanceError(
+            f"move {move_id}: {clash}.  The move was aborted: nothing of the batch switched"
+            + (f" (batches {kept} had finished and stay moved)" if kept else "")
+            + "; make the keys unique across shards, then plan the move again",
+            move_id=move_id, step=clash.step) from clash
 
     def _run_locked(self, move_id: int) -> None:
         with self.catalog.engine.connect() as conn:
@@ -526,11 +770,15 @@ class Mover:
         tgt_url = self.cluster.config.shard(target).primary
         units = f"{len(buckets)} buckets" if group is None else f"{len(buckets)} slice(s) of {group}"
         label = f"move {move_id} batch {batch} ({units} {source} -> {target})"
-        if step in ("pending", "capturing"):
-            # Resumed after `rebalance init` added tables, or started before it did.
-            self._check_triggers((source, target), group)
+        # The guard: resumed after `rebalance init` added tables, or started before it did.
+        # The rest (a trigger added, a privilege revoked) at every step, on the shards the
+        # remaining steps write to (after the switch, only the source's clean-up does).
+        copying = step in ("pending", "capturing", "copied")
+        self._check_triggers((source, target) if copying else (source,), group,
+                             guard=step in ("pending", "capturing"), copying=copying)
         with psycopg.connect(conninfo(src_url), autocommit=True) as src, \
                 psycopg.connect(conninfo(tgt_url), autocommit=True) as tgt:
+            self._replica = {id(src): _may_replicate(src), id(tgt): _may_replicate(tgt)}
             tables = _moved_tables(self.cluster, src, source, group)
             # Readers learn from the "capturing" record that the target will hold
             # rows it does not own; the copy commits no sooner than `grace` after it.
@@ -554,7 +802,7 @@ class Mover:
                 step = "copied"
             if step == "copied":
                 t0 = time.monotonic()
-                applied = self._catch_up(src, tgt, tables, buckets)
+                applied = self._catch_up(src, tgt, tables, buckets, target)
                 version, pause = self._cut_over(src, tgt, tables, move_id, batch, buckets, target, group)
                 self.longest_pause = max(self.longest_pause, pause)
                 self.progress(f"{label}: caught up {applied} changes in {time.monotonic() - t0:.2f}s, "
@@ -669,31 +917,40 @@ class Mover:
     def _copy(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
               buckets: list[int], visible_after: float = 0.0) -> int:
         rows = 0
-        with tgt.transaction():
-            tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
-            for t in reversed(tables):  # leftovers of an interrupted copy; children first
-                tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
-                    sql.Identifier(t.name)), (buckets,))
-            with src.transaction():
-                src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                for t in tables:
-                    cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
-                    in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
-                        sql.Identifier(t.name), cols)
-                    # All slices at the one snapshot of the source's transaction.
-                    for chunk in _page_chunks(src, t.name, self._chunk_pages):
-                        t0 = time.monotonic()
-                        out_sql = sql.SQL("COPY (SELECT {} FROM {} WHERE " + chunk + " AND " + t.bucket_sql +
-                                          " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
-                            cols, sql.Identifier(t.name))
-                        with src.cursor() as sc, tgt.cursor() as tc:
-                            with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
-                                for data in out:
-                                    inp.write(data)
-                            rows += max(sc.rowcount, 0)
-                        self._rest(t0)
-            self._visibility_wait = max(0.0, visible_after - time.monotonic())
-            time.sleep(self._visibility_wait)
+        current = ""
+        try:
+            with tgt.transaction():
+                tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+                if self._replica.get(id(tgt)):
+                    # No user triggers, no foreign-key checks (a row's parent may come in a
+                    # later slice of pages).
+                    tgt.execute(_REPLICA_ON)
+                for t in reversed(tables):  # leftovers of an interrupted copy; children first
+                    tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
+                        sql.Identifier(t.name)), (buckets,))
+                with src.transaction():
+                    src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    for t in tables:
+                        current = t.name
+                        cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
+                        in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
+                            sql.Identifier(t.name), cols)
+                        # All slices at the one snapshot of the source's transaction.
+                        for chunk in _page_chunks(src, t.name, self._chunk_pages):
+                            t0 = time.monotonic()
+                            out_sql = sql.SQL("COPY (SELECT {} FROM {} WHERE " + chunk + " AND " + t.bucket_sql +
+                                              " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
+                                cols, sql.Identifier(t.name))
+                            with src.cursor() as sc, tgt.cursor() as tc:
+                                with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
+                                    for data in out:
+                                        inp.write(data)
+                                rows += max(sc.rowcount, 0)
+                            self._rest(t0)
+                self._visibility_wait = max(0.0, visible_after - time.monotonic())
+                time.sleep(self._visibility_wait)
+        except psycopg.errors.UniqueViolation as e:
+            raise _clash_error(current, e, "a row of the moving buckets") from e
         return rows
 
     def _apply_changes(self, src: psycopg.Connection, tgt: psycopg.Connection,
@@ -704,19 +961,31 @@ class Mover:
         batch's buckets) and replaces the target's; a key whose row is gone (or
         left the buckets) is deleted on the target.  Returns how many change
         records were consumed.
+
+        The changed keys' rows are deleted on the target, then the source's rows
+        inserted, so that rows which exchanged unique values (two rows swapping
+        their emails) arrive whole.  Without ``session_replication_role`` (see
+        :func:`_may_replicate`), a table other rows reference by foreign key is
+        upserted row by row instead (deleting a parent would cascade to, or be
+        refused for, its children); such a swap then fails (``_UniqueViolation``).
         """
         q = ("DELETE FROM shardkit.changes WHERE id IN (SELECT id FROM shardkit.changes "
              "WHERE bucket = ANY(%s::integer[]) ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "") +
              ") RETURNING tbl, pk")
+        # Guards installed before they logged the configured name logged a partition's.
+        owner = {name: t.name for t in tables for name in t.names}
         changed: dict[str, dict[str, Any]] = defaultdict(dict)
         n = 0
         for tbl, pk in src.execute(q, (buckets,)):
-            changed[tbl][json.dumps(pk, sort_keys=True)] = pk
+            changed[owner.get(tbl, tbl)][json.dumps(pk, sort_keys=True)] = pk
             n += 1
         if not n:
             return 0
+        replica = bool(self._replica.get(id(tgt)))
         tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
-        staged: list[tuple[_Table, sql.Composable, sql.Composable, sql.Composable]] = []
+        if replica:
+            tgt.execute(_REPLICA_ON)
+        staged: list[tuple[_Table, sql.Composable, sql.Composable, sql.Composable, bool]] = []
         for i, t in enumerate(tables):
             keys = list(changed.get(t.name, {}).values())
             if not keys:
@@ -738,15 +1007,16 @@ class Mover:
                 with sc.copy(out_sql) as out, tc.copy(in_sql) as inp:
                     for data in out:
                         inp.write(data)
-            staged.append((t, pkc, keys_lit, stage))
-        # Deletes first (children first): a row replaced under another unique key
-        # must be gone before its replacement arrives.
-        for t, pkc, keys_lit, stage in reversed(staged):
+            staged.append((t, pkc, keys_lit, stage, replica or not t.referenced))
+        # Deletes first (children first): every changed row (a row kept only when it is
+        # replaced in place), so that a row taking over another's unique value finds it free.
+        for t, pkc, keys_lit, stage, whole in reversed(staged):
             tgt.execute(sql.SQL(
                 "DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{t}, {keys})) "
-                "AND " + t.bucket_sql + " = ANY(%s::integer[]) AND ({pk}) NOT IN (SELECT {pk} FROM {s})").format(
+                "AND " + t.bucket_sql + " = ANY(%s::integer[])"
+                + ("" if whole else " AND ({pk}) NOT IN (SELECT {pk} FROM {s})")).format(
                 t=sql.Identifier(t.name), pk=pkc, keys=keys_lit, s=stage), (buckets,))
-        for t, pkc, keys_lit, stage in staged:  # parents first
+        for t, pkc, keys_lit, stage, whole in staged:  # parents first
             name = sql.Identifier(t.name)
             clash = tgt.execute(sql.SQL(
                 "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ("
@@ -755,28 +1025,51 @@ class Mover:
                 + " = ANY(%s::integer[]))").format(
                 t=name, s=stage, pk=pkc), (buckets,)).fetchone()[0]
             if clash:
-                raise RebalanceError(
+                raise _KeyClash(
                     f"table {t.name}: {clash} changed rows have the primary key of a row of another "
                     "bucket on the target shard; the primary keys of moved tables must be unique "
                     "across shards (not per-shard sequences)")
             cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
-            updates = sql.SQL(", ").join(
-                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in t.columns if c not in t.pk)
-            conflict = sql.SQL("DO UPDATE SET {}").format(updates) if t.columns != t.pk else sql.SQL("DO NOTHING")
-            tgt.execute(sql.SQL(
-                "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {s} "
-                "ON CONFLICT ({pk}) {c}").format(t=name, cols=cols, s=stage, pk=pkc, c=conflict))
+            if whole:
+                conflict = sql.SQL("")
+            else:
+                updates = sql.SQL(", ").join(
+                    sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in t.columns if c not in t.pk)
+                conflict = sql.SQL("ON CONFLICT ({pk}) {c}").format(
+                    pk=pkc, c=sql.SQL("DO UPDATE SET {}").format(updates) if t.columns != t.pk
+                    else sql.SQL("DO NOTHING"))
+            try:
+                tgt.execute(sql.SQL(
+                    "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {s} {c}").format(
+                    t=name, cols=cols, s=stage, c=conflict))
+            except psycopg.errors.UniqueViolation as e:
+                raise _UniqueViolation(t.name, whole, e) from e
+        if replica:
+            tgt.execute(_REPLICA_OFF)
         return n
 
+    def _unique_error(self, e: _UniqueViolation, target: str, role: str) -> RebalanceError:
+        """The error for a unique constraint that applying changes violated (with the
+        consistent, unlimited set of changes)."""
+        if e.whole:
+            # Every changed row was deleted first: another bucket's row holds the value.
+            return _clash_error(e.table, e.error, "a row changed during the move")
+        return RebalanceError(
+            f"table {e.table}: applying the rows changed during the move one by one violates a unique "
+            f"constraint ({_unique_detail(e.error)}): rows exchanged unique values (or a value is "
+            f"held by a row of another bucket on {target}).  The mover applies such changes whole "
+            "(deleting, then inserting) only with session_replication_role = replica, which its role "
+            f"may not set on {target} (table {e.table} is referenced by foreign keys, whose triggers "
+            f"would fire): grant it (`GRANT SET ON PARAMETER session_replication_role TO {role}`, "
+            "PostgreSQL 15 and later) and resume the move, or abort it")
+
     def _catch_up(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-                  buckets: list[int]) -> int:
+                  buckets: list[int], target: str = "") -> int:
         total = 0
         for _ in range(_CATCH_UP_ROUNDS):
             round_total = 0
             while True:
-                # The target commits first: a crash in between replays changes, never loses them.
-                with src.transaction(), tgt.transaction():
-                    n = self._apply_changes(src, tgt, tables, buckets, _CHANGES_PER_ROUND)
+                n = self._catch_up_round(src, tgt, tables, buckets, target)
                 round_total += n
                 if n < _CHANGES_PER_ROUND:
                     break
@@ -784,6 +1077,25 @@ class Mover:
             if round_total < _CUTOVER_BELOW:
                 break
         return total
+
+    def _catch_up_round(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
+                        buckets: list[int], target: str) -> int:
+        """Apply up to _CHANGES_PER_ROUND changes, reading the log and the rows at one snapshot
+        of the source (writers go on meanwhile)."""
+        limit: int | None = _CHANGES_PER_ROUND
+        for _attempt in range(2):
+            try:
+                # The target commits first: a crash in between replays changes, never loses them.
+                with src.transaction(), tgt.transaction():
+                    src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    return self._apply_changes(src, tgt, tables, buckets, limit)
+            except _UniqueViolation as e:
+                if limit is None:
+                    raise self._unique_error(e, target, tgt.info.user) from e.error
+                # The limit may have cut a transaction's changes in two (one row of a swap
+                # applied, not the other): every change up to the snapshot is consistent.
+                limit = None
+        raise AssertionError("unreachable")
 
     def _cut_over(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
                   move_id: int, batch: int, buckets: list[int], target: str,
@@ -805,8 +1117,11 @@ class Mover:
                     with self.catalog.engine.begin() as conn:
                         self._fence(conn, move_id)
                     with tgt.transaction():
-                        while self._apply_changes(src, tgt, tables, buckets, None):
-                            pass
+                        try:
+                            while self._apply_changes(src, tgt, tables, buckets, None):
+                                pass
+                        except _UniqueViolation as e:
+                            raise self._unique_error(e, target, tgt.info.user) from e.error
                         tgt.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
                                     "ON CONFLICT DO NOTHING", (buckets,))
                         tgt.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
@@ -822,7 +1137,7 @@ class Mover:
                 # most lock_timeout.  Let them go, catch up, and try again.
                 log.warning("move %s: a writer held the buckets past lock_timeout (%.1f s); catching "
                             "up and trying again", move_id, self.lock_timeout)
-                self._catch_up(src, tgt, tables, buckets)
+                self._catch_up(src, tgt, tables, buckets, target)
         # The target's WAL position after the switch: its replicas serve the moved
         # buckets only once they have replayed it (reads stay as fresh as before).
         target_lsn = _flushed(tgt)
@@ -891,8 +1206,8 @@ class Mover:
                 # Rows written on the target since the switch are the new truth:
                 # compare everything else, at one snapshot of the target.
                 recent = json.dumps([r[0] for r in tgt.execute(
-                    "SELECT DISTINCT pk FROM shardkit.changes WHERE tbl = %s "
-                    "AND bucket = ANY(%s::integer[])", (t.name, buckets))])
+                    "SELECT DISTINCT pk FROM shardkit.changes WHERE tbl = ANY(%s) "
+                    "AND bucket = ANY(%s::integer[])", (list(t.names), buckets))])
                 # The source no longer changes (it does not own the buckets).  One
                 # side after the other: scanning both at once took the cores other
                 # writers need, for no gain in the move's time.
@@ -930,6 +1245,11 @@ class Mover:
                 t0 = time.monotonic()
                 with src.transaction():
                     src.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+                    if self._replica.get(id(src)):
+                        # No user triggers (the move deletes nothing of the application's), no
+                        # foreign-key checks (a row's children may lie in a later slice); so no
+                        # ON DELETE CASCADE either: every moved table is deleted here.
+                        src.execute(_REPLICA_ON)
                     cur = src.execute(sql.SQL("DELETE FROM {t} WHERE " + chunk + " AND " + t.bucket_sql +
                                               " = ANY(%s::integer[])").format(t=sql.Identifier(t.name)),
                                       (buckets,))
@@ -1037,6 +1357,7 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                         src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
                         src.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
                                     "ON CONFLICT DO NOTHING", (buckets,))
+                    replica = _may_replicate(tgt)
                     with tgt.transaction():
                         tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
                         # A cut-over that died after the target's commit left it owning them.
@@ -1045,6 +1366,8 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                         tgt.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
                                     (buckets,))
                         tgt.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
+                        if replica:  # the copies go as the mover wrote them: no user triggers
+                            tgt.execute(_REPLICA_ON)
                         for t in reversed(tables):
                             tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql +
                                                 " = ANY(%s::integer[])").format(sql.Identifier(t.name)),
