@@ -53,7 +53,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import QueryContext
@@ -153,6 +153,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             shard = current_scope().shard
             if shard is not None:
                 return shard
+            if self._flushing and mapper is not None:
+                shard = self._association_shard(mapper)
+                if shard is not None:
+                    return shard
             raise RoutingError(
                 f"cannot choose a shard for {mapper} without an instance or a keyed clause; "
                 "pass bind_arguments={'shard_id': ...}"
@@ -169,6 +173,48 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     if mapper.identity_key_from_primary_key(pk, identity_token=s) in self.identity_map:
                         return s
         return shard
+
+    def _association_shard(self, mapper: Any) -> str | None:
+        """During a flush, the shard for the rows of many-to-many (``secondary=``) tables,
+        which SQLAlchemy writes on one connection asked for by the relationship's target
+        ``mapper`` alone: the shard of the objects whose such collections changed.
+        Raises RoutingError when they are on several shards."""
+        shards: set[str] = set()
+        touched: set[str] = set()
+        names: set[str] = set()
+        for st in self._flush_states():
+            token = self._flush_token(st)
+            if token is None:
+                continue
+            touched.add(token)
+            rels = [r for r in st.mapper.relationships if r.secondary is not None
+                    and (r.mapper.isa(mapper) or st.mapper.isa(mapper))]
+            if rels and (st in self._deleted or any(
+                    st.attrs[r.key].history.has_changes() for r in rels)):
+                shards.add(token)
+                names.update(f"{st.mapper.class_.__name__}.{r.key}" for r in rels)
+        if len(shards) > 1:
+            raise RoutingError(
+                f"this flush changes many-to-many collections ({', '.join(sorted(names))}) on "
+                f"shards {', '.join(sorted(shards))}; SQLAlchemy writes a secondary table's rows "
+                "on one connection, so shardkit writes them for one shard per flush: flush "
+                "after each shard's changes (session.flush())")
+        if shards:
+            return shards.pop()
+        # No association row changes: any shard this flush writes (nothing runs there).
+        return min(touched) if touched else None
+
+    def _flush_states(self) -> list[Any]:
+        return [*self._new, *(inspect(o) for o in self.dirty), *self._deleted]
+
+    def _flush_token(self, st: Any) -> str | None:
+        token = st.key[2] if st.key is not None else st.identity_token
+        if token is None:
+            try:
+                token = shard_of_instance(self.cluster, st.mapper, st.obj())
+            except ShardkitError:
+                return None
+        return token
 
     def _identity_shards(self, mapper: Any, primary_key: Any, *, lazy_loaded_from: Any = None,
                          **kw: Any) -> Iterable[str]:
@@ -754,6 +800,8 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
         prop = mapper.get_property_by_column(col)
         v = state.dict.get(prop.key)
         if v is None:
+            v = _key_from_reference_parent(cluster, mapper, state, cname)
+        if v is None:
             parent_shard = _shard_from_parent(cluster, mapper, state, cname)
             if parent_shard is not None:
                 return parent_shard
@@ -782,9 +830,32 @@ def _shard_from_parent(cluster: Cluster, mapper: Any, state: Any, column: str) -
         if column not in {c.name for c in rel.local_columns}:
             continue
         parent = state.dict.get(rel.key)
-        if parent is None:
+        if parent is None or _is_reference(cluster.router, inspect(parent).mapper):
             continue
         return _shard_of_related(cluster, parent)
+    return None
+
+
+def _key_from_reference_parent(cluster: Cluster, mapper: Any, state: Any, column: str) -> Any:
+    """The value a many-to-one relationship to a reference row will copy into the key
+    column ``column`` at flush (shop.region = eu_region): a reference row is on every
+    shard, so the key routes by that value, not by where the row was read."""
+    for rel in mapper.relationships:
+        if rel.direction is not MANYTOONE:
+            continue
+        parent = state.dict.get(rel.key)
+        if parent is None:
+            continue
+        pmapper = inspect(parent).mapper
+        if not _is_reference(cluster.router, pmapper):
+            continue
+        for local, remote in rel.local_remote_pairs:
+            if local.name == column:
+                try:
+                    return pmapper._get_state_attr_by_column(
+                        inspect(parent), inspect(parent).dict, remote)
+                except Exception:  # noqa: BLE001 - not loaded: the flush fills it in
+                    return None
     return None
 
 
@@ -1982,6 +2053,11 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
                     continue
                 added = state.attrs[rel.key].history.added
                 if added and added[0] is not None:
+                    if _is_reference(router, inspect(added[0]).mapper):
+                        # A reference row is on every shard: the key value it gives
+                        # decides, checked once the flush has copied it
+                        # (_refuse_key_change_in_flush).
+                        continue
                     parent_shard = _shard_of_related(session.cluster, added[0])
                     if parent_shard != old_shard:
                         new_shard = parent_shard
@@ -1993,6 +2069,87 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
                 "flush (it could not be atomic). Delete and re-insert it, or keep the key",
                 table=tr.table,
             )
+
+
+def _refuse_key_change_in_flush(mapper: Any, connection: Any, target: Any) -> None:
+    """Mapper "before_update": the flush itself may set a shard key (removing a child
+    from a one-directional collection nulls it; appending it to another parent's
+    collection, or pointing it at a reference row, copies a new key in), after
+    before_flush looked.  The UPDATE would run on the row's old shard: refuse a key
+    that is gone, or that another shard owns, before it is written."""
+    state = inspect(target)
+    session = state.session
+    if not isinstance(session, ShardedSession) or state.key is None:
+        return
+    old_shard = state.key[2]
+    if old_shard is None:
+        return
+    try:
+        tr = session.cluster.router.table_route(mapper)
+    except RoutingError:
+        return
+    if tr.strategy is None:
+        return
+    table = mapper.local_table
+    changed = False
+    for cname in tr.key_columns:
+        if cname not in table.c:
+            return
+        prop = mapper.get_property_by_column(table.c[cname])
+        if state.attrs[prop.key].history.has_changes():
+            changed = True
+    if not changed:
+        return
+    try:
+        new_shard = shard_of_instance(session.cluster, mapper, target)
+    except ShardKeyError as e:
+        raise ShardKeyError(
+            f"this flush would set the shard key of {type(target).__name__} {state.key[1]} to "
+            f"NULL on shard {old_shard} (as when it is removed from its parent's collection "
+            "without a delete-orphan cascade), leaving a row that belongs to no shard; "
+            "delete it, or give it another parent on the same shard", table=tr.table) from e
+    if new_shard != old_shard:
+        raise CrossShardWriteError(
+            f"this flush would change the shard key of {type(target).__name__} {state.key[1]} "
+            f"so that it belongs on shard {new_shard}, but it is on {old_shard} (moved to "
+            "another parent's collection, or pointed at another reference row); shardkit "
+            "does not move rows inside a flush. Delete and re-insert it, or keep the key",
+            table=tr.table)
+
+
+def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
+    """Mapper "after_insert": a new reference row reaches every shard at once, in the
+    flush, so a sharded row inserted later in the same flush (on any shard) can
+    reference it by foreign key.  (after_flush copies every changed reference row
+    again; the upsert makes that a no-op for this one.)"""
+    state = inspect(target)
+    session = state.session
+    if not isinstance(session, ShardedSession):
+        return
+    cluster = session.cluster
+    try:
+        if not cluster.router.table_route(mapper).is_reference:
+            return
+    except RoutingError:
+        return
+    table = mapper.local_table
+    home = connection.engine.info.get("shard") if getattr(connection.engine, "info", None) else None
+    pk_cols = list(table.primary_key.columns)
+    pk = mapper.primary_key_from_instance(target)
+    if None in pk:
+        return
+    row = connection.execute(sa_select(table).where(
+        *[c == v for c, v in zip(pk_cols, pk)])).mappings().first()
+    if row is None:
+        return
+    ins = pg_insert(table)
+    stmt = ins.on_conflict_do_update(
+        index_elements=pk_cols,
+        set_={c.name: ins.excluded[c.name] for c in table.columns if not c.primary_key},
+    ) if len(pk_cols) < len(table.columns) else ins.on_conflict_do_nothing()
+    for shard in cluster.shard_names:
+        if shard != home:
+            session.connection(bind_arguments={"shard_id": shard}).execute(stmt, [dict(row)])
 
 
 def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
@@ -2309,6 +2466,9 @@ event.listen(ShardedSession, "after_commit", _record_tokens)
 event.listen(ShardedSession, "after_transaction_end", _end_transaction)
 event.listen(ShardedSession, "after_flush", _after_flush)
 event.listen(ShardedSession, "before_attach", _token_for_keyed)
+# On every mapper (it returns at once outside a ShardedSession).
+event.listen(Mapper, "before_update", _refuse_key_change_in_flush)
+event.listen(Mapper, "after_insert", _copy_new_reference_row)
 
 
 def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
