@@ -28,6 +28,7 @@ The server programs are looked for in ``$SHARDKIT_PG_BIN``, then
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import logging
@@ -35,6 +36,7 @@ import math
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -71,6 +73,13 @@ _STOP_TIMEOUT = 10.0
 _READY_TIMEOUT = 30.0
 _POLL_INTERVAL = 0.02
 _SETTINGS_MARKER = "# --- shardkit.devcluster: everything below is rewritten by shardkit ---"
+# More servers than this in one cluster is a typo, not a development setup.
+MAX_NODES = 256
+_PICK_PORT_ATTEMPTS = 1000
+# pg_ctl runs the server through /bin/sh with the paths in double quotes, where
+# these characters still mean something to the shell.
+_UNSAFE_PATH_CHARS = {"$": "$", "`": "`", '"': '"', "\\": "\\", "\n": "newline",
+                      "\r": "carriage return", "\0": "NUL"}
 
 _T = TypeVar("_T")
 
@@ -286,13 +295,21 @@ def _port_free(port: int) -> bool:
 def _pick_port() -> int:
     """A loopback port that nothing listens on now (the kernel picks it)."""
     with _port_lock:
-        while True:
+        for _ in range(_PICK_PORT_ATTEMPTS):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((HOST, 0))
+                try:
+                    s.bind((HOST, 0))
+                except OSError as e:
+                    raise DevClusterError(f"no free loopback port for a server: {e}") from None
                 port = s.getsockname()[1]
             if port not in _ports_handed_out:
                 _ports_handed_out.add(port)
                 return port
+    raise DevClusterError(
+        f"no free loopback port for a server: this process has handed out "
+        f"{len(_ports_handed_out)} ports already and {_PICK_PORT_ATTEMPTS} tries found no other; "
+        "start fewer servers"
+    )
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -306,8 +323,15 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
-def _is_postgres(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) PostgreSQL process."""
+def _is_postgres(pid: int, datadir: Path | None = None) -> bool:
+    """Whether ``pid`` is a live (not zombie) PostgreSQL process; with ``datadir``,
+    one that serves that data directory.
+
+    A pid file can outlive its server (a crash, a reboot) and its pid be reused
+    by another program -- another cluster's server, too: the process must work
+    in ``datadir`` (a postmaster's working directory is its data directory), or
+    name it after ``-D`` on its command line.
+    """
     if not Path("/proc").is_dir():
         # No /proc (macOS): all we can tell is whether the pid exists.
         try:
@@ -324,8 +348,28 @@ def _is_postgres(pid: int) -> bool:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return False
-    # A pid file can outlive its server, and the pid be reused by another program.
-    return comm in ("postgres", "postmaster")
+    if comm not in ("postgres", "postmaster"):
+        return False
+    return datadir is None or _serves(pid, datadir)
+
+
+def _serves(pid: int, datadir: Path) -> bool:
+    """Whether the PostgreSQL process ``pid`` works in ``datadir`` (Linux /proc)."""
+    want = os.path.realpath(datadir)
+    try:
+        return os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == want
+    except PermissionError:
+        pass  # another user's process, and we are not root: try its command line
+    except OSError:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    for i, arg in enumerate(argv[:-1]):
+        if arg == b"-D":
+            return os.path.realpath(os.fsdecode(argv[i + 1])) == want
+    return False
 
 
 def _children(pid: int) -> list[int]:
@@ -365,6 +409,62 @@ def _lsn(text: str) -> int:
 
 def _lsn_text(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+class _Retry(Exception):
+    """The directory ``up`` waited for was removed meanwhile: look at it again."""
+
+
+def _check_path(base: Path) -> None:
+    """Refuse a base directory that pg_ctl's /bin/sh command line would not take literally."""
+    bad = sorted({name for ch, name in _UNSAFE_PATH_CHARS.items() if ch in str(base)})
+    if bad:
+        raise DevClusterError(
+            f"the cluster directory {str(base)!r} contains {', '.join(bad)}: pg_ctl runs the "
+            "server through /bin/sh, where these characters are not taken literally, so "
+            f"they are not allowed ({' '.join(_UNSAFE_PATH_CHARS.values())}); choose another "
+            "directory"
+        )
+
+
+def _make_and_lock(base: Path) -> tuple[bool, int]:
+    """Create ``base`` if missing and lock it exclusively (waiting for another ``up``).
+
+    Returns whether this call created it, and the open descriptor that holds
+    the lock (closing it releases the lock).  Raises :class:`_Retry` when the
+    directory was removed while we waited (a concurrent ``up`` failed).
+    """
+    if base.exists() and not base.is_dir():
+        raise DevClusterError(
+            f"{base} is not an empty directory and holds no dev cluster; "
+            "choose a new or empty directory"
+        )
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            base.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise DevClusterError(
+            f"cannot create the cluster directory {base}: {e.strerror or e}; "
+            "choose a directory you can write to"
+        ) from None
+    try:
+        # Another `dev up` on this directory holds it until its servers are up.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(base))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise _Retry()
+    except BaseException:
+        os.close(fd)
+        raise
+    return created, fd
 
 
 class _PortInUse(DevClusterError):
@@ -469,7 +569,7 @@ class DevNode:
     def is_running(self) -> bool:
         """Whether the node's postmaster is alive."""
         pid = self._pid()
-        return pid is not None and _is_postgres(pid)
+        return pid is not None and _is_postgres(pid, self.datadir)
 
     def start(self, timeout: float = _START_TIMEOUT) -> None:
         """Start the server and wait until it accepts connections; no-op if it runs.
@@ -533,7 +633,7 @@ class DevNode:
         still held the old shared memory.  The next start runs crash recovery.
         """
         pid = self._pid()
-        if pid is None or not _is_postgres(pid):
+        if pid is None or not _is_postgres(pid, self.datadir):
             raise DevClusterError(f"cannot kill {self.name}: it is not running", node=self.name)
         # Frozen, the postmaster cannot fork a child we would not know about.
         os.kill(pid, signal.SIGSTOP)
@@ -823,6 +923,11 @@ class _ClusterLayout:
                 f"got shards={shards}, replicas={replicas}, buckets={bucket_count}"
             )
         n_nodes = shards * (1 + replicas)
+        if n_nodes > MAX_NODES:
+            raise DevClusterError(
+                f"{shards} shard(s) x (1 primary + {replicas} replica(s)) is {n_nodes} servers; "
+                f"a local cluster has at most {MAX_NODES}"
+            )
         if port_start is not None and not 1024 <= port_start <= 65536 - n_nodes:
             raise DevClusterError(f"port_start must leave room for {n_nodes} ports in 1024..65535, "
                                   f"not {port_start}")
@@ -939,7 +1044,7 @@ class DevCluster(_ClusterLayout):
         except FileNotFoundError:
             raise DevClusterError(
                 f"no dev cluster in {base} ({STATE_FILE} is missing); "
-                f"start one with `shardkit dev up --dir {base}`"
+                f"start one with `shardkit dev up --dir {shlex.quote(str(base))}`"
             ) from None
         except (OSError, ValueError) as e:
             raise DevClusterError(f"cannot read {path}: {e}; remove {base} and start again") from e
@@ -992,17 +1097,34 @@ class DevCluster(_ClusterLayout):
         """
         cls._check_shape(shards, replicas, bucket_count, port_start)
         base = Path(base_dir).expanduser().absolute()
-        if (base / STATE_FILE).exists():
-            return cls._reuse(base, shards, replicas, bucket_count)
-        if base.exists() and (not base.is_dir() or any(base.iterdir())):
-            raise DevClusterError(
-                f"{base} is not an empty directory and holds no dev cluster; "
-                "choose a new or empty directory"
-            )
+        _check_path(base)
+        while True:
+            created_base, lock_fd = _make_and_lock(base)
+            try:
+                if (base / STATE_FILE).exists():
+                    return cls._reuse(base, shards, replicas, bucket_count)
+                if any(base.iterdir()):
+                    raise DevClusterError(
+                        f"{base} is not an empty directory and holds no dev cluster; "
+                        "choose a new or empty directory"
+                    )
+                return cls._up_new(base, created_base, shards, replicas, bucket_count,
+                                   port_start)
+            except _Retry:
+                continue
+            finally:
+                os.close(lock_fd)
 
-        programs = _Programs(find_pg_bin(), _server_os_user())
-        created_base = not base.exists()
-        base.mkdir(parents=True, exist_ok=True)
+    @classmethod
+    def _up_new(cls, base: Path, created_base: bool, shards: int, replicas: int,
+                bucket_count: int, port_start: int | None) -> DevCluster:
+        """Start a new cluster in the empty directory ``base``, which the caller has locked."""
+        try:
+            programs = _Programs(find_pg_bin(), _server_os_user())
+        except BaseException:
+            if created_base:
+                base.rmdir()
+            raise
         if created_base:
             programs.own(base)
         blocked = _unreachable_ancestor(base, programs)
@@ -1044,7 +1166,7 @@ class DevCluster(_ClusterLayout):
                     f"{shape[2]} buckets")
             raise DevClusterError(
                 f"{base} already holds {what}, not the {shards} shard(s) x {replicas} replica(s) "
-                f"and {bucket_count} buckets asked for; run `shardkit dev down --dir {base}` first"
+                f"and {bucket_count} buckets asked for; run `shardkit dev down --dir {shlex.quote(str(base))}` first"
             )
         stopped = [n for n in cluster.nodes if not n.is_running()]
         if stopped:
@@ -1057,6 +1179,8 @@ class DevCluster(_ClusterLayout):
                 node.wait_streaming()
 
             _in_parallel(start_replica, [n for n in stopped if n.role == "replica"], cancel)
+        if not (base / CONFIG_FILE).exists():
+            cluster.write_config(base / CONFIG_FILE)
         return cluster
 
     def _plan(self, shards: int, replicas: int, port_start: int | None) -> None:
@@ -1154,7 +1278,7 @@ class DevCluster(_ClusterLayout):
             raise DevClusterError(
                 f"could not stop {', '.join(str(e.node) for e in failures)}: "
                 f"{'; '.join(e.message for e in failures)}; kill the pid in each one's "
-                f"postmaster.pid, then run `shardkit dev down --dir {self.base_dir}` again",
+                f"postmaster.pid, then run `shardkit dev down --dir {shlex.quote(str(self.base_dir))}` again",
                 node=failures[0].node,
             )
         if remove and self.base_dir.exists():
