@@ -219,6 +219,9 @@ def unreachable_reason(context: Any) -> str | None:
     could not be reached (a connection lost or refused), else ``None`` (pre-pings
     included: the pool reconnects by itself)."""
     cause = context.original_exception
+    if not isinstance(cause, Exception):
+        # Ctrl-C, SystemExit: SQLAlchemy drops the connection, but the server is fine.
+        return None
     if context.is_pre_ping or not (context.is_disconnect or (
             context.connection is None and isinstance(cause, psycopg.OperationalError))):
         return None
