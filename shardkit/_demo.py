@@ -8,8 +8,12 @@ statement went, checking every claim against the shards themselves.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 from ._cluster import Cluster
 from ._scope import scope
 from ._session import ShardedSession
-from .devcluster import DevCluster
+from .devcluster import STATE_FILE, DevCluster
 from .errors import ShardkitError
 
 
@@ -59,6 +63,11 @@ class Country(_Base):
     name: Mapped[str] = mapped_column(String(100))
 
 
+# The demo's own catalog database, on s0's server: reset at every start, so a
+# cluster kept from an earlier run (or started with `dev up --catalog`, whose
+# catalog is shardkit_catalog) does not carry a map the demo has changed.
+CATALOG_DB = "shardkit_demo_catalog"
+
 GROUPS = {
     "groups": {
         "customers": {
@@ -78,41 +87,100 @@ GROUPS = {
 }
 
 
+def _groups(shard_names: list[str]) -> dict[str, Any]:
+    """GROUPS for these shards: invoices from 5000 on live on the second shard (if any)."""
+    upper = shard_names[1] if len(shard_names) > 1 else shard_names[0]
+    groups = {**GROUPS, "groups": dict(GROUPS["groups"])}
+    groups["groups"]["invoices"] = {
+        **GROUPS["groups"]["invoices"],
+        "ranges": [{"to": 5000, "shard": shard_names[0]}, {"from": 5000, "shard": upper}],
+    }
+    return groups
+
+
 def _h(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 66 - len(title)))
 
 
+class _Terminated(SystemExit):
+    """SIGTERM arrived: unwind like Ctrl-C, so the cluster is stopped on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    print("\nterminated; stopping the cluster", file=sys.stderr)
+    raise _Terminated(128 + signum)
+
+
 def run_demo(dir: str | None = None, keep: bool = False, shards: int = 3, replicas: int = 1) -> int:
     DevCluster._check_shape(shards, replicas, 1024, None)  # before making a directory
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run_demo(dir, keep, shards, replicas)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_demo(dir: str | None, keep: bool, shards: int, replicas: int) -> int:
     tmp = None
     if dir is None:
         tmp = tempfile.mkdtemp(prefix="shardkit-demo-")
         os.chmod(tmp, 0o755)  # the unprivileged server user must reach the data directories
         base = Path(tmp) / "cluster"
     else:
-        base = Path(dir)
+        base = Path(dir).expanduser().absolute()
+    # A cluster already there (`dev up`, or an earlier `demo --keep`) is the user's:
+    # the demo uses it and leaves it running.
+    reused = (base / STATE_FILE).exists()
     _h(f"starting a local cluster: {shards} shards x (1 primary + {replicas} replicas)")
     t0 = time.monotonic()
-    dev = DevCluster.up(base, shards=shards, replicas=replicas)
-    print(f"up in {time.monotonic() - t0:.1f} s")
-    for s in dev.shards:
-        for n in s.nodes:
-            print(f"  {n.name:<12} {n.role:<8} 127.0.0.1:{n.port}")
-    # The catalog (the live bucket map, for online moves) is a database on s0's server.
-    catalog_url = dev.create_catalog()
-    config_path = dev.write_config(base / "shardkit.toml", {**GROUPS, "catalog": {"url": catalog_url}})
-    print(f"config written to {config_path}")
     try:
+        dev = DevCluster.up(base, shards=shards, replicas=replicas)
+    except BaseException:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    stop_cmd = f"shardkit dev down --dir {shlex.quote(str(dev.base_dir))}"
+    try:
+        if reused:
+            print(f"reusing the cluster already running in {dev.base_dir}")
+        else:
+            print(f"up in {time.monotonic() - t0:.1f} s")
+        for s in dev.shards:
+            for n in s.nodes:
+                print(f"  {n.name:<12} {n.role:<8} 127.0.0.1:{n.port}")
+        # The catalog (the live bucket map, for online moves) is a database on s0's server.
+        catalog_url = _fresh_catalog(dev)
+        # A reused cluster's shardkit.toml is the user's: the demo writes its own file.
+        config_path = dev.write_config(
+            base / ("shardkit-demo.toml" if reused else "shardkit.toml"),
+            {**_groups([s.name for s in dev.shards]), "catalog": {"url": catalog_url}})
+        print(f"config written to {config_path}")
         _tour(config_path)
     finally:
-        if keep:
-            print(f"\ncluster left running; stop it with: shardkit dev down --dir {base}")
+        if reused:
+            print(f"\nthe cluster was running before the demo, so it is left running; "
+                  f"stop it with: {stop_cmd}")
+        elif keep:
+            print(f"\ncluster left running; stop it with: {stop_cmd}")
         else:
             dev.down(remove=True)
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             print("\ncluster stopped and removed (pass --keep to leave it running)")
     return 0
+
+
+def _fresh_catalog(dev: DevCluster) -> str:
+    """(Re)create the demo's catalog database, empty: every run starts from the config's map."""
+    import psycopg
+
+    with psycopg.connect(dev.shards[0].primary.dsn, dbname="postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {CATALOG_DB} WITH (FORCE)")
+    return dev.create_catalog(CATALOG_DB)
 
 
 def _tour(config_path: Path) -> None:
@@ -180,9 +248,12 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
     _h("IN lists are split: each shard gets only its own keys")
     keys = [3, 14, 15, 92, 65, 35, 89, 79]
     route = cluster.explain(select(Customer).where(Customer.id.in_(keys)))
-    (bind,) = {k for per in (route.split or {}).values() for k in per}
+    binds = {k for per in (route.split or {}).values() for k in per}
     for name in route.shards:
-        print(f"  {name}: {sorted(route.split[name][bind])}")
+        if len(binds) == 1 and route.split:
+            print(f"  {name}: {sorted(route.split[name][next(iter(binds))])}")
+        else:  # a single shard: nothing to split
+            print(f"  {name}: {sorted(keys)}")
     with Session(consistency_token=token) as s:
         got = s.scalars(select(Customer).where(Customer.id.in_(keys))).all()
     print(f"  fetched {len(got)} customers")
@@ -241,12 +312,15 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
 
     _h("mistakes are refused with a clear error")
     with Session() as s:
-        for what, fn in (
+        mistakes = [
             ("change a shard key across shards", lambda: _move_key(s, cluster)),
             ("key-less bulk delete", lambda: s.execute(
                 Customer.__table__.delete().where(Customer.__table__.c.country == "fr"))),
             ("insert without a key", lambda: s.execute(insert(Customer).values(name="x", country="fr"))),
-        ):
+        ]
+        if len(cluster.shard_names) < 2:
+            mistakes = mistakes[1:]  # with one shard, no key change crosses shards
+        for what, fn in mistakes:
             try:
                 fn()
                 print(f"  {what}: (not refused!)")
