@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import re
+import shlex
 import sys
 import uuid
 from pathlib import Path
@@ -90,7 +91,7 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
         for node in shard.nodes:
             print(f"  {node.name:<12} {node.role:<8} 127.0.0.1:{node.port}")
     print(f"config: {Path(cluster.base_dir) / 'shardkit.toml'}")
-    print(f"stop it with: shardkit dev down --dir {args.dir}")
+    print(f"stop it with: shardkit dev down --dir {shlex.quote(str(cluster.base_dir))}")
     return 0
 
 
