@@ -42,6 +42,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -64,9 +65,13 @@ _SHM_MIN_FREE = 2 << 30  # bytes; a small cluster needs ~0.1 GB a node, more as 
 
 AnyCluster: TypeAlias = DevCluster | DockerCluster
 
-# Clusters started and not yet stopped, for the atexit hook.
+# Clusters started and not yet stopped, for the atexit hook and the SIGTERM handler.
 _live: list[AnyCluster] = []
-_live_lock = threading.Lock()
+# Reentrant: the SIGTERM handler runs in the main thread, possibly while it holds the lock.
+_live_lock = threading.RLock()
+_sigterm_installed = False
+# Session directories, removed by the SIGTERM handler once empty.
+_roots: list[Path] = []
 
 
 def _down(cluster: AnyCluster) -> None:
@@ -88,6 +93,38 @@ def _down_leftovers() -> None:
 
 
 atexit.register(_down_leftovers)
+
+
+def _install_sigterm_handler() -> None:
+    """Stop this session's clusters on SIGTERM (a CI time limit, `timeout`, a
+    cancelled job), which runs neither fixture teardown nor atexit hooks.
+
+    Installed once, from the main thread only; it chains the handler it replaces
+    (or, if that was the default, dies of SIGTERM as the default would).
+    """
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:
+        return  # SIGTERM does not end this process: nothing to clean up after
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        _down_leftovers()
+        for root in _roots:
+            try:
+                root.rmdir()  # only if empty: a cluster still starting keeps its files
+            except OSError:
+                pass
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    _sigterm_installed = True
 
 
 def _docker_unavailable() -> str | None:
@@ -149,7 +186,9 @@ def shardkit_cluster_factory() -> Iterator[Callable[..., AnyCluster]]:
     """``factory(shards=2, replicas=1, **kw)``: start a fresh cluster for this session."""
     backend = _check_backend()
     up: Callable[..., AnyCluster] = DockerCluster.up if backend == "docker" else DevCluster.up
+    _install_sigterm_handler()
     root = _cluster_root()
+    _roots.append(root)
     mine: list[AnyCluster] = []
     numbers = itertools.count()
 
