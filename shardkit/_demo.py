@@ -67,6 +67,9 @@ class Country(_Base):
 # cluster kept from an earlier run (or started with `dev up --catalog`, whose
 # catalog is shardkit_catalog) does not carry a map the demo has changed.
 CATALOG_DB = "shardkit_demo_catalog"
+# In a cluster directory: the demo started this cluster, so its shards' ownership
+# guard is the demo's to reset.
+DEMO_MARKER = ".shardkit-demo"
 
 GROUPS = {
     "groups": {
@@ -145,6 +148,11 @@ def _run_demo(dir: str | None, keep: bool, shards: int, replicas: int) -> int:
         raise
     stop_cmd = f"shardkit dev down --dir {shlex.quote(str(dev.base_dir))}"
     try:
+        if not reused:
+            (base / DEMO_MARKER).write_text("started by `shardkit demo`\n")
+        # Online rebalancing resets each shard's bucket ownership (the guard): only
+        # on a cluster the demo made, never on one of the user's.
+        rebalance_ok = (base / DEMO_MARKER).exists()
         if reused:
             print(f"reusing the cluster already running in {dev.base_dir}")
         else:
@@ -159,8 +167,10 @@ def _run_demo(dir: str | None, keep: bool, shards: int, replicas: int) -> int:
             base / ("shardkit-demo.toml" if reused else "shardkit.toml"),
             {**_groups([s.name for s in dev.shards]), "catalog": {"url": catalog_url}})
         print(f"config written to {config_path}")
-        _tour(config_path)
+        _tour(config_path, rebalance_ok)
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
         if reused:
             print(f"\nthe cluster was running before the demo, so it is left running; "
                   f"stop it with: {stop_cmd}")
@@ -183,7 +193,7 @@ def _fresh_catalog(dev: DevCluster) -> str:
     return dev.create_catalog(CATALOG_DB)
 
 
-def _tour(config_path: Path) -> None:
+def _tour(config_path: Path, rebalance_ok: bool = True) -> None:
     cluster = Cluster.from_config(config_path, metadata=_Base.metadata)
     Session = sessionmaker(class_=ShardedSession, cluster=cluster)
     hits: Counter[str] = Counter()
@@ -197,12 +207,13 @@ def _tour(config_path: Path) -> None:
                          lambda *a, node=e.info["node"], **k: hits.__setitem__(node, hits[node] + 1))
     cluster.start_monitor()
     try:
-        _tour_steps(cluster, Session, hits)
+        _tour_steps(cluster, Session, hits, rebalance_ok)
     finally:
         cluster.dispose()
 
 
-def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
+def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str],
+                rebalance_ok: bool = True) -> None:
 
     _h("writes: 1,000 customers with 3 orders each, through one ShardedSession")
     t0 = time.monotonic()
@@ -328,7 +339,11 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str]) -> None:
                 print(f"  {what}: {type(e).__name__}: {e}")
             s.rollback()
 
-    if len(cluster.shard_names) > 1:
+    if len(cluster.shard_names) > 1 and not rebalance_ok:
+        _h("online rebalancing: skipped")
+        print("  this cluster was not started by the demo: moving buckets would reset its shards'")
+        print("  ownership guard; run the demo with a new --dir (or none) to see it")
+    elif len(cluster.shard_names) > 1:
         _rebalance_step(cluster, Session)
 
 
