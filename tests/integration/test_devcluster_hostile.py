@@ -308,6 +308,16 @@ def test_demo_kept_runs_again_and_never_deletes_a_cluster_it_did_not_start(root)
     assert f"shardkit dev down --dir {base}" in r2.stdout
     with DevCluster.load(base).shards[0].primary.connect() as conn:
         assert conn.execute("SELECT count(*) FROM precious").fetchone() == (1,)
+    # A cluster `dev up` started: left running and untouched, its config too, and
+    # no online move resets its shards' ownership guard.
+    users = root / "users"
+    DevCluster.up(users, shards=2, replicas=0)
+    config_before = (users / "shardkit.toml").read_text()
+    r3 = shardkit("demo", "--shards", "2", "--replicas", "0", "--dir", str(users))
+    assert r3.returncode == 0, r3.stdout + r3.stderr
+    assert "[ok:" in r3.stdout and "online rebalancing: skipped" in r3.stdout, r3.stdout
+    assert DevCluster.load(users).nodes[0].is_running()
+    assert (users / "shardkit.toml").read_text() == config_before
 
 
 def _demo_env(tmp: Path) -> dict[str, str]:
