@@ -449,7 +449,7 @@ def _make_and_lock(base: Path) -> tuple[bool, int]:
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         raise DevClusterError(
-            f"cannot create the cluster directory {base}: {e.strerror or e}; "
+            f"cannot create or open the cluster directory {base}: {e.strerror or e}; "
             "choose a directory you can write to"
         ) from None
     try:
