@@ -7,7 +7,8 @@ Loaded through the ``pytest11`` entry point once shardkit is installed.
     chosen backend (keywords go to its ``up``: ``bucket_count``,
     ``port_start``).  Every cluster it started is stopped and removed when the
     session ends, also after failures and Ctrl-C; an :mod:`atexit` hook catches
-    what teardown missed.
+    what teardown missed, and a SIGTERM handler (installed from the main thread,
+    chaining the one it replaces) stops them when the session is terminated.
 ``shardkit_dev_cluster`` (session)
     one 2-shard x 1-replica cluster shared by the whole session.  Tests that
     stop or kill nodes, or set apply delays, should start their own cluster
