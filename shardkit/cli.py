@@ -439,9 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
         msub.add_parser(verb, help=helptext)
     for verb, mp in msub.choices.items():
         mp.add_argument("--config", "-c", default="shardkit.toml")
-        if verb != "current":   # current reads each shard's alembic_version, not the scripts
-            mp.add_argument("--alembic-ini", default=None,
-                            help="Alembic config (default: ./migrations/alembic.ini)")
+        # current reads each shard's alembic_version, not the scripts; it accepts the
+        # flag so that one command line works for every verb.
+        mp.add_argument("--alembic-ini", default=None,
+                        help="Alembic config (default: ./migrations/alembic.ini)"
+                        + ("; accepted and not needed by current" if verb == "current" else ""))
         mp.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_migrate)
 
