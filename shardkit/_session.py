@@ -138,6 +138,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_replica: dict[str, int] = {}
         # During a flush (with a catalog): where the objects it writes were loaded from.
         self._sk_placements: list[tuple[Any, Any, str, Any]] | None = None
+        # During a flush: new reference rows already copied to every shard.
+        self._sk_ref_copied: set[Any] = set()
         if consistency_token:
             self.require_token(consistency_token)
 
@@ -182,10 +184,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
         shards: set[str] = set()
         touched: set[str] = set()
         names: set[str] = set()
-        for st in self._flush_states():
-            token = self._flush_token(st)
+        for st in (*self._new, *(inspect(o) for o in self.dirty), *self._deleted):
+            token = st.key[2] if st.key is not None else st.identity_token
             if token is None:
-                continue
+                try:
+                    token = shard_of_instance(self.cluster, st.mapper, st.obj())
+                except ShardkitError:
+                    continue
             touched.add(token)
             rels = [r for r in st.mapper.relationships if r.secondary is not None
                     and (r.mapper.isa(mapper) or st.mapper.isa(mapper))]
@@ -203,18 +208,6 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return shards.pop()
         # No association row changes: any shard this flush writes (nothing runs there).
         return min(touched) if touched else None
-
-    def _flush_states(self) -> list[Any]:
-        return [*self._new, *(inspect(o) for o in self.dirty), *self._deleted]
-
-    def _flush_token(self, st: Any) -> str | None:
-        token = st.key[2] if st.key is not None else st.identity_token
-        if token is None:
-            try:
-                token = shard_of_instance(self.cluster, st.mapper, st.obj())
-            except ShardkitError:
-                return None
-        return token
 
     def _identity_shards(self, mapper: Any, primary_key: Any, *, lazy_loaded_from: Any = None,
                          **kw: Any) -> Iterable[str]:
@@ -2037,11 +2030,7 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
             continue
         if tr.strategy is None:
             continue
-        changed = False
-        for cname in tr.key_columns:
-            prop = mapper.get_property_by_column(mapper.local_table.c[cname])
-            if state.attrs[prop.key].history.has_changes():
-                changed = True
+        changed = _key_changed(state, mapper, tr)
         new_shard = shard_of_instance(session.cluster, mapper, obj) if changed else None
         old_shard = state.key[2]
         if new_shard is None or new_shard == old_shard:
@@ -2071,6 +2060,13 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
             )
 
 
+def _key_changed(state: Any, mapper: Any, tr: TableRoute) -> bool:
+    """Whether a shard-key column of ``state`` has a pending change."""
+    table = mapper.local_table
+    return any(state.attrs[mapper.get_property_by_column(table.c[c]).key].history.has_changes()
+               for c in tr.key_columns if c in table.c)
+
+
 def _refuse_key_change_in_flush(mapper: Any, connection: Any, target: Any) -> None:
     """Mapper "before_update": the flush itself may set a shard key (removing a child
     from a one-directional collection nulls it; appending it to another parent's
@@ -2090,15 +2086,7 @@ def _refuse_key_change_in_flush(mapper: Any, connection: Any, target: Any) -> No
         return
     if tr.strategy is None:
         return
-    table = mapper.local_table
-    changed = False
-    for cname in tr.key_columns:
-        if cname not in table.c:
-            return
-        prop = mapper.get_property_by_column(table.c[cname])
-        if state.attrs[prop.key].history.has_changes():
-            changed = True
-    if not changed:
+    if not _key_changed(state, mapper, tr):
         return
     try:
         new_shard = shard_of_instance(session.cluster, mapper, target)
@@ -2120,8 +2108,8 @@ def _refuse_key_change_in_flush(mapper: Any, connection: Any, target: Any) -> No
 def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
     """Mapper "after_insert": a new reference row reaches every shard at once, in the
     flush, so a sharded row inserted later in the same flush (on any shard) can
-    reference it by foreign key.  (after_flush copies every changed reference row
-    again; the upsert makes that a no-op for this one.)"""
+    reference it by foreign key.  (after_flush then skips it, unless a post_update
+    relationship may have changed it after the INSERT.)"""
     state = inspect(target)
     session = state.session
     if not isinstance(session, ShardedSession):
@@ -2142,14 +2130,22 @@ def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
         *[c == v for c, v in zip(pk_cols, pk)])).mappings().first()
     if row is None:
         return
-    ins = pg_insert(table)
-    stmt = ins.on_conflict_do_update(
-        index_elements=pk_cols,
-        set_={c.name: ins.excluded[c.name] for c in table.columns if not c.primary_key},
-    ) if len(pk_cols) < len(table.columns) else ins.on_conflict_do_nothing()
+    stmt = _reference_upsert(table)
     for shard in cluster.shard_names:
         if shard != home:
             session.connection(bind_arguments={"shard_id": shard}).execute(stmt, [dict(row)])
+    session._sk_ref_copied.add(state)
+
+
+def _reference_upsert(table: Any) -> Any:
+    """INSERT of a reference row that overwrites the copy a shard already has."""
+    pk_cols = list(table.primary_key.columns)
+    ins = pg_insert(table)
+    if len(pk_cols) == len(table.columns):
+        return ins.on_conflict_do_nothing()
+    return ins.on_conflict_do_update(
+        index_elements=pk_cols,
+        set_={c.name: ins.excluded[c.name] for c in table.columns if not c.primary_key})
 
 
 def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
@@ -2159,11 +2155,14 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
     router = cluster.router
     upserts: dict[tuple[Any, str], list[Any]] = {}
     deletes: dict[tuple[Any, str], list[Any]] = {}
+    copied, session._sk_ref_copied = session._sk_ref_copied, set()
     for bucket, objs in ((upserts, list(session.new) + list(session.dirty)),
                          (deletes, list(session.deleted))):
         for obj in objs:
             state = inspect(obj)
             mapper = state.mapper
+            if state in copied and not any(r.post_update for r in mapper.relationships):
+                continue  # copied at its INSERT (_copy_new_reference_row)
             try:
                 tr: TableRoute = router.table_route(mapper)
             except RoutingError:
@@ -2204,14 +2203,10 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 rows.append(dict(row))
         if not rows:
             continue
+        stmt = _reference_upsert(table)
         for shard in cluster.shard_names:
             if shard == home:
                 continue
-            ins = pg_insert(table)
-            stmt = ins.on_conflict_do_update(
-                index_elements=pk_cols,
-                set_={c.name: ins.excluded[c.name] for c in table.columns if not c.primary_key},
-            ) if len(pk_cols) < len(table.columns) else ins.on_conflict_do_nothing()
             session.connection(bind_arguments={"shard_id": shard}).execute(stmt, rows)
 
 
@@ -2452,6 +2447,8 @@ def _end_transaction(session: Session, transaction: Any) -> None:
             session._sk_commit_conns = {}
         if session._sk_replica:
             session._sk_replica = {}
+        if session._sk_ref_copied:
+            session._sk_ref_copied = set()  # a flush that failed before after_flush
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
