@@ -69,7 +69,6 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster
 from ._config import conninfo, with_bucket_map
@@ -162,15 +161,8 @@ def _may_replicate(conn: psycopg.Connection) -> bool:
 
 
 def _may_replicate_sa(conn: Any) -> bool:
-    """:func:`_may_replicate` on a SQLAlchemy connection (in a savepoint of its transaction)."""
-    try:
-        with conn.begin_nested():
-            conn.exec_driver_sql(_REPLICA_ON)
-    except DBAPIError as e:
-        if isinstance(e.orig, psycopg.errors.InsufficientPrivilege):
-            return False
-        raise
-    return True
+    """:func:`_may_replicate` on a SQLAlchemy connection (a savepoint of its transaction)."""
+    return _may_replicate(conn.connection.dbapi_connection)
 
 
 class _KeyClash(RebalanceError):
