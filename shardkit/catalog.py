@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
@@ -42,6 +43,8 @@ log = logging.getLogger("shardkit.catalog")
 MAP_CHANNEL: Final = "shardkit_map"
 #: Advisory lock key (first half) of movers in the catalog database.
 MOVER_LOCK_CLASS: Final = 0x534B  # "SK"
+#: Seconds a process waits for the catalog to answer a read of the live map.
+ANSWER_TIMEOUT: Final = 5.0
 
 _SCHEMA_SQL: Final = (
     "SELECT pg_advisory_xact_lock(5456785)",
@@ -118,9 +121,12 @@ class CatalogState:
 class Catalog:
     """The catalog database of one cluster."""
 
-    def __init__(self, url: URL | str, *, engine: Engine | None = None) -> None:
+    def __init__(self, url: URL | str, *, engine: Engine | None = None,
+                 answer_timeout: float = ANSWER_TIMEOUT) -> None:
         self.url = url
         self._initialised = False
+        #: seconds :meth:`current_state` (without a connection) waits for an answer
+        self.answer_timeout = answer_timeout
         # A small pool: processes poll the catalog while they wait for a new map
         # version (a refused write), and a mover holds one connection for its lock.
         self.engine = engine or create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True,
@@ -213,12 +219,45 @@ class Catalog:
                                 {k: frozenset(v) for k, v in foreign.items()}, moved_lsn, int(seq))
         if conn is not None:
             return read(conn)
-        with self.engine.connect() as c:
-            c.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+
+        def read_own() -> CatalogState | None:
+            with self.engine.connect() as c:
+                c.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                try:
+                    return read(c)
+                finally:
+                    c.rollback()
+        return self._answer_within(read_own)
+
+    def _answer_within(self, fn: Any) -> Any:
+        """``fn()``, or ShardUnavailable once the catalog has not answered for ``answer_timeout``.
+
+        Application threads reload the map (a write refused as not owned), and a
+        catalog that is frozen (a paused VM, a storage stall) or cut off without a
+        reset keeps its connections open and silent: the driver would wait for its
+        answer for as long as the kernel keeps the connection (minutes, or until the
+        server resumes).  So the read runs in a thread of its own, which is left to
+        finish (or fail) by itself when the caller gives up on it.
+        """
+        done = threading.Event()
+        out: list[tuple[bool, Any]] = []
+
+        def run() -> None:
             try:
-                return read(c)
+                out.append((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                out.append((False, e))
             finally:
-                c.rollback()
+                done.set()
+        threading.Thread(target=run, name="shardkit-catalog-read", daemon=True).start()
+        if not done.wait(self.answer_timeout):
+            raise ShardUnavailable(
+                f"the catalog ({mask_url(self.url)}) did not answer within {self.answer_timeout:g} s",
+                node="catalog")
+        ok, value = out[0]
+        if ok:
+            return value
+        raise value
 
     def publish_map(self, conn: Connection, bucket_map: Sequence[str], reason: str,
                     *, slices: Sequence[Slice] | None = None, expect_version: int | None = None) -> int:
