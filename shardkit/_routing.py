@@ -154,9 +154,6 @@ class Router:
         for t in config.reference_tables:
             self.tables[t] = TableRoute(t, None, (), None)
         self._plans: dict[Any, _Plan] = {}
-        # (length of a cache key, ORM entity) -> (that key, its plan), for the last statement
-        # planned by such a key (see _plan_for).
-        self._recent_plans: dict[tuple[int, Any], tuple[Any, _Plan]] = {}
         self._plans_lock = threading.Lock()
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
@@ -601,34 +598,13 @@ class Router:
                 if plan is not None:
                     return plan, plan.binds
         if ck is not None:
-            key = ck.key
-            # Hashing that nested key for the lookup costs as much as the rest of a keyed
-            # route; comparing it with an equal key costs a fraction of that.  Code tends
-            # to run a few statement shapes over and over, so the last plan found for a
-            # key of this length and entity (ORM statements name one) is tried first:
-            # different shapes mostly differ in one of them, and another shape costs at
-            # most that comparison.  (A plan depends only on the key: it never goes stale.)
-            slot = (len(key), statement._propagate_attrs.get("plugin_subject"))
-            last = self._recent_plans.get(slot)
-            plan = None
-            try:
-                if last is not None and last[0] == key:
-                    plan = last[1]
-            except Exception:  # noqa: BLE001 - an element that cannot compare: look it up
-                pass
+            plan = self._plans.get(ck.key)
             if plan is None:
-                plan = self._plans.get(key)
-                if plan is None:
-                    plan = self._analyze(statement, ck.bindparams, None)
-                    with self._plans_lock:
-                        if len(self._plans) > 5000:
-                            self._plans.clear()
-                            self._recent_plans.clear()
-                        self._plans[key] = plan
-            # Kept with the newest key: the next statement of this shape is then usually
-            # made of the same objects, which compare by identity.  (An application's first
-            # statements, built before its mappers were configured, are made of others.)
-            self._recent_plans[slot] = (key, plan)
+                plan = self._analyze(statement, ck.bindparams, None)
+                with self._plans_lock:
+                    if len(self._plans) > 5000:
+                        self._plans.clear()
+                    self._plans[ck.key] = plan
             return plan, ck.bindparams
         plan = self._analyze(statement, None, None)
         return plan, plan.binds

@@ -46,11 +46,6 @@ def current_scope() -> RoutingScope:
     return _current.get()
 
 
-#: :func:`current_scope` as the context variable's own ``get``: the session reads the
-#: scope on every statement, and this spares that read a Python call.
-scope_in_force = _current.get
-
-
 def lag_limit_problem(name: str, value: Any) -> str | None:
     """What is wrong with a per-read lag limit (``max_lag_seconds``/``max_lag_bytes``), if anything."""
     integer = name.endswith("bytes")

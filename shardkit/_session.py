@@ -69,7 +69,7 @@ from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for, derived_select, with_statement_params
 from ._scatter import function_names, merge_rows, plan_scatter, text_comparison
-from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem, scope_in_force
+from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import (
@@ -87,9 +87,6 @@ from .errors import (
 __all__ = ["ShardedSession", "run_transaction"]
 
 log = logging.getLogger("shardkit.session")
-
-# The replicas a read has failed on, before it failed on any.
-_NONE_TRIED: Final[frozenset[int]] = frozenset()
 
 class ShardedSession(horizontal_shard.ShardedSession):
     """A :class:`~sqlalchemy.orm.Session` over a :class:`~shardkit.Cluster`.
@@ -343,18 +340,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 self._sk_tokens[shard] = lsn
 
     def _read_target(self, shard: str, statement: Any, execution_options: Any,
-                     sc: RoutingScope | None = None, exclude: frozenset[int] = _NONE_TRIED,
-                     *, plain: bool = False) -> int | None:
+                     sc: RoutingScope | None = None, exclude: frozenset[int] = frozenset()
+                     ) -> int | None:
         """The replica index a read on ``shard`` should use, or None for the primary.
 
         ``sc``: the scope in force, if the caller has it already; ``exclude``: replicas
-        this read already failed on; ``plain``: the caller found no scope and no options."""
+        this read already failed on."""
         cluster = self.cluster
         settings = cluster.replica_settings
         if sc is None:
             sc = current_scope()
-        if plain or (sc is NO_SCOPE and not execution_options
-                     and not getattr(statement, "_execution_options", None)):
+        if sc is NO_SCOPE and not execution_options and not getattr(statement, "_execution_options", None):
             # Most reads: no options, no scope; the session's and the cluster's settings.
             role = consistency = None
             max_s, max_b = settings.max_lag_seconds, settings.max_lag_bytes
@@ -517,16 +513,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 and statement.whereclause is None and not statement._values
                 and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
             return _orm_bulk_update(self, statement._propagate_attrs["plugin_subject"].mapper, params)
-        sc = scope_in_force()
-        # No scope, no options, no bind arguments: most statements.
-        plain = (sc is NO_SCOPE and not execution_options and not bind_arguments
-                 and not getattr(statement, "_execution_options", None))
-        if plain and not getattr(statement, "_with_options", None):
-            # Nothing names a shard (nor set_shard_id): the statement alone decides,
-            # as _route_statement would find.
-            route = self.cluster.router.route(statement, params)
-        else:
-            route = _route_statement(self, statement, params, execution_options, bind_arguments, sc)
+        sc = current_scope()
+        route = _route_statement(self, statement, params, execution_options, bind_arguments, sc)
         if route.is_write or getattr(statement, "_for_update_arg", None) is not None:
             # Rows written or locked: the rest of the transaction reads them on the primary.
             self._sk_written.update(route.shards)
@@ -546,52 +534,37 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 if route.is_write and route.keys and self.cluster.catalog is not None:
                     _check_still_owner(self, shard, statement, result, one_key=route.keys == "one")
                 return result
-            return self._read_on(shard, statement, params, execution_options, bind_arguments, kw, sc,
-                                 plain=plain)
+            return self._read_on(shard, statement, params, execution_options, bind_arguments, kw, sc)
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
 
     def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,
                  bind_arguments: Any, kw: Mapping[str, Any], sc: RoutingScope,
-                 tried: set[int] | None = None, *, plain: bool = False) -> Any:
+                 tried: set[int] | None = None) -> Any:
         """Run a read on the freshest-enough node of ``shard``, retrying elsewhere if a replica
-        dies (``tried``: replicas this read already failed on).  ``plain``: no scope, execution
-        options or bind arguments (see :meth:`execute`)."""
-        tried = set(tried) if tried else None
+        dies (``tried``: replicas this read already failed on)."""
+        tried = set(tried or ())
         first_read = shard not in self._sk_replica
         while True:
-            index = self._read_target(shard, statement, execution_options, sc,
-                                      frozenset(tried) if tried else _NONE_TRIED, plain=plain)
+            index = self._read_target(shard, statement, execution_options, sc, frozenset(tried))
             if index is None:
                 eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments, True)
                 return Session.execute(self, statement, params, execution_options=eo,
                                        bind_arguments=ba, **kw)
-            if plain:
-                # A read no option forces to a replica went to one only outside
-                # begin_nested() (see _read_target), and it does not stream: no
-                # transaction on the replica.  Its load options are made once per shard.
-                stream = False
-                eo = _LOAD_OPTIONS.get(shard) or _single(shard, REPLICA, None, None, True)[0]
-                ba = {"shard_id": shard, "shardkit_role": REPLICA, "shardkit_replica": index}
-            else:
-                eo, ba = _single(shard, REPLICA, execution_options, bind_arguments, True)
-                ba["shardkit_replica"] = index
-                stream = self._transactional_read(statement, execution_options)
-                if stream:
-                    ba["shardkit_stream"] = True
+            eo, ba = _single(shard, REPLICA, execution_options, bind_arguments, True)
+            ba["shardkit_replica"] = index
+            stream = self._transactional_read(statement, execution_options)
+            if stream:
+                ba["shardkit_stream"] = True
             try:
-                if kw:  # SQLAlchemy's own internal arguments, for a load it runs
-                    return Session.execute(self, statement, params, execution_options=eo,
-                                           bind_arguments=ba, **kw)
-                # (Unpacking an empty **kw would cost three times the call itself.)
                 return Session.execute(self, statement, params, execution_options=eo,
-                                       bind_arguments=ba)
+                                       bind_arguments=ba, **kw)
             except (ShardUnavailable, sa_exc.DBAPIError) as e:
                 # Replica connections are in autocommit (a streamed read's transaction
                 # has returned no rows yet), so no snapshot is lost by running the
                 # read again elsewhere.
                 if not self._replica_read_failed(shard, index, e, stream):
                     raise
-                tried = (tried or set()) | {index}
+                tried.add(index)
                 self._unpin_failed(shard, index, first_read)
                 log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
 
