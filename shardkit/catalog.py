@@ -23,6 +23,8 @@ import json
 import logging
 import re
 import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
@@ -239,25 +241,20 @@ class Catalog:
         server resumes).  So the read runs in a thread of its own, which is left to
         finish (or fail) by itself when the caller gives up on it.
         """
-        done = threading.Event()
-        out: list[tuple[bool, Any]] = []
+        answer: Future[Any] = Future()
 
         def run() -> None:
             try:
-                out.append((True, fn()))
+                answer.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - handed to the caller
-                out.append((False, e))
-            finally:
-                done.set()
+                answer.set_exception(e)
         threading.Thread(target=run, name="shardkit-catalog-read", daemon=True).start()
-        if not done.wait(self.answer_timeout):
+        try:
+            return answer.result(self.answer_timeout)
+        except FutureTimeout:
             raise ShardUnavailable(
                 f"the catalog ({mask_url(self.url)}) did not answer within {self.answer_timeout:g} s",
-                node="catalog")
-        ok, value = out[0]
-        if ok:
-            return value
-        raise value
+                node="catalog") from None
 
     def publish_map(self, conn: Connection, bucket_map: Sequence[str], reason: str,
                     *, slices: Sequence[Slice] | None = None, expect_version: int | None = None) -> int:
