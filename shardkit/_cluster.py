@@ -121,7 +121,7 @@ class Cluster:
             self.catalog = Catalog(config.catalog_url)
             try:
                 self.refresh_map()
-            except SQLAlchemyError as e:
+            except (SQLAlchemyError, ShardUnavailable) as e:  # refused, or no answer in time
                 # The shards' ownership guards make routing by the file's map
                 # safe: a write to a bucket that has moved is refused, not lost.
                 log.warning("catalog %s unreachable (%s); routing by the config file's map until it answers",

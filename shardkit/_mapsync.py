@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ._config import conninfo, mask_url
 from .catalog import MAP_CHANNEL
+from .errors import ShardUnavailable
 
 if TYPE_CHECKING:
     from ._cluster import Cluster
@@ -110,7 +111,7 @@ class MapFollower:
                         if notified or time.monotonic() - last_poll >= self.poll_interval:
                             self._refresh()
                             last_poll = time.monotonic()
-            except (psycopg.Error, SQLAlchemyError) as e:
+            except (psycopg.Error, SQLAlchemyError, ShardUnavailable) as e:
                 self.connected.clear()
                 if self._stop.is_set():
                     return

@@ -601,6 +601,11 @@ def test_frozen_catalog_does_not_hang_application_threads(world, spawn, caplog):
         t0 = time.monotonic()
         other.dispose()
         disposed = time.monotonic() - t0
+        # A process starting now gets no answer from the catalog: it starts anyway,
+        # routing by the config file's map, once the catalog's answer timeout passes.
+        t0 = time.monotonic()
+        late = spawn(_url(w, app="h2-frozen-late"), follow_map=False)
+        started = time.monotonic() - t0
         t.join(12)
         hung = t.is_alive()
     finally:
@@ -612,6 +617,8 @@ def test_frozen_catalog_does_not_hang_application_threads(world, spawn, caplog):
     error = result.get("error")
     assert isinstance(error, shardkit.ShardUnavailable) and "catalog" in str(error), result
     assert disposed < 1.5, f"dispose took {disposed:.1f} s with the catalog frozen"
+    assert started < 8, f"from_config took {started:.1f} s with the catalog frozen"
+    assert late.map_version is None and late.shard_for("accounts", keys[0]) == "s0"
     _assert_no_secret(caplog, str(error))
     assert _placement(w, [keys[0]]) == before  # refused on s0, never retried
     bumped = _bump(w)
