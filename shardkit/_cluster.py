@@ -198,12 +198,15 @@ class Cluster:
             previous, self.map_version = self.map_version, version
         log.info("bucket map version %s (was %s) from the catalog", version, previous)
 
-    def units_of(self, shard: str, table: Any) -> tuple[tuple[int, ...], str | None, tuple[int, ...]] | None:
+    def units_of(self, shard: str, table: Any, router: Router | None = None
+                 ) -> tuple[tuple[int, ...], str | None, tuple[int, ...]] | None:
         """What this process's map says about ``shard`` for ``table``'s group: the units
         (buckets or slices) it gives the shard, and for range and list groups the group's
         name and every slice it knows of; ``None`` when the ownership guard does not
-        cover the table."""
-        router = self.router  # and its config: one map, even if a new one arrives meanwhile
+        cover the table.  ``router``: ask the map of that router (one that routed a
+        statement) instead of the one in use now."""
+        if router is None:
+            router = self.router  # and its config: one map, even if a new one arrives meanwhile
         config = router.config
         cache = self._units
         if cache[0] is not router:

@@ -78,6 +78,9 @@ class Route:
     merge: str | None = None
     keys: str = ""
     anywhere: bool = False  # reference tables only (or no table): any one shard answers
+    # The router (so the map) that chose the shards by key: what a write's check of the
+    # shard's ownership must compare with (a newer map may have arrived since).
+    router: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_scatter(self) -> bool:
@@ -402,7 +405,7 @@ class Router:
         # "one": all rows in one bucket or slice; an executemany names a key per set.
         one = single is not None and not isinstance(params, (list, tuple))
         route = Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split,
-                      keys="one" if one else "many")
+                      keys="one" if one else "many", router=self)
         if isinstance(statement, Update):
             self._refuse_key_move(statement, params, route)
         if one and role is None and len(ordered) == 1:

@@ -67,7 +67,7 @@ from ._cluster import Cluster
 from ._colocation import reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import PRIMARY, REPLICA, Route, TableRoute, coercer_for, derived_select, with_statement_params
+from ._routing import PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select, with_statement_params
 from ._scatter import function_names, merge_rows, plan_scatter, text_comparison
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._slices import SLICE_BASE
@@ -532,7 +532,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 result = Session.execute(self, statement, params, execution_options=eo,
                                          bind_arguments=ba, **kw)
                 if route.is_write and route.keys and self.cluster.catalog is not None:
-                    _check_still_owner(self, shard, statement, result, one_key=route.keys == "one")
+                    _check_still_owner(self, shard, statement, result, one_key=route.keys == "one",
+                                       router=route.router)
                 return result
             return self._read_on(shard, statement, params, execution_options, bind_arguments, kw, sc)
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
@@ -1221,7 +1222,7 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
             if matched != len(params):
                 if session.cluster.catalog is not None and tr.strategy is not None:
                     # The rows may have moved to another shard since this process's map.
-                    _check_still_owner(session, shard, stmt, result)
+                    _check_still_owner(session, shard, stmt, result, router=router)
                 raise orm_exc.StaleDataError(
                     f"UPDATE of {tr.table} on shard {shard} expected to update {len(params)} "
                     f"row(s); {matched} matched (a primary key that does not exist there, or "
@@ -1249,7 +1250,7 @@ _STILL_OWNER_SLICES_SQL = (
 
 
 def _check_still_owner(session: ShardedSession, shard: str, statement: Any, result: Any, *,
-                       one_key: bool = False) -> None:
+                       one_key: bool = False, router: Router | None = None) -> None:
     """Refuse (:class:`NotOwned`) a keyed UPDATE/DELETE that ``shard`` ran by a stale map.
 
     The guard's triggers see only the rows a statement touches: on a shard that
@@ -1257,7 +1258,11 @@ def _check_still_owner(session: ShardedSession, shard: str, statement: Any, resu
     DELETE of a key there matches nothing and would report success while the
     row lives on elsewhere.  So after such a statement (for ``key = value``:
     only when it matched no rows, since all of a key's rows share one bucket),
-    the shard confirms that this process's map is right about it.
+    the shard confirms that this process's map is right about it: the map of
+    ``router``, the one that routed the statement (default: the one in use).  Not
+    the one in use by the time the statement has run: a new map arriving in between
+    no longer gives the shard the moved bucket, so the shard would be right about
+    everything it is asked and a write that changed nothing would be acknowledged.
     """
     if not isinstance(statement, (Update, Delete)):
         return
@@ -1265,7 +1270,7 @@ def _check_still_owner(session: ShardedSession, shard: str, statement: Any, resu
         return
     _SHORT_WRITE.set(False)  # checked here; a flush need not look again
     cluster = session.cluster
-    known = cluster.units_of(shard, statement.table)
+    known = cluster.units_of(shard, statement.table, router)
     if known is None:
         return
     units, group, slices = known
@@ -1401,15 +1406,16 @@ def _after_flush(session: Any, flush_context: Any) -> None:
 
 
 def _route_by_scope_key(cluster: Cluster, route: Route, key: Any) -> Route:
-    groups = {cluster.router.table_route(t).group for t in route.tables}
+    router = cluster.router
+    groups = {router.table_route(t).group for t in route.tables}
     groups.discard(None)
     if len(groups) != 1:
         return route
     group = groups.pop()
-    table = next(t for t in route.tables if cluster.router.table_route(t).group == group)
-    shard = cluster.shard_for(table, key)
+    table = next(t for t in route.tables if router.table_route(t).group == group)
+    shard = router.shard_for(table, key)
     return Route((shard,), "direct", route.role, f"scope key {key!r} -> {shard}",
-                 route.is_write, route.tables, keys="many")
+                 route.is_write, route.tables, keys="many", router=router)
 
 
 class ScatterResult(IteratorResult):  # type: ignore[type-arg]
@@ -1423,16 +1429,19 @@ class ScatterResult(IteratorResult):  # type: ignore[type-arg]
     missing_shards: dict[str, BaseException]
 
 
-def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: Route) -> Any:
+def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: Route,
+                          foreign: frozenset[int] | None = None) -> Any:
     """``statement`` restricted to the buckets ``shard`` owns, while a move is in progress.
 
     During a move the target holds copies of rows it does not own yet, and the
     source keeps rows it no longer owns until clean-up; a cross-shard
     statement must not see (or touch) them twice: rows of foreign buckets (hash
     groups) or slices (range and list groups) are left out.  Outside moves this
-    returns ``statement`` unchanged.
+    returns ``statement`` unchanged.  ``foreign``: the units to leave out (default:
+    those the cluster knows of now), as a caller that checks them later read them.
     """
-    foreign = cluster.foreign_buckets.get(shard)
+    if foreign is None:
+        foreign = cluster.foreign_buckets.get(shard)
     if not foreign:
         return statement
     if not route.tables and not isinstance(statement, Insert):
@@ -1441,9 +1450,9 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
             "textual statement names no tables shardkit can filter, so it could see them twice; "
             "write it with select()/table(), run it per shard, or wait for the move to finish",
             construct="textual statement across shards during a move", statement=statement)
-    router = cluster.router
+    router = route.router or cluster.router
     # Only the tables of what moves: hash tables if buckets do, a group's tables if its slices do.
-    foreign_slices = [s for s in cluster.config.slices if s.id in foreign]
+    foreign_slices = [s for s in router.config.slices if s.id in foreign]
     sliced = {s.group for s in foreign_slices}
     foreign_buckets = sorted(b for b in foreign if b < SLICE_BASE)
     moving = {t: tr for t, tr in router.tables.items() if len(tr.key_columns) == 1 and (
@@ -1692,8 +1701,11 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         return _scatter_read(session, statement, params, execution_options, bind_arguments, route)
     results = []
     for shard in route.shards:
+        # Read once: the rows left out and the check that they still are copies must
+        # agree (the catalog's state may change in between).
+        foreign = session.cluster.foreign_buckets.get(shard, frozenset())
         stmt = statement if isinstance(statement, Insert) else \
-            _without_foreign_rows(session.cluster, shard, statement, route)
+            _without_foreign_rows(session.cluster, shard, statement, route, foreign)
         p = params
         if route.split is not None:
             part = route.split.get(shard)
@@ -1702,7 +1714,6 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             elif part:
                 stmt, p = _split_part(stmt, params, part)
         eo, ba = _single(shard, PRIMARY, execution_options, bind_arguments)
-        foreign = session.cluster.foreign_buckets.get(shard)
         if foreign and stmt is not statement and session.cluster.catalog is not None:
             # Rows of these buckets are left out here as copies a move holds; if the
             # move has switched since this process heard of it, they are the rows.
@@ -1710,7 +1721,8 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
                        "would have left out rows this shard owns now")
         results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
         if route.keys and session.cluster.catalog is not None:
-            _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one")
+            _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one",
+                               router=route.router)
     # ORM results of UPDATE/DELETE ... RETURNING are not cursor results: they have rows.
     if not any(getattr(r, "returns_rows", True) for r in results):
         total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
