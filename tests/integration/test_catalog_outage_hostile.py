@@ -24,7 +24,6 @@ import threading
 import time
 from types import SimpleNamespace
 
-import psycopg
 import pytest
 from sqlalchemy import BigInteger, Integer, create_engine, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker

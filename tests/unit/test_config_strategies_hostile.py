@@ -24,7 +24,7 @@ from sqlalchemy import insert, select
 
 from shardkit import Cluster, ConfigurationError, load_config
 from shardkit._hashing import bucket_for, canonical_bytes, hash_key
-from shardkit._strategies import CustomStrategy, KeyRange, ListStrategy, RangeStrategy
+from shardkit._strategies import CustomStrategy, KeyRange, RangeStrategy
 from shardkit.errors import NoShardForKey, RoutingError, ScatterRefused, ShardKeyError
 
 URL = "postgresql+psycopg://app@db{}.example:5432/app"
