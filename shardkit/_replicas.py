@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
+from psycopg.rows import tuple_row
 from sqlalchemy import exc as sa_exc
 
 from ._config import ReplicaSettings, mask_url
@@ -209,6 +210,16 @@ _HISTORY: Final = 1024
 class HealthMonitor:
     """Polls every node of a cluster in background threads."""
 
+    #: What a poll selects: (in recovery, WAL position, seconds since the last replayed
+    #: transaction, server start time).
+    primary_poll_sql: str = (
+        "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL "
+        "ELSE pg_current_wal_lsn()::text END, NULL, pg_postmaster_start_time()")
+    replica_poll_sql: str = (
+        "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
+        "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, "
+        "pg_postmaster_start_time()")
+
     def __init__(self, cluster: Cluster, settings: ReplicaSettings) -> None:
         self.cluster = cluster
         self.settings = settings
@@ -261,19 +272,35 @@ class HealthMonitor:
 
     def _conninfo(self, node: NodeHealth) -> dict[str, Any]:
         """Connection parameters for polling ``node``: what its engine connects with (the
-        URL with its query string, the engine options' connect_args), plus short timeouts."""
+        URL with its query string, the engine options' connect_args), plus a short connect
+        timeout.  No startup ``options``: PgBouncer refuses them (see :meth:`_poll`)."""
         url = self.cluster.node_url(node.shard, node.role, node.index)
         _, kw = url.get_dialect()().create_connect_args(url)
         kw = {**self.cluster._engine_options.get("connect_args", {}), **kw}
-        timeout_ms = int(self.settings.poll_timeout * 1000)
         kw.update({
             "autocommit": True,
             # libpq's connect_timeout is whole seconds, 2 at least.
             "connect_timeout": max(2, int(self.settings.poll_timeout + 0.999)),
-            "options": " ".join(filter(None, (kw.get("options"), f"-c statement_timeout={timeout_ms}"))),
             "application_name": "shardkit-monitor",
         })
         return kw
+
+    def _poll(self, conn: psycopg.Connection[Any], node: NodeHealth) -> tuple[Any, ...]:
+        """One poll of ``node``, in one round trip: its statement timeout is set by the
+        query itself (``SET LOCAL``, in the implicit transaction of a multi-statement simple
+        query), so it holds behind PgBouncer in transaction mode, which refuses a startup
+        ``options`` parameter (or drops it under ``ignore_startup_parameters``), and it is
+        left on no server connection.  Never a prepared statement (several statements)."""
+        timeout_ms = max(1, int(self.settings.poll_timeout * 1000))
+        sql = self.primary_poll_sql if node.role == "primary" else self.replica_poll_sql
+        # Text rows as tuples, whatever cursor options the engines' connect_args give.
+        with conn.cursor(binary=False, row_factory=tuple_row) as cur:
+            cur.execute(f"SET LOCAL statement_timeout = {timeout_ms}; {sql}", prepare=False)
+            while cur.description is None and cur.nextset():
+                pass  # past the SET's result
+            row = cur.fetchone()
+        assert row is not None
+        return tuple(row)
 
     def _loop(self, node: NodeHealth) -> None:
         conn: psycopg.Connection[Any] | None = None
@@ -283,19 +310,7 @@ class HealthMonitor:
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(**self._conninfo(node))
-                if node.role == "primary":
-                    row = conn.execute(
-                        "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL "
-                        "ELSE pg_current_wal_lsn()::text END, NULL, pg_postmaster_start_time()"
-                    ).fetchone()
-                else:
-                    row = conn.execute(
-                        "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
-                        "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, "
-                        "pg_postmaster_start_time()"
-                    ).fetchone()
-                assert row is not None
-                in_recovery, lsn, age, server_start = row
+                in_recovery, lsn, age, server_start = self._poll(conn, node)
                 rtt = (time.monotonic() - started) * 1000
                 self._record(node, up=True, in_recovery=in_recovery,
                              lsn=parse_lsn(lsn) if lsn else None, age=age, rtt=rtt,

@@ -25,6 +25,8 @@ import datetime
 import decimal
 import heapq
 import itertools
+import os
+import socket
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -967,3 +969,52 @@ def pg_numeric_div(a: decimal.Decimal, b: decimal.Decimal) -> decimal.Decimal:
         rscale = min(rscale, 1000)
         q = a / b
         return q.quantize(decimal.Decimal(1).scaleb(-rscale), rounding=decimal.ROUND_HALF_UP)
+
+
+# -- a shard that does not answer in time --------------------------------------------------------
+
+#: Seconds a shard's query may keep running after ``shardkit_timeout`` while its cancel
+#: requests go unanswered, before :func:`shut_down_socket` ends the wait.
+CANCEL_GRACE: float = 1.0
+
+
+def shut_down_socket(dbapi_connection: Any) -> bool:
+    """Shut down the socket of a psycopg connection another thread is waiting on (both
+    directions); True if it was shut down.
+
+    For a query the cancel request cannot stop: PgBouncer drops the cancels of a client
+    it has queued for a server connection (pgbouncer#1222), so the query would wait for
+    PgBouncer's ``query_wait_timeout``.  The waiting thread then fails at once ("server
+    closed the connection unexpectedly") and its connection is broken: the caller must
+    see that it is never used again.  Closing the connection instead is not an option:
+    psycopg's ``close()`` from another thread frees the libpq connection under the
+    waiting thread and does not wake it.  The file descriptor is duplicated, and the
+    socket shut down through the duplicate, so that it is never closed here under libpq,
+    and a descriptor number libpq closed meanwhile (and another connection reused) is
+    never touched: the connection is checked to be open after the duplicate is made.
+    """
+    pgconn = getattr(dbapi_connection, "pgconn", None)
+    if pgconn is None:
+        return False
+    try:
+        fd = pgconn.socket
+        dup = os.dup(fd)
+    except Exception:  # noqa: BLE001 - the connection is gone already: nothing to shut down
+        return False
+    sock = None
+    try:
+        # Not open any more: libpq may have dropped it between reading the descriptor and
+        # duplicating it, and the duplicate may be some other socket.
+        if not dbapi_connection.closed:
+            sock = socket.socket(fileno=dup)
+    except Exception:  # noqa: BLE001 - not a socket: leave it alone
+        pass
+    if sock is None:
+        os.close(dup)
+        return False
+    with sock:  # closes the duplicate only
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not connected any more: its thread is failing already
+            return False
+    return True

@@ -68,7 +68,8 @@ from ._colocation import reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select, with_statement_params
-from ._scatter import function_names, merge_rows, plan_scatter, text_comparison
+from ._scatter import (CANCEL_GRACE, function_names, merge_rows, plan_scatter, shut_down_socket,
+                       text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
@@ -1869,25 +1870,53 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     done, not_done = wait(futures, timeout=timeout)
     # Past the deadline: a query still queued (every scatter thread busy) never starts;
     # one running is cancelled on its server, again until it stops (a cancel that
-    # reaches the server before the query does is lost).
+    # reaches the server before the query does is lost).  One the cancels have not
+    # stopped within CANCEL_GRACE (PgBouncer ignores them while the query waits in its
+    # queue for a server connection) has its connection's socket shut down.
     running = {f for f in not_done if not f.cancel()}
+    give_up = time.monotonic() + CANCEL_GRACE
+    cut: set[Any] = set()
     while running:
         for f in running:
+            if f in cut:
+                continue
             try:
-                # The shard's thread then fails with QueryCanceled.
-                futures[f][5].connection.dbapi_connection.cancel()
+                dbapi_conn = futures[f][5].connection.dbapi_connection
+                if time.monotonic() < give_up:
+                    # The shard's thread then fails with QueryCanceled.
+                    dbapi_conn.cancel()
+                elif shut_down_socket(dbapi_conn):
+                    cut.add(f)  # its thread fails at once: the connection is lost
             except Exception:  # noqa: BLE001 - the failure below reports the shard
                 pass
         running = wait(running, timeout=0.2)[1]
+    for f in cut:
+        # Every thread is done: the connections whose socket is shut down are never used
+        # again (a query that ended just before has left its connection looking fine).
+        shard, index, conn = futures[f][0], futures[f][1], futures[f][5]
+        try:
+            if not conn.invalidated:
+                conn.invalidate()
+        except Exception:  # noqa: BLE001 - it is invalid either way
+            pass
+        if index is not None:
+            # A replica's (autocommit) connection: the session's next read there starts
+            # afresh, as it would after a cancel.
+            session._forget_connection(shard, index)
     results: dict[str, Any] = {}
     for f, (shard, index, stmt, eo, ba, conn, shard_params) in futures.items():
         if f in not_done:
             # No answer within the timeout, whatever the thread did after it.
-            cause = None if f.cancelled() else f.exception()
-            if cause is None and not f.cancelled():
-                f.result().close()  # finished just after the deadline: not used
+            cause = None if f.cancelled() or f in cut else f.exception()
+            if not f.cancelled() and f.exception() is None:
+                try:
+                    f.result().close()  # finished just after the deadline: not used
+                except Exception:  # noqa: BLE001 - its connection may be shut down
+                    pass
             failures[shard] = ShardUnavailable(
-                f"shard {shard}: no answer within {timeout:g} s (query cancelled)",
+                f"shard {shard}: no answer within {timeout:g} s " + (
+                    "(the cancel did not stop it: its connection was closed)" if f in cut
+                    else "(query cancelled)"),
                 shard=shard, cause=cause)
             continue
         try:

@@ -2,8 +2,8 @@
 
 One PgBouncer per node (``pool_mode = transaction``, ``default_pool_size = 2``, so
 the many client connections of shardkit's pools really share two server connections),
-configured as the README says: ``ignore_startup_parameters = options`` for the health
-monitor, ``prepare_threshold: None`` in the engines' ``connect_args``.  Everything
+with PgBouncer's defaults otherwise (no ``ignore_startup_parameters``), and
+``prepare_threshold: None`` in the engines' ``connect_args`` as the README says.  Everything
 below runs through those PgBouncers; the test data is checked directly on the servers.
 
 Needs the ``pgbouncer`` program (Debian: ``apt-get install pgbouncer``); skipped without it.
@@ -26,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
 from shardkit import rebalance
+from shardkit._replicas import HealthMonitor
 from shardkit._rebalance_plan import plan_from_maps
 from shardkit.devcluster import to_toml
 from models import Base, Order, User, groups_config
@@ -107,7 +108,7 @@ def bounced(shardkit_cluster_factory, tmp_path_factory):
     # query_wait_timeout: a client waiting this long for a server connection gets an error
     # (a deadlock fails the test in seconds, not in PgBouncer's default 120 s).
     bouncers = _start_bouncers(dev, pool_size=POOL_SIZE,
-                               settings={"ignore_startup_parameters": "options", "query_wait_timeout": 10})
+                               settings={"query_wait_timeout": 10})
     cluster = None
     try:
         cfg = _config(dev, bouncers)
@@ -389,19 +390,26 @@ def test_scatter_timeout_cancels_and_leaves_no_setting_behind(env, consistency):
     _assert_no_leftover_state(env)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: PgBouncer drops the cancel request of a client still waiting for a server "
-    "(pgbouncer#1222), so shardkit_timeout waits until PgBouncer hands one out"))
-def test_scatter_timeout_holds_while_pgbouncer_queues_the_query(env):
+@pytest.mark.parametrize("consistency", ["strong", "eventual"])
+def test_scatter_timeout_holds_while_pgbouncer_queues_the_query(env, consistency):
     """``shardkit_timeout`` bounds a shard whose query waits in PgBouncer's queue for a server.
 
     PgBouncer (1.18, and later versions as of 2025, pgbouncer/pgbouncer#1222) drops the
     cancel request of a client that has no server connection yet, so cancelling does not
-    end the wait: the scatter must stop waiting by itself.
+    end the wait: shardkit shuts that connection's socket down and never uses it again.
+    On the primary (the session's transaction) and on a replica (autocommit: the session's
+    next read there starts on a fresh connection).
     """
     _seed(env, 20)
     shard = env.dev.shards[0]
-    b = env.bouncers[shard.primary.name]
+    strong = consistency == "strong"
+    node = shard.primary if strong else shard.replicas[0]
+    engine = env.cluster.primary(shard.name) if strong else env.cluster.engine(shard.name, "replica", 0)
+    b = env.bouncers[node.name]
+    with engine.connect() as c:
+        # A pooled connection, and the engine's first-connect queries done: it is the
+        # query whose wait is bounded, not the connecting (before the timeout starts).
+        c.exec_driver_sql("SELECT 1")
     holders = [b.connect(autocommit=False) for _ in range(POOL_SIZE)]
     for c in holders:
         c.execute("SELECT 1")  # each holds a server connection: the pool is full
@@ -412,21 +420,46 @@ def test_scatter_timeout_holds_while_pgbouncer_queues_the_query(env):
         for c in holders:
             c.close()
 
+    # Before the fixture's query_wait_timeout (10 s), which would end the wait too.
     timer = threading.Timer(6.0, release)
     timer.start()
+    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=env.cluster, consistency=consistency)
+    env.served.clear()
     try:
-        Session = sessionmaker(class_=shardkit.ShardedSession, cluster=env.cluster, consistency="strong")
         with Session() as s:
             with pytest.raises(shardkit.ScatterError) as ei:
                 s.execute(select(User.id).execution_options(shardkit_timeout=0.5)).all()
             returned_before_release = not released.is_set()
+            release()
+            if not strong:
+                # The replica's connection was let go: the session reads on.
+                assert s.execute(select(func.count(User.id))).scalar_one() == 20
     finally:
         timer.cancel()
         release()
-    assert "no answer within 0.5 s" in str(ei.value.failures.get(shard.name)), ei.value.failures
+    assert set(ei.value.failures) == {shard.name}, ei.value.failures
+    assert "no answer within 0.5 s (the cancel did not stop it: its connection was closed)" in str(
+        ei.value.failures[shard.name]), ei.value.failures
     assert returned_before_release, (
         "the scatter waited for PgBouncer to hand out a server connection (6 s) instead of "
         "giving up after shardkit_timeout=0.5")
+    assert f"{shard.name}/{'primary' if strong else 'r0'}" in _nodes_reading(env.served, "users")
+    # No connection leaked: none checked out of the pool, no client left in PgBouncer's queue.
+    assert engine.pool.checkedout() == 0
+
+    def queue_empty() -> bool:
+        return all(p["cl_waiting"] == 0 for p in b.show("POOLS") if p["database"] == "shardkit")
+
+    _wait_until(queue_empty, "PgBouncer's queue to empty", 5)
+
+    # The shut-down connection is never handed out again.
+    def quick(i: int) -> None:
+        for _ in range(10):
+            with Session() as s:
+                assert s.execute(select(func.count(User.id))).scalar_one() == 20
+
+    assert not _run_threads(6, quick)
+    _assert_no_leftover_state(env)
 
 
 class _AccountsBase(DeclarativeBase):
@@ -485,7 +518,7 @@ def test_run_transaction_retries_a_refused_write_through_pgbouncer(env):
     _assert_no_leftover_state(env)
 
 
-# -- the README's two requirements ---------------------------------------------------------------
+# -- the README's requirement, and the monitor's -----------------------------------------------------------------
 
 
 def test_without_prepare_threshold_none_statements_fail(env):
@@ -516,35 +549,42 @@ def test_without_prepare_threshold_none_statements_fail(env):
     assert failures and "prepared statement" in failures[0], failures[:1]
 
 
-def test_monitor_needs_ignore_startup_parameters(env):
-    """The README's second requirement.  Without ``ignore_startup_parameters = options``
-    PgBouncer refuses the monitor's connections (it sets statement_timeout as a startup
-    option), the monitor reports every node down and shardkit refuses the primaries.
-    With it, PgBouncer accepts the option and drops it: the monitor's polls then run
-    without their statement_timeout."""
-    strict = _start_bouncers(env.dev, pool_size=POOL_SIZE)
-    cluster = shardkit.Cluster.from_config(_config(env.dev, strict), metadata=Base.metadata,
-                                           engine_options=NO_PREPARE)
+def test_monitor_keeps_its_statement_timeout_without_ignore_startup_parameters(env):
+    """The health monitor needs no PgBouncer setting: it sets its polls' statement timeout in
+    the poll itself (one simple-protocol round trip, ``SET LOCAL``), not as a startup
+    ``options`` parameter, which PgBouncer refuses ("unsupported startup parameter: options")
+    unless ``ignore_startup_parameters = options`` makes it drop the option, and the
+    timeout with it.  The fixture's PgBouncers have no such setting."""
+    assert all("ignore_startup_parameters" not in b.settings for b in env.bouncers.values())
+    cluster = shardkit.Cluster.from_config(
+        _config(env.dev, env.bouncers, replicas={"poll_interval": 0.1, "poll_timeout": 0.5}),
+        metadata=Base.metadata, engine_options=NO_PREPARE)
     try:
         health = cluster.health()
-        assert not health.ready
-        assert all(not n["up"] and "unsupported startup parameter: options" in n["error"]
-                   for n in health.nodes), health.nodes
-        with pytest.raises(shardkit.ShardUnavailable, match="unsupported startup parameter: options"):
-            with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as s:
-                s.add(User(id=1, name="x"))
-                s.commit()
+        assert health.ready, health.nodes
+        assert all(n["up"] and n["error"] is None for n in health.nodes), health.nodes
+        with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as s:
+            s.add(User(id=1, name="x"))
+            s.commit()
+        # A poll that would hang: the statement timeout (poll_timeout) ends it, on the
+        # server, and the node is reported down with the server's reason.
+        mon = cluster.monitor()
+        mon.primary_poll_sql = f"{HealthMonitor.primary_poll_sql} FROM pg_sleep(30)"
+        mon.replica_poll_sql = f"{HealthMonitor.replica_poll_sql} FROM pg_sleep(30)"
+
+        def all_timed_out():
+            nodes = cluster.health().nodes
+            return all(not n["up"] and "statement timeout" in (n["error"] or "") for n in nodes) and nodes
+
+        _wait_until(all_timed_out, "every node's poll to hit its statement timeout", 10)
+        del mon.primary_poll_sql, mon.replica_poll_sql
+        _wait_until(lambda: cluster.health().ready and all(n["up"] for n in cluster.health().nodes),
+                    "the nodes to be up again", 10)
     finally:
         cluster.dispose()
-        for b in strict.values():
-            b.remove()
-    # The fixture's PgBouncers (ignore_startup_parameters = options): accepted, and dropped.
-    node = env.cluster._monitor.shards[env.names[0]].replicas[0]
-    kw = env.cluster._monitor._conninfo(node)
-    assert "statement_timeout=" in kw["options"]
-    with psycopg.connect(**kw) as c:
-        assert c.execute("SHOW statement_timeout").fetchone()[0] == "0"
-    direct = {**kw, "port": env.dev.shards[0].replicas[0].port}
-    with psycopg.connect(**direct) as c:
-        assert c.execute("SHOW statement_timeout").fetchone()[0] != "0"
+    # The timeout was the poll's own: no setting is left on PgBouncer's server connections.
+    # (Only settings: test_without_prepare_threshold_none_statements_fail leaves prepared
+    # statements behind, on purpose.)
+    states = {name: _server_states(b) for name, b in env.bouncers.items()}
+    assert all(st[0] == [] for ss in states.values() for st in ss), states
 
