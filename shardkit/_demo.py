@@ -26,7 +26,7 @@ from ._cluster import Cluster
 from ._scope import scope
 from ._session import ShardedSession
 from .devcluster import STATE_FILE, DevCluster
-from .errors import ShardkitError
+from .errors import DevClusterError, ShardkitError
 
 
 class _Base(DeclarativeBase):
@@ -101,6 +101,19 @@ def _groups(shard_names: list[str]) -> dict[str, Any]:
     return groups
 
 
+# The shape of a cluster the demo starts, when --shards / --replicas are not given.
+DEFAULT_SHARDS = 3
+DEFAULT_REPLICAS = 1
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun if n == 1 else noun + 's'}"
+
+
+def _shape(shards: int, replicas: int) -> str:
+    return f"{_counted(shards, 'shard')} x (1 primary + {_counted(replicas, 'replica')})"
+
+
 def _h(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 66 - len(title)))
 
@@ -115,8 +128,16 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated(128 + signum)
 
 
-def run_demo(dir: str | None = None, keep: bool = False, shards: int = 3, replicas: int = 1) -> int:
-    DevCluster._check_shape(shards, replicas, 1024, None)  # before making a directory
+def run_demo(dir: str | None = None, keep: bool = False, shards: int | None = None,
+             replicas: int | None = None) -> int:
+    """Run the tour; ``shards`` and ``replicas`` (default 3 and 1) shape a cluster the demo starts.
+
+    A cluster already running in ``dir`` is used as it is: left out, they take its shape;
+    given, they must match it (the demo never stops or reshapes a cluster it did not start).
+    """
+    # Before making a directory.
+    DevCluster._check_shape(DEFAULT_SHARDS if shards is None else shards,
+                            DEFAULT_REPLICAS if replicas is None else replicas, 1024, None)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -127,7 +148,24 @@ def run_demo(dir: str | None = None, keep: bool = False, shards: int = 3, replic
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run_demo(dir: str | None, keep: bool, shards: int, replicas: int) -> int:
+def _reuse_shape(base: Path, shards: int | None, replicas: int | None) -> tuple[int, int, int]:
+    """(shards, replicas, buckets) of the cluster already in ``base``, checked against those asked for."""
+    existing, complete = DevCluster._load(base)
+    have = (len(existing.shards), len(existing.shards[0].replicas) if existing.shards else 0)
+    asked = (have[0] if shards is None else shards, have[1] if replicas is None else replicas)
+    if complete and asked != have:
+        flags = " ".join(f"--{flag} {n}" for flag, n, there in
+                         (("shards", asked[0], have[0]), ("replicas", asked[1], have[1])) if n != there)
+        raise DevClusterError(
+            f"{base} already holds a cluster of {_shape(*have)}, not the {_shape(*asked)} asked for "
+            f"({flags}); the demo uses a cluster already there as it is: leave out {flags} to use it, "
+            f"give another --dir (or none) for a new cluster, or stop and remove this one first with "
+            f"`shardkit dev down --dir {shlex.quote(str(base))}`")
+    # An unfinished start: DevCluster.up says so, with what to do.
+    return asked[0], asked[1], existing.bucket_count
+
+
+def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_asked: int | None) -> int:
     tmp = None
     if dir is None:
         tmp = tempfile.mkdtemp(prefix="shardkit-demo-")
@@ -136,12 +174,24 @@ def _run_demo(dir: str | None, keep: bool, shards: int, replicas: int) -> int:
     else:
         base = Path(dir).expanduser().absolute()
     # A cluster already there (`dev up`, or an earlier `demo --keep`) is the user's:
-    # the demo uses it and leaves it running.
+    # the demo uses it as it is, whatever its shape, and leaves it running.
     reused = (base / STATE_FILE).exists()
-    _h(f"starting a local cluster: {shards} shards x (1 primary + {replicas} replicas)")
+    buckets = 1024
+    if reused:
+        shards, replicas, buckets = _reuse_shape(base, shards_asked, replicas_asked)
+        _h(f"reusing a local cluster: {_shape(shards, replicas)}")
+        if ((shards_asked is None and shards != DEFAULT_SHARDS)
+                or (replicas_asked is None and replicas != DEFAULT_REPLICAS)):
+            print(f"it was there before the demo, which uses it as it is (a cluster the demo starts "
+                  f"itself has {_shape(DEFAULT_SHARDS, DEFAULT_REPLICAS)} unless --shards / --replicas say)")
+    else:
+        shards = DEFAULT_SHARDS if shards_asked is None else shards_asked
+        replicas = DEFAULT_REPLICAS if replicas_asked is None else replicas_asked
+        _h(f"starting a local cluster: {_shape(shards, replicas)}")
     t0 = time.monotonic()
     try:
-        dev = DevCluster.up(base, shards=shards, replicas=replicas)
+        # On a cluster already there, this starts any of its stopped nodes.
+        dev = DevCluster.up(base, shards=shards, replicas=replicas, bucket_count=buckets)
     except BaseException:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -391,7 +441,7 @@ def _rebalance_step(cluster: Cluster, Session: Any) -> None:
     print(f"  the writer committed {len(written)} orders during the move; {found} are there "
           f"(counted across shards); its slowest write took {slowest[0] * 1000:.0f} ms")
     print(f"  map version {cluster.map_version}; {last} owns "
-          f"{sum(1 for o in cluster.config.bucket_map if o == last)} buckets; "
+          f"{_counted(sum(1 for o in cluster.config.bucket_map if o == last), 'bucket')}; "
           f"shardkit verify: {'clean' if report.ok else 'PROBLEMS'}")
     _range_split_step(cluster, Session)
 

@@ -24,6 +24,7 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
     tables = sorted({t for g in cluster.config.groups for t in g.tables} | set(cluster.config.reference_tables))
     buckets = Counter(cluster.config.bucket_map)
     rows: dict[str, dict[str, int | None]] = {}
+    unknown: dict[str, dict[str, str]] = {}
     connections: dict[str, int | None] = {}
     for n in health.nodes:
         shard, role = n["shard"], n["role"]
@@ -43,6 +44,8 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
                         "JOIN pg_class c ON c.oid = to_regclass(quote_ident(t.name))"), {"t": tables}).all())
                     # reltuples is -1 until the table is first vacuumed or analysed.
                     rows[shard] = {t: (None if est.get(t, -1) < 0 else est[t]) for t in tables}
+                    unknown[shard] = {t: ("never analysed" if t in est else "no such table")
+                                      for t in tables if rows[shard][t] is None}
         except Exception:  # noqa: BLE001 - the node's row shows it as it is
             connections[n["node"]] = None
     shards = []
@@ -50,7 +53,13 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
         shards.append({
             "shard": name,
             "buckets": buckets.get(name, 0),
+            # Per table (None: unknown); the sum of the known ones, partial when some tables
+            # are unknown (listed, with why) rather than no sum at all.  All None: the primary
+            # could not be read.
             "rows_estimate": rows.get(name),
+            "rows_estimate_total": _known_total(rows.get(name)),
+            "rows_estimate_partial": None if name not in unknown else bool(unknown[name]),
+            "rows_estimate_unknown": unknown.get(name),
             "nodes": [dict(n, connections=connections.get(n["node"]))
                       for n in health.nodes if n["shard"] == name],
         })
@@ -63,17 +72,35 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
     }
 
 
+def _known_total(rows: dict[str, int | None] | None) -> int | None:
+    """The sum of the known estimates; None when the primary could not say or no table is known."""
+    if rows is None:
+        return None
+    known = [v for v in rows.values() if v is not None]
+    return sum(known) if known or not rows else None
+
+
 def render(data: dict[str, Any]) -> str:
+    # A config given as a dict (the demo's tour, an application) has no file to fingerprint.
+    config = f"  config {data['config_version']}" if data["config_version"] else ""
     lines = [
-        f"cluster {data['cluster']}  config {data['config_version'] or '-'}  "
+        f"cluster {data['cluster']}{config}  "
         f"buckets {data['bucket_count']}  ready: {'yes' if data['ready'] else 'NO'}",
         "",
         f"{'shard':<8} {'node':<12} {'role':<8} {'up':<5} {'lag':>18} {'conns':>6} "
         f"{'buckets':>8} {'rows (est.)':>12}",
     ]
+    notes = []
     for s in data["shards"]:
-        rows = s["rows_estimate"]
-        total = None if rows is None or any(v is None for v in rows.values()) else sum(rows.values())
+        total, unknown = s["rows_estimate_total"], s["rows_estimate_unknown"]
+        if s["rows_estimate"] is None:
+            shown = "-"
+        elif total is None:
+            shown = "?"
+        else:
+            shown = f"{total}+" if unknown else str(total)
+        if unknown:
+            notes.append(f"{s['shard']}: " + ", ".join(f"{t} ({why})" for t, why in unknown.items()))
         for i, n in enumerate(s["nodes"]):
             if n["role"] == "primary":
                 lag = "-"
@@ -90,8 +117,12 @@ def render(data: dict[str, Any]) -> str:
                 f"{'yes' if n['up'] else 'NO':<5} {lag:>18} "
                 f"{'-' if n['connections'] is None else n['connections']:>6} "
                 f"{s['buckets'] if i == 0 else '':>8} "
-                f"{('-' if total is None else total) if i == 0 else '':>12}"
+                f"{shown if i == 0 else '':>12}"
             )
             if not n["up"] and n.get("error"):
                 lines.append(f"{'':<8} {'':<12} error: {n['error']}")
+    if notes:
+        lines += ["", "rows (est.) N+ is a partial sum, ? knows no table: it leaves out these tables "
+                      "(ANALYZE gives a table its estimate):"]
+        lines += [f"  {note}" for note in notes]
     return "\n".join(lines)

@@ -6,7 +6,8 @@ included, as :class:`UsageError`) and the driver errors of a server a command
 could not use: it prints one line (never a password) and exits with status 2.
 (``migrate upgrade|downgrade`` exit 1 when a migration fails, ``status``, ``verify`` and
 ``migrate check`` 1 when they find a problem; argparse's usage errors exit 2 with its
-usage text.)
+usage text; output piped into a reader that stops early, like ``head``, ends the command
+quietly with status 1.)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shlex
 import sys
@@ -42,6 +44,11 @@ DEFAULT_DEV_DIR = ".shardkit-dev"
 _ASCII_INT = re.compile(r"-?[0-9]+")
 # --type int: what PostgreSQL reads as an integer in ASCII (a sign, blanks around it).
 _TYPED_INT = re.compile(r"[ \t]*[+-]?[0-9]+[ \t]*")
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 shard``, ``3 shards``: a count and its noun, agreeing."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _parse_key(raw: str, kind: str) -> Any:
@@ -174,7 +181,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"ok": True, "shards": [r.as_dict() for r in results]}, indent=2))
         else:
-            print(f"{args.migrate_command} {args.revision}: all {len(results)} shards ok")
+            print(f"{args.migrate_command} {args.revision}: {'all ' if len(results) > 1 else ''}"
+                  f"{counted(len(results), 'shard')} ok")
         return 0
     finally:
         cluster.dispose()
@@ -245,7 +253,8 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
                              f"{', '.join(cluster.shard_names)}); add the new shard to the config first")
         owning = [a for a in args.add if a in live]
         if owning:
-            raise UsageError(f"--add {owning[0]}: that shard already owns {live.count(owning[0])} buckets "
+            owned = counted(live.count(owning[0]), "bucket")
+            raise UsageError(f"--add {owning[0]}: that shard already owns {owned} "
                              "(added before?); --add takes shards that own none. To even out the shards, "
                              "plan --even rows")
         return rp.plan_add_shards(live, args.add)
@@ -297,7 +306,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         if verb == "init":
             version = rebalance.init(cluster)
             print(f"catalog ready (map version {version}); ownership guard installed on "
-                  f"{len(cluster.shard_names)} shards")
+                  f"{counted(len(cluster.shard_names), 'shard')}")
             return 0
         if verb == "plan":
             plan = _make_plan(args, cluster)
@@ -324,12 +333,16 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                 print(json.dumps(moves, indent=2))
             elif not moves:
                 print("no moves")
+            # A range or list move's batches hold slices, which `buckets` counts too.
+            slice_moves = _slice_moves(cluster) if moves and not args.json else set()
             for m in moves if not args.json else ():
-                print(f"move {m['move']}: {m['state']} - {m['reason']} ({m['rows_copied']} rows copied)"
+                unit = "slice" if m["move"] in slice_moves else "bucket"
+                copied = counted(m["rows_copied"], "row")
+                print(f"move {m['move']}: {m['state']} - {m['reason']} ({copied} copied)"
                       + (f"\n  error: {m['error']}" if m['error'] else ""))
                 for b in m["batches"]:
                     print(f"  batch {b['batch']:>3}: {b['source']} -> {b['target']} "
-                          f"{b['buckets']:>4} buckets  {b['step']}")
+                          f"{b['buckets']:>4} {unit if b['buckets'] == 1 else unit + 's':<7}  {b['step']}")
             return 0
         if verb == "abort":
             result = rebalance.abort(cluster, args.move)
@@ -344,9 +357,9 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                 print("nothing to move: " + plan.reason)
                 return 0
             move_id = mover.start(plan, max_buckets=args.batch_buckets)
-            units = "slice(s)" if isinstance(plan, SlicePlan) else "buckets"
-            print(f"move {move_id}: {len(plan.moves)} {units} in "
-                  f"{len(plan.batches(args.batch_buckets))} batches", flush=True)
+            unit = "slice" if isinstance(plan, SlicePlan) else "bucket"
+            print(f"move {move_id}: {counted(len(plan.moves), unit)} in "
+                  f"{counted(len(plan.batches(args.batch_buckets)), 'batch', 'batches')}", flush=True)
             mover.run(move_id)
         else:  # resume: the batches were cut when the move started
             move_id = args.move
@@ -355,6 +368,17 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.dispose()
+
+
+def _slice_moves(cluster: Cluster) -> set[int]:
+    """The ids of the moves that move a range or list group's slices (not hash buckets)."""
+    from sqlalchemy import text
+
+    from .rebalance import _need_catalog
+
+    with _need_catalog(cluster).engine.connect() as conn:
+        return set(conn.execute(text(
+            "SELECT id FROM shardkit_catalog.moves WHERE plan->>'kind' = 'slices'")).scalars())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -465,13 +489,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start a local cluster and show routing on real data")
     demo.add_argument("--dir", default=None, help="cluster directory (default: a temporary one)")
     demo.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
-    demo.add_argument("--shards", type=int, default=3)
-    demo.add_argument("--replicas", type=int, default=1)
+    demo.add_argument("--shards", type=int, default=None,
+                      help="shards of the cluster the demo starts (default: 3); a cluster already running "
+                           "in --dir is used as it is")
+    demo.add_argument("--replicas", type=int, default=None,
+                      help="replicas per shard of the cluster the demo starts (default: 1)")
     demo.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (see the module's docstring)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Flushed here, inside the try: a reader that went away (`shardkit status | head -1`)
+            # shows now as a BrokenPipeError, not as a traceback when Python flushes at exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # As Python's documentation advises (library/signal, "Note on SIGPIPE"): send what is
+        # left to devnull so that the flush at exit does not fail again, and exit with status 1,
+        # as Python does on EPIPE.  SIGPIPE keeps Python's disposition (ignored): with SIG_DFL a
+        # closed socket would kill the command too.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file (captured in-process): nothing to flush at exit
+            pass
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
