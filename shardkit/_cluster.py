@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -85,6 +86,13 @@ class Cluster:
         # shard -> WAL position after the latest move to it: its replicas serve from there on.
         self.moved_lsn: dict[str, int] = {}
         self._state_seq = -1
+        # Which catalog the state in use came from (CatalogState.identity), and the
+        # ticket of the read that brought it: reads take increasing tickets as they begin.
+        self._catalog_identity: str | None = None
+        self._state_ticket = -1
+        self._read_tickets = itertools.count()
+        # How many times another catalog's state changed the map (see _set_state).
+        self._catalog_replacements = 0
         self._map_lock = threading.RLock()
         self.catalog: Any = None
         self._follower: Any = None
@@ -121,11 +129,18 @@ class Cluster:
             self.catalog = Catalog(config.catalog_url)
             try:
                 self.refresh_map()
+            except ConfigurationError as e:
+                # The catalog answered: its map names what the file does not (a shard,
+                # another bucket count).  Restarting with a fixed file is the cure;
+                # meanwhile the guards make routing by the file's map safe.
+                log.error("catalog %s: %s", mask_url(config.catalog_url), e)
             except (SQLAlchemyError, ShardUnavailable) as e:  # refused, or no answer in time
                 # The shards' ownership guards make routing by the file's map
                 # safe: a write to a bucket that has moved is refused, not lost.
-                log.warning("catalog %s unreachable (%s); routing by the config file's map until it answers",
-                            mask_url(config.catalog_url), str(e).splitlines()[0])
+                reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+                if not isinstance(e, ShardUnavailable):  # its message names the catalog
+                    reason = f"the catalog ({mask_url(config.catalog_url)}) cannot be read: {reason}"
+                log.warning("%s; routing by the config file's map until it answers", reason)
             if follow_map:
                 self._follower = MapFollower(self)
                 self._follower.start()
@@ -160,38 +175,108 @@ class Cluster:
         """Load the catalog's live map if it is newer than the one in use; return its version.
 
         With ``newer_than``, poll up to ``timeout`` seconds until the catalog has
-        a version above it (a move is switching ownership right now).  Without a
-        catalog, does nothing and returns None.
+        a version above it (a move is switching ownership right now), or until
+        the map in use changed otherwise (a catalog that went back, see
+        :meth:`_set_state`); each read of the catalog then waits what is left of
+        ``timeout`` for its answer (at least ``MIN_ANSWER_TIMEOUT``, at most the
+        catalog's ``answer_timeout``) before it raises ShardUnavailable.  Without
+        a catalog, does nothing and returns None.
+
+        Raises ConfigurationError, and keeps the map in use, when the catalog's
+        map does not fit the config file (a shard the file does not name).
         """
         if self.catalog is None:
             return None
+        from .catalog import MIN_ANSWER_TIMEOUT
+
         deadline = time.monotonic() + timeout
+        replacements = self._catalog_replacements
         while True:
-            state = self.catalog.current_state()
+            wait = None if newer_than is None else max(deadline - time.monotonic(), MIN_ANSWER_TIMEOUT)
+            ticket = next(self._read_tickets)
+            state = self.catalog.current_state(timeout=wait)
             if state is not None:
-                self._set_state(state)
+                self._set_state(state, ticket)
             if newer_than is None or (self.map_version or 0) > newer_than or time.monotonic() >= deadline:
                 return self.map_version
+            if self._catalog_replacements != replacements:
+                return self.map_version  # the catalog went back: its map is the one to use now
             time.sleep(0.05)
 
-    def _set_state(self, state: Any) -> None:
+    def _set_state(self, state: Any, ticket: int | None = None) -> None:
+        """Use ``state`` (a CatalogState) read by a read that took ``ticket`` as it began.
+
+        A slower read of an older state is ignored: its journal position (``seq``)
+        is behind the one in use, and its map version is not above it.  A state of
+        another catalog (``identity`` changed: restored from a backup,
+        re-initialised, failed over to a server that lost its latest writes) is the
+        truth even if its version is lower: it is used, with a warning when its map
+        went back, unless the read began before the one of the state in use (a read
+        of the catalog as it was before).  Nothing of a state whose map does not fit
+        the config file is used (ConfigurationError).
+        """
         with self._map_lock:
-            if state.seq < self._state_seq:
+            identity = getattr(state, "identity", None)
+            replaced = None not in (identity, self._catalog_identity) and identity != self._catalog_identity
+            if replaced:
+                if ticket is not None and ticket < self._state_ticket:
+                    return  # read before the state in use: the catalog as it was before
+            elif state.seq < self._state_seq:
                 return  # a slower read of an older state
+            held = self.map_version
+            config = self._map_config(state.version, state.bucket_map, state.slices, replaced=replaced)
+            if replaced and config is not None and held is not None and state.version <= held:
+                self._catalog_replacements += 1
+                went = (f"went back from version {held} to version {state.version}" if state.version < held
+                        else f"version {state.version} is not the map this process had as version {held}")
+                log.warning(
+                    "the catalog's map %s (the catalog was restored from a backup, re-initialised, or failed "
+                    "over to a server that lost its latest writes): routing by the catalog's map, which is the "
+                    "truth.  If buckets moved since, the shards' guards refuse the writes this map sends "
+                    "them: run `shardkit verify` to compare the shards' ownership with the map", went)
+            if identity is not None:
+                self._catalog_identity = identity
+            if ticket is not None:
+                self._state_ticket = max(self._state_ticket, ticket)
             self._state_seq = state.seq
             # The replicas' floors first: with the old router they only ask more.
             self.moved_lsn = state.moved_lsn
-            self._set_map(state.version, state.bucket_map, state.slices)
+            if config is not None:
+                self._install_map(config, state.version)
             if state.foreign_buckets != self.foreign_buckets:
                 log.info("shards holding rows of buckets they do not own: %s",
                          {k: len(v) for k, v in state.foreign_buckets.items()} or "none")
             self.foreign_buckets = state.foreign_buckets
 
+    def _map_config(self, version: int, bucket_map: tuple[str, ...], slices: tuple[Any, ...],
+                    *, replaced: bool = False) -> ClusterConfig | None:
+        """The config routing by this map, or None to keep the one in use: the version is
+        not above it (unless ``replaced``: another catalog's, then only the same map is
+        kept).  ConfigurationError if the map does not fit the config file."""
+        held = self.map_version
+        if held is not None and version <= held and not replaced:
+            return None
+        if replaced and version == held and tuple(bucket_map) == self.config.bucket_map and \
+                tuple(slices) == tuple(self.config.slices):
+            return None
+        try:
+            return with_bucket_map(self.file_config, bucket_map, slices)
+        except ConfigurationError as e:
+            using = "the config file's map" if held is None else f"map version {held}"
+            raise ConfigurationError(
+                e.field, f"map version {version} does not fit the config file: {e.problem}",
+                f"{e.hint or 'make the config file match the catalog'}, then restart this process; until "
+                f"then it routes by {using}") from None
+
     def _set_map(self, version: int, bucket_map: tuple[str, ...], slices: tuple[Any, ...] = ()) -> None:
+        """Route by this map if its version is above the one in use."""
         with self._map_lock:
-            if self.map_version is not None and version <= self.map_version:
-                return
-            config = with_bucket_map(self.file_config, bucket_map, slices)
+            config = self._map_config(version, bucket_map, slices)
+            if config is not None:
+                self._install_map(config, version)
+
+    def _install_map(self, config: ClusterConfig, version: int) -> None:
+        with self._map_lock:
             # One assignment each: a thread routing now uses the old router or the new one.
             self.config = config
             self.router = Router(config, like=self.router)

@@ -4,9 +4,12 @@ A :class:`MapFollower` thread LISTENs on the catalog's ``shardkit_map``
 channel and reloads the map when a new version is announced, when a shard
 refuses a write as not owned (:meth:`MapFollower.poke`), and every
 ``poll_interval`` seconds in case a notification was missed (a dropped
-connection).  Reconnects with back-off when the catalog is unreachable; the
-process keeps routing by the map it has meanwhile, which the shards' guards
-make safe: a stale map can cost a refused write, never a misplaced one.
+connection).  Reconnects with back-off (0.2 s, doubling up to 5 s) when the
+catalog is unreachable, with a warning each time; the process keeps routing by
+the map it has meanwhile, which the shards' guards make safe: a stale map can
+cost a refused write, never a misplaced one.  A catalog map that does not fit
+the config file (a shard the file does not name) is an error said once; the
+follower keeps listening and takes the next map that fits.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import psycopg
 from sqlalchemy.exc import SQLAlchemyError
 
 from ._config import conninfo, mask_url
-from .catalog import MAP_CHANNEL
-from .errors import ShardUnavailable
+from .catalog import MAP_CHANNEL, connect_timeout_args
+from .errors import ConfigurationError, ShardUnavailable
 
 if TYPE_CHECKING:
     from ._cluster import Cluster
@@ -41,6 +44,8 @@ class MapFollower:
         self._connecting = False
         # Said once that the catalog has no map yet (until it has one).
         self._said_empty = False
+        # The last catalog map that did not fit the config file, said once.
+        self._said_misfit: str | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -66,12 +71,39 @@ class MapFollower:
     def _connect(self) -> psycopg.Connection[Any]:
         self._connecting = True
         try:
-            return psycopg.connect(self._dsn(), autocommit=True, connect_timeout=3)
+            # The URL's connect_timeout, if it has one, else the catalog's default.
+            url = self.cluster.config.catalog_url
+            assert url is not None
+            return psycopg.connect(self._dsn(), autocommit=True, **connect_timeout_args(url))
         finally:
             self._connecting = False
 
+    def _using(self) -> str:
+        version = self.cluster.map_version
+        return "the config file's map" if version is None else f"map version {version}"
+
+    def _describe(self, e: BaseException) -> str:
+        """What went wrong, naming the catalog once."""
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        if isinstance(e, ShardUnavailable):
+            return reason  # the catalog's own error: it names the catalog
+        where = f"the catalog ({mask_url(self.cluster.config.catalog_url)})"
+        if isinstance(e, psycopg.OperationalError) or isinstance(getattr(e, "orig", None), psycopg.OperationalError):
+            return f"{where} is unreachable: {reason}"
+        return f"{where} cannot be read: {reason}"
+
     def _refresh(self) -> None:
-        self.cluster.refresh_map()
+        try:
+            self.cluster.refresh_map()
+        except ConfigurationError as e:
+            # The catalog answers; its map is what the file cannot route by.  Said once
+            # per problem: the same map is read again at every notification and poll.
+            if str(e) != self._said_misfit:
+                log.error("catalog %s: %s", mask_url(self.cluster.config.catalog_url), e)
+                self._said_misfit = str(e)
+            return
+        self._said_misfit = None
         if self.cluster.map_version is None:
             if not self._said_empty:
                 log.warning("catalog %s has no bucket map yet (run `shardkit rebalance init`); routing by "
@@ -116,9 +148,8 @@ class MapFollower:
                 if self._stop.is_set():
                     return
                 failed = True
-                log.warning("catalog %s: %s; retrying in %.1f s",
-                            mask_url(self.cluster.config.catalog_url), str(e).strip().splitlines()[0]
-                            if str(e).strip() else type(e).__name__, backoff)
+                log.warning("%s; routing by %s meanwhile, retrying in %.1f s", self._describe(e), self._using(),
+                            backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception:  # noqa: BLE001 - the follower must not die silently

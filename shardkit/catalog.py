@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from ._config import mask_url
 from ._replicas import parse_lsn
@@ -47,6 +47,11 @@ MAP_CHANNEL: Final = "shardkit_map"
 MOVER_LOCK_CLASS: Final = 0x534B  # "SK"
 #: Seconds a process waits for the catalog to answer a read of the live map.
 ANSWER_TIMEOUT: Final = 5.0
+#: The least a read of the live map is given by a caller with little time left (see
+#: :meth:`Catalog.current_state`): a catalog that answers in time is never cut off at once.
+MIN_ANSWER_TIMEOUT: Final = 0.5
+#: Seconds a connection attempt to the catalog may take, unless its URL says otherwise.
+CONNECT_TIMEOUT: Final = 3
 
 _SCHEMA_SQL: Final = (
     "SELECT pg_advisory_xact_lock(5456785)",
@@ -118,10 +123,27 @@ class CatalogState:
     moved_lsn: dict[str, int]
     #: grows with every journal entry: an older state never replaces a newer one
     seq: int
+    #: which catalog answered: its database, its maps table and its server's start.  A
+    #: catalog restored from a backup, re-initialised or failed over has another one, and
+    #: its map may go back (None: not known)
+    identity: str | None = None
+
+
+def connect_timeout_args(url: URL | str) -> dict[str, Any]:
+    """``{"connect_timeout": CONNECT_TIMEOUT}``, or nothing when ``url`` gives its own
+    ``connect_timeout`` (a driver's keyword argument would override the URL's)."""
+    query = (url if isinstance(url, URL) else make_url(url)).query
+    return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT}
 
 
 class Catalog:
-    """The catalog database of one cluster."""
+    """The catalog database of one cluster.
+
+    A connection attempt to the catalog gives up after ``connect_timeout`` seconds
+    when the URL has one (``...?connect_timeout=10``), else after 3 s; a read of the
+    live map without a connection (:meth:`current_state`) waits ``answer_timeout``
+    seconds for the catalog's answer, the connection attempt included.
+    """
 
     def __init__(self, url: URL | str, *, engine: Engine | None = None,
                  answer_timeout: float = ANSWER_TIMEOUT) -> None:
@@ -132,7 +154,7 @@ class Catalog:
         # A small pool: processes poll the catalog while they wait for a new map
         # version (a refused write), and a mover holds one connection for its lock.
         self.engine = engine or create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True,
-                                              connect_args={"connect_timeout": 3})
+                                              connect_args=connect_timeout_args(url))
         event.listen(self.engine, "handle_error", self._unreachable, retval=True)
 
     def _unreachable(self, context: Any) -> Exception | None:
@@ -196,8 +218,12 @@ class Catalog:
         with self.engine.connect() as c:
             return read(c)
 
-    def current_state(self, conn: Connection | None = None) -> CatalogState | None:
-        """The live map and the moves in flight, at one snapshot; None without a map."""
+    def current_state(self, conn: Connection | None = None, *,
+                      timeout: float | None = None) -> CatalogState | None:
+        """The live map and the moves in flight, at one snapshot; None without a map.
+
+        Without ``conn``, waits ``timeout`` seconds for the answer (default and most:
+        ``answer_timeout``), then raises ShardUnavailable."""
         def read(c: Connection) -> CatalogState | None:
             current = self.current_map(c)
             if current is None:
@@ -216,9 +242,15 @@ class Catalog:
                 "SELECT shard, max(lsn)::text FROM (SELECT target AS shard, target_lsn AS lsn "
                 "FROM shardkit_catalog.move_batches UNION ALL SELECT source, source_lsn "
                 "FROM shardkit_catalog.move_batches) x WHERE lsn IS NOT NULL GROUP BY shard"))}
-            seq = c.execute(text("SELECT coalesce(max(id), 0) FROM shardkit_catalog.journal")).scalar_one()
+            # The identity in the same round trip: the database and the maps table change
+            # when the catalog is restored into a new database or re-initialised, the
+            # server's start time when it is restored in place or failed over.
+            seq, identity = c.execute(text(
+                "SELECT coalesce(max(id), 0), (SELECT oid FROM pg_database WHERE datname = current_database())"
+                "::text || '/' || to_regclass('shardkit_catalog.maps')::oid::text || '/' || "
+                "pg_postmaster_start_time()::text FROM shardkit_catalog.journal")).one()
             return CatalogState(current.version, current.bucket_map, current.slices,
-                                {k: frozenset(v) for k, v in foreign.items()}, moved_lsn, int(seq))
+                                {k: frozenset(v) for k, v in foreign.items()}, moved_lsn, int(seq), identity)
         if conn is not None:
             return read(conn)
 
@@ -229,10 +261,11 @@ class Catalog:
                     return read(c)
                 finally:
                     c.rollback()
-        return self._answer_within(read_own)
+        return self._answer_within(read_own, timeout)
 
-    def _answer_within(self, fn: Any) -> Any:
-        """``fn()``, or ShardUnavailable once the catalog has not answered for ``answer_timeout``.
+    def _answer_within(self, fn: Any, timeout: float | None = None) -> Any:
+        """``fn()``, or ShardUnavailable once the catalog has not answered for ``timeout``
+        seconds (at most, and by default, ``answer_timeout``).
 
         Application threads reload the map (a write refused as not owned), and a
         catalog that is frozen (a paused VM, a storage stall) or cut off without a
@@ -249,11 +282,12 @@ class Catalog:
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 answer.set_exception(e)
         threading.Thread(target=run, name="shardkit-catalog-read", daemon=True).start()
+        wait = self.answer_timeout if timeout is None else min(timeout, self.answer_timeout)
         try:
-            return answer.result(self.answer_timeout)
+            return answer.result(wait)
         except FutureTimeout:
             raise ShardUnavailable(
-                f"the catalog ({mask_url(self.url)}) did not answer within {self.answer_timeout:g} s",
+                f"the catalog ({mask_url(self.url)}) did not answer within {wait:.3g} s",
                 node="catalog") from None
 
     def publish_map(self, conn: Connection, bucket_map: Sequence[str], reason: str,
