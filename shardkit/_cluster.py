@@ -81,8 +81,6 @@ class Cluster:
         # The config as loaded; with a catalog, self.config routes by the catalog's map.
         self.file_config = config
         self.map_version: int | None = None
-        # shard -> buckets it holds rows of without owning them (a move in progress).
-        self.foreign_buckets: dict[str, frozenset[int]] = {}
         # shard -> WAL position after the latest move to it: its replicas serve from there on.
         self.moved_lsn: dict[str, int] = {}
         self._state_seq = -1
@@ -241,12 +239,27 @@ class Cluster:
             self._state_seq = state.seq
             # The replicas' floors first: with the old router they only ask more.
             self.moved_lsn = state.moved_lsn
-            if config is not None:
-                self._install_map(config, state.version)
-            if state.foreign_buckets != self.foreign_buckets:
+            foreign_changed = dict(state.foreign_buckets) != dict(self.foreign_buckets)
+            if foreign_changed:
                 log.info("shards holding rows of buckets they do not own: %s",
                          {k: len(v) for k, v in state.foreign_buckets.items()} or "none")
-            self.foreign_buckets = state.foreign_buckets
+            if config is not None:
+                self._install_map(config, state.version, state.foreign_buckets)
+            elif foreign_changed:
+                # The same map, another step of a move: the router carries both.
+                self.foreign_buckets = state.foreign_buckets
+
+    @property
+    def foreign_buckets(self) -> Mapping[str, frozenset[int]]:
+        """shard -> the units (buckets, slices) it holds rows of without owning them (a
+        move in progress), as the router in use knows them: they change with it, in one
+        assignment, so a statement routed by a map is filtered by that map's state."""
+        return self.router.foreign_buckets
+
+    @foreign_buckets.setter
+    def foreign_buckets(self, foreign: Mapping[str, frozenset[int]]) -> None:
+        with self._map_lock:
+            self.router = Router(self.config, like=self.router, foreign_buckets=foreign)
 
     def _map_config(self, version: int, bucket_map: tuple[str, ...], slices: tuple[Any, ...],
                     *, replaced: bool = False) -> ClusterConfig | None:
@@ -275,11 +288,14 @@ class Cluster:
             if config is not None:
                 self._install_map(config, version)
 
-    def _install_map(self, config: ClusterConfig, version: int) -> None:
+    def _install_map(self, config: ClusterConfig, version: int,
+                     foreign: Mapping[str, frozenset[int]] | None = None) -> None:
         with self._map_lock:
-            # One assignment each: a thread routing now uses the old router or the new one.
+            # One assignment each: a thread routing now uses the old router or the new one
+            # (with the moves' state of its map: the old one's when none is given).
             self.config = config
-            self.router = Router(config, like=self.router)
+            self.router = Router(config, like=self.router,
+                                 foreign_buckets=self.router.foreign_buckets if foreign is None else foreign)
             previous, self.map_version = self.map_version, version
         log.info("bucket map version %s (was %s) from the catalog", version, previous)
 

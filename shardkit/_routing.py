@@ -143,10 +143,15 @@ def derived_select(item: Any) -> Any:
 class Router:
     """Routes statements and keys for one cluster configuration."""
 
-    def __init__(self, config: ClusterConfig, like: Router | None = None) -> None:
+    def __init__(self, config: ClusterConfig, like: Router | None = None,
+                 foreign_buckets: Mapping[str, frozenset[int]] | None = None) -> None:
         """``like``: the router this one replaces (a new map): it keeps what that one learnt
-        of the tables' key types."""
+        of the tables' key types.  ``foreign_buckets``: per shard, the units (buckets,
+        slices) whose rows it holds without owning them while they move; they belong to
+        the map (a state of the catalog), so a statement filters by the router that
+        routed it, never by a newer state."""
         self.config = config
+        self.foreign_buckets: Mapping[str, frozenset[int]] = foreign_buckets or {}
         self.shard_names: tuple[str, ...] = config.shard_names
         self.shard_set = frozenset(self.shard_names)
         self.tables: dict[str, TableRoute] = {}
@@ -345,11 +350,11 @@ class Router:
             if is_write and plan.references:
                 return Route(self.shard_names, "all", PRIMARY,
                              f"write to reference table(s) {', '.join(plan.references)} "
-                             "goes to every shard", True, tables)
+                             "goes to every shard", True, tables, router=self)
             shard = self.any_shard()
             what = f"reference table(s) {', '.join(plan.references)}" if plan.references else "no tables"
             return Route((shard,), "direct", chosen_role, f"{what}: any shard", is_write, tables,
-                         anywhere=True)
+                         anywhere=True, router=self)
 
         per_group, splits = self._evaluate(plan, binds, params)
         shards: frozenset[str] | None = None
@@ -384,7 +389,7 @@ class Router:
                     statement=statement,
                 )
             route = Route(self.shard_names, "all", chosen_role, "; ".join(reasons), is_write,
-                          plan.tables)
+                          plan.tables, router=self)
             if isinstance(statement, Update):
                 self._refuse_key_move(statement, params, route)
             return route
@@ -471,7 +476,8 @@ class Router:
         tr = self.table_route(tname)
         if tr.is_reference:
             return Route(self.shard_names, "all", PRIMARY,
-                         f"insert into reference table {tname} goes to every shard", True, (tname,))
+                         f"insert into reference table {tname} goes to every shard", True, (tname,),
+                         router=self)
         if stmt._select_names is not None or getattr(stmt, "select", None) is not None:
             raise CrossShardWriteError(
                 f"INSERT ... SELECT into sharded table {tname} cannot be routed row by row; "
@@ -514,7 +520,7 @@ class Router:
         shard = self._shard_for_row(tr, row, table)
         self._refuse_upsert_key_move(stmt, tr, row, pmap)
         return Route((shard,), "direct", PRIMARY, f"insert into {tname}: key -> {shard}", True,
-                     (tname,))
+                     (tname,), router=self)
 
     def _refuse_upsert_key_move(self, stmt: Insert, tr: TableRoute, row: Mapping[str, Any],
                                 params: Mapping[str, Any]) -> None:
@@ -570,7 +576,7 @@ class Router:
         kind = "direct" if len(ordered) == 1 else "multi"
         return Route(ordered, kind, PRIMARY,
                      f"insert of {len(rows)} row(s) into {tname} -> {', '.join(ordered)}",
-                     True, (tname,), by_shard if params is not None else None)
+                     True, (tname,), by_shard if params is not None else None, router=self)
 
     def _shard_for_row(self, tr: TableRoute, row: Mapping[str, Any], table: Any = None) -> str:
         """The owner of a row given as {column name: value}; ``table``: its Table, for the

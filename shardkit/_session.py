@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import re
 import time
@@ -1439,10 +1440,11 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
     statement must not see (or touch) them twice: rows of foreign buckets (hash
     groups) or slices (range and list groups) are left out.  Outside moves this
     returns ``statement`` unchanged.  ``foreign``: the units to leave out (default:
-    those the cluster knows of now), as a caller that checks them later read them.
+    those of the router that routed it), as a caller that checks them later read them.
     """
+    router = route.router or cluster.router  # the map that routed it, and its moves' state
     if foreign is None:
-        foreign = cluster.foreign_buckets.get(shard)
+        foreign = router.foreign_buckets.get(shard)
     if not foreign:
         return statement
     if not route.tables and not isinstance(statement, Insert):
@@ -1451,7 +1453,6 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
             "textual statement names no tables shardkit can filter, so it could see them twice; "
             "write it with select()/table(), run it per shard, or wait for the move to finish",
             construct="textual statement across shards during a move", statement=statement)
-    router = route.router or cluster.router
     # Only the tables of what moves: hash tables if buckets do, a group's tables if its slices do.
     foreign_slices = [s for s in router.config.slices if s.id in foreign]
     sliced = {s.group for s in foreign_slices}
@@ -1700,11 +1701,13 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
                    bind_arguments: Any, route: Route) -> Result[Any]:
     if not route.is_write:
         return _scatter_read(session, statement, params, execution_options, bind_arguments, route)
+    if route.router is None:  # one state of the moves for every shard
+        route = dataclasses.replace(route, router=session.cluster.router)
     results = []
     for shard in route.shards:
         # Read once: the rows left out and the check that they still are copies must
         # agree (the catalog's state may change in between).
-        foreign = session.cluster.foreign_buckets.get(shard, frozenset())
+        foreign = route.router.foreign_buckets.get(shard, frozenset())
         stmt = statement if isinstance(statement, Insert) else \
             _without_foreign_rows(session.cluster, shard, statement, route, foreign)
         p = params
@@ -1825,6 +1828,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     tasks = []
     failures: dict[str, BaseException] = {}
     first_reads: dict[str, bool] = {}
+    if route.router is None:  # one state of the moves for every shard
+        route = dataclasses.replace(route, router=cluster.router)
     for shard in sorted(route.shards):
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         shard_params = params
