@@ -461,7 +461,8 @@ class Cluster:
                 opts["pool_logging_name"] = node
                 opts.update(self._engine_options)
                 connect_args = dict(opts.pop("connect_args", {}))
-                connect_args.setdefault("connect_timeout", 3)
+                if "connect_timeout" not in url.query:  # the URL's own wins (a keyword would override it)
+                    connect_args.setdefault("connect_timeout", 3)
                 # A password in the query string (?password=...) would show in the
                 # engine's repr, which masks only the URL's password field.
                 hidden = [k for k in url.query if k.lower() in SECRET_QUERY_KEYS]
