@@ -334,9 +334,8 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
             elif not moves:
                 print("no moves")
             # A range or list move's batches hold slices, which `buckets` counts too.
-            slice_moves = _slice_moves(cluster) if moves and not args.json else set()
             for m in moves if not args.json else ():
-                unit = "slice" if m["move"] in slice_moves else "bucket"
+                unit = m["unit"]
                 copied = counted(m["rows_copied"], "row")
                 print(f"move {m['move']}: {m['state']} - {m['reason']} ({copied} copied)"
                       + (f"\n  error: {m['error']}" if m['error'] else ""))
@@ -368,17 +367,6 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.dispose()
-
-
-def _slice_moves(cluster: Cluster) -> set[int]:
-    """The ids of the moves that move a range or list group's slices (not hash buckets)."""
-    from sqlalchemy import text
-
-    from .rebalance import _need_catalog
-
-    with _need_catalog(cluster).engine.connect() as conn:
-        return set(conn.execute(text(
-            "SELECT id FROM shardkit_catalog.moves WHERE plan->>'kind' = 'slices'")).scalars())
 
 
 def build_parser() -> argparse.ArgumentParser:

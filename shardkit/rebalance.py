@@ -1266,7 +1266,8 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
         return []
     with catalog.engine.connect() as conn:
         moves = conn.execute(text(
-            "SELECT id, state, reason, error, created_at, updated_at FROM shardkit_catalog.moves "
+            "SELECT id, state, reason, error, created_at, updated_at, plan->>'kind' = 'slices' AS slices "
+            "FROM shardkit_catalog.moves "
             + ("WHERE id = :m " if move_id is not None else "") + "ORDER BY id"),
             {"m": move_id}).mappings().all()
         out = []
@@ -1279,6 +1280,8 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
                 "WHERE move_id = :m AND step = 'copied'"), {"m": m["id"]}).scalar()
             out.append({
                 "move": m["id"], "state": m["state"], "reason": m["reason"], "error": m["error"],
+                # What the batches' "buckets" count: hash buckets, or a range or list group's slices.
+                "unit": "slice" if m["slices"] else "bucket",
                 "created_at": m["created_at"].isoformat(), "updated_at": m["updated_at"].isoformat(),
                 "rows_copied": int(copied),
                 "batches": [{"batch": b["batch"], "source": b["source"], "target": b["target"],

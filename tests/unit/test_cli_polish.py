@@ -141,11 +141,10 @@ def test_migrate_upgrade_counts_its_shards(tmp_path, capsys, monkeypatch, shards
 
 
 def test_rebalance_status_counts_rows_and_buckets(tmp_path, capsys, monkeypatch):
-    moves = [{"move": 4, "state": "running", "reason": "drain s1", "error": None, "rows_copied": 1,
+    moves = [{"move": 4, "state": "running", "reason": "drain s1", "error": None, "rows_copied": 1, "unit": "bucket",
               "batches": [{"batch": 0, "source": "s1", "target": "s0", "buckets": 1, "step": "copied"},
                           {"batch": 1, "source": "s1", "target": "s0", "buckets": 2, "step": "pending"}]}]
     monkeypatch.setattr(rebalance, "move_status", lambda cluster, move=None: moves)
-    monkeypatch.setattr(cli, "_slice_moves", lambda cluster: set(), raising=False)
     rc, out, err = run(["rebalance", "status", "--config", str(write_config(tmp_path, 2))], capsys)
     assert rc == 0, err
     assert "(1 row copied)" in out, out
@@ -153,7 +152,7 @@ def test_rebalance_status_counts_rows_and_buckets(tmp_path, capsys, monkeypatch)
     assert "   1 bucket " in first and "buckets" not in first, first
     assert "   2 buckets" in second, second
     # A range or list move's batches count slices (the integration test runs a real one).
-    monkeypatch.setattr(cli, "_slice_moves", lambda cluster: {4})
+    moves[0]["unit"] = "slice"
     rc, out, err = run(["rebalance", "status", "--config", str(write_config(tmp_path, 2))], capsys)
     assert "   1 slice " in out and "   2 slices" in out and "bucket" not in out, out
 
