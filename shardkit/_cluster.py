@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from ._config import SECRET_QUERY_KEYS, ClusterConfig, ReplicaSettings, load_config, mask_url, with_bucket_map
+from ._config import SECRET_QUERY_KEYS, ClusterConfig, ReplicaSettings, connect_timeout_args, load_config, mask_url, with_bucket_map
 from ._guard import NOT_OWNED_SQLSTATE, guard_covers
 from ._guard import guard_installed as _guard_installed
 from ._replicas import HealthMonitor, ReplicaSelector
@@ -112,8 +112,6 @@ class Cluster:
         self.text_collations: dict[str, str] = {}
         # Called with each engine as it is created (metrics instrument them this way).
         self._engine_hooks: list[Any] = []
-        # (router, {(shard, table): what its map says}): see units_of().
-        self._units: tuple[Any, dict[tuple[str, Any], Any]] = (None, {})
         # shard -> True once its ownership guard was seen, or when to look again.
         self._guard_seen: dict[str, float | bool] = {}
         # Default per-shard answer deadline of cross-shard reads (None: wait).
@@ -309,13 +307,11 @@ class Cluster:
         if router is None:
             router = self.router  # and its config: one map, even if a new one arrives meanwhile
         config = router.config
-        cache = self._units
-        if cache[0] is not router:
-            cache = self._units = (router, {})
+        cache = router.units  # what its map says: kept with it
         tr = router.table_route(table)
         key = (shard, tr.table)
-        if key in cache[1]:
-            return cache[1][key]
+        if key in cache:
+            return cache[key]
         group = router.groups.get(tr.group) if tr.group is not None else None
         out: tuple[tuple[int, ...], str | None, tuple[int, ...]] | None
         if group is None or not guard_covers(group, tr.key_columns):
@@ -327,7 +323,7 @@ class Cluster:
             # the first numbering (a process that could not reach the catalog).
             slices = [s for s in config.slices or initial_slices(config.groups) if s.group == group.name]
             out = (tuple(s.id for s in slices if s.shard == shard), group.name, tuple(s.id for s in slices))
-        cache[1][key] = out
+        cache[key] = out
         return out
 
     def guard_installed(self, shard: str, conn: Any) -> bool:
@@ -461,8 +457,7 @@ class Cluster:
                 opts["pool_logging_name"] = node
                 opts.update(self._engine_options)
                 connect_args = dict(opts.pop("connect_args", {}))
-                if "connect_timeout" not in url.query:  # the URL's own wins (a keyword would override it)
-                    connect_args.setdefault("connect_timeout", 3)
+                connect_args = {**connect_timeout_args(url), **connect_args}
                 # A password in the query string (?password=...) would show in the
                 # engine's repr, which masks only the URL's password field.
                 hidden = [k for k in url.query if k.lower() in SECRET_QUERY_KEYS]

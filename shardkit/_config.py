@@ -60,6 +60,17 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRET_QUERY_KEYS: Final = ("password", "sslpassword")
 
 
+#: Seconds a connection attempt to a node or the catalog may take, unless its URL says otherwise.
+CONNECT_TIMEOUT: Final = 3
+
+
+def connect_timeout_args(url: URL | str) -> dict[str, Any]:
+    """``{"connect_timeout": CONNECT_TIMEOUT}``, or nothing when ``url`` gives its own
+    ``connect_timeout`` (a driver's keyword argument would override the URL's)."""
+    query = (url if isinstance(url, URL) else make_url(url)).query
+    return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT}
+
+
 def mask_url(url: URL | str) -> str:
     """Render a database URL with its password replaced by ``***``."""
     try:

@@ -171,6 +171,8 @@ class Router:
         self.pk_plans: dict[Any, Any] = {}
         # (check, statement cache key) -> what a cross-shard read's check found (see _per_shape)
         self.scatter_checks: dict[Any, Any] = {}
+        # (shard, table) -> the units this map gives the shard (see Cluster.units_of)
+        self.units: dict[tuple[str, str], Any] = {}
 
     # -- keys ----------------------------------------------------------------
 

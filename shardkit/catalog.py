@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine
 
-from ._config import mask_url
+from ._config import connect_timeout_args, mask_url
 from ._replicas import parse_lsn
 from ._slices import Slice, slices_from_json, slices_to_json
 from .errors import ShardUnavailable, unreachable_reason
@@ -50,8 +50,6 @@ ANSWER_TIMEOUT: Final = 5.0
 #: The least a read of the live map is given by a caller with little time left (see
 #: :meth:`Catalog.current_state`): a catalog that answers in time is never cut off at once.
 MIN_ANSWER_TIMEOUT: Final = 0.5
-#: Seconds a connection attempt to the catalog may take, unless its URL says otherwise.
-CONNECT_TIMEOUT: Final = 3
 
 _SCHEMA_SQL: Final = (
     "SELECT pg_advisory_xact_lock(5456785)",
@@ -127,13 +125,6 @@ class CatalogState:
     #: catalog restored from a backup, re-initialised or failed over has another one, and
     #: its map may go back (None: not known)
     identity: str | None = None
-
-
-def connect_timeout_args(url: URL | str) -> dict[str, Any]:
-    """``{"connect_timeout": CONNECT_TIMEOUT}``, or nothing when ``url`` gives its own
-    ``connect_timeout`` (a driver's keyword argument would override the URL's)."""
-    query = (url if isinstance(url, URL) else make_url(url)).query
-    return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT}
 
 
 class Catalog:
