@@ -767,27 +767,40 @@ def _repair(w: World, k: int, owner: str, balance: int | None) -> None:
             c.execute("UPDATE mx_accounts SET balance = %s WHERE id = %s", (balance, k))
 
 
-@pytest.mark.parametrize("path", STALE_PATHS)
-def test_stale_process_write_paths_after_a_move_are_refused_or_land(world, path):
-    """One bucket moves; a process that did not follow (follow_map=False) then writes an
-    account of it by one path through run_transaction: the write must land on the new owner
-    (refused with NotOwned on the old one and retried), never be acknowledged and lost."""
-    w = world
+@contextlib.contextmanager
+def _moved_under_a_stale_process(w: World, index: int, label: str) -> Iterator[tuple[Any, ...]]:
+    """Move the bucket of the ``index``-th live account to another shard (clean-up done at
+    once) while a process that does not follow the map (follow_map=False) keeps the old
+    map; yield (stale cluster, the account, the live accounts, the map before, its
+    bucket, source, target)."""
     cluster = w.cluster
     cluster.refresh_map()
     stale = shardkit.Cluster.from_config(w.cfg_path, follow_map=False, metadata=Base.metadata)
     try:
         live = cluster.config.bucket_map
         keys = [k for k in range(N_ACCOUNTS) if w.accounts.get(k) is not None]
-        k = keys[STALE_PATHS.index(path) * 7]
+        k = keys[index]
         bucket = shardkit.bucket_for(k, len(live))
         source = live[bucket]
         target = next(s for s in ("s0", "s1", "s2") if s != source)
         new_map = list(live)
         new_map[bucket] = target
         rebalance.Mover(cluster, grace=0, progress=lambda line: None).apply(
-            plan_from_maps(live, tuple(new_map), f"test: stale {path}"))
+            plan_from_maps(live, tuple(new_map), f"test: {label}"))
         assert stale.shard_for("mx_accounts", k) == source
+        yield stale, k, keys, live, bucket, source, target
+    finally:
+        stale.dispose()
+
+
+@pytest.mark.parametrize("path", STALE_PATHS)
+def test_stale_process_write_paths_after_a_move_are_refused_or_land(world, path):
+    """One bucket moves; a process that did not follow (follow_map=False) then writes an
+    account of it by one path through run_transaction: the write must land on the new owner
+    (refused with NotOwned on the old one and retried), never be acknowledged and lost."""
+    w = world
+    with _moved_under_a_stale_process(w, STALE_PATHS.index(path) * 7, f"stale {path}") as \
+            (stale, k, keys, live, bucket, source, target):
         S = sessionmaker(class_=shardkit.ShardedSession, cluster=stale)
         other = next(j for j in keys if shardkit.bucket_for(j, len(live)) != bucket
                      and live[shardkit.bucket_for(j, len(live))] == source)
@@ -879,8 +892,6 @@ def test_stale_process_write_paths_after_a_move_are_refused_or_land(world, path)
             _repair(w, k, target, expect[k])  # so that the tests after this one start clean
         assert got.get(k) == want, \
             f"{path}: acknowledged (result {out!r}) {expect[k]}, the servers hold {got.get(k)}"
-    finally:
-        stale.dispose()
 
 
 @pytest.mark.parametrize("path", ["delete_one", "update_in_two_shards"])
@@ -891,22 +902,9 @@ def test_stale_write_is_refused_when_the_map_arrives_between_it_and_the_check(wo
     map the old owner is right about everything it was given, and the write would be
     acknowledged having changed nothing while the row lives on elsewhere."""
     w = world
-    cluster = w.cluster
-    cluster.refresh_map()
-    stale = shardkit.Cluster.from_config(w.cfg_path, follow_map=False, metadata=Base.metadata)
-    try:
-        live = cluster.config.bucket_map
-        keys = [k for k in range(N_ACCOUNTS) if w.accounts.get(k) is not None]
-        k = keys[3 if path == "delete_one" else 11]
-        bucket = shardkit.bucket_for(k, len(live))
-        source = live[bucket]
-        target = next(s for s in ("s0", "s1", "s2") if s != source)
+    with _moved_under_a_stale_process(w, 3 if path == "delete_one" else 11, f"stale check {path}") as \
+            (stale, k, keys, live, bucket, source, target):
         elsewhere = next(j for j in keys if live[shardkit.bucket_for(j, len(live))] not in (source,))
-        new_map = list(live)
-        new_map[bucket] = target
-        rebalance.Mover(cluster, grace=0, progress=lambda line: None).apply(
-            plan_from_maps(live, tuple(new_map), f"test: stale check {path}"))
-        assert stale.shard_for("mx_accounts", k) == source
         before = rows_by_key(w.dev.shards, f"SELECT id, balance FROM mx_accounts WHERE id IN ({k}, {elsewhere})")
 
         def reload_after_write(conn, cursor, statement, *a):
@@ -926,11 +924,9 @@ def test_stale_write_is_refused_when_the_map_arrives_between_it_and_the_check(wo
                 pytest.fail(f"{path} acknowledged ({got!r}) by a shard that no longer holds {k}")
         finally:
             event.remove(engine, "after_cursor_execute", reload_after_write)
-        assert stale.map_version == cluster.map_version
+        assert stale.map_version == w.cluster.map_version
         assert rows_by_key(w.dev.shards,
                            f"SELECT id, balance FROM mx_accounts WHERE id IN ({k}, {elsewhere})") == before
-    finally:
-        stale.dispose()
     _check_accounts(w)
 
 
