@@ -257,7 +257,8 @@ class Cluster:
     @foreign_buckets.setter
     def foreign_buckets(self, foreign: Mapping[str, frozenset[int]]) -> None:
         with self._map_lock:
-            self.router = Router(self.config, like=self.router, foreign_buckets=foreign)
+            self.router = Router(self.config, like=self.router, foreign_buckets=foreign,
+                                 map_version=self.router.map_version)
 
     def _map_config(self, version: int, bucket_map: tuple[str, ...], slices: tuple[Any, ...],
                     *, replaced: bool = False) -> ClusterConfig | None:
@@ -293,7 +294,8 @@ class Cluster:
             # (with the moves' state of its map: the old one's when none is given).
             self.config = config
             self.router = Router(config, like=self.router,
-                                 foreign_buckets=self.router.foreign_buckets if foreign is None else foreign)
+                                 foreign_buckets=self.router.foreign_buckets if foreign is None else foreign,
+                                 map_version=version)
             previous, self.map_version = self.map_version, version
         log.info("bucket map version %s (was %s) from the catalog", version, previous)
 
@@ -656,12 +658,15 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
             detail = getattr(diag, "message_detail", None)
             bucket = int(detail) if detail and detail.isdigit() else None
             unit = "slice" if bucket is not None and bucket >= SLICE_BASE else "bucket"
+            # The map in use now: the one that routed the write, or (if another arrived
+            # meanwhile) a newer one; either way a retry needs a newer map than this.
+            version = cluster.map_version
             err: Exception = NotOwned(
                 f"shard {shard} refused the write: it does not own {unit} {bucket} (this process "
-                f"routes by map version {cluster.map_version}); the map is being reloaded from the "
+                f"routes by map version {version}); the map is being reloaded from the "
                 "catalog: retry the transaction (shardkit.run_transaction retries it)",
                 shard=shard, bucket=bucket, table=getattr(diag, "table_name", None),
-                statement=context.statement,
+                statement=context.statement, map_version=version,
             )
             err.__cause__ = cause
             # Returned, not raised: SQLAlchemy raises it after the other handle_error

@@ -144,13 +144,16 @@ class Router:
     """Routes statements and keys for one cluster configuration."""
 
     def __init__(self, config: ClusterConfig, like: Router | None = None,
-                 foreign_buckets: Mapping[str, frozenset[int]] | None = None) -> None:
+                 foreign_buckets: Mapping[str, frozenset[int]] | None = None,
+                 map_version: int | None = None) -> None:
         """``like``: the router this one replaces (a new map): it keeps what that one learnt
         of the tables' key types.  ``foreign_buckets``: per shard, the units (buckets,
         slices) whose rows it holds without owning them while they move; they belong to
         the map (a state of the catalog), so a statement filters by the router that
-        routed it, never by a newer state."""
+        routed it, never by a newer state.  ``map_version``: the catalog's version of
+        this map (None for the config file's map)."""
         self.config = config
+        self.map_version = map_version
         self.foreign_buckets: Mapping[str, frozenset[int]] = foreign_buckets or {}
         self.shard_names: tuple[str, ...] = config.shard_names
         self.shard_set = frozenset(self.shard_names)

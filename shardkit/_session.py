@@ -1278,7 +1278,8 @@ def _check_still_owner(session: ShardedSession, shard: str, statement: Any, resu
     units, group, slices = known
     sql, params = (_STILL_OWNER_SQL, {"units": list(units)}) if group is None else \
         (_STILL_OWNER_SLICES_SQL, {"units": list(units), "group": group, "known": list(slices)})
-    _ask_shard(session, shard, sql, params, statement, "may have missed rows that live on another shard now")
+    _ask_shard(session, shard, sql, params, statement, "may have missed rows that live on another shard now",
+               router)
 
 
 # Fails as _STILL_OWNER_SQL does when the shard owns a bucket (or slice) this process
@@ -1289,10 +1290,12 @@ _NOT_FOREIGN_SQL = (
 
 
 def _ask_shard(session: ShardedSession, shard: str, sql: str, params: Mapping[str, Any],
-               statement: Any, consequence: str) -> None:
+               statement: Any, consequence: str, router: Router | None) -> None:
     """Run one of the checks above on ``shard``'s primary in the session's transaction;
-    :class:`NotOwned` if the shard disagrees with this process's map."""
+    :class:`NotOwned` if the shard disagrees with the map of ``router`` (the one that
+    routed the statement; default: the one in use)."""
     cluster = session.cluster
+    version = (router or cluster.router).map_version
     conn = Session.connection(session, bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
     if not cluster.guard_installed(shard, conn):
         return
@@ -1306,11 +1309,12 @@ def _ask_shard(session: ShardedSession, shard: str, sql: str, params: Mapping[st
         cluster.map_stale()
         unit = "slice" if bucket >= SLICE_BASE else "bucket"
         raise NotOwned(
-            f"shard {shard} disagrees with this process's map (version {cluster.map_version}) "
+            f"shard {shard} disagrees with this process's map (version {version}) "
             f"about {unit} {bucket}, so this {type(statement).__name__.lower()} {consequence}; "
             "nothing was written (the shard's transaction is aborted) and the map is being "
             "reloaded from the catalog: retry the transaction (shardkit.run_transaction retries it)",
             shard=shard, bucket=bucket, table=statement.table.name, statement=statement,
+            map_version=version,
         ) from e
 
 
@@ -1722,7 +1726,7 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             # Rows of these buckets are left out here as copies a move holds; if the
             # move has switched since this process heard of it, they are the rows.
             _ask_shard(session, shard, _NOT_FOREIGN_SQL, {"units": sorted(foreign)}, statement,
-                       "would have left out rows this shard owns now")
+                       "would have left out rows this shard owns now", route.router)
         results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
         if route.keys and session.cluster.catalog is not None:
             _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one",
@@ -2521,10 +2525,12 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     When a shard refuses a write because a move has switched its bucket to
     another shard (:class:`~shardkit.NotOwned`), nothing was written: the
     session is rolled back, the cluster's map is reloaded from the catalog
-    (waiting up to ``refresh_timeout`` seconds for the new version to be
-    published) and ``fn`` runs again in a fresh session, up to ``retries``
-    more times.  ``fn`` must therefore be safe to run again (do not keep
-    state from a failed attempt).  Returns what ``fn`` returned.
+    (waiting up to ``refresh_timeout`` seconds for a version newer than the
+    one that routed the refused write to be published: a shard may refuse
+    before the catalog has recorded the move) and ``fn`` runs again in a fresh
+    session, up to ``retries`` more times.  ``fn`` must therefore be safe to run
+    again (do not keep state from a failed attempt).  Returns what ``fn``
+    returned.
     """
     attempt = 0
     while True:
@@ -2534,9 +2540,12 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
                 result = fn(session)
                 session.commit()
                 return result
-            except NotOwned:
+            except NotOwned as e:
                 session.rollback()
                 if attempt >= retries:
                     raise
+                # Another map may have arrived while fn ran, before the one that moved
+                # this bucket: wait for one newer than the map that routed the write.
+                stale = max(seen or 0, e.map_version or 0)
         attempt += 1
-        session.cluster.refresh_map(newer_than=seen or 0, timeout=refresh_timeout)
+        session.cluster.refresh_map(newer_than=stale, timeout=refresh_timeout)

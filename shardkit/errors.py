@@ -11,7 +11,7 @@ SQLAlchemy errors keeps working::
     │   ├── NoShardForKey              .key   no range / list entry holds this key
     │   ├── CrossShardWriteError              a write that would span or leave its shard
     │   ├── ScatterRefused             .construct  strict mode, or a query that cannot merge exactly
-    │   └── NotOwned                   .shard .bucket  the map has changed: a refused write, a moved object
+    │   └── NotOwned                   .shard .bucket .map_version  the map has changed: a refused write, a moved object
     ├── RebalanceError                 .move_id .step  a move failed or cannot start
     ├── ShardUnavailable               .shard .node .cause
     │   └── ScatterError               .failures {shard: exception}
@@ -128,7 +128,11 @@ class NotOwned(RoutingError):
     object loaded before its bucket moved was refreshed, lazy-loaded or written.
 
     ``bucket`` is the bucket number, or for range and list groups the slice
-    number (at or above ``2**30``).
+    number (at or above ``2**30``).  ``map_version`` is the version of the
+    bucket map that sent the write to ``shard`` (``None`` when not known, as
+    for an object whose new place the map in use already shows): retrying
+    needs a newer map than that one, and :func:`shardkit.run_transaction`
+    waits for the catalog to publish it.
 
     The process routed with a stale bucket map (a move has switched the
     bucket to another shard).  Nothing was written; the transaction on that
@@ -137,9 +141,11 @@ class NotOwned(RoutingError):
     """
 
     def __init__(self, message: str, *, shard: str | None = None, bucket: int | None = None,
-                 table: str | None = None, statement: Any = None) -> None:
+                 table: str | None = None, statement: Any = None,
+                 map_version: int | None = None) -> None:
         self.shard = shard
         self.bucket = bucket
+        self.map_version = map_version
         super().__init__(message, table=table, statement=statement)
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, event, insert, inspect, select
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, event, insert, inspect, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
@@ -303,3 +304,77 @@ def test_flush_delete_of_a_moved_object_is_refused_when_the_map_arrives_before_t
             s.close()
         assert rows_by_key(w.dev.shards, f"SELECT id, balance FROM mc_accounts WHERE id = {k}") == \
             {k: [(target, 0)]}
+
+
+# -- run_transaction ----------------------------------------------------------------------
+
+
+def test_run_transaction_waits_for_a_map_newer_than_the_one_that_routed_the_refused_write(world, monkeypatch):
+    """A shard refuses writes to a bucket as soon as the mover's cut-over commits there,
+    a moment before the mover publishes the map that moves it.  run_transaction then waits
+    for a map newer than the one that routed the write.  If another map (of another
+    change) arrived while the transaction ran, a map newer than the one at its start is
+    there already: the retry was routed by it to the same shard and refused again."""
+    w = world
+    admin = w.admin
+    admin.refresh_map()
+    live = admin.config.bucket_map
+    by_bucket: dict[int, list[int]] = {}
+    for k in range(N_ACCOUNTS):
+        by_bucket.setdefault(shardkit.bucket_for(k, len(live)), []).append(k)
+    bucket = next(b for b, ks in sorted(by_bucket.items()) if live[b] == "s0" and b not in w.moved)
+    w.moved.add(bucket)
+    key = by_bucket[bucket][0]
+    new_map = list(live)
+    new_map[bucket] = "s1"
+    plan = plan_from_maps(live, tuple(new_map), f"test: unpublished cut-over, bucket {bucket}")
+
+    # Hold the mover between its cut-over on the shards and its publication of the map.
+    switched, publish = threading.Event(), threading.Event()
+    flushed = rebalance._flushed
+
+    def held(conn: Any) -> Any:
+        switched.set()
+        publish.wait(30)
+        return flushed(conn)
+    monkeypatch.setattr(rebalance, "_flushed", held)
+    move_id = rebalance.Mover(admin, grace=0, progress=lambda line: None).start(plan)
+    failed: list[BaseException] = []
+
+    def move() -> None:
+        try:
+            rebalance.Mover(admin, grace=0, progress=lambda line: None).run(move_id)
+        except BaseException as e:  # reported by the test
+            failed.append(e)
+    mover = threading.Thread(target=move, daemon=True)
+    stale = shardkit.Cluster.from_config(w.cfg_path, follow_map=False, metadata=Base.metadata)
+    try:
+        mover.start()
+        assert switched.wait(60), "the mover did not reach its cut-over"
+        start = stale.map_version
+        routed_by: list[int | None] = []
+
+        def transfer(s: Any) -> None:
+            routed_by.append(stale.map_version)
+            if len(routed_by) == 1:
+                # A map of another change arrives while the transaction runs; the
+                # mover publishes its own a little later.
+                with admin.catalog.engine.begin() as c:
+                    admin.catalog.publish_map(c, admin.catalog.current_map(c).bucket_map,
+                                              "test: another change")
+                stale.refresh_map()
+                threading.Timer(0.3, publish.set).start()
+            s.execute(update(Account).where(Account.id == key).values(balance=Account.balance + 1))
+
+        S = sessionmaker(class_=shardkit.ShardedSession, cluster=stale, consistency="strong")
+        shardkit.run_transaction(S, transfer)
+        assert routed_by[0] == start and len(routed_by) == 2, routed_by
+        assert routed_by[1] >= start + 2, f"retried by map version {routed_by[1]}, not the move's"
+    finally:
+        publish.set()
+        mover.join(120)
+        stale.dispose()
+    assert not failed, failed
+    admin.refresh_map()
+    assert rows_by_key(w.dev.shards, f"SELECT id, balance FROM mc_accounts WHERE id = {key}") == \
+        {key: [("s1", 1)]}
