@@ -17,8 +17,9 @@ from typing import Any
 from sqlalchemy import text
 
 from ._cluster import Cluster
-from ._config import _compress
+from ._config import ClusterConfig, _compress
 from ._guard import SQL_HASHABLE_TYPES, bucket_expression, guard_installed, table_shape
+from ._routing import Router
 from ._strategies import HashStrategy
 from .errors import NoShardForKey
 
@@ -52,6 +53,9 @@ class VerifyReport:
     #: owns that the map gives another shard).
     ownership: list[dict[str, Any]] = field(default_factory=list)
     map_version: int | None = None
+    #: The catalog's state changed during every attempt (a move kept taking
+    #: steps): problems reported may be rows of that move.
+    map_changed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -59,8 +63,9 @@ class VerifyReport:
             all(not t.misplaced for t in self.tables)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "map_version": self.map_version, "missing_tables": self.missing_tables,
-                "ownership": self.ownership, "tables": [t.as_dict() for t in self.tables]}
+        return {"ok": self.ok, "map_version": self.map_version, "map_changed": self.map_changed,
+                "missing_tables": self.missing_tables, "ownership": self.ownership,
+                "tables": [t.as_dict() for t in self.tables]}
 
     def render(self) -> str:
         lines = []
@@ -81,6 +86,10 @@ class VerifyReport:
             if o["extra"]:
                 lines.append(f"ownership: {o['shard']} owns {len(o['extra'])} buckets the map gives another "
                              f"shard: {_compress(o['extra'])}")
+        if self.map_changed:
+            lines.append("the shard map changed while the shards were read, each time (a move is taking "
+                         "steps): the problems above may be rows of that move; run verify again once it "
+                         "has finished (`shardkit rebalance status`)")
         lines.append("verify: clean" if self.ok else "verify: PROBLEMS FOUND")
         return "\n".join(lines)
 
@@ -93,19 +102,42 @@ def _describe(owner: str, n: int) -> str:
     return f"{n} belong on {owner}"
 
 
-def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> VerifyReport:
+def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000,
+           attempts: int = 3) -> VerifyReport:
     """Check every configured sharded table on every shard's primary.
 
     Read-only.  At most ``sample`` misplaced primary keys per table and shard
     are kept to look for duplicates on their owners.
+
+    With a catalog, the shards are compared with one state of it (the map, and
+    the buckets whose rows a move in progress has copied or not yet cleaned
+    up).  A move that reaches its next step while the shards are read can make
+    rows look misplaced; so when problems are found and the catalog's state has
+    changed meanwhile, the check runs again, up to ``attempts`` times in all.  A
+    report whose state kept changing says so (``map_changed``).
     """
+    for attempt in range(max(1, attempts)):
+        cluster.refresh_map()  # with a catalog: the live map, and the buckets of moves in flight
+        router = cluster.router
+        report = _verify_by(cluster, router, batch, sample)
+        if report.ok:
+            return report
+        cluster.refresh_map()
+        if cluster.router is router:
+            return report
+    report.map_changed = True
+    return report
+
+
+def _verify_by(cluster: Cluster, router: Router, batch: int, sample: int) -> VerifyReport:
+    """One check of every shard against the map (and moves' state) of ``router``."""
+    config = router.config
     reports: list[TableReport] = []
     missing: list[str] = []
-    cluster.refresh_map()  # with a catalog: the live map, and the buckets of moves in flight
-    ownership = _check_ownership(cluster)
-    for group in cluster.config.groups:
+    ownership = _check_ownership(cluster, config)
+    for group in config.groups:
         for table, cols in group.tables.items():
-            for shard in cluster.shard_names:
+            for shard in config.shard_names:
                 with cluster.primary(shard).connect() as conn:
                     exists = conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"),
                                           {"t": table}).scalar()
@@ -116,11 +148,11 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> V
                     _, pk, types = table_shape(conn, table)
                     strays: dict[str, list[tuple[Any, ...]]] = {}
                     # Copies (or leftovers) of a move in progress are expected here.
-                    foreign = cluster.foreign_buckets.get(shard, frozenset())
+                    foreign = router.foreign_buckets.get(shard, frozenset())
                     sql_type = types.get(cols[0]) if len(cols) == 1 else None
                     if isinstance(group.strategy, HashStrategy) and sql_type in SQL_HASHABLE_TYPES \
                             and _sql_hash_installed(conn):
-                        _check_hash_in_sql(cluster, conn, rep, table, cols[0], sql_type, pk,
+                        _check_hash_in_sql(config, conn, rep, table, cols[0], sql_type, pk,
                                            strays, sample, foreign)
                     else:
                         _check_streaming(conn, rep, table, cols, group.strategy, batch, pk,
@@ -128,19 +160,19 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000) -> V
                 reports.append(rep)
                 if pk:
                     _count_duplicates(cluster, rep, pk, strays, batch)
-    return VerifyReport(reports, missing, ownership, cluster.map_version)
+    return VerifyReport(reports, missing, ownership, router.map_version)
 
 
-def _check_ownership(cluster: Cluster) -> list[dict[str, Any]]:
+def _check_ownership(cluster: Cluster, config: ClusterConfig) -> list[dict[str, Any]]:
     problems = []
-    bucket_map = cluster.config.bucket_map
-    for shard in cluster.shard_names:
+    bucket_map = config.bucket_map
+    for shard in config.shard_names:
         with cluster.primary(shard).connect() as conn:
             if not guard_installed(conn):
                 continue
             owned = {r[0] for r in conn.execute(text("SELECT bucket FROM shardkit.owned_buckets"))}
         want = {b for b, s in enumerate(bucket_map) if s == shard} | \
-            {sl.id for sl in cluster.config.slices if sl.shard == shard}
+            {sl.id for sl in config.slices if sl.shard == shard}
         if owned != want:
             problems.append({"shard": shard, "missing": sorted(want - owned), "extra": sorted(owned - want)})
     return problems
@@ -159,20 +191,20 @@ _NO_OWNER = "(no owner)"   # no shard is mapped for the key
 _NULL_KEY = "(null key)"   # the shard key is NULL
 
 
-def _check_hash_in_sql(cluster: Cluster, conn: Any, rep: TableReport, table: str, column: str,
+def _check_hash_in_sql(config: ClusterConfig, conn: Any, rep: TableReport, table: str, column: str,
                        sql_type: str, pk: list[str], strays: dict[str, list[tuple[Any, ...]]],
                        sample: int, foreign: frozenset[int]) -> None:
     rep.method = "sql"
-    n = cluster.config.bucket_count
+    n = config.bucket_count
     bucket_expr = bucket_expression(column, sql_type, n)
-    owned = [b for b, s in enumerate(cluster.config.bucket_map) if s == rep.shard or b in foreign]
+    owned = [b for b, s in enumerate(config.bucket_map) if s == rep.shard or b in foreign]
     for bucket, count in conn.execute(text(
             f"SELECT {bucket_expr} AS b, count(*) FROM {_q(table)} GROUP BY b")).all():
         rep.rows += count
         if bucket in foreign:
             rep.in_flight += count
             continue
-        owner = _NULL_KEY if bucket is None else cluster.config.bucket_map[bucket]
+        owner = _NULL_KEY if bucket is None else config.bucket_map[bucket]
         if owner != rep.shard:
             rep.misplaced[owner] += count
     if rep.misplaced and pk:
@@ -181,7 +213,7 @@ def _check_hash_in_sql(cluster: Cluster, conn: Any, rep: TableReport, table: str
             f"WHERE {_q(column)} IS NOT NULL AND NOT ({bucket_expr} = ANY(:owned)) "
             f"LIMIT {int(sample)}"), {"owned": owned})
         for row in result:
-            strays.setdefault(cluster.config.bucket_map[row[0]], []).append(tuple(row[1:]))
+            strays.setdefault(config.bucket_map[row[0]], []).append(tuple(row[1:]))
 
 
 def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, ...],
