@@ -25,6 +25,7 @@ from ._guard import NOT_OWNED_SQLSTATE, guard_covers
 from ._guard import guard_installed as _guard_installed
 from ._replicas import HealthMonitor, ReplicaSelector
 from ._routing import PRIMARY, REPLICA, Route, Router
+from ._scatter import shut_down_here
 from ._scope import scope as _scope
 from ._slices import SLICE_BASE, initial_slices
 from ._strategies import HashStrategy
@@ -651,6 +652,12 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
     def handle(context: Any) -> Exception | None:
         if context.is_pre_ping:
             return None  # the pool reconnects by itself
+        if context.is_disconnect and shut_down_here(context):
+            # A scatter shut this connection's socket down past its timeout: the connection
+            # goes, but the node is fine: its other pooled connections stay, and it is not
+            # reported unreachable (the scatter reports the timeout).
+            context.invalidate_pool_on_disconnect = False
+            return None
         cause = context.original_exception
         if getattr(cause, "sqlstate", None) == NOT_OWNED_SQLSTATE:
             cluster.map_stale()

@@ -28,6 +28,7 @@ import itertools
 import os
 import socket
 import struct
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -977,6 +978,19 @@ def pg_numeric_div(a: decimal.Decimal, b: decimal.Decimal) -> decimal.Decimal:
 #: requests go unanswered, before :func:`shut_down_socket` ends the wait.
 CANCEL_GRACE: float = 1.0
 
+# The psycopg connections whose socket shut_down_socket shut down.
+_shut_down: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def shut_down_here(context: Any) -> bool:
+    """In a ``handle_error`` hook: whether the connection that failed is one whose socket
+    :func:`shut_down_socket` shut down (the failure is then shardkit's doing, not the
+    server's)."""
+    conn = context.connection
+    if conn is None or conn.closed or conn.invalidated:
+        return False
+    return conn.connection.dbapi_connection in _shut_down
+
 
 def shut_down_socket(dbapi_connection: Any) -> bool:
     """Shut down the socket of a psycopg connection another thread is waiting on (both
@@ -992,6 +1006,8 @@ def shut_down_socket(dbapi_connection: Any) -> bool:
     socket shut down through the duplicate, so that it is never closed here under libpq,
     and a descriptor number libpq closed meanwhile (and another connection reused) is
     never touched: the connection is checked to be open after the duplicate is made.
+    The connection is marked (:func:`shut_down_here`) before its socket is shut down, so
+    that the waiting thread's error handlers know the server did not fail.
     """
     pgconn = getattr(dbapi_connection, "pgconn", None)
     if pgconn is None:
@@ -1013,8 +1029,10 @@ def shut_down_socket(dbapi_connection: Any) -> bool:
         os.close(dup)
         return False
     with sock:  # closes the duplicate only
+        _shut_down.add(dbapi_connection)
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:  # not connected any more: its thread is failing already
+            _shut_down.discard(dbapi_connection)
             return False
     return True

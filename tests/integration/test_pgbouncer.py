@@ -462,6 +462,76 @@ def test_scatter_timeout_holds_while_pgbouncer_queues_the_query(env, consistency
     _assert_no_leftover_state(env)
 
 
+@pytest.mark.parametrize("consistency", ["strong", "eventual"])
+def test_connection_shut_down_past_the_timeout_goes_alone(env, consistency):
+    """When shardkit shuts down the socket of a query PgBouncer keeps queued past
+    ``shardkit_timeout``, only that connection goes: the node is fine, so its other pooled
+    connections stay (the pool is not emptied as after a lost server), the statement
+    counts as one error of the node (as a cancelled statement does), and a replica is not
+    banned."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from shardkit import metrics
+
+    _seed(env, 20)
+    shard = env.dev.shards[0]
+    strong = consistency == "strong"
+    node = shard.primary if strong else shard.replicas[0]
+    node_name = f"{shard.name}/{'primary' if strong else 'r0'}"
+    b = env.bouncers[node.name]
+    registry = prometheus_client.CollectorRegistry()
+    cluster = shardkit.Cluster.from_config(env.cfg, metadata=Base.metadata, engine_options=NO_PREPARE)
+    holders: list[psycopg.Connection] = []
+    try:
+        metrics.instrument(cluster, registry)
+        cluster.start_monitor()
+        engine = cluster.primary(shard.name) if strong else cluster.engine(shard.name, "replica", 0)
+
+        def pooled(n: int) -> list:
+            """The DBAPI connections of ``n`` connections checked out of the node's pool at once."""
+            conns = [engine.connect() for _ in range(n)]
+            try:
+                for c in conns:
+                    c.exec_driver_sql("SELECT 1")
+                    c.rollback()  # (each transaction would hold one of PgBouncer's two servers)
+                return [c.connection.dbapi_connection for c in conns]
+            finally:
+                for c in conns:
+                    c.close()
+
+        before = pooled(3)
+        holders += [b.connect(autocommit=False) for _ in range(POOL_SIZE)]
+        for c in holders:
+            c.execute("SELECT 1")  # each holds a server connection: the pool is full
+        Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency=consistency)
+        with Session() as s:
+            with pytest.raises(shardkit.ScatterError) as ei:
+                s.execute(select(User.id).execution_options(shardkit_timeout=0.5)).all()
+        for c in holders:
+            c.close()
+        assert set(ei.value.failures) == {shard.name}, ei.value.failures
+        assert "its connection was closed" in str(ei.value.failures[shard.name])
+        assert engine.pool.checkedout() == 0
+        after = pooled(3)
+        kept = [c for c in after if any(c is o for o in before)]
+        # The one connection shut down was replaced; the node's two others stayed.
+        assert len(kept) == 2, (before, after)
+        assert all(not c.closed for c in kept)
+
+        def errors(node: str) -> float:
+            return registry.get_sample_value(
+                "shardkit_query_errors_total", {"shard": node.split("/")[0], "node": node,
+                                                "role": "primary" if strong else "replica"}) or 0.0
+
+        assert errors(node_name) == 1.0
+        assert errors(f"{env.names[1]}/{'primary' if strong else 'r0'}") == 0.0
+        r0 = next(n for n in cluster.health().nodes if n["node"] == f"{shard.name}/r0")
+        assert r0["banned_for_s"] == 0 and r0["ban_reason"] is None, r0
+    finally:
+        for c in holders:
+            c.close()
+        cluster.dispose()
+
+
 class _AccountsBase(DeclarativeBase):
     pass
 
