@@ -5,7 +5,7 @@ Every error is a :class:`ShardkitError`, which is itself a
 SQLAlchemy errors keeps working::
 
     ShardkitError                      (sqlalchemy.exc.SQLAlchemyError)
-    ├── ConfigurationError             .field .hint
+    ├── ConfigurationError             .field .problem .hint
     ├── RoutingError                   .table .statement
     │   ├── ShardKeyError              .key   key missing, or of a type that cannot be hashed
     │   ├── NoShardForKey              .key   no range / list entry holds this key
@@ -13,6 +13,7 @@ SQLAlchemy errors keeps working::
     │   ├── ScatterRefused             .construct  strict mode, or a query that cannot merge exactly
     │   └── NotOwned                   .shard .bucket .map_version  the map has changed: a refused write, a moved object
     ├── RebalanceError                 .move_id .step  a move failed or cannot start
+    ├── CommitError                    .committed .failed .not_committed .cause  a multi-shard commit that did not commit every shard
     ├── ShardUnavailable               .shard .node .cause
     │   └── ScatterError               .failures {shard: exception}
     └── DevClusterError                .node  the local development cluster failed
@@ -29,6 +30,7 @@ import psycopg
 from sqlalchemy import exc as sa_exc
 
 __all__ = [
+    "CommitError",
     "ConfigurationError",
     "CrossShardWriteError",
     "DevClusterError",
