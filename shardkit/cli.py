@@ -213,9 +213,9 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     live, slices = current.bucket_map, current.slices
     chosen = [bool(args.add), bool(args.drain), bool(args.even), bool(args.split), bool(args.move_value)]
     if getattr(args, "plan", None):
-        if any(chosen):
+        if any(chosen) or args.to or args.lower:
             raise UsageError("--plan FILE applies a stored plan; do not also say what to plan "
-                             "(--add, --drain, --even, --split, --move-value)")
+                             "(--add, --drain, --even, --split, --move-value, --to, --lower)")
         try:
             raw = json.loads(Path(args.plan).read_text(encoding="utf-8"))
         except OSError as e:
@@ -234,6 +234,11 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     if sum(chosen) != 1:
         raise UsageError("say what to plan: --add SHARD [--add ...], --drain SHARD, --even rows|bytes, "
                          "--split GROUP:KEY --to SHARD or --move-value GROUP:VALUE --to SHARD")
+    if args.to and not (args.split or args.move_value):
+        raise UsageError(f"--to {args.to} names the target of --split or --move-value; "
+                         "--add, --drain and --even choose their targets themselves")
+    if args.lower and not args.split:
+        raise UsageError("--lower says which side of a --split moves; there is no --split")
     if args.split or args.move_value:
         if not args.to:
             raise UsageError("--split and --move-value need --to SHARD")

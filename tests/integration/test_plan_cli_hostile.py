@@ -423,6 +423,9 @@ def test_hostile_plan_arguments_are_one_line_errors_naming_the_mistake(world):
         ("--move-value", "stores:zz", "--to", "s2"): ["stores", "zz"],
         ("--move-value", "stores:eu"): ["--to"],
         ("--split", "events:1500", "--to", ""): ["--to"],
+        ("--add", "s2", "--to", "s1"): ["--to", "--split"],
+        ("--drain", "s1", "--lower"): ["--lower", "--split"],
+        ("--move-value", "stores:eu", "--to", "s2", "--lower"): ["--lower"],
     }
     bad = {}
     for argv, needles in cases.items():
@@ -452,8 +455,9 @@ def test_a_plan_file_given_with_what_to_plan_is_refused(world):
     baseline(world)
     f = world.tmp / "for-flags.json"
     ok(run("rebalance", "plan", "--add", "s2", "--out", str(f), config=world.good))
-    p = problems(run("rebalance", "plan", "--plan", str(f), "--drain", "s1", config=world.good), "--plan")
-    assert not p, p
+    for extra in (["--drain", "s1"], ["--to", "s1"], ["--lower"]):
+        p = problems(run("rebalance", "plan", "--plan", str(f), *extra, config=world.good), "--plan")
+        assert not p, (extra, p)
 
 
 @pytest.mark.integration
