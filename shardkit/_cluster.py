@@ -461,6 +461,9 @@ class Cluster:
                 opts.update(self._engine_options)
                 connect_args = dict(opts.pop("connect_args", {}))
                 connect_args = {**connect_timeout_args(url), **connect_args}
+                if pool_cfg.get("prepared_statements") is False:
+                    # Behind PgBouncer in transaction mode: psycopg prepares no statement.
+                    connect_args.setdefault("prepare_threshold", None)
                 # A password in the query string (?password=...) would show in the
                 # engine's repr, which masks only the URL's password field.
                 hidden = [k for k in url.query if k.lower() in SECRET_QUERY_KEYS]

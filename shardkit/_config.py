@@ -149,7 +149,8 @@ class ReplicaSettings:
     wait_for_token: float = 0.0
 
 
-POOL_KEYS = ("size", "max_overflow", "timeout", "recycle", "pre_ping", "max_connections")
+POOL_KEYS = ("size", "max_overflow", "timeout", "recycle", "pre_ping", "max_connections",
+             "prepared_statements")
 
 
 def parse_pool(raw: Any, path: str) -> dict[str, Any]:
@@ -160,7 +161,7 @@ def parse_pool(raw: Any, path: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, val in raw.items():
         p = f"{path}.{key}"
-        if key == "pre_ping":
+        if key in ("pre_ping", "prepared_statements"):
             if not isinstance(val, bool):
                 raise ConfigurationError(p, f"{val!r} must be true or false")
             out[key] = val

@@ -595,7 +595,8 @@ def test_without_prepare_threshold_none_statements_fail(env):
     """The README's first requirement: PgBouncer 1.18 in transaction mode does not carry
     psycopg's prepared statements (made after 5 runs of a statement on one connection)
     from one server connection to another, so without ``prepare_threshold: None``
-    statements fail.  Autocommit statements show it (replica reads, the monitor's polls);
+    statements fail.  Autocommit statements show it (replica reads; the monitor's polls
+    are never prepared);
     psycopg forgets its prepared statements at each rollback, so sessions on the
     primaries mostly do not reach the threshold."""
     _seed(env, 50)
@@ -617,6 +618,34 @@ def test_without_prepare_threshold_none_statements_fail(env):
     finally:
         cluster.dispose()
     assert failures and "prepared statement" in failures[0], failures[:1]
+
+
+def test_the_config_file_can_turn_prepared_statements_off(env):
+    """``[pool] prepared_statements = false`` is the config file's way to the same
+    ``prepare_threshold: None`` (for the ``shardkit`` commands, which take no
+    engine_options): the workload that fails above runs clean."""
+    _seed(env, 50)
+    cluster = shardkit.Cluster.from_config(
+        _config(env.dev, env.bouncers, pool={"prepared_statements": False}), metadata=Base.metadata)
+    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="eventual")
+    failures: list[str] = []
+    reads = 0
+    try:
+        def work(i: int) -> None:
+            nonlocal reads
+            for k in range(30):
+                try:
+                    with Session() as s:
+                        assert s.get(User, (i * 30 + k) % 50) is not None
+                        reads += 1
+                except Exception as e:  # noqa: BLE001 - the point of the test
+                    failures.append(str(e))
+
+        _run_threads(6, work)
+    finally:
+        cluster.dispose()
+    assert not failures, failures[:1]
+    assert reads == 180
 
 
 def test_monitor_keeps_its_statement_timeout_without_ignore_startup_parameters(env):
