@@ -81,7 +81,6 @@ class Cluster:
         self.router = Router(config)
         # The config as loaded; with a catalog, self.config routes by the catalog's map.
         self.file_config = config
-        self.map_version: int | None = None
         # shard -> WAL position after the latest move to it: its replicas serve from there on.
         self.moved_lsn: dict[str, int] = {}
         self._state_seq = -1
@@ -249,6 +248,12 @@ class Cluster:
                 self.foreign_buckets = state.foreign_buckets
 
     @property
+    def map_version(self) -> int | None:
+        """The catalog's version of the map in use (None: the config file's map); the
+        router in use carries it, so the two never disagree."""
+        return self.router.map_version
+
+    @property
     def foreign_buckets(self) -> Mapping[str, frozenset[int]]:
         """shard -> the units (buckets, slices) it holds rows of without owning them (a
         move in progress), as the router in use knows them: they change with it, in one
@@ -294,10 +299,10 @@ class Cluster:
             # One assignment each: a thread routing now uses the old router or the new one
             # (with the moves' state of its map: the old one's when none is given).
             self.config = config
+            previous = self.map_version
             self.router = Router(config, like=self.router,
                                  foreign_buckets=self.router.foreign_buckets if foreign is None else foreign,
                                  map_version=version)
-            previous, self.map_version = self.map_version, version
         log.info("bucket map version %s (was %s) from the catalog", version, previous)
 
     def units_of(self, shard: str, table: Any, router: Router | None = None
