@@ -116,13 +116,13 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000,
     changed meanwhile, the check runs again, up to ``attempts`` times in all.  A
     report whose state kept changing says so (``map_changed``).
     """
-    for attempt in range(max(1, attempts)):
-        cluster.refresh_map()  # with a catalog: the live map, and the buckets of moves in flight
+    cluster.refresh_map()  # with a catalog: the live map, and the buckets of moves in flight
+    for _ in range(max(1, attempts)):
         router = cluster.router
         report = _verify_by(cluster, router, batch, sample)
         if report.ok:
             return report
-        cluster.refresh_map()
+        cluster.refresh_map()  # a new state replaces the router: check again by it
         if cluster.router is router:
             return report
     report.map_changed = True
