@@ -103,11 +103,10 @@ def _stop_at(phrase: str) -> Any:
     return progress
 
 
-@contextlib.contextmanager
-def _half_moved(w: World, source: str) -> Iterator[tuple[int, str, list[int], shardkit.Cluster]]:
-    """Move one bucket of ``source`` (holding at least 3 accounts) to the other shard, in
-    steps: yields (bucket, target, its accounts, a stale Cluster that loaded the "copied"
-    state), with the move stopped just after its switch; finishes the move on exit."""
+def _start_move(w: World, source: str, reason: str, min_keys: int = 1) -> tuple[int, int, str, list[int]]:
+    """Start (plan) the move of a bucket of ``source`` holding at least ``min_keys``
+    accounts, one no test has moved yet, to the other shard: (move id, bucket, target,
+    its accounts)."""
     admin = w.admin
     admin.refresh_map()
     live = admin.config.bucket_map
@@ -116,24 +115,34 @@ def _half_moved(w: World, source: str) -> Iterator[tuple[int, str, list[int], sh
     for k in range(N_ACCOUNTS):
         by_bucket.setdefault(shardkit.bucket_for(k, len(live)), []).append(k)
     bucket = next(b for b, ks in sorted(by_bucket.items())
-                  if len(ks) >= 3 and live[b] == source and b not in w.moved)
+                  if len(ks) >= min_keys and live[b] == source and b not in w.moved)
     w.moved.add(bucket)
     new_map = list(live)
     new_map[bucket] = target
-    plan = plan_from_maps(live, tuple(new_map), f"test: map change race, bucket {bucket}")
+    plan = plan_from_maps(live, tuple(new_map), f"test: {reason}, bucket {bucket}")
     move_id = rebalance.Mover(admin, grace=0, progress=lambda line: None).start(plan)
+    return move_id, bucket, target, by_bucket[bucket]
+
+
+@contextlib.contextmanager
+def _half_moved(w: World, source: str) -> Iterator[tuple[int, str, list[int], shardkit.Cluster]]:
+    """Move one bucket of ``source`` (holding at least 3 accounts) to the other shard, in
+    steps: yields (bucket, target, its accounts, a stale Cluster that loaded the "copied"
+    state), with the move stopped just after its switch; finishes the move on exit."""
+    admin = w.admin
+    move_id, bucket, target, keys = _start_move(w, source, "map change race", min_keys=3)
     with pytest.raises(RebalanceError, match="copied"):
         rebalance.Mover(admin, grace=0, progress=_stop_at("copied")).run(move_id)
     stale = shardkit.Cluster.from_config(w.cfg_path, follow_map=False, metadata=Base.metadata)
     try:
         assert stale.foreign_buckets == {target: frozenset({bucket})}
-        assert stale.shard_for(Account, by_bucket[bucket][0]) == source
+        assert stale.shard_for(Account, keys[0]) == source
         with pytest.raises(RebalanceError, match="switched to map version"):
             rebalance.Mover(admin, grace=0, progress=_stop_at("switched to map version")).run(move_id)
         # Both shards hold the bucket's rows now, equal: the source gave it up.
-        held = rows_by_key(w.dev.shards, f"SELECT id, balance FROM mc_accounts WHERE id = {by_bucket[bucket][0]}")
-        assert sorted(s for s, _ in held[by_bucket[bucket][0]]) == sorted(admin.shard_names)
-        yield bucket, target, by_bucket[bucket], stale
+        held = rows_by_key(w.dev.shards, f"SELECT id, balance FROM mc_accounts WHERE id = {keys[0]}")
+        assert sorted(s for s, _ in held[keys[0]]) == sorted(admin.shard_names)
+        yield bucket, target, keys, stale
     finally:
         stale.dispose()
         _finish(admin, move_id)
@@ -317,17 +326,6 @@ def test_run_transaction_waits_for_a_map_newer_than_the_one_that_routed_the_refu
     there already: the retry was routed by it to the same shard and refused again."""
     w = world
     admin = w.admin
-    admin.refresh_map()
-    live = admin.config.bucket_map
-    by_bucket: dict[int, list[int]] = {}
-    for k in range(N_ACCOUNTS):
-        by_bucket.setdefault(shardkit.bucket_for(k, len(live)), []).append(k)
-    bucket = next(b for b, ks in sorted(by_bucket.items()) if live[b] == "s0" and b not in w.moved)
-    w.moved.add(bucket)
-    key = by_bucket[bucket][0]
-    new_map = list(live)
-    new_map[bucket] = "s1"
-    plan = plan_from_maps(live, tuple(new_map), f"test: unpublished cut-over, bucket {bucket}")
 
     # Hold the mover between its cut-over on the shards and its publication of the map.
     switched, publish = threading.Event(), threading.Event()
@@ -338,7 +336,8 @@ def test_run_transaction_waits_for_a_map_newer_than_the_one_that_routed_the_refu
         publish.wait(30)
         return flushed(conn)
     monkeypatch.setattr(rebalance, "_flushed", held)
-    move_id = rebalance.Mover(admin, grace=0, progress=lambda line: None).start(plan)
+    move_id, bucket, target, keys = _start_move(w, "s0", "unpublished cut-over")
+    key = keys[0]
     failed: list[BaseException] = []
 
     def move() -> None:
@@ -377,7 +376,7 @@ def test_run_transaction_waits_for_a_map_newer_than_the_one_that_routed_the_refu
     assert not failed, failed
     admin.refresh_map()
     assert rows_by_key(w.dev.shards, f"SELECT id, balance FROM mc_accounts WHERE id = {key}") == \
-        {key: [("s1", 1)]}
+        {key: [(target, 1)]}
 
 
 # -- verify -------------------------------------------------------------------------------
@@ -392,17 +391,7 @@ def test_verify_is_not_misled_by_a_move_that_takes_a_step_while_it_reads_the_sha
 
     w = world
     admin = w.admin
-    admin.refresh_map()
-    live = admin.config.bucket_map
-    by_bucket: dict[int, list[int]] = {}
-    for k in range(N_ACCOUNTS):
-        by_bucket.setdefault(shardkit.bucket_for(k, len(live)), []).append(k)
-    bucket = next(b for b, ks in sorted(by_bucket.items()) if live[b] == "s0" and b not in w.moved)
-    w.moved.add(bucket)
-    new_map = list(live)
-    new_map[bucket] = "s1"
-    move_id = rebalance.Mover(admin, grace=0, progress=lambda line: None).start(
-        plan_from_maps(live, tuple(new_map), f"test: verify during a move, bucket {bucket}"))
+    move_id, bucket, target, keys = _start_move(w, "s0", "verify during a move")
     checker = shardkit.Cluster.from_config(w.cfg_path, follow_map=False, metadata=Base.metadata)
     fired: list[int] = []
 
@@ -411,7 +400,7 @@ def test_verify_is_not_misled_by_a_move_that_takes_a_step_while_it_reads_the_sha
             fired.append(1)
             with pytest.raises(RebalanceError, match="copied"):
                 rebalance.Mover(admin, grace=0, progress=_stop_at("copied")).run(move_id)
-    engine = checker.primary("s1")
+    engine = checker.primary(target)
     event.listen(engine, "engine_connect", copy_now)
     try:
         report = verify(checker)
@@ -421,5 +410,5 @@ def test_verify_is_not_misled_by_a_move_that_takes_a_step_while_it_reads_the_sha
         _finish(admin, move_id)
     assert fired, "the hook did not run the copy"
     assert report.ok, report.render()
-    assert sum(t.in_flight for t in report.tables if t.shard == "s1") >= len(by_bucket[bucket])
+    assert sum(t.in_flight for t in report.tables if t.shard == target) >= len(keys)
     assert not report.map_changed
