@@ -369,7 +369,46 @@ def _parse_url(raw: Any, path: str) -> URL:
             "percent-encode it (@ as %40, : as %3A, / as %2F), also in ${VAR} values")
     if not url.database:
         raise ConfigurationError(path, f"{mask_url(url)} has no database name", "add /dbname")
+    _check_query(url, path)
     return url
+
+
+def _libpq_keywords() -> frozenset[str]:
+    """The connection parameters the installed libpq accepts (what ``connect()`` will)."""
+    from psycopg.pq import Conninfo
+
+    return frozenset(o.keyword.decode() for o in Conninfo.get_defaults())
+
+
+def _check_query(url: URL, path: str) -> None:
+    """Refuse a query string that every connection would fail on, naming the parameter.
+
+    SQLAlchemy hands the query string to psycopg as connection parameters, so an
+    unknown name or a timeout that is not a number would otherwise surface only at the
+    first query, as a node that looks down.  Values are never echoed: ``sslpassword``
+    and the like are secrets.
+    """
+    if not url.query:
+        return
+    known = _libpq_keywords()
+    for key, value in url.query.items():
+        if key == "prepare_threshold":
+            raise ConfigurationError(
+                path, "prepare_threshold cannot be set in the URL (psycopg receives it as a "
+                "string and every query then fails)",
+                "set [pool] prepared_statements = false to turn prepared statements off, or "
+                "pass connect_args={'prepare_threshold': N} in engine_options")
+        if key not in known:
+            raise ConfigurationError(
+                path, f"{key!r} in the URL's query string is not a libpq connection parameter",
+                "use the names of the libpq documentation (Parameter Key Words), e.g. "
+                "sslmode, connect_timeout, application_name; driver and pool settings go in [pool]")
+        if key == "connect_timeout":
+            values = value if isinstance(value, tuple) else (value,)
+            if not all(re.fullmatch(r"\s*\d+\s*", v) for v in values):
+                raise ConfigurationError(
+                    path, "connect_timeout in the URL's query string is not a whole number of seconds",
+                    "e.g. ?connect_timeout=5")
 
 
 def _parse_bucket_spec(raw: Any, path: str, bucket_count: int) -> tuple[int, ...]:

@@ -127,6 +127,32 @@ def test_bad_url(url, needle):
     assert ":pw@" not in str(e)
 
 
+@pytest.mark.parametrize("query,needle", [
+    ("?prepare_threshold=0", "prepare_threshold cannot be set in the URL"),
+    ("?sslmdoe=require", "'sslmdoe' in the URL's query string is not a libpq connection parameter"),
+    ("?connect_timeout=soon", "connect_timeout in the URL's query string is not a whole number"),
+    ("?sslmode=require&connect_timeout=5&connect_timeout=x", "not a whole number"),
+])
+def test_url_query_that_every_connection_would_fail_on(query, needle):
+    cfg = base()
+    cfg["shards"][0]["replicas"] = [URL.format("0r") + query]
+    e = err(cfg)
+    assert e.field == "shards[0].replicas[0]" and needle in str(e)
+
+
+def test_url_query_never_echoes_values():
+    cfg = base()
+    cfg["shards"][1]["primary"] = URL.format(1) + "?sslpasword=hunter2"  # misspelt: unknown
+    e = err(cfg)
+    assert "sslpasword" in str(e) and "hunter2" not in str(e)
+
+
+def test_url_query_with_libpq_parameters_is_accepted():
+    cfg = base()
+    cfg["shards"][1]["primary"] = URL.format(1) + "?sslmode=prefer&connect_timeout=7&application_name=web"
+    assert load_config(cfg).shards[1].primary.query["connect_timeout"] == "7"
+
+
 def test_unknown_shard_in_list_group():
     cfg = base()
     cfg["groups"]["geo"] = {"strategy": "list", "tables": {"customers": "region"},
