@@ -2527,7 +2527,8 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     session is rolled back, the cluster's map is reloaded from the catalog
     (waiting up to ``refresh_timeout`` seconds for a version newer than the
     one that routed the refused write to be published: a shard may refuse
-    before the catalog has recorded the move) and ``fn`` runs again in a fresh
+    before the catalog has recorded the move; no wait when the map in use
+    already gives the refused bucket to another shard) and ``fn`` runs again in a fresh
     session, up to ``retries`` more times.  ``fn`` must therefore be safe to run
     again (do not keep state from a failed attempt).  Returns what ``fn``
     returned.
@@ -2547,5 +2548,23 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
                 # Another map may have arrived while fn ran, before the one that moved
                 # this bucket: wait for one newer than the map that routed the write.
                 stale = max(seen or 0, e.map_version or 0)
+                refused = e
         attempt += 1
-        session.cluster.refresh_map(newer_than=stale, timeout=refresh_timeout)
+        cluster = session.cluster
+        cluster.refresh_map()
+        if not _moved_off(cluster, refused):
+            cluster.refresh_map(newer_than=stale, timeout=refresh_timeout)
+
+
+def _moved_off(cluster: Cluster, refused: NotOwned) -> bool:
+    """Whether the map in use already gives the refused bucket or slice to another
+    shard than the one that refused it: the retry needs no newer map.  (A map that
+    arrived between the write's routing and the shard's refusal is the map in use
+    when the refusal is reported, so its version alone cannot tell.)"""
+    unit, shard = refused.bucket, refused.shard
+    if unit is None or shard is None:
+        return False
+    config = cluster.config
+    if unit < SLICE_BASE:
+        return 0 <= unit < len(config.bucket_map) and config.bucket_map[unit] != shard
+    return any(s.id == unit and s.shard != shard for s in config.slices)
