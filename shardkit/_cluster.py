@@ -69,6 +69,10 @@ class Cluster:
     thread-safe.  Engines are created lazily, one per node.
     """
 
+    #: Seconds a cross-shard read waits for each shard when its statement gives no
+    #: ``shardkit_timeout`` (``None``: no limit).  Set it on the instance.
+    scatter_timeout: float | None = None
+
     def __init__(
         self,
         config: ClusterConfig,
@@ -114,8 +118,6 @@ class Cluster:
         self._engine_hooks: list[Any] = []
         # shard -> True once its ownership guard was seen, or when to look again.
         self._guard_seen: dict[str, float | bool] = {}
-        # Default per-shard answer deadline of cross-shard reads (None: wait).
-        self.scatter_timeout: float | None = None
         if metadata is not None:
             self.validate_metadata(metadata)
         if config.catalog_url is not None:
