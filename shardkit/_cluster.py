@@ -20,7 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from ._config import SECRET_QUERY_KEYS, ClusterConfig, ReplicaSettings, connect_timeout_args, load_config, mask_url, with_bucket_map
+from ._config import ClusterConfig, ReplicaSettings, connect_timeout_args, load_config, mask_url, split_secret_query, with_bucket_map
 from ._guard import NOT_OWNED_SQLSTATE, guard_covers
 from ._guard import guard_installed as _guard_installed
 from ._replicas import HealthMonitor, ReplicaSelector
@@ -471,14 +471,9 @@ class Cluster:
                 if pool_cfg.get("prepared_statements") is False:
                     # Behind PgBouncer in transaction mode: psycopg prepares no statement.
                     connect_args.setdefault("prepare_threshold", None)
-                # A password in the query string (?password=...) would show in the
-                # engine's repr, which masks only the URL's password field.
-                hidden = [k for k in url.query if k.lower() in SECRET_QUERY_KEYS]
-                if hidden:
-                    for k in hidden:
-                        v = url.query[k]
-                        connect_args.setdefault(k, v[-1] if isinstance(v, tuple) else v)
-                    url = url.difference_update_query(hidden)
+                url, secrets = split_secret_query(url)
+                for k, v in secrets.items():
+                    connect_args.setdefault(k, v)
                 eng = create_engine(url, connect_args=connect_args, **opts)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
                 event.listen(eng, "handle_error", _translate_errors(self, shard, node, url, index if role == REPLICA else None),

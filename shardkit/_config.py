@@ -56,6 +56,10 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,62}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+# The scheme and user info of a URL, read as SQLAlchemy's make_url reads them (a user name
+# holds no ':' or '/', a password runs to the first '@').
+_USER_INFO = re.compile(r"[\w+]+://(?:[^:/]*(?::[^@]*)?@)?")
+
 # libpq parameters that are secrets, when a URL carries them in its query string.
 SECRET_QUERY_KEYS: Final = ("password", "sslpassword")
 
@@ -71,12 +75,23 @@ def connect_timeout_args(url: URL | str) -> dict[str, Any]:
     return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT}
 
 
+def _unencoded_at(raw: str) -> bool:
+    """Whether ``raw`` has an ``@`` past the one that ends its user info (outside a query
+    value): an unencoded ``@`` in the password, whose tail SQLAlchemy reads as the host,
+    the database name or the query string, where it would be shown."""
+    m = _USER_INFO.match(raw)
+    if m is None:
+        return False
+    path, _, query = raw[m.end():].partition("?")
+    return "@" in path or any("@" in item.partition("=")[0] for item in query.split("&"))
+
+
 def mask_url(url: URL | str) -> str:
     """Render a database URL with its password replaced by ``***``."""
     try:
         u = url if isinstance(url, URL) else make_url(url)
-        if u.host and "@" in u.host:
-            # An unencoded "@" in the password: what looks like the host holds part of it.
+        if (u.host and "@" in u.host) or (isinstance(url, str) and _unencoded_at(url)):
+            # An unencoded "@" in the password: what looks like the host or database holds part of it.
             return "<URL with an unencoded '@' in its user or password>"
         if any(k.lower() in SECRET_QUERY_KEYS for k in u.query):
             # libpq also takes the password as a query parameter.
@@ -339,6 +354,12 @@ def _parse_url(raw: Any, path: str) -> URL:
     if not isinstance(raw, str) or not raw:
         raise ConfigurationError(path, "must be a database URL string",
                                  "e.g. postgresql+psycopg://user@host:5432/db")
+    if _unencoded_at(raw):
+        # Checked first: every message below shows the URL, whose host or database name
+        # would be the password's tail.
+        raise ConfigurationError(
+            path, "the URL's user name or password contains an unencoded '@'",
+            "percent-encode it (@ as %40, : as %3A, / as %2F), also in ${VAR} values")
     try:
         url = make_url(raw)
         url.port  # noqa: B018 - a port that is not a number raises here
@@ -363,14 +384,25 @@ def _parse_url(raw: Any, path: str) -> URL:
         )
     if not url.host:
         raise ConfigurationError(path, f"{mask_url(url)} has no host", "add host[:port]")
-    if "@" in url.host:
-        raise ConfigurationError(
-            path, "the URL's user name or password contains an unencoded '@'",
-            "percent-encode it (@ as %40, : as %3A, / as %2F), also in ${VAR} values")
     if not url.database:
         raise ConfigurationError(path, f"{mask_url(url)} has no database name", "add /dbname")
     _check_query(url, path)
+    if "password" in url.query:
+        # libpq's ?password= is the URL's password (the driver gets the same value): held
+        # there, SQLAlchemy hides it wherever the URL or an engine on it is shown.
+        pw = url.query["password"]
+        url = url.set(password=pw[-1] if isinstance(pw, tuple) else pw).difference_update_query(["password"])
     return url
+
+
+def split_secret_query(url: URL | str) -> tuple[URL, dict[str, Any]]:
+    """``url`` without the secrets of its query string (``?sslpassword=``, ``?password=``),
+    and those secrets as the driver's connect arguments: an engine's repr hides only the
+    URL's own password."""
+    url = url if isinstance(url, URL) else make_url(url)
+    hidden = [k for k in url.query if k.lower() in SECRET_QUERY_KEYS]
+    secrets = {k: v[-1] if isinstance(v, tuple) else v for k, v in url.query.items() if k in hidden}
+    return (url.difference_update_query(hidden) if hidden else url), secrets
 
 
 def _libpq_keywords() -> frozenset[str]:

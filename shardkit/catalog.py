@@ -32,7 +32,7 @@ from typing import Any, Final, NamedTuple
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine
 
-from ._config import connect_timeout_args, mask_url
+from ._config import connect_timeout_args, mask_url, split_secret_query
 from ._replicas import parse_lsn
 from ._slices import Slice, slices_from_json, slices_to_json
 from .errors import ShardUnavailable, unreachable_reason
@@ -144,8 +144,12 @@ class Catalog:
         self.answer_timeout = answer_timeout
         # A small pool: processes poll the catalog while they wait for a new map
         # version (a refused write), and a mover holds one connection for its lock.
-        self.engine = engine or create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True,
-                                              connect_args=connect_timeout_args(url))
+        if engine is None:
+            # A secret in the query string would show in the engine's repr.
+            bare, secrets = split_secret_query(url)
+            engine = create_engine(bare, pool_size=2, max_overflow=4, pool_pre_ping=True,
+                                   connect_args={**connect_timeout_args(url), **secrets})
+        self.engine = engine
         event.listen(self.engine, "handle_error", self._unreachable, retval=True)
 
     def _unreachable(self, context: Any) -> Exception | None:

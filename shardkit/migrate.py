@@ -35,7 +35,7 @@ from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import inspect, pool, text
 
 from ._cluster import Cluster, _translate_errors
-from ._config import mask_url
+from ._config import mask_url, split_secret_query
 from ._guard import guard_installed, install_guard
 from ._sql import install as _install_sql
 from ._sql import uninstall as _uninstall_sql
@@ -208,7 +208,9 @@ def _engine(cluster: Cluster, shard: str) -> Any:
     from sqlalchemy import create_engine, event
 
     url = cluster.node_url(shard)
-    engine = create_engine(url, poolclass=pool.NullPool)
+    # A secret in the query string would show in the engine's repr.
+    bare, secrets = split_secret_query(url)
+    engine = create_engine(bare, poolclass=pool.NullPool, connect_args=secrets)
     event.listen(engine, "handle_error", _translate_errors(cluster, shard, f"{shard}/primary", url),
                  retval=True)
     return engine
