@@ -680,6 +680,9 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
                 shard=shard, bucket=bucket, table=getattr(diag, "table_name", None),
                 statement=context.statement, map_version=version,
             )
+            # map_version may be newer than the map that routed the write (see above):
+            # run_transaction then checks where the map in use puts the bucket.
+            err._sk_guard_refusal = True  # type: ignore[attr-defined]
             err.__cause__ = cause
             # Returned, not raised: SQLAlchemy raises it after the other handle_error
             # hooks (metrics count it) have seen it.

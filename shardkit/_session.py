@@ -2557,12 +2557,14 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
 
 
 def _moved_off(cluster: Cluster, refused: NotOwned) -> bool:
-    """Whether the map in use already gives the refused bucket or slice to another
-    shard than the one that refused it: the retry needs no newer map.  (A map that
-    arrived between the write's routing and the shard's refusal is the map in use
-    when the refusal is reported, so its version alone cannot tell.)"""
+    """Whether a write the ownership guard refused (the shard does not own the bucket)
+    needs no newer map to retry: the map in use already gives the bucket or slice to
+    another shard.  (A map that arrived between the write's routing and the refusal is
+    the map in use when the refusal is reported, so its version alone cannot tell.)
+    The session's own checks report the version of the map that routed the statement,
+    and may be refused by a shard that owns the bucket: they always wait."""
     unit, shard = refused.bucket, refused.shard
-    if unit is None or shard is None:
+    if unit is None or shard is None or not getattr(refused, "_sk_guard_refusal", False):
         return False
     config = cluster.config
     if unit < SLICE_BASE:

@@ -38,6 +38,14 @@ class FakeSession:
         pass
 
 
+def guard_refusal(**kw):
+    """A NotOwned as the ownership guard's refusal is reported (its map_version is the
+    map in use when the shard refused)."""
+    err = NotOwned("refused", **kw)
+    err._sk_guard_refusal = True
+    return err
+
+
 def run(cluster, refusal):
     calls = []
 
@@ -56,23 +64,27 @@ def test_no_wait_when_the_map_in_use_already_moved_the_refused_bucket():
     # routing (by version 5) and s0's refusal, which therefore reports version 6.
     cluster = FakeCluster(["s0", "s0", "s0", "s1"])
     t0 = time.monotonic()
-    run(cluster, NotOwned("refused", shard="s0", bucket=3, map_version=6))
+    run(cluster, guard_refusal(shard="s0", bucket=3, map_version=6))
     assert cluster.waits == [] and time.monotonic() - t0 < 5
 
 
 def test_no_wait_for_a_moved_slice():
     cluster = FakeCluster(["s0"], slices=[SimpleNamespace(id=SLICE_BASE + 2, shard="s1")])
-    run(cluster, NotOwned("refused", shard="s0", bucket=SLICE_BASE + 2, map_version=6))
+    run(cluster, guard_refusal(shard="s0", bucket=SLICE_BASE + 2, map_version=6))
     assert cluster.waits == []
 
 
 @pytest.mark.parametrize("refusal", [
     # The shard refused before the catalog published the move: the map in use still
     # gives the bucket (or slice) to the refusing shard.
-    NotOwned("refused", shard="s0", bucket=1, map_version=6),
-    NotOwned("refused", shard="s0", bucket=SLICE_BASE + 2, map_version=6),
+    guard_refusal(shard="s0", bucket=1, map_version=6),
+    guard_refusal(shard="s0", bucket=SLICE_BASE + 2, map_version=6),
     # Nothing to check the map against.
-    NotOwned("refused", shard="s0", map_version=6),
+    guard_refusal(shard="s0", map_version=6),
+    # The session's own check: the new owner s1 refused a statement that took its copy
+    # of bucket 1 for a foreign one (the map in use still gives it to s0); map_version
+    # is the map that routed it, and only a newer one can route the retry right.
+    NotOwned("refused", shard="s1", bucket=1, map_version=6),
 ])
 def test_waits_for_a_newer_map_when_the_map_in_use_does_not_show_the_move(refusal):
     cluster = FakeCluster(["s0", "s0", "s0", "s1"], slices=[SimpleNamespace(id=SLICE_BASE + 2, shard="s0")])
