@@ -321,9 +321,14 @@ def test_partially_committed_shard_is_still_read_your_writes(tx):
 
 
 def _seed(tx, *keys, name="seed"):
+    """Commit the rows and wait for the replicas to replay them: the tests read them
+    back in new sessions, which (with no token) may read a replica."""
     with tx.Session()() as s:
         s.add_all(Account(id=k, name=f"{name}{k}") for k in keys)
         s.commit()
+    for shard in tx.dev.shards:
+        for replica in shard.replicas:
+            replica.wait_caught_up()
 
 
 def test_transient_to_detached_object_is_the_identity_of_its_row(tx):
