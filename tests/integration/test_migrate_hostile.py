@@ -376,7 +376,7 @@ def test_guard_refuses_unguardable_key_types_clearly(world):
     w = world(shards=2, groups={**HASH, "nums": {"strategy": "hash", "tables": {"nums": "k"}}}, catalog=True)
     rebalance.init(w.cluster)
     w.rev("g1", None, "op.create_table('things', sa.Column('id', sa.BigInteger, primary_key=True))\n"
-          "op.create_table('nums', sa.Column('k', sa.Numeric, primary_key=True))\n"
+          "op.create_table('nums', sa.Column('k', sa.Numeric, primary_key=True, autoincrement=False))\n"
           "op.install_shardkit_guard()", "op.drop_table('things')\nop.drop_table('nums')")
     r = w.cli("migrate", "upgrade")
     assert r.returncode == 1
