@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import heapq
+import ipaddress
 import itertools
 import os
 import socket
@@ -102,6 +103,11 @@ class MergePlan:
     description: str = ""
     order_terms: tuple[Any, ...] = ()      # group merges: (evaluator, descending, nulls_first)
     n_outputs: int = 0
+    # (position, equality only, use): shard-row values of expressions SQLAlchemy gives no
+    # type (age(), a function of the application's), which the merge compares or adds:
+    # their Python values are checked as they come (see _value_problem).
+    checks: tuple[tuple[int, bool, str], ...] = ()
+    statement: Any = None                  # the caller's (named by a refusal while merging)
 
     def __str__(self) -> str:
         return self.description
@@ -135,6 +141,10 @@ def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
         )
     if isinstance(expr, Label):
         expr = expr.element
+    if isinstance(expr, elements.Tuple):
+        raise ScatterRefused(
+            f"ORDER BY a row value ({expr}) across shards is not merged; order by its columns",
+            construct="ORDER BY a row value")
     if isinstance(expr, elements.TextClause) or _is_literal_sql(expr):
         raise ScatterRefused(
             f"ORDER BY {str(expr)!r} is SQL text (an output position, a name or an expression "
@@ -155,9 +165,13 @@ _UNMERGEABLE_TYPES: tuple[tuple[type, str], ...] = (
     (sqltypes.Interval, "interval"), (postgresql.MONEY, "money"), (sqltypes.JSON, "json"),
     (sqltypes.ARRAY, "array"), (postgresql.HSTORE, "hstore"), (postgresql.INET, "inet"),
     (postgresql.CIDR, "cidr"), (postgresql.TSVECTOR, "tsvector"),
+    (postgresql.CITEXT, "citext (compared without case)"),
 )
-# ... of which these are not even hashable (group keys, DISTINCT rows).
-_UNHASHABLE = ("json", "array", "hstore")
+# ... of which these do not even compare for equality as PostgreSQL does (group keys,
+# DISTINCT rows): not hashable, or equal in Python and not in PostgreSQL or the other way
+# round (interval '1 year' = '360 days', psycopg reads 365 days; timetz 12:00+00 and
+# 13:00+01 are the same instant for Python; citext 'a' = 'A').
+_UNHASHABLE = ("json", "array", "hstore", "interval", "time with time zone", "citext")
 
 
 def _unmergeable_type(expr: Any) -> str | None:
@@ -173,6 +187,8 @@ def _unmergeable_type(expr: Any) -> str | None:
     t = getattr(expr, "type", None)
     if t is None:
         return None
+    if isinstance(t, sqltypes.Interval):
+        return "interval"   # (SQLAlchemy's Interval is a TypeDecorator)
     if isinstance(t, sqltypes.TypeDecorator):
         # Python sees what process_result_value made of the stored values, which need
         # not order or add as those do.
@@ -252,7 +268,7 @@ def text_comparison(stmt: Any) -> str | None:
 def _refuse_unhashable(expr: Any, use: str) -> None:
     """Group keys and DISTINCT rows are compared by hashing their Python values."""
     name = _unmergeable_type(expr)
-    if name in _UNHASHABLE:
+    if name is not None and name.split(" (")[0] in _UNHASHABLE:
         _refuse_type(name, use)
 
 
@@ -265,14 +281,61 @@ def _refuse_unmergeable_type(expr: Any, use: str) -> None:
 def _refuse_type(name: str, use: str) -> None:
     raise ScatterRefused(
         f"{use} over a value of type {name} across shards: shardkit merges shards' values in "
-        "Python, which does not order or combine this type as PostgreSQL does; add the shard "
-        "key, or cast it to a type that does (text under C, numeric, ...)",
+        "Python, which does not order, compare or combine this type as PostgreSQL does; add the "
+        "shard key, or cast it to a type that does (text under C, numeric, ...)",
         construct=f"{use} over {name.split(' ')[0]}")
+
+
+def _untyped(expr: Any) -> bool:
+    """Whether SQLAlchemy knows nothing of ``expr``'s SQL type (``func.age(...)``, a function
+    of the application's, a user-defined type): the type checks cannot see what it returns."""
+    t = getattr(expr, "type", None)
+    return t is None or isinstance(t, (sqltypes.NullType, sqltypes.UserDefinedType))
+
+
+_IP_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network,
+             ipaddress.IPv6Network)   # (the Interface types are Address subclasses)
+
+
+def _value_problem(v: Any, equality: bool) -> str | None:
+    """The SQL type of Python value ``v`` when Python does not compare (``equality``: for
+    equality only) or add it as PostgreSQL compares or adds that type, else None."""
+    if isinstance(v, datetime.timedelta):
+        return "interval"   # psycopg reads a year as 365 days, PostgreSQL compares it as 360
+    if isinstance(v, datetime.time) and v.tzinfo is not None:
+        return "time with time zone"
+    if isinstance(v, (dict, list)):
+        return "json or array"
+    if equality:
+        return None
+    if isinstance(v, _IP_TYPES):
+        return "inet"
+    if type(v).__module__.startswith("psycopg") and "Range" in type(v).__name__:
+        return "range"
+    return None
+
+
+def _checked(stream: Iterable[Sequence[Any]], checks: Sequence[tuple[int, bool, str]],
+             statement: Any) -> Iterator[Sequence[Any]]:
+    """``stream``'s rows, refusing the merge at the first value ``checks`` name whose Python
+    value does not compare or add as PostgreSQL's does."""
+    for row in stream:
+        for pos, equality, use in checks:
+            v = row[pos]
+            if v is not None and (name := _value_problem(v, equality)) is not None:
+                try:
+                    _refuse_type(name, use)
+                except ScatterRefused as e:
+                    e.statement = statement
+                    raise
+        yield row
 
 
 def _agg_name(expr: Any) -> str | None:
     if isinstance(expr, Label):
         expr = expr.element
+    if isinstance(expr, elements.FunctionFilter):   # count(*) FILTER (WHERE ...)
+        expr = expr.func
     if isinstance(expr, functions.FunctionElement):
         name = expr.name.lower()
         if name in _MERGEABLE_AGGS or name in _OTHER_AGGS:
@@ -357,7 +420,12 @@ def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None) -> tuple[An
         raise ScatterRefused(f"cannot merge {type(stmt).__name__} results across shards",
                              construct=type(stmt).__name__, statement=stmt)
     try:
-        return _plan(stmt, params if isinstance(params, Mapping) else {})
+        shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {})
+        plan.statement = stmt
+        if plan.checks:
+            plan.description += ("; the values of expressions without a SQL type are checked as "
+                                 "they are merged")
+        return shard_stmt, plan
     except ScatterRefused as e:
         if e.statement is None:
             e.statement = stmt
@@ -416,6 +484,9 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
     # group_by(func.f(x)) is stored as a one-element ClauseList around the labelled function.
     group_by = [g.clauses[0] if type(g) is elements.ClauseList and len(g.clauses) == 1 else g
                 for g in stmt._group_by_clauses]
+    # GROUP BY (a, b) groups by a and b.
+    group_by = [c for g in group_by
+                for c in (g.clauses if isinstance(g, elements.Tuple) else (g,))]
     for c in columns:
         if _is_literal_sql(c) and str(c).strip().endswith("*"):
             raise ScatterRefused(
@@ -424,10 +495,11 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
     for g in group_by:
         g_inner = g.element if isinstance(g, Label) else g
         if isinstance(g_inner, functions.FunctionElement) and g_inner.name.lower() in (
-                "rollup", "cube", "grouping sets"):
+                "rollup", "cube", "grouping sets", "grouping_sets"):
+            sql = g_inner.name.upper().replace("_", " ")
             raise ScatterRefused(
-                f"GROUP BY {g_inner.name.upper()} across shards is not merged; group by the "
-                "columns and add the subtotals in Python", construct=f"GROUP BY {g_inner.name.upper()}")
+                f"GROUP BY {sql} across shards is not merged; group by the "
+                "columns and add the subtotals in Python", construct=f"GROUP BY {sql}")
         _refuse_unhashable(g, "GROUP BY")
     if distinct:
         for c in columns:
@@ -469,13 +541,35 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
                         f"({expr})",
                         construct="DISTINCT with ORDER BY not in select list",
                     )
+        for expr, _, _ in order:
+            name = _contains_aggregate(expr)
+            if name is not None:
+                # ORDER BY count(*) makes the query an aggregate (one row), which the shards'
+                # rows side by side are not.
+                raise ScatterRefused(
+                    f"ORDER BY {name}() in a query without GROUP BY or aggregates in its select "
+                    "list: one database returns one row, each shard would return its own; "
+                    "select the aggregate", construct="aggregate in ORDER BY without GROUP BY")
+        checks: list[tuple[int, bool, str]] = []
+        if distinct:
+            pos = 0
+            for c in columns:
+                if isinstance(c, selectable.FromClause) and not _is_entity(c) \
+                        and not isinstance(c, ColumnElement):   # (a function is a FromClause too)
+                    pos += len(c.c)
+                    continue
+                if _untyped(c):
+                    checks.append((pos, True, "DISTINCT"))
+                pos += 1
         shard_stmt = stmt
         keys = []
         if order:
             hidden = [expr.label(f"_sk_o{i}") for i, (expr, _, _) in enumerate(order)]
             shard_stmt = shard_stmt.add_columns(*hidden)
-            for i, (_expr, desc, nf) in enumerate(order):
+            for i, (expr, desc, nf) in enumerate(order):
                 keys.append(SortKey(visible + i, desc, desc if nf is None else nf))
+                if _untyped(expr):
+                    checks.append((visible + i, False, "ORDER BY"))
         if limit is not None:
             shard_stmt = shard_stmt.limit(limit + offset)
         if offset:
@@ -492,7 +586,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
             desc += (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
                      f"then offset {offset} limit {limit} after the merge")
         return shard_stmt, MergePlan(kind, visible, tuple(keys), limit, offset,
-                                     distinct, description=desc)
+                                     distinct, description=desc, checks=tuple(checks))
 
     # Aggregates, with or without GROUP BY.
     if distinct:
@@ -507,6 +601,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
     shard_cols: list[Any] = list(columns)
     outputs: list[OutputColumn] = []
     group_positions: list[int] = []
+    checks: list[tuple[int, bool, str]] = []
 
     def add(col: Any) -> int:
         shard_cols.append(col.label(f"_sk_c{len(shard_cols)}"))
@@ -515,17 +610,30 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
     def partial(expr: Any) -> OutputColumn:
         inner = expr.element if isinstance(expr, Label) else expr
         _refuse_distinct_aggregate(inner)
+        # agg(...) FILTER (WHERE c): partials of the rows where c holds, merged as agg's.
+        filt = inner if isinstance(inner, elements.FunctionFilter) else None
+        if filt is not None:
+            inner = filt.func
+
+        def filtered(agg: Any) -> Any:
+            return agg if filt is None else agg.filter(filt.criterion)
+
         name = inner.name.lower()
         args = list(inner.clauses)
         if name in ("min", "max", "sum", "avg"):
             for arg in args:
                 _refuse_unmergeable_type(arg, f"{name}()")
+        untyped = name in ("min", "max", "sum", "avg") and any(_untyped(a) for a in args)
         real = len(args) == 1 and _is_float4(args[0])
         if name == "avg":
             # PostgreSQL averages real in double precision: so do the partial sums.
             total = func.sum(cast(args[0], DOUBLE_PRECISION)) if real else func.sum(*args)
-            return OutputColumn("avg", (add(total), add(func.count(*args))))
-        return OutputColumn(name, (add(inner),), float4=real and name == "sum")
+            out = OutputColumn("avg", (add(filtered(total)), add(filtered(func.count(*args)))))
+        else:
+            out = OutputColumn(name, (add(filtered(inner)),), float4=real and name == "sum")
+        if untyped:
+            checks.append((out.positions[0], False, f"{name}()"))
+        return out
 
     def group_index(expr: Any) -> int | None:
         target = expr.element if isinstance(expr, Label) else expr
@@ -540,6 +648,8 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
         pos = add(g.element if isinstance(g, Label) else g)
         group_positions.append(pos)
         group_pos_for[g_i] = pos
+        if _untyped(g):
+            checks.append((pos, True, "GROUP BY"))
     for c, a in zip(columns, aggs):
         if a is not None:
             outputs.append(partial(c))
@@ -557,6 +667,9 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
             c2 = c.element if isinstance(c, Label) else c
             e2 = expr.element if isinstance(expr, Label) else expr
             if e2.compare(c2):
+                if outputs[i].kind == "value" and _untyped(c2):
+                    # a group key compared by order, not only for equality
+                    checks.append((outputs[i].positions[0], False, "HAVING/ORDER BY"))
                 return lambda row, extra, i=i: row[i]
         if _agg_name(expr) is not None:
             if _agg_name(expr) not in _MERGEABLE_AGGS:
@@ -569,6 +682,8 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
         if gi is not None:
             pos = group_pos_for[gi]
             extras.append(OutputColumn("value", (pos,)))
+            if _untyped(expr):
+                checks.append((pos, False, "HAVING/ORDER BY"))
             j = len(extras) - 1
             return lambda row, extra, j=j: extra[j]
         raise ScatterRefused(f"{expr} in HAVING/ORDER BY is neither an aggregate nor a group key",
@@ -591,7 +706,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
             + (f"; offset {offset} limit {limit} after the merge" if limit is not None or offset else ""))
     plan = MergePlan(kind, visible, (), limit, offset, False, tuple(outputs + extras),
                      tuple(group_positions), having_fn, desc, order_terms=tuple(order_terms),
-                     n_outputs=len(outputs))
+                     n_outputs=len(outputs), checks=tuple(checks))
     return shard_stmt, plan
 
 
@@ -642,9 +757,28 @@ def _unwrap_column(col: Any) -> Any:
 
 
 def _has_distinct(expr: Any) -> bool:
-    for e in visitors.iterate(expr):
+    """Whether aggregate ``expr`` is over DISTINCT values: ``count(x.distinct())``,
+    ``count(distinct(x))``, and the spellings PostgreSQL reads the same way:
+    ``func.count(func.distinct(x))`` (``count(distinct(x))``) and SQL text starting with
+    DISTINCT (``func.count(literal_column("DISTINCT x"))``)."""
+    if isinstance(expr, Label):
+        expr = expr.element
+    if isinstance(expr, elements.FunctionFilter):
+        expr = expr.func
+    stack = list(expr.clauses) if isinstance(expr, functions.FunctionElement) else [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, (selectable.SelectBase, selectable.ScalarSelect)):
+            continue
         if isinstance(e, UnaryExpression) and e.operator is operators.distinct_op:
             return True
+        if isinstance(e, functions.FunctionElement) and e.name.lower() == "distinct":
+            return True
+        sql = e.text if isinstance(e, elements.TextClause) else \
+            e.name if isinstance(e, elements.ColumnClause) and e.is_literal else None
+        if sql is not None and sql.lstrip()[:9].lower().rstrip("( \t\n") == "distinct":
+            return True
+        stack.extend(e.get_children())
     return False
 
 
@@ -796,6 +930,8 @@ def _sort_key_fn(keys: Sequence[SortKey]) -> Callable[[Sequence[Any]], _Key]:
 
 def merge_rows(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -> Iterator[tuple[Any, ...]]:
     """Combine per-shard row streams according to ``plan``; yields visible rows."""
+    if plan.checks:
+        streams = [_checked(s, plan.checks, plan.statement) for s in streams]
     if plan.kind == "any":
         rows = [tuple(r) for stream in streams for r in stream]
         if not rows:

@@ -545,7 +545,7 @@ def test_unmergeable_constructs_are_refused(hx):
         select(func.count(I.qty.distinct())),
         select(func.bool_and(I.flag)),
         select(func.array_agg(I.qty)),
-        select(func.count().filter(I.qty > 0)),
+        select(func.count(I.qty.distinct()).filter(I.qty > 0)),
         select(I.id, func.row_number().over(order_by=I.id)),
         select(func.sum(I.qty) * 2),
         select(I.grp, func.count()).group_by(I.grp).having(func.count(I.qty.distinct()) > 1),
