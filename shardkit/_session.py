@@ -54,7 +54,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy.engine import Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, bulk_persistence
 from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import QueryContext
@@ -248,6 +248,24 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 return None
             values.append(co(v) if co else v)
         return strategy.shard_for_key(values[0] if len(values) == 1 else tuple(values))
+
+    def _merge(self, state: Any, state_dict: Any, *, load: bool, **kw: Any) -> Any:
+        # merge(obj, load=False) of an object given its key by make_transient_to_detached()
+        # (no shard in it) keys the merged copy with that key as it is: a second object
+        # for the row, beside the one the session holds or loads.  The object's shard key
+        # (or its primary key, when that contains the shard key) names its shard; the
+        # caller's object is left as it was.  (With load=True, get() finds the row.)
+        key = state.key
+        if load or key is None or key[2] is not None or state.session_id == self.hash_key:
+            return super()._merge(state, state_dict, load=load, **kw)
+        shard = _own_key_shard(self.cluster, state) or self._shard_from_identity(state.mapper, key[1])
+        if shard is None:
+            return super()._merge(state, state_dict, load=load, **kw)
+        state.key = (key[0], key[1], shard)
+        try:
+            return super()._merge(state, state_dict, load=load, **kw)
+        finally:
+            state.key = key
 
     def get(self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any) -> Any:
         # Naming the shard up front lets the load skip statement analysis.
@@ -512,9 +530,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # and a cross-shard read's threads do not flush.
             self._autoflush()
         if (params and isinstance(params, list) and isinstance(statement, Update)
-                and statement.whereclause is None and not statement._values
-                and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
-            return _orm_bulk_update(self, statement._propagate_attrs["plugin_subject"].mapper, params)
+                and statement._propagate_attrs.get("compile_state_plugin") == "orm"
+                and _option("dml_strategy", statement, execution_options) != "core_only"):
+            mapper = statement._propagate_attrs["plugin_subject"].mapper
+            if statement.whereclause is None and not statement._values:
+                return _orm_bulk_update(self, mapper, params,
+                                        synchronize=_bulk_synchronize(statement, execution_options))
+            # SQLAlchemy runs these rows through its bulk UPDATE by primary key, on one
+            # connection (NotImplementedError for a sharded session, whatever the route).
+            raise RoutingError(
+                f"ORM bulk UPDATE of {mapper.class_.__name__} (a list of parameter sets) with a "
+                "WHERE clause or values() is not supported by ShardedSession; pass rows that "
+                "carry the primary key and shard key to update(Model) alone, or run the statement "
+                "as Core executemany, split by each row's key: "
+                "execution_options={'dml_strategy': 'core_only'}", statement=statement)
         sc = current_scope()
         route = _route_statement(self, statement, params, execution_options, bind_arguments, sc)
         if route.is_write or getattr(statement, "_for_update_arg", None) is not None:
@@ -666,8 +695,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     key_columns = self.cluster.router.table_route(mapper).key_columns
                     keys = identifying[mapper] = [
                         p.key for p in mapper.column_attrs
-                        if p.columns[0] in mapper.primary_key or p.columns[0].name in key_columns]
+                        if p.columns[0] in mapper.primary_key or p.columns[0].name in key_columns
+                        or p.columns[0] is mapper.version_id_col]
                 row = {k: getattr(obj, k) for k in keys}
+                _refuse_bulk_key_move(self.cluster, mapper, state, obj)
                 for p in mapper.column_attrs:
                     if p.key in state.dict and p.key not in row and (
                             not update_changed_only or state.attrs[p.key].history.has_changes()):
@@ -817,6 +848,27 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
         raise
 
 
+def _own_key_shard(cluster: Cluster, state: Any) -> str | None:
+    """The shard of an object by its own shard key columns alone, or None (a reference
+    table, a key not set, or not placeable)."""
+    mapper = state.mapper
+    try:
+        tr = cluster.router.table_route(mapper)
+        if tr.strategy is None:
+            return None
+        values = []
+        for cname in tr.key_columns:
+            col = mapper.local_table.c[cname]
+            v = state.dict.get(mapper.get_property_by_column(col).key)
+            if v is None:
+                return None
+            co = coercer_for(col.type)
+            values.append(co(v) if co else v)
+        return tr.strategy.shard_for_key(values[0] if len(values) == 1 else tuple(values))
+    except (ShardkitError, KeyError, ValueError, TypeError):
+        return None  # where the object goes, its flush says
+
+
 def _shard_from_parent(cluster: Cluster, mapper: Any, state: Any, column: str) -> str | None:
     # A new child whose key column is filled from its parent during the flush
     # (order.user = user) follows the parent's shard.
@@ -866,6 +918,11 @@ def _shard_of_related(cluster: Cluster, obj: Any) -> str:
 
 
 _REFERENCE_READ = util.immutabledict({"shardkit_reference_read": True})
+
+# SQLAlchemy's ORM bulk UPDATE (BulkORMUpdate in 2.0, _BulkORMUpdate since 2.1): its
+# synchronization of the session's objects after a bulk UPDATE by primary key.
+_BulkORMUpdate: Any = getattr(bulk_persistence, "_BulkORMUpdate", None) or getattr(
+    bulk_persistence, "BulkORMUpdate")
 
 
 def _is_reference(router: Any, mapper: Any) -> bool:
@@ -1169,15 +1226,39 @@ def _by_columns(rows: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return list(groups.values())
 
 
-def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> Result[Any]:
+# The parameter of a bulk update row's current version (mappers with a version_id_col).
+_OLD_VERSION = "_shardkit_old_version"
+
+
+def _bulk_synchronize(statement: Any, execution_options: Any) -> bool:
+    """Whether an ORM bulk UPDATE by primary key updates the session's objects, as
+    SQLAlchemy decides from ``synchronize_session`` ('auto' and 'evaluate' do)."""
+    sync: Any = "auto"
+    for opts in (execution_options, getattr(statement, "_execution_options", None)):
+        if opts and "synchronize_session" in opts:
+            sync = opts["synchronize_session"]
+            break
+    if sync == "fetch":
+        raise sa_exc.InvalidRequestError(
+            "The 'fetch' synchronization strategy is not available for 'bulk' ORM updates "
+            "(i.e. multiple parameter sets)")
+    return sync in ("auto", "evaluate")
+
+
+def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
+                     synchronize: bool = False) -> Result[Any]:
     """ORM bulk UPDATE by primary key (``session.execute(update(Model), [{...}, ...])``),
     split by shard.
 
     Each row names its primary key and shard key; it is updated on the shard
-    that owns that key, through Core on the session's connection there (as the
-    ORM would, the objects in the session are left as they are).  A row that
+    that owns that key, through Core on the session's connection there.  With
+    ``synchronize`` (``session.execute()``'s default, as in SQLAlchemy) the objects
+    the session holds for those rows, on that shard, take the new values; the legacy
+    bulk methods leave them as they are, as SQLAlchemy's do.  A row that
     matches nothing (a wrong key, or a row on another shard) raises
-    :class:`~sqlalchemy.orm.exc.StaleDataError`, as SQLAlchemy's bulk update does.
+    :class:`~sqlalchemy.orm.exc.StaleDataError`, as SQLAlchemy's bulk update does;
+    so does a row of a mapper with a ``version_id_col`` whose version is not the
+    row's (the UPDATE gives the row the next version, as SQLAlchemy's does).
     """
     _refuse_inheritance(mapper, "UPDATE")
     router = session.cluster.router
@@ -1187,7 +1268,12 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
     pk_cols = list(mapper.primary_key)
     pk_attrs = [mapper.get_property_by_column(c).key for c in pk_cols]
     key_attrs = [mapper.get_property_by_column(table.c[c]).key for c in tr.key_columns]
+    # Optimistic concurrency (version_id_col): the UPDATE matches the version the row
+    # gives and sets the next one.
+    vcol = mapper.version_id_col
+    version_attr = None if vcol is None else mapper.get_property_by_column(vcol).key
     by_shard: dict[str, list[dict[str, Any]]] = {}
+    given: dict[str, list[Any]] = {}  # the same rows as the caller gave them (attribute names)
     for i, row in enumerate(rows):
         missing = [a for a in (*pk_attrs, *key_attrs) if row.get(a) is None]
         if missing:
@@ -1196,12 +1282,26 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
                 "a bulk UPDATE by primary key needs the primary key and the shard key in every row",
                 table=tr.table)
         core = {attr_to_col.get(k, k): v for k, v in row.items()}
+        if version_attr is not None:
+            if row.get(version_attr) is None:
+                raise sa_exc.InvalidRequestError(
+                    f"row {i} of the bulk update of {tr.table} has no value for {version_attr}, "
+                    f"the version id of {mapper.class_.__name__}: a bulk UPDATE by primary key of a "
+                    "versioned class names the version each row has")
+            old = core.pop(vcol.key)
+            core[_OLD_VERSION] = old
+            row = dict(row)
+            if mapper.version_id_generator is not False:
+                core[vcol.key] = row[version_attr] = mapper.version_id_generator(old)
+            else:
+                del row[version_attr]  # the server sets it
         if tr.strategy is None:
             shards = session.cluster.shard_names
         else:
             shards = [router._shard_for_row(tr, core, table)]
         for shard in shards:
             by_shard.setdefault(shard, []).append(core)
+            given.setdefault(shard, []).append(row)
     pk_names = {c.key for c in pk_cols}
     total = 0
     result = None
@@ -1211,13 +1311,15 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
         conn = session.connection(bind_arguments={"shard_id": shard})
         session._sk_written.add(shard)
         for group in _by_columns(part):
-            sets = [c for c in group[0] if c not in pk_names]
+            sets = [c for c in group[0] if c not in pk_names and c != _OLD_VERSION]
             if not sets:
                 continue
-            stmt = table.update().where(
-                *[c == bindparam(f"_pk_{c.key}") for c in pk_cols]
-            ).values({c: bindparam(c) for c in sets})
-            params = [{**{c: r[c] for c in sets}, **{f"_pk_{k}": r[k] for k in pk_names}}
+            where = [c == bindparam(f"_pk_{c.key}") for c in pk_cols]
+            if vcol is not None:
+                where.append(vcol == bindparam(_OLD_VERSION))
+            stmt = table.update().where(*where).values({c: bindparam(c) for c in sets})
+            params = [{**{c: r[c] for c in sets}, **{f"_pk_{k}": r[k] for k in pk_names},
+                       **({_OLD_VERSION: r[_OLD_VERSION]} if vcol is not None else {})}
                       for r in group]
             result = conn.execute(stmt, params)
             matched = result.rowcount
@@ -1228,8 +1330,16 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any]) -> R
                 raise orm_exc.StaleDataError(
                     f"UPDATE of {tr.table} on shard {shard} expected to update {len(params)} "
                     f"row(s); {matched} matched (a primary key that does not exist there, or "
-                    "a shard key that is not the row's)")
+                    "a shard key that is not the row's"
+                    + (", or a version id that is not the row's)" if vcol is not None else ")"))
             total += matched
+        if synchronize:
+            # SQLAlchemy's own synchronization of a bulk UPDATE by primary key, for the
+            # objects of this shard (their identity token).
+            _BulkORMUpdate._do_post_synchronize_bulk_evaluate(
+                session, given[shard], None,
+                _BulkORMUpdate.default_update_options + {"_subject_mapper": mapper,
+                                                        "_identity_token": shard})
     if result is None:
         raise RoutingError(f"bulk update of {tr.table} sets no column besides the primary key")
     if tr.strategy is None:
@@ -2108,6 +2218,23 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
                 "flush (it could not be atomic). Delete and re-insert it, or keep the key",
                 table=tr.table,
             )
+
+
+def _refuse_bulk_key_move(cluster: Cluster, mapper: Any, state: Any, obj: Any) -> None:
+    """bulk_save_objects() of a persistent object whose shard key now names another shard:
+    its UPDATE by primary key would run there, on whatever row has that primary key (ids
+    unique per shard only), and leave the object's own row as it was.  Refused, as a
+    flush refuses the same change (before anything is written)."""
+    old_shard = state.key[2]
+    if old_shard is None or cluster.router.table_route(mapper).strategy is None:
+        return
+    new_shard = shard_of_instance(cluster, mapper, obj)
+    if new_shard != old_shard:
+        raise CrossShardWriteError(
+            f"bulk_save_objects(): the shard key of {type(obj).__name__} {state.key[1]} was "
+            f"changed so that it would move from shard {old_shard} to {new_shard}; shardkit "
+            "does not move rows (nothing was written). Delete and re-insert it, or keep the key",
+            table=mapper.local_table.name)
 
 
 def _key_changed(state: Any, mapper: Any, tr: TableRoute) -> bool:
