@@ -108,6 +108,9 @@ class MergePlan:
     # their Python values are checked as they come (see _value_problem).
     checks: tuple[tuple[int, bool, str], ...] = ()
     statement: Any = None                  # the caller's (named by a refusal while merging)
+    # The database's collation when it does not order text by code point (set by the
+    # session): text values of the checked expressions are then refused for ordering.
+    text_collation: str = ""
 
     def __str__(self) -> str:
         return self.description
@@ -316,13 +319,19 @@ def _value_problem(v: Any, equality: bool) -> str | None:
 
 
 def _checked(stream: Iterable[Sequence[Any]], checks: Sequence[tuple[int, bool, str]],
-             statement: Any) -> Iterator[Sequence[Any]]:
+             statement: Any, text_collation: str = "") -> Iterator[Sequence[Any]]:
     """``stream``'s rows, refusing the merge at the first value ``checks`` name whose Python
-    value does not compare or add as PostgreSQL's does."""
+    value does not compare or add as PostgreSQL's does (text too, for ordering, when the
+    database's ``text_collation`` does not order it by code point)."""
     for row in stream:
         for pos, equality, use in checks:
             v = row[pos]
-            if v is not None and (name := _value_problem(v, equality)) is not None:
+            if v is None:
+                continue
+            name = _value_problem(v, equality)
+            if name is None and text_collation and not equality and isinstance(v, str):
+                name = f"text under the database's collation {text_collation}"
+            if name is not None:
                 try:
                     _refuse_type(name, use)
                 except ScatterRefused as e:
@@ -931,7 +940,7 @@ def _sort_key_fn(keys: Sequence[SortKey]) -> Callable[[Sequence[Any]], _Key]:
 def merge_rows(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -> Iterator[tuple[Any, ...]]:
     """Combine per-shard row streams according to ``plan``; yields visible rows."""
     if plan.checks:
-        streams = [_checked(s, plan.checks, plan.statement) for s in streams]
+        streams = [_checked(s, plan.checks, plan.statement, plan.text_collation) for s in streams]
     if plan.kind == "any":
         rows = [tuple(r) for stream in streams for r in stream]
         if not rows:

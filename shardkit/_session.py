@@ -1773,13 +1773,9 @@ def _ask_any_node(cluster: Cluster, shard: str, query: Any, params: Any = None) 
     return None
 
 
-def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
-    """The merge compares text by code point, which is PostgreSQL's order only under the
-    C (or C.UTF-8, POSIX) collation: under any other, refuse instead of merging the shards'
-    sorted streams out of order.  The database's default collation is asked once."""
-    use = _per_shape(cluster.router, statement, _text_comparison)
-    if use is None:
-        return
+def _text_collation(cluster: Cluster, shard: str) -> str | None:
+    """The default collation of ``shard``'s database if it does not order text by code
+    point, "" if it does, None if no node answers.  Asked once per shard."""
     collation = cluster.text_collations.get(shard)
     if collation is None:
         # The locale's name: datlocale (PostgreSQL 17), daticulocale (15, 16), datcollate.
@@ -1787,9 +1783,20 @@ def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
             "SELECT 'a' < 'B', coalesce(j->>'datlocale', j->>'daticulocale', j->>'datcollate') "
             "FROM (SELECT to_jsonb(d) AS j FROM pg_database d WHERE datname = current_database()) AS x"))
         if found is None:
-            return  # no node of the shard answers: the read itself will say so
+            return None  # no node of the shard answers: the read itself will say so
         linguistic, name = found[0]
         collation = cluster.text_collations[shard] = "" if not linguistic else str(name)
+    return collation
+
+
+def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
+    """The merge compares text by code point, which is PostgreSQL's order only under the
+    C (or C.UTF-8, POSIX) collation: under any other, refuse instead of merging the shards'
+    sorted streams out of order.  The database's default collation is asked once."""
+    use = _per_shape(cluster.router, statement, _text_comparison)
+    if use is None:
+        return
+    collation = _text_collation(cluster, shard)
     if collation:
         raise ScatterRefused(
             f"{use}: the database orders text by its collation ({collation}), shardkit's merge of "
@@ -1930,6 +1937,10 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 construct=f"{effect} with LIMIT", statement=statement)
     if plan.kind in ("ordered", "aggregate", "group"):
         _refuse_collated_text(session.cluster, statement, route.shards[0])
+        if any(not equality for _, equality, _ in plan.checks):
+            # Expressions with no SQL type ordered or compared: text among their values is
+            # refused as it comes, if the database does not order text by code point.
+            plan.text_collation = _text_collation(session.cluster, route.shards[0]) or ""
     partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
     timeout = _option("shardkit_timeout", statement, execution_options)
     cluster = session.cluster

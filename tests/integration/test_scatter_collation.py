@@ -72,6 +72,27 @@ def test_text_compared_under_a_linguistic_collation_is_refused(icu, stmt):
     assert "und" in str(ei.value) and "collate('C')" in str(ei.value)
 
 
+@pytest.mark.parametrize("stmt", [
+    # Functions SQLAlchemy gives no type, which return text here: the statement cannot
+    # tell, so the values are checked as the merge reads them.
+    select(Word.id).order_by(func.to_char(Word.id, "FM0"), Word.id),
+    select(func.max(func.concat_ws("", Word.name))),   # concat_ws is known; to_char is not
+    select(func.min(func.to_char(Word.id + 10, "FM00"))),
+], ids=["order-untyped", "max-known-text-function", "min-untyped"])
+def test_untyped_text_under_a_linguistic_collation_is_refused(icu, stmt):
+    cluster, Session = icu
+    with Session() as s, pytest.raises(shardkit.ScatterRefused, match="collation"):
+        s.execute(stmt).all()
+
+
+def test_untyped_values_that_are_not_text_are_merged_under_a_linguistic_collation(icu):
+    cluster, Session = icu
+    with Session() as s:
+        got = s.scalars(select(Word.id).order_by(func.abs(Word.id - 4), Word.id)).all()
+        assert got == sorted(range(len(NAMES)), key=lambda i: (abs(i - 4), i))
+        assert s.scalar(select(func.max(func.abs(Word.id - 4)))) == 5
+
+
 def test_text_under_collate_c_is_exact(icu):
     cluster, Session = icu
     with Session() as s:
