@@ -1214,7 +1214,9 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
             # the statement raised.
             total += len(core_rows)
     assert result is not None
-    result.rowcount = total  # type: ignore[misc]
+    # With ON CONFLICT a row may be skipped (DO NOTHING, DO UPDATE ... WHERE): unknown,
+    # as SQLAlchemy reports an executemany's rowcount.
+    result.rowcount = -1 if getattr(stmt, "_post_values_clause", None) is not None else total  # type: ignore[misc]
     return result
 
 
