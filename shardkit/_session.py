@@ -284,6 +284,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     return super().get_one(entity, ident, **kw)
         return super().get_one(entity, ident, identity_token=identity_token, **kw)
 
+    def _get_impl(self, entity: Any, primary_key_identity: Any, db_load_fn: Any, *,
+                  identity_token: Any = None, **kw: Any) -> Any:
+        # The legacy Query.get() comes here without get()'s shard inference.
+        if identity_token is None and current_scope().shard is None:
+            identity_token = self._shard_from_identity(inspect(entity).mapper, primary_key_identity)
+            if identity_token is None:
+                with _one_shard_per_identity(entity, primary_key_identity):
+                    return super()._get_impl(entity, primary_key_identity, db_load_fn, **kw)
+        return super()._get_impl(entity, primary_key_identity, db_load_fn,
+                                 identity_token=identity_token, **kw)
+
     def _execute_shards(self, orm_context: ORMExecuteState) -> Iterable[str]:
         # Only reached through horizontal_shard's own machinery; statements
         # normally route in execute().
@@ -786,7 +797,7 @@ def _one_shard_per_identity(entity: Any, ident: Any) -> Iterator[None]:
     try:
         yield
     except sa_exc.MultipleResultsFound:
-        name = getattr(entity, "__name__", entity)
+        name = getattr(entity, "__name__", None) or getattr(getattr(entity, "class_", None), "__name__", entity)
         raise RoutingError(
             f"{name} with primary key {ident!r} exists on more than one shard (its primary key "
             "does not contain the shard key, and is unique only per shard); name the shard: "

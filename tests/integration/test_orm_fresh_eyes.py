@@ -272,3 +272,24 @@ def test_merge_load_false_of_transient_to_detached_child_finds_its_shard(sharded
     assert rows(sharded, "s1", "SELECT id, amount FROM orders") == [(2, 21)]
     assert rows(sharded, "s0", "SELECT id, amount FROM orders ORDER BY id") == [(1, 10), (2, 10)]
 
+
+
+# -- get() of a primary key that exists on several shards ------------------------------------
+
+
+def test_get_of_a_key_on_two_shards_names_the_fix_also_through_legacy_query(sharded):
+    """Order ids are unique per shard only: get(Order, 2) cannot know which row is meant.
+    Session.get(), get_one() and the legacy Query.get() say so and name the way out,
+    rather than SQLAlchemy's bare MultipleResultsFound; naming the shard finds the row."""
+    a, b = order_ids_on_two_shards(sharded)
+    with sharded.Session() as s:
+        for call in (lambda: s.get(Order, 2), lambda: s.get_one(Order, 2),
+                     lambda: s.query(Order).get(2)):
+            with pytest.raises(shardkit.RoutingError, match="more than one shard") as ei:
+                call()
+            assert "Order with primary key 2" in str(ei.value) and "identity_token" in str(ei.value)
+        assert s.get(Order, 2, identity_token="s1").user_id == b
+        assert s.query(Order).set_shard("s0").get(2).user_id == a
+        with shardkit.scope(shard="s1"):
+            assert s.query(Order).get(2).user_id == b
+        assert s.query(Order).get(1).user_id == a   # on one shard only: found
