@@ -217,6 +217,7 @@ def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_as
             base / ("shardkit-demo.toml" if reused else "shardkit.toml"),
             {**_groups([s.name for s in dev.shards]), "catalog": {"url": catalog_url}})
         print(f"config written to {config_path}")
+        _failed.clear()
         _tour(config_path, rebalance_ok)
     finally:
         if threading.current_thread() is threading.main_thread():
@@ -231,7 +232,21 @@ def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_as
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             print("\ncluster stopped and removed (pass --keep to leave it running)")
+    if _failed:
+        print(f"\nthe demo's checks failed: {', '.join(_failed)}", file=sys.stderr)
+        return 1
     return 0
+
+
+# The demo's checks that failed, in this run.
+_failed: list[str] = []
+
+
+def _check(ok: bool, what: str, good: str = "ok", bad: str = "MISMATCH") -> str:
+    """``good`` if ``ok``, else ``bad`` (and the run's exit status is 1)."""
+    if not ok:
+        _failed.append(what)
+    return good if ok else bad
 
 
 def _fresh_catalog(dev: DevCluster) -> str:
@@ -289,7 +304,7 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str],
             strays = conn.execute(text(
                 "SELECT count(*) FROM demo_orders o LEFT JOIN demo_customers c "
                 "ON c.id = o.customer_id WHERE c.id IS NULL")).scalar_one()
-        ok = "ok" if nc == expected[name] and no == 3 * nc and strays == 0 else "MISMATCH"
+        ok = _check(nc == expected[name] and no == 3 * nc and strays == 0, f"rows on {name}")
         print(f"  {name}: {nc:>4} customers, {no:>4} orders (colocated), {nr} countries "
               f"(reference, on every shard)  [{ok}: shard_for predicted {expected[name]}]")
 
@@ -385,6 +400,7 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str],
             try:
                 fn()
                 print(f"  {what}: (not refused!)")
+                _check(False, f"refusal of {what}")
             except ShardkitError as e:
                 print(f"  {what}: {type(e).__name__}: {e}")
             s.rollback()
@@ -442,7 +458,8 @@ def _rebalance_step(cluster: Cluster, Session: Any) -> None:
           f"(counted across shards); its slowest write took {slowest[0] * 1000:.0f} ms")
     print(f"  map version {cluster.map_version}; {last} owns "
           f"{_counted(sum(1 for o in cluster.config.bucket_map if o == last), 'bucket')}; "
-          f"shardkit verify: {'clean' if report.ok else 'PROBLEMS'}")
+          f"shardkit verify: {_check(report.ok, 'verify after the move', 'clean', 'PROBLEMS')}"
+          f"{'' if found == len(written) else ' ' + _check(False, 'orders written during the move')}")
     _range_split_step(cluster, Session)
 
 
@@ -467,7 +484,7 @@ def _range_split_step(cluster: Cluster, Session: Any) -> None:
         total = s.scalar(select(func.count()).select_from(Invoice))
     print(f"  invoices 7500 and up: {on_target} on {target}, {left} left on {owner}; "
           f"{cluster.shard_for(Invoice, 7499)} keeps 5000-7499; {total} invoices in all "
-          f"[{'ok' if (on_target, left, total) == (2500, 0, 10_000) else 'MISMATCH'}]")
+          f"[{_check((on_target, left, total) == (2500, 0, 10_000), 'range split')}]")
 
 
 def _count(cluster: Cluster, shard: str, query: str) -> int:

@@ -74,7 +74,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     shard = cluster.shard_for(args.table, key)
     bucket = cluster.bucket_for(args.table, key)
     primary = cluster.config.shard(shard).primary
-    out = {"table": args.table, "key": str(key), "bucket": bucket, "shard": shard,
+    out = {"table": args.table, "key": str(key) if len(parts) == 1 else [str(p) for p in parts],
+           "bucket": bucket, "shard": shard,
            "primary": mask_url(primary)}
     if args.json:
         print(json.dumps(out))
@@ -91,8 +92,7 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
     cluster = DevCluster.up(Path(args.dir), shards=args.shards, replicas=args.replicas,
                             bucket_count=args.buckets)
     if args.catalog:
-        cluster.write_config(Path(cluster.base_dir) / "shardkit.toml",
-                             {"catalog": {"url": cluster.create_catalog()}})
+        _add_catalog(cluster, Path(cluster.base_dir) / "shardkit.toml")
     print(f"local cluster up in {cluster.base_dir}:")
     for shard in cluster.shards:
         for node in shard.nodes:
@@ -100,6 +100,30 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
     print(f"config: {Path(cluster.base_dir) / 'shardkit.toml'}")
     print(f"stop it with: shardkit dev down --dir {shlex.quote(str(cluster.base_dir))}")
     return 0
+
+
+def _add_catalog(cluster: Any, path: Path) -> None:
+    """Create the catalog database and name it in the config at ``path``: a ``[catalog]``
+    table appended to the file as it is (the user's groups and comments stay), unless
+    the file already has one."""
+    import tomllib
+
+    from .devcluster import to_toml
+
+    url = cluster.create_catalog()
+    if not path.exists():
+        cluster.write_config(path, {"catalog": {"url": url}})
+        return
+    text = path.read_text(encoding="utf-8")
+    try:
+        has_catalog = "catalog" in tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ShardkitError(f"{path} is not valid TOML ({e}); fix it, or remove it and run "
+                            "`shardkit dev up --catalog` again to have it written") from None
+    if has_catalog:
+        return
+    path.write_text(text + ("" if text.endswith("\n") else "\n") + "\n"
+                    + to_toml({"catalog": {"url": url}}), encoding="utf-8")
 
 
 def cmd_dev_down(args: argparse.Namespace) -> int:

@@ -173,6 +173,8 @@ def _cluster_root() -> Path:
     temporary directories private to the user running it (mode 0700).
     """
     parent = os.environ.get("SHARDKIT_TEST_DIR") or None
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
     if parent is None and os.access("/dev/shm", os.W_OK | os.X_OK):
         if shutil.disk_usage("/dev/shm").free >= _SHM_MIN_FREE:
             parent = "/dev/shm"

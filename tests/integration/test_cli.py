@@ -48,6 +48,11 @@ def test_bad_config_is_one_clear_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def sk_load(path):
+    from shardkit import load_config
+    return load_config(path)
+
+
 def test_dev_up_and_down():
     import pathlib
     import tempfile
@@ -56,10 +61,17 @@ def test_dev_up_and_down():
     base = pathlib.Path(tempfile.mkdtemp(prefix="shardkit-cli-"))
     os.chmod(base, 0o755)
     d = base / "dev"
-    r = shardkit("dev", "up", "--shards", "2", "--replicas", "0", "--dir", str(d), "--catalog")
+    r = shardkit("dev", "up", "--shards", "2", "--replicas", "0", "--dir", str(d))
     try:
         assert r.returncode == 0, r.stderr
         assert (d / "shardkit.toml").exists()
+        # The user adds groups; `dev up --catalog` on the running cluster keeps them.
+        edits = '\n# my groups\n[groups.users]\ntables = { users = "id" }\n'
+        (d / "shardkit.toml").write_text((d / "shardkit.toml").read_text() + edits)
+        r = shardkit("dev", "up", "--shards", "2", "--replicas", "0", "--dir", str(d), "--catalog")
+        assert r.returncode == 0, r.stderr
+        assert edits in (d / "shardkit.toml").read_text()
+        assert dict(sk_load(d / "shardkit.toml").groups[0].tables) == {"users": ("id",)}
         import shardkit as sk
         c = sk.Cluster.from_config(d / "shardkit.toml")
         for name in c.shard_names:
@@ -86,3 +98,15 @@ def test_demo_runs_and_cleans_up():
     assert "cluster stopped and removed" in r.stdout
     assert "shardkit verify: clean" in r.stdout and "s1 owns 0 buckets" in r.stdout
     assert "invoices 7500 and up: 2500 on s0, 0 left on s1" in r.stdout
+
+
+def test_demo_exits_1_when_a_check_fails(monkeypatch, capsys):
+    """A demo whose checks print MISMATCH is not a success: the run's status says so."""
+    from shardkit import _demo
+
+    monkeypatch.setattr(_demo, "_tour", lambda path, rebalance_ok: print(
+        f"  rows [{_demo._check(False, 'rows on s0')}]"))
+    assert _demo.run_demo(shards=1, replicas=0) == 1
+    out = capsys.readouterr()
+    assert "MISMATCH" in out.out and "cluster stopped and removed" in out.out
+    assert "the demo's checks failed: rows on s0" in out.err

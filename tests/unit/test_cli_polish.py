@@ -4,6 +4,7 @@ nouns, and which cluster `demo` uses when a directory already holds one."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,12 @@ def test_demo_shape_is_still_checked_before_anything(tmp_path, capsys):
     with pytest.raises(DevClusterError, match="shards >= 1"):
         _demo.run_demo(dir=str(tmp_path / "d"), shards=0)
     assert not (tmp_path / "d").exists()
+
+
+def test_route_json_gives_a_composite_key_as_a_list(tmp_path, capsys):
+    cfg = write_config(tmp_path, shards=2)
+    cfg.write_text(cfg.read_text() + '[groups.geo]\nstrategy = "hash"\ntables = { sites = ["region", "id"] }\n')
+    rc, out, _ = run(["route", "sites", "eu", "7", "--json", "--config", str(cfg)], capsys)
+    assert rc == 0 and json.loads(out)["key"] == ["eu", "7"]
+    rc, out, _ = run(["route", "users", "42", "--json", "--config", str(cfg)], capsys)
+    assert rc == 0 and json.loads(out)["key"] == "42"
