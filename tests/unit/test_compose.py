@@ -33,7 +33,11 @@ def test_services_are_two_shards_with_replicas_and_a_catalog(compose):
     assert set(services) == {"s0-primary", "s0-replica", "s1-primary", "s1-replica", "catalog"}
     for name, svc in services.items():
         assert re.fullmatch(r"postgres:\d+", svc["image"]), (name, svc["image"])
-        assert "healthcheck" in svc
+        # Ready means ready over TCP (what replicas and shardkit connect with): during its
+        # first start the image's temporary server listens on the Unix socket only.
+        assert "pg_isready -h 127.0.0.1 " in svc["healthcheck"]["test"][-1], name
+        # Published on the loopback interface only (the default password is public).
+        assert all(p.startswith("127.0.0.1:") for p in svc["ports"]), (name, svc["ports"])
     for shard in ("s0", "s1"):
         rep = services[f"{shard}-replica"]
         assert rep["depends_on"][f"{shard}-primary"]["condition"] == "service_healthy"
@@ -47,7 +51,7 @@ def test_services_are_two_shards_with_replicas_and_a_catalog(compose):
 
 def test_compose_toml_points_at_the_published_ports(compose):
     cfg = shardkit.load_config(ROOT / "shardkit.compose.toml", env={})
-    ports = {name: int(svc["ports"][0].split(":")[0]) for name, svc in compose["services"].items()}
+    ports = {name: int(svc["ports"][0].split(":")[-2]) for name, svc in compose["services"].items()}
     for shard in cfg.shards:
         assert shard.primary.port == ports[f"{shard.name}-primary"]
         assert [r.port for r in shard.replicas] == [ports[f"{shard.name}-replica"]]
