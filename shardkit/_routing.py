@@ -993,7 +993,7 @@ def _check_arity(tr: TableRoute, key: Any) -> None:
             table=tr.table, key=key)
     if n == 1 and isinstance(key, tuple):
         raise ShardKeyError(
-            f"{tr.table}'s shard key is one column ({tr.key_columns[0]}); pass one value, not {len(key)}",
+            f"the shard key of {tr.table} is one column ({tr.key_columns[0]}); pass one value, not {len(key)}",
             table=tr.table, key=key)
 
 

@@ -399,7 +399,9 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shardkit", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="shardkit", description="Sharding and replica routing for "
+                                "SQLAlchemy on PostgreSQL: route keys, show status, migrate every "
+                                "shard, rebalance online, run local clusters and the demo.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -443,8 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "plan":
             rp_.add_argument("--out", metavar="FILE", help="also write the plan as JSON to FILE")
             rp_.add_argument("--json", action="store_true", help="print JSON")
-    rsub.add_parser("resume", help="finish a move that stopped").add_argument("move", type=int)
-    rsub.add_parser("abort", help="undo a move's unfinished batches").add_argument("move", type=int)
+    rsub.add_parser("resume", help="finish a move that stopped").add_argument(
+        "move", type=int, help="the move's number (shardkit rebalance status lists them)")
+    rsub.add_parser("abort", help="undo a move's unfinished batches").add_argument(
+        "move", type=int, help="the move's number (shardkit rebalance status lists them)")
     rsub.add_parser("status", help="moves and the step each batch reached").add_argument(
         "move", type=int, nargs="?")
     rsub.choices["status"].add_argument("--json", action="store_true", help="print JSON")
@@ -491,15 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dev", help="a local development cluster of real PostgreSQL servers")
     dsub = d.add_subparsers(dest="dev_command", required=True)
     up = dsub.add_parser("up", help="start N primaries with R streaming replicas each")
-    up.add_argument("--shards", type=int, default=2)
-    up.add_argument("--replicas", type=int, default=1)
+    up.add_argument("--shards", type=int, default=2, help="number of shards (default: %(default)s)")
+    up.add_argument("--replicas", type=int, default=1,
+                    help="streaming replicas per shard (default: %(default)s)")
     up.add_argument("--buckets", type=int, default=1024, help="bucket count (default: %(default)s)")
     up.add_argument("--dir", default=DEFAULT_DEV_DIR, help="cluster directory (default: %(default)s)")
     up.add_argument("--catalog", action="store_true",
                     help="also create a catalog database (for `shardkit rebalance`) and name it in the config")
     up.set_defaults(func=cmd_dev_up)
     down = dsub.add_parser("down", help="stop the local cluster")
-    down.add_argument("--dir", default=DEFAULT_DEV_DIR)
+    down.add_argument("--dir", default=DEFAULT_DEV_DIR, help="cluster directory (default: %(default)s)")
     down.add_argument("--keep-files", action="store_true", help="keep the data directories")
     down.set_defaults(func=cmd_dev_down)
 
