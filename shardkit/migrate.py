@@ -470,9 +470,22 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
                 diffs.append(f"{shard}: extra table {t} (absent on {ref_name})")
             else:
                 for part in ("columns", "pk", "indexes", "unique", "foreign_keys"):
-                    if fp[t][part] != ref[t][part]:
-                        diffs.append(f"{shard}: {t} {part} differ from {ref_name}: "
-                                     f"{_short(fp[t][part])} vs {_short(ref[t][part])}")
+                    mine, theirs = fp[t][part], ref[t][part]
+                    if mine == theirs:
+                        continue
+                    if part == "pk":
+                        diffs.append(f"{shard}: {t} primary key is {_short(mine)}, on {ref_name} "
+                                     f"{_short(theirs)}")
+                        continue
+                    # Name what one shard has and the other lacks, not both whole lists.
+                    only_here = [x for x in mine if x not in theirs]
+                    only_ref = [x for x in theirs if x not in mine]
+                    what = [f"only on {shard}: {_short(only_here)}"] if only_here else []
+                    what += [f"only on {ref_name}: {_short(only_ref)}"] if only_ref else []
+                    if not what:  # the same items in another order (columns)
+                        what = [f"in another order: {_short(mine)} vs {_short(theirs)}"]
+                    diffs.append(f"{shard}: {t} {part.replace('_', ' ')} differ from {ref_name}, "
+                                 + "; ".join(what))
     heads = _heads(ini) if ini.exists() else []
     return DriftReport(revisions, heads, diffs)
 
