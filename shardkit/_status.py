@@ -122,7 +122,7 @@ def render(data: dict[str, Any]) -> str:
             if not n["up"] and n.get("error"):
                 lines.append(f"{'':<8} {'':<12} error: {n['error']}")
     if notes:
-        lines += ["", "rows (est.) N+ is a partial sum, ? knows no table: it leaves out these tables "
-                      "(ANALYZE gives a table its estimate):"]
+        lines += ["", "rows (est.): N+ sums only the tables with an estimate, ? means none has one; "
+                      "without an estimate (ANALYZE gives a table one):"]
         lines += [f"  {note}" for note in notes]
     return "\n".join(lines)

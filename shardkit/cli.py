@@ -171,7 +171,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(json.dumps(revs))
             else:
                 for shard, rev in revs.items():
-                    print(f"{shard}: {rev or '(base: never migrated)'}")
+                    print(f"{shard}: {rev or '(base: no migration applied)'}")
             return 0
         if args.migrate_command == "check":
             report = migrate.check(cluster, alembic_ini=args.alembic_ini)

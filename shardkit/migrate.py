@@ -272,7 +272,7 @@ def _existing_ini(alembic_ini: str | os.PathLike[str] | None) -> Path:
 
 
 def current(cluster: Cluster) -> dict[str, str | None]:
-    """Each shard's revision (``None``: never migrated)."""
+    """Each shard's revision (``None``: at base, no migration applied)."""
     out: dict[str, str | None] = {}
     for shard in cluster.shard_names:
         out[shard] = _revision(cluster, shard)

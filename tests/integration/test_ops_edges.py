@@ -307,7 +307,7 @@ def test_downgrade_to_base_then_current_and_check(env):
                 "WHERE n.nspname = 'shardkit')")).scalar(), s
     cur = env.migrate("current")
     assert cur.returncode == 0, cur.stderr
-    assert cur.stdout.count("(base: never migrated)") == 3, cur.stdout
+    assert cur.stdout.count("(base: no migration applied)") == 3, cur.stdout
     chk = env.migrate("check", "--json")
     assert chk.returncode == 0, chk.stdout + chk.stderr
     assert json.loads(chk.stdout)["ok"] is True
