@@ -574,7 +574,8 @@ class Cluster:
                 d["pool"] = _pool_stats(eng)
                 nodes.append(d)
         # A "primary" that is in recovery (a URL pointing at a standby) takes no writes.
-        ready = all(d["up"] and d["in_recovery"] is False for d in nodes if d["role"] == "primary")
+        ready = all(d["up"] and d["in_recovery"] is False and not d["read_only"]
+                    for d in nodes if d["role"] == "primary")
         return ClusterHealth(nodes=nodes, ready=ready)
 
     def scatter_executor(self) -> ThreadPoolExecutor:

@@ -9,6 +9,11 @@ state, WAL position and latency.  Replica lag is derived from the samples:
 * seconds: ``now() - pg_last_xact_replay_timestamp()``, counted only while there
   is a byte gap, so an idle primary does not make its replicas look stale.
 
+A replica seen replaying past a position the primary had not reached when asked
+later is not following that primary (a failover left it on the old timeline, or
+the primary is another server now): positions say nothing about it, and it gets
+no reads until its replay position moves.
+
 :class:`ReplicaSelector` picks, for one read, a replica that is up, not banned,
 within the lag limits and (under read-your-writes) past the session's token;
 otherwise it answers ``None`` and the read goes to the primary.
@@ -124,6 +129,7 @@ class NodeHealth:
     up: bool = False
     checked_at: float = 0.0
     in_recovery: bool | None = None
+    read_only: bool | None = None       # primary: its transactions are read-only (it refuses writes)
     wal_lsn: int | None = None          # primary: current WAL position; replica: replay position
     replay_timestamp_age: float | None = None
     latency_ms: float | None = None     # moving average of the poll round trip
@@ -134,6 +140,16 @@ class NodeHealth:
     lag_seconds: float | None = None
     _seen: bool = field(default=False, repr=False)
     _server_start: Any = field(default=None, repr=False)   # pg_postmaster_start_time()
+    # (monotonic time, wal_lsn), set in one assignment: a primary's, when the poll that read
+    # it was sent; a replica's, when its answer came.  See HealthMonitor._update_lag.
+    _lsn_sample: tuple[float, int] | None = field(default=None, repr=False)
+    # Replica: the replay position at which it was seen past the primary (not following it).
+    _ahead_at: int | None = field(default=None, repr=False)
+
+    @property
+    def not_following(self) -> bool:
+        """Replica: seen replaying past the primary's WAL position, and not moved since."""
+        return self._ahead_at is not None
 
     def banned(self, now: float | None = None) -> bool:
         return self.banned_until > (time.monotonic() if now is None else now)
@@ -149,12 +165,16 @@ class NodeHealth:
             # A hung node (stopped, not refusing connections) leaves its poll
             # waiting: say so instead of repeating its last good sample.
             up, error = False, f"no answer to the health poll for {now - self.checked_at:.1f} s"
+        elif up and self.not_following:
+            error = ("it replays past the primary's WAL position: it does not follow this "
+                     "primary (a failover left it on another timeline?)")
         return {
             "shard": self.shard,
             "node": self.name,
             "role": self.role,
             "up": up,
             "in_recovery": self.in_recovery,
+            "read_only": self.read_only,
             "lag_bytes": self.lag_bytes,
             "lag_seconds": None if self.lag_seconds is None else round(self.lag_seconds, 3),
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
@@ -198,10 +218,6 @@ class _ShardState:
         i = bisect.bisect_right(h, lsn, key=lambda e: e[1])
         return h[i - 1][0] if i else None
 
-    def history_start(self) -> float | None:
-        h = self.history
-        return h[0][0] if h else None
-
 
 # Primary positions kept per shard (at least): minutes of history at the default poll interval.
 _HISTORY: Final = 1024
@@ -211,10 +227,12 @@ class HealthMonitor:
     """Polls every node of a cluster in background threads."""
 
     #: What a poll selects: (in recovery, WAL position, seconds since the last replayed
-    #: transaction, server start time).
+    #: transaction (a replica) or whether transactions are read-only (a primary: e.g.
+    #: default_transaction_read_only), server start time).
     primary_poll_sql: str = (
         "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL "
-        "ELSE pg_current_wal_lsn()::text END, NULL, pg_postmaster_start_time()")
+        "ELSE pg_current_wal_lsn()::text END, current_setting('transaction_read_only') = 'on', "
+        "pg_postmaster_start_time()")
     replica_poll_sql: str = (
         "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
         "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, "
@@ -310,11 +328,13 @@ class HealthMonitor:
             try:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(**self._conninfo(node))
-                in_recovery, lsn, age, server_start = self._poll(conn, node)
+                in_recovery, lsn, third, server_start = self._poll(conn, node)
                 rtt = (time.monotonic() - started) * 1000
+                primary = node.role == "primary"
                 self._record(node, up=True, in_recovery=in_recovery,
-                             lsn=parse_lsn(lsn) if lsn else None, age=age, rtt=rtt,
-                             server_start=server_start)
+                             lsn=parse_lsn(lsn) if lsn else None, age=None if primary else third,
+                             rtt=rtt, server_start=server_start, asked_at=started,
+                             read_only=bool(third) if primary else None)
             except Exception as e:  # noqa: BLE001 - any failure means "down" for routing
                 if conn is not None:
                     try:
@@ -329,7 +349,8 @@ class HealthMonitor:
 
     def _record(self, node: NodeHealth, *, up: bool, in_recovery: bool | None = None,
                 lsn: int | None = None, age: float | None = None, rtt: float | None = None,
-                error: str | None = None, server_start: Any = None) -> None:
+                error: str | None = None, server_start: Any = None, asked_at: float = 0.0,
+                read_only: bool | None = None) -> None:
         state = self.shards[node.shard]
         was_up = node.up
         first = not node._seen
@@ -346,10 +367,14 @@ class HealthMonitor:
         node.error = error
         if up:
             node.in_recovery = in_recovery
+            node.read_only = read_only
             if lsn is not None:
                 node.wal_lsn = lsn
                 if node.role == "primary":
+                    node._lsn_sample = (asked_at, lsn)
                     state.note_primary_position(node.checked_at, lsn)
+                else:
+                    node._lsn_sample = (node.checked_at, lsn)
             node.replay_timestamp_age = age
             node.latency_ms = rtt if node.latency_ms is None else 0.8 * node.latency_ms + 0.2 * (rtt or 0)
         if was_up != up and not (first and up):
@@ -361,9 +386,27 @@ class HealthMonitor:
 
     def _update_lag(self, state: _ShardState) -> None:
         primary_lsn = state.primary.wal_lsn
+        p_sample = state.primary._lsn_sample
         for r in state.replicas:
             if r.wal_lsn is None:
                 r.lag_bytes = r.lag_seconds = None
+                continue
+            r_sample = r._lsn_sample
+            if r_sample is not None:
+                if r._ahead_at is not None and r._ahead_at != r_sample[1]:
+                    r._ahead_at = None  # it replays again: judge it afresh
+                # A replica never replays past what its primary has written: past a
+                # position the primary was asked for after the replica answered, it does
+                # not follow this primary (left on the old timeline by a failover, or the
+                # primary is another server), whatever the positions say.
+                if p_sample is not None and p_sample[0] >= r_sample[0] and r_sample[1] > p_sample[1]:
+                    if r._ahead_at is None:
+                        log.warning("%s replays past its primary's WAL position (%s > %s): it does "
+                                    "not follow it and gets no reads", r.name,
+                                    format_lsn(r_sample[1]), format_lsn(p_sample[1]))
+                    r._ahead_at = r_sample[1]
+            if r._ahead_at is not None:
+                r.lag_bytes = r.lag_seconds = None  # unknown: not behind this primary at all
                 continue
             gap = 0 if primary_lsn is None else primary_lsn - r.wal_lsn
             r.lag_bytes = max(0, gap)
@@ -381,16 +424,17 @@ class HealthMonitor:
             if r.lag_bytes <= 0:
                 r.lag_seconds = 0.0
                 continue
-            now = time.monotonic()
             since = state.last_seen_at_or_before(r.wal_lsn)
-            start = state.history_start()
-            # At most since then; if it is behind all the history, at least since its start.
-            bound = (now - since) if since is not None else (now - start) if start is not None else None
+            bound = None if since is None else max(0.0, time.monotonic() - since)  # at most this
             age = r.replay_timestamp_age  # None: nothing replayed since the replica started
             if age is None:
-                r.lag_seconds = bound if bound is not None else 0.0
+                # Behind all the history (the primary was never seen where it is) and no
+                # transaction replayed to date it: how far behind is unknown (at least
+                # since the history starts, which on an idle primary is its last poll), so
+                # it gets no reads until it replays a transaction or catches up.
+                r.lag_seconds = bound
             else:
-                r.lag_seconds = age if since is None else min(age, max(0.0, bound or 0.0))
+                r.lag_seconds = age if bound is None else min(age, bound)
         state.primary.lag_bytes = 0
         state.primary.lag_seconds = 0.0
 
@@ -400,6 +444,7 @@ class HealthMonitor:
         r = state.replicas[index]
         if r.wal_lsn is None or lsn > r.wal_lsn:
             r.wal_lsn = lsn
+            r._lsn_sample = (time.monotonic(), lsn)
             self._update_lag(state)
 
     def ban(self, shard: str, index: int, reason: str, seconds: float | None = None) -> None:
@@ -434,9 +479,10 @@ class ReplicaSelector:
         for r in state.replicas:
             if not r.up or r.banned_until > now or r.in_recovery is False or r.index in exclude:
                 continue
-            if now - r.checked_at > stale_after or r.lag_bytes is None:
-                continue  # no recent sample: we do not know how far behind it is
-            if r.lag_bytes > max_lag_bytes or (r.lag_seconds or 0.0) > max_lag_seconds:
+            lag_b, lag_s = r.lag_bytes, r.lag_seconds  # (the poll threads update them)
+            if now - r.checked_at > stale_after or lag_b is None or lag_s is None:
+                continue  # no recent sample, or it says nothing about how far behind it is
+            if lag_b > max_lag_bytes or lag_s > max_lag_seconds:
                 continue
             if min_lsn is not None and (r.wal_lsn is None or r.wal_lsn < min_lsn):
                 behind_token.append(r)

@@ -2443,14 +2443,19 @@ def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: in
     parts = []
     now = time.monotonic()
     for r in mon.shards[shard].replicas:
+        lag_b, lag_s = r.lag_bytes, r.lag_seconds
         if not r.up:
             parts.append(f"{r.name} is down ({r.error})")
         elif r.banned(now):
             parts.append(f"{r.name} is banned for {r.banned_until - now:.1f} s ({r.ban_reason})")
-        elif r.lag_bytes is None:
+        elif r.not_following:
+            parts.append(f"{r.name} replays past the primary's WAL position: it does not follow it")
+        elif lag_b is None:
             parts.append(f"{r.name} has not been measured yet")
-        elif r.lag_bytes > max_b or (r.lag_seconds or 0) > max_s:
-            parts.append(f"{r.name} is {r.lag_seconds or 0:.1f} s ({r.lag_bytes / 1e6:.1f} MB) behind; "
+        elif lag_s is None:
+            parts.append(f"{r.name} is {lag_b / 1e6:.1f} MB behind, for how long is unknown")
+        elif lag_b > max_b or lag_s > max_s:
+            parts.append(f"{r.name} is {lag_s:.1f} s ({lag_b / 1e6:.1f} MB) behind; "
                          f"limit {max_s:g} s / {max_b / 1e6:.1f} MB")
         elif min_lsn is not None and (r.wal_lsn or 0) < min_lsn:
             parts.append(f"{r.name} has not replayed this session's writes yet "

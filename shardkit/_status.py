@@ -119,8 +119,10 @@ def render(data: dict[str, Any]) -> str:
                 f"{s['buckets'] if i == 0 else '':>8} "
                 f"{shown if i == 0 else '':>12}"
             )
-            if not n["up"] and n.get("error"):
+            if n.get("error"):   # down, or up but unusable (a replica not following its primary)
                 lines.append(f"{'':<8} {'':<12} error: {n['error']}")
+            if n.get("read_only"):
+                lines.append(f"{'':<8} {'':<12} read-only: its transactions are read-only, it refuses writes")
     if notes:
         lines += ["", "rows (est.): N+ sums only the tables with an estimate, ? means none has one; "
                       "without an estimate (ANALYZE gives a table one):"]

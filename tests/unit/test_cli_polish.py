@@ -241,3 +241,16 @@ def test_route_json_gives_a_composite_key_as_a_list(tmp_path, capsys):
     assert rc == 0 and json.loads(out)["key"] == ["eu", "7"]
     rc, out, _ = run(["route", "users", "42", "--json", "--config", str(cfg)], capsys)
     assert rc == 0 and json.loads(out)["key"] == "42"
+
+
+def test_status_says_why_an_up_node_is_unusable():
+    """A read-only primary and a replica that does not follow its primary are up, yet
+    unusable: the table says why under their rows."""
+    data = status_data()
+    primary = dict(node("s0"), read_only=True, error=None)
+    replica = dict(node("s0"), node="s0/r0", role="replica", lag_bytes=None, read_only=None,
+                   error="it replays past the primary's WAL position: it does not follow this primary")
+    data["shards"][0]["nodes"] = [primary, replica]
+    out = render(data)
+    assert "read-only: its transactions are read-only, it refuses writes" in out
+    assert "error: it replays past the primary's WAL position" in out
