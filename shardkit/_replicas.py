@@ -299,6 +299,11 @@ class HealthMonitor:
             "autocommit": True,
             # libpq's connect_timeout is whole seconds, 2 at least.
             "connect_timeout": max(2, int(self.settings.poll_timeout + 0.999)),
+            # A host that stops answering (network gone, not refused) would otherwise hold
+            # the poll until TCP gives up, many minutes after the host is back: the
+            # connection is dropped when a poll is not acknowledged in time, and the
+            # next poll connects again.
+            "tcp_user_timeout": max(2000, int(self.settings.poll_timeout * 4000)),
             "application_name": "shardkit-monitor",
         })
         return kw

@@ -105,3 +105,24 @@ def test_replica_ahead_of_an_older_primary_sample_is_fresh():
     assert "s0/r0" in names(sel.eligible("s0", **LIMITS)[0])
     mon.note_replay_position("s0", 0, 5100)        # a probe: later than the primary's sample
     assert not r0.not_following
+
+
+def test_monitor_connections_drop_a_poll_the_network_never_acknowledges():
+    """The monitor's connections carry libpq's tcp_user_timeout (milliseconds), so a host
+    that vanishes from the network frees its poll thread in seconds, not when TCP gives
+    up; libpq accepts the parameter (it is checked by building the conninfo)."""
+    from psycopg.conninfo import make_conninfo
+
+    import shardkit
+    from shardkit._replicas import HealthMonitor
+
+    cluster = shardkit.Cluster.from_config({
+        "shards": [{"name": "s0", "primary": "postgresql+psycopg://app@db.example/app",
+                    "replicas": ["postgresql+psycopg://app@db-r.example/app"]}],
+        "groups": {"g": {"tables": {"t": "id"}}}, "replicas": {"poll_timeout": 0.5}})
+    mon = HealthMonitor(cluster, cluster.config.replicas)
+    for node in (mon.shards["s0"].primary, *mon.shards["s0"].replicas):
+        kw = mon._conninfo(node)
+        assert kw["tcp_user_timeout"] == 2000
+        make_conninfo("", **{k: v for k, v in kw.items() if k != "autocommit"})
+    cluster.dispose()
