@@ -112,6 +112,9 @@ _CHANGES_PER_ROUND = 5000
 _CHUNK_PAGES = 2048
 # The clean-up's duty cycle, whatever the mover's (see _clean_up).
 _CLEAN_UP_DUTY = 0.5
+# Advisory lock (first key; second: the move) on a target, held by a copy and by an abort
+# deleting the copies.  Not the catalog's class: the catalog may be the same database.
+_COPY_LOCK_CLASS = 0x534A  # "SJ"
 
 
 def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | None = None) -> list[str]:
@@ -131,6 +134,29 @@ def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | No
         last = first + step >= pages
         out.append(f"ctid >= '({first},0)'::tid" + ("" if last else f" AND ctid < '({first + step},0)'::tid"))
     return out or ["true"]
+
+
+def _columns(conn: psycopg.Connection, table: str) -> list[str]:
+    """The columns of ``table`` the mover writes (generated ones are computed), read again
+    at each step: a migration may add or drop columns while a move runs, and a value
+    written to a column added since the batch began must move too."""
+    return [r[0] for r in conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
+        "AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+        (sql.Identifier(table).as_string(conn),))]
+
+
+class SchemaMismatch(Exception):
+    """A moved table has columns on the source that the target lacks (a migration that has
+    run on one of them only): its rows cannot move whole."""
+
+
+def _check_target_columns(tgt: psycopg.Connection, t: _Table) -> None:
+    missing = [c for c in t.columns if c not in set(_columns(tgt, t.name))]
+    if missing:
+        raise SchemaMismatch(
+            f"table {t.name} has column(s) {', '.join(missing)} on the source but not on the target "
+            "(a migration has run on one of them only); give both the same columns")
 
 
 def _flushed(conn: psycopg.Connection) -> str:
@@ -749,6 +775,12 @@ class Mover:
                 f"move {move_id} was taken over (aborted, or resumed by another mover) while this "
                 "mover ran; it stops here", move_id=move_id)
 
+    def _still_mine(self, move_id: int) -> None:
+        """Refuse unless this mover still runs the move, before it writes to a shard: its
+        lock goes with its catalog session, and another mover may have taken over."""
+        with self.catalog.engine.begin() as conn:
+            self._fence(conn, move_id)
+
     def _record(self, move_id: int, batch: int, step: str, detail: dict[str, Any] | None = None) -> None:
         with self.catalog.engine.begin() as conn:
             self._fence(conn, move_id)
@@ -777,6 +809,7 @@ class Mover:
             visible_after = 0.0
             if STEPS.index(step) < STEPS.index("capturing"):
                 t0 = time.monotonic()
+                self._still_mine(move_id)  # an abort may have undone the batch meanwhile
                 self._capture(src, move_id, buckets, group)
                 self.progress(f"{label}: capturing changes ({time.monotonic() - t0:.2f}s)")
                 self._record(move_id, batch, "capturing")
@@ -785,7 +818,7 @@ class Mover:
             if step == "capturing":
                 t0 = time.monotonic()
                 self._visibility_wait = 0.0
-                rows = self._copy(src, tgt, tables, buckets, visible_after)
+                rows = self._copy(src, tgt, tables, buckets, visible_after, move_id)
                 # Not counting the wait for readers to learn of the copy.
                 dt = time.monotonic() - t0 - self._visibility_wait
                 self.progress(f"{label}: copied {rows} rows in {dt:.2f}s "
@@ -907,11 +940,18 @@ class Mover:
             time.sleep(self.step_delay)
 
     def _copy(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-              buckets: list[int], visible_after: float = 0.0) -> int:
+              buckets: list[int], visible_after: float = 0.0, move_id: int | None = None) -> int:
         rows = 0
         current = ""
         try:
             with tgt.transaction():
+                if move_id is not None:
+                    # Copies of the move (by a mover that lost its catalog session and the
+                    # one that took over) and an abort's deletes take turns: each waits for a
+                    # copy in flight, or this mover learns here that it was taken over.
+                    tgt.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                                (_COPY_LOCK_CLASS, move_id % 2147483647))
+                    self._still_mine(move_id)
                 tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
                 if self._replica.get(id(tgt)):
                     # No user triggers, no foreign-key checks (a row's parent may come in a
@@ -924,6 +964,8 @@ class Mover:
                     src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     for t in tables:
                         current = t.name
+                        t.columns = _columns(src, t.name)  # at the copy's snapshot
+                        _check_target_columns(tgt, t)
                         cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
                         in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
                             sql.Identifier(t.name), cols)
@@ -982,6 +1024,8 @@ class Mover:
             keys = list(changed.get(t.name, {}).values())
             if not keys:
                 continue
+            t.columns = _columns(src, t.name)  # at the snapshot the changed rows are read at
+            _check_target_columns(tgt, t)
             name = sql.Identifier(t.name)
             cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
             pkc = sql.SQL(", ").join(map(sql.Identifier, t.pk))
@@ -1167,6 +1211,8 @@ class Mover:
                  buckets: list[int], label: str) -> int:
         checked = 0
         for t in tables:
+            t.columns = _columns(src, t.name)  # the source's rows no longer change
+            _check_target_columns(tgt, t)
             cols = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.columns)
             pkc = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.pk)
             # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
@@ -1354,6 +1400,9 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                                     "ON CONFLICT DO NOTHING", (buckets,))
                     replica = _may_replicate(tgt)
                     with tgt.transaction():
+                        # A copy in flight (a mover that lost its lock) commits first.
+                        tgt.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                                    (_COPY_LOCK_CLASS, move_id % 2147483647))
                         tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
                         # A cut-over that died after the target's commit left it owning them.
                         tgt.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])",
