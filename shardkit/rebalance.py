@@ -844,7 +844,7 @@ class Mover:
                 step = "verified"
             if step == "verified":
                 t0 = time.monotonic()
-                deleted = self._clean_up(src, tgt, tables, buckets)
+                deleted = self._clean_up(src, tgt, tables, buckets, move_id)
                 # The source's replicas serve reads once they have replayed the deletes
                 # (before that they would show the moved rows on both shards).
                 lsn = _flushed(src)
@@ -1270,7 +1270,7 @@ class Mover:
         return checked
 
     def _clean_up(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-                  buckets: list[int]) -> int:
+                  buckets: list[int], move_id: int | None = None) -> int:
         deleted = 0
         for t in reversed(tables):  # children first
             # One statement per slice of pages (each reads only its pages), each its
@@ -1281,6 +1281,11 @@ class Mover:
             # speed); nothing waits for the clean-up, the map has switched already.
             for chunk in _page_chunks(src, t.name, max(1, _CHUNK_PAGES // 8)):
                 t0 = time.monotonic()
+                if move_id is not None:
+                    # A mover that lost its catalog session may wake up after another
+                    # finished the move and a later one brought the buckets back here: its
+                    # deletes would remove live rows.  (One catalog write per slice.)
+                    self._still_mine(move_id)
                 with src.transaction():
                     src.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
                     if self._replica.get(id(src)):

@@ -22,7 +22,7 @@ import pytest
 
 import shardkit
 from shardkit import rebalance
-from shardkit._rebalance_plan import plan_drain
+from shardkit._rebalance_plan import plan_add_shards, plan_drain
 from shardkit.devcluster import to_toml
 from shardkit.errors import RebalanceError
 from shardkit.verify import verify
@@ -321,4 +321,43 @@ def test_an_abort_during_the_copy_of_a_mover_that_lost_its_lock_leaves_no_copies
     w.cluster.refresh_map()
     assert tuple(w.cluster.config.bucket_map) == map_before
     assert {s: w.rows(s, "accounts") for s in ("s0", "s1")} == before, "copies left on the target"
+    assert verify(w.cluster).ok
+
+
+def test_a_mover_that_lost_its_lock_does_not_clean_up_buckets_moved_back_since(world):
+    """The mover loses its catalog session after verifying its batch; another mover resumes
+    and finishes the move (clean-up included), and a later move brings the buckets back to
+    the first source.  The first mover, going on to its clean-up, must not delete those
+    rows there: they are live again."""
+    w = world("CREATE TABLE accounts (id bigint PRIMARY KEY, tenant bigint NOT NULL, name text)",
+              {"accounts": "tenant"})
+    for i in range(40):
+        w.sql(w.owner("accounts", i), "INSERT INTO accounts VALUES (%s, %s, %s)", (i, i, f"n{i}"))
+    w.cluster.refresh_map()
+    first = rebalance.Mover(w.cluster, grace=0)
+    move_id = first.start(plan_drain(w.cluster.config.bucket_map, "s0"))
+    clean_up = first._clean_up
+    moved_back: list[int] = []
+
+    def lose_the_lock_then_clean_up(*args: Any, **kw: Any) -> int:
+        if not moved_back:
+            with w.cluster.catalog.engine.begin() as c:
+                c.exec_driver_sql(
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                    f"AND classid = {rebalance.MOVER_LOCK_CLASS} AND objid = {move_id}")
+            rebalance.Mover(w.cluster, grace=0).run(move_id)
+            w.cluster.refresh_map()
+            back = plan_add_shards(w.cluster.config.bucket_map, ["s0"])
+            assert back.moves
+            moved_back.append(rebalance.Mover(w.cluster, grace=0).apply(back))
+        return clean_up(*args, **kw)
+
+    first._clean_up = lose_the_lock_then_clean_up  # type: ignore[method-assign]
+    with pytest.raises(RebalanceError):
+        first.run(move_id)
+    assert moved_back
+    expected = sorted(f"({i},{i},n{i})" for i in range(40))
+    got = sorted(w.rows("s0", "accounts") + w.rows("s1", "accounts"))
+    missing = [r for r in expected if r not in got]
+    assert got == expected, f"{len(missing)} rows lost, e.g. {missing[:3]}"
     assert verify(w.cluster).ok
