@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,19 @@ class World:
         move_id = rebalance.Mover(self.cluster, grace=0, progress=progress).apply(plan)
         assert ran, f"the mover never printed {at!r}"
         return move_id
+
+
+def lose_the_mover_lock(w: World, move_id: int) -> None:
+    """End the catalog session holding the mover's lock (as a catalog restart does), and
+    wait until the lock is gone: pg_terminate_backend() only signals the backend."""
+    lock = ("FROM pg_locks WHERE locktype = 'advisory' "
+            f"AND classid = {rebalance.MOVER_LOCK_CLASS} AND objid = {move_id}")
+    with w.cluster.catalog.engine.connect() as c:
+        c.exec_driver_sql(f"SELECT pg_terminate_backend(pid) {lock}")
+        deadline = time.monotonic() + 10
+        while c.exec_driver_sql(f"SELECT count(*) {lock}").scalar():
+            assert time.monotonic() < deadline, "the mover's catalog session did not end"
+            time.sleep(0.01)
 
 
 @pytest.fixture
@@ -212,11 +226,7 @@ def test_a_mover_that_lost_its_lock_does_not_copy_over_a_batch_another_mover_swi
     after_switch: list[int] = []
 
     def lose_the_lock_then_copy(*args: Any, **kw: Any) -> int:
-        catalog = w.cluster.catalog
-        with catalog.engine.begin() as c:
-            c.exec_driver_sql(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                f"AND classid = {rebalance.MOVER_LOCK_CLASS} AND objid = {move_id}")
+        lose_the_mover_lock(w, move_id)
         rebalance.Mover(w.cluster, grace=0).run(move_id)
         # The application writes to a moved row on its new owner.
         w.sql("s1", "UPDATE accounts SET name = 'afterswitch' WHERE tenant = %s", (moving[0],))
@@ -255,10 +265,7 @@ def test_a_mover_that_lost_its_lock_does_not_capture_a_batch_after_an_abort(worl
     check = first._check_triggers
 
     def lose_the_lock_then_go_on(*args: Any, **kw: Any) -> None:
-        with w.cluster.catalog.engine.begin() as c:
-            c.exec_driver_sql(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                f"AND classid = {rebalance.MOVER_LOCK_CLASS} AND objid = {move_id}")
+        lose_the_mover_lock(w, move_id)
         rebalance.abort(w.cluster, move_id)
         check(*args, **kw)
 
@@ -303,10 +310,7 @@ def test_an_abort_during_the_copy_of_a_mover_that_lost_its_lock_leaves_no_copies
 
     def abort_while_copying(*args: Any, **kw: Any) -> None:
         if not threads:  # after the first slice of pages: rows copied, not committed
-            with w.cluster.catalog.engine.begin() as c:
-                c.exec_driver_sql(
-                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                    f"AND classid = {rebalance.MOVER_LOCK_CLASS} AND objid = {move_id}")
+            lose_the_mover_lock(w, move_id)
             threads.append(threading.Thread(target=run_abort))
             threads[0].start()
             threads[0].join(3)  # it may wait for this copy to commit
@@ -341,10 +345,7 @@ def test_a_mover_that_lost_its_lock_does_not_clean_up_buckets_moved_back_since(w
 
     def lose_the_lock_then_clean_up(*args: Any, **kw: Any) -> int:
         if not moved_back:
-            with w.cluster.catalog.engine.begin() as c:
-                c.exec_driver_sql(
-                    "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                    f"AND classid = {rebalance.MOVER_LOCK_CLASS} AND objid = {move_id}")
+            lose_the_mover_lock(w, move_id)
             rebalance.Mover(w.cluster, grace=0).run(move_id)
             w.cluster.refresh_map()
             back = plan_add_shards(w.cluster.config.bucket_map, ["s0"])
