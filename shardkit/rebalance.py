@@ -151,12 +151,22 @@ class SchemaMismatch(Exception):
     run on one of them only): its rows cannot move whole."""
 
 
-def _check_target_columns(tgt: psycopg.Connection, t: _Table) -> None:
-    missing = [c for c in t.columns if c not in set(_columns(tgt, t.name))]
+def _reread_columns(src: psycopg.Connection, tgt: psycopg.Connection, t: _Table) -> None:
+    """Take ``t``'s columns from the source again (in its transaction's snapshot), and
+    refuse if the target lacks one of them."""
+    t.columns = _columns(src, t.name)
+    on_target = set(_columns(tgt, t.name))
+    missing = [c for c in t.columns if c not in on_target]
     if missing:
         raise SchemaMismatch(
             f"table {t.name} has column(s) {', '.join(missing)} on the source but not on the target "
             "(a migration has run on one of them only); give both the same columns")
+
+
+def _lock_copies(tgt: psycopg.Connection, move_id: int) -> None:
+    """Take (for the target's transaction) the lock that copies of ``move_id`` and an
+    abort's deletes of them take turns on."""
+    tgt.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_COPY_LOCK_CLASS, move_id % 2147483647))
 
 
 def _flushed(conn: psycopg.Connection) -> str:
@@ -940,18 +950,16 @@ class Mover:
             time.sleep(self.step_delay)
 
     def _copy(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-              buckets: list[int], visible_after: float = 0.0, move_id: int | None = None) -> int:
+              buckets: list[int], visible_after: float, move_id: int) -> int:
         rows = 0
         current = ""
         try:
             with tgt.transaction():
-                if move_id is not None:
-                    # Copies of the move (by a mover that lost its catalog session and the
-                    # one that took over) and an abort's deletes take turns: each waits for a
-                    # copy in flight, or this mover learns here that it was taken over.
-                    tgt.execute("SELECT pg_advisory_xact_lock(%s, %s)",
-                                (_COPY_LOCK_CLASS, move_id % 2147483647))
-                    self._still_mine(move_id)
+                # Copies of the move (by a mover that lost its catalog session and the
+                # one that took over) and an abort's deletes take turns: each waits for a
+                # copy in flight, or this mover learns here that it was taken over.
+                _lock_copies(tgt, move_id)
+                self._still_mine(move_id)
                 tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
                 if self._replica.get(id(tgt)):
                     # No user triggers, no foreign-key checks (a row's parent may come in a
@@ -964,8 +972,7 @@ class Mover:
                     src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     for t in tables:
                         current = t.name
-                        t.columns = _columns(src, t.name)  # at the copy's snapshot
-                        _check_target_columns(tgt, t)
+                        _reread_columns(src, tgt, t)  # at the copy's snapshot
                         cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
                         in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
                             sql.Identifier(t.name), cols)
@@ -1024,8 +1031,7 @@ class Mover:
             keys = list(changed.get(t.name, {}).values())
             if not keys:
                 continue
-            t.columns = _columns(src, t.name)  # at the snapshot the changed rows are read at
-            _check_target_columns(tgt, t)
+            _reread_columns(src, tgt, t)  # at the snapshot the changed rows are read at
             name = sql.Identifier(t.name)
             cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
             pkc = sql.SQL(", ").join(map(sql.Identifier, t.pk))
@@ -1211,8 +1217,7 @@ class Mover:
                  buckets: list[int], label: str) -> int:
         checked = 0
         for t in tables:
-            t.columns = _columns(src, t.name)  # the source's rows no longer change
-            _check_target_columns(tgt, t)
+            _reread_columns(src, tgt, t)  # the source's rows no longer change
             cols = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.columns)
             pkc = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.pk)
             # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
@@ -1270,7 +1275,7 @@ class Mover:
         return checked
 
     def _clean_up(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-                  buckets: list[int], move_id: int | None = None) -> int:
+                  buckets: list[int], move_id: int) -> int:
         deleted = 0
         for t in reversed(tables):  # children first
             # One statement per slice of pages (each reads only its pages), each its
@@ -1281,11 +1286,10 @@ class Mover:
             # speed); nothing waits for the clean-up, the map has switched already.
             for chunk in _page_chunks(src, t.name, max(1, _CHUNK_PAGES // 8)):
                 t0 = time.monotonic()
-                if move_id is not None:
-                    # A mover that lost its catalog session may wake up after another
-                    # finished the move and a later one brought the buckets back here: its
-                    # deletes would remove live rows.  (One catalog write per slice.)
-                    self._still_mine(move_id)
+                # A mover that lost its catalog session may wake up after another
+                # finished the move and a later one brought the buckets back here: its
+                # deletes would remove live rows.  (One catalog write per slice.)
+                self._still_mine(move_id)
                 with src.transaction():
                     src.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
                     if self._replica.get(id(src)):
@@ -1406,8 +1410,7 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                     replica = _may_replicate(tgt)
                     with tgt.transaction():
                         # A copy in flight (a mover that lost its lock) commits first.
-                        tgt.execute("SELECT pg_advisory_xact_lock(%s, %s)",
-                                    (_COPY_LOCK_CLASS, move_id % 2147483647))
+                        _lock_copies(tgt, move_id)
                         tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
                         # A cut-over that died after the target's commit left it owning them.
                         tgt.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])",
