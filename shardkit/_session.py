@@ -267,26 +267,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         finally:
             state.key = key
 
-    def get(self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any) -> Any:
-        # Naming the shard up front lets the load skip statement analysis.
-        if identity_token is None and current_scope().shard is None:
-            identity_token = self._shard_from_identity(inspect(entity).mapper, ident)
-            if identity_token is None:
-                with _one_shard_per_identity(entity, ident):
-                    return super().get(entity, ident, **kw)
-        return super().get(entity, ident, identity_token=identity_token, **kw)
-
-    def get_one(self, entity: Any, ident: Any, *, identity_token: Any = None, **kw: Any) -> Any:
-        if identity_token is None and current_scope().shard is None:
-            identity_token = self._shard_from_identity(inspect(entity).mapper, ident)
-            if identity_token is None:
-                with _one_shard_per_identity(entity, ident):
-                    return super().get_one(entity, ident, **kw)
-        return super().get_one(entity, ident, identity_token=identity_token, **kw)
-
     def _get_impl(self, entity: Any, primary_key_identity: Any, db_load_fn: Any, *,
                   identity_token: Any = None, **kw: Any) -> Any:
-        # The legacy Query.get() comes here without get()'s shard inference.
+        # Session.get(), get_one() and the legacy Query.get() all come here.  Naming the
+        # shard up front lets the load skip statement analysis.
         if identity_token is None and current_scope().shard is None:
             identity_token = self._shard_from_identity(inspect(entity).mapper, primary_key_identity)
             if identity_token is None:
@@ -860,24 +844,14 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
 
 
 def _own_key_shard(cluster: Cluster, state: Any) -> str | None:
-    """The shard of an object by its own shard key columns alone, or None (a reference
-    table, a key not set, or not placeable)."""
-    mapper = state.mapper
+    """The shard of a sharded table's object by its key (or its parent's), or None (a
+    reference table, or not placeable: where the object goes, its flush says)."""
     try:
-        tr = cluster.router.table_route(mapper)
-        if tr.strategy is None:
+        if cluster.router.table_route(state.mapper).strategy is None:
             return None
-        values = []
-        for cname in tr.key_columns:
-            col = mapper.local_table.c[cname]
-            v = state.dict.get(mapper.get_property_by_column(col).key)
-            if v is None:
-                return None
-            co = coercer_for(col.type)
-            values.append(co(v) if co else v)
-        return tr.strategy.shard_for_key(values[0] if len(values) == 1 else tuple(values))
-    except (ShardkitError, KeyError, ValueError, TypeError):
-        return None  # where the object goes, its flush says
+        return shard_of_instance(cluster, state.mapper, state.obj())
+    except ShardkitError:
+        return None
 
 
 def _shard_from_parent(cluster: Cluster, mapper: Any, state: Any, column: str) -> str | None:
@@ -2707,7 +2681,6 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
                 refused = e
         attempt += 1
         cluster = session.cluster
-        cluster.refresh_map()
         if not _moved_off(cluster, refused):
             cluster.refresh_map(newer_than=stale, timeout=refresh_timeout)
 
