@@ -8,6 +8,7 @@ format is documented in the README ("Configuration reference").
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import math
 import os
@@ -405,6 +406,7 @@ def split_secret_query(url: URL | str) -> tuple[URL, dict[str, Any]]:
     return (url.difference_update_query(hidden) if hidden else url), secrets
 
 
+@functools.cache
 def _libpq_keywords() -> frozenset[str]:
     """The connection parameters the installed libpq accepts (what ``connect()`` will)."""
     from psycopg.pq import Conninfo
