@@ -20,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
+from waiting import health_by_node, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -94,18 +95,6 @@ def _make_cluster(dev: Any, **replicas: Any) -> shardkit.Cluster:
            "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 3.0,
                         **replicas}}
     return shardkit.Cluster.from_config(cfg)
-
-
-def _wait_for(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _health(cluster: shardkit.Cluster) -> dict[str, dict[str, Any]]:
-    return {n["node"]: n for n in cluster.health().nodes}
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +226,7 @@ def test_replica_sigkilled_mid_yield_per_is_shard_unavailable_never_a_short_resu
         n1 = len(env.served)
         assert s.execute(select(Acct.name).where(Acct.id == ks[-1])).scalar() == f"n{ks[-1]}"
         assert victim.name not in env.nodes_since(n1)
-        h = _health(env.cluster)[victim.name]
+        h = health_by_node(env.cluster)[victim.name]
         assert h["banned_for_s"] > 0 or h["up"] is False, h
     finally:
         s.close()
@@ -394,7 +383,7 @@ def test_primary_sigkilled_writes_fail_naming_shard_while_replica_reads_and_othe
         s.commit()
     primary.kill()
     try:
-        _wait_for(lambda: _health(env.cluster)["s1/primary"]["up"] is False, 5, "s1/primary seen down")
+        wait_for(lambda: health_by_node(env.cluster)["s1/primary"]["up"] is False, 5, "s1/primary seen down")
         h = env.cluster.health()
         assert h.ready is False
         with env.Session() as s:
@@ -417,7 +406,7 @@ def test_primary_sigkilled_writes_fail_naming_shard_while_replica_reads_and_othe
         assert env.primary_value(k0) == "p0b"
     finally:
         primary.start()
-        _wait_for(lambda: _health(env.cluster)["s1/primary"]["up"], 10, "s1/primary back")
+        wait_for(lambda: health_by_node(env.cluster)["s1/primary"]["up"], 10, "s1/primary back")
         # Pooled connections died with the server: drop them so later tests start clean
         # (what the first write after a restart meets is the next test's subject).
         env.cluster.primary("s1").dispose()
@@ -436,9 +425,9 @@ def test_first_write_after_primary_restart_succeeds_once_health_says_ready(env):
         s.get(Acct, k).name = "r1"
         s.commit()
     primary.stop()
-    _wait_for(lambda: _health(env.cluster)["s0/primary"]["up"] is False, 5, "s0/primary seen down")
+    wait_for(lambda: health_by_node(env.cluster)["s0/primary"]["up"] is False, 5, "s0/primary seen down")
     primary.start()
-    _wait_for(lambda: _health(env.cluster)["s0/primary"]["up"] and env.cluster.health().ready,
+    wait_for(lambda: health_by_node(env.cluster)["s0/primary"]["up"] and env.cluster.health().ready,
               10, "s0/primary seen up and the cluster ready")
     try:
         with env.Session() as s:
@@ -460,18 +449,18 @@ def test_health_reports_pool_use_of_an_open_stream_lag_and_ban_reason(env):
         res = s.execute(select(Acct.id).where(Acct.id == k).execution_options(yield_per=1))
         node = env.nodes_since(n0)[0]
         assert node.startswith("s1/r")
-        h = _health(env.cluster)[node]
+        h = health_by_node(env.cluster)[node]
         assert h["role"] == "replica" and h["up"] is True and h["pool"]["checkedout"] >= 1, h
         assert res.scalars().all() == [k]
     s.close()
-    assert _health(env.cluster)[node]["pool"]["checkedout"] == 0
+    assert health_by_node(env.cluster)[node]["pool"]["checkedout"] == 0
     r = env.replica("s1", int(node[-1]))
     r.set_apply_delay(30)
     try:
         with env.Session() as s:
             s.get(Acct, k).name = "h2"
             s.commit()
-        _wait_for(lambda: (_health(env.cluster)[node]["lag_bytes"] or 0) > 0, 5, f"{node} lag seen")
+        wait_for(lambda: (health_by_node(env.cluster)[node]["lag_bytes"] or 0) > 0, 5, f"{node} lag seen")
         with env.Session(consistency="eventual") as s:
             n0 = len(env.served)
             assert s.execute(select(Acct.name).where(Acct.id == k)
@@ -482,7 +471,7 @@ def test_health_reports_pool_use_of_an_open_stream_lag_and_ban_reason(env):
         env.caught_up(("s1",))
     env.cluster.selector.monitor.ban("s1", int(node[-1]), "hostile test ban", seconds=30)
     try:
-        h = _health(env.cluster)[node]
+        h = health_by_node(env.cluster)[node]
         assert h["banned_for_s"] > 20 and h["ban_reason"] == "hostile test ban", h
         with env.Session(consistency="eventual") as s:
             n0 = len(env.served)
@@ -492,7 +481,7 @@ def test_health_reports_pool_use_of_an_open_stream_lag_and_ban_reason(env):
             assert node not in env.nodes_since(n0)
     finally:
         env.cluster.selector.monitor.ban("s1", int(node[-1]), "unban", seconds=0)
-    assert _health(env.cluster)[node]["ban_reason"] is None
+    assert health_by_node(env.cluster)[node]["ban_reason"] is None
 
 
 # -- 7b. locking reads forced to a replica ------------------------------------------------------
@@ -559,7 +548,7 @@ def test_forced_replica_read_cancelled_by_recovery_conflict_never_runs_on_primar
                         return False
             return True
 
-        _wait_for(applied, 5, "max_standby_streaming_delay = 0")
+        wait_for(applied, 5, "max_standby_streaming_delay = 0")
         t = threading.Thread(target=read, daemon=True)
         t.start()
 
@@ -571,7 +560,7 @@ def test_forced_replica_read_cancelled_by_recovery_conflict_never_runs_on_primar
                         return True
             return False
 
-        _wait_for(running, 10, "the read to run on a replica")
+        wait_for(running, 10, "the read to run on a replica")
         with env.dev.shard("s0").primary.connect(autocommit=False) as c:
             c.execute("LOCK TABLE hf_accounts IN ACCESS EXCLUSIVE MODE")
             c.commit()
@@ -609,7 +598,7 @@ def test_password_in_url_query_never_shown(env, caplog):
         for _ in range(3):
             with Session(consistency="eventual") as s:
                 assert s.execute(select(Acct.name).where(Acct.id == k)).scalar() == "pw"
-        _wait_for(lambda: _health(cluster)["s0/r2"]["up"] is False and _health(cluster)["s0/r2"]["error"],
+        wait_for(lambda: health_by_node(cluster)["s0/r2"]["up"] is False and health_by_node(cluster)["s0/r2"]["error"],
                   5, "the dead replica to be seen down")
         texts.append(repr(cluster.health().as_dict()))
         with pytest.raises(shardkit.ShardUnavailable) as ei:
@@ -639,7 +628,7 @@ def test_promoted_replica_gets_no_more_reads(env):
     r1 = env.replica("s1", 1)
     with r1.connect() as c:
         c.execute("SELECT pg_promote(true, 30)")
-    _wait_for(lambda: _health(env.cluster)["s1/r1"]["in_recovery"] is False, 5, "r1 seen promoted")
+    wait_for(lambda: health_by_node(env.cluster)["s1/r1"]["in_recovery"] is False, 5, "r1 seen promoted")
     with env.Session() as s:
         s.get(Acct, k).name = "after"
         s.commit()

@@ -25,6 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
+from waiting import health_by_node, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -162,18 +163,6 @@ def lagging(env: Env, shards: tuple[str, ...] = ("s0", "s1"), indexes: tuple[int
 def _eventual_name(env: Env, k: int) -> tuple[str | None, list[str]]:
     with env.Session(consistency="eventual") as s:
         return env.nodes(lambda: s.execute(select(Account.name).where(Account.id == k)).scalar())
-
-
-def _wait_for(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _health(cluster: shardkit.Cluster) -> dict[str, dict[str, Any]]:
-    return {n["node"]: n for n in cluster.health().nodes}
 
 
 # -- read-your-writes through every read path ------------------------------------------
@@ -652,9 +641,9 @@ def test_max_lag_override_avoids_a_lagging_replica_and_eventual_still_uses_it(en
         with env.Session() as s:
             s.get(Account, k).name = "new"
             s.commit()
-        _wait_for(lambda: (_health(env.cluster)["s1/r0"]["lag_seconds"] or 0) > 1.5, 15,
+        wait_for(lambda: (health_by_node(env.cluster)["s1/r0"]["lag_seconds"] or 0) > 1.5, 15,
                   "s1/r0 to lag more than 1.5 s")
-        h = _health(env.cluster)
+        h = health_by_node(env.cluster)
         assert h["s1/r0"]["up"] is True and h["s1/r0"]["lag_bytes"] > 0
         assert h["s1/r1"]["lag_bytes"] == 0 and h["s1/r1"]["lag_seconds"] == 0
         assert env.cluster.health().ready is True
@@ -710,8 +699,8 @@ def test_stopped_replica_then_restarted_gets_reads_back(env):
         time.sleep(0.5)
         r0.stop()
         stopped_at = time.monotonic()
-        _wait_for(lambda: _health(env.cluster)["s1/r0"]["up"] is False, 5, "the monitor to see s1/r0 down")
-        h = _health(env.cluster)
+        wait_for(lambda: health_by_node(env.cluster)["s1/r0"]["up"] is False, 5, "the monitor to see s1/r0 down")
+        h = health_by_node(env.cluster)
         assert h["s1/r0"]["error"], h["s1/r0"]
         assert h["s1/r1"]["up"] is True and env.cluster.health().ready is True
         time.sleep(1.5)
@@ -719,9 +708,9 @@ def test_stopped_replica_then_restarted_gets_reads_back(env):
         assert late and "s1/r0" not in late and "s1/r1" in late
         r0.start()
         restarted_at = time.monotonic()
-        _wait_for(lambda: any(n == "s1/r0" and t > restarted_at for t, n, _ in env.served), 20,
+        wait_for(lambda: any(n == "s1/r0" and t > restarted_at for t, n, _ in env.served), 20,
                   "s1/r0 to serve reads again after its restart")
-        assert _health(env.cluster)["s1/r0"]["up"] is True
+        assert health_by_node(env.cluster)["s1/r0"]["up"] is True
     finally:
         stop.set()
         for t in threads:
@@ -744,7 +733,7 @@ def test_all_replicas_down_reads_go_to_primary_or_raise(env):
         for r in reps:
             r.stop()
         for c in (env.cluster, strict):
-            _wait_for(lambda c=c: not any(_health(c)[f"s1/r{i}"]["up"] for i in (0, 1)), 5,
+            wait_for(lambda c=c: not any(health_by_node(c)[f"s1/r{i}"]["up"] for i in (0, 1)), 5,
                       "the monitor to see s1's replicas down")
         stmt1 = select(Account.name).where(Account.id == k1)
         for consistency in ("eventual", "read_your_writes"):
@@ -814,7 +803,7 @@ def test_replica_killed_mid_read_is_retried_elsewhere(env):
         assert "error" not in result, result.get("error")
         assert result["rows"] == [("survivor", 0)]
         assert nodes and victim.name not in nodes, nodes
-        h = _health(env.cluster)[victim.name]
+        h = health_by_node(env.cluster)[victim.name]
         assert h["banned_for_s"] > 0 or h["up"] is False, h
         assert h["ban_reason"] or h["error"], h
     finally:
@@ -857,17 +846,17 @@ def test_health_of_a_down_replica_does_not_report_a_frozen_lag(env):
             time.sleep(0.02)
         return False
 
-    _wait_for(measured_just_after_a_commit, 10, "a sample of s1/r1 taken just after a commit")
+    wait_for(measured_just_after_a_commit, 10, "a sample of s1/r1 taken just after a commit")
     r1.stop()
     down_at = time.monotonic()
     try:
-        _wait_for(lambda: _health(env.cluster)["s1/r1"]["up"] is False, 5, "s1/r1 to be seen down")
+        wait_for(lambda: health_by_node(env.cluster)["s1/r1"]["up"] is False, 5, "s1/r1 to be seen down")
         for i in range(1, 6):
             with env.Session() as s:
                 s.get(Account, k).name = str(i)
                 s.commit()
             time.sleep(0.6)
-        h = _health(env.cluster)["s1/r1"]
+        h = health_by_node(env.cluster)["s1/r1"]
         down_for = time.monotonic() - down_at
         assert h["up"] is False and h["lag_bytes"] > 0
         assert h["lag_seconds"] is None or h["lag_seconds"] >= down_for - 1.0, (down_for, h)
@@ -900,7 +889,7 @@ def test_passwords_never_appear_in_health_logs_or_errors(env, caplog):
             r.stop()
         with Session(consistency="eventual") as s:  # may meet the dead pooled connections
             assert s.execute(select(Account.name).where(Account.id == k)).scalar() == "pw"
-        _wait_for(lambda: not any(_health(cluster)[f"s1/r{i}"]["up"] for i in (0, 1)), 5,
+        wait_for(lambda: not any(health_by_node(cluster)[f"s1/r{i}"]["up"] for i in (0, 1)), 5,
                   "the monitor to see s1's replicas down")
         texts.append(repr(cluster.health().as_dict()))
         with Session() as s, pytest.raises(shardkit.ShardUnavailable) as ei:
@@ -959,7 +948,7 @@ def test_scatter_with_partial_results_when_one_shard_has_no_replica(env):
     try:
         for r in reps:
             r.stop()
-        _wait_for(lambda: not any(_health(strict)[f"s1/r{i}"]["up"] for i in (0, 1)), 5,
+        wait_for(lambda: not any(health_by_node(strict)[f"s1/r{i}"]["up"] for i in (0, 1)), 5,
                   "the monitor to see s1's replicas down")
         with Strict() as s:
             with pytest.raises((shardkit.ShardUnavailable, shardkit.ScatterError)) as ei:
@@ -1059,7 +1048,7 @@ def test_hung_replica_gets_no_reads_and_health_does_not_call_it_up(env):
         for _ in range(6):
             name, nodes = _eventual_name(env, k)
             assert (name, nodes) == ("alive", ["s1/r1"])
-        h = _health(env.cluster)["s1/r0"]
+        h = health_by_node(env.cluster)["s1/r0"]
         assert h["checked_ago_s"] is None or h["checked_ago_s"] > 2, h
         assert h["up"] is False, h
     finally:

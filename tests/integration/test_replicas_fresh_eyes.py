@@ -15,6 +15,7 @@ from sqlalchemy import BigInteger, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
+from waiting import health_by_node, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,18 +36,6 @@ FAST = {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 3.0}
 
 def _cluster(cfg: dict[str, Any], **replicas: Any) -> shardkit.Cluster:
     return shardkit.Cluster.from_config({**cfg, "groups": GROUPS, "replicas": {**FAST, **replicas}})
-
-
-def _wait_for(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _health(cluster: shardkit.Cluster) -> dict[str, dict[str, Any]]:
-    return {n["node"]: n for n in cluster.health().nodes}
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +79,12 @@ def test_read_only_primary_is_not_ready(dev, cluster):
                 s.add(Item(id=1, name="x"))
                 s.commit()
         time.sleep(0.5)
-        assert not cluster.health().ready, _health(cluster)["s0/primary"]
+        assert not cluster.health().ready, health_by_node(cluster)["s0/primary"]
     finally:
         with primary.connect() as c:
             c.execute("ALTER SYSTEM RESET default_transaction_read_only")
             c.execute("SELECT pg_reload_conf()")
-    _wait_for(lambda: cluster.health().ready, 5, "ready again")
+    wait_for(lambda: cluster.health().ready, 5, "ready again")
 
 
 def test_replica_behind_an_idle_primary_with_no_replayed_transaction_gets_no_reads(dev):
@@ -131,8 +120,8 @@ def test_replica_behind_an_idle_primary_with_no_replayed_transaction_gets_no_rea
                 time.sleep(0.3)
                 with Session() as s:
                     assert s.execute(select(Item.name).where(Item.id == 50)).scalar() is not None, \
-                        _health(cluster)["s0/r0"]
-            h = _health(cluster)["s0/r0"]
+                        health_by_node(cluster)["s0/r0"]
+            h = health_by_node(cluster)["s0/r0"]
             assert h["lag_bytes"] > 0 and h["lag_seconds"] is None, h
         finally:
             cluster.dispose()
@@ -189,7 +178,7 @@ def test_replica_ahead_of_a_promoted_primary_never_serves_reads(dev):
             assert s.execute(select(Item.name).where(Item.id == 7)).scalar() == "after failover"
         with Session(consistency="eventual") as s:
             assert s.execute(select(Item.name).where(Item.id == 7)).scalar() == "after failover"
-        h = _health(cluster)["s0/r0"]
+        h = health_by_node(cluster)["s0/r0"]
         assert h["lag_bytes"] is None and h["error"], h
     finally:
         cluster.dispose()

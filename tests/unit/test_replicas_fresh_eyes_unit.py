@@ -3,26 +3,9 @@
 
 import time
 
-import shardkit
-from shardkit._replicas import HealthMonitor, ReplicaSelector
+from test_replicas_unit import make_monitor  # samples set by hand, nothing started
 
-CFG = {
-    "shards": [{"name": "s0", "primary": "postgresql://u@p/db",
-                "replicas": ["postgresql://u@r0/db", "postgresql://u@r1/db"]}],
-}
 LIMITS = {"max_lag_seconds": 5.0, "max_lag_bytes": 10**9, "min_lsn": None}
-
-
-def make_monitor():
-    cluster = shardkit.Cluster.from_config(CFG)
-    mon = HealthMonitor(cluster, cluster.replica_settings)   # not started: samples set by hand
-    sel = ReplicaSelector(cluster, mon, cluster.replica_settings)
-    st_ = mon.shards["s0"]
-    now = time.monotonic()
-    for n in (st_.primary, *st_.replicas):
-        n.up, n.checked_at, n._seen = True, now, True
-        n.in_recovery = n.role == "replica"
-    return mon, sel, st_
 
 
 def names(nodes):
