@@ -192,7 +192,7 @@ def exact(v: Any) -> Any:
         return ("float", "nan" if math.isnan(v) else v.hex())
     if isinstance(v, (list, dict)):
         return (type(v).__name__, json.dumps(v, sort_keys=True, default=str))
-    if isinstance(v, EdgeBase):
+    if hasattr(type(v), "__mapper__"):   # an ORM entity: each of its columns
         return (type(v).__name__,) + tuple(exact(getattr(v, a.key))
                                            for a in inspect(v).mapper.column_attrs)
     return (type(v).__name__, v)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import math
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +32,6 @@ from sqlalchemy import (
     distinct,
     func,
     insert,
-    inspect,
     literal,
     literal_column,
     select,
@@ -43,9 +40,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import CITEXT
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, mapped_column, sessionmaker
 
 import shardkit
+# The one-database comparison (duck-typed: an object with .oracle and .Session).
+from test_scatter_edges import check, check_or_refused, run_oracle
 
 pytestmark = pytest.mark.integration
 
@@ -170,57 +169,6 @@ def fe(sharded_dev) -> Iterator[Fe]:
             c.execute(text(drop))
             c.execute(text("DROP EXTENSION IF EXISTS citext"))
     cluster.dispose()
-
-
-def exact(v: Any) -> Any:
-    """A value with its type and exact digits (1.50 != 1.5, 1 != 1.0 != True)."""
-    if isinstance(v, D):
-        return ("numeric", str(v))
-    if isinstance(v, float):
-        return ("float", "nan" if math.isnan(v) else v.hex())
-    if isinstance(v, FeBase):
-        return (type(v).__name__,) + tuple(exact(getattr(v, a.key))
-                                           for a in inspect(v).mapper.column_attrs)
-    return (type(v).__name__, v)
-
-
-def norm(rows: Sequence[Any]) -> list[tuple[Any, ...]]:
-    return [tuple(exact(v) for v in r) for r in rows]
-
-
-def run_oracle(fe: Fe, stmt: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
-    with Session(fe.oracle) as s:
-        r = s.execute(stmt)
-        return list(r.keys()), norm(r.all())
-
-
-def run_sharded(fe: Fe, stmt: Any) -> tuple[list[str], list[tuple[Any, ...]]]:
-    with fe.Session() as s:
-        r = s.execute(stmt)
-        return list(r.keys()), norm(r.all())
-
-
-def check(fe: Fe, stmt: Any, *, ordered: bool = True) -> list[tuple[Any, ...]]:
-    """Same column names and rows (in order if ``ordered``) as the one database."""
-    want_keys, want = run_oracle(fe, stmt)
-    got_keys, got = run_sharded(fe, stmt)
-    assert got_keys == want_keys
-    if ordered:
-        assert got == want
-    else:
-        assert Counter(got) == Counter(want)
-    return want
-
-
-def check_or_refused(fe: Fe, stmt: Any, *, ordered: bool = True) -> str | None:
-    """The one database's answer, or ScatterRefused naming a construct; nothing else."""
-    try:
-        run_sharded(fe, stmt)
-    except shardkit.ScatterRefused as e:
-        assert e.construct, "ScatterRefused must name the construct"
-        return e.construct
-    check(fe, stmt, ordered=ordered)
-    return None
 
 
 def refused(fe: Fe, stmt: Any) -> str:
