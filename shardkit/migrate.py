@@ -21,7 +21,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
@@ -127,13 +126,14 @@ def _migrating(operations: Operations, op_name: str) -> tuple[Cluster, str]:
 def _install_guard(operations: Operations, operation: InstallShardkitGuard) -> None:
     cluster, shard = _migrating(operations, "install_shardkit_guard")
     conn = operations.get_bind()
+    if guard_installed(conn):
+        # Ownership changes only with moves: keep the shard's own record of it (which
+        # needs no catalog: one that does not answer now must not leave the table unguarded).
+        install_guard(conn, cluster.config, None)
+        return
     if cluster.catalog is None or cluster.map_version is None:
         # Nothing can move yet; `shardkit rebalance init` installs the guard everywhere.
         log.info("%s: no initialised catalog; the guard is installed by `shardkit rebalance init`", shard)
-        return
-    if guard_installed(conn):
-        # Ownership changes only with moves: keep the shard's own record of it.
-        install_guard(conn, cluster.config, None)
         return
     config = cluster.config
     owned = [b for b, s in enumerate(config.bucket_map) if s == shard] + \
@@ -142,6 +142,9 @@ def _install_guard(operations: Operations, operation: InstallShardkitGuard) -> N
 
 
 # -- env.py driver -----------------------------------------------------------------------
+
+#: First key of the advisory lock a shard's migration holds (after the other classes, "SH".."SK").
+MIGRATE_LOCK_CLASS = 0x534C  # "SL"
 
 
 def _config_path(context: Any) -> str:
@@ -186,6 +189,12 @@ def run_migrations(context: Any) -> None:
         for shard in shards:
             engine = _engine(cluster, shard)
             with engine.connect() as connection:
+                # One migration of a shard at a time: another one (a second deploy) waits,
+                # then starts from the revision the first left, instead of failing midway.
+                # A session lock, held until the connection closes; committed, so that
+                # each revision still runs in its own transaction.
+                connection.execute(text("SELECT pg_advisory_lock(:c, 0)"), {"c": MIGRATE_LOCK_CLASS})
+                connection.commit()
                 context.configure(
                     connection=connection,
                     target_metadata=metadata,
@@ -339,7 +348,9 @@ def run_command(
         proc = subprocess.run(
             [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"config={config_path}",
              "-x", f"shard={shard}", command, revision],
-            capture_output=True, text=True,
+            # Not the terminal: Alembic wraps its messages to the width of a terminal on
+            # stdin, and a migration must not wait for input.
+            stdin=subprocess.DEVNULL, capture_output=True, text=True,
         )
         dt = time.monotonic() - t
         ok = proc.returncode == 0
@@ -381,14 +392,18 @@ def run_command(
     return results
 
 
-_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Failure)|[A-Za-z_][\w.]*\.\w+Error)\b.*")
-
-
 def _error_line(output: str) -> str | None:
-    """The line of Alembic's output that names the exception (the last such line)."""
+    """The line of Alembic's output that names the error: the exception that ended a
+    traceback (the last one: the one raised from the others), or Alembic's own
+    ``FAILED: ...`` (on stdout, before any warning on stderr); else the last line."""
     found = None
+    in_traceback = False
     for line in output.splitlines():
-        if _EXC_LINE.match(line.strip()):
+        if line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+        elif in_traceback and line.strip() and not line[0].isspace():
+            found, in_traceback = line.strip(), False   # its frames are indented, not it
+        elif line.startswith("FAILED: "):
             found = line.strip()
     if found is None:
         lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
@@ -400,13 +415,17 @@ def _error_line(output: str) -> str | None:
 
 
 def schema_fingerprint(connection: Any) -> dict[str, Any]:
-    """Tables, columns, indexes, unique and foreign keys of the public schema, comparable across shards."""
+    """Tables, columns (and their defaults), indexes, unique, foreign and check constraints of
+    the public schema, comparable across shards."""
     insp = inspect(connection)
     out: dict[str, Any] = {}
     for t in sorted(insp.get_table_names()):
         if t == "alembic_version":
             continue
-        cols = [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)]
+        columns = insp.get_columns(t)
+        cols = [(c["name"], str(c["type"]), c["nullable"]) for c in columns]
+        defaults = [(c["name"], c["default"]) for c in columns if c.get("default") is not None]
+        checks = sorted((c["name"], c["sqltext"]) for c in insp.get_check_constraints(t))
         # The full definition: an index on an expression, or a partial one, differs
         # from another of the same name by more than its column names.
         idx = sorted(tuple(r) for r in connection.execute(text(
@@ -416,7 +435,8 @@ def schema_fingerprint(connection: Any) -> dict[str, Any]:
         fks = sorted((tuple(f["constrained_columns"]), f["referred_table"],
                       tuple(f["referred_columns"])) for f in insp.get_foreign_keys(t))
         pk = tuple(insp.get_pk_constraint(t).get("constrained_columns") or ())
-        out[t] = {"columns": cols, "indexes": idx, "unique": uq, "foreign_keys": fks, "pk": pk}
+        out[t] = {"columns": cols, "defaults": defaults, "indexes": idx, "unique": uq,
+                  "foreign_keys": fks, "check_constraints": checks, "pk": pk}
     return out
 
 
@@ -469,7 +489,8 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
             elif t not in ref:
                 diffs.append(f"{shard}: extra table {t} (absent on {ref_name})")
             else:
-                for part in ("columns", "pk", "indexes", "unique", "foreign_keys"):
+                for part in ("columns", "defaults", "pk", "indexes", "unique", "foreign_keys",
+                             "check_constraints"):
                     mine, theirs = fp[t][part], ref[t][part]
                     if mine == theirs:
                         continue
