@@ -40,9 +40,15 @@ Where their role may, they also write with ``session_replication_role =
 replica``, under which this trigger (an ordinary one) does not fire either: the
 mover's own rows are neither refused nor recorded as changes.
 
-Writers must use READ COMMITTED (PostgreSQL's default) on guarded tables: the
-trigger reads the ownership tables with a fresh snapshot per statement, which
-REPEATABLE READ or SERIALIZABLE transactions would not do.
+Writers should use READ COMMITTED (PostgreSQL's default) on guarded tables: the
+trigger reads the ownership tables with a fresh snapshot per statement.  In
+REPEATABLE READ or SERIALIZABLE it reads them with the transaction's snapshot, so
+it also locks the ``owned_buckets`` rows it relies on (``FOR KEY SHARE``: the
+writer's role needs UPDATE on that table): a switch committed since the snapshot
+makes the write a serialization failure (SQLSTATE ``40001``), not a row on a shard
+that gave its bucket away.  Writes such a snapshot makes to a bucket whose capture
+began after it are not recorded as changes (the move's verification then finds the
+row missing on the target and stops before the clean-up).
 """
 
 from __future__ import annotations
@@ -206,6 +212,13 @@ BEGIN
         PERFORM pg_advisory_xact_lock_shared({GATE_LOCK_CLASS}, (om % 2147483647)::integer);
     END IF;
     -- Ownership, read after the gate: a switch may have just given the bucket away.
+    -- Outside READ COMMITTED it is read with the transaction's snapshot, which may
+    -- predate a switch: lock the rows relied on, so that a switch committed since (it
+    -- deletes them) is a serialization failure rather than a row on a shard that gave
+    -- its bucket away.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        PERFORM 1 FROM shardkit.owned_buckets o WHERE o.bucket IN (b, ob) FOR KEY SHARE;
+    END IF;
     IF b IS NOT NULL AND NOT EXISTS (SELECT 1 FROM shardkit.owned_buckets o WHERE o.bucket = b) THEN
         {refuse("b")}
     END IF;

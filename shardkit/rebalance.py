@@ -257,13 +257,18 @@ def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
 
 def init(cluster: Cluster) -> int:
     """Create the catalog, store the config's map as version 1 (if there is none yet) and
-    install the ownership guard on every shard.  Idempotent.  Returns the live map version."""
+    install the ownership guard on every shard.  Idempotent.  Refused while a move runs; a
+    move starting meanwhile waits until every shard has its ownership from the map init read.
+    Returns the live map version."""
     catalog = _need_catalog(cluster)
     # Refuse what the guard cannot cover (a composite hash key) before writing anything:
     # a map published without a guard behind it is a half-done init.
     guarded_tables(cluster.file_config)
     catalog.ensure_schema()
     with catalog.engine.begin() as conn:
+        # Moves start under this lock (Mover.start): none starts, so none switches a
+        # bucket, until every shard's ownership has been reset from the map read here.
+        conn.exec_driver_sql("LOCK TABLE shardkit_catalog.moves IN EXCLUSIVE MODE")
         running = conn.execute(text(
             "SELECT min(id) FROM shardkit_catalog.moves WHERE state = 'running'")).scalar()
         if running is not None:
@@ -282,15 +287,16 @@ def init(cluster: Cluster) -> int:
             if full != have:
                 catalog.publish_map(conn, current.bucket_map,
                                     "slices of range and list groups from the config file", slices=full)
+        current = catalog.current_map(conn)
+        assert current is not None
+        config = with_bucket_map(cluster.file_config, current.bucket_map, current.slices)
+        for shard in cluster.shard_names:
+            owned = [b for b, s in enumerate(config.bucket_map) if s == shard] + \
+                [s.id for s in config.slices if s.shard == shard]
+            with cluster.primary(shard).begin() as shard_conn:
+                install_guard(shard_conn, config, owned, config.slices)
     version = cluster.refresh_map()
-    bucket_map = cluster.config.bucket_map
-    slices = cluster.config.slices
-    for shard in cluster.shard_names:
-        owned = [b for b, s in enumerate(bucket_map) if s == shard] + [s.id for s in slices if s.shard == shard]
-        with cluster.primary(shard).begin() as conn:
-            install_guard(conn, cluster.config, owned, slices)
-    assert version is not None
-    return version
+    return current.version if version is None else version
 
 
 # -- the mover ---------------------------------------------------------------------
