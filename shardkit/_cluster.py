@@ -98,6 +98,10 @@ class Cluster:
         self._map_lock = threading.RLock()
         self.catalog: Any = None
         self._follower: Any = None
+        self._follow_map = False
+        # Why the catalog's map could not be used when this cluster was made (None: it
+        # was, or there is no catalog); `shardkit status` says it.
+        self._catalog_error: str | None = None
         self._engine_options = dict(engine_options or {})
         self._engines: dict[tuple[str, str, int], Engine] = {}
         self._streaming: dict[tuple[str, str, int], Engine] = {}
@@ -121,7 +125,6 @@ class Cluster:
         if metadata is not None:
             self.validate_metadata(metadata)
         if config.catalog_url is not None:
-            from ._mapsync import MapFollower
             from .catalog import Catalog
 
             self.catalog = Catalog(config.catalog_url)
@@ -132,6 +135,7 @@ class Cluster:
                 # another bucket count).  Restarting with a fixed file is the cure;
                 # meanwhile the guards make routing by the file's map safe.
                 log.error("catalog %s: %s", mask_url(config.catalog_url), e)
+                self._catalog_error = str(e).splitlines()[0]
             except (SQLAlchemyError, ShardUnavailable) as e:  # refused, or no answer in time
                 # The shards' ownership guards make routing by the file's map
                 # safe: a write to a bucket that has moved is refused, not lost.
@@ -139,9 +143,11 @@ class Cluster:
                 if not isinstance(e, ShardUnavailable):  # its message names the catalog
                     reason = f"the catalog ({mask_url(config.catalog_url)}) cannot be read: {reason}"
                 log.warning("%s; routing by the config file's map until it answers", reason)
-            if follow_map:
-                self._follower = MapFollower(self)
-                self._follower.start()
+                self._catalog_error = reason
+        # A Cluster used again after dispose() follows the map again (see engine()).
+        self._follow_map = follow_map and self.catalog is not None
+        if self._follow_map:
+            self._start_follower()
 
     @classmethod
     def from_config(
@@ -158,7 +164,9 @@ class Cluster:
         :param metadata: your models' ``MetaData``; when given, every configured
             table and key column must exist in it (catches typos at start-up).
         :param engine_options: extra keyword arguments for every node's
-            :func:`sqlalchemy.create_engine` (e.g. ``echo=True``).
+            :func:`sqlalchemy.create_engine` (e.g. ``echo=True``); they override the
+            ``[pool]`` settings, within ``max_connections``; replicas keep autocommit
+            whatever ``isolation_level`` they give.
         :param env: the environment used for ``${VAR}`` interpolation
             (default ``os.environ``).
         :param follow_map: with a ``[catalog]``, keep a thread that reloads
@@ -440,32 +448,41 @@ class Cluster:
         with self._lock:
             eng = self._engines.get(k)
             if eng is None:
+                if self._follow_map and self._follower is None:
+                    # Used again after dispose(): follow the catalog's map again (the
+                    # follower reads it first thing).
+                    self._start_follower()
                 url = self.node_url(shard, role, index)
                 opts: dict[str, Any] = {}
                 pool_cfg = self.config.shard(shard).node_pool(self.config.pool, role, index)
                 for key, sa_key in _POOL_KEYS.items():
                     if key in pool_cfg:
                         opts[sa_key] = pool_cfg[key]
+                node = _node_name(shard, role, index)
+                opts["poolclass"] = _NodePool
+                opts["pool_logging_name"] = node
+                opts.update(self._engine_options)
                 cap = pool_cfg.get("max_connections")
                 if cap is not None:
                     # One engine per node per Cluster: capping its pool caps the
-                    # process's connections to that node.
+                    # process's connections to that node (engine_options' pool_size
+                    # and max_overflow included).
                     size = min(opts.get("pool_size", 5), cap)
                     opts["pool_size"] = size
                     # The cap lowers the pool's limit, never raises it.
                     overflow = opts.get("max_overflow", 10)
                     opts["max_overflow"] = cap - size if overflow < 0 else min(overflow, cap - size)
                 if role == REPLICA:
-                    # Replica reads run in autocommit: each statement sees the
-                    # latest replayed data (as READ COMMITTED would), a read that
-                    # fails on a dead connection is retried on another node (no
-                    # pre-ping round trip needed), and a dead replica leaves no
-                    # transaction to roll back.
-                    opts.setdefault("isolation_level", "AUTOCOMMIT")
-                node = _node_name(shard, role, index)
-                opts["poolclass"] = _NodePool
-                opts["pool_logging_name"] = node
-                opts.update(self._engine_options)
+                    # Replica reads run in autocommit, whatever isolation level
+                    # engine_options give the primaries (a standby refuses
+                    # SERIALIZABLE): each statement sees the latest replayed data
+                    # (as READ COMMITTED would), a read that fails on a dead
+                    # connection is retried on another node (no pre-ping round trip
+                    # needed), and a dead replica leaves no transaction to roll back.
+                    opts["isolation_level"] = "AUTOCOMMIT"
+                    xo = opts.get("execution_options")
+                    if xo and "isolation_level" in xo:
+                        opts["execution_options"] = {k: v for k, v in xo.items() if k != "isolation_level"}
                 connect_args = dict(opts.pop("connect_args", {}))
                 connect_args = {**connect_timeout_args(url), **connect_args}
                 if pool_cfg.get("prepared_statements") is False:
@@ -491,6 +508,12 @@ class Cluster:
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))
                 self._engines[k] = eng
         return eng
+
+    def _start_follower(self) -> None:
+        from ._mapsync import MapFollower
+
+        self._follower = MapFollower(self)
+        self._follower.start()
 
     def _renew_pool(self, shard: str, role: str = PRIMARY, index: int = 0) -> None:
         """Replace a node's pool with an empty one (after the node restarted): pooled
@@ -590,13 +613,25 @@ class Cluster:
                 pool = self._scatter_pool
         return pool
 
-    def dispose(self) -> None:
-        """Stop the monitor and close every pooled connection of every node."""
-        if self._follower is not None:
-            self._follower.stop()
-            self._follower = None
+    def dispose(self, close: bool = True) -> None:
+        """Stop the monitor and the map follower and close every pooled connection of every
+        node (and of the catalog).  The cluster can be used again: engines, the monitor and
+        the map follower start again on first use.
+
+        :param close: ``False`` in a process forked from the one that used the cluster
+            (a pre-forking server's worker): the parent's pooled connections are let go
+            without being closed (closing them would end the parent's sessions), as
+            SQLAlchemy's ``Engine.dispose(close=False)`` does.
+        """
+        with self._lock:  # engine() starts a follower under it
+            follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.stop()
         if self.catalog is not None:
-            self.catalog.dispose()
+            if close:
+                self.catalog.dispose()
+            else:
+                self.catalog.engine.dispose(close=False)
         if self._scatter_pool is not None:
             self._scatter_pool.shutdown(wait=False)
             self._scatter_pool = None
@@ -609,7 +644,7 @@ class Cluster:
             self._engines.clear()
             self._streaming.clear()
         for e in engines:
-            e.dispose()
+            e.dispose(close=close)
 
     def __enter__(self) -> Cluster:
         return self

@@ -67,6 +67,10 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
         "cluster": cluster.config.name,
         "config_version": config_version(config_source) if config_source else None,
         "bucket_count": cluster.config.bucket_count,
+        # The map the bucket counts come from: the catalog's version, or None (the config
+        # file's: no catalog, it has no map yet, or it could not be read: catalog_error).
+        "map_version": cluster.map_version,
+        "catalog_error": cluster._catalog_error if cluster.map_version is None else None,
         "ready": health.ready,
         "shards": shards,
     }
@@ -83,9 +87,15 @@ def _known_total(rows: dict[str, int | None] | None) -> int | None:
 def render(data: dict[str, Any]) -> str:
     # A config given as a dict (the demo's tour, an application) has no file to fingerprint.
     config = f"  config {data['config_version']}" if data["config_version"] else ""
+    version = data.get("map_version")
     lines = [
         f"cluster {data['cluster']}{config}  "
-        f"buckets {data['bucket_count']}  ready: {'yes' if data['ready'] else 'NO'}",
+        f"buckets {data['bucket_count']}  map {'of the config file' if version is None else f'v{version}'}  "
+        f"ready: {'yes' if data['ready'] else 'NO'}",
+    ]
+    if data.get("catalog_error"):
+        lines.append(f"catalog: {data['catalog_error']}; the bucket counts are the config file's map's")
+    lines += [
         "",
         f"{'shard':<8} {'node':<12} {'role':<8} {'up':<5} {'lag':>18} {'conns':>6} "
         f"{'buckets':>8} {'rows (est.)':>12}",

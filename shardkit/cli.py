@@ -150,7 +150,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show shards and nodes: role, up, lag, connections, buckets, rows."""
     from ._status import collect, render
 
-    cluster = Cluster.from_config(args.config)
+    # One read of the catalog's map (when it has one) is all a snapshot needs.
+    cluster = Cluster.from_config(args.config, follow_map=False)
     try:
         data = collect(cluster, args.config)
     finally:
