@@ -16,7 +16,10 @@ server runs in a container: ``name``, ``role``, ``shard``, ``port``, ``url``,
 ``dsn``, ``slot_name``, ``connect()``, ``set_apply_delay()``,
 ``wait_caught_up()`` and ``wait_streaming()`` are DevNode's own (plain SQL
 over the published port); ``is_running()``, ``start()``, ``stop()``,
-``kill()`` and the logs work on the container.
+``kill()`` and the logs work on the container.  A node has no ``datadir``
+(``hasattr(node, "datadir")`` is false, so code that edits a local node's
+files can tell): its data directory, ``container_datadir``, is inside its
+container.
 
 Layout.  Each cluster has a Docker network of its own.  A shard's primary is a
 ``postgres`` container initialised by the image's entrypoint (user and
@@ -44,9 +47,9 @@ Differences from DevCluster:
 * no reattaching: there is no ``load()``, and ``up()`` wants a new or empty
   ``base_dir``, which holds ``shardkit.toml`` (written as DevCluster writes it)
   and copies of the node logs;
-* a node's ``datadir`` is the data directory inside its container; there is no
-  ``postmaster.pid`` on this machine; ``log_file`` is a copy of the container's
-  log (``docker logs``), refreshed each time it is read;
+* a node's data directory is inside its container (``container_datadir``; there
+  is no ``datadir`` nor ``postmaster.pid`` on this machine); ``log_file`` is a
+  copy of the container's log (``docker logs``), refreshed each time it is read;
 * ``stop(mode)`` sends the postmaster (the container's PID 1) the signal of
   that shutdown mode: ``smart`` SIGTERM, ``fast`` SIGINT, ``immediate``
   SIGQUIT; ``kill()`` SIGKILLs the container;
@@ -56,7 +59,10 @@ Requirements: testcontainers >= 4.8 (earlier versions attach a container to a
 network only after starting it, which loses its published ports), and a
 Docker engine that publishes container ports on this machine's loopback (a
 local Docker Engine or Docker Desktop, not a remote ``DOCKER_HOST`` or
-Docker-outside-of-Docker from inside a container).  Containers and networks
+Docker-outside-of-Docker from inside a container).  An engine on another
+machine (``DOCKER_HOST``, the Docker context or ``TC_HOST`` naming a host
+other than this one) is refused at once, saying so (see
+:func:`docker_host_problem`), rather than left to time out.  Containers and networks
 carry testcontainers' session labels, so its reaper (Ryuk) removes what a
 killed test session left behind.
 """
@@ -74,6 +80,7 @@ import time
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -100,7 +107,8 @@ if TYPE_CHECKING:
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.network import Network
 
-__all__ = ["IMAGE", "SERVER_SETTINGS", "DockerCluster", "DockerNode", "testcontainers_problem"]
+__all__ = ["IMAGE", "SERVER_SETTINGS", "DockerCluster", "DockerNode", "docker_host_problem",
+           "testcontainers_problem"]
 
 log = logging.getLogger("shardkit.testing.docker")
 
@@ -255,6 +263,59 @@ def testcontainers_problem() -> str | None:
         return None
 
 
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _remote_host(address: str | None) -> str | None:
+    """``scheme://host`` of a Docker engine address on another machine, None for this one.
+
+    Unix sockets and named pipes are local; ``tcp://``, ``http(s)://`` and
+    ``ssh://`` addresses are local when their host is a loopback name.  Only
+    the scheme and host are returned: an address may carry a user name or a
+    password.
+    """
+    if not address:
+        return None
+    if "://" not in address:  # TC_HOST and the like: a bare host name
+        address = f"tcp://{address}"
+    parts = urlsplit(address)
+    if parts.scheme in ("unix", "npipe"):
+        return None
+    try:
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if not host or host in _LOCAL_HOSTS or host.startswith("127."):
+        return None
+    return f"{parts.scheme}://{host}"
+
+
+def docker_host_problem() -> str | None:
+    """Why the Docker engine testcontainers would use cannot run this backend, or None.
+
+    The servers trust every connection, so their ports are published on the
+    engine's 127.0.0.1 and reached at this machine's 127.0.0.1: an engine on
+    another machine (``DOCKER_HOST``, the current Docker context, or
+    testcontainers' ``TC_HOST`` override) would start them where this machine
+    cannot connect.
+    """
+    try:
+        from testcontainers.core.docker_client import get_docker_host
+        engine = get_docker_host()
+    except ImportError:
+        engine = os.environ.get("DOCKER_HOST")
+    override = os.environ.get("TC_HOST") or os.environ.get("TESTCONTAINERS_HOST_OVERRIDE")
+    for what, address, fix in (
+            ("the Docker engine", engine, "unset DOCKER_HOST, or `docker context use default`"),
+            ("TC_HOST", override, "unset TC_HOST and TESTCONTAINERS_HOST_OVERRIDE")):
+        remote = _remote_host(address)
+        if remote:
+            return (f"{what} is on another machine ({remote}); the docker backend publishes the "
+                    "servers' ports on 127.0.0.1 and connects there, so it needs an engine on "
+                    f"this machine ({fix})")
+    return None
+
+
 def _is_port_conflict(message: str) -> bool:
     """Whether a Docker error says the host port to publish on is taken."""
     # "Bind for 127.0.0.1:5432 failed: port is already allocated" (another container),
@@ -292,6 +353,19 @@ class DockerNode(DevNode):
 
     def __repr__(self) -> str:
         return f"<DockerNode {self.name} {self.role} {HOST}:{self.port} {self.container_name}>"
+
+    # DevNode's datadir is a directory on this machine, which tests and DevNode's
+    # helpers (``_pid()``) read and edit; a container's is not one.  Absent here,
+    # so that ``hasattr(node, "datadir")`` tells a local node from this one.
+    @property  # type: ignore[override]
+    def datadir(self) -> Path:
+        raise AttributeError(
+            f"{self.name} runs in container {self.container_name}: its data directory "
+            f"({self.container_datadir}) is not on this machine")
+
+    @datadir.setter
+    def datadir(self, value: str | os.PathLike[str]) -> None:
+        self.container_datadir = PurePosixPath(value)
 
     @property
     def primary_node(self) -> DockerNode:
@@ -499,7 +573,7 @@ class DockerCluster(_ClusterLayout):
                 f"{base} is not an empty directory; a docker cluster starts in a new or empty "
                 "one (it cannot reattach to containers started before)"
             )
-        problem = testcontainers_problem()
+        problem = testcontainers_problem() or docker_host_problem()
         if problem:
             raise DevClusterError(problem)
         from testcontainers.core.network import Network

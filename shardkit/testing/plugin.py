@@ -32,8 +32,9 @@ The backend is chosen with ``SHARDKIT_TEST_BACKEND``:
     ``set_apply_delay()``, ``wait_caught_up()``, ``down()`` ...), not what is
     about local files and processes (``DevCluster.load()``, reusing a
     ``base_dir``, a node's ``postmaster.pid``); see that module.  When no
-    Docker engine is reachable, or testcontainers (>= 4.8) is not installed,
-    the tests that need a cluster are skipped, with the reason.
+    Docker engine is reachable, the engine is on another machine (a remote
+    ``DOCKER_HOST``), or testcontainers (>= 4.8) is not installed, the tests
+    that need a cluster are skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import pytest
 
 from ..devcluster import DevCluster
 from ..errors import DevClusterError
-from .docker import DockerCluster, testcontainers_problem
+from .docker import DockerCluster, docker_host_problem, testcontainers_problem
 
 __all__ = ["shardkit_cluster_factory", "shardkit_dev_cluster"]
 
@@ -130,7 +131,7 @@ def _install_sigterm_handler() -> None:
 
 def _docker_unavailable() -> str | None:
     """Why the docker backend cannot run here, or None if it can."""
-    problem = testcontainers_problem()
+    problem = testcontainers_problem() or docker_host_problem()
     if problem:
         return problem
     docker = shutil.which("docker")
