@@ -296,6 +296,8 @@ def test_shard_down_before_upgrade_current_and_check(world, dev):
 
 
 def test_shard_dying_during_upgrade_keeps_the_per_shard_report(world, dev):
+    if not hasattr(dev.shards[1].primary, "datadir"):
+        pytest.skip("stops a server from inside a migration through DevCluster.load: local clusters only")
     w = world(shards=3)
     w.rev("d1", None, "op.create_table('t', sa.Column('id', sa.BigInteger, primary_key=True))", "op.drop_table('t')")
     w.rev("d2", "d1", f"""
