@@ -324,11 +324,19 @@ def _demo_env(tmp: Path) -> dict[str, str]:
     return dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT as a terminal's Ctrl-C delivers it.  A shell starting this
+    suite as a background job (`cmd &`) ignores SIGINT, the children inherit that,
+    and Python then raises no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_demo_and_wait_for(tmp: Path, marker: str) -> subprocess.Popen[str]:
     p = subprocess.Popen([sys.executable, "-m", "shardkit.cli", "demo", "--shards", "2",
                           "--replicas", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_demo_env(tmp), start_new_session=True)
+                         env=_demo_env(tmp), start_new_session=True,
+                         preexec_fn=_interruptible)
     assert p.stdout is not None
     for line in p.stdout:
         if marker in line:
@@ -392,7 +400,8 @@ def _run_nested_session_and_signal(root: Path, sig: int) -> tuple[int, str]:
     env.pop("SHARDKIT_TEST_BACKEND", None)
     p = subprocess.Popen([sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider",
                           "test_hold.py"], cwd=work, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+                         preexec_fn=_interruptible)
     assert p.stdout is not None
     try:
         for line in p.stdout:
