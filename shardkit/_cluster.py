@@ -56,7 +56,7 @@ class _NodePool(QueuePool):
                 raise
             err = sa_exc.TimeoutError(
                 f"node {self._orig_logging_name}: {e.args[0]}; raise that node's [pool] size or "
-                "max_overflow, or hold connections for less time (Cluster.pool_stats() shows "
+                "max_overflow (max_connections caps both), or hold connections for less time (Cluster.pool_stats() shows "
                 "their use)")
             err.shardkit_node = self._orig_logging_name  # type: ignore[attr-defined]
             raise err from e
