@@ -87,7 +87,15 @@ def _table_of(frm: Any) -> Any:
 
 
 def _name(frm: Any) -> str:
-    return getattr(frm, "name", None) or str(frm)
+    """What a message calls a FROM: its name, or for an unnamed alias (``aliased(User)``,
+    ``.subquery()``) not SQLAlchemy's placeholder for the name it will have in SQL."""
+    name = getattr(frm, "name", None)
+    if isinstance(name, elements._anonymous_label):
+        table = _table_of(frm)
+        if table is not frm and isinstance(table, selectable.TableClause):
+            return f"an alias of {table.name}"
+        return getattr(frm, "description", None) or "a subquery"
+    return name or str(frm)
 
 
 def _froms(stmt: Any) -> list[Any]:
@@ -301,7 +309,7 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
             by_group.setdefault(inst.group, set()).add(find(id(inst)))
         for group, roots in by_group.items():
             if len(roots) > 1:
-                names = ", ".join(sorted({i.label for i in own if i.group == group}))
+                names = ", ".join(sorted(i.label for i in own if i.group == group))
                 return (f"{names} (group {group}) are not joined on the shard key, so rows that "
                         "match may live on different shards")
 

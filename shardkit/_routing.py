@@ -266,7 +266,16 @@ class Router:
         if columns is None or not all(c in columns for c in tr.key_columns):
             return self._coercers.get(tr.table)
         # Not cached by Table: an application may build table() objects per request.
-        return tuple(coercer_for(columns[c].type) for c in tr.key_columns)
+        return tuple(self._column_coercer(tr, i, columns[c].type) for i, c in enumerate(tr.key_columns))
+
+    def _column_coercer(self, tr: TableRoute, index: int, type_: Any) -> Any:
+        """The coercer of key column ``index`` of ``tr`` given as a column of type ``type_``;
+        a column of no type (``table("users", column("id"))``) is read in the type that
+        :meth:`know_tables` learnt for it, as a key given by the table's name is."""
+        if isinstance(type_, sqltypes.NullType):
+            learned = self._coercers.get(tr.table)
+            return learned[index] if learned else None
+        return coercer_for(type_)
 
     def _coerced(self, tr: TableRoute, key: Any, table: Any) -> Any:
         """``key`` in its columns' Python types (an ORM flush and a keyed read hash those)."""
@@ -691,9 +700,10 @@ class Router:
             if tr is None or tr.group is None:
                 return None
             try:
-                return tr.group, tr.key_columns.index(col.name), coercer_for(col.type)
+                ci = tr.key_columns.index(col.name)
             except ValueError:
                 return None
+            return tr.group, ci, self._column_coercer(tr, ci, col.type)
 
         def visit(expr: Any) -> Any:
             if isinstance(expr, elements.Grouping):
@@ -1052,12 +1062,43 @@ def _enum_coercer(type_: Any) -> Any:
     return coerce
 
 
+_PG_DIALECT: Any = None
+
+
+def _decorator_coercer(type_: sqltypes.TypeDecorator[Any]) -> Any:
+    """For a ``TypeDecorator`` column: the value it sends to PostgreSQL (its
+    ``process_bind_param``), in the Python type of what it stores (its implementation
+    type for PostgreSQL): the stored value is what the row's key hashes as."""
+    global _PG_DIALECT
+    if _PG_DIALECT is None:
+        from sqlalchemy.dialects.postgresql.base import PGDialect
+
+        _PG_DIALECT = PGDialect()
+    dialect = _PG_DIALECT
+    inner = coercer_for(type_.load_dialect_impl(dialect))
+    if type(type_).process_bind_param is sqltypes.TypeDecorator.process_bind_param:
+        return inner  # no processing of its own: the implementation type's rules
+
+    def coerce(v: Any) -> Any:
+        try:
+            out = type_.process_bind_param(v, dialect)
+        except Exception as e:
+            raise ShardKeyError(
+                f"shard key {v!r}: the column type {type(type_).__name__} refused it "
+                f"({type(e).__name__}: {e})", key=v) from e
+        return inner(out) if inner is not None and out is not None else out
+
+    return coerce
+
+
 def coercer_for(type_: Any) -> Any:
     """A function that brings a key value to the canonical Python type of its column.
 
     A uuid column filtered with its string form, and an integer column filtered
     with an int, must hash exactly like the values the ORM writes.
     """
+    if isinstance(type_, sqltypes.TypeDecorator):
+        return _decorator_coercer(type_)
     if isinstance(type_, sqltypes.Uuid):
         return _to_uuid
     if isinstance(type_, sqltypes.Enum):

@@ -27,7 +27,7 @@ from sqlalchemy import exc as sa_exc
 
 from ._cluster import Cluster
 from ._config import mask_url
-from .errors import RebalanceError, ShardkitError
+from .errors import RebalanceError, ShardkitError, ShardUnavailable
 
 __all__ = ["main"]
 
@@ -68,12 +68,20 @@ def _parse_key(raw: str, kind: str) -> Any:
 
 def cmd_route(args: argparse.Namespace) -> int:
     """Print the shard (and bucket) that owns a key."""
-    cluster = Cluster.from_config(args.config)
     parts = [_parse_key(k, args.type) for k in args.key]
     key = parts[0] if len(parts) == 1 else tuple(parts)
-    shard = cluster.shard_for(args.table, key)
-    bucket = cluster.bucket_for(args.table, key)
-    primary = cluster.config.shard(shard).primary
+    cluster = Cluster.from_config(args.config, follow_map=False)
+    try:
+        if cluster.catalog is not None and cluster.map_version is None and cluster._catalog_error:
+            # The file's map is the catalog's as of the last move at best: an answer by it
+            # could name a shard that gave the key's bucket away.
+            raise ShardUnavailable(f"{cluster._catalog_error}; `route` answers only by the catalog's map "
+                                   "(the config file's may be out of date)")
+        shard = cluster.shard_for(args.table, key)
+        bucket = cluster.bucket_for(args.table, key)
+        primary = cluster.config.shard(shard).primary
+    finally:
+        cluster.dispose()
     out = {"table": args.table, "key": str(key) if len(parts) == 1 else [str(p) for p in parts],
            "bucket": bucket, "shard": shard,
            "primary": mask_url(primary)}
