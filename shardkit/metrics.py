@@ -49,16 +49,50 @@ class ClusterMetrics:
 
     def __init__(self, cluster: Cluster, registry: CollectorRegistry) -> None:
         self.cluster = cluster
-        self.queries = Counter("shardkit_queries_total", "Statements executed, per node",
-                               _LABELS, registry=registry)
-        self.errors = Counter("shardkit_query_errors_total", "Statements that raised, per node",
-                              _LABELS, registry=registry)
-        self.latency = Histogram("shardkit_query_duration_seconds",
-                                 "Statement latency per node, client side", _LABELS,
-                                 registry=registry,
-                                 buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
-                                          1, 2.5, 5, 10))
-        registry.register(_StateCollector(cluster))
+        self.registry = registry
+        # (engine, event name, listener): what close() removes.
+        self._listeners: list[tuple[Engine, str, Any]] = []
+        self._collectors: list[Any] = []
+        try:
+            self.queries = self._register(Counter(
+                "shardkit_queries_total", "Statements executed, per node", _LABELS, registry=None))
+            self.errors = self._register(Counter(
+                "shardkit_query_errors_total", "Statements that raised, per node", _LABELS, registry=None))
+            self.latency = self._register(Histogram(
+                "shardkit_query_duration_seconds", "Statement latency per node, client side", _LABELS,
+                registry=None, buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5,
+                                        1, 2.5, 5, 10)))
+            self._register(_StateCollector(cluster))
+        except ValueError as e:  # prometheus_client: "Duplicated timeseries in CollectorRegistry"
+            self._unregister()
+            raise ValueError(
+                f"this registry already holds shardkit's metrics ({e}): it holds one cluster's; "
+                "call close() on the ClusterMetrics that instrument() returned for the previous "
+                "cluster (after a config reload, say), or pass each cluster a CollectorRegistry "
+                "of its own") from None
+
+    def _register(self, collector: Any) -> Any:
+        self.registry.register(collector)
+        self._collectors.append(collector)
+        return collector
+
+    def _unregister(self) -> None:
+        for collector in self._collectors:
+            self.registry.unregister(collector)
+        self._collectors.clear()
+
+    def close(self) -> None:
+        """Stop exporting this cluster's metrics: unregister them from the registry and stop
+        timing its engines' statements (a new cluster can then be instrumented)."""
+        try:
+            self.cluster._engine_hooks.remove(self.attach)
+        except ValueError:
+            pass
+        for engine, name, fn in self._listeners:
+            if event.contains(engine, name, fn):
+                event.remove(engine, name, fn)
+        self._listeners.clear()
+        self._unregister()
 
     def attach(self, engine: Engine) -> None:
         info = engine.info  # type: ignore[attr-defined]
@@ -91,6 +125,8 @@ class ClusterMetrics:
         # First: the cluster's own handler turns connection failures into
         # ShardUnavailable by raising, and SQLAlchemy calls no handler after that.
         event.listen(engine, "handle_error", failed, insert=True)
+        self._listeners += [(engine, "before_cursor_execute", before),
+                            (engine, "after_cursor_execute", after), (engine, "handle_error", failed)]
 
 
 class _StateCollector:
@@ -135,7 +171,9 @@ class _StateCollector:
 def instrument(cluster: Cluster, registry: CollectorRegistry | None = None) -> ClusterMetrics:
     """Export the cluster's metrics to ``registry`` (default: prometheus_client's global one).
 
-    Engines created later are instrumented as they are created.
+    Engines created later are instrumented as they are created.  A registry holds one
+    cluster's metrics: ``close()`` the returned :class:`ClusterMetrics` before instrumenting
+    another cluster on the same registry (a second one is refused with ``ValueError``).
     """
     metrics = ClusterMetrics(cluster, registry if registry is not None else REGISTRY)
     for eng in list(cluster._engines.values()):

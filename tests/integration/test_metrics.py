@@ -37,3 +37,34 @@ def test_metrics_count_queries_errors_and_report_lag(shardkit_dev_cluster):
         assert 'shardkit_pool_size{node="s0/primary",role="primary",shard="s0"}' in out
     finally:
         cluster.dispose()
+
+
+def test_a_registry_holds_one_cluster_until_its_metrics_are_closed(shardkit_dev_cluster):
+    """A config reload makes a new Cluster: instrumenting it on the same registry is
+    refused with advice (prometheus_client's own error names only a metric), and works
+    once the previous cluster's metrics are closed; those then stop counting."""
+    from shardkit import metrics
+
+    registry = prometheus_client.CollectorRegistry()
+    old = shardkit.Cluster.from_config(shardkit_dev_cluster.config_dict())
+    new = shardkit.Cluster.from_config(shardkit_dev_cluster.config_dict())
+    try:
+        first = metrics.instrument(old, registry)
+        with old.primary("s0").connect() as c:
+            c.execute(text("SELECT 1"))
+        with pytest.raises(ValueError, match="close\\(\\) on the ClusterMetrics"):
+            metrics.instrument(new, registry)
+        first.close()
+        assert "shardkit_queries_total" not in prometheus_client.generate_latest(registry).decode()
+        second = metrics.instrument(new, registry)
+        for cluster in (old, new):
+            with cluster.primary("s0").connect() as c:
+                c.execute(text("SELECT 1"))
+        out = prometheus_client.generate_latest(registry).decode()
+        assert 'shardkit_queries_total{node="s0/primary",role="primary",shard="s0"} 1.0' in out
+        assert first.queries.labels("s0", "s0/primary", "primary")._value.get() == 1.0  # not counting
+        second.close()
+        assert prometheus_client.generate_latest(registry).decode() == ""
+    finally:
+        old.dispose()
+        new.dispose()
