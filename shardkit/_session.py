@@ -51,7 +51,7 @@ from itertools import count as _counter
 
 from psycopg.pq import TransactionStatus
 
-from sqlalchemy.engine import Result
+from sqlalchemy.engine import Result, TwoPhaseTransaction
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, bulk_persistence
@@ -162,8 +162,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 if shard is not None:
                     return shard
             raise RoutingError(
-                f"cannot choose a shard for {mapper} without an instance or a keyed clause; "
-                "pass bind_arguments={'shard_id': ...}"
+                ("session.connection() needs a shard" if mapper is None else
+                 f"cannot choose a shard for {mapper} without an instance or a keyed clause")
+                + "; pass bind_arguments={'shard_id': ...}, call session.connection_for_shard(name), "
+                "or run it inside shardkit.scope(shard=...)"
             )
         shard = shard_of_instance(self.cluster, mapper, instance)
         if self.cluster.router.table_route(mapper).is_reference:
@@ -717,13 +719,23 @@ class ShardedSession(horizontal_shard.ShardedSession):
         :class:`~shardkit.CommitError` naming the shards that committed, the one that
         failed and the ones rolled back; the session keeps read-your-writes for the
         shards that committed.  A commit that fails before any shard committed raises
-        the original error, as a plain Session does."""
+        the original error, as a plain Session does.
+
+        With ``twophase=True``, a commit that fails once every shard has prepared is
+        finished: each shard's prepared transaction is committed (on a new connection
+        where the session's has failed), and commit() returns.  A shard that cannot be
+        reached keeps its transaction prepared: :class:`~shardkit.CommitError` then names
+        it and its transaction id (commit it with ``COMMIT PREPARED`` when it is back)."""
         start = next(_COMMIT_SEQ)
         try:
             Session.commit(self)
         except CommitError:
             raise
         except Exception as e:
+            if self.twophase:
+                if _finish_twophase(self, e):
+                    return
+                raise
             error = _partial_commit(self, start, e)
             if error is None:
                 raise
@@ -1039,6 +1051,16 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
         # scope(shard=...) still goes to all of them (as an ORM flush's does).
         shard = None if _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None \
             else shard
+    if shard is not None and shard == sc.shard and isinstance(statement, Insert) \
+            and _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None:
+        # Inside scope(shard=...), an INSERT whose rows carry their shard key writes each
+        # row where its key belongs, as the ORM's flush writes an object: on the scope's
+        # shard, a row of another shard's key would be one that no read by key finds.
+        # (Rows without a key, and INSERT ... SELECT, run on the scope's shard.)
+        try:
+            return cluster.router.route(statement, params)
+        except RoutingError:
+            pass
     if shard is not None:
         if cluster.catalog is not None:
             _refuse_moved_load(session, shard, statement, execution_options)
@@ -2597,6 +2619,78 @@ def _partial_commit(session: ShardedSession, start: int, error: BaseException) -
         "transaction (use twophase=True for one); call rollback(), then repair or "
         "re-apply the writes of the shards that did not commit",
         committed=committed, failed=failed, not_committed=[failed, *rest], cause=error)
+
+
+def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
+    """After a two-phase Session.commit() raised: if every shard had prepared (so the
+    transaction's outcome is commit), commit what is still prepared and complete the
+    session's commit (True); raise CommitError if a shard's transaction stays prepared.
+    False if the commit failed before every shard prepared (SQLAlchemy rolled it back)."""
+    trans = session.get_transaction()
+    entries = getattr(trans, "_connections", None) if trans is not None else None
+    if not entries:
+        return False
+    distinct = list({id(v[0]): v for v in entries.values()}.values())
+    if not all(isinstance(t, TwoPhaseTransaction) and t._is_prepared for _, t, *_ in distinct):
+        return False
+    committed: list[str] = []
+    left: dict[str, str] = {}
+    failures: dict[str, BaseException] = {}
+    for conn, tp, *_ in sorted(distinct, key=lambda v: _primary_shard(v[0]) or ""):
+        shard = _primary_shard(conn) or conn.engine.info.get("node", "?")
+        if tp.is_active:
+            # Not reached by SQLAlchemy's commit loop, which stopped at the failure.
+            try:
+                tp.commit()
+                committed.append(shard)
+                continue
+            except Exception as e:  # noqa: BLE001 - finished on a new connection below
+                failures[shard] = e
+        # Its COMMIT PREPARED was sent, or failed: the transaction is committed unless
+        # it is still prepared (nothing else ends it).
+        try:
+            with conn.engine.connect() as fresh:
+                fresh = fresh.execution_options(isolation_level="AUTOCOMMIT")
+                if fresh.execute(sa_text("SELECT 1 FROM pg_prepared_xacts WHERE gid = :gid"),
+                                 {"gid": tp.xid}).first() is not None:
+                    fresh.execute(sa_text("COMMIT PREPARED :gid").bindparams(
+                        bindparam("gid", tp.xid, literal_execute=True)))
+                    log.warning("finished the two-phase commit of %s on a new connection "
+                                "(COMMIT PREPARED %s)", shard, tp.xid)
+                if session._sk_commit_conns.pop(shard, None) is not None:
+                    # Read-your-writes: the position read here, not on the failed connection.
+                    lsn = replay_target(parse_lsn(fresh.exec_driver_sql(
+                        "SELECT pg_current_wal_insert_lsn()::text").scalar()))
+                    session._sk_tokens[shard] = max(lsn, session._sk_tokens.get(shard, 0))
+            committed.append(shard)
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures[shard] = e
+            left[shard] = tp.xid
+    if not left:
+        # Every shard committed: complete the session's commit (events, objects made
+        # persistent, connections released) without committing anything again.
+        for key, entry in list(entries.items()):
+            entries[key] = (entry[0], entry[1], False, *entry[3:])
+        Session.commit(session)
+        return True
+    try:
+        _record_tokens(session, only=committed)
+    except Exception:  # noqa: BLE001 - reads of those shards then use the primary
+        for shard in committed:
+            session._sk_tokens[shard] = 2**64 - 1
+    failed = sorted(left)[0]
+    cause = failures.get(failed, error)
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    raise CommitError(
+        f"the two-phase commit failed after every shard had prepared ({type(cause).__name__}: "
+        f"{first}); "
+        + (f"shard(s) {', '.join(committed)} committed; " if committed else "")
+        + "the transaction is still prepared on "
+        + ", ".join(f"shard {sh} as {gid!r}" for sh, gid in sorted(left.items()))
+        + ", holding its locks: its outcome is commit, so run COMMIT PREPARED '<id>' there "
+        "when the shard answers (pg_prepared_xacts lists it); call rollback() to go on "
+        "with this session",
+        committed=committed, failed=failed, not_committed=sorted(left), cause=cause) from error
 
 
 def _token_for_keyed(session: Session, instance: Any) -> None:
