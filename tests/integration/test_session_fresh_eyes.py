@@ -1,0 +1,211 @@
+"""Fresh-eyes probes of ShardedSession's transactions and routing scopes.
+
+A two-phase commit whose COMMIT PREPARED fails on a shard after every shard has
+prepared, and INSERT statements inside ``scope(shard=...)``, against a real
+2-shard cluster (no replicas) of this module's own: the two-phase tests stop and
+start a primary.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import BigInteger, String, event, insert, inspect, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+import shardkit
+
+pytestmark = pytest.mark.integration
+
+
+class FeBase(DeclarativeBase):
+    pass
+
+
+class Wallet(FeBase):
+    __tablename__ = "fe_wallets"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(100), default="")
+
+
+GROUPS = {"groups": {"wallets": {"strategy": "hash", "tables": {"fe_wallets": "id"}}}}
+
+
+class Env:
+    def __init__(self, dev, cluster):
+        self.dev = dev
+        self.cluster = cluster
+        self.names = list(cluster.shard_names)
+
+    def Session(self, **kw):
+        return sessionmaker(class_=shardkit.ShardedSession, cluster=self.cluster, **kw)
+
+    def keys_on(self, shard: str, n: int, start: int = 1) -> list[int]:
+        out, k = [], start
+        while len(out) < n:
+            if self.cluster.shard_for(Wallet, k) == shard:
+                out.append(k)
+            k += 1
+        return out
+
+    def autocommit(self, shard: str):
+        return self.cluster.primary(shard).connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def ids(self, shard: str) -> set[int]:
+        with self.autocommit(shard) as c:
+            return set(c.execute(text("SELECT id FROM fe_wallets")).scalars())
+
+    def prepared(self, shard: str) -> list[str]:
+        with self.autocommit(shard) as c:
+            return list(c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars())
+
+
+@pytest.fixture(scope="module")
+def env(shardkit_cluster_factory):
+    dev = shardkit_cluster_factory(shards=2, replicas=0)
+    cluster = shardkit.Cluster.from_config({**dev.config_dict(), **GROUPS}, metadata=FeBase.metadata)
+    for s in cluster.shard_names:
+        FeBase.metadata.create_all(cluster.primary(s))
+    try:
+        yield Env(dev, cluster)
+    finally:
+        cluster.dispose()
+
+
+@pytest.fixture
+def fe(env):
+    for s in env.names:
+        # A prepared transaction left by a failed test would hold its locks forever.
+        with env.autocommit(s) as c:
+            for gid in c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars().all():
+                c.execute(text(f"ROLLBACK PREPARED '{gid}'"))
+        with env.cluster.primary(s).begin() as c:
+            c.execute(text("SET LOCAL lock_timeout = '10s'"))
+            c.execute(text("TRUNCATE fe_wallets"))
+    return env
+
+
+def _on_first_commit_prepared(fe, action):
+    """Call ``action(shard_committing_first, other_shard)`` when the first shard's COMMIT
+    PREPARED is about to be sent (every shard has prepared by then); returns a remover."""
+    seen: list[str] = []
+
+    def hook(conn, xid, is_prepared):
+        shard = conn.engine.info["shard"]
+        seen.append(shard)
+        if len(seen) == 1:
+            action(shard, next(s for s in fe.names if s != shard))
+
+    for s in fe.names:
+        event.listen(fe.cluster.primary(s), "commit_twophase", hook)
+
+    def remove():
+        for s in fe.names:
+            event.remove(fe.cluster.primary(s), "commit_twophase", hook)
+    return remove
+
+
+def test_twophase_commit_whose_connection_drops_after_prepare_is_finished(fe):
+    """Every shard prepared, then one shard's connection dies before its COMMIT PREPARED:
+    the transaction's outcome is commit.  Plain SQLAlchemy raises the connection error
+    and leaves that shard's transaction prepared (holding its row locks until someone
+    finds it in pg_prepared_xacts); a later rollback() even rolls back a shard not yet
+    reached, so the shards disagree.  shardkit finishes the commit on a new connection."""
+    a, b = fe.keys_on(fe.names[0], 1)[0], fe.keys_on(fe.names[1], 1)[0]
+    s = fe.Session(twophase=True)()
+    objs = [Wallet(id=a, name="a"), Wallet(id=b, name="b")]
+    s.add_all(objs)
+    s.flush()
+    pids = {sh: s.connection(bind_arguments={"shard_id": sh}).exec_driver_sql(
+        "SELECT pg_backend_pid()").scalar() for sh in fe.names}
+
+    def kill_other(first, other):
+        with fe.autocommit(other) as c:
+            c.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pids[other]})
+
+    remove = _on_first_commit_prepared(fe, kill_other)
+    try:
+        s.commit()
+    finally:
+        remove()
+    assert fe.ids(fe.names[0]) == {a} and fe.ids(fe.names[1]) == {b}
+    assert fe.prepared(fe.names[0]) == [] and fe.prepared(fe.names[1]) == []
+    # The session's commit is complete: its objects are persistent, it goes on.
+    assert all(inspect(o).persistent for o in objs)
+    assert s.get(Wallet, b).name == "b"
+    s.add(Wallet(id=fe.keys_on(fe.names[1], 2)[1], name="more"))
+    s.commit()
+    s.close()
+    assert len(fe.ids(fe.names[1])) == 2
+    stats = fe.cluster.pool_stats()
+    assert all(v is None or v["checkedout"] == 0 for v in stats.values()), stats
+
+
+def test_twophase_commit_with_a_shard_down_after_prepare_names_its_prepared_transaction(fe):
+    """The other shard's primary goes down between PREPARE and COMMIT PREPARED: the
+    error says which shard committed and gives the id of the transaction still prepared
+    on the other (a prepared transaction survives the restart), so an operator can
+    commit it; rollback() then lets the session go on."""
+    a, b = fe.keys_on(fe.names[0], 1)[0], fe.keys_on(fe.names[1], 1)[0]
+    s = fe.Session(twophase=True)()
+    s.add_all([Wallet(id=a, name="a"), Wallet(id=b, name="b")])
+    s.flush()
+    stopped: list[str] = []
+
+    def stop_other(first, other):
+        fe.dev.shard(other).primary.stop(mode="immediate")
+        stopped.append(other)
+
+    remove = _on_first_commit_prepared(fe, stop_other)
+    try:
+        with pytest.raises(shardkit.CommitError) as info:
+            s.commit()
+    finally:
+        remove()
+        for sh in stopped:
+            fe.dev.shard(sh).primary.start()
+    down = stopped[0]
+    first = next(sh for sh in fe.names if sh != down)
+    err = info.value
+    assert err.committed == [first] and err.failed == down and err.not_committed == [down]
+    gids = re.findall(r"shard \S+ as '(_sa_[0-9a-f]+)'", str(err))
+    assert gids and gids == fe.prepared(down), (str(err), fe.prepared(down))
+    assert "COMMIT PREPARED" in str(err) and "rollback()" in str(err)
+    s.rollback()
+    s.close()
+    # What the message says to do completes the transaction.
+    with fe.autocommit(down) as c:
+        c.execute(text(f"COMMIT PREPARED '{gids[0]}'"))
+    # (a's shard may be either: SQLAlchemy commits the shards in no fixed order)
+    assert fe.ids(fe.names[0]) == {a} and fe.ids(fe.names[1]) == {b}
+    with fe.Session(twophase=True)() as s2:
+        s2.add(Wallet(id=fe.keys_on(down, 2)[1]))
+        s2.commit()
+    assert len(fe.ids(down)) == 2
+
+
+@pytest.mark.parametrize("how", ["values", "orm_bulk", "core_executemany"])
+def test_insert_inside_scope_shard_writes_rows_where_their_key_belongs(fe, how):
+    """Inside scope(shard=s0), the ORM's flush writes an object on the shard its key
+    belongs to.  An INSERT statement of a row whose key another shard owns used to be
+    written on s0: a row that no read by its key ever finds (and, with a catalog, one
+    the ownership guard refuses)."""
+    s0, s1 = fe.names
+    flushed, stated = fe.keys_on(s1, 3)[0], fe.keys_on(s1, 3)[1:]
+    with fe.Session()() as s:
+        with shardkit.scope(shard=s0):
+            s.add(Wallet(id=flushed, name="flushed"))
+            s.flush()
+            if how == "values":
+                for k in stated:
+                    s.execute(insert(Wallet).values(id=k, name="stated"))
+            elif how == "orm_bulk":
+                s.execute(insert(Wallet), [{"id": k, "name": "stated"} for k in stated])
+            else:
+                s.execute(insert(Wallet.__table__), [{"id": k, "name": "stated"} for k in stated])
+        s.commit()
+    assert fe.ids(s0) == set()
+    assert fe.ids(s1) == {flushed, *stated}
+    with fe.Session()() as s:
+        assert s.execute(select(Wallet.name).where(Wallet.id == stated[0])).scalar_one() == "stated"
