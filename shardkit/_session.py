@@ -2690,7 +2690,8 @@ def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
         + ", holding its locks: its outcome is commit, so run COMMIT PREPARED '<id>' there "
         "when the shard answers (pg_prepared_xacts lists it); call rollback() to go on "
         "with this session",
-        committed=committed, failed=failed, not_committed=sorted(left), cause=cause) from error
+        committed=committed, failed=failed, not_committed=sorted(left), cause=cause,
+        prepared=dict(left)) from error
 
 
 def _token_for_keyed(session: Session, instance: Any) -> None:

@@ -167,15 +167,19 @@ class CommitError(ShardkitError):
     transaction.  ``committed`` names the shards whose commit went through (their writes
     are durable), ``failed`` the shard whose commit (or earlier statement) failed, and
     ``not_committed`` the shards rolled back.  ``cause`` is the error from ``failed``.
-    When ``committed`` is empty, nothing was written anywhere.
+    When ``committed`` is empty, nothing was written anywhere.  After a two-phase
+    commit, ``prepared`` maps each shard whose transaction is still prepared (its
+    outcome is commit: ``COMMIT PREPARED`` it there) to the transaction's id.
     """
 
     def __init__(self, message: str, *, committed: list[str], failed: str | None,
-                 not_committed: list[str], cause: BaseException | None = None) -> None:
+                 not_committed: list[str], cause: BaseException | None = None,
+                 prepared: dict[str, str] | None = None) -> None:
         self.committed = list(committed)
         self.failed = failed
         self.not_committed = list(not_committed)
         self.cause = cause
+        self.prepared = dict(prepared or {})
         super().__init__(message)
 
 

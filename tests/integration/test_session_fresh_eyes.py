@@ -171,6 +171,7 @@ def test_twophase_commit_with_a_shard_down_after_prepare_names_its_prepared_tran
     assert err.committed == [first] and err.failed == down and err.not_committed == [down]
     gids = re.findall(r"shard \S+ as '(_sa_[0-9a-f]+)'", str(err))
     assert gids and gids == fe.prepared(down), (str(err), fe.prepared(down))
+    assert err.prepared == {down: gids[0]}
     assert "COMMIT PREPARED" in str(err) and "rollback()" in str(err)
     s.rollback()
     s.close()
