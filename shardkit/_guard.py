@@ -22,10 +22,14 @@ table and per table of a movable range or list group.  The trigger
 1. computes the row's bucket with ``shardkit.bucket()``, or its slice with
    ``shardkit.slice__<table>()`` (old and new row); below, "bucket" stands
    for either;
-2. takes a shared transaction-level advisory lock on each bucket
-   (``pg_advisory_xact_lock_shared(GUARD_LOCK_CLASS, bucket)``); the mover
-   takes the same lock exclusively to pause writes to the buckets it is
-   switching, and nothing else;
+2. takes a shared transaction-level advisory lock on the bucket's stripe
+   (``pg_advisory_xact_lock_shared(GUARD_LOCK_CLASS, bucket % GUARD_LOCK_STRIPES)``),
+   held until the writer's transaction ends: a mover that begins to capture
+   buckets waits for the transactions holding their stripes (one lock per stripe,
+   not per bucket, so that a transaction writing rows of thousands of buckets does
+   not fill PostgreSQL's shared lock table); then, for a moving bucket, the
+   move's gate (``GATE_LOCK_CLASS``), which the mover takes exclusively to pause
+   the moving buckets' writes while it switches them;
 3. raises SQLSTATE ``SK001`` if this shard does not own the bucket, so a
    process holding a stale map can never write to the wrong shard;
 4. records the primary key in ``shardkit.changes`` if the bucket is moving,
@@ -70,8 +74,10 @@ log = logging.getLogger("shardkit.guard")
 
 #: SQLSTATE raised by a shard for a write to a bucket it does not own.
 NOT_OWNED_SQLSTATE: Final = "SK001"
-#: First key of the advisory locks the guard and the mover take per bucket.
+#: First key of the advisory locks a writer holds per stripe of buckets it writes.
 GUARD_LOCK_CLASS: Final = 0x5348  # "SH"
+#: Buckets (and slices) share these many guard locks: bucket b's is b % GUARD_LOCK_STRIPES.
+GUARD_LOCK_STRIPES: Final = 64
 #: First key of the advisory lock ("gate") that writers of a move's buckets
 #: share and the mover takes exclusively to switch them; second key: move id.
 GATE_LOCK_CLASS: Final = 0x5349  # "SI"
@@ -200,8 +206,12 @@ BEGIN
     IF TG_OP <> 'INSERT' THEN ob := {old_b}; END IF;
     IF ob IS NOT DISTINCT FROM b THEN ob := NULL; END IF;  -- same bucket: check it once
     -- Held until commit: a mover starting to capture a bucket waits for its holders.
-    IF b IS NOT NULL THEN PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, b); END IF;
-    IF ob IS NOT NULL THEN PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, ob); END IF;
+    IF b IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, mod(b, {GUARD_LOCK_STRIPES}));
+    END IF;
+    IF ob IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock_shared({GUARD_LOCK_CLASS}, mod(ob, {GUARD_LOCK_STRIPES}));
+    END IF;
     -- A moving bucket: pass its move's gate, which the mover holds while it switches.
     SELECT mb.move_id INTO m FROM shardkit.moving_buckets mb WHERE mb.bucket = b;
     SELECT mb.move_id INTO om FROM shardkit.moving_buckets mb WHERE mb.bucket = ob;

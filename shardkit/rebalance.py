@@ -75,6 +75,7 @@ from ._config import conninfo, with_bucket_map
 from ._guard import (
     GATE_LOCK_CLASS,
     GUARD_LOCK_CLASS,
+    GUARD_LOCK_STRIPES,
     MOVER_SETTING,
     Guarded,
     guard_installed,
@@ -889,15 +890,17 @@ class Mover:
         self._wait_for_writers(src, move_id, buckets)
 
     def _wait_for_writers(self, src: psycopg.Connection, move_id: int, buckets: list[int]) -> None:
-        """Wait for the transactions now holding a guard lock of ``buckets`` on ``src`` to end.
+        """Wait for the transactions now holding a guard lock of ``buckets`` on ``src`` to end
+        (the locks of their stripes: writers of other buckets of those stripes too).
 
         By polling: waiting on the lock itself would queue new writers behind a
         long-running one."""
+        stripes = sorted({b % GUARD_LOCK_STRIPES for b in buckets})
         vxids = [r[0] for r in src.execute(
             "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'advisory' "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "AND classid = %s AND objid = ANY(%s::oid[]) AND objsubid = 2 AND granted "
-            "AND pid <> pg_backend_pid()", (GUARD_LOCK_CLASS, buckets))]
+            "AND pid <> pg_backend_pid()", (GUARD_LOCK_CLASS, stripes))]
         waited = time.monotonic()
         warned = False
         while vxids:
