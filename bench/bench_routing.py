@@ -13,7 +13,8 @@ row by primary key and closes the session (what one web request does).
 * shardkit   - shardkit.ShardedSession
 * hs-naive   - sqlalchemy.ext.horizontal_shard with choosers that return every shard
 * hs-keyed   - horizontal_shard with choosers in the style of SQLAlchemy's sharding
-               example (inspect the WHERE clause for the key; compute the shard)
+               example (inspect the WHERE clause for the key; compute the shard): one
+               statement per operation, checked
 * psycopg    - raw psycopg, one open connection per shard, the same SQL (physical floor)
 """
 
@@ -30,10 +31,11 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from sqlalchemy import BigInteger, String, select
+from sqlalchemy import BigInteger, String, event, select
 from sqlalchemy.ext.horizontal_shard import ShardedSession as HSSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import operators, visitors
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
 
 import shardkit
 from shardkit.devcluster import DevCluster
@@ -61,25 +63,29 @@ def hs_keyed_choosers(cluster: shardkit.Cluster) -> dict[str, Any]:
         return [cluster.shard_for(User, primary_key[0])]
 
     def execute_chooser(context):
-        ids = []
-        for column, op, value in _comparisons(context.statement):
-            if column.shares_lineage(User.__table__.c.id) and op is operators.eq:
-                ids.append(cluster.shard_for(User, value))
+        ids = [cluster.shard_for(User, value) for value in _key_values(context)]
         return ids or list(cluster.shard_names)
 
-    def _comparisons(statement):
-        binds, comparisons = {}, []
-
-        def visit_bindparam(bind):
-            value = bind.effective_value
-            binds[bind] = value
-
-        def visit_binary(binary):
-            if binary.left in (User.__table__.c.id,) and binary.right in binds:
-                comparisons.append((binary.left, binary.operator, binds[binary.right]))
-        for criterion in statement._where_criteria:
-            visitors.traverse(criterion, {}, {"bindparam": visit_bindparam, "binary": visit_binary})
-        return comparisons
+    def _key_values(context):
+        """``id = value`` comparisons of the WHERE clause, the value from the bound
+        parameter or, for a get() (whose value comes with the execution), its parameters.
+        (The example's own visitor collects bind values in a visit_bindparam hook; on
+        SQLAlchemy 2.x traverse() visits a comparison before its operands, so it found
+        nothing and every statement went to every shard.)"""
+        params = context.parameters or {}
+        values = []
+        for criterion in getattr(context.statement, "_where_criteria", ()):
+            for node in visitors.iterate(criterion):
+                if (isinstance(node, BinaryExpression) and node.operator is operators.eq
+                        and isinstance(node.left, ColumnElement)
+                        and node.left.shares_lineage(User.__table__.c.id)
+                        and isinstance(node.right, BindParameter)):
+                    value = node.right.effective_value
+                    if value is None and isinstance(params, dict):
+                        value = params.get(node.right.key)
+                    if value is not None:
+                        values.append(value)
+        return values
 
     return dict(shard_chooser=shard_chooser, identity_chooser=identity_chooser,
                 execute_chooser=execute_chooser)
@@ -177,10 +183,29 @@ def main() -> int:
                 "psycopg": raw_op,
             },
         }
-        # warm up caches and pools
-        for fns in contenders.values():
-            for fn in fns.values():
-                timed(fn, keys[:200])
+        # Statements sent per operation, per contender: the keyed contenders must send one
+        # (to the owning shard), or the comparison is not what it claims to be.
+        sent = [0]
+
+        def count(*_a: Any) -> None:
+            sent[0] += 1
+
+        for engine in shards.values():
+            event.listen(engine, "before_cursor_execute", count)
+        for opname, fns in contenders.items():
+            for n, fn in fns.items():
+                if n == "psycopg":
+                    continue
+                sent[0] = 0
+                timed(fn, keys[:200])  # (also warms up caches and pools)
+                per_op = sent[0] / 200
+                print(f"{opname} / {n}: {per_op:g} statements per operation")
+                if n in ("plain", "shardkit", "hs-keyed") and per_op != 1:
+                    raise SystemExit(f"{opname} / {n} sent {per_op:g} statements per operation, not 1")
+        for engine in shards.values():
+            event.remove(engine, "before_cursor_execute", count)
+        for fn in (contenders["session.get"]["psycopg"],):
+            timed(fn, keys[:200])
         print(f"{len(cluster.shard_names)} shards, {args.rows} rows, {args.ops} ops x "
               f"{args.rounds} rounds, Python {sys.version.split()[0]}")
         print()
