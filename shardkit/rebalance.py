@@ -55,6 +55,7 @@ triggers or such foreign keys are refused before the move starts.
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import json
 import logging
@@ -62,7 +63,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,31 +138,49 @@ def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | No
     return out or ["true"]
 
 
-def _columns(conn: psycopg.Connection, table: str) -> list[str]:
-    """The columns of ``table`` the mover writes (generated ones are computed), read again
-    at each step: a migration may add or drop columns while a move runs, and a value
-    written to a column added since the batch began must move too."""
-    return [r[0] for r in conn.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-        "AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
-        (sql.Identifier(table).as_string(conn),))]
+def _columns(conn: psycopg.Connection, table: str) -> dict[str, tuple[str, bool]]:
+    """The columns of ``table``, in order: name -> (type, as ``format_type`` writes it with
+    its modifier; whether it is generated).  Read again at each step: a migration may add,
+    drop or retype columns while a move runs, and a value written to a column added since
+    the batch began must move too."""
+    return {r[0]: (r[1], r[2]) for r in conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod), attgenerated <> '' FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        (sql.Identifier(table).as_string(conn),))}
 
 
 class SchemaMismatch(Exception):
-    """A moved table has columns on the source that the target lacks (a migration that has
-    run on one of them only): its rows cannot move whole."""
+    """A moved table's columns differ between the source and the target (a migration that
+    has run on one of them only): its rows cannot move whole, or unchanged."""
 
 
-def _reread_columns(src: psycopg.Connection, tgt: psycopg.Connection, t: _Table) -> None:
-    """Take ``t``'s columns from the source again (in its transaction's snapshot), and
-    refuse if the target lacks one of them."""
-    t.columns = _columns(src, t.name)
-    on_target = set(_columns(tgt, t.name))
+def _reread_columns(src: psycopg.Connection, tgt: psycopg.Connection, t: _Table, *,
+                    writing: bool = True) -> None:
+    """Take ``t``'s columns (those the mover writes: generated ones are computed) from the
+    source again (in its transaction's snapshot), and refuse if the target lacks one of
+    them.  ``writing`` (rows are about to be written on the target): also if a column has
+    another type there, or is generated on one side only.  Rows travel in COPY's binary
+    format, which the target reads by its own column's type: a float8 read as a bigint,
+    or a timestamp as a timestamptz, would arrive silently changed."""
+    on_source = _columns(src, t.name)
+    on_target = _columns(tgt, t.name)
+    t.columns = [c for c, (_, generated) in on_source.items() if not generated]
     missing = [c for c in t.columns if c not in on_target]
     if missing:
         raise SchemaMismatch(
             f"table {t.name} has column(s) {', '.join(missing)} on the source but not on the target "
             "(a migration has run on one of them only); give both the same columns")
+    if not writing:
+        return
+    for c in on_source.keys() & on_target.keys():
+        (src_type, src_gen), (tgt_type, tgt_gen) = on_source[c], on_target[c]
+        if src_type != tgt_type or src_gen != tgt_gen:
+            on_src = src_type + (" (generated)" if src_gen else "")
+            on_tgt = tgt_type + (" (generated)" if tgt_gen else "")
+            raise SchemaMismatch(
+                f"table {t.name}: column {c} is {on_src} on the source but {on_tgt} on the target "
+                "(a migration has run on one of them only); rows would not arrive unchanged: give "
+                "both the same column types, then resume")
 
 
 def _lock_copies(tgt: psycopg.Connection, move_id: int) -> None:
@@ -244,6 +263,15 @@ def check_live_map(cluster: Cluster, current: Any) -> None:
     with_bucket_map(cluster.file_config, current.bucket_map, current.slices)
 
 
+def _fits_live_map(cluster: Cluster, catalog: Catalog) -> None:
+    """Refuse to resume or abort a move with a config the catalog's map does not fit: the
+    mover computes rows' buckets with the config's ``bucket_count``, and another count
+    would copy, apply, verify and delete other rows than the batch's buckets hold."""
+    current = catalog.current_map()
+    if current is not None:
+        check_live_map(cluster, current)
+
+
 def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
     """The cluster's catalog; with ``initialised``, one that ``rebalance init`` has set up."""
     if cluster.catalog is None:
@@ -254,6 +282,18 @@ def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
     if initialised and not cluster.catalog.initialised():
         raise RebalanceError("the catalog is not set up yet: run `shardkit rebalance init` first")
     return cluster.catalog
+
+
+def _shard_url(cluster: Cluster, shard: str, move_id: int, batch: int, role: str) -> Any:
+    """The primary URL of ``shard``, the ``role`` (source or target) of a batch of move
+    ``move_id``; refused clearly when the config no longer defines it."""
+    try:
+        return cluster.config.shard(shard).primary
+    except KeyError:
+        raise RebalanceError(
+            f"move {move_id}: shard {shard}, the {role} of batch {batch}, is not in the config (renamed "
+            "or removed since the move started); put it back, with its URL, then resume or abort "
+            f"the move (`shardkit rebalance resume {move_id}` / `abort {move_id}`)", move_id=move_id) from None
 
 
 def init(cluster: Cluster) -> int:
@@ -601,7 +641,9 @@ class Mover:
         moved away, or be deleted with them); and where the role may not set
         ``session_replication_role``: any user trigger, a foreign key of a table
         to itself or a cycle of them, a NOT VALID foreign key.  NOT VALID constraints
-        only while ``copying`` (deletes do not check them)."""
+        only while ``copying`` (deletes do not check them).  Always: a table with
+        inheritance children (INHERITS; declarative partitions move), whose rows the
+        copy would read through the parent and write into the parent itself."""
         replica = _may_replicate_sa(conn)
         role = conn.execute(text("SELECT current_user")).scalar()
         moved = ("WITH m AS (SELECT c.relname AS tbl, t.relid AS rel FROM pg_class c "
@@ -666,6 +708,16 @@ class Mover:
                 "does not move with it: its rows would point at rows that moved to another shard, "
                 f"or be deleted with them; configure {child} in the same group as {parent}, keyed by "
                 "the same shard key, or drop the foreign key")
+        for tbl, children in conn.execute(text(
+                moved + "SELECT m.tbl, string_agg(c.relname, ', ' ORDER BY c.relname) FROM m "
+                "JOIN pg_inherits i ON i.inhparent = m.rel JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE NOT c.relispartition GROUP BY 1 ORDER BY 1"), {"t": tables}):
+            raise RebalanceError(
+                f"table {tbl} on {shard} has child table(s) {children} that inherit from it (INHERITS, "
+                f"not declarative partitions): the mover reads their rows through {tbl}, so they would "
+                f"arrive in {tbl} itself on the target, not in the child tables, and writes made to a "
+                "child table directly pass no ownership guard; make them declarative partitions, or tables "
+                f"of their own (`ALTER TABLE <child> NO INHERIT {tbl}`, each configured in the group)")
 
     def apply(self, plan: Plan, *, max_buckets: int = 256) -> int:
         move_id = self.start(plan, max_buckets=max_buckets)
@@ -676,7 +728,7 @@ class Mover:
 
     def run(self, move_id: int) -> None:
         """Run (or resume) move ``move_id`` to the end."""
-        _need_catalog(self.cluster, initialised=True)
+        _fits_live_map(self.cluster, _need_catalog(self.cluster, initialised=True))
         with self.catalog.engine.connect() as lock_conn:
             got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
                                     {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
@@ -807,8 +859,8 @@ class Mover:
 
     def _run_batch(self, move_id: int, batch: int, source: str, target: str,
                    buckets: list[int], step: str, group: str | None = None) -> None:
-        src_url = self.cluster.config.shard(source).primary
-        tgt_url = self.cluster.config.shard(target).primary
+        src_url = _shard_url(self.cluster, source, move_id, batch, "source")
+        tgt_url = _shard_url(self.cluster, target, move_id, batch, "target")
         units = f"{len(buckets)} buckets" if group is None else f"{len(buckets)} slice(s) of {group}"
         label = f"move {move_id} batch {batch} ({units} {source} -> {target})"
         # The guard: resumed after `rebalance init` added tables, or started before it did.
@@ -1226,7 +1278,7 @@ class Mover:
                  buckets: list[int], label: str) -> int:
         checked = 0
         for t in tables:
-            _reread_columns(src, tgt, t)  # the source's rows no longer change
+            _reread_columns(src, tgt, t, writing=False)  # the source's rows no longer change
             cols = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.columns)
             pkc = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.pk)
             # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
@@ -1366,6 +1418,7 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
     then plan the buckets back.  Batches already finished stay moved.
     """
     catalog = _need_catalog(cluster, initialised=True)
+    _fits_live_map(cluster, catalog)
     with catalog.engine.connect() as lock_conn:
         got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
                                 {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
@@ -1387,6 +1440,9 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                     "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
                 group = _move_group(conn, move_id)
             pending = [b for b in batches if b.step != "cleaned"]
+            # Every shard the undo reads and writes, before anything is undone.
+            urls = {(b.batch, role): _shard_url(cluster, shard, move_id, b.batch, role)
+                    for b in pending for role, shard in (("source", b.source), ("target", b.target))}
             for b in pending:
                 switched = b.step in ("switched", "verified")
                 if not switched and b.step != "pending":
@@ -1403,8 +1459,7 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
             undone = []
             for b in pending:
                 buckets = list(b.buckets)
-                with psycopg.connect(conninfo(cluster.config.shard(b.source).primary), autocommit=True) as src, \
-                        psycopg.connect(conninfo(cluster.config.shard(b.target).primary), autocommit=True) as tgt:
+                with _connect_for_abort(cluster, urls, b, move_id, undone) as (src, tgt):
                     tables = _moved_tables(cluster, src, b.source, group)
                     with src.transaction():
                         # Writers in flight, and a cut-over in flight, finish first: none
@@ -1453,6 +1508,31 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
             except Exception:  # noqa: BLE001 - a dead session holds no lock
                 pass
     return {"move": move_id, "undone_batches": undone, "finished_batches": kept}
+
+
+@contextlib.contextmanager
+def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: Any, move_id: int,
+                       undone: list[int]) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
+    """Connections to the source and the target of batch ``b``, for an abort to undo it; a
+    shard that cannot be reached is refused saying what is left to undo."""
+    conns = []
+    try:
+        for role in ("source", "target"):
+            shard = b.source if role == "source" else b.target
+            try:
+                conns.append(psycopg.connect(conninfo(urls[(b.batch, role)]), autocommit=True))
+            except psycopg.OperationalError as e:
+                first = (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
+                raise RebalanceError(
+                    f"move {move_id}: cannot reach {shard}, the {role} of batch {b.batch} ({first}); "
+                    f"the abort needs it to undo the batch"
+                    + (f" (batches {undone} are undone already)" if undone else "")
+                    + f": the move stays running; run `shardkit rebalance abort {move_id}` again once "
+                    f"{shard} is reachable", move_id=move_id) from None
+        yield conns[0], conns[1]
+    finally:
+        for c in conns:
+            c.close()
 
 
 def _restore_group(cluster: Cluster, catalog: Catalog, group: str, move_id: int) -> None:
