@@ -107,6 +107,18 @@ _TABLES_SQL: Final = (
     " grp text NOT NULL, id integer NOT NULL, lower text, upper text, val text,"
     " is_default boolean NOT NULL DEFAULT false)",
     "CREATE INDEX IF NOT EXISTS slices_grp_val ON shardkit.slices (grp, val)",
+    # TRUNCATE fires no row trigger: while buckets move away from this shard (the source
+    # lists them from capture to clean-up), it would empty the table and leave the
+    # target's copies, which the switch then serves as if the rows had never been removed.
+    "CREATE OR REPLACE FUNCTION shardkit.guard_truncate() RETURNS trigger LANGUAGE plpgsql AS $t$\n"
+    "BEGIN\n"
+    "    IF EXISTS (SELECT 1 FROM shardkit.moving_buckets) THEN\n"
+    "        RAISE EXCEPTION 'shardkit: table % cannot be truncated while buckets move to or from "
+    "this shard', TG_TABLE_NAME USING ERRCODE = '55000', HINT = 'wait for the move to finish "
+    "(shardkit rebalance status) or abort it, then truncate';\n"
+    "    END IF;\n"
+    "    RETURN NULL;\n"
+    "END $t$",
 )
 
 
@@ -172,6 +184,9 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
         f"CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {_ident(table)} "
         f"FOR EACH ROW WHEN (current_setting('{MOVER_SETTING}', true) IS DISTINCT FROM 'on') "
         f"EXECUTE FUNCTION {fn}()",
+        f"DROP TRIGGER IF EXISTS shardkit_guard_truncate ON {_ident(table)}",
+        f"CREATE TRIGGER shardkit_guard_truncate BEFORE TRUNCATE ON {_ident(table)} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION shardkit.guard_truncate()",
     ]
 
 
@@ -390,7 +405,7 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
     """
     install_sql(conn)
     for statement in _TABLES_SQL:
-        conn.exec_driver_sql(statement)
+        conn.exec_driver_sql(statement.replace("%", "%%"))  # (% is the driver's placeholder)
     if owned is not None:
         write_slices(conn, slices)
         sliced = None
@@ -420,6 +435,7 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
                             "are not guarded and the group cannot be rebalanced", g.table, g.key,
                             types[g.key], g.group, g.value_kind)
                 for statement in (f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}",
+                                  f"DROP TRIGGER IF EXISTS shardkit_guard_truncate ON {_ident(g.table)}",
                                   f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}"):
                     conn.exec_driver_sql(statement)
                 continue
@@ -443,10 +459,12 @@ def uninstall_guard(conn: Connection, config: Any) -> None:
     for g in guarded_tables(config):
         if conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"), {"t": g.table}).scalar():
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}")
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard_truncate ON {_ident(g.table)}")
         conn.exec_driver_sql(
             f"DROP FUNCTION IF EXISTS shardkit.{_ident(trigger_function_name(g.table))}()")
         if g.kind != "hash":
             conn.exec_driver_sql(
                 f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}")
+    conn.exec_driver_sql("DROP FUNCTION IF EXISTS shardkit.guard_truncate()")
     for t in ("changes", "moving_buckets", "owned_buckets", "slices"):
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS shardkit.{t}")

@@ -609,22 +609,29 @@ class Mover:
 
     def _stale_guards(self, conn: Any, guarded: list[Guarded]) -> list[str]:
         """The tables of ``guarded`` whose guard trigger runs another function than
-        :func:`shardkit._guard.trigger_body` makes for them now."""
-        installed = dict(conn.execute(text(
-            "SELECT c.relname, p.prosrc FROM pg_class c JOIN pg_trigger t ON t.tgrelid = c.oid "
+        :func:`shardkit._guard.trigger_body` makes for them now, or that lack the guard's
+        TRUNCATE trigger (installed by an older shardkit)."""
+        installed = {r[0]: (r[1], r[2]) for r in conn.execute(text(
+            "SELECT c.relname, p.prosrc, EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = c.oid "
+            "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled <> 'D') "
+            "FROM pg_class c JOIN pg_trigger t ON t.tgrelid = c.oid "
             "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid "
             "WHERE c.relname = ANY(:t) AND pg_table_is_visible(c.oid)"),
-            {"t": [g.table for g in guarded]}).all())
+            {"t": [g.table for g in guarded]})}
         stale = []
         for g in guarded:
             if g.table not in installed:
+                continue
+            source, truncate_guarded = installed[g.table]
+            if not truncate_guarded:
+                stale.append(g.table)
                 continue
             _, pk, types = table_shape(conn, g.table)
             try:
                 want = trigger_body(g, types[g.key], pk, self.cluster.config.bucket_count)
             except Exception:  # noqa: BLE001 - a key the guard cannot cover: not ours to judge here
                 continue
-            if installed[g.table] != want:
+            if source != want:
                 stale.append(g.table)
         return sorted(stale)
 

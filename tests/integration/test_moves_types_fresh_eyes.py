@@ -273,3 +273,29 @@ def test_resume_and_abort_refuse_a_config_whose_bucket_count_changed(mkworld, tm
     assert not w.rows("s0", "boxes")
     assert w.sql("s1", "SELECT count(*) FROM boxes WHERE v = 'changed'")[0][0] == moving > 0
     assert verify(w.cluster).ok
+
+
+def test_truncate_while_buckets_move_is_refused_and_a_guard_without_it_is_stale(mkworld):
+    """TRUNCATE fires no row trigger: run on the source during a move, it emptied the
+    table and left the target's copies, which the switch then served (the rows came back).
+    Refused on the source while its buckets move away; allowed once the move is done.
+    (On the target before the switch it removes copies: verification then stops the move
+    with the source's rows kept.)"""
+    w = mkworld("CREATE TABLE boxes (id bigint PRIMARY KEY, tenant bigint NOT NULL, v text)",
+                hash_group({"boxes": "tenant"}))
+    for i in range(20):
+        w.on_owner("boxes", i, "INSERT INTO boxes VALUES (%s, %s, 'x')", (i, i))
+    move_id = _move_stopped_after_the_copy(w)
+    with pytest.raises(Exception) as err:
+        w.sql("s0", "TRUNCATE boxes")
+    assert "cannot be truncated while buckets move" in str(err.value), str(err.value)
+    rebalance.Mover(w.cluster, grace=0).run(move_id)
+    w.cluster.refresh_map()
+    assert verify(w.cluster).ok and len(w.rows("s1", "boxes")) == 20
+    # A guard installed before the TRUNCATE trigger existed is stale: moves refuse it.
+    w.sql("s1", "DROP TRIGGER shardkit_guard_truncate ON boxes")
+    with pytest.raises(RebalanceError, match="rebalance init"):
+        rebalance.Mover(w.cluster, grace=0).apply(
+            plan_drain(w.cluster.config.bucket_map, "s1", remaining=["s0"]))
+    rebalance.init(w.cluster)
+    w.sql("s0", "TRUNCATE boxes")  # no move: a table may be emptied
