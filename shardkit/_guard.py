@@ -184,10 +184,26 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
         f"CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {_ident(table)} "
         f"FOR EACH ROW WHEN (current_setting('{MOVER_SETTING}', true) IS DISTINCT FROM 'on') "
         f"EXECUTE FUNCTION {fn}()",
-        f"DROP TRIGGER IF EXISTS shardkit_guard_truncate ON {_ident(table)}",
-        f"CREATE TRIGGER shardkit_guard_truncate BEFORE TRUNCATE ON {_ident(table)} "
-        "FOR EACH STATEMENT EXECUTE FUNCTION shardkit.guard_truncate()",
+        _truncate_trigger_sql(table, create=True),
     ]
+
+
+def _truncate_trigger_sql(table: str, *, create: bool) -> str:
+    """(Re)make, or drop, the guard's TRUNCATE trigger on ``table`` and on each of its
+    partitions: a statement trigger is not cloned to partitions (as the row trigger is),
+    and ``TRUNCATE <partition>`` fires only the partition's own."""
+    t = _literal(_ident(table))
+    make = ("EXECUTE format('CREATE TRIGGER shardkit_guard_truncate BEFORE TRUNCATE ON %s "
+            "FOR EACH STATEMENT EXECUTE FUNCTION shardkit.guard_truncate()', r);") if create else ""
+    return (
+        "DO $t$ DECLARE r regclass; BEGIN\n"
+        # (pg_partition_tree() of a table that is not partitioned lists nothing)
+        f"    FOR r IN SELECT c.oid FROM pg_class c WHERE c.relkind IN ('r', 'p') AND (c.oid = {t}::regclass "
+        f"OR c.oid IN (SELECT relid FROM pg_partition_tree({t}::regclass))) LOOP\n"
+        "        EXECUTE format('DROP TRIGGER IF EXISTS shardkit_guard_truncate ON %s', r);\n"
+        f"        {make}\n"
+        "    END LOOP;\n"
+        "END $t$")
 
 
 def trigger_body(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int) -> str:
@@ -435,9 +451,9 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
                             "are not guarded and the group cannot be rebalanced", g.table, g.key,
                             types[g.key], g.group, g.value_kind)
                 for statement in (f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}",
-                                  f"DROP TRIGGER IF EXISTS shardkit_guard_truncate ON {_ident(g.table)}",
+                                  _truncate_trigger_sql(g.table, create=False),
                                   f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}"):
-                    conn.exec_driver_sql(statement)
+                    conn.exec_driver_sql(statement.replace("%", "%%"))
                 continue
             conn.exec_driver_sql(_slice_function_sql(g, types[g.key]))
         for statement in _trigger_sql(g, types[g.key], pk, config.bucket_count):
@@ -459,7 +475,7 @@ def uninstall_guard(conn: Connection, config: Any) -> None:
     for g in guarded_tables(config):
         if conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"), {"t": g.table}).scalar():
             conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}")
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard_truncate ON {_ident(g.table)}")
+            conn.exec_driver_sql(_truncate_trigger_sql(g.table, create=False).replace("%", "%%"))
         conn.exec_driver_sql(
             f"DROP FUNCTION IF EXISTS shardkit.{_ident(trigger_function_name(g.table))}()")
         if g.kind != "hash":

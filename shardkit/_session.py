@@ -59,6 +59,7 @@ from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
+from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
@@ -732,6 +733,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
         except CommitError:
             raise
         except Exception as e:
+            trans = self.get_transaction()
+            if trans is not None and trans._state is SessionTransactionState.COMMITTED:
+                # Every shard committed; an after_commit listener raised: its error, as a
+                # plain Session gives it (no shard failed, nothing is left to finish).
+                raise
             if self.twophase:
                 if _finish_twophase(self, e):
                     return
@@ -1059,6 +1065,9 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
         # (Rows without a key, and INSERT ... SELECT, run on the scope's shard.)
         try:
             return cluster.router.route(statement, params)
+        except CrossShardWriteError:
+            if getattr(statement, "select", None) is None:
+                raise  # rows of several shards in one VALUES, or an upsert moving its key
         except RoutingError:
             pass
     if shard is not None:

@@ -601,19 +601,25 @@ class Mover:
                     if stale:
                         raise RebalanceError(
                             f"the ownership guard of table(s) {', '.join(stale)} on {shard} is out of date "
-                            "(installed by an older shardkit, or before the table's primary key or shard "
-                            "key changed), so it could record writes during a move under names or keys "
-                            "the mover does not apply; run `shardkit rebalance init` (or a migration "
+                            "(installed by an older shardkit, before the table's primary key or shard "
+                            "key changed, or before a partition was added), so it could record writes "
+                            "during a move under names or keys the mover does not apply (or let a "
+                            "TRUNCATE through); run `shardkit rebalance init` (or a migration "
                             "calling `op.install_shardkit_guard()`), then apply or resume the move")
                 self._check_fidelity(conn, shard, tables, copying)
 
     def _stale_guards(self, conn: Any, guarded: list[Guarded]) -> list[str]:
         """The tables of ``guarded`` whose guard trigger runs another function than
         :func:`shardkit._guard.trigger_body` makes for them now, or that lack the guard's
-        TRUNCATE trigger (installed by an older shardkit)."""
+        TRUNCATE trigger (installed by an older shardkit), on themselves or on a partition
+        (created or attached since the guard was installed)."""
         installed = {r[0]: (r[1], r[2]) for r in conn.execute(text(
-            "SELECT c.relname, p.prosrc, EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = c.oid "
-            "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled <> 'D') "
+            # The TRUNCATE trigger on the table and each of its partitions (a statement
+            # trigger is not cloned to a partition created or attached later).
+            "SELECT c.relname, p.prosrc, NOT EXISTS (SELECT 1 FROM pg_class pc WHERE pc.relkind IN ('r', 'p') "
+            "AND (pc.oid = c.oid OR pc.oid IN (SELECT relid FROM pg_partition_tree(c.oid))) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = pc.oid "
+            "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled <> 'D')) "
             "FROM pg_class c JOIN pg_trigger t ON t.tgrelid = c.oid "
             "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid "
             "WHERE c.relname = ANY(:t) AND pg_table_is_visible(c.oid)"),
