@@ -23,6 +23,7 @@ Per node (labels ``shard``, ``node``, ``role``):
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,8 +51,9 @@ class ClusterMetrics:
     def __init__(self, cluster: Cluster, registry: CollectorRegistry) -> None:
         self.cluster = cluster
         self.registry = registry
-        # (engine, event name, listener): what close() removes.
-        self._listeners: list[tuple[Engine, str, Any]] = []
+        # (engine, event name, listener): what close() removes; weakly, so that engines a
+        # dispose() let go of are freed.
+        self._listeners: list[tuple[weakref.ref[Engine], str, Any]] = []
         self._collectors: list[Any] = []
         try:
             self.queries = self._register(Counter(
@@ -88,8 +90,9 @@ class ClusterMetrics:
             self.cluster._engine_hooks.remove(self.attach)
         except ValueError:
             pass
-        for engine, name, fn in self._listeners:
-            if event.contains(engine, name, fn):
+        for ref, name, fn in self._listeners:
+            engine = ref()
+            if engine is not None and event.contains(engine, name, fn):
                 event.remove(engine, name, fn)
         self._listeners.clear()
         self._unregister()
@@ -125,8 +128,9 @@ class ClusterMetrics:
         # First: the cluster's own handler turns connection failures into
         # ShardUnavailable by raising, and SQLAlchemy calls no handler after that.
         event.listen(engine, "handle_error", failed, insert=True)
-        self._listeners += [(engine, "before_cursor_execute", before),
-                            (engine, "after_cursor_execute", after), (engine, "handle_error", failed)]
+        ref = weakref.ref(engine)
+        self._listeners += [(ref, "before_cursor_execute", before),
+                            (ref, "after_cursor_execute", after), (ref, "handle_error", failed)]
 
 
 class _StateCollector:
