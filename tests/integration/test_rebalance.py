@@ -403,7 +403,19 @@ def test_cross_shard_reads_during_a_move_see_each_row_once(world):
         expected_ids = sorted(s.scalars(select(Account.id)).all())
         expected_entries = s.scalar(select(func.count()).select_from(Entry))
     assert len(expected_ids) == len(set(expected_ids))
-    mover = rebalance.Mover(cluster, grace=0.3, step_delay=1.0, progress=lambda line: None)
+    verified = threading.Event()
+
+    class HeldAfterTheCopy(rebalance.Mover):
+        """Waits after recording "copied" until the loop below has verified the cluster
+        in that state (or 30 s): on a loaded machine a fixed delay could pass before the
+        loop reached it."""
+
+        def _record(self, move_id, batch, step, detail=None):
+            super()._record(move_id, batch, step, detail)
+            if step == "copied":
+                verified.wait(30)
+
+    mover = HeldAfterTheCopy(cluster, grace=0.3, step_delay=1.0, progress=lambda line: None)
     done = threading.Event()
     errors = []
 
@@ -442,6 +454,7 @@ def test_cross_shard_reads_during_a_move_see_each_row_once(world):
                     assert report.ok, report.render()
                     assert sum(t.in_flight for t in report.tables) > 0
                     verified_in_flight = True
+                verified.set()
         checks += 1
         time.sleep(0.05)
     assert not errors, errors
