@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -258,6 +259,7 @@ def main() -> int:
         bench_lag_reaction(dev, args.trials)
     finally:
         dev.down()
+        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -247,6 +248,7 @@ def main() -> int:
     finally:
         if dev is not None:
             dev.down()
+            shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -175,6 +176,7 @@ def main() -> int:
         print(out.stdout.strip())
     finally:
         dev.down()
+        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 
