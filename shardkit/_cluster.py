@@ -29,7 +29,7 @@ from ._scatter import shut_down_here
 from ._scope import scope as _scope
 from ._slices import SLICE_BASE, initial_slices
 from ._strategies import HashStrategy
-from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable, unreachable_reason
+from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable, first_line, unreachable_reason
 
 __all__ = ["Cluster", "ClusterHealth"]
 
@@ -135,11 +135,11 @@ class Cluster:
                 # another bucket count).  Restarting with a fixed file is the cure;
                 # meanwhile the guards make routing by the file's map safe.
                 log.error("catalog %s: %s", mask_url(config.catalog_url), e)
-                self._catalog_error = str(e).splitlines()[0]
+                self._catalog_error = first_line(e)
             except (SQLAlchemyError, ShardUnavailable) as e:  # refused, or no answer in time
                 # The shards' ownership guards make routing by the file's map
                 # safe: a write to a bucket that has moved is refused, not lost.
-                reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+                reason = first_line(e)
                 if not isinstance(e, ShardUnavailable):  # its message names the catalog
                     reason = f"the catalog ({mask_url(config.catalog_url)}) cannot be read: {reason}"
                 log.warning("%s; routing by the config file's map until it answers", reason)

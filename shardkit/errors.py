@@ -226,6 +226,12 @@ class DevClusterError(ShardkitError):
         super().__init__(message)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def unreachable_reason(context: Any) -> str | None:
     """In a ``handle_error`` hook: the first line of the driver's error when the server
     could not be reached (a connection lost or refused), else ``None`` (pre-pings
@@ -237,5 +243,4 @@ def unreachable_reason(context: Any) -> str | None:
     if context.is_pre_ping or not (context.is_disconnect or (
             context.connection is None and isinstance(cause, psycopg.OperationalError))):
         return None
-    text = str(cause).strip()
-    return text.splitlines()[0] if text else type(cause).__name__
+    return first_line(cause)
