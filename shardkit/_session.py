@@ -85,6 +85,7 @@ from .errors import (
     ShardKeyError,
     ShardUnavailable,
     ShardkitError,
+    first_line,
 )
 
 __all__ = ["ShardedSession", "run_transaction"]
@@ -994,6 +995,8 @@ _ON_PRIMARY: Final = -1
 # What a hot standby raises when it cancels a query that conflicts with replay
 # ("canceling statement due to conflict with recovery").
 _RECOVERY_CONFLICT = "40001"
+# A consistency token no replica reaches: the shard's reads use the primary.
+_UNKNOWN_POSITION: Final = 2**64 - 1
 
 
 def _bad_option(name: str, value: Any, allowed: Iterable[str]) -> None:
@@ -1052,24 +1055,24 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     cluster = session.cluster
     shard = _explicit_shard(statement, execution_options, bind_arguments, sc, cluster.router)
     if shard is not None and shard == sc.shard and isinstance(statement, UpdateBase) \
-            and _writes_reference_table(cluster, statement):
-        # A reference table is the same on every shard: a write inside
-        # scope(shard=...) still goes to all of them (as an ORM flush's does).
-        shard = None if _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None \
-            else shard
-    if shard is not None and shard == sc.shard and isinstance(statement, Insert) \
             and _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None:
-        # Inside scope(shard=...), an INSERT whose rows carry their shard key writes each
-        # row where its key belongs, as the ORM's flush writes an object: on the scope's
-        # shard, a row of another shard's key would be one that no read by key finds.
-        # (Rows without a key, and INSERT ... SELECT, run on the scope's shard.)
-        try:
-            return cluster.router.route(statement, params)
-        except CrossShardWriteError:
-            if getattr(statement, "select", None) is None:
-                raise  # rows of several shards in one VALUES, or an upsert moving its key
-        except RoutingError:
-            pass
+        # The shard comes from scope(shard=...) alone.
+        if _writes_reference_table(cluster, statement):
+            # A reference table is the same on every shard: the write still goes to all
+            # of them (as an ORM flush's does).
+            shard = None
+        elif isinstance(statement, Insert):
+            # An INSERT whose rows carry their shard key writes each row where its key
+            # belongs, as the ORM's flush writes an object: on the scope's shard, a row of
+            # another shard's key would be one that no read by key finds.  (Rows without
+            # a key, and INSERT ... SELECT, run on the scope's shard.)
+            try:
+                return cluster.router.route(statement, params)
+            except CrossShardWriteError:
+                if getattr(statement, "select", None) is None:
+                    raise  # rows of several shards in one VALUES, or an upsert moving its key
+            except RoutingError:
+                pass
     if shard is not None:
         if cluster.catalog is not None:
             _refuse_moved_load(session, shard, statement, execution_options)
@@ -2528,7 +2531,7 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
             # Without a position, read this shard from the primary from now on.
             log.warning("could not read %s's WAL position after commit (%s); its reads "
                         "go to the primary", shard, e)
-            session._sk_tokens[shard] = 2**64 - 1
+            session._sk_tokens[shard] = _UNKNOWN_POSITION
             continue
         lsn = replay_target(parse_lsn(text))
         if lsn > session._sk_tokens.get(shard, 0):
@@ -2614,12 +2617,8 @@ def _partial_commit(session: ShardedSession, start: int, error: BaseException) -
     failed = attempted[-1][1]
     committed = sorted(shard for _, shard in attempted[:-1])
     rest = sorted(primaries - set(committed) - {failed})
-    try:
-        _record_tokens(session, only=committed)
-    except Exception:  # noqa: BLE001 - reads of those shards then use the primary
-        for shard in committed:
-            session._sk_tokens[shard] = 2**64 - 1
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    _record_tokens_or_primary(session, committed)
+    first = first_line(error)
     return CommitError(
         f"the commit reached shard(s) {', '.join(committed)} (their writes are committed) "
         f"but failed on shard {failed} ({type(error).__name__}: {first})"
@@ -2628,6 +2627,16 @@ def _partial_commit(session: ShardedSession, start: int, error: BaseException) -
         "transaction (use twophase=True for one); call rollback(), then repair or "
         "re-apply the writes of the shards that did not commit",
         committed=committed, failed=failed, not_committed=[failed, *rest], cause=error)
+
+
+def _record_tokens_or_primary(session: ShardedSession, committed: list[str]) -> None:
+    """Read-your-writes for the shards of a partial commit; without their positions, their
+    reads use the primary."""
+    try:
+        _record_tokens(session, only=committed)
+    except Exception:  # noqa: BLE001 - reads of those shards then use the primary
+        for shard in committed:
+            session._sk_tokens[shard] = _UNKNOWN_POSITION
 
 
 def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
@@ -2682,14 +2691,10 @@ def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
             entries[key] = (entry[0], entry[1], False, *entry[3:])
         Session.commit(session)
         return True
-    try:
-        _record_tokens(session, only=committed)
-    except Exception:  # noqa: BLE001 - reads of those shards then use the primary
-        for shard in committed:
-            session._sk_tokens[shard] = 2**64 - 1
+    _record_tokens_or_primary(session, committed)
     failed = sorted(left)[0]
     cause = failures.get(failed, error)
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    first = first_line(cause)
     raise CommitError(
         f"the two-phase commit failed after every shard had prepared ({type(cause).__name__}: "
         f"{first}); "
