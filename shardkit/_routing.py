@@ -12,6 +12,7 @@ repeated query shape costs a dictionary lookup plus the hash of its key values.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import Counter
 import threading
@@ -1065,6 +1066,8 @@ def _enum_coercer(type_: Any) -> Any:
 _PG_DIALECT: Any = None
 
 
+# Cached per type object (types compare by identity): an ORM flush asks once per object.
+@functools.lru_cache(maxsize=256)
 def _decorator_coercer(type_: sqltypes.TypeDecorator[Any]) -> Any:
     """For a ``TypeDecorator`` column: the value it sends to PostgreSQL (its
     ``process_bind_param``), in the Python type of what it stores (its implementation
