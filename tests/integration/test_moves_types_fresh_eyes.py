@@ -23,6 +23,7 @@ from test_move_fidelity_hostile import World, assert_refused_cleanly, drain_s0, 
 
 import shardkit
 from shardkit import rebalance
+from shardkit._guard import uninstall_guard
 from shardkit._rebalance_plan import plan_drain
 from shardkit.devcluster import to_toml
 from shardkit.errors import RebalanceError, ShardkitError
@@ -299,3 +300,39 @@ def test_truncate_while_buckets_move_is_refused_and_a_guard_without_it_is_stale(
             plan_drain(w.cluster.config.bucket_map, "s1", remaining=["s0"]))
     rebalance.init(w.cluster)
     w.sql("s0", "TRUNCATE boxes")  # no move: a table may be emptied
+
+
+PARTITIONED = (
+    "CREATE TABLE boxes (id bigint PRIMARY KEY, tenant bigint NOT NULL, v text) PARTITION BY RANGE (id); "
+    "CREATE TABLE boxes_low PARTITION OF boxes FOR VALUES FROM (0) TO (10); "
+    "CREATE TABLE boxes_high PARTITION OF boxes FOR VALUES FROM (10) TO (1000)")
+
+
+def test_truncate_of_a_partition_while_its_buckets_move_is_refused(mkworld):
+    """TRUNCATE of the partitioned table was refused during a move, but the guard's TRUNCATE
+    trigger (a statement trigger) was on the partitioned table only: PostgreSQL does not
+    clone those to partitions, and TRUNCATE boxes_low fired nothing, so it emptied the
+    source and the switch served the target's copies (the rows came back).  A partition
+    added after the guard lacks the trigger: the guard is stale until rebalance init."""
+    w = mkworld(PARTITIONED, hash_group({"boxes": "tenant"}))
+    for i in range(20):
+        w.on_owner("boxes", i, "INSERT INTO boxes VALUES (%s, %s, 'x')", (i, i))
+    move_id = _move_stopped_after_the_copy(w)
+    for part in ("boxes_low", "boxes_high"):
+        with pytest.raises(Exception) as err:
+            w.sql("s0", f"TRUNCATE {part}")
+        assert "cannot be truncated while buckets move" in str(err.value), str(err.value)
+    rebalance.Mover(w.cluster, grace=0).run(move_id)
+    w.cluster.refresh_map()
+    assert verify(w.cluster).ok and len(w.rows("s1", "boxes")) == 20
+    # A partition created since the guard was installed: moves refuse until init.
+    w.sql("s1", "CREATE TABLE boxes_more PARTITION OF boxes FOR VALUES FROM (1000) TO (2000)")
+    with pytest.raises(RebalanceError, match="rebalance init"):
+        rebalance.Mover(w.cluster, grace=0).apply(
+            plan_drain(w.cluster.config.bucket_map, "s1", remaining=["s0"]))
+    rebalance.init(w.cluster)
+    count = "SELECT count(*) FROM pg_trigger WHERE tgname = 'shardkit_guard_truncate'"
+    assert w.sql("s1", count)[0][0] == 4
+    with w.cluster.primary("s1").begin() as c:
+        uninstall_guard(c, w.cluster.config)
+    assert w.sql("s1", count)[0][0] == 0

@@ -1,7 +1,8 @@
 """Fresh-eyes probes of ShardedSession's transactions and routing scopes.
 
 A two-phase commit whose COMMIT PREPARED fails on a shard after every shard has
-prepared, and INSERT statements inside ``scope(shard=...)``, against a real
+prepared, a commit whose after_commit listener raises, and INSERT statements inside
+``scope(shard=...)``, against a real
 2-shard cluster (no replicas) of this module's own: the two-phase tests stop and
 start a primary.
 """
@@ -12,6 +13,7 @@ import re
 
 import pytest
 from sqlalchemy import BigInteger, String, event, insert, inspect, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
@@ -55,6 +57,10 @@ class Env:
     def ids(self, shard: str) -> set[int]:
         with self.autocommit(shard) as c:
             return set(c.execute(text("SELECT id FROM fe_wallets")).scalars())
+
+    def rows(self, shard: str) -> dict[int, str]:
+        with self.autocommit(shard) as c:
+            return dict(c.execute(text("SELECT id, name FROM fe_wallets")).all())
 
     def prepared(self, shard: str) -> list[str]:
         with self.autocommit(shard) as c:
@@ -210,3 +216,62 @@ def test_insert_inside_scope_shard_writes_rows_where_their_key_belongs(fe, how):
     assert fe.ids(s1) == {flushed, *stated}
     with fe.Session()() as s:
         assert s.execute(select(Wallet.name).where(Wallet.id == stated[0])).scalar_one() == "stated"
+
+
+# -- after_commit listeners, and INSERTs in scope(shard=...) that cannot go where their keys belong
+
+@pytest.mark.parametrize("twophase", [True, False], ids=["twophase", "plain"])
+def test_commit_whose_after_commit_listener_raises_gives_that_error(fe, twophase):
+    """Every shard committed, then the application's after_commit listener raised.  A plain
+    Session raises the listener's error.  shardkit took it for a failed shard commit: with
+    twophase=True it tried to finish the commit again and raised "This session is in
+    'committed' state"; without, a CommitError saying the last shard had failed and its
+    writes should be re-applied (they are committed: re-applying them duplicates them)."""
+    a, b = fe.keys_on(fe.names[0], 1)[0], fe.keys_on(fe.names[1], 1)[0]
+    s = fe.Session(twophase=twophase)()
+    calls = []
+
+    @event.listens_for(s, "after_commit")
+    def hook(session):
+        calls.append(1)
+        raise RuntimeError("the application's hook failed")
+
+    s.add_all([Wallet(id=a, name="a"), Wallet(id=b, name="b")])
+    with pytest.raises(RuntimeError, match="the application's hook failed"):
+        s.commit()
+    s.close()
+    assert calls == [1]
+    assert fe.rows(fe.names[0]) == {a: "a"} and fe.rows(fe.names[1]) == {b: "b"}
+    assert fe.prepared(fe.names[0]) == [] and fe.prepared(fe.names[1]) == []
+
+
+def test_insert_inside_scope_shard_of_rows_of_several_shards_in_one_values_is_refused(fe):
+    """Inside scope(shard=s0), an INSERT's rows go where their keys belong; a multi-row
+    VALUES spanning shards (refused outside a scope: it cannot be split) fell back to s0,
+    writing the s1 row on s0, where no read by its key finds it."""
+    s0, s1 = fe.names
+    k0, k1 = fe.keys_on(s0, 1)[0], fe.keys_on(s1, 1)[0]
+    with fe.Session()() as s:
+        with shardkit.scope(shard=s0):
+            with pytest.raises(shardkit.CrossShardWriteError, match="spans shards"):
+                s.execute(insert(Wallet).values([{"id": k0, "name": "x"}, {"id": k1, "name": "y"}]))
+        s.rollback()
+    assert fe.rows(s0) == {} and fe.rows(s1) == {}
+
+
+def test_upsert_inside_scope_shard_moving_its_key_to_another_shard_is_refused(fe):
+    """ON CONFLICT DO UPDATE SET id = <a key of another shard> is refused outside a scope
+    (the existing row would stay under a key its shard does not own); inside
+    scope(shard=...) the refusal was swallowed and the upsert ran on the scope's shard."""
+    s0, s1 = fe.names
+    k0, k1 = fe.keys_on(s0, 1)[0], fe.keys_on(s1, 1)[0]
+    with fe.Session()() as s:
+        s.add(Wallet(id=k0, name="old"))
+        s.commit()
+        with shardkit.scope(shard=s0):
+            stmt = pg_insert(Wallet).values(id=k0, name="new")
+            stmt = stmt.on_conflict_do_update(index_elements=[Wallet.id], set_={"id": k1})
+            with pytest.raises(shardkit.CrossShardWriteError, match="ON CONFLICT DO UPDATE"):
+                s.execute(stmt)
+        s.rollback()
+    assert fe.rows(s0) == {k0: "old"} and fe.rows(s1) == {}
