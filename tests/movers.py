@@ -1,5 +1,5 @@
-"""Helpers for the integration tests of online moves: writer threads, the journal,
-a mover killed at a step, rows read from every shard."""
+"""Helpers for the integration tests of online moves: a guarded cluster, writer threads,
+the journal, a mover killed at a step, rows read from every shard."""
 
 from __future__ import annotations
 
@@ -13,9 +13,25 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
+import shardkit
 from shardkit import rebalance
+
+
+def guarded_cluster(dev: Any, metadata: Any, groups: dict[str, Any], cfg_path: Any,
+                    **options: Any) -> shardkit.Cluster:
+    """``dev``'s shards with ``metadata``'s tables, a config at ``cfg_path`` naming a
+    catalog on the first shard's server, and ``rebalance init`` run: the map is the
+    config's, the ownership guard installed.  ``options`` go to ``Cluster.from_config``."""
+    for shard in dev.shards:
+        eng = create_engine(shard.primary.url)
+        metadata.create_all(eng)
+        eng.dispose()
+    dev.write_config(cfg_path, {**groups, "catalog": {"url": dev.create_catalog()}})
+    cluster = shardkit.Cluster.from_config(cfg_path, **options)
+    rebalance.init(cluster)
+    return cluster
 
 
 class WriterThreads:

@@ -13,7 +13,7 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import BigInteger, Integer, create_engine, select
+from sqlalchemy import BigInteger, Integer, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -22,6 +22,7 @@ from shardkit import rebalance
 from shardkit._config import conninfo
 from shardkit._rebalance_plan import plan_from_maps
 from shardkit.verify import verify
+from movers import guarded_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -45,15 +46,8 @@ GROUPS = {"groups": {"accounts": {"strategy": "hash", "tables": {"accounts": "id
 def world(shardkit_cluster_factory, tmp_path_factory):
     """2 shards (no replicas), 64 buckets, a catalog on s0's server, the guard installed."""
     dev = shardkit_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
-    catalog_url = dev.create_catalog()
-    for shard in dev.shards:
-        eng = create_engine(shard.primary.url)
-        Base.metadata.create_all(eng)
-        eng.dispose()
     cfg_path = tmp_path_factory.mktemp("catalog_fresh_eyes") / "shardkit.toml"
-    dev.write_config(cfg_path, {**GROUPS, "catalog": {"url": catalog_url}})
-    cluster = shardkit.Cluster.from_config(cfg_path, follow_map=False)
-    rebalance.init(cluster)
+    cluster = guarded_cluster(dev, Base.metadata, GROUPS, cfg_path, follow_map=False)
     yield dev, cluster, cfg_path
     cluster.dispose()
 

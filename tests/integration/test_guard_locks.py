@@ -4,14 +4,13 @@ entries in all, 6,400 with the defaults), which every other session also needs."
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Integer, create_engine, insert, text
+from sqlalchemy import BigInteger, Integer, insert, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import pytest
 
-import shardkit
-from shardkit import rebalance
 from shardkit._guard import GUARD_LOCK_CLASS, GUARD_LOCK_STRIPES
+from movers import guarded_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -28,16 +27,10 @@ class Ledger(Base):
 
 def test_a_write_of_every_bucket_holds_one_guard_lock_per_stripe(shardkit_cluster_factory, tmp_path):
     dev = shardkit_cluster_factory(shards=2, replicas=0, bucket_count=1024)
-    for shard in dev.shards:
-        eng = create_engine(shard.primary.url)
-        Base.metadata.create_all(eng)
-        eng.dispose()
-    path = tmp_path / "shardkit.toml"
-    dev.write_config(path, {"groups": {"ledger": {"strategy": "hash", "tables": {"gl_ledger": "id"}}},
-                            "catalog": {"url": dev.create_catalog()}})
-    cluster = shardkit.Cluster.from_config(path, follow_map=False)
+    cluster = guarded_cluster(dev, Base.metadata,
+                              {"groups": {"ledger": {"strategy": "hash", "tables": {"gl_ledger": "id"}}}},
+                              tmp_path / "shardkit.toml", follow_map=False)
     try:
-        rebalance.init(cluster)
         keys = [k for k in range(20_000) if cluster.shard_for("gl_ledger", k) == "s0"]
         buckets = {cluster.bucket_for("gl_ledger", k) for k in keys}
         assert len(buckets) == 512  # every bucket s0 owns

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 
 import psycopg
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, bindparam, case, create_engine, delete, or_, update
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, bindparam, case, delete, or_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_from_maps, plan_move_value, plan_split_range
+from movers import guarded_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -75,15 +76,8 @@ GROUPS = {"groups": {
 @pytest.fixture(scope="module")
 def world(shardkit_cluster_factory, tmp_path_factory):
     dev = shardkit_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
-    catalog_url = dev.create_catalog()
-    for shard in dev.shards:
-        eng = create_engine(shard.primary.url)
-        Base.metadata.create_all(eng)
-        eng.dispose()
     cfg_path = tmp_path_factory.mktemp("stale_writes") / "shardkit.toml"
-    dev.write_config(cfg_path, {**GROUPS, "catalog": {"url": catalog_url}})
-    cluster = shardkit.Cluster.from_config(cfg_path)
-    rebalance.init(cluster)
+    cluster = guarded_cluster(dev, Base.metadata, GROUPS, cfg_path)
     Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
     with Session() as s:
         s.add_all(Account(id=i, balance=1000 + i) for i in ACCOUNTS)
