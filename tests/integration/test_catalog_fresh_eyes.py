@@ -13,9 +13,9 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import BigInteger, Integer, select
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 import shardkit
 from shardkit import rebalance
@@ -23,21 +23,9 @@ from shardkit._config import conninfo
 from shardkit._rebalance_plan import plan_from_maps
 from shardkit.verify import verify
 from movers import guarded_cluster
+from test_rebalance_crashes import BUCKETS, Account, Base  # (and its Note: a table the groups leave alone)
 
 pytestmark = pytest.mark.integration
-
-BUCKETS = 64
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Account(Base):
-    __tablename__ = "accounts"
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    balance: Mapped[int] = mapped_column(Integer, default=0)
-
 
 GROUPS = {"groups": {"accounts": {"strategy": "hash", "tables": {"accounts": "id"}}}}
 

@@ -276,6 +276,29 @@ def test_resume_and_abort_refuse_a_config_whose_bucket_count_changed(mkworld, tm
     assert verify(w.cluster).ok
 
 
+def _truncate_refused_while_moving(w: World, tables: list[str]) -> None:
+    """20 rows of ``boxes``; a move of s0's buckets to s1 stopped after its copy: TRUNCATE
+    of each of ``tables`` on s0 is refused; the move then finishes with every row."""
+    for i in range(20):
+        w.on_owner("boxes", i, "INSERT INTO boxes VALUES (%s, %s, 'x')", (i, i))
+    move_id = _move_stopped_after_the_copy(w)
+    for table in tables:
+        with pytest.raises(Exception) as err:
+            w.sql("s0", f"TRUNCATE {table}")
+        assert "cannot be truncated while buckets move" in str(err.value), str(err.value)
+    rebalance.Mover(w.cluster, grace=0).run(move_id)
+    w.cluster.refresh_map()
+    assert verify(w.cluster).ok and len(w.rows("s1", "boxes")) == 20
+
+
+def _stale_until_init(w: World) -> None:
+    """A move back to s0 is refused, the guard being stale, until rebalance init."""
+    with pytest.raises(RebalanceError, match="rebalance init"):
+        rebalance.Mover(w.cluster, grace=0).apply(
+            plan_drain(w.cluster.config.bucket_map, "s1", remaining=["s0"]))
+    rebalance.init(w.cluster)
+
+
 def test_truncate_while_buckets_move_is_refused_and_a_guard_without_it_is_stale(mkworld):
     """TRUNCATE fires no row trigger: run on the source during a move, it emptied the
     table and left the target's copies, which the switch then served (the rows came back).
@@ -284,21 +307,10 @@ def test_truncate_while_buckets_move_is_refused_and_a_guard_without_it_is_stale(
     with the source's rows kept.)"""
     w = mkworld("CREATE TABLE boxes (id bigint PRIMARY KEY, tenant bigint NOT NULL, v text)",
                 hash_group({"boxes": "tenant"}))
-    for i in range(20):
-        w.on_owner("boxes", i, "INSERT INTO boxes VALUES (%s, %s, 'x')", (i, i))
-    move_id = _move_stopped_after_the_copy(w)
-    with pytest.raises(Exception) as err:
-        w.sql("s0", "TRUNCATE boxes")
-    assert "cannot be truncated while buckets move" in str(err.value), str(err.value)
-    rebalance.Mover(w.cluster, grace=0).run(move_id)
-    w.cluster.refresh_map()
-    assert verify(w.cluster).ok and len(w.rows("s1", "boxes")) == 20
+    _truncate_refused_while_moving(w, ["boxes"])
     # A guard installed before the TRUNCATE trigger existed is stale: moves refuse it.
     w.sql("s1", "DROP TRIGGER shardkit_guard_truncate ON boxes")
-    with pytest.raises(RebalanceError, match="rebalance init"):
-        rebalance.Mover(w.cluster, grace=0).apply(
-            plan_drain(w.cluster.config.bucket_map, "s1", remaining=["s0"]))
-    rebalance.init(w.cluster)
+    _stale_until_init(w)
     w.sql("s0", "TRUNCATE boxes")  # no move: a table may be emptied
 
 
@@ -315,22 +327,10 @@ def test_truncate_of_a_partition_while_its_buckets_move_is_refused(mkworld):
     source and the switch served the target's copies (the rows came back).  A partition
     added after the guard lacks the trigger: the guard is stale until rebalance init."""
     w = mkworld(PARTITIONED, hash_group({"boxes": "tenant"}))
-    for i in range(20):
-        w.on_owner("boxes", i, "INSERT INTO boxes VALUES (%s, %s, 'x')", (i, i))
-    move_id = _move_stopped_after_the_copy(w)
-    for part in ("boxes_low", "boxes_high"):
-        with pytest.raises(Exception) as err:
-            w.sql("s0", f"TRUNCATE {part}")
-        assert "cannot be truncated while buckets move" in str(err.value), str(err.value)
-    rebalance.Mover(w.cluster, grace=0).run(move_id)
-    w.cluster.refresh_map()
-    assert verify(w.cluster).ok and len(w.rows("s1", "boxes")) == 20
+    _truncate_refused_while_moving(w, ["boxes_low", "boxes_high"])
     # A partition created since the guard was installed: moves refuse until init.
     w.sql("s1", "CREATE TABLE boxes_more PARTITION OF boxes FOR VALUES FROM (1000) TO (2000)")
-    with pytest.raises(RebalanceError, match="rebalance init"):
-        rebalance.Mover(w.cluster, grace=0).apply(
-            plan_drain(w.cluster.config.bucket_map, "s1", remaining=["s0"]))
-    rebalance.init(w.cluster)
+    _stale_until_init(w)
     count = "SELECT count(*) FROM pg_trigger WHERE tgname = 'shardkit_guard_truncate'"
     assert w.sql("s1", count)[0][0] == 4
     with w.cluster.primary("s1").begin() as c:
