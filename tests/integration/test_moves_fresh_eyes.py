@@ -5,35 +5,26 @@ catalog session (a catalog restart) while another mover, or an abort, takes the 
 One module-scoped dev cluster (2 shards, 8 buckets, no replicas).  Each test makes fresh
 databases of its own on both servers plus a catalog database.  Moves run in-process with
 ``grace=0``; what happens "during the move" runs from the mover's progress callback, at
-the line the test names.  Rows are compared exactly, every column, as text.
+the line the test names.  Rows are compared exactly, every column, as text.  The
+databases and their world are test_move_fidelity_hostile's.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
+from test_move_fidelity_hostile import World, hash_group, make_world
 
-import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_add_shards, plan_drain
-from shardkit.devcluster import to_toml
 from shardkit.errors import RebalanceError
 from shardkit.verify import verify
 
 pytestmark = pytest.mark.integration
-
-CANON = ("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; "
-         "SET bytea_output = 'hex'")
-
-_numbers = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -41,57 +32,21 @@ def dev(shardkit_cluster_factory):
     return shardkit_cluster_factory(shards=2, replicas=0, bucket_count=8)
 
 
-class World:
-    def __init__(self, dev: Any, tmp_path: Path, schema: str, tables: dict[str, str]) -> None:
-        self.dev = dev
-        self.db = f"fresh{os.getpid()}_{next(_numbers)}"
-        for shard in dev.shards:
-            with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-                c.execute(f"CREATE DATABASE {self.db}")
-            with shard.primary.connect(dbname=self.db, autocommit=True) as c:
-                c.execute(schema)
-        catalog_url = dev.create_catalog(f"{self.db}_catalog")
-        cfg = dev.config_dict()
-        for s in cfg["shards"]:
-            s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + self.db
-        cfg.update({"groups": {"g": {"strategy": "hash", "tables": tables}}, "catalog": {"url": catalog_url}})
-        self.cfg_path = tmp_path / f"{self.db}.toml"
-        self.cfg_path.write_text(to_toml(cfg), encoding="utf-8")
-        self.cluster = shardkit.Cluster.from_config(self.cfg_path, follow_map=False)
-        rebalance.init(self.cluster)
+def drain_s0_at(w: World, at: str, during: Callable[[], None]) -> int:
+    """Drain s0 onto s1; ``during`` runs once, at the first progress line containing ``at``."""
+    w.cluster.refresh_map()
+    plan = plan_drain(w.cluster.config.bucket_map, "s0")
+    assert plan.moves
+    ran: list[bool] = []
 
-    def conn(self, shard: str) -> psycopg.Connection:
-        return self.dev.shard(shard).primary.connect(dbname=self.db, autocommit=True)
+    def progress(line: str) -> None:
+        if at in line and not ran:
+            ran.append(True)
+            during()
 
-    def sql(self, shard: str, query: str, params: Any = None) -> list[tuple] | None:
-        with self.conn(shard) as c:
-            cur = c.execute(query, params)
-            return cur.fetchall() if cur.description else None
-
-    def rows(self, shard: str, table: str) -> list[str]:
-        with self.conn(shard) as c:
-            c.execute(CANON)
-            return sorted(r[0] for r in c.execute(f"SELECT x::text FROM {table} AS x"))
-
-    def owner(self, table: str, key: Any) -> str:
-        self.cluster.refresh_map()
-        return self.cluster.shard_for(table, key)
-
-    def drain_s0(self, at: str, during: Callable[[], None]) -> int:
-        """Drain s0 onto s1; ``during`` runs once, at the first progress line containing ``at``."""
-        self.cluster.refresh_map()
-        plan = plan_drain(self.cluster.config.bucket_map, "s0")
-        assert plan.moves
-        ran: list[bool] = []
-
-        def progress(line: str) -> None:
-            if at in line and not ran:
-                ran.append(True)
-                during()
-
-        move_id = rebalance.Mover(self.cluster, grace=0, progress=progress).apply(plan)
-        assert ran, f"the mover never printed {at!r}"
-        return move_id
+    move_id = rebalance.Mover(w.cluster, grace=0, progress=progress).apply(plan)
+    assert ran, f"the mover never printed {at!r}"
+    return move_id
 
 
 def lose_the_mover_lock(w: World, move_id: int) -> None:
@@ -112,7 +67,7 @@ def world(dev, tmp_path):
     made: list[World] = []
 
     def make(schema: str, tables: dict[str, str]) -> World:
-        w = World(dev, tmp_path, schema, tables)
+        w = make_world(dev, tmp_path, schema, hash_group(tables))
         made.append(w)
         return w
 
@@ -144,7 +99,7 @@ def test_a_column_added_during_the_move_keeps_the_values_written_to_it(world, at
             w.sql(shard, "ALTER TABLE accounts ADD COLUMN color text")
         w.sql("s0", "UPDATE accounts SET color = 'red' || id WHERE tenant = ANY(%s)", (moving,))
 
-    w.drain_s0(at, migrate_and_write)
+    drain_s0_at(w, at, migrate_and_write)
     expected = sorted(f"({i},{i},n{i}," + (f"red{i})" if i in moving else ")") for i in range(40))
     assert not w.rows("s0", "accounts")
     got = w.rows("s1", "accounts")
@@ -169,7 +124,7 @@ def test_verification_compares_a_column_added_after_the_copy(world):
         w.sql("s1", "ALTER TABLE accounts ADD COLUMN plan text NOT NULL DEFAULT 'free'")
 
     with pytest.raises(RebalanceError, match="verification failed for table accounts"):
-        w.drain_s0(": copied ", migrate)
+        drain_s0_at(w, ": copied ", migrate)
     # The source's rows (the truth before the switch) are kept.
     left = w.sql("s0", "SELECT tenant, plan FROM accounts ORDER BY tenant")
     assert left == [(i, "gold") for i in moving]
@@ -191,7 +146,7 @@ def test_a_column_the_target_lacks_stops_the_move_clearly_and_resume_carries_its
         w.sql("s0", "UPDATE accounts SET color = 'red' || id WHERE tenant = ANY(%s)", (moving,))
 
     with pytest.raises(RebalanceError) as err:
-        w.drain_s0(": copied ", migrate_source_and_write)
+        drain_s0_at(w, ": copied ", migrate_source_and_write)
     message = str(err.value)
     assert "color" in message and "not on the target" in message and "resume" in message, message
     (move_id,) = [m["move"] for m in rebalance.move_status(w.cluster) if m["state"] == "running"]
