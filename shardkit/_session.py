@@ -2668,11 +2668,8 @@ def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
         # it is still prepared (nothing else ends it).
         try:
             with conn.engine.connect() as fresh:
-                fresh = fresh.execution_options(isolation_level="AUTOCOMMIT")
-                if fresh.execute(sa_text("SELECT 1 FROM pg_prepared_xacts WHERE gid = :gid"),
-                                 {"gid": tp.xid}).first() is not None:
-                    fresh.execute(sa_text("COMMIT PREPARED :gid").bindparams(
-                        bindparam("gid", tp.xid, literal_execute=True)))
+                if tp.xid in fresh.recover_twophase():
+                    fresh.commit_prepared(tp.xid, recover=True)
                     log.warning("finished the two-phase commit of %s on a new connection "
                                 "(COMMIT PREPARED %s)", shard, tp.xid)
                 if session._sk_commit_conns.pop(shard, None) is not None:
