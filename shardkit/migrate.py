@@ -160,13 +160,19 @@ def _config_path(context: Any) -> str:
 
 
 def _target_metadata(context: Any) -> Any:
-    spec = context.config.get_main_option("shardkit_metadata")
+    spec = (context.config.get_main_option("shardkit_metadata") or "").strip().strip("\"'")
     if not spec:
         return None
     mod, _, attr = spec.partition(":")
-    obj: Any = importlib.import_module(mod)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj: Any = importlib.import_module(mod)
+        for part in attr.split(".") if attr else ():
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigurationError(
+            "shardkit_metadata", f"{spec!r} does not name an importable MetaData ({e})",
+            "write it as package.module:Base.metadata, with the package importable from "
+            "where alembic runs (PYTHONPATH)") from e
     return obj
 
 
@@ -185,8 +191,10 @@ def run_migrations(context: Any) -> None:
             raise ConfigurationError("-x shard", f"unknown shard {s!r}",
                                      "shards: " + ", ".join(cluster.shard_names))
     metadata = _target_metadata(context)
+    one_diff = _OneDiff()
     try:
         for shard in shards:
+            one_diff.shard = shard
             engine = _engine(cluster, shard)
             with engine.connect() as connection:
                 # One migration of a shard at a time: another one (a second deploy) waits,
@@ -200,6 +208,7 @@ def run_migrations(context: Any) -> None:
                     target_metadata=metadata,
                     transaction_per_migration=True,
                     compare_type=True,
+                    process_revision_directives=one_diff,
                     # For shardkit's operations (op.install_shardkit_guard()).
                     shardkit_cluster=cluster,
                     shardkit_shard=shard,
@@ -209,6 +218,44 @@ def run_migrations(context: Any) -> None:
             engine.dispose()
     finally:
         cluster.dispose()
+
+
+class _OneDiff:
+    """``process_revision_directives`` for a revision generated across shards.
+
+    Alembic runs ``env.py``'s ``run_migrations()`` once per shard and, under
+    ``revision --autogenerate`` or ``alembic check``, adds each shard's
+    comparison with the models to the script as a further set of operations;
+    rendering keeps only the last, and ``alembic check`` cannot read more
+    than one.  Every shard is compared, one set of operations is kept, and a
+    shard whose comparison differs from the first shard's is refused: the
+    revision would be right for some shards only.
+    """
+
+    def __init__(self) -> None:
+        self.shard = ""
+        self.first: tuple[str, str, str] | None = None
+
+    def __call__(self, migration_context: Any, revision: Any, directives: list[Any]) -> None:
+        from alembic.autogenerate import render_python_code
+
+        if not directives:
+            return
+        script = directives[-1]
+        ups, downs = script.upgrade_ops_list, script.downgrade_ops_list
+        rendered = (self.shard, render_python_code(ups[-1]), render_python_code(downs[-1]))
+        if self.first is None:
+            self.first = rendered
+            return
+        if rendered[1:] != self.first[1:]:
+            raise ShardkitError(
+                f"shard {self.shard}'s schema compares with the models differently from shard "
+                f"{self.first[0]}'s: a revision generated from one would be wrong for the other. "
+                "See the differences with `shardkit migrate check`, bring the shards in line, or "
+                f"generate against one shard with -x shard={self.first[0]}"
+            )
+        script.upgrade_ops = ups[0]
+        script.downgrade_ops = downs[0]
 
 
 def _engine(cluster: Cluster, shard: str) -> Any:

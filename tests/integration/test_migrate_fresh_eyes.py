@@ -173,3 +173,54 @@ def test_guard_on_a_new_table_while_the_catalog_does_not_answer(world, tmp_path)
     key = next(k for k in range(1000) if w.cluster.shard_for("things", k) == "s1")
     assert _try(w, 0, "INSERT INTO things VALUES (%s, 0)", (key,)) == "SK001"
     assert _try(w, 1, "INSERT INTO things VALUES (%s, 0)", (key,)) == "ok"
+
+
+MODELS = '''
+import sqlalchemy as sa
+metadata = sa.MetaData()
+sa.Table("gadgets", metadata, sa.Column("id", sa.BigInteger, primary_key=True),
+         sa.Column("name", sa.Text))
+'''
+
+
+def _alembic(w: World, tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "alembic", "-c", str(w.ini), "-x", f"config={w.cfg}", *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_autogenerate_and_alembic_check_compare_every_shard_and_keep_one_diff(world, tmp_path):
+    """`alembic revision --autogenerate` runs env.py's comparison on every shard: the
+    revision holds the models' changes once (not one shard's), `alembic check` reads
+    them, and shards whose schemas differ are refused instead of giving a revision
+    right for one of them only.  The metadata option may be quoted, as the ini's
+    comment writes it."""
+    (tmp_path / "gadget_models.py").write_text(MODELS)
+    w = world(shards=2)
+    ini = w.ini.read_text().replace("# shardkit_metadata = myapp.models:Base.metadata",
+                                    'shardkit_metadata = "gadget_models:metadata"')
+    w.ini.write_text(ini)
+    r = _alembic(w, tmp_path, "check")
+    assert r.returncode != 0 and "New upgrade operations detected" in r.stdout + r.stderr, r.stdout
+    r = _alembic(w, tmp_path, "revision", "--autogenerate", "-m", "gadgets")
+    assert r.returncode == 0, r.stderr
+    [script] = list(w.versions.glob("*gadgets.py"))
+    body = script.read_text()
+    assert body.count("op.create_table('gadgets'") == 1, body
+    assert body.count("op.drop_table('gadgets')") == 1, body
+    assert _alembic(w, tmp_path, "upgrade", "head").returncode == 0
+    r = _alembic(w, tmp_path, "check")
+    assert r.returncode == 0 and "No new upgrade operations detected" in r.stdout, r.stdout + r.stderr
+    # s0 drifts: a column the models do not have (the last shard compared is clean).
+    w.sql(0, "ALTER TABLE gadgets ADD COLUMN colour text")
+    for args in (("check",), ("revision", "--autogenerate", "-m", "drifted")):
+        r = _alembic(w, tmp_path, *args)
+        assert r.returncode != 0, r.stdout
+        out = r.stdout + r.stderr
+        assert "shard s1's schema compares with the models differently from shard s0's" in out, out
+        assert "-x shard=s0" in out
+    assert not list(w.versions.glob("*drifted.py"))
+    # One shard on its own, as the error says.
+    r = _alembic(w, tmp_path, "-x", "shard=s0", "revision", "--autogenerate", "-m", "only_s0")
+    assert r.returncode == 0, r.stderr
+    assert "op.drop_column('gadgets', 'colour')" in next(w.versions.glob("*only_s0.py")).read_text()
