@@ -487,6 +487,15 @@ def schema_fingerprint(connection: Any) -> dict[str, Any]:
     return out
 
 
+def _enum_types(connection: Any) -> dict[str, list[str]]:
+    """The enum types visible in the current schema, with their labels in sort order."""
+    insp = inspect(connection)
+    get_enums = getattr(insp, "get_enums", None)  # PostgreSQL's inspector has it
+    if get_enums is None:
+        return {}
+    return {e["name"]: list(e["labels"]) for e in get_enums() if e.get("visible", True)}
+
+
 @dataclass
 class DriftReport:
     """Shards at different revisions, or with schemas that differ."""
@@ -521,15 +530,30 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
     ini = _existing_ini(alembic_ini)
     revisions = current(cluster)
     prints: dict[str, dict[str, Any]] = {}
+    enums: dict[str, dict[str, list[str]]] = {}
     for shard in cluster.shard_names:
         with _shard_connection(cluster, shard) as c:
             prints[shard] = schema_fingerprint(c)
+            enums[shard] = _enum_types(c)
     diffs: list[str] = []
     ref_name = cluster.shard_names[0]
     ref = prints[ref_name]
     for shard, fp in prints.items():
         if shard == ref_name:
             continue
+        # An enum's labels are part of every column of its type: a label missing on
+        # one shard makes its writes fail there alone.
+        for e in sorted(set(enums[ref_name]) | set(enums[shard])):
+            mine, theirs = enums[shard].get(e), enums[ref_name].get(e)
+            if mine == theirs:
+                continue
+            if mine is None:
+                diffs.append(f"{shard}: enum type {e} missing (present on {ref_name})")
+            elif theirs is None:
+                diffs.append(f"{shard}: extra enum type {e} (absent on {ref_name})")
+            else:
+                diffs.append(f"{shard}: enum type {e} labels are {_short(mine)}, on {ref_name} "
+                             f"{_short(theirs)}")
         for t in sorted(set(ref) | set(fp)):
             if t not in fp:
                 diffs.append(f"{shard}: table {t} missing (present on {ref_name})")

@@ -224,3 +224,20 @@ def test_autogenerate_and_alembic_check_compare_every_shard_and_keep_one_diff(wo
     r = _alembic(w, tmp_path, "-x", "shard=s0", "revision", "--autogenerate", "-m", "only_s0")
     assert r.returncode == 0, r.stderr
     assert "op.drop_column('gadgets', 'colour')" in next(w.versions.glob("*only_s0.py")).read_text()
+
+
+def test_check_reports_enum_types_whose_labels_differ(world):
+    """A label added by hand on one shard (ALTER TYPE ... ADD VALUE) lets that shard
+    accept rows the others refuse; a type on one shard only is drift too."""
+    w = world(shards=2)
+    w.rev("n1", None, "op.execute(\"CREATE TYPE mood AS ENUM ('calm', 'angry')\")",
+          "op.execute('DROP TYPE mood')")
+    assert w.cli("migrate", "upgrade").returncode == 0
+    assert migrate.check(w.cluster, alembic_ini=w.ini).ok
+    w.sql(1, "ALTER TYPE mood ADD VALUE 'sleepy'")
+    w.sql(0, "CREATE TYPE colour AS ENUM ('red')")
+    r = w.cli("migrate", "check")
+    assert r.returncode == 1, r.stdout
+    assert 's1: enum type mood labels are ["calm", "angry", "sleepy"], on s0 ["calm", "angry"]' \
+        in r.stdout, r.stdout
+    assert "s1: enum type colour missing (present on s0)" in r.stdout, r.stdout
