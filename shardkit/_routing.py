@@ -305,12 +305,14 @@ class Router:
         *,
         role: str | None = None,
         all_shards: bool = False,
+        keyless_to: str | None = None,
     ) -> Route:
         """Decide where ``statement`` runs.  Raises :class:`RoutingError` when it cannot.
 
         ``params`` are the execution parameters (a dict, or a list of dicts for
         an executemany).  ``all_shards`` permits a key-less UPDATE/DELETE to run on
-        every shard.
+        every shard.  ``keyless_to``: the shard for an INSERT's rows that carry no
+        shard key (``scope(shard=...)``); rows with a key still go where it belongs.
         """
         if type(statement) in _WRAPPERS:
             statement = unwrap_statement(statement)
@@ -358,7 +360,7 @@ class Router:
                 "Compute the values first and write them as plain values",
                 table=_table_name(statement.table), statement=statement)
         if isinstance(statement, Insert):
-            return self._route_insert(statement, params, plan, chosen_role)
+            return self._route_insert(statement, params, plan, chosen_role, keyless_to)
 
         if not plan.groups:
             tables = plan.tables
@@ -485,7 +487,8 @@ class Router:
 
     # -- inserts ---------------------------------------------------------------
 
-    def _route_insert(self, stmt: Insert, params: Any, plan: _Plan, role: str) -> Route:
+    def _route_insert(self, stmt: Insert, params: Any, plan: _Plan, role: str,
+                      keyless_to: str | None = None) -> Route:
         table = stmt.table
         tname = _table_name(table)
         tr = self.table_route(tname)
@@ -506,7 +509,7 @@ class Router:
                     for mv in stmt._multi_values for r in mv]
             pmap = params if isinstance(params, Mapping) else _EMPTY
             rows = [{_col_name(k): _bound(v, pmap) for k, v in r.items()} for r in rows]
-            return self._route_rows(tname, tr, rows, None, stmt)
+            return self._route_rows(tname, tr, rows, None, stmt, keyless_to)
         # An ORM insert's parameters are keyed by attribute name, which may not be the column's.
         names = _attribute_columns(stmt)
         values = dict(stmt._values or {})
@@ -519,7 +522,7 @@ class Router:
 
         if isinstance(params, (list, tuple)) and params and not isinstance(params[0], (str, bytes)):
             rows = [row_of(p) for p in params]
-            route = self._route_rows(tname, tr, rows, list(params), stmt)
+            route = self._route_rows(tname, tr, rows, list(params), stmt, keyless_to)
             for r, p in zip(rows, params):
                 self._refuse_upsert_key_move(stmt, tr, r, p)
             return route
@@ -527,6 +530,10 @@ class Router:
         row = row_of(pmap)
         if not all(c in row for c in cols):
             missing = [c for c in cols if c not in row]
+            if keyless_to is not None:
+                return Route((keyless_to,), "direct", PRIMARY,
+                             f"insert into {tname}: no key, the scope's shard {keyless_to}", True,
+                             (tname,), router=self)
             raise ShardKeyError(
                 f"insert into {tname} has no value for shard key column(s) {missing}; "
                 "set the key (it decides the shard)",
@@ -568,10 +575,13 @@ class Router:
                 table=tr.table, statement=stmt)
 
     def _route_rows(self, tname: str, tr: TableRoute, rows: Sequence[Mapping[str, Any]],
-                    params: list[Any] | None, stmt: Any) -> Route:
+                    params: list[Any] | None, stmt: Any, keyless_to: str | None = None) -> Route:
         by_shard: dict[str, list[Any]] = {}
         for i, row in enumerate(rows):
             missing = [c for c in tr.key_columns if c not in row or _is_unresolved(row[c])]
+            if missing and keyless_to is not None:
+                by_shard.setdefault(keyless_to, []).append(params[i] if params is not None else i)
+                continue
             if missing:
                 raise ShardKeyError(
                     f"row {i} of insert into {tname} has no value for shard key column(s) "
@@ -581,6 +591,23 @@ class Router:
             shard = self._shard_for_row(tr, row, stmt.table)
             by_shard.setdefault(shard, []).append(params[i] if params is not None else i)
         ordered = tuple(s for s in self.shard_names if s in by_shard)
+        if params is not None and len(ordered) > 1 \
+                and stmt._propagate_attrs.get("compile_state_plugin") != "orm":
+            # (The ORM's bulk INSERT runs each set of columns on its own.)
+            first = set(params[0])
+            odd = next((i for i, p in enumerate(params) if set(p) != first), None)
+            if odd is not None:
+                # SQLAlchemy takes an executemany's columns from its first parameter set
+                # (a later set's extra keys are not inserted); split by shard, another
+                # row would come first on some shard and decide that shard's columns.
+                raise CrossShardWriteError(
+                    f"rows of the executemany insert into {tname} give different columns "
+                    f"(row 0: {sorted(map(_col_name, first))}, row {odd}: "
+                    f"{sorted(map(_col_name, params[odd]))}); split across shards {', '.join(ordered)}, "
+                    "each shard's first row would decide which values are inserted there: give "
+                    "every row the same keys (None for a value left out)",
+                    table=tname, statement=stmt,
+                )
         if params is None and len(ordered) > 1:
             raise CrossShardWriteError(
                 f"multi-row VALUES insert into {tname} spans shards {', '.join(ordered)}; pass the "

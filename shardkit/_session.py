@@ -1067,7 +1067,7 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             # another shard's key would be one that no read by key finds.  (Rows without
             # a key, and INSERT ... SELECT, run on the scope's shard.)
             try:
-                return cluster.router.route(statement, params)
+                return cluster.router.route(statement, params, keyless_to=shard)
             except CrossShardWriteError:
                 if getattr(statement, "select", None) is None:
                     raise  # rows of several shards in one VALUES, or an upsert moving its key

@@ -31,7 +31,14 @@ class Wallet(FeBase):
     name: Mapped[str] = mapped_column(String(100), default="")
 
 
-GROUPS = {"groups": {"wallets": {"strategy": "hash", "tables": {"fe_wallets": "id"}}}}
+class Memo(FeBase):
+    """A row whose shard key may be left out (it then goes where a scope says)."""
+    __tablename__ = "fe_memos"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    owner: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+GROUPS = {"groups": {"wallets": {"strategy": "hash", "tables": {"fe_wallets": "id", "fe_memos": "owner"}}}}
 
 
 class Env:
@@ -275,3 +282,33 @@ def test_upsert_inside_scope_shard_moving_its_key_to_another_shard_is_refused(fe
                 s.execute(stmt)
         s.rollback()
     assert fe.rows(s0) == {k0: "old"} and fe.rows(s1) == {}
+
+
+def test_executemany_inside_scope_shard_puts_keyed_rows_where_they_belong(fe):
+    """Inside scope(shard=s0), an executemany whose rows mostly carry their key but one
+    does not: the keyless row goes to s0, as the scope says, and each keyed row to its
+    key's shard.  The keyless row used to send the whole batch to s0, the s1 row with it,
+    where no read by its key finds it."""
+    s0, s1 = fe.names
+    k0, k1 = fe.keys_on(s0, 1)[0], fe.keys_on(s1, 1)[0]
+    rows = [{"id": 1, "owner": k1}, {"id": 2, "owner": None}, {"id": 3, "owner": k0}]
+    try:
+        with fe.Session()() as s:
+            with shardkit.scope(shard=s0):
+                s.execute(insert(Memo.__table__), rows)
+                s.execute(insert(Memo), [{"id": 4, "owner": k1}, {"id": 5}])  # the ORM's bulk insert
+                # Split by shard, {"id": 7} would come first on s0 and decide its columns
+                # (SQLAlchemy takes them from the first row): k0 would be dropped.
+                with pytest.raises(shardkit.CrossShardWriteError, match="give different columns"):
+                    s.execute(insert(Memo.__table__),
+                              [{"id": 6, "owner": k1}, {"id": 7}, {"id": 8, "owner": k0}])
+            s.commit()
+        memos = {}
+        for shard in fe.names:
+            with fe.autocommit(shard) as c:
+                memos[shard] = dict(c.execute(text("SELECT id, owner FROM fe_memos")).all())
+        assert memos == {s0: {2: None, 3: k0, 5: None}, s1: {1: k1, 4: k1}}
+    finally:
+        for shard in fe.names:
+            with fe.autocommit(shard) as c:
+                c.execute(text("TRUNCATE fe_memos"))
