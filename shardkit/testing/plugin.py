@@ -9,6 +9,10 @@ Loaded through the ``pytest11`` entry point once shardkit is installed.
     session ends, also after failures and Ctrl-C; an :mod:`atexit` hook catches
     what teardown missed, and a SIGTERM handler (installed from the main thread,
     chaining the one it replaces) stops them when the session is terminated.
+``shardkit_module_cluster_factory`` (module)
+    the same factory, whose clusters are stopped and removed when the test
+    module that used it ends: for clusters a module's tests share, so that a
+    long session does not keep every module's servers (and their memory).
 ``shardkit_dev_cluster`` (session)
     one 2-shard x 1-replica cluster shared by the whole session.  Tests that
     stop or kill nodes, or set apply delays, should start their own cluster
@@ -58,7 +62,7 @@ from ..devcluster import DevCluster
 from ..errors import DevClusterError
 from .docker import DockerCluster, docker_host_problem, testcontainers_problem
 
-__all__ = ["shardkit_cluster_factory", "shardkit_dev_cluster"]
+__all__ = ["shardkit_cluster_factory", "shardkit_dev_cluster", "shardkit_module_cluster_factory"]
 
 log = logging.getLogger("shardkit.testing")
 
@@ -187,7 +191,18 @@ def _cluster_root() -> Path:
 
 @pytest.fixture(scope="session")
 def shardkit_cluster_factory() -> Iterator[Callable[..., AnyCluster]]:
-    """``factory(shards=2, replicas=1, **kw)``: start a fresh cluster for this session."""
+    """``factory(shards=2, replicas=1, **kw)``: start a fresh cluster, stopped at session end."""
+    yield from _factory()
+
+
+@pytest.fixture(scope="module")
+def shardkit_module_cluster_factory() -> Iterator[Callable[..., AnyCluster]]:
+    """``factory(shards=2, replicas=1, **kw)``: start a fresh cluster, stopped when the
+    test module that asked for it ends (its servers' memory back for the next modules)."""
+    yield from _factory()
+
+
+def _factory() -> Iterator[Callable[..., AnyCluster]]:
     backend = _check_backend()
     up: Callable[..., AnyCluster] = DockerCluster.up if backend == "docker" else DevCluster.up
     _install_sigterm_handler()

@@ -145,9 +145,9 @@ class Relay:
 # -- the world --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def world(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
-    catdev = shardkit_cluster_factory(shards=1, replicas=0)
+def world(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
+    catdev = shardkit_module_cluster_factory(shards=1, replicas=0)
     catnode = catdev.shards[0].primary
     catdev.create_catalog(CATALOG_DB)
     for shard in dev.shards:

@@ -254,8 +254,8 @@ def test_demo_help_lists_the_documented_options(capsys):
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=1)
+def env(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
     nodes = [n for s in dev.shards for n in s.nodes]
     if not all(hasattr(n, "datadir") for n in nodes) or os.geteuid() != 0:
         pytest.skip("needs a local DevCluster whose pg_hba.conf this test can edit")

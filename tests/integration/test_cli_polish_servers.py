@@ -32,8 +32,8 @@ def sql(dev, shard: int, statement: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=0)
+def env(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=0)
     catalog = dev.create_catalog()
     for i in (0, 1):
         sql(dev, i, "CREATE TABLE users (id bigint PRIMARY KEY); "
@@ -109,11 +109,11 @@ def test_a_range_move_is_counted_in_slices(env):
     assert json.loads(r.stdout)[0]["batches"][0]["buckets"] == 1   # the JSON keeps its key
 
 
-def test_demo_uses_a_dev_up_cluster_as_it_is(shardkit_cluster_factory):
+def test_demo_uses_a_dev_up_cluster_as_it_is(shardkit_module_cluster_factory):
     """README: the demo reuses a cluster started by `shardkit dev up`, which starts 2 shards
     while the demo's default is 3: it uses the 2 and says so, rather than failing; asked
     for 3 shards explicitly, it refuses in one line and leaves the cluster as it was."""
-    dev = shardkit_cluster_factory(shards=2, replicas=0)
+    dev = shardkit_module_cluster_factory(shards=2, replicas=0)
     base = str(dev.base_dir)
     config_before = (dev.base_dir / "shardkit.toml").read_text()
     r = shardkit("demo", "--shards", "3", "--dir", base)

@@ -1,5 +1,5 @@
 """docker-compose.yml's replica set-up script, run without Docker against a local
-primary (a ``shardkit_cluster_factory`` cluster) with the real ``pg_basebackup``
+primary (a ``shardkit_module_cluster_factory`` cluster) with the real ``pg_basebackup``
 and ``psql``."""
 
 import os
@@ -25,14 +25,14 @@ def _pg_program(name):
     return found
 
 
-def test_compose_replica_setup_recovers_a_lost_replica_volume(compose, shardkit_cluster_factory,
+def test_compose_replica_setup_recovers_a_lost_replica_volume(compose, shardkit_module_cluster_factory,
                                                               tmp_path):
     """The replica's entrypoint, run as Compose runs it, against a local primary:
     it clones on an empty data directory only, and clones again once its volume is
     gone (removed to rebuild the replica, or a clone that failed half way), although
     the primary still holds the replica's slot: `pg_basebackup -C` refuses an
     existing slot, which left the replica unable to start, ever."""
-    dev = shardkit_cluster_factory(shards=1, replicas=0)
+    dev = shardkit_module_cluster_factory(shards=1, replicas=0)
     primary = dev.shards[0].primary
     argv = compose["services"]["s0-replica"]["entrypoint"]
     assert argv[:2] == ["bash", "-c"]

@@ -29,9 +29,9 @@ local_only = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def own_cluster(shardkit_cluster_factory):
+def own_cluster(shardkit_module_cluster_factory):
     """A 1 x 1 cluster these tests may stop, kill and delay."""
-    return shardkit_cluster_factory(shards=1, replicas=1)
+    return shardkit_module_cluster_factory(shards=1, replicas=1)
 
 
 @pytest.fixture
@@ -277,16 +277,16 @@ def test_up_refuses_a_directory_with_other_files(tmp_path):
 
 
 @local_only
-def test_fixed_ports_and_down(shardkit_cluster_factory):
+def test_fixed_ports_and_down(shardkit_module_cluster_factory):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(DevClusterError, match=f"port {port} .* is in use"):
-            shardkit_cluster_factory(shards=1, replicas=0, port_start=port)
+            shardkit_module_cluster_factory(shards=1, replicas=0, port_start=port)
 
     start = free_port_run(2)
-    c = shardkit_cluster_factory(shards=1, replicas=1, port_start=start)
+    c = shardkit_module_cluster_factory(shards=1, replicas=1, port_start=start)
     assert [n.port for n in c.nodes] == [start, start + 1]
     c.down(remove=False)
     assert not any(n.is_running() for n in c.nodes)

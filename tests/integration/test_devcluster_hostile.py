@@ -381,8 +381,8 @@ def test_demo_whose_cluster_fails_to_start_leaves_no_temp_dir(root):
 _NESTED_TEST = textwrap.dedent("""
     import time
 
-    def test_hold(shardkit_cluster_factory):
-        c = shardkit_cluster_factory(shards=1, replicas=0)
+    def test_hold(shardkit_module_cluster_factory):
+        c = shardkit_module_cluster_factory(shards=1, replicas=0)
         print("CLUSTER-UP", c.base_dir, flush=True)
         time.sleep(120)
 """)

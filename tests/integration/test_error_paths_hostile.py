@@ -100,8 +100,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=1)
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
     cfg = {**dev.config_dict(), "groups": GROUPS,
            "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 2.0}}
     cluster = shardkit.Cluster.from_config(cfg)

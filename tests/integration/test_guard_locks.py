@@ -25,8 +25,8 @@ class Ledger(Base):
     amount: Mapped[int] = mapped_column(Integer, default=0)
 
 
-def test_a_write_of_every_bucket_holds_one_guard_lock_per_stripe(shardkit_cluster_factory, tmp_path):
-    dev = shardkit_cluster_factory(shards=2, replicas=0, bucket_count=1024)
+def test_a_write_of_every_bucket_holds_one_guard_lock_per_stripe(shardkit_module_cluster_factory, tmp_path):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=1024)
     cluster = guarded_cluster(dev, Base.metadata,
                               {"groups": {"ledger": {"strategy": "hash", "tables": {"gl_ledger": "id"}}}},
                               tmp_path / "shardkit.toml", follow_map=False)

@@ -43,8 +43,8 @@ def write_rev(versions: Path, rev: str, down: str | None, up: str, down_body: st
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+def env(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     work = tmp_path_factory.mktemp("mig")
     shutil.copytree(ROOT / "migrations", work / "migrations")
     versions = work / "migrations" / "versions"

@@ -119,8 +119,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def dev(shardkit_cluster_factory):
-    return shardkit_cluster_factory(shards=3, replicas=0, bucket_count=BUCKETS)
+def dev(shardkit_module_cluster_factory):
+    return shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=BUCKETS)
 
 
 @pytest.fixture

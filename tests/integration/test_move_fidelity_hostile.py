@@ -46,8 +46,8 @@ CANON = ("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 
 
 
 @pytest.fixture(scope="module")
-def dev(shardkit_cluster_factory):
-    return shardkit_cluster_factory(shards=2, replicas=0, bucket_count=8)
+def dev(shardkit_module_cluster_factory):
+    return shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=8)
 
 
 _numbers = itertools.count()

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def dev(shardkit_cluster_factory):
-    return shardkit_cluster_factory(shards=2, replicas=0, bucket_count=8)
+def dev(shardkit_module_cluster_factory):
+    return shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=8)
 
 
 def drain_s0_at(w: World, at: str, during: Callable[[], None]) -> int:

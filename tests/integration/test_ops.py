@@ -115,8 +115,8 @@ def test_pool_settings_are_validated():
     assert sc.node_pool(c.pool, "replica", 0) == {"size": 9, "recycle": 60}
 
 
-def test_status_json_reflects_a_stopped_replica(shardkit_cluster_factory, tmp_path):
-    dev = shardkit_cluster_factory(shards=2, replicas=1)
+def test_status_json_reflects_a_stopped_replica(shardkit_module_cluster_factory, tmp_path):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
     cfg = tmp_path / "shardkit.toml"
     dev.write_config(cfg, {"groups": {"things": {"tables": {"things": "id"}}}})
 

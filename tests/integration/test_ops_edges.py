@@ -186,8 +186,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=3, replicas=1)
+def env(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=1)
     work = tmp_path_factory.mktemp("edges")
     mig = work / "migrations"
     mig.mkdir()

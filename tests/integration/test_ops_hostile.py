@@ -78,8 +78,8 @@ def run_cli(argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=1)
+def env(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
     nodes = [n for s in dev.shards for n in s.nodes]
     if not all(hasattr(n, "datadir") for n in nodes) or os.geteuid() != 0:
         pytest.skip("needs a local DevCluster whose pg_hba.conf this test can edit")
@@ -897,12 +897,12 @@ def test_max_connections_precedence_node_over_shard_over_global(env):
                 c.close()
 
 
-def test_verify_with_a_catalog_finds_rows_planted_past_the_guard(shardkit_cluster_factory, capsys, tmp_path):
+def test_verify_with_a_catalog_finds_rows_planted_past_the_guard(shardkit_module_cluster_factory, capsys, tmp_path):
     """With a catalog (`rebalance init`: the guard on every shard), rows planted on the
     wrong shard by a session that bypasses the guard (`SET shardkit.mover = on`) and a
     NULL key are reported against the catalog's map: exit 1, the map version shown;
     clean again (exit 0) once they are deleted."""
-    dev = shardkit_cluster_factory(shards=2, replicas=0)
+    dev = shardkit_module_cluster_factory(shards=2, replicas=0)
     data = base_config(dev, catalog={"url": dev.create_catalog()})
     data["groups"] = {"c": {"tables": {"cat_things": "id"}}}
     cfg = write(tmp_path / "catalog.toml", data)

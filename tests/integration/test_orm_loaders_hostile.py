@@ -327,8 +327,8 @@ class Ol:
 
 
 @pytest.fixture(scope="module")
-def ol_env(shardkit_cluster_factory) -> Iterator[Ol]:
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+def ol_env(shardkit_module_cluster_factory) -> Iterator[Ol]:
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     cluster = shardkit.Cluster.from_config({**dev.config_dict(), **GROUPS}, metadata=OBase.metadata)
     for s in cluster.shard_names:
         OBase.metadata.drop_all(cluster.primary(s))

@@ -274,8 +274,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     cfg = {**dev.config_dict(), **groups([s.name for s in dev.shards])}
     cluster = shardkit.Cluster.from_config(cfg, metadata=WBase.metadata)
     for s in cluster.shard_names:

@@ -98,8 +98,8 @@ def _nodes_reading(served: list[tuple[str, str]], table: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bounced(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=1)
+def bounced(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
     names = [s.name for s in dev.shards]
     for shard in dev.shards:
         eng = create_engine(shard.primary.url)

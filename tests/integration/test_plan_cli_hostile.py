@@ -157,8 +157,8 @@ def _write(path: Path, data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=3, replicas=0, bucket_count=B)
+def world(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=B)
     for s in dev.shards:
         with psycopg.connect(s.primary.dsn, autocommit=True) as c:
             for ddl in DDL:

@@ -127,8 +127,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=1, bucket_count=BUCKETS)
+def world(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=1, bucket_count=BUCKETS)
     catalog_url = dev.create_catalog()
     for s in dev.shards:
         eng = create_engine(s.primary.url)

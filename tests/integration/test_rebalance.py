@@ -55,9 +55,9 @@ def _config(dev, catalog_url: str, shards: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world(shardkit_cluster_factory, tmp_path_factory):
+def world(shardkit_module_cluster_factory, tmp_path_factory):
     """3 shards; the catalog is a database on s0's server; data starts on s0 and s1."""
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     catalog_url = dev.create_catalog()
     for shard in dev.shards:
         eng = create_engine(shard.primary.url)

@@ -115,8 +115,8 @@ def _key(bucket: int, start: int = 1) -> int:
     return k
 
 
-def _make_world(shardkit_cluster_factory, tmp_path, replicas: int = 0):
-    dev = shardkit_cluster_factory(shards=3, replicas=replicas, bucket_count=BUCKETS)
+def _make_world(shardkit_module_cluster_factory, tmp_path, replicas: int = 0):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=replicas, bucket_count=BUCKETS)
     catalog_url = dev.create_catalog()
     for shard in dev.shards:
         with psycopg.connect(shard.primary.dsn, autocommit=True) as c:
@@ -134,9 +134,9 @@ def _make_world(shardkit_cluster_factory, tmp_path, replicas: int = 0):
 
 
 @pytest.fixture
-def world(shardkit_cluster_factory, tmp_path):
+def world(shardkit_module_cluster_factory, tmp_path):
     """s0 and s1 own the buckets (the 2-shard config's map is version 1); s2 owns none."""
-    w = _make_world(shardkit_cluster_factory, tmp_path)
+    w = _make_world(shardkit_module_cluster_factory, tmp_path)
     yield w
     w.dev.down(remove=True)
 
@@ -880,8 +880,8 @@ def test_status_shows_why_a_move_stopped(world):
 # -- 14. read-your-writes across a switch ---------------------------------------------------------
 
 
-def test_read_your_writes_holds_across_a_switch(shardkit_cluster_factory, tmp_path):
-    w = _make_world(shardkit_cluster_factory, tmp_path, replicas=1)
+def test_read_your_writes_holds_across_a_switch(shardkit_module_cluster_factory, tmp_path):
+    w = _make_world(shardkit_module_cluster_factory, tmp_path, replicas=1)
     try:
         cluster = w.cluster()
         b1 = _buckets_of(cluster, "s0")[0]

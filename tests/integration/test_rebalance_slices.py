@@ -62,8 +62,8 @@ GROUPS = {"groups": {
 
 
 @pytest.fixture(scope="module")
-def world(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+def world(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     catalog_url = dev.create_catalog()
     for shard in dev.shards:
         eng = create_engine(shard.primary.url)

@@ -82,8 +82,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=2)
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=2)
     cluster = shardkit.Cluster.from_config(_config(dev), metadata=Base.metadata)
     for s in cluster.shard_names:
         Base.metadata.create_all(cluster.primary(s))

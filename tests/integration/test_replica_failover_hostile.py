@@ -98,8 +98,8 @@ def _make_cluster(dev: Any, **replicas: Any) -> shardkit.Cluster:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=2)
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=2)
     cluster = _make_cluster(dev)
     for s in cluster.shard_names:
         Base.metadata.create_all(cluster.primary(s))

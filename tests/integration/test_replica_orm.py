@@ -103,8 +103,8 @@ def _record(cluster: shardkit.Cluster, served: list) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=2)
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=2)
     cfg = {**dev.config_dict(), "groups": GROUPS,
            "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 1.0}}
     cluster = shardkit.Cluster.from_config(cfg, metadata=Base.metadata)

@@ -46,9 +46,9 @@ def make(dev, **replicas):
 
 
 @pytest.fixture(scope="module")
-def one_by_two(shardkit_cluster_factory):
+def one_by_two(shardkit_module_cluster_factory):
     """1 shard, 2 replicas: tests here delay or kill replicas, so the cluster is theirs."""
-    return shardkit_cluster_factory(shards=1, replicas=2)
+    return shardkit_module_cluster_factory(shards=1, replicas=2)
 
 
 def _writer(Session, stop: threading.Event, start_id: int) -> threading.Thread:
@@ -167,8 +167,8 @@ def test_token_round_trip_and_bad_token(one_by_two):
         cluster.dispose()
 
 
-def test_replica_killed_mid_load_costs_no_failed_read(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=1, replicas=2)
+def test_replica_killed_mid_load_costs_no_failed_read(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=1, replicas=2)
     cluster, Session, served = make(dev, consistency="eventual")
     with Session() as s:
         s.add_all(Item(id=i, v="x") for i in range(100))
@@ -213,8 +213,8 @@ def test_replica_killed_mid_load_costs_no_failed_read(shardkit_cluster_factory):
         cluster.dispose()
 
 
-def test_stopped_primary_fails_writes_fast_while_replicas_serve(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=1, replicas=1)
+def test_stopped_primary_fails_writes_fast_while_replicas_serve(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=1, replicas=1)
     cluster, Session, served = make(dev, consistency="eventual")
     with Session() as s:
         s.add(Item(id=1, v="x"))

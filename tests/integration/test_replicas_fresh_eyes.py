@@ -39,8 +39,8 @@ def _cluster(cfg: dict[str, Any], **replicas: Any) -> shardkit.Cluster:
 
 
 @pytest.fixture(scope="module")
-def dev(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=1, replicas=2)
+def dev(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=1, replicas=2)
     cluster = _cluster(dev.config_dict())
     try:
         Base.metadata.create_all(cluster.primary("s0"))

@@ -48,8 +48,8 @@ class Gadget(Base):
 
 
 @pytest.fixture(scope="module")
-def kit(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+def kit(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     assert tuple(s.name for s in dev.shards) == tuple(SHARDS)
     cfg = {**dev.config_dict(), "groups": {
         "members": {"strategy": "hash", "tables": {"fe_members": "email"}},

@@ -188,8 +188,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     assert tuple(s.name for s in dev.shards) == SHARDS
     cfg = {**dev.config_dict(), **config_groups()}
     cluster = shardkit.Cluster.from_config(cfg, metadata=Base.metadata)

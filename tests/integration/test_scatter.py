@@ -178,9 +178,9 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory) -> Iterator[Env]:
-    dev = shardkit_cluster_factory(shards=4, replicas=0)
-    ref = shardkit_cluster_factory(shards=1, replicas=0)
+def env(shardkit_module_cluster_factory) -> Iterator[Env]:
+    dev = shardkit_module_cluster_factory(shards=4, replicas=0)
+    ref = shardkit_module_cluster_factory(shards=1, replicas=0)
     cluster = shardkit.Cluster.from_config({**dev.config_dict(), "groups": GROUPS},
                                            metadata=Base.metadata)
     assert cluster.shard_names == ("s0", "s1", "s2", "s3")

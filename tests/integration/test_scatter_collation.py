@@ -29,8 +29,8 @@ class Word(Base):
 
 
 @pytest.fixture(scope="module")
-def icu(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=1)
+def icu(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
     cfg = {**dev.config_dict(), "groups": {"w": {"tables": {"coll_words": "id"}}},
            "replicas": {"consistency": "eventual", "max_lag_seconds": 60}}
     for shard in cfg["shards"]:

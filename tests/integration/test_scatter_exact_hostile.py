@@ -213,8 +213,8 @@ class Hx:
 
 
 @pytest.fixture(scope="module")
-def hx(shardkit_cluster_factory) -> Iterator[Hx]:
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+def hx(shardkit_module_cluster_factory) -> Iterator[Hx]:
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     cluster = shardkit.Cluster.from_config({**dev.config_dict(), **GROUPS}, metadata=HBase.metadata)
     assert cluster.shard_names == ("s0", "s1", "s2")
     for s in cluster.shard_names:

@@ -148,8 +148,8 @@ def run_threads(fn, n: int, timeout: float = JOIN) -> list[BaseException]:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory) -> Iterator[Env]:
-    dev = shardkit_cluster_factory(shards=3, replicas=1)
+def env(shardkit_module_cluster_factory) -> Iterator[Env]:
+    dev = shardkit_module_cluster_factory(shards=3, replicas=1)
     cfg = {**dev.config_dict(), "groups": GROUPS, "replicas": {"poll_interval": 0.1}}
     cluster = shardkit.Cluster.from_config(cfg, metadata=Base.metadata)
     assert cluster.shard_names == ("s0", "s1", "s2")

@@ -75,8 +75,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=0)
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=0)
     cluster = shardkit.Cluster.from_config({**dev.config_dict(), **GROUPS}, metadata=FeBase.metadata)
     for s in cluster.shard_names:
         FeBase.metadata.create_all(cluster.primary(s))

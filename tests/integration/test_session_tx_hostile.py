@@ -116,8 +116,8 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(shardkit_cluster_factory):
-    dev = shardkit_cluster_factory(shards=3, replicas=1)
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=1)
     cfg = {**dev.config_dict(), **GROUPS}
     cluster = shardkit.Cluster.from_config(cfg, metadata=TxBase.metadata)
     for s in cluster.shard_names:

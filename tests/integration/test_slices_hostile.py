@@ -121,8 +121,8 @@ COLLS = {"colls": {"strategy": "list", "tables": {"colls": "tag"},
 
 
 @pytest.fixture(scope="module")
-def dev(shardkit_cluster_factory):
-    return shardkit_cluster_factory(shards=3, replicas=0, bucket_count=16)
+def dev(shardkit_module_cluster_factory):
+    return shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=16)
 
 
 _numbers = itertools.count()

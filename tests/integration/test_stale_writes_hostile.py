@@ -74,8 +74,8 @@ GROUPS = {"groups": {
 
 
 @pytest.fixture(scope="module")
-def world(shardkit_cluster_factory, tmp_path_factory):
-    dev = shardkit_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
+def world(shardkit_module_cluster_factory, tmp_path_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
     cfg_path = tmp_path_factory.mktemp("stale_writes") / "shardkit.toml"
     cluster = guarded_cluster(dev, Base.metadata, GROUPS, cfg_path)
     Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")

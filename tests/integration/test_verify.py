@@ -21,8 +21,8 @@ def run(cfg_path):
 
 
 @pytest.mark.parametrize("with_sql", [True, False])
-def test_verify_finds_misplaced_and_duplicate_rows(shardkit_cluster_factory, tmp_path, with_sql):
-    dev = shardkit_cluster_factory(shards=3, replicas=0)
+def test_verify_finds_misplaced_and_duplicate_rows(shardkit_module_cluster_factory, tmp_path, with_sql):
+    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
     names = [s.name for s in dev.shards]
     cfg_path = tmp_path / "shardkit.toml"
     dev.write_config(cfg_path, groups_config(names))

@@ -528,7 +528,7 @@ def test_execution_options_in_the_readme_are_read_by_the_code():
                              r"max_lag_bytes|timeout|partial_results|strict|[a-z_]+))\s*[=\"]", README_TEXT))
     options |= set(re.findall(r"`(shardkit_[a-z_]+)`", README_TEXT))
     missing = [o for o in sorted(options)
-               if f'"{o}"' not in PACKAGE_SOURCE and o not in {"shardkit_cluster_factory", "shardkit_dev_cluster"}]
+               if f'"{o}"' not in PACKAGE_SOURCE and o not in {"shardkit_cluster_factory", "shardkit_module_cluster_factory", "shardkit_dev_cluster"}]
     assert missing == []
 
 
