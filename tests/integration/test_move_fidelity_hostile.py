@@ -182,6 +182,8 @@ def run_plan(w: World, plan: Any, tables: list[str], during: Callable[[World], N
         if "error" in state:
             raise state["error"]
         raise
+    # Without this, a move that never printed its copy line would pass with no writes during it.
+    assert during is None or state.get("ran"), "the mover never printed ': copied ': `during` did not run"
     return Outcome(move_id, state["expected"])
 
 

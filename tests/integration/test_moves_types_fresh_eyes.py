@@ -171,7 +171,7 @@ def _move_stopped_after_the_copy(w: World) -> int:
 
     mover = rebalance.Mover(w.cluster, grace=0, progress=stop)
     move_id = mover.start(plan_drain(w.cluster.config.bucket_map, "s0", remaining=["s1"]))
-    with pytest.raises(Exception):
+    with pytest.raises(RebalanceError, match=r"batch 0 \(s0 -> s1\): _Stop"):
         mover.run(move_id)
     return move_id
 

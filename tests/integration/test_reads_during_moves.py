@@ -111,6 +111,11 @@ class World:
                         assert time.monotonic() < deadline, f"{r.name} did not replay {target}"
                         time.sleep(0.02)
 
+    def replica_ids(self, shard: str, ids: list[int]) -> set[int]:
+        """Those of ``ids`` that ``shard``'s replica has in ``members`` (read there directly)."""
+        with psycopg.connect(self.shard(shard).replicas[0].dsn, autocommit=True) as c:
+            return {r[0] for r in c.execute("SELECT id FROM members WHERE id = ANY(%s)", (ids,))}
+
     def sync_app(self) -> list[str]:
         """Wait (up to 3 s) until the app cluster routes by the catalog's current state: map
         version, shards holding rows they do not own, replica floors."""
@@ -425,7 +430,7 @@ def test_reads_at_every_step_with_writes_in_between(world):
 
 
 def test_lagging_target_replica_at_switch(world):
-    """The target's replica is 1.5 s behind; right after the switch (app synced, replica not
+    """The target's replica is 3 s behind; right after the switch (app synced, replica not
     caught up) reads of moved rows must not vanish nor be stale, and a session that wrote a row
     during the copy must read it back."""
     w = world
@@ -436,7 +441,7 @@ def test_lagging_target_replica_at_switch(world):
     problems: list[str] = []
     token = None
     new_id = w.fresh_id(buckets[0])
-    target_replica.set_apply_delay(1.5)
+    target_replica.set_apply_delay(3.0)
     run = Moving(mover, plan)
     try:
         assert run.next_step() == "copied"
@@ -457,7 +462,10 @@ def test_lagging_target_replica_at_switch(world):
             if got != 4242:
                 problems.append(f"token reader: member {moved[0]} score {got}, wrote 4242")
         for consistency in ("eventual", "read_your_writes"):
-            problems += check_reads(w, consistency, "switched, target replica 1.5 s behind", moved + [new_id])
+            problems += check_reads(w, consistency, "switched, target replica 3 s behind", moved + [new_id])
+        # The reads above ran while the target's replica was really behind: it has not
+        # replayed the catch-up of the row written during the copy yet.
+        assert new_id not in w.replica_ids("s0", [new_id]), "the target's replica did not lag"
         run.resume()
     finally:
         run.finish()
@@ -480,12 +488,16 @@ def test_lagging_source_replica_after_cleanup(world):
     mover = PausingMover(w.admin, {"cleaned"})
     problems: list[str] = []
     source_replica.set_apply_delay(3.0)
+    present = set(moved) & set(truth(w)["members"])
+    assert present
     run = Moving(mover, plan)
     try:
         assert run.next_step() == "cleaned"
         problems += w.sync_app()
         for consistency in ("eventual", "read_your_writes"):
             problems += check_reads(w, consistency, "cleaned, source replica 3 s behind", moved)
+        # The reads above ran while the source's replica still had the leftovers.
+        assert w.replica_ids("s0", moved) == present, "the source's replica did not lag"
         run.resume()
     finally:
         run.finish()
@@ -514,11 +526,15 @@ def test_abort_with_lagging_target_replica(world):
         with w.admin.catalog.engine.connect() as c:
             move_id = c.execute(text("SELECT max(id) FROM shardkit_catalog.moves")).scalar_one()
         w.replicas_caught_up()           # the target's replica has the copies
+        copies = w.replica_ids("s1", moved)
+        assert copies and copies == set(moved) & set(truth(w)["members"])
         target_replica.set_apply_delay(3.0)
         rebalance.abort(w.admin, move_id)
         problems += w.sync_app()
         for consistency in ("eventual", "read_your_writes"):
             problems += check_reads(w, consistency, "aborted, target replica 3 s behind", moved)
+        # The reads above ran while the target's replica still had the deleted copies.
+        assert w.replica_ids("s1", moved) == copies, "the target's replica did not lag"
     finally:
         run.finish()
         target_replica.set_apply_delay(0)
