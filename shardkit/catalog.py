@@ -224,11 +224,14 @@ class Catalog:
             if current is None:
                 return None
             foreign: dict[str, set[int]] = {}
+            # (A batch an abort left "leftovers" of, its target unreachable then, may
+            # still have its copies there until they are removed.)
             for source, target, buckets, step in c.execute(text(
                     "SELECT b.source, b.target, b.buckets, b.step FROM shardkit_catalog.move_batches b "
                     "JOIN shardkit_catalog.moves m ON m.id = b.move_id "
-                    "WHERE m.state = 'running' AND b.step IN ('capturing', 'copied', 'switched', 'verified')")):
-                holder = target if step in ("capturing", "copied") else source
+                    "WHERE (m.state = 'running' AND b.step IN ('capturing', 'copied', 'switched', 'verified')) "
+                    "OR b.step = 'leftovers'")):
+                holder = target if step in ("capturing", "copied", "leftovers") else source
                 foreign.setdefault(holder, set()).update(buckets)
             # Per shard, the WAL position its replicas must have replayed to serve reads:
             # a target's after a switch (or after an abort deleted its copies), a

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 
 from ._cluster import Cluster
-from ._config import mask_url
+from ._config import _compress, mask_url
 from .errors import RebalanceError, ShardkitError, ShardUnavailable
 
 __all__ = ["main"]
@@ -348,6 +348,10 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
             return 0
         if verb == "plan":
             plan = _make_plan(args, cluster)
+            catalog = rebalance._need_catalog(cluster)
+            with catalog.engine.connect() as conn:
+                if catalog.initialised(conn):
+                    rebalance.refuse_onto_leftovers(conn, plan)
             if args.out:
                 try:
                     Path(args.out).write_text(json.dumps(plan.as_dict(), indent=2) + "\n", encoding="utf-8")
@@ -380,11 +384,21 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                 for b in m["batches"]:
                     print(f"  batch {b['batch']:>3}: {b['source']} -> {b['target']} "
                           f"{b['buckets']:>4} {unit if b['buckets'] == 1 else unit + 's':<7}  {b['step']}")
+                for lo in m.get("leftovers", ()):
+                    print(f"  leftovers: {lo['shard']} may still hold rows of buckets {_compress(lo['buckets'])} "
+                          f"(batch {lo['batch']}); once it is reachable: shardkit rebalance abort {m['move']}")
             return 0
         if verb == "abort":
-            result = rebalance.abort(cluster, args.move)
+            result = rebalance.abort(cluster, args.move, target_lost=args.target_lost)
+            if result.get("removed_leftovers"):
+                print(f"move {args.move}: leftovers of batches {result['removed_leftovers']} removed")
+                return 0
             print(f"move {args.move} aborted: batches undone {result['undone_batches']}, "
                   f"already finished {result['finished_batches']}")
+            for lo in result.get("leftovers", ()):
+                print(f"  {lo['shard']} was unreachable: it may still hold rows of buckets "
+                      f"{_compress(lo['buckets'])} (batch {lo['batch']}); moves of them to it are refused "
+                      f"until `shardkit rebalance abort {args.move}`, run once it is reachable, removes them")
             return 0
         mover = rebalance.Mover(cluster, grace=args.grace, step_delay=args.step_delay, duty=args.duty,
                                 progress=lambda line: print(line, flush=True))
@@ -456,8 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
             rp_.add_argument("--json", action="store_true", help="print JSON")
     rsub.add_parser("resume", help="finish a move that stopped").add_argument(
         "move", type=int, help="the move's number (shardkit rebalance status lists them)")
-    rsub.add_parser("abort", help="undo a move's unfinished batches").add_argument(
-        "move", type=int, help="the move's number (shardkit rebalance status lists them)")
+    ab = rsub.add_parser("abort", help="undo a move's unfinished batches (again on an aborted move: "
+                                       "remove what --target-lost left)")
+    ab.add_argument("move", type=int, help="the move's number (shardkit rebalance status lists them)")
+    ab.add_argument("--target-lost", action="store_true",
+                    help="undo a batch whose target cannot be reached on its source alone (capture stops, "
+                         "the source keeps the buckets); the target may keep copies of their rows, "
+                         "recorded in the catalog: moves of them to it are refused until `abort MOVE`, "
+                         "run again once it is reachable, removes them. Not for batches that switched")
     rsub.add_parser("status", help="moves and the step each batch reached").add_argument(
         "move", type=int, nargs="?")
     rsub.choices["status"].add_argument("--json", action="store_true", help="print JSON")

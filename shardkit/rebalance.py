@@ -93,7 +93,7 @@ from ._slices import add_missing_groups, initial_slices, reassign
 from .catalog import MOVER_LOCK_CLASS, Catalog
 from .errors import RebalanceError
 
-__all__ = ["STEPS", "Mover", "abort", "init", "move_status"]
+__all__ = ["LEFTOVERS", "STEPS", "Mover", "abort", "init", "move_status"]
 
 log = logging.getLogger("shardkit.rebalance")
 
@@ -114,6 +114,12 @@ _CHANGES_PER_ROUND = 5000
 _CHUNK_PAGES = 2048
 # The clean-up's duty cycle, whatever the mover's (see _clean_up).
 _CLEAN_UP_DUTY = 0.5
+# The step of a batch that `abort --target-lost` undid on its source only: its target
+# (unreachable then) may still hold copies of the buckets' rows, and ownership a crashed
+# cut-over gave it, until `abort` runs again on the aborted move and removes them.
+LEFTOVERS = "leftovers"
+# Journal entry (no batch step) made when a cut-over begins, before the target may own.
+_CUTTING_OVER = "cutting-over"
 # Advisory lock (first key; second: the move) on a target, held by a copy and by an abort
 # deleting the copies.  Not the catalog's class: the catalog may be the same database.
 _COPY_LOCK_CLASS = 0x534A  # "SJ"
@@ -270,6 +276,29 @@ def _fits_live_map(cluster: Cluster, catalog: Catalog) -> None:
     current = catalog.current_map()
     if current is not None:
         check_live_map(cluster, current)
+
+
+def refuse_onto_leftovers(conn: Any, plan: Plan | SlicePlan) -> None:
+    """Refuse (on catalog connection ``conn``) a plan moving buckets to a shard that still
+    holds leftovers of them from a move aborted with ``--target-lost``: the copy would
+    land on those rows."""
+    if not plan.moves or isinstance(plan, SlicePlan):
+        return  # (leftovers are hash buckets: a slice move cannot leave any)
+    onto = {(m.bucket, m.target) for m in plan.moves}
+    for move_id, batch, target, buckets in conn.execute(text(
+            "SELECT b.move_id, b.batch, b.target, b.buckets FROM shardkit_catalog.move_batches b "
+            "JOIN shardkit_catalog.moves m ON m.id = b.move_id "
+            "WHERE b.step = :s AND b.buckets && CAST(:b AS integer[]) "
+            "AND coalesce(m.plan->>'kind', '') <> 'slices' ORDER BY b.move_id, b.batch"),
+            {"s": LEFTOVERS, "b": sorted({m.bucket for m in plan.moves})}):
+        clash = sorted(b for b in buckets if (b, target) in onto)
+        if clash:
+            raise RebalanceError(
+                f"the plan moves buckets {clash[:10]} to {target}, which still holds rows of them "
+                f"left by move {move_id} (batch {batch}, aborted with --target-lost while {target} "
+                f"was unreachable); a copy onto them would clash: once {target} is reachable, run "
+                f"`shardkit rebalance abort {move_id}` to remove them, then plan again",
+                move_id=move_id)
 
 
 def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
@@ -462,6 +491,9 @@ class Mover:
         """
         if not plan.moves:
             raise RebalanceError("the plan moves no buckets; nothing to do")
+        with self.catalog.engine.connect() as conn:  # (again under the lock below)
+            if self.catalog.initialised(conn):
+                refuse_onto_leftovers(conn, plan)
         # Asked of the shards before the catalog is locked (other movers wait on that lock).
         self._check_triggers(({m.source for m in plan.moves} | {m.target for m in plan.moves})
                              & set(self.cluster.shard_names),  # an unknown one is refused below
@@ -521,6 +553,7 @@ class Mover:
                 raise RebalanceError(
                     f"move {busy[0]} is still running on buckets {sorted(busy[1])[:10]}; finish it "
                     f"(`shardkit rebalance resume {busy[0]}`) or abort it first", move_id=busy[0])
+            refuse_onto_leftovers(conn, plan)
             move_id = conn.execute(text(
                 "INSERT INTO shardkit_catalog.moves (state, reason, plan) "
                 "VALUES ('running', :r, CAST(:p AS jsonb)) RETURNING id"),
@@ -1230,8 +1263,12 @@ class Mover:
                     paused = time.monotonic()
                     # Still this mover's move?  An abort takes the same gate to undo
                     # the batch, so it cannot slip in between this check and the commit.
+                    # Recorded before the target takes ownership: if the mover dies
+                    # between the target's commit and the source's, an abort that cannot
+                    # reach the target knows it may own the buckets (see abort()).
                     with self.catalog.engine.begin() as conn:
                         self._fence(conn, move_id)
+                        Catalog.record(conn, move_id, None, _CUTTING_OVER, {"batch": batch})
                     with tgt.transaction():
                         try:
                             while self._apply_changes(src, tgt, tables, buckets, None):
@@ -1416,11 +1453,15 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
                 "batches": [{"batch": b["batch"], "source": b["source"], "target": b["target"],
                              "buckets": len(b["buckets"]), "step": b["step"],
                              "map_version": b["map_version"]} for b in batches],
+                # Batches aborted with --target-lost: the shard that may still hold their
+                # rows (and ownership), until `abort` on the aborted move removes them.
+                "leftovers": [{"batch": b["batch"], "shard": b["target"], "buckets": sorted(b["buckets"])}
+                              for b in batches if b["step"] == LEFTOVERS],
             })
     return out
 
 
-def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
+def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[str, Any]:
     """Stop a running move and give its unswitched buckets back to their source.
 
     Batches that have not switched are undone: the target gives up any
@@ -1429,6 +1470,20 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
     (by the journal, or in fact on the shards: a mover may have died between
     the source's commit and the catalog's) blocks the abort: resume the move,
     then plan the buckets back.  Batches already finished stay moved.
+
+    ``target_lost`` (``--target-lost``): a batch whose target cannot be reached
+    is undone on its source alone (capture stops, the source owns the buckets);
+    the batch is recorded as :data:`LEFTOVERS`: its target may still hold copies
+    of the buckets' rows, and the ownership a crashed cut-over gave it.  Until
+    they are removed, cross-shard reads leave those rows out and moves of those
+    buckets to that shard are refused; ``abort`` again on the aborted move removes
+    them once the shard is reachable.  Refused for a move of a range or list
+    group's slices, and when a cut-over of the batch began and a map version once
+    gave its buckets to the target (a process holding that map could write there
+    if the target came back owning them).
+
+    On a move already aborted with leftovers, removes them (every shard holding
+    them must be reachable).
     """
     catalog = _need_catalog(cluster, initialised=True)
     _fits_live_map(cluster, catalog)
@@ -1442,16 +1497,22 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
             with catalog.engine.begin() as conn:
                 state = conn.execute(text("SELECT state FROM shardkit_catalog.moves WHERE id = :m"),
                                      {"m": move_id}).scalar()
-                if state != "running":
-                    raise RebalanceError(f"move {move_id} is {state or 'unknown'}; nothing to abort",
-                                         move_id=move_id)
-                # Fence out a mover that lost its lock but still runs.
-                conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r WHERE id = :m"),
-                             {"r": "abort-" + uuid.uuid4().hex, "m": move_id})
+                if state == "running":
+                    # Fence out a mover that lost its lock but still runs (before the
+                    # batches are read: it records no step after this).
+                    conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r WHERE id = :m"),
+                                 {"r": "abort-" + uuid.uuid4().hex, "m": move_id})
                 batches = conn.execute(text(
                     "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
                     "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
+                left = [b for b in batches if b.step == LEFTOVERS]
+                if state != "running" and not (state == "aborted" and left):
+                    raise RebalanceError(f"move {move_id} is {state or 'unknown'}; nothing to abort",
+                                         move_id=move_id)
                 group = _move_group(conn, move_id)
+            if state == "aborted":
+                # Aborted with --target-lost: remove what it left on the targets.
+                return _remove_leftovers(cluster, catalog, move_id, left)
             pending = [b for b in batches if b.step != "cleaned"]
             # Every shard the undo reads and writes, before anything is undone.
             urls = {(b.batch, role): _shard_url(cluster, shard, move_id, b.batch, role)
@@ -1469,10 +1530,22 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                         f"move {move_id}: batch {b.batch} has switched to {b.target}; run `shardkit "
                         f"rebalance resume {move_id}` to finish it, then plan those buckets back",
                         move_id=move_id, step=b.step)
-            undone = []
+            # Batches --target-lost may not leave to their target (None: it may), refused
+            # before anything is undone when their target is down.
+            unsafe = _unsafe_without_target(cluster, catalog, move_id, pending, group) if target_lost else {}
+            for b in pending:
+                if unsafe.get(b.batch) and _unreachable(cluster, urls[(b.batch, "target")]) is not None:
+                    raise RebalanceError(
+                        f"move {move_id}: cannot reach {b.target}, the target of batch {b.batch}, and "
+                        f"--target-lost cannot undo the batch without it: {unsafe[b.batch]}; the move "
+                        f"stays running: run `shardkit rebalance abort {move_id}` once {b.target} is "
+                        "reachable again (or rebuilt with its tables)", move_id=move_id, step=b.step)
+            undone: list[int] = []
+            leftovers: list[dict[str, Any]] = []
             for b in pending:
                 buckets = list(b.buckets)
-                with _connect_for_abort(cluster, urls, b, move_id, undone) as (src, tgt):
+                lost = target_lost and not unsafe.get(b.batch)
+                with _connect_for_abort(cluster, urls, b, move_id, undone, lost) as (src, tgt, why):
                     tables = _moved_tables(cluster, src, b.source, group)
                     with src.transaction():
                         # Writers in flight, and a cut-over in flight, finish first: none
@@ -1484,51 +1557,113 @@ def abort(cluster: Cluster, move_id: int) -> dict[str, Any]:
                         src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
                         src.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
                                     "ON CONFLICT DO NOTHING", (buckets,))
-                    replica = _may_replicate(tgt)
-                    with tgt.transaction():
-                        # A copy in flight (a mover that lost its lock) commits first.
-                        _lock_copies(tgt, move_id)
-                        tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
-                        # A cut-over that died after the target's commit left it owning them.
-                        tgt.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])",
-                                    (buckets,))
-                        tgt.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
-                                    (buckets,))
-                        tgt.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
-                        if replica:  # the copies go as the mover wrote them: no user triggers
-                            tgt.execute(_REPLICA_ON)
-                        for t in reversed(tables):
-                            tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql +
-                                                " = ANY(%s::integer[])").format(sql.Identifier(t.name)),
-                                        (buckets,))
-                    # The target's replicas serve reads once they have replayed the deletes.
-                    lsn = _flushed(tgt)
+                    lsn = None if tgt is None else _undo_on_target(tgt, tables, buckets, move_id)
                 undone.append(b.batch)
                 with catalog.engine.begin() as conn:
-                    Catalog.set_floor(conn, move_id, b.batch, "target", lsn)
-                    Catalog.record(conn, move_id, b.batch, "aborted")
+                    if lsn is not None:
+                        Catalog.set_floor(conn, move_id, b.batch, "target", lsn)
+                        Catalog.record(conn, move_id, b.batch, "aborted")
+                    elif b.step == "pending":
+                        # Nothing of the batch reached the target (the copy follows the
+                        # "capturing" record, and a cut-over the "copied" one).
+                        Catalog.record(conn, move_id, b.batch, "aborted", {"target_unreachable": why})
+                    else:
+                        Catalog.record(conn, move_id, b.batch, LEFTOVERS, {
+                            "shard": b.target, "buckets": buckets, "step": b.step, "target_unreachable": why,
+                            # a cut-over began: the target may own the buckets too
+                            "may_own": b.batch in unsafe})
+                        leftovers.append({"batch": b.batch, "shard": b.target, "buckets": sorted(buckets)})
             if group is not None:
                 _restore_group(cluster, catalog, group, move_id)
             kept = [b.batch for b in batches if b.step == "cleaned"]
             with catalog.engine.begin() as conn:
                 conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'aborted', updated_at = now() "
                                   "WHERE id = :m"), {"m": move_id})
-                Catalog.record(conn, move_id, None, "aborted", {"undone": undone, "kept": kept})
+                Catalog.record(conn, move_id, None, "aborted", {
+                    "undone": undone, "kept": kept, **({"leftovers": leftovers} if leftovers else {})})
         finally:
             try:
                 lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"), {"c": MOVER_LOCK_CLASS, "m": move_id})
                 lock_conn.commit()
             except Exception:  # noqa: BLE001 - a dead session holds no lock
                 pass
-    return {"move": move_id, "undone_batches": undone, "finished_batches": kept}
+    return {"move": move_id, "undone_batches": undone, "finished_batches": kept, "leftovers": leftovers,
+            "removed_leftovers": []}
+
+
+def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list[int], move_id: int) -> str:
+    """Delete ``buckets``' copies and ownership (and capture) from a batch's target; return
+    its WAL position after the deletes."""
+    replica = _may_replicate(tgt)
+    guarded = tgt.execute("SELECT to_regclass('shardkit.owned_buckets') IS NOT NULL").fetchone()[0]
+    with tgt.transaction():
+        # A copy in flight (a mover that lost its lock) commits first.
+        _lock_copies(tgt, move_id)
+        tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
+        if guarded:  # (a target rebuilt without shardkit's tables owns nothing)
+            # A cut-over that died after the target's commit left it owning them.
+            tgt.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+            tgt.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+            tgt.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
+        if replica:  # the copies go as the mover wrote them: no user triggers
+            tgt.execute(_REPLICA_ON)
+        for t in reversed(tables):
+            tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql +
+                                " = ANY(%s::integer[])").format(sql.Identifier(t.name)), (buckets,))
+    # The target's replicas serve reads once they have replayed the deletes.
+    return _flushed(tgt)
+
+
+def _unreachable(cluster: Cluster, url: Any) -> str | None:
+    """None if a server answers at ``url``, else the first line of why not (no password)."""
+    try:
+        psycopg.connect(conninfo(url), autocommit=True).close()
+    except psycopg.OperationalError as e:
+        return (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
+    return None
+
+
+def _unsafe_without_target(cluster: Cluster, catalog: Catalog, move_id: int, pending: list[Any],
+                           group: str | None) -> dict[int, str | None]:
+    """Per batch of ``pending``, why ``--target-lost`` may not undo it without its target
+    (a string), or None (it may, though a cut-over began: the target may own the buckets);
+    batches missing: it may, and the target owns none of the buckets."""
+    out: dict[int, str | None] = {}
+    with catalog.engine.connect() as conn:
+        cut = {int(r[0]) for r in conn.execute(text(
+            "SELECT DISTINCT (detail->>'batch')::int FROM shardkit_catalog.journal "
+            "WHERE move_id = :m AND step = :s"), {"m": move_id, "s": _CUTTING_OVER})}
+        for b in pending:
+            if group is not None:
+                out[b.batch] = (f"an abort of a move of group {group}'s slices gives every shard the "
+                                "catalog's slices again, the target included")
+                continue
+            if b.step == "pending":
+                continue
+            if b.batch not in cut:
+                continue
+            # The target commits ownership before the source gives it up: a mover that died in
+            # between left the target owning the buckets.  That is harmless while no map, not
+            # even an old one a process may still hold, sends their writes there.
+            mapped = conn.execute(text(
+                "SELECT array_agg(DISTINCT x ORDER BY x) FROM shardkit_catalog.maps, unnest(CAST(:b AS integer[])) x "
+                "WHERE bucket_map[x + 1] = :t"), {"b": list(b.buckets), "t": b.target}).scalar()
+            out[b.batch] = None if not mapped else (
+                f"a cut-over of the batch began, so {b.target} may own buckets {mapped[:10]}, which an "
+                f"older map version gave it: a process still holding that map could write to them there "
+                f"if {b.target} came back with its data")
+    return out
 
 
 @contextlib.contextmanager
 def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: Any, move_id: int,
-                       undone: list[int]) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
+                       undone: list[int], target_lost: bool = False
+                       ) -> Iterator[tuple[psycopg.Connection, psycopg.Connection | None, str | None]]:
     """Connections to the source and the target of batch ``b``, for an abort to undo it; a
-    shard that cannot be reached is refused saying what is left to undo."""
+    shard that cannot be reached is refused saying what is left to undo.  With
+    ``target_lost``, a target that cannot be reached gives None, and why."""
     conns = []
+    why = None
     try:
         for role in ("source", "target"):
             shard = b.source if role == "source" else b.target
@@ -1536,16 +1671,69 @@ def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: An
                 conns.append(psycopg.connect(conninfo(urls[(b.batch, role)]), autocommit=True))
             except psycopg.OperationalError as e:
                 first = (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
+                if role == "target" and target_lost:
+                    why = first
+                    log.warning("move %s: cannot reach %s, the target of batch %s (%s); undoing the "
+                                "batch on its source only (--target-lost)", move_id, shard, b.batch, first)
+                    continue
+                lost = "" if role == "source" else (
+                    f", or, if {shard} is lost (its data gone, or down for long), `shardkit rebalance "
+                    f"abort {move_id} --target-lost`: it undoes the batch on {b.source} alone (capture "
+                    f"stops, {b.source} keeps the buckets) and records that {shard} still holds copies "
+                    "of their rows (and, after a crashed cut-over, their ownership); moves of them to "
+                    f"{shard} are refused until `shardkit rebalance abort {move_id}`, run once {shard} "
+                    "is back, removes them")
                 raise RebalanceError(
                     f"move {move_id}: cannot reach {shard}, the {role} of batch {b.batch} ({first}); "
                     f"the abort needs it to undo the batch"
                     + (f" (batches {undone} are undone already)" if undone else "")
                     + f": the move stays running; run `shardkit rebalance abort {move_id}` again once "
-                    f"{shard} is reachable", move_id=move_id) from None
-        yield conns[0], conns[1]
+                    f"{shard} is reachable" + lost, move_id=move_id) from None
+        yield conns[0], (conns[1] if len(conns) > 1 else None), why
     finally:
         for c in conns:
             c.close()
+
+
+def _remove_leftovers(cluster: Cluster, catalog: Catalog, move_id: int, left: list[Any]) -> dict[str, Any]:
+    """Delete from their shards the rows (and ownership) that ``abort --target-lost`` left of
+    move ``move_id``'s batches ``left``; each batch is recorded "aborted" once its shard is
+    clean.  A shard still unreachable is refused: its leftovers stay recorded."""
+    removed: list[int] = []
+    for b in left:
+        buckets = list(b.buckets)
+        url = _shard_url(cluster, b.target, move_id, b.batch, "target")
+        current = catalog.current_map()
+        assert current is not None
+        # Moves of these buckets to the shard are refused while they are recorded, so its
+        # rows of them are leftovers; were they its own, deleting them would lose them.
+        owned = [x for x in buckets if x < len(current.bucket_map) and current.bucket_map[x] == b.target]
+        if owned:
+            raise RebalanceError(
+                f"move {move_id}: the live map gives buckets {owned[:10]} to {b.target}, which holds "
+                f"leftovers of them from batch {b.batch}: its rows of them are not leftovers any more; "
+                "nothing was deleted", move_id=move_id)
+        try:
+            tgt = psycopg.connect(conninfo(url), autocommit=True)
+        except psycopg.OperationalError as e:
+            first = (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
+            raise RebalanceError(
+                f"move {move_id} is aborted; cannot reach {b.target} ({first}), which may still hold rows "
+                f"of {len(buckets)} buckets of batch {b.batch}"
+                + (f" (batches {removed} are clean already)" if removed else "")
+                + f": they stay recorded and moves of them to {b.target} refused; run `shardkit "
+                f"rebalance abort {move_id}` again once {b.target} is reachable", move_id=move_id) from None
+        with tgt:
+            tables = _moved_tables(cluster, tgt, b.target)
+            lsn = _undo_on_target(tgt, tables, buckets, move_id)
+        with catalog.engine.begin() as conn:
+            Catalog.set_floor(conn, move_id, b.batch, "target", lsn)
+            Catalog.record(conn, move_id, b.batch, "aborted", {"leftovers_removed_from": b.target})
+        removed.append(b.batch)
+    with catalog.engine.begin() as conn:
+        Catalog.record(conn, move_id, None, "leftovers removed", {"batches": removed})
+    return {"move": move_id, "undone_batches": [], "finished_batches": [], "leftovers": [],
+            "removed_leftovers": removed}
 
 
 def _restore_group(cluster: Cluster, catalog: Catalog, group: str, move_id: int) -> None:
