@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import psycopg
 import pytest
-from sqlalchemy import BigInteger, Integer, String, func, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import sessionmaker
 
 import shardkit
 from shardkit import cli, rebalance
@@ -24,28 +24,9 @@ from shardkit._rebalance_plan import plan_from_maps
 from shardkit.errors import RebalanceError
 from shardkit.verify import verify
 from movers import guarded_cluster, kill_mover_after
+from test_rebalance_crashes import BUCKETS, Account, Base, Note
 
 pytestmark = pytest.mark.integration
-
-BUCKETS = 64
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Account(Base):
-    __tablename__ = "accounts"
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    balance: Mapped[int] = mapped_column(Integer, default=0)
-
-
-class Note(Base):
-    __tablename__ = "notes"
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    account_id: Mapped[int] = mapped_column(BigInteger)
-    body: Mapped[str] = mapped_column(String(40), default="")
-
 
 GROUPS = {"groups": {"accounts": {"strategy": "hash", "tables": {"accounts": "id", "notes": "account_id"}}}}
 
