@@ -75,7 +75,7 @@ class VerifyReport:
                 f"{bad} misplaced (" + ", ".join(_describe(s, n) for s, n in sorted(t.misplaced.items()))
                 + f"), {t.duplicates} also present on their owner")
             if t.in_flight:
-                status += f", {t.in_flight} rows of a move in progress"
+                status += f", {t.in_flight} rows of a move in progress (or left by an aborted one)"
             lines.append(f"{t.shard:<8} {t.table:<24} {t.rows:>10} rows  {status}  [{t.method}]")
         for m in self.missing_tables:
             lines.append(f"missing: {m}")
@@ -111,7 +111,7 @@ def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000,
 
     With a catalog, the shards are compared with one state of it (the map, and
     the buckets whose rows a move in progress has copied or not yet cleaned
-    up).  A move that reaches its next step while the shards are read can make
+    up, or an abort with ``target_lost`` left on its target).  A move that reaches its next step while the shards are read can make
     rows look misplaced; so when problems are found and the catalog's state has
     changed meanwhile, the check runs again, up to ``attempts`` times in all.  A
     report whose state kept changing says so (``map_changed``).
