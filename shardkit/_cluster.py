@@ -14,7 +14,7 @@ from typing import Any
 
 from dataclasses import dataclass
 
-from sqlalchemy import MetaData, create_engine, event
+from sqlalchemy import MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import SQLAlchemyError
@@ -414,6 +414,16 @@ class Cluster:
                             field, f"table {tname!r} has no column {c!r}",
                             "columns: " + ", ".join(table.c.keys()),
                         )
+                    if _case_insensitive(table.c[c].type):
+                        # 'Ada' = 'ada' in the database, but they hash (and sort, and
+                        # match list values) as different strings: the same key would
+                        # live on two shards, and a read by one spelling miss the other.
+                        raise ConfigurationError(
+                            field, f"shard key column {tname}.{c} is citext, which compares "
+                            "without case; shardkit places keys by their exact string",
+                            "key on a text column holding the value normalised (lower(...)), "
+                            "and keep the citext column beside it if you need it",
+                        )
         for i, tname in enumerate(sorted(self.config.reference_tables)):
             if tname not in by_name:
                 raise ConfigurationError(
@@ -745,3 +755,11 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
 
 def _node_name(shard: str, role: str, index: int) -> str:
     return f"{shard}/primary" if role == PRIMARY else f"{shard}/r{index}"
+
+
+def _case_insensitive(type_: Any) -> bool:
+    """Whether a column type compares text without case (``citext``, also under a TypeDecorator)."""
+    seen = 0
+    while isinstance(type_, TypeDecorator) and seen < 10:
+        type_, seen = type_.impl_instance, seen + 1
+    return getattr(type_, "__visit_name__", None) == "CITEXT"

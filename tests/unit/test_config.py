@@ -212,6 +212,29 @@ def test_unknown_table_in_colocation_is_caught_against_metadata():
         Cluster.from_config(cfg, metadata=Base.metadata)
 
 
+def test_citext_shard_key_is_refused_against_metadata():
+    """citext compares without case, but keys are placed by their exact string: 'Ada' and
+    'ada' (one value to the database) would be placed apart."""
+    import sqlalchemy as sa
+    from sqlalchemy.dialects.postgresql import CITEXT
+
+    class Lowered(sa.TypeDecorator):
+        impl = CITEXT
+        cache_ok = True
+
+    for type_ in (CITEXT(), Lowered()):
+        md = sa.MetaData()
+        sa.Table("members", md, sa.Column("email", type_, primary_key=True))
+        cfg = {"shards": base()["shards"], "groups": {"m": {"strategy": "hash", "tables": {"members": "email"}}}}
+        with pytest.raises(ConfigurationError) as ei:
+            Cluster.from_config(cfg, metadata=md)
+        assert ei.value.field == "groups.m.tables.members"
+        assert "members.email is citext" in str(ei.value) and "lower(" in str(ei.value)
+    md = sa.MetaData()
+    sa.Table("members", md, sa.Column("email", sa.Text, primary_key=True))
+    Cluster.from_config(cfg, metadata=md).dispose()
+
+
 def test_missing_file():
     e = err("/nonexistent/shardkit.toml")
     assert "not found" in str(e)
