@@ -7,7 +7,11 @@ state, WAL position and latency.  Replica lag is derived from the samples:
 
 * bytes: ``primary WAL position - replica replay position`` (a gap <= 0 is zero lag);
 * seconds: ``now() - pg_last_xact_replay_timestamp()``, counted only while there
-  is a byte gap, so an idle primary does not make its replicas look stale.
+  is a byte gap, so an idle primary does not make its replicas look stale; held
+  within what the monitor's own record of the primary's positions proves (at most
+  the time since the primary was last seen at or before the replay position, at
+  least the time since it was seen past it), so neither an idle primary nor a
+  replica whose clock runs behind the primary's misstates it.
 
 A replica seen replaying past a position the primary had not reached when asked
 later is not following that primary (a failover left it on the old timeline, or
@@ -211,6 +215,13 @@ class _ShardState:
         h.append((at, lsn))
         if len(h) > 2 * _HISTORY:
             self.history = h[-_HISTORY:]
+
+    def seen_past(self, lsn: int) -> float | None:
+        """A time the primary was seen at a position > ``lsn``: the earliest entry's (each
+        keeps the last time its position was seen), None if none is in the history."""
+        h = self.history
+        i = bisect.bisect_right(h, lsn, key=lambda e: e[1])
+        return h[i][0] if i < len(h) else None
 
     def last_seen_at_or_before(self, lsn: int) -> float | None:
         """When the primary was last seen at a position <= ``lsn`` (None: not in the history)."""
@@ -429,8 +440,16 @@ class HealthMonitor:
             if r.lag_bytes <= 0:
                 r.lag_seconds = 0.0
                 continue
+            now = time.monotonic()
             since = state.last_seen_at_or_before(r.wal_lsn)
-            bound = None if since is None else max(0.0, time.monotonic() - since)  # at most this
+            bound = None if since is None else max(0.0, now - since)  # at most this
+            past = state.seen_past(r.wal_lsn)
+            # At least this: when the replica was seen at its position, the primary had
+            # had WAL it lacks for that long.  (The replay timestamp's age compares the
+            # replica's clock with the primary's: a replica whose clock runs behind
+            # would look fresher than it is.)
+            seen_at = r._lsn_sample[0] if r._lsn_sample is not None else now
+            floor = 0.0 if past is None else max(0.0, seen_at - past)
             age = r.replay_timestamp_age  # None: nothing replayed since the replica started
             if age is None:
                 # Behind all the history (the primary was never seen where it is) and no
@@ -439,7 +458,7 @@ class HealthMonitor:
                 # it gets no reads until it replays a transaction or catches up.
                 r.lag_seconds = bound
             else:
-                r.lag_seconds = age if bound is None else min(age, bound)
+                r.lag_seconds = max(floor, max(0.0, age) if bound is None else min(age, bound))
         state.primary.lag_bytes = 0
         state.primary.lag_seconds = 0.0
 

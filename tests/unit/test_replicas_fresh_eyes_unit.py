@@ -41,6 +41,37 @@ def test_lag_with_no_replayed_transaction_is_bounded_by_the_history():
     assert "s0/r0" in names(sel.eligible("s0", **LIMITS)[0])
 
 
+def test_replica_clock_behind_the_primary_does_not_hide_its_lag():
+    """r0's clock runs 10 s behind the primary's: its replay timestamp's age reads ~0 (or
+    negative) while the primary was seen past r0's position 4 s ago.  The lag is at least
+    that, and a 1 s limit keeps reads off it; r1, caught up, keeps them."""
+    mon, sel, st_ = make_monitor()
+    now = time.monotonic()
+    st_.history = [(now - 6.0, 900), (now - 4.0, 1000), (now - 0.1, 1100)]
+    st_.primary.wal_lsn = 1100
+    r0, r1 = st_.replicas
+    r0.wal_lsn, r0.replay_timestamp_age = 900, -5.0
+    r1.wal_lsn, r1.replay_timestamp_age = 1100, 0.0
+    r0._lsn_sample, r1._lsn_sample = (now, 900), (now, 1100)
+    mon._update_lag(st_)
+    assert 3.9 < r0.lag_seconds < 6.5, r0.lag_seconds
+    assert r1.lag_seconds == 0.0
+    assert names(sel.eligible("s0", **{**LIMITS, "max_lag_seconds": 1.0})[0]) == ["s0/r1"]
+
+
+def test_a_replica_keeping_up_is_not_given_the_primarys_sampling_as_lag():
+    """The primary was seen past r0's position 0.2 s ago, but r0 was seen there before
+    that: the history proves no lag."""
+    mon, sel, st_ = make_monitor()
+    now = time.monotonic()
+    st_.history = [(now - 0.5, 900), (now - 0.2, 1000)]
+    st_.primary.wal_lsn = 1000
+    r0 = st_.replicas[0]
+    r0.wal_lsn, r0.replay_timestamp_age, r0._lsn_sample = 950, 0.01, (now - 0.3, 950)
+    mon._update_lag(st_)
+    assert r0.lag_seconds == 0.01
+
+
 def _replica_answers(mon, node, lsn):
     mon._record(node, up=True, in_recovery=True, lsn=lsn, age=0.1, rtt=1.0,
                 asked_at=time.monotonic())
