@@ -17,6 +17,9 @@ exactly.  :func:`merge_rows` applies the plan to the per-shard row streams.
 * ``GROUP BY``: partials per group per shard, combined by group key; ``HAVING``
   is evaluated after the merge; ``ORDER BY``/``LIMIT`` then apply to the groups.
 * ``DISTINCT``: distinct per shard, de-duplicated again across shards.
+* ``coalesce(aggregate, constant)``: the aggregate merged, then coalesced.
+* ``UNION ALL`` / ``UNION`` of SELECTs that filter and project sharded rows: each shard
+  runs the whole compound; its rows merge as a plain SELECT's (UNION as DISTINCT).
 """
 
 from __future__ import annotations
@@ -79,12 +82,15 @@ class OutputColumn:
 
     ``kind`` is ``value`` (a group key or plain column at ``positions[0]``),
     ``count``/``sum``/``min``/``max`` (combine ``positions[0]``) or ``avg``
-    (``positions`` = (sum, count)).
+    (``positions`` = (sum, count)).  ``coalesce``: the column is ``coalesce(<that
+    aggregate>, <constants>)``, and ``positions[-1]`` holds each shard's own value of it
+    (its fallback when the merged aggregate is NULL).
     """
 
     kind: str
     positions: tuple[int, ...]
     float4: bool = False    # a sum of real: rounded to real, as PostgreSQL's sum(real) returns
+    coalesce: bool = False
 
 
 @dataclass
@@ -111,6 +117,9 @@ class MergePlan:
     # The database's collation when it does not order text by code point (set by the
     # session): text values of the checked expressions are then refused for ordering.
     text_collation: str = ""
+    # (position, position, what): shard-row columns that must hold the same SQL type name
+    # (coalesce(aggregate, constant) must not change the aggregate's type).
+    same_types: tuple[tuple[int, int, str], ...] = ()
 
     def __str__(self) -> str:
         return self.description
@@ -244,6 +253,18 @@ _TEXT_FUNCTIONS = frozenset({
 def text_comparison(stmt: Any) -> str | None:
     """Where merging ``stmt``'s rows compares text in Python (by code point): an ORDER BY
     key, min()/max() or a HAVING comparison over text the database collates; else None."""
+    if isinstance(stmt, selectable.CompoundSelect):
+        parts = compound_parts(stmt)
+        names = [_output_name(c) for c in parts[0].selected_columns]
+        for clause in stmt._order_by_clauses:
+            try:
+                pos = _compound_order(clause, names, "compound")[0]
+            except ScatterRefused:
+                continue   # (refused when planned)
+            if any(_database_collated(list(p.selected_columns)[pos]) for p in parts
+                   if len(p.selected_columns) > pos):
+                return f"ORDER BY {names[pos]}"
+        return None
     for clause in stmt._order_by_clauses:
         expr = _unwrap_order(clause)[0]
         if _database_collated(expr):
@@ -340,6 +361,20 @@ def _checked(stream: Iterable[Sequence[Any]], checks: Sequence[tuple[int, bool, 
         yield row
 
 
+def _same_types(stream: Iterable[Sequence[Any]], pairs: Sequence[tuple[int, int, str]],
+                statement: Any) -> Iterator[Sequence[Any]]:
+    """``stream``'s rows, refusing the merge if a pair of SQL type names differs."""
+    for row in stream:
+        for a, b, what in pairs:
+            if row[a] != row[b]:
+                raise ScatterRefused(
+                    f"{what} is of type {row[b]}, its aggregate of type {row[a]}: the merged "
+                    "aggregate would have to be converted as PostgreSQL converts it; give the "
+                    "constant in the aggregate's type (cast it), or select the aggregate alone",
+                    construct="coalesce() changing the aggregate's type", statement=statement)
+        yield row
+
+
 def _agg_name(expr: Any) -> str | None:
     if isinstance(expr, Label):
         expr = expr.element
@@ -350,6 +385,23 @@ def _agg_name(expr: Any) -> str | None:
         if name in _MERGEABLE_AGGS or name in _OTHER_AGGS:
             return name
     return None
+
+
+def _coalesced_aggregate(col: Any) -> Any | None:
+    """The aggregate ``agg`` of a select-list column ``coalesce(agg, <constants>)`` (labelled
+    or not), else None.  Constants: bound values, literals, NULL and casts of them."""
+    inner = col.element if isinstance(col, Label) else col
+    if not (isinstance(inner, functions.FunctionElement) and inner.name.lower() == "coalesce"):
+        return None
+    args = list(inner.clauses)
+    if len(args) < 2 or _agg_name(args[0]) is None:
+        return None
+    constant = (BindParameter, elements.Null, elements.True_, elements.False_, elements.Cast,
+                elements.TypeCoerce, elements.Grouping, Label)
+    for a in args[1:]:
+        if not all(isinstance(e, constant) for e in visitors.iterate(a)):
+            return None
+    return args[0]
 
 
 def function_names(expr: Any) -> set[str]:
@@ -419,17 +471,14 @@ def _literal(value: Any) -> int | None:
 def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, MergePlan]:
     """The statement each shard runs and the plan that merges their rows; ``params``: the
     execution's parameters (HAVING may compare with one)."""
-    if isinstance(stmt, selectable.CompoundSelect):
-        raise ScatterRefused(
-            "UNION/INTERSECT/EXCEPT across shards cannot be merged exactly; run each part "
-            "separately or add the shard key",
-            construct="compound select", statement=stmt,
-        )
-    if not isinstance(stmt, selectable.Select):
+    if not isinstance(stmt, (selectable.Select, selectable.CompoundSelect)):
         raise ScatterRefused(f"cannot merge {type(stmt).__name__} results across shards",
                              construct=type(stmt).__name__, statement=stmt)
     try:
-        shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {})
+        if isinstance(stmt, selectable.CompoundSelect):
+            shard_stmt, plan = _plan_compound(stmt)
+        else:
+            shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {})
         plan.statement = stmt
         if plan.checks:
             plan.description += ("; the values of expressions without a SQL type are checked as "
@@ -444,6 +493,208 @@ def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None) -> tuple[An
 def _is_entity(col: Any) -> bool:
     ann = getattr(col, "_annotations", {})
     return "parententity" in ann and isinstance(col, selectable.FromClause)
+
+
+# -- UNION ALL / UNION ---------------------------------------------------------------------------
+
+
+def compound_keyword(stmt: selectable.CompoundSelect) -> str:
+    """``UNION ALL``, ``UNION``, ``INTERSECT``, ... of a compound SELECT."""
+    kw = stmt.keyword
+    return str(getattr(kw, "value", kw)).upper()
+
+
+def _ungrouped(s: Any) -> Any:
+    while isinstance(s, selectable.SelectStatementGrouping):
+        s = s.element
+    return s
+
+
+def compound_parts(stmt: selectable.CompoundSelect) -> list[Any]:
+    """The SELECTs of compound ``stmt``, nested compounds opened up, in order."""
+    out: list[Any] = []
+    for s in map(_ungrouped, stmt.selects):
+        out.extend(compound_parts(s) if isinstance(s, selectable.CompoundSelect) else [s])
+    return out
+
+
+def _refuse_compound_nesting(stmt: selectable.CompoundSelect, distinct: bool, top: bool = True
+                             ) -> None:
+    """Each shard may run the compound only if its rows over all shards are the shards'
+    rows put together: UNION ALL and UNION, not INTERSECT or EXCEPT (a row of one part on
+    one shard, of the other part on another); inside a UNION ALL, no UNION (its
+    duplicates across shards would stay) and no LIMIT/OFFSET on a nested compound."""
+    kw = compound_keyword(stmt)
+    if kw not in ("UNION ALL", "UNION"):
+        raise ScatterRefused(
+            f"{kw} across shards is not merged: a row of one part may be on one shard and the "
+            "matching row of the other part on another, which no shard sees together; run the "
+            "parts separately and combine them in Python, or add the shard key",
+            construct=f"compound select {kw}")
+    if not top:
+        if stmt._limit_clause is not None or stmt._offset_clause is not None or \
+                stmt._fetch_clause is not None:
+            raise ScatterRefused(
+                f"a nested {kw} with LIMIT/OFFSET would be cut on each shard over its own rows "
+                "only; put the LIMIT on the outer query, or add the shard key",
+                construct=f"nested {kw} with LIMIT")
+        if kw == "UNION" and not distinct:
+            raise ScatterRefused(
+                "a UNION inside a UNION ALL removes duplicates on each shard only (the same "
+                "row on two shards would be returned twice); make the outer one a UNION, the "
+                "inner one a UNION ALL, or add the shard key",
+                construct="UNION inside UNION ALL")
+    for s in map(_ungrouped, stmt.selects):
+        if isinstance(s, selectable.CompoundSelect):
+            _refuse_compound_nesting(s, distinct, top=False)
+
+
+def _refuse_part(part: Any, i: int, keyword: str, distinct: bool) -> None:
+    """A part of a UNION ALL / UNION that each shard runs must return, over all shards, the
+    rows one database returns for it: filters and projections of the shard's rows, nothing
+    computed over them (aggregates, LIMIT, window functions; DISTINCT under UNION ALL)."""
+    where = f"part {i} of the {keyword}"
+    if not isinstance(part, selectable.Select):
+        raise ScatterRefused(f"{where} is a {type(part).__name__}, which shardkit cannot read",
+                             construct=f"{keyword} of {type(part).__name__}")
+    if not (part._from_obj or part.columns_clause_froms or part.get_final_froms()):
+        raise ScatterRefused(
+            f"{where} has no FROM clause: every shard would return its rows; select them once "
+            "outside the cross-shard query",
+            construct=f"{keyword} part without FROM")
+    if part._limit_clause is not None or part._offset_clause is not None or \
+            part._fetch_clause is not None:
+        raise ScatterRefused(
+            f"{where} has LIMIT/OFFSET, which each shard would apply to its own rows only; put "
+            "the LIMIT on the whole compound, or add the shard key",
+            construct=f"{keyword} part with LIMIT")
+    if part._group_by_clauses or part._having_criteria or any(
+            _contains_aggregate(c) for c in (*part._raw_columns, *part._order_by_clauses)):
+        raise ScatterRefused(
+            f"{where} groups or aggregates, which each shard would do over its own rows only; "
+            "run that part on its own (its aggregates are merged), or add the shard key",
+            construct=f"{keyword} part with aggregates")
+    for e in (*part._raw_columns, *part._order_by_clauses):
+        if any(isinstance(x, elements.Over) for x in visitors.iterate(e)):
+            raise ScatterRefused(
+                f"{where} has a window function (OVER), which each shard would compute over its "
+                "own rows only; add the shard key", construct="window function")
+    if (isinstance(part._distinct_on, tuple) and part._distinct_on) or any(
+            getattr(getattr(part, a, None), "_distinct_on", None)
+            for a in getattr(part, "_position_map", {}).values()):
+        raise ScatterRefused(f"DISTINCT ON in {where} is not merged exactly across shards",
+                             construct="DISTINCT ON")
+    if not distinct and (part._distinct or any(_is_distinct_column(c) for c in part._raw_columns)):
+        raise ScatterRefused(
+            f"{where} is SELECT DISTINCT: each shard would remove its own duplicates only, and a "
+            "row on two shards would be returned twice; make the compound a UNION, or add the "
+            "shard key", construct=f"{keyword} part with DISTINCT")
+    for c in part._raw_columns:
+        if _is_literal_sql(c) and str(c).strip().endswith("*"):
+            raise ScatterRefused(
+                f"SELECT * in {where}: shardkit needs to know the columns to merge them; select "
+                "the table or its columns", construct="SELECT *")
+
+
+def _output_name(col: Any) -> str | None:
+    """The name a compound's result column has in SQL (its first part's), if shardkit knows it."""
+    if isinstance(col, Label) or (isinstance(col, elements.ColumnClause) and not col.is_literal):
+        name = col.name
+        return None if isinstance(name, elements._anonymous_label) else name
+    return None
+
+
+def _compound_order(clause: Any, names: Sequence[str | None], keyword: str
+                    ) -> tuple[int, bool, bool | None]:
+    """(result column position, descending, nulls_first or None) of an ORDER BY term of a
+    compound, which PostgreSQL resolves by the result's column names."""
+    descending = False
+    nulls_first: bool | None = None
+    expr = clause
+    while True:
+        if isinstance(expr, elements._label_reference):
+            expr = expr.element
+        elif isinstance(expr, UnaryExpression) and expr.modifier in (
+            operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op,
+        ):
+            if expr.modifier is operators.desc_op:
+                descending = True
+            elif expr.modifier is operators.nulls_first_op:
+                nulls_first = True
+            elif expr.modifier is operators.nulls_last_op:
+                nulls_first = False
+            expr = expr.element
+        else:
+            break
+    name = expr.element if isinstance(expr, elements._textual_label_reference) else \
+        _output_name(expr)
+    found = [i for i, n in enumerate(names) if n is not None and n == name]
+    if name is None or len(found) != 1:
+        raise ScatterRefused(
+            f"ORDER BY {expr} of a {keyword} must name exactly one of its result columns "
+            f"({', '.join(n for n in names if n) or 'none named'}), as PostgreSQL resolves it; "
+            "order by the column (or its label) itself",
+            construct=f"ORDER BY of {keyword} not on a result column")
+    return found[0], descending, nulls_first
+
+
+def _compound_columns(parts: Sequence[Any], keyword: str) -> list[list[Any]]:
+    """Per result column, the expression each part selects there."""
+    per_part = [list(p.selected_columns) for p in parts]
+    if len({len(c) for c in per_part}) != 1:
+        raise ScatterRefused(f"the parts of the {keyword} select different numbers of columns",
+                             construct=f"{keyword} of different widths")
+    return [list(cols) for cols in zip(*per_part)]
+
+
+def _plan_compound(stmt: selectable.CompoundSelect) -> tuple[Any, MergePlan]:
+    """UNION ALL / UNION whose parts each filter and project the shards' rows: each shard
+    runs the whole compound; the rows are concatenated (UNION: de-duplicated again across
+    shards, as DISTINCT is), ORDER BY merged and LIMIT/OFFSET applied as for one SELECT."""
+    keyword = compound_keyword(stmt)
+    distinct = keyword == "UNION"
+    _refuse_compound_nesting(stmt, distinct)
+    parts = compound_parts(stmt)
+    for i, part in enumerate(parts, 1):
+        _refuse_part(part, i, keyword, distinct)
+    columns = _compound_columns(parts, keyword)
+    visible = len(columns)
+    names = [_output_name(c) for c in parts[0].selected_columns]
+    limit = _literal(stmt._limit_clause)
+    offset = _literal(stmt._offset_clause) or 0
+    if stmt._fetch_clause is not None:
+        raise ScatterRefused("FETCH FIRST across shards is not merged; use .limit()",
+                             construct="FETCH FIRST")
+    checks: list[tuple[int, bool, str]] = []
+    if distinct:
+        for pos, cols in enumerate(columns):
+            for c in cols:
+                _refuse_unhashable(c, "UNION")
+            if any(_untyped(c) for c in cols):
+                checks.append((pos, True, "UNION"))
+    keys: list[SortKey] = []
+    for clause in stmt._order_by_clauses:
+        pos, desc, nf = _compound_order(clause, names, keyword)
+        for c in columns[pos]:
+            _refuse_unmergeable_type(c, "ORDER BY")
+        if any(_untyped(c) for c in columns[pos]):
+            checks.append((pos, False, "ORDER BY"))
+        keys.append(SortKey(pos, desc, desc if nf is None else nf))
+    shard_stmt = stmt
+    if limit is not None:
+        shard_stmt = shard_stmt.limit(limit + offset)
+    if offset:
+        shard_stmt = shard_stmt.offset(None)
+    desc = f"{keyword} of {len(parts)} SELECTs, run whole on each shard; " + (
+        "ordered merge on " + ", ".join(k.describe(str(names[k.position])) for k in keys)
+        if keys else "concatenation")
+    if distinct:
+        desc += ", de-duplicated across shards"
+    if limit is not None or offset:
+        desc += (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
+                 f"then offset {offset} limit {limit} after the merge")
+    return shard_stmt, MergePlan("ordered" if keys else "concat", visible, tuple(keys), limit,
+                                 offset, distinct, description=desc, checks=tuple(checks))
 
 
 def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any, MergePlan]:
@@ -513,7 +764,10 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
     if distinct:
         for c in columns:
             _refuse_unhashable(c, "DISTINCT")
-    aggs = [_agg_name(c) for c in columns]
+    # coalesce(agg, constant): merged as agg, then coalesced.
+    coalesced = [_coalesced_aggregate(c) for c in columns]
+    aggs = [_agg_name(c) if inner is None else _agg_name(inner)
+            for c, inner in zip(columns, coalesced)]
     nested = [(_contains_aggregate(c), c) for c, a in zip(columns, aggs) if a is None]
     for name, _c in nested:
         if name is not None:
@@ -659,7 +913,18 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
         group_pos_for[g_i] = pos
         if _untyped(g):
             checks.append((pos, True, "GROUP BY"))
-    for c, a in zip(columns, aggs):
+    same_types: list[tuple[int, int, str]] = []
+    for i, (c, a, inner) in enumerate(zip(columns, aggs, coalesced)):
+        if inner is not None:
+            # Each shard's own coalesce(partial, constant), at the caller's column i, is the
+            # value where the merged aggregate is NULL (then NULL on every shard); elsewhere
+            # the merged aggregate is, if coalesce keeps its type (checked as rows come).
+            out = partial(inner)
+            outputs.append(OutputColumn(out.kind, out.positions + (i,), out.float4, coalesce=True))
+            typed = c.element if isinstance(c, Label) else c
+            same_types.append((add(cast(func.pg_typeof(inner), sqltypes.Text)),
+                               add(cast(func.pg_typeof(typed), sqltypes.Text)), str(typed)))
+            continue
         if a is not None:
             outputs.append(partial(c))
             continue
@@ -709,13 +974,13 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
     shard_stmt._having_criteria = ()  # HAVING is evaluated after the merge
     kind = "group" if group_by else "aggregate"
     desc = (f"{'group-by merge on ' + str(len(group_by)) + ' key(s)' if group_by else 'aggregate merge'}"
-            f" of {', '.join(o.kind for o in outputs)}"
+            f" of {', '.join(f'coalesce({o.kind})' if o.coalesce else o.kind for o in outputs)}"
             + ("; HAVING after the merge" if having_fn else "")
             + ("; ORDER BY after the merge" if order else "")
             + (f"; offset {offset} limit {limit} after the merge" if limit is not None or offset else ""))
     plan = MergePlan(kind, visible, (), limit, offset, False, tuple(outputs + extras),
                      tuple(group_positions), having_fn, desc, order_terms=tuple(order_terms),
-                     n_outputs=len(outputs), checks=tuple(checks))
+                     n_outputs=len(outputs), checks=tuple(checks), same_types=tuple(same_types))
     return shard_stmt, plan
 
 
@@ -941,6 +1206,8 @@ def merge_rows(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -> I
     """Combine per-shard row streams according to ``plan``; yields visible rows."""
     if plan.checks:
         streams = [_checked(s, plan.checks, plan.statement, plan.text_collation) for s in streams]
+    if plan.same_types:
+        streams = [_same_types(s, plan.same_types, plan.statement) for s in streams]
     if plan.kind == "any":
         rows = [tuple(r) for stream in streams for r in stream]
         if not rows:
@@ -1008,6 +1275,9 @@ def _merge_groups(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -
                 else:
                     acc[slot] = _combine(o.kind, acc[slot], row[o.positions[0]])
                     slot += 1
+                if o.coalesce:
+                    acc[slot] = row[o.positions[-1]]
+                    slot += 1
     if plan.kind == "aggregate" and not groups:
         # No shard returned a row (cannot happen for an ungrouped aggregate, but be exact).
         groups[()] = [None] * n_slots
@@ -1028,6 +1298,10 @@ def _merge_groups(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -
                 elif o.float4 and v is not None:
                     v = _to_float4(v)
                 vals.append(v)
+                slot += 1
+            if o.coalesce:
+                if vals[-1] is None:
+                    vals[-1] = acc[slot]
                 slot += 1
         results.append((tuple(vals[:n_out]), tuple(vals[n_out:])))
     having = plan.having

@@ -70,8 +70,8 @@ from ._colocation import reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select, with_statement_params
-from ._scatter import (CANCEL_GRACE, function_names, merge_rows, plan_scatter, shut_down_socket,
-                       text_comparison)
+from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
+                       plan_scatter, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
@@ -1760,7 +1760,7 @@ def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> 
     """Refuse aggregates the merge does not know (a CREATE AGGREGATE of the application's,
     an extension's): taken for plain functions, each shard's one row would be returned side
     by side.  Which names are aggregates is asked of the database once per name."""
-    if not isinstance(statement, selectable.Select):
+    if not isinstance(statement, (selectable.Select, selectable.CompoundSelect)):
         return
     names = _per_shape(cluster.router, statement, _function_names)
     kinds = cluster.function_kinds
@@ -1904,10 +1904,22 @@ _UNCHECKED = object()
 
 def _reference_rows(statement: Any, router: Any) -> str | None:
     # (It compiles ORM statements.)
+    if isinstance(statement, selectable.CompoundSelect):
+        # Each shard runs every part: a part over reference rows returns them once per shard.
+        keyword = compound_keyword(statement)
+        for i, part in enumerate(compound_parts(statement), 1):
+            problem = reference_rows_problem(part, router._placement)
+            if problem:
+                return f"part {i} of its {keyword} would repeat reference rows: {problem}"
+        return None
     return reference_rows_problem(statement, router._placement)
 
 
 def _function_names(statement: Any, router: Any) -> frozenset[str]:
+    if isinstance(statement, selectable.CompoundSelect):
+        return frozenset(n for part in compound_parts(statement)
+                         if isinstance(part, selectable.Select)
+                         for n in _function_names(part, router))
     return frozenset(n for c in (*statement._raw_columns, *statement._order_by_clauses,
                                  *statement._having_criteria) for n in function_names(c))
 

@@ -37,6 +37,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    intersect,
     literal,
     not_,
     nulls_first,
@@ -44,7 +45,6 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    union_all,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -766,7 +766,7 @@ REFUSED = {
     "percentile_cont": (select(func.percentile_cont(0.5).within_group(I.qty)), "percentile_cont"),
     "regr_count": (select(func.regr_count(I.qty, I.grp)), "regr_count()"),
     "bit_xor": (select(func.bit_xor(I.qty)), "bit_xor()"),
-    "union": (union_all(select(I.id).where(I.qty > 0), select(I.id).where(I.qty < 0)), "compound select"),
+    "intersect": (intersect(select(I.id).where(I.qty > 0), select(I.id).where(I.qty < 0)), "compound select"),
     "DISTINCT ON": (_distinct_on(select(I.grp, I.id), I.grp).order_by(I.grp, I.id), "DISTINCT ON"),
     "DISTINCT ON, legacy spelling": (_legacy_distinct_on(select(I.grp, I.id), I.grp).order_by(I.grp, I.id),
                                      "DISTINCT ON"),

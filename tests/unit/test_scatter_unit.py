@@ -31,11 +31,13 @@ from sqlalchemy import (
     bindparam,
     distinct,
     func,
+    intersect,
     literal,
     not_,
     nulls_first,
     or_,
     select,
+    union,
     union_all,
 )
 from sqlalchemy.sql import elements, functions
@@ -655,7 +657,7 @@ REFUSED = [
     (select(func.string_agg(t.c.b, ",")), "string_agg()"),
     (select(func.regr_count(t.c.a, t.c.id)), "regr_count()"),
     (select(func.percentile_cont(0.5).within_group(t.c.a)), "percentile_cont"),
-    (union_all(select(t.c.id), select(t.c.id)), "compound select"),
+    (intersect(select(t.c.id), select(t.c.id)), "compound select"),
     (select(t.c.id).order_by(t.c.id).fetch(2), "FETCH FIRST"),
     (select(t.c.id).order_by(t.c.id).limit(bindparam("n")), "non-literal LIMIT/OFFSET"),
     (select(t.c.b, func.count()).group_by(t.c.b).having(func.count().between(1, 3)), "HAVING expression"),
@@ -673,6 +675,22 @@ def test_unmergeable_constructs_are_refused(stmt, construct):
         plan_scatter(stmt)
     assert ei.value.construct == construct or (construct in (ei.value.construct or ""))
     assert ei.value.statement is stmt
+
+
+def test_union_all_and_union_run_whole_on_each_shard_and_merge_as_one_select():
+    a, b = select(t.c.id, t.c.b).where(t.c.a > 0), select(t.c.id, t.c.b).where(t.c.a < 0)
+    shard_stmt, plan = plan_scatter(union_all(a, b).order_by(t.c.b.desc(), "id").limit(2).offset(3))
+    assert (plan.kind, plan.limit, plan.offset, plan.distinct) == ("ordered", 2, 3, False)
+    assert shard_stmt._limit == 5 and shard_stmt._offset_clause is None
+    assert [(k.position, k.descending, k.nulls_first) for k in plan.sort_keys] == [
+        (1, True, True), (0, False, False)]
+    # each shard's rows in that order: b DESC NULLS FIRST, id
+    streams = [[(4, None), (1, "b"), (1, "a")], [(2, "b"), (3, "a")]]
+    assert list(merge_rows(plan, streams)) == [(1, "a"), (3, "a")]
+    _, plan = plan_scatter(union(a, b))
+    assert plan.distinct and plan.kind == "concat"
+    assert sorted(merge_rows(plan, [[(1, "a"), (2, None)], [(1, "a"), (2, None), (3, "c")]])) == [
+        (1, "a"), (2, None), (3, "c")]
 
 
 def test_mergeable_neighbours_of_refused_constructs_are_planned():
