@@ -72,7 +72,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from ._cluster import Cluster
-from ._config import conninfo, with_bucket_map
+from ._config import conninfo, connect_timeout_args, with_bucket_map
 from ._guard import (
     GATE_LOCK_CLASS,
     GUARD_LOCK_CLASS,
@@ -90,6 +90,7 @@ from ._guard import (
 )
 from ._rebalance_plan import Plan, SlicePlan, plan_from_dict
 from ._slices import add_missing_groups, initial_slices, reassign
+from ._sql import _INSTALL_STATEMENTS as _HASH_SQL
 from .catalog import MOVER_LOCK_CLASS, Catalog
 from .errors import RebalanceError
 
@@ -123,6 +124,13 @@ _CUTTING_OVER = "cutting-over"
 # Advisory lock (first key; second: the move) on a target, held by a copy and by an abort
 # deleting the copies.  Not the catalog's class: the catalog may be the same database.
 _COPY_LOCK_CLASS = 0x534A  # "SJ"
+
+
+def _connect(url: Any) -> psycopg.Connection:
+    """An autocommit connection to the node at ``url``; the attempt gives up after the
+    URL's ``connect_timeout``, else after 3 s, as for every node (a host that is gone, or a
+    frozen server, would otherwise keep a mover or an abort waiting for minutes)."""
+    return psycopg.connect(conninfo(url), autocommit=True, **connect_timeout_args(url))
 
 
 def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | None = None) -> list[str]:
@@ -396,13 +404,17 @@ def _move_group(conn: Any, move_id: int) -> str | None:
 
 
 def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
-                  group: str | None = None) -> list[_Table]:
+                  group: str | None = None, *, present_only: bool = False) -> list[_Table]:
     """The tables that move: the hash-sharded ones (``group`` None) or those of range or
-    list group ``group``; parents before children (foreign keys among them)."""
+    list group ``group``; parents before children (foreign keys among them).
+    ``present_only``: those that exist on ``shard`` (else one missing is refused)."""
     out: dict[str, _Table] = {}
     with cluster.primary(shard).connect() as sa_conn:
         for g in guarded_tables(cluster.config):
             if (g.kind != "hash") if group is None else (g.group != group):
+                continue
+            if present_only and not sa_conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"),
+                                                    {"t": g.table}).scalar():
                 continue
             columns, pk, types = table_shape(sa_conn, g.table)
             if not pk:
@@ -780,7 +792,8 @@ class Mover:
                                     {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
             lock_conn.commit()
             if not got:
-                raise RebalanceError(f"move {move_id} is being run by another mover", move_id=move_id)
+                raise RebalanceError(f"move {move_id} is being run by another mover (or aborted by "
+                                     "`shardkit rebalance abort`)", move_id=move_id)
             # The advisory lock keeps a second mover out while this session lives; the
             # runner token fences every catalog write in case it does not (a dropped
             # connection releases the lock while this mover still runs).
@@ -814,11 +827,22 @@ class Mover:
                 f"make the keys unique, then resume it, or run `shardkit rebalance abort {move_id}`",
                 move_id=move_id, step=clash.step) from clash
         kept = result["finished_batches"]
+        # The row already there may be a leftover of a move aborted with --target-lost (a
+        # copy of a row that has since changed bucket on its shard), not another bucket's.
+        with self.catalog.engine.connect() as conn:
+            left = conn.execute(text(
+                "SELECT move_id, target FROM shardkit_catalog.move_batches WHERE step = :s AND target IN "
+                "(SELECT target FROM shardkit_catalog.move_batches WHERE move_id = :m) ORDER BY 1 LIMIT 1"),
+                {"s": LEFTOVERS, "m": move_id}).first()
+        fix = "make the keys unique across shards, then plan the move again" if left is None else (
+            f"{left[1]} still holds rows left by move {left[0]} (aborted with --target-lost while "
+            f"{left[1]} was unreachable), and the row there may be one of them: run `shardkit "
+            f"rebalance abort {left[0]}` to remove them, then plan the move again (if it clashes "
+            "again, make the keys unique across shards)")
         raise RebalanceError(
             f"move {move_id}: {clash}.  The move was aborted: nothing of the batch switched"
             + (f" (batches {kept} had finished and stay moved)" if kept else "")
-            + "; make the keys unique across shards, then plan the move again",
-            move_id=move_id, step=clash.step) from clash
+            + "; " + fix, move_id=move_id, step=clash.step) from clash
 
     def _run_locked(self, move_id: int) -> None:
         with self.catalog.engine.connect() as conn:
@@ -915,8 +939,7 @@ class Mover:
         copying = step in ("pending", "capturing", "copied")
         self._check_triggers((source, target) if copying else (source,), group,
                              guard=step in ("pending", "capturing"), copying=copying)
-        with psycopg.connect(conninfo(src_url), autocommit=True) as src, \
-                psycopg.connect(conninfo(tgt_url), autocommit=True) as tgt:
+        with _connect(src_url) as src, _connect(tgt_url) as tgt:
             self._replica = {id(src): _may_replicate(src), id(tgt): _may_replicate(tgt)}
             tables = _moved_tables(self.cluster, src, source, group)
             # Readers learn from the "capturing" record that the target will hold
@@ -1038,8 +1061,7 @@ class Mover:
                     c.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[])) "
                                    "ON CONFLICT DO NOTHING"), {"b": mine})
             if shard in owners:
-                with psycopg.connect(conninfo(self.cluster.config.shard(shard).primary),
-                                     autocommit=True) as src:
+                with _connect(self.cluster.config.shard(shard).primary) as src:
                     self._wait_for_writers(src, move_id, [s.id for s in plan.old])
         with self.catalog.engine.begin() as conn:
             self._fence(conn, move_id)
@@ -1492,7 +1514,8 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
                                 {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
         lock_conn.commit()
         if not got:
-            raise RebalanceError(f"move {move_id} is being run by a mover; stop it first", move_id=move_id)
+            raise RebalanceError(f"move {move_id} is being run by a mover, or aborted by another `shardkit "
+                                 "rebalance abort`; stop the mover (or let the abort finish) first", move_id=move_id)
         try:
             with catalog.engine.begin() as conn:
                 state = conn.execute(text("SELECT state FROM shardkit_catalog.moves WHERE id = :m"),
@@ -1596,7 +1619,16 @@ def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list
     its WAL position after the deletes."""
     replica = _may_replicate(tgt)
     guarded = tgt.execute("SELECT to_regclass('shardkit.owned_buckets') IS NOT NULL").fetchone()[0]
+    # A target rebuilt since may lack tables (they hold no copies) or shardkit's SQL
+    # functions, which the deletes compute the rows' buckets with (installed here, as
+    # `rebalance init` would: it is refused while the move runs).
+    tables = [t for t in tables if tgt.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(t.name).as_string(tgt),)).fetchone()[0]]
+    hashing = tgt.execute("SELECT to_regprocedure('shardkit.hash_version()') IS NOT NULL").fetchone()[0]
     with tgt.transaction():
+        if tables and not hashing:
+            for statement in _HASH_SQL:
+                tgt.execute(statement)
         # A copy in flight (a mover that lost its lock) commits first.
         _lock_copies(tgt, move_id)
         tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
@@ -1617,7 +1649,7 @@ def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list
 def _unreachable(cluster: Cluster, url: Any) -> str | None:
     """None if a server answers at ``url``, else the first line of why not (no password)."""
     try:
-        psycopg.connect(conninfo(url), autocommit=True).close()
+        _connect(url).close()
     except psycopg.OperationalError as e:
         return (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
     return None
@@ -1668,7 +1700,7 @@ def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: An
         for role in ("source", "target"):
             shard = b.source if role == "source" else b.target
             try:
-                conns.append(psycopg.connect(conninfo(urls[(b.batch, role)]), autocommit=True))
+                conns.append(_connect(urls[(b.batch, role)]))
             except psycopg.OperationalError as e:
                 first = (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
                 if role == "target" and target_lost:
@@ -1714,7 +1746,7 @@ def _remove_leftovers(cluster: Cluster, catalog: Catalog, move_id: int, left: li
                 f"leftovers of them from batch {b.batch}: its rows of them are not leftovers any more; "
                 "nothing was deleted", move_id=move_id)
         try:
-            tgt = psycopg.connect(conninfo(url), autocommit=True)
+            tgt = _connect(url)
         except psycopg.OperationalError as e:
             first = (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
             raise RebalanceError(
@@ -1724,7 +1756,8 @@ def _remove_leftovers(cluster: Cluster, catalog: Catalog, move_id: int, left: li
                 + f": they stay recorded and moves of them to {b.target} refused; run `shardkit "
                 f"rebalance abort {move_id}` again once {b.target} is reachable", move_id=move_id) from None
         with tgt:
-            tables = _moved_tables(cluster, tgt, b.target)
+            # (A table the shard was rebuilt without holds no leftovers.)
+            tables = _moved_tables(cluster, tgt, b.target, present_only=True)
             lsn = _undo_on_target(tgt, tables, buckets, move_id)
         with catalog.engine.begin() as conn:
             Catalog.set_floor(conn, move_id, b.batch, "target", lsn)
