@@ -49,7 +49,7 @@ class _Instance:
 def colocation_problem(statement: Any, resolve: Resolver) -> str | None:
     """Why ``statement`` cannot run shard by shard, or None if it can."""
     if isinstance(statement, selectable.CompoundSelect):
-        for s in statement.selects:
+        for s in _compound_selects(statement):
             problem = colocation_problem(s, resolve)
             if problem:
                 return problem
@@ -57,6 +57,17 @@ def colocation_problem(statement: Any, resolve: Resolver) -> str | None:
     if isinstance(statement, (selectable.Select, Update, Delete)):
         return _check(_without_loader_options(statement), [], resolve)
     return None
+
+
+def _compound_selects(stmt: selectable.CompoundSelect) -> list[Any]:
+    """The SELECTs of a UNION/INTERSECT/EXCEPT, nested compounds opened up (SQLAlchemy
+    wraps those in a grouping, parenthesised in SQL)."""
+    out: list[Any] = []
+    for s in stmt.selects:
+        while isinstance(s, selectable.SelectStatementGrouping):
+            s = s.element
+        out.extend(_compound_selects(s) if isinstance(s, selectable.CompoundSelect) else [s])
+    return out
 
 
 def _without_loader_options(statement: Any) -> Any:
@@ -151,7 +162,7 @@ def _derived_select(frm: Any) -> Any:
 def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[_Instance], str | None]:
     """A subquery or CTE in FROM: exact per shard if its own rows are, and it only filters."""
     inner = _derived_select(frm)
-    selects = inner.selects if isinstance(inner, selectable.CompoundSelect) else [inner]
+    selects = _compound_selects(inner) if isinstance(inner, selectable.CompoundSelect) else [inner]
     derived: list[_Instance] = []
     for sel in selects:
         problem = _check(sel, [], resolve)
@@ -321,7 +332,7 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
     if values:
         clauses.extend(v for v in values.values() if isinstance(v, elements.ClauseElement))
     for e in _walk(clauses):
-        nested = e.selects if isinstance(e, selectable.CompoundSelect) else \
+        nested = _compound_selects(e) if isinstance(e, selectable.CompoundSelect) else \
             [e] if isinstance(e, selectable.Select) else []
         for sel in nested:
             problem = _check(sel, everyone, resolve)

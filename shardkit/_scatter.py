@@ -120,6 +120,10 @@ class MergePlan:
     # (position, position, what): shard-row columns that must hold the same SQL type name
     # (coalesce(aggregate, constant) must not change the aggregate's type).
     same_types: tuple[tuple[int, int, str], ...] = ()
+    # (collation, use): collations named (with .collate() or on a column's type) by what
+    # the merge compares for equality (GROUP BY, DISTINCT, UNION): under a nondeterministic
+    # one, values Python tells apart are equal ('a' and 'A'); the session asks the database.
+    collations: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return self.description
@@ -287,6 +291,20 @@ def text_comparison(stmt: Any) -> str | None:
             continue
         stack.extend(e.get_children())
     return None
+
+
+def _named_collation(expr: Any) -> str | None:
+    """The collation ``expr`` is compared under when it names one (``.collate()``, or the
+    collation of its type) other than C and POSIX, else None."""
+    inner = expr
+    while isinstance(inner, (Label, elements.Grouping)):
+        inner = inner.element
+    if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
+        name = inner.right.collation
+    else:
+        t = getattr(expr, "type", None)
+        name = getattr(t, "collation", None) if isinstance(t, sqltypes.String) else None
+    return name if name and name.upper() not in ("C", "POSIX") else None
 
 
 def _refuse_unhashable(expr: Any, use: str) -> None:
@@ -666,10 +684,13 @@ def _plan_compound(stmt: selectable.CompoundSelect) -> tuple[Any, MergePlan]:
         raise ScatterRefused("FETCH FIRST across shards is not merged; use .limit()",
                              construct="FETCH FIRST")
     checks: list[tuple[int, bool, str]] = []
+    collations: list[tuple[str, str]] = []
     if distinct:
         for pos, cols in enumerate(columns):
             for c in cols:
                 _refuse_unhashable(c, "UNION")
+                if (name := _named_collation(c)) is not None:
+                    collations.append((name, "UNION"))
             if any(_untyped(c) for c in cols):
                 checks.append((pos, True, "UNION"))
     keys: list[SortKey] = []
@@ -694,7 +715,8 @@ def _plan_compound(stmt: selectable.CompoundSelect) -> tuple[Any, MergePlan]:
         desc += (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
                  f"then offset {offset} limit {limit} after the merge")
     return shard_stmt, MergePlan("ordered" if keys else "concat", visible, tuple(keys), limit,
-                                 offset, distinct, description=desc, checks=tuple(checks))
+                                 offset, distinct, description=desc, checks=tuple(checks),
+                                 collations=tuple(collations))
 
 
 def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any, MergePlan]:
@@ -761,9 +783,13 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
                 f"GROUP BY {sql} across shards is not merged; group by the "
                 "columns and add the subtotals in Python", construct=f"GROUP BY {sql}")
         _refuse_unhashable(g, "GROUP BY")
+    collations = [(name, "GROUP BY") for g in group_by if (name := _named_collation(g)) is not None]
     if distinct:
         for c in columns:
             _refuse_unhashable(c, "DISTINCT")
+        for c in stmt.selected_columns:   # (a table's columns one by one)
+            if (name := _named_collation(c)) is not None:
+                collations.append((name, "DISTINCT"))
     # coalesce(agg, constant): merged as agg, then coalesced.
     coalesced = [_coalesced_aggregate(c) for c in columns]
     aggs = [_agg_name(c) if inner is None else _agg_name(inner)
@@ -849,7 +875,8 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
             desc += (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
                      f"then offset {offset} limit {limit} after the merge")
         return shard_stmt, MergePlan(kind, visible, tuple(keys), limit, offset,
-                                     distinct, description=desc, checks=tuple(checks))
+                                     distinct, description=desc, checks=tuple(checks),
+                                     collations=tuple(collations))
 
     # Aggregates, with or without GROUP BY.
     if distinct:
@@ -980,7 +1007,8 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
             + (f"; offset {offset} limit {limit} after the merge" if limit is not None or offset else ""))
     plan = MergePlan(kind, visible, (), limit, offset, False, tuple(outputs + extras),
                      tuple(group_positions), having_fn, desc, order_terms=tuple(order_terms),
-                     n_outputs=len(outputs), checks=tuple(checks), same_types=tuple(same_types))
+                     n_outputs=len(outputs), checks=tuple(checks), same_types=tuple(same_types),
+                     collations=tuple(collations))
     return shard_stmt, plan
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -1810,6 +1811,37 @@ def _text_collation(cluster: Cluster, shard: str) -> str | None:
     return collation
 
 
+# Per cluster: collation name -> whether it is deterministic (asked of the database once).
+_DETERMINISTIC: weakref.WeakKeyDictionary[Cluster, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def _refuse_nondeterministic_collations(cluster: Cluster, plan: Any, shard: str,
+                                        statement: Any) -> None:
+    """GROUP BY, DISTINCT and UNION merge the shards' values by Python equality, which is
+    PostgreSQL's only under a deterministic collation: under a nondeterministic one (a
+    case-insensitive ICU collation) 'a' and 'A' are one value, and the merge would return
+    both.  Whether each collation named is deterministic is asked of the database once."""
+    known = _DETERMINISTIC.setdefault(cluster, {})
+    names = {name for name, _ in plan.collations}
+    unknown = sorted(n for n in names if n not in known)
+    if unknown:
+        found = _ask_any_node(cluster, shard, sa_text(
+            "SELECT n, coalesce((SELECT bool_and(collisdeterministic) FROM pg_collation "
+            "WHERE collname = n), true) FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown})
+        if found is None:
+            return  # no node of the shard answers: the read itself will say so
+        known.update(dict(found))
+    for name, use in plan.collations:
+        if known.get(name) is False:
+            raise ScatterRefused(
+                f"{use} over text under the nondeterministic collation {name}: values that "
+                "collation holds equal ('a' and 'A' under a case-insensitive one) differ for "
+                "shardkit's merge, which would return each shard's spelling; group by a "
+                "normalised value (lower(...)), compare under a deterministic collation "
+                "(.collate('C')), or add the shard key",
+                construct=f"{use} over a nondeterministic collation", statement=statement)
+
+
 def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
     """The merge compares text by code point, which is PostgreSQL's order only under the
     C (or C.UTF-8, POSIX) collation: under any other, refuse instead of merging the shards'
@@ -1955,6 +1987,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     shard_stmt, plan = plan_scatter(
         statement, with_statement_params(statement, params) if getattr(statement, "_params", None) else params)
     _refuse_unknown_aggregates(session.cluster, statement, route.shards[0])
+    if plan.collations:
+        _refuse_nondeterministic_collations(session.cluster, plan, route.shards[0], statement)
     if plan.limit is not None or plan.offset:
         # Each shard reads LIMIT + OFFSET rows and the merge keeps the page: the rows it
         # drops must have had no effect.
