@@ -379,17 +379,29 @@ class Cluster:
         """The :class:`Route` a statement would take, without running it.
 
         For a read on several shards, ``route.merge`` describes how the rows
-        are merged (or why the query would be refused).
+        are merged (or, as ``"refused: ..."``, why shardkit cannot merge them).
+        A read that execution refuses before planning the merge or with it
+        (not colocated on the shard key, rows of reference tables every shard
+        would return, ``FOR UPDATE``/``populate_existing`` with ``LIMIT``)
+        raises the same :class:`ScatterRefused` here.  The refusals that ask the
+        database are not foreseen: an aggregate shardkit does not know, text
+        ordered or compared under a non-``C`` database collation, grouping or
+        ``DISTINCT`` under a nondeterministic collation; nor strict mode, which
+        execution options, scopes and sessions set.
         """
         route = self.router.route(statement, params, all_shards=all_shards)
         if route.is_scatter and not route.is_write:
-            from ._scatter import plan_scatter
+            from ._session import plan_scatter_read, refuse_scatter_page, refuse_scatter_rows
             from .errors import ScatterRefused
 
+            refuse_scatter_rows(self.router, statement, route)
             try:
-                merge = plan_scatter(statement)[1].description
+                plan = plan_scatter_read(statement, params)[1]
             except ScatterRefused as e:
                 merge = f"refused: {e}"
+            else:
+                refuse_scatter_page(statement, plan)
+                merge = plan.description
             route = dataclasses.replace(route, merge=merge)
         return route
 

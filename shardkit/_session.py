@@ -1960,16 +1960,9 @@ def _text_comparison(statement: Any, router: Any) -> str | None:
     return text_comparison(statement)
 
 
-def _scatter_read(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
-                  bind_arguments: Any, route: Route) -> Result[Any]:
-    """Run a read on several shards at once and merge the rows exactly."""
-    sc = current_scope()
-    if _option("shardkit_strict", statement, execution_options) or sc.strict or session.strict:
-        raise ScatterRefused(
-            f"strict mode: this query would run on shards {', '.join(route.shards)} ({route.reason}); "
-            "add the shard key or name a shard",
-            construct="scatter in strict mode", statement=statement,
-        )
+def refuse_scatter_rows(router: Router, statement: Any, route: Route) -> None:
+    """Refuse a read on several shards whose rows the shards would repeat (rows of reference
+    tables), before planning its merge.  Needs no database: ``Cluster.explain`` makes it too."""
     own = getattr(statement, "_execution_options", None) or {}
     if own.get("shardkit_reference_read") and any(
             isinstance(k, tuple) and k[:1] == ("orig_query",) for k in own):
@@ -1978,17 +1971,24 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             "merge cannot keep SQLAlchemy's order of the collection's rows; use selectinload "
             "(or a lazy load) for this relationship", construct="subqueryload from reference rows",
             statement=statement)
-    problem = _per_shape(session.cluster.router, statement, _reference_rows)
+    problem = _per_shape(router, statement, _reference_rows)
     if problem:
         raise ScatterRefused(
             f"this query runs on shards {', '.join(route.shards)} and {problem}; select from "
             "the sharded table, add the shard key, or name a shard",
             construct="reference table rows across shards", statement=statement)
-    shard_stmt, plan = plan_scatter(
+
+
+def plan_scatter_read(statement: Any, params: Any) -> tuple[Any, Any]:
+    """:func:`plan_scatter` for a read with the call's parameters (over the statement's own)."""
+    return plan_scatter(
         statement, with_statement_params(statement, params) if getattr(statement, "_params", None) else params)
-    _refuse_unknown_aggregates(session.cluster, statement, route.shards[0])
-    if plan.collations:
-        _refuse_nondeterministic_collations(session.cluster, plan, route.shards[0], statement)
+
+
+def refuse_scatter_page(statement: Any, plan: Any, execution_options: Any = None) -> None:
+    """Refuse a page (LIMIT/OFFSET) read on several shards whose rows outside the merged page
+    would be locked or refreshed.  Needs no database: ``Cluster.explain`` makes it too (with
+    the statement's own execution options)."""
     if plan.limit is not None or plan.offset:
         # Each shard reads LIMIT + OFFSET rows and the merge keeps the page: the rows it
         # drops must have had no effect.
@@ -2002,6 +2002,25 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 f"and the merge keeps one, so rows outside it would be {'locked' if effect == 'FOR UPDATE' else 'refreshed (losing pending changes)'} "
                 "too; select the page's keys first, then lock or refresh those rows by key",
                 construct=f"{effect} with LIMIT", statement=statement)
+
+
+def _scatter_read(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
+                  bind_arguments: Any, route: Route) -> Result[Any]:
+    """Run a read on several shards at once and merge the rows exactly."""
+    sc = current_scope()
+    if _option("shardkit_strict", statement, execution_options) or sc.strict or session.strict:
+        raise ScatterRefused(
+            f"strict mode: this query would run on shards {', '.join(route.shards)} ({route.reason}); "
+            "add the shard key or name a shard",
+            construct="scatter in strict mode", statement=statement,
+        )
+    refuse_scatter_rows(session.cluster.router, statement, route)
+    shard_stmt, plan = plan_scatter_read(statement, params)
+    refuse_scatter_page(statement, plan, execution_options)
+    # The checks that ask the database (once per name or cluster): explain() cannot make them.
+    _refuse_unknown_aggregates(session.cluster, statement, route.shards[0])
+    if plan.collations:
+        _refuse_nondeterministic_collations(session.cluster, plan, route.shards[0], statement)
     if plan.kind in ("ordered", "aggregate", "group"):
         _refuse_collated_text(session.cluster, statement, route.shards[0])
         if any(not equality for _, equality, _ in plan.checks):
