@@ -770,7 +770,12 @@ def _node_name(shard: str, role: str, index: int) -> str:
 
 
 def _case_insensitive(type_: Any) -> bool:
-    """Whether a column type compares text without case (``citext``, also under a TypeDecorator)."""
+    """Whether a column type compares text without case on PostgreSQL (``citext``): the
+    type PostgreSQL gets, so also a ``with_variant(CITEXT(), "postgresql")`` and a
+    TypeDecorator whose implementation (or ``load_dialect_impl``) is citext there."""
+    from sqlalchemy.dialects.postgresql.base import PGDialect
+
+    type_ = type_.dialect_impl(PGDialect())
     seen = 0
     while isinstance(type_, TypeDecorator) and seen < 10:
         type_, seen = type_.impl_instance, seen + 1
