@@ -594,16 +594,22 @@ class Router:
         if params is not None and len(ordered) > 1 \
                 and stmt._propagate_attrs.get("compile_state_plugin") != "orm":
             # (The ORM's bulk INSERT runs each set of columns on its own.)
-            first = set(params[0])
-            odd = next((i for i, p in enumerate(params) if set(p) != first), None)
+            # (Keys that name no column are ignored by SQLAlchemy: they do not count.)
+            names = {c.key for c in stmt.table.c} | {c.name for c in stmt.table.c}
+
+            def given(p: Mapping[Any, Any]) -> set[str]:
+                return {n for n in map(_col_name, p) if n in names}
+
+            first = given(params[0])
+            odd = next((i for i, p in enumerate(params) if given(p) != first), None)
             if odd is not None:
                 # SQLAlchemy takes an executemany's columns from its first parameter set
                 # (a later set's extra keys are not inserted); split by shard, another
                 # row would come first on some shard and decide that shard's columns.
                 raise CrossShardWriteError(
                     f"rows of the executemany insert into {tname} give different columns "
-                    f"(row 0: {sorted(map(_col_name, first))}, row {odd}: "
-                    f"{sorted(map(_col_name, params[odd]))}); split across shards {', '.join(ordered)}, "
+                    f"(row 0: {sorted(first)}, row {odd}: "
+                    f"{sorted(given(params[odd]))}); split across shards {', '.join(ordered)}, "
                     "each shard's first row would decide which values are inserted there: give "
                     "every row the same keys (None for a value left out)",
                     table=tname, statement=stmt,

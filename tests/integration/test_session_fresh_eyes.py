@@ -302,12 +302,15 @@ def test_executemany_inside_scope_shard_puts_keyed_rows_where_they_belong(fe):
                 with pytest.raises(shardkit.CrossShardWriteError, match="give different columns"):
                     s.execute(insert(Memo.__table__),
                               [{"id": 6, "owner": k1}, {"id": 7}, {"id": 8, "owner": k0}])
+                # A key that names no column is ignored, as SQLAlchemy ignores it.
+                s.execute(insert(Memo.__table__),
+                          [{"id": 9, "owner": k1, "note": "x"}, {"id": 10, "owner": k0}])
             s.commit()
         memos = {}
         for shard in fe.names:
             with fe.autocommit(shard) as c:
                 memos[shard] = dict(c.execute(text("SELECT id, owner FROM fe_memos")).all())
-        assert memos == {s0: {2: None, 3: k0, 5: None}, s1: {1: k1, 4: k1}}
+        assert memos == {s0: {2: None, 3: k0, 5: None, 10: k0}, s1: {1: k1, 4: k1, 9: k1}}
     finally:
         for shard in fe.names:
             with fe.autocommit(shard) as c:
