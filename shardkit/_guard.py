@@ -144,8 +144,11 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def table_shape(conn: Connection, table: str) -> tuple[list[str], list[str], dict[str, str]]:
-    """(columns in order, primary-key columns, column -> type name) of ``table`` on this server."""
+def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
+                ) -> tuple[list[str], list[str], dict[str, str]]:
+    """(columns in order, primary-key columns, column -> type name) of ``table`` on this
+    server; refuses shard key columns ``keys`` that compare text without case
+    (:func:`check_key_collations`)."""
     rows = conn.execute(text(
         "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
         "WHERE a.attrelid = to_regclass(quote_ident(:t)) AND a.attnum > 0 AND NOT a.attisdropped "
@@ -158,7 +161,38 @@ def table_shape(conn: Connection, table: str) -> tuple[list[str], list[str], dic
         "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true "
         "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
         "WHERE i.indrelid = to_regclass(quote_ident(:t)) AND i.indisprimary ORDER BY k.n"), {"t": table})]
+    if keys:
+        check_key_collations(conn, table, keys)
     return [r[0] for r in rows], pk, {r[0]: r[1] for r in rows}
+
+
+def check_key_collations(conn: Connection, table: str, keys: Sequence[str]) -> None:
+    """Refuse a shard key column of ``table`` that PostgreSQL compares other than by its
+    exact string: ``citext`` (or a domain over it), or text under a nondeterministic
+    collation (a case-insensitive ICU one, set in the database where models cannot show
+    it). There 'Ada' = 'ada', but shardkit hashes, matches list values and orders
+    ranges by the exact string: one key would live on two shards, and a read by one
+    spelling miss the rows stored under the other."""
+    for column, type_name, base_name, collation, deterministic in conn.execute(text(
+            "SELECT a.attname, t.typname, b.typname, c.collname, c.collisdeterministic "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd' "
+            "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
+            "WHERE a.attrelid = to_regclass(quote_ident(:t)) AND a.attname = ANY(CAST(:k AS text[])) "
+            "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"),
+            {"t": table, "k": list(keys)}):
+        if "citext" in (type_name, base_name):
+            why = (f"is {type_name}" + (" (over citext)" if type_name != "citext" else "")
+                   + ", which compares without case")
+        elif deterministic is False:
+            why = f"is under collation {collation}, which is nondeterministic"
+        else:
+            continue
+        raise ConfigurationError(
+            f"table {table}",
+            f"shard key column {table}.{column} {why}: the database takes 'Ada' and 'ada' for one "
+            "value, but shardkit places keys by their exact string, so one key would live on two shards",
+            "key on a column holding the value normalised, lower(...), under a deterministic collation")
 
 
 def bucket_expression(column: str, type_name: str, bucket_count: int, row: str = "") -> str:
@@ -440,7 +474,7 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
             log.warning("table %s: group %s has no slices on this shard yet; run `shardkit "
                         "rebalance init` to guard it", g.table, g.group)
             continue
-        _, pk, types = table_shape(conn, g.table)
+        _, pk, types = table_shape(conn, g.table, keys=[g.key])
         if not pk:
             raise ConfigurationError(f"table {g.table}", "has no primary key",
                                      "rows can only be moved and verified by primary key; add one")

@@ -416,7 +416,7 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
             if present_only and not sa_conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"),
                                                     {"t": g.table}).scalar():
                 continue
-            columns, pk, types = table_shape(sa_conn, g.table)
+            columns, pk, types = table_shape(sa_conn, g.table, keys=[g.key])
             if not pk:
                 raise RebalanceError(f"table {g.table} has no primary key; rows are moved by primary key")
             out[g.table] = _Table(g.table, g.key, types[g.key], columns, pk,

@@ -233,6 +233,11 @@ def test_citext_shard_key_is_refused_against_metadata():
     md = sa.MetaData()
     sa.Table("members", md, sa.Column("email", sa.Text, primary_key=True))
     Cluster.from_config(cfg, metadata=md).dispose()
+    # A custom strategy may place keys as the database compares them (lower() first).
+    md = sa.MetaData()
+    sa.Table("members", md, sa.Column("email", CITEXT(), primary_key=True))
+    custom = {"strategy": "custom", "tables": {"members": "email"}, "function": "os.path:join"}
+    Cluster.from_config({**cfg, "groups": {"m": custom}}, metadata=md).dispose()
 
 
 def test_missing_file():
