@@ -129,8 +129,9 @@ class MergePlan:
         return self.description
 
 
-def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
-    """(expression, descending, nulls_first or None for the default)."""
+def _order_modifiers(clause: Any) -> tuple[Any, bool, bool | None]:
+    """An ORDER BY term without its modifiers: (expression, descending, nulls_first or
+    None for the default)."""
     descending = False
     nulls_first: bool | None = None
     expr = clause
@@ -148,7 +149,12 @@ def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
                 nulls_first = False
             expr = expr.element
         else:
-            break
+            return expr, descending, nulls_first
+
+
+def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
+    """(expression, descending, nulls_first or None for the default)."""
+    expr, descending, nulls_first = _order_modifiers(clause)
     if isinstance(expr, elements._textual_label_reference):
         raise ScatterRefused(
             f"ORDER BY {expr.element!r} names a label by text; across shards shardkit needs the "
@@ -626,24 +632,7 @@ def _compound_order(clause: Any, names: Sequence[str | None], keyword: str
                     ) -> tuple[int, bool, bool | None]:
     """(result column position, descending, nulls_first or None) of an ORDER BY term of a
     compound, which PostgreSQL resolves by the result's column names."""
-    descending = False
-    nulls_first: bool | None = None
-    expr = clause
-    while True:
-        if isinstance(expr, elements._label_reference):
-            expr = expr.element
-        elif isinstance(expr, UnaryExpression) and expr.modifier in (
-            operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op,
-        ):
-            if expr.modifier is operators.desc_op:
-                descending = True
-            elif expr.modifier is operators.nulls_first_op:
-                nulls_first = True
-            elif expr.modifier is operators.nulls_last_op:
-                nulls_first = False
-            expr = expr.element
-        else:
-            break
+    expr, descending, nulls_first = _order_modifiers(clause)
     name = expr.element if isinstance(expr, elements._textual_label_reference) else \
         _output_name(expr)
     found = [i for i, n in enumerate(names) if n is not None and n == name]

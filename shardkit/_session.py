@@ -1757,6 +1757,21 @@ def _with_bind_values(statement: Any, values: Mapping[str, Any]) -> Any:
     return visitors.replacement_traverse(statement, {}, replace)
 
 
+def _learn_names(cluster: Cluster, shard: str, known: dict[str, bool], names: Iterable[str],
+                 answer_sql: str) -> bool:
+    """Add to ``known`` what the database says of the ``names`` it lacks (``answer_sql``: a
+    boolean expression of the name ``n``); False if no node of ``shard`` answers."""
+    unknown = sorted(n for n in set(names) if n not in known)
+    if not unknown:
+        return True
+    found = _ask_any_node(cluster, shard, sa_text(
+        f"SELECT n, {answer_sql} FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown})
+    if found is None:
+        return False
+    known.update(dict(found))
+    return True
+
+
 def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> None:
     """Refuse aggregates the merge does not know (a CREATE AGGREGATE of the application's,
     an extension's): taken for plain functions, each shard's one row would be returned side
@@ -1765,14 +1780,10 @@ def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> 
         return
     names = _per_shape(cluster.router, statement, _function_names)
     kinds = cluster.function_kinds
-    unknown = [n for n in names if n not in kinds]
-    if unknown:
-        found = _ask_any_node(cluster, shard, sa_text(
-            "SELECT n, coalesce((SELECT bool_or(prokind IN ('a', 'w')) FROM pg_proc "
-            "WHERE proname = n), false) FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown})
-        if found is None:
-            return  # no node of the shard answers: the read itself will say so
-        kinds.update(dict(found))
+    if not _learn_names(cluster, shard, kinds, names,
+                        "coalesce((SELECT bool_or(prokind IN ('a', 'w')) FROM pg_proc "
+                        "WHERE proname = n), false)"):
+        return  # no node of the shard answers: the read itself will say so
     for n in sorted(names):
         if kinds.get(n):
             raise ScatterRefused(
@@ -1822,15 +1833,10 @@ def _refuse_nondeterministic_collations(cluster: Cluster, plan: Any, shard: str,
     case-insensitive ICU collation) 'a' and 'A' are one value, and the merge would return
     both.  Whether each collation named is deterministic is asked of the database once."""
     known = _DETERMINISTIC.setdefault(cluster, {})
-    names = {name for name, _ in plan.collations}
-    unknown = sorted(n for n in names if n not in known)
-    if unknown:
-        found = _ask_any_node(cluster, shard, sa_text(
-            "SELECT n, coalesce((SELECT bool_and(collisdeterministic) FROM pg_collation "
-            "WHERE collname = n), true) FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown})
-        if found is None:
-            return  # no node of the shard answers: the read itself will say so
-        known.update(dict(found))
+    if not _learn_names(cluster, shard, known, {name for name, _ in plan.collations},
+                        "coalesce((SELECT bool_and(collisdeterministic) FROM pg_collation "
+                        "WHERE collname = n), true)"):
+        return  # no node of the shard answers: the read itself will say so
     for name, use in plan.collations:
         if known.get(name) is False:
             raise ScatterRefused(

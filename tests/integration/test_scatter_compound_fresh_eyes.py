@@ -15,9 +15,6 @@ types, or the query must be refused with ``ScatterRefused`` naming the construct
 
 from __future__ import annotations
 
-import decimal
-import math
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +37,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
 
 import shardkit
+from test_scatter_compound import check, refused
 
 pytestmark = pytest.mark.integration
 
-D = decimal.Decimal
 ORACLE = "scfe_oracle"
 
 
@@ -146,40 +143,6 @@ def env(sharded_dev) -> Iterator[Env]:
             c.execute(text(drop))
             c.execute(text("DROP COLLATION IF EXISTS scfe_ci"))
     cluster.dispose()
-
-
-def exact(v: Any) -> Any:
-    if isinstance(v, D):
-        return ("numeric", str(v))
-    if isinstance(v, float):
-        return ("float", "nan" if math.isnan(v) else v.hex())
-    return (type(v).__name__, v)
-
-
-def run(env: Env, stmt: Any, params: Any = None, *, sharded: bool) -> tuple[list[Any], list[Any]]:
-    with (env.Session() if sharded else Session(env.oracle)) as s:
-        r = s.execute(stmt, params)
-        return list(r.keys()), [tuple(exact(v) for v in row) for row in r.all()]
-
-
-def check(env: Env, stmt: Any, params: Any = None, *, ordered: bool = True) -> list[Any]:
-    want_keys, want = run(env, stmt, params, sharded=False)
-    got_keys, got = run(env, stmt, params, sharded=True)
-    assert got_keys == want_keys
-    if ordered:
-        assert got == want, f"\nsharded:      {got}\none database: {want}"
-    else:
-        assert Counter(got) == Counter(want), f"\nsharded:      {got}\none database: {want}"
-    return want
-
-
-def refused(env: Env, stmt: Any) -> shardkit.ScatterRefused:
-    with Session(env.oracle) as s:
-        s.execute(stmt).all()
-    with env.Session() as s, pytest.raises(shardkit.ScatterRefused) as ei:
-        s.execute(stmt).all()
-    assert ei.value.construct
-    return ei.value
 
 
 def test_a_nested_compound_is_checked_for_colocation_like_its_outer_parts(env):
