@@ -236,26 +236,22 @@ def test_sql_slice_function_agrees_after_splits_at_tricky_keys(world):
         assert got == want, {k: (got[k], want[k]) for k in keys if got[k] != want[k]}
 
 
-def test_list_group_on_a_case_insensitive_text_column_routes_like_the_guard(dev, tmp_path):
+def test_list_group_on_a_case_insensitive_text_column_is_refused(dev, tmp_path):
     """A list group whose key column has a nondeterministic (case-insensitive) collation.
-    Python looks values up exactly (code points): 'A' is not the value 'a' and goes to
-    the default (s2).  The guard must compare the same way (COLLATE "C"), or it would
-    put 'A' in the slice of 'a' and refuse the write on s2."""
+    Python looks values up exactly (code points): 'a' goes to s0 and 'A' to the default
+    (s2), yet the database holds them one value, so a read of 'A' would miss the row
+    stored as 'a'.  `rebalance init` refuses the key column, naming its collation,
+    before it guards anything."""
     ci = ("CREATE COLLATION IF NOT EXISTS ci (provider = icu, locale = 'und-u-ks-level2', "
           "deterministic = false); ALTER TABLE colls ALTER COLUMN tag TYPE text COLLATE ci;")
-    w = _make_world(dev, tmp_path, COLLS, extra_schema=ci)
+    w = _make_world(dev, tmp_path, COLLS, extra_schema=ci, init=False)
     try:
-        assert w.cluster.shard_for("colls", "A") == "s2"
-        python = _python_unit(w, "colls", "A")
-        with w.conn("s2") as c:
-            sql = c.execute("SELECT shardkit.slice__colls(tag) FROM (SELECT 'A'::text COLLATE ci AS tag) x"
-                            ).fetchone()[0]
-        assert sql == python, f"guard: slice {sql}, router: slice {python}"
-        Session = w.Session()
-        with Session() as s:
-            s.add_all([Coll(id=1, tag="a"), Coll(id=2, tag="A"), Coll(id=3, tag="zzz")])
-            s.commit()
-        assert w.sql("s2", "SELECT id FROM colls ORDER BY id") == [(2,), (3,)]
+        assert w.cluster.shard_for("colls", "a") == "s0" and w.cluster.shard_for("colls", "A") == "s2"
+        with pytest.raises(ConfigurationError, match=r"colls\.tag is under collation ci, which is "
+                                                     r"nondeterministic.*lower\(\.\.\.\)"):
+            rebalance.init(w.cluster)
+        with w.conn("s0") as c:
+            assert c.execute("SELECT to_regclass('shardkit.owned_buckets')").fetchone()[0] is None
     finally:
         w.cluster.dispose()
 
