@@ -49,7 +49,7 @@ class _Instance:
 def colocation_problem(statement: Any, resolve: Resolver) -> str | None:
     """Why ``statement`` cannot run shard by shard, or None if it can."""
     if isinstance(statement, selectable.CompoundSelect):
-        for s in _compound_selects(statement):
+        for s in compound_selects(statement):
             problem = colocation_problem(s, resolve)
             if problem:
                 return problem
@@ -59,14 +59,18 @@ def colocation_problem(statement: Any, resolve: Resolver) -> str | None:
     return None
 
 
-def _compound_selects(stmt: selectable.CompoundSelect) -> list[Any]:
-    """The SELECTs of a UNION/INTERSECT/EXCEPT, nested compounds opened up (SQLAlchemy
-    wraps those in a grouping, parenthesised in SQL)."""
+def ungrouped(s: Any) -> Any:
+    """A compound's member without the grouping SQLAlchemy wraps a nested compound in."""
+    while isinstance(s, selectable.SelectStatementGrouping):
+        s = s.element
+    return s
+
+
+def compound_selects(stmt: selectable.CompoundSelect) -> list[Any]:
+    """The SELECTs of a UNION/INTERSECT/EXCEPT, nested compounds opened up, in order."""
     out: list[Any] = []
-    for s in stmt.selects:
-        while isinstance(s, selectable.SelectStatementGrouping):
-            s = s.element
-        out.extend(_compound_selects(s) if isinstance(s, selectable.CompoundSelect) else [s])
+    for s in map(ungrouped, stmt.selects):
+        out.extend(compound_selects(s) if isinstance(s, selectable.CompoundSelect) else [s])
     return out
 
 
@@ -162,7 +166,7 @@ def _derived_select(frm: Any) -> Any:
 def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[_Instance], str | None]:
     """A subquery or CTE in FROM: exact per shard if its own rows are, and it only filters."""
     inner = _derived_select(frm)
-    selects = _compound_selects(inner) if isinstance(inner, selectable.CompoundSelect) else [inner]
+    selects = compound_selects(inner) if isinstance(inner, selectable.CompoundSelect) else [inner]
     derived: list[_Instance] = []
     for sel in selects:
         problem = _check(sel, [], resolve)
@@ -332,7 +336,7 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
     if values:
         clauses.extend(v for v in values.values() if isinstance(v, elements.ClauseElement))
     for e in _walk(clauses):
-        nested = _compound_selects(e) if isinstance(e, selectable.CompoundSelect) else \
+        nested = compound_selects(e) if isinstance(e, selectable.CompoundSelect) else \
             [e] if isinstance(e, selectable.Select) else []
         for sel in nested:
             problem = _check(sel, everyone, resolve)

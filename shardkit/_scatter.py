@@ -44,6 +44,8 @@ from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 from sqlalchemy.sql import elements, functions, operators, selectable, visitors
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
+from ._colocation import compound_selects as compound_parts
+from ._colocation import ungrouped
 from .errors import ScatterRefused
 
 __all__ = ["MergePlan", "merge_rows", "pg_numeric_div", "plan_scatter"]
@@ -528,18 +530,18 @@ def compound_keyword(stmt: selectable.CompoundSelect) -> str:
     return str(getattr(kw, "value", kw)).upper()
 
 
-def _ungrouped(s: Any) -> Any:
-    while isinstance(s, selectable.SelectStatementGrouping):
-        s = s.element
-    return s
+def _has_page(stmt: Any) -> bool:
+    """Whether ``stmt`` has LIMIT, OFFSET or FETCH."""
+    return stmt._limit_clause is not None or stmt._offset_clause is not None or \
+        stmt._fetch_clause is not None
 
 
-def compound_parts(stmt: selectable.CompoundSelect) -> list[Any]:
-    """The SELECTs of compound ``stmt``, nested compounds opened up, in order."""
-    out: list[Any] = []
-    for s in map(_ungrouped, stmt.selects):
-        out.extend(compound_parts(s) if isinstance(s, selectable.CompoundSelect) else [s])
-    return out
+def _page_description(limit: int | None, offset: int) -> str:
+    """How a LIMIT/OFFSET is applied across shards, for a plan's description."""
+    if limit is None and not offset:
+        return ""
+    return (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
+            f"then offset {offset} limit {limit} after the merge")
 
 
 def _refuse_compound_nesting(stmt: selectable.CompoundSelect, distinct: bool, top: bool = True
@@ -556,8 +558,7 @@ def _refuse_compound_nesting(stmt: selectable.CompoundSelect, distinct: bool, to
             "parts separately and combine them in Python, or add the shard key",
             construct=f"compound select {kw}")
     if not top:
-        if stmt._limit_clause is not None or stmt._offset_clause is not None or \
-                stmt._fetch_clause is not None:
+        if _has_page(stmt):
             raise ScatterRefused(
                 f"a nested {kw} with LIMIT/OFFSET would be cut on each shard over its own rows "
                 "only; put the LIMIT on the outer query, or add the shard key",
@@ -568,7 +569,7 @@ def _refuse_compound_nesting(stmt: selectable.CompoundSelect, distinct: bool, to
                 "row on two shards would be returned twice); make the outer one a UNION, the "
                 "inner one a UNION ALL, or add the shard key",
                 construct="UNION inside UNION ALL")
-    for s in map(_ungrouped, stmt.selects):
+    for s in map(ungrouped, stmt.selects):
         if isinstance(s, selectable.CompoundSelect):
             _refuse_compound_nesting(s, distinct, top=False)
 
@@ -586,8 +587,7 @@ def _refuse_part(part: Any, i: int, keyword: str, distinct: bool) -> None:
             f"{where} has no FROM clause: every shard would return its rows; select them once "
             "outside the cross-shard query",
             construct=f"{keyword} part without FROM")
-    if part._limit_clause is not None or part._offset_clause is not None or \
-            part._fetch_clause is not None:
+    if _has_page(part):
         raise ScatterRefused(
             f"{where} has LIMIT/OFFSET, which each shard would apply to its own rows only; put "
             "the LIMIT on the whole compound, or add the shard key",
@@ -700,9 +700,7 @@ def _plan_compound(stmt: selectable.CompoundSelect) -> tuple[Any, MergePlan]:
         if keys else "concatenation")
     if distinct:
         desc += ", de-duplicated across shards"
-    if limit is not None or offset:
-        desc += (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
-                 f"then offset {offset} limit {limit} after the merge")
+    desc += _page_description(limit, offset)
     return shard_stmt, MergePlan("ordered" if keys else "concat", visible, tuple(keys), limit,
                                  offset, distinct, description=desc, checks=tuple(checks),
                                  collations=tuple(collations))
@@ -860,9 +858,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
         )
         if distinct:
             desc += ", de-duplicated across shards"
-        if limit is not None or offset:
-            desc += (f"; each shard returns {limit + offset if limit is not None else 'all'} rows, "
-                     f"then offset {offset} limit {limit} after the merge")
+        desc += _page_description(limit, offset)
         return shard_stmt, MergePlan(kind, visible, tuple(keys), limit, offset,
                                      distinct, description=desc, checks=tuple(checks),
                                      collations=tuple(collations))
