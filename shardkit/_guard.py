@@ -148,51 +148,49 @@ def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
                 ) -> tuple[list[str], list[str], dict[str, str]]:
     """(columns in order, primary-key columns, column -> type name) of ``table`` on this
     server; refuses shard key columns ``keys`` that compare text without case
-    (:func:`check_key_collations`)."""
+    (:func:`_refuse_case_insensitive_key`)."""
     rows = conn.execute(text(
-        "SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "SELECT a.attname, t.typname, b.typname, c.collname, c.collisdeterministic, "
+        "a.attgenerated <> '' FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+        "LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd' "
+        "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
         "WHERE a.attrelid = to_regclass(quote_ident(:t)) AND a.attnum > 0 AND NOT a.attisdropped "
-        "AND a.attgenerated = '' ORDER BY a.attnum"), {"t": table}).all()
+        "ORDER BY a.attnum"), {"t": table}).all()
     if not rows:
         raise ConfigurationError(f"table {table}", "does not exist on this shard",
                                  "create it (shardkit migrate upgrade) before installing the guard")
+    for column, type_name, base_name, collation, deterministic, _ in rows:
+        if column in keys:
+            _refuse_case_insensitive_key(table, column, type_name, base_name, collation, deterministic)
     pk = [r[0] for r in conn.execute(text(
         "SELECT a.attname FROM pg_index i "
         "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true "
         "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
         "WHERE i.indrelid = to_regclass(quote_ident(:t)) AND i.indisprimary ORDER BY k.n"), {"t": table})]
-    if keys:
-        check_key_collations(conn, table, keys)
-    return [r[0] for r in rows], pk, {r[0]: r[1] for r in rows}
+    stored = [r for r in rows if not r[5]]   # generated columns are not copied
+    return [r[0] for r in stored], pk, {r[0]: r[1] for r in stored}
 
 
-def check_key_collations(conn: Connection, table: str, keys: Sequence[str]) -> None:
-    """Refuse a shard key column of ``table`` that PostgreSQL compares other than by its
-    exact string: ``citext`` (or a domain over it), or text under a nondeterministic
-    collation (a case-insensitive ICU one, set in the database where models cannot show
-    it). There 'Ada' = 'ada', but shardkit hashes, matches list values and orders
-    ranges by the exact string: one key would live on two shards, and a read by one
-    spelling miss the rows stored under the other."""
-    for column, type_name, base_name, collation, deterministic in conn.execute(text(
-            "SELECT a.attname, t.typname, b.typname, c.collname, c.collisdeterministic "
-            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-            "LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd' "
-            "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
-            "WHERE a.attrelid = to_regclass(quote_ident(:t)) AND a.attname = ANY(CAST(:k AS text[])) "
-            "AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"),
-            {"t": table, "k": list(keys)}):
-        if "citext" in (type_name, base_name):
-            why = (f"is {type_name}" + (" (over citext)" if type_name != "citext" else "")
-                   + ", which compares without case")
-        elif deterministic is False:
-            why = f"is under collation {collation}, which is nondeterministic"
-        else:
-            continue
-        raise ConfigurationError(
-            f"table {table}",
-            f"shard key column {table}.{column} {why}: the database takes 'Ada' and 'ada' for one "
-            "value, but shardkit places keys by their exact string, so one key would live on two shards",
-            "key on a column holding the value normalised, lower(...), under a deterministic collation")
+def _refuse_case_insensitive_key(table: str, column: str, type_name: str, base_name: str | None,
+                                 collation: str | None, deterministic: bool | None) -> None:
+    """Refuse a shard key column that PostgreSQL compares other than by its exact string:
+    ``citext`` (or a domain over it), or text under a nondeterministic collation (a
+    case-insensitive ICU one, set in the database where models cannot show it).  There
+    'Ada' = 'ada', but shardkit hashes, matches list values and orders ranges by the exact
+    string: one key would live on two shards, and a read by one spelling miss the rows
+    stored under the other."""
+    if "citext" in (type_name, base_name):
+        why = (f"is {type_name}" + (" (over citext)" if type_name != "citext" else "")
+               + ", which compares without case")
+    elif deterministic is False:
+        why = f"is under collation {collation}, which is nondeterministic"
+    else:
+        return
+    raise ConfigurationError(
+        f"table {table}",
+        f"shard key column {table}.{column} {why}: the database takes 'Ada' and 'ada' for one "
+        "value, but shardkit places keys by their exact string, so one key would live on two shards",
+        "key on a column holding the value normalised, lower(...), under a deterministic collation")
 
 
 def bucket_expression(column: str, type_name: str, bucket_count: int, row: str = "") -> str:

@@ -90,7 +90,7 @@ from ._guard import (
 )
 from ._rebalance_plan import Plan, SlicePlan, plan_from_dict
 from ._slices import add_missing_groups, initial_slices, reassign
-from ._sql import _INSTALL_STATEMENTS as _HASH_SQL
+from ._sql import INSTALL_SQL
 from .catalog import MOVER_LOCK_CLASS, Catalog
 from .errors import RebalanceError
 
@@ -259,6 +259,11 @@ def _clash_error(table: str, e: psycopg.errors.UniqueViolation, where: str) -> _
         f"table {table}: {where} has the primary key or a unique value of a row of another bucket "
         f"already on the target shard ({_unique_detail(e)}); the primary keys and unique values of "
         "moved tables must be unique across shards (not per-shard sequences)")
+
+
+def _masked_reason(error: BaseException, cluster: Cluster) -> str:
+    """The first line of ``error``'s message, passwords masked."""
+    return (mask_secrets(str(error), cluster).strip().splitlines() or [""])[0]
 
 
 def mask_secrets(message: str, cluster: Cluster) -> str:
@@ -504,6 +509,7 @@ class Mover:
         if not plan.moves:
             raise RebalanceError("the plan moves no buckets; nothing to do")
         with self.catalog.engine.connect() as conn:  # (again under the lock below)
+            # First: the shards are asked next, and a target lost with leftovers cannot answer.
             if self.catalog.initialised(conn):
                 refuse_onto_leftovers(conn, plan)
         # Asked of the shards before the catalog is locked (other movers wait on that lock).
@@ -1622,13 +1628,14 @@ def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list
     # A target rebuilt since may lack tables (they hold no copies) or shardkit's SQL
     # functions, which the deletes compute the rows' buckets with (installed here, as
     # `rebalance init` would: it is refused while the move runs).
-    tables = [t for t in tables if tgt.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(t.name).as_string(tgt),)).fetchone()[0]]
+    present = {r[0] for r in tgt.execute(
+        "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(quote_ident(t)) IS NOT NULL",
+        ([t.name for t in tables],))}
+    tables = [t for t in tables if t.name in present]
     hashing = tgt.execute("SELECT to_regprocedure('shardkit.hash_version()') IS NOT NULL").fetchone()[0]
     with tgt.transaction():
         if tables and not hashing:
-            for statement in _HASH_SQL:
-                tgt.execute(statement)
+            tgt.execute(INSTALL_SQL)
         # A copy in flight (a mover that lost its lock) commits first.
         _lock_copies(tgt, move_id)
         tgt.execute(f"SET LOCAL {MOVER_SETTING} = 'on'")
@@ -1651,7 +1658,7 @@ def _unreachable(cluster: Cluster, url: Any) -> str | None:
     try:
         _connect(url).close()
     except psycopg.OperationalError as e:
-        return (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
+        return _masked_reason(e, cluster)
     return None
 
 
@@ -1702,7 +1709,7 @@ def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: An
             try:
                 conns.append(_connect(urls[(b.batch, role)]))
             except psycopg.OperationalError as e:
-                first = (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
+                first = _masked_reason(e, cluster)
                 if role == "target" and target_lost:
                     why = first
                     log.warning("move %s: cannot reach %s, the target of batch %s (%s); undoing the "
@@ -1748,7 +1755,7 @@ def _remove_leftovers(cluster: Cluster, catalog: Catalog, move_id: int, left: li
         try:
             tgt = _connect(url)
         except psycopg.OperationalError as e:
-            first = (mask_secrets(str(e), cluster).strip().splitlines() or [""])[0]
+            first = _masked_reason(e, cluster)
             raise RebalanceError(
                 f"move {move_id} is aborted; cannot reach {b.target} ({first}), which may still hold rows "
                 f"of {len(buckets)} buckets of batch {b.batch}"
