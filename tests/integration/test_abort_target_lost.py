@@ -31,14 +31,17 @@ pytestmark = pytest.mark.integration
 GROUPS = {"groups": {"accounts": {"strategy": "hash", "tables": {"accounts": "id", "notes": "account_id"}}}}
 
 
+def make_world(factory, tmp_path_factory, name: str) -> SimpleNamespace:
+    """3 shards, the accounts group guarded, a catalog; s2 is the target the tests lose."""
+    dev = factory(shards=3, replicas=0, bucket_count=BUCKETS)
+    cfg_path = tmp_path_factory.mktemp(name) / "shardkit.toml"
+    guarded_cluster(dev, Base.metadata, GROUPS, cfg_path, follow_map=False).dispose()
+    return SimpleNamespace(dev=dev, cfg=cfg_path, s2=dev.shard("s2").primary, next_key=[1], used=set())
+
+
 @pytest.fixture(scope="module")
 def world(shardkit_module_cluster_factory, tmp_path_factory):
-    dev = shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=BUCKETS)
-    cfg_path = tmp_path_factory.mktemp("target_lost") / "shardkit.toml"
-    cluster = guarded_cluster(dev, Base.metadata, GROUPS, cfg_path, follow_map=False)
-    cluster.dispose()
-    w = SimpleNamespace(dev=dev, cfg=cfg_path, s2=dev.shard("s2").primary, next_key=[1])
-    yield w
+    return make_world(shardkit_module_cluster_factory, tmp_path_factory, "target_lost")
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from types import SimpleNamespace
 
-import psycopg
 import pytest
 from sqlalchemy import create_engine, text, update
 from sqlalchemy.orm import sessionmaker
@@ -25,21 +23,17 @@ from shardkit._rebalance_plan import plan_from_maps
 from shardkit.catalog import MOVER_LOCK_CLASS
 from shardkit.errors import RebalanceError
 from shardkit.verify import verify
-from movers import guarded_cluster
+from test_abort_target_lost import _cluster, _sql, make_world
 from test_rebalance_crashes import BUCKETS, Account, Base, Note
 
 pytestmark = pytest.mark.integration
 
-GROUPS = {"groups": {"accounts": {"strategy": "hash", "tables": {"accounts": "id", "notes": "account_id"}}}}
 PASSWORD = "tl-fresh-s3cret"
 
 
 @pytest.fixture(scope="module")
 def world(shardkit_module_cluster_factory, tmp_path_factory):
-    dev = shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=BUCKETS)
-    cfg = tmp_path_factory.mktemp("target_lost_fresh") / "shardkit.toml"
-    guarded_cluster(dev, Base.metadata, GROUPS, cfg, follow_map=False).dispose()
-    yield SimpleNamespace(dev=dev, cfg=cfg, s2=dev.shard("s2").primary, next_key=[1], used=set())
+    return make_world(shardkit_module_cluster_factory, tmp_path_factory, "target_lost_fresh")
 
 
 @pytest.fixture
@@ -48,18 +42,6 @@ def s2_back(world):
     yield
     if not world.s2.is_running():
         world.s2.start()
-
-
-def _cluster(world) -> shardkit.Cluster:
-    c = shardkit.Cluster.from_config(world.cfg, follow_map=False)
-    c.refresh_map()
-    return c
-
-
-def _sql(world, shard: str, query: str, params=None):
-    with psycopg.connect(world.dev.shard(shard).primary.dsn, autocommit=True) as c:
-        cur = c.execute(query, params)
-        return cur.fetchall() if cur.description else None
 
 
 def _buckets(world, cluster, shard: str, n: int) -> list[int]:
