@@ -74,6 +74,7 @@ from ._routing import PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, 
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
                        plan_scatter, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
+from ._scope import _current as _scope_var
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import (
@@ -118,17 +119,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 "ShardedSession needs cluster=shardkit.Cluster.from_config(...); got "
                 f"{type(cluster).__name__}"
             )
-        for bad in ("bind", "binds"):
-            if kwargs.get(bad) is not None:
-                raise sa_exc.ArgumentError(
-                    f"ShardedSession takes its engines from the cluster; do not pass {bad}="
-                )
+        if kwargs and (kwargs.get("bind") is not None or kwargs.get("binds") is not None):
+            raise sa_exc.ArgumentError(
+                "ShardedSession takes its engines from the cluster; do not pass "
+                f"{'bind' if kwargs.get('bind') is not None else 'binds'}="
+            )
         # horizontal_shard.ShardedSession.__init__ wants chooser callables and
         # installs its own serial execute hook; we provide the choosers as
         # methods and install our routing hook instead.
         Session.__init__(self, query_cls=horizontal_shard.ShardedQuery, **kwargs)
         self.cluster = cluster
-        if consistency not in (None, *CONSISTENCY_MODES):
+        if consistency is not None and consistency not in CONSISTENCY_MODES:
             raise sa_exc.ArgumentError(
                 f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, not {consistency!r}")
         self.consistency = consistency
@@ -516,6 +517,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
         Same arguments as :meth:`sqlalchemy.orm.Session.execute`.
         """
+        if (type(statement) is selectable.Select and not execution_options and bind_arguments is None
+                and not kw and not statement._execution_options):
+            result = self._plain_read(statement, params)
+            if result is not _GENERAL:
+                return result
         if not isinstance(statement, roles.StatementRole):
             statement = coercions.expect(roles.StatementRole, statement)
         if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
@@ -568,6 +574,55 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 return result
             return self._read_on(shard, statement, params, execution_options, bind_arguments, kw, sc)
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
+
+    def _plain_read(self, statement: Any, params: Any) -> Any:
+        """The most common read in fewer steps: a SELECT with no execution options, outside
+        any scope, with nothing to flush, routed by its key to one shard and read from a
+        usable replica.  Anything else returns ``_GENERAL`` for execute()'s general path,
+        which routes it the same way: every condition here is one that path checks."""
+        cluster = self.cluster
+        if (not cluster.has_replicas or self.twophase or _scope_var.get() is not NO_SCOPE
+                or (params is not None and type(params) is not dict)
+                or statement._for_update_arg is not None
+                or self._new or self._deleted or self.identity_map.check_modified()
+                or self.in_nested_transaction()):
+            return _GENERAL
+        for opt in statement._with_options:
+            if isinstance(opt, horizontal_shard.set_shard_id):
+                return _GENERAL
+        route = cluster.router.route(statement, params)
+        if len(route.shards) != 1 or route.is_write or route.anywhere:
+            return _GENERAL
+        shard = route.shards[0]
+        if shard in self._sk_written or cluster.moved_lsn.get(shard):
+            return _GENERAL
+        settings = cluster.replica_settings
+        consistency = self.consistency or settings.consistency
+        if consistency == "strong":
+            return _GENERAL
+        pinned = self._sk_replica.get(shard)
+        selector = cluster.selector
+        ok, _ = selector.eligible(
+            shard, max_lag_seconds=settings.max_lag_seconds, max_lag_bytes=settings.max_lag_bytes,
+            min_lsn=self._sk_tokens.get(shard) if consistency == "read_your_writes" else None)
+        if pinned is None:
+            if not ok:
+                return _GENERAL
+            index = self._sk_replica[shard] = (ok[0] if len(ok) == 1 else selector.pick(shard, ok)).index
+        elif any(r.index == pinned for r in ok):
+            index = pinned
+        else:
+            return _GENERAL
+        eo = _LOAD_OPTIONS.get(shard) or _single(shard, REPLICA, None, None, True)[0]
+        try:
+            return Session.execute(self, statement, params, execution_options=eo, bind_arguments={
+                "shard_id": shard, "shardkit_role": REPLICA, "shardkit_replica": index})
+        except (ShardUnavailable, sa_exc.DBAPIError) as e:
+            if not self._replica_read_failed(shard, index, e):
+                raise
+            self._unpin_failed(shard, index, pinned is None)
+            log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
+            return self._read_on(shard, statement, params, util.EMPTY_DICT, None, {}, NO_SCOPE, {index})
 
     def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,
                  bind_arguments: Any, kw: Mapping[str, Any], sc: RoutingScope,
@@ -991,6 +1046,8 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
 
 
 _ROLES = (PRIMARY, REPLICA)
+# ShardedSession._plain_read: not that read; execute() takes its general path.
+_GENERAL: Final = object()
 # In ShardedSession._sk_replica: the transaction reads this shard on its primary.
 _ON_PRIMARY: Final = -1
 # What a hot standby raises when it cancels a query that conflicts with replay

@@ -1,0 +1,218 @@
+"""The session's short path for the most common read (a SELECT with no options, outside
+any scope, routed by its key to one shard) chooses the same node as the general path,
+in every session state that decides a read's node.
+
+Each case runs twice in fresh sessions set up alike: once as it is, once with the
+short path switched off; both must run the probe on the same node.  Where the short
+path should serve the read, the test also checks that it did (otherwise the
+comparison would only compare the general path with itself).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import BigInteger, String, event, select
+from sqlalchemy.ext.horizontal_shard import set_shard_id
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+import shardkit
+from shardkit import _session
+from shardkit._replicas import format_token
+
+pytestmark = pytest.mark.integration
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Thing(Base):
+    __tablename__ = "prp_things"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class Colour(Base):
+    __tablename__ = "prp_colours"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+KEYS = range(1, 41)
+
+
+@pytest.fixture(scope="module")
+def env(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=1, replicas=2)
+    cfg = {**dev.config_dict(),
+           "groups": {"things": {"tables": {"prp_things": "id"}}},
+           "reference_tables": ["prp_colours"],
+           # least_outstanding: the same replica for the same pool state, so the two runs
+           # of a case can be compared (round_robin would alternate between them).
+           "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 30.0,
+                        "policy": "least_outstanding"}}
+    cluster = shardkit.Cluster.from_config(cfg)
+    Base.metadata.create_all(cluster.primary("s0"))
+    with cluster.primary("s0").begin() as c:
+        c.execute(Thing.__table__.insert(), [{"id": k, "name": f"t{k}"} for k in KEYS])
+        c.execute(Colour.__table__.insert(), [{"id": 1, "name": "red"}])
+    for r in dev.shard("s0").replicas:
+        r.wait_caught_up()
+    served: list[str] = []
+    for i in range(-1, cluster.replica_count("s0")):
+        eng = cluster.primary("s0") if i < 0 else cluster.engine("s0", "replica", i)
+        event.listen(eng, "after_cursor_execute",
+                     lambda c, cur, st, *a, node=eng.info["node"], **k:
+                     served.append(node) if "PROBE" in st else None)
+    cluster.start_monitor()
+    yield cluster, served
+    cluster.dispose()
+
+
+PROBE = select(Thing.name).where(Thing.id == 7).prefix_with("/* PROBE */")
+
+
+def _run(env: Any, setup: Callable[[Any], Any], probe: Callable[[Any], Any], short: bool,
+         monkeypatch: pytest.MonkeyPatch, **session_kw: Any) -> tuple[str, bool]:
+    """(the node that ran the probe, whether the short path served it)."""
+    cluster, served = env
+    took: list[bool] = []
+    plain_read = _session.ShardedSession._plain_read
+
+    def spy(self: Any, statement: Any, params: Any) -> Any:
+        if not short:
+            return _session._GENERAL
+        out = plain_read(self, statement, params)
+        if "PROBE" in str(statement):
+            took.append(out is not _session._GENERAL)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(_session.ShardedSession, "_plain_read", spy)
+        Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+        with Session(**session_kw) as s:
+            setup(s)
+            n0 = len(served)
+            assert probe(s) == "t7"
+            nodes = served[n0:]
+            s.rollback()
+    assert len(nodes) == 1, nodes
+    return nodes[0], any(took)
+
+
+def _nothing(s: Any) -> None:
+    pass
+
+
+def _probe(s: Any) -> Any:
+    return s.execute(PROBE).scalar_one()
+
+
+def _write(s: Any) -> None:
+    s.get(Thing, 3).name = "changed"
+    s.flush()
+
+
+def _pending(s: Any) -> None:
+    s.add(Thing(id=1000, name="new"))
+
+
+def _read_first(s: Any) -> None:
+    s.execute(select(Thing).where(Thing.id == 5)).scalar_one()
+
+
+def _read_primary_first(s: Any) -> None:
+    s.execute(select(Thing).where(Thing.id == 5).execution_options(shardkit_role="primary")).scalar_one()
+
+
+def _token_ahead(s: Any) -> None:
+    s.require_token(format_token({"s0": 2**62}))
+
+
+def _nested(s: Any) -> None:
+    s.begin_nested()
+
+
+def _ban(*indexes: int) -> Callable[[Any], None]:
+    def setup(s: Any) -> None:
+        for i in indexes:
+            s.cluster.selector.monitor.ban("s0", i, "test", seconds=30)
+    return setup
+
+
+CASES: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any], dict[str, Any], bool]] = {
+    # name: (setup, probe, session keywords, whether the short path should serve it)
+    "fresh session": (_nothing, _probe, {}, True),
+    "eventual": (_nothing, _probe, {"consistency": "eventual"}, True),
+    "read earlier in the transaction (pinned replica)": (_read_first, _probe, {}, True),
+    "one replica banned": (_ban(0), _probe, {}, True),
+    "IN list on one shard": (
+        _nothing, lambda s: s.execute(select(Thing.name).where(Thing.id.in_([7]))
+                                      .prefix_with("/* PROBE */")).scalar_one(), {}, True),
+    "every replica banned": (_ban(0, 1), _probe, {}, False),
+    "wrote in the transaction": (_write, _probe, {}, False),
+    "pending object to autoflush": (_pending, _probe, {}, False),
+    "read the primary earlier": (_read_primary_first, _probe, {}, False),
+    "token no replica has reached": (_token_ahead, _probe, {}, False),
+    "strong consistency": (_nothing, _probe, {"consistency": "strong"}, False),
+    "two-phase session": (_nothing, _probe, {"twophase": True}, False),
+    "savepoint": (_nested, _probe, {}, False),
+    "FOR UPDATE": (_nothing, lambda s: s.execute(PROBE.with_for_update()).scalar_one(), {}, False),
+    "scope role primary": (
+        _nothing, lambda s: _in_scope(s, role="primary"), {}, False),
+    "scope eventual": (
+        _nothing, lambda s: _in_scope(s, consistency="eventual"), {}, False),
+    "execution option": (
+        _nothing, lambda s: s.execute(PROBE, execution_options={"shardkit_role": "replica"}).scalar_one(),
+        {}, False),
+    "set_shard_id option": (
+        _nothing, lambda s: s.execute(PROBE.options(set_shard_id("s0"))).scalar_one(), {}, False),
+}
+
+
+def _in_scope(s: Any, **kw: Any) -> Any:
+    with shardkit.scope(**kw):
+        return _probe(s)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_short_path_chooses_the_general_paths_node(env, case, monkeypatch):
+    setup, probe, kw, expect_short = CASES[case]
+    try:
+        node, took = _run(env, setup, probe, True, monkeypatch, **kw)
+        general, _ = _run(env, setup, probe, False, monkeypatch, **kw)
+    finally:
+        for r in env[0].selector.monitor.shards["s0"].replicas:
+            r.banned_until = 0.0
+    assert node == general
+    assert took is expect_short
+
+
+def test_short_path_reads_the_replicas_and_retries_a_dead_one(env, monkeypatch):
+    """The short path's reads go to a replica (not silently to the primary), and a replica
+    that fails under it is retried elsewhere like the general path's."""
+    cluster, served = env
+    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+    with Session() as s:
+        n0 = len(served)
+        assert _probe(s) == "t7"
+        assert served[n0:] == ["s0/r0"]
+    failing = cluster.engine("s0", "replica", 0)
+
+    def refuse(*a: Any, **k: Any) -> None:
+        raise shardkit.ShardUnavailable("s0/r0 went away", shard="s0")
+
+    with monkeypatch.context() as m:
+        m.setattr(failing.pool, "connect", refuse)
+        try:
+            with Session() as s:
+                n0 = len(served)
+                assert _probe(s) == "t7"
+                assert served[n0:] == ["s0/r1"]
+            assert cluster.selector.monitor.shards["s0"].replicas[0].banned_until > time.monotonic()
+        finally:
+            cluster.selector.monitor.shards["s0"].replicas[0].banned_until = 0.0
