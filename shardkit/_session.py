@@ -578,10 +578,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _plain_read(self, statement: Any, params: Any) -> Any:
         """The most common read in fewer steps: a SELECT with no execution options, outside
         any scope, with nothing to flush, routed by its key to one shard and read from a
-        usable replica.  Anything else returns ``_GENERAL`` for execute()'s general path,
-        which routes it the same way: every condition here is one that path checks."""
+        usable replica (or the primary, in a cluster without replicas).  Anything else
+        returns ``_GENERAL`` for execute()'s general path, which routes it the same way:
+        every condition here is one that path checks."""
         cluster = self.cluster
-        if (not cluster.has_replicas or self.twophase or _scope_var.get() is not NO_SCOPE
+        if (self.twophase or _scope_var.get() is not NO_SCOPE
                 or (params is not None and type(params) is not dict)
                 or statement._for_update_arg is not None
                 or self._new or self._deleted or self.identity_map.check_modified()
@@ -594,6 +595,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if len(route.shards) != 1 or route.is_write or route.anywhere:
             return _GENERAL
         shard = route.shards[0]
+        eo = _LOAD_OPTIONS.get(shard) or _single(shard, REPLICA, None, None, True)[0]
+        if not cluster.has_replicas:
+            return Session.execute(self, statement, params, execution_options=eo,
+                                   bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
             return _GENERAL
         settings = cluster.replica_settings
@@ -613,7 +618,6 @@ class ShardedSession(horizontal_shard.ShardedSession):
             index = pinned
         else:
             return _GENERAL
-        eo = _LOAD_OPTIONS.get(shard) or _single(shard, REPLICA, None, None, True)[0]
         try:
             return Session.execute(self, statement, params, execution_options=eo, bind_arguments={
                 "shard_id": shard, "shardkit_role": REPLICA, "shardkit_replica": index})

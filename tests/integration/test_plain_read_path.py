@@ -216,3 +216,35 @@ def test_short_path_reads_the_replicas_and_retries_a_dead_one(env, monkeypatch):
             assert cluster.selector.monitor.shards["s0"].replicas[0].banned_until > time.monotonic()
         finally:
             cluster.selector.monitor.shards["s0"].replicas[0].banned_until = 0.0
+
+
+def test_short_path_without_replicas_reads_the_primary_with_the_shards_identity(env, monkeypatch):
+    """In a cluster without replicas the short path reads the owning primary, and the
+    objects it loads carry their shard in their identity, as the general path's do."""
+    from sqlalchemy import inspect
+
+    cluster, _ = env
+    primary = cluster.config.shard("s0").primary.render_as_string(hide_password=False)
+    solo = shardkit.Cluster.from_config({
+        "bucket_count": cluster.config.bucket_count, "shards": [{"name": "s0", "primary": primary}],
+        "groups": {"things": {"tables": {"prp_things": "id"}}}})
+    ran: list[str] = []
+    event.listen(solo.primary("s0"), "after_cursor_execute",
+                 lambda c, cur, st, *a, **k: ran.append(st) if "prp_things" in st else None)
+    took: list[bool] = []
+    plain_read = _session.ShardedSession._plain_read
+
+    def spy(self: Any, statement: Any, params: Any) -> Any:
+        out = plain_read(self, statement, params)
+        took.append(out is not _session._GENERAL)
+        return out
+
+    monkeypatch.setattr(_session.ShardedSession, "_plain_read", spy)
+    try:
+        with sessionmaker(class_=shardkit.ShardedSession, cluster=solo)() as s:
+            obj = s.execute(select(Thing).where(Thing.id == 7)).scalar_one()
+            assert obj.name == "t7" and inspect(obj).identity_token == "s0"
+            assert s.get(Thing, 7, identity_token="s0") is obj
+        assert took == [True] and len(ran) == 1
+    finally:
+        solo.dispose()
