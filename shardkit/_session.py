@@ -519,9 +519,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """
         if (type(statement) is selectable.Select and not execution_options and bind_arguments is None
                 and not kw and not statement._execution_options):
-            result = self._plain_read(statement, params)
-            if result is not _GENERAL:
-                return result
+            out = self._plain_read(statement, params)
+            if out is not _GENERAL and type(out) is not Route:
+                return out
+            # Routed already (as _route_statement would): routing it again would take a
+            # second turn of the shards that reads of reference rows take in turn.
+            routed = out if out is not _GENERAL else None
+        else:
+            routed = None
         if not isinstance(statement, roles.StatementRole):
             statement = coercions.expect(roles.StatementRole, statement)
         if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
@@ -551,7 +556,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 "as Core executemany, split by each row's key: "
                 "execution_options={'dml_strategy': 'core_only'}", statement=statement)
         sc = current_scope()
-        route = _route_statement(self, statement, params, execution_options, bind_arguments, sc)
+        route = routed if routed is not None else _route_statement(
+            self, statement, params, execution_options, bind_arguments, sc)
         if route.is_write or getattr(statement, "_for_update_arg", None) is not None:
             # Rows written or locked: the rest of the transaction reads them on the primary.
             self._sk_written.update(route.shards)
@@ -578,9 +584,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _plain_read(self, statement: Any, params: Any) -> Any:
         """The most common read in fewer steps: a SELECT with no execution options, outside
         any scope, with nothing to flush, routed by its key to one shard and read from a
-        usable replica (or the primary, in a cluster without replicas).  Anything else
-        returns ``_GENERAL`` for execute()'s general path, which routes it the same way:
-        every condition here is one that path checks."""
+        usable replica (or the primary of a shard without replicas).  Anything else goes
+        to execute()'s general path, which routes it the same way (every condition here
+        is one that path checks): this returns ``_GENERAL``, or the statement's route
+        once it has one (the general path uses it rather than routing again)."""
         cluster = self.cluster
         if (self.twophase or _scope_var.get() is not NO_SCOPE
                 or (params is not None and type(params) is not dict)
@@ -593,18 +600,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 return _GENERAL
         route = cluster.router.route(statement, params)
         if len(route.shards) != 1 or route.is_write or route.anywhere:
-            return _GENERAL
+            return route
         shard = route.shards[0]
         eo = _LOAD_OPTIONS.get(shard) or _single(shard, REPLICA, None, None, True)[0]
-        if not cluster.has_replicas:
+        if not cluster.replica_count(shard):
+            # (The general path reads its primary without asking the health monitor,
+            # which cluster.selector would start.)
             return Session.execute(self, statement, params, execution_options=eo,
                                    bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
-            return _GENERAL
+            return route
         settings = cluster.replica_settings
         consistency = self.consistency or settings.consistency
         if consistency == "strong":
-            return _GENERAL
+            return route
         pinned = self._sk_replica.get(shard)
         selector = cluster.selector
         ok, _ = selector.eligible(
@@ -612,12 +621,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
             min_lsn=self._sk_tokens.get(shard) if consistency == "read_your_writes" else None)
         if pinned is None:
             if not ok:
-                return _GENERAL
+                return route
             index = self._sk_replica[shard] = (ok[0] if len(ok) == 1 else selector.pick(shard, ok)).index
         elif any(r.index == pinned for r in ok):
             index = pinned
         else:
-            return _GENERAL
+            return route
         try:
             return Session.execute(self, statement, params, execution_options=eo, bind_arguments={
                 "shard_id": shard, "shardkit_role": REPLICA, "shardkit_replica": index})
@@ -1050,7 +1059,7 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
 
 
 _ROLES = (PRIMARY, REPLICA)
-# ShardedSession._plain_read: not that read; execute() takes its general path.
+# ShardedSession._plain_read: not that read (and not routed); execute() takes its general path.
 _GENERAL: Final = object()
 # In ShardedSession._sk_replica: the transaction reads this shard on its primary.
 _ON_PRIMARY: Final = -1

@@ -22,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 import shardkit
 from shardkit import _session
 from shardkit._replicas import format_token
+from shardkit._routing import Route
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +89,7 @@ def _run(env: Any, setup: Callable[[Any], Any], probe: Callable[[Any], Any], sho
             return _session._GENERAL
         out = plain_read(self, statement, params)
         if "PROBE" in str(statement):
-            took.append(out is not _session._GENERAL)
+            took.append(out is not _session._GENERAL and not isinstance(out, Route))
         return out
 
     with monkeypatch.context() as m:
@@ -236,7 +237,7 @@ def test_short_path_without_replicas_reads_the_primary_with_the_shards_identity(
 
     def spy(self: Any, statement: Any, params: Any) -> Any:
         out = plain_read(self, statement, params)
-        took.append(out is not _session._GENERAL)
+        took.append(out is not _session._GENERAL and not isinstance(out, Route))
         return out
 
     monkeypatch.setattr(_session.ShardedSession, "_plain_read", spy)
