@@ -1,5 +1,5 @@
-"""The session's short read path against its reference, the general path: states the
-equivalence test (test_plain_read_path.py) does not reach.  Each test runs the same reads
+"""The session's short read path against its reference, the general path, on two shards:
+states the equivalence test of test_plain_read_path.py (one shard) does not reach.  Each test runs the same reads
 with the short path switched on and off (or checks what the general path alone does) and
 wants the same outcome.
 """
