@@ -67,6 +67,10 @@ class PgBouncer:
             "pidfile": str(self.dir / "pgbouncer.pid"),
             # A client that waits this long for a server connection is an error, not a hang.
             "query_wait_timeout": 30,
+            # A server login that fails once (a busy machine) is retried after 1 s, not
+            # after the default 15 s: longer than the clients' query_wait_timeout, so every
+            # client waiting meanwhile would fail.
+            "server_login_retry": 1,
             **(settings or {}),
         }
 
