@@ -30,7 +30,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import ClusterConfig, GroupConfig
 from ._strategies import HashStrategy, Strategy
-from ._colocation import colocation_problem, dml_extra_froms
+from ._colocation import colocation_problem, compound_selects, dml_extra_froms
 from ._scatter import exists_column
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
 
@@ -373,6 +373,18 @@ class Router:
             return Route((shard,), "direct", chosen_role, f"{what}: any shard", is_write, tables,
                          anywhere=True, router=self)
 
+        if len(plan.groups) > 1 and isinstance(statement, selectable.CompoundSelect):
+            # A UNION of SELECTs from different groups: each part reads its own tables, so
+            # each shard answers every part over its own rows and the results concatenate,
+            # as for a UNION within one group (the scatter merge then decides, or refuses,
+            # as for that).  A part that joins groups must still be pinned to one shard by
+            # its keys (rows it pins to one shard are on no other).
+            for part in compound_selects(statement):
+                self.route(part, params, role=role)
+            names = ", ".join(sorted(plan.groups))
+            return Route(self.shard_names, "all", chosen_role,
+                         f"UNION of SELECTs from groups {names}: every shard", False, plan.tables,
+                         router=self)
         per_group, splits = self._evaluate(plan, binds, params)
         shards: frozenset[str] | None = None
         reasons = []

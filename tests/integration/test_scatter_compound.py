@@ -77,10 +77,20 @@ class CRef(CBase):
     name = mapped_column(Text)
 
 
-I, L, R = CItem, CLine, CRef
+class COrder(CBase):
+    """Another group (cpo): not colocated with cp_items."""
+
+    __tablename__ = "cp_orders"
+    id = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    qty = mapped_column(Integer)
+    name = mapped_column(Text)
+
+
+I, L, R, O = CItem, CLine, CRef, COrder
 ITEM_COLS = [c.key for c in CItem.__table__.columns]
 GROUPS = {
-    "groups": {"cp": {"strategy": "hash", "tables": {"cp_items": "id", "cp_lines": "item_id"}}},
+    "groups": {"cp": {"strategy": "hash", "tables": {"cp_items": "id", "cp_lines": "item_id"}},
+               "cpo": {"strategy": "hash", "tables": {"cp_orders": "id"}}},
     "reference_tables": ["cp_ref"],
 }
 
@@ -311,6 +321,42 @@ def test_union_of_json_values_is_refused(env):
     j = func.to_jsonb(I.name, type_=JSONB)
     e = refused(env, union(select(j), select(j)))
     assert "UNION" in e.construct
+
+
+def test_union_of_selects_from_different_groups(env):
+    """Each part reads its own group's tables: every shard answers every part over its
+    own rows, as for parts of one group (before, routing refused it as a join)."""
+    rows = items(env)
+    env.load(rows)
+    orders = [{"id": k, "qty": None if k % 6 == 0 else k % 5 - 2, "name": [None, "a", "zz", "b"][k % 4]}
+              for k in range(1, 31)]
+    for shard in env.cluster.shard_names:
+        with env.cluster.primary(shard).begin() as c:
+            c.execute(text("TRUNCATE cp_orders"))
+    with env.oracle.begin() as c:
+        c.execute(text("TRUNCATE cp_orders"))
+        c.execute(insert(O), orders)
+    with env.Session() as s:
+        s.execute(insert(O), orders)
+        s.commit()
+    assert len({env.cluster.shard_for("cp_orders", o["id"]) for o in orders}) == 3
+    a = select(I.id, I.name, I.qty).where(I.qty > -3)
+    b = select(O.id, O.name, O.qty)
+    check(env, union_all(a, b), ordered=False)
+    check(env, union(a, b), ordered=False)
+    for limit, offset in [(None, None), (7, 3), (100, 0), (4, 45)]:
+        check(env, union_all(a, b).order_by("name", "qty", "id").limit(limit).offset(offset))
+        check(env, union(a, b).order_by(a.selected_columns.qty.desc().nulls_last(), "id", "name")
+              .limit(limit).offset(offset))
+    check(env, union(select(I.name), select(O.name)).order_by("name"))
+    check(env, union_all(select(I.id, I.name).where(I.id == rows[0]["id"]),
+                         select(O.id, O.name).where(O.id == 7)), ordered=False)
+    with env.Session() as s:
+        route = env.cluster.explain(union_all(a, b))
+        assert route.kind == "all" and "groups cp, cpo" in route.reason, route
+    # Still refused: a part that joins the groups on no key, a part that aggregates.
+    assert "not colocated" in str(refused(env, union_all(select(I.id), select(O.id).join(I, I.id == O.qty))))
+    refused(env, union_all(select(func.count()).select_from(I), select(func.count()).select_from(O)))
 
 
 # ---------------------------------------------------------------------------

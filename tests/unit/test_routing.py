@@ -189,6 +189,23 @@ def test_non_colocated_join_refused(cluster):
         cluster.explain(select(User, Event).where(User.id == Event.id))
 
 
+def test_union_of_selects_from_different_groups_runs_on_every_shard(cluster):
+    """Each part of a UNION reads its own tables, so the parts need not be colocated: every
+    shard answers every part over its own rows.  A part that joins groups must still be
+    pinned to one shard by its keys."""
+    from sqlalchemy import union, union_all
+
+    both = union_all(select(User.id).where(User.id == 7), select(Event.id).where(Event.id == 6000))
+    r = cluster.explain(both)
+    assert (r.kind, r.shards) == ("all", tuple(SHARDS)) and "groups events, users" in r.reason
+    assert cluster.explain(union(select(User.name), select(Event.payload))).kind == "all"
+    with pytest.raises(ScatterRefused, match="not colocated"):
+        cluster.explain(union_all(select(User.id), select(Event.id).join(User, User.id == Event.id)))
+    pinned = select(Event.id).join(User, User.id == Event.id).where(User.id == 7, Event.id == 7)
+    assert cluster.shard_for("users", 7) == cluster.shard_for("events", 7) == "s0"
+    assert cluster.explain(union_all(select(User.id), pinned)).kind == "all"
+
+
 def test_insert_routing(cluster):
     r = cluster.explain(insert(User).values(id=11, name="a"))
     assert r.shards == (cluster.shard_for(User, 11),)
