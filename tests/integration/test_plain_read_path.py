@@ -5,13 +5,15 @@ in every session state that decides a read's node.
 Each case runs twice in fresh sessions set up alike: once as it is, once with the
 short path switched off; both must run the probe on the same node.  Where the short
 path should serve the read, the test also checks that it did (otherwise the
-comparison would only compare the general path with itself).
+comparison would only compare the general path with itself).  A second, two-shard
+cluster covers what one shard cannot show: reads that take turns over the shards, and
+shards with and without replicas in one cluster.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -249,3 +251,106 @@ def test_short_path_without_replicas_reads_the_primary_with_the_shards_identity(
         assert took == [True] and len(ran) == 1
     finally:
         solo.dispose()
+
+
+# -- two shards, one replica each ---------------------------------------------------
+
+TABLES = {"groups": {"things": {"tables": {"prp_things": "id"}}}, "reference_tables": ["prp_colours"]}
+
+
+@pytest.fixture(scope="module")
+def two_shards(shardkit_module_cluster_factory):
+    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
+    cluster = shardkit.Cluster.from_config({**dev.config_dict(), **TABLES})
+    try:
+        for shard in cluster.shard_names:
+            Base.metadata.create_all(cluster.primary(shard))
+            with cluster.primary(shard).begin() as c:
+                c.execute(Colour.__table__.insert(), [{"id": 1, "name": "red"}])
+        with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as s:
+            s.add_all([Thing(id=k, name=f"t{k}") for k in KEYS])
+            s.commit()
+    finally:
+        cluster.dispose()
+    for s in dev.shards:
+        for r in s.replicas:
+            r.wait_caught_up()
+    return dev
+
+
+def _two_shard_cluster(dev: Any, replicas: dict[str, bool]) -> shardkit.Cluster:
+    """A Cluster of ``dev``'s primaries, with each shard's replicas where ``replicas`` says so."""
+    cfg = dev.config_dict()
+    for s in cfg["shards"]:
+        if not replicas.get(s["name"]):
+            s["replicas"] = []
+    return shardkit.Cluster.from_config({**cfg, **TABLES, "replicas": {"poll_interval": 0.1}})
+
+
+def _probe_nodes(cluster: shardkit.Cluster) -> list[str]:
+    """Record the node of every statement marked PROBE on ``cluster``'s engines."""
+    ran: list[str] = []
+    for shard in cluster.shard_names:
+        engines = [cluster.primary(shard)] + [
+            cluster.engine(shard, "replica", i) for i in range(cluster.replica_count(shard))]
+        for eng in engines:
+            event.listen(eng, "after_cursor_execute",
+                         lambda c, cur, st, *a, node=eng.info["node"], **k:
+                         ran.append(node) if "PROBE" in st else None)
+    return ran
+
+
+@pytest.fixture
+def short_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``short_path(False)`` switches the short path off (every read takes the general path)."""
+    real = _session.ShardedSession._plain_read
+
+    def switch(on: bool) -> None:
+        monkeypatch.setattr(_session.ShardedSession, "_plain_read",
+                            real if on else lambda self, statement, params: _session._GENERAL)
+    yield switch
+
+
+REFERENCE_PROBE = select(Colour.name).where(Colour.id == 1).prefix_with("/* PROBE */")
+
+
+def test_reference_reads_take_turns_over_the_shards(two_shards, short_path):
+    """A read of reference rows goes to any one shard, the shards taking turns.  The short
+    path routed such a read, gave up on it (it is not a keyed read), and the general path
+    routed it again: each read took two turns, so with two shards every reference read went
+    to the same shard."""
+    used: dict[bool, list[str]] = {}
+    for on in (False, True):
+        short_path(on)
+        cluster = _two_shard_cluster(two_shards, {})
+        try:
+            ran = _probe_nodes(cluster)
+            Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+            for _ in range(4):
+                with Session() as s:
+                    assert s.execute(REFERENCE_PROBE).scalar_one() == "red"
+            used[on] = ran
+        finally:
+            cluster.dispose()
+    assert sorted(used[False]) == ["s0/primary", "s0/primary", "s1/primary", "s1/primary"], used
+    assert used[True] == used[False]
+
+
+def test_read_of_a_shard_without_replicas_does_not_start_the_monitor(two_shards, short_path):
+    """In a cluster where only some shards have replicas, the general path reads a shard
+    without replicas from its primary without asking the health monitor; the short path
+    started the monitor (its threads, a connection to every node, and a wait for its first
+    poll) to learn that the shard has no replica."""
+    for on in (False, True):
+        short_path(on)
+        cluster = _two_shard_cluster(two_shards, {"s0": True})
+        try:
+            ran = _probe_nodes(cluster)
+            key = next(k for k in KEYS if cluster.shard_for("prp_things", k) == "s1")
+            with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as s:
+                item = s.execute(select(Thing).where(Thing.id == key).prefix_with("/* PROBE */")).scalar_one()
+                assert item.name == f"t{key}"
+            assert ran == ["s1/primary"]
+            assert cluster._monitor is None, f"short path {'on' if on else 'off'}: the monitor was started"
+        finally:
+            cluster.dispose()
