@@ -31,7 +31,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 from ._config import ClusterConfig, GroupConfig
 from ._strategies import HashStrategy, Strategy
 from ._colocation import colocation_problem, compound_selects, dml_extra_froms
-from ._scatter import exists_column
+from ._scatter import compound_keyword, exists_column
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
 
 __all__ = ["Route", "Router", "TableRoute"]
@@ -378,13 +378,15 @@ class Router:
             # each shard answers every part over its own rows and the results concatenate,
             # as for a UNION within one group (the scatter merge then decides, or refuses,
             # as for that).  A part that joins groups must still be pinned to one shard by
-            # its keys (rows it pins to one shard are on no other).
+            # its keys (rows it pins to one shard are on no other).  A part the merge cannot
+            # read (a textual SELECT) is left to its refusal.
             for part in compound_selects(statement):
-                self.route(part, params, role=role)
+                if isinstance(part, selectable.Select):
+                    self.route(part, params, role=role)
             names = ", ".join(sorted(plan.groups))
             return Route(self.shard_names, "all", chosen_role,
-                         f"UNION of SELECTs from groups {names}: every shard", False, plan.tables,
-                         router=self)
+                         f"{compound_keyword(statement)} of SELECTs from groups {names}: every shard",
+                         False, plan.tables, router=self)
         per_group, splits = self._evaluate(plan, binds, params)
         shards: frozenset[str] | None = None
         reasons = []

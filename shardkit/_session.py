@@ -1161,7 +1161,8 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
         return route
     asked_all = bool(_option("shardkit_all_shards", statement, execution_options))
     all_shards = asked_all or sc.all_shards
-    if all_shards and not isinstance(statement, (selectable.Select, Insert, Update, Delete)):
+    if all_shards and not isinstance(statement, (selectable.Select, selectable.CompoundSelect,
+                                                 Insert, Update, Delete)):
         # Textual or other statements the router cannot read: run everywhere.
         return Route(cluster.shard_names, "all", PRIMARY, "shardkit_all_shards=True", True)
     if sc.key is None or asked_all:
@@ -1172,7 +1173,7 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     # key-less UPDATE or DELETE included); one with its own keys is routed by them.
     route = cluster.router.route(statement, params, all_shards=True)
     if route.kind == "all" and not route.keys and not _writes_reference_table(cluster, statement):
-        narrowed = _route_by_scope_key(cluster, route, sc.key)
+        narrowed = _route_by_scope_key(cluster, route, sc.key, statement)
         if narrowed is not route:
             return narrowed
     if route.is_write and route.kind == "all" and not route.keys and not all_shards:
@@ -1613,15 +1614,26 @@ def _after_flush(session: Any, flush_context: Any) -> None:
         _refuse_misplaced(session, placements, None)
 
 
-def _route_by_scope_key(cluster: Cluster, route: Route, key: Any) -> Route:
+def _route_by_scope_key(cluster: Cluster, route: Route, key: Any, statement: Any = None) -> Route:
     router = cluster.router
-    groups = {router.table_route(t).group for t in route.tables}
-    groups.discard(None)
-    if len(groups) != 1:
+    firsts: dict[str, str] = {}  # group -> its first table in the statement
+    for t in route.tables:
+        group = router.table_route(t).group
+        if group is not None:
+            firsts.setdefault(group, t)
+    if not firsts:
         return route
-    group = groups.pop()
-    table = next(t for t in route.tables if router.table_route(t).group == group)
-    shard = router.shard_for(table, key)
+    owners = {t: router.shard_for(t, key) for t in firsts.values()}
+    if len(set(owners.values())) > 1:
+        # A UNION of parts of different groups: the key lives on one shard per group, and
+        # the statement runs whole on each shard it runs on.
+        raise ScatterRefused(
+            f"inside scope(key={key!r}) this statement, which has no shard key of its own, would "
+            "run on the scope key's shard, but its tables are in groups where the key lives on "
+            f"different shards ({', '.join(f'{t}: {s}' for t, s in owners.items())}); run the "
+            "parts separately inside the scope, give them their keys, or name a shard",
+            construct="scope key over groups on different shards", statement=statement)
+    shard = next(iter(owners.values()))
     return Route((shard,), "direct", route.role, f"scope key {key!r} -> {shard}",
                  route.is_write, route.tables, keys="many", router=router)
 
