@@ -18,6 +18,9 @@ Per node (labels ``shard``, ``node``, ``role``):
 ``shardkit_pool_checked_out``          gauge      connections in use from the node's pool
 ``shardkit_pool_size``                 gauge      the node's pool size
 =====================================  =========  ==========================================
+
+The node and lag gauges come from the cluster's health monitor, started by a scrape if
+nothing else has started it.
 """
 
 from __future__ import annotations
@@ -139,28 +142,39 @@ class _StateCollector:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
 
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(name, doc, labels=_LABELS) for name, doc in (
+            ("shardkit_node_up", "1 if the node answered the last health poll"),
+            ("shardkit_replica_lag_bytes", "Replica WAL gap in bytes"),
+            ("shardkit_replica_lag_seconds", "Replica time lag in seconds"),
+            ("shardkit_pool_checked_out", "Connections in use from the pool"),
+            ("shardkit_pool_size", "Pool size"))]
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        """The names, for the registry: registering then starts no monitor (see collect)."""
+        return self._families()
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        up = GaugeMetricFamily("shardkit_node_up", "1 if the node answered the last health poll",
-                               labels=_LABELS)
-        lag_b = GaugeMetricFamily("shardkit_replica_lag_bytes", "Replica WAL gap in bytes",
-                                  labels=_LABELS)
-        lag_s = GaugeMetricFamily("shardkit_replica_lag_seconds", "Replica time lag in seconds",
-                                  labels=_LABELS)
-        used = GaugeMetricFamily("shardkit_pool_checked_out", "Connections in use from the pool",
-                                 labels=_LABELS)
-        size = GaugeMetricFamily("shardkit_pool_size", "Pool size", labels=_LABELS)
-        mon = self.cluster._monitor
-        if mon is not None:
-            now = time.monotonic()
-            for state in mon.shards.values():
-                for n in (state.primary, *state.replicas):
-                    labels = [n.shard, n.name, n.role]
-                    up.add_metric(labels, 1.0 if n.up and n.heard_from(now, mon.stale_after) else 0.0)
-                    if n.role == "replica" and n.lag_bytes is not None:
-                        lag_b.add_metric(labels, float(n.lag_bytes))
-                        # A down replica's time lag is unknown: no sample rather than a frozen one.
-                        if n.lag_seconds is not None:
-                            lag_s.add_metric(labels, float(n.lag_seconds))
+        up, lag_b, lag_s, used, size = self._families()
+        # Started here if nothing else started it (an application that reads no replica,
+        # or after dispose()): without it no node would be reported, down or up.  Not
+        # waited for: a node not polled yet has no sample rather than a false "down".
+        mon = self.cluster.monitor(wait=False)
+        now = time.monotonic()
+        for state in mon.shards.values():
+            for n in (state.primary, *state.replicas):
+                if not n.checked_at:
+                    continue
+                labels = [n.shard, n.name, n.role]
+                alive = n.up and n.heard_from(now, mon.stale_after)
+                up.add_metric(labels, 1.0 if alive else 0.0)
+                if n.role == "replica" and n.lag_bytes is not None:
+                    lag_b.add_metric(labels, float(n.lag_bytes))
+                    # A down or hung replica's time lag is unknown: no sample rather than
+                    # a frozen one.
+                    if alive and n.lag_seconds is not None:
+                        lag_s.add_metric(labels, float(n.lag_seconds))
         for eng in list(self.cluster._engines.values()):
             info = eng.info  # type: ignore[attr-defined]
             labels = [info["shard"], info["node"], info["role"]]
