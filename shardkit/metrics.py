@@ -132,6 +132,9 @@ class ClusterMetrics:
         # ShardUnavailable by raising, and SQLAlchemy calls no handler after that.
         event.listen(engine, "handle_error", failed, insert=True)
         ref = weakref.ref(engine)
+        # (Entries of engines a dispose() let go of go here, not at close(): a process
+        # that reloads its cluster would otherwise keep three per node per reload.)
+        self._listeners = [entry for entry in self._listeners if entry[0]() is not None]
         self._listeners += [(ref, "before_cursor_execute", before),
                             (ref, "after_cursor_execute", after), (ref, "handle_error", failed)]
 

@@ -125,3 +125,26 @@ def test_a_hung_replica_has_no_time_lag_in_metrics_or_health(dev):
         m.close()
         cluster.dispose()
 
+
+
+def test_listeners_of_engines_a_dispose_let_go_of_are_not_kept(dev):
+    """A process that disposes and reuses its cluster (a config reload, a forked worker)
+    instruments each new engine; what it keeps for close() must not grow with every cycle."""
+    import gc
+
+    from shardkit import metrics
+
+    cluster = shardkit.Cluster.from_config(dev.config_dict())
+    m = metrics.instrument(cluster, prometheus_client.CollectorRegistry())
+    try:
+        for _ in range(5):
+            with cluster.primary("s0").begin() as c:
+                c.execute(text("SELECT 1"))
+            cluster.dispose()
+            gc.collect()
+        with cluster.primary("s0").begin() as c:
+            c.execute(text("SELECT 1"))
+        assert len(m._listeners) == 3, len(m._listeners)   # the live engine's three
+    finally:
+        m.close()
+        cluster.dispose()
