@@ -67,10 +67,11 @@ from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter
 
 from ._cluster import Cluster
-from ._colocation import reference_rows_problem
+from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select, with_statement_params
+from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select,
+                       unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
                        plan_scatter, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
@@ -1173,12 +1174,34 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     # key-less UPDATE or DELETE included); one with its own keys is routed by them.
     route = cluster.router.route(statement, params, all_shards=True)
     if route.kind == "all" and not route.keys and not _writes_reference_table(cluster, statement):
+        keyed = _keyed_parts(cluster, statement, params)
+        if keyed and all(keyed):
+            # A UNION whose every part names its key: routed by them (every shard; the
+            # rows a part's keys name are on no other).
+            return route
+        if keyed and any(keyed):
+            raise ScatterRefused(
+                f"inside scope(key={sc.key!r}) this {compound_keyword(unwrap_statement(statement))} "
+                "mixes SELECTs that name their shard key (routed by it) with SELECTs that do not "
+                "(which run on the scope key's shard): no one set of shards answers both; run "
+                "the parts separately, or give every part its key",
+                construct="scope key with a compound of keyed and key-less parts", statement=statement)
         narrowed = _route_by_scope_key(cluster, route, sc.key, statement)
         if narrowed is not route:
             return narrowed
     if route.is_write and route.kind == "all" and not route.keys and not all_shards:
         return cluster.router.route(statement, params)  # refused as it is outside the scope
     return route
+
+
+def _keyed_parts(cluster: Cluster, statement: Any, params: Any) -> list[bool] | None:
+    """For a compound SELECT, whether each of its SELECTs is routed by a shard key of its
+    own (None for anything else)."""
+    inner = unwrap_statement(statement)
+    if not isinstance(inner, selectable.CompoundSelect):
+        return None
+    return [bool(cluster.router.route(part, params, all_shards=True).keys)
+            for part in compound_selects(inner) if isinstance(part, selectable.Select)]
 
 
 def _writes_reference_table(cluster: Cluster, statement: Any) -> bool:

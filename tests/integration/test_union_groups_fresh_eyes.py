@@ -201,6 +201,28 @@ def test_scope_key_runs_a_union_of_groups_on_the_keys_shard(env):
     assert "scope" in str(ei.value) and "ugfe_events" in str(ei.value)
 
 
+def test_a_compound_whose_parts_have_keys_is_routed_by_them_inside_a_scope(env):
+    """Inside ``scope(key=...)`` a statement with keys of its own is routed by them: a
+    UNION whose every part names its key returns those rows wherever they live (it ran on
+    the scope key's shard alone, losing the others); one that mixes keyed and key-less
+    parts has no one right shard and is refused."""
+    k = next(k for k in range(1, 25) if env.cluster.shard_for(I, k) == "s0")
+    elsewhere = [x for x in range(1, 25) if env.cluster.shard_for(I, x) != "s0"][:2]
+    keyed = union_all(select(I.id, I.name).where(I.id == elsewhere[0]),
+                      select(I.id, I.name).where(I.id.in_(elsewhere[1:])))
+    want = sorted(map(tuple, run(env, keyed, sharded=False)[1]), key=repr)
+    assert len(want) == 2
+    got = sorted(map(tuple, run(env, keyed, sharded=True)[1]), key=repr)
+    with env.Session() as s, shardkit.scope(key=k):
+        from test_scatter_compound import exact
+        got_in_scope = sorted((tuple(exact(v) for v in row) for row in s.execute(keyed).all()), key=repr)
+    assert got == got_in_scope == want
+    mixed = union_all(select(I.id, I.name).where(I.id == elsewhere[0]), select(O.id, O.name))
+    with env.Session() as s, shardkit.scope(key=k), pytest.raises(shardkit.ScatterRefused) as ei:
+        s.execute(mixed).all()
+    assert "scope" in str(ei.value) and ei.value.construct
+
+
 def test_all_shards_option_and_scope_merge_a_compound_as_without_them(env):
     """``shardkit_all_shards=True`` (or ``scope(all_shards=True)``, which only permits key-less
     writes) on a UNION: before, it ran as a textual statement, its rows concatenated as the
