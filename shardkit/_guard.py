@@ -144,6 +144,20 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def table_parts(table: str) -> tuple[str, ...]:
+    """The identifiers a configured table name stands for: ``archive.users`` is table
+    ``users`` of schema ``archive`` (as SQLAlchemy's ``Table.fullname`` writes it, and as
+    the router reads it); ``users`` is found on the server's ``search_path``."""
+    schema, dot, name = table.rpartition(".")
+    return (schema, name) if dot else (name,)
+
+
+def table_sql(table: str) -> str:
+    """A configured table's name as SQL, each part quoted: ``"archive"."users"``; also what
+    ``to_regclass()`` takes to find the table the application's queries name."""
+    return ".".join(_ident(p) for p in table_parts(table))
+
+
 def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
                 ) -> tuple[list[str], list[str], dict[str, str]]:
     """(columns in order, primary-key columns, column -> type name) of ``table`` on this
@@ -154,8 +168,8 @@ def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
         "a.attgenerated <> '' FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
         "LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd' "
         "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
-        "WHERE a.attrelid = to_regclass(quote_ident(:t)) AND a.attnum > 0 AND NOT a.attisdropped "
-        "ORDER BY a.attnum"), {"t": table}).all()
+        "WHERE a.attrelid = to_regclass(:t) AND a.attnum > 0 AND NOT a.attisdropped "
+        "ORDER BY a.attnum"), {"t": table_sql(table)}).all()
     if not rows:
         raise ConfigurationError(f"table {table}", "does not exist on this shard",
                                  "create it (shardkit migrate upgrade) before installing the guard")
@@ -166,7 +180,7 @@ def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
         "SELECT a.attname FROM pg_index i "
         "JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true "
         "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-        "WHERE i.indrelid = to_regclass(quote_ident(:t)) AND i.indisprimary ORDER BY k.n"), {"t": table})]
+        "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary ORDER BY k.n"), {"t": table_sql(table)})]
     stored = [r for r in rows if not r[5]]   # generated columns are not copied
     return [r[0] for r in stored], pk, {r[0]: r[1] for r in stored}
 
@@ -210,10 +224,10 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
     body = trigger_body(g, key_type, pk, bucket_count)
     return [
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $guard${body}$guard$",
-        f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(table)}",
+        f"DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(table)}",
         # The WHEN condition spares the mover's bulk copies and deletes the cost
         # of calling the function for every row.
-        f"CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {_ident(table)} "
+        f"CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {table_sql(table)} "
         f"FOR EACH ROW WHEN (current_setting('{MOVER_SETTING}', true) IS DISTINCT FROM 'on') "
         f"EXECUTE FUNCTION {fn}()",
         _truncate_trigger_sql(table, create=True),
@@ -224,7 +238,7 @@ def _truncate_trigger_sql(table: str, *, create: bool) -> str:
     """(Re)make, or drop, the guard's TRUNCATE trigger on ``table`` and on each of its
     partitions: a statement trigger is not cloned to partitions (as the row trigger is),
     and ``TRUNCATE <partition>`` fires only the partition's own."""
-    t = _literal(_ident(table))
+    t = _literal(table_sql(table))
     make = ("EXECUTE format('CREATE TRIGGER shardkit_guard_truncate BEFORE TRUNCATE ON %s "
             "FOR EACH STATEMENT EXECUTE FUNCTION shardkit.guard_truncate()', r);") if create else ""
     return (
@@ -462,7 +476,7 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
         # a group's trigger without them would refuse every row as not owned.
         sliced = set(conn.execute(text("SELECT DISTINCT grp FROM shardkit.slices")).scalars())
     for g in guarded_tables(config):
-        if not conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"), {"t": g.table}).scalar():
+        if not conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table_sql(g.table)}).scalar():
             # Configured, not created yet (a later migration): guarded once it exists and
             # this runs again (`op.install_shardkit_guard()`, `shardkit rebalance init`);
             # a move refuses it until then.
@@ -482,7 +496,7 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
                 log.warning("table %s: key column %s is %s and group %s's bounds are %ss; its rows "
                             "are not guarded and the group cannot be rebalanced", g.table, g.key,
                             types[g.key], g.group, g.value_kind)
-                for statement in (f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}",
+                for statement in (f"DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(g.table)}",
                                   _truncate_trigger_sql(g.table, create=False),
                                   f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}"):
                     conn.exec_driver_sql(statement.replace("%", "%%"))
@@ -505,8 +519,8 @@ def guard_installed(conn: Connection) -> bool:
 def uninstall_guard(conn: Connection, config: Any) -> None:
     """Remove the triggers and ownership tables (not the hash functions)."""
     for g in guarded_tables(config):
-        if conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"), {"t": g.table}).scalar():
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard ON {_ident(g.table)}")
+        if conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table_sql(g.table)}).scalar():
+            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(g.table)}")
             conn.exec_driver_sql(_truncate_trigger_sql(g.table, create=False).replace("%", "%%"))
         conn.exec_driver_sql(
             f"DROP FUNCTION IF EXISTS shardkit.{_ident(trigger_function_name(g.table))}()")

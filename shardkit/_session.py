@@ -1703,6 +1703,14 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
     if not moving or not any(t in moving for t in route.tables):
         return statement
 
+    def moving_name(table: Any) -> str | None:
+        """The configured name of ``table`` if it moves: as the router finds it, by its
+        ``schema.name``, else by its name alone."""
+        for n in (table.fullname, table.name):
+            if n in router.tables:
+                return n if n in moving else None
+        return None
+
     def exposed_keys(sel: Any) -> list[tuple[Any, str]]:
         """The columns of derived table ``sel`` that are a moving table's shard key
         (through any depth of subqueries), with that table."""
@@ -1712,9 +1720,9 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
                 table = getattr(base, "table", None)
                 if isinstance(table, selectable.Alias):
                     table = table.element
-                if isinstance(table, Table) and table.name in moving and \
-                        base.name == moving[table.name].key_columns[0]:
-                    out.append((c, table.name))
+                if isinstance(table, Table) and (n := moving_name(table)) is not None and \
+                        base.name == moving[n].key_columns[0]:
+                    out.append((c, n))
                     break
         return out
 
@@ -1747,7 +1755,7 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
         return or_(column.is_(None), not_(or_(false(), *inside)))
 
     def has_moving(element: Any) -> bool:
-        return any(isinstance(e, Table) and e.name in moving for e in visitors.iterate(element))
+        return any(isinstance(e, Table) and moving_name(e) is not None for e in visitors.iterate(element))
 
     def filtered(stmt: Any) -> Any:
         """``stmt`` (a SELECT) with every moving table of its FROM clause restricted, each as
@@ -1758,8 +1766,8 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
         for sel in _from_items(stmt):
             base = getattr(sel, "element", sel)
             if isinstance(base, Table):
-                if base.name in moving:
-                    conditions.append(condition(sel, moving[base.name]))
+                if (n := moving_name(base)) is not None:
+                    conditions.append(condition(sel, moving[n]))
             elif (inner := derived_select(sel)) is not None:
                 if not has_moving(inner):
                     continue
@@ -1799,7 +1807,8 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
         return stmt.where(*conditions) if conditions else stmt
 
     if isinstance(statement, (Update, Delete)):
-        tr = moving.get(statement.table.name)
+        n = moving_name(statement.table) if hasattr(statement.table, "fullname") else None
+        tr = moving.get(n) if n is not None else None
         if tr is not None:
             return statement.where(condition(statement.table, tr))
     elif isinstance(statement, selectable.Select):

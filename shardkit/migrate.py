@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from sqlalchemy import inspect, pool, text
 
 from ._cluster import Cluster, _translate_errors
 from ._config import mask_url, split_secret_query
-from ._guard import guard_installed, install_guard
+from ._guard import guard_installed, install_guard, table_parts
 from ._sql import install as _install_sql
 from ._sql import uninstall as _uninstall_sql
 from .errors import ConfigurationError, ShardkitError
@@ -191,6 +191,10 @@ def run_migrations(context: Any) -> None:
             raise ConfigurationError("-x shard", f"unknown shard {s!r}",
                                      "shards: " + ", ".join(cluster.shard_names))
     metadata = _target_metadata(context)
+    # Autogenerate compares the default schema, and the schemas the models' tables live
+    # in (not all of the database's: shardkit's own would look like tables to drop).
+    schemas = {t.schema for m in (metadata if isinstance(metadata, (list, tuple)) else [metadata])
+               if m is not None for t in m.tables.values() if t.schema}
     one_diff = _OneDiff()
     try:
         for shard in shards:
@@ -209,6 +213,9 @@ def run_migrations(context: Any) -> None:
                     transaction_per_migration=True,
                     compare_type=True,
                     process_revision_directives=one_diff,
+                    include_schemas=bool(schemas),
+                    include_name=lambda name, type_, parents: (
+                        type_ != "schema" or name is None or name in schemas),
                     # For shardkit's operations (op.install_shardkit_guard()).
                     shardkit_cluster=cluster,
                     shardkit_shard=shard,
@@ -475,39 +482,55 @@ def _error_line(output: str) -> str | None:
 # -- drift ---------------------------------------------------------------------------------
 
 
-def schema_fingerprint(connection: Any) -> dict[str, Any]:
+def schema_fingerprint(connection: Any, schemas: Iterable[str] = ()) -> dict[str, Any]:
     """Tables, columns (and their defaults), indexes, unique, foreign and check constraints of
-    the public schema, comparable across shards."""
+    the current schema (tables by name), and of each of ``schemas`` (tables as
+    ``schema.table``), comparable across shards."""
     insp = inspect(connection)
     out: dict[str, Any] = {}
-    for t in sorted(insp.get_table_names()):
-        if t == "alembic_version":
-            continue
-        columns = insp.get_columns(t)
-        cols = [(c["name"], str(c["type"]), c["nullable"]) for c in columns]
-        defaults = [(c["name"], c["default"]) for c in columns if c.get("default") is not None]
-        checks = sorted((c["name"], c["sqltext"]) for c in insp.get_check_constraints(t))
-        # The full definition: an index on an expression, or a partial one, differs
-        # from another of the same name by more than its column names.
-        idx = sorted(tuple(r) for r in connection.execute(text(
-            "SELECT indexname, indexdef FROM pg_indexes "
-            "WHERE schemaname = current_schema() AND tablename = :t"), {"t": t}))
-        uq = sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(t))
-        fks = sorted((tuple(f["constrained_columns"]), f["referred_table"],
-                      tuple(f["referred_columns"])) for f in insp.get_foreign_keys(t))
-        pk = tuple(insp.get_pk_constraint(t).get("constrained_columns") or ())
-        out[t] = {"columns": cols, "defaults": defaults, "indexes": idx, "unique": uq,
-                  "foreign_keys": fks, "check_constraints": checks, "pk": pk}
+    for schema in (None, *sorted(set(schemas))):
+        for t in sorted(insp.get_table_names(schema=schema)):
+            if t == "alembic_version" and schema is None:
+                continue
+            columns = insp.get_columns(t, schema=schema)
+            cols = [(c["name"], str(c["type"]), c["nullable"]) for c in columns]
+            defaults = [(c["name"], c["default"]) for c in columns if c.get("default") is not None]
+            checks = sorted((c["name"], c["sqltext"]) for c in insp.get_check_constraints(t, schema=schema))
+            # The full definition: an index on an expression, or a partial one, differs
+            # from another of the same name by more than its column names.
+            idx = sorted(tuple(r) for r in connection.execute(text(
+                "SELECT indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = coalesce(:s, current_schema()) AND tablename = :t"),
+                {"s": schema, "t": t}))
+            uq = sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(t, schema=schema))
+            fks = sorted((tuple(f["constrained_columns"]),
+                          ".".join(filter(None, (f.get("referred_schema"), f["referred_table"]))),
+                          tuple(f["referred_columns"])) for f in insp.get_foreign_keys(t, schema=schema))
+            pk = tuple(insp.get_pk_constraint(t, schema=schema).get("constrained_columns") or ())
+            out[t if schema is None else f"{schema}.{t}"] = {
+                "columns": cols, "defaults": defaults, "indexes": idx, "unique": uq,
+                "foreign_keys": fks, "check_constraints": checks, "pk": pk}
     return out
 
 
-def _enum_types(connection: Any) -> dict[str, list[str]]:
-    """The enum types visible in the current schema, with their labels in sort order."""
+def _configured_schemas(cluster: Cluster) -> set[str]:
+    """The schemas the config names tables of (``archive`` of ``archive.users``)."""
+    config = cluster.config
+    names = {t for g in config.groups for t in g.tables} | set(config.reference_tables)
+    return {parts[0] for parts in map(table_parts, names) if len(parts) == 2}
+
+
+def _enum_types(connection: Any, schemas: Iterable[str] = ()) -> dict[str, list[str]]:
+    """The enum types visible in the current schema (by name), and those of ``schemas``
+    (as ``schema.name``), with their labels in sort order."""
     insp = inspect(connection)
     get_enums = getattr(insp, "get_enums", None)  # PostgreSQL's inspector has it
     if get_enums is None:
         return {}
-    return {e["name"]: list(e["labels"]) for e in get_enums() if e.get("visible", True)}
+    out = {e["name"]: list(e["labels"]) for e in get_enums() if e.get("visible", True)}
+    for schema in sorted(set(schemas)):
+        out.update({f"{schema}.{e['name']}": list(e["labels"]) for e in get_enums(schema=schema)})
+    return out
 
 
 @dataclass
@@ -545,10 +568,11 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
     revisions = current(cluster)
     prints: dict[str, dict[str, Any]] = {}
     enums: dict[str, dict[str, list[str]]] = {}
+    schemas = _configured_schemas(cluster)
     for shard in cluster.shard_names:
         with _shard_connection(cluster, shard) as c:
-            prints[shard] = schema_fingerprint(c)
-            enums[shard] = _enum_types(c)
+            prints[shard] = schema_fingerprint(c, schemas)
+            enums[shard] = _enum_types(c, schemas)
     diffs: list[str] = []
     ref_name = cluster.shard_names[0]
     ref = prints[ref_name]

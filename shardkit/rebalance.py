@@ -83,7 +83,9 @@ from ._guard import (
     guarded_tables,
     install_guard,
     slice_function_name,
+    table_parts,
     table_shape,
+    table_sql,
     trigger_body,
     unit_expression,
     write_slices,
@@ -143,7 +145,7 @@ def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | No
     if conn.info.server_version < 140000:
         return ["true"]
     pages = conn.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
-                         (sql.Identifier(table).as_string(conn),)).fetchone()[0]
+                         (_ident(table).as_string(conn),)).fetchone()[0]
     step = pages_per_chunk or _CHUNK_PAGES
     out = []
     for first in range(0, pages, step):
@@ -160,7 +162,7 @@ def _columns(conn: psycopg.Connection, table: str) -> dict[str, tuple[str, bool]
     return {r[0]: (r[1], r[2]) for r in conn.execute(
         "SELECT attname, format_type(atttypid, atttypmod), attgenerated <> '' FROM pg_attribute "
         "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        (sql.Identifier(table).as_string(conn),))}
+        (_ident(table).as_string(conn),))}
 
 
 class SchemaMismatch(Exception):
@@ -216,6 +218,22 @@ _REPLICA_ON = "SET LOCAL session_replication_role = replica"
 _REPLICA_OFF = "SET LOCAL session_replication_role = DEFAULT"
 # The relations of table ``c``: itself, and its partitions if it is partitioned.
 _TREE = "(SELECT c.oid AS relid UNION SELECT relid FROM pg_partition_tree(c.oid))"
+# The configured tables (:t, names as configured; :q, the same as table_sql() writes them)
+# as rows n(tbl, q) with their pg_class c, each found as the application's queries find it
+# (a schema-qualified name in its schema, another on the search_path).
+_CONFIGURED = ("unnest(CAST(:t AS text[]), CAST(:q AS text[])) AS n(tbl, q) "
+               "JOIN pg_class c ON c.oid = to_regclass(n.q)")
+
+
+def _configured(tables: Iterable[str]) -> dict[str, list[str]]:
+    """The parameters of :data:`_CONFIGURED`."""
+    tables = list(tables)
+    return {"t": tables, "q": [table_sql(t) for t in tables]}
+
+
+def _ident(table: str) -> sql.Identifier:
+    """A configured table's name as a psycopg identifier (``archive.users``: qualified)."""
+    return sql.Identifier(*table_parts(table))
 
 
 def _may_replicate(conn: psycopg.Connection) -> bool:
@@ -418,8 +436,8 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
         for g in guarded_tables(cluster.config):
             if (g.kind != "hash") if group is None else (g.group != group):
                 continue
-            if present_only and not sa_conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"),
-                                                    {"t": g.table}).scalar():
+            if present_only and not sa_conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"),
+                                                    {"t": table_sql(g.table)}).scalar():
                 continue
             columns, pk, types = table_shape(sa_conn, g.table, keys=[g.key])
             if not pk:
@@ -428,25 +446,25 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
                                   unit_expression(g, types[g.key], cluster.config.bucket_count), g,
                                   (g.table,))
     tree: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    named = _configured(out)
     for table, oid, part in conn.execute(
-            "SELECT c.relname, t.relid::oid, p.relname FROM pg_class c "
+            "SELECT n.tbl, t.relid::oid, CASE WHEN t.relid <> c.oid THEN p.relname END "
+            f"FROM {_CONFIGURED.replace(':t', '%(t)s').replace(':q', '%(q)s')} "
             f"CROSS JOIN LATERAL {_TREE} t JOIN pg_class p ON p.oid = t.relid "
-            "WHERE c.relname = ANY(%s) AND c.relkind IN ('r', 'p') AND pg_table_is_visible(c.oid)",
-            (list(out),)):
+            "WHERE c.relkind IN ('r', 'p')", named):
         tree[table].append((oid, part))
     referenced = {r[0] for r in conn.execute(
         "SELECT DISTINCT confrelid FROM pg_constraint WHERE contype = 'f' AND confrelid = ANY(%s::oid[])",
         ([oid for parts in tree.values() for oid, _ in parts],))}
     for table, parts in tree.items():
         t = out[table]
-        t.names = (table, *sorted({p for _, p in parts} - {table}))
+        t.names = (table, *sorted({p for _, p in parts if p is not None} - {table}))
         t.referenced = any(oid in referenced for oid, _ in parts)
     parents: dict[str, set[str]] = {t: set() for t in sorted(out)}
     for child, parent in conn.execute(
-            "SELECT c1.relname, c2.relname FROM pg_constraint k "
-            "JOIN pg_class c1 ON c1.oid = k.conrelid JOIN pg_class c2 ON c2.oid = k.confrelid "
-            "WHERE k.contype = 'f' AND c1.relname = ANY(%s) AND c2.relname = ANY(%s) "
-            "AND c1.oid <> c2.oid", (list(out), list(out))):
+            "WITH n AS (SELECT tbl, to_regclass(q) AS rel FROM unnest(%(t)s::text[], %(q)s::text[]) "
+            "AS n(tbl, q)) SELECT a.tbl, b.tbl FROM pg_constraint k JOIN n a ON a.rel = k.conrelid "
+            "JOIN n b ON b.rel = k.confrelid WHERE k.contype = 'f' AND a.rel <> b.rel", named):
         parents[child].add(parent)
     try:
         ordered = list(graphlib.TopologicalSorter(parents).static_order())
@@ -622,10 +640,9 @@ class Mover:
         for shard in sorted(set(shards)):
             with self.cluster.primary(shard).connect() as conn:
                 found = dict(conn.execute(text(
-                    "SELECT c.relname, EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid "
-                    "AND t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D') FROM pg_class c "
-                    "WHERE c.relname = ANY(:t) AND c.relkind IN ('r', 'p') AND pg_table_is_visible(c.oid)"),
-                    {"t": tables}).all())
+                    "SELECT n.tbl, EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid "
+                    f"AND t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D') FROM {_CONFIGURED} "
+                    "WHERE c.relkind IN ('r', 'p')"), _configured(tables)).all())
                 absent = [t for t in tables if t not in found]
                 if absent:
                     raise RebalanceError(
@@ -633,9 +650,9 @@ class Mover:
                         "(`shardkit migrate upgrade`), run `shardkit rebalance init`, then apply or "
                         "resume the move")
                 no_pk = [r[0] for r in conn.execute(text(
-                    "SELECT c.relname FROM pg_class c WHERE c.relname = ANY(:t) AND c.relkind IN ('r', 'p') "
-                    "AND pg_table_is_visible(c.oid) AND NOT EXISTS (SELECT 1 FROM pg_index i "
-                    "WHERE i.indrelid = c.oid AND i.indisprimary) ORDER BY 1"), {"t": tables})]
+                    f"SELECT n.tbl FROM {_CONFIGURED} WHERE c.relkind IN ('r', 'p') "
+                    "AND NOT EXISTS (SELECT 1 FROM pg_index i "
+                    "WHERE i.indrelid = c.oid AND i.indisprimary) ORDER BY 1"), _configured(tables))]
                 if no_pk:
                     raise RebalanceError(
                         f"table(s) {', '.join(no_pk)} on {shard} have no primary key; rows are moved and "
@@ -667,14 +684,13 @@ class Mover:
         installed = {r[0]: (r[1], r[2]) for r in conn.execute(text(
             # The TRUNCATE trigger on the table and each of its partitions (a statement
             # trigger is not cloned to a partition created or attached later).
-            "SELECT c.relname, p.prosrc, NOT EXISTS (SELECT 1 FROM pg_class pc WHERE pc.relkind IN ('r', 'p') "
+            "SELECT n.tbl, p.prosrc, NOT EXISTS (SELECT 1 FROM pg_class pc WHERE pc.relkind IN ('r', 'p') "
             "AND (pc.oid = c.oid OR pc.oid IN (SELECT relid FROM pg_partition_tree(c.oid))) "
             "AND NOT EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = pc.oid "
             "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled <> 'D')) "
-            "FROM pg_class c JOIN pg_trigger t ON t.tgrelid = c.oid "
-            "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid "
-            "WHERE c.relname = ANY(:t) AND pg_table_is_visible(c.oid)"),
-            {"t": [g.table for g in guarded]})}
+            f"FROM {_CONFIGURED} JOIN pg_trigger t ON t.tgrelid = c.oid "
+            "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid"),
+            _configured(g.table for g in guarded))}
         stale = []
         for g in guarded:
             if g.table not in installed:
@@ -710,9 +726,9 @@ class Mover:
         copy would read through the parent and write into the parent itself."""
         replica = _may_replicate_sa(conn)
         role = conn.execute(text("SELECT current_user")).scalar()
-        moved = ("WITH m AS (SELECT c.relname AS tbl, t.relid AS rel FROM pg_class c "
-                 f"CROSS JOIN LATERAL {_TREE} t WHERE c.relname = ANY(:t) "
-                 "AND c.relkind IN ('r', 'p') AND pg_table_is_visible(c.oid)) ")
+        moved = (f"WITH m AS (SELECT n.tbl, t.relid AS rel FROM {_CONFIGURED} "
+                 f"CROSS JOIN LATERAL {_TREE} t WHERE c.relkind IN ('r', 'p')) ")
+        named = _configured(tables)
         grant = (f"the mover writes with session_replication_role = replica, as logical replication "
                  f"does, only where its role may set it, and {role} may not on {shard}: grant it "
                  f"(`GRANT SET ON PARAMETER session_replication_role TO {role}`, PostgreSQL 15 and "
@@ -720,7 +736,7 @@ class Mover:
         for tbl, name, kind in conn.execute(text(
                 moved + "SELECT DISTINCT m.tbl, k.conname, k.contype::text FROM m JOIN pg_constraint k "
                 "ON k.conrelid = m.rel WHERE NOT k.convalidated AND k.contype IN ('c', 'f') "
-                "AND :copying ORDER BY 1, 2"), {"t": tables, "copying": copying}):
+                "AND :copying ORDER BY 1, 2"), {**named, "copying": copying}):
             if kind == "c" or not replica:
                 raise RebalanceError(
                     f"table {tbl} on {shard} has {'check' if kind == 'c' else 'foreign key'} constraint "
@@ -731,7 +747,7 @@ class Mover:
         for tbl, name, enabled in conn.execute(text(
                 moved + "SELECT DISTINCT m.tbl, t.tgname, t.tgenabled::text FROM m JOIN pg_trigger t "
                 "ON t.tgrelid = m.rel WHERE NOT t.tgisinternal AND t.tgname <> 'shardkit_guard' "
-                "AND t.tgenabled <> 'D' AND t.tgtype & 28 <> 0 ORDER BY 1, 2"), {"t": tables}):
+                "AND t.tgenabled <> 'D' AND t.tgtype & 28 <> 0 ORDER BY 1, 2"), named):
             what = (f"table {tbl} on {shard} has trigger {name}, which would fire on the mover's "
                     "copies and deletes of its rows (changing moved rows, or recording the move as "
                     "the application's inserts and deletes)")
@@ -747,7 +763,7 @@ class Mover:
         for name, child, parent in conn.execute(text(
                 moved + "SELECT DISTINCT k.conname, a.tbl, b.tbl FROM pg_constraint k "
                 "JOIN m a ON a.rel = k.conrelid JOIN m b ON b.rel = k.confrelid "
-                "WHERE k.contype = 'f' ORDER BY 1"), {"t": tables}):
+                "WHERE k.contype = 'f' ORDER BY 1"), named):
             if child == parent and not replica:
                 raise RebalanceError(
                     f"table {child} on {shard} has a foreign key to itself ({name}): the mover copies "
@@ -766,7 +782,7 @@ class Mover:
                 moved + "SELECT DISTINCT k.conname, r.relname, m.tbl FROM pg_constraint k "
                 "JOIN m ON m.rel = k.confrelid JOIN pg_class r ON r.oid = k.conrelid "
                 "WHERE k.contype = 'f' AND k.conrelid NOT IN (SELECT rel FROM m) ORDER BY 1"),
-                {"t": tables}):
+                named):
             raise RebalanceError(
                 f"table {child} on {shard} references moved table {parent} (foreign key {name}) but "
                 "does not move with it: its rows would point at rows that moved to another shard, "
@@ -775,7 +791,7 @@ class Mover:
         for tbl, children in conn.execute(text(
                 moved + "SELECT m.tbl, string_agg(c.relname, ', ' ORDER BY c.relname) FROM m "
                 "JOIN pg_inherits i ON i.inhparent = m.rel JOIN pg_class c ON c.oid = i.inhrelid "
-                "WHERE NOT c.relispartition GROUP BY 1 ORDER BY 1"), {"t": tables}):
+                "WHERE NOT c.relispartition GROUP BY 1 ORDER BY 1"), named):
             raise RebalanceError(
                 f"table {tbl} on {shard} has child table(s) {children} that inherit from it (INHERITS, "
                 f"not declarative partitions): the mover reads their rows through {tbl}, so they would "
@@ -1102,7 +1118,7 @@ class Mover:
                     tgt.execute(_REPLICA_ON)
                 for t in reversed(tables):  # leftovers of an interrupted copy; children first
                     tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
-                        sql.Identifier(t.name)), (buckets,))
+                        _ident(t.name)), (buckets,))
                 with src.transaction():
                     src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     for t in tables:
@@ -1110,13 +1126,13 @@ class Mover:
                         _reread_columns(src, tgt, t)  # at the copy's snapshot
                         cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
                         in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
-                            sql.Identifier(t.name), cols)
+                            _ident(t.name), cols)
                         # All slices at the one snapshot of the source's transaction.
                         for chunk in _page_chunks(src, t.name, self._chunk_pages):
                             t0 = time.monotonic()
                             out_sql = sql.SQL("COPY (SELECT {} FROM {} WHERE " + chunk + " AND " + t.bucket_sql +
                                               " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
-                                cols, sql.Identifier(t.name))
+                                cols, _ident(t.name))
                             with src.cursor() as sc, tgt.cursor() as tc:
                                 with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
                                     for data in out:
@@ -1167,7 +1183,7 @@ class Mover:
             if not keys:
                 continue
             _reread_columns(src, tgt, t)  # at the snapshot the changed rows are read at
-            name = sql.Identifier(t.name)
+            name = _ident(t.name)
             cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
             pkc = sql.SQL(", ").join(map(sql.Identifier, t.pk))
             stage = sql.Identifier(f"_shardkit_stage_{i}")  # by position: names may be long
@@ -1192,13 +1208,13 @@ class Mover:
                 "DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{t}, {keys})) "
                 "AND " + t.bucket_sql + " = ANY(%s::integer[])"
                 + ("" if whole else " AND ({pk}) NOT IN (SELECT {pk} FROM {s})")).format(
-                t=sql.Identifier(t.name), pk=pkc, keys=keys_lit, s=stage), (buckets,))
+                t=_ident(t.name), pk=pkc, keys=keys_lit, s=stage), (buckets,))
         for t, pkc, keys_lit, stage, whole in staged:  # parents first
-            name = sql.Identifier(t.name)
+            name = _ident(t.name)
             clash = tgt.execute(sql.SQL(
                 "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ("
                 + unit_expression(t.guarded, t.key_type, self.cluster.config.bucket_count,
-                                  row=sql.Identifier(t.name).as_string(tgt))
+                                  row=_ident(t.name).as_string(tgt))
                 + " = ANY(%s::integer[]))").format(
                 t=name, s=stage, pk=pkc), (buckets,)).fetchone()[0]
             if clash:
@@ -1367,7 +1383,7 @@ class Mover:
                  "WHERE x._shardkit_b = ANY(%s::integer[]) "
                  "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
                  "GROUP BY 1")
-            parts = dict(cols=cols, t=sql.Identifier(t.name), pk=pkc,
+            parts = dict(cols=cols, t=_ident(t.name), pk=pkc,
                          plain=sql.SQL(", ").join(map(sql.Identifier, t.columns)),
                          pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
 
@@ -1437,7 +1453,7 @@ class Mover:
                         # ON DELETE CASCADE either: every moved table is deleted here.
                         src.execute(_REPLICA_ON)
                     cur = src.execute(sql.SQL("DELETE FROM {t} WHERE " + chunk + " AND " + t.bucket_sql +
-                                              " = ANY(%s::integer[])").format(t=sql.Identifier(t.name)),
+                                              " = ANY(%s::integer[])").format(t=_ident(t.name)),
                                       (buckets,))
                     deleted += cur.rowcount
                 self._rest(t0, min(self.duty, _CLEAN_UP_DUTY))
@@ -1629,8 +1645,8 @@ def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list
     # functions, which the deletes compute the rows' buckets with (installed here, as
     # `rebalance init` would: it is refused while the move runs).
     present = {r[0] for r in tgt.execute(
-        "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(quote_ident(t)) IS NOT NULL",
-        ([t.name for t in tables],))}
+        "SELECT t FROM unnest(%s::text[], %s::text[]) AS n(t, q) WHERE to_regclass(q) IS NOT NULL",
+        ([t.name for t in tables], [table_sql(t.name) for t in tables]))}
     tables = [t for t in tables if t.name in present]
     hashing = tgt.execute("SELECT to_regprocedure('shardkit.hash_version()') IS NOT NULL").fetchone()[0]
     with tgt.transaction():
@@ -1648,7 +1664,7 @@ def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list
             tgt.execute(_REPLICA_ON)
         for t in reversed(tables):
             tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql +
-                                " = ANY(%s::integer[])").format(sql.Identifier(t.name)), (buckets,))
+                                " = ANY(%s::integer[])").format(_ident(t.name)), (buckets,))
     # The target's replicas serve reads once they have replayed the deletes.
     return _flushed(tgt)
 
@@ -1811,9 +1827,8 @@ def shard_weights(cluster: Cluster, *, by: str = "rows") -> dict[int, float]:
                 _, _, types = table_shape(conn, g.table)
                 b = unit_expression(g, types[g.key], cluster.config.bucket_count)
                 measure = "count(*)" if by == "rows" else "sum(pg_column_size(x.*))"
-                quoted = '"' + g.table.replace('"', '""') + '"'
                 for bucket, w in conn.execute(text(
-                        f"SELECT {b} AS b, {measure} FROM {quoted} AS x GROUP BY 1")):
+                        f"SELECT {b} AS b, {measure} FROM {table_sql(g.table)} AS x GROUP BY 1")):
                     if bucket is not None:
                         weights[int(bucket)] += float(w or 0)
     return dict(weights)

@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from ._cluster import Cluster
 from ._config import ClusterConfig, _compress
-from ._guard import SQL_HASHABLE_TYPES, bucket_expression, guard_installed, table_shape
+from ._guard import SQL_HASHABLE_TYPES, bucket_expression, guard_installed, table_shape, table_sql
 from ._routing import Router
 from ._strategies import HashStrategy
 from .errors import NoShardForKey
@@ -139,8 +139,8 @@ def _verify_by(cluster: Cluster, router: Router, batch: int, sample: int) -> Ver
         for table, cols in group.tables.items():
             for shard in config.shard_names:
                 with cluster.primary(shard).connect() as conn:
-                    exists = conn.execute(text("SELECT to_regclass(quote_ident(:t)) IS NOT NULL"),
-                                          {"t": table}).scalar()
+                    exists = conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"),
+                                          {"t": table_sql(table)}).scalar()
                     if not exists:
                         missing.append(f"{table} on {shard}")
                         continue
@@ -201,7 +201,7 @@ def _check_hash_in_sql(config: ClusterConfig, conn: Any, rep: TableReport, table
     bucket_expr = bucket_expression(column, sql_type, n)
     owned = [b for b, s in enumerate(config.bucket_map) if s == rep.shard or b in foreign]
     for bucket, count in conn.execute(text(
-            f"SELECT {bucket_expr} AS b, count(*) FROM {_q(table)} GROUP BY b")).all():
+            f"SELECT {bucket_expr} AS b, count(*) FROM {table_sql(table)} GROUP BY b")).all():
         rep.rows += count
         if bucket in foreign:
             rep.in_flight += count
@@ -211,7 +211,7 @@ def _check_hash_in_sql(config: ClusterConfig, conn: Any, rep: TableReport, table
             rep.misplaced[owner] += count
     if rep.misplaced and pk:
         result = conn.execute(text(
-            f"SELECT {bucket_expr}, {', '.join(_q(c) for c in pk)} FROM {_q(table)} "
+            f"SELECT {bucket_expr}, {', '.join(_q(c) for c in pk)} FROM {table_sql(table)} "
             f"WHERE {_q(column)} IS NOT NULL AND NOT ({bucket_expr} = ANY(:owned)) "
             f"LIMIT {int(sample)}"), {"owned": owned})
         for row in result:
@@ -227,7 +227,7 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
     select_cols = ", ".join(_q(c) for c in (*cols, *pk))
     kept = 0
     result = conn.execution_options(yield_per=batch).execute(
-        text(f"SELECT {select_cols} FROM {_q(table)}"))
+        text(f"SELECT {select_cols} FROM {table_sql(table)}"))
     for row in result:
         rep.rows += 1
         key = row[0] if width == 1 else tuple(row[:width])
@@ -264,5 +264,5 @@ def _count_duplicates(cluster: Cluster, rep: TableReport, pk: list[str],
                     for j in range(len(chunk)))
                 params = {f"k{j}_{c}": v for j, k in enumerate(chunk) for c, v in enumerate(k)}
                 rep.duplicates += conn.execute(text(
-                    f"SELECT count(*) FROM {_q(rep.table)} WHERE ({cols}) IN ({values})"),
+                    f"SELECT count(*) FROM {table_sql(rep.table)} WHERE ({cols}) IN ({values})"),
                     params).scalar_one()
