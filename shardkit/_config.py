@@ -514,6 +514,16 @@ def _load_callable(spec: Any, path: str) -> Callable[[Any], str]:
     return obj
 
 
+def _check_qualified_name(table: str, path: str) -> None:
+    """``schema.table`` (split at the last ``.``) must name both parts."""
+    schema, dot, name = table.rpartition(".")
+    if dot and not (schema and name):
+        raise ConfigurationError(
+            path, f"table {table!r} has an empty {'schema' if not schema else 'table'} name",
+            'a table of another schema is "schema.table" (e.g. "archive.users"); '
+            "one of the default schema is its name alone")
+
+
 def _parse_group(name: str, raw: Any, shard_names: list[str],
                  bucket_map: tuple[str, ...]) -> GroupConfig:
     path = f"groups.{name}"
@@ -537,6 +547,7 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
         if not isinstance(tname, str) or not tname.strip():
             raise ConfigurationError(f"{path}.tables", f"has a table with no name ({tname!r})",
                                      'name each table, e.g. tables = { users = "id" }')
+        _check_qualified_name(tname, f"{path}.tables")
         if isinstance(cols, str):
             cols = [cols]
         if (not isinstance(cols, list) or not cols
@@ -882,6 +893,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         if not t.strip():
             raise ConfigurationError(f"reference_tables[{i}]", "is an empty table name",
                                      'name the table, e.g. reference_tables = ["countries"]')
+        _check_qualified_name(t, f"reference_tables[{i}]")
         if t in table_owner:
             raise ConfigurationError(f"reference_tables[{i}]",
                                      f"table {t!r} is sharded in group {table_owner[t]!r}",

@@ -177,6 +177,19 @@ def test_table_in_two_groups_and_reference():
     assert e.field == "reference_tables[0]"
 
 
+def test_table_names_of_another_schema_need_both_parts():
+    for bad in (".users", "archive."):
+        cfg = base()
+        cfg["groups"]["users"]["tables"] = {bad: "id"}
+        e = err(cfg)
+        assert e.field == "groups.users.tables" and "empty" in str(e) and "archive.users" in str(e)
+        e = err(base(reference_tables=[bad]))
+        assert e.field == "reference_tables[0]" and "empty" in str(e)
+    cfg = base(reference_tables=["archive.countries"])
+    cfg["groups"]["users"]["tables"] = {"archive.users": "id", "Arc-hive.Orders": "user_id"}
+    load_config(cfg)
+
+
 def test_unknown_top_level_key_is_a_typo():
     e = err(base(bucket_cout=5))
     assert e.field == "bucket_cout" and "known settings" in str(e)
