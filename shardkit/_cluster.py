@@ -660,10 +660,10 @@ class Cluster:
         if self._scatter_pool is not None:
             self._scatter_pool.shutdown(wait=False)
             self._scatter_pool = None
-        if self._monitor is not None:
-            self._monitor.stop()
-            self._monitor = None
-            self._selector = None
+        with self._lock:  # monitor() starts one under it: never one this misses
+            monitor, self._monitor, self._selector = self._monitor, None, None
+        if monitor is not None:
+            monitor.stop()
         with self._lock:
             engines = list(self._engines.values())
             self._engines.clear()

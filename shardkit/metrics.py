@@ -20,7 +20,7 @@ Per node (labels ``shard``, ``node``, ``role``):
 =====================================  =========  ==========================================
 
 The node and lag gauges come from the cluster's health monitor, started by a scrape if
-nothing else has started it.
+nothing else has started it and the cluster is in use.
 """
 
 from __future__ import annotations
@@ -160,12 +160,17 @@ class _StateCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up, lag_b, lag_s, used, size = self._families()
-        # Started here if nothing else started it (an application that reads no replica,
-        # or after dispose()): without it no node would be reported, down or up.  Not
-        # waited for: a node not polled yet has no sample rather than a false "down".
-        mon = self.cluster.monitor(wait=False)
+        # Started here if nothing else started it (an application that reads no replica):
+        # without it no node would be reported, down or up; but only for a cluster in use
+        # (with engines): a scrape must not bring back the monitor of one that dispose()
+        # stopped and nothing uses again.  Not waited for: a node not polled yet has no
+        # sample rather than a false "down".
+        cluster = self.cluster
+        mon = cluster._monitor
+        if mon is None and cluster._engines:
+            mon = cluster.monitor(wait=False)
         now = time.monotonic()
-        for state in mon.shards.values():
+        for state in (mon.shards.values() if mon is not None else ()):
             for n in (state.primary, *state.replicas):
                 if not n.checked_at:
                     continue

@@ -389,11 +389,13 @@ def test_dispose_then_reuse(env):
             assert cluster.health().ready
             counts = app_counts(dev, app)
             assert counts["s0/primary"] >= 1 and counts["s0/r0"] + counts["s1/r0"] >= 1, counts
+            # This cluster's monitor threads (other modules' clusters may poll in this process).
+            threads = list(cluster._monitor._threads)
+            assert threads and all(t.name.startswith("shardkit-monitor") for t in threads)
             cluster.dispose()
-            assert cluster.pool_stats() == {}
+            assert cluster.pool_stats() == {} and cluster._monitor is None
             wait_for(lambda: sum(app_counts(dev, app).values()) == 0, "pooled connections to close")
-            wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("shardkit-monitor")
-                                  and t.is_alive()], "monitor threads to stop", timeout=10)
+            wait_for(lambda: not [t for t in threads if t.is_alive()], "monitor threads to stop", timeout=10)
     finally:
         cluster.dispose()
 
