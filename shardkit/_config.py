@@ -550,6 +550,11 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
         _check_qualified_name(tname, f"{path}.tables")
         if isinstance(cols, str):
             cols = [cols]
+        if isinstance(cols, Mapping):
+            raise ConfigurationError(
+                tp, "must be a column name or a list of column names, not a table",
+                f'a table of another schema is named in quotes: "{tname}.<table>" = "<column>" '
+                "(unquoted, TOML reads the dotted name as nested tables)")
         if (not isinstance(cols, list) or not cols
                 or not all(isinstance(c, str) and c for c in cols)):
             raise ConfigurationError(tp, "must be a column name or a list of column names")
