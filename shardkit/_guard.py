@@ -397,9 +397,11 @@ def unit_expression(g: Guarded, type_name: str, bucket_count: int, row: str = ""
     return f"shardkit.{_ident(slice_function_name(g.table))}({ref})"
 
 
-def _slice_function_sql(g: Guarded, type_name: str) -> str:
+def _slice_function_sql(g: Guarded, type_name: str, param_type: str | None = None) -> str:
     """``shardkit.slice__<table>(key)``: the key's slice number on this shard's copy of the
-    slices; NULL for a NULL key, -1 for a key no slice holds (refused as not owned)."""
+    slices; NULL for a NULL key, -1 for a key no slice holds (refused as not owned).
+    ``param_type``: the key column's type as SQL (``format_type``: schema-qualified when
+    the search_path does not find it, an enum of the table's schema), else ``type_name``."""
     value_kind = g.value_kind
     if not slice_comparable(value_kind, type_name):
         raise ConfigurationError(
@@ -425,7 +427,7 @@ def _slice_function_sql(g: Guarded, type_name: str) -> str:
                 f"(SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND s.is_default LIMIT 1), "
                 "-1) END")
     fn = f"shardkit.{_ident(slice_function_name(g.table))}"
-    return (f"CREATE OR REPLACE FUNCTION {fn}(k {type_name}) RETURNS integer LANGUAGE sql STABLE "
+    return (f"CREATE OR REPLACE FUNCTION {fn}(k {param_type or type_name}) RETURNS integer LANGUAGE sql STABLE "
             f"AS $slice${body}$slice$")
 
 
@@ -501,7 +503,10 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
                                   f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}"):
                     conn.exec_driver_sql(statement.replace("%", "%%"))
                 continue
-            conn.exec_driver_sql(_slice_function_sql(g, types[g.key]))
+            param_type = conn.execute(text(
+                "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = to_regclass(:t) "
+                "AND attname = :c"), {"t": table_sql(g.table), "c": g.key}).scalar()
+            conn.exec_driver_sql(_slice_function_sql(g, types[g.key], param_type))
         for statement in _trigger_sql(g, types[g.key], pk, config.bucket_count):
             # The driver reads % as a placeholder even without parameters.
             conn.exec_driver_sql(statement.replace("%", "%%"))
