@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
 import shardkit
+from waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +29,6 @@ def dev(shardkit_module_cluster_factory):
 def labels(node: str) -> dict[str, str]:
     return {"shard": node.split("/")[0], "node": node,
             "role": "primary" if node.endswith("/primary") else "replica"}
-
-
-def wait_for(check, what, timeout=8.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_node_gauges_are_exported_without_any_replica_read(dev):
@@ -63,7 +52,7 @@ def test_node_gauges_are_exported_without_any_replica_read(dev):
                         registry.get_sample_value("shardkit_node_up", labels("s0/r0")),
                         registry.get_sample_value("shardkit_replica_lag_bytes", labels("s0/r0")))
 
-            wait_for(lambda: gauges()[0] == 1.0 and gauges()[1] == 1.0 and gauges()[2] is not None,
+            wait_for(lambda: gauges()[0] == 1.0 and gauges()[1] == 1.0 and gauges()[2] is not None, 8.0,
                      "node gauges without a replica read")
             cluster.dispose()
             # The scrape right after: no node reported down because it was not polled yet,
@@ -104,13 +93,13 @@ def test_a_hung_replica_has_no_time_lag_in_metrics_or_health(dev):
     try:
         cluster.start_monitor()
         r0 = labels("s0/r0")
-        wait_for(lambda: registry.get_sample_value("shardkit_replica_lag_seconds", r0) is not None,
+        wait_for(lambda: registry.get_sample_value("shardkit_replica_lag_seconds", r0) is not None, 8.0,
                  "the replica's lag")
         pids = _server_pids(node)
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:
-            wait_for(lambda: registry.get_sample_value("shardkit_node_up", r0) == 0.0,
+            wait_for(lambda: registry.get_sample_value("shardkit_node_up", r0) == 0.0, 8.0,
                      "the hung replica reported down")
             assert registry.get_sample_value("shardkit_replica_lag_seconds", r0) is None
             h = {n["node"]: n for n in cluster.health().nodes}["s0/r0"]
@@ -122,7 +111,7 @@ def test_a_hung_replica_has_no_time_lag_in_metrics_or_health(dev):
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
-        wait_for(lambda: registry.get_sample_value("shardkit_node_up", r0) == 1.0, "the replica back")
+        wait_for(lambda: registry.get_sample_value("shardkit_node_up", r0) == 1.0, 8.0, "the replica back")
     finally:
         m.close()
         cluster.dispose()
