@@ -615,9 +615,6 @@ class Cluster:
         for state in mon.shards.values():
             for n in (state.primary, *state.replicas):
                 d = n.as_dict(mon.stale_after)
-                if n.role == REPLICA and not d["up"]:
-                    # Down, or not heard from (hung): how far behind it is now is unknown.
-                    d["lag_seconds"] = None
                 eng = self._engines.get((n.shard, n.role, n.index))
                 d["pool"] = _pool_stats(eng)
                 nodes.append(d)

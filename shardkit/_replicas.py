@@ -180,7 +180,9 @@ class NodeHealth:
             "in_recovery": self.in_recovery,
             "read_only": self.read_only,
             "lag_bytes": self.lag_bytes,
-            "lag_seconds": None if self.lag_seconds is None else round(self.lag_seconds, 3),
+            # A replica reported down (or hung): how far behind it is now is unknown.
+            "lag_seconds": (None if self.lag_seconds is None or (self.role == "replica" and not up)
+                            else round(self.lag_seconds, 3)),
             "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
             "banned_for_s": round(self.banned_until - now, 2) if self.banned(now) else 0,
             "ban_reason": self.ban_reason if self.banned(now) else None,

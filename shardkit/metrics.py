@@ -169,20 +169,19 @@ class _StateCollector:
         mon = cluster._monitor
         if mon is None and cluster._engines:
             mon = cluster.monitor(wait=False)
-        now = time.monotonic()
         for state in (mon.shards.values() if mon is not None else ()):
             for n in (state.primary, *state.replicas):
                 if not n.checked_at:
                     continue
                 labels = [n.shard, n.name, n.role]
-                alive = n.up and n.heard_from(now, mon.stale_after)
-                up.add_metric(labels, 1.0 if alive else 0.0)
-                if n.role == "replica" and n.lag_bytes is not None:
-                    lag_b.add_metric(labels, float(n.lag_bytes))
+                d = n.as_dict(mon.stale_after)  # what health() says: a hung node is down
+                up.add_metric(labels, 1.0 if d["up"] else 0.0)
+                if n.role == "replica" and d["lag_bytes"] is not None:
+                    lag_b.add_metric(labels, float(d["lag_bytes"]))
                     # A down or hung replica's time lag is unknown: no sample rather than
                     # a frozen one.
-                    if alive and n.lag_seconds is not None:
-                        lag_s.add_metric(labels, float(n.lag_seconds))
+                    if d["lag_seconds"] is not None:
+                        lag_s.add_metric(labels, float(d["lag_seconds"]))
         for eng in list(self.cluster._engines.values()):
             info = eng.info  # type: ignore[attr-defined]
             labels = [info["shard"], info["node"], info["role"]]
