@@ -603,7 +603,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if len(route.shards) != 1 or route.is_write or route.anywhere:
             return route
         shard = route.shards[0]
-        eo = _LOAD_OPTIONS.get(shard) or _single(shard, REPLICA, None, None, True)[0]
+        eo = _load_options(shard)
         if not cluster.replica_count(shard):
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)
@@ -1253,12 +1253,7 @@ def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any,
                 "identity_token": shard,
                 "_sa_orm_load_options": (lo or QueryContext.default_load_options) + {"_identity_token": shard}})
     elif select:
-        # The ORM turns identity_token into its load options on every execution;
-        # a SELECT gets them made already (the same options, built once per shard).
-        eo = _LOAD_OPTIONS.get(shard)
-        if eo is None:
-            eo = _LOAD_OPTIONS.setdefault(shard, util.immutabledict(
-                {"_sa_orm_load_options": QueryContext.default_load_options + {"_identity_token": shard}}))
+        eo = _load_options(shard)
     else:
         eo = _TOKEN_OPTIONS.get(shard)
         if eo is None:
@@ -1273,6 +1268,17 @@ def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any,
 _TOKEN_OPTIONS: dict[str, Any] = {}
 # shard -> the same for a SELECT, as the ORM's load options.
 _LOAD_OPTIONS: dict[str, Any] = {}
+
+
+def _load_options(shard: str) -> Any:
+    """The execution options of a SELECT on ``shard`` with no options of its own.  The ORM
+    turns identity_token into its load options on every execution; a SELECT gets them made
+    already (the same options, built once per shard)."""
+    eo = _LOAD_OPTIONS.get(shard)
+    if eo is None:
+        eo = _LOAD_OPTIONS.setdefault(shard, util.immutabledict(
+            {"_sa_orm_load_options": QueryContext.default_load_options + {"_identity_token": shard}}))
+    return eo
 
 
 def _refuse_inheritance(mapper: Any, verb: str) -> None:
