@@ -158,6 +158,20 @@ def table_sql(table: str) -> str:
     return ".".join(_ident(p) for p in table_parts(table))
 
 
+# Configured tables (:t, names as configured; :q, the same as table_sql() writes them) as
+# rows n(tbl, q) with their pg_class c, each found as the application's queries find it (a
+# schema-qualified name in its schema, another on the search_path); tables that do not
+# exist have no row.  Its parameters: configured_tables().
+CONFIGURED_TABLES = ("unnest(CAST(:t AS text[]), CAST(:q AS text[])) AS n(tbl, q) "
+                     "JOIN pg_class c ON c.oid = to_regclass(n.q)")
+
+
+def configured_tables(tables: Iterable[str]) -> dict[str, list[str]]:
+    """The parameters of :data:`CONFIGURED_TABLES` for ``tables``."""
+    tables = list(tables)
+    return {"t": tables, "q": [table_sql(t) for t in tables]}
+
+
 def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
                 ) -> tuple[list[str], list[str], dict[str, str]]:
     """(columns in order, primary-key columns, column -> type name) of ``table`` on this

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import text
 
 from ._cluster import Cluster
-from ._guard import table_sql
+from ._guard import CONFIGURED_TABLES, configured_tables
 
 
 def config_version(source: str | os.PathLike[str]) -> str:
@@ -41,11 +41,8 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
                 if role == "primary":
                     # to_regclass resolves each name (quoted: as SQLAlchemy writes it, schema
                     # included) as the application's queries do.
-                    est = dict(c.execute(text(
-                        "SELECT t.name, c.reltuples::bigint "
-                        "FROM unnest(CAST(:t AS text[]), CAST(:q AS text[])) AS t(name, q) "
-                        "JOIN pg_class c ON c.oid = to_regclass(t.q)"),
-                        {"t": tables, "q": [table_sql(t) for t in tables]}).all())
+                    est = dict(c.execute(text(f"SELECT n.tbl, c.reltuples::bigint FROM {CONFIGURED_TABLES}"),
+                                         configured_tables(tables)).all())
                     # reltuples is -1 until the table is first vacuumed or analysed.
                     rows[shard] = {t: (None if est.get(t, -1) < 0 else est[t]) for t in tables}
                     unknown[shard] = {t: ("never analysed" if t in est else "no such table")

@@ -83,6 +83,8 @@ from ._guard import (
     guarded_tables,
     install_guard,
     slice_function_name,
+    CONFIGURED_TABLES,
+    configured_tables,
     table_parts,
     table_shape,
     table_sql,
@@ -218,17 +220,8 @@ _REPLICA_ON = "SET LOCAL session_replication_role = replica"
 _REPLICA_OFF = "SET LOCAL session_replication_role = DEFAULT"
 # The relations of table ``c``: itself, and its partitions if it is partitioned.
 _TREE = "(SELECT c.oid AS relid UNION SELECT relid FROM pg_partition_tree(c.oid))"
-# The configured tables (:t, names as configured; :q, the same as table_sql() writes them)
-# as rows n(tbl, q) with their pg_class c, each found as the application's queries find it
-# (a schema-qualified name in its schema, another on the search_path).
-_CONFIGURED = ("unnest(CAST(:t AS text[]), CAST(:q AS text[])) AS n(tbl, q) "
-               "JOIN pg_class c ON c.oid = to_regclass(n.q)")
-
-
-def _configured(tables: Iterable[str]) -> dict[str, list[str]]:
-    """The parameters of :data:`_CONFIGURED`."""
-    tables = list(tables)
-    return {"t": tables, "q": [table_sql(t) for t in tables]}
+# CONFIGURED_TABLES for the mover's psycopg connections (its parameters by name).
+_CONFIGURED_PG = CONFIGURED_TABLES.replace(":t", "%(t)s").replace(":q", "%(q)s")
 
 
 def _ident(table: str) -> sql.Identifier:
@@ -446,10 +439,10 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
                                   unit_expression(g, types[g.key], cluster.config.bucket_count), g,
                                   (g.table,))
     tree: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    named = _configured(out)
+    named = configured_tables(out)
     for table, oid, part in conn.execute(
             "SELECT n.tbl, t.relid::oid, CASE WHEN t.relid <> c.oid THEN p.relname END "
-            f"FROM {_CONFIGURED.replace(':t', '%(t)s').replace(':q', '%(q)s')} "
+            f"FROM {_CONFIGURED_PG} "
             f"CROSS JOIN LATERAL {_TREE} t JOIN pg_class p ON p.oid = t.relid "
             "WHERE c.relkind IN ('r', 'p')", named):
         tree[table].append((oid, part))
@@ -462,8 +455,8 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
         t.referenced = any(oid in referenced for oid, _ in parts)
     parents: dict[str, set[str]] = {t: set() for t in sorted(out)}
     for child, parent in conn.execute(
-            "WITH n AS (SELECT tbl, to_regclass(q) AS rel FROM unnest(%(t)s::text[], %(q)s::text[]) "
-            "AS n(tbl, q)) SELECT a.tbl, b.tbl FROM pg_constraint k JOIN n a ON a.rel = k.conrelid "
+            f"WITH n AS (SELECT n.tbl, c.oid AS rel FROM {_CONFIGURED_PG}) "
+            "SELECT a.tbl, b.tbl FROM pg_constraint k JOIN n a ON a.rel = k.conrelid "
             "JOIN n b ON b.rel = k.confrelid WHERE k.contype = 'f' AND a.rel <> b.rel", named):
         parents[child].add(parent)
     try:
@@ -641,8 +634,8 @@ class Mover:
             with self.cluster.primary(shard).connect() as conn:
                 found = dict(conn.execute(text(
                     "SELECT n.tbl, EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid "
-                    f"AND t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D') FROM {_CONFIGURED} "
-                    "WHERE c.relkind IN ('r', 'p')"), _configured(tables)).all())
+                    f"AND t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D') FROM {CONFIGURED_TABLES} "
+                    "WHERE c.relkind IN ('r', 'p')"), configured_tables(tables)).all())
                 absent = [t for t in tables if t not in found]
                 if absent:
                     raise RebalanceError(
@@ -650,9 +643,9 @@ class Mover:
                         "(`shardkit migrate upgrade`), run `shardkit rebalance init`, then apply or "
                         "resume the move")
                 no_pk = [r[0] for r in conn.execute(text(
-                    f"SELECT n.tbl FROM {_CONFIGURED} WHERE c.relkind IN ('r', 'p') "
+                    f"SELECT n.tbl FROM {CONFIGURED_TABLES} WHERE c.relkind IN ('r', 'p') "
                     "AND NOT EXISTS (SELECT 1 FROM pg_index i "
-                    "WHERE i.indrelid = c.oid AND i.indisprimary) ORDER BY 1"), _configured(tables))]
+                    "WHERE i.indrelid = c.oid AND i.indisprimary) ORDER BY 1"), configured_tables(tables))]
                 if no_pk:
                     raise RebalanceError(
                         f"table(s) {', '.join(no_pk)} on {shard} have no primary key; rows are moved and "
@@ -688,9 +681,9 @@ class Mover:
             "AND (pc.oid = c.oid OR pc.oid IN (SELECT relid FROM pg_partition_tree(c.oid))) "
             "AND NOT EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = pc.oid "
             "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled <> 'D')) "
-            f"FROM {_CONFIGURED} JOIN pg_trigger t ON t.tgrelid = c.oid "
+            f"FROM {CONFIGURED_TABLES} JOIN pg_trigger t ON t.tgrelid = c.oid "
             "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid"),
-            _configured(g.table for g in guarded))}
+            configured_tables(g.table for g in guarded))}
         stale = []
         for g in guarded:
             if g.table not in installed:
@@ -726,9 +719,9 @@ class Mover:
         copy would read through the parent and write into the parent itself."""
         replica = _may_replicate_sa(conn)
         role = conn.execute(text("SELECT current_user")).scalar()
-        moved = (f"WITH m AS (SELECT n.tbl, t.relid AS rel FROM {_CONFIGURED} "
+        moved = (f"WITH m AS (SELECT n.tbl, t.relid AS rel FROM {CONFIGURED_TABLES} "
                  f"CROSS JOIN LATERAL {_TREE} t WHERE c.relkind IN ('r', 'p')) ")
-        named = _configured(tables)
+        named = configured_tables(tables)
         grant = (f"the mover writes with session_replication_role = replica, as logical replication "
                  f"does, only where its role may set it, and {role} may not on {shard}: grant it "
                  f"(`GRANT SET ON PARAMETER session_replication_role TO {role}`, PostgreSQL 15 and "
@@ -1644,9 +1637,8 @@ def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list
     # A target rebuilt since may lack tables (they hold no copies) or shardkit's SQL
     # functions, which the deletes compute the rows' buckets with (installed here, as
     # `rebalance init` would: it is refused while the move runs).
-    present = {r[0] for r in tgt.execute(
-        "SELECT t FROM unnest(%s::text[], %s::text[]) AS n(t, q) WHERE to_regclass(q) IS NOT NULL",
-        ([t.name for t in tables], [table_sql(t.name) for t in tables]))}
+    present = {r[0] for r in tgt.execute(f"SELECT n.tbl FROM {_CONFIGURED_PG}",
+                                         configured_tables(t.name for t in tables))}
     tables = [t for t in tables if t.name in present]
     hashing = tgt.execute("SELECT to_regprocedure('shardkit.hash_version()') IS NOT NULL").fetchone()[0]
     with tgt.transaction():
