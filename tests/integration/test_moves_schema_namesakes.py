@@ -8,66 +8,36 @@ databases of its own on both servers plus a catalog database.
 
 from __future__ import annotations
 
-import itertools
-import os
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_drain, plan_move_value
-from shardkit.devcluster import to_toml
 from shardkit.verify import verify
 
+from test_schema_tables_fresh_eyes import World as SchemaWorld
+
 pytestmark = pytest.mark.integration
-
-_numbers = itertools.count()
-
 
 @pytest.fixture(scope="module")
 def dev(shardkit_module_cluster_factory):
     return shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=8)
 
 
-class World:
-    def __init__(self, dev: Any, tmp_path: Path, ddl: str, groups: dict[str, Any],
-                 reference: list[str] = ()) -> None:
-        self.dev = dev
-        self.db = f"msr{os.getpid()}_{next(_numbers)}"
-        for shard in dev.shards:
-            with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-                c.execute(f"CREATE DATABASE {self.db}")
-            with shard.primary.connect(dbname=self.db, autocommit=True) as c:
-                c.execute(ddl)
-        cfg = dev.config_dict()
-        for s in cfg["shards"]:
-            s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + self.db
-        cfg.update({"groups": groups, "reference_tables": list(reference),
-                    "catalog": {"url": dev.create_catalog(f"{self.db}_catalog")}})
-        self.cfg_path = tmp_path / f"{self.db}.toml"
-        self.cfg_path.write_text(to_toml(cfg), encoding="utf-8")
-        self.cluster = shardkit.Cluster.from_config(self.cfg_path, follow_map=False)
-
-    def conn(self, shard: str) -> psycopg.Connection:
-        return self.dev.shard(shard).primary.connect(dbname=self.db, autocommit=True)
-
-    def sql(self, shard: str, query: str, params: Any = None) -> list[tuple] | None:
-        with self.conn(shard) as c:
-            cur = c.execute(query, params)
-            return cur.fetchall() if cur.description else None
-
-    def ids(self, shard: str, table: str) -> list[int]:
-        return sorted(r[0] for r in self.sql(shard, f"SELECT id FROM {table}"))
+def World(dev: Any, tmp_path: Path, ddl: str, groups: dict[str, Any],
+          reference: list[str] = ()) -> SchemaWorld:
+    """test_schema_tables_fresh_eyes's world of its own databases, without ``rebalance init``."""
+    return SchemaWorld(dev, tmp_path, ddl=ddl, groups=groups, reference=reference, init=False)
 
 
 @pytest.fixture
 def world(dev, tmp_path):
-    made: list[World] = []
+    made: list[SchemaWorld] = []
 
-    def make(*a: Any, **kw: Any) -> World:
+    def make(*a: Any, **kw: Any) -> SchemaWorld:
         w = World(dev, tmp_path, *a, **kw)
         made.append(w)
         return w

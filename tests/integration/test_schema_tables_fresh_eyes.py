@@ -91,18 +91,23 @@ def dev(shardkit_module_cluster_factory):
 
 
 class World:
-    def __init__(self, dev: Any, tmp_path: Path, *, init: bool = True) -> None:
+    """A database of its own on each shard (made with ``ddl``), a catalog, and a Cluster of
+    them configured with ``groups`` and ``reference``; ``init``: run ``rebalance init``."""
+
+    def __init__(self, dev: Any, tmp_path: Path, *, ddl: str = DDL, groups: Any = None,
+                 reference: Any = None, init: bool = True) -> None:
         self.dev = dev
         self.db = f"sch{os.getpid()}_{next(_numbers)}"
         for shard in dev.shards:
             with shard.primary.connect(dbname="postgres", autocommit=True) as c:
                 c.execute(f"CREATE DATABASE {self.db}")
             with shard.primary.connect(dbname=self.db, autocommit=True) as c:
-                c.execute(DDL)
+                c.execute(ddl)
         cfg = dev.config_dict()
         for s in cfg["shards"]:
             s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + self.db
-        cfg.update({"groups": GROUPS, "reference_tables": REFERENCE,
+        cfg.update({"groups": GROUPS if groups is None else groups,
+                    "reference_tables": REFERENCE if reference is None else list(reference),
                     "catalog": {"url": dev.create_catalog(f"{self.db}_catalog")}})
         self.cfg_path = tmp_path / f"{self.db}.toml"
         self.cfg_path.write_text(to_toml(cfg), encoding="utf-8")
