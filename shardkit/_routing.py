@@ -8,6 +8,9 @@ strategy which shards can hold matching rows.
 The structural analysis of a statement is cached by SQLAlchemy's own statement
 cache key (which the ORM computes anyway, and memoizes on the statement), so a
 repeated query shape costs a dictionary lookup plus the hash of its key values.
+The most common read, ``select(Model).where(Model.key == value)`` and nothing
+else, skips even that lookup: its route is kept per key column (see
+``_column_equals_value``).
 """
 
 from __future__ import annotations
@@ -167,6 +170,9 @@ class Router:
             self.tables[t] = TableRoute(t, None, (), None)
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
+        # (Table, key column name) -> (group, coercer, routes by shard) of the plan shared
+        # by every SELECT that _column_equals_value accepts on that column.
+        self._key_columns: dict[tuple[Any, str], tuple[str, Any, dict[str, Route]]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -316,12 +322,28 @@ class Router:
         """
         if type(statement) in _WRAPPERS:
             statement = unwrap_statement(statement)
+        shape = None
+        if role is None and not params and type(statement) is selectable.Select:
+            # SELECT ... FROM t WHERE t.key = :value and nothing else: routed by the
+            # column's entry, without SQLAlchemy's cache key (see _column_equals_value).
+            shape = _column_equals_value(statement)
+            if shape is not None:
+                entry = self._key_columns.get((shape[0].table, shape[0].name))
+                if entry is not None:
+                    v = shape[1].value
+                    if not _is_unresolved(v):
+                        known = entry[2].get(self._shard(entry[0], v, entry[1]))
+                        if known is not None:
+                            return known
         if getattr(statement, "_params", None):
             # Statement.params(): SQLAlchemy 2.1 keeps those values beside the
             # statement's bind parameters; the call's own parameters win over them.
             params = with_statement_params(statement, params)
         plan, binds = self._plan_for(statement)
         single = plan.single_key
+        if shape is not None and single is not None:
+            # The plan of every statement of that shape on this column: a single key.
+            self._key_columns[(shape[0].table, shape[0].name)] = (single[0], single[2], plan.routes)
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
@@ -1053,6 +1075,46 @@ def _check_arity(tr: TableRoute, key: Any) -> None:
         raise ShardKeyError(
             f"the shard key of {tr.table} is one column ({tr.key_columns[0]}); pass one value, not {len(key)}",
             table=tr.table, key=key)
+
+
+# What a SELECT built as select(Model or columns).where(column == value) holds in
+# its __dict__ (SQLAlchemy's generative methods set attributes there only when the
+# statement uses them; the last three are memoized, the cache key among them).
+_KEY_SELECT_ATTRS = frozenset({"_propagate_attrs", "_raw_columns", "_label_style", "_where_criteria",
+                               "dialect_options", "_generate_cache_key", "_memoized_keys"})
+
+
+def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindParameter[Any]] | None:
+    """``(column, bind)`` if ``statement`` selects one table's entity or columns with the
+    single criterion ``column = value`` and nothing else (no join, option, limit, order,
+    grouping, further criteria, parameters of its own): its route depends only on the
+    column and the value, so the router keeps it per column and skips the plan lookup
+    by SQLAlchemy's cache key, whose hash costs more than the rest of the route.
+    ``None`` for anything else, which takes the general path."""
+    d = statement.__dict__
+    if not d.keys() <= _KEY_SELECT_ATTRS:
+        return None
+    where = d.get("_where_criteria")
+    if where is None or len(where) != 1:
+        return None
+    c = where[0]
+    if type(c) is not elements.BinaryExpression or c.operator is not operators.eq:
+        return None
+    col, b = c.left, c.right
+    if type(b) is not BindParameter or b.callable is not None or b.expanding:
+        return None
+    if not isinstance(col, elements.ColumnClause):
+        return None
+    table = col.table
+    if not isinstance(table, selectable.TableClause):
+        return None
+    for rc in d["_raw_columns"]:
+        if isinstance(rc, elements.ColumnClause):
+            if rc.table is not table:
+                return None
+        elif not isinstance(rc, selectable.TableClause) or rc._deannotate() is not table:
+            return None
+    return col, b
 
 
 def _is_unresolved(v: Any) -> bool:
