@@ -46,7 +46,11 @@ _POOL_KEYS = {
 
 class _NodePool(QueuePool):
     """The pool of one node (its name is the pool's logging name): a checkout that times
-    out says which node's pool is exhausted."""
+    out says which node's pool is exhausted, and is counted (``timeouts``)."""
+
+    #: Checkouts that waited longer than the pool's timeout, since the pool was made.
+    timeouts = 0
+    _timeouts_lock = threading.Lock()
 
     def _do_get(self) -> Any:
         try:
@@ -54,6 +58,8 @@ class _NodePool(QueuePool):
         except sa_exc.TimeoutError as e:
             if getattr(e, "shardkit_node", None) is not None:
                 raise
+            with self._timeouts_lock:
+                self.timeouts += 1
             err = sa_exc.TimeoutError(
                 f"node {self._orig_logging_name}: {e.args[0]}; raise that node's [pool] size or "
                 "max_overflow (max_connections caps both), or hold connections for less time (Cluster.pool_stats() shows "
@@ -560,7 +566,9 @@ class Cluster:
         return eng
 
     def pool_stats(self) -> dict[str, dict[str, Any] | None]:
-        """Per node (of those with an engine yet): pool size, checked out, checked in, overflow."""
+        """Per node (of those with an engine yet): pool size, checked out, checked in,
+        overflow, and ``timeouts``: checkouts that waited longer than the pool's timeout
+        (since the pool was made; ``dispose()`` makes a new one)."""
         return {eng.info["node"]: _pool_stats(eng) for eng in list(self._engines.values())}  # type: ignore[attr-defined]
 
     def primary(self, shard: str) -> Engine:
@@ -703,6 +711,8 @@ def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
             # QueuePool counts overflow from -size (connections it may still open
             # within size); report only connections beyond the pool's size.
             stats[name] = max(0, fn()) if name == "overflow" else fn()
+    if isinstance(pool, _NodePool):
+        stats["timeouts"] = pool.timeouts
     return stats
 
 

@@ -17,6 +17,7 @@ Per node (labels ``shard``, ``node``, ``role``):
 ``shardkit_replica_lag_seconds``       gauge      replica time lag (replicas only)
 ``shardkit_pool_checked_out``          gauge      connections in use from the node's pool
 ``shardkit_pool_size``                 gauge      the node's pool size
+``shardkit_pool_timeouts_total``       counter    checkouts that waited past the pool timeout
 =====================================  =========  ==========================================
 
 The node and lag gauges come from the cluster's health monitor, started by a scrape if
@@ -33,11 +34,11 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from ._cluster import Cluster
+from ._cluster import Cluster, _NodePool
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "shardkit.metrics needs prometheus-client: pip install 'shardkit[metrics]'"
@@ -154,12 +155,19 @@ class _StateCollector:
             ("shardkit_pool_checked_out", "Connections in use from the pool"),
             ("shardkit_pool_size", "Pool size"))]
 
-    def describe(self) -> list[GaugeMetricFamily]:
-        """The names, for the registry: registering then starts no monitor (see collect)."""
-        return self._families()
+    @staticmethod
+    def _timeouts() -> CounterMetricFamily:
+        # (Read from the pools at scrape time, like the gauges: a pool counts its own.)
+        return CounterMetricFamily("shardkit_pool_timeouts_total",
+                                   "Checkouts that waited longer than the pool's timeout", labels=_LABELS)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> list[Any]:
+        """The names, for the registry: registering then starts no monitor (see collect)."""
+        return [*self._families(), self._timeouts()]
+
+    def collect(self) -> Iterator[Any]:
         up, lag_b, lag_s, used, size = self._families()
+        timeouts = self._timeouts()
         # Started here if nothing else started it (an application that reads no replica):
         # without it no node would be reported, down or up; but only for a cluster in use
         # (with engines): a scrape must not bring back the monitor of one that dispose()
@@ -190,7 +198,9 @@ class _StateCollector:
                 used.add_metric(labels, float(pool.checkedout()))  # type: ignore[attr-defined]
             if hasattr(pool, "size"):
                 size.add_metric(labels, float(pool.size()))  # type: ignore[attr-defined]
-        yield from (up, lag_b, lag_s, used, size)
+            if isinstance(pool, _NodePool):
+                timeouts.add_metric(labels, float(pool.timeouts))
+        yield from (up, lag_b, lag_s, used, size, timeouts)
 
 
 def instrument(cluster: Cluster, registry: CollectorRegistry | None = None) -> ClusterMetrics:
