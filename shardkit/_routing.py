@@ -343,7 +343,12 @@ class Router:
         single = plan.single_key
         if shape is not None and single is not None:
             # The plan of every statement of that shape on this column: a single key.
-            self._key_columns[(shape[0].table, shape[0].name)] = (single[0], single[2], plan.routes)
+            key_columns = self._key_columns
+            if len(key_columns) >= _KEY_COLUMNS_MAX:
+                # Kept by Table object: tables built per read (table(), a Table per
+                # tenant) would each keep theirs, and their MetaData, for good.
+                key_columns.clear()
+            key_columns[(shape[0].table, shape[0].name)] = (single[0], single[2], plan.routes)
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
@@ -1082,6 +1087,8 @@ def _check_arity(tr: TableRoute, key: Any) -> None:
 # statement uses them; the last three are memoized, the cache key among them).
 _KEY_SELECT_ATTRS = frozenset({"_propagate_attrs", "_raw_columns", "_label_style", "_where_criteria",
                                "dialect_options", "_generate_cache_key", "_memoized_keys"})
+# At most this many entries in Router._key_columns (then they start again, as the plans do).
+_KEY_COLUMNS_MAX = 1000
 
 
 def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindParameter[Any]] | None:
@@ -1108,7 +1115,10 @@ def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindPa
     table = col.table
     if not isinstance(table, selectable.TableClause):
         return None
-    for rc in d["_raw_columns"]:
+    raw = d.get("_raw_columns")
+    if not raw:
+        return None  # select().where(...): SQLAlchemy's ORM refuses a SELECT of no columns
+    for rc in raw:
         if isinstance(rc, elements.ColumnClause):
             if rc.table is not table:
                 return None
