@@ -179,6 +179,8 @@ class Router:
         self._rr = itertools.count()
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
+        # mapper -> why its entities cannot be loaded shard by shard (see mapper_problem)
+        self._mapper_problems: dict[Any, str | None] = {}
         # (check, statement cache key) -> what a cross-shard read's check found (see _per_shape)
         self.scatter_checks: dict[Any, Any] = {}
         # (shard, table) -> the units this map gives the shard (see Cluster.units_of)
@@ -871,6 +873,16 @@ class Router:
         colocation = one_shard_only = None
         if fast_tables is None and groups:
             colocation = colocation_problem(statement, self._placement)
+            if colocation is None and isinstance(statement, selectable.Select):
+                for rc in statement._raw_columns:
+                    # An entity (its table, alias or join), whose column_properties load
+                    # with it; a column names its entity too, but loads alone.
+                    entity = rc._annotations.get("parententity") if isinstance(
+                        rc, selectable.FromClause) else None
+                    if entity is not None:
+                        colocation = self.mapper_problem(entity.mapper)
+                        if colocation is not None:
+                            break
             if colocation is not None and outer is not statement and pred is not None \
                     and colocation_problem(outer, self._placement) is None:
                 # SELECT count(*) FROM (SELECT ... WHERE key = :k LIMIT n): every row of the
@@ -886,6 +898,34 @@ class Router:
         return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation,
                      one_shard_only=one_shard_only,
                      single_key=single)
+
+    def mapper_problem(self, mapper: Any) -> str | None:
+        """Why the entities of ``mapper`` cannot be loaded shard by shard, or None: a
+        ``column_property`` whose expression reads a sharded table not colocated with
+        the entity's on the shard key (a count of another group's rows, say) would give
+        each shard's share of the answer, whether it loads with the row or, deferred,
+        on first access (by the object's shard); only one that never loads
+        (``deferred=True, raiseload=True``) is harmless."""
+        try:
+            return self._mapper_problems[mapper]
+        except KeyError:
+            pass
+        from sqlalchemy import select
+        from sqlalchemy.schema import Column
+
+        problem = None
+        for prop in mapper.column_attrs:
+            if (prop.deferred and prop.raiseload) or all(isinstance(c, Column) for c in prop.columns):
+                continue
+            found = colocation_problem(select(mapper).add_columns(prop.expression), self._placement)
+            if found is not None:
+                problem = (f"{mapper.class_.__name__}.{prop.key} (a column_property of each "
+                           f"{mapper.class_.__name__}): {found}; remove it, or make it "
+                           "column_property(..., deferred=True, raiseload=True) and compute the "
+                           "value with a query of its own")
+                break
+        self._mapper_problems[mapper] = problem
+        return problem
 
     def _placement(self, name: str) -> tuple[str, tuple[str, ...]] | None:
         tr = self.tables.get(name)

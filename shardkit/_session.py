@@ -277,8 +277,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _get_impl(self, entity: Any, primary_key_identity: Any, db_load_fn: Any, *,
                   identity_token: Any = None, **kw: Any) -> Any:
         # Session.get(), get_one() and the legacy Query.get() all come here.  Naming the
-        # shard up front lets the load skip statement analysis.
+        # shard up front lets the load skip statement analysis, but not the entity's check
+        # (unless the caller named the shard: then it asked for that shard's rows).
         if identity_token is None and current_scope().shard is None:
+            problem = self.cluster.router.mapper_problem(inspect(entity).mapper)
+            if problem is not None:
+                raise ScatterRefused(f"cannot load {problem}", construct="column_property not "
+                                     "colocated on the shard key")
             identity_token = self._shard_from_identity(inspect(entity).mapper, primary_key_identity)
             if identity_token is None:
                 with _one_shard_per_identity(entity, primary_key_identity):
