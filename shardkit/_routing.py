@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
@@ -874,15 +875,7 @@ class Router:
         if fast_tables is None and groups:
             colocation = colocation_problem(statement, self._placement)
             if colocation is None and isinstance(statement, selectable.Select):
-                for rc in statement._raw_columns:
-                    # An entity (its table, alias or join), whose column_properties load
-                    # with it; a column names its entity too, but loads alone.
-                    entity = rc._annotations.get("parententity") if isinstance(
-                        rc, selectable.FromClause) else None
-                    if entity is not None:
-                        colocation = self.mapper_problem(entity.mapper)
-                        if colocation is not None:
-                            break
+                colocation = self.entities_problem(statement)
             if colocation is not None and outer is not statement and pred is not None \
                     and colocation_problem(outer, self._placement) is None:
                 # SELECT count(*) FROM (SELECT ... WHERE key = :k LIMIT n): every row of the
@@ -899,18 +892,72 @@ class Router:
                      one_shard_only=one_shard_only,
                      single_key=single)
 
+    def entities_problem(self, statement: Any) -> str | None:
+        """Why the entities an ORM SELECT loads in its own rows cannot be loaded shard by
+        shard (see :meth:`mapper_problem`), or None: those it selects (with the subclasses
+        it loads with them), those its joined eager loads bring, and the expressions of its
+        ``with_expression()`` options."""
+        for rc in statement._raw_columns:
+            # An entity (its table, alias or join), whose column_properties load
+            # with it; a column names its entity too, but loads alone.
+            entity = rc._annotations.get("parententity") if isinstance(
+                rc, selectable.FromClause) else None
+            if entity is not None:
+                problem = self.entity_problem(entity)
+                if problem is not None:
+                    return problem
+        try:
+            return self._loader_options_problem(statement)
+        except AttributeError:  # loader option internals of another SQLAlchemy version
+            return None
+
+    def _loader_options_problem(self, statement: Any) -> str | None:
+        """The entities_problem() of the statement's joined eager loads and with_expression()."""
+        for opt in getattr(statement, "_with_options", ()):
+            for el in getattr(opt, "context", ()):
+                entities = [e for e in el.path.path if getattr(e, "is_mapper", False)
+                            or getattr(e, "is_aliased_class", False)]
+                if not entities:
+                    continue
+                strategy = dict(el.strategy or ())
+                if strategy.get("lazy") == "joined" and not getattr(el, "is_token_strategy", False):
+                    # joinedload() / contains_eager(): the related entity, in the same rows.
+                    problem = self.entity_problem(entities[-1])
+                elif strategy.get("query_expression") and el._extra_criteria:
+                    found = colocation_problem(select(entities[-1].entity).add_columns(
+                        *el._extra_criteria), self._placement)
+                    problem = None if found is None else (
+                        f"the with_expression() of {el.path[-1]}: {found}")
+                else:
+                    continue
+                if problem is not None:
+                    return problem
+        return None
+
+    def entity_problem(self, entity: Any) -> str | None:
+        """:meth:`mapper_problem` for an entity (a mapper or an ``aliased()`` /
+        ``with_polymorphic()`` one) and the subclasses loaded in the same rows."""
+        mapper = entity.mapper
+        wp = entity.with_polymorphic_mappers if getattr(entity, "is_aliased_class", False) \
+            else mapper._with_polymorphic_mappers
+        for m in (mapper, *wp):
+            problem = self.mapper_problem(m)
+            if problem is not None:
+                return problem
+        return None
+
     def mapper_problem(self, mapper: Any) -> str | None:
         """Why the entities of ``mapper`` cannot be loaded shard by shard, or None: a
         ``column_property`` whose expression reads a sharded table not colocated with
         the entity's on the shard key (a count of another group's rows, say) would give
         each shard's share of the answer, whether it loads with the row or, deferred,
         on first access (by the object's shard); only one that never loads
-        (``deferred=True, raiseload=True``) is harmless."""
+        (``deferred=True, raiseload=True``) is harmless.  A relationship loaded by
+        default in the same rows (``lazy='joined'``) brings its entity's problem."""
         try:
             return self._mapper_problems[mapper]
         except KeyError:
             pass
-        from sqlalchemy import select
         from sqlalchemy.schema import Column
 
         problem = None
@@ -924,6 +971,15 @@ class Router:
                            "column_property(..., deferred=True, raiseload=True) and compute the "
                            "value with a query of its own")
                 break
+        if problem is None:
+            self._mapper_problems[mapper] = None  # (a cycle of joined loads ends here)
+            for rel in mapper.relationships:
+                if rel.lazy in ("joined", False):  # loaded in the same rows, by default
+                    found = self.entity_problem(rel.mapper)
+                    if found is not None:
+                        problem = (f"{found} (each {mapper.class_.__name__} loads it, by "
+                                   f"{mapper.class_.__name__}.{rel.key}'s lazy='joined')")
+                        break
         self._mapper_problems[mapper] = problem
         return problem
 

@@ -58,7 +58,7 @@ from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, bulk_persistence
 from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.base import NO_VALUE
-from sqlalchemy.orm.context import QueryContext
+from sqlalchemy.orm.context import FromStatement, QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
@@ -280,7 +280,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # shard up front lets the load skip statement analysis, but not the entity's check
         # (unless the caller named the shard: then it asked for that shard's rows).
         if identity_token is None and current_scope().shard is None:
-            problem = self.cluster.router.mapper_problem(inspect(entity).mapper)
+            problem = self.cluster.router.entity_problem(inspect(entity))
             if problem is not None:
                 raise ScatterRefused(f"cannot load {problem}", construct="column_property not "
                                      "colocated on the shard key")
@@ -1064,6 +1064,18 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
     return sc.shard
 
 
+def _loads_for_object(statement: Any, execution_options: Any) -> bool:
+    """Whether an ORM SELECT loads attributes of one object already in the session (a
+    refresh, an expired or deferred attribute) or what it relates to (a lazy load)."""
+    if not isinstance(statement, (selectable.Select, FromStatement)):
+        return False
+    for opts in (execution_options, getattr(statement, "_execution_options", None)):
+        lo = opts.get("_sa_orm_load_options") if opts else None
+        if lo is not None and (lo._refresh_state is not None or lo._lazy_loaded_from is not None):
+            return True
+    return False
+
+
 _ROLES = (PRIMARY, REPLICA)
 # ShardedSession._plain_read: not that read (and not routed); execute() takes its general path.
 _GENERAL: Final = object()
@@ -1151,6 +1163,13 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             except RoutingError:
                 pass
     if shard is not None:
+        if sc.shard is None and _loads_for_object(statement, execution_options):
+            # A lazy, deferred or expired attribute's load, a refresh: the object's shard
+            # is implied, not named by the caller, and the entity's check still holds.
+            problem = cluster.router.entities_problem(statement)
+            if problem is not None:
+                raise ScatterRefused(f"cannot load {problem}", construct="column_property not "
+                                     "colocated on the shard key", statement=statement)
         if cluster.catalog is not None:
             _refuse_moved_load(session, shard, statement, execution_options)
         if shard not in cluster.router.shard_set:
