@@ -180,6 +180,9 @@ class Router:
         self._rr = itertools.count()
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
+        # relationship (or (parent, related) mappers) -> whether the related rows are on the
+        # object's shard (see relationship_colocated and the session's _follows_object)
+        self.lazy_pins: dict[Any, bool] = {}
         # mapper -> why its entities cannot be loaded shard by shard (see mapper_problem)
         self._mapper_problems: dict[Any, str | None] = {}
         # (check, statement cache key) -> what a cross-shard read's check found (see _per_shape)
@@ -920,7 +923,14 @@ class Router:
                 if not entities:
                     continue
                 strategy = dict(el.strategy or ())
-                if strategy.get("lazy") == "joined" and not getattr(el, "is_token_strategy", False):
+                lazy = strategy.get("lazy")
+                if lazy in ("joined", "subquery") and not getattr(el, "is_token_strategy", False) \
+                        and len(entities) >= 2:
+                    problem = self.related_problem(entities[-2].mapper, el.path.path[-2],
+                                                   entities[-1].mapper, lazy)
+                    if problem is not None:
+                        return problem
+                if lazy == "joined" and not getattr(el, "is_token_strategy", False):
                     # joinedload() / contains_eager(): the related entity, in the same rows.
                     problem = self.entity_problem(entities[-1])
                 elif strategy.get("query_expression") and el._extra_criteria:
@@ -945,6 +955,50 @@ class Router:
             if problem is not None:
                 return problem
         return None
+
+    def related_problem(self, parent: Any, prop: Any, target: Any, lazy: str) -> str | None:
+        """Why ``parent``'s relationship ``prop`` to ``target`` (mappers) cannot be loaded by
+        a join (``lazy='joined'``) or a subquery of the parent's statement
+        (``lazy='subquery'``), or None: those run on each shard the parent's rows come
+        from, and relate them to that shard's rows of ``target`` alone, which are all of
+        them only for a relationship joined on the shard key or to a reference table
+        (see :meth:`relationship_colocated`).  (selectinload() and lazy loads read the
+        related rows where they are.)"""
+        if self.relationship_colocated(prop):
+            return None
+        t, p = self.table_route(target), self.table_route(parent)
+        how = "joinedload()" if lazy == "joined" else "subqueryload()"
+        what = (f"{t.table} (group {t.group}) with {p.table} "
+                f"({f'group {p.group}' if p.group is not None else 'a reference table'})"
+                if t.group != p.group else f"{t.table} joined to {p.table} on a column other "
+                f"than the shard key")
+        return (f"{how} of {parent.class_.__name__}.{prop.key} reads {what}: each shard would "
+                "relate its own rows only; load it with selectinload(), which reads every "
+                "shard that has them, or lazily")
+
+    def relationship_colocated(self, rel: Any) -> bool:
+        """Whether every row the relationship ``rel`` relates to an object lives on that
+        object's shard: the target is a reference table, or a table of the parent's group
+        joined on the shard key (``users.id = orders.user_id``); not one of another group,
+        nor one of the same group joined on another column (a user's referrer).  A table
+        the map does not name: True (what the object's shard says)."""
+        known = self.lazy_pins.get(rel)
+        if known is None:
+            try:
+                t, p = self.table_route(rel.mapper), self.table_route(rel.parent)
+            except RoutingError:
+                known = True
+            else:
+                if t.group is None:
+                    known = True
+                elif t.group != p.group:
+                    known = False
+                else:
+                    pairs = {(getattr(loc, "name", None), getattr(rem, "name", None))
+                             for loc, rem in rel.local_remote_pairs}
+                    known = all((pk, tk) in pairs for pk, tk in zip(p.key_columns, t.key_columns))
+            self.lazy_pins[rel] = known
+        return known
 
     def mapper_problem(self, mapper: Any) -> str | None:
         """Why the entities of ``mapper`` cannot be loaded shard by shard, or None: a
@@ -974,6 +1028,10 @@ class Router:
         if problem is None:
             self._mapper_problems[mapper] = None  # (a cycle of joined loads ends here)
             for rel in mapper.relationships:
+                if rel.lazy in ("joined", False, "subquery"):  # loaded with it, by default
+                    problem = self.related_problem(mapper, rel, rel.mapper, rel.lazy or "joined")
+                    if problem is not None:
+                        break
                 if rel.lazy in ("joined", False):  # loaded in the same rows, by default
                     found = self.entity_problem(rel.mapper)
                     if found is not None:

@@ -220,7 +220,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def _identity_shards(self, mapper: Any, primary_key: Any, *, lazy_loaded_from: Any = None,
                          **kw: Any) -> Iterable[str]:
-        if lazy_loaded_from is not None and lazy_loaded_from.identity_token:
+        if lazy_loaded_from is not None and lazy_loaded_from.identity_token and _follows_object(
+                self.cluster.router, mapper, lazy_loaded_from.mapper):
             return [lazy_loaded_from.identity_token]
         sc = current_scope()
         if sc.shard is not None:
@@ -1048,7 +1049,8 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
             elif lo._identity_token is not None and not (
                     lo._refresh_state is None and _from_reference(statement, execution_options)):
                 return lo._identity_token
-            elif lazy_from is not None and lazy_from.identity_token is not None:
+            elif lazy_from is not None and lazy_from.identity_token is not None and (
+                    router is None or _follows_object(router, _loaded_mapper(statement), lazy_from.mapper)):
                 return lazy_from.identity_token
         uo = opts.get("_sa_orm_update_options")
         if uo is not None and uo._identity_token is not None:
@@ -1062,6 +1064,35 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
         if shard is not None:
             return shard
     return sc.shard
+
+
+def _follows_object(router: Any, target: Any, parent: Any) -> bool:
+    """Whether the rows of ``target`` (a mapper) that an object of ``parent`` relates to
+    live on that object's shard, so that a lazy load of them runs there (and an object
+    whose bucket moved since it was loaded refuses it, see ``_refuse_moved_load``):
+    every relationship from ``parent`` to ``target`` is colocated
+    (:meth:`Router.relationship_colocated`).  Other related rows (another group's, or
+    the same group's joined on another column, as a user's referrer) may be on any
+    shard: their load is routed by its statement."""
+    if target is None:
+        return True
+    key = (parent, target)
+    known = router.lazy_pins.get(key)
+    if known is None:
+        rels = [r for r in parent.relationships
+                if r.mapper is target or target.isa(r.mapper) or r.mapper.isa(target)]
+        if rels:
+            known = all(router.relationship_colocated(r) for r in rels)
+        else:  # (a load the ORM makes for no relationship of the parent: as before)
+            known = True
+        router.lazy_pins[key] = known
+    return known
+
+
+def _loaded_mapper(statement: Any) -> Any:
+    """The mapper of the entity an ORM SELECT loads (None for anything else)."""
+    subject = getattr(statement, "_propagate_attrs", {}).get("plugin_subject")
+    return getattr(subject, "mapper", None)
 
 
 def _loads_for_object(statement: Any, execution_options: Any) -> bool:

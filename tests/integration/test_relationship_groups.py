@@ -1,0 +1,182 @@
+"""Relationships whose rows are not on the object's shard: to a table of another group,
+or within a group but joined on a column other than the shard key (a person's
+referrer).  Their lazy loads read the related rows where they live (by key, or from
+every shard); a joined or subquery eager load, which would relate each shard's rows
+only, is refused and names selectinload(); a relationship joined on the key still
+loads from the object's shard alone."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from sqlalchemy import BigInteger, event, inspect, select
+from sqlalchemy.orm import (DeclarativeBase, Mapped, immediateload, joinedload, mapped_column,
+                            relationship, selectinload, sessionmaker, subqueryload)
+
+import shardkit
+from shardkit import ScatterRefused
+
+pytestmark = pytest.mark.integration
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Owner(Base):
+    __tablename__ = "relg_owners"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    gadgets = relationship("Gadget", primaryjoin="Owner.id == foreign(Gadget.owner_id)",
+                           viewonly=True, order_by="Gadget.id")
+    purchases = relationship("Purchase", primaryjoin="Owner.id == foreign(Purchase.owner_id)",
+                             viewonly=True, order_by="Purchase.id")
+
+
+class Gadget(Base):  # another group: keyed by its own id
+    __tablename__ = "relg_gadgets"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    owner_id: Mapped[int] = mapped_column(BigInteger)
+    owner = relationship("Owner", primaryjoin="foreign(Gadget.owner_id) == Owner.id", viewonly=True)
+
+
+class Purchase(Base):  # colocated with the owners on owner_id
+    __tablename__ = "relg_purchases"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    owner_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class Person(Base):  # the owners' group, but a referrer is joined on referrer_id
+    __tablename__ = "relg_people"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    referrer_id: Mapped[int | None] = mapped_column(BigInteger)
+    referrer = relationship("Person", primaryjoin="foreign(Person.referrer_id) == Person.id",
+                            remote_side="Person.id", viewonly=True)
+    referred = relationship("Person", primaryjoin="Person.id == foreign(Person.referrer_id)",
+                            viewonly=True, order_by="Person.id")
+
+
+class Eager(Base):  # loads another group's rows in its own statement, by default
+    __tablename__ = "relg_eager"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    gadgets = relationship("Gadget", primaryjoin="Eager.id == foreign(Gadget.owner_id)",
+                           viewonly=True, lazy="joined")
+
+
+GROUPS = {"groups": {
+    "owners": {"tables": {"relg_owners": "id", "relg_purchases": "owner_id", "relg_people": "id",
+                          "relg_eager": "id"}},
+    "gadgets": {"tables": {"relg_gadgets": "id"}},
+}}
+N = 12
+
+
+@pytest.fixture(scope="module")
+def cluster(shardkit_dev_cluster):
+    cluster = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **GROUPS},
+                                           metadata=Base.metadata)
+    for s in cluster.shard_names:
+        Base.metadata.drop_all(cluster.primary(s))
+        Base.metadata.create_all(cluster.primary(s))
+    with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as session:
+        for o in range(N):
+            session.add(Owner(id=o))
+            session.add(Eager(id=o))
+            for j in range(4):
+                session.add(Gadget(id=o * 10 + j, owner_id=o))
+                session.add(Purchase(id=o * 10 + j, owner_id=o))
+        for i in range(N):  # i refers i + 1 (the last refers nobody)
+            session.add(Person(id=i, referrer_id=i + 1 if i + 1 < N else None))
+        session.commit()
+    # Each owner's gadgets are on more than one shard: a load from one shard misses some.
+    assert any(len({cluster.shard_for(Gadget, o * 10 + j) for j in range(4)}) > 1 for o in range(N))
+    assert any(cluster.shard_for(Person, i) != cluster.shard_for(Person, i + 1) for i in range(N - 1))
+    yield cluster
+    for s in cluster.shard_names:
+        Base.metadata.drop_all(cluster.primary(s))
+    cluster.dispose()
+
+
+@pytest.fixture
+def Session(cluster):
+    return sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
+
+
+def test_lazy_loads_of_another_groups_rows_read_them_where_they_are(cluster, Session):
+    with Session() as s:
+        for o in range(N):
+            owner = s.get(Owner, o)
+            assert [g.id for g in owner.gadgets] == [o * 10 + j for j in range(4)]
+            for g in owner.gadgets:
+                assert inspect(g).identity_token == cluster.shard_for(Gadget, g.id)
+    with Session() as s:
+        for o in range(N):
+            for j in range(4):
+                g = s.get(Gadget, o * 10 + j)
+                assert g.owner is not None and g.owner.id == o
+                assert inspect(g.owner).identity_token == cluster.shard_for(Owner, o)
+
+
+def test_lazy_loads_within_a_group_not_joined_on_the_key(Session):
+    with Session() as s:
+        for i in range(N):
+            p = s.get(Person, i)
+            assert (p.referrer.id if p.referrer else None) == (i + 1 if i + 1 < N else None)
+            assert [r.id for r in p.referred] == ([i - 1] if i else [])
+
+
+def test_immediate_and_selectin_loads_are_exact(Session):
+    for opt in (immediateload, selectinload):
+        with Session() as s:
+            owners = s.scalars(select(Owner).options(opt(Owner.gadgets))).all()
+            assert sorted(len(o.gadgets) for o in owners) == [4] * N
+        with Session() as s:
+            people = s.scalars(select(Person).options(opt(Person.referrer))).all()
+            assert sum(p.referrer is None for p in people) == 1
+
+
+@pytest.mark.parametrize("opt", [joinedload, subqueryload])
+def test_joined_and_subquery_eager_loads_that_would_miss_rows_are_refused(Session, opt):
+    with Session() as s:
+        for stmt in (select(Owner).options(opt(Owner.gadgets)),
+                     select(Owner).where(Owner.id == 3).options(opt(Owner.gadgets)),
+                     select(Gadget).options(opt(Gadget.owner)),
+                     select(Person).options(opt(Person.referrer))):
+            with pytest.raises(ScatterRefused, match=r"selectinload\(\)"):
+                s.execute(stmt).unique().all()
+    with Session() as s:  # joined on the key: allowed and exact
+        owners = s.scalars(select(Owner).options(opt(Owner.purchases))).unique().all()
+        assert sorted(len(o.purchases) for o in owners) == [4] * N
+
+
+def test_a_default_joined_load_of_another_group_is_refused(Session):
+    with Session() as s:
+        with pytest.raises(ScatterRefused, match=r"Eager\.gadgets"):
+            s.scalars(select(Eager)).unique().all()
+        with pytest.raises(ScatterRefused, match=r"Eager\.gadgets"):
+            s.get(Eager, 1)
+        # Its other columns alone load as usual.
+        assert s.scalar(select(Eager.id).where(Eager.id == 1)) == 1
+
+
+def test_a_relationship_joined_on_the_key_still_loads_from_the_objects_shard(cluster, Session):
+    hits = Counter()
+    hooks = []
+    for name in cluster.shard_names:
+        def count(*_a, name=name):
+            hits[name] += 1
+        eng = cluster.primary(name)
+        event.listen(eng, "before_cursor_execute", count)
+        hooks.append((eng, count))
+    try:
+        with Session() as s:
+            owner = s.get(Owner, 5)
+            hits.clear()
+            assert len(owner.purchases) == 4
+            assert dict(hits) == {cluster.shard_for(Owner, 5): 1}
+            hits.clear()
+            assert len(owner.gadgets) == 4
+            assert set(hits) == set(cluster.shard_names)  # another group's: every shard
+    finally:
+        for eng, fn in hooks:
+            event.remove(eng, "before_cursor_execute", fn)
