@@ -20,6 +20,7 @@ import itertools
 from collections import Counter
 import threading
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,9 +172,11 @@ class Router:
             self.tables[t] = TableRoute(t, None, (), None)
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
-        # (Table, key column name) -> (group, coercer, routes by shard) of the plan shared
-        # by every SELECT that _column_equals_value accepts on that column.
-        self._key_columns: dict[tuple[Any, str], tuple[str, Any, dict[str, Route]]] = {}
+        # (id of the Table, key column name) -> (group, coercer, routes by shard, a weak
+        # reference to the Table) of the plan shared by every SELECT that
+        # _column_equals_value accepts on that column.  Weakly: an application may build
+        # its table() objects per read, and the router must not keep them alive.
+        self._key_columns: dict[tuple[int, str], tuple[str, Any, dict[str, Route], Any]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -334,8 +337,9 @@ class Router:
             # column's entry, without SQLAlchemy's cache key (see _column_equals_value).
             shape = _column_equals_value(statement)
             if shape is not None:
-                entry = self._key_columns.get((shape[0].table, shape[0].name))
-                if entry is not None:
+                table = shape[0].table
+                entry = self._key_columns.get((id(table), shape[0].name))
+                if entry is not None and entry[3]() is table:
                     v = shape[1].value
                     if not _is_unresolved(v):
                         known = entry[2].get(self._shard(entry[0], v, entry[1]))
@@ -351,10 +355,12 @@ class Router:
             # The plan of every statement of that shape on this column: a single key.
             key_columns = self._key_columns
             if len(key_columns) >= _KEY_COLUMNS_MAX:
-                # Kept by Table object: tables built per read (table(), a Table per
-                # tenant) would each keep theirs, and their MetaData, for good.
+                # Tables built per read (table(), a Table per tenant) each leave an
+                # entry: they start again, as the plans do.
                 key_columns.clear()
-            key_columns[(shape[0].table, shape[0].name)] = (single[0], single[2], plan.routes)
+            table = shape[0].table
+            key_columns[(id(table), shape[0].name)] = (single[0], single[2], plan.routes,
+                                                       weakref.ref(table))
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]

@@ -42,7 +42,7 @@ def test_tables_built_per_read_are_not_kept_by_the_router():
         del t
     gc.collect()
     alive = sum(r() is not None for r in refs)
-    assert alive <= n // 2, f"{alive} of {n} per-read tables are still referenced"
+    assert alive == 0, f"{alive} of {n} per-read tables are still referenced"
     # The entries of the tables that stay are kept again as before.
     for k in range(100):
         c.router.route(select(User).where(User.id == k))
