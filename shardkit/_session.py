@@ -281,11 +281,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # shard up front lets the load skip statement analysis, but not the entity's check
         # (unless the caller named the shard: then it asked for that shard's rows).
         if identity_token is None and current_scope().shard is None:
-            problem = self.cluster.router.entity_problem(inspect(entity))
+            insp = inspect(entity)
+            problem = self.cluster.router.entity_problem(insp)
             if problem is not None:
-                raise ScatterRefused(f"cannot load {problem}", construct="column_property not "
-                                     "colocated on the shard key")
-            identity_token = self._shard_from_identity(inspect(entity).mapper, primary_key_identity)
+                raise ScatterRefused(f"cannot load {problem}",
+                                     construct="statement not colocated on the shard key")
+            identity_token = self._shard_from_identity(insp.mapper, primary_key_identity)
             if identity_token is None:
                 with _one_shard_per_identity(entity, primary_key_identity):
                     return super()._get_impl(entity, primary_key_identity, db_load_fn, **kw)
@@ -1199,7 +1200,7 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             # is implied, not named by the caller, and the entity's check still holds.
             problem = cluster.router.entities_problem(statement)
             if problem is not None:
-                raise ScatterRefused(f"cannot load {problem}", construct="column_property not "
+                raise ScatterRefused(f"cannot load {problem}", construct="statement not "
                                      "colocated on the shard key", statement=statement)
         if cluster.catalog is not None:
             _refuse_moved_load(session, shard, statement, execution_options)
