@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy import types as sqltypes
+from sqlalchemy.orm import aliased
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
 from sqlalchemy.sql import util as sql_util
@@ -976,35 +977,52 @@ class Router:
         how = "joinedload()" if lazy == "joined" else "subqueryload()"
         what = (f"{t.table} (group {t.group}) with {p.table} "
                 f"({f'group {p.group}' if p.group is not None else 'a reference table'})"
-                if t.group != p.group else f"{t.table} joined to {p.table} on a column other "
-                f"than the shard key")
+                if t.group not in (None, p.group) else f"{t.table} related to {p.table} by a "
+                "join that does not tie them by the shard key (another column, an OR, or a "
+                "secondary table not keyed so)")
         return (f"{how} of {parent.class_.__name__}.{prop.key} reads {what}: each shard would "
                 "relate its own rows only; load it with selectinload(), which reads every "
                 "shard that has them, or lazily")
 
     def relationship_colocated(self, rel: Any) -> bool:
         """Whether every row the relationship ``rel`` relates to an object lives on that
-        object's shard: the target is a reference table, or a table of the parent's group
-        joined on the shard key (``users.id = orders.user_id``); not one of another group,
-        nor one of the same group joined on another column (a user's referrer).  A table
+        object's shard: every table it reaches (the target's, a ``secondary`` one) is a
+        reference table, or of the parent's group and tied to the parent by equal shard
+        keys in the AND-ed conditions of the relationship's join (``users.id =
+        orders.user_id``).  Not so for another group's rows, nor for the same group's
+        joined on another column (a user's referrer), by an OR of conditions, or through a
+        secondary table that is not tied so (a reference table of pairs).  A parent table
         the map does not name: True (what the object's shard says)."""
         known = self.lazy_pins.get(rel)
         if known is None:
-            try:
-                t, p = self.table_route(rel.mapper), self.table_route(rel.parent)
-            except RoutingError:
-                known = True
-            else:
-                if t.group is None:
-                    known = True
-                elif t.group != p.group:
-                    known = False
-                else:
-                    pairs = {(getattr(loc, "name", None), getattr(rem, "name", None))
-                             for loc, rem in rel.local_remote_pairs}
-                    known = all((pk, tk) in pairs for pk, tk in zip(p.key_columns, t.key_columns))
+            known = self._relationship_colocated(rel)
             self.lazy_pins[rel] = known
         return known
+
+    def _relationship_colocated(self, rel: Any) -> bool:
+        try:
+            p = self.table_route(rel.parent)
+        except RoutingError:
+            return True
+        reached = [*rel.mapper.tables, *([rel.secondary] if rel.secondary is not None else [])]
+        groups = set()
+        for table in reached:
+            try:
+                groups.add(self.table_route(table).group)
+            except RoutingError:
+                pass
+        groups.discard(None)
+        if not groups:
+            return True  # reference rows: on every shard
+        if groups != {p.group}:
+            return False  # another group's rows (or a reference object's sharded ones)
+        # The same group: the join the relationship makes must tie the parent to every
+        # table it reaches by the shard key, as in any statement run shard by shard.
+        try:
+            stmt = select(rel.parent).join(rel.class_attribute.of_type(aliased(rel.mapper)))
+            return colocation_problem(stmt, self._placement) is None
+        except Exception:  # noqa: BLE001 - a join the ORM cannot build: read where the rows are
+            return False
 
     def mapper_problem(self, mapper: Any) -> str | None:
         """Why the entities of ``mapper`` cannot be loaded shard by shard, or None: a
