@@ -11,6 +11,7 @@ from sqlalchemy import BigInteger, String, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, column_property, mapped_column, sessionmaker
 
 import shardkit
+from own_tables import cluster_with_tables
 from shardkit import ScatterRefused
 
 pytestmark = pytest.mark.integration
@@ -68,25 +69,18 @@ N = 40
 
 @pytest.fixture(scope="module")
 def cluster(shardkit_dev_cluster):
-    cluster = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **GROUPS},
-                                           metadata=Base.metadata)
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-        Base.metadata.create_all(cluster.primary(s))
-    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
-    with Session() as session:
-        for a in range(N):
-            session.add(Acct(id=a, name=f"a{a}"))
-            session.add(TaggedAcct(id=a))
-            for j in range(a % 4):
-                session.add(Line(id=a * 10 + j, acct_id=a))
-            for j in range(3):  # tags live by their own id: most on another shard
-                session.add(Tag(id=a * 10 + j, acct_id=a))
-        session.commit()
-    yield cluster
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-    cluster.dispose()
+    with cluster_with_tables(shardkit_dev_cluster, GROUPS, Base.metadata) as cluster:
+        Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+        with Session() as session:
+            for a in range(N):
+                session.add(Acct(id=a, name=f"a{a}"))
+                session.add(TaggedAcct(id=a))
+                for j in range(a % 4):
+                    session.add(Line(id=a * 10 + j, acct_id=a))
+                for j in range(3):  # tags live by their own id: most on another shard
+                    session.add(Tag(id=a * 10 + j, acct_id=a))
+            session.commit()
+        yield cluster
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from sqlalchemy.orm import (DeclarativeBase, Mapped, column_property, composite,
                             sessionmaker, with_expression, with_polymorphic)
 
 import shardkit
+from own_tables import cluster_with_tables
 from shardkit import ScatterRefused
 
 pytestmark = pytest.mark.integration
@@ -131,34 +132,27 @@ TAGS = 8  # per account, by their own ids: spread over the shards
 
 @pytest.fixture(scope="module")
 def cluster(shardkit_dev_cluster):
-    cluster = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **GROUPS},
-                                           metadata=Base.metadata)
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-        Base.metadata.create_all(cluster.primary(s))
-    with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as session:
-        for a in range(N):
-            session.add(Tagged(id=a))
-            session.add(Owner(id=a, tagged_id=a))
-            session.add(Mgr(id=a))
-            session.add(Good(id=a, code="c2"))
-            imp = Imp()
-            imp.id = a
-            session.add(imp)
-            session.add(Holder(id=a))
-            for j in range(a % 3):
-                session.add(Line(id=a * 10 + j, good_id=a))
+    with cluster_with_tables(shardkit_dev_cluster, GROUPS, Base.metadata) as cluster:
+        with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as session:
+            for a in range(N):
+                session.add(Tagged(id=a))
+                session.add(Owner(id=a, tagged_id=a))
+                session.add(Mgr(id=a))
+                session.add(Good(id=a, code="c2"))
+                imp = Imp()
+                imp.id = a
+                session.add(imp)
+                session.add(Holder(id=a))
+                for j in range(a % 3):
+                    session.add(Line(id=a * 10 + j, good_id=a))
+                for j in range(TAGS):
+                    session.add(Tag(id=a * 100 + j, acct_id=a))
             for j in range(TAGS):
-                session.add(Tag(id=a * 100 + j, acct_id=a))
-        for j in range(TAGS):
-            session.add(Tag(id=50_000 + j, acct_id=500))
-        for c in ("c1", "c2", "c3"):
-            session.add(Code(code=c))
-        session.commit()
-    yield cluster
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-    cluster.dispose()
+                session.add(Tag(id=50_000 + j, acct_id=500))
+            for c in ("c1", "c2", "c3"):
+                session.add(Code(code=c))
+            session.commit()
+        yield cluster
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from sqlalchemy.orm import (DeclarativeBase, Mapped, immediateload, joinedload, 
                             relationship, selectinload, sessionmaker, subqueryload)
 
 import shardkit
+from own_tables import cluster_with_tables
 from shardkit import ScatterRefused
 
 pytestmark = pytest.mark.integration
@@ -73,28 +74,21 @@ N = 12
 
 @pytest.fixture(scope="module")
 def cluster(shardkit_dev_cluster):
-    cluster = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **GROUPS},
-                                           metadata=Base.metadata)
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-        Base.metadata.create_all(cluster.primary(s))
-    with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as session:
-        for o in range(N):
-            session.add(Owner(id=o))
-            session.add(Eager(id=o))
-            for j in range(4):
-                session.add(Gadget(id=o * 10 + j, owner_id=o))
-                session.add(Purchase(id=o * 10 + j, owner_id=o))
-        for i in range(N):  # i refers i + 1 (the last refers nobody)
-            session.add(Person(id=i, referrer_id=i + 1 if i + 1 < N else None))
-        session.commit()
-    # Each owner's gadgets are on more than one shard: a load from one shard misses some.
-    assert any(len({cluster.shard_for(Gadget, o * 10 + j) for j in range(4)}) > 1 for o in range(N))
-    assert any(cluster.shard_for(Person, i) != cluster.shard_for(Person, i + 1) for i in range(N - 1))
-    yield cluster
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-    cluster.dispose()
+    with cluster_with_tables(shardkit_dev_cluster, GROUPS, Base.metadata) as cluster:
+        with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as session:
+            for o in range(N):
+                session.add(Owner(id=o))
+                session.add(Eager(id=o))
+                for j in range(4):
+                    session.add(Gadget(id=o * 10 + j, owner_id=o))
+                    session.add(Purchase(id=o * 10 + j, owner_id=o))
+            for i in range(N):  # i refers i + 1 (the last refers nobody)
+                session.add(Person(id=i, referrer_id=i + 1 if i + 1 < N else None))
+            session.commit()
+        # Each owner's gadgets are on more than one shard: a load from one shard misses some.
+        assert any(len({cluster.shard_for(Gadget, o * 10 + j) for j in range(4)}) > 1 for o in range(N))
+        assert any(cluster.shard_for(Person, i) != cluster.shard_for(Person, i + 1) for i in range(N - 1))
+        yield cluster
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from sqlalchemy.orm import (DeclarativeBase, Mapped, foreign, immediateload, joi
                             mapped_column, relationship, selectinload, sessionmaker, subqueryload)
 
 import shardkit
+from own_tables import cluster_with_tables
 from shardkit import ScatterRefused
 
 pytestmark = pytest.mark.integration
@@ -70,27 +71,20 @@ def _others(u):
 
 @pytest.fixture(scope="module")
 def cluster(shardkit_dev_cluster):
-    cluster = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **GROUPS},
-                                           metadata=Base.metadata)
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-        Base.metadata.create_all(cluster.primary(s))
-    with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as session:
-        for u in range(N):
-            session.add(Vip(id=u) if u % 2 else User(id=u))
-            for j in range(3):
-                session.add(Listing(id=u * 10 + j, user_id=u, buyer_id=(u + 5) % N))
-        session.flush()
-        for u in range(N):
-            rows = [{"user_id": u, "listing_id": o * 10} for o in _others(u)]
-            session.execute(featured.insert(), rows)
-            session.execute(watch.insert(), rows)
-        session.commit()
-    assert len({cluster.shard_for(User, u) for u in range(N)}) == 2
-    yield cluster
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-    cluster.dispose()
+    with cluster_with_tables(shardkit_dev_cluster, GROUPS, Base.metadata) as cluster:
+        with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as session:
+            for u in range(N):
+                session.add(Vip(id=u) if u % 2 else User(id=u))
+                for j in range(3):
+                    session.add(Listing(id=u * 10 + j, user_id=u, buyer_id=(u + 5) % N))
+            session.flush()
+            for u in range(N):
+                rows = [{"user_id": u, "listing_id": o * 10} for o in _others(u)]
+                session.execute(featured.insert(), rows)
+                session.execute(watch.insert(), rows)
+            session.commit()
+        assert len({cluster.shard_for(User, u) for u in range(N)}) == 2
+        yield cluster
 
 
 @pytest.fixture
