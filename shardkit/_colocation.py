@@ -178,7 +178,9 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[
         if not inner_instances:
             continue
         what = f"the derived table {_name(frm)!r} over {', '.join(sorted({i.label for i in inner_instances}))}"
-        if isinstance(inner, selectable.CompoundSelect):
+        if isinstance(inner, selectable.CompoundSelect) and len(selects) > 1:
+            # (A "compound" of one SELECT, as polymorphic_union() makes for a concrete
+            # class without subclasses, is that SELECT.)
             return [], f"{what} is a UNION/INTERSECT/EXCEPT, which each shard would compute over its own rows"
         for attr, construct in (("_limit_clause", "LIMIT"), ("_offset_clause", "OFFSET"),
                                 ("_fetch_clause", "FETCH"), ("_group_by_clauses", "GROUP BY"),

@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy import types as sqltypes
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import aliased, configure_mappers
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
 from sqlalchemy.sql import util as sql_util
@@ -883,7 +883,7 @@ class Router:
             return None
         colocation = one_shard_only = None
         if fast_tables is None and groups:
-            colocation = colocation_problem(statement, self._placement)
+            colocation = _concrete_union_problem(statement) or colocation_problem(statement, self._placement)
             if colocation is None and isinstance(statement, selectable.Select):
                 colocation = self.entities_problem(statement)
             if colocation is not None and outer is not statement and pred is not None \
@@ -1303,6 +1303,30 @@ def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindPa
         elif not isinstance(rc, selectable.TableClause) or rc._deannotate() is not table:
             return None
     return col, b
+
+
+def _concrete_union_problem(statement: Any) -> str | None:
+    """For a SELECT of a concrete-inheritance base: the refusal of the UNION of its
+    classes' tables (``polymorphic_union``) that the ORM reads it from, in the words
+    of the mapping rather than of the derived table SQLAlchemy names."""
+    if not isinstance(statement, selectable.Select):
+        return None
+    for rc in statement._raw_columns:
+        entity = rc._annotations.get("parententity") if isinstance(rc, selectable.FromClause) else None
+        if entity is None:
+            continue
+        if not entity.mapper.configured:
+            configure_mappers()  # (a ConcreteBase sets its UNION up then)
+        wp = entity.mapper.with_polymorphic
+        union = wp[1] if wp else None
+        while isinstance(union, selectable.AliasedReturnsRows):
+            union = union.element
+        if isinstance(union, selectable.CompoundSelect) and len(compound_selects(union)) > 1:
+            name = entity.mapper.class_.__name__
+            return (f"{name} is read through a UNION of its concrete classes' tables "
+                    "(polymorphic_union), which each shard would compute over its own rows; "
+                    f"query the concrete classes of {name} without subclasses one by one")
+    return None
 
 
 def _is_unresolved(v: Any) -> bool:
