@@ -57,7 +57,7 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, bulk_persistence
 from sqlalchemy.orm import exc as orm_exc
-from sqlalchemy.orm.base import NO_VALUE
+from sqlalchemy.orm.base import NO_VALUE, PASSIVE_OFF
 from sqlalchemy.orm.context import FromStatement, QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.orm.session import SessionTransactionState
@@ -188,11 +188,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _association_shard(self, mapper: Any) -> str | None:
         """During a flush, the shard for the rows of many-to-many (``secondary=``) tables,
         which SQLAlchemy writes on one connection asked for by the relationship's target
-        ``mapper`` alone: the shard of the objects whose such collections changed.
-        Raises RoutingError when they are on several shards."""
+        ``mapper`` alone: the shard that owns the changed rows by the secondary table's
+        shard key (``tag.members.append(member)`` writes the row of a table keyed by
+        member_id on the member's shard, not the tag's), or, for a table not so placed,
+        the shard of the objects whose collections changed.  A reference table's rows
+        are written here and copied to the other shards after the flush
+        (``_replicate_reference_pairs``).  Raises RoutingError when they are on several
+        shards."""
         shards: set[str] = set()
         touched: set[str] = set()
         names: set[str] = set()
+        router = self.cluster.router
         for st in (*self._new, *(inspect(o) for o in self.dirty), *self._deleted):
             token = st.key[2] if st.key is not None else st.identity_token
             if token is None:
@@ -202,17 +208,33 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     continue
             touched.add(token)
             rels = [r for r in st.mapper.relationships if r.secondary is not None
-                    and (r.mapper.isa(mapper) or st.mapper.isa(mapper))]
-            if rels and (st in self._deleted or any(
-                    st.attrs[r.key].history.has_changes() for r in rels)):
-                shards.add(token)
-                names.update(f"{st.mapper.class_.__name__}.{r.key}" for r in rels)
+                    and not r.viewonly and (r.mapper.isa(mapper) or st.mapper.isa(mapper))]
+            for r in rels:
+                if st not in self._deleted and not st.attrs[r.key].history.has_changes():
+                    continue
+                try:
+                    tr = router.table_route(r.secondary)
+                except RoutingError:
+                    tr = None
+                if tr is not None and tr.is_reference:
+                    continue
+                rows = (_association_rows(st, r) if tr is not None and tr.strategy is not None
+                        else None)
+                for row in rows or ():
+                    key = tuple(row.get(c) for c in tr.key_columns)  # type: ignore[union-attr]
+                    try:
+                        shards.add(router.shard_for(r.secondary, key[0] if len(key) == 1 else key))
+                    except ShardkitError:
+                        shards.add(token)
+                if rows is None:
+                    shards.add(token)
+                names.add(f"{st.mapper.class_.__name__}.{r.key}")
         if len(shards) > 1:
             raise RoutingError(
-                f"this flush changes many-to-many collections ({', '.join(sorted(names))}) on "
-                f"shards {', '.join(sorted(shards))}; SQLAlchemy writes a secondary table's rows "
-                "on one connection, so shardkit writes them for one shard per flush: flush "
-                "after each shard's changes (session.flush())")
+                f"this flush changes many-to-many collections ({', '.join(sorted(names))}) whose "
+                f"rows are on shards {', '.join(sorted(shards))}; SQLAlchemy writes a secondary "
+                "table's rows on one connection, so shardkit writes them for one shard per flush: "
+                "flush after each shard's changes (session.flush())")
         if shards:
             return shards.pop()
         # No association row changes: any shard this flush writes (nothing runs there).
@@ -2666,6 +2688,78 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
             session.connection(bind_arguments={"shard_id": shard}).execute(stmt, rows)
 
 
+def _association_rows(state: Any, rel: Any, *, which: str = "both") -> list[dict[str, Any]]:
+    """The rows of ``rel``'s secondary table that this flush inserts (``which="added"``)
+    or deletes (``"removed"``) for ``state``'s collection, or both, as SQLAlchemy's
+    unit of work builds them: {column key: value}."""
+    hist = state.attrs[rel.key].history
+    session = state.session
+    if session is not None and state in session._deleted:
+        # A deleted object's rows go (process_deletes): the ones it had, not new ones.
+        children = [] if which == "added" else list(hist.non_added())
+    elif which == "added":
+        children = list(hist.added)
+    else:
+        children = list(hist.deleted) if which == "removed" else [*hist.added, *hist.deleted]
+    out = []
+    for child in children:
+        if child is None:
+            continue
+        cstate = inspect(child)
+        row: dict[str, Any] = {}
+        try:
+            for local, remote in rel.synchronize_pairs:
+                row[remote.key] = rel.parent._get_state_attr_by_column(
+                    state, state.dict, local, passive=PASSIVE_OFF)
+            for local, remote in rel.secondary_synchronize_pairs:
+                row[remote.key] = rel.mapper._get_state_attr_by_column(
+                    cstate, cstate.dict, local, passive=PASSIVE_OFF)
+        except Exception:  # noqa: BLE001 - not placeable: the caller falls back
+            continue
+        out.append(row)
+    return out
+
+
+def _replicate_reference_pairs(session: Session, flush_context: Any) -> None:
+    """The rows of a ``secondary=`` reference table that a flush inserted or deleted
+    (SQLAlchemy writes them on one shard's connection): the same change on every other
+    shard, in the same transaction.  Idempotent per shard: a row already there is not
+    inserted again, a row already gone deletes nothing."""
+    assert isinstance(session, ShardedSession)
+    router = session.cluster.router
+    added: dict[Any, set[tuple[Any, ...]]] = {}
+    removed: dict[Any, set[tuple[Any, ...]]] = {}
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        st = inspect(obj)
+        for rel in st.mapper.relationships:
+            if rel.secondary is None or rel.viewonly:
+                continue
+            try:
+                if not router.table_route(rel.secondary).is_reference:
+                    continue
+            except RoutingError:
+                continue
+            if obj not in session.deleted and not st.attrs[rel.key].history.has_changes():
+                continue
+            for bucket, which in ((added, "added"), (removed, "removed")):
+                if which == "added" and obj in session.deleted:
+                    continue
+                for row in _association_rows(st, rel, which=which):
+                    bucket.setdefault(rel.secondary, set()).add(tuple(sorted(row.items())))
+    if not added and not removed:
+        return
+    for shard in session.cluster.shard_names:
+        conn = session.connection(bind_arguments={"shard_id": shard})
+        for table, rows in removed.items():
+            for row in rows:
+                conn.execute(table.delete().where(*[table.c[k] == v for k, v in row]))
+        for table, rows in added.items():
+            for row in rows:
+                cond = [table.c[k] == v for k, v in row]
+                if conn.execute(sa_select(sa_text("1")).select_from(table).where(*cond)).first() is None:
+                    conn.execute(table.insert().values(dict(row)))
+
+
 def _old_primary_key(state: Any, pk: Sequence[Any]) -> tuple[Any, ...] | None:
     """The primary key ``state`` had before this flush changed it (None if unchanged)."""
     mapper = state.mapper
@@ -2990,6 +3084,7 @@ def _end_transaction(session: Session, transaction: Any) -> None:
 # every statement twice, which costs more than the routing itself.
 event.listen(ShardedSession, "before_flush", _refuse_shard_key_moves)
 event.listen(ShardedSession, "after_flush", _replicate_reference_rows)
+event.listen(ShardedSession, "after_flush", _replicate_reference_pairs)
 event.listen(ShardedSession, "after_flush", _note_flushed_shards)
 event.listen(ShardedSession, "before_commit", _hold_commit_connections)
 event.listen(ShardedSession, "after_commit", _record_tokens)
