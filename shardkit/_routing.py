@@ -173,11 +173,13 @@ class Router:
             self.tables[t] = TableRoute(t, None, (), None)
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
-        # (id of the Table, key column name) -> (group, coercer, routes by shard, a weak
-        # reference to the Table) of the plan shared by every SELECT that
-        # _column_equals_value accepts on that column.  Weakly: an application may build
-        # its table() objects per read, and the router must not keep them alive.
-        self._key_columns: dict[tuple[int, str], tuple[str, Any, dict[str, Route], Any]] = {}
+        # (id of the Table, key column name, the ORM entity selected or None) -> (group,
+        # coercer, routes by shard, a weak reference to the Table) of the plan shared by
+        # every SELECT that _column_equals_value accepts on that column.  By entity: an
+        # entity's load may be refused (entities_problem) where its columns' is not.
+        # Weakly: an application may build its table() objects per read, and the router
+        # must not keep them alive.
+        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -339,7 +341,7 @@ class Router:
             shape = _column_equals_value(statement)
             if shape is not None:
                 table = shape[0].table
-                entry = self._key_columns.get((id(table), shape[0].name))
+                entry = self._key_columns.get((id(table), shape[0].name, shape[2]))
                 if entry is not None and entry[3]() is table:
                     v = shape[1].value
                     if not _is_unresolved(v):
@@ -360,8 +362,8 @@ class Router:
                 # entry: they start again, as the plans do.
                 key_columns.clear()
             table = shape[0].table
-            key_columns[(id(table), shape[0].name)] = (single[0], single[2], plan.routes,
-                                                       weakref.ref(table))
+            key_columns[(id(table), shape[0].name, shape[2])] = (single[0], single[2], plan.routes,
+                                                                 weakref.ref(table))
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
@@ -1269,13 +1271,15 @@ _KEY_SELECT_ATTRS = frozenset({"_propagate_attrs", "_raw_columns", "_label_style
 _KEY_COLUMNS_MAX = 1000
 
 
-def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindParameter[Any]] | None:
-    """``(column, bind)`` if ``statement`` selects one table's entity or columns with the
+def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindParameter[Any], Any] | None:
+    """``(column, bind, entity)`` if ``statement`` selects one table's entity or columns with the
     single criterion ``column = value`` and nothing else (no join, option, limit, order,
     grouping, further criteria, parameters of its own): its route depends only on the
-    column and the value, so the router keeps it per column and skips the plan lookup
-    by SQLAlchemy's cache key, whose hash costs more than the rest of the route.
-    ``None`` for anything else, which takes the general path."""
+    column, the value and the ORM entity it loads (None for columns or a Core table;
+    an entity's load may be refused, see Router.entities_problem), so the router keeps
+    it per column and entity and skips the plan lookup by SQLAlchemy's cache key, whose
+    hash costs more than the rest of the route.  ``None`` for anything else, which
+    takes the general path."""
     d = statement.__dict__
     if not d.keys() <= _KEY_SELECT_ATTRS:
         return None
@@ -1296,13 +1300,20 @@ def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindPa
     raw = d.get("_raw_columns")
     if not raw:
         return None  # select().where(...): SQLAlchemy's ORM refuses a SELECT of no columns
+    entity = None  # the ORM entity loaded (its load may be refused where its columns' is not)
     for rc in raw:
         if isinstance(rc, elements.ColumnClause):
             if rc.table is not table:
                 return None
         elif not isinstance(rc, selectable.TableClause) or rc._deannotate() is not table:
             return None
-    return col, b
+        else:
+            e = rc._annotations.get("parententity")
+            if e is not None:
+                if entity is not None and e is not entity:
+                    return None
+                entity = e
+    return col, b, entity
 
 
 def _concrete_union_problem(statement: Any) -> str | None:
