@@ -994,10 +994,27 @@ class Router:
         orders.user_id``).  Not so for another group's rows, nor for the same group's
         joined on another column (a user's referrer), by an OR of conditions, or through a
         secondary table that is not tied so (a reference table of pairs).  A parent table
-        the map does not name: True (what the object's shard says)."""
+        the map does not name: True (what the object's shard says).
+
+        ``relationship(..., info={"shardkit_colocated": True})`` says so for a
+        relationship of one group whose join does not show it but whose rows the
+        application keeps together (``tasks.project_id = projects.id``, both keyed by
+        tenant_id, a task always in its project's tenant); shardkit then loads it from
+        the object's shard as it would a join on the key, and cannot check it."""
         known = self.lazy_pins.get(rel)
         if known is None:
             known = self._relationship_colocated(rel)
+            if not known and rel.info.get("shardkit_colocated"):
+                try:
+                    same_group = self.table_route(rel.mapper).group == self.table_route(rel.parent).group
+                except RoutingError:
+                    same_group = False
+                if not same_group:
+                    raise RoutingError(
+                        f"{rel.parent.class_.__name__}.{rel.key} has info shardkit_colocated, but "
+                        "it relates tables of different groups, whose rows are placed by "
+                        "different keys; remove the flag, or put the tables in one group")
+                known = True
             self.lazy_pins[rel] = known
         return known
 

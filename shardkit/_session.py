@@ -55,7 +55,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy.engine import Result, TwoPhaseTransaction
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session, bulk_persistence
+from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session, bulk_persistence
 from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.base import NO_VALUE, PASSIVE_OFF
 from sqlalchemy.orm.context import FromStatement, QueryContext
@@ -1073,7 +1073,7 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
                     lo._refresh_state is None and _from_reference(statement, execution_options)):
                 return lo._identity_token
             elif lazy_from is not None and lazy_from.identity_token is not None and (
-                    router is None or _follows_object(router, _loaded_mapper(statement), lazy_from.mapper)):
+                    router is None or _lazy_load_follows(router, statement, lazy_from)):
                 return lazy_from.identity_token
         uo = opts.get("_sa_orm_update_options")
         if uo is not None and uo._identity_token is not None:
@@ -1110,6 +1110,17 @@ def _follows_object(router: Any, target: Any, parent: Any) -> bool:
             known = True
         router.lazy_pins[key] = known
     return known
+
+
+def _lazy_load_follows(router: Any, statement: Any, lazy_from: Any) -> bool:
+    """Whether a lazy load's rows are on the shard of the object it loads for: by the
+    relationship it loads (the ORM names it in the statement's path), else by every
+    relationship between the two classes (:func:`_follows_object`)."""
+    path = getattr(getattr(statement, "_compile_options", None), "_current_path", None)
+    prop = getattr(path, "prop", None)
+    if isinstance(prop, RelationshipProperty) and lazy_from.mapper.isa(prop.parent):
+        return router.relationship_colocated(prop)
+    return _follows_object(router, _loaded_mapper(statement), lazy_from.mapper)
 
 
 def _loaded_mapper(statement: Any) -> Any:

@@ -39,6 +39,9 @@ class Gadget(Base):  # another group: keyed by its own id
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     owner_id: Mapped[int] = mapped_column(BigInteger)
     owner = relationship("Owner", primaryjoin="foreign(Gadget.owner_id) == Owner.id", viewonly=True)
+    # A claim the map contradicts (another group): refused where it is used.
+    claimed_owner = relationship("Owner", primaryjoin="foreign(Gadget.owner_id) == Owner.id",
+                                 viewonly=True, info={"shardkit_colocated": True})
 
 
 class Purchase(Base):  # colocated with the owners on owner_id
@@ -64,10 +67,30 @@ class Eager(Base):  # loads another group's rows in its own statement, by defaul
                            viewonly=True, lazy="joined")
 
 
+class Project(Base):  # a tenant's project, keyed by tenant_id; tasks name it by its own id
+    __tablename__ = "relg_projects"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class Task(Base):
+    __tablename__ = "relg_tasks"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[int] = mapped_column(BigInteger)
+    project_id: Mapped[int] = mapped_column(BigInteger)
+    # The join is on the surrogate id: nothing shows the project is in the task's tenant...
+    project = relationship("Project", primaryjoin="foreign(Task.project_id) == Project.id",
+                           viewonly=True)
+    # ...unless the application says it keeps them together.
+    own_project = relationship("Project", primaryjoin="foreign(Task.project_id) == Project.id",
+                               viewonly=True, info={"shardkit_colocated": True})
+
+
 GROUPS = {"groups": {
     "owners": {"tables": {"relg_owners": "id", "relg_purchases": "owner_id", "relg_people": "id",
                           "relg_eager": "id"}},
     "gadgets": {"tables": {"relg_gadgets": "id"}},
+    "tenants": {"tables": {"relg_projects": "tenant_id", "relg_tasks": "tenant_id"}},
 }}
 N = 12
 
@@ -84,6 +107,10 @@ def cluster(shardkit_dev_cluster):
                     session.add(Purchase(id=o * 10 + j, owner_id=o))
             for i in range(N):  # i refers i + 1 (the last refers nobody)
                 session.add(Person(id=i, referrer_id=i + 1 if i + 1 < N else None))
+            for t in range(N):  # tenant t: project 100 + t, tasks 1000 + 10 t + j
+                session.add(Project(id=100 + t, tenant_id=t))
+                for j in range(2):
+                    session.add(Task(id=1000 + 10 * t + j, tenant_id=t, project_id=100 + t))
             session.commit()
         # Each owner's gadgets are on more than one shard: a load from one shard misses some.
         assert any(len({cluster.shard_for(Gadget, o * 10 + j) for j in range(4)}) > 1 for o in range(N))
@@ -174,3 +201,35 @@ def test_a_relationship_joined_on_the_key_still_loads_from_the_objects_shard(clu
     finally:
         for eng, fn in hooks:
             event.remove(eng, "before_cursor_execute", fn)
+
+
+def test_a_relationship_the_application_keeps_colocated_can_say_so(cluster, Session):
+    with Session() as s:
+        tasks = s.scalars(select(Task).where(Task.tenant_id == 3)).all()
+        hits = Counter()
+
+        def count(*_a, **_k):
+            hits["all"] += 1
+        for name in cluster.shard_names:
+            event.listen(cluster.primary(name), "before_cursor_execute", count)
+        try:
+            assert tasks[0].project.id == 103 and hits["all"] == len(cluster.shard_names)
+            s.expunge(tasks[0].project)
+            hits.clear()
+            assert tasks[1].own_project.id == 103 and hits["all"] == 1  # the task's shard only
+        finally:
+            for name in cluster.shard_names:
+                event.remove(cluster.primary(name), "before_cursor_execute", count)
+    with Session() as s:
+        got = s.scalars(select(Task).options(joinedload(Task.own_project))).unique().all()
+        assert sorted((t.id, t.own_project.id) for t in got) == sorted(
+            (1000 + 10 * t + j, 100 + t) for t in range(N) for j in range(2))
+        with pytest.raises(ScatterRefused, match=r"Task\.project reads"):
+            s.scalars(select(Task).options(joinedload(Task.project))).unique().all()
+
+
+def test_the_claim_is_refused_for_tables_of_different_groups(Session):
+    with Session() as s:
+        g = s.get(Gadget, 31)
+        with pytest.raises(shardkit.RoutingError, match=r"Gadget\.claimed_owner has info shardkit_colocated"):
+            g.claimed_owner
