@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from sqlalchemy import event
 
 import shardkit
 
@@ -23,3 +26,22 @@ def cluster_with_tables(dev: Any, config: dict[str, Any], metadata: Any) -> Iter
         for s in cluster.shard_names:
             metadata.drop_all(cluster.primary(s))
         cluster.dispose()
+
+
+@contextmanager
+def statements_per_shard(cluster: shardkit.Cluster) -> Iterator[Counter[str]]:
+    """Count the statements each shard's primary runs inside the block (a Counter by
+    shard name, which the caller may clear)."""
+    hits: Counter[str] = Counter()
+    hooks = []
+    for name in cluster.shard_names:
+        def count(*_a: Any, name: str = name) -> None:
+            hits[name] += 1
+        eng = cluster.primary(name)
+        event.listen(eng, "before_cursor_execute", count)
+        hooks.append((eng, count))
+    try:
+        yield hits
+    finally:
+        for eng, fn in hooks:
+            event.remove(eng, "before_cursor_execute", fn)

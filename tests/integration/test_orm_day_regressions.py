@@ -5,7 +5,6 @@ get() and scope(shard=...) run the same statements on the same shards as before.
 
 from __future__ import annotations
 
-from collections import Counter
 
 import pytest
 from sqlalchemy import BigInteger, Column, ForeignKey, String, Table, event, func, select, text
@@ -14,7 +13,7 @@ from sqlalchemy.orm import (DeclarativeBase, Mapped, column_property, joinedload
 
 import shardkit
 from models import Order, User
-from own_tables import cluster_with_tables
+from own_tables import cluster_with_tables, statements_per_shard
 from shardkit import ScatterRefused
 
 pytestmark = pytest.mark.integration
@@ -158,24 +157,13 @@ GROUPS = {
 
 @pytest.fixture(scope="module")
 def own(shardkit_dev_cluster):
-    with cluster_with_tables(shardkit_dev_cluster, GROUPS, Base.metadata) as cluster:
-        hits: Counter = Counter()
-        hooks = []
-        for name in cluster.shard_names:
-            def count(*_a, name=name):
-                hits[name] += 1
-            eng = cluster.primary(name)
-            event.listen(eng, "before_cursor_execute", count)
-            hooks.append((eng, count))
+    with cluster_with_tables(shardkit_dev_cluster, GROUPS, Base.metadata) as cluster, \
+            statements_per_shard(cluster) as hits:
         with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as s:
             s.add_all([Country(code="fr"), Country(code="de")])
             s.add_all([Tag(id=i) for i in range(3)])
             s.commit()
-        try:
-            yield cluster, hits
-        finally:
-            for eng, fn in hooks:
-                event.remove(eng, "before_cursor_execute", fn)
+        yield cluster, hits
 
 
 @pytest.fixture

@@ -7,15 +7,14 @@ loads from the object's shard alone."""
 
 from __future__ import annotations
 
-from collections import Counter
 
 import pytest
-from sqlalchemy import BigInteger, event, inspect, select
+from sqlalchemy import BigInteger, inspect, select
 from sqlalchemy.orm import (DeclarativeBase, Mapped, immediateload, joinedload, mapped_column,
                             relationship, selectinload, sessionmaker, subqueryload)
 
 import shardkit
-from own_tables import cluster_with_tables
+from own_tables import cluster_with_tables, statements_per_shard
 from shardkit import ScatterRefused
 
 pytestmark = pytest.mark.integration
@@ -181,15 +180,7 @@ def test_a_default_joined_load_of_another_group_is_refused(Session):
 
 
 def test_a_relationship_joined_on_the_key_still_loads_from_the_objects_shard(cluster, Session):
-    hits = Counter()
-    hooks = []
-    for name in cluster.shard_names:
-        def count(*_a, name=name):
-            hits[name] += 1
-        eng = cluster.primary(name)
-        event.listen(eng, "before_cursor_execute", count)
-        hooks.append((eng, count))
-    try:
+    with statements_per_shard(cluster) as hits:
         with Session() as s:
             owner = s.get(Owner, 5)
             hits.clear()
@@ -198,28 +189,17 @@ def test_a_relationship_joined_on_the_key_still_loads_from_the_objects_shard(clu
             hits.clear()
             assert len(owner.gadgets) == 4
             assert set(hits) == set(cluster.shard_names)  # another group's: every shard
-    finally:
-        for eng, fn in hooks:
-            event.remove(eng, "before_cursor_execute", fn)
 
 
 def test_a_relationship_the_application_keeps_colocated_can_say_so(cluster, Session):
     with Session() as s:
         tasks = s.scalars(select(Task).where(Task.tenant_id == 3)).all()
-        hits = Counter()
-
-        def count(*_a, **_k):
-            hits["all"] += 1
-        for name in cluster.shard_names:
-            event.listen(cluster.primary(name), "before_cursor_execute", count)
-        try:
-            assert tasks[0].project.id == 103 and hits["all"] == len(cluster.shard_names)
+        with statements_per_shard(cluster) as hits:
+            assert tasks[0].project.id == 103 and set(hits) == set(cluster.shard_names)
             s.expunge(tasks[0].project)
             hits.clear()
-            assert tasks[1].own_project.id == 103 and hits["all"] == 1  # the task's shard only
-        finally:
-            for name in cluster.shard_names:
-                event.remove(cluster.primary(name), "before_cursor_execute", count)
+            assert tasks[1].own_project.id == 103  # the task's shard only
+            assert dict(hits) == {cluster.shard_for(Task, 3): 1}
     with Session() as s:
         got = s.scalars(select(Task).options(joinedload(Task.own_project))).unique().all()
         assert sorted((t.id, t.own_project.id) for t in got) == sorted(
