@@ -10,6 +10,7 @@ from sqlalchemy.orm import (DeclarativeBase, Mapped, foreign, mapped_column, rel
                             sessionmaker)
 
 import shardkit
+from own_tables import cluster_with_tables
 
 pytestmark = pytest.mark.integration
 
@@ -72,15 +73,8 @@ GROUPS = {"groups": {
 
 @pytest.fixture(scope="module")
 def cluster(shardkit_dev_cluster):
-    cluster = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **GROUPS},
-                                           metadata=Base.metadata)
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-        Base.metadata.create_all(cluster.primary(s))
-    yield cluster
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-    cluster.dispose()
+    with cluster_with_tables(shardkit_dev_cluster, GROUPS, Base.metadata) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -194,3 +188,26 @@ def test_a_reference_secondary_tables_rows_reach_every_shard(cluster, Session):
         s.commit()
     assert rows(cluster, "SELECT owner_id, tag_id FROM casc_ref_pairs") == {
         a: [(ma, t2)], b: [(ma, t2)]}
+
+
+def test_reading_another_groups_rows_through_pairs_kept_with_the_parent_is_refused(cluster, Session):
+    """README: such a collection joins the other group's rows to the pairs on each shard,
+    which would miss the rows held elsewhere: refused, not partial.  Through a reference
+    table of pairs (every shard has every pair) it is exact."""
+    shard_of = {s: on(cluster, Tag, 3, s) for s in cluster.shard_names}
+    tag_ids = sorted(t for ids in shard_of.values() for t in ids)
+    with Session() as s:
+        s.add_all([Tag(id=t) for t in tag_ids])
+        s.add(Member(id=1))
+        reader = Reader(id=1)
+        s.add(reader)
+        s.flush()
+        reader.ref_tags.extend(s.get(Tag, t) for t in tag_ids)
+        s.commit()
+        with cluster.primary(cluster.shard_for(Member, 1)).begin() as c:
+            c.execute(owner_tags.insert(), [{"owner_id": 1, "tag_id": t} for t in tag_ids])
+    with Session() as s:
+        assert [t.id for t in s.get(Reader, 1).ref_tags] == tag_ids
+        member = s.get(Member, 1)
+        with pytest.raises(shardkit.ScatterRefused):
+            member.tags
