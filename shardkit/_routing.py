@@ -189,6 +189,9 @@ class Router:
         # relationship (or (parent, related) mappers) -> whether the related rows are on the
         # object's shard (see relationship_colocated and the session's _follows_object)
         self.lazy_pins: dict[Any, bool] = {}
+        # mapper -> its writable relationships through a reference secondary table (see
+        # the session's _replicate_reference_pairs)
+        self.reference_pairs: dict[Any, tuple[Any, ...]] = {}
         # mapper -> why its entities cannot be loaded shard by shard (see mapper_problem)
         self._mapper_problems: dict[Any, str | None] = {}
         # (check, statement cache key) -> what a cross-shard read's check found (see _per_shape)

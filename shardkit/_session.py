@@ -2740,20 +2740,20 @@ def _replicate_reference_pairs(session: Session, flush_context: Any) -> None:
     router = session.cluster.router
     added: dict[Any, set[tuple[Any, ...]]] = {}
     removed: dict[Any, set[tuple[Any, ...]]] = {}
-    for obj in (*session.new, *session.dirty, *session.deleted):
+    deleted = session.deleted
+    for obj in (*session.new, *session.dirty, *deleted):
         st = inspect(obj)
-        for rel in st.mapper.relationships:
-            if rel.secondary is None or rel.viewonly:
-                continue
-            try:
-                if not router.table_route(rel.secondary).is_reference:
-                    continue
-            except RoutingError:
-                continue
-            if obj not in session.deleted and not st.attrs[rel.key].history.has_changes():
+        rels = router.reference_pairs.get(st.mapper)
+        if rels is None:
+            rels = router.reference_pairs[st.mapper] = tuple(
+                r for r in st.mapper.relationships
+                if r.secondary is not None and not r.viewonly and _is_reference(router, r.secondary))
+        is_deleted = obj in deleted
+        for rel in rels:
+            if not is_deleted and not st.attrs[rel.key].history.has_changes():
                 continue
             for bucket, which in ((added, "added"), (removed, "removed")):
-                if which == "added" and obj in session.deleted:
+                if which == "added" and is_deleted:
                     continue
                 for row in _association_rows(st, rel, which=which):
                     bucket.setdefault(rel.secondary, set()).add(tuple(sorted(row.items())))
