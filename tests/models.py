@@ -78,3 +78,16 @@ def groups_config(shards: list[str]) -> dict:
         },
         "reference_tables": ["countries"],
     }
+
+
+def offline_cluster(shards: list[str] | None = None):  # noqa: ANN201 - a shardkit.Cluster
+    """A cluster of these models over shards ``s0``-``s2`` whose servers are never reached
+    (for routing decisions with no server)."""
+    from shardkit import Cluster
+
+    names = shards or ["s0", "s1", "s2"]
+    return Cluster.from_config({
+        "bucket_count": 64,
+        "shards": [{"name": s, "primary": f"postgresql+psycopg://u@{s}.invalid/db"} for s in names],
+        **groups_config(names),
+    }, metadata=Base.metadata)

@@ -16,18 +16,14 @@ from sqlalchemy import bindparam, column, func, select, table
 from sqlalchemy.orm import aliased, selectinload
 
 import shardkit._routing as routing
-from models import Base, Country, Customer, Device, Event, Order, User, groups_config
-from shardkit import Cluster, ScatterRefused
+from models import Country, Customer, Device, Event, Order, User, offline_cluster
+from shardkit import ScatterRefused
 
 SHARDS = ["s0", "s1", "s2"]
 
 
 def make_cluster():
-    return Cluster.from_config({
-        "bucket_count": 64,
-        "shards": [{"name": s, "primary": f"postgresql+psycopg://u@{s}.invalid/db"} for s in SHARDS],
-        **groups_config(SHARDS),
-    }, metadata=Base.metadata)
+    return offline_cluster(SHARDS)
 
 
 @contextmanager

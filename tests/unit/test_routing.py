@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import bindparam, delete, insert, or_, select, text, update
 
-from models import Base, Country, Customer, Device, Event, Order, User, groups_config
+from models import Country, Customer, Device, Event, Order, User, groups_config, offline_cluster
 from shardkit import (
     Cluster,
     CrossShardWriteError,
@@ -22,12 +22,7 @@ SHARDS = ["s0", "s1", "s2"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    cfg = {
-        "bucket_count": 64,
-        "shards": [{"name": s, "primary": f"postgresql+psycopg://u@{s}.invalid/db"} for s in SHARDS],
-        **groups_config(SHARDS),
-    }
-    return Cluster.from_config(cfg, metadata=Base.metadata)
+    return offline_cluster(SHARDS)
 
 
 def test_eq_key_routes_to_owner(cluster):

@@ -14,8 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 import shardkit
-from models import Base as ModelsBase
-from models import Device, Order, User, groups_config
+from models import Device, Order, User, offline_cluster
 from shardkit import cli
 from shardkit.catalog import Catalog, CatalogState
 from shardkit.errors import ScatterRefused, ShardKeyError, ShardUnavailable
@@ -161,11 +160,7 @@ def test_a_key_the_type_decorator_refuses_or_cannot_read_is_a_shard_key_error(de
 
 @pytest.fixture(scope="module")
 def models():
-    c = shardkit.Cluster.from_config({
-        "bucket_count": 64,
-        "shards": [{"name": s, "primary": f"postgresql+psycopg://u@{s}.invalid/db"} for s in SHARDS],
-        **groups_config(SHARDS),
-    }, metadata=ModelsBase.metadata)
+    c = offline_cluster(SHARDS)
     yield c
     c.dispose()
 

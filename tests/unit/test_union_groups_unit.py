@@ -3,20 +3,14 @@
 import pytest
 from sqlalchemy import Integer, column, except_, intersect, select, text, union_all
 
-from models import Base, Customer, Event, User, groups_config
-from shardkit import Cluster
+from models import Customer, Event, User, offline_cluster
 
 SHARDS = ["s0", "s1", "s2"]
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    cfg = {
-        "bucket_count": 64,
-        "shards": [{"name": s, "primary": f"postgresql+psycopg://u@{s}.invalid/db"} for s in SHARDS],
-        **groups_config(SHARDS),
-    }
-    return Cluster.from_config(cfg, metadata=Base.metadata)
+    return offline_cluster(SHARDS)
 
 
 def test_the_route_names_the_compounds_own_keyword(cluster):
