@@ -32,11 +32,16 @@ class UBase(DeclarativeBase):
     pass
 
 
-class Item(UBase):
-    __tablename__ = "ugfe_items"
+class Row:
+    """The columns the items, orders and events share (their UNIONs line them up)."""
+
     id = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     qty = mapped_column(Integer)
     name = mapped_column(Text)
+
+
+class Item(Row, UBase):
+    __tablename__ = "ugfe_items"
 
 
 class Note(UBase):
@@ -48,18 +53,12 @@ class Note(UBase):
     name = mapped_column(Text)
 
 
-class Order(UBase):
+class Order(Row, UBase):
     __tablename__ = "ugfe_orders"
-    id = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    qty = mapped_column(Integer)
-    name = mapped_column(Text)
 
 
-class Event(UBase):
+class Event(Row, UBase):
     __tablename__ = "ugfe_events"
-    id = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    qty = mapped_column(Integer)
-    name = mapped_column(Text)
 
 
 class Store(UBase):
