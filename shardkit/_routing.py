@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import struct
 from collections import Counter
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import ClusterConfig, GroupConfig
+from ._hashing import _murmur3_32 as murmur3_32, _pack_int64 as pack_int64
 from ._strategies import HashStrategy, Strategy
 from ._colocation import colocation_problem, compound_selects, dml_extra_froms
 from ._scatter import compound_keyword, exists_column
@@ -174,12 +176,13 @@ class Router:
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
         # (id of the Table, key column name, the ORM entity selected or None) -> (group,
-        # coercer, routes by shard, a weak reference to the Table) of the plan shared by
+        # coercer, routes by shard, a weak reference to the Table, the key's shard function
+        # (_shard_of)) of the plan shared by
         # every SELECT that _column_equals_value accepts on that column.  By entity: an
         # entity's load may be refused (entities_problem) where its columns' is not.
         # Weakly: an application may build its table() objects per read, and the router
         # must not keep them alive.
-        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any]] = {}
+        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -347,8 +350,8 @@ class Router:
                 entry = self._key_columns.get((id(table), shape[0].name, shape[2]))
                 if entry is not None and entry[3]() is table:
                     v = shape[1].value
-                    if not _is_unresolved(v):
-                        known = entry[2].get(self._shard(entry[0], v, entry[1]))
+                    if v is not None and not isinstance(v, ClauseElement):
+                        known = entry[2].get(entry[4](v))
                         if known is not None:
                             return known
         if getattr(statement, "_params", None):
@@ -366,7 +369,8 @@ class Router:
                 key_columns.clear()
             table = shape[0].table
             key_columns[(id(table), shape[0].name, shape[2])] = (single[0], single[2], plan.routes,
-                                                                 weakref.ref(table))
+                                                                 weakref.ref(table),
+                                                                 self._shard_of(single[0], single[2]))
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
@@ -1129,6 +1133,26 @@ class Router:
             if e.table is None:
                 e.table = "/".join(self.groups[g].tables)
             raise
+
+    def _shard_of(self, g: str, co: Any) -> Callable[[Any], str]:
+        """``_shard(g, key, co)`` as a function of the key, for the key columns' entries:
+        the commonest key, an int under a hash strategy, goes to its shard without the
+        calls through the strategy (each costs more than its work on the routing path)."""
+        general = functools.partial(self._shard, g, co=co)
+        strategy = self.groups[g].strategy
+        if type(strategy) is not HashStrategy or co not in (None, _to_int):
+            return general
+        bucket_map, count = strategy.bucket_map, strategy.bucket_count
+
+        def shard_of(key: Any) -> str:
+            if type(key) is int:
+                try:
+                    return bucket_map[murmur3_32(pack_int64(key)) % count]
+                except struct.error:
+                    pass  # outside int64: the general path raises the descriptive error
+            return general(key)
+
+        return shard_of
 
     def _arity(self, g: str) -> int:
         return len(next(iter(self.groups[g].tables.values())))

@@ -623,7 +623,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 or (params is not None and type(params) is not dict)
                 or statement._for_update_arg is not None
                 or self._new or self._deleted or self.identity_map.check_modified()
-                or self.in_nested_transaction()):
+                or self._nested_transaction is not None):
             return _GENERAL
         for opt in statement._with_options:
             if isinstance(opt, horizontal_shard.set_shard_id):
@@ -632,20 +632,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if len(route.shards) != 1 or route.is_write or route.anywhere:
             return route
         shard = route.shards[0]
-        eo = _load_options(shard)
-        if not cluster.replica_count(shard):
+        eo = _LOAD_OPTIONS.get(shard) or _load_options(shard)
+        if not cluster._replica_counts[shard]:
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)
             return Session.execute(self, statement, params, execution_options=eo,
                                    bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
             return route
-        settings = cluster.replica_settings
+        settings = cluster.config.replicas
         consistency = self.consistency or settings.consistency
         if consistency == "strong":
             return route
         pinned = self._sk_replica.get(shard)
-        selector = cluster.selector
+        selector = cluster._selector or cluster.selector
         ok, _ = selector.eligible(
             shard, max_lag_seconds=settings.max_lag_seconds, max_lag_bytes=settings.max_lag_bytes,
             min_lsn=self._sk_tokens.get(shard) if consistency == "read_your_writes" else None)

@@ -7,6 +7,7 @@ general path.
 """
 
 import uuid
+from decimal import Decimal
 from contextlib import contextmanager
 
 import pytest
@@ -17,7 +18,7 @@ from sqlalchemy.orm import aliased, selectinload
 
 import shardkit._routing as routing
 from models import Country, Customer, Device, Event, Order, User, offline_cluster
-from shardkit import ScatterRefused
+from shardkit import ScatterRefused, ShardKeyError
 
 SHARDS = ["s0", "s1", "s2"]
 
@@ -185,3 +186,16 @@ def _shared():
             c.router.route(select(User).where(User.id == k))
         _SHARED.append(c)
     return _SHARED[0]
+
+
+@pytest.mark.parametrize("bad", [2**63, -(2**63) - 1, "7", 7.0, Decimal(7)])
+def test_a_bad_key_through_the_shortcut_gets_the_general_paths_error(bad):
+    # The shortcut hashes ints itself; anything it does not take (outside int64, a
+    # bool, another type) must reach the strategy and fail as the general path does.
+    c = _shared()
+    with pytest.raises(ShardKeyError) as got:
+        c.router.route(select(User).where(User.id == bad))
+    with pytest.raises(ShardKeyError) as want:
+        general(make_cluster().router, select(User).where(User.id == bad))
+    assert str(got.value) == str(want.value)
+    assert got.value.table == want.value.table and "users" in got.value.table
