@@ -392,7 +392,8 @@ def slice_function_name(table: str) -> str:
     return _function_name("slice", table)
 
 
-_INT_TYPES: Final = frozenset({"int2", "int4", "int8"})
+#: Key column types (``pg_type`` names) of integers.
+INT_KEY_TYPES: Final = frozenset({"int2", "int4", "int8"})
 _NUMERIC_TYPES: Final = frozenset({"numeric", "float4", "float8"})
 
 
@@ -400,7 +401,7 @@ def slice_comparable(value_kind: str, type_name: str) -> bool:
     """Whether a key column of ``type_name`` compares with integer or string bounds in SQL
     as in Python: integers against integer and numeric columns; strings against any
     column, by its text form (text, varchar, enums, uuid in lowercase, ...)."""
-    return value_kind == "str" or type_name in _INT_TYPES | _NUMERIC_TYPES
+    return value_kind == "str" or type_name in INT_KEY_TYPES | _NUMERIC_TYPES
 
 
 def unit_expression(g: Guarded, type_name: str, bucket_count: int, row: str = "") -> str:
@@ -424,7 +425,7 @@ def _slice_function_sql(g: Guarded, type_name: str, param_type: str | None = Non
             "make the config's bounds or values the same type as the column")
     grp = _literal(g.group)
     if value_kind == "int":
-        cast = "bigint" if type_name in _INT_TYPES else "numeric"
+        cast = "bigint" if type_name in INT_KEY_TYPES else "numeric"
         k, lo, hi, val = f"k::{cast}", f"s.lower::{cast}", f"s.upper::{cast}", f"s.val::{cast}"
     else:  # the text form in code point order, as Python compares strings
         k, lo, hi, val = 'k::text COLLATE "C"', 's.lower COLLATE "C"', 's.upper COLLATE "C"', 's.val COLLATE "C"'

@@ -68,6 +68,12 @@ operators, because the planner refuses to inline a function that names such
 an argument twice.  ``bucket()`` names its key once, so it stays an inlinable
 SQL function around ``hash()``.
 
+A scan that needs the bucket of every row of a table with a bigint key (the
+mover's copy and verification) does better without any function:
+:func:`int8_bucket_scan` mixes the key once in a ``LATERAL`` subquery kept apart
+by ``OFFSET 0`` and finalises it in the scan, about twice as fast as calling
+``bucket()`` per row.
+
 Keep this module in step with :mod:`shardkit._hashing`: both define the same
 storage format.
 """
@@ -81,7 +87,7 @@ from sqlalchemy.engine import Connection
 
 log = logging.getLogger("shardkit.sql")
 
-__all__ = ["INSTALL_SQL", "SQL_VERSION", "UNINSTALL_SQL", "install", "uninstall"]
+__all__ = ["INSTALL_SQL", "SQL_VERSION", "UNINSTALL_SQL", "install", "int8_bucket_scan", "uninstall"]
 
 #: Version of the installed function set, returned by ``shardkit.hash_version()``.
 #: Bump it whenever the SQL below changes in any way (the values it computes
@@ -209,13 +215,37 @@ def _plpgsql_hash(key_type: str, declare: list[str], body: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _hash_int8() -> str:
+def _mixed_int8(key: str) -> str:
+    """The finaliser's input for the bigint ``key`` (an expression naming it twice)."""
     # The 8 little-endian bytes are two blocks: the low word is key & m, and
     # for the high word the arithmetic shift key >> 32, in [-2**31, 2**31),
     # already has the right low 32 bits.  No tail; the length is 8.
-    h = _mix_h(None, _u32("key"))
-    h = _mix_h(h, "(key >> 32)")
-    return _plpgsql_hash("bigint", [], [f"h := {_u32(f'({h} # 8)')};"])
+    h = _mix_h(None, _u32(key))
+    h = _mix_h(h, f"({key} >> 32)")
+    return _u32(f"({h} # 8)")
+
+
+def _hash_int8() -> str:
+    return _plpgsql_hash("bigint", [], [f"h := {_mixed_int8('key')};"])
+
+
+def int8_bucket_scan(key: str, bucket_count: int) -> tuple[str, str]:
+    """The bucket of the bigint ``key`` of every row of a scan, computed without a call of
+    ``shardkit.hash()``: ``(lateral, bucket)``, a ``, LATERAL (...)`` item to write after the
+    scanned table in the FROM clause, and the bucket's expression over it.
+
+    ``shardkit.bucket(key, n)`` with the same value, about twice as fast over many rows:
+    the key is mixed once in the LATERAL subquery (``OFFSET 0`` keeps the planner from
+    merging it, which would repeat the mixing for each of the eight times the finaliser
+    names its input), and no PL/pgSQL function is called per row.  ``key`` is SQL for a
+    column of the scanned table (an int2 or int4 is cast to bigint here, as the function's
+    argument would be).  The names ``_shardkit_m`` and ``_shardkit_h`` are taken.
+    """
+    mixed = _mixed_int8(f"({key})::bigint")
+    # After a comma rather than CROSS JOIN: a JOIN hides the table's system columns
+    # (ctid) from unqualified references.
+    lateral = f", LATERAL (SELECT {mixed} AS _shardkit_h OFFSET 0) AS _shardkit_m"
+    return lateral, f"mod({_fmix32('_shardkit_m._shardkit_h')}, {int(bucket_count)})::integer"
 
 
 def _hash_uuid() -> str:

@@ -77,6 +77,7 @@ from ._guard import (
     GATE_LOCK_CLASS,
     GUARD_LOCK_CLASS,
     GUARD_LOCK_STRIPES,
+    INT_KEY_TYPES,
     MOVER_SETTING,
     Guarded,
     guard_installed,
@@ -94,7 +95,7 @@ from ._guard import (
 )
 from ._rebalance_plan import Plan, SlicePlan, plan_from_dict
 from ._slices import add_missing_groups, initial_slices, reassign
-from ._sql import INSTALL_SQL
+from ._sql import INSTALL_SQL, int8_bucket_scan
 from .catalog import MOVER_LOCK_CLASS, Catalog
 from .errors import RebalanceError
 
@@ -411,6 +412,16 @@ class _Table:
     # Whether a foreign key references it: without session_replication_role, its changed
     # rows are replaced in place (upserted), not deleted and inserted again.
     referenced: bool = False
+    # For a scan that computes every row's bucket of an integer hash key: a LATERAL item
+    # for its FROM clause and the bucket over it (_sql.int8_bucket_scan), about twice as
+    # fast as bucket_sql; None: bucket_sql.
+    scan: tuple[str, str] | None = None
+
+    def scan_sql(self) -> tuple[str, str]:
+        """``(from_extra, bucket)`` for a scan of every row: SQL to write right after the
+        table in its FROM clause (the table alone there), and the row's bucket (or slice)
+        in that scan."""
+        return self.scan if self.scan is not None else ("", self.bucket_sql)
 
 
 def _move_group(conn: Any, move_id: int) -> str | None:
@@ -438,6 +449,9 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
             out[g.table] = _Table(g.table, g.key, types[g.key], columns, pk,
                                   unit_expression(g, types[g.key], cluster.config.bucket_count), g,
                                   (g.table,))
+            if g.kind == "hash" and types[g.key] in INT_KEY_TYPES:
+                out[g.table].scan = int8_bucket_scan(sql.Identifier(g.key).as_string(conn),
+                                                     cluster.config.bucket_count)
     tree: dict[str, list[tuple[int, str]]] = defaultdict(list)
     named = configured_tables(out)
     for table, oid, part in conn.execute(
@@ -1121,10 +1135,11 @@ class Mover:
                         in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
                             _ident(t.name), cols)
                         # All slices at the one snapshot of the source's transaction.
+                        scan, bucket = t.scan_sql()
                         for chunk in _page_chunks(src, t.name, self._chunk_pages):
                             t0 = time.monotonic()
-                            out_sql = sql.SQL("COPY (SELECT {} FROM {} WHERE " + chunk + " AND " + t.bucket_sql +
-                                              " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
+                            out_sql = sql.SQL("COPY (SELECT {} FROM {} " + scan + " WHERE " + chunk + " AND " +
+                                              bucket + " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
                                 cols, _ident(t.name))
                             with src.cursor() as sc, tgt.cursor() as tc:
                                 with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
@@ -1370,9 +1385,11 @@ class Mover:
             pkc = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.pk)
             # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
             # planner from merging (it would compute it again for GROUP BY).
+            scan, bucket = t.scan_sql()
             q = ("SELECT x._shardkit_b, count(*), "
                  "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
-                 "FROM (SELECT " + t.bucket_sql + " AS _shardkit_b, {plain} FROM {t} WHERE {chunk} OFFSET 0) AS x "
+                 "FROM (SELECT " + bucket + " AS _shardkit_b, {plain} FROM {t} " + scan + " WHERE {chunk} "
+                 "OFFSET 0) AS x "
                  "WHERE x._shardkit_b = ANY(%s::integer[]) "
                  "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
                  "GROUP BY 1")
