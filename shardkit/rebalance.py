@@ -449,7 +449,12 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
             out[g.table] = _Table(g.table, g.key, types[g.key], columns, pk,
                                   unit_expression(g, types[g.key], cluster.config.bucket_count), g,
                                   (g.table,))
-            if g.kind == "hash" and types[g.key] in INT_KEY_TYPES:
+            if g.kind == "hash" and types[g.key] in INT_KEY_TYPES and not sa_conn.execute(text(
+                    # An index on shardkit.bucket(key, n) lets a pass read only the batch's
+                    # rows (README: Rebalancing): keep the expression it indexes.
+                    "SELECT EXISTS (SELECT FROM pg_index WHERE indrelid = to_regclass(:t) "
+                    "AND pg_get_indexdef(indexrelid) LIKE '%shardkit.bucket(%')"),
+                    {"t": table_sql(g.table)}).scalar():
                 out[g.table].scan = int8_bucket_scan(sql.Identifier(g.key).as_string(conn),
                                                      cluster.config.bucket_count)
     tree: dict[str, list[tuple[int, str]]] = defaultdict(list)
