@@ -1070,6 +1070,18 @@ def test_explicit_shard_nested_scopes_threads_and_tasks(kit, accts):
         return await asyncio.gather(*(task(sh) for sh in SHARDS))
 
     assert asyncio.run(main()) == [accts[sh] for sh in SHARDS]
+
+    # README: an asyncio application runs its units of work with asyncio.to_thread,
+    # which carries the caller's scope into the worker thread.
+    def work() -> list[int]:
+        with kit.Session() as ts:
+            return sorted(ts.scalars(select(Acct.id)))
+
+    async def in_thread(shard: str) -> list[int]:
+        with shardkit.scope(shard=shard):
+            return await asyncio.to_thread(work)
+
+    assert asyncio.run(in_thread("s2")) == accts["s2"]
     assert kit.cluster.shard_for(Acct, k2) == "s2"
 
 
