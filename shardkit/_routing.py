@@ -197,6 +197,8 @@ class Router:
         self.reference_pairs: dict[Any, tuple[Any, ...]] = {}
         # mapper -> why its entities cannot be loaded shard by shard (see mapper_problem)
         self._mapper_problems: dict[Any, str | None] = {}
+        # mapper -> why its class hierarchy's tables cannot hold its objects (see hierarchy_problem)
+        self._hierarchy_problems: dict[Any, str | None] = {}
         # (check, statement cache key) -> what a cross-shard read's check found (see _per_shape)
         self.scatter_checks: dict[Any, Any] = {}
         # (shard, table) -> the units this map gives the shard (see Cluster.units_of)
@@ -1050,6 +1052,34 @@ class Router:
         except Exception:  # noqa: BLE001 - a join the ORM cannot build: read where the rows are
             return False
 
+    def hierarchy_problem(self, mapper: Any) -> str | None:
+        """Why objects of ``mapper`` cannot be stored shard by shard, or None: with
+        joined-table inheritance an object is one row in each table of its class
+        hierarchy, written by one flush on one shard and read back with a join on the
+        primary key, so those tables must be placed alike: all in one group (or all
+        reference tables)."""
+        try:
+            return self._hierarchy_problems[mapper]
+        except KeyError:
+            pass
+        placed: dict[str, str | None] = {}
+        for t in mapper.tables:
+            name = _table_name(t)
+            tr = self.tables.get(name) or self.tables.get(name.rsplit(".", 1)[-1])
+            if tr is not None:  # (a table the map does not know is refused where it is used)
+                placed[tr.table] = tr.group
+        problem = None
+        if len(set(placed.values())) > 1:
+            where = ", ".join(f"{t} ({'a reference table' if g is None else f'group {g}'})"
+                              for t, g in placed.items())
+            name = mapper.class_.__name__
+            problem = (f"{name} is stored in tables placed by different groups: {where}; each "
+                       f"{name} is one row in each of them, written on one shard, so the groups "
+                       "would look for them on different shards. Put the tables of its class "
+                       "hierarchy in one group, keyed on the primary key column that joins them")
+        self._hierarchy_problems[mapper] = problem
+        return problem
+
     def mapper_problem(self, mapper: Any) -> str | None:
         """Why the entities of ``mapper`` cannot be loaded shard by shard, or None: a
         ``column_property`` whose expression reads a sharded table not colocated with
@@ -1064,8 +1094,8 @@ class Router:
             pass
         from sqlalchemy.schema import Column
 
-        problem = None
-        for prop in mapper.column_attrs:
+        problem = self.hierarchy_problem(mapper)
+        for prop in mapper.column_attrs if problem is None else ():
             if (prop.deferred and prop.raiseload) or all(isinstance(c, Column) for c in prop.columns):
                 continue
             found = colocation_problem(select(mapper).add_columns(prop.expression), self._placement)

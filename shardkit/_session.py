@@ -928,6 +928,9 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
     """The shard an ORM instance belongs to, from its own key or its parent's."""
     state = inspect(instance)
     mapper = state.mapper
+    problem = cluster.router.hierarchy_problem(mapper)
+    if problem is not None:
+        raise RoutingError(problem, table=mapper.local_table.name)
     tr = cluster.router.table_route(mapper)
     if tr.strategy is None:
         # Reference rows are written to one shard by the flush and copied to
