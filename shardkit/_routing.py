@@ -991,9 +991,16 @@ class Router:
                 if t.group not in (None, p.group) else f"{t.table} related to {p.table} by a "
                 "join that does not tie them by the shard key (another column, an OR, or a "
                 "secondary table not keyed so)")
+        # selectinload() reads the related rows by the parents' keys alone (every shard
+        # that has them) unless SQLAlchemy must join the parents back in (an OR, say),
+        # which each shard would do over its own rows, as here.
+        strategy = prop._get_strategy((("lazy", "selectin"),))
+        instead = ("with selectinload(), which reads every shard that has them, or lazily"
+                   if getattr(strategy, "omit_join", True) else
+                   "lazily, which reads every shard that has them (selectinload() joins "
+                   f"{p.table} back in for this join, and is refused the same way)")
         return (f"{how} of {parent.class_.__name__}.{prop.key} reads {what}: each shard would "
-                "relate its own rows only; load it with selectinload(), which reads every "
-                "shard that has them, or lazily")
+                f"relate its own rows only; load it {instead}")
 
     def relationship_colocated(self, rel: Any) -> bool:
         """Whether every row the relationship ``rel`` relates to an object lives on that
