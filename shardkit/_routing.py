@@ -332,6 +332,7 @@ class Router:
         role: str | None = None,
         all_shards: bool = False,
         keyless_to: str | None = None,
+        anywhere: str | None = None,
     ) -> Route:
         """Decide where ``statement`` runs.  Raises :class:`RoutingError` when it cannot.
 
@@ -339,6 +340,8 @@ class Router:
         an executemany).  ``all_shards`` permits a key-less UPDATE/DELETE to run on
         every shard.  ``keyless_to``: the shard for an INSERT's rows that carry no
         shard key (``scope(shard=...)``); rows with a key still go where it belongs.
+        ``anywhere``: the shard for a read that any shard can answer (reference tables),
+        instead of the next in turn (a session's transaction reads them from one shard).
         """
         if type(statement) in _WRAPPERS:
             statement = unwrap_statement(statement)
@@ -419,7 +422,7 @@ class Router:
                 return Route(self.shard_names, "all", PRIMARY,
                              f"write to reference table(s) {', '.join(plan.references)} "
                              "goes to every shard", True, tables, router=self)
-            shard = self.any_shard()
+            shard = anywhere if anywhere in self.shard_set and not is_write else self.any_shard()
             what = f"reference table(s) {', '.join(plan.references)}" if plan.references else "no tables"
             return Route((shard,), "direct", chosen_role, f"{what}: any shard", is_write, tables,
                          anywhere=True, router=self)

@@ -147,6 +147,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_placements: list[tuple[Any, Any, str, Any]] | None = None
         # During a flush: new reference rows already copied to every shard.
         self._sk_ref_copied: set[Any] = set()
+        # The shard this transaction reads reference rows from (the first one it used).
+        self._sk_ref_shard: str | None = None
+        # In delete() and merge(): what they load decides a write (see _read_target).
+        self._sk_for_write = False
         if consistency_token:
             self.require_token(consistency_token)
 
@@ -285,6 +289,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # for the row, beside the one the session holds or loads.  The object's shard key
         # (or its primary key, when that contains the shard key) names its shard; the
         # caller's object is left as it was.  (With load=True, get() finds the row.)
+        if load and not self._sk_for_write and self.cluster.has_replicas:
+            # merge() loads the row to compare the given object with: the changes it
+            # finds are what the flush writes, so the row is read where the write goes
+            # (a replica's older copy would hide changes, or turn an UPDATE into an INSERT).
+            self._sk_for_write = True
+            try:
+                return self._merge(state, state_dict, load=load, **kw)
+            finally:
+                self._sk_for_write = False
         key = state.key
         if load or key is None or key[2] is not None or state.session_id == self.hash_key:
             return super()._merge(state, state_dict, load=load, **kw)
@@ -296,6 +309,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return super()._merge(state, state_dict, load=load, **kw)
         finally:
             state.key = key
+
+    def _delete_impl(self, state: Any, obj: Any, head: bool) -> None:
+        # delete() (and delete_all()) load the collections the delete cascades to: those
+        # rows are about to be deleted, so they are read as the flush's own loads are.
+        if self._sk_for_write or not self.cluster.has_replicas:
+            return super()._delete_impl(state, obj, head)
+        self._sk_for_write = True
+        try:
+            return super()._delete_impl(state, obj, head)
+        finally:
+            self._sk_for_write = False
 
     def _get_impl(self, entity: Any, primary_key_identity: Any, db_load_fn: Any, *,
                   identity_token: Any = None, **kw: Any) -> Any:
@@ -436,6 +460,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     "(read replicas from a session without twophase)")
             return self._on_primary(shard)
         pinned = self._sk_replica.get(shard)
+        if self._flushing or self._sk_for_write:
+            # What the ORM loads to decide a write (a collection whose rows a deleted
+            # object's flush or cascade removes, the row merge() compares with): read
+            # where the write goes, not from a replica that may not have replayed rows
+            # the write must cover.
+            return self._on_primary(shard)
         if (role == PRIMARY or getattr(statement, "_for_update_arg", None) is not None
                 or (role is None and self.in_nested_transaction())):
             # (SQLAlchemy opens a SAVEPOINT on every connection used inside
@@ -588,6 +618,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         sc = current_scope()
         route = routed if routed is not None else _route_statement(
             self, statement, params, execution_options, bind_arguments, sc)
+        if route.anywhere and not route.is_write and self._sk_ref_shard is None:
+            # Reference rows, which any shard has: the shards take turns between
+            # transactions, but within one every such read asks the same shard (the
+            # router is given it), so a later read never sees an older state (another
+            # shard's replica may be further behind) than an earlier one.
+            self._sk_ref_shard = route.shards[0]
         if route.is_write or getattr(statement, "_for_update_arg", None) is not None:
             # Rows written or locked: the rest of the transaction reads them on the primary.
             self._sk_written.update(route.shards)
@@ -623,12 +659,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 or (params is not None and type(params) is not dict)
                 or statement._for_update_arg is not None
                 or self._new or self._deleted or self.identity_map.check_modified()
-                or self._nested_transaction is not None):
+                or self._nested_transaction is not None or self._flushing or self._sk_for_write):
             return _GENERAL
         for opt in statement._with_options:
             if isinstance(opt, horizontal_shard.set_shard_id):
                 return _GENERAL
-        route = cluster.router.route(statement, params)
+        route = cluster.router.route(statement, params, anywhere=self._sk_ref_shard)
         if len(route.shards) != 1 or route.is_write or route.anywhere:
             return route
         shard = route.shards[0]
@@ -1261,10 +1297,11 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     if sc.key is None or asked_all:
         # (The statement's shardkit_all_shards=True inside scope(key=...): every shard,
         # as asked; a scope's all_shards= only permits, its key still decides.)
-        return cluster.router.route(statement, params, all_shards=all_shards)
+        return cluster.router.route(statement, params, all_shards=all_shards,
+                                    anywhere=session._sk_ref_shard)
     # A statement with no key of its own runs where the scope's key lives (a
     # key-less UPDATE or DELETE included); one with its own keys is routed by them.
-    route = cluster.router.route(statement, params, all_shards=True)
+    route = cluster.router.route(statement, params, all_shards=True, anywhere=session._sk_ref_shard)
     if route.kind == "all" and not route.keys and not _writes_reference_table(cluster, statement):
         keyed = _keyed_parts(cluster, statement, params)
         if keyed and all(keyed):
@@ -3090,6 +3127,7 @@ def _end_transaction(session: Session, transaction: Any) -> None:
             session._sk_replica = {}
         if session._sk_ref_copied:
             session._sk_ref_copied = set()  # a flush that failed before after_flush
+        session._sk_ref_shard = None
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
