@@ -423,6 +423,11 @@ class _Table:
         in that scan."""
         return self.scan if self.scan is not None else ("", self.bucket_sql)
 
+    def qualified(self, columns: list[str]) -> sql.Composable:
+        """``columns`` named with the table's name, for a scan's select list: the scan's
+        LATERAL item has a column too (``_shardkit_h``), which a table may have."""
+        return sql.SQL(", ").join(sql.Identifier(*table_parts(self.name), c) for c in columns)
+
 
 def _move_group(conn: Any, move_id: int) -> str | None:
     """The range or list group whose slices move ``move_id`` moves (None: hash buckets)."""
@@ -670,6 +675,20 @@ class Mover:
                         f"table(s) {', '.join(no_pk)} on {shard} have no primary key; rows are moved and "
                         "verified by primary key: add one, run `shardkit rebalance init` (the guard "
                         "records written rows by it), then apply the move")
+                # psycopg reads a % in a statement that has parameters as a placeholder,
+                # also inside a quoted name, and the mover's statements name every column.
+                pct: dict[str, list[str]] = {t: ["its name"] for t in tables if "%" in t}
+                for tbl, col in conn.execute(text(
+                        f"SELECT n.tbl, a.attname FROM {CONFIGURED_TABLES} JOIN pg_attribute a "
+                        "ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+                        "WHERE strpos(a.attname, chr(37)) > 0 ORDER BY 1, a.attnum"), configured_tables(tables)):
+                    pct.setdefault(tbl, []).append(f"column {col}")
+                if pct:
+                    which = "; ".join(f"{t} ({', '.join(w)})" for t, w in sorted(pct.items()))
+                    raise RebalanceError(
+                        f"table(s) {which} on {shard}: a name with a % cannot be moved (the mover's "
+                        "driver, psycopg, reads % in a statement with parameters as a placeholder, also "
+                        "inside a quoted name); rename it, then apply or resume the move")
                 if guard:
                     missing = [t for t in tables if not found[t]]
                     if missing:
@@ -1145,7 +1164,7 @@ class Mover:
                             t0 = time.monotonic()
                             out_sql = sql.SQL("COPY (SELECT {} FROM {} " + scan + " WHERE " + chunk + " AND " +
                                               bucket + " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
-                                cols, _ident(t.name))
+                                t.qualified(t.columns), _ident(t.name))
                             with src.cursor() as sc, tgt.cursor() as tc:
                                 with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
                                     for data in out:
@@ -1386,20 +1405,24 @@ class Mover:
         checked = 0
         for t in tables:
             _reread_columns(src, tgt, t, writing=False)  # the source's rows no longer change
-            cols = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.columns)
-            pkc = sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(c) for c in t.pk)
+            # The subquery's columns renamed by position (x.b, x.c0, x.c1, ...): a table's
+            # column may be named like the bucket's, or like the scan's LATERAL item's.
+            inner = t.columns + [c for c in t.pk if c not in t.columns]
+            at = {c: sql.Identifier(f"c{i}") for i, c in enumerate(inner)}
+            cols = sql.SQL(", ").join(sql.SQL("x.") + at[c] for c in t.columns)
+            pkc = sql.SQL(", ").join(sql.SQL("x.") + at[c] for c in t.pk)
             # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
             # planner from merging (it would compute it again for GROUP BY).
             scan, bucket = t.scan_sql()
-            q = ("SELECT x._shardkit_b, count(*), "
+            q = ("SELECT x.b, count(*), "
                  "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
-                 "FROM (SELECT " + bucket + " AS _shardkit_b, {plain} FROM {t} " + scan + " WHERE {chunk} "
-                 "OFFSET 0) AS x "
-                 "WHERE x._shardkit_b = ANY(%s::integer[]) "
+                 "FROM (SELECT " + bucket + ", {plain} FROM {t} " + scan + " WHERE {chunk} "
+                 "OFFSET 0) AS x (b, {names}) "
+                 "WHERE x.b = ANY(%s::integer[]) "
                  "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
                  "GROUP BY 1")
-            parts = dict(cols=cols, t=_ident(t.name), pk=pkc,
-                         plain=sql.SQL(", ").join(map(sql.Identifier, t.columns)),
+            parts = dict(cols=cols, t=_ident(t.name), pk=pkc, plain=t.qualified(inner),
+                         names=sql.SQL(", ").join(at[c] for c in inner),
                          pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
 
             def sums(conn: psycopg.Connection, recent: str) -> dict[Any, tuple[int, Any]]:

@@ -201,7 +201,7 @@ def _check_hash_in_sql(config: ClusterConfig, conn: Any, rep: TableReport, table
     bucket_expr = bucket_expression(column, sql_type, n)
     owned = [b for b, s in enumerate(config.bucket_map) if s == rep.shard or b in foreign]
     for bucket, count in conn.execute(text(
-            f"SELECT {bucket_expr} AS b, count(*) FROM {table_sql(table)} GROUP BY b")).all():
+            f"SELECT {bucket_expr}, count(*) FROM {table_sql(table)} GROUP BY 1")).all():
         rep.rows += count
         if bucket in foreign:
             rep.in_flight += count
