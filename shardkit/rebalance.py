@@ -457,8 +457,13 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
             if g.kind == "hash" and types[g.key] in INT_KEY_TYPES and not sa_conn.execute(text(
                     # An index on shardkit.bucket(key, n) lets a pass read only the batch's
                     # rows (README: Rebalancing): keep the expression it indexes.
-                    "SELECT EXISTS (SELECT FROM pg_index WHERE indrelid = to_regclass(:t) "
-                    "AND pg_get_indexdef(indexrelid) LIKE '%shardkit.bucket(%')"),
+                    # (Found by the index's dependency on the function, whatever the
+                    # search_path makes pg_get_indexdef() print.)
+                    "SELECT EXISTS (SELECT FROM pg_index i JOIN pg_depend d "
+                    "ON d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid "
+                    "AND d.refclassid = 'pg_proc'::regclass JOIN pg_proc p ON p.oid = d.refobjid "
+                    "WHERE i.indrelid = to_regclass(:t) AND p.proname = 'bucket' "
+                    "AND p.pronamespace = 'shardkit'::regnamespace)"),
                     {"t": table_sql(g.table)}).scalar():
                 out[g.table].scan = int8_bucket_scan(sql.Identifier(g.key).as_string(conn),
                                                      cluster.config.bucket_count)
