@@ -3149,7 +3149,8 @@ event.listen(Mapper, "after_insert", _copy_new_reference_row)
 
 
 def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
-                    refresh_timeout: float = 5.0) -> Any:
+                    refresh_timeout: float = 5.0,
+                    on_commit: Callable[[str], Any] | None = None) -> Any:
     """Run ``fn(session)`` in a new session and commit; retry if the bucket map was stale.
 
     When a shard refuses a write because a move has switched its bucket to
@@ -3162,6 +3163,11 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     session, up to ``retries`` more times.  ``fn`` must therefore be safe to run
     again (do not keep state from a failed attempt).  Returns what ``fn``
     returned.
+
+    ``on_commit`` is called with the session's consistency token once the commit
+    has succeeded (before the session closes), so that what was committed can be read
+    back elsewhere: pass it to a later session (``consistency_token=``), through a
+    cookie or a job's arguments.  An error it raises propagates; the commit stands.
     """
     attempt = 0
     while True:
@@ -3170,6 +3176,8 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
             try:
                 result = fn(session)
                 session.commit()
+                if on_commit is not None:
+                    on_commit(session.consistency_token())
                 return result
             except NotOwned as e:
                 session.rollback()

@@ -256,3 +256,27 @@ def test_merge_compares_the_given_object_with_the_row_on_the_primary(env):
             s.commit()
     assert env.primary_value("s0", f"SELECT name FROM orr_owners WHERE id = {k}") == "A"    # was: "B"
     assert env.primary_value("s0", f"SELECT name FROM orr_owners WHERE id = {k2}") == "merged"
+
+
+# -- run_transaction's token ------------------------------------------------------------------------
+
+
+def test_run_transaction_hands_over_the_token_of_what_it_committed(env):
+    """run_transaction commits and closes its session, so the caller had no way to get the
+    consistency token of what it wrote: the next request's session could read a lagging
+    replica without it.  on_commit receives the token after the commit; a session given it
+    reads the row (from the primary while the replica lags)."""
+    k, k2 = env.key("s1"), env.key("s1")
+    tokens: list[str] = []
+    with lagging(env, shards=("s1",)):
+        got = shardkit.run_transaction(env.Session, lambda s: s.add(Owner(id=k, name="fresh")) or "done",
+                                       on_commit=tokens.append)
+        assert got == "done" and len(tokens) == 1 and tokens[0]
+        with env.Session(consistency_token=tokens[0]) as s:
+            owner, nodes = env.nodes(lambda: s.get(Owner, k))
+            assert owner is not None and owner.name == "fresh"
+            assert on_primary(nodes, "s1"), nodes
+        with pytest.raises(ZeroDivisionError):   # the hook's error propagates; the commit stands
+            shardkit.run_transaction(env.Session, lambda s: s.add(Owner(id=k2, name="x")),
+                                     on_commit=lambda token: 1 / 0)
+    assert env.primary_value("s1", f"SELECT count(*) FROM orr_owners WHERE id = {k2}") == 1
