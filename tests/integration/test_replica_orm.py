@@ -9,13 +9,11 @@ One 2-shard x 2-replica cluster serves the module; tests that delay replicas res
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, Sequence, String, event, func, insert, inspect, select, text, update
+from sqlalchemy import BigInteger, ForeignKey, Sequence, String, func, insert, inspect, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -25,11 +23,11 @@ from sqlalchemy.orm import (
     raiseload,
     relationship,
     selectinload,
-    sessionmaker,
     subqueryload,
 )
 
 import shardkit
+from replica_env import ReplicaEnv, lagging, on_primary, on_replica, replica_env
 
 pytestmark = pytest.mark.integration
 
@@ -57,30 +55,7 @@ class Entry(Base):
 GROUPS = {"rvw": {"tables": {"rvw_accounts": "id", "rvw_entries": "account_id"}}}
 
 
-@dataclass
-class Env:
-    dev: Any
-    cluster: shardkit.Cluster
-    Session: sessionmaker
-    served: list[tuple[str, str]]          # (node, statement)
-    _keys: dict[str, Any] = field(default_factory=dict)
-
-    def key(self, shard: str) -> int:
-        return next(self._keys[shard])
-
-    def caught_up(self, shards: tuple[str, ...] = ("s0", "s1")) -> None:
-        for shard in shards:
-            with self.dev.shard(shard).primary.connect() as c:
-                c.execute("SELECT txid_current()")
-        for shard in shards:
-            for r in self.dev.shard(shard).replicas:
-                r.wait_caught_up()
-
-    def nodes(self, fn: Any) -> tuple[Any, list[str]]:
-        n0 = len(self.served)
-        out = fn()
-        return out, [node for node, st in self.served[n0:] if "rvw_" in st]
-
+class Env(ReplicaEnv):
     def seed(self, rows: dict[int, str], entries: dict[int, list[str]] | None = None) -> None:
         with self.Session() as s:
             s.add_all(Account(id=k, name=v) for k, v in rows.items())
@@ -89,61 +64,11 @@ class Env:
             s.commit()
         self.caught_up()
 
-    def primary_value(self, shard: str, sql: str) -> Any:
-        with self.cluster.primary(shard).connect() as c:
-            return c.execute(text(sql)).scalar()
-
-
-def _record(cluster: shardkit.Cluster, served: list) -> None:
-    for s in cluster.shard_names:
-        for i in range(-1, cluster.replica_count(s)):
-            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
-            event.listen(eng, "after_cursor_execute",
-                         lambda c, cur, st, *a, node=eng.info["node"], **k: served.append((node, st)))
-
 
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory):
-    dev = shardkit_module_cluster_factory(shards=2, replicas=2)
-    cfg = {**dev.config_dict(), "groups": GROUPS,
-           "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 1.0}}
-    cluster = shardkit.Cluster.from_config(cfg, metadata=Base.metadata)
-    for s in cluster.shard_names:
-        Base.metadata.create_all(cluster.primary(s))
-    served: list[tuple[str, str]] = []
-    _record(cluster, served)
-    cluster.start_monitor()
-    by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
-    for k in range(1, 20_000):
-        by_shard[cluster.shard_for("rvw_accounts", k)].append(k)
-    e = Env(dev, cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), served,
-            {s: iter(v) for s, v in by_shard.items()})
-    e.caught_up()
-    yield e
-    cluster.dispose()
-
-
-@contextlib.contextmanager
-def lagging(env: Env, shards: tuple[str, ...] = ("s0", "s1"), seconds: float = 30.0):
-    nodes = [r for s in shards for r in env.dev.shard(s).replicas]
-    try:
-        for n in nodes:
-            n.set_apply_delay(seconds)
-        time.sleep(0.2)
-        yield nodes
-    finally:
-        for n in nodes:
-            n.set_apply_delay(0)
-        env.caught_up(shards)
-
-
-def on_replica(nodes: list[str], shard: str | None = None) -> bool:
-    return bool(nodes) and all("/r" in n and (shard is None or n.startswith(shard + "/")) for n in nodes)
-
-
-def on_primary(nodes: list[str], shard: str | None = None) -> bool:
-    return bool(nodes) and all(n.endswith("/primary") and (shard is None or n.startswith(shard + "/"))
-                               for n in nodes)
+    yield from replica_env(shardkit_module_cluster_factory, Base.metadata, {"groups": GROUPS},
+                           "rvw_accounts", "rvw_", replicas=2, env_class=Env)
 
 
 def token(obj: Any) -> str:

@@ -1,0 +1,101 @@
+"""A module's own cluster with streaming replicas, for ORM tests that check which node
+served each statement: keys per shard, replicas made to lag on purpose."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.orm import sessionmaker
+
+import shardkit
+
+
+@dataclass
+class ReplicaEnv:
+    dev: Any
+    cluster: shardkit.Cluster
+    Session: sessionmaker
+    served: list[tuple[str, str]]          # (node, statement), every statement of every node
+    prefix: str                             # the module's table names start with it
+    _keys: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, shard: str) -> int:
+        """A key of the module's first group that ``shard`` owns, unused so far."""
+        return next(self._keys[shard])
+
+    def caught_up(self, shards: tuple[str, ...] = ("s0", "s1")) -> None:
+        for shard in shards:
+            with self.dev.shard(shard).primary.connect() as c:
+                c.execute("SELECT txid_current()")
+        for shard in shards:
+            for r in self.dev.shard(shard).replicas:
+                r.wait_caught_up()
+
+    def nodes(self, fn: Any) -> tuple[Any, list[str]]:
+        """``fn()``, and the nodes that served its statements on the module's tables."""
+        n0 = len(self.served)
+        out = fn()
+        return out, [node for node, st in self.served[n0:] if self.prefix in st]
+
+    def primary_value(self, shard: str, sql: str) -> Any:
+        with self.cluster.primary(shard).connect() as c:
+            return c.execute(text(sql)).scalar()
+
+
+def replica_env(factory: Any, metadata: Any, config: dict[str, Any], key_table: str, prefix: str,
+                replicas: int = 1, env_class: type[ReplicaEnv] = ReplicaEnv) -> Iterator[ReplicaEnv]:
+    """For a module-scoped fixture (``yield from``): 2 shards with ``replicas`` each, the
+    ``metadata`` tables on every primary, ``config`` (groups, reference tables) over them,
+    the monitor polling every 0.1 s and a lag limit of 300 s (so a delayed replica stays
+    eligible, and a read that should not use it shows stale rows)."""
+    dev = factory(shards=2, replicas=replicas)
+    cfg = {**dev.config_dict(), **config,
+           "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 1.0}}
+    cluster = shardkit.Cluster.from_config(cfg, metadata=metadata)
+    for s in cluster.shard_names:
+        metadata.create_all(cluster.primary(s))
+    served: list[tuple[str, str]] = []
+    for s in cluster.shard_names:
+        for i in range(-1, cluster.replica_count(s)):
+            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
+            event.listen(eng, "after_cursor_execute",
+                         lambda c, cur, st, *a, node=eng.info["node"], **k: served.append((node, st)))
+    cluster.start_monitor()
+    by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
+    for k in range(1, 20_000):
+        by_shard[cluster.shard_for(key_table, k)].append(k)
+    env = env_class(dev, cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), served,
+                    prefix, {s: iter(v) for s, v in by_shard.items()})
+    env.caught_up()
+    yield env
+    cluster.dispose()
+
+
+@contextlib.contextmanager
+def lagging(env: ReplicaEnv, shards: tuple[str, ...] = ("s0", "s1"), seconds: float = 30.0,
+            settle: float = 0.3) -> Iterator[list[Any]]:
+    """The replicas of ``shards`` replay ``seconds`` behind inside the block."""
+    nodes = [r for s in shards for r in env.dev.shard(s).replicas]
+    try:
+        for n in nodes:
+            n.set_apply_delay(seconds)
+        time.sleep(settle)
+        yield nodes
+    finally:
+        for n in nodes:
+            n.set_apply_delay(0)
+        env.caught_up(shards)
+
+
+def on_replica(nodes: list[str], shard: str | None = None) -> bool:
+    return bool(nodes) and all("/r" in n and (shard is None or n.startswith(shard + "/")) for n in nodes)
+
+
+def on_primary(nodes: list[str], shard: str | None = None) -> bool:
+    return bool(nodes) and all(n.endswith("/primary") and (shard is None or n.startswith(shard + "/"))
+                               for n in nodes)
