@@ -2829,11 +2829,22 @@ def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
     if mon is None:
         return
     p = mon.shards[shard].primary
+    now = time.monotonic()
     # Only a recent observation counts: an old one may predate a restart.
-    if p.checked_at and not p.up and time.monotonic() - p.checked_at < 2 * cluster.replica_settings.poll_interval + 0.5:
+    if p.checked_at and not p.up and now - p.checked_at < 2 * cluster.replica_settings.poll_interval + 0.5:
         raise ShardUnavailable(
             f"shard {shard}: primary {p.name} is down ({p.error}); writes to {shard} cannot run "
             "until it is back (reads can still use its replicas)",
+            shard=shard, node=p.name,
+        )
+    if p.checked_at and mon.running and not p.heard_from(now, mon.stale_after):
+        # A poll still waiting: the server accepts TCP but does not answer (its processes
+        # stopped, say), and a write sent to it would wait as long, with nothing (neither
+        # psycopg nor the kernel, which acknowledges the data) to time it out.
+        raise ShardUnavailable(
+            f"shard {shard}: primary {p.name} has not answered the health poll for "
+            f"{now - p.checked_at:.1f} s (hung, not refusing connections); writes to {shard} "
+            "cannot run until it answers (reads can still use its replicas)",
             shard=shard, node=p.name,
         )
 
