@@ -32,6 +32,7 @@ import itertools
 import os
 import socket
 import struct
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -1412,6 +1413,30 @@ CANCEL_GRACE: float = 1.0
 
 # The psycopg connections whose socket shut_down_socket shut down.
 _shut_down: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def send_cancel(dbapi_connection: Any, timeout: float) -> threading.Thread:
+    """Ask the server to cancel the query running on a psycopg connection, from a thread
+    of its own (returned, started): the cancel request is a connection to the server,
+    and libpq's ``PQcancel`` waits for the server to answer it, without a time limit,
+    so a frozen server (SIGSTOP, a paused VM, a host gone from the network) would hold
+    the caller for as long as it stays so.  With psycopg's ``cancel_safe()`` (libpq 17)
+    the thread gives up after ``timeout`` seconds; without it, it ends when the server
+    answers or goes."""
+
+    def cancel() -> None:
+        try:
+            safe = getattr(dbapi_connection, "cancel_safe", None)
+            if safe is not None:
+                safe(timeout=timeout)
+            else:
+                dbapi_connection.cancel()
+        except Exception:  # noqa: BLE001 - the caller reports the shard; the socket may be cut
+            pass
+
+    thread = threading.Thread(target=cancel, name="shardkit-cancel", daemon=True)
+    thread.start()
+    return thread
 
 
 def shut_down_here(context: Any) -> bool:

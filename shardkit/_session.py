@@ -73,7 +73,7 @@ from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_
 from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select,
                        unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
-                       plan_scatter, shut_down_socket, text_comparison)
+                       plan_scatter, send_cancel, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
 from ._scope import _current as _scope_var
 from ._slices import SLICE_BASE
@@ -2347,6 +2347,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     running = {f for f in not_done if not f.cancel()}
     give_up = time.monotonic() + CANCEL_GRACE
     cut: set[Any] = set()
+    # Each cancel request is sent from a thread of its own: one to a server that does
+    # not answer (frozen, or its host gone) would otherwise hold this loop past give_up.
+    cancels: dict[Any, Any] = {}
     while running:
         for f in running:
             if f in cut:
@@ -2355,7 +2358,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 dbapi_conn = futures[f][5].connection.dbapi_connection
                 if time.monotonic() < give_up:
                     # The shard's thread then fails with QueryCanceled.
-                    dbapi_conn.cancel()
+                    if f not in cancels or not cancels[f].is_alive():
+                        cancels[f] = send_cancel(dbapi_conn, CANCEL_GRACE)
                 elif shut_down_socket(dbapi_conn):
                     cut.add(f)  # its thread fails at once: the connection is lost
             except Exception:  # noqa: BLE001 - the failure below reports the shard
@@ -2973,28 +2977,41 @@ def _refuse_aborted(session: Session) -> None:
     COMMIT while the others commit.  On one database the error would have cost the
     whole transaction; refuse to commit any of it instead of silently keeping part."""
     aborted = []
+    lost = []
     primaries = []
     for conn in _transaction_connections(session):
         shard = _primary_shard(conn)
         if shard is not None:
             primaries.append(shard)
-        if conn.invalidated or conn.closed:
+        if conn.closed:
+            continue
+        name = shard or conn.engine.info.get("node", "a node")
+        if conn.invalidated:
+            # Its server went away under a statement (a replica that died while a streamed
+            # result was being read): that part of the transaction is gone, and SQLAlchemy
+            # would refuse its COMMIT after committing the connections before it.
+            lost.append(name)
             continue
         try:
             status = conn.connection.dbapi_connection.info.transaction_status
         except Exception:  # noqa: BLE001 - not a live psycopg connection: nothing to check
             continue
         if status == TransactionStatus.INERROR:
-            aborted.append(shard or conn.engine.info.get("node", "a node"))
-    if aborted:
-        names = ", ".join(sorted(aborted))
+            aborted.append(name)
+    if aborted or lost:
+        why = []
+        if aborted:
+            why.append(f"an earlier error in this transaction aborted it on shard(s) "
+                       f"{', '.join(sorted(aborted))} (PostgreSQL ignores what follows and rolls "
+                       "back at COMMIT, while the other shards would commit)")
+        if lost:
+            why.append(f"its connection to {', '.join(sorted(lost))} was lost under an earlier "
+                       "statement (the transaction there is gone)")
         raise CommitError(
-            f"cannot commit: an earlier error in this transaction aborted it on shard(s) "
-            f"{names} (PostgreSQL ignores what follows and rolls back at COMMIT, while "
-            "the other shards would commit); nothing was committed on any shard: call "
+            f"cannot commit: {'; and '.join(why)}; nothing was committed on any shard: call "
             "rollback() and run the transaction again (to go on after an error inside a "
             "transaction, run the failing statement in begin_nested())",
-            committed=[], failed=sorted(aborted)[0], not_committed=sorted(primaries))
+            committed=[], failed=sorted(aborted or lost)[0], not_committed=sorted(primaries))
 
 
 def _partial_commit(session: ShardedSession, start: int, error: BaseException) -> CommitError | None:
