@@ -391,7 +391,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             try:
                 _fail_fast_if_primary_down(self.cluster, shard_id)
             except ShardUnavailable:
-                self._invalidate_held(shard_id)
+                if not self._invalidate_held(shard_id):
+                    # Nothing ran there in this transaction, and this statement does not
+                    # run: the shard's reads keep using its replicas.
+                    self._sk_written.discard(shard_id)
                 raise
         elif shardkit_stream:
             return self.cluster.streaming_engine(shard_id, shardkit_replica)
@@ -533,10 +536,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
         :meth:`_read_target`).  Returns None, :meth:`_read_target`'s "the primary"."""
         self._sk_replica[shard] = _ON_PRIMARY
 
-    def _invalidate_held(self, shard: str) -> None:
+    def _invalidate_held(self, shard: str) -> bool:
         """The primary of ``shard`` is down: mark the transaction's connection to it (if
         any) invalid, so that close() and rollback() let it go quietly (and release the
-        other shards' connections) and the transaction cannot commit without it."""
+        other shards' connections) and the transaction cannot commit without it.
+        False if the transaction holds no connection to it."""
         trans = self.get_transaction()
         entry = getattr(trans, "_connections", {}).get(self.cluster.primary(shard)) if trans else None
         if entry is not None and not entry[0].invalidated:
@@ -544,6 +548,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 entry[0].invalidate()
             except Exception:  # noqa: BLE001 - it is gone already
                 pass
+        return entry is not None
 
     def _forget_connection(self, shard: str, index: int | None) -> None:
         """Drop a failed connection (a replica's, or with ``index=None`` the primary's) from
@@ -555,18 +560,26 @@ class ShardedSession(horizontal_shard.ShardedSession):
             engines = [self.cluster.primary(shard)]
         else:
             engines = [self.cluster.engine(shard, REPLICA, index), self.cluster.streaming_engine(shard, index)]
-        # SessionTransaction keeps each connection under its engine and itself;
-        # there is no public API to let go of one that died under a read.
-        conns = getattr(trans, "_connections", None)
-        if conns is None:
-            return
+        # SessionTransaction keeps each connection under its engine and itself, and so
+        # does each savepoint (begin_nested()) open on it: a savepoint still holding it
+        # would fail to end.  There is no public API to let go of one that died under a read.
+        levels = []
+        t = self._transaction
+        while t is not None:
+            levels.append(t)
+            t = t._parent
         for engine in engines:
-            entry = conns.pop(engine, None)
-            if entry is not None:
-                conns.pop(entry[0], None)
+            dead = None
+            for level in levels:
+                conns = getattr(level, "_connections", None)
+                entry = conns.pop(engine, None) if conns is not None else None
+                if entry is not None:
+                    conns.pop(entry[0], None)
+                    dead = entry[0]
+            if dead is not None:
                 try:
-                    entry[0].invalidate()
-                    entry[0].close()
+                    dead.invalidate()
+                    dead.close()
                 except Exception:  # noqa: BLE001 - it is already broken
                     pass
 
@@ -577,6 +590,21 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
         Same arguments as :meth:`sqlalchemy.orm.Session.execute`.
         """
+        if self._transaction is None:
+            # What routing records for the transaction (shards written, replica pins,
+            # the reference shard) is recorded before the statement begins it; if the
+            # statement fails first (a primary that is down, autobegin=False), no
+            # transaction end would clear it and it would steer the next transaction.
+            try:
+                return self._sk_execute(statement, params, execution_options, bind_arguments, kw)
+            except BaseException:
+                if self._transaction is None:
+                    _forget_transaction(self)
+                raise
+        return self._sk_execute(statement, params, execution_options, bind_arguments, kw)
+
+    def _sk_execute(self, statement: Any, params: Any, execution_options: Any, bind_arguments: Any,
+                    kw: Any) -> Any:
         if (type(statement) is selectable.Select and not execution_options and bind_arguments is None
                 and not kw and not statement._execution_options):
             out = self._plain_read(statement, params)
@@ -2933,17 +2961,26 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
             # The session's own connection, committed and not yet returned to the
             # pool: no second checkout, so a full pool cannot deadlock here.
             # The insert position is at or after our commit record.
-            text = conn.exec_driver_sql("SELECT pg_current_wal_insert_lsn()::text").scalar()
-        except Exception as e:  # noqa: BLE001
-            # Without a position, read this shard from the primary from now on.
-            log.warning("could not read %s's WAL position after commit (%s); its reads "
-                        "go to the primary", shard, e)
-            session._sk_tokens[shard] = _UNKNOWN_POSITION
-            continue
+            text = conn.exec_driver_sql(_WAL_POSITION_SQL).scalar()
+        except Exception:  # noqa: BLE001
+            try:
+                # The connection died after its COMMIT: any connection to the primary
+                # gives a position at or after the commit record.
+                with session.cluster.primary(shard).connect() as fresh:
+                    text = fresh.exec_driver_sql(_WAL_POSITION_SQL).scalar()
+            except Exception as e:  # noqa: BLE001
+                # Without a position, this session (and any given its token) reads
+                # this shard from the primary.
+                log.warning("could not read %s's WAL position after commit (%s); its reads "
+                            "go to the primary", shard, e)
+                session._sk_tokens[shard] = _UNKNOWN_POSITION
+                continue
         lsn = replay_target(parse_lsn(text))
         if lsn > session._sk_tokens.get(shard, 0):
             session._sk_tokens[shard] = lsn
 
+
+_WAL_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 
 # Commits of primaries' connections, numbered as they start (see ShardedSession.commit).
 _COMMIT_SEQ = _counter(1)
@@ -3095,7 +3132,7 @@ def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
                 if session._sk_commit_conns.pop(shard, None) is not None:
                     # Read-your-writes: the position read here, not on the failed connection.
                     lsn = replay_target(parse_lsn(fresh.exec_driver_sql(
-                        "SELECT pg_current_wal_insert_lsn()::text").scalar()))
+                        _WAL_POSITION_SQL).scalar()))
                     session._sk_tokens[shard] = max(lsn, session._sk_tokens.get(shard, 0))
             committed.append(shard)
         except Exception as e:  # noqa: BLE001 - reported below
@@ -3147,15 +3184,20 @@ def _end_transaction(session: Session, transaction: Any) -> None:
     transaction wrote before or inside it is still visible only on the primary."""
     assert isinstance(session, ShardedSession)
     if transaction.parent is None:
-        if session._sk_written:
-            session._sk_written = set()
-        if session._sk_commit_conns:
-            session._sk_commit_conns = {}
-        if session._sk_replica:
-            session._sk_replica = {}
-        if session._sk_ref_copied:
-            session._sk_ref_copied = set()  # a flush that failed before after_flush
-        session._sk_ref_shard = None
+        _forget_transaction(session)
+
+
+def _forget_transaction(session: ShardedSession) -> None:
+    """Clear what the session records for its current transaction (not read-your-writes)."""
+    if session._sk_written:
+        session._sk_written = set()
+    if session._sk_commit_conns:
+        session._sk_commit_conns = {}
+    if session._sk_replica:
+        session._sk_replica = {}
+    if session._sk_ref_copied:
+        session._sk_ref_copied = set()  # a flush that failed before after_flush
+    session._sk_ref_shard = None
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
