@@ -11,15 +11,15 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, String, event, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import BigInteger, String, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardkit
+from replica_env import ReplicaEnv, replica_env
 from waiting import health_by_node, wait_for
 
 pytestmark = pytest.mark.integration
@@ -38,32 +38,12 @@ class Acct(Base):
 GROUPS = {"srr": {"tables": {"srr_accounts": "id"}}}
 
 
-@dataclass
-class Env:
-    dev: Any
-    cluster: shardkit.Cluster
-    Session: sessionmaker
-    served: list[tuple[str, str]]          # (node, statement)
-    _keys: dict[str, Any] = field(default_factory=dict)
-
+class Env(ReplicaEnv):
     def keys(self, shard: str, n: int) -> list[int]:
-        return [next(self._keys[shard]) for _ in range(n)]
+        return [self.key(shard) for _ in range(n)]
 
     def replica(self, shard: str) -> Any:
         return self.dev.shard(shard).replicas[0]
-
-    def caught_up(self) -> None:
-        for s in self.dev.shards:
-            with s.primary.connect() as c:
-                c.execute("SELECT txid_current()")
-        for s in self.dev.shards:
-            for r in s.replicas:
-                r.wait_caught_up()
-
-    def nodes(self, fn: Any) -> tuple[Any, list[str]]:
-        n0 = len(self.served)
-        out = fn()
-        return out, [node for node, st in self.served[n0:] if "srr_" in st]
 
     def on_primary(self, shard: str, sql: str, **params: Any) -> list[Any]:
         with self.cluster.primary(shard).connect() as c:
@@ -72,27 +52,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory):
-    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
-    cfg = {**dev.config_dict(), "groups": GROUPS,
-           "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 1.0}}
-    cluster = shardkit.Cluster.from_config(cfg)
-    for s in cluster.shard_names:
-        Base.metadata.create_all(cluster.primary(s))
-    served: list[tuple[str, str]] = []
-    for s in cluster.shard_names:
-        for i in range(-1, cluster.replica_count(s)):
-            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
-            event.listen(eng, "after_cursor_execute",
-                         lambda c, cur, st, *a, node=eng.info["node"], **k: served.append((node, st)))
-    cluster.start_monitor()
-    by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
-    for k in range(1, 40_000):
-        by_shard[cluster.shard_for("srr_accounts", k)].append(k)
-    e = Env(dev, cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), served,
-            {s: iter(v) for s, v in by_shard.items()})
-    e.caught_up()
-    yield e
-    cluster.dispose()
+    yield from replica_env(shardkit_module_cluster_factory, Base.metadata, {"groups": GROUPS},
+                           "srr_accounts", "srr_", env_class=Env)
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any
 
 import pytest
 from sqlalchemy import BigInteger, ForeignKey, String, event, select, text, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import shardkit
+from replica_env import ReplicaEnv, replica_env
 
 pytestmark = pytest.mark.integration
 
@@ -40,20 +40,8 @@ class Thing(Base):
 GROUPS = {"boxes": {"tables": {"ssr_boxes": "id", "ssr_things": "box_id"}}}
 
 
-class Env:
-    def __init__(self, dev: Any, cluster: shardkit.Cluster) -> None:
-        self.dev = dev
-        self.cluster = cluster
-        self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
-        self.served: list[tuple[str, str]] = []
-        by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
-        for k in range(1, 20_000):
-            by_shard[cluster.shard_for("ssr_boxes", k)].append(k)
-        self._keys = {s: iter(v) for s, v in by_shard.items()}
-        self.baseline: dict[str, int] = {}
-
-    def key(self, shard: str) -> int:
-        return next(self._keys[shard])
+class Env(ReplicaEnv):
+    baseline: dict[str, int] = {}  # set per test (_restore)
 
     def seed(self, shard: str) -> int:
         k = self.key(shard)
@@ -61,19 +49,6 @@ class Env:
             c.execute(text("INSERT INTO ssr_boxes (id, name) VALUES (:k, 'seed')"), {"k": k})
         self.caught_up((shard,))
         return k
-
-    def caught_up(self, shards: tuple[str, ...] = ("s0", "s1")) -> None:
-        for shard in shards:
-            with self.dev.shard(shard).primary.connect() as c:
-                c.execute("SELECT txid_current()")
-        for shard in shards:
-            for r in self.dev.shard(shard).replicas:
-                r.wait_caught_up()
-
-    def nodes(self, fn: Any) -> tuple[Any, list[str]]:
-        n0 = len(self.served)
-        out = fn()
-        return out, [node for node, st in self.served[n0:] if "ssr_" in st]
 
     def checked_out(self) -> dict[str, int]:
         now = {node: (st or {}).get("checkedout", 0) for node, st in self.cluster.pool_stats().items()}
@@ -98,22 +73,8 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory):
-    dev = shardkit_module_cluster_factory(shards=2, replicas=1)
-    cfg = {**dev.config_dict(), "groups": GROUPS,
-           "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 1.0}}
-    cluster = shardkit.Cluster.from_config(cfg, metadata=Base.metadata)
-    for s in cluster.shard_names:
-        Base.metadata.create_all(cluster.primary(s))
-    e = Env(dev, cluster)
-    for s in cluster.shard_names:
-        for i in range(-1, cluster.replica_count(s)):
-            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
-            event.listen(eng, "after_cursor_execute",
-                         lambda c, cur, st, *a, node=eng.info["node"], **k: e.served.append((node, st)))
-    cluster.start_monitor()
-    e.caught_up()
-    yield e
-    cluster.dispose()
+    yield from replica_env(shardkit_module_cluster_factory, Base.metadata, {"groups": GROUPS},
+                           "ssr_boxes", "ssr_", env_class=Env)
 
 
 @pytest.fixture(autouse=True)
