@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import struct
 from collections import Counter
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +35,6 @@ from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import ClusterConfig, GroupConfig
-from ._hashing import _murmur3_32 as murmur3_32, _pack_int64 as pack_int64
 from ._strategies import HashStrategy, Strategy
 from ._colocation import colocation_problem, compound_selects, dml_extra_froms
 from ._scatter import compound_keyword, exists_column
@@ -176,13 +174,12 @@ class Router:
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
         # (id of the Table, key column name, the ORM entity selected or None) -> (group,
-        # coercer, routes by shard, a weak reference to the Table, the key's shard function
-        # (_shard_of)) of the plan shared by
+        # coercer, routes by shard, a weak reference to the Table) of the plan shared by
         # every SELECT that _column_equals_value accepts on that column.  By entity: an
         # entity's load may be refused (entities_problem) where its columns' is not.
         # Weakly: an application may build its table() objects per read, and the router
         # must not keep them alive.
-        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any]] = {}
+        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -355,8 +352,8 @@ class Router:
                 entry = self._key_columns.get((id(table), shape[0].name, shape[2]))
                 if entry is not None and entry[3]() is table:
                     v = shape[1].value
-                    if v is not None and not isinstance(v, ClauseElement):
-                        known = entry[2].get(entry[4](v))
+                    if not _is_unresolved(v):
+                        known = entry[2].get(self._shard(entry[0], v, entry[1]))
                         if known is not None:
                             return known
         if getattr(statement, "_params", None):
@@ -374,8 +371,7 @@ class Router:
                 key_columns.clear()
             table = shape[0].table
             key_columns[(id(table), shape[0].name, shape[2])] = (single[0], single[2], plan.routes,
-                                                                 weakref.ref(table),
-                                                                 self._shard_of(single[0], single[2]))
+                                                                 weakref.ref(table))
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
@@ -1074,10 +1070,11 @@ class Router:
             pass
         placed: dict[str, str | None] = {}
         for t in mapper.tables:
-            name = _table_name(t)
-            tr = self.tables.get(name) or self.tables.get(name.rsplit(".", 1)[-1])
-            if tr is not None:  # (a table the map does not know is refused where it is used)
-                placed[tr.table] = tr.group
+            try:
+                tr = self.table_route(t)
+            except RoutingError:
+                continue  # a table the map does not know is refused where it is used
+            placed[tr.table] = tr.group
         problem = None
         if len(set(placed.values())) > 1:
             where = ", ".join(f"{t} ({'a reference table' if g is None else f'group {g}'})"
@@ -1173,26 +1170,6 @@ class Router:
             if e.table is None:
                 e.table = "/".join(self.groups[g].tables)
             raise
-
-    def _shard_of(self, g: str, co: Any) -> Callable[[Any], str]:
-        """``_shard(g, key, co)`` as a function of the key, for the key columns' entries:
-        the commonest key, an int under a hash strategy, goes to its shard without the
-        calls through the strategy (each costs more than its work on the routing path)."""
-        general = functools.partial(self._shard, g, co=co)
-        strategy = self.groups[g].strategy
-        if type(strategy) is not HashStrategy or co not in (None, _to_int):
-            return general
-        bucket_map, count = strategy.bucket_map, strategy.bucket_count
-
-        def shard_of(key: Any) -> str:
-            if type(key) is int:
-                try:
-                    return bucket_map[murmur3_32(pack_int64(key)) % count]
-                except struct.error:
-                    pass  # outside int64: the general path raises the descriptive error
-            return general(key)
-
-        return shard_of
 
     def _arity(self, g: str) -> int:
         return len(next(iter(self.groups[g].tables.values())))

@@ -289,17 +289,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # for the row, beside the one the session holds or loads.  The object's shard key
         # (or its primary key, when that contains the shard key) names its shard; the
         # caller's object is left as it was.  (With load=True, get() finds the row.)
-        if load and not self._sk_for_write and self.cluster.has_replicas:
+        if load:
             # merge() loads the row to compare the given object with: the changes it
             # finds are what the flush writes, so the row is read where the write goes
             # (a replica's older copy would hide changes, or turn an UPDATE into an INSERT).
-            self._sk_for_write = True
-            try:
-                return self._merge(state, state_dict, load=load, **kw)
-            finally:
-                self._sk_for_write = False
+            with self._loading_for_write():
+                return super()._merge(state, state_dict, load=load, **kw)
         key = state.key
-        if load or key is None or key[2] is not None or state.session_id == self.hash_key:
+        if key is None or key[2] is not None or state.session_id == self.hash_key:
             return super()._merge(state, state_dict, load=load, **kw)
         shard = _own_key_shard(self.cluster, state) or self._shard_from_identity(state.mapper, key[1])
         if shard is None:
@@ -313,11 +310,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _delete_impl(self, state: Any, obj: Any, head: bool) -> None:
         # delete() (and delete_all()) load the collections the delete cascades to: those
         # rows are about to be deleted, so they are read as the flush's own loads are.
-        if self._sk_for_write or not self.cluster.has_replicas:
+        with self._loading_for_write():
             return super()._delete_impl(state, obj, head)
+
+    @contextlib.contextmanager
+    def _loading_for_write(self) -> Iterator[None]:
+        """Inside: what the ORM loads decides a write, and is read from the primary (see
+        _read_target)."""
+        if self._sk_for_write or not self.cluster.has_replicas:
+            yield
+            return
         self._sk_for_write = True
         try:
-            return super()._delete_impl(state, obj, head)
+            yield
         finally:
             self._sk_for_write = False
 
@@ -687,7 +692,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 or (params is not None and type(params) is not dict)
                 or statement._for_update_arg is not None
                 or self._new or self._deleted or self.identity_map.check_modified()
-                or self._nested_transaction is not None or self._flushing or self._sk_for_write):
+                or self.in_nested_transaction() or self._flushing or self._sk_for_write):
             return _GENERAL
         for opt in statement._with_options:
             if isinstance(opt, horizontal_shard.set_shard_id):
@@ -696,20 +701,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if len(route.shards) != 1 or route.is_write or route.anywhere:
             return route
         shard = route.shards[0]
-        eo = _LOAD_OPTIONS.get(shard) or _load_options(shard)
-        if not cluster._replica_counts[shard]:
+        eo = _load_options(shard)
+        if not cluster.replica_count(shard):
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)
             return Session.execute(self, statement, params, execution_options=eo,
                                    bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
             return route
-        settings = cluster.config.replicas
+        settings = cluster.replica_settings
         consistency = self.consistency or settings.consistency
         if consistency == "strong":
             return route
         pinned = self._sk_replica.get(shard)
-        selector = cluster._selector or cluster.selector
+        selector = cluster.selector
         ok, _ = selector.eligible(
             shard, max_lag_seconds=settings.max_lag_seconds, max_lag_bytes=settings.max_lag_bytes,
             min_lsn=self._sk_tokens.get(shard) if consistency == "read_your_writes" else None)
