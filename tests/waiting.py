@@ -1,4 +1,5 @@
-"""Waiting for a cluster to reach a state, and reading its health by node name."""
+"""Waiting for a cluster to reach a state, reading its health by node name, and finding a
+local node's server processes."""
 
 from __future__ import annotations
 
@@ -18,3 +19,11 @@ def wait_for(check: Any, timeout: float, what: str) -> None:
 def health_by_node(cluster: Any) -> dict[str, dict[str, Any]]:
     """``cluster.health()``'s nodes, keyed by node name."""
     return {n["node"]: n for n in cluster.health().nodes}
+
+
+def server_pids(node: Any) -> list[int]:
+    """The postmaster of a local node and its children (to stop them: a hung server)."""
+    from shardkit.devcluster import _children
+
+    pid = node._pid()
+    return [pid, *_children(pid)]

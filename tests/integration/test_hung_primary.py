@@ -16,7 +16,7 @@ from sqlalchemy import BigInteger, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
-from test_replica_paths import _server_pids
+from waiting import server_pids
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def test_writes_to_a_hung_primary_fail_fast_and_resume_when_it_answers(shardkit_
         _write(Session, next(keys["s0"]), first)           # a pooled connection to s0 exists
         assert first == {"ok": True}
         stale_after = cluster.monitor().stale_after
-        pids = _server_pids(dev.shards[0].primary)
+        pids = server_pids(dev.shards[0].primary)
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 import shardkit
-from waiting import wait_for
+from waiting import server_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,13 +69,6 @@ def _up_zero(registry) -> str:
                      if line.startswith("shardkit_node_up{") and line.endswith(" 0.0"))
 
 
-def _server_pids(node) -> list[int]:
-    from shardkit.devcluster import _children
-
-    pid = node._pid()
-    return [pid, *_children(pid)]
-
-
 def test_a_hung_replica_has_no_time_lag_in_metrics_or_health(dev):
     """A replica that stops answering (frozen, not refusing connections) is reported down
     once nothing has been heard from it for the stale window; its time lag is then
@@ -95,7 +88,7 @@ def test_a_hung_replica_has_no_time_lag_in_metrics_or_health(dev):
         r0 = labels("s0/r0")
         wait_for(lambda: registry.get_sample_value("shardkit_replica_lag_seconds", r0) is not None, 8.0,
                  "the replica's lag")
-        pids = _server_pids(node)
+        pids = server_pids(node)
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:

@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
-from waiting import health_by_node, wait_for
+from waiting import health_by_node, server_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -1016,21 +1016,6 @@ def test_read_cancelled_by_a_recovery_conflict_is_retried_elsewhere(env):
     assert result["rows"] == [("conflict", 0)]
 
 
-def _server_pids(node: Any) -> list[int]:
-    """The postmaster of a local node and its children."""
-    pid = int((Path(node.datadir) / "postmaster.pid").read_text().split("\n", 1)[0])
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_hung_replica_gets_no_reads_and_health_does_not_call_it_up(env):
     """A replica that stops answering (frozen, not refusing connections): reads avoid it
     once its samples are stale, and health() must not keep reporting it as up, since
@@ -1040,7 +1025,7 @@ def test_hung_replica_gets_no_reads_and_health_does_not_call_it_up(env):
         pytest.skip("needs a local cluster's processes")
     k = env.key("s1")
     env.seed({k: "alive"})
-    pids = _server_pids(node)
+    pids = server_pids(node)
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:

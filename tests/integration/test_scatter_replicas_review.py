@@ -20,7 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardkit
 from replica_env import ReplicaEnv, replica_env
-from waiting import health_by_node, wait_for
+from waiting import health_by_node, server_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +69,6 @@ def _replicas_running(env):
              10, "the monitor to see every node up")
 
 
-def _server_pids(node: Any) -> list[int]:
-    pid = node._pid()
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [pid, *(int(p) for p in children)]
-
-
 def _seed(env: Env, rows: dict[int, str]) -> None:
     with env.Session() as s:
         s.add_all(Acct(id=k, name=v) for k, v in rows.items())
@@ -102,7 +96,7 @@ def test_scatter_timeout_holds_when_a_replica_hangs_under_the_read(env):
         with env.Session(consistency="eventual") as s:
             rows, nodes = env.nodes(lambda: s.execute(stmt).all())
             assert rows == [("hang-a",), ("hang-b",)] and sorted(nodes) == ["s0/r0", "s1/r0"], nodes
-    pids = _server_pids(node)
+    pids = server_pids(node)
     # Thawed by a process of its own, whatever happens to this one.
     thaw = subprocess.Popen(["sh", "-c", "sleep 20; kill -CONT " + " ".join(map(str, pids))])
     try:
