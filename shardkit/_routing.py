@@ -592,8 +592,10 @@ class Router:
             return route
         pmap = params if isinstance(params, Mapping) else _EMPTY
         row = row_of(pmap)
-        if not all(c in row for c in cols):
-            missing = [c for c in cols if c not in row]
+        # As for the rows of an executemany (and an ORM flush): a NULL is no key, also as
+        # one part of a composite key, whatever a custom function would answer for it.
+        missing = [c for c in cols if c not in row or row[c] is None]
+        if missing:
             if keyless_to is not None:
                 return Route((keyless_to,), "direct", PRIMARY,
                              f"insert into {tname}: no key, the scope's shard {keyless_to}", True,
@@ -809,7 +811,7 @@ class Router:
             if isinstance(expr, elements.BooleanClauseList):
                 kids = [visit(c) for c in expr.clauses]
                 if expr.operator is operators.and_:
-                    kids = [k for k in kids if k is not None]
+                    kids = _and_terms(kids)
                     return ("and", kids) if kids else None
                 if expr.operator is operators.or_:
                     return ("or", kids)
@@ -887,7 +889,7 @@ class Router:
             elif len(where) == 1:
                 pred = visit(where[0])
             else:
-                kids = [k for k in (visit(w) for w in where) if k is not None]
+                kids = _and_terms([visit(w) for w in where])
                 pred = ("and", kids) if kids else None
         except _NotSimple:
             return None
@@ -1255,6 +1257,21 @@ class Router:
 _EMPTY: Mapping[str, Any] = {}
 
 
+def _and_terms(kids: list[Any]) -> list[Any]:
+    """The terms of an AND of ``kids`` (analysed predicates, ``None`` for those that name no
+    key), nested ANDs flattened: the parts of a composite key are combined within one AND
+    node, and ``where(a == 1).where(and_(b == 2, ...))`` names the whole key."""
+    out: list[Any] = []
+    for k in kids:
+        if k is None:
+            continue
+        if k[0] == "and":
+            out.extend(k[1])
+        else:
+            out.append(k)
+    return out
+
+
 class _NotSimple(Exception):
     """The statement leaves the fast path."""
 
@@ -1424,6 +1441,13 @@ def _to_str(v: Any) -> Any:
     return v
 
 
+def _to_bpchar(v: Any) -> Any:
+    """A ``char(n)`` key: PostgreSQL stores and returns it padded with blanks and compares
+    it without them, and shardkit's SQL functions hash it as ``text``, which drops them:
+    ``'ab'`` and ``'ab    '`` are one key."""
+    return _to_str(v).rstrip(" ")
+
+
 def _to_int(v: Any) -> Any:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ShardKeyError(
@@ -1501,6 +1525,8 @@ def coercer_for(type_: Any) -> Any:
         return _enum_coercer(type_)
     if isinstance(type_, sqltypes.Integer):
         return _to_int
+    if isinstance(type_, (sqltypes.CHAR, sqltypes.NCHAR)):
+        return _to_bpchar
     if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):
         return _to_str
     return None

@@ -279,7 +279,7 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
             raise UsageError(f"--to {args.to}: no such shard in the config (shards: "
                              f"{', '.join(cluster.shard_names)}); add the shard to the config first")
         group, key = _group_key(args.split or args.move_value, slices,
-                                "--split" if args.split else "--move-value")
+                                "--split" if args.split else "--move-value", cluster.file_config)
         if args.split:
             return rp.plan_split_range(slices, group, key, args.to, lower=args.lower)
         return rp.plan_move_value(slices, group, key, args.to)
@@ -312,14 +312,23 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     return rp.plan_even(live, weights, shards=list(cluster.shard_names))
 
 
-def _group_key(spec: str, slices: Any, option: str) -> tuple[str, Any]:
+def _group_key(spec: str, slices: Any, option: str, config: Any = None) -> tuple[str, Any]:
     """``GROUP:KEY`` -> (group, key typed like the group's bounds or values)."""
-    from ._slices import key_kind
+    from ._slices import key_kind, movable_kind
 
     group, sep, raw = spec.partition(":")
     if not sep or not group:
         raise UsageError(f"{option} takes GROUP:KEY, e.g. {option} events:2000")
     mine = [s for s in slices if s.group == group]
+    configured = next((g for g in config.groups if g.name == group), None) if config else None
+    why = movable_kind(configured)[1] if configured is not None and not mine else ""
+    if why:
+        # Configured, but not a group whose ranges or values can move: say why, rather
+        # than that the catalog does not know it.
+        rest = ("its keys move with their hash buckets (--add, --drain, --even)"
+                if configured.strategy.kind == "hash" else
+                "its rows stay on the shards the config file places them on")
+        raise UsageError(f"{option}: {why}, so it cannot move by ranges or values; {rest}")
     if not mine:
         known = sorted({s.group for s in slices})
         raise UsageError(f"{option}: the catalog has no range or list group {group!r} that can move "

@@ -157,8 +157,9 @@ def _verify_by(cluster: Cluster, router: Router, batch: int, sample: int) -> Ver
                         _check_hash_in_sql(config, conn, rep, table, cols[0], sql_type, pk,
                                            strays, sample, foreign)
                     else:
+                        padded = frozenset(i for i, c in enumerate(cols) if types.get(c) == "bpchar")
                         _check_streaming(conn, rep, table, cols, group.strategy, batch, pk,
-                                         strays, sample, foreign)
+                                         strays, sample, foreign, padded)
                 reports.append(rep)
                 if pk:
                     _count_duplicates(cluster, rep, pk, strays, batch)
@@ -221,7 +222,10 @@ def _check_hash_in_sql(config: ClusterConfig, conn: Any, rep: TableReport, table
 def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, ...],
                      strategy: Any, batch: int, pk: list[str],
                      strays: dict[str, list[tuple[Any, ...]]], sample: int,
-                     foreign: frozenset[int]) -> None:
+                     foreign: frozenset[int], padded: frozenset[int] = frozenset()) -> None:
+    """``padded``: the positions in ``cols`` of char(n) columns, whose values come back
+    padded with blanks that the key (as PostgreSQL compares it, and as the router and the
+    SQL functions hash it) does not have."""
     rep.method = "python"
     width = len(cols)
     select_cols = ", ".join(_q(c) for c in (*cols, *pk))
@@ -230,7 +234,11 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
         text(f"SELECT {select_cols} FROM {table_sql(table)}"))
     for row in result:
         rep.rows += 1
-        key = row[0] if width == 1 else tuple(row[:width])
+        parts = row[:width]
+        if padded:
+            parts = tuple(v.rstrip(" ") if i in padded and v is not None else v
+                          for i, v in enumerate(parts))
+        key = parts[0] if width == 1 else tuple(parts)
         if foreign and key is not None and strategy.unit_for_key(key) in foreign:
             rep.in_flight += 1
             continue
