@@ -312,6 +312,33 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     return rp.plan_even(live, weights, shards=list(cluster.shard_names))
 
 
+def _drain_leftovers(cluster: Cluster, slices: Any, shard: str) -> str:
+    """What a ``--drain shard`` plan leaves on ``shard`` (it moves hash buckets alone), as a
+    note for stderr, or "": the range and list slices the catalog gives it, and the groups
+    whose rows the config file places there (or, for a custom function, may place)."""
+    from ._slices import movable_kind
+    from ._strategies import ListStrategy, RangeStrategy
+
+    stays = [f"slice {s.id} ({s.describe()})" for s in slices if s.shard == shard]
+    for g in cluster.file_config.groups:
+        strategy = g.strategy
+        if isinstance(strategy, (RangeStrategy, ListStrategy)):
+            if movable_kind(g)[0] is not None:
+                continue  # its slices, above, say where its keys are
+            owners = ({r.shard for r in strategy.ranges} if isinstance(strategy, RangeStrategy)
+                      else {*strategy.mapping.values(), strategy.default})
+            if shard in owners:
+                stays.append(f"group {g.name} (its {strategy.kind} keys there cannot move: "
+                             f"{movable_kind(g)[1]})")
+        elif strategy.kind == "custom":
+            stays.append(f"group {g.name} (its custom function may place keys there)")
+    if not stays:
+        return ""
+    return (f"note: --drain moves hash buckets only; still on {shard} after it: " + "; ".join(stays)
+            + ". Move the slices with --split GROUP:KEY or --move-value GROUP:VALUE --to SHARD, "
+            f"and keep {shard} in the config until no group places rows there")
+
+
 def _group_key(spec: str, slices: Any, option: str, config: Any = None) -> tuple[str, Any]:
     """``GROUP:KEY`` -> (group, key typed like the group's bounds or values)."""
     from ._slices import key_kind, movable_kind
@@ -342,6 +369,14 @@ def _group_key(spec: str, slices: Any, option: str, config: Any = None) -> tuple
     return group, raw
 
 
+def _note_drain_leftovers(args: argparse.Namespace, cluster: Cluster) -> None:
+    if getattr(args, "drain", None) and args.drain in cluster.shard_names:
+        current = cluster.catalog.current_map()
+        note = _drain_leftovers(cluster, current.slices if current is not None else (), args.drain)
+        if note:
+            print(note, file=sys.stderr)
+
+
 def cmd_rebalance(args: argparse.Namespace) -> int:
     """Plan, run, resume and abort online bucket moves (needs a [catalog])."""
     from . import rebalance
@@ -367,6 +402,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                 except OSError as e:
                     raise UsageError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
             print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.render())
+            _note_drain_leftovers(args, cluster)
             running = [m for m in rebalance.move_status(cluster) if m["state"] == "running"]
             if running:
                 # The plan is made against the live map, which those moves have not switched
@@ -413,6 +449,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                                 progress=lambda line: print(line, flush=True))
         if verb == "apply":
             plan = _make_plan(args, cluster)
+            _note_drain_leftovers(args, cluster)
             if not plan.moves:
                 print("nothing to move: " + plan.reason)
                 return 0

@@ -286,3 +286,41 @@ def test_a_null_key_part_is_refused_by_every_write_path_of_a_custom_group(db):
     assert {cluster.shard_for(CustomPair, (-3, "日本")), cluster.shard_for(CustomPair, (2, ""))} == {"s0", "s1"}
     rep = verify(cluster)
     assert rep.ok and sum(t.rows for t in rep.tables) == 3, rep.render()
+
+
+def test_plan_drain_names_what_stays_on_the_drained_shard(db, tmp_path, capsys):
+    """`--drain s1` moves hash buckets alone.  The plan said nothing of the range and list
+    slices the catalog gives s1, nor of the groups the config places there that cannot move:
+    an operator who drained s1 and then removed it lost those rows.  plan and apply now say
+    (on stderr) what stays, and how to move what can move."""
+    d = db({"groups": {
+        "users": {"tables": {"csr_dusers": "id"}},
+        "legacy": {"strategy": "custom", "tables": {"csr_dlegacy": "k"},
+                   "function": "test_composite_stack_review:legacy_shard"},
+        "zones": {"strategy": "range", "tables": {"csr_dzones": ["a", "b"]},
+                  "ranges": [{"to": [5, 0], "shard": "s0"}, {"from": [5, 0], "shard": "s1"}]},
+        "events": {"strategy": "range", "tables": {"csr_devents": "n"},
+                   "ranges": [{"to": 100, "shard": "s0"}, {"from": 100, "shard": "s1"}]},
+        "stores": {"strategy": "list", "tables": {"csr_dstores": "region"},
+                   "values": {"s0": ["eu"], "s1": ["us"]}},
+    }}, catalog=True)
+    d.sql("CREATE TABLE csr_dusers (id bigint PRIMARY KEY); CREATE TABLE csr_dlegacy (k bigint PRIMARY KEY); "
+          "CREATE TABLE csr_dzones (a int, b int, PRIMARY KEY (a, b)); "
+          "CREATE TABLE csr_devents (n bigint PRIMARY KEY); CREATE TABLE csr_dstores (region text PRIMARY KEY)")
+    rebalance.init(d.cluster)
+    cfg = d.write_config(tmp_path / "shardkit.toml")
+
+    assert cli.main(["rebalance", "plan", "--drain", "s1", "--config", cfg]) == 0
+    out, err = capsys.readouterr()
+    assert "Rebalance plan" in out
+    note = err.strip()
+    assert note.startswith("note: --drain moves hash buckets only; still on s1"), err
+    assert "events: [100, +inf)" in note and "stores: 'us'" in note, note
+    assert "events: [-inf, 100)" not in note and "'eu'" not in note, note
+    assert "group zones" in note and "composite shard key" in note, note
+    assert "group legacy" in note and "custom function" in note, note
+    assert "group users" not in note and "--split GROUP:KEY" in note, note
+    # s0 keeps slices too: draining it names those, not s1's.
+    assert cli.main(["rebalance", "plan", "--drain", "s0", "--config", cfg]) == 0
+    err = capsys.readouterr().err
+    assert "events: [-inf, 100)" in err and "stores: 'eu'" in err and "[100, +inf)" not in err, err
