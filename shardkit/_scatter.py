@@ -870,8 +870,14 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
                              construct="DISTINCT with aggregates")
     for c in columns:
         if _is_entity(c):
-            raise ScatterRefused("ORM entities in an aggregate query across shards",
-                                 construct="entity with GROUP BY")
+            name = getattr(c._annotations.get("parententity"), "class_", None)
+            name = getattr(name, "__name__", "an entity")
+            raise ScatterRefused(
+                f"ORM entities in an aggregate query across shards ({name} beside aggregates or "
+                "GROUP BY) are not merged; select its columns instead (the primary key and those "
+                "you need, also in GROUP BY) and load the objects by key afterwards "
+                "(session.get(), or an IN of the keys), or add the shard key",
+                construct="entity with GROUP BY")
     # The caller's own columns come first, unused by the merge, so the result's column
     # names are exactly those one database would give; the partials follow.
     shard_cols: list[Any] = list(columns)

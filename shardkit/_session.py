@@ -1366,6 +1366,11 @@ def _keyed_parts(cluster: Cluster, statement: Any, params: Any) -> list[bool] | 
             for part in compound_selects(inner) if isinstance(part, selectable.Select)]
 
 
+# SQLSTATE classes of a statement the database cannot run at all: 42 syntax error or access
+# rule violation, 0A feature not supported, 22 data exception.
+_STATEMENT_REFUSED = frozenset({"42", "0A", "22"})
+
+
 def _writes_reference_table(cluster: Cluster, statement: Any) -> bool:
     table = getattr(statement, "table", None) if isinstance(statement, UpdateBase) else None
     if table is None:
@@ -1476,7 +1481,6 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
         by_shard = {sh: list(v) for sh, v in route.split.items()}
     else:
         by_shard = {sh: rows for sh in route.shards}
-    total = 0
     result = None
     if session.autoflush:
         session._autoflush()
@@ -1492,13 +1496,12 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
         # One executemany per set of columns given, as SQLAlchemy's bulk insert does.
         for core_rows in _by_columns({attr_to_col.get(k, k): v for k, v in r.items()} for r in part):
             result = conn.execute(stmt, core_rows)
-            # executemany reports no reliable rowcount; every row was inserted or
-            # the statement raised.
-            total += len(core_rows)
     assert result is not None
-    # With ON CONFLICT a row may be skipped (DO NOTHING, DO UPDATE ... WHERE): unknown,
-    # as SQLAlchemy reports an executemany's rowcount.
-    result.rowcount = -1 if getattr(stmt, "_post_values_clause", None) is not None else total  # type: ignore[misc]
+    # executemany reports no reliable rowcount; every row was inserted (a reference
+    # table's on every shard: once, as on one database) or the statement raised.  With
+    # ON CONFLICT a row may be skipped (DO NOTHING, DO UPDATE ... WHERE): unknown, as
+    # SQLAlchemy reports an executemany's rowcount.
+    result.rowcount = -1 if getattr(stmt, "_post_values_clause", None) is not None else len(rows)  # type: ignore[misc]
     return result
 
 
@@ -2189,6 +2192,19 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         if route.keys and session.cluster.catalog is not None:
             _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one",
                                router=route.router)
+    if len(results) > 1 and _writes_reference_table(session.cluster, statement):
+        # Every shard holds a copy of a reference table, and the write changed each copy
+        # alike: its result is one copy's, as on one database (not the copies' row counts
+        # added up, nor each RETURNING row once per shard).  The copy this transaction
+        # reads reference rows from, so that RETURNING(Model) objects are those its reads
+        # return.
+        if session._sk_ref_shard not in route.shards:
+            session._sk_ref_shard = route.shards[0]
+        keep = route.shards.index(session._sk_ref_shard)
+        for i, r in enumerate(results):
+            if i != keep:
+                r.close()
+        return results[keep]
     # ORM results of UPDATE/DELETE ... RETURNING are not cursor results: they have rows.
     if not any(getattr(r, "returns_rows", True) for r in results):
         total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
@@ -2444,6 +2460,22 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 continue
             failures[shard] = e
     usage = next((e for e in failures.values() if isinstance(e, sa_exc.InvalidRequestError)), None)
+    if usage is None and not results and failures:
+        # The database refused the statement itself (a column that does not exist, a
+        # FOR UPDATE it cannot apply, an operator for the wrong types): every shard ran
+        # it and failed with the same SQLSTATE, the connections intact.  The caller gets
+        # the error one database gives (ProgrammingError, NotSupportedError, ...), not a
+        # ScatterError saying shards failed, as if they were unavailable.  Only for the
+        # SQLSTATE classes of a statement that cannot run (syntax or access rule, feature
+        # not supported, data exception): a timeout, lock or conflict is a shard failure,
+        # which shardkit_partial_results may accept.
+        errors = [failures.get(s) for s in route.shards]
+        states = {getattr(getattr(e, "orig", None), "sqlstate", None) for e in errors}
+        if (all(isinstance(e, sa_exc.DBAPIError) and not isinstance(e, ShardUnavailable)
+                and not e.connection_invalidated for e in errors)
+                and len(states) == 1 and None not in states
+                and next(iter(states))[:2] in _STATEMENT_REFUSED):
+            usage = errors[0]
     if usage is not None:
         # SQLAlchemy refused the statement itself (yield_per with a joined collection,
         # ...), the same on every shard: its own error, not a shard failure.
