@@ -524,13 +524,9 @@ class Cluster:
                 event.listen(eng, "handle_error", _translate_errors(self, shard, node, url, index if role == REPLICA else None),
                              retval=True)
                 if role == PRIMARY:
-                    from ._session import _note_commit, _note_short_write
+                    from ._session import _watch_primary
 
-                    # ShardedSession.commit() learns from this which shards committed
-                    # when a commit fails part way.
-                    event.listen(eng, "commit", _note_commit)
-                    if self.config.catalog_url is not None:
-                        event.listen(eng, "after_cursor_execute", _note_short_write)
+                    _watch_primary(eng.dialect, short_writes=self.config.catalog_url is not None)
                 for hook in self._engine_hooks:
                     hook(eng)
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))

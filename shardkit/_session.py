@@ -1720,11 +1720,9 @@ def _ask_shard(session: ShardedSession, shard: str, sql: str, params: Mapping[st
 _SHORT_WRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("shardkit_short_write", default=False)
 
 
-def _note_short_write(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any,
-                      executemany: bool) -> None:
-    """An engine's after_cursor_execute hook (primaries of clusters with a catalog)."""
-    if context is not None and (context.isupdate or context.isdelete) and \
-            cursor.rowcount < (len(parameters) if executemany else 1):
+def _note_short_write(cursor: Any, context: Any, given: int) -> None:
+    """After a statement ran on a primary of a cluster with a catalog (``_watch_primary``)."""
+    if context is not None and (context.isupdate or context.isdelete) and cursor.rowcount < given:
         _SHORT_WRITE.set(True)
 
 
@@ -3023,9 +3021,42 @@ _WAL_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 _COMMIT_SEQ = _counter(1)
 
 
-def _note_commit(conn: Any) -> None:
-    """A primary's connection is about to COMMIT (an engine "commit" event)."""
-    conn.info["shardkit_commit"] = next(_COMMIT_SEQ)
+def _watch_primary(dialect: Any, short_writes: bool) -> None:
+    """Wrap a primary engine's own dialect so that each COMMIT is numbered on its connection
+    (``ShardedSession.commit()`` learns from it which shards committed when a commit fails
+    part way) and, with ``short_writes``, an UPDATE or DELETE that matched fewer rows than
+    it was given is noted (see ``_SHORT_WRITE``).  Rather than the engine's "commit" and
+    "after_cursor_execute" events: an engine with a connection-event listener makes every
+    statement and transaction on it dispatch all the connection events (about 90 Python
+    calls a read), and ``create_engine()`` gives each engine a dialect of its own."""
+    do_commit = dialect.do_commit
+
+    def noted_commit(dbapi_connection: Any) -> None:
+        # The pool's proxy of the connection: its info is the Connection's.
+        dbapi_connection.info["shardkit_commit"] = next(_COMMIT_SEQ)
+        do_commit(dbapi_connection)
+
+    dialect.do_commit = noted_commit
+    if not short_writes:
+        return
+    do_execute, do_executemany = dialect.do_execute, dialect.do_executemany
+    do_execute_no_params = dialect.do_execute_no_params
+
+    def noted_execute(cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+        do_execute(cursor, statement, parameters, context)
+        _note_short_write(cursor, context, 1)
+
+    def noted_executemany(cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
+        do_executemany(cursor, statement, parameters, context)
+        _note_short_write(cursor, context, len(parameters))
+
+    def noted_execute_no_params(cursor: Any, statement: Any, context: Any = None) -> None:
+        do_execute_no_params(cursor, statement, context)
+        _note_short_write(cursor, context, 1)
+
+    dialect.do_execute = noted_execute
+    dialect.do_executemany = noted_executemany
+    dialect.do_execute_no_params = noted_execute_no_params
 
 
 def _transaction_connections(session: Session) -> list[Any]:
