@@ -7,7 +7,7 @@ could not use: it prints one line (never a password) and exits with status 2.
 (``migrate upgrade|downgrade`` exit 1 when a migration fails, ``status``, ``verify`` and
 ``migrate check`` 1 when they find a problem; argparse's usage errors exit 2 with its
 usage text; output piped into a reader that stops early, like ``head``, ends the command
-quietly with status 1.)
+quietly with status 1; Ctrl-C ends it with one ``interrupted:`` line and status 130.)
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class UsageError(ShardkitError):
 
 
 DEFAULT_DEV_DIR = ".shardkit-dev"
+
+#: Exit status of a command stopped by Ctrl-C (SIGINT), as a shell reports it: 128 + 2.
+INTERRUPTED = 130
 
 
 # Only ASCII digits: str.isdigit() also accepts '²' (which int() refuses) and
@@ -204,13 +207,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 alembic_ini=args.alembic_ini, parallel=args.parallel, canary=args.canary,
                 progress=progress,
             )
-        except migrate.MigrationError as e:
+        except (migrate.MigrationError, migrate.MigrationInterrupted) as e:
+            stopped = isinstance(e, migrate.MigrationInterrupted)
             if args.json:
-                print(json.dumps({"ok": False, "error": str(e),
+                print(json.dumps({"ok": False, "error": str(e), **({"interrupted": True} if stopped else {}),
                                   "shards": [r.as_dict() for r in e.results]}, indent=2))
             else:
-                print(f"error: {e}", file=sys.stderr)
-            return 1
+                print(f"{'interrupted' if stopped else 'error'}: {e}", file=sys.stderr)
+            return INTERRUPTED if stopped else 1
         if args.json:
             print(json.dumps({"ok": True, "shards": [r.as_dict() for r in results]}, indent=2))
         else:
@@ -377,6 +381,20 @@ def _note_drain_leftovers(args: argparse.Namespace, cluster: Cluster) -> None:
             print(note, file=sys.stderr)
 
 
+def _note_running_moves(cluster: Cluster, running: list[dict[str, Any]] | None = None) -> None:
+    """Say (on stderr) which moves are in progress (``running``: as found earlier): a plan
+    is made against the live map, which they have not switched yet, so it does not count
+    what they will move (a drain in progress, say, whose shard the plan may give buckets to)."""
+    from . import rebalance
+
+    if running is None:
+        running = [m for m in rebalance.move_status(cluster) if m["state"] == "running"]
+    if running:
+        print("note: " + "; ".join(f"move {m['move']} is in progress ({m['reason']})" for m in running)
+              + "; this plan does not count what it will move (see `shardkit rebalance status`)",
+              file=sys.stderr)
+
+
 def cmd_rebalance(args: argparse.Namespace) -> int:
     """Plan, run, resume and abort online bucket moves (needs a [catalog])."""
     from . import rebalance
@@ -403,13 +421,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                     raise UsageError(f"--out {args.out}: cannot write it ({e.strerror or e})") from None
             print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.render())
             _note_drain_leftovers(args, cluster)
-            running = [m for m in rebalance.move_status(cluster) if m["state"] == "running"]
-            if running:
-                # The plan is made against the live map, which those moves have not switched
-                # yet: applying it waits for them or is refused if it moves the same buckets.
-                print("note: " + "; ".join(f"move {m['move']} is in progress ({m['reason']})" for m in running)
-                      + "; this plan does not count what it will move (see `shardkit rebalance status`)",
-                      file=sys.stderr)
+            _note_running_moves(cluster)
             return 0
         if verb == "status":
             moves = rebalance.move_status(cluster, args.move)
@@ -426,6 +438,11 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                 copied = counted(m["rows_copied"], "row")
                 print(f"move {m['move']}: {m['state']} - {m['reason']} ({copied} copied)"
                       + (f"\n  error: {m['error']}" if m['error'] else ""))
+                if m["state"] == "running" and m.get("mover") is not None:
+                    print("  a mover is running it now" if m["mover"] else
+                          f"  no mover is running it (stopped, interrupted or killed): `shardkit rebalance "
+                          f"resume {m['move']}` goes on, `shardkit rebalance abort {m['move']}` undoes the "
+                          "batches that have not switched")
                 for b in m["batches"]:
                     print(f"  batch {b['batch']:>3}: {b['source']} -> {b['target']} "
                           f"{b['buckets']:>4} {unit if b['buckets'] == 1 else unit + 's':<7}  {b['step']}")
@@ -449,11 +466,15 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                                 progress=lambda line: print(line, flush=True))
         if verb == "apply":
             plan = _make_plan(args, cluster)
-            _note_drain_leftovers(args, cluster)
             if not plan.moves:
                 print("nothing to move: " + plan.reason)
+                _note_drain_leftovers(args, cluster)
                 return 0
+            running = [m for m in rebalance.move_status(cluster) if m["state"] == "running"]
             move_id = mover.start(plan, max_buckets=args.batch_buckets)
+            # Once this move is accepted (a clash with one of those is refused, and says so).
+            _note_drain_leftovers(args, cluster)
+            _note_running_moves(cluster, running)
             unit = "slice" if isinstance(plan, SlicePlan) else "bucket"
             print(f"move {move_id}: {counted(len(plan.moves), unit)} in "
                   f"{counted(len(plan.batches(args.batch_buckets)), 'batch', 'batches')}", flush=True)
@@ -634,6 +655,10 @@ def _main(argv: list[str] | None) -> int:
         first = (str(e.orig).strip().splitlines() or [""])[0]
         print(f"error: {type(e.orig).__name__}: {first}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        # Ctrl-C: one line, with where the command stopped and what to do when it knows.
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,8 +21,10 @@ import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +47,7 @@ log = logging.getLogger("shardkit.migrate")
 __all__ = [
     "DriftReport",
     "MigrationError",
+    "MigrationInterrupted",
     "ShardResult",
     "check",
     "current",
@@ -56,6 +59,18 @@ __all__ = [
 
 class MigrationError(ShardkitError):
     """A migration failed on one or more shards; ``.results`` has every shard's outcome."""
+
+    def __init__(self, message: str, results: Sequence[ShardResult]) -> None:
+        self.results = list(results)
+        self.failed = [r.shard for r in results if not r.ok]
+        super().__init__(message)
+
+
+class MigrationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`run_command`: the shards being migrated were
+    interrupted too (each rolls back the revision it was running), those not started yet
+    were left alone.  Still a ``KeyboardInterrupt``; ``.results`` has every shard's outcome
+    and revision, ``str()`` says where each shard stands."""
 
     def __init__(self, message: str, results: Sequence[ShardResult]) -> None:
         self.results = list(results)
@@ -365,6 +380,7 @@ def _revision(cluster: Cluster, shard: str) -> str | None:
 
 
 _UNKNOWN = "unknown (unreachable)"
+_NOT_RUN = "not run: interrupted (Ctrl-C) before it started"
 
 
 def _revisions_after(cluster: Cluster, results: Sequence[ShardResult]) -> None:
@@ -394,7 +410,9 @@ def run_command(
     """Run ``alembic upgrade|downgrade REVISION`` on every shard; raise MigrationError on failure.
 
     With ``canary``, that shard goes first and alone; the others start only if it
-    succeeded.  The rest run at most ``parallel`` at a time.
+    succeeded.  The rest run at most ``parallel`` at a time.  Ctrl-C (KeyboardInterrupt)
+    interrupts the shards being migrated and starts no other: once they have stopped,
+    :class:`MigrationInterrupted` reports every shard's revision.
     """
     if command not in ("upgrade", "downgrade"):
         raise ValueError(command)
@@ -409,31 +427,86 @@ def run_command(
                                  "shards: " + ", ".join(cluster.shard_names))
     say = progress or (lambda msg: None)
     before = current(cluster)
+    # The Alembic processes running now, and whether Ctrl-C stopped the command: then
+    # no shard starts, and those running are interrupted (by the terminal, which signals
+    # the whole process group, and by this process, for a SIGINT sent to it alone).
+    running: dict[str, subprocess.Popen[str]] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
 
     def one(shard: str) -> ShardResult:
-        say(f"{shard}: {command} {revision} ...")
-        t = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"config={config_path}",
-             "-x", f"shard={shard}", command, revision],
-            # Not the terminal: Alembic wraps its messages to the width of a terminal on
-            # stdin, and a migration must not wait for input.
-            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        )
+        with lock:
+            if stop.is_set():
+                return ShardResult(shard, False, 0.0, before.get(shard), None, _NOT_RUN)
+            say(f"{shard}: {command} {revision} ...")
+            t = time.monotonic()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"config={config_path}",
+                 "-x", f"shard={shard}", command, revision],
+                # Not the terminal: Alembic wraps its messages to the width of a terminal on
+                # stdin, and a migration must not wait for input.
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            running[shard] = proc
+        try:
+            stdout, stderr = proc.communicate()
+        finally:
+            with lock:
+                running.pop(shard, None)
         dt = time.monotonic() - t
         ok = proc.returncode == 0
-        out = (proc.stdout + proc.stderr).strip()
+        out = (stdout + stderr).strip()
         err = None
         if not ok:
-            err = _error_line(out) or f"alembic exited {proc.returncode}"
+            err = ("interrupted (Ctrl-C): its revision in progress rolled back"
+                   if stop.is_set() or proc.returncode == -signal.SIGINT
+                   else _error_line(out) or f"alembic exited {proc.returncode}")
         say(f"{shard}: {'ok' if ok else 'FAILED'} in {dt:.1f} s" + (f": {err}" if err else ""))
         return ShardResult(shard, ok, dt, before.get(shard), None, err, out)
+
+    def interrupted(results: list[ShardResult]) -> MigrationInterrupted:
+        _revisions_after(cluster, results)
+        states = ", ".join(f"{r.shard} at {r.revision_after or 'base'}"
+                           + (" (not started)" if r.error == _NOT_RUN else "") for r in results)
+        return MigrationInterrupted(
+            f"{command} {revision} stopped; shards now: {states} (each revision commits on its "
+            f"own: one that was running rolled back). Run `shardkit migrate {command} {revision}` "
+            "again to go on", results)
+
+    def run_all(shards: list[str], workers: int, later: Sequence[str] = ()) -> list[ShardResult]:
+        """Migrate ``shards``, ``workers`` at a time; ``later``: the shards to migrate after
+        them (reported as not started if Ctrl-C stops these)."""
+        ex = ThreadPoolExecutor(max_workers=workers)
+        futures = [ex.submit(one, s) for s in shards]
+        try:
+            for f in futures:
+                f.result()
+        except KeyboardInterrupt:
+            while True:
+                with lock:
+                    stop.set()
+                    for proc in running.values():
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.send_signal(signal.SIGINT)
+                try:
+                    ex.shutdown(wait=True, cancel_futures=True)
+                    break
+                except KeyboardInterrupt:  # again: passed on again, as the terminal would
+                    continue
+            raise interrupted(results + [
+                f.result() if not f.cancelled()
+                else ShardResult(s, False, 0.0, before.get(s), None, _NOT_RUN)
+                for s, f in zip(shards, futures)]
+                + [ShardResult(s, False, 0.0, before.get(s), None, _NOT_RUN) for s in later]) from None
+        finally:
+            ex.shutdown(wait=True)
+        return [f.result() for f in futures]
 
     results: list[ShardResult] = []
     rest = list(targets)
     if canary:
         rest.remove(canary) if canary in rest else None
-        r = one(canary)
+        r = run_all([canary], 1, later=rest)[0]
         results.append(r)
         if not r.ok:
             _revisions_after(cluster, results)
@@ -445,8 +518,7 @@ def run_command(
                 f"({', '.join(rest) or 'none'}) were not touched. Shards now: {states}",
                 results + skipped,
             )
-    with ThreadPoolExecutor(max_workers=parallel) as ex:
-        results.extend(ex.map(one, rest))
+    results.extend(run_all(rest, parallel))
     _revisions_after(cluster, results)
     failed = [r for r in results if not r.ok]
     if failed:

@@ -97,7 +97,7 @@ from ._rebalance_plan import Plan, SlicePlan, plan_from_dict
 from ._slices import add_missing_groups, initial_slices, reassign
 from ._sql import INSTALL_SQL, int8_bucket_scan
 from .catalog import MOVER_LOCK_CLASS, Catalog
-from .errors import RebalanceError
+from .errors import RebalanceError, first_line
 
 __all__ = ["LEFTOVERS", "STEPS", "Mover", "abort", "init", "move_status"]
 
@@ -385,11 +385,21 @@ def init(cluster: Cluster) -> int:
         current = catalog.current_map(conn)
         assert current is not None
         config = with_bucket_map(cluster.file_config, current.bucket_map, current.slices)
+        names = sorted({g.table for g in guarded_tables(config)})
         for shard in cluster.shard_names:
             owned = [b for b, s in enumerate(config.bucket_map) if s == shard] + \
                 [s.id for s in config.slices if s.shard == shard]
             with cluster.primary(shard).begin() as shard_conn:
+                found = set(shard_conn.execute(text(f"SELECT n.tbl FROM {CONFIGURED_TABLES}"),
+                                               configured_tables(names)).scalars())
                 install_guard(shard_conn, config, owned, config.slices)
+            if missing := [t for t in names if t not in found]:
+                # A shard added to the config before its schema was created: said here,
+                # not first by the move that refuses it.
+                log.warning("%s lacks table(s) %s, so they are not guarded there and moves to or from %s "
+                            "are refused: create the schema (`shardkit migrate upgrade`; a migration "
+                            "calling op.install_shardkit_guard() guards the tables it creates), or run "
+                            "`shardkit rebalance init` again once it exists", shard, ", ".join(missing), shard)
     version = cluster.refresh_map()
     return current.version if version is None else version
 
@@ -534,6 +544,7 @@ class Mover:
         self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
         self._visibility_wait = 0.0
         self._runner = ""
+        self._batch: tuple[int, str, str] | None = None  # the batch being run: number, source, target
         # id(connection) -> whether it may set session_replication_role (see _may_replicate)
         self._replica: dict[int, bool] = {}
 
@@ -845,6 +856,7 @@ class Mover:
     def run(self, move_id: int) -> None:
         """Run (or resume) move ``move_id`` to the end."""
         _fits_live_map(self.cluster, _need_catalog(self.cluster, initialised=True))
+        self._batch = None
         with self.catalog.engine.connect() as lock_conn:
             got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
                                     {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
@@ -857,13 +869,19 @@ class Mover:
             # connection releases the lock while this mover still runs).
             self._runner = uuid.uuid4().hex
             with self.catalog.engine.begin() as conn:
-                conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r WHERE id = :m"),
+                # (The error of the run that stopped, if any, is history: this run records its own.)
+                conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r, "
+                                  "error = CASE WHEN state = 'running' THEN NULL ELSE error END WHERE id = :m"),
                              {"r": self._runner, "m": move_id})
             clash = None
             try:
                 self._run_locked(move_id)
             except _KeyClash as e:
                 clash = e
+            except KeyboardInterrupt:
+                # Ctrl-C: the move stays running, where it stopped (each step is redone
+                # whole); say so in the catalog, where `shardkit rebalance status` shows it.
+                raise KeyboardInterrupt(self._stopped_by_interrupt(move_id)) from None
             finally:
                 try:
                     lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
@@ -873,6 +891,24 @@ class Mover:
                     log.warning("move %s: could not release the mover lock (its session is gone)", move_id)
         if clash is not None:
             self._abort_on_clash(move_id, clash)
+
+    def _stopped_by_interrupt(self, move_id: int) -> str:
+        """Record that Ctrl-C stopped the move; the message for the operator."""
+        where = ""
+        if self._batch is not None:
+            batch, source, target = self._batch
+            where = f" in batch {batch} ({source} -> {target})"
+        try:
+            with self.catalog.engine.begin() as conn:
+                conn.execute(text("UPDATE shardkit_catalog.moves SET error = :e, updated_at = now() "
+                                  "WHERE id = :m AND state = 'running'"),
+                             {"e": f"interrupted (Ctrl-C){where}; the move stopped there", "m": move_id})
+                Catalog.record(conn, move_id, None, "error", {"error": f"interrupted{where}"})
+        except Exception as e:  # noqa: BLE001 - the interrupt is what the operator must hear of
+            log.warning("move %d: could not record the interrupt in the catalog: %s", move_id, first_line(e))
+        return (f"move {move_id} stopped{where}; it stays running, nothing of it is lost: `shardkit "
+                f"rebalance resume {move_id}` goes on from there (`shardkit rebalance abort {move_id}` "
+                "undoes the batches that have not switched)")
 
     def _abort_on_clash(self, move_id: int, clash: _KeyClash) -> None:
         """Abort a move whose rows clash with other buckets' rows on the target (raised
@@ -924,6 +960,7 @@ class Mover:
         for done, (batch, source, target, buckets, step) in enumerate(batches):
             if step == "cleaned":
                 continue
+            self._batch = (batch, source, target)
             try:
                 self._run_batch(move_id, batch, source, target, list(buckets), step, group)
             except Exception as e:
@@ -1518,6 +1555,13 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
     if not catalog.initialised():
         return []
     with catalog.engine.connect() as conn:
+        # The moves whose lock a process holds: a mover running it (or an abort undoing it).
+        # A running move without one stopped: its mover was interrupted or killed.
+        held = set(conn.execute(text(
+            "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid = CAST(:c AS oid) AND objsubid = 2 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+            {"c": MOVER_LOCK_CLASS}).scalars())
         moves = conn.execute(text(
             "SELECT id, state, reason, error, created_at, updated_at, plan->>'kind' = 'slices' AS slices "
             "FROM shardkit_catalog.moves "
@@ -1533,6 +1577,7 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
                 "WHERE move_id = :m AND step = 'copied'"), {"m": m["id"]}).scalar()
             out.append({
                 "move": m["id"], "state": m["state"], "reason": m["reason"], "error": m["error"],
+                "mover": m["id"] in held,
                 # What the batches' "buckets" count: hash buckets, or a range or list group's slices.
                 "unit": "slice" if m["slices"] else "bucket",
                 "created_at": m["created_at"].isoformat(), "updated_at": m["updated_at"].isoformat(),
