@@ -109,7 +109,11 @@ def _name(frm: Any) -> str:
         table = _table_of(frm)
         if table is not frm and isinstance(table, selectable.TableClause):
             return f"an alias of {table.name}"
-        return getattr(frm, "description", None) or "a subquery"
+        description = getattr(frm, "description", None)
+        if not description or isinstance(description, elements._anonymous_label) \
+                or str(description).startswith("Anonymous alias"):
+            return "a subquery"
+        return description
     return name or str(frm)
 
 
@@ -177,7 +181,9 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[
             return [], problem
         if not inner_instances:
             continue
-        what = f"the derived table {_name(frm)!r} over {', '.join(sorted({i.label for i in inner_instances}))}"
+        label = _name(frm)
+        what = ("a subquery" if label == "a subquery" else f"the derived table {label!r}") + \
+            f" over {', '.join(sorted({i.label for i in inner_instances}))}"
         if isinstance(inner, selectable.CompoundSelect) and len(selects) > 1:
             # (A "compound" of one SELECT, as polymorphic_union() makes for a concrete
             # class without subclasses, is that SELECT.)

@@ -36,7 +36,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import ClusterConfig, GroupConfig
 from ._strategies import HashStrategy, Strategy
-from ._colocation import colocation_problem, compound_selects, dml_extra_froms
+from ._colocation import _derived_select, colocation_problem, compound_selects, dml_extra_froms
 from ._scatter import compound_keyword, exists_column
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
 
@@ -399,7 +399,10 @@ class Router:
                 f"{plan.colocation}; shardkit runs a statement on each shard over that shard's "
                 "rows, which would quietly give a different answer than one database. Join and "
                 "correlate sharded tables on the shard key, run the parts separately, or name "
-                "a shard with execution_options(shardkit_shard=...)",
+                "a shard with execution_options(shardkit_shard=...)" + (
+                    ". (Query.count() counts its query as such a subquery: across shards, count "
+                    "the merged rows, len(query.all()), or select func.count(distinct(column)))"
+                    if _counts_a_subquery(statement) else ""),
                 construct="statement not colocated on the shard key", statement=statement)
 
         if is_write and plan.groups and self._writes_reference(statement):
@@ -1255,6 +1258,18 @@ class Router:
 
 
 _EMPTY: Mapping[str, Any] = {}
+
+
+def _counts_a_subquery(statement: Any) -> bool:
+    """Whether ``statement`` is ``SELECT count(...) FROM (subquery)``, as Query.count() makes."""
+    if not isinstance(statement, selectable.Select) or len(statement._raw_columns) != 1:
+        return False
+    froms = statement.get_final_froms()
+    col = statement._raw_columns[0]
+    col = getattr(col, "element", col)  # under its label
+    return (len(froms) == 1 and getattr(col, "name", None) == "count"
+            and isinstance(froms[0], (selectable.Subquery, selectable.Alias))
+            and isinstance(_derived_select(froms[0]), selectable.SelectBase))
 
 
 def _and_terms(kids: list[Any]) -> list[Any]:

@@ -175,7 +175,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Run Alembic on every shard, or report revisions and drift."""
     from . import migrate
 
-    cluster = Cluster.from_config(args.config)
+    # (The map is read once; a thread following it would only log a catalog that is down.)
+    cluster = Cluster.from_config(args.config, follow_map=False)
     try:
         if args.migrate_command == "current":
             revs = migrate.current(cluster)

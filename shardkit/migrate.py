@@ -198,7 +198,7 @@ def run_migrations(context: Any) -> None:
             "offline (--sql) migrations are not supported across shards: every shard is "
             "migrated on a live connection; run `shardkit migrate upgrade` instead"
         )
-    cluster = Cluster.from_config(_config_path(context))
+    cluster = Cluster.from_config(_config_path(context), follow_map=False)
     x = context.get_x_argument(as_dictionary=True)
     shards = [x["shard"]] if x.get("shard") else list(cluster.shard_names)
     for s in shards:

@@ -274,3 +274,25 @@ def test_an_entity_beside_aggregates_is_refused_naming_what_works(qa):
         want = [(u.id, u.name, n) for u, n in idiom(s)]
     with qa.Session() as s:
         assert columns_then_objects(s) == want
+
+
+def test_query_count_of_a_distinct_or_limited_query_says_what_works(qa):
+    """``query.distinct().count()``, ``query.group_by(...).count()`` and
+    ``query.limit(n).count()`` count the query as a subquery, which each shard would
+    compute over its own rows: refused, but the error named SQLAlchemy's placeholder
+    ("Anonymous alias of anon_1"), which the user never wrote, and said nothing of
+    count().  It now names a subquery and what counts across shards."""
+    for build in (lambda s: s.query(User.name).distinct(),
+                  lambda s: s.query(User.score).group_by(User.score),
+                  lambda s: s.query(User).order_by(User.id).limit(5)):
+        with qa.Session() as s, pytest.raises(shardkit.ScatterRefused) as ei:
+            build(s).count()
+        msg = str(ei.value)
+        assert "Anonymous" not in msg and "a subquery" in msg, msg
+        assert "Query.count()" in msg and "len(query.all())" in msg, msg
+        with qa.Session() as s, Session(qa.oracle) as o:
+            assert len(build(s).all()) == build(o).count()
+    # A refusal of another shape does not mention count().
+    with qa.Session() as s, pytest.raises(shardkit.ScatterRefused) as ei:
+        s.execute(select(User.id).select_from(select(User).limit(3).subquery()))
+    assert "Query.count()" not in str(ei.value)
