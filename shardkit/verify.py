@@ -99,6 +99,8 @@ def _describe(owner: str, n: int) -> str:
         return f"{n} with a NULL shard key"
     if owner == _NO_OWNER:
         return f"{n} whose key no shard owns"
+    if owner.startswith(_RAISED):
+        return f"{n} for whose key the group's custom function raised {owner[len(_RAISED):-1]}"
     return f"{n} belong on {owner}"
 
 
@@ -192,6 +194,7 @@ def _sql_hash_installed(conn: Any) -> bool:
 
 _NO_OWNER = "(no owner)"   # no shard is mapped for the key
 _NULL_KEY = "(null key)"   # the shard key is NULL
+_RAISED = "(function raised "  # + the exception's class and ")": a custom function failed
 
 
 def _check_hash_in_sql(config: ClusterConfig, conn: Any, rep: TableReport, table: str, column: str,
@@ -249,9 +252,12 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
                 owner = strategy.shard_for_key(key)
             except NoShardForKey:
                 owner = _NO_OWNER
+            except Exception as e:  # noqa: BLE001 - a custom function's own error: reported
+                # per row, not a crash that hides every other table's report.
+                owner = f"{_RAISED}{type(e).__name__})"
         if owner != rep.shard:
             rep.misplaced[owner] += 1
-            if pk and owner not in (_NO_OWNER, _NULL_KEY) and kept < sample:
+            if pk and owner not in (_NO_OWNER, _NULL_KEY) and not owner.startswith(_RAISED) and kept < sample:
                 strays.setdefault(owner, []).append(tuple(row[width:]))
                 kept += 1
 

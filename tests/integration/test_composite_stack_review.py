@@ -324,3 +324,29 @@ def test_plan_drain_names_what_stays_on_the_drained_shard(db, tmp_path, capsys):
     assert cli.main(["rebalance", "plan", "--drain", "s0", "--config", cfg]) == 0
     err = capsys.readouterr().err
     assert "events: [-inf, 100)" in err and "stores: 'eu'" in err and "[100, +inf)" not in err, err
+
+
+_REGIONS = {1: "s0", 2: "s1"}
+
+
+def region_shard(key):
+    """A custom strategy that looks its key up, as many do: KeyError for an unknown one."""
+    return _REGIONS[key]
+
+
+def test_verify_reports_rows_a_custom_function_raises_for(db):
+    """A custom function that raises for a stored key (a KeyError from its lookup table, not
+    NoShardForKey) made verify stop with a traceback, hiding every other table's report.
+    Those rows are now reported, with the error's class, and the rest is still checked."""
+    d = db({"groups": {"users": {"tables": {"csr_vusers": "id"}},
+                       "regions": {"strategy": "custom", "tables": {"csr_vregions": "r"},
+                                   "function": "test_composite_stack_review:region_shard"}}})
+    d.sql("CREATE TABLE csr_vusers (id bigint PRIMARY KEY); CREATE TABLE csr_vregions (r int PRIMARY KEY)")
+    with d.cluster.primary("s0").begin() as c:
+        c.execute(text("INSERT INTO csr_vregions VALUES (1), (3), (4)"))
+    rep = verify(d.cluster)
+    assert not rep.ok
+    by_table = {(t.table, t.shard): t for t in rep.tables}
+    assert dict(by_table[("csr_vregions", "s0")].misplaced) == {"(function raised KeyError)": 2}
+    assert ("csr_vusers", "s1") in by_table
+    assert "2 for whose key the group's custom function raised KeyError" in rep.render()
