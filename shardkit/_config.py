@@ -344,11 +344,13 @@ def _expand(text: str, i: int, path: str, env: Mapping[str, str], *, nested: boo
 def _check_keys(obj: Mapping[str, Any], allowed: set[str], path: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise ConfigurationError(
-            f"{path}.{unknown[0]}" if path else unknown[0],
-            "unknown setting",
-            "known settings here: " + ", ".join(sorted(allowed)),
-        )
+        key = unknown[0]
+        hint = "known settings here: " + ", ".join(sorted(allowed))
+        if path and key in _TOP_LEVEL_KEYS:
+            # TOML puts every key written after a [header] in that header's table.
+            hint = (f"{key} is a top-level setting: write it before the first [header] or "
+                    f"[[header]] of the file (after one, TOML puts it in that table); {hint}")
+        raise ConfigurationError(f"{path}.{key}" if path else key, "unknown setting", hint)
 
 
 def _parse_url(raw: Any, path: str) -> URL:
@@ -369,6 +371,11 @@ def _parse_url(raw: Any, path: str) -> URL:
             path, f"{mask_url(raw)} is not a valid database URL",
             "e.g. postgresql+psycopg://user@host:5432/db",
         ) from None
+    if url.get_backend_name() == "postgres":
+        # libpq and hosting providers write postgres://; SQLAlchemy knows only postgresql.
+        raise ConfigurationError(
+            path, f"{mask_url(url)}: SQLAlchemy does not read the scheme postgres://",
+            "write postgresql+psycopg:// (or postgresql://) instead, also in a ${VAR} value")
     if url.get_backend_name() != "postgresql":
         raise ConfigurationError(
             path, f"{mask_url(url)} is not a PostgreSQL URL",
@@ -761,8 +768,11 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
             # utf-8-sig: editors on Windows start a UTF-8 file with a byte order mark.
             text = p.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
-            raise ConfigurationError(str(p), "config file not found",
-                                     "pass --config PATH or create shardkit.toml") from None
+            where = "" if p.is_absolute() else (
+                f"; a relative path is read from the current directory, so this was {p.absolute()}")
+            raise ConfigurationError(str(p), f"config file not found{where}",
+                                     "pass the file's path (--config PATH on the command line), "
+                                     "or create it") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigurationError(str(p), f"cannot read the config file ({type(e).__name__}: "
                                      f"{getattr(e, 'strerror', None) or e})",
@@ -787,6 +797,17 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
                                  "it is fixed for the life of the cluster; 1024 is a good default")
 
     shards_raw = raw.get("shards")
+    if isinstance(shards_raw, Mapping) and shards_raw:
+        # TOML's [shards] or [shards.s0] (single brackets) makes one table, not a list.
+        raise ConfigurationError(
+            "shards", "is a table, not a list of shards",
+            "in TOML write [[shards]] (double brackets) above each shard's name and primary; "
+            'in a dict, "shards": [{"name": "s0", "primary": "postgresql+psycopg://..."}]')
+    if shards_raw is not None and shards_raw != [] and not isinstance(shards_raw, list):
+        raise ConfigurationError(
+            "shards", f"must be a list of shards, not a {type(shards_raw).__name__}",
+            'e.g. "shards": [{"name": "s0", "primary": "postgresql+psycopg://..."}] '
+            "([[shards]] tables in TOML)")
     if not isinstance(shards_raw, list) or not shards_raw:
         raise ConfigurationError("shards", f"{origin} defines no shards",
                                  'add [[shards]] tables with name = "s0", primary = "postgresql+psycopg://..."')

@@ -213,15 +213,37 @@ class Router:
         short = name.rsplit(".", 1)[-1]
         if short in self.tables:
             return self.tables[short]
-        raise RoutingError(
-            f"table {name!r} is not in the shard map; add it to a [groups.*] tables entry "
-            "or to reference_tables",
-            table=name,
-        )
+        raise RoutingError(self._not_in_map(table, name), table=name)
+
+    def _given_table_route(self, table: Any) -> TableRoute:
+        """:meth:`table_route` of a table an application names (``shard_for``): a name
+        not configured is answered with the names that are."""
+        try:
+            return self.table_route(table)
+        except RoutingError as e:
+            if not isinstance(table, str):
+                raise
+            known = sorted(self.tables)
+            listed = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+            raise RoutingError(
+                f"{e}, or name a configured table (by its table name, a model's __tablename__, not "
+                f"its class name; or pass the model): {listed or 'none are configured'}",
+                table=e.table) from None
+
+    def _not_in_map(self, table: Any, name: str) -> str:
+        """Why ``table`` (whose name is ``name``) has no route, and what to pass instead."""
+        column = table.__clause_element__() if hasattr(table, "__clause_element__") else table
+        owner = getattr(column, "table", None) if isinstance(column, elements.ColumnClause) else None
+        if owner is not None:
+            # A column (Order.user_id, users.c.id): its name is not a table's.
+            return (f"{table} is a column, not a table: pass its model or Table, or the name of "
+                    f"its table ({_table_name(owner)!r})")
+        return (f"table {name!r} is not in the shard map; add it to a [groups.*] tables entry "
+                "or to reference_tables")
 
     def shard_for(self, table: Any, key: Any) -> str:
         """The shard that owns ``key`` in ``table`` (a composite key is a tuple)."""
-        tr = self.table_route(table)
+        tr = self._given_table_route(table)
         if tr.strategy is None:
             raise RoutingError(
                 f"{tr.table!r} is a reference table: it lives on every shard "
@@ -239,7 +261,7 @@ class Router:
 
     def bucket_for(self, table: Any, key: Any) -> int | None:
         """The hash bucket of ``key`` (``None`` for tables not sharded by hash)."""
-        tr = self.table_route(table)
+        tr = self._given_table_route(table)
         if isinstance(tr.strategy, HashStrategy):
             _check_arity(tr, key)
             return tr.strategy.bucket_for_key(self._coerced(tr, key, table))
