@@ -432,6 +432,14 @@ class Cluster:
                             field, f"table {tname!r} has no column {c!r}",
                             "columns: " + ", ".join(table.c.keys()),
                         )
+                    unhashable = _unhashable(table.c[c].type) if g.strategy.kind == "hash" else None
+                    if unhashable:
+                        # Every write of such a key would be refused (ShardKeyError): say so now.
+                        raise ConfigurationError(
+                            field, f"shard key column {tname}.{c} is {unhashable}, which the hash "
+                            "strategy cannot place (it hashes integers, strings, uuids and bytes)",
+                            "key the group on such a column, or use a range, list or custom "
+                            "strategy for this key")
                     if g.strategy.kind != "custom" and _case_insensitive(table.c[c].type):
                         # 'Ada' = 'ada' in the database, but they hash (and sort, and
                         # match list values) as different strings: the same key would
@@ -775,14 +783,35 @@ def _node_name(shard: str, role: str, index: int) -> str:
     return f"{shard}/primary" if role == PRIMARY else f"{shard}/r{index}"
 
 
-def _case_insensitive(type_: Any) -> bool:
-    """Whether a column type compares text without case on PostgreSQL (``citext``): the
-    type PostgreSQL gets, so also a ``with_variant(CITEXT(), "postgresql")`` and a
-    TypeDecorator whose implementation (or ``load_dialect_impl``) is citext there."""
+def _pg_type(type_: Any) -> Any:
+    """The type PostgreSQL gets for a column: through ``with_variant(..., "postgresql")``
+    and TypeDecorators (their implementation, or ``load_dialect_impl``)."""
     from sqlalchemy.dialects.postgresql.base import PGDialect
 
     type_ = type_.dialect_impl(PGDialect())
     seen = 0
     while isinstance(type_, TypeDecorator) and seen < 10:
         type_, seen = type_.impl_instance, seen + 1
-    return getattr(type_, "__visit_name__", None) == "CITEXT"
+    return type_
+
+
+def _case_insensitive(type_: Any) -> bool:
+    """Whether a column type compares text without case on PostgreSQL (``citext``)."""
+    return getattr(_pg_type(type_), "__visit_name__", None) == "CITEXT"
+
+
+def _unhashable(type_: Any) -> str | None:
+    """The name of a column type whose values the hash strategy refuses (it hashes ints,
+    strings, uuids and bytes), or None."""
+    from sqlalchemy import types as sqltypes
+
+    pg = _pg_type(type_)
+    if isinstance(pg, (sqltypes.Numeric, sqltypes.Float, sqltypes.Boolean, sqltypes.Date, sqltypes.DateTime,
+                       sqltypes.Time, sqltypes.Interval, sqltypes.JSON, sqltypes.ARRAY)):
+        from sqlalchemy.dialects.postgresql.base import PGDialect
+
+        try:
+            return str(pg.compile(dialect=PGDialect()))
+        except Exception:  # noqa: BLE001 - only for the message
+            return type(pg).__name__
+    return None

@@ -325,3 +325,38 @@ def test_mask_url_hides_password_query_parameters_and_unencoded_at_signs():
     cfg["shards"][0]["primary"] = "postgresql+psycopg://u@h:notaport/db"
     with pytest.raises(ConfigurationError, match="not a valid database URL"):
         load_config(cfg)
+
+
+def test_a_hash_key_column_of_a_type_the_hash_refuses_is_a_configuration_error():
+    """A hash group keyed by a NUMERIC, date, timestamp or boolean column was accepted with
+    metadata=, and every write of it then failed (ShardKeyError: the hash takes integers,
+    strings, uuids and bytes).  The column is now refused when the cluster is made; range,
+    list and custom groups keep such keys."""
+    import sqlalchemy as sa
+
+    class Money(sa.TypeDecorator):
+        impl = sa.Numeric(12, 2)
+        cache_ok = True
+
+    for type_, shown in ((sa.Numeric(10, 2), "NUMERIC(10, 2)"), (sa.Date(), "DATE"),
+                         (sa.DateTime(timezone=True), "TIMESTAMP WITH TIME ZONE"),
+                         (sa.Boolean(), "BOOLEAN"), (Money(), "NUMERIC(12, 2)"), (sa.Float(), "FLOAT")):
+        md = sa.MetaData()
+        sa.Table("ledgers", md, sa.Column("k", type_, primary_key=True))
+        cfg = {"shards": base()["shards"], "groups": {"l": {"strategy": "hash", "tables": {"ledgers": "k"}}}}
+        with pytest.raises(ConfigurationError) as ei:
+            Cluster.from_config(cfg, metadata=md)
+        assert ei.value.field == "groups.l.tables.ledgers"
+        assert f"ledgers.k is {shown}" in str(ei.value) and "range, list or custom" in str(ei.value)
+    # Hashable key types, and a date key in a range group, are accepted.
+    for type_ in (sa.BigInteger(), sa.Text(), sa.String(8), sa.CHAR(4), sa.Uuid(), sa.LargeBinary()):
+        md = sa.MetaData()
+        sa.Table("ledgers", md, sa.Column("k", type_, primary_key=True))
+        cfg = {"shards": base()["shards"], "groups": {"l": {"strategy": "hash", "tables": {"ledgers": "k"}}}}
+        Cluster.from_config(cfg, metadata=md).dispose()
+    md = sa.MetaData()
+    sa.Table("ledgers", md, sa.Column("k", sa.Date(), primary_key=True))
+    shards = base()["shards"]
+    cfg = {"shards": shards, "groups": {"l": {"strategy": "range", "tables": {"ledgers": "k"}, "ranges": [
+        {"to": "2024-01-01", "shard": shards[0]["name"]}, {"from": "2024-01-01", "shard": shards[1]["name"]}]}}}
+    Cluster.from_config(cfg, metadata=md).dispose()
