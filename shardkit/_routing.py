@@ -328,13 +328,19 @@ class Router:
         coercers = self._key_coercers(tr, table)
         if not coercers or not any(coercers):
             return key
+        part = 0
         try:
             if len(coercers) == 1:
                 return coercers[0](key) if coercers[0] and not _is_unresolved(key) else key
-            return tuple(co(v) if co and not _is_unresolved(v) else v for co, v in zip(coercers, key))
+            out = []
+            for part, (co, v) in enumerate(zip(coercers, key)):
+                out.append(co(v) if co and not _is_unresolved(v) else v)
+            return tuple(out)
         except ShardKeyError as e:
             if e.table is None:
+                # The message names the value's type; say which column's key it is.
                 e.table = tr.table
+                e.message = f"{tr.table}.{tr.key_columns[part]}: {e.message}"
             raise
 
     def any_shard(self) -> str:
@@ -1472,7 +1478,7 @@ def _to_str(v: Any) -> Any:
     if not isinstance(v, str):
         raise ShardKeyError(
             f"text shard key got {v!r} ({type(v).__name__}); pass a str "
-            "(the value would hash differently from the stored text)",
+            "(it would be placed differently from the stored text)",
             key=v,
         )
     return v
@@ -1489,7 +1495,7 @@ def _to_int(v: Any) -> Any:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ShardKeyError(
             f"integer shard key got {v!r} ({type(v).__name__}); pass an int "
-            "(a string would hash differently from the stored integer)",
+            "(a string would be placed differently from the stored integer)",
             key=v,
         )
     return v

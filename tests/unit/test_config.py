@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from shardkit import Cluster, ConfigurationError, load_config
+from shardkit import Cluster, ConfigurationError, ShardKeyError, load_config
 from shardkit._config import mask_url
 
 URL = "postgresql+psycopg://app@db{}.example:5432/app"
@@ -360,3 +360,28 @@ def test_a_hash_key_column_of_a_type_the_hash_refuses_is_a_configuration_error()
     cfg = {"shards": shards, "groups": {"l": {"strategy": "range", "tables": {"ledgers": "k"}, "ranges": [
         {"to": "2024-01-01", "shard": shards[0]["name"]}, {"from": "2024-01-01", "shard": shards[1]["name"]}]}}}
     Cluster.from_config(cfg, metadata=md).dispose()
+
+
+def test_a_wrong_key_type_names_the_table_and_column():
+    """ShardKeyError for a key of the wrong type named the value's type but not where the
+    key goes (only in ``e.table``): with several tables in play it did not say which."""
+    import sqlalchemy as sa
+
+    md = sa.MetaData()
+    sa.Table("users", md, sa.Column("id", sa.BigInteger, primary_key=True))
+    sa.Table("orders", md, sa.Column("user_id", sa.BigInteger, primary_key=True))
+    sa.Table("countries", md, sa.Column("code", sa.Text, primary_key=True))
+    sa.Table("pairs", md, sa.Column("a", sa.BigInteger, primary_key=True), sa.Column("b", sa.Text, primary_key=True))
+    cfg = base(groups={"users": {"strategy": "hash", "tables": {"users": "id", "orders": "user_id"}},
+                       "pairs": {"strategy": "hash", "tables": {"pairs": ["a", "b"]}}})
+    c = Cluster.from_config(cfg, metadata=md)
+    try:
+        with pytest.raises(ShardKeyError) as ei:
+            c.shard_for("orders", "42")
+        assert str(ei.value).startswith("orders.user_id: integer shard key got '42' (str)"), str(ei.value)
+        assert ei.value.table == "orders"
+        with pytest.raises(ShardKeyError) as ei:
+            c.shard_for("pairs", (1, 2))
+        assert str(ei.value).startswith("pairs.b: text shard key got 2 (int)"), str(ei.value)
+    finally:
+        c.dispose()
