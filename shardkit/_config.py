@@ -193,7 +193,10 @@ def parse_pool(raw: Any, path: str) -> dict[str, Any]:
 def _number(raw: Any, path: str, *, minimum: float, integer: bool = False) -> Any:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or (integer and not isinstance(raw, int)):
         kind = "an integer" if integer else "a number"
-        raise ConfigurationError(path, f"{raw!r} must be {kind}")
+        raise ConfigurationError(path, f"{raw!r} must be {kind}", (
+            "write it without quotes; a value in quotes is a string, also one a ${VAR} makes: "
+            "the environment fills in strings only, such as URLs and passwords")
+            if isinstance(raw, str) else None)
     if raw != raw:
         raise ConfigurationError(path, "nan is not a number", f"give a number >= {minimum}")
     if math.isinf(raw):

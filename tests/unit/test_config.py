@@ -385,3 +385,16 @@ def test_a_wrong_key_type_names_the_table_and_column():
         assert str(ei.value).startswith("pairs.b: text shard key got 2 (int)"), str(ei.value)
     finally:
         c.dispose()
+
+
+def test_a_number_given_as_a_string_says_to_write_it_without_quotes():
+    """``max_lag_seconds = "${LAG:-5}"`` said only "'5' must be a number": an environment
+    reference always gives a string, which the message now says."""
+    for section, field, kind in (("replicas", "max_lag_seconds", "a number"), ("pool", "size", "an integer")):
+        with pytest.raises(ConfigurationError) as ei:
+            load_config(base(**{section: {field: "${SK_TEST_UNSET_NUMBER:-5}"}}), env={})
+        assert ei.value.field == f"{section}.{field}"
+        assert f"'5' must be {kind}" in str(ei.value) and "without quotes" in str(ei.value)
+    with pytest.raises(ConfigurationError) as ei:
+        load_config(base(pool={"size": 2.5}))
+    assert ei.value.hint is None
