@@ -196,7 +196,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(f"heads: {', '.join(report.heads) or '(none)'}")
                 if report.revision_drift:
                     print("DRIFT: shards are at different revisions")
-                for d in report.schema_differences:
+                for d in report.schema_differences + report.reference_differences:
                     print(f"DRIFT: {d}")
                 if report.ok:
                     print("no drift: every shard has the same revision and schema")

@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,10 +35,11 @@ from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import inspect, pool, text
+from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster, _translate_errors
 from ._config import mask_url, split_secret_query
-from ._guard import guard_installed, install_guard, table_parts
+from ._guard import guard_installed, install_guard, table_parts, table_sql
 from ._sql import install as _install_sql
 from ._sql import uninstall as _uninstall_sql
 from .errors import ConfigurationError, ShardkitError
@@ -218,10 +220,7 @@ def run_migrations(context: Any) -> None:
             with engine.connect() as connection:
                 # One migration of a shard at a time: another one (a second deploy) waits,
                 # then starts from the revision the first left, instead of failing midway.
-                # A session lock, held until the connection closes; committed, so that
-                # each revision still runs in its own transaction.
-                connection.execute(text("SELECT pg_advisory_lock(:c, 0)"), {"c": MIGRATE_LOCK_CLASS})
-                connection.commit()
+                _lock_shard(connection, shard)
                 context.configure(
                     connection=connection,
                     target_metadata=metadata,
@@ -240,6 +239,35 @@ def run_migrations(context: Any) -> None:
             engine.dispose()
     finally:
         cluster.dispose()
+
+
+def _lock_shard(connection: Any, shard: str) -> None:
+    """Take the shard's migration lock (a session lock, held until the connection closes;
+    committed, so that each revision still runs in its own transaction).
+
+    Waited for in attempts shorter than PostgreSQL's ``deadlock_timeout``, each in its own
+    transaction: a waiter holds a snapshot while it waits, and a CREATE INDEX CONCURRENTLY
+    of the migration holding the lock waits for every older snapshot to go.  One long
+    wait would be a deadlock, which PostgreSQL breaks by failing that index build."""
+    deadlock_ms = connection.execute(text(
+        "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'")).scalar() or 1000
+    wait_ms = max(10, min(500, deadlock_ms // 2))
+    connection.commit()
+    said = False
+    while True:
+        try:
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+            connection.execute(text("SELECT pg_advisory_lock(:c, 0)"), {"c": MIGRATE_LOCK_CLASS})
+        except DBAPIError as e:
+            connection.rollback()
+            if getattr(e.orig, "sqlstate", None) != "55P03":   # lock_not_available
+                raise
+            if not said:
+                log.warning("%s: another migration of this shard is running; waiting for it", shard)
+                said = True
+            continue
+        connection.commit()
+        return
 
 
 class _OneDiff:
@@ -427,6 +455,17 @@ def run_command(
                                  "shards: " + ", ".join(cluster.shard_names))
     say = progress or (lambda msg: None)
     before = current(cluster)
+    if _RELATIVE_TO_CURRENT.match(revision.strip()):
+        # Each shard's Alembic counts from that shard's revision: shards left at different
+        # revisions (a deploy that failed on some) would end at different ones again, those
+        # behind going further back than intended.
+        at = {before.get(s) for s in targets}
+        if len(at) > 1:
+            states = ", ".join(f"{s} at {before.get(s) or 'base'}" for s in targets)
+            raise ConfigurationError(
+                "REVISION", f"{revision} counts from each shard's own revision, and the shards are "
+                f"at different revisions ({states})",
+                f"name the revision every shard should reach: shardkit migrate {command} REVISION")
     # The Alembic processes running now, and whether Ctrl-C stopped the command: then
     # no shard starts, and those running are interrupted (by the terminal, which signals
     # the whole process group, and by this process, for a SIGINT sent to it alone).
@@ -532,6 +571,11 @@ def run_command(
     return results
 
 
+#: A revision counted from where a shard is (``-1``, ``+2``, ``branch@-1``), not from a
+#: named one (``head-1``, ``ae10+2``).
+_RELATIVE_TO_CURRENT = re.compile(r"^(?:[^@]+@)?[+-]\d+$")
+
+
 def _error_line(output: str) -> str | None:
     """The line of Alembic's output that names the error: the exception that ended a
     traceback (the last one: the one raised from the others), or Alembic's own
@@ -605,13 +649,53 @@ def _enum_types(connection: Any, schemas: Iterable[str] = ()) -> dict[str, list[
     return out
 
 
+def _invalid_indexes(connection: Any, schemas: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(index, table) of the indexes PostgreSQL does not use (``pg_index.indisvalid`` false:
+    a CREATE INDEX or REINDEX CONCURRENTLY that failed, or one running now) in the current
+    schema (by name) and in ``schemas`` (as ``schema.name``)."""
+    rows = connection.execute(text(
+        "SELECT n.nspname = current_schema(), n.nspname, ic.relname, tc.relname FROM pg_index x "
+        "JOIN pg_class ic ON ic.oid = x.indexrelid JOIN pg_class tc ON tc.oid = x.indrelid "
+        "JOIN pg_namespace n ON n.oid = ic.relnamespace WHERE NOT x.indisvalid "
+        "AND (n.nspname = current_schema() OR n.nspname = ANY(CAST(:s AS text[]))) ORDER BY 2, 3"),
+        {"s": sorted(set(schemas))}).all()
+    return [(i, t) if here else (f"{ns}.{i}", f"{ns}.{t}") for here, ns, i, t in rows]
+
+
+#: Settings that change how values are written as text: fixed while copies are compared,
+#: so that equal rows on servers set up differently compare equal.
+_TEXT_SETTINGS = (("TimeZone", "UTC"), ("DateStyle", "ISO, YMD"), ("IntervalStyle", "postgres"),
+                  ("extra_float_digits", "1"), ("bytea_output", "hex"))
+
+
+def _reference_rows(connection: Any, tables: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """(row count, digest of the rows) of each reference table that exists on this shard."""
+    for name, value in _TEXT_SETTINGS:
+        connection.execute(text("SELECT set_config(:n, :v, true)"), {"n": name, "v": value})
+    out: dict[str, tuple[int, str]] = {}
+    for t in tables:
+        if not connection.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table_sql(t)}).scalar():
+            continue   # reported as a missing table
+        n, digest = connection.execute(text(
+            f"SELECT count(*), md5(coalesce(string_agg(r::text, E'\\n' ORDER BY r::text COLLATE \"C\"), '')) "
+            f"FROM {table_sql(t)} AS r")).one()
+        out[t] = (n, digest)
+    return out
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" + ("" if n == 1 else "s")
+
+
 @dataclass
 class DriftReport:
-    """Shards at different revisions, or with schemas that differ."""
+    """Shards at different revisions, with schemas that differ, or whose copies of the
+    reference tables differ."""
 
     revisions: dict[str, str | None]
     heads: list[str]
     schema_differences: list[str]
+    reference_differences: list[str] = field(default_factory=list)
 
     @property
     def revision_drift(self) -> bool:
@@ -619,12 +703,13 @@ class DriftReport:
 
     @property
     def ok(self) -> bool:
-        return not self.revision_drift and not self.schema_differences
+        return not self.revision_drift and not self.schema_differences and not self.reference_differences
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "revisions": self.revisions, "heads": self.heads,
                 "revision_drift": self.revision_drift,
-                "schema_differences": self.schema_differences}
+                "schema_differences": self.schema_differences,
+                "reference_differences": self.reference_differences}
 
 
 def _heads(ini: Path) -> list[str]:
@@ -635,19 +720,42 @@ def _heads(ini: Path) -> list[str]:
 
 
 def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None) -> DriftReport:
-    """Compare every shard's revision and schema with the others'."""
+    """Compare every shard's revision, schema and copies of the reference tables with the
+    others'; name the INVALID indexes of every shard."""
     ini = _existing_ini(alembic_ini)
     revisions = current(cluster)
     prints: dict[str, dict[str, Any]] = {}
     enums: dict[str, dict[str, list[str]]] = {}
+    invalid: dict[str, list[tuple[str, str]]] = {}
+    copies: dict[str, dict[str, tuple[int, str]]] = {}
     schemas = _configured_schemas(cluster)
     for shard in cluster.shard_names:
         with _shard_connection(cluster, shard) as c:
             prints[shard] = schema_fingerprint(c, schemas)
             enums[shard] = _enum_types(c, schemas)
+            invalid[shard] = _invalid_indexes(c, schemas)
+            copies[shard] = _reference_rows(c, cluster.config.reference_tables)
     diffs: list[str] = []
     ref_name = cluster.shard_names[0]
     ref = prints[ref_name]
+    # An index PostgreSQL does not use (what a concurrent build that failed leaves, also
+    # when every shard has it): its definition is the same as a valid one's.
+    for shard in cluster.shard_names:
+        diffs.extend(
+            f"{shard}: index {i} of {t} is INVALID (what a CREATE INDEX CONCURRENTLY that failed "
+            f"leaves behind; queries do not use it): REINDEX INDEX CONCURRENTLY {i}, or drop it "
+            "and create it again"
+            for i, t in invalid[shard])
+    ref_copies = copies[ref_name]
+    reference_diffs = []
+    for shard in cluster.shard_names[1:]:
+        for t in cluster.config.reference_tables:
+            mine, theirs = copies[shard].get(t), ref_copies.get(t)
+            if mine is None or theirs is None or mine == theirs:
+                continue
+            counts = (f"{_rows(mine[0])} on each" if mine[0] == theirs[0]
+                      else f"{_rows(mine[0])}, {theirs[0]} on {ref_name}")
+            reference_diffs.append(f"{shard}: reference table {t} rows differ from {ref_name} ({counts})")
     for shard, fp in prints.items():
         if shard == ref_name:
             continue
@@ -689,7 +797,7 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
                     diffs.append(f"{shard}: {t} {part.replace('_', ' ')} differ from {ref_name}, "
                                  + "; ".join(what))
     heads = _heads(ini) if ini.exists() else []
-    return DriftReport(revisions, heads, diffs)
+    return DriftReport(revisions, heads, diffs, reference_diffs)
 
 
 def _short(v: Any) -> str:
