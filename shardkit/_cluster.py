@@ -111,6 +111,11 @@ class Cluster:
         self._engine_options = dict(engine_options or {})
         self._engines: dict[tuple[str, str, int], Engine] = {}
         self._streaming: dict[tuple[str, str, int], Engine] = {}
+        # The engines dispose() let go of (their pools emptied), with the engine hooks that
+        # had seen each: a node used again gets its engine back, so that a session whose
+        # transaction holds a connection of it goes on with that connection (a new engine
+        # would be a second connection, another transaction, on the same node).
+        self._retired: dict[tuple[str, str, int], tuple[Engine, tuple[Any, ...]]] = {}
         self._lock = threading.Lock()
         self._monitor: HealthMonitor | None = None
         self._selector: ReplicaSelector | None = None
@@ -488,6 +493,14 @@ class Cluster:
                     # Used again after dispose(): follow the catalog's map again (the
                     # follower reads it first thing).
                     self._start_follower()
+                retired = self._retired.pop(k, None)
+                if retired is not None:
+                    eng, seen = retired
+                    for hook in self._engine_hooks:
+                        if hook not in seen:
+                            hook(eng)
+                    self._engines[k] = eng
+                    return eng
                 url = self.node_url(shard, role, index)
                 opts: dict[str, Any] = {}
                 pool_cfg = self.config.shard(shard).node_pool(self.config.pool, role, index)
@@ -561,9 +574,9 @@ class Cluster:
         replica's autocommit engine never begins.  Same pool; each checkout reads in a
         READ COMMITTED transaction and gets autocommit back when returned."""
         k = (shard, REPLICA, index)
+        base = self.engine(shard, REPLICA, index)  # (back in use after dispose(), say)
         eng = self._streaming.get(k)
         if eng is None:
-            base = self.engine(shard, REPLICA, index)
             eng = base.execution_options(isolation_level="READ COMMITTED")
             eng.info = base.info  # type: ignore[attr-defined]
             eng = self._streaming.setdefault(k, eng)
@@ -647,10 +660,23 @@ class Cluster:
                 pool = self._scatter_pool
         return pool
 
+    def scatter_submit(self, fn: Any, *args: Any) -> Any:
+        """``scatter_executor().submit(fn, *args)``; on the cluster's new threads if a
+        ``dispose()`` shut the ones it found down meanwhile."""
+        while True:
+            pool = self.scatter_executor()
+            try:
+                return pool.submit(fn, *args)
+            except RuntimeError:
+                if self._scatter_pool is pool:
+                    raise  # not dispose(): the interpreter is shutting down
+                # dispose() shut it down since: the cluster is used again.
+
     def dispose(self, close: bool = True) -> None:
         """Stop the monitor and the map follower and close every pooled connection of every
-        node (and of the catalog).  The cluster can be used again: engines, the monitor and
-        the map follower start again on first use.
+        node (and of the catalog).  The cluster can be used again: engines (each node's same
+        Engine, its pool new), the monitor, the scatter threads and the map follower start
+        again on first use; a session in a transaction goes on with the connections it holds.
 
         :param close: ``False`` in a process forked from the one that used the cluster
             (a pre-forking server's worker): the parent's pooled connections are let go
@@ -666,17 +692,19 @@ class Cluster:
                 self.catalog.dispose()
             else:
                 self.catalog.engine.dispose(close=False)
-        if self._scatter_pool is not None:
-            self._scatter_pool.shutdown(wait=False)
-            self._scatter_pool = None
+        with self._lock:  # scatter_executor() makes one under it
+            scatter, self._scatter_pool = self._scatter_pool, None
+        if scatter is not None:
+            scatter.shutdown(wait=False)  # (what a scatter submitted to it still runs)
         with self._lock:  # monitor() starts one under it: never one this misses
             monitor, self._monitor, self._selector = self._monitor, None, None
         if monitor is not None:
             monitor.stop()
         with self._lock:
             engines = list(self._engines.values())
+            hooks = tuple(self._engine_hooks)
+            self._retired.update((k, (e, hooks)) for k, e in self._engines.items())
             self._engines.clear()
-            self._streaming.clear()
         for e in engines:
             e.dispose(close=close)
 

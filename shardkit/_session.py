@@ -2041,21 +2041,22 @@ def _with_bind_values(statement: Any, values: Mapping[str, Any]) -> Any:
 
 
 def _learn_names(cluster: Cluster, shard: str, known: dict[str, bool], names: Iterable[str],
-                 answer_sql: str) -> bool:
+                 answer_sql: str, held: Any = None) -> bool:
     """Add to ``known`` what the database says of the ``names`` it lacks (``answer_sql``: a
-    boolean expression of the name ``n``); False if no node of ``shard`` answers."""
+    boolean expression of the name ``n``); False if no node of ``shard`` answers.
+    ``held``: see :func:`_ask_any_node`."""
     unknown = sorted(n for n in set(names) if n not in known)
     if not unknown:
         return True
     found = _ask_any_node(cluster, shard, sa_text(
-        f"SELECT n, {answer_sql} FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown})
+        f"SELECT n, {answer_sql} FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown}, held)
     if found is None:
         return False
     known.update(dict(found))
     return True
 
 
-def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> None:
+def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str, held: Any = None) -> None:
     """Refuse aggregates the merge does not know (a CREATE AGGREGATE of the application's,
     an extension's): taken for plain functions, each shard's one row would be returned side
     by side.  Which names are aggregates is asked of the database once per name."""
@@ -2065,7 +2066,7 @@ def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> 
     kinds = cluster.function_kinds
     if not _learn_names(cluster, shard, kinds, names,
                         "coalesce((SELECT bool_or(prokind IN ('a', 'w')) FROM pg_proc "
-                        "WHERE proname = n), false)"):
+                        "WHERE proname = n), false)", held):
         return  # no node of the shard answers: the read itself will say so
     for n in sorted(names):
         if kinds.get(n):
@@ -2075,9 +2076,22 @@ def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str) -> 
                 construct=f"{n}()", statement=statement)
 
 
-def _ask_any_node(cluster: Cluster, shard: str, query: Any, params: Any = None) -> list[Any] | None:
+def _ask_any_node(cluster: Cluster, shard: str, query: Any, params: Any = None,
+                  held: Any = None) -> list[Any] | None:
     """``query``'s rows from the primary of ``shard``, or one of its replicas while the
-    primary is down (a question about the database, which they share); None if none answers."""
+    primary is down (a question about the database, which they share); None if none answers.
+
+    ``held``: a connection to a node of ``shard`` that the asking session's transaction
+    holds (see :func:`_question_node`), asked first: a second checkout from that node's pool
+    would wait for a connection forever (its pool's timeout) when the sessions holding them
+    all ask at once (a pool of one: every time)."""
+    if held is not None:
+        try:
+            return list(held.execute(query, params or {}).all())
+        except (ShardUnavailable, sa_exc.DBAPIError):
+            # That node is gone, or the transaction failed already: asked as before, and
+            # the read itself says what is wrong.
+            pass
     engines = [cluster.primary(shard)] + [cluster.engine(shard, REPLICA, i)
                                           for i in range(cluster.replica_count(shard))]
     for engine in engines:
@@ -2089,7 +2103,7 @@ def _ask_any_node(cluster: Cluster, shard: str, query: Any, params: Any = None) 
     return None
 
 
-def _text_collation(cluster: Cluster, shard: str) -> str | None:
+def _text_collation(cluster: Cluster, shard: str, held: Any = None) -> str | None:
     """The default collation of ``shard``'s database if it does not order text by code
     point, "" if it does, None if no node answers.  Asked once per shard."""
     collation = cluster.text_collations.get(shard)
@@ -2097,7 +2111,8 @@ def _text_collation(cluster: Cluster, shard: str) -> str | None:
         # The locale's name: datlocale (PostgreSQL 17), daticulocale (15, 16), datcollate.
         found = _ask_any_node(cluster, shard, sa_text(
             "SELECT 'a' < 'B', coalesce(j->>'datlocale', j->>'daticulocale', j->>'datcollate') "
-            "FROM (SELECT to_jsonb(d) AS j FROM pg_database d WHERE datname = current_database()) AS x"))
+            "FROM (SELECT to_jsonb(d) AS j FROM pg_database d WHERE datname = current_database()) AS x"),
+            held=held)
         if found is None:
             return None  # no node of the shard answers: the read itself will say so
         linguistic, name = found[0]
@@ -2110,7 +2125,7 @@ _DETERMINISTIC: weakref.WeakKeyDictionary[Cluster, dict[str, bool]] = weakref.We
 
 
 def _refuse_nondeterministic_collations(cluster: Cluster, plan: Any, shard: str,
-                                        statement: Any) -> None:
+                                        statement: Any, held: Any = None) -> None:
     """GROUP BY, DISTINCT and UNION merge the shards' values by Python equality, which is
     PostgreSQL's only under a deterministic collation: under a nondeterministic one (a
     case-insensitive ICU collation) 'a' and 'A' are one value, and the merge would return
@@ -2118,7 +2133,7 @@ def _refuse_nondeterministic_collations(cluster: Cluster, plan: Any, shard: str,
     known = _DETERMINISTIC.setdefault(cluster, {})
     if not _learn_names(cluster, shard, known, {name for name, _ in plan.collations},
                         "coalesce((SELECT bool_and(collisdeterministic) FROM pg_collation "
-                        "WHERE collname = n), true)"):
+                        "WHERE collname = n), true)", held):
         return  # no node of the shard answers: the read itself will say so
     for name, use in plan.collations:
         if known.get(name) is False:
@@ -2131,14 +2146,14 @@ def _refuse_nondeterministic_collations(cluster: Cluster, plan: Any, shard: str,
                 construct=f"{use} over a nondeterministic collation", statement=statement)
 
 
-def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str) -> None:
+def _refuse_collated_text(cluster: Cluster, statement: Any, shard: str, held: Any = None) -> None:
     """The merge compares text by code point, which is PostgreSQL's order only under the
     C (or C.UTF-8, POSIX) collation: under any other, refuse instead of merging the shards'
     sorted streams out of order.  The database's default collation is asked once."""
     use = _per_shape(cluster.router, statement, _text_comparison)
     if use is None:
         return
-    collation = _text_collation(cluster, shard)
+    collation = _text_collation(cluster, shard, held)
     if collation:
         raise ScatterRefused(
             f"{use}: the database orders text by its collation ({collation}), shardkit's merge of "
@@ -2306,6 +2321,24 @@ def refuse_scatter_page(statement: Any, plan: Any, execution_options: Any = None
                 construct=f"{effect} with LIMIT", statement=statement)
 
 
+def _question_node(session: ShardedSession, shards: Sequence[str]) -> tuple[str, Any]:
+    """(shard, connection or None): where a cross-shard read on ``shards`` asks the database
+    what its checks need to know (once per name or shard): a shard to which the session's
+    transaction holds a connection (its primary's first), and that connection; else the
+    first shard, on a connection of its own."""
+    trans = session.get_transaction()
+    conns = getattr(trans, "_connections", None) if trans is not None else None
+    if conns:
+        engines = session.cluster._engines
+        for shard in shards:
+            for i in range(-1, session.cluster.replica_count(shard)):
+                eng = engines.get((shard, PRIMARY, 0) if i < 0 else (shard, REPLICA, i))
+                entry = conns.get(eng) if eng is not None else None
+                if entry is not None and not entry[0].invalidated:
+                    return shard, entry[0]
+    return shards[0], None
+
+
 def _scatter_read(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
                   bind_arguments: Any, route: Route) -> Result[Any]:
     """Run a read on several shards at once and merge the rows exactly."""
@@ -2320,15 +2353,16 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     shard_stmt, plan = plan_scatter_read(statement, params)
     refuse_scatter_page(statement, plan, execution_options)
     # The checks that ask the database (once per name or cluster): explain() cannot make them.
-    _refuse_unknown_aggregates(session.cluster, statement, route.shards[0])
+    ask, held = _question_node(session, route.shards)
+    _refuse_unknown_aggregates(session.cluster, statement, ask, held)
     if plan.collations:
-        _refuse_nondeterministic_collations(session.cluster, plan, route.shards[0], statement)
+        _refuse_nondeterministic_collations(session.cluster, plan, ask, statement, held)
     if plan.kind in ("ordered", "aggregate", "group"):
-        _refuse_collated_text(session.cluster, statement, route.shards[0])
+        _refuse_collated_text(session.cluster, statement, ask, held)
         if any(not equality for _, equality, _ in plan.checks):
             # Expressions with no SQL type ordered or compared: text among their values is
             # refused as it comes, if the database does not order text by code point.
-            plan.text_collation = _text_collation(session.cluster, route.shards[0]) or ""
+            plan.text_collation = _text_collation(session.cluster, ask, held) or ""
     partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
     timeout = _option("shardkit_timeout", statement, execution_options)
     cluster = session.cluster
@@ -2380,11 +2414,12 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         shard, index, stmt, eo, ba, conn, shard_params = task
         return Session.execute(session, stmt, shard_params, execution_options=eo, bind_arguments=ba)
 
-    pool = cluster.scatter_executor()
     # Each shard's execution runs with a copy of the caller's context: do_orm_execute
     # hooks that read request state from contextvars (with_loader_criteria for
     # tenants, soft deletes) filter every shard's rows as they filter a one-shard read.
-    futures = {pool.submit(contextvars.copy_context().run, run, t): t for t in tasks}
+    # (Submitted through the cluster: a dispose() meanwhile must not fail the read after
+    # some shards' queries started on the session's connections.)
+    futures = {cluster.scatter_submit(contextvars.copy_context().run, run, t): t for t in tasks}
     done, not_done = wait(futures, timeout=timeout)
     # Past the deadline: a query still queued (every scatter thread busy) never starts;
     # one running is cancelled on its server, again until it stops (a cancel that
@@ -2412,7 +2447,17 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             except Exception:  # noqa: BLE001 - the failure below reports the shard
                 pass
         running = wait(running, timeout=0.2)[1]
-    for f in cut:
+    # A cancel request still on its way cancels whatever runs on the connection when it
+    # arrives: the session's next statement there, or another session's once the
+    # connection is back in the pool.  Each is waited for (the query it was sent for has
+    # ended: it finds the connection idle, and is ignored); one still unanswered by
+    # give_up (a server that does not answer) costs the connection.
+    stray = set()
+    for f, thread in cancels.items():
+        thread.join(max(0.0, give_up - time.monotonic()))
+        if thread.is_alive():
+            stray.add(f)
+    for f in cut | stray:
         # Every thread is done: the connections whose socket is shut down are never used
         # again (a query that ended just before has left its connection looking fine).
         shard, index, conn = futures[f][0], futures[f][1], futures[f][5]
