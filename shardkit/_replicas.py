@@ -266,6 +266,10 @@ class HealthMonitor:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._lock = threading.Lock()
+        # _update_lag runs from the poll threads and from the threads that learn a replay
+        # position by a read-your-writes probe: one at a time (it writes several fields
+        # of each replica that it reads again).
+        self._lag_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -403,6 +407,10 @@ class HealthMonitor:
             state.changed.notify_all()
 
     def _update_lag(self, state: _ShardState) -> None:
+        with self._lag_lock:
+            self._update_lag_locked(state)
+
+    def _update_lag_locked(self, state: _ShardState) -> None:
         primary_lsn = state.primary.wal_lsn
         p_sample = state.primary._lsn_sample
         for r in state.replicas:
@@ -427,7 +435,7 @@ class HealthMonitor:
                 r.lag_bytes = r.lag_seconds = None  # unknown: not behind this primary at all
                 continue
             gap = 0 if primary_lsn is None else primary_lsn - r.wal_lsn
-            r.lag_bytes = max(0, gap)
+            r.lag_bytes = lag_bytes = max(0, gap)
             if not r.up:
                 # Its last replay age is frozen at the moment it went down; how far
                 # behind in time it is now is unknown (the byte gap keeps growing).
@@ -439,7 +447,7 @@ class HealthMonitor:
             # the primary sat idle (that transaction is old, yet the replica missed only
             # what came since): the replica has everything the primary had when last
             # seen at or before its replay position, so it is at most that far behind.
-            if r.lag_bytes <= 0:
+            if lag_bytes <= 0:
                 r.lag_seconds = 0.0
                 continue
             now = time.monotonic()
@@ -468,10 +476,11 @@ class HealthMonitor:
         """Record a replay position learned outside the poll (a read-your-writes probe)."""
         state = self.shards[shard]
         r = state.replicas[index]
-        if r.wal_lsn is None or lsn > r.wal_lsn:
-            r.wal_lsn = lsn
-            r._lsn_sample = (time.monotonic(), lsn)
-            self._update_lag(state)
+        with self._lag_lock:
+            if r.wal_lsn is None or lsn > r.wal_lsn:
+                r.wal_lsn = lsn
+                r._lsn_sample = (time.monotonic(), lsn)
+                self._update_lag_locked(state)
 
     def ban(self, shard: str, index: int, reason: str, seconds: float | None = None) -> None:
         r = self.shards[shard].replicas[index]
