@@ -269,7 +269,11 @@ def _join_conditions(froms: list[Any]) -> list[Any]:
     return out
 
 
-def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
+def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
+           semi: _Instance | None = None) -> str | None:
+    """``semi``: ``stmt`` is the subquery of ``key IN (SELECT ...)``, ``key`` the shard key of
+    that outer instance: the subquery is tied to it if it selects its group's key (rows
+    with equal keys are on one shard, so each shard answers the IN for its own rows)."""
     # Once: an ORM statement builds its FROM list anew each time it is asked (an
     # eager load's anonymous alias would differ between two calls).
     froms = _froms(stmt)
@@ -320,6 +324,13 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
         if len(links[pair]) == a[0].n_keys:
             parent[find(pair[0])] = find(pair[1])
 
+    if semi is not None and len(stmt._raw_columns) == 1 and all(
+            getattr(stmt, attr, None) is None for attr in ("_limit_clause", "_offset_clause", "_fetch_clause")):
+        # key IN (SELECT other.key ...): no LIMIT, OFFSET or FETCH (which each shard would
+        # apply to its own rows); GROUP BY, HAVING and DISTINCT keep each key's rows whole.
+        k = key_of(_plain(stmt._raw_columns[0]))
+        if k is not None and k[0] in own and k[0].group == semi.group and k[0].n_keys == 1:
+            parent[find(id(k[0]))] = find(id(semi))
     if outer:
         roots = {find(id(o)) for o in outer}
         for inst in own:
@@ -343,11 +354,19 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver) -> str | None:
     values = getattr(stmt, "_values", None)
     if values:
         clauses.extend(v for v in values.values() if isinstance(v, elements.ClauseElement))
+    # key IN (SELECT ...) of this statement's instances, by the subquery's SELECT.
+    semis: dict[int, _Instance] = {}
+    for e in _walk(clauses):
+        if isinstance(e, elements.BinaryExpression) and e.operator is operators.in_op \
+                and isinstance(e.right, selectable.ScalarSelect):
+            k = key_of(e.left)
+            if k is not None and k[0].n_keys == 1:
+                semis[id(e.right.element)] = k[0]
     for e in _walk(clauses):
         nested = compound_selects(e) if isinstance(e, selectable.CompoundSelect) else \
             [e] if isinstance(e, selectable.Select) else []
         for sel in nested:
-            problem = _check(sel, everyone, resolve)
+            problem = _check(sel, everyone, resolve, semis.get(id(sel)))
             if problem:
                 return problem
     return None

@@ -296,3 +296,43 @@ def test_query_count_of_a_distinct_or_limited_query_says_what_works(qa):
     with qa.Session() as s, pytest.raises(shardkit.ScatterRefused) as ei:
         s.execute(select(User.id).select_from(select(User).limit(3).subquery()))
     assert "Query.count()" not in str(ei.value)
+
+
+def test_key_in_a_subquery_of_the_groups_key_runs_on_every_shard_exactly(qa):
+    """``User.id IN (SELECT orders.user_id ...)``, the semi-join of "users who have such
+    orders", was refused as a subquery not correlated on the key.  Rows with equal keys live
+    on one shard, so each shard answers the IN for its own users exactly: it now runs, and
+    gives one database's rows.  A LIMIT in the subquery, a column that is not the key on
+    either side, or NOT IN (NULLs decide it across all rows) are still refused."""
+    from sqlalchemy import exists
+    from sqlalchemy.orm import aliased
+
+    o2 = aliased(Order)
+
+    def ids(stmt):
+        return lambda s: sorted(s.scalars(stmt).all())
+
+    works = [
+        select(User.id).where(User.id.in_(select(Order.user_id).where(Order.amount > 3))),
+        select(User.id).where(User.id.in_(
+            select(Order.user_id).group_by(Order.user_id).having(func.count() > 1))),
+        select(User.id).where(User.score > 1, User.id.in_(select(Order.user_id).distinct())),
+        select(User.id).where(User.id.in_(select(Order.user_id).where(
+            Order.amount > select(func.min(o2.amount)).where(o2.user_id == Order.user_id).scalar_subquery()))),
+    ]
+    for stmt in works:
+        got = qa.both(ids(stmt))
+        assert got and not (isinstance(got, tuple) and got[0] == "error"), got
+    got = qa.both(lambda s: sorted(u.id for u in s.query(User).filter(
+        User.id.in_(s.query(Order.user_id).filter(Order.amount == 0))).all()))
+    assert got
+    refused = [
+        select(User.id).where(User.id.in_(select(Order.user_id).order_by(Order.user_id).limit(2))),
+        select(User.id).where(User.id.in_(select(Order.amount))),
+        select(User.id).where(User.score.in_(select(Order.user_id))),
+        select(User.id).where(User.id.not_in(select(Order.user_id))),
+        select(User.id).where(~exists().where(Order.amount > 5), User.id.in_(select(Order.id))),
+    ]
+    for stmt in refused:
+        with qa.Session() as s, pytest.raises(shardkit.ScatterRefused):
+            s.execute(stmt).all()
