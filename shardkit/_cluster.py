@@ -108,6 +108,10 @@ class Cluster:
         # Why the catalog's map could not be used when this cluster was made (None: it
         # was, or there is no catalog); `shardkit status` says it.
         self._catalog_error: str | None = None
+        # Why the catalog's live map cannot route this process (it places keys on a shard
+        # its config file does not define, or has another bucket count); None: it can.
+        # Meanwhile its sessions refuse every statement (see refuse_misfit).
+        self._map_misfit: ConfigurationError | None = None
         self._engine_options = dict(engine_options or {})
         self._engines: dict[tuple[str, str, int], Engine] = {}
         self._streaming: dict[tuple[str, str, int], Engine] = {}
@@ -241,7 +245,15 @@ class Cluster:
             elif state.seq < self._state_seq:
                 return  # a slower read of an older state
             held = self.map_version
-            config = self._map_config(state.version, state.bucket_map, state.slices, replaced=replaced)
+            try:
+                config = self._map_config(state.version, state.bucket_map, state.slices, replaced=replaced)
+            except ConfigurationError as e:
+                # The map in use is out of date, and the catalog's cannot be followed: a
+                # keyed read by it would find nothing where its row moved away, a read
+                # across shards would miss the shards the file does not define.
+                self._map_misfit = e
+                raise
+            self._map_misfit = None
             if replaced and config is not None and held is not None and state.version <= held:
                 self._catalog_replacements += 1
                 went = (f"went back from version {held} to version {state.version}" if state.version < held
@@ -305,7 +317,7 @@ class Cluster:
             raise ConfigurationError(
                 e.field, f"map version {version} does not fit the config file: {e.problem}",
                 f"{e.hint or 'make the config file match the catalog'}, then restart this process; until "
-                f"then it routes by {using}") from None
+                f"then its sessions refuse every statement, which {using} would route to the wrong shards") from None
 
     def _set_map(self, version: int, bucket_map: tuple[str, ...], slices: tuple[Any, ...] = ()) -> None:
         """Route by this map if its version is above the one in use."""
@@ -367,6 +379,13 @@ class Cluster:
         self._guard_seen[shard] = True if found else time.monotonic() + 30.0
         return found
 
+    def refuse_misfit(self) -> None:
+        """Raise RoutingError while the catalog's live map does not fit the config file."""
+        misfit = self._map_misfit
+        if misfit is not None:
+            raise RoutingError(
+                f"this process cannot route by the catalog's map: {misfit.problem} ({misfit.hint})")
+
     def map_stale(self) -> None:
         """A shard refused a write as not owned: reload the map soon."""
         if self._follower is not None:
@@ -380,6 +399,7 @@ class Cluster:
 
     def shard_for(self, table: Any, key: Any) -> str:
         """The shard that owns ``key`` in ``table`` (name, Table, mapped class or mapper)."""
+        self.refuse_misfit()
         return self.router.shard_for(table, key)
 
     def bucket_for(self, table: Any, key: Any) -> int | None:

@@ -979,12 +979,15 @@ def with_bucket_map(config: ClusterConfig, bucket_map: tuple[str, ...],
     if unknown:
         raise ConfigurationError(
             "shards", f"the catalog's map places buckets on {', '.join(unknown)}, which the config does not define",
-            "add those shards (with their URLs) to the config file")
+            "add those shards (with their URLs) to the config file; a shard leaves the file only once "
+            "`shardkit rebalance apply --drain` has moved everything off it")
     unknown = sorted({s.shard for s in slices} - set(config.shard_names))
     if unknown:
         raise ConfigurationError(
             "shards", f"the catalog's map places key ranges or values on {', '.join(unknown)}, which the "
-            "config does not define", "add those shards (with their URLs) to the config file")
+            "config does not define", "add those shards (with their URLs) to the config file; a shard "
+            "leaves the file only once its ranges and values moved off it too (`rebalance apply --split` "
+            "or `--move-value` ... `--to`)")
     grouped = by_group(slices)
     groups = tuple(
         replace(g, strategy=HashStrategy(bucket_map)) if isinstance(g.strategy, HashStrategy)

@@ -236,16 +236,35 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
     table = g.table
     fn = f"shardkit.{_ident(trigger_function_name(table))}"
     body = trigger_body(g, key_type, pk, bucket_count)
+    t = _literal(table_sql(table))
     return [
         f"CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql AS $guard${body}$guard$",
-        f"DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(table)}",
+        # Made again only when it is not there as made here: DROP TRIGGER waits for an
+        # ACCESS EXCLUSIVE lock on the table, so behind any open transaction that read it,
+        # and every read and write of the table queues behind that wait (`rebalance init`
+        # is run again, with the application running, after each change of the shards).
+        # A new body needs no new trigger: the function is replaced in place.
+        "DO $g$ BEGIN\n"
+        "    IF NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = "
+        f"{t}::regclass AND t.tgname = 'shardkit_guard' AND t.tgfoid = {_literal(fn + '()')}::regprocedure "
+        # BEFORE, FOR EACH ROW, INSERT, DELETE, UPDATE (pg_trigger.h's bits), enabled
+        f"        AND t.tgtype = {_ROW_TRIGGER_TYPE} AND t.tgenabled = 'O' "
+        f"        AND pg_get_triggerdef(t.oid) LIKE {_literal('%' + MOVER_SETTING + '%')}) THEN\n"
+        f"        DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(table)};\n"
         # The WHEN condition spares the mover's bulk copies and deletes the cost
         # of calling the function for every row.
-        f"CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {table_sql(table)} "
+        f"        CREATE TRIGGER shardkit_guard BEFORE INSERT OR UPDATE OR DELETE ON {table_sql(table)} "
         f"FOR EACH ROW WHEN (current_setting('{MOVER_SETTING}', true) IS DISTINCT FROM 'on') "
-        f"EXECUTE FUNCTION {fn}()",
+        f"EXECUTE FUNCTION {fn}();\n"
+        "    END IF;\n"
+        "END $g$",
         _truncate_trigger_sql(table, create=True),
     ]
+
+
+# pg_trigger.tgtype of the guard's row trigger: TRIGGER_TYPE_ROW | _BEFORE | _INSERT |
+# _DELETE | _UPDATE.
+_ROW_TRIGGER_TYPE: Final = 1 | 2 | 4 | 8 | 16
 
 
 def _truncate_trigger_sql(table: str, *, create: bool) -> str:
@@ -253,14 +272,21 @@ def _truncate_trigger_sql(table: str, *, create: bool) -> str:
     partitions: a statement trigger is not cloned to partitions (as the row trigger is),
     and ``TRUNCATE <partition>`` fires only the partition's own."""
     t = _literal(table_sql(table))
-    make = ("EXECUTE format('CREATE TRIGGER shardkit_guard_truncate BEFORE TRUNCATE ON %s "
-            "FOR EACH STATEMENT EXECUTE FUNCTION shardkit.guard_truncate()', r);") if create else ""
+    # Made only where it is missing (a new partition), dropped and made again where it is
+    # not the guard's: DROP TRIGGER waits for an ACCESS EXCLUSIVE lock (see _trigger_sql).
+    make = ("IF NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = r AND t.tgname = "
+            "'shardkit_guard_truncate' AND t.tgfoid = 'shardkit.guard_truncate()'::regprocedure "
+            "AND t.tgenabled = 'O') THEN\n"
+            "            EXECUTE format('DROP TRIGGER IF EXISTS shardkit_guard_truncate ON %s', r);\n"
+            "            EXECUTE format('CREATE TRIGGER shardkit_guard_truncate BEFORE TRUNCATE ON %s "
+            "FOR EACH STATEMENT EXECUTE FUNCTION shardkit.guard_truncate()', r);\n"
+            "        END IF;") if create else \
+        "EXECUTE format('DROP TRIGGER IF EXISTS shardkit_guard_truncate ON %s', r);"
     return (
         "DO $t$ DECLARE r regclass; BEGIN\n"
         # (pg_partition_tree() of a table that is not partitioned lists nothing)
         f"    FOR r IN SELECT c.oid FROM pg_class c WHERE c.relkind IN ('r', 'p') AND (c.oid = {t}::regclass "
         f"OR c.oid IN (SELECT relid FROM pg_partition_tree({t}::regclass))) LOOP\n"
-        "        EXECUTE format('DROP TRIGGER IF EXISTS shardkit_guard_truncate ON %s', r);\n"
         f"        {make}\n"
         "    END LOOP;\n"
         "END $t$")
@@ -526,9 +552,13 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
             # The driver reads % as a placeholder even without parameters.
             conn.exec_driver_sql(statement.replace("%", "%%"))
     if owned is not None:
-        conn.exec_driver_sql("DELETE FROM shardkit.owned_buckets")
-        conn.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[]))"),
-                     {"b": sorted(set(owned))})
+        # Only the rows that change: writers outside READ COMMITTED hold a lock on the rows
+        # they rely on, which deleting them would wait for (and their next writers behind it).
+        owned = sorted(set(owned))
+        conn.execute(text("DELETE FROM shardkit.owned_buckets WHERE bucket <> ALL(CAST(:b AS integer[]))"),
+                     {"b": owned})
+        conn.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[])) "
+                          "ON CONFLICT DO NOTHING"), {"b": owned})
 
 
 def guard_installed(conn: Connection) -> bool:

@@ -8,7 +8,8 @@ connection).  Reconnects with back-off (0.2 s, doubling up to 5 s) when the
 catalog is unreachable, with a warning each time; the process keeps routing by
 the map it has meanwhile, which the shards' guards make safe: a stale map can
 cost a refused write, never a misplaced one.  A catalog map that does not fit
-the config file (a shard the file does not name) is an error said once; the
+the config file (a shard the file does not name) is an error said once, and the
+process's sessions refuse every statement meanwhile (see Cluster.refuse_misfit); the
 follower keeps listening and takes the next map that fits.
 """
 

@@ -80,6 +80,7 @@ from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import (
     CommitError,
+    ConfigurationError,
     CrossShardWriteError,
     NotOwned,
     RoutingError,
@@ -385,6 +386,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def get_bind(self, mapper: Any = None, *, shard_id: str | None = None,
                  instance: Any = None, clause: Any = None, shardkit_role: str | None = None,
                  shardkit_replica: int = 0, shardkit_stream: bool = False, **kw: Any) -> Any:
+        # Every statement and connection of the session comes here, on every shard.
+        if self.cluster._map_misfit is not None:
+            self.cluster.refuse_misfit()
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance=instance, clause=clause)
         if shard_id not in self.cluster.router.shard_set:
@@ -3373,7 +3377,10 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
         attempt += 1
         cluster = session.cluster
         if not _moved_off(cluster, refused):
-            cluster.refresh_map(newer_than=stale, timeout=refresh_timeout)
+            try:
+                cluster.refresh_map(newer_than=stale, timeout=refresh_timeout)
+            except ConfigurationError:
+                pass  # a map the config file cannot route by: the next attempt is refused, saying so
 
 
 def _moved_off(cluster: Cluster, refused: NotOwned) -> bool:
