@@ -629,6 +629,7 @@ class Cluster:
         """The health monitor, started on first use (``wait``: until every node was polled once)."""
         mon = self._monitor
         if mon is None:
+            started = False
             with self._lock:
                 if self._monitor is None:
                     mon = HealthMonitor(self, self.config.replicas)
@@ -637,16 +638,22 @@ class Cluster:
                     self._selector = ReplicaSelector(self, mon, self.config.replicas)
                     self._monitor = mon
                     mon.start()
-                    if wait:
-                        mon.wait_first_poll(timeout=2 + self.config.replicas.poll_timeout)
+                    started = True
                 mon = self._monitor
+            if started and wait:
+                # Not under the lock: other threads' first engine() would wait for the
+                # first poll too (a hung node makes it last the poll timeout).
+                mon.wait_first_poll(timeout=2 + self.config.replicas.poll_timeout)
         return mon
 
     @property
     def selector(self) -> ReplicaSelector:
-        self.monitor()
-        assert self._selector is not None
-        return self._selector
+        while True:
+            self.monitor()
+            selector = self._selector
+            if selector is not None:
+                return selector
+            # dispose() stopped the monitor meanwhile: the cluster is used again.
 
     def start_monitor(self) -> None:
         """Start polling nodes now (otherwise the first replica read starts it)."""

@@ -127,3 +127,38 @@ def test_replica_settings_validation():
     c = load_config({**CFG, "replicas": {"consistency": "eventual", "max_lag_bytes": 1024}})
     assert c.replicas == ReplicaSettings(consistency="eventual", max_lag_bytes=1024)
     assert c.shards[0].replica_weights == (1.0, 3.0)
+
+
+def test_first_poll_is_waited_for_outside_the_clusters_lock(monkeypatch):
+    """monitor() waited for the monitor's first poll while holding the cluster's lock, so
+    another thread's first engine() (or scatter threads) waited as long: up to the poll
+    timeout and more when a node hangs."""
+    import threading
+
+    from shardkit._replicas import HealthMonitor
+
+    release = threading.Event()
+    waiting = threading.Event()
+
+    def slow_first_poll(self, timeout=None):
+        waiting.set()
+        release.wait(10)
+
+    monkeypatch.setattr(HealthMonitor, "wait_first_poll", slow_first_poll)
+    monkeypatch.setattr(HealthMonitor, "start", lambda self: None)  # no polling threads
+    cluster = shardkit.Cluster.from_config({"shards": [
+        {"name": "s0", "primary": "postgresql://u@127.0.0.1:1/d", "replicas": ["postgresql://u@127.0.0.1:2/d"]}]})
+    try:
+        first = threading.Thread(target=cluster.start_monitor)
+        first.start()
+        assert waiting.wait(5)
+        got = []
+        other = threading.Thread(target=lambda: got.append(cluster.engine("s0")))
+        other.start()
+        other.join(5)
+        assert got, "engine() waited for another thread's first poll"
+        assert cluster.selector is not None
+    finally:
+        release.set()
+        first.join(5)
+        cluster.dispose()
