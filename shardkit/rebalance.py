@@ -131,11 +131,31 @@ _CUTTING_OVER = "cutting-over"
 _COPY_LOCK_CLASS = 0x534A  # "SJ"
 
 
+# Defaults a DBA may give the role or the database the mover connects as (for the
+# application's sessions), which the mover's own sessions must not take (pg_dump resets
+# them too): a statement_timeout cancels a slice of a long copy, and a wait for the gate
+# below the cut-over's own lock_timeout, which fails the move instead of retrying; an idle
+# timeout ends a transaction that waits, open, for the other server (the copy's target
+# during the grace period, the verification's target while the source is read); and a
+# default isolation above READ COMMITTED takes the cut-over's snapshot before the gate is
+# granted, so the changes of the writers it waited for would not move.
+_SESSION_SETTINGS = ("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; "
+                     "SET default_transaction_isolation = 'read committed'")
+
+
 def _connect(url: Any) -> psycopg.Connection:
-    """An autocommit connection to the node at ``url``; the attempt gives up after the
-    URL's ``connect_timeout``, else after 3 s, as for every node (a host that is gone, or a
-    frozen server, would otherwise keep a mover or an abort waiting for minutes)."""
-    return psycopg.connect(conninfo(url), autocommit=True, **connect_timeout_args(url))
+    """An autocommit connection to the node at ``url``, with the mover's session settings
+    (``_SESSION_SETTINGS``); the attempt gives up after the URL's ``connect_timeout``, else
+    after 3 s, as for every node (a host that is gone, or a frozen server, would otherwise
+    keep a mover or an abort waiting for minutes)."""
+    conn = psycopg.connect(conninfo(url), autocommit=True, **connect_timeout_args(url))
+    try:
+        conn.execute(_SESSION_SETTINGS + ("; SET idle_session_timeout = 0"
+                                          if conn.info.server_version >= 140000 else ""))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | None = None) -> list[str]:
@@ -503,6 +523,28 @@ def _moved_tables(cluster: Cluster, conn: psycopg.Connection, shard: str,
     except graphlib.CycleError:  # foreign keys in a cycle: moved only with session_replication_role
         ordered = sorted(out)
     return [out[t] for t in ordered]
+
+
+def _refuse_unknown_guarded(cluster: Cluster, src: psycopg.Connection, shard: str, move_id: int) -> None:
+    """Refuse to copy or switch buckets off ``shard`` while it has a table carrying the
+    ownership guard that the config does not configure: a migration of a newer deploy
+    created and guarded it (``op.install_shardkit_guard()``) while this mover runs with an
+    older config.  Its rows of the buckets would neither move nor be deleted, and stay on a
+    shard that no longer owns them, unseen by the new owner's readers."""
+    configured = configured_tables(g.table for g in guarded_tables(cluster.config))
+    unknown = [r[0] for r in src.execute(
+        "SELECT t.tgrelid::regclass::text FROM pg_trigger t JOIN pg_class r ON r.oid = t.tgrelid "
+        "WHERE t.tgname = 'shardkit_guard' AND NOT r.relispartition "
+        f"AND t.tgrelid NOT IN (SELECT c.oid FROM {_CONFIGURED_PG}) ORDER BY 1", configured)]
+    if unknown:
+        raise RebalanceError(
+            f"move {move_id}: table(s) {', '.join(unknown)} on {shard} have shardkit's ownership guard "
+            "(a migration installed it) but the config this mover runs with does not configure them, "
+            "so their rows of the moving buckets would stay behind on a shard that no longer owns "
+            "them; nothing of the batch switched: run `shardkit rebalance resume "
+            f"{move_id}` with the config that configures them (it copies them too), or, if a table "
+            "is no longer sharded, drop its trigger (`DROP TRIGGER shardkit_guard ON <table>`)",
+            move_id=move_id)
 
 
 class Mover:
@@ -1037,6 +1079,15 @@ class Mover:
         with _connect(src_url) as src, _connect(tgt_url) as tgt:
             self._replica = {id(src): _may_replicate(src), id(tgt): _may_replicate(tgt)}
             tables = _moved_tables(self.cluster, src, source, group)
+            if copying:
+                _refuse_unknown_guarded(self.cluster, src, source, move_id)
+            if step == "copied" and (uncopied := self._not_copied(move_id, batch, tables)):
+                # Resumed with a config that configures tables the copy did not know
+                # (see _refuse_unknown_guarded): copy again, capture goes on.
+                log.warning("move %s batch %s: table(s) %s were not copied (the mover that copied "
+                            "the batch did not configure them); copying the batch again",
+                            move_id, batch, ", ".join(uncopied))
+                step = "capturing"
             # Readers learn from the "capturing" record that the target will hold
             # rows it does not own; the copy commits no sooner than `grace` after it.
             visible_after = 0.0
@@ -1056,7 +1107,8 @@ class Mover:
                 dt = time.monotonic() - t0 - self._visibility_wait
                 self.progress(f"{label}: copied {rows} rows in {dt:.2f}s "
                               f"({rows / dt if dt else 0:,.0f} rows/s)")
-                self._record(move_id, batch, "copied", {"rows": rows, "seconds": round(dt, 3)})
+                self._record(move_id, batch, "copied", {"rows": rows, "seconds": round(dt, 3),
+                                                        "tables": [t.name for t in tables]})
                 step = "copied"
             if step == "copied":
                 t0 = time.monotonic()
@@ -1086,6 +1138,17 @@ class Mover:
                 dt = time.monotonic() - t0
                 self.progress(f"{label}: deleted {deleted} rows from {source} in {dt:.2f}s")
                 self._record(move_id, batch, "cleaned", {"deleted": deleted, "seconds": round(dt, 3)})
+
+    def _not_copied(self, move_id: int, batch: int, tables: list[_Table]) -> list[str]:
+        """The tables of ``tables`` that the batch's last copy did not copy (a copy recorded
+        by an older shardkit, without its tables: none)."""
+        with self.catalog.engine.connect() as conn:
+            detail = conn.execute(text(
+                "SELECT detail FROM shardkit_catalog.journal WHERE move_id = :m AND batch = :b "
+                "AND step = 'copied' ORDER BY id DESC LIMIT 1"), {"m": move_id, "b": batch}).scalar()
+        if not detail or "tables" not in detail:
+            return []
+        return sorted({t.name for t in tables} - set(detail["tables"]))
 
     # -- steps ---------------------------------------------------------------------
 
@@ -1369,16 +1432,25 @@ class Mover:
                   group: str | None = None) -> tuple[int, float]:
         """Pause writes to ``buckets``, apply the last changes, switch ownership and the map."""
         gate = (GATE_LOCK_CLASS, move_id % 2147483647)
+        source = self._batch[1] if self._batch else "the source"
+        lock_timeout = f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}"
+        longest = 0.0  # writes paused by attempts that gave up
         while True:
+            gated = False
             try:
                 with src.transaction():
                     # Every writer of a moving bucket shares the move's gate until it
                     # commits: taking it waits for those in flight and holds new ones
                     # (of moving buckets only) until the source has given ownership up.
                     # One lock, taken holding nothing else: no deadlock with writers.
-                    src.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}")
+                    src.execute(lock_timeout)
                     src.execute("SELECT pg_advisory_xact_lock(%s, %s)", gate)
                     paused = time.monotonic()
+                    gated = True
+                    # A table guarded since the batch began (a migration).  Its writes of
+                    # the batch's buckets wait for the gate from here on, and are refused
+                    # once the switch commits.
+                    _refuse_unknown_guarded(self.cluster, src, source, move_id)
                     # Still this mover's move?  An abort takes the same gate to undo
                     # the batch, so it cannot slip in between this check and the commit.
                     # Recorded before the target takes ownership: if the mover dies
@@ -1388,6 +1460,11 @@ class Mover:
                         self._fence(conn, move_id)
                         Catalog.record(conn, move_id, None, _CUTTING_OVER, {"batch": batch})
                     with tgt.transaction():
+                        # The target's statements wait no longer than the source's while the
+                        # writes are paused: a table lock there (a migration's ALTER TABLE
+                        # queued behind a long query, and every statement behind it) would
+                        # keep them paused for as long as that query runs.
+                        tgt.execute(lock_timeout)
                         try:
                             while self._apply_changes(src, tgt, tables, buckets, None):
                                 pass
@@ -1404,10 +1481,18 @@ class Mover:
                                 (buckets,))
                 break
             except psycopg.errors.LockNotAvailable:
-                # A long transaction kept writing: writers of these buckets waited at
-                # most lock_timeout.  Let them go, catch up, and try again.
-                log.warning("move %s: a writer held the buckets past lock_timeout (%.1f s); catching "
-                            "up and trying again", move_id, self.lock_timeout)
+                # Writers of these buckets waited at most lock_timeout.  Let them go,
+                # catch up, and try again.
+                if not gated:  # a long transaction kept writing
+                    log.warning("move %s: a writer held the buckets past lock_timeout (%.1f s); catching "
+                                "up and trying again", move_id, self.lock_timeout)
+                else:
+                    longest = max(longest, time.monotonic() - paused)
+                    log.warning("move %s: the cut-over waited past lock_timeout (%.1f s) for a lock on a "
+                                "moved table on %s or %s (DDL, such as a migration's ALTER TABLE or CREATE "
+                                "INDEX, or a statement queued behind one), with the batch's writes paused; "
+                                "they go on meanwhile; catching up and trying again", move_id,
+                                self.lock_timeout, source, target)
                 self._catch_up(src, tgt, tables, buckets, target)
         # The target's WAL position after the switch: its replicas serve the moved
         # buckets only once they have replayed it (reads stay as fresh as before).
@@ -1437,7 +1522,7 @@ class Mover:
                               "target_lsn = CAST(:l AS pg_lsn) WHERE move_id = :m AND batch = :b"),
                          {"v": version, "l": target_lsn, "m": move_id, "b": batch})
             Catalog.record(conn, move_id, batch, "switched", {"map_version": version})
-        pause = time.monotonic() - paused
+        pause = max(longest, time.monotonic() - paused)
         if self.step_delay:
             time.sleep(self.step_delay)
         return version, pause
