@@ -89,8 +89,10 @@ def format_lsn(value: int) -> str:
     return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
-# One shard's position in a token: format_lsn's hex halves, 32 bits each.
-_TOKEN_PART: Final = re.compile(r"(?P<shard>[^=,]+)=(?P<hi>[0-9A-Fa-f]{1,8})/(?P<lo>[0-9A-Fa-f]{1,8})")
+# One shard's position in a token: a shard name (as the configuration allows them: ASCII,
+# no spaces, at most 63 characters) and format_lsn's hex halves, 32 bits each.
+_TOKEN_PART: Final = re.compile(
+    r"(?P<shard>[A-Za-z_][A-Za-z0-9_\-]{0,62})=(?P<hi>[0-9A-Fa-f]{1,8})/(?P<lo>[0-9A-Fa-f]{1,8})")
 
 
 def format_token(positions: Mapping[str, int]) -> str:
@@ -101,6 +103,11 @@ def format_token(positions: Mapping[str, int]) -> str:
 
 def parse_token(token: str) -> dict[str, int]:
     """The inverse of :func:`format_token`; raises :class:`ShardkitError` on a malformed token."""
+    if not isinstance(token, str):
+        # (bytes from a raw header or a job queue, None or a number from a payload)
+        raise ShardkitError(
+            f"a consistency token is a str (what session.consistency_token() returned), "
+            f"not {type(token).__name__}")
     version, sep, body = token.partition(":")
     if version != _TOKEN_VERSION or not sep:
         raise ShardkitError(

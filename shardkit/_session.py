@@ -141,6 +141,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_written: set[str] = set()
         # shard -> WAL position this session's reads must see (read-your-writes).
         self._sk_tokens: dict[str, int] = {}
+        # shard -> the highest position of _sk_tokens known to be one of its primary's own
+        # (this session's commits read it there, or the primary was seen past it).
+        self._sk_token_checked: dict[str, int] = {}
         self._sk_commit_conns: dict[str, Any] = {}
         # shard -> the replica this transaction reads it from (_ON_PRIMARY: its primary).
         self._sk_replica: dict[str, int] = {}
@@ -527,6 +530,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 if repin:
                     self._sk_replica[shard] = best.index
                 return best.index
+            if self._token_beyond_primary(shard):
+                # The token's position was another server's: choose again with the
+                # primary's own (replicas that have replayed it have every write there).
+                return self._read_target(shard, statement, execution_options, sc, exclude)
             if role != REPLICA:
                 # Healthy replicas a moment behind this session's own writes: the
                 # primary has them ("raise" is for replicas that are out).
@@ -539,6 +546,39 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 shard=shard,
             )
         return self._on_primary(shard)
+
+    def _token_beyond_primary(self, shard: str) -> bool:
+        """After no replica reached this session's position for ``shard``: if that position
+        came from a token (not from this session's commits there) and is past the primary's
+        current WAL position, it is not a position of this primary (a token of another
+        cluster with the same shard names, one made before a failover to a server that
+        lacked the last writes, or before a restore): no replica would ever reach it, and
+        every session handed this session's token would inherit it.  It becomes the
+        primary's current position, which covers every write the primary has (True).
+        One query to the primary per position, only when the replicas fall short of it."""
+        want = self._sk_tokens.get(shard)
+        if want is None or want <= self._sk_token_checked.get(shard, -1):
+            return False
+        monitor = self.cluster.selector.monitor
+        if not monitor.shards[shard].primary.up:
+            return False  # asked again once it is up
+        self._sk_token_checked[shard] = want  # one question per position, answered or not
+        try:
+            with self.cluster.primary(shard).connect() as conn:
+                text = conn.exec_driver_sql(_WAL_POSITION_SQL).scalar()
+        except Exception as e:  # noqa: BLE001 - the position stands: reads use the primary
+            log.debug("could not check %s's position against its primary: %s", shard, e)
+            return False
+        now = parse_lsn(text)
+        if want <= now:
+            return False
+        now = replay_target(now)
+        log.warning("a consistency token asks shard %s for WAL position %s, past its primary's "
+                    "(%s): it is another server's position (another cluster, or one from before "
+                    "a failover or a restore); the primary's is used instead",
+                    shard, format_lsn(want), format_lsn(now))
+        self._sk_tokens[shard] = self._sk_token_checked[shard] = now
+        return True
 
     def _on_primary(self, shard: str) -> None:
         """This read runs on the primary, and so does the rest of the transaction's (see
@@ -3062,6 +3102,9 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
         lsn = replay_target(parse_lsn(text))
         if lsn > session._sk_tokens.get(shard, 0):
             session._sk_tokens[shard] = lsn
+        if lsn > session._sk_token_checked.get(shard, -1):
+            # Read on the primary itself (see ShardedSession._token_beyond_primary).
+            session._sk_token_checked[shard] = lsn
 
 
 _WAL_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
