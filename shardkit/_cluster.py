@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -407,34 +406,26 @@ class Cluster:
         return self.router.bucket_for(table, key)
 
     def explain(self, statement: Any, params: Any = None, *, all_shards: bool = False) -> Route:
-        """The :class:`Route` a statement would take, without running it.
+        """The :class:`Route` a statement would take, without running it: the route
+        ``session.execute(statement, params)`` takes in a new session, here (in the
+        scope in force, with the statement's own execution options; ``all_shards``
+        as ``execution_options={"shardkit_all_shards": True}``).
 
         For a read on several shards, ``route.merge`` describes how the rows
         are merged (or, as ``"refused: ..."``, why shardkit cannot merge them).
-        A read that execution refuses before planning the merge or with it
-        (not colocated on the shard key, rows of reference tables every shard
-        would return, ``FOR UPDATE``/``populate_existing`` with ``LIMIT``)
-        raises the same :class:`ScatterRefused` here.  The refusals that ask the
-        database are not foreseen: an aggregate shardkit does not know, text
-        ordered or compared under a non-``C`` database collation, grouping or
-        ``DISTINCT`` under a nondeterministic collation; nor strict mode, which
-        execution options, scopes and sessions set.
+        A statement that execution refuses before it asks a database (no shard
+        key in a write, not colocated on the shard key, rows of reference tables
+        every shard would return, ``FOR UPDATE``/``populate_existing`` with
+        ``LIMIT``, strict mode of the statement or scope) raises the same error
+        here.  The refusals that ask the database are not foreseen: an aggregate
+        shardkit does not know, text ordered or compared under a non-``C``
+        database collation, grouping or ``DISTINCT`` under a nondeterministic
+        collation; nor a session's own settings (``strict=``, its transaction).
         """
-        route = self.router.route(statement, params, all_shards=all_shards)
-        if route.is_scatter and not route.is_write:
-            from ._session import plan_scatter_read, refuse_scatter_page, refuse_scatter_rows
-            from .errors import ScatterRefused
+        from ._session import explain_route
 
-            refuse_scatter_rows(self.router, statement, route)
-            try:
-                plan = plan_scatter_read(statement, params)[1]
-            except ScatterRefused as e:
-                merge = f"refused: {e}"
-            else:
-                refuse_scatter_page(statement, plan)
-                merge = plan.description
-            route = dataclasses.replace(route, merge=merge)
-        return route
+        self.refuse_misfit()  # as execution would
+        return explain_route(self, statement, params, all_shards)
 
     def validate_metadata(self, metadata: MetaData) -> None:
         """Check every configured table and shard-key column exists in ``metadata``, and

@@ -184,6 +184,7 @@ class Router:
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
         self._rr = itertools.count()
+        self._next_turn = 0  # (what _rr gives next, as far as any_shard last saw)
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
         # relationship (or (parent, related) mappers) -> whether the related rows are on the
@@ -345,7 +346,14 @@ class Router:
 
     def any_shard(self) -> str:
         """A shard for a statement that may run anywhere (reference tables, no tables)."""
-        return self.shard_names[next(self._rr) % len(self.shard_names)]
+        turn = next(self._rr)
+        self._next_turn = turn + 1
+        return self.shard_names[turn % len(self.shard_names)]
+
+    def next_any_shard(self) -> str:
+        """The shard :meth:`any_shard` gives next (unless another thread takes that turn
+        first), without taking the turn: what ``Cluster.explain`` reports."""
+        return self.shard_names[self._next_turn % len(self.shard_names)]
 
     # -- statements ------------------------------------------------------------
 
@@ -366,6 +374,7 @@ class Router:
         every shard.  ``keyless_to``: the shard for an INSERT's rows that carry no
         shard key (``scope(shard=...)``); rows with a key still go where it belongs.
         ``anywhere``: the shard for a read that any shard can answer (reference tables),
+        and for a statement whose keys contradict each other (no shard holds its rows),
         instead of the next in turn (a session's transaction reads them from one shard).
         """
         if type(statement) in _WRAPPERS:
@@ -509,7 +518,7 @@ class Router:
         if not ordered:
             # Contradictory predicates (key = 1 AND key = 2 on different shards):
             # no shard can hold a row; one shard gives the right empty answer.
-            ordered = (self.any_shard(),)
+            ordered = (anywhere if anywhere in self.shard_set else self.any_shard(),)
         if plan.one_shard_only and len(ordered) > 1:
             self._refuse_one_shard_only(plan, statement, ordered)
         split = None

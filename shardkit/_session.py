@@ -2321,6 +2321,18 @@ def _text_comparison(statement: Any, router: Any) -> str | None:
     return text_comparison(statement)
 
 
+def refuse_strict_scatter(statement: Any, execution_options: Any, sc: RoutingScope,
+                          session_strict: bool, route: Route) -> None:
+    """Refuse a read on several shards in strict mode (the statement's option, the scope's or
+    the session's).  Needs no database: ``Cluster.explain`` makes it too (without a session)."""
+    if _option("shardkit_strict", statement, execution_options) or sc.strict or session_strict:
+        raise ScatterRefused(
+            f"strict mode: this query would run on shards {', '.join(route.shards)} ({route.reason}); "
+            "add the shard key or name a shard",
+            construct="scatter in strict mode", statement=statement,
+        )
+
+
 def refuse_scatter_rows(router: Router, statement: Any, route: Route) -> None:
     """Refuse a read on several shards whose rows the shards would repeat (rows of reference
     tables), before planning its merge.  Needs no database: ``Cluster.explain`` makes it too."""
@@ -2365,6 +2377,45 @@ def refuse_scatter_page(statement: Any, plan: Any, execution_options: Any = None
                 construct=f"{effect} with LIMIT", statement=statement)
 
 
+class _NewSession:
+    """What routing reads of a session, for a statement run first in a new one: its cluster,
+    no strict mode, and no shard chosen yet for reference rows (the next in turn, not taken)."""
+
+    strict = False
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self._sk_ref_shard = cluster.router.next_any_shard()
+
+
+def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: bool) -> Route:
+    """The route :meth:`Cluster.explain` reports: the one execution takes in a new session,
+    in the scope in force, with the statement's own execution options (and
+    ``shardkit_all_shards`` if ``all_shards``), refused as execution refuses it before it
+    asks a database.  It runs nothing, and takes no turn of the shards."""
+    if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
+        # Routed, planned and merged as the statement it builds (as execute() does).
+        statement = statement._resolved
+    sc = current_scope()
+    options = _ALL_SHARDS if all_shards else util.EMPTY_DICT
+    route = _route_statement(_NewSession(cluster), statement, params, options, None, sc)  # type: ignore[arg-type]
+    if route.is_scatter and not route.is_write:
+        refuse_strict_scatter(statement, options, sc, False, route)
+        refuse_scatter_rows(cluster.router, statement, route)
+        try:
+            plan = plan_scatter_read(statement, params)[1]
+        except ScatterRefused as e:
+            merge = f"refused: {e}"
+        else:
+            refuse_scatter_page(statement, plan)
+            merge = plan.description
+        route = dataclasses.replace(route, merge=merge)
+    return route
+
+
+_ALL_SHARDS: Mapping[str, Any] = util.immutabledict({"shardkit_all_shards": True})
+
+
 def _question_node(session: ShardedSession, shards: Sequence[str]) -> tuple[str, Any]:
     """(shard, connection or None): where a cross-shard read on ``shards`` asks the database
     what its checks need to know (once per name or shard): a shard to which the session's
@@ -2387,12 +2438,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                   bind_arguments: Any, route: Route) -> Result[Any]:
     """Run a read on several shards at once and merge the rows exactly."""
     sc = current_scope()
-    if _option("shardkit_strict", statement, execution_options) or sc.strict or session.strict:
-        raise ScatterRefused(
-            f"strict mode: this query would run on shards {', '.join(route.shards)} ({route.reason}); "
-            "add the shard key or name a shard",
-            construct="scatter in strict mode", statement=statement,
-        )
+    refuse_strict_scatter(statement, execution_options, sc, session.strict, route)
     refuse_scatter_rows(session.cluster.router, statement, route)
     shard_stmt, plan = plan_scatter_read(statement, params)
     refuse_scatter_page(statement, plan, execution_options)
