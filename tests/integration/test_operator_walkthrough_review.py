@@ -60,10 +60,17 @@ def cli(*argv: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProc
                           text=True, timeout=timeout)
 
 
+def _interruptible() -> None:
+    # Ctrl-C's default: a suite run as a background job (`cmd &` in a script) starts with
+    # SIGINT ignored, which its children inherit, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*argv: str, cwd: Path) -> subprocess.Popen[str]:
     """A command started as from a shell: the leader of its own process group."""
     return subprocess.Popen([sys.executable, "-m", "shardkit.cli", *argv], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_interruptible)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 30) -> SimpleNamespace:
