@@ -245,6 +245,19 @@ def _walk(clauses: Iterable[Any]) -> Iterable[Any]:
         stack.extend(e.get_children())
 
 
+def _conditions(clauses: Iterable[Any]) -> Iterable[Any]:
+    """The conditions ``clauses`` hold of, descending only through AND, OR and parentheses."""
+    stack = list(clauses)
+    while stack:
+        e = stack.pop()
+        if isinstance(e, elements.Grouping):
+            stack.append(e.element)
+        elif isinstance(e, elements.BooleanClauseList) and e.operator in (operators.and_, operators.or_):
+            stack.extend(e.clauses)
+        else:
+            yield e
+
+
 def _equalities(clauses: Iterable[Any]) -> Iterable[tuple[Any, Any]]:
     """``a = b`` column pairs that hold for every row: in AND-ed conditions only."""
     stack = list(clauses)
@@ -354,9 +367,11 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
     values = getattr(stmt, "_values", None)
     if values:
         clauses.extend(v for v in values.values() if isinstance(v, elements.ClauseElement))
-    # key IN (SELECT ...) of this statement's instances, by the subquery's SELECT.
+    # key IN (SELECT ...) of this statement's instances, by the subquery's SELECT: only as a
+    # condition under AND/OR, where a NULL is as good as false. Under NOT, IS FALSE, or as a
+    # value, a NULL the subquery yields on another shard would decide it (as in NOT IN).
     semis: dict[int, _Instance] = {}
-    for e in _walk(clauses):
+    for e in _conditions([*where, *getattr(stmt, "_having_criteria", ()), *joins]):
         if isinstance(e, elements.BinaryExpression) and e.operator is operators.in_op \
                 and isinstance(e.right, selectable.ScalarSelect):
             k = key_of(e.left)
