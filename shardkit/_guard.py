@@ -249,7 +249,9 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
         f"{t}::regclass AND t.tgname = 'shardkit_guard' AND t.tgfoid = {_literal(fn + '()')}::regprocedure "
         # BEFORE, FOR EACH ROW, INSERT, DELETE, UPDATE (pg_trigger.h's bits), enabled
         f"        AND t.tgtype = {_ROW_TRIGGER_TYPE} AND t.tgenabled = 'O' "
-        f"        AND pg_get_triggerdef(t.oid) LIKE {_literal('%' + MOVER_SETTING + '%')}) THEN\n"
+        f"        AND pg_get_triggerdef(t.oid) LIKE {_literal('%' + MOVER_SETTING + '%')}) "
+        # ... or a partition's clone of it is disabled (made again, it is cloned anew)
+        f"        OR EXISTS ({_partition_unguarded_sql(t + '::regclass')}) THEN\n"
         f"        DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(table)};\n"
         # The WHEN condition spares the mover's bulk copies and deletes the cost
         # of calling the function for every row.
@@ -260,6 +262,14 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
         "END $g$",
         _truncate_trigger_sql(table, create=True),
     ]
+
+
+def _partition_unguarded_sql(table: str) -> str:
+    """A query with a row for each partition of ``table`` (an SQL regclass expression) whose
+    clone of the guard's row trigger is missing or not enabled."""
+    return ("SELECT FROM pg_partition_tree(" + table + ") p WHERE p.relid <> " + table + " AND NOT EXISTS "
+            "(SELECT FROM pg_trigger pt WHERE pt.tgrelid = p.relid AND pt.tgname = 'shardkit_guard' "
+            "AND pt.tgenabled = 'O')")
 
 
 # pg_trigger.tgtype of the guard's row trigger: TRIGGER_TYPE_ROW | _BEFORE | _INSERT |
@@ -568,14 +578,16 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
 
 def _guard_current(conn: Connection, g: Guarded, body: str) -> bool:
     """Whether ``g.table`` has the guard exactly as :func:`_trigger_sql` makes it: its
-    trigger enabled, running the table's function with source ``body``, and the TRUNCATE
-    trigger enabled on it and on each of its partitions."""
+    trigger enabled (and its clone on each partition), running the table's function with
+    source ``body``, and the TRUNCATE trigger enabled on it and on each of its partitions."""
     return bool(conn.execute(text(
         "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
         "WHERE t.tgrelid = to_regclass(:t) AND t.tgname = 'shardkit_guard' AND t.tgenabled = 'O' "
         # BEFORE INSERT OR UPDATE OR DELETE, FOR EACH ROW, with its WHEN condition
         "AND t.tgtype = 31 AND t.tgqual IS NOT NULL "
         "AND p.oid = to_regprocedure(:fn) AND p.prosrc = :body) "
+        # each partition's clone of it enabled too
+        f"AND NOT EXISTS ({_partition_unguarded_sql('to_regclass(:t)')}) "
         "AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.relkind IN ('r', 'p') "
         "AND (c.oid = to_regclass(:t) OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass(:t)))) "
         "AND NOT EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = c.oid "

@@ -138,9 +138,10 @@ _COPY_LOCK_CLASS = 0x534A  # "SJ"
 # timeout ends a transaction that waits, open, for the other server (the copy's target
 # during the grace period, the verification's target while the source is read); and a
 # default isolation above READ COMMITTED takes the cut-over's snapshot before the gate is
-# granted, so the changes of the writers it waited for would not move.
-_SESSION_SETTINGS = ("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; "
-                     "SET default_transaction_isolation = 'read committed'")
+# granted, so the changes of the writers it waited for would not move; a lock_timeout fails
+# the copy (or the clean-up) that waits for a moment's table lock (the cut-over sets its own).
+_SESSION_SETTINGS = ("SET statement_timeout = 0; SET lock_timeout = 0; "
+                     "SET idle_in_transaction_session_timeout = 0; SET default_transaction_isolation = 'read committed'")
 
 
 def _connect(url: Any) -> psycopg.Connection:
