@@ -558,11 +558,6 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
                 "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = to_regclass(:t) "
                 "AND attname = :c"), {"t": table_sql(g.table), "c": g.key}).scalar()
             conn.exec_driver_sql(_slice_function_sql(g, types[g.key], param_type))
-        if _guard_current(conn, g, trigger_body(g, types[g.key], pk, config.bucket_count)):
-            # Nothing to change; remaking it would take the table's ACCESS EXCLUSIVE lock
-            # (DROP TRIGGER), which waits for any long query of the table (or a move's
-            # copy), and every read and write of the table on this shard behind it.
-            continue
         for statement in _trigger_sql(g, types[g.key], pk, config.bucket_count):
             # The driver reads % as a placeholder even without parameters.
             conn.exec_driver_sql(statement.replace("%", "%%"))
@@ -574,27 +569,6 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
                      {"b": owned})
         conn.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[])) "
                           "ON CONFLICT DO NOTHING"), {"b": owned})
-
-
-def _guard_current(conn: Connection, g: Guarded, body: str) -> bool:
-    """Whether ``g.table`` has the guard exactly as :func:`_trigger_sql` makes it: its
-    trigger enabled (and its clone on each partition), running the table's function with
-    source ``body``, and the TRUNCATE trigger enabled on it and on each of its partitions."""
-    return bool(conn.execute(text(
-        "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid "
-        "WHERE t.tgrelid = to_regclass(:t) AND t.tgname = 'shardkit_guard' AND t.tgenabled = 'O' "
-        # BEFORE INSERT OR UPDATE OR DELETE, FOR EACH ROW, with its WHEN condition
-        "AND t.tgtype = 31 AND t.tgqual IS NOT NULL "
-        "AND p.oid = to_regprocedure(:fn) AND p.prosrc = :body) "
-        # each partition's clone of it enabled too
-        f"AND NOT EXISTS ({_partition_unguarded_sql('to_regclass(:t)')}) "
-        "AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.relkind IN ('r', 'p') "
-        "AND (c.oid = to_regclass(:t) OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass(:t)))) "
-        "AND NOT EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = c.oid "
-        "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled = 'O' "
-        "AND tt.tgfoid = to_regprocedure('shardkit.guard_truncate()')))"),
-        {"t": table_sql(g.table), "fn": f"shardkit.{_ident(trigger_function_name(g.table))}()",
-         "body": body}).scalar())
 
 
 def guard_installed(conn: Connection) -> bool:
