@@ -564,8 +564,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return False  # asked again once it is up
         self._sk_token_checked[shard] = want  # one question per position, answered or not
         try:
-            with self.cluster.primary(shard).connect() as conn:
-                text = conn.exec_driver_sql(_WAL_POSITION_SQL).scalar()
+            text = _primary_position(self.cluster, shard)
         except Exception as e:  # noqa: BLE001 - the position stands: reads use the primary
             log.debug("could not check %s's position against its primary: %s", shard, e)
             return False
@@ -3136,8 +3135,7 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
             try:
                 # The connection died after its COMMIT: any connection to the primary
                 # gives a position at or after the commit record.
-                with session.cluster.primary(shard).connect() as fresh:
-                    text = fresh.exec_driver_sql(_WAL_POSITION_SQL).scalar()
+                text = _primary_position(session.cluster, shard)
             except Exception as e:  # noqa: BLE001
                 # Without a position, this session (and any given its token) reads
                 # this shard from the primary.
@@ -3154,6 +3152,12 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
 
 
 _WAL_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+
+
+def _primary_position(cluster: Cluster, shard: str) -> str:
+    """The WAL position of ``shard``'s primary now, read on a connection of its own."""
+    with cluster.primary(shard).connect() as conn:
+        return conn.exec_driver_sql(_WAL_POSITION_SQL).scalar()
 
 # Commits of primaries' connections, numbered as they start (see ShardedSession.commit).
 _COMMIT_SEQ = _counter(1)
