@@ -96,8 +96,11 @@ class World:
         self.admin.refresh_map()
         return self.admin.config.bucket_map
 
-    def replicas_caught_up(self, timeout: float = 20) -> None:
+    def replicas_caught_up(self, timeout: float = 60) -> None:
         """Wait until every replica has replayed its primary's flushed WAL (every commit).
+        (At most 60 s: a replay that conflicts with a replica's query, such as autovacuum
+        truncating a table the mover emptied pages of, waits for it up to PostgreSQL's
+        max_standby_streaming_delay, 30 s.)
         Not DevNode.wait_caught_up: it waits for the insert position, which a record still in
         the WAL buffers of an idle primary (no commit to flush it) can keep out of reach."""
         for s in self.dev.shards:
