@@ -35,6 +35,7 @@ from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
 from sqlalchemy import inspect, pool, text
+from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster, _translate_errors
 from ._config import mask_url, split_secret_query
@@ -244,18 +245,29 @@ def _lock_shard(connection: Any, shard: str) -> None:
     """Take the shard's migration lock (a session lock, held until the connection closes;
     committed, so that each revision still runs in its own transaction).
 
-    Tried again every 0.2 s rather than waited for, with no transaction open between the
-    tries: a waiter would hold a snapshot while it waits, and a CREATE INDEX CONCURRENTLY
-    of the migration holding the lock waits for every older snapshot to go (a deadlock,
-    which PostgreSQL breaks by failing that index build)."""
-    said = False
-    while not connection.execute(text("SELECT pg_try_advisory_lock(:c, 0)"), {"c": MIGRATE_LOCK_CLASS}).scalar():
-        connection.commit()
-        if not said:
-            log.warning("%s: another migration of this shard is running; waiting for it", shard)
-            said = True
-        time.sleep(0.2)
+    Waited for in attempts shorter than PostgreSQL's ``deadlock_timeout``, each in its own
+    transaction: a waiter holds a snapshot while it waits, and a CREATE INDEX CONCURRENTLY
+    of the migration holding the lock waits for every older snapshot to go.  One long
+    wait would be a deadlock, which PostgreSQL breaks by failing that index build."""
+    deadlock_ms = connection.execute(text(
+        "SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'")).scalar() or 1000
+    wait_ms = max(10, min(500, deadlock_ms // 2))
     connection.commit()
+    said = False
+    while True:
+        try:
+            connection.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+            connection.execute(text("SELECT pg_advisory_lock(:c, 0)"), {"c": MIGRATE_LOCK_CLASS})
+        except DBAPIError as e:
+            connection.rollback()
+            if getattr(e.orig, "sqlstate", None) != "55P03":   # lock_not_available
+                raise
+            if not said:
+                log.warning("%s: another migration of this shard is running; waiting for it", shard)
+                said = True
+            continue
+        connection.commit()
+        return
 
 
 class _OneDiff:
