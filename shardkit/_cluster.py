@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from typing import Any
@@ -136,6 +137,7 @@ class Cluster:
         self._engine_hooks: list[Any] = []
         # shard -> True once its ownership guard was seen, or when to look again.
         self._guard_seen: dict[str, float | bool] = {}
+        _LIVE.add(self)  # see _after_fork_in_child
         if metadata is not None:
             self.validate_metadata(metadata)
         if config.catalog_url is not None:
@@ -696,10 +698,10 @@ class Cluster:
         Engine, its pool new), the monitor, the scatter threads and the map follower start
         again on first use; a session in a transaction goes on with the connections it holds.
 
-        :param close: ``False`` in a process forked from the one that used the cluster
-            (a pre-forking server's worker): the parent's pooled connections are let go
-            without being closed (closing them would end the parent's sessions), as
-            SQLAlchemy's ``Engine.dispose(close=False)`` does.
+        :param close: ``False``: the pooled connections are let go without being closed,
+            as SQLAlchemy's ``Engine.dispose(close=False)`` does: what a forked process
+            does with the parent's (closing them would end the parent's sessions).  A
+            forked child does it by itself at the fork (see ``_after_fork_in_child``).
         """
         with self._lock:  # engine() starts a follower under it
             follower, self._follower = self._follower, None
@@ -726,6 +728,18 @@ class Cluster:
         for e in engines:
             e.dispose(close=close)
 
+    def _after_fork(self) -> None:
+        """In a child process just forked (see _after_fork_in_child): none of the parent's
+        threads (monitor, map follower, scatter workers) exists here, and a lock one of
+        them held at the fork stays held for ever; the pooled connections are the
+        parent's.  New locks, and dispose(close=False): they all start again on first use."""
+        self._lock = threading.Lock()
+        self._map_lock = threading.RLock()
+        self.router._plans_lock = threading.Lock()
+        # Not stopped (their threads are not here): forgotten.
+        self._follower = self._scatter_pool = self._monitor = self._selector = None
+        self.dispose(close=False)
+
     def __enter__(self) -> Cluster:
         return self
 
@@ -737,6 +751,26 @@ class Cluster:
             f"<Cluster {self.config.name!r}: {len(self.shard_names)} shards, "
             f"{self.config.bucket_count} buckets>"
         )
+
+
+# Every Cluster of this process, for the fork hook below.
+_LIVE: weakref.WeakSet[Cluster] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a pre-forking server's worker, multiprocessing with fork) lets go of
+    what it inherited of each cluster, as SQLAlchemy asks of a forked process for its
+    pools (``Engine.dispose(close=False)``), whether or not the application remembers to."""
+    for cluster in list(_LIVE):
+        try:
+            cluster._after_fork()
+        except Exception:  # noqa: BLE001 - a fork hook must not fail the fork
+            log.exception("%r: could not let go of the parent's pools and threads after a fork; "
+                          "call cluster.dispose(close=False) in the child", cluster)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(frozen=True)
