@@ -187,6 +187,14 @@ def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
     if not rows:
         raise ConfigurationError(f"table {table}", "does not exist on this shard",
                                  "create it (shardkit migrate upgrade) before installing the guard")
+    missing = [k for k in keys if k not in {r[0] for r in rows}]
+    if missing:
+        raise ConfigurationError(
+            f"table {table}",
+            f"shard key column {table}.{missing[0]} (the config's) does not exist on this shard "
+            "(renamed or dropped by a migration?)",
+            "name the column the table has now in the config's groups, or give the table that "
+            "column back, then run again")
     for column, type_name, base_name, collation, deterministic, _ in rows:
         if column in keys:
             _refuse_case_insensitive_key(table, column, type_name, base_name, collation, deterministic)
@@ -569,6 +577,42 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
                      {"b": owned})
         conn.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[])) "
                           "ON CONFLICT DO NOTHING"), {"b": owned})
+
+
+def stale_guards(conn: Connection, guarded: Iterable[Guarded], bucket_count: int) -> list[str]:
+    """The tables of ``guarded`` whose guard trigger runs another function than
+    :func:`trigger_body` makes for them now (installed by an older shardkit, before the
+    table was renamed or its primary key or shard key changed), or that lack the guard's
+    TRUNCATE trigger (installed by an older shardkit), on themselves or on a partition
+    (created or attached since the guard was installed).  Tables without the guard's
+    trigger, or without the configured key column, are not listed."""
+    guarded = list(guarded)
+    installed = {r[0]: (r[1], r[2]) for r in conn.execute(text(
+        # The TRUNCATE trigger on the table and each of its partitions (a statement
+        # trigger is not cloned to a partition created or attached later).
+        "SELECT n.tbl, p.prosrc, NOT EXISTS (SELECT 1 FROM pg_class pc WHERE pc.relkind IN ('r', 'p') "
+        "AND (pc.oid = c.oid OR pc.oid IN (SELECT relid FROM pg_partition_tree(c.oid))) "
+        "AND NOT EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = pc.oid "
+        "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled <> 'D')) "
+        f"FROM {CONFIGURED_TABLES} JOIN pg_trigger t ON t.tgrelid = c.oid "
+        "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid"),
+        configured_tables(g.table for g in guarded))}
+    stale = []
+    for g in guarded:
+        if g.table not in installed:
+            continue
+        source, truncate_guarded = installed[g.table]
+        if not truncate_guarded:
+            stale.append(g.table)
+            continue
+        _, pk, types = table_shape(conn, g.table)
+        try:
+            want = trigger_body(g, types[g.key], pk, bucket_count)
+        except Exception:  # noqa: BLE001 - a key the guard cannot cover: not ours to judge here
+            continue
+        if source != want:
+            stale.append(g.table)
+    return sorted(stale)
 
 
 def guard_installed(conn: Connection) -> bool:

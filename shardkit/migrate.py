@@ -34,12 +34,24 @@ from pathlib import Path
 from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
+from alembic.util import CommandError
 from sqlalchemy import inspect, pool, text
 from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster, _translate_errors
 from ._config import mask_url, split_secret_query
-from ._guard import guard_installed, install_guard, table_parts, table_sql
+from ._guard import (
+    CONFIGURED_TABLES,
+    configured_tables,
+    guard_installed,
+    guarded_tables,
+    install_guard,
+    slice_comparable,
+    stale_guards,
+    table_parts,
+    table_shape,
+    table_sql,
+)
 from ._sql import install as _install_sql
 from ._sql import uninstall as _uninstall_sql
 from .errors import ConfigurationError, ShardkitError
@@ -196,9 +208,16 @@ def _target_metadata(context: Any) -> Any:
 def run_migrations(context: Any) -> None:
     """Body of ``migrations/env.py``: migrate one shard (``-x shard=``) or every shard in turn."""
     if context.is_offline_mode():
-        raise ShardkitError(
+        # Alembic's CLI prints a CommandError as one line ("FAILED: ..."), not a traceback.
+        cmd = getattr(getattr(context.config, "cmd_opts", None), "cmd", None)
+        verb = getattr(cmd[0], "__name__", "") if cmd else ""
+        instead = ("`alembic ... stamp REVISION` without --sql" if verb == "stamp" else
+                   f"`shardkit migrate {verb} REVISION` (or `alembic ... {verb} REVISION` without --sql)"
+                   if verb in ("upgrade", "downgrade") else
+                   "`shardkit migrate upgrade|downgrade REVISION`")
+        raise CommandError(
             "offline (--sql) migrations are not supported across shards: every shard is "
-            "migrated on a live connection; run `shardkit migrate upgrade` instead"
+            f"migrated on a live connection (shardkit's operations read its schema); run {instead} instead"
         )
     cluster = Cluster.from_config(_config_path(context), follow_map=False)
     x = context.get_x_argument(as_dictionary=True)
@@ -234,8 +253,22 @@ def run_migrations(context: Any) -> None:
                     shardkit_cluster=cluster,
                     shardkit_shard=shard,
                 )
-                with context.begin_transaction():
-                    context.run_migrations()
+                try:
+                    with context.begin_transaction():
+                        context.run_migrations()
+                except CommandError as e:
+                    # Alembic prints only this message ("Target database is not up to date.",
+                    # "Can't locate revision ..."): say which of the shards it is about.
+                    if x.get("shard"):
+                        raise
+                    raise CommandError(f"shard {shard}: {e} (every shard's revision: "
+                                       "`shardkit migrate current`)") from e
+                except Exception as e:
+                    if not x.get("shard"):
+                        done = shards[:shards.index(shard)]
+                        e.add_note(f"(on shard {shard}" + (f"; this command went through "
+                                   f"{', '.join(done)} before it)" if done else ")"))
+                    raise
             engine.dispose()
     finally:
         cluster.dispose()
@@ -729,12 +762,14 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
     invalid: dict[str, list[tuple[str, str]]] = {}
     copies: dict[str, dict[str, tuple[int, str]]] = {}
     schemas = _configured_schemas(cluster)
+    config_diffs: list[str] = []
     for shard in cluster.shard_names:
         with _shard_connection(cluster, shard) as c:
             prints[shard] = schema_fingerprint(c, schemas)
             enums[shard] = _enum_types(c, schemas)
             invalid[shard] = _invalid_indexes(c, schemas)
             copies[shard] = _reference_rows(c, cluster.config.reference_tables)
+            config_diffs.extend(_config_against_schema(cluster, shard, c))
     diffs: list[str] = []
     ref_name = cluster.shard_names[0]
     ref = prints[ref_name]
@@ -797,7 +832,54 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
                     diffs.append(f"{shard}: {t} {part.replace('_', ' ')} differ from {ref_name}, "
                                  + "; ".join(what))
     heads = _heads(ini) if ini.exists() else []
-    return DriftReport(revisions, heads, diffs, reference_diffs)
+    return DriftReport(revisions, heads, diffs + config_diffs, reference_diffs)
+
+
+def _config_against_schema(cluster: Cluster, shard: str, conn: Any) -> list[str]:
+    """What a migration that renamed a configured table's shard-key column, or the table,
+    left behind on ``shard`` (the same on every shard, so no difference between them): a
+    key column the config names that the table lacks, guards out of date (their function
+    reads the old column, or records a move's writes under the old name), and, on a
+    guarded shard, configured tables a migration created without a guard."""
+    config = cluster.config
+    keyed = {t: cols for g in config.groups for t, cols in g.tables.items()}
+    have = dict(conn.execute(text(
+        f"SELECT n.tbl, array_agg(a.attname::text) FROM {CONFIGURED_TABLES} JOIN pg_attribute a "
+        "ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped GROUP BY n.tbl"),
+        configured_tables(keyed)).all())
+    out = [f"{shard}: {t} has no column {k}, its shard key in the config (renamed or dropped by a "
+           "migration?): statements and the ownership guard need it; name the column the table "
+           "has now in the config's groups"
+           for t, cols in sorted(keyed.items()) if t in have for k in cols if k not in have[t]]
+    if not guard_installed(conn):
+        return out
+    try:
+        guarded = [g for g in guarded_tables(config) if g.key in have.get(g.table, ())]
+    except ConfigurationError:   # a config the guard cannot cover (composite hash keys)
+        return out
+    # A table created after the guard was installed, by a migration that did not call
+    # op.install_shardkit_guard(): its writes are neither checked against the shard's
+    # buckets nor captured by a move.  (Range and list groups are guarded once the shard
+    # has their slices, and only with a key the slices compare with.)
+    triggered = set(conn.execute(text(
+        f"SELECT n.tbl FROM {CONFIGURED_TABLES} JOIN pg_trigger t ON t.tgrelid = c.oid "
+        "AND t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D'"),
+        configured_tables(g.table for g in guarded)).scalars())
+    sliced = set(conn.execute(text(
+        "SELECT DISTINCT grp FROM shardkit.slices")).scalars()) if conn.execute(text(
+            "SELECT to_regclass('shardkit.slices') IS NOT NULL")).scalar() else set()
+    out.extend(f"{shard}: {g.table} has no ownership guard (created after the guard was installed, "
+               "by a migration that did not call op.install_shardkit_guard()): its writes are not "
+               "checked against the shard's buckets nor captured by a move; run a migration "
+               "calling op.install_shardkit_guard(), or `shardkit rebalance init`"
+               for g in guarded if g.table not in triggered and (g.kind == "hash" or (
+                   g.group in sliced and slice_comparable(g.value_kind, table_shape(conn, g.table)[2][g.key]))))
+    out.extend(f"{shard}: the ownership guard of {t} is out of date (installed before the table "
+               "was renamed or its shard key or primary key changed, or by an older shardkit): its "
+               "writes may fail, or a move miss them; run a migration calling "
+               "op.install_shardkit_guard(), or `shardkit rebalance init`"
+               for t in stale_guards(conn, guarded, config.bucket_count))
+    return out
 
 
 def _short(v: Any) -> str:

@@ -86,10 +86,10 @@ from ._guard import (
     slice_function_name,
     CONFIGURED_TABLES,
     configured_tables,
+    stale_guards,
     table_parts,
     table_shape,
     table_sql,
-    trigger_body,
     unit_expression,
     write_slices,
 )
@@ -767,36 +767,7 @@ class Mover:
                 self._check_fidelity(conn, shard, tables, copying)
 
     def _stale_guards(self, conn: Any, guarded: list[Guarded]) -> list[str]:
-        """The tables of ``guarded`` whose guard trigger runs another function than
-        :func:`shardkit._guard.trigger_body` makes for them now, or that lack the guard's
-        TRUNCATE trigger (installed by an older shardkit), on themselves or on a partition
-        (created or attached since the guard was installed)."""
-        installed = {r[0]: (r[1], r[2]) for r in conn.execute(text(
-            # The TRUNCATE trigger on the table and each of its partitions (a statement
-            # trigger is not cloned to a partition created or attached later).
-            "SELECT n.tbl, p.prosrc, NOT EXISTS (SELECT 1 FROM pg_class pc WHERE pc.relkind IN ('r', 'p') "
-            "AND (pc.oid = c.oid OR pc.oid IN (SELECT relid FROM pg_partition_tree(c.oid))) "
-            "AND NOT EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = pc.oid "
-            "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled <> 'D')) "
-            f"FROM {CONFIGURED_TABLES} JOIN pg_trigger t ON t.tgrelid = c.oid "
-            "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid"),
-            configured_tables(g.table for g in guarded))}
-        stale = []
-        for g in guarded:
-            if g.table not in installed:
-                continue
-            source, truncate_guarded = installed[g.table]
-            if not truncate_guarded:
-                stale.append(g.table)
-                continue
-            _, pk, types = table_shape(conn, g.table)
-            try:
-                want = trigger_body(g, types[g.key], pk, self.cluster.config.bucket_count)
-            except Exception:  # noqa: BLE001 - a key the guard cannot cover: not ours to judge here
-                continue
-            if source != want:
-                stale.append(g.table)
-        return sorted(stale)
+        return stale_guards(conn, guarded, self.cluster.config.bucket_count)
 
     def _check_fidelity(self, conn: Any, shard: str, tables: list[str], copying: bool = True) -> None:
         """Refuse tables whose rows the mover could not write on ``shard`` exactly as they are.
