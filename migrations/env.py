@@ -3,6 +3,10 @@
 Each shard keeps its own ``alembic_version`` table, so shards can be told
 apart when one of them fails; ``shardkit migrate check`` reports shards at
 different revisions or with different schemas.
+
+Further options of Alembic's ``context.configure()`` (``include_object``,
+``target_metadata``, ``compare_server_default`` ...) go to every shard as keyword
+arguments: ``run_migrations(context, include_object=...)``.
 """
 
 from alembic import context

@@ -205,8 +205,27 @@ def _target_metadata(context: Any) -> Any:
     return obj
 
 
-def run_migrations(context: Any) -> None:
-    """Body of ``migrations/env.py``: migrate one shard (``-x shard=``) or every shard in turn."""
+#: context.configure() options run_migrations() sets itself, per shard.
+_OWN_OPTIONS = frozenset({"connection", "shardkit_cluster", "shardkit_shard"})
+
+
+def run_migrations(context: Any, **configure: Any) -> None:
+    """Body of ``migrations/env.py``: migrate one shard (``-x shard=``) or every shard in turn.
+
+    ``configure``: further options of Alembic's ``context.configure()`` for every shard
+    (``include_object``, ``include_name``, ``compare_server_default``, ``render_item``,
+    ``target_metadata`` in place of the ini's ``shardkit_metadata`` ...).  An
+    ``include_name`` sees only the names shardkit's own lets through (it hides shardkit's
+    schema from autogenerate); a ``process_revision_directives`` runs after shardkit's,
+    which keeps one set of operations for all shards.
+    """
+    own = sorted(_OWN_OPTIONS & set(configure))
+    if own:
+        raise ConfigurationError(
+            "run_migrations()", f"{', '.join(own)} is set by shardkit for each shard",
+            "leave it out of run_migrations(context, ...) in env.py")
+    their_names = configure.pop("include_name", None)
+    their_directives = configure.pop("process_revision_directives", None)
     if context.is_offline_mode():
         # Alembic's CLI prints a CommandError as one line ("FAILED: ..."), not a traceback.
         cmd = getattr(getattr(context.config, "cmd_opts", None), "cmd", None)
@@ -226,12 +245,24 @@ def run_migrations(context: Any) -> None:
         if s not in cluster.shard_names:
             raise ConfigurationError("-x shard", f"unknown shard {s!r}",
                                      "shards: " + ", ".join(cluster.shard_names))
-    metadata = _target_metadata(context)
+    metadata = configure.pop("target_metadata") if "target_metadata" in configure else _target_metadata(context)
     # Autogenerate compares the default schema, and the schemas the models' tables live
     # in (not all of the database's: shardkit's own would look like tables to drop).
     schemas = {t.schema for m in (metadata if isinstance(metadata, (list, tuple)) else [metadata])
                if m is not None for t in m.tables.values() if t.schema}
     one_diff = _OneDiff()
+
+    def include_name(name: Any, type_: str, parents: Any) -> bool:
+        # Autogenerate compares the models' schemas only (shardkit's own would look like
+        # tables to drop), then asks env.py's own filter, if it gave one.
+        if type_ == "schema" and name is not None and name not in schemas:
+            return False
+        return their_names is None or bool(their_names(name, type_, parents))
+
+    def directives(migration_context: Any, revision: Any, scripts: list[Any]) -> None:
+        one_diff(migration_context, revision, scripts)
+        if their_directives is not None:
+            their_directives(migration_context, revision, scripts)
     try:
         for shard in shards:
             one_diff.shard = shard
@@ -240,19 +271,19 @@ def run_migrations(context: Any) -> None:
                 # One migration of a shard at a time: another one (a second deploy) waits,
                 # then starts from the revision the first left, instead of failing midway.
                 _lock_shard(connection, shard)
-                context.configure(
-                    connection=connection,
-                    target_metadata=metadata,
-                    transaction_per_migration=True,
-                    compare_type=True,
-                    process_revision_directives=one_diff,
-                    include_schemas=bool(schemas),
-                    include_name=lambda name, type_, parents: (
-                        type_ != "schema" or name is None or name in schemas),
+                context.configure(**{
+                    "target_metadata": metadata,
+                    "transaction_per_migration": True,
+                    "compare_type": True,
+                    "include_schemas": bool(schemas),
+                    **configure,
+                    "connection": connection,
+                    "process_revision_directives": directives,
+                    "include_name": include_name,
                     # For shardkit's operations (op.install_shardkit_guard()).
-                    shardkit_cluster=cluster,
-                    shardkit_shard=shard,
-                )
+                    "shardkit_cluster": cluster,
+                    "shardkit_shard": shard,
+                })
                 try:
                     with context.begin_transaction():
                         context.run_migrations()

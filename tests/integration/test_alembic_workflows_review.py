@@ -208,3 +208,14 @@ def test_check_reports_a_sharded_table_a_migration_created_without_its_guard(wor
     assert w.cli("migrate", "check").returncode == 0
     with pytest.raises(psycopg.Error, match="not owned by this shard"):
         w.sql(0, "INSERT INTO invoices VALUES (1, %s)", (not_mine,))
+
+
+def test_env_py_cannot_take_over_what_shardkit_sets_per_shard(world):
+    w = world(shards=1)
+    env = w.ini.parent / "env.py"
+    env.write_text(env.read_text().replace("run_migrations(context)",
+                                           "run_migrations(context, connection=None)"))
+    r = alembic(w, "current")
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "connection is set by shardkit for each shard" in out and "leave it out" in out, out

@@ -83,6 +83,7 @@ MARKERS = {
     "ask": "cluster.explain(",
     "run_transaction": "shardkit.run_transaction(",
     "plugin": "def test_something(shardkit_cluster_factory):",
+    "env_py": "run_migrations(context, target_metadata=Base.metadata",
 }
 
 
@@ -557,3 +558,54 @@ def test_plugin_example(shardkit_cluster_factory, shardkit_dev_cluster):
                                 f"with {shape[1]} replicas each")
     assert placeholders == 1, f"{ex.where(1)}: expected one `\"groups\": {{...}}` placeholder"
     assert problems == [], "\n".join(problems)
+
+
+# -- env.py with the team's own autogenerate filter ---------------------------------------------
+
+MYAPP_MODELS = """
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+sa.Table("gadgets", Base.metadata, sa.Column("id", sa.BigInteger, primary_key=True))
+"""
+
+
+def test_env_py_example_keeps_autogenerate_off_tables_the_models_do_not_describe(shardkit_dev_cluster, tmp_path):
+    """The README's env.py: its include_object leaves spatial_ref_sys (an extension's table,
+    on every shard) alone, which autogenerate proposes to drop without it."""
+    import os
+    import subprocess
+    import sys
+
+    from test_migrate_hostile import World
+
+    w = World(shardkit_dev_cluster, tmp_path / "w")
+    try:
+        w.rev("a1", None, "op.create_table('gadgets', sa.Column('id', sa.BigInteger, primary_key=True))",
+              "op.drop_table('gadgets')")
+        assert w.cli("migrate", "upgrade").returncode == 0
+        for i in range(2):
+            w.sql(i, "CREATE TABLE spatial_ref_sys (srid int PRIMARY KEY)")
+        (tmp_path / "myapp").mkdir()
+        (tmp_path / "myapp" / "__init__.py").write_text("")
+        (tmp_path / "myapp" / "models.py").write_text(MYAPP_MODELS)
+        env_py = w.ini.parent / "env.py"
+        code = example("env_py").code
+
+        def check() -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "alembic", "-c", str(w.ini), "-x", f"config={w.cfg}",
+                                   "check"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                  env={**os.environ, "PYTHONPATH": str(tmp_path)})
+        env_py.write_text(code.replace(", include_object=include_object)", ")"))
+        r = check()
+        assert r.returncode != 0 and "remove_table" in r.stdout + r.stderr, r.stdout + r.stderr
+        env_py.write_text(code)
+        r = check()
+        assert r.returncode == 0 and "No new upgrade operations detected" in r.stdout, r.stdout + r.stderr
+    finally:
+        w.close()
