@@ -97,7 +97,8 @@ def _plain(x: Any) -> Any:
 
 
 def _table_of(frm: Any) -> Any:
-    return frm.element if isinstance(frm, selectable.Alias) and isinstance(
+    # (FromClauseAlias: an alias, and a TABLESAMPLE, whose rows are the table's own.)
+    return frm.element if isinstance(frm, selectable.FromClauseAlias) and isinstance(
         frm.element, selectable.TableClause) else frm
 
 
@@ -340,9 +341,16 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
     if semi is not None and len(stmt._raw_columns) == 1 and all(
             getattr(stmt, attr, None) is None for attr in ("_limit_clause", "_offset_clause", "_fetch_clause")):
         # key IN (SELECT other.key ...): no LIMIT, OFFSET or FETCH (which each shard would
-        # apply to its own rows); GROUP BY, HAVING and DISTINCT keep each key's rows whole.
+        # apply to its own rows); GROUP BY, HAVING and DISTINCT keep each key's rows whole,
+        # and so does DISTINCT ON when the key is one of its expressions (not otherwise: each
+        # shard would keep the first of its own rows for each value).
         k = key_of(_plain(stmt._raw_columns[0]))
         if k is not None and k[0] in own and k[0].group == semi.group and k[0].n_keys == 1:
+            on = _distinct_on(stmt)
+            if on and not any(key_of(_plain(e)) == k for e in on):
+                return (f"a subquery over {k[0].label} in key IN (SELECT ...) has DISTINCT ON "
+                        "other expressions than the shard key, which each shard would apply "
+                        "to its own rows only")
             parent[find(id(k[0]))] = find(id(semi))
     if outer:
         roots = {find(id(o)) for o in outer}
@@ -385,6 +393,15 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
             if problem:
                 return problem
     return None
+
+
+def _distinct_on(stmt: Any) -> tuple[Any, ...]:
+    """The expressions of a SELECT's DISTINCT ON: ``distinct(*exprs)``, or SQLAlchemy 2.1's
+    ``ext(postgresql.distinct_on(...))``."""
+    on = tuple(getattr(stmt, "_distinct_on", None) or ())
+    for attr in getattr(stmt, "_position_map", {}).values():
+        on += tuple(getattr(getattr(stmt, attr, None), "_distinct_on", None) or ())
+    return on
 
 
 def reference_rows_problem(statement: Any, resolve: Resolver) -> str | None:

@@ -125,6 +125,8 @@ class _Plan:
     predicate: Any
     binds: list[BindParameter[Any]]       # only used when the statement is uncacheable
     textual: bool = False
+    # A write inside a WITH (``WITH x AS (UPDATE ... RETURNING ...) SELECT ...``): what it is.
+    dml_cte: str | None = None
     colocation: str | None = None         # why the statement cannot run shard by shard
     # Why it cannot run on several shards, though it can on one: a derived table
     # with LIMIT (or GROUP BY, DISTINCT) whose own WHERE decides the route.
@@ -398,6 +400,15 @@ class Router:
             # statement's bind parameters; the call's own parameters win over them.
             params = with_statement_params(statement, params)
         plan, binds = self._plan_for(statement)
+        if plan.dml_cte:
+            raise CrossShardWriteError(
+                f"statement has a data-modifying WITH ({plan.dml_cte}): shardkit routes a "
+                "statement by its outer query and would run that write where the query goes "
+                "(one shard for a reference table, every shard for a key-less write, a shard "
+                "that does not own an inserted row). Run the INSERT/UPDATE/DELETE ... RETURNING "
+                "as its own statement and use its rows, or name the shard with "
+                "execution_options(shardkit_shard=..., shardkit_role='primary')",
+                table=plan.tables[0] if plan.tables else None, statement=statement)
         single = plan.single_key
         if shape is not None and single is not None:
             # The plan of every statement of that shape on this column: a single key.
@@ -613,7 +624,12 @@ class Router:
                     for mv in stmt._multi_values for r in mv]
             pmap = params if isinstance(params, Mapping) else _EMPTY
             rows = [{_col_name(k): _bound(v, pmap) for k, v in r.items()} for r in rows]
-            return self._route_rows(tname, tr, rows, None, stmt, keyless_to)
+            route = self._route_rows(tname, tr, rows, None, stmt, keyless_to)
+            for r in rows:
+                if not any(c not in r or _is_unresolved(r[c]) for c in cols):
+                    # (A row without its key went to the scope's shard, as a single row does.)
+                    self._refuse_upsert_key_move(stmt, tr, r, pmap)
+            return route
         # An ORM insert's parameters are keyed by attribute name, which may not be the column's.
         names = _attribute_columns(stmt)
         values = dict(stmt._values or {})
@@ -788,6 +804,13 @@ class Router:
                 found.extend(dml_extra_froms(statement))
         else:
             found = fast_tables
+        dml_cte = None
+        if fast_tables is None:
+            # (The fast path takes no statement with a WITH: see _simple_tables.)
+            dml_cte = next((f"{type(e.element).__name__.upper()} of {_table_name(e.element.table)} "
+                            f"in {e.name!r}" for e in visitors.iterate(statement)
+                            if isinstance(e, selectable.CTE) and isinstance(e.element, UpdateBase)),
+                           None)
         names: list[str] = []
         for t in found:
             if isinstance(t, selectable.Alias):
@@ -832,7 +855,7 @@ class Router:
             table = getattr(col, "table", None)
             if table is None or not isinstance(table, selectable.FromClause):
                 return None
-            if isinstance(table, selectable.Alias):
+            if isinstance(table, selectable.FromClauseAlias):  # an alias, a TABLESAMPLE
                 table = table.element
             if not isinstance(table, selectable.TableClause):
                 return None
@@ -951,7 +974,7 @@ class Router:
             if node is not None and node[0] == "eq" and self._arity(node[1]) == 1:
                 single = (node[1], node[3], node[4])
         return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation,
-                     one_shard_only=one_shard_only,
+                     one_shard_only=one_shard_only, dml_cte=dml_cte,
                      single_key=single)
 
     def entities_problem(self, statement: Any) -> str | None:
@@ -1335,6 +1358,8 @@ def _simple_tables(statement: Any) -> list[Any] | None:
     or an UPDATE/DELETE of a table with no extra FROMs.  Anything else (functions,
     subqueries, CTEs, aliases) takes the general, cached path.
     """
+    if getattr(statement, "_independent_ctes", None):
+        return None  # .add_cte(): the general path reads the WITH
     if isinstance(statement, selectable.Select):
         if (statement._setup_joins or statement._from_obj or statement._having_criteria
                 or statement._group_by_clauses or statement._order_by_clauses):
