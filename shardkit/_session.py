@@ -1060,11 +1060,19 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
             parent_shard = _shard_from_parent(cluster, mapper, state, cname)
             if parent_shard is not None:
                 return parent_shard
-            raise ShardKeyError(
-                f"{type(instance).__name__} has no value for shard key {tr.table}.{cname}; set "
-                f"{prop.key} (or its parent relationship) before flushing",
-                table=tr.table,
-            )
+            v = _python_default(col)
+            if v is None:
+                raise ShardKeyError(
+                    f"{type(instance).__name__} has no value for shard key {tr.table}.{cname}; set "
+                    f"{prop.key} (or its parent relationship) before flushing, or give the column "
+                    "a Python default of no arguments (default=uuid.uuid4): a value made at the "
+                    "INSERT (a serial, identity or server default, a SQL expression, a default "
+                    "that takes the execution context) comes after the shard is chosen",
+                    table=tr.table,
+                )
+            # The key a Python-side default makes (default=uuid.uuid4): made now, as the
+            # caller would have, so the row goes where that key belongs.
+            setattr(instance, prop.key, v)
         co = coercer_for(col.type)
         values.append(co(v) if co else v)
     key = values[0] if len(values) == 1 else tuple(values)
@@ -1074,6 +1082,22 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
         if e.table is None:
             e.table = tr.table
         raise
+
+
+def _python_default(column: Any) -> Any:
+    """The value ``column``'s Python-side INSERT default makes, when it needs no execution
+    context (a scalar, or a callable of no arguments such as ``uuid.uuid4``), else None."""
+    d = column.default
+    if d is None or d.for_update:
+        return None
+    if d.is_scalar:
+        return d.arg
+    # SQLAlchemy wraps a callable of no arguments in one that takes (and ignores) the
+    # execution context; one that takes the context is kept as given.
+    fn = getattr(d, "_fn", None)
+    if d.is_callable and fn is not None and d.arg is not fn:
+        return fn()
+    return None
 
 
 def _own_key_shard(cluster: Cluster, state: Any) -> str | None:
