@@ -46,8 +46,12 @@ class _Instance:
         self.label = label
 
 
-def colocation_problem(statement: Any, resolve: Resolver) -> str | None:
-    """Why ``statement`` cannot run shard by shard, or None if it can."""
+def colocation_problem(statement: Any, resolve: Resolver, one_shard: Iterable[Any] = ()) -> str | None:
+    """Why ``statement`` cannot run shard by shard, or None if it can.
+
+    ``one_shard``: SELECTs of derived tables in its FROM whose rows are known to be on
+    one shard (their WHERE pins them), over which LIMIT, GROUP BY, DISTINCT and
+    aggregates are exact; everything else about them and the statement is checked."""
     if isinstance(statement, selectable.CompoundSelect):
         for s in compound_selects(statement):
             problem = colocation_problem(s, resolve)
@@ -55,7 +59,8 @@ def colocation_problem(statement: Any, resolve: Resolver) -> str | None:
                 return problem
         return None
     if isinstance(statement, (selectable.Select, Update, Delete)):
-        return _check(_without_loader_options(statement), [], resolve)
+        return _check(_without_loader_options(statement), [], resolve,
+                      one_shard=frozenset(map(id, one_shard)))
     return None
 
 
@@ -138,8 +143,8 @@ def dml_extra_froms(statement: Any) -> list[Any]:
     return out
 
 
-def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance]
-               ) -> tuple[list[_Instance], str | None]:
+def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance],
+               one_shard: frozenset[int] = frozenset()) -> tuple[list[_Instance], str | None]:
     out: list[_Instance] = []
     for f in froms:
         for frm in sql_util.surface_selectables(f):
@@ -153,7 +158,7 @@ def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance]
                                          _name(frm)))
             elif isinstance(frm, selectable.AliasedReturnsRows) and isinstance(
                     _derived_select(frm), (selectable.Select, selectable.CompoundSelect)):
-                derived, problem = _derived(frm, resolve, outer)
+                derived, problem = _derived(frm, resolve, outer, one_shard)
                 if problem:
                     return out, problem
                 out.extend(derived)
@@ -168,16 +173,18 @@ def _derived_select(frm: Any) -> Any:
     return inner
 
 
-def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[_Instance], str | None]:
-    """A subquery or CTE in FROM: exact per shard if its own rows are, and it only filters."""
+def _derived(frm: Any, resolve: Resolver, outer: list[_Instance],
+             one_shard: frozenset[int] = frozenset()) -> tuple[list[_Instance], str | None]:
+    """A subquery or CTE in FROM: exact per shard if its own rows are, and it only filters
+    (or its rows are on one shard: ``one_shard`` holds its SELECT)."""
     inner = _derived_select(frm)
     selects = compound_selects(inner) if isinstance(inner, selectable.CompoundSelect) else [inner]
     derived: list[_Instance] = []
     for sel in selects:
-        problem = _check(sel, [], resolve)
+        problem = _check(sel, [], resolve, one_shard=one_shard)
         if problem:
             return [], problem
-        inner_instances, problem = _instances(_froms(sel), resolve, [])
+        inner_instances, problem = _instances(_froms(sel), resolve, [], one_shard)
         if problem:
             return [], problem
         if not inner_instances:
@@ -189,14 +196,16 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance]) -> tuple[list[
             # (A "compound" of one SELECT, as polymorphic_union() makes for a concrete
             # class without subclasses, is that SELECT.)
             return [], f"{what} is a UNION/INTERSECT/EXCEPT, which each shard would compute over its own rows"
-        for attr, construct in (("_limit_clause", "LIMIT"), ("_offset_clause", "OFFSET"),
-                                ("_fetch_clause", "FETCH"), ("_group_by_clauses", "GROUP BY"),
-                                ("_distinct", "DISTINCT"), ("_having_criteria", "HAVING")):
+        for attr, construct in () if id(sel) in one_shard else (
+                ("_limit_clause", "LIMIT"), ("_offset_clause", "OFFSET"), ("_fetch_clause", "FETCH"),
+                ("_group_by_clauses", "GROUP BY"), ("_distinct", "DISTINCT"),
+                ("_having_criteria", "HAVING")):
             v = getattr(sel, attr, None)
             if v is None or v is False or (isinstance(v, (tuple, list)) and not v):
                 continue
             return [], f"{what} has {construct}, which each shard would apply to its own rows only"
-        if any(_is_aggregate_or_window(e) for c in sel._raw_columns for e in _walk([c])):
+        if id(sel) not in one_shard and any(
+                _is_aggregate_or_window(e) for c in sel._raw_columns for e in _walk([c])):
             return [], f"{what} computes an aggregate or window function over each shard's rows only"
         # The derived table's columns that carry a key of its sharded tables; one
         # instance per group (the inner ones of a group are tied on the key already).
@@ -284,14 +293,14 @@ def _join_conditions(froms: list[Any]) -> list[Any]:
 
 
 def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
-           semi: _Instance | None = None) -> str | None:
+           semi: _Instance | None = None, one_shard: frozenset[int] = frozenset()) -> str | None:
     """``semi``: ``stmt`` is the subquery of ``key IN (SELECT ...)``, ``key`` the shard key of
     that outer instance: the subquery is tied to it if it selects its group's key (rows
     with equal keys are on one shard, so each shard answers the IN for its own rows)."""
     # Once: an ORM statement builds its FROM list anew each time it is asked (an
     # eager load's anonymous alias would differ between two calls).
     froms = _froms(stmt)
-    own, problem = _instances(froms, resolve, outer)
+    own, problem = _instances(froms, resolve, outer, one_shard)
     if problem:
         return problem
     # A table of the enclosing query named in a subquery is correlated (SQLAlchemy

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections import Counter
 import threading
 import uuid
@@ -127,6 +128,9 @@ class _Plan:
     textual: bool = False
     # A write inside a WITH (``WITH x AS (UPDATE ... RETURNING ...) SELECT ...``): what it is.
     dml_cte: str | None = None
+    # Its key predicates are ANDed with SQL text SQLAlchemy renders without parentheses
+    # (see _bare_text): they do not decide the shards.
+    bare_text: bool = False
     colocation: str | None = None         # why the statement cannot run shard by shard
     # Why it cannot run on several shards, though it can on one: a derived table
     # with LIMIT (or GROUP BY, DISTINCT) whose own WHERE decides the route.
@@ -494,7 +498,8 @@ class Router:
         for g, gtables in plan.groups.items():
             s = per_group.get(g)
             if s is None:
-                reasons.append(f"no {'/'.join(gtables)} shard key in WHERE")
+                reasons.append(f"no {'/'.join(gtables)} shard key in WHERE" + (
+                    " (its key is ANDed with text() holding an OR, not in parentheses)" if plan.bare_text else ""))
             else:
                 reasons.append(f"{'/'.join(gtables)} key -> {','.join(sorted(s)) or 'no shard'}")
             if len(plan.groups) > 1:
@@ -512,6 +517,17 @@ class Router:
         if shards is None:
             if plan.one_shard_only and len(self.shard_names) > 1:
                 self._refuse_one_shard_only(plan, statement, self.shard_names)
+            if is_write and not all_shards and plan.bare_text:
+                raise CrossShardWriteError(
+                    f"{type(statement).__name__.lower()} of {', '.join(plan.tables)} ANDs its shard "
+                    "key with SQL text holding an OR (text() or literal_column()), which SQLAlchemy "
+                    "renders without parentheses, so the OR applies to the whole WHERE and matches "
+                    "rows of every shard; the key cannot decide the shard. Wrap the "
+                    "text in parentheses, sqlalchemy.sql.expression.Grouping(text(...)), or pass "
+                    "execution_options(shardkit_all_shards=True) to run it on all shards",
+                    table=plan.tables[0] if plan.tables else None,
+                    statement=statement,
+                )
             if is_write and not all_shards:
                 raise CrossShardWriteError(
                     f"{type(statement).__name__.lower()} of {', '.join(plan.tables)} has no shard "
@@ -650,17 +666,16 @@ class Router:
         row = row_of(pmap)
         # As for the rows of an executemany (and an ORM flush): a NULL is no key, also as
         # one part of a composite key, whatever a custom function would answer for it.
-        missing = [c for c in cols if c not in row or row[c] is None]
+        # A SQL expression (func.lower('EU'), text(...)) is no key either: the database
+        # computes it at the INSERT, after the shard is chosen.
+        missing = [c for c in cols if c not in row or _is_unresolved(row[c])]
         if missing:
             if keyless_to is not None:
                 return Route((keyless_to,), "direct", PRIMARY,
                              f"insert into {tname}: no key, the scope's shard {keyless_to}", True,
                              (tname,), router=self)
-            raise ShardKeyError(
-                f"insert into {tname} has no value for shard key column(s) {missing}; "
-                "set the key (it decides the shard)",
-                table=tname, statement=stmt,
-            )
+            raise ShardKeyError(f"insert into {tname} {_no_key(row, missing)}",
+                                table=tname, statement=stmt)
         shard = self._shard_for_row(tr, row, table)
         self._refuse_upsert_key_move(stmt, tr, row, pmap)
         return Route((shard,), "direct", PRIMARY, f"insert into {tname}: key -> {shard}", True,
@@ -705,11 +720,8 @@ class Router:
                 by_shard.setdefault(keyless_to, []).append(params[i] if params is not None else i)
                 continue
             if missing:
-                raise ShardKeyError(
-                    f"row {i} of insert into {tname} has no value for shard key column(s) "
-                    f"{missing}; set the key (it decides the shard)",
-                    table=tname, statement=stmt,
-                )
+                raise ShardKeyError(f"row {i} of insert into {tname} {_no_key(row, missing)}",
+                                    table=tname, statement=stmt)
             shard = self._shard_for_row(tr, row, stmt.table)
             by_shard.setdefault(shard, []).append(params[i] if params is not None else i)
         ordered = tuple(s for s in self.shard_names if s in by_shard)
@@ -836,6 +848,7 @@ class Router:
         found_set = set(found) if strict else set()
 
         uses: list[Counter[str]] = []
+        bare_text: list[bool] = []
 
         def bind_uses() -> Counter[str]:
             if not uses:
@@ -875,6 +888,9 @@ class Router:
                 kids = [visit(c) for c in expr.clauses]
                 if expr.operator is operators.and_:
                     kids = _and_terms(kids)
+                    if kids and any(_bare_text(c) for c in expr.clauses):
+                        bare_text.append(True)
+                        return None
                     return ("and", kids) if kids else None
                 if expr.operator is operators.or_:
                     return ("or", kids)
@@ -935,6 +951,7 @@ class Router:
             if inner is not None:
                 where = inner._where_criteria
         outer = statement
+        chain: list[Any] = []  # the derived tables' SELECTs gone through, outermost first
         while not where and isinstance(outer, selectable.Select) and not outer._setup_joins:
             # SELECT count(*) FROM (SELECT ... WHERE key = :k) AS anon (Query.count() and the
             # like): every row comes from the derived table, so its WHERE decides.
@@ -945,6 +962,7 @@ class Router:
             if inner is None:
                 break
             outer = inner
+            chain.append(inner)
             where = outer._where_criteria
         try:
             if not where:
@@ -953,19 +971,25 @@ class Router:
                 pred = visit(where[0])
             else:
                 kids = _and_terms([visit(w) for w in where])
+                if kids and any(_bare_text(w) for w in where):
+                    bare_text.append(True)
+                    kids = []
                 pred = ("and", kids) if kids else None
         except _NotSimple:
             return None
         colocation = one_shard_only = None
         if fast_tables is None and groups:
-            colocation = _concrete_union_problem(statement) or colocation_problem(statement, self._placement)
+            concrete = _concrete_union_problem(statement)
+            colocation = concrete or colocation_problem(statement, self._placement)
+            if colocation is not None and concrete is None and chain and pred is not None \
+                    and colocation_problem(statement, self._placement, one_shard=chain) is None:
+                # SELECT count(*) FROM (SELECT ... WHERE key = :k LIMIT n): every row of the
+                # derived table is on the shards its key names; on one, it is exact.  (Only
+                # its LIMIT, GROUP BY... are: anything else that reads sharded rows, a join
+                # or subquery of the outer query, is still checked.)
+                colocation, one_shard_only = None, colocation
             if colocation is None and isinstance(statement, selectable.Select):
                 colocation = self.entities_problem(statement)
-            if colocation is not None and outer is not statement and pred is not None \
-                    and colocation_problem(outer, self._placement) is None:
-                # SELECT count(*) FROM (SELECT ... WHERE key = :k LIMIT n): every row of the
-                # derived table is on the shards its key names; on one, it is exact.
-                colocation, one_shard_only = None, colocation
         single = None
         if colocation is None and len(groups) == 1 and not isinstance(statement, Insert):
             node = pred
@@ -975,7 +999,7 @@ class Router:
                 single = (node[1], node[3], node[4])
         return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation,
                      one_shard_only=one_shard_only, dml_cte=dml_cte,
-                     single_key=single)
+                     single_key=single, bare_text=bool(bare_text))
 
     def entities_problem(self, statement: Any) -> str | None:
         """Why the entities an ORM SELECT loads in its own rows cannot be loaded shard by
@@ -1347,6 +1371,27 @@ def _and_terms(kids: list[Any]) -> list[Any]:
     return out
 
 
+_OR_WORD = re.compile(r"\bor\b", re.IGNORECASE)
+
+
+def _bare_text(clause: Any) -> bool:
+    """Whether SQL text (``text()``, ``literal_column()``) with an ``OR`` in it sits in the
+    condition ``clause`` outside parentheses: SQLAlchemy renders it as written, so ``key = 5
+    AND a OR b`` is ``(key = 5 AND a) OR b``, and the key ANDed beside it bounds nothing.
+    (OR is the only operator that binds less tightly than AND: text without it, such as
+    ``text("deleted_at IS NULL")``, leaves the key deciding.)"""
+    stack = [clause]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, elements.TextClause) and _OR_WORD.search(e.text):
+            return True
+        if isinstance(e, elements.ColumnClause) and e.is_literal and _OR_WORD.search(e.name):
+            return True
+        if not isinstance(e, (elements.Grouping, selectable.SelectBase, selectable.FromClause)):
+            stack.extend(e.get_children())
+    return False
+
+
 class _NotSimple(Exception):
     """The statement leaves the fast path."""
 
@@ -1497,6 +1542,16 @@ def _concrete_union_problem(statement: Any) -> str | None:
 
 def _is_unresolved(v: Any) -> bool:
     return v is None or isinstance(v, ClauseElement)
+
+
+def _no_key(row: Mapping[str, Any], missing: Sequence[str]) -> str:
+    """Why an inserted ``row`` has no shard key (its ``missing`` columns), and what to do."""
+    computed = [c for c in missing if isinstance(row.get(c), ClauseElement)]
+    if computed:
+        return (f"gives shard key column(s) {computed} as a SQL expression, which the database "
+                "computes at the INSERT, after the shard is chosen; pass the key's value "
+                "itself (it decides the shard)")
+    return f"has no value for shard key column(s) {list(missing)}; set the key (it decides the shard)"
 
 
 def _to_uuid(v: Any) -> Any:
