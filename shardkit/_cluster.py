@@ -458,6 +458,13 @@ class Cluster:
                             "strategy cannot place (it hashes integers, strings, uuids and bytes)",
                             "key the group on such a column, or use a range, list or custom "
                             "strategy for this key")
+                    misfit = _value_misfit(g.strategy, cols.index(c), table.c[c].type)
+                    if misfit:
+                        where, value, why = misfit
+                        raise ConfigurationError(
+                            f"groups.{g.name}.{where}",
+                            f"{value!r} ({type(value).__name__}) cannot be a key of {tname}.{c}, "
+                            f"which is {_type_sql(table.c[c].type)}", why)
                     if g.strategy.kind != "custom" and _case_insensitive(table.c[c].type):
                         # 'Ada' = 'ada' in the database, but they hash (and sort, and
                         # match list values) as different strings: the same key would
@@ -878,6 +885,83 @@ def _pg_type(type_: Any) -> Any:
 def _case_insensitive(type_: Any) -> bool:
     """Whether a column type compares text without case on PostgreSQL (``citext``)."""
     return getattr(_pg_type(type_), "__visit_name__", None) == "CITEXT"
+
+
+def _type_sql(type_: Any) -> str:
+    from sqlalchemy.dialects.postgresql.base import PGDialect
+
+    try:
+        return str(_pg_type(type_).compile(dialect=PGDialect()))
+    except Exception:  # noqa: BLE001 - only for the message
+        return type(type_).__name__
+
+
+def _value_misfit(strategy: Any, part: int, type_: Any) -> tuple[str, Any, str] | None:
+    """A range bound or list value (its part ``part`` of a composite one) that a key column
+    of ``type_`` never holds, as (the field under the group, the value, why it matters).
+
+    A key is read in its column's Python type, so a list value of another type is never
+    found (the row goes to the default shard), and a bound of another type cannot be
+    compared with the keys the database gives back."""
+    import datetime
+    import uuid as _uuid
+    from decimal import Decimal
+
+    from sqlalchemy import types as sqltypes
+
+    from ._strategies import ListStrategy, RangeStrategy
+
+    if isinstance(strategy, RangeStrategy):
+        given = [("ranges", x) for r in strategy.ranges for x in (r.lower, r.upper) if x is not None]
+        miss = "no key of the column can be compared with it"
+    elif isinstance(strategy, ListStrategy):
+        given = [(f"values.{shard}", v) for v, shard in strategy.mapping.items()]
+        miss = "no key of the column is ever equal to it, so its rows would go to the default shard"
+    else:
+        return None
+    miss += ("; write every bound or value as the column holds it (a string for a text column, "
+             "an integer for an integer one, a TOML date for a date column)")
+    pg = _pg_type(type_)
+    for where, v in given:
+        v = v[part] if isinstance(v, tuple) else v
+        if isinstance(pg, sqltypes.Enum):
+            continue  # the strings it stores (README); a member routes as its string
+        if isinstance(pg, sqltypes.Uuid):
+            if isinstance(strategy, ListStrategy) and isinstance(v, str):
+                try:
+                    text = str(_uuid.UUID(v))
+                except ValueError:
+                    return where, v, "it is not a UUID: " + miss
+                if text != v:
+                    return where, v, (f"a uuid key is matched by its text form, as PostgreSQL prints "
+                                      f"it: list it as {text!r}")
+            continue
+        if isinstance(pg, sqltypes.Integer):
+            fits = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(pg, sqltypes.String):
+            fits = isinstance(v, str)
+        elif isinstance(pg, (sqltypes.Numeric, sqltypes.Float)):
+            fits = isinstance(v, (int, float, Decimal)) and not isinstance(v, bool)
+        elif isinstance(pg, sqltypes.DateTime):
+            fits = isinstance(v, datetime.datetime)
+            if fits and (v.utcoffset() is not None) != bool(pg.timezone):
+                return where, v, (
+                    "the column gives back date-times with an offset, which cannot be compared "
+                    "with a local one: give the bound an offset (2024-01-01T00:00:00Z)"
+                    if pg.timezone else
+                    "the column holds local date-times, which cannot be compared with one with "
+                    "an offset: give the bound without one")
+        elif isinstance(pg, sqltypes.Date):
+            fits = isinstance(v, datetime.date) and not isinstance(v, datetime.datetime)
+        elif isinstance(pg, sqltypes.Time):
+            fits = isinstance(v, datetime.time)
+        elif isinstance(pg, sqltypes.Boolean):
+            fits = isinstance(v, bool)
+        else:
+            continue
+        if not fits:
+            return where, v, miss
+    return None
 
 
 def _unhashable(type_: Any) -> str | None:

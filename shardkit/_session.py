@@ -1882,7 +1882,22 @@ def _route_by_scope_key(cluster: Cluster, route: Route, key: Any, statement: Any
             firsts.setdefault(group, t)
     if not firsts:
         return route
-    owners = {t: router.shard_for(t, key) for t in firsts.values()}
+    # The key is read in the type of the statement's key column (a uuid's string form as
+    # the uuid, a string for an integer column refused), as a key in the statement is:
+    # the table's name alone knows no type unless the cluster was given metadata=.
+    given: dict[str, Any] = {}
+    if statement is not None:
+        unwrapped = unwrap_statement(statement)
+        if isinstance(unwrapped, (selectable.Select, selectable.CompoundSelect, UpdateBase)):
+            for t in sql_util.find_tables(unwrapped, include_aliases=True, include_crud=True):
+                if isinstance(t, selectable.Alias):
+                    t = t.element
+                if isinstance(t, selectable.TableClause):
+                    try:
+                        given.setdefault(router.table_route(t).table, t)
+                    except RoutingError:
+                        continue
+    owners = {t: router.shard_for(given.get(t, t), key) for t in firsts.values()}
     if len(set(owners.values())) > 1:
         # A UNION of parts of different groups: the key lives on one shard per group, and
         # the statement runs whole on each shard it runs on.

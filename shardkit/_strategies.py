@@ -11,6 +11,7 @@ A strategy never touches a database.  Each one answers two questions:
 from __future__ import annotations
 
 import bisect
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -215,10 +216,11 @@ class ListStrategy(Strategy):
 
     def __init__(self, mapping: Mapping[Hashable, str], default: str | None = None, *,
                  ids: Mapping[Hashable, int] | None = None, default_id: int | None = None) -> None:
-        self.mapping = dict(mapping)
+        # A uuid is listed and looked up by its text form (see _lookup_form).
+        self.mapping = {_lookup_form(v): s for v, s in mapping.items()}
         self.default = default
         # Slice numbers, when the mapping comes from a catalog (values can move).
-        self.ids = dict(ids or {})
+        self.ids = {_lookup_form(v): i for v, i in (ids or {}).items()}
         self.default_id = default_id
         self._shards = frozenset(self.mapping.values()) | (
             frozenset([default]) if default else frozenset()
@@ -230,7 +232,7 @@ class ListStrategy(Strategy):
             # verify reports such a row as one with a NULL shard key).
             raise ShardKeyError("list shard key is NULL; every row needs a key", key=key)
         try:
-            return self.mapping[key]
+            return self.mapping[_lookup_form(key)]
         except KeyError:
             if self.default is not None:
                 return self.default
@@ -250,6 +252,7 @@ class ListStrategy(Strategy):
         return self._shards
 
     def unit_for_key(self, key: Any) -> int | None:
+        key = _lookup_form(key)
         try:
             if key in self.mapping:
                 return self.ids.get(key)
@@ -259,6 +262,19 @@ class ListStrategy(Strategy):
 
     def __repr__(self) -> str:
         return f"ListStrategy({len(self.mapping)} values, default={self.default!r})"
+
+
+def _lookup_form(value: Any) -> Any:
+    """A list value (or key) as a list group looks it up: a ``uuid.UUID`` by its text form,
+    also as a part of a composite one.  TOML has no uuid type, so a config lists uuids as
+    strings, while a uuid column's key is read as a ``uuid.UUID`` (from a model, a
+    statement, an ORM object, a row); the guard's SQL matches the column's text form
+    (``k::text``), which is ``str(uuid)``."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, tuple) and any(isinstance(p, uuid.UUID) for p in value):
+        return tuple(str(p) if isinstance(p, uuid.UUID) else p for p in value)
+    return value
 
 
 class CustomStrategy(Strategy):

@@ -13,6 +13,8 @@ quietly with status 1; Ctrl-C ends it with one ``interrupted:`` line and status 
 from __future__ import annotations
 
 import argparse
+import datetime
+import decimal
 import json
 import logging
 import os
@@ -69,12 +71,81 @@ def _parse_key(raw: str, kind: str) -> Any:
     return raw
 
 
+# How to read a KEY like a range group's bounds or a list group's values, by their type:
+# (parse, what it must look like).
+_KEY_FORMS: dict[type, tuple[Any, str]] = {
+    str: (str, "a string"),
+    datetime.datetime: (datetime.datetime.fromisoformat,
+                        "a date-time (YYYY-MM-DDTHH:MM:SS, with an offset such as +00:00 or Z "
+                        "when the bounds have one)"),
+    datetime.date: (datetime.date.fromisoformat, "a date (YYYY-MM-DD)"),
+    datetime.time: (datetime.time.fromisoformat, "a time (HH:MM:SS)"),
+    decimal.Decimal: (decimal.Decimal, "a decimal number"),
+    float: (float, "a number"),
+    uuid.UUID: (uuid.UUID, "a UUID"),
+}
+
+
+def _group_key_types(strategy: Any, width: int) -> list[type | None]:
+    """Per part of a key of ``width`` parts, the one type of a range group's bounds or a
+    list group's values (None: no such group, or values of several types)."""
+    from ._strategies import ListStrategy, RangeStrategy
+
+    if isinstance(strategy, RangeStrategy):
+        samples = [x for r in strategy.ranges for x in (r.lower, r.upper) if x is not None]
+    elif isinstance(strategy, ListStrategy):
+        samples = list(strategy.mapping)
+    else:
+        return [None] * width
+    out: list[type | None] = []
+    for i in range(width):
+        kinds = set()
+        for v in samples:
+            part = v[i] if width > 1 and isinstance(v, tuple) and len(v) == width else v
+            if width > 1 and not isinstance(v, tuple):
+                kinds.add(None)
+                continue
+            kinds.add(type(part))
+        if kinds == {int, float}:
+            kinds = {float}
+        kind = kinds.pop() if len(kinds) == 1 else None
+        out.append(kind if kind is int or kind in _KEY_FORMS else None)
+    return out
+
+
+def _parse_group_key(raw: str, kind: type | None, group: str | None) -> Any:
+    """``raw`` read as ``kind``, the type of its group's bounds or values (else by the
+    --type auto rules): a date range group's key '2024-05-01' is a date, a list group of
+    zip codes written as strings takes '10115' as a string."""
+    if kind is None:
+        return _parse_key(raw, "auto")
+    if kind is int:
+        return _parse_key(raw, "int")
+    parse, form = _KEY_FORMS[kind]
+    try:
+        return parse(raw)
+    except (ValueError, decimal.InvalidOperation):
+        raise UsageError(f"key {raw!r} is not {form}, as the bounds or values of group {group} are; "
+                         "give the key in that form") from None
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     """Print the shard (and bucket) that owns a key."""
-    parts = [_parse_key(k, args.type) for k in args.key]
-    key = parts[0] if len(parts) == 1 else tuple(parts)
     cluster = Cluster.from_config(args.config, follow_map=False)
     try:
+        if args.type == "auto":
+            # A range or list group's keys are of its bounds' or values' type: read each
+            # KEY so, not by its look (the command line gives every key as a string).
+            try:
+                tr = cluster.router.table_route(args.table)
+            except ShardkitError:
+                tr = None   # shard_for() below says what is wrong with the table
+            kinds = _group_key_types(tr.strategy if tr else None, len(args.key))
+            parts = [_parse_group_key(k, kind, tr.group if tr else None)
+                     for k, kind in zip(args.key, kinds)]
+        else:
+            parts = [_parse_key(k, args.type) for k in args.key]
+        key = parts[0] if len(parts) == 1 else tuple(parts)
         if cluster.catalog is not None and cluster.map_version is None and cluster._catalog_error:
             # The file's map is the catalog's as of the last move at best: an answer by it
             # could name a shard that gave the key's bucket away.
@@ -501,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("key", nargs="+", help="key value (several for a composite key)")
     r.add_argument("--config", "-c", default="shardkit.toml", help="cluster config (default: %(default)s)")
     r.add_argument("--type", choices=["auto", "int", "str", "uuid"], default="auto",
-                   help="how to read KEY (default: int if it looks like one, then uuid, else str)")
+                   help="how to read KEY (default: as the type of a range or list group's bounds or "
+                        "values; else int if it looks like one, then uuid, else str)")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=cmd_route)
 

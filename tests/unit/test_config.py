@@ -1,6 +1,7 @@
 """Configuration parsing: every mistake is a ConfigurationError naming the field and the fix."""
 
 import copy
+import datetime
 
 import pytest
 
@@ -358,7 +359,8 @@ def test_a_hash_key_column_of_a_type_the_hash_refuses_is_a_configuration_error()
     sa.Table("ledgers", md, sa.Column("k", sa.Date(), primary_key=True))
     shards = base()["shards"]
     cfg = {"shards": shards, "groups": {"l": {"strategy": "range", "tables": {"ledgers": "k"}, "ranges": [
-        {"to": "2024-01-01", "shard": shards[0]["name"]}, {"from": "2024-01-01", "shard": shards[1]["name"]}]}}}
+        {"to": datetime.date(2024, 1, 1), "shard": shards[0]["name"]},
+        {"from": datetime.date(2024, 1, 1), "shard": shards[1]["name"]}]}}}
     Cluster.from_config(cfg, metadata=md).dispose()
 
 
