@@ -355,7 +355,7 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
         # shard would keep the first of its own rows for each value).
         k = key_of(_plain(stmt._raw_columns[0]))
         if k is not None and k[0] in own and k[0].group == semi.group and k[0].n_keys == 1:
-            on = _distinct_on(stmt)
+            on = distinct_on(stmt)
             if on and not any(key_of(_plain(e)) == k for e in on):
                 return (f"a subquery over {k[0].label} in key IN (SELECT ...) has DISTINCT ON "
                         "other expressions than the shard key, which each shard would apply "
@@ -404,7 +404,7 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
     return None
 
 
-def _distinct_on(stmt: Any) -> tuple[Any, ...]:
+def distinct_on(stmt: Any) -> tuple[Any, ...]:
     """The expressions of a SELECT's DISTINCT ON: ``distinct(*exprs)``, or SQLAlchemy 2.1's
     ``ext(postgresql.distinct_on(...))``."""
     on = tuple(getattr(stmt, "_distinct_on", None) or ())

@@ -1371,7 +1371,23 @@ def _and_terms(kids: list[Any]) -> list[Any]:
     return out
 
 
-_OR_WORD = re.compile(r"\bor\b", re.IGNORECASE)
+# A quoted string or identifier (skipped whole), a parenthesis, or the word OR.
+_OR_TOKENS = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|[()]|\bor\b", re.IGNORECASE)
+
+
+def _bare_or(sql: str) -> bool:
+    """Whether SQL text has an OR outside its own parentheses and quotes (``(a OR b)``
+    and ``name = 'x or y'`` bound theirs)."""
+    depth = 0
+    for m in _OR_TOKENS.finditer(sql):
+        t = m.group()
+        if t == "(":
+            depth += 1
+        elif t == ")":
+            depth -= 1
+        elif depth <= 0 and t.lower() == "or":
+            return True
+    return False
 
 
 def _bare_text(clause: Any) -> bool:
@@ -1383,11 +1399,14 @@ def _bare_text(clause: Any) -> bool:
     stack = [clause]
     while stack:
         e = stack.pop()
-        if isinstance(e, elements.TextClause) and _OR_WORD.search(e.text):
+        if isinstance(e, elements.TextClause) and _bare_or(e.text):
             return True
-        if isinstance(e, elements.ColumnClause) and e.is_literal and _OR_WORD.search(e.name):
+        if isinstance(e, elements.ColumnClause) and e.is_literal and _bare_or(e.name):
             return True
-        if not isinstance(e, (elements.Grouping, selectable.SelectBase, selectable.FromClause)):
+        # (Inside parentheses, a subquery, a function's arguments, CAST(... AS ...) or
+        # CASE WHEN ... THEN ... END, an OR binds there.)
+        if not isinstance(e, (elements.Grouping, selectable.SelectBase, selectable.FromClause,
+                              elements.Cast, elements.Case)):
             stack.extend(e.get_children())
     return False
 

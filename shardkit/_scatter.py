@@ -46,6 +46,7 @@ from sqlalchemy.sql import elements, functions, operators, selectable, visitors
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
 from ._colocation import compound_selects as compound_parts
+from ._colocation import distinct_on
 from ._colocation import ungrouped
 from .errors import ScatterRefused
 
@@ -604,9 +605,7 @@ def _refuse_part(part: Any, i: int, keyword: str, distinct: bool) -> None:
             raise ScatterRefused(
                 f"{where} has a window function (OVER), which each shard would compute over its "
                 "own rows only; add the shard key", construct="window function")
-    if (isinstance(part._distinct_on, tuple) and part._distinct_on) or any(
-            getattr(getattr(part, a, None), "_distinct_on", None)
-            for a in getattr(part, "_position_map", {}).values()):
+    if distinct_on(part):
         raise ScatterRefused(f"DISTINCT ON in {where} is not merged exactly across shards",
                              construct="DISTINCT ON")
     if not distinct and (part._distinct or any(_is_distinct_column(c) for c in part._raw_columns)):
@@ -731,16 +730,15 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
     if stmt._fetch_clause is not None:
         raise ScatterRefused("FETCH FIRST across shards is not merged; use .limit()",
                              construct="FETCH FIRST")
-    if isinstance(stmt._distinct_on, tuple) and stmt._distinct_on:
+    if distinct_on(stmt):
         raise ScatterRefused("DISTINCT ON across shards is not merged exactly",
                              construct="DISTINCT ON")
-    # SQLAlchemy 2.1 syntax extensions (select().ext(...)), e.g. postgresql.distinct_on().
+    # Other SQLAlchemy 2.1 syntax extensions (select().ext(...)).
     for attr in getattr(stmt, "_position_map", {}).values():
         ext = getattr(stmt, attr, None)
         if ext is not None:
-            construct = "DISTINCT ON" if getattr(ext, "_distinct_on", None) else type(ext).__name__
-            raise ScatterRefused(f"{construct} across shards is not merged exactly",
-                                 construct=construct)
+            raise ScatterRefused(f"{type(ext).__name__} across shards is not merged exactly",
+                                 construct=type(ext).__name__)
     for part in (*columns, *stmt._order_by_clauses, *stmt._having_criteria):
         if any(isinstance(e, elements.Over) for e in visitors.iterate(part)):
             raise ScatterRefused(

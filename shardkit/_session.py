@@ -1060,7 +1060,9 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
             parent_shard = _shard_from_parent(cluster, mapper, state, cname)
             if parent_shard is not None:
                 return parent_shard
-            v = _python_default(col)
+            # (A default is for a new row: an object with an identity whose key is not
+            # loaded, as merge(load=False) may be given, has its row's key, not a new one.)
+            v = _python_default(col) if state.key is None else None
             if v is None:
                 raise ShardKeyError(
                     f"{type(instance).__name__} has no value for shard key {tr.table}.{cname}; set "
@@ -1886,7 +1888,9 @@ def _route_by_scope_key(cluster: Cluster, route: Route, key: Any, statement: Any
     # the uuid, a string for an integer column refused), as a key in the statement is:
     # the table's name alone knows no type unless the cluster was given metadata=.
     given: dict[str, Any] = {}
-    if statement is not None:
+    # (Not when the cluster's metadata= gave those types by table name: a key-less
+    # statement inside a scope is the hot path, and walking it costs more than routing it.)
+    if statement is not None and not all(router._coercers.get(t) for t in firsts.values()):
         unwrapped = unwrap_statement(statement)
         if isinstance(unwrapped, (selectable.Select, selectable.CompoundSelect, UpdateBase)):
             for t in sql_util.find_tables(unwrapped, include_aliases=True, include_crud=True):
