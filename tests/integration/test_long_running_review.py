@@ -14,6 +14,7 @@ import time
 import traceback
 
 import pytest
+from own_tables import cluster_with_tables
 from sqlalchemy import BigInteger, String, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -42,21 +43,8 @@ def config(dev, **extra):
 
 @pytest.fixture(scope="module")
 def dev(shardkit_dev_cluster):
-    dev = shardkit_dev_cluster
-    cluster = shardkit.Cluster.from_config(config(dev))
-    try:
-        for s in cluster.shard_names:
-            Base.metadata.drop_all(cluster.primary(s))
-            Base.metadata.create_all(cluster.primary(s))
-    finally:
-        cluster.dispose()
-    yield dev
-    cluster = shardkit.Cluster.from_config(config(dev))
-    try:
-        for s in cluster.shard_names:
-            Base.metadata.drop_all(cluster.primary(s))
-    finally:
-        cluster.dispose()
+    with cluster_with_tables(shardkit_dev_cluster, config(shardkit_dev_cluster), Base.metadata):
+        yield shardkit_dev_cluster
 
 
 def in_child(fn):

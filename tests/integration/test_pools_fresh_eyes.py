@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import pytest
+from own_tables import cluster_with_tables
 from sqlalchemy import BigInteger, String, event, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -50,21 +51,8 @@ def wait_for(check, what, timeout=10.0):
 
 @pytest.fixture(scope="module")
 def dev(shardkit_dev_cluster):
-    dev = shardkit_dev_cluster
-    cluster = shardkit.Cluster.from_config(config(dev))
-    try:
-        for s in cluster.shard_names:
-            Base.metadata.drop_all(cluster.primary(s))
-            Base.metadata.create_all(cluster.primary(s))
-    finally:
-        cluster.dispose()
-    yield dev
-    cluster = shardkit.Cluster.from_config(config(dev))
-    try:
-        for s in cluster.shard_names:
-            Base.metadata.drop_all(cluster.primary(s))
-    finally:
-        cluster.dispose()
+    with cluster_with_tables(shardkit_dev_cluster, config(shardkit_dev_cluster), Base.metadata):
+        yield shardkit_dev_cluster
 
 
 def test_engine_options_pool_size_cannot_lift_the_node_cap(dev):
