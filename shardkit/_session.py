@@ -57,7 +57,7 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session, bulk_persistence
 from sqlalchemy.orm import exc as orm_exc
-from sqlalchemy.orm.base import NO_VALUE, PASSIVE_OFF
+from sqlalchemy.orm.base import NEVER_SET, NO_VALUE, PASSIVE_OFF
 from sqlalchemy.orm.context import FromStatement, QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.orm.session import SessionTransactionState
@@ -96,6 +96,11 @@ __all__ = ["ShardedSession", "run_transaction"]
 
 log = logging.getLogger("shardkit.session")
 
+# horizontal_shard.ShardedSession's own arguments, which the cluster replaces.
+_HORIZONTAL_SHARD_ARGS = ("shards", "shard_chooser", "identity_chooser", "execute_chooser",
+                          "id_chooser", "query_chooser")
+
+
 class ShardedSession(horizontal_shard.ShardedSession):
     """A :class:`~sqlalchemy.orm.Session` over a :class:`~shardkit.Cluster`.
 
@@ -121,6 +126,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 "ShardedSession needs cluster=shardkit.Cluster.from_config(...); got "
                 f"{type(cluster).__name__}"
             )
+        foreign = [k for k in _HORIZONTAL_SHARD_ARGS if k in kwargs]
+        if foreign:
+            raise sa_exc.ArgumentError(
+                f"ShardedSession does not take horizontal_shard's {', '.join(k + '=' for k in foreign)}: "
+                "the cluster (shardkit.Cluster.from_config(...), passed as cluster=) has the shards' "
+                "engines, and routes each statement by its shard key (groups in the config); name a "
+                "shard per statement with set_shard_id(...), bind_arguments={'shard_id': ...} or "
+                "shardkit.scope(shard=...) (README: \"Coming from horizontal_shard\")")
         if kwargs and (kwargs.get("bind") is not None or kwargs.get("binds") is not None):
             raise sa_exc.ArgumentError(
                 "ShardedSession takes its engines from the cluster; do not pass "
@@ -157,6 +170,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_for_write = False
         if consistency_token:
             self.require_token(consistency_token)
+
+    def bind_shard(self, shard_id: str, bind: Any) -> None:
+        """Refused: the cluster has the shards' engines (horizontal_shard's method)."""
+        raise sa_exc.ArgumentError(
+            f"ShardedSession.bind_shard({shard_id!r}, ...) is horizontal_shard's: shardkit takes "
+            "the shards and their engines from the cluster (the shards of its config); "
+            "use cluster.engine(shard) for an engine of one")
 
     # -- choosers (the hooks horizontal_shard defines) ------------------------------
 
@@ -292,14 +312,42 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # (no shard in it) keys the merged copy with that key as it is: a second object
         # for the row, beside the one the session holds or loads.  The object's shard key
         # (or its primary key, when that contains the shard key) names its shard; the
-        # caller's object is left as it was.  (With load=True, get() finds the row.)
+        # caller's object is left as it was.
+        key = state.key
         if load:
             # merge() loads the row to compare the given object with: the changes it
             # finds are what the flush writes, so the row is read where the write goes
             # (a replica's older copy would hide changes, or turn an UPDATE into an INSERT).
+            # A primary key without the shard key may be unique only per shard: the row
+            # is the one on the shard the object's own key names, where its flush writes
+            # it, when that shard has one (by primary key alone, get() refuses an id found
+            # on several shards).  Otherwise, as by primary key: a row of that id on
+            # another shard is one whose key the merge would change (the flush refuses it).
             with self._loading_for_write():
-                return super()._merge(state, state_dict, load=load, **kw)
-        key = state.key
+                shard = None
+                if (key is None or key[2] is None) and state.session_id != self.hash_key and (
+                        self._shard_from_identity(state.mapper, key[1] if key else ()) is None):
+                    shard = _own_key_shard(self.cluster, state)
+                    pk = key[1] if key else state.mapper._identity_key_from_state(state)[1]
+                    # (held until the merge has found it in the identity map)
+                    found = None if shard is None or any(
+                        v is None or v is NO_VALUE or v is NEVER_SET for v in pk) else self.get(
+                        state.mapper.class_, pk, identity_token=shard, options=kw.get("options"))
+                    if found is None:
+                        shard = None
+                if shard is None:
+                    return super()._merge(state, state_dict, load=load, **kw)
+                token = state.identity_token
+                if key is None:
+                    state.identity_token = shard
+                else:
+                    state.key = (key[0], key[1], shard)
+                try:
+                    return super()._merge(state, state_dict, load=load, **kw)
+                finally:
+                    state.identity_token = token
+                    if key is not None:
+                        state.key = key
         if key is None or key[2] is not None or state.session_id == self.hash_key:
             return super()._merge(state, state_dict, load=load, **kw)
         shard = _own_key_shard(self.cluster, state) or self._shard_from_identity(state.mapper, key[1])
@@ -335,6 +383,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # Session.get(), get_one() and the legacy Query.get() all come here.  Naming the
         # shard up front lets the load skip statement analysis, but not the entity's check
         # (unless the caller named the shard: then it asked for that shard's rows).
+        if identity_token is None:
+            # A shard the caller named another way (as horizontal_shard reads them) is the
+            # one the object is looked up and loaded under, whatever its key says.
+            identity_token = _named_shard(kw.get("options"), kw.get("execution_options"),
+                                          kw.get("bind_arguments"))
         if identity_token is None and current_scope().shard is None:
             insp = inspect(entity)
             problem = self.cluster.router.entity_problem(insp)
@@ -1005,6 +1058,22 @@ class ShardedSession(horizontal_shard.ShardedSession):
         return conn
 
 
+def _named_shard(options: Any, execution_options: Any, bind_arguments: Any) -> str | None:
+    """The shard a get() names: ``set_shard_id(...)`` among its options,
+    ``bind_arguments={"shard_id": ...}``, or the ``shardkit_shard``, ``_sa_shard_id``
+    (``Query.set_shard()``) or ``identity_token`` execution option; None if none does."""
+    for opt in options or ():
+        if isinstance(opt, horizontal_shard.set_shard_id):
+            return opt.shard_id  # type: ignore[no-any-return]
+    if bind_arguments and bind_arguments.get("shard_id") is not None:
+        return bind_arguments["shard_id"]  # type: ignore[no-any-return]
+    if execution_options:
+        for name in ("shardkit_shard", "_sa_shard_id", "identity_token"):
+            if execution_options.get(name) is not None:
+                return execution_options[name]  # type: ignore[no-any-return]
+    return None
+
+
 @contextlib.contextmanager
 def _one_shard_per_identity(entity: Any, ident: Any) -> Iterator[None]:
     """A get() by a primary key without the shard key, which found the key on several shards."""
@@ -1348,6 +1417,13 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                      execution_options: Any, bind_arguments: Any, sc: RoutingScope) -> Route:
     """Where a statement executed through the session runs, in scope ``sc``."""
     cluster = session.cluster
+    if _option("shard_id", statement, execution_options) is not None:
+        # Neither SQLAlchemy's horizontal_shard nor shardkit reads it: the statement would
+        # run where its key (or every shard) says, not on the shard the caller meant.
+        raise sa_exc.ArgumentError(
+            "execution option shard_id= is not read (not by shardkit, nor by SQLAlchemy's "
+            "horizontal_shard): name the shard with execution_options(shardkit_shard=...), "
+            "bind_arguments={'shard_id': ...}, .options(set_shard_id(...)) or Query.set_shard(...)")
     shard = _explicit_shard(statement, execution_options, bind_arguments, sc, cluster.router)
     if shard is not None and shard == sc.shard and isinstance(statement, UpdateBase) \
             and _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None:
