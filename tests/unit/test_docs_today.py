@@ -1,5 +1,5 @@
 """README.md and BENCHMARKS.md against the code, for what changed on 2026-12-04: tables in
-other schemas, the metrics paragraph, the order of the benchmark log's entries."""
+other schemas, the metrics paragraph, the benchmark commands."""
 
 from __future__ import annotations
 
@@ -73,14 +73,15 @@ def test_the_metrics_paragraph_says_what_the_counters_leave_out():
     assert "so does a connection to the node that cannot be opened" in section
 
 
-_ORDER = {"morning": 0, "afternoon": 1, "evening": 2, "late evening": 3, "night": 4}
-
-
-def test_the_benchmark_logs_entries_of_a_day_are_in_time_order():
-    """Each section's re-runs are a log: the last entry is read as the current state."""
-    for section in BENCHMARKS.split("\n## ")[1:]:
-        seen: list[tuple[str, int]] = []
-        for m in re.finditer(r"on (\d{4}-\d{2}-\d{2}) \((late evening|morning|afternoon|evening|night)\b",
-                             section):
-            seen.append((m.group(1), _ORDER[m.group(2)]))
-        assert seen == sorted(seen), (section.splitlines()[0], seen)
+def test_the_benchmark_commands_name_scripts_and_options_that_exist():
+    """BENCHMARKS.md's commands are how its numbers were made: each names a script in
+    bench/ and only options that script accepts."""
+    block = BENCHMARKS.split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [line.split() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 4
+    for words in commands:
+        script = ROOT / words[1]
+        assert script.is_file(), words[1]
+        accepted = set(re.findall(r'add_argument\("(--[a-z-]+)"', script.read_text()))
+        given = {w.strip("[]") for w in words[2:] if w.strip("[]").startswith("--")}
+        assert given <= accepted, (words[1], given - accepted)
