@@ -48,6 +48,13 @@ class _NodePool(QueuePool):
     """The pool of one node (its name is the pool's logging name): a checkout that times
     out says which node's pool is exhausted, and is counted (``timeouts``)."""
 
+    # SQLAlchemy names a pool's logger after its class: without this, QueuePool's own
+    # records (a checkout and a checkin per statement at DEBUG, invalidations and disposals
+    # at INFO) would come out under "shardkit._cluster._NodePool.<node>", so that turning
+    # shardkit's logging up turns SQLAlchemy's pool logging on.  They stay where SQLAlchemy
+    # documents them ("sqlalchemy.pool", here "sqlalchemy.pool.impl.QueuePool.<node>").
+    _sqla_logger_namespace = "sqlalchemy.pool.impl.QueuePool"
+
     #: Checkouts that waited longer than the pool's timeout, since the pool was made.
     timeouts = 0
     _timeouts_lock = threading.Lock()

@@ -156,6 +156,8 @@ class NodeHealth:
     _lsn_sample: tuple[float, int] | None = field(default=None, repr=False)
     # Replica: the replay position at which it was seen past the primary (not following it).
     _ahead_at: int | None = field(default=None, repr=False)
+    # Replica: over the configured lag limits when its lag was last known (for the log).
+    _over_lag: bool = field(default=False, repr=False)
 
     @property
     def not_following(self) -> bool:
@@ -406,9 +408,11 @@ class HealthMonitor:
                     node._lsn_sample = (node.checked_at, lsn)
             node.replay_timestamp_age = age
             node.latency_ms = rtt if node.latency_ms is None else 0.8 * node.latency_ms + 0.2 * (rtt or 0)
-        if was_up != up and not (first and up):
-            log.warning("%s is %s%s", node.name, "up" if up else "down",
-                        f" ({error})" if error else "")
+        # Each change once; a node down at the first poll (down when the process started)
+        # too: it gets no reads (a primary: no writes) from the start.
+        if (was_up != up and not first) or (first and not up):
+            log.log(logging.INFO if up else logging.WARNING, "%s is %s%s", node.name,
+                    "up" if up else "down", f" ({error})" if error else "")
         self._update_lag(state)
         with state.changed:
             state.changed.notify_all()
@@ -478,6 +482,28 @@ class HealthMonitor:
                 r.lag_seconds = max(floor, max(0.0, age) if bound is None else min(age, bound))
         state.primary.lag_bytes = 0
         state.primary.lag_seconds = 0.0
+        self._log_lag_limits(state)
+
+    def _log_lag_limits(self, state: _ShardState) -> None:
+        """Log a replica going past the configured lag limits (it gets no reads under them)
+        and coming back within them, once each.  A replica down, or whose lag is unknown,
+        keeps its state: those are logged as such."""
+        max_s, max_b = self.settings.max_lag_seconds, self.settings.max_lag_bytes
+        for r in state.replicas:
+            lag_b, lag_s = r.lag_bytes, r.lag_seconds
+            if not r.up or lag_b is None or lag_s is None:
+                continue
+            over = lag_b > max_b or lag_s > max_s
+            if over == r._over_lag:
+                continue
+            r._over_lag = over
+            if over:
+                log.warning("replica %s is %.1f s and %d bytes behind its primary, past the lag limits "
+                            "(max_lag_seconds = %g, max_lag_bytes = %d): it gets no reads under them "
+                            "until it catches up", r.name, lag_s, lag_b, max_s, max_b)
+            else:
+                log.info("replica %s is within the lag limits again (%.1f s, %d bytes behind its "
+                         "primary): it gets reads", r.name, lag_s, lag_b)
 
     def note_replay_position(self, shard: str, index: int, lsn: int) -> None:
         """Record a replay position learned outside the poll (a read-your-writes probe)."""
