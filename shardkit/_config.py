@@ -55,6 +55,8 @@ _STRATEGIES = ("hash", "range", "list", "custom")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,62}")
 # The name in a ${NAME} or ${NAME:-default} reference.
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The fields that hold a database URL.
+_URL_FIELD = re.compile(r"shards\[\d+\]\.(?:primary|replicas\[\d+\](?:\.url)?)|catalog\.url")
 
 
 # The scheme and user info of a URL, read as SQLAlchemy's make_url reads them (a user name
@@ -87,6 +89,18 @@ def _unencoded_at(raw: str) -> bool:
     return "@" in path or any("@" in item.partition("=")[0] for item in query.split("&"))
 
 
+def _unencoded_amp(raw: str) -> bool:
+    """Whether a secret of ``raw``'s query string (``?password=...``) is followed by an item
+    that is no ``key=value`` of a libpq parameter: an unencoded ``&`` in the secret, whose
+    tail would be read as a parameter of its own (and named in a refusal, or dropped)."""
+    items = raw.partition("?")[2].split("&")
+    for prev, item in zip(items, items[1:]):
+        key, eq, _ = item.partition("=")
+        if prev.partition("=")[0].lower() in SECRET_QUERY_KEYS and not (eq and key in _libpq_keywords()):
+            return True
+    return False
+
+
 def mask_url(url: URL | str) -> str:
     """Render a database URL with its password replaced by ``***``."""
     try:
@@ -94,6 +108,8 @@ def mask_url(url: URL | str) -> str:
         if (u.host and "@" in u.host) or (isinstance(url, str) and _unencoded_at(url)):
             # An unencoded "@" in the password: what looks like the host or database holds part of it.
             return "<URL with an unencoded '@' in its user or password>"
+        if isinstance(url, str) and _unencoded_amp(url):
+            return "<URL with an unencoded '&' in a password of its query string>"
         if any(k.lower() in SECRET_QUERY_KEYS for k in u.query):
             # libpq also takes the password as a query parameter.
             u = u.update_query_dict({k: "***" for k in u.query if k.lower() in SECRET_QUERY_KEYS})
@@ -284,9 +300,19 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str]) -> Any:
     As in a shell or Docker Compose, ``${VAR:-default}`` gives the default when
     ``VAR`` is unset or empty, ``${VAR}`` gives an empty ``VAR`` as is, and a default
     may itself hold references (``${PW:-${OTHER}}``), expanded only when used.  A
-    substituted value is not expanded again.  Table keys (names) are not substituted."""
+    substituted value is not expanded again.  Table keys (names) are not substituted.
+
+    In a database URL (a node's or the catalog's), a ``${VAR}`` whose
+    ``VAR`` is set but empty is an error naming it: the URL would lose its password (libpq
+    then uses another one, or fails at the first query), host or database name."""
     if isinstance(value, str):
-        return _expand(value, 0, path, env, nested=False, use=True)[0]
+        empty: list[str] = []
+        out = _expand(value, 0, path, env, nested=False, use=True, empty=empty)[0]
+        if empty and _URL_FIELD.fullmatch(path):
+            raise ConfigurationError(
+                path, f"environment variable {empty[0]} is set but empty",
+                f"export {empty[0]}=... with its value, or write ${{{empty[0]}:-}} if empty is meant")
+        return out
     if isinstance(value, Mapping):
         return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
     if isinstance(value, list):
@@ -302,10 +328,11 @@ def _bad_reference(path: str) -> ConfigurationError:
 
 
 def _expand(text: str, i: int, path: str, env: Mapping[str, str], *, nested: bool,
-            use: bool) -> tuple[str, int]:
+            use: bool, empty: list[str]) -> tuple[str, int]:
     """Expand ``text`` from ``i`` to its end, or (``nested``: a default) to the ``}`` that
     closes it; returns the expansion and the index after it.  ``use``: the result is
-    used (a default that is not is parsed, but an unset variable in it is no error)."""
+    used (a default that is not is parsed, but an unset variable in it is no error).
+    ``empty`` gets the names of the used ``${VAR}`` references (no default) that were empty."""
     out: list[str] = []
     n = len(text)
     while i < n:
@@ -327,11 +354,13 @@ def _expand(text: str, i: int, path: str, env: Mapping[str, str], *, nested: boo
                         f"environment variable {var} is not set",
                         f"export {var}=... or write ${{{var}:-default}}",
                     )
+                if use and env.get(var) == "":
+                    empty.append(var)
                 out.append(env.get(var, ""))
             elif text.startswith(":-", j):
-                empty = not env.get(var)
-                default, i = _expand(text, j + 2, path, env, nested=True, use=use and empty)
-                out.append(default if empty else env[var])
+                unset = not env.get(var)
+                default, i = _expand(text, j + 2, path, env, nested=True, use=use and unset, empty=empty)
+                out.append(default if unset else env[var])
             else:
                 raise _bad_reference(path)
             continue
@@ -366,6 +395,11 @@ def _parse_url(raw: Any, path: str) -> URL:
         raise ConfigurationError(
             path, "the URL's user name or password contains an unencoded '@'",
             "percent-encode it (@ as %40, : as %3A, / as %2F), also in ${VAR} values")
+    if _unencoded_amp(raw):
+        # Before the query string is checked: its tail would be named as an unknown parameter.
+        raise ConfigurationError(
+            path, "a password in the URL's query string (?password=...) contains an unencoded '&'",
+            "percent-encode it (& as %26, + as %2B, % as %25), also in ${VAR} values")
     try:
         url = make_url(raw)
         url.port  # noqa: B018 - a port that is not a number raises here
@@ -393,11 +427,19 @@ def _parse_url(raw: Any, path: str) -> URL:
             path, f"driver {driver!r} is not supported",
             "use postgresql+psycopg:// (psycopg 3)",
         )
-    if not url.host:
-        raise ConfigurationError(path, f"{mask_url(url)} has no host", "add host[:port]")
+    if not url.host and "host" not in url.query and "hostaddr" not in url.query:
+        # libpq's (and SQLAlchemy's) ?host=/socket/dir and ?host=h1:p1&host=h2:p2 name it too.
+        raise ConfigurationError(path, f"{mask_url(url)} has no host",
+                                 "add host[:port], or ?host=/socket/directory for a Unix socket")
     if not url.database:
         raise ConfigurationError(path, f"{mask_url(url)} has no database name", "add /dbname")
     _check_query(url, path)
+    try:
+        # The multi-host forms (?host=h1:p1&host=h2:p2, ?host=h1,h2&port=p1,p2) as the driver will read them.
+        url.get_dialect()().create_connect_args(url)
+    except (ArgumentError, ValueError) as e:
+        raise ConfigurationError(path, f"{mask_url(url)}: {e}",
+                                 "give the hosts one way: ?host=h1:p1&host=h2:p2, or ?host=h1,h2&port=p1,p2") from None
     if "password" in url.query:
         # libpq's ?password= is the URL's password (the driver gets the same value): held
         # there, SQLAlchemy hides it wherever the URL or an engine on it is shown.
@@ -958,13 +1000,13 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
 
 def conninfo(url: URL) -> str:
     """A libpq connection string for a SQLAlchemy URL, every value quoted as libpq needs
-    (a password with spaces or quotes works, and never surfaces in a parse error)."""
+    (a password with spaces or quotes works, and never surfaces in a parse error): the
+    parameters the URL's engine connects with (SQLAlchemy's reading of it: several hosts,
+    a socket directory, an empty password left to libpq's PGPASSWORD and ~/.pgpass)."""
     from psycopg.conninfo import make_conninfo
 
-    parts: dict[str, Any] = {"host": url.host, "port": url.port, "user": url.username,
-                             "password": url.password, "dbname": url.database}
-    parts.update({k: v for k, v in url.query.items() if isinstance(v, str)})
-    return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
+    _, params = url.get_dialect()().create_connect_args(url)
+    return make_conninfo("", **{k: v for k, v in params.items() if k != "context" and v is not None})
 
 
 def with_bucket_map(config: ClusterConfig, bucket_map: tuple[str, ...],

@@ -59,6 +59,7 @@ import contextlib
 import graphlib
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -66,6 +67,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
@@ -300,11 +302,21 @@ def _masked_reason(error: BaseException, cluster: Cluster) -> str:
 
 
 def mask_secrets(message: str, cluster: Cluster) -> str:
-    """``message`` with every configured password replaced by ``***``."""
+    """``message`` with every configured password replaced by ``***`` where a URL
+    (``user:PASSWORD@``, ``?password=PASSWORD``), a connection string (``password=PASSWORD``,
+    quoted or not) or connection arguments (``'password': 'PASSWORD'``) would carry it, as
+    written or percent-encoded; not every occurrence of its letters (docker compose's
+    default password ``shardkit`` is also the role, the schema and the command its hints
+    name)."""
     urls = [cluster.config.catalog_url] + [u for s in cluster.config.shards for u in (s.primary, *s.replicas)]
     for url in urls:
         if url is not None and url.password:
-            message = message.replace(str(url.password), "***")
+            pw = str(url.password)
+            for form in {re.escape(pw), re.escape(quote(pw, safe="")),
+                         re.escape(pw.replace("\\", "\\\\").replace("'", "\\'"))}:
+                message = re.sub(
+                    rf"(?<=:){form}(?=@)|(?P<key>(?i:password)['\"]?\s*[:=]\s*['\"]?){form}(?![^\s&'\",;)}}])",
+                    lambda m: (m.group("key") or "") + "***", message)
     return message
 
 
