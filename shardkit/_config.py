@@ -96,7 +96,9 @@ def _unencoded_amp(raw: str) -> bool:
     items = raw.partition("?")[2].split("&")
     for prev, item in zip(items, items[1:]):
         key, eq, _ = item.partition("=")
-        if prev.partition("=")[0].lower() in SECRET_QUERY_KEYS and not (eq and key in _libpq_keywords()):
+        # (prepare_threshold: refused by _check_query with its own advice.)
+        if prev.partition("=")[0].lower() in SECRET_QUERY_KEYS and not (
+                eq and (key in _libpq_keywords() or key == "prepare_threshold")):
             return True
     return False
 
@@ -397,9 +399,13 @@ def _parse_url(raw: Any, path: str) -> URL:
             "percent-encode it (@ as %40, : as %3A, / as %2F), also in ${VAR} values")
     if _unencoded_amp(raw):
         # Before the query string is checked: its tail would be named as an unknown parameter.
+        # The item is not named: it may be the password's tail.
         raise ConfigurationError(
-            path, "a password in the URL's query string (?password=...) contains an unencoded '&'",
-            "percent-encode it (& as %26, + as %2B, % as %25), also in ${VAR} values")
+            path, "a password in the URL's query string (?password=...) is followed by an item that "
+            "is no libpq connection parameter: an unencoded '&' in the password, or a misspelt "
+            "parameter name after it",
+            "percent-encode a '&' in the password (& as %26, + as %2B, % as %25), also in ${VAR} "
+            "values, and spell the parameters as libpq does (sslmode, connect_timeout, application_name)")
     try:
         url = make_url(raw)
         url.port  # noqa: B018 - a port that is not a number raises here

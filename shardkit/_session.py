@@ -325,13 +325,16 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # another shard is one whose key the merge would change (the flush refuses it).
             with self._loading_for_write():
                 shard = None
-                if (key is None or key[2] is None) and state.session_id != self.hash_key and (
-                        self._shard_from_identity(state.mapper, key[1] if key else ()) is None):
+                # (A transient object's key is read from it: a primary key that holds the
+                # shard key is looked up on its shard by get() alone, and one not complete
+                # finds no row to look up.)
+                pk = key[1] if key else state.mapper._identity_key_from_state(state)[1]
+                if (key is None or key[2] is None) and state.session_id != self.hash_key and not any(
+                        v is None or v is NO_VALUE or v is NEVER_SET for v in pk) and (
+                        self._shard_from_identity(state.mapper, pk) is None):
                     shard = _own_key_shard(self.cluster, state)
-                    pk = key[1] if key else state.mapper._identity_key_from_state(state)[1]
                     # (held until the merge has found it in the identity map)
-                    found = None if shard is None or any(
-                        v is None or v is NO_VALUE or v is NEVER_SET for v in pk) else self.get(
+                    found = None if shard is None else self.get(
                         state.mapper.class_, pk, identity_token=shard, options=kw.get("options"))
                     if found is None:
                         shard = None
