@@ -69,7 +69,8 @@ def env(sharded_dev):
         "misc": {"tables": {"kd_serials": "id", "kd_server_made": "id", "kd_context_made": "id"}},
     }}
     with cluster_with_tables(sharded_dev, config, Base.metadata) as cluster:
-        yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+        # (Primaries: which shard holds a row is the point here, not which node serves it.)
+        yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
 
 
 def _where(cluster, table: str, column: str, value) -> list[str]:

@@ -55,7 +55,7 @@ class Env:
     def __init__(self, cluster: shardkit.Cluster, oracle: Any) -> None:
         self.cluster = cluster
         self.oracle = oracle
-        self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+        self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
 
     def reset(self) -> None:
         tables = ", ".join(t.name for t in Base.metadata.sorted_tables)

@@ -66,7 +66,7 @@ def test_merge_of_a_new_object_whose_primary_key_holds_the_shard_key_reads_its_s
     """A merge() of a new row (an upsert by primary key) looks the key up once, on the
     shard the key names: the primary key holds the shard key, so there is nothing to find
     on another shard."""
-    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
     seen, hooks = selects(cluster)
     try:
         with Session() as s:

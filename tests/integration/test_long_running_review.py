@@ -83,7 +83,8 @@ def test_forked_worker_writes_after_the_parent_started_the_monitor(dev):
     try:
         stale_after = cluster.monitor().stale_after
         assert cluster.health().ready
-        Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+        # (Primaries: the parent reads a row its forked worker wrote, with no token of it.)
+        Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
 
         def worker():
             time.sleep(stale_after + 0.5)  # what the parent's monitor saw is old now

@@ -32,7 +32,7 @@ def env(sharded_dev):
                   "values": {names[1]: ["eu"], names[2]: ["us"]}},
     }}
     with cluster_with_tables(sharded_dev, config, Base.metadata) as cluster:
-        yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+        yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
 
 
 def test_merge_load_false_of_a_detached_object_without_its_key_does_not_make_one(env):
