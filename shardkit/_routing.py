@@ -990,6 +990,8 @@ class Router:
                 colocation, one_shard_only = None, colocation
             if colocation is None and isinstance(statement, selectable.Select):
                 colocation = self.entities_problem(statement)
+            if colocation is None:
+                colocation = self.criteria_problem(getattr(statement, "_with_options", ()))
         single = None
         if colocation is None and len(groups) == 1 and not isinstance(statement, Insert):
             node = pred
@@ -1019,6 +1021,27 @@ class Router:
             return self._loader_options_problem(statement)
         except AttributeError:  # loader option internals of another SQLAlchemy version
             return None
+
+    def criteria_problem(self, options: Iterable[Any]) -> str | None:
+        """Why the ``with_loader_criteria()`` among an ORM statement's ``options`` cannot run
+        shard by shard, or None: the ORM adds each criterion to every FROM of its entity (and
+        to the loads that follow), so it is checked as that entity's WHERE (an uncorrelated
+        subquery over another group's rows would read only each shard's part of them)."""
+        for opt in options:
+            if not getattr(opt, "_is_criteria_option", False):
+                continue
+            try:
+                for m in opt._all_mappers():
+                    table = m.local_table
+                    if not (self._placement(table.fullname) or self._placement(table.name)):
+                        continue  # not sharded: nothing of it differs between shards
+                    found = colocation_problem(select(m).where(opt._resolve_where_criteria(m)),
+                                               self._placement)
+                    if found is not None:
+                        return f"the with_loader_criteria() of {m.class_.__name__}: {found}"
+            except AttributeError:  # loader option internals of another SQLAlchemy version
+                return None
+        return None
 
     def _loader_options_problem(self, statement: Any) -> str | None:
         """The entities_problem() of the statement's joined eager loads and with_expression()."""

@@ -779,6 +779,21 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return self._read_on(shard, statement, params, execution_options, bind_arguments, kw, sc)
         return _run_on_shards(self, statement, params, execution_options, bind_arguments, route)
 
+    def _execute_internal(self, statement: Any, params: Any = None, *, _add_event: Any = None,
+                          **kw: Any) -> Any:
+        # Every execution of the session, routed already (each shard's, for a statement run
+        # on several).  The application's do_orm_execute listeners run inside it, after the
+        # routing: what they change is checked once they have run (SQLAlchemy's _add_event
+        # runs after them); without listeners nothing more is done.
+        if self.dispatch.do_orm_execute and kw.get("_parent_execute_state") is None:
+            then = _add_event
+
+            def after_listeners(state: ORMExecuteState) -> Any:
+                _check_listener_changes(self, statement, state)
+                return then(state) if then is not None else None
+            _add_event = after_listeners
+        return super()._execute_internal(statement, params, _add_event=_add_event, **kw)
+
     def _plain_read(self, statement: Any, params: Any) -> Any:
         """The most common read in fewer steps: a SELECT with no execution options, outside
         any scope, with nothing to flush, routed by its key to one shard and read from a
@@ -1059,6 +1074,33 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if info and info["role"] == PRIMARY:
             self._sk_written.add(info["shard"])
         return conn
+
+
+def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExecuteState) -> None:
+    """Refuse what the application's do_orm_execute listeners changed after shardkit routed
+    ``routed``: shardkit's execution options (the statement's shards are chosen already),
+    and with_loader_criteria() that cannot run shard by shard (see Router.criteria_problem)."""
+    named = sorted(k for k in state._update_execution_options if k.startswith("shardkit_"))
+    if named:
+        raise RoutingError(
+            f"a do_orm_execute listener set {', '.join(named)}: shardkit has routed the "
+            "statement before the listeners run, so this would be ignored; set it on the "
+            "statement (stmt.execution_options(...)), in session.execute(..., "
+            "execution_options={...}), or with shardkit.scope(...)", statement=routed)
+    statement = state.statement
+    options = getattr(statement, "_with_options", ())
+    if statement is routed or not options:
+        return
+    before = {id(o) for o in getattr(routed, "_with_options", ())}
+    added = [o for o in options if id(o) not in before and getattr(o, "_is_criteria_option", False)]
+    problem = added and session.cluster.router.criteria_problem(added)
+    if problem:
+        raise ScatterRefused(
+            f"{problem} (added by a do_orm_execute listener); shardkit runs a statement on each "
+            "shard over that shard's rows, which would quietly give a different answer than one "
+            "database. Correlate the criteria on the shard key, or read the other group's "
+            "values first and pass them as a list (tenant_id IN [...])",
+            construct="statement not colocated on the shard key", statement=routed)
 
 
 def _named_shard(options: Any, execution_options: Any, bind_arguments: Any) -> str | None:
@@ -2713,7 +2755,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                     failures[shard] = e2
                 continue
             failures[shard] = e
-    usage = next((e for e in failures.values() if isinstance(e, sa_exc.InvalidRequestError)), None)
+    # (A RoutingError: a do_orm_execute listener's change refused in each shard's execution.)
+    usage = next((e for e in failures.values() if isinstance(e, sa_exc.InvalidRequestError) or (
+        isinstance(e, RoutingError) and not isinstance(e, NotOwned))), None)
     if usage is None and not results and failures:
         # The database refused the statement itself (a column that does not exist, a
         # FOR UPDATE it cannot apply, an operator for the wrong types): every shard ran
