@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from own_tables import cluster_with_tables, statements_per_shard
+from own_tables import cluster_with_tables
 from sqlalchemy import (BigInteger, Boolean, ForeignKeyConstraint, Integer, MetaData, String, create_engine,
                         event, func, select, text, update)
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload,
+from sqlalchemy.orm import (DeclarativeBase, Mapped, mapped_column, relationship, selectinload,
                             sessionmaker, with_loader_criteria)
 
 import shardkit
