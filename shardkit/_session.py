@@ -2046,6 +2046,15 @@ class ScatterResult(IteratorResult):  # type: ignore[type-arg]
     """
 
     missing_shards: dict[str, BaseException]
+    # The shards' own results (server-side cursors when streamed): closed with this one.
+    _shard_results: Sequence[Any] = ()
+
+    def _soft_close(self, hard: bool = False, **kw: Any) -> None:
+        super()._soft_close(hard=hard, **kw)
+        # Nothing reads them any more: close() (or leaving a with block) closes each
+        # shard's cursor at once, as one database's result does, not at the transaction's end.
+        for r in self._shard_results:
+            r.close()
 
 
 def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: Route,
@@ -2673,7 +2682,16 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     # (Submitted through the cluster: a dispose() meanwhile must not fail the read after
     # some shards' queries started on the session's connections.)
     futures = {cluster.scatter_submit(contextvars.copy_context().run, run, t): t for t in tasks}
-    done, not_done = wait(futures, timeout=timeout)
+    # Ctrl-C (KeyboardInterrupt) or another exception raised in this thread while it
+    # waits: the queries still running are cancelled as past a deadline, and the
+    # exception raised once they have stopped, as psycopg does on one connection (left
+    # running, they would hold the session's connections and the scatter threads).
+    interrupted: BaseException | None = None
+    try:
+        done, not_done = wait(futures, timeout=timeout)
+    except BaseException as e:
+        interrupted = e
+        not_done = {f for f in futures if not f.done()}
     # Past the deadline: a query still queued (every scatter thread busy) never starts;
     # one running is cancelled on its server, again until it stops (a cancel that
     # reaches the server before the query does is lost).  One the cancels have not
@@ -2723,6 +2741,14 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             # A replica's (autocommit) connection: the session's next read there starts
             # afresh, as it would after a cancel.
             session._forget_connection(shard, index)
+    if interrupted is not None:
+        for f in futures:
+            if not f.cancelled() and f.exception() is None:
+                try:
+                    f.result().close()
+                except Exception:  # noqa: BLE001 - its connection may be shut down
+                    pass
+        raise interrupted
     results: dict[str, Any] = {}
     for f, (shard, index, stmt, eo, ba, conn, shard_params) in futures.items():
         if f in not_done:
@@ -2836,6 +2862,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         ordered = [r.unique() for r in ordered]
     merged = merge_rows(plan, ordered)
     result = ScatterResult(SimpleResultMetaData(keys), merged)
+    result._shard_results = ordered
     if getattr(first, "_yield_per", None):
         # partitions() without a size, as on one database: yield_per rows at a time.
         result = result.yield_per(first._yield_per)
