@@ -640,12 +640,7 @@ class Router:
                     for mv in stmt._multi_values for r in mv]
             pmap = params if isinstance(params, Mapping) else _EMPTY
             rows = [{_col_name(k): _bound(v, pmap) for k, v in r.items()} for r in rows]
-            route = self._route_rows(tname, tr, rows, None, stmt, keyless_to)
-            for r in rows:
-                if not any(c not in r or _is_unresolved(r[c]) for c in cols):
-                    # (A row without its key went to the scope's shard, as a single row does.)
-                    self._refuse_upsert_key_move(stmt, tr, r, pmap)
-            return route
+            return self._route_rows(tname, tr, rows, None, stmt, keyless_to, pmap)
         # An ORM insert's parameters are keyed by attribute name, which may not be the column's.
         names = _attribute_columns(stmt)
         values = dict(stmt._values or {})
@@ -658,10 +653,7 @@ class Router:
 
         if isinstance(params, (list, tuple)) and params and not isinstance(params[0], (str, bytes)):
             rows = [row_of(p) for p in params]
-            route = self._route_rows(tname, tr, rows, list(params), stmt, keyless_to)
-            for r, p in zip(rows, params):
-                self._refuse_upsert_key_move(stmt, tr, r, p)
-            return route
+            return self._route_rows(tname, tr, rows, list(params), stmt, keyless_to)
         pmap = params if isinstance(params, Mapping) else _EMPTY
         row = row_of(pmap)
         # As for the rows of an executemany (and an ORM flush): a NULL is no key, also as
@@ -712,7 +704,12 @@ class Router:
                 table=tr.table, statement=stmt)
 
     def _route_rows(self, tname: str, tr: TableRoute, rows: Sequence[Mapping[str, Any]],
-                    params: list[Any] | None, stmt: Any, keyless_to: str | None = None) -> Route:
+                    params: list[Any] | None, stmt: Any, keyless_to: str | None = None,
+                    values: Mapping[str, Any] | None = None) -> Route:
+        """The route of an INSERT of several ``rows``: an executemany's (``params``, one per
+        row) or a multi-row VALUES' (bound by ``values``).  A row without its key goes to
+        the scope's shard ``keyless_to``, as a single row does; a keyed one's upsert may not
+        move its key to another shard."""
         by_shard: dict[str, list[Any]] = {}
         for i, row in enumerate(rows):
             missing = [c for c in tr.key_columns if c not in row or _is_unresolved(row[c])]
@@ -723,6 +720,7 @@ class Router:
                 raise ShardKeyError(f"row {i} of insert into {tname} {_no_key(row, missing)}",
                                     table=tname, statement=stmt)
             shard = self._shard_for_row(tr, row, stmt.table)
+            self._refuse_upsert_key_move(stmt, tr, row, params[i] if params is not None else values or _EMPTY)
             by_shard.setdefault(shard, []).append(params[i] if params is not None else i)
         ordered = tuple(s for s in self.shard_names if s in by_shard)
         if params is not None and len(ordered) > 1 \
