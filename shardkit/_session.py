@@ -324,7 +324,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # on several shards).  Otherwise, as by primary key: a row of that id on
             # another shard is one whose key the merge would change (the flush refuses it).
             with self._loading_for_write():
-                shard = None
+                shard = found = None
                 # (A transient object's key is read from it: a primary key that holds the
                 # shard key is looked up on its shard by get() alone, and one not complete
                 # finds no row to look up.)
@@ -336,31 +336,28 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     # (held until the merge has found it in the identity map)
                     found = None if shard is None else self.get(
                         state.mapper.class_, pk, identity_token=shard, options=kw.get("options"))
-                    if found is None:
-                        shard = None
-                if shard is None:
-                    return super()._merge(state, state_dict, load=load, **kw)
-                token = state.identity_token
-                if key is None:
-                    state.identity_token = shard
-                else:
-                    state.key = (key[0], key[1], shard)
-                try:
-                    return super()._merge(state, state_dict, load=load, **kw)
-                finally:
-                    state.identity_token = token
-                    if key is not None:
-                        state.key = key
-        if key is None or key[2] is not None or state.session_id == self.hash_key:
-            return super()._merge(state, state_dict, load=load, **kw)
-        shard = _own_key_shard(self.cluster, state) or self._shard_from_identity(state.mapper, key[1])
+                return self._merge_on(shard if found is not None else None, state, state_dict, load, kw)
+        shard = None
+        if key is not None and key[2] is None and state.session_id != self.hash_key:
+            shard = _own_key_shard(self.cluster, state) or self._shard_from_identity(state.mapper, key[1])
+        return self._merge_on(shard, state, state_dict, load, kw)
+
+    def _merge_on(self, shard: str | None, state: Any, state_dict: Any, load: bool, kw: Any) -> Any:
+        """Session._merge() with ``state`` keyed on ``shard`` meanwhile (None: as it is);
+        the caller's object is left as it was."""
         if shard is None:
             return super()._merge(state, state_dict, load=load, **kw)
-        state.key = (key[0], key[1], shard)
+        key, token = state.key, state.identity_token
+        if key is None:
+            state.identity_token = shard
+        else:
+            state.key = (key[0], key[1], shard)
         try:
             return super()._merge(state, state_dict, load=load, **kw)
         finally:
-            state.key = key
+            state.identity_token = token
+            if key is not None:
+                state.key = key
 
     def _delete_impl(self, state: Any, obj: Any, head: bool) -> None:
         # delete() (and delete_all()) load the collections the delete cascades to: those
