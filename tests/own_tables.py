@@ -45,3 +45,25 @@ def statements_per_shard(cluster: shardkit.Cluster) -> Iterator[Counter[str]]:
     finally:
         for eng, fn in hooks:
             event.remove(eng, "before_cursor_execute", fn)
+
+
+@contextmanager
+def nodes_used(cluster: shardkit.Cluster, counts: Any = lambda statement: True) -> Iterator[list[str]]:
+    """The nodes (``s1/primary``, ``s1/r0``), in order, that run the statements ``counts``
+    accepts (given the SQL) inside the block, over every primary and replica."""
+    served: list[str] = []
+    hooks = []
+    for s in cluster.shard_names:
+        for i in range(-1, cluster.replica_count(s)):
+            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
+
+            def note(conn: Any, cursor: Any, statement: str, *a: Any, node: str = eng.info["node"]) -> None:
+                if counts(statement):
+                    served.append(node)
+            event.listen(eng, "before_cursor_execute", note)
+            hooks.append((eng, note))
+    try:
+        yield served
+    finally:
+        for eng, fn in hooks:
+            event.remove(eng, "before_cursor_execute", fn)

@@ -6,11 +6,11 @@ shardkit: the ways it names a shard (``set_shard_id``, ``Query.set_shard``,
 option, which neither reads) is refused saying what to use instead."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 from own_tables import cluster_with_tables
-from sqlalchemy import BigInteger, ForeignKey, MetaData, String, event, inspect, select, text, update
+from own_tables import nodes_used as own_nodes_used
+from sqlalchemy import BigInteger, ForeignKey, MetaData, String, inspect, select, text, update
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session as PlainSession
@@ -73,25 +73,9 @@ def cluster(env):
     return env
 
 
-@contextmanager
 def nodes_used(cluster):
     """The nodes (``s1/primary``, ``s1/r0``) that ran statements on this module's tables."""
-    served: list[str] = []
-    hooks = []
-    for s in cluster.shard_names:
-        for i in range(-1, cluster.replica_count(s)):
-            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
-
-            def note(conn, cursor, statement, *a, node=eng.info["node"]):
-                if "hs_" in statement:
-                    served.append(node)
-            event.listen(eng, "before_cursor_execute", note)
-            hooks.append((eng, note))
-    try:
-        yield served
-    finally:
-        for eng, fn in hooks:
-            event.remove(eng, "before_cursor_execute", fn)
+    return own_nodes_used(cluster, lambda sql: "hs_" in sql)
 
 
 def key_on(cluster, shard, table="hs_customers"):

@@ -3,8 +3,8 @@ get() of a named shard, config URLs and the masking of move errors."""
 from __future__ import annotations
 
 import pytest
-from own_tables import cluster_with_tables
-from sqlalchemy import BigInteger, MetaData, String, event, text
+from own_tables import cluster_with_tables, nodes_used
+from sqlalchemy import BigInteger, MetaData, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
@@ -47,28 +47,12 @@ def cluster(env):
     return env
 
 
-def selects(cluster):
-    seen: list[str] = []
-    hooks = []
-    for s in cluster.shard_names:
-        for i in range(-1, cluster.replica_count(s)):
-            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
-
-            def note(conn, cursor, statement, *a, node=eng.info["node"]):
-                if "lm_" in statement and statement.lstrip().upper().startswith("SELECT"):
-                    seen.append(node)
-            event.listen(eng, "before_cursor_execute", note)
-            hooks.append((eng, note))
-    return seen, hooks
-
-
 def test_merge_of_a_new_object_whose_primary_key_holds_the_shard_key_reads_its_shard_once(cluster):
     """A merge() of a new row (an upsert by primary key) looks the key up once, on the
     shard the key names: the primary key holds the shard key, so there is nothing to find
     on another shard."""
     Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
-    seen, hooks = selects(cluster)
-    try:
+    with nodes_used(cluster, lambda sql: "lm_" in sql and sql.lstrip().upper().startswith("SELECT")) as seen:
         with Session() as s:
             merged = s.merge(Account(region=7, id=1, name="new"))
             assert len(seen) == 1, seen
@@ -78,9 +62,6 @@ def test_merge_of_a_new_object_whose_primary_key_holds_the_shard_key_reads_its_s
             merged = s.merge(Account(region=7, id=1, name="again"))
             assert merged.name == "again" and len(seen) == 1, seen
             s.commit()
-    finally:
-        for eng, fn in hooks:
-            event.remove(eng, "before_cursor_execute", fn)
 
 
 
