@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 import shardkit
 
@@ -67,3 +67,13 @@ def nodes_used(cluster: shardkit.Cluster, counts: Any = lambda statement: True) 
     finally:
         for eng, fn in hooks:
             event.remove(eng, "before_cursor_execute", fn)
+
+
+def shards_holding(cluster: shardkit.Cluster, table: str, column: str, value: Any) -> list[str]:
+    """The shards whose primary has a row of ``table`` with ``column`` = ``value``."""
+    found = []
+    for s in cluster.shard_names:
+        with cluster.primary(s).connect() as c:
+            if c.execute(text(f"SELECT count(*) FROM {table} WHERE {column} = :v"), {"v": value}).scalar():
+                found.append(s)
+    return found

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from own_tables import cluster_with_tables
+from own_tables import cluster_with_tables, shards_holding
 from sqlalchemy import BigInteger, ForeignKey, MetaData, String, Uuid, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -73,15 +73,6 @@ def env(sharded_dev):
         yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
 
 
-def _where(cluster, table: str, column: str, value) -> list[str]:
-    found = []
-    for s in cluster.shard_names:
-        with cluster.primary(s).connect() as c:
-            if c.execute(text(f"SELECT count(*) FROM {table} WHERE {column} = :v"), {"v": value}).scalar():
-                found.append(s)
-    return found
-
-
 def test_a_uuid4_default_key_is_made_before_the_shard_is_chosen(env):
     cluster, Session = env
     with Session() as s:
@@ -94,8 +85,8 @@ def test_a_uuid4_default_key_is_made_before_the_shard_is_chosen(env):
     assert len(owners) > 1  # the keys spread: the check below is not trivially one shard
     for i in ids:
         owner = cluster.shard_for("kd_docs", i)
-        assert _where(cluster, "kd_docs", "id", i) == [owner]
-        assert _where(cluster, "kd_pages", "doc_id", i) == [owner]  # the children follow
+        assert shards_holding(cluster, "kd_docs", "id", i) == [owner]
+        assert shards_holding(cluster, "kd_pages", "doc_id", i) == [owner]  # the children follow
     with Session() as s:
         assert s.get(Doc, ids[0]).title == "d0"
         assert sorted(p.id for p in s.get(Doc, ids[3]).pages) == [1, 2]
@@ -106,8 +97,8 @@ def test_a_scalar_default_key_routes_by_its_value(env):
     with Session() as s:
         s.add_all([Region(id=1), Region(id=2, region="us")])
         s.commit()
-    assert _where(cluster, "kd_shops", "id", 1) == [cluster.shard_for("kd_shops", "eu")]
-    assert _where(cluster, "kd_shops", "id", 2) == [cluster.shard_for("kd_shops", "us")]
+    assert shards_holding(cluster, "kd_shops", "id", 1) == [cluster.shard_for("kd_shops", "eu")]
+    assert shards_holding(cluster, "kd_shops", "id", 2) == [cluster.shard_for("kd_shops", "us")]
     with Session() as s:
         assert s.scalars(select(Region.region).order_by(Region.id)).all() == ["eu", "us"]
 

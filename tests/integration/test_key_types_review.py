@@ -10,6 +10,7 @@ import uuid
 from contextlib import contextmanager
 
 import pytest
+from own_tables import shards_holding
 from sqlalchemy import BigInteger, MetaData, String, Uuid, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -75,15 +76,6 @@ def env(sharded_dev):
         yield e
 
 
-def _holders(cluster, table: str, column: str, value) -> list[str]:
-    out = []
-    for s in cluster.shard_names:
-        with cluster.primary(s).connect() as c:
-            if c.execute(text(f"SELECT count(*) FROM {table} WHERE {column} = :v"), {"v": value}).scalar():
-                out.append(s)
-    return out
-
-
 # -- 1. scope(key=...) reads the key in the statement's column type ------------------------------
 
 
@@ -105,7 +97,7 @@ def test_scope_key_given_as_a_uuid_string_finds_the_row(env):
         s.add(Device(id=u, name="probe"))
         s.commit()
     try:
-        assert _holders(cluster, "ktr_devices", "id", u) == [cluster.shard_for(Device, u)]
+        assert shards_holding(cluster, "ktr_devices", "id", u) == [cluster.shard_for(Device, u)]
         with Session() as s:
             # The statement's own key, as a string: found.
             assert [d.name for d in s.scalars(select(Device).where(Device.id == str(u)))] == ["probe"]
@@ -157,7 +149,7 @@ def test_list_group_of_uuids_listed_as_strings_places_them_as_listed(env):
         s.add(Tenant(tenant_id=BIG_TENANT, name="big"))
         s.commit()
     try:
-        assert _holders(cluster, "ktr_tenants", "tenant_id", BIG_TENANT) == [listed]
+        assert shards_holding(cluster, "ktr_tenants", "tenant_id", BIG_TENANT) == [listed]
         with Session() as s:
             assert s.get(Tenant, BIG_TENANT).name == "big"
             with shardkit.scope(key=str(BIG_TENANT)):
