@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
@@ -28,7 +32,7 @@ from ._routing import PRIMARY, REPLICA, Route, Router
 from ._scatter import shut_down_here
 from ._scope import scope as _scope
 from ._slices import SLICE_BASE, initial_slices
-from ._strategies import HashStrategy
+from ._strategies import HashStrategy, ListStrategy, RangeStrategy
 from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable, first_line, unreachable_reason
 
 __all__ = ["Cluster", "ClusterHealth"]
@@ -910,14 +914,6 @@ def _value_misfit(strategy: Any, part: int, type_: Any) -> tuple[str, Any, str] 
     A key is read in its column's Python type, so a list value of another type is never
     found (the row goes to the default shard), and a bound of another type cannot be
     compared with the keys the database gives back."""
-    import datetime
-    import uuid as _uuid
-    from decimal import Decimal
-
-    from sqlalchemy import types as sqltypes
-
-    from ._strategies import ListStrategy, RangeStrategy
-
     if isinstance(strategy, RangeStrategy):
         given = [("ranges", x) for r in strategy.ranges for x in (r.lower, r.upper) if x is not None]
         miss = "no key of the column can be compared with it"
@@ -936,7 +932,7 @@ def _value_misfit(strategy: Any, part: int, type_: Any) -> tuple[str, Any, str] 
         if isinstance(pg, sqltypes.Uuid):
             if isinstance(strategy, ListStrategy) and isinstance(v, str):
                 try:
-                    text = str(_uuid.UUID(v))
+                    text = str(uuid.UUID(v))
                 except ValueError:
                     return where, v, "it is not a UUID: " + miss
                 if text != v:
