@@ -126,8 +126,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 "ShardedSession needs cluster=shardkit.Cluster.from_config(...); got "
                 f"{type(cluster).__name__}"
             )
-        foreign = [k for k in _HORIZONTAL_SHARD_ARGS if k in kwargs]
-        if foreign:
+        if kwargs and not kwargs.keys().isdisjoint(_HORIZONTAL_SHARD_ARGS):
+            foreign = [k for k in _HORIZONTAL_SHARD_ARGS if k in kwargs]
             raise sa_exc.ArgumentError(
                 f"ShardedSession does not take horizontal_shard's {', '.join(k + '=' for k in foreign)}: "
                 "the cluster (shardkit.Cluster.from_config(...), passed as cluster=) has the shards' "
@@ -441,8 +441,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def get_bind(self, mapper: Any = None, *, shard_id: str | None = None,
                  instance: Any = None, clause: Any = None, shardkit_role: str | None = None,
-                 shardkit_replica: int = 0, shardkit_stream: bool = False, **kw: Any) -> Any:
+                 shardkit_replica: int = 0, shardkit_stream: bool = False,
+                 shardkit_engine: Any = None, **kw: Any) -> Any:
         # Every statement and connection of the session comes here, on every shard.
+        if shardkit_engine is not None:
+            return shardkit_engine  # a replica read's, chosen by _plain_read (its checks made)
         if self.cluster._map_misfit is not None:
             self.cluster.refuse_misfit()
         if shard_id is None:
@@ -706,16 +709,16 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def _sk_execute(self, statement: Any, params: Any, execution_options: Any, bind_arguments: Any,
                     kw: Any) -> Any:
+        routed = None
         if (type(statement) is selectable.Select and not execution_options and bind_arguments is None
                 and not kw and not statement._execution_options):
             out = self._plain_read(statement, params)
-            if out is not _GENERAL and type(out) is not Route:
-                return out
-            # Routed already (as _route_statement would): routing it again would take a
-            # second turn of the shards that reads of reference rows take in turn.
-            routed = out if out is not _GENERAL else None
-        else:
-            routed = None
+            if out is not _GENERAL:
+                if type(out) is not Route:
+                    return out
+                # Routed already (as _route_statement would): routing it again would take a
+                # second turn of the shards that reads of reference rows take in turn.
+                routed = out
         if not isinstance(statement, roles.StatementRole):
             statement = coercions.expect(roles.StatementRole, statement)
         if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
@@ -812,20 +815,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if len(route.shards) != 1 or route.is_write or route.anywhere:
             return route
         shard = route.shards[0]
-        eo = _load_options(shard)
-        if not cluster.replica_count(shard):
+        eo = _LOAD_OPTIONS.get(shard) or _load_options(shard)
+        if not cluster._replica_counts[shard]:
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)
             return Session.execute(self, statement, params, execution_options=eo,
                                    bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
             return route
-        settings = cluster.replica_settings
+        settings = cluster.config.replicas
         consistency = self.consistency or settings.consistency
         if consistency == "strong":
             return route
         pinned = self._sk_replica.get(shard)
-        selector = cluster.selector
+        selector = cluster._selector or cluster.selector
         ok, _ = selector.eligible(
             shard, max_lag_seconds=settings.max_lag_seconds, max_lag_bytes=settings.max_lag_bytes,
             min_lsn=self._sk_tokens.get(shard) if consistency == "read_your_writes" else None)
@@ -837,9 +840,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
             index = pinned
         else:
             return route
+        ba = {"shard_id": shard, "shardkit_role": REPLICA, "shardkit_replica": index}
+        engine = cluster._engines.get((shard, REPLICA, index))
         try:
-            return Session.execute(self, statement, params, execution_options=eo, bind_arguments={
-                "shard_id": shard, "shardkit_role": REPLICA, "shardkit_replica": index})
+            if engine is None or cluster._map_misfit is not None or self.dispatch.do_orm_execute:
+                return Session.execute(self, statement, params, execution_options=eo, bind_arguments=ba)
+            # What Session.execute() and get_bind() would do, one call each the shorter:
+            # the node is chosen (its engine made), and no do_orm_execute listener is
+            # there for _execute_internal() to check after.
+            ba["shardkit_engine"] = engine
+            return _session_execute_internal(self, statement, params, execution_options=eo,
+                                             bind_arguments=ba)
         except (ShardUnavailable, sa_exc.DBAPIError) as e:
             if not self._replica_read_failed(shard, index, e):
                 raise
@@ -1616,6 +1627,8 @@ def _single(shard: str, role: str, execution_options: Any, bind_arguments: Any,
                 "_sa_orm_load_options": QueryContext.default_load_options + {"_identity_token": shard}}))
     return eo, ba
 
+
+_session_execute_internal = Session._execute_internal
 
 # shard -> the execution options of a write: identity_token=shard, and the same as load
 # options (for the objects of a RETURNING).
