@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from ._cluster import Cluster
 
 log = logging.getLogger("shardkit.catalog")
+# While the catalog stays out with the same error, its warning is repeated this often (s).
+_REPEAT_WARNING = 60.0
 
 
 class MapFollower:
@@ -117,6 +119,7 @@ class MapFollower:
     def _run(self) -> None:
         backoff = 0.2
         failed = False
+        said, said_at, failing_since = "", 0.0, 0.0
         while not self._stop.is_set():
             try:
                 with self._connect() as conn:
@@ -148,9 +151,20 @@ class MapFollower:
                 self.connected.clear()
                 if self._stop.is_set():
                     return
+                now = time.monotonic()
+                what = self._describe(e)
+                if not failed:
+                    failing_since = now
+                if not failed or what != said or now - said_at >= _REPEAT_WARNING:
+                    # Once per outage and cause, then a reminder a minute: retries come
+                    # every few seconds for as long as the catalog is out.
+                    took = f" (failing for {now - failing_since:.0f} s)" if failed else ""
+                    log.warning("%s; routing by %s meanwhile, retrying in %.1f s%s", what, self._using(),
+                                backoff, took)
+                    said, said_at = what, now
+                else:
+                    log.debug("%s; retrying in %.1f s", what, backoff)
                 failed = True
-                log.warning("%s; routing by %s meanwhile, retrying in %.1f s", self._describe(e), self._using(),
-                            backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception:  # noqa: BLE001 - the follower must not die silently

@@ -282,6 +282,12 @@ def _catalog_warnings(caplog) -> list[str]:
     return [t for t in _log_text(caplog) if t.startswith("shardkit.catalog WARNING")]
 
 
+def _catalog_retries(caplog) -> list[str]:
+    """The follower's retries, said at WARNING once per cause and at DEBUG after that."""
+    return [t for t in _log_text(caplog)
+            if t.startswith(("shardkit.catalog WARNING", "shardkit.catalog DEBUG")) and "retrying in" in t]
+
+
 def _work(w, app, ids: list[int]) -> None:
     """Keyed inserts, updates and reads, and a scatter count, through ``app`` (whose map
     is current): each must work, and land where that map says."""
@@ -306,6 +312,7 @@ def _work(w, app, ids: list[int]) -> None:
 def test_catalog_server_stopped_and_killed_while_a_process_routes(world, spawn, caplog):
     w = world
     caplog.set_level(logging.INFO, logger="shardkit")
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
     app = spawn(_url(w, app="h2-outage"))
     follower = app._follower
     _wait(follower.connected.is_set, 10, "the follower's first connection")
@@ -321,8 +328,12 @@ def test_catalog_server_stopped_and_killed_while_a_process_routes(world, spawn, 
         try:
             _wait(lambda: not follower.connected.is_set(), 10, f"the follower to see the catalog's {how}")
             _work(w, app, [next(next_id) for _ in range(8)])
-            # The follower keeps trying (several warnings: it did not die on the first).
-            _wait(lambda: len(_catalog_warnings(caplog)) >= 3, 10, "the follower's retries")
+            # The follower keeps trying (several retries: it did not die on the first),
+            # warning once per cause, not at every retry.
+            _wait(lambda: len(_catalog_retries(caplog)) >= 4, 10, "the follower's retries")
+            causes = {t.split("; routing by")[0].split("; retrying in")[0].split(" ", 2)[2]
+                      for t in _catalog_retries(caplog)}
+            assert 1 <= len(_catalog_warnings(caplog)) <= len(causes), (_catalog_warnings(caplog), causes)
             assert follower._thread.is_alive()
             assert app.map_version == version
         finally:
@@ -510,6 +521,7 @@ def test_dispose_with_the_follower_stuck_connecting(world, spawn):
 def test_misconfigured_catalog_is_reported_and_routes_by_the_file(world, spawn, caplog, case):
     w = world
     caplog.set_level(logging.INFO, logger="shardkit")
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
     if case == "wrong password":
         url, expect = _url(w, user="h2pw", password=PW, app="h2-badpw"), "password authentication failed"
     else:
@@ -518,11 +530,13 @@ def test_misconfigured_catalog_is_reported_and_routes_by_the_file(world, spawn, 
     app = spawn(url)
     assert time.monotonic() - t0 < 5
     assert app.map_version is None
-    _wait(lambda: len(_catalog_warnings(caplog)) >= 3, 10, "the follower's retries")
+    _wait(lambda: len(_catalog_retries(caplog)) >= 3, 10, "the follower's retries")
+    # The same cause at every retry: said at WARNING once.
+    assert len(_catalog_warnings(caplog)) == 1, _catalog_warnings(caplog)
     texts = _log_text(caplog)
     assert any(expect in t for t in texts), texts[:4]
     where = f"127.0.0.1:{w.catnode.port}/"
-    assert all(where in t for t in _catalog_warnings(caplog))
+    assert all(where in t for t in _catalog_retries(caplog))
     _assert_no_secret(caplog)
     assert app._follower._thread.is_alive() and not app._follower.connected.is_set()
     # Routing by the config file's map: keyed reads where it is right work.
