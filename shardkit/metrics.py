@@ -152,6 +152,8 @@ class _StateCollector:
             ("shardkit_node_up", "1 if the node answered the last health poll"),
             ("shardkit_replica_lag_bytes", "Replica WAL gap in bytes"),
             ("shardkit_replica_lag_seconds", "Replica time lag in seconds"),
+            ("shardkit_replica_banned_seconds",
+             "Seconds left of a replica's ban after a failed read (0: not banned)"),
             ("shardkit_pool_checked_out", "Connections in use from the pool"),
             ("shardkit_pool_size", "Pool size"))]
 
@@ -166,7 +168,7 @@ class _StateCollector:
         return [*self._families(), self._timeouts()]
 
     def collect(self) -> Iterator[Any]:
-        up, lag_b, lag_s, used, size = self._families()
+        up, lag_b, lag_s, banned, used, size = self._families()
         timeouts = self._timeouts()
         # Started here if nothing else started it (an application that reads no replica):
         # without it no node would be reported, down or up; but only for a cluster in use
@@ -190,6 +192,8 @@ class _StateCollector:
                     # a frozen one.
                     if d["lag_seconds"] is not None:
                         lag_s.add_metric(labels, float(d["lag_seconds"]))
+                if n.role == "replica":
+                    banned.add_metric(labels, float(d["banned_for_s"]))
         for eng in list(self.cluster._engines.values()):
             info = eng.info  # type: ignore[attr-defined]
             labels = [info["shard"], info["node"], info["role"]]
@@ -200,7 +204,7 @@ class _StateCollector:
                 size.add_metric(labels, float(pool.size()))  # type: ignore[attr-defined]
             if isinstance(pool, _NodePool):
                 timeouts.add_metric(labels, float(pool.timeouts))
-        yield from (up, lag_b, lag_s, used, size, timeouts)
+        yield from (up, lag_b, lag_s, banned, used, size, timeouts)
 
 
 def instrument(cluster: Cluster, registry: CollectorRegistry | None = None) -> ClusterMetrics:

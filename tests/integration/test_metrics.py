@@ -68,3 +68,31 @@ def test_a_registry_holds_one_cluster_until_its_metrics_are_closed(shardkit_dev_
     finally:
         old.dispose()
         new.dispose()
+
+def test_a_banned_replica_shows_in_the_ban_gauge_until_the_ban_ends(shardkit_dev_cluster):
+    import re
+
+    from shardkit import metrics
+
+    registry = prometheus_client.CollectorRegistry()
+    cluster = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(),
+                                            "replicas": {"poll_interval": 0.1}})
+
+    def banned_s(node):
+        out = prometheus_client.generate_latest(registry).decode()
+        m = re.search(rf'shardkit_replica_banned_seconds{{node="{node}",role="replica",shard="s0"}} (\S+)', out)
+        assert m, out
+        return float(m.group(1))
+    try:
+        metrics.instrument(cluster, registry)
+        cluster.start_monitor()
+        assert banned_s("s0/r0") == 0.0
+        cluster.monitor().ban("s0", 0, "read failed: test")
+        assert 0 < banned_s("s0/r0") <= cluster.config.replicas.ban_seconds
+        mon = cluster.monitor()
+        mon.shards["s0"].replicas[0].banned_until = 0.0   # the ban ran out
+        assert banned_s("s0/r0") == 0.0
+        out = prometheus_client.generate_latest(registry).decode()
+        assert 'shardkit_replica_banned_seconds{node="s0/primary"' not in out   # replicas only
+    finally:
+        cluster.dispose()
