@@ -180,12 +180,12 @@ class Router:
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
         # (id of the Table, key column name, the ORM entity selected or None) -> (group,
-        # coercer, routes by shard, a weak reference to the Table) of the plan shared by
+        # coercer, routes by shard, a weak reference to the Table, the group's strategy) of the plan shared by
         # every SELECT that _column_equals_value accepts on that column.  By entity: an
         # entity's load may be refused (entities_problem) where its columns' is not.
         # Weakly: an application may build its table() objects per read, and the router
         # must not keep them alive.
-        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any]] = {}
+        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -391,12 +391,16 @@ class Router:
             # column's entry, without SQLAlchemy's cache key (see _column_equals_value).
             shape = _column_equals_value(statement)
             if shape is not None:
-                table = shape[0].table
-                entry = self._key_columns.get((id(table), shape[0].name, shape[2]))
-                if entry is not None and entry[3]() is table:
+                entry = self._key_columns.get(shape[4])
+                if entry is not None and entry[3]() is shape[3]:
                     v = shape[1].value
-                    if not _is_unresolved(v):
-                        known = entry[2].get(self._shard(entry[0], v, entry[1]))
+                    if v is not None and not isinstance(v, ClauseElement):
+                        co = entry[1]
+                        try:
+                            shard = entry[4].shard_for_key(v if co is None else co(v))
+                        except RoutingError:
+                            shard = self._shard(entry[0], v, co)  # raises, naming the table
+                        known = entry[2].get(shard)
                         if known is not None:
                             return known
         if getattr(statement, "_params", None):
@@ -421,9 +425,8 @@ class Router:
                 # Tables built per read (table(), a Table per tenant) each leave an
                 # entry: they start again, as the plans do.
                 key_columns.clear()
-            table = shape[0].table
-            key_columns[(id(table), shape[0].name, shape[2])] = (single[0], single[2], plan.routes,
-                                                                 weakref.ref(table))
+            key_columns[shape[4]] = (single[0], single[2], plan.routes, weakref.ref(shape[3]),
+                                     self.groups[single[0]].strategy)
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
@@ -1511,15 +1514,16 @@ _KEY_SELECT_ATTRS = frozenset({"_propagate_attrs", "_raw_columns", "_label_style
 _KEY_COLUMNS_MAX = 1000
 
 
-def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindParameter[Any], Any] | None:
-    """``(column, bind, entity)`` if ``statement`` selects one table's entity or columns with the
-    single criterion ``column = value`` and nothing else (no join, option, limit, order,
-    grouping, further criteria, parameters of its own): its route depends only on the
-    column, the value and the ORM entity it loads (None for columns or a Core table;
-    an entity's load may be refused, see Router.entities_problem), so the router keeps
-    it per column and entity and skips the plan lookup by SQLAlchemy's cache key, whose
-    hash costs more than the rest of the route.  ``None`` for anything else, which
-    takes the general path."""
+def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindParameter[Any], Any, Any, Any] | None:
+    """``(column, bind, entity, table, entry key)`` if ``statement`` selects one table's
+    entity or columns with the single criterion ``column = value`` and nothing else (no
+    join, option, limit, order, grouping, further criteria, parameters of its own): its
+    route depends only on the column, the value and the ORM entity it loads (None for
+    columns or a Core table; an entity's load may be refused, see
+    Router.entities_problem), so the router keeps it per column and entity (the entry
+    key: Router._key_columns) and skips the plan lookup by SQLAlchemy's cache key, whose
+    hash costs more than the rest of the route.  ``None`` for anything else, which takes
+    the general path."""
     d = statement.__dict__
     if not d.keys() <= _KEY_SELECT_ATTRS:
         return None
@@ -1532,14 +1536,20 @@ def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindPa
     col, b = c.left, c.right
     if type(b) is not BindParameter or b.callable is not None or b.expanding:
         return None
+    raw = d.get("_raw_columns")
+    if not raw:
+        return None  # select().where(...): SQLAlchemy's ORM refuses a SELECT of no columns
+    if len(raw) == 1:
+        # select(Model).where(Model.key == v): the mapper gives every such statement the
+        # same column and table objects, so what they say is worked out once.
+        known = _ENTITY_SHAPES.get((id(col), id(raw[0])))
+        if known is not None and known[0] is col and known[1] is raw[0]:
+            return col, b, known[2], known[3], known[4]
     if not isinstance(col, elements.ColumnClause):
         return None
     table = col.table
     if not isinstance(table, selectable.TableClause):
         return None
-    raw = d.get("_raw_columns")
-    if not raw:
-        return None  # select().where(...): SQLAlchemy's ORM refuses a SELECT of no columns
     entity = None  # the ORM entity loaded (its load may be refused where its columns' is not)
     for rc in raw:
         if isinstance(rc, elements.ColumnClause):
@@ -1553,7 +1563,19 @@ def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindPa
                 if entity is not None and e is not entity:
                     return None
                 entity = e
-    return col, b, entity
+    entry_key = (id(table), col.name, entity)
+    if len(raw) == 1 and entity is not None:
+        # (Kept while the mapper keeps them: an entity's objects are its mapper's, not
+        # made per statement as table() objects may be.)
+        if len(_ENTITY_SHAPES) >= _KEY_COLUMNS_MAX:
+            _ENTITY_SHAPES.clear()
+        _ENTITY_SHAPES[(id(col), id(raw[0]))] = (col, raw[0], entity, table, entry_key)
+    return col, b, entity, table, entry_key
+
+
+# (id of the column, id of the entity's table) of select(Model).where(column == value)
+# -> (the column, the table, the entity, its Table, its Router._key_columns key).
+_ENTITY_SHAPES: dict[tuple[int, int], tuple[Any, Any, Any, Any, Any]] = {}
 
 
 def _concrete_union_problem(statement: Any) -> str | None:
