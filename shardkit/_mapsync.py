@@ -119,7 +119,9 @@ class MapFollower:
     def _run(self) -> None:
         backoff = 0.2
         failed = False
-        said, said_at, failing_since = "", 0.0, 0.0
+        # This outage's causes said at WARNING, when the last was, when it began.
+        said: set[str] = set()
+        said_at = failing_since = 0.0
         while not self._stop.is_set():
             try:
                 with self._connect() as conn:
@@ -127,8 +129,10 @@ class MapFollower:
                         return  # stopped while connecting: the cluster may be disposed
                     conn.execute(f"LISTEN {MAP_CHANNEL}")
                     self.connected.set()
-                    backoff = 0.2
                     self._refresh()  # whatever changed while not listening
+                    # (Only now: a catalog that connects but whose map cannot be read is
+                    # retried with the same back-off as one that does not connect.)
+                    backoff = 0.2
                     if failed:
                         log.info("catalog %s answers again (map version %s)",
                                  mask_url(self.cluster.config.catalog_url), self.cluster.map_version)
@@ -154,14 +158,16 @@ class MapFollower:
                 now = time.monotonic()
                 what = self._describe(e)
                 if not failed:
-                    failing_since = now
-                if not failed or what != said or now - said_at >= _REPEAT_WARNING:
-                    # Once per outage and cause, then a reminder a minute: retries come
-                    # every few seconds for as long as the catalog is out.
+                    failing_since, said = now, set()
+                if what not in said or now - said_at >= _REPEAT_WARNING:
+                    # Once per outage and cause (causes may take turns: the hosts of a
+                    # multi-host URL), then a reminder a minute: retries come every few
+                    # seconds for as long as the catalog is out.
                     took = f" (failing for {now - failing_since:.0f} s)" if failed else ""
                     log.warning("%s; routing by %s meanwhile, retrying in %.1f s%s", what, self._using(),
                                 backoff, took)
-                    said, said_at = what, now
+                    said.add(what)
+                    said_at = now
                 else:
                     log.debug("%s; retrying in %.1f s", what, backoff)
                 failed = True
