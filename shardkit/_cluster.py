@@ -565,10 +565,10 @@ class Cluster:
                     if xo and "isolation_level" in xo:
                         opts["execution_options"] = {k: v for k, v in xo.items() if k != "isolation_level"}
                     # An autocommit connection comes back with no transaction to roll
-                    # back: the pool's ROLLBACK on return would be a no-op costing a few
-                    # percent of a short read. The reset event (SQLAlchemy's documented
-                    # custom reset) rolls back only a connection that is in a transaction
-                    # (a read streamed through a server-side cursor, BEGIN run by hand).
+                    # back: the pool's ROLLBACK on return would be a no-op that still costs
+                    # every read some CPU. The reset event (SQLAlchemy's documented custom
+                    # reset) rolls back only a connection that is in a transaction (a read
+                    # streamed through a server-side cursor, BEGIN run by hand).
                     opts.setdefault("pool_reset_on_return", None)
                 connect_args = dict(opts.pop("connect_args", {}))
                 connect_args = {**connect_timeout_args(url), **connect_args}

@@ -180,11 +180,11 @@ class Router:
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
         # (id of the Table, key column name, the ORM entity selected or None) -> (group,
-        # coercer, routes by shard, a weak reference to the Table, the group's strategy) of the plan shared by
-        # every SELECT that _column_equals_value accepts on that column.  By entity: an
-        # entity's load may be refused (entities_problem) where its columns' is not.
-        # Weakly: an application may build its table() objects per read, and the router
-        # must not keep them alive.
+        # coercer, routes by shard, a weak reference to the Table, the group's strategy)
+        # of the plan shared by every SELECT that _column_equals_value accepts on that
+        # column.  By entity: an entity's load may be refused (entities_problem) where
+        # its columns' is not.  Weakly: an application may build its table() objects per
+        # read, and the router must not keep them alive.
         self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).

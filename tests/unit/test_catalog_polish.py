@@ -9,6 +9,7 @@ stubs ``Catalog.current_state`` or gives the catalog an engine of its own.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -259,6 +260,63 @@ def test_follower_names_an_unreachable_catalog_once(make_cluster, caplog):
         assert text.count(where) == 1, text
         assert "unreachable" in text and "test: connection refused" in text and "retrying in" in text, text
         assert PW not in text
+
+
+def _retries(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "shardkit.catalog" and "retrying in" in r.getMessage()]
+
+
+def _until_retries(follower: MapFollower, caplog, retries: int) -> None:
+    follower.start()
+    try:
+        t0 = time.monotonic()
+        while len(_retries(caplog)) < retries:
+            assert time.monotonic() - t0 < 20, f"waited 20 s for {retries} retries"
+            time.sleep(0.02)
+    finally:
+        follower.stop()
+
+
+def test_two_causes_in_turn_are_each_warned_once(make_cluster, caplog):
+    """A catalog URL with two hosts and load_balance_hosts=random, both down: psycopg
+    tries them in a random order and its error's first line is the last host's, so the
+    cause the follower sees changes from one retry to the next.  Each cause is warned
+    once for the outage (then a reminder a minute), not at every change."""
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
+    hosts = itertools.cycle(["10.0.0.1", "10.0.0.2"])
+
+    def refuse():
+        raise psycopg.OperationalError(
+            f'connection failed: connection to server at "{next(hosts)}", port 5432 failed: '
+            "Connection refused\nMultiple connection attempts failed. All failures were: ...")
+
+    follower = MapFollower(make_cluster())
+    follower._connect = refuse  # type: ignore[method-assign]
+    _until_retries(follower, caplog, 6)
+    warned = [r.getMessage() for r in _retries(caplog) if r.levelno >= logging.WARNING]
+    assert len(warned) == 2, warned
+
+
+def test_retries_back_off_when_the_catalog_connects_but_its_map_cannot_be_read(make_cluster, caplog):
+    """The LISTEN connection works, the map read fails (its engine cannot connect, the
+    map table refuses the role...): the follower must back off between attempts as it
+    does when it cannot connect at all, not reconnect every 0.2 s for as long as it
+    lasts (which, said at DEBUG, nothing would show)."""
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
+
+    def refuse():
+        raise psycopg.OperationalError("test: connection refused")
+
+    cluster = make_cluster()
+    cluster.catalog.dispose()
+    cluster.catalog = Catalog(URL, engine=create_engine("postgresql+psycopg://", creator=refuse,
+                                                        poolclass=NullPool))
+    follower = MapFollower(cluster, poll_interval=0.05)
+    follower._connect = _ListeningConnection  # type: ignore[method-assign]
+    _until_retries(follower, caplog, 4)
+    delays = [float(re.search(r"retrying in ([0-9.]+) s", r.getMessage()).group(1))
+              for r in _retries(caplog)]
+    assert delays[:4] == [0.2, 0.4, 0.8, 1.6], delays
 
 
 def test_a_catalog_map_that_does_not_fit_the_config_file_says_so(make_cluster, script, caplog):
