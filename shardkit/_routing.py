@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import struct
 from collections import Counter
 import threading
 import uuid
@@ -36,6 +37,7 @@ from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import ClusterConfig, GroupConfig
+from ._hashing import _murmur3_32, _pack_int64
 from ._strategies import HashStrategy, Strategy
 from ._colocation import _derived_select, colocation_problem, compound_selects, dml_extra_froms
 from ._scatter import compound_keyword, exists_column
@@ -180,12 +182,12 @@ class Router:
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
         # (id of the Table, key column name, the ORM entity selected or None) -> (group,
-        # coercer, routes by shard, a weak reference to the Table, the group's strategy)
-        # of the plan shared by every SELECT that _column_equals_value accepts on that
+        # coercer, routes by shard, a weak reference to the Table, the group's strategy,
+        # a hash group's (bucket map, bucket count) for int keys) of the plan shared by every SELECT that _column_equals_value accepts on that
         # column.  By entity: an entity's load may be refused (entities_problem) where
         # its columns' is not.  Weakly: an application may build its table() objects per
         # read, and the router must not keep them alive.
-        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any]] = {}
+        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any, Any]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -394,7 +396,16 @@ class Router:
                 entry = self._key_columns.get(shape[4])
                 if entry is not None and entry[3]() is shape[3]:
                     v = shape[1].value
-                    if v is not None and not isinstance(v, ClauseElement):
+                    if type(v) is int and entry[5] is not None:
+                        # A hash group's int key: bucket_for()'s int case, inline.
+                        bucket_map, count = entry[5]
+                        try:
+                            known = entry[2].get(bucket_map[_murmur3_32(_pack_int64(v)) % count])
+                        except struct.error:
+                            known = None  # past int64: the general path says what is wrong
+                        if known is not None:
+                            return known
+                    elif v is not None and not isinstance(v, ClauseElement):
                         co = entry[1]
                         try:
                             shard = entry[4].shard_for_key(v if co is None else co(v))
@@ -425,8 +436,11 @@ class Router:
                 # Tables built per read (table(), a Table per tenant) each leave an
                 # entry: they start again, as the plans do.
                 key_columns.clear()
-            key_columns[shape[4]] = (single[0], single[2], plan.routes, weakref.ref(shape[3]),
-                                     self.groups[single[0]].strategy)
+            strategy = self.groups[single[0]].strategy
+            key_columns[shape[4]] = (
+                single[0], single[2], plan.routes, weakref.ref(shape[3]), strategy,
+                (strategy.bucket_map, strategy.bucket_count)
+                if type(strategy) is HashStrategy and single[2] in (None, _to_int) else None)
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]

@@ -694,31 +694,31 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
         Same arguments as :meth:`sqlalchemy.orm.Session.execute`.
         """
-        if self._transaction is None:
-            # What routing records for the transaction (shards written, replica pins,
-            # the reference shard) is recorded before the statement begins it; if the
-            # statement fails first (a primary that is down, autobegin=False), no
-            # transaction end would clear it and it would steer the next transaction.
-            try:
-                return self._sk_execute(statement, params, execution_options, bind_arguments, kw)
-            except BaseException:
-                if self._transaction is None:
-                    _forget_transaction(self)
-                raise
-        return self._sk_execute(statement, params, execution_options, bind_arguments, kw)
+        # What routing records for the transaction (shards written, replica pins, the
+        # reference shard) is recorded before the statement begins it; if the statement
+        # fails first (a primary that is down, autobegin=False), no transaction end would
+        # clear it and it would steer the next transaction.
+        fresh = self._transaction is None
+        try:
+            routed = None
+            if (type(statement) is selectable.Select and not execution_options
+                    and bind_arguments is None and not kw and not statement._execution_options):
+                out = self._plain_read(statement, params)
+                if out is not _GENERAL:
+                    if type(out) is not Route:
+                        return out
+                    # Routed already (as _route_statement would): routing it again would
+                    # take a second turn of the shards that reads of reference rows take
+                    # in turn.
+                    routed = out
+            return self._sk_execute(statement, params, execution_options, bind_arguments, kw, routed)
+        except BaseException:
+            if fresh and self._transaction is None:
+                _forget_transaction(self)
+            raise
 
     def _sk_execute(self, statement: Any, params: Any, execution_options: Any, bind_arguments: Any,
-                    kw: Any) -> Any:
-        routed = None
-        if (type(statement) is selectable.Select and not execution_options and bind_arguments is None
-                and not kw and not statement._execution_options):
-            out = self._plain_read(statement, params)
-            if out is not _GENERAL:
-                if type(out) is not Route:
-                    return out
-                # Routed already (as _route_statement would): routing it again would take a
-                # second turn of the shards that reads of reference rows take in turn.
-                routed = out
+                    kw: Any, routed: Route | None) -> Any:
         if not isinstance(statement, roles.StatementRole):
             statement = coercions.expect(roles.StatementRole, statement)
         if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
@@ -802,11 +802,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         is one that path checks): this returns ``_GENERAL``, or the statement's route
         once it has one (the general path uses it rather than routing again)."""
         cluster = self.cluster
+        # (identity_map.check_modified() and in_nested_transaction(), without the calls.)
         if (self.twophase or _scope_var.get() is not NO_SCOPE
                 or (params is not None and type(params) is not dict)
                 or statement._for_update_arg is not None
-                or self._new or self._deleted or self.identity_map.check_modified()
-                or self.in_nested_transaction() or self._flushing or self._sk_for_write):
+                or self._new or self._deleted or self.identity_map._modified
+                or self._nested_transaction is not None or self._flushing or self._sk_for_write):
             return _GENERAL
         for opt in statement._with_options:
             if isinstance(opt, horizontal_shard.set_shard_id):

@@ -124,6 +124,10 @@ def _pending(s: Any) -> None:
     s.add(Thing(id=1000, name="new"))
 
 
+def _modified(s: Any) -> None:
+    s.get(Thing, 3).name = "changed, not flushed"
+
+
 def _read_first(s: Any) -> None:
     s.execute(select(Thing).where(Thing.id == 5)).scalar_one()
 
@@ -159,6 +163,7 @@ CASES: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any], dict[str, Any
     "every replica banned": (_ban(0, 1), _probe, {}, False),
     "wrote in the transaction": (_write, _probe, {}, False),
     "pending object to autoflush": (_pending, _probe, {}, False),
+    "modified object to autoflush": (_modified, _probe, {}, False),
     "read the primary earlier": (_read_primary_first, _probe, {}, False),
     "token no replica has reached": (_token_ahead, _probe, {}, False),
     "strong consistency": (_nothing, _probe, {"consistency": "strong"}, False),
