@@ -177,6 +177,8 @@ class MapFollower:
                 self.connected.clear()
                 if self._stop.is_set():
                     return
+                if not failed:  # (an outage starts here too: its causes are said afresh)
+                    failing_since, said = time.monotonic(), set()
                 failed = True
                 log.exception("map follower failed; restarting")
                 self._stop.wait(1.0)

@@ -319,6 +319,38 @@ def test_retries_back_off_when_the_catalog_connects_but_its_map_cannot_be_read(m
     assert delays[:4] == [0.2, 0.4, 0.8, 1.6], delays
 
 
+def test_a_cause_is_warned_again_in_an_outage_that_began_with_an_unexpected_error(make_cluster, script,
+                                                                                  caplog):
+    """Outage 1: the catalog unreachable (warned).  It answers again, then the follower
+    fails on something unexpected (logged as an ERROR) and the catalog is unreachable
+    again for the same reason: that is a new outage, so its cause is warned again rather
+    than passed over as one already said."""
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
+    script.answer = _state(11, MAP_A, 55, "db1")
+    down = psycopg.OperationalError("test: connection refused")
+
+    class Answers(_ListeningConnection):
+        def notifies(self, timeout, stop_after):
+            time.sleep(timeout)
+            raise RuntimeError("test: something unexpected")
+
+    steps = iter([down, Answers, down])
+
+    def connect():
+        step = next(steps, down)
+        if isinstance(step, BaseException):
+            raise step
+        return step()
+
+    follower = MapFollower(make_cluster())
+    follower._connect = connect  # type: ignore[method-assign]
+    _until_retries(follower, caplog, 2)
+    warned = [r.getMessage() for r in _retries(caplog) if r.levelno >= logging.WARNING]
+    assert len(warned) == 2, [f"{r.levelname} {r.getMessage()}" for r in caplog.records]
+    assert any("something unexpected" in (r.exc_text or str(r.exc_info)) for r in caplog.records
+               if r.levelno >= logging.ERROR)
+
+
 def test_a_catalog_map_that_does_not_fit_the_config_file_says_so(make_cluster, script, caplog):
     caplog.set_level(logging.INFO, logger="shardkit")
     misfit = tuple("s9" if b == 3 else s for b, s in enumerate(MAP_B))
