@@ -119,6 +119,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
     :func:`shardkit.scope` sets the same defaults for a block of code.
     """
 
+    # The session-wide execution options of SQLAlchemy 2.1 (Session(execution_options=...));
+    # none before 2.1.
+    execution_options: Any = util.EMPTY_DICT
+
     def __init__(self, cluster: Cluster | None = None, *, consistency_token: str | None = None,
                  consistency: str | None = None, strict: bool = False, **kwargs: Any) -> None:
         if not isinstance(cluster, Cluster):
@@ -694,6 +698,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
         Same arguments as :meth:`sqlalchemy.orm.Session.execute`.
         """
+        if self.execution_options:
+            # The session's own (SQLAlchemy 2.1): they route as the statement's would, under
+            # the statement's and this call's, as SQLAlchemy merges them.
+            execution_options = _with_session_options(self.execution_options, statement,
+                                                      execution_options)
         # What routing records for the transaction (shards written, replica pins, the
         # reference shard) is recorded before the statement begins it; if the statement
         # fails first (a primary that is down, autobegin=False), no transaction end would
@@ -1110,6 +1119,14 @@ def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExec
             "database. Correlate the criteria on the shard key, or read the other group's "
             "values first and pass them as a list (tenant_id IN [...])",
             construct="statement not colocated on the shard key", statement=routed)
+
+
+def _with_session_options(session_wide: Any, statement: Any, given: Any) -> Any:
+    """A session's execution options under the statement's own and those ``given`` to the
+    call, as Session._execute_internal merges them."""
+    own = getattr(statement, "_execution_options", None)
+    base = {k: v for k, v in session_wide.items() if k not in own} if own else session_wide
+    return util.immutabledict(base).union(given) if given else util.immutabledict(base)
 
 
 def _named_shard(options: Any, execution_options: Any, bind_arguments: Any) -> str | None:
