@@ -390,8 +390,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if identity_token is None:
             # A shard the caller named another way (as horizontal_shard reads them) is the
             # one the object is looked up and loaded under, whatever its key says.
-            identity_token = _named_shard(kw.get("options"), kw.get("execution_options"),
-                                          kw.get("bind_arguments"))
+            given = kw.get("execution_options")
+            if self.execution_options:  # the session's own (SQLAlchemy 2.1), under the call's
+                given = _with_session_options(self.execution_options, None, given)
+            identity_token = _named_shard(kw.get("options"), given, kw.get("bind_arguments"))
         if identity_token is None and current_scope().shard is None:
             insp = inspect(entity)
             problem = self.cluster.router.entity_problem(insp)
@@ -1121,11 +1123,17 @@ def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExec
             construct="statement not colocated on the shard key", statement=routed)
 
 
+_SHARD_NAMES = ("shardkit_shard", "_sa_shard_id", "identity_token")
+
+
 def _with_session_options(session_wide: Any, statement: Any, given: Any) -> Any:
     """A session's execution options under the statement's own and those ``given`` to the
-    call, as Session._execute_internal merges them."""
+    call, as Session._execute_internal merges them.  The options that name a shard are one
+    option: a statement or call naming its shard by any of them overrides the session's."""
     own = getattr(statement, "_execution_options", None)
     base = {k: v for k, v in session_wide.items() if k not in own} if own else session_wide
+    if any(opts and any(opts.get(n) is not None for n in _SHARD_NAMES) for opts in (own, given)):
+        base = {k: v for k, v in base.items() if k not in _SHARD_NAMES}
     return util.immutabledict(base).union(given) if given else util.immutabledict(base)
 
 
