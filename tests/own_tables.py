@@ -29,22 +29,29 @@ def cluster_with_tables(dev: Any, config: dict[str, Any], metadata: Any) -> Iter
 
 
 @contextmanager
+def _before_each_statement(hooks: list[tuple[Any, Any]]) -> Iterator[None]:
+    """Listen with each (engine, fn) of ``hooks`` to the engine's statements inside the block."""
+    for eng, fn in hooks:
+        event.listen(eng, "before_cursor_execute", fn)
+    try:
+        yield
+    finally:
+        for eng, fn in hooks:
+            event.remove(eng, "before_cursor_execute", fn)
+
+
+@contextmanager
 def statements_per_shard(cluster: shardkit.Cluster) -> Iterator[Counter[str]]:
     """Count the statements each shard's primary runs inside the block (a Counter by
     shard name, which the caller may clear)."""
     hits: Counter[str] = Counter()
-    hooks = []
-    for name in cluster.shard_names:
-        def count(*_a: Any, name: str = name) -> None:
+
+    def counter(name: str) -> Any:
+        def count(*_a: Any) -> None:
             hits[name] += 1
-        eng = cluster.primary(name)
-        event.listen(eng, "before_cursor_execute", count)
-        hooks.append((eng, count))
-    try:
+        return count
+    with _before_each_statement([(cluster.primary(n), counter(n)) for n in cluster.shard_names]):
         yield hits
-    finally:
-        for eng, fn in hooks:
-            event.remove(eng, "before_cursor_execute", fn)
 
 
 @contextmanager
@@ -52,21 +59,36 @@ def nodes_used(cluster: shardkit.Cluster, counts: Any = lambda statement: True) 
     """The nodes (``s1/primary``, ``s1/r0``), in order, that run the statements ``counts``
     accepts (given the SQL) inside the block, over every primary and replica."""
     served: list[str] = []
-    hooks = []
-    for s in cluster.shard_names:
-        for i in range(-1, cluster.replica_count(s)):
-            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
 
-            def note(conn: Any, cursor: Any, statement: str, *a: Any, node: str = eng.info["node"]) -> None:
-                if counts(statement):
-                    served.append(node)
-            event.listen(eng, "before_cursor_execute", note)
-            hooks.append((eng, note))
-    try:
+    def noter(node: str) -> Any:
+        def note(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+            if counts(statement):
+                served.append(node)
+        return note
+    engines = [cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
+               for s in cluster.shard_names for i in range(-1, cluster.replica_count(s))]
+    with _before_each_statement([(eng, noter(eng.info["node"])) for eng in engines]):
         yield served
-    finally:
-        for eng, fn in hooks:
-            event.remove(eng, "before_cursor_execute", fn)
+
+
+def truncate_everywhere(cluster: shardkit.Cluster, *tables: str) -> None:
+    """Empty ``tables`` on every shard's primary (waiting at most 10 s for their locks)."""
+    for s in cluster.shard_names:
+        with cluster.primary(s).begin() as c:
+            c.execute(text("SET LOCAL lock_timeout = '10s'"))
+            c.execute(text(f"TRUNCATE {', '.join(tables)}"))
+
+
+def keys_per_shard(cluster: shardkit.Cluster, table: str, n: int) -> dict[str, list[int]]:
+    """The first ``n`` integer keys (from 1) that ``table``'s group places on each shard."""
+    by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
+    k = 1
+    while min(len(v) for v in by_shard.values()) < n:
+        shard = cluster.shard_for(table, k)
+        if len(by_shard[shard]) < n:
+            by_shard[shard].append(k)
+        k += 1
+    return by_shard
 
 
 def shards_holding(cluster: shardkit.Cluster, table: str, column: str, value: Any) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 import pytest
-from own_tables import cluster_with_tables
+from own_tables import cluster_with_tables, truncate_everywhere
 from own_tables import nodes_used as own_nodes_used
 from sqlalchemy import BigInteger, ForeignKey, MetaData, String, inspect, select, text, update
 from sqlalchemy.ext.horizontal_shard import set_shard_id
@@ -67,9 +67,7 @@ def env(sharded_dev):
 
 @pytest.fixture
 def cluster(env):
-    for shard in env.shard_names:
-        with env.primary(shard).begin() as c:
-            c.execute(text("TRUNCATE hs_orders, hs_customers, hs_tags, hs_countries"))
+    truncate_everywhere(env, "hs_orders", "hs_customers", "hs_tags", "hs_countries")
     return env
 
 

@@ -3,8 +3,8 @@ get() of a named shard, config URLs and the masking of move errors."""
 from __future__ import annotations
 
 import pytest
-from own_tables import cluster_with_tables, nodes_used
-from sqlalchemy import BigInteger, MetaData, String, text
+from own_tables import cluster_with_tables, nodes_used, truncate_everywhere
+from sqlalchemy import BigInteger, MetaData, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
@@ -41,9 +41,7 @@ def env(sharded_dev):
 
 @pytest.fixture
 def cluster(env):
-    for shard in env.shard_names:
-        with env.primary(shard).begin() as c:
-            c.execute(text("TRUNCATE lm_accounts, lm_items"))
+    truncate_everywhere(env, "lm_accounts", "lm_items")
     return env
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from own_tables import cluster_with_tables
+from own_tables import cluster_with_tables, keys_per_shard
 from sqlalchemy import (BigInteger, Boolean, ForeignKeyConstraint, Integer, MetaData, String, create_engine,
                         event, func, select, text, update)
 from sqlalchemy.engine import make_url
@@ -64,14 +64,7 @@ class Env:
         self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
         self.Oracle = sessionmaker(bind=oracle)
         # Two tenants on each of two shards, one more elsewhere.
-        by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
-        k = 1
-        while min(len(v) for v in by_shard.values()) < 2:
-            sh = cluster.shard_for("lc_docs", k)
-            if len(by_shard[sh]) < 2:
-                by_shard[sh].append(k)
-            k += 1
-        self.by_shard = by_shard
+        self.by_shard = by_shard = keys_per_shard(cluster, "lc_docs", 2)
         self.tenants = sorted(t for v in by_shard.values() for t in v)
 
     def rows(self) -> list[Base]:

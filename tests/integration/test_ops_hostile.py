@@ -20,6 +20,7 @@ import uuid
 
 import psycopg
 import pytest
+from own_tables import truncate_everywhere
 from psycopg import sql
 import sqlalchemy
 from sqlalchemy import BigInteger, String, func, select, text
@@ -140,10 +141,7 @@ def app_counts(dev, app):
 
 
 def truncate(cluster):
-    for s in cluster.shard_names:
-        with cluster.primary(s).begin() as c:
-            c.execute(text("SET LOCAL lock_timeout = '10s'"))
-            c.execute(text("TRUNCATE things"))
+    truncate_everywhere(cluster, "things")
 
 
 # -- secrets ------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from own_tables import keys_per_shard
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -341,13 +342,7 @@ def ol_env(shardkit_module_cluster_factory) -> Iterator[Ol]:
     admin.dispose()
     oracle = create_engine(admin_url.set(database="ol_oracle"))
     OBase.metadata.create_all(oracle)
-    by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
-    k = 1
-    while min(len(v) for v in by_shard.values()) < 5:
-        sh = cluster.shard_for("ol_tenants", k)
-        if len(by_shard[sh]) < 5:
-            by_shard[sh].append(k)
-        k += 1
+    by_shard = keys_per_shard(cluster, "ol_tenants", 5)
     tenants = sorted(t for v in by_shard.values() for t in v)
     env = Ol(cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), oracle,
              tenants, by_shard, build_rows(tenants))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from own_tables import truncate_everywhere
 from sqlalchemy import (
     BigInteger,
     ForeignKey,
@@ -118,9 +119,7 @@ class Env:
 
     def load(self, items: Sequence[dict[str, Any]], lines: Sequence[dict[str, Any]] = (),
              refs: Sequence[dict[str, Any]] = ()) -> None:
-        for s in self.cluster.shard_names:
-            with self.cluster.primary(s).begin() as c:
-                c.execute(text("TRUNCATE cp_items, cp_lines, cp_ref"))
+        truncate_everywhere(self.cluster, "cp_items", "cp_lines", "cp_ref")
         with self.oracle.begin() as c:
             c.execute(text("TRUNCATE cp_items, cp_lines, cp_ref"))
             for model, rows in ((I, items), (L, lines), (R, refs)):
@@ -330,9 +329,7 @@ def test_union_of_selects_from_different_groups(env):
     env.load(rows)
     orders = [{"id": k, "qty": None if k % 6 == 0 else k % 5 - 2, "name": [None, "a", "zz", "b"][k % 4]}
               for k in range(1, 31)]
-    for shard in env.cluster.shard_names:
-        with env.cluster.primary(shard).begin() as c:
-            c.execute(text("TRUNCATE cp_orders"))
+    truncate_everywhere(env.cluster, "cp_orders")
     with env.oracle.begin() as c:
         c.execute(text("TRUNCATE cp_orders"))
         c.execute(insert(O), orders)

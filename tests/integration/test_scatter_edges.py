@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from own_tables import truncate_everywhere
 from sqlalchemy import (
     REAL,
     BigInteger,
@@ -140,10 +141,7 @@ class Edge:
     def load(self, rows: Sequence[dict[str, Any]], places: Sequence[dict[str, Any]] = ()) -> None:
         """Replace every row of both tables, on the shards and in the oracle."""
         rows = [{c: r.get(c) for c in COLS} for r in rows]
-        for s in self.cluster.shard_names:
-            with self.cluster.primary(s).begin() as c:
-                c.execute(text("SET LOCAL lock_timeout = '10s'"))
-                c.execute(text("TRUNCATE edge_things, edge_places"))
+        truncate_everywhere(self.cluster, "edge_things", "edge_places")
         with self.oracle.begin() as c:
             c.execute(text(f"TRUNCATE {ORACLE}.edge_things, {ORACLE}.edge_places"))
             if rows:

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from own_tables import truncate_everywhere
 from sqlalchemy import (
     CHAR,
     BigInteger,
@@ -195,10 +196,7 @@ class Hx:
         """Replace every row of every table, on the shards and in the oracle."""
         items = [{c: r.get(c) for c in ITEM_COLS} for r in items]
         lines = [{c: r.get(c) for c in LINE_COLS} for r in lines]
-        for s in self.cluster.shard_names:
-            with self.cluster.primary(s).begin() as c:
-                c.execute(text("SET LOCAL lock_timeout = '10s'"))
-                c.execute(text("TRUNCATE hx_items, hx_lines, hx_ref"))
+        truncate_everywhere(self.cluster, "hx_items", "hx_lines", "hx_ref")
         with self.oracle.begin() as c:
             c.execute(text("TRUNCATE hx_items, hx_lines, hx_ref"))
             for table, rows in ((HItem.__table__, items), (HLine.__table__, lines),

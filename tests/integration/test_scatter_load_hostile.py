@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from own_tables import truncate_everywhere
 from sqlalchemy import BigInteger, Integer, Text, create_engine, func, insert, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -100,10 +101,7 @@ class Env:
         return out
 
     def clear_notes(self) -> None:
-        for s in self.cluster.shard_names:
-            with self.cluster.primary(s).begin() as c:
-                c.execute(text("SET LOCAL lock_timeout = '10s'"))
-                c.execute(text("TRUNCATE hk_notes"))
+        truncate_everywhere(self.cluster, "hk_notes")
         for shard in self.dev.shards:
             for r in shard.replicas:
                 r.wait_caught_up()
