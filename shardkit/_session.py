@@ -1123,6 +1123,8 @@ def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExec
             construct="statement not colocated on the shard key", statement=routed)
 
 
+# The execution options that name a shard (shardkit's, Query.set_shard()'s, SQLAlchemy's
+# identity token), in the order a get() reads them.
 _SHARD_NAMES = ("shardkit_shard", "_sa_shard_id", "identity_token")
 
 
@@ -1147,7 +1149,7 @@ def _named_shard(options: Any, execution_options: Any, bind_arguments: Any) -> s
     if bind_arguments and bind_arguments.get("shard_id") is not None:
         return bind_arguments["shard_id"]  # type: ignore[no-any-return]
     if execution_options:
-        for name in ("shardkit_shard", "_sa_shard_id", "identity_token"):
+        for name in _SHARD_NAMES:
             if execution_options.get(name) is not None:
                 return execution_options[name]  # type: ignore[no-any-return]
     return None
