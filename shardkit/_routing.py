@@ -365,6 +365,30 @@ class Router:
 
     # -- statements ------------------------------------------------------------
 
+    def known_key_route(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any]) -> Route | None:
+        """The route of a SELECT of ``shape`` (what :func:`_column_equals_value` made of
+        it; the statement has no parameters of its own) from the entry its column has, or
+        None when it has none yet or the value needs the general path (:meth:`route`)."""
+        entry = self._key_columns.get(shape[4])
+        if entry is None or entry[3]() is not shape[3]:
+            return None
+        v = shape[1].value
+        if type(v) is int and entry[5] is not None:
+            # A hash group's int key: bucket_for()'s int case, inline.
+            bucket_map, count = entry[5]
+            try:
+                return entry[2].get(bucket_map[_murmur3_32(_pack_int64(v)) % count])
+            except struct.error:
+                return None  # past int64: the general path says what is wrong
+        if v is None or isinstance(v, ClauseElement):
+            return None
+        co = entry[1]
+        try:
+            shard = entry[4].shard_for_key(v if co is None else co(v))
+        except RoutingError:
+            shard = self._shard(entry[0], v, co)  # raises, naming the table
+        return entry[2].get(shard)
+
     def route(
         self,
         statement: Any,
@@ -393,27 +417,9 @@ class Router:
             # column's entry, without SQLAlchemy's cache key (see _column_equals_value).
             shape = _column_equals_value(statement)
             if shape is not None:
-                entry = self._key_columns.get(shape[4])
-                if entry is not None and entry[3]() is shape[3]:
-                    v = shape[1].value
-                    if type(v) is int and entry[5] is not None:
-                        # A hash group's int key: bucket_for()'s int case, inline.
-                        bucket_map, count = entry[5]
-                        try:
-                            known = entry[2].get(bucket_map[_murmur3_32(_pack_int64(v)) % count])
-                        except struct.error:
-                            known = None  # past int64: the general path says what is wrong
-                        if known is not None:
-                            return known
-                    elif v is not None and not isinstance(v, ClauseElement):
-                        co = entry[1]
-                        try:
-                            shard = entry[4].shard_for_key(v if co is None else co(v))
-                        except RoutingError:
-                            shard = self._shard(entry[0], v, co)  # raises, naming the table
-                        known = entry[2].get(shard)
-                        if known is not None:
-                            return known
+                known = self.known_key_route(shape)
+                if known is not None:
+                    return known
         if getattr(statement, "_params", None):
             # Statement.params(): SQLAlchemy 2.1 keeps those values beside the
             # statement's bind parameters; the call's own parameters win over them.

@@ -70,8 +70,8 @@ from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select,
-                       unwrap_statement, with_statement_params)
+from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, _column_equals_value, coercer_for,
+                       derived_select, unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
                        plan_scatter, send_cancel, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
@@ -823,15 +823,21 @@ class ShardedSession(horizontal_shard.ShardedSession):
         for opt in statement._with_options:
             if isinstance(opt, horizontal_shard.set_shard_id):
                 return _GENERAL
-        route = cluster.router.route(statement, params, anywhere=self._sk_ref_shard)
-        if len(route.shards) != 1 or route.is_write or route.anywhere:
-            return route
+        router = cluster.router
+        route = None
+        if not params:
+            shape = _column_equals_value(statement)
+            if shape is not None:
+                route = router.known_key_route(shape)
+        if route is None:
+            route = router.route(statement, params, anywhere=self._sk_ref_shard)
+            if len(route.shards) != 1 or route.is_write or route.anywhere:
+                return route
         shard = route.shards[0]
-        eo = _LOAD_OPTIONS.get(shard) or _load_options(shard)
         if not cluster._replica_counts[shard]:
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)
-            return Session.execute(self, statement, params, execution_options=eo,
+            return Session.execute(self, statement, params, execution_options=_load_options(shard),
                                    bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
             return route
@@ -856,13 +862,16 @@ class ShardedSession(horizontal_shard.ShardedSession):
         engine = cluster._engines.get((shard, REPLICA, index))
         try:
             if engine is None or cluster._map_misfit is not None or self.dispatch.do_orm_execute:
-                return Session.execute(self, statement, params, execution_options=eo, bind_arguments=ba)
+                return Session.execute(self, statement, params, execution_options=_load_options(shard),
+                                       bind_arguments=ba)
             # What Session.execute() and get_bind() would do, one call each the shorter:
             # the node is chosen (its engine made), and no do_orm_execute listener is
-            # there for _execute_internal() to check after.
+            # there for _execute_internal() to check after; nor is there anything for the
+            # ORM's autoflush to flush (as checked above).
             ba["shardkit_engine"] = engine
-            return _session_execute_internal(self, statement, params, execution_options=eo,
-                                             bind_arguments=ba)
+            return _session_execute_internal(
+                self, statement, params, bind_arguments=ba,
+                execution_options=_PLAIN_LOAD_OPTIONS.get(shard) or _load_options(shard, autoflush=False))
         except (ShardUnavailable, sa_exc.DBAPIError) as e:
             if not self._replica_read_failed(shard, index, e):
                 raise
@@ -1663,16 +1672,21 @@ _session_execute_internal = Session._execute_internal
 _TOKEN_OPTIONS: dict[str, Any] = {}
 # shard -> the same for a SELECT, as the ORM's load options.
 _LOAD_OPTIONS: dict[str, Any] = {}
+# The same, without the ORM's autoflush (ShardedSession._plain_read).
+_PLAIN_LOAD_OPTIONS: dict[str, Any] = {}
 
 
-def _load_options(shard: str) -> Any:
+def _load_options(shard: str, autoflush: bool = True) -> Any:
     """The execution options of a SELECT on ``shard`` with no options of its own.  The ORM
     turns identity_token into its load options on every execution; a SELECT gets them made
-    already (the same options, built once per shard)."""
-    eo = _LOAD_OPTIONS.get(shard)
+    already (the same options, built once per shard).  ``autoflush=False``: for a session
+    known to have nothing to flush."""
+    cache = _LOAD_OPTIONS if autoflush else _PLAIN_LOAD_OPTIONS
+    eo = cache.get(shard)
     if eo is None:
-        eo = _LOAD_OPTIONS.setdefault(shard, util.immutabledict(
-            {"_sa_orm_load_options": QueryContext.default_load_options + {"_identity_token": shard}}))
+        eo = cache.setdefault(shard, util.immutabledict({
+            "_sa_orm_load_options": QueryContext.default_load_options + {
+                "_identity_token": shard, "_autoflush": autoflush}}))
     return eo
 
 
