@@ -188,6 +188,10 @@ class Router:
         # its columns' is not.  Weakly: an application may build its table() objects per
         # read, and the router must not keep them alive.
         self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any, Any]] = {}
+        # The same entries for select(Model).where(Model.key == value), by (id of the
+        # column, id of the entity's table) of the statement -> (that column, that table,
+        # the entry): found from the statement alone (see key_select_route).
+        self._entity_entries: dict[tuple[int, int], tuple[Any, Any, tuple[Any, ...]]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -365,14 +369,39 @@ class Router:
 
     # -- statements ------------------------------------------------------------
 
-    def known_key_route(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any]) -> Route | None:
+    def key_select_route(self, statement: selectable.Select[Any]) -> Route | None:
+        """The route of ``select(Model).where(Model.key == value)`` (nothing more; the
+        statement has no parameters of its own) when the router has routed one of that
+        shape before, or None (then :meth:`route` says)."""
+        d = statement.__dict__
+        if not d.keys() <= _KEY_SELECT_ATTRS:
+            return None
+        where = d.get("_where_criteria")
+        raw = d.get("_raw_columns")
+        if where is None or raw is None or len(where) != 1 or len(raw) != 1:
+            return None
+        c = where[0]
+        if type(c) is not elements.BinaryExpression or c.operator is not operators.eq:
+            return None
+        col, b = c.left, c.right
+        if type(b) is not BindParameter or b.callable is not None or b.expanding:
+            return None
+        hit = self._entity_entries.get((id(col), id(raw[0])))
+        if hit is None or hit[0] is not col or hit[1] is not raw[0]:
+            return None
+        return self._entry_route(hit[2], b.value)
+
+    def _known_key_route(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any]) -> Route | None:
         """The route of a SELECT of ``shape`` (what :func:`_column_equals_value` made of
-        it; the statement has no parameters of its own) from the entry its column has, or
-        None when it has none yet or the value needs the general path (:meth:`route`)."""
+        it) from the entry its column has, or None."""
         entry = self._key_columns.get(shape[4])
         if entry is None or entry[3]() is not shape[3]:
             return None
-        v = shape[1].value
+        return self._entry_route(entry, shape[1].value)
+
+    def _entry_route(self, entry: tuple[Any, ...], v: Any) -> Route | None:
+        """The route of key value ``v`` by a _key_columns ``entry``, or None when the value
+        needs the general path (route())."""
         if type(v) is int and entry[5] is not None:
             # A hash group's int key: bucket_for()'s int case, inline.
             bucket_map, count = entry[5]
@@ -417,7 +446,7 @@ class Router:
             # column's entry, without SQLAlchemy's cache key (see _column_equals_value).
             shape = _column_equals_value(statement)
             if shape is not None:
-                known = self.known_key_route(shape)
+                known = self._known_key_route(shape)
                 if known is not None:
                     return known
         if getattr(statement, "_params", None):
@@ -442,11 +471,17 @@ class Router:
                 # Tables built per read (table(), a Table per tenant) each leave an
                 # entry: they start again, as the plans do.
                 key_columns.clear()
+                self._entity_entries.clear()
             strategy = self.groups[single[0]].strategy
-            key_columns[shape[4]] = (
+            entry = key_columns[shape[4]] = (
                 single[0], single[2], plan.routes, weakref.ref(shape[3]), strategy,
                 (strategy.bucket_map, strategy.bucket_count)
                 if type(strategy) is HashStrategy and single[2] in (None, _to_int) else None)
+            raw = statement._raw_columns
+            if shape[2] is not None and len(raw) == 1:
+                if len(self._entity_entries) >= _KEY_COLUMNS_MAX:
+                    self._entity_entries.clear()
+                self._entity_entries[(id(shape[0]), id(raw[0]))] = (shape[0], raw[0], entry)
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]

@@ -70,8 +70,8 @@ from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, _column_equals_value, coercer_for,
-                       derived_select, unwrap_statement, with_statement_params)
+from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select,
+                       unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
                        plan_scatter, send_cancel, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
@@ -122,6 +122,16 @@ class ShardedSession(horizontal_shard.ShardedSession):
     # The session-wide execution options of SQLAlchemy 2.1 (Session(execution_options=...));
     # none before 2.1.
     execution_options: Any = util.EMPTY_DICT
+    # Unless the constructor is given others (a session is made per request: what it
+    # need not set, it does not).
+    consistency: str | None = None
+    strict = False
+    # During a flush (with a catalog): where the objects it writes were loaded from.
+    _sk_placements: list[tuple[Any, Any, str, Any]] | None = None
+    # The shard this transaction reads reference rows from (the first one it used).
+    _sk_ref_shard: str | None = None
+    # In delete() and merge(): what they load decides a write (see _read_target).
+    _sk_for_write = False
 
     def __init__(self, cluster: Cluster | None = None, *, consistency_token: str | None = None,
                  consistency: str | None = None, strict: bool = False, **kwargs: Any) -> None:
@@ -130,30 +140,35 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 "ShardedSession needs cluster=shardkit.Cluster.from_config(...); got "
                 f"{type(cluster).__name__}"
             )
-        if kwargs and not kwargs.keys().isdisjoint(_HORIZONTAL_SHARD_ARGS):
+        # horizontal_shard.ShardedSession.__init__ wants chooser callables and
+        # installs its own serial execute hook; we provide the choosers as
+        # methods and install our routing hook instead.
+        try:
+            Session.__init__(self, query_cls=horizontal_shard.ShardedQuery, **kwargs)
+        except TypeError:
             foreign = [k for k in _HORIZONTAL_SHARD_ARGS if k in kwargs]
+            if not foreign:
+                raise
             raise sa_exc.ArgumentError(
                 f"ShardedSession does not take horizontal_shard's {', '.join(k + '=' for k in foreign)}: "
                 "the cluster (shardkit.Cluster.from_config(...), passed as cluster=) has the shards' "
                 "engines, and routes each statement by its shard key (groups in the config); name a "
                 "shard per statement with set_shard_id(...), bind_arguments={'shard_id': ...} or "
-                "shardkit.scope(shard=...) (README: \"Coming from horizontal_shard\")")
-        if kwargs and (kwargs.get("bind") is not None or kwargs.get("binds") is not None):
+                "shardkit.scope(shard=...) (README: \"Coming from horizontal_shard\")") from None
+        if self.bind is not None or kwargs.get("binds"):
             raise sa_exc.ArgumentError(
                 "ShardedSession takes its engines from the cluster; do not pass "
-                f"{'bind' if kwargs.get('bind') is not None else 'binds'}="
+                f"{'bind' if self.bind is not None else 'binds'}="
             )
-        # horizontal_shard.ShardedSession.__init__ wants chooser callables and
-        # installs its own serial execute hook; we provide the choosers as
-        # methods and install our routing hook instead.
-        Session.__init__(self, query_cls=horizontal_shard.ShardedQuery, **kwargs)
         self.cluster = cluster
-        if consistency is not None and consistency not in CONSISTENCY_MODES:
-            raise sa_exc.ArgumentError(
-                f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, not {consistency!r}")
-        self.consistency = consistency
-        # strict: refuse any query that would need more than one shard.
-        self.strict = strict
+        if consistency is not None:
+            if consistency not in CONSISTENCY_MODES:
+                raise sa_exc.ArgumentError(
+                    f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, not {consistency!r}")
+            self.consistency = consistency
+        if strict:
+            # Refuse any query that would need more than one shard.
+            self.strict = True
         # Shards the current transaction wrote to: their reads go to the primary.
         self._sk_written: set[str] = set()
         # shard -> WAL position this session's reads must see (read-your-writes).
@@ -164,14 +179,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_commit_conns: dict[str, Any] = {}
         # shard -> the replica this transaction reads it from (_ON_PRIMARY: its primary).
         self._sk_replica: dict[str, int] = {}
-        # During a flush (with a catalog): where the objects it writes were loaded from.
-        self._sk_placements: list[tuple[Any, Any, str, Any]] | None = None
         # During a flush: new reference rows already copied to every shard.
         self._sk_ref_copied: set[Any] = set()
-        # The shard this transaction reads reference rows from (the first one it used).
-        self._sk_ref_shard: str | None = None
-        # In delete() and merge(): what they load decides a write (see _read_target).
-        self._sk_for_write = False
         if consistency_token:
             self.require_token(consistency_token)
 
@@ -824,11 +833,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             if isinstance(opt, horizontal_shard.set_shard_id):
                 return _GENERAL
         router = cluster.router
-        route = None
-        if not params:
-            shape = _column_equals_value(statement)
-            if shape is not None:
-                route = router.known_key_route(shape)
+        route = None if params else router.key_select_route(statement)
         if route is None:
             route = router.route(statement, params, anywhere=self._sk_ref_shard)
             if len(route.shards) != 1 or route.is_write or route.anywhere:
@@ -3652,7 +3657,8 @@ def _forget_transaction(session: ShardedSession) -> None:
         session._sk_replica = {}
     if session._sk_ref_copied:
         session._sk_ref_copied = set()  # a flush that failed before after_flush
-    session._sk_ref_shard = None
+    if session._sk_ref_shard is not None:
+        session._sk_ref_shard = None
 
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
