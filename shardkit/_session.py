@@ -133,8 +133,18 @@ class ShardedSession(horizontal_shard.ShardedSession):
     # In delete() and merge(): what they load decides a write (see _read_target).
     _sk_for_write = False
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        # A subclass's default is checked once, as the constructor checks the argument
+        # (a property computing it is the subclass's own affair).
+        super().__init_subclass__(**kw)
+        default = cls.__dict__.get("consistency")
+        if isinstance(default, str) and default not in CONSISTENCY_MODES:
+            raise sa_exc.ArgumentError(
+                f"{cls.__name__}.consistency must be one of {', '.join(CONSISTENCY_MODES)} "
+                f"(or None, the cluster's), not {default!r}")
+
     def __init__(self, cluster: Cluster | None = None, *, consistency_token: str | None = None,
-                 consistency: str | None = None, strict: bool = False, **kwargs: Any) -> None:
+                 consistency: str | None = None, strict: bool | None = None, **kwargs: Any) -> None:
         if not isinstance(cluster, Cluster):
             raise sa_exc.ArgumentError(
                 "ShardedSession needs cluster=shardkit.Cluster.from_config(...); got "
@@ -166,9 +176,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 raise sa_exc.ArgumentError(
                     f"consistency must be one of {', '.join(CONSISTENCY_MODES)}, not {consistency!r}")
             self.consistency = consistency
-        if strict:
-            # Refuse any query that would need more than one shard.
-            self.strict = True
+        if strict is not None:
+            # Refuse any query that would need more than one shard (or not, whatever the
+            # class's default: strict=False is given, not left out).
+            self.strict = bool(strict)
         # Shards the current transaction wrote to: their reads go to the primary.
         self._sk_written: set[str] = set()
         # shard -> WAL position this session's reads must see (read-your-writes).
