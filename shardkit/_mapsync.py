@@ -5,7 +5,10 @@ channel and reloads the map when a new version is announced, when a shard
 refuses a write as not owned (:meth:`MapFollower.poke`), and every
 ``poll_interval`` seconds in case a notification was missed (a dropped
 connection).  Reconnects with back-off (0.2 s, doubling up to 5 s) when the
-catalog is unreachable, with a warning each time; the process keeps routing by
+catalog is unreachable, with a warning once per outage and cause (then a reminder
+every ``_REPEAT_WARNING`` seconds, the retries at DEBUG); an unexpected error (a bug,
+a catalog row it cannot read) is said the same way, at ERROR with its traceback the
+first time, and retried with the same back-off.  The process keeps routing by
 the map it has meanwhile, which the shards' guards make safe: a stale map can
 cost a refused write, never a misplaced one.  A catalog map that does not fit
 the config file (a shard the file does not name) is an error said once, and the
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -96,6 +100,27 @@ class MapFollower:
             return f"{where} is unreachable: {reason}"
         return f"{where} cannot be read: {reason}"
 
+    def _unexpected(self, e: BaseException) -> str:
+        """What went wrong, for an error the follower does not expect (passwords masked)."""
+        from .rebalance import mask_secrets
+
+        text = mask_secrets(str(e), self.cluster).strip()
+        reason = text.splitlines()[0] if text else ""
+        return (f"the map follower failed on the catalog ({mask_url(self.cluster.config.catalog_url)}): "
+                f"{type(e).__name__}: {reason}").rstrip(": ")
+
+    def _log_traceback(self, e: BaseException, msg: str, args: tuple[Any, ...]) -> None:
+        """Log ``msg`` at ERROR with ``e``'s traceback; one written out in the message,
+        passwords masked, if its text holds a configured password."""
+        from .rebalance import mask_secrets
+
+        tb = "".join(traceback.format_exception(e))
+        masked = mask_secrets(tb, self.cluster)
+        if masked == tb:
+            log.error(msg, *args, exc_info=e)
+        else:
+            log.error(msg + "\n%s", *args, masked.rstrip())
+
     def _refresh(self) -> None:
         try:
             self.cluster.refresh_map()
@@ -119,7 +144,8 @@ class MapFollower:
     def _run(self) -> None:
         backoff = 0.2
         failed = False
-        # This outage's causes said at WARNING, when the last was, when it began.
+        # This outage's causes said (at WARNING, or ERROR if unexpected), when the last
+        # was, when it began.
         said: set[str] = set()
         said_at = failing_since = 0.0
         while not self._stop.is_set():
@@ -151,12 +177,16 @@ class MapFollower:
                         if notified or time.monotonic() - last_poll >= self.poll_interval:
                             self._refresh()
                             last_poll = time.monotonic()
-            except (psycopg.Error, SQLAlchemyError, ShardUnavailable) as e:
+            except Exception as e:  # noqa: BLE001 - the follower must not die silently
                 self.connected.clear()
                 if self._stop.is_set():
                     return
+                # Expected: the catalog is out or refuses (WARNING).  Anything else is
+                # a bug or a catalog row it cannot read (ERROR, with the traceback).
+                # Either is said once per outage and cause, not at every retry.
+                expected = isinstance(e, (psycopg.Error, SQLAlchemyError, ShardUnavailable))
                 now = time.monotonic()
-                what = self._describe(e)
+                what = self._describe(e) if expected else self._unexpected(e)
                 if not failed:
                     failing_since, said = now, set()
                 if what not in said or now - said_at >= _REPEAT_WARNING:
@@ -164,8 +194,13 @@ class MapFollower:
                     # multi-host URL), then a reminder a minute: retries come every few
                     # seconds for as long as the catalog is out.
                     took = f" (failing for {now - failing_since:.0f} s)" if failed else ""
-                    log.warning("%s; routing by %s meanwhile, retrying in %.1f s%s", what, self._using(),
-                                backoff, took)
+                    args = (what, self._using(), backoff, took)
+                    if expected:
+                        log.warning("%s; routing by %s meanwhile, retrying in %.1f s%s", *args)
+                    elif what in said:
+                        log.error("%s; routing by %s meanwhile, retrying in %.1f s%s", *args)
+                    else:
+                        self._log_traceback(e, "%s; routing by %s meanwhile, retrying in %.1f s%s", args)
                     said.add(what)
                     said_at = now
                 else:
@@ -173,12 +208,3 @@ class MapFollower:
                 failed = True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
-            except Exception:  # noqa: BLE001 - the follower must not die silently
-                self.connected.clear()
-                if self._stop.is_set():
-                    return
-                if not failed:  # (an outage starts here too: its causes are said afresh)
-                    failing_since, said = time.monotonic(), set()
-                failed = True
-                log.exception("map follower failed; restarting")
-                self._stop.wait(1.0)

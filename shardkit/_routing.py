@@ -460,8 +460,9 @@ class Router:
                 "statement by its outer query and would run that write where the query goes "
                 "(one shard for a reference table, every shard for a key-less write, a shard "
                 "that does not own an inserted row). Run the INSERT/UPDATE/DELETE ... RETURNING "
-                "as its own statement and use its rows, or name the shard with "
-                "execution_options(shardkit_shard=..., shardkit_role='primary')",
+                "as its own statement and use its rows, or name the shard where it belongs "
+                "(execution_options(shardkit_shard=...) or shardkit.scope(shard=...)): it then "
+                "runs on that shard's primary",
                 table=plan.tables[0] if plan.tables else None, statement=statement)
         single = plan.single_key
         if shape is not None and single is not None:
@@ -831,6 +832,18 @@ class Router:
 
     # -- analysis ----------------------------------------------------------------
 
+    def data_modifying_with(self, statement: Any) -> str | None:
+        """What a data-modifying WITH of ``statement`` writes (``"DELETE of t in 'x'"``),
+        or None: a SELECT holding one writes, wherever it runs."""
+        if type(statement) in _WRAPPERS:
+            statement = unwrap_statement(statement)
+        try:
+            return self._plan_for(statement)[0].dml_cte
+        except RoutingError:
+            # Tables the map does not name (which a named shard may read): looked for
+            # without the plan.
+            return _dml_cte(statement)
+
     def _plan_for(self, statement: Any) -> tuple[_Plan, Sequence[BindParameter[Any]]]:
         # Analyse once per statement shape, keyed by SQLAlchemy's cache key: it is
         # memoized on the statement, and the compiler needs it anyway, so a routed
@@ -875,10 +888,7 @@ class Router:
         dml_cte = None
         if fast_tables is None:
             # (The fast path takes no statement with a WITH: see _simple_tables.)
-            dml_cte = next((f"{type(e.element).__name__.upper()} of {_table_name(e.element.table)} "
-                            f"in {e.name!r}" for e in visitors.iterate(statement)
-                            if isinstance(e, selectable.CTE) and isinstance(e.element, UpdateBase)),
-                           None)
+            dml_cte = _dml_cte(statement)
         names: list[str] = []
         for t in found:
             if isinstance(t, selectable.Alias):
@@ -1528,6 +1538,13 @@ def _simple_tables(statement: Any) -> list[Any] | None:
             return None
         return [statement.table]
     return None
+
+
+def _dml_cte(statement: Any) -> str | None:
+    """The first data-modifying WITH of ``statement`` (``"DELETE of t in 'x'"``), or None."""
+    return next((f"{type(e.element).__name__.upper()} of {_table_name(e.element.table)} "
+                 f"in {e.name!r}" for e in visitors.iterate(statement)
+                 if isinstance(e, selectable.CTE) and isinstance(e.element, UpdateBase)), None)
 
 
 def unwrap_statement(statement: Any) -> Any:

@@ -1565,8 +1565,11 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                 f"unknown shard {shard!r}; shards: {', '.join(cluster.shard_names)}",
                 statement=statement,
             )
+        # A SELECT whose WITH inserts, updates or deletes writes: on the primary (a
+        # replica refuses it), and the shard counts as written (reads and token after it).
         is_read = isinstance(statement, (selectable.Select, selectable.CompoundSelect)) and \
-            getattr(statement, "_for_update_arg", None) is None
+            getattr(statement, "_for_update_arg", None) is None and \
+            not cluster.router.data_modifying_with(statement)
         route = _NAMED.get((shard, is_read))
         if route is None:
             route = _NAMED.setdefault((shard, is_read), Route(
