@@ -584,6 +584,8 @@ class Cluster:
                              retval=True)
                 if role == REPLICA and opts["pool_reset_on_return"] is None:
                     event.listen(eng, "reset", _end_open_transaction)
+                if role == REPLICA:
+                    event.listen(eng, "set_connection_execution_options", _no_replica_isolation(node))
                 if role == PRIMARY:
                     from ._session import _watch_primary
 
@@ -832,6 +834,25 @@ def _end_open_transaction(dbapi_connection: Any, record: Any, reset_state: Any) 
     transaction, so that the next checkout starts with none."""
     if not reset_state.terminate_only and dbapi_connection.pgconn.transaction_status != TransactionStatus.IDLE:
         dbapi_connection.rollback()
+
+
+def _no_replica_isolation(node: str) -> Any:
+    """A set_connection_execution_options hook for replica ``node``: its connections keep
+    their isolation (autocommit, or a streamed read's READ COMMITTED); an
+    ``isolation_level`` given to one is for the primaries, as one in engine_options is.
+    SQLAlchemy 2.1 gives a session's execution_options to every connection of the session,
+    replicas' included (a standby refuses SERIALIZABLE).  Said once per node (WARNING)."""
+    said = []
+
+    def drop(conn: Any, opts: dict[str, Any]) -> None:
+        level = opts.pop("isolation_level", None)
+        if level is not None and not said:
+            said.append(level)
+            log.warning("isolation_level %s is not applied on replica %s: replica reads run in "
+                        "autocommit (it applies to the primaries); a read that must run at that "
+                        "level asks the primary (shardkit_role='primary' or consistency='strong')",
+                        level, node)
+    return drop
 
 
 def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,

@@ -354,12 +354,18 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 # finds no row to look up.)
                 pk = key[1] if key else state.mapper._identity_key_from_state(state)[1]
                 if (key is None or key[2] is None) and state.session_id != self.hash_key and not any(
-                        v is None or v is NO_VALUE or v is NEVER_SET for v in pk) and (
-                        self._shard_from_identity(state.mapper, pk) is None):
-                    shard = _own_key_shard(self.cluster, state)
-                    # (held until the merge has found it in the identity map)
-                    found = None if shard is None else self.get(
-                        state.mapper.class_, pk, identity_token=shard, options=kw.get("options"))
+                        v is None or v is NO_VALUE or v is NEVER_SET for v in pk):
+                    by_pk = self._shard_from_identity(state.mapper, pk)
+                    if by_pk is None:
+                        shard = _own_key_shard(self.cluster, state)
+                        # (held until the merge has found it in the identity map)
+                        found = None if shard is None else self.get(
+                            state.mapper.class_, pk, identity_token=shard, options=kw.get("options"))
+                    elif _named_shard(kw.get("options"), None, None) is None:
+                        # Its primary key names the shard its flush writes it on: the row is
+                        # looked for there, not where the session's execution options or a
+                        # scope name a shard for statements (merge()'s own options may).
+                        shard = found = by_pk
                 return self._merge_on(shard if found is not None else None, state, state_dict, load, kw)
         shard = None
         if key is not None and key[2] is None and state.session_id != self.hash_key:
@@ -1158,6 +1164,12 @@ def _with_session_options(session_wide: Any, statement: Any, given: Any) -> Any:
     call, as Session._execute_internal merges them.  The options that name a shard are one
     option: a statement or call naming its shard by any of them overrides the session's."""
     own = getattr(statement, "_execution_options", None)
+    ctx = given.get("sa_top_level_orm_context") if given else None
+    if ctx is not None:
+        # An eager load (selectinload) for a statement: that statement's options and its
+        # call's (the session's under them already) are the load's own, as per statement.
+        top = ctx.query._execution_options.merge_with(ctx.execution_options)
+        own = top.merge_with(own) if own else top
     base = {k: v for k, v in session_wide.items() if k not in own} if own else session_wide
     if any(opts and any(opts.get(n) is not None for n in _SHARD_NAMES) for opts in (own, given)):
         base = {k: v for k, v in base.items() if k not in _SHARD_NAMES}
