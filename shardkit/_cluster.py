@@ -585,7 +585,7 @@ class Cluster:
                 if role == REPLICA and opts["pool_reset_on_return"] is None:
                     event.listen(eng, "reset", _end_open_transaction)
                 if role == REPLICA:
-                    event.listen(eng, "set_connection_execution_options", _no_replica_isolation(node))
+                    _keep_replica_isolation(eng.dialect, node)
                 if role == PRIMARY:
                     from ._session import _watch_primary
 
@@ -836,23 +836,30 @@ def _end_open_transaction(dbapi_connection: Any, record: Any, reset_state: Any) 
         dbapi_connection.rollback()
 
 
-def _no_replica_isolation(node: str) -> Any:
-    """A set_connection_execution_options hook for replica ``node``: its connections keep
-    their isolation (autocommit, or a streamed read's READ COMMITTED); an
-    ``isolation_level`` given to one is for the primaries, as one in engine_options is.
-    SQLAlchemy 2.1 gives a session's execution_options to every connection of the session,
-    replicas' included (a standby refuses SERIALIZABLE).  Said once per node (WARNING)."""
+def _keep_replica_isolation(dialect: Any, node: str) -> None:
+    """Wrap replica ``node``'s own dialect so that its connections keep their isolation
+    (autocommit, or a streamed read's READ COMMITTED): an ``isolation_level`` given to one
+    is for the primaries, as one in engine_options is.  SQLAlchemy 2.1 gives a session's
+    execution_options to every connection of the session, replicas' included (a standby
+    refuses SERIALIZABLE).  Said once per node (WARNING).  Rather than the engine's
+    "set_connection_execution_options" event: a connection-event listener makes every
+    statement on the engine dispatch all the connection events (see _watch_primary)."""
+    set_options = dialect.set_connection_execution_options
     said = []
 
-    def drop(conn: Any, opts: dict[str, Any]) -> None:
-        level = opts.pop("isolation_level", None)
-        if level is not None and not said:
-            said.append(level)
-            log.warning("isolation_level %s is not applied on replica %s: replica reads run in "
-                        "autocommit (it applies to the primaries); a read that must run at that "
-                        "level asks the primary (shardkit_role='primary' or consistency='strong')",
-                        level, node)
-    return drop
+    def keep_isolation(connection: Any, opts: Mapping[str, Any]) -> None:
+        level = opts.get("isolation_level")
+        if level is not None:
+            opts = {k: v for k, v in opts.items() if k != "isolation_level"}
+            if not said:
+                said.append(level)
+                log.warning("isolation_level %s is not applied on replica %s: replica reads run in "
+                            "autocommit (it applies to the primaries); a read that must run at that "
+                            "level asks the primary (shardkit_role='primary' or consistency='strong')",
+                            level, node)
+        set_options(connection, opts)
+
+    dialect.set_connection_execution_options = keep_isolation
 
 
 def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,

@@ -181,3 +181,13 @@ def test_an_isolation_level_given_to_a_replica_connection_is_said_once_per_node(
         assert "REPEATABLE READ" in msg and f"{shard}/r0" in msg and "shardkit_role='primary'" in msg
     finally:
         c.dispose()
+
+
+def test_no_node_engine_dispatches_connection_events(cluster):
+    # What shardkit hooks into a node's engine goes through its dialect and pool: a
+    # connection-event listener would make every statement on it dispatch all the
+    # connection events (about 5% of a replica read).
+    engines = [cluster.engine(s, "primary") for s in cluster.shard_names]
+    engines += [cluster.engine(s, "replica", i) for s in cluster.shard_names
+                for i in range(cluster.replica_count(s))]
+    assert engines and not [e.url.port for e in engines if e._has_events]
