@@ -190,7 +190,7 @@ class Router:
         self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any, Any]] = {}
         # The same entries for select(Model).where(Model.key == value), by (id of the
         # column, id of the entity's table) of the statement -> (that column, that table,
-        # the entry): found from the statement alone (see key_select_route).
+        # the entry): found from the statement alone (see route()).
         self._entity_entries: dict[tuple[int, int], tuple[Any, Any, tuple[Any, ...]]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
@@ -369,28 +369,6 @@ class Router:
 
     # -- statements ------------------------------------------------------------
 
-    def key_select_route(self, statement: selectable.Select[Any]) -> Route | None:
-        """The route of ``select(Model).where(Model.key == value)`` (nothing more; the
-        statement has no parameters of its own) when the router has routed one of that
-        shape before, or None (then :meth:`route` says)."""
-        d = statement.__dict__
-        if not d.keys() <= _KEY_SELECT_ATTRS:
-            return None
-        where = d.get("_where_criteria")
-        raw = d.get("_raw_columns")
-        if where is None or raw is None or len(where) != 1 or len(raw) != 1:
-            return None
-        c = where[0]
-        if type(c) is not elements.BinaryExpression or c.operator is not operators.eq:
-            return None
-        col, b = c.left, c.right
-        if type(b) is not BindParameter or b.callable is not None or b.expanding:
-            return None
-        hit = self._entity_entries.get((id(col), id(raw[0])))
-        if hit is None or hit[0] is not col or hit[1] is not raw[0]:
-            return None
-        return self._entry_route(hit[2], b.value)
-
     def _known_key_route(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any]) -> Route | None:
         """The route of a SELECT of ``shape`` (what :func:`_column_equals_value` made of
         it) from the entry its column has, or None."""
@@ -444,11 +422,21 @@ class Router:
         if role is None and not params and type(statement) is selectable.Select:
             # SELECT ... FROM t WHERE t.key = :value and nothing else: routed by the
             # column's entry, without SQLAlchemy's cache key (see _column_equals_value).
-            shape = _column_equals_value(statement)
-            if shape is not None:
-                known = self._known_key_route(shape)
-                if known is not None:
-                    return known
+            criterion = _key_criterion(statement)
+            if criterion is not None:
+                col, b, raw = criterion
+                # select(Model).where(Model.key == value): the mapper gives every such
+                # statement the same column and table objects, which find the entry.
+                hit = self._entity_entries.get((id(col), id(raw[0]))) if len(raw) == 1 else None
+                if hit is not None and hit[0] is col and hit[1] is raw[0]:
+                    known = self._entry_route(hit[2], b.value)
+                    if known is not None:
+                        return known
+                shape = _column_equals_value(criterion)
+                if shape is not None:
+                    known = self._known_key_route(shape)
+                    if known is not None:
+                        return known
         if getattr(statement, "_params", None):
             # Statement.params(): SQLAlchemy 2.1 keeps those values beside the
             # statement's bind parameters; the call's own parameters win over them.
@@ -1586,16 +1574,11 @@ _KEY_SELECT_ATTRS = frozenset({"_propagate_attrs", "_raw_columns", "_label_style
 _KEY_COLUMNS_MAX = 1000
 
 
-def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindParameter[Any], Any, Any, Any] | None:
-    """``(column, bind, entity, table, entry key)`` if ``statement`` selects one table's
-    entity or columns with the single criterion ``column = value`` and nothing else (no
-    join, option, limit, order, grouping, further criteria, parameters of its own): its
-    route depends only on the column, the value and the ORM entity it loads (None for
-    columns or a Core table; an entity's load may be refused, see
-    Router.entities_problem), so the router keeps it per column and entity (the entry
-    key: Router._key_columns) and skips the plan lookup by SQLAlchemy's cache key, whose
-    hash costs more than the rest of the route.  ``None`` for anything else, which takes
-    the general path."""
+def _key_criterion(statement: selectable.Select[Any]) -> tuple[Any, BindParameter[Any], Any] | None:
+    """``(column, bind, selected columns)`` if ``statement`` is a SELECT of columns or
+    entities with the single criterion ``column = value`` and nothing else (no join,
+    option, limit, order, grouping, further criteria, parameters of its own, a value
+    given at execution); ``None`` for anything else."""
     d = statement.__dict__
     if not d.keys() <= _KEY_SELECT_ATTRS:
         return None
@@ -1605,18 +1588,25 @@ def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindPa
     c = where[0]
     if type(c) is not elements.BinaryExpression or c.operator is not operators.eq:
         return None
-    col, b = c.left, c.right
+    b = c.right
     if type(b) is not BindParameter or b.callable is not None or b.expanding:
         return None
     raw = d.get("_raw_columns")
     if not raw:
         return None  # select().where(...): SQLAlchemy's ORM refuses a SELECT of no columns
-    if len(raw) == 1:
-        # select(Model).where(Model.key == v): the mapper gives every such statement the
-        # same column and table objects, so what they say is worked out once.
-        known = _ENTITY_SHAPES.get((id(col), id(raw[0])))
-        if known is not None and known[0] is col and known[1] is raw[0]:
-            return col, b, known[2], known[3], known[4]
+    return c.left, b, raw
+
+
+def _column_equals_value(criterion: tuple[Any, BindParameter[Any], Any]) -> tuple[Any, BindParameter[Any], Any, Any, Any] | None:
+    """``(column, bind, entity, table, entry key)`` if the SELECT of ``criterion`` (what
+    _key_criterion found) selects one table's entity or columns, by a column of that
+    table: its route depends only on the column, the value and the ORM entity it loads
+    (None for columns or a Core table; an entity's load may be refused, see
+    Router.entities_problem), so the router keeps it per column and entity (the entry
+    key: Router._key_columns) and skips the plan lookup by SQLAlchemy's cache key, whose
+    hash costs more than the rest of the route.  ``None`` for anything else, which takes
+    the general path."""
+    col, b, raw = criterion
     if not isinstance(col, elements.ColumnClause):
         return None
     table = col.table
@@ -1635,19 +1625,7 @@ def _column_equals_value(statement: selectable.Select[Any]) -> tuple[Any, BindPa
                 if entity is not None and e is not entity:
                     return None
                 entity = e
-    entry_key = (id(table), col.name, entity)
-    if len(raw) == 1 and entity is not None:
-        # (Kept while the mapper keeps them: an entity's objects are its mapper's, not
-        # made per statement as table() objects may be.)
-        if len(_ENTITY_SHAPES) >= _KEY_COLUMNS_MAX:
-            _ENTITY_SHAPES.clear()
-        _ENTITY_SHAPES[(id(col), id(raw[0]))] = (col, raw[0], entity, table, entry_key)
-    return col, b, entity, table, entry_key
-
-
-# (id of the column, id of the entity's table) of select(Model).where(column == value)
-# -> (the column, the table, the entity, its Table, its Router._key_columns key).
-_ENTITY_SHAPES: dict[tuple[int, int], tuple[Any, Any, Any, Any, Any]] = {}
+    return col, b, entity, table, (id(table), col.name, entity)
 
 
 def _concrete_union_problem(statement: Any) -> str | None:

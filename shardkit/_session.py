@@ -849,12 +849,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         for opt in statement._with_options:
             if isinstance(opt, horizontal_shard.set_shard_id):
                 return _GENERAL
-        router = cluster.router
-        route = None if params else router.key_select_route(statement)
-        if route is None:
-            route = router.route(statement, params, anywhere=self._sk_ref_shard)
-            if len(route.shards) != 1 or route.is_write or route.anywhere:
-                return route
+        route = cluster.router.route(statement, params, anywhere=self._sk_ref_shard)
+        if len(route.shards) != 1 or route.is_write or route.anywhere:
+            return route
         shard = route.shards[0]
         if not cluster._replica_counts[shard]:
             # (The general path reads its primary without asking the health monitor,
