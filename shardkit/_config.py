@@ -203,6 +203,9 @@ def parse_pool(raw: Any, path: str) -> dict[str, Any]:
             out[key] = _number(val, p, minimum=1, integer=True)
         elif key == "max_overflow":
             out[key] = _number(val, p, minimum=-1, integer=True)
+        elif key == "recycle":
+            # SQLAlchemy's pool_recycle: -1 (its default) never recycles, 0 at every checkout.
+            out[key] = _number(val, p, minimum=-1)
         else:
             out[key] = _number(val, p, minimum=0)
     return out
