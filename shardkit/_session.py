@@ -533,23 +533,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
             role = consistency = None
             max_s, max_b = settings.max_lag_seconds, settings.max_lag_bytes
         else:
-            opt = _options(statement, execution_options)
-            role = opt("shardkit_role") or sc.role
-            if role is not None and role not in _ROLES:
-                _bad_option("shardkit_role", role, _ROLES)
-            consistency = opt("shardkit_consistency")
-            if consistency is not None and consistency not in CONSISTENCY_MODES:
-                _bad_option("shardkit_consistency", consistency, CONSISTENCY_MODES)
-            max_s = opt("shardkit_max_lag_seconds")
+            role, consistency, max_s, max_b = _read_options(_options(statement, execution_options))
+            role = role or sc.role
             if max_s is None:
                 max_s = sc.max_lag_seconds if sc.max_lag_seconds is not None else settings.max_lag_seconds
-            elif problem := lag_limit_problem("max_lag_seconds", max_s):
-                raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
-            max_b = opt("shardkit_max_lag_bytes")
             if max_b is None:
                 max_b = sc.max_lag_bytes if sc.max_lag_bytes is not None else settings.max_lag_bytes
-            elif problem := lag_limit_problem("max_lag_bytes", max_b):
-                raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
         if shard in self._sk_written:
             return None
         if self.twophase:
@@ -761,6 +750,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
             # Routed, planned and merged as the statement it builds, with this call's values.
             statement = statement._resolved
+        if execution_options or getattr(statement, "_execution_options", None):
+            # Checked whatever the statement and its shards: a bad one is refused before it
+            # runs on a shard without replicas, as on one with them.
+            _read_options(_options(statement, execution_options))
         if (self.autoflush and not self._flushing
                 and isinstance(statement, (selectable.Select, selectable.CompoundSelect))
                 and (self._new or self._deleted or self.identity_map.check_modified())
@@ -1482,6 +1475,24 @@ def _bad_option(name: str, value: Any, allowed: Iterable[str]) -> None:
     raise sa_exc.ArgumentError(
         f"execution option {name}={value!r} is not valid; use one of "
         f"{', '.join(repr(a) for a in allowed)}")
+
+
+def _read_options(opt: Callable[[str], Any]) -> tuple[Any, Any, Any, Any]:
+    """A read's replica options (role, consistency, max lag seconds, max lag bytes; None
+    where not given) from ``opt`` (see _options), checked: ArgumentError for a bad one."""
+    role = opt("shardkit_role")
+    if role is not None and role not in _ROLES:
+        _bad_option("shardkit_role", role, _ROLES)
+    consistency = opt("shardkit_consistency")
+    if consistency is not None and consistency not in CONSISTENCY_MODES:
+        _bad_option("shardkit_consistency", consistency, CONSISTENCY_MODES)
+    max_s = opt("shardkit_max_lag_seconds")
+    if max_s is not None and (problem := lag_limit_problem("max_lag_seconds", max_s)):
+        raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
+    max_b = opt("shardkit_max_lag_bytes")
+    if max_b is not None and (problem := lag_limit_problem("max_lag_bytes", max_b)):
+        raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
+    return role, consistency, max_s, max_b
 
 
 def _option(name: str, statement: Any, execution_options: Any) -> Any:
