@@ -181,6 +181,8 @@ class Router:
             self.tables[t] = TableRoute(t, None, (), None)
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
+        # Cache key -> data_modifying_with() of statements of that shape.
+        self._dml_ctes: dict[Any, str | None] = {}
         # (id of the Table, key column name, the ORM entity selected or None) -> (group,
         # coercer, routes by shard, a weak reference to the Table, the group's strategy,
         # a hash group's (bucket map, bucket count) for int keys) of the plan shared by every SELECT that _column_equals_value accepts on that
@@ -822,15 +824,26 @@ class Router:
 
     def data_modifying_with(self, statement: Any) -> str | None:
         """What a data-modifying WITH of ``statement`` writes (``"DELETE of t in 'x'"``),
-        or None: a SELECT holding one writes, wherever it runs."""
+        or None: a SELECT holding one writes, wherever it runs.  Asked of every read sent
+        to a named shard, which need not be routed (its tables need not be in the map):
+        known per statement shape, by SQLAlchemy's cache key (memoized on the statement,
+        and the compiler needs it anyway)."""
         if type(statement) in _WRAPPERS:
             statement = unwrap_statement(statement)
-        try:
-            return self._plan_for(statement)[0].dml_cte
-        except RoutingError:
-            # Tables the map does not name (which a named shard may read): looked for
-            # without the plan.
+        ck = statement._generate_cache_key() if hasattr(statement, "_generate_cache_key") else None
+        if ck is None:
             return _dml_cte(statement)
+        try:
+            return self._dml_ctes[ck.key]
+        except KeyError:
+            pass
+        plan = self._plans.get(ck.key)
+        found = plan.dml_cte if plan is not None else _dml_cte(statement)
+        with self._plans_lock:
+            if len(self._dml_ctes) > 5000:
+                self._dml_ctes.clear()
+            self._dml_ctes[ck.key] = found
+        return found
 
     def _plan_for(self, statement: Any) -> tuple[_Plan, Sequence[BindParameter[Any]]]:
         # Analyse once per statement shape, keyed by SQLAlchemy's cache key: it is
