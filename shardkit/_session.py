@@ -74,7 +74,7 @@ from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for,
                        unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
                        plan_scatter, send_cancel, shut_down_socket, text_comparison)
-from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem
+from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem, scope
 from ._scope import _current as _scope_var
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
@@ -132,6 +132,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
     _sk_ref_shard: str | None = None
     # In delete() and merge(): what they load decides a write (see _read_target).
     _sk_for_write = False
+    # The map version in use when the identity map was last empty (with a catalog).
+    _sk_map_version: int | None = None
 
     def __init_subclass__(cls, **kw: Any) -> None:
         # A subclass's default is checked once, as the constructor checks the argument
@@ -192,8 +194,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_replica: dict[str, int] = {}
         # During a flush: new reference rows already copied to every shard.
         self._sk_ref_copied: set[Any] = set()
+        if cluster.catalog is not None:
+            # The map version in use when the identity map was last empty: objects held
+            # since may have been loaded by an older map (see _refuse_moved_load).  (The
+            # config file's map, version None, never changes.)
+            self._sk_map_version = cluster.map_version
         if consistency_token:
             self.require_token(consistency_token)
+
+    def expunge_all(self) -> None:
+        super().expunge_all()
+        self._sk_map_version = self.cluster.map_version
 
     def bind_shard(self, shard_id: str, bind: Any) -> None:
         """Refused: the cluster has the shards' engines (horizontal_shard's method)."""
@@ -574,10 +585,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return self._on_primary(shard)
         min_lsn = self._sk_tokens.get(shard) if consistency == "read_your_writes" else None
         floor = cluster.moved_lsn.get(shard)
-        if floor:
+        if floor and floor > (min_lsn or 0) and cluster._floor_verdicts.get(shard) != (floor, True):
             # Buckets moved here: a replica serves once it has replayed the switch,
             # so moved rows never seem to vanish (whatever the consistency mode).
-            min_lsn = max(min_lsn or 0, floor)
+            min_lsn = floor
+        else:
+            floor = None  # (the session's own position is the one to reach, if any)
         selector = cluster.selector
         ok, behind = selector.eligible(shard, max_lag_seconds=max_s, max_lag_bytes=max_b,
                                        min_lsn=min_lsn, exclude=exclude)
@@ -607,6 +620,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 if repin:
                     self._sk_replica[shard] = best.index
                 return best.index
+            if floor and self._floor_beyond_primary(shard, floor):
+                return self._read_target(shard, statement, execution_options, sc, exclude)
             if self._token_beyond_primary(shard):
                 # The token's position was another server's: choose again with the
                 # primary's own (replicas that have replayed it have every write there).
@@ -617,7 +632,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 return self._on_primary(shard)
         if role == REPLICA or settings.when_no_replica == "raise":
             raise ShardUnavailable(
-                f"shard {shard}: no replica can serve this read ({_why_not(cluster, shard, max_s, max_b, min_lsn)})"
+                f"shard {shard}: no replica can serve this read ({_why_not(cluster, shard, max_s, max_b, min_lsn, bool(floor))})"
                 + ("; reads were forced to replicas" if role == REPLICA else
                    "; [replicas] when_no_replica = 'raise'"),
                 shard=shard,
@@ -655,6 +670,34 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     shard, format_lsn(want), format_lsn(now))
         self._sk_tokens[shard] = self._sk_token_checked[shard] = now
         return True
+
+    def _floor_beyond_primary(self, shard: str, floor: int) -> bool:
+        """After no replica reached ``floor``, the WAL position after the latest move to
+        ``shard`` (Cluster.moved_lsn): whether it is past the primary's current position, so
+        not this server's (the shard's server was replaced since, by a restore or an upgrade
+        to a new server): no replica would ever reach it.  Then it is set aside, with a
+        warning (True).  One query to the primary per floor and process."""
+        cluster = self.cluster
+        known = cluster._floor_verdicts.get(shard)
+        if known is not None and known[0] >= floor:
+            return False  # the primary had reached it: replicas are just behind
+        if not cluster.selector.monitor.shards[shard].primary.up:
+            return False
+        try:
+            now = parse_lsn(_primary_position(cluster, shard))
+        except Exception as e:  # noqa: BLE001 - the floor stands: reads use the primary
+            log.debug("could not check %s's move floor against its primary: %s", shard, e)
+            return False
+        # (The floor is published after the primary's commit at it: a primary of the same
+        # history is at it or past it.)
+        beyond = floor > now
+        cluster._floor_verdicts[shard] = (floor, beyond)
+        if beyond:
+            log.warning("the latest move of buckets to shard %s ended at WAL position %s (the catalog "
+                        "says), past its primary's (%s): the shard's server was replaced since (restored "
+                        "or upgraded to a new server); its replicas serve reads without waiting for that "
+                        "position", shard, format_lsn(floor), format_lsn(now))
+        return beyond
 
     def _on_primary(self, shard: str) -> None:
         """This read runs on the primary, and so does the rest of the transaction's (see
@@ -1663,10 +1706,41 @@ def _refuse_moved_load(session: ShardedSession, shard: str, statement: Any, exec
     if state is None or state.key is None or len(state.key) < 3 or state.key[2] != shard:
         return
     guarded, key = _shard_key_of(session, state)
-    owner = _current_owner(session, state.mapper, state.key[1], key) if guarded else None
+    if not guarded:
+        return
+    owner = _current_owner(session, state.mapper, state.key[1], key)
+    if owner is None and key is None:
+        owner = _owner_since_map_changed(session, state, shard)
     if owner is not None and owner != shard:
         raise _moved_object_error(state.mapper, state.key[1], shard, owner, session.cluster,
                                   "this session's copy of it is out of date")
+
+
+def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str) -> str | None:
+    """The shard owning the row of ``state`` (loaded from ``shard``; an expired object
+    whose primary key does not hold the shard key, so neither tells its bucket), asked of
+    the shards by primary key, when the map changed since the session's objects were
+    loaded (else, and when no shard has the row, None).  Without it, its refresh would
+    read ``shard``'s leftover copy (out of date after the switch) or, after the clean-up,
+    report the row deleted."""
+    if session._flushing or session.cluster.map_version == session._sk_map_version \
+            or current_scope().shard is not None:
+        return None
+    mapper = state.mapper
+    tr = session.cluster.router.table_route(mapper)
+    keys = [mapper.get_property_by_column(mapper.local_table.c[c]).class_attribute for c in tr.key_columns]
+    pk = [mapper.get_property_by_column(c).class_attribute == v for c, v in zip(mapper.primary_key, state.key[1])]
+    # Across shards (leftovers left out), whatever a strict session or a scope's key would
+    # do to the application's own reads: this one is the object's.
+    strict, session.strict = session.strict, False
+    try:
+        with session.no_autoflush, scope(key=None, strict=False):
+            rows = session.execute(sa_select(*keys).where(*pk)).all()
+    finally:
+        session.strict = strict
+    if len(rows) != 1:
+        return None
+    return _current_owner(session, mapper, state.key[1], rows[0][0] if len(keys) == 1 else tuple(rows[0]))
 
 
 # (shard, is_read) -> the Route of a statement for a shard named by the caller.
@@ -3334,7 +3408,10 @@ def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
         )
 
 
-def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: int | None) -> str:
+def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: int | None,
+             moved: bool = False) -> str:
+    """Why no replica of ``shard`` serves a read; ``moved``: ``min_lsn`` is the WAL position
+    after the latest move to the shard (Cluster.moved_lsn), not this session's."""
     mon = cluster.selector.monitor
     parts = []
     now = time.monotonic()
@@ -3354,7 +3431,9 @@ def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: in
             parts.append(f"{r.name} is {lag_s:.1f} s ({lag_b / 1e6:.1f} MB) behind; "
                          f"limit {max_s:g} s / {max_b / 1e6:.1f} MB")
         elif min_lsn is not None and (r.wal_lsn or 0) < min_lsn:
-            parts.append(f"{r.name} has not replayed this session's writes yet "
+            what = ("the latest move of buckets to this shard (it serves them once it has)" if moved
+                    else "this session's writes")
+            parts.append(f"{r.name} has not replayed {what} yet "
                          f"({format_lsn(r.wal_lsn or 0)} < {format_lsn(min_lsn)})")
     return "; ".join(parts) or "no replicas"
 
