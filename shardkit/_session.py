@@ -203,8 +203,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             self.require_token(consistency_token)
 
     def expunge_all(self) -> None:
-        super().expunge_all()
-        self._sk_map_version = self.cluster.map_version
+        super().expunge_all()  # (close() too)
+        cluster = self.cluster
+        if cluster.catalog is not None:
+            self._sk_map_version = cluster.map_version
 
     def bind_shard(self, shard_id: str, bind: Any) -> None:
         """Refused: the cluster has the shards' engines (horizontal_shard's method)."""
