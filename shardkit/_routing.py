@@ -450,7 +450,8 @@ class Router:
                 "statement by its outer query and would run that write where the query goes "
                 "(one shard for a reference table, every shard for a key-less write, a shard "
                 "that does not own an inserted row). Run the INSERT/UPDATE/DELETE ... RETURNING "
-                "as its own statement and use its rows, or name the shard where it belongs "
+                "as its own statement and use its rows (the only way to write a reference table, "
+                "whose write goes to every shard), or name the shard where it belongs "
                 "(execution_options(shardkit_shard=...) or shardkit.scope(shard=...)): it then "
                 "runs on that shard's primary",
                 table=plan.tables[0] if plan.tables else None, statement=statement)

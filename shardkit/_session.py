@@ -1568,10 +1568,11 @@ _NO_OPTIONS: Mapping[str, Any] = util.immutabledict()
 
 def _autoflushes(statement: Any, execution_options: Any) -> bool:
     """Whether the ORM would autoflush before this statement (``autoflush=False`` as an
-    execution option or through ``Query.autoflush(False)`` says no)."""
-    opt = _options(statement, execution_options)
-    lo = opt("_sa_orm_load_options")
-    return opt("autoflush") is not False and (lo is None or lo._autoflush)
+    execution option or through ``Query.autoflush(False)`` says no).  By the statement's
+    and the call's options only: the ORM autoflushes before an eager load (selectinload)
+    whatever the statement it loads for said (a short-path read's autoflush=False too)."""
+    lo = _option("_sa_orm_load_options", statement, execution_options)
+    return _option("autoflush", statement, execution_options) is not False and (lo is None or lo._autoflush)
 
 
 def _streams(statement: Any, execution_options: Any) -> bool:
@@ -1632,9 +1633,24 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             )
         # A SELECT whose WITH inserts, updates or deletes writes: on the primary (a
         # replica refuses it), and the shard counts as written (reads and token after it).
+        dml_cte = isinstance(statement, (selectable.Select, selectable.CompoundSelect)) and \
+            cluster.router.data_modifying_with(statement)
+        if dml_cte and shard == sc.shard and _explicit_shard(
+                statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None:
+            # Named by scope(shard=...) alone, where a reference table's write goes to every
+            # shard: one in a WITH would change the scope shard's copy alone.
+            ref = next((e.element.table.fullname for e in visitors.iterate(unwrap_statement(statement))
+                        if isinstance(e, selectable.CTE) and isinstance(e.element, UpdateBase)
+                        and _writes_reference_table(cluster, e.element)), None)
+            if ref is not None:
+                raise CrossShardWriteError(
+                    f"statement has a data-modifying WITH ({dml_cte}) that writes reference table "
+                    f"{ref}: inside scope(shard={shard!r}) it would change that shard's copy alone "
+                    "(a reference table's write goes to every shard). Run the INSERT/UPDATE/DELETE "
+                    "... RETURNING as its own statement and use its rows",
+                    table=ref, statement=statement)
         is_read = isinstance(statement, (selectable.Select, selectable.CompoundSelect)) and \
-            getattr(statement, "_for_update_arg", None) is None and \
-            not cluster.router.data_modifying_with(statement)
+            getattr(statement, "_for_update_arg", None) is None and not dml_cte
         route = _NAMED.get((shard, is_read))
         if route is None:
             route = _NAMED.setdefault((shard, is_read), Route(
