@@ -1,8 +1,9 @@
 """SQLAlchemy 2.1's session-wide execution options (``Session(execution_options={...})``,
 also through a sessionmaker) route like the same options given per statement or per
 call, on execute() and on the paths beside it (get, loads, legacy Query, scatter
-reads, key-less writes, scopes); a statement's or call's own option still wins.  On
-the shared local cluster, its own tables."""
+reads, key-less writes, scopes, eager loads, merge()); a statement's or call's own
+option still wins.  A session-wide ``isolation_level`` reaches the primaries, not the
+replicas (which read in autocommit).  On the shared local cluster, its own tables."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import time
 
 import pytest
 from own_tables import cluster_with_tables, nodes_used
-from sqlalchemy import BigInteger, ForeignKey, String, select, update
+from sqlalchemy import BigInteger, ForeignKey, String, event, select, text, update
+from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, relationship,
                             selectinload, sessionmaker)
 
@@ -159,3 +161,132 @@ def test_a_session_wide_yield_per_streams_replica_reads(cluster):
     with _maker(cluster, yield_per=5)() as s:
         assert sorted(o.id for o in s.execute(select(Owner)).scalars()) == list(KEYS)
         assert s.execute(select(Owner.v).where(Owner.id == 7)).scalar_one() == "v7"
+
+
+# -- eager loads follow the statement's own options, not the session's under them -------
+
+@pytest.mark.parametrize("naming", ["statement", "call", "set_shard_id", "Query.set_shard"])
+def test_selectinload_follows_the_shard_its_statement_names_over_the_sessions(cluster, naming):
+    own, other = _other_shard(cluster, 3)
+    with _maker(cluster, shardkit_shard=other)() as s:
+        stmt = select(Owner).where(Owner.id == 3).options(selectinload(Owner.pets))
+        if naming == "statement":
+            o = s.scalars(stmt.execution_options(shardkit_shard=own)).one()
+        elif naming == "call":
+            o = s.scalars(stmt, execution_options={"shardkit_shard": own}).one()
+        elif naming == "set_shard_id":
+            o = s.scalars(stmt.options(set_shard_id(own))).one()
+        else:
+            o = s.query(Owner).set_shard(own).filter(Owner.id == 3).options(selectinload(Owner.pets)).one()
+        # (Before: the pets were read on the session's shard, which has none of them: [].)
+        assert [p.id for p in o.pets] == [300, 301]
+
+
+def test_selectinload_follows_its_statements_role_over_the_sessions(cluster):
+    # Per statement (no session option), a role="primary" statement's selectinload reads
+    # the primaries; the session's role="replica" must not take that back for the load.
+    def on_pets(sql):
+        return Pet.__tablename__ in sql.split("FROM", 1)[-1].split("WHERE")[0]
+
+    stmt = select(Owner).where(Owner.id.in_([4, 5])).options(selectinload(Owner.pets)) \
+        .execution_options(shardkit_role="primary")
+    with nodes_used(cluster, on_pets) as per_statement, \
+            sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as s:
+        assert len(s.scalars(stmt).all()) == 2
+    with nodes_used(cluster, on_pets) as session_wide, _maker(cluster, shardkit_role="replica")() as s:
+        assert len(s.scalars(stmt).all()) == 2
+    assert per_statement and all(n.endswith("/primary") for n in per_statement), per_statement
+    assert session_wide and all(n.endswith("/primary") for n in session_wide), session_wide
+
+
+# -- merge() compares with the row where its flush writes ---------------------------------
+
+@pytest.mark.parametrize("naming", ["session", "scope"])
+def test_merge_under_a_named_shard_compares_with_the_row_it_writes(cluster, naming):
+    own, other = _other_shard(cluster, 3)
+    maker = _maker(cluster, shardkit_shard=other) if naming == "session" else _maker(cluster)
+    with maker() as s, shardkit.scope(shard=other if naming == "scope" else None):
+        merged = s.merge(Owner(id=3, v="m3"))
+        # (Before: the row was looked for on the session's shard, not found, and the flush
+        # INSERTed a second row 3 on its own shard: UniqueViolation.)
+        s.flush()
+        assert s.execute(select(Owner.v).where(Owner.id == 3).execution_options(
+            shardkit_shard=own, shardkit_role="primary")).scalar_one() == "m3"
+        assert merged.v == "m3"
+        s.rollback()
+
+
+# -- a session-wide isolation_level: primaries get it, replicas read in autocommit ---------
+
+@pytest.fixture
+def replica_autocommit(cluster):
+    """Per replica statement run inside the test: whether its connection was in autocommit."""
+    seen: list[bool] = []
+
+    def note(conn, *_a):
+        seen.append(conn.connection.dbapi_connection.autocommit)
+    engines = [cluster.engine(s, "replica", i) for s in cluster.shard_names
+               for i in range(cluster.replica_count(s))]
+    for eng in engines:
+        event.listen(eng, "before_cursor_execute", note)
+    yield seen
+    for eng in engines:
+        event.remove(eng, "before_cursor_execute", note)
+
+
+@pytest.mark.parametrize("level", ["SERIALIZABLE", "REPEATABLE READ"])
+def test_session_wide_isolation_level_reaches_primaries_and_replicas_read_in_autocommit(
+        cluster, replica_autocommit, level):
+    own, _ = _other_shard(cluster, 3)
+    with _maker(cluster, isolation_level=level)() as s:
+        # (Before: SERIALIZABLE failed every replica read, "cannot use serializable mode
+        # in a hot standby"; another level made replica reads hold a transaction.)
+        assert s.execute(select(Owner.v).where(Owner.id == 3)).scalar_one() == "v3"
+        assert sorted(s.scalars(select(Owner.id)).all()) == list(KEYS)        # scatter read
+        assert s.get(Owner, 4).pets                                             # get + lazy load
+        assert s.execute(text("SHOW transaction_isolation"),
+                         execution_options={"shardkit_shard": own}).scalar() == level.lower()
+    assert replica_autocommit and all(replica_autocommit), replica_autocommit
+
+
+def test_session_wide_isolation_level_with_a_streamed_replica_read(cluster):
+    with _maker(cluster, isolation_level="SERIALIZABLE", yield_per=5)() as s:
+        assert sorted(o.id for o in s.scalars(select(Owner))) == list(KEYS)
+
+
+def test_an_isolation_level_given_to_a_replica_connection_is_said_once_per_node(
+        shardkit_dev_cluster, caplog):
+    # Not silently: the first connection of each replica given one says it is not applied.
+    c = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **CONFIG})
+    try:
+        shard = c.shard_names[0]
+        eng = c.engine(shard, "replica", 0)
+        with caplog.at_level("WARNING", logger="shardkit.cluster"):
+            for _ in range(3):
+                with eng.connect() as conn:
+                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                    assert conn.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
+                    assert conn.connection.dbapi_connection.autocommit
+        said = [r for r in caplog.records if "isolation_level" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in said]
+        msg = said[0].getMessage()
+        assert "REPEATABLE READ" in msg and f"{shard}/r0" in msg and "shardkit_role='primary'" in msg
+    finally:
+        c.dispose()
+
+
+def test_no_node_engine_dispatches_connection_events(cluster, shardkit_dev_cluster):
+    # What shardkit hooks into a node's engine goes through its dialect and pool: a
+    # connection-event listener would make every statement on it dispatch all the
+    # connection events (about 5% of a replica read).  (A cluster of its own: a test's
+    # listener leaves an engine dispatching them even once removed; the module's has the rows.)
+    c = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **CONFIG})
+    try:
+        with _maker(c, isolation_level="REPEATABLE READ")() as s:
+            s.execute(select(Owner.v).where(Owner.id == 3)).all()
+            s.execute(select(Owner.v).where(Owner.id == 3).execution_options(shardkit_role="primary")).all()
+        engines = [c.engine(s, "primary") for s in c.shard_names]
+        engines += [c.engine(s, "replica", i) for s in c.shard_names for i in range(c.replica_count(s))]
+        assert engines and not [e.url.port for e in engines if e._has_events]
+    finally:
+        c.dispose()
