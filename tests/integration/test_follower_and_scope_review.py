@@ -171,3 +171,31 @@ def test_tables_the_map_does_not_name_on_a_named_shard(world):
         assert s.execute(select(ins.c.id)).scalar_one() == 1
         s.commit()
     assert _on_primary(cluster, s0, "SELECT id FROM fsr_scratch") == [(1,)]
+
+
+def test_a_with_that_writes_a_reference_table_inside_a_shard_scope_is_refused(sharded):
+    """Inside scope(shard=...) a write of a reference table goes to every shard (README: a
+    reference table's writes reach every shard, "also inside scope(shard=...)").  The
+    refusal of a data-modifying WITH advises naming the shard with scope(shard=...), where
+    it now runs as a write: for a WITH that updates a reference table, that changed the
+    scope shard's copy alone and the copies diverged, silently.  It is refused instead,
+    and the refusal outside a scope says to run such a write as its own statement."""
+    from models import Country
+    from sqlalchemy import update
+
+    from shardkit.errors import CrossShardWriteError
+
+    cluster = sharded.cluster
+    with shardkit.ShardedSession(cluster) as s:
+        s.add(Country(code="fr", name="France"))
+        s.commit()
+    u = update(Country).values(name="changed").returning(Country.code).cte("u")
+    with shardkit.ShardedSession(cluster) as s:
+        with pytest.raises(CrossShardWriteError, match="as its own statement and use its rows \\(the only way to write a reference table"):
+            s.execute(select(u.c.code))
+    with shardkit.ShardedSession(cluster) as s, shardkit.scope(shard=cluster.shard_names[0]):
+        with pytest.raises(CrossShardWriteError, match="UPDATE of countries in 'u'.*reference table countries"):
+            s.execute(select(u.c.code))
+        s.commit()
+    copies = {n: sharded.count(n, "SELECT name FROM countries") for n in cluster.shard_names}
+    assert copies == {n: "France" for n in cluster.shard_names}

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import BigInteger, ForeignKey, String, select, text
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, relationship,
-                            sessionmaker)
+                            selectinload, sessionmaker)
 
 import shardkit
 from shardkit import _session
@@ -140,3 +140,30 @@ def test_a_subclass_default_consistency_is_checked_as_the_argument_is(env):
         def consistency(self) -> str:
             return "strong"
     assert PerRequest(cluster=cluster).consistency == "strong"
+
+
+def _selectin_children_after_adding_one(s: Any) -> list[int]:
+    result = s.execute(select(Parent).where(Parent.id == 1).options(selectinload(Parent.children)))
+    # Added after the statement ran, before its rows (and the selectin load of their
+    # children, which the ORM autoflushes before) are fetched.
+    s.add(Child(parent_id=1, id=11))
+    parent = result.scalar_one()
+    return [c.id for c in parent.children]
+
+
+@pytest.mark.parametrize("consistency", [None, "read_your_writes", "eventual"])
+def test_selectinload_after_a_plain_read_autoflushes_as_a_session_does(fresh, consistency):
+    """The short path's load options turn the ORM's autoflush off for the key read itself
+    (nothing to flush then); the selectin load that follows when its rows are fetched is a
+    statement of its own, which SQLAlchemy autoflushes before whatever the statement it
+    loads for said.  shardkit read the top statement's autoflush=False for the selectin
+    load too: no flush before routing it, so it went to the replica and missed the child
+    the session holds (the ORM's own autoflush then wrote it on the primary)."""
+    with Session(fresh.primary("s0")) as plain:
+        expected = _selectin_children_after_adding_one(plain)
+        plain.rollback()
+    assert expected == [10, 11]
+    with shardkit.ShardedSession(fresh, consistency=consistency) as s:
+        s.execute(select(Parent).where(Parent.id == 2)).scalar_one()  # the replica's engine made
+        assert _selectin_children_after_adding_one(s) == expected
+        s.rollback()

@@ -290,3 +290,31 @@ def test_no_node_engine_dispatches_connection_events(cluster, shardkit_dev_clust
         assert engines and not [e.url.port for e in engines if e._has_events]
     finally:
         c.dispose()
+
+
+def test_a_session_in_autocommit_is_not_told_its_replica_reads_ignore_it(cluster, shardkit_dev_cluster, caplog):
+    """A session-wide isolation_level reaches every connection of the session (SQLAlchemy
+    2.1); on a replica it is dropped, said once per node at WARNING.  AUTOCOMMIT, a common
+    level for a read-only session, is what replica reads run in: the warning ("isolation_level
+    AUTOCOMMIT is not applied on replica ...: replica reads run in autocommit") was wrong,
+    and it used up the node's one warning for a level that is not applied there."""
+    import logging
+
+    c = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), **CONFIG})  # engines of its own
+    shard = c.shard_for(Owner, 3)
+    on_replica: list[str] = []
+    event.listen(c.engine(shard, "replica", 0), "before_cursor_execute",
+                 lambda *a: on_replica.append(a[2]))
+    read = select(Owner.v).where(Owner.id == 3).execution_options(shardkit_role="replica")
+    try:
+        with caplog.at_level(logging.WARNING, logger="shardkit.cluster"):
+            with shardkit.ShardedSession(c, execution_options={"isolation_level": "AUTOCOMMIT"}) as s:
+                assert s.execute(read).scalar_one() == "v3"
+            assert on_replica
+            assert [r.getMessage() for r in caplog.records if "isolation_level" in r.getMessage()] == []
+            with shardkit.ShardedSession(c, execution_options={"isolation_level": "SERIALIZABLE"}) as s:
+                assert s.execute(read).scalar_one() == "v3"
+            said = [r.getMessage() for r in caplog.records if "isolation_level" in r.getMessage()]
+            assert len(said) == 1 and said[0].startswith(f"isolation_level SERIALIZABLE is not applied on replica {shard}/r0")
+    finally:
+        c.dispose()
