@@ -412,3 +412,93 @@ def test_the_catalog_urls_connect_timeout_wins(make_cluster, script, monkeypatch
     with pytest.raises(psycopg.OperationalError):
         MapFollower(cluster)._connect()
     assert int(conninfo_to_dict(dsns[0])["connect_timeout"]) == expect
+
+
+# -- an unexpected error (a bug, a catalog row it cannot read): said once per outage and
+#    cause at ERROR with its traceback, retried with the same back-off, passwords masked ----
+
+def _follower_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "shardkit.catalog"]
+
+
+def _rendered(record: logging.LogRecord) -> str:
+    return logging.Formatter("%(levelname)s %(message)s").format(record)
+
+
+def _masked(message: str) -> bool:
+    return "app:***@127.0.0.1:1/catalog_db" in message and PW not in message
+
+
+def _wait(until, what: str) -> None:
+    t0 = time.monotonic()
+    while not until():
+        assert time.monotonic() - t0 < 20, f"waited 20 s for {what}"
+        time.sleep(0.02)
+
+
+def test_an_unexpected_error_is_said_once_then_retried_quietly_with_back_off(make_cluster, script, caplog):
+    cluster = make_cluster()
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
+    script.answer = RuntimeError("test: a catalog row it cannot read")
+    follower = MapFollower(cluster, poll_interval=0.05)
+    follower._connect = _ListeningConnection  # type: ignore[method-assign]
+    follower.start()
+    try:
+        _wait(lambda: len(_follower_records(caplog)) >= 5, "five failures")
+        records = _follower_records(caplog)
+        errors = [r for r in records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, [_rendered(r) for r in records]
+        assert errors[0].exc_info is not None and "a catalog row it cannot read" in _rendered(errors[0])
+        assert "RuntimeError" in errors[0].getMessage() and _masked(errors[0].getMessage())
+        assert all(r.levelno == logging.DEBUG for r in records[1:5]), [_rendered(r) for r in records]
+        # The same back-off as an unreachable catalog's, not a fixed second.
+        delays = [float(m.group(1)) for r in records
+                  if (m := re.search(r"retrying in ([0-9.]+) s", r.getMessage()))]
+        assert delays[:4] == [0.2, 0.4, 0.8, 1.6], [_rendered(r) for r in records]
+        # It recovers: said at INFO, once.
+        script.answer = _state(3, MAP_A, 9, "db1")
+        _wait(lambda: cluster.map_version == 3, "the map")
+        _wait(lambda: any("answers again" in r.getMessage() for r in _follower_records(caplog)),
+              "the recovery")
+        back = [r for r in _follower_records(caplog) if "answers again" in r.getMessage()]
+        assert len(back) == 1 and back[0].levelno == logging.INFO and _masked(back[0].getMessage())
+    finally:
+        follower.stop()
+
+
+def test_a_reminder_of_an_unexpected_error_has_no_traceback_and_says_how_long(make_cluster, script, caplog,
+                                                                           monkeypatch):
+    cluster = make_cluster()
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
+    monkeypatch.setattr("shardkit._mapsync._REPEAT_WARNING", 0.0)  # every retry is a reminder
+    script.answer = ValueError("test: malformed row")
+    _follow(cluster, lambda: len(_follower_records(caplog)) >= 3, "three failures")
+    errors = [r for r in _follower_records(caplog) if r.levelno >= logging.ERROR]
+    assert len(errors) >= 3
+    assert errors[0].exc_info is not None
+    for r in errors[1:]:
+        assert r.exc_info is None and "failing for" in r.getMessage(), _rendered(r)
+
+
+def test_two_unexpected_causes_are_each_said_once(make_cluster, script, caplog):
+    cluster = make_cluster()
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
+    turns = itertools.count()
+
+    def fail():
+        raise (RuntimeError if next(turns) % 2 else KeyError)("test: cause")
+    script.fn = fail
+    _follow(cluster, lambda: len(_follower_records(caplog)) >= 5, "five failures")
+    errors = [r for r in _follower_records(caplog) if r.levelno >= logging.ERROR]
+    assert len(errors) == 2, [_rendered(r) for r in _follower_records(caplog)]
+
+
+def test_an_unexpected_error_that_holds_a_password_is_logged_without_it(make_cluster, script, caplog):
+    """A bug whose message carries a configured URL: its traceback is logged masked."""
+    cluster = make_cluster()
+    caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
+    script.answer = RuntimeError(f"test: could not read the map from {URL}")
+    _follow(cluster, lambda: len(_follower_records(caplog)) >= 2, "two failures")
+    out = "\n".join(_rendered(r) for r in _follower_records(caplog))
+    assert PW not in out, out
+    assert "could not read the map from" in out and "Traceback" in out, out

@@ -424,3 +424,33 @@ def test_count_of_a_limited_keyed_query_runs_on_its_one_shard(cluster):
     with pytest.raises(shardkit.ScatterRefused):
         cluster.explain(select(func.count()).select_from(
             select(User).where(User.id == 1, User.id == top).subquery()))
+
+
+# Router.data_modifying_with: asked of every read sent to a named shard.
+def test_data_modifying_with_finds_the_write_in_mapped_and_unmapped_tables_once_per_shape(monkeypatch):
+    from sqlalchemy import Column, Integer, MetaData, Table, delete, insert, select
+
+    import shardkit._routing as routing
+    from models import User, offline_cluster
+
+    router = offline_cluster(["s0", "s1"]).router
+    local = Table("dmw_local", MetaData(), Column("id", Integer, primary_key=True), Column("x", Integer))
+    walks = []
+    walk = routing._dml_cte
+    monkeypatch.setattr(routing, "_dml_cte", lambda st: walks.append(st) or walk(st))
+
+    def gone(k):
+        cte = delete(local).where(local.c.x == k).returning(local.c.id).cte("gone")
+        return select(cte.c.id)
+    shapes = {
+        "unmapped read": (lambda k: select(local).where(local.c.x == k), None),
+        "unmapped delete": (gone, "DELETE of dmw_local in 'gone'"),
+        "mapped insert": (lambda k: select(insert(User).values(id=k, name="n").returning(User.id)
+                                            .cte("added").c.id), "INSERT of users in 'added'"),
+        "mapped read": (lambda k: select(User).where(User.name == str(k)), None),
+    }
+    for name, (build, want) in shapes.items():
+        walks.clear()
+        for k in range(5):
+            assert router.data_modifying_with(build(k)) == want, (name, k)
+        assert len(walks) <= 1, f"{name}: looked through {len(walks)} times"
