@@ -105,9 +105,10 @@ class Cluster:
         self.file_config = config
         # shard -> WAL position after the latest move to it: its replicas serve from there on.
         self.moved_lsn: dict[str, int] = {}
-        # shard -> (a moved_lsn floor, whether it was past its primary's WAL position, so
-        # not that server's): see ShardedSession._floor_beyond_primary.
-        self._floor_verdicts: dict[str, tuple[int, bool]] = {}
+        # shard -> (a moved_lsn floor, the map version it was checked under, and None if the
+        # primary had reached it, else the primary's position then, which stands in for a
+        # floor past it): see ShardedSession._floor_beyond_primary.
+        self._floor_verdicts: dict[str, tuple[int, int | None, int | None]] = {}
         self._state_seq = -1
         # Which catalog the state in use came from (CatalogState.identity), and the
         # ticket of the read that brought it: reads take increasing tickets as they begin.

@@ -586,8 +586,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if consistency == "strong" and role != REPLICA:
             return self._on_primary(shard)
         min_lsn = self._sk_tokens.get(shard) if consistency == "read_your_writes" else None
-        floor = cluster.moved_lsn.get(shard)
-        if floor and floor > (min_lsn or 0) and cluster._floor_verdicts.get(shard) != (floor, True):
+        floor = published = cluster.moved_lsn.get(shard)
+        if floor:
+            verdict = cluster._floor_verdicts.get(shard)
+            if (verdict is not None and verdict[0] == floor and verdict[2] is not None
+                    and verdict[1] == cluster.map_version):
+                # Past the primary's position (another server's): the primary's own
+                # position when that was found stands in for it (see _floor_beyond_primary).
+                floor = verdict[2]
+        if floor and floor > (min_lsn or 0):
             # Buckets moved here: a replica serves once it has replayed the switch,
             # so moved rows never seem to vanish (whatever the consistency mode).
             min_lsn = floor
@@ -622,7 +629,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 if repin:
                     self._sk_replica[shard] = best.index
                 return best.index
-            if floor and self._floor_beyond_primary(shard, floor):
+            if floor and floor == published and self._floor_beyond_primary(shard, floor):
                 return self._read_target(shard, statement, execution_options, sc, exclude)
             if self._token_beyond_primary(shard):
                 # The token's position was another server's: choose again with the
@@ -675,14 +682,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def _floor_beyond_primary(self, shard: str, floor: int) -> bool:
         """After no replica reached ``floor``, the WAL position after the latest move to
-        ``shard`` (Cluster.moved_lsn): whether it is past the primary's current position, so
-        not this server's (the shard's server was replaced since, by a restore or an upgrade
-        to a new server): no replica would ever reach it.  Then it is set aside, with a
-        warning (True).  One query to the primary per floor and process."""
+        ``shard`` (Cluster.moved_lsn, as the catalog has it): whether it is past the
+        primary's current position, so not this server's (the shard's server was replaced
+        since, by a restore or an upgrade to a new server) and no replica would ever reach
+        it.  Then the primary's position now stands in for it (True: choose again), with a
+        warning: it is past every switch of the map in use (the switch is made before the
+        map is published), and it is found again when the map changes (the catalog keeps
+        the highest position per shard, so a later move's would not show).  One query to
+        the primary per floor and map version, and process."""
         cluster = self.cluster
+        version = cluster.map_version
         known = cluster._floor_verdicts.get(shard)
-        if known is not None and known[0] >= floor:
-            return False  # the primary had reached it: replicas are just behind
+        if known is not None and known[0] == floor and (known[2] is None or known[1] == version):
+            return False  # the primary had reached it (replicas are just behind), or done
         if not cluster.selector.monitor.shards[shard].primary.up:
             return False
         try:
@@ -692,14 +704,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return False
         # (The floor is published after the primary's commit at it: a primary of the same
         # history is at it or past it.)
-        beyond = floor > now
-        cluster._floor_verdicts[shard] = (floor, beyond)
-        if beyond:
+        if floor <= now:
+            cluster._floor_verdicts[shard] = (floor, version, None)
+            return False
+        cluster._floor_verdicts[shard] = (floor, version, now)
+        if known is None or known[0] != floor:
             log.warning("the latest move of buckets to shard %s ended at WAL position %s (the catalog "
                         "says), past its primary's (%s): the shard's server was replaced since (restored "
-                        "or upgraded to a new server); its replicas serve reads without waiting for that "
-                        "position", shard, format_lsn(floor), format_lsn(now))
-        return beyond
+                        "or upgraded to a new server); its replicas serve reads once they have replayed "
+                        "the primary's position instead, taken again at each change of the map",
+                        shard, format_lsn(floor), format_lsn(now))
+        return True
 
     def _on_primary(self, shard: str) -> None:
         """This read runs on the primary, and so does the rest of the transaction's (see
@@ -1728,21 +1743,24 @@ def _refuse_moved_load(session: ShardedSession, shard: str, statement: Any, exec
         return
     owner = _current_owner(session, state.mapper, state.key[1], key)
     if owner is None and key is None:
-        owner = _owner_since_map_changed(session, state, shard)
+        owner = _owner_since_map_changed(session, state, shard, lo._refresh_state is state)
     if owner is not None and owner != shard:
         raise _moved_object_error(state.mapper, state.key[1], shard, owner, session.cluster,
                                   "this session's copy of it is out of date")
 
 
-def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str) -> str | None:
+def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, refresh: bool) -> str | None:
     """The shard owning the row of ``state`` (loaded from ``shard``; an expired object
     whose primary key does not hold the shard key, so neither tells its bucket), asked of
     the shards by primary key, when the map changed since the session's objects were
     loaded (else, and when no shard has the row, None).  Without it, its refresh would
     read ``shard``'s leftover copy (out of date after the switch) or, after the clean-up,
-    report the row deleted."""
-    if session._flushing or session.cluster.map_version == session._sk_map_version \
-            or current_scope().shard is not None:
+    report the row deleted.  ``refresh``: the object's own refresh (not a lazy load from
+    it): no row anywhere is ObjectDeletedError, as the refresh would say (``shard`` may
+    still have a leftover copy).  Asked once per object and map version."""
+    version = session.cluster.map_version
+    if session._flushing or version == session._sk_map_version \
+            or current_scope().shard is not None or state.info.get("shardkit_located") == version:
         return None
     mapper = state.mapper
     tr = session.cluster.router.table_route(mapper)
@@ -1756,9 +1774,14 @@ def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str) ->
             rows = session.execute(sa_select(*keys).where(*pk)).all()
     finally:
         session.strict = strict
+    if not rows and refresh:
+        raise orm_exc.ObjectDeletedError(state)
     if len(rows) != 1:
         return None
-    return _current_owner(session, mapper, state.key[1], rows[0][0] if len(keys) == 1 else tuple(rows[0]))
+    owner = _current_owner(session, mapper, state.key[1], rows[0][0] if len(keys) == 1 else tuple(rows[0]))
+    if owner == shard:
+        state.info["shardkit_located"] = version  # (its row is where it was loaded from)
+    return owner
 
 
 # (shard, is_read) -> the Route of a statement for a shard named by the caller.

@@ -212,3 +212,139 @@ def test_move_floor_past_the_primary_does_not_retire_the_replicas(world):
             c.execute(text("UPDATE shardkit_catalog.move_batches SET target_lsn = CAST(:l AS pg_lsn) "
                            "WHERE move_id = :m AND batch = :b"), {"l": row[2], "m": row[0], "b": row[1]})
         w.app.refresh_map()
+
+
+# -- second review: the lookup of an expired child's owner -----------------------------------
+
+
+def test_expired_child_deleted_on_its_new_owner_before_the_cleanup(world):
+    """A Purchase loaded from s0, expired, whose bucket then moved to s1, where the row was
+    deleted (the clean-up has not run: s0 still has its leftover copy).  The lookup by
+    primary key finds no row on any shard; the refresh must then say the row is gone
+    (ObjectDeletedError; get() None), not answer s0's leftover copy."""
+    from sqlalchemy import delete
+    from sqlalchemy.orm.exc import ObjectDeletedError
+
+    w = world
+    plan, buckets = _move_plan(w, "s0", "s1", 2)
+    pid = _moving_purchase(w, buckets)
+    mid = truth(w)["purchases"][pid][0]
+    kept = []
+    for _ in range(2):
+        s = w.sessions("strong")()
+        p = s.scalars(select(Purchase).where(Purchase.member_id == mid, Purchase.id == pid)).one()
+        s.commit()
+        kept.append((s, p))
+    run = Moving(PausingMover(w.admin, {"switched"}), plan)
+    try:
+        assert run.next_step() == "switched"
+        assert not w.sync_app()
+        with w.sessions("strong")() as s:
+            s.execute(delete(Purchase).where(Purchase.member_id == mid, Purchase.id == pid))
+            s.commit()
+        (s1, p1), (s2, p2) = kept
+        with pytest.raises(ObjectDeletedError):
+            p1.amount
+        assert s2.get(Purchase, pid) is None
+        run.resume()
+    finally:
+        run.finish()
+        for s, _ in kept:
+            s.close()
+    assert not run.errors, run.errors
+
+
+def test_expired_child_after_an_unrelated_move_asks_the_shards_once(world):
+    """After a move of other buckets, a long-lived session's expired Purchase (its bucket
+    did not move) refreshes from its shard; asking every shard where its row lives is done
+    once for the object, not again at each refresh after each commit."""
+    from sqlalchemy import event
+
+    w = world
+    plan, buckets = _move_plan(w, "s1", "s0", 1)
+    t = truth(w)
+    pid = next(p for p, v in sorted(t["purchases"].items())
+               if shardkit.bucket_for(v[0], BUCKETS) not in buckets)
+    mid = t["purchases"][pid][0]
+    lookups = []
+
+    def count(conn, cursor, statement, *a):
+        if statement.lstrip().startswith("SELECT purchases.member_id \nFROM purchases") \
+                or statement.lstrip().startswith("SELECT purchases.member_id FROM purchases"):
+            lookups.append(statement)
+
+    engines = [w.app.primary(n) for n in w.app.shard_names]
+    s = w.sessions("strong")()
+    try:
+        p = s.scalars(select(Purchase).where(Purchase.member_id == mid, Purchase.id == pid)).one()
+        s.commit()
+        run = Moving(PausingMover(w.admin, set()), plan)
+        run.finish()
+        assert not run.errors, run.errors
+        assert not w.sync_app()
+        for e in engines:
+            event.listen(e, "before_cursor_execute", count)
+        try:
+            for _ in range(3):
+                assert p.amount == t["purchases"][pid][1]
+                s.commit()
+        finally:
+            for e in engines:
+                event.remove(e, "before_cursor_execute", count)
+    finally:
+        s.close()
+    assert len(lookups) <= len(engines), f"{len(lookups)} lookups for 3 refreshes of one object"
+
+
+def test_a_set_aside_move_floor_does_not_hide_the_next_move(world):
+    """After a move floor past s1's primary (another server's) was set aside, buckets move
+    to s1 again, its replica 3 s behind: the new move's floor (the new server's) must still
+    keep the replica from serving the moved buckets before it replayed the switch.  The
+    catalog takes the highest position ever recorded for the shard, the set-aside one: the
+    primary's own position stands in for it, taken again when the map changes."""
+    from sqlalchemy import text
+
+    from test_reads_during_moves import Member, keys_in
+
+    w = world
+    plan, _ = _move_plan(w, "s0", "s1", 1)
+    run = Moving(PausingMover(w.admin, set()), plan)
+    run.finish()
+    assert not run.errors, run.errors
+    w.replicas_caught_up()
+    with w.admin.catalog.engine.begin() as c:
+        row = c.execute(text("SELECT move_id, batch, target_lsn::text FROM shardkit_catalog.move_batches "
+                             "WHERE target = 's1' AND target_lsn IS NOT NULL ORDER BY move_id DESC LIMIT 1")).one()
+        c.execute(text("UPDATE shardkit_catalog.move_batches SET target_lsn = 'FFFF/0' "
+                       "WHERE move_id = :m AND batch = :b"), {"m": row[0], "b": row[1]})
+    target_replica = w.shard("s1").replicas[0]
+    problems = []
+    run = None
+    try:
+        w.app.refresh_map()
+        k = next(k for k in sorted(truth(w)["members"]) if w.app.shard_for("members", k) == "s1")
+        with w.sessions("eventual")() as s:
+            assert s.get(Member, k) is not None      # the floor is found past the primary
+        plan, buckets = _move_plan(w, "s0", "s1", 3)
+        moved = keys_in(buckets)
+        assert moved
+        target_replica.set_apply_delay(3.0)
+        run = Moving(PausingMover(w.admin, {"switched"}), plan)
+        assert run.next_step() == "switched"
+        assert not w.sync_app()
+        with w.sessions("eventual")() as s:
+            n = s.scalar(select(func.count()).select_from(Member).where(Member.id.in_(moved)))
+            if n != len(moved):
+                problems.append(f"eventual count of the moved keys after the switch: {n} of {len(moved)}")
+        run.resume()
+    finally:
+        if run is not None:
+            run.finish()
+        target_replica.set_apply_delay(0)
+        with w.admin.catalog.engine.begin() as c:
+            c.execute(text("UPDATE shardkit_catalog.move_batches SET target_lsn = CAST(:l AS pg_lsn) "
+                           "WHERE move_id = :m AND batch = :b"), {"l": row[2], "m": row[0], "b": row[1]})
+        w.app.refresh_map()
+        w.replicas_caught_up()
+    assert run is None or not run.errors, run.errors
+    assert not problems, "\n".join(problems)
