@@ -9,7 +9,7 @@ import time
 
 import pytest
 from own_tables import cluster_with_tables
-from waiting import wait_for
+from waiting import wait_replicas_usable
 from sqlalchemy import BigInteger, Integer, MetaData, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -153,10 +153,7 @@ def test_a_replica_failing_mid_stream_leaves_no_cursor_open_on_the_other_shards(
     cluster.start_monitor()
     # (Its first poll may find a primary's background WAL not replayed yet, with no
     # history of the primary's positions to date the gap: the replica's age then counts.)
-    limits = cluster.replica_settings
-    wait_for(lambda: all(cluster.selector.eligible(sh.name, max_lag_seconds=limits.max_lag_seconds,
-                                                   max_lag_bytes=limits.max_lag_bytes, min_lsn=None)[0]
-                         for sh in sharded_dev.shards), 30, "the monitor to find every replica usable")
+    wait_replicas_usable(cluster)
     RS = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="eventual")
     stream = {"shardkit_role": "replica", "shardkit_replica": 0, "shardkit_stream": True}
     with RS() as s:

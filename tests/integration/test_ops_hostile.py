@@ -21,6 +21,7 @@ import uuid
 import psycopg
 import pytest
 from own_tables import truncate_everywhere
+from waiting import wait_replicas_usable
 from psycopg import sql
 import sqlalchemy
 from sqlalchemy import BigInteger, String, func, select, text
@@ -321,6 +322,7 @@ def test_node_cap_holds_for_the_pool_and_the_monitor_adds_one(env):
     with shardkit.Cluster.from_config(data, engine_options={"connect_args": {"application_name": app}}) as cl:
         Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cl)
         cl.start_monitor()
+        wait_replicas_usable(cl, ("s0",))
         key = next(k for k in range(100) if cl.shard_for(Thing, k) == "s0")
         with Session() as s:
             s.execute(select(Thing).where(Thing.id == key)).all()
@@ -343,6 +345,7 @@ def test_pool_timeouts_of_replica_reads_and_scatters_name_the_node(env):
     with shardkit.Cluster.from_config(data) as cluster:
         Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
         cluster.start_monitor()
+        wait_replicas_usable(cluster, ("s0",))
         key = next(k for k in range(100) if cluster.shard_for(Thing, k) == "s0")
         held = cluster.engine("s0", "replica", 0).connect()
         try:

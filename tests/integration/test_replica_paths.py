@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
-from waiting import health_by_node, server_pids, wait_for
+from waiting import health_by_node, server_pids, wait_for, wait_replicas_usable
 
 pytestmark = pytest.mark.integration
 
@@ -142,6 +142,8 @@ def _nodes_running(env):
             node.start()
     for r in env.replicas():
         r.wait_streaming()
+    # (A replica restarted above is streaming; the monitor must also have seen it up.)
+    wait_replicas_usable(env.cluster, every=True)
 
 
 @contextlib.contextmanager
@@ -312,6 +314,7 @@ def test_wait_for_token_waits_for_a_replica_instead_of_using_the_primary(env):
     served: list = []
     _record(cluster, served)
     cluster.start_monitor()
+    wait_replicas_usable(cluster, ("s0",), every=True)
     Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
     try:
         with lagging(env, shards=("s0",), seconds=1.0):
@@ -929,6 +932,7 @@ def test_read_your_writes_with_when_no_replica_raise_reads_own_commit(env):
     env.seed({k: "old"})
     strict = _cluster(env.dev, when_no_replica="raise")
     strict.start_monitor()
+    wait_replicas_usable(strict, ("s0",))
     Strict = sessionmaker(class_=shardkit.ShardedSession, cluster=strict)
     try:
         with lagging(env, shards=("s0",), seconds=2.0):
@@ -949,6 +953,7 @@ def test_scatter_with_partial_results_when_one_shard_has_no_replica(env):
     env.seed({k0: "part", k1: "part"})
     strict = _cluster(env.dev, when_no_replica="raise")
     strict.start_monitor()
+    wait_replicas_usable(strict, ("s0",))
     Strict = sessionmaker(class_=shardkit.ShardedSession, cluster=strict)
     reps = env.dev.shard("s1").replicas
     stmt = select(Account.id).where(Account.name == "part")

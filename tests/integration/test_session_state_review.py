@@ -15,6 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import shardkit
 from replica_env import ReplicaEnv, replica_env
+from waiting import wait_replicas_usable
 
 pytestmark = pytest.mark.integration
 
@@ -96,6 +97,8 @@ def _restore(env):
     while any(r.banned_until > time.monotonic() for st in env.cluster.selector.monitor.shards.values()
               for r in st.replicas) and time.monotonic() < deadline:
         time.sleep(0.05)
+    # (A replica restarted above is streaming; the monitor must also have seen it up.)
+    wait_replicas_usable(env.cluster, every=True)
 
 
 # -- state recorded by a statement that never started the transaction ---------------------------

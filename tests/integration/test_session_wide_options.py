@@ -11,6 +11,7 @@ import time
 
 import pytest
 from own_tables import cluster_with_tables, nodes_used
+from waiting import wait_replicas_usable
 from sqlalchemy import BigInteger, ForeignKey, String, event, select, text, update
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, mapped_column, relationship,
@@ -56,6 +57,8 @@ def cluster(shardkit_dev_cluster):
             s.add_all([Owner(id=k, v=f"v{k}", pets=[Pet(id=k * 100 + j) for j in range(2)])
                        for k in KEYS])
             s.commit()
+        # (when_no_replica = "raise": a replica the first poll misjudged fails the read.)
+        wait_replicas_usable(c)
         Session = sessionmaker(class_=shardkit.ShardedSession, cluster=c,
                                execution_options={"shardkit_role": "replica"})
         deadline = time.monotonic() + 30
