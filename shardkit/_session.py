@@ -3456,8 +3456,11 @@ def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: in
     mon = cluster.selector.monitor
     parts = []
     now = time.monotonic()
+    what = ("the latest move of buckets to this shard (it serves them once it has)" if moved
+            else "this session's writes")
     for r in mon.shards[shard].replicas:
         lag_b, lag_s = r.lag_bytes, r.lag_seconds
+        short = min_lsn is not None and (r.wal_lsn or 0) < min_lsn
         if not r.up:
             parts.append(f"{r.name} is down ({r.error})")
         elif r.banned(now):
@@ -3467,13 +3470,13 @@ def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: in
         elif lag_b is None:
             parts.append(f"{r.name} has not been measured yet")
         elif lag_s is None:
-            parts.append(f"{r.name} is {lag_b / 1e6:.1f} MB behind, for how long is unknown")
+            parts.append(f"{r.name} is {lag_b / 1e6:.1f} MB behind, for how long is unknown"
+                         + (f", and has not replayed {what} yet ({format_lsn(r.wal_lsn or 0)} < "
+                            f"{format_lsn(min_lsn)})" if short else ""))
         elif lag_b > max_b or lag_s > max_s:
             parts.append(f"{r.name} is {lag_s:.1f} s ({lag_b / 1e6:.1f} MB) behind; "
                          f"limit {max_s:g} s / {max_b / 1e6:.1f} MB")
-        elif min_lsn is not None and (r.wal_lsn or 0) < min_lsn:
-            what = ("the latest move of buckets to this shard (it serves them once it has)" if moved
-                    else "this session's writes")
+        elif short:
             parts.append(f"{r.name} has not replayed {what} yet "
                          f"({format_lsn(r.wal_lsn or 0)} < {format_lsn(min_lsn)})")
     return "; ".join(parts) or "no replicas"
