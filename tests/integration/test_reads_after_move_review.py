@@ -164,6 +164,25 @@ def test_fresh_cluster_reads_moved_keys_with_lagging_target_replica(world):
     assert not problems, "\n".join(problems)
 
 
+def _floor_past_s1s_primary(w):
+    """Move a bucket to s1, then make the catalog's record of that move's WAL position on
+    s1 one past its primary's (the position of a server s1 had before it was replaced):
+    the batch's (move_id, batch, its real position), to put it back."""
+    from sqlalchemy import text
+
+    plan, _ = _move_plan(w, "s0", "s1", 1)
+    run = Moving(PausingMover(w.admin, set()), plan)
+    run.finish()
+    assert not run.errors, run.errors
+    w.replicas_caught_up()
+    with w.admin.catalog.engine.begin() as c:
+        row = c.execute(text("SELECT move_id, batch, target_lsn::text FROM shardkit_catalog.move_batches "
+                             "WHERE target = 's1' AND target_lsn IS NOT NULL ORDER BY move_id DESC LIMIT 1")).one()
+        c.execute(text("UPDATE shardkit_catalog.move_batches SET target_lsn = 'FFFF/0' "
+                       "WHERE move_id = :m AND batch = :b"), {"m": row[0], "b": row[1]})
+    return row
+
+
 # -- a floor that is not the shard's server's position ---------------------------------------
 
 
@@ -179,17 +198,7 @@ def test_move_floor_past_the_primary_does_not_retire_the_replicas(world):
     from test_reads_during_moves import Member
 
     w = world
-    plan, _ = _move_plan(w, "s0", "s1", 1)
-    run = Moving(PausingMover(w.admin, set()), plan)
-    run.finish()
-    assert not run.errors, run.errors
-    w.replicas_caught_up()
-    with w.admin.catalog.engine.begin() as c:
-        row = c.execute(text("SELECT move_id, batch, target_lsn::text FROM shardkit_catalog.move_batches "
-                             "WHERE target = 's1' AND target_lsn IS NOT NULL ORDER BY move_id DESC LIMIT 1")).one()
-        # The position of the server s1 had before it was replaced.
-        c.execute(text("UPDATE shardkit_catalog.move_batches SET target_lsn = 'FFFF/0' "
-                       "WHERE move_id = :m AND batch = :b"), {"m": row[0], "b": row[1]})
+    row = _floor_past_s1s_primary(w)
     hits = {"replica": 0}
 
     def count(conn, cursor, statement, *a):
@@ -307,16 +316,7 @@ def test_a_set_aside_move_floor_does_not_hide_the_next_move(world):
     from test_reads_during_moves import Member, keys_in
 
     w = world
-    plan, _ = _move_plan(w, "s0", "s1", 1)
-    run = Moving(PausingMover(w.admin, set()), plan)
-    run.finish()
-    assert not run.errors, run.errors
-    w.replicas_caught_up()
-    with w.admin.catalog.engine.begin() as c:
-        row = c.execute(text("SELECT move_id, batch, target_lsn::text FROM shardkit_catalog.move_batches "
-                             "WHERE target = 's1' AND target_lsn IS NOT NULL ORDER BY move_id DESC LIMIT 1")).one()
-        c.execute(text("UPDATE shardkit_catalog.move_batches SET target_lsn = 'FFFF/0' "
-                       "WHERE move_id = :m AND batch = :b"), {"m": row[0], "b": row[1]})
+    row = _floor_past_s1s_primary(w)
     target_replica = w.shard("s1").replicas[0]
     problems = []
     run = None
