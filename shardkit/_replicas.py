@@ -210,9 +210,6 @@ class _ShardState:
     # (monotonic time, the primary's WAL position then), one entry per position seen,
     # with the last time it was seen; see HealthMonitor._update_lag.
     history: list[tuple[float, int]] = field(default_factory=list)
-    # When the history began (the monitor's first sample of this primary, or of the
-    # server that replaced it).
-    history_began: float | None = None
 
     def note_primary_position(self, at: float, lsn: int) -> None:
         """Called by the primary's poll thread only.  Other threads read the history: it is
@@ -222,10 +219,8 @@ class _ShardState:
         if h and h[-1][1] == lsn:
             h[-1] = (at, lsn)
             return
-        if not h or lsn < h[-1][1]:
-            # The first position, or a different server's (failover, restore): its
-            # positions start afresh.
-            self.history_began = at
+        if h and lsn < h[-1][1]:
+            # A different server (failover, restore): its positions start afresh.
             self.history = [(at, lsn)]
             return
         h.append((at, lsn))
@@ -477,15 +472,7 @@ class HealthMonitor:
             seen_at = r._lsn_sample[0] if r._lsn_sample is not None else now
             floor = 0.0 if past is None else max(0.0, seen_at - past)
             age = r.replay_timestamp_age  # None: nothing replayed since the replica started
-            began = state.history_began
-            if since is None and began is not None and now - began < 2 * self.settings.poll_interval:
-                # Behind the primary's first positions seen, which are too recent to date
-                # the gap: a WAL record the primary wrote as the monitor started (a
-                # checkpoint, a background snapshot) would otherwise make the replica as
-                # stale as its last replayed transaction is old.  Unknown for now (no
-                # reads); a replica truly behind is dated by the next polls.
-                r.lag_seconds = None
-            elif age is None:
+            if age is None:
                 # Behind all the history (the primary was never seen where it is) and no
                 # transaction replayed to date it: how far behind is unknown (at least
                 # since the history starts, which on an idle primary is its last poll), so
