@@ -1213,13 +1213,9 @@ def _with_session_options(session_wide: Any, statement: Any, given: Any) -> Any:
     """A session's execution options under the statement's own and those ``given`` to the
     call, as Session._execute_internal merges them.  The options that name a shard are one
     option: a statement or call naming its shard by any of them overrides the session's."""
-    own = getattr(statement, "_execution_options", None)
-    ctx = given.get("sa_top_level_orm_context") if given else None
-    if ctx is not None:
-        # An eager load (selectinload) for a statement: that statement's options and its
-        # call's (the session's under them already) are the load's own, as per statement.
-        top = ctx.query._execution_options.merge_with(ctx.execution_options)
-        own = top.merge_with(own) if own else top
+    # (For an eager load, the options of the statement it loads for, the session's under
+    # them already, are the load's own, as per statement.)
+    own = _own_options(statement, given)
     base = {k: v for k, v in session_wide.items() if k not in own} if own else session_wide
     if any(opts and any(opts.get(n) is not None for n in _SHARD_NAMES) for opts in (own, given)):
         base = {k: v for k, v in base.items() if k not in _SHARD_NAMES}
@@ -1562,17 +1558,24 @@ def _option(name: str, statement: Any, execution_options: Any) -> Any:
     return stmt_opts.get(name) if stmt_opts else None
 
 
+def _own_options(statement: Any, execution_options: Any) -> Any:
+    """The statement's own execution options; for an eager load run for a statement
+    (selectinload: ``sa_top_level_orm_context`` among ``execution_options``), under
+    that statement's and its call's (its role, consistency, yield_per, shard apply to
+    the load too, as the ORM applies them)."""
+    own = getattr(statement, "_execution_options", None)
+    ctx = execution_options.get("sa_top_level_orm_context") if execution_options else None
+    if ctx is not None:
+        top = ctx.query._execution_options.merge_with(ctx.execution_options)
+        own = top.merge_with(own) if own else top
+    return own
+
+
 def _options(statement: Any, execution_options: Any) -> Callable[[str], Any]:
     """``name -> value`` over the execution options, then the statement's own (as :func:`_option`)."""
-    stmt_opts = getattr(statement, "_execution_options", None)
+    stmt_opts = _own_options(statement, execution_options)
     if not execution_options:
         return stmt_opts.get if stmt_opts else _NO_OPTIONS.get
-    ctx = execution_options.get("sa_top_level_orm_context")
-    if ctx is not None:
-        # An eager load run for a statement (selectinload): that statement's options
-        # (its role, consistency, yield_per) apply to it too, as the ORM applies them.
-        top = ctx.query._execution_options.merge_with(ctx.execution_options)
-        stmt_opts = top.merge_with(stmt_opts) if stmt_opts else top
     if not stmt_opts:
         return execution_options.get
     return {**stmt_opts, **execution_options}.get
