@@ -23,7 +23,7 @@ from collections import Counter
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1542,11 +1542,16 @@ def _simple_tables(statement: Any) -> list[Any] | None:
     return None
 
 
+def data_modifying_ctes(statement: Any) -> Iterator[selectable.CTE]:
+    """The WITH parts of ``statement`` that insert, update or delete."""
+    return (e for e in visitors.iterate(statement)
+            if isinstance(e, selectable.CTE) and isinstance(e.element, UpdateBase))
+
+
 def _dml_cte(statement: Any) -> str | None:
     """The first data-modifying WITH of ``statement`` (``"DELETE of t in 'x'"``), or None."""
-    return next((f"{type(e.element).__name__.upper()} of {_table_name(e.element.table)} "
-                 f"in {e.name!r}" for e in visitors.iterate(statement)
-                 if isinstance(e, selectable.CTE) and isinstance(e.element, UpdateBase)), None)
+    return next((f"{type(e.element).__name__.upper()} of {_table_name(e.element.table)} in {e.name!r}"
+                 for e in data_modifying_ctes(statement)), None)
 
 
 def unwrap_statement(statement: Any) -> Any:

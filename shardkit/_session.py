@@ -70,8 +70,8 @@ from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES
 from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, derived_select,
-                       unwrap_statement, with_statement_params)
+from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, data_modifying_ctes,
+                       derived_select, unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
                        plan_scatter, send_cancel, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem, scope
@@ -1657,9 +1657,8 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                 statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None:
             # Named by scope(shard=...) alone, where a reference table's write goes to every
             # shard: one in a WITH would change the scope shard's copy alone.
-            ref = next((e.element.table.fullname for e in visitors.iterate(unwrap_statement(statement))
-                        if isinstance(e, selectable.CTE) and isinstance(e.element, UpdateBase)
-                        and _writes_reference_table(cluster, e.element)), None)
+            ref = next((e.element.table.fullname for e in data_modifying_ctes(unwrap_statement(statement))
+                        if _writes_reference_table(cluster, e.element)), None)
             if ref is not None:
                 raise CrossShardWriteError(
                     f"statement has a data-modifying WITH ({dml_cte}) that writes reference table "
