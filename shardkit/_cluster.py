@@ -849,16 +849,17 @@ def _keep_replica_isolation(dialect: Any, node: str) -> None:
     "set_connection_execution_options" event: a connection-event listener makes every
     statement on the engine dispatch all the connection events (see _watch_primary)."""
     set_options = dialect.set_connection_execution_options
-    said = []
+    said = False
 
     def keep_isolation(connection: Any, opts: Mapping[str, Any]) -> None:
+        nonlocal said
         level = opts.get("isolation_level")
         if level is not None:
             opts = {k: v for k, v in opts.items() if k != "isolation_level"}
             # (AUTOCOMMIT is what replica reads run in: nothing to say.  A streamed read's
             # READ COMMITTED is kept from it too: its server-side cursor needs a transaction.)
-            if not said and str(level).replace("_", " ").upper() != "AUTOCOMMIT":
-                said.append(level)
+            if not said and str(level).upper() != "AUTOCOMMIT":
+                said = True
                 log.warning("isolation_level %s is not applied on replica %s: replica reads run in "
                             "autocommit (it applies to the primaries); a read that must run at that "
                             "level asks the primary (shardkit_role='primary' or consistency='strong')",

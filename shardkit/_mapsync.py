@@ -194,13 +194,14 @@ class MapFollower:
                     # multi-host URL), then a reminder a minute: retries come every few
                     # seconds for as long as the catalog is out.
                     took = f" (failing for {now - failing_since:.0f} s)" if failed else ""
+                    msg = "%s; routing by %s meanwhile, retrying in %.1f s%s"
                     args = (what, self._using(), backoff, took)
                     if expected:
-                        log.warning("%s; routing by %s meanwhile, retrying in %.1f s%s", *args)
+                        log.warning(msg, *args)
                     elif what in said:
-                        log.error("%s; routing by %s meanwhile, retrying in %.1f s%s", *args)
+                        log.error(msg, *args)
                     else:
-                        self._log_traceback(e, "%s; routing by %s meanwhile, retrying in %.1f s%s", args)
+                        self._log_traceback(e, msg, args)
                     said.add(what)
                     said_at = now
                 else:

@@ -185,7 +185,8 @@ class Router:
         self._dml_ctes: dict[Any, str | None] = {}
         # (id of the Table, key column name, the ORM entity selected or None) -> (group,
         # coercer, routes by shard, a weak reference to the Table, the group's strategy,
-        # a hash group's (bucket map, bucket count) for int keys) of the plan shared by every SELECT that _column_equals_value accepts on that
+        # and for a hash group whose key is an int, its (bucket map, bucket count)) of
+        # the plan shared by every SELECT that _column_equals_value accepts on that
         # column.  By entity: an entity's load may be refused (entities_problem) where
         # its columns' is not.  Weakly: an application may build its table() objects per
         # read, and the router must not keep them alive.
