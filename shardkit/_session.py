@@ -64,7 +64,7 @@ from sqlalchemy.orm.session import SessionTransactionState
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, TextClause
 
 from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
@@ -199,7 +199,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # since may have been loaded by an older map (see _refuse_moved_load).  (The
             # config file's map, version None, never changes.)
             self._sk_map_version = cluster.map_version
-        if consistency_token:
+        if consistency_token is not None:
             self.require_token(consistency_token)
 
     def expunge_all(self) -> None:
@@ -525,7 +525,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         return format_token(self._sk_tokens)
 
     def require_token(self, token: str) -> None:
-        """Make this session's reads see at least the writes recorded in ``token``."""
+        """Make this session's reads see at least the writes recorded in ``token``.
+
+        An empty string (no token yet: a missing cookie) asks for nothing, as
+        ``ShardedSession(consistency_token="")`` does."""
+        if token == "":
+            return
         for shard, lsn in parse_token(token).items():
             if shard in self.cluster.router.shard_set and lsn > self._sk_tokens.get(shard, 0):
                 self._sk_tokens[shard] = lsn
@@ -547,7 +552,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             max_s, max_b = settings.max_lag_seconds, settings.max_lag_bytes
         else:
             role, consistency, max_s, max_b = _read_options(_options(statement, execution_options))
-            role = role or sc.role
+            if role is None and consistency is None:
+                # The scope's role is a default: a statement's own consistency overrides it
+                # (shardkit_consistency="strong" inside scope(role="replica") reads the primary).
+                role = sc.role
             if max_s is None:
                 max_s = sc.max_lag_seconds if sc.max_lag_seconds is not None else settings.max_lag_seconds
             if max_b is None:
@@ -1651,13 +1659,15 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             )
         # A SELECT whose WITH inserts, updates or deletes writes: on the primary (a
         # replica refuses it), and the shard counts as written (reads and token after it).
-        dml_cte = isinstance(statement, (selectable.Select, selectable.CompoundSelect)) and \
-            cluster.router.data_modifying_with(statement)
+        # (select(Model).from_statement(stmt) reads as the statement it wraps.)
+        inner = unwrap_statement(statement)
+        dml_cte = isinstance(inner, (selectable.Select, selectable.CompoundSelect)) and \
+            cluster.router.data_modifying_with(inner)
         if dml_cte and shard == sc.shard and _explicit_shard(
                 statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None:
             # Named by scope(shard=...) alone, where a reference table's write goes to every
             # shard: one in a WITH would change the scope shard's copy alone.
-            ref = next((e.element.table.fullname for e in data_modifying_ctes(unwrap_statement(statement))
+            ref = next((e.element.table.fullname for e in data_modifying_ctes(inner)
                         if _writes_reference_table(cluster, e.element)), None)
             if ref is not None:
                 raise CrossShardWriteError(
@@ -1666,8 +1676,13 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                     "(a reference table's write goes to every shard). Run the INSERT/UPDATE/DELETE "
                     "... RETURNING as its own statement and use its rows",
                     table=ref, statement=statement)
-        is_read = isinstance(statement, (selectable.Select, selectable.CompoundSelect)) and \
-            getattr(statement, "_for_update_arg", None) is None and not dml_cte
+        is_read = isinstance(inner, (selectable.Select, selectable.CompoundSelect)) and \
+            getattr(inner, "_for_update_arg", None) is None and not dml_cte
+        if not is_read and isinstance(inner, (TextClause, selectable.TextualSelect)) and \
+                _option("shardkit_role", statement, execution_options) == REPLICA:
+            # SQL text may write, so it runs on the primary as a write, unless the caller
+            # forces it to a replica (which refuses a write): then it is a read there.
+            is_read = True
         route = _NAMED.get((shard, is_read))
         if route is None:
             route = _NAMED.setdefault((shard, is_read), Route(
