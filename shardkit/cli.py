@@ -301,7 +301,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Check every shard holds only rows the map assigns to it."""
     from .verify import verify
 
-    cluster = Cluster.from_config(args.config)
+    # verify() reads the map itself (again when it finds a problem): no follower thread,
+    # which would only log retries of a catalog that is down while the command ends.
+    cluster = Cluster.from_config(args.config, follow_map=False)
     try:
         report = verify(cluster)
     finally:
@@ -340,6 +342,10 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
             raise RebalanceError(f"{args.plan} was planned against another map than the live one "
                                  f"(version {current.version}); make a new plan")
         return plan
+    if sum(chosen) > 1:
+        given = [flag for flag, on in zip(("--add", "--drain", "--even", "--split", "--move-value"), chosen) if on]
+        raise UsageError(f"{' and '.join(given)} exclude each other: plan one of --add, --drain, --even, "
+                         "--split or --move-value at a time")
     if sum(chosen) != 1:
         raise UsageError("say what to plan: --add SHARD [--add ...], --drain SHARD, --even rows|bytes, "
                          "--split GROUP:KEY --to SHARD or --move-value GROUP:VALUE --to SHARD")
@@ -534,6 +540,8 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                       f"{_compress(lo['buckets'])} (batch {lo['batch']}); moves of them to it are refused "
                       f"until `shardkit rebalance abort {args.move}`, run once it is reachable, removes them")
             return 0
+        if verb == "apply" and args.batch_buckets < 1:
+            raise UsageError(f"--batch-buckets {args.batch_buckets}: must be at least 1 (buckets per batch)")
         mover = rebalance.Mover(cluster, grace=args.grace, step_delay=args.step_delay, duty=args.duty,
                                 progress=lambda line: print(line, flush=True))
         if verb == "apply":

@@ -922,6 +922,11 @@ class _ClusterLayout:
                 f"need shards >= 1, replicas >= 0 and 1 <= buckets <= {MAX_BUCKET_COUNT}; "
                 f"got shards={shards}, replicas={replicas}, buckets={bucket_count}"
             )
+        if bucket_count < shards:
+            # The config it writes lists no shard's buckets: an even split must give each one.
+            raise DevClusterError(f"{bucket_count} buckets cannot be split over {shards} shards (each "
+                                  f"needs one): ask for {shards} buckets or more (--buckets; 1024 is a "
+                                  "good default)")
         n_nodes = shards * (1 + replicas)
         if n_nodes > MAX_NODES:
             raise DevClusterError(

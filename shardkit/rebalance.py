@@ -61,6 +61,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -584,8 +585,10 @@ class Mover:
             raise RebalanceError(f"duty {duty!r} must be more than 0 and at most 1 (the share of time "
                                  "the mover works; 1 never rests)")
         for name, value in (("grace", grace), ("step_delay", step_delay), ("lock_timeout", lock_timeout)):
-            if not value >= 0:
-                raise RebalanceError(f"{name} {value!r} must be a number of seconds >= 0")
+            # (At most what time.sleep() and lock waits take: more raises OverflowError mid-move.)
+            if not 0 <= value <= threading.TIMEOUT_MAX:
+                raise RebalanceError(f"{name} {value!r} must be a number of seconds >= 0 and at most "
+                                     f"{threading.TIMEOUT_MAX:.0f}")
         self.cluster = cluster
         self.catalog = _need_catalog(cluster)
         self.duty = duty
