@@ -129,6 +129,14 @@ def _parse_group_key(raw: str, kind: type | None, group: str | None) -> Any:
                          "give the key in that form") from None
 
 
+def _show_key(key: Any) -> str:
+    """A key as the command line takes it: a date as 2024-05-01 and a uuid bare (not
+    Python's datetime.date(...) and UUID(...)); a string quoted, so that '42' and 42 differ."""
+    if isinstance(key, tuple):
+        return "(" + ", ".join(_show_key(part) for part in key) + ")"
+    return repr(key) if isinstance(key, str) else str(key)
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     """Print the shard (and bucket) that owns a key."""
     cluster = Cluster.from_config(args.config, follow_map=False)
@@ -163,7 +171,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         via = f" -> bucket {bucket}" if bucket is not None else ""
-        print(f"{args.table} key {key!r}{via} -> shard {shard} (primary {mask_url(primary)})")
+        print(f"{args.table} key {_show_key(key)}{via} -> shard {shard} (primary {mask_url(primary)})")
     return 0
 
 

@@ -515,7 +515,7 @@ def run_command(
     unknown = [s for s in targets if s not in cluster.shard_names]
     if unknown or (canary and canary not in cluster.shard_names):
         bad = unknown[0] if unknown else canary
-        raise ConfigurationError("--shard/--canary", f"unknown shard {bad!r}",
+        raise ConfigurationError("shards" if unknown else "canary (--canary)", f"unknown shard {bad!r}",
                                  "shards: " + ", ".join(cluster.shard_names))
     say = progress or (lambda msg: None)
     before = current(cluster)

@@ -197,6 +197,19 @@ def _route(tmp_path, capsys, *argv):
     return rc, (json.loads(cap.out) if rc == 0 else None), cap.err
 
 
+@pytest.mark.parametrize("argv, shown", [
+    (["route", "visits", "2024-05-01"], "visits key 2024-05-01 -> shard s1"),
+    (["route", "stores", "10115"], "stores key '10115' -> shard s1"),
+    (["route", "sites", "eu", "7"], "sites key ('eu', 7) -> shard s1"),
+])
+def test_route_prints_a_key_as_the_command_line_takes_it(tmp_path, capsys, argv, shown):
+    """The plain output printed Python's notation for a key (datetime.date(2024, 5, 1),
+    UUID('...')): an operator reads it, and pastes it back into `route`."""
+    _route(tmp_path, capsys, "route", "visits", "2024-05-01")  # (writes the config)
+    assert cli.main([*argv, "--config", str(tmp_path / "shardkit.toml")]) == 0
+    assert capsys.readouterr().out.startswith(shown)
+
+
 @pytest.mark.parametrize("argv, shard", [
     (["route", "visits", "2024-05-01"], "s1"),
     (["route", "visits", "2023-12-31"], "s0"),

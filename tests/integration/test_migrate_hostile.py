@@ -327,6 +327,7 @@ def test_unknown_shard(world):
         migrate.run_command(w.cluster, str(w.cfg), "upgrade", "head", alembic_ini=w.ini, shards=["s9"])
     r = w.cli("migrate", "upgrade", "--canary", "s9")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "s9" in r.stderr
+    assert "--canary" in r.stderr and "--shard" not in r.stderr  # (no such flag)
     assert migrate.current(w.cluster) == {"s0": None, "s1": None}
 
 
