@@ -322,7 +322,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     from . import _rebalance_plan as rp
-    from .rebalance import _need_catalog, check_live_map, shard_weights
+    from .rebalance import _need_catalog, check_live_map, refuse_unknown_targets, shard_weights
 
     catalog = _need_catalog(cluster)
     current = catalog.current_map()
@@ -349,6 +349,7 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         if not fresh:
             raise RebalanceError(f"{args.plan} was planned against another map than the live one "
                                  f"(version {current.version}); make a new plan")
+        refuse_unknown_targets(cluster, plan)
         return plan
     if sum(chosen) > 1:
         given = [flag for flag, on in zip(("--add", "--drain", "--even", "--split", "--move-value"), chosen) if on]

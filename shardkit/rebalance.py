@@ -337,6 +337,15 @@ def _fits_live_map(cluster: Cluster, catalog: Catalog) -> None:
         check_live_map(cluster, current)
 
 
+def refuse_unknown_targets(cluster: Cluster, plan: Plan | SlicePlan) -> None:
+    """Refuse a plan (an edited or an old one) that moves buckets to a shard the config
+    does not define."""
+    unknown = sorted({m.target for m in plan.moves} - set(cluster.shard_names))
+    if unknown:
+        raise RebalanceError(f"the plan moves buckets to {', '.join(unknown)}, which the config "
+                             "does not define; add the shard to the config file first")
+
+
 def refuse_onto_leftovers(conn: Any, plan: Plan | SlicePlan) -> None:
     """Refuse (on catalog connection ``conn``) a plan moving buckets to a shard that still
     holds leftovers of them from a move aborted with ``--target-lost``: the copy would
@@ -667,10 +676,7 @@ class Mover:
                     f"the plan is stale: bucket {m.bucket} is on {live[m.bucket]}, the plan moves it "
                     f"from {m.source} ({len(stale)} such buckets; live map version {version}); "
                     "make a new plan")
-            unknown = sorted({m.target for m in plan.moves} - set(self.cluster.shard_names))
-            if unknown:
-                raise RebalanceError(f"the plan moves buckets to {', '.join(unknown)}, which the config "
-                                     "does not define; add the shard to the config file first")
+            refuse_unknown_targets(self.cluster, plan)
             busy = conn.execute(text(
                 "SELECT b.move_id, array_agg(DISTINCT x) FROM shardkit_catalog.move_batches b "
                 "JOIN shardkit_catalog.moves m ON m.id = b.move_id, unnest(b.buckets) AS x "

@@ -580,6 +580,9 @@ def test_plan_file_applies_back_and_edited_or_stale_files_are_refused(world):
         if p:
             bad[name] = p
     assert not bad, bad
+    # `plan --plan FILE` (shows a stored plan) refuses the retargeted one as apply does
+    p = problems(run("rebalance", "plan", "--plan", str(world.tmp / "e2.json"), config=world.good), "s9")
+    assert not p, p
     assert {m["move"] for m in moves(world)} == before_ids, "a refused plan left a move behind"
     # the plan as written applies back
     v0 = live(world)[0]
