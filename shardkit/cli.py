@@ -129,6 +129,22 @@ def _parse_group_key(raw: str, kind: type | None, group: str | None) -> Any:
                          "give the key in that form") from None
 
 
+def _open_cluster(args: argparse.Namespace) -> Cluster:
+    """The command's cluster, not following the map (a command reads it once; a
+    follower thread would only log retries of a catalog that is down while it ends).  A catalog
+    that cannot be read is the command's to report (its one error line, or status's
+    catalog line), not a warning before that too (``-v`` shows it)."""
+    from ._cluster import log as logger
+
+    level = logger.level
+    if not args.verbose:
+        logger.setLevel(logging.ERROR)
+    try:
+        return Cluster.from_config(args.config, follow_map=False)
+    finally:
+        logger.setLevel(level)
+
+
 def _show_key(key: Any) -> str:
     """A key as the command line takes it: a date as 2024-05-01 and a uuid bare (not
     Python's datetime.date(...) and UUID(...)); a string quoted, so that '42' and 42 differ."""
@@ -139,7 +155,7 @@ def _show_key(key: Any) -> str:
 
 def cmd_route(args: argparse.Namespace) -> int:
     """Print the shard (and bucket) that owns a key."""
-    cluster = Cluster.from_config(args.config, follow_map=False)
+    cluster = _open_cluster(args)
     try:
         if args.type == "auto":
             # A range or list group's keys are of its bounds' or values' type: read each
@@ -240,8 +256,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show shards and nodes: role, up, lag, connections, buckets, rows."""
     from ._status import collect, render
 
-    # One read of the catalog's map (when it has one) is all a snapshot needs.
-    cluster = Cluster.from_config(args.config, follow_map=False)
+    cluster = _open_cluster(args)
     try:
         data = collect(cluster, args.config)
     finally:
@@ -254,8 +269,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     """Run Alembic on every shard, or report revisions and drift."""
     from . import migrate
 
-    # (The map is read once; a thread following it would only log a catalog that is down.)
-    cluster = Cluster.from_config(args.config, follow_map=False)
+    cluster = _open_cluster(args)
     try:
         if args.migrate_command == "current":
             revs = migrate.current(cluster)
@@ -309,9 +323,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Check every shard holds only rows the map assigns to it."""
     from .verify import verify
 
-    # verify() reads the map itself (again when it finds a problem): no follower thread,
-    # which would only log retries of a catalog that is down while the command ends.
-    cluster = Cluster.from_config(args.config, follow_map=False)
+    cluster = _open_cluster(args)
     try:
         report = verify(cluster)
     finally:
@@ -487,7 +499,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     from . import rebalance
     from ._rebalance_plan import SlicePlan
 
-    cluster = Cluster.from_config(args.config, follow_map=False)
+    cluster = _open_cluster(args)
     try:
         verb = args.rebalance_command
         if verb == "init":

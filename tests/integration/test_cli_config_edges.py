@@ -77,7 +77,7 @@ def one_line_error(rc, out, err, tb, *needles):
         problems.append("traceback: " + tb.strip().splitlines()[-1])
     if rc != 2:
         problems.append(f"exit status {rc}, not 2")
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("WARNING ")]
+    lines = err.strip().splitlines()
     if len(lines) != 1 or not lines[0].startswith("error: "):
         problems.append(f"stderr is not one `error:` line: {err.strip()[-300:]!r}")
     for n in needles:

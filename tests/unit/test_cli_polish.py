@@ -5,6 +5,7 @@ nouns, and which cluster `demo` uses when a directory already holds one."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,24 @@ def test_status_says_why_an_up_node_is_unusable():
     out = render(data)
     assert "read-only: its transactions are read-only, it refuses writes" in out
     assert "error: it replays past the primary's WAL position" in out
+
+
+# -- a catalog that cannot be read: the command's one line, not a warning before it ----------
+
+
+def test_a_catalog_that_is_down_gives_route_one_error_line_and_no_warning_before_it(tmp_path):
+    """The README: an error is one line, `error: ...`.  A catalog that refused the
+    connection also printed "WARNING shardkit._cluster: ... routing by the config file's
+    map until it answers" first: the command reports it itself (-v still shows it)."""
+    with socket.socket() as s:  # a port nothing listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = write_config(tmp_path)
+    cfg.write_text(cfg.read_text() + f'[catalog]\nurl = "postgresql+psycopg://app:pw@127.0.0.1:{port}/catalog"\n')
+    argv = [sys.executable, "-m", "shardkit.cli", "route", "users", "42", "--config", str(cfg)]
+    quiet = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 2, quiet
+    assert len(quiet.stderr.splitlines()) == 1 and quiet.stderr.startswith("error: "), quiet.stderr
+    assert "catalog" in quiet.stderr and "unknown setting" not in quiet.stderr
+    loud = subprocess.run(argv[:3] + ["-v"] + argv[3:], capture_output=True, text=True, timeout=60)
+    assert "routing by the config file's map" in loud.stderr and "pw@" not in loud.stderr
