@@ -1692,7 +1692,14 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     all_shards = asked_all or sc.all_shards
     if all_shards and not isinstance(statement, (selectable.Select, selectable.CompoundSelect,
                                                  Insert, Update, Delete)):
-        # Textual or other statements the router cannot read: run everywhere.
+        # Textual or other statements the router cannot read: run everywhere, as writes.
+        if _option("shardkit_role", statement, execution_options) == REPLICA:
+            raise RoutingError(
+                "SQL text run on every shard (shardkit_all_shards=True) runs on their primaries, as a "
+                "write (shardkit cannot tell that it only reads), so shardkit_role='replica' cannot "
+                "apply to it: write the query with select() (read on every shard's replicas and "
+                "merged), or name one shard (shardkit_shard=...) to read the text on its replica",
+                statement=statement)
         return Route(cluster.shard_names, "all", PRIMARY, "shardkit_all_shards=True", True)
     if sc.key is None or asked_all:
         # (The statement's shardkit_all_shards=True inside scope(key=...): every shard,

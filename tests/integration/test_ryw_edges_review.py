@@ -307,6 +307,18 @@ def test_textual_select_forced_to_a_replica_reads_the_replica(env):
                   execution_options={"shardkit_shard": "s1", "shardkit_role": "replica"})
 
 
+def test_text_on_every_shard_forced_to_replicas_is_refused_not_run_on_the_primaries(env):
+    """Text run on every shard runs on their primaries as a write: shardkit_role="replica"
+    given to it was ignored (the read loaded every primary and went into the token). It is
+    refused, saying what to do, and nothing runs."""
+    with env.Session() as s:
+        with pytest.raises(shardkit.errors.RoutingError, match="select\\(\\)") as e:
+            env.nodes(lambda: s.execute(text("SELECT count(*) FROM ryw_items"), execution_options={
+                "shardkit_all_shards": True, "shardkit_role": "replica"}))
+        assert "shardkit_shard" in str(e.value)
+        assert s.consistency_token() == "v1:"
+
+
 # -- tokens from outside -------------------------------------------------------------------
 
 
