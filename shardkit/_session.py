@@ -314,6 +314,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if sc.shard is not None:
             return [sc.shard]
         shard = self._shard_from_identity(mapper, primary_key)
+        if shard is None and sc.key is not None:
+            # Inside scope(key=...): the object get() would load, the one of the scope key's
+            # shard, not one of another shard the session happens to hold.
+            try:
+                if self.cluster.router.table_route(mapper).strategy is not None:
+                    shard = self.cluster.router.shard_for(mapper, sc.key)
+            except ShardkitError:
+                pass
         return [shard] if shard is not None else list(self.cluster.shard_names)
 
     def _shard_from_identity(self, mapper: Any, primary_key: Any) -> str | None:
@@ -1471,6 +1479,27 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
     return sc.shard
 
 
+def _post_load_route(router: Any, route: Route, statement: Any, execution_options: Any) -> Route:
+    """``route``, or for a selectinload() (or selectin_polymorphic) that no shard key routes
+    (it would read every shard), the shard of the objects it loads for when every
+    relationship on its path from the top-level statement's entity is colocated (the
+    shard that statement read them on).  It selects by their primary keys, which may be
+    unique per shard only: on every shard it would find every shard's rows of those
+    keys, and the ORM would give them all to each object of the key, whatever its shard."""
+    if len(route.shards) < 2 or route.keys or route.is_write or not execution_options:
+        return route
+    ctx = execution_options.get("sa_top_level_orm_context")
+    shard = getattr(ctx, "identity_token", None)
+    if shard is None or ctx.execution_options.get("shardkit_reference_read"):
+        return route
+    path = getattr(getattr(statement, "_compile_options", None), "_current_path", None)
+    for prop in getattr(path, "path", ()):
+        if isinstance(prop, RelationshipProperty) and not router.relationship_colocated(prop):
+            return route
+    return dataclasses.replace(route, shards=(shard,), kind="direct", split=None,
+                               reason="the shard of the objects it loads for")
+
+
 def _follows_object(router: Any, target: Any, parent: Any) -> bool:
     """Whether the rows of ``target`` (a mapper) that an object of ``parent`` relates to
     live on that object's shard, so that a lazy load of them runs there (and an object
@@ -1704,11 +1733,16 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     if sc.key is None or asked_all:
         # (The statement's shardkit_all_shards=True inside scope(key=...): every shard,
         # as asked; a scope's all_shards= only permits, its key still decides.)
-        return cluster.router.route(statement, params, all_shards=all_shards,
-                                    anywhere=session._sk_ref_shard)
+        route = cluster.router.route(statement, params, all_shards=all_shards,
+                                     anywhere=session._sk_ref_shard)
+        return route if asked_all else _post_load_route(cluster.router, route, statement, execution_options)
     # A statement with no key of its own runs where the scope's key lives (a
     # key-less UPDATE or DELETE included); one with its own keys is routed by them.
+    # (Not the eager load of objects read on another shard: it runs on theirs.)
     route = cluster.router.route(statement, params, all_shards=True, anywhere=session._sk_ref_shard)
+    pinned = _post_load_route(cluster.router, route, statement, execution_options)
+    if pinned is not route:
+        return pinned
     if route.kind == "all" and not route.keys and not _writes_reference_table(cluster, statement):
         keyed = _keyed_parts(cluster, statement, params)
         if keyed and all(keyed):
