@@ -377,12 +377,22 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 if (key is None or key[2] is None) and state.session_id != self.hash_key and not any(
                         v is None or v is NO_VALUE or v is NEVER_SET for v in pk):
                     by_pk = self._shard_from_identity(state.mapper, pk)
+                    own = by_pk if by_pk is not None else _own_key_shard(self.cluster, state)
+                    named = _named_shard(kw.get("options"), None, None)
+                    if named is not None and own is not None and named != own:
+                        # Not found there, it would be INSERTed where its key puts it, over
+                        # the row it has there (a duplicate key error at the flush).
+                        raise RoutingError(
+                            f"merge() of a {state.mapper.class_.__name__} whose shard key puts it on "
+                            f"{own}, with options naming shard {named}: its row is read, and written, "
+                            f"on {own}; drop the set_shard_id option (merge() finds the shard by the "
+                            "object's key)")
                     if by_pk is None:
-                        shard = _own_key_shard(self.cluster, state)
+                        shard = own
                         # (held until the merge has found it in the identity map)
                         found = None if shard is None else self.get(
                             state.mapper.class_, pk, identity_token=shard, options=kw.get("options"))
-                    elif _named_shard(kw.get("options"), None, None) is None:
+                    elif named is None:
                         # Its primary key names the shard its flush writes it on: the row is
                         # looked for there, not where the session's execution options or a
                         # scope name a shard for statements (merge()'s own options may).

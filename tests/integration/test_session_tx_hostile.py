@@ -373,6 +373,24 @@ def test_merge_updates_existing_row_on_its_shard_and_keeps_one_identity(tx):
         assert tx.rows(sh, "SELECT id, name, balance FROM tx_accounts") == want, sh
 
 
+def test_merge_naming_another_shard_than_its_key_is_refused_before_anything_is_written(tx):
+    """merge(obj, options=[set_shard_id(s)]) for an object whose key lives elsewhere looked
+    for its row on s, found none, and INSERTed it where its key puts it, over its own row
+    (UniqueViolation at the flush). Refused, saying why; naming its own shard works."""
+    from sqlalchemy.ext.horizontal_shard import set_shard_id
+
+    a = tx.keys_on(tx.names[2], 1)[0]
+    _seed(tx, a)
+    with tx.Session()() as s:
+        with pytest.raises(shardkit.errors.RoutingError, match=f"puts it on {tx.names[2]}.*set_shard_id"):
+            s.merge(Account(id=a, name="m", balance=1), options=[set_shard_id(tx.names[0])])
+        assert not s.new and not s.dirty
+        merged = s.merge(Account(id=a, name="m", balance=1), options=[set_shard_id(tx.names[2])])
+        assert merged is s.get(Account, a)
+        s.commit()
+    assert tx.rows(tx.names[2], f"SELECT name, balance FROM tx_accounts WHERE id = {a}") == [("m", 1)]
+
+
 def test_merge_load_false_of_detached_object(tx):
     a = tx.keys_on(tx.names[0], 1)[0]
     _seed(tx, a)
