@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
-import traceback
 from pathlib import Path
 
 import psycopg
@@ -20,43 +18,9 @@ import pytest
 import shardkit
 from shardkit import cli
 from shardkit.devcluster import to_toml
+from test_cli_config_edges import free_port, one_line_error, run
 
 integration = pytest.mark.integration
-
-
-def run(argv, capsys):
-    """Run the CLI in-process: (exit code, stdout, stderr, escaped traceback or '')."""
-    tb = ""
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else 1
-    except Exception:  # noqa: BLE001 - what a user would see as a traceback
-        rc, tb = 1, traceback.format_exc()
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err, tb
-
-
-def one_line_error(rc, out, err, tb, *needles):
-    """README: "Errors print one line, `error: ...`, and exit with status 2"."""
-    problems = []
-    if tb:
-        problems.append("traceback: " + tb.strip().splitlines()[-1])
-    if rc != 2:
-        problems.append(f"exit status {rc}, not 2")
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("WARNING ")]
-    if len(lines) != 1 or not lines[0].startswith("error: "):
-        problems.append(f"stderr is not one `error:` line: {err.strip()[-300:]!r}")
-    for n in needles:
-        if n not in err:
-            problems.append(f"{n!r} not named in {err.strip()[-300:]!r}")
-    return problems
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- no server -----------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ One 2-shard x 1-replica cluster serves the module; tests that delay replicas res
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from sqlalchemy import BigInteger, Column, String, Table, delete, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -64,43 +66,44 @@ def shards_of(token):
     return set(parse_token(token))
 
 
+@contextlib.contextmanager
+def committed(env, write, want, lag=("s0", "s1"), **session_kw):
+    """Commit what ``write(session)`` does while the replicas of ``lag`` replay 30 s
+    behind: the session's token names exactly the shards ``want``; the block is given a
+    new session holding that token, whose reads must see the writes."""
+    with lagging(env, shards=lag):
+        with env.Session(**session_kw) as s:
+            write(s)
+            s.commit()
+            tok = s.consistency_token()
+        assert shards_of(tok) == want, tok
+        with env.Session(consistency_token=tok) as s2:
+            yield s2
+
+
 def test_text_update_named_shard(env):
     k = env.key("s0")
     seed(env, (k, "old"))
-    with lagging(env, shards=("s0",)):
-        with env.Session() as s:
-            s.execute(text("UPDATE ryw_items SET name = 'txt' WHERE id = :k"), {"k": k},
-                      bind_arguments={"shard_id": "s0"})
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0"}
-        with env.Session(consistency_token=tok) as s2:
-            assert read(env, s2, k)[0] == "txt"
+    with committed(env, lambda s: s.execute(text("UPDATE ryw_items SET name = 'txt' WHERE id = :k"), {"k": k},
+                                            bind_arguments={"shard_id": "s0"}), {"s0"}, lag=("s0",)) as s2:
+        assert read(env, s2, k)[0] == "txt"
 
 
 def test_text_all_shards(env):
     k0, k1 = env.key("s0"), env.key("s1")
     seed(env, (k0, "old"), (k1, "old"))
-    with lagging(env):
-        with env.Session() as s:
-            s.execute(text("UPDATE ryw_items SET name = 'all' WHERE id IN (:a, :b)"), {"a": k0, "b": k1},
-                      execution_options={"shardkit_all_shards": True})
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0", "s1"}
+    with committed(env, lambda s: s.execute(
+            text("UPDATE ryw_items SET name = 'all' WHERE id IN (:a, :b)"), {"a": k0, "b": k1},
+            execution_options={"shardkit_all_shards": True}), {"s0", "s1"}) as s2:
+        assert read(env, s2, k0)[0] == read(env, s2, k1)[0] == "all"
 
 
 def test_core_table_executemany(env):
     k0, k1 = env.key("s0"), env.key("s1")
-    with lagging(env):
-        with env.Session() as s:
-            s.execute(insert(core_rows), [{"id": k0, "name": "a"}, {"id": k1, "name": "b"}])
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0", "s1"}
-        with env.Session(consistency_token=tok) as s2:
-            got = s2.execute(select(core_rows.c.name).where(core_rows.c.id.in_([k0, k1]))).scalars().all()
-            assert sorted(got) == ["a", "b"]
+    with committed(env, lambda s: s.execute(insert(core_rows), [{"id": k0, "name": "a"}, {"id": k1, "name": "b"}]),
+                   {"s0", "s1"}) as s2:
+        got = s2.execute(select(core_rows.c.name).where(core_rows.c.id.in_([k0, k1]))).scalars().all()
+        assert sorted(got) == ["a", "b"]
 
 
 def test_reference_core_update(env):
@@ -108,98 +111,72 @@ def test_reference_core_update(env):
         s.add(Color(id=1, name="red"))
         s.commit()
     env.caught_up()
-    with lagging(env):
-        with env.Session() as s:
-            s.execute(update(Color).where(Color.id == 1).values(name="blue"))
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0", "s1"}
-        for _ in range(4):
-            with env.Session(consistency_token=tok) as s2:
-                assert s2.execute(select(Color.name).where(Color.id == 1)).scalar() == "blue"
+    with committed(env, lambda s: s.execute(update(Color).where(Color.id == 1).values(name="blue")),
+                   {"s0", "s1"}) as s2:
+        for _ in range(4):  # (reference reads take turns between shards)
+            assert s2.execute(select(Color.name).where(Color.id == 1)).scalar() == "blue"
+            s2.rollback()
 
 
 def test_reference_bulk_insert(env):
-    with lagging(env):
-        with env.Session() as s:
-            s.bulk_insert_mappings(Color, [{"id": 2, "name": "g"}])
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0", "s1"}
+    with committed(env, lambda s: s.bulk_insert_mappings(Color, [{"id": 2, "name": "g"}]), {"s0", "s1"}) as s2:
+        assert s2.execute(select(Color.name).where(Color.id == 2)).scalar() == "g"
 
 
 def test_bulk_save_objects(env):
     k0, k1 = env.key("s0"), env.key("s1")
-    with lagging(env):
-        with env.Session() as s:
-            s.bulk_save_objects([Item(id=k0, name="b0"), Item(id=k1, name="b1")])
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0", "s1"}
-        with env.Session(consistency_token=tok) as s2:
-            assert read(env, s2, k0)[0] == "b0"
-            assert read(env, s2, k1)[0] == "b1"
+    with committed(env, lambda s: s.bulk_save_objects([Item(id=k0, name="b0"), Item(id=k1, name="b1")]),
+                   {"s0", "s1"}) as s2:
+        assert read(env, s2, k0)[0] == "b0"
+        assert read(env, s2, k1)[0] == "b1"
 
 
 def test_orm_bulk_insert(env):
     k0, k1 = env.key("s0"), env.key("s1")
-    with lagging(env):
-        with env.Session() as s:
-            s.execute(insert(Item), [{"id": k0, "name": "b0"}, {"id": k1, "name": "b1"}])
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0", "s1"}
+    with committed(env, lambda s: s.execute(insert(Item), [{"id": k0, "name": "b0"}, {"id": k1, "name": "b1"}]),
+                   {"s0", "s1"}) as s2:
+        assert read(env, s2, k1)[0] == "b1"
 
 
 def test_upsert(env):
     k0 = env.key("s0")
     seed(env, (k0, "old"))
-    with lagging(env, shards=("s0",)):
-        with env.Session() as s:
-            s.execute(pg_insert(Item).values(id=k0, name="up").on_conflict_do_update(
-                index_elements=[Item.id], set_={"name": "up"}))
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0"}
-        with env.Session(consistency_token=tok) as s2:
-            assert read(env, s2, k0)[0] == "up"
+    with committed(env, lambda s: s.execute(pg_insert(Item).values(id=k0, name="up").on_conflict_do_update(
+            index_elements=[Item.id], set_={"name": "up"})), {"s0"}, lag=("s0",)) as s2:
+        assert read(env, s2, k0)[0] == "up"
 
 
 def test_query_update_delete(env):
     k0, k1 = env.key("s0"), env.key("s1")
     seed(env, (k0, "old"), (k1, "old"))
-    with lagging(env):
-        with env.Session() as s:
-            s.query(Item).filter(Item.id == k0).update({"name": "q"})
-            s.execute(delete(Item).where(Item.id == k1))
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0", "s1"}
+
+    def write(s):
+        s.query(Item).filter(Item.id == k0).update({"name": "q"})
+        s.execute(delete(Item).where(Item.id == k1))
+    with committed(env, write, {"s0", "s1"}) as s2:
+        assert read(env, s2, k0)[0] == "q" and read(env, s2, k1)[0] is None
 
 
 def test_session_connection_scope(env):
     k = env.key("s1")
     seed(env, (k, "old"))
-    with lagging(env, shards=("s1",)):
-        with env.Session() as s:
-            with shardkit.scope(shard="s1"):
-                s.connection().execute(text("UPDATE ryw_items SET name = 'c' WHERE id = :k"), {"k": k})
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s1"}
+
+    def write(s):
+        with shardkit.scope(shard="s1"):
+            s.connection().execute(text("UPDATE ryw_items SET name = 'c' WHERE id = :k"), {"k": k})
+    with committed(env, write, {"s1"}, lag=("s1",)) as s2:
+        assert read(env, s2, k)[0] == "c"
 
 
 def test_nested_release_commit(env):
     k = env.key("s0")
     seed(env, (k, "old"))
-    with lagging(env, shards=("s0",)):
-        with env.Session() as s:
-            with s.begin_nested():
-                s.get(Item, k).name = "nested"
-            s.commit()
-            tok = s.consistency_token()
-        with env.Session(consistency_token=tok) as s2:
-            assert read(env, s2, k)[0] == "nested"
+
+    def write(s):
+        with s.begin_nested():
+            s.get(Item, k).name = "nested"
+    with committed(env, write, {"s0"}, lag=("s0",)) as s2:
+        assert read(env, s2, k)[0] == "nested"
 
 
 def test_require_token_mid_transaction(env):
@@ -220,14 +197,11 @@ def test_require_token_mid_transaction(env):
 def test_eventual_session_token(env):
     k = env.key("s0")
     seed(env, (k, "old"))
-    with lagging(env, shards=("s0",)):
-        with env.Session(consistency="eventual") as s:
-            s.get(Item, k).name = "ev"
-            s.commit()
-            tok = s.consistency_token()
-        assert shards_of(tok) == {"s0"}
-        with env.Session(consistency_token=tok) as s2:
-            assert read(env, s2, k)[0] == "ev"
+
+    def write(s):
+        s.get(Item, k).name = "ev"
+    with committed(env, write, {"s0"}, lag=("s0",), consistency="eventual") as s2:
+        assert read(env, s2, k)[0] == "ev"
 
 
 def test_a_statements_consistency_overrides_the_scopes_role(env):
