@@ -687,8 +687,11 @@ class Cluster:
 
     def health(self) -> ClusterHealth:
         """Per node: role, up, lag, bans and pool use.  ``.ready`` is a readiness check: every
-        primary is up and accepts writes (not in recovery)."""
-        mon = self.monitor()
+        primary is up and accepts writes (not in recovery).  Waits for the monitor's first
+        poll of every node, also one another thread (a read, a metrics scrape) started an
+        instant ago: a node not polled yet would read as down, and the cluster as not ready."""
+        mon = self.monitor(wait=False)
+        mon.wait_first_poll(timeout=2 + self.config.replicas.poll_timeout)
         nodes = []
         for state in mon.shards.values():
             for n in (state.primary, *state.replicas):

@@ -40,7 +40,7 @@ from psycopg.rows import tuple_row
 from sqlalchemy import exc as sa_exc
 
 from ._config import ReplicaSettings, mask_url
-from .errors import ShardkitError
+from .errors import ShardkitError, first_line
 
 if TYPE_CHECKING:
     from ._cluster import Cluster
@@ -596,7 +596,7 @@ class ReplicaSelector:
         except sa_exc.TimeoutError:
             return False  # this process's pool for it is busy: nothing wrong with the replica
         except Exception as e:  # noqa: BLE001 - a failed probe means "not this replica"
-            self.monitor.ban(shard, replica.index, f"probe failed: {type(e).__name__}")
+            self.monitor.ban(shard, replica.index, f"probe failed: {first_line(e)}"[:200])
             return False
 
 

@@ -1026,7 +1026,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         the primary's WAL conflicted with it (it is skipped for this read).  ``stream``: the
         read ran in a transaction (a server-side cursor), which the failure aborted."""
         if isinstance(error, ShardUnavailable):
-            self.cluster.selector.monitor.ban(shard, index, f"read failed: {error.cause!r}"[:200])
+            # The driver's first line, as a failed stream's ban says it (_translate_errors).
+            why = first_line(error.cause if error.cause is not None else error)
+            self.cluster.selector.monitor.ban(shard, index, f"read failed: {why}"[:200])
             self._forget_connection(shard, index)
             return True
         if getattr(getattr(error, "orig", None), "sqlstate", None) != _RECOVERY_CONFLICT:
