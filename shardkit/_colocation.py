@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sqlalchemy.sql import elements, operators, selectable
+from sqlalchemy.sql import elements, functions, operators, selectable
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.base import _from_objects
 from sqlalchemy.sql.elements import ClauseElement
@@ -236,8 +236,6 @@ _AGGREGATES = frozenset({
 
 
 def _is_aggregate_or_window(e: Any) -> bool:
-    from sqlalchemy.sql import functions
-
     return isinstance(e, elements.Over) or (
         isinstance(e, functions.FunctionElement) and getattr(e, "name", "").lower() in _AGGREGATES)
 
@@ -250,8 +248,9 @@ def _walk(clauses: Iterable[Any]) -> Iterable[Any]:
         yield e
         if isinstance(e, (selectable.Select, selectable.CompoundSelect)):
             continue
-        if isinstance(e, selectable.FromClause) and not isinstance(e, selectable.Join):
-            continue  # a table's columns hold nothing nested
+        if isinstance(e, selectable.FromClause) and not isinstance(
+                e, (selectable.Join, functions.FunctionElement)):
+            continue  # a table's columns hold nothing nested (a function call's arguments do)
         stack.extend(e.get_children())
 
 

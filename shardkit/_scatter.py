@@ -424,12 +424,17 @@ def _coalesced_aggregate(col: Any) -> Any | None:
     args = list(inner.clauses)
     if len(args) < 2 or _agg_name(args[0]) is None:
         return None
+    if not all(_is_constant(a) for a in args[1:]):
+        return None
+    return args[0]
+
+
+def _is_constant(expr: Any) -> bool:
+    """Whether ``expr`` is a constant (bound values, literals, NULL and casts of them): the
+    same value on every shard and for every row."""
     constant = (BindParameter, elements.Null, elements.True_, elements.False_, elements.Cast,
                 elements.TypeCoerce, elements.Grouping, Label)
-    for a in args[1:]:
-        if not all(isinstance(e, constant) for e in visitors.iterate(a)):
-            return None
-    return args[0]
+    return all(isinstance(e, constant) for e in visitors.iterate(expr))
 
 
 def function_names(expr: Any) -> set[str]:
@@ -761,6 +766,16 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
                 "SELECT * across shards: shardkit needs to know the columns to merge them; "
                 "select the table or its columns", construct="SELECT *")
     for g in group_by:
+        if isinstance(g, elements._textual_label_reference):   # group_by("name")
+            raise ScatterRefused(
+                f"GROUP BY {g.element!r} names a label by text; across shards shardkit needs the "
+                "expression itself (group_by(Model.column) or group_by(label_object))",
+                construct="GROUP BY by label name")
+        if isinstance(g, elements.TextClause) or _is_literal_sql(g):
+            raise ScatterRefused(
+                f"GROUP BY {str(g)!r} is SQL text (an output position, a name or an expression "
+                "shardkit cannot read); group by the column or expression itself",
+                construct="GROUP BY text")
         g_inner = g.element if isinstance(g, Label) else g
         if isinstance(g_inner, functions.FunctionElement) and g_inner.name.lower() in (
                 "rollup", "cube", "grouping sets", "grouping_sets"):
@@ -946,6 +961,10 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
             outputs.append(partial(c))
             continue
         gi = group_index(c)
+        if gi is None and _is_constant(c):
+            # SELECT 'x', count(*): every shard's row holds it at the caller's position.
+            outputs.append(OutputColumn("value", (i,)))
+            continue
         if gi is None:
             raise ScatterRefused(
                 f"column {c} is neither in GROUP BY nor an aggregate", construct="ungrouped column")
