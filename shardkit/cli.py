@@ -299,7 +299,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             results = migrate.run_command(
                 cluster, args.config, args.migrate_command, args.revision,
                 alembic_ini=args.alembic_ini, parallel=args.parallel, canary=args.canary,
-                progress=progress,
+                progress=progress, x_args=args.x_args,
             )
         except (migrate.MigrationError, migrate.MigrationInterrupted) as e:
             stopped = isinstance(e, migrate.MigrationInterrupted)
@@ -677,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shards migrated at once (default: %(default)s)")
         mp.add_argument("--canary", metavar="SHARD",
                         help="migrate this shard first, alone; stop if it fails")
+        mp.add_argument("-x", action="append", default=[], metavar="KEY=VALUE", dest="x_args",
+                        help="passed to every shard's Alembic as its -x (context.get_x_argument())")
     for verb, helptext in (("current", "each shard's revision"),
                            ("check", "report drift: different revisions or schemas")):
         msub.add_parser(verb, help=helptext)

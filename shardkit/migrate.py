@@ -224,12 +224,22 @@ def run_migrations(context: Any, **configure: Any) -> None:
         raise ConfigurationError(
             "run_migrations()", f"{', '.join(own)} is set by shardkit for each shard",
             "leave it out of run_migrations(context, ...) in env.py")
+    moved = [f"{k}={configure[k]!r}" for k, default in (("version_table", "alembic_version"),
+                                                          ("version_table_schema", None))
+             if configure.get(k, default) != default]
+    if moved:
+        # Alembic's CLI prints a CommandError as one line ("FAILED: ..."), not a traceback.
+        raise CommandError(
+            f"run_migrations(): {moved[0]} is not supported (`shardkit migrate current` and "
+            "`check` read each shard's alembic_version table, on its search_path): leave it out "
+            "of run_migrations(context, ...) in env.py, after renaming the version table to "
+            "alembic_version on every shard")
     their_names = configure.pop("include_name", None)
     their_directives = configure.pop("process_revision_directives", None)
+    cmd = getattr(getattr(context.config, "cmd_opts", None), "cmd", None)
+    verb = getattr(cmd[0], "__name__", "") if cmd else ""
     if context.is_offline_mode():
         # Alembic's CLI prints a CommandError as one line ("FAILED: ..."), not a traceback.
-        cmd = getattr(getattr(context.config, "cmd_opts", None), "cmd", None)
-        verb = getattr(cmd[0], "__name__", "") if cmd else ""
         instead = ("`alembic ... stamp REVISION` without --sql" if verb == "stamp" else
                    f"`shardkit migrate {verb} REVISION` (or `alembic ... {verb} REVISION` without --sql)"
                    if verb in ("upgrade", "downgrade") else
@@ -245,6 +255,21 @@ def run_migrations(context: Any, **configure: Any) -> None:
         if s not in cluster.shard_names:
             raise ConfigurationError("-x shard", f"unknown shard {s!r}",
                                      "shards: " + ", ".join(cluster.shard_names))
+    try:
+        destination = context.get_revision_argument()   # "-1" also for "branch@-1"
+    except Exception:   # none (current, check, revision ...), or one Alembic reports itself
+        destination = None
+    if len(shards) > 1 and isinstance(destination, str) and _RELATIVE_TO_CURRENT.match(destination.strip()):
+        # As `shardkit migrate` does: each shard would count from its own revision.
+        at = {s: _revision(cluster, s) for s in shards}
+        if len(set(at.values())) > 1:
+            cluster.dispose()
+            states = ", ".join(f"{s} at {r or 'base'}" for s, r in at.items())
+            raise CommandError(
+                f"{destination} counts from each shard's own revision, and the shards are at "
+                f"different revisions ({states}): name the revision every shard should reach "
+                f"(`alembic ... {verb or 'upgrade|downgrade'} REVISION`), or migrate one shard "
+                "with -x shard=NAME")
     metadata = configure.pop("target_metadata") if "target_metadata" in configure else _target_metadata(context)
     # Autogenerate compares the default schema, and the schemas the models' tables live
     # in (not all of the database's: shardkit's own would look like tables to drop).
@@ -498,8 +523,13 @@ def run_command(
     canary: str | None = None,
     shards: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    x_args: Sequence[str] = (),
 ) -> list[ShardResult]:
     """Run ``alembic upgrade|downgrade REVISION`` on every shard; raise MigrationError on failure.
+
+    ``x_args``: further ``-x KEY=VALUE`` arguments for every shard's Alembic (what
+    ``context.get_x_argument()`` gives env.py and the migrations); ``config`` and
+    ``shard`` are shardkit's own.
 
     With ``canary``, that shard goes first and alone; the others start only if it
     succeeded.  The rest run at most ``parallel`` at a time.  Ctrl-C (KeyboardInterrupt)
@@ -517,6 +547,12 @@ def run_command(
         bad = unknown[0] if unknown else canary
         raise ConfigurationError("shards" if unknown else "canary (--canary)", f"unknown shard {bad!r}",
                                  "shards: " + ", ".join(cluster.shard_names))
+    own = [a for a in x_args if a.partition("=")[0] in ("config", "shard")]
+    if own:
+        raise ConfigurationError(
+            "-x", f"{own[0]}: shardkit sets config= and shard= for each shard's Alembic itself",
+            "give the cluster config with --config; to migrate one shard, run plain "
+            "`alembic -x config=PATH -x shard=NAME ...`")
     say = progress or (lambda msg: None)
     before = current(cluster)
     if _RELATIVE_TO_CURRENT.match(revision.strip()):
@@ -545,7 +581,7 @@ def run_command(
             t = time.monotonic()
             proc = subprocess.Popen(
                 [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"config={config_path}",
-                 "-x", f"shard={shard}", command, revision],
+                 "-x", f"shard={shard}", *(a for x in x_args for a in ("-x", x)), command, revision],
                 # Not the terminal: Alembic wraps its messages to the width of a terminal on
                 # stdin, and a migration must not wait for input.
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -663,7 +699,8 @@ def _error_line(output: str) -> str | None:
 
 
 def schema_fingerprint(connection: Any, schemas: Iterable[str] = ()) -> dict[str, Any]:
-    """Tables, columns (and their defaults), indexes, unique, foreign and check constraints of
+    """Tables, columns (their types as PostgreSQL writes them, defaults and generation),
+    indexes, unique, foreign (with their actions) and check constraints of
     the current schema (tables by name), and of each of ``schemas`` (tables as
     ``schema.table``), comparable across shards."""
     insp = inspect(connection)
@@ -673,8 +710,24 @@ def schema_fingerprint(connection: Any, schemas: Iterable[str] = ()) -> dict[str
             if t == "alembic_version" and schema is None:
                 continue
             columns = insp.get_columns(t, schema=schema)
-            cols = [(c["name"], str(c["type"]), c["nullable"]) for c in columns]
+            # The type as PostgreSQL writes it (format_type): the reflected type's str() is
+            # the generic one ("TIMESTAMP" for both timestamp and timestamptz, "ARRAY" for
+            # any array, "NULL" for a type SQLAlchemy does not know, an extension's).
+            pg_types = dict(connection.execute(text(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = coalesce(:s, current_schema()) AND c.relname = :t "
+                "AND a.attnum > 0 AND NOT a.attisdropped"), {"s": schema, "t": t}).all())
+            cols = [(c["name"], pg_types.get(c["name"], str(c["type"])), c["nullable"]) for c in columns]
+            # What fills a column: a default, or its generation (identity, or computed).
             defaults = [(c["name"], c["default"]) for c in columns if c.get("default") is not None]
+            defaults += [(c["name"], "GENERATED " + ("ALWAYS" if c["identity"].get("always") else
+                                                     "BY DEFAULT") + " AS IDENTITY")
+                         for c in columns if c.get("identity")]
+            defaults += [(c["name"], f"GENERATED ALWAYS AS ({c['computed']['sqltext']})"
+                          + (" STORED" if c["computed"].get("persisted") else ""))
+                         for c in columns if c.get("computed")]
+            defaults.sort()
             checks = sorted((c["name"], c["sqltext"]) for c in insp.get_check_constraints(t, schema=schema))
             # The full definition: an index on an expression, or a partial one, differs
             # from another of the same name by more than its column names.
@@ -683,9 +736,12 @@ def schema_fingerprint(connection: Any, schemas: Iterable[str] = ()) -> dict[str
                 "WHERE schemaname = coalesce(:s, current_schema()) AND tablename = :t"),
                 {"s": schema, "t": t}))
             uq = sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(t, schema=schema))
+            # With its actions (ON DELETE CASCADE ...), deferrability and MATCH.
             fks = sorted((tuple(f["constrained_columns"]),
                           ".".join(filter(None, (f.get("referred_schema"), f["referred_table"]))),
-                          tuple(f["referred_columns"])) for f in insp.get_foreign_keys(t, schema=schema))
+                          tuple(f["referred_columns"]),
+                          " ".join(f"{k} {v}" for k, v in sorted((f.get("options") or {}).items())))
+                         for f in insp.get_foreign_keys(t, schema=schema))
             pk = tuple(insp.get_pk_constraint(t, schema=schema).get("constrained_columns") or ())
             out[t if schema is None else f"{schema}.{t}"] = {
                 "columns": cols, "defaults": defaults, "indexes": idx, "unique": uq,
