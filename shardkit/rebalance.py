@@ -66,7 +66,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -208,6 +208,7 @@ def _reread_columns(src: psycopg.Connection, tgt: psycopg.Connection, t: _Table,
     on_source = _columns(src, t.name)
     on_target = _columns(tgt, t.name)
     t.columns = [c for c, (_, generated) in on_source.items() if not generated]
+    t.pk_types = [on_source[c][0] for c in t.pk]
     missing = [c for c in t.columns if c not in on_target]
     if missing:
         raise SchemaMismatch(
@@ -290,7 +291,18 @@ def _unique_detail(e: psycopg.errors.UniqueViolation) -> str:
     return f"{detail} (constraint {diag.constraint_name})" if diag.constraint_name else detail
 
 
+# A moved row meeting a row of another bucket on the target: a unique constraint's
+# violation, or an exclusion constraint's (EXCLUDE USING gist (during WITH &&)).
+_CLASHES = (psycopg.errors.UniqueViolation, psycopg.errors.ExclusionViolation)
+
+
 def _clash_error(table: str, e: psycopg.errors.UniqueViolation, where: str) -> _KeyClash:
+    if isinstance(e, psycopg.errors.ExclusionViolation):
+        return _KeyClash(
+            f"table {table}: {where} conflicts, under an exclusion constraint, with a row of another "
+            f"bucket already on the target shard ({_unique_detail(e)}); the values an exclusion "
+            "constraint of a moved table keeps apart must be kept apart across shards (include "
+            "the shard key in the constraint)")
     return _KeyClash(
         f"table {table}: {where} has the primary key or a unique value of a row of another bucket "
         f"already on the target shard ({_unique_detail(e)}); the primary keys and unique values of "
@@ -469,6 +481,18 @@ class _Table:
     # for its FROM clause and the bucket over it (_sql.int8_bucket_scan), about twice as
     # fast as bucket_sql; None: bucket_sql.
     scan: tuple[str, str] | None = None
+    # The primary key's column types (``format_type``), read again with the columns: the
+    # logged keys are read back by them (see ``logged_keys``).
+    pk_types: list[str] = field(default_factory=list)
+
+    def logged_keys(self, keys: sql.Composable) -> sql.Composable:
+        """A FROM item of the primary keys in jsonb array ``keys`` (as the guard logs them),
+        its columns named and typed as the table's.  Not ``jsonb_populate_recordset(NULL::t,
+        ...)``: that runs every column the keys lack through its type's input, and a column
+        of a domain declared NOT NULL refuses the NULL."""
+        return sql.SQL("jsonb_to_recordset({}::jsonb) AS _shardkit_k ({})").format(
+            keys, sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(typ))
+                                     for c, typ in zip(self.pk, self.pk_types, strict=True)))
 
     def scan_sql(self) -> tuple[str, str]:
         """``(from_extra, bucket)`` for a scan of every row: SQL to write right after the
@@ -568,6 +592,27 @@ def _refuse_unknown_guarded(cluster: Cluster, src: psycopg.Connection, shard: st
             f"{move_id}` with the config that configures them (it copies them too), or, if a table "
             "is no longer sharded, drop its trigger (`DROP TRIGGER shardkit_guard ON <table>`)",
             move_id=move_id)
+
+
+def _trigger_may_set(language: str, source: str | None, args: list[bytes], columns: list[str]) -> bool:
+    """Whether a BEFORE row trigger's function may change one of ``columns`` of the row (or
+    the whole row).  PL/pgSQL is read: an assignment to NEW.column or NEW, a SELECT ...
+    INTO NEW..., or a RETURN of another row than NEW, OLD or NULL.  Built-in and C
+    functions (tsvector_update_trigger, moddatetime, ...) change the columns their
+    arguments name.  Other languages cannot be read: they may."""
+    names = {c.lower() for c in columns}
+    if any(a.decode(errors="replace").lower() in names for a in args if a):
+        return True
+    if language in ("internal", "c"):
+        return False
+    if language != "plpgsql" or source is None:
+        return True
+    code = re.sub(r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'", " ", source, flags=re.S)  # (comments, strings)
+    col = "|".join(re.escape(c) for c in columns)
+    target = rf'new\s*(?:\.\s*"?(?:{col})"?)?'
+    return bool(re.search(rf'(?:^|;|\b(?:then|else|begin|loop)\b)\s*{target}\s*:?=(?!=)'
+                          rf'|\binto\s+(?:strict\s+)?{target}\b'
+                          r'|\breturn\s+(?!(?:new|old|null)\s*;)\S', code, flags=re.I | re.M))
 
 
 class Mover:
@@ -785,12 +830,13 @@ class Mover:
                             "during a move under names or keys the mover does not apply (or let a "
                             "TRUNCATE through); run `shardkit rebalance init` (or a migration "
                             "calling `op.install_shardkit_guard()`), then apply or resume the move")
-                self._check_fidelity(conn, shard, tables, copying)
+                self._check_fidelity(conn, shard, tables, copying, keys={g.table: g.key for g in guarded})
 
     def _stale_guards(self, conn: Any, guarded: list[Guarded]) -> list[str]:
         return stale_guards(conn, guarded, self.cluster.config.bucket_count)
 
-    def _check_fidelity(self, conn: Any, shard: str, tables: list[str], copying: bool = True) -> None:
+    def _check_fidelity(self, conn: Any, shard: str, tables: list[str], copying: bool = True, *,
+                        keys: dict[str, str] | None = None) -> None:
         """Refuse tables whose rows the mover could not write on ``shard`` exactly as they are.
 
         The mover's writes (the copy and applied changes on the target, the
@@ -805,7 +851,14 @@ class Mover:
         to itself or a cycle of them, a NOT VALID foreign key.  NOT VALID constraints
         only while ``copying`` (deletes do not check them).  Always: a table with
         inheritance children (INHERITS; declarative partitions move), whose rows the
-        copy would read through the parent and write into the parent itself."""
+        copy would read through the parent and write into the parent itself.  While
+        ``copying`` (the guard's change log still matters), whatever the privilege: a
+        primary-key or shard-key column ``GENERATED ALWAYS AS ... STORED`` (``keys``: table
+        -> shard key), and a BEFORE INSERT or UPDATE row trigger that fires after the guard
+        (PostgreSQL fires them in name order): the guard, a BEFORE trigger, sees neither a
+        generated value (computed after BEFORE triggers) nor what a later trigger sets, so it
+        would check and log the row under another key than the row is written with, and
+        catch-up would miss it."""
         replica = _may_replicate_sa(conn)
         role = conn.execute(text("SELECT current_user")).scalar()
         moved = (f"WITH m AS (SELECT n.tbl, t.relid AS rel FROM {CONFIGURED_TABLES} "
@@ -815,6 +868,39 @@ class Mover:
                  f"does, only where its role may set it, and {role} may not on {shard}: grant it "
                  f"(`GRANT SET ON PARAMETER session_replication_role TO {role}`, PostgreSQL 15 and "
                  "later, or move as a superuser)")
+        if copying and keys:
+            for tbl, col in conn.execute(text(
+                    f"SELECT n.tbl, a.attname FROM {CONFIGURED_TABLES} JOIN pg_attribute a ON a.attrelid = c.oid "
+                    "AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated <> '' "
+                    "JOIN unnest(CAST(:kt AS text[]), CAST(:kc AS text[])) AS s(tbl, col) ON s.tbl = n.tbl "
+                    "WHERE c.relkind IN ('r', 'p') AND (a.attname = s.col OR EXISTS (SELECT FROM pg_index i "
+                    "WHERE i.indrelid = c.oid AND i.indisprimary AND a.attnum = ANY(i.indkey))) ORDER BY 1, 2"),
+                    {**named, "kt": list(keys), "kc": list(keys.values())}):
+                what = "shard key" if keys.get(tbl) == col else "primary key"
+                raise RebalanceError(
+                    f"table {tbl} on {shard}: its {what} column {col} is generated (GENERATED ALWAYS AS "
+                    "... STORED), computed after BEFORE triggers, so shardkit's ownership guard (a BEFORE "
+                    "trigger) cannot see its value: it would record rows written during the move under "
+                    f"a NULL key and catch-up would miss them; make {col} an ordinary column (set by the "
+                    "application or a trigger named to fire before shardkit_guard), then apply the move")
+            for tbl, name, lang, src, args, pk in conn.execute(text(
+                    moved + "SELECT DISTINCT m.tbl, t.tgname, l.lanname, p.prosrc, t.tgargs, ARRAY(SELECT a.attname "
+                    "FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                    "WHERE i.indrelid = m.rel AND i.indisprimary)::text[] FROM m JOIN pg_trigger t ON t.tgrelid = m.rel "
+                    "JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_language l ON l.oid = p.prolang "
+                    "WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND t.tgtype & 3 = 3 "
+                    "AND t.tgtype & 20 <> 0 AND t.tgname COLLATE \"C\" > 'shardkit_guard' ORDER BY 1, 2"), named):
+                columns = [*pk, keys[tbl]] if tbl in keys else list(pk)
+                if not _trigger_may_set(lang, src, bytes(args or b"").split(b"\0"), columns):
+                    continue
+                raise RebalanceError(
+                    f"table {tbl} on {shard} has BEFORE INSERT or UPDATE trigger {name}, which PostgreSQL "
+                    "fires after shardkit's ownership guard (triggers of one kind fire in name order), and "
+                    f"whose function ({lang}) may set the row's primary key or shard key ({', '.join(columns)}): "
+                    "the guard would check and record the row under the key it had before, and a write "
+                    "during the move would not reach the target; rename it to sort before shardkit_guard "
+                    f"(`ALTER TRIGGER {name} ON {tbl} RENAME TO ...`, e.g. a name starting with 'a'), "
+                    "then apply the move")
         for tbl, name, kind in conn.execute(text(
                 moved + "SELECT DISTINCT m.tbl, k.conname, k.contype::text FROM m JOIN pg_constraint k "
                 "ON k.conrelid = m.rel WHERE NOT k.convalidated AND k.contype IN ('c', 'f') "
@@ -1271,7 +1357,7 @@ class Mover:
                             self._rest(t0)
                 self._visibility_wait = max(0.0, visible_after - time.monotonic())
                 time.sleep(self._visibility_wait)
-        except psycopg.errors.UniqueViolation as e:
+        except _CLASHES as e:
             raise _clash_error(current, e, "a row of the moving buckets") from e
         return rows
 
@@ -1321,10 +1407,9 @@ class Mover:
             tgt.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(stage, name))
             keys_lit = sql.Literal(json.dumps(keys))
             out_sql = sql.SQL(
-                "COPY (SELECT {cols} FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM "
-                "jsonb_populate_recordset(NULL::{t}, {keys})) AND " + t.bucket_sql +
+                "COPY (SELECT {cols} FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM {keys}) AND " + t.bucket_sql +
                 " = ANY({buckets}::integer[])) TO STDOUT (FORMAT binary)").format(
-                cols=cols, t=name, pk=pkc, keys=keys_lit, buckets=sql.Literal(buckets))
+                cols=cols, t=name, pk=pkc, keys=t.logged_keys(keys_lit), buckets=sql.Literal(buckets))
             in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(stage, cols)
             with src.cursor() as sc, tgt.cursor() as tc:
                 with sc.copy(out_sql) as out, tc.copy(in_sql) as inp:
@@ -1335,10 +1420,10 @@ class Mover:
         # replaced in place), so that a row taking over another's unique value finds it free.
         for t, pkc, keys_lit, stage, whole in reversed(staged):
             tgt.execute(sql.SQL(
-                "DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM jsonb_populate_recordset(NULL::{t}, {keys})) "
+                "DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM {keys}) "
                 "AND " + t.bucket_sql + " = ANY(%s::integer[])"
                 + ("" if whole else " AND ({pk}) NOT IN (SELECT {pk} FROM {s})")).format(
-                t=_ident(t.name), pk=pkc, keys=keys_lit, s=stage), (buckets,))
+                t=_ident(t.name), pk=pkc, keys=t.logged_keys(keys_lit), s=stage), (buckets,))
         for t, pkc, keys_lit, stage, whole in staged:  # parents first
             name = _ident(t.name)
             clash = tgt.execute(sql.SQL(
@@ -1365,7 +1450,7 @@ class Mover:
                 tgt.execute(sql.SQL(
                     "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {s} {c}").format(
                     t=name, cols=cols, s=stage, c=conflict))
-            except psycopg.errors.UniqueViolation as e:
+            except _CLASHES as e:
                 raise _UniqueViolation(t.name, whole, e) from e
         if replica:
             tgt.execute(_REPLICA_OFF)
@@ -1539,11 +1624,12 @@ class Mover:
                  "FROM (SELECT " + bucket + ", {plain} FROM {t} " + scan + " WHERE {chunk} "
                  "OFFSET 0) AS x (b, {names}) "
                  "WHERE x.b = ANY(%s::integer[]) "
-                 "AND ({pk}) NOT IN (SELECT {pkr} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb)) "
+                 "AND ({pk}) NOT IN (SELECT {pkr} FROM {recent}) "
                  "GROUP BY 1")
             parts = dict(cols=cols, t=_ident(t.name), pk=pkc, plain=t.qualified(inner),
                          names=sql.SQL(", ").join(at[c] for c in inner),
-                         pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)))
+                         pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)),
+                         recent=t.logged_keys(sql.SQL("%s")))
 
             def sums(conn: psycopg.Connection, recent: str) -> dict[Any, tuple[int, Any]]:
                 """Per bucket (count, checksum), slice by slice of the table, in conn's transaction."""
