@@ -574,6 +574,11 @@ class Cluster:
                     # reset) rolls back only a connection that is in a transaction (a read
                     # streamed through a server-side cursor, BEGIN run by hand).
                     opts.setdefault("pool_reset_on_return", None)
+                    if opts["pool_reset_on_return"] is None:
+                        # Nor when a connection is closed (a session's, at its end): SQLAlchemy
+                        # skips the DBAPI rollback() of an autocommit connection (a streamed
+                        # read's transaction rolls back); one begun by hand ends at the reset.
+                        opts.setdefault("skip_autocommit_rollback", True)
                 connect_args = dict(opts.pop("connect_args", {}))
                 connect_args = {**connect_timeout_args(url), **connect_args}
                 if pool_cfg.get("prepared_statements") is False:

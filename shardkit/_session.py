@@ -3865,11 +3865,11 @@ def _token_for_keyed(session: Session, instance: Any) -> None:
     state.key = (key[0], key[1], shard)
 
 
-def _end_transaction(session: Session, transaction: Any) -> None:
+def _end_transaction(session: ShardedSession, transaction: Any) -> None:
     """When the outermost transaction ends (commit, rollback or close), its writes stop
     pinning reads to the primaries.  A savepoint ending changes nothing: what the
-    transaction wrote before or inside it is still visible only on the primary."""
-    assert isinstance(session, ShardedSession)
+    transaction wrote before or inside it is still visible only on the primary.
+    (A listener of ShardedSession's: its sessions are ShardedSessions.)"""
     if transaction.parent is None:
         _forget_transaction(session)
 

@@ -4,8 +4,10 @@ out of the pool again with none.  On the shared local cluster, its own table."""
 
 from __future__ import annotations
 
+import threading
 import time
 
+import psycopg
 import pytest
 from own_tables import cluster_with_tables
 from psycopg.pq import TransactionStatus
@@ -124,4 +126,28 @@ def test_a_streamed_replica_read_then_plain_reads_on_the_same_connection(dev):
     finally:
         with c.primary(c.shard_for(Item, 1)).begin() as conn:
             conn.execute(Item.__table__.delete())
+        c.dispose()
+
+
+
+@pytest.mark.parametrize("engine_options, rollbacks", [(None, 0), ({"pool_reset_on_return": "rollback"}, 2)],
+                         ids=["default", "engine_options reset"])
+def test_a_replica_read_ends_without_a_dbapi_rollback(dev, engine_options, rollbacks, monkeypatch):
+    """An autocommit connection has no transaction to roll back: neither the session's end
+    nor the pool's reset calls the driver's rollback() (a no-op that still costs every
+    read some CPU), unless the application asked for the pool's reset by ROLLBACK."""
+    c = one_connection_cluster(dev, engine_options)
+    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=c)
+    try:
+        with Session() as s:  # (the replica's engine and its connection made)
+            s.execute(select(Item).where(Item.id == 1)).first()
+        calls = []
+        here = threading.get_ident()  # (not the health monitor's connections)
+        real = psycopg.Connection.rollback
+        monkeypatch.setattr(psycopg.Connection, "rollback",
+                            lambda conn: (threading.get_ident() == here and calls.append(conn), real(conn))[1])
+        with Session() as s:
+            s.execute(select(Item).where(Item.id == 1)).first()
+        assert len(calls) == rollbacks, calls
+    finally:
         c.dispose()
