@@ -445,10 +445,15 @@ def _parse_url(raw: Any, path: str) -> URL:
     _check_query(url, path)
     try:
         # The multi-host forms (?host=h1:p1&host=h2:p2, ?host=h1,h2&port=p1,p2) as the driver will read them.
-        url.get_dialect()().create_connect_args(url)
+        _, params = url.get_dialect()().create_connect_args(url)
     except (ArgumentError, ValueError) as e:
         raise ConfigurationError(path, f"{mask_url(url)}: {e}",
                                  "give the hosts one way: ?host=h1:p1&host=h2:p2, or ?host=h1,h2&port=p1,p2") from None
+    for port in [str(url.port if url.port is not None else "")] + str(params.get("port") or "").split(","):
+        # libpq refuses every connection then ("invalid port number"): the node would look down.
+        if port.strip() and not (port.strip().isascii() and port.strip().isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigurationError(path, f"{mask_url(url)}: port {port.strip()} is not a TCP port",
+                                     "give a port in 1..65535 (PostgreSQL's default is 5432)")
     if "password" in url.query:
         # libpq's ?password= is the URL's password (the driver gets the same value): held
         # there, SQLAlchemy hides it wherever the URL or an engine on it is shown.
@@ -718,6 +723,12 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
         default = raw.get("default")
         if default is not None:
             check_shard(default, f"{path}.default")
+        elif not mapping:
+            # Every key would be NoShardForKey: no row of the group could be written.
+            raise ConfigurationError(
+                f"{path}.values", "lists no value and the group has no default, so no key has a shard",
+                'list the values each shard holds, e.g. values = { s0 = ["eu", "uk"] }, or set '
+                'default = "s0" for every value')
         strategy = ListStrategy(mapping, default)
     else:
         fn = _load_callable(raw.get("function"), f"{path}.function")
@@ -730,7 +741,7 @@ def _bound_kind(v: Any) -> str | None:
     cannot be compared apart; ``None``: it cannot be a bound."""
     if isinstance(v, bool):
         return None
-    if isinstance(v, (int, Decimal)) or (isinstance(v, float) and v == v):
+    if isinstance(v, int) or (isinstance(v, Decimal) and not v.is_nan()) or (isinstance(v, float) and v == v):
         return "number"
     if isinstance(v, str):
         return "string"

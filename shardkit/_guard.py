@@ -439,13 +439,21 @@ def slice_function_name(table: str) -> str:
 #: Key column types (``pg_type`` names) of integers.
 INT_KEY_TYPES: Final = frozenset({"int2", "int4", "int8"})
 _NUMERIC_TYPES: Final = frozenset({"numeric", "float4", "float8"})
+#: Key column types whose keys Python reads as no string (numbers, dates and times, bools,
+#: bytes): string bounds or values never equal nor order them as their text form does in SQL.
+_NOT_TEXT_TYPES: Final = INT_KEY_TYPES | _NUMERIC_TYPES | frozenset(
+    {"date", "timestamp", "timestamptz", "time", "timetz", "interval", "bool", "bytea"})
 
 
 def slice_comparable(value_kind: str, type_name: str) -> bool:
     """Whether a key column of ``type_name`` compares with integer or string bounds in SQL
-    as in Python: integers against integer and numeric columns; strings against any
-    column, by its text form (text, varchar, enums, uuid in lowercase, ...)."""
-    return value_kind == "str" or type_name in INT_KEY_TYPES | _NUMERIC_TYPES
+    as in Python: integers against integer and numeric columns; strings against a column
+    whose keys Python reads as strings, by its text form (text, varchar, enums, uuid in
+    lowercase, ...), not against numbers, dates and times: there Python never finds the
+    key ``5`` under the value ``"5"`` while SQL's ``5::text`` would."""
+    if value_kind == "str":
+        return type_name not in _NOT_TEXT_TYPES
+    return type_name in INT_KEY_TYPES | _NUMERIC_TYPES
 
 
 def unit_expression(g: Guarded, type_name: str, bucket_count: int, row: str = "") -> str:
@@ -554,8 +562,10 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
         if g.kind != "hash":
             if not slice_comparable(g.value_kind, types[g.key]):
                 # The group cannot move (the mover refuses it); hash groups still can.
-                log.warning("table %s: key column %s is %s and group %s's bounds are %ss; its rows "
-                            "are not guarded and the group cannot be rebalanced", g.table, g.key,
+                log.warning("table %s: key column %s is %s and group %s's bounds or values are %ss; "
+                            "its rows are not guarded and the group cannot be rebalanced (write them "
+                            "in the config as the column holds them, e.g. 5 unquoted for an integer "
+                            "column, and run `shardkit rebalance init` again)", g.table, g.key,
                             types[g.key], g.group, g.value_kind)
                 for statement in (f"DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(g.table)}",
                                   _truncate_trigger_sql(g.table, create=False),

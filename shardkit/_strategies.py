@@ -15,6 +15,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from ._hashing import bucket_for
@@ -139,7 +140,8 @@ class RangeStrategy(Strategy):
         try:
             # Index of the last range whose lower bound is <= key.
             return bisect.bisect_right(self._lowers, key)
-        except TypeError as e:
+        except (TypeError, ArithmeticError) as e:  # (decimal's InvalidOperation is an ArithmeticError)
+            _refuse_nan(key)
             raise ShardKeyError(
                 f"range key {key!r} ({type(key).__name__}) cannot be compared with the "
                 f"configured range bounds: {e}",
@@ -152,9 +154,11 @@ class RangeStrategy(Strategy):
         r = self.ranges[self._index_for(key)]
         try:
             inside = (r.lower is None or key >= r.lower) and (r.upper is None or key < r.upper)
-        except TypeError as e:
+        except (TypeError, ArithmeticError) as e:
+            _refuse_nan(key)
             raise ShardKeyError(f"range key {key!r} cannot be compared: {e}", key=key) from None
         if not inside:
+            _refuse_nan(key)
             raise NoShardForKey(
                 f"no range holds key {key!r}; configured ranges: "
                 + ", ".join(str(x) for x in self.ranges)
@@ -169,7 +173,7 @@ class RangeStrategy(Strategy):
         try:
             r = self.ranges[self._index_for(key)]
             inside = (r.lower is None or key >= r.lower) and (r.upper is None or key < r.upper)
-        except (TypeError, ShardKeyError):
+        except (TypeError, ArithmeticError, ShardKeyError):
             return None
         return r.id if inside else None
 
@@ -182,6 +186,9 @@ class RangeStrategy(Strategy):
             # not be code point order (a linguistic one puts 'B' after 'a'), so no
             # shard can be left out.  Equality still routes to one shard.
             return None
+        if _has_nan(low) or _has_nan(high):
+            # PostgreSQL orders NaN above every number: no range of the config says where.
+            return None
         out = set()
         try:
             for r in self.ranges:
@@ -193,7 +200,7 @@ class RangeStrategy(Strategy):
                     if r.lower > high or (r.lower == high and not high_inclusive):
                         continue
                 out.add(r.shard)
-        except TypeError:
+        except (TypeError, ArithmeticError):
             return None
         return frozenset(out)
 
@@ -203,6 +210,22 @@ class RangeStrategy(Strategy):
 
     def __repr__(self) -> str:
         return "RangeStrategy(" + ", ".join(str(r) for r in self.ranges) + ")"
+
+
+def _refuse_nan(key: Any) -> None:
+    """Raise ShardKeyError, saying why, if ``key`` (a range key that found no range) is NaN."""
+    if _has_nan(key):
+        raise ShardKeyError(
+            f"range key {key!r} is NaN (not a number), which no range holds: Python orders "
+            "it with no number, PostgreSQL above every one; give the row a number as its key",
+            key=key) from None
+
+
+def _has_nan(key: Any) -> bool:
+    """Whether ``key`` (or a part of a composite one) is a float or ``Decimal`` NaN, which
+    compares with nothing (a ``Decimal`` one raises ``InvalidOperation`` instead)."""
+    return any((isinstance(p, float) and p != p) or (isinstance(p, Decimal) and p.is_nan())
+               for p in (key if isinstance(key, tuple) else (key,)))
 
 
 def _range_sort_key(r: KeyRange) -> tuple[int, Any]:
