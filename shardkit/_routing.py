@@ -210,6 +210,8 @@ class Router:
         self.reference_pairs: dict[Any, tuple[Any, ...]] = {}
         # mapper -> why its entities cannot be loaded shard by shard (see mapper_problem)
         self._mapper_problems: dict[Any, str | None] = {}
+        self._problems_lock = threading.RLock()
+        self._problems_pending: set[Any] = set()   # (only the thread holding the lock adds)
         # mapper -> why its class hierarchy's tables cannot hold its objects (see hierarchy_problem)
         self._hierarchy_problems: dict[Any, str | None] = {}
         # (check, statement cache key) -> what a cross-shard read's check found (see _per_shape)
@@ -1280,6 +1282,22 @@ class Router:
             return self._mapper_problems[mapper]
         except KeyError:
             pass
+        # Worked out by one thread at a time: while it is, another must not take the
+        # None that ends a cycle of joined loads for the answer (and keep a plan by it).
+        with self._problems_lock:
+            if mapper in self._mapper_problems:
+                return self._mapper_problems[mapper]
+            if mapper in self._problems_pending:
+                return None  # (a cycle of joined loads ends here)
+            self._problems_pending.add(mapper)
+            try:
+                problem = self._mapper_problem(mapper)
+            finally:
+                self._problems_pending.discard(mapper)
+            self._mapper_problems[mapper] = problem
+            return problem
+
+    def _mapper_problem(self, mapper: Any) -> str | None:
         from sqlalchemy.schema import Column
 
         problem = self.hierarchy_problem(mapper)
@@ -1294,7 +1312,6 @@ class Router:
                            "value with a query of its own")
                 break
         if problem is None:
-            self._mapper_problems[mapper] = None  # (a cycle of joined loads ends here)
             for rel in mapper.relationships:
                 if rel.lazy in ("joined", False, "subquery"):  # loaded with it, by default
                     problem = self.related_problem(mapper, rel, rel.mapper, rel.lazy or "joined")
@@ -1306,7 +1323,6 @@ class Router:
                         problem = (f"{found} (each {mapper.class_.__name__} loads it, by "
                                    f"{mapper.class_.__name__}.{rel.key}'s lazy='joined')")
                         break
-        self._mapper_problems[mapper] = problem
         return problem
 
     def _placement(self, name: str) -> tuple[str, tuple[str, ...]] | None:

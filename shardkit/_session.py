@@ -2580,10 +2580,13 @@ def _ask_any_node(cluster: Cluster, shard: str, query: Any, params: Any = None,
     if held is not None:
         try:
             return list(held.execute(query, params or {}).all())
-        except (ShardUnavailable, sa_exc.DBAPIError):
-            # That node is gone, or the transaction failed already: asked as before, and
-            # the read itself says what is wrong.
-            pass
+        except (ShardUnavailable, sa_exc.DBAPIError) as e:
+            if not isinstance(e, ShardUnavailable) and not e.connection_invalidated:
+                # The transaction failed already (not the node): the session holds that
+                # node's connection, so a second one would wait for it; the read itself
+                # says what is wrong.
+                return None
+            # That node is gone: asked as before, and the read itself says so.
     engines = [cluster.primary(shard)] + [cluster.engine(shard, REPLICA, i)
                                           for i in range(cluster.replica_count(shard))]
     for engine in engines:
@@ -2873,13 +2876,34 @@ def _question_node(session: ShardedSession, shards: Sequence[str]) -> tuple[str,
     conns = getattr(trans, "_connections", None) if trans is not None else None
     if conns:
         engines = session.cluster._engines
+        held: dict[str, Any] = {}
         for shard in shards:
             for i in range(-1, session.cluster.replica_count(shard)):
                 eng = engines.get((shard, PRIMARY, 0) if i < 0 else (shard, REPLICA, i))
                 entry = conns.get(eng) if eng is not None else None
-                if entry is not None and not entry[0].invalidated:
+                if entry is None or entry[0].invalidated:
+                    continue  # (an invalidated connection is back in its pool)
+                if not _failed_transaction(entry[0]):
                     return shard, entry[0]
+                if i < 0:
+                    held[shard] = entry[0]
+        # An error aborted the transaction on the connections it holds: a shard whose
+        # primary it does not hold asks on a connection of its own (a second one of a
+        # pool the session holds one of would wait for the session, with a pool of one
+        # until the pool's timeout); else the read itself says what is wrong.
+        for shard in shards:
+            if shard not in held:
+                return shard, None
+        return shards[0], held[shards[0]]
     return shards[0], None
+
+
+def _failed_transaction(conn: Any) -> bool:
+    """Whether an error aborted the transaction of ``conn`` (a SQLAlchemy Connection)."""
+    try:
+        return conn.connection.dbapi_connection.info.transaction_status == TransactionStatus.INERROR
+    except Exception:  # noqa: BLE001 - not a live psycopg connection: not known to have failed
+        return False
 
 
 def _scatter_read(session: ShardedSession, statement: Any, params: Any, execution_options: Any,
@@ -2908,14 +2932,16 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         timeout = cluster.scatter_timeout
 
     # Choose each shard's node and check out its connection here, in one fixed
-    # order (shard name): concurrent scatters then never wait on each other's
-    # pools in a cycle, so a burst of them cannot deadlock.
+    # order (the config's, in which a write on several shards takes them too):
+    # concurrent scatters and writes then never wait on each other's pools in a
+    # cycle, so a burst of them cannot deadlock.
     tasks = []
     failures: dict[str, BaseException] = {}
     first_reads: dict[str, bool] = {}
     if route.router is None:  # one state of the moves for every shard
         route = dataclasses.replace(route, router=cluster.router)
-    for shard in sorted(route.shards):
+    names = route.router.shard_names
+    for shard in sorted(route.shards, key=lambda s: (names.index(s), s) if s in names else (len(names), s)):
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         shard_params = params
         if route.split is not None and route.split.get(shard):
