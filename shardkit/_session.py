@@ -60,7 +60,11 @@ from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.base import NEVER_SET, NO_VALUE, PASSIVE_OFF
 from sqlalchemy.orm.context import FromStatement, QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
-from sqlalchemy.orm.session import SessionTransactionState
+from sqlalchemy.orm.session import (
+    SessionTransaction,
+    SessionTransactionOrigin,
+    SessionTransactionState,
+)
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
@@ -134,6 +138,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
     _sk_for_write = False
     # The map version in use when the identity map was last empty (with a catalog).
     _sk_map_version: int | None = None
+    # Inside commit(): the outermost transaction's commit() is then SQLAlchemy's own.
+    _sk_committing = False
+    # Transactions this session committed (run_transaction does not retry after one).
+    _sk_commits = 0
 
     def __init_subclass__(cls, **kw: Any) -> None:
         # A subclass's default is checked once, as the constructor checks the argument
@@ -1140,6 +1148,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         reached keeps its transaction prepared: :class:`~shardkit.CommitError` then names
         it and its transaction id (commit it with ``COMMIT PREPARED`` when it is back)."""
         start = next(_COMMIT_SEQ)
+        outer, self._sk_committing = self._sk_committing, True
         try:
             Session.commit(self)
         except CommitError:
@@ -1153,11 +1162,30 @@ class ShardedSession(horizontal_shard.ShardedSession):
             if self.twophase:
                 if _finish_twophase(self, e):
                     return
+                prepare_error = e.__context__
+                if (isinstance(e, sa_exc.DBAPIError) and isinstance(prepare_error, sa_exc.DBAPIError)
+                        and getattr(e.orig, "sqlstate", None) == "42704"):
+                    # A shard's PREPARE TRANSACTION failed (a deferred constraint, prepared
+                    # transactions disabled): psycopg takes it as prepared, so SQLAlchemy's
+                    # rollback sent ROLLBACK PREPARED, which failed ("prepared transaction
+                    # ... does not exist").  The PREPARE's error is the one that says why.
+                    raise prepare_error from None
                 raise
             error = _partial_commit(self, start, e)
             if error is None:
                 raise
             raise error from e
+        finally:
+            self._sk_committing = outer
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        """:meth:`Session.begin`; the transaction it begins commits as :meth:`commit` does
+        when ``with session.begin():`` (or ``sessionmaker.begin()``) ends.  (One begun
+        by the session's first statement ends by commit() anyway: nothing to do there,
+        on every read.)"""
+        if not nested and self._transaction is None:
+            return _ShardedTransaction(self, SessionTransactionOrigin.BEGIN)
+        return super().begin(nested)
 
     def connection_for_shard(self, shard: str) -> Any:
         """The session's connection to ``shard``'s primary (joining the session's transaction).
@@ -3624,6 +3652,7 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
         # A savepoint was released: its writes are still part of the open
         # transaction (read from the primary) and not committed yet (no token).
         return
+    session._sk_commits += 1
     conns, session._sk_commit_conns = session._sk_commit_conns, {}
     session._sk_written = set()
     if only is not None:
@@ -3704,6 +3733,21 @@ def _watch_primary(dialect: Any, short_writes: bool) -> None:
     dialect.do_execute_no_params = noted_execute_no_params
 
 
+class _ShardedTransaction(SessionTransaction):
+    """A ShardedSession's outermost transaction: its commit(), which ``with
+    session.begin():`` and ``sessionmaker.begin()`` call instead of Session.commit(),
+    goes through :meth:`ShardedSession.commit` (a commit that failed part way raises
+    CommitError, a two-phase commit whose shards all prepared is finished)."""
+
+    def commit(self, _to_root: bool = False) -> None:
+        session = self.session
+        if (isinstance(session, ShardedSession) and not session._sk_committing
+                and session.get_transaction() is self):
+            session.commit()
+        else:
+            super().commit(_to_root)
+
+
 def _transaction_connections(session: Session) -> list[Any]:
     """The connections of the session's outermost transaction (SQLAlchemy keeps each
     under its engine and under itself; there is no public API listing them)."""
@@ -3769,23 +3813,34 @@ def _partial_commit(session: ShardedSession, start: int, error: BaseException) -
     commits run one after another), the CommitError that says so, with read-your-writes
     kept for the shards that committed; else None."""
     attempted = []
+    lost = []
     primaries = set()
     for conn in _transaction_connections(session):
         shard = _primary_shard(conn)
         if shard is None:
             continue
         primaries.add(shard)
+        if conn.invalidated:
+            # Its connection died: at its COMMIT (before the commit, _refuse_aborted
+            # refuses a lost connection), whose number went with it.
+            lost.append(shard)
+            continue
         try:
             seq = conn.info.get("shardkit_commit", 0)
-        except Exception:  # noqa: BLE001 - an invalidated connection: never committed
+        except Exception:  # noqa: BLE001 - a closed connection: never committed
             continue
         if seq > start:
             attempted.append((seq, shard))
-    if len(attempted) < 2:
-        return None
     attempted.sort()
-    failed = attempted[-1][1]
-    committed = sorted(shard for _, shard in attempted[:-1])
+    if lost:
+        # The shards that noted a COMMIT committed; the commit stopped at the lost one.
+        committed = sorted(shard for _, shard in attempted)
+        failed = sorted(lost)[0]
+    else:
+        committed = sorted(shard for _, shard in attempted[:-1])
+        failed = attempted[-1][1] if attempted else None
+    if not committed or failed is None:
+        return None
     rest = sorted(primaries - set(committed) - {failed})
     _record_tokens_or_primary(session, committed)
     first = first_line(error)
@@ -3793,6 +3848,9 @@ def _partial_commit(session: ShardedSession, start: int, error: BaseException) -
         f"the commit reached shard(s) {', '.join(committed)} (their writes are committed) "
         f"but failed on shard {failed} ({type(error).__name__}: {first})"
         + (f"; shard(s) {', '.join(rest)} were not committed" if rest else "")
+        + (f" (shard {failed}'s connection was lost at its COMMIT: PostgreSQL rolled its "
+           "transaction back unless the COMMIT had reached it first, so check whether its "
+           "writes are there before re-applying them)" if lost else "")
         + ": a ShardedSession commits each shard in turn, it is not a distributed "
         "transaction (use twophase=True for one); call rollback(), then repair or "
         "re-apply the writes of the shards that did not commit",
@@ -3945,13 +4003,15 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     before the catalog has recorded the move; no wait when the map in use
     already gives the refused bucket to another shard) and ``fn`` runs again in a fresh
     session, up to ``retries`` more times.  ``fn`` must therefore be safe to run
-    again (do not keep state from a failed attempt).  Returns what ``fn``
-    returned.
+    again (do not keep state from a failed attempt).  A ``NotOwned`` after ``fn``
+    committed part of its work itself (``session.commit()`` inside it) propagates:
+    running it again would repeat what was committed.  Returns what ``fn`` returned.
 
     ``on_commit`` is called with the session's consistency token once the commit
     has succeeded (before the session closes), so that what was committed can be read
     back elsewhere: pass it to a later session (``consistency_token=``), through a
-    cookie or a job's arguments.  An error it raises propagates; the commit stands.
+    cookie or a job's arguments.  An error it raises (``NotOwned`` too) propagates;
+    the commit stands, and ``fn`` is not run again.
     """
     attempt = 0
     while True:
@@ -3960,17 +4020,20 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
             try:
                 result = fn(session)
                 session.commit()
-                if on_commit is not None:
-                    on_commit(session.consistency_token())
-                return result
             except NotOwned as e:
                 session.rollback()
-                if attempt >= retries:
+                if attempt >= retries or getattr(session, "_sk_commits", 0):
+                    # (fn committed part of its work itself: running it again would repeat it.)
                     raise
                 # Another map may have arrived while fn ran, before the one that moved
                 # this bucket: wait for one newer than the map that routed the write.
                 stale = max(seen or 0, e.map_version or 0)
                 refused = e
+            else:
+                # Outside the try: the commit stands, nothing is run again.
+                if on_commit is not None:
+                    on_commit(session.consistency_token())
+                return result
         attempt += 1
         cluster = session.cluster
         if not _moved_off(cluster, refused):
