@@ -27,7 +27,7 @@ from ._cluster import Cluster
 from ._scope import scope
 from ._session import ShardedSession
 from .devcluster import STATE_FILE, DevCluster
-from .errors import DevClusterError, ShardkitError
+from .errors import DevClusterError, RebalanceError, ShardkitError
 
 
 class _Base(DeclarativeBase):
@@ -139,14 +139,17 @@ def run_demo(dir: str | None = None, keep: bool = False, shards: int | None = No
     # Before making a directory.
     DevCluster._check_shape(DEFAULT_SHARDS if shards is None else shards,
                             DEFAULT_REPLICAS if replicas is None else replicas, 1024, None)
-    previous = None
+    previous = previous_int = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous_int = signal.getsignal(signal.SIGINT)  # the clean-up ignores a second Ctrl-C
     try:
         return _run_demo(dir, keep, shards, replicas)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _reuse_shape(base: Path, shards: int | None, replicas: int | None) -> tuple[int, int, int]:
@@ -220,9 +223,22 @@ def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_as
         print(f"config written to {config_path}")
         _failed.clear()
         _tour(config_path, rebalance_ok)
+    except (KeyboardInterrupt, RebalanceError) as e:
+        if reused or keep:
+            raise
+        # What an interrupted or failed move says to run next (`shardkit rebalance resume 1`)
+        # needs the cluster that the clean-up below removes.
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt() from None
+        e.message = (f"{e.message} (but the demo's cluster has been stopped and removed, so there is "
+                     f"nothing left to resume: run `shardkit demo --keep` to keep it)")
+        raise
     finally:
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+            # Let the clean-up finish: a second Ctrl-C (or the terminal's SIGINT to the
+            # pg_ctl it runs) would leave the servers' directory behind.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if reused:
             print(f"\nthe cluster was running before the demo, so it is left running; "
                   f"stop it with: {stop_cmd}")
@@ -325,9 +341,13 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str],
         print(f"  {name}: {nc:>4} customers, {no:>4} orders (colocated), {nr} countries "
               f"(reference, on every shard)  [{ok}: shard_for predicted {expected[name]}]")
 
-    _h("single-key reads touch exactly one shard, on a fresh-enough replica")
-    print(f"  the writer's consistency token: {token}")
-    print("  (handed to the reading sessions, so they see those writes: read-your-writes)")
+    replicas = any(cluster.replica_count(name) for name in cluster.shard_names)
+    if replicas:
+        _h("single-key reads touch exactly one shard, on a fresh-enough replica")
+        print(f"  the writer's consistency token: {token}")
+        print("  (handed to the reading sessions, so they see those writes: read-your-writes)")
+    else:
+        _h("single-key reads touch exactly one shard (no replicas: on its primary)")
     for key in (7, 42, 999):
         stmt = select(Customer).where(Customer.id == key)
         route = cluster.explain(stmt)
@@ -372,7 +392,7 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str],
            .join(Order, Order.customer_id == Customer.id)
            .group_by(Customer.name).order_by(func.sum(Order.total_cents).desc(), Customer.name)
            .limit(3))
-    print(f"  plan: {cluster.explain(top).merge}")
+    print(f"  plan: {cluster.explain(top).merge or 'none needed: one shard runs it whole'}")
     with Session(consistency_token=token) as s:
         hits.clear()
         for name, spent in s.execute(top).all():

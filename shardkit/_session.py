@@ -1384,8 +1384,9 @@ def _python_default(column: Any) -> Any:
     if d.is_scalar:
         return d.arg
     # SQLAlchemy wraps a callable of no arguments in one that takes (and ignores) the
-    # execution context; one that takes the context is kept as given.
-    fn = getattr(d, "_fn", None)
+    # execution context (2.1 keeps the callable as _fn, 2.0 as the wrapper's __wrapped__);
+    # one that takes the context is kept as given.
+    fn = getattr(d, "_fn", None) or getattr(d.arg, "__wrapped__", None)
     if d.is_callable and fn is not None and d.arg is not fn:
         return fn()
     return None

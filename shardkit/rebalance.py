@@ -1085,6 +1085,16 @@ class Mover:
             try:
                 self._run_batch(move_id, batch, source, target, list(buckets), step, group)
             except Exception as e:
+                # Ctrl-C in a driver call whose clean-up then failed (SQLAlchemy's pre-ping,
+                # interrupted, resets psycopg's autocommit on a connection still ACTIVE):
+                # the interrupt is what stopped the batch, not a cause to fix.
+                context: BaseException | None = e
+                for _ in range(20):  # (a chain may loop)
+                    if context is None or isinstance(context, KeyboardInterrupt):
+                        break
+                    context = context.__cause__ or context.__context__
+                if isinstance(context, KeyboardInterrupt):
+                    raise KeyboardInterrupt() from e
                 message = mask_secrets(str(e), self.cluster)[:2000]
                 with self.catalog.engine.begin() as conn:
                     conn.execute(text("UPDATE shardkit_catalog.moves SET error = :e, updated_at = now() "

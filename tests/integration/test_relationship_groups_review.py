@@ -111,6 +111,11 @@ def test_many_to_many_through_a_reference_table_reads_every_shard(cluster, Sessi
             assert [x.id for x in s.get(User, u).featured] == _featured(u)
     for opt in (immediateload, selectinload):
         with Session() as s:
+            if opt is selectinload and not User.featured.property._get_strategy((("lazy", "selectin"),)).omit_join:
+                # SQLAlchemy 2.0 joins the users back in (2.1 reads the pairs alone): off the key.
+                with pytest.raises(ScatterRefused, match="not joined on the shard key"):
+                    s.scalars(select(User).options(opt(User.featured))).all()
+                continue
             users = s.scalars(select(User).options(opt(User.featured))).all()
             assert {x.id: [y.id for y in x.featured] for x in users} == {u: _featured(u) for u in range(N)}
     for opt in (joinedload, subqueryload):
