@@ -20,10 +20,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 import shardkit
 from shardkit._routing import Router
+from test_scatter_load_hostile import JOIN, run_threads
 
 pytestmark = pytest.mark.integration
 
-JOIN = 60.0   # seconds a worker may take before the test calls it a hang
 
 
 class Base(DeclarativeBase):
@@ -54,26 +54,6 @@ GROUPS = {"groups": {"items": {"tables": {"cdr_items": "id"}},
                      "owners": {"tables": {"cdr_owners": "id"}},
                      "tags": {"tables": {"cdr_tags": "id"}}}}
 N = 300
-
-
-def run_threads(fn: Any, n: int, timeout: float = JOIN) -> list[BaseException]:
-    errors: list[BaseException] = []
-
-    def wrap(k: int) -> None:
-        try:
-            fn(k)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(k,), daemon=True) for k in range(n)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    hung = [t for t in threads if t.is_alive()]
-    assert not hung, f"{len(hung)} of {n} threads still running after {timeout:g} s (deadlock?)"
-    return errors
 
 
 def checked_out(cluster: shardkit.Cluster) -> dict[str, int]:
