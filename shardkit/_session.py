@@ -69,6 +69,7 @@ from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, TextClause
+from sqlalchemy.sql.functions import FunctionElement
 
 from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
@@ -1820,6 +1821,60 @@ def _keyed_parts(cluster: Cluster, statement: Any, params: Any) -> list[bool] | 
 _STATEMENT_REFUSED = frozenset({"42", "0A", "22"})
 
 
+def _refuse_values_made_per_shard(session: ShardedSession, statement: Any, params: Any,
+                                  shards: Sequence[str]) -> None:
+    if len(shards) > 1 and _writes_reference_table(session.cluster, statement):
+        made = _values_made_per_shard(statement, params)
+        if made is not None:
+            raise CrossShardWriteError(
+                f"{type(statement).__name__.upper()} of reference table {statement.table.fullname} "
+                f"runs on every shard, and {made} would be made by each shard's run on its own: "
+                "the copies would differ. Give that column's value in the statement, or add the "
+                "objects with session.add() (the flush writes one shard and copies the row to "
+                "the others)", table=statement.table.fullname, statement=statement)
+
+
+def _values_made_per_shard(statement: Any, params: Any) -> str | None:
+    """For an INSERT or UPDATE of a reference table run on every shard: a column the
+    statement leaves to a value each run makes anew (a serial or identity, a server
+    default that calls a function such as now(), a Python default or onupdate that is
+    not a constant), described; None if every such column is given."""
+    if not isinstance(statement, (Insert, Update)):
+        return None
+    table = statement.table
+    given: set[str] = {getattr(k, "key", k) for k in (statement._values or {})}
+    for mv in getattr(statement, "_multi_values", None) or ():
+        for row in mv:
+            if isinstance(row, Mapping):
+                given.update(getattr(k, "key", k) for k in row)
+            else:  # positional: the table's first columns
+                given.update(c.key for c in list(table.columns)[:len(row)])
+    if getattr(statement, "select", None) is not None:
+        given.update(statement._select_names or ())
+    rows = params if isinstance(params, Sequence) and not isinstance(params, str) else [params]
+    given.update(k for r in rows if isinstance(r, Mapping) for k in r)
+    if statement._propagate_attrs.get("compile_state_plugin") == "orm":
+        mapper = statement._propagate_attrs["plugin_subject"].mapper
+        given.update(p.columns[0].key for p in mapper.column_attrs if p.key in given)
+    for c in table.columns:
+        if c.key in given or c.name in given:
+            continue
+        if isinstance(statement, Update):
+            if c.onupdate is not None and not c.onupdate.is_scalar:
+                return f"column {c.name}'s onupdate"
+            continue
+        if c.default is not None and not c.default.is_scalar:
+            return f"column {c.name}'s default"
+        if c is table.autoincrement_column or c.identity is not None:
+            return f"column {c.name} (a serial or identity)"
+        sd = c.server_default
+        if sd is not None and getattr(sd, "arg", None) is not None and not isinstance(sd.arg, str) and (
+                "(" in str(sd.arg) if isinstance(sd.arg, TextClause) else any(
+                    isinstance(e, FunctionElement) for e in visitors.iterate(sd.arg))):
+            return f"column {c.name}'s server default ({sd.arg})"
+    return None
+
+
 def _writes_reference_table(cluster: Cluster, statement: Any) -> bool:
     table = getattr(statement, "table", None) if isinstance(statement, UpdateBase) else None
     if table is None:
@@ -1976,6 +2031,7 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
         by_shard = {sh: list(v) for sh, v in route.split.items()}
     else:
         by_shard = {sh: rows for sh in route.shards}
+    _refuse_values_made_per_shard(session, statement, rows, list(by_shard))
     result = None
     if session.autoflush:
         session._autoflush()
@@ -2705,6 +2761,7 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         return _scatter_read(session, statement, params, execution_options, bind_arguments, route)
     if route.router is None:  # one state of the moves for every shard
         route = dataclasses.replace(route, router=session.cluster.router)
+    _refuse_values_made_per_shard(session, statement, params, route.shards)
     results = []
     for shard in route.shards:
         # Read once: the rows left out and the check that they still are copies must
@@ -2725,7 +2782,13 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             # move has switched since this process heard of it, they are the rows.
             _ask_shard(session, shard, _NOT_FOREIGN_SQL, {"units": sorted(foreign)}, statement,
                        "would have left out rows this shard owns now", route.router)
-        results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
+        try:
+            results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
+        except sa_exc.DBAPIError as e:
+            if results and _writes_reference_table(session.cluster, statement):
+                e.add_note(_REFERENCE_COPY_FAILED.format(
+                    shard=shard, table=statement.table.fullname, done=", ".join(route.shards[:len(results)])))
+            raise
         if route.keys and session.cluster.catalog is not None:
             _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one",
                                router=route.router)
@@ -3387,7 +3450,11 @@ def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
     stmt = _reference_upsert(table)
     for shard in cluster.shard_names:
         if shard != home:
-            session.connection(bind_arguments={"shard_id": shard}).execute(stmt, [dict(row)])
+            try:
+                session.connection(bind_arguments={"shard_id": shard}).execute(stmt, [dict(row)])
+            except sa_exc.DBAPIError as e:
+                e.add_note(_REFERENCE_COPY_FAILED.format(shard=shard, table=table.fullname, done=home))
+                raise
     session._sk_ref_copied.add(state)
 
 
@@ -3400,6 +3467,13 @@ def _reference_upsert(table: Any) -> Any:
     return ins.on_conflict_do_update(
         index_elements=pk_cols,
         set_={c.name: ins.excluded[c.name] for c in table.columns if not c.primary_key})
+
+
+_REFERENCE_COPY_FAILED = (
+    "(on shard {shard}, writing its copy of reference table {table} after {done}: it failed "
+    "there alone (that copy differs from theirs: a row, a constraint or a column; or that shard "
+    "is out of reach); the transaction "
+    "fails on every shard: roll back, and compare the copies with `shardkit migrate check`)")
 
 
 def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
@@ -3461,7 +3535,11 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
         for shard in cluster.shard_names:
             if shard == home:
                 continue
-            session.connection(bind_arguments={"shard_id": shard}).execute(stmt, rows)
+            try:
+                session.connection(bind_arguments={"shard_id": shard}).execute(stmt, rows)
+            except sa_exc.DBAPIError as e:
+                e.add_note(_REFERENCE_COPY_FAILED.format(shard=shard, table=table.fullname, done=home))
+                raise
 
 
 def _association_rows(state: Any, rel: Any, *, which: str = "both") -> list[dict[str, Any]]:
