@@ -433,7 +433,8 @@ class Cluster:
         are merged (or, as ``"refused: ..."``, why shardkit cannot merge them).
         A statement that execution refuses before it asks a database (no shard
         key in a write, not colocated on the shard key, rows of reference tables
-        every shard would return, ``FOR UPDATE``/``populate_existing`` with
+        every shard would return, a reference table's write leaving a column to a
+        value each shard would make, ``FOR UPDATE``/``populate_existing`` with
         ``LIMIT``, strict mode of the statement or scope) raises the same error
         here.  The refusals that ask the database are not foreseen: an aggregate
         shardkit does not know, text ordered or compared under a non-``C``

@@ -2140,6 +2140,9 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
         for shard in shards:
             by_shard.setdefault(shard, []).append(core)
             given.setdefault(shard, []).append(row)
+    if tr.strategy is None:  # a reference table: every shard runs the UPDATE of every row
+        _refuse_values_made_per_shard(session, table.update(), next(iter(by_shard.values()), []),
+                                      list(by_shard))
     pk_names = {c.key for c in pk_cols}
     total = 0
     result = None
@@ -2941,7 +2944,11 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
         statement = statement._resolved
     sc = current_scope()
     options = _ALL_SHARDS if all_shards else util.EMPTY_DICT
-    route = _route_statement(_NewSession(cluster), statement, params, options, None, sc)  # type: ignore[arg-type]
+    session = _NewSession(cluster)
+    route = _route_statement(session, statement, params, options, None, sc)  # type: ignore[arg-type]
+    if route.is_write:
+        # A reference table's write leaving a value each shard would make: refused as it runs.
+        _refuse_values_made_per_shard(session, statement, params, route.shards)  # type: ignore[arg-type]
     if route.is_scatter and not route.is_write:
         refuse_strict_scatter(statement, options, sc, False, route)
         refuse_scatter_rows(cluster.router, statement, route)
