@@ -52,7 +52,7 @@ from itertools import count as _counter
 
 from psycopg.pq import TransactionStatus
 
-from sqlalchemy.engine import Result, TwoPhaseTransaction
+from sqlalchemy.engine import CursorResult, Result, TwoPhaseTransaction
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session, bulk_persistence
@@ -2810,15 +2810,49 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         return results[keep]
     # ORM results of UPDATE/DELETE ... RETURNING are not cursor results: they have rows.
     if not any(getattr(r, "returns_rows", True) for r in results):
-        total = sum(max(getattr(r, "rowcount", 0) or 0, 0) for r in results)
+        counts = [getattr(r, "rowcount", 0) or 0 for r in results]
         first = results[0]
+        if (isinstance(statement, Insert) and isinstance(params, list) and route.split is not None
+                and len(results) > 1 and all(isinstance(r, CursorResult) for r in results)):
+            # The primary keys of every shard's rows, in the order of the parameter sets
+            # (the first shard's alone would drop the others' rows).
+            first.context.inserted_primary_key_rows = _by_parameter_order(
+                [r.inserted_primary_key_rows for r in results],
+                [route.split[sh] for sh in route.shards], params)
         for r in results[1:]:
             r.close()
         # The caller sees one result for the statement; its rowcount is the sum
-        # over shards.
-        first.rowcount = total  # type: ignore[misc]
+        # over shards, or -1 (unknown, as an executemany INSERT's is) if a shard's is.
+        first.rowcount = -1 if any(c < 0 for c in counts) else sum(counts)  # type: ignore[misc]
         return first
+    if (isinstance(statement, Insert) and statement._sort_by_parameter_order
+            and isinstance(params, list) and route.split is not None and len(results) > 1):
+        return _in_parameter_order(results, [route.split[sh] for sh in route.shards], params)
     return results[0].merge(*results[1:])
+
+
+def _in_parameter_order(results: list[Any], parts: list[list[Any]], params: list[Any]) -> Result[Any]:
+    """The RETURNING rows of an executemany INSERT split by shard, in the order of its
+    parameter sets (``returning(..., sort_by_parameter_order=True)``)."""
+    frozen = [r.freeze() for r in results]
+    out = frozen[0].with_new_rows([])
+    out.data = _by_parameter_order([f.data for f in frozen], parts, params)
+    return out()
+
+
+def _by_parameter_order(rows: list[Any], parts: list[list[Any]], params: list[Any]) -> list[Any]:
+    """Each shard's rows (in the order of its part of ``params``, the parameter sets it
+    was given) interleaved in the order of ``params``."""
+    at: dict[int, list[int]] = {}
+    for i, p in enumerate(params):
+        at.setdefault(id(p), []).append(i)
+    placed: list[tuple[int, Any]] = []
+    for data, part in zip(rows, parts):
+        if len(data) != len(part) or any(not at.get(id(p)) for p in part):
+            # (SQLAlchemy refuses a count that differs with the sort): shard by shard.
+            return [d for ds in rows for d in ds]
+        placed.extend((at[id(p)].pop(0), d) for p, d in zip(part, data))
+    return [d for _, d in sorted(placed, key=lambda x: x[0])]
 
 
 def _per_shape(router: Any, statement: Any, check: Callable[[Any, Any], Any]) -> Any:
