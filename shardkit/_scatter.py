@@ -171,13 +171,19 @@ def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
         raise ScatterRefused(
             f"ORDER BY a row value ({expr}) across shards is not merged; order by its columns",
             construct="ORDER BY a row value")
-    if isinstance(expr, elements.TextClause) or _is_literal_sql(expr):
-        raise ScatterRefused(
-            f"ORDER BY {str(expr)!r} is SQL text (an output position, a name or an expression "
-            "shardkit cannot read); order by the column or expression itself",
-            construct="ORDER BY text")
+    _refuse_sql_text(expr, "ORDER BY", "order")
     _refuse_unmergeable_type(expr, "ORDER BY")
     return expr, descending, nulls_first
+
+
+def _refuse_sql_text(expr: Any, clause: str, verb: str) -> None:
+    """Refuse ``expr`` of ``clause`` (ORDER BY, GROUP BY) if it is SQL text: the merge
+    cannot read it."""
+    if isinstance(expr, elements.TextClause) or _is_literal_sql(expr):
+        raise ScatterRefused(
+            f"{clause} {str(expr)!r} is SQL text (an output position, a name or an expression "
+            f"shardkit cannot read); {verb} by the column or expression itself",
+            construct=f"{clause} text")
 
 
 def _is_literal_sql(expr: Any) -> bool:
@@ -771,11 +777,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
                 f"GROUP BY {g.element!r} names a label by text; across shards shardkit needs the "
                 "expression itself (group_by(Model.column) or group_by(label_object))",
                 construct="GROUP BY by label name")
-        if isinstance(g, elements.TextClause) or _is_literal_sql(g):
-            raise ScatterRefused(
-                f"GROUP BY {str(g)!r} is SQL text (an output position, a name or an expression "
-                "shardkit cannot read); group by the column or expression itself",
-                construct="GROUP BY text")
+        _refuse_sql_text(g, "GROUP BY", "group")
         g_inner = g.element if isinstance(g, Label) else g
         if isinstance(g_inner, functions.FunctionElement) and g_inner.name.lower() in (
                 "rollup", "cube", "grouping sets", "grouping_sets"):
