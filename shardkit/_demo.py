@@ -488,7 +488,9 @@ def _rebalance_step(cluster: Cluster, Session: Any) -> None:
     finally:
         stop.set()
         thread.join()
-    with Session() as s:
+    # On the primaries: a replica may not have replayed the writer's last commits yet
+    # (this session holds no token of them), and the question is whether they are there.
+    with Session(consistency="strong") as s:
         found = s.scalar(select(func.count()).select_from(Order).where(Order.id >= 1_000_000))
     report = verify(cluster)
     print(f"  the writer committed {len(written)} orders during the move; {found} are there "
@@ -517,7 +519,7 @@ def _range_split_step(cluster: Cluster, Session: Any) -> None:
     rebalance.Mover(cluster, grace=0.2, progress=lambda line: print(f"  {line}")).apply(plan)
     on_target = _count(cluster, target, "SELECT count(*) FROM demo_invoices WHERE number >= 7500")
     left = _count(cluster, owner, "SELECT count(*) FROM demo_invoices WHERE number >= 7500")
-    with Session() as s:
+    with Session(consistency="strong") as s:  # (the check counts what is there: the primaries)
         total = s.scalar(select(func.count()).select_from(Invoice))
     print(f"  invoices 7500 and up: {on_target} on {target}, {left} left on {owner}; "
           f"{cluster.shard_for(Invoice, 7499)} keeps 5000-7499; {total} invoices in all "
