@@ -1822,8 +1822,12 @@ _STATEMENT_REFUSED = frozenset({"42", "0A", "22"})
 
 
 def _refuse_values_made_per_shard(session: ShardedSession, statement: Any, params: Any,
-                                  shards: Sequence[str]) -> None:
-    if len(shards) > 1 and _writes_reference_table(session.cluster, statement):
+                                  shards: Sequence[str], reference: bool | None = None) -> None:
+    """Refuse a write of a reference table on several ``shards`` that leaves a column to a
+    value each shard would make (``reference``: whether it writes one, if known)."""
+    if reference is None:
+        reference = len(shards) > 1 and _writes_reference_table(session.cluster, statement)
+    if reference:
         made = _values_made_per_shard(statement, params)
         if made is not None:
             raise CrossShardWriteError(
@@ -2764,7 +2768,8 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         return _scatter_read(session, statement, params, execution_options, bind_arguments, route)
     if route.router is None:  # one state of the moves for every shard
         route = dataclasses.replace(route, router=session.cluster.router)
-    _refuse_values_made_per_shard(session, statement, params, route.shards)
+    reference = len(route.shards) > 1 and _writes_reference_table(session.cluster, statement)
+    _refuse_values_made_per_shard(session, statement, params, route.shards, reference)
     results = []
     for shard in route.shards:
         # Read once: the rows left out and the check that they still are copies must
@@ -2788,14 +2793,14 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         try:
             results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
         except sa_exc.DBAPIError as e:
-            if results and _writes_reference_table(session.cluster, statement):
+            if results and reference:
                 e.add_note(_REFERENCE_COPY_FAILED.format(
                     shard=shard, table=statement.table.fullname, done=", ".join(route.shards[:len(results)])))
             raise
         if route.keys and session.cluster.catalog is not None:
             _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one",
                                router=route.router)
-    if len(results) > 1 and _writes_reference_table(session.cluster, statement):
+    if reference:
         # Every shard holds a copy of a reference table, and the write changed each copy
         # alike: its result is one copy's, as on one database (not the copies' row counts
         # added up, nor each RETURNING row once per shard).  The copy this transaction
@@ -3906,11 +3911,7 @@ def _refuse_aborted(session: Session) -> None:
             # would refuse its COMMIT after committing the connections before it.
             lost.append(name)
             continue
-        try:
-            status = conn.connection.dbapi_connection.info.transaction_status
-        except Exception:  # noqa: BLE001 - not a live psycopg connection: nothing to check
-            continue
-        if status == TransactionStatus.INERROR:
+        if _failed_transaction(conn):
             aborted.append(name)
     if aborted or lost:
         why = []
