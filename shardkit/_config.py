@@ -449,10 +449,11 @@ def _parse_url(raw: Any, path: str) -> URL:
     except (ArgumentError, ValueError) as e:
         raise ConfigurationError(path, f"{mask_url(url)}: {e}",
                                  "give the hosts one way: ?host=h1:p1&host=h2:p2, or ?host=h1,h2&port=p1,p2") from None
-    for port in [str(url.port if url.port is not None else "")] + str(params.get("port") or "").split(","):
+    ports = [str(url.port)] if url.port is not None else []
+    for port in ports + [p.strip() for p in str(params.get("port") or "").split(",")]:
         # libpq refuses every connection then ("invalid port number"): the node would look down.
-        if port.strip() and not (port.strip().isascii() and port.strip().isdigit() and 1 <= int(port) <= 65535):
-            raise ConfigurationError(path, f"{mask_url(url)}: port {port.strip()} is not a TCP port",
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigurationError(path, f"{mask_url(url)}: port {port} is not a TCP port",
                                      "give a port in 1..65535 (PostgreSQL's default is 5432)")
     if "password" in url.query:
         # libpq's ?password= is the URL's password (the driver gets the same value): held

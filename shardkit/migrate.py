@@ -706,19 +706,19 @@ def schema_fingerprint(connection: Any, schemas: Iterable[str] = ()) -> dict[str
     insp = inspect(connection)
     out: dict[str, Any] = {}
     for schema in (None, *sorted(set(schemas))):
+        # Column types as PostgreSQL writes them (format_type), for the schema's tables at
+        # once: the reflected type's str() is the generic one ("TIMESTAMP" for both timestamp
+        # and timestamptz, "ARRAY" for any array, "NULL" for a type SQLAlchemy does not know).
+        pg_types = {(t, c): typ for t, c, typ in connection.execute(text(
+            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = coalesce(:s, current_schema()) AND a.attnum > 0 AND NOT a.attisdropped"),
+            {"s": schema})}
         for t in sorted(insp.get_table_names(schema=schema)):
             if t == "alembic_version" and schema is None:
                 continue
             columns = insp.get_columns(t, schema=schema)
-            # The type as PostgreSQL writes it (format_type): the reflected type's str() is
-            # the generic one ("TIMESTAMP" for both timestamp and timestamptz, "ARRAY" for
-            # any array, "NULL" for a type SQLAlchemy does not know, an extension's).
-            pg_types = dict(connection.execute(text(
-                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-                "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = coalesce(:s, current_schema()) AND c.relname = :t "
-                "AND a.attnum > 0 AND NOT a.attisdropped"), {"s": schema, "t": t}).all())
-            cols = [(c["name"], pg_types.get(c["name"], str(c["type"])), c["nullable"]) for c in columns]
+            cols = [(c["name"], pg_types.get((t, c["name"]), str(c["type"])), c["nullable"]) for c in columns]
             # What fills a column: a default, or its generation (identity, or computed).
             defaults = [(c["name"], c["default"]) for c in columns if c.get("default") is not None]
             defaults += [(c["name"], "GENERATED " + ("ALWAYS" if c["identity"].get("always") else
