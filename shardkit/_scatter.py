@@ -159,26 +159,27 @@ def _order_modifiers(clause: Any) -> tuple[Any, bool, bool | None]:
 def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
     """(expression, descending, nulls_first or None for the default)."""
     expr, descending, nulls_first = _order_modifiers(clause)
-    if isinstance(expr, elements._textual_label_reference):
-        raise ScatterRefused(
-            f"ORDER BY {expr.element!r} names a label by text; across shards shardkit needs the "
-            "expression itself (order_by(Model.column) or order_by(label_object))",
-            construct="ORDER BY by label name",
-        )
+    _refuse_sql_text(expr, "ORDER BY", "order")
     if isinstance(expr, Label):
         expr = expr.element
     if isinstance(expr, elements.Tuple):
         raise ScatterRefused(
             f"ORDER BY a row value ({expr}) across shards is not merged; order by its columns",
             construct="ORDER BY a row value")
-    _refuse_sql_text(expr, "ORDER BY", "order")
     _refuse_unmergeable_type(expr, "ORDER BY")
     return expr, descending, nulls_first
 
 
 def _refuse_sql_text(expr: Any, clause: str, verb: str) -> None:
-    """Refuse ``expr`` of ``clause`` (ORDER BY, GROUP BY) if it is SQL text: the merge
-    cannot read it."""
+    """Refuse ``expr`` of ``clause`` (ORDER BY, GROUP BY) if it names a label by a string
+    or is SQL text: the merge cannot read it."""
+    if isinstance(expr, elements._textual_label_reference):  # order_by("name")
+        raise ScatterRefused(
+            f"{clause} {expr.element!r} names a label by text; across shards shardkit needs the "
+            f"expression itself ({verb}_by(Model.column) or {verb}_by(label_object))",
+            construct=f"{clause} by label name")
+    if isinstance(expr, Label):
+        expr = expr.element
     if isinstance(expr, elements.TextClause) or _is_literal_sql(expr):
         raise ScatterRefused(
             f"{clause} {str(expr)!r} is SQL text (an output position, a name or an expression "
@@ -772,11 +773,6 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
                 "SELECT * across shards: shardkit needs to know the columns to merge them; "
                 "select the table or its columns", construct="SELECT *")
     for g in group_by:
-        if isinstance(g, elements._textual_label_reference):   # group_by("name")
-            raise ScatterRefused(
-                f"GROUP BY {g.element!r} names a label by text; across shards shardkit needs the "
-                "expression itself (group_by(Model.column) or group_by(label_object))",
-                construct="GROUP BY by label name")
         _refuse_sql_text(g, "GROUP BY", "group")
         g_inner = g.element if isinstance(g, Label) else g
         if isinstance(g_inner, functions.FunctionElement) and g_inner.name.lower() in (
