@@ -569,17 +569,6 @@ class Cluster:
                     xo = opts.get("execution_options")
                     if xo and "isolation_level" in xo:
                         opts["execution_options"] = {k: v for k, v in xo.items() if k != "isolation_level"}
-                    # An autocommit connection comes back with no transaction to roll
-                    # back: the pool's ROLLBACK on return would be a no-op that still costs
-                    # every read some CPU. The reset event (SQLAlchemy's documented custom
-                    # reset) rolls back only a connection that is in a transaction (a read
-                    # streamed through a server-side cursor, BEGIN run by hand).
-                    opts.setdefault("pool_reset_on_return", None)
-                    if opts["pool_reset_on_return"] is None:
-                        # Nor when a connection is closed (a session's, at its end): SQLAlchemy
-                        # skips the DBAPI rollback() of an autocommit connection (a streamed
-                        # read's transaction rolls back); one begun by hand ends at the reset.
-                        opts.setdefault("skip_autocommit_rollback", True)
                 connect_args = dict(opts.pop("connect_args", {}))
                 connect_args = {**connect_timeout_args(url), **connect_args}
                 if pool_cfg.get("prepared_statements") is False:
@@ -592,8 +581,8 @@ class Cluster:
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
                 event.listen(eng, "handle_error", _translate_errors(self, shard, node, url, index if role == REPLICA else None),
                              retval=True)
-                if role == REPLICA and opts["pool_reset_on_return"] is None:
-                    event.listen(eng, "reset", _end_open_transaction)
+                if role == REPLICA and "pool_reset_on_return" not in opts:
+                    _roll_back_only_transactions(eng.dialect)
                 if role == REPLICA:
                     _keep_replica_isolation(eng.dialect, node)
                 if role == PRIMARY:
@@ -842,11 +831,21 @@ def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
     return stats
 
 
-def _end_open_transaction(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
-    """Pool reset of a replica connection (autocommit): roll back only if it is in a
-    transaction, so that the next checkout starts with none."""
-    if not reset_state.terminate_only and dbapi_connection.pgconn.transaction_status != TransactionStatus.IDLE:
-        dbapi_connection.rollback()
+def _roll_back_only_transactions(dialect: Any) -> None:
+    """Make a replica's dialect roll back a connection only if it is in a transaction.
+    Replica connections run in autocommit: the ROLLBACK with which SQLAlchemy ends a
+    session's connection and resets one that goes back to the pool would be a no-op that
+    still costs every read some CPU (the driver's rollback() takes its lock and runs its
+    generator to find nothing to do).  A connection in a transaction all the same (a read
+    streamed through a server-side cursor, BEGIN run by hand) is rolled back as before.
+    Rather than the pool's "reset" event: a reset listener costs every checkin more than
+    this check."""
+    def do_rollback(dbapi_connection: Any) -> None:
+        # (SQLAlchemy passes the pool's proxy; its dbapi_connection is psycopg's.)
+        raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+        if raw.pgconn.transaction_status != TransactionStatus.IDLE:
+            dbapi_connection.rollback()
+    dialect.do_rollback = do_rollback
 
 
 def _keep_replica_isolation(dialect: Any, node: str) -> None:

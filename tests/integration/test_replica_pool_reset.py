@@ -1,4 +1,4 @@
-"""Replica connections go back to their pool without a ROLLBACK (they run in autocommit):
+"""Replica connections are not rolled back when they are in no transaction (they run in autocommit):
 one that is in a transaction all the same (BEGIN run by hand, a streamed read) must come
 out of the pool again with none.  On the shared local cluster, its own table."""
 
