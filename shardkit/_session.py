@@ -832,6 +832,16 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     # take a second turn of the shards that reads of reference rows take
                     # in turn.
                     routed = out
+            elif (type(statement) is selectable.Select and len(execution_options) == 1
+                    and not bind_arguments and not kw and not statement._execution_options):
+                # get()'s load (or get_one()'s, Query.get()'s): the shard is in its load
+                # options, named by the object's identity.
+                lo = execution_options.get("_sa_orm_load_options")
+                if (lo is not None and lo._identity_token is not None and lo._refresh_state is None
+                        and lo._lazy_loaded_from is None):
+                    out = self._identity_read(statement, params, execution_options, lo._identity_token)
+                    if out is not _GENERAL:
+                        return out
             return self._sk_execute(statement, params, execution_options, bind_arguments, kw, routed)
         except BaseException:
             if fresh and self._transaction is None:
@@ -926,17 +936,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         to execute()'s general path, which routes it the same way (every condition here
         is one that path checks): this returns ``_GENERAL``, or the statement's route
         once it has one (the general path uses it rather than routing again)."""
-        cluster = self.cluster
-        # (identity_map.check_modified() and in_nested_transaction(), without the calls.)
-        if (self.twophase or _scope_var.get() is not NO_SCOPE
-                or (params is not None and type(params) is not dict)
-                or statement._for_update_arg is not None
-                or self._new or self._deleted or self.identity_map._modified
-                or self._nested_transaction is not None or self._flushing or self._sk_for_write):
+        if not self._short_path_open(statement, params):
             return _GENERAL
-        for opt in statement._with_options:
-            if isinstance(opt, horizontal_shard.set_shard_id):
-                return _GENERAL
+        cluster = self.cluster
         route = cluster.router.route(statement, params, anywhere=self._sk_ref_shard)
         if len(route.shards) != 1 or route.is_write or route.anywhere:
             return route
@@ -985,6 +987,35 @@ class ShardedSession(horizontal_shard.ShardedSession):
             self._unpin_failed(shard, index, pinned is None)
             log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
             return self._read_on(shard, statement, params, util.EMPTY_DICT, None, {}, NO_SCOPE, {index})
+
+    def _short_path_open(self, statement: Any, params: Any) -> bool:
+        """Whether a SELECT may take a short path (_plain_read, _identity_read): no
+        scope, nothing to flush, no savepoint or two-phase transaction, no FOR UPDATE,
+        no shard named by an option, one parameter set at most.  The general path
+        checks the same things one by one."""
+        # (identity_map.check_modified() and in_nested_transaction(), without the calls.)
+        if (self.twophase or _scope_var.get() is not NO_SCOPE
+                or (params is not None and type(params) is not dict)
+                or statement._for_update_arg is not None
+                or self._new or self._deleted or self.identity_map._modified
+                or self._nested_transaction is not None or self._flushing or self._sk_for_write):
+            return False
+        for opt in statement._with_options:
+            if isinstance(opt, horizontal_shard.set_shard_id):
+                return False
+        return True
+
+    def _identity_read(self, statement: Any, params: Any, execution_options: Any, shard: Any) -> Any:
+        """get()'s load of an object on ``shard``, the shard its identity names, in fewer
+        steps: on a shard without replicas, what the general path does (the shard named
+        by the load options, read on its primary) without analysing the statement.
+        ``_GENERAL`` for anything else."""
+        cluster = self.cluster
+        if (not self._short_path_open(statement, params) or shard not in cluster.router.shard_set
+                or cluster._replica_counts[shard] or cluster._map_misfit is not None):
+            return _GENERAL
+        return Session.execute(self, statement, params, execution_options=execution_options,
+                               bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
 
     def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,
                  bind_arguments: Any, kw: Mapping[str, Any], sc: RoutingScope,
