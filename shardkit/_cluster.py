@@ -989,14 +989,14 @@ def _value_misfit(strategy: Any, part: int, type_: Any) -> tuple[str, Any, str] 
         if isinstance(pg, sqltypes.Enum):
             continue  # the strings it stores (README); a member routes as its string
         if isinstance(pg, sqltypes.Uuid):
-            if isinstance(strategy, ListStrategy) and isinstance(v, str):
+            if isinstance(v, str):  # a range bound too: keys compare by their text form
                 try:
                     text = str(uuid.UUID(v))
                 except ValueError:
                     return where, v, "it is not a UUID: " + miss
                 if text != v:
                     return where, v, (f"a uuid key is matched by its text form, as PostgreSQL prints "
-                                      f"it: list it as {text!r}")
+                                      f"it: write it as {text!r}")
             continue
         if isinstance(pg, sqltypes.Integer):
             fits = isinstance(v, int) and not isinstance(v, bool)

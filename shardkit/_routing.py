@@ -15,6 +15,7 @@ else, skips even that lookup: its route is kept per key column (see
 
 from __future__ import annotations
 
+import decimal
 import functools
 import itertools
 import re
@@ -1738,6 +1739,31 @@ def _to_int(v: Any) -> Any:
     return v
 
 
+# Room for any NUMERIC PostgreSQL stores (1000 digits), so that rounding never overflows.
+_NUMERIC_CONTEXT = decimal.Context(prec=2000, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+
+
+@functools.lru_cache(maxsize=64)
+def _numeric_coercer(scale: int) -> Any:
+    """A ``NUMERIC(p, scale)`` key: PostgreSQL stores it rounded to ``scale`` digits, half
+    away from zero (``99.995`` is stored as ``100.00``), and that stored value is what decides
+    the row's range or list value (also in the ownership guard's SQL).  A float, sent as a
+    ``float8``, is first read as PostgreSQL reads one (15 significant digits)."""
+    exp = decimal.Decimal(1).scaleb(-scale)
+
+    def coerce(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (decimal.Decimal, float, int)) or (
+                isinstance(v, int) and scale >= 0):
+            return v  # an int is exact at a scale >= 0; another type is refused later
+        d = decimal.Decimal(format(v, ".15g")) if isinstance(v, float) else decimal.Decimal(v)
+        if not d.is_finite():
+            return v  # NaN and infinities: refused or placed by the strategy
+        out = d.quantize(exp, rounding=decimal.ROUND_HALF_UP, context=_NUMERIC_CONTEXT)
+        return float(out) if isinstance(v, float) else int(out) if isinstance(v, int) else out
+
+    return coerce
+
+
 def _enum_coercer(type_: Any) -> Any:
     """For an ``Enum`` column: a member (or its stored string) -> the string stored, as
     SQLAlchemy writes it (a Python enum by its name, or by ``values_callable``'s value)."""
@@ -1805,6 +1831,9 @@ def coercer_for(type_: Any) -> Any:
         return _enum_coercer(type_)
     if isinstance(type_, sqltypes.Integer):
         return _to_int
+    if isinstance(type_, sqltypes.Numeric) and not isinstance(type_, sqltypes.Float) \
+            and type_.scale is not None:
+        return _numeric_coercer(type_.scale)
     if isinstance(type_, (sqltypes.CHAR, sqltypes.NCHAR)):
         return _to_bpchar
     if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):

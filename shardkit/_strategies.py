@@ -127,7 +127,10 @@ class RangeStrategy(Strategy):
         if not ranges:
             raise ValueError("a range strategy needs at least one range")
         # The caller (config) validates order and overlap with field names;
-        # this re-check protects direct construction.
+        # this re-check protects direct construction.  A uuid bound, as a uuid key, is
+        # compared by its text form (see _lookup_form): TOML writes uuids as strings.
+        ranges = [KeyRange(_lookup_form(r.lower), _lookup_form(r.upper), r.shard, r.id)
+                  for r in ranges]
         ordered = sorted(ranges, key=_range_sort_key)
         for a, b in zip(ordered, ordered[1:]):
             if a.upper is None or b.lower is None or a.upper > b.lower:
@@ -151,6 +154,7 @@ class RangeStrategy(Strategy):
     def shard_for_key(self, key: Any) -> str:
         if key is None:
             raise ShardKeyError("range shard key is NULL; every row needs a key", key=key)
+        key = _lookup_form(key)
         r = self.ranges[self._index_for(key)]
         try:
             inside = (r.lower is None or key >= r.lower) and (r.upper is None or key < r.upper)
@@ -170,6 +174,7 @@ class RangeStrategy(Strategy):
     def unit_for_key(self, key: Any) -> int | None:
         if key is None:
             return None
+        key = _lookup_form(key)
         try:
             r = self.ranges[self._index_for(key)]
             inside = (r.lower is None or key >= r.lower) and (r.upper is None or key < r.upper)
@@ -181,6 +186,7 @@ class RangeStrategy(Strategy):
         self, low: Any = None, high: Any = None, *, low_inclusive: bool = True,
         high_inclusive: bool = True,
     ) -> frozenset[str] | None:
+        low, high = _lookup_form(low), _lookup_form(high)
         if isinstance(low, str) or isinstance(high, str):
             # Strings: each shard compares them in its column's collation, which may
             # not be code point order (a linguistic one puts 'B' after 'a'), so no
