@@ -1268,7 +1268,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
 def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExecuteState) -> None:
     """Refuse what the application's do_orm_execute listeners changed after shardkit routed
     ``routed``: shardkit's execution options (the statement's shards are chosen already),
-    and with_loader_criteria() that cannot run shard by shard (see Router.criteria_problem)."""
+    a lock (FOR UPDATE) added to a read routed to a replica, and with_loader_criteria() that cannot run shard by shard (see Router.criteria_problem)."""
     named = sorted(k for k in state._update_execution_options if k.startswith("shardkit_"))
     if named:
         raise RoutingError(
@@ -1277,6 +1277,17 @@ def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExec
             "statement (stmt.execution_options(...)), in session.execute(..., "
             "execution_options={...}), or with shardkit.scope(...)", statement=routed)
     statement = state.statement
+    if (statement is not routed and getattr(statement, "_for_update_arg", None) is not None
+            and getattr(routed, "_for_update_arg", None) is None
+            and state.bind_arguments.get("shardkit_role") == REPLICA):
+        # A replica cannot lock rows (PostgreSQL refuses FOR UPDATE in recovery).
+        raise RoutingError(
+            f"a do_orm_execute listener added FOR UPDATE/FOR SHARE to a read that shardkit had "
+            f"routed to a replica of shard {state.bind_arguments.get('shard_id')}, which cannot "
+            "lock rows: shardkit routes the statement before the listeners run. Lock on the "
+            "statement itself (select(...).with_for_update(), read on the primary), or read it "
+            "on the primary: execution_options(shardkit_role='primary') or "
+            "shardkit.scope(role='primary')", statement=routed)
     options = getattr(statement, "_with_options", ())
     if statement is routed or not options:
         return
@@ -3499,6 +3510,46 @@ def _refuse_key_change_in_flush(mapper: Any, connection: Any, target: Any) -> No
             table=tr.table)
 
 
+def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any) -> None:
+    """Mapper "after_insert" and "after_update": the flush chooses each object's shard
+    (its connection) before the application's before_insert / before_update listeners
+    run, and shardkit's own before_update check runs before theirs.  A listener that set
+    the shard key to another shard's value (normalising it, filling it in from context)
+    has had its row written where the router never looks for it: refused, so the flush
+    rolls back and nothing is written."""
+    state = inspect(target)
+    session = state.session
+    if not isinstance(session, ShardedSession):
+        return
+    try:
+        tr = session.cluster.router.table_route(mapper)
+    except RoutingError:
+        return
+    if tr.strategy is None:
+        return
+    if state.key is not None and not _key_changed(state, mapper, tr):
+        return
+    written_on = _primary_shard(connection)
+    if written_on is None:
+        return
+    try:
+        belongs = shard_of_instance(session.cluster, mapper, target)
+    except ShardKeyError as e:
+        raise ShardKeyError(
+            f"the shard key of {type(target).__name__} was set to NULL during the flush, after "
+            f"its row was routed to shard {written_on} (by a before_insert or before_update "
+            "listener?); nothing was written. Set the key before the flush (when the object "
+            "is made, or in a before_flush listener)", table=tr.table) from e
+    if belongs != written_on:
+        verb = "inserted" if state.key is None else "updated"
+        raise CrossShardWriteError(
+            f"the shard key of {type(target).__name__} was changed during the flush, after its "
+            f"row was routed: it was {verb} on shard {written_on} but its key now belongs on "
+            f"{belongs} (a before_insert or before_update listener that sets the key runs after "
+            "the flush has chosen the shard); nothing was written. Set the key before the flush "
+            "(when the object is made, or in a before_flush listener)", table=tr.table)
+
+
 def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
     """Mapper "after_insert": a new reference row reaches every shard at once, in the
     flush, so a sharded row inserted later in the same flush (on any shard) can
@@ -4140,6 +4191,8 @@ event.listen(ShardedSession, "before_attach", _token_for_keyed)
 # On every mapper (it returns at once outside a ShardedSession).
 event.listen(Mapper, "before_update", _refuse_key_change_in_flush)
 event.listen(Mapper, "after_insert", _copy_new_reference_row)
+event.listen(Mapper, "after_insert", _refuse_key_changed_after_routing)
+event.listen(Mapper, "after_update", _refuse_key_changed_after_routing)
 
 
 def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
