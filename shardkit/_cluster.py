@@ -581,9 +581,8 @@ class Cluster:
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
                 event.listen(eng, "handle_error", _translate_errors(self, shard, node, url, index if role == REPLICA else None),
                              retval=True)
-                if role == REPLICA and "pool_reset_on_return" not in opts:
-                    _roll_back_only_transactions(eng.dialect)
                 if role == REPLICA:
+                    _end_replica_transactions(eng.dialect, only_open="pool_reset_on_return" not in opts)
                     _keep_replica_isolation(eng.dialect, node)
                 if role == PRIMARY:
                     from ._session import _watch_primary
@@ -831,21 +830,51 @@ def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
     return stats
 
 
-def _roll_back_only_transactions(dialect: Any) -> None:
-    """Make a replica's dialect roll back a connection only if it is in a transaction.
+def _end_replica_transactions(dialect: Any, only_open: bool) -> None:
+    """Make a replica's dialect end a connection's transaction (COMMIT or ROLLBACK) quietly
+    when the connection is gone, and (``only_open``) only if it is in a transaction.
+
     Replica connections run in autocommit: the ROLLBACK with which SQLAlchemy ends a
     session's connection and resets one that goes back to the pool would be a no-op that
     still costs every read some CPU (the driver's rollback() takes its lock and runs its
     generator to find nothing to do).  A connection in a transaction all the same (a read
     streamed through a server-side cursor, BEGIN run by hand) is rolled back as before.
     Rather than the pool's "reset" event: a reset listener costs every checkin more than
-    this check."""
-    def do_rollback(dbapi_connection: Any) -> None:
-        # (SQLAlchemy passes the pool's proxy; its dbapi_connection is psycopg's.)
-        raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
-        if raw.pgconn.transaction_status != TransactionStatus.IDLE:
-            dbapi_connection.rollback()
-    dialect.do_rollback = do_rollback
+    this check.  A ``pool_reset_on_return`` in engine_options (``only_open=False``): the
+    dialect's rollback and commit are called as SQLAlchemy calls them.
+
+    A standby's transaction writes nothing: one whose connection died after its reads (a
+    backend ended by a recovery conflict or idle_in_transaction_session_timeout, a
+    restart) has nothing left to commit or roll back, so neither the session's commit(),
+    rollback() or close() nor the pool's check-in fails on it (a commit would otherwise
+    fail after committing some shards, or before, in no set order).  The connection is
+    soft-invalidated: the pool replaces it at its next checkout (nor is a streamed read's
+    isolation level set back on it as it goes back to the pool).  (A replica that dies
+    under a streamed read fails that read, and the commit refuses the transaction first.)"""
+    def quietly(end: Any) -> Any:
+        def end_quietly(dbapi_connection: Any) -> None:
+            # (SQLAlchemy passes the pool's proxy; its dbapi_connection is psycopg's.)
+            raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+            if only_open and raw.pgconn.transaction_status == TransactionStatus.IDLE:
+                return
+            try:
+                end(dbapi_connection)
+            except dialect.loaded_dbapi.Error as e:
+                invalidate = getattr(dbapi_connection, "invalidate", None)
+                if invalidate is None or not dialect.is_disconnect(e, raw, None):
+                    raise
+                invalidate(e, soft=True)
+        return end_quietly
+
+    reset_isolation_level = dialect.reset_isolation_level
+
+    def reset_isolation(dbapi_connection: Any) -> None:
+        if not dbapi_connection.closed:
+            reset_isolation_level(dbapi_connection)
+
+    dialect.do_rollback = quietly(dialect.do_rollback)
+    dialect.do_commit = quietly(dialect.do_commit)
+    dialect.reset_isolation_level = reset_isolation
 
 
 def _keep_replica_isolation(dialect: Any, node: str) -> None:
