@@ -3472,6 +3472,20 @@ def _key_changed(state: Any, mapper: Any, tr: TableRoute) -> bool:
                for c in tr.key_columns if c in table.c)
 
 
+def _sharded_flush_target(state: Any, mapper: Any) -> tuple[ShardedSession, Any] | None:
+    """``(session, table route)`` of an object a flush writes, for the mapper listeners
+    that check its shard key: None outside a ShardedSession and for a table that is not
+    sharded by a key (a reference table, one no group names)."""
+    session = state.session
+    if not isinstance(session, ShardedSession):
+        return None
+    try:
+        tr = session.cluster.router.table_route(mapper)
+    except RoutingError:
+        return None
+    return None if tr.strategy is None else (session, tr)
+
+
 def _refuse_key_change_in_flush(mapper: Any, connection: Any, target: Any) -> None:
     """Mapper "before_update": the flush itself may set a shard key (removing a child
     from a one-directional collection nulls it; appending it to another parent's
@@ -3479,18 +3493,13 @@ def _refuse_key_change_in_flush(mapper: Any, connection: Any, target: Any) -> No
     before_flush looked.  The UPDATE would run on the row's old shard: refuse a key
     that is gone, or that another shard owns, before it is written."""
     state = inspect(target)
-    session = state.session
-    if not isinstance(session, ShardedSession) or state.key is None:
+    if state.key is None or state.key[2] is None:
         return
     old_shard = state.key[2]
-    if old_shard is None:
+    found = _sharded_flush_target(state, mapper)
+    if found is None:
         return
-    try:
-        tr = session.cluster.router.table_route(mapper)
-    except RoutingError:
-        return
-    if tr.strategy is None:
-        return
+    session, tr = found
     if not _key_changed(state, mapper, tr):
         return
     try:
@@ -3518,15 +3527,14 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
     has had its row written where the router never looks for it: refused, so the flush
     rolls back and nothing is written."""
     state = inspect(target)
-    session = state.session
-    if not isinstance(session, ShardedSession):
+    if state.key is None and not mapper.dispatch.before_insert:
+        # Only a before_insert listener runs between a new row's routing and its INSERT:
+        # without one, its key is the one it was routed by (not worked out again per row).
         return
-    try:
-        tr = session.cluster.router.table_route(mapper)
-    except RoutingError:
+    found = _sharded_flush_target(state, mapper)
+    if found is None:
         return
-    if tr.strategy is None:
-        return
+    session, tr = found
     if state.key is not None and not _key_changed(state, mapper, tr):
         return
     written_on = _primary_shard(connection)

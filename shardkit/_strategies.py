@@ -298,11 +298,20 @@ def _lookup_form(value: Any) -> Any:
     also as a part of a composite one.  TOML has no uuid type, so a config lists uuids as
     strings, while a uuid column's key is read as a ``uuid.UUID`` (from a model, a
     statement, an ORM object, a row); the guard's SQL matches the column's text form
-    (``k::text``), which is ``str(uuid)``."""
+    (``k::text``), which is ``str(uuid)``.
+
+    A ``float`` by the decimal number it is written as (``0.1`` is ``Decimal("0.1")``):
+    TOML has no decimal type either, so a config writes a ``numeric`` column's bounds and
+    values as floats, while the column's keys are ``Decimal``s, which compare with a float
+    by its binary value (``Decimal("0.10") < 0.1``, and never equal it): a float key and a
+    Decimal key of one stored value would route apart."""
     if isinstance(value, uuid.UUID):
         return str(value)
-    if isinstance(value, tuple) and any(isinstance(p, uuid.UUID) for p in value):
-        return tuple(str(p) if isinstance(p, uuid.UUID) else p for p in value)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, tuple) and any(isinstance(p, (uuid.UUID, float)) for p in value):
+        return tuple(str(p) if isinstance(p, uuid.UUID) else Decimal(repr(p)) if isinstance(p, float) else p
+                     for p in value)
     return value
 
 
