@@ -15,6 +15,7 @@ else, skips even that lookup: its route is kept per key column (see
 
 from __future__ import annotations
 
+import datetime
 import decimal
 import functools
 import itertools
@@ -1764,6 +1765,37 @@ def _numeric_coercer(scale: int) -> Any:
     return coerce
 
 
+# PostgreSQL's epoch: a timestamp before it is rounded half away from zero, down in time.
+_PG_EPOCH = datetime.datetime(2000, 1, 1)
+_PG_EPOCH_UTC = _PG_EPOCH.replace(tzinfo=datetime.timezone.utc)
+
+
+@functools.lru_cache(maxsize=8)
+def _timestamp_coercer(precision: int) -> Any:
+    """A ``TIMESTAMP(precision)`` key: PostgreSQL stores it rounded to ``precision``
+    fractional digits of a second (``23:59:59.7`` in a ``timestamp(0)`` is the next day's
+    ``00:00:00``), half away from its epoch (2000-01-01), and that stored value is what
+    decides the row's range (or bucket).  Another value is left as it is."""
+    unit = 10 ** (6 - precision)
+    half = unit // 2
+
+    def coerce(v: Any) -> Any:
+        if type(v) is not datetime.datetime:
+            return v
+        r = v.microsecond % unit
+        if r == 0:
+            return v
+        down = v - datetime.timedelta(microseconds=r)
+        after_epoch = v >= (_PG_EPOCH if v.tzinfo is None else _PG_EPOCH_UTC)
+        if r < half or (r == half and not after_epoch):
+            return down
+        try:
+            return down + datetime.timedelta(microseconds=unit)
+        except OverflowError:
+            return v  # past Python's datetime range: PostgreSQL's error says what is wrong
+    return coerce
+
+
 def _enum_coercer(type_: Any) -> Any:
     """For an ``Enum`` column: a member (or its stored string) -> the string stored, as
     SQLAlchemy writes it (a Python enum by its name, or by ``values_callable``'s value)."""
@@ -1834,6 +1866,9 @@ def coercer_for(type_: Any) -> Any:
     if isinstance(type_, sqltypes.Numeric) and not isinstance(type_, sqltypes.Float) \
             and type_.scale is not None:
         return _numeric_coercer(type_.scale)
+    if isinstance(type_, sqltypes.DateTime):
+        precision = getattr(type_, "precision", None)  # (postgresql.TIMESTAMP's)
+        return _timestamp_coercer(precision) if isinstance(precision, int) and 0 <= precision < 6 else None
     if isinstance(type_, (sqltypes.CHAR, sqltypes.NCHAR)):
         return _to_bpchar
     if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):
