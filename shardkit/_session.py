@@ -1268,7 +1268,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
 def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExecuteState) -> None:
     """Refuse what the application's do_orm_execute listeners changed after shardkit routed
     ``routed``: shardkit's execution options (the statement's shards are chosen already),
-    a lock (FOR UPDATE) added to a read routed to a replica, and with_loader_criteria() that cannot run shard by shard (see Router.criteria_problem)."""
+    a lock (FOR UPDATE) added to a read routed to a replica, and with_loader_criteria()
+    that cannot run shard by shard (see Router.criteria_problem)."""
     named = sorted(k for k in state._update_execution_options if k.startswith("shardkit_"))
     if named:
         raise RoutingError(
