@@ -208,7 +208,15 @@ def _reread_columns(src: psycopg.Connection, tgt: psycopg.Connection, t: _Table,
     on_source = _columns(src, t.name)
     on_target = _columns(tgt, t.name)
     t.columns = [c for c, (_, generated) in on_source.items() if not generated]
-    t.pk_types = [on_source[c][0] for c in t.pk]
+    t.types = {c: typ for c, (typ, _) in on_source.items()}  # (a generated key's too)
+    # The primary key too: a migration may have changed it since the batch began.
+    t.pk = [r[0] for r in src.execute(
+        "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
+        "ON true JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY k.n", (_ident(t.name).as_string(src),))]
+    if not t.pk:
+        raise SchemaMismatch(f"table {t.name} has no primary key on the source any more (a migration dropped "
+                             "it while the move ran); rows are moved by primary key: add it back, then resume")
     missing = [c for c in t.columns if c not in on_target]
     if missing:
         raise SchemaMismatch(
@@ -481,18 +489,41 @@ class _Table:
     # for its FROM clause and the bucket over it (_sql.int8_bucket_scan), about twice as
     # fast as bucket_sql; None: bucket_sql.
     scan: tuple[str, str] | None = None
-    # The primary key's column types (``format_type``), read again with the columns: the
-    # logged keys are read back by them (see ``logged_keys``).
-    pk_types: list[str] = field(default_factory=list)
+    # The columns' types (``format_type``), read again with the columns: the logged keys
+    # are read back by them (see ``logged_match``).
+    types: dict[str, str] = field(default_factory=dict)
 
-    def logged_keys(self, keys: sql.Composable) -> sql.Composable:
-        """A FROM item of the primary keys in jsonb array ``keys`` (as the guard logs them),
-        its columns named and typed as the table's.  Not ``jsonb_populate_recordset(NULL::t,
-        ...)``: that runs every column the keys lack through its type's input, and a column
-        of a domain declared NOT NULL refuses the NULL."""
-        return sql.SQL("jsonb_to_recordset({}::jsonb) AS _shardkit_k ({})").format(
-            keys, sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(typ))
-                                     for c, typ in zip(self.pk, self.pk_types, strict=True)))
+    def logged_match(self, keys: list[dict[str, Any]],
+                     ref: Callable[[str], sql.Composable] = sql.Identifier) -> sql.Composable:
+        """A condition true for the rows whose primary key is among ``keys`` (jsonb objects,
+        as the guard logs them), the table's columns named by ``ref``.  Each key is matched
+        by the columns it names, typed as the table's: a migration may have changed the
+        primary key since the key was logged (added the shard key to it, say), and the rows
+        matching the columns the key has include its row (the mover re-reads them whole).
+        Refused (SchemaMismatch) when the table no longer has one of those columns.  Not
+        ``jsonb_populate_recordset(NULL::t, ...)``: that runs every column the keys lack
+        through its type's input, and a column of a domain declared NOT NULL refuses the NULL.
+        (The keys are literals: run the statement without parameters, or a % in a key
+        would be read as a placeholder.)"""
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+        for k in keys:
+            shapes[tuple(sorted(k))].append(k)
+        gone = sorted({c for shape in shapes for c in shape} - set(self.types))
+        if gone:
+            raise SchemaMismatch(
+                f"table {self.name}: rows written during the move were recorded under primary-key "
+                f"column(s) {', '.join(gone)}, which the table no longer has (a migration renamed or "
+                "dropped them while the move ran), so those writes cannot be found to move them; give "
+                "the table the column(s) back and resume, or abort the move (before its batch switches) "
+                "and plan it again")
+        return sql.SQL("({})").format(sql.SQL(" OR ").join(
+            sql.SQL("({}) IN (SELECT {} FROM jsonb_to_recordset({}::jsonb) AS _shardkit_k ({}))").format(
+                sql.SQL(", ").join(ref(c) for c in shape),
+                sql.SQL(", ").join(map(sql.Identifier, shape)),
+                sql.Literal(json.dumps(group)),
+                sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(self.types[c]))
+                                   for c in shape))
+            for shape, group in shapes.items()) if shapes else sql.SQL("false"))
 
     def scan_sql(self) -> tuple[str, str]:
         """``(from_extra, bucket)`` for a scan of every row: SQL to write right after the
@@ -1414,12 +1445,16 @@ class Mover:
             pkc = sql.SQL(", ").join(map(sql.Identifier, t.pk))
             stage = sql.Identifier(f"_shardkit_stage_{i}")  # by position: names may be long
             tgt.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(stage))
-            tgt.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(stage, name))
-            keys_lit = sql.Literal(json.dumps(keys))
+            # The columns the mover writes, with their types and no constraints: not (LIKE t),
+            # which keeps the NOT NULL of a column the stage gets no value for (a generated
+            # one, or one a migration added on the target only) and fails the COPY into it.
+            tgt.execute(sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+                stage, cols, name))
+            keys_lit = t.logged_match(keys)
             out_sql = sql.SQL(
-                "COPY (SELECT {cols} FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM {keys}) AND " + t.bucket_sql +
+                "COPY (SELECT {cols} FROM {t} WHERE {keys} AND " + t.bucket_sql +
                 " = ANY({buckets}::integer[])) TO STDOUT (FORMAT binary)").format(
-                cols=cols, t=name, pk=pkc, keys=t.logged_keys(keys_lit), buckets=sql.Literal(buckets))
+                cols=cols, t=name, keys=keys_lit, buckets=sql.Literal(buckets))
             in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(stage, cols)
             with src.cursor() as sc, tgt.cursor() as tc:
                 with sc.copy(out_sql) as out, tc.copy(in_sql) as inp:
@@ -1430,10 +1465,10 @@ class Mover:
         # replaced in place), so that a row taking over another's unique value finds it free.
         for t, pkc, keys_lit, stage, whole in reversed(staged):
             tgt.execute(sql.SQL(
-                "DELETE FROM {t} WHERE ({pk}) IN (SELECT {pk} FROM {keys}) "
-                "AND " + t.bucket_sql + " = ANY(%s::integer[])"
+                "DELETE FROM {t} WHERE {keys} "
+                "AND " + t.bucket_sql + " = ANY({buckets}::integer[])"
                 + ("" if whole else " AND ({pk}) NOT IN (SELECT {pk} FROM {s})")).format(
-                t=_ident(t.name), pk=pkc, keys=t.logged_keys(keys_lit), s=stage), (buckets,))
+                t=_ident(t.name), pk=pkc, keys=keys_lit, s=stage, buckets=sql.Literal(buckets)))
         for t, pkc, keys_lit, stage, whole in staged:  # parents first
             name = _ident(t.name)
             clash = tgt.execute(sql.SQL(
@@ -1625,7 +1660,6 @@ class Mover:
             inner = t.columns + [c for c in t.pk if c not in t.columns]
             at = {c: sql.Identifier(f"c{i}") for i, c in enumerate(inner)}
             cols = sql.SQL(", ").join(sql.SQL("x.") + at[c] for c in t.columns)
-            pkc = sql.SQL(", ").join(sql.SQL("x.") + at[c] for c in t.pk)
             # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
             # planner from merging (it would compute it again for GROUP BY).
             scan, bucket = t.scan_sql()
@@ -1633,21 +1667,19 @@ class Mover:
                  "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
                  "FROM (SELECT " + bucket + ", {plain} FROM {t} " + scan + " WHERE {chunk} "
                  "OFFSET 0) AS x (b, {names}) "
-                 "WHERE x.b = ANY(%s::integer[]) "
-                 "AND ({pk}) NOT IN (SELECT {pkr} FROM {recent}) "
+                 "WHERE x.b = ANY({buckets}::integer[]) "
+                 "AND NOT {recent} "
                  "GROUP BY 1")
-            parts = dict(cols=cols, t=_ident(t.name), pk=pkc, plain=t.qualified(inner),
-                         names=sql.SQL(", ").join(at[c] for c in inner),
-                         pkr=sql.SQL(", ").join(map(sql.Identifier, t.pk)),
-                         recent=t.logged_keys(sql.SQL("%s")))
+            parts = dict(cols=cols, t=_ident(t.name), plain=t.qualified(inner),
+                         names=sql.SQL(", ").join(at[c] for c in inner), buckets=sql.Literal(buckets))
 
-            def sums(conn: psycopg.Connection, recent: str) -> dict[Any, tuple[int, Any]]:
+            def sums(conn: psycopg.Connection, recent: sql.Composable) -> dict[Any, tuple[int, Any]]:
                 """Per bucket (count, checksum), slice by slice of the table, in conn's transaction."""
                 out: dict[Any, tuple[int, Any]] = {}
                 for chunk in _page_chunks(conn, t.name, self._chunk_pages):
                     t0 = time.monotonic()
-                    query = sql.SQL(q).format(chunk=sql.SQL(chunk), **parts)
-                    for b, n, h in conn.execute(query, (buckets, recent)):
+                    query = sql.SQL(q).format(chunk=sql.SQL(chunk), recent=recent, **parts)
+                    for b, n, h in conn.execute(query):
                         n0, h0 = out.get(b, (0, 0))
                         out[b] = (n0 + n, h0 + h)
                     self._rest(t0)
@@ -1657,9 +1689,10 @@ class Mover:
                 tgt.execute(_CANONICAL_TEXT)
                 # Rows written on the target since the switch are the new truth:
                 # compare everything else, at one snapshot of the target.
-                recent = json.dumps([r[0] for r in tgt.execute(
+                recent = t.logged_match([r[0] for r in tgt.execute(
                     "SELECT DISTINCT pk FROM shardkit.changes WHERE tbl = ANY(%s) "
-                    "AND bucket = ANY(%s::integer[])", (list(t.names), buckets))])
+                    "AND bucket = ANY(%s::integer[])", (list(t.names), buckets))],
+                    lambda c: sql.SQL("x.") + at[c])
                 # The source no longer changes (it does not own the buckets).  One
                 # side after the other: scanning both at once took the cores other
                 # writers need, for no gain in the move's time.
