@@ -113,6 +113,29 @@ def _group_key_types(strategy: Any, width: int) -> list[type | None]:
     return out
 
 
+def _refuse_other_offset(parts: list[Any], raws: list[str], tr: Any) -> None:
+    """A date-time KEY given without an offset where a range group's bounds have one (or
+    with one where they have none): Python cannot compare the two, so say how to write it."""
+    from ._strategies import RangeStrategy
+
+    if tr is None or not isinstance(tr.strategy, RangeStrategy):
+        return
+    width = len(parts)
+    for i, (part, raw) in enumerate(zip(parts, raws)):
+        if not isinstance(part, datetime.datetime):
+            continue
+        bounds = [b[i] if width > 1 and isinstance(b, tuple) else b
+                  for r in tr.strategy.ranges for b in (r.lower, r.upper) if b is not None]
+        aware = {b.tzinfo is not None for b in bounds if isinstance(b, datetime.datetime)}
+        if len(aware) == 1 and (part.tzinfo is not None) not in aware:
+            if True in aware:
+                raise UsageError(f"key {raw!r} has no UTC offset, and the bounds of group {tr.group} have "
+                                 f"one: give it with its offset (e.g. {part.isoformat()}+00:00 or ...Z)")
+            raise UsageError(f"key {raw!r} has a UTC offset, and the bounds of group {tr.group} have "
+                             f"none (local date-times): give it without the offset "
+                             f"(e.g. {part.replace(tzinfo=None).isoformat()})")
+
+
 def _parse_group_key(raw: str, kind: type | None, group: str | None) -> Any:
     """``raw`` read as ``kind``, the type of its group's bounds or values (else by the
     --type auto rules): a date range group's key '2024-05-01' is a date, a list group of
@@ -129,20 +152,34 @@ def _parse_group_key(raw: str, kind: type | None, group: str | None) -> Any:
                          "give the key in that form") from None
 
 
-def _open_cluster(args: argparse.Namespace) -> Cluster:
+def _open_cluster(args: argparse.Namespace, *, warn_no_map: bool = True) -> Cluster:
     """The command's cluster, not following the map (a command reads it once; a
     follower thread would only log retries of a catalog that is down while it ends).  A catalog
     that cannot be read is the command's to report (its one error line, or status's
-    catalog line), not a warning before that too (``-v`` shows it)."""
+    catalog line), not a warning before that too (``-v`` shows it).  A catalog that answers
+    with no map yet (before ``rebalance init``) is warned of here (``warn_no_map``): the
+    follower that says so in an application does not run in a command."""
     from ._cluster import log as logger
 
     level = logger.level
     if not args.verbose:
         logger.setLevel(logging.ERROR)
     try:
-        return Cluster.from_config(args.config, follow_map=False)
+        cluster = Cluster.from_config(args.config, follow_map=False)
     finally:
         logger.setLevel(level)
+    if warn_no_map and _catalog_without_map(cluster):
+        logger.warning("catalog %s %s; routing by the config file's map until it has one",
+                       mask_url(cluster.config.catalog_url), _NO_MAP)
+    return cluster
+
+
+_NO_MAP = "has no bucket map yet (run `shardkit rebalance init`)"
+
+
+def _catalog_without_map(cluster: Cluster) -> bool:
+    """A catalog is configured and answered, and holds no map yet."""
+    return cluster.catalog is not None and cluster.map_version is None and not cluster._catalog_error
 
 
 def _show_key(key: Any) -> str:
@@ -167,6 +204,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             kinds = _group_key_types(tr.strategy if tr else None, len(args.key))
             parts = [_parse_group_key(k, kind, tr.group if tr else None)
                      for k, kind in zip(args.key, kinds)]
+            _refuse_other_offset(parts, args.key, tr)
         else:
             parts = [_parse_key(k, args.type) for k in args.key]
         key = parts[0] if len(parts) == 1 else tuple(parts)
@@ -256,9 +294,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show shards and nodes: role, up, lag, connections, buckets, rows."""
     from ._status import collect, render
 
-    cluster = _open_cluster(args)
+    cluster = _open_cluster(args, warn_no_map=False)   # its catalog line says so
     try:
         data = collect(cluster, args.config)
+        if _catalog_without_map(cluster):
+            data["catalog_error"] = f"the catalog {_NO_MAP}"
     finally:
         cluster.dispose()
     print(json.dumps(data, indent=2, default=str) if args.json else render(data))
@@ -499,7 +539,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
     from . import rebalance
     from ._rebalance_plan import SlicePlan
 
-    cluster = _open_cluster(args)
+    cluster = _open_cluster(args, warn_no_map=False)   # init makes the map; the others refuse without it
     try:
         verb = args.rebalance_command
         if verb == "init":

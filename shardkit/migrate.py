@@ -472,11 +472,31 @@ def _existing_ini(alembic_ini: str | os.PathLike[str] | None) -> Path:
             raise ConfigurationError(
                 "--alembic-ini", f"no migrations/alembic.ini in the current directory ({Path.cwd()})",
                 "run from your project's directory, or pass --alembic-ini PATH")
-        return ini
+        return _usable_ini(ini)
     ini = Path(alembic_ini)
     if not ini.exists():
         raise ConfigurationError("--alembic-ini", f"{ini} does not exist",
                                  "point it at the migrations/alembic.ini of your project")
+    return _usable_ini(ini)
+
+
+def _usable_ini(ini: Path) -> Path:
+    """``ini`` if Alembic can read it and find its scripts: else a ConfigurationError now,
+    not a traceback of ``check`` nor every shard's Alembic failing alike."""
+    import configparser
+
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    hint = ("point it at your project's migrations/alembic.ini (an Alembic config whose "
+            "[alembic] section names script_location)")
+    if ini.is_dir():
+        raise ConfigurationError("--alembic-ini", f"{ini} is a directory, not an Alembic config file", hint)
+    try:
+        ScriptDirectory.from_config(Config(str(ini)))
+    except (CommandError, configparser.Error, UnicodeDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigurationError("--alembic-ini", f"{ini} is not a usable Alembic config: {first}", hint) from None
     return ini
 
 

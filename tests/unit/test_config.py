@@ -2,6 +2,7 @@
 
 import copy
 import datetime
+from pathlib import Path
 
 import pytest
 
@@ -310,7 +311,11 @@ def test_migrate_arguments_are_checked_before_any_shard_is_touched(tmp_path):
     with pytest.raises(ConfigurationError, match="--alembic-ini"):
         migrate.check(cluster, alembic_ini=tmp_path / "missing.ini")
     ini = tmp_path / "alembic.ini"
-    ini.write_text("[alembic]\n")
+    ini.write_text("[alembic]\n")  # no script_location: Alembic cannot use it
+    with pytest.raises(ConfigurationError, match="--alembic-ini: .* not a usable Alembic config"):
+        migrate.check(cluster, alembic_ini=ini)
+    migrations = Path(__file__).resolve().parents[2] / "migrations"
+    ini.write_text(f"[alembic]\nscript_location = {migrations}\n")
     with pytest.raises(ConfigurationError, match="--parallel"):
         migrate.run_command(cluster, "shardkit.toml", "upgrade", "head", alembic_ini=ini, parallel=0)
 
