@@ -688,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "recorded in the catalog: moves of them to it are refused until `abort MOVE`, "
                          "run again once it is reachable, removes them. Not for batches that switched")
     rsub.add_parser("status", help="moves and the step each batch reached").add_argument(
-        "move", type=int, nargs="?")
+        "move", type=int, nargs="?", help="one move's number (default: every move)")
     rsub.choices["status"].add_argument("--json", action="store_true", help="print JSON")
     for verb in ("apply", "resume", "abort", "status", "init", "plan"):
         rp_ = rsub.choices[verb]

@@ -76,7 +76,8 @@ class VerifyReport:
                 + f"), {t.duplicates} also present on their owner")
             if t.in_flight:
                 status += f", {t.in_flight} rows of a move in progress (or left by an aborted one)"
-            lines.append(f"{t.shard:<8} {t.table:<24} {t.rows:>10} rows  {status}  [{t.method}]")
+            rows = "row " if t.rows == 1 else "rows"
+            lines.append(f"{t.shard:<8} {t.table:<24} {t.rows:>10} {rows}  {status}  [{t.method}]")
         for m in self.missing_tables:
             lines.append(f"missing: {m}")
         for o in self.ownership:
