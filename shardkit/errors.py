@@ -24,6 +24,7 @@ numbers and the fix.  Connection URLs in messages are always masked.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import psycopg
@@ -55,6 +56,26 @@ class ShardkitError(sa_exc.SQLAlchemyError):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> Any:
+        # Pickled (an error a worker process sends back, copy.copy()) with its attributes:
+        # its __init__ takes other arguments than the message it passes on.  An attribute
+        # that cannot be pickled (an ORM statement, whose mapper cannot) goes as its text.
+        state = {}
+        for name, value in self.__dict__.items():
+            try:
+                pickle.dumps(value)
+            except Exception:  # noqa: BLE001 - whatever pickle raises for it
+                value = str(value)
+            state[name] = value
+        return _rebuild, (type(self), self.message), state
+
+
+def _rebuild(cls: type[ShardkitError], message: str) -> ShardkitError:
+    """An error of ``cls`` with ``message``, its attributes to be set from its pickled state."""
+    error = cls.__new__(cls)
+    ShardkitError.__init__(error, message)
+    return error
 
 
 class ConfigurationError(ShardkitError):
