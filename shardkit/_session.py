@@ -333,6 +333,21 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 pass
         return [shard] if shard is not None else list(self.cluster.shard_names)
 
+    def _identity_lookup(self, mapper: Any, primary_key_identity: Any, identity_token: Any = None,
+                         *args: Any, **kw: Any) -> Any:
+        # horizontal_shard returns the first shard's object of a primary key the session
+        # holds under several shards' tokens (a key unique per shard only, read from two
+        # shards, or left by a get() that found it on both): get() cannot know which is meant.
+        found = super()._identity_lookup(mapper, primary_key_identity, identity_token, *args, **kw)
+        if identity_token is None and found is not None and self._shard_from_identity(
+                mapper, primary_key_identity) is None and current_scope().shard is None:
+            held = [s for s in self.cluster.shard_names if mapper.identity_key_from_primary_key(
+                primary_key_identity, identity_token=s) in self.identity_map]
+            if len(held) > 1:
+                pk = tuple(primary_key_identity)  # (as get() was given it: a value, or a tuple)
+                raise _on_several_shards(mapper.class_, pk[0] if len(pk) == 1 else pk, held)
+        return found
+
     def _shard_from_identity(self, mapper: Any, primary_key: Any) -> str | None:
         """The shard of a primary key, when the primary key contains the whole shard key."""
         plans = self.cluster.router.pk_plans
@@ -1344,12 +1359,18 @@ def _one_shard_per_identity(entity: Any, ident: Any) -> Iterator[None]:
     try:
         yield
     except sa_exc.MultipleResultsFound:
-        name = getattr(entity, "__name__", None) or getattr(getattr(entity, "class_", None), "__name__", entity)
-        raise RoutingError(
-            f"{name} with primary key {ident!r} exists on more than one shard (its primary key "
-            "does not contain the shard key, and is unique only per shard); name the shard: "
-            "session.get(..., identity_token='s0') or shardkit.scope(shard='s0')"
-        ) from None
+        raise _on_several_shards(entity, ident) from None
+
+
+def _on_several_shards(entity: Any, ident: Any, shards: Sequence[str] = ()) -> RoutingError:
+    """The refusal of a get() by a primary key that rows (or objects held) of several
+    shards have."""
+    name = getattr(entity, "__name__", None) or getattr(getattr(entity, "class_", None), "__name__", entity)
+    held = f" (this session holds it from {', '.join(shards)})" if shards else ""
+    return RoutingError(
+        f"{name} with primary key {ident!r} exists on more than one shard{held} (its primary "
+        "key does not contain the shard key, and is unique only per shard); name the shard: "
+        "session.get(..., identity_token='s0') or shardkit.scope(shard='s0')")
 
 
 def _pk_plan(cluster: Cluster, mapper: Any) -> Any:

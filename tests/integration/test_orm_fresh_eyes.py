@@ -293,3 +293,18 @@ def test_get_of_a_key_on_two_shards_names_the_fix_also_through_legacy_query(shar
         with shardkit.scope(shard="s1"):
             assert s.query(Order).get(2).user_id == b
         assert s.query(Order).get(1).user_id == a   # on one shard only: found
+
+
+def test_get_of_a_key_the_session_holds_from_two_shards_is_refused(sharded):
+    """A primary key unique per shard only, whose rows of two shards the session holds
+    (read by a query): get() cannot know which is meant, as when it loads them; it gave
+    the first shard's object.  Naming the shard gives that shard's."""
+    a, b = order_ids_on_two_shards(sharded)
+    with sharded.Session() as s:
+        assert len(s.scalars(select(Order).where(Order.id == 2)).all()) == 2
+        with pytest.raises(shardkit.RoutingError, match="more than one shard"):
+            s.get(Order, 2)
+        assert s.get(Order, 2, identity_token="s1").user_id == b
+        with shardkit.scope(shard="s0"):
+            assert s.get(Order, 2).user_id == a
+        assert s.get(Order, 1).user_id == a
