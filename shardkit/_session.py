@@ -939,7 +939,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             then = _add_event
 
             def after_listeners(state: ORMExecuteState) -> Any:
-                _check_listener_changes(self, statement, state, kw.get("execution_options"))
+                _check_listener_changes(self, statement, state)
                 return then(state) if then is not None else None
             _add_event = after_listeners
         return super()._execute_internal(statement, params, _add_event=_add_event, **kw)
@@ -1280,25 +1280,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         return conn
 
 
-def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExecuteState,
-                            call_options: Any = None) -> None:
+def _check_listener_changes(session: ShardedSession, routed: Any, state: ORMExecuteState) -> None:
     """Refuse what the application's do_orm_execute listeners changed after shardkit routed
     ``routed``: shardkit's execution options (the statement's shards are chosen already),
     a lock (FOR UPDATE) added to a read routed to a replica, and with_loader_criteria()
     that cannot run shard by shard (see Router.criteria_problem)."""
-    updated = getattr(state, "_update_execution_options", None)
-    if updated is None:
-        # SQLAlchemy 2.0 keeps no record of update_execution_options(): the options that
-        # the call, the statement or the loading query (sa_top_level_orm_context) did not bring.
-        given = dict(getattr(routed, "_execution_options", None) or {})
-        ctx = (call_options or {}).get("sa_top_level_orm_context")
-        if ctx is not None:
-            given.update(ctx.query._execution_options)
-            given.update(ctx.execution_options)
-        given.update(call_options or {})
-        updated = [k for k, v in state.local_execution_options.items()
-                   if k not in given or given[k] is not v]
-    named = sorted(k for k in updated if k.startswith("shardkit_"))
+    named = sorted(k for k in state._update_execution_options if k.startswith("shardkit_"))
     if named:
         raise RoutingError(
             f"a do_orm_execute listener set {', '.join(named)}: shardkit has routed the "

@@ -35,7 +35,7 @@ class Base(DeclarativeBase):
 class Price(Base):
     """Range-sharded by a NUMERIC(12, 2), split at 0.1 (a float in the config)."""
     __tablename__ = "dc5_prices"
-    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2), primary_key=True)
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2), primary_key=True, autoincrement=False)
     label: Mapped[str] = mapped_column(String(20), default="")
 
 

@@ -50,7 +50,7 @@ class Item(Base):
 class Price(Base):
     """Range-sharded by a NUMERIC(12, 2): PostgreSQL stores a key rounded to cents."""
     __tablename__ = "rl_prices"
-    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2), primary_key=True)
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2), primary_key=True, autoincrement=False)
 
 
 class Token(Base):

@@ -1,4 +1,4 @@
-"""What differs between the SQLAlchemy versions pyproject.toml accepts (>= 2.0.43).
+"""What differs between the SQLAlchemy versions pyproject.toml accepts (>= 2.0.58).
 
 SQLAlchemy 2.0 wraps a column default that takes no arguments in a function of the
 execution context and, for a callable without ``__name__`` (a ``functools.partial``, an
