@@ -333,21 +333,6 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 pass
         return [shard] if shard is not None else list(self.cluster.shard_names)
 
-    def _identity_lookup(self, mapper: Any, primary_key_identity: Any, identity_token: Any = None,
-                         *args: Any, **kw: Any) -> Any:
-        # horizontal_shard returns the first shard's object of a primary key the session
-        # holds under several shards' tokens (a key unique per shard only, read from two
-        # shards, or left by a get() that found it on both): get() cannot know which is meant.
-        found = super()._identity_lookup(mapper, primary_key_identity, identity_token, *args, **kw)
-        if identity_token is None and found is not None and self._shard_from_identity(
-                mapper, primary_key_identity) is None and current_scope().shard is None:
-            held = [s for s in self.cluster.shard_names if mapper.identity_key_from_primary_key(
-                primary_key_identity, identity_token=s) in self.identity_map]
-            if len(held) > 1:
-                pk = tuple(primary_key_identity)  # (as get() was given it: a value, or a tuple)
-                raise _on_several_shards(mapper.class_, pk[0] if len(pk) == 1 else pk, held)
-        return found
-
     def _shard_from_identity(self, mapper: Any, primary_key: Any) -> str | None:
         """The shard of a primary key, when the primary key contains the whole shard key."""
         plans = self.cluster.router.pk_plans
@@ -483,6 +468,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                                      construct="statement not colocated on the shard key")
             identity_token = self._shard_from_identity(insp.mapper, primary_key_identity)
             if identity_token is None:
+                if current_scope().key is None:
+                    _refuse_held_on_several_shards(self, insp.mapper, primary_key_identity)
                 with _one_shard_per_identity(entity, primary_key_identity):
                     return super()._get_impl(entity, primary_key_identity, db_load_fn, **kw)
         return super()._get_impl(entity, primary_key_identity, db_load_fn,
@@ -1360,6 +1347,24 @@ def _one_shard_per_identity(entity: Any, ident: Any) -> Iterator[None]:
         yield
     except sa_exc.MultipleResultsFound:
         raise _on_several_shards(entity, ident) from None
+
+
+def _refuse_held_on_several_shards(session: ShardedSession, mapper: Any, ident: Any) -> None:
+    """get() by a primary key without the shard key, which the session holds from several
+    shards (read by a query, or left by a get() that found it on both): horizontal_shard's
+    identity lookup would give the first shard's object.  (Reference rows, the same on
+    every shard, are not refused.)"""
+    try:
+        if session.cluster.router.table_route(mapper).strategy is None:
+            return
+    except RoutingError:
+        return
+    pk = tuple(ident.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key) \
+        if isinstance(ident, dict) else tuple(ident) if isinstance(ident, (tuple, list)) else (ident,)
+    held = [s for s in session.cluster.shard_names
+            if mapper.identity_key_from_primary_key(pk, identity_token=s) in session.identity_map]
+    if len(held) > 1:
+        raise _on_several_shards(mapper.class_, ident, held)
 
 
 def _on_several_shards(entity: Any, ident: Any, shards: Sequence[str] = ()) -> RoutingError:
