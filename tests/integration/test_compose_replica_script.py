@@ -63,7 +63,7 @@ def test_compose_replica_setup_recovers_a_lost_replica_volume(compose, shardkit_
         auto = (pgdata / "postgresql.auto.conf").read_text()
         assert "primary_conninfo" in auto and "primary_slot_name = 's0_replica'" in auto
         assert oct(pgdata.stat().st_mode & 0o777) == oct(0o700)
-        assert calls.read_text().split() == ["-c", "hot_standby_feedback=on"]
+        assert calls.read_text().split() == ["-c", "hot_standby_feedback=on", "-c", "max_prepared_transactions=50"]
 
         # A restart keeps the data directory: no new clone.
         version = (pgdata / "PG_VERSION").stat().st_mtime_ns
