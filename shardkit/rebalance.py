@@ -181,15 +181,20 @@ def _page_chunks(conn: psycopg.Connection, table: str, pages_per_chunk: int | No
     return out or ["true"]
 
 
-def _columns(conn: psycopg.Connection, table: str) -> dict[str, tuple[str, bool]]:
+def _columns(conn: psycopg.Connection, table: str) -> tuple[dict[str, tuple[str, bool]], list[str]]:
     """The columns of ``table``, in order: name -> (type, as ``format_type`` writes it with
-    its modifier; whether it is generated).  Read again at each step: a migration may add,
-    drop or retype columns while a move runs, and a value written to a column added since
-    the batch began must move too."""
-    return {r[0]: (r[1], r[2]) for r in conn.execute(
-        "SELECT attname, format_type(atttypid, atttypmod), attgenerated <> '' FROM pg_attribute "
-        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        (_ident(table).as_string(conn),))}
+    its modifier; whether it is generated); and its primary key's columns, in the key's
+    order.  Read again at each step: a migration may add, drop or retype columns, or change
+    the primary key, while a move runs, and a value written to a column added since the
+    batch began must move too."""
+    rows = conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', "
+        "array_position(i.indkey::int2[], a.attnum) FROM pg_attribute a "
+        "LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary "
+        "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+        (_ident(table).as_string(conn),)).fetchall()
+    pk = [r[0] for r in sorted((r for r in rows if r[3] is not None), key=lambda r: r[3])]
+    return {r[0]: (r[1], r[2]) for r in rows}, pk
 
 
 class SchemaMismatch(Exception):
@@ -205,15 +210,10 @@ def _reread_columns(src: psycopg.Connection, tgt: psycopg.Connection, t: _Table,
     another type there, or is generated on one side only.  Rows travel in COPY's binary
     format, which the target reads by its own column's type: a float8 read as a bigint,
     or a timestamp as a timestamptz, would arrive silently changed."""
-    on_source = _columns(src, t.name)
-    on_target = _columns(tgt, t.name)
+    on_source, t.pk = _columns(src, t.name)  # (the key too: a migration may have changed it)
+    on_target, _ = _columns(tgt, t.name)
     t.columns = [c for c, (_, generated) in on_source.items() if not generated]
-    t.types = {c: typ for c, (typ, _) in on_source.items()}  # (a generated key's too)
-    # The primary key too: a migration may have changed it since the batch began.
-    t.pk = [r[0] for r in src.execute(
-        "SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) "
-        "ON true JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
-        "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY k.n", (_ident(t.name).as_string(src),))]
+    t.types = {c: typ for c, (typ, _) in on_source.items()}
     if not t.pk:
         raise SchemaMismatch(f"table {t.name} has no primary key on the source any more (a migration dropped "
                              "it while the move ran); rows are moved by primary key: add it back, then resume")
