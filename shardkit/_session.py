@@ -343,14 +343,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if plan is False:
             return None
         positions, coercers, strategy = plan
-        if isinstance(primary_key, (tuple, list)):
-            ident = primary_key
-        elif isinstance(primary_key, dict):
-            # session.get(Model, {"region": ..., "id": ...}): keyed by attribute name.
-            ident = tuple(primary_key.get(mapper.get_property_by_column(c).key)
-                          for c in mapper.primary_key)
-        else:
-            ident = (primary_key,)
+        ident = _pk_values(mapper, primary_key)
         if len(ident) <= max(positions):
             return None
         values = []
@@ -1359,12 +1352,22 @@ def _refuse_held_on_several_shards(session: ShardedSession, mapper: Any, ident: 
             return
     except RoutingError:
         return
-    pk = tuple(ident.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key) \
-        if isinstance(ident, dict) else tuple(ident) if isinstance(ident, (tuple, list)) else (ident,)
+    pk = _pk_values(mapper, ident)
     held = [s for s in session.cluster.shard_names
             if mapper.identity_key_from_primary_key(pk, identity_token=s) in session.identity_map]
     if len(held) > 1:
         raise _on_several_shards(mapper.class_, ident, held)
+
+
+def _pk_values(mapper: Any, primary_key: Any) -> Sequence[Any]:
+    """A primary key as get() takes it (a value, a tuple or list, or a dict keyed by
+    attribute name), as the sequence of its columns' values."""
+    if isinstance(primary_key, (tuple, list)):
+        return primary_key
+    if isinstance(primary_key, dict):
+        # session.get(Model, {"region": ..., "id": ...}): keyed by attribute name.
+        return tuple(primary_key.get(mapper.get_property_by_column(c).key) for c in mapper.primary_key)
+    return (primary_key,)
 
 
 def _on_several_shards(entity: Any, ident: Any, shards: Sequence[str] = ()) -> RoutingError:
@@ -3559,9 +3562,12 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
     has had its row written where the router never looks for it: refused, so the flush
     rolls back and nothing is written."""
     state = inspect(target)
-    if state.key is None and not mapper.dispatch.before_insert:
-        # Only a before_insert listener runs between a new row's routing and its INSERT:
-        # without one, its key is the one it was routed by (not worked out again per row).
+    # (Every mapper's before_update has shardkit's own check, _refuse_key_change_in_flush:
+    # more than that one is the application's.)
+    if not (mapper.dispatch.before_insert if state.key is None else len(mapper.dispatch.before_update) > 1):
+        # Only the application's before_insert / before_update listeners run between a
+        # row's routing (or shardkit's own check of an update) and its write: without one,
+        # its key is the one it was routed by (not worked out again per row).
         return
     found = _sharded_flush_target(state, mapper)
     if found is None:
