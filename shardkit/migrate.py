@@ -54,7 +54,7 @@ from ._guard import (
 )
 from ._sql import install as _install_sql
 from ._sql import uninstall as _uninstall_sql
-from .errors import ConfigurationError, ShardkitError
+from .errors import ConfigurationError, ShardkitError, first_line
 
 log = logging.getLogger("shardkit.migrate")
 
@@ -495,8 +495,8 @@ def _usable_ini(ini: Path) -> Path:
     try:
         ScriptDirectory.from_config(Config(str(ini)))
     except (CommandError, configparser.Error, UnicodeDecodeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigurationError("--alembic-ini", f"{ini} is not a usable Alembic config: {first}", hint) from None
+        raise ConfigurationError("--alembic-ini", f"{ini} is not a usable Alembic config: {first_line(e)}",
+                                 hint) from None
     return ini
 
 
