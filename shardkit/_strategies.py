@@ -11,6 +11,7 @@ A strategy never touches a database.  Each one answers two questions:
 from __future__ import annotations
 
 import bisect
+import datetime
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -145,6 +146,9 @@ class RangeStrategy(Strategy):
             return bisect.bisect_right(self._lowers, key)
         except (TypeError, ArithmeticError) as e:  # (decimal's InvalidOperation is an ArithmeticError)
             _refuse_nan(key)
+            problem = _offset_problem(key, [b for r in self.ranges for b in (r.lower, r.upper) if b is not None])
+            if problem is not None:
+                raise ShardKeyError(problem, key=key) from None
             raise ShardKeyError(
                 f"range key {key!r} ({type(key).__name__}) cannot be compared with the "
                 f"configured range bounds: {e}",
@@ -291,6 +295,26 @@ class ListStrategy(Strategy):
 
     def __repr__(self) -> str:
         return f"ListStrategy({len(self.mapping)} values, default={self.default!r})"
+
+
+def _offset_problem(key: Any, bounds: list[Any]) -> str | None:
+    """What is wrong with a date-time ``key`` (or part of a composite one) that Python
+    cannot compare with the range ``bounds``: it has no UTC offset where they have one,
+    or one where they have none.  None for anything else."""
+    parts = key if isinstance(key, tuple) else (key,)
+    for i, part in enumerate(parts):
+        if not isinstance(part, datetime.datetime):
+            continue
+        column = [b[i] if isinstance(b, tuple) else b for b in bounds]
+        aware = {b.tzinfo is not None for b in column if isinstance(b, datetime.datetime)}
+        if len(aware) != 1 or (part.tzinfo is not None) in aware:
+            continue
+        if True in aware:
+            return (f"range key {part.isoformat()} has no UTC offset, and the group's bounds have one: "
+                    f"give it with its offset (e.g. {part.isoformat()}+00:00)")
+        return (f"range key {part.isoformat()} has a UTC offset, and the group's bounds have none "
+                f"(local date-times): give it without the offset (e.g. {part.replace(tzinfo=None).isoformat()})")
+    return None
 
 
 def _lookup_form(value: Any) -> Any:

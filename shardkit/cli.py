@@ -113,29 +113,6 @@ def _group_key_types(strategy: Any, width: int) -> list[type | None]:
     return out
 
 
-def _refuse_other_offset(parts: list[Any], raws: list[str], tr: Any) -> None:
-    """A date-time KEY given without an offset where a range group's bounds have one (or
-    with one where they have none): Python cannot compare the two, so say how to write it."""
-    from ._strategies import RangeStrategy
-
-    if tr is None or not isinstance(tr.strategy, RangeStrategy):
-        return
-    width = len(parts)
-    for i, (part, raw) in enumerate(zip(parts, raws)):
-        if not isinstance(part, datetime.datetime):
-            continue
-        bounds = [b[i] if width > 1 and isinstance(b, tuple) else b
-                  for r in tr.strategy.ranges for b in (r.lower, r.upper) if b is not None]
-        aware = {b.tzinfo is not None for b in bounds if isinstance(b, datetime.datetime)}
-        if len(aware) == 1 and (part.tzinfo is not None) not in aware:
-            if True in aware:
-                raise UsageError(f"key {raw!r} has no UTC offset, and the bounds of group {tr.group} have "
-                                 f"one: give it with its offset (e.g. {part.isoformat()}+00:00 or ...Z)")
-            raise UsageError(f"key {raw!r} has a UTC offset, and the bounds of group {tr.group} have "
-                             f"none (local date-times): give it without the offset "
-                             f"(e.g. {part.replace(tzinfo=None).isoformat()})")
-
-
 def _parse_group_key(raw: str, kind: type | None, group: str | None) -> Any:
     """``raw`` read as ``kind``, the type of its group's bounds or values (else by the
     --type auto rules): a date range group's key '2024-05-01' is a date, a list group of
@@ -204,7 +181,6 @@ def cmd_route(args: argparse.Namespace) -> int:
             kinds = _group_key_types(tr.strategy if tr else None, len(args.key))
             parts = [_parse_group_key(k, kind, tr.group if tr else None)
                      for k, kind in zip(args.key, kinds)]
-            _refuse_other_offset(parts, args.key, tr)
         else:
             parts = [_parse_key(k, args.type) for k in args.key]
         key = parts[0] if len(parts) == 1 else tuple(parts)
