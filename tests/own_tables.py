@@ -99,3 +99,42 @@ def shards_holding(cluster: shardkit.Cluster, table: str, column: str, value: An
             if c.execute(text(f"SELECT count(*) FROM {table} WHERE {column} = :v"), {"v": value}).scalar():
                 found.append(s)
     return found
+
+
+class ShardEnv:
+    """A test module's cluster over servers of its own (``dev``), with the helpers its
+    tests share: ``model`` is the table whose keys ``keys_on`` finds and ``ids`` reads."""
+
+    model: Any = None
+
+    def __init__(self, dev: Any, cluster: shardkit.Cluster) -> None:
+        self.dev = dev
+        self.cluster = cluster
+        self.names = list(cluster.shard_names)
+
+    def Session(self, **kw: Any) -> Any:
+        from sqlalchemy.orm import sessionmaker
+
+        return sessionmaker(class_=shardkit.ShardedSession, cluster=self.cluster, **kw)
+
+    def keys_on(self, shard: str, n: int, start: int = 1) -> list[int]:
+        """``n`` keys of ``model`` that ``shard`` owns, from ``start`` up."""
+        out, k = [], start
+        while len(out) < n:
+            if self.cluster.shard_for(self.model, k) == shard:
+                out.append(k)
+            k += 1
+        return out
+
+    def autocommit(self, shard: str) -> Any:
+        return self.cluster.primary(shard).connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def ids(self, shard: str) -> set[int]:
+        """The ids of ``model``'s rows on ``shard``'s primary."""
+        with self.autocommit(shard) as c:
+            return set(c.execute(text(f"SELECT id FROM {self.model.__tablename__}")).scalars())
+
+    def prepared(self, shard: str) -> list[str]:
+        """The transactions prepared (two-phase) on ``shard``'s primary."""
+        with self.autocommit(shard) as c:
+            return list(c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars())

@@ -14,7 +14,8 @@ import re
 import pytest
 from sqlalchemy import BigInteger, String, event, insert, inspect, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from own_tables import ShardEnv
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardkit
 
@@ -41,37 +42,12 @@ class Memo(FeBase):
 GROUPS = {"groups": {"wallets": {"strategy": "hash", "tables": {"fe_wallets": "id", "fe_memos": "owner"}}}}
 
 
-class Env:
-    def __init__(self, dev, cluster):
-        self.dev = dev
-        self.cluster = cluster
-        self.names = list(cluster.shard_names)
-
-    def Session(self, **kw):
-        return sessionmaker(class_=shardkit.ShardedSession, cluster=self.cluster, **kw)
-
-    def keys_on(self, shard: str, n: int, start: int = 1) -> list[int]:
-        out, k = [], start
-        while len(out) < n:
-            if self.cluster.shard_for(Wallet, k) == shard:
-                out.append(k)
-            k += 1
-        return out
-
-    def autocommit(self, shard: str):
-        return self.cluster.primary(shard).connect().execution_options(isolation_level="AUTOCOMMIT")
-
-    def ids(self, shard: str) -> set[int]:
-        with self.autocommit(shard) as c:
-            return set(c.execute(text("SELECT id FROM fe_wallets")).scalars())
+class Env(ShardEnv):
+    model = Wallet
 
     def rows(self, shard: str) -> dict[int, str]:
         with self.autocommit(shard) as c:
             return dict(c.execute(text("SELECT id, name FROM fe_wallets")).all())
-
-    def prepared(self, shard: str) -> list[str]:
-        with self.autocommit(shard) as c:
-            return list(c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars())
 
 
 @pytest.fixture(scope="module")

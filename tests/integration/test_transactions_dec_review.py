@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import BigInteger, String, UniqueConstraint, event, inspect, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from own_tables import ShardEnv
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardkit
 from shardkit._replicas import parse_token
@@ -43,33 +44,8 @@ class Ledger(TdBase):
 GROUPS = {"groups": {"ledger": {"strategy": "hash", "tables": {"td_ledger": "id", "td_stubs": "id"}}}}
 
 
-class Env:
-    def __init__(self, dev, cluster):
-        self.dev = dev
-        self.cluster = cluster
-        self.names = list(cluster.shard_names)
-
-    def Session(self, **kw):
-        return sessionmaker(class_=shardkit.ShardedSession, cluster=self.cluster, **kw)
-
-    def keys_on(self, shard: str, n: int, start: int = 1) -> list[int]:
-        out, k = [], start
-        while len(out) < n:
-            if self.cluster.shard_for(Ledger, k) == shard:
-                out.append(k)
-            k += 1
-        return out
-
-    def autocommit(self, shard: str):
-        return self.cluster.primary(shard).connect().execution_options(isolation_level="AUTOCOMMIT")
-
-    def ids(self, shard: str) -> set[int]:
-        with self.autocommit(shard) as c:
-            return set(c.execute(text("SELECT id FROM td_ledger")).scalars())
-
-    def prepared(self, shard: str) -> list[str]:
-        with self.autocommit(shard) as c:
-            return list(c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars())
+class Env(ShardEnv):
+    model = Ledger
 
     def kill(self, shard: str, pid: int) -> None:
         with self.autocommit(shard) as c:
