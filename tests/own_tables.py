@@ -138,3 +138,21 @@ class ShardEnv:
         """The transactions prepared (two-phase) on ``shard``'s primary."""
         with self.autocommit(shard) as c:
             return list(c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars())
+
+    @classmethod
+    @contextmanager
+    def started(cls, dev: Any, config: dict[str, Any], metadata: Any) -> Iterator[Any]:
+        """The env of a cluster of ``dev``'s servers with ``config`` and ``metadata``'s tables."""
+        with cluster_with_tables(dev, config, metadata) as cluster:
+            yield cls(dev, cluster)
+
+    def reset(self, *tables: str) -> None:
+        """Before a test: no prepared transaction left (a failed test's would hold its
+        locks for ever), and ``tables`` empty on every shard."""
+        for s in self.names:
+            with self.autocommit(s) as c:
+                for gid in c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars().all():
+                    c.execute(text(f"ROLLBACK PREPARED '{gid}'"))
+            with self.cluster.primary(s).begin() as c:
+                c.execute(text("SET LOCAL lock_timeout = '10s'"))
+                c.execute(text(f"TRUNCATE {', '.join(tables)}"))

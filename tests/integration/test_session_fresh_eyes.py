@@ -52,26 +52,14 @@ class Env(ShardEnv):
 
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory):
-    dev = shardkit_module_cluster_factory(shards=2, replicas=0)
-    cluster = shardkit.Cluster.from_config({**dev.config_dict(), **GROUPS}, metadata=FeBase.metadata)
-    for s in cluster.shard_names:
-        FeBase.metadata.create_all(cluster.primary(s))
-    try:
-        yield Env(dev, cluster)
-    finally:
-        cluster.dispose()
+    with Env.started(shardkit_module_cluster_factory(shards=2, replicas=0), GROUPS,
+                     FeBase.metadata) as e:
+        yield e
 
 
 @pytest.fixture
 def fe(env):
-    for s in env.names:
-        # A prepared transaction left by a failed test would hold its locks forever.
-        with env.autocommit(s) as c:
-            for gid in c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars().all():
-                c.execute(text(f"ROLLBACK PREPARED '{gid}'"))
-        with env.cluster.primary(s).begin() as c:
-            c.execute(text("SET LOCAL lock_timeout = '10s'"))
-            c.execute(text("TRUNCATE fe_wallets"))
+    env.reset("fe_wallets")
     return env
 
 

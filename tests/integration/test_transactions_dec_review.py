@@ -54,25 +54,14 @@ class Env(ShardEnv):
 
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory):
-    dev = shardkit_module_cluster_factory(shards=3, replicas=1)
-    cluster = shardkit.Cluster.from_config({**dev.config_dict(), **GROUPS}, metadata=TdBase.metadata)
-    for s in cluster.shard_names:
-        TdBase.metadata.create_all(cluster.primary(s))
-    try:
-        yield Env(dev, cluster)
-    finally:
-        cluster.dispose()
+    with Env.started(shardkit_module_cluster_factory(shards=3, replicas=1), GROUPS,
+                     TdBase.metadata) as e:
+        yield e
 
 
 @pytest.fixture
 def td(env):
-    for s in env.names:
-        with env.autocommit(s) as c:
-            for gid in c.execute(text("SELECT gid FROM pg_prepared_xacts")).scalars().all():
-                c.execute(text(f"ROLLBACK PREPARED '{gid}'"))
-        with env.cluster.primary(s).begin() as c:
-            c.execute(text("SET LOCAL lock_timeout = '10s'"))
-            c.execute(text("TRUNCATE td_ledger, td_stubs"))
+    env.reset("td_ledger", "td_stubs")
     return env
 
 
