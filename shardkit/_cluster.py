@@ -60,9 +60,16 @@ class _NodePool(QueuePool):
     # documents them ("sqlalchemy.pool", here "sqlalchemy.pool.impl.QueuePool.<node>").
     _sqla_logger_namespace = "sqlalchemy.pool.impl.QueuePool"
 
-    #: Checkouts that waited longer than the pool's timeout, since the pool was made.
+    #: Checkouts that waited longer than the pool's timeout, since the node's engine was
+    #: made (a new pool, after dispose() or a server restart, carries the count on: a
+    #: Prometheus counter drops only when the process restarts).
     timeouts = 0
     _timeouts_lock = threading.Lock()
+
+    def recreate(self) -> _NodePool:
+        pool = super().recreate()
+        pool.timeouts = self.timeouts
+        return pool  # type: ignore[return-value]
 
     def _do_get(self) -> Any:
         try:
@@ -403,10 +410,16 @@ class Cluster:
             raise RoutingError(
                 f"this process cannot route by the catalog's map: {misfit.problem} ({misfit.hint})")
 
-    def map_stale(self) -> None:
-        """A shard refused a write as not owned: reload the map soon."""
+    def map_stale(self) -> str:
+        """A shard refused a write as not owned: reload the map soon.  Returns what the
+        refusal's error says of the map: the follower reloads it, or (``follow_map=False``)
+        nothing does until the application or run_transaction asks."""
         if self._follower is not None:
             self._follower.poke()
+        if self._follow_map:
+            return "the map is being reloaded from the catalog"
+        return ("this process does not follow the catalog (follow_map=False), so its map stays "
+                "as it is until cluster.refresh_map() reloads it")
 
     # -- topology ------------------------------------------------------------------
 
@@ -482,6 +495,17 @@ class Cluster:
                             f"groups.{g.name}.{where}",
                             f"{value!r} ({type(value).__name__}) cannot be a key of {tname}.{c}, "
                             f"which is {_type_sql(table.c[c].type)}", why)
+                    if g.strategy.kind != "custom" and getattr(table.c[c].type, "_has_bind_expression", False):
+                        # The database stores lower(:value) (say), not the value shardkit placed
+                        # the row by: a read by the stored value would look on another shard.
+                        raise ConfigurationError(
+                            field, f"shard key column {tname}.{c} is of type "
+                            f"{type(table.c[c].type).__name__}, whose bind_expression() computes the "
+                            "stored value in SQL; shardkit places a row by the value given, before "
+                            "the database computes it, so the row could live on a shard that does "
+                            "not own the key it stores",
+                            "compute the value in Python (the type's process_bind_param) or give the "
+                            "key already computed; or use a custom strategy that computes it")
                     if g.strategy.kind != "custom" and _case_insensitive(table.c[c].type):
                         # 'Ada' = 'ada' in the database, but they hash (and sort, and
                         # match list values) as different strings: the same key would
@@ -625,7 +649,7 @@ class Cluster:
     def pool_stats(self) -> dict[str, dict[str, Any] | None]:
         """Per node (of those with an engine yet): pool size, checked out, checked in,
         overflow, and ``timeouts``: checkouts that waited longer than the pool's timeout
-        (since the pool was made; ``dispose()`` makes a new one)."""
+        (since the node's engine was made: the new pools of ``dispose()`` carry it on)."""
         return {eng.info["node"]: _pool_stats(eng) for eng in list(self._engines.values())}  # type: ignore[attr-defined]
 
     def primary(self, shard: str) -> Engine:
@@ -696,7 +720,19 @@ class Cluster:
         # A "primary" that is in recovery (a URL pointing at a standby) takes no writes.
         ready = all(d["up"] and d["in_recovery"] is False and not d["read_only"]
                     for d in nodes if d["role"] == "primary")
-        return ClusterHealth(nodes=nodes, ready=ready)
+        catalog = None
+        if self.catalog is not None:
+            follower = self._follower
+            error = follower.error if follower is not None else None
+            misfit = self._map_misfit
+            if error is None and misfit is not None:
+                error = f"this process cannot route by the catalog's map: {misfit.problem}"
+            if error is None and self.map_version is None:
+                error = self._catalog_error  # (it could not be read when this process started)
+            catalog = {"url": mask_url(self.config.catalog_url), "map_version": self.map_version,
+                       "following": follower is not None and follower.connected.is_set() and error is None,
+                       "error": error}
+        return ClusterHealth(nodes=nodes, ready=ready, catalog=catalog)
 
     def scatter_executor(self) -> ThreadPoolExecutor:
         """The threads cross-shard reads run on (psycopg releases the GIL while it waits)."""
@@ -751,7 +787,9 @@ class Cluster:
         if monitor is not None:
             monitor.stop()
         with self._lock:
-            engines = list(self._engines.values())
+            # With the retired ones: the application may hold one (cluster.primary(shard)
+            # kept) and have pooled connections through it since the last dispose().
+            engines = [*self._engines.values(), *(e for e, _ in self._retired.values())]
             hooks = tuple(self._engine_hooks)
             self._retired.update((k, (e, hooks)) for k, e in self._engines.items())
             self._engines.clear()
@@ -765,7 +803,7 @@ class Cluster:
         parent's.  New locks, and dispose(close=False): they all start again on first use."""
         self._lock = threading.Lock()
         self._map_lock = threading.RLock()
-        self.router._plans_lock = threading.Lock()
+        self.router._after_fork()
         # Not stopped (their threads are not here): forgotten.
         self._follower = self._scatter_pool = self._monitor = self._selector = None
         self.dispose(close=False)
@@ -791,6 +829,7 @@ def _after_fork_in_child() -> None:
     """A forked child (a pre-forking server's worker, multiprocessing with fork) lets go of
     what it inherited of each cluster, as SQLAlchemy asks of a forked process for its
     pools (``Engine.dispose(close=False)``), whether or not the application remembers to."""
+    _NodePool._timeouts_lock = threading.Lock()
     for cluster in list(_LIVE):
         try:
             cluster._after_fork()
@@ -805,13 +844,17 @@ if hasattr(os, "register_at_fork"):
 
 @dataclass(frozen=True)
 class ClusterHealth:
-    """A snapshot of :meth:`Cluster.health`: ``nodes`` (one dict each) and ``ready``."""
+    """A snapshot of :meth:`Cluster.health`: ``nodes`` (one dict each), ``ready``, and
+    ``catalog`` (None without one): its ``url`` (password masked), the ``map_version``
+    routing this process, whether its map is ``following`` the catalog, and the
+    ``error`` that keeps it from it (None: none)."""
 
     nodes: list[dict[str, Any]]
     ready: bool
+    catalog: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ready": self.ready, "nodes": self.nodes}
+        return {"ready": self.ready, "nodes": self.nodes, "catalog": self.catalog}
 
 
 def _pool_stats(engine: Engine | None) -> dict[str, Any] | None:
@@ -923,7 +966,6 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
             return None
         cause = context.original_exception
         if getattr(cause, "sqlstate", None) == NOT_OWNED_SQLSTATE:
-            cluster.map_stale()
             diag = getattr(cause, "diag", None)
             detail = getattr(diag, "message_detail", None)
             bucket = int(detail) if detail and detail.isdigit() else None
@@ -931,10 +973,11 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
             # The map in use now: the one that routed the write, or (if another arrived
             # meanwhile) a newer one; either way a retry needs a newer map than this.
             version = cluster.map_version
+            reload = cluster.map_stale()
             err: Exception = NotOwned(
                 f"shard {shard} refused the write: it does not own {unit} {bucket} (this process "
-                f"routes by map version {version}); the map is being reloaded from the "
-                "catalog: retry the transaction (shardkit.run_transaction retries it)",
+                f"routes by map version {version}); {reload}: retry the transaction "
+                "(shardkit.run_transaction reloads the map and retries it)",
                 shard=shard, bucket=bucket, table=getattr(diag, "table_name", None),
                 statement=context.statement, map_version=version,
             )
@@ -956,10 +999,11 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
             shard=shard, node=node, cause=cause,
         )
         err.__cause__ = cause
-        if fetching and replica is not None and cluster._monitor is not None:
+        monitor = cluster._monitor  # (read once: a dispose() in another thread clears it)
+        if fetching and replica is not None and monitor is not None:
             # A streamed read's replica died while the caller was reading its rows
             # (past any retry): keep the next reads off it.
-            cluster._monitor.ban(shard, replica, f"read failed: {reason}"[:200])
+            monitor.ban(shard, replica, f"read failed: {reason}"[:200])
         return err
 
     return handle

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 import traceback
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -41,9 +42,12 @@ _REPEAT_WARNING = 60.0
 
 class MapFollower:
     def __init__(self, cluster: Cluster, *, poll_interval: float = 30.0) -> None:
-        self.cluster = cluster
+        # Weakly: the thread holds the follower, which must not keep the cluster alive.
+        # A cluster dropped without dispose() stops its follower when it is collected.
+        self._cluster = weakref.ref(cluster)
         self.poll_interval = poll_interval
         self._stop = threading.Event()
+        weakref.finalize(cluster, self._stop.set)
         self._poke = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shardkit-map-follower", daemon=True)
         self.connected = threading.Event()
@@ -53,6 +57,17 @@ class MapFollower:
         self._said_empty = False
         # The last catalog map that did not fit the config file, said once.
         self._said_misfit: str | None = None
+        #: Why the follower cannot follow the catalog now (passwords masked), as its
+        #: warning says it; None while it follows (see Cluster.health()).
+        self.error: str | None = None
+
+    @property
+    def cluster(self) -> Cluster:
+        cluster = self._cluster()
+        if cluster is None:
+            # (What a weakref.proxy raises: the cluster was collected, dropped without dispose().)
+            raise ReferenceError("the follower's cluster is gone")
+        return cluster
 
     def start(self) -> None:
         self._thread.start()
@@ -159,6 +174,7 @@ class MapFollower:
                     # (Only now: a catalog that connects but whose map cannot be read is
                     # retried with the same back-off as one that does not connect.)
                     backoff = 0.2
+                    self.error = None
                     if failed:
                         log.info("catalog %s answers again (map version %s)",
                                  mask_url(self.cluster.config.catalog_url), self.cluster.map_version)
@@ -179,7 +195,10 @@ class MapFollower:
                             last_poll = time.monotonic()
             except Exception as e:  # noqa: BLE001 - the follower must not die silently
                 self.connected.clear()
-                if self._stop.is_set():
+                # Held while the failure is said (its config names the catalog); let go
+                # of, with the error, before the wait: a cluster dropped meanwhile ends it.
+                alive = self._cluster()
+                if self._stop.is_set() or alive is None:  # (None: e is the property's ReferenceError)
                     return
                 # Expected: the catalog is out or refuses (WARNING).  Anything else is
                 # a bug or a catalog row it cannot read (ERROR, with the traceback).
@@ -187,6 +206,7 @@ class MapFollower:
                 expected = isinstance(e, (psycopg.Error, SQLAlchemyError, ShardUnavailable))
                 now = time.monotonic()
                 what = self._describe(e) if expected else self._unexpected(e)
+                self.error = what
                 if not failed:
                     failing_since, said = now, set()
                 if what not in said or now - said_at >= _REPEAT_WARNING:
@@ -207,5 +227,7 @@ class MapFollower:
                 else:
                     log.debug("%s; retrying in %.1f s", what, backoff)
                 failed = True
+                del alive
+            if failed:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

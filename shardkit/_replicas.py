@@ -26,11 +26,13 @@ otherwise it answers ``None`` and the read goes to the primary.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import random
 import re
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -69,6 +71,11 @@ def parse_lsn(text: str) -> int:
 
 WAL_BLOCK_SIZE = 8192
 WAL_SEGMENT_SIZE = 16 * 1024 * 1024
+
+
+# A server's WAL position past every commit it has acknowledged (its insert position: the
+# flushed one is not, under synchronous_commit = off); see replay_target.
+WAL_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 
 
 def replay_target(insert_lsn: int, block_size: int = WAL_BLOCK_SIZE,
@@ -245,6 +252,32 @@ class _ShardState:
 _HISTORY: Final = 1024
 
 
+def _poll_thread(ref: weakref.ref[HealthMonitor], node: NodeHealth, stop: threading.Event) -> None:
+    """A poll thread: polls ``node`` until ``stop`` is set, or until its monitor is gone.
+    It holds the monitor only while polling, so a cluster dropped without dispose() (and
+    its monitor with it) ends its poll threads and their connections, rather than
+    leaving them polling for the life of the process."""
+    conn: psycopg.Connection[Any] | None = None
+    try:
+        while not stop.is_set():
+            monitor = ref()
+            if monitor is None:
+                break
+            started = time.monotonic()
+            conn = monitor._poll_once(conn, node, started)
+            interval = monitor.settings.poll_interval
+            del monitor
+            stop.wait(max(0.0, interval - (time.monotonic() - started)))
+    finally:
+        _close_quietly(conn)
+
+
+def _close_quietly(conn: psycopg.Connection[Any] | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):  # it is gone already
+            conn.close()
+
+
 class HealthMonitor:
     """Polls every node of a cluster in background threads."""
 
@@ -267,6 +300,9 @@ class HealthMonitor:
         # A node whose last answer is older than this is treated as not up: we
         # do not know its state (nor, for a replica, how far behind it is).
         self.stale_after = max(2.0, 5 * settings.poll_interval, 2 * settings.poll_timeout)
+        # A primary that many seconds late is hung: writes are refused.  Between the two a
+        # write waits for its answer (see wait_for_answer).
+        self.hung_after = 2 * self.stale_after
         for sc in cluster.config.shards:
             primary = NodeHealth(sc.name, f"{sc.name}/primary", "primary", 0)
             reps = [NodeHealth(sc.name, f"{sc.name}/r{i}", "replica", i) for i in range(len(sc.replicas))]
@@ -289,13 +325,16 @@ class HealthMonitor:
             self._started = True
             for state in self.shards.values():
                 for node in (state.primary, *state.replicas):
-                    t = threading.Thread(target=self._loop, args=(node,), daemon=True,
-                                         name=f"shardkit-monitor-{node.name}")
+                    t = threading.Thread(target=_poll_thread, args=(weakref.ref(self), node, self._stop),
+                                         daemon=True, name=f"shardkit-monitor-{node.name}")
                     t.start()
                     self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
+        for state in self.shards.values():
+            with state.changed:
+                state.changed.notify_all()  # (wait_for_answer returns)
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
@@ -303,6 +342,27 @@ class HealthMonitor:
     @property
     def running(self) -> bool:
         return self._started and not self._stop.is_set()
+
+    def answers(self, node: NodeHealth) -> bool:
+        """Whether a query sent to ``node`` can be expected to answer: up, and (while polls
+        run) its last poll answered lately, not hung (a stopped server accepts TCP but
+        never answers: a query would wait for ever)."""
+        return node.up and not (self.running and not node.heard_from(time.monotonic(), self.stale_after))
+
+    def wait_for_answer(self, node: NodeHealth, until: float) -> bool:
+        """Wait, up to the ``time.monotonic()`` time ``until``, for ``node``'s poll to
+        answer after it has not answered for ``stale_after``: whether it did (up or down:
+        see ``node.up``), or the monitor stopped meanwhile; False at ``until``."""
+        state = self.shards[node.shard]
+        with state.changed:
+            while self.running:
+                now = time.monotonic()
+                if node.heard_from(now, self.stale_after):
+                    return True
+                if now >= until:
+                    return False
+                state.changed.wait(until - now)
+        return True
 
     def wait_first_poll(self, timeout: float = 5.0) -> None:
         """Block until every node has been polled once (or ``timeout``)."""
@@ -351,32 +411,25 @@ class HealthMonitor:
         assert row is not None
         return tuple(row)
 
-    def _loop(self, node: NodeHealth) -> None:
-        conn: psycopg.Connection[Any] | None = None
-        interval = self.settings.poll_interval
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                if conn is None or conn.closed:
-                    conn = psycopg.connect(**self._conninfo(node))
-                in_recovery, lsn, third, server_start = self._poll(conn, node)
-                rtt = (time.monotonic() - started) * 1000
-                primary = node.role == "primary"
-                self._record(node, up=True, in_recovery=in_recovery,
-                             lsn=parse_lsn(lsn) if lsn else None, age=None if primary else third,
-                             rtt=rtt, server_start=server_start, asked_at=started,
-                             read_only=bool(third) if primary else None)
-            except Exception as e:  # noqa: BLE001 - any failure means "down" for routing
-                if conn is not None:
-                    try:
-                        conn.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-                    conn = None
-                self._record(node, up=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
-            self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
-        if conn is not None:
-            conn.close()
+    def _poll_once(self, conn: psycopg.Connection[Any] | None, node: NodeHealth,
+                   started: float) -> psycopg.Connection[Any] | None:
+        """Poll ``node`` on ``conn`` (connecting if it has none) and record the answer;
+        the connection to poll on next time (None after a failure)."""
+        try:
+            if conn is None or conn.closed:
+                conn = psycopg.connect(**self._conninfo(node))
+            in_recovery, lsn, third, server_start = self._poll(conn, node)
+            rtt = (time.monotonic() - started) * 1000
+            primary = node.role == "primary"
+            self._record(node, up=True, in_recovery=in_recovery,
+                         lsn=parse_lsn(lsn) if lsn else None, age=None if primary else third,
+                         rtt=rtt, server_start=server_start, asked_at=started,
+                         read_only=bool(third) if primary else None)
+            return conn
+        except Exception as e:  # noqa: BLE001 - any failure means "down" for routing
+            _close_quietly(conn)
+            self._record(node, up=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            return None
 
     def _record(self, node: NodeHealth, *, up: bool, in_recovery: bool | None = None,
                 lsn: int | None = None, age: float | None = None, rtt: float | None = None,
@@ -424,8 +477,12 @@ class HealthMonitor:
     def _update_lag_locked(self, state: _ShardState) -> None:
         primary_lsn = state.primary.wal_lsn
         p_sample = state.primary._lsn_sample
+        # The primary not polled yet (the monitor just started: a new process or forked
+        # worker, a cluster used again after dispose()): a replica's lag is unknown, not
+        # zero, until the primary's first poll answers (or fails: a primary down).
+        unknown = primary_lsn is None and not state.primary.checked_at
         for r in state.replicas:
-            if r.wal_lsn is None:
+            if r.wal_lsn is None or unknown:
                 r.lag_bytes = r.lag_seconds = None
                 continue
             r_sample = r._lsn_sample

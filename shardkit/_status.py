@@ -14,6 +14,15 @@ from ._cluster import Cluster
 from ._guard import CONFIGURED_TABLES, configured_tables
 
 
+# A table's row estimate: its reltuples, or a partitioned table's, the sum of its leaf
+# partitions' (those analysed; -1 if none is).  A partitioned table holds no rows itself:
+# autovacuum never analyses it, so its own reltuples stays -1, or frozen at the last ANALYZE
+# that named it.
+_ESTIMATE = ("CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(pc.reltuples) FILTER "
+             "(WHERE pc.reltuples >= 0), -1) FROM pg_partition_tree(c.oid) pt "
+             "JOIN pg_class pc ON pc.oid = pt.relid WHERE pt.isleaf) ELSE c.reltuples END::bigint")
+
+
 def config_version(source: str | os.PathLike[str]) -> str:
     """A short fingerprint of the config file, to spot processes running different configs."""
     return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:12]
@@ -41,7 +50,7 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
                 if role == "primary":
                     # to_regclass resolves each name (quoted: as SQLAlchemy writes it, schema
                     # included) as the application's queries do.
-                    est = dict(c.execute(text(f"SELECT n.tbl, c.reltuples::bigint FROM {CONFIGURED_TABLES}"),
+                    est = dict(c.execute(text(f"SELECT n.tbl, {_ESTIMATE} FROM {CONFIGURED_TABLES}"),
                                          configured_tables(tables)).all())
                     # reltuples is -1 until the table is first vacuumed or analysed.
                     rows[shard] = {t: (None if est.get(t, -1) < 0 else est[t]) for t in tables}
@@ -70,8 +79,9 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
         "bucket_count": cluster.config.bucket_count,
         # The map the bucket counts come from: the catalog's version, or None (the config
         # file's: no catalog, it has no map yet, or it could not be read: catalog_error).
+        # With a version, catalog_error says why a process no longer follows the catalog.
         "map_version": cluster.map_version,
-        "catalog_error": cluster._catalog_error if cluster.map_version is None else None,
+        "catalog_error": health.catalog["error"] if health.catalog else None,
         "ready": health.ready,
         "shards": shards,
     }
@@ -95,7 +105,8 @@ def render(data: dict[str, Any]) -> str:
         f"ready: {'yes' if data['ready'] else 'NO'}",
     ]
     if data.get("catalog_error"):
-        lines.append(f"catalog: {data['catalog_error']}; the bucket counts are the config file's map's")
+        counts = "the config file's map's" if version is None else f"map v{version}'s, the last read"
+        lines.append(f"catalog: {data['catalog_error']}; the bucket counts are {counts}")
     lines += [
         "",
         f"{'shard':<8} {'node':<12} {'role':<8} {'up':<5} {'lag':>18} {'conns':>6} "

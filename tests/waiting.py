@@ -29,6 +29,18 @@ def server_pids(node: Any) -> list[int]:
     return [pid, *_children(pid)]
 
 
+def resume(pids: Any) -> None:
+    """Let stopped server processes (``server_pids``, sent SIGSTOP) run again."""
+    import os
+    import signal
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def wait_replicas_usable(cluster: Any, shards: Any = None, timeout: float = 30.0,
                          every: bool = False) -> None:
     """Wait until the monitor finds a replica (``every``: each replica) of each of ``shards``

@@ -329,13 +329,13 @@ def test_run_transaction_waits_for_a_map_newer_than_the_one_that_routed_the_refu
 
     # Hold the mover between its cut-over on the shards and its publication of the map.
     switched, publish = threading.Event(), threading.Event()
-    flushed = rebalance._flushed
+    committed = rebalance._committed_position
 
     def held(conn: Any) -> Any:
         switched.set()
         publish.wait(30)
-        return flushed(conn)
-    monkeypatch.setattr(rebalance, "_flushed", held)
+        return committed(conn)
+    monkeypatch.setattr(rebalance, "_committed_position", held)
     move_id, bucket, target, keys = _start_move(w, "s0", "unpublished cut-over")
     key = keys[0]
     failed: list[BaseException] = []

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 import shardkit
-from waiting import server_pids, wait_for
+from waiting import resume, server_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -99,11 +99,7 @@ def test_a_hung_replica_has_no_time_lag_in_metrics_or_health(dev):
             assert h["up"] is False and "no answer" in h["error"], h
             assert h["lag_seconds"] is None, h
         finally:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
+            resume(pids)
         wait_for(lambda: registry.get_sample_value("shardkit_node_up", r0) == 1.0, 8.0, "the replica back")
     finally:
         m.close()

@@ -25,7 +25,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
-from waiting import health_by_node, server_pids, wait_for, wait_replicas_usable
+from waiting import health_by_node, resume, server_pids, wait_for, wait_replicas_usable
 
 pytestmark = pytest.mark.integration
 
@@ -1049,8 +1049,4 @@ def test_hung_replica_gets_no_reads_and_health_does_not_call_it_up(env):
         assert h["checked_ago_s"] is None or h["checked_ago_s"] > 2, h
         assert h["up"] is False, h
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(pids)

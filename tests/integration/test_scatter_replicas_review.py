@@ -20,7 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardkit
 from replica_env import ReplicaEnv, replica_env
-from waiting import health_by_node, server_pids, wait_for
+from waiting import health_by_node, resume, server_pids, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -112,11 +112,7 @@ def test_scatter_timeout_holds_when_a_replica_hangs_under_the_read(env):
             assert "no answer within 1 s" in str(result.missing_shards["s1"])
         assert elapsed < 10, f"the scatter took {elapsed:.1f} s with shardkit_timeout=1"
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        resume(pids)
         thaw.kill()
         thaw.wait()
 
