@@ -40,7 +40,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import ClusterConfig, GroupConfig
 from ._hashing import _murmur3_32, _pack_int64
-from ._strategies import HashStrategy, Strategy
+from ._strategies import HashStrategy, ListStrategy, RangeStrategy, Strategy
 from ._colocation import _derived_select, colocation_problem, compound_selects, dml_extra_froms
 from ._scatter import compound_keyword, exists_column
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
@@ -181,6 +181,10 @@ class Router:
                 self.tables[t] = TableRoute(t, g.name, cols, g.strategy)
         for t in config.reference_tables:
             self.tables[t] = TableRoute(t, None, (), None)
+        # The groups whose strategy puts each key value on one shard (not a custom
+        # function, which shardkit cannot see into): see the scatter's count(DISTINCT key).
+        self.disjoint_groups = frozenset(g.name for g in config.groups
+                                         if isinstance(g.strategy, (HashStrategy, RangeStrategy, ListStrategy)))
         self._plans: dict[Any, _Plan] = {}
         self._plans_lock = threading.Lock()
         # Cache key -> data_modifying_with() of statements of that shape.
@@ -220,6 +224,13 @@ class Router:
         self.scatter_checks: dict[Any, Any] = {}
         # (shard, table) -> the units this map gives the shard (see Cluster.units_of)
         self.units: dict[tuple[str, str], Any] = {}
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock a parent's thread held at the fork stays held for
+        ever, and the checks it had in progress never finish here; start both again."""
+        self._plans_lock = threading.Lock()
+        self._problems_lock = threading.RLock()
+        self._problems_pending = set()
 
     # -- keys ----------------------------------------------------------------
 
@@ -639,6 +650,15 @@ class Router:
         if tr is None or tr.strategy is None:
             return
         sets = {_col_name(k): v for k, v in (stmt._values or {}).items()}
+        if isinstance(params, (list, tuple)) and params and isinstance(params[0], Mapping):
+            # An executemany: SQLAlchemy takes the SET of an UPDATE without values() from
+            # the parameters, and each set gives its own values(key=bindparam(...)): each
+            # set is checked as a single one is, on the shards its own key names.
+            if any(c in sets or any(_col_name(k) == c for p in params for k in p)
+                   for c in tr.key_columns):
+                for p in params:
+                    self.route(stmt, p, all_shards=True)
+            return
         if isinstance(params, Mapping):
             # Parameters of an UPDATE without values() become its SET clause.
             sets.update({_col_name(k): v for k, v in params.items()})
@@ -802,10 +822,17 @@ class Router:
                     table=tname, statement=stmt,
                 )
         if params is None and len(ordered) > 1:
+            orm_returning = bool(stmt._returning) and \
+                stmt._propagate_attrs.get("compile_state_plugin") == "orm"
             raise CrossShardWriteError(
-                f"multi-row VALUES insert into {tname} spans shards {', '.join(ordered)}; pass the "
-                "rows as a list of parameter dicts (session.execute(insert(T), [{...}, ...])) so "
-                "shardkit can split them by shard",
+                f"multi-row VALUES insert into {tname} spans shards {', '.join(ordered)}; " + (
+                    # (An ORM bulk INSERT ... RETURNING, split by shard, is refused too.)
+                    "shardkit cannot return ORM objects of an INSERT split by shard: add the "
+                    "objects with session.add_all() (the flush writes each on its shard and "
+                    "they carry their generated values), or insert each shard's rows in a "
+                    "statement of their own" if orm_returning else
+                    "pass the rows as a list of parameter dicts (session.execute(insert(T), "
+                    "[{...}, ...])) so shardkit can split them by shard"),
                 table=tname, statement=stmt,
             )
         kind = "direct" if len(ordered) == 1 else "multi"
@@ -904,6 +931,10 @@ class Router:
                 n = t.fullname
                 if n not in names:
                     names.append(n)
+        if not names and fast_tables is None and _text_from(statement):
+            # select_from(text("orders")): the tables are in SQL text shardkit cannot read,
+            # like a text() statement's (not a read of no tables, which any shard answers).
+            return _Plan((), {}, (), None, [], textual=True)
         groups: dict[str, list[str]] = {}
         refs: list[str] = []
         for n in names:
@@ -1519,6 +1550,14 @@ def _bare_text(clause: Any) -> bool:
                               elements.Cast, elements.Case)):
             stack.extend(e.get_children())
     return False
+
+
+def _text_from(statement: Any) -> bool:
+    """Whether a SELECT (or a part of a compound) reads FROM SQL text."""
+    parts = compound_selects(statement) if isinstance(statement, selectable.CompoundSelect) \
+        else [statement]
+    return any(isinstance(f, elements.TextClause)
+               for p in parts if isinstance(p, selectable.Select) for f in p.get_final_froms())
 
 
 class _NotSimple(Exception):

@@ -14,6 +14,8 @@ exactly.  :func:`merge_rows` applies the plan to the per-shard row streams.
 * ``count``/``sum``/``min``/``max``: partials per shard, combined; ``avg`` is
   rebuilt from per-shard ``sum`` and ``count`` with PostgreSQL's own numeric
   division scale, so the digits match.
+* ``count(DISTINCT key)`` of a one-column hash, range or list shard key: each key value
+  lives on one shard, so the shards' distinct counts are disjoint and are added up.
 * ``GROUP BY``: partials per group per shard, combined by group key; ``HAVING``
   is evaluated after the merge; ``ORDER BY``/``LIMIT`` then apply to the groups.
 * ``DISTINCT``: distinct per shard, de-duplicated again across shards.
@@ -30,6 +32,7 @@ import heapq
 import ipaddress
 import itertools
 import os
+import re
 import socket
 import struct
 import threading
@@ -43,8 +46,10 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 from sqlalchemy.sql import elements, functions, operators, selectable, visitors
+from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
+from ._colocation import Resolver, _froms, _instances, _plain, _table_of, colocation_problem
 from ._colocation import compound_selects as compound_parts
 from ._colocation import distinct_on
 from ._colocation import ungrouped
@@ -95,6 +100,11 @@ class OutputColumn:
     positions: tuple[int, ...]
     float4: bool = False    # a sum of real: rounded to real, as PostgreSQL's sum(real) returns
     coalesce: bool = False
+    distinct_key: bool = False  # count(DISTINCT shard key): the shards' counts, added up
+
+    def describe(self) -> str:
+        name = "count(DISTINCT shard key)" if self.distinct_key else self.kind
+        return f"coalesce({name})" if self.coalesce else name
 
 
 @dataclass
@@ -446,7 +456,7 @@ def _is_constant(expr: Any) -> bool:
 
 def function_names(expr: Any) -> set[str]:
     """Names of the functions called in ``expr`` (outside subqueries) that are not among the
-    aggregates the merge knows."""
+    aggregates the merge knows; in SQL text too (``literal_column("my_agg(x)")``)."""
     out = set()
     stack = [expr]
     while stack:
@@ -457,8 +467,109 @@ def function_names(expr: Any) -> set[str]:
                 out.add(name)
         elif isinstance(e, (selectable.SelectBase, selectable.ScalarSelect, selectable.FromClause)):
             continue
+        elif (sql := _sql_text(e)) is not None:
+            out.update(n for n in _text_calls(_code(sql)) if n not in _MERGEABLE_AGGS and n not in _OTHER_AGGS)
         stack.extend(e.get_children())
     return out
+
+
+# A function call in SQL text: a name and its opening parenthesis.
+_TEXT_CALL = re.compile(r"([A-Za-z_][A-Za-z_0-9$]*)\s*\(")
+_TEXT_SELECT = re.compile(r"\bselect\b", re.IGNORECASE)
+# A string constant in SQL text ('' inside it is a quote): its words are data, not SQL.
+_TEXT_STRING = re.compile(r"'(?:[^']|'')*'")
+_TEXT_OVER = re.compile(r"\bover\s*\(", re.IGNORECASE)
+
+
+def _sql_text(e: Any) -> str | None:
+    """The SQL of ``text()`` or ``literal_column()``, else None."""
+    if isinstance(e, elements.TextClause):
+        return e.text
+    if isinstance(e, elements.ColumnClause) and e.is_literal:
+        return e.name
+    return None
+
+
+def _code(sql: str) -> str:
+    """SQL text with its string constants blanked, to look for what it does."""
+    return _TEXT_STRING.sub("''", sql)
+
+
+def _text_calls(code: str) -> set[str]:
+    """The names of the functions SQL text (see :func:`_code`) calls (lowercased)."""
+    return {n.lower() for n in _TEXT_CALL.findall(code)}
+
+
+# In SQL text: FROM or JOIN, and a name after it (maybe schema-qualified).
+_TEXT_FROM = re.compile(r"\b(?:from|join)\s*", re.IGNORECASE)
+_TEXT_NAME = re.compile(r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)(?:\s*\.\s*(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*))*\s*')
+
+
+def _reads_a_table(sql: str) -> bool:
+    """Whether SQL text (its string constants blanked) holds a subquery that may read a
+    table: SELECT, and FROM or JOIN naming something other than a function call alone
+    (``(SELECT true FROM pg_sleep(1))`` reads none; ``FROM f(x), t`` does: a list after
+    the call, even an ORDER BY's, counts as one, to be safe)."""
+    if not _TEXT_SELECT.search(sql):
+        return False
+    for m in _TEXT_FROM.finditer(sql):
+        name = _TEXT_NAME.match(sql, m.end())
+        start = m.end() if name is None else name.end()
+        if not sql.startswith("(", start):
+            if name is None:
+                continue  # substring(x FROM 2)
+            return True  # a table (or, to be safe, extract(year FROM col))
+        # A function's call, or (VALUES ...) / (SELECT ...) (a FROM inside says what it
+        # reads): then no list.
+        depth = 0
+        for i, ch in enumerate(sql[start:]):
+            depth += (ch == "(") - (ch == ")")
+            if depth == 0:
+                rest = sql[start + i + 1:]
+                break
+        else:
+            return True  # unbalanced: cannot tell
+        depth = 0
+        for ch in rest:
+            depth += (ch == "(") - (ch == ")")
+            if depth < 0:
+                break  # the end of the subquery
+            if depth == 0 and ch == ",":
+                return True
+    return False
+
+
+def _refuse_computing_text(stmt: Any) -> None:
+    """SQL text is opaque to the merge and to the colocation check: refuse text that holds a
+    subquery (anywhere in ``stmt``: each shard would run it over its own rows) or, in the
+    select list, ORDER BY or HAVING, calls an aggregate the merge knows (each shard's row
+    would be returned side by side). Other names called are asked of the database like
+    the functions of ``func`` (:func:`function_names`)."""
+    for e in visitors.iterate(stmt):
+        sql = _sql_text(e)
+        if sql is not None and _reads_a_table(_code(sql)):
+            raise ScatterRefused(
+                f"SQL text {sql!r} holds a subquery that reads a table, which each shard would run "
+                "over its own rows only, and shardkit cannot read SQL text to check it; write it "
+                "with SQLAlchemy (select(...), exists(...)), add the shard key, or name a shard",
+                construct="subquery in SQL text")
+    stack = [*stmt._raw_columns, *stmt._order_by_clauses, *stmt._having_criteria]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, (selectable.SelectBase, selectable.ScalarSelect)) or (
+                isinstance(e, selectable.FromClause) and not isinstance(e, functions.FunctionElement)):
+            continue
+        sql = _sql_text(e)
+        code = _code(sql) if sql is not None else ""
+        known = sorted(n for n in _text_calls(code) if n in _MERGEABLE_AGGS or n in _OTHER_AGGS)
+        if known or _TEXT_OVER.search(code):
+            what = f"{known[0]}()" if known else "a window function"
+            raise ScatterRefused(
+                f"SQL text {sql!r} computes {what}, which shardkit cannot merge from SQL text (each "
+                f"shard would return its own); write it with func ({'func.' + known[0] + '(...)' if known else 'func.f(...).over(...)'}) "
+                "so that the merge can combine or refuse it, or add the shard key",
+                construct=f"{what} in SQL text")
+        stack.extend(e.get_children())
 
 
 def _contains_aggregate(expr: Any) -> str | None:
@@ -508,9 +619,14 @@ def _literal(value: Any) -> int | None:
     return value
 
 
-def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, MergePlan]:
+def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None,
+                 placement: Resolver | None = None,
+                 disjoint_groups: frozenset[str] = frozenset()) -> tuple[Any, MergePlan]:
     """The statement each shard runs and the plan that merges their rows; ``params``: the
-    execution's parameters (HAVING may compare with one)."""
+    execution's parameters (HAVING may compare with one).  ``placement``: the group and
+    key columns of each sharded table (as for :func:`colocation_problem`), and
+    ``disjoint_groups``: the groups whose strategy places each key value on one shard
+    (hash, range, list); with them ``count(DISTINCT key)`` is merged, without them refused."""
     if not isinstance(stmt, (selectable.Select, selectable.CompoundSelect)):
         raise ScatterRefused(f"cannot merge {type(stmt).__name__} results across shards",
                              construct=type(stmt).__name__, statement=stmt)
@@ -518,7 +634,8 @@ def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None) -> tuple[An
         if isinstance(stmt, selectable.CompoundSelect):
             shard_stmt, plan = _plan_compound(stmt)
         else:
-            shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {})
+            shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {},
+                                     placement, disjoint_groups)
         plan.statement = stmt
         if plan.checks:
             plan.description += ("; the values of expressions without a SQL type are checked as "
@@ -676,6 +793,8 @@ def _plan_compound(stmt: selectable.CompoundSelect) -> tuple[Any, MergePlan]:
     parts = compound_parts(stmt)
     for i, part in enumerate(parts, 1):
         _refuse_part(part, i, keyword, distinct)
+        if isinstance(part, selectable.Select):
+            _refuse_computing_text(part)
     columns = _compound_columns(parts, keyword)
     visible = len(columns)
     names = [_output_name(c) for c in parts[0].selected_columns]
@@ -718,8 +837,11 @@ def _plan_compound(stmt: selectable.CompoundSelect) -> tuple[Any, MergePlan]:
                                  collations=tuple(collations))
 
 
-def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any, MergePlan]:
+def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
+          placement: Resolver | None = None,
+          disjoint_groups: frozenset[str] = frozenset()) -> tuple[Any, MergePlan]:
     columns = list(stmt._raw_columns)
+    _refuse_computing_text(stmt)
     # The cheap answers first: for an ORM statement get_final_froms() compiles it.
     if not (stmt._from_obj or stmt.columns_clause_froms or stmt.get_final_froms()):
         # SELECT EXISTS (...): each shard answers one row for its own rows.
@@ -808,8 +930,20 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
                 "or compute it from the rows",
                 construct=f"{a}()",
             )
+    def refuse_distinct(expr: Any) -> bool:
+        """Refuse an aggregate over DISTINCT values, unless it is count(DISTINCT shard key)
+        (then True)."""
+        key = _refuse_distinct_aggregate(expr, stmt, placement, disjoint_groups)
+        if key is None:
+            return False
+        # Under a nondeterministic collation 'a' and 'A', placed on two shards, are one
+        # value for the database.
+        if (name := _named_collation(key)) is not None and (name, "count(DISTINCT)") not in collations:
+            collations.append((name, "count(DISTINCT)"))
+        return True
+
     for c in columns:
-        _refuse_distinct_aggregate(c)
+        refuse_distinct(c)
 
     if not group_by and not any(aggs):
         if stmt._having_criteria:
@@ -902,7 +1036,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
 
     def partial(expr: Any) -> OutputColumn:
         inner = expr.element if isinstance(expr, Label) else expr
-        _refuse_distinct_aggregate(inner)
+        distinct_key = refuse_distinct(inner)
         # agg(...) FILTER (WHERE c): partials of the rows where c holds, merged as agg's.
         filt = inner if isinstance(inner, elements.FunctionFilter) else None
         if filt is not None:
@@ -916,6 +1050,19 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
         if name in ("min", "max", "sum", "avg"):
             for arg in args:
                 _refuse_unmergeable_type(arg, f"{name}()")
+            # A result type given to the aggregate itself (type_=...): SQLAlchemy converts
+            # each shard's partial with it before the merge combines them (avg's partials,
+            # sum and count, do not carry it at all).  Float is exact only over float values.
+            declared = _unmergeable_type(inner)
+            if declared is None and name in ("sum", "avg") and isinstance(inner.type, sqltypes.Float) \
+                    and not all(isinstance(getattr(a, "type", None), sqltypes.Float) for a in args):
+                declared = "numeric values converted to float"
+            if declared is not None:
+                raise ScatterRefused(
+                    f"{name}() declared with type_={type(inner.type).__name__} ({declared}): "
+                    "SQLAlchemy would convert each shard's partial before the merge combines "
+                    f"them; leave out type_= and convert the merged value in Python, or add the "
+                    "shard key", construct=f"{name}() with a declared result type")
         untyped = name in ("min", "max", "sum", "avg") and any(_untyped(a) for a in args)
         real = len(args) == 1 and _is_float4(args[0])
         if name == "avg":
@@ -923,7 +1070,9 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
             total = func.sum(cast(args[0], DOUBLE_PRECISION)) if real else func.sum(*args)
             out = OutputColumn("avg", (add(filtered(total)), add(filtered(func.count(*args)))))
         else:
-            out = OutputColumn(name, (add(filtered(inner)),), float4=real and name == "sum")
+            # (count(DISTINCT shard key): each shard's own count, added up as counts are.)
+            out = OutputColumn(name, (add(filtered(inner)),), float4=real and name == "sum",
+                               distinct_key=distinct_key)
         if untyped:
             checks.append((out.positions[0], False, f"{name}()"))
         return out
@@ -950,7 +1099,8 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
             # value where the merged aggregate is NULL (then NULL on every shard); elsewhere
             # the merged aggregate is, if coalesce keeps its type (checked as rows come).
             out = partial(inner)
-            outputs.append(OutputColumn(out.kind, out.positions + (i,), out.float4, coalesce=True))
+            outputs.append(OutputColumn(out.kind, out.positions + (i,), out.float4, coalesce=True,
+                                        distinct_key=out.distinct_key))
             typed = c.element if isinstance(c, Label) else c
             same_types.append((add(cast(func.pg_typeof(inner), sqltypes.Text)),
                                add(cast(func.pg_typeof(typed), sqltypes.Text)), str(typed)))
@@ -1008,7 +1158,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any]) -> tuple[Any,
     shard_stmt._having_criteria = ()  # HAVING is evaluated after the merge
     kind = "group" if group_by else "aggregate"
     desc = (f"{'group-by merge on ' + str(len(group_by)) + ' key(s)' if group_by else 'aggregate merge'}"
-            f" of {', '.join(f'coalesce({o.kind})' if o.coalesce else o.kind for o in outputs)}"
+            f" of {', '.join(o.describe() for o in outputs)}"
             + ("; HAVING after the merge" if having_fn else "")
             + ("; ORDER BY after the merge" if order else "")
             + (f"; offset {offset} limit {limit} after the merge" if limit is not None or offset else ""))
@@ -1034,15 +1184,120 @@ def _refuse_per_shard_exists(inner: Any) -> None:
             "or count the rows instead", construct=f"EXISTS with {construct}")
 
 
-def _refuse_distinct_aggregate(expr: Any) -> None:
-    """count/sum/avg(DISTINCT x): a value may occur on several shards, so partials do not add up."""
+def _refuse_distinct_aggregate(expr: Any, stmt: Any = None, placement: Resolver | None = None,
+                               disjoint_groups: frozenset[str] = frozenset()) -> Any:
+    """count/sum/avg(DISTINCT x): a value may occur on several shards, so partials do not add
+    up; except count(DISTINCT key) of a one-column shard key (see :func:`_distinct_key`),
+    whose column is returned (None for any other aggregate)."""
     name = _agg_name(expr)
-    if name in ("count", "sum", "avg") and _has_distinct(expr):
+    if name not in ("count", "sum", "avg") or not _has_distinct(expr):
+        return None
+    col = _distinct_argument(expr)
+    if name != "count":
+        # sum/avg of distinct key values would add up too, but summing keys is no report
+        # anyone runs; kept refused rather than merged by a path nobody tests.
         raise ScatterRefused(
             f"{name}(DISTINCT ...) across shards cannot be merged from per-shard partials (a value "
-            "may occur on several shards); select the distinct values or add the shard key",
-            construct=f"{name}(DISTINCT)",
-        )
+            "may occur on several shards); select the distinct values and add them up in "
+            "Python, or add the shard key to WHERE to read one shard",
+            construct=f"{name}(DISTINCT)")
+    if col is None:
+        # lower(key) of two keys on two shards may be one value.
+        problem = ("it counts an expression or SQL text, not a column, and a value of it may "
+                   "occur on several shards")
+    else:
+        problem = _distinct_key(col, stmt, placement, disjoint_groups)
+        if problem is None:
+            return col
+    raise ScatterRefused(
+        f"count(DISTINCT ...) across shards cannot be merged from per-shard partials ({problem}); "
+        "it is merged only over the one-column shard key of a hash, range or list group "
+        "(count(DISTINCT orders.tenant_id)), its table inner-joined on the key; otherwise "
+        "select the distinct values (select(x).distinct()) and count them in Python, or add "
+        "the shard key to WHERE to read one shard",
+        construct="count(DISTINCT)",
+    )
+
+
+def _distinct_argument(expr: Any) -> Any:
+    """The column ``x`` of ``count(DISTINCT x)`` (spelt ``distinct(x)``, ``x.distinct()`` or
+    ``func.distinct(x)``; labels and ORM annotations taken off), or None for anything else
+    (an expression, several arguments, SQL text)."""
+    if isinstance(expr, Label):
+        expr = expr.element
+    if isinstance(expr, elements.FunctionFilter):   # FILTER (WHERE ...) keeps it exact
+        expr = expr.func
+    args = list(expr.clauses) if isinstance(expr, functions.FunctionElement) else []
+    if len(args) != 1:
+        return None
+    arg = args[0]
+    if isinstance(arg, UnaryExpression) and arg.operator is operators.distinct_op \
+            and arg.modifier is None:
+        col = arg.element
+    elif isinstance(arg, functions.FunctionElement) and arg.name.lower() == "distinct" \
+            and len(arg.clauses) == 1:
+        col = list(arg.clauses)[0]
+    else:
+        return None
+    while isinstance(col, (Label, elements.Grouping)):
+        col = col.element
+    col = _plain(col)
+    if not isinstance(col, elements.ColumnClause) or col.is_literal or col.table is None:
+        return None
+    return col
+
+
+def _distinct_key(col: Any, stmt: Any, placement: Resolver | None,
+                  disjoint_groups: frozenset[str]) -> str | None:
+    """Why adding up the shards' ``count(DISTINCT col)`` is not one database's count, or None.
+
+    None when ``col`` is the one-column shard key of a table in ``stmt``'s FROM whose group
+    places each key value on one shard (hash, range, list; during a move, each shard's
+    rows of buckets or slices it does not own are left out), and every other sharded table
+    in FROM is of that group and tied to it on the key (the colocation check): then each
+    row a shard's query combines carries a key value of that shard's own, the shards'
+    sets of distinct values are disjoint, and their counts add up, also per group of
+    GROUP BY (whatever else it groups by)."""
+    if placement is None or stmt is None:
+        return "a value may occur on several shards"
+    frm = _plain(col.table)
+    table = _table_of(frm)
+    if not isinstance(table, selectable.TableClause):
+        return (f"{col} is a column of a subquery, not of a sharded table, and a value of it "
+                "may occur on several shards")
+    placed = placement(table.fullname) or placement(table.name)
+    if placed is None or col.name not in placed[1]:
+        return f"{col} is not a shard key, and a value may occur on several shards"
+    group, keys = placed
+    if len(keys) != 1:
+        return (f"{col} is part of the composite shard key ({', '.join(keys)}) of group {group}: "
+                "a value of it may occur on several shards")
+    if group not in disjoint_groups:
+        return (f"group {group}'s strategy is not hash, range or list, and shardkit cannot tell "
+                "whether a key value is on one shard")
+    problem = colocation_problem(stmt, placement)
+    if problem is not None:
+        return problem
+    froms = _froms(stmt)
+    instances, problem = _instances(froms, placement, [])
+    if problem is not None:
+        return problem
+    if not any(i.frm is frm for i in instances):
+        return f"{col} is not a column of a table in the query's FROM"
+    others = sorted({i.group for i in instances} - {group})
+    if others:
+        return f"the query reads tables of groups {', '.join(others)} besides {group}"
+    for f in froms:
+        for j in sql_util.surface_selectables(f):
+            if not isinstance(j, selectable.Join):
+                continue
+            sides = (j.left, j.right) if j.full else (j.right,) if j.isouter else ()
+            if any(_plain(x) is frm for side in sides for x in sql_util.surface_selectables(side)):
+                # Probably exact (its NULLs are not counted), but kept out: the argument
+                # above is about the rows of the key's table, which an outer join pads.
+                return (f"{col} is on the optional side of an outer join; count the key of "
+                        "the table on the other side, or join inner")
+    return None
 
 
 def _is_distinct_column(col: Any) -> bool:

@@ -55,7 +55,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy.engine import CursorResult, Result, TwoPhaseTransaction
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
-from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session, bulk_persistence
+from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session, bulk_persistence, persistence
 from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.base import NEVER_SET, NO_VALUE, PASSIVE_OFF
 from sqlalchemy.orm.context import FromStatement, QueryContext
@@ -74,7 +74,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES
-from ._replicas import format_lsn, format_token, parse_lsn, parse_token, replay_target
+from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, data_modifying_ctes,
                        derived_select, unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
@@ -558,12 +558,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 self._sk_tokens[shard] = lsn
 
     def _read_target(self, shard: str, statement: Any, execution_options: Any,
-                     sc: RoutingScope | None = None, exclude: frozenset[int] = frozenset()
-                     ) -> int | None:
+                     sc: RoutingScope | None = None, exclude: frozenset[int] = frozenset(),
+                     deadline: float | None = None) -> int | None:
         """The replica index a read on ``shard`` should use, or None for the primary.
 
         ``sc``: the scope in force, if the caller has it already; ``exclude``: replicas
-        this read already failed on."""
+        this read already failed on; ``deadline``: when a read of several shards stops
+        waiting for replicas to reach the session's position (time.monotonic(); it waits
+        wait_for_token once in all, not per shard)."""
         cluster = self.cluster
         settings = cluster.replica_settings
         if sc is None:
@@ -655,16 +657,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if behind and min_lsn is not None:
             # The monitor's last sample predates our write; ask the replica itself.
             best = max(behind, key=lambda r: r.wal_lsn or 0)
-            if selector.probe_reached(shard, best, min_lsn, settings.wait_for_token):
+            wait = settings.wait_for_token if deadline is None else max(0.0, deadline - time.monotonic())
+            if selector.probe_reached(shard, best, min_lsn, wait):
                 if repin:
                     self._sk_replica[shard] = best.index
                 return best.index
             if floor and floor == published and self._floor_beyond_primary(shard, floor):
-                return self._read_target(shard, statement, execution_options, sc, exclude)
+                return self._read_target(shard, statement, execution_options, sc, exclude, deadline)
             if self._token_beyond_primary(shard):
                 # The token's position was another server's: choose again with the
                 # primary's own (replicas that have replayed it have every write there).
-                return self._read_target(shard, statement, execution_options, sc, exclude)
+                return self._read_target(shard, statement, execution_options, sc, exclude, deadline)
             if role != REPLICA:
                 # Healthy replicas a moment behind this session's own writes: the
                 # primary has them ("raise" is for replicas that are out).
@@ -691,8 +694,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if want is None or want <= self._sk_token_checked.get(shard, -1):
             return False
         monitor = self.cluster.selector.monitor
-        if not monitor.shards[shard].primary.up:
-            return False  # asked again once it is up
+        if not monitor.answers(monitor.shards[shard].primary):
+            return False  # (down or hung) asked again once it answers
         self._sk_token_checked[shard] = want  # one question per position, answered or not
         try:
             text = _primary_position(self.cluster, shard)
@@ -725,8 +728,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         known = cluster._floor_verdicts.get(shard)
         if known is not None and known[0] == floor and (known[2] is None or known[1] == version):
             return False  # the primary had reached it (replicas are just behind), or done
-        if not cluster.selector.monitor.shards[shard].primary.up:
-            return False
+        monitor = cluster.selector.monitor
+        if not monitor.answers(monitor.shards[shard].primary):
+            return False  # down or hung
         try:
             now = parse_lsn(_primary_position(cluster, shard))
         except Exception as e:  # noqa: BLE001 - the floor stands: reads use the primary
@@ -891,7 +895,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             self._sk_written.update(route.shards)
         if (isinstance(statement, Insert) and params
                 and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
-            return _orm_bulk_insert(self, statement, params, route)
+            return _orm_bulk_insert(self, statement, params, route, execution_options)
         if len(route.shards) == 1:
             shard = route.shards[0]
             if route.anywhere and not route.is_write:
@@ -1099,11 +1103,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             raise RoutingError("bulk_insert_mappings(return_defaults=True) is not supported by "
                                "ShardedSession; add the objects with session.add_all()")
         rows = [dict(m) for m in mappings]
-        if not render_nulls:
-            # As SQLAlchemy does: a None leaves the column to its server default.
-            rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
         if rows:
-            self.execute(sa_insert(inspect(mapper).mapper), rows)
+            # (A None leaves the column to its default unless render_nulls, as in SQLAlchemy.)
+            self.execute(sa_insert(inspect(mapper).mapper), rows,
+                         execution_options={"render_nulls": True} if render_nulls else util.EMPTY_DICT)
 
     def bulk_update_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]]) -> None:
         """Update rows by primary key, given as dicts of attribute values, each on its shard.
@@ -1167,7 +1170,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         :class:`~shardkit.CommitError` naming the shards that committed, the one that
         failed and the ones rolled back; the session keeps read-your-writes for the
         shards that committed.  A commit that fails before any shard committed raises
-        the original error, as a plain Session does.
+        the original error, as a plain Session does.  A shard the transaction only read
+        from whose connection is lost at its COMMIT does not fail the commit (nothing was
+        written there): that connection is discarded with a warning and the other shards
+        commit, as a replica's connection is.
 
         With ``twophase=True``, a commit that fails once every shard has prepared is
         finished: each shard's prepared transaction is committed (on a new connection
@@ -1198,10 +1204,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     # ... does not exist").  The PREPARE's error is the one that says why.
                     raise prepare_error from None
                 raise
-            error = _partial_commit(self, start, e)
+            lost = _finish_past_lost_readers(self, e)
+            if lost is None:
+                return
+            error = _partial_commit(self, start, lost)
             if error is None:
-                raise
-            raise error from e
+                if lost is e:
+                    raise
+                raise lost from e
+            raise error from lost
         finally:
             self._sk_committing = outer
 
@@ -2089,7 +2100,8 @@ def _refuse_inheritance(mapper: Any, verb: str) -> None:
             "use session.add_all() and a flush instead")
 
 
-def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route: Route) -> Result[Any]:
+def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route: Route,
+                     execution_options: Any = None) -> Result[Any]:
     """``session.execute(insert(Model), [{...}, ...])``, split by shard.
 
     SQLAlchemy's ORM bulk insert does not support per-instance sharding, so the
@@ -2105,14 +2117,28 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
     mapper = statement._propagate_attrs["plugin_subject"].mapper
     _refuse_inheritance(mapper, "INSERT")
     table = mapper.local_table
-    attr_to_col = {prop.key: prop.columns[0].key for prop in mapper.column_attrs}
     rows = params if isinstance(params, list) else [params]
     by_shard: dict[str, list[Any]]
     if route.split is not None:
         by_shard = {sh: list(v) for sh, v in route.split.items()}
     else:
         by_shard = {sh: rows for sh in route.shards}
-    _refuse_values_made_per_shard(session, statement, rows, list(by_shard))
+    # Each row's columns as SQLAlchemy's bulk insert makes them: keyed by column, a None
+    # left to the column's default (unless render_nulls=True), the first version of a
+    # versioned class; names of the statement's own bind parameters kept.
+    render_nulls = bool(_option("render_nulls", statement, execution_options))
+    bound = [b.key for b in statement._get_embedded_bindparams() if b.key in rows[0]]
+    core_by_shard = {}
+    for sh, part in by_shard.items():
+        # A composite attribute's value (and in 2.1 a hybrid's with a bulk_dml setter) into
+        # its columns first, on copies, as SQLAlchemy's bulk insert does: else dropped.
+        part = [dict(r) for r in part]
+        _expand_bulk_attrs(mapper, part)
+        core_by_shard[sh] = [c[2] for c in persistence._collect_insert_commands(
+            table, ((None, r, mapper, None) for r in part), bulk=True, render_nulls=render_nulls,
+            include_bulk_keys=bound)]
+    _refuse_values_made_per_shard(session, statement, [r for p in core_by_shard.values() for r in p],
+                                  list(by_shard))
     result = None
     if session.autoflush:
         session._autoflush()
@@ -2123,10 +2149,10 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
         stmt._post_values_clause = statement._post_values_clause
     if statement._values:
         stmt = stmt.values(dict(statement._values))
-    for shard, part in by_shard.items():
+    for shard, core in core_by_shard.items():
         conn = session.connection(bind_arguments={"shard_id": shard})
         # One executemany per set of columns given, as SQLAlchemy's bulk insert does.
-        for core_rows in _by_columns({attr_to_col.get(k, k): v for k, v in r.items()} for r in part):
+        for core_rows in _by_columns(core):
             result = conn.execute(stmt, core_rows)
     assert result is not None
     # executemany reports no reliable rowcount; every row was inserted (a reference
@@ -2135,6 +2161,11 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
     # SQLAlchemy reports an executemany's rowcount.
     result.rowcount = -1 if getattr(stmt, "_post_values_clause", None) is not None else len(rows)  # type: ignore[misc]
     return result
+
+
+# SQLAlchemy 2.1's name of 2.0's bulk_persistence._expand_composites.
+_expand_bulk_attrs = getattr(bulk_persistence, "_expand_other_attrs", None) or \
+    bulk_persistence._expand_composites
 
 
 def _by_columns(rows: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -2338,13 +2369,13 @@ def _ask_shard(session: ShardedSession, shard: str, sql: str, params: Mapping[st
         if found is None:
             raise
         bucket = int(found.group(1))
-        cluster.map_stale()
+        reload = cluster.map_stale()
         unit = "slice" if bucket >= SLICE_BASE else "bucket"
         raise NotOwned(
             f"shard {shard} disagrees with this process's map (version {version}) "
             f"about {unit} {bucket}, so this {type(statement).__name__.lower()} {consequence}; "
-            "nothing was written (the shard's transaction is aborted) and the map is being "
-            "reloaded from the catalog: retry the transaction (shardkit.run_transaction retries it)",
+            f"nothing was written (the shard's transaction is aborted) and {reload}: retry the "
+            "transaction (shardkit.run_transaction reloads the map and retries it)",
             shard=shard, bucket=bucket, table=statement.table.name, statement=statement,
             map_version=version,
         ) from e
@@ -2419,9 +2450,20 @@ def _moved_object_error(mapper: Any, ident: Any, loaded_from: str, owner: str, c
 def _refuse_misplaced(session: ShardedSession, placements: list[tuple[Any, Any, str, Any]],
                       cause: BaseException | None) -> None:
     """Raise NotOwned if a written object's bucket has moved since it was loaded (after
-    reloading the map: this process may not follow the catalog)."""
+    reloading the map: this process may not follow the catalog).  ``cause``: the flush's
+    StaleDataError, which stands (with a note) when the catalog cannot be read and the map
+    in use does not place any of the objects elsewhere: a row another process deleted or
+    changed is not a catalog outage.  Without one (a DELETE that matched nothing, which
+    SQLAlchemy only warns of), the catalog's error propagates: the DELETE may have missed
+    a row that lives on another shard now."""
     cluster = session.cluster
-    cluster.refresh_map()
+    unread: Exception | None = None
+    try:
+        cluster.refresh_map()
+    except (ShardUnavailable, sa_exc.SQLAlchemyError) as e:
+        if cause is None:
+            raise
+        unread = e
     for mapper, ident, loaded_from, key in placements:
         owner = _current_owner(session, mapper, ident, key)
         if owner is None or owner == loaded_from:
@@ -2430,6 +2472,9 @@ def _refuse_misplaced(session: ShardedSession, placements: list[tuple[Any, Any, 
         if cause is not None:
             raise err from cause
         raise err
+    if unread is not None:
+        cause.add_note(f"(shardkit could not reload the map to check whether an object written "
+                       f"here has moved to another shard: {first_line(unread)})")
 
 
 def _after_flush(session: Any, flush_context: Any) -> None:
@@ -3014,10 +3059,13 @@ def refuse_scatter_rows(router: Router, statement: Any, route: Route) -> None:
             construct="reference table rows across shards", statement=statement)
 
 
-def plan_scatter_read(statement: Any, params: Any) -> tuple[Any, Any]:
-    """:func:`plan_scatter` for a read with the call's parameters (over the statement's own)."""
+def plan_scatter_read(statement: Any, params: Any, router: Router | None = None) -> tuple[Any, Any]:
+    """:func:`plan_scatter` for a read with the call's parameters (over the statement's own),
+    with ``router``'s placement of the tables (count(DISTINCT shard key) needs it)."""
+    placement, disjoint = (None, frozenset()) if router is None else (router._placement, router.disjoint_groups)
     return plan_scatter(
-        statement, with_statement_params(statement, params) if getattr(statement, "_params", None) else params)
+        statement, with_statement_params(statement, params) if getattr(statement, "_params", None) else params,
+        placement, disjoint)
 
 
 def refuse_scatter_page(statement: Any, plan: Any, execution_options: Any = None) -> None:
@@ -3069,7 +3117,7 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
         refuse_strict_scatter(statement, options, sc, False, route)
         refuse_scatter_rows(cluster.router, statement, route)
         try:
-            plan = plan_scatter_read(statement, params)[1]
+            plan = plan_scatter_read(statement, params, route.router or cluster.router)[1]
         except ScatterRefused as e:
             merge = f"refused: {e}"
         else:
@@ -3127,7 +3175,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     sc = current_scope()
     refuse_strict_scatter(statement, execution_options, sc, session.strict, route)
     refuse_scatter_rows(session.cluster.router, statement, route)
-    shard_stmt, plan = plan_scatter_read(statement, params)
+    shard_stmt, plan = plan_scatter_read(statement, params, route.router or session.cluster.router)
     refuse_scatter_page(statement, plan, execution_options)
     # The checks that ask the database (once per name or cluster): explain() cannot make them.
     ask, held = _question_node(session, route.shards)
@@ -3156,6 +3204,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     if route.router is None:  # one state of the moves for every shard
         route = dataclasses.replace(route, router=cluster.router)
     names = route.router.shard_names
+    # The shards' waits for replicas to reach the session's position share one wait_for_token.
+    deadline = time.monotonic() + cluster.replica_settings.wait_for_token
     for shard in sorted(route.shards, key=lambda s: (names.index(s), s) if s in names else (len(names), s)):
         stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
         shard_params = params
@@ -3166,8 +3216,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         while True:
             index = None
             try:
-                index = session._read_target(shard, statement, execution_options, sc, frozenset(tried)) \
-                    if cluster.has_replicas else None
+                index = session._read_target(shard, statement, execution_options, sc, frozenset(tried),
+                                             deadline) if cluster.has_replicas else None
                 role = PRIMARY if index is None else REPLICA
                 eo, ba = _single(shard, role, execution_options, bind_arguments)
                 # Any flush already ran in this thread; the shard threads must not flush.
@@ -3814,14 +3864,21 @@ def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
             "until it is back (reads can still use its replicas)",
             shard=shard, node=p.name,
         )
-    if p.checked_at and mon.running and not p.heard_from(now, mon.stale_after):
+    last = p.checked_at
+    if last and mon.running and not p.heard_from(now, mon.stale_after):
         # A poll still waiting: the server accepts TCP but does not answer (its processes
         # stopped, say), and a write sent to it would wait as long, with nothing (neither
-        # psycopg nor the kernel, which acknowledges the data) to time it out.
+        # psycopg nor the kernel, which acknowledges the data) to time it out.  Or the
+        # server is only slow, or this process too busy (CPU, the GIL) to have read its
+        # answer yet: the write waits for the answer, up to hung_after since the last one,
+        # rather than being refused by a primary that answers.
+        if mon.wait_for_answer(p, last + mon.hung_after):
+            _fail_fast_if_primary_down(cluster, shard)  # it answered: up, or down
+            return
         raise ShardUnavailable(
             f"shard {shard}: primary {p.name} has not answered the health poll for "
-            f"{now - p.checked_at:.1f} s (hung, not refusing connections); writes to {shard} "
-            "cannot run until it answers (reads can still use its replicas)",
+            f"{time.monotonic() - last:.1f} s (hung, not refusing connections); writes to "
+            f"{shard} cannot run until it answers (reads can still use its replicas)",
             shard=shard, node=p.name,
         )
 
@@ -3907,7 +3964,17 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
         return
     session._sk_commits += 1
     conns, session._sk_commit_conns = session._sk_commit_conns, {}
-    session._sk_written = set()
+    written, session._sk_written = session._sk_written, set()
+    late = [shard for shard in written - conns.keys() if session.cluster.replica_count(shard)]
+    if late:
+        # Written after before_commit held the connections (the application's own
+        # before_commit listener, or changes an after_flush_postexec listener made, which
+        # the commit flushes again): their connections are still the transaction's.
+        entries = getattr(session.get_transaction(), "_connections", None) or {}
+        for shard in late:
+            entry = entries.get(session.cluster.primary(shard))
+            if entry is not None:
+                conns[shard] = entry[0]
     if only is not None:
         conns = {shard: conn for shard, conn in conns.items() if shard in only}
     for shard, conn in conns.items():
@@ -3915,7 +3982,7 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
             # The session's own connection, committed and not yet returned to the
             # pool: no second checkout, so a full pool cannot deadlock here.
             # The insert position is at or after our commit record.
-            text = conn.exec_driver_sql(_WAL_POSITION_SQL).scalar()
+            text = conn.exec_driver_sql(WAL_POSITION_SQL).scalar()
         except Exception:  # noqa: BLE001
             try:
                 # The connection died after its COMMIT: any connection to the primary
@@ -3936,13 +4003,10 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
             session._sk_token_checked[shard] = lsn
 
 
-_WAL_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
-
-
 def _primary_position(cluster: Cluster, shard: str) -> str:
     """The WAL position of ``shard``'s primary now, read on a connection of its own."""
     with cluster.primary(shard).connect() as conn:
-        return conn.exec_driver_sql(_WAL_POSITION_SQL).scalar()
+        return conn.exec_driver_sql(WAL_POSITION_SQL).scalar()
 
 # Commits of primaries' connections, numbered as they start (see ShardedSession.commit).
 _COMMIT_SEQ = _counter(1)
@@ -4057,22 +4121,74 @@ def _refuse_aborted(session: Session) -> None:
             committed=[], failed=sorted(aborted or lost)[0], not_committed=sorted(primaries))
 
 
+def _finish_past_lost_readers(session: ShardedSession, error: BaseException) -> BaseException | None:
+    """After Session.commit() raised: when it was the COMMIT of a primary's connection
+    the transaction only read from that met its server gone, nothing is lost with it: let
+    that connection go, commit the connections SQLAlchemy's commit loop did not reach,
+    and complete the session's commit (None).  Else the error to report: ``error``, or a
+    later COMMIT's.  (A replica's COMMIT never fails so: see _end_replica_transactions.)"""
+    trans = session.get_transaction()
+    entries = getattr(trans, "_connections", None) if trans is not None else None
+    if not entries:
+        return error
+    while True:
+        if not (isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated):
+            return error
+        lost = [(key, entry) for key, entry in entries.items()
+                if entry[2] and entry[0].invalidated]
+        if not lost or any(_primary_shard(entry[0]) in session._sk_written for _, entry in lost):
+            return error
+        for key, entry in lost:
+            entries[key] = _not_to_commit(entry)
+        names = sorted({entry[0].engine.info.get("node", "?") for _, entry in lost})
+        log.warning("the COMMIT of %s, which this transaction only read from, met its connection "
+                    "lost (%s); nothing was written there: the other shards commit",
+                    ", ".join(names), first_line(error))
+        pending = {id(entry[0]): entry for entry in entries.values() if entry[2]}
+        try:
+            for _conn, conn_trans, *_ in sorted(
+                    pending.values(), key=lambda v: v[0].engine.info.get("node", "")):
+                if conn_trans.is_active:
+                    conn_trans.commit()
+        except Exception as e:  # noqa: BLE001 - looked at again above
+            error = e
+            continue
+        _complete_commit(session, entries)
+        return None
+
+
+def _not_to_commit(entry: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A SessionTransaction's entry for a connection (connection, transaction,
+    should_commit, autoclose) that its commit loop is to leave alone."""
+    return (entry[0], entry[1], False, *entry[3:])
+
+
+def _complete_commit(session: ShardedSession, entries: dict[Any, tuple[Any, ...]]) -> None:
+    """Every connection of the session's transaction has committed (or been let go):
+    complete the session's commit (events, objects made persistent, connections
+    released) without committing anything again."""
+    for key, entry in list(entries.items()):
+        entries[key] = _not_to_commit(entry)
+    Session.commit(session)
+
+
 def _partial_commit(session: ShardedSession, start: int, error: BaseException) -> CommitError | None:
-    """After Session.commit() raised: when some shards committed before one failed (the
-    commits run one after another), the CommitError that says so, with read-your-writes
-    kept for the shards that committed; else None."""
+    """After Session.commit() raised: when some shards committed writes before one failed
+    (the commits run one after another), the CommitError that says so, with
+    read-your-writes kept for the shards that committed; else None."""
     attempted = []
     lost = []
-    primaries = set()
+    written = session._sk_written
     for conn in _transaction_connections(session):
         shard = _primary_shard(conn)
         if shard is None:
             continue
-        primaries.add(shard)
         if conn.invalidated:
             # Its connection died: at its COMMIT (before the commit, _refuse_aborted
-            # refuses a lost connection), whose number went with it.
-            lost.append(shard)
+            # refuses a lost connection), whose number went with it.  (One the
+            # transaction only read was let go by _finish_past_lost_readers.)
+            if shard in written:
+                lost.append(shard)
             continue
         try:
             seq = conn.info.get("shardkit_commit", 0)
@@ -4083,19 +4199,23 @@ def _partial_commit(session: ShardedSession, start: int, error: BaseException) -
     attempted.sort()
     if lost:
         # The shards that noted a COMMIT committed; the commit stopped at the lost one.
-        committed = sorted(shard for _, shard in attempted)
+        done = attempted
         failed = sorted(lost)[0]
     else:
-        committed = sorted(shard for _, shard in attempted[:-1])
+        done = attempted[:-1]
         failed = attempted[-1][1] if attempted else None
+    # Shards the transaction only read from committed nothing worth reporting.
+    committed = sorted(shard for _, shard in done if shard in written)
     if not committed or failed is None:
         return None
-    rest = sorted(primaries - set(committed) - {failed})
+    rest = sorted(written - set(committed) - {failed})
     _record_tokens_or_primary(session, committed)
     first = first_line(error)
     return CommitError(
         f"the commit reached shard(s) {', '.join(committed)} (their writes are committed) "
-        f"but failed on shard {failed} ({type(error).__name__}: {first})"
+        f"but failed on shard {failed}"
+        + ("" if failed in written else ", which this transaction only read from,")
+        + f" ({type(error).__name__}: {first})"
         + (f"; shard(s) {', '.join(rest)} were not committed" if rest else "")
         + (f" (shard {failed}'s connection was lost at its COMMIT: PostgreSQL rolled its "
            "transaction back unless the COMMIT had reached it first, so check whether its "
@@ -4103,7 +4223,8 @@ def _partial_commit(session: ShardedSession, start: int, error: BaseException) -
         + ": a ShardedSession commits each shard in turn, it is not a distributed "
         "transaction (use twophase=True for one); call rollback(), then repair or "
         "re-apply the writes of the shards that did not commit",
-        committed=committed, failed=failed, not_committed=[failed, *rest], cause=error)
+        committed=committed, failed=failed,
+        not_committed=[failed, *rest] if failed in written else rest, cause=error)
 
 
 def _record_tokens_or_primary(session: ShardedSession, committed: list[str]) -> None:
@@ -4150,20 +4271,18 @@ def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
                     log.warning("finished the two-phase commit of %s on a new connection "
                                 "(COMMIT PREPARED %s)", shard, tp.xid)
                 if session._sk_commit_conns.pop(shard, None) is not None:
-                    # Read-your-writes: the position read here, not on the failed connection.
+                    # Read-your-writes: the position read here, not on the failed connection
+                    # (which the commit's own record of positions then leaves alone).
+                    session._sk_written.discard(shard)
                     lsn = replay_target(parse_lsn(fresh.exec_driver_sql(
-                        _WAL_POSITION_SQL).scalar()))
+                        WAL_POSITION_SQL).scalar()))
                     session._sk_tokens[shard] = max(lsn, session._sk_tokens.get(shard, 0))
             committed.append(shard)
         except Exception as e:  # noqa: BLE001 - reported below
             failures[shard] = e
             left[shard] = tp.xid
     if not left:
-        # Every shard committed: complete the session's commit (events, objects made
-        # persistent, connections released) without committing anything again.
-        for key, entry in list(entries.items()):
-            entries[key] = (entry[0], entry[1], False, *entry[3:])
-        Session.commit(session)
+        _complete_commit(session, entries)
         return True
     _record_tokens_or_primary(session, committed)
     failed = sorted(left)[0]

@@ -751,6 +751,10 @@ def test_cli_parses_negative_integers_and_strings_with_colons_and_quotes():
     assert _group_key("names:007", slices, "--split") == ("names", "007")  # strings stay strings
     with pytest.raises(UsageError, match="nums's keys are integers"):
         _group_key("nums:x", slices, "--move-value")
+    # As `route` reads an integer key: ASCII digits only (int() alone reads these too).
+    for raw in ("1_000", "\uff11\uff12", "\u0661\u0662"):
+        with pytest.raises(UsageError, match="ASCII digits"):
+            _group_key(f"ev:{raw}", slices, "--split")
 
 
 def test_new_slices_are_numbered_above_every_groups():

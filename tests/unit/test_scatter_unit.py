@@ -44,7 +44,7 @@ from sqlalchemy.sql import elements, functions
 from sqlalchemy.sql.elements import Label
 
 from shardkit import ScatterRefused
-from shardkit._scatter import merge_rows, pg_avg, pg_numeric_div, plan_scatter
+from shardkit._scatter import _code, _reads_a_table, merge_rows, pg_avg, pg_numeric_div, plan_scatter
 
 D = decimal.Decimal
 
@@ -745,3 +745,27 @@ def test_joins_that_may_repeat_an_entity():
     assert _may_repeat_entities(select(User).join(User.orders))            # one-to-many
     assert _may_repeat_entities(select(User).join(Order, Order.user_id == User.id))
     assert _may_repeat_entities(select(User, Order).where(Order.user_id == User.id))
+
+
+@pytest.mark.parametrize("sql, reads", [
+    ("(SELECT pg_sleep(30.5))::text IS NOT NULL", False),
+    ("(SELECT true FROM pg_sleep(CASE WHEN current_setting('port') = '1' THEN 5 ELSE 0 END))", False),
+    ("select 1 from (values (1)) v", False),
+    ("(SELECT 1 FROM f(1) g WHERE g.x IN (1, 2)), 5", False),
+    ("select 1 from s.f(2)", False),
+    ("(select substring(x from 2))", False),
+    ("kind <> 'select 1 from t'", False),
+    ("EXISTS (SELECT 1 FROM hx_lines l WHERE l.qty = 1)", True),
+    ("SELECT 1 FROM generate_series(1, 3) g, orders o", True),
+    ("qty > (SELECT avg(qty) FROM public.items)", True),
+    ('(select x from "Odd"."T")', True),
+    ("select 1 from (select 2 from orders) q", True),
+    ("SELECT 1 FROM a JOIN b ON true", True),
+    ("(SELECT 1 FROM f(1) JOIN orders ON true)", True),
+    ("SELECT 1 FROM (VALUES (1)) v, orders", True),
+    ("select 1 from f(2", True),
+])
+def test_sql_text_subquery_reading_a_table_is_told_from_one_reading_none(sql, reads):
+    """A cross-shard read refuses SQL text with a subquery that may read a table (each
+    shard would read only its own rows), not one that reads none (a pg_sleep)."""
+    assert _reads_a_table(_code(sql)) is reads
