@@ -62,6 +62,9 @@ _URL_FIELD = re.compile(r"shards\[\d+\]\.(?:primary|replicas\[\d+\](?:\.url)?)|c
 # The scheme and user info of a URL, read as SQLAlchemy's make_url reads them (a user name
 # holds no ':' or '/', a password runs to the first '@').
 _USER_INFO = re.compile(r"[\w+]+://(?:[^:/]*(?::[^@]*)?@)?")
+# A control character (C0, DEL, C1): not other non-printable characters, which a password
+# may hold (a no-break or ideographic space, a zero-width joiner) and libpq sends as they are.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # libpq parameters that are secrets, when a URL carries them in its query string.
 SECRET_QUERY_KEYS: Final = ("password", "sslpassword")
@@ -197,6 +200,8 @@ def parse_pool(raw: Any, path: str) -> dict[str, Any]:
         p = f"{path}.{key}"
         if key in ("pre_ping", "prepared_statements"):
             if not isinstance(val, bool):
+                if isinstance(val, str):
+                    raise ConfigurationError(p, f"{val!r} is a string, not true or false", _QUOTED)
                 raise ConfigurationError(p, f"{val!r} must be true or false")
             out[key] = val
         elif key in ("size", "max_connections"):
@@ -211,13 +216,15 @@ def parse_pool(raw: Any, path: str) -> dict[str, Any]:
     return out
 
 
+# The fix for a number or boolean given as a string.
+_QUOTED = ("write it without quotes; a value in quotes is a string, also one a ${VAR} makes: "
+           "the environment fills in strings only, such as URLs and passwords")
+
+
 def _number(raw: Any, path: str, *, minimum: float, integer: bool = False) -> Any:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or (integer and not isinstance(raw, int)):
         kind = "an integer" if integer else "a number"
-        raise ConfigurationError(path, f"{raw!r} must be {kind}", (
-            "write it without quotes; a value in quotes is a string, also one a ${VAR} makes: "
-            "the environment fills in strings only, such as URLs and passwords")
-            if isinstance(raw, str) else None)
+        raise ConfigurationError(path, f"{raw!r} must be {kind}", _QUOTED if isinstance(raw, str) else None)
     if raw != raw:
         raise ConfigurationError(path, "nan is not a number", f"give a number >= {minimum}")
     if math.isinf(raw):
@@ -394,6 +401,14 @@ def _parse_url(raw: Any, path: str) -> URL:
     if not isinstance(raw, str) or not raw:
         raise ConfigurationError(path, "must be a database URL string",
                                  "e.g. postgresql+psycopg://user@host:5432/db")
+    if _CONTROL.search(raw) or raw != raw.strip():
+        # Kept, it would be part of the password, the host or the database name: the node
+        # would only look down.  Not shown: the URL may hold a password.
+        raise ConfigurationError(
+            path, "the URL holds a control character (a newline, a tab) or starts or ends with a "
+            "blank: often the newline that ends a secret file read into a ${VAR}",
+            "remove it (strip the variable's value); percent-encode one a password holds "
+            "(newline as %0A, space as %20)")
     if _unencoded_at(raw):
         # Checked first: every message below shows the URL, whose host or database name
         # would be the password's tail.
@@ -417,6 +432,15 @@ def _parse_url(raw: Any, path: str) -> URL:
             path, f"{mask_url(raw)} is not a valid database URL",
             "e.g. postgresql+psycopg://user@host:5432/db",
         ) from None
+    if any("\x00" in str(v) for v in (url.username, url.password, url.host, url.database,
+                                       *(x for v in url.query.values()
+                                         for x in (v if isinstance(v, tuple) else (v,))))):
+        # libpq reads the connection string up to it: the parameters after it (the port,
+        # sslmode ...) would be dropped, and the password's start sent elsewhere.
+        raise ConfigurationError(
+            path, "the URL holds a percent-encoded NUL (%00), which libpq cannot take: it ends "
+            "the connection string there, dropping the settings after it (port, sslmode)",
+            "remove the %00 (a password or name cannot hold a NUL character)")
     if url.get_backend_name() == "postgres":
         # libpq and hosting providers write postgres://; SQLAlchemy knows only postgresql.
         raise ConfigurationError(
@@ -460,6 +484,15 @@ def _parse_url(raw: Any, path: str) -> URL:
         # there, SQLAlchemy hides it wherever the URL or an engine on it is shown.
         pw = url.query["password"]
         url = url.set(password=pw[-1] if isinstance(pw, tuple) else pw).difference_update_query(["password"])
+    _, secrets = split_secret_query(url)
+    if url.password == "***" or "***" in secrets.values():
+        # What str(url) of SQLAlchemy 2 (and shardkit's own output) shows for a password:
+        # libpq would send those three characters, and the node only look down.
+        raise ConfigurationError(
+            path, f"{mask_url(url)}: the password is '***', which is how SQLAlchemy's str(url) "
+            "and shardkit's output hide a password, not the password itself",
+            "give the real one: url.render_as_string(hide_password=False) of a SQLAlchemy URL, "
+            "or a ${VAR} holding it")
     return url
 
 
@@ -544,6 +577,11 @@ def _even_bucket_map(shards: list[str], bucket_count: int) -> tuple[str, ...]:
     # Contiguous equal slices: bucket b belongs to shard floor(b * n / count).
     n = len(shards)
     return tuple(shards[b * n // bucket_count] for b in range(bucket_count))
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 shard``, ``3 shards``: a count and its noun, agreeing."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _compress(buckets: list[int]) -> str:
@@ -733,7 +771,8 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
         strategy = ListStrategy(mapping, default)
     else:
         fn = _load_callable(raw.get("function"), f"{path}.function")
-        strategy = CustomStrategy(fn, frozenset(shard_names), name=str(raw.get("function")))
+        spec = raw.get("function")  # (a callable's own name, not its repr with an address)
+        strategy = CustomStrategy(fn, frozenset(shard_names), name=spec if isinstance(spec, str) else "")
     return GroupConfig(name=name, strategy=strategy, tables=tables)
 
 
@@ -830,6 +869,13 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         origin = "<dict>"
     else:
         p = Path(source)
+        if "://" in str(source) and not p.is_file():
+            # A database URL where the file's path goes (--config "$DATABASE_URL"): not
+            # echoed as a path (nor in an OSError's), its password would be shown.
+            raise ConfigurationError(
+                "config", f"{mask_url(str(source))} is a database URL, not the path of a "
+                "config file", "pass --config PATH of a TOML file (shardkit.toml), and put the "
+                "URL in it: a shard's primary, or [catalog] url")
         try:
             # utf-8-sig: editors on Windows start a UTF-8 file with a byte order mark.
             text = p.read_text(encoding="utf-8-sig")
@@ -860,6 +906,7 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         1 <= bucket_count <= MAX_BUCKET_COUNT
     ):
         raise ConfigurationError("bucket_count", f"{bucket_count!r} must be an integer in 1..{MAX_BUCKET_COUNT}",
+                                 _QUOTED if isinstance(bucket_count, str) else
                                  "it is fixed for the life of the cluster; 1024 is a good default")
 
     shards_raw = raw.get("shards")
@@ -907,7 +954,8 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
                 replica_pools.append(parse_pool(r.get("pool", {}), f"{rp}.pool"))
                 w = r.get("weight", 1)
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
-                    raise ConfigurationError(f"{rp}.weight", f"{w!r} must be a positive number")
+                    raise ConfigurationError(f"{rp}.weight", f"{w!r} must be a positive number",
+                                             _QUOTED if isinstance(w, str) else None)
                 replica_urls.append(_parse_url(r.get("url"), f"{rp}.url"))
                 weights.append(float(w))
             else:
@@ -995,7 +1043,11 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
     pool_cfg = raw.get("pool", {})
     for key, val in (("replicas", replicas_cfg), ("pool", pool_cfg)):
         if not isinstance(val, Mapping):
-            raise ConfigurationError(key, "must be a table")
+            raise ConfigurationError(key, "must be a table", (
+                "[replicas] holds how reads use replicas (consistency, policy, ...); a shard's "
+                "replica URLs go in its [[shards]] table: replicas = [\"postgresql+psycopg://...\"] "
+                "after its name and primary") if key == "replicas" else
+                "e.g. [pool] size = 10, or pool = { size = 10 } before the first [header]")
     replica_settings = parse_replica_settings(replicas_cfg, "replicas")
     pool_cfg = parse_pool(pool_cfg, "pool")
     catalog_raw = raw.get("catalog")

@@ -20,7 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from ._hashing import bucket_for
-from .errors import NoShardForKey, ShardKeyError
+from .errors import NoShardForKey, RoutingError, ShardKeyError
 
 __all__ = [
     "CustomStrategy",
@@ -350,7 +350,17 @@ class CustomStrategy(Strategy):
         self.name = name or getattr(fn, "__qualname__", repr(fn))
 
     def shard_for_key(self, key: Any) -> str:
-        shard = self.fn(key)
+        try:
+            shard = self.fn(key)
+        except RoutingError:  # (the function's own NoShardForKey, say: as it is)
+            raise
+        except Exception as e:
+            raise ShardKeyError(
+                f"custom strategy {self.name} raised {e!r} for key {key!r}; make it return a "
+                f"configured shard's name (shards: {sorted(self._shards)}) for every key a row "
+                "may have, or raise shardkit.NoShardForKey for a key no shard takes",
+                key=key,
+            ) from e
         try:
             known = isinstance(shard, str) and shard in self._shards
         except TypeError:  # a str subclass with an odd __hash__

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 
 from ._cluster import Cluster
-from ._config import _compress, mask_url
+from ._config import _compress, counted, mask_url
 from .errors import RebalanceError, ShardkitError, ShardUnavailable
 
 __all__ = ["main"]
@@ -49,11 +49,6 @@ INTERRUPTED = 130
 _ASCII_INT = re.compile(r"-?[0-9]+")
 # --type int: what PostgreSQL reads as an integer in ASCII (a sign, blanks around it).
 _TYPED_INT = re.compile(r"[ \t]*[+-]?[0-9]+[ \t]*")
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``1 shard``, ``3 shards``: a count and its noun, agreeing."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _parse_key(raw: str, kind: str) -> Any:
@@ -402,7 +397,7 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         if args.split:
             return rp.plan_split_range(slices, group, key, args.to, lower=args.lower)
         return rp.plan_move_value(slices, group, key, args.to)
-    weights = shard_weights(cluster, by=args.even) if args.even else None
+    weights = shard_weights(cluster, by=args.even, bucket_map=live) if args.even else None
     if args.add:
         unknown = [a for a in args.add if a not in cluster.shard_names]
         if unknown:
@@ -481,10 +476,10 @@ def _group_key(spec: str, slices: Any, option: str, config: Any = None) -> tuple
                          f"(movable groups: {', '.join(known) or 'none'}); after adding one to the config, "
                          "run `shardkit rebalance init`")
     if key_kind(mine) == "int":
-        try:
-            return group, int(raw)
-        except ValueError:
-            raise UsageError(f"{option}: group {group}'s keys are integers; {raw!r} is not one") from None
+        if not _TYPED_INT.fullmatch(raw):  # (int() reads "1_000" and "１２" too)
+            raise UsageError(f"{option}: group {group}'s keys are integers (ASCII digits 0-9, "
+                             f"optionally signed); {raw!r} is not one")
+        return group, int(raw)
     return group, raw
 
 

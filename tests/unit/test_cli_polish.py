@@ -198,7 +198,7 @@ def existing(tmp_path, monkeypatch):
     (base / STATE_FILE).write_text("{}")
     shards = [SimpleNamespace(name=f"s{i}", replicas=[object()]) for i in range(2)]
     monkeypatch.setattr(DevCluster, "_load", classmethod(
-        lambda cls, b: (SimpleNamespace(shards=shards, bucket_count=256), True)))
+        lambda cls, b: (SimpleNamespace(shards=shards, nodes=[], bucket_count=256), True)))
     return base
 
 
