@@ -7,6 +7,7 @@ statement went, checking every claim against the shards themselves.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shlex
@@ -24,6 +25,7 @@ from sqlalchemy import BigInteger, ForeignKey, Integer, String, event, func, ins
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from ._cluster import Cluster
+from ._config import counted
 from ._scope import scope
 from ._session import ShardedSession
 from .devcluster import STATE_FILE, DevCluster
@@ -71,6 +73,8 @@ CATALOG_DB = "shardkit_demo_catalog"
 # In a cluster directory: the demo started this cluster, so its shards' ownership
 # guard is the demo's to reset.
 DEMO_MARKER = ".shardkit-demo"
+# In a cluster directory: locked by the demo running on that cluster, for its whole run.
+DEMO_LOCK = ".shardkit-demo.lock"
 
 GROUPS = {
     "groups": {
@@ -107,12 +111,8 @@ DEFAULT_SHARDS = 3
 DEFAULT_REPLICAS = 1
 
 
-def _counted(n: int, noun: str) -> str:
-    return f"{n} {noun if n == 1 else noun + 's'}"
-
-
 def _shape(shards: int, replicas: int) -> str:
-    return f"{_counted(shards, 'shard')} x (1 primary + {_counted(replicas, 'replica')})"
+    return f"{counted(shards, 'shard')} x (1 primary + {counted(replicas, 'replica')})"
 
 
 def _h(title: str) -> None:
@@ -152,8 +152,9 @@ def run_demo(dir: str | None = None, keep: bool = False, shards: int | None = No
             signal.signal(signal.SIGINT, previous_int)
 
 
-def _reuse_shape(base: Path, shards: int | None, replicas: int | None) -> tuple[int, int, int]:
-    """(shards, replicas, buckets) of the cluster already in ``base``, checked against those asked for."""
+def _reuse_shape(base: Path, shards: int | None, replicas: int | None) -> tuple[int, int, int, bool]:
+    """(shards, replicas, buckets, whether all its servers run) of the cluster already in
+    ``base``, checked against those asked for."""
     existing, complete = DevCluster._load(base)
     have = (len(existing.shards), len(existing.shards[0].replicas) if existing.shards else 0)
     asked = (have[0] if shards is None else shards, have[1] if replicas is None else replicas)
@@ -166,7 +167,7 @@ def _reuse_shape(base: Path, shards: int | None, replicas: int | None) -> tuple[
             f"give another --dir (or none) for a new cluster, or stop and remove this one first with "
             f"`shardkit dev down --dir {shlex.quote(str(base))}`")
     # An unfinished start: DevCluster.up says so, with what to do.
-    return asked[0], asked[1], existing.bucket_count
+    return asked[0], asked[1], existing.bucket_count, all(n.is_running() for n in existing.nodes)
 
 
 def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_asked: int | None) -> int:
@@ -181,8 +182,9 @@ def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_as
     # the demo uses it as it is, whatever its shape, and leaves it running.
     reused = (base / STATE_FILE).exists()
     buckets = 1024
+    was_running = False
     if reused:
-        shards, replicas, buckets = _reuse_shape(base, shards_asked, replicas_asked)
+        shards, replicas, buckets, was_running = _reuse_shape(base, shards_asked, replicas_asked)
         _h(f"reusing a local cluster: {_shape(shards, replicas)}")
         if ((shards_asked is None and shards != DEFAULT_SHARDS)
                 or (replicas_asked is None and replicas != DEFAULT_REPLICAS)):
@@ -201,14 +203,26 @@ def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_as
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     stop_cmd = f"shardkit dev down --dir {shlex.quote(str(dev.base_dir))}"
+    # One demo at a time on a cluster: a second one's tour would drop the first one's
+    # catalog and tables under it.  Refused before the try below: it stops nothing.
+    lock = os.open(base / DEMO_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise DevClusterError(
+            f"another `shardkit demo` is running on the cluster in {base}; wait for it to finish, "
+            "or give another --dir (or none, for a cluster of the demo's own)") from None
     try:
         if not reused:
             (base / DEMO_MARKER).write_text("started by `shardkit demo`\n")
         # Online rebalancing resets each shard's bucket ownership (the guard): only
         # on a cluster the demo made, never on one of the user's.
         rebalance_ok = (base / DEMO_MARKER).exists()
-        if reused:
+        if reused and was_running:
             print(f"reusing the cluster already running in {dev.base_dir}")
+        elif reused:
+            print(f"started the stopped servers of the cluster in {dev.base_dir}")
         else:
             print(f"up in {time.monotonic() - t0:.1f} s")
         for s in dev.shards:
@@ -240,8 +254,8 @@ def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_as
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         if reused:
-            print(f"\nthe cluster was running before the demo, so it is left running; "
-                  f"stop it with: {stop_cmd}")
+            before = "running before the demo" if was_running else "there before the demo"
+            print(f"\nthe cluster was {before}, so it is left running; stop it with: {stop_cmd}")
         elif keep:
             print(f"\ncluster left running; stop it with: {stop_cmd}")
         else:
@@ -249,6 +263,7 @@ def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_as
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             print("\ncluster stopped and removed (pass --keep to leave it running)")
+        os.close(lock)
     if _failed:
         print(f"\nthe demo's checks failed: {', '.join(_failed)}", file=sys.stderr)
         return 1
@@ -496,7 +511,7 @@ def _rebalance_step(cluster: Cluster, Session: Any) -> None:
     print(f"  the writer committed {len(written)} orders during the move; {found} are there "
           f"(counted across shards); its slowest write took {slowest[0] * 1000:.0f} ms")
     print(f"  map version {cluster.map_version}; {last} owns "
-          f"{_counted(sum(1 for o in cluster.config.bucket_map if o == last), 'bucket')}; "
+          f"{counted(sum(1 for o in cluster.config.bucket_map if o == last), 'bucket')}; "
           f"shardkit verify: {_check(report.ok, 'verify after the move', 'clean', 'PROBLEMS')}"
           f"{'' if found == len(written) else ' ' + _check(False, 'orders written during the move')}")
     _range_split_step(cluster, Session)

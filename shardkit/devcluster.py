@@ -383,6 +383,33 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _leftovers(datadir: Path) -> list[int]:
+    """Pids of PostgreSQL processes still working in ``datadir`` (empty where there is no /proc).
+
+    Once a postmaster has died, its backends and workers run on (a busy one until
+    its query ends) and keep the old shared memory, so no new server can start.
+    """
+    if not Path("/proc").is_dir():
+        return []
+    return [int(e.name) for e in Path("/proc").iterdir()
+            if e.name.isdigit() and _is_postgres(int(e.name), datadir)]
+
+
+def _kill_and_wait(victims: list[int], what: str, timeout: float, node: str) -> None:
+    """SIGKILL ``victims`` and wait until none is a live PostgreSQL process."""
+    for p in victims:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(_is_postgres(p) for p in victims):
+        if time.monotonic() > deadline:
+            raise DevClusterError(
+                f"{what}: processes {victims} still alive {timeout:g} s after SIGKILL", node=node)
+        time.sleep(_POLL_INTERVAL)
+
+
 def _tail(path: Path, lines: int = 25, offset: int = 0) -> str:
     """The last ``lines`` lines of a text file from byte ``offset`` on ('' if missing)."""
     try:
@@ -579,6 +606,7 @@ class DevNode:
         """
         if self.is_running():
             return
+        self._kill_leftovers()
         (self.datadir / "postmaster.pid").unlink(missing_ok=True)
         offset = _file_size(self.log_file)
         try:
@@ -592,8 +620,10 @@ class DevNode:
             cls, hint = DevClusterError, "see the server log below"
             if "Address already in use" in new_log:
                 cls = _PortInUse
+                base = shlex.quote(str(self.datadir.parents[2]))  # base/<shard>/<node>/data
                 hint = (f"port {self.port} is taken by another program; stop it, or run "
-                        "`shardkit dev down` and `shardkit dev up` again to get new ports")
+                        f"`shardkit dev down --dir {base}` and `shardkit dev up --dir {base}` "
+                        "again to get new ports")
             elif "pre-existing shared memory block" in new_log or "lock file" in new_log:
                 hint = ("old server processes of this data directory are still running; "
                         f"stop them (`pgrep -af {self.datadir}` lists them) and start again")
@@ -612,6 +642,7 @@ class DevNode:
         if mode not in _STOP_MODES:
             raise ValueError(f"stop mode must be one of {', '.join(_STOP_MODES)}, not {mode!r}")
         if not self.is_running():
+            self._kill_leftovers()
             return
         try:
             self._programs.run(
@@ -637,21 +668,16 @@ class DevNode:
             raise DevClusterError(f"cannot kill {self.name}: it is not running", node=self.name)
         # Frozen, the postmaster cannot fork a child we would not know about.
         os.kill(pid, signal.SIGSTOP)
-        victims = [pid, *_children(pid)]
-        for p in victims:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while any(_is_postgres(p) for p in victims):
-            if time.monotonic() > deadline:
-                raise DevClusterError(
-                    f"{self.name}: processes {victims} still alive {timeout:g} s after SIGKILL",
-                    node=self.name,
-                )
-            time.sleep(_POLL_INTERVAL)
+        _kill_and_wait([pid, *_children(pid)], self.name, timeout, self.name)
         log.info("%s killed (postmaster pid %d)", self.name, pid)
+
+    def _kill_leftovers(self, timeout: float = 10.0) -> None:
+        """Kill what a dead postmaster left running in the data directory (see _leftovers)."""
+        victims = _leftovers(self.datadir)
+        if victims:
+            log.warning("%s: its postmaster is gone but processes %s of it still run; killing them",
+                        self.name, victims)
+            _kill_and_wait(victims, self.name, timeout, self.name)
 
     # -- SQL -----------------------------------------------------------------
 
