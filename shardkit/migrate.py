@@ -27,6 +27,8 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from sqlalchemy import inspect, pool, text
 from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster, _translate_errors
-from ._config import mask_url, split_secret_query
+from ._config import counted, mask_url, split_secret_query
 from ._guard import (
     CONFIGURED_TABLES,
     configured_tables,
@@ -493,10 +495,40 @@ def _usable_ini(ini: Path) -> Path:
     if ini.is_dir():
         raise ConfigurationError("--alembic-ini", f"{ini} is a directory, not an Alembic config file", hint)
     try:
-        ScriptDirectory.from_config(Config(str(ini)))
+        script = ScriptDirectory.from_config(Config(str(ini)))
     except (CommandError, configparser.Error, UnicodeDecodeError) as e:
         raise ConfigurationError("--alembic-ini", f"{ini} is not a usable Alembic config: {first_line(e)}",
                                  hint) from None
+    # Every revision file, loaded now as each shard's Alembic would: one that does not load
+    # is named once, before any shard is touched (not a traceback, nor every shard failing
+    # with the same bare "SyntaxError: invalid syntax").
+    # Each shard's Alembic runs as `python -m alembic`, which puts the current directory
+    # first on sys.path (the `shardkit` script's own sys.path lacks it): a revision that
+    # imports the project's package from there loads there, so it must load here too.
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            script.get_heads()
+        except Exception as e:
+            dirs = {Path(d).resolve() for d in [script.versions, *(script.version_locations or [])]}
+            where = (e.filename if isinstance(e, SyntaxError) else
+                     getattr(getattr(e, "obj", None), "__file__", None)   # no down_revision
+                     or next((f.filename for f in reversed(traceback.extract_tb(e.__traceback__))
+                              if Path(f.filename).resolve().parent in dirs), None))  # its own code
+            # A down_revision naming no revision: Alembic warns which, then fails on a KeyError.
+            why = (str(said[-1].message) if isinstance(e, KeyError) and said
+                   else f"{type(e).__name__}: {first_line(e)}")
+            raise ConfigurationError(
+                str(where or script.versions), f"a revision script does not load ({why})",
+                "fix or remove the revision file (its Python, its revision or down_revision); "
+                "no shard was touched") from None
+        finally:
+            if added and cwd in sys.path:
+                sys.path.remove(cwd)
     return ini
 
 
@@ -517,7 +549,7 @@ def _revision(cluster: Cluster, shard: str) -> str | None:
 
 
 _UNKNOWN = "unknown (unreachable)"
-_NOT_RUN = "not run: interrupted (Ctrl-C) before it started"
+_NOT_RUN = "not run: interrupted (Ctrl-C, SIGTERM) before it started"
 
 
 def _revisions_after(cluster: Cluster, results: Sequence[ShardResult]) -> None:
@@ -552,7 +584,7 @@ def run_command(
     ``shard`` are shardkit's own.
 
     With ``canary``, that shard goes first and alone; the others start only if it
-    succeeded.  The rest run at most ``parallel`` at a time.  Ctrl-C (KeyboardInterrupt)
+    succeeded.  The rest run at most ``parallel`` at a time.  Ctrl-C (KeyboardInterrupt), or SIGTERM,
     interrupts the shards being migrated and starts no other: once they have stopped,
     :class:`MigrationInterrupted` reports every shard's revision.
     """
@@ -617,7 +649,7 @@ def run_command(
         out = (stdout + stderr).strip()
         err = None
         if not ok:
-            err = ("interrupted (Ctrl-C): its revision in progress rolled back"
+            err = ("interrupted (Ctrl-C, SIGTERM): its revision in progress rolled back"
                    if stop.is_set() or proc.returncode == -signal.SIGINT
                    else _error_line(out) or f"alembic exited {proc.returncode}")
         say(f"{shard}: {'ok' if ok else 'FAILED'} in {dt:.1f} s" + (f": {err}" if err else ""))
@@ -635,6 +667,10 @@ def run_command(
     def run_all(shards: list[str], workers: int, later: Sequence[str] = ()) -> list[ShardResult]:
         """Migrate ``shards``, ``workers`` at a time; ``later``: the shards to migrate after
         them (reported as not started if Ctrl-C stops these)."""
+        # A deploy tool (systemd, Kubernetes, a CI timeout) stops with SIGTERM: stop as for
+        # Ctrl-C, or this process would die unreported, its shards' Alembic going on orphaned.
+        previous = (signal.signal(signal.SIGTERM, signal.default_int_handler)
+                    if threading.current_thread() is threading.main_thread() else None)
         ex = ThreadPoolExecutor(max_workers=workers)
         futures = [ex.submit(one, s) for s in shards]
         try:
@@ -659,6 +695,8 @@ def run_command(
                 + [ShardResult(s, False, 0.0, before.get(s), None, _NOT_RUN) for s in later]) from None
         finally:
             ex.shutdown(wait=True)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return [f.result() for f in futures]
 
     results: list[ShardResult] = []
@@ -823,10 +861,6 @@ def _reference_rows(connection: Any, tables: Iterable[str]) -> dict[str, tuple[i
     return out
 
 
-def _rows(n: int) -> str:
-    return f"{n} row" + ("" if n == 1 else "s")
-
-
 @dataclass
 class DriftReport:
     """Shards at different revisions, with schemas that differ, or whose copies of the
@@ -872,9 +906,14 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
     config_diffs: list[str] = []
     for shard in cluster.shard_names:
         with _shard_connection(cluster, shard) as c:
-            prints[shard] = schema_fingerprint(c, schemas)
-            enums[shard] = _enum_types(c, schemas)
-            invalid[shard] = _invalid_indexes(c, schemas)
+            # And every other schema of the shard's own (a migration's, one made by hand),
+            # not shardkit's: one only some shards have shows as tables missing on others.
+            insp = inspect(c)
+            here = schemas | (set(insp.get_schema_names()) - {
+                insp.default_schema_name, "information_schema", "shardkit", "shardkit_catalog"})
+            prints[shard] = schema_fingerprint(c, here)
+            enums[shard] = _enum_types(c, here)
+            invalid[shard] = _invalid_indexes(c, here)
             copies[shard] = _reference_rows(c, cluster.config.reference_tables)
             config_diffs.extend(_config_against_schema(cluster, shard, c))
     diffs: list[str] = []
@@ -895,8 +934,8 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
             mine, theirs = copies[shard].get(t), ref_copies.get(t)
             if mine is None or theirs is None or mine == theirs:
                 continue
-            counts = (f"{_rows(mine[0])} on each" if mine[0] == theirs[0]
-                      else f"{_rows(mine[0])}, {theirs[0]} on {ref_name}")
+            counts = (f"{counted(mine[0], 'row')} on each" if mine[0] == theirs[0]
+                      else f"{counted(mine[0], 'row')}, {theirs[0]} on {ref_name}")
             reference_diffs.append(f"{shard}: reference table {t} rows differ from {ref_name} ({counts})")
     for shard, fp in prints.items():
         if shard == ref_name:
