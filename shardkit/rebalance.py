@@ -65,17 +65,17 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import psycopg
 from psycopg import sql
 from sqlalchemy import text
 
 from ._cluster import Cluster
-from ._config import conninfo, connect_timeout_args, with_bucket_map
+from ._config import counted, conninfo, connect_timeout_args, with_bucket_map
 from ._guard import (
     GATE_LOCK_CLASS,
     GUARD_LOCK_CLASS,
@@ -97,6 +97,7 @@ from ._guard import (
     write_slices,
 )
 from ._rebalance_plan import Plan, SlicePlan, plan_from_dict
+from ._replicas import WAL_POSITION_SQL, format_lsn, parse_lsn, replay_target
 from ._slices import add_missing_groups, initial_slices, reassign
 from ._sql import INSTALL_SQL, int8_bucket_scan
 from .catalog import MOVER_LOCK_CLASS, Catalog
@@ -241,10 +242,17 @@ def _lock_copies(tgt: psycopg.Connection, move_id: int) -> None:
     tgt.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_COPY_LOCK_CLASS, move_id % 2147483647))
 
 
-def _flushed(conn: psycopg.Connection) -> str:
-    """The server's WAL position flushed so far, which includes every commit it has
-    acknowledged: its streaming replicas reach it without waiting for more writes."""
-    return conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0]
+# Reads of the reference tables' copies before a move is refused for their difference.
+_REFERENCE_READS = 5
+
+
+def _committed_position(conn: psycopg.Connection) -> str:
+    """The server's WAL position, past every commit it has acknowledged (the flushed position
+    is not, under synchronous_commit = off: a replica that replayed that far may lack the
+    commit), as a replica's replay position shows it once it has replayed everything before
+    it (replay_target): its streaming replicas reach it once the WAL writer has flushed it,
+    without waiting for more writes."""
+    return format_lsn(replay_target(parse_lsn(conn.execute(WAL_POSITION_SQL).fetchone()[0])))
 
 
 # The mover's own data statements (the copy, applying changes, the clean-up, an abort's
@@ -333,7 +341,10 @@ def mask_secrets(message: str, cluster: Cluster) -> str:
     for url in urls:
         if url is not None and url.password:
             pw = str(url.password)
-            for form in {re.escape(pw), re.escape(quote(pw, safe="")),
+            # (Percent-encoded as a URL string holds it, SQLAlchemy's rendering among them:
+            # quote(safe=" +") in the user info, quote_plus in the query string.)
+            for form in {re.escape(pw), re.escape(quote(pw, safe="")), re.escape(quote(pw, safe=" +")),
+                         re.escape(quote_plus(pw)),
                          re.escape(pw.replace("\\", "\\\\").replace("'", "\\'"))}:
                 message = re.sub(
                     rf"(?<=:){form}(?=@)|(?P<key>(?i:password)['\"]?\s*[:=]\s*['\"]?){form}(?![^\s&'\",;)}}])",
@@ -710,6 +721,7 @@ class Mover:
         self._check_triggers(({m.source for m in plan.moves} | {m.target for m in plan.moves})
                              & set(self.cluster.shard_names),  # an unknown one is refused below
                              plan.group if isinstance(plan, SlicePlan) else None)
+        self._check_reference_copies(plan)
         with self.catalog.engine.begin() as conn:
             conn.exec_driver_sql("LOCK TABLE shardkit_catalog.moves IN EXCLUSIVE MODE")
             current = self.catalog.current_map(conn)
@@ -776,6 +788,53 @@ class Mover:
             Catalog.record(conn, move_id, None, "planned", {"map_version": version,
                                                            "buckets": len(plan.moves)})
         return int(move_id)
+
+    def _check_reference_copies(self, plan: Plan | SlicePlan) -> None:
+        """Refuse a move to a shard whose copies of the reference tables have other row
+        counts than its source's (a shard just added, its schema made by a migration, has
+        none of their rows): the moved rows would meet other reference rows there (foreign keys the copy
+        does not check, joins that lose rows), and reference reads taking turns over the
+        shards would answer differently on it."""
+        tables = self.cluster.config.reference_tables
+        names = self.cluster.shard_names  # (an unknown shard is refused later, saying so)
+        pairs = sorted({(m.source, m.target) for m in plan.moves if m.source in names and m.target in names})
+        if not tables or not pairs:
+            return
+        # Read again while they differ, for a moment: a reference write commits on one shard
+        # after another, and the application may be making one now.
+        for attempt in range(_REFERENCE_READS):
+            problem = self._reference_difference(tables, pairs)
+            if problem is None:
+                return
+            if attempt + 1 < _REFERENCE_READS:
+                time.sleep(0.2)
+        raise RebalanceError(problem)
+
+    def _reference_difference(self, tables: Iterable[str], pairs: list[tuple[str, str]]) -> str | None:
+        """How a target's reference copies differ from its source's in rows (None: they do not)."""
+        # Their rows' counts: rows an update is changing on one shard after another are
+        # `shardkit migrate check`'s to compare, not a reason to stop a move.
+        counts: dict[str, dict[str, int]] = {}
+        for shard in sorted({s for pair in pairs for s in pair}):
+            with self.cluster.primary(shard).connect() as conn:
+                counts[shard] = {t: conn.execute(text(f"SELECT count(*) FROM {table_sql(t)}")).scalar()
+                                 for t in tables if conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"),
+                                                                 {"t": table_sql(t)}).scalar()}
+        for source, target in pairs:
+            for t in tables:
+                mine, theirs = counts[target].get(t), counts[source].get(t)
+                if mine == theirs:
+                    continue
+                if mine is None or theirs is None:
+                    what = f"missing on {target if mine is None else source}"
+                else:
+                    what = f"{counted(mine, 'row')}, {theirs} on {source}"
+                return (f"reference table {t} on {target} differs from {source}'s ({what}): moved rows "
+                        f"would meet other reference rows on {target}, and reads of {t} would answer "
+                        f"differently there; copy {source}'s rows of {t} to {target} first (e.g. "
+                        f"`pg_dump --data-only --table={t} SOURCE_URL | psql TARGET_URL`), then apply "
+                        "again (`shardkit migrate check` compares the copies)")
+        return None
 
     def _check_guarded(self, plan: SlicePlan) -> None:
         """Refuse a slice plan of a group whose tables are not guarded on its sources."""
@@ -1108,10 +1167,12 @@ class Mover:
         if isinstance(plan, SlicePlan) and plan.splits:
             self._split(move_id, plan)
         total = len(batches)
+        # A resumed move skips its finished batches: the ETA is the pace of the batches this
+        # run has done, times those it has left.
+        todo = [b for b in batches if b.step != "cleaned"]
+        finished = total - len(todo)
         started = time.monotonic()
-        for done, (batch, source, target, buckets, step) in enumerate(batches):
-            if step == "cleaned":
-                continue
+        for done, (batch, source, target, buckets, step) in enumerate(todo):
             self._batch = (batch, source, target)
             try:
                 self._run_batch(move_id, batch, source, target, list(buckets), step, group)
@@ -1141,9 +1202,10 @@ class Mover:
                     f"(or `shardkit rebalance abort {move_id}` before its batches switch)",
                     move_id=move_id, step=step) from e
             elapsed = time.monotonic() - started
-            eta = elapsed / (done + 1) * (total - done - 1)
-            self.progress(f"move {move_id}: batch {done + 1}/{total} done "
-                          f"[{'#' * (20 * (done + 1) // total):<20}] elapsed {elapsed:.1f}s, ETA {eta:.1f}s")
+            eta = elapsed / (done + 1) * (len(todo) - done - 1)
+            n = finished + done + 1
+            self.progress(f"move {move_id}: batch {n}/{total} done "
+                          f"[{'#' * (20 * n // total):<20}] elapsed {elapsed:.1f}s, ETA {eta:.1f}s")
         with self.catalog.engine.begin() as conn:
             self._fence(conn, move_id)
             conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'done', error = NULL, "
@@ -1188,7 +1250,7 @@ class Mover:
                    buckets: list[int], step: str, group: str | None = None) -> None:
         src_url = _shard_url(self.cluster, source, move_id, batch, "source")
         tgt_url = _shard_url(self.cluster, target, move_id, batch, "target")
-        units = f"{len(buckets)} buckets" if group is None else f"{len(buckets)} slice(s) of {group}"
+        units = counted(len(buckets), "bucket") if group is None else f"{len(buckets)} slice(s) of {group}"
         label = f"move {move_id} batch {batch} ({units} {source} -> {target})"
         # The guard: resumed after `rebalance init` added tables, or started before it did.
         # The rest (a trigger added, a privilege revoked) at every step, on the shards the
@@ -1252,7 +1314,7 @@ class Mover:
                 deleted = self._clean_up(src, tgt, tables, buckets, move_id)
                 # The source's replicas serve reads once they have replayed the deletes
                 # (before that they would show the moved rows on both shards).
-                lsn = _flushed(src)
+                lsn = _committed_position(src)
                 with self.catalog.engine.begin() as conn:
                     Catalog.set_floor(conn, move_id, batch, "source", lsn)
                 dt = time.monotonic() - t0
@@ -1619,7 +1681,7 @@ class Mover:
                 self._catch_up(src, tgt, tables, buckets, target)
         # The target's WAL position after the switch: its replicas serve the moved
         # buckets only once they have replayed it (reads stay as fresh as before).
-        target_lsn = _flushed(tgt)
+        target_lsn = _committed_position(tgt)
         # The source has given the buckets up (a paused writer is now refused and
         # polls the catalog for the next version); the target owns them.  Publish.
         # A crash before this commits leaves the batch at "copied": resuming
@@ -1635,7 +1697,7 @@ class Mover:
                 for b in buckets:
                     new_map[b] = target
                 version = self.catalog.publish_map(
-                    conn, new_map, f"move {move_id}: {len(buckets)} buckets to {target}")
+                    conn, new_map, f"move {move_id}: {counted(len(buckets), 'bucket')} to {target}")
             else:
                 slices = reassign(current.slices, {b: target for b in buckets})
                 version = self.catalog.publish_map(
@@ -1711,7 +1773,7 @@ class Mover:
                     + (" with different contents" if ours.get(b, (0,))[0] == theirs.get(b, (0,))[0] else "")
                     for b in bad[:5])
                 raise RebalanceError(
-                    f"{label}: verification failed for table {t.name} in {len(bad)} buckets ({detail}); "
+                    f"{label}: verification failed for table {t.name} in {counted(len(bad), 'bucket')} ({detail}); "
                     "the source's rows are kept; investigate, then resume to re-verify", step="verified")
             checked += sum(c for c, _ in ours.values())
         return checked
@@ -1960,7 +2022,7 @@ def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list
             tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql +
                                 " = ANY(%s::integer[])").format(_ident(t.name)), (buckets,))
     # The target's replicas serve reads once they have replayed the deletes.
-    return _flushed(tgt)
+    return _committed_position(tgt)
 
 
 def _unreachable(cluster: Cluster, url: Any) -> str | None:
@@ -2108,8 +2170,13 @@ def _restore_group(cluster: Cluster, catalog: Catalog, group: str, move_id: int)
                       {"b": [s.id for s in live if s.shard == shard]})
 
 
-def shard_weights(cluster: Cluster, *, by: str = "rows") -> dict[int, float]:
-    """Per bucket, its rows (``by="rows"``) or bytes (``by="bytes"``) across the guarded tables."""
+def shard_weights(cluster: Cluster, *, by: str = "rows",
+                  bucket_map: Sequence[str] | None = None) -> dict[int, float]:
+    """Per bucket, its rows (``by="rows"``) or bytes (``by="bytes"``) across the guarded tables,
+    counted on the shard that owns it in ``bucket_map`` (default: the cluster's): during a
+    move, and until a batch's clean-up or an abort deletes them, a bucket's rows are on its
+    source and on its target too, and counting both would weigh it twice."""
+    owner = cluster.config.bucket_map if bucket_map is None else bucket_map
     weights: dict[int, float] = defaultdict(float)
     for shard in cluster.shard_names:
         with cluster.primary(shard).connect() as conn:
@@ -2123,6 +2190,6 @@ def shard_weights(cluster: Cluster, *, by: str = "rows") -> dict[int, float]:
                 measure = "count(*)" if by == "rows" else "sum(pg_column_size(x.*))"
                 for bucket, w in conn.execute(text(
                         f"SELECT {b} AS b, {measure} FROM {table_sql(g.table)} AS x GROUP BY 1")):
-                    if bucket is not None:
+                    if bucket is not None and owner[int(bucket)] == shard:
                         weights[int(bucket)] += float(w or 0)
     return dict(weights)

@@ -17,9 +17,10 @@ from typing import Any
 from sqlalchemy import text
 
 from ._cluster import Cluster
-from ._config import ClusterConfig, _compress
+from ._config import ClusterConfig, _compress, counted
 from ._guard import SQL_HASHABLE_TYPES, bucket_expression, guard_installed, table_shape, table_sql
 from ._routing import Router
+from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
 from .errors import NoShardForKey
 
@@ -50,7 +51,8 @@ class VerifyReport:
     #: Per shard with an ownership guard, where its owned buckets (and slices of
     #: range and list groups) differ from the map: ``{"shard", "missing": [...],
     #: "extra": [...]}`` (those the map gives it that it does not own; those it
-    #: owns that the map gives another shard).
+    #: owns that the map gives another shard), and ``"slices"``, the slices among them
+    #: the map knows (number -> its group and keys), when there are any.
     ownership: list[dict[str, Any]] = field(default_factory=list)
     map_version: int | None = None
     #: The catalog's state changed during every attempt (a move kept taking
@@ -81,12 +83,18 @@ class VerifyReport:
         for m in self.missing_tables:
             lines.append(f"missing: {m}")
         for o in self.ownership:
-            if o["missing"]:
-                lines.append(f"ownership: {o['shard']} does not own {len(o['missing'])} buckets the map gives "
-                             f"it: {_compress(o['missing'])}")
-            if o["extra"]:
-                lines.append(f"ownership: {o['shard']} owns {len(o['extra'])} buckets the map gives another "
-                             f"shard: {_compress(o['extra'])}")
+            for key, what in (("missing", "does not own {} the map gives it"),
+                              ("extra", "owns {} the map gives another shard")):
+                # Hash buckets, then slices of range and list groups (numbered from SLICE_BASE).
+                buckets = [b for b in o[key] if b < SLICE_BASE]
+                slices = [b for b in o[key] if b >= SLICE_BASE]
+                if buckets:
+                    lines.append(f"ownership: {o['shard']} {what.format(counted(len(buckets), 'bucket'))}: "
+                                 f"{_compress(buckets)}")
+                if slices:
+                    named = o.get("slices", {})
+                    lines.append(f"ownership: {o['shard']} {what.format(counted(len(slices), 'slice'))}: "
+                                 + ", ".join(f"{i} ({named[i]})" if i in named else str(i) for i in slices))
         if self.map_changed:
             lines.append("the shard map changed while the shards were read, each time (a move is taking "
                          "steps): the problems above may be rows of that move; run verify again once it "
@@ -180,7 +188,10 @@ def _check_ownership(cluster: Cluster, config: ClusterConfig) -> list[dict[str, 
         want = {b for b, s in enumerate(bucket_map) if s == shard} | \
             {sl.id for sl in config.slices if sl.shard == shard}
         if owned != want:
-            problems.append({"shard": shard, "missing": sorted(want - owned), "extra": sorted(owned - want)})
+            # What the slices among them are (their group and keys), for the report's text.
+            named = {sl.id: sl.describe() for sl in config.slices if sl.id in owned ^ want}
+            problems.append({"shard": shard, "missing": sorted(want - owned), "extra": sorted(owned - want),
+                             **({"slices": named} if named else {})})
     return problems
 
 
@@ -255,7 +266,7 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
                 owner = _NO_OWNER
             except Exception as e:  # noqa: BLE001 - a custom function's own error: reported
                 # per row, not a crash that hides every other table's report.
-                owner = f"{_RAISED}{type(e).__name__})"
+                owner = f"{_RAISED}{type(e.__cause__ or e).__name__})"  # (the function's own)
         if owner != rep.shard:
             rep.misplaced[owner] += 1
             if pk and owner not in (_NO_OWNER, _NULL_KEY) and not owner.startswith(_RAISED) and kept < sample:

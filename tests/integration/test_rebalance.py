@@ -479,7 +479,7 @@ def test_verify_reports_ownership_that_disagrees_with_the_map(world):
         assert not report.ok
         by_shard = {o["shard"]: o for o in report.ownership}
         assert by_shard["s0"]["missing"] == [bucket] and by_shard["s1"]["extra"] == [bucket]
-        assert "s0 does not own 1 buckets" in report.render()
+        assert "s0 does not own 1 bucket the map gives it" in report.render()
     finally:
         with psycopg.connect(dev.shards[0].primary.dsn, autocommit=True) as c:
             c.execute("INSERT INTO shardkit.owned_buckets VALUES (%s)", (bucket,))

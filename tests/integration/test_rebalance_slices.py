@@ -408,7 +408,7 @@ def test_verification_catches_a_row_that_differs_and_keeps_the_source(world):
         (amount,) = c.execute("SELECT amount FROM orders WHERE order_no = %s", (key,)).fetchone()
         c.execute("UPDATE orders SET amount = amount + 1 WHERE order_no = %s", (key,))
     mover = rebalance.Mover(cluster, grace=0, progress=lambda line: None)
-    with pytest.raises(shardkit.RebalanceError, match="verification failed for table orders in 1 buckets"
+    with pytest.raises(shardkit.RebalanceError, match="verification failed for table orders in 1 bucket "
                        ".*different contents"):
         mover.run(move_id)
     with psycopg.connect(dev.shards[int(owner[1])].primary.dsn) as c:
