@@ -285,6 +285,7 @@ def test_split_and_value_move_with_writers_and_a_stale_process(world):
         s.commit()
     stale = shardkit.Cluster.from_config(cfg, metadata=Base.metadata, follow_map=False)
     StaleSession = sessionmaker(class_=shardkit.ShardedSession, cluster=stale, consistency="strong")
+    WRITERS = 3
     stop = threading.Event()
     errors: list[BaseException] = []
     values: dict[int, int] = {}
@@ -295,7 +296,9 @@ def test_split_and_value_move_with_writers_and_a_stale_process(world):
         nid = 10_000 + 100_000 * me
         try:
             while not stop.is_set():
-                k, val = rnd.randrange(1000, 2000), rnd.randrange(10**6)
+                # Each key has one writer: the ledger's order is then the commit order (two
+                # threads updating one key could record their values in the other order).
+                k, val = rnd.randrange(1000 + me, 2000, WRITERS), rnd.randrange(10**6)
                 shardkit.run_transaction(Session, lambda s: s.execute(
                     update(Event).where(Event.id == k).values(v=val)))
                 values[k] = val
@@ -306,7 +309,7 @@ def test_split_and_value_move_with_writers_and_a_stale_process(world):
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(WRITERS)]
     for t in threads:
         t.start()
     try:
