@@ -630,6 +630,7 @@ def test_the_config_file_can_turn_prepared_statements_off(env):
     Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="eventual")
     failures: list[str] = []
     reads = 0
+    lock = threading.Lock()  # `reads += 1` from 6 threads is a read-modify-write: exact count below
     try:
         def work(i: int) -> None:
             nonlocal reads
@@ -637,6 +638,7 @@ def test_the_config_file_can_turn_prepared_statements_off(env):
                 try:
                     with Session() as s:
                         assert s.get(User, (i * 30 + k) % 50) is not None
+                    with lock:
                         reads += 1
                 except Exception as e:  # noqa: BLE001 - the point of the test
                     failures.append(str(e))
