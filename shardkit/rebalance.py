@@ -909,8 +909,9 @@ class Mover:
                     if missing:
                         raise RebalanceError(
                             f"table(s) {', '.join(missing)} on {shard} have no ownership guard, so writes "
-                            "to them during a move would not be captured; run `shardkit rebalance init` (it "
-                            "installs the guard on tables added since), then apply or resume the move")
+                            "to them during a move would not be captured; run a migration calling "
+                            "`op.install_shardkit_guard()` (or, when no move is running, `shardkit rebalance "
+                            "init`: both install the guard on tables added since), then apply or resume the move")
                     stale = self._stale_guards(conn, guarded)
                     if stale:
                         raise RebalanceError(
@@ -918,8 +919,8 @@ class Mover:
                             "(installed by an older shardkit, before the table's primary key or shard "
                             "key changed, or before a partition was added), so it could record writes "
                             "during a move under names or keys the mover does not apply (or let a "
-                            "TRUNCATE through); run `shardkit rebalance init` (or a migration "
-                            "calling `op.install_shardkit_guard()`), then apply or resume the move")
+                            "TRUNCATE through); run a migration calling `op.install_shardkit_guard()` (or, "
+                            "when no move is running, `shardkit rebalance init`), then apply or resume the move")
                 self._check_fidelity(conn, shard, tables, copying, keys={g.table: g.key for g in guarded})
 
     def _stale_guards(self, conn: Any, guarded: list[Guarded]) -> list[str]:
@@ -1269,6 +1270,9 @@ class Mover:
                 log.warning("move %s batch %s: table(s) %s were not copied (the mover that copied "
                             "the batch did not configure them); copying the batch again",
                             move_id, batch, ", ".join(uncopied))
+                # The copy captures their writes from here on: refuse, as a capture would,
+                # tables without the guard (their writes during the copy would be lost).
+                self._check_triggers((source, target), group, guard=True, copying=True)
                 step = "capturing"
             # Readers learn from the "capturing" record that the target will hold
             # rows it does not own; the copy commits no sooner than `grace` after it.
@@ -1841,9 +1845,13 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
             batches = conn.execute(text(
                 "SELECT batch, source, target, buckets, step, map_version FROM shardkit_catalog.move_batches "
                 "WHERE move_id = :m ORDER BY batch"), {"m": m["id"]}).mappings().all()
+            # Each batch's latest copy: a batch resumed with tables its copy did not
+            # know is copied again (Mover._run_batch), its earlier copy replaced.
             copied = conn.execute(text(
-                "SELECT coalesce(sum((detail->>'rows')::bigint), 0) FROM shardkit_catalog.journal "
-                "WHERE move_id = :m AND step = 'copied'"), {"m": m["id"]}).scalar()
+                "SELECT coalesce(sum(rows), 0) FROM (SELECT DISTINCT ON (batch) "
+                "(detail->>'rows')::bigint AS rows FROM shardkit_catalog.journal "
+                "WHERE move_id = :m AND step = 'copied' ORDER BY batch, id DESC) AS latest"),
+                {"m": m["id"]}).scalar()
             out.append({
                 "move": m["id"], "state": m["state"], "reason": m["reason"], "error": m["error"],
                 "mover": m["id"] in held,
