@@ -713,7 +713,7 @@ class Cluster:
         nodes = []
         for state in mon.shards.values():
             for n in (state.primary, *state.replicas):
-                d = n.as_dict(mon.stale_after)
+                d = mon.describe(n)
                 eng = self._engines.get((n.shard, n.role, n.index))
                 d["pool"] = _pool_stats(eng)
                 nodes.append(d)

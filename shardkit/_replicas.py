@@ -178,13 +178,22 @@ class NodeHealth:
         """Whether the last poll answered less than ``stale_after`` seconds ago."""
         return bool(self.checked_at) and now - self.checked_at <= stale_after
 
-    def as_dict(self, stale_after: float | None = None) -> dict[str, Any]:
+    def as_dict(self, stale_after: float | None = None, hung_after: float | None = None) -> dict[str, Any]:
+        """The node's state for :meth:`Cluster.health`.  Past ``stale_after`` without an
+        answer to the poll it is reported down; a primary (``hung_after`` given) only past
+        ``hung_after``, as its writes are refused only then (before, they wait for the
+        answer): until then it is up, with the late poll as its error."""
         now = time.monotonic()
         up, error = self.up, self.error
         if up and stale_after is not None and self.checked_at and not self.heard_from(now, stale_after):
             # A hung node (stopped, not refusing connections) leaves its poll
             # waiting: say so instead of repeating its last good sample.
-            up, error = False, f"no answer to the health poll for {now - self.checked_at:.1f} s"
+            silent = f"no answer to the health poll for {now - self.checked_at:.1f} s"
+            if hung_after is not None and self.heard_from(now, hung_after):
+                error = (f"{silent}; writes wait for one, and are refused once it has been "
+                         f"{hung_after:g} s")
+            else:
+                up, error = False, silent
         elif up and self.not_following:
             error = ("it replays past the primary's WAL position: it does not follow this "
                      "primary (a failover left it on another timeline?)")
@@ -338,6 +347,11 @@ class HealthMonitor:
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
+
+    def describe(self, node: NodeHealth) -> dict[str, Any]:
+        """``node``'s state as :meth:`Cluster.health` (and the metrics) report it: a
+        silent primary is down from ``hung_after``, when its writes are refused."""
+        return node.as_dict(self.stale_after, self.hung_after if node.role == "primary" else None)
 
     @property
     def running(self) -> bool:

@@ -184,7 +184,7 @@ class _StateCollector:
                 if not n.checked_at:
                     continue
                 labels = [n.shard, n.name, n.role]
-                d = n.as_dict(mon.stale_after)  # what health() says: a hung node is down
+                d = mon.describe(n)  # what health() says: a hung node is down
                 up.add_metric(labels, 1.0 if d["up"] else 0.0)
                 if n.role == "replica" and d["lag_bytes"] is not None:
                     lag_b.add_metric(labels, float(d["lag_bytes"]))

@@ -120,9 +120,17 @@ def test_a_write_while_the_poll_is_late_waits_for_the_answer(world):
             time.sleep(0.02)
         return p.checked_at
 
+    def primary_health() -> tuple[dict, bool]:
+        h = cluster.health()
+        return [n for n in h.nodes if n["node"] == "s0/primary"][0], h.ready
+
     # Late, then it answers: the write waits and lands.
     try:
         stop_until_late()
+        # As its writes, health() waits for it: up (ready), with the late poll as the error.
+        node, ready = primary_health()
+        assert node["up"] and ready, node
+        assert "no answer to the health poll" in node["error"] and "writes wait" in node["error"], node
         out: dict = {}
         key = next(keys)
         t = threading.Thread(target=_write, args=(Session, key, out), daemon=True)
@@ -148,5 +156,8 @@ def test_a_write_while_the_poll_is_late_waits_for_the_answer(world):
         assert isinstance(out.get("error"), shardkit.ShardUnavailable), out
         assert "has not answered" in str(out["error"])
         assert mon.hung_after <= ended - last < mon.hung_after + 3
+        node, ready = primary_health()   # refused now: reported down, not ready
+        assert not node["up"] and not ready, node
+        assert "no answer to the health poll" in node["error"] and "writes wait" not in node["error"], node
     finally:
         resume(pids)
