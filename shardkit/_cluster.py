@@ -603,6 +603,11 @@ class Cluster:
                     connect_args.setdefault(k, v)
                 eng = create_engine(url, connect_args=connect_args, **opts)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
+                if role == PRIMARY and opts.get("isolation_level") == "AUTOCOMMIT":
+                    # Each statement commits as it runs (read-your-writes must know: see
+                    # _session._record_autocommitted).  As an execution option it shows
+                    # in every connection's own.
+                    eng.info["autocommit"] = True  # type: ignore[attr-defined]
                 event.listen(eng, "handle_error", _translate_errors(self, shard, node, url, index if role == REPLICA else None),
                              retval=True)
                 if role == REPLICA:

@@ -193,8 +193,6 @@ class ShardedSession(horizontal_shard.ShardedSession):
             self.strict = bool(strict)
         # Shards the current transaction wrote to: their reads go to the primary.
         self._sk_written: set[str] = set()
-        # Shards whose primary connection in the current transaction is in autocommit.
-        self._sk_autocommit: set[str] = set()
         # shard -> WAL position this session's reads must see (read-your-writes).
         self._sk_tokens: dict[str, int] = {}
         # shard -> the highest position of _sk_tokens known to be one of its primary's own
@@ -4334,10 +4332,17 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
     """The outermost transaction ends without a COMMIT (a rollback, a close) having
     written: to a primary whose connection was in autocommit (``isolation_level``
     ``AUTOCOMMIT``, for the engine or the connection), each statement committed as it
-    ran.  Remember those shards' WAL positions (read-your-writes), as a commit would."""
-    for shard in sorted(session._sk_written & session._sk_autocommit):
-        if not session.cluster.replica_count(shard):
-            continue
+    ran.  Remember those shards' WAL positions (read-your-writes), as a commit would.
+    (The transaction's connections are closed by now, their options kept.)"""
+    shards = set()
+    for entry in (getattr(transaction, "_connections", None) or {}).values():
+        conn = entry[0]
+        info = conn.engine.info
+        if info.get("role") == PRIMARY and info["shard"] in session._sk_written \
+                and session.cluster.replica_count(info["shard"]) and (
+                    info.get("autocommit") or conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"):
+            shards.add(info["shard"])
+    for shard in sorted(shards):
         try:
             text = _primary_position(session.cluster, shard)
         except Exception as e:  # noqa: BLE001
@@ -4350,20 +4355,10 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
             session._sk_tokens[shard] = lsn
 
 
-def _note_autocommit(session: ShardedSession, transaction: Any, connection: Any) -> None:
-    """A primary's connection joins the session's transaction in autocommit: its writes
-    commit as they run (see :func:`_record_autocommitted`)."""
-    info = connection.engine.info
-    if info and info.get("role") == PRIMARY and connection.connection.dbapi_connection.autocommit:
-        session._sk_autocommit.add(info["shard"])
-
-
 def _forget_transaction(session: ShardedSession) -> None:
     """Clear what the session records for its current transaction (not read-your-writes)."""
     if session._sk_written:
         session._sk_written = set()
-    if session._sk_autocommit:
-        session._sk_autocommit = set()
     if session._sk_commit_conns:
         session._sk_commit_conns = {}
     if session._sk_replica:
@@ -4385,7 +4380,6 @@ event.listen(ShardedSession, "after_flush", _note_flushed_shards)
 event.listen(ShardedSession, "before_commit", _hold_commit_connections)
 event.listen(ShardedSession, "after_commit", _record_tokens)
 event.listen(ShardedSession, "after_transaction_end", _end_transaction)
-event.listen(ShardedSession, "after_begin", _note_autocommit)
 event.listen(ShardedSession, "after_flush", _after_flush)
 event.listen(ShardedSession, "before_attach", _token_for_keyed)
 # On every mapper (it returns at once outside a ShardedSession).
