@@ -1251,7 +1251,7 @@ class Mover:
                    buckets: list[int], step: str, group: str | None = None) -> None:
         src_url = _shard_url(self.cluster, source, move_id, batch, "source")
         tgt_url = _shard_url(self.cluster, target, move_id, batch, "target")
-        units = counted(len(buckets), "bucket") if group is None else f"{len(buckets)} slice(s) of {group}"
+        units = counted(len(buckets), "bucket") if group is None else f"{counted(len(buckets), 'slice')} of {group}"
         label = f"move {move_id} batch {batch} ({units} {source} -> {target})"
         # The guard: resumed after `rebalance init` added tables, or started before it did.
         # The rest (a trigger added, a privilege revoked) at every step, on the shards the
@@ -1291,7 +1291,7 @@ class Mover:
                 rows = self._copy(src, tgt, tables, buckets, visible_after, move_id)
                 # Not counting the wait for readers to learn of the copy.
                 dt = time.monotonic() - t0 - self._visibility_wait
-                self.progress(f"{label}: copied {rows} rows in {dt:.2f}s "
+                self.progress(f"{label}: copied {counted(rows, 'row')} in {dt:.2f}s "
                               f"({rows / dt if dt else 0:,.0f} rows/s)")
                 self._record(move_id, batch, "copied", {"rows": rows, "seconds": round(dt, 3),
                                                         "tables": [t.name for t in tables]})
@@ -1301,7 +1301,7 @@ class Mover:
                 applied = self._catch_up(src, tgt, tables, buckets, target)
                 version, pause = self._cut_over(src, tgt, tables, move_id, batch, buckets, target, group)
                 self.longest_pause = max(self.longest_pause, pause)
-                self.progress(f"{label}: caught up {applied} changes in {time.monotonic() - t0:.2f}s, "
+                self.progress(f"{label}: caught up {counted(applied, 'change')} in {time.monotonic() - t0:.2f}s, "
                               f"switched to map version {version}; writes paused {pause * 1000:.0f} ms")
                 step = "switched"
             if step == "switched":
@@ -1310,7 +1310,7 @@ class Mover:
                 t0 = time.monotonic()
                 checked = self._verify(src, tgt, tables, buckets, label)
                 dt = time.monotonic() - t0
-                self.progress(f"{label}: verified {checked} rows in {dt:.2f}s")
+                self.progress(f"{label}: verified {counted(checked, 'row')} in {dt:.2f}s")
                 self._record(move_id, batch, "verified", {"rows": checked, "seconds": round(dt, 3)})
                 step = "verified"
             if step == "verified":
@@ -1322,7 +1322,7 @@ class Mover:
                 with self.catalog.engine.begin() as conn:
                     Catalog.set_floor(conn, move_id, batch, "source", lsn)
                 dt = time.monotonic() - t0
-                self.progress(f"{label}: deleted {deleted} rows from {source} in {dt:.2f}s")
+                self.progress(f"{label}: deleted {counted(deleted, 'row')} from {source} in {dt:.2f}s")
                 self._record(move_id, batch, "cleaned", {"deleted": deleted, "seconds": round(dt, 3)})
 
     def _not_copied(self, move_id: int, batch: int, tables: list[_Table]) -> list[str]:
