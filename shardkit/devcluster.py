@@ -1029,6 +1029,9 @@ class DevCluster(_ClusterLayout):
         self.bucket_count = bucket_count
         self.shards = shards
         self._programs = programs
+        # Whether up() made base_dir (else it was an empty directory already, which down()
+        # empties but leaves: it may be a mount point, or have an owner and mode of its own).
+        self._made_base_dir = True
 
     def __repr__(self) -> str:
         return f"<DevCluster {self.base_dir} {len(self.shards)} shard(s) {self.shards!r}>"
@@ -1046,6 +1049,7 @@ class DevCluster(_ClusterLayout):
             "bucket_count": self.bucket_count,
             "pg_bin": str(self._programs.bin_dir),
             "os_user": self._programs.os_user,
+            "made_base_dir": self._made_base_dir,
             "shards": [
                 {"name": s.name, "nodes": [
                     {"name": n.name, "role": n.role, "port": n.port,
@@ -1110,7 +1114,10 @@ class DevCluster(_ClusterLayout):
                     replicas.append(node)
             assert primary is not None, f"{path}: shard {s['name']} has no primary"
             shards.append(DevShard(s["name"], primary, replicas))
-        return cls(base, state["bucket_count"], shards, programs), bool(state.get("complete"))
+        cluster = cls(base, state["bucket_count"], shards, programs)
+        # (A state written before the field: up() made the directory, as down() assumed.)
+        cluster._made_base_dir = state.get("made_base_dir", True) is not False
+        return cluster, bool(state.get("complete"))
 
     # -- up / down -----------------------------------------------------------
 
@@ -1170,6 +1177,7 @@ class DevCluster(_ClusterLayout):
             )
 
         cluster = cls(base, bucket_count, [], programs)
+        cluster._made_base_dir = created_base
         started = time.monotonic()
         cancel = threading.Event()
         try:
@@ -1313,7 +1321,15 @@ class DevCluster(_ClusterLayout):
                 node=failures[0].node,
             )
         if remove and self.base_dir.exists():
-            shutil.rmtree(self.base_dir)
+            if self._made_base_dir:
+                shutil.rmtree(self.base_dir)
+            else:
+                # Everything in it is the cluster's (up() starts only in an empty directory).
+                for child in self.base_dir.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink(missing_ok=True)
         log.info("dev cluster in %s stopped%s", self.base_dir, " and removed" if remove else "")
 
 
