@@ -3978,29 +3978,36 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
     if only is not None:
         conns = {shard: conn for shard, conn in conns.items() if shard in only}
     for shard, conn in conns.items():
+        _remember_position(session, shard, "commit", conn)
+
+
+def _remember_position(session: ShardedSession, shard: str, after: str, conn: Any = None) -> None:
+    """Remember ``shard``'s WAL position (read-your-writes) after ``after`` committed there:
+    read on ``conn``, the session's own committed connection, when given (no second
+    checkout, so a full pool cannot deadlock here), else on a connection of its own.
+    The insert position is at or after the commit record."""
+    text = None
+    if conn is not None:
         try:
-            # The session's own connection, committed and not yet returned to the
-            # pool: no second checkout, so a full pool cannot deadlock here.
-            # The insert position is at or after our commit record.
             text = conn.exec_driver_sql(WAL_POSITION_SQL).scalar()
         except Exception:  # noqa: BLE001
-            try:
-                # The connection died after its COMMIT: any connection to the primary
-                # gives a position at or after the commit record.
-                text = _primary_position(session.cluster, shard)
-            except Exception as e:  # noqa: BLE001
-                # Without a position, this session (and any given its token) reads
-                # this shard from the primary.
-                log.warning("could not read %s's WAL position after commit (%s); its reads "
-                            "go to the primary", shard, e)
-                session._sk_tokens[shard] = _UNKNOWN_POSITION
-                continue
-        lsn = replay_target(parse_lsn(text))
-        if lsn > session._sk_tokens.get(shard, 0):
-            session._sk_tokens[shard] = lsn
-        if lsn > session._sk_token_checked.get(shard, -1):
-            # Read on the primary itself (see ShardedSession._token_beyond_primary).
-            session._sk_token_checked[shard] = lsn
+            pass  # it died after its COMMIT: any connection to the primary will do
+    if text is None:
+        try:
+            text = _primary_position(session.cluster, shard)
+        except Exception as e:  # noqa: BLE001
+            # Without a position, this session (and any given its token) reads
+            # this shard from the primary.
+            log.warning("could not read %s's WAL position after %s (%s); its reads go to the "
+                        "primary", shard, after, e)
+            session._sk_tokens[shard] = _UNKNOWN_POSITION
+            return
+    lsn = replay_target(parse_lsn(text))
+    if lsn > session._sk_tokens.get(shard, 0):
+        session._sk_tokens[shard] = lsn
+    if lsn > session._sk_token_checked.get(shard, -1):
+        # Read on the primary itself (see ShardedSession._token_beyond_primary).
+        session._sk_token_checked[shard] = lsn
 
 
 def _primary_position(cluster: Cluster, shard: str) -> str:
@@ -4343,16 +4350,7 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
                     info.get("autocommit") or conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"):
             shards.add(info["shard"])
     for shard in sorted(shards):
-        try:
-            text = _primary_position(session.cluster, shard)
-        except Exception as e:  # noqa: BLE001
-            log.warning("could not read %s's WAL position after writes in autocommit (%s); its "
-                        "reads go to the primary", shard, e)
-            session._sk_tokens[shard] = _UNKNOWN_POSITION
-            continue
-        lsn = replay_target(parse_lsn(text))
-        if lsn > session._sk_tokens.get(shard, 0):
-            session._sk_tokens[shard] = lsn
+        _remember_position(session, shard, "writes in autocommit")
 
 
 def _forget_transaction(session: ShardedSession) -> None:
