@@ -616,7 +616,8 @@ class Cluster:
                 if role == PRIMARY:
                     from ._session import _watch_primary
 
-                    _watch_primary(eng.dialect, short_writes=self.config.catalog_url is not None)
+                    _watch_primary(eng.dialect, short_writes=self.config.catalog_url is not None,
+                                   autocommit=bool(eng.info.get("autocommit")))
                 for hook in self._engine_hooks:
                     hook(eng)
                 log.debug("created engine for %s (%s)", _node_name(shard, role, index), mask_url(url))

@@ -143,6 +143,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
     _sk_committing = False
     # Transactions this session committed (run_transaction does not retry after one).
     _sk_commits = 0
+    _sk_autocommitted = False  # a transaction ended without COMMIT had written in autocommit
 
     def __init_subclass__(cls, **kw: Any) -> None:
         # A subclass's default is checked once, as the constructor checks the argument
@@ -2392,6 +2393,32 @@ def _note_short_write(cursor: Any, context: Any, given: int) -> None:
         _SHORT_WRITE.set(True)
 
 
+# The connections (of a cluster with a catalog whose primaries run in autocommit) on which
+# a statement wrote, so committed as it ran: run_transaction must not run the function
+# again after a NotOwned (see _record_autocommitted).  Weak: a Connection lives for one
+# transaction of a session.
+_AUTOCOMMITTED: weakref.WeakSet[Any] = weakref.WeakSet()
+# Command tags of statements that write nothing (a text() statement's kind is not known).
+_READ_TAGS = ("SELECT", "SHOW", "SET", "RESET", "BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT",
+              "RELEASE", "DECLARE", "FETCH", "CLOSE", "LISTEN", "DISCARD")
+
+
+def _note_autocommitted_write(cursor: Any, context: Any, given: int) -> None:
+    """_note_short_write, on a primary whose connections run in autocommit: a statement
+    that wrote rows (or one shardkit cannot tell, such as DDL) has committed them."""
+    _note_short_write(cursor, context, given)
+    if context is None:
+        return
+    if context.isinsert or context.isupdate or context.isdelete:
+        if cursor.rowcount == 0:
+            return  # matched no row: nothing committed
+    elif not context.is_text and not context.isddl:
+        return  # a compiled SELECT
+    elif (cursor.statusmessage or "").startswith(_READ_TAGS):
+        return
+    _AUTOCOMMITTED.add(context.root_connection)
+
+
 def _shard_key_of(session: ShardedSession, state: Any) -> tuple[bool, Any]:
     """(guarded, key): whether persistent object ``state`` is in a group the ownership
     guard covers, and its shard key's value in the database (``None`` when unknown)."""
@@ -2916,8 +2943,8 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             results.append(Session.execute(session, stmt, p, execution_options=eo, bind_arguments=ba))
         except sa_exc.DBAPIError as e:
             if results and reference:
-                e.add_note(_REFERENCE_COPY_FAILED.format(
-                    shard=shard, table=statement.table.fullname, done=", ".join(route.shards[:len(results)])))
+                _note_reference_copy_failed(session, e, shard, statement.table,
+                                            list(route.shards[:len(results)]))
             raise
         if route.keys and session.cluster.catalog is not None:
             _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one",
@@ -3672,13 +3699,15 @@ def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
     if row is None:
         return
     stmt = _reference_upsert(table)
+    done = [home]
     for shard in cluster.shard_names:
         if shard != home:
             try:
                 session.connection(bind_arguments={"shard_id": shard}).execute(stmt, [dict(row)])
             except sa_exc.DBAPIError as e:
-                e.add_note(_REFERENCE_COPY_FAILED.format(shard=shard, table=table.fullname, done=home))
+                _note_reference_copy_failed(session, e, shard, table, done)
                 raise
+            done.append(shard)
     session._sk_ref_copied.add(state)
 
 
@@ -3698,6 +3727,31 @@ _REFERENCE_COPY_FAILED = (
     "there alone (that copy differs from theirs: a row, a constraint or a column; or that shard "
     "is out of reach); the transaction "
     "fails on every shard: roll back, and compare the copies with `shardkit migrate check`)")
+
+
+_REFERENCE_COPY_FAILED_AUTOCOMMIT = (
+    "(on shard {shard}, writing its copy of reference table {table} after {done}: it failed "
+    "there alone (that copy differs from theirs: a row, a constraint or a column; or that shard "
+    "is out of reach); the primaries run in autocommit, so the copies written on {done} are "
+    "committed and a rollback does not undo them: the copies differ now; repair shard {shard} "
+    "(`shardkit migrate check` compares the copies) and write the rows again)")
+
+
+def _note_reference_copy_failed(session: ShardedSession, error: BaseException, shard: str,
+                                table: Any, done: list[Any]) -> None:
+    """Say on ``error`` which reference copies a failed copy to ``shard`` leaves behind."""
+    autocommit = False
+    for name in done:
+        try:
+            # The session's connection there, held since it wrote the copy.
+            conn = Session.connection(session, bind_arguments={"shard_id": name})
+            autocommit = autocommit or bool(conn.engine.info.get("autocommit")) or \
+                conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        except Exception:  # noqa: BLE001 - the copy's own error is the one to raise
+            continue
+    names = ", ".join(str(name) for name in done)
+    error.add_note((_REFERENCE_COPY_FAILED_AUTOCOMMIT if autocommit else _REFERENCE_COPY_FAILED)
+                   .format(shard=shard, table=table.fullname, done=names))
 
 
 def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
@@ -3756,14 +3810,16 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
         if not rows:
             continue
         stmt = _reference_upsert(table)
+        done = [home]
         for shard in cluster.shard_names:
             if shard == home:
                 continue
             try:
                 session.connection(bind_arguments={"shard_id": shard}).execute(stmt, rows)
             except sa_exc.DBAPIError as e:
-                e.add_note(_REFERENCE_COPY_FAILED.format(shard=shard, table=table.fullname, done=home))
+                _note_reference_copy_failed(session, e, shard, table, done)
                 raise
+            done.append(shard)
 
 
 def _association_rows(state: Any, rel: Any, *, which: str = "both") -> list[dict[str, Any]]:
@@ -4019,11 +4075,13 @@ def _primary_position(cluster: Cluster, shard: str) -> str:
 _COMMIT_SEQ = _counter(1)
 
 
-def _watch_primary(dialect: Any, short_writes: bool) -> None:
+def _watch_primary(dialect: Any, short_writes: bool, autocommit: bool = False) -> None:
     """Wrap a primary engine's own dialect so that each COMMIT is numbered on its connection
     (``ShardedSession.commit()`` learns from it which shards committed when a commit fails
     part way) and, with ``short_writes``, an UPDATE or DELETE that matched fewer rows than
-    it was given is noted (see ``_SHORT_WRITE``).  Rather than the engine's "commit" and
+    it was given is noted (see ``_SHORT_WRITE``), and with ``autocommit`` too (an engine whose
+    connections commit each statement as it runs) a statement that wrote is noted on its
+    connection (see ``_AUTOCOMMITTED``).  Rather than the engine's "commit" and
     "after_cursor_execute" events: an engine with a connection-event listener makes every
     statement and transaction on it dispatch all the connection events (about 90 Python
     calls a read), and ``create_engine()`` gives each engine a dialect of its own."""
@@ -4040,17 +4098,19 @@ def _watch_primary(dialect: Any, short_writes: bool) -> None:
     do_execute, do_executemany = dialect.do_execute, dialect.do_executemany
     do_execute_no_params = dialect.do_execute_no_params
 
+    note = _note_autocommitted_write if autocommit else _note_short_write
+
     def noted_execute(cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
         do_execute(cursor, statement, parameters, context)
-        _note_short_write(cursor, context, 1)
+        note(cursor, context, 1)
 
     def noted_executemany(cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
         do_executemany(cursor, statement, parameters, context)
-        _note_short_write(cursor, context, len(parameters))
+        note(cursor, context, len(parameters))
 
     def noted_execute_no_params(cursor: Any, statement: Any, context: Any = None) -> None:
         do_execute_no_params(cursor, statement, context)
-        _note_short_write(cursor, context, 1)
+        note(cursor, context, 1)
 
     dialect.do_execute = noted_execute
     dialect.do_executemany = noted_executemany
@@ -4339,16 +4399,26 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
     """The outermost transaction ends without a COMMIT (a rollback, a close) having
     written: to a primary whose connection was in autocommit (``isolation_level``
     ``AUTOCOMMIT``, for the engine or the connection), each statement committed as it
-    ran.  Remember those shards' WAL positions (read-your-writes), as a commit would.
+    ran.  Remember those shards' WAL positions (read-your-writes), as a commit would, and
+    that something was committed (run_transaction must not run the function again): a
+    statement wrote on an autocommit engine's connection (noted with a catalog, see
+    ``_note_autocommitted_write``), or the application put the connection in autocommit
+    (what ran on it is not known).
     (The transaction's connections are closed by now, their options kept.)"""
     shards = set()
     for entry in (getattr(transaction, "_connections", None) or {}).values():
         conn = entry[0]
         info = conn.engine.info
-        if info.get("role") == PRIMARY and info["shard"] in session._sk_written \
-                and session.cluster.replica_count(info["shard"]) and (
-                    info.get("autocommit") or conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"):
-            shards.add(info["shard"])
+        if info.get("role") == PRIMARY and info["shard"] in session._sk_written:
+            if info.get("autocommit"):
+                if conn in _AUTOCOMMITTED:
+                    session._sk_autocommitted = True
+            elif conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+                session._sk_autocommitted = True
+            else:
+                continue
+            if session.cluster.replica_count(info["shard"]):
+                shards.add(info["shard"])
     for shard in sorted(shards):
         _remember_position(session, shard, "writes in autocommit")
 
@@ -4402,7 +4472,11 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     session, up to ``retries`` more times.  ``fn`` must therefore be safe to run
     again (do not keep state from a failed attempt).  A ``NotOwned`` after ``fn``
     committed part of its work itself (``session.commit()`` inside it) propagates:
-    running it again would repeat what was committed.  Returns what ``fn`` returned.
+    running it again would repeat what was committed.  So does one after a statement of
+    ``fn`` wrote through a primary connection in autocommit (it committed as it ran: with
+    the engine in autocommit, a statement that wrote rows; on a connection the application
+    put in autocommit, anything, as shardkit cannot see what ran on it).  Returns what
+    ``fn`` returned.
 
     ``on_commit`` is called with the session's consistency token once the commit
     has succeeded (before the session closes), so that what was committed can be read
@@ -4419,8 +4493,16 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
                 session.commit()
             except NotOwned as e:
                 session.rollback()
-                if attempt >= retries or getattr(session, "_sk_commits", 0):
+                autocommitted = getattr(session, "_sk_autocommitted", False)
+                if attempt >= retries or getattr(session, "_sk_commits", 0) or autocommitted:
                     # (fn committed part of its work itself: running it again would repeat it.)
+                    if autocommitted and attempt < retries:
+                        e.add_note(
+                            "(run_transaction did not run the function again: a primary "
+                            "connection in autocommit had committed its writes before this "
+                            "one as they ran, and a retry would apply them twice; refresh "
+                            "the map, check them and write what is missing yourself, or give "
+                            "run_transaction sessions whose primaries are not in autocommit)")
                     raise
                 # Another map may have arrived while fn ran, before the one that moved
                 # this bucket: wait for one newer than the map that routed the write.

@@ -158,9 +158,11 @@ class NotOwned(RoutingError):
     waits for the catalog to publish it.
 
     The process routed with a stale bucket map (a move has switched the
-    bucket to another shard).  Nothing was written; the transaction on that
-    shard is rolled back.  shardkit refreshes its map on this error; retry
-    the transaction (:func:`shardkit.run_transaction` does it once).
+    bucket to another shard).  Nothing was written by the refused statement; the
+    transaction on that shard is rolled back (on a primary in autocommit, the
+    statements before it committed as they ran).  shardkit refreshes its map on
+    this error; retry the transaction (:func:`shardkit.run_transaction` does it
+    once, unless a statement before it committed in autocommit).
     """
 
     def __init__(self, message: str, *, shard: str | None = None, bucket: int | None = None,
