@@ -4050,6 +4050,12 @@ def _remember_position(session: ShardedSession, shard: str, after: str, conn: An
             pass  # it died after its COMMIT: any connection to the primary will do
     if text is None:
         try:
+            mon = session.cluster._monitor
+            if mon is not None and mon.running and not mon.answers(mon.shards[shard].primary):
+                # Hung (stopped, accepting TCP) or down: a query on a pooled connection
+                # would wait for ever, holding the session's close() or rollback().
+                raise ShardUnavailable("its primary has not answered the health poll lately",
+                                       shard=shard)
             text = _primary_position(session.cluster, shard)
         except Exception as e:  # noqa: BLE001
             # Without a position, this session (and any given its token) reads
@@ -4150,6 +4156,11 @@ def _primary_shard(conn: Any) -> str | None:
     return info.get("shard") if info.get("role") == PRIMARY else None
 
 
+def _node_of(conn: Any) -> str:
+    """The node a connection is to ("?" for an engine the application bound itself)."""
+    return (getattr(conn.engine, "info", None) or {}).get("node", "?")
+
+
 def _refuse_aborted(session: Session) -> None:
     """Before a commit: a shard whose transaction an error aborted would roll back at
     COMMIT while the others commit.  On one database the error would have cost the
@@ -4207,14 +4218,14 @@ def _finish_past_lost_readers(session: ShardedSession, error: BaseException) -> 
             return error
         for key, entry in lost:
             entries[key] = _not_to_commit(entry)
-        names = sorted({entry[0].engine.info.get("node", "?") for _, entry in lost})
+        names = sorted({_node_of(entry[0]) for _, entry in lost})
         log.warning("the COMMIT of %s, which this transaction only read from, met its connection "
                     "lost (%s); nothing was written there: the other shards commit",
                     ", ".join(names), first_line(error))
         pending = {id(entry[0]): entry for entry in entries.values() if entry[2]}
         try:
             for _conn, conn_trans, *_ in sorted(
-                    pending.values(), key=lambda v: v[0].engine.info.get("node", "")):
+                    pending.values(), key=lambda v: _node_of(v[0])):
                 if conn_trans.is_active:
                     conn_trans.commit()
         except Exception as e:  # noqa: BLE001 - looked at again above
@@ -4408,7 +4419,8 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
     shards = set()
     for entry in (getattr(transaction, "_connections", None) or {}).values():
         conn = entry[0]
-        info = conn.engine.info
+        # (An engine the application bound itself, bind_arguments={"bind": ...}, has no info.)
+        info = getattr(conn.engine, "info", None) or {}
         if info.get("role") == PRIMARY and info["shard"] in session._sk_written:
             if info.get("autocommit"):
                 if conn in _AUTOCOMMITTED:

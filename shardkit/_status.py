@@ -36,12 +36,17 @@ def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = Non
     rows: dict[str, dict[str, int | None]] = {}
     unknown: dict[str, dict[str, str]] = {}
     connections: dict[str, int | None] = {}
+    mon = cluster._monitor
     for n in health.nodes:
         shard, role = n["shard"], n["role"]
-        if not n["up"]:
+        index = 0 if role == "primary" else int(n["node"].rsplit("/r", 1)[1])
+        # A primary whose poll is late is up (its writes wait for the answer), but a
+        # query to it (on a pooled connection to a stopped server) could wait for ever.
+        node = None if mon is None else (
+            mon.shards[shard].primary if role == "primary" else mon.shards[shard].replicas[index])
+        if not n["up"] or (node is not None and not mon.answers(node)):
             connections[n["node"]] = None
             continue
-        index = 0 if role == "primary" else int(n["node"].rsplit("/r", 1)[1])
         try:
             with cluster.engine(shard, role, index).connect() as c:
                 connections[n["node"]] = c.execute(text(

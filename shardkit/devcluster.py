@@ -1307,7 +1307,8 @@ class DevCluster(_ClusterLayout):
         self._empty_base_dir(created_base)
 
     def down(self, remove: bool = True) -> None:
-        """Stop every node (fast, then immediate if one takes over 10 s) and delete base_dir.
+        """Stop every node (fast, then immediate if one takes over 10 s) and delete base_dir
+        (empty it, when it was an empty directory before :meth:`up`).
 
         With ``remove=False`` the data directories are kept, and :meth:`up`
         on the same directory starts them again.
