@@ -344,6 +344,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if plan is False:
             return None
         positions, coercers, strategy = plan
+        if len(positions) == 1 and not isinstance(primary_key, (tuple, list, dict)):
+            # get(Model, value) of a one-column shard key: what the general steps below
+            # come to for a scalar (it is the whole primary key).
+            if positions[0] or primary_key is None:
+                return None
+            co = coercers[0]
+            return strategy.shard_for_key(co(primary_key) if co else primary_key)
         ident = _pk_values(mapper, primary_key)
         if len(ident) <= max(positions):
             return None
@@ -453,17 +460,33 @@ class ShardedSession(horizontal_shard.ShardedSession):
             given = kw.get("execution_options")
             if self.execution_options:  # the session's own (SQLAlchemy 2.1), under the call's
                 given = _with_session_options(self.execution_options, None, given)
-            identity_token = _named_shard(kw.get("options"), given, kw.get("bind_arguments"))
-        if identity_token is None and current_scope().shard is None:
-            insp = inspect(entity)
-            problem = self.cluster.router.entity_problem(insp)
+            options, bind_arguments = kw.get("options"), kw.get("bind_arguments")
+            if options or given or bind_arguments:  # (none of them: no shard named)
+                identity_token = _named_shard(options, given, bind_arguments)
+        # (_scope_var.get(): current_scope(), without the call.)
+        if identity_token is None and _scope_var.get().shard is None:
+            # A mapped class's (or mapper's) mapper and its entity_problem, by the entity,
+            # worked out once per router (a new map brings a new router).
+            # (Kept while the mapper's polymorphic mappers, which entity_problem checks too,
+            # are the same: SQLAlchemy makes them anew when a subclass is mapped.)
+            router = self.cluster.router
+            try:
+                plan = router.get_plans.get(entity)
+            except TypeError:  # (not hashable: inspect() says what it is)
+                plan = None
+            if plan is None or plan[0]._with_polymorphic_mappers is not plan[2]:
+                insp = inspect(entity)
+                plan = (insp.mapper, router.entity_problem(insp), insp.mapper._with_polymorphic_mappers)
+                if insp.is_mapper:
+                    router.get_plans[entity] = plan
+            mapper, problem, _ = plan
             if problem is not None:
                 raise ScatterRefused(f"cannot load {problem}",
                                      construct="statement not colocated on the shard key")
-            identity_token = self._shard_from_identity(insp.mapper, primary_key_identity)
+            identity_token = self._shard_from_identity(mapper, primary_key_identity)
             if identity_token is None:
                 if current_scope().key is None:
-                    _refuse_held_on_several_shards(self, insp.mapper, primary_key_identity)
+                    _refuse_held_on_several_shards(self, mapper, primary_key_identity)
                 with _one_shard_per_identity(entity, primary_key_identity):
                     return super()._get_impl(entity, primary_key_identity, db_load_fn, **kw)
         return super()._get_impl(entity, primary_key_identity, db_load_fn,
@@ -524,17 +547,21 @@ class ShardedSession(horizontal_shard.ShardedSession):
             )
         role = shardkit_role or PRIMARY
         if role == PRIMARY:
-            try:
-                _fail_fast_if_primary_down(self.cluster, shard_id)
-            except ShardUnavailable:
-                if not self._invalidate_held(shard_id):
-                    # Nothing ran there in this transaction, and this statement does not
-                    # run: the shard's reads keep using its replicas.
-                    self._sk_written.discard(shard_id)
-                raise
+            self._refuse_primary_down(shard_id)
         elif shardkit_stream:
             return self.cluster.streaming_engine(shard_id, shardkit_replica)
         return self.cluster.engine(shard_id, role, shardkit_replica)
+
+    def _refuse_primary_down(self, shard_id: str) -> None:
+        """get_bind()'s check of a statement about to run on ``shard_id``'s primary."""
+        try:
+            _fail_fast_if_primary_down(self.cluster, shard_id)
+        except ShardUnavailable:
+            if not self._invalidate_held(shard_id):
+                # Nothing ran there in this transaction, and this statement does not
+                # run: the shard's reads keep using its replicas.
+                self._sk_written.discard(shard_id)
+            raise
 
     # -- consistency ------------------------------------------------------------------
 
@@ -1014,8 +1041,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if (not self._short_path_open(statement, params) or shard not in cluster.router.shard_set
                 or cluster._replica_counts[shard] or cluster._map_misfit is not None):
             return _GENERAL
-        return Session.execute(self, statement, params, execution_options=execution_options,
-                               bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
+        if self.dispatch.do_orm_execute:
+            return Session.execute(self, statement, params, execution_options=execution_options,
+                                   bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
+        # What Session.execute(), _execute_internal() and get_bind() would do, three calls
+        # the shorter (as _plain_read's replica read): get_bind()'s checks are made here (the
+        # misfit and the shard above), with no do_orm_execute listener for
+        # _execute_internal() to check after.  (Before the ORM's autoflush, which has nothing
+        # to flush: see _short_path_open.)
+        self._refuse_primary_down(shard)
+        engine = cluster._engines.get((shard, PRIMARY, 0)) or cluster.engine(shard, PRIMARY, 0)
+        return _session_execute_internal(
+            self, statement, params, execution_options=execution_options,
+            bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY, "shardkit_engine": engine})
 
     def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,
                  bind_arguments: Any, kw: Mapping[str, Any], sc: RoutingScope,
