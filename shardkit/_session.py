@@ -3782,9 +3782,7 @@ def _note_reference_copy_failed(session: ShardedSession, error: BaseException, s
     for name in done:
         try:
             # The session's connection there, held since it wrote the copy.
-            conn = Session.connection(session, bind_arguments={"shard_id": name})
-            autocommit = autocommit or bool(conn.engine.info.get("autocommit")) or \
-                conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+            autocommit = autocommit or _autocommits(Session.connection(session, bind_arguments={"shard_id": name}))
         except Exception:  # noqa: BLE001 - the copy's own error is the one to raise
             continue
     names = ", ".join(str(name) for name in done)
@@ -4459,18 +4457,22 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
         conn = entry[0]
         # (An engine the application bound itself, bind_arguments={"bind": ...}, has no info.)
         info = getattr(conn.engine, "info", None) or {}
-        if info.get("role") == PRIMARY and info["shard"] in session._sk_written:
-            if info.get("autocommit"):
-                if conn in _AUTOCOMMITTED:
-                    session._sk_autocommitted = True
-            elif conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        if info.get("role") == PRIMARY and info["shard"] in session._sk_written and _autocommits(conn):
+            # (On an engine in autocommit, the statements that wrote are noted; on a
+            # connection put in autocommit, anything may have.)
+            if not info.get("autocommit") or conn in _AUTOCOMMITTED:
                 session._sk_autocommitted = True
-            else:
-                continue
             if session.cluster.replica_count(info["shard"]):
                 shards.add(info["shard"])
     for shard in sorted(shards):
         _remember_position(session, shard, "writes in autocommit")
+
+
+def _autocommits(conn: Any) -> bool:
+    """Whether ``conn`` (maybe closed) commits each statement as it runs: its engine was
+    made in autocommit, or it was given isolation_level AUTOCOMMIT (its options outlive it)."""
+    return bool((getattr(conn.engine, "info", None) or {}).get("autocommit")) or \
+        conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
 
 
 def _forget_transaction(session: ShardedSession) -> None:
