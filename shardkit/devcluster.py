@@ -732,6 +732,10 @@ class DevNode:
                 " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_block_size'),"
                 " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')"
             ).fetchone()
+            # A commit flushes the WAL up to its own record, past that position: a record
+            # no commit follows (a page pruned by a read) stays in an idle primary's WAL
+            # buffers, out of the replica's reach, until a background flush seconds later.
+            conn.execute("SELECT txid_current()")
         assert row is not None
         target = _replay_target(_lsn(row[0]), row[1], row[2])
         replayed: list[str | None] = [None]

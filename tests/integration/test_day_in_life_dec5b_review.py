@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter, defaultdict
 from datetime import date
 from decimal import Decimal
@@ -41,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
+from waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -292,6 +292,13 @@ class Writers:
                         self.ledger.ryw_misses.append((tenant, oid))
 
 
+def _until_written(ledger: Ledger, more: int, what: str) -> None:
+    """Wait until the writers have committed ``more`` more orders (or one failed)."""
+    with ledger.lock:
+        target = ledger.ops + more
+    wait_for(lambda: ledger.ops >= target or bool(ledger.errors), 60, what)
+
+
 def report_top_tenants(Session, limit: int = 5):
     total = func.sum(OrderItem.qty * OrderItem.price).label("total")
     stmt = (select(Tenant.tenant_id, Tenant.name, total)
@@ -390,7 +397,7 @@ def test_morning_schema_catalog_and_first_writers(day):
             assert c.execute(text("SELECT shardkit.bucket(CAST(:t AS bigint), 64)"), {"t": t}).scalar() \
                 == cluster.bucket_for(Tenant, t)
     with Writers(Session, ledger, phase=1):
-        time.sleep(2)
+        _until_written(ledger, 12, "the first writers' commits")
         st = json.loads(cli(project, "status", "--json").stdout)
     assert st["ready"] and st["map_version"] is not None and st["catalog_error"] is None
     check_against_ledger(Session, ledger)
@@ -442,7 +449,7 @@ def test_afternoon_a_migration_while_writers_write_and_a_replica_stops(day):
         with Writers(Session, ledger, phase=3):
             cli(project, "migrate", "upgrade")
             replica.stop()
-            time.sleep(1.5)
+            _until_written(ledger, 12, "commits while s1's replica is down")
             st = json.loads(cli(project, "status", "--json").stdout)
         chk = cli(project, "migrate", "check", "--json", check=False)
         assert chk.returncode == 0, chk.stdout + chk.stderr

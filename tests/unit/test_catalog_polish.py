@@ -222,8 +222,31 @@ class _ListeningConnection:
         return iter(())
 
 
+class _QuickWaits(threading.Event):
+    """A follower's stop event whose waits (its back-off between retries, the only timed
+    wait on it) return after at most 10 ms, and are recorded: the back-off is checked by
+    what the follower asks to wait, not by sleeping it out (0.2 + 0.4 + ... s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is None:
+            return super().wait()
+        self.asked.append(timeout)
+        return super().wait(min(timeout, 0.01))
+
+
+def _follower(cluster, **kw) -> MapFollower:
+    """A MapFollower that does not sleep out its back-off (see _QuickWaits)."""
+    follower = MapFollower(cluster, **kw)
+    follower._stop = _QuickWaits()  # type: ignore[assignment]
+    return follower
+
+
 def _follow(cluster, until, what: str, poll_interval: float = 0.05) -> MapFollower:
-    follower = MapFollower(cluster, poll_interval=poll_interval)
+    follower = _follower(cluster, poll_interval=poll_interval)
     follower._connect = _ListeningConnection  # type: ignore[method-assign]
     follower.start()
     try:
@@ -290,7 +313,7 @@ def test_two_causes_in_turn_are_each_warned_once(make_cluster, caplog):
             f'connection failed: connection to server at "{next(hosts)}", port 5432 failed: '
             "Connection refused\nMultiple connection attempts failed. All failures were: ...")
 
-    follower = MapFollower(make_cluster())
+    follower = _follower(make_cluster())
     follower._connect = refuse  # type: ignore[method-assign]
     _until_retries(follower, caplog, 6)
     warned = [r.getMessage() for r in _retries(caplog) if r.levelno >= logging.WARNING]
@@ -311,12 +334,13 @@ def test_retries_back_off_when_the_catalog_connects_but_its_map_cannot_be_read(m
     cluster.catalog.dispose()
     cluster.catalog = Catalog(URL, engine=create_engine("postgresql+psycopg://", creator=refuse,
                                                         poolclass=NullPool))
-    follower = MapFollower(cluster, poll_interval=0.05)
+    follower = _follower(cluster, poll_interval=0.05)
     follower._connect = _ListeningConnection  # type: ignore[method-assign]
     _until_retries(follower, caplog, 4)
     delays = [float(re.search(r"retrying in ([0-9.]+) s", r.getMessage()).group(1))
               for r in _retries(caplog)]
     assert delays[:4] == [0.2, 0.4, 0.8, 1.6], delays
+    assert follower._stop.asked[:4] == delays[:4], follower._stop.asked  # it waits what it says
 
 
 def test_a_cause_is_warned_again_in_an_outage_that_began_with_an_unexpected_error(make_cluster, script,
@@ -342,6 +366,7 @@ def test_a_cause_is_warned_again_in_an_outage_that_began_with_an_unexpected_erro
             raise step
         return step()
 
+    # (Its real back-off, 0.2 s: stopped after two retries, it must not have retried a third time.)
     follower = MapFollower(make_cluster())
     follower._connect = connect  # type: ignore[method-assign]
     _until_retries(follower, caplog, 2)
@@ -440,7 +465,7 @@ def test_an_unexpected_error_is_said_once_then_retried_quietly_with_back_off(mak
     cluster = make_cluster()
     caplog.set_level(logging.DEBUG, logger="shardkit.catalog")
     script.answer = RuntimeError("test: a catalog row it cannot read")
-    follower = MapFollower(cluster, poll_interval=0.05)
+    follower = _follower(cluster, poll_interval=0.05)
     follower._connect = _ListeningConnection  # type: ignore[method-assign]
     follower.start()
     try:
@@ -455,6 +480,7 @@ def test_an_unexpected_error_is_said_once_then_retried_quietly_with_back_off(mak
         delays = [float(m.group(1)) for r in records
                   if (m := re.search(r"retrying in ([0-9.]+) s", r.getMessage()))]
         assert delays[:4] == [0.2, 0.4, 0.8, 1.6], [_rendered(r) for r in records]
+        assert follower._stop.asked[:4] == delays[:4], follower._stop.asked  # it waits what it says
         # It recovers: said at INFO, once.
         script.answer = _state(3, MAP_A, 9, "db1")
         _wait(lambda: cluster.map_version == 3, "the map")
