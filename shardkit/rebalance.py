@@ -664,7 +664,10 @@ class Mover:
         (default: write to stderr when it is a terminal).
     :param grace: seconds to wait after a switch before deleting the source's
         rows, so processes reading with the previous map version have reloaded
-        it (they are notified at once; this covers a slow notification).
+        it (they are notified at once; this covers a slow notification); the
+        verification runs meanwhile.  The copy, likewise, commits no sooner than
+        ``grace`` after capture began.  A resumed batch counts both from the
+        journal's entries, by the catalog's clock.
     :param step_delay: seconds to sleep after recording each step (to give
         fault-injection tests a window to kill the mover at a given step).
     :param duty: the share of time the bulk steps (copy, verification,
@@ -1285,6 +1288,9 @@ class Mover:
                 self._record(move_id, batch, "capturing")
                 visible_after = time.monotonic() + self.grace
                 step = "capturing"
+            elif step == "capturing":
+                # Resumed: what is left of the grace since the stopped mover recorded it.
+                visible_after = time.monotonic() + self._grace_left(move_id, batch, "capturing")
             if step == "capturing":
                 t0 = time.monotonic()
                 self._visibility_wait = 0.0
@@ -1296,17 +1302,22 @@ class Mover:
                 self._record(move_id, batch, "copied", {"rows": rows, "seconds": round(dt, 3),
                                                         "tables": [t.name for t in tables]})
                 step = "copied"
+            # The source's rows are deleted no sooner than `grace` after the switch; the
+            # verification (which only reads) runs meanwhile.
+            clean_after = 0.0
             if step == "copied":
                 t0 = time.monotonic()
                 applied = self._catch_up(src, tgt, tables, buckets, target)
                 version, pause = self._cut_over(src, tgt, tables, move_id, batch, buckets, target, group)
+                clean_after = time.monotonic() + self.grace
                 self.longest_pause = max(self.longest_pause, pause)
                 self.progress(f"{label}: caught up {counted(applied, 'change')} in {time.monotonic() - t0:.2f}s, "
                               f"switched to map version {version}; writes paused {pause * 1000:.0f} ms")
                 step = "switched"
+            elif step in ("switched", "verified"):
+                # Resumed: what is left of the grace since the stopped mover switched.
+                clean_after = time.monotonic() + self._grace_left(move_id, batch, "switched")
             if step == "switched":
-                if self.grace:
-                    time.sleep(self.grace)
                 t0 = time.monotonic()
                 checked = self._verify(src, tgt, tables, buckets, label)
                 dt = time.monotonic() - t0
@@ -1314,6 +1325,8 @@ class Mover:
                 self._record(move_id, batch, "verified", {"rows": checked, "seconds": round(dt, 3)})
                 step = "verified"
             if step == "verified":
+                if (left := clean_after - time.monotonic()) > 0:
+                    time.sleep(left)
                 t0 = time.monotonic()
                 deleted = self._clean_up(src, tgt, tables, buckets, move_id)
                 # The source's replicas serve reads once they have replayed the deletes
@@ -1324,6 +1337,20 @@ class Mover:
                 dt = time.monotonic() - t0
                 self.progress(f"{label}: deleted {counted(deleted, 'row')} from {source} in {dt:.2f}s")
                 self._record(move_id, batch, "cleaned", {"deleted": deleted, "seconds": round(dt, 3)})
+
+    def _grace_left(self, move_id: int, batch: int, step: str) -> float:
+        """What is left of the grace period since the batch's ``step`` was recorded (by a
+        mover that stopped since), by the catalog's clock; all of it if no entry says when."""
+        if not self.grace:
+            return 0.0
+        with self.catalog.engine.connect() as conn:
+            elapsed = conn.execute(text(
+                "SELECT extract(epoch FROM clock_timestamp() - at) FROM shardkit_catalog.journal "
+                "WHERE move_id = :m AND batch = :b AND step = :s ORDER BY id DESC LIMIT 1"),
+                {"m": move_id, "b": batch, "s": step}).scalar()
+        if elapsed is None:
+            return self.grace
+        return min(self.grace, max(0.0, self.grace - float(elapsed)))
 
     def _not_copied(self, move_id: int, batch: int, tables: list[_Table]) -> list[str]:
         """The tables of ``tables`` that the batch's last copy did not copy (a copy recorded

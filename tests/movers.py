@@ -82,12 +82,47 @@ def latest_move(cluster: Any) -> int | None:
         return c.execute(text("SELECT max(id) FROM shardkit_catalog.moves")).scalar()
 
 
+# `shardkit rebalance apply` (the CLI's main, in a process of its own) whose mover, once it
+# has recorded the step named by its first argument (the commit of the journal entry, where
+# --step-delay sleeps), sleeps until it is killed; after the other steps, --step-delay.
+_PAUSED_AT_STEP = """
+import sys
+from shardkit import cli, rebalance
+from shardkit.catalog import Catalog
+
+pause_at = sys.argv.pop(1)
+last = [None]
+_record = Catalog.record
+
+
+def record(conn, move_id, batch, step, detail=None):
+    _record(conn, move_id, batch, step, detail)
+    last[0] = step
+
+
+class PausedMover(rebalance.Mover):
+    @property
+    def step_delay(self):
+        return 3600.0 if last[0] == pause_at else self._step_delay
+
+    @step_delay.setter
+    def step_delay(self, value):
+        self._step_delay = value
+
+
+Catalog.record = staticmethod(record)
+rebalance.Mover = PausedMover
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def kill_mover_after(cluster: Any, cfg_path: Any, step: str, *args: str) -> int:
-    """Run `shardkit rebalance apply ARGS` and SIGKILL it once the journal shows ``step``;
-    return the move's id (still running)."""
+    """Run `shardkit rebalance apply ARGS` and SIGKILL it once the journal shows ``step``
+    (the mover waits there until it is killed; it rests 0.2 s after each earlier step,
+    writers going on meanwhile); return the move's id (still running)."""
     before = latest_move(cluster)
-    cmd = [sys.executable, "-m", "shardkit.cli", "rebalance", "apply", "--config", str(cfg_path),
-           *args, "--grace", "0.2", "--step-delay", "1.5"]
+    cmd = [sys.executable, "-c", _PAUSED_AT_STEP, step, "rebalance", "apply", "--config", str(cfg_path),
+           *args, "--grace", "0.2", "--step-delay", "0.2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -121,3 +156,50 @@ def rows_by_key(shards: Any, query: str) -> dict[Any, list[tuple[Any, ...]]]:
             for key, *rest in c.execute(query):
                 out.setdefault(key, []).append((shard.name, *rest))
     return out
+
+
+class ReadPasses:
+    """The passes of a test's read loop (``passed()`` at the end of each), which a
+    :class:`HeldMover` waits for: a fixed step delay is too short on a loaded machine, and
+    longer than needed on an idle one."""
+
+    def __init__(self, per_step: int = 3, timeout: float = 30.0) -> None:
+        self.per_step = per_step
+        self.timeout = timeout
+        self.count = 0
+        self._cond = threading.Condition()
+
+    def passed(self) -> None:
+        with self._cond:
+            self.count += 1
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Until ``per_step`` more passes have ended (the first may have begun before the
+        caller's state was there), or ``timeout`` seconds."""
+        with self._cond:
+            goal = self.count + self.per_step
+            self._cond.wait_for(lambda: self.count >= goal, self.timeout)
+
+
+class HeldMover(rebalance.Mover):
+    """A mover that, after recording each step (split, capturing, copied, switched,
+    verified, cleaned), waits until the read loop has read the cluster in that state
+    (``passes``: see :class:`ReadPasses`)."""
+
+    def __init__(self, cluster: Any, passes: ReadPasses, **kw: Any) -> None:
+        super().__init__(cluster, **kw)
+        self.passes = passes
+
+    def _record(self, *a: Any, **kw: Any) -> None:
+        super()._record(*a, **kw)
+        self.passes.wait()
+
+    def _cut_over(self, *a: Any, **kw: Any) -> Any:
+        result = super()._cut_over(*a, **kw)
+        self.passes.wait()
+        return result
+
+    def _split(self, *a: Any, **kw: Any) -> None:
+        super()._split(*a, **kw)
+        self.passes.wait()

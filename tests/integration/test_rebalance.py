@@ -19,7 +19,8 @@ import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_add_shards, plan_drain, plan_from_maps
 from shardkit.verify import verify
-from movers import WriterThreads, journal_steps, kill_mover_after, latest_move, resume, rows_by_key
+from movers import (HeldMover, ReadPasses, WriterThreads, journal_steps, kill_mover_after, latest_move, resume,
+                    rows_by_key)
 
 pytestmark = pytest.mark.integration
 
@@ -404,18 +405,22 @@ def test_cross_shard_reads_during_a_move_see_each_row_once(world):
         expected_entries = s.scalar(select(func.count()).select_from(Entry))
     assert len(expected_ids) == len(set(expected_ids))
     verified = threading.Event()
+    passes = ReadPasses()
 
-    class HeldAfterTheCopy(rebalance.Mover):
+    class HeldAfterTheCopy(HeldMover):
         """Waits after recording "copied" until the loop below has verified the cluster
-        in that state (or 30 s): on a loaded machine a fixed delay could pass before the
-        loop reached it."""
+        in that state (or 30 s), and after each step until the loop has read the cluster
+        in it: on a loaded machine a fixed delay could pass before the loop reached it."""
 
         def _record(self, move_id, batch, step, detail=None):
-            super()._record(move_id, batch, step, detail)
             if step == "copied":
+                rebalance.Mover._record(self, move_id, batch, step, detail)
                 verified.wait(30)
+                passes.wait()
+            else:
+                super()._record(move_id, batch, step, detail)
 
-    mover = HeldAfterTheCopy(cluster, grace=0.3, step_delay=1.0, progress=lambda line: None)
+    mover = HeldAfterTheCopy(cluster, passes, grace=0.3, progress=lambda line: None)
     done = threading.Event()
     errors = []
 
@@ -456,6 +461,7 @@ def test_cross_shard_reads_during_a_move_see_each_row_once(world):
                     verified_in_flight = True
                 verified.set()
         checks += 1
+        passes.passed()
         time.sleep(0.05)
     assert not errors, errors
     # The reads above ran while copies existed on the target and leftovers on the source.
@@ -556,12 +562,13 @@ def test_page_slices_and_rests_move_the_same_rows(world, monkeypatch):
     """Bulk steps read tables a few pages at a time and rest between slices (duty 0.5):
     nothing is lost, duplicated or left behind, and the mover works about half the time."""
     dev, cluster, cfg_path, Session = world
-    monkeypatch.setattr(rebalance, "_CHUNK_PAGES", 3)
+    # A resting mover's slices are an eighth of this: 3 pages (the clean-up's too).
+    monkeypatch.setattr(rebalance, "_CHUNK_PAGES", 24)
     cluster.refresh_map()
     live = cluster.config.bucket_map
     plan = plan_drain(live, "s2") if "s2" in live else plan_add_shards(live, ["s2"])
     with psycopg.connect(dev.shards[0].primary.dsn) as c:
-        chunks = rebalance._page_chunks(c, "entries")  # noqa: SLF001
+        chunks = rebalance._page_chunks(c, "entries", 3)  # noqa: SLF001
     assert len(chunks) > 3 and chunks[0].startswith("ctid >= '(0,0)'") and "<" not in chunks[-1]
     rests = []
     mover = rebalance.Mover(cluster, grace=0.2, duty=0.5, progress=lambda line: None)

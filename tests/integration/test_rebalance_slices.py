@@ -21,7 +21,7 @@ from shardkit import rebalance
 from shardkit._rebalance_plan import plan_move_value, plan_split_range
 from shardkit._slices import SLICE_BASE
 from shardkit.verify import verify
-from movers import WriterThreads, journal_steps, kill_mover_after, resume, rows_by_key
+from movers import HeldMover, ReadPasses, WriterThreads, journal_steps, kill_mover_after, resume, rows_by_key
 
 pytestmark = pytest.mark.integration
 
@@ -346,7 +346,8 @@ def test_cross_shard_reads_during_a_slice_move_see_each_row_once(world):
     with Session() as s:
         expected = s.scalar(select(func.count()).select_from(Store))
         expected_us = s.scalar(select(func.count()).select_from(Store).where(Store.region.in_(["us", "eu"])))
-    mover = rebalance.Mover(cluster, grace=0.3, step_delay=1.0, progress=lambda line: None)
+    passes = ReadPasses()
+    mover = HeldMover(cluster, passes, grace=0.3, progress=lambda line: None)
     done = threading.Event()
     errors = []
 
@@ -366,6 +367,7 @@ def test_cross_shard_reads_during_a_slice_move_see_each_row_once(world):
         assert (n, n_us) == (expected, expected_us)
         in_flight += bool(cluster.foreign_buckets)
         checks += 1
+        passes.passed()
         time.sleep(0.05)
     assert not errors, errors
     assert in_flight > 5 and checks > 10
