@@ -6,6 +6,7 @@ import datetime
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dataclasses import dataclass
 
@@ -25,16 +26,17 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
-from ._config import ClusterConfig, ReplicaSettings, connect_timeout_args, load_config, mask_url, split_secret_query, with_bucket_map
+from ._config import PRIMARY, REPLICA, ClusterConfig, ReplicaSettings, connect_timeout_args, load_config, mask_url, split_secret_query, with_bucket_map
 from ._guard import NOT_OWNED_SQLSTATE, guard_covers
 from ._guard import guard_installed as _guard_installed
 from ._replicas import HealthMonitor, ReplicaSelector
-from ._routing import PRIMARY, REPLICA, Route, Router
-from ._scatter import shut_down_here
 from ._scope import scope as _scope
 from ._slices import SLICE_BASE, initial_slices
 from ._strategies import HashStrategy, ListStrategy, RangeStrategy
 from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable, first_line, unreachable_reason
+
+if TYPE_CHECKING:
+    from ._routing import Route, Router
 
 __all__ = ["Cluster", "ClusterHealth"]
 
@@ -87,6 +89,24 @@ class _NodePool(QueuePool):
             raise err from e
 
 
+class _Router:
+    """``Cluster.router``: the :class:`~shardkit._routing.Router` of the config in use, made
+    on first use (importing the routing code, and the ORM it builds on, only then: a
+    ``shardkit migrate`` command or a shard's Alembic never routes).  A non-data descriptor:
+    once made, the router is the instance's own attribute, read as any other."""
+
+    def __get__(self, cluster: Cluster | None, owner: type | None = None) -> Any:
+        if cluster is None:
+            return self
+        from ._routing import Router
+
+        with cluster._map_lock:   # not made from a config _install_map() is replacing
+            router = cluster.__dict__.get("router")
+            if router is None:
+                router = cluster.__dict__["router"] = Router(cluster.config)
+        return router
+
+
 class Cluster:
     """A sharded PostgreSQL cluster: where every shard's nodes are and how keys map to shards.
 
@@ -98,6 +118,9 @@ class Cluster:
     #: ``shardkit_timeout`` (``None``: no limit).  Set it on the instance.
     scatter_timeout: float | None = None
 
+    #: The :class:`~shardkit._routing.Router` of the map in use (made on first use).
+    router: Router = _Router()  # type: ignore[assignment]
+
     def __init__(
         self,
         config: ClusterConfig,
@@ -107,7 +130,6 @@ class Cluster:
         follow_map: bool = True,
     ) -> None:
         self.config = config
-        self.router = Router(config)
         # The config as loaded; with a catalog, self.config routes by the catalog's map.
         self.file_config = config
         # shard -> WAL position after the latest move to it: its replicas serve from there on.
@@ -167,22 +189,8 @@ class Cluster:
             from .catalog import Catalog
 
             self.catalog = Catalog(config.catalog_url)
-            try:
-                self.refresh_map()
-            except ConfigurationError as e:
-                # The catalog answered: its map names what the file does not (a shard,
-                # another bucket count).  Restarting with a fixed file is the cure;
-                # meanwhile the guards make routing by the file's map safe.
-                log.error("catalog %s: %s", mask_url(config.catalog_url), e)
-                self._catalog_error = first_line(e)
-            except (SQLAlchemyError, ShardUnavailable) as e:  # refused, or no answer in time
-                # The shards' ownership guards make routing by the file's map
-                # safe: a write to a bucket that has moved is refused, not lost.
-                reason = first_line(e)
-                if not isinstance(e, ShardUnavailable):  # its message names the catalog
-                    reason = f"the catalog ({mask_url(config.catalog_url)}) cannot be read: {reason}"
-                log.warning("%s; routing by the config file's map until it answers", reason)
-                self._catalog_error = reason
+            if self._read_catalog_at_start:
+                self._first_map()
         # A Cluster used again after dispose() follows the map again (see engine()).
         self._follow_map = follow_map and self.catalog is not None
         if self._follow_map:
@@ -215,6 +223,32 @@ class Cluster:
                    follow_map=follow_map)
 
     # -- the live bucket map -------------------------------------------------------
+
+    #: Whether __init__ reads the catalog's map (shardkit.migrate's cluster of a shard's
+    #: Alembic reads it only for the migration that asks for it: see _first_map()).
+    _read_catalog_at_start = True
+
+    def _first_map(self) -> None:
+        """Route by the catalog's live map, read now; a catalog that cannot be read, or whose
+        map does not fit the config file, is logged and left to ``_catalog_error`` (routing
+        by the file's map meanwhile)."""
+        url = self.config.catalog_url
+        try:
+            self.refresh_map()
+        except ConfigurationError as e:
+            # The catalog answered: its map names what the file does not (a shard,
+            # another bucket count).  Restarting with a fixed file is the cure;
+            # meanwhile the guards make routing by the file's map safe.
+            log.error("catalog %s: %s", mask_url(url), e)
+            self._catalog_error = first_line(e)
+        except (SQLAlchemyError, ShardUnavailable) as e:  # refused, or no answer in time
+            # The shards' ownership guards make routing by the file's map
+            # safe: a write to a bucket that has moved is refused, not lost.
+            reason = first_line(e)
+            if not isinstance(e, ShardUnavailable):  # its message names the catalog
+                reason = f"the catalog ({mask_url(url)}) cannot be read: {reason}"
+            log.warning("%s; routing by the config file's map until it answers", reason)
+            self._catalog_error = reason
 
     def refresh_map(self, *, newer_than: int | None = None, timeout: float = 0.0) -> int | None:
         """Load the catalog's live map if it is newer than the one in use; return its version.
@@ -319,6 +353,8 @@ class Cluster:
 
     @foreign_buckets.setter
     def foreign_buckets(self, foreign: Mapping[str, frozenset[int]]) -> None:
+        from ._routing import Router
+
         with self._map_lock:
             self.router = Router(self.config, like=self.router, foreign_buckets=foreign,
                                  map_version=self.router.map_version)
@@ -352,6 +388,8 @@ class Cluster:
 
     def _install_map(self, config: ClusterConfig, version: int,
                      foreign: Mapping[str, frozenset[int]] | None = None) -> None:
+        from ._routing import Router
+
         with self._map_lock:
             # One assignment each: a thread routing now uses the old router or the new one
             # (with the moves' state of its map: the old one's when none is given).
@@ -809,7 +847,9 @@ class Cluster:
         parent's.  New locks, and dispose(close=False): they all start again on first use."""
         self._lock = threading.Lock()
         self._map_lock = threading.RLock()
-        self.router._after_fork()
+        router = self.__dict__.get("router")   # none yet: made on first use, here too
+        if router is not None:
+            router._after_fork()
         # Not stopped (their threads are not here): forgotten.
         self._follower = self._scatter_pool = self._monitor = self._selector = None
         self.dispose(close=False)
@@ -964,7 +1004,7 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
     def handle(context: Any) -> Exception | None:
         if context.is_pre_ping:
             return None  # the pool reconnects by itself
-        if context.is_disconnect and shut_down_here(context):
+        if context.is_disconnect and _shut_down_here(context):
             # A scatter shut this connection's socket down past its timeout: the connection
             # goes, but the node is fine: its other pooled connections stay, and it is not
             # reported unreachable (the scatter reports the timeout).
@@ -1013,6 +1053,13 @@ def _translate_errors(cluster: Cluster, shard: str, node: str, url: URL,
         return err
 
     return handle
+
+
+def _shut_down_here(context: Any) -> bool:
+    """shardkit._scatter.shut_down_here(): False while that module is not loaded (only
+    a cross-shard read, which loads it, shuts connections down)."""
+    scatter = sys.modules.get("shardkit._scatter")
+    return scatter is not None and scatter.shut_down_here(context)
 
 
 def _node_name(shard: str, role: str, index: int) -> str:

@@ -47,6 +47,10 @@ __all__ = [
 DEFAULT_BUCKET_COUNT = 1024
 MAX_BUCKET_COUNT = 1 << 20
 
+#: A node's role: the shard's primary, or one of its replicas.
+PRIMARY = "primary"
+REPLICA = "replica"
+
 _TOP_LEVEL_KEYS = {"name", "bucket_count", "shards", "groups", "reference_tables", "replicas", "pool",
                    "catalog"}
 _SHARD_KEYS = {"name", "primary", "replicas", "buckets", "pool", "primary_pool"}

@@ -38,7 +38,7 @@ from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
-from ._config import ClusterConfig, GroupConfig
+from ._config import PRIMARY, ClusterConfig, GroupConfig
 from ._hashing import _murmur3_32, _pack_int64
 from ._strategies import HashStrategy, ListStrategy, RangeStrategy, Strategy
 from ._colocation import _derived_select, colocation_problem, compound_selects, dml_extra_froms
@@ -46,9 +46,6 @@ from ._scatter import compound_keyword, exists_column
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
 
 __all__ = ["Route", "Router", "TableRoute"]
-
-PRIMARY = "primary"
-REPLICA = "replica"
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,9 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
-from ._config import CONSISTENCY_MODES
+from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import (PRIMARY, REPLICA, Route, Router, TableRoute, coercer_for, data_modifying_ctes,
+from ._routing import (Route, Router, TableRoute, coercer_for, data_modifying_ctes,
                        derived_select, unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
                        plan_scatter, send_cancel, shut_down_socket, text_comparison)

@@ -156,6 +156,8 @@ def _migrating(operations: Operations, op_name: str) -> tuple[Cluster, str]:
 @Operations.implementation_for(InstallShardkitGuard)
 def _install_guard(operations: Operations, operation: InstallShardkitGuard) -> None:
     cluster, shard = _migrating(operations, "install_shardkit_guard")
+    if isinstance(cluster, _ShardCluster):
+        cluster.read_map()
     conn = operations.get_bind()
     if guard_installed(conn):
         # Ownership changes only with moves: keep the shard's own record of it (which
@@ -173,6 +175,22 @@ def _install_guard(operations: Operations, operation: InstallShardkitGuard) -> N
 
 
 # -- env.py driver -----------------------------------------------------------------------
+
+
+class _ShardCluster(Cluster):
+    """The cluster of :func:`run_migrations`: the catalog's map is read by the first
+    ``op.install_shardkit_guard()``, the one operation that needs it, not by every
+    shard's Alembic as it starts (nor waited for when the catalog does not answer)."""
+
+    _read_catalog_at_start = False
+    _map_read = False
+
+    def read_map(self) -> None:
+        """Route by the catalog's live map (read once; without a catalog, nothing)."""
+        if self.catalog is not None and not self._map_read:
+            self._map_read = True
+            self._first_map()
+
 
 #: First key of the advisory lock a shard's migration holds (after the other classes, "SH".."SK").
 MIGRATE_LOCK_CLASS = 0x534C  # "SL"
@@ -250,7 +268,7 @@ def run_migrations(context: Any, **configure: Any) -> None:
             "offline (--sql) migrations are not supported across shards: every shard is "
             f"migrated on a live connection (shardkit's operations read its schema); run {instead} instead"
         )
-    cluster = Cluster.from_config(_config_path(context), follow_map=False)
+    cluster = _ShardCluster.from_config(_config_path(context), follow_map=False)
     x = context.get_x_argument(as_dictionary=True)
     shards = [x["shard"]] if x.get("shard") else list(cluster.shard_names)
     for s in shards:
