@@ -1,8 +1,10 @@
 """Online rebalancing under hostile interleavings and crash points: nothing lost, duplicated or stranded.
 
-Each test starts its own small cluster (3 shards, no replicas, 64 buckets; a
-catalog database on s0's server) so that a move left half-done by one test
-cannot disturb another.  Interleavings are made deterministic by running the
+The tests share one small cluster (3 shards, no replicas, 64 buckets) and each
+gets databases of its own on it (one per shard's server and a catalog database
+on s0's server, dropped when the test ends) so that a move left half-done by
+one test cannot disturb another; a test that changes a server's settings
+restores them.  Interleavings are made deterministic by running the
 mover in-process with hooks between its steps (a writer committing "between
 the copy and the catch-up" is exactly what a concurrent writer can do), and
 crash points by making one commit fail (the databases end up as after a
@@ -13,6 +15,7 @@ Each test asserts the correct behaviour at one such point.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -22,6 +25,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from sqlalchemy import BigInteger, Integer, String, func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
@@ -90,13 +94,15 @@ class World:
     dev: object
     cfg_path: Path
     catalog_url: str
+    dbname: str | None = None  # the test's database on every shard's server (None: the cluster's own)
+    config: dict | None = None  # the config as a dict (shards and catalog in the test's databases)
 
     def cluster(self) -> shardkit.Cluster:
         return shardkit.Cluster.from_config(self.cfg_path, follow_map=False)
 
     def conn(self, shard: str) -> psycopg.Connection:
         node = next(s for s in self.dev.shards if s.name == shard).primary
-        return psycopg.connect(node.dsn, autocommit=True)
+        return psycopg.connect(node.dsn, autocommit=True, **({"dbname": self.dbname} if self.dbname else {}))
 
     def catalog(self) -> psycopg.Connection:
         return psycopg.connect(self.catalog_url.replace("postgresql+psycopg", "postgresql"), autocommit=True)
@@ -115,30 +121,63 @@ def _key(bucket: int, start: int = 1) -> int:
     return k
 
 
-def _make_world(shardkit_module_cluster_factory, tmp_path, replicas: int = 0):
-    dev = shardkit_module_cluster_factory(shards=3, replicas=replicas, bucket_count=BUCKETS)
-    catalog_url = dev.create_catalog()
+def _in_db(url: str, dbname: str | None) -> str:
+    return url if dbname is None else make_url(url).set(database=dbname).render_as_string(hide_password=False)
+
+
+def _make_world(dev, tmp_path, dbname: str | None = None):
+    """Schema, a catalog and the two maps in databases ``dbname`` (created on every shard's
+    server; catalog ``<dbname>_catalog`` on s0's), or in the cluster's own when None."""
+    if dbname is not None:
+        for shard in dev.shards:
+            with psycopg.connect(shard.primary.dsn, dbname="postgres", autocommit=True) as c:
+                c.execute(f"CREATE DATABASE {dbname}")
+    catalog_url = dev.create_catalog("shardkit_catalog" if dbname is None else f"{dbname}_catalog")
+    base = dev.config_dict()
+    base["shards"] = [{**s, "primary": _in_db(s["primary"], dbname),
+                       "replicas": [_in_db(r, dbname) for r in s["replicas"]]} for s in base["shards"]]
     for shard in dev.shards:
-        with psycopg.connect(shard.primary.dsn, autocommit=True) as c:
+        with psycopg.connect(shard.primary.dsn, autocommit=True, **({"dbname": dbname} if dbname else {})) as c:
             c.execute(SCHEMA)
-    two = {**dev.config_dict(), **GROUPS, "catalog": {"url": catalog_url}}
-    two["shards"] = two["shards"][:2]
+    config = {**base, **GROUPS, "catalog": {"url": catalog_url}}
+    two = {**config, "shards": config["shards"][:2]}
     c2 = shardkit.Cluster.from_config(two, follow_map=False)
     rebalance.init(c2)
     c2.dispose()
-    cfg_path = dev.write_config(tmp_path / "shardkit.toml", {**GROUPS, "catalog": {"url": catalog_url}})
+    cfg_path = dev.write_config(tmp_path / "shardkit.toml", {**GROUPS, "catalog": {"url": catalog_url},
+                                                             "shards": base["shards"]})
     c3 = shardkit.Cluster.from_config(cfg_path, follow_map=False)
     rebalance.init(c3)
     c3.dispose()
-    return World(dev, cfg_path, catalog_url)
+    return World(dev, cfg_path, catalog_url, dbname, config)
+
+
+def _drop_world(w: World) -> None:
+    """Drop the test's databases, ending whatever sessions a test left behind in them."""
+    for i, shard in enumerate(w.dev.shards):
+        with psycopg.connect(shard.primary.dsn, dbname="postgres", autocommit=True) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {w.dbname} WITH (FORCE)")
+            if i == 0:
+                c.execute(f"DROP DATABASE IF EXISTS {w.dbname}_catalog WITH (FORCE)")
+
+
+_world_numbers = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def servers(shardkit_module_cluster_factory):
+    """The module's cluster: 3 shards, no replicas, 64 buckets (each test uses its own databases)."""
+    return shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=BUCKETS)
 
 
 @pytest.fixture
-def world(shardkit_module_cluster_factory, tmp_path):
+def world(servers, tmp_path):
     """s0 and s1 own the buckets (the 2-shard config's map is version 1); s2 owns none."""
-    w = _make_world(shardkit_module_cluster_factory, tmp_path)
-    yield w
-    w.dev.down(remove=True)
+    w = _make_world(servers, tmp_path, f"rc{next(_world_numbers)}")
+    try:
+        yield w
+    finally:
+        _drop_world(w)
 
 
 class HookedMover(rebalance.Mover):
@@ -406,18 +445,32 @@ def test_verify_does_not_depend_on_server_timezones(world):
     a1 = _key(b1)
     world.sql("s0", "INSERT INTO accounts VALUES (%s, 0)", (a1,))
     world.sql("s0", "INSERT INTO notes VALUES (1, %s, 'x')", (a1,))
-    world.sql("s2", "ALTER SYSTEM SET timezone = 'Asia/Tokyo'")
-    world.sql("s2", "SELECT pg_reload_conf()")
-    time.sleep(0.3)
-    error = None
+    # The server is shared with the module's other tests: restore its setting (set by no
+    # ALTER SYSTEM before) when done.
+    assert world.sql("s2", "SELECT count(*) FROM pg_file_settings WHERE name = 'timezone' "
+                           "AND sourcefile LIKE '%%postgresql.auto.conf'") == [(0,)]
+    default_tz = world.sql("s2", "SHOW timezone")[0][0]
     try:
-        HookedMover(cluster).apply(_one_bucket_plan(cluster, b1, "s2"))
-    except RebalanceError as e:
-        error = e
-    try:
+        _set_server_timezone(world, "s2", "'Asia/Tokyo'", "Asia/Tokyo")
+        error = None
+        try:
+            HookedMover(cluster).apply(_one_bucket_plan(cluster, b1, "s2"))
+        except RebalanceError as e:
+            error = e
         assert error is None, str(error)
     finally:
         cluster.dispose()
+        _set_server_timezone(world, "s2", "DEFAULT", default_tz)
+
+
+def _set_server_timezone(world, shard: str, value: str, expect: str) -> None:
+    """ALTER SYSTEM SET timezone = value, reload, and wait until new sessions see ``expect``."""
+    world.sql(shard, f"ALTER SYSTEM SET timezone = {value}")
+    world.sql(shard, "SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 10
+    while world.sql(shard, "SHOW timezone")[0][0] != expect:
+        assert time.monotonic() < deadline, f"{shard}'s timezone is not {expect} 10 s after the reload"
+        time.sleep(0.02)
 
 
 # -- 6 and 7. abort after a crash inside the cut-over ----------------------------------------
@@ -555,7 +608,9 @@ def test_resume_after_a_crash_before_the_publish_switches(world):
 
 def _waiting_for_bucket_lock(world, shard: str) -> bool:
     rows = world.sql(shard, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
-                            "AND NOT granted AND mode = 'ExclusiveLock'", (GUARD_LOCK_CLASS,))
+                            "AND NOT granted AND mode = 'ExclusiveLock' "
+                            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                     (GUARD_LOCK_CLASS,))
     return rows[0][0] > 0
 
 
@@ -657,7 +712,7 @@ def test_capture_waits_for_an_upsert_that_checked_before_capture(world):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not world.sql(
             "s0", "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                  "AND query LIKE '%%ON CONFLICT%%'")[0][0]:
+                  "AND query LIKE '%%ON CONFLICT%%' AND datname = current_database()")[0][0]:
         time.sleep(0.02)
     errors: list[BaseException] = []
 
@@ -750,7 +805,9 @@ def test_a_mover_whose_catalog_connection_dropped_cannot_switch_behind_an_abort(
             time.sleep(0.02)
         # The catalog connection holding the mover's lock drops.
         cat.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND classid = %s AND objid = %s", (MOVER_LOCK_CLASS, move_id))
+                    "AND classid = %s AND objid = %s "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    (MOVER_LOCK_CLASS, move_id))
     refused = False
     try:
         rebalance.abort(cluster, move_id)
@@ -828,8 +885,7 @@ def test_an_older_refresh_does_not_roll_back_foreign_buckets(world):
 
 def test_a_password_with_a_space_neither_leaks_nor_breaks_the_mover(world, tmp_path, caplog):
     secret = "pa ss-w0rd"  # the local servers trust local connections: any password works
-    from sqlalchemy.engine import make_url
-    cfg = world.dev.config_dict()
+    cfg = {"bucket_count": world.config["bucket_count"], "shards": [dict(s) for s in world.config["shards"]]}
     for s in cfg["shards"]:
         s["primary"] = make_url(s["primary"]).set(password=secret).render_as_string(hide_password=False)
     cat = make_url(world.catalog_url).set(password=secret).render_as_string(hide_password=False)
@@ -881,7 +937,8 @@ def test_status_shows_why_a_move_stopped(world):
 
 
 def test_read_your_writes_holds_across_a_switch(shardkit_module_cluster_factory, tmp_path):
-    w = _make_world(shardkit_module_cluster_factory, tmp_path, replicas=1)
+    """A cluster of its own: a replica whose apply is delayed."""
+    w = _make_world(shardkit_module_cluster_factory(shards=3, replicas=1, bucket_count=BUCKETS), tmp_path)
     try:
         cluster = w.cluster()
         b1 = _buckets_of(cluster, "s0")[0]
