@@ -183,8 +183,9 @@ def world(servers, tmp_path):
 class HookedMover(rebalance.Mover):
     """A mover that calls ``hooks[name]()`` once at these points of a batch:
 
-    ``after_copy`` (the copy committed, catch-up not begun), ``before_cut_over``
-    (catch-up done), ``before_verify`` (switched and published).
+    ``waiting_for_writers`` (capture began; the writers of its buckets' stripes are
+    waited for), ``after_copy`` (the copy committed, catch-up not begun),
+    ``before_cut_over`` (catch-up done), ``before_verify`` (switched and published).
     """
 
     def __init__(self, cluster, hooks=None, **kw):
@@ -206,6 +207,10 @@ class HookedMover(rebalance.Mover):
     def _cut_over(self, *a, **kw):
         self._fire("before_cut_over")
         return super()._cut_over(*a, **kw)
+
+    def _wait_for_writers(self, *a, **kw):
+        self._fire("waiting_for_writers")
+        return super()._wait_for_writers(*a, **kw)
 
     def _verify(self, *a, **kw):
         self._fire("before_verify")
@@ -668,12 +673,17 @@ def test_capture_does_not_stall_writers_behind_a_long_transaction(world):
     long_tx = world.conn("s0")
     long_tx.execute("BEGIN")
     long_tx.execute("UPDATE accounts SET balance = 1 WHERE id = %s", (k1,))  # a 4 s transaction
+    waiting = threading.Event()
     mover_thread = threading.Thread(
-        target=lambda: HookedMover(cluster).apply(_one_bucket_plan(cluster, b1, "s2")), daemon=True)
+        target=lambda: HookedMover(cluster, {"waiting_for_writers": waiting.set}).apply(
+            _one_bucket_plan(cluster, b1, "s2")), daemon=True)
     mover_thread.start()
+    # The mover waits for the long transaction (by polling, or, were it to wait on the lock
+    # itself, queued for it): the write below runs meanwhile.
     deadline = time.monotonic() + 5
-    while not _waiting_for_bucket_lock(world, "s0") and time.monotonic() < deadline:
+    while not (waiting.is_set() or _waiting_for_bucket_lock(world, "s0")) and time.monotonic() < deadline:
         time.sleep(0.02)
+    time.sleep(0.1)
     t0 = time.monotonic()
     threading.Timer(4.0, lambda: (long_tx.execute("COMMIT"), long_tx.close())).start()
     world.sql("s0", "UPDATE accounts SET balance = 3 WHERE id = %s", (k2,))  # another row of the bucket
