@@ -28,6 +28,7 @@ The server programs are looked for in ``$SHARDKIT_PG_BIN``, then
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import glob
 import json
@@ -42,6 +43,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -492,6 +494,134 @@ def _make_and_lock(base: Path) -> tuple[bool, int]:
         os.close(fd)
         raise
     return created, fd
+
+
+class _InitdbTemplates:
+    """Pristine initdb output kept for this process, so later primaries copy it.
+
+    One template per (server bin dir, OS user, initdb arguments): the data
+    directory of the first primary initdb made, copied right after initdb
+    (before any setting is written to it) into a private temporary directory
+    (mode 0700, on /dev/shm when writable), removed at process exit.  Copies
+    keep modes and the server user as owner (``cp -a``, which as root keeps
+    owners; without ``cp``, a Python copy that chowns to the server user).  Not
+    removed by ``down()``: later clusters of the process use it.  Thread-safe: a
+    build that finds no template yet, or whose copy fails for any reason (logged
+    at debug level), just runs initdb.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # key -> template data directory, or None while one build is keeping it.
+        self._templates: dict[tuple[str, ...], Path | None] = {}
+        self._root: Path | None = None
+        self._count = 0
+
+    def get(self, key: tuple[str, ...]) -> Path | None:
+        with self._lock:
+            return self._templates.get(key)
+
+    def make(self, key: tuple[str, ...], datadir: Path, programs: _Programs) -> Path | None:
+        """A data directory at ``datadir`` copied from the template, or None if there is none."""
+        template = self.get(key)
+        if template is None or os.path.lexists(datadir):
+            return None
+        try:
+            _copy_datadir(template, datadir, programs)
+        except Exception as e:  # noqa: BLE001 - any failure: initdb as before
+            log.debug("copying the initdb template %s to %s failed (%s); running initdb",
+                      template, datadir, e)
+            shutil.rmtree(datadir, ignore_errors=True)
+            self.forget(key, template)
+            return None
+        return template
+
+    def keep(self, key: tuple[str, ...], datadir: Path, programs: _Programs) -> None:
+        """Keep a copy of ``datadir``, fresh from initdb, unless there is one already."""
+        with self._lock:
+            if key in self._templates:
+                return
+            self._templates[key] = None
+            try:
+                if self._root is None:
+                    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK | os.X_OK) else None
+                    self._remove_stale(Path(shm or tempfile.gettempdir()))
+                    self._root = Path(tempfile.mkdtemp(prefix=f"shardkit-initdb-{os.getpid()}-",
+                                                       dir=shm))
+                    # Only by this process, not by a forked child that exits.
+                    atexit.register(self._remove_all, self._root, os.getpid())
+                self._count += 1
+                template = self._root / f"t{self._count}"
+            except Exception as e:  # noqa: BLE001
+                log.debug("cannot make a directory for initdb templates: %s", e)
+                del self._templates[key]
+                return
+        try:
+            _copy_datadir(datadir, template, programs)
+        except Exception as e:  # noqa: BLE001
+            log.debug("keeping %s as the initdb template failed: %s", datadir, e)
+            shutil.rmtree(template, ignore_errors=True)
+            with self._lock:
+                self._templates.pop(key, None)
+            return
+        with self._lock:
+            self._templates[key] = template
+
+    def forget(self, key: tuple[str, ...], template: Path) -> None:
+        with self._lock:
+            if self._templates.get(key) == template:
+                del self._templates[key]
+        shutil.rmtree(template, ignore_errors=True)
+
+    @staticmethod
+    def _remove_stale(parent: Path) -> None:
+        """Remove the templates of processes that died without running atexit (killed).
+
+        Safe even if a pid was not ours to judge (another pid namespace): a
+        build whose template vanished runs initdb instead.
+        """
+        for path in parent.glob("shardkit-initdb-*-*"):
+            try:
+                pid = int(path.name.split("-")[2])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(path, ignore_errors=True)
+            except (ValueError, OSError):
+                pass
+
+    @staticmethod
+    def _remove_all(root: Path, pid: int) -> None:
+        if os.getpid() == pid:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _copy_datadir(src: Path, dst: Path, programs: _Programs) -> None:
+    """Copy a stopped data directory to the new path ``dst``, keeping modes and the owner."""
+    if os.path.lexists(dst):
+        raise FileExistsError(f"{dst} exists")
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a directory")
+    cp = shutil.which("cp")
+    if cp:
+        # cp -a keeps modes, and as root the owner too; it copies with copy_file_range.
+        proc = subprocess.run([cp, "-a", "--", str(src), str(dst)], capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise OSError(f"cp -a failed: {proc.stderr.strip()}")
+    else:
+        shutil.copytree(src, dst, symlinks=True)
+        if programs.switch_user:
+            for d, dirs, files in os.walk(dst):
+                os.chown(d, programs.uid, programs.gid)
+                for name in files:
+                    os.lchown(os.path.join(d, name), programs.uid, programs.gid)
+    st = dst.stat()
+    if st.st_uid != programs.uid or stat.S_IMODE(st.st_mode) not in (0o700, 0o750):
+        raise OSError(f"{dst} has owner uid {st.st_uid} and mode "
+                      f"{stat.S_IMODE(st.st_mode):o}, not uid {programs.uid} and 700/750")
+
+
+_initdb_templates = _InitdbTemplates()
 
 
 class _PortInUse(DevClusterError):
@@ -1135,7 +1265,10 @@ class DevCluster(_ClusterLayout):
         ``base_dir/shardkit.toml`` and the state :meth:`load` reads.  If
         ``base_dir`` already holds a cluster of the same shape it is reused
         (stopped nodes are started); if ``up`` fails, it stops and removes
-        what it made.
+        what it made.  Within one process initdb runs once per PostgreSQL
+        installation and server OS user: later primaries start from a copy of
+        the first one's fresh data directory, kept in a private temporary
+        directory until the process exits.
         """
         cls._check_shape(shards, replicas, bucket_count, port_start)
         base = Path(base_dir).expanduser().absolute()
@@ -1242,12 +1375,22 @@ class DevCluster(_ClusterLayout):
             self.shards.append(DevShard(name, nodes[0], nodes[1:]))
 
     def _build_shard(self, shard: DevShard, cancel: threading.Event, fixed_ports: bool) -> None:
-        """initdb and start the primary, create the database, then clone and start replicas."""
+        """initdb and start the primary, create the database, then clone and start replicas.
+
+        Within one process, initdb runs once per (server bin dir, OS user, initdb
+        arguments): the first primary's fresh data directory is kept as a template
+        (before any settings are written to it) and later primaries are copies of
+        it, with the same modes and owner (see :class:`_InitdbTemplates`).  A
+        build with no template yet, or whose copy fails, runs initdb.
+        """
         p, primary = self._programs, shard.primary
         t0 = time.monotonic()
-        p.run([p.path("initdb"), "-D", str(primary.datadir), "-U", DB_USER, "--auth=trust",
-               "-E", "UTF8", "--locale=C", "--no-sync"],
-              what=f"initdb of {primary.name}", node=primary.name)
+        args = ["-U", DB_USER, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"]
+        key = (str(p.bin_dir), p.os_user, *args)
+        if _initdb_templates.make(key, primary.datadir, p) is None:
+            p.run([p.path("initdb"), "-D", str(primary.datadir), *args],
+                  what=f"initdb of {primary.name}", node=primary.name)
+            _initdb_templates.keep(key, primary.datadir, p)
         primary._write_settings()
         self._first_start(primary, cancel, fixed_ports)
         with primary.connect(dbname="postgres") as conn:
