@@ -98,19 +98,25 @@ def test_a_second_cluster_copies_instead_of_running_initdb(parent, initdb_runs):
     assert devcluster._SETTINGS_MARKER not in (template / "postgresql.conf").read_text()
 
 
+def _up_by_initdb(base: Path, initdb_runs: list) -> DevCluster:
+    """A 1-shard cluster at ``base`` whose primary initdb made (the fallback), in working order."""
+    del initdb_runs[:]
+    cluster = DevCluster.up(base, shards=1, replicas=0)
+    assert initdb_runs == [str(cluster.shards[0].primary.datadir)]
+    _check_datadir(cluster)
+    with cluster.shards[0].primary.connect() as conn:
+        conn.execute("CREATE TABLE t (x int)")
+        conn.execute("INSERT INTO t VALUES (1)")
+    return cluster
+
+
 def test_a_vanished_template_falls_back_to_initdb(parent, initdb_runs):
     DevCluster.up(parent / "a", shards=1, replicas=0)
     template = _template_of(DevCluster.load(parent / "a"))
     assert template is not None
     shutil.rmtree(template)
 
-    del initdb_runs[:]
-    cluster = DevCluster.up(parent / "b", shards=1, replicas=0)
-    assert initdb_runs == [str(cluster.shards[0].primary.datadir)]
-    _check_datadir(cluster)
-    with cluster.shards[0].primary.connect() as conn:
-        conn.execute("CREATE TABLE t (x int)")
-        conn.execute("INSERT INTO t VALUES (1)")
+    cluster = _up_by_initdb(parent / "b", initdb_runs)
     # The fallback's initdb output is the new template, and the next cluster copies it.
     new = _template_of(cluster)
     assert new is not None and new.is_dir() and new != template
@@ -130,12 +136,7 @@ def test_a_failed_copy_falls_back_to_initdb(parent, initdb_runs, monkeypatch):
         return real_copy(src, dst, programs)
 
     monkeypatch.setattr(devcluster, "_copy_datadir", failing_copy)
-    del initdb_runs[:]
-    cluster = DevCluster.up(parent / "b", shards=1, replicas=0)
-    assert initdb_runs == [str(cluster.shards[0].primary.datadir)]
-    _check_datadir(cluster)
-    with cluster.shards[0].primary.connect() as conn:
-        conn.execute("CREATE TABLE t (x int)")
+    _up_by_initdb(parent / "b", initdb_runs)
 
 
 def test_templates_go_at_exit_and_a_killed_process_s_are_swept(parent):
