@@ -1304,9 +1304,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         write, as :meth:`connection_for_shard` does.
         """
         conn = Session.connection(self, bind_arguments=bind_arguments, execution_options=execution_options)
-        info = getattr(conn.engine, "info", None)
-        if info and info["role"] == PRIMARY:
-            self._sk_written.add(info["shard"])
+        shard = _primary_shard(conn)
+        if shard is not None:
+            self._sk_written.add(shard)
         return conn
 
 
@@ -3727,7 +3727,7 @@ def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
     except RoutingError:
         return
     table = mapper.local_table
-    home = connection.engine.info.get("shard") if getattr(connection.engine, "info", None) else None
+    home = _engine_info(connection).get("shard")
     pk_cols = list(table.primary_key.columns)
     pk = mapper.primary_key_from_instance(target)
     if None in pk:
@@ -4187,14 +4187,20 @@ def _transaction_connections(session: Session) -> list[Any]:
     return list(seen.values())
 
 
+def _engine_info(conn: Any) -> Mapping[str, Any]:
+    """What shardkit records on the engine of ``conn`` (shard, role, node, ...); empty for
+    an engine the application bound itself (``bind_arguments={"bind": ...}``)."""
+    return getattr(conn.engine, "info", None) or {}
+
+
 def _primary_shard(conn: Any) -> str | None:
-    info = getattr(conn.engine, "info", None) or {}
+    info = _engine_info(conn)
     return info.get("shard") if info.get("role") == PRIMARY else None
 
 
-def _node_of(conn: Any) -> str:
-    """The node a connection is to ("?" for an engine the application bound itself)."""
-    return (getattr(conn.engine, "info", None) or {}).get("node", "?")
+def _node_of(conn: Any, unknown: str = "?") -> str:
+    """The node a connection is to (``unknown`` for an engine the application bound itself)."""
+    return _engine_info(conn).get("node", unknown)
 
 
 def _refuse_aborted(session: Session) -> None:
@@ -4210,7 +4216,7 @@ def _refuse_aborted(session: Session) -> None:
             primaries.append(shard)
         if conn.closed:
             continue
-        name = shard or conn.engine.info.get("node", "a node")
+        name = shard or _node_of(conn, "a node")
         if conn.invalidated:
             # Its server went away under a statement (a replica that died while a streamed
             # result was being read): that part of the transaction is gone, and SQLAlchemy
@@ -4367,7 +4373,7 @@ def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
     left: dict[str, str] = {}
     failures: dict[str, BaseException] = {}
     for conn, tp, *_ in sorted(distinct, key=lambda v: _primary_shard(v[0]) or ""):
-        shard = _primary_shard(conn) or conn.engine.info.get("node", "?")
+        shard = _primary_shard(conn) or _node_of(conn)
         if tp.is_active:
             # Not reached by SQLAlchemy's commit loop, which stopped at the failure.
             try:
@@ -4455,8 +4461,7 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
     shards = set()
     for entry in (getattr(transaction, "_connections", None) or {}).values():
         conn = entry[0]
-        # (An engine the application bound itself, bind_arguments={"bind": ...}, has no info.)
-        info = getattr(conn.engine, "info", None) or {}
+        info = _engine_info(conn)
         if info.get("role") == PRIMARY and info["shard"] in session._sk_written and _autocommits(conn):
             # (On an engine in autocommit, the statements that wrote are noted; on a
             # connection put in autocommit, anything may have.)
@@ -4471,7 +4476,7 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
 def _autocommits(conn: Any) -> bool:
     """Whether ``conn`` (maybe closed) commits each statement as it runs: its engine was
     made in autocommit, or it was given isolation_level AUTOCOMMIT (its options outlive it)."""
-    return bool((getattr(conn.engine, "info", None) or {}).get("autocommit")) or \
+    return bool(_engine_info(conn).get("autocommit")) or \
         conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
 
 

@@ -169,3 +169,25 @@ def test_ending_a_session_that_also_used_an_engine_of_its_own(late_world, end):
     finally:
         s.close()
         other.dispose()
+
+
+def test_committing_a_session_that_also_used_an_engine_of_its_own(late_world):
+    """The same at commit: the checks before the COMMIT name each connection's node, and an
+    engine the application gave (no ``info``) made commit() raise AttributeError."""
+    from sqlalchemy import create_engine, text
+
+    dev, cluster = late_world
+    other = create_engine("sqlite://")
+    Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+    try:
+        with Session() as s:
+            s.add(Note(id=424243, body="y"))
+            s.flush()
+            assert s.connection(bind_arguments={"bind": other}).execute(text("SELECT 1")).scalar() == 1
+            s.commit()
+        with Session(consistency="strong") as s:
+            assert s.get(Note, 424243).body == "y"
+            s.delete(s.get(Note, 424243))
+            s.commit()
+    finally:
+        other.dispose()
