@@ -504,7 +504,7 @@ class _InitdbTemplates:
     (before any setting is written to it) into a private temporary directory
     (mode 0700, on /dev/shm when writable), removed at process exit.  Copies
     keep modes and the server user as owner (``cp -a``, which as root keeps
-    owners; without ``cp``, a Python copy that chowns to the server user).  Not
+    owners).  Not
     removed by ``down()``: later clusters of the process use it.  Thread-safe: a
     build that finds no template yet, or whose copy fails for any reason (logged
     at debug level), just runs initdb.
@@ -601,20 +601,14 @@ def _copy_datadir(src: Path, dst: Path, programs: _Programs) -> None:
         raise FileExistsError(f"{dst} exists")
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a directory")
+    # cp -a keeps modes, and as root the owner too (without cp, the caller runs initdb).
     cp = shutil.which("cp")
-    if cp:
-        # cp -a keeps modes, and as root the owner too; it copies with copy_file_range.
-        proc = subprocess.run([cp, "-a", "--", str(src), str(dst)], capture_output=True,
-                              text=True, stdin=subprocess.DEVNULL)
-        if proc.returncode != 0:
-            raise OSError(f"cp -a failed: {proc.stderr.strip()}")
-    else:
-        shutil.copytree(src, dst, symlinks=True)
-        if programs.switch_user:
-            for d, dirs, files in os.walk(dst):
-                os.chown(d, programs.uid, programs.gid)
-                for name in files:
-                    os.lchown(os.path.join(d, name), programs.uid, programs.gid)
+    if cp is None:
+        raise FileNotFoundError("no cp program")
+    proc = subprocess.run([cp, "-a", "--", str(src), str(dst)], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise OSError(f"cp -a failed: {proc.stderr.strip()}")
     st = dst.stat()
     if st.st_uid != programs.uid or stat.S_IMODE(st.st_mode) not in (0o700, 0o750):
         raise OSError(f"{dst} has owner uid {st.st_uid} and mode "
