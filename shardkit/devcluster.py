@@ -74,6 +74,8 @@ _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 10.0
 _READY_TIMEOUT = 30.0
 _POLL_INTERVAL = 0.02
+#: shmctl()'s command to remove a System V shared memory segment (<sys/ipc.h>, Linux).
+_IPC_RMID = 0
 _SETTINGS_MARKER = "# --- shardkit.devcluster: everything below is rewritten by shardkit ---"
 # More servers than this in one cluster is a typo, not a development setup.
 MAX_NODES = 256
@@ -767,6 +769,7 @@ class DevNode:
             raise ValueError(f"stop mode must be one of {', '.join(_STOP_MODES)}, not {mode!r}")
         if not self.is_running():
             self._kill_leftovers()
+            self._release_shared_memory()
             return
         try:
             self._programs.run(
@@ -802,6 +805,30 @@ class DevNode:
             log.warning("%s: its postmaster is gone but processes %s of it still run; killing them",
                         self.name, victims)
             _kill_and_wait(victims, self.name, timeout, self.name)
+
+    def _release_shared_memory(self) -> None:
+        """Remove the System V shared memory header a killed postmaster left behind.
+
+        A server started again in this directory removes it itself; once the directory is
+        deleted nothing would, until the machine restarts, and the kernel allows a few
+        thousand (``kernel.shmmni``).  Its key and id are in the stale postmaster.pid; it is
+        removed only while that key still names it and nothing is attached.  (The dynamic
+        shared memory segments are files in the data directory: see _write_settings.)
+        """
+        try:
+            key, shmid = (int(x) for x in
+                          (self.datadir / "postmaster.pid").read_text().splitlines()[6].split())
+            rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+        except (OSError, IndexError, ValueError):
+            return
+        for row in rows:
+            f = row.split()
+            if f[:2] == [str(key), str(shmid)] and f[6] == "0":
+                import ctypes
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.shmctl(ctypes.c_int(shmid), _IPC_RMID, None) != 0:
+                    log.warning("%s: could not remove the shared memory segment %d its killed "
+                                "server left: %s", self.name, shmid, os.strerror(ctypes.get_errno()))
 
     # -- SQL -----------------------------------------------------------------
 
@@ -935,6 +962,9 @@ class DevNode:
             "unix_socket_directories = ''",
             "max_connections = 300",
             "shared_buffers = '64MB'",
+            "# Parallel queries' shared memory as files in the data directory (pg_dynshmem),",
+            "# not in /dev/shm: a server killed with SIGKILL and then deleted leaves nothing.",
+            "dynamic_shared_memory_type = mmap",
             "# A disposable development cluster: speed over crash safety.  Commits",
             "# still flush WAL before returning (cheap without fsync), so replicas",
             "# receive a commit as soon as it is acknowledged, as in production.",
