@@ -499,7 +499,7 @@ def _rebalance_step(cluster: Cluster, Session: Any) -> None:
     thread.start()
     try:
         mover = rebalance.Mover(cluster, grace=0.2, progress=lambda line: print(f"  {line}"))
-        mover.apply(plan, max_buckets=128)
+        mover.apply(plan, max_buckets=256)
     finally:
         stop.set()
         thread.join()

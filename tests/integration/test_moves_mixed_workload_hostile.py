@@ -701,7 +701,7 @@ def test_bucket_move_killed_mid_copy_then_resumed_with_mixed_writers(world, kill
     cluster.refresh_map()
     flag = "--drain" if "s2" in cluster.config.bucket_map else "--add"
     with MixedWriters(w, n=3) as writers:
-        move_id = kill_mover_after(cluster, w.cfg_path, kill_after, flag, "s2", "--batch-buckets", "64")
+        move_id = kill_mover_after(cluster, w.cfg_path, kill_after, flag, "s2", "--batch-buckets", "128")
         time.sleep(0.5)
         resume(w.cfg_path, move_id)
         time.sleep(0.5)
