@@ -4,13 +4,11 @@ header segment the dead postmaster left.  Servers from the local PostgreSQL inst
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from cluster_dirs import cluster_parent
 from shardkit.devcluster import DevCluster
 
 pytestmark = [
@@ -27,15 +25,8 @@ def _segments() -> set[tuple[str, str]]:
 
 @pytest.fixture
 def base():
-    d = Path(tempfile.mkdtemp(prefix="shardkit-ipc-",
-                              dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    os.chmod(d, 0o755)   # the servers' OS user must reach the data directories
-    try:
+    with cluster_parent("shardkit-ipc-") as d:
         yield d
-    finally:
-        if (d / "c").exists():
-            DevCluster.load(d / "c").down(remove=True)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_a_killed_server_removed_with_its_cluster_leaves_no_shared_memory(base):

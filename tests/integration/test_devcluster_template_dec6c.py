@@ -7,29 +7,21 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from cluster_dirs import cluster_parent
 from shardkit import devcluster
-from shardkit.devcluster import STATE_FILE, DevCluster
+from shardkit.devcluster import DevCluster
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def parent():
-    d = Path(tempfile.mkdtemp(prefix="shardkit-template-",
-                              dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    os.chmod(d, 0o755)   # the servers' OS user must reach the data directories
-    try:
+    with cluster_parent("shardkit-template-") as d:
         yield d
-    finally:
-        for c in d.iterdir():
-            if (c / STATE_FILE).exists():
-                DevCluster.load(c).down(remove=True)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
