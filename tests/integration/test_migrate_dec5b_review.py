@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,18 @@ BROKEN = {
 }
 
 
+@pytest.fixture(scope="module")
+def at_a2(dev, tmp_path_factory):
+    """Two shards at a2 (of a1, a2), shared by the cases that add a broken a3.py (each
+    leaves them there, or fails)."""
+    w = World(dev, tmp_path_factory.mktemp("at_a2"))
+    two_revs(w)
+    r = w.cli("migrate", "upgrade", "head")
+    assert r.returncode == 0, r.stderr
+    yield w
+    w.close()
+
+
 # Every breakage through `check`; `upgrade` and `downgrade` run the same check first
 # (one breakage each shows they do).
 @pytest.mark.parametrize("kind, verb", [
@@ -63,18 +76,21 @@ BROKEN = {
     ("syntax error", ("upgrade",)),
     ("unknown down_revision", ("downgrade", "-1")),
 ], ids=lambda v: v[0] if isinstance(v, tuple) else v)
-def test_a_revision_file_that_does_not_load_is_named_once_and_no_shard_is_touched(world, kind, verb):
+def test_a_revision_file_that_does_not_load_is_named_once_and_no_shard_is_touched(at_a2, kind, verb):
     """`migrate check` printed a traceback; `upgrade`/`downgrade` ran every shard's Alembic,
     each failing with the same bare `SyntaxError: invalid syntax` (or `KeyError: 'zz'`),
     naming neither the file nor what to do.  Now: one line, naming the file (or the
     revision it is about), exit status 2, every shard where it was."""
-    w = world()
-    two_revs(w)
-    r = w.cli("migrate", "upgrade", "head")
-    assert r.returncode == 0, r.stderr
-    (w.versions / "a3.py").write_text(BROKEN[kind])
-
-    r = w.cli("migrate", *verb)
+    w = at_a2
+    assert [w.sql(i, "SELECT version_num FROM alembic_version") for i in range(2)] == [[("a2",)]] * 2
+    a3 = w.versions / "a3.py"
+    a3.write_text(BROKEN[kind])
+    try:
+        r = w.cli("migrate", *verb)
+    finally:
+        # The next case writes its own a3.py (and must not load this one's bytecode).
+        a3.unlink()
+        shutil.rmtree(w.versions / "__pycache__", ignore_errors=True)
     out = r.stdout + r.stderr
     assert "Traceback" not in out, out
     assert r.returncode == 2, (r.returncode, out)

@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import inproc_cli
 import pytest
 import sqlalchemy.exc
 from sqlalchemy import text
@@ -157,8 +158,12 @@ class Env:
         self.dev, self.work, self.cfg, self.ini, self.cluster = dev, work, cfg, ini, cluster
 
     def cli(self, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The command in this process (``inproc_cli``); with ``env``, as ``python -m shardkit.cli``
+        with those variables set."""
+        if env is None:
+            return inproc_cli.run(args)
         return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                              text=True, timeout=timeout, env={**os.environ, **env})
 
     def migrate(self, *args: str, config: Path | None = None, env: dict | None = None):
         return self.cli("migrate", *args, "--config", str(config or self.cfg),

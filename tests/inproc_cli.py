@@ -1,0 +1,66 @@
+"""``shardkit`` commands run in the test process, seen as a process would see them.
+
+``run(argv)`` gives a ``subprocess.CompletedProcess`` (exit status, stdout, stderr) of
+``shardkit.cli.main(argv)``, without starting ``python -m shardkit.cli`` (about 0.6 s of
+imports each): for tests about what a command does and says, not about the process
+itself (signals, a terminal, the console script), which keep a real subprocess.
+
+What the process would write to stderr is kept there: the log records its
+``logging.basicConfig`` would print (WARNING and above; DEBUG with ``-v``), the warnings
+Python would print, and the traceback of an exception that escapes (exit status 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import subprocess
+import traceback
+import warnings
+from collections.abc import Sequence
+
+from shardkit import cli
+
+#: Python's default warning filters (what ``python -m shardkit.cli`` starts with).
+_DEFAULT_FILTERS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                    ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                    ("ignore", ResourceWarning, None))
+
+
+def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    verbose = "-v" in argv or "--verbose" in argv
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    # Added before main() runs: its basicConfig() then adds no handler of its own.
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            warnings.resetwarnings()
+            for action, category, module in reversed(_DEFAULT_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module or "")
+            warnings.showwarning = show
+            try:
+                rc = cli.main(argv)
+            except SystemExit as e:   # argparse's usage errors
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, int) and e.code is not None:
+                    err.write(f"{e.code}\n")
+            except KeyboardInterrupt:
+                raise
+            except BaseException:   # noqa: BLE001 - what the process would print as a traceback
+                err.write(traceback.format_exc())
+                rc = 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["shardkit", *argv], rc, out.getvalue(), err.getvalue())
