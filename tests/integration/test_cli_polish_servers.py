@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import inproc_cli
 import psycopg
 import pytest
 
@@ -21,7 +22,10 @@ RANGE = {"events": {"strategy": "range", "tables": {"events": "id"},
                     "ranges": [{"to": 1000, "shard": "s0"}, {"from": 1000, "shard": "s1"}]}}
 
 
-def shardkit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def shardkit(*args: str, timeout: float = 300, proc: bool = False) -> subprocess.CompletedProcess[str]:
+    """The command in this process (``inproc_cli``); ``proc``: as ``python -m shardkit.cli``."""
+    if not proc:
+        return inproc_cli.run(args)
     return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
                           text=True, timeout=timeout)
 
@@ -116,12 +120,12 @@ def test_demo_uses_a_dev_up_cluster_as_it_is(shardkit_module_cluster_factory):
     dev = shardkit_module_cluster_factory(shards=2, replicas=0)
     base = str(dev.base_dir)
     config_before = (dev.base_dir / "shardkit.toml").read_text()
-    r = shardkit("demo", "--shards", "3", "--dir", base)
+    r = shardkit("demo", "--shards", "3", "--dir", base, proc=True)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "2 shards x (1 primary + 0 replicas)" in r.stderr and "leave out --shards 3" in r.stderr
     assert all(n.is_running() for n in dev.nodes)
-    r = shardkit("demo", "--dir", base)
+    r = shardkit("demo", "--dir", base, proc=True)
     assert "Traceback" not in r.stderr, r.stderr[-1500:]
     assert r.returncode == 0, r.stdout + r.stderr
     assert "reusing a local cluster: 2 shards x (1 primary + 0 replicas)" in r.stdout, r.stdout[:1500]

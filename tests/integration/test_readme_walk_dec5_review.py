@@ -11,19 +11,24 @@ import json
 import subprocess
 import sys
 
+import inproc_cli
 import psycopg
 import pytest
 
 pytestmark = pytest.mark.integration
 
 
-def shardkit(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
+def shardkit(*args: str, proc: bool = False) -> subprocess.CompletedProcess[str]:
+    """The command in this process (``inproc_cli``); ``proc``: as ``python -m shardkit.cli``."""
+    if not proc:
+        return inproc_cli.run(args)
     return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+                          text=True, timeout=300)
 
 
 @pytest.mark.parametrize("kind", ["directory", "not an ini", "no script_location"])
-def test_migrate_with_an_alembic_ini_alembic_cannot_use_is_one_error_line(shardkit_dev_cluster, tmp_path, kind):
+def test_migrate_with_an_alembic_ini_alembic_cannot_use_is_one_error_line(shardkit_dev_cluster, tmp_path, kind,
+                                                                          monkeypatch):
     """`--alembic-ini migrations` (the directory, not its alembic.ini) is an easy slip:
     it is a usage error (status 2, one `error:` line saying what to point it at), not a
     traceback of `check` (status 1: "drift") nor every shard's Alembic failing alike
@@ -35,8 +40,9 @@ def test_migrate_with_an_alembic_ini_alembic_cannot_use_is_one_error_line(shardk
     else:
         ini = tmp_path / "alembic.ini"
         ini.write_text("garbage\n" if kind == "not an ini" else "[alembic]\nprepend_sys_path = .\n")
+    monkeypatch.chdir(tmp_path)   # as the process ran in it (the paths given are absolute)
     for verb in ("check", "upgrade"):
-        r = shardkit("migrate", verb, "--config", str(cfg), "--alembic-ini", str(ini), cwd=tmp_path)
+        r = shardkit("migrate", verb, "--config", str(cfg), "--alembic-ini", str(ini))
         assert r.returncode == 2, (verb, r.returncode, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith("error: --alembic-ini: "), r.stderr

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import threading
 import time
 import tomllib
 
+import inproc_cli
 import psycopg
 import pytest
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, delete, func, select, update
@@ -378,8 +377,7 @@ def test_cli_plans_a_split_and_explains_mistakes(world):
     dev, cluster, cfg_path, Session = world
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "plan", *args,
-                               "--config", str(cfg_path)], capture_output=True, text=True, timeout=60)
+        return inproc_cli.run(["rebalance", "plan", *args, "--config", str(cfg_path)])
     r = cli("--split", "orders:100100", "--to", "s2")
     assert r.returncode == 0, r.stderr
     assert "First split" in r.stdout and "100100" in r.stdout

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import inproc_cli
 import psycopg
 import pytest
 from sqlalchemy import BigInteger, Integer, create_engine, func, select
@@ -49,9 +50,14 @@ class World:
         path.write_text(to_toml({**cfg, **GROUPS, "catalog": {"url": self.catalog}}))
         return path
 
-    def cli(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True, text=True,
-                           timeout=120)
+    def cli(self, *args: str, ok: bool = True, proc: bool = False) -> subprocess.CompletedProcess:
+        """The command in this process (``inproc_cli``); ``proc``: as ``python -m shardkit.cli``
+        (a mover running beside the application's process, as in a deploy)."""
+        if not proc:
+            r = inproc_cli.run(args)
+        else:
+            r = subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True, text=True,
+                               timeout=120)
         if ok:
             assert r.returncode == 0, (args, r.stdout, r.stderr)
         return r
@@ -143,7 +149,7 @@ def test_a_process_on_the_old_config_refuses_rather_than_misreads_after_a_shard_
         w.cli("rebalance", "init", "--config", str(w.three))
         with Writer(Session, 10_000) as writer:
             _wait(lambda: len(writer.acked) > 10, 10, "the writer's first commits")
-            w.cli("rebalance", "apply", "--add", "s2", "--config", str(w.three), "--grace", "0.2")
+            w.cli("rebalance", "apply", "--add", "s2", "--config", str(w.three), "--grace", "0.2", proc=True)
             _wait(lambda: writer.errors, 10, "the writer to be refused")
         new = shardkit.Cluster.from_config(w.three, follow_map=False)
         moved = next(i for i in range(N) if new.shard_for("lc_items", i) == "s2")
@@ -191,7 +197,7 @@ def test_the_new_config_deployed_before_the_drain_finished_refuses_then_follows(
         with Session() as s, pytest.raises(shardkit.RoutingError) as got:
             s.scalar(select(func.count()).select_from(Item))
         _says_why(got.value, "s2")
-        w.cli("rebalance", "apply", "--drain", "s2", "--config", str(w.three), "--grace", "0.2")
+        w.cli("rebalance", "apply", "--drain", "s2", "--config", str(w.three), "--grace", "0.2", proc=True)
         _wait(lambda: app._map_misfit is None, 10, "the drained map")
         total = len(w.rows())
         with Session() as s:

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import inproc_cli
 import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
@@ -14,9 +15,11 @@ from models import Base, Event, User, groups_config
 pytestmark = pytest.mark.integration
 
 
-def run(cfg_path):
-    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "verify", "--config", str(cfg_path),
-                        "--json"], capture_output=True, text=True, timeout=300)
+def run(cfg_path, proc=False):
+    """``shardkit verify --json``: in this process (``inproc_cli``), or ``proc``: as ``python -m shardkit.cli``."""
+    argv = ["verify", "--config", str(cfg_path), "--json"]
+    r = (subprocess.run([sys.executable, "-m", "shardkit.cli", *argv], capture_output=True, text=True, timeout=300)
+         if proc else inproc_cli.run(argv))
     return r.returncode, json.loads(r.stdout)
 
 
