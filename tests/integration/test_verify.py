@@ -1,8 +1,6 @@
 """shardkit verify finds rows on the wrong shard and duplicates, with and without the SQL hash."""
 
 import json
-import subprocess
-import sys
 
 import inproc_cli
 import pytest
@@ -15,11 +13,10 @@ from models import Base, Event, User, groups_config
 pytestmark = pytest.mark.integration
 
 
-def run(cfg_path, proc=False):
-    """``shardkit verify --json``: in this process (``inproc_cli``), or ``proc``: as ``python -m shardkit.cli``."""
-    argv = ["verify", "--config", str(cfg_path), "--json"]
-    r = (subprocess.run([sys.executable, "-m", "shardkit.cli", *argv], capture_output=True, text=True, timeout=300)
-         if proc else inproc_cli.run(argv))
+def run(cfg_path):
+    """``shardkit verify --json``, in this process (``inproc_cli``; the command runs as a
+    process in test_operator_walkthrough_review)."""
+    r = inproc_cli.run(["verify", "--config", str(cfg_path), "--json"])
     return r.returncode, json.loads(r.stdout)
 
 
