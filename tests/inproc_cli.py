@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import subprocess
+import sys
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -26,6 +28,18 @@ from shardkit import cli
 _DEFAULT_FILTERS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
                     ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
                     ("ignore", ResourceWarning, None))
+
+
+def shardkit(argv: Sequence[str], *, proc: bool = False, env: dict[str, str] | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``shardkit ARGV``: in this process (:func:`run`), or with ``proc`` as ``python -m
+    shardkit.cli`` in a process of its own, as it also runs with ``env`` (variables added
+    to this process's environment)."""
+    if not proc and env is None:
+        return run(argv)
+    return subprocess.run([sys.executable, "-m", "shardkit.cli", *(str(a) for a in argv)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:

@@ -23,11 +23,8 @@ RANGE = {"events": {"strategy": "range", "tables": {"events": "id"},
 
 
 def shardkit(*args: str, timeout: float = 300, proc: bool = False) -> subprocess.CompletedProcess[str]:
-    """The command in this process (``inproc_cli``); ``proc``: as ``python -m shardkit.cli``."""
-    if not proc:
-        return inproc_cli.run(args)
-    return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    """The command in this process; ``proc``: as ``python -m shardkit.cli``."""
+    return inproc_cli.shardkit(args, proc=proc, timeout=timeout)
 
 
 def sql(dev, shard: int, statement: str) -> None:

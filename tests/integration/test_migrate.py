@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import inproc_cli
@@ -69,11 +68,8 @@ def env(shardkit_module_cluster_factory, tmp_path_factory):
 
 
 def cli(*args: str, proc: bool = False) -> subprocess.CompletedProcess[str]:
-    """The command in this process (``inproc_cli``); ``proc``: as ``python -m shardkit.cli``."""
-    if not proc:
-        return inproc_cli.run(args)
-    return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+    """The command in this process; ``proc``: as ``python -m shardkit.cli``."""
+    return inproc_cli.shardkit(args, proc=proc)
 
 
 def ensure(cluster, cfg, ini, rev: str) -> None:

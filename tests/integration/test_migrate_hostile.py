@@ -98,11 +98,7 @@ class World:
     def cli(self, *args: str, cfg: Path | None = None, proc: bool = False) -> subprocess.CompletedProcess[str]:
         """The command in this process (``inproc_cli``); ``proc``: as ``python -m shardkit.cli``."""
         extra = ["--alembic-ini", str(self.ini)] if args[0] == "migrate" and args[1] != "current" else []
-        argv = [*args, "--config", str(cfg or self.cfg), *extra]
-        if not proc:
-            return inproc_cli.run(argv)
-        return subprocess.run([sys.executable, "-m", "shardkit.cli", *argv], capture_output=True, text=True,
-                              timeout=300)
+        return inproc_cli.shardkit([*args, "--config", str(cfg or self.cfg), *extra], proc=proc)
 
     def sql(self, i: int, query: str, params=None):
         with psycopg.connect(self.dsn(i), autocommit=True) as c:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import socket
 import subprocess
@@ -160,10 +159,7 @@ class Env:
     def cli(self, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """The command in this process (``inproc_cli``); with ``env``, as ``python -m shardkit.cli``
         with those variables set."""
-        if env is None:
-            return inproc_cli.run(args)
-        return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, **env})
+        return inproc_cli.shardkit(args, env=env, timeout=timeout)
 
     def migrate(self, *args: str, config: Path | None = None, env: dict | None = None):
         return self.cli("migrate", *args, "--config", str(config or self.cfg),

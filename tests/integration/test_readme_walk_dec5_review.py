@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import inproc_cli
 import psycopg
@@ -19,11 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 def shardkit(*args: str, proc: bool = False) -> subprocess.CompletedProcess[str]:
-    """The command in this process (``inproc_cli``); ``proc``: as ``python -m shardkit.cli``."""
-    if not proc:
-        return inproc_cli.run(args)
-    return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+    """The command in this process; ``proc``: as ``python -m shardkit.cli``."""
+    return inproc_cli.shardkit(args, proc=proc)
 
 
 @pytest.mark.parametrize("kind", ["directory", "not an ini", "no script_location"])

@@ -53,11 +53,7 @@ class World:
     def cli(self, *args: str, ok: bool = True, proc: bool = False) -> subprocess.CompletedProcess:
         """The command in this process (``inproc_cli``); ``proc``: as ``python -m shardkit.cli``
         (a mover running beside the application's process, as in a deploy)."""
-        if not proc:
-            r = inproc_cli.run(args)
-        else:
-            r = subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True, text=True,
-                               timeout=120)
+        r = inproc_cli.shardkit(args, proc=proc, timeout=120)
         if ok:
             assert r.returncode == 0, (args, r.stdout, r.stderr)
         return r
