@@ -19,6 +19,11 @@ from shardkit.verify import verify
 pytestmark = pytest.mark.integration
 
 GRACE = 3.0
+# The mover times the grace on its monotonic clock; the journal's stamps come from the
+# catalog server's wall clock, which the host's time synchronisation may step by a few
+# milliseconds meanwhile (a CI run once saw 2.9988 s).  A resume that skips the wait
+# copies about 1.6 s after the kill, far outside this slack.
+CLOCK_SLACK = 0.05
 
 
 class Base(DeclarativeBase):
@@ -60,7 +65,7 @@ def test_a_mover_killed_while_capturing_resumes_after_what_is_left_of_the_grace(
         # The killed mover began capturing; the resumed one waited for the rest of the
         # grace before its copy committed (a resume that skipped the wait copies within a
         # second or so of the kill).
-        assert (copied - capturing).total_seconds() >= GRACE, (capturing, copied)
+        assert (copied - capturing).total_seconds() >= GRACE - CLOCK_SLACK, (capturing, copied)
         assert rebalance.move_status(cluster, move_id)[0]["state"] == "done"
         cluster.refresh_map()
         assert set(cluster.config.bucket_map) == {"s0"}
