@@ -203,6 +203,9 @@ class Router:
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
         self._rr = itertools.count()
         self._next_turn = 0  # (what _rr gives next, as far as any_shard last saw)
+        # mapper -> its table's route and shard key attributes (see the session's
+        # shard_of_instance)
+        self.instance_keys: dict[Any, Any] = {}
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
         # entity given to get() -> (its mapper, its entity_problem, the mapper's polymorphic

@@ -1452,24 +1452,22 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
     """The shard an ORM instance belongs to, from its own key or its parent's."""
     state = inspect(instance)
     mapper = state.mapper
-    problem = cluster.router.hierarchy_problem(mapper)
-    if problem is not None:
-        raise RoutingError(problem, table=mapper.local_table.name)
-    tr = cluster.router.table_route(mapper)
+    router = cluster.router
+    try:
+        tr, keys = router.instance_keys[mapper]
+    except KeyError:
+        tr, keys = _instance_keys(router, mapper)
     if tr.strategy is None:
         # Reference rows are written to one shard by the flush and copied to
         # the others after it (see _replicate_reference_rows).
         return cluster.shard_names[0]
-    table = mapper.local_table
     values = []
-    for cname in tr.key_columns:
-        col = table.c[cname]
-        prop = mapper.get_property_by_column(col)
-        v = state.dict.get(prop.key)
+    for attr, col, co in keys:
+        v = state.dict.get(attr)
         if v is None:
-            v = _key_from_reference_parent(cluster, mapper, state, cname)
+            v = _key_from_reference_parent(cluster, mapper, state, col.name)
         if v is None:
-            parent_shard = _shard_from_parent(cluster, mapper, state, cname)
+            parent_shard = _shard_from_parent(cluster, mapper, state, col.name)
             if parent_shard is not None:
                 return parent_shard
             # (A default is for a new row: an object with an identity whose key is not
@@ -1477,8 +1475,8 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
             v = _python_default(col) if state.key is None else None
             if v is None:
                 raise ShardKeyError(
-                    f"{type(instance).__name__} has no value for shard key {tr.table}.{cname}; set "
-                    f"{prop.key} (or its parent relationship) before flushing, or give the column "
+                    f"{type(instance).__name__} has no value for shard key {tr.table}.{col.name}; set "
+                    f"{attr} (or its parent relationship) before flushing, or give the column "
                     "a Python default of no arguments (default=uuid.uuid4): a value made at the "
                     "INSERT (a serial, identity or server default, a SQL expression, a default "
                     "that takes the execution context) comes after the shard is chosen",
@@ -1486,8 +1484,7 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
                 )
             # The key a Python-side default makes (default=uuid.uuid4): made now, as the
             # caller would have, so the row goes where that key belongs.
-            setattr(instance, prop.key, v)
-        co = coercer_for(col.type)
+            setattr(instance, attr, v)
         values.append(co(v) if co else v)
     key = values[0] if len(values) == 1 else tuple(values)
     try:
@@ -1496,6 +1493,23 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
         if e.table is None:
             e.table = tr.table
         raise
+
+
+def _instance_keys(router: Any, mapper: Any) -> tuple[Any, tuple[tuple[str, Any, Any], ...]]:
+    """``mapper``'s table route and, per shard key column, (the attribute that holds it,
+    the column, its coercer), kept in ``router.instance_keys``; raises RoutingError for a
+    mapper whose objects cannot be placed (not kept: the error is made each time)."""
+    problem = router.hierarchy_problem(mapper)
+    if problem is not None:
+        raise RoutingError(problem, table=mapper.local_table.name)
+    tr = router.table_route(mapper)
+    table = mapper.local_table
+    keys = []
+    for cname in tr.key_columns:
+        col = table.c[cname]
+        keys.append((mapper.get_property_by_column(col).key, col, coercer_for(col.type)))
+    router.instance_keys[mapper] = found = (tr, tuple(keys))
+    return found
 
 
 def _python_default(column: Any) -> Any:
@@ -3617,9 +3631,16 @@ def _refuse_bulk_key_move(cluster: Cluster, mapper: Any, state: Any, obj: Any) -
 
 def _key_changed(state: Any, mapper: Any, tr: TableRoute) -> bool:
     """Whether a shard-key column of ``state`` has a pending change."""
+    committed = state.committed_state  # (an attribute never set since the load is not in it)
+    if not committed:
+        return False
     table = mapper.local_table
-    return any(state.attrs[mapper.get_property_by_column(table.c[c]).key].history.has_changes()
-               for c in tr.key_columns if c in table.c)
+    for c in tr.key_columns:
+        if c in table.c:
+            attr = mapper.get_property_by_column(table.c[c]).key
+            if attr in committed and state.attrs[attr].history.has_changes():
+                return True
+    return False
 
 
 def _sharded_flush_target(state: Any, mapper: Any) -> tuple[ShardedSession, Any] | None:

@@ -1,0 +1,141 @@
+"""One flush of many new objects whose keys alternate between shards inserts them shard
+by shard: one INSERT per table and shard (the unit of work batches consecutive rows for
+one connection), each shard's rows in the order they were added, and an object whose
+shard cannot be told still fails the flush with nothing written."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import Counter
+
+import pytest
+from own_tables import cluster_with_tables, keys_per_shard
+from sqlalchemy import BigInteger, ForeignKey, Identity, MetaData, String, Uuid, event, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+import shardkit
+from shardkit.errors import ShardKeyError
+
+pytestmark = pytest.mark.integration
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Event(Base):
+    __tablename__ = "fg_events"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # Made by each shard's sequence at the INSERT: the order the shard received its rows.
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(), nullable=False)
+    v: Mapped[str] = mapped_column(String(20))
+
+
+class Doc(Base):
+    __tablename__ = "fg_docs"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    pages: Mapped[list[Page]] = relationship(back_populates="doc")
+    notes: Mapped[list[Note]] = relationship()   # one way: a note knows no parent until the flush
+
+
+class Page(Base):
+    __tablename__ = "fg_pages"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    doc_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("fg_docs.id"), primary_key=True)
+    doc: Mapped[Doc] = relationship(back_populates="pages")
+
+
+class Note(Base):
+    __tablename__ = "fg_notes"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    doc_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("fg_docs.id"), primary_key=True)
+
+
+@pytest.fixture(scope="module")
+def env(sharded_dev):
+    config = {"groups": {"events": {"tables": {"fg_events": "id"}},
+                         "docs": {"tables": {"fg_docs": "id", "fg_pages": "doc_id", "fg_notes": "doc_id"}}}}
+    with cluster_with_tables(sharded_dev, config, Base.metadata) as cluster:
+        yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+
+
+def _inserts(cluster):
+    """A Counter of (shard, table) for the INSERT statements run inside the block."""
+    hits: Counter = Counter()
+    listeners = []
+    for name in cluster.shard_names:
+        def count(conn, cursor, statement, *a, _name=name):
+            if statement.lstrip().upper().startswith("INSERT INTO"):
+                hits[_name, statement.split()[2]] += 1
+        event.listen(cluster.primary(name), "before_cursor_execute", count)
+        listeners.append((cluster.primary(name), count))
+    return hits, listeners
+
+
+def _stop(listeners):
+    for eng, fn in listeners:
+        event.remove(eng, "before_cursor_execute", fn)
+
+
+def test_alternating_keys_are_inserted_one_statement_per_shard_in_their_order(env):
+    cluster, Session = env
+    by_shard = keys_per_shard(cluster, "fg_events", 100)
+    for i, own in enumerate(by_shard.values()):
+        random.Random(i).shuffle(own)  # not in key order: the order added is what counts
+    # Keys taken round robin from the shards: every neighbour is on another shard.
+    keys = [k for trio in zip(*by_shard.values()) for k in trio]
+    hits, listeners = _inserts(cluster)
+    try:
+        with Session() as s:
+            s.add_all(Event(id=k, v=f"v{k}") for k in keys)
+            s.commit()
+    finally:
+        _stop(listeners)
+    assert hits == {(name, "fg_events"): 1 for name in cluster.shard_names}
+    for name, own in by_shard.items():
+        with cluster.primary(name).connect() as c:
+            rows = c.execute(text("SELECT id FROM fg_events ORDER BY seq")).scalars().all()
+        # Every row on its owner, received in the order the application added them.
+        assert rows == own
+    with Session() as s:
+        assert s.get(Event, keys[7]).v == f"v{keys[7]}"
+
+
+def test_children_follow_their_parents_key_made_by_a_default(env):
+    cluster, Session = env
+    hits, listeners = _inserts(cluster)
+    try:
+        with Session() as s:
+            docs = [Doc(pages=[Page(id=1), Page(id=2)], notes=[Note(id=1)]) for _ in range(60)]
+            s.add_all(docs)
+            s.commit()
+            ids = [d.id for d in docs]
+    finally:
+        _stop(listeners)
+    owners = {d: cluster.shard_for("fg_docs", d) for d in ids}
+    used = set(owners.values())
+    assert len(used) == len(cluster.shard_names)
+    for name in used:
+        assert hits[name, "fg_docs"] == 1 and hits[name, "fg_pages"] == 1
+    # Notes are placed by the flush itself (it copies the key from the parent it inserted
+    # first), which keeps their order: each still lands on its parent's shard.
+    for d, owner in owners.items():
+        with cluster.primary(owner).connect() as c:
+            assert c.execute(text("SELECT count(*) FROM fg_pages WHERE doc_id = :d"), {"d": d}).scalar() == 2
+            assert c.execute(text("SELECT count(*) FROM fg_notes WHERE doc_id = :d"), {"d": d}).scalar() == 1
+
+
+def test_an_object_without_a_shard_still_fails_the_flush_with_nothing_written(env):
+    cluster, Session = env
+    by_shard = keys_per_shard(cluster, "fg_events", 1000)
+    keys = [k for trio in zip(*by_shard.values()) for k in trio][-30:]
+    with Session() as s:
+        s.add_all(Event(id=k, v="x") for k in keys)
+        s.add(Event(v="no key"))
+        with pytest.raises(ShardKeyError, match="has no value for shard key fg_events.id"):
+            s.commit()
+    for name in cluster.shard_names:
+        with cluster.primary(name).connect() as c:
+            assert c.execute(text("SELECT count(*) FROM fg_events WHERE id = ANY(:k)"),
+                             {"k": keys}).scalar() == 0
