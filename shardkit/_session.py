@@ -4515,6 +4515,37 @@ def _forget_transaction(session: ShardedSession) -> None:
         session._sk_ref_shard = None
 
 
+_sa_connections_for_states = persistence._connections_for_states
+
+
+def _connections_for_states(base_mapper: Any, uowtransaction: Any, states: Any) -> Any:
+    """SQLAlchemy's ``persistence._connections_for_states`` (the order in which a flush
+    writes a class hierarchy's objects, each with its connection), shard by shard in a
+    ShardedSession.
+
+    The unit of work inserts new objects in the order they were added, updates and
+    deletes in primary key order, and batches consecutive rows for one connection
+    into one statement: objects of alternating shards would be written one statement
+    per row.  Here each shard's objects keep that order (the order its database sees,
+    and takes row locks in); shards come in the order of their first object.  Each
+    object is routed once, as before, and all of them before the flush's
+    before_insert/before_update listeners run.
+    """
+    if not isinstance(uowtransaction.session, ShardedSession):
+        return _sa_connections_for_states(base_mapper, uowtransaction, states)
+    placed = list(_sa_connections_for_states(base_mapper, uowtransaction, states))
+    if len(placed) > 2:
+        first: dict[Any, int] = {}
+        for p in placed:
+            first.setdefault(p[3], len(first))
+        if len(first) > 1:
+            placed.sort(key=lambda p: first[p[3]])
+    return placed
+
+
+# Every flush looks the function up in its module.
+persistence._connections_for_states = _connections_for_states
+
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
 # session construction as cheap as a plain Session's.  Statements are routed in
 # execute() rather than in a do_orm_execute hook: a hook makes the ORM prepare

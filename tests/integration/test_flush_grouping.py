@@ -1,7 +1,7 @@
-"""One flush of many new objects whose keys alternate between shards inserts them shard
-by shard: one INSERT per table and shard (the unit of work batches consecutive rows for
-one connection), each shard's rows in the order they were added, and an object whose
-shard cannot be told still fails the flush with nothing written."""
+"""One flush of many objects whose keys alternate between shards writes them shard by
+shard: one INSERT, UPDATE or DELETE per table and shard (the unit of work batches
+consecutive rows for one connection), each shard's new rows in the order they were
+added; an object whose shard cannot be told still fails the flush with nothing written."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 from own_tables import cluster_with_tables, keys_per_shard
-from sqlalchemy import BigInteger, ForeignKey, Identity, MetaData, String, Uuid, event, text
+from sqlalchemy import BigInteger, ForeignKey, Identity, MetaData, String, Uuid, event, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
@@ -60,14 +60,15 @@ def env(sharded_dev):
         yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
 
 
-def _inserts(cluster):
-    """A Counter of (shard, table) for the INSERT statements run inside the block."""
+def _inserts(cluster, verb="INSERT INTO"):
+    """A Counter of (shard, table) for the ``verb`` statements run from here on, and the
+    listeners counting them (for _stop)."""
     hits: Counter = Counter()
     listeners = []
     for name in cluster.shard_names:
         def count(conn, cursor, statement, *a, _name=name):
-            if statement.lstrip().upper().startswith("INSERT INTO"):
-                hits[_name, statement.split()[2]] += 1
+            if statement.lstrip().upper().startswith(verb):
+                hits[_name, statement.split()[len(verb.split())]] += 1
         event.listen(cluster.primary(name), "before_cursor_execute", count)
         listeners.append((cluster.primary(name), count))
     return hits, listeners
@@ -116,10 +117,8 @@ def test_children_follow_their_parents_key_made_by_a_default(env):
     owners = {d: cluster.shard_for("fg_docs", d) for d in ids}
     used = set(owners.values())
     assert len(used) == len(cluster.shard_names)
-    for name in used:
-        assert hits[name, "fg_docs"] == 1 and hits[name, "fg_pages"] == 1
-    # Notes are placed by the flush itself (it copies the key from the parent it inserted
-    # first), which keeps their order: each still lands on its parent's shard.
+    # (Notes are placed by the key the flush copies from the parent it inserted first.)
+    assert hits == {(name, t): 1 for name in used for t in ("fg_docs", "fg_pages", "fg_notes")}
     for d, owner in owners.items():
         with cluster.primary(owner).connect() as c:
             assert c.execute(text("SELECT count(*) FROM fg_pages WHERE doc_id = :d"), {"d": d}).scalar() == 2
@@ -139,3 +138,35 @@ def test_an_object_without_a_shard_still_fails_the_flush_with_nothing_written(en
         with cluster.primary(name).connect() as c:
             assert c.execute(text("SELECT count(*) FROM fg_events WHERE id = ANY(:k)"),
                              {"k": keys}).scalar() == 0
+
+
+def test_changed_and_deleted_objects_of_every_shard_are_written_one_statement_per_shard(env):
+    cluster, Session = env
+    by_shard = keys_per_shard(cluster, "fg_events", 2000)
+    keys = [k for trio in zip(*by_shard.values()) for k in trio][-300:]
+    with Session() as s:
+        s.add_all(Event(id=k, v="new") for k in keys)
+        s.commit()
+    hits, listeners = _inserts(cluster, "UPDATE")
+    try:
+        with Session() as s:
+            for e in s.scalars(select(Event).where(Event.id.in_(keys))):
+                e.v = f"changed{e.id}"
+            s.commit()
+    finally:
+        _stop(listeners)
+    assert hits == {(name, "fg_events"): 1 for name in cluster.shard_names}
+    with Session() as s:
+        assert dict(s.execute(select(Event.id, Event.v).where(Event.id.in_(keys))).all()) == {
+            k: f"changed{k}" for k in keys}
+    hits, listeners = _inserts(cluster, "DELETE FROM")
+    try:
+        with Session() as s:
+            for e in s.scalars(select(Event).where(Event.id.in_(keys[::2]))):
+                s.delete(e)
+            s.commit()
+    finally:
+        _stop(listeners)
+    assert hits == {(name, "fg_events"): 1 for name in cluster.shard_names}
+    with Session() as s:
+        assert sorted(s.scalars(select(Event.id).where(Event.id.in_(keys)))) == sorted(keys[1::2])
