@@ -162,7 +162,8 @@ def test_a_late_cancel_of_a_timed_out_scatter_does_not_cancel_the_next_statement
     _truncate(dev)
     slow = "s1"
     for shard in dev.shards:
-        body = "SELECT pg_sleep(0.5) IS NOT NULL" if shard.name == slow else "SELECT true"
+        # 0.7 s (was 0.5) vs the 0.3 s timeout: the read must time out even on a loaded machine
+        body = "SELECT pg_sleep(0.7) IS NOT NULL" if shard.name == slow else "SELECT true"
         with psycopg.connect(shard.primary.dsn, autocommit=True) as c:
             c.execute(f"CREATE OR REPLACE FUNCTION soak_review_gate() RETURNS boolean LANGUAGE sql "
                       f"AS $${body}$$")
@@ -173,7 +174,7 @@ def test_a_late_cancel_of_a_timed_out_scatter_does_not_cancel_the_next_statement
 
     def busy_server_cancel(dbapi_connection, timeout):
         def later():
-            time.sleep(0.4)              # the cancel request's connection is slow to be served
+            time.sleep(0.7)              # slow to be served: arrives ~1.0 s, after the query ended (0.7 s)
             real(dbapi_connection, timeout).join()
         thread = threading.Thread(target=later, name="shardkit-cancel", daemon=True)
         thread.start()
@@ -189,7 +190,7 @@ def test_a_late_cancel_of_a_timed_out_scatter_does_not_cancel_the_next_statement
                       execution_options={"shardkit_timeout": 0.3}).all()
         # The next request on that shard's (one) connection.
         with Session() as s:
-            assert s.execute(text("SELECT pg_sleep(0.6) IS NOT NULL").execution_options(
+            assert s.execute(text("SELECT pg_sleep(0.8) IS NOT NULL").execution_options(  # spans the late cancel
                 shardkit_shard=slow)).scalar_one()
         assert _checked_out(cluster) == {}
     finally:

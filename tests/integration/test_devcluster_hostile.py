@@ -268,9 +268,9 @@ def test_huge_shard_count_fails_fast(root):
     base = root / "huge"
     try:
         r = shardkit("dev", "up", "--shards", "100000", "--replicas", "0", "--dir", str(base),
-                     timeout=5)
+                     timeout=60)  # was 5: interpreter start-up and imports on a loaded machine; the bug loops for ever
     except subprocess.TimeoutExpired:
-        pytest.fail("`dev up --shards 100000` was still running after 5 s instead of refusing")
+        pytest.fail("`dev up --shards 100000` was still running after 60 s instead of refusing")
     assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
     assert not base.exists() or not any(base.iterdir())
 

@@ -227,15 +227,21 @@ def test_repeated_scatter_timeouts_leave_no_stray_cancel_or_running_query(env, c
     ports = [n.port for n in env.dev.shard("s1").nodes]
     cond = text("(SELECT true FROM pg_sleep(CASE WHEN current_setting('port')::int IN "
                 f"({', '.join(map(str, ports))}) THEN 0.6 ELSE 0 END))")
-    for _ in range(4):
+    # The 50 ms race is the point (the cancel lands as the query ends); a stalled waiter on a
+    # loaded machine may see the query end first: at least one of six must time out.
+    timed_out = 0
+    for _ in range(6):
         with env.Session(consistency=consistency) as s:
-            with pytest.raises(shardkit.ShardkitError):
+            try:
                 s.execute(select(Acct.id).where(cond),
                           execution_options={"shardkit_timeout": 0.55}).all()
+            except shardkit.ShardkitError:
+                timed_out += 1
         assert env.checked_out() == {}, env.checked_out()
         for _ in range(5):
             with env.Session(consistency=consistency) as s:
                 assert s.execute(select(func.count()).select_from(Acct)).scalar_one() == len(before)
+    assert timed_out >= 1, "no scatter timed out: the late-cancel path was never exercised"
     env.assert_clean(before)
 
 

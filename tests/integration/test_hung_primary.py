@@ -83,7 +83,7 @@ def test_writes_to_a_hung_primary_fail_fast_and_resume_when_it_answers(world):
         t.join(timeout=5)
         assert not t.is_alive(), "a write to the hung primary is still waiting"
         assert isinstance(out.get("error"), shardkit.ShardUnavailable), out
-        assert time.monotonic() - t0 < 1
+        assert time.monotonic() - t0 < 2.5  # ms when failing fast; waiting for the poll's answer: hung_after (4 s)
         assert out["error"].shard == "s0" and "has not answered" in str(out["error"])
         other: dict = {}
         _write(Session, next(keys["s1"]), other)       # the other shard is not concerned

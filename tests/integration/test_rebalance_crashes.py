@@ -690,7 +690,8 @@ def test_capture_does_not_stall_writers_behind_a_long_transaction(world):
     stalled = time.monotonic() - t0
     mover_thread.join(30)
     try:
-        assert stalled < 1.0, f"a write to another row of bucket {b1} waited {stalled:.1f}s"
+        # was 1.0: a write stalled behind the long transaction waits for its commit (Timer: 4 s)
+        assert stalled < 2.5, f"a write to another row of bucket {b1} waited {stalled:.1f}s"
     finally:
         cluster.dispose()
 

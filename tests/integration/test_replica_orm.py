@@ -28,6 +28,7 @@ from sqlalchemy.orm import (
 
 import shardkit
 from replica_env import ReplicaEnv, lagging, on_primary, on_replica, replica_env
+from waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -466,7 +467,10 @@ def test_scope_role_primary_and_max_lag_cover_lazy_and_eager_loads(env):
                 return acc.name, notes, [e.note for e in acc2.entries]
             out, nodes = env.nodes(run)
             assert out == ("sc2", ["a", "b"], ["a", "b"]) and on_primary(nodes, "s0"), (out, nodes)
-        time.sleep(1.5)  # the replicas' last replayed commit is now > 1 s old
+        # Until the monitor sees the replicas over 1 s behind (a fixed sleep can beat its polls).
+        wait_for(lambda: all((n["lag_seconds"] or 0) > 1.0 for n in env.cluster.health().nodes
+                             if n["shard"] == "s0" and n["role"] == "replica"), 15,
+                 "the monitor to see s0's replicas over 1 s behind")
         with env.Session() as s, shardkit.scope(max_lag_seconds=1.0):
             def run2():
                 acc = s.get(Account, k)

@@ -76,10 +76,11 @@ def test_lagging_replica_loses_reads_within_one_poll_and_gets_them_back(one_by_t
             s.add(Item(id=1, v="x"))
             s.commit()
         time.sleep(0.5)
-        r0.set_apply_delay(3.0)
+        # 6 s (was 3): a monitor that never drops r0 serves it reads for ~6 s, far past the bound below
+        r0.set_apply_delay(6.0)
         delayed_at = time.monotonic()
         # Keep reading; record which node served each read.
-        deadline = delayed_at + 3.0
+        deadline = delayed_at + 6.0
         while time.monotonic() < deadline:
             with Session() as s:
                 s.get(Item, 1)
@@ -88,7 +89,7 @@ def test_lagging_replica_loses_reads_within_one_poll_and_gets_them_back(one_by_t
         last_r0 = max(r0_reads) if r0_reads else delayed_at
         # The replica's true lag passes 1.0 s about 1.0 s after replay stops;
         # the monitor must notice within one poll interval (0.1 s) of that.
-        slack = 0.25  # config reload on the replica, thread scheduling on 2 cores
+        slack = 1.0  # config reload, polls and threads on a loaded 2-core machine; a monitor that never drops r0: ~6 s
         assert last_r0 - delayed_at <= 1.0 + 0.1 + slack, (last_r0 - delayed_at)
         health = {n["node"]: n for n in cluster.health().nodes}
         assert health["s0/r0"]["lag_seconds"] > 1.0
@@ -228,13 +229,13 @@ def test_stopped_primary_fails_writes_fast_while_replicas_serve(shardkit_module_
             s.add(Item(id=2, v="y"))
             with pytest.raises(shardkit.ShardUnavailable) as ei:
                 s.commit()
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.5  # ms when failing fast; a connect timeout (3 s) or hung_after (4 s) is over
         assert ei.value.shard == "s0" and "primary" in str(ei.value)
         t0 = time.monotonic()
         with Session() as s:
             with pytest.raises(shardkit.ShardUnavailable):
                 s.execute(text("UPDATE items SET v = 'z'"), execution_options={"shardkit_shard": "s0"})
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.5  # as above
         for _ in range(20):
             with Session() as s:
                 assert s.get(Item, 1).v == "x"

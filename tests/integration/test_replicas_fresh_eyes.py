@@ -78,8 +78,7 @@ def test_read_only_primary_is_not_ready(dev, cluster):
             with Session() as s:
                 s.add(Item(id=1, name="x"))
                 s.commit()
-        time.sleep(0.5)
-        assert not cluster.health().ready, health_by_node(cluster)["s0/primary"]
+        wait_for(lambda: not cluster.health().ready, 10, "health() to say not ready with the primary read-only")
     finally:
         with primary.connect() as c:
             c.execute("ALTER SYSTEM RESET default_transaction_read_only")
@@ -164,7 +163,10 @@ def test_replica_ahead_of_a_promoted_primary_never_serves_reads(dev):
     cluster = _cluster(cfg)
     try:
         cluster.start_monitor()
-        time.sleep(0.5)  # a few polls of every node
+        # The monitor's verdict on r0 (polled, and seen past the new primary) before any read.
+        wait_for(lambda: health_by_node(cluster)["s0/r0"]["lag_bytes"] is None
+                 and health_by_node(cluster)["s0/r0"]["error"], 10,
+                 "the monitor to find r0 not following the new primary")
         Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
         with Session() as s:
             s.add(Item(id=7, name="after failover"))

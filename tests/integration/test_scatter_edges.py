@@ -756,4 +756,4 @@ def test_a_shard_that_never_answers_the_connection_is_given_up_after_the_connect
             got, missing = f"{type(e).__name__}: {e}", set()
     elapsed = time.monotonic() - t0
     assert (got, missing) == (want, {"s9"})
-    assert elapsed < 5.0, f"took {elapsed:.1f} s with a 3 s connect timeout"
+    assert elapsed < 5.9, f"took {elapsed:.1f} s with a 3 s connect timeout"  # was 5.0; two connect attempts: >= 6 s

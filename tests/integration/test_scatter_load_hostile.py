@@ -584,7 +584,8 @@ def test_timeout_holds_while_the_scatter_threads_are_busy(env):
         errors = run_threads(work, 5)
         assert not errors, errors[:3]
         # the busy threads free up within ~2 s; the 8 s query must not be waited for
-        assert len(outcome) == 1 and "s2" in outcome[0] and elapsed[0] < 2.0, (outcome, elapsed)
+        # 5.0 (was 2.0) on a loaded machine: waiting for the 8 s query takes over 8 s
+        assert len(outcome) == 1 and "s2" in outcome[0] and elapsed[0] < 5.0, (outcome, elapsed)
         assert wait_checked_in(cluster) == {}
     finally:
         cluster.dispose()

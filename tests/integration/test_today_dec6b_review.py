@@ -82,7 +82,7 @@ def test_ending_a_session_that_wrote_in_autocommit_does_not_hang_on_a_hung_prima
         t.join(timeout=5)
         assert not t.is_alive(), f"session.{end}() waits for the hung primary"
         assert out == {"ok": True}, out
-        assert time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 < 3  # ms without asking; waiting for the poll's answer: hung_after (4 s)
         # Its writes stay visible to it: reads of s0 go to the primary.
         assert s._sk_tokens.get("s0") is not None
     finally:
