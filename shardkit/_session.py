@@ -4515,7 +4515,7 @@ def _forget_transaction(session: ShardedSession) -> None:
         session._sk_ref_shard = None
 
 
-_sa_connections_for_states = persistence._connections_for_states
+_sa_connections_for_states = getattr(persistence, "_connections_for_states", None)
 
 
 def _connections_for_states(base_mapper: Any, uowtransaction: Any, states: Any) -> Any:
@@ -4543,8 +4543,10 @@ def _connections_for_states(base_mapper: Any, uowtransaction: Any, states: Any) 
     return placed
 
 
-# Every flush looks the function up in its module.
-persistence._connections_for_states = _connections_for_states
+# Every flush looks the function up in its module.  (A SQLAlchemy without it flushes
+# as it does: correctly, in more statements.)
+if _sa_connections_for_states is not None:
+    persistence._connections_for_states = _connections_for_states
 
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
 # session construction as cheap as a plain Session's.  Statements are routed in
