@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy import types as sqltypes
-from sqlalchemy.orm import aliased, configure_mappers
+from sqlalchemy.orm import Mapper, aliased, configure_mappers
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
 from sqlalchemy.sql import util as sql_util
@@ -206,6 +206,8 @@ class Router:
         # mapper -> its table's route and shard key attributes (see the session's
         # shard_of_instance)
         self.instance_keys: dict[Any, Any] = {}
+        # mapper -> table_route(mapper)
+        self._mapper_routes: dict[Any, TableRoute] = {}
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
         # entity given to get() -> (its mapper, its entity_problem, the mapper's polymorphic
@@ -239,6 +241,16 @@ class Router:
 
     def table_route(self, table: Any) -> TableRoute:
         """The placement of a table given by name, Table, ORM class or mapper."""
+        if isinstance(table, Mapper):
+            # (A flush asks for each object's; mappers live as long as the application.)
+            try:
+                return self._mapper_routes[table]
+            except KeyError:
+                self._mapper_routes[table] = found = self._table_route(table)
+                return found
+        return self._table_route(table)
+
+    def _table_route(self, table: Any) -> TableRoute:
         name = _table_name(table)
         try:
             return self.tables[name]
