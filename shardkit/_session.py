@@ -4527,10 +4527,11 @@ def _connections_for_states(base_mapper: Any, uowtransaction: Any, states: Any) 
     deletes in primary key order, and batches consecutive rows for one connection
     into one statement: objects of alternating shards would be written one statement
     per row.  Here each shard's objects keep that order (the order its database sees,
-    and takes row locks in), and the shards come in one order for every flush (by
-    name): two flushes that each took the shards in the order of their own first
-    object could each hold a row on one database that the other waits for on another,
-    a deadlock neither database can see (it waits for ever, or for lock_timeout).
+    and takes row locks in), and the shards come in one order for every flush, the
+    cluster's (the config's, in which a statement on several shards takes them too):
+    two flushes that each took the shards in the order of their own first object
+    could each hold a row on one database that the other waits for on another, a
+    deadlock neither database can see (it waits for ever, or for lock_timeout).
     Each object is routed once, as before, and all of them before the flush's
     before_insert/before_update listeners run.
     """
@@ -4538,12 +4539,13 @@ def _connections_for_states(base_mapper: Any, uowtransaction: Any, states: Any) 
         return _sa_connections_for_states(base_mapper, uowtransaction, states)
     placed = list(_sa_connections_for_states(base_mapper, uowtransaction, states))
     if len(placed) > 1:
-        rank: dict[Any, tuple[int, str | int]] = {}
+        names = uowtransaction.session.cluster.router.shard_names
+        rank: dict[Any, tuple[int, int]] = {}
         for p in placed:
             if p[3] not in rank:
                 shard = _engine_info(p[3]).get("shard")
                 # (an engine shardkit did not make: after the shards, as first met)
-                rank[p[3]] = (0, shard) if isinstance(shard, str) else (1, len(rank))
+                rank[p[3]] = (names.index(shard), 0) if shard in names else (len(names), len(rank))
         if len(rank) > 1:
             placed.sort(key=lambda p: rank[p[3]])
     return placed
