@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 from own_tables import cluster_with_tables, keys_per_shard, truncate_everywhere
-from sqlalchemy import (BigInteger, ForeignKey, ForeignKeyConstraint, Identity, Integer, MetaData,
+from sqlalchemy import (BigInteger, ForeignKeyConstraint, Identity, Integer, MetaData,
                         String, event, select, text)
 from sqlalchemy.ext.horizontal_shard import ShardedSession as SAShardedSession
 from sqlalchemy.orm import (DeclarativeBase, Mapped, Session, attributes, composite, defer, mapped_column,
