@@ -135,6 +135,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
     _sk_placements: list[tuple[Any, Any, str, Any]] | None = None
     # The shard this transaction reads reference rows from (the first one it used).
     _sk_ref_shard: str | None = None
+    # During a flush: shard -> the connection it writes that shard's objects with.
+    _sk_flush_conns: dict[str, Any] | None = None
     # In delete() and merge(): what they load decides a write (see _read_target).
     _sk_for_write = False
     # The map version in use when the identity map was last empty (with a catalog).
@@ -516,9 +518,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
         that shard, in the current transaction (a savepoint included)."""
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance)
+        conns = self._sk_flush_conns
+        if conns is not None and (conn := conns.get(shard_id)) is not None:
+            return conn  # (the flush's transaction does not change during the flush)
         # horizontal_shard asks the outermost transaction, which skips an open
         # begin_nested(): the flush would then write outside the savepoint.
-        return self.connection(bind_arguments={"mapper": mapper, "shard_id": shard_id})
+        conn = self.connection(bind_arguments={"mapper": mapper, "shard_id": shard_id})
+        if conns is not None:
+            conns[shard_id] = conn
+        return conn
 
     # horizontal_shard calls its choosers through the instance. As methods of the
     # class they create no reference cycle; bound methods stored on the instance
@@ -1281,20 +1289,27 @@ class ShardedSession(horizontal_shard.ShardedSession):
         matches no row raises :class:`~shardkit.NotOwned` (nothing is written),
         not :class:`~sqlalchemy.orm.exc.StaleDataError` or a lost DELETE.
         """
-        if self.cluster.catalog is None:
+        if self._sk_flush_conns is not None:  # a flush inside a flush: SQLAlchemy refuses it
             super().flush(objects)
             return
-        # Taken before: a failed flush expires what it tried to write.
-        self._sk_placements = _placements(self)
-        _SHORT_WRITE.set(False)
+        self._sk_flush_conns = {}
         try:
-            super().flush(objects)
-        except orm_exc.StaleDataError as e:
+            if self.cluster.catalog is None:
+                super().flush(objects)
+                return
+            # Taken before: a failed flush expires what it tried to write.
+            self._sk_placements = _placements(self)
             _SHORT_WRITE.set(False)
-            _refuse_misplaced(self, self._sk_placements, e)
-            raise
+            try:
+                super().flush(objects)
+            except orm_exc.StaleDataError as e:
+                _SHORT_WRITE.set(False)
+                _refuse_misplaced(self, self._sk_placements, e)
+                raise
+            finally:
+                self._sk_placements = None
         finally:
-            self._sk_placements = None
+            self._sk_flush_conns = None
 
     def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Any:
         """As :meth:`sqlalchemy.orm.Session.connection`, for the shard named by
@@ -3742,6 +3757,8 @@ def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
     if not isinstance(session, ShardedSession):
         return
     cluster = session.cluster
+    if not cluster.router.reference_tables:
+        return
     try:
         if not cluster.router.table_route(mapper).is_reference:
             return
@@ -3816,6 +3833,8 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
     assert isinstance(session, ShardedSession)
     cluster = session.cluster
     router = cluster.router
+    if not router.reference_tables:
+        return
     upserts: dict[tuple[Any, str], list[Any]] = {}
     deletes: dict[tuple[Any, str], list[Any]] = {}
     copied, session._sk_ref_copied = session._sk_ref_copied, set()
@@ -3918,6 +3937,8 @@ def _replicate_reference_pairs(session: Session, flush_context: Any) -> None:
     inserted again, a row already gone deletes nothing."""
     assert isinstance(session, ShardedSession)
     router = session.cluster.router
+    if not router.reference_tables:
+        return
     added: dict[Any, set[tuple[Any, ...]]] = {}
     removed: dict[Any, set[tuple[Any, ...]]] = {}
     deleted = session.deleted
