@@ -24,23 +24,19 @@ update: the objects just inserted, loaded and changed (not timed), then commit()
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 from sqlalchemy import BigInteger, String, event, select
 from sqlalchemy.ext.horizontal_shard import ShardedSession as HSSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
-from shardkit.devcluster import DevCluster
+from _cluster import bench_shards, raw_primaries
 
 
 class Base(DeclarativeBase):
@@ -64,22 +60,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
 
-    dev = None
-    if args.config:
-        cfg: Any = args.config
-    else:
-        d = tempfile.mkdtemp(prefix="shardkit-bench-")
-        os.chmod(d, 0o755)
-        dev = DevCluster.up(os.path.join(d, "c"), shards=args.shards, replicas=0)
-        cfg = dev.config_dict()
-    try:
-        if not isinstance(cfg, dict):
-            cfg = shardkit.load_config(cfg)
-            base = {"bucket_count": cfg.bucket_count,
-                    "shards": [{"name": s.name, "primary": s.primary.render_as_string(hide_password=False)}
-                               for s in cfg.shards]}
-        else:
-            base = {k: v for k, v in cfg.items() if k in ("bucket_count", "shards")}
+    with bench_shards(args.config, args.shards) as base:
         base["groups"] = {"bench": {"tables": {"bench_events": "id"}}}
         cluster = shardkit.Cluster.from_config(base)
         for s in cluster.shard_names:
@@ -92,11 +73,7 @@ def main() -> int:
                           identity_chooser=lambda mapper, pk, **kw: list(shards),
                           execute_chooser=lambda context: list(shards))
         plain = {s: sessionmaker(bind=e) for s, e in shards.items()}
-        raw = {}
-        for s in cluster.shard_names:
-            u = cluster.config.shard(s).primary
-            raw[s] = psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database,
-                                     password=u.password)
+        raw = raw_primaries(cluster, autocommit=False)
 
         def by_shard(keys: list[int]) -> dict[str, list[int]]:
             out: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
@@ -206,10 +183,6 @@ def main() -> int:
         for c in raw.values():
             c.close()
         cluster.dispose()
-    finally:
-        if dev is not None:
-            dev.down()
-            shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

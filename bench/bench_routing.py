@@ -21,17 +21,13 @@ row by primary key and closes the session (what one web request does).
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
-import psycopg
 from sqlalchemy import BigInteger, String, event, select
 from sqlalchemy.ext.horizontal_shard import ShardedSession as HSSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -39,7 +35,7 @@ from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ColumnElement
 
 import shardkit
-from shardkit.devcluster import DevCluster
+from _cluster import bench_shards, raw_primaries
 
 
 class Base(DeclarativeBase):
@@ -116,22 +112,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=10000)
     args = ap.parse_args()
 
-    dev = None
-    if args.config:
-        cfg: Any = args.config
-    else:
-        d = tempfile.mkdtemp(prefix="shardkit-bench-")
-        os.chmod(d, 0o755)
-        dev = DevCluster.up(os.path.join(d, "c"), shards=2, replicas=0)
-        cfg = dev.config_dict()
-    try:
-        if not isinstance(cfg, dict):
-            cfg = shardkit.load_config(cfg)
-            base = {"bucket_count": cfg.bucket_count,
-                    "shards": [{"name": s.name, "primary": s.primary.render_as_string(hide_password=False)}
-                               for s in cfg.shards]}
-        else:
-            base = {k: v for k, v in cfg.items() if k in ("bucket_count", "shards")}
+    with bench_shards(args.config, 2) as base:
         base["groups"] = {"bench": {"tables": {"bench_users": "id"}}}
         cluster = shardkit.Cluster.from_config(base)
         for s in cluster.shard_names:
@@ -147,11 +128,7 @@ def main() -> int:
         shards = {s: cluster.primary(s) for s in cluster.shard_names}
         hs_naive = sessionmaker(class_=HSSession, shards=shards, **hs_naive_choosers(cluster))
         hs_keyed = sessionmaker(class_=HSSession, shards=shards, **hs_keyed_choosers(cluster))
-        raw = {}
-        for s in cluster.shard_names:
-            u = cluster.config.shard(s).primary
-            raw[s] = psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database,
-                                     password=u.password, autocommit=True)
+        raw = raw_primaries(cluster, autocommit=True)
 
         def get_with(maker: Callable[[int], Session]) -> Callable[[int], None]:
             def op(k: int) -> None:
@@ -245,10 +222,6 @@ def main() -> int:
         for c in raw.values():
             c.close()
         cluster.dispose()
-    finally:
-        if dev is not None:
-            dev.down()
-            shutil.rmtree(d, ignore_errors=True)
     return 0
 
 
