@@ -78,7 +78,7 @@ def test_the_benchmark_commands_name_scripts_and_options_that_exist():
     bench/ and only options that script accepts."""
     block = BENCHMARKS.split("```sh\n", 1)[1].split("```", 1)[0]
     commands = [line.split() for line in block.splitlines() if line.strip()]
-    assert len(commands) == 4
+    assert len(commands) == 5
     for words in commands:
         script = ROOT / words[1]
         assert script.is_file(), words[1]
