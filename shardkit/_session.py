@@ -16,6 +16,7 @@ import contextvars
 import dataclasses
 import logging
 import re
+import struct
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -74,8 +75,9 @@ from sqlalchemy.sql.functions import FunctionElement
 from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
+from ._hashing import _murmur3_32, _pack_int64
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import (Route, Router, TableRoute, coercer_for, data_modifying_ctes,
+from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for, data_modifying_ctes,
                        derived_select, unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
                        plan_scatter, send_cancel, shut_down_socket, text_comparison)
@@ -338,10 +340,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def _shard_from_identity(self, mapper: Any, primary_key: Any) -> str | None:
         """The shard of a primary key, when the primary key contains the whole shard key."""
-        plans = self.cluster.router.pk_plans
+        router = self.cluster.router
+        plans = router.pk_plans
         plan = plans.get(mapper)
         if plan is None:
-            plan = _pk_plan(self.cluster, mapper)
+            plan = _pk_plan(router, mapper)
             plans[mapper] = plan
         if plan is False:
             return None
@@ -452,25 +455,28 @@ class ShardedSession(horizontal_shard.ShardedSession):
             self._sk_for_write = False
 
     def _get_impl(self, entity: Any, primary_key_identity: Any, db_load_fn: Any, *,
-                  identity_token: Any = None, **kw: Any) -> Any:
+                  options: Any = None, identity_token: Any = None,
+                  execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
+                  **kw: Any) -> Any:
         # Session.get(), get_one() and the legacy Query.get() all come here.  Naming the
         # shard up front lets the load skip statement analysis, but not the entity's check
         # (unless the caller named the shard: then it asked for that shard's rows).
+        # (SQLAlchemy's own arguments, with its defaults, are named: no look-ups in kw.)
         if identity_token is None:
             # A shard the caller named another way (as horizontal_shard reads them) is the
             # one the object is looked up and loaded under, whatever its key says.
-            given = kw.get("execution_options")
+            given = execution_options
             if self.execution_options:  # the session's own (SQLAlchemy 2.1), under the call's
                 given = _with_session_options(self.execution_options, None, given)
-            options, bind_arguments = kw.get("options"), kw.get("bind_arguments")
             if options or given or bind_arguments:  # (none of them: no shard named)
                 identity_token = _named_shard(options, given, bind_arguments)
         # (_scope_var.get(): current_scope(), without the call.)
         if identity_token is None and _scope_var.get().shard is None:
-            # A mapped class's (or mapper's) mapper and its entity_problem, by the entity,
-            # worked out once per router (a new map brings a new router).
-            # (Kept while the mapper's polymorphic mappers, which entity_problem checks too,
-            # are the same: SQLAlchemy makes them anew when a subclass is mapped.)
+            # A mapped class's (or mapper's) mapper, its entity_problem and where the shard
+            # key sits in its primary key, by the entity, worked out once per router (a new
+            # map brings a new router).  (Kept while the mapper's polymorphic mappers, which
+            # entity_problem checks too, are the same: SQLAlchemy makes them anew when a
+            # subclass is mapped.)
             router = self.cluster.router
             try:
                 plan = router.get_plans.get(entity)
@@ -478,21 +484,41 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 plan = None
             if plan is None or plan[0]._with_polymorphic_mappers is not plan[2]:
                 insp = inspect(entity)
-                plan = (insp.mapper, router.entity_problem(insp), insp.mapper._with_polymorphic_mappers)
+                mapper = insp.mapper
+                problem = router.entity_problem(insp)
+                plan = (mapper, problem, mapper._with_polymorphic_mappers,
+                        _scalar_key_plan(router, mapper) if problem is None else None)
                 if insp.is_mapper:
                     router.get_plans[entity] = plan
-            mapper, problem, _ = plan
+            mapper, problem, _, scalar = plan
             if problem is not None:
                 raise ScatterRefused(f"cannot load {problem}",
                                      construct="statement not colocated on the shard key")
-            identity_token = self._shard_from_identity(mapper, primary_key_identity)
+            if scalar is not None and type(primary_key_identity) is scalar[0]:
+                # get(Model, value) of a one-column shard key that is the primary key, the
+                # value of its column's Python type (an int for an integer key): what
+                # _shard_from_identity comes to (its coercer gives such a value back).
+                if scalar[2] is not None:
+                    # A hash group's int key: bucket_for()'s int case, inline.
+                    try:
+                        identity_token = scalar[2][
+                            _murmur3_32(_pack_int64(primary_key_identity)) % scalar[3]]
+                    except struct.error:  # past int64: the strategy says what is wrong
+                        identity_token = scalar[1].shard_for_key(primary_key_identity)
+                else:
+                    identity_token = scalar[1].shard_for_key(primary_key_identity)
+            else:
+                identity_token = self._shard_from_identity(mapper, primary_key_identity)
             if identity_token is None:
                 if current_scope().key is None:
                     _refuse_held_on_several_shards(self, mapper, primary_key_identity)
                 with _one_shard_per_identity(entity, primary_key_identity):
-                    return super()._get_impl(entity, primary_key_identity, db_load_fn, **kw)
-        return super()._get_impl(entity, primary_key_identity, db_load_fn,
-                                 identity_token=identity_token, **kw)
+                    return super()._get_impl(entity, primary_key_identity, db_load_fn,
+                                             options=options, execution_options=execution_options,
+                                             bind_arguments=bind_arguments, **kw)
+        return super()._get_impl(entity, primary_key_identity, db_load_fn, options=options,
+                                 identity_token=identity_token, execution_options=execution_options,
+                                 bind_arguments=bind_arguments, **kw)
 
     def _execute_shards(self, orm_context: ORMExecuteState) -> Iterable[str]:
         # Only reached through horizontal_shard's own machinery; statements
@@ -857,26 +883,28 @@ class ShardedSession(horizontal_shard.ShardedSession):
         fresh = self._transaction is None
         try:
             routed = None
-            if (type(statement) is selectable.Select and not execution_options
-                    and bind_arguments is None and not kw and not statement._execution_options):
-                out = self._plain_read(statement, params)
-                if out is not _GENERAL:
-                    if type(out) is not Route:
-                        return out
-                    # Routed already (as _route_statement would): routing it again would
-                    # take a second turn of the shards that reads of reference rows take
-                    # in turn.
-                    routed = out
-            elif (type(statement) is selectable.Select and len(execution_options) == 1
-                    and not bind_arguments and not kw and not statement._execution_options):
-                # get()'s load (or get_one()'s, Query.get()'s): the shard is in its load
-                # options, named by the object's identity.
-                lo = execution_options.get("_sa_orm_load_options")
-                if (lo is not None and lo._identity_token is not None and lo._refresh_state is None
-                        and lo._lazy_loaded_from is None):
-                    out = self._identity_read(statement, params, execution_options, lo._identity_token)
-                    if out is not _GENERAL:
-                        return out
+            if (type(statement) is _Select and not bind_arguments and not kw
+                    and not statement._execution_options):
+                if not execution_options:
+                    if bind_arguments is None:
+                        out = self._plain_read(statement, params)
+                        if out is not _GENERAL:
+                            if type(out) is not Route:
+                                return out
+                            # Routed already (as _route_statement would): routing it again
+                            # would take a second turn of the shards that reads of reference
+                            # rows take in turn.
+                            routed = out
+                elif len(execution_options) == 1:
+                    # get()'s load (or get_one()'s, Query.get()'s): the shard is in its load
+                    # options, named by the object's identity.
+                    lo = execution_options.get("_sa_orm_load_options")
+                    if (lo is not None and lo._identity_token is not None
+                            and lo._refresh_state is None and lo._lazy_loaded_from is None):
+                        out = self._identity_read(statement, params, execution_options,
+                                                  lo._identity_token)
+                        if out is not _GENERAL:
+                            return out
             return self._sk_execute(statement, params, execution_options, bind_arguments, kw, routed)
         except BaseException:
             if fresh and self._transaction is None:
@@ -1057,7 +1085,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # misfit and the shard above), with no do_orm_execute listener for
         # _execute_internal() to check after.  (Before the ORM's autoflush, which has nothing
         # to flush: see _short_path_open.)
-        self._refuse_primary_down(shard)
+        if cluster._monitor is not None:  # (without one, nothing to refuse)
+            self._refuse_primary_down(shard)
         engine = cluster._engines.get((shard, PRIMARY, 0)) or cluster.engine(shard, PRIMARY, 0)
         return _session_execute_internal(
             self, statement, params, execution_options=execution_options,
@@ -1289,6 +1318,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         matches no row raises :class:`~shardkit.NotOwned` (nothing is written),
         not :class:`~sqlalchemy.orm.exc.StaleDataError` or a lost DELETE.
         """
+        # (Session.flush()'s _is_clean(), without the calls: an autoflush, before every
+        # query, mostly finds nothing to flush, and Session.flush() then returns at once.)
+        if not (self._flushing or self._new or self._deleted or self.identity_map._modified):
+            return
         if self._sk_flush_conns is not None:  # a flush inside a flush: SQLAlchemy refuses it
             super().flush(objects)
             return
@@ -1446,10 +1479,10 @@ def _on_several_shards(entity: Any, ident: Any, shards: Sequence[str] = ()) -> R
         "session.get(..., identity_token='s0') or shardkit.scope(shard='s0')")
 
 
-def _pk_plan(cluster: Cluster, mapper: Any) -> Any:
+def _pk_plan(router: Router, mapper: Any) -> Any:
     """Where the shard key sits inside the primary key of ``mapper``, or False."""
     try:
-        tr = cluster.router.table_route(mapper)
+        tr = router.table_route(mapper)
     except RoutingError:
         return False
     if tr.strategy is None:
@@ -1461,6 +1494,25 @@ def _pk_plan(cluster: Cluster, mapper: Any) -> Any:
     positions = tuple(pk_names.index(c) for c in tr.key_columns)
     coercers = tuple(coercer_for(table.c[c].type) for c in tr.key_columns)
     return positions, coercers, tr.strategy
+
+
+def _scalar_key_plan(router: Router, mapper: Any) -> tuple[type, Any, Any, int] | None:
+    """For get() (see ShardedSession._get_impl): when the shard key of ``mapper`` is one
+    column, the first of its primary key, and its coercer gives a value of the column's
+    Python type back as it is, (that type, the key's strategy, and for an int key of a hash
+    group its bucket map and bucket count); else None."""
+    plan = router.pk_plans.get(mapper)
+    if plan is None:
+        plan = router.pk_plans[mapper] = _pk_plan(router, mapper)
+    if plan is False or plan[0] != (0,):
+        return None
+    exact = {_to_int: int, _to_str: str}.get(plan[1][0])
+    if exact is None:
+        return None
+    strategy = plan[2]
+    if exact is int and type(strategy) is HashStrategy:
+        return exact, strategy, strategy.bucket_map, strategy.bucket_count
+    return exact, strategy, None, 0
 
 
 def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
@@ -1753,6 +1805,7 @@ def _loads_for_object(statement: Any, execution_options: Any) -> bool:
 _ROLES = (PRIMARY, REPLICA)
 # ShardedSession._plain_read: not that read (and not routed); execute() takes its general path.
 _GENERAL: Final = object()
+_Select = selectable.Select
 # In ShardedSession._sk_replica: the transaction reads this shard on its primary.
 _ON_PRIMARY: Final = -1
 # What a hot standby raises when it cancels a query that conflicts with replay
@@ -4487,7 +4540,10 @@ def _end_transaction(session: ShardedSession, transaction: Any) -> None:
     if transaction.parent is None:
         if session._sk_written:
             _record_autocommitted(session, transaction)
-        _forget_transaction(session)
+            _forget_transaction(session)
+        elif (session._sk_replica or session._sk_commit_conns or session._sk_ref_copied
+              or session._sk_ref_shard is not None):  # (_forget_transaction's checks)
+            _forget_transaction(session)
 
 
 def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
