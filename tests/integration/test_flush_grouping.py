@@ -74,6 +74,11 @@ def _inserts(cluster, verb="INSERT INTO"):
     return hits, listeners
 
 
+def _round_robin(by_shard):
+    """The keys of ``by_shard`` (shard -> keys) taken from each shard in turn."""
+    return [k for turn in zip(*by_shard.values()) for k in turn]
+
+
 def _stop(listeners):
     for eng, fn in listeners:
         event.remove(eng, "before_cursor_execute", fn)
@@ -85,7 +90,7 @@ def test_alternating_keys_are_inserted_one_statement_per_shard_in_their_order(en
     for i, own in enumerate(by_shard.values()):
         random.Random(i).shuffle(own)  # not in key order: the order added is what counts
     # Keys taken round robin from the shards: every neighbour is on another shard.
-    keys = [k for trio in zip(*by_shard.values()) for k in trio]
+    keys = _round_robin(by_shard)
     hits, listeners = _inserts(cluster)
     try:
         with Session() as s:
@@ -128,7 +133,7 @@ def test_children_follow_their_parents_key_made_by_a_default(env):
 def test_an_object_without_a_shard_still_fails_the_flush_with_nothing_written(env):
     cluster, Session = env
     by_shard = keys_per_shard(cluster, "fg_events", 1000)
-    keys = [k for trio in zip(*by_shard.values()) for k in trio][-30:]
+    keys = _round_robin(by_shard)[-30:]
     with Session() as s:
         s.add_all(Event(id=k, v="x") for k in keys)
         s.add(Event(v="no key"))
@@ -143,7 +148,7 @@ def test_an_object_without_a_shard_still_fails_the_flush_with_nothing_written(en
 def test_changed_and_deleted_objects_of_every_shard_are_written_one_statement_per_shard(env):
     cluster, Session = env
     by_shard = keys_per_shard(cluster, "fg_events", 2000)
-    keys = [k for trio in zip(*by_shard.values()) for k in trio][-300:]
+    keys = _round_robin(by_shard)[-300:]
     with Session() as s:
         s.add_all(Event(id=k, v="new") for k in keys)
         s.commit()
