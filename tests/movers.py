@@ -135,8 +135,23 @@ def kill_mover_after(cluster: Any, cfg_path: Any, step: str, *args: str) -> int:
         pytest.fail(f"the mover never reached {step}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # Its catalog session holds the move's lock until the server notices the connection is
+    # gone: a resume at once (in this process, not after a CLI's start) would be refused.
+    wait_for_mover_lock_release(cluster, move_id)
     assert rebalance.move_status(cluster, move_id)[0]["state"] == "running"
     return move_id
+
+
+def wait_for_mover_lock_release(cluster: Any, move_id: int, timeout: float = 30.0) -> None:
+    """Wait until no catalog session holds move ``move_id``'s mover lock."""
+    deadline = time.monotonic() + timeout
+    with cluster.catalog.engine.connect() as c:
+        while c.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = :c "
+                "AND objid = :m AND granted"), {"c": rebalance.MOVER_LOCK_CLASS, "m": move_id}).scalar():
+            c.rollback()
+            assert time.monotonic() < deadline, f"move {move_id}'s killed mover still holds its lock"
+            time.sleep(0.02)
 
 
 def resume(cfg_path: Any, move_id: int) -> None:
