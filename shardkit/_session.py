@@ -16,7 +16,6 @@ import contextvars
 import dataclasses
 import logging
 import re
-import struct
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -75,7 +74,6 @@ from sqlalchemy.sql.functions import FunctionElement
 from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
-from ._hashing import _murmur3_32, _pack_int64
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for, data_modifying_ctes,
                        derived_select, unwrap_statement, with_statement_params)
@@ -340,12 +338,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def _shard_from_identity(self, mapper: Any, primary_key: Any) -> str | None:
         """The shard of a primary key, when the primary key contains the whole shard key."""
-        router = self.cluster.router
-        plans = router.pk_plans
-        plan = plans.get(mapper)
-        if plan is None:
-            plan = _pk_plan(router, mapper)
-            plans[mapper] = plan
+        plan = _pk_plan_for(self.cluster.router, mapper)
         if plan is False:
             return None
         positions, coercers, strategy = plan
@@ -498,15 +491,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 # get(Model, value) of a one-column shard key that is the primary key, the
                 # value of its column's Python type (an int for an integer key): what
                 # _shard_from_identity comes to (its coercer gives such a value back).
-                if scalar[2] is not None:
-                    # A hash group's int key: bucket_for()'s int case, inline.
-                    try:
-                        identity_token = scalar[2][
-                            _murmur3_32(_pack_int64(primary_key_identity)) % scalar[3]]
-                    except struct.error:  # past int64: the strategy says what is wrong
-                        identity_token = scalar[1].shard_for_key(primary_key_identity)
-                else:
-                    identity_token = scalar[1].shard_for_key(primary_key_identity)
+                identity_token = scalar[1].shard_for_key(primary_key_identity)
             else:
                 identity_token = self._shard_from_identity(mapper, primary_key_identity)
             if identity_token is None:
@@ -1496,23 +1481,23 @@ def _pk_plan(router: Router, mapper: Any) -> Any:
     return positions, coercers, tr.strategy
 
 
-def _scalar_key_plan(router: Router, mapper: Any) -> tuple[type, Any, Any, int] | None:
-    """For get() (see ShardedSession._get_impl): when the shard key of ``mapper`` is one
-    column, the first of its primary key, and its coercer gives a value of the column's
-    Python type back as it is, (that type, the key's strategy, and for an int key of a hash
-    group its bucket map and bucket count); else None."""
+def _pk_plan_for(router: Router, mapper: Any) -> Any:
+    """:func:`_pk_plan` of ``mapper``, kept in ``router.pk_plans``."""
     plan = router.pk_plans.get(mapper)
     if plan is None:
         plan = router.pk_plans[mapper] = _pk_plan(router, mapper)
+    return plan
+
+
+def _scalar_key_plan(router: Router, mapper: Any) -> tuple[type, Any] | None:
+    """For get() (see ShardedSession._get_impl): when the shard key of ``mapper`` is one
+    column, the first of its primary key, and its coercer gives a value of the column's
+    Python type back as it is, (that type, the key's strategy); else None."""
+    plan = _pk_plan_for(router, mapper)
     if plan is False or plan[0] != (0,):
         return None
     exact = {_to_int: int, _to_str: str}.get(plan[1][0])
-    if exact is None:
-        return None
-    strategy = plan[2]
-    if exact is int and type(strategy) is HashStrategy:
-        return exact, strategy, strategy.bucket_map, strategy.bucket_count
-    return exact, strategy, None, 0
+    return None if exact is None else (exact, plan[2])
 
 
 def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
@@ -4540,10 +4525,7 @@ def _end_transaction(session: ShardedSession, transaction: Any) -> None:
     if transaction.parent is None:
         if session._sk_written:
             _record_autocommitted(session, transaction)
-            _forget_transaction(session)
-        elif (session._sk_replica or session._sk_commit_conns or session._sk_ref_copied
-              or session._sk_ref_shard is not None):  # (_forget_transaction's checks)
-            _forget_transaction(session)
+        _forget_transaction(session)
 
 
 def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
