@@ -55,6 +55,24 @@ def statements_per_shard(cluster: shardkit.Cluster) -> Iterator[Counter[str]]:
 
 
 @contextmanager
+def statements_counted(cluster: shardkit.Cluster,
+                       key: Any = lambda sql: sql.split()[0].upper()) -> Iterator[Counter[tuple[str, Any]]]:
+    """Count the statements each shard's primary runs inside the block, by (shard name,
+    ``key`` of the SQL: by default its first word, in capitals); a statement whose key is
+    None is not counted."""
+    hits: Counter[tuple[str, Any]] = Counter()
+
+    def counter(name: str) -> Any:
+        def count(conn: Any, cursor: Any, statement: str, *_a: Any) -> None:
+            k = key(statement)
+            if k is not None:
+                hits[name, k] += 1
+        return count
+    with _before_each_statement([(cluster.primary(n), counter(n)) for n in cluster.shard_names]):
+        yield hits
+
+
+@contextmanager
 def nodes_used(cluster: shardkit.Cluster, counts: Any = lambda statement: True) -> Iterator[list[str]]:
     """The nodes (``s1/primary``, ``s1/r0``), in order, that run the statements ``counts``
     accepts (given the SQL) inside the block, over every primary and replica."""
@@ -77,6 +95,18 @@ def truncate_everywhere(cluster: shardkit.Cluster, *tables: str) -> None:
         with cluster.primary(s).begin() as c:
             c.execute(text("SET LOCAL lock_timeout = '10s'"))
             c.execute(text(f"TRUNCATE {', '.join(tables)}"))
+
+
+def alternating_keys(cluster: shardkit.Cluster, table: str, n: int) -> tuple[dict[str, list[int]], list[int]]:
+    """:func:`keys_per_shard`, and its keys taken from each shard in turn (every key's
+    neighbours are on other shards)."""
+    by_shard = keys_per_shard(cluster, table, n)
+    return by_shard, take_turns(by_shard)
+
+
+def take_turns(by_shard: dict[str, list[Any]]) -> list[Any]:
+    """The keys of ``by_shard`` (shard -> keys) taken from each shard in turn."""
+    return [k for turn in zip(*by_shard.values()) for k in turn]
 
 
 def keys_per_shard(cluster: shardkit.Cluster, table: str, n: int) -> dict[str, list[int]]:

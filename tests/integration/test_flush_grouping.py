@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections import Counter
 
 import pytest
-from own_tables import cluster_with_tables, keys_per_shard
-from sqlalchemy import BigInteger, ForeignKey, Identity, MetaData, String, Uuid, event, select, text
+from own_tables import alternating_keys, cluster_with_tables, keys_per_shard, statements_counted, take_turns
+from sqlalchemy import BigInteger, ForeignKey, Identity, MetaData, String, Uuid, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
@@ -60,28 +59,12 @@ def env(sharded_dev):
         yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
 
 
-def _inserts(cluster, verb="INSERT INTO"):
-    """A Counter of (shard, table) for the ``verb`` statements run from here on, and the
-    listeners counting them (for _stop)."""
-    hits: Counter = Counter()
-    listeners = []
-    for name in cluster.shard_names:
-        def count(conn, cursor, statement, *a, _name=name):
-            if statement.lstrip().upper().startswith(verb):
-                hits[_name, statement.split()[len(verb.split())]] += 1
-        event.listen(cluster.primary(name), "before_cursor_execute", count)
-        listeners.append((cluster.primary(name), count))
-    return hits, listeners
-
-
-def _round_robin(by_shard):
-    """The keys of ``by_shard`` (shard -> keys) taken from each shard in turn."""
-    return [k for turn in zip(*by_shard.values()) for k in turn]
-
-
-def _stop(listeners):
-    for eng, fn in listeners:
-        event.remove(eng, "before_cursor_execute", fn)
+def _written(cluster, verb="INSERT INTO"):
+    """Count the ``verb`` statements each shard's primary runs inside the block, by
+    (shard, table)."""
+    words = len(verb.split())
+    return statements_counted(cluster, lambda sql: sql.split()[words] if sql.lstrip().upper().startswith(verb)
+                              else None)
 
 
 def test_alternating_keys_are_inserted_one_statement_per_shard_in_their_order(env):
@@ -90,14 +73,11 @@ def test_alternating_keys_are_inserted_one_statement_per_shard_in_their_order(en
     for i, own in enumerate(by_shard.values()):
         random.Random(i).shuffle(own)  # not in key order: the order added is what counts
     # Keys taken round robin from the shards: every neighbour is on another shard.
-    keys = _round_robin(by_shard)
-    hits, listeners = _inserts(cluster)
-    try:
+    keys = take_turns(by_shard)
+    with _written(cluster) as hits:
         with Session() as s:
             s.add_all(Event(id=k, v=f"v{k}") for k in keys)
             s.commit()
-    finally:
-        _stop(listeners)
     assert hits == {(name, "fg_events"): 1 for name in cluster.shard_names}
     for name, own in by_shard.items():
         with cluster.primary(name).connect() as c:
@@ -110,15 +90,12 @@ def test_alternating_keys_are_inserted_one_statement_per_shard_in_their_order(en
 
 def test_children_follow_their_parents_key_made_by_a_default(env):
     cluster, Session = env
-    hits, listeners = _inserts(cluster)
-    try:
+    with _written(cluster) as hits:
         with Session() as s:
             docs = [Doc(pages=[Page(id=1), Page(id=2)], notes=[Note(id=1)]) for _ in range(60)]
             s.add_all(docs)
             s.commit()
             ids = [d.id for d in docs]
-    finally:
-        _stop(listeners)
     owners = {d: cluster.shard_for("fg_docs", d) for d in ids}
     used = set(owners.values())
     assert len(used) == len(cluster.shard_names)
@@ -132,8 +109,7 @@ def test_children_follow_their_parents_key_made_by_a_default(env):
 
 def test_an_object_without_a_shard_still_fails_the_flush_with_nothing_written(env):
     cluster, Session = env
-    by_shard = keys_per_shard(cluster, "fg_events", 1000)
-    keys = _round_robin(by_shard)[-30:]
+    keys = alternating_keys(cluster, "fg_events", 1000)[1][-30:]
     with Session() as s:
         s.add_all(Event(id=k, v="x") for k in keys)
         s.add(Event(v="no key"))
@@ -147,31 +123,24 @@ def test_an_object_without_a_shard_still_fails_the_flush_with_nothing_written(en
 
 def test_changed_and_deleted_objects_of_every_shard_are_written_one_statement_per_shard(env):
     cluster, Session = env
-    by_shard = keys_per_shard(cluster, "fg_events", 2000)
-    keys = _round_robin(by_shard)[-300:]
+    keys = alternating_keys(cluster, "fg_events", 2000)[1][-300:]
     with Session() as s:
         s.add_all(Event(id=k, v="new") for k in keys)
         s.commit()
-    hits, listeners = _inserts(cluster, "UPDATE")
-    try:
+    with _written(cluster, "UPDATE") as hits:
         with Session() as s:
             for e in s.scalars(select(Event).where(Event.id.in_(keys))):
                 e.v = f"changed{e.id}"
             s.commit()
-    finally:
-        _stop(listeners)
     assert hits == {(name, "fg_events"): 1 for name in cluster.shard_names}
     with Session() as s:
         assert dict(s.execute(select(Event.id, Event.v).where(Event.id.in_(keys))).all()) == {
             k: f"changed{k}" for k in keys}
-    hits, listeners = _inserts(cluster, "DELETE FROM")
-    try:
+    with _written(cluster, "DELETE FROM") as hits:
         with Session() as s:
             for e in s.scalars(select(Event).where(Event.id.in_(keys[::2]))):
                 s.delete(e)
             s.commit()
-    finally:
-        _stop(listeners)
     assert hits == {(name, "fg_events"): 1 for name in cluster.shard_names}
     with Session() as s:
         assert sorted(s.scalars(select(Event.id).where(Event.id.in_(keys)))) == sorted(keys[1::2])

@@ -10,10 +10,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections import Counter
 
 import pytest
-from own_tables import cluster_with_tables, keys_per_shard, truncate_everywhere
+from own_tables import alternating_keys, cluster_with_tables, statements_counted, truncate_everywhere
 from sqlalchemy import (BigInteger, ForeignKeyConstraint, Identity, Integer, MetaData,
                         String, event, select, text)
 from sqlalchemy.ext.horizontal_shard import ShardedSession as SAShardedSession
@@ -152,9 +151,15 @@ def env(sharded_dev):
         yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
 
 
-def _alternating(cluster, table, n):
-    by_shard = keys_per_shard(cluster, table, n)
-    return by_shard, [k for trio in zip(*by_shard.values()) for k in trio]
+def _fresh_vers(cluster, Session, n, v):
+    """``n`` Ver rows a shard, value ``v``, in an emptied table: (keys by shard, the keys
+    taken from each shard in turn)."""
+    truncate_everywhere(cluster, "fgr_vers")
+    by_shard, keys = alternating_keys(cluster, "fgr_vers", n)
+    with Session() as s:
+        s.add_all(Ver(id=k, v=v) for k in keys)
+        s.commit()
+    return by_shard, keys
 
 
 def _rows(cluster, shard, sql, **params):
@@ -166,16 +171,8 @@ def _rows(cluster, shard, sql, **params):
 def statements(env):
     """(shard, first word) -> statements run on each primary inside the test."""
     cluster, _ = env
-    hits: Counter = Counter()
-    hooks = []
-    for name in cluster.shard_names:
-        def count(conn, cursor, statement, *a, _name=name):
-            hits[_name, statement.split()[0].upper()] += 1
-        event.listen(cluster.primary(name), "before_cursor_execute", count)
-        hooks.append((cluster.primary(name), count))
-    yield hits
-    for eng, fn in hooks:
-        event.remove(eng, "before_cursor_execute", fn)
+    with statements_counted(cluster) as hits:
+        yield hits
 
 
 # -- a class that refers to itself: cycles and post_update ---------------------------
@@ -184,7 +181,7 @@ def statements(env):
 def test_adjacency_lists_of_alternating_tenants_with_post_update(env):
     cluster, Session = env
     truncate_everywhere(cluster, "fgr_nodes")
-    by_shard, tenants = _alternating(cluster, "fgr_nodes", 4)
+    by_shard, tenants = alternating_keys(cluster, "fgr_nodes", 4)
     with Session() as s:
         for t in tenants:
             root = Node(tenant=t, id=1, name=f"root{t}")
@@ -221,11 +218,7 @@ def test_adjacency_lists_of_alternating_tenants_with_post_update(env):
 
 def test_row_switch_of_alternating_keys_updates_each_row_on_its_shard(env, statements):
     cluster, Session = env
-    truncate_everywhere(cluster, "fgr_vers")
-    by_shard, keys = _alternating(cluster, "fgr_vers", 5)
-    with Session() as s:
-        s.add_all(Ver(id=k, v="old") for k in keys)
-        s.commit()
+    by_shard, keys = _fresh_vers(cluster, Session, 5, "old")
     statements.clear()
     with Session() as s:
         for e in s.scalars(select(Ver).where(Ver.id.in_(keys))):
@@ -243,7 +236,7 @@ def test_delete_and_add_of_one_primary_key_on_two_shards(env):
     another shard is a DELETE there and an INSERT here (no row switch)."""
     cluster, Session = env
     truncate_everywhere(cluster, "fgr_accts")
-    by_shard, tenants = _alternating(cluster, "fgr_accts", 2)
+    by_shard, tenants = alternating_keys(cluster, "fgr_accts", 2)
     a, b = tenants[0], tenants[1]
     sa, sb = cluster.shard_for("fgr_accts", a), cluster.shard_for("fgr_accts", b)
     assert sa != sb
@@ -265,11 +258,7 @@ def test_delete_and_add_of_one_primary_key_on_two_shards(env):
 
 def test_version_counters_on_every_shard_and_a_stale_one_rolls_back_all(env, statements):
     cluster, Session = env
-    truncate_everywhere(cluster, "fgr_vers")
-    by_shard, keys = _alternating(cluster, "fgr_vers", 10)
-    with Session() as s:
-        s.add_all(Ver(id=k, v="a") for k in keys)
-        s.commit()
+    by_shard, keys = _fresh_vers(cluster, Session, 10, "a")
     statements.clear()
     with Session() as s:
         objs = s.scalars(select(Ver).where(Ver.id.in_(keys))).all()
@@ -298,7 +287,7 @@ def test_version_counters_on_every_shard_and_a_stale_one_rolls_back_all(env, sta
 def test_eager_defaults_returned_to_the_object_that_made_them(env, statements):
     cluster, Session = env
     truncate_everywhere(cluster, "fgr_eager")
-    by_shard, keys = _alternating(cluster, "fgr_eager", 40)
+    by_shard, keys = alternating_keys(cluster, "fgr_eager", 40)
     with Session() as s:
         objs = [Eager(id=k, v=f"v{k}") for k in keys]
         s.add_all(objs)
@@ -319,7 +308,7 @@ def test_eager_defaults_returned_to_the_object_that_made_them(env, statements):
 def test_subclasses_of_a_joined_hierarchy_on_every_shard(env, statements):
     cluster, Session = env
     truncate_everywhere(cluster, "fgr_dogs", "fgr_cats", "fgr_animals")
-    by_shard, tenants = _alternating(cluster, "fgr_animals", 5)
+    by_shard, tenants = alternating_keys(cluster, "fgr_animals", 5)
     with Session() as s:
         for i, t in enumerate(tenants):
             s.add(Dog(tenant=t, id=i, name=f"d{i}", bark="woof"))
@@ -362,7 +351,7 @@ def _moved_listener(kind, target_id, new_id):
 def test_a_listener_moving_one_key_of_many_fails_the_flush_with_nothing_written(env, kind):
     cluster, Session = env
     truncate_everywhere(cluster, "fgr_moved")
-    by_shard, keys = _alternating(cluster, "fgr_moved", 6)
+    by_shard, keys = alternating_keys(cluster, "fgr_moved", 6)
     victim = keys[4]
     elsewhere = next(k for k in range(max(keys) + 1, max(keys) + 1000)
                      if cluster.shard_for("fgr_moved", k) != cluster.shard_for("fgr_moved", victim))
@@ -460,10 +449,10 @@ def test_flag_modified_and_set_committed_value_of_a_key_are_not_moves(env):
 def test_a_plain_session_and_sqlalchemys_sharded_session_flush_as_before(env):
     cluster, _ = env
     truncate_everywhere(cluster, "fgr_eager")
-    by_shard, keys = _alternating(cluster, "fgr_eager", 4)
+    by_shard, keys = alternating_keys(cluster, "fgr_eager", 4)
     names = cluster.shard_names
     # A plain Session on one shard: everything there, in one INSERT, in the order added.
-    with statements_on(cluster) as hits, Session(cluster.primary(names[0])) as s:
+    with statements_counted(cluster) as hits, Session(cluster.primary(names[0])) as s:
         objs = [Eager(id=k, v="plain") for k in keys]
         s.add_all(objs)
         s.commit()
@@ -486,7 +475,7 @@ def test_a_plain_session_and_sqlalchemys_sharded_session_flush_as_before(env):
         identity_chooser=lambda *a, **k: names, execute_chooser=lambda ctx: names)
     event.listen(Eager, "before_insert", before_insert)
     try:
-        with statements_on(cluster) as hits, sa_session as s:
+        with statements_counted(cluster) as hits, sa_session as s:
             s.add_all(Eager(id=k, v="sa") for k in keys)
             s.commit()
     finally:
@@ -495,25 +484,6 @@ def test_a_plain_session_and_sqlalchemys_sharded_session_flush_as_before(env):
     assert order == [(w, k) for k in keys for w in ("route", "listener")]
     for shard, own in by_shard.items():
         assert [r[0] for r in _rows(cluster, shard, "SELECT id FROM fgr_eager ORDER BY seq")] == own
-
-
-class statements_on:  # noqa: N801 - a context manager used like a function
-    def __init__(self, cluster):
-        self.cluster = cluster
-        self.hits: Counter = Counter()
-
-    def __enter__(self):
-        self.hooks = []
-        for name in self.cluster.shard_names:
-            def count(conn, cursor, statement, *a, _name=name):
-                self.hits[_name, statement.split()[0].upper()] += 1
-            event.listen(self.cluster.primary(name), "before_cursor_execute", count)
-            self.hooks.append((self.cluster.primary(name), count))
-        return self.hits
-
-    def __exit__(self, *exc):
-        for eng, fn in self.hooks:
-            event.remove(eng, "before_cursor_execute", fn)
 
 
 # -- the order shards are written in ---------------------------------------------------

@@ -12,11 +12,11 @@ databases and their world are test_move_fidelity_hostile's.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from movers import wait_for_mover_lock_release
 from test_move_fidelity_hostile import World, hash_group, make_world
 
 from shardkit import rebalance
@@ -52,14 +52,11 @@ def drain_s0_at(w: World, at: str, during: Callable[[], None]) -> int:
 def lose_the_mover_lock(w: World, move_id: int) -> None:
     """End the catalog session holding the mover's lock (as a catalog restart does), and
     wait until the lock is gone: pg_terminate_backend() only signals the backend."""
-    lock = ("FROM pg_locks WHERE locktype = 'advisory' "
-            f"AND classid = {rebalance.MOVER_LOCK_CLASS} AND objid = {move_id}")
     with w.cluster.catalog.engine.connect() as c:
-        c.exec_driver_sql(f"SELECT pg_terminate_backend(pid) {lock}")
-        deadline = time.monotonic() + 10
-        while c.exec_driver_sql(f"SELECT count(*) {lock}").scalar():
-            assert time.monotonic() < deadline, "the mover's catalog session did not end"
-            time.sleep(0.01)
+        c.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+            f"AND classid = {rebalance.MOVER_LOCK_CLASS} AND objid = {move_id}")
+    wait_for_mover_lock_release(w.cluster, move_id, timeout=10)
 
 
 @pytest.fixture
