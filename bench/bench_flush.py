@@ -81,33 +81,29 @@ def main() -> int:
                 out[cluster.shard_for(Event, k)].append(k)
             return out
 
+        def write(session: Any, keys: list[int], op: str) -> float:
+            """Seconds ``session`` takes to write ``keys`` (``op``) and commit."""
+            if op == "insert":
+                t0 = time.perf_counter()
+                session.add_all(Event(id=k, name=f"event{k}") for k in keys)
+            else:
+                for e in session.scalars(select(Event).where(Event.id.in_(keys))):
+                    e.name = f"changed{e.id}"
+                t0 = time.perf_counter()
+            session.commit()
+            return time.perf_counter() - t0
+
         def one_session(maker: Callable[[], Any]) -> Callable[[list[int], str], float]:
             def run(keys: list[int], op: str) -> float:
-                with maker() as s:
-                    if op == "insert":
-                        t0 = time.perf_counter()
-                        s.add_all(Event(id=k, name=f"event{k}") for k in keys)
-                    else:
-                        for e in s.scalars(select(Event).where(Event.id.in_(keys))):
-                            e.name = f"changed{e.id}"
-                        t0 = time.perf_counter()
-                    s.commit()
-                    return time.perf_counter() - t0
+                with maker() as session:
+                    return write(session, keys, op)
             return run
 
         def plain_run(keys: list[int], op: str) -> float:
             spent = 0.0
             for s, own in by_shard(keys).items():
                 with plain[s]() as session:
-                    if op == "insert":
-                        t0 = time.perf_counter()
-                        session.add_all(Event(id=k, name=f"event{k}") for k in own)
-                    else:
-                        for e in session.scalars(select(Event).where(Event.id.in_(own))):
-                            e.name = f"changed{e.id}"
-                        t0 = time.perf_counter()
-                    session.commit()
-                    spent += time.perf_counter() - t0
+                    spent += write(session, own, op)
             return spent
 
         def raw_run(keys: list[int], op: str) -> float:
