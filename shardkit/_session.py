@@ -1303,12 +1303,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         matches no row raises :class:`~shardkit.NotOwned` (nothing is written),
         not :class:`~sqlalchemy.orm.exc.StaleDataError` or a lost DELETE.
         """
+        if self._flushing:  # a flush inside a flush: SQLAlchemy refuses it
+            super().flush(objects)
+            return
         # (Session.flush()'s _is_clean(), without the calls: an autoflush, before every
         # query, mostly finds nothing to flush, and Session.flush() then returns at once.)
-        if not (self._flushing or self._new or self._deleted or self.identity_map._modified):
-            return
-        if self._sk_flush_conns is not None:  # a flush inside a flush: SQLAlchemy refuses it
-            super().flush(objects)
+        if not (self._new or self._deleted or self.identity_map._modified):
             return
         self._sk_flush_conns = {}
         try:
