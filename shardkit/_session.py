@@ -883,13 +883,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 elif len(execution_options) == 1:
                     # get()'s load (or get_one()'s, Query.get()'s): the shard is in its load
                     # options, named by the object's identity.
+                    # On a shard without replicas, what the general path does (the shard
+                    # named by the load options, read on its primary), without analysing the
+                    # statement.
                     lo = execution_options.get("_sa_orm_load_options")
-                    if (lo is not None and lo._identity_token is not None
-                            and lo._refresh_state is None and lo._lazy_loaded_from is None):
-                        out = self._identity_read(statement, params, execution_options,
-                                                  lo._identity_token)
-                        if out is not _GENERAL:
-                            return out
+                    if (lo is not None and (shard := lo._identity_token) is not None
+                            and lo._refresh_state is None and lo._lazy_loaded_from is None
+                            and self._short_path_open(statement, params)
+                            and shard in self.cluster.router.shard_set
+                            and not self.cluster._replica_counts[shard]):
+                        return self._primary_read(shard, statement, params, execution_options,
+                                                  execution_options)
             return self._sk_execute(statement, params, execution_options, bind_arguments, kw, routed)
         except BaseException:
             if fresh and self._transaction is None:
@@ -993,9 +997,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         shard = route.shards[0]
         if not cluster._replica_counts[shard]:
             # (The general path reads its primary without asking the health monitor,
-            # which cluster.selector would start.)
-            return Session.execute(self, statement, params, execution_options=_load_options(shard),
-                                   bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
+            # which cluster.selector would start.)  Nothing to flush (checked above).
+            return self._primary_read(
+                shard, statement, params, _load_options(shard),
+                _PLAIN_LOAD_OPTIONS.get(shard) or _load_options(shard, autoflush=False))
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
             return route
         settings = cluster.config.replicas
@@ -1053,28 +1058,25 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 return False
         return True
 
-    def _identity_read(self, statement: Any, params: Any, execution_options: Any, shard: Any) -> Any:
-        """get()'s load of an object on ``shard``, the shard its identity names, in fewer
-        steps: on a shard without replicas, what the general path does (the shard named
-        by the load options, read on its primary) without analysing the statement.
-        ``_GENERAL`` for anything else."""
+    def _primary_read(self, shard: str, statement: Any, params: Any, execution_options: Any,
+                      plain_options: Any) -> Any:
+        """A short path's read (_plain_read, _identity_read) on the primary of ``shard``, a
+        shard without replicas, as the general path would make it.  ``plain_options``: the
+        execution options when no do_orm_execute listener runs (one may add objects for the
+        ORM's autoflush to flush)."""
         cluster = self.cluster
-        if (not self._short_path_open(statement, params) or shard not in cluster.router.shard_set
-                or cluster._replica_counts[shard] or cluster._map_misfit is not None):
-            return _GENERAL
-        if self.dispatch.do_orm_execute:
+        if cluster._map_misfit is not None or self.dispatch.do_orm_execute:
             return Session.execute(self, statement, params, execution_options=execution_options,
                                    bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
         # What Session.execute(), _execute_internal() and get_bind() would do, three calls
         # the shorter (as _plain_read's replica read): get_bind()'s checks are made here (the
-        # misfit and the shard above), with no do_orm_execute listener for
-        # _execute_internal() to check after.  (Before the ORM's autoflush, which has nothing
-        # to flush: see _short_path_open.)
+        # misfit above, the shard by the caller), with no do_orm_execute listener for
+        # _execute_internal() to check after.
         if cluster._monitor is not None:  # (without one, nothing to refuse)
             self._refuse_primary_down(shard)
         engine = cluster._engines.get((shard, PRIMARY, 0)) or cluster.engine(shard, PRIMARY, 0)
         return _session_execute_internal(
-            self, statement, params, execution_options=execution_options,
+            self, statement, params, execution_options=plain_options,
             bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY, "shardkit_engine": engine})
 
     def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,

@@ -213,10 +213,11 @@ def _outcome(session_factory, fn):
 def test_get_short_path_gives_what_the_general_path_gives(no_replicas, monkeypatch, name):
     fn = GETS[name]
     seen = []
-    real = sk_session.ShardedSession._identity_read
-    monkeypatch.setattr(sk_session.ShardedSession, "_identity_read",
+    real = sk_session.ShardedSession._primary_read
+    monkeypatch.setattr(sk_session.ShardedSession, "_primary_read",
                         lambda self, *a: (seen.append(1), real(self, *a))[1])
     short = _outcome(S(no_replicas), fn)
-    assert seen or name in ("unknown token",), "the short path was not tried"
-    monkeypatch.setattr(sk_session.ShardedSession, "_identity_read", lambda self, *a: sk_session._GENERAL)
+    assert seen or name in ("unknown token",), "the short path was not taken"
+    # Every short path closed: each read takes the general path.
+    monkeypatch.setattr(sk_session.ShardedSession, "_short_path_open", lambda self, *a: False)
     assert short == _outcome(S(no_replicas), fn)
