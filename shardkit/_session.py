@@ -999,7 +999,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)  Nothing to flush (checked above).
             return self._primary_read(
-                shard, statement, params, _load_options(shard),
+                shard, statement, params, _LOAD_OPTIONS.get(shard) or _load_options(shard),
                 _PLAIN_LOAD_OPTIONS.get(shard) or _load_options(shard, autoflush=False))
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
             return route
