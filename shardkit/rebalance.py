@@ -19,8 +19,9 @@ recorded in the catalog's journal before the next begins:
 ``switched``
     catch-up: the changes logged so far are applied to the target (re-reading
     each changed row from the source, so replaying a change twice is harmless),
-    round after round until little is left.  Then the cut-over: writes to the
-    batch's buckets are paused on the source (the mover takes the move's gate
+    round after round until little is left, or until the rounds no longer
+    shrink what is left (the writers log as much as a round applies).  Then the
+    cut-over: writes to the batch's buckets are paused on the source (the mover takes the move's gate
     lock, which their writers share; other buckets are not paused), the last changes are applied, the target takes
     ownership and starts recording changes to the buckets, the source gives
     ownership up, and the catalog publishes the new map version.  Writers
@@ -114,7 +115,8 @@ _CANONICAL_TEXT = ("SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'
                    "SET LOCAL IntervalStyle = 'postgres'; SET LOCAL extra_float_digits = 3; "
                    "SET LOCAL bytea_output = 'hex'")
 
-# Catch-up rounds stop when a round applies fewer changes than this, then cut over.
+# Catch-up rounds stop when a round applies fewer changes than this, then cut over
+# (or when the rounds stop shrinking, or after _CATCH_UP_ROUNDS: see _catch_up_ends).
 _CUTOVER_BELOW = 500
 _CATCH_UP_ROUNDS = 50
 _CHANGES_PER_ROUND = 5000
@@ -655,6 +657,35 @@ def _trigger_may_set(language: str, source: str | None, args: list[bytes], colum
     return bool(re.search(rf'(?:^|;|\b(?:then|else|begin|loop)\b)\s*{target}\s*:?=(?!=)'
                           rf'|\binto\s+(?:strict\s+)?{target}\b'
                           r'|\breturn\s+(?!(?:new|old|null)\s*;)\S', code, flags=re.I | re.M))
+
+
+def _catch_up_ends(rounds: Sequence[int]) -> str | None:
+    """Why the catch-up ends after rounds that applied ``rounds`` changes each (the last
+    one just finished), or None to run another round.
+
+    * "below threshold": the last round applied fewer than _CUTOVER_BELOW changes;
+    * "no longer shrinking": the last two rounds each applied at least as many changes
+      as the fewest any round before them did.  The writers then log, while a round
+      runs, about as many changes as it applies: more rounds would only repeat it.
+      Two rounds and the fewest so far, because a single round that does not shrink is
+      noise (a burst of writes, a round slowed by other work on the server), and rounds that only wobble (700, 690, 705, 695, ...) are never twice in a
+      row larger than the round just before;
+    * "round limit": _CATCH_UP_ROUNDS rounds, whatever they applied.
+
+    The cut-over then applies, with the batch's writes paused, what the writers logged
+    while the last round ran (they log nothing more during the pause): once the rounds
+    no longer shrink, about one round's worth, applied without writers competing, so
+    the pause is bounded by about one round's work.  More rounds would not have made it
+    smaller: in that state the round limit reached the cut-over with as much left, only
+    later (BENCHMARKS.md section 4: rounds of about 700 changes for 105 s, then a 27 ms
+    pause)."""
+    if rounds[-1] < _CUTOVER_BELOW:
+        return "below threshold"
+    if len(rounds) >= 3 and min(rounds[-2:]) >= min(rounds[:-2]):
+        return "no longer shrinking"
+    if len(rounds) >= _CATCH_UP_ROUNDS:
+        return "round limit"
+    return None
 
 
 class Mover:
@@ -1307,12 +1338,15 @@ class Mover:
             clean_after = 0.0
             if step == "copied":
                 t0 = time.monotonic()
-                applied = self._catch_up(src, tgt, tables, buckets, target)
-                version, pause = self._cut_over(src, tgt, tables, move_id, batch, buckets, target, group)
+                caught_up = self._catch_up(src, tgt, tables, buckets, target)
+                version, pause, caught_up = self._cut_over(src, tgt, tables, move_id, batch, buckets, target,
+                                                           group, caught_up)
                 clean_after = time.monotonic() + self.grace
                 self.longest_pause = max(self.longest_pause, pause)
-                self.progress(f"{label}: caught up {counted(applied, 'change')} in {time.monotonic() - t0:.2f}s, "
-                              f"switched to map version {version}; writes paused {pause * 1000:.0f} ms")
+                applied, rounds, ended = caught_up
+                self.progress(f"{label}: caught up {counted(applied, 'change')} in {time.monotonic() - t0:.2f}s "
+                              f"({counted(rounds, 'round')}: {ended}), switched to map version {version}; "
+                              f"writes paused {pause * 1000:.0f} ms")
                 step = "switched"
             elif step in ("switched", "verified"):
                 # Resumed: what is left of the grace since the stopped mover switched.
@@ -1610,19 +1644,20 @@ class Mover:
             "PostgreSQL 15 and later) and resume the move, or abort it")
 
     def _catch_up(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-                  buckets: list[int], target: str = "") -> int:
-        total = 0
-        for _ in range(_CATCH_UP_ROUNDS):
+                  buckets: list[int], target: str = "") -> tuple[int, int, str]:
+        """Apply the logged changes round after round until _catch_up_ends says why to stop:
+        the changes applied, the rounds, and why they ended."""
+        rounds: list[int] = []
+        while True:
             round_total = 0
             while True:
                 n = self._catch_up_round(src, tgt, tables, buckets, target)
                 round_total += n
                 if n < _CHANGES_PER_ROUND:
                     break
-            total += round_total
-            if round_total < _CUTOVER_BELOW:
-                break
-        return total
+            rounds.append(round_total)
+            if ended := _catch_up_ends(rounds):
+                return sum(rounds), len(rounds), ended
 
     def _catch_up_round(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
                         buckets: list[int], target: str) -> int:
@@ -1645,8 +1680,12 @@ class Mover:
 
     def _cut_over(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
                   move_id: int, batch: int, buckets: list[int], target: str,
-                  group: str | None = None) -> tuple[int, float]:
-        """Pause writes to ``buckets``, apply the last changes, switch ownership and the map."""
+                  group: str | None = None,
+                  caught_up: tuple[int, int, str] = (0, 0, "")) -> tuple[int, float, tuple[int, int, str]]:
+        """Pause writes to ``buckets``, apply the last changes, switch ownership and the map.
+        ``caught_up`` is what the catch-up before it returned (changes, rounds, why it ended);
+        returned with those of the catch-ups between attempts added (the journal's "switched"
+        entry tells them)."""
         gate = (GATE_LOCK_CLASS, move_id % 2147483647)
         source = self._batch[1] if self._batch else "the source"
         lock_timeout = f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}"
@@ -1709,7 +1748,10 @@ class Mover:
                                 "INDEX, or a statement queued behind one), with the batch's writes paused; "
                                 "they go on meanwhile; catching up and trying again", move_id,
                                 self.lock_timeout, source, target)
-                self._catch_up(src, tgt, tables, buckets, target)
+                # By the same rule as the first catch-up (writers that go on as before stop
+                # it within a few rounds); the "switched" entry counts these rounds too.
+                changes, rounds, ended = self._catch_up(src, tgt, tables, buckets, target)
+                caught_up = (caught_up[0] + changes, caught_up[1] + rounds, ended)
         # The target's WAL position after the switch: its replicas serve the moved
         # buckets only once they have replayed it (reads stay as fresh as before).
         target_lsn = _committed_position(tgt)
@@ -1737,11 +1779,13 @@ class Mover:
             conn.execute(text("UPDATE shardkit_catalog.move_batches SET map_version = :v, "
                               "target_lsn = CAST(:l AS pg_lsn) WHERE move_id = :m AND batch = :b"),
                          {"v": version, "l": target_lsn, "m": move_id, "b": batch})
-            Catalog.record(conn, move_id, batch, "switched", {"map_version": version})
+            Catalog.record(conn, move_id, batch, "switched", {
+                "map_version": version, "catch_up_changes": caught_up[0], "catch_up_rounds": caught_up[1],
+                "catch_up_ended": caught_up[2]})
         pause = max(longest, time.monotonic() - paused)
         if self.step_delay:
             time.sleep(self.step_delay)
-        return version, pause
+        return version, pause, caught_up
 
     def _verify(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
                  buckets: list[int], label: str) -> int:
