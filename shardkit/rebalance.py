@@ -668,8 +668,9 @@ def _catch_up_ends(rounds: Sequence[int]) -> str | None:
       as the fewest any round before them did.  The writers then log, while a round
       runs, about as many changes as it applies: more rounds would only repeat it.
       Two rounds and the fewest so far, because a single round that does not shrink is
-      noise (a burst of writes, a round slowed by other work on the server), and rounds that only wobble (700, 690, 705, 695, ...) are never twice in a
-      row larger than the round just before;
+      noise (a burst of writes, a round slowed by other work on the server), and
+      rounds that only wobble (700, 690, 705, 695, ...) are never twice in a row
+      larger than the round just before;
     * "round limit": _CATCH_UP_ROUNDS rounds, whatever they applied.
 
     The cut-over then applies, with the batch's writes paused, what the writers logged
