@@ -116,7 +116,7 @@ def stop_after_copied(monkeypatch: pytest.MonkeyPatch) -> None:
     real = rebalance.Mover._catch_up
     calls: list[int] = []
 
-    def catch_up(self: Any, *a: Any, **k: Any) -> int:
+    def catch_up(self: Any, *a: Any, **k: Any) -> tuple[int, int, str]:
         if not calls:
             calls.append(1)
             raise Stop()
