@@ -403,13 +403,32 @@ class Router:
 
     # -- statements ------------------------------------------------------------
 
-    def _known_key_route(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any]) -> Route | None:
+    def _known_key_route(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any],
+                         raw: Any) -> Route | None:
         """The route of a SELECT of ``shape`` (what :func:`_column_equals_value` made of
-        it) from the entry its column has, or None."""
+        it) from the entry its column has, or None.  ``raw``: its selected columns."""
         entry = self._key_columns.get(shape[4])
         if entry is None or entry[3]() is not shape[3]:
             return None
-        return self._entry_route(entry, shape[1].value)
+        known = self._entry_route(entry, shape[1].value)
+        if known is not None:
+            # The statement's column and entity objects have no entry of their own: the
+            # mapper made them anew since the entry was made (SQLAlchemy makes an
+            # entity's anew once the mappers are configured, which the first query does,
+            # after a statement built before it was routed).  The next statements built
+            # from them find the entry by them.
+            self._remember_entity(shape, raw, entry)
+        return known
+
+    def _remember_entity(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any], raw: Any,
+                         entry: tuple[Any, ...]) -> None:
+        """Keep ``entry`` by the column and entity objects of a SELECT of one entity (its
+        ``shape`` and selected columns ``raw``), which the mapper gives every such statement."""
+        if shape[2] is not None and len(raw) == 1:
+            entities = self._entity_entries
+            if len(entities) >= _KEY_COLUMNS_MAX:
+                entities.clear()
+            entities[(id(shape[0]), id(raw[0]))] = (shape[0], raw[0], entry)
 
     def _entry_route(self, entry: tuple[Any, ...], v: Any) -> Route | None:
         """The route of key value ``v`` by a _key_columns ``entry``, or None when the value
@@ -468,7 +487,7 @@ class Router:
                         return known
                 shape = _column_equals_value(criterion)
                 if shape is not None:
-                    known = self._known_key_route(shape)
+                    known = self._known_key_route(shape, raw)
                     if known is not None:
                         return known
         if getattr(statement, "_params", None):
@@ -501,11 +520,7 @@ class Router:
                 single[0], single[2], plan.routes, weakref.ref(shape[3]), strategy,
                 (strategy.bucket_map, strategy.bucket_count)
                 if type(strategy) is HashStrategy and single[2] in (None, _to_int) else None)
-            raw = statement._raw_columns
-            if shape[2] is not None and len(raw) == 1:
-                if len(self._entity_entries) >= _KEY_COLUMNS_MAX:
-                    self._entity_entries.clear()
-                self._entity_entries[(id(shape[0]), id(raw[0]))] = (shape[0], raw[0], entry)
+            self._remember_entity(shape, statement._raw_columns, entry)
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
