@@ -1042,7 +1042,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return self._read_on(shard, statement, params, util.EMPTY_DICT, None, {}, NO_SCOPE, {index})
 
     def _short_path_open(self, statement: Any, params: Any) -> bool:
-        """Whether a SELECT may take a short path (_plain_read, _identity_read): no
+        """Whether a SELECT may take a short path (_plain_read, get()'s load in execute()): no
         scope, nothing to flush, no savepoint or two-phase transaction, no FOR UPDATE,
         no shard named by an option, one parameter set at most.  The general path
         checks the same things one by one."""
@@ -1060,10 +1060,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def _primary_read(self, shard: str, statement: Any, params: Any, execution_options: Any,
                       plain_options: Any) -> Any:
-        """A short path's read (_plain_read, _identity_read) on the primary of ``shard``, a
-        shard without replicas, as the general path would make it.  ``plain_options``: the
-        execution options when no do_orm_execute listener runs (one may add objects for the
-        ORM's autoflush to flush)."""
+        """A short path's read (_plain_read, get()'s load in execute()) on the primary of
+        ``shard``, a shard without replicas, as the general path would make it.
+        ``plain_options``: the execution options when no do_orm_execute listener runs (one
+        may add objects for the ORM's autoflush to flush)."""
         cluster = self.cluster
         if cluster._map_misfit is not None or self.dispatch.do_orm_execute:
             return Session.execute(self, statement, params, execution_options=execution_options,
