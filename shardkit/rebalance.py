@@ -1531,8 +1531,10 @@ class Mover:
         return rows
 
     def _apply_changes(self, src: psycopg.Connection, tgt: psycopg.Connection,
-                       tables: list[_Table], buckets: list[int], limit: int | None) -> int:
-        """Apply logged changes of ``buckets`` to the target, in the callers' open transactions.
+                       tables: list[_Table], buckets: list[int], limit: int | None,
+                       up_to: int | None = None) -> int:
+        """Apply logged changes of ``buckets`` (the first ``limit``, of ids up to ``up_to``)
+        to the target, in the callers' open transactions.
 
         Each changed key's row is re-read on the source (if it is still in the
         batch's buckets) and replaces the target's; a key whose row is gone (or
@@ -1547,8 +1549,8 @@ class Mover:
         refused for, its children); such a swap then fails (``_UniqueViolation``).
         """
         q = ("DELETE FROM shardkit.changes WHERE id IN (SELECT id FROM shardkit.changes "
-             "WHERE bucket = ANY(%s::integer[]) ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "") +
-             ") RETURNING tbl, pk")
+             "WHERE bucket = ANY(%s::integer[])" + (f" AND id <= {int(up_to)}" if up_to is not None else "") +
+             " ORDER BY id" + (f" LIMIT {int(limit)}" if limit else "") + ") RETURNING tbl, pk")
         # Guards installed before they logged the configured name logged a partition's.
         owner = {name: t.name for t in tables for name in t.names}
         changed: dict[str, dict[str, Any]] = defaultdict(dict)
@@ -1650,9 +1652,14 @@ class Mover:
         the changes applied, the rounds, and why they ended."""
         rounds: list[int] = []
         while True:
+            # A round applies the changes logged before it began (ids up to the log's
+            # highest now: writers that go on logging cannot keep one round going), so its
+            # size is the backlog it began with, which _catch_up_ends compares.  (A change
+            # committed later with a lower id is left to the next round.)
+            mark = src.execute("SELECT coalesce(max(id), 0) FROM shardkit.changes").fetchone()[0]
             round_total = 0
             while True:
-                n = self._catch_up_round(src, tgt, tables, buckets, target)
+                n = self._catch_up_round(src, tgt, tables, buckets, target, mark)
                 round_total += n
                 if n < _CHANGES_PER_ROUND:
                     break
@@ -1661,22 +1668,23 @@ class Mover:
                 return sum(rounds), len(rounds), ended
 
     def _catch_up_round(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],
-                        buckets: list[int], target: str) -> int:
-        """Apply up to _CHANGES_PER_ROUND changes, reading the log and the rows at one snapshot
-        of the source (writers go on meanwhile)."""
+                        buckets: list[int], target: str, up_to: int | None = None) -> int:
+        """Apply up to _CHANGES_PER_ROUND changes (of ids up to ``up_to``), reading the log and
+        the rows at one snapshot of the source (writers go on meanwhile)."""
         limit: int | None = _CHANGES_PER_ROUND
         for _attempt in range(2):
             try:
                 # The target commits first: a crash in between replays changes, never loses them.
                 with src.transaction(), tgt.transaction():
                     src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    return self._apply_changes(src, tgt, tables, buckets, limit)
+                    return self._apply_changes(src, tgt, tables, buckets, limit, up_to)
             except _UniqueViolation as e:
                 if limit is None:
                     raise self._unique_error(e, target, tgt.info.user) from e.error
-                # The limit may have cut a transaction's changes in two (one row of a swap
-                # applied, not the other): every change up to the snapshot is consistent.
-                limit = None
+                # The limit (or the round's last id) may have cut a transaction's changes in
+                # two (one row of a swap applied, not the other): every change up to the
+                # snapshot is consistent.
+                limit = up_to = None
         raise AssertionError("unreachable")
 
     def _cut_over(self, src: psycopg.Connection, tgt: psycopg.Connection, tables: list[_Table],

@@ -86,7 +86,57 @@ def _catching_up(reads: list[int]) -> tuple[int, int, str]:
     """Mover._catch_up against reads of the change log that apply ``reads`` changes each."""
     it = iter(reads)
     fake = SimpleNamespace(_catch_up_round=lambda *a: next(it))
-    return rebalance.Mover._catch_up(fake, None, None, [], [], "s1")  # type: ignore[arg-type]
+    return rebalance.Mover._catch_up(fake, _source(lambda: 0), None, [], [], "s1")  # type: ignore[arg-type]
+
+
+def _source(highest_id):
+    """A source connection whose change log's highest id is ``highest_id()``."""
+    return SimpleNamespace(execute=lambda q, *a: SimpleNamespace(fetchone=lambda: (highest_id(),)))
+
+
+class Log:
+    """A change log on the source: ``backlog`` changes logged before the catch-up, and
+    writers that log ``per_read`` more while each read of it runs."""
+
+    def __init__(self, backlog: int, per_read: int) -> None:
+        self.next_id, self.pending, self.per_read, self.reads = 1, [], per_read, 0
+        self.log(backlog)
+
+    def log(self, n: int) -> None:
+        self.pending += range(self.next_id, self.next_id + n)
+        self.next_id += n
+
+    def read(self, *args) -> int:
+        """Mover._catch_up_round: the first _CHANGES_PER_ROUND changes of ids up to its last
+        argument (the round's mark)."""
+        up_to = args[-1]
+        self.reads += 1
+        assert self.reads < 10_000, "the catch-up does not end"
+        taken = [i for i in self.pending[:_CHANGES_PER_ROUND] if i <= up_to]
+        self.pending = self.pending[len(taken):]
+        self.log(self.per_read)
+        return len(taken)
+
+    def catch_up(self) -> tuple[int, int, str]:
+        mover = SimpleNamespace(_catch_up_round=self.read)
+        return rebalance.Mover._catch_up(mover, _source(lambda: self.next_id - 1),  # type: ignore[arg-type]
+                                         None, [], [], "s1")
+
+
+def test_writers_that_log_a_full_read_while_each_read_runs_do_not_keep_a_round_going():
+    """A round reads up to the log's highest id when it began: writers that fill every
+    read (faster than the catch-up) end each round all the same, and the rounds that
+    then stop shrinking end the catch-up."""
+    changes, rounds, why = Log(backlog=20_000, per_read=_CHANGES_PER_ROUND).catch_up()
+    assert (rounds, why) == (3, "no longer shrinking")
+
+
+def test_a_large_backlog_shrinking_round_by_round_ends_below_the_threshold():
+    """A round's size is the backlog it began with: a large one (a long copy) drained
+    over many reads is not mistaken for rounds that no longer shrink."""
+    changes, rounds, why = Log(backlog=200_000, per_read=100).catch_up()
+    assert why == "below threshold"
+    assert changes >= 200_000
 
 
 def test_catch_up_counts_a_round_of_several_reads_as_one():
