@@ -178,7 +178,6 @@ class Router:
                 self.tables[t] = TableRoute(t, g.name, cols, g.strategy)
         for t in config.reference_tables:
             self.tables[t] = TableRoute(t, None, (), None)
-        self.reference_tables = frozenset(config.reference_tables)
         # The groups whose strategy puts each key value on one shard (not a custom
         # function, which shardkit cannot see into): see the scatter's count(DISTINCT key).
         self.disjoint_groups = frozenset(g.name for g in config.groups

@@ -892,8 +892,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                             and self._short_path_open(statement, params)
                             and shard in self.cluster.router.shard_set
                             and not self.cluster._replica_counts[shard]):
-                        return self._primary_read(shard, statement, params, execution_options,
-                                                  execution_options)
+                        return self._primary_read(shard, statement, params, execution_options)
             return self._sk_execute(statement, params, execution_options, bind_arguments, kw, routed)
         except BaseException:
             if fresh and self._transaction is None:
@@ -998,9 +997,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if not cluster._replica_counts[shard]:
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)  Nothing to flush (checked above).
-            return self._primary_read(
-                shard, statement, params, _LOAD_OPTIONS.get(shard) or _load_options(shard),
-                _PLAIN_LOAD_OPTIONS.get(shard) or _load_options(shard, autoflush=False))
+            return self._primary_read(shard, statement, params)
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
             return route
         settings = cluster.config.replicas
@@ -1058,15 +1055,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 return False
         return True
 
-    def _primary_read(self, shard: str, statement: Any, params: Any, execution_options: Any,
-                      plain_options: Any) -> Any:
+    def _primary_read(self, shard: str, statement: Any, params: Any,
+                      execution_options: Any = None) -> Any:
         """A short path's read (_plain_read, get()'s load in execute()) on the primary of
         ``shard``, a shard without replicas, as the general path would make it.
-        ``plain_options``: the execution options when no do_orm_execute listener runs (one
-        may add objects for the ORM's autoflush to flush)."""
+        ``execution_options``: get()'s (its load options); None for a plain SELECT, which
+        gets the shard's load options, without the ORM's autoflush (nothing to flush: see
+        _short_path_open) unless a do_orm_execute listener runs (one may add objects)."""
         cluster = self.cluster
         if cluster._map_misfit is not None or self.dispatch.do_orm_execute:
-            return Session.execute(self, statement, params, execution_options=execution_options,
+            return Session.execute(self, statement, params,
+                                   execution_options=execution_options or _load_options(shard),
                                    bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY})
         # What Session.execute(), _execute_internal() and get_bind() would do, three calls
         # the shorter (as _plain_read's replica read): get_bind()'s checks are made here (the
@@ -1075,8 +1074,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if cluster._monitor is not None:  # (without one, nothing to refuse)
             self._refuse_primary_down(shard)
         engine = cluster._engines.get((shard, PRIMARY, 0)) or cluster.engine(shard, PRIMARY, 0)
+        if execution_options is None:
+            execution_options = _PLAIN_LOAD_OPTIONS.get(shard) or _load_options(shard, autoflush=False)
         return _session_execute_internal(
-            self, statement, params, execution_options=plain_options,
+            self, statement, params, execution_options=execution_options,
             bind_arguments={"shard_id": shard, "shardkit_role": PRIMARY, "shardkit_engine": engine})
 
     def _read_on(self, shard: str, statement: Any, params: Any, execution_options: Any,
@@ -3797,7 +3798,7 @@ def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
     if not isinstance(session, ShardedSession):
         return
     cluster = session.cluster
-    if not cluster.router.reference_tables:
+    if not cluster.config.reference_tables:
         return
     try:
         if not cluster.router.table_route(mapper).is_reference:
@@ -3873,7 +3874,7 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
     assert isinstance(session, ShardedSession)
     cluster = session.cluster
     router = cluster.router
-    if not router.reference_tables:
+    if not router.config.reference_tables:
         return
     upserts: dict[tuple[Any, str], list[Any]] = {}
     deletes: dict[tuple[Any, str], list[Any]] = {}
@@ -3977,7 +3978,7 @@ def _replicate_reference_pairs(session: Session, flush_context: Any) -> None:
     inserted again, a row already gone deletes nothing."""
     assert isinstance(session, ShardedSession)
     router = session.cluster.router
-    if not router.reference_tables:
+    if not router.config.reference_tables:
         return
     added: dict[Any, set[tuple[Any, ...]]] = {}
     removed: dict[Any, set[tuple[Any, ...]]] = {}
