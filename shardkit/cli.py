@@ -575,7 +575,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         if verb == "apply" and args.batch_buckets < 1:
             raise UsageError(f"--batch-buckets {args.batch_buckets}: must be at least 1 (buckets per batch)")
         mover = rebalance.Mover(cluster, grace=args.grace, step_delay=args.step_delay, duty=args.duty,
-                                progress=lambda line: print(line, flush=True))
+                                max_pause=args.max_pause, progress=lambda line: print(line, flush=True))
         if verb == "apply":
             plan = _make_plan(args, cluster)
             if not plan.moves:
@@ -674,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
                              help="share of time the copy and verification work (0-1]; 0.5 rests "
                                   "as long as it works, leaving the cores to other writers (default: "
                                   "%(default)s, never rest; the clean-up always rests at least that long)")
+            rp_.add_argument("--max-pause", type=float, default=1.0,
+                             help="seconds a cut-over may pause the writes of a batch's buckets; past "
+                                  "that it lets them go, catches up and tries again; after three such "
+                                  "attempts the move stops, to be resumed (default: %(default)s)")
             rp_.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     rb.set_defaults(func=cmd_rebalance)
 

@@ -120,6 +120,28 @@ _CANONICAL_TEXT = ("SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO, YMD'
 _CUTOVER_BELOW = 500
 _CATCH_UP_ROUNDS = 50
 _CHANGES_PER_ROUND = 5000
+# Cut-overs that gave up at max_pause before the move stops (see Mover._cut_over).
+_PAUSE_ATTEMPTS = 3
+
+
+class _PauseOverrun(Exception):
+    """The cut-over's pause reached max_pause between two of its statements."""
+
+
+def _time_left(deadline: float, lock_timeout: float) -> str:
+    """The settings that bound each statement of the cut-over by what is left until
+    ``deadline`` (its lock waits by ``lock_timeout`` too, if that is less);
+    _PauseOverrun if nothing is left."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _PauseOverrun()
+    ms = max(1, int(left * 1000))
+    return f"SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {min(ms, max(1, int(lock_timeout * 1000)))}"
+
+
+def _check_time_left(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise _PauseOverrun()
 # Bulk steps (copy, verify, clean-up) read tables in slices of this many pages
 # (16 MB), so that a duty cycle below 1 can rest between them; resting movers
 # take slices an eighth of that size, so that each burst of work is short.
@@ -707,14 +729,25 @@ class Mover:
         holds.  ``1.0`` (the default) never rests; ``0.5`` takes about twice as
         long and leaves the servers' cores to other writers half of the time.
         The clean-up works at most half of the time whatever the duty.
+    :param max_pause: seconds the cut-over may pause the writes of a batch's
+        buckets (waiting for the writers in flight and for locks, and applying
+        the last changes).  Past it the cut-over gives up (the writes go on),
+        catches up and tries again; after _PAUSE_ATTEMPTS attempts that gave up,
+        the move stops with a RebalanceError and can be resumed.
+    :param lock_timeout: seconds the cut-over waits for a lock (at most what is
+        left of ``max_pause``).
     """
 
     def __init__(self, cluster: Cluster, *, progress: Callable[[str], None] | None = None,
                  grace: float = 1.0, step_delay: float = 0.0, lock_timeout: float = 2.0,
-                 duty: float = 1.0) -> None:
+                 duty: float = 1.0, max_pause: float = 1.0) -> None:
         if not 0.0 < duty <= 1.0:
             raise RebalanceError(f"duty {duty!r} must be more than 0 and at most 1 (the share of time "
                                  "the mover works; 1 never rests)")
+        if not 0.0 < max_pause <= threading.TIMEOUT_MAX:
+            raise RebalanceError(f"max_pause (--max-pause) {max_pause!r} must be a number of seconds more "
+                                 f"than 0 and at most {threading.TIMEOUT_MAX:.0f} (the longest the cut-over "
+                                 "pauses a batch's writes before it gives up and tries again)")
         for name, value in (("grace", grace), ("step_delay", step_delay), ("lock_timeout", lock_timeout)):
             # (At most what time.sleep() and lock waits take: more raises OverflowError mid-move.)
             if not 0 <= value <= threading.TIMEOUT_MAX:
@@ -726,6 +759,7 @@ class Mover:
         self.grace = grace
         self.step_delay = step_delay
         self.lock_timeout = lock_timeout
+        self.max_pause = max_pause
         if progress is None:
             progress = (lambda line: print(line, file=sys.stderr, flush=True)) if sys.stderr.isatty() \
                 else (lambda line: log.info("%s", line))
@@ -1532,7 +1566,7 @@ class Mover:
 
     def _apply_changes(self, src: psycopg.Connection, tgt: psycopg.Connection,
                        tables: list[_Table], buckets: list[int], limit: int | None,
-                       up_to: int | None = None) -> int:
+                       up_to: int | None = None, deadline: float | None = None) -> int:
         """Apply logged changes of ``buckets`` (the first ``limit``, of ids up to ``up_to``)
         to the target, in the callers' open transactions.
 
@@ -1547,6 +1581,9 @@ class Mover:
         :func:`_may_replicate`), a table other rows reference by foreign key is
         upserted row by row instead (deleting a parent would cascade to, or be
         refused for, its children); such a swap then fails (``_UniqueViolation``).
+
+        With a ``deadline`` (the cut-over's), _PauseOverrun once it has passed, between
+        statements.
         """
         q = ("DELETE FROM shardkit.changes WHERE id IN (SELECT id FROM shardkit.changes "
              "WHERE bucket = ANY(%s::integer[])" + (f" AND id <= {int(up_to)}" if up_to is not None else "") +
@@ -1569,6 +1606,7 @@ class Mover:
             keys = list(changed.get(t.name, {}).values())
             if not keys:
                 continue
+            _check_time_left(deadline)
             _reread_columns(src, tgt, t)  # at the snapshot the changed rows are read at
             name = _ident(t.name)
             cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
@@ -1594,12 +1632,14 @@ class Mover:
         # Deletes first (children first): every changed row (a row kept only when it is
         # replaced in place), so that a row taking over another's unique value finds it free.
         for t, pkc, keys_lit, stage, whole in reversed(staged):
+            _check_time_left(deadline)
             tgt.execute(sql.SQL(
                 "DELETE FROM {t} WHERE {keys} "
                 "AND " + t.bucket_sql + " = ANY({buckets}::integer[])"
                 + ("" if whole else " AND ({pk}) NOT IN (SELECT {pk} FROM {s})")).format(
                 t=_ident(t.name), pk=pkc, keys=keys_lit, s=stage, buckets=sql.Literal(buckets)))
         for t, pkc, keys_lit, stage, whole in staged:  # parents first
+            _check_time_left(deadline)
             name = _ident(t.name)
             clash = tgt.execute(sql.SQL(
                 "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ("
@@ -1697,8 +1737,11 @@ class Mover:
         entry tells them)."""
         gate = (GATE_LOCK_CLASS, move_id % 2147483647)
         source = self._batch[1] if self._batch else "the source"
-        lock_timeout = f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}"
+        # Writers of the batch's buckets wait while the mover waits for the gate (they
+        # queue behind it), and while it holds it: both count towards max_pause.
+        wait = min(self.lock_timeout or self.max_pause, self.max_pause)
         longest = 0.0  # writes paused by attempts that gave up
+        gave_up = 0  # attempts that gave up with the writes paused
         while True:
             gated = False
             try:
@@ -1707,10 +1750,14 @@ class Mover:
                     # commits: taking it waits for those in flight and holds new ones
                     # (of moving buckets only) until the source has given ownership up.
                     # One lock, taken holding nothing else: no deadlock with writers.
-                    src.execute(lock_timeout)
+                    src.execute(f"SET LOCAL lock_timeout = {max(1, int(wait * 1000))}")
+                    started = time.monotonic()
                     src.execute("SELECT pg_advisory_xact_lock(%s, %s)", gate)
-                    paused = time.monotonic()
                     gated = True
+                    # What is left of max_pause bounds every statement from here to the
+                    # target's commit (not the source's after it: see below).
+                    deadline = started + self.max_pause
+                    src.execute(_time_left(deadline, wait))
                     # A table guarded since the batch began (a migration).  Its writes of
                     # the batch's buckets wait for the gate from here on, and are refused
                     # once the switch commits.
@@ -1728,35 +1775,63 @@ class Mover:
                         # writes are paused: a table lock there (a migration's ALTER TABLE
                         # queued behind a long query, and every statement behind it) would
                         # keep them paused for as long as that query runs.
-                        tgt.execute(lock_timeout)
+                        tgt.execute(_time_left(deadline, wait))
                         try:
-                            while self._apply_changes(src, tgt, tables, buckets, None):
+                            while self._apply_changes(src, tgt, tables, buckets, None, deadline=deadline):
                                 pass
                         except _UniqueViolation as e:
                             raise self._unique_error(e, target, tgt.info.user) from e.error
+                        _check_time_left(deadline)
                         tgt.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
                                     "ON CONFLICT DO NOTHING", (buckets,))
                         tgt.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
                                     "SELECT unnest(%s::integer[]), %s ON CONFLICT (bucket) DO NOTHING",
                                     (buckets, move_id))
+                        # Once the target has taken the buckets, the source gives them up
+                        # whatever that takes (a statement that failed there would leave both
+                        # owning them until the next attempt), bar a lock wait past lock_timeout.
+                        src.execute(f"SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = "
+                                    f"{int(self.lock_timeout * 1000)}")
                     src.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])",
                                 (buckets,))
                     src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
                                 (buckets,))
                 break
-            except psycopg.errors.LockNotAvailable:
-                # Writers of these buckets waited at most lock_timeout.  Let them go,
-                # catch up, and try again.
-                if not gated:  # a long transaction kept writing
-                    log.warning("move %s: a writer held the buckets past lock_timeout (%.1f s); catching "
-                                "up and trying again", move_id, self.lock_timeout)
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled, _PauseOverrun) as e:
+                if not gated and not isinstance(e, psycopg.errors.LockNotAvailable):
+                    raise  # (statement_timeout is set once the gate is taken)
+                if not gated:
+                    # A long transaction kept writing the buckets: writers of these buckets
+                    # waited for the gate at most `wait`.  Let them go, catch up, try again.
+                    log.warning("move %s: a writer held the buckets past %.1f s (lock_timeout, max_pause); "
+                                "catching up and trying again", move_id, wait)
                 else:
-                    longest = max(longest, time.monotonic() - paused)
-                    log.warning("move %s: the cut-over waited past lock_timeout (%.1f s) for a lock on a "
-                                "moved table on %s or %s (DDL, such as a migration's ALTER TABLE or CREATE "
-                                "INDEX, or a statement queued behind one), with the batch's writes paused; "
-                                "they go on meanwhile; catching up and trying again", move_id,
-                                self.lock_timeout, source, target)
+                    held = time.monotonic() - started
+                    longest = max(longest, held)
+                    self.longest_pause = max(self.longest_pause, held)
+                    gave_up += 1
+                    what = (f"a lock on a moved table on {source} or {target} (DDL, such as a migration's "
+                            "ALTER TABLE or CREATE INDEX, or a statement queued behind one)"
+                            if isinstance(e, psycopg.errors.LockNotAvailable) else
+                            f"applying the last changes, or a lock on a moved table on {source} or {target} "
+                            "(DDL, such as a migration's ALTER TABLE or CREATE INDEX, or a statement queued "
+                            "behind one),")
+                    if gave_up >= _PAUSE_ATTEMPTS:
+                        batch_no = self._batch[0] if self._batch else batch
+                        raise RebalanceError(
+                            f"move {move_id}, batch {batch_no} ({source} -> {target}): the cut-over gave up "
+                            f"{gave_up} times after pausing the batch's writes for {held * 1000:.0f} ms "
+                            f"(max_pause {self.max_pause:g} s, lock_timeout {self.lock_timeout:g} s): "
+                            f"{what} took longer.  Nothing is lost: the batch stays copied and its "
+                            f"changes are still captured.  Resume the move when its writers or the DDL "
+                            f"are quieter (`shardkit rebalance resume {move_id}`), or with a larger "
+                            f"--max-pause; or abort it and apply it again with fewer --batch-buckets",
+                            move_id=move_id) from e
+                    log.warning("move %s: the cut-over gave up after %.0f ms with the batch's writes paused "
+                                "(max_pause %g s, lock_timeout %g s): %s took that long; they go on "
+                                "meanwhile; catching up and trying again (attempt %d of %d)", move_id,
+                                held * 1000, self.max_pause, self.lock_timeout, what, gave_up + 1,
+                                _PAUSE_ATTEMPTS)
                 # By the same rule as the first catch-up (writers that go on as before stop
                 # it within a few rounds); the "switched" entry counts these rounds too.
                 changes, rounds, ended = self._catch_up(src, tgt, tables, buckets, target)
@@ -1791,7 +1866,7 @@ class Mover:
             Catalog.record(conn, move_id, batch, "switched", {
                 "map_version": version, "catch_up_changes": caught_up[0], "catch_up_rounds": caught_up[1],
                 "catch_up_ended": caught_up[2]})
-        pause = max(longest, time.monotonic() - paused)
+        pause = max(longest, time.monotonic() - started)
         if self.step_delay:
             time.sleep(self.step_delay)
         return version, pause, caught_up

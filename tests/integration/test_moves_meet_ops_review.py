@@ -147,7 +147,7 @@ def test_a_database_default_of_repeatable_read_does_not_lose_a_write_the_cut_ove
 def test_a_statement_timeout_below_the_movers_lock_timeout_does_not_stop_the_move(world):
     """The role's (here: the database's) statement_timeout is 1 s, a common OLTP guard.  A
     writer of a moving bucket keeps its transaction open 1.5 s across the cut-over: the
-    README says the cut-over waits up to lock_timeout (2 s), then catches up and tries
+    README says the cut-over waits up to --max-pause (1 s), then catches up and tries
     again.  The DBA's timeout must not turn that wait into a failed move."""
     w = world()
     moving = fill(w)
@@ -189,7 +189,7 @@ def test_a_lock_queue_on_the_target_does_not_pause_the_sources_writers_unbounded
     a migration's ALTER TABLE waits behind it for its ACCESS EXCLUSIVE lock; every later
     statement on the table queues behind the ALTER.  The cut-over, with writes of the moving
     buckets paused on the source, must not wait in that queue for as long as the analytics
-    query runs: the README bounds the pause by lock_timeout (2 s), then the mover catches up
+    query runs: the README bounds the pause by --max-pause (1 s), then the mover catches up
     and tries again.  A writer of a moving bucket on the source must get through meanwhile."""
     caplog.set_level("WARNING", logger="shardkit.rebalance")
     w = world()

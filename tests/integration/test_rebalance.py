@@ -659,3 +659,59 @@ def test_a_catch_up_that_no_longer_shrinks_goes_to_the_cut_over(world, monkeypat
     assert sum(d["catch_up_rounds"] for d in switched) <= sum(reads), (switched, reads)
     assert sum(": no longer shrinking), switched to map version" in line for line in lines) == len(switched), lines
     _check_ledger(dev, cluster, writers)
+
+
+def test_a_cut_over_that_would_pause_writes_past_max_pause_gives_up_and_the_move_resumes(world, monkeypatch):
+    """The target takes 1 s to apply anything during the cut-over (a slow statement there,
+    with the batch's writes paused): with max_pause 0.2 s, each cut-over is cancelled at
+    max_pause, lets the writes go, catches up and tries again; after _PAUSE_ATTEMPTS the
+    move stops with an error that says why and what to do.  Writers of the moving buckets
+    never waited the second out, and nothing is lost.  Resumed once the target is quick
+    again, the move finishes."""
+    dev, cluster, cfg_path, Session = world
+    slow_attempts: list[float] = []
+    real_apply = rebalance.Mover._apply_changes
+
+    def slow_apply(self, src, tgt, tables, buckets, limit, up_to=None, deadline=None):
+        if deadline is not None:  # the cut-over's apply
+            t0 = time.monotonic()
+            try:
+                tgt.execute("SELECT pg_sleep(1)")
+            finally:
+                slow_attempts.append(time.monotonic() - t0)
+        return real_apply(self, src, tgt, tables, buckets, limit, up_to, deadline)
+
+    monkeypatch.setattr(rebalance.Mover, "_apply_changes", slow_apply)
+    cluster.refresh_map()
+    live = cluster.config.bucket_map
+    plan = plan_drain(live, "s2") if "s2" in live else plan_add_shards(live, ["s2"])
+    mover = rebalance.Mover(cluster, grace=0.1, max_pause=0.2, progress=lambda line: None)
+    with Writers(Session, n=2) as writers:
+        time.sleep(0.2)
+        with pytest.raises(shardkit.RebalanceError) as err:
+            mover.apply(plan, max_buckets=1024)
+        time.sleep(0.2)
+    message = str(err.value)
+    assert f"gave up {rebalance._PAUSE_ATTEMPTS} times" in message and "max_pause 0.2 s" in message, message
+    assert "Nothing is lost" in message and "rebalance resume" in message, message
+    assert len(slow_attempts) == rebalance._PAUSE_ATTEMPTS, slow_attempts
+    # Cancelled at what was left of max_pause, not slept out.
+    assert max(slow_attempts) < 0.9 and 0.15 <= mover.longest_pause < 0.9, (slow_attempts, mover.longest_pause)
+    assert not writers.errors, writers.errors[:3]
+    assert writers.longest_wait < 0.9, writers.longest_wait
+    move_id = latest_move(cluster)
+    status, = rebalance.move_status(cluster, move_id)
+    assert status["state"] == "running" and "gave up" in (status["error"] or ""), status
+    monkeypatch.setattr(rebalance.Mover, "_apply_changes", real_apply)
+    with Writers(Session, n=2) as writers:
+        time.sleep(0.2)
+        rebalance.Mover(cluster, grace=0.1, max_pause=0.2, progress=lambda line: None).run(move_id)
+    assert not writers.errors, writers.errors[:3]
+    assert journal_steps(cluster, move_id)[-1] == "done", journal_steps(cluster, move_id)
+    _check_ledger(dev, cluster, writers)
+
+
+def test_max_pause_must_be_a_positive_number_of_seconds():
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(shardkit.RebalanceError, match="max_pause"):
+            rebalance.Mover(None, max_pause=bad)  # type: ignore[arg-type]
