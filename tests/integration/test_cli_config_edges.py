@@ -443,6 +443,18 @@ def test_negative_grace_is_refused_before_anything_moves(env, capsys):
 
 
 @integration
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_a_max_pause_that_is_not_a_positive_number_of_seconds_is_refused_before_anything_moves(env, capsys,
+                                                                                               value):
+    before = {m["move"] for m in moves(env)}
+    res = run(["rebalance", "apply", "--drain", "s1", "--max-pause", value, "--batch-buckets", "1024",
+               "--config", str(env.good)], capsys)
+    started = [m for m in moves(env) if m["move"] not in before]
+    problems = one_line_error(*res, "--max-pause", "more than 0")
+    assert not problems and not started, (problems, [(m["move"], m["state"]) for m in started])
+
+
+@integration
 def test_status_route_and_verify_agree_with_the_catalog_map(env, capsys):
     """With a catalog, `status` counts each shard's buckets from the live map, `route`
     routes by it and `verify` is clean; exit 0 each, no password."""
