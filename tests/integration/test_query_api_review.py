@@ -28,7 +28,6 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    inspect,
     select,
     text,
     update,
