@@ -82,18 +82,27 @@ def compound_selects(stmt: selectable.CompoundSelect) -> list[Any]:
 def _without_loader_options(statement: Any) -> Any:
     """The statement as written: eager loads (joinedload ...) make the ORM wrap it in
     joins and derived tables of its own, which follow relationships and are per shard
-    by design; shardkit merges the entities they load, not their rows."""
+    by design; shardkit merges the entities they load, not their rows.  So do the
+    mapping's own (``relationship(..., lazy="joined")``) when the statement has LIMIT,
+    OFFSET, DISTINCT or GROUP BY (the ORM then puts it in a derived table): those are
+    left out too, by ``lazyload("*")``."""
     options = getattr(statement, "_with_options", ())
-    if not options:
+    nests = isinstance(statement, selectable.Select) and (
+        statement._limit_clause is not None or statement._offset_clause is not None
+        or statement._fetch_clause is not None or bool(statement._distinct)
+        or bool(statement._group_by_clauses)) and \
+        statement._propagate_attrs.get("compile_state_plugin") == "orm"
+    if not options and not nests:
         return statement
+    from sqlalchemy.orm import lazyload
     from sqlalchemy.orm.strategy_options import _AbstractLoad
 
     kept = tuple(o for o in options if not isinstance(o, _AbstractLoad))
-    if len(kept) == len(options):
+    if len(kept) == len(options) and not nests:
         return statement
     copy = statement._generate()
     copy._with_options = kept
-    return copy
+    return copy.options(lazyload("*")) if nests else copy
 
 
 def _plain(x: Any) -> Any:

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import cast, func
+from sqlalchemy import cast, func, schema
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
@@ -1109,8 +1109,10 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             outputs.append(partial(c))
             continue
         gi = group_index(c)
-        if gi is None and _is_constant(c):
+        if gi is None and (_is_constant(c) or _grouped_by_primary_key(c, group_by)):
             # SELECT 'x', count(*): every shard's row holds it at the caller's position.
+            # So does a column of a table whose primary key is grouped by (one value per
+            # group, which PostgreSQL lets the select list name ungrouped).
             outputs.append(OutputColumn("value", (i,)))
             continue
         if gi is None:
@@ -1144,6 +1146,11 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                 checks.append((pos, False, "HAVING/ORDER BY"))
             j = len(extras) - 1
             return lambda row, extra, j=j: extra[j]
+        if _grouped_by_primary_key(expr, group_by):
+            # A column of a table whose primary key is grouped by: one value per group.
+            extras.append(OutputColumn("value", (add(expr),)))
+            j = len(extras) - 1
+            return lambda row, extra, j=j: extra[j]
         raise ScatterRefused(f"{expr} in HAVING/ORDER BY is neither an aggregate nor a group key",
                              construct="HAVING/ORDER BY expression")
 
@@ -1167,6 +1174,21 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                      n_outputs=len(outputs), checks=tuple(checks), same_types=tuple(same_types),
                      collations=tuple(collations))
     return shard_stmt, plan
+
+
+def _grouped_by_primary_key(col: Any, group_by: Sequence[Any]) -> bool:
+    """Whether select-list column ``col`` is a column of a table (or of an alias of one)
+    whose whole primary key is among the GROUP BY terms: PostgreSQL accepts it ungrouped
+    (functionally dependent: one value per group)."""
+    inner = _plain(col.element if isinstance(col, Label) else col)
+    if not isinstance(inner, elements.ColumnClause) or inner.is_literal or inner.table is None:
+        return False
+    frm = inner.table
+    if not isinstance(_table_of(frm), schema.Table):
+        return False
+    pk = list(frm.primary_key)
+    grouped = [_plain(g.element if isinstance(g, Label) else g) for g in group_by]
+    return bool(pk) and all(any(k is g for g in grouped) for k in pk)
 
 
 def _refuse_per_shard_exists(inner: Any) -> None:

@@ -3538,7 +3538,6 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     # The metadata's keys, not keys(): an unnamed entity (aliased(Model)) has the key
     # None, which keys() leaves out.
     all_keys = list(first._metadata._keys)
-    keys = all_keys[: plan.visible]
     # A joinedload of a collection gives each parent one row per child: each
     # shard's result folds them (objects of different shards are never equal).
     needs_unique = first._unique_filter_state
@@ -3547,12 +3546,13 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         refusal = None
         if limited and _inner_joined_collection(statement):
             refusal = ("this cross-shard query loads a collection with joinedload(..., innerjoin=True) "
-                       "and has LIMIT/OFFSET: the inner join drops parents without children after each "
-                       "shard's limit, and the merge cannot tell which page one database would return; "
+                       "(or relationship(..., lazy='joined', innerjoin=True)) and has LIMIT/OFFSET: "
+                       "the inner join drops parents without children after each shard's limit, and the merge cannot tell which page one database would return; "
                        "use selectinload, or filter the parents with .has()/.any()",
                        "inner joinedload with LIMIT")
         elif limited and _may_repeat_entities(statement):
-            refusal = ("this cross-shard query loads a collection with joinedload and has LIMIT/OFFSET "
+            refusal = ("this cross-shard query loads a collection in its own rows (joinedload, "
+                       "contains_eager) and has LIMIT/OFFSET "
                        "over a join that can repeat its entities: one database counts the joined rows, "
                        "shardkit's merge would count distinct entities; use selectinload, or drop the "
                        "join's duplicates (an EXISTS instead of the join)",
@@ -3563,7 +3563,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             raise ScatterRefused(refusal[0], construct=refusal[1], statement=statement)
         ordered = [r.unique() for r in ordered]
     merged = merge_rows(plan, ordered)
-    result = ScatterResult(SimpleResultMetaData(keys), merged)
+    result = ScatterResult(_visible_metadata(first._metadata, plan.visible), merged)
     result._shard_results = ordered
     if getattr(first, "_yield_per", None):
         # partitions() without a size, as on one database: yield_per rows at a time.
@@ -3585,12 +3585,53 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     return result
 
 
+def _visible_metadata(shard_md: Any, visible: int) -> SimpleResultMetaData:
+    """The metadata of a merged result: a shard result's first ``visible`` columns, found
+    by name and, as on one database, by the objects selected (``row._mapping[Model.col]``,
+    ``result.scalars(Model.col)``, ``row._mapping[Model]``, a label or table column).
+    Each record of a ``SimpleResultMetaData`` (ORM results) and of a
+    ``CursorResultMetaData`` (Core) holds its column's index first and its objects
+    third; the hidden sort and partial columns past ``visible`` are left out."""
+    keys = list(shard_md._keys)[:visible]
+    objects: list[dict[int, Any]] = [{} for _ in keys]   # by id(): SQL objects overload ==
+    for rec in shard_md._keymap.values():
+        index = rec[0]
+        if isinstance(index, int) and 0 <= index < visible:
+            for o in rec[2] or ():
+                if not isinstance(o, (str, int)):   # (the names are the keys)
+                    objects[index][id(o)] = o
+    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects],
+                                _ambiguous_keys=getattr(shard_md, "_ambiguous_keys", None))
+
+
 def _inner_joined_collection(statement: Any) -> bool:
-    """Whether ``statement`` eager-loads a collection with ``joinedload(..., innerjoin=True)``."""
+    """Whether ``statement`` eager-loads a collection with ``joinedload(..., innerjoin=True)``,
+    or, by its mapping, with ``relationship(..., lazy="joined", innerjoin=True)`` (of an
+    entity it selects) that no loader option of the statement overrides."""
+    named: set[Any] = set()     # relationships a loader option says how to load
+    wildcard = False            # lazyload("*") and the like: the mapping's defaults are off
     for opt in getattr(statement, "_with_options", ()):
-        for el in getattr(opt, "context", ()):
+        context = getattr(opt, "context", None)
+        if context is None:
+            strategy = getattr(opt, "strategy", None)
+            wildcard = wildcard or (strategy is not None and ("lazy", "joined") not in strategy)
+            continue
+        for el in context:
             if (el.local_opts.get("innerjoin") and ("lazy", "joined") in (el.strategy or ())
                     and getattr(getattr(el.path[-2], "property", el.path[-2]), "uselist", False)):
+                return True
+            if getattr(el, "is_token_strategy", False) and len(el.path.path) <= 2:
+                # (Load(Model).lazyload("*"); not one under a relationship's path.)
+                wildcard = wildcard or ("lazy", "joined") not in (el.strategy or ())
+            named.update(p for p in el.path.path if isinstance(p, RelationshipProperty))
+    if wildcard:
+        return False
+    for desc in getattr(statement, "column_descriptions", ()):
+        insp = inspect(desc.get("expr"), raiseerr=False)
+        if not (getattr(insp, "is_mapper", False) or getattr(insp, "is_aliased_class", False)):
+            continue
+        for rel in insp.mapper.relationships:
+            if rel.lazy == "joined" and rel.innerjoin and rel.uselist and rel not in named:
                 return True
     return False
 
