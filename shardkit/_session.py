@@ -721,7 +721,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 return self._on_primary(shard)
         if role == REPLICA or settings.when_no_replica == "raise":
             raise ShardUnavailable(
-                f"shard {shard}: no replica can serve this read ({_why_not(cluster, shard, max_s, max_b, min_lsn, bool(floor))})"
+                f"shard {shard}: no replica can serve this read ({_why_not(cluster, shard, max_s, max_b, min_lsn, bool(floor), exclude)})"
                 + ("; reads were forced to replicas" if role == REPLICA else
                    "; [replicas] when_no_replica = 'raise'"),
                 shard=shard,
@@ -4076,8 +4076,8 @@ def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
     # Only a recent observation counts: an old one may predate a restart.
     if p.checked_at and not p.up and now - p.checked_at < 2 * cluster.replica_settings.poll_interval + 0.5:
         raise ShardUnavailable(
-            f"shard {shard}: primary {p.name} is down ({p.error}); writes to {shard} cannot run "
-            "until it is back (reads can still use its replicas)",
+            f"shard {shard}: primary {p.name} is down ({p.error}); writes to {shard}, and reads "
+            f"that need its primary, cannot run until it is back{_replica_reads(cluster, shard)}",
             shard=shard, node=p.name,
         )
     last = p.checked_at
@@ -4094,15 +4094,26 @@ def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
         raise ShardUnavailable(
             f"shard {shard}: primary {p.name} has not answered the health poll for "
             f"{time.monotonic() - last:.1f} s (hung, not refusing connections); writes to "
-            f"{shard} cannot run until it answers (reads can still use its replicas)",
+            f"{shard}, and reads that need its primary, cannot run until it answers"
+            f"{_replica_reads(cluster, shard)}",
             shard=shard, node=p.name,
         )
 
 
+def _replica_reads(cluster: Cluster, shard: str) -> str:
+    """The end of a refusal by a primary that is down: whether the shard's reads have
+    anywhere else to go (a shard without replicas has none: its reads are refused too)."""
+    if cluster.replica_count(shard):
+        return " (reads that its replicas may serve still use them)"
+    return f" ({shard} has no replicas: its reads cannot run either)"
+
+
 def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: int | None,
-             moved: bool = False) -> str:
+             moved: bool = False, exclude: frozenset[int] = frozenset()) -> str:
     """Why no replica of ``shard`` serves a read; ``moved``: ``min_lsn`` is the WAL position
-    after the latest move to the shard (Cluster.moved_lsn), not this session's."""
+    after the latest move to the shard (Cluster.moved_lsn), not this session's; ``exclude``:
+    replicas this read already failed on.  Each reason ReplicaSelector.eligible() has to
+    pass a replica over is named (never "no replicas" for a shard that has some)."""
     mon = cluster.selector.monitor
     parts = []
     now = time.monotonic()
@@ -4115,6 +4126,14 @@ def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: in
             parts.append(f"{r.name} is down ({r.error})")
         elif r.banned(now):
             parts.append(f"{r.name} is banned for {r.banned_until - now:.1f} s ({r.ban_reason})")
+        elif r.index in exclude:
+            parts.append(f"this read already failed on {r.name}")
+        elif r.in_recovery is False:
+            parts.append(f"{r.name} is not in recovery (promoted?): it is no replica")
+        elif now - r.checked_at > mon.stale_after:
+            # (As health() reports it: up no longer, a replica that stopped answering.)
+            parts.append(f"{r.name} has not answered the health poll for {now - r.checked_at:.1f} s "
+                         "(hung, not refusing connections)")
         elif r.not_following:
             parts.append(f"{r.name} replays past the primary's WAL position: it does not follow it")
         elif lag_b is None:
@@ -4441,6 +4460,13 @@ def _partial_commit(session: ShardedSession, start: int, error: BaseException) -
         if seq > start:
             attempted.append((seq, shard))
     attempted.sort()
+    for shard in lost:
+        if session.cluster.replica_count(shard):
+            # Its COMMIT may have reached the server before the connection went (README:
+            # check its rows before re-applying them): that check, and any session given
+            # this one's token, must not read a replica that lacks the commit.  The
+            # primary's position now covers it, if it happened (else reads use the primary).
+            _remember_position(session, shard, "a COMMIT whose connection was lost")
     if lost:
         # The shards that noted a COMMIT committed; the commit stopped at the lost one.
         done = attempted
