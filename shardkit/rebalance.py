@@ -139,9 +139,14 @@ def _time_left(deadline: float, lock_timeout: float) -> str:
     return f"SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {min(ms, max(1, int(lock_timeout * 1000)))}"
 
 
-def _check_time_left(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise _PauseOverrun()
+def _bound(deadline: float | None, lock_timeout: float, *conns: psycopg.Connection) -> None:
+    """Before a statement of the cut-over on ``conns``: bound it by what is left until
+    ``deadline`` now (statement_timeout and lock_timeout count per statement: set once,
+    each later statement would get the whole of what was left then); _PauseOverrun if
+    nothing is left.  Nothing without a deadline (the catch-up's statements)."""
+    if deadline is not None:
+        for conn in conns:
+            conn.execute(_time_left(deadline, lock_timeout))
 # Bulk steps (copy, verify, clean-up) read tables in slices of this many pages
 # (16 MB), so that a duty cycle below 1 can rest between them; resting movers
 # take slices an eighth of that size, so that each burst of work is short.
@@ -1582,8 +1587,8 @@ class Mover:
         upserted row by row instead (deleting a parent would cascade to, or be
         refused for, its children); such a swap then fails (``_UniqueViolation``).
 
-        With a ``deadline`` (the cut-over's), _PauseOverrun once it has passed, between
-        statements.
+        With a ``deadline`` (the cut-over's), each statement that may wait or take long runs
+        under what is left of it (:func:`_bound`); _PauseOverrun once it has passed.
         """
         q = ("DELETE FROM shardkit.changes WHERE id IN (SELECT id FROM shardkit.changes "
              "WHERE bucket = ANY(%s::integer[])" + (f" AND id <= {int(up_to)}" if up_to is not None else "") +
@@ -1592,6 +1597,8 @@ class Mover:
         owner = {name: t.name for t in tables for name in t.names}
         changed: dict[str, dict[str, Any]] = defaultdict(dict)
         n = 0
+        wait = min(self.lock_timeout or self.max_pause, self.max_pause)  # (the cut-over's lock waits)
+        _bound(deadline, wait, src)
         for tbl, pk in src.execute(q, (buckets,)):
             changed[owner.get(tbl, tbl)][json.dumps(pk, sort_keys=True)] = pk
             n += 1
@@ -1606,13 +1613,14 @@ class Mover:
             keys = list(changed.get(t.name, {}).values())
             if not keys:
                 continue
-            _check_time_left(deadline)
+            _bound(deadline, wait, src, tgt)
             _reread_columns(src, tgt, t)  # at the snapshot the changed rows are read at
             name = _ident(t.name)
             cols = sql.SQL(", ").join(map(sql.Identifier, t.columns))
             pkc = sql.SQL(", ").join(map(sql.Identifier, t.pk))
             stage = sql.Identifier(f"_shardkit_stage_{i}")  # by position: names may be long
             tgt.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(stage))
+            _bound(deadline, wait, tgt)  # (a lock on the table: a migration's, or one queued)
             # The columns the mover writes, with their types and no constraints: not (LIKE t),
             # which keeps the NOT NULL of a column the stage gets no value for (a generated
             # one, or one a migration added on the target only) and fails the COPY into it.
@@ -1624,6 +1632,7 @@ class Mover:
                 " = ANY({buckets}::integer[])) TO STDOUT (FORMAT binary)").format(
                 cols=cols, t=name, keys=keys_lit, buckets=sql.Literal(buckets))
             in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(stage, cols)
+            _bound(deadline, wait, src)  # (the target's COPY lasts as long as the source's)
             with src.cursor() as sc, tgt.cursor() as tc:
                 with sc.copy(out_sql) as out, tc.copy(in_sql) as inp:
                     for data in out:
@@ -1632,14 +1641,14 @@ class Mover:
         # Deletes first (children first): every changed row (a row kept only when it is
         # replaced in place), so that a row taking over another's unique value finds it free.
         for t, pkc, keys_lit, stage, whole in reversed(staged):
-            _check_time_left(deadline)
+            _bound(deadline, wait, tgt)
             tgt.execute(sql.SQL(
                 "DELETE FROM {t} WHERE {keys} "
                 "AND " + t.bucket_sql + " = ANY({buckets}::integer[])"
                 + ("" if whole else " AND ({pk}) NOT IN (SELECT {pk} FROM {s})")).format(
                 t=_ident(t.name), pk=pkc, keys=keys_lit, s=stage, buckets=sql.Literal(buckets)))
         for t, pkc, keys_lit, stage, whole in staged:  # parents first
-            _check_time_left(deadline)
+            _bound(deadline, wait, tgt)
             name = _ident(t.name)
             clash = tgt.execute(sql.SQL(
                 "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ("
@@ -1661,6 +1670,7 @@ class Mover:
                 conflict = sql.SQL("ON CONFLICT ({pk}) {c}").format(
                     pk=pkc, c=sql.SQL("DO UPDATE SET {}").format(updates) if t.columns != t.pk
                     else sql.SQL("DO NOTHING"))
+            _bound(deadline, wait, tgt)
             try:
                 tgt.execute(sql.SQL(
                     "INSERT INTO {t} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM {s} {c}").format(
@@ -1781,7 +1791,7 @@ class Mover:
                                 pass
                         except _UniqueViolation as e:
                             raise self._unique_error(e, target, tgt.info.user) from e.error
-                        _check_time_left(deadline)
+                        _bound(deadline, wait, tgt)
                         tgt.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
                                     "ON CONFLICT DO NOTHING", (buckets,))
                         tgt.execute("INSERT INTO shardkit.moving_buckets (bucket, move_id) "
@@ -1792,6 +1802,8 @@ class Mover:
                         # owning them until the next attempt), bar a lock wait past lock_timeout.
                         src.execute(f"SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = "
                                     f"{int(self.lock_timeout * 1000)}")
+                        # The target's COMMIT too (deferred constraint triggers run in it).
+                        _bound(deadline, wait, tgt)
                     src.execute("DELETE FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])",
                                 (buckets,))
                     src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
