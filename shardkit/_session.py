@@ -3547,7 +3547,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         if limited and _inner_joined_collection(statement):
             refusal = ("this cross-shard query loads a collection with joinedload(..., innerjoin=True) "
                        "(or relationship(..., lazy='joined', innerjoin=True)) and has LIMIT/OFFSET: "
-                       "the inner join drops parents without children after each shard's limit, and the merge cannot tell which page one database would return; "
+                       "the inner join drops parents without children after each shard's limit, and "
+                       "the merge cannot tell which page one database would return; "
                        "use selectinload, or filter the parents with .has()/.any()",
                        "inner joinedload with LIMIT")
         elif limited and _may_repeat_entities(statement):
@@ -3600,8 +3601,11 @@ def _visible_metadata(shard_md: Any, visible: int) -> SimpleResultMetaData:
             for o in rec[2] or ():
                 if not isinstance(o, (str, int)):   # (the names are the keys)
                     objects[index][id(o)] = o
+    # (Names two columns share: SQLAlchemy 2.1 refuses a lookup by one; 2.0 has no such
+    # argument.)
+    ambiguous = getattr(shard_md, "_ambiguous_keys", None)
     return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects],
-                                _ambiguous_keys=getattr(shard_md, "_ambiguous_keys", None))
+                                **({"_ambiguous_keys": ambiguous} if ambiguous else {}))
 
 
 def _inner_joined_collection(statement: Any) -> bool:

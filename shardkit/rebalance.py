@@ -74,6 +74,7 @@ from urllib.parse import quote, quote_plus
 import psycopg
 from psycopg import sql
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster
 from ._config import counted, conninfo, connect_timeout_args, with_bucket_map
@@ -1777,9 +1778,18 @@ class Mover:
                     # Recorded before the target takes ownership: if the mover dies
                     # between the target's commit and the source's, an abort that cannot
                     # reach the target knows it may own the buckets (see abort()).
-                    with self.catalog.engine.begin() as conn:
-                        self._fence(conn, move_id)
-                        Catalog.record(conn, move_id, None, _CUTTING_OVER, {"batch": batch})
+                    try:
+                        with self.catalog.engine.begin() as conn:
+                            # (The catalog's statements count too: a lock on the move's row,
+                            # held by another process, would keep the writes paused.)
+                            conn.exec_driver_sql(_time_left(deadline, wait))
+                            self._fence(conn, move_id)
+                            Catalog.record(conn, move_id, None, _CUTTING_OVER, {"batch": batch})
+                    except DBAPIError as e:
+                        if not isinstance(e.orig, (psycopg.errors.QueryCanceled,
+                                                   psycopg.errors.LockNotAvailable)):
+                            raise
+                        raise _PauseOverrun() from e
                     with tgt.transaction():
                         # The target's statements wait no longer than the source's while the
                         # writes are paused: a table lock there (a migration's ALTER TABLE
