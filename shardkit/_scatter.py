@@ -166,9 +166,26 @@ def _order_modifiers(clause: Any) -> tuple[Any, bool, bool | None]:
             return expr, descending, nulls_first
 
 
-def _unwrap_order(clause: Any) -> tuple[ColumnElement[Any], bool, bool | None]:
-    """(expression, descending, nulls_first or None for the default)."""
+def _by_name(expr: Any, stmt: Any) -> Any:
+    """``expr``, or for a label or column named by a string (``order_by("n")``,
+    ``group_by("n")``) the select list's label or the column it names, resolved as
+    SQLAlchemy renders it."""
+    if not isinstance(expr, elements._textual_label_reference):
+        return expr
+    if not isinstance(stmt, selectable.Select):
+        return expr
+    # The names SQLAlchemy's compiler resolves it by (the select list's labels and
+    # columns, then the FROM's columns): SelectState._label_resolve_dict's first table.
+    found = selectable.SelectState(stmt, None)._label_resolve_dict[0].get(expr.element)
+    return expr if found is None else found   # (None: SQLAlchemy refuses to render it)
+
+
+def _unwrap_order(clause: Any, stmt: Any = None) -> tuple[ColumnElement[Any], bool, bool | None]:
+    """(expression, descending, nulls_first or None for the default); ``stmt``: the SELECT
+    whose select list an ORDER BY names by string resolves in."""
     expr, descending, nulls_first = _order_modifiers(clause)
+    if stmt is not None:
+        expr = _by_name(expr, stmt)
     _refuse_sql_text(expr, "ORDER BY", "order")
     if isinstance(expr, Label):
         expr = expr.element
@@ -297,7 +314,7 @@ def text_comparison(stmt: Any) -> str | None:
                 return f"ORDER BY {names[pos]}"
         return None
     for clause in stmt._order_by_clauses:
-        expr = _unwrap_order(clause)[0]
+        expr = _unwrap_order(clause, stmt)[0]
         if _database_collated(expr):
             return f"ORDER BY {expr}"
     stack = [*stmt._raw_columns, *stmt._having_criteria, *stmt._order_by_clauses]
@@ -880,14 +897,14 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                 "shard key or compute it from the merged rows",
                 construct="window function",
             )
-    order = [_unwrap_order(c) for c in stmt._order_by_clauses]
+    order = [_unwrap_order(c, stmt) for c in stmt._order_by_clauses]
     # select(distinct(col)) renders SELECT DISTINCT col, like select(col).distinct().
     distinct = bool(stmt._distinct) or any(_is_distinct_column(c) for c in columns)
     # group_by(func.f(x)) is stored as a one-element ClauseList around the labelled function.
     group_by = [g.clauses[0] if type(g) is elements.ClauseList and len(g.clauses) == 1 else g
                 for g in stmt._group_by_clauses]
     # GROUP BY (a, b) groups by a and b.
-    group_by = [c for g in group_by
+    group_by = [_by_name(c, stmt) for g in group_by
                 for c in (g.clauses if isinstance(g, elements.Tuple) else (g,))]
     for c in columns:
         if _is_literal_sql(c) and str(c).strip().endswith("*"):

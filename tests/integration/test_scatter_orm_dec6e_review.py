@@ -30,6 +30,7 @@ from sqlalchemy import (
     Numeric,
     Text,
     create_engine,
+    desc,
     func,
     insert,
     inspect,
@@ -350,3 +351,34 @@ def test_mapping_inner_joined_collection_with_limit_is_never_a_different_page(en
 
 def test_mapping_inner_joined_collection_without_limit_merges(env):
     same(env, lambda s: _kids(s.scalars(select(IJPar).order_by(IJPar.id)).unique()), joined=True)
+
+
+# ---------------------------------------------------------------------------
+# ORDER BY / GROUP BY a label or column named by a string
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s: s.execute(select(Par.grp, func.count().label("n")).group_by(Par.grp)
+                        .order_by(desc("n"), Par.grp.nulls_first())).all(),
+    lambda s: s.execute(select(Par.grp.label("g"), func.sum(Par.qty).label("total"))
+                        .group_by("g").order_by("g")).all(),
+    lambda s: s.execute(select(Par.id, Par.name.label("nm")).order_by(
+        desc("nm").nulls_last(), "id").limit(7).offset(3)).all(),
+    # a column of the FROM, not in the select list, named by its name
+    lambda s: s.execute(select(Par.id).order_by("qty", "id").limit(9)).scalars().all(),
+    lambda s: s.query(Par.grp, func.max(Par.amt).label("top")).group_by(Par.grp)
+                .order_by(desc("top"), Par.grp).all(),
+], ids=["aggregate-label-desc", "group-and-order-by-label", "label-with-page", "from-column",
+        "query-api"])
+def test_order_and_group_by_a_name(env, fn):
+    """``order_by("n")`` / ``desc("n")`` / ``group_by("g")`` name a label of the select
+    list (or a column of the FROM), as SQLAlchemy renders them: a common idiom, refused
+    across shards as 'SQL text' before."""
+    same(env, fn)
+
+
+def test_a_name_that_names_nothing_is_still_refused_as_sqlalchemy_refuses_it(env):
+    with env.Session() as s, pytest.raises(Exception) as e:
+        s.execute(select(Par.id).order_by("no_such_label")).all()
+    assert "no_such_label" in str(e.value)

@@ -91,13 +91,21 @@ def test_explain_reads_a_wrapped_select_on_a_named_shard(cluster):
     assert route.shards == ("s0",) and not route.is_write
 
 
-@pytest.mark.parametrize("group", [text("country"), sa.literal_column("1"), "c"])
+@pytest.mark.parametrize("group", [text("country"), sa.literal_column("1"), "no_such_label"])
 def test_explain_refuses_group_by_text_as_execution(cluster, group):
     stmt = select(users.c.country.label("c"), func.count()).group_by(group)
     with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as s:
         with pytest.raises(shardkit.ScatterRefused) as ran:
             s.execute(stmt)
     assert cluster.explain(stmt).merge == f"refused: {ran.value}"
+
+
+def test_explain_merges_a_group_by_that_names_a_label(cluster):
+    """``group_by("c")`` names the select list's label c (README, cross-shard queries): the
+    same merge as grouping by the column itself."""
+    by_name = cluster.explain(select(users.c.country.label("c"), func.count()).group_by("c"))
+    by_column = cluster.explain(select(users.c.country.label("c"), func.count()).group_by(users.c.country))
+    assert by_name.merge == by_column.merge and by_name.merge.startswith("group-by merge"), by_name.merge
 
 
 def test_orm_bulk_update_of_a_reference_table_leaving_its_onupdate_is_refused_as_explained(cluster):

@@ -40,6 +40,7 @@ from sqlalchemy import (
     union,
     union_all,
 )
+from sqlalchemy import desc as sa_desc
 from sqlalchemy.sql import elements, functions
 from sqlalchemy.sql.elements import Label
 
@@ -661,7 +662,7 @@ REFUSED = [
     (select(t.c.id).order_by(t.c.id).fetch(2), "FETCH FIRST"),
     (select(t.c.id).order_by(t.c.id).limit(bindparam("n")), "non-literal LIMIT/OFFSET"),
     (select(t.c.b, func.count()).group_by(t.c.b).having(func.count().between(1, 3)), "HAVING expression"),
-    (select(t.c.a.label("x")).order_by("x"), "ORDER BY by label name"),
+    (select(t.c.a.label("x")).order_by("nothing_of_that_name"), "ORDER BY by label name"),
     (select(t.c.a, func.count()).group_by(t.c.b), "ungrouped column"),
     (select(func.count(t.c.a)).distinct(), "DISTINCT with aggregates"),
     (select(t.c.b).distinct().order_by(t.c.a), "DISTINCT with ORDER BY not in select list"),
@@ -691,6 +692,19 @@ def test_union_all_and_union_run_whole_on_each_shard_and_merge_as_one_select():
     assert plan.distinct and plan.kind == "concat"
     assert sorted(merge_rows(plan, [[(1, "a"), (2, None)], [(1, "a"), (2, None), (3, "c")]])) == [
         (1, "a"), (2, None), (3, "c")]
+
+
+def test_order_and_group_by_a_name_merge_by_what_it_names():
+    """``order_by("x")`` / ``desc("x")`` / ``group_by("x")`` name the select list's label (or a
+    column of the FROM), as SQLAlchemy renders them."""
+    shard_stmt, plan = plan_scatter(select(t.c.id, t.c.a.label("x")).order_by(sa_desc("x"), "id"))
+    assert [k.descending for k in plan.sort_keys] == [True, False]
+    # each shard's rows carry the sort keys the merge added: x, then id
+    assert [str(c) for c in list(shard_stmt.selected_columns)[2:]] == ["t.a", "t.id"]
+    streams = [[(1, 5, 5, 1), (2, 3, 3, 2)], [(3, 4, 4, 3)]]
+    assert list(merge_rows(plan, streams)) == [(1, 5), (3, 4), (2, 3)]
+    _, plan = plan_scatter(select(t.c.b.label("g"), func.count().label("n")).group_by("g"))
+    assert plan.group_positions, plan   # (merged by group: the integration tests compare the rows)
 
 
 def test_mergeable_neighbours_of_refused_constructs_are_planned():
