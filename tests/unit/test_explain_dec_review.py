@@ -91,7 +91,7 @@ def test_explain_reads_a_wrapped_select_on_a_named_shard(cluster):
     assert route.shards == ("s0",) and not route.is_write
 
 
-@pytest.mark.parametrize("group", [text("country"), sa.literal_column("1"), "no_such_label"])
+@pytest.mark.parametrize("group", [text("country"), sa.literal_column("1")])
 def test_explain_refuses_group_by_text_as_execution(cluster, group):
     stmt = select(users.c.country.label("c"), func.count()).group_by(group)
     with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)() as s:
