@@ -14,34 +14,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
 import pytest
-from test_move_fidelity_hostile import World, hash_group, make_world
-from test_moves_meet_ops_review import SCHEMA, assert_drained, before_cut_over, drain, fill
+from test_move_fidelity_hostile import World
+from test_moves_meet_ops_review import assert_drained, before_cut_over, drain, fill
+from test_moves_meet_ops_review import dev, world  # noqa: F401 - the same fixtures
 
 from shardkit import rebalance
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def dev(shardkit_module_cluster_factory):
-    return shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=8)
-
-
-@pytest.fixture
-def world(dev, tmp_path):
-    made: list[World] = []
-
-    def make(tables: dict[str, str] | None = None, schema: str = SCHEMA) -> World:
-        w = make_world(dev, tmp_path, schema, hash_group(tables or {"accounts": "tenant"}))
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.cluster.dispose()
 
 
 def _slow_once_on_the_target(w: World, delete_s: float, insert_s: float) -> None:
