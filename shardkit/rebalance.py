@@ -148,6 +148,8 @@ def _bound(deadline: float | None, lock_timeout: float, *conns: psycopg.Connecti
     if deadline is not None:
         for conn in conns:
             conn.execute(_time_left(deadline, lock_timeout))
+
+
 # Bulk steps (copy, verify, clean-up) read tables in slices of this many pages
 # (16 MB), so that a duty cycle below 1 can rest between them; resting movers
 # take slices an eighth of that size, so that each burst of work is short.
@@ -776,6 +778,12 @@ class Mover:
         self._batch: tuple[int, str, str] | None = None  # the batch being run: number, source, target
         # id(connection) -> whether it may set session_replication_role (see _may_replicate)
         self._replica: dict[int, bool] = {}
+
+    @property
+    def _lock_wait(self) -> float:
+        """How long the cut-over waits for a lock: lock_timeout (0: no bound of its own), at
+        most max_pause."""
+        return min(self.lock_timeout or self.max_pause, self.max_pause)
 
     # -- starting ----------------------------------------------------------------
 
@@ -1598,7 +1606,7 @@ class Mover:
         owner = {name: t.name for t in tables for name in t.names}
         changed: dict[str, dict[str, Any]] = defaultdict(dict)
         n = 0
-        wait = min(self.lock_timeout or self.max_pause, self.max_pause)  # (the cut-over's lock waits)
+        wait = self._lock_wait
         _bound(deadline, wait, src)
         for tbl, pk in src.execute(q, (buckets,)):
             changed[owner.get(tbl, tbl)][json.dumps(pk, sort_keys=True)] = pk
@@ -1750,7 +1758,7 @@ class Mover:
         source = self._batch[1] if self._batch else "the source"
         # Writers of the batch's buckets wait while the mover waits for the gate (they
         # queue behind it), and while it holds it: both count towards max_pause.
-        wait = min(self.lock_timeout or self.max_pause, self.max_pause)
+        wait = self._lock_wait
         longest = 0.0  # writes paused by attempts that gave up
         gave_up = 0  # attempts that gave up with the writes paused
         while True:
