@@ -49,7 +49,8 @@ from sqlalchemy.sql import elements, functions, operators, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
-from ._colocation import Resolver, _froms, _instances, _plain, _table_of, colocation_problem
+from ._colocation import Resolver, _froms, _instances, _plain, _table_of, _without_loader_options
+from ._colocation import colocation_problem
 from ._colocation import compound_selects as compound_parts
 from ._colocation import distinct_on
 from ._colocation import ungrouped
@@ -166,18 +167,36 @@ def _order_modifiers(clause: Any) -> tuple[Any, bool, bool | None]:
             return expr, descending, nulls_first
 
 
-def _by_name(expr: Any, stmt: Any) -> Any:
+def _by_name(expr: Any, stmt: Any, group_by: bool = False) -> Any:
     """``expr``, or for a label or column named by a string (``order_by("n")``,
     ``group_by("n")``) the select list's label or the column it names, resolved as
-    SQLAlchemy renders it."""
+    SQLAlchemy renders it and PostgreSQL reads it."""
     if not isinstance(expr, elements._textual_label_reference):
         return expr
     if not isinstance(stmt, selectable.Select):
         return expr
     # The names SQLAlchemy's compiler resolves it by (the select list's labels and
-    # columns, then the FROM's columns): SelectState._label_resolve_dict's first table.
-    found = selectable.SelectState(stmt, None)._label_resolve_dict[0].get(expr.element)
+    # columns, then the FROM's columns): the compile state's _label_resolve_dict.
+    with_cols, only_froms, _ = _label_resolve_dict(stmt)
+    found = with_cols.get(expr.element)
+    if group_by and isinstance(found, Label) and expr.element in only_froms:
+        # A label is rendered by its name, and in GROUP BY PostgreSQL reads a name that is
+        # also a column of the FROM as that column (in ORDER BY, as the label).
+        found = only_froms[expr.element]
     return expr if found is None else found   # (None: SQLAlchemy refuses to render it)
+
+
+def _label_resolve_dict(stmt: selectable.Select[Any]) -> Any:
+    """SQLAlchemy's (select-list-then-FROM names, FROM names, select-list names) for
+    ``stmt``, from the compile state its compiler uses: for an ORM statement the ORM's
+    (which joins relationships; Core's SelectState cannot), its eager loads left out
+    (a LIMIT'ed statement would be wrapped in a derived table whose columns it names)."""
+    if stmt._propagate_attrs.get("compile_state_plugin") == "orm":
+        from sqlalchemy.orm import lazyload
+
+        stmt = _without_loader_options(stmt).options(lazyload("*"))
+        return stmt._compile_state_factory(stmt, stmt._default_compiler())._label_resolve_dict
+    return selectable.SelectState(stmt, None)._label_resolve_dict
 
 
 def _unwrap_order(clause: Any, stmt: Any = None) -> tuple[ColumnElement[Any], bool, bool | None]:
@@ -904,7 +923,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
     group_by = [g.clauses[0] if type(g) is elements.ClauseList and len(g.clauses) == 1 else g
                 for g in stmt._group_by_clauses]
     # GROUP BY (a, b) groups by a and b.
-    group_by = [_by_name(c, stmt) for g in group_by
+    group_by = [_by_name(c, stmt, group_by=True) for g in group_by
                 for c in (g.clauses if isinstance(g, elements.Tuple) else (g,))]
     for c in columns:
         if _is_literal_sql(c) and str(c).strip().endswith("*"):

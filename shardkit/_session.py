@@ -3595,17 +3595,36 @@ def _visible_metadata(shard_md: Any, visible: int) -> SimpleResultMetaData:
     third; the hidden sort and partial columns past ``visible`` are left out."""
     keys = list(shard_md._keys)[:visible]
     objects: list[dict[int, Any]] = [{} for _ in keys]   # by id(): SQL objects overload ==
-    for rec in shard_md._keymap.values():
+    # A name two columns share (select(users.c.id, orders.c.id)): a Core result's record of
+    # it has no index, and a lookup by it raises 'Ambiguous column name'; so must the merged
+    # result's, not find one of them.
+    ambiguous = set(getattr(shard_md, "_ambiguous_keys", None) or ())
+    for key, rec in shard_md._keymap.items():
         index = rec[0]
+        if index is None and isinstance(key, str):
+            ambiguous.add(key)
         if isinstance(index, int) and 0 <= index < visible:
             for o in rec[2] or ():
                 if not isinstance(o, (str, int)):   # (the names are the keys)
                     objects[index][id(o)] = o
-    # (Names two columns share: SQLAlchemy 2.1 refuses a lookup by one; 2.0 has no such
-    # argument.)
-    ambiguous = getattr(shard_md, "_ambiguous_keys", None)
-    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects],
-                                **({"_ambiguous_keys": ambiguous} if ambiguous else {}))
+    if ambiguous:
+        return _MergedMetaData(keys, extra=[tuple(o.values()) for o in objects],
+                               _ambiguous_keys=frozenset(ambiguous))
+    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects])
+
+
+class _MergedMetaData(SimpleResultMetaData):
+    """A merged result's metadata with names two columns share: ``scalars(name)`` and
+    ``columns(name)`` raise 'Ambiguous column name' as a Core result does, where
+    ``SimpleResultMetaData._reduce`` fails with a TypeError."""
+
+    __slots__ = ()
+
+    def _reduce(self, keys: Any) -> Any:
+        for key in keys:
+            if isinstance(key, str) and key in self._keymap and self._keymap[key][0] is None:
+                self._raise_for_ambiguous_column_name(self._keymap[key])
+        return super()._reduce(keys)
 
 
 def _inner_joined_collection(statement: Any) -> bool:
