@@ -156,6 +156,9 @@ class NodeHealth:
     ban_reason: str | None = None
     lag_bytes: int | None = None
     lag_seconds: float | None = None
+    # Replica: the WAL position it has received (streamed) from its primary; the lag's
+    # reference while the primary has never answered this monitor (down when it started).
+    receive_lsn: int | None = None
     _seen: bool = field(default=False, repr=False)
     _server_start: Any = field(default=None, repr=False)   # pg_postmaster_start_time()
     # (monotonic time, wal_lsn), set in one assignment: a primary's, when the poll that read
@@ -292,7 +295,8 @@ class HealthMonitor:
 
     #: What a poll selects: (in recovery, WAL position, seconds since the last replayed
     #: transaction (a replica) or whether transactions are read-only (a primary: e.g.
-    #: default_transaction_read_only), server start time).
+    #: default_transaction_read_only), server start time); a replica's also the WAL
+    #: position it has received.
     primary_poll_sql: str = (
         "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL "
         "ELSE pg_current_wal_lsn()::text END, current_setting('transaction_read_only') = 'on', "
@@ -300,7 +304,7 @@ class HealthMonitor:
     replica_poll_sql: str = (
         "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, "
         "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8, "
-        "pg_postmaster_start_time()")
+        "pg_postmaster_start_time(), pg_last_wal_receive_lsn()::text")
 
     def __init__(self, cluster: Cluster, settings: ReplicaSettings) -> None:
         self.cluster = cluster
@@ -432,13 +436,14 @@ class HealthMonitor:
         try:
             if conn is None or conn.closed:
                 conn = psycopg.connect(**self._conninfo(node))
-            in_recovery, lsn, third, server_start = self._poll(conn, node)
+            in_recovery, lsn, third, server_start, *received = self._poll(conn, node)
             rtt = (time.monotonic() - started) * 1000
             primary = node.role == "primary"
             self._record(node, up=True, in_recovery=in_recovery,
                          lsn=parse_lsn(lsn) if lsn else None, age=None if primary else third,
                          rtt=rtt, server_start=server_start, asked_at=started,
-                         read_only=bool(third) if primary else None)
+                         read_only=bool(third) if primary else None,
+                         received=parse_lsn(received[0]) if received and received[0] else None)
             return conn
         except Exception as e:  # noqa: BLE001 - any failure means "down" for routing
             _close_quietly(conn)
@@ -448,7 +453,7 @@ class HealthMonitor:
     def _record(self, node: NodeHealth, *, up: bool, in_recovery: bool | None = None,
                 lsn: int | None = None, age: float | None = None, rtt: float | None = None,
                 error: str | None = None, server_start: Any = None, asked_at: float = 0.0,
-                read_only: bool | None = None) -> None:
+                read_only: bool | None = None, received: int | None = None) -> None:
         state = self.shards[node.shard]
         was_up = node.up
         first = not node._seen
@@ -474,6 +479,7 @@ class HealthMonitor:
                 else:
                     node._lsn_sample = (node.checked_at, lsn)
             node.replay_timestamp_age = age
+            node.receive_lsn = received
             node.latency_ms = rtt if node.latency_ms is None else 0.8 * node.latency_ms + 0.2 * (rtt or 0)
         # Each change once; a node down at the first poll (down when the process started)
         # too: it gets no reads (a primary: no writes) from the start.
@@ -493,10 +499,14 @@ class HealthMonitor:
         p_sample = state.primary._lsn_sample
         # The primary not polled yet (the monitor just started: a new process or forked
         # worker, a cluster used again after dispose()): a replica's lag is unknown, not
-        # zero, until the primary's first poll answers (or fails: a primary down).
+        # zero, until the primary's first poll answers.  A primary that never answered (down
+        # when the monitor started): a replica is behind by at least what it received from
+        # it and has not replayed yet; without that (it received nothing since it started)
+        # its lag is unknown.  (Not zero: a replica an hour behind would get reads.)
         unknown = primary_lsn is None and not state.primary.checked_at
         for r in state.replicas:
-            if r.wal_lsn is None or unknown:
+            reference = primary_lsn if primary_lsn is not None else r.receive_lsn
+            if r.wal_lsn is None or unknown or reference is None:
                 r.lag_bytes = r.lag_seconds = None
                 continue
             r_sample = r._lsn_sample
@@ -516,7 +526,7 @@ class HealthMonitor:
             if r._ahead_at is not None:
                 r.lag_bytes = r.lag_seconds = None  # unknown: not behind this primary at all
                 continue
-            gap = 0 if primary_lsn is None else primary_lsn - r.wal_lsn
+            gap = reference - r.wal_lsn
             r.lag_bytes = lag_bytes = max(0, gap)
             if not r.up:
                 # Its last replay age is frozen at the moment it went down; how far
