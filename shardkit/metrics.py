@@ -15,6 +15,7 @@ Per node (labels ``shard``, ``node``, ``role``):
 ``shardkit_node_up``                   gauge      1 if the health monitor reached the node
 ``shardkit_replica_lag_bytes``         gauge      replica WAL gap (replicas only)
 ``shardkit_replica_lag_seconds``       gauge      replica time lag (replicas only)
+``shardkit_replica_banned_seconds``    gauge      what is left of a replica's ban (0: none)
 ``shardkit_pool_checked_out``          gauge      connections in use from the node's pool
 ``shardkit_pool_size``                 gauge      the node's pool size
 ``shardkit_pool_timeouts_total``       counter    checkouts that waited past the pool timeout
