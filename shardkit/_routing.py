@@ -141,6 +141,10 @@ class _Plan:
     # are kept here (shard -> Route) and a repeated read costs one hash.
     single_key: tuple[str, int, Any] | None = None
     routes: dict[str, Route] = field(default_factory=dict)
+    # The indexes (as for binds) of the bound values the route is decided by: an
+    # execution's parameters may give an anonymous one (``key == 5``) by the name
+    # SQLAlchemy compiles it to, ``id_1`` (see _refuse_overridden_key).
+    route_binds: tuple[int, ...] = ()
 
 
 def derived_select(item: Any) -> Any:
@@ -494,6 +498,8 @@ class Router:
             # statement's bind parameters; the call's own parameters win over them.
             params = with_statement_params(statement, params)
         plan, binds = self._plan_for(statement)
+        if params and plan.route_binds:
+            _refuse_overridden_key(plan, binds, params, statement)
         if plan.dml_cte:
             raise CrossShardWriteError(
                 f"statement has a data-modifying WITH ({plan.dml_cte}): shardkit routes a "
@@ -990,11 +996,17 @@ class Router:
                                     if isinstance(e, BindParameter)))
             return uses[0]
 
+        route_binds: list[int] = []
+
         def bind_ref(b: BindParameter[Any]) -> int | None:
             if ck_binds is not None:
-                return index.get(id(b))
-            binds.append(b)
-            return len(binds) - 1
+                i = index.get(id(b))
+            else:
+                binds.append(b)
+                i = len(binds) - 1
+            if i is not None:
+                route_binds.append(i)
+            return i
 
         def key_of(col: Any) -> tuple[str, int, Any] | None:
             if not isinstance(col, ColumnElement):
@@ -1135,7 +1147,8 @@ class Router:
                 single = (node[1], node[3], node[4])
         return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation,
                      one_shard_only=one_shard_only, dml_cte=dml_cte,
-                     single_key=single, bare_text=bool(bare_text))
+                     single_key=single, bare_text=bool(bare_text),
+                     route_binds=tuple(route_binds))
 
     def entities_problem(self, statement: Any) -> str | None:
         """Why the entities an ORM SELECT loads in its own rows cannot be loaded shard by
@@ -1513,6 +1526,37 @@ class Router:
 
 
 _EMPTY: Mapping[str, Any] = {}
+
+# An anonymous bound value's key (``%(4349 id)s``): SQLAlchemy compiles it as ``id_1``.
+_ANON_KEY = re.compile(r"%\(\d+ (.+)\)s")
+_COMPILED_NAME = re.compile(r"(.+)_\d+")
+
+
+def _refuse_overridden_key(plan: _Plan, binds: Sequence[BindParameter[Any]], params: Any,
+                           statement: Any) -> None:
+    """Refuse parameters that give a value the route was decided by (an anonymous one, as
+    ``key == 5`` makes) by the name SQLAlchemy compiles it to (``{"id_1": 7}``): SQLAlchemy
+    runs the statement with that value, while the route followed the statement's own.
+    (The names differ between statements of one shape: ``key == k`` in a lambda_stmt is
+    named after ``k``.)"""
+    sets = params if isinstance(params, (list, tuple)) else (params,)
+    for p in sets:
+        if not isinstance(p, Mapping):
+            return
+        for k in p:
+            m = _COMPILED_NAME.fullmatch(k) if isinstance(k, str) and k[-1:].isdigit() else None
+            if m is None:
+                continue
+            stems = {a.group(1) for i in plan.route_binds
+                     if (a := _ANON_KEY.fullmatch(binds[i].key)) is not None}
+            if m.group(1) in stems and k not in {
+                    e.key for e in visitors.iterate(statement) if isinstance(e, BindParameter)}:
+                raise RoutingError(
+                    f"parameter {k!r} names a value of the statement by the name SQLAlchemy "
+                    "compiles it to, which overrides the value it was built with; shardkit "
+                    "routes by the shard key's values it can read, which would not be the one "
+                    f"that runs. Give the key with bindparam({k!r}) (or build the statement "
+                    "with the value)", statement=statement)
 
 
 def _counts_a_subquery(statement: Any) -> bool:

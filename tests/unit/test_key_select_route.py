@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, column, func, select, table
 from sqlalchemy.orm import aliased, selectinload
 
 import shardkit._routing as routing
+from shardkit.errors import RoutingError
 from models import Country, Customer, Device, Event, Order, User, offline_cluster
 from shardkit import ScatterRefused, ShardKeyError
 
@@ -258,7 +259,11 @@ def test_a_statement_with_parameters_of_its_own_is_not_found_by_its_objects():
     with no_shape_analysis():
         assert c.router.route(select(User).where(User.id == 5)).shards == (c.shard_for(User, 5),)
     stmt = select(User).where(User.id == 5).params(id_1=6)
-    assert c.router.route(stmt) == general(make_cluster().router, stmt)
+    # (SQLAlchemy 2.1 runs it with id = 6, the compiled name's value: refused by both
+    # paths, not routed by the 5 it was built with.)
+    for router in (c.router, make_cluster().router):
+        with pytest.raises(RoutingError, match="id_1"):
+            router.route(stmt)
 
 
 def test_entity_entries_go_with_the_router_and_its_entries():
