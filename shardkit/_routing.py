@@ -1529,7 +1529,7 @@ _EMPTY: Mapping[str, Any] = {}
 
 # An anonymous bound value's key (``%(4349 id)s``): SQLAlchemy compiles it as ``id_1``.
 _ANON_KEY = re.compile(r"%\(\d+ (.+)\)s")
-_COMPILED_NAME = re.compile(r"(.+)_\d+")
+_COMPILED_NAME = re.compile(r"(.+)_(\d+)")
 
 
 def _refuse_overridden_key(plan: _Plan, binds: Sequence[BindParameter[Any]], params: Any,
@@ -1549,8 +1549,14 @@ def _refuse_overridden_key(plan: _Plan, binds: Sequence[BindParameter[Any]], par
                 continue
             stems = {a.group(1) for i in plan.route_binds
                      if (a := _ANON_KEY.fullmatch(binds[i].key)) is not None}
-            if m.group(1) in stems and k not in {
-                    e.key for e in visitors.iterate(statement) if isinstance(e, BindParameter)}:
+            if m.group(1) not in stems:
+                continue
+            # SQLAlchemy names the statement's anonymous values of one stem <stem>_1 ..
+            # <stem>_n, and ignores a parameter no value of the statement has (a column
+            # named id_2 set by an UPDATE's parameters, say).
+            keys = [e.key for e in visitors.iterate(statement) if isinstance(e, BindParameter)]
+            anonymous = [a.group(1) for key in keys if (a := _ANON_KEY.fullmatch(key)) is not None]
+            if k not in keys and int(m.group(2)) <= anonymous.count(m.group(1)):
                 raise RoutingError(
                     f"parameter {k!r} names a value of the statement by the name SQLAlchemy "
                     "compiles it to, which overrides the value it was built with; shardkit "

@@ -516,3 +516,14 @@ def test_a_key_given_by_its_compiled_parameter_name(env):
         else:
             assert n == 1
         s.rollback()
+
+
+def test_a_parameter_that_names_no_value_of_the_statement_is_not_refused(env):
+    """``{"id_2": ...}`` for a statement with one anonymous ``id`` value (compiled ``id_1``)
+    overrides nothing (SQLAlchemy ignores it): it routes by the statement's own value, as
+    one database answers."""
+    stmt = select(H.id, H.name).where(H.id == 5)
+    with Session(env.oracle) as s:
+        want = s.execute(stmt, {"id_2": 6}).all()
+    with env.Session() as s:
+        assert s.execute(stmt, {"id_2": 6}).all() == want
