@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import create_engine, event, make_url, text
+from sqlalchemy.engine import Engine
 
 import shardkit
 
@@ -186,3 +187,17 @@ class ShardEnv:
             with self.cluster.primary(s).begin() as c:
                 c.execute(text("SET LOCAL lock_timeout = '10s'"))
                 c.execute(text(f"TRUNCATE {', '.join(tables)}"))
+
+
+def one_database(dev: Any, name: str, metadata: Any) -> Engine:
+    """A fresh database ``name`` on ``dev``'s first server holding ``metadata``'s tables: the
+    one unsharded database a test compares the cluster's answers with."""
+    url = make_url(dev.shards[0].primary.url)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        c.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    engine = create_engine(url.set(database=name))
+    metadata.create_all(engine)
+    return engine

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from own_tables import statements_per_shard, truncate_everywhere
+from own_tables import one_database, statements_per_shard, truncate_everywhere
 from sqlalchemy import (
     BigInteger,
     Date,
@@ -31,17 +31,15 @@ from sqlalchemy import (
     Uuid,
     and_,
     bindparam,
-    create_engine,
     delete,
     insert,
     literal_column,
     or_,
     select,
-    text,
     tuple_,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
 
 import shardkit
@@ -165,14 +163,7 @@ def env(shardkit_module_cluster_factory) -> Iterator[Env]:
     for s in cluster.shard_names:
         Base.metadata.drop_all(cluster.primary(s))
         Base.metadata.create_all(cluster.primary(s))
-    admin_url = make_url(dev.shards[0].primary.url)
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text("DROP DATABASE IF EXISTS kr6f_oracle"))
-        c.execute(text("CREATE DATABASE kr6f_oracle"))
-    admin.dispose()
-    oracle = create_engine(admin_url.set(database="kr6f_oracle"))
-    Base.metadata.create_all(oracle)
+    oracle = one_database(dev, "kr6f_oracle", Base.metadata)
     e = Env(cluster, oracle, config)
     truncate_everywhere(cluster, *(t.name for t in Base.metadata.sorted_tables))
     with oracle.begin() as c:

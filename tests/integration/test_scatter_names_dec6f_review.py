@@ -19,21 +19,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from own_tables import truncate_everywhere
+from own_tables import one_database, truncate_everywhere
 from sqlalchemy import (
     BigInteger,
     ForeignKey,
     Integer,
     Text,
-    create_engine,
     desc,
     func,
     insert,
     select,
-    text,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, Row, make_url
+from sqlalchemy.engine import Engine, Row
 from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, relationship, sessionmaker
 
 import shardkit
@@ -80,14 +78,7 @@ def env(shardkit_module_cluster_factory) -> Iterator[Env]:
     cluster = shardkit.Cluster.from_config({**dev.config_dict(), **GROUPS}, metadata=Base.metadata)
     for s in cluster.shard_names:
         Base.metadata.create_all(cluster.primary(s))
-    admin_url = make_url(dev.shards[0].primary.url)
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text("DROP DATABASE IF EXISTS so6f_oracle"))
-        c.execute(text("CREATE DATABASE so6f_oracle"))
-    admin.dispose()
-    oracle = create_engine(admin_url.set(database="so6f_oracle"))
-    Base.metadata.create_all(oracle)
+    oracle = one_database(dev, "so6f_oracle", Base.metadata)
     e = Env(cluster, oracle)
     # Names differing only in case ('A', 'a'), spread over the shards.
     words = ["A", "a", "b", "B", None, "a", "c", "A", "b", "C", "a", "b"]

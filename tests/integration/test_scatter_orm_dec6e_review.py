@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from own_tables import truncate_everywhere
+from own_tables import one_database, truncate_everywhere
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -29,7 +29,6 @@ from sqlalchemy import (
     Integer,
     Numeric,
     Text,
-    create_engine,
     desc,
     func,
     insert,
@@ -39,7 +38,7 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, Row, make_url
+from sqlalchemy.engine import Engine, Row
 from sqlalchemy.orm import (
     DeclarativeBase,
     Session,
@@ -130,14 +129,7 @@ def env(shardkit_module_cluster_factory) -> Iterator[Env]:
     jcluster = shardkit.Cluster.from_config({**dev.config_dict(), **GROUPS}, metadata=JBase.metadata)
     for s in cluster.shard_names:
         Base.metadata.create_all(cluster.primary(s))
-    admin_url = make_url(dev.shards[0].primary.url)
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text("DROP DATABASE IF EXISTS so6e_oracle"))
-        c.execute(text("CREATE DATABASE so6e_oracle"))
-    admin.dispose()
-    oracle = create_engine(admin_url.set(database="so6e_oracle"))
-    Base.metadata.create_all(oracle)
+    oracle = one_database(dev, "so6e_oracle", Base.metadata)
     e = Env(cluster, jcluster, oracle)
     _load(e)
     yield e
