@@ -2219,8 +2219,10 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
     """
     if statement._returning:
         raise RoutingError(
-            "ORM bulk INSERT ... RETURNING is not supported by ShardedSession; add the "
-            "objects with session.add_all() or insert without returning()",
+            "ORM bulk INSERT ... RETURNING (rows given as parameters, a list or one dict, "
+            "which SQLAlchemy runs as a bulk INSERT) is not supported by ShardedSession; add "
+            "the objects with session.add_all(), give one row's values in the statement "
+            "(insert(Model).values(...).returning(...)), or insert without returning()",
             statement=statement,
         )
     mapper = statement._propagate_attrs["plugin_subject"].mapper
@@ -3028,7 +3030,16 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
     reference = len(route.shards) > 1 and _writes_reference_table(session.cluster, statement)
     _refuse_values_made_per_shard(session, statement, params, route.shards, reference)
     results = []
-    for shard in route.shards:
+    steps: list[tuple[str, Any]] = [(shard, None if route.split is None else route.split.get(shard))
+                                    for shard in route.shards]
+    in_runs = not reference and _returns_in_order_despite_skips(statement, params, route)
+    if in_runs:
+        # An upsert may skip rows (ON CONFLICT DO NOTHING, DO UPDATE ... WHERE), so a
+        # shard's RETURNING rows cannot be matched to its parameter sets by position:
+        # each run of consecutive sets owned by one shard is its own statement there,
+        # and the runs' rows, each in its sets' order, follow one another as the sets do.
+        steps = _runs_by_shard(params, route)
+    for shard, part in steps:
         # Read once: the rows left out and the check that they still are copies must
         # agree (the catalog's state may change in between).
         foreign = route.router.foreign_buckets.get(shard, frozenset())
@@ -3036,7 +3047,6 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             _without_foreign_rows(session.cluster, shard, statement, route, foreign)
         p = params
         if route.split is not None:
-            part = route.split.get(shard)
             if isinstance(statement, Insert) and isinstance(part, list):
                 p = part
             elif part:
@@ -3087,10 +3097,36 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         # over shards, or -1 (unknown, as an executemany INSERT's is) if a shard's is.
         first.rowcount = -1 if any(c < 0 for c in counts) else sum(counts)  # type: ignore[misc]
         return first
-    if (isinstance(statement, Insert) and statement._sort_by_parameter_order
+    if (not in_runs and isinstance(statement, Insert) and statement._sort_by_parameter_order
             and isinstance(params, list) and route.split is not None and len(results) > 1):
         return _in_parameter_order(results, [route.split[sh] for sh in route.shards], params)
     return results[0].merge(*results[1:])
+
+
+def _returns_in_order_despite_skips(statement: Any, params: Any, route: Route) -> bool:
+    """Whether an executemany INSERT split by shard must return its RETURNING rows in the
+    order of its parameter sets (``sort_by_parameter_order=True``) while a set may insert
+    no row (an ``ON CONFLICT`` clause)."""
+    return (isinstance(statement, Insert) and statement._sort_by_parameter_order
+            and getattr(statement, "_post_values_clause", None) is not None
+            and isinstance(params, list) and route.split is not None and len(route.shards) > 1)
+
+
+def _runs_by_shard(params: list[Any], route: Route) -> list[tuple[str, list[Any]]]:
+    """``params`` (an executemany split by ``route``) cut into runs of consecutive
+    parameter sets of one shard, in their order: (shard, sets)."""
+    owner: dict[int, list[str]] = {}
+    for shard in route.shards:
+        for p in route.split[shard]:  # type: ignore[index]
+            owner.setdefault(id(p), []).append(shard)
+    runs: list[tuple[str, list[Any]]] = []
+    for p in params:
+        shard = owner[id(p)].pop(0)
+        if runs and runs[-1][0] == shard:
+            runs[-1][1].append(p)
+        else:
+            runs.append((shard, [p]))
+    return runs
 
 
 def _in_parameter_order(results: list[Any], parts: list[list[Any]], params: list[Any]) -> Result[Any]:
