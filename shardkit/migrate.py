@@ -41,7 +41,7 @@ from sqlalchemy import inspect, pool, text
 from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster, _translate_errors
-from ._config import counted, mask_url, split_secret_query
+from ._config import connect_timeout_args, counted, mask_url, split_secret_query
 from ._guard import (
     CONFIGURED_TABLES,
     configured_tables,
@@ -433,13 +433,17 @@ def _op_set(container: Any) -> list[str]:
 
 def _engine(cluster: Cluster, shard: str) -> Any:
     """A throwaway engine on ``shard``'s primary (migrations must not hold pooled
-    connections), whose connection failures are the cluster's ShardUnavailable."""
+    connections), whose connection failures are the cluster's ShardUnavailable.  A
+    connection attempt gives up as the cluster's own do (after 3 s, or the URL's
+    ``connect_timeout``): a primary that accepts connections and never answers must not
+    hang ``current``, ``check`` and every shard's Alembic."""
     from sqlalchemy import create_engine, event
 
     url = cluster.node_url(shard)
     # A secret in the query string would show in the engine's repr.
     bare, secrets = split_secret_query(url)
-    engine = create_engine(bare, poolclass=pool.NullPool, connect_args=secrets)
+    engine = create_engine(bare, poolclass=pool.NullPool,
+                           connect_args={**connect_timeout_args(url), **secrets})
     event.listen(engine, "handle_error", _translate_errors(cluster, shard, f"{shard}/primary", url),
                  retval=True)
     return engine
@@ -754,17 +758,24 @@ _RELATIVE_TO_CURRENT = re.compile(r"^(?:[^@]+@)?[+-]\d+$")
 
 def _error_line(output: str) -> str | None:
     """The line of Alembic's output that names the error: the exception that ended a
-    traceback (the last one: the one raised from the others), or Alembic's own
-    ``FAILED: ...`` (on stdout, before any warning on stderr); else the last line."""
+    traceback (the last one: the one raised from the others), with PostgreSQL's
+    ``DETAIL:`` and ``HINT:`` lines that follow it (the duplicated key of a unique index,
+    the row a constraint refused: what to fix), or Alembic's own ``FAILED: ...`` (on
+    stdout, before any warning on stderr); else the last line."""
     found = None
-    in_traceback = False
+    in_traceback = after_exception = False
     for line in output.splitlines():
         if line.startswith("Traceback (most recent call last):"):
-            in_traceback = True
+            in_traceback, after_exception = True, False
         elif in_traceback and line.strip() and not line[0].isspace():
             found, in_traceback = line.strip(), False   # its frames are indented, not it
+            after_exception = True
+        elif after_exception and line.startswith(("DETAIL:  ", "HINT:  ")):
+            found = f"{found} {line.strip()}"
         elif line.startswith("FAILED: "):
-            found = line.strip()
+            found, after_exception = line.strip(), False
+        else:
+            after_exception = False
     if found is None:
         lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
         found = lines[-1] if lines else None
