@@ -14,31 +14,12 @@ import sys
 import time
 
 import pytest
-from test_migrate_hostile import World
+from test_migrate_hostile import dev, world  # noqa: F401 - the same fixtures
 
 from shardkit import migrate
 from shardkit.devcluster import to_toml
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def dev(shardkit_module_cluster_factory):
-    return shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=64)
-
-
-@pytest.fixture
-def world(dev, tmp_path):
-    made = []
-
-    def make(**kw) -> World:
-        w = World(dev, tmp_path / f"w{len(made)}", **kw)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.close()
 
 
 USERS = ("op.create_table('users', sa.Column('id', sa.BigInteger, primary_key=True), "
