@@ -141,10 +141,10 @@ class _Plan:
     # are kept here (shard -> Route) and a repeated read costs one hash.
     single_key: tuple[str, int, Any] | None = None
     routes: dict[str, Route] = field(default_factory=dict)
-    # The indexes (as for binds) of the bound values the route is decided by: an
-    # execution's parameters may give an anonymous one (``key == 5``) by the name
-    # SQLAlchemy compiles it to, ``id_1`` (see _refuse_overridden_key).
-    route_binds: tuple[int, ...] = ()
+    # The indexes (as for binds) of the anonymous bound values (``key == 5``) the route is
+    # decided by: an execution's parameters may give one by the name SQLAlchemy compiles
+    # it to, ``id_1`` (see _refuse_overridden_key).  (Anonymous or not is the shape's.)
+    anonymous_binds: tuple[int, ...] = ()
 
 
 def derived_select(item: Any) -> Any:
@@ -498,7 +498,7 @@ class Router:
             # statement's bind parameters; the call's own parameters win over them.
             params = with_statement_params(statement, params)
         plan, binds = self._plan_for(statement)
-        if params and plan.route_binds:
+        if params and plan.anonymous_binds:
             _refuse_overridden_key(plan, binds, params, statement)
         if plan.dml_cte:
             raise CrossShardWriteError(
@@ -996,7 +996,7 @@ class Router:
                                     if isinstance(e, BindParameter)))
             return uses[0]
 
-        route_binds: list[int] = []
+        anonymous_binds: list[int] = []
 
         def bind_ref(b: BindParameter[Any]) -> int | None:
             if ck_binds is not None:
@@ -1004,8 +1004,8 @@ class Router:
             else:
                 binds.append(b)
                 i = len(binds) - 1
-            if i is not None:
-                route_binds.append(i)
+            if i is not None and _ANON_KEY.fullmatch(b.key):
+                anonymous_binds.append(i)
             return i
 
         def key_of(col: Any) -> tuple[str, int, Any] | None:
@@ -1148,7 +1148,7 @@ class Router:
         return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation,
                      one_shard_only=one_shard_only, dml_cte=dml_cte,
                      single_key=single, bare_text=bool(bare_text),
-                     route_binds=tuple(route_binds))
+                     anonymous_binds=tuple(anonymous_binds))
 
     def entities_problem(self, statement: Any) -> str | None:
         """Why the entities an ORM SELECT loads in its own rows cannot be loaded shard by
@@ -1539,30 +1539,26 @@ def _refuse_overridden_key(plan: _Plan, binds: Sequence[BindParameter[Any]], par
     runs the statement with that value, while the route followed the statement's own.
     (The names differ between statements of one shape: ``key == k`` in a lambda_stmt is
     named after ``k``.)"""
+    stems = {a.group(1) for i in plan.anonymous_binds if (a := _ANON_KEY.fullmatch(binds[i].key))}
     sets = params if isinstance(params, (list, tuple)) else (params,)
-    for p in sets:
-        if not isinstance(p, Mapping):
-            return
-        for k in p:
-            m = _COMPILED_NAME.fullmatch(k) if isinstance(k, str) and k[-1:].isdigit() else None
-            if m is None:
-                continue
-            stems = {a.group(1) for i in plan.route_binds
-                     if (a := _ANON_KEY.fullmatch(binds[i].key)) is not None}
-            if m.group(1) not in stems:
-                continue
-            # SQLAlchemy names the statement's anonymous values of one stem <stem>_1 ..
-            # <stem>_n, and ignores a parameter no value of the statement has (a column
-            # named id_2 set by an UPDATE's parameters, say).
-            keys = [e.key for e in visitors.iterate(statement) if isinstance(e, BindParameter)]
-            anonymous = [a.group(1) for key in keys if (a := _ANON_KEY.fullmatch(key)) is not None]
-            if k not in keys and int(m.group(2)) <= anonymous.count(m.group(1)):
-                raise RoutingError(
-                    f"parameter {k!r} names a value of the statement by the name SQLAlchemy "
-                    "compiles it to, which overrides the value it was built with; shardkit "
-                    "routes by the shard key's values it can read, which would not be the one "
-                    f"that runs. Give the key with bindparam({k!r}) (or build the statement "
-                    "with the value)", statement=statement)
+    names = {k for p in sets if isinstance(p, Mapping) for k in p}
+    suspects = [(k, m) for k in names if isinstance(k, str) and k[-1:].isdigit()
+                and (m := _COMPILED_NAME.fullmatch(k)) is not None and m.group(1) in stems]
+    if not suspects:
+        return
+    # SQLAlchemy names the statement's anonymous values of one stem <stem>_1 .. <stem>_n,
+    # and ignores a parameter no value of the statement has (a column named id_2 set by an
+    # UPDATE's parameters, say).
+    keys = [e.key for e in visitors.iterate(statement) if isinstance(e, BindParameter)]
+    anonymous = [a.group(1) for key in keys if (a := _ANON_KEY.fullmatch(key)) is not None]
+    for k, m in suspects:
+        if k not in keys and int(m.group(2)) <= anonymous.count(m.group(1)):
+            raise RoutingError(
+                f"parameter {k!r} names a value of the statement by the name SQLAlchemy "
+                "compiles it to, which overrides the value it was built with; shardkit "
+                "routes by the shard key's values it can read, which would not be the one "
+                f"that runs. Give the key with bindparam({k!r}) (or build the statement "
+                "with the value)", statement=statement)
 
 
 def _counts_a_subquery(statement: Any) -> bool:

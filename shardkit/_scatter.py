@@ -190,13 +190,22 @@ def _label_resolve_dict(stmt: selectable.Select[Any]) -> Any:
     """SQLAlchemy's (select-list-then-FROM names, FROM names, select-list names) for
     ``stmt``, from the compile state its compiler uses: for an ORM statement the ORM's
     (which joins relationships; Core's SelectState cannot), its eager loads left out
-    (a LIMIT'ed statement would be wrapped in a derived table whose columns it names)."""
-    if stmt._propagate_attrs.get("compile_state_plugin") == "orm":
-        from sqlalchemy.orm import lazyload
+    (a LIMIT'ed statement would be wrapped in a derived table whose columns it names).
+    Made once per statement, whatever the number of its terms named by a string."""
+    found = _RESOLVE_DICTS.get(stmt)
+    if found is None:
+        if stmt._propagate_attrs.get("compile_state_plugin") == "orm":
+            from sqlalchemy.orm import lazyload
 
-        stmt = _without_loader_options(stmt).options(lazyload("*"))
-        return stmt._compile_state_factory(stmt, stmt._default_compiler())._label_resolve_dict
-    return selectable.SelectState(stmt, None)._label_resolve_dict
+            state = _without_loader_options(stmt).options(lazyload("*"))
+            found = state._compile_state_factory(state, state._default_compiler())._label_resolve_dict
+        else:
+            found = selectable.SelectState(stmt, None)._label_resolve_dict
+        _RESOLVE_DICTS[stmt] = found
+    return found
+
+
+_RESOLVE_DICTS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _unwrap_order(clause: Any, stmt: Any = None) -> tuple[ColumnElement[Any], bool, bool | None]:

@@ -1776,7 +1776,7 @@ class Mover:
                     # What is left of max_pause bounds every statement from here to the
                     # target's commit (not the source's after it: see below).
                     deadline = started + self.max_pause
-                    src.execute(_time_left(deadline, wait))
+                    _bound(deadline, wait, src)
                     # A table guarded since the batch began (a migration).  Its writes of
                     # the batch's buckets wait for the gate from here on, and are refused
                     # once the switch commits.
@@ -1803,7 +1803,7 @@ class Mover:
                         # writes are paused: a table lock there (a migration's ALTER TABLE
                         # queued behind a long query, and every statement behind it) would
                         # keep them paused for as long as that query runs.
-                        tgt.execute(_time_left(deadline, wait))
+                        _bound(deadline, wait, tgt)
                         try:
                             while self._apply_changes(src, tgt, tables, buckets, None, deadline=deadline):
                                 pass
