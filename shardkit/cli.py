@@ -345,7 +345,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     from . import _rebalance_plan as rp
-    from .rebalance import _need_catalog, check_live_map, refuse_unknown_targets, shard_weights
+    from .rebalance import (_need_catalog, check_live_map, refuse_keys_beyond_bigint, refuse_taken_slice_numbers,
+                            refuse_unknown_targets, shard_weights)
 
     catalog = _need_catalog(cluster)
     current = catalog.current_map()
@@ -372,7 +373,12 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         if not fresh:
             raise RebalanceError(f"{args.plan} was planned against another map than the live one "
                                  f"(version {current.version}); make a new plan")
+        try:
+            refuse_taken_slice_numbers(plan, slices, current.version)
+        except RebalanceError as e:
+            raise RebalanceError(f"{args.plan}: {e}") from None
         refuse_unknown_targets(cluster, plan)
+        refuse_keys_beyond_bigint(cluster, plan)
         return plan
     if sum(chosen) > 1:
         given = [flag for flag, on in zip(("--add", "--drain", "--even", "--split", "--move-value"), chosen) if on]
@@ -395,8 +401,11 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         group, key = _group_key(args.split or args.move_value, slices,
                                 "--split" if args.split else "--move-value", cluster.file_config)
         if args.split:
-            return rp.plan_split_range(slices, group, key, args.to, lower=args.lower)
-        return rp.plan_move_value(slices, group, key, args.to)
+            sliced = rp.plan_split_range(slices, group, key, args.to, lower=args.lower)
+        else:
+            sliced = rp.plan_move_value(slices, group, key, args.to)
+        refuse_keys_beyond_bigint(cluster, sliced)
+        return sliced
     weights = shard_weights(cluster, by=args.even, bucket_map=live) if args.even else None
     if args.add:
         unknown = [a for a in args.add if a not in cluster.shard_names]
@@ -433,7 +442,11 @@ def _drain_leftovers(cluster: Cluster, slices: Any, shard: str) -> str:
     from ._slices import movable_kind
     from ._strategies import ListStrategy, RangeStrategy
 
-    stays = [f"slice {s.id} ({s.describe()})" for s in slices if s.shard == shard]
+    stays = [f"slice {s.id} ({s.describe()})" for s in slices if s.shard == shard and not s.default]
+    # A list group's default slice cannot move (SlicePlan refuses it): its listed values can,
+    # one by one, but the keys no value lists keep landing on its shard.
+    pinned = [s.group for s in slices if s.shard == shard and s.default]
+    stays += [f"the default of group {g} (the values no slice of it lists)" for g in pinned]
     for g in cluster.file_config.groups:
         strategy = g.strategy
         if isinstance(strategy, (RangeStrategy, ListStrategy)):
@@ -450,7 +463,10 @@ def _drain_leftovers(cluster: Cluster, slices: Any, shard: str) -> str:
         return ""
     return (f"note: --drain moves hash buckets only; still on {shard} after it: " + "; ".join(stays)
             + ". Move the slices with --split GROUP:KEY or --move-value GROUP:VALUE --to SHARD, "
-            f"and keep {shard} in the config until no group places rows there")
+            f"and keep {shard} in the config until no group places rows there"
+            + (f"; a list group's default cannot move (--move-value takes values out of it one by one, "
+               f"but the values no slice lists keep landing on {shard}), so {shard} stays in the config "
+               f"while it holds the default of {', '.join(pinned)}" if pinned else ""))
 
 
 def _group_key(spec: str, slices: Any, option: str, config: Any = None) -> tuple[str, Any]:

@@ -432,6 +432,51 @@ def refuse_onto_leftovers(conn: Any, plan: Plan | SlicePlan) -> None:
                 move_id=move_id)
 
 
+def refuse_taken_slice_numbers(plan: Plan | SlicePlan, live_slices: Sequence[Any], version: int) -> None:
+    """Refuse a slice plan whose split numbers a new slice with a number that a slice of
+    another group has taken since the plan was made (every group's slices share one
+    numbering: a shard owns numbers): the plan is stale."""
+    if not isinstance(plan, SlicePlan):
+        return
+    others = {s.id: s for s in live_slices if s.group != plan.group}
+    taken = sorted(s.id for s in plan.split if s.id in others)
+    if taken:
+        raise RebalanceError(
+            f"the plan is stale: it numbers its new slice {taken[0]}, which is now slice "
+            f"{taken[0]} of group {others[taken[0]].group} ({others[taken[0]].describe()}; live map "
+            f"version {version}); make a new plan")
+
+
+def refuse_keys_beyond_bigint(cluster: Cluster, plan: Plan | SlicePlan) -> None:
+    """Refuse a slice plan whose split (or carved value) makes a bound or value outside
+    bigint's range for a group whose tables have an integer key column: no row holds such
+    a key, and every shard's guard compares a row's key with each of its group's bounds
+    and values as a bigint (shardkit._guard), so once the split is written there, every
+    write of the group fails with "out of range for type bigint" (an abort keeps a split)."""
+    if not isinstance(plan, SlicePlan):
+        return
+    before = {x for s in plan.old for x in (s.lower, s.upper, *s.values)}
+    beyond = sorted(x for s in plan.split for x in (s.lower, s.upper, *s.values)
+                    if isinstance(x, int) and not isinstance(x, bool) and x not in before
+                    and not -(2**63) <= x < 2**63)
+    if not beyond:
+        return
+    tables = [g for g in guarded_tables(cluster.config) if g.group == plan.group]
+    for shard in cluster.shard_names:
+        with cluster.primary(shard).connect() as conn:
+            for g in tables:
+                if not conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table_sql(g.table)}).scalar():
+                    continue
+                kind = table_shape(conn, g.table)[2].get(g.key)
+                if kind in INT_KEY_TYPES:
+                    raise RebalanceError(
+                        f"group {plan.group}: key {beyond[0]} is beyond the range of {g.table}.{g.key} "
+                        f"({kind}; bigint holds -9223372036854775808 to 9223372036854775807): no row "
+                        "has it, and the shards compare the group's keys with its bounds and values as "
+                        "bigint, so it would make every write of the group fail; split at (or move) a "
+                        "key the column can hold")
+
+
 def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
     """The cluster's catalog; with ``initialised``, one that ``rebalance init`` has set up."""
     if cluster.catalog is None:
@@ -814,16 +859,19 @@ class Mover:
             version, live, live_slices = current
             if isinstance(plan, SlicePlan):
                 mine = tuple(s for s in live_slices if s.group == plan.group)
-                taken = {s.id for s in live_slices if s.group != plan.group}
+                refuse_taken_slice_numbers(plan, live_slices, version)
                 # New slices of other groups' moves not split yet are taken too.
-                for (other_split,) in conn.execute(text(
-                        "SELECT plan->'split' FROM shardkit_catalog.moves WHERE state = 'running' "
-                        "AND plan->>'kind' = 'slices'")):
-                    taken |= {int(d["id"]) for d in other_split}
-                taken &= {s.id for s in plan.split}
-                if taken:
-                    raise RebalanceError(f"the plan numbers a new slice {min(taken)}, which another group "
-                                         "already uses: plan with every group's slices")
+                for other, other_group, other_split in conn.execute(text(
+                        "SELECT id, plan->>'group', plan->'split' FROM shardkit_catalog.moves "
+                        "WHERE state = 'running' AND plan->>'kind' = 'slices' AND plan->>'group' <> :g "
+                        "ORDER BY id"), {"g": plan.group}):
+                    taken = {int(d["id"]) for d in other_split} & {s.id for s in plan.split}
+                    if taken:
+                        raise RebalanceError(
+                            f"the plan numbers its new slice {min(taken)}, as move {other} (group "
+                            f"{other_group}, still running) numbers one of its own: once that move has "
+                            f"split (`shardkit rebalance status {other}`; resume it if it stopped, or abort "
+                            "it), make a new plan", move_id=other)
                 if not mine:
                     raise RebalanceError(f"the catalog has no slices of group {plan.group}; run "
                                          "`shardkit rebalance init` after adding it to the config")
@@ -831,6 +879,7 @@ class Mover:
                     raise RebalanceError(f"the plan is stale: group {plan.group}'s ranges or values changed "
                                          f"since it was made (live map version {version}); make a new plan")
                 self._check_guarded(plan)
+                refuse_keys_beyond_bigint(self.cluster, plan)
                 other = conn.execute(text(
                     "SELECT min(id) FROM shardkit_catalog.moves WHERE state = 'running' "
                     "AND plan->>'kind' = 'slices' AND plan->>'group' = :g"), {"g": plan.group}).scalar()
