@@ -470,6 +470,8 @@ def _agg_name(expr: Any) -> str | None:
         expr = expr.element
     if isinstance(expr, elements.FunctionFilter):   # count(*) FILTER (WHERE ...)
         expr = expr.func
+    if isinstance(expr, elements.WithinGroup):      # percentile_cont(0.5) WITHIN GROUP (...)
+        expr = expr.element
     if isinstance(expr, functions.FunctionElement):
         name = expr.name.lower()
         if name in _MERGEABLE_AGGS or name in _OTHER_AGGS:
@@ -1168,6 +1170,10 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
     # HAVING and ORDER BY work on merged values: compile them into evaluators.
     def term(expr: Any) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
         """A function of (merged visible row, merged extras) for an aggregate or group expression."""
+        if (text := _under_c_collation(expr)) is not None:
+            # name COLLATE "C" (what the README tells a non-C database to write): the
+            # same values, ordered by code point, as the merge compares text.
+            return term(text)
         for i, c in enumerate(columns):
             c2 = c.element if isinstance(c, Label) else c
             e2 = expr.element if isinstance(expr, Label) else expr
@@ -1219,6 +1225,18 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                      n_outputs=len(outputs), checks=tuple(checks), same_types=tuple(same_types),
                      collations=tuple(collations))
     return shard_stmt, plan
+
+
+def _under_c_collation(expr: Any) -> Any | None:
+    """``x`` of ``x COLLATE "C"`` (or ``"POSIX"``) where ``x`` is text, else None."""
+    inner = expr.element if isinstance(expr, Label) else expr
+    if not (isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate
+            and inner.right.collation.upper() in ("C", "POSIX")):
+        return None
+    left = inner.left
+    t = getattr(left, "type", None)
+    is_text = isinstance(t, sqltypes.String) and not isinstance(t, sqltypes.Enum)
+    return left if is_text or _database_collated(left) else None
 
 
 def _grouped_by_primary_key(col: Any, group_by: Sequence[Any]) -> bool:
@@ -1485,6 +1503,11 @@ def _compile_predicate(expr: Any, term: Callable[[Any], Any], params: Mapping[st
         return lambda row, extra: None if (v := inner(row, extra)) is None else not v
     if isinstance(expr, elements.BinaryExpression) and expr.operator in _CMP:
         op = _CMP[expr.operator]
+        for side in (expr.left, expr.right):
+            # A group key (or a column of a grouped primary key's table) compared in Python:
+            # as for ORDER BY, only types whose Python values compare as PostgreSQL's do.
+            if not isinstance(side, (BindParameter, elements.Null)):
+                _refuse_unmergeable_type(side, "HAVING")
         left = _operand(expr.left, term, params)
         right = _operand(expr.right, term, params)
 
@@ -1494,9 +1517,13 @@ def _compile_predicate(expr: Any, term: Callable[[Any], Any], params: Mapping[st
                 return None
             if type(a) is not type(b):
                 a, b = _promote_date(a, b), _promote_date(b, a)
-                if isinstance(a, float) and isinstance(b, decimal.Decimal):
-                    b = float(b)  # numeric compared with float8 is cast to float8
-                elif isinstance(b, float) and isinstance(a, decimal.Decimal):
+                # numeric and integers compared with float8 are cast to float8 (Python
+                # compares an int with a float exactly: 2^62 + 1 > 2.0**62).
+                if isinstance(a, float) and isinstance(b, (decimal.Decimal, int)) \
+                        and not isinstance(b, bool):
+                    b = float(b)
+                elif isinstance(b, float) and isinstance(a, (decimal.Decimal, int)) \
+                        and not isinstance(a, bool):
                     a = float(a)
             try:
                 return op(a, b)
