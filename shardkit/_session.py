@@ -319,9 +319,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def _identity_shards(self, mapper: Any, primary_key: Any, *, lazy_loaded_from: Any = None,
                          **kw: Any) -> Iterable[str]:
-        if lazy_loaded_from is not None and lazy_loaded_from.identity_token and _follows_object(
+        if lazy_loaded_from is not None and (token := _shard_of_state(lazy_loaded_from)) and _follows_object(
                 self.cluster.router, mapper, lazy_loaded_from.mapper):
-            return [lazy_loaded_from.identity_token]
+            return [token]
         sc = current_scope()
         if sc.shard is not None:
             return [sc.shard]
@@ -405,10 +405,16 @@ class ShardedSession(horizontal_shard.ShardedSession):
                         # looked for there, not where the session's execution options or a
                         # scope name a shard for statements (merge()'s own options may).
                         shard = found = by_pk
+                elif key is not None and key[2] is not None and state.session_id != self.hash_key:
+                    _refuse_stale_token(self, state)
                 return self._merge_on(shard if found is not None else None, state, state_dict, load, kw)
         shard = None
-        if key is not None and key[2] is None and state.session_id != self.hash_key:
-            shard = _own_key_shard(self.cluster, state) or self._shard_from_identity(state.mapper, key[1])
+        if key is not None and state.session_id != self.hash_key:
+            if key[2] is None:
+                shard = _own_key_shard(self.cluster, state) or self._shard_from_identity(state.mapper, key[1])
+            else:
+                # (The merged copy is attached empty: the given object is the one to check.)
+                _refuse_stale_token(self, state)
         return self._merge_on(shard, state, state_dict, load, kw)
 
     def _merge_on(self, shard: str | None, state: Any, state_dict: Any, load: bool, kw: Any) -> Any:
@@ -1700,9 +1706,9 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
             elif lo._identity_token is not None and not (
                     lo._refresh_state is None and _from_reference(statement, execution_options)):
                 return lo._identity_token
-            elif lazy_from is not None and lazy_from.identity_token is not None and (
+            elif lazy_from is not None and (token := _shard_of_state(lazy_from)) is not None and (
                     router is None or _lazy_load_follows(router, statement, lazy_from)):
-                return lazy_from.identity_token
+                return token
         uo = opts.get("_sa_orm_update_options")
         if uo is not None and uo._identity_token is not None:
             return uo._identity_token
@@ -1715,6 +1721,14 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
         if shard is not None:
             return shard
     return sc.shard
+
+
+def _shard_of_state(state: Any) -> str | None:
+    """The shard of an object a lazy load is for: its identity key's (an object attached by
+    merge(load=False) or make_transient_to_detached() has no identity_token, only the
+    key), or while it is pending the one chosen for it."""
+    key = state.key
+    return key[2] if key is not None else state.identity_token
 
 
 def _post_load_route(router: Any, route: Route, statement: Any, execution_options: Any) -> Route:
@@ -4633,17 +4647,64 @@ def _finish_twophase(session: ShardedSession, error: BaseException) -> bool:
 def _token_for_keyed(session: Session, instance: Any) -> None:
     """An object attached with an identity key that names no shard (made with
     make_transient_to_detached()) gets its shard in the key, so session.get() and
-    loads of its row find it in the identity map instead of loading a second copy."""
+    loads of its row find it in the identity map instead of loading a second copy.
+    One whose key names a shard its shard key does not place it on is refused (see
+    _refuse_stale_token)."""
     state = inspect(instance)
     key = state.key
-    if key is None or len(key) < 3 or key[2] is not None:
+    if key is None or len(key) < 3:
         return
     assert isinstance(session, ShardedSession)
+    if key[2] is not None:
+        _refuse_stale_token(session, state)
+        return
     try:
         shard = session._choose_shard_for_instance(state.mapper, instance)
     except ShardkitError:
         return  # no shard key yet: its flush says what is missing
     state.key = (key[0], key[1], shard)
+
+
+def _refuse_stale_token(session: ShardedSession, state: Any) -> None:
+    """Refuse to attach (add(), merge()) a detached object whose identity key names a shard
+    its shard key, as in the database (not a pending change, which the flush refuses as a
+    move), does not place it on: make_transient() keeps the object's last shard
+    (``identity_token``), and make_transient_to_detached() keys it with that shard, not
+    the one of the key it was given meanwhile.  Its flush would UPDATE or DELETE the row
+    of that primary key on the old shard (another row, when the primary key does not hold
+    the shard key).  With a catalog a move explains such an object (loaded before its
+    bucket moved), which _refuse_moved_load and the flush refuse as NotOwned."""
+    cluster = session.cluster
+    if cluster.catalog is not None:
+        return
+    mapper = state.mapper
+    router = cluster.router
+    try:
+        found = router.instance_keys.get(mapper) or _instance_keys(router, mapper)
+    except ShardkitError:
+        return
+    tr, keys = found
+    if tr.strategy is None:
+        return  # a reference row: any shard's copy
+    values = []
+    for attr, _, co in keys:
+        v = state.committed_state.get(attr, state.dict.get(attr))
+        if v is None or v is NO_VALUE:
+            return  # not loaded: not known
+        values.append(co(v) if co else v)
+    try:
+        shard = tr.strategy.shard_for_key(values[0] if len(values) == 1 else tuple(values))
+    except ShardkitError:
+        return
+    token = state.key[2]
+    if shard != token:
+        raise RoutingError(
+            f"{mapper.class_.__name__} {state.key[1]} is keyed to shard {token} (its identity "
+            f"key) but its shard key places it on {shard}: its flush would write the row of "
+            f"that primary key on {token}. make_transient() keeps an object's last shard and "
+            "make_transient_to_detached() keys it with that one, whatever key it was given "
+            "meanwhile: clear it first (inspect(obj).identity_token = None), or load the row "
+            f"from {shard}", table=tr.table)
 
 
 def _end_transaction(session: ShardedSession, transaction: Any) -> None:
