@@ -12,7 +12,8 @@ Otherwise a per-shard run quietly misses combinations:
   (``score = (SELECT max(score) FROM users)``, ``id IN (SELECT ... LIMIT 5)``),
   which each shard would compute over its own rows;
 * a derived table (subquery or CTE in FROM) with LIMIT, OFFSET, DISTINCT,
-  GROUP BY or aggregates over a sharded table.
+  GROUP BY or aggregates over a sharded table, unless it groups (DISTINCT: compares)
+  by the shard key of a hash, range or list group: then every group is on one shard.
 
 :func:`colocation_problem` names the first such construct, or returns None.
 Reference tables are on every shard and never a problem.  Tables of
@@ -46,21 +47,25 @@ class _Instance:
         self.label = label
 
 
-def colocation_problem(statement: Any, resolve: Resolver, one_shard: Iterable[Any] = ()) -> str | None:
+def colocation_problem(statement: Any, resolve: Resolver, one_shard: Iterable[Any] = (),
+                       local_groups: frozenset[str] = frozenset()) -> str | None:
     """Why ``statement`` cannot run shard by shard, or None if it can.
 
     ``one_shard``: SELECTs of derived tables in its FROM whose rows are known to be on
     one shard (their WHERE pins them), over which LIMIT, GROUP BY, DISTINCT and
-    aggregates are exact; everything else about them and the statement is checked."""
+    aggregates are exact; everything else about them and the statement is checked.
+    ``local_groups``: the groups whose strategy places each key value on one shard (hash,
+    range, list): a derived table over them grouped (or made DISTINCT) by their shard key
+    is computed whole on each shard (see :func:`_shard_local`)."""
     if isinstance(statement, selectable.CompoundSelect):
         for s in compound_selects(statement):
-            problem = colocation_problem(s, resolve)
+            problem = colocation_problem(s, resolve, local_groups=local_groups)
             if problem:
                 return problem
         return None
     if isinstance(statement, (selectable.Select, Update, Delete)):
         return _check(_without_loader_options(statement), [], resolve,
-                      one_shard=frozenset(map(id, one_shard)))
+                      one_shard=frozenset(map(id, one_shard)), local=local_groups)
     return None
 
 
@@ -153,7 +158,8 @@ def dml_extra_froms(statement: Any) -> list[Any]:
 
 
 def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance],
-               one_shard: frozenset[int] = frozenset()) -> tuple[list[_Instance], str | None]:
+               one_shard: frozenset[int] = frozenset(),
+               local: frozenset[str] = frozenset()) -> tuple[list[_Instance], str | None]:
     out: list[_Instance] = []
     for f in froms:
         for frm in sql_util.surface_selectables(f):
@@ -167,7 +173,7 @@ def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance],
                                          _name(frm)))
             elif isinstance(frm, selectable.AliasedReturnsRows) and isinstance(
                     _derived_select(frm), (selectable.Select, selectable.CompoundSelect)):
-                derived, problem = _derived(frm, resolve, outer, one_shard)
+                derived, problem = _derived(frm, resolve, outer, one_shard, local)
                 if problem:
                     return out, problem
                 out.extend(derived)
@@ -183,17 +189,20 @@ def _derived_select(frm: Any) -> Any:
 
 
 def _derived(frm: Any, resolve: Resolver, outer: list[_Instance],
-             one_shard: frozenset[int] = frozenset()) -> tuple[list[_Instance], str | None]:
+             one_shard: frozenset[int] = frozenset(),
+             local: frozenset[str] = frozenset()) -> tuple[list[_Instance], str | None]:
     """A subquery or CTE in FROM: exact per shard if its own rows are, and it only filters
-    (or its rows are on one shard: ``one_shard`` holds its SELECT)."""
+    (or its rows are on one shard: ``one_shard`` holds its SELECT), or it groups by the
+    shard key of groups in ``local`` (:func:`_shard_local`)."""
     inner = _derived_select(frm)
     selects = compound_selects(inner) if isinstance(inner, selectable.CompoundSelect) else [inner]
     derived: list[_Instance] = []
     for sel in selects:
-        problem = _check(sel, [], resolve, one_shard=one_shard)
+        problem = _check(sel, [], resolve, one_shard=one_shard, local=local)
         if problem:
             return [], problem
-        inner_instances, problem = _instances(_froms(sel), resolve, [], one_shard)
+        sel_froms = _froms(sel)
+        inner_instances, problem = _instances(sel_froms, resolve, [], one_shard, local)
         if problem:
             return [], problem
         if not inner_instances:
@@ -205,16 +214,20 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance],
             # (A "compound" of one SELECT, as polymorphic_union() makes for a concrete
             # class without subclasses, is that SELECT.)
             return [], f"{what} is a UNION/INTERSECT/EXCEPT, which each shard would compute over its own rows"
+        # Grouped (or DISTINCT) by the shard key: each group lives whole on one shard.
+        shard_local = id(sel) not in one_shard and _shard_local(sel, sel_froms, inner_instances, local)
         for attr, construct in () if id(sel) in one_shard else (
                 ("_limit_clause", "LIMIT"), ("_offset_clause", "OFFSET"), ("_fetch_clause", "FETCH"),
-                ("_group_by_clauses", "GROUP BY"), ("_distinct", "DISTINCT"),
-                ("_having_criteria", "HAVING")):
+                *(() if shard_local else (
+                    ("_group_by_clauses", "GROUP BY"), ("_distinct", "DISTINCT"),
+                    ("_having_criteria", "HAVING")))):
             v = getattr(sel, attr, None)
             if v is None or v is False or (isinstance(v, (tuple, list)) and not v):
                 continue
             return [], f"{what} has {construct}, which each shard would apply to its own rows only"
         if id(sel) not in one_shard and any(
-                _is_aggregate_or_window(e) for c in sel._raw_columns for e in _walk([c])):
+                isinstance(e, elements.Over) if shard_local else _is_aggregate_or_window(e)
+                for c in sel._raw_columns for e in _walk([c])):
             return [], f"{what} computes an aggregate or window function over each shard's rows only"
         # The derived table's columns that carry a key of its sharded tables; one
         # instance per group (the inner ones of a group are tied on the key already).
@@ -228,6 +241,93 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance],
                         d.keys.setdefault(col.key, inst.keys[base.name])
         derived.extend(by_group.values())
     return derived, None
+
+
+def _shard_local(sel: Any, froms: list[Any], instances: list[_Instance], local: frozenset[str]) -> bool:
+    """Whether derived table SELECT ``sel`` (its sharded tables tied on the key already)
+    computes each of its rows from rows of one shard, so that its GROUP BY, HAVING,
+    aggregates and DISTINCT give on each shard the rows one database gives for that shard's
+    keys: its ``GROUP BY`` names the shard key columns of every group it reads directly
+    (a group then holds rows of one key value, which the group's hash, range or list
+    strategy places on one shard), and its ``DISTINCT`` (``DISTINCT ON``) keeps the key
+    among the columns (expressions) it compares.  Not for a group of ``local``'s
+    complement (a custom strategy), a key on the optional side of an outer join (its
+    NULLs group rows of every shard) or a key column declared with a collation (a
+    nondeterministic one groups keys of several shards); LIMIT, OFFSET and window
+    functions are refused by the caller all the same."""
+    if not local or not instances or not isinstance(sel, selectable.Select) \
+            or any(i.group not in local for i in instances):
+        return False
+    optional: set[int] = set()
+    for f in froms:
+        for j in sql_util.surface_selectables(f):
+            if isinstance(j, selectable.Join) and (j.isouter or j.full):
+                for side in (j.left, j.right) if j.full else (j.right,):
+                    optional.update(id(_plain(x)) for x in sql_util.surface_selectables(side))
+
+    def covers(exprs: Iterable[Any]) -> bool:
+        """Whether ``exprs`` name, as plain columns, every key column of an instance of
+        each group read."""
+        named: dict[int, set[int]] = {}
+        for e in exprs:
+            while True:
+                if type(e) is elements.ClauseList and len(e.clauses) == 1:
+                    e = e.clauses[0]
+                elif isinstance(e, elements.Label):
+                    e = e.element
+                else:
+                    break
+            for c in e.clauses if isinstance(e, elements.Tuple) else (e,):
+                c = _plain(c)
+                t = getattr(c, "table", None)
+                if not isinstance(c, elements.ColumnClause) or t is None:
+                    continue
+                collation = getattr(getattr(c, "type", None), "collation", None)
+                if collation is not None and collation not in ("C", "POSIX"):
+                    continue
+                t = _plain(t)
+                for inst in instances:
+                    if inst.frm is t and id(t) not in optional:
+                        pos = inst.keys.get(c.key)
+                        pos = inst.keys.get(c.name) if pos is None else pos
+                        if pos is not None:
+                            named.setdefault(id(inst), set()).add(pos)
+        return all(any(len(named.get(id(i), ())) == i.n_keys for i in instances if i.group == g)
+                   for g in {i.group for i in instances})
+
+    grouped = bool(sel._group_by_clauses)
+    if grouped and not covers(sel._group_by_clauses):
+        return False
+    if not grouped and (sel._having_criteria or any(
+            _is_aggregate_or_window(e) for c in sel._raw_columns for e in _walk([c]))):
+        return False  # one row (group) of each shard's rows
+    if sel._distinct:
+        on = distinct_on(sel)
+        if not covers(on or sel.selected_columns):
+            return False
+    return grouped or bool(sel._distinct)
+
+
+def shard_local_derived(statement: Any, resolve: Resolver, local: frozenset[str]) -> list[str]:
+    """What explain() says of the derived tables in ``statement``'s FROM that
+    :func:`_shard_local` lets each shard compute whole (its own FROM, not nested deeper)."""
+    out: list[str] = []
+    if not isinstance(statement, selectable.Select) or not local:
+        return out
+    for f in _froms(_without_loader_options(statement)):
+        for frm in sql_util.surface_selectables(f):
+            frm = _plain(frm)
+            if not isinstance(frm, selectable.AliasedReturnsRows):
+                continue
+            sel = _derived_select(frm)
+            if not isinstance(sel, selectable.Select):
+                continue
+            froms = _froms(sel)
+            instances, problem = _instances(froms, resolve, [], local=local)
+            if problem is None and _shard_local(sel, froms, instances, local):
+                label = _name(frm)
+                out.append("a subquery" if label == "a subquery" else f"the derived table {label!r}")
+    return out
 
 
 _AGGREGATES = frozenset({
@@ -301,14 +401,15 @@ def _join_conditions(froms: list[Any]) -> list[Any]:
 
 
 def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
-           semi: _Instance | None = None, one_shard: frozenset[int] = frozenset()) -> str | None:
+           semi: _Instance | None = None, one_shard: frozenset[int] = frozenset(),
+           local: frozenset[str] = frozenset()) -> str | None:
     """``semi``: ``stmt`` is the subquery of ``key IN (SELECT ...)``, ``key`` the shard key of
     that outer instance: the subquery is tied to it if it selects its group's key (rows
     with equal keys are on one shard, so each shard answers the IN for its own rows)."""
     # Once: an ORM statement builds its FROM list anew each time it is asked (an
     # eager load's anonymous alias would differ between two calls).
     froms = _froms(stmt)
-    own, problem = _instances(froms, resolve, outer, one_shard)
+    own, problem = _instances(froms, resolve, outer, one_shard, local)
     if problem:
         return problem
     # A table of the enclosing query named in a subquery is correlated (SQLAlchemy
@@ -406,7 +507,7 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
         nested = compound_selects(e) if isinstance(e, selectable.CompoundSelect) else \
             [e] if isinstance(e, selectable.Select) else []
         for sel in nested:
-            problem = _check(sel, everyone, resolve, semis.get(id(sel)))
+            problem = _check(sel, everyone, resolve, semis.get(id(sel)), local=local)
             if problem:
                 return problem
     return None

@@ -1126,9 +1126,11 @@ class Router:
         colocation = one_shard_only = None
         if fast_tables is None and groups:
             concrete = _concrete_union_problem(statement)
-            colocation = concrete or colocation_problem(statement, self._placement)
+            colocation = concrete or colocation_problem(statement, self._placement,
+                                                        local_groups=self.disjoint_groups)
             if colocation is not None and concrete is None and chain and pred is not None \
-                    and colocation_problem(statement, self._placement, one_shard=chain) is None:
+                    and colocation_problem(statement, self._placement, one_shard=chain,
+                                           local_groups=self.disjoint_groups) is None:
                 # SELECT count(*) FROM (SELECT ... WHERE key = :k LIMIT n): every row of the
                 # derived table is on the shards its key names; on one, it is exact.  (Only
                 # its LIMIT, GROUP BY... are: anything else that reads sharded rows, a join

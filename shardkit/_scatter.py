@@ -22,6 +22,9 @@ exactly.  :func:`merge_rows` applies the plan to the per-shard row streams.
 * ``coalesce(aggregate, constant)``: the aggregate merged, then coalesced.
 * ``UNION ALL`` / ``UNION`` of SELECTs that filter and project sharded rows: each shard
   runs the whole compound; its rows merge as a plain SELECT's (UNION as DISTINCT).
+* A subquery or CTE in FROM grouped (or DISTINCT) by the shard key of a hash, range or
+  list group: each group is on one shard, so each shard computes it whole and it merges
+  as a table would (the colocation check admits it: ``_colocation._shard_local``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ._colocation import Resolver, _froms, _instances, _plain, _table_of, _witho
 from ._colocation import colocation_problem
 from ._colocation import compound_selects as compound_parts
 from ._colocation import distinct_on
+from ._colocation import shard_local_derived
 from ._colocation import ungrouped
 from .errors import ScatterRefused
 
@@ -684,6 +688,11 @@ def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None,
             shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {},
                                      placement, disjoint_groups)
         plan.statement = stmt
+        if placement is not None and plan.kind != "any":
+            local = shard_local_derived(stmt, placement, disjoint_groups)
+            if local:
+                plan.description += (f"; {', '.join(local)} groups (or is DISTINCT) by the "
+                                     "shard key: each shard computes it whole")
         if plan.checks:
             plan.description += ("; the values of expressions without a SQL type are checked as "
                                  "they are merged")
@@ -1360,11 +1369,11 @@ def _distinct_key(col: Any, stmt: Any, placement: Resolver | None,
     if group not in disjoint_groups:
         return (f"group {group}'s strategy is not hash, range or list, and shardkit cannot tell "
                 "whether a key value is on one shard")
-    problem = colocation_problem(stmt, placement)
+    problem = colocation_problem(stmt, placement, local_groups=disjoint_groups)
     if problem is not None:
         return problem
     froms = _froms(stmt)
-    instances, problem = _instances(froms, placement, [])
+    instances, problem = _instances(froms, placement, [], local=disjoint_groups)
     if problem is not None:
         return problem
     if not any(i.frm is frm for i in instances):

@@ -163,6 +163,28 @@ def hash_reads() -> dict[str, Read]:
     add("GROUP BY HAVING",
         lambda s: sorted(s.scalars(select(P.member_id).group_by(P.member_id).having(func.sum(P.amount) > 300))),
         lambda t: sorted(m for m, total in _spent(t).items() if total > 300))
+    # Derived tables grouped by the shard key (each group on one shard): filtered by the key
+    # they expose outside, or inside when they do not expose it.
+    per = select(P.member_id, func.count().label("n"), func.sum(P.amount).label("s")) \
+        .group_by(P.member_id).subquery("per_m")
+    hidden = select(func.count().label("n")).select_from(P).group_by(P.member_id).subquery("hid_m")
+
+    def _per(t: Truth) -> dict[int, tuple[int, int]]:
+        out: dict[int, tuple[int, int]] = {}
+        for mid, amount in t["purchases"].values():
+            n, total = out.get(mid, (0, 0))
+            out[mid] = (n + 1, total + amount)
+        return out
+
+    add("subquery grouped by the key",
+        lambda s: sorted(tuple(r) for r in s.execute(select(per.c.member_id, per.c.n, per.c.s))),
+        lambda t: sorted((k, n, total) for k, (n, total) in _per(t).items()))
+    add("histogram over a subquery grouped by the key",
+        lambda s: dict(s.execute(select(per.c.n, func.count()).group_by(per.c.n)).all()),
+        lambda t: dict(Counter(n for n, _ in _per(t).values())))
+    add("subquery grouped by the key, the key not selected",
+        lambda s: sorted(s.scalars(select(hidden.c.n))),
+        lambda t: sorted(n for n, _ in _per(t).values()))
     add("avg(score)",
         lambda s: round(float(s.scalar(select(func.avg(M.score)))), 9),
         lambda t: round(sum(v[1] for v in t["members"].values()) / len(t["members"]), 9))

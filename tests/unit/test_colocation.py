@@ -33,6 +33,9 @@ ALLOWED = {
     # The ORM wraps this in a derived table when it compiles, per shard; the router sees the
     # entity query, whose rows (users) merge with the LIMIT applied after the merge.
     "joinedload with LIMIT": select(User).options(joinedload(User.orders)).limit(10),
+    # Grouped by the shard key: each group is on one shard.
+    "derived table grouped by the shard key": select(select(Order.user_id, func.count())
+                                                     .group_by(Order.user_id).subquery().c.user_id),
     "update with a correlated subquery": update(User).values(
         name=select(func.max(Order.amount)).where(Order.user_id == User.id).scalar_subquery()),
 }
@@ -50,8 +53,8 @@ REFUSED = {
     "join on the key OR something": (select(User.id, Order.id).join(
         Order, (Order.user_id == User.id) | (Order.amount == 1)), "not joined on the shard key"),
     "derived table with LIMIT": (select(select(User.id).limit(3).subquery().c.id), "has LIMIT"),
-    "derived table with GROUP BY": (select(select(Order.user_id, func.count()).group_by(Order.user_id)
-                                           .subquery().c.user_id), "has GROUP BY"),
+    "derived table with GROUP BY": (select(select(Order.amount, func.count()).group_by(Order.amount)
+                                           .subquery().c.amount), "has GROUP BY"),
     "derived table with an aggregate": (select(select(func.max(User.id).label("m")).subquery().c.m),
                                         "aggregate"),
 }
@@ -82,3 +85,27 @@ def test_other_groups_are_the_routers_concern(cluster):
     stmt = select(User.id, Event.id).join(Event, Event.id == User.id).where(User.id == 1, Event.id == 1)
     route = cluster.router.route(stmt)
     assert len(route.shards) == 1
+
+
+def test_grouped_derived_table_is_shard_local_only_for_disjoint_groups():
+    """GROUP BY the key keeps each group on one shard for hash, range and list groups (the
+    router passes them as ``local_groups``); a custom strategy's function shardkit cannot see
+    into, and a key declared with a collation (a nondeterministic one groups keys of several
+    shards), stay refused."""
+    from sqlalchemy import Column, MetaData, String, Table
+
+    from shardkit._colocation import colocation_problem
+
+    def resolve(name):
+        return {"orders": ("g", ("user_id",)), "users": ("g", ("id",)),
+                "tags": ("g", ("code",))}.get(name)
+
+    per = select(Order.user_id, func.count().label("n")).group_by(Order.user_id).subquery()
+    stmt = select(func.max(per.c.n))
+    assert colocation_problem(stmt, resolve, local_groups=frozenset({"g"})) is None
+    assert "has GROUP BY" in colocation_problem(stmt, resolve)
+    assert "has GROUP BY" in colocation_problem(stmt, resolve, local_groups=frozenset({"other"}))
+    tags = Table("tags", MetaData(), Column("code", String(5, collation="und-x-icu-ci")), Column("v", String))
+    by_tag = select(tags.c.code, func.count().label("n")).group_by(tags.c.code).subquery()
+    assert "has GROUP BY" in colocation_problem(select(func.max(by_tag.c.n)), resolve,
+                                                local_groups=frozenset({"g"}))
