@@ -345,8 +345,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     from . import _rebalance_plan as rp
-    from .rebalance import (_need_catalog, check_live_map, refuse_keys_beyond_bigint, refuse_taken_slice_numbers,
-                            refuse_unknown_targets, shard_weights)
+    from .rebalance import (_need_catalog, check_live_map, check_slice_plan, refuse_taken_slice_numbers,
+                            refuse_unknown_targets, shard_weights, slice_key)
 
     catalog = _need_catalog(cluster)
     current = catalog.current_map()
@@ -378,7 +378,7 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         except RebalanceError as e:
             raise RebalanceError(f"{args.plan}: {e}") from None
         refuse_unknown_targets(cluster, plan)
-        refuse_keys_beyond_bigint(cluster, plan)
+        check_slice_plan(cluster, plan)
         return plan
     if sum(chosen) > 1:
         given = [flag for flag, on in zip(("--add", "--drain", "--even", "--split", "--move-value"), chosen) if on]
@@ -398,13 +398,14 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
         if args.to not in cluster.shard_names:
             raise UsageError(f"--to {args.to}: no such shard in the config (shards: "
                              f"{', '.join(cluster.shard_names)}); add the shard to the config first")
-        group, key = _group_key(args.split or args.move_value, slices,
-                                "--split" if args.split else "--move-value", cluster.file_config)
+        option = "--split" if args.split else "--move-value"
+        group, key = _group_key(args.split or args.move_value, slices, option, cluster.file_config)
+        key = slice_key(cluster, group, key, option, args.to)
         if args.split:
             sliced = rp.plan_split_range(slices, group, key, args.to, lower=args.lower)
         else:
             sliced = rp.plan_move_value(slices, group, key, args.to)
-        refuse_keys_beyond_bigint(cluster, sliced)
+        check_slice_plan(cluster, sliced)
         return sliced
     weights = shard_weights(cluster, by=args.even, bucket_map=live) if args.even else None
     if args.add:
@@ -562,7 +563,15 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
             for m in moves if not args.json else ():
                 unit = m["unit"]
                 copied = counted(m["rows_copied"], "row")
-                print(f"move {m['move']}: {m['state']} - {m['reason']} ({copied} copied)"
+                if m["state"] == "aborted":
+                    # The abort deleted the copies of the batches it undid; finished ones moved.
+                    finished = any(b["step"] == "cleaned" for b in m["batches"])
+                    copied = f"{copied} moved by its finished batches" if finished else "nothing moved"
+                    if m.get("rows_undone"):
+                        copied += f"; the abort deleted the copies of {counted(m['rows_undone'], 'row')}"
+                else:
+                    copied += " copied"
+                print(f"move {m['move']}: {m['state']} - {m['reason']} ({copied})"
                       + (f"\n  error: {m['error']}" if m['error'] else ""))
                 if m["state"] == "running" and m.get("mover") is not None:
                     print("  a mover is running it now" if m["mover"] else
@@ -580,6 +589,11 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
             result = rebalance.abort(cluster, args.move, target_lost=args.target_lost)
             if result.get("removed_leftovers"):
                 print(f"move {args.move}: leftovers of batches {result['removed_leftovers']} removed")
+                return 0
+            if result.get("done"):
+                print(f"move {args.move}: every batch had finished (its mover stopped before recording "
+                      f"the end), so nothing was left to undo: recorded done; what it moved stays moved "
+                      f"(a new plan moves it back)")
                 return 0
             print(f"move {args.move} aborted: batches undone {result['undone_batches']}, "
                   f"already finished {result['finished_batches']}")

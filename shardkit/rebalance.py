@@ -61,6 +61,7 @@ import graphlib
 import json
 import logging
 import re
+import shlex
 import sys
 import threading
 import time
@@ -88,6 +89,7 @@ from ._guard import (
     guard_installed,
     guarded_tables,
     install_guard,
+    slice_comparable,
     slice_function_name,
     CONFIGURED_TABLES,
     configured_tables,
@@ -100,7 +102,7 @@ from ._guard import (
 )
 from ._rebalance_plan import Plan, SlicePlan, plan_from_dict
 from ._replicas import WAL_POSITION_SQL, format_lsn, parse_lsn, replay_target
-from ._slices import add_missing_groups, initial_slices, reassign
+from ._slices import add_missing_groups, by_group, initial_slices, reassign
 from ._sql import INSTALL_SQL, int8_bucket_scan
 from .catalog import MOVER_LOCK_CLASS, Catalog
 from .errors import RebalanceError, first_line
@@ -447,34 +449,105 @@ def refuse_taken_slice_numbers(plan: Plan | SlicePlan, live_slices: Sequence[Any
             f"version {version}); make a new plan")
 
 
-def refuse_keys_beyond_bigint(cluster: Cluster, plan: Plan | SlicePlan) -> None:
-    """Refuse a slice plan whose split (or carved value) makes a bound or value outside
-    bigint's range for a group whose tables have an integer key column: no row holds such
-    a key, and every shard's guard compares a row's key with each of its group's bounds
-    and values as a bigint (shardkit._guard), so once the split is written there, every
-    write of the group fails with "out of range for type bigint" (an abort keeps a split)."""
-    if not isinstance(plan, SlicePlan):
-        return
-    before = {x for s in plan.old for x in (s.lower, s.upper, *s.values)}
-    beyond = sorted(x for s in plan.split for x in (s.lower, s.upper, *s.values)
-                    if isinstance(x, int) and not isinstance(x, bool) and x not in before
-                    and not -(2**63) <= x < 2**63)
-    if not beyond:
-        return
-    tables = [g for g in guarded_tables(cluster.config) if g.group == plan.group]
-    for shard in cluster.shard_names:
+def _key_types(cluster: Cluster, config: Any, group: str,
+               shards: Iterable[str] | None = None) -> list[tuple[Guarded, str]]:
+    """(table, type of its key column) of each table of range or list group ``group``, as
+    each of ``shards`` (default: every shard) that has the table holds it (once per
+    distinct pair)."""
+    tables = [g for g in guarded_tables(config) if g.group == group]
+    out: list[tuple[Guarded, str]] = []
+    for shard in (cluster.shard_names if shards is None else shards) if tables else ():
         with cluster.primary(shard).connect() as conn:
             for g in tables:
                 if not conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table_sql(g.table)}).scalar():
                     continue
                 kind = table_shape(conn, g.table)[2].get(g.key)
-                if kind in INT_KEY_TYPES:
+                if kind is not None and (g, kind) not in out:
+                    out.append((g, kind))
+    return out
+
+
+def _refuse_beyond_bigint(group: str, keys: Iterable[Any], types: Callable[[], list[tuple[Guarded, str]]],
+                          what: str, fix: str) -> None:
+    """Refuse ``keys`` (bounds or values of ``group``) outside bigint's range if a table of the
+    group has an integer key column (``types()``, asked only then): no row holds such a key,
+    and every shard's guard compares a row's key with each of its group's bounds and values
+    as a bigint (shardkit._guard), so once they are written there, every write of the group
+    fails with "out of range for type bigint" (an abort keeps a split)."""
+    beyond = sorted(x for x in keys if isinstance(x, int) and not isinstance(x, bool)
+                    and not -(2**63) <= x < 2**63)
+    if not beyond:
+        return
+    for g, kind in types():
+        if kind in INT_KEY_TYPES:
+            raise RebalanceError(
+                f"group {group}: {what} {beyond[0]} is beyond the range of {g.table}.{g.key} "
+                f"({kind}; bigint holds -9223372036854775808 to 9223372036854775807): no row "
+                "has it, and the shards compare the group's keys with its bounds and values as "
+                f"bigint, so it would make every write of the group fail; {fix}")
+
+
+def canonical_uuid(text_: str) -> str | None:
+    """``text_`` as PostgreSQL prints the uuid it names (lowercase, hyphenated), or None."""
+    try:
+        return str(uuid.UUID(text_.strip()))
+    except ValueError:
+        return None
+
+
+def slice_key(cluster: Cluster, group: str, key: Any, option: str, target: str) -> Any:
+    """A ``--split`` or ``--move-value`` key of ``group`` as its key column holds it (read on
+    shard ``target``, which the move needs): a string on a uuid column as PostgreSQL prints
+    the uuid (slices of a uuid column compare keys by that text, in code point order:
+    ``C0...`` sorts below ``a0...``); refused if it names no uuid."""
+    if not isinstance(key, str):
+        return key
+    for g, kind in _key_types(cluster, cluster.config, group, [target]):
+        if kind == "uuid":
+            canon = canonical_uuid(key)
+            if canon is None:
+                raise RebalanceError(f"{option}: {key!r} is not a uuid, and group {group}'s key column "
+                                     f"{g.table}.{g.key} is uuid")
+            return canon
+    return key
+
+
+def check_slice_plan(cluster: Cluster, plan: Plan | SlicePlan) -> None:
+    """Refuse a slice plan the shards cannot carry out as planned, reading its group's key
+    columns on the shards it moves between: a group whose bounds or values the guard cannot
+    compare with its key column (its tables are left unguarded: the group cannot move
+    online); a new bound or value beyond bigint's range on an integer column (see
+    _refuse_beyond_bigint); on a uuid column, a new bound or value not written as
+    PostgreSQL prints a uuid."""
+    if not isinstance(plan, SlicePlan) or not plan.moves:
+        return  # (a plan that moves nothing writes nothing either: not even its split)
+    types = _key_types(cluster, cluster.config, plan.group,
+                       sorted(({m.source for m in plan.moves} | {m.target for m in plan.moves})
+                              & set(cluster.shard_names)))
+    for g, kind in types:
+        if g.value_kind and not slice_comparable(g.value_kind, kind):
+            noun, how = ("strings", "by their text form") if g.value_kind == "str" else ("integers", "as numbers")
+            raise RebalanceError(
+                f"group {plan.group} cannot move online: {g.table}.{g.key} is {kind}, and the group's "
+                f"bounds or values are {noun}, which the shards' guard would compare with its keys "
+                f"{how}, not as PostgreSQL compares {kind} values, so {g.table} is left without the "
+                "ownership guard, on purpose, and the group's slices stay where they are (slices move "
+                "for integer bounds on integer or numeric columns, and string bounds on columns whose "
+                "keys are strings: text, varchar, enums, uuid)")
+    before = {x for s in plan.old for x in (s.lower, s.upper, *s.values)}
+    new = [x for s in plan.split for x in (s.lower, s.upper, *s.values) if x is not None and x not in before]
+    _refuse_beyond_bigint(plan.group, new, lambda: types, "key",
+                          "split at (or move) a key the column can hold")
+    for g, kind in types:
+        if kind == "uuid":
+            for x in new:
+                if isinstance(x, str) and canonical_uuid(x) != x:
+                    canon = canonical_uuid(x)
                     raise RebalanceError(
-                        f"group {plan.group}: key {beyond[0]} is beyond the range of {g.table}.{g.key} "
-                        f"({kind}; bigint holds -9223372036854775808 to 9223372036854775807): no row "
-                        "has it, and the shards compare the group's keys with its bounds and values as "
-                        "bigint, so it would make every write of the group fail; split at (or move) a "
-                        "key the column can hold")
+                        f"group {plan.group}: key {x!r} is "
+                        + ("not a uuid" if canon is None else "not written as PostgreSQL prints a uuid")
+                        + f", and {g.table}.{g.key} is uuid, whose keys the slices compare by that text "
+                        "form" + ("" if canon is None else f": write {canon}"))
 
 
 def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
@@ -501,6 +574,19 @@ def _shard_url(cluster: Cluster, shard: str, move_id: int, batch: int, role: str
             f"the move (`shardkit rebalance resume {move_id}` / `abort {move_id}`)", move_id=move_id) from None
 
 
+def _refuse_configured_beyond_bigint(cluster: Cluster, slices: Sequence[Any]) -> None:
+    """Refuse (before ``init`` publishes them) a range group's configured bounds or a list
+    group's values beyond bigint's range on an integer key column (see _refuse_beyond_bigint)."""
+    for group, mine in by_group(slices).items():
+        field = "ranges" if mine[0].kind == "range" else "values"
+        _refuse_beyond_bigint(
+            group, [x for s in mine for x in (s.lower, s.upper, *s.values)],
+            lambda group=group: _key_types(cluster, cluster.file_config, group),  # type: ignore[misc]
+            "bound" if field == "ranges" else "value",
+            f"give groups.{group}.{field} in the config file {'bounds' if field == 'ranges' else 'values'} "
+            "the column can hold (a range without `from` or `to` is open at that end); nothing was published")
+
+
 def init(cluster: Cluster) -> int:
     """Create the catalog, store the config's map as version 1 (if there is none yet) and
     install the ownership guard on every shard.  Idempotent.  Refused while a move runs; a
@@ -523,13 +609,16 @@ def init(cluster: Cluster) -> int:
                 f"finish (`shardkit rebalance resume {running}`) or abort it first", move_id=running)
         current = catalog.current_map(conn)
         if current is None:
+            slices = initial_slices(cluster.file_config.groups)
+            _refuse_configured_beyond_bigint(cluster, slices)
             catalog.publish_map(conn, cluster.file_config.bucket_map, "initial map from the config file",
-                                slices=initial_slices(cluster.file_config.groups))
+                                slices=slices)
         else:
             # Range and list groups the catalog does not know yet (added to the config
             # since, or a catalog made before slices existed) start as configured.
             have = current.slices
             full = add_missing_groups(have, cluster.file_config.groups)
+            _refuse_configured_beyond_bigint(cluster, full[len(have):])
             if full != have:
                 catalog.publish_map(conn, current.bucket_map,
                                     "slices of range and list groups from the config file", slices=full)
@@ -846,6 +935,7 @@ class Mover:
             if self.catalog.initialised(conn):
                 refuse_onto_leftovers(conn, plan)
         # Asked of the shards before the catalog is locked (other movers wait on that lock).
+        check_slice_plan(self.cluster, plan)
         self._check_triggers(({m.source for m in plan.moves} | {m.target for m in plan.moves})
                              & set(self.cluster.shard_names),  # an unknown one is refused below
                              plan.group if isinstance(plan, SlicePlan) else None)
@@ -879,7 +969,6 @@ class Mover:
                     raise RebalanceError(f"the plan is stale: group {plan.group}'s ranges or values changed "
                                          f"since it was made (live map version {version}); make a new plan")
                 self._check_guarded(plan)
-                refuse_keys_beyond_bigint(self.cluster, plan)
                 other = conn.execute(text(
                     "SELECT min(id) FROM shardkit_catalog.moves WHERE state = 'running' "
                     "AND plan->>'kind' = 'slices' AND plan->>'group' = :g"), {"g": plan.group}).scalar()
@@ -2080,19 +2169,25 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
                 "SELECT batch, source, target, buckets, step, map_version FROM shardkit_catalog.move_batches "
                 "WHERE move_id = :m ORDER BY batch"), {"m": m["id"]}).mappings().all()
             # Each batch's latest copy: a batch resumed with tables its copy did not
-            # know is copied again (Mover._run_batch), its earlier copy replaced.
-            copied = conn.execute(text(
-                "SELECT coalesce(sum(rows), 0) FROM (SELECT DISTINCT ON (batch) "
-                "(detail->>'rows')::bigint AS rows FROM shardkit_catalog.journal "
-                "WHERE move_id = :m AND step = 'copied' ORDER BY batch, id DESC) AS latest"),
-                {"m": m["id"]}).scalar()
+            # know is copied again (Mover._run_batch), its earlier copy replaced.  The
+            # copies of a batch an abort undid were deleted: counted apart.
+            latest = conn.execute(text(
+                "SELECT DISTINCT ON (batch) batch, (detail->>'rows')::bigint FROM shardkit_catalog.journal "
+                "WHERE move_id = :m AND step = 'copied' ORDER BY batch, id DESC"), {"m": m["id"]}).all()
+            undone = {b["batch"] for b in batches if b["step"] == "aborted"}
+            left = {b["batch"] for b in batches if b["step"] == LEFTOVERS}
+            copied = sum(n or 0 for b, n in latest if b not in undone and b not in left)
             out.append({
                 "move": m["id"], "state": m["state"], "reason": m["reason"], "error": m["error"],
                 "mover": m["id"] in held,
                 # What the batches' "buckets" count: hash buckets, or a range or list group's slices.
                 "unit": "slice" if m["slices"] else "bucket",
                 "created_at": m["created_at"].isoformat(), "updated_at": m["updated_at"].isoformat(),
+                # Rows copied by batches no abort undid (for an aborted move: those that
+                # finished, whose rows moved), and by those it undid (their copies deleted;
+                # batches with leftovers count in neither: see "leftovers").
                 "rows_copied": int(copied),
+                "rows_undone": int(sum(n or 0 for b, n in latest if b in undone)),
                 "batches": [{"batch": b["batch"], "source": b["source"], "target": b["target"],
                              "buckets": len(b["buckets"]), "step": b["step"],
                              "map_version": b["map_version"]} for b in batches],
@@ -2127,6 +2222,10 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
 
     On a move already aborted with leftovers, removes them (every shard holding
     them must be reachable).
+
+    A running move whose batches have all finished (its mover stopped before it
+    recorded the end) has nothing to undo: it is recorded ``done``, as ``resume``
+    would, not ``aborted`` (the result's ``done`` is True).
     """
     catalog = _need_catalog(cluster, initialised=True)
     _fits_live_map(cluster, catalog)
@@ -2157,6 +2256,17 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
             if state == "aborted":
                 # Aborted with --target-lost: remove what it left on the targets.
                 return _remove_leftovers(cluster, catalog, move_id, left)
+            if all(b.step == "cleaned" for b in batches):
+                # Every batch finished (its mover stopped before it recorded the move done):
+                # nothing is left to undo and everything moved, so the move is done, as
+                # `resume` would record it; "aborted" would say its buckets went back.
+                finished = [b.batch for b in batches]
+                with catalog.engine.begin() as conn:
+                    conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'done', error = NULL, "
+                                      "updated_at = now() WHERE id = :m"), {"m": move_id})
+                    Catalog.record(conn, move_id, None, "done", {"by": "abort", "finished": finished})
+                return {"move": move_id, "undone_batches": [], "finished_batches": finished, "leftovers": [],
+                        "removed_leftovers": [], "done": True}
             pending = [b for b in batches if b.step != "cleaned"]
             # Every shard the undo reads and writes, before anything is undone.
             urls = {(b.batch, role): _shard_url(cluster, shard, move_id, b.batch, role)
@@ -2170,9 +2280,10 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
                             {"b": list(b.buckets)}).scalar()
                     switched = source_owns == 0
                 if switched:
+                    back = "plan those buckets back" if group is None else _slices_back(catalog, move_id, b)
                     raise RebalanceError(
                         f"move {move_id}: batch {b.batch} has switched to {b.target}; run `shardkit "
-                        f"rebalance resume {move_id}` to finish it, then plan those buckets back",
+                        f"rebalance resume {move_id}` to finish it, then {back}",
                         move_id=move_id, step=b.step)
             # Batches --target-lost may not leave to their target (None: it may), refused
             # before anything is undone when their target is down.
@@ -2233,6 +2344,27 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
                 pass
     return {"move": move_id, "undone_batches": undone, "finished_batches": kept, "leftovers": leftovers,
             "removed_leftovers": []}
+
+
+def _slices_back(catalog: Catalog, move_id: int, b: Any) -> str:
+    """What moves the slices of batch ``b`` of slice move ``move_id`` back to its source."""
+    with catalog.engine.connect() as conn:
+        raw = conn.execute(text("SELECT plan FROM shardkit_catalog.moves WHERE id = :m"), {"m": move_id}).scalar()
+    plan = plan_from_dict(raw)
+    assert isinstance(plan, SlicePlan)
+    out = []
+    for s in (s for s in plan.split if s.id in set(b.buckets)):
+        if len(s.values) == 1:
+            how = f"--move-value {shlex.quote(f'{s.group}:{s.values[0]}')}"
+        elif not s.values and not s.default and (s.lower is not None or s.upper is not None):
+            how = (f"--split {shlex.quote(f'{s.group}:{s.lower}')}" if s.lower is not None
+                   else f"--split {shlex.quote(f'{s.group}:{s.upper}')} --lower")
+        else:
+            out.append(f"slice {s.id} ({s.describe()}) back to {b.source} (--split or --move-value)")
+            continue
+        out.append(f"slice {s.id} ({s.describe()}) back to {b.source}: `shardkit rebalance apply {how} "
+                   f"--to {b.source}`")
+    return "move " + ("; ".join(out) or f"its slices back to {b.source} (--split or --move-value)")
 
 
 def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list[int], move_id: int) -> str:
