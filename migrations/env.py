@@ -9,8 +9,15 @@ Further options of Alembic's ``context.configure()`` (``include_object``,
 arguments: ``run_migrations(context, include_object=...)``.
 """
 
+from logging.config import fileConfig
+
 from alembic import context
 
 from shardkit.migrate import run_migrations
+
+# alembic.ini's logging ("Running upgrade a1 -> a2"), as Alembic's own env.py sets it up;
+# loggers made before it (shardkit's) keep working.
+if context.config.config_file_name and context.config.file_config.has_section("loggers"):
+    fileConfig(context.config.config_file_name, disable_existing_loggers=False)
 
 run_migrations(context)

@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -306,11 +307,20 @@ def run_migrations(context: Any, **configure: Any) -> None:
 
     def directives(migration_context: Any, revision: Any, scripts: list[Any]) -> None:
         one_diff(migration_context, revision, scripts)
-        if their_directives is not None:
+        # Once, on the one set of operations kept, after the last shard's comparison:
+        # run for each shard, it changed that set once per shard (what it added was in
+        # the revision as many times), and one that emptied the directives (Alembic's
+        # "no empty revision" recipe) left the next shard's comparison nothing to fill.
+        if their_directives is not None and one_diff.shard == shards[-1]:
             their_directives(migration_context, revision, scripts)
     try:
         for shard in shards:
             one_diff.shard = shard
+            if not x.get("shard"):
+                # What Alembic prints next (`current`: a revision; `upgrade`: what it runs)
+                # is this shard's, and says so nowhere itself (-q leaves this out too).
+                context.config.print_stdout(f"shard {shard}:")
+                getattr(context.config, "stdout", sys.stdout).flush()
             engine = _engine(cluster, shard)
             with engine.connect() as connection:
                 # One migration of a shard at a time: another one (a second deploy) waits,
@@ -346,8 +356,17 @@ def run_migrations(context: Any, **configure: Any) -> None:
                                    f"{', '.join(done)} before it)" if done else ")"))
                     raise
             engine.dispose()
+            if x.get("shard") and os.environ.get(_RECEIPT):
+                # For `shardkit migrate`: this shard was migrated here, by this env.py.
+                Path(os.environ[_RECEIPT]).write_text(shard, encoding="utf-8")
     finally:
         cluster.dispose()
+
+
+#: The file each shard's Alembic under `shardkit migrate` writes once run_migrations() has
+#: migrated the shard: an env.py that does not call it (Alembic's own, migrating
+#: ``sqlalchemy.url`` whichever shard is named) exits 0 having left the shard alone.
+_RECEIPT = "SHARDKIT_MIGRATE_RECEIPT"
 
 
 def _lock_shard(connection: Any, shard: str) -> None:
@@ -653,12 +672,14 @@ def run_command(
                 return ShardResult(shard, False, 0.0, before.get(shard), None, _NOT_RUN)
             say(f"{shard}: {command} {revision} ...")
             t = time.monotonic()
+            receipt = Path(receipts.name) / str(targets.index(shard) if shard in targets else "canary")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "alembic", "-c", str(ini), "-x", f"config={config_path}",
                  "-x", f"shard={shard}", *(a for x in x_args for a in ("-x", x)), command, revision],
                 # Not the terminal: Alembic wraps its messages to the width of a terminal on
                 # stdin, and a migration must not wait for input.
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, _RECEIPT: str(receipt)},
             )
             running[shard] = proc
         try:
@@ -670,7 +691,12 @@ def run_command(
         ok = proc.returncode == 0
         out = (stdout + stderr).strip()
         err = None
-        if not ok:
+        if ok and not receipt.exists():
+            ok, err = False, (
+                f"alembic exited 0 but did not migrate this shard: the env.py of {ini} does not "
+                "call shardkit.migrate.run_migrations(context) (Alembic's own env.py migrates "
+                "sqlalchemy.url, whichever shard it is given); use shardkit's migrations/env.py")
+        elif not ok:
             err = ("interrupted (Ctrl-C, SIGTERM): its revision in progress rolled back"
                    if stop.is_set() or proc.returncode == -signal.SIGINT
                    else _error_line(out) or f"alembic exited {proc.returncode}")
@@ -721,33 +747,38 @@ def run_command(
                 signal.signal(signal.SIGTERM, previous)
         return [f.result() for f in futures]
 
-    results: list[ShardResult] = []
-    rest = list(targets)
-    if canary:
-        rest.remove(canary) if canary in rest else None
-        r = run_all([canary], 1, later=rest)[0]
-        results.append(r)
-        if not r.ok:
-            _revisions_after(cluster, results)
-            skipped = [ShardResult(s, False, 0.0, before.get(s), before.get(s),
-                                   "not run: the canary shard failed") for s in rest]
-            states = ", ".join(f"{x.shard} at {x.revision_after or 'base'}" for x in results + skipped)
+    # Where each shard's Alembic says it migrated the shard (see _RECEIPT).
+    receipts = tempfile.TemporaryDirectory(prefix="shardkit-migrate-")
+    try:
+        results: list[ShardResult] = []
+        rest = list(targets)
+        if canary:
+            rest.remove(canary) if canary in rest else None
+            r = run_all([canary], 1, later=rest)[0]
+            results.append(r)
+            if not r.ok:
+                _revisions_after(cluster, results)
+                skipped = [ShardResult(s, False, 0.0, before.get(s), before.get(s),
+                                       "not run: the canary shard failed") for s in rest]
+                states = ", ".join(f"{x.shard} at {x.revision_after or 'base'}" for x in results + skipped)
+                raise MigrationError(
+                    f"{command} failed on canary shard {canary}: {r.error}; the other shards "
+                    f"({', '.join(rest) or 'none'}) were not touched. Shards now: {states}",
+                    results + skipped,
+                )
+        results.extend(run_all(rest, parallel))
+        _revisions_after(cluster, results)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            states = ", ".join(f"{r.shard} at {r.revision_after or 'base'}" for r in results)
             raise MigrationError(
-                f"{command} failed on canary shard {canary}: {r.error}; the other shards "
-                f"({', '.join(rest) or 'none'}) were not touched. Shards now: {states}",
-                results + skipped,
+                f"{command} {revision} failed on {', '.join(r.shard for r in failed)}: "
+                + "; ".join(f"{r.shard}: {r.error}" for r in failed)
+                + f". Shards now: {states}",
+                results,
             )
-    results.extend(run_all(rest, parallel))
-    _revisions_after(cluster, results)
-    failed = [r for r in results if not r.ok]
-    if failed:
-        states = ", ".join(f"{r.shard} at {r.revision_after or 'base'}" for r in results)
-        raise MigrationError(
-            f"{command} {revision} failed on {', '.join(r.shard for r in failed)}: "
-            + "; ".join(f"{r.shard}: {r.error}" for r in failed)
-            + f". Shards now: {states}",
-            results,
-        )
+    finally:
+        receipts.cleanup()
     return results
 
 
@@ -777,7 +808,8 @@ def _error_line(output: str) -> str | None:
         else:
             after_exception = False
     if found is None:
-        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+        # Not alembic.ini's log of what ran ("INFO  [alembic...] Running upgrade ...").
+        lines = [ln.strip() for ln in output.splitlines() if ln.strip() and not ln.startswith("INFO ")]
         found = lines[-1] if lines else None
     return found if found is None or len(found) < 400 else found[:397] + "..."
 
