@@ -654,6 +654,7 @@ class Cluster:
                 if role == PRIMARY:
                     from ._session import _watch_primary
 
+                    _quiet_lost_rollback(eng.dialect)
                     _watch_primary(eng.dialect, short_writes=self.config.catalog_url is not None,
                                    autocommit=bool(eng.info.get("autocommit")))
                 for hook in self._engine_hooks:
@@ -940,30 +941,46 @@ def _end_replica_transactions(dialect: Any, only_open: bool) -> None:
     soft-invalidated: the pool replaces it at its next checkout (nor is a streamed read's
     isolation level set back on it as it goes back to the pool).  (A replica that dies
     under a streamed read fails that read, and the commit refuses the transaction first.)"""
-    def quietly(end: Any) -> Any:
-        def end_quietly(dbapi_connection: Any) -> None:
-            # (SQLAlchemy passes the pool's proxy; its dbapi_connection is psycopg's.)
-            raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
-            if only_open and raw.pgconn.transaction_status == TransactionStatus.IDLE:
-                return
-            try:
-                end(dbapi_connection)
-            except dialect.loaded_dbapi.Error as e:
-                invalidate = getattr(dbapi_connection, "invalidate", None)
-                if invalidate is None or not dialect.is_disconnect(e, raw, None):
-                    raise
-                invalidate(e, soft=True)
-        return end_quietly
-
     reset_isolation_level = dialect.reset_isolation_level
 
     def reset_isolation(dbapi_connection: Any) -> None:
         if not dbapi_connection.closed:
             reset_isolation_level(dbapi_connection)
 
-    dialect.do_rollback = quietly(dialect.do_rollback)
-    dialect.do_commit = quietly(dialect.do_commit)
+    dialect.do_rollback = _quietly_when_lost(dialect, dialect.do_rollback, only_open)
+    dialect.do_commit = _quietly_when_lost(dialect, dialect.do_commit, only_open)
     dialect.reset_isolation_level = reset_isolation
+
+
+def _quiet_lost_rollback(dialect: Any) -> None:
+    """Make a primary's dialect roll back a connection whose server is gone quietly (a
+    restart, a backend ended by an operator or a proxy): PostgreSQL rolled its transaction
+    back as the server process ended, so there is nothing left to undo.  The session's
+    rollback() and close() (the end of a request that only read, or whose statements an error
+    stopped) then go on, and give the transaction's other connections back to their pools, as
+    its commit() goes on past a primary it only read from (_finish_past_lost_readers).  The
+    connection is soft-invalidated: the pool replaces it at its next checkout.  A COMMIT that
+    meets its connection gone still raises: whether it committed is not known."""
+    dialect.do_rollback = _quietly_when_lost(dialect, dialect.do_rollback, only_open=False)
+
+
+def _quietly_when_lost(dialect: Any, end: Any, only_open: bool) -> Any:
+    """``end`` (a dialect's do_rollback or do_commit), which lets a connection that is gone go
+    quietly (soft-invalidated) and (``only_open``) is not called when it is not in a
+    transaction."""
+    def end_quietly(dbapi_connection: Any) -> None:
+        # (SQLAlchemy passes the pool's proxy; its dbapi_connection is psycopg's.)
+        raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+        if only_open and raw.pgconn.transaction_status == TransactionStatus.IDLE:
+            return
+        try:
+            end(dbapi_connection)
+        except dialect.loaded_dbapi.Error as e:
+            invalidate = getattr(dbapi_connection, "invalidate", None)
+            if invalidate is None or not dialect.is_disconnect(e, raw, None):
+                raise
+            invalidate(e, soft=True)
+    return end_quietly
 
 
 def _keep_replica_isolation(dialect: Any, node: str) -> None:

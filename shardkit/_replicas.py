@@ -458,10 +458,12 @@ class HealthMonitor:
         was_up = node.up
         first = not node._seen
         node._seen = True
-        if up and node._server_start is not None and server_start != node._server_start:
-            # The server restarted (seen down or not): the connections pooled before
-            # are to a server process that is gone.  Let them go, so the next
-            # statement does not fail on one.
+        if up and server_start != node._server_start and (node._server_start is not None or not first):
+            # The server restarted (seen down or not), or it is up after every poll since
+            # the monitor started found it down (connections pooled before the monitor
+            # started, to a server that stopped): the connections pooled before are to a
+            # server process that is gone.  Let them go, so the next statement does not
+            # fail on one.
             self.cluster._renew_pool(node.shard, node.role, node.index)
         if up:
             node._server_start = server_start
