@@ -968,18 +968,33 @@ def _quietly_when_lost(dialect: Any, end: Any, only_open: bool) -> Any:
     """``end`` (a dialect's do_rollback or do_commit), which lets a connection that is gone go
     quietly (soft-invalidated) and (``only_open``) is not called when it is not in a
     transaction."""
-    def end_quietly(dbapi_connection: Any) -> None:
+    error = dialect.loaded_dbapi.Error
+
+    def lost(dbapi_connection: Any, e: Exception) -> None:
         # (SQLAlchemy passes the pool's proxy; its dbapi_connection is psycopg's.)
         raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
-        if only_open and raw.pgconn.transaction_status == TransactionStatus.IDLE:
+        invalidate = getattr(dbapi_connection, "invalidate", None)
+        if invalidate is None or not dialect.is_disconnect(e, raw, None):
+            raise e
+        invalidate(e, soft=True)
+
+    if not only_open:
+        # (Every primary transaction's end passes here: nothing more than the call.)
+        def end_lost_quietly(dbapi_connection: Any) -> None:
+            try:
+                end(dbapi_connection)
+            except error as e:
+                lost(dbapi_connection, e)
+        return end_lost_quietly
+
+    def end_quietly(dbapi_connection: Any) -> None:
+        raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+        if raw.pgconn.transaction_status == TransactionStatus.IDLE:
             return
         try:
             end(dbapi_connection)
-        except dialect.loaded_dbapi.Error as e:
-            invalidate = getattr(dbapi_connection, "invalidate", None)
-            if invalidate is None or not dialect.is_disconnect(e, raw, None):
-                raise
-            invalidate(e, soft=True)
+        except error as e:
+            lost(dbapi_connection, e)
     return end_quietly
 
 
