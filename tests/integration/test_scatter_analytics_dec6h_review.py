@@ -48,7 +48,8 @@ from sqlalchemy import (
     union,
     union_all,
 )
-from sqlalchemy.dialects.postgresql import aggregate_order_by, distinct_on
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from test_scatter import _distinct_on
 from sqlalchemy.orm import Session
 from test_scatter_exact_hostile import (  # noqa: F401 - hx is the fixture
     HItem,
@@ -293,7 +294,7 @@ REFUSED: dict[str, tuple[Callable[[], Any], str]] = {
     "json_agg": (lambda: select(I.grp, func.json_agg(I.qty)).group_by(I.grp), "json_agg()"),
     "intersect": (lambda: intersect(select(I.qty), select(L.qty)), "compound select INTERSECT"),
     "except": (lambda: except_(select(I.qty), select(L.qty)), "compound select EXCEPT"),
-    "distinct-on": (lambda: select(I.grp, I.id).ext(distinct_on(I.grp)).order_by(I.grp, I.id), "DISTINCT ON"),
+    "distinct-on": (lambda: _distinct_on(select(I.grp, I.id), I.grp).order_by(I.grp, I.id), "DISTINCT ON"),
     "rollup": (lambda: select(I.grp, func.count()).group_by(func.rollup(I.grp)), "GROUP BY ROLLUP"),
     "cube": (lambda: select(I.grp, I.flag, func.count()).group_by(func.cube(I.grp, I.flag)), "GROUP BY CUBE"),
     "grouping-sets": (lambda: select(I.grp, func.count()).group_by(func.grouping_sets(I.grp, I.flag)),

@@ -35,9 +35,9 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, mapped_column, sessionmaker
+from test_scatter import _distinct_on
 from test_scatter_exact_hostile import (
     GROUPS,
     HBase,
@@ -240,7 +240,7 @@ EXACT_HASH = {
     "count-distinct-key-joined": lambda: (lambda p: select(func.count(distinct(Cust.id)))
                                           .join(p, p.c.customer_id == Cust.id).where(p.c.n > 2))(per.subquery()),
     "distinct-on-key": lambda: (lambda p: select(func.count(), func.sum(p.c.amount)))(
-        select(Ord.customer_id, Ord.amount).ext(distinct_on(Ord.customer_id))
+        _distinct_on(select(Ord.customer_id, Ord.amount), Ord.customer_id)
         .order_by(Ord.customer_id, Ord.amount.desc().nulls_last(), Ord.id).subquery()),
     "distinct-with-key": lambda: (lambda p: select(p.c.status, func.count()).group_by(p.c.status)
                                   .order_by(p.c.status))(
@@ -325,7 +325,7 @@ EXACT_RANGE_LIST = {
                                    .order_by(c.c.kind))(
         select(Ev.tenant, Ev.kind, func.count().label("n")).group_by(Ev.tenant, Ev.kind).cte("tk")),
     "range-distinct-on": lambda: (lambda p: select(func.sum(p.c.v), func.count()))(
-        select(Ev.tenant, Ev.v).ext(distinct_on(Ev.tenant)).order_by(Ev.tenant, Ev.id.desc()).subquery()),
+        _distinct_on(select(Ev.tenant, Ev.v), Ev.tenant).order_by(Ev.tenant, Ev.id.desc()).subquery()),
     "list-avg-max": lambda: (lambda p: select(func.avg(p.c.n), func.max(p.c.s), func.min(p.c.s)))(
         per_region.subquery()),
     "list-ordered": lambda: (lambda p: select(p.c.n, p.c.s).order_by(p.c.s.desc(), p.c.n))(per_region.subquery()),
