@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_migrate_hostile import World
+from test_migrate_hostile import World, world  # noqa: F401 - world: a fixture (over this module's dev)
 
 from shardkit import migrate
 from shardkit.errors import ConfigurationError
@@ -21,20 +21,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def dev(shardkit_module_cluster_factory):
     return shardkit_module_cluster_factory(shards=2, replicas=0)
-
-
-@pytest.fixture
-def world(dev, tmp_path):
-    made = []
-
-    def make(**kw) -> World:
-        w = World(dev, tmp_path / f"w{len(made)}", **kw)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.close()
 
 
 def alembic(w: World, *args: str) -> subprocess.CompletedProcess[str]:

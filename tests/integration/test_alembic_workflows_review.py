@@ -10,7 +10,7 @@ import sys
 
 import psycopg
 import pytest
-from test_migrate_hostile import World
+from test_migrate_hostile import World, world  # noqa: F401 - world: a fixture (over this module's dev)
 
 from shardkit import rebalance
 
@@ -28,20 +28,6 @@ CREATE = ("op.create_table('users', sa.Column('id', sa.BigInteger, primary_key=T
 @pytest.fixture(scope="module")
 def dev(shardkit_module_cluster_factory):
     return shardkit_module_cluster_factory(shards=2, replicas=0)
-
-
-@pytest.fixture
-def world(dev, tmp_path):
-    made = []
-
-    def make(**kw) -> World:
-        w = World(dev, tmp_path / f"w{len(made)}", **kw)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.close()
 
 
 def alembic(w: World, *args: str) -> subprocess.CompletedProcess[str]:
