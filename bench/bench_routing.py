@@ -9,7 +9,8 @@ take turns every 50 operations; medians over rounds:
 Every contender reads the same keys; each operation opens a session, reads one
 row by primary key and closes the session (what one web request does).
 
-* plain      - sqlalchemy Session bound directly to the owning shard's engine (the floor)
+* plain      - sqlalchemy Session bound directly to the owning shard's engine (the floor;
+               create_engine() of its URL, as an application without shardkit makes it)
 * shardkit   - shardkit.ShardedSession
 * hs-naive   - sqlalchemy.ext.horizontal_shard with choosers that return every shard
 * hs-keyed   - horizontal_shard with choosers in the style of SQLAlchemy's sharding
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import BigInteger, String, event, select
+from sqlalchemy import BigInteger, String, create_engine, event, select
 from sqlalchemy.ext.horizontal_shard import ShardedSession as HSSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import operators, visitors
@@ -124,8 +125,11 @@ def main() -> int:
             s.commit()
         keys = [(k * 7919) % args.rows for k in range(args.ops)]
         owner = {k: cluster.shard_for(User, k) for k in set(keys)}
-        plain = {s: sessionmaker(bind=cluster.primary(s)) for s in cluster.shard_names}
-        shards = {s: cluster.primary(s) for s in cluster.shard_names}
+        # The engines an application without shardkit makes (create_engine() of the same
+        # URLs, SQLAlchemy's defaults), not the cluster's: those pass each transaction's
+        # end through shardkit's dialect wrappers, which the floor must not pay.
+        shards = {s: create_engine(cluster.primary(s).url) for s in cluster.shard_names}
+        plain = {s: sessionmaker(bind=shards[s]) for s in cluster.shard_names}
         hs_naive = sessionmaker(class_=HSSession, shards=shards, **hs_naive_choosers(cluster))
         hs_keyed = sessionmaker(class_=HSSession, shards=shards, **hs_keyed_choosers(cluster))
         raw = raw_primaries(cluster, autocommit=True)
@@ -203,7 +207,8 @@ def main() -> int:
         def count(*_a: Any) -> None:
             sent[0] += 1
 
-        for engine in shards.values():
+        engines = [*shards.values(), *(cluster.primary(s) for s in cluster.shard_names)]
+        for engine in engines:
             event.listen(engine, "before_cursor_execute", count)
         for opname, fns in contenders.items():
             for n, fn in fns.items():
@@ -215,12 +220,14 @@ def main() -> int:
                 print(f"{opname} / {n}: {per_op:g} statements per operation")
                 if n in ("plain", "shardkit", "hs-keyed") and per_op != 1:
                     failed.append(f"{opname} / {n} sent {per_op:g} statements per operation, not 1")
-        for engine in shards.values():
+        for engine in engines:
             event.remove(engine, "before_cursor_execute", count)
         if failed:
             raise SystemExit("; ".join(failed) + ": the ratios above do not compare like with like")
         for c in raw.values():
             c.close()
+        for engine in shards.values():
+            engine.dispose()
         cluster.dispose()
     return 0
 
