@@ -45,6 +45,9 @@ class _Instance:
         self.keys = keys          # column key/name in frm.c -> key position
         self.n_keys = n_keys
         self.label = label
+        # (a derived table's) key columns that carry the key of an outer join's optional
+        # side inside it: NULL for rows of every shard, so grouping by one is not local
+        self.optional: set[Any] = set()
 
 
 def colocation_problem(statement: Any, resolve: Resolver, one_shard: Iterable[Any] = (),
@@ -232,6 +235,7 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance],
         # The derived table's columns that carry a key of its sharded tables; one
         # instance per group (the inner ones of a group are tied on the key already).
         by_group: dict[str, _Instance] = {}
+        optional = _optional_sides(sel_froms)
         for inst in inner_instances:
             d = by_group.setdefault(inst.group, _Instance(frm, inst.group, {}, inst.n_keys, _name(frm)))
             for col in frm.c:
@@ -239,6 +243,8 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance],
                     if _plain(getattr(base, "table", None)) is inst.frm and \
                             getattr(base, "name", None) in inst.keys:
                         d.keys.setdefault(col.key, inst.keys[base.name])
+                        if id(inst.frm) in optional or base.name in inst.optional:
+                            d.optional.add(col.key)
         derived.extend(by_group.values())
     return derived, None
 
@@ -258,12 +264,7 @@ def _shard_local(sel: Any, froms: list[Any], instances: list[_Instance], local: 
     if not local or not instances or not isinstance(sel, selectable.Select) \
             or any(i.group not in local for i in instances):
         return False
-    optional: set[int] = set()
-    for f in froms:
-        for j in sql_util.surface_selectables(f):
-            if isinstance(j, selectable.Join) and (j.isouter or j.full):
-                for side in (j.left, j.right) if j.full else (j.right,):
-                    optional.update(id(_plain(x)) for x in sql_util.surface_selectables(side))
+    optional = _optional_sides(froms)
 
     def covers(exprs: Iterable[Any]) -> bool:
         """Whether ``exprs`` name, as plain columns, every key column of an instance of
@@ -290,7 +291,7 @@ def _shard_local(sel: Any, froms: list[Any], instances: list[_Instance], local: 
                     if inst.frm is t and id(t) not in optional:
                         pos = inst.keys.get(c.key)
                         pos = inst.keys.get(c.name) if pos is None else pos
-                        if pos is not None:
+                        if pos is not None and c.key not in inst.optional and c.name not in inst.optional:
                             named.setdefault(id(inst), set()).add(pos)
         return all(any(len(named.get(id(i), ())) == i.n_keys for i in instances if i.group == g)
                    for g in {i.group for i in instances})
@@ -306,6 +307,17 @@ def _shard_local(sel: Any, froms: list[Any], instances: list[_Instance], local: 
         if not covers(on or sel.selected_columns):
             return False
     return grouped or bool(sel._distinct)
+
+
+def _optional_sides(froms: list[Any]) -> set[int]:
+    """ids of the FROM elements on the optional side of an outer join among ``froms``."""
+    optional: set[int] = set()
+    for f in froms:
+        for j in sql_util.surface_selectables(f):
+            if isinstance(j, selectable.Join) and (j.isouter or j.full):
+                for side in (j.left, j.right) if j.full else (j.right,):
+                    optional.update(id(_plain(x)) for x in sql_util.surface_selectables(side))
+    return optional
 
 
 def shard_local_derived(statement: Any, resolve: Resolver, local: frozenset[str]) -> list[str]:

@@ -1179,10 +1179,6 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
     # HAVING and ORDER BY work on merged values: compile them into evaluators.
     def term(expr: Any) -> Callable[[Sequence[Any], Sequence[Any]], Any]:
         """A function of (merged visible row, merged extras) for an aggregate or group expression."""
-        if (text := _under_c_collation(expr)) is not None:
-            # name COLLATE "C" (what the README tells a non-C database to write): the
-            # same values, ordered by code point, as the merge compares text.
-            return term(text)
         for i, c in enumerate(columns):
             c2 = c.element if isinstance(c, Label) else c
             e2 = expr.element if isinstance(expr, Label) else expr
@@ -1206,6 +1202,11 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                 checks.append((pos, False, "HAVING/ORDER BY"))
             j = len(extras) - 1
             return lambda row, extra, j=j: extra[j]
+        if (text := _under_c_collation(expr)) is not None:
+            # name COLLATE "C" (what the README tells a non-C database to write) that is not
+            # itself selected or grouped by: the same values as name, ordered by code point,
+            # as the merge compares text.
+            return term(text)
         if _grouped_by_primary_key(expr, group_by):
             # A column of a table whose primary key is grouped by: one value per group.
             extras.append(OutputColumn("value", (add(expr),)))

@@ -4703,8 +4703,9 @@ def _refuse_stale_token(session: ShardedSession, state: Any) -> None:
             f"key) but its shard key places it on {shard}: its flush would write the row of "
             f"that primary key on {token}. make_transient() keeps an object's last shard and "
             "make_transient_to_detached() keys it with that one, whatever key it was given "
-            "meanwhile: clear it first (inspect(obj).identity_token = None), or load the row "
-            f"from {shard}", table=tr.table)
+            "meanwhile (its identity key keeps it: clearing identity_token now changes nothing): "
+            "re-key it with make_transient(obj), inspect(obj).identity_token = None, then "
+            f"make_transient_to_detached(obj), or load the row from {shard}", table=tr.table)
 
 
 def _end_transaction(session: ShardedSession, transaction: Any) -> None:
