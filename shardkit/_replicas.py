@@ -650,10 +650,22 @@ class ReplicaSelector:
             weights = [state.weights[r.index] for r in candidates]
             return self._rand.choices(candidates, weights=weights)[0]
         if policy == "least_outstanding":
-            def outstanding(r: NodeHealth) -> int:
-                eng = self.cluster._engines.get((shard, "replica", r.index))
-                return eng.pool.checkedout() if eng is not None else 0  # type: ignore[attr-defined]
-            return min(candidates, key=outstanding)
+            # This process's reads in progress on each; among the least busy, the next in
+            # turn: reads that never overlap (a worker serving one request at a time) find
+            # every replica idle, and a tie given to the first would send them all there.
+            engines = self.cluster._engines
+            least, tied = -1, []
+            for r in candidates:
+                eng = engines.get((shard, "replica", r.index))
+                out = eng.pool.checkedout() if eng is not None else 0  # type: ignore[attr-defined]
+                if out < least or least < 0:
+                    least, tied = out, [r]
+                elif out == least:
+                    tied.append(r)
+            if len(tied) == 1:
+                return tied[0]
+            state.rr = turn = state.rr + 1  # (unlocked: a lost turn only repeats a replica)
+            return tied[turn % len(tied)]
         if policy == "lowest_latency":
             return min(candidates, key=lambda r: r.latency_ms if r.latency_ms is not None else 1e9)
         with self._lock:

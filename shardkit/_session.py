@@ -697,8 +697,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if pinned is not None and pinned != _ON_PRIMARY:
             if any(r.index == pinned for r in ok):
                 return pinned
-            if role != REPLICA:
+            if role != REPLICA and (ok or behind or settings.when_no_replica != "raise"):
                 return self._on_primary(shard)
+            # (Every replica out under when_no_replica = "raise": raised below, as for a
+            # transaction that had not read the shard yet.)
         # A forced read that moved to another replica does not take the transaction
         # with it: the next plain read finds the pin unusable and reads the primary.
         repin = pinned is None
@@ -4181,6 +4183,11 @@ def _replica_reads(cluster: Cluster, shard: str) -> str:
     return f" ({shard} has no replicas: its reads cannot run either)"
 
 
+def _wal_bytes(n: int) -> str:
+    """A WAL gap for a message: bytes below a megabyte (a small max_lag_bytes), else MB."""
+    return f"{n} bytes" if n < 1_000_000 else f"{n / 1e6:.1f} MB"
+
+
 def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: int | None,
              moved: bool = False, exclude: frozenset[int] = frozenset()) -> str:
     """Why no replica of ``shard`` serves a read; ``moved``: ``min_lsn`` is the WAL position
@@ -4212,12 +4219,16 @@ def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: in
         elif lag_b is None:
             parts.append(f"{r.name} has not been measured yet")
         elif lag_s is None:
-            parts.append(f"{r.name} is {lag_b / 1e6:.1f} MB behind, for how long is unknown"
+            parts.append(f"{r.name} is {_wal_bytes(lag_b)} behind, for how long is unknown"
                          + (f", and has not replayed {what} yet ({format_lsn(r.wal_lsn or 0)} < "
                             f"{format_lsn(min_lsn)})" if short else ""))
         elif lag_b > max_b or lag_s > max_s:
-            parts.append(f"{r.name} is {lag_s:.1f} s ({lag_b / 1e6:.1f} MB) behind; "
-                         f"limit {max_s:g} s / {max_b / 1e6:.1f} MB")
+            # Which limit (the read's own, its scope's or [replicas]'), and by how much.
+            past = [f"max_lag_seconds = {max_s:g}"] if lag_s > max_s else []
+            if lag_b > max_b:
+                past.append(f"max_lag_bytes = {max_b}")
+            parts.append(f"{r.name} is {lag_s:.1f} s and {_wal_bytes(lag_b)} behind, past "
+                         + " and ".join(past))
         elif short:
             parts.append(f"{r.name} has not replayed {what} yet "
                          f"({format_lsn(r.wal_lsn or 0)} < {format_lsn(min_lsn)})")
