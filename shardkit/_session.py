@@ -47,7 +47,7 @@ from sqlalchemy import bindparam
 from sqlalchemy import insert as sa_insert
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from concurrent.futures import wait
+from concurrent.futures import FIRST_EXCEPTION, wait
 from itertools import count as _counter
 
 from psycopg.pq import TransactionStatus
@@ -2692,6 +2692,18 @@ class ScatterResult(IteratorResult):  # type: ignore[type-arg]
     # The shards' own results (server-side cursors when streamed): closed with this one.
     _shard_results: Sequence[Any] = ()
 
+    # scalars() and mappings() (also Session.scalars()) are the result read another way:
+    # they say which shards are missing too.
+    def scalars(self, index: Any = 0) -> Any:
+        result = super().scalars(index)
+        result.missing_shards = self.missing_shards
+        return result
+
+    def mappings(self) -> Any:
+        result = super().mappings()
+        result.missing_shards = self.missing_shards
+        return result
+
     def _soft_close(self, hard: bool = False, **kw: Any) -> None:
         super()._soft_close(hard=hard, **kw)
         # Nothing reads them any more: close() (or leaving a with block) closes each
@@ -3348,6 +3360,21 @@ def _question_node(session: ShardedSession, shards: Sequence[str]) -> tuple[str,
     return shards[0], None
 
 
+def _decides_scatter(error: BaseException | None, replica: int | None) -> bool:
+    """Whether a shard's ``error`` fails a cross-shard read (without partial results)
+    whatever the other shards answer: not a replica's (its shard is read again on another
+    node), nor the database refusing the statement itself, which every shard may refuse
+    alike (its own error is raised then, see _scatter_read), nor a transaction an earlier
+    error aborted (each shard where it is aborted fails at once: the error names them all)."""
+    if error is None or replica is not None:
+        return False
+    if isinstance(error, sa_exc.DBAPIError) and not isinstance(error, ShardUnavailable) \
+            and not error.connection_invalidated:
+        state = getattr(error.orig, "sqlstate", None)
+        return not (state and (state[:2] in _STATEMENT_REFUSED or state == "25P02"))
+    return True
+
+
 def _failed_transaction(conn: Any) -> bool:
     """Whether an error aborted the transaction of ``conn`` (a SQLAlchemy Connection)."""
     try:
@@ -3425,6 +3452,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 break
             tasks.append((shard, index, stmt, eo, ba, conn, shard_params))
             break
+        if failures and not partial_ok:
+            # The read fails whatever the other shards answer: run it on none of them.
+            raise ScatterError(failures)
 
     def run(task: Any) -> Any:
         shard, index, stmt, eo, ba, conn, shard_params = task
@@ -3441,8 +3471,27 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     # exception raised once they have stopped, as psycopg does on one connection (left
     # running, they would hold the session's connections and the scatter threads).
     interrupted: BaseException | None = None
+    # Without partial results, a shard's failure decides the read (a ScatterError, whatever
+    # the others answer): the queries still running are cancelled then, as past a deadline,
+    # not waited for (a slow or blocked shard would hold the caller, the session's
+    # connections and the servers for nothing).
+    failed_fast = False
     try:
-        done, not_done = wait(futures, timeout=timeout)
+        if partial_ok or len(futures) < 2:
+            not_done = wait(futures, timeout=timeout)[1]
+        else:
+            not_done = set(futures)
+            end = None if timeout is None else time.monotonic() + timeout
+            while not_done:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                done, not_done = wait(not_done, timeout=left, return_when=FIRST_EXCEPTION)
+                if not done:
+                    break
+                if not_done and any(_decides_scatter(f.exception(), futures[f][1]) for f in done):
+                    failed_fast = True
+                    break
     except BaseException as e:
         interrupted = e
         not_done = {f for f in futures if not f.done()}
@@ -3506,6 +3555,18 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     results: dict[str, Any] = {}
     for f, (shard, index, stmt, eo, ba, conn, shard_params) in futures.items():
         if f in not_done:
+            if failed_fast:
+                own = None if f.cancelled() or f in cut else f.exception()
+                if own is not None and getattr(getattr(own, "orig", None), "sqlstate", None) != "57014":
+                    failures[shard] = own  # it failed by itself (not by the cancel)
+                    continue
+                # Stopped because another shard failed: not a failure of its own.
+                if not f.cancelled() and f.exception() is None:
+                    try:
+                        f.result().close()
+                    except Exception:  # noqa: BLE001 - its connection may be shut down
+                        pass
+                continue
             # No answer within the timeout, whatever the thread did after it.
             cause = None if f.cancelled() or f in cut else f.exception()
             if not f.cancelled() and f.exception() is None:
