@@ -32,7 +32,10 @@ from sqlalchemy.sql.base import _from_objects
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.dml import Delete, Update
 
-# table name -> (group, key column names), or None for reference / unknown tables
+# a table's full name (Table.fullname) -> (group, key column names), or None for reference /
+# unknown tables; the resolver, not its caller, falls back to the short name of a table of
+# another schema that is not configured (as the router routes it): a reference table of
+# another schema is no sharded namesake's instance
 Resolver = Callable[[str], "tuple[str, tuple[str, ...]] | None"]
 
 
@@ -169,7 +172,7 @@ def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance],
             frm = _plain(frm)
             table = _table_of(frm)
             if isinstance(table, selectable.TableClause):
-                placed = resolve(table.fullname) or resolve(table.name)
+                placed = resolve(table.fullname)
                 if placed is not None:
                     group, keys = placed
                     out.append(_Instance(frm, group, {k: i for i, k in enumerate(keys)}, len(keys),

@@ -685,19 +685,20 @@ class Router:
         tr = self.tables.get(_table_name(stmt.table))
         if tr is None or tr.strategy is None:
             return
-        sets = {_col_name(k): v for k, v in (stmt._values or {}).items()}
+        table = stmt.table
+        sets = {_set_name(table, k): v for k, v in (stmt._values or {}).items()}
         if isinstance(params, (list, tuple)) and params and isinstance(params[0], Mapping):
             # An executemany: SQLAlchemy takes the SET of an UPDATE without values() from
             # the parameters, and each set gives its own values(key=bindparam(...)): each
             # set is checked as a single one is, on the shards its own key names.
-            if any(c in sets or any(_col_name(k) == c for p in params for k in p)
+            if any(c in sets or any(_set_name(table, k) == c for p in params for k in p)
                    for c in tr.key_columns):
                 for p in params:
                     self.route(stmt, p, all_shards=True)
             return
         if isinstance(params, Mapping):
             # Parameters of an UPDATE without values() become its SET clause.
-            sets.update({_col_name(k): v for k, v in params.items()})
+            sets.update({_set_name(table, k): v for k, v in params.items()})
         touched = [c for c in tr.key_columns if c in sets]
         if not touched:
             return
@@ -750,15 +751,15 @@ class Router:
             rows = [dict(zip(stmt.table.c.keys(), r)) if isinstance(r, (list, tuple)) else r
                     for mv in stmt._multi_values for r in mv]
             pmap = params if isinstance(params, Mapping) else _EMPTY
-            rows = [{_col_name(k): _bound(v, pmap) for k, v in r.items()} for r in rows]
+            rows = [{_set_name(table, k): _bound(v, pmap) for k, v in r.items()} for r in rows]
             return self._route_rows(tname, tr, rows, None, stmt, keyless_to, pmap)
         # An ORM insert's parameters are keyed by attribute name, which may not be the column's.
         names = _attribute_columns(stmt)
         values = dict(stmt._values or {})
 
         def row_of(p: Mapping[Any, Any]) -> dict[str, Any]:
-            row = {_col_name(k): _bound(v, p) for k, v in values.items()}
-            row.update({names.get(k, _col_name(k)) if isinstance(k, str) else _col_name(k): v
+            row = {_set_name(table, k): _bound(v, p) for k, v in values.items()}
+            row.update({(names.get(k) or _set_name(table, k)) if isinstance(k, str) else _col_name(k): v
                         for k, v in p.items()})
             return row
 
@@ -795,7 +796,7 @@ class Router:
         new = dict(row)
         touched = False
         for k, v in (sets.items() if isinstance(sets, Mapping) else sets):  # a list in SQLAlchemy 2.0
-            name = _col_name(k)
+            name = _set_name(stmt.table, k)
             if name not in tr.key_columns:
                 continue
             if isinstance(v, elements.ColumnClause) and v.name == name and \
@@ -1182,7 +1183,7 @@ class Router:
             try:
                 for m in opt._all_mappers():
                     table = m.local_table
-                    if not (self._placement(table.fullname) or self._placement(table.name)):
+                    if not self._placement(table.fullname):
                         continue  # not sharded: nothing of it differs between shards
                     found = colocation_problem(select(m).where(opt._resolve_where_criteria(m)),
                                                self._placement)
@@ -1404,7 +1405,13 @@ class Router:
         return problem
 
     def _placement(self, name: str) -> tuple[str, tuple[str, ...]] | None:
+        """The group and key columns of the table of full name ``name`` (None: a reference
+        table, or one not configured).  As :meth:`table_route` finds it: a table of another
+        schema not configured by its qualified name by its short name, but one configured
+        (a reference table ``archive.users``) never as a namesake (a sharded ``users``)."""
         tr = self.tables.get(name)
+        if tr is None and "." in name:
+            tr = self.tables.get(name.rsplit(".", 1)[-1])
         if tr is None or tr.group is None:
             return None
         return tr.group, tr.key_columns
@@ -2031,6 +2038,16 @@ def _col_name(k: Any) -> str:
     if isinstance(k, str):
         return k
     return getattr(k, "name", None) or getattr(k, "key", str(k))
+
+
+def _set_name(table: Any, k: Any) -> str:
+    """The name of the column that a key of an INSERT's or UPDATE's values or parameters
+    sets: a string is a column's key, as SQLAlchemy reads it (``Column("user",
+    key="owner")`` is set by ``owner``), else a column (by its name)."""
+    if isinstance(k, str):
+        c = table.c.get(k)
+        return k if c is None else c.name
+    return _col_name(k)
 
 
 def _table_name(table: Any) -> str:

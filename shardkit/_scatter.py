@@ -1360,7 +1360,7 @@ def _distinct_key(col: Any, stmt: Any, placement: Resolver | None,
     if not isinstance(table, selectable.TableClause):
         return (f"{col} is a column of a subquery, not of a sharded table, and a value of it "
                 "may occur on several shards")
-    placed = placement(table.fullname) or placement(table.name)
+    placed = placement(table.fullname)
     if placed is None or col.name not in placed[1]:
         return f"{col} is not a shard key, and a value may occur on several shards"
     group, keys = placed

@@ -1687,8 +1687,8 @@ class Mover:
                     # later slice of pages).
                     tgt.execute(_REPLICA_ON)
                 for t in reversed(tables):  # leftovers of an interrupted copy; children first
-                    tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql + " = ANY(%s::integer[])").format(
-                        _ident(t.name)), (buckets,))
+                    tgt.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s::integer[])").format(
+                        _ident(t.name), sql.SQL(t.bucket_sql)), (buckets,))
                 with src.transaction():
                     src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     for t in tables:
@@ -1701,9 +1701,10 @@ class Mover:
                         scan, bucket = t.scan_sql()
                         for chunk in _page_chunks(src, t.name, self._chunk_pages):
                             t0 = time.monotonic()
-                            out_sql = sql.SQL("COPY (SELECT {} FROM {} " + scan + " WHERE " + chunk + " AND " +
-                                              bucket + " = ANY(%s::integer[])) TO STDOUT (FORMAT binary)").format(
-                                t.qualified(t.columns), _ident(t.name))
+                            out_sql = sql.SQL("COPY (SELECT {} FROM {} {} WHERE {} AND {} = ANY(%s::integer[])) "
+                                              "TO STDOUT (FORMAT binary)").format(
+                                t.qualified(t.columns), _ident(t.name), sql.SQL(scan), sql.SQL(chunk),
+                                sql.SQL(bucket))
                             with src.cursor() as sc, tgt.cursor() as tc:
                                 with sc.copy(out_sql, (buckets,)) as out, tc.copy(in_sql) as inp:
                                     for data in out:
@@ -1775,9 +1776,9 @@ class Mover:
                 stage, cols, name))
             keys_lit = t.logged_match(keys)
             out_sql = sql.SQL(
-                "COPY (SELECT {cols} FROM {t} WHERE {keys} AND " + t.bucket_sql +
-                " = ANY({buckets}::integer[])) TO STDOUT (FORMAT binary)").format(
-                cols=cols, t=name, keys=keys_lit, buckets=sql.Literal(buckets))
+                "COPY (SELECT {cols} FROM {t} WHERE {keys} AND {b} = ANY({buckets}::integer[])) "
+                "TO STDOUT (FORMAT binary)").format(
+                cols=cols, t=name, keys=keys_lit, b=sql.SQL(t.bucket_sql), buckets=sql.Literal(buckets))
             in_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(stage, cols)
             _bound(deadline, wait, src)  # (the target's COPY lasts as long as the source's)
             with src.cursor() as sc, tgt.cursor() as tc:
@@ -1791,18 +1792,18 @@ class Mover:
             _bound(deadline, wait, tgt)
             tgt.execute(sql.SQL(
                 "DELETE FROM {t} WHERE {keys} "
-                "AND " + t.bucket_sql + " = ANY({buckets}::integer[])"
+                "AND {b} = ANY({buckets}::integer[])"
                 + ("" if whole else " AND ({pk}) NOT IN (SELECT {pk} FROM {s})")).format(
-                t=_ident(t.name), pk=pkc, keys=keys_lit, s=stage, buckets=sql.Literal(buckets)))
+                t=_ident(t.name), pk=pkc, keys=keys_lit, s=stage, b=sql.SQL(t.bucket_sql),
+                buckets=sql.Literal(buckets)))
         for t, pkc, keys_lit, stage, whole in staged:  # parents first
             _bound(deadline, wait, tgt)
             name = _ident(t.name)
             clash = tgt.execute(sql.SQL(
-                "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ("
-                + unit_expression(t.guarded, t.key_type, self.cluster.config.bucket_count,
-                                  row=_ident(t.name).as_string(tgt))
-                + " = ANY(%s::integer[]))").format(
-                t=name, s=stage, pk=pkc), (buckets,)).fetchone()[0]
+                "SELECT count(*) FROM {t} JOIN {s} USING ({pk}) WHERE NOT ({b} = ANY(%s::integer[]))").format(
+                t=name, s=stage, pk=pkc, b=sql.SQL(unit_expression(
+                    t.guarded, t.key_type, self.cluster.config.bucket_count,
+                    row=_ident(t.name).as_string(tgt)))), (buckets,)).fetchone()[0]
             if clash:
                 raise _KeyClash(
                     f"table {t.name}: {clash} changed rows have the primary key of a row of another "
@@ -2054,12 +2055,15 @@ class Mover:
             scan, bucket = t.scan_sql()
             q = ("SELECT x.b, count(*), "
                  "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
-                 "FROM (SELECT " + bucket + ", {plain} FROM {t} " + scan + " WHERE {chunk} "
+                 "FROM (SELECT {bucket}, {plain} FROM {t} {scan} WHERE {chunk} "
                  "OFFSET 0) AS x (b, {names}) "
                  "WHERE x.b = ANY({buckets}::integer[]) "
                  "AND NOT {recent} "
                  "GROUP BY 1")
+            # (SQL text with the key column's name in it goes in as an argument: a name may
+            # hold braces, which format() would read in the template.)
             parts = dict(cols=cols, t=_ident(t.name), plain=t.qualified(inner),
+                         bucket=sql.SQL(bucket), scan=sql.SQL(scan),
                          names=sql.SQL(", ").join(at[c] for c in inner), buckets=sql.Literal(buckets))
 
             def sums(conn: psycopg.Connection, recent: sql.Composable) -> dict[Any, tuple[int, Any]]:
@@ -2128,9 +2132,8 @@ class Mover:
                         # foreign-key checks (a row's children may lie in a later slice); so no
                         # ON DELETE CASCADE either: every moved table is deleted here.
                         src.execute(_REPLICA_ON)
-                    cur = src.execute(sql.SQL("DELETE FROM {t} WHERE " + chunk + " AND " + t.bucket_sql +
-                                              " = ANY(%s::integer[])").format(t=_ident(t.name)),
-                                      (buckets,))
+                    cur = src.execute(sql.SQL("DELETE FROM {t} WHERE {c} AND {b} = ANY(%s::integer[])").format(
+                        t=_ident(t.name), c=sql.SQL(chunk), b=sql.SQL(t.bucket_sql)), (buckets,))
                     deleted += cur.rowcount
                 self._rest(t0, min(self.duty, _CLEAN_UP_DUTY))
         with src.transaction():
@@ -2393,8 +2396,8 @@ def _undo_on_target(tgt: psycopg.Connection, tables: list[_Table], buckets: list
         if replica:  # the copies go as the mover wrote them: no user triggers
             tgt.execute(_REPLICA_ON)
         for t in reversed(tables):
-            tgt.execute(sql.SQL("DELETE FROM {} WHERE " + t.bucket_sql +
-                                " = ANY(%s::integer[])").format(_ident(t.name)), (buckets,))
+            tgt.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s::integer[])").format(
+                _ident(t.name), sql.SQL(t.bucket_sql)), (buckets,))
     # The target's replicas serve reads once they have replayed the deletes.
     return _committed_position(tgt)
 
