@@ -21,7 +21,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 import shardkit
 from shardkit.catalog import Catalog
 
-pytestmark = pytest.mark.integration
+# The forks here happen while threads run, on purpose (the monitor's, the follower's):
+# Python 3.12+ warns of any fork in a multi-threaded process.
+pytestmark = [pytest.mark.integration,
+              pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")]
 
 CATALOG_DB = "long_running_review_catalog"
 CHILD_LIMIT = 20  # seconds a child may take before it is taken for hung (SIGALRM kills it)

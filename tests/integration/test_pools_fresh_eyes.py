@@ -149,6 +149,9 @@ def test_dispose_then_reuse_follows_the_catalogs_map_again(dev):
         cat.dispose()
 
 
+# A pre-forking server may fork while threads run (as this process has some):
+# Python 3.12+ warns of it, as test_process_lifecycle_dec5b_review.py lets it.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_dispose_close_false_in_a_forked_worker_leaves_the_parents_connections(dev):
     """A pre-forking server forks workers from a process that used the cluster: the worker
     must drop the inherited pools without closing them (closing sends the server a

@@ -20,6 +20,7 @@ import shardkit
 import shardkit.metrics
 from shardkit import cli
 from shardkit.devcluster import to_toml
+from waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -130,6 +131,14 @@ def test_a_caught_up_replica_of_a_primary_down_at_start_still_serves_reads(dev):
         c.execute("INSERT INTO sre_items VALUES (2, 'caught up') ON CONFLICT DO NOTHING")
     r0.wait_caught_up()
     primary.stop()
+
+    # The primary's shutdown checkpoint (a 120-byte record) reaches the replica as it
+    # stops: replayed a moment later, which a loaded machine can make the first poll see.
+    def replayed_all_received() -> bool:
+        with r0.connect() as c:
+            return c.execute("SELECT pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn()").fetchone()[0]
+
+    wait_for(replayed_all_received, 30, "r0 to replay the primary's shutdown checkpoint")
     cluster = shardkit.Cluster.from_config(config(dev, replicas={"consistency": "eventual"}))
     try:
         health = {n["node"]: n for n in cluster.health().nodes}
