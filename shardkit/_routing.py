@@ -19,6 +19,7 @@ import datetime
 import decimal
 import functools
 import itertools
+import math
 import re
 import struct
 from collections import Counter
@@ -103,7 +104,7 @@ class Route:
 # ---------------------------------------------------------------------------
 # Predicate plan: a tree built once per statement shape, evaluated per execution.
 #   ("and", [nodes]) | ("or", [nodes]) | ("eq", group, col_index, bind_index)
-#   ("in", group, col_index, bind_index) | ("range", group, col_index, lo, hi, lo_incl, hi_incl)
+#   ("in", group, col_index, bind_index) | ("range", group, col_index, lo, hi, lo_incl, hi_incl, coercer)
 # bind indexes point into the statement cache key's ``bindparams`` list (or,
 # for uncacheable statements, into the plan's own list of BindParameter objects).
 # A node of None means "no constraint".
@@ -1077,8 +1078,8 @@ class Router:
                     if rl is None or rh is None:
                         return None
                     if expr.modifiers.get("symmetric"):
-                        return ("symmetric", group, ci, rl, rh)
-                    return ("range", group, ci, rl, rh, True, True)
+                        return ("symmetric", group, ci, rl, rh, co)
+                    return ("range", group, ci, rl, rh, True, True, co)
                 return None
             if op in _RANGE_OPS and isinstance(right, BindParameter):
                 r = bind_ref(right)
@@ -1086,8 +1087,8 @@ class Router:
                     return None
                 lo_incl, hi_incl, is_high = _RANGE_OPS[op]
                 if is_high:
-                    return ("range", group, ci, None, r, True, bool(hi_incl))
-                return ("range", group, ci, r, None, bool(lo_incl), True)
+                    return ("range", group, ci, None, r, True, bool(hi_incl), co)
+                return ("range", group, ci, r, None, bool(lo_incl), True, co)
             return None
 
         where = getattr(statement, "_where_criteria", ())
@@ -1486,7 +1487,7 @@ class Router:
             return {g: frozenset(per)}
         if kind == "symmetric":
             # BETWEEN SYMMETRIC: the bounds in either order.
-            _, g, ci, lo, hi = node
+            _, g, ci, lo, hi, co = node
             lv, hv = self._value(binds, pmap, lo), self._value(binds, pmap, hi)
             if _is_unresolved(lv) or _is_unresolved(hv):
                 return {}
@@ -1495,13 +1496,15 @@ class Router:
                     lo, hi = hi, lo
             except TypeError:
                 return {}
-            return self._ev(("range", g, ci, lo, hi, True, True), top, binds, pmap, splits)
+            return self._ev(("range", g, ci, lo, hi, True, True, co), top, binds, pmap, splits)
         if kind == "range":
-            _, g, ci, lo, hi, lo_incl, hi_incl = node
+            _, g, ci, lo, hi, lo_incl, hi_incl, co = node
             if self._arity(g) != 1:
                 return {}
             lv = self._value(binds, pmap, lo) if lo is not None else None
             hv = self._value(binds, pmap, hi) if hi is not None else None
+            if co is not None:
+                lv, hv = _range_bound(co, lv, False), _range_bound(co, hv, True)
             s = self.groups[g].strategy.shards_for_interval(
                 lv, hv, low_inclusive=lo_incl, high_inclusive=hi_incl)
             return {} if s is None else {g: s}
@@ -1812,6 +1815,34 @@ def _concrete_union_problem(statement: Any) -> str | None:
                     "(polymorphic_union), which each shard would compute over its own rows; "
                     f"query the concrete classes of {name} without subclasses one by one")
     return None
+
+
+def _range_bound(co: Any, v: Any, high: bool) -> Any:
+    """A range bound ``v`` (the high one if ``high``) of a key column whose coercer is ``co``,
+    widened to every value the database may compare the key with: SQLAlchemy sends a value
+    typed by the column cast to it (``%(k_1)s::INTEGER``, ``bindparam("hi")`` compared with
+    the key), which PostgreSQL rounds (``99.5`` is ``100``, so ``key <= 99.5`` holds 100), and
+    a value of its own type (``literal(99.5)``) as it is; a TypeDecorator sends what its
+    ``process_bind_param`` makes.  So the interval holds both forms: a non-integral number
+    for an integer key reaches its floor (low) or ceiling (high), another bound the lower
+    (low) or higher (high) of the value and its coerced form."""
+    if _is_unresolved(v):
+        return v
+    try:
+        c = co(v)
+    except ShardKeyError:
+        if isinstance(v, (float, decimal.Decimal)) and co is _to_int:
+            try:
+                return math.ceil(v) if high else math.floor(v)
+            except (ValueError, OverflowError, ArithmeticError):
+                return v  # NaN, an infinity: the strategy says what it can
+        return v
+    try:
+        if c is v or c == v:
+            return v
+        return max(c, v) if high else min(c, v)
+    except (TypeError, ArithmeticError):
+        return c  # another type than the value's: the database compares with that one
 
 
 def _is_unresolved(v: Any) -> bool:
