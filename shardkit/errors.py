@@ -232,9 +232,17 @@ class ScatterError(ShardUnavailable):
             for name, e in sorted(self.failures.items())
         )
         first = sorted(self.failures)[0] if self.failures else None
+        # The database refused the statement or a value of it there (an integer out of
+        # range, a bad cast): the fix is the statement's, not partial results (which would
+        # leave those shards' rows out).
+        refused = bool(self.failures) and all(
+            str(getattr(getattr(e, "orig", None), "sqlstate", None) or "")[:2] in ("22", "42", "0A")
+            for e in self.failures.values())
         super().__init__(
             f"{len(self.failures)} shard(s) failed during a cross-shard query: {parts}. "
             + (note + "." if note else
+               "The database refused the statement or one of its values there: correct it "
+               "(partial results would leave those shards' rows out)." if refused else
                "Pass execution_options(shardkit_partial_results=True) to accept partial results."),
             shard=first,
             cause=self.failures.get(first) if first else None,
