@@ -1828,6 +1828,15 @@ def _range_bound(co: Any, v: Any, high: bool) -> Any:
     (low) or higher (high) of the value and its coerced form."""
     if _is_unresolved(v):
         return v
+    if co is _to_date and type(v) is datetime.datetime and v.tzinfo is None and v.time():
+        # A naive datetime with a time of day, for a date key: a literal is sent as a
+        # timestamp (the key compared at its midnight: k < '2024-01-01 06:00' holds
+        # 2024-01-01), one typed by the column as ::DATE (k < '2024-01-01' does not): the
+        # day past (before) its date bounds both readings, whichever the operator.
+        try:
+            return v.date() + (_ONE_DAY if high else -_ONE_DAY)
+        except OverflowError:
+            return v.date()
     try:
         c = co(v)
     except ShardKeyError:
@@ -1892,6 +1901,18 @@ def _to_int(v: Any) -> Any:
             "(a string would be placed differently from the stored integer)",
             key=v,
         )
+    return v
+
+
+_ONE_DAY = datetime.timedelta(days=1)
+
+
+def _to_date(v: Any) -> Any:
+    """A ``date`` key given a naive ``datetime``: PostgreSQL compares (and stores) its date
+    (SQLAlchemy sends it cast to the column's type, ``::DATE``).  An aware one is left as it
+    is (its date depends on the server's TimeZone): refused where it is compared."""
+    if type(v) is datetime.datetime and v.tzinfo is None:
+        return v.date()
     return v
 
 
@@ -2024,6 +2045,8 @@ def coercer_for(type_: Any) -> Any:
     if isinstance(type_, sqltypes.DateTime):
         precision = getattr(type_, "precision", None)  # (postgresql.TIMESTAMP's)
         return _timestamp_coercer(precision) if isinstance(precision, int) and 0 <= precision < 6 else None
+    if isinstance(type_, sqltypes.Date):
+        return _to_date
     if isinstance(type_, (sqltypes.CHAR, sqltypes.NCHAR)):
         return _to_bpchar
     if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):

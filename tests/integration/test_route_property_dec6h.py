@@ -182,6 +182,10 @@ FRACTIONS: dict[str, list[Any]] = {
     "hash": [decimal.Decimal("2.5"), 6.5, -0.5],
     "range": [decimal.Decimal("99.5"), decimal.Decimal("-100.5"), decimal.Decimal("0.5"),
               decimal.Decimal("999.5"), 99.5, 100.4, -100.6, 0.4, -0.5, 999.7, 1000.5],
+    # Naive datetimes for a date key: compared as a literal, SQLAlchemy sends one as a
+    # timestamp (the date is compared at its midnight); typed by the column, as ::DATE.
+    "date": [dt.datetime(2023, 12, 31, 12), dt.datetime(2024, 1, 1), dt.datetime(2024, 1, 1, 6),
+             dt.datetime(2024, 6, 30, 23, 59), dt.datetime(1999, 12, 31, 18), dt.datetime(2000, 1, 1, 0, 0, 1)],
 }
 COMP_A = [0, 1, 2, -1, I64, -I64 - 1]
 COMP_B = ["x", "y", "", "X", "x "]
@@ -323,7 +327,7 @@ def _leaves(name: str) -> st.SearchStrategy[tuple[Any, ...]]:
         st.tuples(st.just("notin"), st.lists(vals, max_size=3)),
         st.tuples(st.just("between"), maybe, maybe),
         st.tuples(st.just("between_sym"), vals, vals),
-        st.tuples(st.just("cmp"), st.sampled_from(CMP), vals),
+        st.tuples(st.just("cmp"), st.sampled_from(CMP), bounds),
         st.tuples(st.just("cmp_bind"), st.sampled_from(CMP), maybe),
         st.tuples(st.just("isnull")),
         st.tuples(st.just("notnull")),
@@ -627,10 +631,6 @@ def test_routed_statements_return_what_one_database_returns(env, group, data):
     check(env, group, pred, variant)
 
 
-
-
-
-
 # ---------------------------------------------------------------------------
 # What the property found, minimised
 # ---------------------------------------------------------------------------
@@ -663,3 +663,18 @@ def test_integer_key_compared_with_an_untyped_bindparam_given_a_float(env):
             RangeRow.k.between(100, literal(999.5, Integer)))).all()
         assert 1000 in s.scalars(select(RangeRow.k).where(
             RangeRow.k.between(100, bindparam("hi"))).params(hi=decimal.Decimal("999.5"))).all()
+
+
+@pytest.mark.parametrize("op", CMP)
+@pytest.mark.parametrize("when", [dt.datetime(2024, 1, 1, 6), dt.datetime(2023, 12, 31, 12), dt.datetime(2024, 1, 1)])
+def test_date_key_compared_with_a_naive_datetime_routes_as_postgresql_compares(env, op, when):
+    """A date key compared with a naive datetime: as a literal, SQLAlchemy sends it as a
+    timestamp (``k < '2024-01-01 06:00'::TIMESTAMP`` holds the key 2024-01-01, at its
+    midnight); typed by the column (a bindparam beside the key), as ``::DATE`` (the same
+    comparison leaves it out).  The route must hold the shards of both readings (the range
+    [2024-01-01, 2024-07-01) starts at the key in question); it was refused
+    (ShardKeyError: a datetime cannot be compared with the date bounds)."""
+    check(env, "date", ("cmp", op, when), "exists")
+    check(env, "date", ("cmp_bind", op, when), "exists")
+    check(env, "date", ("between_bind", when, dt.datetime(2024, 6, 30, 23)), "exists")
+    check(env, "date", ("eq", when), "exists")
