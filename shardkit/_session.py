@@ -3362,11 +3362,16 @@ def _question_node(session: ShardedSession, shards: Sequence[str]) -> tuple[str,
 
 def _decides_scatter(error: BaseException | None, replica: int | None) -> bool:
     """Whether a shard's ``error`` fails a cross-shard read (without partial results)
-    whatever the other shards answer: not a replica's (its shard is read again on another
-    node), nor the database refusing the statement itself, which every shard may refuse
+    whatever the other shards answer: not a replica's that its shard is read again on
+    another node for (the replica died, or a recovery conflict cancelled the read: see
+    _replica_read_failed; a replica's statement_timeout or error of its own does decide),
+    nor the database refusing the statement itself, which every shard may refuse
     alike (its own error is raised then, see _scatter_read), nor a transaction an earlier
     error aborted (each shard where it is aborted fails at once: the error names them all)."""
-    if error is None or replica is not None:
+    if error is None:
+        return False
+    if replica is not None and (isinstance(error, ShardUnavailable) or getattr(
+            getattr(error, "orig", None), "sqlstate", None) == _RECOVERY_CONFLICT):
         return False
     if isinstance(error, sa_exc.DBAPIError) and not isinstance(error, ShardUnavailable) \
             and not error.connection_invalidated:
@@ -3589,6 +3594,12 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 # A replica died under the read or cancelled it: read that shard
                 # again on another node (autocommit replica reads are safe to retry).
                 session._unpin_failed(shard, index, first_reads[shard])
+                if not partial_ok and (not_done or any(
+                        _decides_scatter(g.exception(), futures[g][1]) for g in futures if g not in not_done)):
+                    # Unless the read has failed already (past its deadline, or another
+                    # shard's failure decided it): not read again for nothing.
+                    failures[shard] = e
+                    continue
                 try:
                     results[shard] = session._read_on(shard, stmt, shard_params, execution_options,
                                                       bind_arguments, {}, sc, tried={index})
