@@ -1828,15 +1828,6 @@ def _range_bound(co: Any, v: Any, high: bool) -> Any:
     (low) or higher (high) of the value and its coerced form."""
     if _is_unresolved(v):
         return v
-    if co is _to_date and type(v) is datetime.datetime and v.tzinfo is None and v.time():
-        # A naive datetime with a time of day, for a date key: a literal is sent as a
-        # timestamp (the key compared at its midnight: k < '2024-01-01 06:00' holds
-        # 2024-01-01), one typed by the column as ::DATE (k < '2024-01-01' does not): the
-        # day past (before) its date bounds both readings, whichever the operator.
-        try:
-            return v.date() + (_ONE_DAY if high else -_ONE_DAY)
-        except OverflowError:
-            return v.date()
     try:
         c = co(v)
     except ShardKeyError:
@@ -1846,6 +1837,16 @@ def _range_bound(co: Any, v: Any, high: bool) -> Any:
             except (ValueError, OverflowError, ArithmeticError):
                 return v  # NaN, an infinity: the strategy says what it can
         return v
+    if type(v) is datetime.datetime and v.tzinfo is None and type(c) is datetime.date:
+        # A naive datetime for a date key (also through a TypeDecorator's
+        # process_bind_param): a literal is sent as a timestamp (the key compared at its
+        # midnight: k < '2024-01-01 06:00' holds 2024-01-01), one typed by the column as
+        # ::DATE (k < '2024-01-01' does not): the day past (before) its date bounds both
+        # readings, whichever the operator; past Python's last date, no high bound.
+        try:
+            return max(c, v.date() + _ONE_DAY) if high else min(c, v.date() - _ONE_DAY)
+        except OverflowError:
+            return None if high else min(c, v.date())
     try:
         if c is v or c == v:
             return v
