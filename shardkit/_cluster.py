@@ -132,6 +132,11 @@ class Cluster:
         self.config = config
         # The config as loaded; with a catalog, self.config routes by the catalog's map.
         self.file_config = config
+        weighted = [f"{s.name}/r{i}" for s in config.shards for i, w in enumerate(s.replica_weights)
+                    if w != 1.0]
+        if weighted and config.replicas.policy != "random":
+            log.warning("replica weights (%s) are used by policy = \"random\" only; [replicas] policy "
+                        "is %r, which ignores them", ", ".join(weighted), config.replicas.policy)
         # shard -> WAL position after the latest move to it: its replicas serve from there on.
         self.moved_lsn: dict[str, int] = {}
         # shard -> (a moved_lsn floor, the map version it was checked under, and None if the

@@ -135,3 +135,19 @@ def test_bad_weights_are_refused_naming_the_field(w):
                        "replicas": ["postgresql://u@r0/db", {"url": "postgresql://u@r1/db", "weight": w}]}]}
     with pytest.raises(shardkit.ConfigurationError, match=r"shards\[0\]\.replicas\[1\]\.weight"):
         shardkit.load_config(cfg)
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_outstanding", "lowest_latency", "random"])
+def test_weights_another_policy_ignores_are_named_in_a_warning(policy, caplog):
+    """Weights apply to policy = "random" only: under another policy they were silently
+    ignored (a weight of 3 sent a replica no more reads than one of 1)."""
+    cfg = {"shards": [{"name": "s0", "primary": "postgresql://u@p/db",
+                       "replicas": ["postgresql://u@r0/db", {"url": "postgresql://u@r1/db", "weight": 3}]}],
+           "replicas": {"policy": policy}}
+    with caplog.at_level("WARNING", logger="shardkit.cluster"):
+        shardkit.Cluster.from_config(cfg).dispose()
+    warned = [r.getMessage() for r in caplog.records if "weights" in r.getMessage()]
+    if policy == "random":
+        assert not warned
+    else:
+        assert len(warned) == 1 and "s0/r1" in warned[0] and repr(policy) in warned[0], warned
