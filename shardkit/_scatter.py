@@ -688,11 +688,6 @@ def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None,
             shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {},
                                      placement, disjoint_groups)
         plan.statement = stmt
-        if placement is not None and plan.kind != "any":
-            local = shard_local_derived(stmt, placement, disjoint_groups)
-            if local:
-                plan.description += (f"; {', '.join(local)} groups (or is DISTINCT) by the "
-                                     "shard key: each shard computes it whole")
         if plan.checks:
             plan.description += ("; the values of expressions without a SQL type are checked as "
                                  "they are merged")
@@ -701,6 +696,15 @@ def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None,
         if e.statement is None:
             e.statement = stmt
         raise
+
+
+def describe_local_derived(stmt: Any, placement: Resolver, disjoint_groups: frozenset[str]) -> str:
+    """For explain(): what the merge description adds about the derived tables in ``stmt``'s
+    FROM that each shard computes whole (grouped by the shard key), or "".  (Not asked at
+    execution: finding a statement's FROM compiles it.)"""
+    local = shard_local_derived(stmt, placement, disjoint_groups)
+    return (f"; {', '.join(local)} groups (or is DISTINCT) by the shard key: each shard "
+            "computes it whole") if local else ""
 
 
 def _is_entity(col: Any) -> bool:

@@ -77,8 +77,8 @@ from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for, data_modifying_ctes,
                        derived_select, unwrap_statement, with_statement_params)
-from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, function_names, merge_rows,
-                       plan_scatter, send_cancel, shut_down_socket, text_comparison)
+from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, describe_local_derived,
+                       function_names, merge_rows, plan_scatter, send_cancel, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem, scope
 from ._scope import _current as _scope_var
 from ._slices import SLICE_BASE
@@ -3322,6 +3322,9 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
         else:
             refuse_scatter_page(statement, plan)
             merge = plan.description
+            if plan.kind != "any" and isinstance(statement, selectable.Select):
+                router = route.router or cluster.router
+                merge += describe_local_derived(statement, router._placement, router.disjoint_groups)
         route = dataclasses.replace(route, merge=merge)
     return route
 
