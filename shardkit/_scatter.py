@@ -49,10 +49,9 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 from sqlalchemy.sql import elements, functions, operators, selectable, visitors
-from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
-from ._colocation import Resolver, _froms, _instances, _plain, _table_of, _without_loader_options
+from ._colocation import Resolver, _froms, _instances, _optional_sides, _plain, _table_of, _without_loader_options
 from ._colocation import colocation_problem
 from ._colocation import compound_selects as compound_parts
 from ._colocation import distinct_on
@@ -1386,16 +1385,11 @@ def _distinct_key(col: Any, stmt: Any, placement: Resolver | None,
     others = sorted({i.group for i in instances} - {group})
     if others:
         return f"the query reads tables of groups {', '.join(others)} besides {group}"
-    for f in froms:
-        for j in sql_util.surface_selectables(f):
-            if not isinstance(j, selectable.Join):
-                continue
-            sides = (j.left, j.right) if j.full else (j.right,) if j.isouter else ()
-            if any(_plain(x) is frm for side in sides for x in sql_util.surface_selectables(side)):
-                # Probably exact (its NULLs are not counted), but kept out: the argument
-                # above is about the rows of the key's table, which an outer join pads.
-                return (f"{col} is on the optional side of an outer join; count the key of "
-                        "the table on the other side, or join inner")
+    if id(frm) in _optional_sides(froms):
+        # Probably exact (its NULLs are not counted), but kept out: the argument above is
+        # about the rows of the key's table, which an outer join pads.
+        return (f"{col} is on the optional side of an outer join; count the key of "
+                "the table on the other side, or join inner")
     return None
 
 
