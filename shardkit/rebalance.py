@@ -487,7 +487,7 @@ def _refuse_beyond_bigint(group: str, keys: Iterable[Any], types: Callable[[], l
                 f"bigint, so it would make every write of the group fail; {fix}")
 
 
-def canonical_uuid(text_: str) -> str | None:
+def _canonical_uuid(text_: str) -> str | None:
     """``text_`` as PostgreSQL prints the uuid it names (lowercase, hyphenated), or None."""
     try:
         return str(uuid.UUID(text_.strip()))
@@ -504,7 +504,7 @@ def slice_key(cluster: Cluster, group: str, key: Any, option: str, target: str) 
         return key
     for g, kind in _key_types(cluster, cluster.config, group, [target]):
         if kind == "uuid":
-            canon = canonical_uuid(key)
+            canon = _canonical_uuid(key)
             if canon is None:
                 raise RebalanceError(f"{option}: {key!r} is not a uuid, and group {group}'s key column "
                                      f"{g.table}.{g.key} is uuid")
@@ -541,8 +541,7 @@ def check_slice_plan(cluster: Cluster, plan: Plan | SlicePlan) -> None:
     for g, kind in types:
         if kind == "uuid":
             for x in new:
-                if isinstance(x, str) and canonical_uuid(x) != x:
-                    canon = canonical_uuid(x)
+                if isinstance(x, str) and (canon := _canonical_uuid(x)) != x:
                     raise RebalanceError(
                         f"group {plan.group}: key {x!r} is "
                         + ("not a uuid" if canon is None else "not written as PostgreSQL prints a uuid")
