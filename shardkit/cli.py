@@ -5,7 +5,7 @@ place that catches :class:`~shardkit.errors.ShardkitError` (argument mistakes
 included, as :class:`UsageError`) and the driver errors of a server a command
 could not use: it prints one line (never a password) and exits with status 2.
 (``migrate upgrade|downgrade`` exit 1 when a migration fails, ``status``, ``verify`` and
-``migrate check`` 1 when they find a problem; argparse's usage errors exit 2 with its
+``migrate check`` 1 when they find a problem, ``demo`` 1 when one of its checks fails; argparse's usage errors exit 2 with its
 usage text; output piped into a reader that stops early, like ``head``, ends the command
 quietly with status 1; Ctrl-C ends it with one ``interrupted:`` line and status 130.)
 """
