@@ -189,6 +189,16 @@ def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
                                  "create it (shardkit migrate upgrade) before installing the guard")
     missing = [k for k in keys if k not in {r[0] for r in rows}]
     if missing:
+        # PostgreSQL cuts a longer name at 63 bytes (CREATE TABLE only NOTICEs it, and a
+        # query's name is cut too, so the application works): the column is there, cut.
+        cut = missing[0].encode()[:63].decode(errors="ignore")
+        if cut != missing[0] and cut in {r[0] for r in rows}:
+            raise ConfigurationError(
+                f"table {table}",
+                f"shard key column {table}.{missing[0]} (the config's) is longer than PostgreSQL's "
+                f"63-byte limit on names: PostgreSQL stored it cut, as {cut}",
+                f"name the column {cut} (or another name of at most 63 bytes) in the model and "
+                "the config's groups, then run again")
         raise ConfigurationError(
             f"table {table}",
             f"shard key column {table}.{missing[0]} (the config's) does not exist on this shard "

@@ -258,6 +258,8 @@ class ListStrategy(Strategy):
         self._shards = frozenset(self.mapping.values()) | (
             frozenset([default]) if default else frozenset()
         )
+        # Per key part, the date/time kinds of the values (see _date_kind_problem).
+        self._date_kinds = _date_kinds(self.mapping)
 
     def shard_for_key(self, key: Any) -> str:
         if key is None:
@@ -267,6 +269,10 @@ class ListStrategy(Strategy):
         try:
             return self.mapping[_lookup_form(key)]
         except KeyError:
+            if self._date_kinds:
+                problem = _date_kind_problem(key, self._date_kinds)
+                if problem is not None:
+                    raise ShardKeyError(problem, key=key) from None
             if self.default is not None:
                 return self.default
             raise NoShardForKey(
@@ -295,6 +301,47 @@ class ListStrategy(Strategy):
 
     def __repr__(self) -> str:
         return f"ListStrategy({len(self.mapping)} values, default={self.default!r})"
+
+
+def _date_kind(v: Any) -> str | None:
+    """``v``'s date/time kind, as PostgreSQL keeps them apart: a date, a date-time
+    without or with a UTC offset; None for another value."""
+    if isinstance(v, datetime.datetime):
+        return "a date-time with a UTC offset" if v.utcoffset() is not None else "a date-time without a UTC offset"
+    if isinstance(v, datetime.date):
+        return "a date"
+    return None
+
+
+def _date_kinds(values: Any) -> tuple[frozenset[str], ...]:
+    """Per key part, the date/time kinds of a list group's ``values``; () when none is one."""
+    kinds: list[set[str]] = []
+    for v in values:
+        for i, part in enumerate(v if isinstance(v, tuple) else (v,)):
+            while len(kinds) <= i:
+                kinds.append(set())
+            k = _date_kind(part)
+            if k is not None:
+                kinds[i].add(k)
+    return tuple(frozenset(k) for k in kinds) if any(kinds) else ()
+
+
+def _date_kind_problem(key: Any, kinds: tuple[frozenset[str], ...]) -> str | None:
+    """What is wrong with a list ``key`` that no value holds, when a part of it is a date
+    or date-time of another kind than the group's values there (``kinds``): the column
+    stores it as its own type (a date-time's date, a date's midnight, an offset applied or
+    dropped by the server's TimeZone), whose value may be listed for another shard than
+    the default.  None when there is no such part."""
+    parts = key if isinstance(key, tuple) else (key,)
+    for i, part in enumerate(parts):
+        k = _date_kind(part)
+        if k is None or i >= len(kinds) or not kinds[i] or k in kinds[i]:
+            continue
+        return (f"list key {part!r} is {k}, and the group's values are {' and '.join(sorted(kinds[i]))}: "
+                "the column stores it as its own type, which may be a value listed for another shard "
+                "(not the default's); give the key as the column holds it (e.g. a date for a date "
+                "column, in the time zone you mean)")
+    return None
 
 
 def _offset_problem(key: Any, bounds: list[Any]) -> str | None:

@@ -22,7 +22,7 @@ from ._guard import SQL_HASHABLE_TYPES, bucket_expression, guard_installed, tabl
 from ._routing import Router
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
-from .errors import NoShardForKey
+from .errors import NoShardForKey, ShardKeyError
 
 __all__ = ["TableReport", "VerifyReport", "verify"]
 
@@ -110,6 +110,8 @@ def _describe(owner: str, n: int) -> str:
         return f"{n} whose key no shard owns"
     if owner.startswith(_RAISED):
         return f"{n} for whose key the group's custom function raised {owner[len(_RAISED):-1]}"
+    if owner.startswith(_REFUSED):
+        return f"{n} whose key the group's {owner[len(_REFUSED):-1]}"
     return f"{n} belong on {owner}"
 
 
@@ -207,6 +209,7 @@ def _sql_hash_installed(conn: Any) -> bool:
 _NO_OWNER = "(no owner)"   # no shard is mapped for the key
 _NULL_KEY = "(null key)"   # the shard key is NULL
 _RAISED = "(function raised "  # + the exception's class and ")": a custom function failed
+_REFUSED = "(refused: "  # + the strategy's kind, "strategy refuses: ", its message and ")"
 
 
 def _check_hash_in_sql(config: ClusterConfig, conn: Any, rep: TableReport, table: str, column: str,
@@ -264,12 +267,18 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
                 owner = strategy.shard_for_key(key)
             except NoShardForKey:
                 owner = _NO_OWNER
+            except ShardKeyError as e:
+                if strategy.kind == "custom":
+                    owner = f"{_RAISED}{type(e.__cause__ or e).__name__})"  # (the function's own)
+                else:  # a key the strategy refuses (a list group's date of another kind)
+                    owner = f"{_REFUSED}{strategy.kind} strategy refuses: {e.message})"
             except Exception as e:  # noqa: BLE001 - a custom function's own error: reported
                 # per row, not a crash that hides every other table's report.
                 owner = f"{_RAISED}{type(e.__cause__ or e).__name__})"  # (the function's own)
         if owner != rep.shard:
             rep.misplaced[owner] += 1
-            if pk and owner not in (_NO_OWNER, _NULL_KEY) and not owner.startswith(_RAISED) and kept < sample:
+            if (pk and owner not in (_NO_OWNER, _NULL_KEY) and not owner.startswith((_RAISED, _REFUSED))
+                    and kept < sample):
                 strays.setdefault(owner, []).append(tuple(row[width:]))
                 kept += 1
 
