@@ -436,7 +436,22 @@ class HealthMonitor:
         try:
             if conn is None or conn.closed:
                 conn = psycopg.connect(**self._conninfo(node))
-            in_recovery, lsn, third, server_start, *received = self._poll(conn, node)
+                row = self._poll(conn, node)
+            else:
+                try:
+                    row = self._poll(conn, node)
+                except psycopg.OperationalError:
+                    if not conn.broken or time.monotonic() - started > self.settings.poll_timeout:
+                        raise
+                    # The connection of the last poll was lost at once (the server restarted
+                    # since, an operator or a proxy ended the backend): that says nothing of
+                    # the node now.  Asked again on a new one before calling it down.
+                    _close_quietly(conn)
+                    conn = None
+                    started = time.monotonic()
+                    conn = psycopg.connect(**self._conninfo(node))
+                    row = self._poll(conn, node)
+            in_recovery, lsn, third, server_start, *received = row
             rtt = (time.monotonic() - started) * 1000
             primary = node.role == "primary"
             self._record(node, up=True, in_recovery=in_recovery,
