@@ -139,8 +139,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
     _sk_flush_conns: dict[str, Any] | None = None
     # In delete() and merge(): what they load decides a write (see _read_target).
     _sk_for_write = False
-    # The map version in use when the identity map was last empty (with a catalog).
-    _sk_map_version: int | None = None
+    # The map (its Router) in use when the identity map was last empty (with a catalog).
+    _sk_map_router: Router | None = None
     # Inside commit(): the outermost transaction's commit() is then SQLAlchemy's own.
     _sk_committing = False
     # Transactions this session committed (run_transaction does not retry after one).
@@ -207,10 +207,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # During a flush: new reference rows already copied to every shard.
         self._sk_ref_copied: set[Any] = set()
         if cluster.catalog is not None:
-            # The map version in use when the identity map was last empty: objects held
+            # The map in use when the identity map was last empty: objects held
             # since may have been loaded by an older map (see _refuse_moved_load).  (The
             # config file's map, version None, never changes.)
-            self._sk_map_version = cluster.map_version
+            self._sk_map_router = cluster.router
         if consistency_token is not None:
             self.require_token(consistency_token)
 
@@ -218,7 +218,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         super().expunge_all()  # (close() too)
         cluster = self.cluster
         if cluster.catalog is not None:
-            self._sk_map_version = cluster.map_version
+            self._sk_map_router = cluster.router
 
     def bind_shard(self, shard_id: str, bind: Any) -> None:
         """Refused: the cluster has the shards' engines (horizontal_shard's method)."""
@@ -406,7 +406,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                         # scope name a shard for statements (merge()'s own options may).
                         shard = found = by_pk
                 elif key is not None and key[2] is not None and state.session_id != self.hash_key:
-                    _refuse_stale_token(self, state)
+                    _refuse_stale_token(self, state, loading=True)
                 return self._merge_on(shard if found is not None else None, state, state_dict, load, kw)
         shard = None
         if key is not None and state.session_id != self.hash_key:
@@ -2130,7 +2130,8 @@ def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, re
     it): no row anywhere is ObjectDeletedError, as the refresh would say (``shard`` may
     still have a leftover copy).  Asked once per object and map version."""
     version = session.cluster.map_version
-    if session._flushing or version == session._sk_map_version \
+    old = session._sk_map_router
+    if session._flushing or old is None or version == old.map_version \
             or current_scope().shard is not None or state.info.get("shardkit_located") == version:
         return None
     mapper = state.mapper
@@ -2147,12 +2148,35 @@ def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, re
         session.strict = strict
     if not rows and refresh:
         raise orm_exc.ObjectDeletedError(state)
+    if len(rows) > 1:
+        # Primary keys unique per shard: the object's row is one the older map placed on
+        # ``shard``.  Two such (one moved away, and ``shard`` gave its id to a row of its
+        # own since) cannot be told apart without the object's shard key.
+        rows = [r for r in rows if _placed_on(old, mapper, r[0] if len(keys) == 1 else tuple(r), shard)]
+        if len(rows) > 1 and any(_current_owner(session, mapper, state.key[1], r[0] if len(keys) == 1
+                                                else tuple(r)) != shard for r in rows):
+            raise NotOwned(
+                f"{mapper.class_.__name__} {state.key[1]} was loaded from shard {shard} before the map "
+                f"changed (version {version} now) and its shard key is not loaded: several shards "
+                f"have a row of that primary key that {shard} held then (one has moved since), so "
+                "which one it is cannot be told: retry the transaction with freshly loaded objects "
+                "(shardkit.run_transaction does), or expunge the object and load it again by its "
+                "shard key", shard=shard, table=mapper.local_table.name)
     if len(rows) != 1:
         return None
     owner = _current_owner(session, mapper, state.key[1], rows[0][0] if len(keys) == 1 else tuple(rows[0]))
     if owner == shard:
         state.info["shardkit_located"] = version  # (its row is where it was loaded from)
     return owner
+
+
+def _placed_on(router: Router, mapper: Any, key: Any, shard: str) -> bool:
+    """Whether ``router``'s map places shard key ``key`` on ``shard`` (True when it cannot
+    say)."""
+    try:
+        return router.shard_for(mapper, key) == shard
+    except ShardkitError:
+        return True
 
 
 # (shard, is_read) -> the Route of a statement for a shard named by the caller.
@@ -4751,18 +4775,19 @@ def _token_for_keyed(session: Session, instance: Any) -> None:
     state.key = (key[0], key[1], shard)
 
 
-def _refuse_stale_token(session: ShardedSession, state: Any) -> None:
+def _refuse_stale_token(session: ShardedSession, state: Any, *, loading: bool = False) -> None:
     """Refuse to attach (add(), merge()) a detached object whose identity key names a shard
     its shard key, as in the database (not a pending change, which the flush refuses as a
     move), does not place it on: make_transient() keeps the object's last shard
     (``identity_token``), and make_transient_to_detached() keys it with that shard, not
     the one of the key it was given meanwhile.  Its flush would UPDATE or DELETE the row
     of that primary key on the old shard (another row, when the primary key does not hold
-    the shard key).  With a catalog a move explains such an object (loaded before its
-    bucket moved), which _refuse_moved_load and the flush refuse as NotOwned."""
+    the shard key).  With a catalog a move also explains such an object (loaded before its
+    bucket moved): the guard and the flush refuse its writes as NotOwned, unless the old
+    shard has a row of that primary key that it owns (another tenant's, the guard lets its
+    write through: refused here, asked of that shard); ``loading`` (merge() loading the
+    row to compare) would read the old shard's copy: NotOwned."""
     cluster = session.cluster
-    if cluster.catalog is not None:
-        return
     mapper = state.mapper
     router = cluster.router
     try:
@@ -4784,14 +4809,42 @@ def _refuse_stale_token(session: ShardedSession, state: Any) -> None:
         return
     token = state.key[2]
     if shard != token:
+        if cluster.catalog is not None and not _owned_namesake(session, state, tr, token):
+            if loading:
+                raise _moved_object_error(mapper, state.key[1], token, shard, cluster,
+                                          "merge() would compare it with that shard's copy")
+            return
         raise RoutingError(
             f"{mapper.class_.__name__} {state.key[1]} is keyed to shard {token} (its identity "
             f"key) but its shard key places it on {shard}: its flush would write the row of "
-            f"that primary key on {token}. make_transient() keeps an object's last shard and "
+            f"that primary key on {token}"
+            + (f", another row, which {token} owns (or this object was loaded before its bucket "
+               f"moved to {shard}: load it again there)" if cluster.catalog is not None else "")
+            + ". make_transient() keeps an object's last shard and "
             "make_transient_to_detached() keys it with that one, whatever key it was given "
             "meanwhile (its identity key keeps it: clearing identity_token now changes nothing): "
             "re-key it with make_transient(obj), inspect(obj).identity_token = None, then "
             f"make_transient_to_detached(obj), or load the row from {shard}", table=tr.table)
+
+
+def _owned_namesake(session: ShardedSession, state: Any, tr: TableRoute, token: str) -> bool:
+    """Whether shard ``token`` has a row of ``state``'s primary key whose shard key the map
+    places there (a row the ownership guard lets a write through to), asked of its primary
+    in the session's transaction.  Only when the primary key does not hold the shard key
+    (else such a row would have the object's own key, which the map places elsewhere)."""
+    mapper = state.mapper
+    if _pk_plan_for(session.cluster.router, mapper) is not False:
+        return False
+    keys = [mapper.get_property_by_column(mapper.local_table.c[c]).class_attribute for c in tr.key_columns]
+    pk = [mapper.get_property_by_column(c).class_attribute == v for c, v in zip(mapper.primary_key, state.key[1])]
+    conn = Session.connection(session, bind_arguments={"shard_id": token, "shardkit_role": PRIMARY})
+    for row in conn.execute(sa_select(*keys).where(*pk)):
+        try:
+            if session.cluster.router.shard_for(mapper, row[0] if len(keys) == 1 else tuple(row)) == token:
+                return True
+        except ShardkitError:
+            continue
+    return False
 
 
 def _end_transaction(session: ShardedSession, transaction: Any) -> None:
