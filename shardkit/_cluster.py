@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from psycopg.pq import TransactionStatus
 from sqlalchemy import MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import SQLAlchemyError
@@ -75,7 +76,7 @@ class _NodePool(QueuePool):
 
     def _do_get(self) -> Any:
         try:
-            return super()._do_get()
+            return _queue_pool_get(self)  # (super()'s, without finding it)
         except sa_exc.TimeoutError as e:
             if getattr(e, "shardkit_node", None) is not None:
                 raise
@@ -87,6 +88,9 @@ class _NodePool(QueuePool):
                 "their use)")
             err.shardkit_node = self._orig_logging_name  # type: ignore[attr-defined]
             raise err from e
+
+
+_queue_pool_get = QueuePool._do_get
 
 
 class _Router:
@@ -984,7 +988,19 @@ def _quietly_when_lost(dialect: Any, end: Any, only_open: bool) -> Any:
         invalidate(e, soft=True)
 
     if not only_open:
-        # (Every primary transaction's end passes here: nothing more than the call.)
+        # (Every primary transaction's end passes here, twice (the transaction's ROLLBACK,
+        # then the pool's reset): nothing more than the call.)
+        if (getattr(end, "__func__", None) is DefaultDialect.do_rollback
+                and not getattr(dialect, "skip_autocommit_rollback", False)):
+            # SQLAlchemy's own do_rollback() comes to the driver's rollback() when it does
+            # not skip an autocommit connection's: called here, one call the shorter.
+            def rollback_lost_quietly(dbapi_connection: Any) -> None:
+                try:
+                    dbapi_connection.rollback()
+                except error as e:
+                    lost(dbapi_connection, e)
+            return rollback_lost_quietly
+
         def end_lost_quietly(dbapi_connection: Any) -> None:
             try:
                 end(dbapi_connection)

@@ -215,7 +215,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             self.require_token(consistency_token)
 
     def expunge_all(self) -> None:
-        super().expunge_all()  # (close() too)
+        Session.expunge_all(self)  # (close() too; horizontal_shard's is Session's)
         cluster = self.cluster
         if cluster.catalog is not None:
             self._sk_map_router = cluster.router
@@ -900,7 +900,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
                             and self._short_path_open(statement, params)
                             and shard in self.cluster.router.shard_set
                             and not self.cluster._replica_counts[shard]):
-                        return self._primary_read(shard, statement, params, execution_options)
+                        # Load options holding nothing but the shard (get() with no options
+                        # of its own): the shard's, made once, with the ORM's autoflush off
+                        # (_short_path_open found nothing to flush), as a plain read's.
+                        return self._primary_read(shard, statement, params,
+                                                  execution_options if len(lo.__dict__) > 1 else None)
             return self._sk_execute(statement, params, execution_options, bind_arguments, kw, routed)
         except BaseException:
             if fresh and self._transaction is None:
@@ -1067,8 +1071,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                       execution_options: Any = None) -> Any:
         """A short path's read (_plain_read, get()'s load in execute()) on the primary of
         ``shard``, a shard without replicas, as the general path would make it.
-        ``execution_options``: get()'s (its load options); None for a plain SELECT, which
-        gets the shard's load options, without the ORM's autoflush (nothing to flush: see
+        ``execution_options``: get()'s (its load options); None for a plain SELECT (or get()'s
+        load with no options but the shard), which gets the shard's load options, without the ORM's autoflush (nothing to flush: see
         _short_path_open) unless a do_orm_execute listener runs (one may add objects)."""
         cluster = self.cluster
         if cluster._map_misfit is not None or self.dispatch.do_orm_execute:
@@ -4852,7 +4856,7 @@ def _end_transaction(session: ShardedSession, transaction: Any) -> None:
     pinning reads to the primaries.  A savepoint ending changes nothing: what the
     transaction wrote before or inside it is still visible only on the primary.
     (A listener of ShardedSession's: its sessions are ShardedSessions.)"""
-    if transaction.parent is None:
+    if transaction._parent is None:  # (its parent, without the property's call)
         if session._sk_written:
             _record_autocommitted(session, transaction)
         _forget_transaction(session)
