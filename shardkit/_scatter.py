@@ -48,6 +48,7 @@ from sqlalchemy import cast, func, schema
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.sql import elements, functions, operators, selectable, visitors
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
@@ -265,6 +266,19 @@ _UNMERGEABLE_TYPES: tuple[tuple[type, str], ...] = (
 _UNHASHABLE = ("json", "array", "hstore", "interval", "time with time zone", "citext")
 
 
+_PG_DIALECT = PGDialect()
+
+
+def _pg_type(t: Any) -> Any:
+    """The type PostgreSQL gets for ``t``: its ``with_variant(..., "postgresql")`` if it
+    has one (``Text().with_variant(CITEXT(), "postgresql")``), else ``t``'s own
+    implementation (SQLAlchemy memoizes it per type object)."""
+    try:
+        return t.dialect_impl(_PG_DIALECT)
+    except Exception:  # noqa: BLE001 - a type that cannot say: judged as declared
+        return t
+
+
 def _unmergeable_type(expr: Any) -> str | None:
     """The name of ``expr``'s type when Python cannot compare or add its values as
     PostgreSQL does, else None (unknown types pass: they are compared as they come)."""
@@ -278,8 +292,18 @@ def _unmergeable_type(expr: Any) -> str | None:
     t = getattr(expr, "type", None)
     if t is None:
         return None
-    if isinstance(t, sqltypes.Interval):
-        return "interval"   # (SQLAlchemy's Interval is a TypeDecorator)
+    found = _type_problem(t)
+    if found is None and (pg := _pg_type(t)) is not t:
+        found = _type_problem(pg)
+    return found
+
+
+def _type_problem(t: Any) -> str | None:
+    """:func:`_unmergeable_type` of a type."""
+    if isinstance(t, (sqltypes.Interval, postgresql.INTERVAL)):
+        # (SQLAlchemy's Interval is a TypeDecorator; postgresql.INTERVAL, what reflection
+        # and autogenerate give, is not one of its subclasses)
+        return "interval"
     if isinstance(t, sqltypes.TypeDecorator):
         # Python sees what process_result_value made of the stored values, which need
         # not order or add as those do.
@@ -378,6 +402,7 @@ def _named_collation(expr: Any) -> str | None:
         name = inner.right.collation
     else:
         t = getattr(expr, "type", None)
+        t = None if t is None else _pg_type(t)
         name = getattr(t, "collation", None) if isinstance(t, sqltypes.String) else None
     return name if name and name.upper() not in ("C", "POSIX") else None
 
@@ -651,11 +676,18 @@ def exists_column(col: Any) -> selectable.Select[Any] | None:
     return None
 
 
-def _literal(value: Any) -> int | None:
+def _literal(value: Any, params: Mapping[str, Any]) -> int | None:
+    """A LIMIT/OFFSET's value: a bound parameter's is the one given at execution
+    (``params``), as the database reads it, else its own."""
     if value is None:
         return None
     if isinstance(value, BindParameter):
-        value = value.effective_value
+        if value.key in params:
+            value = params[value.key]
+            if value is None:
+                return None   # LIMIT NULL / OFFSET NULL: none, as PostgreSQL reads them
+        else:
+            value = value.effective_value
     elif hasattr(value, "_limit_offset_value"):
         value = value._limit_offset_value
     elif hasattr(value, "value"):
@@ -682,7 +714,7 @@ def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None,
                              construct=type(stmt).__name__, statement=stmt)
     try:
         if isinstance(stmt, selectable.CompoundSelect):
-            shard_stmt, plan = _plan_compound(stmt)
+            shard_stmt, plan = _plan_compound(stmt, params if isinstance(params, Mapping) else {})
         else:
             shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {},
                                      placement, disjoint_groups)
@@ -842,7 +874,7 @@ def _compound_columns(parts: Sequence[Any], keyword: str) -> list[list[Any]]:
     return [list(cols) for cols in zip(*per_part)]
 
 
-def _plan_compound(stmt: selectable.CompoundSelect) -> tuple[Any, MergePlan]:
+def _plan_compound(stmt: selectable.CompoundSelect, params: Mapping[str, Any]) -> tuple[Any, MergePlan]:
     """UNION ALL / UNION whose parts each filter and project the shards' rows: each shard
     runs the whole compound; the rows are concatenated (UNION: de-duplicated again across
     shards, as DISTINCT is), ORDER BY merged and LIMIT/OFFSET applied as for one SELECT."""
@@ -857,8 +889,8 @@ def _plan_compound(stmt: selectable.CompoundSelect) -> tuple[Any, MergePlan]:
     columns = _compound_columns(parts, keyword)
     visible = len(columns)
     names = [_output_name(c) for c in parts[0].selected_columns]
-    limit = _literal(stmt._limit_clause)
-    offset = _literal(stmt._offset_clause) or 0
+    limit = _literal(stmt._limit_clause, params)
+    offset = _literal(stmt._offset_clause, params) or 0
     if stmt._fetch_clause is not None:
         raise ScatterRefused("FETCH FIRST across shards is not merged; use .limit()",
                              construct="FETCH FIRST")
@@ -918,8 +950,8 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
     # is one (the object).
     visible = sum(len(c.c) if isinstance(c, selectable.FromClause) and not _is_entity(c) else 1
                   for c in columns)
-    limit = _literal(stmt._limit_clause)
-    offset = _literal(stmt._offset_clause) or 0
+    limit = _literal(stmt._limit_clause, params)
+    offset = _literal(stmt._offset_clause, params) or 0
     if stmt._fetch_clause is not None:
         raise ScatterRefused("FETCH FIRST across shards is not merged; use .limit()",
                              construct="FETCH FIRST")
