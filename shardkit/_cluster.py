@@ -1210,9 +1210,12 @@ def _unhashable(type_: Any) -> str | None:
     strings, uuids and bytes), or None."""
     from sqlalchemy import types as sqltypes
 
+    from sqlalchemy.dialects.postgresql import INTERVAL
+
     pg = _pg_type(type_)
+    # (postgresql.INTERVAL, what an Interval becomes for PostgreSQL, is not an Interval)
     if isinstance(pg, (sqltypes.Numeric, sqltypes.Float, sqltypes.Boolean, sqltypes.Date, sqltypes.DateTime,
-                       sqltypes.Time, sqltypes.Interval, sqltypes.JSON, sqltypes.ARRAY)):
+                       sqltypes.Time, sqltypes.Interval, INTERVAL, sqltypes.JSON, sqltypes.ARRAY)):
         from sqlalchemy.dialects.postgresql.base import PGDialect
 
         try:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import Column, Date, DateTime, Integer, MetaData, String, Table
+from sqlalchemy import Column, Date, DateTime, Integer, Interval, MetaData, Numeric, String, Table
+from sqlalchemy.dialects import postgresql
 
 import shardkit
 from shardkit._guard import table_shape
@@ -142,3 +143,14 @@ def test_string_key_column_unaffected():
             cluster.shard_for("names", 1)
     finally:
         cluster.dispose()
+
+
+# -- hash groups on a column type the hash does not place -------------------------------------
+
+@pytest.mark.parametrize("type_", [Interval(), postgresql.INTERVAL(), Numeric(10, 2), Date()],
+                         ids=["Interval", "postgresql.INTERVAL", "Numeric", "Date"])
+def test_hash_group_on_a_column_it_cannot_hash_is_refused_at_load(type_):
+    md = MetaData()
+    Table("hk", md, Column("id", Integer, primary_key=True), Column("k", type_))
+    with pytest.raises(ConfigurationError, match="hk.k is .* which the hash strategy cannot place"):
+        _cluster(md, {"g": {"strategy": "hash", "tables": {"hk": "k"}}})
