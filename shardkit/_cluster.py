@@ -679,12 +679,20 @@ class Cluster:
         self._follower.start()
 
     def _renew_pool(self, shard: str, role: str = PRIMARY, index: int = 0) -> None:
-        """Replace a node's pool with an empty one (after the node restarted): pooled
-        connections are closed, those in use are discarded when returned."""
+        """Replace a node's pooled connections (after the node restarted, or came up after
+        every poll since the monitor started found it down): each is replaced at its next
+        checkout, one in use too once returned.  The pool stays, with its count of the
+        connections in use: a new pool (Engine.dispose()) would leave those outside any
+        count, so that the process could hold twice max_connections to the node (one made
+        after the restart is live, and so is every one when the server never restarted and
+        only the first polls failed), and keep them open, once returned, in the old pool
+        until it is garbage collected; pool_stats() would not show them."""
         eng = self._engines.get((shard, role, index))
         if eng is not None:
             log.info("%s restarted: its pooled connections are replaced", eng.info["node"])  # type: ignore[attr-defined]
-            eng.dispose()
+            # (SQLAlchemy's own way to retire every connection of a pool, which Connection
+            # uses after a disconnect: no public API does it without a new pool.)
+            eng.pool._invalidate(None)  # type: ignore[arg-type]
 
     def streaming_engine(self, shard: str, index: int) -> Engine:
         """Replica ``index`` of ``shard`` for reads through a server-side cursor (``yield_per``,
