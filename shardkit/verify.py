@@ -212,6 +212,17 @@ _RAISED = "(function raised "  # + the exception's class and ")": a custom funct
 _REFUSED = "(refused: "  # + the strategy's kind, "strategy refuses: ", its message and ")"
 
 
+def _without_key(e: ShardKeyError) -> str:
+    """``e``'s message with its key (and the parts of a composite one) left out, so that the
+    rows it refuses for one reason are counted together."""
+    msg = e.message
+    parts = e.key if isinstance(e.key, tuple) else ()
+    for k in (e.key, *parts):
+        if k is not None:
+            msg = msg.replace(repr(k), "...")
+    return msg
+
+
 def _check_hash_in_sql(config: ClusterConfig, conn: Any, rep: TableReport, table: str, column: str,
                        sql_type: str, pk: list[str], strays: dict[str, list[tuple[Any, ...]]],
                        sample: int, foreign: frozenset[int]) -> None:
@@ -271,7 +282,7 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
                 if strategy.kind == "custom":
                     owner = f"{_RAISED}{type(e.__cause__ or e).__name__})"  # (the function's own)
                 else:  # a key the strategy refuses (a list group's date of another kind)
-                    owner = f"{_REFUSED}{strategy.kind} strategy refuses: {e.message})"
+                    owner = f"{_REFUSED}{strategy.kind} strategy refuses: {_without_key(e)})"
             except Exception as e:  # noqa: BLE001 - a custom function's own error: reported
                 # per row, not a crash that hides every other table's report.
                 owner = f"{_RAISED}{type(e.__cause__ or e).__name__})"  # (the function's own)
