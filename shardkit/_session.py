@@ -1072,8 +1072,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """A short path's read (_plain_read, get()'s load in execute()) on the primary of
         ``shard``, a shard without replicas, as the general path would make it.
         ``execution_options``: get()'s (its load options); None for a plain SELECT (or get()'s
-        load with no options but the shard), which gets the shard's load options, without the ORM's autoflush (nothing to flush: see
-        _short_path_open) unless a do_orm_execute listener runs (one may add objects)."""
+        load with no options but the shard), which gets the shard's load options, without the
+        ORM's autoflush (nothing to flush: see _short_path_open) unless a do_orm_execute
+        listener runs (one may add objects)."""
         cluster = self.cluster
         if cluster._map_misfit is not None or self.dispatch.do_orm_execute:
             return Session.execute(self, statement, params,
