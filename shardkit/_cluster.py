@@ -1217,7 +1217,6 @@ def _unhashable(type_: Any) -> str | None:
     """The name of a column type whose values the hash strategy refuses (it hashes ints,
     strings, uuids and bytes), or None."""
     from sqlalchemy import types as sqltypes
-
     from sqlalchemy.dialects.postgresql import INTERVAL
 
     pg = _pg_type(type_)
