@@ -53,7 +53,7 @@ from itertools import count as _counter
 from psycopg.pq import TransactionStatus
 
 from sqlalchemy.engine import CursorResult, Result, TwoPhaseTransaction
-from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.engine.result import FrozenResult, IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session, bulk_persistence, persistence
 from sqlalchemy.orm import exc as orm_exc
@@ -2720,6 +2720,23 @@ class ScatterResult(IteratorResult):  # type: ignore[type-arg]
     missing_shards: dict[str, BaseException]
     # The shards' own results (server-side cursors when streamed): closed with this one.
     _shard_results: Sequence[Any] = ()
+    # The ORM's "call unique()" marker of a joined collection load (the unique filter state
+    # it gave the shards' results), while the caller has not called unique() itself.
+    _orm_unique: Any = None
+
+    def freeze(self) -> Any:
+        """As on one database, with ``missing_shards`` kept by the frozen result and each
+        result it makes.  The rows of one entity with a joined collection freeze as they
+        are, as one database's do (the frozen result's reader calls unique()), not refused
+        for want of a unique() that applies when they are read."""
+        state = self._unique_filter_state
+        if state is not None and state is self._orm_unique and self._attributes.get("is_single_entity"):
+            self._unique_filter_state = None
+            try:
+                return _FrozenScatter(self)
+            finally:
+                self._unique_filter_state = state
+        return _FrozenScatter(self)
 
     # scalars() and mappings() (also Session.scalars()) are the result read another way:
     # they say which shards are missing too.
@@ -2739,6 +2756,30 @@ class ScatterResult(IteratorResult):  # type: ignore[type-arg]
         # shard's cursor at once, as one database's result does, not at the transaction's end.
         for r in self._shard_results:
             r.close()
+
+
+class _FrozenScatter(FrozenResult):  # type: ignore[type-arg]
+    """A frozen :class:`ScatterResult`: its results (and ``with_new_rows()``'s, which
+    ``merge_frozen_result()`` makes) say which shards are missing."""
+
+    missing_shards: dict[str, BaseException]
+
+    def __init__(self, result: ScatterResult) -> None:
+        super().__init__(result)
+        self.missing_shards = result.missing_shards
+
+    def with_new_rows(self, tuple_data: Any) -> Any:
+        frozen = _FrozenScatter.__new__(_FrozenScatter)
+        frozen.__dict__.update(super().with_new_rows(tuple_data).__dict__)
+        frozen.missing_shards = self.missing_shards
+        return frozen
+
+    def __call__(self) -> Any:
+        result = ScatterResult(self.metadata, iter(self.data))
+        result._attributes = self._attributes
+        result._source_supports_scalars = self._source_supports_scalars
+        result.missing_shards = self.missing_shards
+        return result
 
 
 def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: Route,
@@ -3734,7 +3775,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         # is a property of the original statement.
         attrs = attrs.union({"is_single_entity": _is_single_entity(statement, execution_options)})
     result._attributes = attrs
-    result._unique_filter_state = needs_unique
+    result._unique_filter_state = result._orm_unique = needs_unique
     result.missing_shards = failures
     if failures:
         log.warning("partial results: shards %s failed: %s", ", ".join(sorted(failures)),
@@ -3763,10 +3804,21 @@ def _visible_metadata(shard_md: Any, visible: int) -> SimpleResultMetaData:
             for o in rec[2] or ():
                 if not isinstance(o, (str, int)):   # (the names are the keys)
                     objects[index][id(o)] = o
+    # How unique() tells the rows apart, per column: an ORM result's own, by each column's
+    # type and entity (an unhashable value, such as a JSON list or an object of a dataclass
+    # mapping, by identity; refused under yield_per), as on one database.  SQLAlchemy 2.1
+    # makes them when unique() is first applied, 2.0 holds them.
+    unique: dict[str, Any] = {}
+    made = getattr(shard_md, "_create_unique_filters", None)
+    if made is not None:
+        unique["_create_unique_filters"] = lambda result: list(made(result))[:visible]
+    filters = getattr(shard_md, "_unique_filters", None)
+    if filters is not None:
+        unique["_unique_filters"] = list(filters)[:visible]
     if ambiguous:
         return _MergedMetaData(keys, extra=[tuple(o.values()) for o in objects],
-                               _ambiguous_keys=frozenset(ambiguous))
-    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects])
+                               _ambiguous_keys=frozenset(ambiguous), **unique)
+    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects], **unique)
 
 
 class _MergedMetaData(SimpleResultMetaData):
