@@ -269,7 +269,7 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
         f"        AND t.tgtype = {_ROW_TRIGGER_TYPE} AND t.tgenabled = 'O' "
         f"        AND pg_get_triggerdef(t.oid) LIKE {_literal('%' + MOVER_SETTING + '%')}) "
         # ... or a partition's clone of it is disabled (made again, it is cloned anew)
-        f"        OR EXISTS ({_partition_unguarded_sql(t + '::regclass')}) THEN\n"
+        f"        OR EXISTS ({partition_unguarded_sql(t + '::regclass')}) THEN\n"
         f"        DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(table)};\n"
         # The WHEN condition spares the mover's bulk copies and deletes the cost
         # of calling the function for every row.
@@ -282,7 +282,7 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
     ]
 
 
-def _partition_unguarded_sql(table: str) -> str:
+def partition_unguarded_sql(table: str) -> str:
     """A query with a row for each partition of ``table`` (an SQL regclass expression) whose
     clone of the guard's row trigger is missing or not enabled."""
     return ("SELECT FROM pg_partition_tree(" + table + ") p WHERE p.relid <> " + table + " AND NOT EXISTS "

@@ -49,6 +49,7 @@ from ._guard import (
     guard_installed,
     guarded_tables,
     install_guard,
+    partition_unguarded_sql,
     slice_comparable,
     stale_guards,
     table_parts,
@@ -828,11 +829,40 @@ def schema_fingerprint(connection: Any, schemas: Iterable[str] = ()) -> dict[str
         # Column types as PostgreSQL writes them (format_type), for the schema's tables at
         # once: the reflected type's str() is the generic one ("TIMESTAMP" for both timestamp
         # and timestamptz, "ARRAY" for any array, "NULL" for a type SQLAlchemy does not know).
+        # With the column's collation where it is not its type's (it orders and compares
+        # the column's values: ORDER BY, unique indexes, a scatter's merge).
         pg_types = {(t, c): typ for t, c, typ in connection.execute(text(
-            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) || coalesce(("
+            "SELECT ' COLLATE ' || quote_ident(cn.nspname) || '.' || quote_ident(co.collname) "
+            "FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace "
+            "WHERE co.oid = a.attcollation AND a.attcollation <> "
+            "(SELECT ty.typcollation FROM pg_type ty WHERE ty.oid = a.atttypid)), '') FROM pg_attribute a "
             "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = coalesce(:s, current_schema()) AND a.attnum > 0 AND NOT a.attisdropped"),
             {"s": schema})}
+        # The table's triggers (not shardkit's guard: checked on its own), row-level
+        # security, and the parent and bounds of a partition.
+        triggers: dict[str, list[tuple[str, str]]] = {}
+        for t, name, definition, enabled in connection.execute(text(
+                "SELECT c.relname, t.tgname, pg_get_triggerdef(t.oid), t.tgenabled::text FROM pg_trigger t "
+                "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = coalesce(:s, current_schema()) AND NOT t.tgisinternal "
+                "AND t.tgname NOT IN ('shardkit_guard', 'shardkit_guard_truncate') ORDER BY 1, 2"),
+                {"s": schema}):
+            state = {"D": " (DISABLED)", "R": " (ENABLE REPLICA)", "A": " (ENABLE ALWAYS)"}.get(enabled, "")
+            triggers.setdefault(t, []).append((name, definition + state))
+        settings: dict[str, list[str]] = {}
+        for t, rls, force, parent, bound in connection.execute(text(
+                "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity, "
+                "(SELECT string_agg(i.inhparent::regclass::text, ', ' ORDER BY i.inhseqno) "
+                "FROM pg_inherits i WHERE i.inhrelid = c.oid), pg_get_expr(c.relpartbound, c.oid) "
+                "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = coalesce(:s, current_schema()) AND c.relkind IN ('r', 'p')"),
+                {"s": schema}):
+            settings[t] = [x for x in (
+                "ROW LEVEL SECURITY" if rls else None, "FORCE ROW LEVEL SECURITY" if force else None,
+                (f"PARTITION OF {parent} {bound}" if bound else f"INHERITS ({parent})") if parent else None)
+                if x]
         for t in sorted(insp.get_table_names(schema=schema)):
             if t == "alembic_version" and schema is None:
                 continue
@@ -864,7 +894,8 @@ def schema_fingerprint(connection: Any, schemas: Iterable[str] = ()) -> dict[str
             pk = tuple(insp.get_pk_constraint(t, schema=schema).get("constrained_columns") or ())
             out[t if schema is None else f"{schema}.{t}"] = {
                 "columns": cols, "defaults": defaults, "indexes": idx, "unique": uq,
-                "foreign_keys": fks, "check_constraints": checks, "pk": pk}
+                "foreign_keys": fks, "check_constraints": checks, "pk": pk,
+                "triggers": triggers.get(t, []), "settings": settings.get(t, [])}
     return out
 
 
@@ -1021,7 +1052,7 @@ def check(cluster: Cluster, *, alembic_ini: str | os.PathLike[str] | None = None
                 diffs.append(f"{shard}: extra table {t} (absent on {ref_name})")
             else:
                 for part in ("columns", "defaults", "pk", "indexes", "unique", "foreign_keys",
-                             "check_constraints"):
+                             "check_constraints", "triggers", "settings"):
                     mine, theirs = fp[t][part], ref[t][part]
                     if mine == theirs:
                         continue
@@ -1068,10 +1099,14 @@ def _config_against_schema(cluster: Cluster, shard: str, conn: Any) -> list[str]
     # op.install_shardkit_guard(): its writes are neither checked against the shard's
     # buckets nor captured by a move.  (Range and list groups are guarded once the shard
     # has their slices, and only with a key the slices compare with.)
-    triggered = set(conn.execute(text(
-        f"SELECT n.tbl FROM {CONFIGURED_TABLES} JOIN pg_trigger t ON t.tgrelid = c.oid "
-        "AND t.tgname = 'shardkit_guard' AND t.tgenabled <> 'D'"),
-        configured_tables(g.table for g in guarded)).scalars())
+    # Enabled as PostgreSQL fires it in the application's sessions (an ENABLE REPLICA
+    # trigger, 'R', fires only under session_replication_role = replica), on the table and
+    # on each of its partitions (each has its own clone of it).
+    enabled = dict(conn.execute(text(
+        f"SELECT n.tbl, t.tgenabled IN ('O', 'A') AND NOT EXISTS ({partition_unguarded_sql('c.oid')}) "
+        f"FROM {CONFIGURED_TABLES} JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'shardkit_guard'"),
+        configured_tables(g.table for g in guarded)).all())
+    triggered = {t for t, on in enabled.items() if on}
     sliced = set(conn.execute(text(
         "SELECT DISTINCT grp FROM shardkit.slices")).scalars()) if conn.execute(text(
             "SELECT to_regclass('shardkit.slices') IS NOT NULL")).scalar() else set()
@@ -1079,6 +1114,11 @@ def _config_against_schema(cluster: Cluster, shard: str, conn: Any) -> list[str]
                "by a migration that did not call op.install_shardkit_guard()): its writes are not "
                "checked against the shard's buckets nor captured by a move; run a migration "
                "calling op.install_shardkit_guard(), or `shardkit rebalance init`"
+               if g.table not in enabled else
+               f"{shard}: the ownership guard of {g.table} is disabled, on it or on a partition "
+               "(ALTER TABLE ... DISABLE TRIGGER, or ENABLE REPLICA TRIGGER, shardkit_guard): its writes are not checked "
+               "against the shard's buckets nor captured by a move; run a migration calling "
+               "op.install_shardkit_guard(), or `shardkit rebalance init`, which enable it again"
                for g in guarded if g.table not in triggered and (g.kind == "hash" or (
                    g.group in sliced and slice_comparable(g.value_kind, table_shape(conn, g.table)[2][g.key]))))
     out.extend(f"{shard}: the ownership guard of {t} is out of date (installed before the table "
