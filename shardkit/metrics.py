@@ -91,10 +91,11 @@ class ClusterMetrics:
     def close(self) -> None:
         """Stop exporting this cluster's metrics: unregister them from the registry and stop
         timing its engines' statements (a new cluster can then be instrumented)."""
-        try:
-            self.cluster._engine_hooks.remove(self.attach)
-        except ValueError:
-            pass
+        with self.cluster._lock:   # (engine() runs the hooks under it)
+            try:
+                self.cluster._engine_hooks.remove(self.attach)
+            except ValueError:
+                pass
         for ref, name, fn in self._listeners:
             engine = ref()
             if engine is not None and event.contains(engine, name, fn):
@@ -211,12 +212,23 @@ class _StateCollector:
 def instrument(cluster: Cluster, registry: CollectorRegistry | None = None) -> ClusterMetrics:
     """Export the cluster's metrics to ``registry`` (default: prometheus_client's global one).
 
-    Engines created later are instrumented as they are created.  A registry holds one
-    cluster's metrics: ``close()`` the returned :class:`ClusterMetrics` before instrumenting
-    another cluster on the same registry (a second one is refused with ``ValueError``).
+    Engines created later are instrumented as they are created; so are those a ``dispose()``
+    (or a fork) let go of, through which the application may still run statements.  A
+    registry holds one cluster's metrics: ``close()`` the returned :class:`ClusterMetrics`
+    before instrumenting another cluster on the same registry (a second one is refused
+    with ``ValueError``).
     """
     metrics = ClusterMetrics(cluster, registry if registry is not None else REGISTRY)
-    for eng in list(cluster._engines.values()):
-        metrics.attach(eng)
-    cluster._engine_hooks.append(metrics.attach)
+    # Under the lock engine() makes an engine under: one made meanwhile is either attached
+    # here or given the hook, never neither.
+    with cluster._lock:
+        for eng in cluster._engines.values():
+            metrics.attach(eng)
+        # Engines a dispose() (or a fork) let go of: the application may still run
+        # statements through one it kept.  Attached now, and marked as such, so that
+        # engine() handing it out again does not attach it a second time.
+        for k, (eng, seen) in list(cluster._retired.items()):
+            metrics.attach(eng)
+            cluster._retired[k] = (eng, (*seen, metrics.attach))
+        cluster._engine_hooks.append(metrics.attach)
     return metrics
