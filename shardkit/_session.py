@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import inspect as _pyinspect
 import logging
 import re
 import time
@@ -712,7 +713,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if behind and min_lsn is not None:
             # The monitor's last sample predates our write; ask the replica itself.
             best = max(behind, key=lambda r: r.wal_lsn or 0)
-            wait = settings.wait_for_token if deadline is None else max(0.0, deadline - time.monotonic())
+            if deadline is None:
+                # (Also the bound of the choice made again below, with a corrected position:
+                # a read waits wait_for_token once in all.)
+                deadline = time.monotonic() + settings.wait_for_token
+            wait = max(0.0, deadline - time.monotonic())
             if selector.probe_reached(shard, best, min_lsn, wait):
                 if repin:
                     self._sk_replica[shard] = best.index
@@ -4429,6 +4434,19 @@ def _hold_commit_connections(session: Session) -> None:
             session._sk_commit_conns[shard] = Session.connection(session, bind_arguments={"shard_id": shard})
 
 
+# Inside run_transaction's fn: a count of the commits of every ShardedSession in this
+# context, so that run_transaction does not run fn again after one of another session (a
+# nested run_transaction, an audit session) either.
+_COMMITS_IN_FN: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "shardkit_commits_in_fn", default=None)
+
+
+def _count_commit_in_fn() -> None:
+    cell = _COMMITS_IN_FN.get()
+    if cell is not None:
+        cell[0] += 1
+
+
 def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
     """After a commit, remember each written shard's WAL position (read-your-writes);
     ``only``: the shards that committed, when the commit failed on another."""
@@ -4438,6 +4456,7 @@ def _record_tokens(session: Session, only: Iterable[str] | None = None) -> None:
         # transaction (read from the primary) and not committed yet (no token).
         return
     session._sk_commits += 1
+    _count_commit_in_fn()
     conns, session._sk_commit_conns = session._sk_commit_conns, {}
     written, session._sk_written = session._sk_written, set()
     late = [shard for shard in written - conns.keys() if session.cluster.replica_count(shard)]
@@ -4934,6 +4953,7 @@ def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
             # connection put in autocommit, anything may have.)
             if not info.get("autocommit") or conn in _AUTOCOMMITTED:
                 session._sk_autocommitted = True
+                _count_commit_in_fn()
             if session.cluster.replica_count(info["shard"]):
                 shards.add(info["shard"])
     for shard in sorted(shards):
@@ -5040,8 +5060,12 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     running it again would repeat what was committed.  So does one after a statement of
     ``fn`` wrote through a primary connection in autocommit (it committed as it ran: with
     the engine in autocommit, a statement that wrote rows; on a connection the application
-    put in autocommit, anything, as shardkit cannot see what ran on it).  Returns what
-    ``fn`` returned.
+    put in autocommit, anything, as shardkit cannot see what ran on it), and one after
+    another ShardedSession committed while ``fn`` ran (a nested ``run_transaction``, a
+    session of its own).  Returns what ``fn`` returned (objects of the session are
+    detached by then, and expired unless the sessionmaker has ``expire_on_commit=False``).
+    A generator or async function is refused (``TypeError``): calling it runs none of its
+    body.
 
     ``on_commit`` is called with the session's consistency token once the commit
     has succeeded (before the session closes), so that what was committed can be read
@@ -5049,18 +5073,50 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     cookie or a job's arguments.  An error it raises (``NotOwned`` too) propagates;
     the commit stands, and ``fn`` is not run again.
     """
+    if _pyinspect.isgeneratorfunction(fn) or _pyinspect.iscoroutinefunction(fn) or _pyinspect.isasyncgenfunction(fn):
+        raise TypeError(_not_runnable(fn))
+    cell = _COMMITS_IN_FN.get()
+    outermost = _COMMITS_IN_FN.set([0]) if cell is None else None
+    try:
+        return _run_transaction(session_factory, fn, retries, refresh_timeout, on_commit)
+    finally:
+        if outermost is not None:
+            _COMMITS_IN_FN.reset(outermost)
+
+
+def _not_runnable(fn: Any) -> str:
+    return (f"run_transaction(session_factory, fn): fn ({getattr(fn, '__qualname__', fn)!r}) is a "
+            "generator or async function (or returned a coroutine), whose call runs none of "
+            "its body before the commit (its writes would never be made); pass a plain function")
+
+
+def _run_transaction(session_factory: Any, fn: Any, retries: int, refresh_timeout: float,
+                     on_commit: Callable[[str], Any] | None) -> Any:
+    cell = _COMMITS_IN_FN.get()
+    assert cell is not None
     attempt = 0
     while True:
         with session_factory() as session:
             seen = session.cluster.map_version
+            before = cell[0]
             try:
                 result = fn(session)
+                if _pyinspect.iscoroutine(result) or _pyinspect.isasyncgen(result):
+                    if _pyinspect.iscoroutine(result):
+                        result.close()  # (never to be awaited: no warning saying so)
+                    raise TypeError(_not_runnable(fn))
                 session.commit()
             except NotOwned as e:
                 session.rollback()
                 autocommitted = getattr(session, "_sk_autocommitted", False)
-                if attempt >= retries or getattr(session, "_sk_commits", 0) or autocommitted:
+                elsewhere = cell[0] != before and not getattr(session, "_sk_commits", 0)
+                if attempt >= retries or getattr(session, "_sk_commits", 0) or autocommitted or elsewhere:
                     # (fn committed part of its work itself: running it again would repeat it.)
+                    if elsewhere and not autocommitted and attempt < retries:
+                        e.add_note(
+                            "(run_transaction did not run the function again: another session "
+                            "committed inside it (a nested run_transaction, a session of its "
+                            "own), and a retry would commit that work twice)")
                     if autocommitted and attempt < retries:
                         e.add_note(
                             "(run_transaction did not run the function again: a primary "
