@@ -940,8 +940,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 and _option("dml_strategy", statement, execution_options) != "core_only"):
             mapper = statement._propagate_attrs["plugin_subject"].mapper
             if statement.whereclause is None and not statement._values:
-                return _orm_bulk_update(self, mapper, params,
-                                        synchronize=_bulk_synchronize(statement, execution_options))
+                return _orm_bulk_update(
+                    self, mapper, params, synchronize=_bulk_synchronize(statement, execution_options),
+                    autoflush=_option("autoflush", statement, execution_options) is not False)
             # SQLAlchemy runs these rows through its bulk UPDATE by primary key, on one
             # connection (NotImplementedError for a sharded session, whatever the route).
             raise RoutingError(
@@ -1187,8 +1188,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         rows = [dict(m) for m in mappings]
         if rows:
             # (A None leaves the column to its default unless render_nulls, as in SQLAlchemy.)
+            # (Without a flush first, as SQLAlchemy's legacy bulk methods.)
             self.execute(sa_insert(inspect(mapper).mapper), rows,
-                         execution_options={"render_nulls": True} if render_nulls else util.EMPTY_DICT)
+                         execution_options={"render_nulls": True, "autoflush": False} if render_nulls
+                         else _NO_AUTOFLUSH)
 
     def bulk_update_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]]) -> None:
         """Update rows by primary key, given as dicts of attribute values, each on its shard.
@@ -1198,7 +1201,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """
         rows = [dict(m) for m in mappings]
         if rows:
-            _orm_bulk_update(self, inspect(mapper).mapper, rows)
+            _orm_bulk_update(self, inspect(mapper).mapper, rows, autoflush=False)
 
     def bulk_save_objects(self, objects: Iterable[Any], return_defaults: bool = False,
                           update_changed_only: bool = True, preserve_order: bool = True) -> None:
@@ -1243,7 +1246,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
             if is_insert:
                 self.bulk_insert_mappings(mapper, rows)
             else:
-                _orm_bulk_update(self, mapper, rows)
+                # (Each object's row is the one of its primary key on its shard, whose
+                # key it may change: see _refuse_bulk_key_move.)
+                _orm_bulk_update(self, mapper, rows, key_names_row=False, autoflush=False)
 
     def commit(self) -> None:
         """Commit every shard's transaction, one after another (see :class:`CommitError`).
@@ -1884,6 +1889,7 @@ def _options(statement: Any, execution_options: Any) -> Callable[[str], Any]:
 
 
 _NO_OPTIONS: Mapping[str, Any] = util.immutabledict()
+_NO_AUTOFLUSH: Mapping[str, Any] = util.immutabledict({"autoflush": False})
 
 
 def _autoflushes(statement: Any, execution_options: Any) -> bool:
@@ -2301,7 +2307,7 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
     _refuse_values_made_per_shard(session, statement, [r for p in core_by_shard.values() for r in p],
                                   list(by_shard))
     result = None
-    if session.autoflush:
+    if session.autoflush and _option("autoflush", statement, execution_options) is not False:
         session._autoflush()
     stmt = table.insert()
     if getattr(statement, "_post_values_clause", None) is not None:
@@ -2357,7 +2363,8 @@ def _bulk_synchronize(statement: Any, execution_options: Any) -> bool:
 
 
 def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
-                     synchronize: bool = False) -> Result[Any]:
+                     synchronize: bool = False, key_names_row: bool = True,
+                     autoflush: bool = True) -> Result[Any]:
     """ORM bulk UPDATE by primary key (``session.execute(update(Model), [{...}, ...])``),
     split by shard.
 
@@ -2370,6 +2377,11 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
     :class:`~sqlalchemy.orm.exc.StaleDataError`, as SQLAlchemy's bulk update does;
     so does a row of a mapper with a ``version_id_col`` whose version is not the
     row's (the UPDATE gives the row the next version, as SQLAlchemy's does).
+    ``autoflush=False``: no autoflush first (the execution option autoflush=False, and
+    the legacy bulk methods, which SQLAlchemy runs without one).
+    ``key_names_row=False``: each row's shard key is a new one for a row of that primary
+    key on the key's shard (bulk_save_objects(), of objects loaded from that shard), not
+    part of what the UPDATE matches.
     """
     _refuse_inheritance(mapper, "UPDATE")
     router = session.cluster.router
@@ -2417,9 +2429,14 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
         _refuse_values_made_per_shard(session, table.update(), next(iter(by_shard.values()), []),
                                       list(by_shard))
     pk_names = {c.key for c in pk_cols}
+    # The shard key's columns outside the primary key match too: a primary key may be
+    # unique per shard only, and the row of that id on the key's shard may be another
+    # key's (by primary key alone, its UPDATE would change that row, key and all).
+    key_where = [] if tr.strategy is None or not key_names_row else [
+        c for c in (table.c[k] for k in tr.key_columns) if c.key not in pk_names]
     total = 0
     result = None
-    if session.autoflush:
+    if session.autoflush and autoflush:
         session._autoflush()
     for shard, part in by_shard.items():
         conn = session.connection(bind_arguments={"shard_id": shard})
@@ -2428,11 +2445,12 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
             sets = [c for c in group[0] if c not in pk_names and c != _OLD_VERSION]
             if not sets:
                 continue
-            where = [c == bindparam(f"_pk_{c.key}") for c in pk_cols]
+            where = [c == bindparam(f"_pk_{c.key}") for c in (*pk_cols, *key_where)]
             if vcol is not None:
                 where.append(vcol == bindparam(_OLD_VERSION))
             stmt = table.update().where(*where).values({c: bindparam(c) for c in sets})
             params = [{**{c: r[c] for c in sets}, **{f"_pk_{k}": r[k] for k in pk_names},
+                       **{f"_pk_{c.key}": r[c.key] for c in key_where},
                        **({_OLD_VERSION: r[_OLD_VERSION]} if vcol is not None else {})}
                       for r in group]
             result = conn.execute(stmt, params)
