@@ -3827,21 +3827,10 @@ def _visible_metadata(shard_md: Any, visible: int) -> SimpleResultMetaData:
             for o in rec[2] or ():
                 if not isinstance(o, (str, int)):   # (the names are the keys)
                     objects[index][id(o)] = o
-    # How unique() tells the rows apart, per column: an ORM result's own, by each column's
-    # type and entity (an unhashable value, such as a JSON list or an object of a dataclass
-    # mapping, by identity; refused under yield_per), as on one database.  SQLAlchemy 2.1
-    # makes them when unique() is first applied, 2.0 holds them.
-    unique: dict[str, Any] = {}
-    made = getattr(shard_md, "_create_unique_filters", None)
-    if made is not None:
-        unique["_create_unique_filters"] = lambda result: list(made(result))[:visible]
-    filters = getattr(shard_md, "_unique_filters", None)
-    if filters is not None:
-        unique["_unique_filters"] = list(filters)[:visible]
     if ambiguous:
         return _MergedMetaData(keys, extra=[tuple(o.values()) for o in objects],
-                               _ambiguous_keys=frozenset(ambiguous), **unique)
-    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects], **unique)
+                               _ambiguous_keys=frozenset(ambiguous))
+    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects])
 
 
 class _MergedMetaData(SimpleResultMetaData):
