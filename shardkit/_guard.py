@@ -282,12 +282,26 @@ def _trigger_sql(g: Guarded, key_type: str, pk: Sequence[str], bucket_count: int
     ]
 
 
+# pg_trigger.tgenabled of a trigger that fires in the application's sessions: enabled
+# ('O') or ENABLE ALWAYS ('A'); not disabled ('D'), nor ENABLE REPLICA ('R'), which fires
+# only under session_replication_role = replica.
+_FIRES = "IN ('O', 'A')"
+
+
 def partition_unguarded_sql(table: str) -> str:
     """A query with a row for each partition of ``table`` (an SQL regclass expression) whose
-    clone of the guard's row trigger is missing or not enabled."""
+    clone of the guard's row trigger is missing or does not fire."""
     return ("SELECT FROM pg_partition_tree(" + table + ") p WHERE p.relid <> " + table + " AND NOT EXISTS "
             "(SELECT FROM pg_trigger pt WHERE pt.tgrelid = p.relid AND pt.tgname = 'shardkit_guard' "
-            "AND pt.tgenabled = 'O')")
+            f"AND pt.tgenabled {_FIRES})")
+
+
+def guard_fires_sql(table: str) -> str:
+    """An SQL condition: the guard's row trigger fires in the application's sessions on
+    ``table`` (an SQL regclass expression) and on each of its partitions (each has its
+    own clone of it)."""
+    return (f"EXISTS (SELECT FROM pg_trigger gt WHERE gt.tgrelid = {table} AND gt.tgname = 'shardkit_guard' "
+            f"AND gt.tgenabled {_FIRES}) AND NOT EXISTS ({partition_unguarded_sql(table)})")
 
 
 # pg_trigger.tgtype of the guard's row trigger: TRIGGER_TYPE_ROW | _BEFORE | _INSERT |
@@ -613,7 +627,7 @@ def stale_guards(conn: Connection, guarded: Iterable[Guarded], bucket_count: int
         "SELECT n.tbl, p.prosrc, NOT EXISTS (SELECT 1 FROM pg_class pc WHERE pc.relkind IN ('r', 'p') "
         "AND (pc.oid = c.oid OR pc.oid IN (SELECT relid FROM pg_partition_tree(c.oid))) "
         "AND NOT EXISTS (SELECT 1 FROM pg_trigger tt WHERE tt.tgrelid = pc.oid "
-        "AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled <> 'D')) "
+        f"AND tt.tgname = 'shardkit_guard_truncate' AND tt.tgenabled {_FIRES})) "
         f"FROM {CONFIGURED_TABLES} JOIN pg_trigger t ON t.tgrelid = c.oid "
         "AND t.tgname = 'shardkit_guard' JOIN pg_proc p ON p.oid = t.tgfoid"),
         configured_tables(g.table for g in guarded))}

@@ -2152,14 +2152,13 @@ def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, re
         return None
     mapper = state.mapper
     tr = session.cluster.router.table_route(mapper)
-    keys = [mapper.get_property_by_column(mapper.local_table.c[c]).class_attribute for c in tr.key_columns]
-    pk = [mapper.get_property_by_column(c).class_attribute == v for c, v in zip(mapper.primary_key, state.key[1])]
+    keys = tr.key_columns
     # Across shards (leftovers left out), whatever a strict session or a scope's key would
     # do to the application's own reads: this one is the object's.
     strict, session.strict = session.strict, False
     try:
         with session.no_autoflush, scope(key=None, strict=False):
-            rows = session.execute(sa_select(*keys).where(*pk)).all()
+            rows = session.execute(_shard_key_by_pk(mapper, tr, state.key[1])).all()
     finally:
         session.strict = strict
     if not rows and refresh:
@@ -2184,6 +2183,14 @@ def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, re
     if owner == shard:
         state.info["shardkit_located"] = version  # (its row is where it was loaded from)
     return owner
+
+
+def _shard_key_by_pk(mapper: Any, tr: TableRoute, ident: Any) -> Any:
+    """SELECT of the shard key columns of the row of primary key ``ident`` (of ``mapper``,
+    whose table route is ``tr``)."""
+    keys = [mapper.get_property_by_column(mapper.local_table.c[c]).class_attribute for c in tr.key_columns]
+    return sa_select(*keys).where(*(mapper.get_property_by_column(c).class_attribute == v
+                                    for c, v in zip(mapper.primary_key, ident)))
 
 
 def _placed_on(router: Router, mapper: Any, key: Any, shard: str) -> bool:
@@ -4918,12 +4925,10 @@ def _owned_namesake(session: ShardedSession, state: Any, tr: TableRoute, token: 
     mapper = state.mapper
     if _pk_plan_for(session.cluster.router, mapper) is not False:
         return False
-    keys = [mapper.get_property_by_column(mapper.local_table.c[c]).class_attribute for c in tr.key_columns]
-    pk = [mapper.get_property_by_column(c).class_attribute == v for c, v in zip(mapper.primary_key, state.key[1])]
     conn = Session.connection(session, bind_arguments={"shard_id": token, "shardkit_role": PRIMARY})
-    for row in conn.execute(sa_select(*keys).where(*pk)):
+    for row in conn.execute(_shard_key_by_pk(mapper, tr, state.key[1])):
         try:
-            if session.cluster.router.shard_for(mapper, row[0] if len(keys) == 1 else tuple(row)) == token:
+            if session.cluster.router.shard_for(mapper, row[0] if len(row) == 1 else tuple(row)) == token:
                 return True
         except ShardkitError:
             continue

@@ -46,10 +46,10 @@ from ._config import connect_timeout_args, counted, mask_url, split_secret_query
 from ._guard import (
     CONFIGURED_TABLES,
     configured_tables,
+    guard_fires_sql,
     guard_installed,
     guarded_tables,
     install_guard,
-    partition_unguarded_sql,
     slice_comparable,
     stale_guards,
     table_parts,
@@ -1103,7 +1103,7 @@ def _config_against_schema(cluster: Cluster, shard: str, conn: Any) -> list[str]
     # trigger, 'R', fires only under session_replication_role = replica), on the table and
     # on each of its partitions (each has its own clone of it).
     enabled = dict(conn.execute(text(
-        f"SELECT n.tbl, t.tgenabled IN ('O', 'A') AND NOT EXISTS ({partition_unguarded_sql('c.oid')}) "
+        f"SELECT n.tbl, {guard_fires_sql('c.oid')} "
         f"FROM {CONFIGURED_TABLES} JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'shardkit_guard'"),
         configured_tables(g.table for g in guarded)).all())
     triggered = {t for t, on in enabled.items() if on}

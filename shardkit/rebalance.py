@@ -86,10 +86,10 @@ from ._guard import (
     INT_KEY_TYPES,
     MOVER_SETTING,
     Guarded,
+    guard_fires_sql,
     guard_installed,
     guarded_tables,
     install_guard,
-    partition_unguarded_sql,
     slice_comparable,
     slice_function_name,
     CONFIGURED_TABLES,
@@ -1093,9 +1093,7 @@ class Mover:
         for shard in sorted(set(shards)):
             with self.cluster.primary(shard).connect() as conn:
                 found = dict(conn.execute(text(
-                    "SELECT n.tbl, EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid "
-                    f"AND t.tgname = 'shardkit_guard' AND t.tgenabled IN ('O', 'A')) "
-                    f"AND NOT EXISTS ({partition_unguarded_sql('c.oid')}) FROM {CONFIGURED_TABLES} "
+                    f"SELECT n.tbl, {guard_fires_sql('c.oid')} FROM {CONFIGURED_TABLES} "
                     "WHERE c.relkind IN ('r', 'p')"), configured_tables(tables)).all())
                 absent = [t for t in tables if t not in found]
                 if absent:
