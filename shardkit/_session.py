@@ -3834,10 +3834,41 @@ def _visible_metadata(shard_md: Any, visible: int) -> SimpleResultMetaData:
             for o in rec[2] or ():
                 if not isinstance(o, (str, int)):   # (the names are the keys)
                     objects[index][id(o)] = o
+    # How unique() tells the rows apart, per column: an ORM result's own, by each column's
+    # type and entity (an unhashable value, such as a JSON list or an object of a dataclass
+    # mapping, by identity; refused under yield_per), as on one database.  SQLAlchemy 2.1
+    # makes them when unique() is first applied, 2.0 holds them.  By identity needs the
+    # values alive while the result is read: one database's result holds every row of its
+    # one chunk, where a merge lets a finished shard's objects go and the next shard's
+    # objects could take their id()s.
+    unique: dict[str, Any] = {}
+    made = getattr(shard_md, "_create_unique_filters", None)
+    if made is not None:
+        unique["_create_unique_filters"] = lambda result: _kept_alive(list(made(result))[:visible])
+    filters = getattr(shard_md, "_unique_filters", None)
+    if filters is not None:
+        unique["_unique_filters"] = _kept_alive(list(filters)[:visible])
     if ambiguous:
         return _MergedMetaData(keys, extra=[tuple(o.values()) for o in objects],
-                               _ambiguous_keys=frozenset(ambiguous))
-    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects])
+                               _ambiguous_keys=frozenset(ambiguous), **unique)
+    return SimpleResultMetaData(keys, extra=[tuple(o.values()) for o in objects], **unique)
+
+
+def _kept_alive(filters: Any) -> list[Any]:
+    """Unique filters that keep each value they see alive for as long as they are used,
+    so that a value told apart by ``id()`` keeps its ``id()``."""
+    kept: list[Any] = []
+    keep = kept.append
+
+    def alive(f: Any) -> Any:
+        if f is None:
+            return None
+
+        def filter_(value: Any) -> Any:
+            keep(value)
+            return f(value)
+        return filter_
+    return [alive(f) for f in filters]
 
 
 class _MergedMetaData(SimpleResultMetaData):
