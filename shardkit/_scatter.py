@@ -536,6 +536,11 @@ def function_names(expr: Any) -> set[str]:
     stack = [expr]
     while stack:
         e = stack.pop()
+        if isinstance(e, elements.Over) and isinstance(e.element, functions.FunctionElement):
+            # The window function runs over its partition, an aggregate as any other.
+            stack.extend(e.element.get_children())
+            stack.extend(c for c in (e.partition_by, e.order_by) if c is not None)
+            continue
         if isinstance(e, functions.FunctionElement):  # (a FromClause too: check it first)
             name = e.name.lower()
             if name not in _MERGEABLE_AGGS and name not in _OTHER_AGGS:
@@ -654,6 +659,10 @@ def _contains_aggregate(expr: Any) -> str | None:
     while stack:
         e = stack.pop()
         if isinstance(e, (selectable.SelectBase, selectable.ScalarSelect)):
+            continue
+        if isinstance(e, elements.Over):
+            # sum(x) OVER (...) keeps the rows; what it is partitioned or ordered by may hold one.
+            stack.extend(c for c in (e.partition_by, e.order_by) if c is not None)
             continue
         if isinstance(e, functions.FunctionElement) and (
             e.name.lower() in _MERGEABLE_AGGS or e.name.lower() in _OTHER_AGGS
@@ -964,13 +973,9 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
         if ext is not None:
             raise ScatterRefused(f"{type(ext).__name__} across shards is not merged exactly",
                                  construct=type(ext).__name__)
-    for part in (*columns, *stmt._order_by_clauses, *stmt._having_criteria):
-        if any(isinstance(e, elements.Over) for e in visitors.iterate(part)):
-            raise ScatterRefused(
-                "a window function (OVER) runs on each shard over that shard's rows only; add the "
-                "shard key or compute it from the merged rows",
-                construct="window function",
-            )
+    windows = [e for part in (*columns, *stmt._order_by_clauses, *stmt._having_criteria)
+               for e in visitors.iterate(part) if isinstance(e, elements.Over)]
+    window_keys = [_window_key(w, stmt, placement, disjoint_groups) for w in windows]
     order = [_unwrap_order(c, stmt) for c in stmt._order_by_clauses]
     # select(distinct(col)) renders SELECT DISTINCT col, like select(col).distinct().
     distinct = bool(stmt._distinct) or any(_is_distinct_column(c) for c in columns)
@@ -996,6 +1001,10 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                 "columns and add the subtotals in Python", construct=f"GROUP BY {sql}")
         _refuse_unhashable(g, "GROUP BY")
     collations = [(name, "GROUP BY") for g in group_by if (name := _named_collation(g)) is not None]
+    # Under a nondeterministic collation 'a' and 'A', placed on two shards, are one
+    # partition for the database.
+    collations += [(name, "window function") for k in window_keys
+                   if (name := _named_collation(k)) is not None]
     if distinct:
         for c in columns:
             _refuse_unhashable(c, "DISTINCT")
@@ -1007,6 +1016,12 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
     aggs = [_agg_name(c) if inner is None else _agg_name(inner)
             for c, inner in zip(columns, coalesced)]
     nested = [(_contains_aggregate(c), c) for c, a in zip(columns, aggs) if a is None]
+    if windows and (group_by or any(aggs) or any(name for name, _ in nested)):
+        raise ScatterRefused(
+            "a window function in a query with GROUP BY or aggregates across shards is not "
+            "merged (each shard would compute it over its own groups); select the rows or groups "
+            "and compute it in Python, or add the shard key to WHERE to read one shard",
+            construct="window function with aggregates")
     for name, _c in nested:
         if name is not None:
             raise ScatterRefused(
@@ -1420,9 +1435,38 @@ def _distinct_key(col: Any, stmt: Any, placement: Resolver | None,
     if id(frm) in _optional_sides(froms):
         # Probably exact (its NULLs are not counted), but kept out: the argument above is
         # about the rows of the key's table, which an outer join pads.
-        return (f"{col} is on the optional side of an outer join; count the key of "
+        return (f"{col} is on the optional side of an outer join; use the key of "
                 "the table on the other side, or join inner")
     return None
+
+
+def _window_key(over: elements.Over, stmt: Any, placement: Resolver | None,
+                disjoint_groups: frozenset[str]) -> Any:
+    """The shard key column a window function of a cross-shard query is partitioned by, or
+    ScatterRefused.  Partitioned by the one-column key of a hash, range or list group (the
+    conditions of :func:`_distinct_key`: every row of a partition on one shard), each shard
+    computes each of its partitions whole, over the rows WHERE leaves (a moving bucket's
+    rows only on its owner), as one database does."""
+    problem = "it has no PARTITION BY"
+    for c in (over.partition_by.clauses if over.partition_by is not None else ()):
+        while isinstance(c, (Label, elements.Grouping)):
+            c = c.element
+        col = _plain(c)
+        if not isinstance(col, elements.ColumnClause) or col.is_literal or col.table is None:
+            problem = f"it is partitioned by {c}, not by a column"
+            continue
+        why = _distinct_key(col, stmt, placement, disjoint_groups)
+        if why is None:
+            return col
+        problem = why
+    raise ScatterRefused(
+        f"a window function (OVER) runs on each shard over that shard's rows only, and "
+        f"{over} is not partitioned by a shard key that keeps each partition on one shard "
+        f"({problem}); partition it by the one-column shard key of a hash, range or list "
+        "group (PARTITION BY the key, then anything else), compute it from the merged rows, "
+        "or add the shard key to WHERE to read one shard",
+        construct="window function",
+    )
 
 
 def _is_distinct_column(col: Any) -> bool:

@@ -223,6 +223,17 @@ def hash_reads() -> dict[str, Read]:
             select(M).options(joinedload(M.purchases)).where(M.score > 20)
             .order_by(M.score.desc(), M.id).limit(15).offset(5)).unique()],
         lambda t: [(k, _children(t, k)) for k in _by_score(t) if t["members"][k][1] > 20][5:20])
+    # a window partitioned by the key: each partition whole on its owner
+    add("window functions partitioned by the key, paged",
+        lambda s: [tuple(r) for r in s.execute(select(
+            P.id, func.count().over(partition_by=P.member_id),
+            func.sum(P.amount).over(partition_by=P.member_id),
+            func.row_number().over(partition_by=P.member_id, order_by=P.id.desc()))
+            .order_by(P.id).limit(40).offset(20))],
+        lambda t: (lambda parts: [(p, len(parts[v[0]]), sum(t["purchases"][q][1] for q in parts[v[0]]),
+                                   sorted(parts[v[0]], reverse=True).index(p) + 1)
+                                  for p, v in sorted(t["purchases"].items())][20:60])(
+            {mid: _children(t, mid) for mid in {v[0] for v in t["purchases"].values()}}))
     add("joinedload OFFSET only",
         lambda s: [(m.id, sorted(p.id for p in m.purchases)) for m in s.scalars(
             select(M).options(joinedload(M.purchases)).order_by(M.id).offset(200)).unique()],
