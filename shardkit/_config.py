@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 import re
+import threading
 import uuid
 from decimal import Decimal
 import tomllib
@@ -215,8 +216,10 @@ def parse_pool(raw: Any, path: str) -> dict[str, Any]:
         elif key == "recycle":
             # SQLAlchemy's pool_recycle: -1 (its default) never recycles, 0 at every checkout.
             out[key] = _number(val, p, minimum=-1)
-        else:
-            out[key] = _number(val, p, minimum=0)
+        else:  # timeout: SQLAlchemy's queue waits that long for a connection
+            out[key] = _number(val, p, minimum=0, maximum=_LONGEST_WAIT,
+                               why="longer than a wait for a connection can take (a checkout of an "
+                                   "exhausted pool would raise OverflowError)")
     return out
 
 
@@ -225,10 +228,24 @@ _QUOTED = ("write it without quotes; a value in quotes is a string, also one a $
            "the environment fills in strings only, such as URLs and passwords")
 
 
-def _number(raw: Any, path: str, *, minimum: float, integer: bool = False) -> Any:
+# The longest wait a lock, an event or a queue takes (a longer one raises OverflowError).
+_LONGEST_WAIT: Final = threading.TIMEOUT_MAX
+# The longest poll_timeout: a poll's connection gets tcp_user_timeout = 4 * poll_timeout in
+# milliseconds, which libpq refuses past a C int (every poll would fail: every node down).
+_LONGEST_POLL_TIMEOUT: Final = float((2 ** 31 - 1) // 4000)
+
+
+def _number(raw: Any, path: str, *, minimum: float, integer: bool = False,
+            maximum: float | None = None, why: str = "") -> Any:
     if isinstance(raw, bool) or not isinstance(raw, (int, float)) or (integer and not isinstance(raw, int)):
         kind = "an integer" if integer else "a number"
         raise ConfigurationError(path, f"{raw!r} must be {kind}", _QUOTED if isinstance(raw, str) else None)
+    try:
+        float(raw)
+    except OverflowError:
+        # TOML reads an integer of any size; not echoed (it may have hundreds of digits).
+        raise ConfigurationError(path, "is too large a number", f"give a number >= {minimum} of at "
+                                 "most a few digits more than the values you mean") from None
     if raw != raw:
         raise ConfigurationError(path, "nan is not a number", f"give a number >= {minimum}")
     if math.isinf(raw):
@@ -238,6 +255,9 @@ def _number(raw: Any, path: str, *, minimum: float, integer: bool = False) -> An
                                  f"give a finite number >= {minimum} (a large one, if you mean 'no limit')")
     if raw < minimum:
         raise ConfigurationError(path, f"{raw!r} must be >= {minimum}")
+    if maximum is not None and raw > maximum:
+        raise ConfigurationError(path, f"{raw!r} is more than {maximum:.0f} seconds, {why}",
+                                 f"give at most {maximum:.0f}")
     return raw
 
 
@@ -266,9 +286,13 @@ def parse_replica_settings(raw: Mapping[str, Any], path: str) -> ReplicaSettings
     if "max_lag_bytes" in raw:
         kw["max_lag_bytes"] = _number(raw["max_lag_bytes"], f"{path}.max_lag_bytes", minimum=0,
                                       integer=True)
-    for name, lo in (("poll_interval", 0.01), ("poll_timeout", 0.05)):
+    for name, lo, hi, why in (
+            ("poll_interval", 0.01, _LONGEST_WAIT, "longer than the monitor's wait between polls can take"),
+            ("poll_timeout", 0.05, _LONGEST_POLL_TIMEOUT,
+             "past what libpq takes as a poll connection's tcp_user_timeout (4 x poll_timeout, in "
+             "milliseconds): every poll would fail, every node look down")):
         if name in raw:
-            kw[name] = float(_number(raw[name], f"{path}.{name}", minimum=lo))
+            kw[name] = float(_number(raw[name], f"{path}.{name}", minimum=lo, maximum=hi, why=why))
     return ReplicaSettings(**kw)
 
 
@@ -865,6 +889,22 @@ def _list_value(v: Any, vp: str, arity: int) -> Any:
     return parts if arity > 1 else v
 
 
+def _is_conninfo(text: str) -> bool:
+    """Whether ``text`` reads as a libpq keyword/value connection string naming a libpq
+    parameter (``host=db0 dbname=shop password=...``)."""
+    if "=" not in text:
+        return False
+    if re.search(r"(?i)(?:^|\s)\w*password\s*=", text):
+        return True   # (also beside a misspelt keyword, which libpq would refuse)
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return bool(set(conninfo_to_dict(text)) & _libpq_keywords())
+    except Error:  # (libpq refuses a string with one unknown keyword: not a conninfo)
+        return False
+
+
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
                 env: Mapping[str, str] | None = None) -> ClusterConfig:
     """Read and validate a cluster description from a TOML file path or a dict."""
@@ -880,6 +920,12 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
                 "config", f"{mask_url(str(source))} is a database URL, not the path of a "
                 "config file", "pass --config PATH of a TOML file (shardkit.toml), and put the "
                 "URL in it: a shard's primary, or [catalog] url")
+        if not p.is_file() and _is_conninfo(str(source)):
+            # libpq's other spelling of $DATABASE_URL (host=db0 password=...): not echoed either.
+            raise ConfigurationError(
+                "config", "a libpq connection string (key=value ...) is given, not the path of a "
+                "config file", "pass --config PATH of a TOML file (shardkit.toml), and put the "
+                "database in it as a URL: a shard's primary, or [catalog] url")
         try:
             # utf-8-sig: editors on Windows start a UTF-8 file with a byte order mark.
             text = p.read_text(encoding="utf-8-sig")
@@ -957,6 +1003,9 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
                 _check_keys(r, {"url", "weight", "pool"}, rp)
                 replica_pools.append(parse_pool(r.get("pool", {}), f"{rp}.pool"))
                 w = r.get("weight", 1)
+                if isinstance(w, int) and not isinstance(w, bool) and w > 1e300:  # float(w) would overflow
+                    raise ConfigurationError(f"{rp}.weight", "is too large a number",
+                                             "weights are relative: e.g. 1, 2, 10")
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
                     raise ConfigurationError(f"{rp}.weight", f"{w!r} must be a positive number",
                                              _QUOTED if isinstance(w, str) else None)

@@ -475,6 +475,13 @@ def _group_key(spec: str, slices: Any, option: str, config: Any = None) -> tuple
     from ._slices import key_kind, movable_kind
 
     group, sep, raw = spec.partition(":")
+    # A group whose name holds a ':' ([groups."eu:events"]) is its whole name, not the
+    # part before its first ':' (the longest such name, if several fit).
+    named = sorted({s.group for s in slices} | {g.name for g in (config.groups if config else ())},
+                   key=len, reverse=True)
+    whole = next((g for g in named if ":" in g and spec.startswith(g + ":")), None)
+    if whole is not None:
+        group, raw = whole, spec[len(whole) + 1:]
     if not sep or not group:
         raise UsageError(f"{option} takes GROUP:KEY, e.g. {option} events:2000")
     mine = [s for s in slices if s.group == group]
