@@ -803,7 +803,13 @@ def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, 
     the end of the range holding ``at`` (or with ``lower``, the lower side, keys ``< at``
     down to its start) to ``target``.  ``at`` may be an existing boundary: nothing splits."""
     target = _check_name(target, "target")
-    after, upper = split_range(slices, group, at)
+    ends_there = [s for s in slices if s.group == group and s.kind == "range" and s.upper == at]
+    if lower and ends_there and not any(s.group == group and s.contains(at) for s in slices):
+        # ``at`` is where a range ends and no range goes on (the top of the last one, bounded,
+        # or a gap above it): nothing splits, that range moves.
+        after, upper = tuple(slices), ends_there[0]
+    else:
+        after, upper = split_range(slices, group, at)
     side = upper
     if lower:
         below = [s for s in after if s.group == group and s.upper == at]

@@ -1383,6 +1383,17 @@ class Mover:
             batches = conn.execute(text(
                 "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
                 "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
+        # An abort that stopped half-way (a shard of a later batch unreachable) leaves the
+        # move running with batches it undid ("aborted": undone on both sides, as if never
+        # begun) or left to an unreachable target (LEFTOVERS: their copies may still be there).
+        left = [b.batch for b in batches if b.step == LEFTOVERS]
+        if left:
+            raise RebalanceError(
+                f"move {move_id} is being aborted: batches {left} were undone on their source alone "
+                f"(--target-lost) and their target may still hold copies; run `shardkit rebalance "
+                f"abort {move_id}` to finish the abort", move_id=move_id)
+        batches = [(b.batch, b.source, b.target, b.buckets, "pending" if b.step == "aborted" else b.step)
+                   for b in batches]
         plan = plan_from_dict(raw_plan)
         group = plan.group if isinstance(plan, SlicePlan) else None
         if isinstance(plan, SlicePlan) and plan.splits:
@@ -1390,7 +1401,7 @@ class Mover:
         total = len(batches)
         # A resumed move skips its finished batches: the ETA is the pace of the batches this
         # run has done, times those it has left.
-        todo = [b for b in batches if b.step != "cleaned"]
+        todo = [b for b in batches if b[4] != "cleaned"]
         finished = total - len(todo)
         started = time.monotonic()
         for done, (batch, source, target, buckets, step) in enumerate(todo):
