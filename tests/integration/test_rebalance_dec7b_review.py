@@ -3,7 +3,6 @@ awkward points, and what the commands print and exit with."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -12,6 +11,7 @@ import pytest
 import shardkit
 from shardkit import cli, rebalance
 from shardkit._rebalance_plan import plan_from_maps
+from rebalance_world import World, key_in_bucket
 from test_rebalance_crashes import HookedMover
 
 pytestmark = pytest.mark.integration
@@ -46,35 +46,6 @@ def _noop(line: str) -> None:
     pass
 
 
-@dataclass
-class World:
-    dev: object
-    cfg_path: Path
-    catalog_url: str
-
-    def cluster(self, path: Path | None = None) -> shardkit.Cluster:
-        return shardkit.Cluster.from_config(path or self.cfg_path, follow_map=False)
-
-    def sql(self, shard: str, query: str, params=None):
-        node = next(s for s in self.dev.shards if s.name == shard).primary
-        with psycopg.connect(node.dsn, autocommit=True) as c:
-            cur = c.execute(query, params)
-            return cur.fetchall() if cur.description else None
-
-    def catalog_sql(self, query: str, params=None):
-        with psycopg.connect(self.catalog_url.replace("postgresql+psycopg", "postgresql"),
-                             autocommit=True) as c:
-            cur = c.execute(query, params)
-            return cur.fetchall() if cur.description else None
-
-
-def _key(bucket: int, start: int = 1) -> int:
-    k = start
-    while shardkit.bucket_for(k, BUCKETS) != bucket:
-        k += 1
-    return k
-
-
 @pytest.fixture(scope="module")
 def world(shardkit_module_cluster_factory, tmp_path_factory):
     """3 shards, 8 buckets on s0 and s1 (s2 owns none); ROWS_PER_BUCKET rows in each."""
@@ -97,7 +68,7 @@ def world(shardkit_module_cluster_factory, tmp_path_factory):
     for b in range(BUCKETS):
         k = 0
         for _ in range(ROWS_PER_BUCKET):
-            k = _key(b, k + 1)
+            k = key_in_bucket(b, BUCKETS, k + 1)
             w.sql(live[b], "INSERT INTO accounts VALUES (%s, 0)", (k,))
     c3.dispose()
     yield w
