@@ -35,12 +35,16 @@ class TableReport:
     rows: int = 0
     misplaced: Counter[str] = field(default_factory=Counter)   # owner shard -> rows
     duplicates: int = 0
+    #: How many misplaced rows were looked for on their owner (``duplicates`` counts those
+    #: found): at most ``sample`` per table and shard, none for a table without a primary key.
+    duplicates_checked: int = 0
     method: str = ""
     in_flight: int = 0   # rows of buckets a move in progress has copied here / not cleaned up yet
 
     def as_dict(self) -> dict[str, Any]:
         return {"table": self.table, "shard": self.shard, "rows": self.rows,
                 "misplaced": dict(self.misplaced), "duplicates": self.duplicates,
+                "duplicates_checked": self.duplicates_checked,
                 "in_flight": self.in_flight, "method": self.method}
 
 
@@ -75,7 +79,7 @@ class VerifyReport:
             bad = sum(t.misplaced.values())
             status = "ok" if not bad else (
                 f"{bad} misplaced (" + ", ".join(_describe(s, n) for s, n in sorted(t.misplaced.items()))
-                + f"), {t.duplicates} also present on their owner")
+                + f"), {_duplicates(t)}")
             if t.in_flight:
                 status += f", {t.in_flight} rows of a move in progress (or left by an aborted one)"
             rows = "row " if t.rows == 1 else "rows"
@@ -101,6 +105,20 @@ class VerifyReport:
                          "has finished (`shardkit rebalance status`)")
         lines.append("verify: clean" if self.ok else "verify: PROBLEMS FOUND")
         return "\n".join(lines)
+
+
+def _duplicates(t: TableReport) -> str:
+    placed = sum(n for s, n in t.misplaced.items() if not _ownerless(s))
+    if t.duplicates_checked >= placed:
+        return f"{t.duplicates} also present on their owner"
+    if not t.duplicates_checked:
+        return "not looked for on their owner (no primary key, or sample=0)"
+    return (f"{t.duplicates} of the {t.duplicates_checked} looked for (of {placed}) also present "
+            "on their owner")
+
+
+def _ownerless(owner: str) -> bool:
+    return owner in (_NO_OWNER, _NULL_KEY) or owner.startswith((_RAISED, _REFUSED))
 
 
 def _describe(owner: str, n: int) -> str:
@@ -176,6 +194,7 @@ def _verify_by(cluster: Cluster, router: Router, batch: int, sample: int) -> Ver
                 reports.append(rep)
                 if pk:
                     _count_duplicates(cluster, rep, pk, strays, batch)
+                    rep.duplicates_checked = sum(len(keys) for keys in strays.values())
     return VerifyReport(reports, missing, ownership, router.map_version)
 
 
@@ -288,8 +307,7 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
                 owner = f"{_RAISED}{type(e.__cause__ or e).__name__})"  # (the function's own)
         if owner != rep.shard:
             rep.misplaced[owner] += 1
-            if (pk and owner not in (_NO_OWNER, _NULL_KEY) and not owner.startswith((_RAISED, _REFUSED))
-                    and kept < sample):
+            if pk and not _ownerless(owner) and kept < sample:
                 strays.setdefault(owner, []).append(tuple(row[width:]))
                 kept += 1
 

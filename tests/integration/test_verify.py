@@ -58,6 +58,15 @@ def test_verify_finds_misplaced_and_duplicate_rows(shardkit_module_cluster_facto
     u = bad[("users", wrong)]
     assert sum(u["misplaced"].values()) == 2 and u["duplicates"] == 1
     assert u["misplaced"].get(owner, 0) >= 1
+    # Duplicates are looked for among the first `sample` misplaced rows: the report says so.
+    assert u["duplicates_checked"] == 2
+    from shardkit.verify import verify
+    line = next(ln for ln in verify(cluster, sample=1).render().splitlines()
+                if ln.startswith(wrong) and " users " in ln)
+    assert "of the 1 looked for (of 2) also present on their owner" in line, line
+    line = next(ln for ln in verify(cluster, sample=0).render().splitlines()
+                if ln.startswith(wrong) and " users " in ln)
+    assert "2 misplaced" in line and "not looked for on their owner" in line, line
     ev_shard = wrong
     if ev_shard != cluster.shard_for(Event, 9999):
         assert ("events", ev_shard) in bad
