@@ -578,8 +578,10 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                         copied += f"; the abort deleted the copies of {counted(m['rows_undone'], 'row')}"
                 else:
                     copied += " copied"
+                # An aborted move keeps the error of the run that stopped (why it was aborted).
+                said = "error of the run before the abort" if m["state"] == "aborted" else "error"
                 print(f"move {m['move']}: {m['state']} - {m['reason']} ({copied})"
-                      + (f"\n  error: {m['error']}" if m['error'] else ""))
+                      + (f"\n  {said}: {m['error']}" if m['error'] else ""))
                 if m["state"] == "running" and m.get("mover") is not None:
                     print("  a mover is running it now" if m["mover"] else
                           f"  no mover is running it (stopped, interrupted or killed): `shardkit rebalance "

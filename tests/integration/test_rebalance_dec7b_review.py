@@ -210,5 +210,10 @@ def test_resume_after_a_target_lost_abort_that_stopped_half_way(clean, tmp_path,
     assert rc == 0, err
     # (The copies of batch 0's bucket are gone from s2.)
     assert not [k for (k,) in world.sql("s2", "SELECT id FROM accounts") if shardkit.bucket_for(k, BUCKETS) == b0]
+    # status: an error kept is the run's before the abort, not a failure of the abort.
+    world.catalog_sql("UPDATE shardkit_catalog.moves SET error = 'connection lost' WHERE id = %s", (move_id,))
+    rc, out, err = _run_cli(capsys, "rebalance", "status", str(move_id), "-c", str(world.cfg_path))
+    assert rc == 0 and f"move {move_id}: aborted" in out, (out, err)
+    assert "\n  error:" not in out and "\n  error of the run before the abort: connection lost" in out, out
     rc, out, err = _run_cli(capsys, "verify", "-c", str(world.cfg_path))
     assert rc == 0, out
