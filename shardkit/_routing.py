@@ -462,6 +462,7 @@ class Router:
         all_shards: bool = False,
         keyless_to: str | None = None,
         anywhere: str | None = None,
+        key_moves: bool = True,
     ) -> Route:
         """Decide where ``statement`` runs.  Raises :class:`RoutingError` when it cannot.
 
@@ -472,6 +473,9 @@ class Router:
         ``anywhere``: the shard for a read that any shard can answer (reference tables),
         and for a statement whose keys contradict each other (no shard holds its rows),
         instead of the next in turn (a session's transaction reads them from one shard).
+        ``key_moves=False``: an UPDATE's SET of the shard key is left for the caller to
+        check against the shards the statement finally runs on (inside
+        ``scope(key=...)`` a key-less one runs on the scope key's shard, not on every shard).
         """
         if type(statement) in _WRAPPERS:
             statement = unwrap_statement(statement)
@@ -537,7 +541,7 @@ class Router:
             if not _is_unresolved(v):
                 known = plan.routes.get(self._shard(g, v, co))
                 if known is not None:
-                    if isinstance(statement, Update):
+                    if isinstance(statement, Update) and key_moves:
                         self._refuse_key_move(statement, params, known)
                     return known
         is_write = isinstance(statement, UpdateBase)
@@ -641,7 +645,7 @@ class Router:
                 )
             route = Route(self.shard_names, "all", chosen_role, "; ".join(reasons), is_write,
                           plan.tables, router=self)
-            if isinstance(statement, Update):
+            if isinstance(statement, Update) and key_moves:
                 self._refuse_key_move(statement, params, route)
             return route
         ordered = tuple(s for s in self.shard_names if s in shards)
@@ -662,7 +666,7 @@ class Router:
         one = single is not None and not isinstance(params, (list, tuple))
         route = Route(ordered, kind, chosen_role, "; ".join(reasons), is_write, plan.tables, split,
                       keys="one" if one else "many", router=self)
-        if isinstance(statement, Update):
+        if isinstance(statement, Update) and key_moves:
             self._refuse_key_move(statement, params, route)
         if one and role is None and len(ordered) == 1:
             plan.routes[ordered[0]] = route
@@ -680,9 +684,11 @@ class Router:
         tr = self.tables.get(_table_name(statement.table))
         return tr is not None and tr.is_reference
 
-    def _refuse_key_move(self, stmt: Update, params: Any, route: Route) -> None:
+    def _refuse_key_move(self, stmt: Update, params: Any, route: Route, per_set: bool = True) -> None:
         """Refuse an UPDATE whose SET gives the shard key a value owned by another shard:
-        the row would stay where it is, under a key it does not own."""
+        the row would stay where it is, under a key it does not own.  ``per_set=False``:
+        an executemany's every set runs on ``route``'s shards (a shard the caller's scope
+        chose), not on the shards of its own key."""
         tr = self.tables.get(_table_name(stmt.table))
         if tr is None or tr.strategy is None:
             return
@@ -695,7 +701,10 @@ class Router:
             if any(c in sets or any(_set_name(table, k) == c for p in params for k in p)
                    for c in tr.key_columns):
                 for p in params:
-                    self.route(stmt, p, all_shards=True)
+                    if per_set:
+                        self.route(stmt, p, all_shards=True)
+                    else:
+                        self._refuse_key_move(stmt, p, route)
             return
         if isinstance(params, Mapping):
             # Parameters of an UPDATE without values() become its SET clause.

@@ -954,13 +954,23 @@ class ShardedSession(horizontal_shard.ShardedSession):
         sc = current_scope()
         route = routed if routed is not None else _route_statement(
             self, statement, params, execution_options, bind_arguments, sc)
+        locks = getattr(statement, "_for_update_arg", None) is not None
+        if locks and route.anywhere and not route.is_write:
+            # Reference rows locked (FOR UPDATE / FOR SHARE) are locked on one shard for
+            # every session, the first (where session.get() looks first, and where an
+            # UPDATE/DELETE statement of every copy begins), so that two sessions locking a row
+            # exclude each other as on one database: the shard a transaction reads them
+            # from otherwise takes turns between transactions.
+            first = self.cluster.shard_names[0]
+            if route.shards != (first,):
+                route = dataclasses.replace(route, shards=(first,))
         if route.anywhere and not route.is_write and self._sk_ref_shard is None:
             # Reference rows, which any shard has: the shards take turns between
             # transactions, but within one every such read asks the same shard (the
             # router is given it), so a later read never sees an older state (another
             # shard's replica may be further behind) than an earlier one.
             self._sk_ref_shard = route.shards[0]
-        if route.is_write or getattr(statement, "_for_update_arg", None) is not None:
+        if route.is_write or locks:
             # Rows written or locked: the rest of the transaction reads them on the primary.
             self._sk_written.update(route.shards)
         if (isinstance(statement, Insert) and params
@@ -1923,6 +1933,7 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             "horizontal_shard): name the shard with execution_options(shardkit_shard=...), "
             "bind_arguments={'shard_id': ...}, .options(set_shard_id(...)) or Query.set_shard(...)")
     shard = _explicit_shard(statement, execution_options, bind_arguments, sc, cluster.router)
+    scoped_update = False
     if shard is not None and shard == sc.shard and isinstance(statement, UpdateBase) \
             and _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None:
         # The shard comes from scope(shard=...) alone.
@@ -1942,6 +1953,11 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                     raise  # rows of several shards in one VALUES, or an upsert moving its key
             except RoutingError:
                 pass
+        elif isinstance(statement, Update):
+            # Likewise an UPDATE that sets the shard key: to another shard's key, the row
+            # would stay on the scope's shard under a key that no read by key finds there
+            # (refused, as outside a scope).
+            scoped_update = True
     if shard is not None:
         if sc.shard is None and _loads_for_object(statement, execution_options):
             # A lazy, deferred or expired attribute's load, a refresh: the object's shard
@@ -1987,6 +2003,8 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
         if route is None:
             route = _NAMED.setdefault((shard, is_read), Route(
                 (shard,), "direct", PRIMARY, "shard named by the caller", not is_read))
+        if scoped_update:
+            cluster.router._refuse_key_move(statement, params, route, per_set=False)
         return route
     asked_all = bool(_option("shardkit_all_shards", statement, execution_options))
     all_shards = asked_all or sc.all_shards
@@ -2010,7 +2028,11 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
     # A statement with no key of its own runs where the scope's key lives (a
     # key-less UPDATE or DELETE included); one with its own keys is routed by them.
     # (Not the eager load of objects read on another shard: it runs on theirs.)
-    route = cluster.router.route(statement, params, all_shards=True, anywhere=session._sk_ref_shard)
+    # (An UPDATE's SET of the shard key is checked against the shards it runs on: a key-less
+    # one runs on the scope key's shard alone.)
+    is_update = isinstance(statement, Update)
+    route = cluster.router.route(statement, params, all_shards=True, anywhere=session._sk_ref_shard,
+                                 key_moves=not is_update)
     pinned = _post_load_route(cluster.router, route, statement, execution_options)
     if pinned is not route:
         return pinned
@@ -2029,9 +2051,13 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                 construct="scope key with a compound of keyed and key-less parts", statement=statement)
         narrowed = _route_by_scope_key(cluster, route, sc.key, statement)
         if narrowed is not route:
+            if is_update:
+                cluster.router._refuse_key_move(statement, params, narrowed, per_set=False)
             return narrowed
     if route.is_write and route.kind == "all" and not route.keys and not all_shards:
         return cluster.router.route(statement, params)  # refused as it is outside the scope
+    if is_update:
+        cluster.router._refuse_key_move(statement, params, route, per_set=bool(route.keys))
     return route
 
 
@@ -3960,27 +3986,31 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
             continue
         if tr.strategy is None:
             continue
-        changed = _key_changed(state, mapper, tr)
-        new_shard = shard_of_instance(session.cluster, mapper, obj) if changed else None
         old_shard = state.key[2]
-        if new_shard is None or new_shard == old_shard:
-            # order.user = other_user: the flush copies the parent's key into the
-            # shard key column only later, so look at the relationship itself.
-            for rel in mapper.relationships:
-                if rel.direction is not MANYTOONE or not any(
-                        c.name in tr.key_columns for c in rel.local_columns):
+        new_shard = None
+        # order.user = other_user: the flush copies the parent's key into the shard key
+        # column only later (over a value the column was given: the relationship's wins,
+        # as SQLAlchemy's flush writes it), so look at the relationship itself.
+        by_parent = False
+        for rel in mapper.relationships:
+            if rel.direction is not MANYTOONE or not any(
+                    c.name in tr.key_columns for c in rel.local_columns):
+                continue
+            added = state.attrs[rel.key].history.added
+            if added and added[0] is not None:
+                if _is_reference(router, inspect(added[0]).mapper):
+                    # A reference row is on every shard: the key value it gives
+                    # decides, checked once the flush has copied it
+                    # (_refuse_key_change_in_flush).
                     continue
-                added = state.attrs[rel.key].history.added
-                if added and added[0] is not None:
-                    if _is_reference(router, inspect(added[0]).mapper):
-                        # A reference row is on every shard: the key value it gives
-                        # decides, checked once the flush has copied it
-                        # (_refuse_key_change_in_flush).
-                        continue
-                    parent_shard = _shard_of_related(session.cluster, added[0])
-                    if parent_shard != old_shard:
-                        new_shard = parent_shard
-                        break
+                parent_shard = _shard_of_related(session.cluster, added[0])
+                if parent_shard != old_shard:
+                    new_shard = parent_shard
+                    break
+                by_parent = by_parent or (not rel.viewonly and set(tr.key_columns) <= {
+                    c.name for c in rel.local_columns})
+        if new_shard is None and not by_parent and _key_changed(state, mapper, tr):
+            new_shard = shard_of_instance(session.cluster, mapper, obj)
         if new_shard is not None and new_shard != old_shard:
             raise CrossShardWriteError(
                 f"changing the shard key of {type(obj).__name__} {state.key[1]} would move it "
