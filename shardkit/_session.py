@@ -536,6 +536,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         that shard, in the current transaction (a savepoint included)."""
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance)
+            if instance is not None and self.cluster.config.reference_tables \
+                    and shard_id != self.cluster.shard_names[0] and _is_reference(self.cluster.router, mapper):
+                # A reference row is written on the first shard, then copied to the others
+                # in their order (_replicate_reference_rows), wherever the object was read
+                # from, as a statement writing every copy runs: two writers of a row then
+                # lock its copies in one order, and cannot each hold one the other waits
+                # for, which no one database would see (a deadlock no server detects).
+                shard_id = self.cluster.shard_names[0]
         conns = self._sk_flush_conns
         if conns is not None and (conn := conns.get(shard_id)) is not None:
             return conn  # (the flush's transaction does not change during the flush)
@@ -4246,9 +4254,9 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 continue
             if bucket is upserts and not session.is_modified(obj) and obj not in session.new:
                 continue
-            home = state.key[2] if state.key is not None else state.identity_token
             pk = mapper.primary_key_from_instance(obj)
-            where = (mapper.local_table, home or cluster.shard_names[0])
+            # (written on the first shard by the flush: see connection_callable)
+            where = (mapper.local_table, cluster.shard_names[0])
             bucket.setdefault(where, []).append(pk)
             if bucket is upserts and obj not in session.new:
                 old = _old_primary_key(state, pk)

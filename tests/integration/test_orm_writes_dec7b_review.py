@@ -168,3 +168,58 @@ def test_reference_row_locked_for_update_excludes_another_session(sharded):
     with sharded.Session() as s:
         c = s.scalars(select(Country).with_for_update()).one()
         assert s.scalars(select(Country).where(Country.code == "fr")).one() is c
+
+
+# -- writers of one reference row lock its copies in one order ------------------------------
+
+
+def test_reference_row_writers_lock_copies_in_one_order(sharded):
+    """A session holding the first shard's copy of a reference row (FOR UPDATE, or a
+    statement writing every copy, which runs in the shards' order) and another flushing its
+    change of the object it read from the LAST shard: the flush wrote its own shard's copy
+    first, then waited for the first shard's, while the statement waited for the last
+    shard's copy: a deadlock across two databases that neither server detects (without a
+    lock_timeout both would wait forever).  The flush now writes the first shard's copy
+    first, as the statement does: one waits for the other, and both commit."""
+    import threading
+    import time
+
+    first, *_, last = sharded.cluster.shard_names
+    with sharded.Session() as s:
+        s.add(Country(code="de", name="Germany"))
+        s.commit()
+    a, b = sharded.Session(), sharded.Session()
+    errors: list[BaseException] = []
+    try:
+        for sess in (a, b):
+            for sh in sharded.cluster.shard_names:
+                sess.connection(bind_arguments={"shard_id": sh}).exec_driver_sql(
+                    "SET LOCAL lock_timeout = '4s'")
+        b.scalars(select(Country).where(Country.code == "de").with_for_update()).one()
+        ca = a.scalars(select(Country).where(Country.code == "de")
+                       .execution_options(shardkit_shard=last)).one()
+        assert inspect(ca).key[2] == last
+        ca.name = "by a"
+
+        def flush_a() -> None:
+            try:
+                a.commit()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        t = threading.Thread(target=flush_a)
+        t.start()
+        time.sleep(0.5)   # a's flush is waiting for the first shard's copy
+        try:
+            b.execute(update(Country).where(Country.code == "de").values(name="by b"))
+            b.commit()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        t.join(20)
+        assert not t.is_alive()
+    finally:
+        a.close()
+        b.close()
+    assert not errors, errors
+    for sh in sharded.cluster.shard_names:
+        with sharded.cluster.primary(sh).connect() as c:
+            assert c.execute(text("SELECT name FROM countries WHERE code = 'de'")).scalar() == "by a", sh
