@@ -1328,7 +1328,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
         on every read.)"""
         if not nested and self._transaction is None:
             return _ShardedTransaction(self, SessionTransactionOrigin.BEGIN)
-        return super().begin(nested)
+        trans = super().begin(nested)
+        if nested:
+            # The shards written before the savepoint (see _savepoint_rolled_back).
+            trans._sk_written_before = frozenset(self._sk_written)  # type: ignore[attr-defined]
+        return trans
 
     def connection_for_shard(self, shard: str) -> Any:
         """The session's connection to ``shard``'s primary (joining the session's transaction).
@@ -4620,6 +4624,27 @@ def _watch_primary(dialect: Any, short_writes: bool, autocommit: bool = False) -
         do_commit(dbapi_connection)
 
     dialect.do_commit = noted_commit
+    do_prepare_twophase = dialect.do_prepare_twophase
+
+    def prepare_or_let_go(connection: Any, xid: Any) -> None:
+        try:
+            do_prepare_twophase(connection, xid)
+        except Exception:
+            # A PREPARE TRANSACTION that fails (a deferred constraint, prepared
+            # transactions disabled) rolls the transaction back, yet psycopg takes it as
+            # prepared: the rollback would send ROLLBACK PREPARED for a transaction that
+            # does not exist (an error hiding this one, from Session.prepare() too) and
+            # the pool's reset would fail ("rollback() cannot be used during a two-phase
+            # transaction", logged as an ERROR).  Nothing is left on the server: let the
+            # connection go (its rollback is then skipped), and raise the PREPARE's error.
+            raw = getattr(connection.connection, "dbapi_connection", None)
+            info = getattr(raw, "info", None)
+            if (raw is not None and not raw.closed and not getattr(raw, "broken", False)
+                    and info is not None and info.transaction_status == TransactionStatus.IDLE):
+                connection.invalidate()
+            raise
+
+    dialect.do_prepare_twophase = prepare_or_let_go
     if not short_writes:
         return
     do_execute, do_executemany = dialect.do_execute, dialect.do_executemany
@@ -5015,6 +5040,21 @@ def _end_transaction(session: ShardedSession, transaction: Any) -> None:
         _forget_transaction(session)
 
 
+def _savepoint_rolled_back(session: ShardedSession, previous_transaction: Any) -> None:
+    """A savepoint was rolled back: a shard first written inside it has nothing of this
+    transaction's to commit.  It is no longer counted as written (a commit that fails on
+    another shard after its COMMIT does not report writes committed there, nor does the
+    consistency token name it), but the rest of the transaction still reads it from its
+    primary (README: a savepoint's rollback does not end that).  A later write to it
+    counts it again.  (A listener of ShardedSession's: its sessions are ShardedSessions.)"""
+    before = getattr(previous_transaction, "_sk_written_before", None)
+    if before is None or not previous_transaction.nested:
+        return
+    for shard in session._sk_written - before:
+        session._sk_written.discard(shard)
+        session._sk_replica[shard] = _ON_PRIMARY
+
+
 def _record_autocommitted(session: ShardedSession, transaction: Any) -> None:
     """The outermost transaction ends without a COMMIT (a rollback, a close) having
     written: to a primary whose connection was in autocommit (``isolation_level``
@@ -5114,6 +5154,7 @@ event.listen(ShardedSession, "after_flush", _note_flushed_shards)
 event.listen(ShardedSession, "before_commit", _hold_commit_connections)
 event.listen(ShardedSession, "after_commit", _record_tokens)
 event.listen(ShardedSession, "after_transaction_end", _end_transaction)
+event.listen(ShardedSession, "after_soft_rollback", _savepoint_rolled_back)
 event.listen(ShardedSession, "after_flush", _after_flush)
 event.listen(ShardedSession, "before_attach", _token_for_keyed)
 # On every mapper (it returns at once outside a ShardedSession).
