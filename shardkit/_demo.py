@@ -28,7 +28,7 @@ from ._cluster import Cluster
 from ._config import counted
 from ._scope import scope
 from ._session import ShardedSession
-from .devcluster import STATE_FILE, DevCluster
+from .devcluster import _DEMO_FILES, STATE_FILE, DevCluster
 from .errors import DevClusterError, RebalanceError, ShardkitError
 
 
@@ -70,11 +70,11 @@ class Country(_Base):
 # cluster kept from an earlier run (or started with `dev up --catalog`, whose
 # catalog is shardkit_catalog) does not carry a map the demo has changed.
 CATALOG_DB = "shardkit_demo_catalog"
-# In a cluster directory: the demo started this cluster, so its shards' ownership
-# guard is the demo's to reset.
-DEMO_MARKER = ".shardkit-demo"
-# In a cluster directory: locked by the demo running on that cluster, for its whole run.
-DEMO_LOCK = ".shardkit-demo.lock"
+# In a cluster directory (`dev down` removes them with the cluster): DEMO_MARKER, the demo
+# started this cluster, so its shards' ownership guard is the demo's to reset; DEMO_LOCK,
+# locked by the demo running on that cluster, for its whole run; DEMO_CONFIG, the demo's
+# config in a cluster it did not start (whose shardkit.toml is the user's).
+DEMO_MARKER, DEMO_LOCK, DEMO_CONFIG = _DEMO_FILES
 
 GROUPS = {
     "groups": {
@@ -232,7 +232,7 @@ def _run_demo(dir: str | None, keep: bool, shards_asked: int | None, replicas_as
         catalog_url = _fresh_catalog(dev)
         # A reused cluster's shardkit.toml is the user's: the demo writes its own file.
         config_path = dev.write_config(
-            base / ("shardkit-demo.toml" if reused else "shardkit.toml"),
+            base / (DEMO_CONFIG if reused else "shardkit.toml"),
             {**_groups([s.name for s in dev.shards]), "catalog": {"url": catalog_url}})
         print(f"config written to {config_path}")
         _failed.clear()

@@ -66,6 +66,9 @@ DB_USER = "shardkit"
 SERVER_OS_USER = "shardkit"
 STATE_FILE = "devcluster.json"
 CONFIG_FILE = "shardkit.toml"
+# What `shardkit demo` writes in a cluster's directory (its marker, lock and config):
+# down() removes them with the cluster's own files.
+_DEMO_FILES = (".shardkit-demo", ".shardkit-demo.lock", "shardkit-demo.toml")
 
 _STATE_VERSION = 1
 _SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres", "pg_basebackup")
@@ -397,6 +400,62 @@ def _leftovers(datadir: Path) -> list[int]:
         return []
     return [int(e.name) for e in Path("/proc").iterdir()
             if e.name.isdigit() and _is_postgres(int(e.name), datadir)]
+
+
+# What ``up`` runs on a data directory (``-D DATADIR``) besides the server itself.
+_HELPER_PROGRAMS = ("initdb", "pg_ctl", "pg_basebackup")
+
+
+def _helpers_on(datadirs: Iterable[Path]) -> list[int]:
+    """Pids of initdb, pg_ctl and pg_basebackup runs on one of ``datadirs`` (``-D DATADIR``
+    on their command line; empty where there is no /proc): what an ``up`` killed mid-start
+    leaves working, writing or starting servers in directories ``down`` removes."""
+    if not Path("/proc").is_dir():
+        return []
+    want = {os.path.realpath(d) for d in datadirs}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"-D" not in argv[:-1]:
+                continue
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm not in _HELPER_PROGRAMS:
+            continue
+        for i, arg in enumerate(argv[:-1]):
+            if arg == b"-D" and os.path.realpath(os.fsdecode(argv[i + 1])) in want:
+                found.append(int(entry.name))
+                break
+    return found
+
+
+# Base directories an up() of this process holds locked (flock: a second lock of this
+# process on another descriptor would wait for itself, e.g. a SIGTERM handler's down()).
+_held_here: set[Path] = set()
+_held_lock = threading.Lock()
+
+
+def _lock_existing(base: Path) -> int | None:
+    """Lock ``base`` as ``up`` does (waiting for an ``up`` still starting there); the
+    descriptor that holds the lock, or None when ``base`` is gone or this process's
+    up() holds it."""
+    with _held_lock:
+        if base in _held_here:
+            return None
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _kill_and_wait(victims: list[int], what: str, timeout: float, node: str) -> None:
@@ -1299,6 +1358,8 @@ class DevCluster(_ClusterLayout):
         _check_path(base)
         while True:
             created_base, lock_fd = _make_and_lock(base)
+            with _held_lock:
+                _held_here.add(base)
             try:
                 if (base / STATE_FILE).exists():
                     return cls._reuse(base, shards, replicas, bucket_count)
@@ -1312,6 +1373,8 @@ class DevCluster(_ClusterLayout):
             except _Retry:
                 continue
             finally:
+                with _held_lock:
+                    _held_here.discard(base)
                 os.close(lock_fd)
 
     @classmethod
@@ -1478,12 +1541,41 @@ class DevCluster(_ClusterLayout):
         self._empty_base_dir(created_base)
 
     def down(self, remove: bool = True) -> None:
-        """Stop every node (fast, then immediate if one takes over 10 s) and delete base_dir
-        (empty it, when it was an empty directory before :meth:`up`).
+        """Stop every node (fast, then immediate if one takes over 10 s) and delete what
+        :meth:`up` (and ``shardkit demo``) put in base_dir, then base_dir itself if up made
+        it and nothing else is left in it: files put there since are kept.  Waits for an
+        ``up`` still starting in base_dir; stops what one killed mid-start left running.
 
         With ``remove=False`` the data directories are kept, and :meth:`up`
         on the same directory starts them again.
         """
+        lock_fd = _lock_existing(self.base_dir)
+        try:
+            self._down(remove)
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
+        log.info("dev cluster in %s stopped%s", self.base_dir, " and removed" if remove else "")
+
+    def _down(self, remove: bool) -> None:
+        # An up killed mid-start (kill -9) leaves its initdb, pg_basebackup or pg_ctl
+        # running: they would write (or start a server) in the directories removed below.
+        helpers = _helpers_on(n.datadir for n in self.nodes)
+        if helpers:
+            log.warning("stopping processes %s that a start of the cluster in %s left running",
+                        helpers, self.base_dir)
+            for pid in helpers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + _STOP_TIMEOUT
+            while _helpers_on(n.datadir for n in self.nodes):
+                if time.monotonic() > deadline:
+                    raise DevClusterError(f"processes {helpers} of an unfinished start of the "
+                                          f"cluster in {self.base_dir} are still alive "
+                                          f"{_STOP_TIMEOUT:g} s after SIGKILL")
+                time.sleep(_POLL_INTERVAL)
         failures = stop_nodes(self.nodes)
         if failures:
             raise DevClusterError(
@@ -1493,16 +1585,30 @@ class DevCluster(_ClusterLayout):
                 node=failures[0].node,
             )
         if remove and self.base_dir.exists():
-            if self._made_base_dir:
-                shutil.rmtree(self.base_dir)
+            try:
+                self._remove_files()
+            except OSError as e:
+                raise DevClusterError(
+                    f"the servers are stopped, but removing {self.base_dir} failed: {e}; "
+                    f"remove it by hand") from None
+
+    def _remove_files(self) -> None:
+        """Delete what up() (and the demo) put in base_dir, and base_dir itself if up() made
+        it; not what the user put there since (up() starts only in an empty directory)."""
+        ours = {STATE_FILE, STATE_FILE + ".tmp", CONFIG_FILE, *_DEMO_FILES,
+                *(s.name for s in self.shards)}
+        for name in ours:
+            child = self.base_dir / name
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
             else:
-                # Everything in it is the cluster's (up() starts only in an empty directory).
-                for child in self.base_dir.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child)
-                    else:
-                        child.unlink(missing_ok=True)
-        log.info("dev cluster in %s stopped%s", self.base_dir, " and removed" if remove else "")
+                child.unlink(missing_ok=True)
+        others = sorted(p.name for p in self.base_dir.iterdir())
+        if others:
+            log.warning("kept %s: it holds files the cluster did not make: %s", self.base_dir,
+                        ", ".join(others))
+        elif self._made_base_dir:
+            self.base_dir.rmdir()
 
 
 # --------------------------------------------------------------------------
