@@ -91,6 +91,13 @@ class Route:
     # The router (so the map) that chose the shards by key: what a write's check of the
     # shard's ownership must compare with (a newer map may have arrived since).
     router: Any = field(default=None, compare=False, repr=False)
+    # The one shard of a read of one shard that is not one of reference rows alone (such a
+    # read may run on any shard); None for any other route.
+    read_shard: str | None = field(init=False, default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.shards) == 1 and not self.is_write and not self.anywhere:
+            object.__setattr__(self, "read_shard", self.shards[0])
 
     @property
     def is_scatter(self) -> bool:
@@ -176,6 +183,8 @@ class Router:
         self.foreign_buckets: Mapping[str, frozenset[int]] = foreign_buckets or {}
         self.shard_names: tuple[str, ...] = config.shard_names
         self.shard_set = frozenset(self.shard_names)
+        # The shards without replicas (their reads run on the primary).
+        self.unreplicated = frozenset(s.name for s in config.shards if not s.replicas)
         self.tables: dict[str, TableRoute] = {}
         self.groups: dict[str, GroupConfig] = {g.name: g for g in config.groups}
         for g in config.groups:
@@ -216,8 +225,9 @@ class Router:
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
         # entity given to get() -> (its mapper, its entity_problem, the mapper's polymorphic
-        # mappers then, its scalar key plan) (see ShardedSession._get_impl)
-        self.get_plans: dict[Any, tuple[Any, str | None, Any, Any]] = {}
+        # mappers then, its scalar key plan, and for a hash group's int key its strategy's
+        # (bucket map, bucket count)) (see ShardedSession._get_impl)
+        self.get_plans: dict[Any, tuple[Any, str | None, Any, Any, Any]] = {}
         # relationship (or (parent, related) mappers) -> whether the related rows are on the
         # object's shard (see relationship_colocated and the session's _follows_object)
         self.lazy_pins: dict[Any, bool] = {}

@@ -17,6 +17,7 @@ import dataclasses
 import inspect as _pyinspect
 import logging
 import re
+import struct
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -74,6 +75,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
+from ._hashing import _murmur3_32, _pack_int64
 from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for, data_modifying_ctes,
@@ -462,7 +464,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # shard up front lets the load skip statement analysis, but not the entity's check
         # (unless the caller named the shard: then it asked for that shard's rows).
         # (SQLAlchemy's own arguments, with its defaults, are named: no look-ups in kw.)
-        if identity_token is None:
+        if identity_token is None and (options or execution_options or bind_arguments
+                                       or self.execution_options):  # (else no shard named)
             # A shard the caller named another way (as horizontal_shard reads them) is the
             # one the object is looked up and loaded under, whatever its key says.
             given = execution_options
@@ -486,28 +489,40 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 insp = inspect(entity)
                 mapper = insp.mapper
                 problem = router.entity_problem(insp)
-                plan = (mapper, problem, mapper._with_polymorphic_mappers,
-                        _scalar_key_plan(router, mapper) if problem is None else None)
+                scalar = _scalar_key_plan(router, mapper) if problem is None else None
+                plan = (mapper, problem, mapper._with_polymorphic_mappers, scalar,
+                        (scalar[1].bucket_map, scalar[1].bucket_count)
+                        if scalar is not None and scalar[0] is int and type(scalar[1]) is HashStrategy
+                        else None)
                 if insp.is_mapper:
                     router.get_plans[entity] = plan
-            mapper, problem, _, scalar = plan
-            if problem is not None:
-                raise ScatterRefused(f"cannot load {problem}",
-                                     construct="statement not colocated on the shard key")
-            if scalar is not None and type(primary_key_identity) is scalar[0]:
-                # get(Model, value) of a one-column shard key that is the primary key, the
-                # value of its column's Python type (an int for an integer key): what
-                # _shard_from_identity comes to (its coercer gives such a value back).
-                identity_token = scalar[1].shard_for_key(primary_key_identity)
+            hashed = plan[4]  # (only for an entity without a problem)
+            if hashed is not None and type(primary_key_identity) is int:
+                # get(Model, value) of a hash group's one-column int shard key that is the
+                # primary key (as below): bucket_for()'s int case, inline.
+                try:
+                    identity_token = hashed[0][_murmur3_32(_pack_int64(primary_key_identity)) % hashed[1]]
+                except struct.error:  # past int64: the strategy says what is wrong
+                    identity_token = plan[3][1].shard_for_key(primary_key_identity)
             else:
-                identity_token = self._shard_from_identity(mapper, primary_key_identity)
-            if identity_token is None:
-                if current_scope().key is None:
-                    _refuse_held_on_several_shards(self, mapper, primary_key_identity)
-                with _one_shard_per_identity(entity, primary_key_identity):
-                    return super()._get_impl(entity, primary_key_identity, db_load_fn,
-                                             options=options, execution_options=execution_options,
-                                             bind_arguments=bind_arguments, **kw)
+                mapper, problem, _, scalar, _ = plan
+                if problem is not None:
+                    raise ScatterRefused(f"cannot load {problem}",
+                                         construct="statement not colocated on the shard key")
+                if scalar is not None and type(primary_key_identity) is scalar[0]:
+                    # get(Model, value) of a one-column shard key that is the primary key, the
+                    # value of its column's Python type (an int for an integer key): what
+                    # _shard_from_identity comes to (its coercer gives such a value back).
+                    identity_token = scalar[1].shard_for_key(primary_key_identity)
+                else:
+                    identity_token = self._shard_from_identity(mapper, primary_key_identity)
+                if identity_token is None:
+                    if current_scope().key is None:
+                        _refuse_held_on_several_shards(self, mapper, primary_key_identity)
+                    with _one_shard_per_identity(entity, primary_key_identity):
+                        return super()._get_impl(entity, primary_key_identity, db_load_fn,
+                                                 options=options, execution_options=execution_options,
+                                                 bind_arguments=bind_arguments, **kw)
         return super()._get_impl(entity, primary_key_identity, db_load_fn, options=options,
                                  identity_token=identity_token, execution_options=execution_options,
                                  bind_arguments=bind_arguments, **kw)
@@ -911,8 +926,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     if (lo is not None and (shard := lo._identity_token) is not None
                             and lo._refresh_state is None and lo._lazy_loaded_from is None
                             and self._short_path_open(statement, params)
-                            and shard in self.cluster.router.shard_set
-                            and not self.cluster._replica_counts[shard]):
+                            and shard in self.cluster.router.unreplicated):  # (a shard, without replicas)
                         # Load options holding nothing but the shard (get() with no options
                         # of its own): the shard's, made once, with the ORM's autoflush off
                         # (_short_path_open found nothing to flush), as a plain read's.
@@ -1027,9 +1041,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return _GENERAL
         cluster = self.cluster
         route = cluster.router.route(statement, params, anywhere=self._sk_ref_shard)
-        if len(route.shards) != 1 or route.is_write or route.anywhere:
+        shard = route.read_shard  # (one shard, not a write, not reference rows alone)
+        if shard is None:
             return route
-        shard = route.shards[0]
         if not cluster._replica_counts[shard]:
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)  Nothing to flush (checked above).
