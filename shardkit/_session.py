@@ -977,15 +977,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         route = routed if routed is not None else _route_statement(
             self, statement, params, execution_options, bind_arguments, sc)
         locks = getattr(statement, "_for_update_arg", None) is not None
-        if locks and route.anywhere and not route.is_write:
-            # Reference rows locked (FOR UPDATE / FOR SHARE) are locked on one shard for
-            # every session, the first (where session.get() looks first, and where an
-            # UPDATE/DELETE statement of every copy begins), so that two sessions locking a row
-            # exclude each other as on one database: the shard a transaction reads them
-            # from otherwise takes turns between transactions.
-            first = self.cluster.shard_names[0]
-            if route.shards != (first,):
-                route = dataclasses.replace(route, shards=(first,))
+        if locks:
+            route = _locked_reference_rows_on_first(self.cluster, statement, params, route)
         if route.anywhere and not route.is_write and self._sk_ref_shard is None:
             # Reference rows, which any shard has: the shards take turns between
             # transactions, but within one every such read asks the same shard (the
@@ -1713,6 +1706,28 @@ _REFERENCE_READ = util.immutabledict({"shardkit_reference_read": True})
 # synchronization of the session's objects after a bulk UPDATE by primary key.
 _BulkORMUpdate: Any = getattr(bulk_persistence, "_BulkORMUpdate", None) or getattr(
     bulk_persistence, "BulkORMUpdate")
+
+
+def _locked_reference_rows_on_first(cluster: Cluster, statement: Any, params: Any,
+                                    route: Route) -> Route:
+    """The route of a locking read (FOR UPDATE / FOR SHARE): reference rows are locked on
+    one shard for every session, the first (where session.get() looks first, and where an
+    UPDATE/DELETE statement of every copy, and an object's flush, begins), so that two
+    sessions locking a row exclude each other as on one database.  The shard a transaction
+    reads them from otherwise takes turns between transactions, and an object's refresh
+    reads the shard it was read from."""
+    first = cluster.shard_names[0]
+    if route.shards == (first,):
+        return route
+    if not route.anywhere:
+        if len(route.shards) != 1:
+            return route
+        try:  # a shard named for it (an object's refresh): does it read reference rows alone?
+            if not cluster.router.route(statement, params).anywhere:
+                return route
+        except ShardkitError:
+            return route
+    return dataclasses.replace(route, shards=(first,))
 
 
 def _is_reference(router: Any, mapper: Any) -> bool:
@@ -3461,6 +3476,8 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
     options = _ALL_SHARDS if all_shards else util.EMPTY_DICT
     session = _NewSession(cluster)
     route = _route_statement(session, statement, params, options, None, sc)  # type: ignore[arg-type]
+    if getattr(statement, "_for_update_arg", None) is not None:
+        route = _locked_reference_rows_on_first(cluster, statement, params, route)
     if route.is_write:
         # A reference table's write leaving a value each shard would make: refused as it runs.
         _refuse_values_made_per_shard(session, statement, params, route.shards)  # type: ignore[arg-type]

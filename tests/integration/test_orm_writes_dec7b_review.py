@@ -223,3 +223,30 @@ def test_reference_row_writers_lock_copies_in_one_order(sharded):
     for sh in sharded.cluster.shard_names:
         with sharded.cluster.primary(sh).connect() as c:
             assert c.execute(text("SELECT name FROM countries WHERE code = 'de'")).scalar() == "by a", sh
+
+
+@pytest.mark.parametrize("how", ["refresh", "get"])
+def test_reference_object_locked_where_it_was_read_excludes_another_session(sharded, how):
+    """refresh(obj, with_for_update=True) of a reference object the session read from
+    another shard than the first locked that shard's copy: another session's FOR UPDATE
+    (the first shard's copy) did not wait for it.  (get(..., with_for_update=True) reads
+    the first shard's copy, as an object of its own: a reference row is an object per
+    shard it was read from.)"""
+    first, *_, last = sharded.cluster.shard_names
+    with sharded.Session() as s:
+        s.add(Country(code="it", name="Italy"))
+        s.commit()
+    a, b = sharded.Session(), sharded.Session()
+    try:
+        ca = a.scalars(select(Country).where(Country.code == "it")
+                       .execution_options(shardkit_shard=last)).one()
+        assert inspect(ca).key[2] == last
+        if how == "refresh":
+            a.refresh(ca, with_for_update=True)
+        else:
+            assert a.get(Country, "it", with_for_update=True).name == "Italy"
+        with pytest.raises(OperationalError, match="lock"):
+            b.scalars(select(Country).where(Country.code == "it").with_for_update(nowait=True)).all()
+    finally:
+        a.close()
+        b.close()
