@@ -17,7 +17,6 @@ import dataclasses
 import inspect as _pyinspect
 import logging
 import re
-import struct
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -75,7 +74,6 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ._cluster import Cluster
 from ._colocation import compound_selects, reference_rows_problem
-from ._hashing import _murmur3_32, _pack_int64
 from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for, data_modifying_ctes,
@@ -489,40 +487,28 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 insp = inspect(entity)
                 mapper = insp.mapper
                 problem = router.entity_problem(insp)
-                scalar = _scalar_key_plan(router, mapper) if problem is None else None
-                plan = (mapper, problem, mapper._with_polymorphic_mappers, scalar,
-                        (scalar[1].bucket_map, scalar[1].bucket_count)
-                        if scalar is not None and scalar[0] is int and type(scalar[1]) is HashStrategy
-                        else None)
+                plan = (mapper, problem, mapper._with_polymorphic_mappers,
+                        _scalar_key_plan(router, mapper) if problem is None else None)
                 if insp.is_mapper:
                     router.get_plans[entity] = plan
-            hashed = plan[4]  # (only for an entity without a problem)
-            if hashed is not None and type(primary_key_identity) is int:
-                # get(Model, value) of a hash group's one-column int shard key that is the
-                # primary key (as below): bucket_for()'s int case, inline.
-                try:
-                    identity_token = hashed[0][_murmur3_32(_pack_int64(primary_key_identity)) % hashed[1]]
-                except struct.error:  # past int64: the strategy says what is wrong
-                    identity_token = plan[3][1].shard_for_key(primary_key_identity)
+            mapper, problem, _, scalar = plan
+            if problem is not None:
+                raise ScatterRefused(f"cannot load {problem}",
+                                     construct="statement not colocated on the shard key")
+            if scalar is not None and type(primary_key_identity) is scalar[0]:
+                # get(Model, value) of a one-column shard key that is the primary key, the
+                # value of its column's Python type (an int for an integer key): what
+                # _shard_from_identity comes to (its coercer gives such a value back).
+                identity_token = scalar[1].shard_for_key(primary_key_identity)
             else:
-                mapper, problem, _, scalar, _ = plan
-                if problem is not None:
-                    raise ScatterRefused(f"cannot load {problem}",
-                                         construct="statement not colocated on the shard key")
-                if scalar is not None and type(primary_key_identity) is scalar[0]:
-                    # get(Model, value) of a one-column shard key that is the primary key, the
-                    # value of its column's Python type (an int for an integer key): what
-                    # _shard_from_identity comes to (its coercer gives such a value back).
-                    identity_token = scalar[1].shard_for_key(primary_key_identity)
-                else:
-                    identity_token = self._shard_from_identity(mapper, primary_key_identity)
-                if identity_token is None:
-                    if current_scope().key is None:
-                        _refuse_held_on_several_shards(self, mapper, primary_key_identity)
-                    with _one_shard_per_identity(entity, primary_key_identity):
-                        return super()._get_impl(entity, primary_key_identity, db_load_fn,
-                                                 options=options, execution_options=execution_options,
-                                                 bind_arguments=bind_arguments, **kw)
+                identity_token = self._shard_from_identity(mapper, primary_key_identity)
+            if identity_token is None:
+                if current_scope().key is None:
+                    _refuse_held_on_several_shards(self, mapper, primary_key_identity)
+                with _one_shard_per_identity(entity, primary_key_identity):
+                    return super()._get_impl(entity, primary_key_identity, db_load_fn,
+                                             options=options, execution_options=execution_options,
+                                             bind_arguments=bind_arguments, **kw)
         return super()._get_impl(entity, primary_key_identity, db_load_fn, options=options,
                                  identity_token=identity_token, execution_options=execution_options,
                                  bind_arguments=bind_arguments, **kw)
