@@ -472,6 +472,7 @@ class Cluster:
 
     @property
     def shard_names(self) -> tuple[str, ...]:
+        """The shards' names, in the config's order."""
         return self.config.shard_names
 
     def shard_for(self, table: Any, key: Any) -> str:
@@ -574,6 +575,11 @@ class Cluster:
     # -- engines -------------------------------------------------------------------
 
     def node_url(self, shard: str, role: str = PRIMARY, index: int = 0) -> URL:
+        """The URL of one node (``role`` ``"primary"`` or ``"replica"``, ``index`` the
+        replica's), as configured: its password included (its ``str()`` hides it, but
+        ``render_as_string(hide_password=False)`` and ``.password`` show it; do not log
+        those: :func:`shardkit.mask_url` masks it).  ``RoutingError`` for a shard or
+        replica the config does not have."""
         try:
             sc = self.config.shard(shard)
         except KeyError:

@@ -315,9 +315,11 @@ class ClusterConfig:
 
     @property
     def shard_names(self) -> tuple[str, ...]:
+        """The shards' names, in the config's order."""
         return tuple(s.name for s in self.shards)
 
     def shard(self, name: str) -> ShardConfig:
+        """The shard called ``name`` (its ``primary`` and ``replicas`` URLs); ``KeyError`` if none is."""
         for s in self.shards:
             if s.name == name:
                 return s

@@ -101,6 +101,7 @@ class Route:
 
     @property
     def is_scatter(self) -> bool:
+        """Whether the statement runs on more than one shard."""
         return len(self.shards) > 1
 
     def __str__(self) -> str:

@@ -169,7 +169,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # installs its own serial execute hook; we provide the choosers as
         # methods and install our routing hook instead.
         try:
-            Session.__init__(self, query_cls=horizontal_shard.ShardedQuery, **kwargs)
+            # (query_cls= as horizontal_shard takes it: ShardedQuery unless given another.)
+            kwargs.setdefault("query_cls", horizontal_shard.ShardedQuery)
+            Session.__init__(self, **kwargs)
         except TypeError:
             foreign = [k for k in _HORIZONTAL_SHARD_ARGS if k in kwargs]
             if not foreign:

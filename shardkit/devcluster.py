@@ -1126,7 +1126,7 @@ def plan_nodes(shards: int, replicas: int, port_start: int | None
                     raise DevClusterError(
                         f"port {port} (port_start + {port - port_start}) for "
                         f"{shard}/{node_name} is in use; choose another port_start or stop "
-                        "what listens there"
+                        "what listens there", node=f"{shard}/{node_name}"
                     )
             layout.append((node_name, port))
         out.append((shard, layout))

@@ -13,7 +13,7 @@ SQLAlchemy errors keeps working::
     │   ├── ScatterRefused             .construct  strict mode, or a query that cannot merge exactly
     │   └── NotOwned                   .shard .bucket .map_version  the map has changed: a refused write, a moved object
     ├── RebalanceError                 .move_id .step  a move failed or cannot start
-    ├── CommitError                    .committed .failed .not_committed .cause  a multi-shard commit that did not commit every shard
+    ├── CommitError                    .committed .failed .not_committed .cause .prepared  a multi-shard commit that did not commit every shard
     ├── ShardUnavailable               .shard .node .cause
     │   └── ScatterError               .failures {shard: exception}
     └── DevClusterError                .node  the local development cluster failed
