@@ -323,8 +323,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"ok": True, "shards": [r.as_dict() for r in results]}, indent=2))
         else:
+            warned = sum(len(r.warnings) for r in results)
             print(f"{args.migrate_command} {args.revision}: {'all ' if len(results) > 1 else ''}"
-                  f"{counted(len(results), 'shard')} ok")
+                  f"{counted(len(results), 'shard')} ok"
+                  + (f" ({counted(warned, 'warning')} above)" if warned else ""))
         return 0
     finally:
         cluster.dispose()

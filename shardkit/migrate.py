@@ -314,6 +314,11 @@ def run_migrations(context: Any, **configure: Any) -> None:
         # "no empty revision" recipe) left the next shard's comparison nothing to fill.
         if their_directives is not None and one_diff.shard == shards[-1]:
             their_directives(migration_context, revision, scripts)
+    # Under `shardkit migrate` (one shard, its receipt expected): shardkit's warnings of
+    # this shard's migration (what an operation did not do) go to the command's report,
+    # which otherwise keeps a shard's output to itself when it succeeds.
+    recorder = (_WarningRecorder(os.environ[_RECEIPT] + _WARNINGS)
+                if x.get("shard") and os.environ.get(_RECEIPT) else None)
     try:
         for shard in shards:
             one_diff.shard = shard
@@ -361,6 +366,8 @@ def run_migrations(context: Any, **configure: Any) -> None:
                 # For `shardkit migrate`: this shard was migrated here, by this env.py.
                 Path(os.environ[_RECEIPT]).write_text(shard, encoding="utf-8")
     finally:
+        if recorder is not None:
+            recorder.close()
         cluster.dispose()
 
 
@@ -368,6 +375,46 @@ def run_migrations(context: Any, **configure: Any) -> None:
 #: migrated the shard: an env.py that does not call it (Alembic's own, migrating
 #: ``sqlalchemy.url`` whichever shard is named) exits 0 having left the shard alone.
 _RECEIPT = "SHARDKIT_MIGRATE_RECEIPT"
+#: Beside the receipt: shardkit's warnings of that shard's migration, one JSON string a line.
+_WARNINGS = ".warnings"
+
+
+class _WarningRecorder(logging.Handler):
+    """Appends the ``shardkit`` loggers' warnings (and worse) to ``path`` as they come
+    (whatever alembic.ini's logging does with them), for `shardkit migrate`'s report."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(logging.WARNING)
+        self.path = path
+        self.logger = logging.getLogger("shardkit")
+        self.level_before = self.logger.level
+        if self.logger.getEffectiveLevel() > logging.WARNING:
+            self.logger.setLevel(logging.WARNING)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record.getMessage()) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+        super().close()
+
+
+def _recorded_warnings(receipt: Path, shard: str) -> list[str]:
+    path = Path(str(receipt) + _WARNINGS)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError):
+            msg = str(json.loads(line))
+            out.append(msg[len(shard) + 2:] if msg.startswith(f"{shard}: ") else msg)
+    return out
 
 
 def _lock_shard(connection: Any, shard: str) -> None:
@@ -494,11 +541,13 @@ class ShardResult:
     revision_after: str | None = None
     error: str | None = None
     output: str = field(default="", repr=False)
+    #: shardkit's warnings of the shard's migration (an operation that did not do it all).
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"shard": self.shard, "ok": self.ok, "seconds": round(self.seconds, 3),
                 "revision_before": self.revision_before, "revision_after": self.revision_after,
-                "error": self.error}
+                "error": self.error, "warnings": self.warnings}
 
 
 def default_alembic_ini() -> Path:
@@ -701,8 +750,12 @@ def run_command(
             err = ("interrupted (Ctrl-C, SIGTERM): its revision in progress rolled back"
                    if stop.is_set() or proc.returncode == -signal.SIGINT
                    else _error_line(out) or f"alembic exited {proc.returncode}")
-        say(f"{shard}: {'ok' if ok else 'FAILED'} in {dt:.1f} s" + (f": {err}" if err else ""))
-        return ShardResult(shard, ok, dt, before.get(shard), None, err, out)
+        said = _recorded_warnings(receipt, shard)
+        with lock:  # (a shard's lines together, not mixed with another's finishing meanwhile)
+            say(f"{shard}: {'ok' if ok else 'FAILED'} in {dt:.1f} s" + (f": {err}" if err else ""))
+            for warning in said:
+                say(f"{shard}: warning: {warning}")
+        return ShardResult(shard, ok, dt, before.get(shard), None, err, out, said)
 
     def interrupted(results: list[ShardResult]) -> MigrationInterrupted:
         _revisions_after(cluster, results)

@@ -136,7 +136,7 @@ def test_rebalance_init_on_one_shard(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("shards, said", [(1, "upgrade head: 1 shard ok"), (3, "upgrade head: all 3 shards ok")])
 def test_migrate_upgrade_counts_its_shards(tmp_path, capsys, monkeypatch, shards, said):
     monkeypatch.setattr(migrate, "run_command", lambda cluster, *a, **k: [
-        SimpleNamespace(shard=name) for name in cluster.shard_names])
+        SimpleNamespace(shard=name, warnings=[]) for name in cluster.shard_names])
     rc, out, err = run(["migrate", "upgrade", "--config", str(write_config(tmp_path, shards))], capsys)
     assert rc == 0, err
     assert out.strip() == said
