@@ -16,7 +16,9 @@ import contextvars
 import dataclasses
 import inspect as _pyinspect
 import logging
+import numbers
 import re
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -3570,8 +3572,16 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
     timeout = _option("shardkit_timeout", statement, execution_options)
     cluster = session.cluster
+    source = "execution option shardkit_timeout"
     if timeout is None:
-        timeout = cluster.scatter_timeout
+        timeout, source = cluster.scatter_timeout, "cluster.scatter_timeout"
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or not 0 < timeout <= threading.TIMEOUT_MAX):
+        # Refused before any shard runs it: 0 (not "no limit", as statement_timeout's is),
+        # a negative or NaN one would fail every shard at once as if none had answered.
+        raise sa_exc.ArgumentError(
+            f"{source}={timeout!r} is not valid: give the seconds each shard may take "
+            "(a number above 0), or None for no limit")
 
     # Choose each shard's node and check out its connection here, in one fixed
     # order (the config's, in which a write on several shards takes them too):
@@ -3585,13 +3595,13 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     names = route.router.shard_names
     # The shards' waits for replicas to reach the session's position share one wait_for_token.
     deadline = time.monotonic() + cluster.replica_settings.wait_for_token
-    for shard in sorted(route.shards, key=lambda s: (names.index(s), s) if s in names else (len(names), s)):
-        stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
-        shard_params = params
-        if route.split is not None and route.split.get(shard):
-            stmt, shard_params = _split_part(stmt, params, route.split[shard])
-        tried: set[int] = set()
-        first_reads[shard] = first_read = shard not in session._sk_replica
+    prepared: dict[str, tuple[Any, Any]] = {}
+    tried: dict[str, set[int]] = {}   # per shard: the replicas that failed this read
+
+    def checkout(shard: str, tried: set[int]) -> None:
+        """Choose ``shard``'s node (not a replica of ``tried``) and check out its connection:
+        a task for the shard's threads, or the shard's failure."""
+        stmt, shard_params = prepared[shard]
         while True:
             index = None
             try:
@@ -3611,12 +3621,22 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
                 # Otherwise no node of this shard can serve the read.
                 if index is not None and session._replica_read_failed(shard, index, e):
                     tried.add(index)
-                    session._unpin_failed(shard, index, first_read)
+                    session._unpin_failed(shard, index, first_reads[shard])
                     continue
                 failures[shard] = e
-                break
+                return
             tasks.append((shard, index, stmt, eo, ba, conn, shard_params))
-            break
+            return
+
+    for shard in sorted(route.shards, key=lambda s: (names.index(s), s) if s in names else (len(names), s)):
+        stmt = _without_foreign_rows(cluster, shard, shard_stmt, route)
+        shard_params = params
+        if route.split is not None and route.split.get(shard):
+            stmt, shard_params = _split_part(stmt, params, route.split[shard])
+        prepared[shard] = (stmt, shard_params)
+        first_reads[shard] = shard not in session._sk_replica
+        tried[shard] = set()
+        checkout(shard, tried[shard])
         if failures and not partial_ok:
             # The read fails whatever the other shards answer: run it on none of them.
             raise ScatterError(failures)
@@ -3625,148 +3645,175 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         shard, index, stmt, eo, ba, conn, shard_params = task
         return Session.execute(session, stmt, shard_params, execution_options=eo, bind_arguments=ba)
 
-    # Each shard's execution runs with a copy of the caller's context: do_orm_execute
-    # hooks that read request state from contextvars (with_loader_criteria for
-    # tenants, soft deletes) filter every shard's rows as they filter a one-shard read.
-    # (Submitted through the cluster: a dispose() meanwhile must not fail the read after
-    # some shards' queries started on the session's connections.)
-    futures = {cluster.scatter_submit(contextvars.copy_context().run, run, t): t for t in tasks}
-    # Ctrl-C (KeyboardInterrupt) or another exception raised in this thread while it
-    # waits: the queries still running are cancelled as past a deadline, and the
-    # exception raised once they have stopped, as psycopg does on one connection (left
-    # running, they would hold the session's connections and the scatter threads).
-    interrupted: BaseException | None = None
-    # Without partial results, a shard's failure decides the read (a ScatterError, whatever
-    # the others answer): the queries still running are cancelled then, as past a deadline,
-    # not waited for (a slow or blocked shard would hold the caller, the session's
-    # connections and the servers for nothing).
-    failed_fast = False
-    try:
-        if partial_ok or len(futures) < 2:
-            not_done = wait(futures, timeout=timeout)[1]
-        else:
-            not_done = set(futures)
-            end = None if timeout is None else time.monotonic() + timeout
-            while not_done:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                done, not_done = wait(not_done, timeout=left, return_when=FIRST_EXCEPTION)
-                if not done:
-                    break
-                if not_done and any(_decides_scatter(f.exception(), futures[f][1]) for f in done):
-                    failed_fast = True
-                    break
-    except BaseException as e:
-        interrupted = e
-        not_done = {f for f in futures if not f.done()}
-    # Past the deadline: a query still queued (every scatter thread busy) never starts;
-    # one running is cancelled on its server, again until it stops (a cancel that
-    # reaches the server before the query does is lost).  One the cancels have not
-    # stopped within CANCEL_GRACE (PgBouncer ignores them while the query waits in its
-    # queue for a server connection) has its connection's socket shut down.
-    running = {f for f in not_done if not f.cancel()}
-    give_up = time.monotonic() + CANCEL_GRACE
-    cut: set[Any] = set()
-    # Each cancel request is sent from a thread of its own: one to a server that does
-    # not answer (frozen, or its host gone) would otherwise hold this loop past give_up.
-    cancels: dict[Any, Any] = {}
-    while running:
-        for f in running:
-            if f in cut:
-                continue
-            try:
-                dbapi_conn = futures[f][5].connection.dbapi_connection
-                if time.monotonic() < give_up:
-                    # The shard's thread then fails with QueryCanceled.
-                    if f not in cancels or not cancels[f].is_alive():
-                        cancels[f] = send_cancel(dbapi_conn, CANCEL_GRACE)
-                elif shut_down_socket(dbapi_conn):
-                    cut.add(f)  # its thread fails at once: the connection is lost
-            except Exception:  # noqa: BLE001 - the failure below reports the shard
-                pass
-        running = wait(running, timeout=0.2)[1]
-    # A cancel request still on its way cancels whatever runs on the connection when it
-    # arrives: the session's next statement there, or another session's once the
-    # connection is back in the pool.  Each is waited for (the query it was sent for has
-    # ended: it finds the connection idle, and is ignored); one still unanswered by
-    # give_up (a server that does not answer) costs the connection.
-    stray = set()
-    for f, thread in cancels.items():
-        thread.join(max(0.0, give_up - time.monotonic()))
-        if thread.is_alive():
-            stray.add(f)
-    for f in cut | stray:
-        # Every thread is done: the connections whose socket is shut down are never used
-        # again (a query that ended just before has left its connection looking fine).
-        shard, index, conn = futures[f][0], futures[f][1], futures[f][5]
+    def gather(batch: list[Any]) -> tuple[dict[Any, Any], set[Any], bool, set[Any]]:
+        """Run ``batch``'s tasks on the scatter threads until they end or the deadline
+        passes: (futures, those not done in time, whether a failure decided the read,
+        those whose connection was closed)."""
+        # Each shard's execution runs with a copy of the caller's context: do_orm_execute
+        # hooks that read request state from contextvars (with_loader_criteria for
+        # tenants, soft deletes) filter every shard's rows as they filter a one-shard read.
+        # (Submitted through the cluster: a dispose() meanwhile must not fail the read after
+        # some shards' queries started on the session's connections.)
+        futures = {cluster.scatter_submit(contextvars.copy_context().run, run, t): t for t in batch}
+        # Ctrl-C (KeyboardInterrupt) or another exception raised in this thread while it
+        # waits: the queries still running are cancelled as past a deadline, and the
+        # exception raised once they have stopped, as psycopg does on one connection (left
+        # running, they would hold the session's connections and the scatter threads).
+        interrupted: BaseException | None = None
+        # Without partial results, a shard's failure decides the read (a ScatterError, whatever
+        # the others answer): the queries still running are cancelled then, as past a deadline,
+        # not waited for (a slow or blocked shard would hold the caller, the session's
+        # connections and the servers for nothing).
+        failed_fast = False
         try:
-            if not conn.invalidated:
-                conn.invalidate()
-        except Exception:  # noqa: BLE001 - it is invalid either way
-            pass
-        if index is not None:
-            # A replica's (autocommit) connection: the session's next read there starts
-            # afresh, as it would after a cancel.
-            session._forget_connection(shard, index)
-    if interrupted is not None:
-        for f in futures:
-            if not f.cancelled() and f.exception() is None:
-                try:
-                    f.result().close()
-                except Exception:  # noqa: BLE001 - its connection may be shut down
-                    pass
-        raise interrupted
-    results: dict[str, Any] = {}
-    for f, (shard, index, stmt, eo, ba, conn, shard_params) in futures.items():
-        if f in not_done:
-            if failed_fast:
-                own = None if f.cancelled() or f in cut else f.exception()
-                if own is not None and getattr(getattr(own, "orig", None), "sqlstate", None) != "57014":
-                    failures[shard] = own  # it failed by itself (not by the cancel)
+            if partial_ok or len(futures) < 2:
+                not_done = wait(futures, timeout=None if end is None else max(0.0, end - time.monotonic()))[1]
+            else:
+                not_done = set(futures)
+                while not_done:
+                    left = None if end is None else end - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    done, not_done = wait(not_done, timeout=left, return_when=FIRST_EXCEPTION)
+                    if not done:
+                        break
+                    if not_done and any(_decides_scatter(f.exception(), futures[f][1]) for f in done):
+                        failed_fast = True
+                        break
+        except BaseException as e:
+            interrupted = e
+            not_done = {f for f in futures if not f.done()}
+        # Past the deadline: a query still queued (every scatter thread busy) never starts;
+        # one running is cancelled on its server, again until it stops (a cancel that
+        # reaches the server before the query does is lost).  One the cancels have not
+        # stopped within CANCEL_GRACE (PgBouncer ignores them while the query waits in its
+        # queue for a server connection) has its connection's socket shut down.
+        running = {f for f in not_done if not f.cancel()}
+        give_up = time.monotonic() + CANCEL_GRACE
+        cut: set[Any] = set()
+        # Each cancel request is sent from a thread of its own: one to a server that does
+        # not answer (frozen, or its host gone) would otherwise hold this loop past give_up.
+        cancels: dict[Any, Any] = {}
+        while running:
+            for f in running:
+                if f in cut:
                     continue
-                # Stopped because another shard failed: not a failure of its own.
+                try:
+                    dbapi_conn = futures[f][5].connection.dbapi_connection
+                    if time.monotonic() < give_up:
+                        # The shard's thread then fails with QueryCanceled.
+                        if f not in cancels or not cancels[f].is_alive():
+                            cancels[f] = send_cancel(dbapi_conn, CANCEL_GRACE)
+                    elif shut_down_socket(dbapi_conn):
+                        cut.add(f)  # its thread fails at once: the connection is lost
+                except Exception:  # noqa: BLE001 - the failure below reports the shard
+                    pass
+            running = wait(running, timeout=0.2)[1]
+        # A cancel request still on its way cancels whatever runs on the connection when it
+        # arrives: the session's next statement there, or another session's once the
+        # connection is back in the pool.  Each is waited for (the query it was sent for has
+        # ended: it finds the connection idle, and is ignored); one still unanswered by
+        # give_up (a server that does not answer) costs the connection.
+        stray = set()
+        for f, thread in cancels.items():
+            thread.join(max(0.0, give_up - time.monotonic()))
+            if thread.is_alive():
+                stray.add(f)
+        for f in cut | stray:
+            # Every thread is done: the connections whose socket is shut down are never used
+            # again (a query that ended just before has left its connection looking fine).
+            shard, index, conn = futures[f][0], futures[f][1], futures[f][5]
+            try:
+                if not conn.invalidated:
+                    conn.invalidate()
+            except Exception:  # noqa: BLE001 - it is invalid either way
+                pass
+            if index is not None:
+                # A replica's (autocommit) connection: the session's next read there starts
+                # afresh, as it would after a cancel.
+                session._forget_connection(shard, index)
+        if interrupted is not None:
+            for f in futures:
                 if not f.cancelled() and f.exception() is None:
                     try:
                         f.result().close()
                     except Exception:  # noqa: BLE001 - its connection may be shut down
                         pass
-                continue
-            # No answer within the timeout, whatever the thread did after it.
-            cause = None if f.cancelled() or f in cut else f.exception()
-            if not f.cancelled() and f.exception() is None:
-                try:
-                    f.result().close()  # finished just after the deadline: not used
-                except Exception:  # noqa: BLE001 - its connection may be shut down
-                    pass
-            failures[shard] = ShardUnavailable(
-                f"shard {shard}: no answer within {timeout:g} s " + (
-                    "(the cancel did not stop it: its connection was closed)" if f in cut
-                    else "(query cancelled)"),
-                shard=shard, cause=cause)
-            continue
-        try:
-            results[shard] = f.result()
-        except Exception as e:  # noqa: BLE001 - reported per shard below
-            if index is not None and isinstance(
-                    e, (ShardUnavailable, sa_exc.DBAPIError)) and session._replica_read_failed(
-                        shard, index, e, ba.get("shardkit_stream", False)):
-                # A replica died under the read or cancelled it: read that shard
-                # again on another node (autocommit replica reads are safe to retry).
-                session._unpin_failed(shard, index, first_reads[shard])
-                if not partial_ok and (not_done or any(
-                        _decides_scatter(g.exception(), futures[g][1]) for g in futures if g not in not_done)):
-                    # Unless the read has failed already (past its deadline, or another
-                    # shard's failure decided it): not read again for nothing.
-                    failures[shard] = e
+            for r in results.values():
+                r.close()
+            raise interrupted
+        return futures, not_done, failed_fast, cut
+
+    results: dict[str, Any] = {}
+
+    def collect(futures: dict[Any, Any], not_done: set[Any], failed_fast: bool,
+                cut: set[Any]) -> list[str]:
+        """Each shard's result or failure, from a gather(); the shards to read again on
+        another node (their replica died under the read or cancelled it)."""
+        again = []
+        for f, (shard, index, stmt, eo, ba, conn, shard_params) in futures.items():
+            if f in not_done:
+                if failed_fast:
+                    own = None if f.cancelled() or f in cut else f.exception()
+                    if own is not None and getattr(getattr(own, "orig", None), "sqlstate", None) != "57014":
+                        failures[shard] = own  # it failed by itself (not by the cancel)
+                        continue
+                    # Stopped because another shard failed: not a failure of its own.
+                    if not f.cancelled() and f.exception() is None:
+                        try:
+                            f.result().close()
+                        except Exception:  # noqa: BLE001 - its connection may be shut down
+                            pass
                     continue
-                try:
-                    results[shard] = session._read_on(shard, stmt, shard_params, execution_options,
-                                                      bind_arguments, {}, sc, tried={index})
-                except Exception as e2:  # noqa: BLE001
-                    failures[shard] = e2
+                # No answer within the timeout, whatever the thread did after it.
+                cause = None if f.cancelled() or f in cut else f.exception()
+                if not f.cancelled() and f.exception() is None:
+                    try:
+                        f.result().close()  # finished just after the deadline: not used
+                    except Exception:  # noqa: BLE001 - its connection may be shut down
+                        pass
+                failures[shard] = ShardUnavailable(
+                    f"shard {shard}: no answer within {timeout:g} s " + (
+                        "(the cancel did not stop it: its connection was closed)" if f in cut
+                        else "(query cancelled)"),
+                    shard=shard, cause=cause)
                 continue
-            failures[shard] = e
+            try:
+                results[shard] = f.result()
+            except Exception as e:  # noqa: BLE001 - reported per shard below
+                if index is not None and isinstance(
+                        e, (ShardUnavailable, sa_exc.DBAPIError)) and session._replica_read_failed(
+                            shard, index, e, ba.get("shardkit_stream", False)):
+                    # A replica died under the read or cancelled it: read that shard
+                    # again on another node (autocommit replica reads are safe to retry).
+                    session._unpin_failed(shard, index, first_reads[shard])
+                    if not partial_ok and (not_done or any(
+                            _decides_scatter(g.exception(), futures[g][1]) for g in futures if g not in not_done)):
+                        # Unless the read has failed already (past its deadline, or another
+                        # shard's failure decided it): not read again for nothing.
+                        failures[shard] = e
+                        continue
+                    if end is not None and time.monotonic() >= end:
+                        # Its deadline has passed: it did not answer in time.
+                        failures[shard] = ShardUnavailable(
+                            f"shard {shard}: no answer within {timeout:g} s (its replica failed: "
+                            f"{first_line(e)})", shard=shard, cause=e)
+                        continue
+                    tried[shard].add(index)
+                    again.append(shard)
+                    continue
+                failures[shard] = e
+        return again
+
+    # The deadline counts from here; a shard read again on another node (its replica failed
+    # under the read) is read within what is left of it, on the scatter threads as well.
+    end = None if timeout is None else time.monotonic() + timeout
+    again = collect(*gather(tasks))
+    while again and not (failures and not partial_ok):
+        start = len(tasks)
+        for shard in again:
+            checkout(shard, tried[shard])
+        again = collect(*gather(tasks[start:])) if not (failures and not partial_ok) else []
     # (A RoutingError: a do_orm_execute listener's change refused in each shard's execution.)
     usage = next((e for e in failures.values() if isinstance(e, sa_exc.InvalidRequestError) or (
         isinstance(e, RoutingError) and not isinstance(e, NotOwned))), None)
