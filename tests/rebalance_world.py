@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 import shardkit
+from shardkit import rebalance
 
 
 @dataclass
@@ -26,6 +27,35 @@ class World:
         with psycopg.connect(node.dsn, autocommit=True) as c:
             cur = c.execute(query, params)
             return cur.fetchall() if cur.description else None
+
+    def init_with_accounts(self, buckets: int, rows_per_bucket: int) -> None:
+        """`rebalance init`, then ``rows_per_bucket`` rows of table accounts (id, balance) in
+        each bucket, on the shard the live map gives it."""
+        cluster = self.cluster()
+        try:
+            rebalance.init(cluster)
+            live = cluster.config.bucket_map
+            for b in range(buckets):
+                k = 0
+                for _ in range(rows_per_bucket):
+                    k = key_in_bucket(b, buckets, k + 1)
+                    self.sql(live[b], "INSERT INTO accounts VALUES (%s, 0)", (k,))
+        finally:
+            cluster.dispose()
+
+    def finish_running_moves(self) -> None:
+        """Abort every move left running (one past its switch: run to its end)."""
+        cluster = self.cluster()
+        try:
+            for (move_id,) in self.catalog_sql("SELECT id FROM shardkit_catalog.moves WHERE state = 'running'"):
+                try:
+                    rebalance.abort(cluster, move_id)
+                except rebalance.RebalanceError as e:
+                    if "has switched" not in str(e):
+                        raise
+                    rebalance.Mover(cluster, grace=0, progress=lambda line: None).run(move_id)
+        finally:
+            cluster.dispose()
 
     def catalog_sql(self, query: str, params: Any = None) -> Any:
         with psycopg.connect(self.catalog_url.replace("postgresql+psycopg", "postgresql"),

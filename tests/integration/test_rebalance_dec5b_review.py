@@ -13,7 +13,7 @@ import pytest
 import shardkit
 from shardkit import cli, rebalance
 from shardkit._rebalance_plan import plan_from_maps
-from rebalance_world import World, key_in_bucket
+from rebalance_world import World
 from test_rebalance_crashes import HookedMover as CrashHookedMover
 
 pytestmark = pytest.mark.integration
@@ -85,15 +85,7 @@ def world(shardkit_module_cluster_factory, tmp_path_factory):
                                 {"groups": plain, "catalog": {"url": catalog_url}})
     cfg_path.write_text(cfg_path.read_text() + EVENTS_TOML, encoding="utf-8")
     w = World(dev, cfg_path, catalog_url)
-    c3 = w.cluster()
-    rebalance.init(c3)
-    live = c3.config.bucket_map
-    for b in range(BUCKETS):
-        k = 0
-        for _ in range(ROWS_PER_BUCKET):
-            k = key_in_bucket(b, BUCKETS, k + 1)
-            w.sql(live[b], "INSERT INTO accounts VALUES (%s, 0)", (k,))
-    c3.dispose()
+    w.init_with_accounts(BUCKETS, ROWS_PER_BUCKET)
     yield w
 
 
@@ -101,17 +93,7 @@ def world(shardkit_module_cluster_factory, tmp_path_factory):
 def clean(world):
     """Abort every move a test leaves running."""
     yield world
-    cluster = world.cluster()
-    try:
-        for (move_id,) in world.catalog_sql("SELECT id FROM shardkit_catalog.moves WHERE state = 'running'"):
-            try:
-                rebalance.abort(cluster, move_id)
-            except rebalance.RebalanceError as e:
-                if "has switched" not in str(e):
-                    raise
-                rebalance.Mover(cluster, grace=0, progress=_noop).run(move_id)
-    finally:
-        cluster.dispose()
+    world.finish_running_moves()
 
 
 def _one_bucket_plan(cluster, bucket: int, target: str):

@@ -11,7 +11,7 @@ import pytest
 import shardkit
 from shardkit import cli, rebalance
 from shardkit._rebalance_plan import plan_from_maps
-from rebalance_world import World, key_in_bucket
+from rebalance_world import World
 from test_rebalance_crashes import HookedMover
 
 pytestmark = pytest.mark.integration
@@ -62,15 +62,7 @@ def world(shardkit_module_cluster_factory, tmp_path_factory):
     cfg_path = dev.write_config(tmp_path_factory.mktemp("rebal7b") / "shardkit.toml",
                                 {"groups": GROUPS, "catalog": {"url": catalog_url}})
     w = World(dev, cfg_path, catalog_url)
-    c3 = w.cluster()
-    rebalance.init(c3)
-    live = c3.config.bucket_map
-    for b in range(BUCKETS):
-        k = 0
-        for _ in range(ROWS_PER_BUCKET):
-            k = key_in_bucket(b, BUCKETS, k + 1)
-            w.sql(live[b], "INSERT INTO accounts VALUES (%s, 0)", (k,))
-    c3.dispose()
+    w.init_with_accounts(BUCKETS, ROWS_PER_BUCKET)
     yield w
 
 
@@ -78,17 +70,7 @@ def world(shardkit_module_cluster_factory, tmp_path_factory):
 def clean(world):
     """Abort every move a test leaves running."""
     yield world
-    cluster = world.cluster()
-    try:
-        for (move_id,) in world.catalog_sql("SELECT id FROM shardkit_catalog.moves WHERE state = 'running'"):
-            try:
-                rebalance.abort(cluster, move_id)
-            except rebalance.RebalanceError as e:
-                if "has switched" not in str(e):
-                    raise
-                rebalance.Mover(cluster, grace=0, progress=_noop).run(move_id)
-    finally:
-        cluster.dispose()
+    world.finish_running_moves()
 
 
 def _run_cli(capsys, *argv) -> tuple[int, str, str]:
