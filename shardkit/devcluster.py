@@ -458,15 +458,17 @@ def _lock_existing(base: Path) -> int | None:
     return fd
 
 
-def _kill_and_wait(victims: list[int], what: str, timeout: float, node: str) -> None:
-    """SIGKILL ``victims`` and wait until none is a live PostgreSQL process."""
+def _kill_and_wait(victims: list[int], what: str, timeout: float, node: str | None,
+                   alive: Callable[[], bool] | None = None) -> None:
+    """SIGKILL ``victims`` and wait until none is a live PostgreSQL process (or until
+    ``alive()`` is false)."""
     for p in victims:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while any(_is_postgres(p) for p in victims):
+    while alive() if alive is not None else any(_is_postgres(p) for p in victims):
         if time.monotonic() > deadline:
             raise DevClusterError(
                 f"{what}: processes {victims} still alive {timeout:g} s after SIGKILL", node=node)
@@ -1564,18 +1566,9 @@ class DevCluster(_ClusterLayout):
         if helpers:
             log.warning("stopping processes %s that a start of the cluster in %s left running",
                         helpers, self.base_dir)
-            for pid in helpers:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + _STOP_TIMEOUT
-            while _helpers_on(n.datadir for n in self.nodes):
-                if time.monotonic() > deadline:
-                    raise DevClusterError(f"processes {helpers} of an unfinished start of the "
-                                          f"cluster in {self.base_dir} are still alive "
-                                          f"{_STOP_TIMEOUT:g} s after SIGKILL")
-                time.sleep(_POLL_INTERVAL)
+            _kill_and_wait(helpers, f"an unfinished start of the cluster in {self.base_dir}",
+                           _STOP_TIMEOUT, None,
+                           alive=lambda: bool(_helpers_on(n.datadir for n in self.nodes)))
         failures = stop_nodes(self.nodes)
         if failures:
             raise DevClusterError(
