@@ -1004,13 +1004,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
             if isinstance(r, Mapping):
                 _check_keys(r, {"url", "weight", "pool"}, rp)
                 replica_pools.append(parse_pool(r.get("pool", {}), f"{rp}.pool"))
-                w = r.get("weight", 1)
-                if isinstance(w, int) and not isinstance(w, bool) and w > 1e300:  # float(w) would overflow
-                    raise ConfigurationError(f"{rp}.weight", "is too large a number",
+                w = _number(r.get("weight", 1), f"{rp}.weight", minimum=0)
+                if w == 0:
+                    raise ConfigurationError(f"{rp}.weight", "0 must be a positive number",
                                              "weights are relative: e.g. 1, 2, 10")
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < float("inf"):
-                    raise ConfigurationError(f"{rp}.weight", f"{w!r} must be a positive number",
-                                             _QUOTED if isinstance(w, str) else None)
                 replica_urls.append(_parse_url(r.get("url"), f"{rp}.url"))
                 weights.append(float(w))
             else:
