@@ -140,7 +140,18 @@ def locked_elsewhere(env, shard, key, mode="FOR UPDATE"):
     return False
 
 
+def same_as_one_database(env, run, **kw):
+    """``run(session)`` gives the same on the cluster (a ShardedSession made with ``kw``) as
+    on one plain database holding every row."""
+    with S(env, **kw) as s:
+        got = run(s)
+    with O(env) as o:
+        want = run(o)
+    assert got == want
+
+
 # -- get() ------------------------------------------------------------------------------
+
 
 def test_get_populate_existing_sees_a_change_made_elsewhere(env):
     shard = env.names[1]
@@ -362,11 +373,7 @@ def test_orm_upsert_returning_matches_one_database_for_a_held_object(env):
         held = sess.get(Acct, k)
         rows = _upsert(sess, k, "up")
         return rows[0] is held, held.name
-    with S(env) as s:
-        got = run(s)
-    with O(env) as o:
-        want = run(o)
-    assert got == want
+    same_as_one_database(env, run)
 
 
 @pytest.mark.parametrize("sync", ["auto", "fetch", "evaluate", False])
@@ -402,11 +409,7 @@ def test_orm_delete_across_shards_synchronizes_held_objects(env, sync):
         out = (r.rowcount, [a in sess for a in held], [sess.get(Acct, k) is None for k in ks] if sync else None)
         sess.commit()
         return out
-    with S(env) as s:
-        got = run(s)
-    with O(env) as o:
-        want = run(o)
-    assert got == want
+    same_as_one_database(env, run)
     for shard in env.names:
         assert primary_sql(env, shard, "SELECT count(*) FROM od7_accts")[0][0] == 1
 
@@ -504,11 +507,7 @@ def test_get_by_other_identity_forms(env, ident):
         else:
             ln = sess.get(Line, [2, k])
         return ln.id, ln.acct_id, ln.note, sess.get(Line, (2, k)) is ln
-    with S(env, consistency="strong") as s:
-        got = run(s)
-    with O(env) as o:
-        want = run(o)
-    assert got == want
+    same_as_one_database(env, run, consistency="strong")
 
 
 def test_get_inside_no_autoflush_with_a_pending_object_of_the_same_key(env):
@@ -521,11 +520,7 @@ def test_get_inside_no_autoflush_with_a_pending_object_of_the_same_key(env):
         with sess.no_autoflush:
             got = sess.get(Acct, k)
         return got is p, got is not None and got.name, p in sess.new
-    with S(env) as s:
-        got = run(s)
-    with O(env) as o:
-        want = run(o)
-    assert got == want
+    same_as_one_database(env, run)
 
 
 @pytest.mark.parametrize("how", ["scope", "option", "set_shard_id", "all_shards_where_id"])
@@ -602,11 +597,7 @@ def test_orm_dml_autoflushes_pending_objects_first(env, sync):
         out += [new[0] is objs[2], objs[2].__dict__.get("name")]
         sess.commit()
         return out
-    with S(env, consistency="strong") as s:
-        got = run(s)
-    with O(env) as o:
-        want = run(o)
-    assert got == want
+    same_as_one_database(env, run, consistency="strong")
 
 
 @pytest.mark.parametrize("where", ["call", "statement"])
@@ -625,11 +616,7 @@ def test_orm_upsert_returning_with_populate_existing_refreshes_the_held_object(e
         else:
             rows = sess.scalars(stmt, execution_options={"populate_existing": True}).all()
         return rows[0] is held, held.name, held.n, len(held.lines)
-    with S(env, consistency="strong") as s:
-        got = run(s)
-    with O(env) as o:
-        want = run(o)
-    assert got == want
+    same_as_one_database(env, run, consistency="strong")
 
 
 def test_bulk_update_by_primary_key_does_not_change_another_keys_row_of_that_id(env):
