@@ -226,8 +226,9 @@ class Router:
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
         # entity given to get() -> (its mapper, its entity_problem, the mapper's polymorphic
-        # mappers then, its scalar key plan) (see ShardedSession._get_impl)
-        self.get_plans: dict[Any, tuple[Any, str | None, Any, Any]] = {}
+        # mappers then, its scalar key plan, its load's kept statement) (see
+        # ShardedSession._get_impl and _get_load)
+        self.get_plans: dict[Any, tuple[Any, str | None, Any, Any, Any]] = {}
         # relationship (or (parent, related) mappers) -> whether the related rows are on the
         # object's shard (see relationship_colocated and the session's _follows_object)
         self.lazy_pins: dict[Any, bool] = {}

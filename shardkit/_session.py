@@ -60,6 +60,7 @@ from sqlalchemy.engine.result import FrozenResult, IteratorResult, SimpleResultM
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session, bulk_persistence, persistence
 from sqlalchemy.orm import exc as orm_exc
+from sqlalchemy.orm import loading
 from sqlalchemy.orm.base import NEVER_SET, NO_VALUE, PASSIVE_OFF
 from sqlalchemy.orm.context import FromStatement, QueryContext
 from sqlalchemy.orm.interfaces import MANYTOONE
@@ -459,9 +460,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
             self._sk_for_write = False
 
     def _get_impl(self, entity: Any, primary_key_identity: Any, db_load_fn: Any, *,
-                  options: Any = None, identity_token: Any = None,
-                  execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
-                  **kw: Any) -> Any:
+                  options: Any = None, populate_existing: Any = None, with_for_update: Any = None,
+                  identity_token: Any = None, execution_options: Any = util.EMPTY_DICT,
+                  bind_arguments: Any = None, **kw: Any) -> Any:
         # Session.get(), get_one() and the legacy Query.get() all come here.  Naming the
         # shard up front lets the load skip statement analysis, but not the entity's check
         # (unless the caller named the shard: then it asked for that shard's rows).
@@ -491,11 +492,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 insp = inspect(entity)
                 mapper = insp.mapper
                 problem = router.entity_problem(insp)
-                plan = (mapper, problem, mapper._with_polymorphic_mappers,
-                        _scalar_key_plan(router, mapper) if problem is None else None)
+                scalar = _scalar_key_plan(router, mapper) if problem is None else None
+                plan = (mapper, problem, mapper._with_polymorphic_mappers, scalar,
+                        _get_load(mapper, scalar))
                 if insp.is_mapper:
                     router.get_plans[entity] = plan
-            mapper, problem, _, scalar = plan
+            mapper, problem, _, scalar, load = plan
             if problem is not None:
                 raise ScatterRefused(f"cannot load {problem}",
                                      construct="statement not colocated on the shard key")
@@ -504,6 +506,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 # value of its column's Python type (an int for an integer key): what
                 # _shard_from_identity comes to (its coercer gives such a value back).
                 identity_token = scalar[1].shard_for_key(primary_key_identity)
+                if (load is not None and load[0] is db_load_fn and not options and not execution_options
+                        and bind_arguments is None and not populate_existing and with_for_update is None
+                        and not self.execution_options):
+                    # A get() with nothing but the key (and the primary key that one column):
+                    # SQLAlchemy's identity look-up, then its load by primary key, whose
+                    # statement (the same each time) is made once per mapper (see _get_load).
+                    instance = self._identity_lookup(mapper, [primary_key_identity],
+                                                     identity_token=identity_token)
+                    if instance is not None:
+                        return instance if isinstance(instance, mapper.class_) else None
+                    eo = _GET_LOAD_OPTIONS.get(identity_token) or _get_load_options(identity_token)
+                    return self.execute(load[1], {load[2]: primary_key_identity},
+                                        execution_options=eo).unique().scalars().one_or_none()
             else:
                 identity_token = self._shard_from_identity(mapper, primary_key_identity)
             if identity_token is None:
@@ -511,9 +526,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     _refuse_held_on_several_shards(self, mapper, primary_key_identity)
                 with _one_shard_per_identity(entity, primary_key_identity):
                     return super()._get_impl(entity, primary_key_identity, db_load_fn,
-                                             options=options, execution_options=execution_options,
+                                             options=options, populate_existing=populate_existing,
+                                             with_for_update=with_for_update,
+                                             execution_options=execution_options,
                                              bind_arguments=bind_arguments, **kw)
         return super()._get_impl(entity, primary_key_identity, db_load_fn, options=options,
+                                 populate_existing=populate_existing, with_for_update=with_for_update,
                                  identity_token=identity_token, execution_options=execution_options,
                                  bind_arguments=bind_arguments, **kw)
 
@@ -1459,6 +1477,59 @@ def _named_shard(options: Any, execution_options: Any, bind_arguments: Any) -> s
             if execution_options.get(name) is not None:
                 return execution_options[name]  # type: ignore[no-any-return]
     return None
+
+
+# SQLAlchemy's load by primary key (Session.get()'s, Query.get()'s); 2.0 names it without _.
+_LOAD_ON_PK = getattr(loading, "_load_on_pk_identity", None) or loading.load_on_pk_identity
+
+
+class _Built(Exception):
+    """_get_load(): the statement SQLAlchemy's load by primary key was about to run."""
+
+
+class _StatementOnly(Session):
+    """The session _get_load() asks for a get(): it keeps the statement the load would run,
+    and its parameters, rather than run them."""
+
+    def execute(self, statement: Any, params: Any = None, *, execution_options: Any = None,
+                bind_arguments: Any = None, **kw: Any) -> Any:
+        raise _Built(statement, params, execution_options, bind_arguments)
+
+
+def _get_load(mapper: Any, scalar: Any) -> tuple[Any, Any, str] | None:
+    """For get() of a one-column primary key that is the shard key (``scalar``): SQLAlchemy's
+    load by primary key, the statement it runs for a get() with no options, as SQLAlchemy
+    builds it (a session that keeps what it is asked to run is asked for a get()), and the
+    name of its parameter; None if that load is not the simple one expected.
+
+    SQLAlchemy builds that statement anew on every get(), and works out its cache key
+    again; one statement, kept, has its cache key worked out once."""
+    if scalar is None or len(mapper.primary_key) != 1 or mapper.always_refresh:
+        return None
+    try:
+        _StatementOnly().get(mapper, scalar[0]())  # (0 or "": a value of the key's type)
+    except _Built as built:
+        statement, params, execution_options, bind_arguments = built.args
+    except Exception:  # (a load of another shape: get() takes SQLAlchemy's own way)
+        return None
+    else:
+        return None
+    if (type(statement) is not _Select or not isinstance(params, dict) or len(params) != 1
+            or bind_arguments or set(execution_options) != {"_sa_orm_load_options"}
+            or execution_options["_sa_orm_load_options"] is not QueryContext.default_load_options):
+        return None
+    (name,) = params
+    return _LOAD_ON_PK, statement, name
+
+
+# shard -> the execution options of get()'s load (as SQLAlchemy's load by primary key
+# makes them: the shard as the identity token).
+_GET_LOAD_OPTIONS: dict[str, Any] = {}
+
+
+def _get_load_options(shard: str) -> Any:
+    return _GET_LOAD_OPTIONS.setdefault(shard, util.immutabledict({
+        "_sa_orm_load_options": QueryContext.default_load_options + {"_identity_token": shard}}))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,282 @@
+"""get() by a one-column primary key that is the shard key runs SQLAlchemy's load by
+primary key with a statement made once per mapper (ShardedSession._get_impl, _get_load),
+where SQLAlchemy builds the same statement anew on every get(): it must be the statement
+SQLAlchemy builds, and every kind of get() must give what it gives without the kept one
+(same objects, same errors, same SQL on the same nodes)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import warnings
+
+import pytest
+from own_tables import cluster_with_tables, nodes_used, truncate_everywhere
+from waiting import wait_for, wait_replicas_usable
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import BigInteger, ForeignKey, String, event, select, text
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
+from sqlalchemy.orm import exc as orm_exc
+
+import shardkit
+import shardkit._session as sk_session
+
+pytestmark = pytest.mark.integration
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Wallet(Base):
+    __tablename__ = "gk_wallets"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    owner: Mapped[str] = mapped_column(String(20), default="")
+    coins = relationship("Coin", back_populates="wallet", order_by="Coin.id")
+
+
+class Coin(Base):
+    __tablename__ = "gk_coins"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    wallet_id: Mapped[int] = mapped_column(ForeignKey("gk_wallets.id"), primary_key=True)
+    wallet = relationship("Wallet", back_populates="coins")
+
+
+class Pet(Base):
+    """Single-table inheritance: get(Dog, id) of a Cat's id is None."""
+    __tablename__ = "gk_pets"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(10))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "pet"}
+
+
+class Cat(Pet):
+    __mapper_args__ = {"polymorphic_identity": "cat"}
+
+
+class Dog(Pet):
+    __mapper_args__ = {"polymorphic_identity": "dog"}
+
+
+class Tag(Base):
+    """Sharded by text."""
+    __tablename__ = "gk_tags"
+    name: Mapped[str] = mapped_column(String(20), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+CONFIG = {"groups": {
+    "wallets": {"tables": {"gk_wallets": "id", "gk_coins": "wallet_id"}},
+    "pets": {"tables": {"gk_pets": "id"}},
+    "tags": {"tables": {"gk_tags": "name"}},
+}}
+TABLES = [t.name for t in reversed(Base.metadata.sorted_tables)]
+
+
+@pytest.fixture(scope="module")
+def env(shardkit_dev_cluster):
+    with cluster_with_tables(shardkit_dev_cluster, CONFIG, Base.metadata) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def unreplicated(env, shardkit_dev_cluster):
+    cfg = shardkit_dev_cluster.config_dict()
+    for s in cfg["shards"]:
+        s["replicas"] = []
+    cluster = shardkit.Cluster.from_config({**cfg, **CONFIG}, metadata=Base.metadata)
+    yield cluster
+    cluster.dispose()
+
+
+@pytest.fixture
+def rows(env):
+    truncate_everywhere(env, *TABLES)
+    with sessionmaker(class_=shardkit.ShardedSession, cluster=env)() as s:
+        s.add_all([Wallet(id=i, owner=f"w{i}", coins=[Coin(id=1), Coin(id=2)]) for i in range(1, 9)])
+        s.add(Wallet(id=9, owner="w9"))
+        s.add_all([Cat(id=1), Dog(id=2)])
+        s.add_all([Tag(name=n, n=i) for i, n in enumerate(["a", "b", "ü", ""])])
+        s.commit()
+    wait_for(lambda: all(_replayed(env, shard) for shard in env.shard_names), 30, "the replicas to replay the rows")
+    wait_replicas_usable(env, every=True)
+
+
+def _replayed(cluster, shard):
+    def counts(engine):
+        with engine.connect() as c:
+            return [c.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in TABLES]
+    return all(counts(cluster.engine(shard, "replica", i)) == counts(cluster.primary(shard))
+               for i in range(cluster.replica_count(shard)))
+
+
+def _kept(session, entity):
+    plan = session.cluster.router.get_plans.get(entity)
+    return None if plan is None else plan[4]
+
+
+def test_the_kept_statement_is_the_one_sqlalchemy_builds(env, rows):
+    # SQLAlchemy's own get() on a plain Session: the statement its load runs, by cache
+    # key (which decides the SQL compiled and how the rows are loaded), and its options.
+    seen = []
+
+    def capture(state):
+        seen.append((state.statement, dict(state.execution_options), state.bind_arguments.get("clause")))
+    for entity, key in ((Wallet, 3), (Tag, "b"), (Cat, 1), (Pet, 2)):
+        seen.clear()
+        plain = Session(env.primary(env.shard_for(entity, key)))
+        event.listen(plain, "do_orm_execute", capture)
+        assert plain.get(entity, key) is not None
+        plain.close()
+        (theirs, their_options, _), = seen
+        seen.clear()
+        with sessionmaker(class_=shardkit.ShardedSession, cluster=env, consistency="strong")() as s:
+            event.listen(s, "do_orm_execute", capture)
+            obj = s.get(entity, key)
+            assert obj is not None and obj._sa_instance_state.key[2] == env.shard_for(entity, key)
+            kept = _kept(s, entity)
+        assert kept is not None, f"{entity.__name__}: no kept statement"
+        (ours, our_options, _), = seen
+        assert ours is kept[1], "the load did not run the kept statement"
+        assert ours._generate_cache_key() == theirs._generate_cache_key()
+        assert str(ours) == str(theirs)
+        assert their_options["_sa_orm_load_options"]._identity_token is None
+        assert our_options["_sa_orm_load_options"]._identity_token == env.shard_for(entity, key)
+
+
+def test_get_on_a_second_key_column_or_a_composite_key_keeps_no_statement(env, rows):
+    with sessionmaker(class_=shardkit.ShardedSession, cluster=env)() as s:
+        assert s.get(Coin, {"id": 1, "wallet_id": 4}).wallet_id == 4
+        assert _kept(s, Coin) is None
+
+
+GETS = {
+    "plain": lambda s: s.get(Wallet, 1),
+    "twice": lambda s: [s.get(Wallet, 1), s.get(Wallet, 1)],
+    "get_one": lambda s: s.get_one(Wallet, 2),
+    "get_one missing": lambda s: s.get_one(Wallet, 99),
+    "missing": lambda s: s.get(Wallet, 99),
+    "text key": lambda s: [s.get(Tag, "ü"), s.get(Tag, ""), s.get(Tag, "zz")],
+    "subclass": lambda s: [s.get(Cat, 1), s.get(Dog, 1), s.get(Pet, 2), s.get(Cat, 2)],
+    "subclass held": lambda s: [s.get(Pet, 1), s.get(Dog, 1), s.get(Cat, 1)],
+    "expired": lambda s: (lambda w: (s.expire(w), s.get(Wallet, 3))[1])(s.get(Wallet, 3)),
+    "deleted": lambda s: (lambda w: (s.delete(w), s.flush(), s.get(Wallet, 9))[2])(s.get(Wallet, 9)),
+    "pending": lambda s: (s.add(Wallet(id=50)), s.get(Wallet, 50))[1],
+    "modified": lambda s: (lambda w: (setattr(w, "owner", "x"), s.get(Wallet, 4), s.get(Wallet, 5))[1:])(
+        s.get(Wallet, 4)),
+    "options": lambda s: [s.get(Wallet, 4, options=[selectinload(Wallet.coins)]).coins,
+                          s.get(Wallet, 5, options=[joinedload(Wallet.coins), defer(Wallet.owner)])],
+    "populate_existing": lambda s: (lambda w: (setattr(w, "owner", "x"),
+                                               s.get(Wallet, 6, populate_existing=True).owner)[1])(
+        s.get(Wallet, 6)),
+    "for update": lambda s: s.get(Wallet, 6, with_for_update=True),
+    "then lazy": lambda s: s.get(Wallet, 7).coins,
+    "query get": lambda s: _legacy_get(s.query(Wallet), 8),
+    "token": lambda s: s.get(Wallet, 8, identity_token=s.cluster.shard_for(Wallet, 8)),
+    "scope": lambda s: _in_scope(s),
+    "bad type": lambda s: s.get(Wallet, "x"),
+    "wrong count": lambda s: s.get(Wallet, (1, 2)),
+    "after select": lambda s: [s.execute(select(Wallet).where(Wallet.id == 2)).scalar_one(),
+                               s.get(Wallet, 2)],
+}
+
+
+def _legacy_get(query, key):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sa_exc.LegacyAPIWarning)
+        return query.get(key)
+
+
+def _in_scope(s):
+    with shardkit.scope(key=5):
+        return s.get(Wallet, 5)
+
+
+def _outcome(cluster, fn, consistency):
+    def shown(o):
+        if isinstance(o, list):
+            return [shown(x) for x in o]
+        if isinstance(o, tuple):
+            return tuple(shown(x) for x in o)
+        if o is None or isinstance(o, str):
+            return o
+        return (type(o).__name__, {k: v for k, v in o.__dict__.items() if not k.startswith("_")
+                                   and not isinstance(v, (list, Base))}, o._sa_instance_state.key)
+    sql = []
+
+    def note(statement):
+        sql.append(statement)
+        return True
+    with nodes_used(cluster, note) as nodes:
+        with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency=consistency)() as s:
+            try:
+                got = "ok", shown(fn(s))
+            except Exception as e:  # noqa: BLE001 - compared
+                got = "error", type(e).__name__, re.sub(r" at 0x[0-9a-f]+", "", str(e))
+            state = set(s._sk_written), dict(s._sk_replica), sorted(map(str, s.identity_map))
+            s.rollback()
+    return got, state, list(nodes), sql
+
+
+@pytest.mark.parametrize("consistency", ["strong", "read_your_writes", "unreplicated"])
+@pytest.mark.parametrize("name", list(GETS))
+def test_every_get_gives_what_it_gives_without_the_kept_statement(env, unreplicated, rows, monkeypatch,
+                                                                  name, consistency):
+    cluster = unreplicated if consistency == "unreplicated" else env
+    consistency = None if consistency == "unreplicated" else consistency
+    fn = GETS[name]
+    ran = []
+    real = sk_session.ShardedSession.execute
+
+    def execute(self, statement, *a, **kw):
+        plans = self.cluster.router.get_plans
+        ran.append(any(plan[4] is not None and statement is plan[4][1]
+                       for plan in (plans.get(Wallet), plans.get(Wallet.__mapper__)) if plan is not None))
+        return real(self, statement, *a, **kw)
+    monkeypatch.setattr(sk_session.ShardedSession, "execute", execute)
+    cluster.router.get_plans.clear()
+    kept = _outcome(cluster, fn, consistency)
+    monkeypatch.setattr(sk_session, "_get_load", lambda *a: None)
+    cluster.router.get_plans.clear()
+    theirs = _outcome(cluster, fn, consistency)
+    cluster.router.get_plans.clear()
+    assert kept[0] == theirs[0]
+    assert kept[3] == theirs[3], "not the same SQL"
+    if consistency != "read_your_writes":  # (a replica's lag may change between the two runs)
+        assert kept[1:3] == theirs[1:3], "not the same nodes"
+    if name in ("plain", "twice", "get_one", "missing", "then lazy", "query get", "deleted", "modified"):
+        assert any(ran), "the kept statement was not used"
+    if name == "get_one missing":
+        assert kept[0][:2] == ("error", orm_exc.NoResultFound.__name__)
+
+
+def test_threads_share_the_kept_statement(env, rows):
+    Maker = sessionmaker(class_=shardkit.ShardedSession, cluster=env)
+    errors = []
+
+    def reader(n):
+        try:
+            for i in range(200):
+                k = (i + n) % 8 + 1
+                with Maker() as s:
+                    w = s.get(Wallet, k)
+                    assert (w.id, w.owner, w._sa_instance_state.key[2]) == (k, f"w{k}", env.shard_for(Wallet, k))
+                    assert s.get(Wallet, 100 + k) is None
+        except Exception as e:  # noqa: BLE001 - reported
+            errors.append(e)
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
