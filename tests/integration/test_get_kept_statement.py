@@ -25,6 +25,7 @@ from sqlalchemy.orm import (
     relationship,
     selectinload,
     sessionmaker,
+    with_loader_criteria,
 )
 from sqlalchemy.orm import exc as orm_exc
 
@@ -68,6 +69,21 @@ class Dog(Pet):
     __mapper_args__ = {"polymorphic_identity": "dog"}
 
 
+class Vehicle(Base):
+    """Joined-table inheritance, both tables in one group."""
+    __tablename__ = "gk_vehicles"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(10))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "vehicle"}
+
+
+class Truck(Vehicle):
+    __tablename__ = "gk_trucks"
+    id: Mapped[int] = mapped_column(ForeignKey("gk_vehicles.id"), primary_key=True)
+    load: Mapped[int] = mapped_column(BigInteger, default=0)
+    __mapper_args__ = {"polymorphic_identity": "truck"}
+
+
 class Tag(Base):
     """Sharded by text."""
     __tablename__ = "gk_tags"
@@ -78,6 +94,7 @@ class Tag(Base):
 CONFIG = {"groups": {
     "wallets": {"tables": {"gk_wallets": "id", "gk_coins": "wallet_id"}},
     "pets": {"tables": {"gk_pets": "id"}},
+    "vehicles": {"tables": {"gk_vehicles": "id", "gk_trucks": "id"}},
     "tags": {"tables": {"gk_tags": "name"}},
 }}
 TABLES = [t.name for t in reversed(Base.metadata.sorted_tables)]
@@ -106,6 +123,7 @@ def rows(env):
         s.add_all([Wallet(id=i, owner=f"w{i}", coins=[Coin(id=1), Coin(id=2)]) for i in range(1, 9)])
         s.add(Wallet(id=9, owner="w9"))
         s.add_all([Cat(id=1), Dog(id=2)])
+        s.add_all([Vehicle(id=1, kind="vehicle"), Truck(id=2, load=7)])
         s.add_all([Tag(name=n, n=i) for i, n in enumerate(["a", "b", "ü", ""])])
         s.commit()
     wait_for(lambda: all(_replayed(env, shard) for shard in env.shard_names), 30, "the replicas to replay the rows")
@@ -132,7 +150,7 @@ def test_the_kept_statement_is_the_one_sqlalchemy_builds(env, rows):
 
     def capture(state):
         seen.append((state.statement, dict(state.execution_options), state.bind_arguments.get("clause")))
-    for entity, key in ((Wallet, 3), (Tag, "b"), (Cat, 1), (Pet, 2)):
+    for entity, key in ((Wallet, 3), (Tag, "b"), (Cat, 1), (Pet, 2), (Truck, 2), (Vehicle, 1)):
         seen.clear()
         plain = Session(env.primary(env.shard_for(entity, key)))
         event.listen(plain, "do_orm_execute", capture)
@@ -169,6 +187,8 @@ GETS = {
     "text key": lambda s: [s.get(Tag, "ü"), s.get(Tag, ""), s.get(Tag, "zz")],
     "subclass": lambda s: [s.get(Cat, 1), s.get(Dog, 1), s.get(Pet, 2), s.get(Cat, 2)],
     "subclass held": lambda s: [s.get(Pet, 1), s.get(Dog, 1), s.get(Cat, 1)],
+    "joined": lambda s: [s.get(Truck, 2), s.get(Truck, 1), s.get(Vehicle, 2), s.get(Vehicle, 1)],
+    "listener criteria": lambda s: _with_criteria(s),
     "expired": lambda s: (lambda w: (s.expire(w), s.get(Wallet, 3))[1])(s.get(Wallet, 3)),
     "deleted": lambda s: (lambda w: (s.delete(w), s.flush(), s.get(Wallet, 9))[2])(s.get(Wallet, 9)),
     "pending": lambda s: (s.add(Wallet(id=50)), s.get(Wallet, 50))[1],
@@ -195,6 +215,15 @@ def _legacy_get(query, key):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sa_exc.LegacyAPIWarning)
         return query.get(key)
+
+
+def _with_criteria(s):
+    # The multi-tenant recipe: a do_orm_execute listener adds criteria to every SELECT.
+    @event.listens_for(s, "do_orm_execute")
+    def only_odd(state):
+        if state.is_select:
+            state.statement = state.statement.options(with_loader_criteria(Wallet, Wallet.id % 2 == 1))
+    return [s.get(Wallet, 1), s.get(Wallet, 2), s.get(Wallet, 3).coins]
 
 
 def _in_scope(s):
