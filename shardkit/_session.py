@@ -75,7 +75,7 @@ from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
-from ._cluster import Cluster
+from ._cluster import _LIVE, Cluster
 from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
@@ -493,8 +493,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 mapper = insp.mapper
                 problem = router.entity_problem(insp)
                 scalar = _scalar_key_plan(router, mapper) if problem is None else None
+                # (No kept load for an aliased class, with_polymorphic(): SQLAlchemy's get()
+                # refuses those.)
                 plan = (mapper, problem, mapper._with_polymorphic_mappers, scalar,
-                        _get_load(mapper, scalar))
+                        _get_load(mapper, scalar) if insp.is_mapper else None)
                 if insp.is_mapper:
                     router.get_plans[entity] = plan
             mapper, problem, _, scalar, load = plan
@@ -517,8 +519,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     if instance is not None:
                         return instance if isinstance(instance, mapper.class_) else None
                     eo = _GET_LOAD_OPTIONS.get(identity_token) or _get_load_options(identity_token)
-                    return self.execute(load[1], {load[2]: primary_key_identity},
-                                        execution_options=eo).unique().scalars().one_or_none()
+                    return self.execute(load[1], params={load[2]: primary_key_identity},
+                                        execution_options=eo,
+                                        bind_arguments=None).unique().scalars().one_or_none()
             else:
                 identity_token = self._shard_from_identity(mapper, primary_key_identity)
             if identity_token is None:
@@ -5280,6 +5283,16 @@ def _connections_for_states(base_mapper: Any, uowtransaction: Any, states: Any) 
 if _sa_connections_for_states is not None:
     persistence._connections_for_states = _connections_for_states
 
+
+def _forget_get_plans(class_: Any) -> None:
+    """A class no longer mapped (registry.dispose(), clear_mappers()): get()'s plans, kept
+    by class, hold its old mapper and that mapper's load statement (see _get_impl), which
+    no change of the polymorphic mappers they check would show; the class mapped again
+    (a test suite's mapping per test) has a new mapper, and no mapper until then."""
+    for cluster in list(_LIVE):
+        cluster.router.get_plans.clear()
+
+
 # Listening on the class (not on each instance, as horizontal_shard does) keeps
 # session construction as cheap as a plain Session's.  Statements are routed in
 # execute() rather than in a do_orm_execute hook: a hook makes the ORM prepare
@@ -5299,6 +5312,8 @@ event.listen(Mapper, "before_update", _refuse_key_change_in_flush)
 event.listen(Mapper, "after_insert", _copy_new_reference_row)
 event.listen(Mapper, "after_insert", _refuse_key_changed_after_routing)
 event.listen(Mapper, "after_update", _refuse_key_changed_after_routing)
+# On every class SQLAlchemy stops instrumenting (public InstrumentationEvents; rare).
+event.listen(object, "class_uninstrument", _forget_get_plans, propagate=True)
 
 
 def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
