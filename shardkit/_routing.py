@@ -37,7 +37,7 @@ from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
-from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement, _anonymous_label
 
 from ._config import PRIMARY, ClusterConfig, GroupConfig
 from ._hashing import _murmur3_32, _pack_int64
@@ -211,8 +211,9 @@ class Router:
         self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any, Any]] = {}
         # The same entries for select(Model).where(Model.key == value), by (id of the
         # column, id of the entity's table) of the statement -> (that column, that table,
-        # the entry): found from the statement alone (see route()).
-        self._entity_entries: dict[tuple[int, int], tuple[Any, Any, tuple[Any, ...]]] = {}
+        # the entry, [the form's cache key: _cache_key_form()]): found from the statement
+        # alone (see route()).
+        self._entity_entries: dict[tuple[int, int], tuple[Any, Any, tuple[Any, ...], list[Any]]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
         self._coercers: dict[str, tuple[Any, ...]] = {} if like is None else like._coercers
@@ -419,7 +420,7 @@ class Router:
     # -- statements ------------------------------------------------------------
 
     def _known_key_route(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any],
-                         raw: Any) -> Route | None:
+                         raw: Any, statement: Any) -> Route | None:
         """The route of a SELECT of ``shape`` (what :func:`_column_equals_value` made of
         it) from the entry its column has, or None.  ``raw``: its selected columns."""
         entry = self._key_columns.get(shape[4])
@@ -432,18 +433,18 @@ class Router:
             # entity's anew once the mappers are configured, which the first query does,
             # after a statement built before it was routed).  The next statements built
             # from them find the entry by them.
-            self._remember_entity(shape, raw, entry)
+            self._remember_entity(shape, raw, entry, statement)
         return known
 
     def _remember_entity(self, shape: tuple[Any, BindParameter[Any], Any, Any, Any], raw: Any,
-                         entry: tuple[Any, ...]) -> None:
+                         entry: tuple[Any, ...], statement: Any) -> None:
         """Keep ``entry`` by the column and entity objects of a SELECT of one entity (its
         ``shape`` and selected columns ``raw``), which the mapper gives every such statement."""
         if shape[2] is not None and len(raw) == 1:
             entities = self._entity_entries
             if len(entities) >= _KEY_COLUMNS_MAX:
                 entities.clear()
-            entities[(id(shape[0]), id(raw[0]))] = (shape[0], raw[0], entry)
+            entities[(id(shape[0]), id(raw[0]))] = (shape[0], raw[0], entry, [_cache_key_form(statement)])
 
     def _entry_route(self, entry: tuple[Any, ...], v: Any) -> Route | None:
         """The route of key value ``v`` by a _key_columns ``entry``, or None when the value
@@ -503,10 +504,17 @@ class Router:
                 if hit is not None and hit[0] is col and hit[1] is raw[0]:
                     known = self._entry_route(hit[2], b.value)
                     if known is not None:
+                        form = hit[3]
+                        if form[0] is not None:
+                            _give_cache_key(statement, form[0], b)
+                        else:
+                            # (The first statement of the form, which SQLAlchemy compiled,
+                            # is no longer of it: see _cache_key_form.)
+                            form[0] = _cache_key_form(statement)
                         return known
                 shape = _column_equals_value(criterion)
                 if shape is not None:
-                    known = self._known_key_route(shape, raw)
+                    known = self._known_key_route(shape, raw, statement)
                     if known is not None:
                         return known
         if getattr(statement, "_params", None):
@@ -541,7 +549,7 @@ class Router:
                 single[0], single[2], plan.routes, weakref.ref(shape[3]), strategy,
                 (strategy.bucket_map, strategy.bucket_count)
                 if type(strategy) is HashStrategy and single[2] in (None, _to_int) else None)
-            self._remember_entity(shape, statement._raw_columns, entry)
+            self._remember_entity(shape, statement._raw_columns, entry, statement)
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
             b = binds[bi]
@@ -1780,6 +1788,58 @@ def _key_criterion(statement: selectable.Select[Any]) -> tuple[Any, BindParamete
     if not raw:
         return None  # select().where(...): SQLAlchemy's ORM refuses a SELECT of no columns
     return c.left, b, raw
+
+
+_KEYED_SELECT = frozenset({"_propagate_attrs", "_raw_columns", "_label_style", "_where_criteria"})
+_MEMO = frozenset({"_generate_cache_key"})
+# What routing the first statement of a form may have left in it (SQLAlchemy's memo of its
+# cache key; its dialect options, made empty when read).
+_FORM_EXTRAS = frozenset({"_generate_cache_key", "_memoized_keys", "dialect_options"})
+_new_tuple = tuple.__new__
+
+
+def _cache_key_form(statement: Any) -> tuple[Any, ...] | None:
+    """For a SELECT of one entity by its key column (``select(Model).where(Model.key ==
+    value)``, nothing else): what every statement of that form shares, its SQLAlchemy
+    cache key included (see :func:`_give_cache_key`); None for anything else, or when
+    SQLAlchemy does not keep a statement's cache key as this expects.  (Not a statement
+    SQLAlchemy's ORM has compiled: compiling the first of a form changes its compile
+    options, after its cache key was worked out, which the statement then holds.)"""
+    d = statement.__dict__
+    if d.keys() - _FORM_EXTRAS != _KEYED_SELECT or d.get("dialect_options"):
+        return None
+    c = d["_where_criteria"][0]
+    b = c.right
+    if (c.modifiers or type(b.key) is not _anonymous_label or b.literal_execute
+            or b.callable is not None or b.expanding):
+        return None
+    ck = statement._generate_cache_key()
+    if (ck is None or list(ck.bindparams) != [b] or ck.bindparams[0] is not b
+            or d.get("_generate_cache_key") is None or statement._memoized_keys != _MEMO
+            or any(x is not None for x in ck[2:])):
+        return None
+    return (ck.key, d["_label_style"], d["_propagate_attrs"], c.negate, c.type, b.type, type(ck),
+            tuple(ck[2:]))
+
+
+def _give_cache_key(statement: Any, form: tuple[Any, ...], b: BindParameter[Any]) -> None:
+    """Give ``statement``, a SELECT that route() found by its entity and key column (bind
+    ``b``: see _key_criterion), the SQLAlchemy cache key of the first statement of its
+    form (:func:`_cache_key_form`) with its own bind parameter, as SQLAlchemy keeps one
+    when it works it out: executing the statement then does not traverse it again.
+    Only for a statement of exactly that form: what _key_criterion and the entry's look-up
+    left open (the label style, the ORM plugin's attributes, the comparison's and the
+    parameter's types, an anonymous parameter (its key's name is not in the cache key) not
+    rendered literally) checked here."""
+    d = statement.__dict__
+    if (len(d) == 4 and b.type is form[5] and type(b.key) is _anonymous_label and not b.literal_execute
+            and d.get("_label_style") is form[1]):
+        c = d["_where_criteria"][0]
+        pa = d.get("_propagate_attrs")
+        if c.negate is form[3] and c.type is form[4] and not c.modifiers and (pa is form[2] or pa == form[2]):
+            ck = _new_tuple(form[6], (form[0], [b], *form[7]))
+            d["_generate_cache_key"] = lambda: ck
+            statement._memoized_keys = _MEMO
 
 
 def _column_equals_value(criterion: tuple[Any, BindParameter[Any], Any]) -> tuple[Any, BindParameter[Any], Any, Any, Any] | None:

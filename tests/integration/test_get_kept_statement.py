@@ -309,3 +309,34 @@ def test_threads_share_the_kept_statement(env, rows):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+# -- a keyed select given its form's cache key (shardkit._routing._give_cache_key) ----------
+
+
+@pytest.mark.parametrize("consistency", ["strong", "eventual"])
+def test_keyed_selects_given_a_cache_key_read_their_own_rows(env, rows, consistency):
+    Maker = sessionmaker(class_=shardkit.ShardedSession, cluster=env, consistency=consistency)
+    given = 0
+    for rnd in range(3):
+        for k in list(range(1, 10)) + [99]:
+            stmt = select(Wallet).where(Wallet.id == k)
+            with Maker() as s:
+                got = s.execute(stmt).scalars().all()
+                given += _given_by_router(stmt)
+                assert [(w.id, w.owner) for w in got] == ([(k, f"w{k}")] if k < 10 else [])
+                # The same statement again, and one derived from it, in the same session.
+                assert s.execute(stmt).scalars().all() == got
+                assert s.execute(stmt.where(Wallet.owner == "nope")).scalars().all() == []
+            tag = ["a", "b", "ü", "", "zz"][k % 5]
+            with Maker() as s:
+                assert [t.name for t in s.execute(select(Tag).where(Tag.name == tag)).scalars()] == \
+                    ([tag] if tag != "zz" else [])
+    assert given >= 20, "the keyed selects were not given their form's cache key"
+
+
+def _given_by_router(statement):
+    """Whether the router gave ``statement`` its cache key (SQLAlchemy's own memo of one is
+    not the router's function)."""
+    memo = statement.__dict__.get("_generate_cache_key")
+    return memo is not None and memo.__qualname__.startswith("_give_cache_key.")

@@ -259,6 +259,12 @@ def test_a_statement_with_parameters_of_its_own_is_not_found_by_its_objects():
     with no_shape_analysis():
         assert c.router.route(select(User).where(User.id == 5)).shards == (c.shard_for(User, 5),)
     stmt = select(User).where(User.id == 5).params(id_1=6)
+    if "_params" not in stmt.__dict__:
+        # (SQLAlchemy 2.0 matches .params() names with its parameters' keys, which for an
+        # anonymous one is not its compiled name: the copy holds 5 and runs with it.)
+        assert stmt.compile().construct_params() == {"id_1": 5}
+        assert c.router.route(stmt).shards == (c.shard_for(User, 5),)
+        return
     # (SQLAlchemy 2.1 runs it with id = 6, the compiled name's value: refused by both
     # paths, not routed by the 5 it was built with.)
     for router in (c.router, make_cluster().router):
