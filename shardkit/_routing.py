@@ -37,7 +37,7 @@ from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
-from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement, _anonymous_label
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import PRIMARY, ClusterConfig, GroupConfig
 from ._hashing import _murmur3_32, _pack_int64
@@ -1796,6 +1796,11 @@ _MEMO = frozenset({"_generate_cache_key"})
 # cache key; its dialect options, made empty when read).
 _FORM_EXTRAS = frozenset({"_generate_cache_key", "_memoized_keys", "dialect_options"})
 _new_tuple = tuple.__new__
+# The attribute by which SQLAlchemy's cache key tells an anonymous parameter, whose name it
+# leaves out (2.1: the key's anon-map key, else None; 2.0: a flag).  Not the type of the
+# key: bindparam(another_parameter.key) has an anonymous label's text for a name, which
+# is in its cache key.
+_BIND_ANON = "_anon_map_key" if hasattr(BindParameter, "_anon_map_key") else "_key_is_anon"
 
 
 def _cache_key_form(statement: Any) -> tuple[Any, ...] | None:
@@ -1810,7 +1815,7 @@ def _cache_key_form(statement: Any) -> tuple[Any, ...] | None:
         return None
     c = d["_where_criteria"][0]
     b = c.right
-    if (c.modifiers or type(b.key) is not _anonymous_label or b.literal_execute
+    if (c.modifiers or not getattr(b, _BIND_ANON) or b.literal_execute
             or b.callable is not None or b.expanding):
         return None
     ck = statement._generate_cache_key()
@@ -1832,14 +1837,16 @@ def _give_cache_key(statement: Any, form: tuple[Any, ...], b: BindParameter[Any]
     parameter's types, an anonymous parameter (its key's name is not in the cache key) not
     rendered literally) checked here."""
     d = statement.__dict__
-    if (len(d) == 4 and b.type is form[5] and type(b.key) is _anonymous_label and not b.literal_execute
+    if (len(d) == 4 and b.type is form[5] and getattr(b, _BIND_ANON) and not b.literal_execute
             and d.get("_label_style") is form[1]):
         c = d["_where_criteria"][0]
         pa = d.get("_propagate_attrs")
         if c.negate is form[3] and c.type is form[4] and not c.modifiers and (pa is form[2] or pa == form[2]):
             ck = _new_tuple(form[6], (form[0], [b], *form[7]))
-            d["_generate_cache_key"] = lambda: ck
+            # (Named memoized first: a statement another thread derives from this one in
+            # between then leaves the memo out, rather than run this one's SQL.)
             statement._memoized_keys = _MEMO
+            d["_generate_cache_key"] = lambda: ck
 
 
 def _column_equals_value(criterion: tuple[Any, BindParameter[Any], Any]) -> tuple[Any, BindParameter[Any], Any, Any, Any] | None:
