@@ -227,12 +227,21 @@ def hash_key(value: ShardKey) -> int:
 def bucket_for(value: ShardKey, bucket_count: int) -> int:
     """Return the bucket of the shard key *value*: ``hash_key(value) % bucket_count``.
 
-    *bucket_count* must be a positive integer; it is the cluster's configured
-    bucket count, validated once with the configuration, so it is not checked
-    again here.  The result is in ``range(bucket_count)``.
+    *bucket_count* is a positive integer (a cluster's ``bucket_count``).  The result
+    is in ``range(bucket_count)``.
 
     :raises ShardKeyError: as :func:`canonical_bytes`.
+    :raises ValueError: *bucket_count* is not a positive integer.
     """
+    if type(bucket_count) is not int or bucket_count < 1:
+        raise ValueError(f"bucket_count must be a positive int (a cluster's bucket_count, such as "
+                         f"1024), not {bucket_count!r}")
+    return _bucket_for(value, bucket_count)
+
+
+def _bucket_for(value: ShardKey, bucket_count: int) -> int:
+    """:func:`bucket_for` with *bucket_count* known good: the hash strategy's, whose
+    bucket count the configuration checked once."""
     # Every routed statement comes through here, and most shard keys are
     # plain ints or strings: handle those without the general dispatch.
     # ``type() is`` also keeps bool (an int subclass) off the int path.  On

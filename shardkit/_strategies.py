@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from ._hashing import bucket_for
+from ._hashing import _bucket_for as bucket_for
 from .errors import NoShardForKey, RoutingError, ShardKeyError
 
 __all__ = [

@@ -9,6 +9,7 @@ the fix is to revert it, never to update the vector.
 from __future__ import annotations
 
 import array
+import re
 import enum
 import struct
 import uuid
@@ -294,3 +295,14 @@ def test_lone_surrogate_is_rejected():
 def test_shard_key_error_is_a_routing_error():
     with pytest.raises(RoutingError):
         hash_key(None)
+
+
+@pytest.mark.parametrize("count", [0, -4, 1024.0, True, "1024", None])
+def test_bucket_for_refuses_a_bucket_count_that_is_not_a_positive_int(count):
+    # 0 divided by zero, a negative count gave buckets <= 0, a float a float bucket.
+    with pytest.raises(ValueError, match=r"bucket_count must be a positive int .*not " + re.escape(repr(count))):
+        bucket_for(42, count)
+
+
+def test_bucket_for_of_one_bucket_is_zero():
+    assert bucket_for(42, 1) == bucket_for("x", 1) == 0
