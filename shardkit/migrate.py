@@ -752,7 +752,9 @@ def run_command(
                    else _error_line(out) or f"alembic exited {proc.returncode}")
         said = _recorded_warnings(receipt, shard)
         with lock:  # (a shard's lines together, not mixed with another's finishing meanwhile)
-            say(f"{shard}: {'ok' if ok else 'FAILED'} in {dt:.1f} s" + (f": {err}" if err else ""))
+            # (Without Alembic's own "FAILED: " before its error: the line says it already.)
+            say(f"{shard}: {'ok' if ok else 'FAILED'} in {dt:.1f} s"
+                + (f": {err.removeprefix('FAILED: ')}" if err else ""))
             for warning in said:
                 say(f"{shard}: warning: {warning}")
         return ShardResult(shard, ok, dt, before.get(shard), None, err, out, said)

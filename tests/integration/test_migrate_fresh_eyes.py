@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import pty
 import struct
 import subprocess
@@ -82,6 +83,11 @@ def test_a_failed_shard_is_reported_with_alembics_error_not_a_warning(world):
     assert len(error) == 1, r.stderr
     for shard in ("s0", "s1"):
         assert f"{shard}: FAILED: Can't locate revision identified by 'nosuchrev'" in error[0], error
+        # The progress line says FAILED once (not again with Alembic's "FAILED: ").
+        progress = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith(f"{shard}: FAILED in ")]
+        assert len(progress) == 1, r.stdout + r.stderr
+        assert re.match(rf"{shard}: FAILED in [0-9.]+ s: Can't locate revision identified by 'nosuchrev'$",
+                        progress[0]), progress
     assert "no bucket map yet" not in error[0]
 
 
