@@ -27,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 from ._cluster import Cluster
 from ._config import counted
 from ._scope import scope
-from ._session import ShardedSession
+from ._session import OWN_QUERY, ShardedSession
 from .devcluster import _DEMO_FILES, STATE_FILE, DevCluster
 from .errors import DevClusterError, RebalanceError, ShardkitError
 
@@ -316,8 +316,10 @@ def _tour_on(cluster: Cluster, rebalance_ok: bool) -> None:
         _Base.metadata.create_all(eng)
         nodes = [eng] + [cluster.engine(name, "replica", i) for i in range(cluster.replica_count(name))]
         for e in nodes:
+            # (Not shardkit's own questions to a shard, asked once: the application's statements.)
             event.listen(e, "before_cursor_execute",
-                         lambda *a, node=e.info["node"], **k: hits.__setitem__(node, hits[node] + 1))
+                         lambda conn, cursor, sql, *a, node=e.info["node"], **k:
+                         sql.startswith(OWN_QUERY) or hits.__setitem__(node, hits[node] + 1))
     cluster.start_monitor()
     try:
         _tour_steps(cluster, Session, hits, rebalance_ok)

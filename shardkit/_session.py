@@ -3151,7 +3151,7 @@ def _learn_names(cluster: Cluster, shard: str, known: dict[str, bool], names: It
     if not unknown:
         return True
     found = _ask_any_node(cluster, shard, sa_text(
-        f"SELECT n, {answer_sql} FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown}, held)
+        f"{OWN_QUERY}SELECT n, {answer_sql} FROM unnest(CAST(:names AS text[])) AS n"), {"names": unknown}, held)
     if found is None:
         return False
     known.update(dict(found))
@@ -3176,6 +3176,12 @@ def _refuse_unknown_aggregates(cluster: Cluster, statement: Any, shard: str, hel
                 f"{n}() is an aggregate shardkit does not know how to merge from per-shard "
                 "partials; add the shard key, or compute it from the rows",
                 construct=f"{n}()", statement=statement)
+
+
+# What the questions shardkit asks a shard's database while it serves a statement (its
+# collation, what a function name is) start with, so that a listener counting an
+# application's statements (the demo's) can tell them apart.
+OWN_QUERY = "/* shardkit */ "
 
 
 def _ask_any_node(cluster: Cluster, shard: str, query: Any, params: Any = None,
@@ -3215,7 +3221,7 @@ def _text_collation(cluster: Cluster, shard: str, held: Any = None) -> str | Non
     if collation is None:
         # The locale's name: datlocale (PostgreSQL 17), daticulocale (15, 16), datcollate.
         found = _ask_any_node(cluster, shard, sa_text(
-            "SELECT 'a' < 'B', coalesce(j->>'datlocale', j->>'daticulocale', j->>'datcollate') "
+            f"{OWN_QUERY}SELECT 'a' < 'B', coalesce(j->>'datlocale', j->>'daticulocale', j->>'datcollate') "
             "FROM (SELECT to_jsonb(d) AS j FROM pg_database d WHERE datname = current_database()) AS x"),
             held=held)
         if found is None:

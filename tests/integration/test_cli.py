@@ -99,6 +99,13 @@ def test_demo_runs_and_cleans_up():
     assert "has no bucket map yet" not in r.stderr   # the demo runs `rebalance init` itself
     assert "shardkit verify: clean" in r.stdout and "s1 owns 0 buckets" in r.stdout
     assert "invoices 7500 and up: 2500 on s0, 0 left on s1" in r.stdout
+    # The statements counted per node are the tour's, not shardkit's own questions to a
+    # shard (its collation, an aggregate's name: asked of a primary, once): reads are on
+    # replicas, the one read on a primary is inside the transaction that wrote.
+    counted = [ln for ln in r.stdout.splitlines() if "statements per node:" in ln]
+    assert len(counted) == 8, r.stdout
+    assert [ln for ln in counted if "/primary" in ln] == [
+        "  after writing customer 7: statements per node: {'s0/primary': 1}"], counted
 
 
 def test_demo_exits_1_when_a_check_fails(monkeypatch, capsys):
