@@ -2264,7 +2264,7 @@ def _refuse_moved_load(session: ShardedSession, shard: str, statement: Any, exec
         owner = _owner_since_map_changed(session, state, shard, lo._refresh_state is state)
     if owner is not None and owner != shard:
         raise _moved_object_error(state.mapper, state.key[1], shard, owner, session.cluster,
-                                  "this session's copy of it is out of date")
+                                  "this session's copy of it is out of date", key)
 
 
 def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, refresh: bool) -> str | None:
@@ -2781,13 +2781,20 @@ def _placements(session: ShardedSession) -> list[tuple[Any, Any, str, Any]]:
 
 
 def _moved_object_error(mapper: Any, ident: Any, loaded_from: str, owner: str, cluster: Cluster,
-                        what: str) -> NotOwned:
+                        what: str, key: Any = None) -> NotOwned:
+    """``key``: the object's shard key, when known (its bucket or slice is then the error's)."""
+    unit = None
+    if key is not None:
+        try:
+            unit = cluster.router.table_route(mapper).strategy.unit_for_key(key)
+        except (ShardkitError, AttributeError):
+            pass
     return NotOwned(
         f"{mapper.class_.__name__} {ident} was loaded from shard {loaded_from}, which no longer "
         f"owns it (it lives on {owner} now, map version {cluster.map_version}); {what}: retry "
         "the transaction with freshly loaded objects (shardkit.run_transaction does), or "
         "expunge the object and load it again",
-        shard=loaded_from, table=mapper.local_table.name)
+        shard=loaded_from, table=mapper.local_table.name, bucket=unit)
 
 
 def _refuse_misplaced(session: ShardedSession, placements: list[tuple[Any, Any, str, Any]],
@@ -2811,7 +2818,7 @@ def _refuse_misplaced(session: ShardedSession, placements: list[tuple[Any, Any, 
         owner = _current_owner(session, mapper, ident, key)
         if owner is None or owner == loaded_from:
             continue
-        err = _moved_object_error(mapper, ident, loaded_from, owner, cluster, "nothing was written")
+        err = _moved_object_error(mapper, ident, loaded_from, owner, cluster, "nothing was written", key)
         if cause is not None:
             raise err from cause
         raise err
@@ -5142,7 +5149,8 @@ def _refuse_stale_token(session: ShardedSession, state: Any, *, loading: bool = 
         if cluster.catalog is not None and not _owned_namesake(session, state, tr, token):
             if loading:
                 raise _moved_object_error(mapper, state.key[1], token, shard, cluster,
-                                          "merge() would compare it with that shard's copy")
+                                          "merge() would compare it with that shard's copy",
+                                          values[0] if len(values) == 1 else tuple(values))
             return
         raise RoutingError(
             f"{mapper.class_.__name__} {state.key[1]} is keyed to shard {token} (its identity "

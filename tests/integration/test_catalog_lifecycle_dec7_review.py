@@ -178,8 +178,10 @@ def test_detached_object_after_its_bucket_moved(world, moved, way, collides):
             with pytest.raises(shardkit.RoutingError, match="another row, which s0 owns.*loaded before its bucket moved"):
                 MOVED_WAYS[way](s, n)
         else:
-            with pytest.raises(shardkit.NotOwned, match="no longer owns it|disagrees"):
+            with pytest.raises(shardkit.NotOwned, match="no longer owns it|disagrees") as ei:
                 MOVED_WAYS[way](s, n)
+            # The bucket it is about: the object's (known from its loaded shard key).
+            assert ei.value.bucket == w.cluster.bucket_for(Note, m.tenant), ei.value
         s.rollback()
     assert _rows(w, i) == before
 
