@@ -4,10 +4,10 @@ tests/integration/test_get_kept_statement.py does): objects, errors, SQL, nodes.
 
 from __future__ import annotations
 
-import re
 
 import pytest
-from own_tables import cluster_with_tables, nodes_used, truncate_everywhere
+from get_paths import with_and_without_kept
+from own_tables import cluster_with_tables, truncate_everywhere
 from sqlalchemy import BigInteger, Column, String, Table, inspect
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -19,7 +19,6 @@ from sqlalchemy.orm import (
 )
 
 import shardkit
-import shardkit._session as sk_session
 
 pytestmark = pytest.mark.integration
 
@@ -79,44 +78,10 @@ def _seed(env):
     # (the replicas' lag does not matter: every session here reads with consistency="strong")
 
 
-def _shown(o):
-    if isinstance(o, (list, tuple)):
-        return [_shown(x) for x in o]
-    if o is None or isinstance(o, (str, int)):
-        return o
-    return (type(o).__name__, {k: v for k, v in o.__dict__.items() if not k.startswith("_")},
-            o._sa_instance_state.key)
-
-
-def _run(cluster, fn, **maker):
-    sql = []
-
-    def note(statement):
-        sql.append(statement)
-        return True
-    with nodes_used(cluster, note) as nodes:
-        with sessionmaker(class_=maker.pop("class_", shardkit.ShardedSession), cluster=cluster,
-                          consistency="strong", **maker)() as s:
-            try:
-                got = "ok", _shown(fn(s))
-            except Exception as e:  # noqa: BLE001 - compared
-                got = "error", type(e).__name__, re.sub(r" at 0x[0-9a-f]+", "", str(e))
-            state = set(s._sk_written), dict(s._sk_replica), sorted(map(str, s.identity_map))
-            s.rollback()
-    return got, state, list(nodes), sql
-
-
 def _both(cluster, monkeypatch, fn, **maker):
-    """(with the kept statement, SQLAlchemy's own way)"""
-    cluster.router.get_plans.clear()
-    kept = _run(cluster, fn, **dict(maker))
-    _seed(cluster)  # (the rows as they were)
-    with monkeypatch.context() as m:
-        m.setattr(sk_session, "_get_load", lambda *a: None)
-        cluster.router.get_plans.clear()
-        theirs = _run(cluster, fn, **dict(maker))
-    cluster.router.get_plans.clear()
-    return kept, theirs
+    """(with the kept statement, SQLAlchemy's own way), each read with consistency="strong"."""
+    return with_and_without_kept(cluster, monkeypatch, fn, between=lambda: _seed(cluster),
+                                 consistency="strong", **maker)
 
 
 def test_an_aliased_class_is_refused_as_sqlalchemy_refuses_it(env, rows, monkeypatch):

@@ -6,12 +6,12 @@ SQLAlchemy builds, and every kind of get() must give what it gives without the k
 
 from __future__ import annotations
 
-import re
 import threading
 import warnings
 
 import pytest
-from own_tables import cluster_with_tables, nodes_used, truncate_everywhere
+from get_paths import with_and_without_kept
+from own_tables import cluster_with_tables, truncate_everywhere
 from waiting import wait_for, wait_replicas_usable
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import BigInteger, ForeignKey, String, event, select, text
@@ -231,32 +231,6 @@ def _in_scope(s):
         return s.get(Wallet, 5)
 
 
-def _outcome(cluster, fn, consistency):
-    def shown(o):
-        if isinstance(o, list):
-            return [shown(x) for x in o]
-        if isinstance(o, tuple):
-            return tuple(shown(x) for x in o)
-        if o is None or isinstance(o, str):
-            return o
-        return (type(o).__name__, {k: v for k, v in o.__dict__.items() if not k.startswith("_")
-                                   and not isinstance(v, (list, Base))}, o._sa_instance_state.key)
-    sql = []
-
-    def note(statement):
-        sql.append(statement)
-        return True
-    with nodes_used(cluster, note) as nodes:
-        with sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency=consistency)() as s:
-            try:
-                got = "ok", shown(fn(s))
-            except Exception as e:  # noqa: BLE001 - compared
-                got = "error", type(e).__name__, re.sub(r" at 0x[0-9a-f]+", "", str(e))
-            state = set(s._sk_written), dict(s._sk_replica), sorted(map(str, s.identity_map))
-            s.rollback()
-    return got, state, list(nodes), sql
-
-
 @pytest.mark.parametrize("consistency", ["strong", "read_your_writes", "unreplicated"])
 @pytest.mark.parametrize("name", list(GETS))
 def test_every_get_gives_what_it_gives_without_the_kept_statement(env, unreplicated, rows, monkeypatch,
@@ -273,12 +247,7 @@ def test_every_get_gives_what_it_gives_without_the_kept_statement(env, unreplica
                        for plan in (plans.get(Wallet), plans.get(Wallet.__mapper__)) if plan is not None))
         return real(self, statement, *a, **kw)
     monkeypatch.setattr(sk_session.ShardedSession, "execute", execute)
-    cluster.router.get_plans.clear()
-    kept = _outcome(cluster, fn, consistency)
-    monkeypatch.setattr(sk_session, "_get_load", lambda *a: None)
-    cluster.router.get_plans.clear()
-    theirs = _outcome(cluster, fn, consistency)
-    cluster.router.get_plans.clear()
+    kept, theirs = with_and_without_kept(cluster, monkeypatch, fn, consistency=consistency)
     assert kept[0] == theirs[0]
     assert kept[3] == theirs[3], "not the same SQL"
     if consistency != "read_your_writes":  # (a replica's lag may change between the two runs)
