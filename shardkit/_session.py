@@ -936,13 +936,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     lo = execution_options.get("_sa_orm_load_options")
                     if (lo is not None and (shard := lo._identity_token) is not None
                             and lo._refresh_state is None and lo._lazy_loaded_from is None
-                            and self._short_path_open(statement, params)
-                            and shard in self.cluster.router.unreplicated):  # (a shard, without replicas)
+                            and self._short_path_open(statement, params)):
                         # Load options holding nothing but the shard (get() with no options
                         # of its own): the shard's, made once, with the ORM's autoflush off
                         # (_short_path_open found nothing to flush), as a plain read's.
-                        return self._primary_read(shard, statement, params,
-                                                  execution_options if len(lo.__dict__) > 1 else None)
+                        eo = execution_options if len(lo.__dict__) > 1 else None
+                        router = self.cluster.router
+                        if shard in router.unreplicated:  # (a shard, without replicas)
+                            return self._primary_read(shard, statement, params, eo)
+                        if shard in router.shard_set:
+                            # On a shard with replicas: a plain read's replica, if one serves.
+                            out = self._replica_read(shard, statement, params, eo)
+                            if out is not _GENERAL:
+                                return out
             return self._sk_execute(statement, params, execution_options, bind_arguments, kw, routed)
         except BaseException:
             if fresh and self._transaction is None:
@@ -1052,12 +1058,23 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # (The general path reads its primary without asking the health monitor,
             # which cluster.selector would start.)  Nothing to flush (checked above).
             return self._primary_read(shard, statement, params)
+        out = self._replica_read(shard, statement, params)
+        return route if out is _GENERAL else out
+
+    def _replica_read(self, shard: str, statement: Any, params: Any, execution_options: Any = None) -> Any:
+        """A short path's read (_plain_read, get()'s load in execute()) on ``shard``, a shard
+        with replicas, from the replica the general path would choose when the choice is
+        plain (no write to the shard in this transaction, no bucket moved to it, a usable
+        replica for the session's consistency, the transaction's pin kept); ``_GENERAL``
+        when it is not, for the general path to decide.  ``execution_options``: as for
+        _primary_read."""
+        cluster = self.cluster
         if shard in self._sk_written or cluster.moved_lsn.get(shard):
-            return route
+            return _GENERAL
         settings = cluster.config.replicas
         consistency = self.consistency or settings.consistency
         if consistency == "strong":
-            return route
+            return _GENERAL
         pinned = self._sk_replica.get(shard)
         selector = cluster._selector or cluster.selector
         ok, _ = selector.eligible(
@@ -1065,17 +1082,18 @@ class ShardedSession(horizontal_shard.ShardedSession):
             min_lsn=self._sk_tokens.get(shard) if consistency == "read_your_writes" else None)
         if pinned is None:
             if not ok:
-                return route
+                return _GENERAL
             index = self._sk_replica[shard] = (ok[0] if len(ok) == 1 else selector.pick(shard, ok)).index
         elif any(r.index == pinned for r in ok):
             index = pinned
         else:
-            return route
+            return _GENERAL
         ba = {"shard_id": shard, "shardkit_role": REPLICA, "shardkit_replica": index}
         engine = cluster._engines.get((shard, REPLICA, index))
         try:
             if engine is None or cluster._map_misfit is not None or self.dispatch.do_orm_execute:
-                return Session.execute(self, statement, params, execution_options=_load_options(shard),
+                return Session.execute(self, statement, params,
+                                       execution_options=execution_options or _load_options(shard),
                                        bind_arguments=ba)
             # What Session.execute() and get_bind() would do, one call each the shorter:
             # the node is chosen (its engine made), and no do_orm_execute listener is
@@ -1084,13 +1102,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
             ba["shardkit_engine"] = engine
             return _session_execute_internal(
                 self, statement, params, bind_arguments=ba,
-                execution_options=_PLAIN_LOAD_OPTIONS.get(shard) or _load_options(shard, autoflush=False))
+                execution_options=execution_options or _PLAIN_LOAD_OPTIONS.get(shard)
+                or _load_options(shard, autoflush=False))
         except (ShardUnavailable, sa_exc.DBAPIError) as e:
             if not self._replica_read_failed(shard, index, e):
                 raise
             self._unpin_failed(shard, index, pinned is None)
             log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
-            return self._read_on(shard, statement, params, util.EMPTY_DICT, None, {}, NO_SCOPE, {index})
+            return self._read_on(shard, statement, params, execution_options or util.EMPTY_DICT,
+                                 None, {}, NO_SCOPE, {index})
 
     def _short_path_open(self, statement: Any, params: Any) -> bool:
         """Whether a SELECT may take a short path (_plain_read, get()'s load in execute()): no

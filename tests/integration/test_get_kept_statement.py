@@ -10,7 +10,7 @@ import threading
 import warnings
 
 import pytest
-from get_paths import with_and_without_kept
+from get_paths import outcome, with_and_without_kept
 from own_tables import cluster_with_tables, truncate_everywhere
 from waiting import wait_for, wait_replicas_usable
 from sqlalchemy import exc as sa_exc
@@ -206,6 +206,7 @@ GETS = {
     "scope": lambda s: _in_scope(s),
     "bad type": lambda s: s.get(Wallet, "x"),
     "wrong count": lambda s: s.get(Wallet, (1, 2)),
+    "after a flush": lambda s: (s.add(Wallet(id=60)), s.flush(), [s.get(Wallet, k) for k in range(1, 9)])[2],
     "after select": lambda s: [s.execute(select(Wallet).where(Wallet.id == 2)).scalar_one(),
                                s.get(Wallet, 2)],
 }
@@ -309,3 +310,31 @@ def _given_by_router(statement):
     not the router's function)."""
     memo = statement.__dict__.get("_generate_cache_key")
     return memo is not None and memo.__qualname__.startswith("_give_cache_key.")
+
+
+# -- get()'s load on a shard with replicas takes a plain read's way to its replica --------
+
+
+@pytest.mark.parametrize("consistency", ["eventual", "read_your_writes"])
+@pytest.mark.parametrize("name", list(GETS))
+def test_a_get_on_a_replica_gives_what_the_general_path_gives(env, rows, monkeypatch, name, consistency):
+    fn = GETS[name]
+    served = []
+    real = sk_session.ShardedSession._replica_read
+
+    def replica_read(self, *a):
+        out = real(self, *a)
+        served.append(out is not sk_session._GENERAL)
+        return out
+    monkeypatch.setattr(sk_session.ShardedSession, "_replica_read", replica_read)
+    wait_replicas_usable(env, every=True)
+    short = outcome(env, fn, consistency=consistency)
+    with monkeypatch.context() as m:
+        m.setattr(sk_session.ShardedSession, "_short_path_open", lambda self, *a: False)
+        general = outcome(env, fn, consistency=consistency)
+    assert short[0] == general[0]
+    assert short[3] == general[3], "not the same SQL"
+    if consistency == "eventual":  # (a replica's lag may change a read-your-writes choice)
+        assert short[1:3] == general[1:3], "not the same nodes"
+    if name in ("plain", "twice", "get_one", "missing", "query get", "text key"):
+        assert any(served), "the short path was not taken"
