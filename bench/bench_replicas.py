@@ -78,6 +78,13 @@ def bench_throughput(dev: DevCluster, ops: int, rounds: int) -> None:
                 s.execute(select(Item).where(Item.id == k)).scalar_one()
         return time.perf_counter() - t
 
+    def run_get(maker: Any, chunk: list[int]) -> float:
+        t = time.perf_counter()
+        for k in chunk:
+            with maker() as s:
+                s.get(Item, k)
+        return time.perf_counter() - t
+
     def run_raw(chunk: list[int]) -> float:
         t = time.perf_counter()
         for k in chunk:
@@ -86,7 +93,9 @@ def bench_throughput(dev: DevCluster, ops: int, rounds: int) -> None:
 
     contenders = {"plain (default)": lambda c: run(plain_default, c),
                   "plain (autocommit)": lambda c: run(plain_auto, c),
-                  "shardkit": lambda c: run(SK, c), "psycopg": run_raw}
+                  "shardkit": lambda c: run(SK, c), "psycopg": run_raw,
+                  "plain (autocommit), session.get": lambda c: run_get(plain_auto, c),
+                  "shardkit, session.get": lambda c: run_get(SK, c)}
     for fn in contenders.values():
         fn(keys[:200])
     rates: dict[str, list[float]] = {n: [] for n in contenders}
@@ -122,18 +131,22 @@ def bench_throughput(dev: DevCluster, ops: int, rounds: int) -> None:
     for eng, fn in hooks:
         event.listen(eng, "before_cursor_execute", fn)
     contenders["shardkit"](keys[:200])
+    contenders["shardkit, session.get"](keys[200:400])
     for eng, fn in hooks:
         event.remove(eng, "before_cursor_execute", fn)
-    if served != {"primary": 0, "replica": len(keys[:200])}:
+    if served != {"primary": 0, "replica": len(keys[:400])}:
         raise SystemExit(f"shardkit's reads were not all served by the replica: {served}")
-    print(f"\nshardkit's reads served by the replica (checked): {served['replica']} of {len(keys[:200])}")
-    print("\n### 1. Replica reads, select by key (1 shard, eventual consistency, one replica)\n")
+    print(f"\nshardkit's reads served by the replica (checked): {served['replica']} of {len(keys[:400])}")
+    print("\n### 1. Replica reads by key (1 shard, eventual consistency, one replica): a select, "
+          "and session.get\n")
     print("| contender | reads/s (median) | ratio to plain (default) |")
     print("|---|---:|---:|")
     for n in contenders:
         print(f"| {n} | {statistics.median(rates[n]):,.0f} | {statistics.median(ratios[n]):.3f} |")
     auto = [a / b for a, b in zip(rates["shardkit"], rates["plain (autocommit)"])]
     print(f"\nshardkit / plain (autocommit): {statistics.median(auto):.3f}")
+    gets = [a / b for a, b in zip(rates["shardkit, session.get"], rates["plain (autocommit), session.get"])]
+    print(f"shardkit / plain (autocommit), session.get: {statistics.median(gets):.3f}")
     raw.close()
     cluster.dispose()
 
