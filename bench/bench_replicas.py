@@ -6,7 +6,8 @@
    the replica) vs a plain SQLAlchemy Session bound directly to that replica's engine, interleaved
    rounds (contenders take turns every 50 reads), median ratio.  The plain engine is measured twice: with SQLAlchemy's
    default (BEGIN ... ROLLBACK around each session) and in autocommit, which is
-   how shardkit's replica engines run.
+   how shardkit's replica engines run.  Each reads by select(...).where(id == k), and
+   (shardkit and the autocommit Session) by session.get() too.
 2. Read-your-writes: a session commits a row and immediately reads it back;
    share of those reads a healthy replica served (the rest went to the primary).
    A "pin to the primary for 2 s after a write" rule serves 0% of them from replicas.

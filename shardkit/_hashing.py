@@ -61,6 +61,7 @@ choices:
 from __future__ import annotations
 
 import reprlib
+import operator
 import struct
 import uuid
 from typing import Any, Final, TypeAlias
@@ -233,10 +234,14 @@ def bucket_for(value: ShardKey, bucket_count: int) -> int:
     :raises ShardKeyError: as :func:`canonical_bytes`.
     :raises ValueError: *bucket_count* is not a positive integer.
     """
-    if type(bucket_count) is not int or bucket_count < 1:
+    try:
+        count = operator.index(bucket_count)  # (an int, or what stands for one: numpy's)
+    except TypeError:
+        count = 0
+    if count < 1 or isinstance(bucket_count, bool):
         raise ValueError(f"bucket_count must be a positive int (a cluster's bucket_count, such as "
                          f"1024), not {bucket_count!r}")
-    return _bucket_for(value, bucket_count)
+    return _bucket_for(value, count)
 
 
 def _bucket_for(value: ShardKey, bucket_count: int) -> int:

@@ -211,8 +211,8 @@ class Router:
         self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any, Any]] = {}
         # The same entries for select(Model).where(Model.key == value), by (id of the
         # column, id of the entity's table) of the statement -> (that column, that table,
-        # the entry, [the form's cache key: _cache_key_form()]): found from the statement
-        # alone (see route()).
+        # the entry, [what _cache_key_form() gave, or None until a statement gives it]):
+        # found from the statement alone (see route()).
         self._entity_entries: dict[tuple[int, int], tuple[Any, Any, tuple[Any, ...], list[Any]]] = {}
         # Per key column, a function to its Python type (see _key_coercers), by table
         # name (learnt from MetaData).
@@ -227,8 +227,9 @@ class Router:
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
         # entity given to get() -> (its mapper, its entity_problem, the mapper's polymorphic
-        # mappers then, its scalar key plan, its load's kept statement) (see
-        # ShardedSession._get_impl and _get_load)
+        # mappers then, its scalar key plan, its kept load: (SQLAlchemy's load function,
+        # the statement, its parameter's name) or None) (see ShardedSession._get_impl and
+        # _get_load)
         self.get_plans: dict[Any, tuple[Any, str | None, Any, Any, Any]] = {}
         # relationship (or (parent, related) mappers) -> whether the related rows are on the
         # object's shard (see relationship_colocated and the session's _follows_object)

@@ -930,9 +930,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 elif len(execution_options) == 1:
                     # get()'s load (or get_one()'s, Query.get()'s): the shard is in its load
                     # options, named by the object's identity.
-                    # On a shard without replicas, what the general path does (the shard
-                    # named by the load options, read on its primary), without analysing the
-                    # statement.
+                    # What the general path does (the shard named by the load options, read
+                    # on its primary, or with replicas on a plain read's replica if one
+                    # serves: _replica_read), without analysing the statement.
                     lo = execution_options.get("_sa_orm_load_options")
                     if (lo is not None and (shard := lo._identity_token) is not None
                             and lo._refresh_state is None and lo._lazy_loaded_from is None

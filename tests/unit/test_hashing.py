@@ -306,3 +306,9 @@ def test_bucket_for_refuses_a_bucket_count_that_is_not_a_positive_int(count):
 
 def test_bucket_for_of_one_bucket_is_zero():
     assert bucket_for(42, 1) == bucket_for("x", 1) == 0
+
+
+def test_bucket_for_takes_what_stands_for_an_int():
+    class Count(enum.IntEnum):
+        BUCKETS = 1024
+    assert bucket_for(42, Count.BUCKETS) == bucket_for(42, 1024) == 318
