@@ -56,7 +56,9 @@ def env(sharded_dev):
     config = {"groups": {"events": {"tables": {"fg_events": "id"}},
                          "docs": {"tables": {"fg_docs": "id", "fg_pages": "doc_id", "fg_notes": "doc_id"}}}}
     with cluster_with_tables(sharded_dev, config, Base.metadata) as cluster:
-        yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)
+        # (strong: a test's reads in a new session, after another committed, must see
+        # those writes; a replica a moment behind would not have them yet.)
+        yield cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
 
 
 def _written(cluster, verb="INSERT INTO"):
