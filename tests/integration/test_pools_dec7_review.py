@@ -47,6 +47,27 @@ def _config(dev, named=True, **extra):
     return {**cfg, "groups": {"items": {"tables": {Item.__tablename__: "id"}}}, **extra}
 
 
+def _renewed_while_held(cluster, eng, node, renewed) -> None:
+    """Hold the node's two connections (its cap) while the monitor renews its pool."""
+    # (The connections of a test before, closed, leave pg_stat_activity a moment later.)
+    wait_for(lambda: _backends(node) == 0, 10, "the connections of the test before to close")
+    held = [eng.connect() for _ in range(2)]
+    more = []
+    try:
+        for c in held:
+            c.execute(text("SELECT 1"))
+        cluster.start_monitor()
+        # (Renewed at the second poll, 0.05 s after the first: the bound is for a loaded host.)
+        assert renewed.wait(30), "the monitor did not renew s2/primary's pool"
+        assert cluster.pool_stats()["s2/primary"]["checkedout"] == 2, cluster.pool_stats()["s2/primary"]
+        with pytest.raises(sa_exc.TimeoutError, match="node s2/primary"):
+            more.append(eng.connect())
+        assert _backends(node) <= 2
+    finally:
+        for c in held + more:
+            c.close()
+
+
 def _backends(node) -> int:
     """This module's connections to a dev node (the monitor's are named shardkit-monitor)."""
     with psycopg.connect(node.dsn, autocommit=True) as c:
@@ -100,21 +121,8 @@ def test_a_renewed_pool_keeps_the_node_cap_and_its_count(dev, monkeypatch, how):
     renew_pool = cluster._renew_pool
     monkeypatch.setattr(cluster, "_renew_pool", renew)
     eng = cluster.primary("s2")
-    held = [eng.connect() for _ in range(2)]
-    more = []
     try:
-        for c in held:
-            c.execute(text("SELECT 1"))
-        cluster.start_monitor()
-        assert renewed.wait(5), "the monitor did not renew s2/primary's pool"
-        assert cluster.pool_stats()["s2/primary"]["checkedout"] == 2, cluster.pool_stats()["s2/primary"]
-        with pytest.raises(sa_exc.TimeoutError, match="node s2/primary"):
-            more.append(eng.connect())
-        assert _backends(node) <= 2
-    finally:
-        for c in held + more:
-            c.close()
-    try:
+        _renewed_while_held(cluster, eng, node, renewed)
         # The connections renewed are replaced as they are checked out again.
         with eng.connect() as c:
             assert c.execute(text("SELECT 1")).scalar() == 1
