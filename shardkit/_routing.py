@@ -227,9 +227,8 @@ class Router:
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
         self.pk_plans: dict[Any, Any] = {}
         # entity given to get() -> (its mapper, its entity_problem, the mapper's polymorphic
-        # mappers then, its scalar key plan, its kept load: (SQLAlchemy's load function,
-        # the statement, its parameter's name) or None) (see ShardedSession._get_impl and
-        # _get_load)
+        # mappers then, its scalar key plan, its kept load: (the statement, its parameter's
+        # name) or None) (see ShardedSession._get_impl and _get_load)
         self.get_plans: dict[Any, tuple[Any, str | None, Any, Any, Any]] = {}
         # relationship (or (parent, related) mappers) -> whether the related rows are on the
         # object's shard (see relationship_colocated and the session's _follows_object)
@@ -1762,8 +1761,12 @@ def _check_arity(tr: TableRoute, key: Any) -> None:
 # What a SELECT built as select(Model or columns).where(column == value) holds in
 # its __dict__ (SQLAlchemy's generative methods set attributes there only when the
 # statement uses them; the last three are memoized, the cache key among them).
-_KEY_SELECT_ATTRS = frozenset({"_propagate_attrs", "_raw_columns", "_label_style", "_where_criteria",
-                               "dialect_options", "_generate_cache_key", "_memoized_keys"})
+# A select(...).where(column == value) and nothing else holds these attributes (see
+# _key_criterion), and may hold what routing or SQLAlchemy left in it: the memo of its
+# cache key, its dialect options, made empty when read.
+_KEYED_SELECT = frozenset({"_propagate_attrs", "_raw_columns", "_label_style", "_where_criteria"})
+_FORM_EXTRAS = frozenset({"_generate_cache_key", "_memoized_keys", "dialect_options"})
+_KEY_SELECT_ATTRS = _KEYED_SELECT | _FORM_EXTRAS
 # At most this many entries in Router._key_columns (then they start again, as the plans do).
 _KEY_COLUMNS_MAX = 1000
 
@@ -1791,11 +1794,7 @@ def _key_criterion(statement: selectable.Select[Any]) -> tuple[Any, BindParamete
     return c.left, b, raw
 
 
-_KEYED_SELECT = frozenset({"_propagate_attrs", "_raw_columns", "_label_style", "_where_criteria"})
 _MEMO = frozenset({"_generate_cache_key"})
-# What routing the first statement of a form may have left in it (SQLAlchemy's memo of its
-# cache key; its dialect options, made empty when read).
-_FORM_EXTRAS = frozenset({"_generate_cache_key", "_memoized_keys", "dialect_options"})
 _new_tuple = tuple.__new__
 # The attribute by which SQLAlchemy's cache key tells an anonymous parameter, whose name it
 # leaves out (2.1: the key's anon-map key, else None; 2.0: a flag).  Not the type of the
@@ -1820,7 +1819,7 @@ def _cache_key_form(statement: Any) -> tuple[Any, ...] | None:
             or b.callable is not None or b.expanding):
         return None
     ck = statement._generate_cache_key()
-    if (ck is None or list(ck.bindparams) != [b] or ck.bindparams[0] is not b
+    if (ck is None or len(ck.bindparams) != 1 or ck.bindparams[0] is not b
             or d.get("_generate_cache_key") is None or statement._memoized_keys != _MEMO
             or any(x is not None for x in ck[2:])):
         return None

@@ -508,7 +508,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 # value of its column's Python type (an int for an integer key): what
                 # _shard_from_identity comes to (its coercer gives such a value back).
                 identity_token = scalar[1].shard_for_key(primary_key_identity)
-                if (load is not None and load[0] is db_load_fn and not options and not execution_options
+                if (load is not None and db_load_fn is _LOAD_ON_PK and not options and not execution_options
                         and bind_arguments is None and not populate_existing and with_for_update is None
                         and not self.execution_options):
                     # A get() with nothing but the key (and the primary key that one column):
@@ -518,8 +518,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                                                      identity_token=identity_token)
                     if instance is not None:
                         return instance if isinstance(instance, mapper.class_) else None
-                    eo = _GET_LOAD_OPTIONS.get(identity_token) or _get_load_options(identity_token)
-                    return self.execute(load[1], params={load[2]: primary_key_identity},
+                    eo = _LOAD_OPTIONS.get(identity_token) or _load_options(identity_token)
+                    return self.execute(load[0], params={load[1]: primary_key_identity},
                                         execution_options=eo,
                                         bind_arguments=None).unique().scalars().one_or_none()
             else:
@@ -1519,11 +1519,12 @@ class _StatementOnly(Session):
         raise _Built(statement, params, execution_options, bind_arguments)
 
 
-def _get_load(mapper: Any, scalar: Any) -> tuple[Any, Any, str] | None:
-    """For get() of a one-column primary key that is the shard key (``scalar``): SQLAlchemy's
-    load by primary key, the statement it runs for a get() with no options, as SQLAlchemy
-    builds it (a session that keeps what it is asked to run is asked for a get()), and the
-    name of its parameter; None if that load is not the simple one expected.
+def _get_load(mapper: Any, scalar: Any) -> tuple[Any, str] | None:
+    """For get() of a one-column primary key that is the shard key (``scalar``): the
+    statement SQLAlchemy's load by primary key (_LOAD_ON_PK) runs for a get() with no
+    options, as SQLAlchemy builds it (a session that keeps what it is asked to run is asked
+    for a get()), and the name of its parameter; None if that load is not the simple one
+    expected.
 
     SQLAlchemy builds that statement anew on every get(), and works out its cache key
     again; one statement, kept, has its cache key worked out once."""
@@ -1542,17 +1543,7 @@ def _get_load(mapper: Any, scalar: Any) -> tuple[Any, Any, str] | None:
             or execution_options["_sa_orm_load_options"] is not QueryContext.default_load_options):
         return None
     (name,) = params
-    return _LOAD_ON_PK, statement, name
-
-
-# shard -> the execution options of get()'s load (as SQLAlchemy's load by primary key
-# makes them: the shard as the identity token).
-_GET_LOAD_OPTIONS: dict[str, Any] = {}
-
-
-def _get_load_options(shard: str) -> Any:
-    return _GET_LOAD_OPTIONS.setdefault(shard, util.immutabledict({
-        "_sa_orm_load_options": QueryContext.default_load_options + {"_identity_token": shard}}))
+    return statement, name
 
 
 @contextlib.contextmanager
@@ -2403,13 +2394,14 @@ def _load_options(shard: str, autoflush: bool = True) -> Any:
     """The execution options of a SELECT on ``shard`` with no options of its own.  The ORM
     turns identity_token into its load options on every execution; a SELECT gets them made
     already (the same options, built once per shard).  ``autoflush=False``: for a session
-    known to have nothing to flush."""
+    known to have nothing to flush.  (With autoflush, the load options SQLAlchemy's load by
+    primary key makes for get(): the shard as the identity token, nothing else.)"""
     cache = _LOAD_OPTIONS if autoflush else _PLAIN_LOAD_OPTIONS
     eo = cache.get(shard)
     if eo is None:
         eo = cache.setdefault(shard, util.immutabledict({
-            "_sa_orm_load_options": QueryContext.default_load_options + {
-                "_identity_token": shard, "_autoflush": autoflush}}))
+            "_sa_orm_load_options": QueryContext.default_load_options + (
+                {"_identity_token": shard} if autoflush else {"_identity_token": shard, "_autoflush": False})}))
     return eo
 
 
