@@ -34,37 +34,56 @@ class ReplicaEnv:
                 c.execute("SELECT txid_current()")
         for shard in shards:
             for r in self.dev.shard(shard).replicas:
-                r.wait_caught_up()
+                if r.is_running():  # (one a test stopped has nothing to catch up)
+                    r.wait_caught_up()
 
     def nodes(self, fn: Any) -> tuple[Any, list[str]]:
         """``fn()``, and the nodes that served its statements on the module's tables."""
         n0 = len(self.served)
         out = fn()
-        return out, [node for node, st in self.served[n0:] if self.prefix in st]
+        return out, self.nodes_since(n0)
+
+    def nodes_since(self, n0: int, served: list[tuple[str, str]] | None = None) -> list[str]:
+        """The nodes that served the statements on the module's tables recorded in
+        ``served`` (default: the module's cluster's, see :func:`record_statements`) from
+        position ``n0`` on."""
+        return [node for node, st in (self.served if served is None else served)[n0:] if self.prefix in st]
 
     def primary_value(self, shard: str, sql: str) -> Any:
         with self.cluster.primary(shard).connect() as c:
             return c.execute(text(sql)).scalar()
 
 
-def replica_env(factory: Any, metadata: Any, config: dict[str, Any], key_table: str, prefix: str,
-                replicas: int = 1, env_class: type[ReplicaEnv] = ReplicaEnv) -> Iterator[ReplicaEnv]:
-    """For a module-scoped fixture (``yield from``): 2 shards with ``replicas`` each, the
-    ``metadata`` tables on every primary, ``config`` (groups, reference tables) over them,
-    the monitor polling every 0.1 s and a lag limit of 300 s (so a delayed replica stays
-    eligible, and a read that should not use it shows stale rows)."""
-    dev = factory(shards=2, replicas=replicas)
+def replica_cluster(dev: Any, config: dict[str, Any], metadata: Any = None,
+                    **replicas: Any) -> shardkit.Cluster:
+    """A cluster of ``dev``'s nodes with ``config`` (groups, reference tables), the monitor
+    polling every 0.1 s, a lag limit of 300 s (so a delayed replica stays eligible, and a
+    read that should not use it shows stale rows) and a ban of 1 s; ``replicas``: other
+    [replicas] settings."""
     cfg = {**dev.config_dict(), **config,
-           "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 1.0}}
-    cluster = shardkit.Cluster.from_config(cfg, metadata=metadata)
-    for s in cluster.shard_names:
-        metadata.create_all(cluster.primary(s))
-    served: list[tuple[str, str]] = []
+           "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 1.0, **replicas}}
+    return shardkit.Cluster.from_config(cfg, metadata=metadata)
+
+
+def record_statements(cluster: shardkit.Cluster, served: list[tuple[str, str]]) -> None:
+    """Append (node, statement) to ``served`` for every statement any node of ``cluster`` runs."""
     for s in cluster.shard_names:
         for i in range(-1, cluster.replica_count(s)):
             eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
             event.listen(eng, "after_cursor_execute",
                          lambda c, cur, st, *a, node=eng.info["node"], **k: served.append((node, st)))
+
+
+def replica_env(factory: Any, metadata: Any, config: dict[str, Any], key_table: str, prefix: str,
+                replicas: int = 1, env_class: type[ReplicaEnv] = ReplicaEnv) -> Iterator[ReplicaEnv]:
+    """For a module-scoped fixture (``yield from``): 2 shards with ``replicas`` each, the
+    ``metadata`` tables on every primary, a :func:`replica_cluster` of ``config`` over them."""
+    dev = factory(shards=2, replicas=replicas)
+    cluster = replica_cluster(dev, config, metadata)
+    for s in cluster.shard_names:
+        metadata.create_all(cluster.primary(s))
+    served: list[tuple[str, str]] = []
+    record_statements(cluster, served)
     cluster.start_monitor()
     by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
     for k in range(1, 20_000):

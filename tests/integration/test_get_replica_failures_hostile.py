@@ -27,7 +27,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -37,6 +37,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 import shardkit
 import shardkit._session as sk_session
+from replica_env import ReplicaEnv, record_statements, replica_cluster, replica_env
 from waiting import health_by_node, resume, server_pids, wait_for, wait_replicas_usable
 
 pytestmark = pytest.mark.integration
@@ -79,71 +80,33 @@ GETS = {
 
 
 @dataclass
-class Env:
-    dev: Any
-    cluster: shardkit.Cluster
-    Session: sessionmaker
-    served: list[tuple[float, str, str]]
-    keys: dict[str, Any]
-    seeded: dict[str, list[int]]
-
-    def key(self, shard: str) -> int:
-        return next(self.keys[shard])
+class Env(ReplicaEnv):
+    # shard -> the keys seeded with one account each (name n{key}, one note b{key})
+    seeded: dict[str, list[int]] = field(default_factory=dict)
 
     def replica(self, shard: str, i: int) -> Any:
         return self.dev.shard(shard).replicas[i]
 
-    def nodes_since(self, n0: int, served: list | None = None) -> list[str]:
-        return [node for _, node, st in (self.served if served is None else served)[n0:] if "grf_" in st]
-
-    def caught_up(self, shards: tuple[str, ...] = ("s0", "s1")) -> None:
-        for s in shards:
-            with self.dev.shard(s).primary.connect() as c:
-                c.execute("SELECT txid_current()")
-        for s in shards:
-            for r in self.dev.shard(s).replicas:
-                if r.is_running():
-                    r.wait_caught_up()
-
-
-def _instrument(cluster: shardkit.Cluster, served: list) -> None:
-    for s in cluster.shard_names:
-        for i in range(-1, cluster.replica_count(s)):
-            eng = cluster.primary(s) if i < 0 else cluster.engine(s, "replica", i)
-            event.listen(eng, "after_cursor_execute",
-                         lambda c, cur, st, *a, node=eng.info["node"], **k:
-                         served.append((time.monotonic(), node, st)))
-
 
 def _make_cluster(dev: Any, **replicas: Any) -> shardkit.Cluster:
-    cfg = {**dev.config_dict(), "groups": GROUPS,
-           "replicas": {"poll_interval": 0.1, "max_lag_seconds": 300.0, "ban_seconds": 1.0, **replicas}}
-    return shardkit.Cluster.from_config(cfg)
+    """Another cluster of the module's nodes, with other [replicas] settings."""
+    return replica_cluster(dev, {"groups": GROUPS}, **replicas)
 
 
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory):
-    dev = shardkit_module_cluster_factory(shards=2, replicas=2)
-    cluster = _make_cluster(dev)
-    for s in cluster.shard_names:
-        Base.metadata.create_all(cluster.primary(s))
-    served: list[tuple[float, str, str]] = []
-    _instrument(cluster, served)
-    cluster.start_monitor()
-    by_shard: dict[str, list[int]] = {s: [] for s in cluster.shard_names}
-    for k in range(1, 20_000):
-        by_shard[cluster.shard_for("grf_accounts", k)].append(k)
-    seeded = {s: v[:40] for s, v in by_shard.items()}
-    e = Env(dev, cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), served,
-            {s: iter(v[40:]) for s, v in by_shard.items()}, seeded)
+    made = replica_env(shardkit_module_cluster_factory, Base.metadata, {"groups": GROUPS},
+                       "grf_accounts", "grf_", replicas=2, env_class=Env)
+    e = next(made)
+    e.seeded = {s: [e.key(s) for _ in range(40)] for s in e.cluster.shard_names}
     with e.Session() as s:
-        for ks in seeded.values():
+        for ks in e.seeded.values():
             s.add_all(Acct(id=k, name=f"n{k}", notes=[Note(id=1, body=f"b{k}")]) for k in ks)
         s.commit()
     e.caught_up()
-    wait_replicas_usable(cluster, every=True)
+    wait_replicas_usable(e.cluster, every=True)
     yield e
-    cluster.dispose()
+    next(made, None)  # (the cluster disposed)
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +152,7 @@ def kill_first_reader(env: Env, shard: str, armed: bool = True,
     midway; ``table``: only a statement on it).  ``box["arm"]()`` arms it later;
     ``box["victim"]``: the node killed."""
     lock = threading.Lock()
-    box: dict[str, Any] = {"armed": armed, "victim": None, "at": None}
+    box: dict[str, Any] = {"armed": armed, "victim": None}
     hooks = []
     for i, node in enumerate(env.dev.shard(shard).replicas):
         eng = env.cluster.engine(shard, "replica", i)
@@ -202,7 +165,6 @@ def kill_first_reader(env: Env, shard: str, armed: bool = True,
                     return
                 box["armed"] = False
                 box["victim"] = node
-                box["at"] = time.monotonic()
                 node.kill()
         event.listen(eng, "before_cursor_execute", before)
         hooks.append((eng, before))
@@ -218,24 +180,9 @@ def kill_first_reader(env: Env, shard: str, armed: bool = True,
             event.remove(eng, "before_cursor_execute", fn)
 
 
-class _Count(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextlib.contextmanager
-def retries_logged() -> Iterator[list[str]]:
-    h = _Count()
-    logger = logging.getLogger("shardkit")
-    logger.addHandler(h)
-    try:
-        yield h.messages
-    finally:
-        logger.removeHandler(h)
+def _logged(caplog: Any) -> list[str]:
+    """The warnings logged since caplog was cleared."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def _check(obj: Any, k: int, shard: str, name: str | None = None) -> None:
@@ -247,7 +194,7 @@ def _check(obj: Any, k: int, shard: str, name: str | None = None) -> None:
 # -- 1. four threads of gets in fresh sessions while a replica is SIGKILLed --------------------
 
 
-def test_four_threads_of_gets_lose_none_when_a_replica_is_killed_mid_load(env, short_path_taken):
+def test_four_threads_of_gets_lose_none_when_a_replica_is_killed_mid_load(env, short_path_taken, caplog):
     shard = "s0"
     keys = env.seeded[shard]
     errors: list[tuple[str, int, BaseException]] = []
@@ -272,7 +219,9 @@ def test_four_threads_of_gets_lose_none_when_a_replica_is_killed_mid_load(env, s
             except BaseException as e:  # noqa: BLE001
                 errors.append((name, k, e))
 
-    with retries_logged() as logged, kill_first_reader(env, shard, armed=False) as box:
+    caplog.set_level(logging.WARNING, logger="shardkit")
+    caplog.clear()
+    with kill_first_reader(env, shard, armed=False) as box:
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
@@ -280,7 +229,9 @@ def test_four_threads_of_gets_lose_none_when_a_replica_is_killed_mid_load(env, s
             time.sleep(0.6)                         # every replica has pooled connections
             box["arm"]()
             wait_for(lambda: box["victim"] is not None, 5, "a replica to be killed")
-            time.sleep(1.5)
+            time.sleep(0.3)                         # (reads begun before the kill end)
+            n_after = len(env.served)
+            time.sleep(1.2)
         finally:
             done.set()
             for t in threads:
@@ -288,11 +239,11 @@ def test_four_threads_of_gets_lose_none_when_a_replica_is_killed_mid_load(env, s
     assert not errors, errors[:3]
     assert not wrong, wrong[:3]
     victim = box["victim"].name
-    assert any(f"read on {victim} failed, retrying elsewhere" in m for m in logged), logged[:5]
+    assert any(f"read on {victim} failed, retrying elsewhere" in m for m in _logged(caplog)), _logged(caplog)[:5]
     h = health_by_node(env.cluster)[victim]
     assert h["banned_for_s"] > 0 or h["up"] is False, h
     other = f"{shard}/r{1 - int(victim[-1])}"
-    after = [n for t0, n, st in env.served if t0 > box["at"] + 0.3 and "grf_" in st]
+    after = env.nodes_since(n_after)
     assert victim not in after and other in after, sorted(set(after))
     assert count[0] > 40 and sum(short_path_taken) > 20, (count[0], sum(short_path_taken))
 
@@ -306,10 +257,13 @@ SHORT = ("get", "get_one", "query_get", "selectinload")
 
 
 @pytest.mark.parametrize("name", ["get", "get_one", "query_get", "populate_existing", "missing"])
-def test_a_get_whose_replica_dies_mid_load_is_served_by_the_other_replica(env, short_path_taken, name):
+def test_a_get_whose_replica_dies_mid_load_is_served_by_the_other_replica(env, short_path_taken, name,
+                                                                           caplog):
     shard = "s1"
     k = env.seeded[shard][3] if name != "missing" else env.key(shard)
-    with retries_logged() as logged, kill_first_reader(env, shard) as box:
+    caplog.set_level(logging.WARNING, logger="shardkit")
+    caplog.clear()
+    with kill_first_reader(env, shard) as box:
         with env.Session(consistency="eventual") as s:
             n0 = len(env.served)
             if name == "missing":
@@ -323,7 +277,7 @@ def test_a_get_whose_replica_dies_mid_load_is_served_by_the_other_replica(env, s
     assert nodes == [other], nodes
     assert short_path_taken == ([True] if name in SHORT or name == "missing" else []), short_path_taken
     assert pins == {shard: int(other[-1])}, pins
-    assert [m for m in logged if victim in m and "retrying" in m], logged
+    assert [m for m in _logged(caplog) if victim in m and "retrying" in m], _logged(caplog)
 
 
 def test_a_get_whose_replica_dies_between_its_load_and_its_selectinload(env, short_path_taken):
@@ -473,7 +427,7 @@ def _kill_on(cluster: shardkit.Cluster, node: Any, shard: str, index: int) -> It
 # -- 3b. a replica restarted while no get used it: its pooled connections are replaced --------
 
 
-def test_gets_after_a_replica_restarts_meet_no_dead_pooled_connection(env, short_path_taken):
+def test_gets_after_a_replica_restarts_meet_no_dead_pooled_connection(env, short_path_taken, caplog):
     """README: once the monitor sees a node restarted, it replaces its pooled connections,
     so the next statement does not meet a dead one: no get() fails over, no ban."""
     shard = "s1"
@@ -489,12 +443,13 @@ def test_gets_after_a_replica_restarts_meet_no_dead_pooled_connection(env, short
     r.wait_streaming()
     wait_replicas_usable(env.cluster, every=True)
     n0 = len(env.served)
-    with retries_logged() as logged:
-        for _ in range(6):
-            with env.Session(consistency="eventual") as s:
-                for k in ks:
-                    _check(s.get(Acct, k), k, shard)
-    assert not [m for m in logged if "retrying" in m or "banned" in m], logged
+    caplog.set_level(logging.WARNING, logger="shardkit")
+    caplog.clear()
+    for _ in range(6):
+        with env.Session(consistency="eventual") as s:
+            for k in ks:
+                _check(s.get(Acct, k), k, shard)
+    assert not [m for m in _logged(caplog) if "retrying" in m or "banned" in m], _logged(caplog)
     assert r.name in env.nodes_since(n0)
 
 
@@ -527,7 +482,7 @@ def test_every_replica_down_get_reads_the_primary_or_raises_when_told(env, monke
     k = env.seeded[shard][5]
     strict = _make_cluster(env.dev, when_no_replica="raise")
     strict_served: list = []
-    _instrument(strict, strict_served)
+    record_statements(strict, strict_served)
     strict.start_monitor()
     try:
         wait_replicas_usable(strict, every=True)
@@ -630,7 +585,7 @@ def test_replica_past_the_lag_limit_gets_no_gets_and_read_your_writes_is_never_s
     shard = "s0"
     tight = _make_cluster(env.dev, max_lag_seconds=1.0, wait_for_token=0.5)
     served: list = []
-    _instrument(tight, served)
+    record_statements(tight, served)
     tight.start_monitor()
     Session = sessionmaker(class_=shardkit.ShardedSession, cluster=tight)
     k = env.key(shard)
