@@ -2062,9 +2062,11 @@ class Mover:
             cols = sql.SQL(", ").join(sql.SQL("x.") + at[c] for c in t.columns)
             # The bucket once per row: computed in a subquery that OFFSET 0 keeps the
             # planner from merging (it would compute it again for GROUP BY).
+            # sum() of bigints is exact (its result is numeric) and sums in 128 bits: a
+            # cast of every hash to numeric first made the scan about 10% slower.
             scan, bucket = t.scan_sql()
             q = ("SELECT x.b, count(*), "
-                 "coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
+                 "coalesce(sum(hashtextextended(ROW({cols})::text, 0)), 0) "
                  "FROM (SELECT {bucket}, {plain} FROM {t} {scan} WHERE {chunk} "
                  "OFFSET 0) AS x (b, {names}) "
                  "WHERE x.b = ANY({buckets}::integer[]) "
