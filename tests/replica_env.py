@@ -29,13 +29,7 @@ class ReplicaEnv:
         return next(self._keys[shard])
 
     def caught_up(self, shards: tuple[str, ...] = ("s0", "s1")) -> None:
-        for shard in shards:
-            with self.dev.shard(shard).primary.connect() as c:
-                c.execute("SELECT txid_current()")
-        for shard in shards:
-            for r in self.dev.shard(shard).replicas:
-                if r.is_running():  # (one a test stopped has nothing to catch up)
-                    r.wait_caught_up()
+        replayed(self.dev, shards)
 
     def nodes(self, fn: Any) -> tuple[Any, list[str]]:
         """``fn()``, and the nodes that served its statements on the module's tables."""
@@ -52,6 +46,21 @@ class ReplicaEnv:
     def primary_value(self, shard: str, sql: str) -> Any:
         with self.cluster.primary(shard).connect() as c:
             return c.execute(text(sql)).scalar()
+
+
+def replayed(dev: Any, shards: Any = None) -> None:
+    """Wait until every running replica of ``shards`` (default: all of ``dev``'s) has
+    replayed what its primary had committed: for a read in a session that holds no token
+    of those writes (a new session, the writes another session's, a primary connection's
+    or another process's), which may otherwise read a replica that has not replayed them."""
+    chosen = [sh for sh in dev.shards if shards is None or sh.name in shards]
+    for sh in chosen:
+        with sh.primary.connect() as c:
+            c.execute("SELECT txid_current()")
+    for sh in chosen:
+        for r in sh.replicas:
+            if r.is_running():  # (one a test stopped has nothing to catch up)
+                r.wait_caught_up()
 
 
 def replica_cluster(dev: Any, config: dict[str, Any], metadata: Any = None,

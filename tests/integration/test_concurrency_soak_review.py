@@ -22,6 +22,7 @@ from sqlalchemy import BigInteger, String, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
+from replica_env import replayed
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_from_maps
 from shardkit._scope import NO_SCOPE
@@ -131,6 +132,7 @@ def test_cross_shard_read_when_dispose_runs_as_it_starts_its_shards_threads(dev,
         with Session() as s:
             s.add_all([Item(id=i, v=f"v{i}") for i in range(20)])
             s.commit()
+        replayed(dev)  # (the "eventual" count below reads the replicas)
         real = cluster.scatter_executor
         raced = []
 

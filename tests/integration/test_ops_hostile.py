@@ -21,6 +21,7 @@ import uuid
 import psycopg
 import pytest
 from own_tables import truncate_everywhere
+from replica_env import replayed
 from waiting import wait_replicas_usable
 from psycopg import sql
 import sqlalchemy
@@ -382,6 +383,7 @@ def test_dispose_then_reuse(env):
             with Session() as s:
                 s.add_all(Thing(id=round_ * 1000 + k, v="r") for k in range(20))
                 s.commit()
+            replayed(dev)  # (the count below reads the replicas: "eventual")
             with Session() as s:
                 assert s.execute(select(func.count()).select_from(Thing)).scalar() == 20 * (round_ + 1)
                 key = round_ * 1000 + 3

@@ -16,6 +16,7 @@ from sqlalchemy.orm import (DeclarativeBase, Mapped, make_transient, make_transi
 import shardkit
 from models import Country, Order, User
 from own_tables import cluster_with_tables
+from replica_env import replayed
 from shardkit import ShardedSession
 
 pytestmark = pytest.mark.integration
@@ -53,6 +54,8 @@ def two(sharded):
         s.add_all([User(id=ua, name="a"), User(id=ub, name="b"),
                    Order(id=5, user_id=ua, amount=1), Order(id=5, user_id=ub, amount=2)])
         s.commit()
+    # The tests read these rows in sessions of their own, some on replicas: wait for them.
+    replayed(sharded.dev)
     return a, ua, b, ub
 
 
@@ -467,6 +470,7 @@ def tenants(shardkit_dev_cluster):
                        _Task(id=10, tenant_id=ta, project_id=1), _Task(id=10, tenant_id=tb, project_id=1),
                        _Task(id=11, tenant_id=tb, project_id=1)])
             s.commit()
+        replayed(shardkit_dev_cluster)  # (read back in new sessions, from replicas)
         yield cluster, S, a, ta, b, tb
 
 

@@ -182,7 +182,8 @@ def test_rollback_after_failed_flush_leaves_nothing_and_session_reusable(tx):
     with Session() as s:
         s.add(Account(id=b[0], name="existing"))
         s.commit()
-    with Session() as s:
+        token = s.consistency_token()  # (read back below: a replica may not have replayed it)
+    with Session(consistency_token=token) as s:
         s.add(Account(id=a[0], name="new-a"))
         s.add(Account(id=b[0], name="dup-b"))     # primary key violation on shard 1
         with pytest.raises(sa_exc.IntegrityError):

@@ -167,7 +167,8 @@ def test_a_failed_fast_read_in_a_savepoint_leaves_the_transaction_usable(env):
             assert set(ei.value.failures) == {"s0"}
             assert s.scalar(select(func.count()).select_from(Item)) == N + 1
             s.commit()
-        with S() as s:
+            token = s.consistency_token()
+        with S(consistency_token=token) as s:  # (a replica may not have replayed the commit)
             assert s.get(Item, k1).v == 1
     finally:
         cluster.dispose()
