@@ -172,15 +172,50 @@ def configured_tables(tables: Iterable[str]) -> dict[str, list[str]]:
     return {"t": tables, "q": [table_sql(t) for t in tables]}
 
 
+class KeyType(str):
+    """The type name (``pg_type.typname``) of a column of a domain, as shardkit decides by
+    it: the base type's, under any number of domains (``CREATE DOMAIN tenant_id AS bigint``
+    is ``int8``).  ``domain`` is the column's own type, the domain, for messages."""
+
+    domain: str
+
+
+def _key_type(type_name: str, base_name: str | None) -> str:
+    if base_name is None:
+        return type_name
+    t = KeyType(base_name)
+    t.domain = type_name
+    return t
+
+
+def type_label(type_name: str) -> str:
+    """``type_name`` for a message: ``tenant_id (a domain over int8)`` for a domain's."""
+    domain = getattr(type_name, "domain", None)
+    return type_name if domain is None else f"{domain} (a domain over {type_name})"
+
+
+# The base type of the domain t (pg_type), through domains over domains: a column whose
+# type is a domain has its base type's values, which shardkit hashes, compares and moves
+# as the base type's.  One row, NULL for a type that is no domain.
+_DOMAIN_BASE: Final = (
+    "LEFT JOIN LATERAL (WITH RECURSIVE d(base, depth) AS ("
+    "SELECT t.typbasetype, 1 WHERE t.typtype = 'd' "
+    "UNION ALL SELECT dt.typbasetype, d.depth + 1 FROM d JOIN pg_type dt ON dt.oid = d.base "
+    "WHERE dt.typtype = 'd' AND d.depth < 100) "
+    "SELECT bt.typname FROM d JOIN pg_type bt ON bt.oid = d.base ORDER BY d.depth DESC LIMIT 1"
+    ") b ON true ")
+
+
 def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
                 ) -> tuple[list[str], list[str], dict[str, str]]:
     """(columns in order, primary-key columns, column -> type name) of ``table`` on this
     server; refuses shard key columns ``keys`` that compare text without case
-    (:func:`_refuse_case_insensitive_key`)."""
+    (:func:`_refuse_case_insensitive_key`).  A column of a domain has its base type's name,
+    under any number of domains, as a :class:`KeyType` naming the domain."""
     rows = conn.execute(text(
         "SELECT a.attname, t.typname, b.typname, c.collname, c.collisdeterministic, "
         "a.attgenerated <> '' FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-        "LEFT JOIN pg_type b ON b.oid = t.typbasetype AND t.typtype = 'd' "
+        + _DOMAIN_BASE +
         "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
         "WHERE a.attrelid = to_regclass(:t) AND a.attnum > 0 AND NOT a.attisdropped "
         "ORDER BY a.attnum"), {"t": table_sql(table)}).all()
@@ -214,7 +249,7 @@ def table_shape(conn: Connection, table: str, keys: Sequence[str] = ()
         "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
         "WHERE i.indrelid = to_regclass(:t) AND i.indisprimary ORDER BY k.n"), {"t": table_sql(table)})]
     stored = [r for r in rows if not r[5]]   # generated columns are not copied
-    return [r[0] for r in stored], pk, {r[0]: r[1] for r in stored}
+    return [r[0] for r in stored], pk, {r[0]: _key_type(r[1], r[2]) for r in stored}
 
 
 def _refuse_case_insensitive_key(table: str, column: str, type_name: str, base_name: str | None,
@@ -244,8 +279,9 @@ def bucket_expression(column: str, type_name: str, bucket_count: int, row: str =
     cast = _BUCKET_CASTS.get(type_name)
     if cast is None:
         raise ConfigurationError(
-            f"column {column}", f"type {type_name} cannot be hashed in SQL",
-            "hash-sharded keys must be integer, text, varchar, uuid or bytea to be guarded and moved")
+            f"column {column}", f"type {type_label(type_name)} cannot be hashed in SQL",
+            "hash-sharded keys must be integer, text, varchar, uuid or bytea (or a domain over one) "
+            "to be guarded and moved")
     ref = f"{row}.{_ident(column)}" if row else _ident(column)
     return f"shardkit.bucket({ref}{cast}, {int(bucket_count)})"
 
@@ -497,7 +533,8 @@ def _slice_function_sql(g: Guarded, type_name: str, param_type: str | None = Non
     if not slice_comparable(value_kind, type_name):
         raise ConfigurationError(
             f"groups.{g.group}.tables.{g.table}",
-            f"key column {g.key} is {type_name}, but the group's bounds or values are {value_kind}s",
+            f"key column {g.key} is {type_label(type_name)}, but the group's bounds or values are "
+            f"{value_kind}s",
             "make the config's bounds or values the same type as the column")
     grp = _literal(g.group)
     if value_kind == "int":
@@ -590,7 +627,7 @@ def install_guard(conn: Connection, config: Any, owned: Iterable[int] | None,
                             "its rows are not guarded and the group cannot be rebalanced (write them "
                             "in the config as the column holds them, e.g. 5 unquoted for an integer "
                             "column, and run `shardkit rebalance init` again)", g.table, g.key,
-                            types[g.key], g.group, g.value_kind)
+                            type_label(types[g.key]), g.group, g.value_kind)
                 for statement in (f"DROP TRIGGER IF EXISTS shardkit_guard ON {table_sql(g.table)}",
                                   _truncate_trigger_sql(g.table, create=False),
                                   f"DROP FUNCTION IF EXISTS shardkit.{_ident(slice_function_name(g.table))}"):

@@ -98,6 +98,7 @@ from ._guard import (
     table_parts,
     table_shape,
     table_sql,
+    type_label,
     unit_expression,
     write_slices,
 )
@@ -483,7 +484,7 @@ def _refuse_beyond_bigint(group: str, keys: Iterable[Any], types: Callable[[], l
         if kind in INT_KEY_TYPES:
             raise RebalanceError(
                 f"group {group}: {what} {beyond[0]} is beyond the range of {g.table}.{g.key} "
-                f"({kind}; bigint holds -9223372036854775808 to 9223372036854775807): no row "
+                f"({type_label(kind)}; bigint holds -9223372036854775808 to 9223372036854775807): no row "
                 "has it, and the shards compare the group's keys with its bounds and values as "
                 f"bigint, so it would make every write of the group fail; {fix}")
 
@@ -508,7 +509,7 @@ def slice_key(cluster: Cluster, group: str, key: Any, option: str, target: str) 
             canon = _canonical_uuid(key)
             if canon is None:
                 raise RebalanceError(f"{option}: {key!r} is not a uuid, and group {group}'s key column "
-                                     f"{g.table}.{g.key} is uuid")
+                                     f"{g.table}.{g.key} is {type_label(kind)}")
             return canon
     return key
 
@@ -529,7 +530,7 @@ def check_slice_plan(cluster: Cluster, plan: Plan | SlicePlan) -> None:
         if g.value_kind and not slice_comparable(g.value_kind, kind):
             noun, how = ("strings", "by their text form") if g.value_kind == "str" else ("integers", "as numbers")
             raise RebalanceError(
-                f"group {plan.group} cannot move online: {g.table}.{g.key} is {kind}, and the group's "
+                f"group {plan.group} cannot move online: {g.table}.{g.key} is {type_label(kind)}, and the group's "
                 f"bounds or values are {noun}, which the shards' guard would compare with its keys "
                 f"{how}, not as PostgreSQL compares {kind} values, so {g.table} is left without the "
                 "ownership guard, on purpose, and the group's slices stay where they are (slices move "
@@ -546,7 +547,7 @@ def check_slice_plan(cluster: Cluster, plan: Plan | SlicePlan) -> None:
                     raise RebalanceError(
                         f"group {plan.group}: key {x!r} is "
                         + ("not a uuid" if canon is None else "not written as PostgreSQL prints a uuid")
-                        + f", and {g.table}.{g.key} is uuid, whose keys the slices compare by that text "
+                        + f", and {g.table}.{g.key} is {type_label(kind)}, whose keys the slices compare by that text "
                         "form" + ("" if canon is None else f": write {canon}"))
 
 
