@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import unquote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -70,6 +71,9 @@ _USER_INFO = re.compile(r"[\w+]+://(?:[^:/]*(?::[^@]*)?@)?")
 # A control character (C0, DEL, C1): not other non-printable characters, which a password
 # may hold (a no-break or ideographic space, a zero-width joiner) and libpq sends as they are.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Whether make_url decodes a URL's database name, as SQLAlchemy 2.1 does ("sh%00op" is
+# "sh\x00op"); 2.0 keeps it as written, so a %00 there is still three characters then.
+_DATABASE_DECODED: Final = make_url("postgresql://h/a%41").database == "aA"
 
 # libpq parameters that are secrets, when a URL carries them in its query string.
 SECRET_QUERY_KEYS: Final = ("password", "sslpassword")
@@ -462,7 +466,8 @@ def _parse_url(raw: Any, path: str) -> URL:
             path, f"{mask_url(raw)} is not a valid database URL",
             "e.g. postgresql+psycopg://user@host:5432/db",
         ) from None
-    if any("\x00" in str(v) for v in (url.username, url.password, url.host, url.database,
+    database = url.database if _DATABASE_DECODED or url.database is None else unquote(url.database)
+    if any("\x00" in str(v) for v in (url.username, url.password, url.host, database,
                                        *(x for v in url.query.values()
                                          for x in (v if isinstance(v, tuple) else (v,))))):
         # libpq reads the connection string up to it: the parameters after it (the port,
