@@ -141,6 +141,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
     _sk_ref_shard: str | None = None
     # During a flush: shard -> the connection it writes that shard's objects with.
     _sk_flush_conns: dict[str, Any] | None = None
+    # During a flush: (identity key, old primary key) of each reference row it updated or
+    # deleted through an object (the session's other objects of it are expired after).
+    _sk_ref_written: list[tuple[Any, Any]] | None = None
     # In delete() and merge(): what they load decides a write (see _read_target).
     _sk_for_write = False
     # The map (its Router) in use when the identity map was last empty (with a catalog).
@@ -1400,20 +1403,23 @@ class ShardedSession(horizontal_shard.ShardedSession):
         try:
             if self.cluster.catalog is None:
                 super().flush(objects)
-                return
-            # Taken before: a failed flush expires what it tried to write.
-            self._sk_placements = _placements(self)
-            _SHORT_WRITE.set(False)
-            try:
-                super().flush(objects)
-            except orm_exc.StaleDataError as e:
+            else:
+                # Taken before: a failed flush expires what it tried to write.
+                self._sk_placements = _placements(self)
                 _SHORT_WRITE.set(False)
-                _refuse_misplaced(self, self._sk_placements, e)
-                raise
-            finally:
-                self._sk_placements = None
+                try:
+                    super().flush(objects)
+                except orm_exc.StaleDataError as e:
+                    _SHORT_WRITE.set(False)
+                    _refuse_misplaced(self, self._sk_placements, e)
+                    raise
+                finally:
+                    self._sk_placements = None
         finally:
             self._sk_flush_conns = None
+            written, self._sk_ref_written = self._sk_ref_written, None
+        if written:  # (set by _replicate_reference_rows: a flush writing no reference row skips it)
+            _expire_other_reference_objects(self, written)
 
     def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Any:
         """As :meth:`sqlalchemy.orm.Session.connection`, for the shard named by
@@ -4152,6 +4158,7 @@ def _is_single_entity(statement: Any, execution_options: Any) -> bool:
 def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any) -> None:
     assert isinstance(session, ShardedSession)
     router = session.cluster.router
+    refs: list[Any] | None = None  # changed reference rows' objects
     for obj in session.dirty:
         state = inspect(obj)
         if state.key is None:
@@ -4162,6 +4169,10 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
         except RoutingError:
             continue
         if tr.strategy is None:
+            if tr.is_reference:
+                if refs is None:
+                    refs = []
+                refs.append(state)
             continue
         old_shard = state.key[2]
         new_shard = None
@@ -4195,6 +4206,8 @@ def _refuse_shard_key_moves(session: Session, flush_context: Any, instances: Any
                 "flush (it could not be atomic). Delete and re-insert it, or keep the key",
                 table=tr.table,
             )
+    if refs:
+        _refuse_reference_row_changed_twice(session, refs)
 
 
 def _refuse_bulk_key_move(cluster: Cluster, mapper: Any, state: Any, obj: Any) -> None:
@@ -4408,6 +4421,7 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
     upserts: dict[tuple[Any, str], list[Any]] = {}
     deletes: dict[tuple[Any, str], list[Any]] = {}
     copied, session._sk_ref_copied = session._sk_ref_copied, set()
+    written: list[tuple[Any, Any]] = []
     for bucket, objs in ((upserts, list(session.new) + list(session.dirty)),
                          (deletes, list(session.deleted))):
         for obj in objs:
@@ -4427,11 +4441,17 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
             # (written on the first shard by the flush: see connection_callable)
             where = (mapper.local_table, cluster.shard_names[0])
             bucket.setdefault(where, []).append(pk)
-            if bucket is upserts and obj not in session.new:
-                old = _old_primary_key(state, pk)
+            if bucket is deletes or obj not in session.new:
+                old = _old_primary_key(state, pk) if bucket is upserts else None
                 if old is not None:
                     # The primary key changed: the copies elsewhere have the old one.
                     deletes.setdefault(where, []).append(old)
+                if state.key is not None:
+                    # The session's other objects of this row (read from other shards)
+                    # hold its old values: expired once the flush is done.
+                    written.append((state.key, old))
+    if written:
+        session._sk_ref_written = (session._sk_ref_written or []) + written
     if not upserts and not deletes:
         return
     # Deletes first: a flush that deletes a row and inserts another with the same key
@@ -4466,6 +4486,103 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 _note_reference_copy_failed(session, e, shard, table, done)
                 raise
             done.append(shard)
+
+
+def _expire_other_reference_objects(session: ShardedSession, written: list[tuple[Any, Any]]) -> None:
+    """After a flush that updated or deleted reference rows through objects (keys
+    ``written``, each with its old primary key when the flush changed it): the session's
+    other objects of those rows, read from other shards (another identity token: one
+    object per shard), still hold the values they were loaded with, and a change made
+    through one of them later would write those back over the flush's (a lost update).
+    They are expired: their next access reloads the row as written, or, for a row
+    deleted (or given another key), raises ObjectDeletedError, as after another
+    transaction's DELETE (also at the flush of one changed without loading it first:
+    the flush loads its key).  Attributes such an object has itself changed since (a flush of
+    some objects only) are kept: the next flush writes them."""
+    imap = session.identity_map
+    tokens = (*session.cluster.shard_names, None)
+    seen = set()
+    for key, old in written:
+        for pk in (key[1], old):
+            if pk is None:
+                continue
+            for token in tokens:
+                other_key = (key[0], pk, token)
+                if other_key == key or other_key in seen:
+                    continue
+                seen.add(other_key)
+                obj = imap.get(other_key)
+                if obj is None:
+                    continue
+                state = inspect(obj)
+                if not state.persistent:
+                    continue
+                if state.modified and state.committed_state:
+                    keep = set(state.committed_state)
+                    names = [a.key for a in state.mapper.attrs if a.key not in keep]
+                    if names:
+                        session.expire(obj, names)
+                else:
+                    session.expire(obj)
+
+
+def _refuse_reference_row_changed_twice(session: ShardedSession, states: list[Any]) -> None:
+    """Before a flush: refuse changes of one reference row through two of the session's
+    objects of it (read from different shards) that the flush would write over each other:
+    a column both change (the second UPDATE would set it to its object's value, the first
+    one's change lost), or a change through one and a DELETE through the other."""
+    imap = session.identity_map
+    tokens = (*session.cluster.shard_names, None)
+    for state in states:
+        key = state.key
+        for token in tokens:
+            if token == key[2]:
+                continue
+            obj = imap.get((key[0], key[1], token))
+            if obj is None:
+                continue
+            other = inspect(obj)
+            name = f"{state.class_.__name__} {_pk_text(key[1])}"
+            table = state.mapper.local_table.fullname
+            fix = (f"Make the change through one object (session.get({state.class_.__name__}, "
+                   f"{_pk_text(key[1])}) returns one; session.expire() the other drops its "
+                   "changes); nothing was written")
+            if other in session._deleted:
+                raise CrossShardWriteError(
+                    f"reference row {name} is two objects in this session (read from shards "
+                    f"{key[2]} and {token}: a reference row is one object per shard it was read "
+                    f"from), changed through the first and deleted through the second: the flush "
+                    f"would lose the change. {fix}", table=table)
+            if not other.modified:
+                continue
+            both = sorted(_changed_columns(state) & _changed_columns(other))
+            if both:
+                raise CrossShardWriteError(
+                    f"reference row {name} is two objects in this session (read from shards "
+                    f"{key[2]} and {token}: a reference row is one object per shard it was read "
+                    f"from), and both change column{'s' if len(both) > 1 else ''} "
+                    f"{', '.join(both)}: the flush would write one change over the other. {fix}",
+                    table=table)
+
+
+def _pk_text(pk: tuple[Any, ...]) -> str:
+    return repr(pk[0]) if len(pk) == 1 else repr(pk)
+
+
+def _changed_columns(state: Any) -> set[str]:
+    """The names of the columns of its own row that ``state``'s flush would write."""
+    out: set[str] = set()
+    mapper = state.mapper
+    for attr in list(state.committed_state):
+        prop = mapper.attrs.get(attr)
+        if prop is None:
+            continue
+        if isinstance(prop, RelationshipProperty):
+            if prop.direction is MANYTOONE and state.attrs[attr].history.has_changes():
+                out.update(c.name for c in prop.local_columns)
+        elif hasattr(prop, "columns") and state.attrs[attr].history.has_changes():
+            out.update(c.name for c in prop.columns if getattr(c, "table", None) is not None)
+    return out
 
 
 def _association_rows(state: Any, rel: Any, *, which: str = "both") -> list[dict[str, Any]]:
