@@ -12,6 +12,7 @@ import warnings
 import pytest
 from get_paths import outcome, with_and_without_kept
 from own_tables import cluster_with_tables, truncate_everywhere
+from replica_env import replayed
 from waiting import wait_for, wait_replicas_usable
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import BigInteger, ForeignKey, String, event, select, text
@@ -117,7 +118,7 @@ def unreplicated(env, shardkit_dev_cluster):
 
 
 @pytest.fixture
-def rows(env):
+def rows(env, shardkit_dev_cluster):
     truncate_everywhere(env, *TABLES)
     with sessionmaker(class_=shardkit.ShardedSession, cluster=env)() as s:
         s.add_all([Wallet(id=i, owner=f"w{i}", coins=[Coin(id=1), Coin(id=2)]) for i in range(1, 9)])
@@ -126,6 +127,9 @@ def rows(env):
         s.add_all([Vehicle(id=1, kind="vehicle"), Truck(id=2, load=7)])
         s.add_all([Tag(name=n, n=i) for i, n in enumerate(["a", "b", "ü", ""])])
         s.commit()
+    # (Replayed first by position: the first test's replicas may not have the tables yet,
+    # whose count would fail rather than wait.)
+    replayed(shardkit_dev_cluster)
     wait_for(lambda: all(_replayed(env, shard) for shard in env.shard_names), 30, "the replicas to replay the rows")
     wait_replicas_usable(env, every=True)
 
