@@ -559,7 +559,8 @@ class Cluster:
                         # match list values) as different strings: the same key would
                         # live on two shards, and a read by one spelling miss the other.
                         raise ConfigurationError(
-                            field, f"shard key column {tname}.{c} is citext, which compares "
+                            field, f"shard key column {tname}.{c} is "
+                            f"{_citext_label(table.c[c].type)}, which compares "
                             "without case; shardkit places keys by their exact string",
                             "key on a text column holding the value normalised (lower(...)), "
                             "and keep the citext column beside it if you need it",
@@ -1135,28 +1136,62 @@ def _node_name(shard: str, role: str, index: int) -> str:
 
 def _pg_type(type_: Any) -> Any:
     """The type PostgreSQL gets for a column: through ``with_variant(..., "postgresql")``
-    and TypeDecorators (their implementation, or ``load_dialect_impl``)."""
+    and TypeDecorators (their implementation, or ``load_dialect_impl``), and for a
+    ``postgresql.DOMAIN`` its base type, through domains over domains (a domain's values
+    are its base type's: hashed, compared and stored as those)."""
+    return _pg_types(type_)[1]
+
+
+def _pg_types(type_: Any) -> tuple[Any, Any]:
+    """(the type PostgreSQL gets for a column, as declared: a domain, if it is one; its
+    :func:`_pg_type`)."""
+    from sqlalchemy.dialects.postgresql import DOMAIN
     from sqlalchemy.dialects.postgresql.base import PGDialect
 
-    type_ = type_.dialect_impl(PGDialect())
-    seen = 0
-    while isinstance(type_, TypeDecorator) and seen < 10:
-        type_, seen = type_.impl_instance, seen + 1
-    return type_
+    dialect = PGDialect()
+    type_ = type_.dialect_impl(dialect)
+    declared, seen = None, 0
+    while seen < 10:
+        if isinstance(type_, TypeDecorator):
+            type_ = type_.impl_instance
+        elif isinstance(type_, DOMAIN):
+            declared = type_ if declared is None else declared
+            type_ = type_.data_type.dialect_impl(dialect)
+        else:
+            break
+        seen += 1
+    return (type_ if declared is None else declared), type_
 
 
 def _case_insensitive(type_: Any) -> bool:
-    """Whether a column type compares text without case on PostgreSQL (``citext``)."""
+    """Whether a column type compares text without case on PostgreSQL (``citext``, or a
+    domain over it)."""
     return getattr(_pg_type(type_), "__visit_name__", None) == "CITEXT"
 
 
-def _type_sql(type_: Any) -> str:
+def _citext_label(type_: Any) -> str:
+    """``citext``, or ``ci_name (a domain over citext)`` for a domain over it."""
+    declared, base = _pg_types(type_)
+    if declared is base:
+        return "citext"
     from sqlalchemy.dialects.postgresql.base import PGDialect
 
-    try:
-        return str(_pg_type(type_).compile(dialect=PGDialect()))
-    except Exception:  # noqa: BLE001 - only for the message
-        return type(type_).__name__
+    return f"{declared.compile(dialect=PGDialect())} (a domain over citext)"
+
+
+def _type_sql(type_: Any) -> str:
+    """A column type as PostgreSQL names it, for a message: ``amount (a domain over
+    NUMERIC(10, 2))`` for a domain's."""
+    from sqlalchemy.dialects.postgresql.base import PGDialect
+
+    def sql(t: Any) -> str:
+        try:
+            return str(t.compile(dialect=PGDialect()))
+        except Exception:  # noqa: BLE001 - only for the message
+            return type(t).__name__
+
+    declared, base = _pg_types(type_)
+    return sql(base) if declared is base else f"{sql(declared)} (a domain over {sql(base)})"
 
 
 def _value_misfit(strategy: Any, part: int, type_: Any) -> tuple[str, Any, str] | None:
@@ -1229,10 +1264,5 @@ def _unhashable(type_: Any) -> str | None:
     # (postgresql.INTERVAL, what an Interval becomes for PostgreSQL, is not an Interval)
     if isinstance(pg, (sqltypes.Numeric, sqltypes.Float, sqltypes.Boolean, sqltypes.Date, sqltypes.DateTime,
                        sqltypes.Time, sqltypes.Interval, INTERVAL, sqltypes.JSON, sqltypes.ARRAY)):
-        from sqlalchemy.dialects.postgresql.base import PGDialect
-
-        try:
-            return str(pg.compile(dialect=PGDialect()))
-        except Exception:  # noqa: BLE001 - only for the message
-            return type(pg).__name__
+        return _type_sql(type_)
     return None

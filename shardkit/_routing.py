@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy import types as sqltypes
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapper, aliased, configure_mappers
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
@@ -2139,6 +2140,32 @@ def coercer_for(type_: Any) -> Any:
         return _to_bpchar
     if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):
         return _to_str
+    if isinstance(type_, postgresql.DOMAIN):
+        # (Last: a key column of a type above pays nothing for it.)
+        return _domain_coercer(type_)
+    return None
+
+
+# Cached per type object, as _decorator_coercer is.
+@functools.lru_cache(maxsize=256)
+def _domain_coercer(type_: Any) -> Any:
+    """For a column of a PostgreSQL ``DOMAIN``: its base type's rules, through domains over
+    domains (the database stores, compares and returns the base type's values).  SQLAlchemy
+    gives a domain no bind processing, so a ``TypeDecorator`` inside one is read as the type
+    it stores, not through its ``process_bind_param``."""
+    global _PG_DIALECT
+    if _PG_DIALECT is None:
+        from sqlalchemy.dialects.postgresql.base import PGDialect
+
+        _PG_DIALECT = PGDialect()
+    base = type_
+    for _ in range(10):
+        if isinstance(base, postgresql.DOMAIN):
+            base = base.data_type
+        elif isinstance(base, sqltypes.TypeDecorator):
+            base = base.load_dialect_impl(_PG_DIALECT)
+        else:
+            return coercer_for(base)
     return None
 
 
