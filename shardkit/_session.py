@@ -71,6 +71,7 @@ from sqlalchemy.orm.session import (
 )
 from sqlalchemy.sql import coercions, lambdas, roles, selectable, visitors
 from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql.ddl import sort_tables_and_constraints
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, TextClause
 from sqlalchemy.sql.functions import FunctionElement
@@ -4347,26 +4348,30 @@ def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
             return
     except RoutingError:
         return
-    table = mapper.local_table
     home = _engine_info(connection).get("shard")
-    pk_cols = list(table.primary_key.columns)
     pk = mapper.primary_key_from_instance(target)
     if None in pk:
         return
-    row = connection.execute(sa_select(table).where(
-        *[c == v for c, v in zip(pk_cols, pk)])).mappings().first()
-    if row is None:
-        return
-    stmt = _reference_upsert(table)
-    done = [home]
-    for shard in cluster.shard_names:
-        if shard != home:
-            try:
-                session.connection(bind_arguments={"shard_id": shard}).execute(stmt, [dict(row)])
-            except sa_exc.DBAPIError as e:
-                _note_reference_copy_failed(session, e, shard, table, done)
-                raise
-            done.append(shard)
+    keys = _reference_table_keys(cluster.router, mapper, pk)
+    if len(keys) > 1:  # joined inheritance: the base class's table first
+        order = _in_table_order({(table, ""): table_pk for table, table_pk in keys})
+        keys = [(table, table_pk) for (table, _), table_pk in order.items()]
+    for table, table_pk in keys:
+        pk_cols = list(table.primary_key.columns)
+        row = connection.execute(sa_select(table).where(
+            *[c == v for c, v in zip(pk_cols, table_pk)])).mappings().first()
+        if row is None:
+            return
+        stmt = _reference_upsert(table)
+        done = [home]
+        for shard in cluster.shard_names:
+            if shard != home:
+                try:
+                    session.connection(bind_arguments={"shard_id": shard}).execute(stmt, [dict(row)])
+                except sa_exc.DBAPIError as e:
+                    _note_reference_copy_failed(session, e, shard, table, done)
+                    raise
+                done.append(shard)
     session._sk_ref_copied.add(state)
 
 
@@ -4435,17 +4440,22 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 continue
             if not tr.is_reference:
                 continue
-            if bucket is upserts and not session.is_modified(obj) and obj not in session.new:
+            # (A change of a collection only, country.tenants.append(t), writes other
+            # rows: not this one.)
+            if bucket is upserts and obj not in session.new and \
+                    not session.is_modified(obj, include_collections=False):
                 continue
             pk = mapper.primary_key_from_instance(obj)
+            old = _old_primary_key(state, pk) if bucket is upserts and obj not in session.new else None
             # (written on the first shard by the flush: see connection_callable)
-            where = (mapper.local_table, cluster.shard_names[0])
-            bucket.setdefault(where, []).append(pk)
+            home = cluster.shard_names[0]
+            for table, table_pk in _reference_table_keys(router, mapper, pk):
+                bucket.setdefault((table, home), []).append(table_pk)
+            if old is not None:
+                # The primary key changed: the copies elsewhere have the old one.
+                for table, table_pk in _reference_table_keys(router, mapper, old):
+                    deletes.setdefault((table, home), []).append(table_pk)
             if bucket is deletes or obj not in session.new:
-                old = _old_primary_key(state, pk) if bucket is upserts else None
-                if old is not None:
-                    # The primary key changed: the copies elsewhere have the old one.
-                    deletes.setdefault(where, []).append(old)
                 if state.key is not None:
                     # The session's other objects of this row (read from other shards)
                     # hold its old values: expired once the flush is done.
@@ -4455,7 +4465,13 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
     if not upserts and not deletes:
         return
     # Deletes first: a flush that deletes a row and inserts another with the same key
-    # (or changes keys) leaves the new rows, not the old ones.
+    # (or changes keys) leaves the new rows, not the old ones.  Tables in the order of
+    # their foreign keys (a joined subclass's table after its base's), as the flush
+    # wrote them: deletes referencing rows first, upserts referenced rows first.
+    if len(deletes) > 1:
+        deletes = _in_table_order(deletes, reverse=True)
+    if len(upserts) > 1:
+        upserts = _in_table_order(upserts)
     for (table, home), pks in deletes.items():
         pk_cols = list(table.primary_key.columns)
         for shard in cluster.shard_names:
@@ -4486,6 +4502,37 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 _note_reference_copy_failed(session, e, shard, table, done)
                 raise
             done.append(shard)
+
+
+def _reference_table_keys(router: Any, mapper: Any, pk: Sequence[Any]) -> list[tuple[Any, tuple[Any, ...]]]:
+    """The reference tables a ``mapper`` object with primary key ``pk`` has a row in, each
+    with that row's primary key: its own table, or with joined inheritance each table of
+    its class hierarchy (its primary key columns hold the object's primary key values)."""
+    if len(mapper.tables) == 1:
+        return [(mapper.local_table, tuple(pk))]
+    props = [mapper.get_property_by_column(c) for c in mapper.primary_key]
+    out = []
+    for table in mapper.tables:
+        try:
+            if not router.table_route(table).is_reference:
+                continue
+            index = [props.index(mapper.get_property_by_column(c)) for c in table.primary_key.columns]
+        except (RoutingError, orm_exc.UnmappedColumnError, ValueError):
+            continue
+        out.append((table, tuple(pk[i] for i in index)))
+    return out
+
+
+def _in_table_order(rows: dict[tuple[Any, str], list[Any]], reverse: bool = False) -> dict[tuple[Any, str], list[Any]]:
+    """``rows`` (by (table, shard)) with the tables in the order of their foreign keys:
+    referenced tables first (or last: ``reverse``)."""
+    # (sort_tables_and_constraints: tables in a cycle of foreign keys come in some
+    # order, without sort_tables' warning.)
+    order = [t for t, _ in sort_tables_and_constraints([table for table, _ in rows]) if t is not None]
+    if reverse:
+        order.reverse()
+    rank = {table: i for i, table in enumerate(order)}
+    return dict(sorted(rows.items(), key=lambda item: rank[item[0][0]]))
 
 
 def _expire_other_reference_objects(session: ShardedSession, written: list[tuple[Any, Any]]) -> None:
@@ -4555,7 +4602,8 @@ def _refuse_reference_row_changed_twice(session: ShardedSession, states: list[An
                     f"would lose the change. {fix}", table=table)
             if not other.modified:
                 continue
-            both = sorted(_changed_columns(state) & _changed_columns(other))
+            mine, theirs = _changed_columns(state), _changed_columns(other)
+            both = sorted(mine & theirs)
             if both:
                 raise CrossShardWriteError(
                     f"reference row {name} is two objects in this session (read from shards "
@@ -4563,6 +4611,21 @@ def _refuse_reference_row_changed_twice(session: ShardedSession, states: list[An
                     f"from), and both change column{'s' if len(both) > 1 else ''} "
                     f"{', '.join(both)}: the flush would write one change over the other. {fix}",
                     table=table)
+            if not (mine and theirs):
+                continue
+            # Both UPDATE the row: the second one's WHERE would miss the row the first
+            # wrote (StaleDataError, the flush rolled back) when the first changes its
+            # primary key, or the version of a class with a version_id_col.
+            keys = sorted((mine | theirs) & {c.name for c in state.mapper.primary_key})
+            version = state.mapper.version_id_col
+            if keys or version is not None:
+                why = (f"one changes its primary key ({', '.join(keys)})" if keys else
+                       f"each UPDATE checks and changes its version_id_col {version.name}")
+                raise CrossShardWriteError(
+                    f"reference row {name} is two objects in this session (read from shards "
+                    f"{key[2]} and {token}: a reference row is one object per shard it was read "
+                    f"from), both changed, and {why}: the second UPDATE would not find the row "
+                    f"the first one wrote. {fix}", table=table)
 
 
 def _pk_text(pk: tuple[Any, ...]) -> str:
