@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import heapq
 import ipaddress
 import itertools
@@ -272,11 +273,42 @@ _PG_DIALECT = PGDialect()
 def _pg_type(t: Any) -> Any:
     """The type PostgreSQL gets for ``t``: its ``with_variant(..., "postgresql")`` if it
     has one (``Text().with_variant(CITEXT(), "postgresql")``), else ``t``'s own
-    implementation (SQLAlchemy memoizes it per type object)."""
+    implementation (SQLAlchemy memoizes it per type object); for a ``postgresql.DOMAIN``,
+    :func:`_domain_base`."""
     try:
-        return t.dialect_impl(_PG_DIALECT)
+        t = t.dialect_impl(_PG_DIALECT)
     except Exception:  # noqa: BLE001 - a type that cannot say: judged as declared
         return t
+    return _domain_base(t) if isinstance(t, postgresql.DOMAIN) else t
+
+
+def _sql_type(t: Any) -> Any:
+    """``t``, or for a ``postgresql.DOMAIN`` :func:`_domain_base` (the checks that read a
+    column's declared type, without its variants)."""
+    return _domain_base(t) if isinstance(t, postgresql.DOMAIN) else t
+
+
+# Per domain type object, as _routing's _domain_coercer is.
+@functools.lru_cache(maxsize=256)
+def _domain_base(t: Any) -> Any:
+    """The type of a ``postgresql.DOMAIN``'s values, through domains over domains: PostgreSQL
+    orders, compares and aggregates them as its base type's, and drivers read them as those
+    (SQLAlchemy gives a domain no result processing, so a TypeDecorator inside one counts as
+    the type it stores).  A collation a domain sets (the outermost one that sets one) is the
+    values' collation: the base type is returned as a copy carrying it."""
+    collation = None
+    for _ in range(10):
+        if isinstance(t, postgresql.DOMAIN):
+            collation = collation or t.collation
+            t = t.data_type.dialect_impl(_PG_DIALECT)
+        elif isinstance(t, sqltypes.TypeDecorator):
+            t = t.impl_instance
+        else:
+            break
+    if collation and isinstance(t, sqltypes.String):
+        t = t.copy()
+        t.collation = collation
+    return t
 
 
 def _unmergeable_type(expr: Any) -> str | None:
@@ -292,6 +324,8 @@ def _unmergeable_type(expr: Any) -> str | None:
     t = getattr(expr, "type", None)
     if t is None:
         return None
+    if (name := _text_function_collation(inner, t)) is not None:
+        return f"text under collation {name}"
     found = _type_problem(t)
     if found is None and (pg := _pg_type(t)) is not t:
         found = _type_problem(pg)
@@ -336,7 +370,7 @@ def _database_collated(expr: Any) -> bool:
         inner = inner.element
     if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
         return False
-    t = getattr(expr, "type", None)
+    t = _sql_type(getattr(expr, "type", None))
     if isinstance(t, sqltypes.NullType) and isinstance(inner, functions.FunctionElement) and \
             inner.name.lower() in _TEXT_FUNCTIONS:
         # func.lower(name) and the like carry no type: text if their argument is.
@@ -380,7 +414,7 @@ def text_comparison(stmt: Any) -> str | None:
                 any(_database_collated(a) for a in e.clauses):
             return f"{e.name}() over text"
         if isinstance(e, elements.BinaryExpression) and e.operator in _CMP and id(e) in having and \
-                (_database_collated(e.left) or _database_collated(e.right)):
+                _compares_database_collated(e.left, e.right):
             return "a HAVING comparison of text"
         if isinstance(e, elements.BooleanClauseList) and id(e) in having:
             having.update(map(id, e.clauses))
@@ -390,6 +424,28 @@ def text_comparison(stmt: Any) -> str | None:
             continue
         stack.extend(e.get_children())
     return None
+
+
+def _compares_database_collated(left: Any, right: Any) -> bool:
+    """Whether a comparison of ``left`` and ``right`` compares text under the database's
+    collation: a side is text under it, and is not a parameter compared with text of a
+    collation of its own (PostgreSQL takes that one: ``max(col) > 'a'``, where col's type,
+    such as a domain, does not give the parameter its collation)."""
+    for side, other in ((left, right), (right, left)):
+        if _database_collated(side) and not (isinstance(side, BindParameter) and _own_collation(other)):
+            return True
+    return False
+
+
+def _own_collation(expr: Any) -> bool:
+    """Whether ``expr`` is text with a collation of its own (``COLLATE``, or its type's)."""
+    inner = expr
+    while isinstance(inner, (Label, elements.Grouping)):
+        inner = inner.element
+    if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
+        return True
+    t = _sql_type(getattr(expr, "type", None))
+    return isinstance(t, sqltypes.String) and bool(getattr(t, "collation", None))
 
 
 def _named_collation(expr: Any) -> str | None:
@@ -402,9 +458,23 @@ def _named_collation(expr: Any) -> str | None:
         name = inner.right.collation
     else:
         t = getattr(expr, "type", None)
+        if (name := _text_function_collation(inner, t)) is not None:
+            return name
         t = None if t is None else _pg_type(t)
         name = getattr(t, "collation", None) if isinstance(t, sqltypes.String) else None
     return name if name and name.upper() not in ("C", "POSIX") else None
+
+
+def _text_function_collation(inner: Any, t: Any) -> str | None:
+    """For ``lower(name)`` and the like (text functions SQLAlchemy gives no type): the
+    collation other than C/POSIX an argument is compared under (the function's result
+    keeps it), else None."""
+    if isinstance(t, sqltypes.NullType) and isinstance(inner, functions.FunctionElement) and \
+            inner.name.lower() in _TEXT_FUNCTIONS:
+        for a in inner.clauses:
+            if (name := _named_collation(a)) is not None:
+                return name
+    return None
 
 
 def _refuse_unhashable(expr: Any, use: str) -> None:
@@ -1161,7 +1231,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             # sum and count, do not carry it at all).  Float is exact only over float values.
             declared = _unmergeable_type(inner)
             if declared is None and name in ("sum", "avg") and isinstance(inner.type, sqltypes.Float) \
-                    and not all(isinstance(getattr(a, "type", None), sqltypes.Float) for a in args):
+                    and not all(isinstance(_sql_type(getattr(a, "type", None)), sqltypes.Float) for a in args):
                 declared = "numeric values converted to float"
             if declared is not None:
                 raise ScatterRefused(
@@ -1294,7 +1364,7 @@ def _under_c_collation(expr: Any) -> Any | None:
             and inner.right.collation.upper() in ("C", "POSIX")):
         return None
     left = inner.left
-    t = getattr(left, "type", None)
+    t = _sql_type(getattr(left, "type", None))
     is_text = isinstance(t, sqltypes.String) and not isinstance(t, sqltypes.Enum)
     return left if is_text or _database_collated(left) else None
 
@@ -1785,7 +1855,7 @@ def _merge_groups(plan: MergePlan, streams: Sequence[Iterable[Sequence[Any]]]) -
 
 
 def _is_float4(expr: Any) -> bool:
-    t = getattr(expr, "type", None)
+    t = _sql_type(getattr(expr, "type", None))
     return isinstance(t, sqltypes.REAL) or (
         isinstance(t, sqltypes.Float) and not isinstance(t, sqltypes.Double)
         and t.precision is not None and t.precision <= 24)
