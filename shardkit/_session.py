@@ -214,7 +214,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._sk_commit_conns: dict[str, Any] = {}
         # shard -> the replica this transaction reads it from (_ON_PRIMARY: its primary).
         self._sk_replica: dict[str, int] = {}
-        # During a flush: new reference rows already copied to every shard.
+        # During a flush: the objects whose reference rows were already copied to (or
+        # deleted from) every shard, at their INSERT, UPDATE or DELETE.
         self._sk_ref_copied: set[Any] = set()
         if cluster.catalog is not None:
             # The map in use when the identity map was last empty: objects held
@@ -1416,6 +1417,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     raise
                 finally:
                     self._sk_placements = None
+        except sa_exc.DBAPIError as e:
+            if self.cluster.config.reference_tables:
+                _note_reference_write_failed_first(self, e)
+            raise
         finally:
             self._sk_flush_conns = None
             written, self._sk_ref_written = self._sk_ref_written, None
@@ -3354,6 +3359,9 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
             if results and reference:
                 _note_reference_copy_failed(session, e, shard, statement.table,
                                             list(route.shards[:len(results)]))
+            elif reference:
+                e.add_note(f"(on shard {shard}, the first of the shards a write of reference "
+                           f"table {statement.table} runs on: nothing was written)")
             raise
         if route.keys and session.cluster.catalog is not None:
             _check_still_owner(session, shard, statement, results[-1], one_key=route.keys == "one",
@@ -4331,28 +4339,96 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
             "(when the object is made, or in a before_flush listener)", table=tr.table)
 
 
+def _flushed_reference(mapper: Any, target: Any) -> tuple[ShardedSession, Any] | None:
+    """``(session, state)`` of an object a flush writes in a reference table, for the
+    mapper listeners that copy its row to the other shards; None otherwise (at once
+    when the cluster has no reference tables)."""
+    state = inspect(target)
+    session = state.session
+    if not isinstance(session, ShardedSession) or not session.cluster.config.reference_tables:
+        return None
+    return (session, state) if _is_reference(session.cluster.router, mapper) else None
+
+
 def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
     """Mapper "after_insert": a new reference row reaches every shard at once, in the
     flush, so a sharded row inserted later in the same flush (on any shard) can
     reference it by foreign key.  (after_flush then skips it, unless a post_update
     relationship may have changed it after the INSERT.)"""
-    state = inspect(target)
-    session = state.session
-    if not isinstance(session, ShardedSession):
+    found = _flushed_reference(mapper, target)
+    if found is None:
         return
-    cluster = session.cluster
-    if not cluster.config.reference_tables:
-        return
-    try:
-        if not cluster.router.table_route(mapper).is_reference:
-            return
-    except RoutingError:
-        return
-    home = _engine_info(connection).get("shard")
+    session, state = found
     pk = mapper.primary_key_from_instance(target)
     if None in pk:
         return
+    _copy_reference_row(session, connection, mapper, pk, None)
+    session._sk_ref_copied.add(state)
+
+
+def _copy_changed_reference_row(mapper: Any, connection: Any, target: Any) -> None:
+    """Mapper "after_update": the changed reference row is copied to the other shards
+    at once, in the flush's order of statements, as it runs on the first shard: a row
+    given another primary key is updated there by its old key (a foreign key's ON UPDATE
+    CASCADE or SET NULL then does on each copy what it did on the first shard; a DELETE of
+    the old key and an INSERT of the new one would delete or orphan the rows referencing
+    it), and a row another statement of the flush depends on (a child moved to another
+    parent before the old parent's DELETE) is there before that statement runs."""
+    found = _flushed_reference(mapper, target)
+    if found is None:
+        return
+    session, state = found
+    # (SQLAlchemy calls this for every object of the flush's UPDATE step, also one
+    # whose only change is a collection: no UPDATE of its row.)
+    if not session.is_modified(target, include_collections=False):
+        return
+    pk = mapper.primary_key_from_instance(target)
+    if None in pk:
+        return
+    _copy_reference_row(session, connection, mapper, pk, _old_primary_key(state, pk))
+    session._sk_ref_copied.add(state)
+
+
+def _delete_reference_copies(mapper: Any, connection: Any, target: Any) -> None:
+    """Mapper "after_delete": the deleted reference row is deleted on the other shards
+    at once, in the flush's order (the rows of a self-referential table children first,
+    as the flush deleted them; after the UPDATEs that moved rows away from it), so that
+    each copy's foreign keys see, and their ON DELETE actions do, what the first shard's did."""
+    found = _flushed_reference(mapper, target)
+    if found is None:
+        return
+    session, state = found
+    if state.key is None:
+        return
+    cluster = session.cluster
+    home = _engine_info(connection).get("shard")
+    keys = _reference_table_keys(cluster.router, mapper, state.key[1])
+    if len(keys) > 1:  # joined inheritance: the subclass's table first
+        order = _in_table_order({(table, ""): table_pk for table, table_pk in keys}, reverse=True)
+        keys = [(table, table_pk) for (table, _), table_pk in order.items()]
+    for table, table_pk in keys:
+        stmt = table.delete().where(*[c == v for c, v in zip(table.primary_key.columns, table_pk)])
+        done = [home]
+        for shard in cluster.shard_names:
+            if shard != home:
+                try:
+                    session.connection(bind_arguments={"shard_id": shard}).execute(stmt)
+                except sa_exc.DBAPIError as e:
+                    _note_reference_copy_failed(session, e, shard, table, done)
+                    raise
+                done.append(shard)
+    session._sk_ref_copied.add(state)
+
+
+def _copy_reference_row(session: ShardedSession, connection: Any, mapper: Any, pk: Sequence[Any],
+                        old: Sequence[Any] | None) -> None:
+    """Copy the row of primary key ``pk`` that the flush wrote through ``connection`` (the
+    first shard's) to every other shard: each table of its class, the base class's first.
+    With ``old`` (the primary key the row had), each copy is updated by its old key."""
+    cluster = session.cluster
+    home = _engine_info(connection).get("shard")
     keys = _reference_table_keys(cluster.router, mapper, pk)
+    olds = dict(_reference_table_keys(cluster.router, mapper, old)) if old is not None else {}
     if len(keys) > 1:  # joined inheritance: the base class's table first
         order = _in_table_order({(table, ""): table_pk for table, table_pk in keys})
         keys = [(table, table_pk) for (table, _), table_pk in order.items()]
@@ -4362,17 +4438,66 @@ def _copy_new_reference_row(mapper: Any, connection: Any, target: Any) -> None:
             *[c == v for c, v in zip(pk_cols, table_pk)])).mappings().first()
         if row is None:
             return
-        stmt = _reference_upsert(table)
+        stmt = _reference_upsert(table).returning(*table.columns)
+        old_pk = olds.get(table)
+        moved = None
+        if old_pk is not None and tuple(old_pk) != tuple(table_pk):
+            moved = table.update().where(*[c == v for c, v in zip(pk_cols, old_pk)]) \
+                .values(dict(row)).returning(*table.columns)
         done = [home]
         for shard in cluster.shard_names:
             if shard != home:
+                conn = session.connection(bind_arguments={"shard_id": shard})
                 try:
-                    session.connection(bind_arguments={"shard_id": shard}).execute(stmt, [dict(row)])
+                    # (Its copy may have the new key already: an ON UPDATE CASCADE from
+                    # the base class's table.)
+                    copy = None if moved is None else conn.execute(moved).mappings().first()
+                    if copy is None:
+                        copy = conn.execute(stmt, dict(row)).mappings().first()
                 except sa_exc.DBAPIError as e:
                     _note_reference_copy_failed(session, e, shard, table, done)
                     raise
+                _refuse_different_copy(table, shard, home, [row], [copy], stmt)
                 done.append(shard)
-    session._sk_ref_copied.add(state)
+
+
+def _refuse_different_copy(table: Any, shard: str, home: Any, rows: list[Any], copies: list[Any],
+                           stmt: Any) -> None:
+    """Refuse copies (``copies``: what writing ``rows`` returned on ``shard``) that came
+    out other than the first shard's rows they were copied from: a trigger (or rule) on
+    the table changed or dropped them there, as it wrote them on the first shard.  (A
+    table of primary key columns only returns no row for a row the copy had.)"""
+    if len(table.primary_key.columns) == len(table.columns):
+        return
+    for row, copy in zip(rows, copies):
+        if copy is not None and all(_same_value(row[c.key], copy[c.key]) for c in table.columns):
+            continue
+        cols = [] if copy is None else [c.name for c in table.columns
+                                        if not _same_value(row[c.key], copy[c.key])]
+        why = ("the row is not there" if copy is None else f"column {cols[0]} differs"
+               if len(cols) == 1 else f"columns {', '.join(cols)} differ")
+        raise CrossShardWriteError(
+            f"reference table {table.fullname}: the copy of a row this flush wrote on shard "
+            f"{home} came out different on shard {shard} ({why}): a trigger or rule on the table "
+            "changes the rows written to it, and did so again when the row was copied there. "
+            "The flush failed: roll back (in a transaction, nothing of it is committed). Write "
+            "this table with statements (session.execute(insert(...)/update(...)) run on every "
+            "shard), or let the trigger leave a copied row as written", table=table.fullname,
+            statement=stmt)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether two values read back from two shards' copies of a row are the same, as far
+    as Python can tell: NaN is NaN's, and values of a class that cannot compare them
+    (equality by identity, or an error) are taken as the same rather than refused."""
+    try:
+        if a == b:
+            return True
+    except Exception:  # noqa: BLE001 - a type that cannot compare: not refused for it
+        return True
+    if a != a and b != b:  # NaN (float or Decimal): equal to nothing, itself included
+        return True
+    return type(a) is type(b) and type(a).__eq__ is object.__eq__
 
 
 def _reference_upsert(table: Any) -> Any:
@@ -4416,6 +4541,29 @@ def _note_reference_copy_failed(session: ShardedSession, error: BaseException, s
                    .format(shard=shard, table=table.fullname, done=names))
 
 
+def _note_reference_write_failed_first(session: ShardedSession, error: sa_exc.DBAPIError) -> None:
+    """A flush's own INSERT, UPDATE or DELETE of a reference row failed: say that it ran on
+    the first shard (where the flush writes reference rows before copying them), which
+    the error does not."""
+    if any("on shard" in note for note in getattr(error, "__notes__", ())):
+        return  # (a copy's failure: _note_reference_copy_failed named its shard)
+    sql = error.statement or ""
+    if not sql.startswith(("INSERT INTO ", "UPDATE ", "DELETE FROM ")):
+        return
+    # (The table as SQLAlchemy's flush names it: INSERT INTO t, UPDATE t SET, DELETE FROM t.)
+    name = sql.split(" ", 3)[1 if sql.startswith("UPDATE") else 2]
+    name = ".".join(part.strip('"') for part in name.split("."))
+    try:
+        if not _is_reference(session.cluster.router, name):
+            return
+    except Exception:  # noqa: BLE001 - only a note: the flush's own error is what counts
+        return
+    error.add_note(
+        f"(on shard {session.cluster.shard_names[0]}: a flush writes reference table {name}'s "
+        "rows on the first shard, then copies them to the others: the flush failed there; "
+        "roll back)")
+
+
 def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
     """Copy reference-table rows written on one shard to every other shard, in the same transaction."""
     assert isinstance(session, ShardedSession)
@@ -4432,21 +4580,35 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
         for obj in objs:
             state = inspect(obj)
             mapper = state.mapper
-            if state in copied and not any(r.post_update for r in mapper.relationships):
-                continue  # copied at its INSERT (_copy_new_reference_row)
-            try:
-                tr: TableRoute = router.table_route(mapper)
-            except RoutingError:
-                continue
-            if not tr.is_reference:
-                continue
+            new = bucket is upserts and obj in session.new
+            if state in copied:
+                # Copied by its INSERT, UPDATE or DELETE (_copy_new_reference_row,
+                # _copy_changed_reference_row, _delete_reference_copies); a post_update
+                # relationship (no mapper event) may have changed the row since.
+                if new and not any(r.post_update for r in mapper.relationships):
+                    continue
+            else:
+                try:
+                    if not router.table_route(mapper).is_reference:
+                        continue
+                except RoutingError:
+                    continue
             # (A change of a collection only, country.tenants.append(t), writes other
             # rows: not this one.)
-            if bucket is upserts and obj not in session.new and \
+            if bucket is upserts and not new and \
                     not session.is_modified(obj, include_collections=False):
                 continue
             pk = mapper.primary_key_from_instance(obj)
-            old = _old_primary_key(state, pk) if bucket is upserts and obj not in session.new else None
+            old = _old_primary_key(state, pk) if bucket is upserts and not new else None
+            if bucket is deletes or not new:
+                if state.key is not None:
+                    # The session's other objects of this row (read from other shards)
+                    # hold its old values: expired once the flush is done.
+                    written.append((state.key, old))
+            if state in copied:
+                if bucket is deletes or not any(r.post_update for r in mapper.relationships):
+                    continue
+                old = None  # (its copies were given the new key at its UPDATE)
             # (written on the first shard by the flush: see connection_callable)
             home = cluster.shard_names[0]
             for table, table_pk in _reference_table_keys(router, mapper, pk):
@@ -4455,11 +4617,6 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 # The primary key changed: the copies elsewhere have the old one.
                 for table, table_pk in _reference_table_keys(router, mapper, old):
                     deletes.setdefault((table, home), []).append(table_pk)
-            if bucket is deletes or obj not in session.new:
-                if state.key is not None:
-                    # The session's other objects of this row (read from other shards)
-                    # hold its old values: expired once the flush is done.
-                    written.append((state.key, old))
     if written:
         session._sk_ref_written = (session._sk_ref_written or []) + written
     if not upserts and not deletes:
@@ -4491,16 +4648,18 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                 rows.append(dict(row))
         if not rows:
             continue
-        stmt = _reference_upsert(table)
+        stmt = _reference_upsert(table).returning(*table.columns)
         done = [home]
         for shard in cluster.shard_names:
             if shard == home:
                 continue
+            conn = session.connection(bind_arguments={"shard_id": shard})
             try:
-                session.connection(bind_arguments={"shard_id": shard}).execute(stmt, rows)
+                copies = [conn.execute(stmt, row).mappings().first() for row in rows]
             except sa_exc.DBAPIError as e:
                 _note_reference_copy_failed(session, e, shard, table, done)
                 raise
+            _refuse_different_copy(table, shard, home, rows, copies, stmt)
             done.append(shard)
 
 
@@ -5516,6 +5675,8 @@ event.listen(ShardedSession, "before_attach", _token_for_keyed)
 # On every mapper (it returns at once outside a ShardedSession).
 event.listen(Mapper, "before_update", _refuse_key_change_in_flush)
 event.listen(Mapper, "after_insert", _copy_new_reference_row)
+event.listen(Mapper, "after_update", _copy_changed_reference_row)
+event.listen(Mapper, "after_delete", _delete_reference_copies)
 event.listen(Mapper, "after_insert", _refuse_key_changed_after_routing)
 event.listen(Mapper, "after_update", _refuse_key_changed_after_routing)
 # On every class SQLAlchemy stops instrumenting (public InstrumentationEvents; rare).
