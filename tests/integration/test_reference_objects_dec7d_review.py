@@ -13,8 +13,9 @@ column of one row through two objects is refused before anything is written.
 from __future__ import annotations
 
 import pytest
+from reference_env import ReferenceEnv
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, event, inspect, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship
 from sqlalchemy.orm import exc as orm_exc
 
 import shardkit
@@ -47,24 +48,10 @@ CONFIG = {
 }
 
 
-class Env:
+class Env(ReferenceEnv):
     def __init__(self, dev, cluster):
-        self.dev = dev
-        self.cluster = cluster
-        self.names = list(cluster.shard_names)
-        self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
-        # One tenant on each of the first two shards.
-        self.tenants: list[int] = []
-        for shard in self.names[:2]:
-            self.tenants.append(next(k for k in range(1, 1000) if cluster.shard_for(RoTenant, k) == shard
-                                     and k not in self.tenants))
-
-    def copies(self, sql: str) -> dict[str, list]:
-        out = {}
-        for s in self.names:
-            with self.cluster.primary(s).connect() as c:
-                out[s] = [tuple(r) for r in c.execute(text(sql))]
-        return out
+        super().__init__(dev, cluster)
+        self.tenants = self.keys_on_shards(RoTenant)  # one tenant on each of the first two shards
 
     def two_objects(self, s):
         """Country 1 as two objects of the session: one read through a tenant of each shard."""

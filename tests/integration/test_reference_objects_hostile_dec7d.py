@@ -8,9 +8,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from reference_env import ReferenceEnv
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, event, inspect, select, text
 from sqlalchemy.ext.horizontal_shard import set_shard_id
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.orm import exc as orm_exc
 
 import shardkit
@@ -89,26 +90,10 @@ CONFIG = {
 }
 
 
-class Env:
+class Env(ReferenceEnv):
     def __init__(self, dev, cluster):
-        self.dev = dev
-        self.cluster = cluster
-        self.names = list(cluster.shard_names)
-        self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
-        self.tenants: list[int] = []
-        for shard in self.names[:2]:
-            self.tenants.append(next(k for k in range(1, 1000) if cluster.shard_for(HoTenant, k) == shard
-                                     and k not in self.tenants))
-
-    def copies(self, sql: str) -> dict[str, list]:
-        out = {}
-        for s in self.names:
-            with self.cluster.primary(s).connect() as c:
-                out[s] = [tuple(r) for r in c.execute(text(sql))]
-        return out
-
-    def same(self, sql: str, rows: list) -> None:
-        assert self.copies(sql) == {n: rows for n in self.names}
+        super().__init__(dev, cluster)
+        self.tenants = self.keys_on_shards(HoTenant)
 
     def two(self, s, cls, *where):
         """The row as two objects of session ``s``: read from the first two shards."""

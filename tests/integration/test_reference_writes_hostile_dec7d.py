@@ -6,9 +6,10 @@ each shard's primary), or the write be refused with nothing written."""
 from __future__ import annotations
 
 import pytest
+from reference_env import ReferenceEnv
 from sqlalchemy import Float, ForeignKey, Integer, String, TypeDecorator, delete, insert, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import shardkit
 
@@ -123,29 +124,6 @@ CONFIG = {"reference_tables": REFS,
           "groups": {"tenants": {"strategy": "hash", "tables": {"rw_tenants": "id"}}}}
 
 
-class Env:
-    def __init__(self, dev, cluster):
-        self.dev = dev
-        self.cluster = cluster
-        self.names = list(cluster.shard_names)
-        self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
-
-    def copies(self, sql: str) -> dict[str, list]:
-        out = {}
-        for s in self.names:
-            with self.cluster.primary(s).connect() as c:
-                out[s] = [tuple(r) for r in c.execute(text(sql))]
-        return out
-
-    def same(self, sql: str, rows: list | None = None) -> list:
-        got = self.copies(sql)
-        first = got[self.names[0]]
-        assert got == {n: first for n in self.names}, got
-        if rows is not None:
-            assert first == rows
-        return first
-
-
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory):
     dev = shardkit_module_cluster_factory(shards=3, replicas=0)
@@ -153,7 +131,7 @@ def env(shardkit_module_cluster_factory):
     for s in cluster.shard_names:
         RwBase.metadata.create_all(cluster.primary(s))
     try:
-        yield Env(dev, cluster)
+        yield ReferenceEnv(dev, cluster)
     finally:
         cluster.dispose()
 
