@@ -223,6 +223,9 @@ class Router:
         # mapper -> its table's route and shard key attributes (see the session's
         # shard_of_instance)
         self.instance_keys: dict[Any, Any] = {}
+        # mapper -> whether a shard key column of its table has an onupdate (see the
+        # session's _key_onupdate)
+        self.key_onupdates: dict[Any, bool] = {}
         # mapper -> table_route(mapper)
         self._mapper_routes: dict[Any, TableRoute] = {}
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
@@ -725,12 +728,15 @@ class Router:
                         self.route(stmt, p, all_shards=True)
                     else:
                         self._refuse_key_move(stmt, p, route)
+            else:
+                _refuse_key_onupdate(tr, stmt)
             return
         if isinstance(params, Mapping):
             # Parameters of an UPDATE without values() become its SET clause.
             sets.update({_set_name(table, k): v for k, v in params.items()})
         touched = [c for c in tr.key_columns if c in sets]
         if not touched:
+            _refuse_key_onupdate(tr, stmt)
             return
         pmap = params if isinstance(params, Mapping) else _EMPTY
 
@@ -1945,6 +1951,24 @@ def _range_bound(co: Any, v: Any, high: bool) -> Any:
 
 def _is_unresolved(v: Any) -> bool:
     return v is None or isinstance(v, ClauseElement)
+
+
+def _refuse_key_onupdate(tr: TableRoute, stmt: Update) -> None:
+    """Refuse an UPDATE that leaves a shard key column with an ``onupdate=`` unset: the
+    column's onupdate would give each row a new key there, on the row's shard, whatever
+    shard that key belongs on (a value shardkit does not know before the UPDATE)."""
+    columns = getattr(stmt.table, "c", None)
+    if columns is None:
+        return
+    for name in tr.key_columns:
+        col = columns.get(name)
+        if col is not None and getattr(col, "onupdate", None) is not None:
+            raise CrossShardWriteError(
+                f"update of {tr.table} leaves shard key column {name} to its onupdate=, which "
+                "would give the rows a new key on the shards they are on, owned by whichever "
+                "shard it names; set the key in the UPDATE (values("
+                f"{name}=...), its current value), or remove onupdate= from the shard key column",
+                table=tr.table, statement=stmt)
 
 
 def _no_key(row: Mapping[str, Any], missing: Sequence[str]) -> str:

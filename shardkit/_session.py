@@ -1305,7 +1305,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
             batches.sort(key=lambda b: (id(b[0]), b[1]))
         for mapper, is_insert, rows in batches:
             if is_insert:
-                self.bulk_insert_mappings(mapper, rows)
+                try:
+                    self.bulk_insert_mappings(mapper, rows)
+                except ShardKeyError as e:
+                    e.add_note(
+                        "(bulk_save_objects() runs no mapper listeners, as in SQLAlchemy: a key a "
+                        "before_insert listener would set is not set; nor does it make a key from "
+                        "the column's default or a parent relationship before the shard is chosen. "
+                        "Set the key on each object, or session.add_all() them)")
+                    raise
             else:
                 # (Each object's row is the one of its primary key on its shard, whose
                 # key it may change: see _refuse_bulk_key_move.)
@@ -1673,7 +1681,10 @@ def shard_of_instance(cluster: Cluster, mapper: Any, instance: Any) -> str:
                     f"{attr} (or its parent relationship) before flushing, or give the column "
                     "a Python default of no arguments (default=uuid.uuid4): a value made at the "
                     "INSERT (a serial, identity or server default, a SQL expression, a default "
-                    "that takes the execution context) comes after the shard is chosen",
+                    "that takes the execution context) comes after the shard is chosen"
+                    + ("; so does a key set by a before_insert listener, which runs after the "
+                       "shard is chosen: set it in a before_flush listener instead"
+                       if state.key is None and mapper.dispatch.before_insert else ""),
                     table=tr.table,
                 )
             # The key a Python-side default makes (default=uuid.uuid4): made now, as the
@@ -1710,7 +1721,8 @@ def _python_default(column: Any) -> Any:
     """The value ``column``'s Python-side INSERT default makes, when it needs no execution
     context (a scalar, or a callable of no arguments such as ``uuid.uuid4``), else None."""
     d = column.default
-    if d is None or d.for_update:
+    if d is None or d.for_update or d.is_sequence:
+        # (A Sequence, Sequence("ids") beside the type, is the database's, as a serial.)
         return None
     if d.is_scalar:
         return d.arg
@@ -4305,22 +4317,40 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
     has had its row written where the router never looks for it: refused, so the flush
     rolls back and nothing is written."""
     state = inspect(target)
+    onupdate = False
     # (Every mapper's before_update has shardkit's own check, _refuse_key_change_in_flush:
     # more than that one is the application's.)
     if not (mapper.dispatch.before_insert if state.key is None else len(mapper.dispatch.before_update) > 1):
         # Only the application's before_insert / before_update listeners run between a
-        # row's routing (or shardkit's own check of an update) and its write: without one,
-        # its key is the one it was routed by (not worked out again per row).
-        return
+        # row's routing (or shardkit's own check of an update) and its write, and a key
+        # column's onupdate= at the UPDATE: without them, its key is the one it was routed
+        # by (not worked out again per row).
+        if state.key is None:
+            return
+        session = state.session
+        if not isinstance(session, ShardedSession) or not _key_onupdate(session.cluster.router, mapper):
+            return
+        onupdate = True
     found = _sharded_flush_target(state, mapper)
     if found is None:
         return
     session, tr = found
-    if state.key is not None and not _key_changed(state, mapper, tr):
-        return
+    if state.key is not None and not onupdate and not _key_changed(state, mapper, tr):
+        # (An application's before_update listener left the key: its onupdate= may not.)
+        if not _key_onupdate(session.cluster.router, mapper):
+            return
+        onupdate = True
     written_on = _primary_shard(connection)
     if written_on is None:
         return
+    if onupdate and any(mapper.get_property_by_column(mapper.local_table.c[c]).key not in state.dict
+                        for c in tr.key_columns if c in mapper.local_table.c):
+        # A SQL onupdate (func.x()): the database made the key, which the flush expired.
+        raise CrossShardWriteError(
+            f"the UPDATE of {type(target).__name__} {state.key[1]} on shard {written_on} gave its "
+            f"shard key a value the database made (the key column's onupdate=), which may "
+            "belong on another shard; nothing was written. Remove onupdate= from the shard "
+            "key column, or set the key yourself", table=tr.table)
     try:
         belongs = shard_of_instance(session.cluster, mapper, target)
     except ShardKeyError as e:
@@ -4335,8 +4365,32 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
             f"the shard key of {type(target).__name__} was changed during the flush, after its "
             f"row was routed: it was {verb} on shard {written_on} but its key now belongs on "
             f"{belongs} (a before_insert or before_update listener that sets the key runs after "
-            "the flush has chosen the shard); nothing was written. Set the key before the flush "
-            "(when the object is made, or in a before_flush listener)", table=tr.table)
+            "the flush has chosen the shard"
+            + (", and so does the key column's onupdate=" if onupdate else "")
+            + "); nothing was written. Set the key before the flush "
+            "(when the object is made, or in a before_flush listener)"
+            + (", and remove onupdate= from the shard key column" if onupdate else ""),
+            table=tr.table)
+
+
+def _key_onupdate(router: Router, mapper: Any) -> bool:
+    """Whether a shard key column of ``mapper``'s table has an ``onupdate=``, which gives
+    the row a new key at each UPDATE that does not set it, on the row's shard (kept per
+    mapper in ``router.key_onupdates``)."""
+    try:
+        return router.key_onupdates[mapper]
+    except KeyError:
+        pass
+    try:
+        tr = router.table_route(mapper)
+    except RoutingError:
+        found = False
+    else:
+        table = mapper.local_table
+        found = tr.strategy is not None and any(
+            c in table.c and table.c[c].onupdate is not None for c in tr.key_columns)
+    router.key_onupdates[mapper] = found
+    return found
 
 
 def _flushed_reference(mapper: Any, target: Any) -> tuple[ShardedSession, Any] | None:
