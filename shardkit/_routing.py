@@ -44,7 +44,7 @@ from ._config import PRIMARY, ClusterConfig, GroupConfig
 from ._hashing import _murmur3_32, _pack_int64
 from ._strategies import HashStrategy, ListStrategy, RangeStrategy, Strategy
 from ._colocation import _derived_select, colocation_problem, compound_selects, dml_extra_froms
-from ._scatter import compound_keyword, exists_column
+from ._scatter import compound_keyword, exists_column, orm_windows_problem
 from .errors import CrossShardWriteError, RoutingError, ScatterRefused, ShardKeyError
 
 __all__ = ["Route", "Router", "TableRoute"]
@@ -146,6 +146,9 @@ class _Plan:
     # Why it cannot run on several shards, though it can on one: a derived table
     # with LIMIT (or GROUP BY, DISTINCT) whose own WHERE decides the route.
     one_shard_only: str | None = None
+    # Why its rows from several shards cannot be merged, though one shard's are exact: a
+    # window function an ORM entity loads (see orm_windows_problem).
+    entity_window: str | None = None
     # (group, bind index, coercer) when ``key = :value`` alone pins the statement
     # to one shard; the routes of such a plan depend only on that shard, so they
     # are kept here (shard -> Route) and a repeated read costs one hash.
@@ -645,7 +648,7 @@ class Router:
             shards = s if shards is None else shards & s
 
         if shards is None:
-            if plan.one_shard_only and len(self.shard_names) > 1:
+            if (plan.one_shard_only or plan.entity_window) and len(self.shard_names) > 1:
                 self._refuse_one_shard_only(plan, statement, self.shard_names)
             if is_write and not all_shards and plan.bare_text:
                 raise CrossShardWriteError(
@@ -676,7 +679,7 @@ class Router:
             # Contradictory predicates (key = 1 AND key = 2 on different shards):
             # no shard can hold a row; one shard gives the right empty answer.
             ordered = (anywhere if anywhere in self.shard_set else self.any_shard(),)
-        if plan.one_shard_only and len(ordered) > 1:
+        if (plan.one_shard_only or plan.entity_window) and len(ordered) > 1:
             self._refuse_one_shard_only(plan, statement, ordered)
         split = None
         if splits and len(ordered) > 1:
@@ -696,6 +699,12 @@ class Router:
         return route
 
     def _refuse_one_shard_only(self, plan: _Plan, statement: Any, shards: Sequence[str]) -> None:
+        if plan.entity_window and not plan.one_shard_only:
+            raise ScatterRefused(
+                f"{plan.entity_window}, or load the objects without it (defer() it, or leave "
+                f"out its with_expression()); the statement runs on shards {', '.join(shards)}",
+                construct="window function",
+                statement=statement)
         raise ScatterRefused(
             f"{plan.one_shard_only}, and the statement runs on shards {', '.join(shards)}; "
             "shardkit runs a statement on each shard over that shard's rows, which would quietly "
@@ -1160,7 +1169,7 @@ class Router:
                 pred = ("and", kids) if kids else None
         except _NotSimple:
             return None
-        colocation = one_shard_only = None
+        colocation = one_shard_only = entity_window = None
         if fast_tables is None and groups:
             concrete = _concrete_union_problem(statement)
             colocation = concrete or colocation_problem(statement, self._placement,
@@ -1177,6 +1186,9 @@ class Router:
                 colocation = self.entities_problem(statement)
             if colocation is None:
                 colocation = self.criteria_problem(getattr(statement, "_with_options", ()))
+            if colocation is None and one_shard_only is None:
+                entity_window = orm_windows_problem(statement, self._placement,
+                                                    self.disjoint_groups)
         single = None
         if colocation is None and len(groups) == 1 and not isinstance(statement, Insert):
             node = pred
@@ -1185,7 +1197,7 @@ class Router:
             if node is not None and node[0] == "eq" and self._arity(node[1]) == 1:
                 single = (node[1], node[3], node[4])
         return _Plan(tuple(names), groups, tuple(refs), pred, binds, colocation=colocation,
-                     one_shard_only=one_shard_only, dml_cte=dml_cte,
+                     one_shard_only=one_shard_only, entity_window=entity_window, dml_cte=dml_cte,
                      single_key=single, bare_text=bool(bare_text),
                      anonymous_binds=tuple(anonymous_binds))
 

@@ -817,6 +817,19 @@ def describe_local_derived(stmt: Any, placement: Resolver, disjoint_groups: froz
             "computes it whole") if local else ""
 
 
+def _refuse_bundle(col: Any) -> None:
+    """Refuse an ORM ``Bundle`` in an aggregate query across shards: the merge combines the
+    shards' partials column by column, and a Bundle is one result column made of several."""
+    bundle = getattr(col, "_annotations", {}).get("bundle")
+    if bundle is not None:
+        raise ScatterRefused(
+            f"Bundle {bundle.name!r} in a query with GROUP BY or aggregates across shards is "
+            "not merged (the merge combines each shard's partial aggregates column by column, "
+            "and a Bundle is one result column of several); select its columns themselves "
+            "(select(Model.name, func.count())), or add the shard key to WHERE to read one "
+            "shard", construct="Bundle with aggregates")
+
+
 def _is_entity(col: Any) -> bool:
     ann = getattr(col, "_annotations", {})
     return "parententity" in ann and isinstance(col, selectable.FromClause)
@@ -1094,6 +1107,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             construct="window function with aggregates")
     for name, _c in nested:
         if name is not None:
+            _refuse_bundle(_c)
             raise ScatterRefused(
                 f"an expression over {name}() in the select list cannot be merged from per-shard "
                 f"partials; select {name}(...) itself and compute the expression in Python",
@@ -1292,6 +1306,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             outputs.append(OutputColumn("value", (i,)))
             continue
         if gi is None:
+            _refuse_bundle(c)
             raise ScatterRefused(
                 f"column {c} is neither in GROUP BY nor an aggregate", construct="ungrouped column")
         outputs.append(OutputColumn("value", (group_pos_for[gi],)))
@@ -1507,6 +1522,64 @@ def _distinct_key(col: Any, stmt: Any, placement: Resolver | None,
         # about the rows of the key's table, which an outer join pads.
         return (f"{col} is on the optional side of an outer join; use the key of "
                 "the table on the other side, or join inner")
+    return None
+
+
+def _windows_of(expr: Any) -> Iterator[elements.Over]:
+    """The window functions in ``expr`` computed over its statement's rows (not those of a
+    subquery in it, which run over the subquery's rows)."""
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, (selectable.SelectBase, selectable.ScalarSelect)):
+            continue
+        if isinstance(e, elements.Over):
+            yield e
+        stack.extend(e.get_children())
+
+
+def orm_windows_problem(stmt: Any, placement: Resolver | None,
+                        disjoint_groups: frozenset[str]) -> str | None:
+    """Why an ORM ``SELECT`` of entities cannot be merged across shards because of a window
+    function the ORM adds to what it selects, or None: a ``column_property()``, a
+    ``query_expression()``'s default or a ``with_expression()`` such as ``count(*) OVER ()``,
+    which each shard would compute over its own rows only (those of the entities a joined
+    eager load brings too).  Such a window partitioned by the one-column shard key is exact,
+    as in a select list (:func:`_window_key`); the statement's own select list, ORDER BY and
+    HAVING are the merge plan's to judge.  (Builds the ORM's statement: ask once per
+    statement shape.)"""
+    if not isinstance(stmt, selectable.Select) or \
+            stmt._propagate_attrs.get("compile_state_plugin") != "orm":
+        return None
+    if not stmt._with_options and not any(_is_entity(c) for c in stmt._raw_columns):
+        return None
+    try:
+        built = stmt._compile_state_factory(stmt, stmt._default_compiler()).statement
+    except Exception:   # noqa: BLE001 - its execution raises its own error
+        return None
+    own = [w for part in (*stmt._raw_columns, *stmt._order_by_clauses, *stmt._having_criteria)
+           for w in _windows_of(part)]
+    # The ORM puts a statement with LIMIT (and a joined eager load of a collection) in a
+    # derived table of its own: its select list is computed on each shard too.
+    selects, seen = [built], set()
+    while selects:
+        sel = selects.pop()
+        if id(sel) in seen:
+            continue
+        seen.add(id(sel))
+        for frm in sel._from_obj:
+            for e in visitors.iterate(frm):
+                if isinstance(e, selectable.Subquery) and isinstance(e.element, selectable.Select):
+                    selects.append(e.element)
+        for col in sel._raw_columns:
+            for w in _windows_of(col):
+                if any(w.compare(o) for o in own):
+                    continue
+                try:
+                    _window_key(w, sel, placement, disjoint_groups)
+                except ScatterRefused as e:
+                    return (f"an ORM entity loads {w} (a column_property(), query_expression() or "
+                            f"with_expression() of it): {e}")
     return None
 
 

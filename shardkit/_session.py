@@ -2452,7 +2452,10 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
             "ORM bulk INSERT ... RETURNING (rows given as parameters, a list or one dict, "
             "which SQLAlchemy runs as a bulk INSERT) is not supported by ShardedSession; add "
             "the objects with session.add_all(), give one row's values in the statement "
-            "(insert(Model).values(...).returning(...)), or insert without returning()",
+            "(insert(Model).values(...).returning(...)), insert without returning(), or, to "
+            "get columns back, insert into the table (insert(Model.__table__).returning("
+            "Model.__table__.c.id, sort_by_parameter_order=True), keyed by column names), "
+            "whose rows are split by shard and come back in the order of the rows given",
             statement=statement,
         )
     mapper = statement._propagate_attrs["plugin_subject"].mapper
@@ -3411,6 +3414,13 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
     if (not in_runs and isinstance(statement, Insert) and statement._sort_by_parameter_order
             and isinstance(params, list) and route.split is not None and len(results) > 1):
         return _in_parameter_order(results, [route.split[sh] for sh in route.shards], params)
+    if in_runs and len(results) > 1:
+        # A run of one set runs as one statement, a run of several as an executemany whose
+        # RETURNING carries a sentinel column SQLAlchemy sorts by and leaves out: each
+        # result's rows are read by its own metadata (merge() reads them all by the first's,
+        # adding or dropping a column).
+        frozen = [r.freeze() for r in results]
+        return frozen[0].with_new_rows([row for f in frozen for row in f.data])()
     return results[0].merge(*results[1:])
 
 
