@@ -55,7 +55,7 @@ from itertools import count as _counter
 
 from psycopg.pq import TransactionStatus
 
-from sqlalchemy.engine import CursorResult, Result, TwoPhaseTransaction
+from sqlalchemy.engine import Connection, CursorResult, Result, TwoPhaseTransaction
 from sqlalchemy.engine.result import FrozenResult, IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, RelationshipProperty, Session, bulk_persistence, persistence
@@ -105,6 +105,18 @@ from .errors import (
 __all__ = ["ShardedSession", "run_transaction"]
 
 log = logging.getLogger("shardkit.session")
+
+# A session given a Connection of one of the cluster's nodes (bind=, binds=, or joined by
+# bind_arguments={"bind": ...}): SQLAlchemy's "join an external transaction" recipe.
+_EXTERNAL_TRANSACTION = (
+    "ShardedSession {what}: it cannot join an external transaction (SQLAlchemy's recipe for "
+    "tests that undo what each test committed, Session(bind=connection, "
+    "join_transaction_mode=...)); it opens its own connection to each shard's node as its "
+    "transaction needs one, its commit() commits them, and read-your-writes then sends later "
+    "reads to replicas, which never see rows an outer transaction left uncommitted. Give it "
+    "cluster= only, and have each test remove the rows it committed (TRUNCATE its tables on "
+    "every shard's primary after it), or end its session with rollback() when the code under "
+    "test does not commit (README: Testing)")
 
 # horizontal_shard.ShardedSession's own arguments, which the cluster replaces.
 _HORIZONTAL_SHARD_ARGS = ("shards", "shard_chooser", "identity_chooser", "execute_chooser",
@@ -190,6 +202,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 "shard per statement with set_shard_id(...), bind_arguments={'shard_id': ...} or "
                 "shardkit.scope(shard=...) (README: \"Coming from horizontal_shard\")") from None
         if self.bind is not None or kwargs.get("binds"):
+            given = [self.bind, *(kwargs.get("binds") or {}).values()]
+            if any(isinstance(b, Connection) for b in given):
+                raise sa_exc.ArgumentError(_EXTERNAL_TRANSACTION.format(
+                    what="was given a Connection (bind=/binds=)"))
             raise sa_exc.ArgumentError(
                 "ShardedSession takes its engines from the cluster; do not pass "
                 f"{'bind' if self.bind is not None else 'binds'}="
@@ -5072,6 +5088,7 @@ def _hold_commit_connections(session: Session) -> None:
     assert isinstance(session, ShardedSession)
     if session.in_nested_transaction():
         return  # releasing a savepoint commits nothing
+    _refuse_external_connections(session)
     _refuse_aborted(session)
     session._sk_commit_conns = {}
     if not session.cluster.has_replicas:
@@ -5279,6 +5296,23 @@ def _primary_shard(conn: Any) -> str | None:
 def _node_of(conn: Any, unknown: str = "?") -> str:
     """The node a connection is to (``unknown`` for an engine the application bound itself)."""
     return _engine_info(conn).get("node", unknown)
+
+
+def _refuse_external_connections(session: Session) -> None:
+    """Before a commit: a Connection of one of the cluster's nodes that the application gave
+    the session (``bind_arguments={"bind": connection}``) joined its transaction as in
+    SQLAlchemy's "join an external transaction" recipe; committing would report (and
+    record for read-your-writes) writes the outer transaction may never commit, and the
+    session's next transaction would not join it.  Refused: nothing is committed."""
+    trans = session.get_transaction()
+    entries = getattr(trans, "_connections", None) if trans is not None else None
+    for entry in (entries or {}).values():
+        # (SessionTransaction's entry: connection, transaction, should_commit, and whether
+        # the session connected it itself: False for a Connection it was given.)
+        if not entry[3] and _engine_info(entry[0]).get("shard") is not None:
+            raise sa_exc.InvalidRequestError(_EXTERNAL_TRANSACTION.format(
+                what=f"was given a Connection of {_node_of(entry[0])} (bind_arguments={{'bind': ...}}), "
+                     "so nothing was committed (call rollback())"))
 
 
 def _refuse_aborted(session: Session) -> None:
