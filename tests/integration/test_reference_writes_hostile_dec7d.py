@@ -5,9 +5,11 @@ each shard's primary), or the write be refused with nothing written."""
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 from reference_env import ReferenceEnv
-from sqlalchemy import Float, ForeignKey, Integer, String, TypeDecorator, delete, insert, text
+from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, TypeDecorator, delete, insert, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -111,6 +113,14 @@ class OpaqueText(TypeDecorator):
         return None if value is None else Opaque(value)
 
 
+class RwStamped(RwBase):
+    """A reference table whose trigger keeps updated_at (each shard's transaction its own now())."""
+    __tablename__ = "rw_stamped"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+    updated_at: Mapped[datetime.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class RwMeasure(RwBase):
     """Values two reads of one row never give as equal: NaN, and objects equal by identity."""
     __tablename__ = "rw_measures"
@@ -119,7 +129,7 @@ class RwMeasure(RwBase):
     label: Mapped[Opaque] = mapped_column(OpaqueText)
 
 
-REFS = ["rw_measures", "rw_kinds", "rw_regions", "rw_areas", "rw_plans", "rw_features", "rw_limits", "rw_tags"]
+REFS = ["rw_stamped", "rw_measures", "rw_kinds", "rw_regions", "rw_areas", "rw_plans", "rw_features", "rw_limits", "rw_tags"]
 CONFIG = {"reference_tables": REFS,
           "groups": {"tenants": {"strategy": "hash", "tables": {"rw_tenants": "id"}}}}
 
@@ -331,3 +341,29 @@ def test_copies_of_values_equal_to_nothing_are_not_taken_for_different_copies(en
         m.x = nan
         s.commit()
     env.same("SELECT id, x::text, label FROM rw_measures", [(1, "NaN", "b")])
+
+
+def test_a_trigger_that_stamps_a_time_on_each_copy_is_let_be(rw):
+    """updated_at kept by a BEFORE trigger (now()) differs between the shards' copies, each
+    shard's transaction having its own time, as a value written as SQL does: the flush is not
+    refused for it, and the columns the application wrote are the same everywhere."""
+    for sh in rw.names:
+        with rw.cluster.primary(sh).begin() as c:
+            c.execute(text("""CREATE OR REPLACE FUNCTION rw_stamp() RETURNS trigger AS $$
+                BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$ LANGUAGE plpgsql"""))
+            c.execute(text("CREATE TRIGGER rw_stamp BEFORE INSERT OR UPDATE ON rw_stamped "
+                           "FOR EACH ROW EXECUTE FUNCTION rw_stamp()"))
+    try:
+        with rw.Session() as s:
+            s.add(RwStamped(id=1, name="a"))
+            s.commit()
+        with rw.Session() as s:
+            s.get(RwStamped, 1).name = "b"
+            s.commit()
+        rw.same("SELECT id, name, updated_at IS NOT NULL FROM rw_stamped", [(1, "b", True)])
+        stamps = rw.copies("SELECT updated_at FROM rw_stamped")
+        assert len({tuple(v) for v in stamps.values()}) > 1, stamps  # (the copies' own times)
+    finally:
+        for sh in rw.names:
+            with rw.cluster.primary(sh).begin() as c:
+                c.execute(text("DROP TRIGGER IF EXISTS rw_stamp ON rw_stamped"))
