@@ -4466,7 +4466,14 @@ def _copy_changed_reference_row(mapper: Any, connection: Any, target: Any) -> No
     pk = mapper.primary_key_from_instance(target)
     if None in pk:
         return
-    _copy_reference_row(session, connection, mapper, pk, _old_primary_key(state, pk))
+    # The tables the flush's UPDATE wrote: those of the columns it changed (not a table of
+    # the class whose row it left alone, nor the row whose only change is a post_update
+    # relationship's, written later: _emit_post_update_statements): an upsert of a copy
+    # the first shard did not write would fire the copy's UPDATE triggers there alone.
+    tables = {getattr(c, "table", None) for p in mapper.column_attrs
+              if state.attrs[p.key].history.has_changes() for c in p.columns}
+    if tables:
+        _copy_reference_row(session, connection, mapper, pk, _old_primary_key(state, pk), tables)
     session._sk_ref_copied.add(state)
 
 
@@ -4502,10 +4509,11 @@ def _delete_reference_copies(mapper: Any, connection: Any, target: Any) -> None:
 
 
 def _copy_reference_row(session: ShardedSession, connection: Any, mapper: Any, pk: Sequence[Any],
-                        old: Sequence[Any] | None) -> None:
+                        old: Sequence[Any] | None, tables: Any = None) -> None:
     """Copy the row of primary key ``pk`` that the flush wrote through ``connection`` (the
-    first shard's) to every other shard: each table of its class, the base class's first.
-    With ``old`` (the primary key the row had), each copy is updated by its old key."""
+    first shard's) to every other shard: each table of its class (or of ``tables``), the
+    base class's first.  With ``old`` (the primary key the row had), each copy is updated
+    by its old key."""
     cluster = session.cluster
     home = _engine_info(connection).get("shard")
     keys = _reference_table_keys(cluster.router, mapper, pk)
@@ -4514,32 +4522,76 @@ def _copy_reference_row(session: ShardedSession, connection: Any, mapper: Any, p
         order = _in_table_order({(table, ""): table_pk for table, table_pk in keys})
         keys = [(table, table_pk) for (table, _), table_pk in order.items()]
     for table, table_pk in keys:
-        pk_cols = list(table.primary_key.columns)
-        row = connection.execute(sa_select(table).where(
-            *[c == v for c, v in zip(pk_cols, table_pk)])).mappings().first()
-        if row is None:
+        if tables is not None and table not in tables:
+            continue
+        if not _copy_reference_table_row(session, connection, home, table, table_pk, olds.get(table)):
             return
-        stmt = _reference_upsert(table).returning(*table.columns)
-        old_pk = olds.get(table)
-        moved = None
-        if old_pk is not None and tuple(old_pk) != tuple(table_pk):
-            moved = table.update().where(*[c == v for c, v in zip(pk_cols, old_pk)]) \
-                .values(dict(row)).returning(*table.columns)
-        done = [home]
-        for shard in cluster.shard_names:
-            if shard != home:
-                conn = session.connection(bind_arguments={"shard_id": shard})
-                try:
-                    # (Its copy may have the new key already: an ON UPDATE CASCADE from
-                    # the base class's table.)
-                    copy = None if moved is None else conn.execute(moved).mappings().first()
-                    if copy is None:
-                        copy = conn.execute(stmt, dict(row)).mappings().first()
-                except sa_exc.DBAPIError as e:
-                    _note_reference_copy_failed(session, e, shard, table, done)
-                    raise
-                _refuse_different_copy(table, shard, home, [row], [copy], stmt)
-                done.append(shard)
+
+
+def _copy_reference_table_row(session: ShardedSession, connection: Any, home: Any, table: Any,
+                              table_pk: Sequence[Any], old_pk: Sequence[Any] | None) -> bool:
+    """Copy ``table``'s row of primary key ``table_pk`` from ``connection`` (shard ``home``'s)
+    to every other shard (updated there by ``old_pk`` if it had another); False if
+    ``home`` has no such row."""
+    pk_cols = list(table.primary_key.columns)
+    row = connection.execute(sa_select(table).where(
+        *[c == v for c, v in zip(pk_cols, table_pk)])).mappings().first()
+    if row is None:
+        return False
+    stmt = _reference_upsert(table).returning(*table.columns)
+    moved = None
+    if old_pk is not None and tuple(old_pk) != tuple(table_pk):
+        moved = table.update().where(*[c == v for c, v in zip(pk_cols, old_pk)]) \
+            .values(dict(row)).returning(*table.columns)
+    done = [home]
+    for shard in session.cluster.shard_names:
+        if shard != home:
+            conn = session.connection(bind_arguments={"shard_id": shard})
+            try:
+                # (Its copy may have the new key already: an ON UPDATE CASCADE from
+                # the base class's table.)
+                copy = None if moved is None else conn.execute(moved).mappings().first()
+                if copy is None:
+                    copy = conn.execute(stmt, dict(row)).mappings().first()
+            except sa_exc.DBAPIError as e:
+                _note_reference_copy_failed(session, e, shard, table, done)
+                raise
+            _refuse_different_copy(table, shard, home, [row], [copy], stmt)
+            done.append(shard)
+    return True
+
+
+_sa_emit_post_update_statements = getattr(persistence, "_emit_post_update_statements", None)
+
+
+def _post_updates_unseen(mapper: Any) -> bool:
+    """Whether ``mapper``'s post_update relationships may have changed its reference rows
+    unseen by :func:`_emit_post_update_statements` (a SQLAlchemy without that function)."""
+    return _sa_emit_post_update_statements is None and any(r.post_update for r in mapper.relationships)
+
+
+def _emit_post_update_statements(base_mapper: Any, uowtransaction: Any, mapper: Any, table: Any,
+                                 update: Any) -> Any:
+    """SQLAlchemy's UPDATEs of a post_update relationship's columns (rows that depend on each
+    other), for one table; a reference table's rows they change are copied to the other
+    shards at once, as the flush's other statements are (no mapper event tells of these):
+    a DELETE later in the flush (whose copies go at once) may depend on them, such as the
+    UPDATE that sets a row's reference to NULL before the row it referenced is deleted."""
+    session = uowtransaction.session
+    if not isinstance(session, ShardedSession) or not session.cluster.config.reference_tables \
+            or not _is_reference(session.cluster.router, mapper):
+        return _sa_emit_post_update_statements(base_mapper, uowtransaction, mapper, table, update)
+    update = list(update)  # (state, state_dict, mapper, connection, params): rows it changes
+    result = _sa_emit_post_update_statements(base_mapper, uowtransaction, mapper, table, update)
+    router = session.cluster.router
+    for state, _dict, sub_mapper, connection, _params in update:
+        pk = sub_mapper.primary_key_from_instance(state.obj())
+        for ref_table, table_pk in _reference_table_keys(router, sub_mapper, pk):
+            if ref_table is table:
+                _copy_reference_table_row(session, connection, _engine_info(connection).get("shard"),
+                                          table, table_pk, None)
+        session._sk_ref_copied.add(state)
+    return result
 
 
 def _refuse_different_copy(table: Any, shard: str, home: Any, rows: list[Any], copies: list[Any],
@@ -4677,9 +4729,10 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
             new = bucket is upserts and obj in session.new
             if state in copied:
                 # Copied by its INSERT, UPDATE or DELETE (_copy_new_reference_row,
-                # _copy_changed_reference_row, _delete_reference_copies); a post_update
-                # relationship (no mapper event) may have changed the row since.
-                if new and not any(r.post_update for r in mapper.relationships):
+                # _copy_changed_reference_row, _delete_reference_copies), or by a
+                # post_update relationship's UPDATE (_emit_post_update_statements; on a
+                # SQLAlchemy without it, such a row is copied again here, after them).
+                if new and not _post_updates_unseen(mapper):
                     continue
             else:
                 try:
@@ -4700,7 +4753,7 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                     # hold its old values: expired once the flush is done.
                     written.append((state.key, old))
             if state in copied:
-                if bucket is deletes or not any(r.post_update for r in mapper.relationships):
+                if bucket is deletes or not _post_updates_unseen(mapper):
                     continue
                 old = None  # (its copies were given the new key at its UPDATE)
             # (written on the first shard by the flush: see connection_callable)
@@ -5759,6 +5812,8 @@ def _connections_for_states(base_mapper: Any, uowtransaction: Any, states: Any) 
 # as it does: correctly, in more statements.)
 if _sa_connections_for_states is not None:
     persistence._connections_for_states = _connections_for_states
+if _sa_emit_post_update_statements is not None:
+    persistence._emit_post_update_statements = _emit_post_update_statements
 
 
 def _forget_get_plans(class_: Any) -> None:
