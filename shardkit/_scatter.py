@@ -1115,6 +1115,19 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             )
     for a in aggs:
         if a is not None and a not in _MERGEABLE_AGGS:
+            key = next((g for g in group_by if isinstance(g, elements.ColumnClause)
+                        and isinstance(getattr(g, "table", None), selectable.FromClause)
+                        and _distinct_key(g, stmt, placement, disjoint_groups) is None), None)
+            if key is not None:
+                # Grouped by the shard key already: "add the shard key" would puzzle.
+                raise ScatterRefused(
+                    f"{a}() across shards is not merged at the top level of a query, even grouped "
+                    f"by the shard key {key}; compute it in a subquery grouped by the key and "
+                    "select from that (sq = select(key, agg.label('a')).group_by(key).subquery(), "
+                    "then select(sq.c.key, sq.c.a)), which each shard computes whole for its own "
+                    "keys, or add the shard key to WHERE to read one shard",
+                    construct=f"{a}()",
+                )
             raise ScatterRefused(
                 f"{a}() across shards cannot be merged from per-shard partials; add the shard key "
                 "or compute it from the rows",
