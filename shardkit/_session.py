@@ -4564,6 +4564,18 @@ def _copy_reference_table_row(session: ShardedSession, connection: Any, home: An
 _sa_emit_post_update_statements = getattr(persistence, "_emit_post_update_statements", None)
 
 
+def _row_switched(copied: set[Any], mapper: Any, pk: Sequence[Any]) -> bool:
+    """Whether an object of ``copied`` (reference rows a flush's listeners copied) other
+    than a deleted one has ``mapper``'s row of primary key ``pk``."""
+    base = mapper.base_mapper
+    for st in copied:
+        obj = st.obj()
+        if obj is not None and st.mapper.base_mapper is base and not st.deleted and \
+                tuple(st.mapper.primary_key_from_instance(obj)) == tuple(pk):
+            return True
+    return False
+
+
 def _post_updates_unseen(mapper: Any) -> bool:
     """Whether ``mapper``'s post_update relationships may have changed its reference rows
     unseen by :func:`_emit_post_update_statements` (a SQLAlchemy without that function)."""
@@ -4746,6 +4758,11 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
                     not session.is_modified(obj, include_collections=False):
                 continue
             pk = mapper.primary_key_from_instance(obj)
+            if bucket is deletes and state not in copied and _row_switched(copied, mapper, pk):
+                # Deleted and another object of its key added in the flush: SQLAlchemy made the
+                # two one UPDATE (a "row switch"), copied as the added object's: no DELETE.
+                written.append((state.key, None))
+                continue
             old = _old_primary_key(state, pk) if bucket is upserts and not new else None
             if bucket is deletes or not new:
                 if state.key is not None:
