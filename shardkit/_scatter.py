@@ -144,6 +144,10 @@ class MergePlan:
     # the merge compares for equality (GROUP BY, DISTINCT, UNION): under a nondeterministic
     # one, values Python tells apart are equal ('a' and 'A'); the session asks the database.
     collations: tuple[tuple[str, str], ...] = ()
+    # Grouped by this one-column shard key (of a hash, range or list group placing every
+    # grouped row): each group is whole on one shard, which computes every aggregate of it
+    # (string_agg(), a CREATE AGGREGATE of the application's, ...); the merge concatenates.
+    whole_groups: str = ""
 
     def __str__(self) -> str:
         return self.description
@@ -795,8 +799,12 @@ def plan_scatter(stmt: Any, params: Mapping[str, Any] | None = None,
         if isinstance(stmt, selectable.CompoundSelect):
             shard_stmt, plan = _plan_compound(stmt, params if isinstance(params, Mapping) else {})
         else:
-            shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {},
-                                     placement, disjoint_groups)
+            try:
+                shard_stmt, plan = _plan(stmt, params if isinstance(params, Mapping) else {},
+                                         placement, disjoint_groups)
+            except _WholeGroups as w:
+                shard_stmt, plan = _plan_whole_groups(stmt, params if isinstance(params, Mapping) else {},
+                                                      w.key)
         plan.statement = stmt
         if plan.checks:
             plan.description += ("; the values of expressions without a SQL type are checked as "
@@ -1105,8 +1113,21 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             "merged (each shard would compute it over its own groups); select the rows or groups "
             "and compute it in Python, or add the shard key to WHERE to read one shard",
             construct="window function with aggregates")
+    whole_key: list[Any] = []
+
+    def whole_groups() -> None:
+        """Raise _WholeGroups if GROUP BY holds a one-column shard key that keeps each
+        group whole on one shard (then any aggregate is exact per group); else return, and
+        the caller refuses as before."""
+        if not whole_key:
+            whole_key.append(_whole_group_key(group_by, stmt, placement, disjoint_groups)
+                             if group_by else None)
+        if whole_key[0] is not None:
+            raise _WholeGroups(whole_key[0])
+
     for name, _c in nested:
         if name is not None:
+            whole_groups()
             _refuse_bundle(_c)
             raise ScatterRefused(
                 f"an expression over {name}() in the select list cannot be merged from per-shard "
@@ -1115,28 +1136,21 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             )
     for a in aggs:
         if a is not None and a not in _MERGEABLE_AGGS:
-            key = next((g for g in group_by if isinstance(g, elements.ColumnClause)
-                        and isinstance(getattr(g, "table", None), selectable.FromClause)
-                        and _distinct_key(g, stmt, placement, disjoint_groups) is None), None)
-            if key is not None:
-                # Grouped by the shard key already: "add the shard key" would puzzle.
-                raise ScatterRefused(
-                    f"{a}() across shards is not merged at the top level of a query, even grouped "
-                    f"by the shard key {key}; compute it in a subquery grouped by the key and "
-                    "select from that (sq = select(key, agg.label('a')).group_by(key).subquery(), "
-                    "then select(sq.c.key, sq.c.a)), which each shard computes whole for its own "
-                    "keys, or add the shard key to WHERE to read one shard",
-                    construct=f"{a}()",
-                )
+            whole_groups()
             raise ScatterRefused(
                 f"{a}() across shards cannot be merged from per-shard partials; add the shard key "
-                "or compute it from the rows",
+                "or compute it from the rows (grouped by the one-column shard key of a hash, "
+                "range or list group, it is computed whole on each shard)",
                 construct=f"{a}()",
             )
     def refuse_distinct(expr: Any) -> bool:
         """Refuse an aggregate over DISTINCT values, unless it is count(DISTINCT shard key)
         (then True)."""
-        key = _refuse_distinct_aggregate(expr, stmt, placement, disjoint_groups)
+        try:
+            key = _refuse_distinct_aggregate(expr, stmt, placement, disjoint_groups)
+        except ScatterRefused:
+            whole_groups()
+            raise
         if key is None:
             return False
         # Under a nondeterministic collation 'a' and 'A', placed on two shards, are one
@@ -1320,6 +1334,10 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             continue
         if gi is None:
             _refuse_bundle(c)
+            if function_names(c):
+                # An aggregate of the application's (CREATE AGGREGATE), maybe: each shard
+                # computes it for its whole groups (anything else, the database judges).
+                whole_groups()
             raise ScatterRefused(
                 f"column {c} is neither in GROUP BY nor an aggregate", construct="ungrouped column")
         outputs.append(OutputColumn("value", (group_pos_for[gi],)))
@@ -1337,6 +1355,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                 return lambda row, extra, i=i: row[i]
         if _agg_name(expr) is not None:
             if _agg_name(expr) not in _MERGEABLE_AGGS:
+                whole_groups()
                 raise ScatterRefused(f"{_agg_name(expr)}() in HAVING/ORDER BY cannot be merged",
                                      construct=f"{_agg_name(expr)}()")
             extras.append(partial(expr))
@@ -1360,6 +1379,9 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             extras.append(OutputColumn("value", (add(expr),)))
             j = len(extras) - 1
             return lambda row, extra, j=j: extra[j]
+        if _contains_aggregate(expr) is not None or function_names(expr):
+            # An expression over aggregates, or one of the application's: exact per group.
+            whole_groups()
         raise ScatterRefused(f"{expr} in HAVING/ORDER BY is neither an aggregate nor a group key",
                              construct="HAVING/ORDER BY expression")
 
@@ -1383,6 +1405,138 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                      n_outputs=len(outputs), checks=tuple(checks), same_types=tuple(same_types),
                      collations=tuple(collations))
     return shard_stmt, plan
+
+
+class _WholeGroups(Exception):
+    """Raised while planning a grouped read that cannot be merged from per-shard partials,
+    whose GROUP BY holds ``key`` (see :func:`_whole_group_key`): planned whole per shard."""
+
+    def __init__(self, key: Any) -> None:
+        super().__init__(str(key))
+        self.key = key
+
+
+def _whole_group_key(group_by: Sequence[Any], stmt: Any, placement: Resolver | None,
+                     disjoint_groups: frozenset[str]) -> Any | None:
+    """The GROUP BY term that is the one-column shard key of a hash, range or list group
+    placing every row the query groups (the conditions of :func:`_distinct_key`, as for
+    count(DISTINCT key) and windows partitioned by the key), or None.  Then each group's
+    rows are all on one shard (during a move, on the shard that owns them), and each shard
+    computes its groups whole, as one database does."""
+    for g in group_by:
+        c = g
+        while isinstance(c, (Label, elements.Grouping)):
+            c = c.element
+        col = _plain(c)
+        if isinstance(col, elements.ColumnClause) and not col.is_literal and col.table is not None \
+                and _distinct_key(col, stmt, placement, disjoint_groups) is None:
+            return col
+    return None
+
+
+def _not_null(key: Any, stmt: Any) -> bool:
+    """Whether ``stmt`` groups no row whose shard key ``key`` is NULL: the column is NOT
+    NULL (a primary key's part), or WHERE / HAVING requires a value (``key IS NOT NULL``,
+    a comparison or IN, AND-ed with the rest)."""
+    if getattr(key, "nullable", True) is False or getattr(key, "primary_key", False):
+        return True
+    stack = [*stmt._where_criteria, *stmt._having_criteria]
+    while stack:
+        e = stack.pop()
+        while isinstance(e, elements.Grouping):
+            e = e.element
+        if isinstance(e, elements.BooleanClauseList) and e.operator is operators.and_:
+            stack.extend(e.clauses)
+            continue
+        if not isinstance(e, elements.BinaryExpression):
+            continue
+        left, right, op = _plain(e.left), e.right, e.operator
+        if not (isinstance(left, elements.ColumnClause) and left.compare(key)):
+            continue
+        if op is operators.is_not and isinstance(right, elements.Null):
+            return True
+        if op in (operators.eq, operators.ne, operators.lt, operators.le, operators.gt,
+                  operators.ge, operators.in_op) and not isinstance(right, elements.Null):
+            return True
+    return False
+
+
+def _plan_whole_groups(stmt: selectable.Select[Any], params: Mapping[str, Any],
+                       key: Any) -> tuple[Any, MergePlan]:
+    """Plan a read grouped by shard key ``key`` (see :func:`_whole_group_key`): each shard
+    runs it as written (GROUP BY, every aggregate, HAVING on its whole groups), with its
+    ORDER BY terms as extra columns and LIMIT + OFFSET rows; the merge concatenates the
+    shards' groups (in ORDER BY order), removes DISTINCT rows repeated across shards when
+    the key is not selected, and keeps the page."""
+    columns = list(stmt._raw_columns)
+    where = f"{key.table.name}.{key.name}" if getattr(key.table, "name", None) else str(key)
+    if not _not_null(key, stmt):
+        # Each shard's NULL-key rows would make a NULL group of their own, where one database
+        # makes one.  (shardkit places no NULL key; SQL outside it may write one.)
+        raise ScatterRefused(
+            f"grouped by the shard key {where}, which is not declared NOT NULL: rows with a NULL "
+            "key (shardkit never writes one, but SQL outside it may; verify reports them) on "
+            "several shards would make one NULL group per shard where one database makes one; "
+            f"add .where({key.name} IS NOT NULL) (then each group is whole on one shard), "
+            "declare the column NOT NULL, or add the shard key to WHERE to read one shard",
+            construct="GROUP BY a nullable shard key")
+    visible = sum(len(c.c) if isinstance(c, selectable.FromClause) and not _is_entity(c) else 1
+                  for c in columns)
+    limit = _literal(stmt._limit_clause, params)
+    offset = _literal(stmt._offset_clause, params) or 0
+    order = [_unwrap_order(c, stmt) for c in stmt._order_by_clauses]
+    distinct = bool(stmt._distinct) or any(_is_distinct_column(c) for c in columns)
+    plain = [_plain(_unwrap_column(c)) for c in columns]
+    # With the key selected, no two shards return the same row.
+    dedupe = distinct and not any(isinstance(c, ColumnElement) and c.compare(key) for c in plain)
+    if distinct:
+        if any(_is_entity(c) for c in columns):
+            raise ScatterRefused(
+                "DISTINCT over ORM entities across shards is not merged; select columns",
+                construct="DISTINCT entity")
+        for expr, _, _ in order:
+            # PostgreSQL refuses this; the hidden sort columns would make each shard accept it.
+            if not any(expr.compare(c) for c in plain):
+                raise ScatterRefused(
+                    f"for SELECT DISTINCT, ORDER BY expressions must appear in select list ({expr})",
+                    construct="DISTINCT with ORDER BY not in select list")
+    checks: list[tuple[int, bool, str]] = []
+    collations: list[tuple[str, str]] = []
+    if dedupe:
+        pos = 0
+        for c in columns:
+            if isinstance(c, selectable.FromClause) and not _is_entity(c) \
+                    and not isinstance(c, ColumnElement):
+                pos += len(c.c)
+                continue
+            if _untyped(c):
+                checks.append((pos, True, "DISTINCT"))
+            pos += 1
+        collations = [(name, "DISTINCT") for c in stmt.selected_columns
+                      if (name := _named_collation(c)) is not None]
+    shard_stmt = stmt
+    keys = []
+    if order:
+        shard_stmt = shard_stmt.add_columns(*[expr.label(f"_sk_o{i}")
+                                              for i, (expr, _, _) in enumerate(order)])
+        for i, (expr, desc, nf) in enumerate(order):
+            keys.append(SortKey(visible + i, desc, desc if nf is None else nf))
+            if _untyped(expr):
+                checks.append((visible + i, False, "ORDER BY"))
+    if limit is not None:
+        shard_stmt = shard_stmt.limit(limit + offset)
+    if offset:
+        shard_stmt = shard_stmt.offset(None)
+    desc = (f"grouped by the shard key {where}: each shard computes its groups whole "
+            "(every aggregate, HAVING), merged by "
+            + ("ordered merge on " + ", ".join(k.describe(str(e)) for k, (e, _, _) in zip(keys, order))
+               if order else "concatenation"))
+    if dedupe:
+        desc += ", de-duplicated across shards"
+    desc += _page_description(limit, offset)
+    return shard_stmt, MergePlan("ordered" if order else "concat", visible, tuple(keys), limit, offset,
+                                 dedupe, description=desc, checks=tuple(checks),
+                                 collations=tuple(collations), whole_groups=where)
 
 
 def _under_c_collation(expr: Any) -> Any | None:

@@ -3713,7 +3713,8 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     refuse_scatter_page(statement, plan, execution_options)
     # The checks that ask the database (once per name or cluster): explain() cannot make them.
     ask, held = _question_node(session, route.shards)
-    _refuse_unknown_aggregates(session.cluster, statement, ask, held)
+    if not plan.whole_groups:   # (grouped by the shard key: each shard computes them whole)
+        _refuse_unknown_aggregates(session.cluster, statement, ask, held)
     if plan.collations:
         _refuse_nondeterministic_collations(session.cluster, plan, ask, statement, held)
     if plan.kind in ("ordered", "aggregate", "group"):
