@@ -1189,36 +1189,9 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
                     f"ORDER BY {name}() in a query without GROUP BY or aggregates in its select "
                     "list: one database returns one row, each shard would return its own; "
                     "select the aggregate", construct="aggregate in ORDER BY without GROUP BY")
-        checks: list[tuple[int, bool, str]] = []
-        if distinct:
-            pos = 0
-            for c in columns:
-                if isinstance(c, selectable.FromClause) and not _is_entity(c) \
-                        and not isinstance(c, ColumnElement):   # (a function is a FromClause too)
-                    pos += len(c.c)
-                    continue
-                if _untyped(c):
-                    checks.append((pos, True, "DISTINCT"))
-                pos += 1
-        shard_stmt = stmt
-        keys = []
-        if order:
-            hidden = [expr.label(f"_sk_o{i}") for i, (expr, _, _) in enumerate(order)]
-            shard_stmt = shard_stmt.add_columns(*hidden)
-            for i, (expr, desc, nf) in enumerate(order):
-                keys.append(SortKey(visible + i, desc, desc if nf is None else nf))
-                if _untyped(expr):
-                    checks.append((visible + i, False, "ORDER BY"))
-        if limit is not None:
-            shard_stmt = shard_stmt.limit(limit + offset)
-        if offset:
-            shard_stmt = shard_stmt.offset(None)
+        checks = _distinct_checks(columns) if distinct else []
+        shard_stmt, keys, desc = _sorted_page(stmt, order, visible, limit, offset, checks)
         kind = "ordered" if order else "concat"
-        desc = (
-            "ordered merge on "
-            + ", ".join(k.describe(str(e)) for k, (e, _, _) in zip(keys, order))
-            if order else "concatenation"
-        )
         if distinct:
             desc += ", de-duplicated across shards"
         desc += _page_description(limit, offset)
@@ -1407,6 +1380,47 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
     return shard_stmt, plan
 
 
+def _distinct_checks(columns: Sequence[Any]) -> list[tuple[int, bool, str]]:
+    """The merge's checks of the values of the select list's expressions without a SQL type,
+    compared for equality by DISTINCT: ``(result position, True, "DISTINCT")``."""
+    checks: list[tuple[int, bool, str]] = []
+    pos = 0
+    for c in columns:
+        if isinstance(c, selectable.FromClause) and not _is_entity(c) \
+                and not isinstance(c, ColumnElement):   # (a function is a FromClause too)
+            pos += len(c.c)
+            continue
+        if _untyped(c):
+            checks.append((pos, True, "DISTINCT"))
+        pos += 1
+    return checks
+
+
+def _sorted_page(stmt: Any, order: Sequence[tuple[Any, bool, bool | None]], visible: int,
+                 limit: int | None, offset: int, checks: list[tuple[int, bool, str]]
+                 ) -> tuple[Any, list[SortKey], str]:
+    """``stmt`` as each shard runs it for a merge of its rows as they are: its ORDER BY terms
+    as hidden columns after the ``visible`` ones (an untyped one checked as merged: added to
+    ``checks``) and LIMIT + OFFSET rows from the first; with the merge's sort keys and its
+    description ("ordered merge on ..." or "concatenation")."""
+    shard_stmt = stmt
+    keys = []
+    if order:
+        shard_stmt = shard_stmt.add_columns(*[expr.label(f"_sk_o{i}")
+                                              for i, (expr, _, _) in enumerate(order)])
+        for i, (expr, desc, nf) in enumerate(order):
+            keys.append(SortKey(visible + i, desc, desc if nf is None else nf))
+            if _untyped(expr):
+                checks.append((visible + i, False, "ORDER BY"))
+    if limit is not None:
+        shard_stmt = shard_stmt.limit(limit + offset)
+    if offset:
+        shard_stmt = shard_stmt.offset(None)
+    how = ("ordered merge on " + ", ".join(k.describe(str(e)) for k, (e, _, _) in zip(keys, order))
+           if order else "concatenation")
+    return shard_stmt, keys, how
+
+
 class _WholeGroups(Exception):
     """Raised while planning a grouped read that cannot be merged from per-shard partials,
     whose GROUP BY holds ``key`` (see :func:`_whole_group_key`): planned whole per shard."""
@@ -1500,37 +1514,14 @@ def _plan_whole_groups(stmt: selectable.Select[Any], params: Mapping[str, Any],
                 raise ScatterRefused(
                     f"for SELECT DISTINCT, ORDER BY expressions must appear in select list ({expr})",
                     construct="DISTINCT with ORDER BY not in select list")
-    checks: list[tuple[int, bool, str]] = []
+    checks = _distinct_checks(columns) if dedupe else []
     collations: list[tuple[str, str]] = []
     if dedupe:
-        pos = 0
-        for c in columns:
-            if isinstance(c, selectable.FromClause) and not _is_entity(c) \
-                    and not isinstance(c, ColumnElement):
-                pos += len(c.c)
-                continue
-            if _untyped(c):
-                checks.append((pos, True, "DISTINCT"))
-            pos += 1
         collations = [(name, "DISTINCT") for c in stmt.selected_columns
                       if (name := _named_collation(c)) is not None]
-    shard_stmt = stmt
-    keys = []
-    if order:
-        shard_stmt = shard_stmt.add_columns(*[expr.label(f"_sk_o{i}")
-                                              for i, (expr, _, _) in enumerate(order)])
-        for i, (expr, desc, nf) in enumerate(order):
-            keys.append(SortKey(visible + i, desc, desc if nf is None else nf))
-            if _untyped(expr):
-                checks.append((visible + i, False, "ORDER BY"))
-    if limit is not None:
-        shard_stmt = shard_stmt.limit(limit + offset)
-    if offset:
-        shard_stmt = shard_stmt.offset(None)
+    shard_stmt, keys, how = _sorted_page(stmt, order, visible, limit, offset, checks)
     desc = (f"grouped by the shard key {where}: each shard computes its groups whole "
-            "(every aggregate, HAVING), merged by "
-            + ("ordered merge on " + ", ".join(k.describe(str(e)) for k, (e, _, _) in zip(keys, order))
-               if order else "concatenation"))
+            f"(every aggregate, HAVING), merged by {how}")
     if dedupe:
         desc += ", de-duplicated across shards"
     desc += _page_description(limit, offset)
