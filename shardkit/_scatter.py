@@ -1515,10 +1515,12 @@ def _plan_whole_groups(stmt: selectable.Select[Any], params: Mapping[str, Any],
                     f"for SELECT DISTINCT, ORDER BY expressions must appear in select list ({expr})",
                     construct="DISTINCT with ORDER BY not in select list")
     checks = _distinct_checks(columns) if dedupe else []
-    collations: list[tuple[str, str]] = []
+    # Under a nondeterministic collation 'a' and 'A', placed on two shards, are one group
+    # for the database (as for the group-by merge; asked of the database at execution).
+    collations = [(name, "GROUP BY")] if (name := _named_collation(key)) is not None else []
     if dedupe:
-        collations = [(name, "DISTINCT") for c in stmt.selected_columns
-                      if (name := _named_collation(c)) is not None]
+        collations += [(name, "DISTINCT") for c in stmt.selected_columns
+                       if (name := _named_collation(c)) is not None]
     shard_stmt, keys, how = _sorted_page(stmt, order, visible, limit, offset, checks)
     desc = (f"grouped by the shard key {where}: each shard computes its groups whole "
             f"(every aggregate, HAVING), merged by {how}")
