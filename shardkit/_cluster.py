@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from dataclasses import dataclass
 
 from psycopg.pq import TransactionStatus
-from sqlalchemy import MetaData, TypeDecorator, create_engine, event
+from sqlalchemy import MetaData, create_engine, event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.engine.default import DefaultDialect
 from sqlalchemy import exc as sa_exc
@@ -31,6 +31,7 @@ from ._config import PRIMARY, REPLICA, ClusterConfig, ReplicaSettings, connect_t
 from ._guard import NOT_OWNED_SQLSTATE, guard_covers
 from ._guard import guard_installed as _guard_installed
 from ._replicas import HealthMonitor, ReplicaSelector
+from ._pgtypes import unwrap
 from ._scope import scope as _scope
 from ._slices import SLICE_BASE, initial_slices
 from ._strategies import HashStrategy, ListStrategy, RangeStrategy
@@ -1145,22 +1146,8 @@ def _pg_type(type_: Any) -> Any:
 def _pg_types(type_: Any) -> tuple[Any, Any]:
     """(the type PostgreSQL gets for a column, as declared: a domain, if it is one; its
     :func:`_pg_type`)."""
-    from sqlalchemy.dialects.postgresql import DOMAIN
-    from sqlalchemy.dialects.postgresql.base import PGDialect
-
-    dialect = PGDialect()
-    type_ = type_.dialect_impl(dialect)
-    declared, seen = None, 0
-    while seen < 10:
-        if isinstance(type_, TypeDecorator):
-            type_ = type_.impl_instance
-        elif isinstance(type_, DOMAIN):
-            declared = type_ if declared is None else declared
-            type_ = type_.data_type.dialect_impl(dialect)
-        else:
-            break
-        seen += 1
-    return (type_ if declared is None else declared), type_
+    domain, base, _ = unwrap(type_)
+    return (base if domain is None else domain), base
 
 
 def _case_insensitive(type_: Any) -> bool:

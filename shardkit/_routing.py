@@ -42,6 +42,7 @@ from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from ._config import PRIMARY, ClusterConfig, GroupConfig
 from ._hashing import _murmur3_32, _pack_int64
+from ._pgtypes import unwrap
 from ._strategies import HashStrategy, ListStrategy, RangeStrategy, Strategy
 from ._colocation import _derived_select, colocation_problem, compound_selects, dml_extra_froms
 from ._scatter import compound_keyword, exists_column, orm_windows_problem
@@ -2189,20 +2190,7 @@ def _domain_coercer(type_: Any) -> Any:
     domains (the database stores, compares and returns the base type's values).  SQLAlchemy
     gives a domain no bind processing, so a ``TypeDecorator`` inside one is read as the type
     it stores, not through its ``process_bind_param``."""
-    global _PG_DIALECT
-    if _PG_DIALECT is None:
-        from sqlalchemy.dialects.postgresql.base import PGDialect
-
-        _PG_DIALECT = PGDialect()
-    base = type_
-    for _ in range(10):
-        if isinstance(base, postgresql.DOMAIN):
-            base = base.data_type
-        elif isinstance(base, sqltypes.TypeDecorator):
-            base = base.load_dialect_impl(_PG_DIALECT)
-        else:
-            return coercer_for(base)
-    return None
+    return coercer_for(unwrap(type_)[1])
 
 
 def with_statement_params(statement: Any, params: Any) -> Any:

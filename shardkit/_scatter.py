@@ -55,6 +55,7 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryEx
 
 from ._colocation import Resolver, _froms, _instances, _optional_sides, _plain, _table_of, _without_loader_options
 from ._colocation import colocation_problem
+from ._pgtypes import unwrap
 from ._colocation import compound_selects as compound_parts
 from ._colocation import distinct_on
 from ._colocation import shard_local_derived
@@ -300,15 +301,7 @@ def _domain_base(t: Any) -> Any:
     (SQLAlchemy gives a domain no result processing, so a TypeDecorator inside one counts as
     the type it stores).  A collation a domain sets (the outermost one that sets one) is the
     values' collation: the base type is returned as a copy carrying it."""
-    collation = None
-    for _ in range(10):
-        if isinstance(t, postgresql.DOMAIN):
-            collation = collation or t.collation
-            t = t.data_type.dialect_impl(_PG_DIALECT)
-        elif isinstance(t, sqltypes.TypeDecorator):
-            t = t.impl_instance
-        else:
-            break
+    _, t, collation = unwrap(t)
     if collation and isinstance(t, sqltypes.String):
         t = t.copy()
         t.collation = collation
