@@ -227,9 +227,9 @@ class Router:
         # mapper -> its table's route and shard key attributes (see the session's
         # shard_of_instance)
         self.instance_keys: dict[Any, Any] = {}
-        # mapper -> whether a shard key column of its table has an onupdate (see the
-        # session's _key_onupdate)
-        self.key_onupdates: dict[Any, bool] = {}
+        # table (or mapper) -> the name of a shard key column of its table with an
+        # onupdate=, or None (see key_onupdate)
+        self._key_onupdates: dict[Any, str | None] = {}
         # mapper -> table_route(mapper)
         self._mapper_routes: dict[Any, TableRoute] = {}
         # mapper -> where the shard key sits in its primary key (see ShardedSession.get)
@@ -699,6 +699,39 @@ class Router:
             plan.routes[ordered[0]] = route
         return route
 
+    def key_onupdate(self, table: Any, tr: TableRoute | None = None) -> str | None:
+        """The name of a shard key column of ``table`` (or of a mapper's own table) that has
+        an ``onupdate=``, which gives a row a new key at each UPDATE that does not set it, on
+        the shard the row is on; else None.  Kept per table (or mapper)."""
+        try:
+            return self._key_onupdates[table]
+        except KeyError:
+            pass
+        found = None
+        try:
+            tr = tr or self.table_route(table)
+        except RoutingError:
+            tr = None
+        columns = getattr(getattr(table, "local_table", table), "c", None)
+        if tr is not None and tr.strategy is not None and columns is not None:
+            found = next((c for c in tr.key_columns
+                          if c in columns and columns[c].onupdate is not None), None)
+        self._key_onupdates[table] = found
+        return found
+
+    def _refuse_key_onupdate(self, tr: TableRoute, stmt: Update) -> None:
+        """Refuse an UPDATE that leaves a shard key column with an ``onupdate=`` unset: the
+        column's onupdate would give each row a new key there, on the row's shard, whatever
+        shard that key belongs on (a value shardkit does not know before the UPDATE)."""
+        name = self.key_onupdate(stmt.table, tr)
+        if name is not None:
+            raise CrossShardWriteError(
+                f"update of {tr.table} leaves shard key column {name} to its onupdate=, which "
+                "would give the rows a new key on the shards they are on, owned by whichever "
+                "shard it names; set the key in the UPDATE (values("
+                f"{name}=...), its current value), or remove onupdate= from the shard key column",
+                table=tr.table, statement=stmt)
+
     def _refuse_one_shard_only(self, plan: _Plan, statement: Any, shards: Sequence[str]) -> None:
         if plan.entity_window and not plan.one_shard_only:
             raise ScatterRefused(
@@ -739,14 +772,14 @@ class Router:
                     else:
                         self._refuse_key_move(stmt, p, route)
             else:
-                _refuse_key_onupdate(tr, stmt)
+                self._refuse_key_onupdate(tr, stmt)
             return
         if isinstance(params, Mapping):
             # Parameters of an UPDATE without values() become its SET clause.
             sets.update({_set_name(table, k): v for k, v in params.items()})
         touched = [c for c in tr.key_columns if c in sets]
         if not touched:
-            _refuse_key_onupdate(tr, stmt)
+            self._refuse_key_onupdate(tr, stmt)
             return
         pmap = params if isinstance(params, Mapping) else _EMPTY
 
@@ -1964,24 +1997,6 @@ def _range_bound(co: Any, v: Any, high: bool) -> Any:
 
 def _is_unresolved(v: Any) -> bool:
     return v is None or isinstance(v, ClauseElement)
-
-
-def _refuse_key_onupdate(tr: TableRoute, stmt: Update) -> None:
-    """Refuse an UPDATE that leaves a shard key column with an ``onupdate=`` unset: the
-    column's onupdate would give each row a new key there, on the row's shard, whatever
-    shard that key belongs on (a value shardkit does not know before the UPDATE)."""
-    columns = getattr(stmt.table, "c", None)
-    if columns is None:
-        return
-    for name in tr.key_columns:
-        col = columns.get(name)
-        if col is not None and getattr(col, "onupdate", None) is not None:
-            raise CrossShardWriteError(
-                f"update of {tr.table} leaves shard key column {name} to its onupdate=, which "
-                "would give the rows a new key on the shards they are on, owned by whichever "
-                "shard it names; set the key in the UPDATE (values("
-                f"{name}=...), its current value), or remove onupdate= from the shard key column",
-                table=tr.table, statement=stmt)
 
 
 def _no_key(row: Mapping[str, Any], missing: Sequence[str]) -> str:

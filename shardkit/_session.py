@@ -4356,7 +4356,7 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
         if state.key is None:
             return
         session = state.session
-        if not isinstance(session, ShardedSession) or not _key_onupdate(session.cluster.router, mapper):
+        if not isinstance(session, ShardedSession) or session.cluster.router.key_onupdate(mapper) is None:
             return
         onupdate = True
     found = _sharded_flush_target(state, mapper)
@@ -4365,7 +4365,7 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
     session, tr = found
     if state.key is not None and not onupdate and not _key_changed(state, mapper, tr):
         # (An application's before_update listener left the key: its onupdate= may not.)
-        if not _key_onupdate(session.cluster.router, mapper):
+        if session.cluster.router.key_onupdate(mapper) is None:
             return
         onupdate = True
     written_on = _primary_shard(connection)
@@ -4399,26 +4399,6 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
             "(when the object is made, or in a before_flush listener)"
             + (", and remove onupdate= from the shard key column" if onupdate else ""),
             table=tr.table)
-
-
-def _key_onupdate(router: Router, mapper: Any) -> bool:
-    """Whether a shard key column of ``mapper``'s table has an ``onupdate=``, which gives
-    the row a new key at each UPDATE that does not set it, on the row's shard (kept per
-    mapper in ``router.key_onupdates``)."""
-    try:
-        return router.key_onupdates[mapper]
-    except KeyError:
-        pass
-    try:
-        tr = router.table_route(mapper)
-    except RoutingError:
-        found = False
-    else:
-        table = mapper.local_table
-        found = tr.strategy is not None and any(
-            c in table.c and table.c[c].onupdate is not None for c in tr.key_columns)
-    router.key_onupdates[mapper] = found
-    return found
 
 
 def _flushed_reference(mapper: Any, target: Any) -> tuple[ShardedSession, Any] | None:
