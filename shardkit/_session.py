@@ -4839,6 +4839,18 @@ def _in_table_order(rows: dict[tuple[Any, str], list[Any]], reverse: bool = Fals
     return dict(sorted(rows.items(), key=lambda item: rank[item[0][0]]))
 
 
+def _objects_of_row(session: ShardedSession, key: tuple[Any, Any, Any]) -> Iterator[tuple[Any, Any]]:
+    """``(identity key, object)`` of the session's other objects of the row of identity key
+    ``key``: those read from other shards (another identity token), one per shard."""
+    imap = session.identity_map
+    for token in (*session.cluster.shard_names, None):
+        if token != key[2]:
+            other_key = (key[0], key[1], token)
+            obj = imap.get(other_key)
+            if obj is not None:
+                yield other_key, obj
+
+
 def _expire_other_reference_objects(session: ShardedSession, written: list[tuple[Any, Any]]) -> None:
     """After a flush that updated or deleted reference rows through objects (keys
     ``written``, each with its old primary key when the flush changed it): the session's
@@ -4850,21 +4862,15 @@ def _expire_other_reference_objects(session: ShardedSession, written: list[tuple
     transaction's DELETE (also at the flush of one changed without loading it first:
     the flush loads its key).  Attributes such an object has itself changed since (a flush of
     some objects only) are kept: the next flush writes them."""
-    imap = session.identity_map
-    tokens = (*session.cluster.shard_names, None)
     seen = set()
     for key, old in written:
         for pk in (key[1], old):
             if pk is None:
                 continue
-            for token in tokens:
-                other_key = (key[0], pk, token)
-                if other_key == key or other_key in seen:
+            for other_key, obj in _objects_of_row(session, (key[0], pk, key[2])):
+                if other_key in seen:
                     continue
                 seen.add(other_key)
-                obj = imap.get(other_key)
-                if obj is None:
-                    continue
                 state = inspect(obj)
                 if not state.persistent:
                     continue
@@ -4882,16 +4888,9 @@ def _refuse_reference_row_changed_twice(session: ShardedSession, states: list[An
     objects of it (read from different shards) that the flush would write over each other:
     a column both change (the second UPDATE would set it to its object's value, the first
     one's change lost), or a change through one and a DELETE through the other."""
-    imap = session.identity_map
-    tokens = (*session.cluster.shard_names, None)
     for state in states:
         key = state.key
-        for token in tokens:
-            if token == key[2]:
-                continue
-            obj = imap.get((key[0], key[1], token))
-            if obj is None:
-                continue
+        for (_, _, token), obj in _objects_of_row(session, key):
             other = inspect(obj)
             name = f"{state.class_.__name__} {_pk_text(key[1])}"
             table = state.mapper.local_table.fullname
