@@ -4471,22 +4471,25 @@ def _delete_reference_copies(mapper: Any, connection: Any, target: Any) -> None:
         return
     cluster = session.cluster
     home = _engine_info(connection).get("shard")
-    keys = _reference_table_keys(cluster.router, mapper, state.key[1])
-    if len(keys) > 1:  # joined inheritance: the subclass's table first
-        order = _in_table_order({(table, ""): table_pk for table, table_pk in keys}, reverse=True)
-        keys = [(table, table_pk) for (table, _), table_pk in order.items()]
-    for table, table_pk in keys:
-        stmt = table.delete().where(*[c == v for c, v in zip(table.primary_key.columns, table_pk)])
-        done = [home]
-        for shard in cluster.shard_names:
-            if shard != home:
-                try:
-                    session.connection(bind_arguments={"shard_id": shard}).execute(stmt)
-                except sa_exc.DBAPIError as e:
-                    _note_reference_copy_failed(session, e, shard, table, done)
-                    raise
-                done.append(shard)
+    # (Joined inheritance: the subclass's table first.)
+    for table, table_pk in reversed(_reference_table_keys(cluster.router, mapper, state.key[1])):
+        _delete_reference_table_row(session, home, table, table_pk)
     session._sk_ref_copied.add(state)
+
+
+def _delete_reference_table_row(session: ShardedSession, home: Any, table: Any,
+                                table_pk: Sequence[Any]) -> None:
+    """Delete ``table``'s row of primary key ``table_pk`` on every shard but ``home``."""
+    stmt = table.delete().where(*[c == v for c, v in zip(table.primary_key.columns, table_pk)])
+    done = [home]
+    for shard in session.cluster.shard_names:
+        if shard != home:
+            try:
+                session.connection(bind_arguments={"shard_id": shard}).execute(stmt)
+            except sa_exc.DBAPIError as e:
+                _note_reference_copy_failed(session, e, shard, table, done)
+                raise
+            done.append(shard)
 
 
 def _copy_reference_row(session: ShardedSession, connection: Any, mapper: Any, pk: Sequence[Any],
@@ -4499,10 +4502,7 @@ def _copy_reference_row(session: ShardedSession, connection: Any, mapper: Any, p
     home = _engine_info(connection).get("shard")
     keys = _reference_table_keys(cluster.router, mapper, pk)
     olds = dict(_reference_table_keys(cluster.router, mapper, old)) if old is not None else {}
-    if len(keys) > 1:  # joined inheritance: the base class's table first
-        order = _in_table_order({(table, ""): table_pk for table, table_pk in keys})
-        keys = [(table, table_pk) for (table, _), table_pk in order.items()]
-    for table, table_pk in keys:
+    for table, table_pk in keys:  # (joined inheritance: the base class's table first)
         if tables is not None and table not in tables:
             continue
         if not _copy_reference_table_row(session, connection, home, table, table_pk, olds.get(table)):
@@ -4537,7 +4537,7 @@ def _copy_reference_table_row(session: ShardedSession, connection: Any, home: An
             except sa_exc.DBAPIError as e:
                 _note_reference_copy_failed(session, e, shard, table, done)
                 raise
-            _refuse_different_copy(table, shard, home, [row], [copy], stmt)
+            _refuse_different_copy(table, shard, home, row, copy, stmt)
             done.append(shard)
     return True
 
@@ -4587,34 +4587,30 @@ def _emit_post_update_statements(base_mapper: Any, uowtransaction: Any, mapper: 
     return result
 
 
-def _refuse_different_copy(table: Any, shard: str, home: Any, rows: list[Any], copies: list[Any],
-                           stmt: Any) -> None:
-    """Refuse copies (``copies``: what writing ``rows`` returned on ``shard``) that came
-    out other than the first shard's rows they were copied from: a trigger (or rule) on
-    the table changed or dropped them there, as it wrote them on the first shard.  (A
-    table of primary key columns only returns no row for a row the copy had.)  A date or
-    time a trigger gave a copy (``updated_at = now()``: each shard's transaction has its own
-    time) is let be, as a value written as SQL is computed on each shard."""
+def _refuse_different_copy(table: Any, shard: str, home: Any, row: Any, copy: Any, stmt: Any) -> None:
+    """Refuse a copy (``copy``: what writing ``row`` returned on ``shard``) that came out
+    other than the first shard's row it was copied from: a trigger (or rule) on the table
+    changed or dropped it there, as it wrote it on the first shard.  (A table of primary
+    key columns only returns no row for a row the copy had.)  A date or time a trigger gave
+    a copy (``updated_at = now()``: each shard's transaction has its own time) is let be, as
+    a value written as SQL is computed on each shard."""
     if len(table.primary_key.columns) == len(table.columns):
         return
-    for row, copy in zip(rows, copies):
-        if copy is not None and all(_same_value(row[c.key], copy[c.key]) for c in table.columns):
-            continue
-        cols = [] if copy is None else [c.name for c in table.columns
-                                        if not _same_value(row[c.key], copy[c.key])
-                                        and not _both_times(row[c.key], copy[c.key])]
-        if copy is not None and not cols:
-            continue
-        why = ("the row is not there" if copy is None else f"column {cols[0]} differs"
-               if len(cols) == 1 else f"columns {', '.join(cols)} differ")
-        raise CrossShardWriteError(
-            f"reference table {table.fullname}: the copy of a row this flush wrote on shard "
-            f"{home} came out different on shard {shard} ({why}): a trigger or rule on the table "
-            "changes the rows written to it, and did so again when the row was copied there. "
-            "The flush failed: roll back (in a transaction, nothing of it is committed). Write "
-            "this table with statements (session.execute(insert(...)/update(...)) run on every "
-            "shard), or let the trigger leave a copied row as written", table=table.fullname,
-            statement=stmt)
+    cols = [] if copy is None else [c.name for c in table.columns
+                                    if not _same_value(row[c.key], copy[c.key])
+                                    and not _both_times(row[c.key], copy[c.key])]
+    if copy is not None and not cols:
+        return
+    why = ("the row is not there" if copy is None else f"column {cols[0]} differs"
+           if len(cols) == 1 else f"columns {', '.join(cols)} differ")
+    raise CrossShardWriteError(
+        f"reference table {table.fullname}: the copy of a row this flush wrote on shard "
+        f"{home} came out different on shard {shard} ({why}): a trigger or rule on the table "
+        "changes the rows written to it, and did so again when the row was copied there. "
+        "The flush failed: roll back (in a transaction, nothing of it is committed). Write "
+        "this table with statements (session.execute(insert(...)/update(...)) run on every "
+        "shard), or let the trigger leave a copied row as written", table=table.fullname,
+        statement=stmt)
 
 
 def _both_times(a: Any, b: Any) -> bool:
@@ -4775,43 +4771,19 @@ def _replicate_reference_rows(session: Session, flush_context: Any) -> None:
     if len(upserts) > 1:
         upserts = _in_table_order(upserts)
     for (table, home), pks in deletes.items():
-        pk_cols = list(table.primary_key.columns)
-        for shard in cluster.shard_names:
-            if shard == home:
-                continue
-            conn = session.connection(bind_arguments={"shard_id": shard})
-            for pk in pks:
-                conn.execute(table.delete().where(*[c == v for c, v in zip(pk_cols, pk)]))
-    for (table, home), pks in upserts.items():
-        pk_cols = list(table.primary_key.columns)
-        src = session.connection(bind_arguments={"shard_id": home})
-        rows = []
         for pk in pks:
-            cond = [c == v for c, v in zip(pk_cols, pk)]
-            row = src.execute(sa_select(table).where(*cond)).mappings().first()
-            if row is not None:
-                rows.append(dict(row))
-        if not rows:
-            continue
-        stmt = _reference_upsert(table).returning(*table.columns)
-        done = [home]
-        for shard in cluster.shard_names:
-            if shard == home:
-                continue
-            conn = session.connection(bind_arguments={"shard_id": shard})
-            try:
-                copies = [conn.execute(stmt, row).mappings().first() for row in rows]
-            except sa_exc.DBAPIError as e:
-                _note_reference_copy_failed(session, e, shard, table, done)
-                raise
-            _refuse_different_copy(table, shard, home, rows, copies, stmt)
-            done.append(shard)
+            _delete_reference_table_row(session, home, table, pk)
+    for (table, home), pks in upserts.items():
+        src = session.connection(bind_arguments={"shard_id": home})
+        for pk in pks:
+            _copy_reference_table_row(session, src, home, table, pk, None)
 
 
 def _reference_table_keys(router: Any, mapper: Any, pk: Sequence[Any]) -> list[tuple[Any, tuple[Any, ...]]]:
     """The reference tables a ``mapper`` object with primary key ``pk`` has a row in, each
     with that row's primary key: its own table, or with joined inheritance each table of
-    its class hierarchy (its primary key columns hold the object's primary key values)."""
+    its class hierarchy (its primary key columns hold the object's primary key values),
+    in the order of their foreign keys (the base class's table first)."""
     if len(mapper.tables) == 1:
         return [(mapper.local_table, tuple(pk))]
     props = [mapper.get_property_by_column(c) for c in mapper.primary_key]
@@ -4824,6 +4796,9 @@ def _reference_table_keys(router: Any, mapper: Any, pk: Sequence[Any]) -> list[t
         except (RoutingError, orm_exc.UnmappedColumnError, ValueError):
             continue
         out.append((table, tuple(pk[i] for i in index)))
+    if len(out) > 1:
+        order = _in_table_order({(table, ""): table_pk for table, table_pk in out})
+        out = [(table, table_pk) for (table, _), table_pk in order.items()]
     return out
 
 
