@@ -311,13 +311,9 @@ def _domain_base(t: Any) -> Any:
 def _unmergeable_type(expr: Any) -> str | None:
     """The name of ``expr``'s type when Python cannot compare or add its values as
     PostgreSQL does, else None (unknown types pass: they are compared as they come)."""
-    inner = expr
-    while isinstance(inner, (Label, elements.Grouping)):
-        inner = inner.element
-    if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
-        collation = inner.right.collation
-        if collation.upper() not in ("C", "POSIX"):
-            return f"text under collation {collation}"
+    inner, collation = _unlabelled(expr)
+    if collation is not None and collation.upper() not in ("C", "POSIX"):
+        return f"text under collation {collation}"
     t = getattr(expr, "type", None)
     if t is None:
         return None
@@ -359,13 +355,22 @@ def _type_problem(t: Any) -> str | None:
     return None
 
 
-def _database_collated(expr: Any) -> bool:
-    """Whether ``expr`` is text the database compares by its default collation (no
-    ``COLLATE`` on the expression, no collation on its type)."""
+def _unlabelled(expr: Any) -> tuple[Any, str | None]:
+    """``expr`` without its labels and parentheses, and the collation a ``COLLATE``
+    applied to it names (None without one)."""
     inner = expr
     while isinstance(inner, (Label, elements.Grouping)):
         inner = inner.element
     if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
+        return inner, inner.right.collation
+    return inner, None
+
+
+def _database_collated(expr: Any) -> bool:
+    """Whether ``expr`` is text the database compares by its default collation (no
+    ``COLLATE`` on the expression, no collation on its type)."""
+    inner, collate = _unlabelled(expr)
+    if collate is not None:
         return False
     t = _sql_type(getattr(expr, "type", None))
     if isinstance(t, sqltypes.NullType) and isinstance(inner, functions.FunctionElement) and \
@@ -436,10 +441,7 @@ def _compares_database_collated(left: Any, right: Any) -> bool:
 
 def _own_collation(expr: Any) -> bool:
     """Whether ``expr`` is text with a collation of its own (``COLLATE``, or its type's)."""
-    inner = expr
-    while isinstance(inner, (Label, elements.Grouping)):
-        inner = inner.element
-    if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
+    if _unlabelled(expr)[1] is not None:
         return True
     t = _sql_type(getattr(expr, "type", None))
     return isinstance(t, sqltypes.String) and bool(getattr(t, "collation", None))
@@ -448,12 +450,8 @@ def _own_collation(expr: Any) -> bool:
 def _named_collation(expr: Any) -> str | None:
     """The collation ``expr`` is compared under when it names one (``.collate()``, or the
     collation of its type) other than C and POSIX, else None."""
-    inner = expr
-    while isinstance(inner, (Label, elements.Grouping)):
-        inner = inner.element
-    if isinstance(inner, elements.BinaryExpression) and inner.operator is operators.collate:
-        name = inner.right.collation
-    else:
+    inner, name = _unlabelled(expr)
+    if name is None:
         t = getattr(expr, "type", None)
         if (name := _text_function_collation(inner, t)) is not None:
             return name
