@@ -5833,7 +5833,8 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     (waiting up to ``refresh_timeout`` seconds for a version newer than the
     one that routed the refused write to be published: a shard may refuse
     before the catalog has recorded the move; no wait when the map in use
-    already gives the refused bucket to another shard) and ``fn`` runs again in a fresh
+    already gives the refused bucket to another shard, and more wait while the
+    newer maps still give it to the shard that refused it) and ``fn`` runs again in a fresh
     session, up to ``retries`` more times.  ``fn`` must therefore be safe to run
     again (do not keep state from a failed attempt).  A ``NotOwned`` after ``fn``
     committed part of its work itself (``session.commit()`` inside it) propagates:
@@ -5917,10 +5918,33 @@ def _run_transaction(session_factory: Any, fn: Any, retries: int, refresh_timeou
         attempt += 1
         cluster = session.cluster
         if not _moved_off(cluster, refused):
+            deadline = time.monotonic() + refresh_timeout
+            wait = refresh_timeout
             try:
-                cluster.refresh_map(newer_than=stale, timeout=refresh_timeout)
+                while True:
+                    cluster.refresh_map(newer_than=stale, timeout=wait)
+                    # A map newer than the stale one may still give the refused bucket or
+                    # slice to the shard that refused it: a process two versions behind a
+                    # split gets the split's version, not yet the switch's.  Wait on.
+                    if cluster.map_version in (None, stale) or time.monotonic() >= deadline \
+                            or not _still_on_refuser(cluster, refused):
+                        break
+                    stale = cluster.map_version
+                    wait = max(deadline - time.monotonic(), 0.0)
             except ConfigurationError:
                 pass  # a map the config file cannot route by: the next attempt is refused, saying so
+
+
+def _still_on_refuser(cluster: Cluster, refused: NotOwned) -> bool:
+    """Whether the map in use still gives the bucket or slice the ownership guard refused
+    to the shard that refused it (a retry by it would be refused again)."""
+    unit, shard = refused.bucket, refused.shard
+    if unit is None or shard is None or not getattr(refused, "_sk_guard_refusal", False):
+        return False
+    config = cluster.config
+    if unit < SLICE_BASE:
+        return 0 <= unit < len(config.bucket_map) and config.bucket_map[unit] == shard
+    return any(s.id == unit and s.shard == shard for s in config.slices)
 
 
 def _moved_off(cluster: Cluster, refused: NotOwned) -> bool:

@@ -258,7 +258,8 @@ class ListStrategy(Strategy):
         self._shards = frozenset(self.mapping.values()) | (
             frozenset([default]) if default else frozenset()
         )
-        # Per key part, the date/time kinds of the values (see _date_kind_problem).
+        # Per key part, the date/time kinds of the values, and whether they are numbers
+        # (see _date_kind_problem); () when every part's values are strings.
         self._date_kinds = _date_kinds(self.mapping)
 
     def shard_for_key(self, key: Any) -> str:
@@ -303,6 +304,10 @@ class ListStrategy(Strategy):
         return f"ListStrategy({len(self.mapping)} values, default={self.default!r})"
 
 
+_NUMBER = "a number"
+_STRING = "a string"
+
+
 def _date_kind(v: Any) -> str | None:
     """``v``'s date/time kind, as PostgreSQL keeps them apart: a date, a date-time
     without or with a UTC offset; None for another value."""
@@ -313,34 +318,57 @@ def _date_kind(v: Any) -> str | None:
     return None
 
 
+def _value_kind(v: Any) -> str | None:
+    """A list value's kind: its date/time kind, a number, a string; None for another."""
+    if isinstance(v, str):
+        return _STRING
+    if isinstance(v, (int, float, Decimal)) and not isinstance(v, bool):
+        return _NUMBER
+    return _date_kind(v)
+
+
 def _date_kinds(values: Any) -> tuple[frozenset[str], ...]:
-    """Per key part, the date/time kinds of a list group's ``values``; () when none is one."""
+    """Per key part, the date/time kinds of a list group's ``values``, and "a number" and
+    "a string" for its numbers and strings; () when no part's values are numbers, dates
+    or times (a group of strings, the usual one, pays nothing for the check)."""
     kinds: list[set[str]] = []
     for v in values:
         for i, part in enumerate(v if isinstance(v, tuple) else (v,)):
             while len(kinds) <= i:
                 kinds.append(set())
-            k = _date_kind(part)
+            k = _value_kind(part)
             if k is not None:
                 kinds[i].add(k)
-    return tuple(frozenset(k) for k in kinds) if any(kinds) else ()
+    return tuple(frozenset(k) for k in kinds) if any(k - {_STRING} for k in kinds) else ()
 
 
 def _date_kind_problem(key: Any, kinds: tuple[frozenset[str], ...]) -> str | None:
     """What is wrong with a list ``key`` that no value holds, when a part of it is a date
-    or date-time of another kind than the group's values there (``kinds``): the column
+    or date-time of another kind than the group's values there (``kinds``), or a string
+    where they are numbers, dates or times (which the column parses as its own type): the column
     stores it as its own type (a date-time's date, a date's midnight, an offset applied or
     dropped by the server's TimeZone), whose value may be listed for another shard than
     the default.  None when there is no such part."""
     parts = key if isinstance(key, tuple) else (key,)
     for i, part in enumerate(parts):
-        k = _date_kind(part)
-        if k is None or i >= len(kinds) or not kinds[i] or k in kinds[i]:
-            continue
+        if i >= len(kinds):
+            break
+        if isinstance(part, str):
+            # A string where the values are numbers, dates or times: the column (numeric,
+            # date, timestamp) parses it into its own type, so '1' is stored as the listed
+            # 1, and '2024-01-02' as the listed date: not a value of the default.
+            if not kinds[i] or _STRING in kinds[i]:
+                continue
+            k = _STRING
+        else:
+            k = _date_kind(part)
+            dates = kinds[i] - {_NUMBER, _STRING}
+            if k is None or not dates or k in dates:
+                continue
         return (f"list key {part!r} is {k}, and the group's values are {' and '.join(sorted(kinds[i]))}: "
                 "the column stores it as its own type, which may be a value listed for another shard "
                 "(not the default's); give the key as the column holds it (e.g. a date for a date "
-                "column, in the time zone you mean)")
+                "column, in the time zone you mean; a number, not a string, for a numeric column)")
     return None
 
 
