@@ -3428,17 +3428,29 @@ def _run_on_shards(session: ShardedSession, statement: Any, params: Any, executi
         # over shards, or -1 (unknown, as an executemany INSERT's is) if a shard's is.
         first.rowcount = -1 if any(c < 0 for c in counts) else sum(counts)  # type: ignore[misc]
         return first
+    if len(results) == 1:
+        return results[0]
+    # The merged result has a rowcount, as one database's result has (merge() sets none
+    # when the statement's count is unknown, and frozen rows carry none): the shards'
+    # summed, or -1 (unknown) if a shard ran an executemany, whose RETURNING leaves the
+    # cursor's count to its last batch (unless preserve_rowcount= kept the count).
+    counts = [-1 if r.context.executemany and not r.context._has_rowcount else r.rowcount
+              for r in results] if all(isinstance(r, CursorResult) for r in results) else None
     if (not in_runs and isinstance(statement, Insert) and statement._sort_by_parameter_order
-            and isinstance(params, list) and route.split is not None and len(results) > 1):
-        return _in_parameter_order(results, [route.split[sh] for sh in route.shards], params)
-    if in_runs and len(results) > 1:
+            and isinstance(params, list) and route.split is not None):
+        out = _in_parameter_order(results, [route.split[sh] for sh in route.shards], params)
+    elif in_runs:
         # A run of one set runs as one statement, a run of several as an executemany whose
         # RETURNING carries a sentinel column SQLAlchemy sorts by and leaves out: each
         # result's rows are read by its own metadata (merge() reads them all by the first's,
         # adding or dropping a column).
         frozen = [r.freeze() for r in results]
-        return frozen[0].with_new_rows([row for f in frozen for row in f.data])()
-    return results[0].merge(*results[1:])
+        out = frozen[0].with_new_rows([row for f in frozen for row in f.data])()
+    else:
+        out = results[0].merge(*results[1:])
+    if counts is not None:
+        out.rowcount = -1 if any(c < 0 for c in counts) else sum(counts)  # type: ignore[attr-defined]
+    return out
 
 
 def _returns_in_order_despite_skips(statement: Any, params: Any, route: Route) -> bool:
