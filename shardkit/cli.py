@@ -7,7 +7,8 @@ could not use: it prints one line (never a password) and exits with status 2.
 (``migrate upgrade|downgrade`` exit 1 when a migration fails, ``status``, ``verify`` and
 ``migrate check`` 1 when they find a problem, ``demo`` 1 when one of its checks fails; argparse's usage errors exit 2 with its
 usage text; output piped into a reader that stops early, like ``head``, ends the command
-quietly with status 1; Ctrl-C ends it with one ``interrupted:`` line and status 130.)
+quietly with status 1; Ctrl-C ends it with one ``interrupted:`` line and status 130, and so
+do SIGTERM and SIGHUP, unless they were ignored when it started.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -616,7 +619,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         if verb == "apply" and args.batch_buckets < 1:
             raise UsageError(f"--batch-buckets {args.batch_buckets}: must be at least 1 (buckets per batch)")
         mover = rebalance.Mover(cluster, grace=args.grace, step_delay=args.step_delay, duty=args.duty,
-                                max_pause=args.max_pause, progress=lambda line: print(line, flush=True))
+                                max_pause=args.max_pause, progress=_progress)
         if verb == "apply":
             plan = _make_plan(args, cluster)
             if not plan.moves:
@@ -639,6 +642,20 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.dispose()
+
+
+def _progress(line: str) -> None:
+    """A mover's progress line.  Its reader gone (`apply | head -3`) stops the move as Ctrl-C
+    does (it stays running, to be resumed; the catalog says why), and the command ends
+    quietly with status 1 (see main): not a failed batch, "fix the cause", status 2."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        raise _OutputClosed("its output was closed") from None
+
+
+class _OutputClosed(KeyboardInterrupt):
+    """The reader of a mover's progress went away."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -776,12 +793,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM (a process manager, `timeout`, `kill PID`) or SIGHUP (the terminal closed):
+    unwound as Ctrl-C is, so that what the command started is stopped or recorded on the way
+    out (`dev up`'s servers, a mover's interrupt, a running migration), not left behind."""
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    # A second one must not cut the clean-up short (a process manager kills in the end).
+    signal.signal(signum, signal.SIG_IGN)
+    raise _Stopped(signal.Signals(signum).name)
+
+
+def _stop_on_signals() -> list[tuple[int, Any]]:
+    """SIGTERM and SIGHUP end the command as Ctrl-C does (where their disposition is the
+    default: `nohup` ignores SIGHUP, and it stays ignored); what to restore afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    previous = []
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            previous.append((sig, signal.signal(sig, _on_stop_signal)))
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status (see the module's docstring)."""
+    previous = _stop_on_signals()
     try:
         try:
             return _main(argv)
         finally:
+            for sig, handler in previous:
+                signal.signal(sig, handler)
             # Flushed here, inside the try: a reader that went away (`shardkit status | head -1`)
             # shows now as a BrokenPipeError, not as a traceback when Python flushes at exit.
             sys.stdout.flush()
@@ -818,6 +862,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt as e:
         # Ctrl-C: one line, with where the command stopped and what to do when it knows.
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        if isinstance(e.__context__, _OutputClosed) or isinstance(e, _OutputClosed):
+            raise BrokenPipeError() from None   # (status 1, as for any reader that went away)
         return INTERRUPTED
 
 

@@ -1311,10 +1311,11 @@ class Mover:
                 self._run_locked(move_id)
             except _KeyClash as e:
                 clash = e
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as e:
                 # Ctrl-C: the move stays running, where it stopped (each step is redone
                 # whole); say so in the catalog, where `shardkit rebalance status` shows it.
-                raise KeyboardInterrupt(self._stopped_by_interrupt(move_id)) from None
+                # (What stopped it, when not Ctrl-C: SIGTERM, SIGHUP, its output closed.)
+                raise KeyboardInterrupt(self._stopped_by_interrupt(move_id, str(e) or "Ctrl-C")) from None
             finally:
                 try:
                     lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
@@ -1325,8 +1326,8 @@ class Mover:
         if clash is not None:
             self._abort_on_clash(move_id, clash)
 
-    def _stopped_by_interrupt(self, move_id: int) -> str:
-        """Record that Ctrl-C stopped the move; the message for the operator."""
+    def _stopped_by_interrupt(self, move_id: int, cause: str = "Ctrl-C") -> str:
+        """Record that Ctrl-C (or ``cause``) stopped the move; the message for the operator."""
         where = ""
         if self._batch is not None:
             batch, source, target = self._batch
@@ -1335,7 +1336,7 @@ class Mover:
             with self.catalog.engine.begin() as conn:
                 conn.execute(text("UPDATE shardkit_catalog.moves SET error = :e, updated_at = now() "
                                   "WHERE id = :m AND state = 'running'"),
-                             {"e": f"interrupted (Ctrl-C){where}; the move stopped there", "m": move_id})
+                             {"e": f"interrupted ({cause}){where}; the move stopped there", "m": move_id})
                 Catalog.record(conn, move_id, None, "error", {"error": f"interrupted{where}"})
         except Exception as e:  # noqa: BLE001 - the interrupt is what the operator must hear of
             log.warning("move %d: could not record the interrupt in the catalog: %s", move_id, first_line(e))
@@ -1419,7 +1420,7 @@ class Mover:
                         break
                     context = context.__cause__ or context.__context__
                 if isinstance(context, KeyboardInterrupt):
-                    raise KeyboardInterrupt() from e
+                    raise type(context)(*context.args) from e
                 message = mask_secrets(str(e), self.cluster)[:2000]
                 with self.catalog.engine.begin() as conn:
                     conn.execute(text("UPDATE shardkit_catalog.moves SET error = :e, updated_at = now() "
