@@ -50,7 +50,7 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import DOUBLE_PRECISION
 from sqlalchemy.dialects.postgresql.base import PGDialect
-from sqlalchemy.sql import elements, functions, operators, selectable, visitors
+from sqlalchemy.sql import elements, functions, operators, selectable, traversals, visitors
 from sqlalchemy.sql.elements import BindParameter, ColumnElement, Label, UnaryExpression
 
 from ._colocation import Resolver, _froms, _instances, _optional_sides, _plain, _table_of, _without_loader_options
@@ -152,6 +152,27 @@ class MergePlan:
 
     def __str__(self) -> str:
         return self.description
+
+
+class _SameSQL(traversals.TraversalComparatorStrategy):
+    """``ClauseElement.compare()`` without comparing the ORM entity an expression was
+    built from (its ``_propagate_attrs``): SQLAlchemy compares those entities as clause
+    elements, and raises ``AttributeError`` when they differ (``func.lower(Customer.name)``
+    against ``func.max(Order.qty)``, or an ``aliased(Customer)``'s).  The columns inside
+    the expressions still tell tables and aliases apart."""
+
+    def visit_propagate_attrs(self, attrname: Any, left_parent: Any, left: Any,
+                              right_parent: Any, right: Any, **kw: Any) -> Any:
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two SQL expressions are the same, as ``a.compare(b)`` says, also when
+    they come from different ORM entities (which make ``compare()`` raise)."""
+    try:
+        return bool(a.compare(b))
+    except AttributeError:
+        return bool(_SameSQL().compare(a, b))
 
 
 def _order_modifiers(clause: Any) -> tuple[Any, bool, bool | None]:
@@ -1165,7 +1186,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
             # PostgreSQL refuses this; the hidden sort columns would make each shard accept it.
             plain = [_unwrap_column(c) for c in columns]
             for expr, _, _ in order:
-                if not any(expr.compare(c) for c in plain):
+                if not any(_same(expr, c) for c in plain):
                     raise ScatterRefused(
                         f"for SELECT DISTINCT, ORDER BY expressions must appear in select list "
                         f"({expr})",
@@ -1262,7 +1283,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
         target = expr.element if isinstance(expr, Label) else expr
         for i, g in enumerate(group_by):
             g2 = g.element if isinstance(g, Label) else g
-            if target.compare(g2):
+            if _same(target, g2):
                 return i
         return None
 
@@ -1312,7 +1333,7 @@ def _plan(stmt: selectable.Select[Any], params: Mapping[str, Any],
         for i, c in enumerate(columns):
             c2 = c.element if isinstance(c, Label) else c
             e2 = expr.element if isinstance(expr, Label) else expr
-            if e2.compare(c2):
+            if _same(e2, c2):
                 if outputs[i].kind == "value" and _untyped(c2):
                     # a group key compared by order, not only for equality
                     checks.append((outputs[i].positions[0], False, "HAVING/ORDER BY"))
@@ -1456,7 +1477,7 @@ def _not_null(key: Any, stmt: Any) -> bool:
         if not isinstance(e, elements.BinaryExpression):
             continue
         left, right, op = _plain(e.left), e.right, e.operator
-        if not (isinstance(left, elements.ColumnClause) and left.compare(key)):
+        if not (isinstance(left, elements.ColumnClause) and _same(left, key)):
             continue
         if op is operators.is_not and isinstance(right, elements.Null):
             return True
@@ -1493,7 +1514,7 @@ def _plan_whole_groups(stmt: selectable.Select[Any], params: Mapping[str, Any],
     distinct = bool(stmt._distinct) or any(_is_distinct_column(c) for c in columns)
     plain = [_plain(_unwrap_column(c)) for c in columns]
     # With the key selected, no two shards return the same row.
-    dedupe = distinct and not any(isinstance(c, ColumnElement) and c.compare(key) for c in plain)
+    dedupe = distinct and not any(isinstance(c, ColumnElement) and _same(c, key) for c in plain)
     if distinct:
         if any(_is_entity(c) for c in columns):
             raise ScatterRefused(
@@ -1501,7 +1522,7 @@ def _plan_whole_groups(stmt: selectable.Select[Any], params: Mapping[str, Any],
                 construct="DISTINCT entity")
         for expr, _, _ in order:
             # PostgreSQL refuses this; the hidden sort columns would make each shard accept it.
-            if not any(expr.compare(c) for c in plain):
+            if not any(_same(expr, c) for c in plain):
                 raise ScatterRefused(
                     f"for SELECT DISTINCT, ORDER BY expressions must appear in select list ({expr})",
                     construct="DISTINCT with ORDER BY not in select list")
@@ -1724,7 +1745,7 @@ def orm_windows_problem(stmt: Any, placement: Resolver | None,
                     selects.append(e.element)
         for col in sel._raw_columns:
             for w in _windows_of(col):
-                if any(w.compare(o) for o in own):
+                if any(_same(w, o) for o in own):
                     continue
                 try:
                     _window_key(w, sel, placement, disjoint_groups)

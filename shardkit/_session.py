@@ -4059,7 +4059,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             for r in ordered:
                 r.close()
             raise ScatterRefused(refusal[0], construct=refusal[1], statement=statement)
-        ordered = [r.unique() for r in ordered]
+        ordered = [_unique_on_visible(r, plan.visible, len(all_keys)) for r in ordered]
     merged = merge_rows(plan, ordered)
     result = ScatterResult(_visible_metadata(first._metadata, plan.visible), merged)
     result._shard_results = ordered
@@ -4081,6 +4081,27 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
         log.warning("partial results: shards %s failed: %s", ", ".join(sorted(failures)),
                     "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return result
+
+
+def _unique_on_visible(result: Any, visible: int, width: int) -> Any:
+    """``result.unique()`` as SQLAlchemy applies it to a joined collection load, judged by
+    the caller's ``visible`` columns only.  The shard ran the statement with sort columns
+    added after them; one database's rows have none, and the ORM folds a parent's rows by
+    the entity and the selected columns.  A sort value unequal to itself (a float or
+    numeric NaN, a new object in each row) would otherwise keep every child's row of its
+    parent, and a LIMIT applied after the merge would count them as parents."""
+    result = result.unique()
+    if visible >= width:
+        return result
+    _uniques, strategy = result._unique_strategy
+
+    def key(row: Any) -> Any:
+        filtered = strategy(row) if strategy is not None else row
+        if isinstance(filtered, Sequence) and not isinstance(filtered, str):
+            return tuple(filtered)[:visible]
+        return filtered
+
+    return result.unique(key)
 
 
 def _visible_metadata(shard_md: Any, visible: int) -> SimpleResultMetaData:
