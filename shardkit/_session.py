@@ -93,6 +93,7 @@ from .errors import (
     CommitError,
     ConfigurationError,
     CrossShardWriteError,
+    NoShardForKey,
     NotOwned,
     RoutingError,
     ScatterError,
@@ -2108,6 +2109,11 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             except CrossShardWriteError:
                 if getattr(statement, "select", None) is None:
                     raise  # rows of several shards in one VALUES, or an upsert moving its key
+            except (ShardKeyError, NoShardForKey):
+                # A row whose key no shard can take (a value of another type, a key no
+                # range or list value holds): refused as outside a scope, not the whole
+                # statement run on the scope's shard with the other rows' keys ignored.
+                raise
             except RoutingError:
                 pass
         elif isinstance(statement, Update):
