@@ -289,6 +289,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 for s in self.cluster.shard_names:
                     if mapper.identity_key_from_primary_key(pk, identity_token=s) in self.identity_map:
                         return s
+            # (The row is written on the first shard and copied to the others: see
+            # connection_callable.)  The new object is the one this transaction's reads
+            # of its row return, as on one database, so it is keyed on the shard they
+            # ask: the one taken already, or the first, which they ask from now on.
+            if self._sk_ref_shard is not None:
+                return self._sk_ref_shard
+            if self._flushing:
+                self._sk_ref_shard = shard
         return shard
 
     def _association_shard(self, mapper: Any) -> str | None:
@@ -345,6 +353,25 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return shards.pop()
         # No association row changes: any shard this flush writes (nothing runs there).
         return min(touched) if touched else None
+
+    def _identity_lookup(self, mapper: Any, primary_key_identity: Any, identity_token: Any = None,
+                         passive: Any = PASSIVE_OFF, lazy_loaded_from: Any = None,
+                         execution_options: Any = util.EMPTY_DICT, bind_arguments: Any = None,
+                         **kw: Any) -> Any:
+        # horizontal_shard's own drops ``passive``: a look-up that may not emit SQL (the
+        # old parent a backref removes an object from, PASSIVE_NO_FETCH) then refreshed an
+        # expired object, which a plain Session leaves expired (and unread).
+        if identity_token is not None:
+            return Session._identity_lookup(self, mapper, primary_key_identity, identity_token,
+                                            passive, lazy_loaded_from, **kw)
+        for shard in self.identity_chooser(mapper, primary_key_identity, lazy_loaded_from=lazy_loaded_from,
+                                           execution_options=execution_options,
+                                           bind_arguments=dict(bind_arguments) if bind_arguments else {}):
+            obj = Session._identity_lookup(self, mapper, primary_key_identity, shard,
+                                           passive, lazy_loaded_from, **kw)
+            if obj is not None:
+                return obj
+        return None
 
     def _identity_shards(self, mapper: Any, primary_key: Any, *, lazy_loaded_from: Any = None,
                          **kw: Any) -> Iterable[str]:
