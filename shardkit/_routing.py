@@ -2035,6 +2035,25 @@ def _to_bpchar(v: Any) -> Any:
     return _to_str(v).rstrip(" ")
 
 
+@functools.lru_cache(maxsize=64)
+def _varchar_coercer(length: int) -> Any:
+    """A ``varchar(length)`` key: PostgreSQL stores a longer value whose excess characters
+    are all blanks cut to ``length`` (no error), and that stored value is what the row's
+    bucket, range or list value is computed from (also in the guard's SQL): ``'ab   '`` in a
+    ``varchar(4)`` is stored, and placed, as ``'ab  '``.  (A read by the longer value
+    matches no stored row wherever it is sent, so the get() fast path may skip this.)"""
+
+    def coerce(v: Any) -> Any:
+        if type(v) is not str:
+            v = _to_str(v)
+        if len(v) > length and not v[length:].strip(" "):
+            return v[:length]
+        return v
+
+    coerce.reads_as = str  # type: ignore[attr-defined]
+    return coerce
+
+
 def _to_int(v: Any) -> Any:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ShardKeyError(
@@ -2191,7 +2210,10 @@ def coercer_for(type_: Any) -> Any:
     if isinstance(type_, (sqltypes.CHAR, sqltypes.NCHAR)):
         return _to_bpchar
     if isinstance(type_, sqltypes.String) and not isinstance(type_, sqltypes.Enum):
-        return _to_str
+        length = type_.length
+        # (Not Text(n): PostgreSQL's text has no length, and keeps every blank.)
+        return _varchar_coercer(length) if isinstance(length, int) and length > 0 \
+            and not isinstance(type_, sqltypes.Text) else _to_str
     if isinstance(type_, postgresql.DOMAIN):
         # (Last: a key column of a type above pays nothing for it.)
         return _domain_coercer(type_)

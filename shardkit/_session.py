@@ -1691,7 +1691,9 @@ def _scalar_key_plan(router: Router, mapper: Any) -> tuple[type, Any] | None:
     plan = _pk_plan_for(router, mapper)
     if plan is False or plan[0] != (0,):
         return None
-    exact = {_to_int: int, _to_str: str}.get(plan[1][0])
+    co = plan[1][0]
+    # (a varchar(n) key's coercer cuts a value's excess blanks, which only a write needs)
+    exact = {_to_int: int, _to_str: str}.get(co) or getattr(co, "reads_as", None)
     return None if exact is None else (exact, plan[2])
 
 
