@@ -807,10 +807,32 @@ class Router:
                 table=tr.table, statement=stmt,
             )
 
+    def refuse_named_write(self, stmt: Insert | Update, params: Any, shard: str) -> None:
+        """Refuse a write the caller sent to ``shard`` by name (``shardkit_shard=``,
+        ``bind_arguments={"shard_id": ...}``, ``set_shard_id``, ``Query.set_shard``) that
+        would leave a row there under a shard key ``shard`` does not own: an INSERT's row
+        whose key another shard owns (or no shard takes), an UPDATE's SET of the key (an
+        upsert's ``ON CONFLICT DO UPDATE SET`` included) to another shard's key.  Rows
+        without a key, an ``INSERT ... SELECT``, reference tables and tables not in the map
+        are left alone: they run on ``shard`` as named."""
+        tr = self.tables.get(_table_name(stmt.table))
+        if tr is None or tr.strategy is None:
+            return
+        if getattr(stmt, "_params", None):
+            params = with_statement_params(stmt, params)
+        if isinstance(stmt, Update):
+            self._refuse_key_move(stmt, params, Route((shard,), "direct", PRIMARY, "shard named by the caller",
+                                                      True, (tr.table,), router=self), per_set=False)
+        elif stmt._select_names is None and getattr(stmt, "select", None) is None:
+            self._route_insert(stmt, params, None, PRIMARY, shard, named=True)
+
     # -- inserts ---------------------------------------------------------------
 
-    def _route_insert(self, stmt: Insert, params: Any, plan: _Plan, role: str,
-                      keyless_to: str | None = None) -> Route:
+    def _route_insert(self, stmt: Insert, params: Any, plan: _Plan | None, role: str,
+                      keyless_to: str | None = None, named: bool = False) -> Route:
+        """The route of an INSERT.  ``keyless_to``: the shard of rows without a key; with
+        ``named``, the shard the caller named, which every row with a key must belong to
+        (refused with CrossShardWriteError otherwise)."""
         table = stmt.table
         tname = _table_name(table)
         tr = self.table_route(tname)
@@ -831,7 +853,7 @@ class Router:
                     for mv in stmt._multi_values for r in mv]
             pmap = params if isinstance(params, Mapping) else _EMPTY
             rows = [{_set_name(table, k): _bound(v, pmap) for k, v in r.items()} for r in rows]
-            return self._route_rows(tname, tr, rows, None, stmt, keyless_to, pmap)
+            return self._route_rows(tname, tr, rows, None, stmt, keyless_to, pmap, named)
         # An ORM insert's parameters are keyed by attribute name, which may not be the column's.
         names = _attribute_columns(stmt)
         values = dict(stmt._values or {})
@@ -844,7 +866,7 @@ class Router:
 
         if isinstance(params, (list, tuple)) and params and not isinstance(params[0], (str, bytes)):
             rows = [row_of(p) for p in params]
-            return self._route_rows(tname, tr, rows, list(params), stmt, keyless_to)
+            return self._route_rows(tname, tr, rows, list(params), stmt, keyless_to, named=named)
         pmap = params if isinstance(params, Mapping) else _EMPTY
         row = row_of(pmap)
         # As for the rows of an executemany (and an ORM flush): a NULL is no key, also as
@@ -854,20 +876,36 @@ class Router:
         missing = [c for c in cols if c not in row or _is_unresolved(row[c])]
         if missing:
             if keyless_to is not None:
+                self._refuse_upsert_key_move(stmt, tr, row, pmap, keyless_to)
                 return Route((keyless_to,), "direct", PRIMARY,
                              f"insert into {tname}: no key, the scope's shard {keyless_to}", True,
                              (tname,), router=self)
             raise ShardKeyError(f"insert into {tname} {_no_key(row, missing)}",
                                 table=tname, statement=stmt)
         shard = self._shard_for_row(tr, row, table)
-        self._refuse_upsert_key_move(stmt, tr, row, pmap)
+        if named and shard != keyless_to:
+            self._refuse_named_row(tr, row, shard, keyless_to, stmt)
+        self._refuse_upsert_key_move(stmt, tr, row, pmap, shard)
         return Route((shard,), "direct", PRIMARY, f"insert into {tname}: key -> {shard}", True,
                      (tname,), router=self)
 
+    def _refuse_named_row(self, tr: TableRoute, row: Mapping[str, Any], owner: str, named: str | None,
+                          stmt: Any, i: int | None = None) -> None:
+        key = tuple(row[c] for c in tr.key_columns)
+        raise CrossShardWriteError(
+            f"insert into {tr.table} on shard {named} (named by the caller) has "
+            f"{'a row' if i is None else f'row {i}'} whose shard key {', '.join(tr.key_columns)} = "
+            f"{key[0] if len(key) == 1 else key!r} is owned by shard {owner}: written on {named}, no "
+            "read by key would find it there. Insert it without naming a shard (shardkit writes "
+            f"each row on its key's shard), name shard {owner} for it, or leave its key out",
+            table=tr.table, statement=stmt)
+
     def _refuse_upsert_key_move(self, stmt: Insert, tr: TableRoute, row: Mapping[str, Any],
-                                params: Mapping[str, Any]) -> None:
+                                params: Mapping[str, Any], home: str | None = None) -> None:
         """Refuse ``ON CONFLICT DO UPDATE SET key = ...`` to a key another shard owns: the
-        existing row would stay where it is, under a key it does not own."""
+        existing row would stay where it is, under a key it does not own.  ``home``: the
+        shard the INSERT runs on (the row's key's owner, or for a row without a key the
+        shard named or the scope's)."""
         post = getattr(stmt, "_post_values_clause", None)
         sets = getattr(post, "update_values_to_set", None)
         if not sets:
@@ -887,7 +925,7 @@ class Router:
             return
         values = [new.get(c) for c in tr.key_columns]
         if any(_is_unresolved(v) for v in values) or \
-                self._shard_for_row(tr, row, stmt.table) != self._shard_for_row(tr, new, stmt.table):
+                (home or self._shard_for_row(tr, row, stmt.table)) != self._shard_for_row(tr, new, stmt.table):
             raise CrossShardWriteError(
                 f"upsert into {tr.table} sets its shard key in ON CONFLICT DO UPDATE to a value "
                 "another shard owns (or one shardkit cannot evaluate); the existing row would stay "
@@ -896,7 +934,7 @@ class Router:
 
     def _route_rows(self, tname: str, tr: TableRoute, rows: Sequence[Mapping[str, Any]],
                     params: list[Any] | None, stmt: Any, keyless_to: str | None = None,
-                    values: Mapping[str, Any] | None = None) -> Route:
+                    values: Mapping[str, Any] | None = None, named: bool = False) -> Route:
         """The route of an INSERT of several ``rows``: an executemany's (``params``, one per
         row) or a multi-row VALUES' (bound by ``values``).  A row without its key goes to
         the scope's shard ``keyless_to``, as a single row does; a keyed one's upsert may not
@@ -905,13 +943,18 @@ class Router:
         for i, row in enumerate(rows):
             missing = [c for c in tr.key_columns if c not in row or _is_unresolved(row[c])]
             if missing and keyless_to is not None:
+                self._refuse_upsert_key_move(stmt, tr, row, params[i] if params is not None else values or _EMPTY,
+                                             keyless_to)
                 by_shard.setdefault(keyless_to, []).append(params[i] if params is not None else i)
                 continue
             if missing:
                 raise ShardKeyError(f"row {i} of insert into {tname} {_no_key(row, missing)}",
                                     table=tname, statement=stmt)
             shard = self._shard_for_row(tr, row, stmt.table)
-            self._refuse_upsert_key_move(stmt, tr, row, params[i] if params is not None else values or _EMPTY)
+            if named and shard != keyless_to:
+                self._refuse_named_row(tr, row, shard, keyless_to, stmt, i)
+            self._refuse_upsert_key_move(stmt, tr, row, params[i] if params is not None else values or _EMPTY,
+                                         shard)
             by_shard.setdefault(shard, []).append(params[i] if params is not None else i)
         ordered = tuple(s for s in self.shard_names if s in by_shard)
         if params is not None and len(ordered) > 1 \

@@ -2197,6 +2197,14 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                 (shard,), "direct", PRIMARY, "shard named by the caller", not is_read))
         if scoped_update:
             cluster.router._refuse_key_move(statement, params, route, per_set=False)
+        elif not is_read and isinstance(inner, (Insert, Update)) and (shard != sc.shard or _explicit_shard(
+                statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is not None):
+            # A write the caller sent to this shard by name runs there, but it may not leave
+            # a row there under a key another shard owns (no read by key would find it): an
+            # INSERT's row with another shard's key, an UPDATE (or an upsert's DO UPDATE)
+            # setting the key to one, is refused, as inside scope(shard=...).  (Rows without
+            # a key, INSERT ... SELECT and reference tables run there as named.)
+            cluster.router.refuse_named_write(inner, params, shard)
         return route
     asked_all = bool(_option("shardkit_all_shards", statement, execution_options))
     all_shards = asked_all or sc.all_shards

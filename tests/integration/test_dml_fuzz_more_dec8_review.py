@@ -498,8 +498,9 @@ class Gen:
             self.mode, self.arg = self.rng.choice(["named", "bind"]), self.rng.choice(SHARDS)
 
     def _named_rows(self, g: Grp, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """On a named shard an INSERT writes its rows there (README: the statement runs on
-        that shard only), whatever their keys: keep the rows that shard owns, or without a key."""
+        """On a named shard an INSERT writes its rows there, and one with a key another shard
+        owns is refused (tested in test_named_shard_writes_dec8_review): keep the rows that
+        shard owns, or without a key, whose outcome the one database can mirror."""
         if self.mode not in ("named", "bind"):
             return rows
         cl = self.env.cluster
@@ -533,7 +534,7 @@ class Gen:
         return (stmt.execution_options(**opts) if opts else stmt), what, all_shards
 
     def _own_key(self, g: Grp) -> tuple[Any, ...]:
-        """A key to SET: on a named shard one of that shard (a key of another shard is not
+        """A key to SET: on a named shard one of that shard (a key of another shard is
         refused there: see test_a_named_shard_refuses_an_update_moving_the_key_to_another_shard)."""
         key = self.plain_key(g)
         if self.mode in ("named", "bind"):
@@ -1275,15 +1276,6 @@ def test_insert_inside_a_shard_scope_with_a_key_it_cannot_place_is_refused(env, 
         c.execute(insert(CL.__table__), [good, {**bad, "a": None, "b": None}])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A named shard (execution_options(shardkit_shard=S), bind_arguments={'shard_id': S}) skips the "
-    "check of an UPDATE's SET of the shard key, which scope(shard=S) and an unnamed statement make "
-    "(_route_statement only calls Router._refuse_key_move when the shard came from scope(shard=...) "
-    "alone, and Router._refuse_upsert_key_move is never reached on a named shard): "
-    "UPDATE ... SET key = <a key of another shard> and an upsert's ON CONFLICT DO UPDATE SET key = ... "
-    "run on S and leave the row there under a key S does not own (README 'Guarantees': a shard-key "
-    "change that would move a row to another shard is refused before anything is written). "
-    "Whether a named shard is meant to bypass it is a design decision: left for the maintainers"))
 @pytest.mark.parametrize("how", ["shardkit_shard", "bind_arguments", "upsert"])
 def test_a_named_shard_refuses_an_update_moving_the_key_to_another_shard(env, how):
     rid = _fresh_rid(env)
