@@ -340,7 +340,12 @@ class ClusterConfig:
         )
 
 
-def _interpolate(value: Any, path: str, env: Mapping[str, str]) -> Any:
+# How deep a cluster description nests (groups.g.ranges[i].to[j] is 5 levels), and how deep
+# ${A:-${B:-...}} defaults nest: far past any real one, short of Python's recursion limit.
+_MAX_DEPTH: Final = 32
+
+
+def _interpolate(value: Any, path: str, env: Mapping[str, str], depth: int = 0) -> Any:
     """Replace ``${VAR}`` / ``${VAR:-default}`` in every string value; ``$$`` is a literal ``$``.
 
     As in a shell or Docker Compose, ``${VAR:-default}`` gives the default when
@@ -351,6 +356,18 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str]) -> Any:
     In a database URL (a node's or the catalog's), a ``${VAR}`` whose
     ``VAR`` is set but empty is an error naming it: the URL would lose its password (libpq
     then uses another one, or fails at the first query), host or database name."""
+    if depth > _MAX_DEPTH and isinstance(value, (Mapping, list)):
+        raise ConfigurationError(path, f"nests tables or lists more than {_MAX_DEPTH} levels deep",
+                                 "a cluster description nests a few levels only (see the README's "
+                                 "Configuration reference): check the brackets")
+    if isinstance(value, int) and value.bit_length() > 1000:
+        try:
+            str(value)
+        except ValueError:
+            # Python will not print it (sys.get_int_max_str_digits()): no message could show it.
+            raise ConfigurationError(path, "is an integer of thousands of digits",
+                                     "give a number of at most a few digits more than the values "
+                                     "you mean") from None
     if isinstance(value, str):
         empty: list[str] = []
         out = _expand(value, 0, path, env, nested=False, use=True, empty=empty)[0]
@@ -360,9 +377,10 @@ def _interpolate(value: Any, path: str, env: Mapping[str, str]) -> Any:
                 f"export {empty[0]}=... with its value, or write ${{{empty[0]}:-}} if empty is meant")
         return out
     if isinstance(value, Mapping):
-        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {k: _interpolate(v, f"{path}.{k}" if path else str(k), env, depth + 1)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [_interpolate(v, f"{path}[{i}]", env, depth + 1) for i, v in enumerate(value)]
     return value
 
 
@@ -374,7 +392,7 @@ def _bad_reference(path: str) -> ConfigurationError:
 
 
 def _expand(text: str, i: int, path: str, env: Mapping[str, str], *, nested: bool,
-            use: bool, empty: list[str]) -> tuple[str, int]:
+            use: bool, empty: list[str], depth: int = 0) -> tuple[str, int]:
     """Expand ``text`` from ``i`` to its end, or (``nested``: a default) to the ``}`` that
     closes it; returns the expansion and the index after it.  ``use``: the result is
     used (a default that is not is parsed, but an unset variable in it is no error).
@@ -405,7 +423,12 @@ def _expand(text: str, i: int, path: str, env: Mapping[str, str], *, nested: boo
                 out.append(env.get(var, ""))
             elif text.startswith(":-", j):
                 unset = not env.get(var)
-                default, i = _expand(text, j + 2, path, env, nested=True, use=use and unset, empty=empty)
+                if depth >= _MAX_DEPTH:
+                    raise ConfigurationError(
+                        path, f"nests ${{NAME:-default}} references more than {_MAX_DEPTH} deep",
+                        "give a default of a few references at most, e.g. ${DB_PASSWORD:-${PGPASSWORD}}")
+                default, i = _expand(text, j + 2, path, env, nested=True, use=use and unset, empty=empty,
+                                     depth=depth + 1)
                 out.append(default if unset else env[var])
             else:
                 raise _bad_reference(path)
@@ -420,9 +443,10 @@ def _expand(text: str, i: int, path: str, env: Mapping[str, str], *, nested: boo
 
 
 def _check_keys(obj: Mapping[str, Any], allowed: set[str], path: str) -> None:
-    unknown = sorted(set(obj) - allowed)
+    # (A dict's keys may be of any type: sorted by their text, named as text.)
+    unknown = sorted(set(obj) - allowed, key=lambda k: (not isinstance(k, str), str(k)))
     if unknown:
-        key = unknown[0]
+        key = unknown[0] if isinstance(unknown[0], str) else repr(unknown[0])
         hint = "known settings here: " + ", ".join(sorted(allowed))
         if path and key in _TOP_LEVEL_KEYS:
             # TOML puts every key written after a [header] in that header's table.
@@ -649,6 +673,10 @@ def _load_callable(spec: Any, path: str) -> Callable[[Any], str]:
     except (ImportError, AttributeError, ValueError, TypeError) as e:
         raise ConfigurationError(path, f"cannot import {spec!r}: {e}",
                                  "check the module is importable and the name exists") from None
+    except Exception as e:  # noqa: BLE001 - the module's own code failed (a SyntaxError in it, ...)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigurationError(path, f"importing {mod_name!r} failed: {type(e).__name__}: {first}",
+                                 "fix the module (this error's cause has its traceback)") from e
     if not callable(obj):
         raise ConfigurationError(path, f"{spec!r} is not callable")
     return obj
@@ -886,6 +914,10 @@ def _list_value(v: Any, vp: str, arity: int) -> Any:
         if x is None:
             raise ConfigurationError(vp, "None is not a value: a NULL key has no shard",
                                      "list the key values rows hold")
+        if (isinstance(x, float) and x != x) or (isinstance(x, Decimal) and x.is_nan()):
+            # No key equals it (a NaN key is refused): listed, it only looks like a value.
+            raise ConfigurationError(vp, "nan is not a value: no key equals it (a NaN key is refused)",
+                                     "list the key values rows hold")
         try:
             hash(x)
         except TypeError:
@@ -919,15 +951,34 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
         raw: Any = dict(source)
         origin = "<dict>"
     else:
+        if not isinstance(source, (str, os.PathLike)) or "\x00" in str(source):
+            # (Cluster.from_config(os.environ.get("SHARDKIT_CONFIG")) with the variable unset.)
+            raise ConfigurationError(
+                "config", "a NUL character is in the config file's path" if isinstance(source, str) else
+                f"the cluster description is {'None' if source is None else 'of type ' + type(source).__name__}, "
+                "not the path of a TOML file or a dict",
+                "pass the path of a TOML file (shardkit.toml), as a str or pathlib.Path, or the "
+                "same structure as a dict")
         p = Path(source)
-        if "://" in str(source) and not p.is_file():
+        try:
+            is_file = p.is_file()
+        except OSError:   # a name too long for a path: read_text() below says so
+            is_file = False
+        if not is_file and "\n" in str(source):
+            # The file's text where its path goes (a path holds no newline): not echoed,
+            # it may hold passwords.
+            raise ConfigurationError(
+                "config", "a text of several lines is given, not the path of a config file",
+                "pass the path of the TOML file (--config shardkit.toml), or in Python its text "
+                "parsed into a dict: Cluster.from_config(tomllib.loads(text))")
+        if "://" in str(source) and not is_file:
             # A database URL where the file's path goes (--config "$DATABASE_URL"): not
             # echoed as a path (nor in an OSError's), its password would be shown.
             raise ConfigurationError(
                 "config", f"{mask_url(str(source))} is a database URL, not the path of a "
                 "config file", "pass --config PATH of a TOML file (shardkit.toml), and put the "
                 "URL in it: a shard's primary, or [catalog] url")
-        if not p.is_file() and _is_conninfo(str(source)):
+        if not is_file and _is_conninfo(str(source)):
             # libpq's other spelling of $DATABASE_URL (host=db0 password=...): not echoed either.
             raise ConfigurationError(
                 "config", "a libpq connection string (key=value ...) is given, not the path of a "
@@ -950,8 +1001,72 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any],
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError(str(p), f"invalid TOML: {e}") from None
+        except ValueError:
+            # tomllib's int() of an integer past sys.get_int_max_str_digits() (4300 digits).
+            raise ConfigurationError(str(p), "invalid TOML: an integer of thousands of digits, more "
+                                     "than Python reads", "give a number of at most a few digits "
+                                     "more than the values you mean") from None
+        except RecursionError:
+            raise ConfigurationError(str(p), "invalid TOML: arrays or inline tables nested hundreds "
+                                     "of levels deep", "a cluster description nests a few levels only: "
+                                     "check the brackets") from None
         origin = str(p)
     raw = _interpolate(raw, "", os.environ if env is None else env)
+    try:
+        return _parse_config(raw, origin)
+    except ConfigurationError as e:
+        _hide_secrets(e, raw)
+        raise
+
+
+def _hide_secrets(error: ConfigurationError, raw: Any) -> None:
+    """Mask in ``error`` every string of ``raw`` (the interpolated description, values and
+    keys) that may hold a password, and those passwords: a message shows the value it
+    refuses, which may be a URL put in another setting (``bucket_count = "${DATABASE_URL}"``)."""
+    shown: dict[str, str] = {}
+    secrets: set[str] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                visit(k)
+                visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str):
+            if "://" in value:
+                shown[value] = mask_url(value)
+                try:
+                    url = make_url(value)
+                    secrets.update(str(v) for v in (url.password, *split_secret_query(url)[1].values()) if v)
+                except Exception:  # noqa: BLE001 - unparseable: masked as a whole above
+                    pass
+            elif re.search(r"(?i)password\s*=", value):
+                shown[value] = "<a connection string with a password>"
+
+    visit(raw)
+    if not shown:
+        return
+
+    def scrub(text: str | None) -> str | None:
+        if not text:
+            return text
+        for value in sorted(shown, key=len, reverse=True):
+            text = text.replace(value, shown[value]).replace(repr(value)[1:-1], shown[value])
+        for secret in sorted(secrets, key=len, reverse=True):
+            if len(secret) >= 4:   # (masking a shorter one everywhere would show where it is)
+                text = text.replace(secret, "***")
+        return text
+
+    parts = (error.field, error.problem, error.hint)
+    clean = tuple(scrub(t) for t in parts)
+    if clean != parts:
+        ConfigurationError.__init__(error, *clean)  # type: ignore[arg-type]
+
+
+def _parse_config(raw: Any, origin: str) -> ClusterConfig:
+    """Validate an interpolated cluster description (``origin``: its file, or ``<dict>``)."""
     _check_keys(raw, _TOP_LEVEL_KEYS, "")
 
     name = raw.get("name", "shardkit")
