@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,25 @@ _ESTIMATE = ("CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(pc.reltuples) 
              "JOIN pg_class pc ON pc.oid = pt.relid WHERE pt.isleaf) ELSE c.reltuples END::bigint")
 
 
+# The passwords a config file may hold: a URL's (``user:PASSWORD@``, a ``${VAR:-default}``
+# there included; not past the next URL's ``://``: ``host:port/db`` of one without a
+# password before it) and its query string's (``?password=``, ``&sslpassword=``).
+_FILE_SECRETS = re.compile(r"(?P<user>://[^\s:/@\"'?#]*:)(?:(?!://)[^\s@])*(?=@)"
+                           r"|(?P<key>[?&](?:ssl)?password=)[^\s&]*", re.IGNORECASE)
+
+
 def config_version(source: str | os.PathLike[str]) -> str:
-    """A short fingerprint of the config file, to spot processes running different configs."""
-    return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:12]
+    """A short fingerprint of the config file, to spot processes running different configs.
+
+    Its passwords are left out: a hash of the file's bytes, shown by ``status`` (in output
+    that is pasted and logged), confirmed any guess of a password written in it."""
+    data = Path(source).read_bytes()
+    try:
+        text_ = data.decode("utf-8")
+    except UnicodeDecodeError:  # (not a config load_config reads)
+        return hashlib.sha256(data).hexdigest()[:12]
+    masked = _FILE_SECRETS.sub(lambda m: (m.group("user") or m.group("key")) + "***", text_)
+    return hashlib.sha256(masked.encode("utf-8")).hexdigest()[:12]
 
 
 def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
