@@ -32,13 +32,24 @@ from __future__ import annotations
 import decimal
 import os
 import random
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from own_tables import one_database, statements_counted
+from dml_oracle import (
+    OracleEnv,
+    Tally,
+    oracle_env,
+    preload,
+    ran_more_than_once,
+    result_problems,
+    returned,
+    rows_diff,
+    run_both,
+    session_view,
+    sorted_rows,
+)
 from sqlalchemy import (
     BigInteger,
     Integer,
@@ -51,7 +62,6 @@ from sqlalchemy import (
     exists,
     func,
     insert,
-    inspect,
     lambda_stmt,
     literal,
     not_,
@@ -63,9 +73,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
-from sqlalchemy.orm import exc as orm_exc
+from sqlalchemy.orm import DeclarativeBase, Session, mapped_column
 
 import shardkit
 
@@ -153,10 +161,7 @@ GROUPS = [
 
 
 @dataclass
-class Env:
-    cluster: shardkit.Cluster
-    Session: sessionmaker
-    oracle: Engine
+class Env(OracleEnv):
     next_rid: list[int] = field(default_factory=lambda: [10_000])
 
 
@@ -178,41 +183,29 @@ def _rows(g: Grp, rng: random.Random, start: int) -> tuple[list[dict[str, Any]],
 
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory) -> Iterator[Env]:
-    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
-    cluster = shardkit.Cluster.from_config({**dev.config_dict(), **CONFIG}, metadata=Base.metadata)
-    assert cluster.shard_names == ("s0", "s1", "s2")
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-        Base.metadata.create_all(cluster.primary(s))
-    oracle = one_database(dev, "dz8_oracle", Base.metadata)
-    global CI_OK
-    try:
-        for eng in [oracle, *(cluster.primary(s) for s in cluster.shard_names)]:
-            with eng.begin() as c:
-                c.execute(text(CI))
-    except sa_exc.DBAPIError:
-        CI_OK = False   # (a server built without ICU)
-    e = Env(cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), oracle)
-    rng = random.Random(1)
-    with oracle.begin() as c, e.Session() as s:
-        for n, g in enumerate(GROUPS):
-            parents, children = _rows(g, rng, 1000 * n)
-            for model, rows in ((g.parent, parents), (g.child, children)):
-                c.execute(insert(model), rows)
-                s.execute(insert(model), [r for r in rows if r["k"] is not None])
-                for i, r in enumerate(r for r in rows if r["k"] is None):
-                    with shardkit.scope(shard=cluster.shard_names[i % 3]):
-                        s.execute(insert(model), [r])
-        s.commit()
-    for g in GROUPS:
-        assert len({cluster.shard_for(g.parent, k) for k in g.keys}) == 3, g.name
-    yield e
-    oracle.dispose()
-    cluster.dispose()
-
-
-def _sortkey(row: tuple[Any, ...]) -> Any:
-    return tuple((v is None, str(type(v)), v) for v in row)
+    with oracle_env(shardkit_module_cluster_factory, Env, CONFIG, Base.metadata, "dz8_oracle") as e:
+        cluster, oracle = e.cluster, e.oracle
+        global CI_OK
+        try:
+            for eng in [oracle, *(cluster.primary(s) for s in cluster.shard_names)]:
+                with eng.begin() as c:
+                    c.execute(text(CI))
+        except sa_exc.DBAPIError:
+            CI_OK = False   # (a server built without ICU)
+        rng = random.Random(1)
+        with oracle.begin() as c, e.Session() as s:
+            for n, g in enumerate(GROUPS):
+                parents, children = _rows(g, rng, 1000 * n)
+                for model, rows in ((g.parent, parents), (g.child, children)):
+                    c.execute(insert(model), rows)
+                    s.execute(insert(model), [r for r in rows if r["k"] is not None])
+                    for i, r in enumerate(r for r in rows if r["k"] is None):
+                        with shardkit.scope(shard=cluster.shard_names[i % 3]):
+                            s.execute(insert(model), [r])
+            s.commit()
+        for g in GROUPS:
+            assert len({cluster.shard_for(g.parent, k) for k in g.keys}) == 3, g.name
+        yield e
 
 
 def contents(env: Env, table: Any, oracle_conn: Any = None) -> tuple[list[Any], list[Any], list[str]]:
@@ -230,7 +223,7 @@ def contents(env: Env, table: Any, oracle_conn: Any = None) -> tuple[list[Any], 
                 got.append(tuple(r))
                 if r.k is not None and env.cluster.shard_for(table.name, r.k) != s:
                     misplaced.append(f"{table.name} {tuple(r)} on {s}")
-    return sorted(want, key=_sortkey), sorted(got, key=_sortkey), misplaced
+    return sorted_rows(want), sorted_rows(got), misplaced
 
 
 # ---------------------------------------------------------------------------
@@ -678,148 +671,34 @@ def _lambda_dml(T: Any, verb: str, shape: str, key: Any, keys: list[Any], n: int
 
 
 # ---------------------------------------------------------------------------
-# Running one statement on both sides
+# Running one statement on both sides (dml_oracle)
 # ---------------------------------------------------------------------------
 
-# What a shardkit session may answer instead of running a statement: its own errors (which
-# say what to do), and the ORM's StaleDataError of a bulk UPDATE whose shard key is not
-# the row's (documented).
-REFUSALS = (shardkit.ShardkitError, orm_exc.StaleDataError)
-
-
-@dataclass
-class Tally:
-    ran: int = 0
-    same: int = 0
-    changed: int = 0        # of the same: statements that changed rows
-    both_failed: int = 0
-    refused: Counter = field(default_factory=Counter)
-    mismatches: list[str] = field(default_factory=list)
-
-
-def _plain(row: Any) -> tuple[Any, ...]:
-    return tuple(tuple((c.key, getattr(v, c.key)) for c in v.__table__.columns)
-                 if isinstance(v, Base) else v for v in row)
-
-
-def _session_view(s: Session, model: Any, rids: list[int]) -> dict[int, Any]:
-    """What the session holds of the preloaded objects, without loading anything."""
-    out = {}
-    for rid in rids:
-        for key, obj in s.identity_map.items():
-            if key[0] is model and key[1] == (rid,):
-                st = inspect(obj)
-                out[rid] = ("deleted" if st.was_deleted or st.deleted else "present",
-                            tuple(sorted((a, st.dict[a]) for a in ("k", "v", "t") if a in st.dict)))
-    return out
-
-
 def _run(s: Session, st: Stmt) -> tuple[Any, Any, Any]:
-    if st.preload:
-        s.execute(select(st.group.parent).where(st.group.parent.rid.in_(st.preload))).all()
+    P = st.group.parent
+    preload(s, P, st.preload)
     if callable(st.build) and not hasattr(st.build, "_generate_cache_key"):
-        rc = st.build(s)
-        return rc, None, _session_view(s, st.group.parent, st.preload) if st.preload else None
-    r = s.execute(st.build, st.params)
-    rows = Counter(_plain(x) for x in r.all()) if st.returning else None
-    rc = getattr(r, "rowcount", None)
-    view = _session_view(s, st.group.parent, st.preload) if st.preload else None
-    return rc, rows, view
-
-
-def _reason(e: BaseException) -> str:
-    msg = str(e).split("\n")[0]
-    return f"{type(e).__name__}: {msg[:110]}"
-
-
-def run_one(env: Env, st: Stmt, tally: Tally) -> None:
-    before = (tally.same, tally.both_failed, sum(tally.refused.values()), len(tally.mismatches))
-    try:
-        _run_one(env, st, tally)
-    finally:
-        if LOG:
-            after = (tally.same, tally.both_failed, sum(tally.refused.values()), len(tally.mismatches))
-            outcome = ["same", "both failed", "refused", "MISMATCH"][
-                next((i for i in range(4) if after[i] != before[i]), 0)]
-            with open(LOG, "a") as f:
-                f.write(f"{outcome}\t{st.what}\n")
+        return st.build(s), None, session_view(s, P, st.preload)
+    rc, rows = returned(s.execute(st.build, st.params), st.returning)
+    return rc, rows, session_view(s, P, st.preload)
 
 
 def _run_one(env: Env, st: Stmt, tally: Tally) -> None:
-    tally.ran += 1
     table = st.group.parent.__table__
     before_o, before_s, _ = contents(env, table)
     assert before_o == before_s, f"out of step before {st.what}"
-    with Session(env.oracle) as so:
-        oracle_error: BaseException | None = None
-        try:
-            want = _run(so, st)
-            want_rows = sorted([tuple(r) for r in so.connection().execute(select(table))], key=_sortkey)
-        except (sa_exc.DBAPIError, sa_exc.InvalidRequestError, sa_exc.ArgumentError, sa_exc.CompileError,
-                orm_exc.StaleDataError) as e:
-            oracle_error = e
-            so.rollback()
-        sharded_error: BaseException | None = None
-        with env.Session() as ss, statements_counted(
-                env.cluster, lambda sql: sql.split()[0].upper() if sql.split()[0].upper() in
-                ("UPDATE", "DELETE", "INSERT", "WITH") else None) as hits:
-            try:
-                got = _run(ss, st)
-                ss.commit()
-            except Exception as e:  # noqa: BLE001 - judged below
-                sharded_error = e
-                ss.rollback()
-        if sharded_error is not None or oracle_error is not None:
-            so.rollback()
-        else:
-            so.commit()
-    _, after_s, misplaced = contents(env, table)
-    if oracle_error is not None:
-        if sharded_error is None:
-            tally.mismatches.append(f"{st.what}: one database fails ({_reason(oracle_error)}), shardkit ran it: "
-                                    f"{got[:2]!r}")
-        elif after_s != before_s:
-            tally.mismatches.append(f"{st.what}: both fail, but the shards changed")
-        else:
-            tally.both_failed += 1
+    both = run_both(env, lambda so: _run(so, st), lambda ss: _run(ss, st))
+    want_rows, after_s, misplaced = contents(env, table)
+    if tally.judge_errors(st.what, both, "the shards" if after_s != before_s else ""):
         return
-    if sharded_error is not None:
-        if not isinstance(sharded_error, REFUSALS):
-            tally.mismatches.append(f"{st.what}: one database runs it (rowcount {want[0]}), shardkit fails with "
-                                    f"{_reason(sharded_error)}")
-        elif after_s != before_s:
-            tally.mismatches.append(f"{st.what}: refused ({_reason(sharded_error)}) but the shards changed")
-        else:
-            tally.refused[_reason(sharded_error)] += 1
-        return
-    problems = []
-    # (A result SQLAlchemy gives no rowcount, e.g. an ORM bulk UPDATE's: not compared.)
-    # (Unknown on one database, -1 as SQLAlchemy reports an executemany INSERT ... RETURNING's,
-    # may be known through shardkit, whose shards each ran a part: then it is the number of
-    # rows written, which RETURNING returned.)
-    known = want[0] == -1 and want[1] is not None and got[0] == sum(want[1].values())
-    if want[0] is not None and got[0] != want[0] and not known:
-        problems.append(f"rowcount sharded {got[0]} one database {want[0]}")
-    if got[1] != want[1]:
-        problems.append(f"RETURNING missing {sorted(want[1] - got[1], key=_sortkey)} "
-                        f"extra {sorted(got[1] - want[1], key=_sortkey)}")
-    if got[2] != want[2]:
-        problems.append(f"session objects sharded {got[2]} one database {want[2]}")
+    problems = result_problems(both.want, both.got)
     if after_s != want_rows:
-        missing = Counter(want_rows) - Counter(after_s)
-        extra = Counter(after_s) - Counter(want_rows)
-        problems.append(f"contents missing {sorted(missing, key=_sortkey)} extra {sorted(extra, key=_sortkey)}")
+        problems.append(f"contents {rows_diff(want_rows, after_s)}")
     if misplaced:
         problems.append(f"misplaced rows {misplaced}")
     if not st.executemany:
-        twice = {s: n for (s, _w), n in hits.items() if n > 1}
-        if twice:
-            problems.append(f"ran more than once on {twice}")
-    if problems:
-        tally.mismatches.append(f"{st.what} params={st.params!r}: " + "; ".join(problems))
-    else:
-        tally.same += 1
-        tally.changed += want_rows != before_o
+        problems += ran_more_than_once(both.hits)
+    tally.judged(st, problems, want_rows != before_o)
 
 
 def _resync(env: Env) -> None:
@@ -839,23 +718,15 @@ def _resync(env: Env) -> None:
 
 
 def test_writes_change_what_one_database_changes(env):
-    rng = random.Random(SEED)
-    gen = Gen(env, rng)
+    gen = Gen(env, random.Random(SEED))
     tally = Tally()
-    for i in range(STATEMENTS):
-        st = gen.statement()
-        n = len(tally.mismatches)
-        run_one(env, st, tally)
-        if len(tally.mismatches) > n:
-            _resync(env)
-    report = [f"{tally.ran} statements: {tally.same} the same ({tally.changed} changing rows), "
-              f"{tally.both_failed} failed on both, "
-              f"{sum(tally.refused.values())} refused by shardkit, {len(tally.mismatches)} mismatches"]
-    report += [f"  refused x{n}: {r}" for r, n in tally.refused.most_common()]
-    report += [f"  MISMATCH: {m}" for m in tally.mismatches]
-    print("\n".join(report))
-    assert tally.changed > STATEMENTS // 4, "\n".join(report)   # (the statements do write)
-    assert not tally.mismatches, "\n".join(report)
+    tally.run(STATEMENTS, gen.statement, lambda st: _run_one(env, st, tally), lambda: _resync(env), LOG)
+    report = tally.report(f"{tally.ran} statements: {tally.same} the same ({tally.changed} changing rows), "
+                          f"{tally.both_failed} failed on both, "
+                          f"{sum(tally.refused.values())} refused by shardkit, {len(tally.mismatches)} mismatches")
+    print(report)
+    assert tally.changed > STATEMENTS // 4, report   # (the statements do write)
+    assert not tally.mismatches, report
 
 
 # ---------------------------------------------------------------------------

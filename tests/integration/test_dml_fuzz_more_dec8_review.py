@@ -35,7 +35,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from own_tables import one_database, statements_counted
+from dml_oracle import (
+    OracleEnv,
+    oracle_env,
+    preload,
+    ran_more_than_once,
+    result_problems,
+    returned,
+    rows_diff,
+    run_both,
+    session_view,
+    sorted_rows,
+)
+from dml_oracle import Tally as OracleTally
 from sqlalchemy import (
     BigInteger,
     Integer,
@@ -47,7 +59,6 @@ from sqlalchemy import (
     exists,
     func,
     insert,
-    inspect,
     literal,
     not_,
     or_,
@@ -56,11 +67,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, sessionmaker
-from sqlalchemy.orm import exc as orm_exc
+from sqlalchemy.orm import DeclarativeBase, Session, mapped_column
 
 import shardkit
 
@@ -172,10 +180,7 @@ WRITTEN = [g.parent for g in GROUPS] + [Ref]
 
 
 @dataclass
-class Env:
-    cluster: shardkit.Cluster
-    Session: sessionmaker
-    oracle: Engine
+class Env(OracleEnv):
     next_rid: list[int] = field(default_factory=lambda: [50_000])
     select_rid: list[int] = field(default_factory=lambda: [1_000_000])   # INSERT ... SELECT's rids (minus 9000)
     far_rid: list[int] = field(default_factory=lambda: [100_000_000])   # INSERT ref SELECT FROM sharded's
@@ -219,44 +224,28 @@ def _key_of(g: Grp, row: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory) -> Iterator[Env]:
-    dev = shardkit_module_cluster_factory(shards=3, replicas=0)
-    cluster = shardkit.Cluster.from_config({**dev.config_dict(), **CONFIG}, metadata=Base.metadata)
-    assert cluster.shard_names == SHARDS
-    for s in cluster.shard_names:
-        Base.metadata.drop_all(cluster.primary(s))
-        Base.metadata.create_all(cluster.primary(s))
-    oracle = one_database(dev, "dq8_oracle", Base.metadata)
-    e = Env(cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), oracle)
-    rng = random.Random(1)
-    with oracle.begin() as c, e.Session() as s:
-        for n, g in enumerate(GROUPS):
-            parents, children = _rows(g, rng, 1000 * (n + 1))
-            for model, rows in ((g.parent, parents), (g.child, children)):
-                c.execute(insert(model), rows)
-                keyed = [r for r in rows if r[g.kc[0]] is not None]
-                s.execute(insert(model), keyed)
-                for i, r in enumerate(r for r in rows if r[g.kc[0]] is None):
-                    home = SHARDS[r["rid"] % 3]
-                    with shardkit.scope(shard=home):
-                        s.execute(insert(model), [r])
-                    e.null_home[model.__tablename__, r["rid"]] = home
-        refs = _ref_rows(rng)
-        c.execute(insert(Ref), refs)
-        s.execute(insert(Ref), refs)
-        s.commit()
-    for g in GROUPS:
-        assert {cluster.shard_for(g.parent, g.kv(k)) for k in g.keys} == set(SHARDS), g.name
-    yield e
-    oracle.dispose()
-    cluster.dispose()
-
-
-def _sortkey(row: tuple[Any, ...]) -> Any:
-    return tuple((v is None, str(type(v)), v) for v in row)
-
-
-def _sorted(rows: Any) -> list[tuple[Any, ...]]:
-    return sorted((tuple(r) for r in rows), key=_sortkey)
+    with oracle_env(shardkit_module_cluster_factory, Env, CONFIG, Base.metadata, "dq8_oracle") as e:
+        cluster, oracle = e.cluster, e.oracle
+        rng = random.Random(1)
+        with oracle.begin() as c, e.Session() as s:
+            for n, g in enumerate(GROUPS):
+                parents, children = _rows(g, rng, 1000 * (n + 1))
+                for model, rows in ((g.parent, parents), (g.child, children)):
+                    c.execute(insert(model), rows)
+                    keyed = [r for r in rows if r[g.kc[0]] is not None]
+                    s.execute(insert(model), keyed)
+                    for i, r in enumerate(r for r in rows if r[g.kc[0]] is None):
+                        home = SHARDS[r["rid"] % 3]
+                        with shardkit.scope(shard=home):
+                            s.execute(insert(model), [r])
+                        e.null_home[model.__tablename__, r["rid"]] = home
+            refs = _ref_rows(rng)
+            c.execute(insert(Ref), refs)
+            s.execute(insert(Ref), refs)
+            s.commit()
+        for g in GROUPS:
+            assert {cluster.shard_for(g.parent, g.kv(k)) for k in g.keys} == set(SHARDS), g.name
+        yield e
 
 
 def snapshot(env: Env) -> dict[tuple[str, str], list[tuple[Any, ...]]]:
@@ -266,7 +255,7 @@ def snapshot(env: Env) -> dict[tuple[str, str], list[tuple[Any, ...]]]:
         with eng.connect() as c:
             for m in WRITTEN:
                 t = m.__table__
-                out[name, t.name] = _sorted(c.execute(select(t).order_by(t.c.rid)))
+                out[name, t.name] = sorted_rows(c.execute(select(t).order_by(t.c.rid)))
     return out
 
 
@@ -904,41 +893,16 @@ class Gen:
 
 
 # ---------------------------------------------------------------------------
-# Running one statement on both sides
+# Running one statement on both sides (dml_oracle)
 # ---------------------------------------------------------------------------
-
-REFUSALS = (shardkit.ShardkitError, orm_exc.StaleDataError)
-ORACLE_ERRORS = (sa_exc.DBAPIError, sa_exc.InvalidRequestError, sa_exc.ArgumentError, sa_exc.CompileError,
-                 orm_exc.StaleDataError)
 
 
 @dataclass
-class Tally:
-    ran: int = 0
-    same: int = 0
-    changed: int = 0
-    both_failed: int = 0
+class Tally(OracleTally):
     no_oracle: int = 0
     restricted: int = 0     # of the same: run on part of the shards by design (scope, named shard)
     by_mode: Counter = field(default_factory=Counter)
-    refused: Counter = field(default_factory=Counter)
-    mismatches: list[str] = field(default_factory=list)
-
-
-def _plain(row: Any) -> tuple[Any, ...]:
-    return tuple(row)
-
-
-def _session_view(s: Session, model: Any, rids: list[int]) -> dict[int, Any]:
-    out = {}
-    cols = [c.key for c in model.__table__.columns if c.key != "rid"]
-    for rid in rids:
-        for key, obj in s.identity_map.items():
-            if key[0] is model and key[1] == (rid,):
-                st = inspect(obj)
-                out[rid] = ("deleted" if st.was_deleted or st.deleted else "present",
-                            tuple(sorted((a, st.dict[a]) for a in cols if a in st.dict)))
-    return out
+    width: int = 100        # (refusals counted by the first 100 characters of their error)
 
 
 def _context(st: Stmt) -> Any:
@@ -950,24 +914,15 @@ def _context(st: Stmt) -> Any:
 
 
 def _run(s: Session, st: Stmt, stmt: Any, sharded: bool) -> tuple[Any, Any, Any]:
-    if st.preload:
-        s.execute(select(st.target).where(st.target.rid.in_(st.preload))).all()
+    preload(s, st.target, st.preload)
     kw: dict[str, Any] = {}
     if sharded and st.mode == "named":
         stmt = stmt.execution_options(shardkit_shard=st.arg)
     if sharded and st.mode == "bind":
         kw["bind_arguments"] = {"shard_id": st.arg}
     with _context(st) if sharded else contextlib.nullcontext():
-        r = s.execute(stmt, st.params, **kw)
-        rows = Counter(_plain(x) for x in r.all()) if st.returning else None
-        rc = getattr(r, "rowcount", None)
-    view = _session_view(s, st.target, st.preload) if st.preload else None
-    return rc, rows, view
-
-
-def _reason(e: BaseException) -> str:
-    msg = str(e).split("\n")[0]
-    return f"{type(e).__name__}: {msg[:100]}"
+        rc, rows = returned(s.execute(stmt, st.params, **kw), st.returning)
+    return rc, rows, session_view(s, st.target, st.preload)
 
 
 def _expected_shards(env: Env, st: Stmt) -> tuple[str, ...] | None:
@@ -995,21 +950,7 @@ def _expected_shards(env: Env, st: Stmt) -> tuple[str, ...] | None:
     return None
 
 
-def run_one(env: Env, st: Stmt, tally: Tally) -> None:
-    before = (tally.same, tally.both_failed, sum(tally.refused.values()), len(tally.mismatches))
-    try:
-        _run_one(env, st, tally)
-    finally:
-        if LOG:
-            after = (tally.same, tally.both_failed, sum(tally.refused.values()), len(tally.mismatches))
-            outcome = ["same", "both failed", "refused", "MISMATCH"][
-                next((i for i in range(4) if after[i] != before[i]), 0)]
-            with open(LOG, "a") as f:
-                f.write(f"{outcome}\t{st.what}\n")
-
-
 def _run_one(env: Env, st: Stmt, tally: Tally) -> None:
-    tally.ran += 1
     tally.by_mode[st.mode] += 1
     tname = st.target.__tablename__
     is_ref = st.target is Ref
@@ -1027,31 +968,17 @@ def _run_one(env: Env, st: Stmt, tally: Tally) -> None:
         # (An executemany takes no expanding IN: = ANY(array), a plain parameter.)
         ostmt = ostmt.where(st.target.__table__.c.rid == any_(literal(rids, postgresql.ARRAY(Integer)))
                             if st.executemany else st.target.rid.in_(rids))
-    with Session(env.oracle) as so:
-        oracle_error: BaseException | None = None
-        try:
-            want = _run(so, st, ostmt, False)
-            so.flush()
-        except ORACLE_ERRORS as e:
-            oracle_error = e
-            so.rollback()
-        sharded_error: BaseException | None = None
-        with env.Session() as ss, statements_counted(
-                env.cluster, lambda sql: sql.split()[0].upper() if sql.split()[0].upper() in
-                ("UPDATE", "DELETE", "INSERT", "WITH") else None) as hits:
-            try:
-                got = _run(ss, st, st.stmt, True)
-                ss.commit()
-            except Exception as e:  # noqa: BLE001 - judged below
-                sharded_error = e
-                ss.rollback()
-        if sharded_error is not None or oracle_error is not None or (st.mode in ("named", "bind") and is_ref):
-            so.rollback() if oracle_error is not None or sharded_error is not None else so.commit()
-        else:
-            so.commit()
+
+    def on_oracle(so: Session) -> Any:
+        want = _run(so, st, ostmt, False)
+        so.flush()
+        return want
+
+    both = run_both(env, on_oracle, lambda ss: _run(ss, st, st.stmt, True))
+    hits = both.hits
     snap1 = snapshot(env)
     shards_changed = {s for s in SHARDS for m in WRITTEN if snap0[s, m.__tablename__] != snap1[s, m.__tablename__]}
-    if st.no_oracle and sharded_error is None:
+    if st.no_oracle and both.sharded_error is None:
         problems: list[str] = []
         tally.no_oracle += 1
         others = {s for s in shards_changed if s not in st.restrict}
@@ -1062,38 +989,14 @@ def _run_one(env: Env, st: Stmt, tally: Tally) -> None:
         if is_ref:
             _resync(env)   # (every copy the named shard's again)
         if problems:
-            tally.mismatches.append(f"{st.what} params={st.params!r}: " + "; ".join(problems))
+            tally.mismatch(st, problems)
         return
-    if oracle_error is not None:
-        if sharded_error is None:
-            tally.mismatches.append(f"{st.what}: one database fails ({_reason(oracle_error)}), shardkit ran it: "
-                                    f"{got[:2]!r}")
-        elif shards_changed:
-            tally.mismatches.append(f"{st.what}: both fail, but shards {sorted(shards_changed)} changed")
-        else:
-            tally.both_failed += 1
-        return
-    if sharded_error is not None:
-        if not isinstance(sharded_error, REFUSALS):
-            tally.mismatches.append(f"{st.what}: one database runs it (rowcount {want[0]}), shardkit fails with "
-                                    f"{_reason(sharded_error)}")
-        elif shards_changed:
-            tally.mismatches.append(f"{st.what}: refused ({_reason(sharded_error)}) but shards "
-                                    f"{sorted(shards_changed)} changed")
-        else:
-            tally.refused[_reason(sharded_error)] += 1
+    if tally.judge_errors(st.what, both, f"shards {sorted(shards_changed)}" if shards_changed else ""):
         return
     problems = []
     if st.must_refuse and not (st.mode in ("shard", "named", "bind") and "sharded table" in st.must_refuse):
         problems.append(f"ran; README: {st.must_refuse} is refused")
-    known = want[0] == -1 and want[1] is not None and got[0] == sum(want[1].values())
-    if want[0] is not None and got[0] != want[0] and not known:
-        problems.append(f"rowcount sharded {got[0]} one database {want[0]}")
-    if got[1] != want[1]:
-        problems.append(f"RETURNING missing {sorted(want[1] - got[1], key=_sortkey)} "
-                        f"extra {sorted(got[1] - want[1], key=_sortkey)}")
-    if got[2] != want[2]:
-        problems.append(f"session objects sharded {got[2]} one database {want[2]}")
+    problems += result_problems(both.want, both.got)
     named_ref = is_ref and st.mode in ("named", "bind")
     for m in WRITTEN:
         t = m.__tablename__
@@ -1104,16 +1007,11 @@ def _run_one(env: Env, st: Stmt, tally: Tally) -> None:
                     continue   # (computed over that shard's rows: no one database has them)
                 expect = snap0[s, t] if named_ref and s != st.arg else want_rows
                 if snap1[s, t] != expect:
-                    missing = Counter(expect) - Counter(snap1[s, t])
-                    extra = Counter(snap1[s, t]) - Counter(expect)
-                    problems.append(f"ref copy on {s}: missing {sorted(missing, key=_sortkey)} "
-                                    f"extra {sorted(extra, key=_sortkey)}")
+                    problems.append(f"ref copy on {s}: {rows_diff(expect, snap1[s, t])}")
             continue
-        got_rows = _sorted(r for s in SHARDS for r in snap1[s, t])
+        got_rows = sorted_rows(r for s in SHARDS for r in snap1[s, t])
         if got_rows != want_rows:
-            missing = Counter(want_rows) - Counter(got_rows)
-            extra = Counter(got_rows) - Counter(want_rows)
-            problems.append(f"{t} contents missing {sorted(missing, key=_sortkey)} extra {sorted(extra, key=_sortkey)}")
+            problems.append(f"{t} contents {rows_diff(want_rows, got_rows)}")
     _misplaced(env, st, snap1, problems)
     if st.restrict is not None:
         others = {s for (s, _w) in hits if s not in st.restrict}
@@ -1122,16 +1020,10 @@ def _run_one(env: Env, st: Stmt, tally: Tally) -> None:
     if named_ref and {s for (s, _w) in hits} - {st.arg}:
         problems.append(f"reference write on named shard {st.arg} ran on {sorted({s for (s, _w) in hits})}")
     if not st.executemany:
-        twice = {s: n for (s, _w), n in hits.items() if n > 1}
-        if twice:
-            problems.append(f"ran more than once on {twice}")
+        problems += ran_more_than_once(hits)
     if named_ref:
         _resync(env)   # (the other copies are the one database's again)
-    if problems:
-        tally.mismatches.append(f"{st.what} params={st.params!r}: " + "; ".join(problems))
-    else:
-        tally.same += 1
-        tally.changed += snap1 != snap0
+    if tally.judged(st, problems, snap1 != snap0):
         tally.restricted += st.restrict is not None
 
 
@@ -1195,25 +1087,17 @@ def _resync(env: Env) -> None:
 
 
 def test_writes_change_what_one_database_changes(env):
-    rng = random.Random(SEED)
-    gen = Gen(env, rng)
+    gen = Gen(env, random.Random(SEED))
     tally = Tally()
-    for _ in range(STATEMENTS):
-        st = gen.statement()
-        n = len(tally.mismatches)
-        run_one(env, st, tally)
-        if len(tally.mismatches) > n:
-            _resync(env)
-    report = [f"{tally.ran} statements ({dict(tally.by_mode)}): {tally.same} the same "
-              f"({tally.changed} changing rows), {tally.both_failed} failed on both, {tally.no_oracle} checked "
-              f"on their shard alone (no one-database equivalent), "
-              f"{sum(tally.refused.values())} refused by shardkit, {len(tally.mismatches)} mismatches; "
-              f"{tally.restricted} of the same ran on part of the shards by design"]
-    report += [f"  refused x{n}: {r}" for r, n in tally.refused.most_common()]
-    report += [f"  MISMATCH: {m}" for m in tally.mismatches]
-    print("\n".join(report))
-    assert tally.changed > STATEMENTS // 5, "\n".join(report)
-    assert not tally.mismatches, "\n".join(report)
+    tally.run(STATEMENTS, gen.statement, lambda st: _run_one(env, st, tally), lambda: _resync(env), LOG)
+    report = tally.report(f"{tally.ran} statements ({dict(tally.by_mode)}): {tally.same} the same "
+                          f"({tally.changed} changing rows), {tally.both_failed} failed on both, "
+                          f"{tally.no_oracle} checked on their shard alone (no one-database equivalent), "
+                          f"{sum(tally.refused.values())} refused by shardkit, {len(tally.mismatches)} mismatches; "
+                          f"{tally.restricted} of the same ran on part of the shards by design")
+    print(report)
+    assert tally.changed > STATEMENTS // 5, report
+    assert not tally.mismatches, report
 
 
 # ---------------------------------------------------------------------------
@@ -1232,7 +1116,7 @@ def _everywhere(env: Env, model: Any, rids: list[int]) -> dict[str, list[tuple[A
     out = {}
     for sh in SHARDS:
         with env.cluster.primary(sh).connect() as c:
-            out[sh] = _sorted(c.execute(select(t).where(t.c.rid.in_(rids))))
+            out[sh] = sorted_rows(c.execute(select(t).where(t.c.rid.in_(rids))))
     return out
 
 
