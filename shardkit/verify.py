@@ -112,7 +112,7 @@ def _duplicates(t: TableReport) -> str:
     if t.duplicates_checked >= placed:
         return f"{t.duplicates} also present on their owner"
     if not t.duplicates_checked:
-        return "not looked for on their owner (no primary key, or sample=0)"
+        return "not looked for on their owner (no primary key, sample=0, or the owner lacks the table)"
     return (f"{t.duplicates} of the {t.duplicates_checked} looked for (of {placed}) also present "
             "on their owner")
 
@@ -193,8 +193,7 @@ def _verify_by(cluster: Cluster, router: Router, batch: int, sample: int) -> Ver
                                          strays, sample, foreign, padded)
                 reports.append(rep)
                 if pk:
-                    _count_duplicates(cluster, rep, pk, strays, batch)
-                    rep.duplicates_checked = sum(len(keys) for keys in strays.values())
+                    rep.duplicates_checked = _count_duplicates(cluster, rep, pk, strays, batch)
     return VerifyReport(reports, missing, ownership, router.map_version)
 
 
@@ -313,14 +312,20 @@ def _check_streaming(conn: Any, rep: TableReport, table: str, cols: tuple[str, .
 
 
 def _count_duplicates(cluster: Cluster, rep: TableReport, pk: list[str],
-                      strays: dict[str, list[tuple[Any, ...]]], batch: int) -> None:
-    """Count misplaced rows whose primary key is also present on their owner."""
+                      strays: dict[str, list[tuple[Any, ...]]], batch: int) -> int:
+    """Count misplaced rows whose primary key is also present on their owner; return how
+    many were looked for (not those of an owner that lacks the table: reported missing)."""
     cols = ", ".join(_q(c) for c in pk)
     # PostgreSQL takes at most 65,535 parameters in a statement, and a long IN list of
     # row values runs out of parser stack before that.
     batch = max(1, min(batch, 1000))
+    checked = 0
     for owner, keys in strays.items():
         with cluster.primary(owner).connect() as conn:
+            if not conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"),
+                                {"t": table_sql(rep.table)}).scalar():
+                continue
+            checked += len(keys)
             for i in range(0, len(keys), batch):
                 chunk = keys[i:i + batch]
                 values = ", ".join(
@@ -330,3 +335,4 @@ def _count_duplicates(cluster: Cluster, rep: TableReport, pk: list[str],
                 rep.duplicates += conn.execute(text(
                     f"SELECT count(*) FROM {table_sql(rep.table)} WHERE ({cols}) IN ({values})"),
                     params).scalar_one()
+    return checked
