@@ -1024,22 +1024,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # transaction has written, and those must be read from their primary;
             # and a cross-shard read's threads do not flush.
             self._autoflush()
-        if (params and isinstance(params, list) and isinstance(statement, Update)
-                and statement._propagate_attrs.get("compile_state_plugin") == "orm"
-                and _option("dml_strategy", statement, execution_options) != "core_only"):
-            mapper = statement._propagate_attrs["plugin_subject"].mapper
-            if statement.whereclause is None and not statement._values:
+        if params and isinstance(params, list) and isinstance(statement, Update):
+            mapper = _orm_bulk_update_of(statement, execution_options)
+            if mapper is not None:
                 return _orm_bulk_update(
                     self, mapper, params, synchronize=_bulk_synchronize(statement, execution_options),
                     autoflush=_option("autoflush", statement, execution_options) is not False)
-            # SQLAlchemy runs these rows through its bulk UPDATE by primary key, on one
-            # connection (NotImplementedError for a sharded session, whatever the route).
-            raise RoutingError(
-                f"ORM bulk UPDATE of {mapper.class_.__name__} (a list of parameter sets) with a "
-                "WHERE clause or values() is not supported by ShardedSession; pass rows that "
-                "carry the primary key and shard key to update(Model) alone, or run the statement "
-                "as Core executemany, split by each row's key: "
-                "execution_options={'dml_strategy': 'core_only'}", statement=statement)
         sc = current_scope()
         route = routed if routed is not None else _route_statement(
             self, statement, params, execution_options, bind_arguments, sc)
@@ -2499,14 +2489,9 @@ def _refuse_inheritance(mapper: Any, verb: str) -> None:
             "use session.add_all() and a flush instead")
 
 
-def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route: Route,
-                     execution_options: Any = None) -> Result[Any]:
-    """``session.execute(insert(Model), [{...}, ...])``, split by shard.
-
-    SQLAlchemy's ORM bulk insert does not support per-instance sharding, so the
-    rows go through Core on each shard's connection in the session's
-    transaction, keyed by column instead of attribute name.
-    """
+def _refuse_orm_bulk_insert(statement: Any) -> Any:
+    """The mapper of an ORM bulk INSERT (rows given as parameters), refused as
+    :func:`_orm_bulk_insert` refuses it before it runs (``Cluster.explain`` too)."""
     if statement._returning:
         raise RoutingError(
             "ORM bulk INSERT ... RETURNING (rows given as parameters, a list or one dict, "
@@ -2520,6 +2505,18 @@ def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route
         )
     mapper = statement._propagate_attrs["plugin_subject"].mapper
     _refuse_inheritance(mapper, "INSERT")
+    return mapper
+
+
+def _orm_bulk_insert(session: ShardedSession, statement: Any, params: Any, route: Route,
+                     execution_options: Any = None) -> Result[Any]:
+    """``session.execute(insert(Model), [{...}, ...])``, split by shard.
+
+    SQLAlchemy's ORM bulk insert does not support per-instance sharding, so the
+    rows go through Core on each shard's connection in the session's
+    transaction, keyed by column instead of attribute name.
+    """
+    mapper = _refuse_orm_bulk_insert(statement)
     table = mapper.local_table
     rows = params if isinstance(params, list) else [params]
     by_shard: dict[str, list[Any]]
@@ -2584,6 +2581,27 @@ def _by_columns(rows: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 _OLD_VERSION = "_shardkit_old_version"
 
 
+def _orm_bulk_update_of(statement: Update, execution_options: Any) -> Any:
+    """The mapper of an ORM bulk UPDATE by primary key (``update(Model)`` given a list of
+    parameter sets), run by :func:`_orm_bulk_update`; None for another UPDATE (Core, or
+    ``dml_strategy='core_only'``: an executemany routed by its keys).  Such a list with a
+    WHERE clause or values() is refused."""
+    if statement._propagate_attrs.get("compile_state_plugin") != "orm" \
+            or _option("dml_strategy", statement, execution_options) == "core_only":
+        return None
+    mapper = statement._propagate_attrs["plugin_subject"].mapper
+    if statement.whereclause is None and not statement._values:
+        return mapper
+    # SQLAlchemy runs these rows through its bulk UPDATE by primary key, on one
+    # connection (NotImplementedError for a sharded session, whatever the route).
+    raise RoutingError(
+        f"ORM bulk UPDATE of {mapper.class_.__name__} (a list of parameter sets) with a "
+        "WHERE clause or values() is not supported by ShardedSession; pass rows that "
+        "carry the primary key and shard key to update(Model) alone, or run the statement "
+        "as Core executemany, split by each row's key: "
+        "execution_options={'dml_strategy': 'core_only'}", statement=statement)
+
+
 def _bulk_synchronize(statement: Any, execution_options: Any) -> bool:
     """Whether an ORM bulk UPDATE by primary key updates the session's objects, as
     SQLAlchemy decides from ``synchronize_session`` ('auto' and 'evaluate' do)."""
@@ -2599,29 +2617,13 @@ def _bulk_synchronize(statement: Any, execution_options: Any) -> bool:
     return sync in ("auto", "evaluate")
 
 
-def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
-                     synchronize: bool = False, key_names_row: bool = True,
-                     autoflush: bool = True) -> Result[Any]:
-    """ORM bulk UPDATE by primary key (``session.execute(update(Model), [{...}, ...])``),
-    split by shard.
-
-    Each row names its primary key and shard key; it is updated on the shard
-    that owns that key, through Core on the session's connection there.  With
-    ``synchronize`` (``session.execute()``'s default, as in SQLAlchemy) the objects
-    the session holds for those rows, on that shard, take the new values; the legacy
-    bulk methods leave them as they are, as SQLAlchemy's do.  A row that
-    matches nothing (a wrong key, or a row on another shard) raises
-    :class:`~sqlalchemy.orm.exc.StaleDataError`, as SQLAlchemy's bulk update does;
-    so does a row of a mapper with a ``version_id_col`` whose version is not the
-    row's (the UPDATE gives the row the next version, as SQLAlchemy's does).
-    ``autoflush=False``: no autoflush first (the execution option autoflush=False, and
-    the legacy bulk methods, which SQLAlchemy runs without one).
-    ``key_names_row=False``: each row's shard key is a new one for a row of that primary
-    key on the key's shard (bulk_save_objects(), of objects loaded from that shard), not
-    part of what the UPDATE matches.
-    """
+def _bulk_update_rows(session: Any, router: Router, mapper: Any, rows: list[Any]) -> tuple[
+        Any, Any, list[Any], Any, dict[str, list[dict[str, Any]]], dict[str, list[Any]]]:
+    """Where an ORM bulk UPDATE by primary key sends each row (see :func:`_orm_bulk_update`),
+    refused as it is refused before it runs: (table route, table, primary key columns,
+    version column, Core rows by shard, the caller's rows by shard).  Needs no database:
+    ``Cluster.explain`` routes such a statement with it too (``session``: its cluster)."""
     _refuse_inheritance(mapper, "UPDATE")
-    router = session.cluster.router
     tr = router.table_route(mapper)
     table = mapper.local_table
     attr_to_col = {prop.key: prop.columns[0].key for prop in mapper.column_attrs}
@@ -2665,6 +2667,32 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
     if tr.strategy is None:  # a reference table: every shard runs the UPDATE of every row
         _refuse_values_made_per_shard(session, table.update(), next(iter(by_shard.values()), []),
                                       list(by_shard))
+    return tr, table, pk_cols, vcol, by_shard, given
+
+
+def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
+                     synchronize: bool = False, key_names_row: bool = True,
+                     autoflush: bool = True) -> Result[Any]:
+    """ORM bulk UPDATE by primary key (``session.execute(update(Model), [{...}, ...])``),
+    split by shard.
+
+    Each row names its primary key and shard key; it is updated on the shard
+    that owns that key, through Core on the session's connection there.  With
+    ``synchronize`` (``session.execute()``'s default, as in SQLAlchemy) the objects
+    the session holds for those rows, on that shard, take the new values; the legacy
+    bulk methods leave them as they are, as SQLAlchemy's do.  A row that
+    matches nothing (a wrong key, or a row on another shard) raises
+    :class:`~sqlalchemy.orm.exc.StaleDataError`, as SQLAlchemy's bulk update does;
+    so does a row of a mapper with a ``version_id_col`` whose version is not the
+    row's (the UPDATE gives the row the next version, as SQLAlchemy's does).
+    ``autoflush=False``: no autoflush first (the execution option autoflush=False, and
+    the legacy bulk methods, which SQLAlchemy runs without one).
+    ``key_names_row=False``: each row's shard key is a new one for a row of that primary
+    key on the key's shard (bulk_save_objects(), of objects loaded from that shard), not
+    part of what the UPDATE matches.
+    """
+    router = session.cluster.router
+    tr, table, pk_cols, vcol, by_shard, given = _bulk_update_rows(session, router, mapper, rows)
     pk_names = {c.key for c in pk_cols}
     # The shard key's columns outside the primary key match too: a primary key may be
     # unique per shard only, and the row of that id on the key's shard may be another
@@ -3673,9 +3701,23 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
     sc = current_scope()
     options = _ALL_SHARDS if all_shards else util.EMPTY_DICT
     session = _NewSession(cluster)
+    if params and isinstance(params, list) and isinstance(statement, Update):
+        mapper = _orm_bulk_update_of(statement, options)
+        if mapper is not None:
+            # An ORM bulk UPDATE by primary key: each row on its shard key's shard, as
+            # execution sends it (whatever the scope or shardkit_all_shards).
+            _bulk_synchronize(statement, None)
+            tr, _, _, _, by_shard, _ = _bulk_update_rows(session, cluster.router, mapper, params)
+            shards = tuple(s for s in cluster.shard_names if s in by_shard)
+            kind = "direct" if len(shards) == 1 else "all" if len(shards) == len(cluster.shard_names) else "multi"
+            return Route(shards, kind, PRIMARY, "ORM bulk UPDATE by primary key: each row on its "
+                         "shard key's shard", True, (tr.table,), router=cluster.router)
     route = _route_statement(session, statement, params, options, None, sc)  # type: ignore[arg-type]
     if getattr(statement, "_for_update_arg", None) is not None:
         route = _locked_reference_rows_on_first(cluster, statement, params, route)
+    if (route.is_write and params and isinstance(statement, Insert)
+            and statement._propagate_attrs.get("compile_state_plugin") == "orm"):
+        _refuse_orm_bulk_insert(statement)  # (as execution's _orm_bulk_insert)
     if route.is_write:
         # A reference table's write leaving a value each shard would make: refused as it runs.
         _refuse_values_made_per_shard(session, statement, params, route.shards)  # type: ignore[arg-type]
