@@ -1497,6 +1497,16 @@ class Mover:
             tables = _moved_tables(self.cluster, src, source, group)
             if copying:
                 _refuse_unknown_guarded(self.cluster, src, source, move_id)
+            if step in ("capturing", "copied") and self._capture_undone(src, move_id, buckets):
+                # An abort that stopped half-way (killed, or the target unreachable after
+                # the source's undo) stopped the capture and gave the source its buckets
+                # back, and did not record it: the writes since are not captured, and the
+                # target's copies may be gone.  Begin the batch again.
+                log.warning("move %s batch %s: its capture on %s was undone (by an abort that "
+                            "stopped half-way); capturing and copying the batch again",
+                            move_id, batch, source)
+                step = "pending"
+                self._check_triggers((source, target), group, guard=True, copying=True)
             if step == "copied" and (uncopied := self._not_copied(move_id, batch, tables)):
                 # Resumed with a config that configures tables the copy did not know
                 # (see _refuse_unknown_guarded): copy again, capture goes on.
@@ -1584,6 +1594,18 @@ class Mover:
         if elapsed is None:
             return self.grace
         return min(self.grace, max(0.0, self.grace - float(elapsed)))
+
+    @staticmethod
+    def _capture_undone(src: psycopg.Connection, move_id: int, buckets: list[int]) -> bool:
+        """Whether the source of a batch recorded as capturing (or copied) owns its buckets
+        and no longer captures them all: an abort undid the batch there and stopped before
+        recording it.  (A source that gave the buckets up has switched: a cut-over also
+        ends the capture, and the resume redoes it.)"""
+        owned, captured = src.execute(
+            "SELECT (SELECT count(*) FROM shardkit.owned_buckets WHERE bucket = ANY(%s::integer[])), "
+            "(SELECT count(*) FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[]) "
+            "AND move_id = %s)", (buckets, buckets, move_id)).fetchone()
+        return owned > 0 and captured < len(set(buckets))
 
     def _not_copied(self, move_id: int, batch: int, tables: list[_Table]) -> list[str]:
         """The tables of ``tables`` that the batch's last copy did not copy (a copy recorded
@@ -2153,8 +2175,15 @@ class Mover:
         with src.transaction():
             src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
             src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+        # The target owns the buckets and its writers log their changes (for the
+        # verification) until this delete commits; one that read moving_buckets before
+        # that still logs its change, and commits it after a delete of the log in the same
+        # transaction would have run: wait for those (by their guard locks, as capture
+        # does), then empty the log, or that change stays there for good.
         with tgt.transaction():
             tgt.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])", (buckets,))
+        self._wait_for_writers(tgt, move_id, buckets)
+        with tgt.transaction():
             tgt.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
         return deleted
 
