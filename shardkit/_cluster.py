@@ -654,8 +654,8 @@ class Cluster:
                     # Behind PgBouncer in transaction mode: psycopg prepares no statement.
                     connect_args.setdefault("prepare_threshold", None)
                 url, secrets = split_secret_query(url)
-                for k, v in secrets.items():
-                    connect_args.setdefault(k, v)
+                for name, v in secrets.items():   # (not k: the node's key, used below)
+                    connect_args.setdefault(name, v)
                 eng = create_engine(url, connect_args=connect_args, **opts)
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
                 if role == PRIMARY and opts.get("isolation_level") == "AUTOCOMMIT":

@@ -844,7 +844,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         try:
             text = _primary_position(self.cluster, shard)
         except Exception as e:  # noqa: BLE001 - the position stands: reads use the primary
-            log.debug("could not check %s's position against its primary: %s", shard, e)
+            log.debug("could not check %s's position against its primary: %s", shard, str(e))
             return False
         now = parse_lsn(text)
         if want <= now:
@@ -878,7 +878,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         try:
             now = parse_lsn(_primary_position(cluster, shard))
         except Exception as e:  # noqa: BLE001 - the floor stands: reads use the primary
-            log.debug("could not check %s's move floor against its primary: %s", shard, e)
+            log.debug("could not check %s's move floor against its primary: %s", shard, str(e))
             return False
         # (The floor is published after the primary's commit at it: a primary of the same
         # history is at it or past it.)
@@ -1148,7 +1148,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             if not self._replica_read_failed(shard, index, e):
                 raise
             self._unpin_failed(shard, index, pinned is None)
-            log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
+            log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, str(e))
             return self._read_on(shard, statement, params, execution_options or util.EMPTY_DICT,
                                  None, {}, NO_SCOPE, {index})
 
@@ -1224,7 +1224,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     raise
                 tried.add(index)
                 self._unpin_failed(shard, index, first_read)
-                log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, e)
+                log.warning("read on %s/r%d failed, retrying elsewhere: %s", shard, index, str(e))
 
     def _unpin_failed(self, shard: str, index: int, first_read: bool) -> None:
         """A read failed on replica ``index``.  If it was the transaction's first read of
@@ -5328,7 +5328,7 @@ def _remember_position(session: ShardedSession, shard: str, after: str, conn: An
             # Without a position, this session (and any given its token) reads
             # this shard from the primary.
             log.warning("could not read %s's WAL position after %s (%s); its reads go to the "
-                        "primary", shard, after, e)
+                        "primary", shard, after, str(e))
             session._sk_tokens[shard] = _UNKNOWN_POSITION
             return
     lsn = replay_target(parse_lsn(text))
