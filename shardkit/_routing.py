@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.orm import Mapper, aliased, configure_mappers
+from sqlalchemy.orm import Mapper, RelationshipProperty, aliased, configure_mappers
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import elements, lambdas, operators, selectable, visitors
 from sqlalchemy.sql import util as sql_util
@@ -1251,6 +1251,8 @@ class Router:
             concrete = _concrete_union_problem(statement)
             colocation = concrete or colocation_problem(statement, self._placement,
                                                         local_groups=self.disjoint_groups)
+            if colocation is not None and concrete is None and self._declared_colocated_load(statement):
+                colocation = None
             if colocation is not None and concrete is None and chain and pred is not None \
                     and colocation_problem(statement, self._placement, one_shard=chain,
                                            local_groups=self.disjoint_groups) is None:
@@ -1419,6 +1421,25 @@ class Router:
                 known = True
             self.lazy_pins[rel] = known
         return known
+
+    def _declared_colocated_load(self, statement: Any) -> bool:
+        """Whether ``statement`` is the ORM's load of a relationship declared
+        ``info={"shardkit_colocated": True}`` (on a path of colocated relationships) whose
+        only join is that relationship's own: a ``selectinload()`` SQLAlchemy reads by
+        joining the parents back in (the join does not use the parent's primary key alone,
+        ``sales.shop_id = shops.id``, the shops' primary key being ``(region, id)``).  The join is the
+        one the flag vouches for, as for a lazy load of the relationship; each shard joins
+        its own parents to their rows.  (Analysed once per statement shape.)"""
+        path = getattr(getattr(statement, "_compile_options", None), "_current_path", None)
+        props = [p for p in getattr(path, "path", ()) if isinstance(p, RelationshipProperty)]
+        if not props or not props[-1].info.get("shardkit_colocated"):
+            return False
+        joins = getattr(statement, "_setup_joins", ())
+        # (one join, through the relationship: join(parent_alias.rel.of_type(target)))
+        if len(joins) != 1 or getattr(joins[0][1] if joins[0][1] is not None else joins[0][0],
+                                      "property", None) is not props[-1]:
+            return False
+        return all(self.relationship_colocated(p) for p in props)
 
     def _relationship_colocated(self, rel: Any) -> bool:
         try:
