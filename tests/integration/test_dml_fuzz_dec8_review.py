@@ -23,7 +23,7 @@ ORM bulk ``UPDATE`` by primary key; ``INSERT`` of one row, several rows in one `
 executemany (ORM and Core, with ``RETURNING`` and ``sort_by_parameter_order``), and
 PostgreSQL ``ON CONFLICT DO NOTHING / DO UPDATE``.
 
-``SHARDKIT_DML_FUZZ_STATEMENTS`` sets the number of statements (default 2000; a thorough run:
+``SHARDKIT_DML_FUZZ_STATEMENTS`` sets the number of statements (default 1000; a thorough run:
 3000), ``SHARDKIT_DML_FUZZ_SEED`` the seed (default 8).
 """
 
@@ -81,7 +81,7 @@ pytestmark = pytest.mark.integration
 
 CI_OK = True    # whether the servers have ICU (a nondeterministic collation dz8_ci)
 CI = "CREATE COLLATION IF NOT EXISTS dz8_ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
-STATEMENTS = int(os.environ.get("SHARDKIT_DML_FUZZ_STATEMENTS", "2000"))
+STATEMENTS = int(os.environ.get("SHARDKIT_DML_FUZZ_STATEMENTS", "1000"))
 SEED = int(os.environ.get("SHARDKIT_DML_FUZZ_SEED", "8"))
 LOG = os.environ.get("SHARDKIT_DML_FUZZ_LOG")   # a file to append each statement's outcome to
 

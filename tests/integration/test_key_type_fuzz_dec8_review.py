@@ -563,7 +563,7 @@ def test_key_values_land_where_the_guard_reads_and_verify_look(world, name):
     if near is not None:
         batch = st.tuples(batch, st.lists(near, max_size=3)).map(lambda p: p[0] + [_Near(x) for x in p[1]])
 
-    @settings(max_examples=20, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=10, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(batch)
     def run(values):
