@@ -6053,16 +6053,23 @@ def _run_transaction(session_factory: Any, fn: Any, retries: int, refresh_timeou
                 pass  # a map the config file cannot route by: the next attempt is refused, saying so
 
 
+def _map_owner(cluster: Cluster, refused: NotOwned) -> str | None:
+    """The shard the map in use gives the bucket or slice the ownership guard refused
+    (None for another refusal, or a unit the map does not know)."""
+    unit = refused.bucket
+    if unit is None or refused.shard is None or not getattr(refused, "_sk_guard_refusal", False):
+        return None
+    config = cluster.config
+    if unit < SLICE_BASE:
+        return config.bucket_map[unit] if 0 <= unit < len(config.bucket_map) else None
+    return next((s.shard for s in config.slices if s.id == unit), None)
+
+
 def _still_on_refuser(cluster: Cluster, refused: NotOwned) -> bool:
     """Whether the map in use still gives the bucket or slice the ownership guard refused
     to the shard that refused it (a retry by it would be refused again)."""
-    unit, shard = refused.bucket, refused.shard
-    if unit is None or shard is None or not getattr(refused, "_sk_guard_refusal", False):
-        return False
-    config = cluster.config
-    if unit < SLICE_BASE:
-        return 0 <= unit < len(config.bucket_map) and config.bucket_map[unit] == shard
-    return any(s.id == unit and s.shard == shard for s in config.slices)
+    owner = _map_owner(cluster, refused)
+    return owner is not None and owner == refused.shard
 
 
 def _moved_off(cluster: Cluster, refused: NotOwned) -> bool:
@@ -6072,10 +6079,5 @@ def _moved_off(cluster: Cluster, refused: NotOwned) -> bool:
     the map in use when the refusal is reported, so its version alone cannot tell.)
     The session's own checks report the version of the map that routed the statement,
     and may be refused by a shard that owns the bucket: they always wait."""
-    unit, shard = refused.bucket, refused.shard
-    if unit is None or shard is None or not getattr(refused, "_sk_guard_refusal", False):
-        return False
-    config = cluster.config
-    if unit < SLICE_BASE:
-        return 0 <= unit < len(config.bucket_map) and config.bucket_map[unit] != shard
-    return any(s.id == unit and s.shard != shard for s in config.slices)
+    owner = _map_owner(cluster, refused)
+    return owner is not None and owner != refused.shard
