@@ -3721,6 +3721,8 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
     if route.is_write:
         # A reference table's write leaving a value each shard would make: refused as it runs.
         _refuse_values_made_per_shard(session, statement, params, route.shards)  # type: ignore[arg-type]
+    if not route.is_write and route.role == PRIMARY and _replica_preferred(cluster, statement, options, sc, route):
+        route = dataclasses.replace(route, role=REPLICA)
     if route.is_scatter and not route.is_write:
         refuse_strict_scatter(statement, options, sc, False, route)
         refuse_scatter_rows(cluster.router, statement, route)
@@ -3739,6 +3741,24 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
 
 
 _ALL_SHARDS: Mapping[str, Any] = util.immutabledict({"shardkit_all_shards": True})
+
+
+def _replica_preferred(cluster: Cluster, statement: Any, options: Any, sc: RoutingScope,
+                       route: Route) -> bool:
+    """Whether a new session sends a read on ``route``'s shards to their replicas (a fresh
+    enough one, when it runs; else the primary): as ShardedSession._read_target decides
+    before it looks at the replicas' state.  Not ``FOR UPDATE``, nor forced to the primary by
+    the statement or the scope, nor under ``strong`` consistency unless forced to a
+    replica; every shard of the route has a replica."""
+    role, consistency, _, _ = _read_options(_options(statement, options))
+    if role is None and consistency is None:
+        role = sc.role
+    if role == PRIMARY or getattr(statement, "_for_update_arg", None) is not None:
+        return False
+    if not route.shards or not all(cluster.replica_count(s) for s in route.shards):
+        return False
+    consistency = consistency or sc.consistency or cluster.replica_settings.consistency
+    return consistency != "strong" or role == REPLICA
 
 
 def _question_node(session: ShardedSession, shards: Sequence[str]) -> tuple[str, Any]:

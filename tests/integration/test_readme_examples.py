@@ -420,8 +420,9 @@ def test_ask_where_example(clean, recorder):
         assert (shards, kind, role, reason, split) == (route.shards, route.kind, route.role,
                                                       route.reason, route.split)
         assert isinstance(reason, str) and reason
-        # README: "`route.role` is `primary` for every read".
-        assert role == "primary"
+        # README: "`route.role` is `replica` for a read that a new session sends to the
+        # shards' replicas (every shard of the route has one ...)".
+        assert role == ("replica" if all(cluster.replica_count(s) for s in shards) else "primary")
         # README: one shard (`direct`), several (`multi`) or all.
         assert kind == ("direct" if len(shards) == 1 else
                         "all" if len(shards) == len(cluster.shard_names) else "multi")
