@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from dml_fuzz_common import GenBase
 from dml_oracle import (
     OracleEnv,
     Tally,
@@ -243,48 +244,13 @@ class Stmt:
     preload: list[int] = field(default_factory=list)   # rids loaded into the session first
 
 
-class Gen:
-    def __init__(self, env: Env, rng: random.Random) -> None:
-        self.env = env
-        self.rng = rng                          # the statement's shape
-        self.vrng = random.Random(rng.random())  # the values in it
-        self.drng = random.Random(rng.random())  # whether to repeat a shape
-        self.last: Any = None
-
+class Gen(GenBase):
     # -- values ---------------------------------------------------------
-    def key(self, g: Grp) -> Any:
-        r = self.vrng.random()
-        if r < 0.75:
-            return self.vrng.choice(g.keys)
-        if r < 0.9:
-            return self.vrng.choice(g.extra)
-        return self.vrng.choice(g.odd)
-
     def keys(self, g: Grp, n: int | None = None) -> list[Any]:
         n = self.rng.randint(0, 5) if n is None else n
         return [self.key(g) if self.vrng.random() > 0.1 else None for _ in range(n)]
 
-    def plain_key(self, g: Grp) -> Any:
-        return self.vrng.choice(g.keys + g.extra)
-
     # -- WHERE -----------------------------------------------------------
-    def where(self, g: Grp, T: Any, depth: int, params: dict[str, Any]) -> tuple[Any, str]:
-        rng = self.rng
-        if depth > 0 and rng.random() < 0.35:
-            op = rng.choice(["and", "or", "not"])
-            if op == "not":
-                w, d = self.where(g, T, depth - 1, params)
-                return not_(w), f"NOT({d})"
-            parts = [self.where(g, T, depth - 1, params) for _ in range(rng.randint(2, 3))]
-            fn = and_ if op == "and" else or_
-            return fn(*(p[0] for p in parts)), f" {op.upper()} ".join(f"({p[1]})" for p in parts)
-        return self.leaf(g, T, params)
-
-    def bind(self, params: dict[str, Any], value: Any, **kw: Any) -> Any:
-        name = f"p{len(params)}"
-        params[name] = value
-        return bindparam(name, **kw)
-
     def leaf(self, g: Grp, T: Any, params: dict[str, Any]) -> tuple[Any, str]:
         rng, k = self.rng, T.k
         C = g.child.__table__.c if isinstance(T, type(g.parent.__table__.c)) else g.child
@@ -399,37 +365,15 @@ class Gen:
         return self.leaf(g, T, params)
 
     # -- statements ------------------------------------------------------
-    def statement(self) -> Stmt:
-        """A new statement, or now and then the last one's shape again with other values
-        (what the router keeps per statement shape must not hold values)."""
-        if self.last is not None and self.drng.random() < 0.3:
-            after = self.rng.getstate()
-            self.rng.setstate(self.last)
-            st = self._statement()
-            self.rng.setstate(after)
-            st.what = "(same shape) " + st.what
-            return st
-        self.last = self.rng.getstate()
-        return self._statement()
-
     def _statement(self) -> Stmt:
         g = self.rng.choice(GROUPS)
         kind = self.rng.choice(["update", "update", "update", "delete", "delete", "insert", "insert",
                                 "upsert", "em_update", "em_delete", "bulk_update", "update_from", "lambda", "query"])
         return getattr(self, "_" + kind)(g)
 
-    def _options(self, stmt: Any, orm: bool) -> tuple[Any, str]:
-        what = ""
-        opts: dict[str, Any] = {}
-        if self.rng.random() < 0.3:
-            opts["shardkit_all_shards"] = True
-            what += " all_shards"
-        if orm:
-            sync = self.rng.choice(["auto", False, "fetch", "evaluate"])
-            if sync != "auto":
-                opts["synchronize_session"] = sync
-            what += f" sync={sync}"
-        return (stmt.execution_options(**opts) if opts else stmt), what
+    def _stmt(self, what: str, g: Grp, stmt: Any, params: Any = None, orm: bool = False, returning: bool = False,
+              executemany: bool = False, preload: list[int] | None = None, all_shards: bool = False) -> Stmt:
+        return Stmt(what, g, stmt, params, orm, returning, executemany, preload or [])
 
     def _setvalues(self, g: Grp, T: Any) -> tuple[dict[str, Any], str]:
         r = self.rng.random()
@@ -441,28 +385,11 @@ class Gen:
         if r < 0.25:
             v = self.plain_key(g)
             return {"k": bindparam("nk", value=v, type_=T.k.type)}, f"SET k=:nk {v!r}"
-        if r < 0.6:
-            return {"v": T.v + 1}, "SET v=v+1"
-        n = self.rng.randrange(50)
-        return {"v": n, "t": "u"}, f"SET v={n}, t='u'"
+        return self._set_other(T, r)
 
     def _preload(self, g: Grp) -> list[int]:
         base = 1000 * GROUPS.index(g)
         return self.rng.sample(range(base + 1, base + 50), 6)
-
-    def _update(self, g: Grp) -> Stmt:
-        orm = self.rng.random() < 0.5
-        T = g.parent if orm else g.parent.__table__.c
-        params: dict[str, Any] = {}
-        w, d = self.where(g, T, 2, params)
-        values, sd = self._setvalues(g, T)
-        stmt = update(g.parent if orm else g.parent.__table__).where(w).values(**values)
-        ret = self.rng.random() < 0.4
-        if ret:
-            stmt = stmt.returning(T.rid, T.k, T.v)
-        stmt, od = self._options(stmt, orm)
-        return Stmt(f"{'ORM' if orm else 'Core'} UPDATE {g.name} {sd} WHERE {d}{od}{' RETURNING' if ret else ''}",
-                    g, stmt, params or None, orm, ret, preload=self._preload(g) if orm else [])
 
     def _lambda(self, g: Grp) -> Stmt:
         """``lambda_stmt()``: one code location, so one cached shape whose values are the
@@ -511,91 +438,24 @@ class Gen:
         else:
             stmt = delete(g.parent if orm else g.parent.__table__).where(T.k == C.k, C.w > n, w)
             d = f"DELETE ... USING child WHERE k = child.k AND w > {n} AND {d}"
-        stmt, od = self._options(stmt, orm and self.rng.random() < 0.5)
+        stmt, od, _ = self._options(stmt, orm and self.rng.random() < 0.5)
         return Stmt(f"{'ORM' if orm else 'Core'} {g.name} {d}{od}", g, stmt, params or None, orm)
 
-    def _delete(self, g: Grp) -> Stmt:
-        orm = self.rng.random() < 0.5
-        T = g.parent if orm else g.parent.__table__.c
-        params: dict[str, Any] = {}
-        w, d = self.where(g, T, 2, params)
-        stmt = delete(g.parent if orm else g.parent.__table__).where(w)
-        ret = self.rng.random() < 0.4
-        if ret:
-            stmt = stmt.returning(T.rid, T.k, T.v)
-        stmt, od = self._options(stmt, orm)
-        return Stmt(f"{'ORM' if orm else 'Core'} DELETE {g.name} WHERE {d}{od}{' RETURNING' if ret else ''}",
-                    g, stmt, params or None, orm, ret, preload=self._preload(g) if orm else [])
-
-    def _new_rows(self, g: Grp, existing: bool) -> list[dict[str, Any]]:
-        rows = []
-        n = self.rng.randint(1, 5)
-        used: set[int] = set()
-        for _ in range(n):
-            if existing and self.rng.random() < 0.5:
-                row = self._existing_row(g)
-                if row is not None and row["rid"] not in used:
-                    used.add(row["rid"])
-                    rows.append({**row, "v": self.vrng.randrange(90, 99), "t": "ins"})
-                    continue
-            self.env.next_rid[0] += 1
-            rid = self.env.next_rid[0]
-            used.add(rid)
-            r = self.rng.random()
-            k = self.plain_key(g) if r < 0.9 else self.vrng.choice(g.odd) if r < 0.96 else None
-            rows.append({"rid": rid, "k": k, "v": self.vrng.randrange(90, 99), "t": "ins"})
-        return rows
-
-    def _existing_row(self, g: Grp) -> dict[str, Any] | None:
-        with self.env.oracle.connect() as c:
-            rows = c.execute(select(g.parent.__table__.c.rid, g.parent.__table__.c.k)
-                             .where(g.parent.__table__.c.k.is_not(None))
-                             .order_by(g.parent.__table__.c.rid)).all()
-        if not rows:
-            return None
-        r = self.vrng.choice(rows)
-        return {"rid": r.rid, "k": r.k}
-
-    def _insert(self, g: Grp) -> Stmt:
-        rows = self._new_rows(g, existing=False)
-        orm = self.rng.random() < 0.5
-        table = g.parent.__table__
-        T = g.parent if orm else table.c
-        shape = self.rng.choice(["values", "many", "one"])
-        ret = self.rng.random() < 0.4
-        target = g.parent if orm else table
-        if shape == "one":
-            rows = rows[:1]
-            stmt = insert(target).values(**rows[0])
-            params = None
-        elif shape == "values":
-            stmt = insert(target).values(rows)
-            params = None
-        else:
-            stmt = insert(target)
-            params = rows
-        if ret:
-            stmt = stmt.returning(T.rid, T.k, T.v, sort_by_parameter_order=shape == "many" and self.rng.random() < 0.5)
-        stmt, od = self._options(stmt, False)
-        return Stmt(f"{'ORM' if orm else 'Core'} INSERT {g.name} {shape} {rows!r}{od}{' RETURNING' if ret else ''}",
-                    g, stmt, params, orm, ret, executemany=shape == "many")
+    def _new_row(self, g: Grp, rid: int) -> dict[str, Any]:
+        r = self.rng.random()
+        k = self.plain_key(g) if r < 0.9 else self.vrng.choice(g.odd) if r < 0.96 else None
+        return {"rid": rid, "k": k, "v": self.vrng.randrange(90, 99), "t": "ins"}
 
     def _upsert(self, g: Grp) -> Stmt:
         rows = self._new_rows(g, existing=True)
         orm = self.rng.random() < 0.3
         table = g.parent.__table__
         ins = postgresql.insert(g.parent if orm else table)
-        r = self.rng.random()
-        if r < 0.4:
-            stmt = ins.on_conflict_do_nothing(index_elements=["rid"])
-            d = "DO NOTHING"
-        elif r < 0.8:
-            stmt = ins.on_conflict_do_update(index_elements=["rid"], set_={"v": ins.excluded.v + 100, "t": "up"})
-            d = "DO UPDATE v"
-        else:
+
+        def set_key() -> tuple[Any, str]:
             nk = self.plain_key(g)
-            stmt = ins.on_conflict_do_update(index_elements=["rid"], set_={"k": nk, "v": 1})
-            d = f"DO UPDATE k={nk!r}"
+            return ins.on_conflict_do_update(index_elements=["rid"], set_={"k": nk, "v": 1}), f"DO UPDATE k={nk!r}"
+        stmt, d = self._on_conflict(ins, set_key)
         ret = self.rng.random() < 0.4 and not orm
         many = self.rng.random() < 0.6
         if ret:
@@ -605,7 +465,7 @@ class Gen:
         else:
             stmt = stmt.values(rows)
             params = None
-        stmt, od = self._options(stmt, False)
+        stmt, od, _ = self._options(stmt, False)
         return Stmt(f"{'ORM' if orm else 'Core'} UPSERT {g.name} {d} {'many' if many else 'values'} {rows!r}{od}"
                     f"{' RETURNING' if ret else ''}", g, stmt, params, orm, ret, executemany=many)
 
@@ -629,7 +489,7 @@ class Gen:
         else:
             stmt = update(table).where(table.c.k == bindparam("bk"), table.c.v < 4).values(v=bindparam("nv"))
             d = "k = :bk AND v < 4"
-        stmt, od = self._options(stmt, False)
+        stmt, od, _ = self._options(stmt, False)
         return Stmt(f"Core executemany UPDATE {g.name} SET v=:nv WHERE {d} {params!r}{od}", g, stmt, params,
                     executemany=True)
 
@@ -638,7 +498,7 @@ class Gen:
         keys = [self.key(g) for _ in range(self.rng.randint(1, 4))]
         params = [{"bk": k, "bv": self.vrng.randrange(6)} for k in keys]
         stmt = delete(table).where(table.c.k == bindparam("bk"), table.c.v >= bindparam("bv"))
-        stmt, od = self._options(stmt, False)
+        stmt, od, _ = self._options(stmt, False)
         return Stmt(f"Core executemany DELETE {g.name} WHERE k = :bk AND v >= :bv {params!r}{od}", g, stmt,
                     params, executemany=True)
 
@@ -653,7 +513,7 @@ class Gen:
             rows.append({**row, "v": self.vrng.randrange(300, 310)})
         if not rows:
             return self._update(g)
-        stmt, od = self._options(update(g.parent), True)
+        stmt, od, _ = self._options(update(g.parent), True)
         return Stmt(f"ORM bulk UPDATE by pk {g.name} {rows!r}{od}", g, stmt, rows, True, executemany=True,
                     preload=[r["rid"] for r in rows])
 

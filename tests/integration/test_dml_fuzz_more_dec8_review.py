@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from dml_fuzz_common import GenBase
 from dml_oracle import (
     OracleEnv,
     oracle_env,
@@ -60,7 +61,6 @@ from sqlalchemy import (
     func,
     insert,
     literal,
-    not_,
     or_,
     select,
     text,
@@ -287,43 +287,16 @@ class Stmt:
     no_oracle: bool = False        # decided when run: no one database runs it as the shards do
 
 
-class Gen:
-    def __init__(self, env: Env, rng: random.Random) -> None:
-        self.env = env
-        self.rng = rng
-        self.vrng = random.Random(rng.random())
-        self.drng = random.Random(rng.random())
-        self.last: Any = None
+class Gen(GenBase):
+    same_shape_share = 0.25
+    extra_below = 0.92
+    max_new_rows = 4
+    executemany_orm_returning = False
 
-    # -- values ---------------------------------------------------------
-    def key(self, g: Grp) -> tuple[Any, ...]:
-        r = self.vrng.random()
-        if r < 0.75:
-            return self.vrng.choice(g.keys)
-        if r < 0.92:
-            return self.vrng.choice(g.extra)
-        return self.vrng.choice(g.odd)
-
-    def plain_key(self, g: Grp) -> tuple[Any, ...]:
-        return self.vrng.choice(g.keys + g.extra)
-
-    def bind(self, params: dict[str, Any], value: Any, **kw: Any) -> Any:
-        name = f"p{len(params)}"
-        params[name] = value
-        return bindparam(name, **kw)
+    def key_columns(self, g: Grp) -> tuple[str, ...]:
+        return g.kc
 
     # -- WHERE over a sharded table ----------------------------------------
-    def where(self, g: Grp, T: Any, depth: int, params: dict[str, Any]) -> tuple[Any, str]:
-        if depth > 0 and self.rng.random() < 0.35:
-            op = self.rng.choice(["and", "or", "not"])
-            if op == "not":
-                w, d = self.where(g, T, depth - 1, params)
-                return not_(w), f"NOT({d})"
-            parts = [self.where(g, T, depth - 1, params) for _ in range(self.rng.randint(2, 3))]
-            fn = and_ if op == "and" else or_
-            return fn(*(p[0] for p in parts)), f" {op.upper()} ".join(f"({p[1]})" for p in parts)
-        return self.leaf(g, T, params)
-
     def full_eq(self, g: Grp, T: Any, key: tuple[Any, ...], params: dict[str, Any] | None = None) -> Any:
         parts = [getattr(T, c) == (self.bind(params, v) if params is not None else v) for c, v in zip(g.kc, key)]
         self.rng.shuffle(parts)
@@ -449,17 +422,6 @@ class Gen:
         return R.rid > 0, "rid > 0"
 
     # -- statements ------------------------------------------------------
-    def statement(self) -> Stmt:
-        if self.last is not None and self.drng.random() < 0.25:
-            after = self.rng.getstate()
-            self.rng.setstate(self.last)
-            st = self._statement()
-            self.rng.setstate(after)
-            st.what = "(same shape) " + st.what
-            return st
-        self.last = self.rng.getstate()
-        return self._statement()
-
     def _statement(self) -> Stmt:
         kind = self.rng.choice(["update", "update", "update", "delete", "delete", "insert", "insert", "upsert",
                                 "update_from", "update_from_ref", "insert_select", "em_update",
@@ -508,19 +470,9 @@ class Gen:
             kept = [{**rows[0], "rid": self.env.next_rid[0], **{c: None for c in g.kc}}]
         return kept
 
-    def _options(self, stmt: Any, orm: bool) -> tuple[Any, str, bool]:
-        what = ""
-        opts: dict[str, Any] = {}
-        all_shards = self.rng.random() < 0.3
-        if all_shards:
-            opts["shardkit_all_shards"] = True
-            what += " all_shards"
-        if orm:
-            sync = self.rng.choice(["auto", False, "fetch", "evaluate"])
-            if sync != "auto":
-                opts["synchronize_session"] = sync
-            what += f" sync={sync}"
-        return (stmt.execution_options(**opts) if opts else stmt), what, all_shards
+    def _stmt(self, what: str, g: Grp, stmt: Any, params: Any = None, orm: bool = False, returning: bool = False,
+              executemany: bool = False, preload: list[int] | None = None, all_shards: bool = False) -> Stmt:
+        return Stmt(what, g.parent, stmt, params, orm, returning, executemany, preload or [], all_shards=all_shards)
 
     def _own_key(self, g: Grp) -> tuple[Any, ...]:
         """A key to SET: on a named shard one of that shard (a key of another shard is
@@ -541,45 +493,13 @@ class Gen:
             return {g.kc[1]: key[1]}, f"SET {g.kc[1]}={key[1]!r} (part of the key)"
         if r < 0.25:
             return {c: getattr(T, c) for c in g.kc}, "SET key=key"
-        if r < 0.6:
-            return {"v": T.v + 1}, "SET v=v+1"
-        n = self.rng.randrange(50)
-        return {"v": n, "t": "u"}, f"SET v={n}, t='u'"
+        return self._set_other(T, r)
 
     def _preload(self, g: Grp | None) -> list[int]:
         if g is None:
             return self.rng.sample(range(9000, 9030), 6)
         base = 1000 * (GROUPS.index(g) + 1)
         return self.rng.sample(range(base + 1, base + 30), 6)
-
-    def _update(self, g: Grp) -> Stmt:
-        orm = self.rng.random() < 0.5
-        T = g.parent if orm else g.parent.__table__.c
-        params: dict[str, Any] = {}
-        w, d = self.where(g, T, 2, params)
-        values, sd = self._setvalues(g, T)
-        stmt = update(g.parent if orm else g.parent.__table__).where(w).values(**values)
-        ret = self.rng.random() < 0.4
-        if ret:
-            stmt = stmt.returning(T.rid, *(getattr(T, c) for c in g.kc), T.v)
-        stmt, od, al = self._options(stmt, orm)
-        return Stmt(f"{'ORM' if orm else 'Core'} UPDATE {g.name} {sd} WHERE {d}{od}{' RETURNING' if ret else ''}",
-                    g.parent, stmt, params or None, orm, ret, preload=self._preload(g) if orm else [],
-                    all_shards=al)
-
-    def _delete(self, g: Grp) -> Stmt:
-        orm = self.rng.random() < 0.5
-        T = g.parent if orm else g.parent.__table__.c
-        params: dict[str, Any] = {}
-        w, d = self.where(g, T, 2, params)
-        stmt = delete(g.parent if orm else g.parent.__table__).where(w)
-        ret = self.rng.random() < 0.4
-        if ret:
-            stmt = stmt.returning(T.rid, *(getattr(T, c) for c in g.kc), T.v)
-        stmt, od, al = self._options(stmt, orm)
-        return Stmt(f"{'ORM' if orm else 'Core'} DELETE {g.name} WHERE {d}{od}{' RETURNING' if ret else ''}",
-                    g.parent, stmt, params or None, orm, ret, preload=self._preload(g) if orm else [],
-                    all_shards=al)
 
     def _update_from(self, g: Grp) -> Stmt:
         """UPDATE ... FROM / DELETE ... USING the colocated child (on the whole key, or on a part)."""
@@ -640,70 +560,25 @@ class Gen:
         return Stmt(f"Core executemany UPDATE {g.name} SET v=:nv WHERE key = :bkey {params!r}{od}", g.parent,
                     stmt, params, executemany=True, all_shards=al)
 
-    def _new_rows(self, g: Grp, existing: bool) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        used: set[int] = set()
-        for _ in range(self.rng.randint(1, 4)):
-            if existing and self.rng.random() < 0.5:
-                row = self._existing_row(g)
-                if row is not None and row["rid"] not in used:
-                    used.add(row["rid"])
-                    rows.append({**row, "v": self.vrng.randrange(90, 99), "t": "ins"})
-                    continue
-            self.env.next_rid[0] += 1
-            rid = self.env.next_rid[0]
-            used.add(rid)
-            r = self.rng.random()
-            key = self.plain_key(g) if r < 0.88 else self.vrng.choice(g.odd) if r < 0.94 else (None,) * len(g.kc)
-            rows.append({"rid": rid, **dict(zip(g.kc, key)), "v": self.vrng.randrange(90, 99), "t": "ins"})
-        return rows
+    def _new_row(self, g: Grp, rid: int) -> dict[str, Any]:
+        r = self.rng.random()
+        key = self.plain_key(g) if r < 0.88 else self.vrng.choice(g.odd) if r < 0.94 else (None,) * len(g.kc)
+        return {"rid": rid, **dict(zip(g.kc, key)), "v": self.vrng.randrange(90, 99), "t": "ins"}
 
-    def _existing_row(self, g: Grp) -> dict[str, Any] | None:
-        t = g.parent.__table__
-        with self.env.oracle.connect() as c:
-            rows = c.execute(select(t.c.rid, *(t.c[k] for k in g.kc)).where(t.c[g.kc[0]].is_not(None))
-                             .order_by(t.c.rid)).all()
-        if not rows:
-            return None
-        return dict(self.vrng.choice(rows)._mapping)
-
-    def _insert(self, g: Grp) -> Stmt:
-        rows = self._named_rows(g, self._new_rows(g, existing=False))
-        orm = self.rng.random() < 0.5
-        table = g.parent.__table__
-        T = g.parent if orm else table.c
-        shape = self.rng.choice(["values", "many", "one"])
-        ret = self.rng.random() < 0.4 and not (orm and shape == "many")
-        target = g.parent if orm else table
-        if shape == "one":
-            rows = rows[:1]
-            stmt, params = insert(target).values(**rows[0]), None
-        elif shape == "values":
-            stmt, params = insert(target).values(rows), None
-        else:
-            stmt, params = insert(target), rows
-        if ret:
-            stmt = stmt.returning(T.rid, *(getattr(T, c) for c in g.kc), T.v,
-                                  sort_by_parameter_order=shape == "many" and self.rng.random() < 0.5)
-        stmt, od, al = self._options(stmt, False)
-        return Stmt(f"{'ORM' if orm else 'Core'} INSERT {g.name} {shape} {rows!r}{od}{' RETURNING' if ret else ''}",
-                    g.parent, stmt, params, orm, ret, executemany=shape == "many", all_shards=al)
+    def _insert_rows(self, g: Grp, existing: bool) -> list[dict[str, Any]]:
+        return self._named_rows(g, self._new_rows(g, existing))
 
     def _upsert(self, g: Grp) -> Stmt:
-        rows = self._named_rows(g, self._new_rows(g, existing=True))
+        rows = self._insert_rows(g, existing=True)
         orm = self.rng.random() < 0.3
         table = g.parent.__table__
         ins = postgresql.insert(g.parent if orm else table)
-        r = self.rng.random()
-        if r < 0.4:
-            stmt, d = ins.on_conflict_do_nothing(index_elements=["rid"]), "DO NOTHING"
-        elif r < 0.8:
-            stmt = ins.on_conflict_do_update(index_elements=["rid"], set_={"v": ins.excluded.v + 100, "t": "up"})
-            d = "DO UPDATE v"
-        else:
+
+        def set_key() -> tuple[Any, str]:
             key = self._own_key(g)
-            stmt = ins.on_conflict_do_update(index_elements=["rid"], set_={**dict(zip(g.kc, key)), "v": 1})
-            d = f"DO UPDATE key={key!r}"
+            return (ins.on_conflict_do_update(index_elements=["rid"], set_={**dict(zip(g.kc, key)), "v": 1}),
+                    f"DO UPDATE key={key!r}")
+        stmt, d = self._on_conflict(ins, set_key)
         ret = self.rng.random() < 0.4 and not orm
         many = self.rng.random() < 0.6
         if ret:
@@ -833,16 +708,9 @@ class Gen:
         rows = self._ref_rows(existing=True)
         orm = self.rng.random() < 0.3
         ins = postgresql.insert(Ref if orm else Ref.__table__)
-        r = self.rng.random()
-        if r < 0.4:
-            stmt, d = ins.on_conflict_do_nothing(index_elements=["rid"]), "DO NOTHING"
-        elif r < 0.8:
-            stmt = ins.on_conflict_do_update(index_elements=["rid"], set_={"v": ins.excluded.v + 100, "t": "up"})
-            d = "DO UPDATE v"
-        else:
-            stmt = ins.on_conflict_do_update(index_elements=["rid"], set_={"z": Ref.__table__.c.z + 1},
-                                             where=Ref.__table__.c.v < 3)
-            d = "DO UPDATE z=z+1 WHERE v < 3"
+        stmt, d = self._on_conflict(ins, lambda: (
+            ins.on_conflict_do_update(index_elements=["rid"], set_={"z": Ref.__table__.c.z + 1},
+                                      where=Ref.__table__.c.v < 3), "DO UPDATE z=z+1 WHERE v < 3"))
         ret = self.rng.random() < 0.4 and not orm
         many = self.rng.random() < 0.5
         if ret:

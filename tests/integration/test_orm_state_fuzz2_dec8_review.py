@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-from collections import Counter
 from typing import Any
 
 import pytest
-from own_tables import one_database
+from orm_fuzz_driver import FuzzBase, Side, fuzz_env, rule_registry, run_fuzz, spread_keys, st, table_rows
 from sqlalchemy import Column, ForeignKeyConstraint, Integer, String, Table, inspect, select, text, tuple_
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -41,7 +38,6 @@ from sqlalchemy.orm import (
     mapped_column,
     relationship,
     selectinload,
-    sessionmaker,
     with_polymorphic,
 )
 
@@ -56,30 +52,7 @@ RUNS = int(os.environ.get("SHARDKIT_ORM_FUZZ2_RUNS", "10"))
 STEPS = int(os.environ.get("SHARDKIT_ORM_FUZZ2_STEPS", "60"))
 SEED = int(os.environ.get("SHARDKIT_ORM_FUZZ2_SEED", "11"))
 
-
-class G:
-    def __init__(self, draw: Any) -> None:
-        self.draw = draw
-
-    def __or__(self, other: G) -> G:
-        return G(lambda rng: (self if rng.random() < 0.3 else other).draw(rng))
-
-
-class st:  # noqa: N801
-    integers = staticmethod(lambda a, b: G(lambda rng: rng.randint(a, b)))
-    sampled_from = staticmethod(lambda seq: G(lambda rng: rng.choice(list(seq))))
-    booleans = staticmethod(lambda: G(lambda rng: rng.random() < 0.5))
-    none = staticmethod(lambda: G(lambda rng: None))
-
-
-RULES: dict[str, tuple[int, dict[str, G]]] = {}
-
-
-def rule(weight: int = 1, **gens: G) -> Any:
-    def mark(fn: Any) -> Any:
-        RULES[fn.__name__] = (weight, gens)
-        return fn
-    return mark
+RULES, rule = rule_registry()
 
 
 class B9(DeclarativeBase):
@@ -214,139 +187,16 @@ def lkey(obj: Any) -> tuple[str, Any]:
     return ("E", ident[0] if ident else d.get("id"))
 
 
-class Side:
-    def __init__(self, name: str, maker: Any) -> None:
-        self.name = name
-        self.maker = maker
-        self.s = maker()
-        self.reg: dict[tuple[str, Any], Any] = {}
-        self.nested: list[Any] = []
-
-    def reopen(self) -> None:
-        self.s.close()
-        self.s = self.maker()
-        self.reg.clear()
-        self.nested.clear()
-
-    def scan(self) -> None:
-        for k, o in list(self.reg.items()):
-            if inspect(o).session is not self.s:
-                del self.reg[k]
-        for o in list(self.s.identity_map.values()) + list(self.s.new) + list(self.s.deleted):
-            self.reg.setdefault(lkey(o), o)
-        self.nested = [t for t in self.nested if t.is_active]
-
-    def snapshot(self) -> dict[str, Any]:
-        objs = {}
-        for k, o in sorted(self.reg.items(), key=lambda kv: repr(kv[0])):
-            st_ = inspect(o)
-            mapper = st_.mapper
-            cols = {a.key: st_.dict[a.key] for a in mapper.column_attrs if a.key in st_.dict}
-            rels = {}
-            for r in mapper.relationships:
-                if r.key in st_.dict:
-                    v = st_.dict[r.key]
-                    rels[r.key] = ([lkey(x) for x in v] if r.uselist else (lkey(v) if v is not None else None))
-            status = ("pending" if st_.pending else "persistent" if st_.persistent
-                      else "deleted" if st_.deleted else "other")
-            objs[k] = (type(o).__name__, status, cols, rels)
-        idents = {(type(o).__name__, inspect(o).identity) for o in self.s.identity_map.values()}
-        return {"objs": objs, "idents": idents, "new": len(self.s.new), "dirty": len(self.s.dirty),
-                "deleted": len(self.s.deleted), "in_tx": self.s.in_transaction(),
-                "in_nested": self.s.in_nested_transaction(), "nested": len(self.nested)}
-
-
-def _err_kind(e: BaseException) -> str:
-    if isinstance(e, sa_exc.DBAPIError):
-        return f"{type(e).__name__}/{type(e.orig).__name__}"
-    return type(e).__name__
-
-
-class Fuzz:
-    env: Any = None
-    stats: Counter = Counter()
-    log: list[str] = []
-
-    def start(self) -> None:
-        env = self.env
-        for eng in [env["oracle"], *env["primaries"].values()]:
-            with eng.begin() as c:
-                c.execute(text("SET LOCAL lock_timeout = '10s'"))
-                c.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
-        self.plain = Side("plain", env["Plain"])
-        self.shard = Side("sharded", env["Sharded"])
-        self.next_id = 1
-        self.scope_key: Any = None
-        self.log.append("--- new run")
-
-    def teardown(self) -> None:
-        for side in (getattr(self, "plain", None), getattr(self, "shard", None)):
-            if side is not None:
-                side.s.close()
-
-    def both(self, name: str, op: Any) -> None:
-        if self.scope_key is not None:
-            name += f" [scope key={self.scope_key!r}]"
-        self.log.append(name)
-        self.stats["steps"] += 1
-        self.stats["op " + name.split(" ")[0].split("(")[0]] += 1
-        if self.scope_key is not None:
-            self.stats["in scope(key=...)"] += 1
-        out: dict[str, Any] = {"plain": None}
-        for side in (self.shard, self.plain):
-            cm = (shardkit.scope(key=self.scope_key) if side is self.shard and self.scope_key is not None
-                  else contextlib.nullcontext())
-            try:
-                with cm:
-                    op(side)
-                out[side.name] = None
-            except Exception as e:   # noqa: BLE001 - compared below
-                out[side.name] = e
-                if side is self.shard and isinstance(e, shardkit.ShardkitError):
-                    break
-        pe, se = out["plain"], out["sharded"]
-        self.log.append(f"  -> plain {pe!r:.300} / sharded {se!r:.300}")
-        if pe is None and se is None:
-            pass
-        elif isinstance(se, shardkit.ShardkitError) and not isinstance(pe, shardkit.ShardkitError):
-            why = str(se).split(";")[0].split(":")[0].split("(")[0].strip()[:70]
-            self.stats[f"refused {type(se).__name__} ({why}) at {name.split(' ')[0].split('(')[0]}"] += 1
-            self.rollback_both()
-            plain_rows, shard_rows = self.env["committed"]()
-            assert plain_rows == shard_rows
-            for side in (self.plain, self.shard):
-                side.reopen()
-        elif pe is not None and se is not None and _err_kind(pe) == _err_kind(se):
-            self.stats[f"both raised {_err_kind(pe)}: {name.split('(')[0].split(' ')[0]}"] += 1
-            self.rollback_both()
-        else:
-            raise AssertionError(f"{name}: plain {pe!r} but sharded {se!r}")
-        for side in (self.plain, self.shard):
-            side.scan()
-
-    def rollback_both(self) -> None:
-        failed = {}
-        for side in (self.plain, self.shard):
-            try:
-                side.s.rollback()
-            except Exception as e:   # noqa: BLE001
-                failed[side.name] = _err_kind(e)
-                side.reopen()
-            side.nested.clear()
-        if failed:
-            assert failed.get("plain") == failed.get("sharded"), f"rollback: {failed}"
-            self.stats[f"rollback raised {failed['plain']} on both: reopened"] += 1
-
-    def keys(self, kind: str) -> list[Any]:
-        return sorted(k[1] for k in self.plain.reg if k[0] == kind)
-
-    def pick(self, kind: str, i: int) -> Any | None:
-        ks = self.keys(kind)
-        return ks[i % len(ks)] if ks else None
-
-    def new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id
+class Fuzz(FuzzBase):
+    rules = RULES
+    metadata = B9.metadata
+    tables = TABLES
+    lkey = staticmethod(lkey)
+    with_class = True
+    op_in_error_stats = True
+    log_rollback_failures = False
+    # (same(): FuzzBase's, whose tolerance of a deleted object's relationship loaded on one
+    # side only was seen here with sale.shop once in ~30 runs and not again with that seed.)
 
     # ------------------------------------------------------------------ rules
 
@@ -503,27 +353,7 @@ class Fuzz:
     @rule(7, what=st.sampled_from(["flush", "commit", "commit", "rollback", "begin_nested", "nested_commit",
                                 "nested_rollback", "expire_all", "close"]))
     def session_op(self, what: str) -> None:
-        def op(side: Side) -> None:
-            s = side.s
-            if what == "flush":
-                s.flush()
-            elif what == "commit":
-                s.commit()
-                side.nested.clear()
-            elif what == "rollback":
-                s.rollback()
-                side.nested.clear()
-            elif what == "begin_nested":
-                side.nested.append(s.begin_nested())
-            elif what in ("nested_commit", "nested_rollback"):
-                if side.nested:
-                    t = side.nested.pop()
-                    t.commit() if what == "nested_commit" else t.rollback()
-            elif what == "expire_all":
-                s.expire_all()
-            elif what == "close":
-                side.reopen()
-        self.both(what, op)
+        self.run_session_op(what)
 
     @rule(2, kind=st.sampled_from("PTMSXE"), i=st.integers(0, 99), refresh=st.booleans(), attrs=st.booleans())
     def expire_or_refresh(self, kind: str, i: int, refresh: bool, attrs: bool) -> None:
@@ -661,11 +491,7 @@ class Fuzz:
             for o in got:
                 side.reg[lkey(o)] = o
             side.last = [lkey(o) for o in got]
-        self.both(f"query {q} {i} populate={populate}", op)
-        if hasattr(self.plain, "last") and hasattr(self.shard, "last"):
-            assert self.plain.last == self.shard.last, (self.plain.last, self.shard.last)
-        for side in (self.plain, self.shard):
-            side.__dict__.pop("last", None)
+        self.both_same_result(f"query {q} {i} populate={populate}", op)
 
     @rule(2, which=st.sampled_from("NPSE"), i=st.integers(0, 99))
     def set_scope(self, which: str, i: int) -> None:
@@ -673,45 +499,10 @@ class Fuzz:
                           "E": EKEYS[i % (len(EKEYS) - 1)]}[which]
         self.log.append(f"scope key = {self.scope_key!r}")
 
-    # ------------------------------------------------------------------ checks
-
-    def same(self) -> None:
-        a, b = self.plain.snapshot(), self.shard.snapshot()
-        if a["objs"].keys() != b["objs"].keys():
-            raise AssertionError(f"objects: plain {sorted(a['objs'])} sharded {sorted(b['objs'])}")
-        for k in a["objs"]:
-            pa, pb = a["objs"][k], b["objs"][k]
-            ra, rb = dict(pa[3]), dict(pb[3])
-            if pa[1] == pb[1] == "deleted" and ra.keys() != rb.keys():
-                # As in test_orm_state_fuzz_dec8_review.py (NOT EXPLAINED there either): an
-                # object deleted by a cascade whose many-to-one (sale.shop) one side has
-                # loaded and the other not.  Seen once in ~30 runs and not again with the
-                # same seed (so it depends on the process: set order in the unit of work,
-                # hash randomisation), not reproduced alone; the values both have are compared.
-                for r in ra.keys() ^ rb.keys():
-                    ra.pop(r, None)
-                    rb.pop(r, None)
-                self.stats["tolerated: a deleted object's relationship loaded on one side only"] += 1
-            assert pa[:3] + (ra,) == pb[:3] + (rb,), (k, pa, pb)
-        for f in ("idents", "new", "dirty", "deleted", "in_tx", "in_nested", "nested"):
-            assert a[f] == b[f], (f, a[f], b[f])
-        plain_rows, shard_rows = self.env["committed"]()
-        assert plain_rows == shard_rows
-        if a["in_tx"]:
-            for t in B9.metadata.sorted_tables:
-                views = []
-                for side in (self.plain, self.shard):
-                    with side.s.no_autoflush:
-                        views.append(sorted(map(tuple, side.s.execute(select(t)).all())))
-                assert views[0] == views[1], (t.name, views)
-
 
 def _committed(oracle: Any, cluster: shardkit.Cluster) -> Any:
     def read() -> tuple[dict, dict]:
-        plain: dict[str, list] = {}
-        with oracle.connect() as c:
-            for t in TABLES:
-                plain[t] = sorted(tuple(r) for r in c.execute(text(f"SELECT * FROM {t}")))
+        plain = table_rows(oracle, TABLES)
         union: dict[str, list] = {t: [] for t in TABLES}
         for s in cluster.shard_names:
             with cluster.primary(s).connect() as c:
@@ -726,109 +517,33 @@ def _committed(oracle: Any, cluster: shardkit.Cluster) -> Any:
     return read
 
 
+def _three_shards(cluster: shardkit.Cluster) -> None:
+    assert list(cluster.shard_names) == ["s0", "s1", "s2"]
+
+
 @pytest.fixture(scope="module")
 def env(shardkit_module_cluster_factory):
     dev = shardkit_module_cluster_factory(shards=3, replicas=0)
-    cluster = shardkit.Cluster.from_config({**dev.config_dict(), **CONFIG}, metadata=B9.metadata)
-    assert list(cluster.shard_names) == ["s0", "s1", "s2"]
-    for s in cluster.shard_names:
-        B9.metadata.drop_all(cluster.primary(s))
-        B9.metadata.create_all(cluster.primary(s))
-    oracle = one_database(dev, "osf9_oracle", B9.metadata)
-    pkeys: list[tuple[int, int]] = []
-    per = {s: 0 for s in cluster.shard_names}
-    code = 1
-    while len(pkeys) < 9:   # three (org, code) keys on each shard, two orgs
-        k = (1 + code % 2, code)
-        s = cluster.shard_for(Project, k)
-        if per[s] < 3 and per[s] == min(per.values()):
-            per[s] += 1
-            pkeys.append(k)
-        code += 1
-    pks = {"P": "org, code", "T": "org, code, n", "M": "org, code, mid", "S": "region, id", "X": "region, id",
-           "E": "id"}
-    tabs = {"P": "osf9_projects", "T": "osf9_tasks", "M": "osf9_members", "S": "osf9_shops", "X": "osf9_sales",
-            "E": "osf9_events"}
+    with fuzz_env(dev, CONFIG, B9.metadata, "osf9_oracle", _committed, _three_shards) as e:
+        oracle = e["oracle"]
+        # three (org, code) keys on each shard, two orgs
+        pkeys = spread_keys(e["cluster"], Project, 3, lambda code: (1 + code % 2, code))
+        pks = {"P": "org, code", "T": "org, code, n", "M": "org, code, mid", "S": "region, id", "X": "region, id",
+               "E": "id"}
+        tabs = {"P": "osf9_projects", "T": "osf9_tasks", "M": "osf9_members", "S": "osf9_shops", "X": "osf9_sales",
+                "E": "osf9_events"}
 
-    def committed_keys(kind: str) -> list[Any]:
-        with oracle.connect() as c:
-            rows = [tuple(r) for r in c.execute(text(f"SELECT {pks[kind]} FROM {tabs[kind]} ORDER BY {pks[kind]}"))]
-        return [r[0] if len(r) == 1 else r for r in rows]
+        def committed_keys(kind: str) -> list[Any]:
+            with oracle.connect() as c:
+                rows = [tuple(r) for r in c.execute(text(f"SELECT {pks[kind]} FROM {tabs[kind]} ORDER BY {pks[kind]}"))]
+            return [r[0] if len(r) == 1 else r for r in rows]
 
-    yield {
-        "cluster": cluster, "oracle": oracle, "pkeys": pkeys,
-        "primaries": {s: cluster.primary(s) for s in cluster.shard_names},
-        "Plain": sessionmaker(bind=oracle),
-        "Sharded": sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong"),
-        "committed": _committed(oracle, cluster),
-        "committed_keys": committed_keys,
-    }
-    cluster.dispose()
-    oracle.dispose()
-
-
-def play(env: Any, steps: list[tuple[str, dict[str, Any]]]) -> Fuzz:
-    m = Fuzz()
-    m.env = env
-    m.log = []
-    m.start()
-    try:
-        for n, (name, kw) in enumerate(steps):
-            try:
-                getattr(m, name)(**kw)
-                m.same()
-            except Exception as e:
-                log = "\n".join(m.log[-30:])
-                raise AssertionError(f"step {n} {name}({kw}): {e}\nsteps: {steps[:n + 1]!r}\nlog:\n{log}") from e
-    finally:
-        m.teardown()
-    return m
-
-
-def draw_steps(seed: int, n: int) -> list[tuple[str, dict[str, Any]]]:
-    rng = random.Random(seed)
-    names = sorted(RULES)
-    weights = [RULES[k][0] for k in names]
-    out = []
-    for _ in range(n):
-        name = rng.choices(names, weights)[0]
-        out.append((name, {k: g.draw(rng) for k, g in RULES[name][1].items()}))
-    return out
-
-
-def minimise(env: Any, steps: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-    def fails(cand: list) -> str | None:
-        try:
-            play(env, cand)
-        except AssertionError as e:
-            return str(e).split(":", 2)[-1].split("\n")[0][:40]
-        return None
-    want = fails(steps)
-    assert want is not None
-    i = 0
-    while i < len(steps):
-        cand = steps[:i] + steps[i + 1:]
-        if fails(cand) == want:
-            steps = cand
-        else:
-            i += 1
-    return steps
+        yield {**e, "pkeys": pkeys, "committed_keys": committed_keys}
 
 
 def test_orm_unit_of_work_matches_one_database_more_models(env):
-    Fuzz.stats = Counter()
-    try:
-        for run in range(RUNS):
-            steps = draw_steps(SEED * 1000 + run, STEPS)
-            try:
-                play(env, steps)
-            except AssertionError:
-                if os.environ.get("SHARDKIT_ORM_FUZZ2_MINIMISE"):
-                    print("\nMINIMISED:", minimise(env, steps))
-                raise
-    finally:
-        print("\nORM fuzz 2:", dict(sorted(Fuzz.stats.items())))
-    assert Fuzz.stats["steps"] >= 150
+    stats = run_fuzz(Fuzz, env, RUNS, STEPS, SEED, bool(os.environ.get("SHARDKIT_ORM_FUZZ2_MINIMISE")), "ORM fuzz 2")
+    assert stats["steps"] >= 150
 
 
 def _truncate(env: Any) -> None:
