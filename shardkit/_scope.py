@@ -69,7 +69,9 @@ def scope(
 ) -> Iterator[RoutingScope]:
     """Set routing defaults for the code inside the block.
 
-    :param shard: run every statement in the block on this shard.
+    :param shard: run the block's statements on this shard (an INSERT's rows that
+        carry their shard key still go to their key's shard, as the ORM writes objects;
+        an UPDATE may not set a key another shard owns).
     :param key: a shard-key value (a tenant id, a user id) used for statements
         that carry no key of their own; statements that do carry one still
         route by it.
@@ -78,7 +80,8 @@ def scope(
     :param consistency: ``"eventual"``, ``"read_your_writes"`` or ``"strong"`` for reads.
     :param max_lag_seconds: the staleness reads in the block accept (e.g. 30 for a report).
     :param max_lag_bytes: the same, in WAL bytes.
-    :param strict: refuse any query in the block that would need more than one shard.
+    :param strict: refuse any read in the block that would need more than one shard
+        (a scatter); a key-less UPDATE/DELETE on every shard is what ``all_shards`` allows.
     """
     if role is not _UNSET and role not in (None, "primary", "replica"):
         raise ValueError(f"role must be 'primary' or 'replica', not {role!r}")

@@ -1444,6 +1444,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         # query, mostly finds nothing to flush, and Session.flush() then returns at once.)
         if not (self._new or self._deleted or self.identity_map._modified):
             return
+        named = current_scope().shard
+        if named is not None and named not in self.cluster.router.shard_set:
+            # (Objects with their key are written on its shard, whatever the scope names:
+            # the typo would never be reported.)
+            raise RoutingError(f"unknown shard {named!r} (named by scope(shard=...)); shards: "
+                               f"{', '.join(self.cluster.shard_names)}")
         self._sk_flush_conns = {}
         try:
             if self.cluster.catalog is None:
@@ -2110,6 +2116,13 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             "horizontal_shard): name the shard with execution_options(shardkit_shard=...), "
             "bind_arguments={'shard_id': ...}, .options(set_shard_id(...)) or Query.set_shard(...)")
     shard = _explicit_shard(statement, execution_options, bind_arguments, sc, cluster.router)
+    if shard is not None and shard not in cluster.router.shard_set:
+        # (Before the INSERT inside scope(shard=...) below, which routes keyed rows by key
+        # and would otherwise never say that the scope names no shard.)
+        raise RoutingError(
+            f"unknown shard {shard!r}; shards: {', '.join(cluster.shard_names)}",
+            statement=statement,
+        )
     scoped_update = False
     if shard is not None and shard == sc.shard and isinstance(statement, UpdateBase) \
             and _explicit_shard(statement, execution_options, bind_arguments, NO_SCOPE, cluster.router) is None:
@@ -2150,11 +2163,6 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
                                      "colocated on the shard key", statement=statement)
         if cluster.catalog is not None:
             _refuse_moved_load(session, shard, statement, execution_options)
-        if shard not in cluster.router.shard_set:
-            raise RoutingError(
-                f"unknown shard {shard!r}; shards: {', '.join(cluster.shard_names)}",
-                statement=statement,
-            )
         # A SELECT whose WITH inserts, updates or deletes writes: on the primary (a
         # replica refuses it), and the shard counts as written (reads and token after it).
         # (select(Model).from_statement(stmt) reads as the statement it wraps.)
