@@ -575,8 +575,10 @@ class Router:
         if plan.textual:
             raise RoutingError(
                 "cannot route a textual SQL statement: it names no tables shardkit can see; "
-                "name a shard with execution_options(shardkit_shard='s0') or run it "
-                "everywhere with execution_options(shardkit_all_shards=True)",
+                "name a shard with execution_options(shardkit_shard='s0') or scope(shard='s0') "
+                "(a scope's key= does not place SQL text, which says no table whose key it is: "
+                "cluster.shard_for(Model, key) names the key's shard), or run it everywhere "
+                "with execution_options(shardkit_all_shards=True)",
                 statement=statement,
             )
         chosen_role = PRIMARY if is_write else (role or PRIMARY)

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 from replica_env import replayed, replica_cluster
-from sqlalchemy import Column, Integer, delete, event, func, insert, inspect, select, update
+from sqlalchemy import Column, Integer, delete, event, func, insert, inspect, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import declarative_base, sessionmaker
 
@@ -869,3 +869,13 @@ def test_a_flush_inside_a_scope_naming_an_unknown_shard_is_refused(kit: Kit) -> 
         assert [sh for sh, _, _ in kit.rec.take()] == [kit.cluster.shard_for(Item, 3)]
         s.rollback()
     kit.rec.take()
+
+
+def test_sql_text_inside_a_key_scope_says_the_key_does_not_place_it(kit: Kit) -> None:
+    """Inside ``scope(key=...)`` SQL text is refused (no table says whose key it is); the
+    error told how to name a shard but not why the scope's key did not count."""
+    with kit.Session() as s, shardkit.scope(key=3):
+        with pytest.raises(shardkit.RoutingError, match=r"a scope's key= does not place SQL text.*"
+                                                        r"cluster\.shard_for\(Model, key\)"):
+            s.execute(text("SELECT v FROM sfz9_item WHERE k = 3"))
+    assert kit.rec.take() == []
