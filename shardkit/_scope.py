@@ -88,6 +88,11 @@ def scope(
     if consistency is not _UNSET and consistency not in (None, "eventual", "read_your_writes", "strong"):
         raise ValueError(
             f"consistency must be 'eventual', 'read_your_writes' or 'strong', not {consistency!r}")
+    for name, value in (("all_shards", all_shards), ("strict", strict)):
+        if value is not _UNSET and not isinstance(value, bool):
+            # ("false", a setting's string, would be true: all_shards= lets key-less
+            # UPDATE/DELETE run on every shard.)
+            raise ValueError(f"{name} must be True or False, not {value!r}")
     for name, value in (("max_lag_seconds", max_lag_seconds), ("max_lag_bytes", max_lag_bytes)):
         if value is not _UNSET and value is not None:
             problem = lag_limit_problem(name, value)

@@ -221,7 +221,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if strict is not None:
             # Refuse any query that would need more than one shard (or not, whatever the
             # class's default: strict=False is given, not left out).
-            self.strict = bool(strict)
+            if not isinstance(strict, bool):
+                raise sa_exc.ArgumentError(f"strict must be True or False, not {strict!r}")
+            self.strict = strict
         # Shards the current transaction wrote to: their reads go to the primary.
         self._sk_written: set[str] = set()
         # shard -> WAL position this session's reads must see (read-your-writes).
@@ -2058,6 +2060,17 @@ def _option(name: str, statement: Any, execution_options: Any) -> Any:
     return stmt_opts.get(name) if stmt_opts else None
 
 
+def _flag(name: str, statement: Any, execution_options: Any) -> bool:
+    """A True/False execution option (False when not given); ArgumentError for another value:
+    ``shardkit_all_shards="false"`` (a string from a setting, say) would be true."""
+    value = _option(name, statement, execution_options)
+    if value is None or value is False:
+        return False
+    if value is True:
+        return True
+    raise sa_exc.ArgumentError(f"execution option {name}={value!r} is not valid; use True or False")
+
+
 def _own_options(statement: Any, execution_options: Any) -> Any:
     """The statement's own execution options; for an eager load run for a statement
     (selectinload: ``sa_top_level_orm_context`` among ``execution_options``), under
@@ -2204,7 +2217,7 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             # a key, INSERT ... SELECT and reference tables run there as named.)
             cluster.router.refuse_named_write(inner, params, shard)
         return route
-    asked_all = bool(_option("shardkit_all_shards", statement, execution_options))
+    asked_all = _flag("shardkit_all_shards", statement, execution_options)
     all_shards = asked_all or sc.all_shards
     if all_shards and not isinstance(statement, (selectable.Select, selectable.CompoundSelect,
                                                  Insert, Update, Delete)):
@@ -3632,7 +3645,7 @@ def refuse_strict_scatter(statement: Any, execution_options: Any, sc: RoutingSco
                           session_strict: bool, route: Route) -> None:
     """Refuse a read on several shards in strict mode (the statement's option, the scope's or
     the session's).  Needs no database: ``Cluster.explain`` makes it too (without a session)."""
-    if _option("shardkit_strict", statement, execution_options) or sc.strict or session_strict:
+    if _flag("shardkit_strict", statement, execution_options) or sc.strict or session_strict:
         raise ScatterRefused(
             f"strict mode: this query would run on shards {', '.join(route.shards)} ({route.reason}); "
             "add the shard key or name a shard",
@@ -3706,6 +3719,8 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
     if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
         # Routed, planned and merged as the statement it builds (as execute() does).
         statement = statement._resolved
+    if not isinstance(all_shards, bool):
+        raise sa_exc.ArgumentError(f"all_shards must be True or False, not {all_shards!r}")
     sc = current_scope()
     options = _ALL_SHARDS if all_shards else util.EMPTY_DICT
     session = _NewSession(cluster)
@@ -3848,7 +3863,7 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
             # Expressions with no SQL type ordered or compared: text among their values is
             # refused as it comes, if the database does not order text by code point.
             plan.text_collation = _text_collation(session.cluster, ask, held) or ""
-    partial_ok = bool(_option("shardkit_partial_results", statement, execution_options))
+    partial_ok = _flag("shardkit_partial_results", statement, execution_options)
     timeout = _option("shardkit_timeout", statement, execution_options)
     cluster = session.cluster
     source = "execution option shardkit_timeout"

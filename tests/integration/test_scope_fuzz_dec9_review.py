@@ -879,3 +879,29 @@ def test_sql_text_inside_a_key_scope_says_the_key_does_not_place_it(kit: Kit) ->
                                                         r"cluster\.shard_for\(Model, key\)"):
             s.execute(text("SELECT v FROM sfz9_item WHERE k = 3"))
     assert kit.rec.take() == []
+
+
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, "True"])
+def test_switches_given_another_value_than_true_or_false_are_refused(kit: Kit, value: Any) -> None:
+    """``scope(all_shards="false")`` (a setting's string) was true: a key-less UPDATE then ran
+    on every shard.  The same for strict= and the execution options: refused, nothing run."""
+    from sqlalchemy import exc as sa_exc
+
+    for name in ("all_shards", "strict"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, not {value!r}"):
+            with shardkit.scope(**{name: value}):
+                pass
+        assert shardkit.current_scope() is NO_SCOPE
+    with pytest.raises(sa_exc.ArgumentError, match=f"strict must be True or False, not {value!r}"):
+        kit.Session(strict=value)
+    keyless = update(Item).where(Item.v == -1).values(v=-2)
+    with pytest.raises(sa_exc.ArgumentError, match="all_shards must be True or False"):
+        kit.cluster.explain(keyless, all_shards=value)
+    with kit.Session() as s:
+        for name, stmt in (("shardkit_all_shards", keyless),
+                           ("shardkit_strict", select(Item.id)),
+                           ("shardkit_partial_results", select(Item.id))):
+            with pytest.raises(sa_exc.ArgumentError, match=f"execution option {name}={value!r} is not valid"):
+                s.execute(stmt.execution_options(**{name: value}))
+            s.rollback()
+    assert kit.rec.take() == []
