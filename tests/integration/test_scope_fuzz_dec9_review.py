@@ -905,3 +905,14 @@ def test_switches_given_another_value_than_true_or_false_are_refused(kit: Kit, v
                 s.execute(stmt.execution_options(**{name: value}))
             s.rollback()
     assert kit.rec.take() == []
+
+
+def test_an_orm_object_without_its_key_is_refused_by_the_flush_in_a_scope_too(kit: Kit) -> None:
+    """README: "an ORM object without its key is refused by the flush, ShardKeyError, in a
+    scope too" (an INSERT's rows without the key run on the scope's shard)."""
+    with kit.Session() as s, shardkit.scope(shard="s1"):
+        s.add(Item(id=5200, k=None, v=1))
+        with pytest.raises(shardkit.ShardKeyError):
+            s.flush()
+        s.rollback()
+    assert kit.rec.take() == []
