@@ -844,7 +844,7 @@ def test_a_keyed_insert_inside_a_scope_naming_an_unknown_shard_is_refused(kit: K
     """``scope(shard="s9")``, a typo: every read in the block is refused as naming an unknown
     shard, while a Core INSERT whose rows carry their key was written on the key's shard and
     the typo never reported."""
-    params = [{"id": 5000 + i, "k": i, "v": 1} for i in range(2 if rows == "executemany" else 1)]
+    params = [{"id": 90_000 + i, "k": i, "v": 1} for i in range(2 if rows == "executemany" else 1)]
     with kit.Session() as s:
         with shardkit.scope(shard="s9"):
             with pytest.raises(shardkit.RoutingError, match="unknown shard 's9'; shards: s0, s1, s2"):
@@ -852,7 +852,7 @@ def test_a_keyed_insert_inside_a_scope_naming_an_unknown_shard_is_refused(kit: K
         assert kit.rec.take() == []
         s.rollback()
     with kit.Session() as s:
-        assert s.execute(select(func.count()).select_from(Item).where(Item.id >= 5000)).scalar() == 0
+        assert s.execute(select(func.count()).select_from(Item).where(Item.id >= 90_000)).scalar() == 0
     kit.rec.take()
 
 
@@ -860,7 +860,7 @@ def test_a_flush_inside_a_scope_naming_an_unknown_shard_is_refused(kit: Kit) -> 
     """The same typo with ORM objects that carry their key: the flush wrote each on its
     key's shard and said nothing.  Refused; the objects stay pending, to flush outside."""
     with kit.Session() as s:
-        s.add(Item(id=5100, k=3, v=1))
+        s.add(Item(id=90_100, k=3, v=1))
         with shardkit.scope(shard="s9"):
             with pytest.raises(shardkit.RoutingError, match=r"unknown shard 's9' \(named by scope"):
                 s.flush()
@@ -911,7 +911,7 @@ def test_an_orm_object_without_its_key_is_refused_by_the_flush_in_a_scope_too(ki
     """README: "an ORM object without its key is refused by the flush, ShardKeyError, in a
     scope too" (an INSERT's rows without the key run on the scope's shard)."""
     with kit.Session() as s, shardkit.scope(shard="s1"):
-        s.add(Item(id=5200, k=None, v=1))
+        s.add(Item(id=90_200, k=None, v=1))
         with pytest.raises(shardkit.ShardKeyError):
             s.flush()
         s.rollback()
