@@ -127,6 +127,15 @@ def _parse_group_key(raw: str, kind: type | None, group: str | None) -> Any:
                          "give the key in that form") from None
 
 
+def _move_number(raw: str) -> int:
+    """A MOVE argument: a move's number, as the catalog numbers them (1 and up, a bigint:
+    beyond it the catalog's server would refuse it with an obscure error)."""
+    if not _TYPED_INT.fullmatch(raw) or not 1 <= int(raw) <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a move's number (1 or more; "
+                                         "`shardkit rebalance status` lists them)")
+    return int(raw)
+
+
 def _open_cluster(args: argparse.Namespace, *, warn_no_map: bool = True) -> Cluster:
     """The command's cluster, not following the map (a command reads it once; a
     follower thread would only log retries of a catalog that is down while it ends).  A catalog
@@ -707,17 +716,17 @@ def build_parser() -> argparse.ArgumentParser:
             rp_.add_argument("--out", metavar="FILE", help="also write the plan as JSON to FILE")
             rp_.add_argument("--json", action="store_true", help="print JSON")
     rsub.add_parser("resume", help="finish a move that stopped").add_argument(
-        "move", type=int, help="the move's number (shardkit rebalance status lists them)")
+        "move", type=_move_number, help="the move's number (shardkit rebalance status lists them)")
     ab = rsub.add_parser("abort", help="undo a move's unfinished batches (again on an aborted move: "
                                        "remove what --target-lost left)")
-    ab.add_argument("move", type=int, help="the move's number (shardkit rebalance status lists them)")
+    ab.add_argument("move", type=_move_number, help="the move's number (shardkit rebalance status lists them)")
     ab.add_argument("--target-lost", action="store_true",
                     help="undo a batch whose target cannot be reached on its source alone (capture stops, "
                          "the source keeps the buckets); the target may keep copies of their rows, "
                          "recorded in the catalog: moves of them to it are refused until `abort MOVE`, "
                          "run again once it is reachable, removes them. Not for batches that switched")
     rsub.add_parser("status", help="moves and the step each batch reached").add_argument(
-        "move", type=int, nargs="?", help="one move's number (default: every move)")
+        "move", type=_move_number, nargs="?", help="one move's number (default: every move)")
     rsub.choices["status"].add_argument("--json", action="store_true", help="print JSON")
     for verb in ("apply", "resume", "abort", "status", "init", "plan"):
         rp_ = rsub.choices[verb]
@@ -729,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
             rp_.add_argument("--grace", type=float, default=1.0,
                              help="seconds between a switch and deleting the source's rows (default: %(default)s)")
             rp_.add_argument("--duty", type=float, default=1.0,
-                             help="share of time the copy and verification work (0-1]; 0.5 rests "
+                             help="share of time the copy and verification work (0.01 to 1); 0.5 rests "
                                   "as long as it works, leaving the cores to other writers (default: "
                                   "%(default)s, never rest; the clean-up always rests at least that long)")
             rp_.add_argument("--max-pause", type=float, default=1.0,

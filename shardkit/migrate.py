@@ -696,6 +696,10 @@ def run_command(
             "-x", f"{own[0]}: shardkit sets config= and shard= for each shard's Alembic itself",
             "give the cluster config with --config; to migrate one shard, run plain "
             "`alembic -x config=PATH -x shard=NAME ...`")
+    if not revision.strip():
+        # (Alembic answers an empty one with a bare AssertionError on every shard.)
+        raise ConfigurationError("REVISION", f"{revision!r} is empty or blank",
+                                 f"name the revision to {command} to: head, base, a revision id, -1 ...")
     say = progress or (lambda msg: None)
     before = current(cluster)
     if _RELATIVE_TO_CURRENT.match(revision.strip()):

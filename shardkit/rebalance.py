@@ -158,6 +158,8 @@ def _bound(deadline: float | None, lock_timeout: float, *conns: psycopg.Connecti
 # (16 MB), so that a duty cycle below 1 can rest between them; resting movers
 # take slices an eighth of that size, so that each burst of work is short.
 _CHUNK_PAGES = 2048
+# The least duty a Mover takes: it rests 99 times as long as it works (see Mover._rest).
+_MIN_DUTY = 0.01
 # The clean-up's duty cycle, whatever the mover's (see _clean_up).
 _CLEAN_UP_DUTY = 0.5
 # The step of a batch that `abort --target-lost` undid on its source only: its target
@@ -871,6 +873,7 @@ class Mover:
         clean-up) work; after each slice of a table they rest so that this
         holds.  ``1.0`` (the default) never rests; ``0.5`` takes about twice as
         long and leaves the servers' cores to other writers half of the time.
+        At least 0.01 (resting 99 times as long as it works).
         The clean-up works at most half of the time whatever the duty.
     :param max_pause: seconds the cut-over may pause the writes of a batch's
         buckets (waiting for the writers in flight and for locks, and applying
@@ -884,9 +887,11 @@ class Mover:
     def __init__(self, cluster: Cluster, *, progress: Callable[[str], None] | None = None,
                  grace: float = 1.0, step_delay: float = 0.0, lock_timeout: float = 2.0,
                  duty: float = 1.0, max_pause: float = 1.0) -> None:
-        if not 0.0 < duty <= 1.0:
+        if not _MIN_DUTY <= duty <= 1.0:
+            # (Below _MIN_DUTY a rest is so long that it never ends, or overflows mid-move.)
             raise RebalanceError(f"duty {duty!r} must be more than 0 and at most 1 (the share of time "
-                                 "the mover works; 1 never rests)")
+                                 f"the mover works; 1 never rests), and at least {_MIN_DUTY} (which rests "
+                                 f"{1 / _MIN_DUTY - 1:.0f} times as long as it works)")
         if not 0.0 < max_pause <= threading.TIMEOUT_MAX:
             raise RebalanceError(f"max_pause (--max-pause) {max_pause!r} must be a number of seconds more "
                                  f"than 0 and at most {threading.TIMEOUT_MAX:.0f} (the longest the cut-over "
