@@ -134,6 +134,9 @@ class Cluster:
         engine_options: Mapping[str, Any] | None = None,
         follow_map: bool = True,
     ) -> None:
+        if not isinstance(follow_map, bool):
+            # ("false", a setting's string, would start the map follower.)
+            raise ValueError(f"follow_map must be True or False, not {follow_map!r}")
         self.config = config
         # The config as loaded; with a catalog, self.config routes by the catalog's map.
         self.file_config = config
@@ -274,6 +277,15 @@ class Cluster:
         Raises ConfigurationError, and keeps the map in use, when the catalog's
         map does not fit the config file (a shard the file does not name).
         """
+        # (Checked with or without a catalog: a bad value must not pass in development and
+        # fail, or poll for ever with a NaN, once a catalog is configured.)
+        if newer_than is not None and (isinstance(newer_than, bool) or not isinstance(newer_than, int)):
+            raise ValueError(f"refresh_map(newer_than=...) must be a map version (an int) or None, "
+                             f"not {newer_than!r}")
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not 0 <= timeout <= threading.TIMEOUT_MAX):
+            raise ValueError(f"refresh_map(timeout=...) must be a number of seconds >= 0 (finite), "
+                             f"not {timeout!r}")
         if self.catalog is None:
             return None
         from .catalog import MIN_ANSWER_TIMEOUT
@@ -588,13 +600,19 @@ class Cluster:
             raise RoutingError(
                 f"unknown shard {shard!r}; shards: {', '.join(self.shard_names)}"
             ) from None
+        if role not in (PRIMARY, REPLICA):
+            raise ValueError(f"role must be 'primary' or 'replica', not {role!r}")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError(f"index must be an int (a replica's number: 0 for r0), not {index!r}")
         if role == PRIMARY:
+            if index != 0:
+                # (engine() would make a second engine, another pool, for the same primary,
+                # outside its max_connections.)
+                raise RoutingError(f"shard {shard!r} has one primary: index must be 0, not {index}")
             return sc.primary
-        if role == REPLICA:
-            if not 0 <= index < len(sc.replicas):
-                raise RoutingError(f"shard {shard!r} has no replica r{index}")
-            return sc.replicas[index]
-        raise ValueError(f"role must be 'primary' or 'replica', not {role!r}")
+        if not 0 <= index < len(sc.replicas):
+            raise RoutingError(f"shard {shard!r} has no replica r{index}")
+        return sc.replicas[index]
 
     def engine(self, shard: str, role: str = PRIMARY, index: int = 0) -> Engine:
         """The engine (connection pool) of one node, created on first use."""
@@ -839,6 +857,9 @@ class Cluster:
             does with the parent's (closing them would end the parent's sessions).  A
             forked child does it by itself at the fork (see ``_after_fork_in_child``).
         """
+        if not isinstance(close, bool):
+            # ("false", a setting's string, would close a forked parent's connections.)
+            raise ValueError(f"dispose(close=...) must be True or False, not {close!r}")
         with self._lock:  # engine() starts a follower under it
             follower, self._follower = self._follower, None
         if follower is not None:

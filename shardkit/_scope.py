@@ -83,6 +83,8 @@ def scope(
     :param strict: refuse any read in the block that would need more than one shard
         (a scatter); a key-less UPDATE/DELETE on every shard is what ``all_shards`` allows.
     """
+    if shard is not _UNSET and shard is not None and not isinstance(shard, str):
+        raise ValueError(f"shard must be a shard's name (a str) or None, not {shard!r}")
     if role is not _UNSET and role not in (None, "primary", "replica"):
         raise ValueError(f"role must be 'primary' or 'replica', not {role!r}")
     if consistency is not _UNSET and consistency not in (None, "eventual", "read_your_writes", "strong"):

@@ -653,7 +653,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
             self.cluster.refuse_misfit()
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance=instance, clause=clause)
-        if shard_id not in self.cluster.router.shard_set:
+        try:
+            known = shard_id in self.cluster.router.shard_set
+        except TypeError:  # (a list, say: not hashable)
+            known = False
+        if not known:
             raise RoutingError(
                 f"unknown shard {shard_id!r}; shards: {', '.join(self.cluster.shard_names)}"
             )
@@ -1926,7 +1930,10 @@ def _explicit_shard(statement: Any, execution_options: Any, bind_arguments: Any,
             return uo._identity_token
         # identity_token: the shard loaded objects are said to come from (SQLAlchemy's option);
         # not a pin when it was inherited from a read of reference rows (a subqueryload).
-        shard = opts.get("shardkit_shard") or opts.get("_sa_shard_id")
+        # (Not `or`: a falsy name, 0 or "", would be dropped, and the read run on every shard.)
+        shard = opts.get("shardkit_shard")
+        if shard is None:
+            shard = opts.get("_sa_shard_id")
         if shard is None and opts.get("identity_token") is not None and not lazy_reference \
                 and not _from_reference(statement, execution_options):
             shard = opts["identity_token"]
@@ -2129,7 +2136,8 @@ def _route_statement(session: ShardedSession, statement: Any, params: Any,
             "horizontal_shard): name the shard with execution_options(shardkit_shard=...), "
             "bind_arguments={'shard_id': ...}, .options(set_shard_id(...)) or Query.set_shard(...)")
     shard = _explicit_shard(statement, execution_options, bind_arguments, sc, cluster.router)
-    if shard is not None and shard not in cluster.router.shard_set:
+    if shard is not None and (not isinstance(shard, str) or shard not in cluster.router.shard_set):
+        # (Not str: a list would be a TypeError of the set.)
         # (Before the INSERT inside scope(shard=...) below, which routes keyed rows by key
         # and would otherwise never say that the scope names no shard.)
         raise RoutingError(
@@ -3716,6 +3724,9 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
     in the scope in force, with the statement's own execution options (and
     ``shardkit_all_shards`` if ``all_shards``), refused as execution refuses it before it
     asks a database.  It runs nothing, and takes no turn of the shards."""
+    # As Session.execute() takes it: a string (SQL not in text()) or None is an ArgumentError,
+    # not a route of a statement "of no tables" (any shard, a read) whatever the SQL says.
+    statement = coercions.expect(roles.StatementRole, statement)
     if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
         # Routed, planned and merged as the statement it builds (as execute() does).
         statement = statement._resolved
@@ -6017,6 +6028,7 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     """
     if _pyinspect.isgeneratorfunction(fn) or _pyinspect.iscoroutinefunction(fn) or _pyinspect.isasyncgenfunction(fn):
         raise TypeError(_not_runnable(fn))
+    _check_run_args(session_factory, fn, retries, refresh_timeout, on_commit)
     cell = _COMMITS_IN_FN.get()
     outermost = _COMMITS_IN_FN.set([0]) if cell is None else None
     try:
@@ -6024,6 +6036,27 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     finally:
         if outermost is not None:
             _COMMITS_IN_FN.reset(outermost)
+
+
+def _check_run_args(session_factory: Any, fn: Any, retries: Any, refresh_timeout: Any,
+                    on_commit: Any) -> None:
+    """run_transaction()'s arguments, checked before anything runs: a bad ``retries`` or
+    ``refresh_timeout`` would otherwise fail (or loop, a NaN) only at a NotOwned, during a
+    move, and a bad ``on_commit`` only after the commit."""
+    for name, value in (("session_factory", session_factory), ("fn", fn)):
+        if not callable(value):
+            raise TypeError(f"run_transaction(session_factory, fn): {name} must be callable "
+                            f"(a sessionmaker; a function taking the session), not {value!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"run_transaction(retries=...) must be an int >= 0 (how many more "
+                         f"times fn may run after a NotOwned), not {retries!r}")
+    if (isinstance(refresh_timeout, bool) or not isinstance(refresh_timeout, numbers.Real)
+            or not 0 <= refresh_timeout <= threading.TIMEOUT_MAX):
+        raise ValueError(f"run_transaction(refresh_timeout=...) must be a number of seconds "
+                         f">= 0 (finite), not {refresh_timeout!r}")
+    if on_commit is not None and not callable(on_commit):
+        raise TypeError(f"run_transaction(on_commit=...) must be None or a callable taking the "
+                        f"consistency token, not {on_commit!r} (it is called after the commit)")
 
 
 def _not_runnable(fn: Any) -> str:
