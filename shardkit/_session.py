@@ -5206,7 +5206,17 @@ def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
         # server is only slow, or this process too busy (CPU, the GIL) to have read its
         # answer yet: the write waits for the answer, up to hung_after since the last one,
         # rather than being refused by a primary that answers.
-        if mon.wait_for_answer(p, last + mon.hung_after):
+        until = last + mon.hung_after
+        if p.asking_since is None:
+            # No poll of it is out: the poll thread is late, not the server (this whole
+            # process stood still: a long garbage collection, no CPU for it): the poll it
+            # sends now decides.
+            until = max(until, now + mon.stale_after)
+        else:
+            # One is out: a process that stood still while it waited may not have read the
+            # answer yet.
+            until = max(until, now + min(0.5, mon.settings.poll_timeout))
+        if mon.wait_for_answer(p, until):
             _fail_fast_if_primary_down(cluster, shard)  # it answered: up, or down
             return
         raise ShardUnavailable(
