@@ -20,7 +20,7 @@ statement restricted to the rows those shards hold (``rid IN (...)``), and the s
 than those must have run no write.  A reference table's write goes to every shard (also
 inside ``scope(shard=...)``); with a named shard it changes that shard's copy alone.
 
-``SHARDKIT_DML_FUZZ2_STATEMENTS`` sets the number of statements (default 600),
+``SHARDKIT_DML_FUZZ2_STATEMENTS`` sets the number of statements (default 300),
 ``SHARDKIT_DML_FUZZ2_SEED`` the seed (default 9).
 """
 
@@ -74,7 +74,7 @@ import shardkit
 
 pytestmark = pytest.mark.integration
 
-STATEMENTS = int(os.environ.get("SHARDKIT_DML_FUZZ2_STATEMENTS", "600"))
+STATEMENTS = int(os.environ.get("SHARDKIT_DML_FUZZ2_STATEMENTS", "300"))
 SEED = int(os.environ.get("SHARDKIT_DML_FUZZ2_SEED", "9"))
 LOG = os.environ.get("SHARDKIT_DML_FUZZ2_LOG")   # a file to append each statement's outcome to
 SHARDS = ("s0", "s1", "s2")

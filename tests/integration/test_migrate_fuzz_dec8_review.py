@@ -160,7 +160,7 @@ def _check_state(w, expect_levels: list[int], rnd: random.Random | None = None) 
 
 
 SEQUENCES = 2
-STEPS_PER_SEQUENCE = 6
+STEPS_PER_SEQUENCE = 4
 
 
 @pytest.mark.parametrize("seed", range(SEQUENCES))

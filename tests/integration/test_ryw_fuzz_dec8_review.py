@@ -53,7 +53,7 @@ from waiting import wait_replicas_usable
 pytestmark = pytest.mark.integration
 
 SEED = int(os.environ.get("RYW_FUZZ_SEED", 20241208))
-SEQUENCES = int(os.environ.get("RYW_FUZZ_SEQUENCES", 100))
+SEQUENCES = int(os.environ.get("RYW_FUZZ_SEQUENCES", 50))
 DELAYS = (2.0, 0.4)   # r0, r1 of each shard
 # What a lag limit may be exceeded by: the monitor samples every 0.1 s, and its threads share
 # two cores with the driver.

@@ -26,11 +26,13 @@ the state before), and verify must be clean again.
 What verify does not promise is checked as not reported: a deleted row (verify cannot
 know a row is missing; the ``missing`` it reports are buckets of the guard's ownership
 table), and reference tables (verify reads the sharded tables only).
+``SHARDKIT_VERIFY_FUZZ_EPISODES`` sets the number of episodes (default 16).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import uuid
 from collections import Counter
@@ -52,7 +54,7 @@ from shardkit.verify import verify
 pytestmark = pytest.mark.integration
 
 SEED = 20241208
-EPISODES = 30
+EPISODES = int(os.environ.get("SHARDKIT_VERIFY_FUZZ_EPISODES", "16"))
 BUCKETS = 16
 NULL, NO_OWNER = "(null key)", "(no owner)"
 
