@@ -33,6 +33,7 @@ from ._guard import guard_installed as _guard_installed
 from ._replicas import HealthMonitor, ReplicaSelector
 from ._pgtypes import unwrap
 from ._scope import scope as _scope
+from ._scope import switch_problem
 from ._slices import SLICE_BASE, initial_slices
 from ._strategies import HashStrategy, ListStrategy, RangeStrategy
 from .errors import ConfigurationError, NotOwned, RoutingError, ShardUnavailable, first_line, unreachable_reason
@@ -134,9 +135,8 @@ class Cluster:
         engine_options: Mapping[str, Any] | None = None,
         follow_map: bool = True,
     ) -> None:
-        if not isinstance(follow_map, bool):
-            # ("false", a setting's string, would start the map follower.)
-            raise ValueError(f"follow_map must be True or False, not {follow_map!r}")
+        if problem := switch_problem("follow_map", follow_map):  # ("false" would follow)
+            raise ValueError(problem)
         self.config = config
         # The config as loaded; with a catalog, self.config routes by the catalog's map.
         self.file_config = config
@@ -857,9 +857,8 @@ class Cluster:
             does with the parent's (closing them would end the parent's sessions).  A
             forked child does it by itself at the fork (see ``_after_fork_in_child``).
         """
-        if not isinstance(close, bool):
-            # ("false", a setting's string, would close a forked parent's connections.)
-            raise ValueError(f"dispose(close=...) must be True or False, not {close!r}")
+        if problem := switch_problem("dispose(close=...)", close):  # ("false" would close them)
+            raise ValueError(problem)
         with self._lock:  # engine() starts a follower under it
             follower, self._follower = self._follower, None
         if follower is not None:

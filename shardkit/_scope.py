@@ -55,6 +55,13 @@ def lag_limit_problem(name: str, value: Any) -> str | None:
     return None
 
 
+def switch_problem(name: str, value: Any) -> str | None:
+    """What is wrong with a True/False switch (``all_shards``, ``strict``, ...), if anything:
+    another value is refused, not read as true or false (``"false"``, a setting's string,
+    would be true)."""
+    return None if isinstance(value, bool) else f"{name} must be True or False, not {value!r}"
+
+
 @contextlib.contextmanager
 def scope(
     *,
@@ -91,10 +98,9 @@ def scope(
         raise ValueError(
             f"consistency must be 'eventual', 'read_your_writes' or 'strong', not {consistency!r}")
     for name, value in (("all_shards", all_shards), ("strict", strict)):
-        if value is not _UNSET and not isinstance(value, bool):
-            # ("false", a setting's string, would be true: all_shards= lets key-less
-            # UPDATE/DELETE run on every shard.)
-            raise ValueError(f"{name} must be True or False, not {value!r}")
+        # (all_shards= lets key-less UPDATE/DELETE run on every shard.)
+        if value is not _UNSET and (problem := switch_problem(name, value)):
+            raise ValueError(problem)
     for name, value in (("max_lag_seconds", max_lag_seconds), ("max_lag_bytes", max_lag_bytes)):
         if value is not _UNSET and value is not None:
             problem = lag_limit_problem(name, value)

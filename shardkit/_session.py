@@ -85,7 +85,7 @@ from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for,
                        derived_select, unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, describe_local_derived,
                        function_names, merge_rows, plan_scatter, send_cancel, shut_down_socket, text_comparison)
-from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem, scope
+from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem, scope, switch_problem
 from ._scope import _current as _scope_var
 from ._slices import SLICE_BASE
 from ._strategies import HashStrategy
@@ -221,8 +221,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if strict is not None:
             # Refuse any query that would need more than one shard (or not, whatever the
             # class's default: strict=False is given, not left out).
-            if not isinstance(strict, bool):
-                raise sa_exc.ArgumentError(f"strict must be True or False, not {strict!r}")
+            if problem := switch_problem("strict", strict):
+                raise sa_exc.ArgumentError(problem)
             self.strict = strict
         # Shards the current transaction wrote to: their reads go to the primary.
         self._sk_written: set[str] = set()
@@ -3730,8 +3730,8 @@ def explain_route(cluster: Cluster, statement: Any, params: Any, all_shards: boo
     if isinstance(statement, (lambdas.StatementLambdaElement, lambdas.NullLambdaStatement)):
         # Routed, planned and merged as the statement it builds (as execute() does).
         statement = statement._resolved
-    if not isinstance(all_shards, bool):
-        raise sa_exc.ArgumentError(f"all_shards must be True or False, not {all_shards!r}")
+    if problem := switch_problem("all_shards", all_shards):
+        raise sa_exc.ArgumentError(problem)
     sc = current_scope()
     options = _ALL_SHARDS if all_shards else util.EMPTY_DICT
     session = _NewSession(cluster)
