@@ -258,6 +258,17 @@ def read_shards(m: Model, eff: dict[str, Any], own_keys: list[int] | None) -> li
 # ---------------------------------------------------------------------------
 
 
+def keyless_write_shards(m: Model, eff: dict[str, Any]) -> list[str] | None:
+    """Where a key-less UPDATE/DELETE runs in scope ``eff``: the scope's shard, its key's, or
+    every shard its all_shards= permits (strict refuses scatter reads, not such writes);
+    None: refused."""
+    if eff["shard"] is not None:
+        return [eff["shard"]]
+    if eff["key"] is not None:
+        return [m.owner(eff["key"])]
+    return list(SHARDS) if eff["all_shards"] else None
+
+
 def run_op(kit: Kit, s: shardkit.ShardedSession, m: Model, eff: dict[str, Any], rng: random.Random,
            log: list[str]) -> None:
     kind = rng.choice(["read_key", "read_keys", "read_keyless", "count", "get", "insert", "insert_keyless",
@@ -433,14 +444,8 @@ def run_op(kit: Kit, s: shardkit.ShardedSession, m: Model, eff: dict[str, Any], 
         ident = rng.randrange(NKEYS * 2)
         nv = rng.randrange(100, 200)
         stmt = update(Item).where(Item.id == ident).values(v=nv)
-        if eff["shard"] is not None:
-            shards = [eff["shard"]]
-        elif eff["key"] is not None:
-            shards = [m.owner(eff["key"])]
-        elif eff["all_shards"]:
-            # (strict refuses scatter reads; a write the scope's all_shards= permits runs everywhere)
-            shards = list(SHARDS)
-        else:
+        shards = keyless_write_shards(m, eff)
+        if shards is None:
             expected_error = shardkit.ShardkitError
         if shards and not expected_error:
             for (sh, i), (kk, _v) in m.rows.items():
@@ -478,13 +483,8 @@ def run_op(kit: Kit, s: shardkit.ShardedSession, m: Model, eff: dict[str, Any], 
     elif kind == "delete_keyless":
         ident = 5000 + rng.randrange(max(m.next_id, 1))
         stmt = delete(Item).where(Item.id == ident)
-        if eff["shard"] is not None:
-            shards = [eff["shard"]]
-        elif eff["key"] is not None:
-            shards = [m.owner(eff["key"])]
-        elif eff["all_shards"]:
-            shards = list(SHARDS)
-        else:
+        shards = keyless_write_shards(m, eff)
+        if shards is None:
             expected_error = shardkit.ShardkitError
         if shards:
             gone = [key for key in m.rows if key[1] == ident and key[0] in shards]
