@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +89,39 @@ def nodes_used(cluster: shardkit.Cluster, counts: Any = lambda statement: True) 
                for s in cluster.shard_names for i in range(-1, cluster.replica_count(s))]
     with _before_each_statement([(eng, noter(eng.info["node"])) for eng in engines]):
         yield served
+
+
+class NodeStatements:
+    """(shard, role, sql) of every statement the nodes of ``clusters`` (primaries and
+    replicas) run whose SQL holds one of ``marks`` (a table prefix), shardkit's own and
+    catalog queries aside, from now until :meth:`close`; thread-safe (scatters run
+    their shards in threads)."""
+
+    def __init__(self, clusters: list[shardkit.Cluster], marks: tuple[str, ...]) -> None:
+        self.marks = marks
+        self.lock = threading.Lock()
+        self.seen: list[tuple[str, str, str]] = []
+        self.engines = [c.engine(s, role, i) for c in clusters for s in c.shard_names
+                        for role, i in [("primary", 0)] + [("replica", i) for i in range(c.replica_count(s))]]
+        for eng in self.engines:
+            event.listen(eng, "before_cursor_execute", self.grab)
+
+    def grab(self, conn: Any, cursor: Any, statement: str, *_a: Any) -> None:
+        if any(m in statement for m in self.marks) and "/* shardkit */" not in statement \
+                and "pg_catalog" not in statement:
+            info = conn.engine.info
+            with self.lock:
+                self.seen.append((info["shard"], info["role"], statement))
+
+    def take(self) -> list[tuple[str, str, str]]:
+        """What was recorded since the last take()."""
+        with self.lock:
+            out, self.seen = self.seen, []
+            return out
+
+    def close(self) -> None:
+        for eng in self.engines:
+            event.remove(eng, "before_cursor_execute", self.grab)
 
 
 def truncate_everywhere(cluster: shardkit.Cluster, *tables: str) -> None:

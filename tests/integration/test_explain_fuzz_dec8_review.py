@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 import test_dml_fuzz_dec8_review as dz
 import test_query_fuzz_dec8_review as qf
+from own_tables import NodeStatements
 from replica_env import replayed, replica_cluster
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.sql import lambdas, selectable
@@ -45,32 +46,6 @@ N = int(os.environ.get("EXPLAINFUZZ_N", "300"))
 ASKS_DATABASE = ("over a nondeterministic collation", "text under the database's collation")
 
 
-class Recorder:
-    """(shard, role, sql) of every statement a node of the clusters runs on the tables."""
-
-    def __init__(self, clusters: list[shardkit.Cluster], prefixes: tuple[str, ...]) -> None:
-        self.prefixes = prefixes
-        self.seen: list[tuple[str, str, str]] = []
-        self.engines = [c.engine(s, role, i) for c in clusters for s in c.shard_names
-                        for role, i in [("primary", 0)] + [("replica", i) for i in range(c.replica_count(s))]]
-        for eng in self.engines:
-            event.listen(eng, "before_cursor_execute", self.grab)
-
-    def grab(self, conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
-        if any(p in statement for p in self.prefixes) and "/* shardkit */" not in statement \
-                and "pg_catalog" not in statement:
-            info = conn.engine.info
-            self.seen.append((info["shard"], info["role"], statement))
-
-    def take(self) -> list[tuple[str, str, str]]:
-        out, self.seen = self.seen, []
-        return out
-
-    def close(self) -> None:
-        for eng in self.engines:
-            event.remove(eng, "before_cursor_execute", self.grab)
-
-
 @dataclass
 class Kit:
     dev: Any
@@ -78,7 +53,7 @@ class Kit:
     dc: shardkit.Cluster          # the write fuzzer's tables
     QSession: sessionmaker
     DSession: sessionmaker
-    rec: Recorder
+    rec: NodeStatements
     customers: list[dict[str, Any]]
     drows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -120,7 +95,7 @@ def kit(shardkit_module_cluster_factory) -> Iterator[Kit]:
     qc.start_monitor()
     dc.start_monitor()
     replayed(dev)
-    rec = Recorder([qc, dc], ("qf_", "dz8_"))
+    rec = NodeStatements([qc, dc], ("qf_", "dz8_"))
     yield Kit(dev, qc, dc, QS, DS, rec, customers, drows)
     rec.close()
     qc.dispose()
@@ -139,7 +114,7 @@ class Outcome:
     ran: list[tuple[str, str, str]]
 
 
-def explain_and_run(cluster: shardkit.Cluster, Session: sessionmaker, rec: Recorder, stmt: Any,
+def explain_and_run(cluster: shardkit.Cluster, Session: sessionmaker, rec: NodeStatements, stmt: Any,
                     params: Any = None) -> Outcome:
     rec.take()
     try:

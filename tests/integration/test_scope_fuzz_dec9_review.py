@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from own_tables import NodeStatements
 from replica_env import replayed, replica_cluster
-from sqlalchemy import Column, Integer, delete, event, func, insert, inspect, select, text, update
+from sqlalchemy import Column, Integer, delete, func, insert, inspect, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import declarative_base, sessionmaker
 
@@ -72,39 +73,12 @@ NKEYS = 40
 SHARDS = ("s0", "s1", "s2")
 
 
-class Recorder:
-    """(shard, role, sql) of every statement a node runs on the module's table."""
-
-    def __init__(self, cluster: shardkit.Cluster) -> None:
-        self.lock = threading.Lock()
-        self.seen: list[tuple[str, str, str]] = []   # (one body runs at a time; scatters use threads)
-        self.engines = [cluster.engine(s, role, i) for s in cluster.shard_names
-                        for role, i in [("primary", 0)] + [("replica", i) for i in range(cluster.replica_count(s))]]
-        for eng in self.engines:
-            event.listen(eng, "before_cursor_execute", self.grab)
-
-    def grab(self, conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
-        if "sfz9_" in statement and "/* shardkit */" not in statement and "pg_catalog" not in statement:
-            info = conn.engine.info
-            with self.lock:
-                self.seen.append((info["shard"], info["role"], statement))
-
-    def take(self) -> list[tuple[str, str, str]]:
-        with self.lock:
-            out, self.seen = self.seen, []
-            return out
-
-    def close(self) -> None:
-        for eng in self.engines:
-            event.remove(eng, "before_cursor_execute", self.grab)
-
-
 @dataclass
 class Kit:
     dev: Any
     cluster: shardkit.Cluster
     Session: sessionmaker
-    rec: Recorder
+    rec: NodeStatements
     rows: dict[tuple[str, int], tuple[int | None, int]]   # (shard, id) -> (k, v), committed
     keyless: dict[str, int] = field(default_factory=dict)  # shard -> id of a row without a key
 
@@ -135,7 +109,7 @@ def kit(sharded_dev) -> Iterator[Kit]:
         s.commit()
     cluster.start_monitor()
     replayed(sharded_dev)
-    rec = Recorder(cluster)
+    rec = NodeStatements([cluster], ("sfz9_",))
     yield Kit(sharded_dev, cluster, S, rec, rows, keyless)
     rec.close()
     for s in cluster.shard_names:
