@@ -161,7 +161,7 @@ class NodeHealth:
     receive_lsn: int | None = None
     _seen: bool = field(default=False, repr=False)
     # When the poll out now was sent (monotonic); None between polls.
-    asking_since: float | None = field(default=None, repr=False)
+    _asking_since: float | None = field(default=None, repr=False)
     _server_start: Any = field(default=None, repr=False)   # pg_postmaster_start_time()
     # (monotonic time, wal_lsn), set in one assignment: a primary's, when the poll that read
     # it was sent; a replica's, when its answer came.  See HealthMonitor._update_lag.
@@ -435,7 +435,7 @@ class HealthMonitor:
                    started: float) -> psycopg.Connection[Any] | None:
         """Poll ``node`` on ``conn`` (connecting if it has none) and record the answer;
         the connection to poll on next time (None after a failure)."""
-        node.asking_since = started
+        node._asking_since = started
         try:
             if conn is None or conn.closed:
                 conn = psycopg.connect(**self._conninfo(node))
@@ -473,7 +473,7 @@ class HealthMonitor:
                 error: str | None = None, server_start: Any = None, asked_at: float = 0.0,
                 read_only: bool | None = None, received: int | None = None) -> None:
         state = self.shards[node.shard]
-        node.asking_since = None
+        node._asking_since = None
         was_up = node.up
         first = not node._seen
         node._seen = True

@@ -5207,7 +5207,7 @@ def _fail_fast_if_primary_down(cluster: Cluster, shard: str) -> None:
         # answer yet: the write waits for the answer, up to hung_after since the last one,
         # rather than being refused by a primary that answers.
         until = last + mon.hung_after
-        if p.asking_since is None:
+        if p._asking_since is None:
             # No poll of it is out: the poll thread is late, not the server (this whole
             # process stood still: a long garbage collection, no CPU for it): the poll it
             # sends now decides.

@@ -51,7 +51,7 @@ def parked(sharded_dev, monkeypatch):
 
 def test_a_write_after_the_process_stood_still_waits_for_the_poll_it_sends_now(parked):
     cluster, p, gate = parked
-    assert p.asking_since is None and p.up
+    assert p._asking_since is None and p.up
     p.checked_at -= 5.0   # its last answer 5 s ago, as after 5 s without CPU; no poll out
     threading.Timer(0.3, gate.set).start()   # the poll thread runs again
     t0 = time.monotonic()
@@ -63,7 +63,7 @@ def test_a_write_after_the_process_stood_still_waits_for_the_poll_it_sends_now(p
 def test_a_write_to_a_primary_that_has_not_answered_a_poll_out_for_long_is_refused(parked):
     cluster, p, gate = parked
     now = time.monotonic()
-    p.checked_at, p.asking_since = now - 5.1, now - 5.0   # a poll out for 5 s: hung
+    p.checked_at, p._asking_since = now - 5.1, now - 5.0   # a poll out for 5 s: hung
     t0 = time.monotonic()
     with pytest.raises(shardkit.ShardUnavailable, match="has not answered the health poll"):
         _fail_fast_if_primary_down(cluster, "s0")
