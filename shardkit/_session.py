@@ -2057,7 +2057,33 @@ def _read_options(opt: Callable[[str], Any]) -> tuple[Any, Any, Any, Any]:
     max_b = opt("shardkit_max_lag_bytes")
     if max_b is not None and (problem := lag_limit_problem("max_lag_bytes", max_b)):
         raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
+    # The cross-shard options, checked for every statement that has options: one that
+    # runs on a single shard today (its key, its scope) scatters tomorrow, and a bad
+    # value should not wait for that day.
+    for name in _SWITCHES:
+        value = opt(name)
+        if value is not None and value is not True and value is not False:
+            raise sa_exc.ArgumentError(f"execution option {name}={value!r} is not valid; use True or False")
+    timeout = opt("shardkit_timeout")
+    if timeout is not None and _bad_timeout(timeout):
+        raise sa_exc.ArgumentError(_timeout_message("execution option shardkit_timeout", timeout))
     return role, consistency, max_s, max_b
+
+
+_SWITCHES: Final = ("shardkit_strict", "shardkit_partial_results", "shardkit_all_shards")
+
+
+def _bad_timeout(timeout: Any) -> bool:
+    """Whether ``timeout`` is not a scatter's per-shard timeout: a number above 0 (0 is not
+    "no limit", as statement_timeout's is; a negative or NaN one would fail every shard at
+    once as if none had answered)."""
+    return (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+            or not 0 < timeout <= threading.TIMEOUT_MAX)
+
+
+def _timeout_message(source: str, timeout: Any) -> str:
+    return (f"{source}={timeout!r} is not valid: give the seconds each shard may take "
+            "(a number above 0), or None for no limit")
 
 
 def _option(name: str, statement: Any, execution_options: Any) -> Any:
@@ -3880,13 +3906,9 @@ def _scatter_read(session: ShardedSession, statement: Any, params: Any, executio
     source = "execution option shardkit_timeout"
     if timeout is None:
         timeout, source = cluster.scatter_timeout, "cluster.scatter_timeout"
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
-                                or not 0 < timeout <= threading.TIMEOUT_MAX):
-        # Refused before any shard runs it: 0 (not "no limit", as statement_timeout's is),
-        # a negative or NaN one would fail every shard at once as if none had answered.
-        raise sa_exc.ArgumentError(
-            f"{source}={timeout!r} is not valid: give the seconds each shard may take "
-            "(a number above 0), or None for no limit")
+    if timeout is not None and _bad_timeout(timeout):
+        # Refused before any shard runs it.
+        raise sa_exc.ArgumentError(_timeout_message(source, timeout))
 
     # Choose each shard's node and check out its connection here, in one fixed
     # order (the config's, in which a write on several shards takes them too):
