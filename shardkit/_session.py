@@ -2369,7 +2369,9 @@ def _values_made_per_shard(statement: Any, params: Any) -> str | None:
             continue
         if c.default is not None and not c.default.is_scalar:
             return f"column {c.name}'s default"
-        if c is table.autoincrement_column or c.identity is not None:
+        # (A lightweight table(), a TableClause, has neither, and declares no defaults:
+        # nothing to see, as for a Table that does not declare the database's serial.)
+        if c is getattr(table, "autoincrement_column", None) or getattr(c, "identity", None) is not None:
             return f"column {c.name} (a serial or identity)"
         sd = c.server_default
         if sd is not None and getattr(sd, "arg", None) is not None and not isinstance(sd.arg, str) and (
