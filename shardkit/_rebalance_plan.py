@@ -47,13 +47,15 @@ from decimal import Decimal
 from itertools import groupby
 from typing import Any
 
-from ._slices import Slice, carve_value, reassign, slices_from_json, slices_to_json, split_range
+from ._slices import Slice, carve_value, holds_no_key, reassign, slices_from_json, slices_to_json, split_range
+from ._slices import _group as _slice_group
 from .errors import ConfigurationError
 
 __all__ = [
     "BucketMove",
     "Plan",
     "SlicePlan",
+    "keyless_moves",
     "plan_add_shards",
     "plan_drain",
     "plan_even",
@@ -801,10 +803,13 @@ def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, 
                      lower: bool = False) -> SlicePlan:
     """Split range group ``group`` at key ``at`` and move the upper side, keys ``>= at`` up to
     the end of the range holding ``at`` (or with ``lower``, the lower side, keys ``< at``
-    down to its start) to ``target``.  ``at`` may be an existing boundary: nothing splits."""
+    down to its start) to ``target``.  ``at`` may be an existing boundary: nothing splits.
+    A side that holds no key (below ``''``, the lowest string) is refused; so is one the
+    key column cannot hold (see :func:`keyless_moves`), by ``rebalance.check_slice_plan``."""
     target = _check_name(target, "target")
-    ends_there = [s for s in slices if s.group == group and s.kind == "range" and s.upper == at]
-    if lower and ends_there and not any(s.group == group and s.contains(at) for s in slices):
+    mine = _slice_group(slices, group, "range", at)  # (a key of the group's type: 1.0 or True is no int key)
+    ends_there = [s for s in mine if s.upper == at]
+    if lower and ends_there and not any(s.contains(at) for s in mine):
         # ``at`` is where a range ends and no range goes on (the top of the last one, bounded,
         # or a gap above it): nothing splits, that range moves.
         after, upper = tuple(slices), ends_there[0]
@@ -814,13 +819,29 @@ def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, 
     if lower:
         below = [s for s in after if s.group == group and s.upper == at]
         if not below:
-            raise ConfigurationError("at", f"no range of group {group!r} ends at {at!r}",
-                                     "there is nothing below it to move")
+            raise ConfigurationError("at", f"no range of group {group!r} ends at {at!r}, so no key below it "
+                                     "is the group's to move",
+                                     "with --lower, split at a key above the start of a range: "
+                                     + ", ".join(s.describe() for s in mine))
         side = below[0]
+    if holds_no_key(side):
+        raise ConfigurationError("at", f"no key of group {group!r} lies below {at!r} ({side.describe()}: "
+                                 f"no string sorts below {at!r})",
+                                 f"split at a key above {at!r} to move the keys below it, or move the "
+                                 f"keys from {at!r} up (without --lower)")
     moves = () if side.shard == target else (BucketMove(side.id, side.shard, target),)
     what = f"split group {group} at {at!r}; {side.describe()}"
     return SlicePlan(f"{what} to {target}" if moves else f"{what} already on {target}",
                      group, _group_slices(slices, group), _group_slices(after, group), moves)
+
+
+def keyless_moves(plan: SlicePlan, lowest: Any = None, highest: Any = None) -> list[Slice]:
+    """The slices ``plan`` moves that hold no key of a key column whose keys run from
+    ``lowest`` to ``highest`` (both included; None: no such end): a split at bigint's
+    minimum whose lower side moves, say, or a list value above an int4 column's maximum,
+    would move nothing."""
+    by_id = {s.id: s for s in plan.split}
+    return [by_id[m.bucket] for m in plan.moves if holds_no_key(by_id[m.bucket], lowest, highest)]
 
 
 def plan_move_value(slices: Sequence[Slice], group: str, value: Any, target: str) -> SlicePlan:

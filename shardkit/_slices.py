@@ -28,7 +28,7 @@ from typing import Any, Final
 from ._strategies import KeyRange, ListStrategy, RangeStrategy, Strategy
 from .errors import ConfigurationError
 
-__all__ = ["SLICE_BASE", "Slice", "carve_value", "initial_slices", "movable_kind",
+__all__ = ["SLICE_BASE", "Slice", "carve_value", "holds_no_key", "initial_slices", "movable_kind",
            "slices_from_json", "slices_to_json", "split_range", "strategy_from_slices"]
 
 #: The first slice number; bucket numbers stay below it.
@@ -232,6 +232,24 @@ def carve_value(slices: Sequence[Slice], group: str, value: Any) -> tuple[tuple[
                                  "add the value to the config's list, or give the group a default")
     new = Slice(new_id, group, default.shard, values=(value,))
     return _inserted(slices, new, default, before=True), new
+
+
+def holds_no_key(s: Slice, lowest: Any = None, highest: Any = None) -> bool:
+    """Whether slice ``s`` holds no key of a column whose keys run from ``lowest`` to
+    ``highest`` (both included; None: no such end, except that no string sorts below ``""``):
+    ``[-inf, -9223372036854775808)`` holds no bigint, ``[-inf, '')`` no string.  A list
+    slice holds none when each of its values lies outside them (a default: not known)."""
+    if s.default:
+        return False
+    if s.values:
+        return all((lowest is not None and v < lowest) or (highest is not None and v > highest)
+                   for v in s.values)
+    if lowest is None and isinstance(s.upper, str):
+        lowest = ""
+    lo = s.lower if lowest is None or (s.lower is not None and s.lower > lowest) else lowest
+    if lo is not None and s.upper is not None and s.upper <= lo:
+        return True  # every key of the slice would lie below its start, or below the lowest key
+    return highest is not None and s.lower is not None and s.lower > highest
 
 
 def key_kind(mine: Sequence[Slice]) -> str | None:

@@ -102,7 +102,7 @@ from ._guard import (
     unit_expression,
     write_slices,
 )
-from ._rebalance_plan import Plan, SlicePlan, plan_from_dict
+from ._rebalance_plan import Plan, SlicePlan, keyless_moves, plan_from_dict
 from ._replicas import WAL_POSITION_SQL, format_lsn, parse_lsn, replay_target
 from ._slices import add_missing_groups, by_group, initial_slices, reassign
 from ._sql import INSTALL_SQL, int8_bucket_scan
@@ -491,6 +491,47 @@ def _refuse_beyond_bigint(group: str, keys: Iterable[Any], types: Callable[[], l
                 f"bigint, so it would make every write of the group fail; {fix}")
 
 
+# The keys a key column of each integer type holds (a domain's: its base type's), and, by
+# their text form (as slices compare them), those of a uuid column.
+_INT_SPANS: dict[str, tuple[int, int]] = {"int2": (-(2**15), 2**15 - 1), "int4": (-(2**31), 2**31 - 1),
+                                          "int8": (-(2**63), 2**63 - 1)}
+_UUID_SPAN = ("00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff")
+
+
+def key_span(kinds: Sequence[str]) -> tuple[Any, Any]:
+    """(lowest, highest) key that key columns of types ``kinds`` (the tables of one group) can
+    hold between them; None for an end one of them does not have (numeric, text, ...)."""
+    if kinds and all(k in _INT_SPANS for k in kinds):
+        return min(_INT_SPANS[k][0] for k in kinds), max(_INT_SPANS[k][1] for k in kinds)
+    if kinds and all(k == "uuid" for k in kinds):
+        return _UUID_SPAN
+    return None, None
+
+
+def _refuse_keyless_moves(plan: SlicePlan, types: list[tuple[Guarded, str]]) -> None:
+    """Refuse a plan that moves a slice no row can be in: the lower side of a split at
+    bigint's minimum on a bigint column, say, the upper side of one above an int4
+    column's maximum, or a list value above it.  Nothing would move, yet the plan would
+    be reported done."""
+    lowest, highest = key_span([kind for _, kind in types])
+    for s in keyless_moves(plan, lowest, highest):
+        columns = ", ".join(f"{g.table}.{g.key} ({type_label(kind)})" for g, kind in types)
+        span = "" if lowest is None else f", whose keys run from {lowest!r} to {highest!r}"
+        if s.values:
+            nothing = (f"{'no value of it' if len(s.values) > 1 else repr(s.values[0])} "
+                       f"lies between {lowest!r} and {highest!r}")
+            fix = "move a value the column can hold"
+        elif s.lower is not None and highest is not None and s.lower > highest:
+            nothing, fix = f"nothing lies at or above {s.lower!r}", f"split at a key of at most {highest!r}"
+        else:
+            nothing = f"nothing lies below {s.upper!r}"
+            fix = (f"to move the keys below a key (--lower), split at a key above {s.upper!r}; to move "
+                   f"the keys from {s.upper!r} up, leave out --lower")
+        raise RebalanceError(
+            f"group {plan.group}: the plan moves slice {s.id} ({s.describe()}), which holds no key of "
+            f"{columns or 'its key column'}{span}: {nothing}, so the move would move no row; {fix}")
+
+
 def _canonical_uuid(text_: str) -> str | None:
     """``text_`` as PostgreSQL prints the uuid it names (lowercase, hyphenated), or None."""
     try:
@@ -551,6 +592,7 @@ def check_slice_plan(cluster: Cluster, plan: Plan | SlicePlan) -> None:
                         + ("not a uuid" if canon is None else "not written as PostgreSQL prints a uuid")
                         + f", and {g.table}.{g.key} is {type_label(kind)}, whose keys the slices compare by that text "
                         "form" + ("" if canon is None else f": write {canon}"))
+    _refuse_keyless_moves(plan, types)
 
 
 def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
