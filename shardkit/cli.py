@@ -543,6 +543,71 @@ def _note_running_moves(cluster: Cluster, running: list[dict[str, Any]] | None =
               file=sys.stderr)
 
 
+def _print_move(m: dict[str, Any]) -> None:
+    """One move of `shardkit rebalance status` (see rebalance.move_status)."""
+    n = m["move"]
+    # A range or list move's batches hold slices, which `buckets` counts too.
+    unit = m["unit"]
+    copied = counted(m["rows_copied"], "row")
+    if m["state"] == "aborted":
+        # The abort deleted the copies of the batches it undid; finished ones moved.
+        finished = any(b["step"] == "cleaned" for b in m["batches"])
+        copied = f"{copied} moved by its finished batches" if finished else "nothing moved"
+        if m.get("rows_undone"):
+            copied += f"; the abort deleted the copies of {counted(m['rows_undone'], 'row')}"
+    else:
+        copied += " copied"
+        if m.get("rows_undone"):
+            copied += f"; an abort deleted the copies of {counted(m['rows_undone'], 'row')}"
+        if m.get("rows_undoing"):
+            copied += (f"; an abort began to delete the copies of {counted(m['rows_undoing'], 'row')}"
+                       + (" (it is deleting them now)" if m.get("aborting") else " (they may be gone)"))
+    # An aborted move keeps the error of the run that stopped (why it was aborted).
+    said = "error of the run before the abort" if m["state"] == "aborted" else "error"
+    print(f"move {n}: {m['state']} - {m['reason']} ({copied})"
+          + (f"\n  {said}: {m['error']}" if m['error'] else ""))
+    if m["state"] == "running" and m.get("mover") is not None:
+        resume, abort = f"`shardkit rebalance resume {n}`", f"`shardkit rebalance abort {n}`"
+        stuck = [b["batch"] for b in m["batches"] if b["step"] in ("switched", "verified")]
+        cutting = [b["batch"] for b in m["batches"] if b.get("cutting_over")]
+        if m.get("aborting"):
+            print("  an abort is undoing it now")
+        elif m["mover"]:
+            print("  a mover is running it now")
+        elif m.get("leftovers"):
+            print(f"  no process is running it: an abort stopped half-way, leaving batches whose target may "
+                  f"still hold copies; {abort} finishes the abort ({resume} is refused)")
+        elif stuck:
+            print(f"  no mover is running it (stopped, interrupted or killed): {resume} goes on; "
+                  f"{abort} is refused while batch{'es' if len(stuck) > 1 else ''} "
+                  f"{', '.join(map(str, stuck))} switched and not finished")
+        elif m.get("abort_stopped"):
+            print(f"  no process is running it: an abort stopped before it finished (killed, failed, or a "
+                  f"shard was unreachable); {abort} finishes the abort, or {resume} goes on with the move, "
+                  "capturing and copying again what the abort undid")
+        elif all(b["step"] == "cleaned" for b in m["batches"]):
+            print(f"  no mover is running it (stopped, interrupted or killed) and every batch finished: "
+                  f"{resume} records it done (so does {abort}: nothing is left to undo)")
+        else:
+            print(f"  no mover is running it (stopped, interrupted or killed): {resume} goes on, {abort} "
+                  "undoes the batches that have not switched"
+                  + (f" (a cut-over of batch{'es' if len(cutting) > 1 else ''} "
+                     f"{', '.join(map(str, cutting))} began and did not record its end: if it switched, "
+                     f"{abort} is refused and says so)" if cutting else ""))
+    for b in m["batches"]:
+        note = ""
+        if b.get("undoing"):
+            note = ("  (an abort is undoing it)" if m.get("aborting") else
+                    "  (an abort began to undo it and stopped: its capture may be stopped and its copies deleted)")
+        elif b.get("cutting_over") and not m.get("mover"):
+            note = "  (a cut-over began and stopped: it may have switched)"
+        print(f"  batch {b['batch']:>3}: {b['source']} -> {b['target']} "
+              f"{b['buckets']:>4} {unit if b['buckets'] == 1 else unit + 's':<7}  {b['step']}{note}")
+    for lo in m.get("leftovers", ()):
+        print(f"  leftovers: {lo['shard']} may still hold rows of buckets {_compress(lo['buckets'])} "
+              f"(batch {lo['batch']}); once it is reachable: shardkit rebalance abort {n}")
+
+
 def cmd_rebalance(args: argparse.Namespace) -> int:
     """Plan, run, resume and abort online bucket moves (needs a [catalog])."""
     from . import rebalance
@@ -582,31 +647,7 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                 print("no moves")
             # A range or list move's batches hold slices, which `buckets` counts too.
             for m in moves if not args.json else ():
-                unit = m["unit"]
-                copied = counted(m["rows_copied"], "row")
-                if m["state"] == "aborted":
-                    # The abort deleted the copies of the batches it undid; finished ones moved.
-                    finished = any(b["step"] == "cleaned" for b in m["batches"])
-                    copied = f"{copied} moved by its finished batches" if finished else "nothing moved"
-                    if m.get("rows_undone"):
-                        copied += f"; the abort deleted the copies of {counted(m['rows_undone'], 'row')}"
-                else:
-                    copied += " copied"
-                # An aborted move keeps the error of the run that stopped (why it was aborted).
-                said = "error of the run before the abort" if m["state"] == "aborted" else "error"
-                print(f"move {m['move']}: {m['state']} - {m['reason']} ({copied})"
-                      + (f"\n  {said}: {m['error']}" if m['error'] else ""))
-                if m["state"] == "running" and m.get("mover") is not None:
-                    print("  a mover is running it now" if m["mover"] else
-                          f"  no mover is running it (stopped, interrupted or killed): `shardkit rebalance "
-                          f"resume {m['move']}` goes on, `shardkit rebalance abort {m['move']}` undoes the "
-                          "batches that have not switched")
-                for b in m["batches"]:
-                    print(f"  batch {b['batch']:>3}: {b['source']} -> {b['target']} "
-                          f"{b['buckets']:>4} {unit if b['buckets'] == 1 else unit + 's':<7}  {b['step']}")
-                for lo in m.get("leftovers", ()):
-                    print(f"  leftovers: {lo['shard']} may still hold rows of buckets {_compress(lo['buckets'])} "
-                          f"(batch {lo['batch']}); once it is reachable: shardkit rebalance abort {m['move']}")
+                _print_move(m)
             return 0
         if verb == "abort":
             result = rebalance.abort(cluster, args.move, target_lost=args.target_lost)

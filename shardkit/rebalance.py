@@ -168,6 +168,11 @@ _CLEAN_UP_DUTY = 0.5
 LEFTOVERS = "leftovers"
 # Journal entry (no batch step) made when a cut-over begins, before the target may own.
 _CUTTING_OVER = "cutting-over"
+# Journal entry (no batch step) made by an abort before it undoes a batch on its shards;
+# the batch's "aborted" (or LEFTOVERS) entry follows once it is undone.  Without one after
+# it (nor any later entry of the batch), the abort stopped (was killed, or failed) in
+# between: the batch's capture may be stopped and its copies deleted, whatever its step.
+_UNDOING = "undoing"
 # Advisory lock (first key; second: the move) on a target, held by a copy and by an abort
 # deleting the copies.  Not the catalog's class: the catalog may be the same database.
 _COPY_LOCK_CLASS = 0x534A  # "SJ"
@@ -2239,7 +2244,11 @@ class Mover:
 
 
 def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, Any]]:
-    """Moves (all, or one) with their batches and the step each batch has reached."""
+    """Moves (all, or one) with their batches and the step each batch has reached.
+
+    A few catalog queries, no shard's: what an abort or a mover that stopped half-way
+    did on the shards and did not record is told from the journal entries they make
+    before they begin (``undoing``, ``cutting-over``), as "may have"."""
     catalog = _need_catalog(cluster)
     if not catalog.initialised():
         return []
@@ -2252,7 +2261,10 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
             {"c": MOVER_LOCK_CLASS}).scalars())
         moves = conn.execute(text(
-            "SELECT id, state, reason, error, created_at, updated_at, plan->>'kind' = 'slices' AS slices "
+            "SELECT id, state, reason, error, created_at, updated_at, plan->>'kind' = 'slices' AS slices, "
+            # An abort fences movers out with a runner of its own; a mover puts its own back
+            # as soon as it holds the move.
+            "coalesce(runner LIKE 'abort-%', false) AS abort_runner "
             "FROM shardkit_catalog.moves "
             + ("WHERE id = :m " if move_id is not None else "") + "ORDER BY id"),
             {"m": move_id}).mappings().all()
@@ -2267,23 +2279,77 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
             latest = conn.execute(text(
                 "SELECT DISTINCT ON (batch) batch, (detail->>'rows')::bigint FROM shardkit_catalog.journal "
                 "WHERE move_id = :m AND step = 'copied' ORDER BY batch, id DESC"), {"m": m["id"]}).all()
+            # Per batch: its latest step entry, and the latest abort's undo and cut-over
+            # begun on it.  One begun after the batch's latest step did not record its end.
+            marks = {r[0]: r[1:] for r in conn.execute(text(
+                "SELECT coalesce(batch, (detail->>'batch')::int), max(id) FILTER (WHERE batch IS NOT NULL), "
+                "max(id) FILTER (WHERE batch IS NULL AND step = :u), "
+                "max(id) FILTER (WHERE batch IS NULL AND step = :c) FROM shardkit_catalog.journal "
+                "WHERE move_id = :m AND (batch IS NOT NULL OR step IN (:u, :c)) GROUP BY 1"),
+                {"m": m["id"], "u": _UNDOING, "c": _CUTTING_OVER})}
+
+            def begun(batch: int, which: int) -> bool:
+                mark = marks.get(batch, (None, None, None))
+                return mark[which] is not None and (mark[0] is None or mark[which] > mark[0])
+
+            # Batches an abort began to undo and did not record undone (it was killed, or
+            # failed): its capture may be stopped and its copies deleted, whatever the step.
+            undoing = {b["batch"] for b in batches if b["step"] not in ("aborted", LEFTOVERS, "cleaned")
+                       and begun(b["batch"], 1)}
+            # Batches whose cut-over began and did not record the switch: the source may
+            # have given the buckets up (then abort is refused: resume finishes it).
+            cutting = {b["batch"] for b in batches if b["step"] == "copied" and b["batch"] not in undoing
+                       and begun(b["batch"], 2)}
             undone = {b["batch"] for b in batches if b["step"] == "aborted"}
             left = {b["batch"] for b in batches if b["step"] == LEFTOVERS}
-            copied = sum(n or 0 for b, n in latest if b not in undone and b not in left)
+            copied = sum(n or 0 for b, n in latest if b not in undone and b not in left and b not in undoing)
+            running = m["state"] == "running"
+            mover = m["id"] in held
+            # A running move that an abort began to undo and that no process holds: the abort
+            # stopped half-way (killed, failed, or a shard it needed was unreachable).
+            abort_stopped = running and not mover and bool(undoing or undone or left)
+            if not running or mover:
+                then: list[str] = [] if m["state"] != "aborted" or not left else ["abort"]
+            elif left:
+                then = ["abort"]  # resume is refused: their target may still hold copies
+            elif any(b["step"] in ("switched", "verified") for b in batches):
+                then = ["resume"]  # abort is refused while a batch has switched
+            elif abort_stopped:
+                then = ["abort", "resume"]
+            else:
+                then = ["resume", "abort"]  # (every batch finished: either records it done)
             out.append({
                 "move": m["id"], "state": m["state"], "reason": m["reason"], "error": m["error"],
-                "mover": m["id"] in held,
+                "mover": mover,
+                # The process holding it is an abort (undoing it), not a mover.
+                "aborting": mover and bool(m["abort_runner"]),
+                # An abort of the running move stopped before it finished (see "next").
+                "abort_stopped": abort_stopped,
+                # The commands that go on from here, the first the usual one (none while a
+                # process holds the move, or once it is done or aborted without leftovers).
+                "next": then,
                 # What the batches' "buckets" count: hash buckets, or a range or list group's slices.
                 "unit": "slice" if m["slices"] else "bucket",
                 "created_at": m["created_at"].isoformat(), "updated_at": m["updated_at"].isoformat(),
                 # Rows copied by batches no abort undid (for an aborted move: those that
                 # finished, whose rows moved), and by those it undid (their copies deleted;
-                # batches with leftovers count in neither: see "leftovers").
+                # batches with leftovers count in neither: see "leftovers"; nor do batches
+                # an abort began to undo: see "rows_undoing").
                 "rows_copied": int(copied),
                 "rows_undone": int(sum(n or 0 for b, n in latest if b in undone)),
+                # Rows copied by the batches an abort began to undo and has not recorded
+                # undone (their copies may be deleted).
+                "rows_undoing": int(sum(n or 0 for b, n in latest if b in undoing)),
                 "batches": [{"batch": b["batch"], "source": b["source"], "target": b["target"],
                              "buckets": len(b["buckets"]), "step": b["step"],
-                             "map_version": b["map_version"]} for b in batches],
+                             "map_version": b["map_version"],
+                             # An abort began to undo it and has not recorded it undone (no
+                             # process holding the move: the abort stopped; its capture may be
+                             # stopped and its copies deleted, whatever "step" says).
+                             "undoing": b["batch"] in undoing,
+                             # A cut-over began and has not recorded the switch (no process
+                             # holding the move: the source may have given the buckets up).
+                             "cutting_over": b["batch"] in cutting} for b in batches],
                 # Batches aborted with --target-lost: the shard that may still hold their
                 # rows (and ownership), until `abort` on the aborted move removes them.
                 "leftovers": [{"batch": b["batch"], "shard": b["target"], "buckets": sorted(b["buckets"])}
@@ -2395,6 +2461,10 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
                 lost = target_lost and not unsafe.get(b.batch)
                 with _connect_for_abort(cluster, urls, b, move_id, undone, lost) as (src, tgt, why):
                     tables = _moved_tables(cluster, src, b.source, group)
+                    # Before the shards change: an abort that stops before it records the
+                    # batch undone leaves its step as it was, and `status` must tell.
+                    with catalog.engine.begin() as conn:
+                        Catalog.record(conn, move_id, None, _UNDOING, {"batch": b.batch})
                     with src.transaction():
                         # Writers in flight, and a cut-over in flight, finish first: none
                         # logs a change after this, and the source owns the buckets after.
