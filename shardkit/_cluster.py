@@ -535,13 +535,20 @@ class Cluster:
                         field, f"unknown table {tname!r}",
                         "known tables: " + ", ".join(sorted(metadata.tables)),
                     )
+                # A key column is configured by its name in the database (the routing,
+                # the guard's triggers and the moves' SQL use it), which a Column(...,
+                # key="...") does not share with its key in table.c.
+                named = {col.name: col for col in table.c}
                 for c in cols:
-                    if c not in table.c:
+                    if c not in named:
+                        keyed = table.c.get(c)
                         raise ConfigurationError(
-                            field, f"table {tname!r} has no column {c!r}",
-                            "columns: " + ", ".join(table.c.keys()),
+                            field, f"table {tname!r} has no column {c!r}" + (
+                                f" (that is the key of its column {keyed.name!r} in table.c)"
+                                if keyed is not None else ""),
+                            "name the column as the database does: " + ", ".join(named),
                         )
-                    unhashable = _unhashable(table.c[c].type) if g.strategy.kind == "hash" else None
+                    unhashable = _unhashable(named[c].type) if g.strategy.kind == "hash" else None
                     if unhashable:
                         # Every write of such a key would be refused (ShardKeyError): say so now.
                         raise ConfigurationError(
@@ -549,31 +556,31 @@ class Cluster:
                             "strategy cannot place (it hashes integers, strings, uuids and bytes)",
                             "key the group on such a column, or use a range, list or custom "
                             "strategy for this key")
-                    misfit = _value_misfit(g.strategy, cols.index(c), table.c[c].type)
+                    misfit = _value_misfit(g.strategy, cols.index(c), named[c].type)
                     if misfit:
                         where, value, why = misfit
                         raise ConfigurationError(
                             f"groups.{g.name}.{where}",
                             f"{value!r} ({type(value).__name__}) cannot be a key of {tname}.{c}, "
-                            f"which is {_type_sql(table.c[c].type)}", why)
-                    if g.strategy.kind != "custom" and getattr(table.c[c].type, "_has_bind_expression", False):
+                            f"which is {_type_sql(named[c].type)}", why)
+                    if g.strategy.kind != "custom" and getattr(named[c].type, "_has_bind_expression", False):
                         # The database stores lower(:value) (say), not the value shardkit placed
                         # the row by: a read by the stored value would look on another shard.
                         raise ConfigurationError(
                             field, f"shard key column {tname}.{c} is of type "
-                            f"{type(table.c[c].type).__name__}, whose bind_expression() computes the "
+                            f"{type(named[c].type).__name__}, whose bind_expression() computes the "
                             "stored value in SQL; shardkit places a row by the value given, before "
                             "the database computes it, so the row could live on a shard that does "
                             "not own the key it stores",
                             "compute the value in Python (the type's process_bind_param) or give the "
                             "key already computed; or use a custom strategy that computes it")
-                    if g.strategy.kind != "custom" and _case_insensitive(table.c[c].type):
+                    if g.strategy.kind != "custom" and _case_insensitive(named[c].type):
                         # 'Ada' = 'ada' in the database, but they hash (and sort, and
                         # match list values) as different strings: the same key would
                         # live on two shards, and a read by one spelling miss the other.
                         raise ConfigurationError(
                             field, f"shard key column {tname}.{c} is "
-                            f"{_citext_label(table.c[c].type)}, which compares "
+                            f"{_citext_label(named[c].type)}, which compares "
                             "without case; shardkit places keys by their exact string",
                             "key on a text column holding the value normalised (lower(...)), "
                             "and keep the citext column beside it if you need it",

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapper, RelationshipProperty, aliased, configure_mappers
@@ -380,10 +380,19 @@ class Router:
         if isinstance(t, selectable.Alias):
             t = t.element
         columns = getattr(t, "c", None)
-        if columns is None or not all(c in columns for c in tr.key_columns):
+        if columns is None:
             return self._coercers.get(tr.table)
+        try:
+            keys = [columns[c] for c in tr.key_columns]
+        except KeyError:
+            # A key column is configured by its name, which a Column(..., key="...")
+            # does not share with its key in table.c (a table() may leave it out).
+            named = {col.name: col for col in columns}
+            if not all(c in named for c in tr.key_columns):
+                return self._coercers.get(tr.table)
+            keys = [named[c] for c in tr.key_columns]
         # Not cached by Table: an application may build table() objects per request.
-        return tuple(self._column_coercer(tr, i, columns[c].type) for i, c in enumerate(tr.key_columns))
+        return tuple(self._column_coercer(tr, i, col.type) for i, col in enumerate(keys))
 
     def _column_coercer(self, tr: TableRoute, index: int, type_: Any) -> Any:
         """The coercer of key column ``index`` of ``tr`` given as a column of type ``type_``;
@@ -716,9 +725,14 @@ class Router:
             tr = None
         columns = getattr(getattr(table, "local_table", table), "c", None)
         if tr is not None and tr.strategy is not None and columns is not None:
-            found = next((c for c in tr.key_columns
-                          if c in columns and columns[c].onupdate is not None), None)
-        self._key_onupdates[table] = found
+            # (By name: a key column is configured by the database's name, which a
+            # Column(..., key="...") does not share with its key in table.c.)
+            found = next((col.name for col in columns
+                          if col.name in tr.key_columns and col.onupdate is not None), None)
+        if isinstance(table, (Table, Mapper)):
+            # Kept for a Table or mapper only: an application may build its table()s
+            # and aliases per statement, which the router must not keep alive.
+            self._key_onupdates[table] = found
         return found
 
     def _refuse_key_onupdate(self, tr: TableRoute, stmt: Update) -> None:
@@ -1093,8 +1107,9 @@ class Router:
                 if n not in names:
                     names.append(n)
         if not names and fast_tables is None and _text_from(statement):
-            # select_from(text("orders")): the tables are in SQL text shardkit cannot read,
-            # like a text() statement's (not a read of no tables, which any shard answers).
+            # select_from(text("orders")), a text().columns() subquery: the tables are in SQL
+            # text shardkit cannot read, like a text() statement's (not a read of no
+            # tables, which any shard answers).
             return _Plan((), {}, (), None, [], textual=True)
         groups: dict[str, list[str]] = {}
         refs: list[str] = []
@@ -1788,11 +1803,15 @@ def _bare_text(clause: Any) -> bool:
 
 
 def _text_from(statement: Any) -> bool:
-    """Whether a SELECT (or a part of a compound) reads FROM SQL text."""
-    parts = compound_selects(statement) if isinstance(statement, selectable.CompoundSelect) \
-        else [statement]
-    return any(isinstance(f, elements.TextClause)
-               for p in parts if isinstance(p, selectable.Select) for f in p.get_final_froms())
+    """Whether a statement reads FROM SQL text, at any depth: ``select_from(text(...))``,
+    or ``text(...).columns(...)`` (a TextualSelect) as a derived table or CTE."""
+    for e in visitors.iterate(statement):
+        if isinstance(e, selectable.TextualSelect):
+            return True
+        if isinstance(e, selectable.Select) and any(
+                isinstance(f, elements.TextClause) for f in e.get_final_froms()):
+            return True
+    return False
 
 
 class _NotSimple(Exception):
