@@ -35,6 +35,7 @@ import functools
 import heapq
 import ipaddress
 import itertools
+import logging
 import os
 import re
 import socket
@@ -2184,6 +2185,27 @@ CANCEL_GRACE: float = 1.0
 _shut_down: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+_cancel_checked = False
+
+
+def _check_cancel() -> None:
+    """Warn, once, when a cancel request stalls the whole process: psycopg's C
+    implementation (``psycopg[c]``, ``psycopg[binary]``) calls libpq's ``PQcancel``, which
+    libpq before 17 must use, without releasing the GIL, so every thread waits while a
+    server that does not answer (frozen, its host gone) holds the request."""
+    global _cancel_checked
+    _cancel_checked = True
+    from psycopg import pq
+
+    if pq.__impl__ != "python" and pq.version() < 170000:
+        logging.getLogger("shardkit.scatter").warning(
+            "psycopg's %s implementation runs on libpq %s, older than 17: its cancel requests hold "
+            "the GIL, so one sent to a server that does not answer (frozen, or its host gone) stalls "
+            "every thread of this process until the server answers or the connection attempt fails; "
+            "use libpq 17 or later (psycopg[binary] >= 3.2.3 bundles it) or psycopg's python "
+            "implementation (PSYCOPG_IMPL=python)", pq.__impl__, pq.version())
+
+
 def send_cancel(dbapi_connection: Any, timeout: float) -> threading.Thread:
     """Ask the server to cancel the query running on a psycopg connection, from a thread
     of its own (returned, started): the cancel request is a connection to the server,
@@ -2192,6 +2214,9 @@ def send_cancel(dbapi_connection: Any, timeout: float) -> threading.Thread:
     the caller for as long as it stays so.  With psycopg's ``cancel_safe()`` (libpq 17)
     the thread gives up after ``timeout`` seconds; without it, it ends when the server
     answers or goes."""
+
+    if not _cancel_checked:
+        _check_cancel()
 
     def cancel() -> None:
         try:
