@@ -382,15 +382,11 @@ class Router:
         columns = getattr(t, "c", None)
         if columns is None:
             return self._coercers.get(tr.table)
-        try:
-            keys = [columns[c] for c in tr.key_columns]
-        except KeyError:
-            # A key column is configured by its name, which a Column(..., key="...")
-            # does not share with its key in table.c (a table() may leave it out).
-            named = {col.name: col for col in columns}
-            if not all(c in named for c in tr.key_columns):
-                return self._coercers.get(tr.table)
-            keys = [named[c] for c in tr.key_columns]
+        # By name: a key column is configured by its name, which a Column(..., key="...")
+        # does not share with its key in table.c (a table() may leave it out).
+        keys = [column_named(columns, c) for c in tr.key_columns]
+        if any(k is None for k in keys):
+            return self._coercers.get(tr.table)
         # Not cached by Table: an application may build table() objects per request.
         return tuple(self._column_coercer(tr, i, col.type) for i, col in enumerate(keys))
 
@@ -2347,6 +2343,17 @@ def _literal(v: Any) -> Any:
     if isinstance(v, BindParameter):
         return v.effective_value
     return v
+
+
+def column_named(columns: Any, name: str) -> Any:
+    """The column of ``columns`` (a table's ``.c``) whose database name is ``name``, or None.
+    A shard key column is configured by that name, which a ``Column(name, key="...")``
+    does not share with its key in ``table.c`` (where ``name`` may even be another
+    column's key)."""
+    c = columns.get(name)
+    if c is not None and getattr(c, "name", None) == name:
+        return c
+    return next((c for c in columns if getattr(c, "name", None) == name), None)
 
 
 def _col_name(k: Any) -> str:

@@ -81,8 +81,8 @@ from ._cluster import _LIVE, Cluster
 from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
-from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for, data_modifying_ctes,
-                       derived_select, unwrap_statement, with_statement_params)
+from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for, column_named,
+                       data_modifying_ctes, derived_select, unwrap_statement, with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, describe_local_derived,
                        function_names, merge_rows, plan_scatter, send_cancel, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem, scope, switch_problem
@@ -1021,7 +1021,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if execution_options or getattr(statement, "_execution_options", None):
             # Checked whatever the statement and its shards: a bad one is refused before it
             # runs on a shard without replicas, as on one with them.
-            _read_options(_options(statement, execution_options))
+            _checked_options(_options(statement, execution_options))
         if (self.autoflush and not self._flushing
                 and isinstance(statement, (selectable.Select, selectable.CompoundSelect))
                 and (self._new or self._deleted or self.identity_map.check_modified())
@@ -1674,7 +1674,7 @@ def _pk_plan(router: Router, mapper: Any) -> Any:
         return False
     table = mapper.local_table
     positions = tuple(pk_names.index(c) for c in tr.key_columns)
-    coercers = tuple(coercer_for(table.c[c].type) for c in tr.key_columns)
+    coercers = tuple(coercer_for(column_named(table.c, c).type) for c in tr.key_columns)
     return positions, coercers, tr.strategy
 
 
@@ -1760,7 +1760,7 @@ def _instance_keys(router: Any, mapper: Any) -> tuple[Any, tuple[tuple[str, Any,
     table = mapper.local_table
     keys = []
     for cname in tr.key_columns:
-        col = table.c[cname]
+        col = column_named(table.c, cname)
         keys.append((mapper.get_property_by_column(col).key, col, coercer_for(col.type)))
     router.instance_keys[mapper] = found = (tr, tuple(keys))
     return found
@@ -2057,17 +2057,25 @@ def _read_options(opt: Callable[[str], Any]) -> tuple[Any, Any, Any, Any]:
     max_b = opt("shardkit_max_lag_bytes")
     if max_b is not None and (problem := lag_limit_problem("max_lag_bytes", max_b)):
         raise sa_exc.ArgumentError(f"execution option shardkit_{problem}")
-    # The cross-shard options, checked for every statement that has options: one that
-    # runs on a single shard today (its key, its scope) scatters tomorrow, and a bad
-    # value should not wait for that day.
-    for name in _SWITCHES:
-        value = opt(name)
+    return role, consistency, max_s, max_b
+
+
+def _checked_options(opt: Callable[[str], Any]) -> tuple[Any, Any, Any, Any]:
+    """:func:`_read_options`, and the cross-shard options checked too, for every statement
+    that has options: one that runs on a single shard today (its key, its scope) scatters
+    tomorrow, and a bad value should not wait for that day.  (Once per statement, where it
+    enters execution or explain(): not again per shard read.)"""
+    out = _read_options(opt)
+    strict, partial, every, timeout = (opt("shardkit_strict"), opt("shardkit_partial_results"),
+                                       opt("shardkit_all_shards"), opt("shardkit_timeout"))
+    if strict is None and partial is None and every is None and timeout is None:
+        return out
+    for name, value in zip(_SWITCHES, (strict, partial, every)):
         if value is not None and value is not True and value is not False:
             raise sa_exc.ArgumentError(f"execution option {name}={value!r} is not valid; use True or False")
-    timeout = opt("shardkit_timeout")
     if timeout is not None and _bad_timeout(timeout):
         raise sa_exc.ArgumentError(_timeout_message("execution option shardkit_timeout", timeout))
-    return role, consistency, max_s, max_b
+    return out
 
 
 _SWITCHES: Final = ("shardkit_strict", "shardkit_partial_results", "shardkit_all_shards")
@@ -2461,7 +2469,8 @@ def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, re
 def _shard_key_by_pk(mapper: Any, tr: TableRoute, ident: Any) -> Any:
     """SELECT of the shard key columns of the row of primary key ``ident`` (of ``mapper``,
     whose table route is ``tr``)."""
-    keys = [mapper.get_property_by_column(mapper.local_table.c[c]).class_attribute for c in tr.key_columns]
+    keys = [mapper.get_property_by_column(column_named(mapper.local_table.c, c)).class_attribute
+            for c in tr.key_columns]
     return sa_select(*keys).where(*(mapper.get_property_by_column(c).class_attribute == v
                                     for c, v in zip(mapper.primary_key, ident)))
 
@@ -2686,7 +2695,11 @@ def _bulk_update_rows(session: Any, router: Router, mapper: Any, rows: list[Any]
     attr_to_col = {prop.key: prop.columns[0].key for prop in mapper.column_attrs}
     pk_cols = list(mapper.primary_key)
     pk_attrs = [mapper.get_property_by_column(c).key for c in pk_cols]
-    key_attrs = [mapper.get_property_by_column(table.c[c]).key for c in tr.key_columns]
+    key_cols = [column_named(table.c, c) for c in tr.key_columns]
+    key_attrs = [mapper.get_property_by_column(c).key for c in key_cols]
+    # The Core rows are keyed by the columns' keys, which a Column(name, key="...") does
+    # not share with the name the route knows the key column by.
+    renamed = [(c.name, c.key) for c in key_cols if c.name != c.key]
     # Optimistic concurrency (version_id_col): the UPDATE matches the version the row
     # gives and sets the next one.
     vcol = mapper.version_id_col
@@ -2717,7 +2730,8 @@ def _bulk_update_rows(session: Any, router: Router, mapper: Any, rows: list[Any]
         if tr.strategy is None:
             shards = session.cluster.shard_names
         else:
-            shards = [router._shard_for_row(tr, core, table)]
+            shards = [router._shard_for_row(tr, {**core, **{n: core[k] for n, k in renamed}} if renamed
+                                            else core, table)]
         for shard in shards:
             by_shard.setdefault(shard, []).append(core)
             given.setdefault(shard, []).append(row)
@@ -2755,7 +2769,7 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
     # unique per shard only, and the row of that id on the key's shard may be another
     # key's (by primary key alone, its UPDATE would change that row, key and all).
     key_where = [] if tr.strategy is None or not key_names_row else [
-        c for c in (table.c[k] for k in tr.key_columns) if c.key not in pk_names]
+        c for c in (column_named(table.c, k) for k in tr.key_columns) if c.key not in pk_names]
     total = 0
     result = None
     if session.autoflush and autoflush:
@@ -2932,7 +2946,7 @@ def _shard_key_of(session: ShardedSession, state: Any) -> tuple[bool, Any]:
         return False, None
     values = []
     for col in tr.key_columns:
-        attr = mapper.get_property_by_column(mapper.local_table.c[col]).key
+        attr = mapper.get_property_by_column(column_named(mapper.local_table.c, col)).key
         # The value the row has in the database (before a pending change).
         value = state.committed_state.get(attr, state.dict.get(attr))
         if value is None or value is NO_VALUE:
@@ -3189,7 +3203,8 @@ def _without_foreign_rows(cluster: Cluster, shard: str, statement: Any, route: R
         return out
 
     def condition(sel: Any, tr: TableRoute) -> Any:
-        return condition_on(sel.c[tr.key_columns[0]], tr)
+        # (By name: a Column(name, key=...) is in .c by its key; an alias's columns keep both.)
+        return condition_on(column_named(sel.c, tr.key_columns[0]), tr)
 
     def condition_on(column: Any, tr: TableRoute) -> Any:
         """The rows whose key ``column`` is in buckets or slices the shard owns (a NULL
@@ -3812,7 +3827,7 @@ def _replica_preferred(cluster: Cluster, statement: Any, options: Any, sc: Routi
     before it looks at the replicas' state.  Not ``FOR UPDATE``, nor forced to the primary by
     the statement or the scope, nor under ``strong`` consistency unless forced to a
     replica; every shard of the route has a replica."""
-    role, consistency, _, _ = _read_options(_options(statement, options))
+    role, consistency, _, _ = _checked_options(_options(statement, options))
     if role is None and consistency is None:
         role = sc.role
     if role == PRIMARY or getattr(statement, "_for_update_arg", None) is not None:
@@ -4479,8 +4494,9 @@ def _key_changed(state: Any, mapper: Any, tr: TableRoute) -> bool:
         return False
     table = mapper.local_table
     for c in tr.key_columns:
-        if c in table.c:
-            attr = mapper.get_property_by_column(table.c[c]).key
+        col = column_named(table.c, c)
+        if col is not None:
+            attr = mapper.get_property_by_column(col).key
             if attr in committed and state.attrs[attr].history.has_changes():
                 return True
     return False
@@ -4567,8 +4583,9 @@ def _refuse_key_changed_after_routing(mapper: Any, connection: Any, target: Any)
     written_on = _primary_shard(connection)
     if written_on is None:
         return
-    if onupdate and any(mapper.get_property_by_column(mapper.local_table.c[c]).key not in state.dict
-                        for c in tr.key_columns if c in mapper.local_table.c):
+    if onupdate and any(mapper.get_property_by_column(col).key not in state.dict
+                        for col in (column_named(mapper.local_table.c, c) for c in tr.key_columns)
+                        if col is not None):
         # A SQL onupdate (func.x()): the database made the key, which the flush expired.
         raise CrossShardWriteError(
             f"the UPDATE of {type(target).__name__} {state.key[1]} on shard {written_on} gave its "

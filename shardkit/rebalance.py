@@ -2289,8 +2289,12 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
                 {"m": m["id"], "u": _UNDOING, "c": _CUTTING_OVER})}
 
             def begun(batch: int, which: int) -> bool:
+                # The latest of the batch's step, undo and cut-over entries: an undo that
+                # stopped before it touched the shards, then a resume that began a cut-over,
+                # leaves the cut-over the one that did not record its end.
                 mark = marks.get(batch, (None, None, None))
-                return mark[which] is not None and (mark[0] is None or mark[which] > mark[0])
+                return mark[which] is not None and all(
+                    other is None or mark[which] > other for i, other in enumerate(mark) if i != which)
 
             # Batches an abort began to undo and did not record undone (it was killed, or
             # failed): its capture may be stopped and its copies deleted, whatever the step.
