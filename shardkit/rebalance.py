@@ -75,6 +75,7 @@ from urllib.parse import quote, quote_plus
 import psycopg
 from psycopg import sql
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from ._cluster import Cluster
@@ -107,7 +108,7 @@ from ._replicas import WAL_POSITION_SQL, format_lsn, parse_lsn, replay_target
 from ._slices import add_missing_groups, by_group, initial_slices, reassign
 from ._sql import INSTALL_SQL, int8_bucket_scan
 from .catalog import MOVER_LOCK_CLASS, Catalog
-from .errors import RebalanceError, first_line
+from .errors import RebalanceError, ShardUnavailable, first_line
 
 __all__ = ["LEFTOVERS", "STEPS", "Mover", "abort", "init", "move_status"]
 
@@ -962,6 +963,8 @@ class Mover:
         self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
         self._visibility_wait = 0.0
         self._runner = ""
+        # (connection, backend pid) of the catalog session holding the move's lock, in run()
+        self._lock: tuple[Any, int] | None = None
         self._batch: tuple[int, str, str] | None = None  # the batch being run: number, source, target
         # id(connection) -> whether it may set session_replication_role (see _may_replicate)
         self._replica: dict[int, bool] = {}
@@ -1343,12 +1346,14 @@ class Mover:
         _fits_live_map(self.cluster, _need_catalog(self.cluster, initialised=True))
         self._batch = None
         with self.catalog.engine.connect() as lock_conn:
-            got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
-                                    {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
+            got, pid = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m), pg_backend_pid()"),
+                                         {"c": MOVER_LOCK_CLASS, "m": move_id}).one()
             lock_conn.commit()
             if not got:
                 raise RebalanceError(f"move {move_id} is being run by another mover (or aborted by "
                                      "`shardkit rebalance abort`)", move_id=move_id)
+            # The session holding the lock, and its backend (see _fence).
+            self._lock = (lock_conn, pid)
             # The advisory lock keeps a second mover out while this session lives; the
             # runner token fences every catalog write in case it does not (a dropped
             # connection releases the lock while this mover still runs).
@@ -1363,18 +1368,35 @@ class Mover:
                 self._run_locked(move_id)
             except _KeyClash as e:
                 clash = e
+            except ShardUnavailable as e:
+                if e.node != "catalog":
+                    raise
+                # (Its error could not be recorded there either: the message is all there is.)
+                where = ""
+                if self._batch is not None:
+                    batch, source, target = self._batch
+                    where = f", batch {batch} ({source} -> {target})"
+                raise RebalanceError(
+                    f"move {move_id}{where} stopped: {e}; the move stays running: once the catalog "
+                    f"answers again, run `shardkit rebalance resume {move_id}` (or `shardkit rebalance "
+                    f"abort {move_id}` before its batches switch)", move_id=move_id) from e
             except KeyboardInterrupt as e:
                 # Ctrl-C: the move stays running, where it stopped (each step is redone
                 # whole); say so in the catalog, where `shardkit rebalance status` shows it.
                 # (What stopped it, when not Ctrl-C: SIGTERM, SIGHUP, its output closed.)
                 raise KeyboardInterrupt(self._stopped_by_interrupt(move_id, str(e) or "Ctrl-C")) from None
             finally:
+                holder = self._lock[0] if self._lock else lock_conn
+                self._lock = None
                 try:
-                    lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
-                                      {"c": MOVER_LOCK_CLASS, "m": move_id})
-                    lock_conn.commit()
+                    holder.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
+                                   {"c": MOVER_LOCK_CLASS, "m": move_id})
+                    holder.commit()
                 except Exception:  # noqa: BLE001 - a dead session holds no lock; keep the real error
                     log.warning("move %s: could not release the mover lock (its session is gone)", move_id)
+                finally:
+                    if holder is not lock_conn:
+                        holder.close()
         if clash is not None:
             self._abort_on_clash(move_id, clash)
 
@@ -1509,15 +1531,50 @@ class Mover:
             time.sleep((time.monotonic() - worked_since) * (1.0 - duty) / duty)
 
     def _fence(self, conn: Any, move_id: int) -> None:
-        """Refuse (in the caller's catalog transaction) unless this mover still runs the move."""
-        n = conn.execute(text(
+        """Refuse (in the caller's catalog transaction) unless this mover still runs the move.
+
+        Also checks that the session holding the move's lock is still alive: one lost with
+        the catalog's server (a restart, a failover) left the move free for another mover,
+        and `rebalance status` saying that no process runs it while this one does.  The lock
+        is then taken again on a new session, or the mover stops if another process holds it.
+        """
+        held = conn.execute(text(
             "UPDATE shardkit_catalog.moves SET updated_at = now() "
-            "WHERE id = :m AND state = 'running' AND runner = :r"),
-            {"m": move_id, "r": self._runner}).rowcount
-        if n != 1:
+            "WHERE id = :m AND state = 'running' AND runner = :r "
+            "RETURNING EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid = CAST(:c AS oid) AND objid = CAST(CAST(:m AS bigint) AS oid) AND objsubid = 2 "
+            "AND pid = :p AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"),
+            {"m": move_id, "r": self._runner, "c": MOVER_LOCK_CLASS,
+             "p": self._lock[1] if self._lock else 0}).scalars().all()
+        if len(held) != 1:
             raise RebalanceError(
                 f"move {move_id} was taken over (aborted, or resumed by another mover) while this "
                 "mover ran; it stops here", move_id=move_id)
+        if not held[0] and self._lock is not None:
+            self._lock_again(move_id)
+
+    def _lock_again(self, move_id: int) -> None:
+        """Take the move's lock on a new catalog session (the one holding it was lost)."""
+        new = self.catalog.engine.connect()
+        try:
+            got, pid = new.execute(text("SELECT pg_try_advisory_lock(:c, :m), pg_backend_pid()"),
+                                   {"c": MOVER_LOCK_CLASS, "m": move_id}).one()
+            new.commit()
+        except BaseException:
+            new.close()
+            raise
+        if not got:
+            new.close()
+            raise RebalanceError(
+                f"move {move_id}: this mover lost its catalog session (and the move's lock with it) "
+                "and another process holds the move now; it stops here", move_id=move_id)
+        assert self._lock is not None
+        old, self._lock = self._lock[0], (new, pid)
+        log.warning("move %s: the catalog session holding the move's lock was lost (the catalog "
+                    "restarted, or the connection dropped); took the lock again", move_id)
+        with contextlib.suppress(Exception):
+            old.invalidate()  # (its server-side session is gone: nothing to unlock)
+            old.close()
 
     def _still_mine(self, move_id: int) -> None:
         """Refuse unless this mover still runs the move, before it writes to a shard: its
@@ -1544,7 +1601,7 @@ class Mover:
         copying = step in ("pending", "capturing", "copied")
         self._check_triggers((source, target) if copying else (source,), group,
                              guard=step in ("pending", "capturing"), copying=copying)
-        with _connect(src_url) as src, _connect(tgt_url) as tgt:
+        with self._batch_connections(move_id, batch, source, target, src_url, tgt_url) as (src, tgt):
             self._replica = {id(src): _may_replicate(src), id(tgt): _may_replicate(tgt)}
             tables = _moved_tables(self.cluster, src, source, group)
             if copying:
@@ -1632,6 +1689,48 @@ class Mover:
                 dt = time.monotonic() - t0
                 self.progress(f"{label}: deleted {counted(deleted, 'row')} from {source} in {dt:.2f}s")
                 self._record(move_id, batch, "cleaned", {"deleted": deleted, "seconds": round(dt, 3)})
+
+    @contextlib.contextmanager
+    def _batch_connections(self, move_id: int, batch: int, source: str, target: str,
+                           src_url: Any, tgt_url: Any) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
+        """The batch's connections to its source and target; a server that cannot be reached,
+        or whose connection breaks while the batch runs (it died, restarted, the network
+        dropped), stops the move with an error naming that shard and its role (the driver's
+        message names neither)."""
+        ends = (("source", source, src_url), ("target", target, tgt_url))
+        conns: list[psycopg.Connection] = []
+        try:
+            for role, shard, url in ends:
+                try:
+                    conns.append(_connect(url))
+                except psycopg.OperationalError as e:
+                    raise self._server_lost(move_id, batch, source, target, [(role, shard, url)], e,
+                                            "cannot connect to") from e
+            try:
+                yield conns[0], conns[1]
+            except psycopg.OperationalError as e:
+                lost = [end for end, conn in zip(ends, conns) if conn.broken]
+                if not lost:
+                    raise
+                raise self._server_lost(move_id, batch, source, target, lost, e,
+                                        "lost the connection to") from e
+        finally:
+            for conn in conns:
+                conn.close()
+
+    @staticmethod
+    def _server_lost(move_id: int, batch: int, source: str, target: str,
+                     lost: list[tuple[str, str, Any]], error: BaseException, what: str) -> RebalanceError:
+        def where(url: Any) -> str:
+            u = make_url(url) if isinstance(url, str) else url
+            return f"{u.host}:{u.port or 5432}" if u.host else str(u.database or "")
+        named = " and ".join(f"{shard} (the batch's {role}, {where(url)})" for role, shard, url in lost)
+        shards = " and ".join(shard for _role, shard, _url in lost)
+        return RebalanceError(
+            f"move {move_id}, batch {batch} ({source} -> {target}): {what} {named}: "
+            f"{type(error).__name__}: {first_line(error)}; the move stays running: once {shards} "
+            f"answer{'s' if len(lost) == 1 else ''} again, run `shardkit rebalance resume {move_id}` "
+            f"(or `shardkit rebalance abort {move_id}` before its batches switch)", move_id=move_id)
 
     def _grace_left(self, move_id: int, batch: int, step: str) -> float:
         """What is left of the grace period since the batch's ``step`` was recorded (by a
