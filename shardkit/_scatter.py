@@ -2198,7 +2198,7 @@ def _check_cancel() -> None:
     from psycopg import pq
 
     if pq.__impl__ != "python" and pq.version() < 170000:
-        logging.getLogger("shardkit.scatter").warning(
+        logging.getLogger("shardkit.session").warning(
             "psycopg's %s implementation runs on libpq %s, older than 17: its cancel requests hold "
             "the GIL, so one sent to a server that does not answer (frozen, or its host gone) stalls "
             "every thread of this process until the server answers or the connection attempt fails; "
