@@ -1376,10 +1376,11 @@ class Mover:
                 if self._batch is not None:
                     batch, source, target = self._batch
                     where = f", batch {batch} ({source} -> {target})"
-                raise RebalanceError(
+                # Still a ShardUnavailable (of the catalog node), as the catalog's own error is.
+                raise ShardUnavailable(
                     f"move {move_id}{where} stopped: {e}; the move stays running: once the catalog "
                     f"answers again, run `shardkit rebalance resume {move_id}` (or `shardkit rebalance "
-                    f"abort {move_id}` before its batches switch)", move_id=move_id) from e
+                    f"abort {move_id}` before its batches switch)", node="catalog", cause=e.cause) from e
             except KeyboardInterrupt as e:
                 # Ctrl-C: the move stays running, where it stopped (each step is redone
                 # whole); say so in the catalog, where `shardkit rebalance status` shows it.
