@@ -369,6 +369,12 @@ def _clash_error(table: str, e: psycopg.errors.UniqueViolation, where: str) -> _
         "moved tables must be unique across shards (not per-shard sequences)")
 
 
+def _address(url: Any) -> str:
+    """``host:port`` of a shard's URL (no user, no password), for messages naming a server."""
+    u = make_url(url) if isinstance(url, str) else url
+    return f"{u.host}:{u.port or 5432}" if u.host else str(u.database or "")
+
+
 def _masked_reason(error: BaseException, cluster: Cluster) -> str:
     """The first line of ``error``'s message, passwords masked."""
     return (mask_secrets(str(error), cluster).strip().splitlines() or [""])[0]
@@ -904,6 +910,90 @@ def _catch_up_ends(rounds: Sequence[int]) -> str | None:
     return None
 
 
+class _MoveLock:
+    """The move's advisory lock (``MOVER_LOCK_CLASS``, the move's id), held by a catalog
+    session of the process that runs the move (a mover) or undoes it (an abort): while that
+    session lives, a second mover or abort is refused, and `rebalance status` shows that a
+    process holds the move.
+
+    A catalog restarted (or failed over, or a dropped connection) ends the session and so
+    frees the lock while the process still runs (its pool reconnects: it sees nothing).
+    :func:`_fence`, in each of the process's catalog writes, checks that the session still
+    holds the lock and takes it again on a new session (see :meth:`again`), or stops the
+    process if another took the move meanwhile.
+    """
+
+    def __init__(self, catalog: Catalog, move_id: int, who: str) -> None:
+        self.catalog, self.move_id, self.who = catalog, move_id, who  # who: "mover" or "abort"
+        self.conn: Any = None   # the session holding the lock
+        self.pid = 0            # its backend
+
+    def take(self) -> bool:
+        """Take the lock on a new catalog session; False if another process holds it."""
+        conn = self.catalog.engine.connect()
+        try:
+            got, pid = conn.execute(text("SELECT pg_try_advisory_lock(:c, :m), pg_backend_pid()"),
+                                    {"c": MOVER_LOCK_CLASS, "m": self.move_id}).one()
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            return False
+        self.conn, self.pid = conn, pid
+        return True
+
+    def again(self, note: str = "") -> None:
+        """Take the lock again (the session holding it was lost), or stop: another process
+        holds the move now."""
+        old = self.conn
+        if not self.take():
+            raise RebalanceError(
+                f"move {self.move_id}: this {self.who} lost its catalog session (and the move's lock with "
+                f"it) and another process holds the move now; it stops here{note}", move_id=self.move_id)
+        log.warning("move %s: the catalog session holding the move's lock was lost (the catalog "
+                    "restarted, or the connection dropped); took the lock again", self.move_id)
+        with contextlib.suppress(Exception):
+            old.invalidate()  # (its server-side session is gone: nothing to unlock)
+            old.close()
+
+    def release(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"), {"c": MOVER_LOCK_CLASS, "m": self.move_id})
+            conn.commit()
+        except Exception:  # noqa: BLE001 - a dead session holds no lock; keep the real error
+            log.warning("move %s: could not release the %s's lock (its session is gone)", self.move_id, self.who)
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+        finally:
+            conn.close()
+
+
+def _fence(conn: Any, move_id: int, runner: str, lock: _MoveLock | None, who: str, note: str = "") -> None:
+    """Refuse (in the caller's catalog transaction) unless the process whose runner token is
+    ``runner`` (a mover, or an abort: ``who``) still holds move ``move_id``; take its lock
+    again if the session holding it was lost (see :class:`_MoveLock`).  ``note`` ends the
+    message of a refusal."""
+    held = conn.execute(text(
+        "UPDATE shardkit_catalog.moves SET updated_at = now() "
+        "WHERE id = :m AND state = 'running' AND runner = :r "
+        "RETURNING EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND classid = CAST(:c AS oid) AND objid = CAST(CAST(:m AS bigint) AS oid) AND objsubid = 2 "
+        "AND pid = :p AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"),
+        {"m": move_id, "r": runner, "c": MOVER_LOCK_CLASS, "p": lock.pid if lock else 0}).scalars().all()
+    if len(held) != 1:
+        by = ("aborted, or resumed by another mover" if who == "mover"
+              else "resumed by a mover, or aborted by another `shardkit rebalance abort`")
+        raise RebalanceError(f"move {move_id} was taken over ({by}) while this {who} ran; it stops here{note}",
+                             move_id=move_id)
+    if not held[0] and lock is not None:
+        lock.again(note)
+
+
 class Mover:
     """Runs (and resumes) moves recorded in the catalog.
 
@@ -963,8 +1053,8 @@ class Mover:
         self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
         self._visibility_wait = 0.0
         self._runner = ""
-        # (connection, backend pid) of the catalog session holding the move's lock, in run()
-        self._lock: tuple[Any, int] | None = None
+        # The move's lock, held by a catalog session, in run()
+        self._lock: _MoveLock | None = None
         self._batch: tuple[int, str, str] | None = None  # the batch being run: number, source, target
         # id(connection) -> whether it may set session_replication_role (see _may_replicate)
         self._replica: dict[int, bool] = {}
@@ -1345,18 +1435,15 @@ class Mover:
         """Run (or resume) move ``move_id`` to the end."""
         _fits_live_map(self.cluster, _need_catalog(self.cluster, initialised=True))
         self._batch = None
-        with self.catalog.engine.connect() as lock_conn:
-            got, pid = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m), pg_backend_pid()"),
-                                         {"c": MOVER_LOCK_CLASS, "m": move_id}).one()
-            lock_conn.commit()
-            if not got:
-                raise RebalanceError(f"move {move_id} is being run by another mover (or aborted by "
-                                     "`shardkit rebalance abort`)", move_id=move_id)
-            # The session holding the lock, and its backend (see _fence).
-            self._lock = (lock_conn, pid)
-            # The advisory lock keeps a second mover out while this session lives; the
+        lock = _MoveLock(self.catalog, move_id, "mover")
+        if not lock.take():
+            raise RebalanceError(f"move {move_id} is being run by another mover (or aborted by "
+                                 "`shardkit rebalance abort`)", move_id=move_id)
+        self._lock = lock
+        try:
+            # The advisory lock keeps a second mover out while its session lives; the
             # runner token fences every catalog write in case it does not (a dropped
-            # connection releases the lock while this mover still runs).
+            # connection releases the lock while this mover still runs: see _fence).
             self._runner = uuid.uuid4().hex
             with self.catalog.engine.begin() as conn:
                 # (The error of the run that stopped, if any, is history: this run records its own.)
@@ -1386,18 +1473,9 @@ class Mover:
                 # whole); say so in the catalog, where `shardkit rebalance status` shows it.
                 # (What stopped it, when not Ctrl-C: SIGTERM, SIGHUP, its output closed.)
                 raise KeyboardInterrupt(self._stopped_by_interrupt(move_id, str(e) or "Ctrl-C")) from None
-            finally:
-                holder = self._lock[0] if self._lock else lock_conn
-                self._lock = None
-                try:
-                    holder.execute(text("SELECT pg_advisory_unlock(:c, :m)"),
-                                   {"c": MOVER_LOCK_CLASS, "m": move_id})
-                    holder.commit()
-                except Exception:  # noqa: BLE001 - a dead session holds no lock; keep the real error
-                    log.warning("move %s: could not release the mover lock (its session is gone)", move_id)
-                finally:
-                    if holder is not lock_conn:
-                        holder.close()
+        finally:
+            self._lock = None
+            lock.release()
         if clash is not None:
             self._abort_on_clash(move_id, clash)
 
@@ -1537,45 +1615,10 @@ class Mover:
         Also checks that the session holding the move's lock is still alive: one lost with
         the catalog's server (a restart, a failover) left the move free for another mover,
         and `rebalance status` saying that no process runs it while this one does.  The lock
-        is then taken again on a new session, or the mover stops if another process holds it.
+        is then taken again on a new session, or the mover stops if another process holds it
+        (see _MoveLock).
         """
-        held = conn.execute(text(
-            "UPDATE shardkit_catalog.moves SET updated_at = now() "
-            "WHERE id = :m AND state = 'running' AND runner = :r "
-            "RETURNING EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND classid = CAST(:c AS oid) AND objid = CAST(CAST(:m AS bigint) AS oid) AND objsubid = 2 "
-            "AND pid = :p AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"),
-            {"m": move_id, "r": self._runner, "c": MOVER_LOCK_CLASS,
-             "p": self._lock[1] if self._lock else 0}).scalars().all()
-        if len(held) != 1:
-            raise RebalanceError(
-                f"move {move_id} was taken over (aborted, or resumed by another mover) while this "
-                "mover ran; it stops here", move_id=move_id)
-        if not held[0] and self._lock is not None:
-            self._lock_again(move_id)
-
-    def _lock_again(self, move_id: int) -> None:
-        """Take the move's lock on a new catalog session (the one holding it was lost)."""
-        new = self.catalog.engine.connect()
-        try:
-            got, pid = new.execute(text("SELECT pg_try_advisory_lock(:c, :m), pg_backend_pid()"),
-                                   {"c": MOVER_LOCK_CLASS, "m": move_id}).one()
-            new.commit()
-        except BaseException:
-            new.close()
-            raise
-        if not got:
-            new.close()
-            raise RebalanceError(
-                f"move {move_id}: this mover lost its catalog session (and the move's lock with it) "
-                "and another process holds the move now; it stops here", move_id=move_id)
-        assert self._lock is not None
-        old, self._lock = self._lock[0], (new, pid)
-        log.warning("move %s: the catalog session holding the move's lock was lost (the catalog "
-                    "restarted, or the connection dropped); took the lock again", move_id)
-        with contextlib.suppress(Exception):
-            old.invalidate()  # (its server-side session is gone: nothing to unlock)
-            old.close()
+        _fence(conn, move_id, self._runner, self._lock, "mover")
 
     def _still_mine(self, move_id: int) -> None:
         """Refuse unless this mover still runs the move, before it writes to a shard: its
@@ -1722,10 +1765,7 @@ class Mover:
     @staticmethod
     def _server_lost(move_id: int, batch: int, source: str, target: str,
                      lost: list[tuple[str, str, Any]], error: BaseException, what: str) -> RebalanceError:
-        def where(url: Any) -> str:
-            u = make_url(url) if isinstance(url, str) else url
-            return f"{u.host}:{u.port or 5432}" if u.host else str(u.database or "")
-        named = " and ".join(f"{shard} (the batch's {role}, {where(url)})" for role, shard, url in lost)
+        named = " and ".join(f"{shard} (the batch's {role}, {_address(url)})" for role, shard, url in lost)
         shards = " and ".join(shard for _role, shard, _url in lost)
         return RebalanceError(
             f"move {move_id}, batch {batch} ({source} -> {target}): {what} {named}: "
@@ -2492,123 +2532,142 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
     """
     catalog = _need_catalog(cluster, initialised=True)
     _fits_live_map(cluster, catalog)
-    with catalog.engine.connect() as lock_conn:
-        got = lock_conn.execute(text("SELECT pg_try_advisory_lock(:c, :m)"),
-                                {"c": MOVER_LOCK_CLASS, "m": move_id}).scalar()
-        lock_conn.commit()
-        if not got:
-            raise RebalanceError(f"move {move_id} is being run by a mover, or aborted by another `shardkit "
-                                 "rebalance abort`; stop the mover (or let the abort finish) first", move_id=move_id)
-        try:
+    # The move's lock, on a catalog session, as a mover holds it; and, like a mover's, every
+    # catalog write of the abort checks the move is still its own and takes the lock again if
+    # a catalog restart took its session (else a resume started then ran alongside it).
+    lock = _MoveLock(catalog, move_id, "abort")
+    if not lock.take():
+        raise RebalanceError(f"move {move_id} is being run by a mover, or aborted by another `shardkit "
+                             "rebalance abort`; stop the mover (or let the abort finish) first", move_id=move_id)
+    runner = "abort-" + uuid.uuid4().hex
+    undone: list[int] = []
+
+    def fence(conn: Any) -> None:
+        _fence(conn, move_id, runner, lock, "abort",
+               (f" (batches {undone} are undone already)" if undone else "")
+               + f"; `shardkit rebalance status {move_id}` shows the move")
+
+    try:
+        with catalog.engine.begin() as conn:
+            state = conn.execute(text("SELECT state FROM shardkit_catalog.moves WHERE id = :m"),
+                                 {"m": move_id}).scalar()
+            if state == "running":
+                # Fence out a mover that lost its lock but still runs (before the
+                # batches are read: it records no step after this).
+                conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r WHERE id = :m"),
+                             {"r": runner, "m": move_id})
+            batches = conn.execute(text(
+                "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
+                "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
+            left = [b for b in batches if b.step == LEFTOVERS]
+            if state != "running" and not (state == "aborted" and left):
+                raise RebalanceError(f"move {move_id} is {state or 'unknown'}; nothing to abort",
+                                     move_id=move_id)
+            group = _move_group(conn, move_id)
+        if state == "aborted":
+            # Aborted with --target-lost: remove what it left on the targets.
+            return _remove_leftovers(cluster, catalog, move_id, left)
+        if all(b.step == "cleaned" for b in batches):
+            # Every batch finished (its mover stopped before it recorded the move done):
+            # nothing is left to undo and everything moved, so the move is done, as
+            # `resume` would record it; "aborted" would say its buckets went back.
+            finished = [b.batch for b in batches]
             with catalog.engine.begin() as conn:
-                state = conn.execute(text("SELECT state FROM shardkit_catalog.moves WHERE id = :m"),
-                                     {"m": move_id}).scalar()
-                if state == "running":
-                    # Fence out a mover that lost its lock but still runs (before the
-                    # batches are read: it records no step after this).
-                    conn.execute(text("UPDATE shardkit_catalog.moves SET runner = :r WHERE id = :m"),
-                                 {"r": "abort-" + uuid.uuid4().hex, "m": move_id})
-                batches = conn.execute(text(
-                    "SELECT batch, source, target, buckets, step FROM shardkit_catalog.move_batches "
-                    "WHERE move_id = :m ORDER BY batch"), {"m": move_id}).all()
-                left = [b for b in batches if b.step == LEFTOVERS]
-                if state != "running" and not (state == "aborted" and left):
-                    raise RebalanceError(f"move {move_id} is {state or 'unknown'}; nothing to abort",
-                                         move_id=move_id)
-                group = _move_group(conn, move_id)
-            if state == "aborted":
-                # Aborted with --target-lost: remove what it left on the targets.
-                return _remove_leftovers(cluster, catalog, move_id, left)
-            if all(b.step == "cleaned" for b in batches):
-                # Every batch finished (its mover stopped before it recorded the move done):
-                # nothing is left to undo and everything moved, so the move is done, as
-                # `resume` would record it; "aborted" would say its buckets went back.
-                finished = [b.batch for b in batches]
+                fence(conn)
+                conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'done', error = NULL, "
+                                  "updated_at = now() WHERE id = :m"), {"m": move_id})
+                Catalog.record(conn, move_id, None, "done", {"by": "abort", "finished": finished})
+            return {"move": move_id, "undone_batches": [], "finished_batches": finished, "leftovers": [],
+                    "removed_leftovers": [], "done": True}
+        pending = [b for b in batches if b.step != "cleaned"]
+        # Every shard the undo reads and writes, before anything is undone.
+        urls = {(b.batch, role): _shard_url(cluster, shard, move_id, b.batch, role)
+                for b in pending for role, shard in (("source", b.source), ("target", b.target))}
+        for b in pending:
+            switched = b.step in ("switched", "verified")
+            if not switched and b.step != "pending":
+                with cluster.primary(b.source).connect() as c:
+                    source_owns = c.execute(text(
+                        "SELECT count(*) FROM shardkit.owned_buckets WHERE bucket = ANY(:b)"),
+                        {"b": list(b.buckets)}).scalar()
+                switched = source_owns == 0
+            if switched:
+                back = "plan those buckets back" if group is None else _slices_back(catalog, move_id, b)
+                raise RebalanceError(
+                    f"move {move_id}: batch {b.batch} has switched to {b.target}; run `shardkit "
+                    f"rebalance resume {move_id}` to finish it, then {back}",
+                    move_id=move_id, step=b.step)
+        # Batches --target-lost may not leave to their target (None: it may), refused
+        # before anything is undone when their target is down.
+        unsafe = _unsafe_without_target(cluster, catalog, move_id, pending, group) if target_lost else {}
+        for b in pending:
+            if unsafe.get(b.batch) and _unreachable(cluster, urls[(b.batch, "target")]) is not None:
+                raise RebalanceError(
+                    f"move {move_id}: cannot reach {b.target}, the target of batch {b.batch}, and "
+                    f"--target-lost cannot undo the batch without it: {unsafe[b.batch]}; the move "
+                    f"stays running: run `shardkit rebalance abort {move_id}` once {b.target} is "
+                    "reachable again (or rebuilt with its tables)", move_id=move_id, step=b.step)
+        leftovers: list[dict[str, Any]] = []
+        for b in pending:
+            buckets = list(b.buckets)
+            lost = target_lost and not unsafe.get(b.batch)
+            with _connect_for_abort(cluster, urls, b, move_id, undone, lost) as (src, tgt, why):
+                tables = _moved_tables(cluster, src, b.source, group)
+                # Before the shards change: an abort that stops before it records the
+                # batch undone leaves its step as it was, and `status` must tell.
                 with catalog.engine.begin() as conn:
-                    conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'done', error = NULL, "
-                                      "updated_at = now() WHERE id = :m"), {"m": move_id})
-                    Catalog.record(conn, move_id, None, "done", {"by": "abort", "finished": finished})
-                return {"move": move_id, "undone_batches": [], "finished_batches": finished, "leftovers": [],
-                        "removed_leftovers": [], "done": True}
-            pending = [b for b in batches if b.step != "cleaned"]
-            # Every shard the undo reads and writes, before anything is undone.
-            urls = {(b.batch, role): _shard_url(cluster, shard, move_id, b.batch, role)
-                    for b in pending for role, shard in (("source", b.source), ("target", b.target))}
-            for b in pending:
-                switched = b.step in ("switched", "verified")
-                if not switched and b.step != "pending":
-                    with cluster.primary(b.source).connect() as c:
-                        source_owns = c.execute(text(
-                            "SELECT count(*) FROM shardkit.owned_buckets WHERE bucket = ANY(:b)"),
-                            {"b": list(b.buckets)}).scalar()
-                    switched = source_owns == 0
-                if switched:
-                    back = "plan those buckets back" if group is None else _slices_back(catalog, move_id, b)
-                    raise RebalanceError(
-                        f"move {move_id}: batch {b.batch} has switched to {b.target}; run `shardkit "
-                        f"rebalance resume {move_id}` to finish it, then {back}",
-                        move_id=move_id, step=b.step)
-            # Batches --target-lost may not leave to their target (None: it may), refused
-            # before anything is undone when their target is down.
-            unsafe = _unsafe_without_target(cluster, catalog, move_id, pending, group) if target_lost else {}
-            for b in pending:
-                if unsafe.get(b.batch) and _unreachable(cluster, urls[(b.batch, "target")]) is not None:
-                    raise RebalanceError(
-                        f"move {move_id}: cannot reach {b.target}, the target of batch {b.batch}, and "
-                        f"--target-lost cannot undo the batch without it: {unsafe[b.batch]}; the move "
-                        f"stays running: run `shardkit rebalance abort {move_id}` once {b.target} is "
-                        "reachable again (or rebuilt with its tables)", move_id=move_id, step=b.step)
-            undone: list[int] = []
-            leftovers: list[dict[str, Any]] = []
-            for b in pending:
-                buckets = list(b.buckets)
-                lost = target_lost and not unsafe.get(b.batch)
-                with _connect_for_abort(cluster, urls, b, move_id, undone, lost) as (src, tgt, why):
-                    tables = _moved_tables(cluster, src, b.source, group)
-                    # Before the shards change: an abort that stops before it records the
-                    # batch undone leaves its step as it was, and `status` must tell.
-                    with catalog.engine.begin() as conn:
-                        Catalog.record(conn, move_id, None, _UNDOING, {"batch": b.batch})
-                    with src.transaction():
-                        # Writers in flight, and a cut-over in flight, finish first: none
-                        # logs a change after this, and the source owns the buckets after.
-                        src.execute("SELECT pg_advisory_xact_lock(%s, %s)",
-                                    (GATE_LOCK_CLASS, move_id % 2147483647))
-                        src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
-                                    (buckets,))
-                        src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
-                        src.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
-                                    "ON CONFLICT DO NOTHING", (buckets,))
-                    lsn = None if tgt is None else _undo_on_target(tgt, tables, buckets, move_id)
-                undone.append(b.batch)
-                with catalog.engine.begin() as conn:
-                    if lsn is not None:
-                        Catalog.set_floor(conn, move_id, b.batch, "target", lsn)
-                        Catalog.record(conn, move_id, b.batch, "aborted")
-                    elif b.step == "pending":
-                        # Nothing of the batch reached the target (the copy follows the
-                        # "capturing" record, and a cut-over the "copied" one).
-                        Catalog.record(conn, move_id, b.batch, "aborted", {"target_unreachable": why})
-                    else:
-                        Catalog.record(conn, move_id, b.batch, LEFTOVERS, {
-                            "shard": b.target, "buckets": buckets, "step": b.step, "target_unreachable": why,
-                            # a cut-over began: the target may own the buckets too
-                            "may_own": b.batch in unsafe})
-                        leftovers.append({"batch": b.batch, "shard": b.target, "buckets": sorted(buckets)})
-            if group is not None:
-                _restore_group(cluster, catalog, group, move_id)
-            kept = [b.batch for b in batches if b.step == "cleaned"]
+                    fence(conn)
+                    Catalog.record(conn, move_id, None, _UNDOING, {"batch": b.batch})
+                with src.transaction():
+                    # Writers in flight, and a cut-over in flight, finish first: none
+                    # logs a change after this, and the source owns the buckets after.
+                    src.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                                (GATE_LOCK_CLASS, move_id % 2147483647))
+                    src.execute("DELETE FROM shardkit.moving_buckets WHERE bucket = ANY(%s::integer[])",
+                                (buckets,))
+                    src.execute("DELETE FROM shardkit.changes WHERE bucket = ANY(%s::integer[])", (buckets,))
+                    src.execute("INSERT INTO shardkit.owned_buckets SELECT unnest(%s::integer[]) "
+                                "ON CONFLICT DO NOTHING", (buckets,))
+                lsn = None if tgt is None else _undo_on_target(tgt, tables, buckets, move_id)
+            undone.append(b.batch)
             with catalog.engine.begin() as conn:
-                conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'aborted', updated_at = now() "
-                                  "WHERE id = :m"), {"m": move_id})
-                Catalog.record(conn, move_id, None, "aborted", {
-                    "undone": undone, "kept": kept, **({"leftovers": leftovers} if leftovers else {})})
-        finally:
-            try:
-                lock_conn.execute(text("SELECT pg_advisory_unlock(:c, :m)"), {"c": MOVER_LOCK_CLASS, "m": move_id})
-                lock_conn.commit()
-            except Exception:  # noqa: BLE001 - a dead session holds no lock
-                pass
+                fence(conn)
+                if lsn is not None:
+                    Catalog.set_floor(conn, move_id, b.batch, "target", lsn)
+                    Catalog.record(conn, move_id, b.batch, "aborted")
+                elif b.step == "pending":
+                    # Nothing of the batch reached the target (the copy follows the
+                    # "capturing" record, and a cut-over the "copied" one).
+                    Catalog.record(conn, move_id, b.batch, "aborted", {"target_unreachable": why})
+                else:
+                    Catalog.record(conn, move_id, b.batch, LEFTOVERS, {
+                        "shard": b.target, "buckets": buckets, "step": b.step, "target_unreachable": why,
+                        # a cut-over began: the target may own the buckets too
+                        "may_own": b.batch in unsafe})
+                    leftovers.append({"batch": b.batch, "shard": b.target, "buckets": sorted(buckets)})
+        if group is not None:
+            with catalog.engine.begin() as conn:
+                fence(conn)
+            _restore_group(cluster, catalog, group, move_id)
+        kept = [b.batch for b in batches if b.step == "cleaned"]
+        with catalog.engine.begin() as conn:
+            fence(conn)
+            conn.execute(text("UPDATE shardkit_catalog.moves SET state = 'aborted', updated_at = now() "
+                              "WHERE id = :m"), {"m": move_id})
+            Catalog.record(conn, move_id, None, "aborted", {
+                "undone": undone, "kept": kept, **({"leftovers": leftovers} if leftovers else {})})
+    except ShardUnavailable as e:
+        if e.node != "catalog":
+            raise
+        # A catalog that died (or restarted) under the abort: say where it stopped and what to
+        # run (still a ShardUnavailable of the catalog node, as the catalog's own error is).
+        raise ShardUnavailable(
+            f"move {move_id}: the abort stopped: {e}"
+            + (f" (batches {undone} are undone already)" if undone else "")
+            + f"; once the catalog answers again, run `shardkit rebalance abort {move_id}` again "
+            f"(`shardkit rebalance status {move_id}` shows what is undone)", node="catalog", cause=e.cause) from e
+    finally:
+        lock.release()
     return {"move": move_id, "undone_batches": undone, "finished_batches": kept, "leftovers": leftovers,
             "removed_leftovers": []}
 
@@ -2714,13 +2773,28 @@ def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: An
     """Connections to the source and the target of batch ``b``, for an abort to undo it; a
     shard that cannot be reached is refused saying what is left to undo.  With
     ``target_lost``, a target that cannot be reached gives None, and why."""
-    conns = []
+    conns: list[tuple[str, str, psycopg.Connection]] = []
     why = None
+
+    def refused(role: str, shard: str, what: str) -> RebalanceError:
+        lost = "" if role == "source" else (
+            f", or, if {shard} is lost (its data gone, or down for long), `shardkit rebalance "
+            f"abort {move_id} --target-lost`: it undoes the batch on {b.source} alone (capture "
+            f"stops, {b.source} keeps the buckets) and records that {shard} still holds copies "
+            "of their rows (and, after a crashed cut-over, their ownership); moves of them to "
+            f"{shard} are refused until `shardkit rebalance abort {move_id}`, run once {shard} "
+            "is back, removes them")
+        return RebalanceError(
+            f"move {move_id}: {what}; the abort needs it to undo the batch"
+            + (f" (batches {undone} are undone already)" if undone else "")
+            + f": the move stays running; run `shardkit rebalance abort {move_id}` again once "
+            f"{shard} is reachable" + lost, move_id=move_id)
+
     try:
         for role in ("source", "target"):
             shard = b.source if role == "source" else b.target
             try:
-                conns.append(_connect(urls[(b.batch, role)]))
+                conns.append((role, shard, _connect(urls[(b.batch, role)])))
             except psycopg.OperationalError as e:
                 first = _masked_reason(e, cluster)
                 if role == "target" and target_lost:
@@ -2728,22 +2802,21 @@ def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: An
                     log.warning("move %s: cannot reach %s, the target of batch %s (%s); undoing the "
                                 "batch on its source only (--target-lost)", move_id, shard, b.batch, first)
                     continue
-                lost = "" if role == "source" else (
-                    f", or, if {shard} is lost (its data gone, or down for long), `shardkit rebalance "
-                    f"abort {move_id} --target-lost`: it undoes the batch on {b.source} alone (capture "
-                    f"stops, {b.source} keeps the buckets) and records that {shard} still holds copies "
-                    "of their rows (and, after a crashed cut-over, their ownership); moves of them to "
-                    f"{shard} are refused until `shardkit rebalance abort {move_id}`, run once {shard} "
-                    "is back, removes them")
-                raise RebalanceError(
-                    f"move {move_id}: cannot reach {shard}, the {role} of batch {b.batch} ({first}); "
-                    f"the abort needs it to undo the batch"
-                    + (f" (batches {undone} are undone already)" if undone else "")
-                    + f": the move stays running; run `shardkit rebalance abort {move_id}` again once "
-                    f"{shard} is reachable" + lost, move_id=move_id) from None
-        yield conns[0], (conns[1] if len(conns) > 1 else None), why
+                raise refused(role, shard, f"cannot reach {shard}, the {role} of batch {b.batch} ({first})") from None
+        try:
+            yield conns[0][2], (conns[1][2] if len(conns) > 1 else None), why
+        except psycopg.OperationalError as e:
+            # A shard that died (or restarted) while the batch was being undone: its undo
+            # rolled back, or committed unseen; the next abort does it again either way.
+            lost = [(role, shard) for role, shard, c in conns if c.broken]
+            if not lost:
+                raise
+            role, shard = lost[0]
+            raise refused(role, shard, f"lost the connection to {shard}, the {role} of batch {b.batch} "
+                          f"({_address(urls[(b.batch, role)])}: {_masked_reason(e, cluster)}) while "
+                          "undoing it") from None
     finally:
-        for c in conns:
+        for _role, _shard, c in conns:
             c.close()
 
 

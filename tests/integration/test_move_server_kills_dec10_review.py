@@ -428,6 +428,22 @@ def _drive(w: World, rnd: random.Random, plan_path: Path, kill: Kill, target_pha
     before = _latest_move(w)
     mover = Proc(w, "apply", "--plan", str(plan_path), "--batch-buckets", str(rnd.choice([4, 8])),
                  "--grace", rnd.choice(["0", "0.2"]), rest=rest)
+    rc = _kill_during(w, rnd, mover, kill, target_phase, rest)
+    move_id = _latest_move(w)
+    _check_failure(w, kill, rc, mover, None if move_id == before else move_id)
+    if move_id == before:
+        # It died before it began the move (its checks met the dead server): apply again.
+        r = _cli(w, "rebalance", "apply", "--plan", str(plan_path), "--grace", "0")
+        w.say(f"apply again -> {r.returncode}: {(r.stdout + r.stderr).strip()[-400:]!r}")
+        assert r.returncode == 0, (r.stderr, w.text())
+        move_id = _latest_move(w)
+        assert move_id != before, w.text()
+    return _finish(w, rnd, move_id)
+
+
+def _kill_during(w: World, rnd: random.Random, mover: Proc, kill: Kill, target_phase: str, rest: float) -> int:
+    """Kill ``kill``'s server while ``mover`` (a `rebalance` command) is in ``target_phase``
+    (or at a random time), start it again after a while; the command's exit status."""
     # The moment: once the mover is in ``target_phase`` (a little after it entered it), or
     # at a random time over a move's usual life.
     t0 = time.monotonic()
@@ -467,17 +483,12 @@ def _drive(w: World, rnd: random.Random, plan_path: Path, kill: Kill, target_pha
         pytest.fail(f"the mover still runs 120 s after {kill.node.name} came back (phase "
                     f"{mover.phase()!r}):\n{mover.output}\n{w.text()}")
     out = mover.output
-    w.say(f"apply -> {rc}: {out.strip()[-400:]!r}")
-    move_id = _latest_move(w)
-    _check_failure(w, kill, rc, mover, None if move_id == before else move_id)
-    if move_id == before:
-        # It died before it began the move (its checks met the dead server): apply again.
-        r = _cli(w, "rebalance", "apply", "--plan", str(plan_path), "--grace", "0")
-        w.say(f"apply again -> {r.returncode}: {(r.stdout + r.stderr).strip()[-400:]!r}")
-        assert r.returncode == 0, (r.stderr, w.text())
-        move_id = _latest_move(w)
-        assert move_id != before, w.text()
-    # Resume or abort, at random, until the move ends.
+    w.say(f"{mover.args[0]} -> {rc}: {out.strip()[-400:]!r}")
+    return rc
+
+
+def _finish(w: World, rnd: random.Random, move_id: int) -> int:
+    """Resume or abort, at random, until the move ends; checks what `status` offers."""
     for attempt in range(8):
         _wait_for_lock_release(w, move_id)
         st = _status(w, move_id)
