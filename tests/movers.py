@@ -39,6 +39,7 @@ class WriterThreads:
     ``shardkit.run_transaction`` and keep a ledger of what each acknowledged commit left."""
 
     generation = 0  # ids made from ``base`` never repeat across writers in one test session
+    join_timeout = 60.0  # seconds a writer may take to stop once told to (else a failure)
 
     def __init__(self, Session: Any, n: int = 4) -> None:
         WriterThreads.generation += 1
@@ -55,7 +56,11 @@ class WriterThreads:
         try:
             self._run(me)
         except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(e)
+            self._failed(e)
+
+    def _failed(self, error: BaseException) -> None:
+        """Record a writer's failure (or a writer that did not stop) for the test to judge."""
+        self.errors.append(error)
 
     def _run(self, me: int) -> None:
         raise NotImplementedError
@@ -68,7 +73,10 @@ class WriterThreads:
     def __exit__(self, *exc: Any) -> None:
         self.stop.set()
         for t in self.threads:
-            t.join(60)
+            t.join(self.join_timeout)
+            if t.is_alive():
+                self._failed(TimeoutError(f"writer {t.name} still blocked {self.join_timeout:g} s after "
+                                          "it was told to stop"))
 
 
 def journal_steps(cluster: Any, move_id: int) -> list[str]:

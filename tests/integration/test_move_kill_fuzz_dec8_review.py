@@ -40,6 +40,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from movers import WriterThreads
 from sqlalchemy import BigInteger, ForeignKey, Integer, delete, insert, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -218,40 +219,24 @@ def _drop_world(w: World) -> None:
 # -- writers -------------------------------------------------------------------------------
 
 
-class Writers:
+class Writers(WriterThreads):
     """Threads writing through run_transaction; each owns the accounts and tickets ``k % n ==
     me`` and the ids it makes, so its ledger of acknowledged commits is exact."""
 
+    join_timeout = 120.0
+
     def __init__(self, Session: Any, n: int, seed: int) -> None:
-        self.Session, self.n, self.seed = Session, n, seed
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
+        super().__init__(Session, n)
+        self.seed = seed
         self.balances: dict[int, int | None] = {}     # account -> balance (None: deleted)
         self.entries: dict[int, tuple[int, int] | None] = {}  # entry -> (account, amount)
         self.tickets: dict[int, int | None] = {}      # ticket -> amount
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # type: ignore[assignment]  # (as text)
         self.retryable: collections.Counter[str] = collections.Counter()
-        self.ops = 0
         self.longest = 0.0
-        self.threads = [threading.Thread(target=self._guarded, args=(i,), daemon=True) for i in range(n)]
 
-    def __enter__(self) -> Writers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
-            if t.is_alive():
-                self.errors.append(f"writer {t.name} still blocked 120 s after it was told to stop")
-
-    def _guarded(self, me: int) -> None:
-        try:
-            self._run(me)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.errors.append(f"{type(e).__name__}: {e}")
+    def _failed(self, error: BaseException) -> None:
+        self.errors.append(f"{type(error).__name__}: {error}")
 
     def _txn(self, fn: Any) -> None:
         """run_transaction until it commits; NotOwned (a switch whose map a killed mover did

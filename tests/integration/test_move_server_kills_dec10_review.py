@@ -32,7 +32,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from movers import WriterThreads
 from sqlalchemy import BigInteger, Integer, delete, insert, update
 from sqlalchemy import text as text_
 from sqlalchemy.engine import make_url
@@ -216,37 +216,22 @@ class Op:
     error: str = ""
 
 
-class Writers:
+class Writers(WriterThreads):
     """Threads writing through run_transaction; each owns the accounts ``k % n == me`` and
     the ids it makes.  ``values[k]``: the set of values account ``k`` may hold (None: no
     row), one value once an acknowledged write settled it."""
 
+    join_timeout = 120.0
+
     def __init__(self, Session: Any, n: int, seed: int) -> None:
-        self.Session, self.n, self.seed = Session, n, seed
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
+        super().__init__(Session, n)
+        self.seed = seed
         self.values: dict[int, set[int | None]] = {k: {0} for k in range(N_ACCOUNTS)}
         self.ops: list[Op] = []
         self.crashed: list[str] = []
-        self.threads = [threading.Thread(target=self._guarded, args=(i,), daemon=True) for i in range(n)]
 
-    def __enter__(self) -> Writers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
-            if t.is_alive():
-                self.crashed.append(f"writer {t.name} still blocked 120 s after it was told to stop")
-
-    def _guarded(self, me: int) -> None:
-        try:
-            self._run(me)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.crashed.append(f"{type(e).__name__}: {e}")
+    def _failed(self, error: BaseException) -> None:
+        self.crashed.append(f"{type(error).__name__}: {error}")
 
     def _txn(self, key: int, fn: Any) -> bool:
         """run_transaction; NotOwned (a switch whose map is not published yet: the mover
