@@ -42,10 +42,15 @@ Resolver = Callable[[str], "tuple[str, tuple[str, ...]] | None"]
 class _Instance:
     """One occurrence of a sharded table (or of a derived table over one) in a FROM list."""
 
-    def __init__(self, frm: Any, group: str, keys: dict[Any, int], n_keys: int, label: str) -> None:
+    def __init__(self, frm: Any, group: str, keys: dict[Any, int], n_keys: int, label: str,
+                 by_name: bool = False) -> None:
         self.frm = frm
         self.group = group
         self.keys = keys          # column key/name in frm.c -> key position
+        # A table's (or its alias's) keys are its key columns' database names, as configured:
+        # a Column("tenant_id", key="tid") is in frm.c as "tid", and another column may have
+        # "tenant_id" for its key.  A derived table's are the keys of its columns in frm.c.
+        self.by_name = by_name
         self.n_keys = n_keys
         self.label = label
         # (a derived table's) key columns that carry the key of an outer join's optional
@@ -176,7 +181,7 @@ def _instances(froms: list[Any], resolve: Resolver, outer: list[_Instance],
                 if placed is not None:
                     group, keys = placed
                     out.append(_Instance(frm, group, {k: i for i, k in enumerate(keys)}, len(keys),
-                                         _name(frm)))
+                                         _name(frm), by_name=True))
             elif isinstance(frm, selectable.AliasedReturnsRows) and isinstance(
                     _derived_select(frm), (selectable.Select, selectable.CompoundSelect)):
                 derived, problem = _derived(frm, resolve, outer, one_shard, local)
@@ -252,6 +257,14 @@ def _derived(frm: Any, resolve: Resolver, outer: list[_Instance],
     return derived, None
 
 
+def _key_position(inst: _Instance, col: Any) -> int | None:
+    """The position in ``inst``'s shard key of its column ``col``, or None."""
+    if inst.by_name:
+        return inst.keys.get(getattr(col, "name", None))
+    pos = inst.keys.get(getattr(col, "key", None))
+    return inst.keys.get(getattr(col, "name", None)) if pos is None else pos
+
+
 def _shard_local(sel: Any, froms: list[Any], instances: list[_Instance], local: frozenset[str]) -> bool:
     """Whether derived table SELECT ``sel`` (its sharded tables tied on the key already)
     computes each of its rows from rows of one shard, so that its GROUP BY, HAVING,
@@ -292,8 +305,7 @@ def _shard_local(sel: Any, froms: list[Any], instances: list[_Instance], local: 
                 t = _plain(t)
                 for inst in instances:
                     if inst.frm is t and id(t) not in optional:
-                        pos = inst.keys.get(c.key)
-                        pos = inst.keys.get(c.name) if pos is None else pos
+                        pos = _key_position(inst, c)
                         if pos is not None and c.key not in inst.optional and c.name not in inst.optional:
                             named.setdefault(id(inst), set()).add(pos)
         return all(any(len(named.get(id(i), ())) == i.n_keys for i in instances if i.group == g)
@@ -444,9 +456,7 @@ def _check(stmt: Any, outer: list[_Instance], resolve: Resolver,
         t = _plain(t)
         for inst in everyone:
             if inst.frm is t:
-                pos = inst.keys.get(getattr(col, "key", None))
-                if pos is None:
-                    pos = inst.keys.get(getattr(col, "name", None))
+                pos = _key_position(inst, col)
                 return None if pos is None else (inst, pos)
         return None
 

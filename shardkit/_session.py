@@ -336,8 +336,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     continue
                 rows = (_association_rows(st, r) if tr is not None and tr.strategy is not None
                         else None)
+                # (The rows are keyed by column key, the shard key configured by name: a
+                # Column("member_id", key="mid") is row["mid"].)
+                keys = [getattr(column_named(r.secondary.c, c), "key", c)
+                        for c in tr.key_columns] if rows else ()  # type: ignore[union-attr]
                 for row in rows or ():
-                    key = tuple(row.get(c) for c in tr.key_columns)  # type: ignore[union-attr]
+                    key = tuple(row.get(k) for k in keys)
                     try:
                         shards.add(router.shard_for(r.secondary, key[0] if len(key) == 1 else key))
                     except ShardkitError:
