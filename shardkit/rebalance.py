@@ -1741,26 +1741,11 @@ class Mover:
         or whose connection breaks while the batch runs (it died, restarted, the network
         dropped), stops the move with an error naming that shard and its role (the driver's
         message names neither)."""
-        ends = (("source", source, src_url), ("target", target, tgt_url))
-        conns: list[psycopg.Connection] = []
-        try:
-            for role, shard, url in ends:
-                try:
-                    conns.append(_connect(url))
-                except psycopg.OperationalError as e:
-                    raise self._server_lost(move_id, batch, source, target, [(role, shard, url)], e,
-                                            "cannot connect to") from e
-            try:
-                yield conns[0], conns[1]
-            except psycopg.OperationalError as e:
-                lost = [end for end, conn in zip(ends, conns) if conn.broken]
-                if not lost:
-                    raise
-                raise self._server_lost(move_id, batch, source, target, lost, e,
-                                        "lost the connection to") from e
-        finally:
-            for conn in conns:
-                conn.close()
+        def fail(lost: list[tuple[str, str, Any]], error: BaseException, what: str) -> RebalanceError:
+            return self._server_lost(move_id, batch, source, target, lost, error, what)
+
+        with _batch_ends((("source", source, src_url), ("target", target, tgt_url)), fail) as conns:
+            yield conns[0], conns[1]
 
     @staticmethod
     def _server_lost(move_id: int, batch: int, source: str, target: str,
@@ -2771,13 +2756,30 @@ def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: An
                        undone: list[int], target_lost: bool = False
                        ) -> Iterator[tuple[psycopg.Connection, psycopg.Connection | None, str | None]]:
     """Connections to the source and the target of batch ``b``, for an abort to undo it; a
-    shard that cannot be reached is refused saying what is left to undo.  With
-    ``target_lost``, a target that cannot be reached gives None, and why."""
-    conns: list[tuple[str, str, psycopg.Connection]] = []
+    shard that cannot be reached, or lost while the batch is undone, is refused saying what
+    is left to undo.  With ``target_lost``, a target that cannot be reached gives None, and why."""
     why = None
 
-    def refused(role: str, shard: str, what: str) -> RebalanceError:
-        lost = "" if role == "source" else (
+    def spare(end: tuple[str, str, Any], error: BaseException) -> bool:
+        nonlocal why
+        if end[0] != "target" or not target_lost:
+            return False
+        why = _masked_reason(error, cluster)
+        log.warning("move %s: cannot reach %s, the target of batch %s (%s); undoing the "
+                    "batch on its source only (--target-lost)", move_id, end[1], b.batch, why)
+        return True
+
+    def refused(lost: list[tuple[str, str, Any]], error: BaseException, what: str) -> RebalanceError:
+        role, shard, url = lost[0]
+        reason = _masked_reason(error, cluster)
+        if what == _CANNOT_CONNECT:
+            what = f"cannot reach {shard}, the {role} of batch {b.batch} ({reason})"
+        else:
+            # A shard that died (or restarted) while the batch was being undone: its undo
+            # rolled back, or committed unseen; the next abort does it again either way.
+            what = (f"lost the connection to {shard}, the {role} of batch {b.batch} "
+                    f"({_address(url)}: {reason}) while undoing it")
+        gone = "" if role == "source" else (
             f", or, if {shard} is lost (its data gone, or down for long), `shardkit rebalance "
             f"abort {move_id} --target-lost`: it undoes the batch on {b.source} alone (capture "
             f"stops, {b.source} keeps the buckets) and records that {shard} still holds copies "
@@ -2788,36 +2790,46 @@ def _connect_for_abort(cluster: Cluster, urls: dict[tuple[int, str], Any], b: An
             f"move {move_id}: {what}; the abort needs it to undo the batch"
             + (f" (batches {undone} are undone already)" if undone else "")
             + f": the move stays running; run `shardkit rebalance abort {move_id}` again once "
-            f"{shard} is reachable" + lost, move_id=move_id)
+            f"{shard} is reachable" + gone, move_id=move_id)
 
+    ends = [(role, shard, urls[(b.batch, role)]) for role, shard in (("source", b.source), ("target", b.target))]
+    with _batch_ends(ends, refused, spare=spare) as conns:
+        yield conns[0], (conns[1] if len(conns) > 1 else None), why
+
+
+_CANNOT_CONNECT = "cannot connect to"
+
+
+@contextlib.contextmanager
+def _batch_ends(ends: Sequence[tuple[str, str, Any]],
+                fail: Callable[[list[tuple[str, str, Any]], BaseException, str], BaseException],
+                spare: Callable[[tuple[str, str, Any], BaseException], bool] | None = None
+                ) -> Iterator[list[psycopg.Connection]]:
+    """Connections to a batch's ends (``(role, shard, url)``: its source, its target), for a
+    mover or an abort.  A server that cannot be reached, or whose connection breaks inside
+    the block (it died, restarted, the network dropped), raises ``fail(ends lost, error,
+    what)`` (``what``: :data:`_CANNOT_CONNECT` or "lost the connection to"), which names
+    them (the driver's message names neither the shard nor its role); an end ``spare``
+    answers True for is left out instead."""
+    conns: list[tuple[tuple[str, str, Any], psycopg.Connection]] = []
     try:
-        for role in ("source", "target"):
-            shard = b.source if role == "source" else b.target
+        for end in ends:
             try:
-                conns.append((role, shard, _connect(urls[(b.batch, role)])))
+                conns.append((end, _connect(end[2])))
             except psycopg.OperationalError as e:
-                first = _masked_reason(e, cluster)
-                if role == "target" and target_lost:
-                    why = first
-                    log.warning("move %s: cannot reach %s, the target of batch %s (%s); undoing the "
-                                "batch on its source only (--target-lost)", move_id, shard, b.batch, first)
+                if spare is not None and spare(end, e):
                     continue
-                raise refused(role, shard, f"cannot reach {shard}, the {role} of batch {b.batch} ({first})") from None
+                raise fail([end], e, _CANNOT_CONNECT) from e
         try:
-            yield conns[0][2], (conns[1][2] if len(conns) > 1 else None), why
+            yield [conn for _end, conn in conns]
         except psycopg.OperationalError as e:
-            # A shard that died (or restarted) while the batch was being undone: its undo
-            # rolled back, or committed unseen; the next abort does it again either way.
-            lost = [(role, shard) for role, shard, c in conns if c.broken]
+            lost = [end for end, conn in conns if conn.broken]
             if not lost:
                 raise
-            role, shard = lost[0]
-            raise refused(role, shard, f"lost the connection to {shard}, the {role} of batch {b.batch} "
-                          f"({_address(urls[(b.batch, role)])}: {_masked_reason(e, cluster)}) while "
-                          "undoing it") from None
+            raise fail(lost, e, "lost the connection to") from e
     finally:
-        for _role, _shard, c in conns:
-            c.close()
+        for _end, conn in conns:
+            conn.close()
 
 
 def _remove_leftovers(cluster: Cluster, catalog: Catalog, move_id: int, left: list[Any]) -> dict[str, Any]:
