@@ -23,7 +23,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from sqlalchemy import (
     ARRAY,
@@ -2076,7 +2076,7 @@ def _checked_options(opt: Callable[[str], Any]) -> tuple[Any, Any, Any, Any]:
         return out
     for name, value in zip(_SWITCHES, (strict, partial, every)):
         if value is not None and value is not True and value is not False:
-            raise sa_exc.ArgumentError(f"execution option {name}={value!r} is not valid; use True or False")
+            _bad_switch(name, value)
     if timeout is not None and _bad_timeout(timeout):
         raise sa_exc.ArgumentError(_timeout_message("execution option shardkit_timeout", timeout))
     return out
@@ -2113,6 +2113,10 @@ def _flag(name: str, statement: Any, execution_options: Any) -> bool:
         return False
     if value is True:
         return True
+    _bad_switch(name, value)
+
+
+def _bad_switch(name: str, value: Any) -> NoReturn:
     raise sa_exc.ArgumentError(f"execution option {name}={value!r} is not valid; use True or False")
 
 
