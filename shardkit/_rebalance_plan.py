@@ -47,8 +47,8 @@ from decimal import Decimal
 from itertools import groupby
 from typing import Any
 
-from ._slices import Slice, carve_value, holds_no_key, reassign, slices_from_json, slices_to_json, split_range
-from ._slices import _group as _slice_group
+from ._slices import (Slice, carve_value, group_slices, holds_no_key, reassign, slices_from_json, slices_to_json,
+                      split_range)
 from .errors import ConfigurationError
 
 __all__ = [
@@ -807,7 +807,7 @@ def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, 
     A side that holds no key (below ``''``, the lowest string) is refused; so is one the
     key column cannot hold (see :func:`keyless_moves`), by ``rebalance.check_slice_plan``."""
     target = _check_name(target, "target")
-    mine = _slice_group(slices, group, "range", at)  # (a key of the group's type: 1.0 or True is no int key)
+    mine = group_slices(slices, group, "range", at)  # (a key of the group's type: 1.0 or True is no int key)
     ends_there = [s for s in mine if s.upper == at]
     if lower and ends_there and not any(s.contains(at) for s in mine):
         # ``at`` is where a range ends and no range goes on (the top of the last one, bounded,

@@ -28,8 +28,8 @@ from typing import Any, Final
 from ._strategies import KeyRange, ListStrategy, RangeStrategy, Strategy
 from .errors import ConfigurationError
 
-__all__ = ["SLICE_BASE", "Slice", "carve_value", "holds_no_key", "initial_slices", "movable_kind",
-           "slices_from_json", "slices_to_json", "split_range", "strategy_from_slices"]
+__all__ = ["SLICE_BASE", "Slice", "carve_value", "group_slices", "holds_no_key", "initial_slices",
+           "movable_kind", "slices_from_json", "slices_to_json", "split_range", "strategy_from_slices"]
 
 #: The first slice number; bucket numbers stay below it.
 SLICE_BASE: Final = 1 << 30
@@ -165,7 +165,7 @@ def by_group(slices: Iterable[Slice]) -> dict[str, list[Slice]]:
     return out
 
 
-def _group(slices: Sequence[Slice], group: str, kind: str, key: Any) -> list[Slice]:
+def group_slices(slices: Sequence[Slice], group: str, kind: str, key: Any) -> list[Slice]:
     """The slices of ``group``, which must be a ``kind`` group whose keys are like ``key``."""
     mine = [s for s in slices if s.group == group]
     if not mine:
@@ -200,7 +200,7 @@ def split_range(slices: Sequence[Slice], group: str, at: Any) -> tuple[tuple[Sli
     strictly inside a slice (a slice already starting at ``at`` is returned
     as is, with the slices unchanged).
     """
-    mine = _group(slices, group, "range", at)
+    mine = group_slices(slices, group, "range", at)
     for s in mine:
         if s.lower == at:
             return tuple(slices), s
@@ -217,7 +217,7 @@ def carve_value(slices: Sequence[Slice], group: str, value: Any) -> tuple[tuple[
 
     Returns (all slices after the change, the value's slice).
     """
-    mine = _group(slices, group, "list", value)
+    mine = group_slices(slices, group, "list", value)
     new_id = max(x.id for x in slices) + 1
     for s in mine:
         if value in s.values:
