@@ -1197,6 +1197,8 @@ class Router:
             if k is None:
                 return None
             group, ci, co = k
+            if isinstance(right, BindParameter) and isinstance(right.type, sqltypes.Integer):
+                co = _through_integer_bind(left.type, co)
             if op is operators.eq and isinstance(right, BindParameter):
                 r = bind_ref(right)
                 return None if r is None else ("eq", group, ci, r, co)
@@ -1208,6 +1210,8 @@ class Router:
             if op is operators.between_op and hasattr(right, "clauses"):
                 lo, hi = list(right.clauses)
                 if isinstance(lo, BindParameter) and isinstance(hi, BindParameter):
+                    if isinstance(lo.type, sqltypes.Integer) and isinstance(hi.type, sqltypes.Integer):
+                        co = _through_integer_bind(left.type, co)
                     rl, rh = bind_ref(lo), bind_ref(hi)
                     if rl is None or rh is None:
                         return None
@@ -2155,6 +2159,32 @@ def _to_date(v: Any) -> Any:
     if type(v) is datetime.datetime and v.tzinfo is None:
         return v.date()
     return v
+
+
+def _through_integer_bind(col_type: Any, co: Any) -> Any:
+    """The coercer of a non-integer numeric key compared with a parameter SQLAlchemy typed
+    INTEGER: an IN list takes its type from its first value (``k.in_([3, Decimal("99.6")])``
+    is sent as ``k IN (3::INTEGER, 99.6::INTEGER)``), and PostgreSQL compares the key with
+    each value cast to integer (100), so that is the value that decides the shard."""
+    if isinstance(col_type, sqltypes.Integer):
+        return co
+    base = unwrap(col_type)[1]
+    if not isinstance(base, sqltypes.Numeric) or isinstance(base, sqltypes.Integer):
+        return co
+    return _integer_cast_coercer(co)
+
+
+@functools.lru_cache(maxsize=64)
+def _integer_cast_coercer(co: Any) -> Any:
+    def coerce(v: Any) -> Any:
+        if isinstance(v, decimal.Decimal) and v.is_finite():
+            # numeric -> integer rounds half away from zero
+            v = int(v.to_integral_value(rounding=decimal.ROUND_HALF_UP))
+        elif isinstance(v, float) and math.isfinite(v):
+            v = int(round(v))  # float8 -> integer rounds half to even (rint), as round() does
+        return co(v) if co is not None else v
+
+    return coerce
 
 
 # Room for any NUMERIC PostgreSQL stores (1000 digits), so that rounding never overflows.

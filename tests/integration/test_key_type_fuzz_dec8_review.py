@@ -36,8 +36,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import (BigInteger, Boolean, Column, Date, Enum, Integer, MetaData, Numeric,
-                        SmallInteger, String, Table, Text, Uuid, and_, create_engine, insert,
-                        select, text)
+                        SmallInteger, String, Table, Text, Uuid, and_, bindparam, create_engine,
+                        insert, select, text)
 from sqlalchemy.dialects.postgresql import CHAR, TIMESTAMP, VARCHAR
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, registry, sessionmaker
@@ -365,12 +365,12 @@ class World:
         self.ids = itertools.count(1)
         self.guarded = {g.table: g for g in guarded_tables(cluster.config)}
 
-    def one_database(self, stmt: Any) -> list[Any]:
+    def one_database(self, stmt: Any, params: Any = None) -> list[Any]:
         """What ``stmt`` reads from one database holding every row: run on each shard."""
         out = []
         for eng in self.direct.values():
             with eng.connect() as c:
-                out.extend(c.execute(stmt).scalars().all())
+                out.extend(c.execute(stmt, params).scalars().all())
         return sorted(out)
 
     def where(self, name: str, row_id: int) -> list[str]:
@@ -626,12 +626,6 @@ def test_a_float_key_of_an_unscaled_numeric_column_is_placed_as_postgresql_store
     assert world.where("kf_r_numu", row_id) == ["s2"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SQLAlchemy types an IN list by its first value (TypeEngine.coerce_compared_value): "
-    "`numeric_key.in_([3, Decimal('99.6')])` is sent as `k IN (3::INTEGER, 99.6::INTEGER)`, "
-    "and PostgreSQL compares the key with 100; the router reads 99.6 by the column's type "
-    "(99.60, the list group's default shard s2), so the row keyed 100.00 on s0 is found on one "
-    "database and missed by shardkit (also `numeric_key == 3` is ::INTEGER, harmless: exact)"))
 def test_an_in_list_typed_integer_by_its_first_value_is_routed_as_postgresql_casts_it(world):
     t = TABLES["kf_l_num"]
     row_id = next(world.ids)
@@ -643,3 +637,18 @@ def test_an_in_list_typed_integer_by_its_first_value_is_routed_as_postgresql_cas
     assert world.one_database(stmt) == [row_id]
     with world.Session() as s:
         assert s.execute(stmt).scalars().all() == [row_id]
+    # Each value is cast as PostgreSQL casts it to integer: numeric half away from zero,
+    # float8 half to even; a float list is typed by its first value as well.
+    for values, found in (([3, Decimal("100.4")], True), ([3, Decimal("99.5")], True),
+                          ([3, Decimal("100.5")], False), ([3, 99.5], True), ([3, 100.5], True),
+                          ([3, 100.6], False), ([3.0, Decimal("99.6")], False)):
+        stmt = select(t.c.id).where(t.c.id == row_id, t.c.k.in_(values))
+        want = [row_id] if found else []
+        assert world.one_database(stmt) == want, values
+        with world.Session() as s:
+            assert s.execute(stmt).scalars().all() == want, values
+    stmt = select(t.c.id).where(t.c.id == row_id, t.c.k == bindparam("v", type_=Integer))
+    for v in (Decimal("99.6"), 99.6, 100):
+        assert world.one_database(stmt, {"v": v}) == [row_id], v
+        with world.Session() as s:
+            assert s.execute(stmt, {"v": v}).scalars().all() == [row_id], v
