@@ -735,11 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=cmd_verify)
 
-    rb = sub.add_parser("rebalance", help="move buckets between shards online (needs a [catalog])")
+    rb = sub.add_parser("rebalance", help="move buckets, ranges and list values between shards online (needs a [catalog])")
     rsub = rb.add_subparsers(dest="rebalance_command", required=True)
     rsub.add_parser("init", help="create the catalog and install the ownership guard on every shard")
-    for verb, helptext in (("plan", "compute bucket moves and print them"),
-                           ("apply", "plan, then move the buckets online")):
+    for verb, helptext in (("plan", "compute the moves (hash buckets, range or list slices) and print them"),
+                           ("apply", "plan, then make the moves online")):
         rp_ = rsub.add_parser(verb, help=helptext)
         rp_.add_argument("--add", action="append", metavar="SHARD", default=[],
                          help="give new shard SHARD (already in the config) its share of buckets")
@@ -774,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
         rp_.add_argument("--config", "-c", default="shardkit.toml")
         if verb == "apply":
             rp_.add_argument("--batch-buckets", type=int, default=256,
-                             help="buckets per batch (default: %(default)s)")
+                             help="hash buckets per batch; a range or list move has one batch per slice "
+                                  "(default: %(default)s)")
         if verb in ("apply", "resume"):   # abort moves nothing; resume keeps the move's batches
             rp_.add_argument("--grace", type=float, default=1.0,
                              help="seconds between a switch and deleting the source's rows (default: %(default)s)")
@@ -828,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_dev_up)
     down = dsub.add_parser("down", help="stop the local cluster")
     down.add_argument("--dir", default=DEFAULT_DEV_DIR, help="cluster directory (default: %(default)s)")
-    down.add_argument("--keep-files", action="store_true", help="keep the data directories")
+    down.add_argument("--keep-files", action="store_true", help="keep DIR and the servers' data (`dev up` on it starts them again)")
     down.set_defaults(func=cmd_dev_down)
 
     demo = sub.add_parser("demo", help="start a local cluster and show routing on real data")
