@@ -787,6 +787,7 @@ class Cluster:
 
     @property
     def selector(self) -> ReplicaSelector:
+        """The replica selector reads choose their node with (starts the monitor)."""
         while True:
             self.monitor()
             selector = self._selector
