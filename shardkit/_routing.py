@@ -1197,8 +1197,8 @@ class Router:
             if k is None:
                 return None
             group, ci, co = k
-            if isinstance(right, BindParameter) and isinstance(right.type, sqltypes.Integer):
-                co = _through_integer_bind(left.type, co)
+            if isinstance(right, BindParameter):
+                co = _through_bind_type(right.type, left.type, co)
             if op is operators.eq and isinstance(right, BindParameter):
                 r = bind_ref(right)
                 return None if r is None else ("eq", group, ci, r, co)
@@ -1210,8 +1210,8 @@ class Router:
             if op is operators.between_op and hasattr(right, "clauses"):
                 lo, hi = list(right.clauses)
                 if isinstance(lo, BindParameter) and isinstance(hi, BindParameter):
-                    if isinstance(lo.type, sqltypes.Integer) and isinstance(hi.type, sqltypes.Integer):
-                        co = _through_integer_bind(left.type, co)
+                    if type(lo.type) is type(hi.type):
+                        co = _through_bind_type(lo.type, left.type, co)
                     rl, rh = bind_ref(lo), bind_ref(hi)
                     if rl is None or rh is None:
                         return None
@@ -2161,12 +2161,21 @@ def _to_date(v: Any) -> Any:
     return v
 
 
-def _through_integer_bind(col_type: Any, co: Any) -> Any:
-    """The coercer of a non-integer numeric key compared with a parameter SQLAlchemy typed
-    INTEGER: an IN list takes its type from its first value (``k.in_([3, Decimal("99.6")])``
-    is sent as ``k IN (3::INTEGER, 99.6::INTEGER)``), and PostgreSQL compares the key with
-    each value cast to integer (100), so that is the value that decides the shard."""
-    if isinstance(col_type, sqltypes.Integer):
+def _through_bind_type(bind_type: Any, col_type: Any, co: Any) -> Any:
+    """The coercer ``co`` of a key column of type ``col_type`` for a value bound as
+    ``bind_type``, when PostgreSQL compares the key with the value in that type:
+
+    * a non-integer numeric key compared with parameters SQLAlchemy typed INTEGER: an IN
+      list takes its type from its first value (``k.in_([3, Decimal("99.6")])`` is sent as
+      ``k IN (3::INTEGER, 99.6::INTEGER)``), so the key is compared with each value cast to
+      an integer (100);
+    * an unscaled numeric key compared with a float: the comparison is in ``float8``, so
+      the float as it is decides, not the 15 digits it is stored as (:func:`read_coercer`).
+    """
+    if co is _float_as_numeric:
+        # (SQLAlchemy sends a NUMERIC parameter uncast: a float in it is a float8 too.)
+        return _integer_cast_coercer(None) if isinstance(bind_type, sqltypes.Integer) else None
+    if not isinstance(bind_type, sqltypes.Integer) or isinstance(col_type, sqltypes.Integer):
         return co
     base = unwrap(col_type)[1]
     if not isinstance(base, sqltypes.Numeric) or isinstance(base, sqltypes.Integer):
@@ -2210,6 +2219,23 @@ def _numeric_coercer(scale: int) -> Any:
         return float(out) if isinstance(v, float) else int(out) if isinstance(v, int) else out
 
     return coerce
+
+
+def _float_as_numeric(v: Any) -> Any:
+    """An unscaled ``NUMERIC`` key given a float: psycopg sends it as a ``float8``, which
+    PostgreSQL stores in the column at 15 significant digits (``2.9999999999999996`` is
+    stored as ``3``); that value decides where a row written with it goes.  A float compared
+    with the column is compared as a ``float8``, where only a stored ``2.9999999999999996``
+    is equal: reads take it as it is (:func:`read_coercer`)."""
+    if type(v) is float and math.isfinite(v):
+        return float(decimal.Decimal(format(v, ".15g")))
+    return v
+
+
+def read_coercer(co: Any) -> Any:
+    """The coercer a read's comparison of a key column uses, from the one that places a
+    written key (:func:`coercer_for`): they differ for an unscaled numeric key given a float."""
+    return None if co is _float_as_numeric else co
 
 
 # PostgreSQL's epoch: a timestamp before it is rounded half away from zero, down in time.
@@ -2313,6 +2339,8 @@ def coercer_for(type_: Any) -> Any:
     if isinstance(type_, sqltypes.Numeric) and not isinstance(type_, sqltypes.Float) \
             and type_.scale is not None:
         return _numeric_coercer(type_.scale)
+    if isinstance(type_, sqltypes.Numeric) and not isinstance(type_, sqltypes.Float):
+        return _float_as_numeric
     if isinstance(type_, sqltypes.DateTime):
         precision = getattr(type_, "precision", None)  # (postgresql.TIMESTAMP's)
         return _timestamp_coercer(precision) if isinstance(precision, int) and 0 <= precision < 6 else None

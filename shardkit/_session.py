@@ -82,7 +82,8 @@ from ._colocation import compound_selects, reference_rows_problem
 from ._config import CONSISTENCY_MODES, PRIMARY, REPLICA
 from ._replicas import WAL_POSITION_SQL, format_lsn, format_token, parse_lsn, parse_token, replay_target
 from ._routing import (Route, Router, TableRoute, _to_int, _to_str, coercer_for, column_named,
-                       data_modifying_ctes, derived_select, unwrap_statement, with_statement_params)
+                       data_modifying_ctes, derived_select, read_coercer, unwrap_statement,
+                       with_statement_params)
 from ._scatter import (CANCEL_GRACE, compound_keyword, compound_parts, describe_local_derived,
                        function_names, merge_rows, plan_scatter, send_cancel, shut_down_socket, text_comparison)
 from ._scope import NO_SCOPE, RoutingScope, current_scope, lag_limit_problem, scope, switch_problem
@@ -1678,7 +1679,8 @@ def _pk_plan(router: Router, mapper: Any) -> Any:
         return False
     table = mapper.local_table
     positions = tuple(pk_names.index(c) for c in tr.key_columns)
-    coercers = tuple(coercer_for(column_named(table.c, c).type) for c in tr.key_columns)
+    # (get() compares the key: a float with an unscaled numeric key as a float8.)
+    coercers = tuple(read_coercer(coercer_for(column_named(table.c, c).type)) for c in tr.key_columns)
     return positions, coercers, tr.strategy
 
 

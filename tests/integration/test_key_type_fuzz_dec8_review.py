@@ -271,12 +271,6 @@ NUM_EDGES = [Decimal("-0"), Decimal("-0.00"), Decimal("99.995"), Decimal("99.994
              0, 100, -1, 3, 99.995, 0.1, 2.9999999999999996, 99.99999999999999, -0.0, 0.0,
              2.995, 0.30000000000000004, 1e-300, -1e-300, 3.0000000000000004]
 
-def _short_float(v: Any) -> bool:
-    """Not a float whose shortest repr has more than 15 significant digits: an unscaled
-    ``numeric`` column stores such a float rounded to 15 (see the xfail below)."""
-    return not isinstance(v, float) or Decimal(repr(v)) == Decimal(format(v, ".15g"))
-
-
 _dates = st.one_of(st.sampled_from([dt.date(2000, 2, 29), dt.date(2024, 2, 29), dt.date(2000, 2, 28),
                                     dt.date(2024, 3, 1), dt.date(1, 1, 1), dt.date(9999, 12, 31)]),
                    st.dates())
@@ -325,7 +319,7 @@ VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any] | None]] 
     "kf_r_num": (st.one_of(st.sampled_from(NUM_EDGES), _decimals(4, 10**9), _floats(1e9),
                            st.integers(-10**9, 10**9)), None),
     "kf_r_numu": (st.one_of(st.sampled_from(NUM_EDGES), _decimals(20, 10**20), _floats(1e20),
-                            st.integers(-10**20, 10**20)).filter(_short_float), None),
+                            st.integers(-10**20, 10**20)), None),
     "kf_r_text": (st.one_of(_case, _texts), None),
     "kf_r_varchar": (st.one_of(_case, st.sampled_from(["abcdef", "abcdef ", "abcde", "abcdef   "]),
                                _short_texts(6, trailing=True)), None),
@@ -337,7 +331,7 @@ VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any] | None]] 
     "kf_l_num": (st.one_of(st.sampled_from(NUM_EDGES), _decimals(4, 10**5), _floats(1e5),
                            st.integers(-10**5, 10**5)), None),
     "kf_l_numu": (st.one_of(st.sampled_from(NUM_EDGES), _decimals(20, 10**20), _floats(1e20),
-                            st.integers(-10**20, 10**20)).filter(_short_float), None),
+                            st.integers(-10**20, 10**20)), None),
     "kf_l_uuid": (_uuids(), None),
     "kf_r_date": (_dates, _naive),
     "kf_r_ts": (_naive, _aware),
@@ -352,7 +346,6 @@ VALUES: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any] | None]] 
                                       _short_texts(4, trailing=False)),
                             _ints(*SMALL, [1, 2, 0, SMALL[0], SMALL[1]])), None),
 }
-NUMERIC_TABLES = {"kf_r_num", "kf_r_numu", "kf_l_num", "kf_l_numu", "kf_r_numf"}
 RANGE_TABLES = {n for n in TABLES if n.startswith(("kf_r_", "kf_c_range"))}
 
 
@@ -519,11 +512,9 @@ def check_values(w: World, name: str, values: list[Any], refusable: set[int]) ->
         assert ([got.id] if got is not None else []) == want, (name, v, "session.get")
         stmts = [("==", select(t.c.id).where(_eq(t, v)))]
         if len(_key_cols(t)) == 1:
-            in_list = [v, w2]
-            if type(v) is int and type(w2) is not int and name in NUMERIC_TABLES:
-                # (an int first types the whole list INTEGER: see the xfail below)
-                in_list = [w2, v]
-            stmts.append(("in", select(t.c.id).where(t.c.k.in_(in_list))))
+            # (an int first types the whole list INTEGER, a float FLOAT: both are read as
+            # PostgreSQL casts and compares them)
+            stmts.append(("in", select(t.c.id).where(t.c.k.in_([v, w2]))))
             if name in RANGE_TABLES:
                 stmts.append(("between", select(t.c.id).where(t.c.k.between(v, w2))))
                 stmts.append(("between", select(t.c.id).where(t.c.k.between(w2, v))))
@@ -609,21 +600,40 @@ def test_a_varchar_key_with_blanks_past_its_length_is_placed_as_stored(world):
     _report_ok(world)
 
 
-@pytest.mark.xfail(strict=True, raises=shardkit.NotOwned, reason=(
-    "an unscaled NUMERIC key given a float whose shortest repr has more than 15 significant "
-    "digits (2.9999999999999996) is placed by that repr (below the bound 3: s1), but psycopg "
-    "sends it as float8 and PostgreSQL stores float8::numeric at 15 digits (3: s2), so the guard "
-    "refuses the insert (without a guard the row is misplaced).  NUMERIC(p, s) keys read a float "
-    "at 15 digits (_numeric_coercer); for an unscaled one that would misroute reads instead: "
-    "numeric = float8 compares in float8, so `k == 2.9999999999999996` matches a stored "
-    "Decimal('2.9999999999999996') on s1.  Needs write-only coercion of floats for such keys."))
 def test_a_float_key_of_an_unscaled_numeric_column_is_placed_as_postgresql_stores_it(world):
-    t = TABLES["kf_r_numu"]
-    row_id = next(world.ids)
+    """psycopg sends a float as a float8, which PostgreSQL stores in an unscaled NUMERIC at 15
+    significant digits: 2.9999999999999996 (below the range bound 3: s1) is stored as 3 (s2).
+    A comparison with a float (also get()'s) is in float8, where only a stored
+    2.9999999999999996 is equal (on s1): reads route by the float as it is."""
+    t, cls = TABLES["kf_r_numu"], CLASSES["kf_r_numu"]
+    v = 2.9999999999999996
+    core_id, orm_id, exact_id = next(world.ids), next(world.ids), next(world.ids)
     with world.Session() as s:
-        s.execute(insert(t).values(id=row_id, k=2.9999999999999996))
+        s.execute(insert(t).values(id=core_id, k=v))
+        obj = cls()
+        obj.id, obj.k = orm_id, v
+        s.add(obj)
+        s.execute(insert(t).values(id=exact_id, k=Decimal(repr(v))))
         s.commit()
-    assert world.where("kf_r_numu", row_id) == ["s2"]
+    assert world.where("kf_r_numu", core_id) == world.where("kf_r_numu", orm_id) == ["s2"]
+    assert world.where("kf_r_numu", exact_id) == ["s1"]
+    assert world.cluster.shard_for(t, v) == "s2"
+    for pk, found in (((core_id, v), False), ((exact_id, v), True), ((core_id, Decimal(3)), True)):
+        want = []
+        for eng in world.direct.values():   # a plain Session's get() on one database
+            with Session(eng) as plain:
+                want += [] if plain.get(cls, pk) is None else [pk[0]]
+        assert want == ([pk[0]] if found else []), pk
+        with world.Session() as s:
+            assert getattr(s.get(cls, pk), "id", None) == (pk[0] if found else None), pk
+    for stmt in (select(t.c.id).where(t.c.k == v), select(t.c.id).where(t.c.k.in_([v, 5.5])),
+                 select(t.c.id).where(t.c.k.between(v, v)),
+                 select(t.c.id).where(t.c.k.in_([Decimal(1), v])),      # typed NUMERIC: 3
+                 select(t.c.id).where(t.c.k.in_([1, v]))):              # typed INTEGER: 3
+        want = world.one_database(stmt)
+        assert want, stmt
+        with world.Session() as s:
+            assert sorted(s.execute(stmt).scalars()) == want, stmt
 
 
 def test_an_in_list_typed_integer_by_its_first_value_is_routed_as_postgresql_casts_it(world):
