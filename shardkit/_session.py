@@ -2097,7 +2097,7 @@ def _bad_timeout(timeout: Any) -> bool:
 
 def _timeout_message(source: str, timeout: Any) -> str:
     return (f"{source}={timeout!r} is not valid: give the seconds each shard may take "
-            "(a number above 0), or None for no limit")
+            "(an int or float above 0), or None for no limit")
 
 
 def _option(name: str, statement: Any, execution_options: Any) -> Any:

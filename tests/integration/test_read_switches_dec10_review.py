@@ -50,7 +50,7 @@ BAD = [("shardkit_strict", "false"), ("shardkit_strict", 1),
 
 
 def _message(name, value):
-    return "use True or False" if name != "shardkit_timeout" else "a number above 0"
+    return "use True or False" if name != "shardkit_timeout" else "an int or float above 0"
 
 
 @pytest.mark.parametrize(("name", "value"), BAD, ids=repr)
