@@ -125,8 +125,11 @@ def mask_url(url: URL | str) -> str:
         if isinstance(url, str) and _unencoded_amp(url):
             return "<URL with an unencoded '&' in a password of its query string>"
         if any(k.lower() in SECRET_QUERY_KEYS for k in u.query):
-            # libpq also takes the password as a query parameter.
-            u = u.update_query_dict({k: "***" for k in u.query if k.lower() in SECRET_QUERY_KEYS})
+            # libpq also takes the password as a query parameter.  (Shown as *** as in the
+            # user info, not percent-encoded.)
+            mark = "shardkitmasked" + uuid.uuid4().hex
+            u = u.update_query_dict({k: mark for k in u.query if k.lower() in SECRET_QUERY_KEYS})
+            return u.render_as_string(hide_password=True).replace(mark, "***")
         return u.render_as_string(hide_password=True)
     except Exception:
         # Unparseable: never echo it raw, it may hold a password.

@@ -90,7 +90,7 @@ def test_a_password_masked_as_stars_is_refused(where, field):
 
 def test_a_masked_query_string_password_is_refused_too():
     # As shardkit's own output shows one (mask_url): ?password=*** / ?sslpassword=***.
-    for query in ("password=***", "sslpassword=%2A%2A%2A"):
+    for query in ("password=***", "sslpassword=%2A%2A%2A", "sslpassword=***"):
         e = err(cfg(f"postgresql+psycopg://app@db0.example/app?{query}"))
         assert e.field == "shards[0].primary" and "***" in e.problem
 
