@@ -131,11 +131,15 @@ def _restore(env):
     env.baseline = {}
     env.baseline = env.checked_out()
     yield
+    restarted = set()
     for node in env.dev.nodes:
         if not node.is_running():
             node.start()
+            restarted.add(node.name)
     for sh in env.dev.shards:
-        _wait_primary_up(env, sh.name)
+        # (the settling pause only after a restart here: a test that restarts a primary
+        # itself waits for it with the pause)
+        _wait_primary_up(env, sh.name, settle=sh.primary.name in restarted)
     for sh in env.dev.shards:
         for r in sh.replicas:
             r.wait_streaming()
@@ -445,13 +449,16 @@ def test_shard_unavailable_on_commit_primary_stopped_after_flush(env):
     env.assert_clean(before)
 
 
-def _wait_primary_up(env: Env, shard: str) -> None:
+def _wait_primary_up(env: Env, shard: str, settle: bool = True) -> None:
     deadline = time.monotonic() + 10.0
+    first = True
     while time.monotonic() < deadline:
         nodes = {n["node"]: n for n in env.cluster.health().nodes}
         if nodes[f"{shard}/primary"]["up"]:
-            time.sleep(2 * env.cluster.replica_settings.poll_interval)
+            if settle or not first:
+                time.sleep(2 * env.cluster.replica_settings.poll_interval)
             return
+        first = False
         time.sleep(0.05)
     raise AssertionError(f"the monitor never saw {shard}/primary up again")
 

@@ -118,10 +118,18 @@ def _restore(env):
             node.start()
     for sh in env.dev.shards:
         for r in sh.replicas:
-            r.set_apply_delay(0)
+            if _apply_delay(r) != "0":   # (a test delayed it: ALTER SYSTEM and a reload)
+                r.set_apply_delay(0)
             r.wait_streaming()
     env.caught_up()
     wait_replicas_usable(env.cluster, every=True)
+
+
+def _apply_delay(node: Any) -> str:
+    """The replica's recovery_min_apply_delay (ms) as a new session sees it."""
+    with node.connect() as c:
+        return str(c.execute("SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'")
+                   .fetchone()[0])
 
 
 @pytest.fixture

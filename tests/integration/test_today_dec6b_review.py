@@ -14,7 +14,7 @@ from sqlalchemy import BigInteger, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
-from waiting import resume, server_pids, wait_replicas_usable
+from waiting import health_by_node, resume, server_pids, wait_for, wait_replicas_usable
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +29,25 @@ class Note(Base):
     body: Mapped[str] = mapped_column(String(20))
 
 
+@pytest.fixture(scope="module")
+def dev_1x1(shardkit_module_cluster_factory):
+    """The servers of ``autocommit_world`` (1 shard with 1 replica), started once for the
+    module: its tests stop a primary with SIGSTOP and let it go on (SIGCONT) before they end."""
+    return shardkit_module_cluster_factory(shards=1, replicas=1)
+
+
+@pytest.fixture(scope="module")
+def dev_1x0(shardkit_module_cluster_factory):
+    """The server of ``late_world`` (1 shard, no replica), started once for the module (as
+    ``dev_1x1``)."""
+    return shardkit_module_cluster_factory(shards=1, replicas=0)
+
+
 @pytest.fixture
-def autocommit_world(shardkit_module_cluster_factory):
+def autocommit_world(dev_1x1):
     """(dev cluster, Cluster whose primary runs in autocommit and is polled every 0.1 s,
     sessionmaker): 1 shard with 1 replica."""
-    dev = shardkit_module_cluster_factory(shards=1, replicas=1)
+    dev = dev_1x1
     if not Path("/proc").is_dir():
         pytest.skip("needs a local cluster's processes")
     cfg = {**dev.config_dict(), "groups": {"notes": {"tables": {"today_notes": "id"}}},
@@ -66,7 +80,10 @@ def test_ending_a_session_that_wrote_in_autocommit_does_not_hang_on_a_hung_prima
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(mon.hung_after + 0.5)
+        # until the monitor has not heard from the primary for hung_after (health() then
+        # reports it down), the state the session's end must cope with
+        wait_for(lambda: not health_by_node(cluster)["s0/primary"]["up"], mon.hung_after + 5,
+                 "the monitor to find the stopped primary hung")
         out: dict = {}
 
         def end_it() -> None:
@@ -91,9 +108,9 @@ def test_ending_a_session_that_wrote_in_autocommit_does_not_hang_on_a_hung_prima
 
 
 @pytest.fixture
-def late_world(shardkit_module_cluster_factory):
+def late_world(dev_1x0):
     """(dev cluster, Cluster polling every 0.1 s): 1 shard, no replica."""
-    dev = shardkit_module_cluster_factory(shards=1, replicas=0)
+    dev = dev_1x0
     if not Path("/proc").is_dir():
         pytest.skip("needs a local cluster's processes")
     cfg = {**dev.config_dict(), "groups": {"notes": {"tables": {"today_notes": "id"}}},
