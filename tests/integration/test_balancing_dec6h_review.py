@@ -1,5 +1,5 @@
 """Replica balancing and lag limits, as a user tuning a read-heavy app with two replicas
-per shard sees them on real streaming replicas (review, dec6h).
+per shard sees them on real streaming replicas.
 
 Selector arithmetic with no server: tests/unit/test_balancing_dec6h_unit.py."""
 

@@ -1,4 +1,4 @@
-"""Hostile review: bulk writes across shards (Core executemany split by shard: RETURNING
+"""Bulk writes across shards (Core executemany split by shard: RETURNING
 order, rowcount, inserted primary keys)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hostile review (dec5b) of how a process follows the catalog's map while the catalog
+"""How a process follows the catalog's map while the catalog
 server is stopped and started again.
 
 Against real servers: two shards (a replica each) and a catalog on a server of its

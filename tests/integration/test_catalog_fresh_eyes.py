@@ -1,4 +1,4 @@
-"""Fresh-eyes hostile tests of the live shard map and its enforcement (catalog, guard, init).
+"""The live shard map and its enforcement (catalog, guard, init) under races.
 
 Against real servers: a writer in REPEATABLE READ or SERIALIZABLE whose snapshot
 predates a switch, which read the shard's ownership as it was before; and

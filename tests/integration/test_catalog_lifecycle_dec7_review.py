@@ -1,4 +1,4 @@
-"""Review: ORM object lifecycle with a catalog (rebalancing mode: the ownership guard on
+"""ORM object lifecycle with a catalog (rebalancing mode: the ownership guard on
 each shard).  A table whose primary key does not hold the shard key (``notes``: id, keyed
 by tenant_id) may have the same id on two shards: an object keyed to the wrong one must
 not be written over the other shard's row of that id, which the guard lets through (that

@@ -1,4 +1,4 @@
-"""Hostile tests of the catalog's availability, as an application process sees it.
+"""Tests of the catalog's availability, as an application process sees it.
 
 The catalog lives in a PostgreSQL server of its own (a one-node dev cluster), so it
 can be stopped, killed, frozen or cut off while the shards keep serving.  Processes

@@ -1,4 +1,4 @@
-"""The `shardkit` command line with bad input, as an operator meets it (hostile review).
+"""The `shardkit` command line with bad input, as an operator meets it.
 
 Argument values that can never work must be refused up front, in one `error:` line
 naming the flag, before a move is recorded or a server started; and the commands must

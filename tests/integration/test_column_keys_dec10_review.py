@@ -1,11 +1,11 @@
-"""Review (colkey) of the shard key columns whose key in ``table.c`` is not their database
+"""The shard key columns whose key in ``table.c`` is not their database
 name (``mapped_column("tenant_id", ...)`` under another attribute name, ``Column("member_id",
 key="mid")``), which shardkit's config names by the database's name.  Each path that looks
 such a column up is exercised here: the ORM's colocated joins and relationship loads, reads
 by key and IN lists split by shard, the scatter's ORDER BY / GROUP BY / count(DISTINCT) on
 the key, explain(), verify, many-to-many rows, and a move of buckets.
 
-Defects found (each test named so failed before its fix):
+Defects covered (each test named so failed before its fix):
 
 * A many-to-many row of a ``secondary=`` table keyed by ``Column("member_id", key="mid")``
   was written on the shard of the object whose collection changed, not on the one owning

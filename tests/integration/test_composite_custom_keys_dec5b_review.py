@@ -1,4 +1,4 @@
-"""Composite shard keys and custom strategies, hostile review (keys5b): statements touch
+"""Composite shard keys and custom strategies: statements touch
 only the shards that can hold their keys, never miss one that holds a matching row, and
 never leave a row on a shard that does not own its key.
 

@@ -1,5 +1,5 @@
-"""Configuration and key strategies, from a hostile review (README: Configuration
-reference, How keys hash, Rebalancing).
+"""Configuration and key strategies (README: Configuration reference, How keys hash,
+Rebalancing).
 
 Most tests need no server: config mistakes must be a ``ConfigurationError`` naming the
 field and the fix, and keys that cannot be placed a ``ShardKeyError`` (never a bare

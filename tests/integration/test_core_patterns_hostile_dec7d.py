@@ -1,4 +1,4 @@
-"""Hostile review (dec7d): common PostgreSQL application patterns written as Core/ORM
+"""Common PostgreSQL application patterns written as Core/ORM
 statements through ShardedSession, against the real cluster, each compared with ONE plain
 database holding every row (or refused clearly with nothing written):
 

@@ -1,4 +1,4 @@
-"""Hostile review of the Dec 5 changes: NUMERIC range and list keys against bounds and
+"""NUMERIC range and list keys against bounds and
 values written as floats (a TOML config has no decimal type), the flush's check that no
 listener moved a key after routing (what it costs a flush without such listeners), and
 get()'s short load path on shards without replicas compared with the general path."""

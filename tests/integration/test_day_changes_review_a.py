@@ -1,4 +1,4 @@
-"""Hostile review of the routing/colocation changes: the ``key IN (SELECT key ...)`` semi-join.
+"""Routing and colocation of the ``key IN (SELECT key ...)`` semi-join.
 
 Rows with equal keys live on one shard, so each shard answers ``key IN (SELECT ...)`` for its
 own rows, as a condition. Not under NOT / IS FALSE or as a value: there a NULL the subquery

@@ -1,4 +1,6 @@
-"""Hostile review (rev10) of the Dec 10 changes.  Defects found (each test failed before its fix):
+"""Key columns keyed apart from their names (``Column(name, key=...)``) in the ORM and move
+paths, and `rebalance status` after an undo mark and a cut-over that stopped.  Defects covered
+(each test failed before its fix):
 
 * ``Cluster(metadata=)`` now accepts a key column declared ``Column("item_key", key="ik")``
   (configured by its database name), but the ORM and move paths still looked it up by name

@@ -1,4 +1,4 @@
-"""Hostile review of recent changes: the citext shard-key refusal, autogenerate's one
+"""The citext shard-key refusal, autogenerate's one
 diff across shards, and the test plugin's documented fixtures."""
 
 from __future__ import annotations

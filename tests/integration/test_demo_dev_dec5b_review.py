@@ -1,5 +1,5 @@
 """`shardkit dev up|down` and `shardkit demo` after a crash, run twice at once, and
-on a cluster kept stopped: hostile review (Dec 5b).
+on a cluster kept stopped.
 
 Every cluster lives under a fresh ``/dev/shm/demo5b-*`` directory that the test
 stops and removes; processes are found by that directory only.

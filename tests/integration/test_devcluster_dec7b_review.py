@@ -1,5 +1,5 @@
 """`shardkit dev up|down` and `shardkit demo` as an operator meets them after
-something went wrong: review (Dec 7b).
+something went wrong.
 
 Every cluster lives under a fresh ``/tmp/dev7b-*`` directory that the test
 stops and removes; processes are found by that directory only.

@@ -1,4 +1,4 @@
-"""The local cluster and demo tooling used the way a hostile first-time user would.
+"""The local cluster and demo tooling used the way a careless first-time user would.
 
 `shardkit dev up|down`, `shardkit demo` and the pytest fixture's cluster
 lifecycle: odd directories, crashes, concurrent starts, signals.  Every
@@ -263,8 +263,8 @@ def test_a_pid_reused_by_another_server_is_not_taken_for_the_node(root):
 
 
 def test_huge_shard_count_fails_fast(root):
-    """More servers than free ports: refuse up front.  (Today _pick_port loops
-    forever once every ephemeral port has been handed out.)"""
+    """More servers than free ports: refuse up front.  (Without the check _pick_port
+    loops forever once every ephemeral port has been handed out.)"""
     base = root / "huge"
     try:
         r = shardkit("dev", "up", "--shards", "100000", "--replicas", "0", "--dir", str(base),

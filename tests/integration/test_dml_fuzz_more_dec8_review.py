@@ -995,7 +995,7 @@ def test_insert_inside_a_shard_scope_with_a_key_it_cannot_place_is_refused(env, 
     (here ``1.0``, a float for an integer key part, refused with ``ShardKeyError`` outside a
     scope) made the router's ``ShardKeyError`` be taken for "no routable key": the WHOLE
     statement ran on S, every row of it, also rows whose valid keys another shard owns
-    (found by the fuzzer: an executemany upsert and a multi-row VALUES into the composite list
+    (from the fuzzer: an executemany upsert and a multi-row VALUES into the composite list
     group; a row ``('uk', 1)`` of s0 written on s2, where no read by key finds it).  Now it is
     refused as outside a scope, nothing written."""
     rids = [_fresh_rid(env) for _ in range(2)]

@@ -1,4 +1,4 @@
-"""README claims about today's changes that need a server: what the query metrics count."""
+"""README claims that need a server: what the query metrics count."""
 
 from __future__ import annotations
 

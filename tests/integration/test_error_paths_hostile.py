@@ -1,4 +1,4 @@
-"""Hostile tests of error paths: no error may leak a pooled connection or leave a
+"""Tests of error paths: no error may leak a pooled connection or leave a
 session (or the cluster) unusable, and the data must be what was committed.
 
 After each scenario: every node's pool shows ``checkedout == 0`` once the session is

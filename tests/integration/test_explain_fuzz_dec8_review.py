@@ -1,5 +1,5 @@
-"""``cluster.explain()`` against execution, over the random statements of the two dec8
-fuzzers: the SELECTs of ``test_query_fuzz_dec8_review`` (joins, subqueries, CTEs, GROUP
+"""``cluster.explain()`` against execution, over the random statements of the two
+statement fuzzers: the SELECTs of ``test_query_fuzz_dec8_review`` (joins, subqueries, CTEs, GROUP
 BY/HAVING, DISTINCT ON, UNION, pages) and the writes of ``test_dml_fuzz_dec8_review``
 (UPDATE/DELETE with mixed key predicates, INSERT, upserts, executemany, ``lambda_stmt``).
 

@@ -1,4 +1,4 @@
-"""Hostile review (integration): get()'s kept load statement (ShardedSession._get_impl,
+"""get()'s kept load statement (ShardedSession._get_impl,
 _get_load) and the keyed select's given cache key (Router.route, _give_cache_key) while
 buckets move between shards, with threads, and with a lagging replica.
 

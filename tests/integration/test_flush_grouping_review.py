@@ -1,5 +1,5 @@
-"""Review of the flush that writes each shard's objects together (the session's
-_connections_for_states) and of shard_of_instance's cached key attributes and
+"""The flush that writes each shard's objects together (the session's
+_connections_for_states) and shard_of_instance's cached key attributes and
 _key_changed's look at committed_state: flushes the unit of work runs in other ways
 (cycles of one class, post_update, row switches, version counters, eager defaults,
 joined inheritance, listeners) still write every row where it belongs, and a plain

@@ -1,4 +1,4 @@
-"""A hostile look at get()'s kept statement (ShardedSession._get_impl, _get_load): each
+"""A close look at get()'s kept statement (ShardedSession._get_impl, _get_load): each
 get() here must give what SQLAlchemy's own way gives (the kept statement turned off, as
 tests/integration/test_get_kept_statement.py does): objects, errors, SQL, nodes."""
 

@@ -1,4 +1,4 @@
-"""Hostile tests of get()'s short path to a replica (ShardedSession.execute() ->
+"""Tests of get()'s short path to a replica (ShardedSession.execute() ->
 _replica_read) under failures: a replica SIGKILLed in the middle of a get()'s load (four
 threads, fresh sessions; a transaction pinned to it; one of two replicas; all of them), a
 primary stopped while gets go on, replicas past the lag limit, read-your-writes.

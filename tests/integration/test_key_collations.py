@@ -112,7 +112,7 @@ def test_guard_says_why_a_citext_key_is_refused(db):
     with pytest.raises(ConfigurationError) as e:
         rebalance.init(d.cluster)
     assert "users.name is citext, which compares without case" in str(e.value) and FIX in str(e.value)
-    # A list key: guarded today without a word (its values compare as text).
+    # A list key: guarded without a word (its values compare as text).
     d2 = db(LIST)
     d2.sql("CREATE EXTENSION IF NOT EXISTS citext")
     d2.sql("CREATE TABLE stores (id bigint PRIMARY KEY, region citext NOT NULL)")

@@ -1,4 +1,4 @@
-"""Hostile review of the merge of whole groups: a cross-shard read GROUPED BY the one-column
+"""The merge of whole groups, attacked: a cross-shard read GROUPED BY the one-column
 shard key of a hash group, with an aggregate the merge cannot combine from partials
 (string_agg, array_agg, count(DISTINCT x) ...), runs whole on each shard and the merge
 concatenates the groups.  Every query here is either exact (compared with ONE plain

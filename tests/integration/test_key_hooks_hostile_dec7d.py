@@ -1,4 +1,4 @@
-"""Hostile review (Dec 7d): every common way application code sets or changes a shard key
+"""Every common way application code sets or changes a shard key
 late (mapper and session events, validators, hybrids, __init__, column defaults, identity
 columns, colocated children through a parent, merge(), bulk_save_objects()): the row lands
 on the shard cluster.shard_for() names, read on each shard's primary, or the write is

@@ -1,4 +1,4 @@
-"""Key routing reviewed as a demanding SQLAlchemy user: every statement's rows (and a
+"""Key routing as a demanding SQLAlchemy user checks it: every statement's rows (and a
 write's rowcount and effect) compared with the same statement on ONE plain database
 holding every row (``kr6f_oracle``, on shard s0's server), and the shards it touched
 counted: an equality or IN may touch only the shards that can hold its keys.

@@ -1,4 +1,4 @@
-"""Key types, fuzzed (dec8 review): for every supported key column type, the Python router,
+"""Key types, fuzzed: for every supported key column type, the Python router,
 the SQL that runs on the shards (the ownership guard's and the mover's bucket or slice of a
 row: ``unit_expression``) and ``verify`` must agree on where each key value lives.
 

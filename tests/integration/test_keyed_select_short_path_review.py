@@ -1,4 +1,4 @@
-"""Hostile review of the keyed SELECT's short path on shards without replicas
+"""The keyed SELECT's short path on shards without replicas
 (_plain_read -> _primary_read, which skips Session.execute and get_bind and runs the
 statement on the shard's primary with load options built in advance).
 

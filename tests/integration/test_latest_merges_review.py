@@ -1,4 +1,4 @@
-"""Review of the latest changes: merge(load=True) by the object's own shard key,
+"""merge(load=True) by the object's own shard key,
 get() of a named shard, config URLs and the masking of move errors."""
 from __future__ import annotations
 

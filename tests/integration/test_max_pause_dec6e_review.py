@@ -1,4 +1,4 @@
-"""Review of the cut-over's --max-pause bound (commit 240e13c): the writes of a batch's
+"""The cut-over's --max-pause bound: the writes of a batch's
 buckets are paused for at most max_pause (plus a few ms), whichever of the cut-over's
 statements is slow.
 

@@ -1,4 +1,4 @@
-"""`shardkit migrate` through a week of schema changes (review): a unique index that the
+"""`shardkit migrate` through a week of schema changes: a unique index that the
 rows of one shard violate, deployed with a canary (the report names the shard, the
 cause and the rows to fix; that shard rolls back whole; `current` and `check` tell the
 truth; fixing the data and upgrading again converges), and a primary that accepts

@@ -1,4 +1,4 @@
-"""`shardkit migrate` review (dec7c): what a shard's Alembic warns of reaches the operator.
+"""`shardkit migrate`: what a shard's Alembic warns of reaches the operator.
 
 Each shard migrates in its own Alembic process, whose output `shardkit migrate` keeps
 to itself when the shard succeeds.  shardkit's own warnings there say what the migration

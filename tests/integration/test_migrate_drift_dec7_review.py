@@ -1,4 +1,4 @@
-"""`shardkit migrate check` against an operator's hotfix on one shard (review): psql on s1
+"""`shardkit migrate check` against an operator's hotfix on one shard: psql on s1
 changes an index, a default, a type, a collation, a trigger, row-level security, a
 partition ...  `check` must name the shard and the object and exit 1 (README, "Alembic on
 every shard"); a comment is not drift.  The ownership guard made ENABLE REPLICA (it then

@@ -1,4 +1,4 @@
-"""A seeded random driver for `shardkit migrate` (review): random upgrades and downgrades
+"""A seeded random driver for `shardkit migrate`: random upgrades and downgrades
 (head, base, +1, -2, a named revision), with failures injected on random shards (a
 revision whose SQL fails where a marker row says so, or a table lock held by another
 session against a short lock_timeout), with and without --canary, with --parallel 1..3,

@@ -1,4 +1,4 @@
-"""Hostile cases for `shardkit migrate` and `op.install_shardkit_guard()`: failures midway,
+"""Hard cases for `shardkit migrate` and `op.install_shardkit_guard()`: failures midway,
 canaries, branches, drift, shards that are down, the guard around moves and new shards."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Review of the replica health monitor as a readiness check and across node restarts it did
+"""The replica health monitor as a readiness check and across node restarts it did
 not see happen (between two polls), on a 1-shard x 1-replica cluster of this module's own.
 
 The monitor polls each node on a connection it keeps.  When that connection dies while the

@@ -1,4 +1,4 @@
-"""Data fidelity of online moves, from a hostile review.
+"""Data fidelity of online moves.
 
 Every row and every value must arrive on the target exactly as it was on the
 source, the source must be left without the moved rows, and ``verify`` must be

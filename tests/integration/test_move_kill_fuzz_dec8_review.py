@@ -641,7 +641,7 @@ def _world_with_rows(servers: Any, tmp: Path, name: str) -> World:
 
 
 def test_a_target_writer_in_flight_at_the_clean_up_leaves_no_change_logged(servers, tmp_path):
-    """Found by the fuzzer (a move with no kill at all): the clean-up stops the target's
+    """A case from the fuzzer (a move with no kill at all): the clean-up stops the target's
     capture and empties its change log in one transaction; a writer on the target (which owns
     the bucket since the switch) that had read the capture's table before that committed logs
     its change and commits after it, and the change stayed in shardkit.changes for good (a

@@ -1,4 +1,4 @@
-"""Hostile key-less reads while buckets (hash) and list values move between shards.
+"""Key-less reads while buckets (hash) and list values move between shards.
 
 A mover pauses at every journal step ("copy-committed", "copied", "switched", "verified",
 "cleaned"); at each pause (and once before the move) a battery of cross-shard reads runs

@@ -1,4 +1,4 @@
-"""Online rebalancing, follow-ups of the ops-day review: a configured bound beyond bigint at
+"""Online rebalancing: a configured bound beyond bigint at
 `init`, what `status` and `abort` say of an aborted or finished move, uuid split keys as
 PostgreSQL prints them, and a group whose bounds do not compare with its key column."""
 

@@ -1,4 +1,4 @@
-"""Online moves of hash tables with hostile column names, and ``shardkit verify`` of them.
+"""Online moves of hash tables with awkward column names, and ``shardkit verify`` of them.
 
 The copy and the verification of an integer key's table compute each row's bucket in the
 scan (``_sql.int8_bucket_scan``: a LATERAL item beside the table), and the verification

@@ -1,4 +1,4 @@
-"""Online moves of the schemas real applications have, from a hostile review (moves).
+"""Online moves of the schemas real applications have.
 
 One module-scoped dev cluster (2 shards, 8 buckets, no replicas); each test makes fresh
 databases of its own on both servers plus a catalog.  Moves run in-process (grace 0);

@@ -1,5 +1,5 @@
-"""Online moves, from fresh eyes on column types and schemas that differ between the
-shards, and on an operator whose config no longer reaches a move's target.
+"""Online moves over column types and schemas that differ between the shards, and an
+operator whose config no longer reaches a move's target.
 
 The mover sends rows in COPY's binary format, which the target reads by its own columns'
 types: a column retyped on one shard only (a migration rolled out shard by shard) must

@@ -1,4 +1,4 @@
-"""Review of servers that restart (stop, then start again: `pg_ctl restart -m fast` or
+"""Servers that restart (stop, then start again: `pg_ctl restart -m fast` or
 `-m immediate`) as a web app running many requests sees it: what pooled connections to the
 old server process do to the sessions holding them, and to the first write once the monitor
 says the cluster is ready again.

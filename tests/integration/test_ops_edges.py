@@ -1,4 +1,4 @@
-"""Hostile operator-facing checks: migrate, pools, status, metrics and config errors.
+"""Operator-facing checks: migrate, pools, status, metrics and config errors.
 
 One 3-shard x 1-replica cluster for the module.  Every URL carries a password
 (the dev servers trust local connections, so it is ignored by the server) and

@@ -1,4 +1,4 @@
-"""A hostile operator against the operations surface: pools and the per-node cap under
+"""A careless operator against the operations surface: pools and the per-node cap under
 mixed load, pool timeouts, status with secrets and broken nodes, Prometheus counts,
 verify on planted rows, route with odd keys, CLI mistakes, dispose() then reuse.
 

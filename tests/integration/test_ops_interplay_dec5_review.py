@@ -1,4 +1,4 @@
-"""Operations that overlap in time on a live cluster with a catalog (a hostile review):
+"""Operations that overlap in time on a live cluster with a catalog:
 a migration run while a table's buckets move, plan/apply/verify/status while a move is
 active or interrupted, the catalog or a primary restarted mid-move, `migrate check` during
 a move.

@@ -1,4 +1,4 @@
-"""An operator's review of pools and observability: health() as a readiness check when
+"""Pools and observability as an operator sees them: health() as a readiness check when
 another thread (or a Prometheus scrape) started the monitor, and what health(), the log
 and the metrics say of a replica whose read failed and was retried elsewhere.
 

@@ -1,4 +1,4 @@
-"""Hostile checks of the ORM layer across shards: loaders, inheritance, identity, bulk DML.
+"""Checks of the ORM layer across shards: loaders, inheritance, identity, bulk DML.
 
 Every ORM query here runs twice: through a ``ShardedSession`` on this module's own
 3-shard cluster, and through a plain ``Session`` on ONE database (``ol_oracle``,

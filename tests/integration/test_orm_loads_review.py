@@ -1,4 +1,4 @@
-"""Review: ORM loads on a ShardedSession (populate_existing, refresh, expired objects, lazy and
+"""ORM loads on a ShardedSession (populate_existing, refresh, expired objects, lazy and
 eager loaders, get(populate_existing/with_for_update)) for objects of different shards with
 the same primary key, under a named shard, and after a move of their bucket.
 

@@ -1,4 +1,4 @@
-"""Review (Dec 7) of ShardedSession's ORM API against a plain Session: get() and its
+"""ShardedSession's ORM API against a plain Session: get() and its
 options (populate_existing, with_for_update, loader options, identity_token, the
 identity map, autoflush), refresh(), and ORM INSERT .. ON CONFLICT / UPDATE / DELETE
 with synchronize_session, on a cluster with replicas and on the same shards without."""

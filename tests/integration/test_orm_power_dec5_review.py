@@ -1,4 +1,4 @@
-"""Hostile review (Dec 5): ORM features a power user relies on, through ShardedSession,
+"""ORM features a power user relies on, through ShardedSession,
 compared with what a plain Session on one database gives: version counters (client and
 server side, on several shards in one flush), single- and joined-table inheritance,
 refresh / expire / populate_existing / FOR UPDATE, ORM UPDATE/DELETE with every

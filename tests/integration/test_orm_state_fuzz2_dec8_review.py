@@ -555,7 +555,7 @@ def _truncate(env: Any) -> None:
 @pytest.mark.parametrize("key", [None, "eu", (1, 2)])
 @pytest.mark.parametrize("regions", [("us",), REGIONS])
 def test_selectinload_of_a_declared_colocated_relationship_joining_parents_back(env, key, regions):
-    """Found by the fuzzer: ``Shop.sales`` joins on ``sales.shop_id = shops.id`` and says
+    """A case from the fuzzer: ``Shop.sales`` joins on ``sales.shop_id = shops.id`` and says
     ``info={"shardkit_colocated": True}`` (README, routing table: it "then loads from the
     object's shard").  Its lazy load did; its ``selectinload()`` was refused with
     ``ScatterRefused`` ("an alias of osf9_shops, osf9_sales ... not joined on the shard

@@ -430,7 +430,7 @@ def test_orm_unit_of_work_matches_one_database(env):
 
 @pytest.mark.parametrize("read_first", [False, True])
 def test_reference_row_added_in_a_transaction_is_the_object_its_reads_return(env, read_first):
-    """Found by the fuzzer: a reference row added and flushed was keyed on the first shard
+    """A case from the fuzzer: a reference row added and flushed was keyed on the first shard
     (where the flush writes it before copying it), but the transaction's reference reads take
     the shard whose turn it is: from the second transaction of a session on, a select of the
     row returned ANOTHER object than the one added (a plain Session returns the same one), and
@@ -459,7 +459,7 @@ def test_reference_row_added_in_a_transaction_is_the_object_its_reads_return(env
 
 
 def test_moving_a_child_leaves_its_expired_old_parent_unloaded(env):
-    """Found by the fuzzer: an order moved to another account (``order.account = b``) after
+    """A case from the fuzzer: an order moved to another account (``order.account = b``) after
     a commit, its old account expired.  The backref looks the old account up in the identity
     map without SQL (PASSIVE_NO_FETCH); SQLAlchemy's horizontal_shard ``_identity_lookup``
     dropped that flag, so the sharded session refreshed the old account (and selectin-loaded

@@ -1,4 +1,4 @@
-"""Fresh-eyes review (Dec 6, g) of the ORM write path as a SQLAlchemy 2.x user: what
+"""The ORM write path as a SQLAlchemy 2.x user takes it: what
 lands on each shard (read on each primary directly) compared with what one database
 holds after the same unit of work."""
 

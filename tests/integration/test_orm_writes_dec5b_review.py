@@ -1,4 +1,4 @@
-"""Hostile review (Dec 5, b): the less common ORM write paths of SQLAlchemy 2.x through
+"""The less common ORM write paths of SQLAlchemy 2.x through
 ShardedSession.  The ORM bulk INSERT (session.execute(insert(Model), [rows]),
 bulk_insert_mappings, bulk_save_objects) must make each row's columns as SQLAlchemy's
 does (a None left to the column's default unless render_nulls, a versioned class's

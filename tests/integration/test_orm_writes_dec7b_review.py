@@ -1,4 +1,4 @@
-"""Review (Dec 7, b): ORM writes and object state through ShardedSession, against what a
+"""ORM writes and object state through ShardedSession, against what a
 plain SQLAlchemy Session on one database does.
 
 * Inside ``scope(shard=...)`` "rows are still written where their key belongs" (README):

@@ -1,4 +1,4 @@
-"""Hostile probes of ORM writes through relationships on a sharded cluster.
+"""Probes of ORM writes through relationships on a sharded cluster.
 
 Each test asserts what SQLAlchemy's own Session does on one database (or what the
 README promises), against a real 3-shard cluster of this module's own, with

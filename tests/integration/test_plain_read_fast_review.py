@@ -1,4 +1,4 @@
-"""Hostile review of the session's short path for a key read (ShardedSession._plain_read,
+"""The session's short path for a key read (ShardedSession._plain_read,
 Router.key_select_route) against a plain SQLAlchemy Session and shardkit's general path,
 on a real cluster with a replica."""
 

@@ -1,4 +1,4 @@
-"""A hostile operator against rebalance *planning* and the `rebalance`/`verify` command line.
+"""A careless operator against rebalance *planning* and the `rebalance`/`verify` command line.
 
 Pure planning properties (hypothesis) first, then the CLI on a real 3-shard cluster
 (bucket_count 64, a few hundred rows) whose catalog starts with s0 and s1 owning
@@ -403,7 +403,7 @@ def test_drain_of_the_last_shard_is_one_clear_line(world):
     assert not p, p
 
 
-# -- hostile arguments ----------------------------------------------------------------------------
+# -- bad arguments -------------------------------------------------------------------------------
 
 
 @pytest.mark.integration
@@ -667,7 +667,7 @@ def test_verify_exit_codes_before_and_after_a_misplaced_row(world):
 
 
 
-# -- last: a hostile config can damage the shared cluster ---------------------------------------------
+# -- last: a bad config can damage the shared cluster ---------------------------------------------
 
 
 @pytest.mark.integration

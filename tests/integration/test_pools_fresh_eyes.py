@@ -1,4 +1,4 @@
-"""A fresh look at the nodes' pools and the cluster's lifecycle: what engine_options do
+"""The nodes' pools and the cluster's lifecycle: what engine_options do
 to the per-node cap and to the replicas' autocommit, dispose() then reuse with a catalog,
 and dispose() in a forked worker.  On the shared local cluster (its own table and
 catalog database; no node is stopped or delayed)."""

@@ -1,4 +1,4 @@
-"""Hostile review (dec5b) of pools, pool statistics, health, `shardkit status` and metrics.
+"""Pools, pool statistics, health, `shardkit status` and metrics.
 
 On the shared local cluster (own tables; no node is stopped or delayed)."""
 

@@ -849,7 +849,7 @@ def test_random_selects_match_one_database(env, capsys):
 
 
 # ---------------------------------------------------------------------------
-# Minimised findings
+# Minimised cases from the fuzzer
 # ---------------------------------------------------------------------------
 
 
@@ -868,7 +868,7 @@ def check(env: Env, stmt: Any, ordered: bool = True) -> list[tuple[Any, ...]]:
 
 
 def test_having_and_order_by_over_functions_of_two_entities(env):
-    """Found by the fuzzer: a grouped read whose HAVING/ORDER BY term is a function of one
+    """A case from the fuzzer: a grouped read whose HAVING/ORDER BY term is a function of one
     entity (``max(Customer.score)``) while the select list holds a function of another
     (``lower(Order.status)``) crashed with ``AttributeError: __visit_name__``: SQLAlchemy's
     ``compare()`` of the two visits the ORM entities they were built from, and raises when
@@ -890,7 +890,7 @@ def test_having_and_order_by_over_functions_of_two_entities(env):
 
 
 def test_joinedload_page_ordered_by_a_column_holding_nan(env):
-    """Found by the fuzzer: ``query(Customer).options(joinedload(Customer.orders))
+    """A case from the fuzzer: ``query(Customer).options(joinedload(Customer.orders))
     .order_by(Customer.weight.desc().nulls_last(), Customer.id.desc()).limit(5)`` returned
     ONE customer where one database returns five.  Each shard's rows carry the sort value as
     an added column, and the ORM folds a parent's joined rows by the whole row: a NaN (a new

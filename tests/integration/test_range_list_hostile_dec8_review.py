@@ -1,4 +1,4 @@
-"""Range and list groups across their life, hostile review (dec8): keys of another type
+"""Range and list groups across their life: keys of another type
 than a list group's values, and a writer two map versions behind a range split.
 
 One module-scoped dev cluster (3 shards, no replicas); each test makes its own world:

@@ -1,5 +1,5 @@
 """The README walked as a new user: the `shardkit` commands run as documented, on a real
-local cluster.  What the walk found: an `--alembic-ini` Alembic cannot use (a directory, a
+local cluster.  What it checks: an `--alembic-ini` Alembic cannot use (a directory, a
 file that is no Alembic config) made `migrate check` print a traceback and `migrate upgrade`
 fail on every shard; `status`, `route` and `verify` said nothing of a catalog without a map
 yet (the README: every command warns until `rebalance init`); `route` of a date-time key

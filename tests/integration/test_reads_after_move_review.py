@@ -1,4 +1,4 @@
-"""Hostile review: reads during and after an online move, with streaming replicas.
+"""Reads during and after an online move, with streaming replicas.
 
 Uses the module-scoped 2-shard x 1-replica world of test_reads_during_moves (its own
 instance here).  Each test moves a few buckets with a PausingMover and reads from an
@@ -223,7 +223,7 @@ def test_move_floor_past_the_primary_does_not_retire_the_replicas(world):
         w.app.refresh_map()
 
 
-# -- second review: the lookup of an expired child's owner -----------------------------------
+# -- the lookup of an expired child's owner ------------------------------------------------
 
 
 def test_expired_child_deleted_on_its_new_owner_before_the_cleanup(world):

@@ -1,4 +1,4 @@
-"""Online rebalancing under hostile interleavings and crash points: nothing lost, duplicated or stranded.
+"""Online rebalancing under adverse interleavings and crash points: nothing lost, duplicated or stranded.
 
 The tests share one small cluster (3 shards, no replicas, 64 buckets) and each
 gets databases of its own on it (one per shard's server and a catalog database

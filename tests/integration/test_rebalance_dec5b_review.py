@@ -1,5 +1,5 @@
-"""Hostile review of online rebalancing (plan/apply/status/resume/abort, verify): defects an
-operator meets while a move is half-done, and in the wording of the commands' output."""
+"""Online rebalancing (plan/apply/status/resume/abort, verify): defects an operator
+meets while a move is half-done, and in the wording of the commands' output."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Demanding-operator review of online rebalancing and verify (dec7b): abort and resume at
+"""Online rebalancing and verify as a demanding operator runs them: abort and resume at
 awkward points, and what the commands print and exit with."""
 
 from __future__ import annotations

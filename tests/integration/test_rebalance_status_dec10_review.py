@@ -1,4 +1,4 @@
-"""`shardkit rebalance status` after a mover or an abort was killed (dec10 review): an operator
+"""`shardkit rebalance status` after a mover or an abort was killed: an operator
 reads it to choose between `resume` and `abort`, so at each kill point it must tell the step
 the batches are really at, whether a process holds the move, the rows copied, and what to
 run next (text, and --json's "next").

@@ -1,5 +1,5 @@
-"""Hostile review of the three latest commits (replica read pinning, the monitor's pool
-renewal and lag estimate, key coercion and upsert routing), on a real 2-shard x
+"""Replica read pinning, the monitor's pool renewal and lag estimate, key coercion and
+upsert routing, on a real 2-shard x
 2-replica PostgreSQL cluster of this module's own.
 
 Where a statement ran is taken from engine events; placement is checked on the servers.

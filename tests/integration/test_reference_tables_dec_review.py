@@ -1,4 +1,4 @@
-"""Hostile review of reference tables (copied to every shard): values made per write.
+"""Reference tables (copied to every shard): values made per write.
 
 A reference table's Core INSERT/UPDATE runs on every shard; a value made at each run
 (a serial or identity id, a ``now()`` server default, a Python default such as

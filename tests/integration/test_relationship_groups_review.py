@@ -1,4 +1,4 @@
-"""Relationships whose related rows may not be on the object's shard, reviewed against
+"""Relationships whose related rows may not be on the object's shard, checked against
 one database holding every row: many-to-many through a reference table or a table of the
 group joined off the key, and a primaryjoin that ORs two columns; declared on a base
 class and loaded for it and a subclass."""

@@ -1,4 +1,4 @@
-"""Hostile review (Dec 5) of a replica connection's life: what the pool gets back after a
+"""A replica connection's life: what the pool gets back after a
 streamed read, a hand-begun transaction or a connection that died, and failover under load.
 
 Most tests use the shared local cluster (2 shards x 1 replica), with their own table; a

@@ -1,4 +1,4 @@
-"""Hostile tests of replica routing: failover inside transactions, replicas killed under a
+"""Tests of replica routing: failover inside transactions, replicas killed under a
 streamed result, tampered tokens, bad per-query lag limits, threads, a killed primary,
 passwords in URL query strings, and a replica that gets promoted.
 

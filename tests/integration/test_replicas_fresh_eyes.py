@@ -1,4 +1,4 @@
-"""Replica routing, fresh eyes: a read-only primary and readiness, a replica whose lag
+"""Replica routing: a read-only primary and readiness, a replica whose lag
 is unknown, and a replica left ahead of a newly promoted primary (failover).
 
 One 1-shard x 2-replica cluster serves the module; the failover test is last (it

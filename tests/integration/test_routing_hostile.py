@@ -1,4 +1,4 @@
-"""Hostile routing: try to make the router send a statement to the wrong shard, lose or
+"""Routing under attack: try to make the router send a statement to the wrong shard, lose or
 duplicate rows, or fail with an unclear error, on a real 3-shard PostgreSQL cluster.
 
 Placement is always checked on the shards themselves (direct connections to each

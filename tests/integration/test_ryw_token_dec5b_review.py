@@ -1,4 +1,4 @@
-"""Read-your-writes tokens, reviewed at their edges (dec5b): rows a commit writes after
+"""Read-your-writes tokens at their edges: rows a commit writes after
 shardkit noted the written shards (an application's before_commit or after_flush_postexec
 listener), a token the replicas lack while the shard's primary hangs, a read of several
 shards waiting for its token, and the WAL position a move records under asynchronous commit.

@@ -1,4 +1,4 @@
-"""Review (analyst's report queries): cross-shard reads written with SQLAlchemy 2.x Core
+"""Analysts' report queries: cross-shard reads written with SQLAlchemy 2.x Core
 and ORM, each compared with ONE plain database holding every row (``hx_oracle`` of
 ``test_scatter_exact_hostile``, whose ``hx`` fixture and ``check``/``check_or_refused``
 helpers this module reuses): the same rows, with types and exact digits, or

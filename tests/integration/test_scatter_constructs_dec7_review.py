@@ -1,4 +1,4 @@
-"""Review (dec7): cross-shard (key-less) SELECTs of the constructs an analyst reaches for
+"""Cross-shard (key-less) SELECTs of the constructs an analyst reaches for
 (CTEs, compounds, window functions, DISTINCT ON, FETCH ... WITH TIES, ORDER BY forms,
 LIMIT 0 / OFFSET past the end, scalar and EXISTS subqueries, FILTER, empty tables,
 bool/string/array/ordered-set aggregates, ROLLUP/CUBE/GROUPING SETS, GROUP BY

@@ -1,9 +1,9 @@
-"""Hostile review (December, 5b): cross-shard reads compared with one database.
+"""Cross-shard reads compared with one database: typed aggregates and SQL text.
 
 Reuses the one-database harness of ``test_scatter_exact_hostile`` (``hx``: a 3-shard
 cluster and ``hx_oracle``, one plain database holding the same rows).  Each statement
 returns what the one database returns, or is refused with ``ScatterRefused`` naming the
-construct.  Covers what the earlier modules did not:
+construct.  Covered here:
 
 * an aggregate given its own result type (``func.sum(x, type_=Float)``): SQLAlchemy
   converts each shard's partial before the merge adds them (or, for ``avg``, the type

@@ -1,4 +1,4 @@
-"""count(DISTINCT shard key) across shards (December, 5b review).
+"""count(DISTINCT shard key) across shards.
 
 Cross-shard reads refused every ``count(DISTINCT x)``: per-shard distinct counts do
 not add up in general.  When ``x`` is the one-column shard key of a hash, range or list

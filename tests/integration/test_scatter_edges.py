@@ -1,4 +1,4 @@
-"""Hostile edge cases for cross-shard (key-less) reads.
+"""Edge cases for cross-shard (key-less) reads.
 
 The promise under test (README, "Cross-shard reads" and "Guarantees and limits"): a
 read without the shard key returns exactly what ONE database holding all rows would

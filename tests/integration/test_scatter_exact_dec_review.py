@@ -1,11 +1,11 @@
-"""Hostile review (December): cross-shard reads compared with one database.
+"""Cross-shard reads compared with one database: functions, subqueries and GROUP BY forms.
 
 Reuses the one-database harness of ``test_scatter_exact_hostile`` (``hx``: a 3-shard
 cluster and ``hx_oracle``, one plain database holding the same rows): each statement
 runs on both and the results are compared with types and exact digits, or the
 statement must be refused with ``ScatterRefused`` naming the construct.
 
-Covers what the earlier modules did not:
+Covered here:
 
 * subqueries and aggregates *inside a function call* (``coalesce(sum(x), 0)`` in a
   derived table, ``coalesce((SELECT max(...) FROM sharded), 0)`` per row, ``sum(CASE

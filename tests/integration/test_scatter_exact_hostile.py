@@ -1,4 +1,4 @@
-"""Hostile exactness checks for cross-shard (key-less) reads.
+"""Exactness checks for cross-shard (key-less) reads.
 
 The promise (README, "Cross-shard reads: parallel, merged exactly"): a read without
 the shard key returns EXACTLY what one database holding all rows would return, or

@@ -1,4 +1,4 @@
-"""Review: a cross-shard read GROUPED BY the one-column shard key of a hash group, with an
+"""A cross-shard read GROUPED BY the one-column shard key of a hash group, with an
 aggregate the merge cannot combine from per-shard partials (``string_agg``, ``array_agg``,
 ``jsonb_agg``, ``percentile_cont ... WITHIN GROUP``, ``mode()``, ``count(DISTINCT x)`` of a
 non-key column, an expression over aggregates, a ``CREATE AGGREGATE`` of the

@@ -163,7 +163,7 @@ def lg(shardkit_module_cluster_factory) -> Iterator[Hx]:
     HBase.metadata.create_all(oracle)
     LBase.metadata.create_all(oracle)
     hx = Hx(cluster, sessionmaker(class_=shardkit.ShardedSession, cluster=cluster), oracle)
-    # hx_items / hx_lines (hash group hx): the analytics review's data shape.
+    # hx_items / hx_lines (hash group hx): the analytics report queries' data shape.
     items = base_items(hx, 45)
     lines = [{"item_id": r["id"], "no": j, "qty": (r["id"] * 3 + j) % 7 - 2, "name": f"n{(r['id'] + j) % 5}"}
              for r in items for j in range(r["id"] % 4)]
@@ -251,7 +251,7 @@ EXACT_HASH = {
         Cust.id.in_(select(p.c.customer_id).where(p.c.n > 3))).order_by(Cust.id))(per.subquery()),
     "entity-columns-joined": lambda: (lambda p: select(Cust.__table__).join(p, p.c.customer_id == Cust.id)
                                       .where(p.c.n >= 4).order_by(Cust.id))(per.subquery()),
-    # The analytics review's example over hx_lines (item_id: the shard key of group hx).
+    # The analytics report queries' example over hx_lines (item_id: the shard key of group hx).
     "hx-per-item": lambda: (lambda s: select(func.avg(s.c.n), func.max(s.c.n), func.sum(s.c.s)))(
         select(L.item_id, func.count().label("n"), func.sum(L.qty).label("s")).group_by(L.item_id).subquery()),
     "hx-per-item-histogram": lambda: (lambda s: select(s.c.n, func.count()).group_by(s.c.n).order_by(s.c.n))(

@@ -1,11 +1,11 @@
-"""Review (dec7): the Result objects a cross-shard (key-less) read returns, used as a
+"""The Result objects a cross-shard (key-less) read returns, used as a
 demanding SQLAlchemy user uses one database's: every fetch method, the filtering views
 (scalars, mappings, columns, unique), freeze(), early close and ``with``, ORM yield_per /
 Query.yield_per, each compared with ONE plain database holding every row
 (``own_tables.one_database``); ``missing_shards`` of a partial result kept by every view;
 no cursor or transaction left open by ``first()`` and friends.
 
-Defects found (each failed before the fix):
+Defects covered (each failed before the fix):
 
 * the merged result's metadata dropped the ORM's unique filters: ``unique()`` raised
   ``TypeError: unhashable type`` for objects of a ``MappedAsDataclass`` mapping (eq=True:

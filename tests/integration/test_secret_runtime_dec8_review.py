@@ -1,7 +1,7 @@
 """Passwords at run time, against a real cluster: what `shardkit status` shows of a config
 file that holds them.
 
-(The rest of the runtime surface was swept without a finding: every node, the catalog
+(The rest of the runtime surface was checked and shows no password: every node, the catalog
 included, requiring scram-sha-256 passwords given percent-encoded in the URL, through
 ``${ENV}`` and as ``?password=``; logs at DEBUG of every logger with SQLAlchemy's echo and
 echo_pool, stdout/stderr, the reprs of the cluster, config, engines, pools, sessions and

@@ -1,4 +1,4 @@
-"""Fresh-eyes probes of ShardedSession's transactions and routing scopes.
+"""Probes of ShardedSession's transactions and routing scopes.
 
 A two-phase commit whose COMMIT PREPARED fails on a shard after every shard has
 prepared, a commit whose after_commit listener raises, and INSERT statements inside

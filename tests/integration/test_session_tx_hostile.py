@@ -1,4 +1,4 @@
-"""Hostile probes of ShardedSession's session and transaction semantics.
+"""Probes of ShardedSession's session and transaction semantics.
 
 Each test asserts what SQLAlchemy's own Session does on one database, or what
 the README promises, against a real 3-shard cluster (one replica per shard) of

@@ -1,4 +1,4 @@
-"""Online range and list slice moves in hostile situations, on real servers.
+"""Online range and list slice moves in adverse situations, on real servers.
 
 One module-scoped dev cluster (3 shards, no replicas).  Each test makes its own
 *world*: fresh databases with the same name on every shard's server plus its own

@@ -1,4 +1,4 @@
-"""Hostile tests of writes from processes whose map is stale after a move: every write
+"""Tests of writes from processes whose map is stale after a move: every write
 either is refused (``NotOwned``, nothing written) or lands on the true owner; and a
 process whose map is current is not refused.  Data is checked on the shards directly."""
 

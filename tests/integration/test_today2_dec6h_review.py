@@ -1,4 +1,4 @@
-"""Fresh-eyes review of the day's scatter fail-fast, as a user whose reads go to replicas.
+"""A cross-shard read's fail-fast, as a user whose reads go to replicas sees it.
 
 Cluster: 2 shards, one replica each (this module's own).  ``rv_gate(p0, p1, r0, r1)``
 waits on shard ``sN``'s primary ``pN`` seconds and on its replica ``rN`` seconds; a

@@ -1,5 +1,5 @@
-"""Fresh-eyes review of the changes merged on Dec 5 (b): what they refuse that is legitimate,
-and what they leave out of "as SQLAlchemy does".
+"""URL checks, SQL-text subquery refusals, ORM bulk INSERT of composite attributes and
+revision imports: what must not be refused, and what must be "as SQLAlchemy does".
 
 - The config's URL check took any non-printable character (``str.isprintable``) for the
   newline of a secret file: a password with an ideographic space (what a Japanese IME

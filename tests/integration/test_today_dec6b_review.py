@@ -1,5 +1,5 @@
-"""Review of 2026-12-06's changes (health of a late primary, dev cluster directories,
-rebalance re-copies, autocommit read-your-writes)."""
+"""Ending and committing sessions when a primary's health poll is late or the session wrote
+in autocommit or used an engine of its own, and `status` of such a primary."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Fresh-eyes review of the Dec 6 (h) changes, against a real cluster and one plain database.
+"""Subqueries grouped by an outer join's optional-side key, against a real cluster and one
+plain database.
 
 A subquery grouped by a column that carries the shard key of an outer join's optional side
 *inside a nested subquery* (``SELECT ... FROM (SELECT o.customer_id AS ocid ... FROM

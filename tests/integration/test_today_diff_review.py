@@ -1,4 +1,5 @@
-"""Review of the day's changes (a9cda32..195d0db): regressions and edge cases."""
+"""merge(load=False) of a detached object without its key, text fragments whose OR narrows or
+does not narrow a key read, and a scope key's route: regressions and edge cases."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review probes of consistency tokens and run_transaction on a real cluster: the wait a
+"""Probes of consistency tokens and run_transaction on a real cluster: the wait a
 token past its primary's position costs a read (README: "no replica is ... waited for
 beyond wait_for_token"), and a nested run_transaction's commit that a retry of the outer
 function repeated.  One small cluster of the module's own (its replicas are made to lag).

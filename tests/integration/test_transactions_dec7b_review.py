@@ -1,4 +1,4 @@
-"""Review probes of one transaction over several shards when a shard fails (dec7b).
+"""One transaction over several shards when a shard fails.
 
 A two-phase session's explicit ``prepare()`` that fails on one shard (a deferred
 constraint), the pool's reset of that shard's connection afterwards, and a commit that

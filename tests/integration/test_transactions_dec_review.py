@@ -1,4 +1,4 @@
-"""Review probes of multi-shard commits and run_transaction.
+"""Multi-shard commits and run_transaction.
 
 A primary's connection lost between two shards' COMMITs, ``with Session.begin():``
 (the SQLAlchemy 2.0 idiom) around a multi-shard or two-phase commit,

@@ -1,4 +1,4 @@
-"""``shardkit verify`` against planted problems, a seeded fuzzer (dec8 review).
+"""``shardkit verify`` against planted problems, a seeded fuzzer.
 
 One module-scoped dev cluster (3 shards, no replicas, 16 buckets) with a catalog
 (``rebalance init``: the ownership guard and the SQL functions installed), holding:

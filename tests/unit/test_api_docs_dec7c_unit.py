@@ -1,4 +1,4 @@
-"""The README's Python API against the code, from the other side (Dec 7c, no server).
+"""The README's Python API against the code, from the other side (no server).
 
 test_docs_hostile.py, test_docs_audit_dec.py and test_readme_reference_dec6b.py check
 that the names, keyword arguments, defaults and error attributes the README shows

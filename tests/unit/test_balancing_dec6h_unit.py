@@ -1,5 +1,5 @@
 """Replica balancing as a user tuning a read-heavy app sees it, with no server: the
-selector's policies over samples and pools set by hand (review, dec6h)."""
+selector's policies over samples and pools set by hand."""
 
 from __future__ import annotations
 

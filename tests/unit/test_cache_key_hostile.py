@@ -1,4 +1,4 @@
-"""Hostile review of the cache key route() gives ``select(Model).where(Model.key == value)``
+"""The cache key route() gives ``select(Model).where(Model.key == value)``
 (shardkit._routing._give_cache_key): every key given must be the one SQLAlchemy works out
 for a twin never routed nor compiled, and a statement derived from one given a key must
 never inherit it (that would run the parent's SQL: other rows)."""

@@ -1,4 +1,4 @@
-"""Configuration and command line as an operator meets them (review, Dec 5b).
+"""Configuration and command line as an operator meets them.
 
 - a setting that must be a boolean or a number, written in quotes (as every ``${VAR}``
   makes it), says to write it without quotes: ``pre_ping = "${PRE_PING:-false}"``

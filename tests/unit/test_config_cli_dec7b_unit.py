@@ -1,4 +1,4 @@
-"""Configuration and command line, server-free (review, Dec 7b).
+"""Configuration and command line, server-free.
 
 1. ``--config`` given a libpq keyword/value connection string (``host=db0 password=...``,
    what ``$DATABASE_URL`` holds for many psycopg users) echoed it, password and all, twice

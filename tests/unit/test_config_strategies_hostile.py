@@ -1,4 +1,4 @@
-"""Hostile-user tests of configuration, sharding strategies and key handling.
+"""Tests of configuration, sharding strategies and key handling.
 
 No server is needed.  Each test states the behaviour the README documents (or that a
 demanding SQLAlchemy user would expect); a failing test here is a bug, not a flaky
@@ -125,7 +125,7 @@ def test_wrong_types_and_shapes_name_the_field(cfg, field):
     ([{"to": {"a": 1}, "shard": "s0"}, {"from": {"a": 1}, "shard": "s1"}], "groups.ev.ranges"),
 ])
 def test_range_bounds_of_mixed_or_unordered_types_are_a_configuration_error(ranges, field):
-    """README: every mistake is a ConfigurationError naming the setting.  Today the overlap
+    """README: every mistake is a ConfigurationError naming the setting.  Unchecked, the overlap
     check (`a.upper > b.lower` in _config._parse_group) raises a bare TypeError."""
     e = config_error(range_group(ranges))
     assert e.field.startswith(field), e.field
@@ -241,8 +241,8 @@ def test_env_interpolation_basics():
 
 
 def test_nested_env_default_is_expanded_or_refused():
-    """`${PW:-${OTHER}}` (nested default, as a shell and Docker Compose expand it) today
-    yields the literal text "${OTHER}" as the password: _ENV_RE's lazy `(.*?)\\}` stops at
+    """`${PW:-${OTHER}}` (nested default, as a shell and Docker Compose expand it) could
+    yield the literal text "${OTHER}" as the password: _ENV_RE's lazy `(.*?)\\}` stops at
     the first `}` and the rest of the string is taken literally.  Either expand it or
     refuse it, never connect with a password nobody wrote."""
     url = "postgresql+psycopg://app:${PW:-${OTHER}}@h/db"
@@ -317,7 +317,7 @@ def test_toml_file_errors(tmp_path):
 
 
 def test_toml_file_with_utf8_bom(tmp_path):
-    """Editors on Windows save UTF-8 with a byte order mark.  Today the file is refused as
+    """Editors on Windows save UTF-8 with a byte order mark.  Unhandled, the file is refused as
     `invalid TOML: Invalid statement (at line 1, column 1)`, which points at a line that
     looks fine.  Read it (utf-8-sig), or say that the BOM is the problem."""
     p = tmp_path / "bom.toml"
@@ -508,7 +508,7 @@ def test_list_strategy_default_missing_and_case():
 
 def test_custom_strategy_returning_a_non_shard_is_no_shard_for_key():
     """fn(key) -> shard name, checked against the shards: a wrong answer is NoShardForKey.
-    A list answer today escapes as `TypeError: unhashable type: 'list'` from
+    A list answer, unchecked, escapes as `TypeError: unhashable type: 'list'` from
     `shard not in self._shards` in CustomStrategy.shard_for_key."""
     for answer in (None, "s9", 0):
         with pytest.raises(NoShardForKey):
@@ -671,9 +671,9 @@ class Region(enum.Enum):
 def test_list_group_on_a_sqlalchemy_enum_column_routes_enum_members():
     """`region: Mapped[Region]` (sa.Enum) is the natural column for the README's list
     strategy by region.  SQLAlchemy persists a member by its name ('us'), and TOML can only
-    list strings, so `Region.us` must route like 'us'.  Today coercer_for() skips sa.Enum,
-    the list lookup compares Region.us with 'us' and every ORM insert and keyed query
-    fails with NoShardForKey ("list value <Region.us> is not mapped") for a listed value."""
+    list strings, so `Region.us` must route like 'us'.  If coercer_for() skipped sa.Enum,
+    the list lookup would compare Region.us with 'us' and every ORM insert and keyed
+    query would fail with NoShardForKey ("list value <Region.us> is not mapped") for a listed value."""
     m = sa.MetaData()
     t = sa.Table("tenants", m, sa.Column("region", sa.Enum(Region), primary_key=True))
     cfg = {"bucket_count": 16,

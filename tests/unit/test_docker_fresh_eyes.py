@@ -1,4 +1,4 @@
-"""docker-compose.yml and the docker test backend, reviewed without a Docker engine.
+"""docker-compose.yml and the docker test backend, checked without a Docker engine.
 
 The compose file is read as YAML; the backend runs against stand-ins for
 testcontainers.  (The replica set-up script runs against a local server in

@@ -1,4 +1,4 @@
-"""The README against the code: mechanically checkable claims (a hostile docs review).
+"""The README against the code: mechanically checkable claims.
 
 tests/unit/test_readme.py checks that the README's TOML example loads.  These
 tests check the rest of what can be checked without a server:

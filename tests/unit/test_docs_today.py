@@ -1,4 +1,4 @@
-"""README.md and BENCHMARKS.md against the code, for what changed on 2026-12-04: tables in
+"""README.md and BENCHMARKS.md against the code: tables in
 other schemas, the metrics paragraph, the benchmark commands."""
 
 from __future__ import annotations

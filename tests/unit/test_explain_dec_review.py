@@ -1,4 +1,4 @@
-"""``cluster.explain()`` answers as execution does for today's refusals and routes: a
+"""``cluster.explain()`` answers as execution does for these refusals and routes: a
 reference table's INSERT/UPDATE that leaves a column to a value each shard would make is
 refused by both (explain() routed it to every shard), an ORM bulk UPDATE by primary key
 included (execution ran it).  No server: both decide before

@@ -1,4 +1,4 @@
-"""The router's shortcut for ``select(...).where(key == value)``, under review: it must
+"""The router's shortcut for ``select(...).where(key == value)``: it must
 answer as the general path does, and what it keeps must not grow with the tables an
 application builds per read."""
 

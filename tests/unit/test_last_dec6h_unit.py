@@ -1,4 +1,4 @@
-"""Range routing of a date key compared with a naive datetime (review of 38f3ade), no server."""
+"""Range routing of a date key compared with a naive datetime, no server."""
 
 import datetime as dt
 

@@ -4,7 +4,7 @@
 shardkit checks such a write for a column each shard would fill in on its own (a serial,
 a server default calling a function); a ``TableClause`` has no ``autoincrement_column``
 and its columns no ``identity``, and it declares no defaults at all: nothing to refuse.
-(Found by mypy: ``"TableClause" has no attribute "autoincrement_column"``.)  No server:
+(mypy reports it: ``"TableClause" has no attribute "autoincrement_column"``.)  No server:
 explain() decides before connecting, and execution fails at the check, before it
 connects, when the check is broken."""
 

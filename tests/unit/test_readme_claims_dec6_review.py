@@ -1,4 +1,4 @@
-"""The README's API table against the README itself (a README audit, Dec 6).
+"""The README's API table against the README itself.
 
 tests/unit/test_docs_hostile.py checks that every ``cluster.X`` the README uses
 exists; this checks the other direction a reader relies on: a ``Cluster`` method or

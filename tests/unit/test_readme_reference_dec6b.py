@@ -1,4 +1,4 @@
-"""The README as a reference: every command, option, setting and public name is in it (Dec 6).
+"""The README as a reference: every command, option, setting and public name is in it.
 
 tests/unit/test_docs_hostile.py and test_docs_audit_dec.py already check that every
 CLI flag is documented for its command with argparse's default, and that every

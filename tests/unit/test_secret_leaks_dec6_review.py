@@ -1,4 +1,4 @@
-"""Passwords in places the earlier sweeps did not reach: a database URL given where the
+"""Passwords in less obvious places: a database URL given where the
 config file's path goes (``--config "$DATABASE_URL"``, ``Cluster.from_config(url)``), and a
 percent-encoded NUL in a URL, at which libpq cuts the connection string: the password's
 start then goes to the host's default port, without the URL's later parameters (port,

@@ -1,4 +1,4 @@
-"""Today's new messages (port validation, catalog handling in the CLI, a replica's ban
+"""Messages (port validation, catalog handling in the CLI, a replica's ban
 reason from the driver's first line, CLI -v logging) never show a configured password:
 in messages, exception attributes, reprs, status output or DEBUG logs.  No server: every
 node is a closed local port, so each path fails the way an operator would see it."""

@@ -1,4 +1,5 @@
-"""Fresh-eyes review of the Dec 6 (h) changes: offline checks (no database).
+"""Shard-local subqueries below an outer join, COLLATE "C" group keys and stale-token
+refusals: offline checks (no database).
 
 * ``_colocation._shard_local``: a derived table grouped (or DISTINCT) by a column that
   carries the shard key of an outer join's optional side *inside a nested subquery* was
@@ -79,7 +80,7 @@ C = items.c.name.collate("C")
     select(C.label("n"), func.count()).group_by(C).order_by(C),
     select(C.label("n"), func.count()).group_by(C).having(C > "a"),
     select(C, func.count()).group_by(C).order_by(C.desc()),
-    # (what the earlier change made work stays working)
+    # (a plain key ordered under COLLATE "C" still merges)
     select(items.c.name, func.count()).group_by(items.c.name).order_by(C),
 ], ids=["select-group-order", "select-group-having", "unlabelled", "plain-key-ordered-collated"])
 def test_group_key_written_collate_c_everywhere_merges(stmt):
