@@ -629,14 +629,14 @@ def test_move_killed_at_random_moments_loses_and_duplicates_nothing(servers, tmp
 
 def _world_with_rows(servers: Any, tmp: Path, name: str) -> World:
     w = _make_world(servers, tmp, name)
-    with w.conn("s0") as c0, w.conn("s1") as c1:
-        live = w.cluster()
-        try:
-            for k in range(N_ACCOUNTS):
-                (c0 if live.shard_for("kf_accounts", k) == "s0" else c1).execute(
-                    "INSERT INTO kf_accounts VALUES (%s, 0)", (k,))
-        finally:
-            live.dispose()
+    live = w.cluster()
+    try:
+        for shard in ("s0", "s1"):
+            keys = [k for k in range(N_ACCOUNTS) if live.shard_for("kf_accounts", k) == shard]
+            with w.conn(shard) as c:  # (one statement: 3000 single-row INSERTs took ~1 s)
+                c.execute("INSERT INTO kf_accounts SELECT unnest(%s::bigint[]), 0", (keys,))
+    finally:
+        live.dispose()
     return w
 
 
@@ -655,8 +655,18 @@ def test_a_target_writer_in_flight_at_the_clean_up_leaves_no_change_logged(serve
         new[bucket] = "s2"
         plan = plan_from_maps(admin.config.bucket_map, tuple(new), "test")
         committed = threading.Event()
+        # The clean-up has emptied the target's moving_buckets and waits for the target's
+        # writers (or, were it not to wait, has ended): the writer commits then, after that.
+        cleaned = threading.Event()
 
         class WriterInFlight(rebalance.Mover):
+            cleaning = False
+
+            def _wait_for_writers(self, conn, move_id, buckets):
+                if self.cleaning:
+                    cleaned.set()
+                return super()._wait_for_writers(conn, move_id, buckets)
+
             def _clean_up(self, src, tgt, tables, buckets, move_id):
                 writer = w.conn("s2")
                 writer.autocommit = False
@@ -665,12 +675,18 @@ def test_a_target_writer_in_flight_at_the_clean_up_leaves_no_change_logged(serve
                 writer.execute("UPDATE kf_accounts SET balance = balance + 1 WHERE id = %s", (key,))
 
                 def commit_later():
-                    time.sleep(1.5)
+                    # (Was a fixed 1.5 s: as long as the clean-up took to get there, or longer.)
+                    cleaned.wait(30)
+                    time.sleep(0.2)  # (the clean-up sees the writer's lock held first)
                     writer.commit()
                     writer.close()
                     committed.set()
                 threading.Thread(target=commit_later, daemon=True).start()
-                return super()._clean_up(src, tgt, tables, buckets, move_id)
+                self.cleaning = True
+                try:
+                    return super()._clean_up(src, tgt, tables, buckets, move_id)
+                finally:
+                    cleaned.set()
 
         WriterInFlight(admin, grace=0, progress=lambda line: None).apply(plan)
         committed.wait(10)

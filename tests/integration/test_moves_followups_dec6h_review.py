@@ -9,6 +9,7 @@ import os
 import uuid
 from pathlib import Path
 
+import inproc_cli
 import psycopg
 import pytest
 from sqlalchemy import text
@@ -18,9 +19,9 @@ from shardkit import rebalance
 from shardkit._rebalance_plan import plan_split_range
 from shardkit.errors import RebalanceError
 from shardkit.verify import verify
-from movers import journal_steps, kill_mover_after, resume, rows_by_key
+from movers import journal_steps, kill_mover_after, rows_by_key
 from test_moves_ops_day_dec6h_review import _clear
-from test_range_list_e2e_dec5_review import Event, Token, _cli, _where, world  # noqa: F401 (world: a fixture)
+from test_range_list_e2e_dec5_review import Event, Token, _where, world  # noqa: F401 (world: a fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +35,19 @@ def subprocess_path(monkeypatch):
     here = Path(__file__).parent
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(here), str(here.parent), str(Path(shardkit.__file__).parents[1])]))
+
+
+def _cli(cfg, *args):
+    """`shardkit rebalance ARGS --config CFG` run in this process (tests/inproc_cli.py: exit
+    status, stdout and stderr as a process's, without its ~0.6 s of imports); the killed
+    movers (kill_mover_after) keep processes of their own."""
+    return inproc_cli.run(["rebalance", *args, "--config", str(cfg)])
+
+
+def resume(cfg, move_id):
+    """`shardkit rebalance resume MOVE` (in this process), which must succeed."""
+    r = _cli(cfg, "resume", str(move_id), "--grace", "0.2")
+    assert r.returncode == 0, r.stderr
 
 
 def _catalog_state(cluster):

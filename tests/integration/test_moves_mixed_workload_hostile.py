@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import inproc_cli
 import psycopg
 import pytest
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, bindparam, create_engine, delete, event, func, insert, select, update
@@ -28,7 +29,7 @@ import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_add_shards, plan_from_maps, plan_move_value, plan_split_range
 from shardkit.verify import verify
-from movers import WriterThreads, kill_mover_after, resume, rows_by_key
+from movers import WriterThreads, kill_mover_after, rows_by_key
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +87,13 @@ GROUPS = {
     },
     "reference_tables": ["mx_countries"],
 }
+
+
+def resume(cfg_path: Any, move_id: int) -> None:
+    """`shardkit rebalance resume MOVE` run in this process (tests/inproc_cli.py: without a
+    process's ~0.6 s of imports; the killed mover had a process of its own), which must succeed."""
+    r = inproc_cli.run(["rebalance", "resume", str(move_id), "--config", str(cfg_path), "--grace", "0.2"])
+    assert r.returncode == 0, r.stderr
 
 
 def _tag(k: int) -> str:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import threading
 import time
 import tomllib
 
+import inproc_cli
 import psycopg
 import pytest
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, create_engine, delete, func, select, text, update
@@ -19,8 +18,7 @@ import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_add_shards, plan_drain, plan_from_maps
 from shardkit.verify import verify
-from movers import (HeldMover, ReadPasses, WriterThreads, journal_steps, kill_mover_after, latest_move, resume,
-                    rows_by_key)
+from movers import HeldMover, ReadPasses, WriterThreads, journal_steps, kill_mover_after, latest_move, rows_by_key
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +45,19 @@ class Entry(Base):
 
 GROUPS = {"groups": {"accounts": {"strategy": "hash",
                                   "tables": {"accounts": "id", "entries": "account_id"}}}}
+
+
+def _cli(*argv):
+    """`shardkit ARGV` run in this process (tests/inproc_cli.py: exit status, stdout and stderr
+    as a process's, without its ~0.6 s of imports); the killed movers (kill_mover_after)
+    keep processes of their own."""
+    return inproc_cli.run(argv)
+
+
+def resume(cfg_path, move_id) -> None:
+    """`shardkit rebalance resume MOVE` (in this process), which must succeed."""
+    r = _cli("rebalance", "resume", str(move_id), "--config", str(cfg_path), "--grace", "0.2")
+    assert r.returncode == 0, r.stderr
 
 
 def _config(dev, catalog_url: str, shards: int) -> dict:
@@ -375,8 +386,7 @@ def test_cli_without_catalog_says_it_cannot_rebalance(world, tmp_path):
     dev = world[0]
     path = tmp_path / "plain.toml"
     dev.write_config(path, GROUPS)
-    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "plan", "--add", "s2",
-                        "--config", str(path)], capture_output=True, text=True, timeout=60)
+    r = _cli("rebalance", "plan", "--add", "s2", "--config", str(path))
     assert r.returncode == 2
     assert "no catalog" in r.stderr and "cannot be rebalanced" in r.stderr
 
@@ -385,13 +395,11 @@ def test_cli_plan_and_status(world):
     dev, cluster, cfg_path, Session = world
     cluster.refresh_map()
     flag = ["--drain", "s2"] if "s2" in cluster.config.bucket_map else ["--add", "s2"]
-    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "plan", *flag, "--json",
-                        "--config", str(cfg_path)], capture_output=True, text=True, timeout=60)
+    r = _cli("rebalance", "plan", *flag, "--json", "--config", str(cfg_path))
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["moves"] and tuple(plan["old_map"]) == cluster.config.bucket_map
-    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "status", "--json",
-                        "--config", str(cfg_path)], capture_output=True, text=True, timeout=60)
+    r = _cli("rebalance", "status", "--json", "--config", str(cfg_path))
     assert r.returncode == 0, r.stderr
     assert all(m["state"] in ("done", "aborted") for m in json.loads(r.stdout))
 
@@ -497,8 +505,7 @@ def test_verify_reports_ownership_that_disagrees_with_the_map(world):
 
 def test_plan_even_by_rows_uses_measured_weights(world):
     dev, cluster, cfg_path, Session = world
-    r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "plan", "--even", "rows", "--json",
-                        "--config", str(cfg_path)], capture_output=True, text=True, timeout=120)
+    r = _cli("rebalance", "plan", "--even", "rows", "--json", "--config", str(cfg_path))
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     # Weights are the rows per bucket across the moving tables, measured on the shards.

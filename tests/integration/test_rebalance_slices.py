@@ -20,7 +20,7 @@ from shardkit import rebalance
 from shardkit._rebalance_plan import plan_move_value, plan_split_range
 from shardkit._slices import SLICE_BASE
 from shardkit.verify import verify
-from movers import HeldMover, ReadPasses, WriterThreads, journal_steps, kill_mover_after, resume, rows_by_key
+from movers import HeldMover, ReadPasses, WriterThreads, journal_steps, kill_mover_after, rows_by_key
 
 pytestmark = pytest.mark.integration
 
@@ -310,7 +310,9 @@ def test_split_killed_at_a_step_then_resumed(world, kill_after, at):
     target = "s0"
     with Writers(Session, n=2) as writers:
         move_id = kill_mover_after(cluster, cfg_path, kill_after, "--split", f"orders:{at}", "--to", target)
-        resume(cfg_path, move_id)
+        # (in this process: the killed mover had one of its own)
+        r = inproc_cli.run(["rebalance", "resume", str(move_id), "--config", str(cfg_path), "--grace", "0.2"])
+        assert r.returncode == 0, r.stderr
         time.sleep(0.3)
     assert not writers.errors, writers.errors[:3]
     assert rebalance.move_status(cluster, move_id)[0]["state"] == "done"
