@@ -1,5 +1,5 @@
-"""The statement generator the random fuzzers of writes share (test_dml_fuzz_dec8_review,
-test_dml_fuzz_more_dec8_review): values, WHERE clauses, execution options, new and existing
+"""The statement generator the random fuzzers of writes share (test_dml_fuzz,
+test_dml_fuzz_composite_keys): values, WHERE clauses, execution options, new and existing
 rows, and the UPDATE / DELETE / INSERT statements of a group's parent table.  A module's
 ``Gen`` subclasses ``GenBase`` with its ``leaf()`` predicates, its ``_statement()`` mix, its
 ``_setvalues()``, ``_preload()`` and ``_new_row()``, and ``_stmt()``, which makes its ``Stmt``.

@@ -1,5 +1,5 @@
 """Writes compared with one unsharded database (the "oracle"), for the random statement
-fuzzers of writes (test_dml_fuzz_dec8_review, test_dml_fuzz_more_dec8_review): a module's
+fuzzers of writes (test_dml_fuzz, test_dml_fuzz_composite_keys): a module's
 own three-shard cluster and one database holding every row, each statement run on both
 sides, and the two outcomes judged — the same ``rowcount``, ``RETURNING`` rows (as
 multisets) and session objects, or a refusal by shardkit that changed nothing — in a tally

@@ -1,5 +1,5 @@
-"""The driver of the stateful ORM fuzzers (test_orm_state_fuzz_dec8_review,
-test_orm_state_fuzz2_dec8_review): the same random sequence of ORM operations run on a
+"""The driver of the stateful ORM fuzzers (test_orm_state_fuzz,
+test_orm_state_fuzz_groups): the same random sequence of ORM operations run on a
 plain ``Session`` over ONE unsharded database and on a ``ShardedSession`` over a 3-shard
 cluster, compared after every step.  A module brings its model, its rules (a ``Fuzz``
 subclass of ``FuzzBase`` whose operations are marked with the ``rule`` of its own

@@ -18,7 +18,7 @@ from shardkit import rebalance
 from shardkit._rebalance_plan import plan_drain, plan_move_value
 from shardkit.verify import verify
 
-from test_schema_tables_fresh_eyes import World as SchemaWorld
+from test_schema_tables import World as SchemaWorld
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ def dev(shardkit_module_cluster_factory):
 
 def World(dev: Any, tmp_path: Path, ddl: str, groups: dict[str, Any],
           reference: list[str] = ()) -> SchemaWorld:
-    """test_schema_tables_fresh_eyes's world of its own databases, without ``rebalance init``."""
+    """test_schema_tables's world of its own databases, without ``rebalance init``."""
     return SchemaWorld(dev, tmp_path, ddl=ddl, groups=groups, reference=reference, init=False)
 
 

@@ -583,7 +583,7 @@ def test_env_py_example_keeps_autogenerate_off_tables_the_models_do_not_describe
     import subprocess
     import sys
 
-    from test_migrate_hostile import World
+    from test_migrate_failures import World
 
     w = World(shardkit_dev_cluster, tmp_path / "w")
     try:

@@ -547,7 +547,7 @@ def test_abort_with_lagging_target_replica(world):
     assert not problems, "\n".join(problems[:12])
 
 
-# -- 5. ORM objects loaded before the switch: tests/integration/test_move_reads_hostile.py
+# -- 5. ORM objects loaded before the switch: tests/integration/test_keyless_reads_during_moves.py
 
 
 # -- 6. a derived table outer-joined to a moving table ------------------------------------------------
@@ -663,7 +663,7 @@ def test_list_value_move_reads(world):
     assert not problems, "\n".join(problems)
 
 
-# -- 8. a process whose map is stale: its writes in test_stale_writes_hostile.py
+# -- 8. a process whose map is stale: its writes in test_stale_writes.py
 
 
 # -- 9. the follower swaps the router before the replica floor -------------------------------------------

@@ -613,7 +613,7 @@ def test_consistency_token_edge_cases(env):
         assert env.nodes(lambda: s.execute(stmt).scalar())[1][0] in ("s0/r0", "s0/r1")
     # a position no replica has reached (a write they have not replayed): reads go to the
     # primary, or fail if forced ("FFFF/0", past the primary's own, is corrected instead:
-    # test_tokens_review.py)
+    # test_untrusted_tokens.py)
     with lagging(env, shards=("s0",)):
         with env.Session() as w:
             w.execute(update(Account).where(Account.id == k).values(name="x"))

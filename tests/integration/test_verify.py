@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 def run(cfg_path):
     """``shardkit verify --json``, in this process (``inproc_cli``; the command runs as a
-    process in test_operator_walkthrough_review)."""
+    process in test_operator_walkthrough)."""
     r = inproc_cli.run(["verify", "--config", str(cfg_path), "--json"])
     return r.returncode, json.loads(r.stdout)
 
