@@ -208,12 +208,15 @@ class Router:
         self._dml_ctes: dict[Any, str | None] = {}
         # (id of the Table, key column name, the ORM entity selected or None) -> (group,
         # coercer, routes by shard, a weak reference to the Table, the group's strategy,
-        # and for a hash group whose key is an int, its (bucket map, bucket count)) of
-        # the plan shared by every SELECT that _column_equals_value accepts on that
-        # column.  By entity: an entity's load may be refused (entities_problem) where
-        # its columns' is not.  Weakly: an application may build its table() objects per
-        # read, and the router must not keep them alive.
-        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any, Any]] = {}
+        # for a hash group whose key is an int, its (bucket map, bucket count), and for a
+        # key whose coercer depends on the parameter's type (_through_bind_type: a
+        # non-integer numeric key), the class of the parameter's type the entry was made
+        # for, else None) of the plan shared by every SELECT that _column_equals_value
+        # accepts on that column (with a parameter of that type).  By entity: an entity's
+        # load may be refused (entities_problem) where its columns' is not.  Weakly: an
+        # application may build its table() objects per read, and the router must not
+        # keep them alive.
+        self._key_columns: dict[tuple[int, str, Any], tuple[str, Any, dict[str, Route], Any, Any, Any, Any]] = {}
         # The same entries for select(Model).where(Model.key == value), by (id of the
         # column, id of the entity's table) of the statement -> (that column, that table,
         # the entry, [what _cache_key_form() gave, or None until a statement gives it]):
@@ -437,8 +440,9 @@ class Router:
         """The route of a SELECT of ``shape`` (what :func:`_column_equals_value` made of
         it) from the entry its column has, or None.  ``raw``: its selected columns."""
         entry = self._key_columns.get(shape[4])
-        if entry is None or entry[3]() is not shape[3]:
-            return None
+        if entry is None or entry[3]() is not shape[3] or (
+                entry[6] is not None and type(shape[1].type) is not entry[6]):
+            return None  # (another parameter type than the entry's may be read otherwise)
         known = self._entry_route(entry, shape[1].value)
         if known is not None:
             # The statement's column and entity objects have no entry of their own: the
@@ -514,7 +518,8 @@ class Router:
                 # select(Model).where(Model.key == value): the mapper gives every such
                 # statement the same column and table objects, which find the entry.
                 hit = self._entity_entries.get((id(col), id(raw[0]))) if len(raw) == 1 else None
-                if hit is not None and hit[0] is col and hit[1] is raw[0]:
+                if hit is not None and hit[0] is col and hit[1] is raw[0] and (
+                        hit[2][6] is None or type(b.type) is hit[2][6]):
                     known = self._entry_route(hit[2], b.value)
                     if known is not None:
                         form = hit[3]
@@ -561,7 +566,8 @@ class Router:
             entry = key_columns[shape[4]] = (
                 single[0], single[2], plan.routes, weakref.ref(shape[3]), strategy,
                 (strategy.bucket_map, strategy.bucket_count)
-                if type(strategy) is HashStrategy and single[2] in (None, _to_int) else None)
+                if type(strategy) is HashStrategy and single[2] in (None, _to_int) else None,
+                type(shape[1].type) if _bind_type_matters(shape[0].type) else None)
             self._remember_entity(shape, statement._raw_columns, entry, statement)
         if single is not None and role is None and not isinstance(params, (list, tuple)):
             g, bi, co = single
@@ -2172,15 +2178,28 @@ def _through_bind_type(bind_type: Any, col_type: Any, co: Any) -> Any:
     * an unscaled numeric key compared with a float: the comparison is in ``float8``, so
       the float as it is decides, not the 15 digits it is stored as (:func:`read_coercer`).
     """
-    if co is _float_as_numeric:
-        # (SQLAlchemy sends a NUMERIC parameter uncast: a float in it is a float8 too.)
-        return _integer_cast_coercer(None) if isinstance(bind_type, sqltypes.Integer) else None
+    # (SQLAlchemy sends a NUMERIC parameter uncast: a float in it is a float8 too, also
+    # through a TypeDecorator's process_bind_param.)
+    read = read_coercer(co)
     if not isinstance(bind_type, sqltypes.Integer) or isinstance(col_type, sqltypes.Integer):
-        return co
+        return read
     base = unwrap(col_type)[1]
-    if not isinstance(base, sqltypes.Numeric) or isinstance(base, sqltypes.Integer):
-        return co
-    return _integer_cast_coercer(co)
+    # (Float: not a Numeric in SQLAlchemy 2.1.)
+    if not isinstance(base, (sqltypes.Numeric, sqltypes.Float)) or isinstance(base, sqltypes.Integer):
+        return read
+    # An INTEGER parameter is not the column's: no TypeDecorator's process_bind_param runs
+    # on it, and the integer PostgreSQL makes of it is compared with the stored key.
+    return _integer_cast_coercer(read_coercer(coercer_for(base)))
+
+
+def _bind_type_matters(col_type: Any) -> bool:
+    """Whether a key column of ``col_type`` is routed by a coercer that depends on the type
+    of the parameter it is compared with (:func:`_through_bind_type`): a non-integer
+    numeric key."""
+    if isinstance(col_type, sqltypes.Integer):
+        return False
+    base = unwrap(col_type)[1]
+    return isinstance(base, (sqltypes.Numeric, sqltypes.Float)) and not isinstance(base, sqltypes.Integer)
 
 
 @functools.lru_cache(maxsize=64)
@@ -2234,8 +2253,9 @@ def _float_as_numeric(v: Any) -> Any:
 
 def read_coercer(co: Any) -> Any:
     """The coercer a read's comparison of a key column uses, from the one that places a
-    written key (:func:`coercer_for`): they differ for an unscaled numeric key given a float."""
-    return None if co is _float_as_numeric else co
+    written key (:func:`coercer_for`): they differ for an unscaled numeric key given a float
+    (also through a TypeDecorator's ``process_bind_param``: its ``read`` form)."""
+    return None if co is _float_as_numeric else getattr(co, "read", co)
 
 
 # PostgreSQL's epoch: a timestamp before it is rounded half away from zero, down in time.
@@ -2310,15 +2330,27 @@ def _decorator_coercer(type_: sqltypes.TypeDecorator[Any]) -> Any:
     if type(type_).process_bind_param is sqltypes.TypeDecorator.process_bind_param:
         return inner  # no processing of its own: the implementation type's rules
 
-    def coerce(v: Any) -> Any:
+    def processed(v: Any) -> Any:
         try:
-            out = type_.process_bind_param(v, dialect)
+            return type_.process_bind_param(v, dialect)
         except Exception as e:
             raise ShardKeyError(
                 f"shard key {v!r}: the column type {type(type_).__name__} refused it "
                 f"({type(e).__name__}: {e})", key=v) from e
+
+    def coerce(v: Any) -> Any:
+        out = processed(v)
         return inner(out) if inner is not None and out is not None else out
 
+    read_inner = read_coercer(inner)
+    if read_inner is not inner:
+        # A comparison's parameter, processed as a written key is, but compared as it is
+        # sent (a float as a float8): see read_coercer.
+        def read(v: Any) -> Any:
+            out = processed(v)
+            return read_inner(out) if read_inner is not None and out is not None else out
+
+        coerce.read = read  # type: ignore[attr-defined]
     return coerce
 
 

@@ -399,12 +399,16 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 pass
         return [shard] if shard is not None else list(self.cluster.shard_names)
 
-    def _shard_from_identity(self, mapper: Any, primary_key: Any) -> str | None:
-        """The shard of a primary key, when the primary key contains the whole shard key."""
+    def _shard_from_identity(self, mapper: Any, primary_key: Any, placed: bool = False) -> str | None:
+        """The shard of a primary key, when the primary key contains the whole shard key:
+        where get() finds its row, or with ``placed``, where a flush of an object of that
+        identity puts it (they differ for a float in an unscaled numeric key)."""
         plan = _pk_plan_for(self.cluster.router, mapper)
         if plan is False:
             return None
-        positions, coercers, strategy = plan
+        positions, coercers, strategy, placing = plan
+        if placed:
+            coercers = placing
         if len(positions) == 1 and not isinstance(primary_key, (tuple, list, dict)):
             # get(Model, value) of a one-column shard key: what the general steps below
             # come to for a scalar (it is the whole primary key).
@@ -1679,9 +1683,10 @@ def _pk_plan(router: Router, mapper: Any) -> Any:
         return False
     table = mapper.local_table
     positions = tuple(pk_names.index(c) for c in tr.key_columns)
+    placing = tuple(coercer_for(column_named(table.c, c).type) for c in tr.key_columns)
     # (get() compares the key: a float with an unscaled numeric key as a float8.)
-    coercers = tuple(read_coercer(coercer_for(column_named(table.c, c).type)) for c in tr.key_columns)
-    return positions, coercers, tr.strategy
+    coercers = tuple(read_coercer(co) for co in placing)
+    return positions, coercers, tr.strategy, placing
 
 
 def _pk_plan_for(router: Router, mapper: Any) -> Any:
@@ -2967,7 +2972,9 @@ def _shard_key_of(session: ShardedSession, state: Any) -> tuple[bool, Any]:
 
 def _current_owner(session: ShardedSession, mapper: Any, ident: Any, key: Any) -> str | None:
     """The shard the map places an object (its primary key, its shard key if known) on now."""
-    owner = session._shard_from_identity(mapper, ident)
+    # (Placed as its flush placed it: an object given a float for an unscaled numeric key
+    # is on the shard of the value stored, which a comparison with the float may not find.)
+    owner = session._shard_from_identity(mapper, ident, placed=True)
     if owner is None and key is not None:
         owner = session.cluster.router.shard_for(mapper, key)
     return owner
