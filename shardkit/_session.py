@@ -388,7 +388,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         sc = current_scope()
         if sc.shard is not None:
             return [sc.shard]
-        shard = self._shard_from_identity(mapper, primary_key)
+        shard = self._shard_from_identity(mapper, primary_key, held=True)
         if shard is None and sc.key is not None:
             # Inside scope(key=...): the object get() would load, the one of the scope key's
             # shard, not one of another shard the session happens to hold.
@@ -399,16 +399,31 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 pass
         return [shard] if shard is not None else list(self.cluster.shard_names)
 
-    def _shard_from_identity(self, mapper: Any, primary_key: Any, placed: bool = False) -> str | None:
+    def _shard_from_identity(self, mapper: Any, primary_key: Any, placed: bool = False,
+                             held: bool = False) -> str | None:
         """The shard of a primary key, when the primary key contains the whole shard key:
         where get() finds its row, or with ``placed``, where a flush of an object of that
-        identity puts it (they differ for a float in an unscaled numeric key)."""
+        identity puts it (they differ for a float in an unscaled numeric key).  With
+        ``held``: where get() finds its row, unless this session holds the object of that
+        identity on the shard its flush put it on, and not on the first (an object given a
+        float for such a key is on the shard of the 15 digits stored, and one database's
+        identity map returns it)."""
         plan = _pk_plan_for(self.cluster.router, mapper)
         if plan is False:
             return None
         positions, coercers, strategy, placing = plan
         if placed:
             coercers = placing
+        elif held and placing is not coercers:
+            shard = self._shard_from_identity(mapper, primary_key)
+            other = self._shard_from_identity(mapper, primary_key, placed=True)
+            if shard is None or other is None or other == shard or not self.identity_map:
+                return shard
+            ident = list(_pk_values(mapper, primary_key))
+            if mapper.identity_key_from_primary_key(ident, shard) not in self.identity_map and \
+                    mapper.identity_key_from_primary_key(ident, other) in self.identity_map:
+                return other
+            return shard
         if len(positions) == 1 and not isinstance(primary_key, (tuple, list, dict)):
             # get(Model, value) of a one-column shard key: what the general steps below
             # come to for a scalar (it is the whole primary key).
@@ -451,7 +466,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 pk = key[1] if key else state.mapper._identity_key_from_state(state)[1]
                 if (key is None or key[2] is None) and state.session_id != self.hash_key and not any(
                         v is None or v is NO_VALUE or v is NEVER_SET for v in pk):
-                    by_pk = self._shard_from_identity(state.mapper, pk)
+                    by_pk = self._shard_from_identity(state.mapper, pk, held=True)
                     own = by_pk if by_pk is not None else _own_key_shard(self.cluster, state)
                     named = _named_shard(kw.get("options"), None, None)
                     if named is not None and own is not None and named != own:
@@ -584,7 +599,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
                                         execution_options=eo,
                                         bind_arguments=None).unique().scalars().one_or_none()
             else:
-                identity_token = self._shard_from_identity(mapper, primary_key_identity)
+                # (populate_existing and with_for_update read the database, as one database
+                # does, whatever the identity map holds.)
+                identity_token = self._shard_from_identity(
+                    mapper, primary_key_identity,
+                    held=not populate_existing and with_for_update is None)
             if identity_token is None:
                 if current_scope().key is None:
                     _refuse_held_on_several_shards(self, mapper, primary_key_identity)
@@ -1686,7 +1705,8 @@ def _pk_plan(router: Router, mapper: Any) -> Any:
     placing = tuple(coercer_for(column_named(table.c, c).type) for c in tr.key_columns)
     # (get() compares the key: a float with an unscaled numeric key as a float8.)
     coercers = tuple(read_coercer(co) for co in placing)
-    return positions, coercers, tr.strategy, placing
+    # (The same tuple when they agree: ShardedSession._shard_from_identity's ``held`` asks.)
+    return positions, coercers if coercers != placing else placing, tr.strategy, placing
 
 
 def _pk_plan_for(router: Router, mapper: Any) -> Any:
@@ -2424,7 +2444,7 @@ def _refuse_moved_load(session: ShardedSession, shard: str, statement: Any, exec
     guarded, key = _shard_key_of(session, state)
     if not guarded:
         return
-    owner = _current_owner(session, state.mapper, state.key[1], key)
+    owner = _current_owner(session, state.mapper, state.key[1], key, shard)
     if owner is None and key is None:
         owner = _owner_since_map_changed(session, state, shard, lo._refresh_state is state)
     if owner is not None and owner != shard:
@@ -2465,7 +2485,7 @@ def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, re
         # own since) cannot be told apart without the object's shard key.
         rows = [r for r in rows if _placed_on(old, mapper, r[0] if len(keys) == 1 else tuple(r), shard)]
         if len(rows) > 1 and any(_current_owner(session, mapper, state.key[1], r[0] if len(keys) == 1
-                                                else tuple(r)) != shard for r in rows):
+                                                else tuple(r), shard) != shard for r in rows):
             raise NotOwned(
                 f"{mapper.class_.__name__} {state.key[1]} was loaded from shard {shard} before the map "
                 f"changed (version {version} now) and its shard key is not loaded: several shards "
@@ -2475,7 +2495,8 @@ def _owner_since_map_changed(session: ShardedSession, state: Any, shard: str, re
                 "shard key", shard=shard, table=mapper.local_table.name)
     if len(rows) != 1:
         return None
-    owner = _current_owner(session, mapper, state.key[1], rows[0][0] if len(keys) == 1 else tuple(rows[0]))
+    owner = _current_owner(session, mapper, state.key[1], rows[0][0] if len(keys) == 1 else tuple(rows[0]),
+                           shard)
     if owner == shard:
         state.info["shardkit_located"] = version  # (its row is where it was loaded from)
     return owner
@@ -2698,12 +2719,14 @@ def _bulk_synchronize(statement: Any, execution_options: Any) -> bool:
     return sync in ("auto", "evaluate")
 
 
-def _bulk_update_rows(session: Any, router: Router, mapper: Any, rows: list[Any]) -> tuple[
+def _bulk_update_rows(session: Any, router: Router, mapper: Any, rows: list[Any],
+                      key_names_row: bool = True) -> tuple[
         Any, Any, list[Any], Any, dict[str, list[dict[str, Any]]], dict[str, list[Any]]]:
-    """Where an ORM bulk UPDATE by primary key sends each row (see :func:`_orm_bulk_update`),
-    refused as it is refused before it runs: (table route, table, primary key columns,
-    version column, Core rows by shard, the caller's rows by shard).  Needs no database:
-    ``Cluster.explain`` routes such a statement with it too (``session``: its cluster)."""
+    """Where an ORM bulk UPDATE by primary key sends each row (see :func:`_orm_bulk_update`,
+    and its ``key_names_row``), refused as it is refused before it runs: (table route,
+    table, primary key columns, version column, Core rows by shard, the caller's rows by
+    shard).  Needs no database: ``Cluster.explain`` routes such a statement with it too
+    (``session``: its cluster)."""
     _refuse_inheritance(mapper, "UPDATE")
     tr = router.table_route(mapper)
     table = mapper.local_table
@@ -2719,6 +2742,16 @@ def _bulk_update_rows(session: Any, router: Router, mapper: Any, rows: list[Any]
     # gives and sets the next one.
     vcol = mapper.version_id_col
     version_attr = None if vcol is None else mapper.get_property_by_column(vcol).key
+    # A key column the UPDATE's WHERE compares (one of the primary key's, or any with
+    # key_names_row) is read as a comparison reads it: a float with an unscaled numeric
+    # key in float8, not by the 15 digits a written float is stored as (read_coercer).
+    reads = None
+    if tr.strategy is not None:
+        placing = router._key_coercers(tr, table)
+        if placing:
+            read = tuple(read_coercer(co) if key_names_row or any(c is p for p in pk_cols) else co
+                         for co, c in zip(placing, key_cols))
+            reads = read if read != tuple(placing) else None
     by_shard: dict[str, list[dict[str, Any]]] = {}
     given: dict[str, list[Any]] = {}  # the same rows as the caller gave them (attribute names)
     for i, row in enumerate(rows):
@@ -2744,6 +2777,15 @@ def _bulk_update_rows(session: Any, router: Router, mapper: Any, rows: list[Any]
                 del row[version_attr]  # the server sets it
         if tr.strategy is None:
             shards = session.cluster.shard_names
+        elif reads is not None:
+            values = [co(v) if co is not None else v
+                      for co, v in zip(reads, (core[c.key] for c in key_cols))]
+            try:
+                shards = [tr.strategy.shard_for_key(values[0] if len(values) == 1 else tuple(values))]
+            except RoutingError as e:
+                if e.table is None:
+                    e.table = tr.table
+                raise
         else:
             shards = [router._shard_for_row(tr, {**core, **{n: core[k] for n, k in renamed}} if renamed
                                             else core, table)]
@@ -2778,7 +2820,7 @@ def _orm_bulk_update(session: ShardedSession, mapper: Any, rows: list[Any],
     part of what the UPDATE matches.
     """
     router = session.cluster.router
-    tr, table, pk_cols, vcol, by_shard, given = _bulk_update_rows(session, router, mapper, rows)
+    tr, table, pk_cols, vcol, by_shard, given = _bulk_update_rows(session, router, mapper, rows, key_names_row)
     pk_names = {c.key for c in pk_cols}
     # The shard key's columns outside the primary key match too: a primary key may be
     # unique per shard only, and the row of that id on the key's shard may be another
@@ -2970,14 +3012,49 @@ def _shard_key_of(session: ShardedSession, state: Any) -> tuple[bool, Any]:
     return True, values[0] if len(values) == 1 else tuple(values)
 
 
-def _current_owner(session: ShardedSession, mapper: Any, ident: Any, key: Any) -> str | None:
-    """The shard the map places an object (its primary key, its shard key if known) on now."""
+def _current_owner(session: ShardedSession, mapper: Any, ident: Any, key: Any,
+                   loaded_from: str | None = None) -> str | None:
+    """The shard the map places an object (its primary key, its shard key if known) on now;
+    ``loaded_from`` when either reading of a float in an unscaled numeric key places it there."""
     # (Placed as its flush placed it: an object given a float for an unscaled numeric key
     # is on the shard of the value stored, which a comparison with the float may not find.)
     owner = session._shard_from_identity(mapper, ident, placed=True)
     if owner is None and key is not None:
         owner = session.cluster.router.shard_for(mapper, key)
+    if owner is not None and loaded_from is not None and owner != loaded_from \
+            and _read_owner(session, mapper, ident, key) == loaded_from:
+        # A float loaded (Numeric(asdecimal=False)) from a row stored with more than 15
+        # digits is on the shard of the float as it is, not of its 15 digits.
+        return loaded_from
     return owner
+
+
+def _read_owner(session: ShardedSession, mapper: Any, ident: Any, key: Any) -> str | None:
+    """The shard of an object's key read as a comparison reads it (read_coercer), when that
+    differs from the reading of a written key (a float in an unscaled numeric key); else None."""
+    router = session.cluster.router
+    plan = _pk_plan_for(router, mapper)
+    if plan is not False:
+        return None if plan[1] is plan[3] else session._shard_from_identity(mapper, ident)
+    if key is None:
+        return None
+    try:
+        tr, keys = router.instance_keys[mapper]
+    except KeyError:
+        try:
+            tr, keys = _instance_keys(router, mapper)
+        except ShardkitError:
+            return None
+    placing = [co for _, _, co in keys]
+    reads = [read_coercer(co) for co in placing]
+    if reads == placing or tr.strategy is None:
+        return None
+    values = (key,) if len(keys) == 1 else tuple(key)
+    read = [co(v) if co is not None and v is not None else v for co, v in zip(reads, values)]
+    try:
+        return tr.strategy.shard_for_key(read[0] if len(read) == 1 else tuple(read))
+    except ShardkitError:
+        return None
 
 
 def _placements(session: ShardedSession) -> list[tuple[Any, Any, str, Any]]:
@@ -3030,7 +3107,7 @@ def _refuse_misplaced(session: ShardedSession, placements: list[tuple[Any, Any, 
             raise
         unread = e
     for mapper, ident, loaded_from, key in placements:
-        owner = _current_owner(session, mapper, ident, key)
+        owner = _current_owner(session, mapper, ident, key, loaded_from)
         if owner is None or owner == loaded_from:
             continue
         err = _moved_object_error(mapper, ident, loaded_from, owner, cluster, "nothing was written", key)
