@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, String, event, select
+from sqlalchemy import BigInteger, String, event, select, text
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
 from shardkit import _session
-from shardkit._replicas import format_token
+from shardkit._replicas import format_token, replay_target
 from shardkit._routing import Route
 
 pytestmark = pytest.mark.integration
@@ -139,7 +139,23 @@ def _read_primary_first(s: Any) -> None:
 
 
 def _token_ahead(s: Any) -> None:
+    # A position past the primary's is read as the primary's own: the two runs agree only
+    # if the replicas have replayed it both times, so first let them replay what earlier
+    # cases' rolled-back writes left (under load that can take a while).
+    _replicas_caught_up(s.cluster)
     s.require_token(format_token({"s0": 2**62}))
+
+
+def _replicas_caught_up(cluster: Any, timeout: float = 30.0) -> None:
+    """Until the monitor has seen every replica of s0 replay the primary's position now."""
+    with cluster.primary("s0").connect() as c:
+        # (the position a clamped token is given, and what replaying it means)
+        target = replay_target(int(c.execute(text("SELECT pg_current_wal_insert_lsn() - '0/0'")).scalar()))
+    deadline = time.monotonic() + timeout
+    for node in cluster.selector.monitor.shards["s0"].replicas:
+        while node.wal_lsn is None or node.wal_lsn < target:
+            assert time.monotonic() < deadline, f"{node} did not replay {target}"
+            time.sleep(0.02)
 
 
 def _nested(s: Any) -> None:
