@@ -24,7 +24,7 @@ class Base(DeclarativeBase):
 
 
 class Note(Base):
-    __tablename__ = "api_args_dec9_notes"
+    __tablename__ = "api_args_notes"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(20))
 

@@ -34,7 +34,7 @@ GROUPS = {"groups": {"accounts": {"strategy": "hash", "tables": {"accounts": "id
 def world(shardkit_module_cluster_factory, tmp_path_factory):
     """2 shards (no replicas), 64 buckets, a catalog on s0's server, the guard installed."""
     dev = shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
-    cfg_path = tmp_path_factory.mktemp("catalog_fresh_eyes") / "shardkit.toml"
+    cfg_path = tmp_path_factory.mktemp("catalog_switch_races") / "shardkit.toml"
     cluster = guarded_cluster(dev, Base.metadata, GROUPS, cfg_path, follow_map=False)
     yield dev, cluster, cfg_path
     cluster.dispose()

@@ -30,7 +30,7 @@ def test_dev_up_with_fewer_buckets_than_shards_is_refused_before_starting_anythi
     """`dev up --shards 3 --buckets 2` wrote a shardkit.toml (no shard lists buckets) that
     every command refuses ("2 buckets cannot be split over 3 shards"), after starting three
     servers; it must be refused up front, like --buckets 0."""
-    base_dir = Path(tempfile.mkdtemp(prefix="shardkit-cli-review-"))
+    base_dir = Path(tempfile.mkdtemp(prefix="shardkit-cli-args-"))
     os.chmod(base_dir, 0o755)
     d = base_dir / "dev"
     try:
@@ -90,7 +90,7 @@ def env(shardkit_module_cluster_factory, tmp_path_factory):
             c.execute("CREATE TABLE IF NOT EXISTS users (id bigint PRIMARY KEY, name text)")
     data = dev.config_dict()
     data["groups"] = {"users": {"tables": {"users": "id"}}}
-    data["catalog"] = {"url": dev.create_catalog("cli_edges_review_catalog")}
+    data["catalog"] = {"url": dev.create_catalog("cli_bad_args_catalog")}
     path = tmp_path_factory.mktemp("cli-edges") / "shardkit.toml"
     path.write_text(to_toml(data))
     assert cli.main(["rebalance", "init", "--config", str(path)]) == 0

@@ -1,7 +1,7 @@
 """`shardkit demo` as a first-time user meets it: Ctrl-C, twice, and part-way through its
 online move; and what it prints on a cluster without replicas or with one shard.
 
-Every cluster lives under a fresh ``/tmp/demoreview-*`` directory, reaped afterwards.
+Every cluster lives under a fresh ``/tmp/demoquick-*`` directory, reaped afterwards.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _postmasters_under(root: Path) -> list[int]:
 
 @pytest.fixture()
 def root():
-    d = Path(tempfile.mkdtemp(prefix="demoreview-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="demoquick-", dir="/tmp"))
     d.chmod(0o755)
     try:
         yield d

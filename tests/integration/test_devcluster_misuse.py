@@ -2,7 +2,7 @@
 
 `shardkit dev up|down`, `shardkit demo` and the pytest fixture's cluster
 lifecycle: odd directories, crashes, concurrent starts, signals.  Every
-cluster lives under a fresh ``/tmp/devreview-*`` directory that the test
+cluster lives under a fresh ``/tmp/devmisuse-*`` directory that the test
 stops and removes, whatever happened.
 """
 
@@ -117,8 +117,8 @@ def _reap(root: Path) -> None:
 
 @pytest.fixture
 def root():
-    """A fresh /tmp/devreview-* directory the server user can reach; reaped afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="devreview-", dir="/tmp"))
+    """A fresh /tmp/devmisuse-* directory the server user can reach; reaped afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="devmisuse-", dir="/tmp"))
     d.chmod(0o755)
     try:
         yield d

@@ -35,13 +35,13 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "soak_review_items"
+    __tablename__ = "soak_items"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(40))
 
 
 class Note(Base):
-    __tablename__ = "soak_review_notes"
+    __tablename__ = "soak_notes"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     item_id: Mapped[int] = mapped_column(BigInteger)
     body: Mapped[str] = mapped_column(String(40))
@@ -167,7 +167,7 @@ def test_a_late_cancel_of_a_timed_out_scatter_does_not_cancel_the_next_statement
         # 0.7 s (was 0.5) vs the 0.3 s timeout: the read must time out even on a loaded machine
         body = "SELECT pg_sleep(0.7) IS NOT NULL" if shard.name == slow else "SELECT true"
         with psycopg.connect(shard.primary.dsn, autocommit=True) as c:
-            c.execute(f"CREATE OR REPLACE FUNCTION soak_review_gate() RETURNS boolean LANGUAGE sql "
+            c.execute(f"CREATE OR REPLACE FUNCTION soak_gate() RETURNS boolean LANGUAGE sql "
                       f"AS $${body}$$")
     cluster = shardkit.Cluster.from_config(
         {**dev.config_dict(), **GROUPS, "pool": {"size": 1, "max_overflow": 0}})
@@ -188,7 +188,7 @@ def test_a_late_cancel_of_a_timed_out_scatter_does_not_cancel_the_next_statement
             s.add(next(Item(id=i, v="x") for i in itertools.count() if cluster.shard_for(Item, i) == slow))
             s.commit()
         with Session() as s, pytest.raises(shardkit.ScatterError, match=r"s1: no answer within 0\.3 s"):
-            s.execute(select(Item.id).where(func.soak_review_gate()),
+            s.execute(select(Item.id).where(func.soak_gate()),
                       execution_options={"shardkit_timeout": 0.3}).all()
         # The next request on that shard's (one) connection.
         with Session() as s:
@@ -253,7 +253,7 @@ def test_soak_one_cluster_many_threads_with_a_move_and_dispose_cycles(dev, tmp_p
     _truncate(dev)
     before = set(threading.enumerate())
     cfg_path = tmp_path / "shardkit.toml"
-    catalog = dev.create_catalog("soak_review_catalog")
+    catalog = dev.create_catalog("soak_catalog")
     dev.write_config(cfg_path, {**GROUPS, "catalog": {"url": catalog}})
     admin = shardkit.Cluster.from_config(cfg_path, follow_map=False)
     rebalance.init(admin)

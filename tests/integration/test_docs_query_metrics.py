@@ -34,7 +34,7 @@ def test_a_failed_statement_counts_as_an_error_only(shardkit_dev_cluster):
         with cluster.primary("s0").connect() as c:
             c.execute(text("SELECT 1"))
             with pytest.raises(Exception):
-                c.execute(text("SELECT * FROM no_such_table_docs_today"))
+                c.execute(text("SELECT * FROM no_such_table_docs_metrics"))
         assert _value(registry, "shardkit_queries_total", "s0/primary") == 1.0
         assert _value(registry, "shardkit_query_errors_total", "s0/primary") == 1.0
         assert _value(registry, "shardkit_query_duration_seconds_count", "s0/primary") == 1.0

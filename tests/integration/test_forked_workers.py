@@ -26,7 +26,7 @@ from shardkit.catalog import Catalog
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")]
 
-CATALOG_DB = "long_running_review_catalog"
+CATALOG_DB = "forked_workers_catalog"
 CHILD_LIMIT = 20  # seconds a child may take before it is taken for hung (SIGALRM kills it)
 
 
@@ -35,7 +35,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "long_running_review_items"
+    __tablename__ = "forked_workers_items"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(20))
 
@@ -149,7 +149,7 @@ def test_forked_worker_follows_the_catalogs_map(dev):
 
         def publish():
             with cat.engine.begin() as c:
-                return cat.publish_map(c, cluster.file_config.bucket_map, "test: long running review")
+                return cat.publish_map(c, cluster.file_config.bucket_map, "test: forked workers")
 
         cluster = shardkit.Cluster.from_config(config(dev, catalog={"url": url}))
         version = publish()

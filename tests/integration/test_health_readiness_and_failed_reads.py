@@ -26,7 +26,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "ops_review_items"
+    __tablename__ = "readiness_items"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(20))
 

@@ -24,7 +24,7 @@ class Base(DeclarativeBase):
 
 
 class Note(Base):
-    __tablename__ = "today_notes"
+    __tablename__ = "hung_primary_notes"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     body: Mapped[str] = mapped_column(String(20))
 
@@ -50,7 +50,7 @@ def autocommit_world(dev_1x1):
     dev = dev_1x1
     if not Path("/proc").is_dir():
         pytest.skip("needs a local cluster's processes")
-    cfg = {**dev.config_dict(), "groups": {"notes": {"tables": {"today_notes": "id"}}},
+    cfg = {**dev.config_dict(), "groups": {"notes": {"tables": {"hung_primary_notes": "id"}}},
            "replicas": {"poll_interval": 0.1, "poll_timeout": 0.5}}
     plain = shardkit.Cluster.from_config(cfg)
     Base.metadata.create_all(plain.primary("s0"))
@@ -113,7 +113,7 @@ def late_world(dev_1x0):
     dev = dev_1x0
     if not Path("/proc").is_dir():
         pytest.skip("needs a local cluster's processes")
-    cfg = {**dev.config_dict(), "groups": {"notes": {"tables": {"today_notes": "id"}}},
+    cfg = {**dev.config_dict(), "groups": {"notes": {"tables": {"hung_primary_notes": "id"}}},
            "replicas": {"poll_interval": 0.1, "poll_timeout": 0.5}}
     cluster = shardkit.Cluster.from_config(cfg, metadata=Base.metadata)
     try:

@@ -21,8 +21,8 @@ LONG = "k" * 70
 def test_aware_datetime_for_a_date_list_key_is_refused_not_misplaced(sharded_dev):
     s0, s1 = (s.name for s in sharded_dev.shards[:2])
     md = MetaData()
-    ev = Table("dec7_ev", md, Column("id", Integer, primary_key=True), Column("d", Date))
-    config = {"groups": {"dec7_evg": {"strategy": "list", "tables": {"dec7_ev": "d"},
+    ev = Table("kv_ev", md, Column("id", Integer, primary_key=True), Column("d", Date))
+    config = {"groups": {"kv_evg": {"strategy": "list", "tables": {"kv_ev": "d"},
                                       "values": {s1: [dt.date(2024, 1, 2)]}, "default": s0}}}
     with cluster_with_tables(sharded_dev, config, md) as cluster:
         with shardkit.ShardedSession(cluster=cluster) as session:
@@ -36,18 +36,18 @@ def test_aware_datetime_for_a_date_list_key_is_refused_not_misplaced(sharded_dev
             assert session.execute(select(ev.c.id).where(ev.c.d == dt.date(2024, 1, 2))
                                    .order_by(ev.c.id)).scalars().all() == [2, 3]
         with cluster.primary(s1).connect() as c:
-            assert c.execute(text("SELECT count(*) FROM dec7_ev")).scalar_one() == 2
+            assert c.execute(text("SELECT count(*) FROM kv_ev")).scalar_one() == 2
         assert verify(cluster).ok
 
 
 def test_key_column_cut_at_63_bytes_is_named_so(sharded_dev):
     md = MetaData()
-    Table("dec7_long", md, Column("id", Integer, primary_key=True), Column(LONG, Integer))
-    config = {"groups": {"dec7_lg": {"tables": {"dec7_long": LONG}}}}
+    Table("kv_long", md, Column("id", Integer, primary_key=True), Column(LONG, Integer))
+    config = {"groups": {"kv_lg": {"tables": {"kv_long": LONG}}}}
     with cluster_with_tables(sharded_dev, config, md) as cluster:
         # Routing by the long name works (PostgreSQL cuts it in queries too) ...
         with shardkit.ShardedSession(cluster=cluster) as session:
-            session.execute(insert(md.tables["dec7_long"]), [{"id": i, LONG: i} for i in range(4)])
+            session.execute(insert(md.tables["kv_long"]), [{"id": i, LONG: i} for i in range(4)])
             session.commit()
         # ... but the catalog holds the cut name: say so, not "renamed or dropped".
         with pytest.raises(ConfigurationError) as e:
@@ -62,12 +62,12 @@ def test_verify_names_a_list_groups_refusal_not_a_custom_function(sharded_dev):
     reports them as such, not as a custom function's error."""
     s0, s1 = (s.name for s in sharded_dev.shards[:2])
     md = MetaData()
-    Table("dec7_tz", md, Column("id", Integer, primary_key=True), Column("at", DateTime(timezone=True)))
-    config = {"groups": {"dec7_tzg": {"strategy": "list", "tables": {"dec7_tz": "at"},
+    Table("kv_tz", md, Column("id", Integer, primary_key=True), Column("at", DateTime(timezone=True)))
+    config = {"groups": {"kv_tzg": {"strategy": "list", "tables": {"kv_tz": "at"},
                                       "values": {s1: [dt.datetime(2024, 1, 2)]}, "default": s0}}}
     with cluster_with_tables(sharded_dev, {}, md) as tables:
         with tables.primary(s0).begin() as c:
-            c.execute(text("INSERT INTO dec7_tz VALUES (1, '2024-01-03 00:00+00'), "
+            c.execute(text("INSERT INTO kv_tz VALUES (1, '2024-01-03 00:00+00'), "
                            "(2, '2024-01-04 00:00+00')"))
         # (Without the models, as `shardkit verify --config` runs: with them, the cluster
         # refuses the config's naive values for this column.)

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 
 PW = "Hx-Secret-4vQ9w"        # pwuser's real password
 BAD_PW = "Hx-Wrong-7pLk3"     # a wrong one: must not be printed either
-APP = "skt-hostile"
+APP = "skt-ops"
 NASTY_PW = "Nx p@ss'w\"o:r/d%41?#&=\\end"   # every character a URL or conninfo cares about
 
 
@@ -102,7 +102,7 @@ def env(shardkit_module_cluster_factory, tmp_path_factory):
     for s in dev.shards:
         for r in s.replicas:
             r.wait_caught_up()
-    return dev, tmp_path_factory.mktemp("hostile")
+    return dev, tmp_path_factory.mktemp("ops_surface")
 
 
 def base_config(dev, **extra):
@@ -118,7 +118,7 @@ def with_password(data, how):
     def u(url):
         if how == "query":
             return url.replace("://shardkit@", "://pwuser@") + f"?password={PW}"
-        pw = "${SKT_HOSTILE_PW}" if how == "env" else PW
+        pw = "${SKT_OPS_PW}" if how == "env" else PW
         return url.replace("://shardkit@", f"://pwuser:{pw}@")
     for s in data["shards"]:
         s["primary"] = u(s["primary"])
@@ -196,11 +196,11 @@ def test_status_with_env_secret_wrong_password_stopped_replica_and_unreachable_h
     dev, tmp = env
     caplog.set_level(logging.DEBUG)
     data = with_password(base_config(dev, replicas={"poll_interval": 0.1}), "env")
-    data["shards"][1]["replicas"] = [f"postgresql+psycopg://pwuser:${{SKT_HOSTILE_PW}}@127.0.0.1:"
+    data["shards"][1]["replicas"] = [f"postgresql+psycopg://pwuser:${{SKT_OPS_PW}}@127.0.0.1:"
                                      f"{free_port()}/shardkit"]
     cfg = write(tmp / "env_pw.toml", data)
     assert PW not in cfg.read_text()
-    monkeypatch.setenv("SKT_HOSTILE_PW", PW)
+    monkeypatch.setenv("SKT_OPS_PW", PW)
     replica = dev.shards[0].replicas[0]
     replica.stop()
     try:
@@ -216,7 +216,7 @@ def test_status_with_env_secret_wrong_password_stopped_replica_and_unreachable_h
     assert nodes["s0/r0"]["error"] and nodes["s1/r0"]["error"]
     assert "s0/r0" in out_t and "s1/r0" in out_t
 
-    monkeypatch.setenv("SKT_HOSTILE_PW", BAD_PW)
+    monkeypatch.setenv("SKT_OPS_PW", BAD_PW)
     rc2, out2, err2, tb2 = run_cli(["-v", "status", "--config", cfg, "--json"], capsys)
     assert not tb2, tb2
     data2 = json.loads(out2)
@@ -452,7 +452,7 @@ def test_metrics_match_the_statements_each_node_ran_and_survive_dispose(env):
             for node, role in (("s0/primary", "primary"), ("s1/primary", "primary")):
                 with pytest.raises(sqlalchemy.exc.ProgrammingError):
                     with cluster.engine(node[:2], role).connect() as c:
-                        c.execute(text("SELECT * FROM no_such_table_hostile"))
+                        c.execute(text("SELECT * FROM no_such_table_ops"))
             nodes = [("s0/primary", "primary"), ("s0/r0", "replica"), ("s1/primary", "primary"),
                      ("s1/r0", "replica")]
             got = {n: sample("shardkit_queries_total", *n) for n in nodes}

@@ -40,7 +40,7 @@ import shardkit.metrics  # noqa: E402
 pytestmark = pytest.mark.integration
 
 SEED = int(os.environ.get("SHARDKIT_POOL_FUZZ_SEED", "20261208"))
-APP = "sk_poolfuzz_dec8"
+APP = "sk_poolfuzz"
 CAP = 3
 POOL_TIMEOUT = 2.0
 
@@ -50,7 +50,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "poolfuzz_dec8_items"
+    __tablename__ = "poolfuzz_items"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(40))
 

@@ -21,7 +21,7 @@ from shardkit._replicas import HealthMonitor
 
 pytestmark = pytest.mark.integration
 
-APP = "pools-dec7-review"
+APP = "pools-renewal"
 
 
 class Base(DeclarativeBase):
@@ -29,7 +29,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "pools_dec7_review_items"
+    __tablename__ = "pools_renewal_items"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(20))
 

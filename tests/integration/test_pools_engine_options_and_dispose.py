@@ -24,7 +24,7 @@ from shardkit.devcluster import to_toml
 
 pytestmark = pytest.mark.integration
 
-CATALOG_DB = "pools_fresh_eyes_catalog"
+CATALOG_DB = "pools_options_catalog"
 
 
 class Base(DeclarativeBase):
@@ -32,7 +32,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "pools_fresh_eyes_items"
+    __tablename__ = "pools_options_items"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(20))
 
@@ -123,7 +123,7 @@ def test_dispose_then_reuse_follows_the_catalogs_map_again(dev):
 
         def publish(bucket_map):
             with cat.engine.begin() as c:
-                return cat.publish_map(c, bucket_map, "test: pools fresh eyes")
+                return cat.publish_map(c, bucket_map, "test: pool options")
 
         cluster = shardkit.Cluster.from_config(config(dev, catalog={"url": url}))
         file_map = cluster.file_config.bucket_map
@@ -214,7 +214,7 @@ def test_status_says_which_map_its_bucket_counts_come_from(dev, tmp_path, capsys
         file_map = shardkit.load_config(config(dev)).bucket_map
         moved = ["s1" if s == "s0" and b % 2 else s for b, s in enumerate(file_map)]
         with cat.engine.begin() as c:
-            version = cat.publish_map(c, moved, "test: pools fresh eyes status")
+            version = cat.publish_map(c, moved, "test: pool options status")
     finally:
         cat.dispose()
     expected = Counter(moved)

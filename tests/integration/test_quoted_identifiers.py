@@ -45,7 +45,7 @@ def world(dev, tmp_path):
         w.cluster.dispose()
 
 
-HOSTILE_DDL = f"""
+AWKWARD_DDL = f"""
 CREATE SCHEMA "Sales Team";
 CREATE TABLE "order" (id bigint PRIMARY KEY, "user" bigint NOT NULL, "select" text);
 CREATE TABLE "Sales Team"."order" (id bigint PRIMARY KEY, "user" bigint NOT NULL, "select" text);
@@ -57,7 +57,7 @@ CREATE TABLE {LONG}_two (id bigint PRIMARY KEY, k bigint NOT NULL);
 CREATE TABLE "group" (code text PRIMARY KEY, "desc" text);
 """
 
-HOSTILE_GROUPS = {
+AWKWARD_GROUPS = {
     "g": {"strategy": "hash", "tables": {"order": "user", "OrderItems": "UserId", "order-items": "group",
                                           f"{LONG}_one": "k", f"{LONG}_two": "k"}},
     "s": {"strategy": "hash", "tables": {"Sales Team.order": "user"}},
@@ -108,10 +108,10 @@ def _fill(w: SchemaWorld) -> None:
 
 
 def _world(world):
-    return world(HOSTILE_DDL, HOSTILE_GROUPS, reference=["group"])
+    return world(AWKWARD_DDL, AWKWARD_GROUPS, reference=["group"])
 
 
-def test_hostile_names_route_move_and_verify(world):
+def test_quoted_names_route_move_and_verify(world):
     """Reserved words, mixed case, blanks, dashes, quotes, non-ASCII and 60+ character names
     (their guard functions derived apart), and a schema namesake of a public table: the
     guard, reads, a drain of s0, verify and status act on each table and move every row."""

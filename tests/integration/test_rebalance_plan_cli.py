@@ -167,7 +167,7 @@ def world(shardkit_module_cluster_factory, tmp_path_factory):
     catalog = dev.create_catalog("hx_catalog")
     solo_catalog = dev.create_catalog("hx_solo_catalog")
     fresh_catalog = dev.create_catalog("hx_fresh_catalog")
-    tmp = tmp_path_factory.mktemp("plan_hostile")
+    tmp = tmp_path_factory.mktemp("plan_cli")
     two = shardkit.Cluster.from_config(_cfg(dev, catalog, shards=["s0", "s1"]), follow_map=False)
     rebalance.init(two)
     two.dispose()
@@ -407,7 +407,7 @@ def test_drain_of_the_last_shard_is_one_clear_line(world):
 
 
 @pytest.mark.integration
-def test_hostile_plan_arguments_are_one_line_errors_naming_the_mistake(world):
+def test_bad_plan_arguments_are_one_line_errors_naming_the_mistake(world):
     cases = {
         ("--drain", "s9"): ["s9"],
         ("--drain", "s1", "--add", "s2"): ["--add", "--drain"],

@@ -30,7 +30,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "replconn_dec5_items"
+    __tablename__ = "replconn_items"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(20))
 

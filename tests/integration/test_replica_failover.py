@@ -469,10 +469,10 @@ def test_health_reports_pool_use_of_an_open_stream_lag_and_ban_reason(env):
     finally:
         r.set_apply_delay(0)
         env.caught_up(("s1",))
-    env.cluster.selector.monitor.ban("s1", int(node[-1]), "hostile test ban", seconds=30)
+    env.cluster.selector.monitor.ban("s1", int(node[-1]), "test ban", seconds=30)
     try:
         h = health_by_node(env.cluster)[node]
-        assert h["banned_for_s"] > 20 and h["ban_reason"] == "hostile test ban", h
+        assert h["banned_for_s"] > 20 and h["ban_reason"] == "test ban", h
         with env.Session(consistency="eventual") as s:
             n0 = len(env.served)
             for _ in range(4):

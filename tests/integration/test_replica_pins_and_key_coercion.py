@@ -148,7 +148,7 @@ def test_forced_replica_read_repins_later_default_reads_onto_a_staler_replica(ki
         a.wait_caught_up()
         assert s.execute(stmt).scalar() == "v2"          # the pinned replica, newer data
         # The transaction's replica becomes unusable (banned, as after a failed read).
-        kit.cluster.selector.monitor.ban("s0", a_idx, "hostile test", seconds=60)
+        kit.cluster.selector.monitor.ban("s0", a_idx, "test ban", seconds=60)
         forced = s.execute(stmt, execution_options={"shardkit_role": "replica"}).scalar()
         assert forced == "v1"                             # accepted staleness, from b
         n0 = len(kit.served)
@@ -286,7 +286,7 @@ def test_restarted_delayed_replica_reports_zero_lag_seconds(kit):
     with r1.connect() as c:
         assert c.execute("SELECT count(*) FROM hr_acct WHERE id = %s", (k,)).fetchone()[0] == 0
         age = c.execute("SELECT pg_last_xact_replay_timestamp()").fetchone()[0]
-    mon.ban("s0", 0, "hostile test: leave only r1", seconds=60)
+    mon.ban("s0", 0, "test ban: leave only r1", seconds=60)
     stmt = select(Acct.name).where(Acct.id == k)
     served = None
     try:

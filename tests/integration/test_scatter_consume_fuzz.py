@@ -52,7 +52,7 @@ import shardkit
 
 pytestmark = pytest.mark.integration
 
-APP = "scatter-consume-dec9"
+APP = "scatter-consume"
 SEED = int(os.environ.get("SCATTERCONSUME_SEED", "20261209"))
 N = int(os.environ.get("SCATTERCONSUME_N", "250"))
 MODES = ["all", "fetchmany", "partitions", "scalars_first", "first", "one_or_none", "iter_break",

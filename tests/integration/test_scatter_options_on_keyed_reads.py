@@ -24,7 +24,7 @@ class Base(DeclarativeBase):
 
 
 class Item(Base):
-    __tablename__ = "read_switches_dec10_items"
+    __tablename__ = "read_switches_items"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(20))
 

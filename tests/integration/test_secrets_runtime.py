@@ -31,7 +31,7 @@ def _config(dev, passwords) -> str:
     lines = [f"bucket_count = {dev.config_dict()['bucket_count']}"]
     for i, shard in enumerate(dev.config_dict()["shards"]):
         primary = shard["primary"].replace(
-            "://shardkit@", f"://shardkit:{userinfo}@" if i == 0 else f"://shardkit:${{SK_DEC8_UNSET:-{default}}}@")
+            "://shardkit@", f"://shardkit:{userinfo}@" if i == 0 else f"://shardkit:${{SK_SECRET_UNSET:-{default}}}@")
         replicas = [r + f"?password={query}" for r in shard.get("replicas", [])]
         lines += ["[[shards]]", f'name = "{shard["name"]}"', f'primary = "{primary}"',
                   f"replicas = {json.dumps(replicas)}"]
@@ -53,7 +53,7 @@ def test_status_config_fingerprint_confirms_no_password_guess(shardkit_dev_clust
     rest of the file (the masked URLs `status` itself shows, a copy in the repository) it
     confirmed a guessed password offline: hash the file with the guess in.  The fingerprint
     leaves the passwords out (the same for any password), and still changes with the rest."""
-    monkeypatch.delenv("SK_DEC8_UNSET", raising=False)
+    monkeypatch.delenv("SK_SECRET_UNSET", raising=False)
     dev = shardkit_dev_cluster
     real, other = tmp_path / "real.toml", tmp_path / "other.toml"
     real.write_text(_config(dev, PASSWORDS))

@@ -31,14 +31,14 @@ class Base(DeclarativeBase):
 
 
 class Owner(Base):
-    __tablename__ = "swo_review_owners"
+    __tablename__ = "swo_owners"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     v: Mapped[str] = mapped_column(String(20))
     pets: Mapped[list[Pet]] = relationship(back_populates="owner", order_by="Pet.id")
 
 
 class Pet(Base):
-    __tablename__ = "swo_review_pets"
+    __tablename__ = "swo_pets"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     owner_id: Mapped[int] = mapped_column(BigInteger, ForeignKey(Owner.id))
     owner: Mapped[Owner] = relationship(back_populates="pets")

@@ -101,11 +101,11 @@ def _get(obj, path):
 SPECIAL_STRINGS = [
     "", " ", "\t", "\n", "\x00", "\x7f", "\u00a0", "\u200b", "é", "😀", "s0", "s1", "s9", "0-3", "3-0", "-1",
     "hash", "range", "list", "custom", "id", "users", "true", "1", "1.5", "nan", "inf",
-    "${DB_PW}", "${EMPTY}", "${UNSET_DEC8}", "${UNSET_DEC8:-s0}", "${NAME}", "${", "${}", "$${X}", "${X",
-    "${X:-${Y}", "${DB_PW:-${UNSET_DEC8}}", "${EMPTY:-${DB_PW}}", "}", "$", "${ X}", "${DB_URL}",
+    "${DB_PW}", "${EMPTY}", "${UNSET_CFGFUZZ}", "${UNSET_CFGFUZZ:-s0}", "${NAME}", "${", "${}", "$${X}", "${X",
+    "${X:-${Y}", "${DB_PW:-${UNSET_CFGFUZZ}}", "${EMPTY:-${DB_PW}}", "}", "$", "${ X}", "${DB_URL}",
     url("elsewhere"), f"postgresql://app:{PW}@/x", f"postgres://app:{PW}@h/db", f"mysql://app:{PW}@h/db",
     f"host=h password={PW}", f"postgresql+psycopg://app:{PW}@h:bad/db", f"postgresql+psycopg://app@h/db?password={PW}",
-    "os.path:nope", "os:getcwd", "no_such_module_dec8:f", "x" * 200,
+    "os.path:nope", "os:getcwd", "no_such_module_cfgfuzz:f", "x" * 200,
 ]
 # (10 ** 5000 is made in a map: hypothesis shows a sampled_from's elements, and Python prints no int of
 # more than 4300 digits.)
@@ -366,7 +366,7 @@ def _toml(cfg: dict) -> str:
 
 @pytest.fixture(scope="module")
 def toml_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz_dec8")
+    return tmp_path_factory.mktemp("config_fuzz")
 
 
 def test_the_base_description_as_toml_is_valid(toml_dir):
@@ -391,7 +391,7 @@ TOML_PIECES = ["[[shards]]\n", "[shards]\n", "[groups.g]\n", "[groups.g.tables]\
                "strategy = 2024-01-01\n", "values = { s0 = [1979-05-27] }\n", "[[groups]]\n", "[[pool]]\n",
                "reference_tables = [[1], [2]]\n", "buckets = [0, 1979-05-27]\n", 'strategy = "list"\n',
                "weight = nan\n", "= 1\n", "[\n", '"\n', "a = \"\\q\"\n", "a.b.c = 1\n", "a = 1\na = 2\n",
-               "\x00\n", "\ufeff", "x = 0x7fffffffffffffffffffffffffff\n", 'f = "${UNSET_DEC8}"\n']
+               "\x00\n", "\ufeff", "x = 0x7fffffffffffffffffffffffffff\n", 'f = "${UNSET_CFGFUZZ}"\n']
 
 
 @FUZZ
@@ -488,10 +488,10 @@ def test_a_dict_nested_hundreds_deep_is_a_configuration_error(make):
 def test_env_defaults_nested_thousands_deep_are_a_configuration_error():
     """``${A:-${A:-...}}`` 2000 deep: _expand recursed once per default, RecursionError."""
     cfg = base()
-    cfg["name"] = "${UNSET_DEC8:-" * 2000 + "x" + "}" * 2000
+    cfg["name"] = "${UNSET_CFGFUZZ:-" * 2000 + "x" + "}" * 2000
     e = outcome(cfg)
     assert isinstance(e, ConfigurationError) and e.field == "name", e
-    cfg["name"] = "${UNSET_DEC8:-${UNSET_DEC8:-${NAME}}}"       # a few levels are fine
+    cfg["name"] = "${UNSET_CFGFUZZ:-${UNSET_CFGFUZZ:-${NAME}}}"       # a few levels are fine
     assert outcome(cfg).name == "shop"
 
 
@@ -523,9 +523,9 @@ def test_a_key_that_is_no_string_is_an_unknown_setting(where, key):
     _get(cfg, where)[key] = 1
     e = outcome(cfg)
     assert isinstance(e, ConfigurationError) and isinstance(e.field, str) and repr(key) in e.field, e
-    _get(cfg, where)["bogus_dec8"] = 1
+    _get(cfg, where)["bogus_field"] = 1
     e = outcome(cfg)
-    assert isinstance(e, ConfigurationError) and e.field.endswith("bogus_dec8"), e
+    assert isinstance(e, ConfigurationError) and e.field.endswith("bogus_field"), e
 
 
 @pytest.mark.parametrize("source", [None, 0, [base()], b"shardkit.toml", "shard\x00kit.toml"])
@@ -559,11 +559,11 @@ def test_a_path_too_long_is_a_configuration_error(source):
 def test_a_custom_function_whose_module_fails_to_import_is_a_configuration_error(tmp_path, monkeypatch, body, kind):
     """Only ImportError and three others were caught: a SyntaxError or any exception of
     the module's own code escaped load_config."""
-    (tmp_path / "sharding_dec8_broken.py").write_text(body)
+    (tmp_path / "sharding_cfgfuzz_broken.py").write_text(body)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "sharding_dec8_broken", raising=False)
+    monkeypatch.delitem(sys.modules, "sharding_cfgfuzz_broken", raising=False)
     cfg = base()
-    cfg["groups"]["legacy"]["function"] = "sharding_dec8_broken:f"
+    cfg["groups"]["legacy"]["function"] = "sharding_cfgfuzz_broken:f"
     e = outcome(cfg)
     assert isinstance(e, ConfigurationError) and e.field == "groups.legacy.function" and kind in str(e), e
 
@@ -583,7 +583,7 @@ CLI_CASES = {
     "no shards": 'name = "x"\n',
     "shards a table": '[shards]\nname = "s0"\n',
     "bad url": '[[shards]]\nname = "s0"\nprimary = "postgresql+psycopg://app:' + PW + '@h:bad/db"\n',
-    "unset env": '[[shards]]\nname = "s0"\nprimary = "postgresql+psycopg://app:${UNSET_DEC8}@h/db"\n',
+    "unset env": '[[shards]]\nname = "s0"\nprimary = "postgresql+psycopg://app:${UNSET_CFGFUZZ}@h/db"\n',
     "broken env": '[[shards]]\nname = "s0"\nprimary = "postgresql+psycopg://app:${DB@h/db"\n',
     "date where a string goes": _SHARD + "[groups.g]\nstrategy = 2024-01-01\ntables = { t = \"id\" }\n",
     "nan list value": _SHARD + '[groups.g]\nstrategy = "list"\ntables = { t = "id" }\nvalues = { s0 = [nan] }\n',
@@ -598,7 +598,7 @@ CLI_CASES = {
 
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_the_cli_says_one_line_and_exits_2(tmp_path, monkeypatch, case):
-    monkeypatch.delenv("UNSET_DEC8", raising=False)
+    monkeypatch.delenv("UNSET_CFGFUZZ", raising=False)
     p = tmp_path / "bad.toml"
     p.write_text(CLI_CASES[case], encoding="utf-8")
     r = run(["route", "t", "1", "--config", str(p)])

@@ -53,7 +53,7 @@ def test_a_quoted_boolean_through_the_command_line_is_one_line_with_the_fix(tmp_
     path.write_text('bucket_count = 16\n[[shards]]\nname = "s0"\n'
                     'primary = "postgresql+psycopg://app@db0.example/app"\n'
                     '[groups.users]\ntables = { users = "id" }\n'
-                    '[pool]\npre_ping = "${SK_DEC5B_PRE_PING:-false}"\n', encoding="utf-8")
+                    '[pool]\npre_ping = "${SK_TEST_PRE_PING:-false}"\n', encoding="utf-8")
     assert cli.main(["route", "users", "1", "-c", str(path)]) == 2
     out = capsys.readouterr()
     assert out.out == ""
