@@ -26,6 +26,7 @@ ownership guard (``rebalance.init``), as test_key_type_fuzz builds it.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -76,12 +77,12 @@ RANGES = 'ranges = [ { to = 0, shard = "s0" }, { from = 0, to = 3, shard = "s1" 
 GROUPS = "\n".join(f'[groups.g_{n}]\nstrategy = "range"\ntables = {{ {n} = "k" }}\n{RANGES}' for n in TABLES)
 
 F = 2.9999999999999996  # stored in an unscaled numeric as 3; as a float8, below 3
-_dbs = itertools.count()
+_dbs = itertools.count()  # (databases of every module that uses guarded_world)
 
 
 class World:
-    def __init__(self, cluster: shardkit.Cluster, direct: dict[str, Any]) -> None:
-        self.cluster, self.direct = cluster, direct
+    def __init__(self, cluster: shardkit.Cluster, direct: dict[str, Any], tables: dict[str, Table]) -> None:
+        self.cluster, self.direct, self.tables = cluster, direct, tables
         self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
         self.ids = itertools.count(1)
 
@@ -97,7 +98,7 @@ class World:
             return sorted(s.execute(stmt).scalars().all())
 
     def where(self, name: str, row_id: int) -> list[str]:
-        t = TABLES[name]
+        t = self.tables[name]
         out = []
         for shard, eng in self.direct.items():
             with eng.connect() as c:
@@ -108,15 +109,17 @@ class World:
     def insert(self, name: str, *keys: Any) -> list[int]:
         ids = [next(self.ids) for _ in keys]
         with self.Session() as s:
-            s.execute(insert(TABLES[name]), [{"id": i, "k": k} for i, k in zip(ids, keys)])
+            s.execute(insert(self.tables[name]), [{"id": i, "k": k} for i, k in zip(ids, keys)])
             s.commit()
         return ids
 
 
-@pytest.fixture(scope="module")
-def world(shardkit_module_cluster_factory, tmp_path_factory):
-    dev = shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=16)
-    db = f"bt11w{next(_dbs)}"
+def guarded_world(factory: Any, tmp_path_factory: Any, metadata: MetaData, tables: dict[str, Table],
+                  groups: str, prefix: str) -> Iterator[World]:
+    """A World on a 3-shard dev cluster, in a database of its own with ``metadata``'s tables,
+    a catalog and the ownership guard (``rebalance.init``), its groups ``groups`` (TOML)."""
+    dev = factory(shards=3, replicas=0, bucket_count=16)
+    db = f"{prefix}w{next(_dbs)}"
     for shard in dev.shards:
         with shard.primary.connect(dbname="postgres", autocommit=True) as c:
             c.execute(f"DROP DATABASE IF EXISTS {db}")
@@ -128,18 +131,23 @@ def world(shardkit_module_cluster_factory, tmp_path_factory):
                                        isolation_level="AUTOCOMMIT")
               for s in cfg["shards"]}
     for eng in direct.values():
-        md.create_all(eng)
+        metadata.create_all(eng)
     cfg["catalog"] = {"url": dev.create_catalog(f"{db}_catalog")}
-    path = Path(tmp_path_factory.mktemp("bt11")) / f"{db}.toml"
-    path.write_text(to_toml(cfg) + "\n" + GROUPS, encoding="utf-8")
-    init_cluster = shardkit.Cluster.from_config(path, metadata=md, follow_map=False)
+    path = Path(tmp_path_factory.mktemp(prefix)) / f"{db}.toml"
+    path.write_text(to_toml(cfg) + "\n" + groups, encoding="utf-8")
+    init_cluster = shardkit.Cluster.from_config(path, metadata=metadata, follow_map=False)
     rebalance.init(init_cluster)
     init_cluster.dispose()
-    w = World(shardkit.Cluster.from_config(path, metadata=md, follow_map=False), direct)
+    w = World(shardkit.Cluster.from_config(path, metadata=metadata, follow_map=False), direct, tables)
     yield w
     w.cluster.dispose()
     for eng in direct.values():
         eng.dispose()
+
+
+@pytest.fixture(scope="module")
+def world(shardkit_module_cluster_factory, tmp_path_factory):
+    yield from guarded_world(shardkit_module_cluster_factory, tmp_path_factory, md, TABLES, GROUPS, "bt")
 
 
 def test_keyed_select_shortcut_is_per_parameter_type(world):

@@ -20,23 +20,19 @@ digits (on the shard of the value as it is).  Checked against what one database 
   as exactly that is the one PostgreSQL finds).
 
 One module-scoped dev cluster (3 shards), a database of its own with a catalog and the
-ownership guard (``rebalance.init``), as test_numeric_key_bind_types builds it.
+ownership guard (``rebalance.init``): test_numeric_key_bind_types.guarded_world.
 """
 
 from __future__ import annotations
 
-import itertools
 from decimal import Decimal
-from pathlib import Path
-from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, Column, MetaData, Numeric, Table, Text, create_engine, insert, select
-from sqlalchemy.orm import registry, sessionmaker
+from sqlalchemy import BigInteger, Column, MetaData, Numeric, Table, Text, select
+from sqlalchemy.orm import registry
 
 import shardkit
-from shardkit import rebalance
-from shardkit.devcluster import to_toml
+from test_numeric_key_bind_types import F, guarded_world
 
 pytestmark = pytest.mark.integration
 
@@ -70,60 +66,9 @@ values = { s0 = [3] }
 default = "s1"
 """
 
-F = 2.9999999999999996  # stored in an unscaled numeric as 3 (shard s2); as a float8, below 3 (s1)
-_dbs = itertools.count()
-
-
-class World:
-    def __init__(self, cluster: shardkit.Cluster, direct: dict[str, Any]) -> None:
-        self.cluster, self.direct = cluster, direct
-        self.Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster, consistency="strong")
-        self.ids = itertools.count(1)
-
-    def where(self, name: str, row_id: int) -> list[str]:
-        t = TABLES[name]
-        out = []
-        for shard, eng in self.direct.items():
-            with eng.connect() as c:
-                if c.execute(select(t.c.id).where(t.c.id == row_id)).first() is not None:
-                    out.append(shard)
-        return out
-
-    def insert(self, name: str, *keys: Any) -> list[int]:
-        ids = [next(self.ids) for _ in keys]
-        with self.Session() as s:
-            s.execute(insert(TABLES[name]), [{"id": i, "k": k} for i, k in zip(ids, keys)])
-            s.commit()
-        return ids
-
-
 @pytest.fixture(scope="module")
 def world(shardkit_module_cluster_factory, tmp_path_factory):
-    dev = shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=16)
-    db = f"nid12w{next(_dbs)}"
-    for shard in dev.shards:
-        with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-            c.execute(f"DROP DATABASE IF EXISTS {db}")
-            c.execute(f"CREATE DATABASE {db}")
-    cfg = dev.config_dict()
-    for s in cfg["shards"]:
-        s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
-    direct = {s["name"]: create_engine(s["primary"].replace("postgresql://", "postgresql+psycopg://", 1),
-                                       isolation_level="AUTOCOMMIT")
-              for s in cfg["shards"]}
-    for eng in direct.values():
-        md.create_all(eng)
-    cfg["catalog"] = {"url": dev.create_catalog(f"{db}_catalog")}
-    path = Path(tmp_path_factory.mktemp("nid12")) / f"{db}.toml"
-    path.write_text(to_toml(cfg) + "\n" + GROUPS, encoding="utf-8")
-    init_cluster = shardkit.Cluster.from_config(path, metadata=md, follow_map=False)
-    rebalance.init(init_cluster)
-    init_cluster.dispose()
-    w = World(shardkit.Cluster.from_config(path, metadata=md, follow_map=False), direct)
-    yield w
-    w.cluster.dispose()
-    for eng in direct.values():
-        eng.dispose()
+    yield from guarded_world(shardkit_module_cluster_factory, tmp_path_factory, md, TABLES, GROUPS, "nid")
 
 
 @pytest.mark.parametrize("name", ["nid_num", "nid_flt", "nid_list"])
