@@ -103,7 +103,11 @@ class VerifyReport:
             lines.append("the shard map changed while the shards were read, each time (a move is taking "
                          "steps): the problems above may be rows of that move; run verify again once it "
                          "has finished (`shardkit rebalance status`)")
-        lines.append("verify: clean" if self.ok else "verify: PROBLEMS FOUND")
+        if self.ok and not self.tables and not self.missing_tables:
+            # (clean, but say why: a config without groups gives verify no table to read)
+            lines.append("verify: clean (no sharded table is configured: nothing was checked)")
+        else:
+            lines.append("verify: clean" if self.ok else "verify: PROBLEMS FOUND")
         return "\n".join(lines)
 
 

@@ -53,3 +53,13 @@ def test_a_state_that_keeps_changing_is_said_so(monkeypatch):
     assert len(calls) == 3 and not report.ok and report.map_changed
     assert report.as_dict()["map_changed"] is True
     assert "changed while the shards were read" in report.render()
+
+
+def test_a_clean_report_of_no_tables_says_nothing_was_checked():
+    """A config without groups gives verify no table to read: "clean" alone would read as
+    if the shards had been checked."""
+    from shardkit.verify import TableReport, VerifyReport
+    assert VerifyReport([], []).render() == \
+        "verify: clean (no sharded table is configured: nothing was checked)"
+    one = TableReport(table="users", shard="s0", rows=3, method="sql")
+    assert VerifyReport([one], []).render().splitlines()[-1] == "verify: clean"
