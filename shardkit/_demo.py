@@ -116,7 +116,7 @@ def _shape(shards: int, replicas: int) -> str:
 
 
 def _h(title: str) -> None:
-    print(f"\n== {title} " + "=" * max(0, 66 - len(title)))
+    print(f"\n== {title} " + "=" * max(2, 66 - len(title)))
 
 
 class _Terminated(SystemExit):
@@ -415,7 +415,8 @@ def _tour_steps(cluster: Cluster, Session: Any, hits: Counter[str],
         for name, spent in s.execute(top).all():
             print(f"  {name}: {spent} cents")
         stats = s.execute(select(func.count(Order.id), func.avg(Order.total_cents))).one()
-    print(f"  {stats[0]} orders, {stats[1]} cents on average; statements per node: {dict(hits)}")
+    average = "no" if stats[1] is None else f"{stats[1]:.2f}"
+    print(f"  {stats[0]} orders, {average} cents on average; statements per node: {dict(hits)}")
 
     _h("per-scope routing: a tenant's code runs on its shard")
     with scope(key=42), Session(consistency_token=token) as s:
