@@ -2181,15 +2181,11 @@ def _through_bind_type(bind_type: Any, col_type: Any, co: Any) -> Any:
     # (SQLAlchemy sends a NUMERIC parameter uncast: a float in it is a float8 too, also
     # through a TypeDecorator's process_bind_param.)
     read = read_coercer(co)
-    if not isinstance(bind_type, sqltypes.Integer) or isinstance(col_type, sqltypes.Integer):
-        return read
-    base = unwrap(col_type)[1]
-    # (Float: not a Numeric in SQLAlchemy 2.1.)
-    if not isinstance(base, (sqltypes.Numeric, sqltypes.Float)) or isinstance(base, sqltypes.Integer):
+    if not isinstance(bind_type, sqltypes.Integer) or not _bind_type_matters(col_type):
         return read
     # An INTEGER parameter is not the column's: no TypeDecorator's process_bind_param runs
     # on it, and the integer PostgreSQL makes of it is compared with the stored key.
-    return _integer_cast_coercer(read_coercer(coercer_for(base)))
+    return _integer_cast_coercer(read_coercer(coercer_for(unwrap(col_type)[1])))
 
 
 def _bind_type_matters(col_type: Any) -> bool:
@@ -2199,6 +2195,7 @@ def _bind_type_matters(col_type: Any) -> bool:
     if isinstance(col_type, sqltypes.Integer):
         return False
     base = unwrap(col_type)[1]
+    # (Float: not a Numeric in SQLAlchemy 2.1.)
     return isinstance(base, (sqltypes.Numeric, sqltypes.Float)) and not isinstance(base, sqltypes.Integer)
 
 
