@@ -235,3 +235,16 @@ def one_database(dev: Any, name: str, metadata: Any) -> Engine:
     engine = create_engine(url.set(database=name))
     metadata.create_all(engine)
     return engine
+
+
+def database_on_every_shard(dev: Any, db: str) -> dict[str, Any]:
+    """``dev``'s config with every shard's primary URL naming database ``db``, made afresh
+    (dropped first) on every shard."""
+    for shard in dev.shards:
+        with shard.primary.connect(dbname="postgres", autocommit=True) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {db}")
+            c.execute(f"CREATE DATABASE {db}")
+    cfg = dev.config_dict()
+    for s in cfg["shards"]:
+        s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
+    return cfg

@@ -47,6 +47,7 @@ from shardkit import rebalance
 from shardkit._guard import table_shape, unit_expression, guarded_tables
 from shardkit._routing import coercer_for
 from shardkit.devcluster import to_toml
+from own_tables import database_on_every_shard
 from shardkit.verify import verify
 
 pytestmark = pytest.mark.integration
@@ -387,13 +388,9 @@ def dev(shardkit_module_cluster_factory):
 
 def make_world(dev: Any, directory: Path) -> World:
     db = f"kf8w{next(_dbs)}"
-    for shard in dev.shards:
-        with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-            c.execute(f"DROP DATABASE IF EXISTS {db}")
-            c.execute(f"CREATE DATABASE {db}")
-    cfg = dev.config_dict()
+    cfg = database_on_every_shard(dev, db)
     for s in cfg["shards"]:
-        s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db + "?options=-c%20TimeZone%3D" + TZ.replace("/", "%2F")
+        s["primary"] += "?options=-c%20TimeZone%3D" + TZ.replace("/", "%2F")
     # (autocommit: the reads of every shard's rows, many per value, need no BEGIN and
     # ROLLBACK round trips around them)
     direct = {s["name"]: create_engine(s["primary"].replace("postgresql://", "postgresql+psycopg://", 1),

@@ -41,6 +41,7 @@ import inproc_cli
 import psycopg
 import pytest
 from movers import WriterThreads
+from test_move_kill_fuzz import _latest_move, _wait_for_lock_release
 from sqlalchemy import BigInteger, Integer, delete, insert, update
 from sqlalchemy import text as text_
 from sqlalchemy.engine import make_url
@@ -336,20 +337,6 @@ def _status(w: World, move_id: int) -> dict[str, Any]:
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     return data[0] if isinstance(data, list) else data
-
-
-def _latest_move(w: World) -> int | None:
-    with w.catalog() as c:
-        return c.execute("SELECT max(id) FROM shardkit_catalog.moves").fetchone()[0]
-
-
-def _wait_for_lock_release(w: World, move_id: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    with w.catalog() as c:
-        while c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
-                        "AND objid = %s AND granted", (MOVER_LOCK_CLASS, move_id)).fetchone()[0]:
-            assert time.monotonic() < deadline, f"move {move_id}'s mover lock still held"
-            time.sleep(0.02)
 
 
 def _owns(w: World, shard: str, buckets: list[int]) -> int:

@@ -40,6 +40,7 @@ from sqlalchemy.orm import registry, sessionmaker
 import shardkit
 from shardkit import rebalance
 from shardkit.devcluster import to_toml
+from own_tables import database_on_every_shard
 
 pytestmark = pytest.mark.integration
 
@@ -120,13 +121,7 @@ def guarded_world(factory: Any, tmp_path_factory: Any, metadata: MetaData, table
     a catalog and the ownership guard (``rebalance.init``), its groups ``groups`` (TOML)."""
     dev = factory(shards=3, replicas=0, bucket_count=16)
     db = f"{prefix}w{next(_dbs)}"
-    for shard in dev.shards:
-        with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-            c.execute(f"DROP DATABASE IF EXISTS {db}")
-            c.execute(f"CREATE DATABASE {db}")
-    cfg = dev.config_dict()
-    for s in cfg["shards"]:
-        s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
+    cfg = database_on_every_shard(dev, db)
     direct = {s["name"]: create_engine(s["primary"].replace("postgresql://", "postgresql+psycopg://", 1),
                                        isolation_level="AUTOCOMMIT")
               for s in cfg["shards"]}
