@@ -22,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import shardkit
 from shardkit.errors import ScatterError, ShardUnavailable
+from replica_env import replayed
 
 pytestmark = pytest.mark.integration
 
@@ -94,13 +95,14 @@ def env(shardkit_module_cluster_factory) -> Iterator[Env]:
     with Session() as s:
         s.execute(insert(Item), [{"id": i, "v": i % 7} for i in range(N)])
         s.commit()
-    for sh in cluster.shard_names:   # the replicas have the rows and the function
-        def replayed(sh: str = sh) -> bool:
-            with cluster.engine(sh, "replica").connect() as c:
-                return c.execute(text("SELECT count(*) FROM sst_items")).scalar() == sum(
-                    cluster.shard_for(Item, i) == sh for i in range(N)) and c.execute(
-                        text("SELECT count(*) FROM pg_proc WHERE proname = 'st_gate'")).scalar() == 1
-        assert wait_until(replayed, 20)
+    # The replicas have the rows and the function (once they have replayed everything: a
+    # replica that has not replayed the CREATE TABLE yet has no sst_items to count).
+    replayed(dev)
+    for sh in cluster.shard_names:
+        with cluster.engine(sh, "replica").connect() as c:
+            assert c.execute(text("SELECT count(*) FROM sst_items")).scalar() == sum(
+                cluster.shard_for(Item, i) == sh for i in range(N))
+            assert c.execute(text("SELECT count(*) FROM pg_proc WHERE proname = 'st_gate'")).scalar() == 1
     cluster.dispose()
     yield e
 
