@@ -23,8 +23,8 @@ ORM bulk ``UPDATE`` by primary key; ``INSERT`` of one row, several rows in one `
 executemany (ORM and Core, with ``RETURNING`` and ``sort_by_parameter_order``), and
 PostgreSQL ``ON CONFLICT DO NOTHING / DO UPDATE``.
 
-``SHARDKIT_DML_FUZZ_STATEMENTS`` sets the number of statements (default 1000; a thorough run:
-3000), ``SHARDKIT_DML_FUZZ_SEED`` the seed (default 8).
+``SHARDKIT_DML_FUZZ_STATEMENTS`` sets the number of statements (default 500, times
+``SHARDKIT_FUZZ_SCALE``: tests/fuzz_size.py; a thorough run: 3000), ``SHARDKIT_DML_FUZZ_SEED`` the seed (default 8).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from fuzz_size import fuzz_size
 from dml_fuzz_common import GenBase
 from dml_oracle import (
     OracleEnv,
@@ -82,7 +83,7 @@ pytestmark = pytest.mark.integration
 
 CI_OK = True    # whether the servers have ICU (a nondeterministic collation dz8_ci)
 CI = "CREATE COLLATION IF NOT EXISTS dz8_ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
-STATEMENTS = int(os.environ.get("SHARDKIT_DML_FUZZ_STATEMENTS", "1000"))
+STATEMENTS = fuzz_size("SHARDKIT_DML_FUZZ_STATEMENTS", 500)
 SEED = int(os.environ.get("SHARDKIT_DML_FUZZ_SEED", "8"))
 LOG = os.environ.get("SHARDKIT_DML_FUZZ_LOG")   # a file to append each statement's outcome to
 

@@ -20,7 +20,8 @@ statement restricted to the rows those shards hold (``rid IN (...)``), and the s
 than those must have run no write.  A reference table's write goes to every shard (also
 inside ``scope(shard=...)``); with a named shard it changes that shard's copy alone.
 
-``SHARDKIT_DML_FUZZ2_STATEMENTS`` sets the number of statements (default 300),
+``SHARDKIT_DML_FUZZ2_STATEMENTS`` sets the number of statements (default 150, times
+``SHARDKIT_FUZZ_SCALE``: tests/fuzz_size.py),
 ``SHARDKIT_DML_FUZZ2_SEED`` the seed (default 9).
 """
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from fuzz_size import fuzz_size
 from dml_fuzz_common import GenBase
 from dml_oracle import (
     OracleEnv,
@@ -74,7 +76,7 @@ import shardkit
 
 pytestmark = pytest.mark.integration
 
-STATEMENTS = int(os.environ.get("SHARDKIT_DML_FUZZ2_STATEMENTS", "300"))
+STATEMENTS = fuzz_size("SHARDKIT_DML_FUZZ2_STATEMENTS", 150)
 SEED = int(os.environ.get("SHARDKIT_DML_FUZZ2_SEED", "9"))
 LOG = os.environ.get("SHARDKIT_DML_FUZZ2_LOG")   # a file to append each statement's outcome to
 SHARDS = ("s0", "s1", "s2")

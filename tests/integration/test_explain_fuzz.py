@@ -10,7 +10,8 @@ same role on each (a read explained ``replica`` may run on the primary when no r
 is fresh enough; the fuzzer counts those); a refusal iff a refusal, of the same class (explain() does not foresee the
 refusals that ask a database: those are allowed); and, for a read on several shards, a
 merge that is the statement's kind (group-by, aggregate, ordered, concatenation, UNION).
-``EXPLAINFUZZ_SEED`` / ``EXPLAINFUZZ_N`` change the seed / number of statements.
+``EXPLAINFUZZ_SEED`` / ``EXPLAINFUZZ_N`` change the seed / number of statements
+(default 150, times ``SHARDKIT_FUZZ_SCALE``: tests/fuzz_size.py).
 
 The plain tests below the fuzzer are the minimised disagreements it found.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from fuzz_size import fuzz_size
 import test_dml_fuzz as dz
 import test_query_fuzz as qf
 from own_tables import NodeStatements
@@ -39,7 +41,7 @@ import shardkit
 pytestmark = pytest.mark.integration
 
 SEED = int(os.environ.get("EXPLAINFUZZ_SEED", "8"))
-N = int(os.environ.get("EXPLAINFUZZ_N", "300"))
+N = fuzz_size("EXPLAINFUZZ_N", 150)
 
 # Refusals execution makes after asking a database (explain() documents it cannot foresee
 # them): an aggregate it does not know, text under a non-C collation, a nondeterministic one.

@@ -1,5 +1,7 @@
-"""A seeded random driver of one Cluster's pools under failures: 12 threads run keyed reads
-and writes, cross-shard reads (some past a short ``shardkit_timeout``), streamed reads
+"""A seeded random driver of one Cluster's pools under failures: for 15 s
+(``SHARDKIT_POOL_FUZZ_SECONDS``, or times ``SHARDKIT_FUZZ_SCALE``: tests/fuzz_size.py),
+12 threads run keyed reads and writes, cross-shard reads (some past a short
+``shardkit_timeout``), streamed reads
 abandoned half-way (closed, or dropped for the garbage collector), sessions never closed,
 exceptions raised inside ``with Session() as s:``, statements a ``statement_timeout`` ends,
 while another thread ends the replicas' server connections (``pg_terminate_backend``).
@@ -27,6 +29,7 @@ from collections import Counter
 
 import psycopg
 import pytest
+from fuzz_size import fuzz_seconds
 from sqlalchemy import BigInteger, String, event, func, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -43,6 +46,7 @@ SEED = int(os.environ.get("SHARDKIT_POOL_FUZZ_SEED", "20261208"))
 APP = "sk_poolfuzz"
 CAP = 3
 POOL_TIMEOUT = 2.0
+SECONDS = fuzz_seconds("SHARDKIT_POOL_FUZZ_SECONDS", 15.0)   # how long the workers run
 
 
 class Base(DeclarativeBase):
@@ -266,7 +270,7 @@ def test_pools_under_a_random_concurrent_workload_with_failures(dev):
     try:
         for t in threads:
             t.start()
-        time.sleep(15)
+        time.sleep(SECONDS)
         stop.set()
         for t in threads:
             t.join(60)

@@ -16,7 +16,7 @@ holding the same rows.  Results are compared value by value with their types (1.
 1.5, 1 != 1.0), in order when ORDER BY is total (a primary-key tiebreak is always added)
 and as multisets otherwise; floats (double precision sums/averages only) with a relative
 tolerance.  ``QUERYFUZZ_SEED`` / ``QUERYFUZZ_N`` change the seed / number of statements
-for a longer local hunt.
+(default 300, times ``SHARDKIT_FUZZ_SCALE``: tests/fuzz_size.py) for a longer local hunt.
 
 The plain tests below the fuzzer are the minimised cases it found.
 """
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from fuzz_size import fuzz_size
 from sqlalchemy import (
     Boolean,
     DateTime,
@@ -826,7 +827,7 @@ class Gen:
 
 
 FUZZ_SEED = int(os.environ.get("QUERYFUZZ_SEED", "20241208"))
-FUZZ_N = int(os.environ.get("QUERYFUZZ_N", "600"))
+FUZZ_N = fuzz_size("QUERYFUZZ_N", 300)
 
 
 def test_random_selects_match_one_database(env, capsys):

@@ -25,7 +25,8 @@ second Cluster over the same servers (its own monitor, wait_for_token = 0.5, ran
 policy) makes a third of the sessions: tokens pass between the two as between processes.
 
 One 2-shard x 2-replica cluster serves the module.  RYW_FUZZ_SEED / RYW_FUZZ_SEQUENCES
-override the seed and the number of sequences (to hunt further).
+override the seed and the number of sequences (default 25, times
+``SHARDKIT_FUZZ_SCALE``: tests/fuzz_size.py), to hunt further.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from fuzz_size import fuzz_size
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, delete, exists, func, insert, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -53,7 +55,7 @@ from waiting import wait_replicas_usable
 pytestmark = pytest.mark.integration
 
 SEED = int(os.environ.get("RYW_FUZZ_SEED", 20241208))
-SEQUENCES = int(os.environ.get("RYW_FUZZ_SEQUENCES", 50))
+SEQUENCES = fuzz_size("RYW_FUZZ_SEQUENCES", 25)
 DELAYS = (2.0, 0.4)   # r0, r1 of each shard
 # What a lag limit may be exceeded by: the monitor samples every 0.1 s, and its threads share
 # two cores with the driver.

@@ -17,8 +17,8 @@ or ``result.close()``, compared with what one database does then; a second read 
 the same statement streamed twice at once), execution options (none, ``yield_per=N``,
 ``stream_results``, ``max_row_buffer``), consistency (primaries or replicas), a no-op write
 before the read (its shard then read in the session's transaction), and how the session
-ends.  Seed ``SCATTERCONSUME_SEED``, number of cases ``SCATTERCONSUME_N`` (default 250,
-about 8 s).  Seeds 1-6 x 1500 cases found no disagreement.
+ends.  Seed ``SCATTERCONSUME_SEED``, number of cases ``SCATTERCONSUME_N`` (default 125,
+times ``SHARDKIT_FUZZ_SCALE``: tests/fuzz_size.py).  Seeds 1-6 x 1500 cases found no disagreement.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from fuzz_size import fuzz_size
 from own_tables import cluster_with_tables, one_database
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import make_url
@@ -54,7 +55,7 @@ pytestmark = pytest.mark.integration
 
 APP = "scatter-consume"
 SEED = int(os.environ.get("SCATTERCONSUME_SEED", "20261209"))
-N = int(os.environ.get("SCATTERCONSUME_N", "250"))
+N = fuzz_size("SCATTERCONSUME_N", 125)
 MODES = ["all", "fetchmany", "partitions", "scalars_first", "first", "one_or_none", "iter_break",
          "raise_mid", "close_result", "session_close", "iter_all", "interleave", "two_streams",
          "fetchone", "mappings_fetchmany", "partitions_default", "with_result", "commit_mid",

@@ -11,7 +11,7 @@ scope, the rows against a one-database oracle (plus the session's own writes), t
 (a key-less write outside a key/shard scope, an UPDATE moving a key off the scope's shard,
 strict scopes), and that nothing leaks after the scopes end (also after an exception).
 ``SCOPEFUZZ_SEED`` / ``SCOPEFUZZ_N`` change the seed / number of iterations (the default,
-400, takes about 6 s; seeds 1-14 at 400-800 found no disagreement).
+200 times ``SHARDKIT_FUZZ_SCALE`` (tests/fuzz_size.py), takes about 3 s; seeds 1-14 at 400-800 found no disagreement).
 
 Behaviours the model takes as they are (documented, or left as they are on purpose): an
 unknown shard or a wrong-typed key in a scope is refused at the first statement that uses
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from fuzz_size import fuzz_size
 from own_tables import NodeStatements
 from replica_env import replayed, replica_cluster
 from sqlalchemy import Column, Integer, delete, func, insert, inspect, select, text, update
@@ -49,7 +50,7 @@ pytestmark = pytest.mark.integration
 
 SEED = int(os.environ.get("SCOPEFUZZ_SEED", "9"))
 STATS: Counter[tuple[str, str]] = Counter()   # (statement kind, outcome) checked, printed at the end
-N = int(os.environ.get("SCOPEFUZZ_N", "400"))
+N = fuzz_size("SCOPEFUZZ_N", 200)
 
 Base = declarative_base()
 

@@ -26,13 +26,13 @@ the state before), and verify must be clean again.
 What verify does not promise is checked as not reported: a deleted row (verify cannot
 know a row is missing; the ``missing`` it reports are buckets of the guard's ownership
 table), and reference tables (verify reads the sharded tables only).
-``SHARDKIT_VERIFY_FUZZ_EPISODES`` sets the number of episodes (default 16).
+``SHARDKIT_VERIFY_FUZZ_EPISODES`` sets the number of episodes (default 16, times
+``SHARDKIT_FUZZ_SCALE``: tests/fuzz_size.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import uuid
 from collections import Counter
@@ -41,6 +41,7 @@ from typing import Any
 import inproc_cli
 import psycopg
 import pytest
+from fuzz_size import fuzz_size
 from sqlalchemy import text
 
 import shardkit
@@ -54,7 +55,7 @@ from shardkit.verify import verify
 pytestmark = pytest.mark.integration
 
 SEED = 20241208
-EPISODES = int(os.environ.get("SHARDKIT_VERIFY_FUZZ_EPISODES", "16"))
+EPISODES = fuzz_size("SHARDKIT_VERIFY_FUZZ_EPISODES", 16)
 BUCKETS = 16
 NULL, NO_OWNER = "(null key)", "(no owner)"
 
