@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-import time
 
 import pytest
 from sqlalchemy import create_engine, inspect, select, update
@@ -25,6 +24,7 @@ from shardkit import rebalance
 import shardkit._routing as routing_mod
 import shardkit._session as session_mod
 import test_reads_during_moves
+from waiting import wait_for
 from shardkit._rebalance_plan import plan_from_maps
 from test_reads_during_moves import (BUCKETS, N_USERS, Base, Member, Moving, PausingMover, Purchase, World, _groups,
                                      keys_in, truth)
@@ -266,13 +266,19 @@ def test_threads_read_their_own_key_through_a_move(which, request):
             if kept is not None:
                 kept.close()
 
+    def reads_more(n: int) -> None:
+        """Wait until the threads have read ``n`` more times (each thread several times)."""
+        with lock:
+            goal = counts["reads"] + n
+        wait_for(lambda: counts["reads"] >= goal or bool(problems), 60, f"{n} more reads")
+
     calls: dict = {}
     with paths(w, "fast", calls):
         threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(8)]
         for th in threads:
             th.start()
         try:
-            time.sleep(1.0)
+            reads_more(300)
             assert _kept_load(w), "get() did not take the kept load"
             for p in (plan, "back"):
                 if p == "back":
@@ -285,7 +291,7 @@ def test_threads_read_their_own_key_through_a_move(which, request):
                 assert not run.errors, run.errors
                 assert not w.sync_app()
                 assert w.app.map_version != before
-                time.sleep(1.0)
+                reads_more(300)
         finally:
             stop.set()
             for th in threads:

@@ -19,11 +19,12 @@ IntervalStyle, extra_float_digits and bytea_output), every column included.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -77,7 +78,33 @@ class World:
 
     def on_owner(self, table: str, key: Any, query: str, params: Any = None) -> None:
         """Run ``query`` on the shard owning ``key``, as the application would (guard on)."""
-        self.sql(self.owner(table, key), query, params)
+        shard = self.owner(table, key)
+        held = self.__dict__.get("_held")
+        if held is None:
+            self.sql(shard, query, params)
+            return
+        if shard not in held:
+            held[shard] = self.conn(shard)
+        held[shard].execute(query, params)
+
+    @contextlib.contextmanager
+    def one_connection_per_shard(self) -> Iterator[None]:
+        """Within it, ``on_owner`` runs its statements (each committed, in their order on
+        each shard) over one connection per shard: a connection each costs a server backend."""
+        held: dict[str, psycopg.Connection] = {}
+        self.__dict__["_held"] = held
+        try:
+            yield
+        finally:
+            del self.__dict__["_held"]
+            for c in held.values():
+                c.close()
+
+    def on_owners(self, table: str, writes: Iterable[tuple[Any, str, Any]]) -> None:
+        """``on_owner`` for each (key, query, params) of ``writes``, over one connection per shard."""
+        with self.one_connection_per_shard():
+            for key, query, params in writes:
+                self.on_owner(table, key, query, params)
 
     def rows(self, shard: str, table: str) -> list[str]:
         with self.conn(shard) as c:
@@ -263,10 +290,11 @@ def test_composite_pk_with_a_shard_key_outside_it_survives_writes_during_the_mov
     w = mkworld("CREATE TABLE line_items (order_id bigint, line_no int, tenant_id bigint NOT NULL, "
                 "sku text, qty int, PRIMARY KEY (order_id, line_no))",
                 hash_group({"line_items": "tenant_id"}))
-    for tenant in range(40):
-        for line in range(3):
-            w.on_owner("line_items", tenant, "INSERT INTO line_items VALUES (%s, %s, %s, %s, %s)",
-                       (tenant * 100, line, tenant, f"sku-{tenant}-{line}", line + 1))
+    with w.one_connection_per_shard():
+        for tenant in range(40):
+            for line in range(3):
+                w.on_owner("line_items", tenant, "INSERT INTO line_items VALUES (%s, %s, %s, %s, %s)",
+                           (tenant * 100, line, tenant, f"sku-{tenant}-{line}", line + 1))
     a, b, c, d = keys_on(w, "line_items", "s0", range(40), 4)
 
     def during(w: World) -> None:
@@ -296,8 +324,9 @@ def test_primary_key_dropped_after_init_is_refused_before_the_move_starts(mkworl
     clear error, and not be left running (capturing) for someone to abort."""
     w = mkworld("CREATE TABLE events (id bigint PRIMARY KEY, tenant bigint NOT NULL, payload text)",
                 hash_group({"events": "tenant"}))
-    for i in range(20):
-        w.on_owner("events", i, "INSERT INTO events VALUES (%s, %s, %s)", (i, i, f"p{i}"))
+    with w.one_connection_per_shard():
+        for i in range(20):
+            w.on_owner("events", i, "INSERT INTO events VALUES (%s, %s, %s)", (i, i, f"p{i}"))
     for shard in ("s0", "s1"):
         w.sql(shard, "ALTER TABLE events DROP CONSTRAINT events_pkey")
     before = w.all_rows(["events"])
@@ -317,8 +346,9 @@ def test_per_shard_sequences_that_overlap_are_refused_clearly_and_nothing_moves(
     their rows 1, 2, 3 ...: the mover must refuse saying so, and leave no move half-done."""
     w = mkworld("CREATE TABLE notes (id serial PRIMARY KEY, tenant bigint NOT NULL, body text)",
                 hash_group({"notes": "tenant"}))
-    for i in range(30):
-        w.on_owner("notes", i, "INSERT INTO notes (tenant, body) VALUES (%s, %s)", (i, f"n{i}"))
+    with w.one_connection_per_shard():
+        for i in range(30):
+            w.on_owner("notes", i, "INSERT INTO notes (tenant, body) VALUES (%s, %s)", (i, f"n{i}"))
     before = w.all_rows(["notes"])
     w.cluster.refresh_map()
     map_before = tuple(w.cluster.config.bucket_map)
@@ -337,8 +367,9 @@ def test_identity_keys_interleaved_per_shard_move_and_the_app_can_insert_afterwa
     w = mkworld("", hash_group({"tickets": "tenant"}),
                 per_shard={"s0": schema.format(seq="START WITH 1 INCREMENT BY 2"),
                            "s1": schema.format(seq="START WITH 2 INCREMENT BY 2")})
-    for i in range(30):
-        w.on_owner("tickets", i, "INSERT INTO tickets (tenant, title) VALUES (%s, %s)", (i, f"t{i}"))
+    with w.one_connection_per_shard():
+        for i in range(30):
+            w.on_owner("tickets", i, "INSERT INTO tickets (tenant, title) VALUES (%s, %s)", (i, f"t{i}"))
     (a,) = keys_on(w, "tickets", "s0", range(30), 1)
 
     def during(w: World) -> None:
@@ -358,9 +389,10 @@ def test_generated_stored_columns_are_recomputed_not_copied(mkworld):
                 "price numeric(12,2), total numeric GENERATED ALWAYS AS (qty * price) STORED, "
                 "label text GENERATED ALWAYS AS (upper(coalesce(name, '?'))) STORED, name text)",
                 hash_group({"items": "tenant"}))
-    for i in range(30):
-        w.on_owner("items", i, "INSERT INTO items (id, tenant, qty, price, name) VALUES (%s, %s, %s, %s, %s)",
-                   (i, i, i, Decimal("1.25") * i, None if i % 5 == 0 else f"name{i}"))
+    with w.one_connection_per_shard():
+        for i in range(30):
+            w.on_owner("items", i, "INSERT INTO items (id, tenant, qty, price, name) VALUES (%s, %s, %s, %s, %s)",
+                       (i, i, i, Decimal("1.25") * i, None if i % 5 == 0 else f"name{i}"))
     a, b = keys_on(w, "items", "s0", range(30), 2)
 
     def during(w: World) -> None:
@@ -397,23 +429,24 @@ def test_rich_values_toast_arrays_json_enum_numeric_null_survive(mkworld):
     rewritten during the move (catch-up path)."""
     w = mkworld(RICH, hash_group({"rich": "id"}), per_shard={"s1": "CREATE TYPE zz_shift AS ENUM ('z')"})
     ids = [uuid.UUID(int=i * 7919 + 1) for i in range(24)]
-    for i, key in enumerate(ids):
-        if i == 0:
-            w.on_owner("rich", key, "INSERT INTO rich (id) VALUES (%s)", (key,))
-            continue
-        w.on_owner("rich", key,
-                   "INSERT INTO rich VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                   (key, _incompressible(150_000, i).hex() if i % 3 == 0 else f"t{i}\n\\ 'q\"\t",
-                    _incompressible(100_000, -i) if i % 4 == 0 else b"\x00\xff" * i,
-                    [1, None, i], [["a", None], ["c,d", "e\"f"]],
-                    psycopg.types.json.Jsonb({"k": [1, 2.5, None], "s": "é\\u00e9 \"q\"", "n": {"deep": i}}),
-                    psycopg.types.json.Json({"b": 1, "a": [i]}),
-                    ("sad", "ok", "happy")[i % 3],
-                    Decimal("1" + "0" * 900 + "." + "9" * 300) if i % 2 else Decimal("NaN"),
-                    (float("inf"), float("-inf"), -0.0, 1e-310, 0.1)[i % 5],
-                    datetime.datetime(1999, 12, 31, 23, 59, 59, 123456, tzinfo=datetime.timezone.utc),
-                    datetime.timedelta(days=-3, microseconds=1),
-                    "2001:db8::1/64", datetime.date(1, 1, 1), "(1.5,-2)"))
+    with w.one_connection_per_shard():
+        for i, key in enumerate(ids):
+            if i == 0:
+                w.on_owner("rich", key, "INSERT INTO rich (id) VALUES (%s)", (key,))
+                continue
+            w.on_owner("rich", key,
+                       "INSERT INTO rich VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                       (key, _incompressible(150_000, i).hex() if i % 3 == 0 else f"t{i}\n\\ 'q\"\t",
+                        _incompressible(100_000, -i) if i % 4 == 0 else b"\x00\xff" * i,
+                        [1, None, i], [["a", None], ["c,d", "e\"f"]],
+                        psycopg.types.json.Jsonb({"k": [1, 2.5, None], "s": "é\\u00e9 \"q\"", "n": {"deep": i}}),
+                        psycopg.types.json.Json({"b": 1, "a": [i]}),
+                        ("sad", "ok", "happy")[i % 3],
+                        Decimal("1" + "0" * 900 + "." + "9" * 300) if i % 2 else Decimal("NaN"),
+                        (float("inf"), float("-inf"), -0.0, 1e-310, 0.1)[i % 5],
+                        datetime.datetime(1999, 12, 31, 23, 59, 59, 123456, tzinfo=datetime.timezone.utc),
+                        datetime.timedelta(days=-3, microseconds=1),
+                        "2001:db8::1/64", datetime.date(1, 1, 1), "(1.5,-2)"))
     # Raw SQL for values psycopg would not send as is.
     a, b = keys_on(w, "rich", "s0", ids[1:], 2)
     w.sql("s0", "UPDATE rich SET raw = '{ \"spaced\" :  [1,   2] }', span = '1 year 2 mons -3 days 04:05:06.7', "
@@ -450,8 +483,9 @@ def test_columns_of_user_defined_container_types_move(mkworld, kind):
                 hash_group({"boxes": "tenant"}),
                 per_shard={"s1": "CREATE TYPE zz_a AS ENUM ('z'); CREATE TYPE zz_b AS (z int); "
                                  "CREATE DOMAIN zz_c AS int"})
-    for i in range(20):
-        w.on_owner("boxes", i, f"INSERT INTO boxes VALUES (%s, %s, {value})", (i, i))
+    with w.one_connection_per_shard():
+        for i in range(20):
+            w.on_owner("boxes", i, f"INSERT INTO boxes VALUES (%s, %s, {value})", (i, i))
     faithful_or_refused(w, ["boxes"], ["boxes", "type"])
 
 
@@ -465,9 +499,10 @@ def test_quoted_mixed_case_names_keywords_and_a_text_key(mkworld):
                 '"we""ird" text, "TenantKey" text NOT NULL, PRIMARY KEY ("Id", "order"))',
                 hash_group({"Order Lines": "TenantKey"}))
     tenants = [f"Tenant-{i}-é" for i in range(30)] + ["", "O'Brien", "x\"y"]
-    for i, t in enumerate(tenants):
-        w.on_owner("Order Lines", t, 'INSERT INTO "Order Lines" VALUES (%s, %s, %s, now(), %s, %s)',
-                   (i, i, f"o{i}", f"w{i}", t))
+    with w.one_connection_per_shard():
+        for i, t in enumerate(tenants):
+            w.on_owner("Order Lines", t, 'INSERT INTO "Order Lines" VALUES (%s, %s, %s, now(), %s, %s)',
+                       (i, i, f"o{i}", f"w{i}", t))
     a, b = keys_on(w, "Order Lines", "s0", tenants, 2)
 
     def during(w: World) -> None:
@@ -487,8 +522,9 @@ def test_table_in_a_non_public_schema_on_the_search_path(mkworld):
                 "current_database()); END$$;",
                 hash_group({"accounts": "id"}), init=False)
     rebalance.init(w.cluster)
-    for i in range(30):
-        w.on_owner("accounts", i, "INSERT INTO accounts VALUES (%s, %s)", (i, f"o{i}"))
+    with w.one_connection_per_shard():
+        for i in range(30):
+            w.on_owner("accounts", i, "INSERT INTO accounts VALUES (%s, %s)", (i, f"o{i}"))
     out = drain_s0(w, ["accounts"])
     assert_faithful(w, out, ["accounts"])
 
@@ -509,13 +545,14 @@ CREATE TABLE order_items (order_id bigint, line int, customer_id bigint NOT NULL
 def test_colocated_parent_child_grandchild_with_cascades(mkworld):
     tables = ["customers", "orders", "order_items"]
     w = mkworld(FAMILY, hash_group({"customers": "id", "orders": "customer_id", "order_items": "customer_id"}))
-    for c in range(30):
-        w.on_owner("customers", c, "INSERT INTO customers VALUES (%s, %s)", (c, f"c{c}"))
-        for o in range(2):
-            oid = c * 10 + o
-            w.on_owner("customers", c, "INSERT INTO orders VALUES (%s, %s, %s)", (oid, c, o))
-            w.on_owner("customers", c, "INSERT INTO order_items VALUES (%s, 1, %s, 5), (%s, 2, %s, 6)",
-                       (oid, c, oid, c))
+    with w.one_connection_per_shard():
+        for c in range(30):
+            w.on_owner("customers", c, "INSERT INTO customers VALUES (%s, %s)", (c, f"c{c}"))
+            for o in range(2):
+                oid = c * 10 + o
+                w.on_owner("customers", c, "INSERT INTO orders VALUES (%s, %s, %s)", (oid, c, o))
+                w.on_owner("customers", c, "INSERT INTO order_items VALUES (%s, 1, %s, 5), (%s, 2, %s, 6)",
+                           (oid, c, oid, c))
     a, b = keys_on(w, "customers", "s0", range(30), 2)
 
     def during(w: World) -> None:
@@ -593,9 +630,10 @@ def test_partitioned_table_moves_with_writes_during_the_move(mkworld):
                 "CREATE TABLE readings_1 PARTITION OF readings FOR VALUES FROM ('2024-01-01') TO ('2024-02-01'); "
                 "CREATE TABLE readings_2 PARTITION OF readings FOR VALUES FROM ('2024-02-01') TO ('2024-03-01');",
                 hash_group({"readings": "tenant"}))
-    for i in range(30):
-        w.on_owner("readings", i, "INSERT INTO readings VALUES (%s, %s, %s, %s)",
-                   (i, i, datetime.date(2024, 1 + i % 2, 1 + i % 28), i / 7))
+    with w.one_connection_per_shard():
+        for i in range(30):
+            w.on_owner("readings", i, "INSERT INTO readings VALUES (%s, %s, %s, %s)",
+                       (i, i, datetime.date(2024, 1 + i % 2, 1 + i % 28), i / 7))
     a, b = keys_on(w, "readings", "s0", range(30), 2)
 
     def during(w: World) -> None:
@@ -617,9 +655,10 @@ def test_columns_in_another_order_on_the_target(mkworld):
     w.sql("s0", "ALTER TABLE prefs ADD COLUMN color text, ADD COLUMN size int")
     w.sql("s1", "ALTER TABLE prefs ADD COLUMN size int, ADD COLUMN color text")
     rebalance.init(w.cluster)
-    for i in range(20):
-        w.on_owner("prefs", i, "INSERT INTO prefs (id, tenant, color, size) VALUES (%s, %s, %s, %s)",
-                   (i, i, f"c{i}", i))
+    with w.one_connection_per_shard():
+        for i in range(20):
+            w.on_owner("prefs", i, "INSERT INTO prefs (id, tenant, color, size) VALUES (%s, %s, %s, %s)",
+                       (i, i, f"c{i}", i))
     (a,) = keys_on(w, "prefs", "s0", range(20), 1)
 
     def during(w: World) -> None:
@@ -643,8 +682,9 @@ def test_user_trigger_that_stamps_updates_does_not_rewrite_moved_rows(mkworld):
                 "$$BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END$$; "
                 "CREATE TRIGGER docs_touch BEFORE UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION touch();",
                 hash_group({"docs": "tenant"}))
-    for i in range(20):
-        w.on_owner("docs", i, "INSERT INTO docs (id, tenant, body) VALUES (%s, %s, %s)", (i, i, f"b{i}"))
+    with w.one_connection_per_shard():
+        for i in range(20):
+            w.on_owner("docs", i, "INSERT INTO docs (id, tenant, body) VALUES (%s, %s, %s)", (i, i, f"b{i}"))
     (a,) = keys_on(w, "docs", "s0", range(20), 1)
 
     def during(w: World) -> None:
@@ -663,8 +703,9 @@ def test_user_audit_trigger_sees_no_inserts_or_deletes_from_a_move(mkworld):
                 "INSERT INTO audit (op, doc_id) VALUES (TG_OP, coalesce(NEW.id, OLD.id)); RETURN NULL; END$$; "
                 "CREATE TRIGGER docs_audit AFTER INSERT OR DELETE ON docs FOR EACH ROW EXECUTE FUNCTION log_doc();",
                 hash_group({"docs": "tenant"}))
-    for i in range(20):
-        w.on_owner("docs", i, "INSERT INTO docs VALUES (%s, %s, %s)", (i, i, f"b{i}"))
+    with w.one_connection_per_shard():
+        for i in range(20):
+            w.on_owner("docs", i, "INSERT INTO docs VALUES (%s, %s, %s)", (i, i, f"b{i}"))
     audit_before = {s: w.rows(s, "audit") for s in ("s0", "s1")}
     faithful_or_refused(w, ["docs"], ["docs", "trigger"])
     audit_after = {s: w.rows(s, "audit") for s in ("s0", "s1")}
@@ -680,8 +721,9 @@ def test_unique_values_swapped_during_the_move(mkworld):
     w = mkworld("CREATE TABLE users (id bigint PRIMARY KEY, tenant bigint NOT NULL, email text UNIQUE, name text)",
                 hash_group({"users": "tenant"}))
     (t,) = keys_on(w, "users", "s0", range(20), 1)
-    for i in range(20):
-        w.on_owner("users", i, "INSERT INTO users VALUES (%s, %s, %s, %s)", (i, i, f"u{i}@x", f"n{i}"))
+    with w.one_connection_per_shard():
+        for i in range(20):
+            w.on_owner("users", i, "INSERT INTO users VALUES (%s, %s, %s, %s)", (i, i, f"u{i}@x", f"n{i}"))
     w.on_owner("users", t, "INSERT INTO users VALUES (100, %s, 'a@x', 'A'), (101, %s, 'b@x', 'B')", (t, t))
 
     def during(w: World) -> None:
@@ -699,8 +741,9 @@ def test_not_valid_check_constraint_with_old_rows_that_break_it(mkworld):
     and must move as they are, or the move be refused up front."""
     w = mkworld("CREATE TABLE prices (id bigint PRIMARY KEY, tenant bigint NOT NULL, amount int)",
                 hash_group({"prices": "tenant"}))
-    for i in range(20):
-        w.on_owner("prices", i, "INSERT INTO prices VALUES (%s, %s, %s)", (i, i, -i))
+    with w.one_connection_per_shard():
+        for i in range(20):
+            w.on_owner("prices", i, "INSERT INTO prices VALUES (%s, %s, %s)", (i, i, -i))
     for shard in ("s0", "s1"):
         w.sql(shard, "ALTER TABLE prices ADD CONSTRAINT positive CHECK (amount >= 0) NOT VALID")
     faithful_or_refused(w, ["prices"], ["prices", "constraint"])
@@ -714,8 +757,9 @@ def test_range_group_with_text_keys_split_and_moved(mkworld):
                 {"names": {"strategy": "range", "tables": {"names": "name"},
                            "ranges": [{"to": "m", "shard": "s0"}, {"from": "m", "shard": "s1"}]}})
     keys = ["", " ", "A", "Zed", "a", "e", "ezzz", "f", "f ", "fa", "g", "l", "lzz", "m", "x", "é", "\U0001f600"]
-    for i, k in enumerate(keys):
-        w.on_owner("names", k, "INSERT INTO names VALUES (%s, %s, %s)", (i, k, f"n{i}"))
+    with w.one_connection_per_shard():
+        for i, k in enumerate(keys):
+            w.on_owner("names", k, "INSERT INTO names VALUES (%s, %s, %s)", (i, k, f"n{i}"))
     plan = plan_split_range(w.slices(), "names", "f", "s1")
 
     def during(w: World) -> None:
@@ -733,8 +777,9 @@ def test_list_group_value_moved(mkworld):
     w = mkworld("CREATE TABLE shops (id bigint PRIMARY KEY, region text NOT NULL, data jsonb)",
                 {"regions": {"strategy": "list", "tables": {"shops": "region"},
                              "values": {"s0": ["eu", "uk"], "s1": ["us"]}, "default": "s1"}})
-    for i, r in enumerate(["eu", "uk", "uk", "us", "UK", "ca", "uk "]):
-        w.on_owner("shops", r, "INSERT INTO shops VALUES (%s, %s, %s)", (i, r, psycopg.types.json.Jsonb({"i": i})))
+    with w.one_connection_per_shard():
+        for i, r in enumerate(["eu", "uk", "uk", "us", "UK", "ca", "uk "]):
+            w.on_owner("shops", r, "INSERT INTO shops VALUES (%s, %s, %s)", (i, r, psycopg.types.json.Jsonb({"i": i})))
     plan = plan_move_value(w.slices(), "regions", "uk", "s1")
     out = run_plan(w, plan, ["shops"])
     assert_faithful(w, out, ["shops"], drained=False)

@@ -106,18 +106,20 @@ def test_a_table_with_columns_named_like_the_scans_moves_whole(mkworld, shape):
     parent, child = (list(tables) + [None])[:2]
     vals = "%s, %s, 'm', %s, 'c', repeat(md5(%s::text), 200)"  # big: TOASTed
 
-    def insert(key: int) -> None:
-        w.on_owner(parent, key, f"INSERT INTO {table_sql(parent)} VALUES ({vals})", (key, key, key, key))
+    def inserts(key: int) -> list[tuple[int, str, tuple]]:
+        out = [(key, f"INSERT INTO {table_sql(parent)} VALUES ({vals})", (key, key, key, key))]
         if child:
-            for j in range(2):
-                w.on_owner(parent, key, f"INSERT INTO {table_sql(child)} VALUES (%s, {vals})",
-                           (j, key, j, j, j))
+            out += [(key, f"INSERT INTO {table_sql(child)} VALUES (%s, {vals})", (j, key, j, j, j))
+                    for j in range(2)]
+        return out
+
+    def insert(key: int) -> None:
+        w.on_owners(parent, inserts(key))
 
     def where(table: str) -> str:
         return f'WHERE "{tables[table]}" = %s'
 
-    for k in range(-150, 150):
-        insert(k)
+    w.on_owners(parent, [i for k in range(-150, 150) for i in inserts(k)])
     s0_keys = [k for k in range(-150, 150) if w.owner(parent, k) == "s0"]
     s0_new, s1_new = (next(k for k in range(1000, 2000) if w.owner(parent, k) == s) for s in ("s0", "s1"))
     state: dict[str, Any] = {}
@@ -159,8 +161,8 @@ def test_a_text_keyed_table_with_a_column_named_like_the_verifications_bucket_mo
     is ambiguous" at every resume: the move could never finish, the source kept its copies."""
     w = mkworld('CREATE TABLE tags (name text PRIMARY KEY, _shardkit_b int, b int)',
                 hash_group({"tags": "name"}))
-    for i in range(300):
-        w.on_owner("tags", f"t{i}", "INSERT INTO tags VALUES (%s, %s, %s)", (f"t{i}", i, i % 7))
+    w.on_owners("tags", [(f"t{i}", "INSERT INTO tags VALUES (%s, %s, %s)", (f"t{i}", i, i % 7))
+                         for i in range(300)])
     before = placed_rows(w, {"tags": "name"})
     move_id = drain(w)
     assert placed_rows(w, {"tags": "name"}) == before
@@ -175,8 +177,7 @@ def test_verify_reads_a_hash_table_with_a_column_named_b(mkworld, key_type):
     w = mkworld(f"CREATE TABLE notes (id {key_type} PRIMARY KEY, b int NOT NULL)",
                 hash_group({"notes": "id"}))
     keys = list(range(100)) if key_type == "bigint" else [f"n{i}" for i in range(100)]
-    for i, k in enumerate(keys):
-        w.on_owner("notes", k, "INSERT INTO notes VALUES (%s, %s)", (k, i % 3))
+    w.on_owners("notes", [(k, "INSERT INTO notes VALUES (%s, %s)", (k, i % 3)) for i, k in enumerate(keys)])
     report = verify(w.cluster)
     assert report.ok and {r.method for r in report.tables} == {"sql"}, report.render()
     # A misplaced row is still found (on the wrong shard, and a duplicate of its owner's).
@@ -198,8 +199,7 @@ def test_a_table_with_a_percent_in_a_column_name_is_refused_before_anything_move
     running, its buckets captured, until aborted."""
     w = mkworld('CREATE TABLE rates ("id%s" int PRIMARY KEY, "share %" numeric, note text)',
                 hash_group({"rates": "id%s"}))
-    for i in range(50):
-        w.on_owner("rates", i, "INSERT INTO rates VALUES (%s, 0.5, 'x')", (i,))
+    w.on_owners("rates", [(i, "INSERT INTO rates VALUES (%s, 0.5, 'x')", (i,)) for i in range(50)])
     before = placed_rows(w, {"rates": "id%s"})
     with pytest.raises(RebalanceError) as err:
         drain(w)
