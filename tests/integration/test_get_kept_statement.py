@@ -117,8 +117,7 @@ def unreplicated(env, shardkit_dev_cluster):
     cluster.dispose()
 
 
-@pytest.fixture
-def rows(env, shardkit_dev_cluster):
+def _seed(env, dev):
     truncate_everywhere(env, *TABLES)
     with sessionmaker(class_=shardkit.ShardedSession, cluster=env)() as s:
         s.add_all([Wallet(id=i, owner=f"w{i}", coins=[Coin(id=1), Coin(id=2)]) for i in range(1, 9)])
@@ -129,9 +128,37 @@ def rows(env, shardkit_dev_cluster):
         s.commit()
     # (Replayed first by position: the first test's replicas may not have the tables yet,
     # whose count would fail rather than wait.)
-    replayed(shardkit_dev_cluster)
+    replayed(dev)
     wait_for(lambda: all(_replayed(env, shard) for shard in env.shard_names), 30, "the replicas to replay the rows")
     wait_replicas_usable(env, every=True)
+
+
+def _contents(cluster):
+    """Every row of the module's tables on each shard's primary, as one digest per shard."""
+    parts = ", ".join(f"(SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {t} t)"
+                      for t in TABLES)
+    out = {}
+    for shard in cluster.shard_names:
+        with cluster.primary(shard).connect() as c:
+            out[shard] = tuple(c.execute(text(f"SELECT {parts}")).one())
+    return out
+
+
+@pytest.fixture(scope="module")
+def seeded(env, shardkit_dev_cluster):
+    """The rows, written once: no test commits a change (every get()'s session is rolled
+    back), which ``rows`` checks before each test."""
+    _seed(env, shardkit_dev_cluster)
+    return _contents(env)
+
+
+@pytest.fixture
+def rows(env, seeded, shardkit_dev_cluster):
+    """The seeded rows, on the primaries and replayed by the replicas (written again
+    if a test changed them)."""
+    if _contents(env) != seeded:
+        _seed(env, shardkit_dev_cluster)
+        assert _contents(env) == seeded
 
 
 def _replayed(cluster, shard):

@@ -47,8 +47,20 @@ def make(dev, **replicas):
 
 @pytest.fixture(scope="module")
 def one_by_two(shardkit_module_cluster_factory):
-    """1 shard, 2 replicas: tests here delay or kill replicas, so the cluster is theirs."""
+    """1 shard, 2 replicas: tests here delay or kill replicas, or stop the primary, so the
+    cluster is theirs (each test starts what it stopped again)."""
     return shardkit_module_cluster_factory(shards=1, replicas=2)
+
+
+@pytest.fixture(autouse=True)
+def _restarted(one_by_two):
+    """After each test: the nodes it killed or stopped started again, the replicas streaming."""
+    yield
+    for node in one_by_two.nodes:
+        if not node.is_running():
+            node.start()
+    for r in one_by_two.shards[0].replicas:
+        r.wait_streaming()
 
 
 def _writer(Session, stop: threading.Event, start_id: int) -> threading.Thread:
@@ -114,6 +126,11 @@ def test_lagging_replica_loses_reads_within_one_poll_and_gets_them_back(one_by_t
         cluster.dispose()
 
 
+# Writes, each read back at once, while both replicas replay 2 s late: every read a
+# replica served would be stale (the issue's measure: 1,000 write-then-read pairs).
+RYW_WRITES = 1000
+
+
 def test_read_your_writes_never_stale_while_replica_lags(one_by_two):
     dev = one_by_two
     replicas = dev.shards[0].replicas
@@ -125,7 +142,7 @@ def test_read_your_writes_never_stale_while_replica_lags(one_by_two):
         stale = 0
         tokens = []
         with Session() as s:
-            for i in range(1000):
+            for i in range(RYW_WRITES):
                 s.add(Item(id=10_000 + i, v=f"v{i}"))
                 s.commit()
                 got = s.get(Item, 10_000 + i, populate_existing=True)
@@ -136,7 +153,7 @@ def test_read_your_writes_never_stale_while_replica_lags(one_by_two):
         assert stale == 0
         # the token carries the writes into another session (a cookie, a job)
         with Session(consistency_token=tokens[0]) as s2:
-            assert s2.get(Item, 10_999).v == "v999"
+            assert s2.get(Item, 10_000 + RYW_WRITES - 1).v == f"v{RYW_WRITES - 1}"
         # ...and without it, the lagging replicas really do serve stale reads:
         # the check above could have failed.
         with Session(consistency="eventual") as s3:
@@ -168,8 +185,8 @@ def test_token_round_trip_and_bad_token(one_by_two):
         cluster.dispose()
 
 
-def test_replica_killed_mid_load_costs_no_failed_read(shardkit_module_cluster_factory):
-    dev = shardkit_module_cluster_factory(shards=1, replicas=2)
+def test_replica_killed_mid_load_costs_no_failed_read(one_by_two):
+    dev = one_by_two
     cluster, Session, served = make(dev, consistency="eventual")
     with Session() as s:
         s.add_all(Item(id=i, v="x") for i in range(100))
@@ -214,13 +231,14 @@ def test_replica_killed_mid_load_costs_no_failed_read(shardkit_module_cluster_fa
         cluster.dispose()
 
 
-def test_stopped_primary_fails_writes_fast_while_replicas_serve(shardkit_module_cluster_factory):
-    dev = shardkit_module_cluster_factory(shards=1, replicas=1)
+def test_stopped_primary_fails_writes_fast_while_replicas_serve(one_by_two):
+    dev = one_by_two
     cluster, Session, served = make(dev, consistency="eventual")
     with Session() as s:
         s.add(Item(id=1, v="x"))
         s.commit()
-    dev.shards[0].replicas[0].wait_caught_up()
+    for r in dev.shards[0].replicas:
+        r.wait_caught_up()
     dev.shards[0].primary.stop(mode="immediate")
     try:
         time.sleep(0.3)  # a few polls
