@@ -4,13 +4,15 @@ the journal, a mover killed at a step, rows read from every shard."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import prefork
 import psycopg
 import pytest
 from sqlalchemy import create_engine, text
@@ -127,22 +129,27 @@ sys.exit(cli.main(sys.argv[1:]))
 def kill_mover_after(cluster: Any, cfg_path: Any, step: str, *args: str) -> int:
     """Run `shardkit rebalance apply ARGS` and SIGKILL it once the journal shows ``step``
     (the mover waits there until it is killed; it rests 0.2 s after each earlier step,
-    writers going on meanwhile); return the move's id (still running)."""
+    writers going on meanwhile); return the move's id (still running).  The mover is a
+    process of its own, forked without its imports (tests/prefork.py)."""
     before = latest_move(cluster)
-    cmd = [sys.executable, "-c", _PAUSED_AT_STEP, step, "rebalance", "apply", "--config", str(cfg_path),
-           *args, "--grace", "0.2", "--step-delay", "0.2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        move_id = latest_move(cluster)
-        if move_id != before and step in journal_steps(cluster, move_id):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"the mover never reached {step}")
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    with tempfile.TemporaryDirectory(prefix="mover-") as out:
+        paths = os.path.join(out, "stdout"), os.path.join(out, "stderr")
+        proc = prefork.popen(_PAUSED_AT_STEP, [step, "rebalance", "apply", "--config", str(cfg_path), *args,
+                                               "--grace", "0.2", "--step-delay", "0.2"],
+                             stdout=paths[0], stderr=paths[1])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            move_id = latest_move(cluster)
+            if move_id != before and step in journal_steps(cluster, move_id):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the mover ended ({proc.returncode}) before {step}:\n"
+                            + "".join(Path(p).read_text() for p in paths if os.path.exists(p)))
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the mover never reached {step}")
+        proc.kill()
+        proc.wait(60)
     # Its catalog session holds the move's lock until the server notices the connection is
     # gone: a resume at once (in this process, not after a CLI's start) would be refused.
     wait_for_mover_lock_release(cluster, move_id)

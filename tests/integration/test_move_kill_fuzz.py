@@ -30,14 +30,13 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import prefork
 import psycopg
 import pytest
 from movers import WriterThreads
@@ -327,12 +326,11 @@ class Proc:
         self.verb = verb
         self.phase_file = w.tmp / f"phase{n}"
         self.out_path, self.err_path = w.tmp / f"out{n}", w.tmp / f"err{n}"
-        cmd = [sys.executable, "-c", _PHASED, str(self.phase_file), "rebalance", verb, *args,
-               "--config", str(w.cfg_path)]
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
-                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-                                           "KF_SLOW_APPLY": str(slow)})
+        # (A process of its own, forked from one that has imported shardkit: tests/prefork.py.)
+        self.out_path.write_text("")
+        self.err_path.write_text("")
+        self.p = prefork.popen(_PHASED, [str(self.phase_file), "rebalance", verb, *args, "--config", str(w.cfg_path)],
+                               stdout=self.out_path, stderr=self.err_path, env={"KF_SLOW_APPLY": str(slow)})
         self.started = time.monotonic()
         self.killed_in: str | None = None
 

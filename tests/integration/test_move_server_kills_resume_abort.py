@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import prefork
 import pytest
 import test_move_server_kills as ks
 from sqlalchemy import text as text_
@@ -50,9 +51,23 @@ assert _PHASED2 != ks._PHASED
 ABORT_PHASES = ["undo target", "tables", "record", "after undo target", "after record"]
 
 
+class _Forked(ks.Proc):
+    """That module's Proc, its process forked from one that has imported shardkit
+    (tests/prefork.py: without a process's ~0.7 s of imports); ``_PHASED2`` its script."""
+
+    def __init__(self, w: ks.World, *args: str, rest: float = 0.0) -> None:
+        n = next(ks.Proc.numbers)
+        self.args = args
+        self.phase_file = w.tmp / f"phase{n}"
+        self.out_path, self.err_path = w.tmp / f"out{n}", w.tmp / f"err{n}"
+        self.out_path.write_text("")
+        self.err_path.write_text("")
+        self.p = prefork.popen(_PHASED2, [str(self.phase_file), "rebalance", *args, "--config", str(w.cfg_path)],
+                               stdout=self.out_path, stderr=self.err_path, env={"KS_REST": str(rest)})
+
+
 def _proc(w: ks.World, *args: str, rest: float = 0.0) -> ks.Proc:
-    with mock.patch.object(ks, "_PHASED", _PHASED2):
-        return ks.Proc(w, *args, rest=rest)
+    return _Forked(w, *args, rest=rest)
 
 
 def _stopped_move(w: ks.World, rnd: random.Random, plan_path: Path, rest: float) -> int | None:
@@ -306,14 +321,25 @@ def test_an_abort_that_lost_the_move_to_a_resume_while_the_catalog_restarted_sto
 # -- verify and status while a server is down ------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def down_world(servers, tmp_path_factory):
+    """One world for the six cases below: they only read it (verify, status), and each
+    starts the server it stopped again (a world costs three databases and an init)."""
+    w = ks._make_world(servers, tmp_path_factory.mktemp("down") / "w", "ks2down")
+    yield w
+    ks._drop_world(w)
+
+
 @pytest.mark.parametrize("down", ["catalog", "s0", "s1"])
 @pytest.mark.parametrize("how", ["kill", "immediate"])
-def test_verify_and_status_with_a_server_down(servers, tmp_path, down, how):
+def test_verify_and_status_with_a_server_down(down_world, down, how):
     """`shardkit verify` and `shardkit rebalance status` while a shard's primary or the
     catalog is down: one clear line naming that server, a non-zero status, no traceback,
     no password."""
-    w = ks._make_world(servers, tmp_path / "w", f"ks2down{down}{how[0]}")
+    w = down_world
     node = w.catalog_node if down == "catalog" else w.node(down)
+    for n in (w.catalog_node, w.node("s0"), w.node("s1")):
+        assert n.is_running(), n.name  # (the case before started its server again)
     try:
         if how == "kill":
             node.kill()
@@ -339,4 +365,3 @@ def test_verify_and_status_with_a_server_down(servers, tmp_path, down, how):
     finally:
         if not node.is_running():
             node.start()
-        ks._drop_world(w)

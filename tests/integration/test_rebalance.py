@@ -50,7 +50,7 @@ GROUPS = {"groups": {"accounts": {"strategy": "hash",
 def _cli(*argv):
     """`shardkit ARGV` run in this process (tests/inproc_cli.py: exit status, stdout and stderr
     as a process's, without its ~0.6 s of imports); the killed movers (kill_mover_after)
-    keep processes of their own."""
+    keep processes of their own (forked without their imports: tests/prefork.py)."""
     return inproc_cli.run(argv)
 
 
@@ -155,6 +155,18 @@ class Writers(WriterThreads):
                     self.balances[record[1]] = record[2]
 
 
+def _writes(writers: WriterThreads, per_writer: int = 5, timeout: float = 60.0) -> None:
+    """Wait until the writers have acknowledged ``per_writer`` more writes each, on average
+    (writes before and after a move: a fixed sleep gave few on a loaded machine and more
+    than needed on an idle one).  Polls on an Event, not time.sleep: a test counts the
+    mover's sleeps."""
+    goal = writers.ops + per_writer * writers.n
+    deadline = time.monotonic() + timeout
+    while writers.ops < goal and not writers.errors:
+        assert time.monotonic() < deadline, f"the writers made {writers.ops} of {goal} writes in {timeout:g} s"
+        writers.stop.wait(0.02)
+
+
 def _check_ledger(dev, cluster, writers: Writers) -> None:
     cluster.refresh_map()
     accounts = rows_by_key(dev.shards, "SELECT id, balance FROM accounts")
@@ -184,9 +196,9 @@ def test_move_to_a_new_shard_while_writers_write(world):
     version = cluster.map_version
     mover = rebalance.Mover(cluster, grace=0.3, progress=lambda line: None)
     with Writers(Session) as writers:
-        time.sleep(0.5)
+        _writes(writers)
         move_id = mover.apply(plan, max_buckets=128)
-        time.sleep(0.5)
+        _writes(writers)
     assert not writers.errors, writers.errors[:3]
     assert writers.ops > 100
     # Every follower learnt the new map; nothing is left on the old owners.
@@ -373,7 +385,7 @@ def test_mover_killed_at_each_step_then_resumed(world, kill_after):
         move_id = kill_mover_after(cluster, cfg_path, kill_after, "--drain" if owns_s2 else "--add", "s2",
                                    "--batch-buckets", "256")
         resume(cfg_path, move_id)
-        time.sleep(0.5)
+        _writes(writers)
     assert not writers.errors, writers.errors[:3]
     status = rebalance.move_status(cluster, move_id)[0]
     assert status["state"] == "done"
@@ -583,9 +595,9 @@ def test_page_slices_and_rests_move_the_same_rows(world, monkeypatch):
     real_sleep = time.sleep
     monkeypatch.setattr(rebalance.time, "sleep", lambda s: (rests.append(s), real_sleep(s)))
     with Writers(Session) as writers:
-        time.sleep(0.3)
+        _writes(writers)
         mover.apply(plan, max_buckets=1024)
-        time.sleep(0.3)
+        _writes(writers)
     assert not writers.errors, writers.errors[:3]
     assert len(rests) > 10  # one rest per slice of pages per bulk step
     _check_ledger(dev, cluster, writers)
@@ -613,9 +625,9 @@ def test_a_bucket_index_keeps_the_expression_it_indexes(world):
         live = cluster.config.bucket_map
         plan = plan_drain(live, "s2") if "s2" in live else plan_add_shards(live, ["s2"])
         with Writers(Session) as writers:
-            time.sleep(0.2)
+            _writes(writers)
             rebalance.Mover(cluster, grace=0.2, progress=lambda line: None).apply(plan, max_buckets=1024)
-            time.sleep(0.2)
+            _writes(writers)
         assert not writers.errors, writers.errors[:3]
         _check_ledger(dev, cluster, writers)
     finally:
@@ -649,9 +661,9 @@ def test_a_catch_up_that_no_longer_shrinks_goes_to_the_cut_over(world, monkeypat
     plan = plan_drain(live, "s2") if "s2" in live else plan_add_shards(live, ["s2"])
     lines: list[str] = []
     with Writers(Session, n=2) as writers:
-        time.sleep(0.3)
+        _writes(writers)
         move_id = rebalance.Mover(cluster, grace=0.2, progress=lines.append).apply(plan, max_buckets=1024)
-        time.sleep(0.3)
+        _writes(writers)
     assert not writers.errors, writers.errors[:3]
     assert writers.ops > 20
     # Reads of the change log per catch-up: a round's own, and more for a read that filled
@@ -694,10 +706,10 @@ def test_a_cut_over_that_would_pause_writes_past_max_pause_gives_up_and_the_move
     plan = plan_drain(live, "s2") if "s2" in live else plan_add_shards(live, ["s2"])
     mover = rebalance.Mover(cluster, grace=0.1, max_pause=0.2, progress=lambda line: None)
     with Writers(Session, n=2) as writers:
-        time.sleep(0.2)
+        _writes(writers)
         with pytest.raises(shardkit.RebalanceError) as err:
             mover.apply(plan, max_buckets=1024)
-        time.sleep(0.2)
+        _writes(writers)
     message = str(err.value)
     assert f"gave up {rebalance._PAUSE_ATTEMPTS} times" in message and "max_pause 0.2 s" in message, message
     assert "Nothing is lost" in message and "rebalance resume" in message, message
@@ -711,7 +723,7 @@ def test_a_cut_over_that_would_pause_writes_past_max_pause_gives_up_and_the_move
     assert status["state"] == "running" and "gave up" in (status["error"] or ""), status
     monkeypatch.setattr(rebalance.Mover, "_apply_changes", real_apply)
     with Writers(Session, n=2) as writers:
-        time.sleep(0.2)
+        _writes(writers)
         rebalance.Mover(cluster, grace=0.1, max_pause=0.2, progress=lambda line: None).run(move_id)
     assert not writers.errors, writers.errors[:3]
     assert journal_steps(cluster, move_id)[-1] == "done", journal_steps(cluster, move_id)

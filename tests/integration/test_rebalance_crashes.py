@@ -125,17 +125,26 @@ def _in_db(url: str, dbname: str | None) -> str:
     return url if dbname is None else make_url(url).set(database=dbname).render_as_string(hide_password=False)
 
 
-def _make_world(dev, tmp_path, dbname: str | None = None):
+def _make_world(dev, tmp_path, dbname: str | None = None, template: World | None = None):
     """Schema, a catalog and the two maps in databases ``dbname`` (created on every shard's
-    server; catalog ``<dbname>_catalog`` on s0's), or in the cluster's own when None."""
+    server; catalog ``<dbname>_catalog`` on s0's), or in the cluster's own when None.
+    With ``template`` (a world made so), its databases copied: the same schema, catalog,
+    maps and guards, without building them again."""
     if dbname is not None:
-        for shard in dev.shards:
+        for i, shard in enumerate(dev.shards):
             with psycopg.connect(shard.primary.dsn, dbname="postgres", autocommit=True) as c:
-                c.execute(f"CREATE DATABASE {dbname}")
+                c.execute(f"CREATE DATABASE {dbname}" + (f" TEMPLATE {template.dbname}" if template else ""))
+                if template and i == 0:
+                    c.execute(f"CREATE DATABASE {dbname}_catalog TEMPLATE {template.dbname}_catalog")
     catalog_url = dev.create_catalog("shardkit_catalog" if dbname is None else f"{dbname}_catalog")
     base = dev.config_dict()
     base["shards"] = [{**s, "primary": _in_db(s["primary"], dbname),
                        "replicas": [_in_db(r, dbname) for r in s["replicas"]]} for s in base["shards"]]
+    if template is not None:
+        config = {**base, **GROUPS, "catalog": {"url": catalog_url}}
+        cfg_path = dev.write_config(tmp_path / "shardkit.toml", {**GROUPS, "catalog": {"url": catalog_url},
+                                                                 "shards": base["shards"]})
+        return World(dev, cfg_path, catalog_url, dbname, config)
     for shard in dev.shards:
         with psycopg.connect(shard.primary.dsn, autocommit=True, **({"dbname": dbname} if dbname else {})) as c:
             c.execute(SCHEMA)
@@ -170,10 +179,20 @@ def servers(shardkit_module_cluster_factory):
     return shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=BUCKETS)
 
 
+@pytest.fixture(scope="module")
+def template(servers, tmp_path_factory):
+    """The world every test starts from, built once; each test gets a copy of its databases."""
+    w = _make_world(servers, tmp_path_factory.mktemp("template"), "rctemplate")
+    try:
+        yield w
+    finally:
+        _drop_world(w)
+
+
 @pytest.fixture
-def world(servers, tmp_path):
+def world(servers, template, tmp_path):
     """s0 and s1 own the buckets (the 2-shard config's map is version 1); s2 owns none."""
-    w = _make_world(servers, tmp_path, f"rc{next(_world_numbers)}")
+    w = _make_world(servers, tmp_path, f"rc{next(_world_numbers)}", template=template)
     try:
         yield w
     finally:
@@ -948,20 +967,21 @@ def test_status_shows_why_a_move_stopped(world):
 
 
 def test_read_your_writes_holds_across_a_switch(shardkit_module_cluster_factory, tmp_path):
-    """A cluster of its own: a replica whose apply is delayed."""
-    w = _make_world(shardkit_module_cluster_factory(shards=3, replicas=1, bucket_count=BUCKETS), tmp_path)
+    """A cluster of its own: a replica whose apply is delayed (the target's; two shards,
+    not the module's three: the move's target need not be a new shard)."""
+    w = _make_world(shardkit_module_cluster_factory(shards=2, replicas=1, bucket_count=BUCKETS), tmp_path)
     try:
         cluster = w.cluster()
         b1 = _buckets_of(cluster, "s0")[0]
         a1 = _key(b1)
-        s2_replica = next(s for s in w.dev.shards if s.name == "s2").replicas[0]
-        s2_replica.set_apply_delay(2.0)  # within the default max_lag_seconds (5)
+        s1_replica = next(s for s in w.dev.shards if s.name == "s1").replicas[0]
+        s1_replica.set_apply_delay(2.0)  # within the default max_lag_seconds (5)
         Session = sessionmaker(class_=shardkit.ShardedSession, cluster=cluster)  # read_your_writes
         with Session() as s:
             s.add(Account(id=a1, balance=7))
             s.commit()
             token = s.consistency_token()
-        HookedMover(cluster).apply(_one_bucket_plan(cluster, b1, "s2"))
+        HookedMover(cluster).apply(_one_bucket_plan(cluster, b1, "s1"))
         cluster.refresh_map()
         with Session(consistency_token=token) as s:
             seen = s.scalar(select(Account.balance).where(Account.id == a1))
