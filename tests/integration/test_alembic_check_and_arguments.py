@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
+from alembic_inproc import alembic as alembic_inproc
+from alembic_inproc import upgrade_every_shard
 from test_migrate_failures import World, world  # noqa: F401 - world: a fixture (over this module's dev)
 
 from shardkit import migrate
@@ -24,8 +25,8 @@ def dev(shardkit_module_cluster_factory):
 
 
 def alembic(w: World, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "alembic", "-c", str(w.ini), "-x", f"config={w.cfg}", *args],
-                          capture_output=True, text=True, timeout=120)
+    """Plain `alembic -c INI -x config=... ARGS`, in this process (``alembic_inproc``)."""
+    return alembic_inproc(["-c", str(w.ini), "-x", f"config={w.cfg}", *args])
 
 
 TABLES = """
@@ -85,7 +86,7 @@ def test_plain_alembic_relative_revision_is_refused_while_shards_differ(world):
     its data."""
     w = world(shards=2)
     three_revs(w)
-    assert w.cli("migrate", "upgrade", "r2").returncode == 0
+    upgrade_every_shard(w.ini, w.cfg, "r2")
     assert alembic(w, "-x", "shard=s0", "upgrade", "r3").returncode == 0
     for args in (("downgrade", "-1"), ("upgrade", "+1"), ("downgrade", "r1@-1")):
         r = alembic(w, *args)

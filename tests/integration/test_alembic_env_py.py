@@ -6,14 +6,13 @@ shardkit (Alembic's own template, migrating `sqlalchemy.url`) under `shardkit mi
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import alembic
 import pytest
+from alembic_inproc import alembic as alembic_inproc
 from test_migrate_failures import World, world  # noqa: F401 - world: a fixture (over this module's dev)
 
 pytestmark = pytest.mark.integration
@@ -25,11 +24,9 @@ def dev(shardkit_module_cluster_factory):
 
 
 def alembic_cmd(w: World, *args: str, path: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if path is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "alembic", "-c", str(w.ini), "-x", f"config={w.cfg}", *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+    """Plain `alembic -c INI -x config=... ARGS` in this process (``alembic_inproc``), with
+    ``path`` on sys.path as PYTHONPATH would put it."""
+    return alembic_inproc(["-c", str(w.ini), "-x", f"config={w.cfg}", *args], path=path)
 
 
 MODELS = '''

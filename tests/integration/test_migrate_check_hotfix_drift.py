@@ -10,11 +10,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_migrate_failures import HASH, dev, world  # noqa: F401 - the same fixtures
+from test_migrate_failures import BUCKETS, HASH, world  # noqa: F401 - the same fixtures
 
 from shardkit import migrate, rebalance
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dev(shardkit_module_cluster_factory):
+    """test_migrate_failures's cluster with the 2 shards this module uses."""
+    return shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
 
 SCHEMA = """
 CREATE TABLE things (id bigint PRIMARY KEY, v integer DEFAULT 0 NOT NULL, name text,

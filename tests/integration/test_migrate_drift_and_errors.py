@@ -15,6 +15,8 @@ import termios
 import time
 
 import pytest
+from alembic_inproc import alembic as alembic_inproc
+from alembic_inproc import upgrade_every_shard
 from ports import free_port_run
 from test_migrate_failures import HASH, World, _try
 
@@ -46,7 +48,7 @@ def test_check_reports_a_column_default_and_a_check_constraint_that_differ(world
     a check constraint on one shard refuses rows the others accept: both are drift."""
     w = world(shards=2)
     w.rev("c1", None, TABLE_T, "op.drop_table('t')")
-    assert w.cli("migrate", "upgrade").returncode == 0
+    upgrade_every_shard(w.ini, w.cfg)
     assert migrate.check(w.cluster, alembic_ini=w.ini).ok
     w.sql(1, "ALTER TABLE t ALTER COLUMN v SET DEFAULT 5")
     r = w.cli("migrate", "check")
@@ -190,9 +192,8 @@ sa.Table("gadgets", metadata, sa.Column("id", sa.BigInteger, primary_key=True),
 
 
 def _alembic(w: World, tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "alembic", "-c", str(w.ini), "-x", f"config={w.cfg}", *args],
-                          capture_output=True, text=True, timeout=120, env=env)
+    """Plain `alembic`, in this process (``alembic_inproc``), tmp_path on sys.path."""
+    return alembic_inproc(["-c", str(w.ini), "-x", f"config={w.cfg}", *args], path=tmp_path)
 
 
 def test_autogenerate_and_alembic_check_compare_every_shard_and_keep_one_diff(world, tmp_path):
@@ -238,7 +239,7 @@ def test_check_reports_enum_types_whose_labels_differ(world):
     w = world(shards=2)
     w.rev("n1", None, "op.execute(\"CREATE TYPE mood AS ENUM ('calm', 'angry')\")",
           "op.execute('DROP TYPE mood')")
-    assert w.cli("migrate", "upgrade").returncode == 0
+    upgrade_every_shard(w.ini, w.cfg)
     assert migrate.check(w.cluster, alembic_ini=w.ini).ok
     w.sql(1, "ALTER TYPE mood ADD VALUE 'sleepy'")
     w.sql(0, "CREATE TYPE colour AS ENUM ('red')")

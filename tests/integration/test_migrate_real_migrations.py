@@ -14,6 +14,7 @@ import time
 
 import psycopg
 import pytest
+from alembic_inproc import upgrade_every_shard
 from test_migrate_failures import World
 
 import shardkit
@@ -84,7 +85,7 @@ with op.get_context().autocommit_block():
 with op.get_context().autocommit_block():
     op.drop_index('users_email', 'users', postgresql_concurrently=True)
 """)
-    assert w.cli("migrate", "upgrade", "i1").returncode == 0
+    upgrade_every_shard(w.ini, w.cfg, "i1")
     cmd = [sys.executable, "-m", "shardkit.cli", "migrate", "upgrade", "--config", str(w.cfg),
            "--alembic-ini", str(w.ini)]
     a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -129,7 +130,7 @@ with op.get_context().autocommit_block():
     op.create_index('users_email_key', 'users', ['email'], unique=True,
                     postgresql_concurrently=True, if_not_exists=True)
 """, "op.drop_index('users_email_key', 'users')")
-    assert w.cli("migrate", "upgrade", "u1").returncode == 0
+    upgrade_every_shard(w.ini, w.cfg, "u1")
     w.sql(1, "UPDATE users SET email = 'dup@example.com' WHERE id IN (2, 4)")
     r = w.cli("migrate", "upgrade")
     assert r.returncode == 1 and "failed on s1" in r.stderr and "s1 at u1" in r.stderr, r.stderr
@@ -202,7 +203,7 @@ op.create_table('plans', sa.Column('id', sa.Uuid, primary_key=True, server_defau
 """, "op.drop_table('plans')")
     w.rev("p2", "p1", "op.execute(\"INSERT INTO plans (name) VALUES ('free'), ('pro')\")",
           "op.execute('DELETE FROM plans')")
-    assert w.cli("migrate", "upgrade").returncode == 0
+    upgrade_every_shard(w.ini, w.cfg)
     r = w.cli("migrate", "check", "--json")
     assert r.returncode == 1, r.stdout
     out = json.loads(r.stdout)
@@ -217,7 +218,7 @@ op.execute("INSERT INTO plans VALUES ('00000000-0000-0000-0000-000000000001', 'f
            "'2024-01-01 00:00:00+00'), ('00000000-0000-0000-0000-000000000002', 'pro', NULL)")
 """, "pass")
     w.sql(1, f"ALTER DATABASE {w.db} SET TimeZone = 'Asia/Tokyo'")
-    assert w.cli("migrate", "upgrade").returncode == 0
+    upgrade_every_shard(w.ini, w.cfg)
     assert w.sql(1, "SELECT created_at::text FROM plans WHERE name = 'free'") == [("2024-01-01 09:00:00+09",)]
     report = migrate.check(w.cluster, alembic_ini=w.ini)
     assert report.ok, report.as_dict()

@@ -11,11 +11,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_migrate_failures import HASH, dev, world  # noqa: F401 - the same fixtures
+from test_migrate_failures import BUCKETS, HASH, world  # noqa: F401 - the same fixtures
 
 from shardkit import rebalance
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dev(shardkit_module_cluster_factory):
+    """test_migrate_failures's cluster with the 2 shards this module uses."""
+    return shardkit_module_cluster_factory(shards=2, replicas=0, bucket_count=BUCKETS)
 
 
 def test_a_shards_warnings_are_reported_with_its_ok(world):
@@ -23,7 +29,10 @@ def test_a_shards_warnings_are_reported_with_its_ok(world):
     w.rev("u1", None, "op.install_shardkit_sql()", "op.uninstall_shardkit_sql()")
     w.rev("u2", "u1", "op.create_table('things', sa.Column('id', sa.BigInteger, primary_key=True))\n"
           "op.install_shardkit_guard()", "op.drop_table('things')")
-    assert w.cli("migrate", "upgrade").returncode == 0
+    r = w.cli("migrate", "upgrade")
+    assert r.returncode == 0, r.stdout + r.stderr
+    # A command without warnings: the plain summary.
+    assert r.stdout.splitlines()[-1] == "upgrade head: all 2 shards ok", r.stdout
     rebalance.init(w.cluster)
     # Past the functions' revision: the guard uses them, so every shard keeps them.
     r = w.cli("migrate", "downgrade", "base")
@@ -35,14 +44,12 @@ def test_a_shards_warnings_are_reported_with_its_ok(world):
         assert any(ln.startswith(f"{s}: warning: ") and "SQL functions are kept" in ln for ln in lines), r.stdout
     assert lines[-1] == "downgrade base: all 2 shards ok (2 warnings above)", r.stdout
 
-    assert w.cli("migrate", "upgrade").returncode == 0
+    # A shard without warnings: an empty list in --json.
+    r = w.cli("migrate", "upgrade", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [s["warnings"] for s in json.loads(r.stdout)["shards"]] == [[], []], r.stdout
     r = w.cli("migrate", "downgrade", "base", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert [len(s["warnings"]) for s in out["shards"]] == [1, 1], out
     assert "SQL functions are kept" in out["shards"][0]["warnings"][0]
-    # A shard without warnings: an empty list, and the plain summary.
-    r = w.cli("migrate", "upgrade", "--json")
-    assert [s["warnings"] for s in json.loads(r.stdout)["shards"]] == [[], []], r.stdout
-    r = w.cli("migrate", "downgrade", "u1")
-    assert r.stdout.splitlines()[-1] == "downgrade u1: all 2 shards ok", r.stdout

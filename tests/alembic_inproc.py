@@ -1,0 +1,123 @@
+"""Plain ``alembic`` commands run in the test process, seen as a process would see them.
+
+``alembic(argv, path=...)`` gives a ``subprocess.CompletedProcess`` (exit status, stdout,
+stderr) of ``alembic.config.main(argv)`` -- what ``python -m alembic ARGV`` runs -- without
+starting a process (about 0.7 s of imports each).  For tests of what env.py and the
+migrations do and print through plain Alembic, not of the process itself.
+
+As a process would: what Alembic prints goes to stdout, the log records of the logging
+env.py sets up from alembic.ini (``fileConfig``) and the warnings Python would print go to
+stderr, an escaping exception is a traceback on stderr (exit status 1), Alembic's own
+``FAILED: ...`` exits -1 (255 for a process).  ``path``: a directory put first on
+``sys.path`` (``PYTHONPATH``), its modules forgotten afterwards.  The test process's
+logging (which ``fileConfig`` replaces) is put back as it was afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+
+from alembic import config as alembic_config
+
+#: Python's default warning filters (what ``python -m alembic`` starts with).
+_DEFAULT_FILTERS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
+                    ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                    ("ignore", ResourceWarning, None))
+
+
+class _Config(alembic_config.Config):
+    """Alembic's Config, printing (``print_stdout``: `current`, `history` ...) to the
+    sys.stdout of the moment, as in a process, not to the one of the import (its default)."""
+
+    def __init__(self, *args, **kw) -> None:
+        kw.setdefault("stdout", sys.stdout)
+        super().__init__(*args, **kw)
+
+
+def _logging_state():
+    root = logging.getLogger()
+    loggers = {name: (lg.level, list(lg.handlers), lg.propagate, lg.disabled)
+               for name, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    return root.level, list(root.handlers), loggers, list(logging._handlerList)
+
+
+def _restore_logging(state) -> None:
+    level, handlers, loggers, handler_list = state
+    root = logging.getLogger()
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    for name, lg in logging.Logger.manager.loggerDict.items():
+        if not isinstance(lg, logging.Logger):
+            continue
+        lg.level, lg.handlers[:], lg.propagate, lg.disabled = loggers.get(name, (logging.NOTSET, [], True, False))
+    logging._handlerList[:] = handler_list
+    logging.Logger.manager._clear_cache()
+
+
+@contextlib.contextmanager
+def _config_class(cls):
+    was = alembic_config.Config
+    alembic_config.Config = cls
+    try:
+        yield
+    finally:
+        alembic_config.Config = was
+
+
+def alembic(argv: Sequence[str], *, path: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    state = _logging_state()
+    modules = set(sys.modules)
+    if path is not None:
+        sys.path.insert(0, str(path))
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                _config_class(_Config):
+            warnings.resetwarnings()
+            for action, category, module in reversed(_DEFAULT_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module or "")
+            warnings.showwarning = show
+            try:
+                alembic_config.main(argv=argv, prog="alembic")
+                rc = 0
+            except SystemExit as e:   # util.err()'s sys.exit(-1), argparse's usage errors
+                code = e.code
+                rc = (code % 256 if isinstance(code, int) else (0 if code is None else 1))
+                if not isinstance(code, int) and code is not None:
+                    err.write(f"{code}\n")
+            except KeyboardInterrupt:
+                raise
+            except BaseException:   # noqa: BLE001 - what the process would print as a traceback
+                err.write(traceback.format_exc())
+                rc = 1
+    finally:
+        _restore_logging(state)
+        if path is not None:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(str(path))
+            for name in set(sys.modules) - modules:
+                file = getattr(sys.modules[name], "__file__", None) or ""
+                if file.startswith(str(path)):
+                    del sys.modules[name]
+    return subprocess.CompletedProcess(["alembic", *argv], rc, out.getvalue(), err.getvalue())
+
+
+def upgrade_every_shard(ini: str | os.PathLike[str], config: str | os.PathLike[str], revision: str = "head") -> None:
+    """Set-up: plain ``alembic -x config=CONFIG upgrade REVISION`` (every shard in turn, in
+    this process), for a test whose subject is not ``shardkit migrate upgrade`` itself (that
+    starts an Alembic process per shard)."""
+    r = alembic(["-c", str(ini), "-x", f"config={config}", "upgrade", revision])
+    assert r.returncode == 0, r.stdout + r.stderr
