@@ -1,4 +1,6 @@
-"""The shardkit command, run as a user would."""
+"""The shardkit command, run as a user would: what it does and says, through
+``shardkit.cli.main`` in this process (``tests/inproc_cli.py``), and once as
+``python -m shardkit.cli`` in a process of its own (a bad config's one clear line)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,20 @@ import sys
 
 import pytest
 
+from inproc_cli import run
+
 pytestmark = pytest.mark.integration
 
 
-def shardkit(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
+def shardkit(*args: str) -> subprocess.CompletedProcess[str]:
+    """``shardkit ARGS`` in this process (no interpreter start-up and imports)."""
+    return run(args)
+
+
+def shardkit_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m shardkit.cli ARGS`` in a process of its own."""
     return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
+                          text=True, timeout=300)
 
 
 def test_route_prints_owner(tmp_path):
@@ -42,7 +52,7 @@ def test_route_prints_owner(tmp_path):
 def test_bad_config_is_one_clear_line(tmp_path):
     cfg = tmp_path / "shardkit.toml"
     cfg.write_text('[[shards]]\nname = "a"\nprimary = "mysql://u:pw@h/db"\n')
-    r = shardkit("route", "t", "1", "--config", str(cfg))
+    r = shardkit_process("route", "t", "1", "--config", str(cfg))
     assert r.returncode == 2
     assert r.stderr.startswith("error: shards[0].primary: ") and "pw" not in r.stderr
     assert "Traceback" not in r.stderr

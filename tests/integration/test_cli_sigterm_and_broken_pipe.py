@@ -27,6 +27,7 @@ import pytest
 from sqlalchemy import text
 
 import shardkit
+from inproc_cli import run
 from shardkit import rebalance
 
 pytestmark = pytest.mark.integration
@@ -35,9 +36,10 @@ ROWS = 200
 GROUPS = {"groups": {"users": {"strategy": "hash", "tables": {"users": "id"}}}}
 
 
-def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardkit.cli", *argv], capture_output=True, text=True,
-                          timeout=timeout)
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """A command whose process is not what is checked (what stands after one was stopped):
+    in this process (``tests/inproc_cli.py``).  The commands stopped run in processes."""
+    return run(argv)
 
 
 def _start(*argv: str, **kw) -> subprocess.Popen[str]:
@@ -101,9 +103,12 @@ def moving(shardkit_module_cluster_factory, tmp_path_factory):
     dev.write_config(cfg, {**GROUPS, "catalog": {"url": dev.create_catalog()}})
     cluster = shardkit.Cluster.from_config(cfg, follow_map=False)
     rebalance.init(cluster)
+    by_shard: dict[str, list[dict[str, int]]] = {}
     for i in range(ROWS):
-        with cluster.engine(cluster.shard_for("users", i)).begin() as c:
-            c.execute(text("INSERT INTO users VALUES (:i, 'u')"), {"i": i})
+        by_shard.setdefault(cluster.shard_for("users", i), []).append({"i": i})
+    for shard, rows in by_shard.items():   # one transaction a shard (not one a row)
+        with cluster.engine(shard).begin() as c:
+            c.execute(text("INSERT INTO users VALUES (:i, 'u')"), rows)
     yield dev, cluster, cfg
     cluster.dispose()
 

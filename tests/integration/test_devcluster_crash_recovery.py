@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import inproc_cli
 import psycopg
 import pytest
 
@@ -70,10 +71,10 @@ def root():
         shutil.rmtree(d, ignore_errors=True)
 
 
-def shardkit(*args: str, **kw) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                          text=True, timeout=180, env=env, **kw)
+def shardkit(*args: str) -> subprocess.CompletedProcess[str]:
+    """``shardkit ARGS`` in this process (``tests/inproc_cli.py``): what the command does
+    and says.  The demo that is stopped with a signal runs in a process of its own."""
+    return inproc_cli.run(args)
 
 
 def _busy_backend_then_crash(cluster: DevCluster) -> int:

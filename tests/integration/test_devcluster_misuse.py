@@ -22,6 +22,7 @@ import tomllib
 import uuid
 from pathlib import Path
 
+import inproc_cli
 import psycopg
 import pytest
 
@@ -41,32 +42,11 @@ pytestmark = [
 # Helpers
 
 
-def shardkit(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
-             cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardkit.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=cwd)
-
-
-def shardkit_here(*args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI in this process (no interpreter start-up): for commands that refuse
-    before starting a server.  An exception that escapes is reported as the
-    traceback the CLI would print."""
-    import contextlib
-    import io
-    import traceback
-
-    from shardkit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = main(list(args))
-        except SystemExit as e:  # argparse refusing an option
-            rc = e.code if isinstance(e.code, int) else 1
-        except Exception:  # noqa: BLE001 - what a user would see
-            traceback.print_exc()
-            rc = 1
-    return subprocess.CompletedProcess(["shardkit", *args], rc, out.getvalue(), err.getvalue())
+def shardkit(*args: str) -> subprocess.CompletedProcess[str]:
+    """``shardkit ARGS`` in this process (``tests/inproc_cli.py``: no interpreter start-up,
+    what it prints and its exit status as a process's): for what a command does and says.
+    Signals, a command that must be stopped from outside, a pytest session: real processes."""
+    return inproc_cli.run(args)
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -190,7 +170,7 @@ def test_up_where_the_dir_cannot_be_made_is_one_error_line(root):
     blocker = root / "a-file"
     blocker.write_text("not a directory")
     for d in (blocker / "sub", Path("/proc/x")):
-        r = shardkit_here("dev", "up", "--shards", "1", "--replicas", "0", "--dir", str(d))
+        r = shardkit("dev", "up", "--shards", "1", "--replicas", "0", "--dir", str(d))
         assert "Traceback" not in r.stderr, r.stderr
         assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -205,7 +185,7 @@ def test_dir_with_shell_metacharacters_is_not_run_through_a_shell(root):
     drop.chmod(0o777)
     marker = drop / f"pwned-{uuid.uuid4().hex[:8]}"
     base = root / f"x$(touch {marker})y"
-    r = shardkit_here("dev", "up", "--shards", "1", "--replicas", "0", "--dir", str(base))
+    r = shardkit("dev", "up", "--shards", "1", "--replicas", "0", "--dir", str(base))
     assert not marker.exists(), (
         f"a command in --dir ran as the server user: {marker} exists\n{r.stdout}{r.stderr}")
     if r.returncode != 0:
@@ -267,8 +247,9 @@ def test_huge_shard_count_fails_fast(root):
     loops forever once every ephemeral port has been handed out.)"""
     base = root / "huge"
     try:
-        r = shardkit("dev", "up", "--shards", "100000", "--replicas", "0", "--dir", str(base),
-                     timeout=60)  # was 5: interpreter start-up and imports on a loaded machine; the bug loops for ever
+        # A process of its own: the bug loops for ever, and only a process can be stopped then.
+        r = inproc_cli.shardkit(["dev", "up", "--shards", "100000", "--replicas", "0", "--dir", str(base)],
+                                proc=True, timeout=60)  # was 5: interpreter start-up and imports on a loaded machine
     except subprocess.TimeoutExpired:
         pytest.fail("`dev up --shards 100000` was still running after 60 s instead of refusing")
     assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
@@ -277,13 +258,22 @@ def test_huge_shard_count_fails_fast(root):
 
 def test_demo_with_one_shard(root):
     """`demo --shards 1` passes the shape check, then starts a cluster and fails on its
-    own config (the invoices range names shard s1).  Run it, or refuse before starting."""
+    own config (the invoices range names shard s1).  Run it, or refuse before starting.
+
+    The same run shows (test_demo_quickstart's topic, checked here to start the demo
+    once) that `demo --shards 1 --replicas 0` describes the cluster as it is: it printed
+    "on a fresh-enough replica" over reads that all went to the primary, an empty
+    consistency token, and `plan: None`."""
     r = shardkit("demo", "--shards", "1", "--replicas", "0", "--dir", str(root / "d"))
     if r.returncode != 0:
         assert "up in" not in r.stdout, (
             f"demo started a cluster, then failed: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
     assert "MISMATCH" not in r.stdout
+    out = r.stdout
+    assert "fresh-enough replica" not in out and "(no replicas: on its primary)" in out, out
+    assert "consistency token" not in out
+    assert "plan: None" not in out and "plan: none needed: one shard runs it whole" in out
 
 
 def test_demo_kept_runs_again_and_never_deletes_a_cluster_it_did_not_start(root):
@@ -361,7 +351,7 @@ def test_demo_terminated_with_sigterm_stops_its_servers(root):
     assert left == [], f"servers left running after SIGTERM: pids {left}"
 
 
-def test_demo_whose_cluster_fails_to_start_leaves_no_temp_dir(root):
+def test_demo_whose_cluster_fails_to_start_leaves_no_temp_dir(root, monkeypatch):
     fake_bin = root / "bin"
     fake_bin.mkdir()
     real_bin = find_pg_bin()
@@ -372,8 +362,10 @@ def test_demo_whose_cluster_fails_to_start_leaves_no_temp_dir(root):
     initdb.chmod(0o755)
     tmp = root / "tmp"
     tmp.mkdir()
-    env = dict(_demo_env(tmp), SHARDKIT_PG_BIN=str(fake_bin))
-    r = shardkit("demo", "--shards", "1", "--replicas", "0", env=env)
+    # In this process: its environment, and the temporary directory TMPDIR would give.
+    monkeypatch.setenv("SHARDKIT_PG_BIN", str(fake_bin))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    r = shardkit("demo", "--shards", "1", "--replicas", "0")
     assert r.returncode == 2 and "simulated failure" in r.stderr, r.stderr
     assert list(tmp.iterdir()) == [], "the demo's temporary directory was left behind"
 
@@ -481,7 +473,7 @@ def test_dev_up_config_reuse_crash_restart_and_down(root):
     assert (base / "shardkit.toml").exists(), "`dev up` printed a config path that does not exist"
     assert [n.port for n in DevCluster.load(base).nodes] == [n.port for n in cluster.nodes]
     assert len(_processes_mentioning(str(base))) == 4
-    r3 = shardkit_here("dev", "up", "--shards", "3", "--replicas", "1", "--dir", str(base))
+    r3 = shardkit("dev", "up", "--shards", "3", "--replicas", "1", "--dir", str(base))
     assert r3.returncode == 2 and "dev down --dir" in r3.stderr, r3.stderr
     # A crash (kill -9 of a postmaster, by its own pid): the pid file stays behind;
     # `dev up` starts the node again, and `dev down` copes with a crashed one.
@@ -506,7 +498,7 @@ def test_down_where_there_is_no_cluster_is_a_quiet_no_op(root):
     a_file = root / "f"
     a_file.write_text("x")
     for d in (root / "nothing-here", a_file, root):
-        r = shardkit_here("dev", "down", "--dir", str(d))
+        r = shardkit("dev", "down", "--dir", str(d))
         assert r.returncode == 0 and "no local cluster" in r.stdout, r.stderr
     assert a_file.exists()
 
@@ -518,7 +510,7 @@ def test_down_where_there_is_no_cluster_is_a_quiet_no_op(root):
 ])
 def test_bad_shapes_are_refused_before_anything_is_made(root, args, says):
     base = root / "c"
-    r = shardkit_here("dev", "up", *args, "--dir", str(base))
+    r = shardkit("dev", "up", *args, "--dir", str(base))
     assert r.returncode == 2 and says in r.stderr, r.stderr
     assert not base.exists()
 
@@ -526,7 +518,7 @@ def test_bad_shapes_are_refused_before_anything_is_made(root, args, says):
 def test_dir_that_is_a_file_is_refused(root):
     a_file = root / "f"
     a_file.write_text("mine")
-    r = shardkit_here("dev", "up", "--shards", "1", "--replicas", "0", "--dir", str(a_file))
+    r = shardkit("dev", "up", "--shards", "1", "--replicas", "0", "--dir", str(a_file))
     assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr
     assert a_file.read_text() == "mine"
 
@@ -535,6 +527,6 @@ def test_dir_that_is_a_file_is_refused(root):
 def test_dir_the_server_user_cannot_reach_is_refused_with_a_hint(root):
     private = root / "private"
     private.mkdir(mode=0o700)
-    r = shardkit_here("dev", "up", "--shards", "1", "--replicas", "0", "--dir", str(private / "c"))
+    r = shardkit("dev", "up", "--shards", "1", "--replicas", "0", "--dir", str(private / "c"))
     assert r.returncode == 2 and f"chmod o+x {private}" in r.stderr, r.stderr
     assert list(private.iterdir()) == []

@@ -8,6 +8,7 @@ with a default and an index) with `migrate check`, and a replica stopped mid-day
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -40,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 import shardkit
+from inproc_cli import run
 from waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -217,8 +219,16 @@ def copy_reference(dev, source: str, target: str, table_name: str) -> None:
                    input=dump, capture_output=True, text=True, check=True)
 
 
-def cli(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([SHARDKIT, *args], cwd=project, capture_output=True, text=True, timeout=180)
+def cli(project: Path, *args: str, check: bool = True,
+        console_script: bool = False) -> subprocess.CompletedProcess[str]:
+    """``shardkit ARGS`` in the project's directory: in this process (``tests/inproc_cli.py``:
+    what the command does and says, without an interpreter's start-up), or with
+    ``console_script`` as the installed ``shardkit`` command the README tells to run."""
+    if console_script:
+        r = subprocess.run([SHARDKIT, *args], cwd=project, capture_output=True, text=True, timeout=180)
+    else:
+        with contextlib.chdir(project):
+            r = run(args)
     if check:
         assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
     return r
@@ -392,7 +402,7 @@ def _open(state) -> None:
 
 def test_morning_schema_catalog_and_first_writers(day):
     project = day["project"]
-    cli(project, "migrate", "upgrade")
+    cli(project, "migrate", "upgrade", console_script=True)   # the team's first command, as installed
     cli(project, "rebalance", "init")
     assert json.loads(cli(project, "migrate", "current", "--json").stdout) == {"s0": "a1", "s1": "a1"}
     _open(day)

@@ -3,12 +3,16 @@ an operator makes: Ctrl-C (SIGINT) in the middle of `shardkit migrate upgrade` a
 `shardkit rebalance apply`, and a mover that was killed.  Each must say what stopped and
 what to do, lose nothing, and leave a state that `rebalance status` explains.
 
-The commands run as the operator runs them: `python -m shardkit.cli` in a process of
-its own, interrupted by a signal, on a 2-shard cluster with a catalog.
+The commands interrupted run as the operator runs them: `python -m shardkit.cli` in a
+process of its own, interrupted by a signal, on a 2-shard cluster with a catalog.  The
+commands run afterwards to see where things stand (`rebalance status`, `resume`,
+`verify`, `migrate current`) run in this process, in the project's directory
+(``tests/inproc_cli.py``): what they do and say is what is checked, not their process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -22,6 +26,7 @@ from types import SimpleNamespace
 import psycopg
 import pytest
 
+from inproc_cli import run
 from waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -55,9 +60,10 @@ def _to_toml(data) -> str:
     return to_toml(data)
 
 
-def cli(*argv: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardkit.cli", *argv], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+def cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``shardkit ARGV`` run in ``cwd``, in this process."""
+    with contextlib.chdir(cwd):
+        return run(argv)
 
 
 def _interruptible() -> None:
@@ -192,11 +198,15 @@ def moving(dev, tmp_path_factory):
 
     cluster = shardkit.Cluster.from_config(here / "shardkit.toml", follow_map=False)
     try:
+        by_shard: dict[int, list[tuple[int, str]]] = {}
         for i in range(ROWS):
-            shard = cluster.shard_names.index(cluster.shard_for("users", i))
-            _sql(dev, shard, db, "INSERT INTO users VALUES (%s, %s)", (i, f"u{i}"))
+            by_shard.setdefault(cluster.shard_names.index(cluster.shard_for("users", i)), []).append((i, f"u{i}"))
     finally:
         cluster.dispose()
+    for shard, rows in by_shard.items():   # one connection a shard (not one a row)
+        dsn = dev.shards[shard].primary.dsn.replace("dbname=shardkit", f"dbname={db}")
+        with psycopg.connect(dsn, autocommit=True) as c, c.cursor() as cur:
+            cur.executemany("INSERT INTO users VALUES (%s, %s)", rows)
     return SimpleNamespace(dir=here, db=db)
 
 

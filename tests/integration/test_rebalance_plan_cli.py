@@ -355,16 +355,33 @@ def test_plan_add_is_a_table_and_json_with_the_expected_shape(world):
     assert live(world)[0] == version, "plan changed the map"
 
 
+# In a process of its own (one per hash seed): `rebalance plan ARGV --config FILE` through
+# cli.main for each ARGV, printed as JSON [[exit status, stdout], ...].
+_PLAN_EACH = """
+import contextlib, io, json, sys
+from shardkit import cli
+done = []
+for argv in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cli.main(["rebalance", "plan", *argv, "--config", sys.argv[2]])
+    done.append([rc, out.getvalue()])
+print(json.dumps(done))
+"""
+
+
 @pytest.mark.integration
 def test_plans_are_byte_identical_across_processes_and_hash_seeds(world):
+    argvs = (["--add", "s2", "--json"], ["--even", "rows"], ["--move-value", "stores:eu", "--to", "s2", "--json"])
     outs = {}
     for seed in ("1", "4242"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        for argv in (["--add", "s2", "--json"], ["--even", "rows"], ["--move-value", "stores:eu", "--to", "s2", "--json"]):
-            r = subprocess.run([sys.executable, "-m", "shardkit.cli", "rebalance", "plan", *argv,
-                                "--config", str(world.good)], capture_output=True, text=True, timeout=60, env=env)
-            assert r.returncode == 0, r.stderr
-            outs.setdefault(" ".join(argv), set()).add(r.stdout)
+        r = subprocess.run([sys.executable, "-c", _PLAN_EACH, json.dumps(argvs), str(world.good)],
+                           capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        for argv, (rc, out) in zip(argvs, json.loads(r.stdout), strict=True):
+            assert rc == 0, (argv, r.stderr)
+            outs.setdefault(" ".join(argv), set()).add(out)
     assert all(len(v) == 1 for v in outs.values()), {k: len(v) for k, v in outs.items()}
 
 
