@@ -21,16 +21,10 @@ import logging
 import os
 import subprocess
 import sys
-import traceback
-import warnings
 from collections.abc import Sequence
 
 from alembic import config as alembic_config
-
-#: Python's default warning filters (what ``python -m alembic`` starts with).
-_DEFAULT_FILTERS = (("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, None),
-                    ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
-                    ("ignore", ResourceWarning, None))
+from inproc_cli import as_a_process
 
 
 class _Config(alembic_config.Config):
@@ -80,29 +74,9 @@ def alembic(argv: Sequence[str], *, path: str | os.PathLike[str] | None = None) 
     if path is not None:
         sys.path.insert(0, str(path))
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        err.write(warnings.formatwarning(message, category, filename, lineno, line))
-
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                _config_class(_Config):
-            warnings.resetwarnings()
-            for action, category, module in reversed(_DEFAULT_FILTERS):
-                warnings.filterwarnings(action, category=category, module=module or "")
-            warnings.showwarning = show
-            try:
-                alembic_config.main(argv=argv, prog="alembic")
-                rc = 0
-            except SystemExit as e:   # util.err()'s sys.exit(-1), argparse's usage errors
-                code = e.code
-                rc = (code % 256 if isinstance(code, int) else (0 if code is None else 1))
-                if not isinstance(code, int) and code is not None:
-                    err.write(f"{code}\n")
-            except KeyboardInterrupt:
-                raise
-            except BaseException:   # noqa: BLE001 - what the process would print as a traceback
-                err.write(traceback.format_exc())
-                rc = 1
+        with _config_class(_Config):
+            rc = as_a_process(lambda: alembic_config.main(argv=argv, prog="alembic"), out, err)
     finally:
         _restore_logging(state)
         if path is not None:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from shardkit import cli
 
@@ -42,6 +42,34 @@ def shardkit(argv: Sequence[str], *, proc: bool = False, env: dict[str, str] | N
                           env=None if env is None else {**os.environ, **env})
 
 
+def as_a_process(main: Callable[[], int | None], out: io.StringIO, err: io.StringIO) -> int:
+    """Run ``main()`` as its process would: Python's default warning filters, warnings and
+    stdout/stderr into ``out``/``err``, ``SystemExit`` as the exit status (mod 256), an
+    escaping exception as a traceback on stderr and status 1; the exit status."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        warnings.resetwarnings()
+        for action, category, module in reversed(_DEFAULT_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module or "")
+        warnings.showwarning = show
+        try:
+            rc = main() or 0
+        except SystemExit as e:   # argparse's usage errors, sys.exit(-1) ...
+            code = e.code
+            rc = code % 256 if isinstance(code, int) else (0 if code is None else 1)
+            if not isinstance(code, int) and code is not None:
+                err.write(f"{code}\n")
+        except KeyboardInterrupt:
+            raise
+        except BaseException:   # noqa: BLE001 - what the process would print as a traceback
+            err.write(traceback.format_exc())
+            rc = 1
+    return rc
+
+
 def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     argv = [str(a) for a in argv]
     out, err = io.StringIO(), io.StringIO()
@@ -53,27 +81,8 @@ def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     # Added before main() runs: its basicConfig() then adds no handler of its own.
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        err.write(warnings.formatwarning(message, category, filename, lineno, line))
-
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            warnings.resetwarnings()
-            for action, category, module in reversed(_DEFAULT_FILTERS):
-                warnings.filterwarnings(action, category=category, module=module or "")
-            warnings.showwarning = show
-            try:
-                rc = cli.main(argv)
-            except SystemExit as e:   # argparse's usage errors
-                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                if not isinstance(e.code, int) and e.code is not None:
-                    err.write(f"{e.code}\n")
-            except KeyboardInterrupt:
-                raise
-            except BaseException:   # noqa: BLE001 - what the process would print as a traceback
-                err.write(traceback.format_exc())
-                rc = 1
+        rc = as_a_process(lambda: cli.main(argv), out, err)
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
