@@ -102,7 +102,7 @@ def test_upgrade_downgrade_and_drift(env):
     report = migrate.check(cluster, alembic_ini=ini)
     assert report.ok and report.heads == ["r3"]
 
-    r = cli("migrate", "downgrade", "r1", "--config", str(cfg), "--alembic-ini", str(ini), proc=True)
+    r = cli("migrate", "downgrade", "r1", "--config", str(cfg), "--alembic-ini", str(ini))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all 3 shards ok" in r.stdout
     for s in cluster.shard_names:
@@ -111,7 +111,7 @@ def test_upgrade_downgrade_and_drift(env):
     # Drift: one shard's schema changed by hand.
     with cluster.primary("s2").begin() as c:
         c.execute(text("ALTER TABLE widgets ADD COLUMN rogue int"))
-    r = cli("migrate", "check", "--config", str(cfg), "--alembic-ini", str(ini), proc=True)
+    r = cli("migrate", "check", "--config", str(cfg), "--alembic-ini", str(ini))
     assert r.returncode == 1
     assert "DRIFT: s2: widgets columns differ" in r.stdout
     with cluster.primary("s2").begin() as c:

@@ -13,7 +13,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -212,12 +211,13 @@ def no_secret(*outputs: str) -> None:
 # -- migrate ------------------------------------------------------------------------------
 
 
-def test_parallel_bound_holds_and_reference_table_migrations_run_on_every_shard(env, tmp_path):
+def test_parallel_bound_holds_and_reference_table_migrations_run_on_every_shard(env, tmp_path, monkeypatch):
     """`--parallel 2` never has more than two shards inside a migration at once; a
     migration writing a reference table's rows runs on every shard."""
     env.ensure(None)
     probe = tmp_path / "probe.json"
-    r = env.migrate("upgrade", "a2", "--parallel", "2", "--json", env={"SKT_EDGE_PROBE": str(probe)})
+    monkeypatch.setenv("SKT_EDGE_PROBE", str(probe))   # (for the shards' Alembic processes)
+    r = env.migrate("upgrade", "a2", "--parallel", "2", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     state = json.loads(probe.read_text())
     assert state["runs"] == 3 and state["now"] == 0, state
@@ -230,6 +230,80 @@ def test_parallel_bound_holds_and_reference_table_migrations_run_on_every_shard(
             assert c.execute(text("SELECT array_agg(name ORDER BY id) FROM plans")).scalar() == \
                 ["free", "pro", "team"], s
     no_secret(r.stdout, r.stderr)
+
+
+def test_bad_revision_and_unknown_canary_give_clear_errors(env):
+    """An unknown revision fails with a message naming it (no traceback) and moves no
+    shard; an unknown --canary shard is refused up front, listing the shards."""
+    env.ensure("a2")   # (where the test above leaves every shard, as the stopped-primary tests want)
+    r = env.migrate("upgrade", "nosuchrev")
+    assert r.returncode in (1, 2), r.stdout + r.stderr
+    assert "nosuchrev" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert env.current() == {"s0": "a2", "s1": "a2", "s2": "a2"}
+    r = env.migrate("upgrade", "head", "--canary", "s9")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith("error: ") and "'s9'" in r.stderr and "s0, s1, s2" in r.stderr
+    assert env.current() == {"s0": "a2", "s1": "a2", "s2": "a2"}
+    no_secret(r.stdout, r.stderr)
+
+
+# -- a stopped primary: status and migrate ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def primary_down(env):
+    """Run the operator commands once while s2's primary is stopped; restart it."""
+    env.ensure("a2")
+    node = env.dev.shards[2].primary
+    node.stop()
+    try:
+        cmds = {
+            "status_json": ["status", "--config", str(env.cfg), "--json"],
+            "status_text": ["-v", "status", "--config", str(env.cfg)],
+            "current": ["migrate", "current", "--config", str(env.cfg)],
+            "check": ["migrate", "check", "--config", str(env.cfg), "--alembic-ini", str(env.ini)],
+            "upgrade": ["migrate", "upgrade", "head", "--config", str(env.cfg),
+                        "--alembic-ini", str(env.ini)],
+        }
+        # In this process (inproc_cli), but at -v as a process of its own: the test
+        # process's other threads log too, which the command's process would not print.
+        out = {}
+        for k, v in cmds.items():
+            r = inproc_cli.shardkit(v, proc="-v" in v, timeout=120)
+            out[k] = (r.returncode, r.stdout, r.stderr)
+    finally:
+        node.start()
+        env.cluster.dispose()   # its pooled connections to s2 died with the server
+    return out
+
+
+def test_status_with_a_stopped_primary(primary_down):
+    """`status` exits 1 when a primary is down, shows it down with its error (and its
+    replica up), and never prints a password, even at -v."""
+    code, o, e = primary_down["status_json"]
+    assert code == 1, o + e
+    data = json.loads(o)
+    assert data["ready"] is False
+    nodes = {n["node"]: n for s in data["shards"] for n in s["nodes"]}
+    assert nodes["s2/primary"]["up"] is False and nodes["s2/primary"]["error"]
+    assert nodes["s2/r0"]["up"] is True and nodes["s0/primary"]["up"] is True
+    assert {s["shard"]: s["rows_estimate"] for s in data["shards"]}["s2"] is None
+    code_t, ot, et = primary_down["status_text"]
+    assert code_t == 1 and "ready: NO" in ot
+    assert re.search(r"s2/primary\s+primary\s+NO\b", ot), ot
+    no_secret(o, e, ot, et)
+
+
+@pytest.mark.parametrize("verb", ["current", "check", "upgrade"])
+def test_migrate_with_a_stopped_primary_is_one_clear_error(primary_down, verb):
+    """`migrate current|check|upgrade` with a shard's primary down print one line
+    naming the unreachable shard (no traceback, no password) and exit non-zero (2 for
+    an error, or 1 for a migration failure)."""
+    code, o, e = primary_down[verb]
+    assert code in (1, 2), (code, o, e)
+    assert "Traceback" not in e, e[-1500:]
+    assert "s2" in e and e.strip().startswith("error:"), e[-1500:]
+    no_secret(o, e)
 
 
 def test_upgrade_with_a_catalog_leaves_the_catalog_alone_and_twice_is_a_noop(env, tmp_path):
@@ -347,80 +421,6 @@ def test_tables_created_after_install_shardkit_sql_stay_in_the_application_schem
                 "SELECT c.relname, n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                 "WHERE c.relname IN ('items', 'gizmos') AND c.relkind = 'r'")).all())
         assert where == {"items": "public", "gizmos": "public"}, (s, where)
-
-
-def test_bad_revision_and_unknown_canary_give_clear_errors(env):
-    """An unknown revision fails with a message naming it (no traceback) and moves no
-    shard; an unknown --canary shard is refused up front, listing the shards."""
-    env.ensure("a2")
-    r = env.migrate("upgrade", "nosuchrev")
-    assert r.returncode in (1, 2), r.stdout + r.stderr
-    assert "nosuchrev" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert env.current() == {"s0": "a2", "s1": "a2", "s2": "a2"}
-    r = env.migrate("upgrade", "head", "--canary", "s9")
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert r.stderr.startswith("error: ") and "'s9'" in r.stderr and "s0, s1, s2" in r.stderr
-    assert env.current() == {"s0": "a2", "s1": "a2", "s2": "a2"}
-    no_secret(r.stdout, r.stderr)
-
-
-# -- a stopped primary: status and migrate ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def primary_down(env):
-    """Run the operator commands once while s2's primary is stopped; restart it."""
-    env.ensure("a2")
-    node = env.dev.shards[2].primary
-    node.stop()
-    try:
-        cmds = {
-            "status_json": ["status", "--config", str(env.cfg), "--json"],
-            "status_text": ["-v", "status", "--config", str(env.cfg)],
-            "current": ["migrate", "current", "--config", str(env.cfg)],
-            "check": ["migrate", "check", "--config", str(env.cfg), "--alembic-ini", str(env.ini)],
-            "upgrade": ["migrate", "upgrade", "head", "--config", str(env.cfg),
-                        "--alembic-ini", str(env.ini)],
-        }
-        procs = {k: subprocess.Popen([sys.executable, "-m", "shardkit.cli", *v], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True) for k, v in cmds.items()}
-        out = {}
-        for k, p in procs.items():
-            o, e = p.communicate(timeout=120)
-            out[k] = (p.returncode, o, e)
-    finally:
-        node.start()
-        env.cluster.dispose()   # its pooled connections to s2 died with the server
-    return out
-
-
-def test_status_with_a_stopped_primary(primary_down):
-    """`status` exits 1 when a primary is down, shows it down with its error (and its
-    replica up), and never prints a password, even at -v."""
-    code, o, e = primary_down["status_json"]
-    assert code == 1, o + e
-    data = json.loads(o)
-    assert data["ready"] is False
-    nodes = {n["node"]: n for s in data["shards"] for n in s["nodes"]}
-    assert nodes["s2/primary"]["up"] is False and nodes["s2/primary"]["error"]
-    assert nodes["s2/r0"]["up"] is True and nodes["s0/primary"]["up"] is True
-    assert {s["shard"]: s["rows_estimate"] for s in data["shards"]}["s2"] is None
-    code_t, ot, et = primary_down["status_text"]
-    assert code_t == 1 and "ready: NO" in ot
-    assert re.search(r"s2/primary\s+primary\s+NO\b", ot), ot
-    no_secret(o, e, ot, et)
-
-
-@pytest.mark.parametrize("verb", ["current", "check", "upgrade"])
-def test_migrate_with_a_stopped_primary_is_one_clear_error(primary_down, verb):
-    """`migrate current|check|upgrade` with a shard's primary down print one line
-    naming the unreachable shard (no traceback, no password) and exit non-zero (2 for
-    an error, or 1 for a migration failure)."""
-    code, o, e = primary_down[verb]
-    assert code in (1, 2), (code, o, e)
-    assert "Traceback" not in e, e[-1500:]
-    assert "s2" in e and e.strip().startswith("error:"), e[-1500:]
-    no_secret(o, e)
 
 
 # -- status --------------------------------------------------------------------------------
