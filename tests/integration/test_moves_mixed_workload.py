@@ -30,6 +30,7 @@ from shardkit import rebalance
 from shardkit._rebalance_plan import plan_add_shards, plan_from_maps, plan_move_value, plan_split_range
 from shardkit.verify import verify
 from movers import WriterThreads, kill_mover_after, rows_by_key
+from replica_env import replayed
 
 pytestmark = pytest.mark.integration
 
@@ -569,6 +570,9 @@ def _freeze_some(w: World) -> None:
         s.execute(insert(Account), [{"id": 10**12 + k, "balance": k * 7 % 1000, "tag": f"frozen{k}"} for k in ids])
         s.execute(insert(Note), [{"id": 10**12 + k, "account_id": 10**12 + k, "body": "frozen"} for k in ids])
         s.commit()
+    # Replayed before anyone reads them: FrozenReader's sessions hold no token of these
+    # writes, and a replica that had not replayed them would rightly show the rows missing.
+    replayed(w.dev)
     with w.lock:
         w.accounts.update({10**12 + k: k * 7 % 1000 for k in ids})
         w.notes.update({10**12 + k: 10**12 + k for k in ids})
