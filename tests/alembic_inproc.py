@@ -8,7 +8,7 @@ migrations do and print through plain Alembic, not of the process itself.
 As a process would: what Alembic prints goes to stdout, the log records of the logging
 env.py sets up from alembic.ini (``fileConfig``) and the warnings Python would print go to
 stderr, an escaping exception is a traceback on stderr (exit status 1), Alembic's own
-``FAILED: ...`` exits -1 (255 for a process).  ``path``: a directory put first on
+``FAILED: ...`` (its ``sys.exit(-1)``) exit status 255, as a process's.  ``path``: a directory put first on
 ``sys.path`` (``PYTHONPATH``), its modules forgotten afterwards.  The test process's
 logging (which ``fileConfig`` replaces) is put back as it was afterwards.
 """
@@ -71,6 +71,8 @@ def alembic(argv: Sequence[str], *, path: str | os.PathLike[str] | None = None) 
     out, err = io.StringIO(), io.StringIO()
     state = _logging_state()
     modules = set(sys.modules)
+    # (Alembic prepends alembic.ini's prepend_sys_path to sys.path on every run.)
+    sys_path = list(sys.path)
     if path is not None:
         sys.path.insert(0, str(path))
 
@@ -79,9 +81,8 @@ def alembic(argv: Sequence[str], *, path: str | os.PathLike[str] | None = None) 
             rc = as_a_process(lambda: alembic_config.main(argv=argv, prog="alembic"), out, err)
     finally:
         _restore_logging(state)
+        sys.path[:] = sys_path
         if path is not None:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(str(path))
             for name in set(sys.modules) - modules:
                 file = getattr(sys.modules[name], "__file__", None) or ""
                 if file.startswith(str(path)):

@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -76,6 +77,10 @@ def run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     verbose = "-v" in argv or "--verbose" in argv
     handler = logging.StreamHandler(err)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    # Not the records of the test process's threads already running (a monitor, writers):
+    # the command's process would not have them.  Its own threads start during the run.
+    others = {t.ident for t in threading.enumerate()} - {threading.get_ident()}
+    handler.addFilter(lambda record: record.thread not in others)
     root = logging.getLogger()
     level = root.level
     # Added before main() runs: its basicConfig() then adds no handler of its own.

@@ -5,12 +5,18 @@ Tests that SIGKILL a mover (or run one while a server dies) need a real process:
 sessions end with it, its locks go with them, its exit status is its own.  Started with
 ``subprocess.Popen([sys.executable, "-c", ...])`` each costs ~0.7 s of CPU in imports
 alone.  :func:`popen` forks it instead from a server that imported ``shardkit.cli``
-(and ``rebalance``, ``catalog``) once per test process: the child is a process like
-that one (its own pid, killable, its stdout and stderr the files given, ``os.environ``
-with ``env`` added, ``sys.argv`` ``["-c", *args]``), minus the interpreter start.
+(and ``rebalance``, ``catalog``) once per test process.  The child is a process like
+that one: its own pid, killable; its stdout and stderr the files given; the caller's
+``os.environ`` (of the moment, with ``env`` added) and working directory; ``PYTHONPATH``
+entries put first on ``sys.path``; ``sys.argv`` ``["-c", *args]``; an uncaught
+KeyboardInterrupt ends it by SIGINT; its other threads are joined before it exits.
+Unlike a new interpreter it shares the server's hash seed and ``__main__`` module
+(classes its script defines cannot be pickled by name).
 
 The server has no threads and no connections when it forks.  It reaps its children
-and reports their exit statuses (negative: killed by that signal, as ``Popen``'s).
+and reports each one's exit status by request (negative: killed by that signal, as
+``Popen``'s); when its test process goes away (its input closes) it SIGKILLs the
+children still running.  If the server itself dies, waiting on a child raises.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import threading
 from typing import Any
 
 _SERVER = r"""
-import json, os, selectors, signal, sys, traceback
+import json, os, selectors, signal, sys, threading, traceback
 from shardkit import cli, rebalance, catalog  # noqa: F401 - the imports the children skip
 
 report = os.dup(1)
@@ -33,6 +39,8 @@ rfd, wfd = os.pipe()
 os.set_blocking(wfd, False)
 signal.set_wakeup_fd(wfd)
 signal.signal(signal.SIGCHLD, lambda *a: None)
+children = {}   # pid -> request number
+base_path = list(sys.path)
 
 
 def tell(line):
@@ -47,7 +55,9 @@ def reap():
             return
         if pid == 0:
             return
-        tell(f"exit {pid} {os.waitstatus_to_exitcode(status)}")
+        n = children.pop(pid, None)
+        if n is not None:
+            tell(f"exit {n} {os.waitstatus_to_exitcode(status)}")
 
 
 def child(req):
@@ -64,9 +74,14 @@ def child(req):
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout = open(1, "w", closefd=False)
     sys.stderr = open(2, "w", closefd=False, buffering=1)
+    os.environ.clear()
     os.environ.update(req["env"])
+    os.chdir(req["cwd"])
+    extra = [p for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = extra + [p for p in base_path if p not in extra]
     sys.argv = ["-c", *req["args"]]
     code = 0
+    interrupted = False
     try:
         exec(compile(req["script"], "<string>", "exec"), {"__name__": "__main__"})
     except SystemExit as e:
@@ -77,15 +92,22 @@ def child(req):
         else:
             print(e.code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        interrupted = True
     except BaseException:
         traceback.print_exc()
         code = 1
     try:
+        threading._shutdown()   # (what the interpreter does at exit: join non-daemon threads)
         import atexit
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
+        if interrupted:   # (as Python ends on an uncaught KeyboardInterrupt: by SIGINT)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 
@@ -102,14 +124,24 @@ while True:
             continue
         data = os.read(requests, 1 << 16)
         if not data:
+            for pid in list(children):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             sys.exit(0)
         pending += data
         while b"\n" in pending:
             line, pending = pending.split(b"\n", 1)
             req = json.loads(line)
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as e:
+                tell(f"error {req['n']} {json.dumps(str(e))}")
+                continue
             if pid == 0:
                 child(req)
+            children[pid] = req["n"]
             tell(f"pid {req['n']} {pid}")
     reap()
 """
@@ -122,45 +154,52 @@ class _Server:
                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         self.cond = threading.Condition()
         self.pids: dict[int, int] = {}      # request number -> pid
-        self.codes: dict[int, int] = {}     # pid -> exit status
+        self.codes: dict[int, int] = {}     # request number -> exit status
+        self.errors: dict[int, str] = {}    # request number -> why it could not fork
         self.ready = False
+        self.dead = False
         self.numbers = iter(range(10**9))
         self.lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
         with self.cond:
-            if not self.cond.wait_for(lambda: self.ready or self.proc.poll() is not None, 120):
+            if not self.cond.wait_for(lambda: self.ready or self.dead, 120):
                 raise RuntimeError("the prefork server did not start in 120 s")
             if not self.ready:
-                raise RuntimeError(f"the prefork server exited ({self.proc.returncode})")
+                raise RuntimeError(f"the prefork server exited ({self.proc.wait()})")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            what, *rest = line.split()
+            what, n, rest = (line.rstrip("\n").split(" ", 2) + ["", ""])[:3]
             with self.cond:
                 if what == "ready":
                     self.ready = True
                 elif what == "pid":
-                    self.pids[int(rest[0])] = int(rest[1])
-                    self.codes.pop(int(rest[1]), None)  # (a pid used again)
+                    self.pids[int(n)] = int(rest)
                 elif what == "exit":
-                    self.codes[int(rest[0])] = int(rest[1])
+                    self.codes[int(n)] = int(rest)
+                elif what == "error":
+                    self.errors[int(n)] = json.loads(rest)
                 self.cond.notify_all()
         with self.cond:
-            self.ready = False
+            self.dead = True
             self.cond.notify_all()
 
-    def spawn(self, script: str, args: list[str], env: dict[str, str], stdout: str, stderr: str) -> int:
+    def spawn(self, request: dict[str, Any]) -> tuple[int, int]:
+        """(request number, pid) of a child forked for ``request``."""
         assert self.proc.stdin is not None
         with self.lock:
             n = next(self.numbers)
-            self.proc.stdin.write(json.dumps({"n": n, "script": script, "args": args, "env": env,
-                                              "stdout": stdout, "stderr": stderr}) + "\n")
+            self.proc.stdin.write(json.dumps({**request, "n": n}) + "\n")
             self.proc.stdin.flush()
         with self.cond:
-            if not self.cond.wait_for(lambda: n in self.pids, 60):
+            if not self.cond.wait_for(lambda: n in self.pids or n in self.errors or self.dead, 60):
                 raise RuntimeError("the prefork server did not fork in 60 s")
-            return self.pids.pop(n)
+            if n in self.errors:
+                raise OSError(f"the prefork server could not fork: {self.errors.pop(n)}")
+            if n not in self.pids:
+                raise RuntimeError("the prefork server died")
+            return n, self.pids.pop(n)
 
     def close(self) -> None:
         try:
@@ -178,7 +217,7 @@ _server_lock = threading.Lock()
 def _get() -> _Server:
     global _server
     with _server_lock:
-        if _server is None or _server.proc.poll() is not None:
+        if _server is None or _server.dead or _server.proc.poll() is not None:
             _server = _Server()
             atexit.register(_server.close)
         return _server
@@ -190,19 +229,30 @@ class Forked:
     def __init__(self, script: str, args: list[str], env: dict[str, str], stdout: str, stderr: str) -> None:
         self._server = _get()
         self.args = ["-c", *args]
-        self.pid = self._server.spawn(script, [str(a) for a in args], env, str(stdout), str(stderr))
         self.returncode: int | None = None
+        self._n, self.pid = self._server.spawn({
+            "script": script, "args": args, "env": {**os.environ, **env}, "cwd": os.getcwd(),
+            "stdout": stdout, "stderr": stderr})
+
+    def _known(self) -> bool:
+        """(Under the server's lock.)  Whether the exit status is known; raises if it never
+        will be (the server died: it no longer reaps or reports)."""
+        if self.returncode is None and self._n in self._server.codes:
+            self.returncode = self._server.codes.pop(self._n)
+        if self.returncode is None and self._server.dead:
+            raise RuntimeError(f"the prefork server died: the exit status of pid {self.pid} is unknown")
+        return self.returncode is not None
 
     def poll(self) -> int | None:
         with self._server.cond:
-            self.returncode = self._server.codes.get(self.pid)
+            self._known()
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         with self._server.cond:
-            if not self._server.cond.wait_for(lambda: self.pid in self._server.codes, timeout):
+            if not self._server.cond.wait_for(self._known, timeout):
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
-            self.returncode = self._server.codes[self.pid]
+        assert self.returncode is not None
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -218,4 +268,3 @@ def popen(script: str, args: list[Any], *, stdout: Any, stderr: Any, env: dict[s
     """`python -c SCRIPT ARGS` (with ``env`` added to the environment), its output to the
     files named ``stdout`` and ``stderr`` (appended), forked from the server."""
     return Forked(script, [str(a) for a in args], dict(env or {}), str(stdout), str(stderr))
-

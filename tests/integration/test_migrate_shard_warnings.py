@@ -48,6 +48,9 @@ def test_a_shards_warnings_are_reported_with_its_ok(world):
     r = w.cli("migrate", "upgrade", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     assert [s["warnings"] for s in json.loads(r.stdout)["shards"]] == [[], []], r.stdout
+    # A downgrade without warnings: the plain summary.
+    r = w.cli("migrate", "downgrade", "u1")
+    assert r.stdout.splitlines()[-1] == "downgrade u1: all 2 shards ok", r.stdout
     r = w.cli("migrate", "downgrade", "base", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)

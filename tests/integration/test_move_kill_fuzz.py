@@ -335,7 +335,8 @@ class Proc:
         self.killed_in: str | None = None
 
     def wait_for_start(self) -> float:
-        """When the CLI began (its imports done); now if it ended before."""
+        """When the CLI began (its script running: forked with shardkit imported,
+        tests/prefork.py); now if it ended before."""
         while self.p.poll() is None and self.phase() == "interpreter start":
             time.sleep(0.005)
         if self.p.poll() is None:
@@ -414,7 +415,7 @@ class Stats:
 
 
 STATS = Stats()
-_estimate = {"apply": 3.0, "resume": 2.0, "abort": 0.3, "imports": 0.7}  # seconds a process lives; learnt as they finish
+_estimate = {"apply": 3.0, "resume": 2.0, "abort": 0.3, "imports": 0.05}  # seconds a process lives; learnt as they finish
 
 
 def _args(rnd: random.Random) -> list[str]:
@@ -496,7 +497,7 @@ def _drive(w: World, rnd: random.Random, plan_args: list[str]) -> int:
                 rnd.shuffle(procs)
                 STATS.races["resume and abort"] += 1
         # Kill one of them (or none) after a random delay over the expected life of its
-        # work (from the end of its imports: the first apply always, before that, rarely).
+        # work (from its script's start: the first apply always, before that, rarely).
         victim = None if final or (actions > 1 and rnd.random() < 0.15) else rnd.randrange(len(procs))
         if victim is not None:
             v = procs[victim]
