@@ -31,7 +31,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import inproc_cli
 import psycopg
+import prefork
 import pytest
 from movers import WriterThreads
 from test_move_kill_fuzz import _latest_move, _wait_for_lock_release
@@ -296,16 +296,17 @@ class Writers(WriterThreads):
 class Proc:
     numbers = iter(range(10**9))
 
-    def __init__(self, w: World, *args: str, rest: float = 0.0) -> None:
+    def __init__(self, w: World, *args: str, rest: float = 0.0, script: str = _PHASED) -> None:
+        """`shardkit rebalance ARGS` run by ``script``, a process of its own forked without
+        its imports (tests/prefork.py)."""
         n = next(Proc.numbers)
         self.args = args
         self.phase_file = w.tmp / f"phase{n}"
         self.out_path, self.err_path = w.tmp / f"out{n}", w.tmp / f"err{n}"
-        cmd = [sys.executable, "-c", _PHASED, str(self.phase_file), "rebalance", *args, "--config", str(w.cfg_path)]
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
-                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-                                           "KS_REST": str(rest)})
+        self.out_path.write_text("")
+        self.err_path.write_text("")
+        self.p = prefork.popen(script, [str(self.phase_file), "rebalance", *args, "--config", str(w.cfg_path)],
+                               stdout=self.out_path, stderr=self.err_path, env={"KS_REST": str(rest)})
 
     def phase(self) -> str:
         try:

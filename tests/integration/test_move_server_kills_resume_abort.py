@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import prefork
 import pytest
 import test_move_server_kills as ks
 from sqlalchemy import text as text_
@@ -51,23 +50,8 @@ assert _PHASED2 != ks._PHASED
 ABORT_PHASES = ["undo target", "tables", "record", "after undo target", "after record"]
 
 
-class _Forked(ks.Proc):
-    """That module's Proc, its process forked from one that has imported shardkit
-    (tests/prefork.py: without a process's ~0.7 s of imports); ``_PHASED2`` its script."""
-
-    def __init__(self, w: ks.World, *args: str, rest: float = 0.0) -> None:
-        n = next(ks.Proc.numbers)
-        self.args = args
-        self.phase_file = w.tmp / f"phase{n}"
-        self.out_path, self.err_path = w.tmp / f"out{n}", w.tmp / f"err{n}"
-        self.out_path.write_text("")
-        self.err_path.write_text("")
-        self.p = prefork.popen(_PHASED2, [str(self.phase_file), "rebalance", *args, "--config", str(w.cfg_path)],
-                               stdout=self.out_path, stderr=self.err_path, env={"KS_REST": str(rest)})
-
-
 def _proc(w: ks.World, *args: str, rest: float = 0.0) -> ks.Proc:
-    return _Forked(w, *args, rest=rest)
+    return ks.Proc(w, *args, rest=rest, script=_PHASED2)
 
 
 def _stopped_move(w: ks.World, rnd: random.Random, plan_path: Path, rest: float) -> int | None:
