@@ -402,9 +402,11 @@ class Router:
             return learned[index] if learned else None
         return coercer_for(type_)
 
-    def _coerced(self, tr: TableRoute, key: Any, table: Any) -> Any:
-        """``key`` in its columns' Python types (an ORM flush and a keyed read hash those)."""
-        coercers = self._key_coercers(tr, table)
+    def _coerced(self, tr: TableRoute, key: Any, table: Any, coercers: Any = None) -> Any:
+        """``key`` in its columns' Python types (an ORM flush and a keyed read hash those);
+        ``coercers``: other ones than its columns' (a comparison's: read_coercer)."""
+        if coercers is None:
+            coercers = self._key_coercers(tr, table)
         if not coercers or not any(coercers):
             return key
         part = 0
@@ -1017,14 +1019,16 @@ class Router:
                      f"insert of {len(rows)} row(s) into {tname} -> {', '.join(ordered)}",
                      True, (tname,), by_shard if params is not None else None, router=self)
 
-    def _shard_for_row(self, tr: TableRoute, row: Mapping[str, Any], table: Any = None) -> str:
+    def _shard_for_row(self, tr: TableRoute, row: Mapping[str, Any], table: Any = None,
+                       coercers: Any = None) -> str:
         """The owner of a row given as {column name: value}; ``table``: its Table, for the
-        key columns' types."""
+        key columns' types; ``coercers``: see :meth:`_coerced`."""
         assert tr.strategy is not None
         key = (row[tr.key_columns[0]] if len(tr.key_columns) == 1
                else tuple(row[c] for c in tr.key_columns))
         try:
-            return tr.strategy.shard_for_key(self._coerced(tr, key, table if table is not None else tr.table))
+            return tr.strategy.shard_for_key(
+                self._coerced(tr, key, table if table is not None else tr.table, coercers))
         except RoutingError as e:
             if e.table is None:
                 e.table = tr.table

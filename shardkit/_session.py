@@ -2777,18 +2777,9 @@ def _bulk_update_rows(session: Any, router: Router, mapper: Any, rows: list[Any]
                 del row[version_attr]  # the server sets it
         if tr.strategy is None:
             shards = session.cluster.shard_names
-        elif reads is not None:
-            values = [co(v) if co is not None else v
-                      for co, v in zip(reads, (core[c.key] for c in key_cols))]
-            try:
-                shards = [tr.strategy.shard_for_key(values[0] if len(values) == 1 else tuple(values))]
-            except RoutingError as e:
-                if e.table is None:
-                    e.table = tr.table
-                raise
         else:
             shards = [router._shard_for_row(tr, {**core, **{n: core[k] for n, k in renamed}} if renamed
-                                            else core, table)]
+                                            else core, table, reads)]
         for shard in shards:
             by_shard.setdefault(shard, []).append(core)
             given.setdefault(shard, []).append(row)
@@ -3049,10 +3040,8 @@ def _read_owner(session: ShardedSession, mapper: Any, ident: Any, key: Any) -> s
     reads = [read_coercer(co) for co in placing]
     if reads == placing or tr.strategy is None:
         return None
-    values = (key,) if len(keys) == 1 else tuple(key)
-    read = [co(v) if co is not None and v is not None else v for co, v in zip(reads, values)]
     try:
-        return tr.strategy.shard_for_key(read[0] if len(read) == 1 else tuple(read))
+        return tr.strategy.shard_for_key(router._coerced(tr, key, None, reads))
     except ShardkitError:
         return None
 
