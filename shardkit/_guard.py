@@ -498,7 +498,8 @@ def slice_function_name(table: str) -> str:
 
 #: Key column types (``pg_type`` names) of integers.
 INT_KEY_TYPES: Final = frozenset({"int2", "int4", "int8"})
-_NUMERIC_TYPES: Final = frozenset({"numeric", "float4", "float8"})
+_FLOAT_TYPES: Final = frozenset({"float4", "float8"})
+_NUMERIC_TYPES: Final = frozenset({"numeric"}) | _FLOAT_TYPES
 #: Key column types whose keys Python reads as no string (numbers, dates and times, bools,
 #: bytes): string bounds or values never equal nor order them as their text form does in SQL.
 _NOT_TEXT_TYPES: Final = INT_KEY_TYPES | _NUMERIC_TYPES | frozenset(
@@ -529,6 +530,14 @@ def _slice_function_sql(g: Guarded, type_name: str, param_type: str | None = Non
     slices; NULL for a NULL key, -1 for a key no slice holds (refused as not owned).
     ``param_type``: the key column's type as SQL (``format_type``: schema-qualified when
     the search_path does not find it, an enum of the table's schema), else ``type_name``."""
+    body, settings = _slice_function_body(g, type_name)
+    fn = f"shardkit.{_ident(slice_function_name(g.table))}"
+    return (f"CREATE OR REPLACE FUNCTION {fn}(k {param_type or type_name}) RETURNS integer LANGUAGE sql STABLE"
+            f"{settings} AS $slice${body}$slice$")
+
+
+def _slice_function_body(g: Guarded, type_name: str) -> tuple[str, str]:
+    """The SQL body of :func:`_slice_function_sql`'s function, and the settings it runs with."""
     value_kind = g.value_kind
     if not slice_comparable(value_kind, type_name):
         raise ConfigurationError(
@@ -537,9 +546,16 @@ def _slice_function_sql(g: Guarded, type_name: str, param_type: str | None = Non
             f"{value_kind}s",
             "make the config's bounds or values the same type as the column")
     grp = _literal(g.group)
+    settings = ""
     if value_kind == "int":
         cast = "bigint" if type_name in INT_KEY_TYPES else "numeric"
         k, lo, hi, val = f"k::{cast}", f"s.lower::{cast}", f"s.upper::{cast}", f"s.val::{cast}"
+        if type_name in _FLOAT_TYPES:
+            # A float by the shortest decimal that reads back as it (its text form since
+            # PostgreSQL 12, whatever the writer's session sets), as shardkit places it
+            # (repr()); a cast to numeric keeps only 15 (float4: 6) significant digits, and
+            # read 2.9999999999999996 as 3.
+            k, settings = "k::text::numeric", " SET extra_float_digits = 1"
     else:  # the text form in code point order, as Python compares strings
         k, lo, hi, val = 'k::text COLLATE "C"', 's.lower COLLATE "C"', 's.upper COLLATE "C"', 's.val COLLATE "C"'
     if g.kind == "range":
@@ -554,9 +570,7 @@ def _slice_function_sql(g: Guarded, type_name: str, param_type: str | None = Non
                 f"AND s.val IS NOT NULL THEN {val} = {k} ELSE false END LIMIT 1), "
                 f"(SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND s.is_default LIMIT 1), "
                 "-1) END")
-    fn = f"shardkit.{_ident(slice_function_name(g.table))}"
-    return (f"CREATE OR REPLACE FUNCTION {fn}(k {param_type or type_name}) RETURNS integer LANGUAGE sql STABLE "
-            f"AS $slice${body}$slice$")
+    return body, settings
 
 
 def write_slices(conn: Connection, slices: Iterable[Any], groups: Iterable[str] | None = None) -> None:
@@ -655,8 +669,9 @@ def stale_guards(conn: Connection, guarded: Iterable[Guarded], bucket_count: int
     :func:`trigger_body` makes for them now (installed by an older shardkit, before the
     table was renamed or its primary key or shard key changed), or that lack the guard's
     TRUNCATE trigger (installed by an older shardkit), on themselves or on a partition
-    (created or attached since the guard was installed).  Tables without the guard's
-    trigger, or without the configured key column, are not listed."""
+    (created or attached since the guard was installed), or whose range or list group's
+    slice function is not the one :func:`_slice_function_sql` makes now.  Tables without
+    the guard's trigger, or without the configured key column, are not listed."""
     guarded = list(guarded)
     installed = {r[0]: (r[1], r[2]) for r in conn.execute(text(
         # The TRUNCATE trigger on the table and each of its partitions (a statement
@@ -683,6 +698,17 @@ def stale_guards(conn: Connection, guarded: Iterable[Guarded], bucket_count: int
             continue
         if source != want:
             stale.append(g.table)
+            continue
+        if g.kind != "hash":
+            # Its slice function too (an older shardkit read a float key at 15 digits).
+            try:
+                want = _slice_function_body(g, types[g.key])[0]
+            except ConfigurationError:  # a key the guard cannot cover: not ours to judge here
+                continue
+            fn = f"shardkit.{_ident(slice_function_name(g.table))}"
+            if conn.execute(text("SELECT prosrc FROM pg_proc WHERE oid = to_regproc(:f)"),
+                            {"f": fn}).scalar() not in (want, None):
+                stale.append(g.table)
     return sorted(stale)
 
 
