@@ -29,6 +29,27 @@ _ESTIMATE = ("CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(pc.reltuples) 
 # password before it) and its query string's (``?password=``, ``&sslpassword=``).
 _FILE_SECRETS = re.compile(r"(?P<user>://[^\s:/@\"'?#]*:)(?:(?!://)[^\s@])*(?=@)"
                            r"|(?P<key>[?&](?:ssl)?password=)[^\s&]*", re.IGNORECASE)
+# Inside a TOML string (where every URL of a config is), a password ends where the string
+# does, blanks included ("app:my secret@", "?password=my secret"): masked up to the '@' or
+# '&' there, never past the string (the next URL of an inline array, a comment).
+_TOML_STRING = re.compile(r'"""(?:\\.|[^\\])*?"""|\'\'\'.*?\'\'\'|"(?:\\.|[^"\\\r\n])*"|\'[^\'\r\n]*\'', re.S)
+_STRING_SECRETS = re.compile(r"(?P<user>://[^\s:/@\"'?#]*:)[^@]*(?=@)"
+                             r"|(?P<key>[?&](?:ssl)?password=)[^&]*", re.IGNORECASE)
+
+
+def _mask_secrets(text_: str) -> str:
+    """``text_`` (a config file) with its passwords as ``***``: in each string by
+    _STRING_SECRETS, elsewhere (a URL in a comment) by _FILE_SECRETS."""
+    def mask(pattern: re.Pattern[str], part: str) -> str:
+        return pattern.sub(lambda m: (m.group("user") or m.group("key")) + "***", part)
+
+    out, at = [], 0
+    for m in _TOML_STRING.finditer(text_):
+        quote = 3 if m.group().startswith(('"""', "'''")) else 1
+        out += [mask(_FILE_SECRETS, text_[at:m.start()]), m.group()[:quote],
+                mask(_STRING_SECRETS, m.group()[quote:-quote]), m.group()[-quote:]]
+        at = m.end()
+    return "".join(out) + mask(_FILE_SECRETS, text_[at:])
 
 
 def config_version(source: str | os.PathLike[str]) -> str:
@@ -41,8 +62,7 @@ def config_version(source: str | os.PathLike[str]) -> str:
         text_ = data.decode("utf-8")
     except UnicodeDecodeError:  # (not a config load_config reads)
         return hashlib.sha256(data).hexdigest()[:12]
-    masked = _FILE_SECRETS.sub(lambda m: (m.group("user") or m.group("key")) + "***", text_)
-    return hashlib.sha256(masked.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha256(_mask_secrets(text_).encode("utf-8")).hexdigest()[:12]
 
 
 def collect(cluster: Cluster, config_source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
