@@ -178,13 +178,17 @@ def cmd_route(args: argparse.Namespace) -> int:
     """Print the shard (and bucket) that owns a key."""
     cluster = _open_cluster(args)
     try:
+        try:
+            tr = cluster.router.table_route(args.table)
+        except ShardkitError:
+            tr = None   # shard_for() below says what is wrong with the table
+        if tr is not None and tr.key_columns and len(tr.key_columns) != len(args.key):
+            columns = ", ".join(tr.key_columns)
+            raise UsageError(f"{args.table}'s shard key is {columns}: give {len(tr.key_columns)} "
+                             f"KEY value(s), one per column, in that order (got {len(args.key)})")
         if args.type == "auto":
             # A range or list group's keys are of its bounds' or values' type: read each
             # KEY so, not by its look (the command line gives every key as a string).
-            try:
-                tr = cluster.router.table_route(args.table)
-            except ShardkitError:
-                tr = None   # shard_for() below says what is wrong with the table
             kinds = _group_key_types(tr.strategy if tr else None, len(args.key))
             parts = [_parse_group_key(k, kind, tr.group if tr else None)
                      for k, kind in zip(args.key, kinds)]

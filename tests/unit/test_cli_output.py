@@ -244,6 +244,18 @@ def test_route_json_gives_a_composite_key_as_a_list(tmp_path, capsys):
     assert rc == 0 and json.loads(out)["key"] == "42"
 
 
+@pytest.mark.parametrize("keys", [["eu"], ["eu", "7", "9"]])
+def test_route_names_a_composite_keys_columns_when_given_another_number_of_values(tmp_path, capsys, keys):
+    """A composite key given one KEY (or three) said "pass a tuple of 2 values", the
+    Python API's wording: the command says which columns, in which order, it needs."""
+    cfg = write_config(tmp_path, shards=2)
+    cfg.write_text(cfg.read_text() + '[groups.geo]\nstrategy = "hash"\ntables = { sites = ["region", "id"] }\n')
+    rc, out, err = run(["route", "sites", *keys, "--config", str(cfg)], capsys)
+    assert rc == 2 and out == "", (out, err)
+    assert f"sites's shard key is region, id: give 2 KEY value(s), one per column, in that order (got {len(keys)})" \
+        in err, err
+
+
 def test_status_says_why_an_up_node_is_unusable():
     """A read-only primary and a replica that does not follow its primary are up, yet
     unusable: the table says why under their rows."""
