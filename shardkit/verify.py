@@ -134,7 +134,7 @@ def _describe(owner: str, n: int) -> str:
         return f"{n} for whose key the group's custom function raised {owner[len(_RAISED):-1]}"
     if owner.startswith(_REFUSED):
         return f"{n} whose key the group's {owner[len(_REFUSED):-1]}"
-    return f"{n} belong on {owner}"
+    return f"{n} {'belongs' if n == 1 else 'belong'} on {owner}"
 
 
 def verify(cluster: Cluster, *, batch: int = 10_000, sample: int = 100_000,

@@ -679,7 +679,7 @@ def test_a_misplaced_row_whose_owner_lacks_the_table_is_reported(world):
         lines = verify(world.cluster).render().splitlines()
         assert "missing: vf8_accounts on s0" in lines, lines
         line = next(ln for ln in lines if ln.startswith("s1") and " vf8_accounts " in ln)
-        assert "1 misplaced (1 belong on s0), not looked for on their owner" in line, line
+        assert "1 misplaced (1 belongs on s0), not looked for on their owner" in line, line
     finally:
         p.revert()
     check_verify(world, world.snapshot(), [], python_hash=False, label="undone")
