@@ -184,8 +184,10 @@ def cmd_route(args: argparse.Namespace) -> int:
             tr = None   # shard_for() below says what is wrong with the table
         if tr is not None and tr.key_columns and len(tr.key_columns) != len(args.key):
             columns = ", ".join(tr.key_columns)
-            raise UsageError(f"{args.table}'s shard key is {columns}: give {len(tr.key_columns)} "
-                             f"KEY value(s), one per column, in that order (got {len(args.key)})")
+            raise UsageError(
+                f"{args.table} has a composite shard key ({columns}): give {len(tr.key_columns)} KEY "
+                f"values, one per column, in that order (got {len(args.key)})" if len(tr.key_columns) > 1
+                else f"{args.table}'s shard key is one column ({columns}): give one KEY (got {len(args.key)})")
         if args.type == "auto":
             # A range or list group's keys are of its bounds' or values' type: read each
             # KEY so, not by its look (the command line gives every key as a string).

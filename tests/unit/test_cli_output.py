@@ -252,8 +252,10 @@ def test_route_names_a_composite_keys_columns_when_given_another_number_of_value
     cfg.write_text(cfg.read_text() + '[groups.geo]\nstrategy = "hash"\ntables = { sites = ["region", "id"] }\n')
     rc, out, err = run(["route", "sites", *keys, "--config", str(cfg)], capsys)
     assert rc == 2 and out == "", (out, err)
-    assert f"sites's shard key is region, id: give 2 KEY value(s), one per column, in that order (got {len(keys)})" \
-        in err, err
+    assert f"sites has a composite shard key (region, id): give 2 KEY values, one per column, in that " \
+        f"order (got {len(keys)})" in err, err
+    rc, out, err = run(["route", "users", "4", "2", "--config", str(cfg)], capsys)
+    assert rc == 2 and "users's shard key is one column (id): give one KEY (got 2)" in err, err
 
 
 def test_status_says_why_an_up_node_is_unusable():
