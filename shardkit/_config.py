@@ -544,8 +544,11 @@ def _parse_url(raw: Any, path: str) -> URL:
     if "password" in url.query:
         # libpq's ?password= is the URL's password (the driver gets the same value): held
         # there, SQLAlchemy hides it wherever the URL or an engine on it is shown.
-        pw = url.query["password"]
-        url = url.set(password=pw[-1] if isinstance(pw, tuple) else pw).difference_update_query(["password"])
+        if url.password is not None:
+            raise ConfigurationError(
+                path, f"{mask_url(url)} gives a password twice: before the host (user:password@) "
+                "and as ?password=", "give it once")
+        url = url.set(password=url.query["password"]).difference_update_query(["password"])
     _, secrets = split_secret_query(url)
     if url.password == "***" or "***" in secrets.values():
         # What str(url) of SQLAlchemy 2 (and shardkit's own output) shows for a password:
@@ -588,6 +591,13 @@ def _check_query(url: URL, path: str) -> None:
         return
     known = _libpq_keywords()
     for key, value in url.query.items():
+        if isinstance(value, tuple) and key != "host" and key in known:
+            # (?host=h1:p1&host=h2:p2 is SQLAlchemy's form for several hosts.)  The driver
+            # would get the values as one tuple, which libpq refuses (the node would look
+            # down), or, for a password, take one of them silently.
+            raise ConfigurationError(
+                path, f"{key} is given {len(value)} times in the URL's query string",
+                f"give {key} once" + ("; several hosts' ports as ?host=h1,h2&port=p1,p2" if key == "port" else ""))
         if key == "prepare_threshold":
             raise ConfigurationError(
                 path, "prepare_threshold cannot be set in the URL (psycopg receives it as a "

@@ -133,13 +133,38 @@ def test_bad_url(url, needle):
     ("?prepare_threshold=0", "prepare_threshold cannot be set in the URL"),
     ("?sslmdoe=require", "'sslmdoe' in the URL's query string is not a libpq connection parameter"),
     ("?connect_timeout=soon", "connect_timeout in the URL's query string is not a whole number"),
-    ("?sslmode=require&connect_timeout=5&connect_timeout=x", "not a whole number"),
+    ("?sslmode=require&connect_timeout=5&connect_timeout=x", "connect_timeout is given 2 times"),
+    ("?connect_timeout=x&sslmode=require", "not a whole number"),
+    # A parameter given twice reached the driver as a tuple, which libpq refuses.
+    ("?sslmode=require&sslmode=disable", "sslmode is given 2 times in the URL's query string (give sslmode once)"),
+    ("?host=h1&host=h2&port=1&port=2", "port is given 2 times"),
 ])
 def test_url_query_that_every_connection_would_fail_on(query, needle):
     cfg = base()
     cfg["shards"][0]["replicas"] = [URL.format("0r") + query]
     e = err(cfg)
     assert e.field == "shards[0].replicas[0]" and needle in str(e)
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("postgresql+psycopg://app@h/db?password=first&password=second",
+     "password is given 2 times in the URL's query string (give password once)"),
+    ("postgresql+psycopg://app:first@h/db?password=second",
+     "gives a password twice: before the host (user:password@) and as ?password= (give it once)"),
+])
+def test_a_password_given_twice_is_refused_not_one_of_them_taken(url, needle):
+    """Two passwords in one URL: one of them was taken silently (the query string's last)."""
+    cfg = base()
+    cfg["shards"][1]["primary"] = url
+    e = err(cfg)
+    assert e.field == "shards[1].primary" and needle in str(e)
+    assert "first" not in str(e) and "second" not in str(e)
+
+
+def test_several_hosts_in_the_query_string_are_still_accepted():
+    cfg = base()
+    cfg["shards"][1]["primary"] = "postgresql+psycopg://app@/db?host=h1:5432&host=h2:5433"
+    assert load_config(cfg).shards[1].primary.query["host"] == ("h1:5432", "h2:5433")
 
 
 def test_url_query_never_echoes_values():
