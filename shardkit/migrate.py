@@ -822,7 +822,7 @@ def run_command(
                                        "not run: the canary shard failed") for s in rest]
                 states = ", ".join(f"{x.shard} at {x.revision_after or 'base'}" for x in results + skipped)
                 raise MigrationError(
-                    f"{command} failed on canary shard {canary}: {r.error}; the other shards "
+                    f"{command} failed on canary shard {canary}: {(r.error or '').removeprefix('FAILED: ')}; the other shards "
                     f"({', '.join(rest) or 'none'}) were not touched. Shards now: {states}",
                     results + skipped,
                 )
@@ -831,9 +831,12 @@ def run_command(
         failed = [r for r in results if not r.ok]
         if failed:
             states = ", ".join(f"{r.shard} at {r.revision_after or 'base'}" for r in results)
+            # (One shard's error is not named by it again; Alembic's "FAILED: " is left out,
+            # as in the progress lines.)
+            errors = [(r.shard, (r.error or "").removeprefix("FAILED: ")) for r in failed]
             raise MigrationError(
                 f"{command} {revision} failed on {', '.join(r.shard for r in failed)}: "
-                + "; ".join(f"{r.shard}: {r.error}" for r in failed)
+                + (errors[0][1] if len(errors) == 1 else "; ".join(f"{sh}: {e}" for sh, e in errors))
                 + f". Shards now: {states}",
                 results,
             )

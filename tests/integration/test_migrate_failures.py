@@ -228,6 +228,10 @@ def test_failed_shard_stays_at_the_last_revision_that_completed(world):
     three_revs(w)
     r = w.cli("migrate", "upgrade")
     assert r.returncode == 1 and "failed on s1" in r.stderr
+    # The one failed shard is named once, and Alembic's "FAILED: " is not repeated.
+    summary = [ln for ln in r.stderr.splitlines() if "failed on s1" in ln]
+    assert len(summary) == 1 and "failed on s1: s1:" not in summary[0], r.stderr
+    assert "FAILED: " not in summary[0], r.stderr
     assert json.loads(w.cli("migrate", "current", "--json").stdout)["s1"] == "a2"
     assert "s1 at a2" in r.stderr, r.stderr
 
