@@ -822,6 +822,7 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
                 'e.g. values = { s0 = ["eu", "uk"], s1 = ["us", "ca"] }',
             )
         mapping: dict[Any, str] = {}
+        kinds: dict[int, tuple[str, Any]] = {}  # key part -> (kind, first value of it)
         for shard, vals in values_raw.items():
             vp = f"{path}.values.{shard}"
             check_shard(shard, vp)
@@ -829,6 +830,17 @@ def _parse_group(name: str, raw: Any, shard_names: list[str],
                 raise ConfigurationError(vp, "must be a list of key values")
             for v in vals:
                 v = _list_value(v, vp, arity)
+                for part, x in enumerate(v if arity > 1 else (v,)):
+                    kind = _bound_kind(x)
+                    if kind is None:
+                        continue
+                    seen = kinds.setdefault(part, (kind, x))
+                    if seen[0] != kind:
+                        # A column holds one type: the values of the other could never be a key.
+                        raise ConfigurationError(
+                            vp, f"value {x!r} is a {kind} but {seen[1]!r} is a {seen[0]}",
+                            "give every value the key column's type (TOML: dates and date-times, "
+                            "local and with an offset, are different types)")
                 if v in mapping:
                     raise ConfigurationError(
                         vp, f"value {v!r} is already mapped to shard {mapping[v]!r}",

@@ -188,6 +188,29 @@ def test_unknown_shard_in_list_group():
     assert e.field == "groups.geo.values.s9" and "unknown shard" in str(e)
 
 
+@pytest.mark.parametrize("values,needle", [
+    ({"s0": [1], "s1": ["a"]}, "value 'a' is a string but 1 is a number"),
+    ({"s0": ["2024-01-02"], "s1": [datetime.date(2024, 1, 3)]}, "is a date but '2024-01-02' is a string"),
+    ({"s0": [datetime.date(2024, 1, 2), datetime.datetime(2024, 1, 3)]}, "is a local date-time but"),
+])
+def test_list_values_of_different_types_are_refused(values, needle):
+    """A column holds one type: the values of another could never be a key (they were
+    accepted, and such a group left unguarded and unmovable)."""
+    cfg = base()
+    cfg["groups"]["geo"] = {"strategy": "list", "tables": {"customers": "region"}, "values": values}
+    e = err(cfg)
+    assert e.field.startswith("groups.geo.values.") and needle in str(e), e
+    assert "give every value the key column's type" in str(e)
+
+
+def test_list_values_of_one_type_per_part_are_accepted():
+    cfg = base()
+    cfg["groups"]["geo"] = {"strategy": "list", "tables": {"customers": ["region", "n"]},
+                            "values": {"s0": [["eu", 1], ["us", 2.5]], "s1": [["ca", 3]]}}
+    geo = next(g for g in load_config(cfg).groups if g.name == "geo")
+    assert len(geo.strategy.mapping) == 3
+
+
 def test_list_value_on_two_shards():
     cfg = base()
     cfg["groups"]["geo"] = {"strategy": "list", "tables": {"customers": "region"},

@@ -52,7 +52,7 @@ def test_initial_slices_number_ranges_values_and_default_above_the_buckets():
 
 def test_groups_that_cannot_move_say_why():
     cfg = _config({
-        "mixed": {"strategy": "list", "tables": {"t": "k"}, "values": {"s0": [1, "a"]}},
+        "mixed": {"strategy": "list", "tables": {"t": "k"}, "values": {"s0": [1, 2.5]}},
         "pair": {"strategy": "range", "tables": {"p": ["a", "b"]}, "ranges": [{"shard": "s0"}]},
         "floats": {"strategy": "range", "tables": {"f": "x"}, "ranges": [{"to": 1.5, "shard": "s0"}]},
     })
