@@ -528,8 +528,7 @@ def _make_and_lock(base: Path) -> tuple[bool, int]:
     """
     if base.exists() and not base.is_dir():
         raise DevClusterError(
-            f"{base} is not an empty directory and holds no dev cluster; "
-            "choose a new or empty directory"
+            f"{base} exists and is not a directory; choose a new or empty directory"
         )
     try:
         base.parent.mkdir(parents=True, exist_ok=True)

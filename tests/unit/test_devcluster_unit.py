@@ -125,3 +125,15 @@ def test_newest_postgresql_version_first():
 ])
 def test_replay_target_skips_an_empty_page_header(insert, expected):
     assert _replay_target(insert, 8192, 16 << 20) == expected
+
+
+def test_up_with_a_dir_that_is_a_file_says_so(tmp_path):
+    """`dev up --dir FILE` said the file "is not an empty directory and holds no dev
+    cluster"; it says what it is, before anything starts."""
+    from shardkit.devcluster import DevCluster
+
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    with pytest.raises(DevClusterError, match="notes.txt exists and is not a directory; choose a new or empty"):
+        DevCluster.up(path, 1, 0)
+    assert path.read_text() == "keep me"
