@@ -11,6 +11,7 @@ import psycopg
 
 import shardkit
 from shardkit import rebalance
+from shardkit.devcluster import to_toml
 
 
 @dataclass
@@ -70,3 +71,20 @@ def key_in_bucket(bucket: int, buckets: int, start: int = 1) -> int:
     while shardkit.bucket_for(k, buckets) != bucket:
         k += 1
     return k
+
+
+def databases_with_catalog(dev: Any, db: str, schema: str, groups_toml: str, path: Path) -> Path:
+    """A database ``db`` made on every shard's primary with ``schema``, a catalog database
+    ``<db>_catalog``, and at ``path`` the config of the three with ``groups_toml`` (TOML, so
+    that it may hold dates) appended."""
+    for shard in dev.shards:
+        with shard.primary.connect(dbname="postgres", autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {db}")
+        with shard.primary.connect(dbname=db, autocommit=True) as c:
+            c.execute(schema)
+    cfg = dev.config_dict()
+    for s in cfg["shards"]:
+        s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
+    cfg["catalog"] = {"url": dev.create_catalog(f"{db}_catalog")}
+    path.write_text(to_toml(cfg) + "\n" + groups_toml, encoding="utf-8")
+    return path

@@ -13,8 +13,6 @@ on every shard plus a catalog, guarded by ``rebalance init``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import psycopg
 import pytest
 from sqlalchemy import REAL, BigInteger, Column, MetaData, Table, insert, select, text
@@ -24,8 +22,9 @@ from sqlalchemy.orm import sessionmaker
 import shardkit
 from shardkit import rebalance
 from shardkit._guard import NOT_OWNED_SQLSTATE, guarded_tables, stale_guards
-from shardkit.devcluster import to_toml
 from shardkit.verify import verify
+
+from rebalance_world import databases_with_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -95,17 +94,7 @@ REAL_KEYS = [
 def world(shardkit_module_cluster_factory, tmp_path_factory):
     dev = shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=16)
     db = "fkguard"
-    for shard in dev.shards:
-        with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {db}")
-        with shard.primary.connect(dbname=db, autocommit=True) as c:
-            c.execute(SCHEMA)
-    cfg = dev.config_dict()
-    for s in cfg["shards"]:
-        s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
-    cfg["catalog"] = {"url": dev.create_catalog(f"{db}_catalog")}
-    path: Path = tmp_path_factory.mktemp("fkguard") / "shardkit.toml"
-    path.write_text(to_toml(cfg) + "\n" + GROUPS, encoding="utf-8")
+    path = databases_with_catalog(dev, db, SCHEMA, GROUPS, tmp_path_factory.mktemp("fkguard") / "shardkit.toml")
     cluster = shardkit.Cluster.from_config(path, metadata=md, follow_map=False)
     rebalance.init(cluster)
     yield dev, db, cluster

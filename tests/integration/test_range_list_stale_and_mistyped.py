@@ -23,8 +23,9 @@ from sqlalchemy.orm import sessionmaker
 import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_split_range
-from shardkit.devcluster import to_toml
 from shardkit.verify import verify
+
+from rebalance_world import databases_with_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -91,17 +92,7 @@ class World:
 @pytest.fixture
 def world(dev, tmp_path):
     db = f"rl8w{next(_numbers)}"
-    for shard in dev.shards:
-        with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {db}")
-        with shard.primary.connect(dbname=db, autocommit=True) as c:
-            c.execute(SCHEMA)
-    cfg = dev.config_dict()
-    for s in cfg["shards"]:
-        s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
-    cfg["catalog"] = {"url": dev.create_catalog(f"{db}_catalog")}
-    path = tmp_path / f"{db}.toml"
-    path.write_text(to_toml(cfg) + "\n" + GROUPS, encoding="utf-8")
+    path = databases_with_catalog(dev, db, SCHEMA, GROUPS, tmp_path / f"{db}.toml")
     w = World(dev, db, path)
     rebalance.init(w.cluster(follow_map=False))
     yield w

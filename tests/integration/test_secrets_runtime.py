@@ -19,15 +19,17 @@ import re
 from urllib.parse import quote
 
 from shardkit import cli
+from shardkit._status import config_version
 
 PASSWORDS = ("Pw-7c1d!x@y", "Ev-9q2k:z/w#", "Qs-4m8p;t+u")
 OTHERS = ("hunter2", "correct horse", "Zz-0&0=0")
 
 
-def _config(dev, passwords) -> str:
+def _config(dev, passwords, *, encode: bool = True) -> str:
     """The cluster's config with a password in every form a file can hold one: in a URL's
-    user info (percent-encoded), as a ``${VAR:-default}`` there, and as ``?password=``."""
-    userinfo, default, query = (quote(p, safe="") for p in passwords)
+    user info (percent-encoded, unless not ``encode``), as a ``${VAR:-default}`` there, and
+    as ``?password=``."""
+    userinfo, default, query = (quote(p, safe="") if encode else p for p in passwords)
     lines = [f"bucket_count = {dev.config_dict()['bucket_count']}"]
     for i, shard in enumerate(dev.config_dict()["shards"]):
         primary = shard["primary"].replace(
@@ -64,3 +66,34 @@ def test_status_config_fingerprint_confirms_no_password_guess(shardkit_dev_clust
     assert version == _status_version(other, capsys)
     real.write_text(real.read_text() + "# edited\n")
     assert _status_version(real, capsys) != version
+
+
+def test_fingerprint_leaves_out_passwords_with_blanks(shardkit_dev_cluster, tmp_path, capsys, monkeypatch):
+    """The fingerprint masked a password up to its first blank only: the rest ("horse" of
+    "correct horse") stayed in the hash, which then confirmed a guess of it offline. It is
+    the same for any password, and still changes with the rest of the file."""
+    monkeypatch.delenv("SK_SECRET_UNSET", raising=False)
+    dev = shardkit_dev_cluster
+    real, other = tmp_path / "real.toml", tmp_path / "other.toml"
+    real.write_text(_config(dev, ("correct horse",) * 3, encode=False))
+    other.write_text(_config(dev, ("correct staple",) * 3, encode=False))
+    version = _status_version(real, capsys)
+    assert version == _status_version(other, capsys)
+    real.write_text(real.read_text() + "# edited\n")
+    assert _status_version(real, capsys) != version
+
+
+def test_fingerprint_keeps_the_url_after_a_query_password(tmp_path):
+    """A ``?password=`` at the end of one URL of an inline array was masked up to the next
+    blank: with none between the array's items, the next URL (its host and port) was left out
+    of the fingerprint, so two files naming different replicas got the same one."""
+    template = ('[[shards]]\nname = "s0"\nprimary = "postgresql+psycopg://app@db0:5432/shop"\n'
+                'replicas = ["postgresql+psycopg://app@r0:5432/shop?password=pw",'
+                '"postgresql+psycopg://app@{host}:5432/shop"]\n')
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(template.format(host="r1"))
+    b.write_text(template.format(host="r9"))
+    assert config_version(a) != config_version(b)
+    # (The password itself stays out.)
+    b.write_text(template.format(host="r1").replace("password=pw", "password=guess"))
+    assert config_version(a) == config_version(b)
