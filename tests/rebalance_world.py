@@ -73,10 +73,10 @@ def key_in_bucket(bucket: int, buckets: int, start: int = 1) -> int:
     return k
 
 
-def databases_with_catalog(dev: Any, db: str, schema: str, groups_toml: str, path: Path) -> Path:
+def databases_with_catalog(dev: Any, db: str, schema: str, groups: str | dict[str, Any], path: Path) -> Path:
     """A database ``db`` made on every shard's primary with ``schema``, a catalog database
-    ``<db>_catalog``, and at ``path`` the config of the three with ``groups_toml`` (TOML, so
-    that it may hold dates) appended."""
+    ``<db>_catalog``, and at ``path`` the config of the three with ``groups``: the config's
+    ``groups`` table, or TOML appended to it (which may hold dates)."""
     for shard in dev.shards:
         with shard.primary.connect(dbname="postgres", autocommit=True) as c:
             c.execute(f"CREATE DATABASE {db}")
@@ -86,5 +86,8 @@ def databases_with_catalog(dev: Any, db: str, schema: str, groups_toml: str, pat
     for s in cfg["shards"]:
         s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
     cfg["catalog"] = {"url": dev.create_catalog(f"{db}_catalog")}
-    path.write_text(to_toml(cfg) + "\n" + groups_toml, encoding="utf-8")
+    if isinstance(groups, str):
+        path.write_text(to_toml(cfg) + "\n" + groups, encoding="utf-8")
+    else:
+        path.write_text(to_toml({**cfg, "groups": groups}), encoding="utf-8")
     return path

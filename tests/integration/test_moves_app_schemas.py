@@ -21,9 +21,10 @@ import pytest
 import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_drain, plan_move_value, plan_split_range
-from shardkit.devcluster import to_toml
 from shardkit.errors import RebalanceError
 from shardkit.verify import verify
+
+from rebalance_world import databases_with_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -74,17 +75,7 @@ def mkworld(dev, tmp_path):
 
     def make(schema: str, groups: dict[str, Any]) -> World:
         db = f"dec{os.getpid()}_{next(_numbers)}"
-        for shard in dev.shards:
-            with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-                c.execute(f"CREATE DATABASE {db}")
-            with shard.primary.connect(dbname=db, autocommit=True) as c:
-                c.execute(schema)
-        cfg = dev.config_dict()
-        for s in cfg["shards"]:
-            s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
-        cfg.update({"groups": groups, "catalog": {"url": dev.create_catalog(f"{db}_catalog")}})
-        path = tmp_path / f"{db}.toml"
-        path.write_text(to_toml(cfg), encoding="utf-8")
+        path = databases_with_catalog(dev, db, schema, groups, tmp_path / f"{db}.toml")
         cluster = shardkit.Cluster.from_config(path, follow_map=False)
         rebalance.init(cluster)
         w = World(dev, db, cluster)
