@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, NamedTuple
 
 from sqlalchemy import text
@@ -525,6 +525,23 @@ def unit_expression(g: Guarded, type_name: str, bucket_count: int, row: str = ""
     return f"shardkit.{_ident(slice_function_name(g.table))}({ref})"
 
 
+def slice_key_sql(value_kind: str, type_name: str, key: str) -> tuple[str, Callable[[str], str], bool]:
+    """How the guard compares the key ``key`` (SQL) of a range or list group whose bounds or
+    values are of ``value_kind`` ("int" or "str"), on a key column of type ``type_name``, with
+    a bound or value (held as text): (the key as compared, a function making a bound's SQL
+    expression as compared, whether it needs ``extra_float_digits`` >= 1 to read so)."""
+    if value_kind != "int":  # the text form in code point order, as Python compares strings
+        return f'{key}::text COLLATE "C"', lambda b: f'{b} COLLATE "C"', False
+    cast = "bigint" if type_name in INT_KEY_TYPES else "numeric"
+    if type_name in _FLOAT_TYPES:
+        # A float by the shortest decimal that reads back as it (its text form since
+        # PostgreSQL 12, with extra_float_digits >= 1 whatever the writer's session sets),
+        # as shardkit places it (repr()); a cast to numeric keeps only 15 (float4: 6)
+        # significant digits, and read 2.9999999999999996 as 3.
+        return f"{key}::text::numeric", lambda b: f"{b}::numeric", True
+    return f"{key}::{cast}", lambda b: f"{b}::{cast}", False
+
+
 def _slice_function_sql(g: Guarded, type_name: str, param_type: str | None = None) -> str:
     """``shardkit.slice__<table>(key)``: the key's slice number on this shard's copy of the
     slices; NULL for a NULL key, -1 for a key no slice holds (refused as not owned).
@@ -546,18 +563,9 @@ def _slice_function_body(g: Guarded, type_name: str) -> tuple[str, str]:
             f"{value_kind}s",
             "make the config's bounds or values the same type as the column")
     grp = _literal(g.group)
-    settings = ""
-    if value_kind == "int":
-        cast = "bigint" if type_name in INT_KEY_TYPES else "numeric"
-        k, lo, hi, val = f"k::{cast}", f"s.lower::{cast}", f"s.upper::{cast}", f"s.val::{cast}"
-        if type_name in _FLOAT_TYPES:
-            # A float by the shortest decimal that reads back as it (its text form since
-            # PostgreSQL 12, whatever the writer's session sets), as shardkit places it
-            # (repr()); a cast to numeric keeps only 15 (float4: 6) significant digits, and
-            # read 2.9999999999999996 as 3.
-            k, settings = "k::text::numeric", " SET extra_float_digits = 1"
-    else:  # the text form in code point order, as Python compares strings
-        k, lo, hi, val = 'k::text COLLATE "C"', 's.lower COLLATE "C"', 's.upper COLLATE "C"', 's.val COLLATE "C"'
+    k, bound, floats = slice_key_sql(value_kind, type_name, "k")
+    lo, hi, val = bound("s.lower"), bound("s.upper"), bound("s.val")
+    settings = " SET extra_float_digits = 1" if floats else ""
     if g.kind == "range":
         # CASE: the casts run only on this group's rows.
         found = (f"SELECT s.id FROM shardkit.slices s WHERE s.grp = {grp} AND CASE WHEN s.grp = {grp} "

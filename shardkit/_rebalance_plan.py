@@ -47,8 +47,8 @@ from decimal import Decimal
 from itertools import groupby
 from typing import Any
 
-from ._slices import (Slice, carve_value, group_slices, holds_no_key, reassign, slices_from_json, slices_to_json,
-                      split_range)
+from ._slices import (Slice, add_value, carve_value, fill_gap, gained_slices, gap_around, group_slices,
+                      holds_no_key, reassign, slices_from_json, slices_to_json, split_range)
 from .errors import ConfigurationError
 
 __all__ = [
@@ -679,6 +679,11 @@ class SlicePlan:
     none), ``moves`` the slices that change owner (``BucketMove.bucket`` is
     the slice number).  Build one with :func:`plan_split_range` or
     :func:`plan_move_value`.
+
+    ``split`` may also give a shard keys that no slice of ``old`` held (a list
+    value of a group without a default, a gap between ranges): :attr:`gained`.
+    No row can hold such a key (routers and the guard refuse it), so nothing
+    moves: applying the plan publishes the new slice.
     """
 
     reason: str
@@ -713,19 +718,29 @@ class SlicePlan:
     def splits(self) -> bool:
         return self.split != self.old
 
+    @property
+    def gained(self) -> tuple[Slice, ...]:
+        """The slices of ``split`` holding keys no slice of ``old`` held (see the class)."""
+        return tuple(gained_slices(self.old, self.split))
+
     def batches(self, max_buckets: int) -> list[tuple[BucketMove, ...]]:
         """One batch per ``(source, target)`` pair (a plan moves few slices)."""
         return [tuple(g) for _, g in groupby(self.moves, key=_pair)]
 
     def render(self) -> str:
         lines = [f"Rebalance plan: {self.reason}"]
+        gained = {s.id for s in self.gained}
         if self.splits:
             before = {s.id for s in self.old}
             for s in self.split:
-                if s.id not in before:
+                if s.id in gained:
+                    lines.append(f"New slice {s.id}: {s.describe()} on {s.shard} (keys no slice held: no row "
+                                 "can have them yet).")
+                elif s.id not in before:
                     lines.append(f"First split: {s.describe()} becomes slice {s.id} (on {s.shard}).")
         if not self.moves:
-            lines.append(f"Nothing to move: {_ALREADY}.")
+            lines.append("Nothing to move: the new slice is published, no row moves." if gained
+                         else f"Nothing to move: {_ALREADY}.")
         by_id = {s.id: s for s in self.split}
         rows = [[str(m.bucket), by_id[m.bucket].describe(), m.source, "-> " + m.target] for m in self.moves]
         if rows:
@@ -762,13 +777,20 @@ def _slice_number(v: Any) -> int:
 
 def _check_split(old: Sequence[Slice], split: Sequence[Slice]) -> None:
     """Refuse a split that would change where a key lives (only moves do that): each
-    range must be cut into pieces on its own shard, with no key gained or lost, and
-    each list value must stay on its shard (new values only out of the default)."""
+    range must be cut into pieces on its own shard, with no key lost, and each list
+    value must stay on its shard (new values only out of the default).  Keys no slice
+    held may be gained, on any shard: a range in a gap of the old ranges, a value of a
+    list group without a default (see :func:`shardkit._slices.gained_slices`)."""
     if not old:
         return
     problem = ("split", "changes where keys live, which only a move may do",
                "build plans with plan_split_range() or plan_move_value()")
     if old[0].kind == "range":
+        gained = gained_slices(old, split)
+        for g in gained:
+            if any(_overlap(g, o) for o in old) or any(_overlap(g, x) for x in split if x.id != g.id):
+                raise ConfigurationError(*problem)
+        split = [s for s in split if s not in gained]
         pieces = sorted(split, key=lambda s: (s.lower is not None, s.lower))
         for o in old:
             mine = [p for p in pieces if p.shard == o.shard and (o.lower is None or (
@@ -791,8 +813,15 @@ def _check_split(old: Sequence[Slice], split: Sequence[Slice]) -> None:
     new_values, new_default, new_default_id = placement(split)
     if (new_default, new_default_id) != (old_default, old_default_id) or any(
             new_values.get(v) != shard for v, shard in old_values.items()) or any(
-            shard != old_default for v, shard in new_values.items() if v not in old_values):
+            shard != old_default for v, shard in new_values.items() if v not in old_values
+            and old_default is not None):
         raise ConfigurationError(*problem)
+
+
+def _overlap(a: Slice, b: Slice) -> bool:
+    """Whether ranges ``a`` and ``b`` share a key."""
+    return (a.upper is None or b.lower is None or b.lower < a.upper) and (
+        b.upper is None or a.lower is None or a.lower < b.upper)
 
 
 def _group_slices(slices: Sequence[Slice], group: str) -> tuple[Slice, ...]:
@@ -805,10 +834,29 @@ def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, 
     the end of the range holding ``at`` (or with ``lower``, the lower side, keys ``< at``
     down to its start) to ``target``.  ``at`` may be an existing boundary: nothing splits.
     A side that holds no key (below ``''``, the lowest string) is refused; so is one the
-    key column cannot hold (see :func:`keyless_moves`), by ``rebalance.check_slice_plan``."""
+    key column cannot hold (see :func:`keyless_moves`), by ``rebalance.check_slice_plan``.
+
+    ``at`` in a gap (no range holds it: between two ranges, below the lowest or above the
+    highest bounded one): the gap becomes a new range on ``target`` (:attr:`SlicePlan.gained`),
+    from the end of the range below to the start of the range above (open where there is
+    none); nothing moves.  ``lower`` is refused there (unless a range ends at ``at``)."""
     target = _check_name(target, "target")
     mine = group_slices(slices, group, "range", at)  # (a key of the group's type: 1.0 or True is no int key)
     ends_there = [s for s in mine if s.upper == at]
+    gap = gap_around(slices, group, at)
+    if gap is not None and not (lower and ends_there):
+        lo = "-inf" if gap[0] is None else repr(gap[0])
+        hi = "+inf" if gap[1] is None else repr(gap[1])
+        if lower:
+            raise ConfigurationError(
+                "at", f"no range of group {group!r} holds {at!r} (it lies in the gap [{lo}, {hi}), keys no "
+                "range held), so there is no lower side to move",
+                f"leave out --lower to give that gap to {target}, or split inside a range with --lower: "
+                + ", ".join(s.describe() for s in mine))
+        after, _ = fill_gap(slices, group, at, target)
+        return SlicePlan(f"give keys [{lo}, {hi}) of group {group} (the gap holding {at!r}), which no range "
+                         f"held, to {target}",
+                         group, _group_slices(slices, group), _group_slices(after, group), ())
     if lower and ends_there and not any(s.contains(at) for s in mine):
         # ``at`` is where a range ends and no range goes on (the top of the last one, bounded,
         # or a gap above it): nothing splits, that range moves.
@@ -836,17 +884,26 @@ def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, 
 
 
 def keyless_moves(plan: SlicePlan, lowest: Any = None, highest: Any = None) -> list[Slice]:
-    """The slices ``plan`` moves that hold no key of a key column whose keys run from
-    ``lowest`` to ``highest`` (both included; None: no such end): a split at bigint's
-    minimum whose lower side moves, say, or a list value above an int4 column's maximum,
-    would move nothing."""
+    """The slices ``plan`` moves (or gives a shard: :attr:`SlicePlan.gained`) that hold no
+    key of a key column whose keys run from ``lowest`` to ``highest`` (both included; None:
+    no such end): a split at bigint's minimum whose lower side moves, say, or a list value
+    above an int4 column's maximum, would move nothing."""
     by_id = {s.id: s for s in plan.split}
-    return [by_id[m.bucket] for m in plan.moves if holds_no_key(by_id[m.bucket], lowest, highest)]
+    return [by_id[m.bucket] for m in plan.moves if holds_no_key(by_id[m.bucket], lowest, highest)] + [
+        s for s in plan.gained if holds_no_key(s, lowest, highest)]
 
 
 def plan_move_value(slices: Sequence[Slice], group: str, value: Any, target: str) -> SlicePlan:
-    """Move list value ``value`` of group ``group`` (alone) to ``target``."""
+    """Move list value ``value`` of group ``group`` (alone) to ``target``.
+
+    A value no slice lists, of a group without a default (no shard took it: routers and
+    the guard refuse it), gets a new slice on ``target`` (:attr:`SlicePlan.gained`); nothing
+    moves."""
     target = _check_name(target, "target")
+    if not any(s.default or value in s.values for s in group_slices(slices, group, "list", value)):
+        after, _ = add_value(slices, group, value, target)
+        return SlicePlan(f"add value {value!r} to group {group} on {target} (no shard had it)",
+                         group, _group_slices(slices, group), _group_slices(after, group), ())
     after, mine = carve_value(slices, group, value)
     moves = () if mine.shard == target else (BucketMove(mine.id, mine.shard, target),)
     return SlicePlan(f"move value {value!r} of group {group} to {target}" if moves

@@ -6159,6 +6159,12 @@ def run_transaction(session_factory: Any, fn: Any, *, retries: int = 1,
     back elsewhere: pass it to a later session (``consistency_token=``), through a
     cookie or a job's arguments.  An error it raises (``NotOwned`` too) propagates;
     the commit stands, and ``fn`` is not run again.
+
+    A key no range or list value of the map in use holds (:class:`~shardkit.NoShardForKey`),
+    in a cluster with a catalog: the map is reloaded once, without waiting, and ``fn`` runs
+    again (within ``retries``, on the same terms as above) if the catalog had a newer map,
+    which may give the key a shard (`shardkit rebalance apply --move-value` or `--split` of
+    a key no shard had); else the error propagates.
     """
     if _pyinspect.isgeneratorfunction(fn) or _pyinspect.iscoroutinefunction(fn) or _pyinspect.isasyncgenfunction(fn):
         raise TypeError(_not_runnable(fn))
@@ -6238,6 +6244,23 @@ def _run_transaction(session_factory: Any, fn: Any, retries: int, refresh_timeou
                 # this bucket: wait for one newer than the map that routed the write.
                 stale = max(seen or 0, e.map_version or 0)
                 refused = e
+            except NoShardForKey:
+                # A key no slice of the map in use holds: a newer map may give it a shard
+                # (`rebalance apply --move-value/--split` of a new key).  Once, if the
+                # catalog has a newer map already; no wait (a key no shard takes stays one).
+                session.rollback()
+                cluster = session.cluster
+                if attempt >= retries or cluster.catalog is None or getattr(session, "_sk_commits", 0) \
+                        or getattr(session, "_sk_autocommitted", False) or cell[0] != before:
+                    raise
+                try:
+                    version = cluster.refresh_map()
+                except (ConfigurationError, ShardUnavailable):
+                    version = None  # (the key's own error says more than the catalog's)
+                if version in (None, seen):
+                    raise
+                attempt += 1
+                continue
             else:
                 # Outside the try: the commit stands, nothing is run again.
                 if on_commit is not None:

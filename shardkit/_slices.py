@@ -25,11 +25,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from ._strategies import KeyRange, ListStrategy, RangeStrategy, Strategy
+from ._strategies import KeyRange, ListStrategy, RangeStrategy, Strategy, _cli_spec
 from .errors import ConfigurationError
 
-__all__ = ["SLICE_BASE", "Slice", "carve_value", "group_slices", "holds_no_key", "initial_slices",
-           "movable_kind", "slices_from_json", "slices_to_json", "split_range", "strategy_from_slices"]
+__all__ = ["SLICE_BASE", "Slice", "add_value", "carve_value", "fill_gap", "gained_slices", "gap_around",
+           "group_slices", "holds_no_key", "initial_slices", "movable_kind", "slices_from_json", "slices_to_json", "split_range", "strategy_from_slices"]
 
 #: The first slice number; bucket numbers stay below it.
 SLICE_BASE: Final = 1 << 30
@@ -145,7 +145,8 @@ def strategy_from_slices(slices: Sequence[Slice]) -> Strategy:
     if not slices:
         raise ValueError("no slices")
     if slices[0].kind == "range":
-        return RangeStrategy([KeyRange(s.lower, s.upper, s.shard, s.id) for s in slices])
+        return RangeStrategy([KeyRange(s.lower, s.upper, s.shard, s.id) for s in slices],
+                             catalog_group=slices[0].group)
     mapping: dict[Any, str] = {}
     ids: dict[Any, int] = {}
     default = default_id = None
@@ -155,7 +156,7 @@ def strategy_from_slices(slices: Sequence[Slice]) -> Strategy:
         for v in s.values:
             mapping[v] = s.shard
             ids[v] = s.id
-    return ListStrategy(mapping, default, ids=ids, default_id=default_id)
+    return ListStrategy(mapping, default, ids=ids, default_id=default_id, catalog_group=slices[0].group)
 
 
 def by_group(slices: Iterable[Slice]) -> dict[str, list[Slice]]:
@@ -208,7 +209,68 @@ def split_range(slices: Sequence[Slice], group: str, at: Any) -> tuple[tuple[Sli
             new = Slice(max(x.id for x in slices) + 1, group, s.shard, lower=at, upper=s.upper)
             return _inserted(slices, new, s, replace(s, upper=at)), new
     raise ConfigurationError("at", f"no range of group {group!r} holds {at!r}",
-                             "split inside one of its ranges: " + ", ".join(s.describe() for s in mine))
+                             "split inside one of its ranges: " + ", ".join(s.describe() for s in mine)
+                             + f"; or give the keys of the gap holding {at!r} to a shard: `shardkit rebalance "
+                             f"apply --split {_cli_spec(group, at)} --to SHARD`")
+
+
+def gap_around(slices: Sequence[Slice], group: str, key: Any) -> tuple[Any, Any] | None:
+    """``(lower, upper)`` of the gap of range group ``group`` holding ``key``: from the end of
+    the range below it (None: no range below) to the start of the range above it (None:
+    none above); None if a range holds ``key``."""
+    mine = group_slices(slices, group, "range", key)
+    if any(s.contains(key) for s in mine):
+        return None
+    lower = max((s.upper for s in mine if s.upper is not None and s.upper <= key), default=None)
+    upper = min((s.lower for s in mine if s.lower is not None and s.lower > key), default=None)
+    return lower, upper
+
+
+def fill_gap(slices: Sequence[Slice], group: str, key: Any, shard: str) -> tuple[tuple[Slice, ...], Slice]:
+    """The gap of range group ``group`` holding ``key`` (keys no range held: a router and the
+    ownership guard refuse them) as a new range on ``shard``.  Returns (all slices after, the
+    new slice)."""
+    gap = gap_around(slices, group, key)
+    if gap is None:
+        raise ConfigurationError("at", f"a range of group {group!r} holds {key!r}: there is no gap there")
+    mine = [s for s in slices if s.group == group]
+    new = Slice(max(x.id for x in slices) + 1, group, shard, lower=gap[0], upper=gap[1])
+    below = [s for s in mine if s.upper is not None and s.upper == gap[0]]
+    if below:
+        return _inserted(slices, new, below[0]), new
+    above = next(s for s in mine if s.lower is not None and s.lower == gap[1])
+    return _inserted(slices, new, above, before=True), new
+
+
+def add_value(slices: Sequence[Slice], group: str, value: Any, shard: str) -> tuple[tuple[Slice, ...], Slice]:
+    """A new slice listing ``value`` on ``shard``, for a list group without a default whose
+    slices do not list it (a key no shard took: a router and the guard refuse it).  Returns
+    (all slices after, the new slice)."""
+    mine = group_slices(slices, group, "list", value)
+    if any(value in s.values for s in mine) or any(s.default for s in mine):
+        raise ConfigurationError("value", f"{value!r} already has a shard in list group {group!r} "
+                                 "(a slice lists it, or the group's default holds it)")
+    new = Slice(max(x.id for x in slices) + 1, group, shard, values=(value,))
+    return _inserted(slices, new, mine[-1]), new
+
+
+def gained_slices(old: Sequence[Slice], split: Sequence[Slice]) -> list[Slice]:
+    """The slices of ``split`` (one group's slices after a plan's split) holding keys that no
+    slice of ``old`` held: a list value of a group without a default that no slice listed, a
+    range in a gap of the ranges (or below the lowest, above the highest)."""
+    if not old:
+        return []
+    ids = {s.id for s in old}
+    if old[0].kind == "list":
+        if any(s.default for s in old):
+            return []
+        listed = {v for s in old for v in s.values}
+        return [s for s in split if s.id not in ids and s.values and not set(s.values) & listed]
+
+    def inside(p: Slice, o: Slice) -> bool:
+        return (o.lower is None or (p.lower is not None and p.lower >= o.lower)) and (
+            o.upper is None or (p.upper is not None and p.upper <= o.upper))
+    return [p for p in split if p.id not in ids and not any(inside(p, o) for o in old)]
 
 
 def carve_value(slices: Sequence[Slice], group: str, value: Any) -> tuple[tuple[Slice, ...], Slice]:
@@ -229,7 +291,8 @@ def carve_value(slices: Sequence[Slice], group: str, value: Any) -> tuple[tuple[
     default = next((s for s in mine if s.default), None)
     if default is None:
         raise ConfigurationError("value", f"{value!r} is not a value of list group {group!r}, which has no default",
-                                 "add the value to the config's list, or give the group a default")
+                                 "give it to a shard: `shardkit rebalance apply --move-value "
+                                 f"{_cli_spec(group, value)} --to SHARD`")
     new = Slice(new_id, group, default.shard, values=(value,))
     return _inserted(slices, new, default, before=True), new
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import shlex
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -119,12 +120,15 @@ class KeyRange:
 class RangeStrategy(Strategy):
     """Sorted, non-overlapping half-open ranges ``[lower, upper)``; the ends may be open.
 
-    A key in a gap between ranges raises :class:`NoShardForKey`.
+    A key in a gap between ranges raises :class:`NoShardForKey`.  ``catalog_group``: the
+    group's name when a catalog's slices make the ranges (its error then names the command
+    that gives a gap to a shard; the config file's ranges are not read again).
     """
 
     kind = "range"
 
-    def __init__(self, ranges: Sequence[KeyRange]) -> None:
+    def __init__(self, ranges: Sequence[KeyRange], *, catalog_group: str | None = None) -> None:
+        self.catalog_group = catalog_group
         if not ranges:
             raise ValueError("a range strategy needs at least one range")
         # The caller (config) validates order and overlap with field names;
@@ -167,13 +171,17 @@ class RangeStrategy(Strategy):
             raise ShardKeyError(f"range key {key!r} cannot be compared: {e}", key=key) from None
         if not inside:
             _refuse_nan(key)
-            raise NoShardForKey(
-                f"no range holds key {key!r}; configured ranges: "
-                + ", ".join(str(x) for x in self.ranges)
-                + " (add a range that covers it)",
-                key=key,
-            )
+            raise NoShardForKey(self._gap_problem(key), key=key)
         return r.shard
+
+    def _gap_problem(self, key: Any) -> str:
+        if self.catalog_group is None:
+            return (f"no range holds key {key!r}; configured ranges: " + ", ".join(str(x) for x in self.ranges)
+                    + " (add a range that covers it)")
+        return (f"no range of group {self.catalog_group} holds key {key!r}; the catalog's ranges: "
+                + ", ".join(str(x) for x in self.ranges)
+                + " (the catalog routes the group, not the config file's ranges: give the gap holding it to a "
+                f"shard with `shardkit rebalance apply --split {_cli_spec(self.catalog_group, key)} --to SHARD`)")
 
     def unit_for_key(self, key: Any) -> int | None:
         if key is None:
@@ -248,7 +256,10 @@ class ListStrategy(Strategy):
     kind = "list"
 
     def __init__(self, mapping: Mapping[Hashable, str], default: str | None = None, *,
-                 ids: Mapping[Hashable, int] | None = None, default_id: int | None = None) -> None:
+                 ids: Mapping[Hashable, int] | None = None, default_id: int | None = None,
+                 catalog_group: str | None = None) -> None:
+        # The group's name when a catalog's slices make the mapping (see RangeStrategy).
+        self.catalog_group = catalog_group
         # A uuid is listed and looked up by its text form (see _lookup_form).
         self.mapping = {_lookup_form(v): s for v, s in mapping.items()}
         self.default = default
@@ -276,9 +287,18 @@ class ListStrategy(Strategy):
                     raise ShardKeyError(problem, key=key) from None
             if self.default is not None:
                 return self.default
+            known = sorted(map(repr, self.mapping))[:10]
+            if self.catalog_group is not None:
+                raise NoShardForKey(
+                    f"list value {key!r} of group {self.catalog_group} is not mapped to any shard and the "
+                    f"group has no default (known values: {known}); the catalog routes the group, not "
+                    "the config file's list: give the value to a shard with `shardkit rebalance apply "
+                    f"--move-value {_cli_spec(self.catalog_group, key)} --to SHARD`",
+                    key=key,
+                ) from None
             raise NoShardForKey(
                 f"list value {key!r} is not mapped to any shard and there is no default "
-                f"(known values: {sorted(map(repr, self.mapping))[:10]}); add it to the "
+                f"(known values: {known}); add it to the "
                 "list or set `default`",
                 key=key,
             ) from None
@@ -412,6 +432,11 @@ def _lookup_form(value: Any) -> Any:
         return tuple(str(p) if isinstance(p, uuid.UUID) else Decimal(repr(p)) if isinstance(p, float) else p
                      for p in value)
     return value
+
+
+def _cli_spec(group: str, key: Any) -> str:
+    """``GROUP:KEY`` as a shell word, as `rebalance --split` and `--move-value` take it."""
+    return shlex.quote(f"{group}:{_lookup_form(key)}")
 
 
 class CustomStrategy(Strategy):

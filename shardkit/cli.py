@@ -365,8 +365,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
     from . import _rebalance_plan as rp
-    from .rebalance import (_need_catalog, check_live_map, check_slice_plan, refuse_taken_slice_numbers,
-                            refuse_unknown_targets, shard_weights, slice_key)
+    from .rebalance import (_need_catalog, check_live_map, check_slice_plan, refuse_published_gained,
+                            refuse_taken_slice_numbers, refuse_unknown_targets, shard_weights, slice_key)
 
     catalog = _need_catalog(cluster)
     current = catalog.current_map()
@@ -395,6 +395,7 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
                                  f"(version {current.version}); make a new plan")
         try:
             refuse_taken_slice_numbers(plan, slices, current.version)
+            refuse_published_gained(plan, slices, current.version)
         except RebalanceError as e:
             raise RebalanceError(f"{args.plan}: {e}") from None
         refuse_unknown_targets(cluster, plan)
@@ -695,7 +696,8 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                                 max_pause=args.max_pause, progress=_progress)
         if verb == "apply":
             plan = _make_plan(args, cluster)
-            if not plan.moves:
+            gained = plan.gained if isinstance(plan, SlicePlan) else ()
+            if not plan.moves and not gained:
                 print("nothing to move: " + plan.reason)
                 _note_drain_leftovers(args, cluster)
                 return 0
@@ -705,6 +707,12 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
             _note_drain_leftovers(args, cluster)
             _note_running_moves(cluster, running)
             unit = "slice" if isinstance(plan, SlicePlan) else "bucket"
+            if gained:
+                print(f"move {move_id}: " + ", ".join(f"{s.describe()} to {s.shard}" for s in gained)
+                      + " (keys no slice held: nothing moves)", flush=True)
+                mover.run(move_id)
+                print(f"move {move_id}: done; " + ", ".join(f"{s.describe()} is on {s.shard}" for s in gained))
+                return 0
             print(f"move {move_id}: {counted(len(plan.moves), unit)} in "
                   f"{counted(len(plan.batches(args.batch_buckets)), 'batch', 'batches')}", flush=True)
             mover.run(move_id)
@@ -770,10 +778,11 @@ def build_parser() -> argparse.ArgumentParser:
         rp_.add_argument("--even", choices=["rows", "bytes"], help="even out shards by rows or bytes")
         rp_.add_argument("--split", metavar="GROUP:KEY",
                          help="split a range group's range at KEY and move the keys >= KEY (to the end of "
-                              "that range) to --to")
+                              "that range) to --to; a KEY no range holds: give its gap to --to")
         rp_.add_argument("--lower", action="store_true",
                          help="with --split: move the keys below KEY (to the start of that range) instead")
-        rp_.add_argument("--move-value", metavar="GROUP:VALUE", help="move one value of a list group to --to")
+        rp_.add_argument("--move-value", metavar="GROUP:VALUE", help="move one value of a list group to --to (a value no slice lists, of a group "
+                              "without a default: give it to --to)")
         rp_.add_argument("--to", metavar="SHARD", help="the target shard of --split or --move-value")
         rp_.add_argument("--plan", metavar="FILE", help="a plan written by `plan --out`")
         if verb == "plan":

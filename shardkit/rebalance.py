@@ -92,6 +92,7 @@ from ._guard import (
     guarded_tables,
     install_guard,
     slice_comparable,
+    slice_key_sql,
     slice_function_name,
     CONFIGURED_TABLES,
     configured_tables,
@@ -421,7 +422,8 @@ def _fits_live_map(cluster: Cluster, catalog: Catalog) -> None:
 def refuse_unknown_targets(cluster: Cluster, plan: Plan | SlicePlan) -> None:
     """Refuse a plan (an edited or an old one) that moves buckets to a shard the config
     does not define."""
-    unknown = sorted({m.target for m in plan.moves} - set(cluster.shard_names))
+    gained = {s.shard for s in plan.gained} if isinstance(plan, SlicePlan) else set()
+    unknown = sorted(({m.target for m in plan.moves} | gained) - set(cluster.shard_names))
     if unknown:
         raise RebalanceError(f"the plan moves buckets to {', '.join(unknown)}, which the config "
                              "does not define; add the shard to the config file first")
@@ -463,6 +465,18 @@ def refuse_taken_slice_numbers(plan: Plan | SlicePlan, live_slices: Sequence[Any
             f"the plan is stale: it numbers its new slice {taken[0]}, which is now slice "
             f"{taken[0]} of group {others[taken[0]].group} ({others[taken[0]].describe()}; live map "
             f"version {version}); make a new plan")
+
+
+def refuse_published_gained(plan: Plan | SlicePlan, live_slices: Sequence[Any], version: int) -> None:
+    """Refuse a plan that only gives a shard keys no slice held (:attr:`SlicePlan.gained`)
+    once the live map has its slices (a stored plan applied before): nothing is left to do."""
+    if not isinstance(plan, SlicePlan) or plan.moves or not plan.gained:
+        return
+    if tuple(s for s in live_slices if s.group == plan.group) == plan.split:
+        raise RebalanceError(
+            f"the plan's new slices of group {plan.group} ("
+            + ", ".join(f"{s.describe()} on {s.shard}" for s in plan.gained)
+            + f") are live already (map version {version}); nothing to do")
 
 
 def _key_types(cluster: Cluster, config: Any, group: str,
@@ -526,6 +540,7 @@ def _refuse_keyless_moves(plan: SlicePlan, types: list[tuple[Guarded, str]]) -> 
     column's maximum, or a list value above it.  Nothing would move, yet the plan would
     be reported done."""
     lowest, highest = key_span([kind for _, kind in types])
+    gained = {s.id for s in plan.gained}
     for s in keyless_moves(plan, lowest, highest):
         columns = ", ".join(f"{g.table}.{g.key} ({type_label(kind)})" for g, kind in types)
         span = "" if lowest is None else f", whose keys run from {lowest!r} to {highest!r}"
@@ -539,6 +554,12 @@ def _refuse_keyless_moves(plan: SlicePlan, types: list[tuple[Guarded, str]]) -> 
             nothing = f"nothing lies below {s.upper!r}"
             fix = (f"to move the keys below a key (--lower), split at a key above {s.upper!r}; to move "
                    f"the keys from {s.upper!r} up, leave out --lower")
+        if s.id in gained:
+            raise RebalanceError(
+                f"group {plan.group}: the plan ({plan.reason}) gives {s.shard} slice {s.id} ({s.describe()}), "
+                "which holds no key "
+                f"of {columns or 'its key column'}{span}: {nothing}, so no row could ever be written to it; "
+                f"{'give a shard a value the column can hold' if s.values else 'give a shard a key the column can hold'}")
         raise RebalanceError(
             f"group {plan.group}: the plan moves slice {s.id} ({s.describe()}), which holds no key of "
             f"{columns or 'its key column'}{span}: {nothing}, so the move would move no row; {fix}")
@@ -576,11 +597,13 @@ def check_slice_plan(cluster: Cluster, plan: Plan | SlicePlan) -> None:
     online); a new bound or value beyond bigint's range on an integer column (see
     _refuse_beyond_bigint); on a uuid column, a new bound or value not written as
     PostgreSQL prints a uuid."""
-    if not isinstance(plan, SlicePlan) or not plan.moves:
+    if not isinstance(plan, SlicePlan) or not (plan.moves or plan.gained):
         return  # (a plan that moves nothing writes nothing either: not even its split)
+    gained = plan.gained
+    # A plan giving a shard new keys reads every shard (refuse_rows_of_gained counts them there).
     types = _key_types(cluster, cluster.config, plan.group,
-                       sorted(({m.source for m in plan.moves} | {m.target for m in plan.moves})
-                              & set(cluster.shard_names)))
+                       None if gained else sorted(({m.source for m in plan.moves} | {m.target for m in plan.moves})
+                                                  & set(cluster.shard_names)))
     for g, kind in types:
         if g.value_kind and not slice_comparable(g.value_kind, kind):
             noun, how = ("strings", "by their text form") if g.value_kind == "str" else ("integers", "as numbers")
@@ -605,6 +628,64 @@ def check_slice_plan(cluster: Cluster, plan: Plan | SlicePlan) -> None:
                         + f", and {g.table}.{g.key} is {type_label(kind)}, whose keys the slices compare by that text "
                         "form" + ("" if canon is None else f": write {canon}"))
     _refuse_keyless_moves(plan, types)
+    if gained:
+        refuse_rows_of_gained(cluster, plan)
+
+
+def _keys_condition(g: Guarded, type_name: str, s: Any) -> tuple[str, dict[str, Any], str]:
+    """(SQL condition, its parameters, a setting to run it with) that a row of ``g`` (key column
+    of type ``type_name``) has a key of slice ``s``, compared as the guard's slice function
+    compares them (shardkit._guard._slice_function_body)."""
+    k, bound, floats = slice_key_sql(g.value_kind, type_name, '"' + g.key.replace('"', '""') + '"')
+    setting = "SET LOCAL extra_float_digits = 1" if floats else ""
+
+    def param(name: str) -> str:
+        return bound(f"CAST(:{name} AS text)")
+
+    if s.values:
+        return (f"{k} IN ({', '.join(param(f'v{i}') for i in range(len(s.values)))})",
+                {f"v{i}": str(v) for i, v in enumerate(s.values)}, setting)
+    conds, params = [], {}
+    if s.lower is not None:
+        conds.append(f"{k} >= {param('lo')}")
+        params["lo"] = str(s.lower)
+    if s.upper is not None:
+        conds.append(f"{k} < {param('hi')}")
+        params["hi"] = str(s.upper)
+    return (" AND ".join(conds) or f"{k} IS NOT NULL"), params, setting
+
+
+def refuse_rows_of_gained(cluster: Cluster, plan: SlicePlan) -> None:
+    """Refuse a plan giving a shard keys no slice held (:attr:`SlicePlan.gained`) while a
+    shard holds rows with such keys: routers and the guard refuse those keys, so such a row
+    was written around shardkit (with the guard off, or before `rebalance init`), maybe on
+    another shard than the plan gives the keys, where no read by key would find it."""
+    gained = plan.gained
+    tables = [g for g in guarded_tables(cluster.config) if g.group == plan.group]
+    found: list[str] = []
+    for shard in cluster.shard_names:
+        with cluster.primary(shard).begin() as conn:  # (read only: a SET LOCAL ends with it)
+            for g in tables:
+                if not conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table_sql(g.table)}).scalar():
+                    continue
+                kind = table_shape(conn, g.table)[2].get(g.key)
+                if kind is None or not slice_comparable(g.value_kind, kind):
+                    continue
+                for sl in gained:
+                    cond, params, setting = _keys_condition(g, kind, sl)
+                    if setting:
+                        conn.exec_driver_sql(setting)
+                    n = conn.execute(text(f"SELECT count(*) FROM {table_sql(g.table)} WHERE {cond}"),
+                                     params).scalar()
+                    if n:
+                        found.append(f"{counted(n, 'row')} of {sl.describe()} in {g.table} on {shard}")
+    if found:
+        raise RebalanceError(
+            f"group {plan.group}: the plan gives {', '.join(f'{s.describe()} to {s.shard}' for s in gained)}, keys "
+            f"no slice held, yet rows have them: {'; '.join(found)}; routers and the ownership guard refuse such "
+            "keys, so these rows were written around shardkit (or before `shardkit rebalance init`) and may not be "
+            "where the plan puts their keys; run `shardkit verify` to list them, move or delete them, then plan "
+            "again (nothing was published)")
 
 
 def _need_catalog(cluster: Cluster, *, initialised: bool = False) -> Catalog:
@@ -1074,13 +1155,15 @@ class Mover:
         unfinished move includes any of its buckets (or, for a slice plan,
         moves slices of the same group).
         """
-        if not plan.moves:
+        if not plan.moves and not (isinstance(plan, SlicePlan) and plan.gained):
             raise RebalanceError("the plan moves no buckets; nothing to do")
         with self.catalog.engine.connect() as conn:  # (again under the lock below)
             # First: the shards are asked next, and a target lost with leftovers cannot answer.
             if self.catalog.initialised(conn):
                 refuse_onto_leftovers(conn, plan)
         # Asked of the shards before the catalog is locked (other movers wait on that lock).
+        if isinstance(plan, SlicePlan) and plan.gained and (current := self.catalog.current_map()) is not None:
+            refuse_published_gained(plan, current.slices, current.version)  # (before counting their rows)
         check_slice_plan(self.cluster, plan)
         self._check_triggers(({m.source for m in plan.moves} | {m.target for m in plan.moves})
                              & set(self.cluster.shard_names),  # an unknown one is refused below
@@ -1114,6 +1197,7 @@ class Mover:
                 if mine not in (plan.old, plan.split):
                     raise RebalanceError(f"the plan is stale: group {plan.group}'s ranges or values changed "
                                          f"since it was made (live map version {version}); make a new plan")
+                refuse_published_gained(plan, live_slices, version)
                 self._check_guarded(plan)
                 other = conn.execute(text(
                     "SELECT min(id) FROM shardkit_catalog.moves WHERE state = 'running' "
@@ -1855,7 +1939,10 @@ class Mover:
             return
         t0 = time.monotonic()
         new = [s for s in plan.split if s.id not in {o.id for o in plan.old}]
+        gained = {s.id for s in plan.gained}
         owners = sorted({s.shard for s in new})
+        # Keys no slice held (gained) have no writers to wait for: the guard refused them.
+        splitting = {s.shard for s in new if s.id not in gained}
         for shard in owners + sorted(set(self.cluster.shard_names) - set(owners)):
             with self.cluster.primary(shard).begin() as c:
                 write_slices(c, plan.split, groups=[plan.group])
@@ -1863,7 +1950,7 @@ class Mover:
                 if mine:
                     c.execute(text("INSERT INTO shardkit.owned_buckets SELECT unnest(CAST(:b AS integer[])) "
                                    "ON CONFLICT DO NOTHING"), {"b": mine})
-            if shard in owners:
+            if shard in splitting:
                 with _connect(self.cluster.config.shard(shard).primary) as src:
                     self._wait_for_writers(src, move_id, [s.id for s in plan.old])
         with self.catalog.engine.begin() as conn:
@@ -1872,12 +1959,14 @@ class Mover:
             current = self.catalog.current_map(conn)
             assert current is not None
             others = tuple(s for s in current.slices if s.group != plan.group)
-            version = self.catalog.publish_map(conn, current.bucket_map, f"move {move_id}: split {plan.group}",
+            what = "new keys of" if gained else "split"
+            version = self.catalog.publish_map(conn, current.bucket_map, f"move {move_id}: {what} {plan.group}",
                                                slices=others + plan.split)
             Catalog.record(conn, move_id, None, "split", {"map_version": version,
                                                          "slices": [s.describe() for s in new]})
-        self.progress(f"move {move_id}: split {', '.join(s.describe() for s in new)} "
-                      f"(map version {version}, {time.monotonic() - t0:.2f}s)")
+        self.progress(f"move {move_id}: " + ", ".join(
+            f"new slice {s.describe()} on {s.shard}" if s.id in gained else f"split {s.describe()}" for s in new)
+            + f" (map version {version}, {time.monotonic() - t0:.2f}s)")
         if self.step_delay:
             time.sleep(self.step_delay)
 
@@ -2552,8 +2641,9 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
         if state == "aborted":
             # Aborted with --target-lost: remove what it left on the targets.
             return _remove_leftovers(cluster, catalog, move_id, left)
-        if all(b.step == "cleaned" for b in batches):
-            # Every batch finished (its mover stopped before it recorded the move done):
+        if all(b.step == "cleaned" for b in batches) and (batches or _split_published(catalog, move_id, group)):
+            # Every batch finished (a move without batches, one giving a shard new keys, once
+            # the catalog has published its slices) (its mover stopped before it recorded the move done):
             # nothing is left to undo and everything moved, so the move is done, as
             # `resume` would record it; "aborted" would say its buckets went back.
             finished = [b.batch for b in batches]
@@ -2655,6 +2745,18 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
         lock.release()
     return {"move": move_id, "undone_batches": undone, "finished_batches": kept, "leftovers": leftovers,
             "removed_leftovers": []}
+
+
+def _split_published(catalog: Catalog, move_id: int, group: str | None) -> bool:
+    """Whether the catalog's live map has every slice of slice move ``move_id``'s split."""
+    if group is None:
+        return True
+    with catalog.engine.connect() as conn:
+        raw = conn.execute(text("SELECT plan->'split' FROM shardkit_catalog.moves WHERE id = :m"),
+                           {"m": move_id}).scalar() or []
+        current = catalog.current_map(conn)
+    live = {s.id for s in (current.slices if current else ()) if s.group == group}
+    return {int(d["id"]) for d in raw} <= live
 
 
 def _slices_back(catalog: Catalog, move_id: int, b: Any) -> str:

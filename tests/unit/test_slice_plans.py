@@ -35,6 +35,7 @@ def _check(plan, *kinds: str, monkeypatch) -> None:
     types = [(Guarded(f"t{i}", "k", plan.group, "range", "int" if k[:3] in ("int", "num") else "str"), k)
              for i, k in enumerate(kinds)]
     monkeypatch.setattr(rebalance, "_key_types", lambda *a, **kw: types)
+    monkeypatch.setattr(rebalance, "refuse_rows_of_gained", lambda *a, **kw: None)  # (reads the shards)
     rebalance.check_slice_plan(SimpleNamespace(config=None, shard_names=list(SHARDS)), plan)
 
 
@@ -121,9 +122,10 @@ def test_splits_at_existing_boundaries_and_open_ends():
         plan_split_range(slices, "g", 0, "s2", lower=True)
     with pytest.raises(ConfigurationError, match="no range of group 'g' ends at 30"):
         plan_split_range(slices, "g", 30, "s2", lower=True)
-    for at in (-1, 20, 25):
-        with pytest.raises(ConfigurationError, match=f"no range of group 'g' holds {at}"):
-            plan_split_range(slices, "g", at, "s2")
+    # A key no range holds: its gap (open below the lowest range) becomes a range on the target.
+    for at, gap in ((-1, (None, 0)), (20, (20, 30)), (25, (20, 30))):
+        plan = plan_split_range(slices, "g", at, "s2")
+        assert not plan.moves and [(s.lower, s.upper, s.shard) for s in plan.gained] == [(*gap, "s2")]
 
 
 def test_a_key_of_another_type_is_refused_at_a_bound_too():
@@ -202,8 +204,11 @@ def _split_property(slices, bounds, at, lower, target, kinds, monkeypatch, int_k
     keys = _near([*bounds, at], int_keys) | ({I64_MIN, I64_MAX, 0} if int_keys else {"", "a"})
     for k in keys:
         before = _owner(slices, k)
-        assert _owner(plan.split, k) == before, k  # a split moves no key
-        assert _owner(plan.new, k) == (target if side is not None and side.contains(k) else before), k
+        # A split moves no key (a key no range held may gain the target: at's gap, nothing moves).
+        gained = before is None and any(g.contains(k) for g in plan.gained)
+        assert _owner(plan.split, k) == (target if gained else before), k
+        assert _owner(plan.new, k) == (target if gained or (side is not None and side.contains(k)) else before), k
+    assert not plan.gained or (_owner(slices, at) is None and not plan.moves and not lower)
     return plan
 
 
@@ -289,9 +294,11 @@ def test_random_list_groups_move_one_value_soundly(slices, value, target):
     [mine] = [s for s in plan.split if value in s.values]
     assert mine.values == (value,) and not mine.default
     assert [m.bucket for m in plan.moves] == ([] if mine.shard == target else [mine.id])
+    gained = value not in listed and not any(s.default for s in slices)  # (a new slice on the target)
+    assert [s.values for s in plan.gained] == ([(value,)] if gained else []) and not (gained and plan.moves)
     for v in listed | {value, "zz"}:
         before = _owner(slices, v)
-        assert _owner(plan.split, v) == before
+        assert _owner(plan.split, v) == (target if gained and v == value else before)
         assert _owner(plan.new, v) == (target if v == value else before)
 
 
@@ -303,8 +310,9 @@ def test_move_value_present_absent_and_default():
     assert plan.splits and [(m.source, m.target) for m in plan.moves] == [("s1", "s2")]
     nothing = plan_move_value(slices, "L", "br", "s1")
     assert not nothing.moves and "already on s1" in nothing.reason
-    with pytest.raises(ConfigurationError, match="'br' is not a value of list group 'L', which has no default"):
-        plan_move_value(slices[:1], "L", "br", "s2")
+    # No default: a value no slice lists gets a new slice on the target; nothing moves.
+    added = plan_move_value(slices[:1], "L", "br", "s2")
+    assert not added.moves and [(s.values, s.shard) for s in added.gained] == [(("br",), "s2")]
     with pytest.raises(ConfigurationError, match="7 .* is not a key of group 'L'"):
         plan_move_value(slices, "L", 7, "s2")
 
