@@ -73,10 +73,12 @@ def key_in_bucket(bucket: int, buckets: int, start: int = 1) -> int:
     return k
 
 
-def databases_with_catalog(dev: Any, db: str, schema: str, groups: str | dict[str, Any], path: Path) -> Path:
+def databases_with_catalog(dev: Any, db: str, schema: str, groups: str | dict[str, Any], path: Path, *,
+                           plain: Path | None = None) -> Path:
     """A database ``db`` made on every shard's primary with ``schema``, a catalog database
     ``<db>_catalog``, and at ``path`` the config of the three with ``groups``: the config's
-    ``groups`` table, or TOML appended to it (which may hold dates)."""
+    ``groups`` table, or TOML appended to it (which may hold dates).  ``plain``: where to
+    write the same config without the catalog too."""
     for shard in dev.shards:
         with shard.primary.connect(dbname="postgres", autocommit=True) as c:
             c.execute(f"CREATE DATABASE {db}")
@@ -85,9 +87,38 @@ def databases_with_catalog(dev: Any, db: str, schema: str, groups: str | dict[st
     cfg = dev.config_dict()
     for s in cfg["shards"]:
         s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
-    cfg["catalog"] = {"url": dev.create_catalog(f"{db}_catalog")}
-    if isinstance(groups, str):
-        path.write_text(to_toml(cfg) + "\n" + groups, encoding="utf-8")
-    else:
-        path.write_text(to_toml({**cfg, "groups": groups}), encoding="utf-8")
+    for where, catalog in ((plain, None), (path, dev.create_catalog(f"{db}_catalog"))):
+        if where is None:
+            continue
+        both = {**cfg, "catalog": {"url": catalog}} if catalog else cfg
+        if isinstance(groups, str):
+            where.write_text(to_toml(both) + "\n" + groups, encoding="utf-8")
+        else:
+            where.write_text(to_toml({**both, "groups": groups}), encoding="utf-8")
     return path
+
+
+class CatalogWorld:
+    """Databases ``db`` of dev cluster ``dev`` and their config ``cfg`` (tables of ``metadata``):
+    the clusters :meth:`cluster` makes are disposed by :meth:`close`."""
+
+    def __init__(self, dev: Any, db: str, cfg: Path, metadata: Any = None) -> None:
+        self.dev, self.db, self.cfg, self.metadata = dev, db, cfg, metadata
+        self.clusters: list[shardkit.Cluster] = []
+
+    def cluster(self, cfg: Path | None = None, **kw: Any) -> shardkit.Cluster:
+        c = shardkit.Cluster.from_config(cfg or self.cfg, metadata=self.metadata, **kw)
+        self.clusters.append(c)
+        return c
+
+    def rows(self, table: str) -> dict[str, list[tuple]]:
+        """Every row of ``table`` on each shard's primary, sorted."""
+        out = {}
+        for shard in self.dev.shards:
+            with shard.primary.connect(dbname=self.db, autocommit=True) as c:
+                out[shard.name] = sorted(c.execute(f"SELECT * FROM {table}").fetchall())
+        return out
+
+    def close(self) -> None:
+        for c in self.clusters:
+            c.dispose()

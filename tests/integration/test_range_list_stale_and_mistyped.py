@@ -13,7 +13,6 @@ import itertools
 import threading
 import time
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +24,7 @@ from shardkit import rebalance
 from shardkit._rebalance_plan import plan_split_range
 from shardkit.verify import verify
 
-from rebalance_world import databases_with_catalog
+from rebalance_world import CatalogWorld, databases_with_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -71,33 +70,14 @@ def dev(shardkit_module_cluster_factory):
     return shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=16)
 
 
-class World:
-    def __init__(self, dev: Any, db: str, cfg: Path) -> None:
-        self.dev, self.db, self.cfg = dev, db, cfg
-        self.clusters: list[shardkit.Cluster] = []
-
-    def cluster(self, **kw: Any) -> shardkit.Cluster:
-        c = shardkit.Cluster.from_config(self.cfg, metadata=md, **kw)
-        self.clusters.append(c)
-        return c
-
-    def rows(self, table: str) -> dict[str, list[tuple]]:
-        out = {}
-        for shard in self.dev.shards:
-            with shard.primary.connect(dbname=self.db, autocommit=True) as c:
-                out[shard.name] = sorted(c.execute(f"SELECT * FROM {table}").fetchall())
-        return out
-
-
 @pytest.fixture
 def world(dev, tmp_path):
     db = f"rl8w{next(_numbers)}"
     path = databases_with_catalog(dev, db, SCHEMA, GROUPS, tmp_path / f"{db}.toml")
-    w = World(dev, db, path)
+    w = CatalogWorld(dev, db, path, md)
     rebalance.init(w.cluster(follow_map=False))
     yield w
-    for c in w.clusters:
-        c.dispose()
+    w.close()
 
 
 def _session(cluster: shardkit.Cluster):

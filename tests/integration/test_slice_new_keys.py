@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import inproc_cli
 import pytest
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert
 from sqlalchemy.orm import sessionmaker
@@ -25,8 +24,10 @@ from sqlalchemy.orm import sessionmaker
 import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_move_value, plan_split_range
-from shardkit.devcluster import to_toml
 from shardkit.verify import verify
+
+import inproc_cli
+from rebalance_world import CatalogWorld, databases_with_catalog
 
 pytestmark = pytest.mark.integration
 
@@ -61,22 +62,10 @@ def dev(shardkit_module_cluster_factory):
     return shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=16)
 
 
-class World:
+class World(CatalogWorld):
     def __init__(self, dev: Any, db: str, cfg: Path, plain: Path) -> None:
-        self.dev, self.db, self.cfg, self.plain = dev, db, cfg, plain
-        self.clusters: list[shardkit.Cluster] = []
-
-    def cluster(self, cfg: Path | None = None, **kw: Any) -> shardkit.Cluster:
-        c = shardkit.Cluster.from_config(cfg or self.cfg, metadata=md, **kw)
-        self.clusters.append(c)
-        return c
-
-    def rows(self, table: str) -> dict[str, list[tuple]]:
-        out = {}
-        for shard in self.dev.shards:
-            with shard.primary.connect(dbname=self.db, autocommit=True) as c:
-                out[shard.name] = sorted(c.execute(f"SELECT * FROM {table}").fetchall())
-        return out
+        super().__init__(dev, db, cfg, md)
+        self.plain = plain
 
     def around_shardkit(self, shard: str, statement: str) -> None:
         """``statement`` on ``shard`` with the ownership guard's trigger not firing."""
@@ -94,24 +83,12 @@ class World:
 @pytest.fixture
 def world(dev, tmp_path):
     db = f"nkw{next(_numbers)}"
-    for shard in dev.shards:
-        with shard.primary.connect(dbname="postgres", autocommit=True) as c:
-            c.execute(f"CREATE DATABASE {db}")
-        with shard.primary.connect(dbname=db, autocommit=True) as c:
-            c.execute(SCHEMA)
-    cfg = dev.config_dict()
-    for s in cfg["shards"]:
-        s["primary"] = s["primary"].rsplit("/", 1)[0] + "/" + db
     plain = tmp_path / f"{db}_plain.toml"   # the same cluster without a catalog
-    plain.write_text(to_toml(cfg) + "\n" + GROUPS, encoding="utf-8")
-    cfg["catalog"] = {"url": dev.create_catalog(f"{db}_catalog")}
-    path = tmp_path / f"{db}.toml"
-    path.write_text(to_toml(cfg) + "\n" + GROUPS, encoding="utf-8")
+    path = databases_with_catalog(dev, db, SCHEMA, GROUPS, tmp_path / f"{db}.toml", plain=plain)
     w = World(dev, db, path, plain)
     rebalance.init(w.cluster(follow_map=False))
     yield w
-    for c in w.clusters:
-        c.dispose()
+    w.close()
 
 
 def _session(cluster: shardkit.Cluster):
