@@ -719,7 +719,9 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         else:  # resume: the batches were cut when the move started
             move_id = args.move
             mover.run(move_id)
-        print(f"move {move_id}: done; longest write pause {mover.longest_pause * 1000:.0f} ms")
+        print(f"move {move_id}: done; " + (f"longest write pause {mover.longest_pause * 1000:.0f} ms"
+                                            if mover.cut_overs else "no cut-over in this run (its batches "
+                                            "had switched before)"))
         return 0
     finally:
         cluster.dispose()

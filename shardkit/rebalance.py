@@ -1132,6 +1132,7 @@ class Mover:
                 else (lambda line: log.info("%s", line))
         self.progress = progress
         self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
+        self.cut_overs = 0  # batches this mover switched (a resumed move's may have switched before)
         self._visibility_wait = 0.0
         self._runner = ""
         # The move's lock, held by a catalog session, in run()
@@ -1642,6 +1643,12 @@ class Mover:
         # run has done, times those it has left.
         todo = [b for b in batches if b[4] != "cleaned"]
         finished = total - len(todo)
+        if finished or any(b[4] != "pending" for b in todo):
+            # Resumed: say where it goes on from before the first step's line, which may be a
+            # copy's time away.
+            self.progress(f"move {move_id}: resuming: {finished} of {counted(total, 'batch', 'batches')} "
+                          "finished; " + ", ".join(f"batch {b[0]} ({b[1]} -> {b[2]}) at step {b[4]}" for b in todo[:3])
+                          + (f" and {len(todo) - 3} more" if len(todo) > 3 else ""))
         started = time.monotonic()
         for done, (batch, source, target, buckets, step) in enumerate(todo):
             self._batch = (batch, source, target)
@@ -1789,6 +1796,7 @@ class Mover:
                                                            group, caught_up)
                 clean_after = time.monotonic() + self.grace
                 self.longest_pause = max(self.longest_pause, pause)
+                self.cut_overs += 1
                 applied, rounds, ended = caught_up
                 self.progress(f"{label}: caught up {counted(applied, 'change')} in {time.monotonic() - t0:.2f}s "
                               f"({counted(rounds, 'round')}: {ended}), switched to map version {version}; "

@@ -48,6 +48,7 @@ def resume(cfg, move_id):
     """`shardkit rebalance resume MOVE` (in this process), which must succeed."""
     r = _cli(cfg, "resume", str(move_id), "--grace", "0.2")
     assert r.returncode == 0, r.stderr
+    return r
 
 
 def _catalog_state(cluster):
@@ -127,7 +128,12 @@ def test_abort_of_a_switched_slice_move_says_how_to_move_the_slice_back(world, s
     assert "bucket" not in message, message
     assert "events: [1700, 2000)" in message, message
     assert "`shardkit rebalance apply --split events:1700 --to s1`" in message, message
-    resume(cfg, move_id)
+    r = resume(cfg, move_id)
+    # It says where it goes on first, and, its batch having switched before, that it paused
+    # no writes (it said "longest write pause 0 ms").
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"move {move_id}: resuming: 0 of 1 batch finished; batch 0 (s1 -> s0) at step switched", lines
+    assert lines[-1] == f"move {move_id}: done; no cut-over in this run (its batches had switched before)", lines
     cluster.refresh_map()
     assert cluster.shard_for(Event, 1700) == "s0"
     # What the message says moves the slice back.
