@@ -741,6 +741,16 @@ class _OutputClosed(KeyboardInterrupt):
     """The reader of a mover's progress went away."""
 
 
+class _Once(argparse.Action):
+    """An option a command takes once: a second one (another --split) was ignored silently."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} is given twice; a plan takes one (make one plan for each)")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardkit", description="Sharding and replica routing for "
                                 "SQLAlchemy on PostgreSQL: route keys, show status, migrate every "
@@ -776,17 +786,17 @@ def build_parser() -> argparse.ArgumentParser:
         rp_ = rsub.add_parser(verb, help=helptext)
         rp_.add_argument("--add", action="append", metavar="SHARD", default=[],
                          help="give new shard SHARD (already in the config) its share of buckets")
-        rp_.add_argument("--drain", metavar="SHARD", help="move every bucket off SHARD")
-        rp_.add_argument("--even", choices=["rows", "bytes"], help="even out shards by rows or bytes")
-        rp_.add_argument("--split", metavar="GROUP:KEY",
+        rp_.add_argument("--drain", metavar="SHARD", action=_Once, help="move every bucket off SHARD")
+        rp_.add_argument("--even", choices=["rows", "bytes"], action=_Once, help="even out shards by rows or bytes")
+        rp_.add_argument("--split", metavar="GROUP:KEY", action=_Once,
                          help="split a range group's range at KEY and move the keys >= KEY (to the end of "
                               "that range) to --to; a KEY no range holds: give its gap to --to")
         rp_.add_argument("--lower", action="store_true",
                          help="with --split: move the keys below KEY (to the start of that range) instead")
-        rp_.add_argument("--move-value", metavar="GROUP:VALUE", help="move one value of a list group to --to (a value no slice lists, of a group "
+        rp_.add_argument("--move-value", metavar="GROUP:VALUE", action=_Once, help="move one value of a list group to --to (a value no slice lists, of a group "
                               "without a default: give it to --to)")
-        rp_.add_argument("--to", metavar="SHARD", help="the target shard of --split or --move-value")
-        rp_.add_argument("--plan", metavar="FILE", help="a plan written by `plan --out`")
+        rp_.add_argument("--to", metavar="SHARD", action=_Once, help="the target shard of --split or --move-value")
+        rp_.add_argument("--plan", metavar="FILE", action=_Once, help="a plan written by `plan --out`")
         if verb == "plan":
             rp_.add_argument("--out", metavar="FILE", help="also write the plan as JSON to FILE")
             rp_.add_argument("--json", action="store_true", help="print JSON")

@@ -290,3 +290,21 @@ def test_a_catalog_that_is_down_gives_route_one_error_line_and_no_warning_before
     assert "catalog" in quiet.stderr and "unknown setting" not in quiet.stderr
     loud = subprocess.run(argv[:3] + ["-v"] + argv[3:], capture_output=True, text=True, timeout=60)
     assert "routing by the config file's map" in loud.stderr and "pw@" not in loud.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["--split", "events:10", "--split", "events:20", "--to", "s1"],
+    ["--move-value", "stores:eu", "--to", "s1", "--move-value", "stores:us"],
+    ["--split", "events:10", "--to", "s1", "--to", "s2"],
+    ["--drain", "s0", "--drain", "s1"],
+    ["--even", "rows", "--even", "bytes"],
+    ["--plan", "a.json", "--plan", "b.json"],
+])
+@pytest.mark.parametrize("verb", ["plan", "apply"])
+def test_a_planning_option_given_twice_is_refused_not_the_first_dropped(verb, argv, capsys):
+    """`--split A --split B` planned B alone, silently: the first was dropped."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["rebalance", verb, *argv, "--config", "/nonexistent/shardkit.toml"])
+    assert e.value.code == 2
+    option = next(a for i, a in enumerate(argv) if a.startswith("--") and a in argv[i + 1:])
+    assert f"error: {option} is given twice; a plan takes one" in capsys.readouterr().err
