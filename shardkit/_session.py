@@ -6199,6 +6199,23 @@ def _check_run_args(session_factory: Any, fn: Any, retries: Any, refresh_timeout
                         f"consistency token, not {on_commit!r} (it is called after the commit)")
 
 
+def _refuse_work_in_progress(session: Any) -> None:
+    """run_transaction() runs ``fn`` in a new session: one the factory returned with a
+    transaction begun or changes pending (a ``scoped_session``'s thread-local session in use,
+    a nested ``run_transaction`` of the same registry) would have that work committed with
+    ``fn``'s, rolled back and kept out of a retry, and its session closed under its owner.
+    Checked before the session is entered, so the owner's work is left as it was."""
+    if isinstance(session, Session) and (session.in_transaction() or session.new or session.dirty
+                                         or session.deleted):
+        raise sa_exc.InvalidRequestError(
+            "run_transaction(session_factory, fn) runs fn in a new session, but "
+            "session_factory() returned one with work in progress (a transaction begun, or "
+            "objects added, changed or deleted), which fn's commit would commit with it and "
+            "run_transaction would then close; a scoped_session returns the thread's own "
+            "session: pass its sessionmaker (run_transaction(registry.session_factory, fn)), "
+            "or commit or roll back that session first (nothing was run)")
+
+
 def _not_runnable(fn: Any) -> str:
     return (f"run_transaction(session_factory, fn): fn ({getattr(fn, '__qualname__', fn)!r}) is a "
             "generator or async function (or returned a coroutine), whose call runs none of "
@@ -6211,7 +6228,9 @@ def _run_transaction(session_factory: Any, fn: Any, retries: int, refresh_timeou
     assert cell is not None
     attempt = 0
     while True:
-        with session_factory() as session:
+        session = session_factory()
+        _refuse_work_in_progress(session)
+        with session:
             seen = session.cluster.map_version
             before = cell[0]
             try:
