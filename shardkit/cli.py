@@ -609,6 +609,14 @@ def _print_move(m: dict[str, Any]) -> None:
             print(f"  no process is running it: an abort stopped before it finished (killed, failed, or a "
                   f"shard was unreachable); {abort} finishes the abort, or {resume} goes on with the move, "
                   "capturing and copying again what the abort undid")
+        elif not m["batches"] and m.get("split_published") is False:
+            # A move giving a shard keys no slice held (no batch: nothing moves), stopped
+            # before the catalog published its new slices.
+            print(f"  no mover is running it (stopped, interrupted or killed) before the catalog published its "
+                  f"new slices: {resume} publishes them, {abort} takes them back off the shards")
+        elif not m["batches"]:
+            print(f"  no mover is running it (stopped, interrupted or killed) and the catalog published its new "
+                  f"slices: {resume} records it done (so does {abort}: nothing is left to undo)")
         elif all(b["step"] == "cleaned" for b in m["batches"]):
             print(f"  no mover is running it (stopped, interrupted or killed) and every batch finished: "
                   f"{resume} records it done (so does {abort}: nothing is left to undo)")
@@ -683,8 +691,13 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
                       f"the end), so nothing was left to undo: recorded done; what it moved stays moved "
                       f"(a new plan moves it back)")
                 return 0
-            print(f"move {args.move} aborted: batches undone {result['undone_batches']}, "
-                  f"already finished {result['finished_batches']}")
+            if not result["undone_batches"] and not result["finished_batches"]:
+                # A move with no batch (giving a shard keys no slice held): nothing moved.
+                print(f"move {args.move} aborted: nothing had moved; its new slices, not published, were "
+                      "taken back off the shards")
+            else:
+                print(f"move {args.move} aborted: batches undone {result['undone_batches']}, "
+                      f"already finished {result['finished_batches']}")
             for lo in result.get("leftovers", ()):
                 print(f"  {lo['shard']} was unreachable: it may still hold rows of buckets "
                       f"{_compress(lo['buckets'])} (batch {lo['batch']}); moves of them to it are refused "
@@ -719,6 +732,10 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         else:  # resume: the batches were cut when the move started
             move_id = args.move
             mover.run(move_id)
+            if not mover.cut_overs and not rebalance.move_status(cluster, move_id)[0]["batches"]:
+                # A move giving a shard keys no slice held: it has no batch, nothing moves.
+                print(f"move {move_id}: done; its new slices are published (nothing moves)")
+                return 0
         print(f"move {move_id}: done; " + (f"longest write pause {mover.longest_pause * 1000:.0f} ms"
                                             if mover.cut_overs else "no cut-over in this run (its batches "
                                             "had switched before)"))

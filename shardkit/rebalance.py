@@ -1166,6 +1166,8 @@ class Mover:
         if isinstance(plan, SlicePlan) and plan.gained and (current := self.catalog.current_map()) is not None:
             refuse_published_gained(plan, current.slices, current.version)  # (before counting their rows)
         check_slice_plan(self.cluster, plan)
+        if isinstance(plan, SlicePlan) and plan.splits:
+            self._check_slice_copies(plan)
         self._check_triggers(({m.source for m in plan.moves} | {m.target for m in plan.moves})
                              & set(self.cluster.shard_names),  # an unknown one is refused below
                              plan.group if isinstance(plan, SlicePlan) else None)
@@ -1287,6 +1289,24 @@ class Mover:
                         f"`pg_dump --data-only --table={t} SOURCE_URL | psql TARGET_URL`), then apply "
                         "again (`shardkit migrate check` compares the copies)")
         return None
+
+    def _check_slice_copies(self, plan: SlicePlan) -> None:
+        """Refuse a slice plan that splits (or gives a shard keys no slice held) while a shard
+        has no copy of the slices (``shardkit.slices``: a shard added to the config after
+        `shardkit rebalance init`): the move writes the group's new slices on every shard, and
+        would stop there, running, with resume and abort failing the same way (and init is
+        refused while a move runs)."""
+        missing = []
+        for shard in self.cluster.shard_names:
+            with self.cluster.primary(shard).connect() as conn:
+                if not conn.execute(text("SELECT to_regclass('shardkit.slices') IS NOT NULL")).scalar():
+                    missing.append(shard)
+        if missing:
+            raise RebalanceError(
+                f"the plan ({plan.reason}) writes group {plan.group}'s new slices on every shard, and "
+                f"{', '.join(missing)} has no ownership guard (no copy of the slices: added to the config "
+                "after `shardkit rebalance init`?); run `shardkit rebalance init` (it installs the guard "
+                "there), then apply the plan again (nothing was started)")
 
     def _check_guarded(self, plan: SlicePlan) -> None:
         """Refuse a slice plan of a group whose tables are not guarded on its sources."""
@@ -2486,7 +2506,12 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
             "SELECT id, state, reason, error, created_at, updated_at, plan->>'kind' = 'slices' AS slices, "
             # An abort fences movers out with a runner of its own; a mover puts its own back
             # as soon as it holds the move.
-            "coalesce(runner LIKE 'abort-%', false) AS abort_runner "
+            "coalesce(runner LIKE 'abort-%', false) AS abort_runner, "
+            # A slice move whose plan writes new slices (a split, or keys no slice held):
+            # whether the catalog published them (Mover._split records "split" as it does).
+            "CASE WHEN plan->>'kind' = 'slices' AND plan->'split' IS DISTINCT FROM plan->'old' "
+            "THEN EXISTS (SELECT 1 FROM shardkit_catalog.journal j WHERE j.move_id = moves.id "
+            "AND j.batch IS NULL AND j.step = 'split') END AS split_published "
             "FROM shardkit_catalog.moves "
             + ("WHERE id = :m " if move_id is not None else "") + "ORDER BY id"),
             {"m": move_id}).mappings().all()
@@ -2556,6 +2581,10 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
                 "next": then,
                 # What the batches' "buckets" count: hash buckets, or a range or list group's slices.
                 "unit": "slice" if m["slices"] else "bucket",
+                # A slice move that splits (or gives a shard keys no slice held): whether its
+                # new slices are published (None: a move that makes none).  Until they are,
+                # abort takes them back off the shards; once they are, it keeps them.
+                "split_published": m["split_published"],
                 "created_at": m["created_at"].isoformat(), "updated_at": m["updated_at"].isoformat(),
                 # Rows copied by batches no abort undid (for an aborted move: those that
                 # finished, whose rows moved), and by those it undid (their copies deleted;
