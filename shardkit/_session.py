@@ -5379,7 +5379,9 @@ def _why_not(cluster: Cluster, shard: str, max_s: float, max_b: int, min_lsn: in
     for r in mon.shards[shard].replicas:
         lag_b, lag_s = r.lag_bytes, r.lag_seconds
         short = min_lsn is not None and (r.wal_lsn or 0) < min_lsn
-        if not r.up:
+        if not r.up and not r.checked_at:
+            parts.append(f"{r.name} has not answered its first health poll yet")
+        elif not r.up:
             parts.append(f"{r.name} is down ({r.error})")
         elif r.banned(now):
             parts.append(f"{r.name} is banned for {r.banned_until - now:.1f} s ({r.ban_reason})")

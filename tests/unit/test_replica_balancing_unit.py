@@ -129,6 +129,18 @@ def test_why_no_replica_names_the_limit_a_replica_is_past(monkeypatch):
     assert "50.0 MB" in why and "max_lag_bytes" in why, why
 
 
+def test_why_no_replica_says_a_replica_not_polled_yet_is_that(monkeypatch):
+    """A replica the monitor has not polled yet was "down (None)"."""
+    mon, sel, st_ = make_monitor(when_no_replica="raise")
+    monkeypatch.setattr(shardkit.Cluster, "selector", property(lambda self: sel))
+    r0, r1 = st_.replicas
+    r0.up, r0.checked_at, r0.error = False, 0.0, None
+    r1.up, r1.checked_at, r1.error = False, time.monotonic(), "connection refused"
+    why = _why_not(sel.cluster, "s0", 5.0, 10**9, None)
+    assert f"{r0.name} has not answered its first health poll yet" in why, why
+    assert f"{r1.name} is down (connection refused)" in why and "(None)" not in why, why
+
+
 @pytest.mark.parametrize("w", [0, -1, float("nan"), float("inf"), "3", True, None])
 def test_bad_weights_are_refused_naming_the_field(w):
     cfg = {"shards": [{"name": "s0", "primary": "postgresql://u@p/db",
