@@ -76,6 +76,22 @@ class _NodePool(QueuePool):
         pool.timeouts = self.timeouts
         return pool  # type: ignore[return-value]
 
+    def dispose(self) -> None:
+        # (Engine.dispose(), close=True: the engine takes a new pool.)  A connection in use
+        # now comes back to this pool, which nothing takes from again: QueuePool would keep
+        # it open there, idle, until the pool is garbage collected (a full collection, many
+        # seconds later in a busy process), outside the node's max_connections (the new
+        # pool counts only its own) and pool_stats().  Closed as it comes back instead.
+        # (An instance attribute: the pools in use pay nothing per checkin.)
+        self._do_return_conn = self._close_returned  # type: ignore[method-assign]
+        super().dispose()
+
+    def _close_returned(self, record: Any) -> None:
+        try:
+            record.close()
+        finally:
+            self._dec_overflow()
+
     def _do_get(self) -> Any:
         try:
             return _queue_pool_get(self)  # (super()'s, without finding it)
@@ -93,6 +109,31 @@ class _NodePool(QueuePool):
 
 
 _queue_pool_get = QueuePool._do_get
+
+# [pool] settings that only a QueuePool takes (max_connections: as its size and overflow).
+_QUEUE_POOL_ONLY = ("size", "max_overflow", "timeout", "max_connections")
+
+
+def _refuse_queue_pool_settings(config: ClusterConfig, poolclass: Any) -> None:
+    """An engine_options ``poolclass`` that is not a QueuePool takes no size, overflow or
+    timeout: a node's engine, made on first use, would fail then with SQLAlchemy's
+    "Invalid argument(s) 'pool_size','max_overflow'", arguments a ``max_connections``
+    alone turns into.  Said now, naming the setting."""
+    if poolclass is None or (isinstance(poolclass, type) and issubclass(poolclass, QueuePool)):
+        return
+    name = getattr(poolclass, "__name__", repr(poolclass))
+    places = [("pool", config.pool)]
+    for i, sc in enumerate(config.shards):
+        places += [(f"shards[{i}].pool", sc.pool), (f"shards[{i}].primary_pool", sc.primary_pool)]
+        places += [(f"shards[{i}].replicas[{j}].pool", rp) for j, rp in enumerate(sc.replica_pools)]
+    for where, settings in places:
+        for key in _QUEUE_POOL_ONLY:
+            if key in settings:
+                raise ConfigurationError(
+                    f"{where}.{key}", f"a QueuePool setting, but engine_options' poolclass is "
+                    f"{name}, which takes none (max_connections cannot cap its connections)",
+                    "leave size, max_overflow, timeout and max_connections unset with your own "
+                    "poolclass, or drop the poolclass to have shardkit's QueuePool")
 
 
 class _Router:
@@ -171,6 +212,7 @@ class Cluster:
         # Meanwhile its sessions refuse every statement (see refuse_misfit).
         self._map_misfit: ConfigurationError | None = None
         self._engine_options = dict(engine_options or {})
+        _refuse_queue_pool_settings(config, self._engine_options.get("poolclass"))
         self._engines: dict[tuple[str, str, int], Engine] = {}
         self._streaming: dict[tuple[str, str, int], Engine] = {}
         # The engines dispose() let go of (their pools emptied), with the engine hooks that
