@@ -70,10 +70,13 @@ class _NodePool(QueuePool):
     #: Prometheus counter drops only when the process restarts).
     timeouts = 0
     _timeouts_lock = threading.Lock()
+    #: The node's max_connections when it lowered the pool's size or overflow (the limit a
+    #: checkout that timed out met), else None.
+    cap: int | None = None
 
     def recreate(self) -> _NodePool:
         pool = super().recreate()
-        pool.timeouts = self.timeouts
+        pool.timeouts, pool.cap = self.timeouts, self.cap
         return pool  # type: ignore[return-value]
 
     def dispose(self) -> None:
@@ -100,10 +103,12 @@ class _NodePool(QueuePool):
                 raise
             with self._timeouts_lock:
                 self.timeouts += 1
+            raise_ = (f"raise that node's max_connections ({self.cap}), which caps its size and max_overflow"
+                      if self.cap is not None else
+                      "raise that node's [pool] size or max_overflow (max_connections caps both)")
             err = sa_exc.TimeoutError(
-                f"node {self._orig_logging_name}: {e.args[0]}; raise that node's [pool] size or "
-                "max_overflow (max_connections caps both), or hold connections for less time (Cluster.pool_stats() shows "
-                "their use)")
+                f"node {self._orig_logging_name}: {e.args[0]}; {raise_}, or hold connections for less time "
+                "(Cluster.pool_stats() shows their use)")
             err.shardkit_node = self._orig_logging_name  # type: ignore[attr-defined]
             raise err from e
 
@@ -695,14 +700,16 @@ class Cluster:
                 opts["pool_logging_name"] = node
                 opts.update(self._engine_options)
                 cap = pool_cfg.get("max_connections")
+                capped = False
                 if cap is not None:
                     # One engine per node per Cluster: capping its pool caps the
                     # process's connections to that node (engine_options' pool_size
                     # and max_overflow included).
                     size = min(opts.get("pool_size", 5), cap)
-                    opts["pool_size"] = size
                     # The cap lowers the pool's limit, never raises it.
                     overflow = opts.get("max_overflow", 10)
+                    capped = overflow < 0 or size + overflow > cap
+                    opts["pool_size"] = size
                     opts["max_overflow"] = cap - size if overflow < 0 else min(overflow, cap - size)
                 if role == REPLICA:
                     # Replica reads run in autocommit, whatever isolation level
@@ -724,6 +731,8 @@ class Cluster:
                 for name, v in secrets.items():   # (not k: the node's key, used below)
                     connect_args.setdefault(name, v)
                 eng = create_engine(url, connect_args=connect_args, **opts)
+                if capped and isinstance(eng.pool, _NodePool):
+                    eng.pool.cap = cap
                 eng.info = {"shard": shard, "role": role, "node": node, "index": index}  # type: ignore[attr-defined]
                 if role == PRIMARY and opts.get("isolation_level") == "AUTOCOMMIT":
                     # Each statement commits as it runs (read-your-writes must know: see

@@ -49,6 +49,35 @@ def test_checkout_timeouts_are_counted_per_node(shardkit_dev_cluster):
         cluster.dispose()
 
 
+@pytest.mark.parametrize("pool, says", [
+    ({"size": 1, "max_overflow": 0, "timeout": 0.2},
+     "raise that node's [pool] size or max_overflow (max_connections caps both)"),
+    # The cap is the limit met: raising size would change nothing (it said so all the same).
+    ({"size": 5, "max_overflow": 10, "timeout": 0.2, "max_connections": 1},
+     "raise that node's max_connections (1), which caps its size and max_overflow"),
+    ({"size": 1, "max_overflow": 0, "timeout": 0.2, "max_connections": 3},
+     "raise that node's [pool] size or max_overflow (max_connections caps both)"),
+])
+def test_a_checkout_timeout_names_the_limit_it_met(shardkit_dev_cluster, pool, says):
+    cluster = shardkit.Cluster.from_config({**shardkit_dev_cluster.config_dict(), "pool": pool})
+    try:
+        eng = cluster.primary("s0")
+        with eng.connect() as held:
+            held.execute(text("SELECT 1"))
+            with pytest.raises(sa_exc.TimeoutError) as e:
+                eng.connect()
+        assert says in str(e.value), e.value
+        # A new pool (dispose()) knows its cap too.
+        cluster.dispose()
+        eng = cluster.primary("s0")
+        with eng.connect():
+            with pytest.raises(sa_exc.TimeoutError) as e:
+                eng.connect()
+        assert says in str(e.value), e.value
+    finally:
+        cluster.dispose()
+
+
 def test_checkout_timeouts_are_exported(shardkit_dev_cluster):
     prometheus_client = pytest.importorskip("prometheus_client")
     import shardkit.metrics
