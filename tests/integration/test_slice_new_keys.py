@@ -24,6 +24,7 @@ from sqlalchemy.orm import sessionmaker
 import shardkit
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_move_value, plan_split_range
+from shardkit._slices import SLICE_BASE
 from shardkit.verify import verify
 
 import inproc_cli
@@ -78,6 +79,21 @@ class World(CatalogWorld):
 
     def cli(self, *args: str) -> Any:
         return inproc_cli.run([*args, "--config", str(self.cfg)])
+
+    def guards_match_the_catalog(self, group: str) -> None:
+        """Every shard's copy of ``group``'s slices are the catalog's live ones, and the slices
+        it owns are exactly the live ones on it (no slice the catalog does not have)."""
+        live = self.cluster(follow_map=False).catalog.current_map().slices
+        want = sorted((s.id, None if s.lower is None else str(s.lower), None if s.upper is None else str(s.upper),
+                       str(s.values[0]) if s.values else None) for s in live if s.group == group)
+        for shard in self.dev.shards:
+            with shard.primary.connect(dbname=self.db, autocommit=True) as c:
+                have = sorted(c.execute("SELECT id, lower, upper, val FROM shardkit.slices WHERE grp = %s",
+                                        (group,)).fetchall())
+                owned = sorted(r[0] for r in c.execute(
+                    "SELECT bucket FROM shardkit.owned_buckets WHERE bucket >= %s", (SLICE_BASE,)))
+            assert have == want, (shard.name, have, want)
+            assert owned == sorted(s.id for s in live if s.shard == shard.name), (shard.name, owned)
 
 
 @pytest.fixture

@@ -10,91 +10,25 @@ key in a gap, `--move-value` of a value no slice lists): a move without batches.
   back off the shards (the move ends aborted); status now tells published from not
   (`--json`: "split_published"), and resume's last line no longer speaks of batches.
 
-One module-scoped dev cluster (3 shards); each test makes its own world (fresh databases).
+The new-keys module's world: one module-scoped dev cluster (3 shards); each test makes its own
+world (fresh databases).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import tomllib
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, Column, MetaData, String, Table
 
 from shardkit import rebalance
 from shardkit._rebalance_plan import plan_split_range
-from shardkit._slices import SLICE_BASE
 
-import inproc_cli
 import movers
-from rebalance_world import CatalogWorld, databases_with_catalog
+from test_slice_new_keys import CODES, SCHEMA, SPANS, World, dev, world  # noqa: F401 - dev, world: fixtures
 
 pytestmark = pytest.mark.integration
-
-md = MetaData()
-CODES = Table("nke_codes", md, Column("id", BigInteger, primary_key=True, autoincrement=False),
-              Column("code", String(8)))
-SPANS = Table("nke_spans", md, Column("id", BigInteger, primary_key=True, autoincrement=False),
-              Column("k", BigInteger))
-
-SCHEMA = """
-CREATE TABLE nke_codes (id bigint PRIMARY KEY, code varchar(8));
-CREATE TABLE nke_spans (id bigint PRIMARY KEY, k bigint);
-"""
-
-GROUPS = """
-[groups.codes]
-strategy = "list"
-tables = { nke_codes = "code" }
-values = { s0 = ["aa"], s1 = ["bb"] }
-
-[groups.spans]
-strategy = "range"
-tables = { nke_spans = "k" }
-ranges = [ { from = 0, to = 100, shard = "s0" }, { from = 200, to = 300, shard = "s1" } ]
-"""
-
-_numbers = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def dev(shardkit_module_cluster_factory):
-    return shardkit_module_cluster_factory(shards=3, replicas=0, bucket_count=16)
-
-
-class World(CatalogWorld):
-    def cli(self, *args: str) -> Any:
-        return inproc_cli.run([*args, "--config", str(self.cfg)])
-
-    def version(self) -> int:
-        return self.cluster(follow_map=False).catalog.current_map().version
-
-    def guards_match_the_catalog(self, group: str) -> None:
-        """Every shard's copy of ``group``'s slices are the catalog's live ones, and the slices
-        it owns are exactly the live ones on it (no slice the catalog does not have)."""
-        live = self.cluster(follow_map=False).catalog.current_map().slices
-        want = sorted((s.id, None if s.lower is None else str(s.lower), None if s.upper is None else str(s.upper),
-                       str(s.values[0]) if s.values else None) for s in live if s.group == group)
-        for shard in self.dev.shards:
-            with shard.primary.connect(dbname=self.db, autocommit=True) as c:
-                have = sorted(c.execute("SELECT id, lower, upper, val FROM shardkit.slices WHERE grp = %s",
-                                        (group,)).fetchall())
-                owned = sorted(r[0] for r in c.execute(
-                    "SELECT bucket FROM shardkit.owned_buckets WHERE bucket >= %s", (SLICE_BASE,)))
-            assert have == want, (shard.name, have, want)
-            assert owned == sorted(s.id for s in live if s.shard == shard.name), (shard.name, owned)
-
-
-@pytest.fixture
-def world(dev, tmp_path):
-    db = f"nke{next(_numbers)}"
-    path = databases_with_catalog(dev, db, SCHEMA, GROUPS, tmp_path / f"{db}.toml")
-    w = World(dev, db, path, md)
-    rebalance.init(w.cluster(follow_map=False))
-    yield w
-    w.close()
 
 
 def _add_unguarded_shard(world: World) -> None:
@@ -130,7 +64,7 @@ def test_a_shard_without_the_guard_refuses_new_keys_before_a_move_starts(world, 
     r = world.cli("rebalance", "apply", option, spec, "--to", to, "--grace", "0")
     assert r.returncode == 0, (r.stdout, r.stderr)
     key = spec.split(":", 1)[1]
-    r = world.cli("route", "nke_spans" if option == "--split" else "nke_codes", key)
+    r = world.cli("route", "nk_spans" if option == "--split" else "nk_codes", key)
     assert r.returncode == 0 and f"-> shard {to} " in r.stdout, (r.stdout, r.stderr)
 
 
