@@ -64,8 +64,15 @@ def cl(env):
 
 
 def _count_on(engine, keys) -> int:
+    """Rows of ``keys`` on ``engine``'s node; -1 while a replica has not replayed the table's
+    creation yet (a fresh module cluster's)."""
     with engine.connect() as c:
-        return c.execute(select(func.count()).select_from(Note).where(Note.id.in_(keys))).scalar_one()
+        try:
+            return c.execute(select(func.count()).select_from(Note).where(Note.id.in_(keys))).scalar_one()
+        except sa_exc.ProgrammingError as e:
+            if getattr(e.orig, "sqlstate", None) != "42P01":  # undefined_table
+                raise
+            return -1
 
 
 def _terminate(engine, pid: int) -> None:
