@@ -819,7 +819,6 @@ class Cluster:
         """The health monitor, started on first use (``wait``: until every node was polled once)."""
         mon = self._monitor
         if mon is None:
-            started = False
             with self._lock:
                 if self._monitor is None:
                     mon = HealthMonitor(self, self.config.replicas)
@@ -828,12 +827,14 @@ class Cluster:
                     self._selector = ReplicaSelector(self, mon, self.config.replicas)
                     self._monitor = mon
                     mon.start()
-                    started = True
                 mon = self._monitor
-            if started and wait:
-                # Not under the lock: other threads' first engine() would wait for the
-                # first poll too (a hung node makes it last the poll timeout).
-                mon.wait_first_poll(timeout=2 + self.config.replicas.poll_timeout)
+        if wait and not mon.first_polled:
+            # Every thread's first use waits, not only the one that started the monitor: one
+            # an instant later would find every replica unmeasured, and read the primary or,
+            # under when_no_replica = "raise", fail.  Not under the lock: other threads'
+            # first engine() would wait for the first poll too (a hung node makes it last
+            # the poll timeout).
+            mon.wait_first_poll()
         return mon
 
     @property
@@ -855,8 +856,7 @@ class Cluster:
         primary is up and accepts writes (not in recovery).  Waits for the monitor's first
         poll of every node, also one another thread (a read, a metrics scrape) started an
         instant ago: a node not polled yet would read as down, and the cluster as not ready."""
-        mon = self.monitor(wait=False)
-        mon.wait_first_poll(timeout=2 + self.config.replicas.poll_timeout)
+        mon = self.monitor()
         nodes = []
         for state in mon.shards.values():
             for n in (state.primary, *state.replicas):

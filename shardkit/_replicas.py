@@ -228,9 +228,6 @@ class _ShardState:
     weights: tuple[float, ...]
     rr: int = 0
     changed: threading.Condition = field(default_factory=threading.Condition)
-    # Every node of the shard answered its first poll, or the wait for that is over
-    # (see HealthMonitor.wait_shard_polled).
-    polled: bool = False
     # (monotonic time, the primary's WAL position then), one entry per position seen,
     # with the last time it was seen; see HealthMonitor._update_lag.
     history: list[tuple[float, int]] = field(default_factory=list)
@@ -329,6 +326,8 @@ class HealthMonitor:
         self._threads: list[threading.Thread] = []
         self._started = False
         self._started_at = 0.0
+        # Every node answered its first poll, or the wait for that is over (wait_first_poll).
+        self.first_polled = False
         self._lock = threading.Lock()
         # _update_lag runs from the poll threads and from the threads that learn a replay
         # position by a read-your-writes probe: one at a time (it writes several fields
@@ -389,34 +388,21 @@ class HealthMonitor:
                 state.changed.wait(until - now)
         return True
 
-    def wait_shard_polled(self, state: _ShardState) -> bool:
-        """Wait until every node of ``state``'s shard has answered its first poll, at most
-        until the first-poll wait that :meth:`Cluster.monitor` allows has passed since the
-        monitor started: whether the shard's nodes were polled meanwhile.  Only the thread
-        that starts the monitor waits for its first poll there; another thread's first
-        replica read, an instant later, would otherwise find every replica unmeasured, and
-        read the primary or, under ``when_no_replica = "raise"``, fail."""
+    def wait_first_poll(self) -> None:
+        """Block until every node has been polled once, at most until 2 s + ``poll_timeout``
+        after the monitor started (a hung node answers no poll); from then on
+        :attr:`first_polled`."""
         deadline = self._started_at + 2 + self.settings.poll_timeout
-        nodes = (state.primary, *state.replicas)
-        waited = False
-        with state.changed:  # (notified by each poll of the shard's nodes, and by stop())
-            while self.running and not all(n.checked_at for n in nodes):
-                now = time.monotonic()
-                if now >= deadline:
-                    break
-                waited = True
-                state.changed.wait(deadline - now)
-        if self.running and (all(n.checked_at for n in nodes) or time.monotonic() >= deadline):
-            state.polled = True
-        return waited
-
-    def wait_first_poll(self, timeout: float = 5.0) -> None:
-        """Block until every node has been polled once (or ``timeout``)."""
-        deadline = time.monotonic() + timeout
         for state in self.shards.values():
-            for node in (state.primary, *state.replicas):
-                while not node.checked_at and time.monotonic() < deadline:
-                    time.sleep(0.01)
+            nodes = (state.primary, *state.replicas)
+            with state.changed:  # (notified by each poll of the shard's nodes, and by stop())
+                while self.running and not all(n.checked_at for n in nodes):
+                    now = time.monotonic()
+                    if now >= deadline:
+                        break
+                    state.changed.wait(deadline - now)
+        if self.running:
+            self.first_polled = True
 
     # -- polling -------------------------------------------------------------------
 
@@ -684,11 +670,6 @@ class ReplicaSelector:
                 behind_token.append(r)
                 continue
             ok.append(r)
-        if not ok and not state.polled and self.monitor.wait_shard_polled(state):
-            # The monitor has just started (another thread's read started it): its
-            # first poll decides, not the empty state before it.
-            return self.eligible(shard, max_lag_seconds=max_lag_seconds, max_lag_bytes=max_lag_bytes,
-                                 min_lsn=min_lsn, exclude=exclude)
         return ok, behind_token
 
     def pick(self, shard: str, candidates: list[NodeHealth]) -> NodeHealth:

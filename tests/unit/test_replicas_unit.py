@@ -157,7 +157,8 @@ def test_first_poll_is_waited_for_outside_the_clusters_lock(monkeypatch):
         other.start()
         other.join(5)
         assert got, "engine() waited for another thread's first poll"
-        assert cluster.selector is not None
+        # (Set before the first poll; `cluster.selector`, a read's, waits for it, in every thread.)
+        assert cluster._selector is not None
     finally:
         release.set()
         first.join(5)
