@@ -36,6 +36,7 @@ names.  The same input always gives an equal plan.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import numbers
@@ -718,7 +719,7 @@ class SlicePlan:
     def splits(self) -> bool:
         return self.split != self.old
 
-    @property
+    @functools.cached_property
     def gained(self) -> tuple[Slice, ...]:
         """The slices of ``split`` holding keys no slice of ``old`` held (see the class)."""
         return tuple(gained_slices(self.old, self.split))
@@ -853,7 +854,7 @@ def plan_split_range(slices: Sequence[Slice], group: str, at: Any, target: str, 
                 "range held), so there is no lower side to move",
                 f"leave out --lower to give that gap to {target}, or split inside a range with --lower: "
                 + ", ".join(s.describe() for s in mine))
-        after, _ = fill_gap(slices, group, at, target)
+        after, _ = fill_gap(slices, group, gap, target)
         return SlicePlan(f"give keys [{lo}, {hi}) of group {group} (the gap holding {at!r}), which no range "
                          f"held, to {target}",
                          group, _group_slices(slices, group), _group_slices(after, group), ())

@@ -226,13 +226,10 @@ def gap_around(slices: Sequence[Slice], group: str, key: Any) -> tuple[Any, Any]
     return lower, upper
 
 
-def fill_gap(slices: Sequence[Slice], group: str, key: Any, shard: str) -> tuple[tuple[Slice, ...], Slice]:
-    """The gap of range group ``group`` holding ``key`` (keys no range held: a router and the
-    ownership guard refuse them) as a new range on ``shard``.  Returns (all slices after, the
-    new slice)."""
-    gap = gap_around(slices, group, key)
-    if gap is None:
-        raise ConfigurationError("at", f"a range of group {group!r} holds {key!r}: there is no gap there")
+def fill_gap(slices: Sequence[Slice], group: str, gap: tuple[Any, Any], shard: str) -> tuple[tuple[Slice, ...], Slice]:
+    """``gap`` of range group ``group`` (:func:`gap_around`: keys no range held, which a router
+    and the ownership guard refuse) as a new range on ``shard``.  Returns (all slices after,
+    the new slice)."""
     mine = [s for s in slices if s.group == group]
     new = Slice(max(x.id for x in slices) + 1, group, shard, lower=gap[0], upper=gap[1])
     below = [s for s in mine if s.upper is not None and s.upper == gap[0]]

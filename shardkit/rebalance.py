@@ -2485,6 +2485,12 @@ class Mover:
 # -- status and abort ----------------------------------------------------------------
 
 
+#: Whether move ``moves.id`` published its split's slices: Mover._split records "split" in
+#: the journal in the transaction that publishes them.
+_SPLIT_PUBLISHED_SQL = ("EXISTS (SELECT 1 FROM shardkit_catalog.journal j WHERE j.move_id = moves.id "
+                        "AND j.batch IS NULL AND j.step = 'split')")
+
+
 def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, Any]]:
     """Moves (all, or one) with their batches and the step each batch has reached.
 
@@ -2510,8 +2516,7 @@ def move_status(cluster: Cluster, move_id: int | None = None) -> list[dict[str, 
             # A slice move whose plan writes new slices (a split, or keys no slice held):
             # whether the catalog published them (Mover._split records "split" as it does).
             "CASE WHEN plan->>'kind' = 'slices' AND plan->'split' IS DISTINCT FROM plan->'old' "
-            "THEN EXISTS (SELECT 1 FROM shardkit_catalog.journal j WHERE j.move_id = moves.id "
-            "AND j.batch IS NULL AND j.step = 'split') END AS split_published "
+            f"THEN {_SPLIT_PUBLISHED_SQL} END AS split_published "
             "FROM shardkit_catalog.moves "
             + ("WHERE id = :m " if move_id is not None else "") + "ORDER BY id"),
             {"m": move_id}).mappings().all()
@@ -2678,7 +2683,7 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
         if state == "aborted":
             # Aborted with --target-lost: remove what it left on the targets.
             return _remove_leftovers(cluster, catalog, move_id, left)
-        if all(b.step == "cleaned" for b in batches) and (batches or _split_published(catalog, move_id, group)):
+        if all(b.step == "cleaned" for b in batches) and (batches or _split_published(catalog, move_id)):
             # Every batch finished (a move without batches, one giving a shard new keys, once
             # the catalog has published its slices) (its mover stopped before it recorded the move done):
             # nothing is left to undo and everything moved, so the move is done, as
@@ -2784,16 +2789,11 @@ def abort(cluster: Cluster, move_id: int, *, target_lost: bool = False) -> dict[
             "removed_leftovers": []}
 
 
-def _split_published(catalog: Catalog, move_id: int, group: str | None) -> bool:
-    """Whether the catalog's live map has every slice of slice move ``move_id``'s split."""
-    if group is None:
-        return True
+def _split_published(catalog: Catalog, move_id: int) -> bool:
+    """Whether slice move ``move_id`` published its new slices."""
     with catalog.engine.connect() as conn:
-        raw = conn.execute(text("SELECT plan->'split' FROM shardkit_catalog.moves WHERE id = :m"),
-                           {"m": move_id}).scalar() or []
-        current = catalog.current_map(conn)
-    live = {s.id for s in (current.slices if current else ()) if s.group == group}
-    return {int(d["id"]) for d in raw} <= live
+        return bool(conn.execute(text(f"SELECT {_SPLIT_PUBLISHED_SQL} FROM shardkit_catalog.moves "
+                                      "WHERE id = :m"), {"m": move_id}).scalar())
 
 
 def _slices_back(catalog: Catalog, move_id: int, b: Any) -> str:
