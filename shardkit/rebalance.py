@@ -1133,6 +1133,7 @@ class Mover:
         self.progress = progress
         self.longest_pause = 0.0  # seconds writes to a batch's buckets were paused, at most
         self.cut_overs = 0  # batches this mover switched (a resumed move's may have switched before)
+        self.batches_run = 0  # batches of the move run() last ran, those finished before included
         self._visibility_wait = 0.0
         self._runner = ""
         # The move's lock, held by a catalog session, in run()
@@ -1658,7 +1659,7 @@ class Mover:
         group = plan.group if isinstance(plan, SlicePlan) else None
         if isinstance(plan, SlicePlan) and plan.splits:
             self._split(move_id, plan)
-        total = len(batches)
+        total = self.batches_run = len(batches)
         # A resumed move skips its finished batches: the ETA is the pace of the batches this
         # run has done, times those it has left.
         todo = [b for b in batches if b[4] != "cleaned"]
