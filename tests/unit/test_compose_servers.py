@@ -1,7 +1,11 @@
 """docker-compose.yml builds servers that behave as the dev and docker test clusters do
 (no Docker engine needed: the compose file is read, not run)."""
 
+import os
+import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -60,10 +64,33 @@ def test_primaries_allow_two_phase_commit_and_replicas_keep_up(services, shard):
         assert int(replica.get(name, default)) >= int(primary.get(name, default)), name
 
 
+def _bytes(size: str) -> int:
+    """Docker's size notation ('256m', '256mb', '1g', or bytes) in bytes."""
+    m = re.fullmatch(r"(\d+)\s*([bkmg]?)b?", str(size).strip().lower())
+    assert m, size
+    return int(m[1]) * 1024 ** "bkmg".index(m[2] or "b")
+
+
+@pytest.mark.parametrize("name", ["s0-primary", "s0-replica", "s1-primary", "s1-replica", "catalog"])
+def test_servers_get_more_shared_memory_than_dockers_default(services, name):
+    # The official image's documentation: "the default /dev/shm size for containers is
+    # 64MB. If the shared memory is exhausted you will encounter ERROR: could not resize
+    # shared memory segment . . . : No space left on device. You will want to pass
+    # --shm-size=256MB ... or alternatively in docker compose".  The docker test backend
+    # gives its containers 256 MB; the compose servers had Docker's 64 MB.
+    size = services[name].get("shm_size")
+    assert size is not None, f"{name}: no shm_size (Docker's default /dev/shm is 64 MB)"
+    assert _bytes(size) >= _bytes(dk._SHM_SIZE), (name, size)
+
+
 # --- the replicas' first-start script, run against stand-in programs -------------------
 
 STAND_IN = """#!/bin/sh
 basename "$0" >> "$CALLS"
+"""
+# The server also notes the mode of the data directory it was started on (PostgreSQL
+# refuses anything but 0700 or 0750: "data directory ... has invalid permissions").
+POSTGRES = STAND_IN + """stat -c %a "$PGDATA" > "$MODE"
 """
 # Like the real one: refuses a non-empty directory, writes backup_manifest last.
 BASEBACKUP = STAND_IN + """[ -z "$(ls -A "$PGDATA")" ] || { echo "directory exists but is not empty" >&2; exit 1; }
@@ -73,30 +100,26 @@ echo '{}' > "$PGDATA/backup_manifest"
 """
 
 
-@pytest.fixture
-def replica_box(tmp_path, services):
-    import os
-    import shutil
-    import subprocess
-
-    if shutil.which("bash") is None:
-        pytest.skip("needs bash")
+@pytest.fixture(params=["s0", "s1"])
+def replica_box(request, tmp_path, services):
+    if shutil.which("bash") is None or shutil.which("stat") is None:
+        pytest.skip("needs bash and stat")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("psql", STAND_IN), ("postgres", STAND_IN), ("pg_basebackup", BASEBACKUP)):
+    for name, text in (("psql", STAND_IN), ("postgres", POSTGRES), ("pg_basebackup", BASEBACKUP)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     pgdata = tmp_path / "data"
     pgdata.mkdir()
     calls = tmp_path / "calls"
     # Compose turns $$ into $ (the file's only interpolation in the script).
-    script = services["s0-replica"]["entrypoint"][-1].replace("$$", "$")
+    script = services[f"{request.param}-replica"]["entrypoint"][-1].replace("$$", "$")
 
     def run(**extra):
         calls.unlink(missing_ok=True)
         proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30,
-                              env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
-                                   "PGDATA": str(pgdata), "CALLS": str(calls), **extra})
+                              env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "PGDATA": str(pgdata),
+                                   "CALLS": str(calls), "MODE": str(tmp_path / "mode"), **extra})
         made = calls.read_text().split() if calls.exists() else []
         return proc, made
 
@@ -126,3 +149,18 @@ def test_a_clone_cut_short_is_made_again_at_the_next_start(replica_box):
     assert proc.returncode == 0, proc.stderr
     assert made == ["psql", "pg_basebackup", "postgres"]
     assert (pgdata / "backup_manifest").exists()
+
+
+def test_a_completed_clone_left_with_the_volumes_mode_still_starts(replica_box, tmp_path):
+    # pg_basebackup renamed backup_manifest into place, then the container was killed
+    # (`docker compose kill`, a host crash, Docker's SIGKILL 10 s into `stop`) before the
+    # script's `chmod 0700`: the next start skipped the clone, and with it the chmod, so
+    # postgres refused the 1777 directory at every start until the volume was removed.
+    run, pgdata = replica_box
+    (pgdata / "PG_VERSION").write_text("16\n")
+    (pgdata / "standby.signal").touch()
+    (pgdata / "backup_manifest").write_text("{}\n")
+    pgdata.chmod(0o1777)   # the image's mode of a new volume
+    proc, made = run()
+    assert (proc.returncode, made) == (0, ["postgres"]), proc.stderr   # no new clone
+    assert (tmp_path / "mode").read_text().split() == ["700"]   # a data directory postgres accepts
