@@ -420,7 +420,15 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
             raise UsageError(f"--to {args.to}: no such shard in the config (shards: "
                              f"{', '.join(cluster.shard_names)}); add the shard to the config first")
         option = "--split" if args.split else "--move-value"
-        group, key = _group_key(args.split or args.move_value, slices, option, cluster.file_config)
+        spec = args.split or args.move_value
+        group, key = _group_key(spec, slices, option, cluster.file_config)
+        kind = next((s.kind for s in slices if s.group == group), None)
+        if args.split and kind == "list":
+            raise UsageError(f"{option} {spec}: group {group} is a list group, which has no ranges to split; "
+                             f"move one of its values: --move-value {group}:VALUE --to SHARD")
+        if args.move_value and kind == "range":
+            raise UsageError(f"{option} {spec}: group {group} is a range group, which has no values to move; "
+                             f"split one of its ranges and move a side: --split {group}:KEY --to SHARD [--lower]")
         key = slice_key(cluster, group, key, option, args.to)
         try:
             if args.split:
@@ -431,7 +439,7 @@ def _make_plan(args: argparse.Namespace, cluster: Cluster) -> Any:
             # Their fields name the planners' parameters (at, value, group): say the option.
             if e.field not in ("at", "value", "group"):
                 raise
-            raise UsageError(_slice_plan_refusal(option, args.split or args.move_value, group, e)) from None
+            raise UsageError(f"{option} {spec}: {e.problem}" + (f" ({e.hint})" if e.hint else "")) from None
         check_slice_plan(cluster, sliced)
         return sliced
     weights = shard_weights(cluster, by=args.even, bucket_map=live) if args.even else None
@@ -495,17 +503,6 @@ def _drain_leftovers(cluster: Cluster, slices: Any, shard: str) -> str:
             + (f"; a list group's default cannot move (--move-value takes values out of it one by one, "
                f"but the values no slice lists keep landing on {shard}), so {shard} stays in the config "
                f"while it holds the default of {', '.join(pinned)}" if pinned else ""))
-
-
-def _slice_plan_refusal(option: str, spec: str, group: str, e: Any) -> str:
-    """The message of a planner's refusal of ``option spec``, named as the operator wrote it."""
-    if e.field == "group" and e.problem.startswith(f"{group!r} is a "):
-        if option == "--split":
-            return (f"{option} {spec}: group {group} is a list group, which has no ranges to split; "
-                    f"move one of its values: --move-value {group}:VALUE --to SHARD")
-        return (f"{option} {spec}: group {group} is a range group, which has no values to move; "
-                f"split one of its ranges and move a side: --split {group}:KEY --to SHARD [--lower]")
-    return f"{option} {spec}: {e.problem}" + (f" ({e.hint})" if e.hint else "")
 
 
 def _group_key(spec: str, slices: Any, option: str, config: Any = None) -> tuple[str, Any]:
