@@ -6224,6 +6224,14 @@ def _not_runnable(fn: Any) -> str:
             "its body before the commit (its writes would never be made); pass a plain function")
 
 
+def _committed_in_fn(session: Any, cell: list[int], before: int) -> bool:
+    """Whether ``fn`` committed work while it ran (then it is never run again): through its
+    session, through a primary connection in autocommit, or through another session (a
+    nested run_transaction: the count in ``cell`` moved from ``before``)."""
+    return bool(getattr(session, "_sk_commits", 0) or getattr(session, "_sk_autocommitted", False)
+                or cell[0] != before)
+
+
 def _run_transaction(session_factory: Any, fn: Any, retries: int, refresh_timeout: float,
                      on_commit: Callable[[str], Any] | None) -> Any:
     cell = _COMMITS_IN_FN.get()
@@ -6246,7 +6254,7 @@ def _run_transaction(session_factory: Any, fn: Any, retries: int, refresh_timeou
                 session.rollback()
                 autocommitted = getattr(session, "_sk_autocommitted", False)
                 elsewhere = cell[0] != before and not getattr(session, "_sk_commits", 0)
-                if attempt >= retries or getattr(session, "_sk_commits", 0) or autocommitted or elsewhere:
+                if attempt >= retries or _committed_in_fn(session, cell, before):
                     # (fn committed part of its work itself: running it again would repeat it.)
                     if elsewhere and not autocommitted and attempt < retries:
                         e.add_note(
@@ -6271,8 +6279,7 @@ def _run_transaction(session_factory: Any, fn: Any, retries: int, refresh_timeou
                 # catalog has a newer map already; no wait (a key no shard takes stays one).
                 session.rollback()
                 cluster = session.cluster
-                if attempt >= retries or cluster.catalog is None or getattr(session, "_sk_commits", 0) \
-                        or getattr(session, "_sk_autocommitted", False) or cell[0] != before:
+                if attempt >= retries or cluster.catalog is None or _committed_in_fn(session, cell, before):
                     raise
                 try:
                     version = cluster.refresh_map()
